@@ -1,0 +1,1 @@
+"""C generation: printing, memory planning, emission and the cffi build."""

@@ -1,0 +1,182 @@
+"""Build generated C into a Python extension module through cffi, cached by content hash.
+
+The cache is one flat directory of `.so` files named `_graphc_<name>_<key[:16]><EXT_SUFFIX>`.
+The key is a sha256 of everything that can change the binary (sources, cdef, compiler and
+its version, the exact commands, Python's ABI, graphc's and cffi's versions), so an entry is
+never stale and never needs invalidating. Each builder works in its own temporary directory
+and publishes with an atomic `os.replace`, so concurrent builders need no lock: both succeed
+and one whole entry remains (STYLE item 12).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import importlib.util
+import os
+import pathlib
+import shlex
+import shutil
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import threading
+from dataclasses import dataclass
+
+import cffi
+
+from graphc.errors import GraphcError
+
+# Flags for the generated model source. `extra_flags` are added after these (and to the link),
+# so callers can compile under `-Wall -Wextra -Wpedantic -Werror` or sanitizers.
+_MODEL_FLAGS = ("-std=c99", "-O3", "-fPIC")
+# cffi's wrapper includes Python.h and is not pedantic-clean C99 (it casts object pointers to
+# function pointers), so it is compiled apart, with neither -std=c99 nor the caller's flags.
+_WRAPPER_FLAGS = ("-O3", "-fPIC")
+# macOS leaves the Python symbols to be resolved when the module is loaded.
+_LINK_FLAGS = ("-shared",) + (("-undefined", "dynamic_lookup") if sys.platform == "darwin" else ())
+
+_WRAPPER = "_cffi_module"   # file stem of cffi's generated wrapper inside the build dir
+_BUILT = "module.so"        # output name inside the build dir, renamed on publishing
+_STDERR_LIMIT = 4000
+
+
+class CompileError(GraphcError):
+    """The C compiler rejected generated code: an internal error, reported with the
+    command and the compiler's own message."""
+
+
+@dataclass(frozen=True)
+class BuildResult:
+    ffi: object    # the cffi FFI of the loaded module (module.ffi)
+    lib: object    # module.lib: the model's functions
+    path: str      # the .so file in the cache
+    key: str       # sha256 hex of everything the binary depends on
+    cached: bool   # True when an existing cache entry was loaded
+
+
+def cache_dir() -> pathlib.Path:
+    """$GRAPHC_CACHE_DIR if set, else $XDG_CACHE_HOME/graphc, else ~/.cache/graphc."""
+    explicit = os.environ.get("GRAPHC_CACHE_DIR")
+    if explicit:
+        return pathlib.Path(explicit).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")   # the XDG spec treats empty as unset
+    return (pathlib.Path(xdg) if xdg else pathlib.Path.home() / ".cache") / "graphc"
+
+
+def compile_flags() -> tuple[str, ...]:
+    """The default flags the model source is compiled with (before any extra_flags)."""
+    return _MODEL_FLAGS
+
+
+# Loaded modules by .so path (which embeds the key): a second build() in this process returns
+# at once. The lock keeps two threads from building and loading the same model twice.
+_loaded: dict[str, object] = {}
+_lock = threading.Lock()
+
+
+def build(name: str, source: str, header: str, cdef: str, *,
+          extra_flags: tuple[str, ...] = ()) -> BuildResult:
+    """Compile `<name>.c`/`<name>.h` with a cffi wrapper exposing `cdef`, cached by content.
+
+    `name` is the model's validated C prefix; `source` does `#include "<name>.h"`.
+    """
+    cc = tuple(shlex.split(os.environ.get("CC") or "cc"))
+    commands = _commands(cc, name, tuple(extra_flags))
+    key = _key(name, source, header, cdef, _compiler_id(cc), commands)
+    modname = f"_graphc_{name}_{key[:16]}"   # distinct per model and version in sys.modules
+    cache = cache_dir()
+    so_path = str(cache / (modname + sysconfig.get_config_var("EXT_SUFFIX")))
+    with _lock:
+        module = _loaded.get(so_path)
+        cached = module is not None or os.path.exists(so_path)
+        if module is None:
+            if not cached:
+                _compile(commands, name, modname, source, header, cdef, cache, so_path)
+            module = _loaded[so_path] = _load(modname, so_path)
+    return BuildResult(module.ffi, module.lib, so_path, key, cached)
+
+
+def _commands(cc: tuple[str, ...], name: str,
+              extra_flags: tuple[str, ...]) -> tuple[tuple[str, ...], ...]:
+    """The compiler commands, run inside the build dir. They use only relative paths there,
+    so they are the same for every build and can go into the key verbatim."""
+    include = sysconfig.get_paths()["include"]
+    return (
+        (*cc, *_MODEL_FLAGS, *extra_flags, "-c", f"{name}.c", "-o", f"{name}.o"),
+        (*cc, *_WRAPPER_FLAGS, f"-I{include}", "-c", f"{_WRAPPER}.c", "-o", f"{_WRAPPER}.o"),
+        (*cc, *_LINK_FLAGS, *extra_flags, f"{name}.o", f"{_WRAPPER}.o", "-o", _BUILT, "-lm"),
+    )
+
+
+@functools.lru_cache(maxsize=None)
+def _compiler_id(cc: tuple[str, ...]) -> str:
+    """The compiler's resolved path and first `--version` line; asked once per process."""
+    path = shutil.which(cc[0])
+    if path is None:
+        raise CompileError(f"C compiler {cc[0]!r} not found; install one or set $CC")
+    run = subprocess.run([*cc, "--version"], capture_output=True, text=True)
+    return path + "\n" + (run.stdout.splitlines() or [""])[0]
+
+
+def _key(name: str, source: str, header: str, cdef: str, compiler: str,
+         commands: tuple[tuple[str, ...], ...]) -> str:
+    from graphc import __version__   # lazily: graphc's package imports may reach codegen
+
+    parts = (name, source, header, cdef, compiler, repr(commands),
+             sysconfig.get_config_var("EXT_SUFFIX"), __version__, cffi.__version__)
+    digest = hashlib.sha256()
+    for part in parts:
+        data = part.encode()
+        digest.update(len(data).to_bytes(8, "little") + data)   # length-prefixed: unambiguous
+    return digest.hexdigest()
+
+
+def _compile(commands: tuple[tuple[str, ...], ...], name: str, modname: str, source: str,
+             header: str, cdef: str, cache: pathlib.Path, so_path: str) -> None:
+    """Build in a private temporary directory and publish the .so atomically."""
+    cache.mkdir(parents=True, exist_ok=True)
+    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f"{modname}.tmp-", dir=cache))
+    keep = os.environ.get("GRAPHC_KEEP_SOURCES") == "1"
+    kept = cache / f"{modname}.src"
+    try:
+        (tmp / f"{name}.c").write_text(source, encoding="utf-8")
+        (tmp / f"{name}.h").write_text(header, encoding="utf-8")
+        ffi = cffi.FFI()
+        ffi.cdef(cdef)
+        # compiler_verbose=False: no "generating ..." line on stdout.
+        ffi.set_source(modname, f'#include "{name}.h"', compiler_verbose=False)
+        ffi.emit_c_code(str(tmp / f"{_WRAPPER}.c"))
+        for command in commands:
+            run = subprocess.run(command, cwd=tmp, capture_output=True, text=True)
+            if run.returncode != 0:
+                where = (f"sources kept in {kept}" if keep
+                         else "set GRAPHC_KEEP_SOURCES=1 to keep the sources")
+                raise CompileError(
+                    f"C compiler failed (exit {run.returncode}) building '{name}' ({where}):\n"
+                    f"$ {shlex.join(command)}\n{_trim(run.stderr + run.stdout)}")
+        # A concurrent builder of the same key may overwrite our file with its identical one
+        # (or we theirs); rename is atomic, so readers only ever see a whole file.
+        os.replace(tmp / _BUILT, so_path)
+    finally:
+        if keep:
+            try:
+                os.replace(tmp, kept)
+            except OSError:   # an earlier or concurrent build already kept its sources
+                pass
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _trim(text: str) -> str:
+    text = text.strip()
+    if len(text) <= _STDERR_LIMIT:
+        return text
+    return text[:_STDERR_LIMIT] + f"\n... ({len(text) - _STDERR_LIMIT} more characters)"
+
+
+def _load(modname: str, path: str):
+    spec = importlib.util.spec_from_file_location(modname, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

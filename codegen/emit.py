@@ -1,0 +1,336 @@
+"""C99 emission: one static function per kernel, entry points, and a documenting header.
+
+The text is a pure function of the program: kernels are named by index, buffers by
+position (`a0` is written, `a1`... are read), user names appear only as validated
+identifiers (in the `in_`/`out_` argument names, header macros and comments).
+Memory is the caller's: params, grads, inputs, outputs and a work arena whose size the
+header states for any batch size.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass, field
+
+import sympy as sp
+
+from graphc.ir import ACC, BATCH, Buffer, Kernel, Program
+
+from .plan import MemoryPlan, fuse, plan
+from .printer import C_TYPES, GraphcPrinter, prepare
+
+MAX_PERMUTED_LOOPS = 6
+
+
+def comment(text: str) -> str:
+    """A C comment that nothing can close early."""
+    return "/* " + text.replace("*/", "* /").replace("/*", "/ *").replace("\n", " ") + " */"
+
+
+# ---------------------------------------------------------------- loop order
+
+def _strides(kern: Kernel, buffers: dict[str, Buffer]) -> list[dict[sp.Symbol, int]]:
+    """For the written element and each read: the offset step of every loop index."""
+    accesses = [(buffers[kern.out], kern.out_index)] + \
+               [(buffers[str(a.base.label)], a.indices) for a in kern.accesses()]
+    out = []
+    for buf, index in accesses:
+        flat = sp.expand(buf.flat_offset(index))
+        out.append({s: int(sp.diff(flat, s)) for s, _ in kern.loops})
+    return out
+
+
+def _cost(order: list[sp.Symbol], strides: list[dict]) -> tuple:
+    """Lexicographic, innermost loop first: unit strides beat large ones; 0 is free."""
+    def penalty(step: int) -> int:
+        return 0 if step == 0 else 1 if abs(step) == 1 else 3
+    return tuple(sum(penalty(s[v]) for s in strides) for v in reversed(order))
+
+
+def _best(loops: list[sp.Symbol], strides: list[dict], inner: list[sp.Symbol] = ()) -> list[sp.Symbol]:
+    if len(loops) > MAX_PERMUTED_LOOPS:
+        return list(loops)
+    return list(min(itertools.permutations(loops),
+                    key=lambda p: (_cost(list(p) + list(inner), strides), p.__repr__())))
+
+
+def schedule(kern: Kernel, buffers: dict[str, Buffer]) -> tuple[list[sp.Symbol], str]:
+    """(loop order, strategy): 'direct', 'reduce' (accumulator in a register) or 'init'
+    (zero the output, then accumulate in the best streaming order)."""
+    strides = _strides(kern, buffers)
+    loops = [s for s, _ in kern.loops]
+    if kern.mode in ("assign", "accumulate"):
+        return _best(loops, strides), "direct"
+    red = kern.reduction_loops()
+    keep = [s for s in loops if s not in red]
+    inner = _best(red, strides)
+    reduce_order = _best(keep, strides, inner) + inner
+    if kern.mode == "sum" and kern.post == ACC and red:
+        direct = _best(loops, strides)
+        if _cost(direct, strides) < _cost(reduce_order, strides):
+            return direct, "init"
+    return reduce_order, "reduce"
+
+
+# ---------------------------------------------------------------- module description
+
+@dataclass(frozen=True)
+class Entry:
+    kind: str                  # forward | gradients
+    c_name: str
+    program: Program           # fused
+    memory: MemoryPlan
+    inputs: tuple[str, ...]    # graph inputs it reads, in declaration order
+    outputs: tuple[str, ...]   # forward outputs it writes
+    loss_buffer: str | None = None
+
+
+@dataclass(frozen=True)
+class CModule:
+    name: str
+    dtype: str
+    source: str
+    header: str
+    cdef: str
+    entries: dict[str, Entry]
+    param_offsets: dict[str, int]
+    param_shapes: dict[str, tuple[int, ...]]
+    params_size: int
+    input_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    output_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+
+    def work_elements(self, n: int) -> int:
+        return max(e.memory.elements(n) for e in self.entries.values())
+
+
+# ---------------------------------------------------------------- the emitter
+
+class Emitter:
+    """Collects the file's sections and joins them in one fixed order."""
+
+    def __init__(self, name: str, dtype: str):
+        self.name, self.dtype, self.real = name, dtype, C_TYPES[dtype]
+        self.macro = name.upper()
+        self.kernels: list[str] = []
+        self.entries: list[str] = []
+        self.prototypes: list[tuple[str, str]] = []  # (doc, prototype)
+        self.constants: list[str] = []
+        self._count = 0
+        self._emitted: dict[str, str] = {}
+
+    # -------------------------------------------------------- kernels
+    def kernel(self, kern: Kernel, buffers: dict[str, Buffer]) -> tuple[str, list[str], bool]:
+        """Emit one static kernel function; returns its name, its buffer arguments and
+        whether it takes the batch size."""
+        reads = kern.reads()
+        assert kern.out not in reads, f"{kern.node}: kernel reads its own output"
+        args = [kern.out] + reads
+        cvar = {b: f"a{k}" for k, b in enumerate(args)}
+        printer = GraphcPrinter(self.dtype, {b: (cvar[b], buffers[b]) for b in args})
+        order, strategy = schedule(kern, buffers)
+        extent = dict(kern.loops)
+        uses_n = any(e == BATCH for e in extent.values()) or kern.body.has(BATCH) \
+            or kern.post.has(BATCH)
+        fname = f"k{self._count}"
+        self._count += 1
+        params = (["size_t n"] if uses_n else []) + [f"{self.real} *restrict a0"] + \
+            [f"const {self.real} *restrict {cvar[b]}" for b in reads]
+        lines = [comment(f"{kern.node}: {kern.note}: {kern.pretty()}"),
+                 f"static void {fname}({', '.join(params)})", "{"]
+        target = f"{cvar[kern.out]}[{printer.doprint(buffers[kern.out].flat_offset(kern.out_index))}]"
+        r = self.real
+
+        def open_loops(syms, depth):
+            for s in syms:
+                ext = "n" if extent[s] == BATCH else str(extent[s])
+                lines.append("    " * depth + f"for (size_t {s} = 0; {s} < {ext}; ++{s}) {{")
+                depth += 1
+            return depth
+
+        def close_loops(count, depth):
+            for _ in range(count):
+                depth -= 1
+                lines.append("    " * depth + "}")
+            return depth
+
+        def statements(exprs, depth):
+            temps, final = sp.cse([prepare(e) for e in exprs],
+                                  symbols=sp.numbered_symbols("t"), order="canonical")
+            for t, v in temps:
+                lines.append("    " * depth + f"const {r} {t} = {printer.doprint(v)};")
+            return [printer.doprint(e) for e in final]
+
+        depth = 1
+        if strategy == "direct":
+            depth = open_loops(order, depth)
+            (value,) = statements([kern.body], depth)
+            op = "+=" if kern.mode == "accumulate" else "="
+            lines.append("    " * depth + f"{target} {op} {value};")
+            depth = close_loops(len(order), depth)
+        elif strategy == "init":
+            keep = [s for s in order if s not in kern.reduction_loops()]
+            depth = open_loops(keep, depth)
+            lines.append("    " * depth + f"{target} = 0;")
+            depth = close_loops(len(keep), depth)
+            depth = open_loops(order, depth)
+            (value,) = statements([kern.body], depth)
+            lines.append("    " * depth + f"{target} += {value};")
+            depth = close_loops(len(order), depth)
+        else:  # reduce: an accumulator per output element
+            red = kern.reduction_loops()
+            outer = [s for s in order if s not in red]
+            depth = open_loops(outer, depth)
+            start = "-INFINITY" if kern.mode == "max" else "0"
+            lines.append("    " * depth + f"{r} acc = {start};")
+            depth = open_loops([s for s in order if s in red], depth)
+            (value,) = statements([kern.body], depth)
+            if kern.mode == "max":
+                lines.append("    " * depth + f"if ({value} > acc) acc = {value};")
+            else:
+                lines.append("    " * depth + f"acc += {value};")
+            depth = close_loops(len(red), depth)
+            (value,) = statements([kern.post], depth)
+            lines.append("    " * depth + f"{target} = {value};")
+            depth = close_loops(len(outer), depth)
+        lines.append("}")
+        # The same kernel text (forward and gradients share the forward part) is emitted once.
+        key = "\n".join([", ".join(params)] + lines[2:])
+        if key in self._emitted:
+            self._count -= 1
+            return self._emitted[key], args, uses_n
+        self._emitted[key] = fname
+        self.kernels.append("\n".join(lines))
+        return fname, args, uses_n
+
+    # -------------------------------------------------------- entry points
+    def entry(self, e: Entry, param_offsets: dict[str, int], doc: str) -> None:
+        prog, mem = e.program, e.memory
+        real = self.real
+        args = [f"const {real} *params"]
+        if e.kind == "gradients":
+            args.append(f"{real} *grads")
+        args += [f"{real} *work", "size_t n"]
+        args += [f"const {real} *in_{i}" for i in e.inputs]
+        args += [f"{real} *out_{o}" for o in e.outputs]
+        ret = real if e.loss_buffer else "void"
+        proto = f"{ret} {e.c_name}({', '.join(args)})"
+        self.prototypes.append((doc, proto))
+
+        def pointer(name: str) -> str:
+            b = prog.buffers[name]
+            if b.role == "input":
+                return f"in_{name}"
+            if b.role == "output":
+                return f"out_{name}"
+            if b.role in ("param", "grad"):
+                base = "params" if b.role == "param" else "grads"
+                off = param_offsets[name.removesuffix(".grad")]
+                return f"{base} + {off}" if off else base
+            fixed, per = mem.pointer_offset(name)
+            return "work" + (f" + {fixed}" if fixed else "") + (f" + {per} * n" if per else "")
+
+        body, used = [], set()
+        for kern in prog.kernels:
+            fname, bufs, uses_n = self.kernel(kern, prog.buffers)
+            ptrs = [pointer(b) for b in bufs]
+            used.update(p.split(" ")[0] for p in ptrs)
+            used.update(["n"] if uses_n or any("* n" in p for p in ptrs) else [])
+            body.append(f"    {fname}({', '.join((['n'] if uses_n else []) + ptrs)});")
+        if e.loss_buffer:  # an unbatched one-element arena buffer
+            body.append(f"    return work[{mem.pointer_offset(e.loss_buffer)[0]}];")
+        unused = [a.split()[-1].lstrip("*") for a in args if a.split()[-1].lstrip("*") not in used]
+        self.entries.append("\n".join([proto, "{"] + [f"    (void){u};" for u in unused] + body + ["}"]))
+
+    # -------------------------------------------------------- the files
+    def source(self) -> str:
+        parts = [comment(f"{self.name}.c: generated by graphc; do not edit."),
+                 "#include <math.h>", "#include <stddef.h>", "#include <stdint.h>",
+                 f'#include "{self.name}.h"', ""]
+        parts += [k + "\n" for k in self.kernels]
+        parts += [e + "\n" for e in self.entries]
+        return "\n".join(parts)
+
+    def header(self) -> str:
+        guard = f"GRAPHC_{self.name}_H"
+        out = [comment(f"{self.name}.h: generated by graphc; do not edit."),
+               f"#ifndef {guard}", f"#define {guard}", "", "#include <stddef.h>", ""]
+        out += self.constants + [""]
+        out += [f"{doc}\n{proto};\n" for doc, proto in self.prototypes]
+        out += [f"#endif {comment(guard)}", ""]
+        return "\n".join(out)
+
+    def cdef(self) -> str:
+        return "\n".join(f"{proto};" for _, proto in self.prototypes)
+
+
+def _doc(lines: list[str]) -> str:
+    return "/*\n" + "\n".join((" * " + l.replace("*/", "* /")).rstrip() for l in lines) + "\n */"
+
+
+def emit(graph, derivation, dtype: str = "float32") -> CModule:
+    """The C source, header and cffi declarations for a derived graph."""
+    from graphc.derive import LOSS_MEAN
+
+    name = graph.name
+    em = Emitter(name, dtype)
+    M = em.macro
+    offsets, off = {}, 0
+    for p, v in graph.params.items():
+        offsets[p] = off
+        off += max(1, math.prod(v.shape))
+    params_size = off
+    entries: dict[str, Entry] = {}
+
+    fwd = fuse(derivation.forward)
+    fwd_inputs = tuple(i for i in graph.inputs if i in fwd.buffers)
+    entries["forward"] = Entry("forward", f"{name}_forward", fwd, plan(fwd), fwd_inputs,
+                               tuple(graph.outputs))
+    if graph.loss:
+        grad = fuse(derivation.gradients)
+        entries["gradients"] = Entry("gradients", f"{name}_gradients", grad, plan(grad),
+                                     tuple(i for i in graph.inputs if i in grad.buffers), (),
+                                     LOSS_MEAN)
+
+    c = em.constants
+    c.append(comment(f"Sizes are counts of {em.real} elements. Params and their gradients share one layout."))
+    c.append(f"#define {M}_PARAMS_SIZE {params_size}")
+    for p, v in graph.params.items():
+        c.append(f"#define {M}_PARAM_{p}_OFFSET {offsets[p]} {comment('shape ' + str(list(v.shape)))}")
+        c.append(f"#define {M}_PARAM_{p}_SIZE {max(1, math.prod(v.shape))}")
+    for i, v in graph.inputs.items():
+        c.append(f"#define {M}_INPUT_{i}_SIZE {max(1, math.prod(v.shape))} "
+                 f"{comment('per example, shape ' + str(list(v.shape)))}")
+    for o in graph.outputs:
+        v = graph.values[o]
+        c.append(f"#define {M}_OUTPUT_{o}_SIZE {max(1, math.prod(v.shape))} "
+                 f"{comment('per example, shape ' + str(list(v.shape)))}")
+    for kind, e in entries.items():
+        m = e.memory
+        c.append(f"#define {M}_{kind.upper()}_WORK_SIZE(n) ((size_t){m.fixed} + (size_t){m.per_example} * (size_t)(n))")
+    sizes = [f"{M}_{k.upper()}_WORK_SIZE(n)" for k in entries]
+    if len(sizes) == 1:
+        c.append(f"#define {M}_WORK_SIZE(n) {sizes[0]}")
+    else:
+        c.append(f"#define {M}_WORK_SIZE(n) ({sizes[0]} > {sizes[1]} ? {sizes[0]} : {sizes[1]})")
+
+    f = entries["forward"]
+    em.entry(f, offsets, _doc([
+        f"{f.c_name}: the outputs for a batch of n examples.",
+        f"  params: {M}_PARAMS_SIZE elements (layout: {M}_PARAM_*_OFFSET)",
+        f"  work:   at least {M}_FORWARD_WORK_SIZE(n) elements, caller-owned scratch",
+        *[f"  in_{i}: n x {M}_INPUT_{i}_SIZE elements, row-major, example after example" for i in f.inputs],
+        *[f"  out_{o}: n x {M}_OUTPUT_{o}_SIZE elements, written" for o in f.outputs],
+        "Arrays must not overlap. No allocation, no global state: reentrant."]))
+    if "gradients" in entries:
+        g = entries["gradients"]
+        em.entry(g, offsets, _doc([
+            f"{g.c_name}: the batch-mean loss '{graph.loss}', and its gradient in grads.",
+            f"  params: {M}_PARAMS_SIZE elements; grads: {M}_PARAMS_SIZE elements, overwritten",
+            f"  work:   at least {M}_GRADIENTS_WORK_SIZE(n) elements, caller-owned scratch",
+            *[f"  in_{i}: n x {M}_INPUT_{i}_SIZE elements" for i in g.inputs],
+            "Returns the mean over the batch of the per-example loss. Arrays must not overlap."]))
+    return CModule(name, dtype, em.source(), em.header(), em.cdef(), entries, offsets,
+                   {p: v.shape for p, v in graph.params.items()}, params_size,
+                   {i: v.shape for i, v in graph.inputs.items()},
+                   {o: graph.values[o].shape for o in graph.outputs})

@@ -1,0 +1,183 @@
+"""Memory planning and elementwise fusion over a kernel program.
+
+`fuse` removes intermediate buffers the C never needs to store:
+- a pure map read by exactly one kernel, once per loop point, is inlined into its reader;
+- a map that is the only reader of a reduction's result becomes that reduction's epilogue
+  (bias + activation computed where the dot product is stored).
+
+`plan` then lays out every buffer that is neither the caller's (inputs, params, outputs,
+gradients) nor dead: each gets an arena offset such that buffers alive at the same time
+never overlap. Batched buffers live in a region whose offsets are per-example and scale
+with the batch size, so one plan serves every batch size.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import sympy as sp
+
+from graphc.ir import ACC, BATCH, Buffer, Kernel, Program
+
+EXTERNAL = ("input", "param", "output", "grad")
+ALIGN = 16  # elements: 64-byte alignment for float32, 128 for float64
+
+
+def _writers(prog: Program, name: str) -> list[int]:
+    return [k for k, kern in enumerate(prog.kernels) if kern.out == name]
+
+
+def _readers(prog: Program, name: str) -> list[int]:
+    return [k for k, kern in enumerate(prog.kernels) if name in kern.reads()]
+
+
+def _is_plain_map(kern: Kernel, buf: Buffer) -> bool:
+    syms = tuple(s for s, _ in kern.loops)
+    dims = ((BATCH,) if buf.batched else ()) + buf.shape
+    return (kern.mode == "assign" and kern.out_index == syms
+            and tuple(e for _, e in kern.loops) == dims)
+
+
+def _try_inline(prog: Program, p: int) -> bool:
+    """Inline map kernel p into its only reader."""
+    P = prog.kernels[p]
+    buf = prog.buffers[P.out]
+    if buf.role in EXTERNAL or buf.role == "loss" or len(_writers(prog, P.out)) != 1 \
+            or not _is_plain_map(P, buf):
+        return False
+    readers = _readers(prog, P.out)
+    if len(readers) != 1:
+        return False
+    c = readers[0]
+    C = prog.kernels[c]
+    reads = [a for a in C.accesses() if str(a.base.label) == P.out]
+    if len(reads) != 1:
+        return False
+    (a,) = reads
+    in_post = C.post.has(a)
+    loops = {s for s, _ in C.loops} - (set(C.reduction_loops()) if in_post else set())
+    if set(a.indices) != loops or len(set(a.indices)) != len(a.indices):
+        return False  # the reader would recompute the map for other loop points
+    if any(prog.kernels[k].out in P.reads() for k in range(p + 1, c)):
+        return False
+    value = P.body.xreplace(dict(zip((s for s, _ in P.loops), a.indices)))
+    prog.kernels[c] = Kernel(C.out, C.out_index, C.loops, C.body.xreplace({a: value}), C.mode,
+                             C.post.xreplace({a: value}), C.node, f"{C.note}, {P.node} inlined")
+    del prog.kernels[p]
+    return True
+
+
+def _try_epilogue(prog: Program, p: int) -> bool:
+    """Fold the only reader of reduction p (a map over p's output) into p's `post`."""
+    P = prog.kernels[p]
+    buf = prog.buffers[P.out]
+    if P.mode != "sum" or buf.role in EXTERNAL or buf.role == "loss" \
+            or len(_writers(prog, P.out)) != 1:
+        return False
+    readers = _readers(prog, P.out)
+    if len(readers) != 1:
+        return False
+    c = readers[0]
+    C = prog.kernels[c]
+    out_loops = [s for s, _ in P.loops if s not in P.reduction_loops()]
+    if C.mode != "assign" or not _is_plain_map(C, prog.buffers[C.out]) \
+            or len(C.loops) != len(out_loops) or len(_writers(prog, C.out)) != 1:
+        return False
+    if any(prog.kernels[k].out in C.reads() for k in range(p + 1, c)):
+        return False
+    # Rename the reader's loops to the reduction's output loops, then check the read.
+    to_p = dict(zip((s for s, _ in C.loops), out_loops))
+    body = C.body.xreplace(to_p)
+    mine = P.out_index
+    if any(str(a.base.label) == P.out and tuple(a.indices) != mine
+           for a in body.atoms(sp.Indexed)):
+        return False
+    if any(not sp.Tuple(*a.indices).free_symbols <= set(out_loops)
+           for a in body.atoms(sp.Indexed) if str(a.base.label) != P.out):
+        return False
+    out_index = tuple(sp.sympify(i).xreplace(to_p) for i in C.out_index)
+    post = body.xreplace({prog.buffers[P.out].base[mine]: P.post})
+    prog.kernels[p] = Kernel(C.out, out_index, P.loops, P.body, "sum", post, C.node,
+                             f"{P.node} with {C.node} as epilogue")
+    del prog.kernels[c]
+    return True
+
+
+def fuse(prog: Program) -> Program:
+    out = Program(dict(prog.buffers), list(prog.kernels))
+    changed = True
+    while changed:
+        changed = False
+        for k in range(len(out.kernels)):
+            if _try_inline(out, k) or _try_epilogue(out, k):
+                changed = True
+                break
+    used = {k.out for k in out.kernels} | {r for k in out.kernels for r in k.reads()}
+    out.buffers = {n: b for n, b in out.buffers.items() if n in used or b.role in EXTERNAL}
+    out.check()
+    return out
+
+
+@dataclass(frozen=True)
+class Placement:
+    batched: bool
+    offset: int   # elements; per example when batched
+    size: int     # elements; per example when batched
+    first: int    # kernel index of the first write
+    last: int     # kernel index of the last use
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    places: dict[str, Placement]
+    fixed: int          # elements of the unbatched region
+    per_example: int    # elements per example of the batched region
+    fixed_no_reuse: int
+    per_example_no_reuse: int
+
+    def elements(self, n: int) -> int:
+        return self.fixed + self.per_example * n
+
+    def pointer_offset(self, name: str) -> tuple[int, int]:
+        """(constant, per-example) parts of the buffer's offset in the work arena."""
+        p = self.places[name]
+        return (self.fixed, p.offset) if p.batched else (p.offset, 0)
+
+    def report(self, itemsize: int, n: int = 1) -> str:
+        return (f"arena {self.elements(n) * itemsize} bytes "
+                f"({(self.fixed_no_reuse + self.per_example_no_reuse * n) * itemsize} without "
+                f"reuse) at batch {n}")
+
+
+def _align(x: int) -> int:
+    return -(-x // ALIGN) * ALIGN
+
+
+def plan(prog: Program) -> MemoryPlan:
+    live: dict[str, list[int]] = {}
+    for k, kern in enumerate(prog.kernels):
+        for name in [kern.out] + kern.reads():
+            if prog.buffers[name].role not in EXTERNAL:
+                span = live.setdefault(name, [k, k])
+                span[1] = k
+    places: dict[str, Placement] = {}
+    totals = {True: 0, False: 0}
+    no_reuse = {True: 0, False: 0}
+    for batched in (False, True):
+        placed: list[tuple[str, int, int, int, int]] = []  # name, offset, size, first, last
+        # First-fit in order of first use; ties by size so big buffers pack first.
+        for name in sorted((n for n in live if prog.buffers[n].batched == batched),
+                           key=lambda n: (live[n][0], -prog.buffers[n].size, n)):
+            size, (first, last) = max(1, prog.buffers[name].size), live[name]
+            clashes = sorted((o, o + _align(s)) for _, o, s, f, l in placed
+                             if not (l < first or last < f))
+            offset = 0
+            for lo, hi in clashes:
+                if offset + size <= lo:
+                    break
+                offset = max(offset, hi)
+            placed.append((name, offset, size, first, last))
+            places[name] = Placement(batched, offset, size, first, last)
+            totals[batched] = max(totals[batched], _align(offset + size))
+            no_reuse[batched] += _align(size)
+    return MemoryPlan(places, totals[False], totals[True], no_reuse[False], no_reuse[True])

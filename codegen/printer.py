@@ -1,0 +1,52 @@
+"""All math text in the generated C comes from this subclass of SymPy's C99 printer."""
+
+from __future__ import annotations
+
+import sympy as sp
+from sympy.codegen.ast import float32, float64, real
+from sympy.codegen.rewriting import create_expand_pow_optimization, optimize
+from sympy.printing.c import C99CodePrinter
+
+C_TYPES = {"float32": "float", "float64": "double"}
+_expand_small_pows = create_expand_pow_optimization(4)
+
+
+class GraphcPrinter(C99CodePrinter):
+    """C99 printer for one dtype: `expf`/`1.0F` for float32, flat offsets for `Indexed`.
+
+    `strict` stays on, so an expression with no C form is an internal error rather than a
+    comment in the output."""
+
+    def __init__(self, dtype: str, arrays: dict[str, tuple[str, "object"]]):
+        """`arrays` maps a buffer name to (C variable, Buffer) for printing its reads."""
+        alias = {"float32": float32, "float64": float64}[dtype]
+        super().__init__({"type_aliases": {real: alias}, "strict": True,
+                          "error_on_reserved": True, "math_macros": {}})
+        self.dtype = dtype
+        self.arrays = arrays
+
+    def _print_Indexed(self, expr):
+        var, buf = self.arrays[str(expr.base.label)]
+        return f"{var}[{self._print(buf.flat_offset(expr.indices))}]"
+
+    def _print_Float(self, expr):
+        # Round-trip digits: repr of the double, never the 15-digit default.
+        text = repr(float(expr))
+        if "e" not in text and "." not in text and "inf" not in text:
+            text += ".0"
+        return text + ("F" if self.dtype == "float32" else "")
+
+    def _print_Rational(self, expr):
+        return f"{self._print_Float(sp.Float(expr.p))}/{self._print_Float(sp.Float(expr.q))}"
+
+    def _print_Integer(self, expr):
+        return str(int(expr))
+
+    def _print_Symbol(self, expr):
+        # Loop indices, the batch size `n`, cse temporaries and `acc`: all generated names.
+        return expr.name
+
+
+def prepare(expr: sp.Expr) -> sp.Expr:
+    """Rewrites applied before printing: small integer powers become products."""
+    return optimize(expr, [_expand_small_pows])

@@ -1,0 +1,9 @@
+"""graphc: a symbolic computation-graph compiler (SymPy gradients, generated C99, verified)."""
+
+__version__ = "0.1.0"
+
+from .errors import GraphcError, InputError, SpecError
+from .graph import Graph
+from .builder import Builder
+from .model import CompiledModel, compile, generate
+from .spec import load

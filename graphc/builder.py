@@ -1,0 +1,59 @@
+"""A small Python builder producing the same Graph as the equivalent spec.
+
+    b = Builder("mlp")
+    x, y = b.input("x", [64]), b.input("y", [10])
+    W1, b1 = b.param("W1", [32, 64], init="he_normal"), b.param("b1", [32])
+    h1 = b.dense(x, W1, b1, name="h1")           # any op of graphc.ops.OPS is a method
+    a1 = b.elementwise(h1, expr="h1 * sigmoid(h1)")
+    ...
+    g = b.build(outputs=[logits], loss=loss, optimizer={"name": "adam", "lr": 1e-3})
+
+It only assembles a spec dict; `Graph.from_spec` does all the checking.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .graph import Graph
+from .ops import OPS
+
+
+class Builder:
+    def __init__(self, name: str):
+        self.spec: dict[str, Any] = {"name": name, "inputs": {}, "params": {}, "nodes": {}}
+        self._counter = 0
+
+    def input(self, name: str, shape) -> str:
+        self.spec["inputs"][name] = {"shape": list(shape)}
+        return name
+
+    def param(self, name: str, shape, init: str | None = None, **init_args) -> str:
+        d: dict[str, Any] = {"shape": list(shape)}
+        if init is not None:
+            d["init"] = init
+        self.spec["params"][name] = {**d, **init_args}
+        return name
+
+    def op(self, op: str, *inputs: str, name: str | None = None, **attrs) -> str:
+        if name is None:
+            name = f"{op}_{self._counter}"
+            self._counter += 1
+        if name in self.spec["nodes"]:
+            from .errors import SpecError
+            raise SpecError(f"name '{name}' is declared twice", node=name)
+        self.spec["nodes"][name] = {"op": op, "inputs": list(inputs), **attrs}
+        return name
+
+    def __getattr__(self, op: str):
+        if op in OPS:
+            return lambda *inputs, name=None, **attrs: self.op(op, *inputs, name=name, **attrs)
+        raise AttributeError(op)
+
+    def build(self, outputs=(), loss: str | None = None, optimizer: dict | None = None) -> Graph:
+        spec = dict(self.spec, outputs=list(outputs))
+        if loss is not None:
+            spec["loss"] = loss
+        if optimizer is not None:
+            spec["optimizer"] = optimizer
+        return Graph.from_spec(spec)

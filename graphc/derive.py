@@ -1,0 +1,264 @@
+"""Reverse-mode chain rule at tensor level, every local derivative from `sympy.diff`.
+
+`lower` turns each graph node into kernels in index notation (`graphc.ops`). `derive` then
+walks the loss's kernels once, in reverse. For a kernel
+
+    out[o] = post(Σ_r body(..., x[idx], ...))
+
+and each distinct read x[idx] of a value that needs a gradient, it emits the
+scatter-accumulate kernel
+
+    dx[idx] += dout[o] · ∂post/∂acc · ∂body/∂x[idx]        (over the kernel's loops)
+
+which covers maps, broadcasting (the loop revisits dx[idx]), contractions, reductions and
+movement alike. The partial derivative is taken with respect to the read exactly as it
+appears (each distinct read becomes a plain symbol first), so no KroneckerDelta arises, and
+its size does not depend on any dimension: compile time is flat in layer width.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import sympy as sp
+
+from .graph import Graph
+from .ir import ACC, BATCH, Buffer, Kernel, Program
+from .ops import OPS, Lowering
+
+LOSS_MEAN = "__batch_loss"   # the batch-mean loss, a one-element buffer
+
+
+@dataclass(frozen=True)
+class LocalDerivative:
+    """One derived partial, kept for `explain` and for tests."""
+    node: str
+    kernel: Kernel
+    wrt: sp.Indexed           # the read differentiated against
+    derived: sp.Expr          # sympy.diff's result, kinks pinned
+    used: sp.Expr             # what the backward kernel uses (maybe the output form)
+    output_form: bool         # True when `used` is written through the kernel's output
+
+
+@dataclass
+class Lowered:
+    buffers: dict[str, Buffer]
+    kernels: list[Kernel]                    # every node's forward kernels, topological
+    by_node: dict[str, list[int]] = field(default_factory=dict)
+
+
+def lower(graph: Graph) -> Lowered:
+    buffers: dict[str, Buffer] = {}
+    for v in graph.values.values():
+        role = {"input": "input", "param": "param"}.get(v.kind, "temp")
+        buffers[v.name] = Buffer(v.name, v.shape, v.batched, role)
+    kernels: list[Kernel] = []
+    by_node: dict[str, list[int]] = {}
+
+    def new_buffer(b: Buffer) -> Buffer:
+        assert b.name not in buffers, b.name
+        buffers[b.name] = b
+        return b
+
+    for v in graph.nodes.values():
+        start = len(kernels)
+        L = Lowering(v.name, [buffers[i] for i in v.inputs], buffers[v.name], v.attrs,
+                     new_buffer, kernels)
+        OPS[v.op].lower(L)
+        by_node[v.name] = list(range(start, len(kernels)))
+    return Lowered(buffers, kernels, by_node)
+
+
+def _kernels_for(graph: Graph, low: Lowered, targets) -> list[Kernel]:
+    needed = graph.ancestors(targets)
+    return [low.kernels[k] for n in graph.nodes if n in needed for k in low.by_node[n]]
+
+
+def forward_program(graph: Graph, low: Lowered | None = None) -> Program:
+    """Kernels computing the graph's outputs, which are written to caller buffers."""
+    low = low or lower(graph)
+    kernels = _kernels_for(graph, low, graph.outputs)
+    buffers = _used_buffers(low.buffers, kernels)
+    for o in graph.outputs:
+        buffers[o] = _with_role(buffers[o], "output")
+    prog = Program(buffers, kernels)
+    prog.check()
+    return prog
+
+
+def _with_role(b: Buffer, role: str) -> Buffer:
+    return Buffer(b.name, b.shape, b.batched, role, b.differentiable)
+
+
+def _used_buffers(all_buffers: dict[str, Buffer], kernels: list[Kernel]) -> dict[str, Buffer]:
+    names = set()
+    for k in kernels:
+        names.add(k.out)
+        names.update(k.reads())
+    return {n: b for n, b in all_buffers.items() if n in names}
+
+
+# ---------------------------------------------------------------- local derivatives
+
+def _pin_kinks(expr: sp.Expr) -> sp.Expr:
+    """Derivatives of kinks as PyTorch takes them: 0 at the kink, never 1/2 or a delta."""
+    return expr.replace(sp.Heaviside, lambda a, *rest: sp.Piecewise((1, a > 0), (0, True))) \
+               .replace(sp.sign, lambda a: sp.Piecewise((1, a > 0), (-1, a < 0), (0, True))) \
+               .replace(sp.DiracDelta, lambda *a: sp.Integer(0))
+
+
+
+def _has_calls(expr: sp.Expr) -> bool:
+    return any(isinstance(e, sp.Function) or (isinstance(e, sp.Pow) and not e.exp.is_Integer)
+               for e in sp.preorder_traversal(expr))
+
+
+def output_form(y: sp.Expr, d: sp.Expr, a: sp.Symbol) -> sp.Expr | None:
+    """g with d == g(y) as a polynomial of degree <= 2 in y, if SymPy proves it.
+
+    This is how sigmoid' = y(1-y), tanh' = 1-y², exp' = y are found from the formula alone:
+    fit g at a few points, then `simplify(d - g(y)) == 0` must hold symbolically."""
+    if not _has_calls(d) or y.has(sp.Piecewise) or sp.count_ops(d) > 60:
+        return None
+    Y = sp.Symbol("Y")
+    points = [-0.7, 0.2, 0.9, 1.6, -1.3]
+    try:
+        fy = sp.lambdify(a, y, "math")
+        fd = sp.lambdify(a, d, "math")
+        ys = np.array([float(fy(p)) for p in points])
+        ds = np.array([float(fd(p)) for p in points])
+    except (ValueError, OverflowError, ZeroDivisionError, TypeError):
+        return None
+    V = np.vander(ys[:3], 3, increasing=True)
+    if abs(np.linalg.det(V)) < 1e-9:
+        return None
+    coef = np.linalg.solve(V, ds[:3])
+    fit = np.polyval(coef[::-1], ys[3:])
+    if not np.allclose(fit, ds[3:], rtol=1e-9, atol=1e-12):
+        return None
+    c = [sp.nsimplify(float(x), rational=True, tolerance=1e-12) for x in coef]
+    g = sp.expand(c[0] + c[1] * Y + c[2] * Y ** 2)
+    if sp.simplify(d - g.subs(Y, y)) != 0:
+        return None
+    return g
+
+
+@dataclass
+class _Sweep:
+    buffers: dict[str, Buffer]
+    kernels: list[Kernel] = field(default_factory=list)
+    initialized: set = field(default_factory=set)
+    local: list[LocalDerivative] = field(default_factory=list)
+
+    def grad(self, name: str) -> Buffer:
+        g = f"{name}.grad"
+        if g not in self.buffers:
+            src = self.buffers[name]
+            self.buffers[g] = Buffer(g, src.shape, src.batched,
+                                     "grad" if src.role == "param" else "temp")
+        return self.buffers[g]
+
+    def zero(self, target: Buffer, node: str) -> None:
+        idx = [sp.Symbol(f"i{k}", integer=True, nonnegative=True) for k in range(len(target.strides()))]
+        dims = ([BATCH] if target.batched else []) + list(target.shape) or [1]
+        self.kernels.append(Kernel(target.name, tuple(idx), tuple(zip(idx, dims)), sp.Integer(0),
+                                   "assign", ACC, node, f"zero {target.name}"))
+
+    def contribute(self, target: Buffer, index: tuple, loops: tuple, body: sp.Expr,
+                   node: str, note: str) -> None:
+        if target.name not in self.initialized:
+            self.initialized.add(target.name)
+            dims = ([BATCH] if target.batched else []) + list(target.shape)
+            extent = dict(loops)
+            # Does the kernel visit every element of the target through plain loop indices?
+            # Then it can define the target (a map or a reduction) instead of zero + add.
+            if (len(index) == len(dims) and len(set(index)) == len(index)
+                    and all(i in extent and extent[i] == d for i, d in zip(index, dims))):
+                mode = "assign" if len(loops) == len(index) else "sum"
+                self.kernels.append(Kernel(target.name, index, loops, body, mode, ACC, node, note))
+                return
+            self.zero(target, node)
+        self.kernels.append(Kernel(target.name, index, loops, body, "accumulate", ACC, node, note))
+
+
+@dataclass
+class Derivation:
+    forward: Program
+    gradients: Program
+    local: list[LocalDerivative]
+    loss_kernels: int           # how many kernels of `gradients` are the forward part
+
+
+def derive(graph: Graph) -> Derivation:
+    low = lower(graph)
+    fwd = forward_program(graph, low)
+    if graph.loss is None:
+        return Derivation(fwd, Program({}, []), [], 0)
+
+    kernels = _kernels_for(graph, low, [graph.loss])
+    buffers = dict(_used_buffers(low.buffers, kernels))
+    for p, v in graph.params.items():
+        buffers.setdefault(p, low.buffers[p])
+    b = sp.Symbol("b", integer=True, nonnegative=True)
+    buffers[LOSS_MEAN] = Buffer(LOSS_MEAN, (), False, "loss")
+    mean = Kernel(LOSS_MEAN, (sp.Integer(0),), ((b, BATCH),),
+                  buffers[graph.loss].base[b], "sum", ACC / BATCH, graph.loss, "batch mean")
+
+    # Which buffers need a gradient: they depend on a param and the loss depends on them.
+    depends = {n: buf.role == "param" for n, buf in buffers.items()}
+    for k in kernels:
+        if buffers[k.out].differentiable and any(depends[r] for r in k.reads()):
+            depends[k.out] = True
+    reaches = {n: False for n in buffers}
+    reaches[graph.loss] = True
+    for k in reversed(kernels):
+        if reaches[k.out]:
+            for r in k.reads():
+                reaches[r] = True
+    active = {n for n in buffers if depends[n] and reaches[n]}
+
+    sweep = _Sweep(buffers)
+    for k in reversed(kernels):
+        if k.out not in active:
+            continue
+        reads = k.accesses()
+        dummies = {a: sp.Symbol(f"_a{j}", real=True) for j, a in enumerate(reads)}
+        body = k.body.xreplace(dummies)
+        post = k.post.xreplace(dummies)
+        dpost = sp.diff(post, ACC)
+        assert not dpost.has(ACC), f"{k.node}: post must be affine in the reduced value"
+        out_ref = buffers[k.out].base[k.out_index]
+        seed = sp.Integer(1) / BATCH if k.out == graph.loss else sweep.grad(k.out).base[k.out_index]
+        out_loops = tuple((s, e) for s, e in k.loops if s not in k.reduction_loops())
+        for a in reads:
+            src = str(a.base.label)
+            if src not in active:
+                continue
+            in_post = post.has(dummies[a])
+            derived = _pin_kinks(sp.diff(post if in_post else body, dummies[a]))
+            if not in_post:
+                derived = derived * dpost
+            if derived == 0:
+                continue
+            used, through_output = derived, False
+            if k.mode == "assign" and len(reads) == 1:
+                g = output_form(body, derived, dummies[a])
+                if g is not None:
+                    used, through_output = g.subs(sp.Symbol("Y"), out_ref), True
+            used_back = used.xreplace({d: r for r, d in dummies.items()})
+            sweep.local.append(LocalDerivative(k.node, k, a, derived.xreplace(
+                {d: r for r, d in dummies.items()}), used_back, through_output))
+            sweep.contribute(sweep.grad(src), tuple(a.indices), out_loops if in_post else k.loops,
+                             seed * used_back, k.node, f"d{k.out}/d{src}")
+    for p in graph.params:
+        g = sweep.grad(p)
+        if g.name not in sweep.initialized:  # the loss does not depend on this param
+            sweep.initialized.add(g.name)
+            sweep.zero(g, p)
+
+    grad_kernels = kernels + [mean] + sweep.kernels
+    prog = Program(_used_buffers(sweep.buffers, grad_kernels) | {
+        f"{p}.grad": sweep.buffers[f"{p}.grad"] for p in graph.params}, grad_kernels)
+    prog.check()
+    return Derivation(fwd, prog, sweep.local, len(kernels) + 1)

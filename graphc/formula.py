@@ -1,0 +1,122 @@
+"""Parse a user formula (the `elementwise` op's `expr`) into SymPy, safely.
+
+The text is parsed by Python's `ast` and rebuilt node by node from a whitelist: numbers,
+the input names, + - * / **, unary minus, and the functions in FUNCTIONS. Nothing is
+evaluated, so no text in a spec can run code or reach the C file except as the SymPy
+expression this module builds.
+"""
+
+from __future__ import annotations
+
+import ast
+import math
+from typing import Callable, Mapping
+
+import sympy as sp
+
+from .errors import SpecError
+
+
+def _relu(a):
+    # Piecewise, not Max: diff(Max(0, x)) is Heaviside(x), which is 1/2 at 0.
+    return sp.Piecewise((a, a > 0), (0, True))
+
+
+def _max(a, b):
+    return sp.Piecewise((a, a >= b), (b, True))
+
+
+def _min(a, b):
+    return sp.Piecewise((a, a <= b), (b, True))
+
+
+def _abs(a):
+    return sp.Piecewise((a, a > 0), (-a, a < 0), (0, True))
+
+
+# name -> (arity, builder). Every builder returns functions the C99 printer knows.
+FUNCTIONS: Mapping[str, tuple[int, Callable]] = {
+    "exp": (1, sp.exp), "log": (1, sp.log), "sqrt": (1, sp.sqrt),
+    "sin": (1, sp.sin), "cos": (1, sp.cos), "tan": (1, sp.tan),
+    "sinh": (1, sp.sinh), "cosh": (1, sp.cosh), "tanh": (1, sp.tanh),
+    "asin": (1, sp.asin), "acos": (1, sp.acos), "atan": (1, sp.atan),
+    "erf": (1, sp.erf),
+    "abs": (1, _abs), "relu": (1, _relu),
+    "sigmoid": (1, lambda a: 1 / (1 + sp.exp(-a))),
+    "softplus": (1, lambda a: sp.log(1 + sp.exp(a))),
+    "max": (2, _max), "min": (2, _min), "pow": (2, sp.Pow),
+}
+CONSTANTS = {"pi": sp.pi, "e": sp.E}
+
+_BINOPS = {ast.Add: lambda a, b: a + b, ast.Sub: lambda a, b: a - b,
+           ast.Mult: lambda a, b: a * b, ast.Div: lambda a, b: a / b,
+           ast.Pow: lambda a, b: a ** b}
+MAX_FORMULA_LENGTH = 2000
+
+
+def number(value: float | int) -> sp.Expr:
+    """A SymPy number that keeps every bit of a Python float (printed round-trip later)."""
+    if isinstance(value, bool):
+        raise TypeError("a boolean is not a number here")
+    if isinstance(value, int):
+        return sp.Integer(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{value!r} is not a finite number")
+    return sp.Integer(int(value)) if float(value).is_integer() and abs(value) < 2**53 \
+        else sp.Float(repr(float(value)), 17)
+
+
+def parse_formula(text: object, symbols: Mapping[str, sp.Symbol], *, node: str,
+                  field: str = "expr") -> sp.Expr:
+    """Build the SymPy expression for `text`, whose free names must be keys of `symbols`."""
+    def fail(msg: str) -> SpecError:
+        return SpecError(msg, node=node, field=field)
+
+    if not isinstance(text, str) or not text.strip():
+        raise fail("must be a non-empty formula string, e.g. \"x * sigmoid(x)\"")
+    if len(text) > MAX_FORMULA_LENGTH:
+        raise fail(f"formula is longer than {MAX_FORMULA_LENGTH} characters")
+    try:
+        tree = ast.parse(text.strip(), mode="eval")
+    except SyntaxError as e:
+        raise fail(f"cannot parse formula {text!r}: {e.msg}") from None
+
+    def build(n: ast.AST) -> sp.Expr:
+        if isinstance(n, ast.Expression):
+            return build(n.body)
+        if isinstance(n, ast.Constant):
+            if isinstance(n.value, (int, float)) and not isinstance(n.value, bool):
+                try:
+                    return number(n.value)
+                except ValueError as e:
+                    raise fail(str(e)) from None
+            raise fail(f"only numbers may appear as constants, not {n.value!r}")
+        if isinstance(n, ast.Name):
+            if n.id in symbols:
+                return symbols[n.id]
+            if n.id in CONSTANTS:
+                return CONSTANTS[n.id]
+            known = ", ".join(sorted(symbols)) or "none"
+            raise fail(f"unknown name '{n.id}' in formula (this node's inputs: {known})")
+        if isinstance(n, ast.BinOp) and type(n.op) in _BINOPS:
+            return _BINOPS[type(n.op)](build(n.left), build(n.right))
+        if isinstance(n, ast.UnaryOp) and isinstance(n.op, (ast.USub, ast.UAdd)):
+            v = build(n.operand)
+            return -v if isinstance(n.op, ast.USub) else v
+        if isinstance(n, ast.Call):
+            if not isinstance(n.func, ast.Name) or n.func.id not in FUNCTIONS:
+                name = n.func.id if isinstance(n.func, ast.Name) else ast.unparse(n.func)
+                raise fail(f"unknown function '{name}' (known: {', '.join(sorted(FUNCTIONS))})")
+            if n.keywords:
+                raise fail(f"function '{n.func.id}' takes no keyword arguments")
+            arity, make = FUNCTIONS[n.func.id]
+            if len(n.args) != arity:
+                raise fail(f"function '{n.func.id}' takes {arity} argument(s), got {len(n.args)}")
+            return make(*[build(a) for a in n.args])
+        raise fail(f"'{ast.unparse(n)}' is not allowed in a formula "
+                   "(use numbers, input names, + - * / **, and known functions)")
+
+    expr = build(tree)
+    if expr.has(sp.zoo, sp.oo, -sp.oo, sp.nan):
+        raise fail(f"formula {text!r} is not finite (it simplifies to {expr})")
+    return expr

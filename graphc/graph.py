@@ -1,0 +1,298 @@
+"""The Graph: named values (inputs, params, op nodes) with inferred, checked shapes.
+
+A spec (YAML/JSON/dict), the Python `Builder` and `from_networkx` all go through
+`Graph.from_spec`, so one validation path guards every way of declaring a model.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+import networkx as nx
+import sympy as sp
+
+from .errors import SpecError
+from .formula import parse_formula
+from .init import check_init
+from .names import check_name
+from .ops import OPS
+from .optim import check_optimizer
+
+TOP_LEVEL = ("name", "description", "inputs", "params", "nodes", "outputs", "loss", "optimizer")
+MAX_ELEMENTS = 1 << 28  # per value; protects against absurd shapes in untrusted specs
+
+
+@dataclass(frozen=True)
+class Value:
+    name: str
+    kind: str                      # input | param | node
+    shape: tuple[int, ...]         # per-example (params: their whole shape)
+    batched: bool                  # has the implicit leading batch axis
+    op: str | None = None
+    inputs: tuple[str, ...] = ()
+    attrs: dict = field(default_factory=dict)        # normalized (axes resolved, expr parsed)
+    spec_attrs: dict = field(default_factory=dict)   # as written, for round trips
+    init: dict | None = None                          # params only
+
+
+def _shape(value: Any, *, node: str, field_: str = "shape") -> tuple[int, ...]:
+    if not isinstance(value, (list, tuple)) or any(
+            isinstance(d, bool) or not isinstance(d, int) or d < 1 for d in value):
+        raise SpecError(f"must be a list of positive integers, got {value!r}", node=node, field=field_)
+    if math.prod(value) > MAX_ELEMENTS:
+        raise SpecError(f"shape {list(value)} has more than {MAX_ELEMENTS} elements",
+                        node=node, field=field_)
+    return tuple(value)
+
+
+def _mapping(value: Any, what: str) -> dict:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise SpecError(f"'{what}' must be a mapping of name to definition, got "
+                        f"{type(value).__name__}", field=what)
+    return value
+
+
+class Graph:
+    """A validated model: values in topological order, outputs, loss and optimizer."""
+
+    def __init__(self, name: str, values: dict[str, Value], outputs: tuple[str, ...],
+                 loss: str | None, optimizer: dict | None, description: str = ""):
+        self.name, self.values, self.outputs, self.loss = name, values, outputs, loss
+        self.optimizer, self.description = optimizer, description
+
+    # ------------------------------------------------------------ views
+    @property
+    def inputs(self) -> dict[str, Value]:
+        return {k: v for k, v in self.values.items() if v.kind == "input"}
+
+    @property
+    def params(self) -> dict[str, Value]:
+        return {k: v for k, v in self.values.items() if v.kind == "param"}
+
+    @property
+    def nodes(self) -> dict[str, Value]:
+        """Op nodes in topological order."""
+        return {k: v for k, v in self.values.items() if v.kind == "node"}
+
+    def ancestors(self, names: Iterable[str]) -> set[str]:
+        """`names` and every value they depend on."""
+        seen, todo = set(), list(names)
+        while todo:
+            n = todo.pop()
+            if n not in seen:
+                seen.add(n)
+                todo.extend(self.values[n].inputs)
+        return seen
+
+    def __repr__(self) -> str:
+        return (f"Graph({self.name!r}: {len(self.inputs)} inputs, {len(self.params)} params, "
+                f"{len(self.nodes)} nodes)")
+
+    # ------------------------------------------------------------ spec round trip
+    def to_spec(self) -> dict:
+        spec: dict[str, Any] = {"name": self.name}
+        if self.description:
+            spec["description"] = self.description
+        spec["inputs"] = {k: {"shape": list(v.shape)} for k, v in self.inputs.items()}
+        spec["params"] = {k: {"shape": list(v.shape), **(v.init or {})} for k, v in self.params.items()}
+        spec["nodes"] = {k: {"op": v.op, "inputs": list(v.inputs), **copy.deepcopy(v.spec_attrs)}
+                         for k, v in self.nodes.items()}
+        spec["outputs"] = list(self.outputs)
+        if self.loss:
+            spec["loss"] = self.loss
+        if self.optimizer:
+            spec["optimizer"] = copy.deepcopy(self.optimizer)
+        return spec
+
+    def to_networkx(self) -> nx.DiGraph:
+        """A copy as a networkx.DiGraph: node attributes kind/op/shape/batched/inputs/attrs;
+        an edge per use, its `index` the argument position (the first one when repeated)."""
+        g = nx.DiGraph(name=self.name, outputs=list(self.outputs), loss=self.loss,
+                       optimizer=copy.deepcopy(self.optimizer), description=self.description)
+        for v in self.values.values():
+            g.add_node(v.name, kind=v.kind, op=v.op, shape=list(v.shape), batched=v.batched,
+                       inputs=list(v.inputs), attrs=copy.deepcopy(v.spec_attrs),
+                       init=copy.deepcopy(v.init))
+        for v in self.values.values():
+            for pos, src in enumerate(v.inputs):
+                if not g.has_edge(src, v.name):
+                    g.add_edge(src, v.name, index=pos)
+        return g
+
+    @classmethod
+    def from_networkx(cls, g: nx.DiGraph) -> "Graph":
+        """Inverse of `to_networkx` (validated like any spec)."""
+        spec: dict[str, Any] = {"name": g.graph.get("name"), "inputs": {}, "params": {}, "nodes": {},
+                                "outputs": g.graph.get("outputs") or [], "loss": g.graph.get("loss")}
+        if g.graph.get("optimizer"):
+            spec["optimizer"] = g.graph["optimizer"]
+        for name, d in g.nodes(data=True):
+            kind = d.get("kind", "node")
+            if kind == "input":
+                spec["inputs"][name] = {"shape": d["shape"]}
+            elif kind == "param":
+                spec["params"][name] = {"shape": d["shape"], **(d.get("init") or {})}
+            else:
+                inputs = d.get("inputs") or [u for u, _, _ in sorted(
+                    g.in_edges(name, data="index"), key=lambda e: e[2])]
+                spec["nodes"][name] = {"op": d.get("op"), "inputs": inputs, **(d.get("attrs") or {})}
+        return cls.from_spec(spec)
+
+    # ------------------------------------------------------------ validation
+    @classmethod
+    def from_spec(cls, spec: Any, *, default_name: str | None = None) -> "Graph":
+        if not isinstance(spec, dict):
+            raise SpecError(f"a spec must be a mapping at the top level, got {type(spec).__name__}")
+        unknown = [k for k in spec if k not in TOP_LEVEL]
+        if unknown:
+            raise SpecError(f"unknown top-level field(s) {', '.join(map(repr, unknown))} "
+                            f"(allowed: {', '.join(TOP_LEVEL)})", field=str(unknown[0]))
+        name = spec.get("name", default_name)
+        if name is None:
+            raise SpecError("the spec needs a 'name' (it becomes the C prefix)", field="name")
+        check_name(name, what="model name", field="name")
+        description = spec.get("description") or ""
+        if not isinstance(description, str):
+            raise SpecError("must be a string", field="description")
+
+        values: dict[str, Value] = {}
+        declared: dict[str, str] = {}
+
+        def claim(n: Any, section: str) -> str:
+            check_name(n, what=f"{section[:-1]} name", node=n if isinstance(n, str) else None)
+            if n in declared:
+                raise SpecError(f"name '{n}' is declared twice (in '{declared[n]}' and '{section}')",
+                                node=n)
+            declared[n] = section
+            return n
+
+        for n, d in _mapping(spec.get("inputs"), "inputs").items():
+            claim(n, "inputs")
+            shape = d.get("shape") if isinstance(d, dict) else d
+            if isinstance(d, dict) and set(d) - {"shape"}:
+                raise SpecError(f"unknown field(s) {sorted(set(d) - {'shape'})} (inputs take 'shape')",
+                                node=n, field=sorted(set(d) - {"shape"})[0])
+            values[n] = Value(n, "input", _shape(shape, node=n) if shape != [] else (), True)
+
+        for n, d in _mapping(spec.get("params"), "params").items():
+            claim(n, "params")
+            if not isinstance(d, dict):
+                d = {"shape": d}
+            shape = _shape(d.get("shape"), node=n)
+            d = {"init": "zeros" if len(shape) <= 1 else "glorot_uniform", **d}
+            init = check_init(n, d)
+            extra = set(d) - {"shape"} - set(init)
+            if extra:
+                raise SpecError(f"unknown field(s) {sorted(extra)} for init '{init['init']}'",
+                                node=n, field=sorted(extra)[0])
+            values[n] = Value(n, "param", shape, False, init=init)
+
+        raw_nodes = _mapping(spec.get("nodes"), "nodes")
+        if not raw_nodes:
+            raise SpecError("the graph has no nodes: declare at least one op under 'nodes'",
+                            field="nodes")
+        for n, d in raw_nodes.items():
+            claim(n, "nodes")
+            if not isinstance(d, dict):
+                raise SpecError("a node must be a mapping with 'op' and 'inputs'", node=n)
+            if "op" not in d:
+                raise SpecError("missing 'op'", node=n, field="op")
+            if d["op"] not in OPS:
+                raise SpecError(f"unknown op {d['op']!r} (known: {', '.join(sorted(OPS))})",
+                                node=n, field="op")
+            op = OPS[d["op"]]
+            ins = d.get("inputs")
+            if not isinstance(ins, list) or not all(isinstance(i, str) for i in ins):
+                raise SpecError("must be a list of value names", node=n, field="inputs")
+            lo, hi = op.arity
+            if len(ins) < lo or (hi is not None and len(ins) > hi):
+                want = f"{lo}" if lo == hi else f"{lo} to {hi}" if hi else f"at least {lo}"
+                raise SpecError(f"op '{op.name}' takes {want} input(s), got {len(ins)}",
+                                node=n, field="inputs")
+            extra = set(d) - {"op", "inputs"} - set(op.attrs)
+            if extra:
+                allowed = ", ".join(sorted(op.attrs)) or "none"
+                raise SpecError(f"unknown field {sorted(extra)[0]!r} for op '{op.name}' "
+                                f"(its attributes: {allowed})", node=n, field=sorted(extra)[0])
+            spec_attrs = {k: copy.deepcopy(d[k]) for k in op.attrs if k in d}
+            values[n] = Value(n, "node", (), False, op.name, tuple(ins), {}, spec_attrs)
+
+        for n, v in values.items():
+            for i in v.inputs:
+                if i not in values:
+                    raise SpecError(f"input '{i}' is not an input, param or node of this graph",
+                                    node=n, field="inputs")
+
+        order = cls._topological(values)
+        ordered: dict[str, Value] = {}
+        for n in order:
+            v = values[n]
+            if v.kind == "node":
+                v = cls._infer(v, ordered)
+            ordered[n] = v
+
+        outputs = spec.get("outputs", [])
+        if isinstance(outputs, str):
+            outputs = [outputs]
+        if not isinstance(outputs, list):
+            raise SpecError("must be a list of node names", field="outputs")
+        loss = spec.get("loss")
+        if not outputs and loss is None:
+            raise SpecError("the graph needs 'outputs' or a 'loss'", field="outputs")
+        for o in outputs:
+            if o not in ordered or ordered[o].kind != "node":
+                raise SpecError(f"output {o!r} is not a node of this graph", field="outputs")
+            if not ordered[o].batched:
+                raise SpecError(f"output '{o}' does not depend on any input", node=o, field="outputs")
+        if len(set(outputs)) != len(outputs):
+            raise SpecError("an output is listed twice", field="outputs")
+        if loss is not None:
+            if not isinstance(loss, str) or loss not in ordered or ordered[loss].kind != "node":
+                raise SpecError(f"loss {loss!r} is not a node of this graph", field="loss")
+            lv = ordered[loss]
+            if lv.shape != () or not lv.batched:
+                got = f"per-example shape {list(lv.shape)}" if lv.batched else "no batch axis"
+                raise SpecError(f"the loss must be a per-example scalar, got {got}; reduce it "
+                                "with 'sum' or 'mean'", node=loss, field="loss")
+        optimizer = check_optimizer(spec.get("optimizer")) if spec.get("optimizer") is not None else None
+        return cls(name, ordered, tuple(outputs), loss, optimizer, description)
+
+    @staticmethod
+    def _topological(values: dict[str, Value]) -> list[str]:
+        g = nx.DiGraph()
+        position = {n: k for k, n in enumerate(values)}
+        g.add_nodes_from(values)
+        for n, v in values.items():
+            g.add_edges_from((i, n) for i in v.inputs)
+        try:
+            return list(nx.lexicographical_topological_sort(g, key=position.__getitem__))
+        except nx.NetworkXUnfeasible:
+            cycle = [u for u, _ in nx.find_cycle(g)]
+            raise SpecError("the graph has a cycle: " + " -> ".join(cycle + [cycle[0]]),
+                            node=cycle[0], field="inputs") from None
+
+    @staticmethod
+    def _infer(v: Value, known: dict[str, Value]) -> Value:
+        op = OPS[v.op]
+        ins = [known[i] for i in v.inputs]
+        attrs = op.normalize_attrs(v.name, v.spec_attrs)
+        if op.name == "elementwise":
+            symbols = {}
+            for i in v.inputs:
+                symbols.setdefault(i, sp.Symbol(i, real=True))
+            expr = parse_formula(attrs["expr"], symbols, node=v.name)
+            attrs["expr"] = (expr, tuple(symbols[i] for i in v.inputs))
+        for k, i in enumerate(ins):
+            if op.is_loss and k == 1 and not i.batched:
+                raise SpecError(f"the target '{i.name}' must be an input (batched), not a param",
+                                node=v.name, field="inputs")
+        shape = op.shape(v.name, [i.shape for i in ins], attrs)
+        if math.prod(shape) > MAX_ELEMENTS:
+            raise SpecError(f"result shape {list(shape)} is too large", node=v.name, field="inputs")
+        batched = any(i.batched for i in ins)
+        return Value(v.name, "node", tuple(shape), batched, v.op, v.inputs, attrs, v.spec_attrs)

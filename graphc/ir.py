@@ -1,0 +1,143 @@
+"""The kernel IR: what the ops lower to, what `derive` differentiates and `codegen` prints.
+
+A `Program` is a list of `Kernel`s over named `Buffer`s. A kernel is one loop nest in index
+notation:
+
+    out[out_index] (= | ⊕=) post(REDUCE_{reduction loops} body)
+
+where `body` and `post` are SymPy expressions whose array reads are `Indexed` accesses with
+affine indices in the loop variables. Modes:
+
+- ``assign``:     out[out_index] = body, once per loop point (maps, copies, movement);
+- ``sum``:        out[out_index] = post(Σ_r body), loops not in out_index are reduced;
+- ``max``:        out[out_index] = max_r body (only for stable shifts; never differentiated);
+- ``accumulate``: out[out_index] += body (the backward pass's scatter-accumulate).
+
+Every op, forward or backward, is one of these four, so the derivation engine and the C
+emitter each handle four cases, not one per op.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Iterable
+
+import sympy as sp
+
+BATCH = sp.Symbol("n", integer=True, positive=True)  # the runtime batch size
+ACC = sp.Symbol("acc", real=True)                    # the reduced value inside `post`
+MODES = ("assign", "sum", "max", "accumulate")
+
+
+def index_symbols(count: int, start: int = 0) -> list[sp.Symbol]:
+    return [sp.Symbol(f"i{k}", integer=True, nonnegative=True) for k in range(start, start + count)]
+
+
+@dataclass(frozen=True)
+class Buffer:
+    """A named array. `shape` is per-example; a batched buffer has a leading batch axis."""
+    name: str
+    shape: tuple[int, ...]
+    batched: bool
+    role: str = "temp"          # input | param | output | grad | temp | loss
+    differentiable: bool = True  # False for stable-shift values (stop-gradient)
+
+    @property
+    def size(self) -> int:
+        """Elements per example (batched) or in total (unbatched)."""
+        return math.prod(self.shape)
+
+    @property
+    def base(self) -> sp.IndexedBase:
+        return sp.IndexedBase(self.name)
+
+    def strides(self) -> tuple[int, ...]:
+        """Row-major strides of the full index (batch axis first when batched)."""
+        dims = list(self.shape)
+        out, acc = [], 1
+        for d in reversed(dims):
+            out.append(acc)
+            acc *= d
+        out.reverse()
+        if not self.batched and not dims:
+            return (1,)  # an unbatched scalar is indexed as [0]
+        return ((acc,) if self.batched else ()) + tuple(out)
+
+    def flat_offset(self, index: Iterable[sp.Expr]) -> sp.Expr:
+        index = tuple(index)
+        strides = self.strides()
+        if len(index) != len(strides):
+            raise AssertionError(f"{self.name}: index {index} does not fit rank {len(strides)}")
+        return sp.Add(*[s * i for s, i in zip(strides, index)])
+
+
+@dataclass(frozen=True)
+class Kernel:
+    out: str
+    out_index: tuple[sp.Expr, ...]
+    loops: tuple[tuple[sp.Symbol, object], ...]  # (index symbol, extent: int or BATCH)
+    body: sp.Expr
+    mode: str = "assign"
+    post: sp.Expr = ACC
+    node: str = ""       # the graph node this kernel belongs to
+    note: str = ""       # 'forward', or what the backward kernel computes
+
+    def accesses(self) -> list[sp.Indexed]:
+        """Distinct array reads, in a deterministic order."""
+        found = set(self.body.atoms(sp.Indexed)) | set(self.post.atoms(sp.Indexed))
+        return sorted(found, key=sp.default_sort_key)
+
+    def reads(self) -> list[str]:
+        return sorted({str(a.base.label) for a in self.accesses()})
+
+    def reduction_loops(self) -> list[sp.Symbol]:
+        used = set().union(*[e.free_symbols for e in self.out_index]) if self.out_index else set()
+        return [s for s, _ in self.loops if s not in used]
+
+    def pretty(self) -> str:
+        lhs = f"{self.out}[{', '.join(map(str, self.out_index))}]"
+        red = self.reduction_loops()
+        op = {"assign": "=", "accumulate": "+="}.get(self.mode, "=")
+        rhs = str(self.body)
+        if self.mode in ("sum", "max"):
+            sym = "Σ" if self.mode == "sum" else "max"
+            rhs = f"{sym}_{{{', '.join(map(str, red))}}} {rhs}"
+            if self.post != ACC:
+                rhs = str(self.post.subs(ACC, sp.Symbol(f"({rhs})")))
+        return f"{lhs} {op} {rhs}"
+
+
+@dataclass
+class Program:
+    """Kernels in execution order over the buffers they name."""
+    buffers: dict[str, Buffer]
+    kernels: list[Kernel] = field(default_factory=list)
+
+    def check(self) -> None:
+        """Internal consistency; raises AssertionError naming the kernel at fault."""
+        written: set[str] = {b.name for b in self.buffers.values() if b.role in ("input", "param")}
+        for k, kern in enumerate(self.kernels):
+            where = f"kernel {k} ({kern.node}: {kern.note})"
+            assert kern.mode in MODES, f"{where}: mode {kern.mode}"
+            assert kern.out in self.buffers, f"{where}: unknown output {kern.out}"
+            out = self.buffers[kern.out]
+            assert out.role not in ("input", "param"), f"{where}: writes {out.role} {out.name}"
+            assert len(kern.out_index) == len(out.strides()), f"{where}: out rank"
+            loop_syms = [s for s, _ in kern.loops]
+            assert len(set(loop_syms)) == len(loop_syms), f"{where}: repeated loop symbol"
+            for a in kern.accesses():
+                name = str(a.base.label)
+                assert name in self.buffers, f"{where}: reads unknown buffer {name}"
+                assert name in written, f"{where}: reads {name} before it is written"
+                assert len(a.indices) == len(self.buffers[name].strides()), f"{where}: rank of {name}"
+                assert set().union(*[i.free_symbols for i in a.indices]) <= set(loop_syms), \
+                    f"{where}: {a} uses an index that is not a loop"
+            if kern.mode == "accumulate":
+                assert kern.out in written, f"{where}: accumulates into unwritten {kern.out}"
+            if kern.mode == "assign" or kern.post != ACC:
+                assert kern.mode in ("sum", "assign") and (kern.mode == "sum" or kern.post == ACC)
+            written.add(kern.out)
+
+    def pretty(self) -> str:
+        return "\n".join(k.pretty() for k in self.kernels)

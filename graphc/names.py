@@ -1,0 +1,34 @@
+"""Which names a spec may use. Names reach the C file only after this check."""
+
+from __future__ import annotations
+
+import re
+
+from .errors import SpecError
+
+IDENTIFIER = re.compile(r"[A-Za-z][A-Za-z0-9_]*\Z")
+MAX_NAME_LENGTH = 63  # C99 guarantees 63 significant characters for internal identifiers
+
+C_KEYWORDS = frozenset("""
+auto break case char const continue default do double else enum extern float for goto if
+inline int long register restrict return short signed sizeof static struct switch typedef
+union unsigned void volatile while _Bool _Complex _Imaginary _Alignas _Alignof _Atomic
+_Generic _Noreturn _Static_assert _Thread_local alignas alignof bool constexpr false
+nullptr static_assert thread_local true typeof typeof_unqual
+""".split())
+
+
+def check_name(name: object, *, what: str, node: str | None = None, field: str | None = None) -> str:
+    """Return `name` if it is a safe identifier; raise a SpecError saying why not."""
+    if not isinstance(name, str):
+        raise SpecError(f"{what} must be a string, got {name!r}", node=node, field=field)
+    if not IDENTIFIER.match(name):
+        raise SpecError(f"{what} {name!r} is not a valid identifier (a letter, then letters, "
+                        "digits or '_')", node=node, field=field)
+    if len(name) > MAX_NAME_LENGTH:
+        raise SpecError(f"{what} {name!r} is longer than {MAX_NAME_LENGTH} characters",
+                        node=node, field=field)
+    if name in C_KEYWORDS:
+        raise SpecError(f"{what} {name!r} is a C keyword; choose another name",
+                        node=node, field=field)
+    return name

@@ -1,0 +1,161 @@
+"""The cffi build and its content-addressed cache, on a tiny hand-written C model."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import subprocess
+import sys
+import sysconfig
+import textwrap
+
+import numpy as np
+import pytest
+
+from codegen import build as B
+from graphc.errors import GraphcError
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+EXT = sysconfig.get_config_var("EXT_SUFFIX")
+
+HEADER = """\
+#ifndef DEMO_H
+#define DEMO_H
+#include <stddef.h>
+double demo_dot(const double *a, const double *b, size_t n);
+#endif
+"""
+SOURCE = """\
+#include "demo.h"
+
+double demo_dot(const double *a, const double *b, size_t n)
+{
+    double s = 0.0;
+    size_t i;
+    for (i = 0; i < n; ++i) {
+        s += a[i] * b[i];
+    }
+    return s;
+}
+"""
+CDEF = "double demo_dot(const double *a, const double *b, size_t n);"
+
+
+@pytest.fixture(autouse=True)
+def cache(tmp_path, monkeypatch):
+    """Every test gets an empty cache of its own; the user's cache is never touched."""
+    path = tmp_path / "cache"
+    monkeypatch.setenv("GRAPHC_CACHE_DIR", str(path))
+    monkeypatch.delenv("GRAPHC_KEEP_SOURCES", raising=False)
+    return path
+
+
+def dot(result: B.BuildResult, a: np.ndarray, b: np.ndarray) -> float:
+    ffi = result.ffi
+    return result.lib.demo_dot(ffi.cast("double *", a.ctypes.data),
+                               ffi.from_buffer("double[]", b), a.size)
+
+
+def test_builds_and_computes():
+    r = B.build("demo", SOURCE, HEADER, CDEF)
+    rng = np.random.default_rng(0)
+    a, b = rng.standard_normal(100), rng.standard_normal(100)
+    assert dot(r, a, b) == pytest.approx(float(a @ b), rel=1e-12)
+    assert not r.cached and len(r.key) == 64
+    assert pathlib.Path(r.path).name == f"_graphc_demo_{r.key[:16]}{EXT}"
+    assert "-std=c99" in B.compile_flags()
+
+
+def test_second_build_is_cached(cache, monkeypatch):
+    first = B.build("demo", SOURCE, HEADER, CDEF)
+    again = B.build("demo", SOURCE, HEADER, CDEF)
+    assert again.cached and again.lib is first.lib and again.key == first.key
+    # As a fresh process would: forget the loaded module; the file on disk is loaded, not rebuilt.
+    monkeypatch.setattr(B, "_loaded", {})
+    from_disk = B.build("demo", SOURCE, HEADER, CDEF)
+    assert from_disk.cached and from_disk.path == first.path
+    assert sorted(p.name for p in cache.iterdir()) == [pathlib.Path(first.path).name]
+
+
+def test_cache_dir_locations(tmp_path, monkeypatch):
+    monkeypatch.delenv("GRAPHC_CACHE_DIR")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert B.cache_dir() == tmp_path / "xdg" / "graphc"
+    r = B.build("demo", SOURCE, HEADER, CDEF)
+    assert pathlib.Path(r.path).parent == tmp_path / "xdg" / "graphc"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert B.cache_dir() == tmp_path / "home" / ".cache" / "graphc"
+
+
+def test_changes_give_new_keys_and_modules():
+    base = B.build("demo", SOURCE, HEADER, CDEF)
+    doubled = B.build("demo", SOURCE.replace("return s;", "return 2.0 * s;"), HEADER, CDEF)
+    flagged = B.build("demo", SOURCE, HEADER, CDEF, extra_flags=("-O1",))
+    assert len({base.key, doubled.key, flagged.key}) == 3
+    assert len({base.path, doubled.path, flagged.path}) == 3
+    a = np.arange(4.0)
+    assert dot(base, a, a) == 14.0 and dot(doubled, a, a) == 28.0 and dot(flagged, a, a) == 14.0
+
+
+def test_strict_extra_flags_apply_to_the_model_only():
+    # cffi's wrapper is not -Wpedantic clean; the model must be, and still builds.
+    r = B.build("demo", SOURCE, HEADER, CDEF,
+                extra_flags=("-Wall", "-Wextra", "-Wpedantic", "-Werror"))
+    assert dot(r, np.ones(3), np.ones(3)) == 3.0
+    with pytest.raises(B.CompileError, match="unused"):
+        B.build("demo", SOURCE.replace("size_t i;", "size_t i; int unused;"), HEADER, CDEF,
+                extra_flags=("-Wall", "-Werror"))
+
+
+def test_keep_sources(cache, monkeypatch):
+    monkeypatch.setenv("GRAPHC_KEEP_SOURCES", "1")
+    r = B.build("demo", SOURCE, HEADER, CDEF)
+    kept = cache / f"_graphc_demo_{r.key[:16]}.src"
+    assert (kept / "demo.c").read_text() == SOURCE and (kept / "demo.h").read_text() == HEADER
+
+
+def test_compile_error_is_readable(cache):
+    broken = SOURCE.replace("s += a[i] * b[i];", "s += a[i] * b[i]")   # missing ';'
+    with pytest.raises(B.CompileError) as info:
+        B.build("demo", broken, HEADER, CDEF)
+    message = str(info.value)
+    assert isinstance(info.value, GraphcError)
+    assert "demo.c" in message and "error" in message and "-std=c99" in message
+    assert list(cache.iterdir()) == []   # the temporary build dir is gone
+
+
+# A child process: wait for the go file, so both children start building together, then build.
+CHILD = textwrap.dedent("""
+    import os, sys, time
+    from codegen.build import build
+    go = sys.argv[1]
+    while not os.path.exists(go):
+        time.sleep(0.005)
+    r = build("demo", sys.argv[2], sys.argv[3], sys.argv[4])
+    assert r.lib.demo_dot(r.ffi.new("double[]", [1, 2]), r.ffi.new("double[]", [3, 4]), 2) == 11
+    print(r.key, r.cached)
+""")
+
+
+def test_concurrent_builders_both_succeed(tmp_path, cache):
+    # A compiler that is slow to link makes sure both children find the cache empty and
+    # really race to publish.
+    slow_cc = tmp_path / "slow-cc"
+    slow_cc.write_text('#!/bin/sh\ncase " $* " in *" -shared "*) sleep 0.5;; esac\n'
+                       'exec cc "$@"\n')
+    slow_cc.chmod(0o755)
+    env = {**os.environ, "GRAPHC_CACHE_DIR": str(cache), "CC": str(slow_cc),
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    go = tmp_path / "go"
+    children = [subprocess.Popen([sys.executable, "-c", CHILD, str(go), SOURCE, HEADER, CDEF],
+                                 env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                 text=True)
+                for _ in range(2)]
+    go.touch()
+    outputs = [child.communicate(timeout=120) for child in children]
+    for child, (out, err) in zip(children, outputs):
+        assert child.returncode == 0, err
+    (key1, cached1), (key2, cached2) = (out.split() for out, _ in outputs)
+    assert key1 == key2 and cached1 == cached2 == "False"   # both built: a real race
+    assert sorted(p.name for p in cache.iterdir()) == [f"_graphc_demo_{key1[:16]}{EXT}"]
