@@ -6,4 +6,5 @@ from .errors import GraphcError, InputError, SpecError
 from .graph import Graph
 from .builder import Builder
 from .model import CompiledModel, compile, generate
+from .reference import Reference, reference
 from .spec import load

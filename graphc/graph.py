@@ -33,7 +33,7 @@ class Value:
     batched: bool                  # has the implicit leading batch axis
     op: str | None = None
     inputs: tuple[str, ...] = ()
-    attrs: dict = field(default_factory=dict)        # normalized (axes resolved, expr parsed)
+    attrs: dict = field(default_factory=dict)        # checked, defaults filled, expr parsed
     spec_attrs: dict = field(default_factory=dict)   # as written, for round trips
     init: dict | None = None                          # params only
 
@@ -287,12 +287,25 @@ class Graph:
                 symbols.setdefault(i, sp.Symbol(i, real=True))
             expr = parse_formula(attrs["expr"], symbols, node=v.name)
             attrs["expr"] = (expr, tuple(symbols[i] for i in v.inputs))
-        for k, i in enumerate(ins):
-            if op.is_loss and k == 1 and not i.batched:
-                raise SpecError(f"the target '{i.name}' must be an input (batched), not a param",
-                                node=v.name, field="inputs")
+        if op.is_loss and (not ins[1].batched or _depends_on_param(ins[1], known)):
+            # Targets are data: the reference gives them no gradient, and neither may C.
+            raise SpecError(f"the target '{ins[1].name}' must be data computed from inputs "
+                            "only, not from params", node=v.name, field="inputs")
         shape = op.shape(v.name, [i.shape for i in ins], attrs)
         if math.prod(shape) > MAX_ELEMENTS:
             raise SpecError(f"result shape {list(shape)} is too large", node=v.name, field="inputs")
         batched = any(i.batched for i in ins)
         return Value(v.name, "node", tuple(shape), batched, v.op, v.inputs, attrs, v.spec_attrs)
+
+
+def _depends_on_param(v: Value, known: dict[str, Value]) -> bool:
+    todo, seen = [v.name], set()
+    while todo:
+        n = todo.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        if known[n].kind == "param":
+            return True
+        todo.extend(known[n].inputs)
+    return False

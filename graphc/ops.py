@@ -453,9 +453,6 @@ def _concat_lower(L: Lowering) -> None:
     for x in L.inputs:
         idx = L.indices(len(x.shape))
         out_idx = idx[:axis] + [idx[axis] + offset] + idx[axis + 1:]
-        if not x.batched and L.out.batched:
-            raise SpecError("concat of batched values with params is not supported; "
-                            "broadcast the param first", node=L.node, field="inputs")
         L.kernel(L.out, out_idx, list(zip(idx, x.shape)), L.at(x, idx))
         offset += x.shape[axis]
 

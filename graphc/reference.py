@@ -58,7 +58,7 @@ def _example_axes(x: np.ndarray) -> tuple[int, ...]:
 
 
 def _per_example_mean(x: np.ndarray) -> np.ndarray:
-    return x.mean(axis=_example_axes(x)) if x.ndim > 1 else x
+    return x.mean(axis=_example_axes(x))
 
 
 def _expand_to(g: np.ndarray, x: np.ndarray) -> np.ndarray:
@@ -411,14 +411,15 @@ class Reference:
             raise InputError(f"{what}: cannot convert to a {self.dtype.name} array ({e})") from None
 
     def _run(self, inputs: dict, targets) -> dict[str, np.ndarray]:
-        """Lifted arrays (batch axis first, size 1 when unbatched) of `targets` and their ancestors."""
+        """Lifted arrays (batch axis of size 1 when unbatched) of `targets` and their ancestors."""
         needed = self.graph.ancestors(targets)
         env = self._inputs(inputs, needed)
         for name, v in self.graph.values.items():
             if name not in needed:
                 continue
             if v.kind == "param":
-                env[name] = self._params[name][None].copy()  # nodes may return views of it
+                # A copy: values() hands arrays out, and reshape/flatten return views.
+                env[name] = self._params[name][None].copy()
             elif v.kind == "node":
                 env[name] = OPS[v.op].forward([env[i] for i in v.inputs], self._attrs[name])
         return env
@@ -445,7 +446,8 @@ class Reference:
                 first, other = next(iter(arrays.items()))
                 if array.shape[0] != other.shape[0]:
                     raise InputError(f"inconsistent batch sizes: input '{first}' has "
-                                     f"{other.shape[0]} examples, input '{name}' has {array.shape[0]}")
+                                     f"{other.shape[0]} examples, input '{name}' has "
+                                     f"{array.shape[0]}")
             arrays[name] = array
         return arrays
 

@@ -15,28 +15,66 @@ from .graph import Graph
 MAX_SPEC_BYTES = 1 << 20
 
 
+def _where(path: tuple, key: Any) -> dict:
+    """`node` and `field` naming a key of the mapping at `path` (keys from the top)."""
+    path = tuple(str(p) for p in path)
+    if path and path[0] in ("inputs", "params", "nodes"):
+        if len(path) == 1:
+            return {"node": str(key), "field": path[0]}
+        return {"node": path[1], "field": path[2] if len(path) > 2 else str(key)}
+    if path and path[0] == "optimizer":
+        return {"node": "optimizer", "field": path[1] if len(path) > 1 else str(key)}
+    return {"node": None, "field": path[0] if path else str(key)}
+
+
 class _UniqueKeyLoader(yaml.SafeLoader):
-    """SafeLoader that refuses duplicate keys (plain YAML keeps the last one silently)."""
+    """SafeLoader that refuses duplicate keys (plain YAML keeps the last one silently),
+    keys that are not scalars, and aliases that expand beyond the size limit."""
 
-    def construct_mapping(self, node, deep=False):
-        seen: dict[Any, Any] = {}
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=deep)
-            if key in seen:
-                raise SpecError(f"duplicate key {key!r} (line {key_node.start_mark.line + 1}; "
-                                f"first at line {seen[key] + 1})",
-                                node=key if isinstance(key, str) else None)
-            seen[key] = key_node.start_mark.line
-        return super().construct_mapping(node, deep=deep)
+    def construct_document(self, node):
+        visits, todo = 0, [((), node)]
+        while todo:  # iterative: aliases may make the node graph deep, shared or cyclic
+            path, n = todo.pop()
+            visits += 1
+            if visits > MAX_SPEC_BYTES:
+                raise SpecError(f"spec expands to more than {MAX_SPEC_BYTES} values "
+                                "(through YAML aliases)")
+            if isinstance(n, yaml.SequenceNode):
+                todo.extend((path + (k,), v) for k, v in enumerate(n.value))
+            elif isinstance(n, yaml.MappingNode):
+                seen: dict[Any, int] = {}
+                for key_node, value_node in n.value:
+                    if key_node.tag == "tag:yaml.org,2002:merge":
+                        continue  # '<<' merges; explicit keys override merged ones
+                    line = key_node.start_mark.line + 1
+                    if not isinstance(key_node, yaml.ScalarNode):
+                        kind = "list" if isinstance(key_node, yaml.SequenceNode) else "mapping"
+                        raise SpecError(f"a key must be a plain name, not a {kind} (line {line})",
+                                        **_where(path, "?"))
+                    key = self.construct_object(key_node)
+                    if key in seen:
+                        raise SpecError(f"duplicate key {key!r} (line {line}; first at line "
+                                        f"{seen[key]})", **_where(path, key))
+                    seen[key] = line
+                    todo.append((path + (key,), value_node))
+        return super().construct_document(node)
 
 
-def _reject_duplicates(pairs):
-    out = {}
-    for k, v in pairs:
-        if k in out:
-            raise SpecError(f"duplicate key {k!r}", node=k)
-        out[k] = v
-    return out
+class _Pairs(list):
+    """A JSON object as its (key, value) pairs, before the duplicate check."""
+
+
+def _json_unique(value: Any, path: tuple = ()) -> Any:
+    if isinstance(value, _Pairs):
+        out = {}
+        for k, v in value:
+            if k in out:
+                raise SpecError(f"duplicate key {k!r}", **_where(path, k))
+            out[k] = _json_unique(v, path + (k,))
+        return out
+    if isinstance(value, list):
+        return [_json_unique(v, path + (k,)) for k, v in enumerate(value)]
+    return value
 
 
 def _reject_constant(token):
@@ -46,8 +84,8 @@ def _reject_constant(token):
 def parse_spec_text(text: str, *, fmt: str = "yaml") -> Any:
     if fmt == "json":
         try:
-            return json.loads(text, object_pairs_hook=_reject_duplicates,
-                              parse_constant=_reject_constant)
+            return _json_unique(json.loads(text, object_pairs_hook=_Pairs,
+                                           parse_constant=_reject_constant))
         except json.JSONDecodeError as e:
             raise SpecError(f"invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
     try:
