@@ -29,9 +29,12 @@ import pytest
 from graphc.errors import GraphcError, InputError
 from graphc.graph import Graph
 from graphc.init import init_params
-from graphc import reference as reference_module
+import importlib
 from graphc.reference import Reference, reference
 from graphc.verify import finite_difference_check
+
+# The module itself: the attribute graphc.reference is the function of that name.
+reference_module = importlib.import_module("graphc.reference")
 
 N = 3  # batch size
 
