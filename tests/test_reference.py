@@ -18,6 +18,7 @@ per-example arrays (so per-example axes are NumPy's axes, negative ones included
 
 from __future__ import annotations
 
+import importlib
 import math
 import warnings
 from dataclasses import dataclass, field
@@ -29,7 +30,6 @@ import pytest
 from graphc.errors import GraphcError, InputError
 from graphc.graph import Graph
 from graphc.init import init_params
-import importlib
 from graphc.reference import Reference, reference
 from graphc.verify import finite_difference_check
 
