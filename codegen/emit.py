@@ -73,6 +73,17 @@ def schedule(kern: Kernel, buffers: dict[str, Buffer]) -> tuple[list[sp.Symbol],
     return reduce_order, "reduce"
 
 
+def common_subexpressions(exprs, printer) -> tuple[list[tuple[str, str]], list[str]]:
+    """Printed temporaries and final expressions after `cse`.
+
+    Powers are expanded per printed expression, after `cse`: the expansion builds
+    unevaluated products (x*x), and `cse` re-evaluating those has merged a coefficient
+    into them (2·x·exp(-x·x) became x**2·exp(-x·x))."""
+    temps, final = sp.cse(list(exprs), symbols=sp.numbered_symbols("t"), order="canonical")
+    return ([(str(t), printer.doprint(prepare(v))) for t, v in temps],
+            [printer.doprint(prepare(e)) for e in final])
+
+
 # ---------------------------------------------------------------- module description
 
 @dataclass(frozen=True)
@@ -155,11 +166,9 @@ class Emitter:
             return depth
 
         def statements(exprs, depth):
-            temps, final = sp.cse([prepare(e) for e in exprs],
-                                  symbols=sp.numbered_symbols("t"), order="canonical")
-            for t, v in temps:
-                lines.append("    " * depth + f"const {r} {t} = {printer.doprint(v)};")
-            return [printer.doprint(e) for e in final]
+            temps, final = common_subexpressions(exprs, printer)
+            lines.extend("    " * depth + f"const {r} {t} = {v};" for t, v in temps)
+            return final
 
         depth = 1
         if strategy == "direct":

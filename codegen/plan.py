@@ -160,6 +160,9 @@ def plan(prog: Program) -> MemoryPlan:
             if prog.buffers[name].role not in EXTERNAL:
                 span = live.setdefault(name, [k, k])
                 span[1] = k
+    for name, b in prog.buffers.items():
+        if b.role == "loss" and name in live:
+            live[name][1] = len(prog.kernels)  # read by the entry point's return, after all kernels
     places: dict[str, Placement] = {}
     totals = {True: 0, False: 0}
     no_reuse = {True: 0, False: 0}

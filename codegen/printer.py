@@ -39,6 +39,12 @@ class GraphcPrinter(C99CodePrinter):
     def _print_Rational(self, expr):
         return f"{self._print_Float(sp.Float(expr.p))}/{self._print_Float(sp.Float(expr.q))}"
 
+    def _print_NumberSymbol(self, expr):
+        # pi, E, ...: a literal (the base printer would declare a variable mid-expression).
+        return self._print_Float(sp.Float(expr.evalf(20), 20))
+
+    _print_Pi = _print_Exp1 = _print_EulerGamma = _print_GoldenRatio = _print_NumberSymbol
+
     def _print_Integer(self, expr):
         return str(int(expr))
 

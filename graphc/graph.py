@@ -128,7 +128,8 @@ class Graph:
     def from_networkx(cls, g: nx.DiGraph) -> "Graph":
         """Inverse of `to_networkx` (validated like any spec)."""
         spec: dict[str, Any] = {"name": g.graph.get("name"), "inputs": {}, "params": {}, "nodes": {},
-                                "outputs": g.graph.get("outputs") or [], "loss": g.graph.get("loss")}
+                                "outputs": g.graph.get("outputs") or [], "loss": g.graph.get("loss"),
+                                "description": g.graph.get("description") or ""}
         if g.graph.get("optimizer"):
             spec["optimizer"] = g.graph["optimizer"]
         for name, d in g.nodes(data=True):
@@ -164,10 +165,10 @@ class Graph:
         declared: dict[str, str] = {}
 
         def claim(n: Any, section: str) -> str:
-            check_name(n, what=f"{section[:-1]} name", node=n if isinstance(n, str) else None)
+            check_name(n, what=f"{section[:-1]} name", node=str(n), field=section)
             if n in declared:
                 raise SpecError(f"name '{n}' is declared twice (in '{declared[n]}' and '{section}')",
-                                node=n)
+                                node=n, field=section)
             declared[n] = section
             return n
 
@@ -175,8 +176,9 @@ class Graph:
             claim(n, "inputs")
             shape = d.get("shape") if isinstance(d, dict) else d
             if isinstance(d, dict) and set(d) - {"shape"}:
-                raise SpecError(f"unknown field(s) {sorted(set(d) - {'shape'})} (inputs take 'shape')",
-                                node=n, field=sorted(set(d) - {"shape"})[0])
+                extra = sorted(set(d) - {"shape"}, key=str)
+                raise SpecError(f"unknown field(s) {extra} (inputs take 'shape')",
+                                node=n, field=str(extra[0]))
             values[n] = Value(n, "input", _shape(shape, node=n) if shape != [] else (), True)
 
         for n, d in _mapping(spec.get("params"), "params").items():
@@ -186,10 +188,10 @@ class Graph:
             shape = _shape(d.get("shape"), node=n)
             d = {"init": "zeros" if len(shape) <= 1 else "glorot_uniform", **d}
             init = check_init(n, d)
-            extra = set(d) - {"shape"} - set(init)
+            extra = sorted(set(d) - {"shape"} - set(init), key=str)
             if extra:
-                raise SpecError(f"unknown field(s) {sorted(extra)} for init '{init['init']}'",
-                                node=n, field=sorted(extra)[0])
+                raise SpecError(f"unknown field(s) {extra} for init '{init['init']}'",
+                                node=n, field=str(extra[0]))
             values[n] = Value(n, "param", shape, False, init=init)
 
         raw_nodes = _mapping(spec.get("nodes"), "nodes")
@@ -202,7 +204,7 @@ class Graph:
                 raise SpecError("a node must be a mapping with 'op' and 'inputs'", node=n)
             if "op" not in d:
                 raise SpecError("missing 'op'", node=n, field="op")
-            if d["op"] not in OPS:
+            if not isinstance(d["op"], str) or d["op"] not in OPS:
                 raise SpecError(f"unknown op {d['op']!r} (known: {', '.join(sorted(OPS))})",
                                 node=n, field="op")
             op = OPS[d["op"]]
@@ -214,11 +216,11 @@ class Graph:
                 want = f"{lo}" if lo == hi else f"{lo} to {hi}" if hi else f"at least {lo}"
                 raise SpecError(f"op '{op.name}' takes {want} input(s), got {len(ins)}",
                                 node=n, field="inputs")
-            extra = set(d) - {"op", "inputs"} - set(op.attrs)
+            extra = sorted(set(d) - {"op", "inputs"} - set(op.attrs), key=str)
             if extra:
                 allowed = ", ".join(sorted(op.attrs)) or "none"
-                raise SpecError(f"unknown field {sorted(extra)[0]!r} for op '{op.name}' "
-                                f"(its attributes: {allowed})", node=n, field=sorted(extra)[0])
+                raise SpecError(f"unknown field {extra[0]!r} for op '{op.name}' "
+                                f"(its attributes: {allowed})", node=n, field=str(extra[0]))
             spec_attrs = {k: copy.deepcopy(d[k]) for k in op.attrs if k in d}
             values[n] = Value(n, "node", (), False, op.name, tuple(ins), {}, spec_attrs)
 
@@ -244,16 +246,18 @@ class Graph:
         loss = spec.get("loss")
         if not outputs and loss is None:
             raise SpecError("the graph needs 'outputs' or a 'loss'", field="outputs")
-        for o in outputs:
-            if o not in ordered or ordered[o].kind != "node":
-                raise SpecError(f"output {o!r} is not a node of this graph", field="outputs")
+        for k, o in enumerate(outputs):
+            if not isinstance(o, str) or o not in ordered or ordered[o].kind != "node":
+                raise SpecError(f"output {o!r} is not a node of this graph", node=str(o),
+                                field="outputs")
             if not ordered[o].batched:
                 raise SpecError(f"output '{o}' does not depend on any input", node=o, field="outputs")
-        if len(set(outputs)) != len(outputs):
-            raise SpecError("an output is listed twice", field="outputs")
+            if o in outputs[:k]:
+                raise SpecError(f"output '{o}' is listed twice", node=o, field="outputs")
         if loss is not None:
             if not isinstance(loss, str) or loss not in ordered or ordered[loss].kind != "node":
-                raise SpecError(f"loss {loss!r} is not a node of this graph", field="loss")
+                raise SpecError(f"loss {loss!r} is not a node of this graph", node=str(loss),
+                                field="loss")
             lv = ordered[loss]
             if lv.shape != () or not lv.batched:
                 got = f"per-example shape {list(lv.shape)}" if lv.batched else "no batch axis"

@@ -28,7 +28,7 @@ def fans(shape: tuple[int, ...]) -> tuple[int, int]:
 
 def check_init(node: str, spec: dict) -> dict:
     name = spec.get("init")
-    if name not in INITIALIZERS:
+    if not isinstance(name, str) or name not in INITIALIZERS:
         raise SpecError(f"unknown initializer {name!r} (known: {', '.join(INITIALIZERS)})",
                         node=node, field="init")
     out = {"init": name}

@@ -33,15 +33,15 @@ def check_optimizer(spec) -> dict:
     if not isinstance(spec, dict):
         raise SpecError("must be a mapping with a 'name'", field="optimizer")
     name = spec.get("name")
-    if name not in OPTIMIZERS:
+    if not isinstance(name, str) or name not in OPTIMIZERS:
         raise SpecError(f"unknown optimizer {name!r} (known: {', '.join(OPTIMIZERS)})",
                         node="optimizer", field="name")
     defaults = OPTIMIZERS[name]
-    extra = set(spec) - {"name"} - set(defaults)
+    extra = sorted(set(spec) - {"name"} - set(defaults), key=str)
     if extra:
-        raise SpecError(f"unknown field {sorted(extra)[0]!r} for optimizer '{name}' "
+        raise SpecError(f"unknown field {extra[0]!r} for optimizer '{name}' "
                         f"(its fields: {', '.join(defaults)})", node="optimizer",
-                        field=sorted(extra)[0])
+                        field=str(extra[0]))
     out = {"name": name, **defaults, **{k: v for k, v in spec.items() if k != "name"}}
     out["lr"] = _number(out["lr"], "lr", open_low=True)
     out["weight_decay"] = _number(out["weight_decay"], "weight_decay")

@@ -107,6 +107,10 @@ def _unary(fn, derivative) -> _Op:
     return _Op(forward, vjp)
 
 
+# NumPy has no erf, and lambdify's fallback (math.erf) takes scalars only.
+_NUMPY = [{"erf": np.vectorize(math.erf, otypes=[float])}, "numpy"]
+
+
 class _Formula:
     """An `elementwise` node's formula, lambdified with its partial derivatives.
 
@@ -119,8 +123,8 @@ class _Formula:
         self.symbols = tuple(dict.fromkeys(symbols))
         self.position = [symbols.index(s) for s in self.symbols]
         # dummify: an input may be named like a Python keyword or a NumPy function.
-        self.fn = sp.lambdify(self.symbols, expr, "numpy", dummify=True)
-        self.partials = [sp.lambdify(self.symbols, sp.diff(expr, s), "numpy", dummify=True)
+        self.fn = sp.lambdify(self.symbols, expr, _NUMPY, dummify=True)
+        self.partials = [sp.lambdify(self.symbols, sp.diff(expr, s), _NUMPY, dummify=True)
                          for s in self.symbols]
 
     def _eval(self, fn, args: list[np.ndarray]) -> np.ndarray:

@@ -16,7 +16,8 @@ MAX_SPEC_BYTES = 1 << 20
 
 
 def _where(path: tuple, key: Any) -> dict:
-    """`node` and `field` naming a key of the mapping at `path` (keys from the top)."""
+    """`node` and `field` naming a key of the mapping at `path` (keys from the top; only
+    the first three matter)."""
     path = tuple(str(p) for p in path)
     if path and path[0] in ("inputs", "params", "nodes"):
         if len(path) == 1:
@@ -40,7 +41,7 @@ class _UniqueKeyLoader(yaml.SafeLoader):
                 raise SpecError(f"spec expands to more than {MAX_SPEC_BYTES} values "
                                 "(through YAML aliases)")
             if isinstance(n, yaml.SequenceNode):
-                todo.extend((path + (k,), v) for k, v in enumerate(n.value))
+                todo.extend(((path + (k,))[:3], v) for k, v in enumerate(n.value))
             elif isinstance(n, yaml.MappingNode):
                 seen: dict[Any, int] = {}
                 for key_node, value_node in n.value:
@@ -56,7 +57,7 @@ class _UniqueKeyLoader(yaml.SafeLoader):
                         raise SpecError(f"duplicate key {key!r} (line {line}; first at line "
                                         f"{seen[key]})", **_where(path, key))
                     seen[key] = line
-                    todo.append((path + (key,), value_node))
+                    todo.append(((path + (key,))[:3], value_node))
         return super().construct_document(node)
 
 

@@ -14,7 +14,7 @@ import pytest
 import sympy as sp
 
 import graphc
-from codegen.emit import schedule
+from codegen.emit import common_subexpressions, schedule
 from codegen.harness import harness, parse_output
 from codegen.plan import EXTERNAL, plan
 from codegen.printer import GraphcPrinter, prepare
@@ -48,6 +48,26 @@ def test_printer_keeps_every_digit_and_expands_small_powers():
     assert _print(sp.Float(1e-8, 17) + x, "float64") == "a1[3*b + i0] + 1e-08"
     assert _print(x ** 2) == "a1[3*b + i0]*a1[3*b + i0]"
     assert _print(sp.Rational(1, 3) * x, "float64") == "(1.0/3.0)*a1[3*b + i0]"
+
+
+def test_printer_writes_constants_as_literals():
+    x = sp.IndexedBase("x")[sp.Symbol("b"), sp.Symbol("i0")]
+    assert _print(x / sp.sqrt(sp.pi), "float64") == "a1[3*b + i0]/sqrt(3.141592653589793)"
+    assert _print(sp.E * x) == "2.718281828459045F*a1[3*b + i0]"
+
+
+def test_cse_and_power_expansion_keep_the_value():
+    """Regression: expanding x**2 before cse turned 2·c·x·exp(-x²) into c·x²·exp(-x²)."""
+    x = Buffer("x", (3,), True)
+    c = Buffer("c", (3,), True)
+    b, i = sp.Symbol("b"), sp.Symbol("i0")
+    X, C = x.base[b, i], c.base[b, i]
+    expr = 2 * sp.exp(-X ** 2) * C * X / (sp.sqrt(sp.pi) * sp.Symbol("n"))
+    printer = GraphcPrinter("float64", {"x": ("a1", x), "c": ("a2", c)})
+    temps, (value,) = common_subexpressions([expr], printer)
+    assert not temps
+    assert value == ("2*a2[3*b + i0]*a1[3*b + i0]*1.0/n*exp(-(a1[3*b + i0]*a1[3*b + i0]))"
+                     "/sqrt(3.141592653589793)")
 
 
 def test_printer_refuses_what_c_cannot_express():

@@ -14,7 +14,7 @@ static void k0(size_t n, float *restrict a0, const float *restrict a1, const flo
                 acc += a1[16*i0 + i1]*a3[16*b + i1];
             }
             const float t0 = acc + a2[i0];
-            a0[24*b + i0] = 0.5F*t0*(tanhf(0.7978845608028654F*acc + 0.035677408136300125F*powf(t0, 3) + 0.7978845608028654F*a2[i0]) + 1);
+            a0[24*b + i0] = 0.5F*t0*(1 + tanhf(0.7978845608028654F*acc + 0.7978845608028654F*a2[i0] + 0.035677408136300125F*(t0*t0*t0)));
         }
     }
 }
@@ -86,7 +86,7 @@ static void k6(size_t n, float *restrict a0, const float *restrict a1)
 {
     for (size_t b = 0; b < n; ++b) {
         for (size_t i0 = 0; i0 < 24; ++i0) {
-            a0[24*b + i0] = (0.5F*a1[24*b + i0])*(1 + tanhf(0.7978845608028654F*a1[24*b + i0] + 0.035677408136300125F*(a1[24*b + i0]*a1[24*b + i0]*a1[24*b + i0])));
+            a0[24*b + i0] = 0.5F*a1[24*b + i0]*(1 + tanhf(0.7978845608028654F*a1[24*b + i0] + 0.035677408136300125F*(a1[24*b + i0]*a1[24*b + i0]*a1[24*b + i0])));
         }
     }
 }
@@ -129,7 +129,7 @@ static void k10(size_t n, float *restrict a0, const float *restrict a1, const fl
     for (size_t b = 0; b < n; ++b) {
         float acc = 0;
         for (size_t i0 = 0; i0 < 4; ++i0) {
-            acc += a2[4*b + i0]*(1.0F/n*1.0F/a1[b]);
+            acc += a2[4*b + i0]*1.0F/n*1.0F/a1[b];
         }
         a0[b] = acc;
     }
@@ -172,7 +172,7 @@ static void k13(size_t n, float *restrict a0, const float *restrict a1, const fl
                 acc += a1[24*i0 + i1]*a3[4*b + i0];
             }
             const float t0 = tanhf(0.7978845608028654F*a2[24*b + i1] + 0.035677408136300125F*(a2[24*b + i1]*a2[24*b + i1]*a2[24*b + i1]));
-            a0[24*b + i1] = acc*(0.5F*t0 + 0.5F*(1 - powf(t0, 2))*a2[24*b + i1]*(0.7978845608028654F + 0.10703222440890038F*(a2[24*b + i1]*a2[24*b + i1])) + 0.5F);
+            a0[24*b + i1] = acc*(0.5F*t0 + 0.5F*a2[24*b + i1]*(1 - (t0*t0))*(0.7978845608028654F + 0.10703222440890038F*(a2[24*b + i1]*a2[24*b + i1])) + 0.5F);
         }
     }
 }

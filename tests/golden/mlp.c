@@ -119,7 +119,7 @@ static void k9(size_t n, float *restrict a0, const float *restrict a1, const flo
     for (size_t b = 0; b < n; ++b) {
         float acc = 0;
         for (size_t i0 = 0; i0 < 10; ++i0) {
-            acc += a2[10*b + i0]*(1.0F/n*1.0F/a1[b]);
+            acc += a2[10*b + i0]*1.0F/n*1.0F/a1[b];
         }
         a0[b] = acc;
     }
@@ -164,7 +164,7 @@ static void k12(size_t n, float *restrict a0, const float *restrict a1, const fl
             const float t0 = expf(a2[32*b + i1]);
             const float t1 = t0 + 1;
             const float t2 = tanhf(logf(t1));
-            a0[32*b + i1] = acc*(t0*(1 - powf(t2, 2))*a2[32*b + i1]/t1 + t2);
+            a0[32*b + i1] = acc*(t0*a2[32*b + i1]*1.0F/t1*(1 - (t2*t2)) + t2);
         }
     }
 }
