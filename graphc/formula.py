@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ast
 import math
+import re
 from typing import Callable, Mapping
 
 import sympy as sp
@@ -34,6 +35,14 @@ def _abs(a):
     return sp.Piecewise((a, a > 0), (-a, a < 0), (0, True))
 
 
+def _pow(a, b):
+    # SymPy folds number ** integer exactly: refuse before 9**9**9 takes forever.
+    if a.is_Rational and b.is_Integer and abs(a) != 1 and a != 0 \
+            and abs(int(b)) * max(a.p.bit_length(), a.q.bit_length()) > MAX_CONSTANT_BITS:
+        raise ValueError(f"constant {a}**{b} is out of the range of a double")
+    return sp.Pow(a, b)
+
+
 # name -> (arity, builder). Every builder returns functions the C99 printer knows.
 FUNCTIONS: Mapping[str, tuple[int, Callable]] = {
     "exp": (1, sp.exp), "log": (1, sp.log), "sqrt": (1, sp.sqrt),
@@ -44,14 +53,18 @@ FUNCTIONS: Mapping[str, tuple[int, Callable]] = {
     "abs": (1, _abs), "relu": (1, _relu),
     "sigmoid": (1, lambda a: 1 / (1 + sp.exp(-a))),
     "softplus": (1, lambda a: sp.log(1 + sp.exp(a))),
-    "max": (2, _max), "min": (2, _min), "pow": (2, sp.Pow),
+    "max": (2, _max), "min": (2, _min), "pow": (2, _pow),
 }
 CONSTANTS = {"pi": sp.pi, "e": sp.E}
 
 _BINOPS = {ast.Add: lambda a, b: a + b, ast.Sub: lambda a, b: a - b,
            ast.Mult: lambda a, b: a * b, ast.Div: lambda a, b: a / b,
-           ast.Pow: lambda a, b: a ** b}
+           ast.Pow: _pow}
 MAX_FORMULA_LENGTH = 2000
+MAX_CONSTANT_BITS = 1100  # beyond a double's range (and its smallest subnormal)
+# Numbers, names, operators, parentheses, commas, blanks: no '#' comments, quotes or
+# backslashes, so nothing a C comment or string could be broken out of ever parses.
+FORMULA_CHARS = re.compile(r"[A-Za-z0-9_.+\-*/(), \t\n]*\Z")
 
 
 def number(value: float | int) -> sp.Expr:
@@ -76,10 +89,16 @@ def parse_formula(text: object, symbols: Mapping[str, sp.Symbol], *, node: str,
         raise fail("must be a non-empty formula string, e.g. \"x * sigmoid(x)\"")
     if len(text) > MAX_FORMULA_LENGTH:
         raise fail(f"formula is longer than {MAX_FORMULA_LENGTH} characters")
+    bad = next((c for c in text if not FORMULA_CHARS.match(c)), None)
+    if bad is not None:
+        raise fail(f"character {bad!r} is not allowed in a formula (use numbers, input names, "
+                   "+ - * / **, parentheses and known functions)")
     try:
         tree = ast.parse(text.strip(), mode="eval")
     except SyntaxError as e:
         raise fail(f"cannot parse formula {text!r}: {e.msg}") from None
+    except (RecursionError, MemoryError):
+        raise fail("formula is nested too deeply") from None
 
     def build(n: ast.AST) -> sp.Expr:
         if isinstance(n, ast.Expression):
@@ -116,7 +135,20 @@ def parse_formula(text: object, symbols: Mapping[str, sp.Symbol], *, node: str,
         raise fail(f"'{ast.unparse(n)}' is not allowed in a formula "
                    "(use numbers, input names, + - * / **, and known functions)")
 
-    expr = build(tree)
+    try:
+        expr = build(tree)
+    except SpecError:
+        raise
+    except ValueError as e:  # from _pow
+        raise fail(str(e)) from None
+    except RecursionError:
+        raise fail("formula is nested too deeply") from None
     if expr.has(sp.zoo, sp.oo, -sp.oo, sp.nan):
         raise fail(f"formula {text!r} is not finite (it simplifies to {expr})")
+    if expr.has(sp.I):
+        raise fail(f"formula {text!r} is not real (it simplifies to {expr})")
+    for a in expr.atoms(sp.Number):
+        if not math.isfinite(float(a)) or (a.is_Rational and max(
+                abs(a.p), a.q).bit_length() > MAX_CONSTANT_BITS):
+            raise fail(f"formula {text!r} has a constant out of the range of a double")
     return expr

@@ -76,7 +76,7 @@ class VerifyReport:
         return [c for c in self.checks if not c.ok]
 
     def table(self) -> str:
-        head = ("tensor", "check", "max abs err", "max rel err", "tolerance", "")
+        head = ("tensor", "check", "max abs err", "max rel err", "tolerance", "result")
         rows = [head] + [(c.tensor, c.kind, f"{c.max_abs:.3e}", f"{c.max_rel:.3e}",
                           f"{c.tolerance:.0e}", "ok" if c.ok else "MISMATCH") for c in self.checks]
         widths = [max(len(r[k]) for r in rows) for k in range(len(head))]
@@ -93,7 +93,7 @@ class VerifyReport:
 
     def _repr_markdown_(self) -> str:
         out = [f"**{self.model}** ({self.dtype}, batch {self.batch})", "",
-               "| tensor | check | max abs err | max rel err | tolerance | |", "|---|---|---|---|---|---|"]
+               "| tensor | check | max abs err | max rel err | tolerance | result |", "|---|---|---|---|---|---|"]
         out += [f"| {c.tensor} | {c.kind} | {c.max_abs:.3e} | {c.max_rel:.3e} | {c.tolerance:.0e} | "
                 f"{'ok' if c.ok else '**MISMATCH**'} |" for c in self.checks]
         return "\n".join(out)
