@@ -38,8 +38,8 @@ def _abs(a):
 def _pow(a, b):
     # SymPy folds number ** integer exactly: refuse before 9**9**9 takes forever.
     if a.is_Rational and b.is_Integer and abs(a) != 1 and a != 0 \
-            and abs(int(b)) * max(a.p.bit_length(), a.q.bit_length()) > MAX_CONSTANT_BITS:
-        raise ValueError(f"constant {a}**{b} is out of the range of a double")
+            and abs(int(b)) * (max(a.p.bit_length(), a.q.bit_length()) - 1) > MAX_CONSTANT_BITS:
+        raise ValueError(f"constant ({a})**({b}) is out of the range of a double")
     return sp.Pow(a, b)
 
 
@@ -52,7 +52,9 @@ FUNCTIONS: Mapping[str, tuple[int, Callable]] = {
     "erf": (1, sp.erf),
     "abs": (1, _abs), "relu": (1, _relu),
     "sigmoid": (1, lambda a: 1 / (1 + sp.exp(-a))),
-    "softplus": (1, lambda a: sp.log(1 + sp.exp(a))),
+    # Split at 0 so exp never overflows: log(1 + e^a) = a + log(1 + e^-a) for a > 0.
+    "softplus": (1, lambda a: sp.Piecewise((a + sp.log(1 + sp.exp(-a)), a > 0),
+                                           (sp.log(1 + sp.exp(a)), True))),
     "max": (2, _max), "min": (2, _min), "pow": (2, _pow),
 }
 CONSTANTS = {"pi": sp.pi, "e": sp.E}
@@ -64,7 +66,7 @@ MAX_FORMULA_LENGTH = 2000
 MAX_CONSTANT_BITS = 1100  # beyond a double's range (and its smallest subnormal)
 # Numbers, names, operators, parentheses, commas, blanks: no '#' comments, quotes or
 # backslashes, so nothing a C comment or string could be broken out of ever parses.
-FORMULA_CHARS = re.compile(r"[A-Za-z0-9_.+\-*/(), \t\n]*\Z")
+NOT_FORMULA_CHAR = re.compile(r"[^A-Za-z0-9_.+\-*/(), \t\n]")
 
 
 def number(value: float | int) -> sp.Expr:
@@ -89,10 +91,10 @@ def parse_formula(text: object, symbols: Mapping[str, sp.Symbol], *, node: str,
         raise fail("must be a non-empty formula string, e.g. \"x * sigmoid(x)\"")
     if len(text) > MAX_FORMULA_LENGTH:
         raise fail(f"formula is longer than {MAX_FORMULA_LENGTH} characters")
-    bad = next((c for c in text if not FORMULA_CHARS.match(c)), None)
-    if bad is not None:
-        raise fail(f"character {bad!r} is not allowed in a formula (use numbers, input names, "
-                   "+ - * / **, parentheses and known functions)")
+    bad = NOT_FORMULA_CHAR.search(text)
+    if bad:
+        raise fail(f"character {bad.group()!r} is not allowed in a formula (use numbers, "
+                   "input names, + - * / **, parentheses and known functions)")
     try:
         tree = ast.parse(text.strip(), mode="eval")
     except SyntaxError as e:

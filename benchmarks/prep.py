@@ -1,0 +1,73 @@
+"""Preparation time: spec -> loaded C module, cold cache and warm cache, each in a fresh process.
+
+    python -m benchmarks.prep [--repeats 3]
+
+Reports, per network, the median of `--repeats` runs of: importing graphc, then
+load + derive + emit + build (cold: an empty cache dir; warm: the entry already built).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+
+NETWORKS = {
+    "mlp 64-32-10": [64, 32, 10],
+    "mlp 784-512-512-10": [784, 512, 512, 10],
+}
+
+CHILD = r"""
+import json, sys, time
+t0 = time.perf_counter()
+import graphc
+t1 = time.perf_counter()
+sizes = json.loads(sys.argv[1])
+b = graphc.Builder("prep")
+h = b.input("x", [sizes[0]])
+y = b.input("y", [sizes[-1]])
+for k, (i, o) in enumerate(zip(sizes, sizes[1:])):
+    h = b.dense(h, b.param(f"W{k}", [o, i], init="he_normal"), b.param(f"b{k}", [o]), name=f"h{k}")
+    if k < len(sizes) - 2:
+        h = b.relu(h, name=f"a{k}")
+g = b.build(outputs=[h], loss=b.softmax_cross_entropy(h, y, name="loss"))
+t2 = time.perf_counter()
+model = graphc.compile(g, dtype="float32")
+t3 = time.perf_counter()
+print(json.dumps({"import": t1 - t0, "graph": t2 - t1, "compile": t3 - t2,
+                  "cached": model.built.cached}))
+"""
+
+
+def run(sizes, cache: str) -> dict:
+    env = dict(os.environ, GRAPHC_CACHE_DIR=cache)
+    out = subprocess.run([sys.executable, "-c", CHILD, json.dumps(sizes)], env=env,
+                         capture_output=True, text=True, check=True).stdout
+    return json.loads(out)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--repeats", type=int, default=3)
+    args = ap.parse_args()
+    print(f"{'network':<22} {'import':>8} {'cold':>8} {'warm':>8}   (median of {args.repeats}, seconds)")
+    for name, sizes in NETWORKS.items():
+        cold, warm, imp = [], [], []
+        for _ in range(args.repeats):
+            with tempfile.TemporaryDirectory() as cache:
+                c = run(sizes, cache)
+                w = run(sizes, cache)
+            assert not c["cached"] and w["cached"]
+            cold.append(c["graph"] + c["compile"])
+            warm.append(w["graph"] + w["compile"])
+            imp.append(c["import"])
+        print(f"{name:<22} {statistics.median(imp):8.3f} {statistics.median(cold):8.3f} "
+              f"{statistics.median(warm):8.3f}")
+
+
+if __name__ == "__main__":
+    main()
