@@ -105,13 +105,12 @@ def _try_epilogue(prog: Program, p: int) -> bool:
 
 def fuse(prog: Program) -> Program:
     out = Program(dict(prog.buffers), list(prog.kernels))
-    changed = True
-    while changed:
-        changed = False
-        for k in range(len(out.kernels)):
-            if _try_inline(out, k) or _try_epilogue(out, k):
-                changed = True
-                break
+    k = 0
+    while k < len(out.kernels):
+        if _try_inline(out, k) or _try_epilogue(out, k):
+            k = 0  # a merge can enable another anywhere before it
+        else:
+            k += 1
     used = {k.out for k in out.kernels} | {r for k in out.kernels for r in k.reads()}
     out.buffers = {n: b for n, b in out.buffers.items() if n in used or b.role in EXTERNAL}
     out.check()

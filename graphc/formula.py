@@ -23,12 +23,13 @@ def _relu(a):
     return sp.Piecewise((a, a > 0), (0, True))
 
 
+# Ties split the gradient evenly, as torch.maximum and torch.minimum do.
 def _max(a, b):
-    return sp.Piecewise((a, a >= b), (b, True))
+    return sp.Piecewise((a, a > b), (b, a < b), ((a + b) / 2, True))
 
 
 def _min(a, b):
-    return sp.Piecewise((a, a <= b), (b, True))
+    return sp.Piecewise((a, a < b), (b, a > b), ((a + b) / 2, True))
 
 
 def _abs(a):

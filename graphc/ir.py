@@ -19,6 +19,7 @@ emitter each handle four cases, not one per op.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 from typing import Iterable
@@ -85,11 +86,20 @@ class Kernel:
 
     def accesses(self) -> list[sp.Indexed]:
         """Distinct array reads, in a deterministic order."""
-        found = set(self.body.atoms(sp.Indexed)) | set(self.post.atoms(sp.Indexed))
-        return sorted(found, key=sp.default_sort_key)
+        return list(self._accesses)
 
     def reads(self) -> list[str]:
-        return sorted({str(a.base.label) for a in self.accesses()})
+        return list(self._reads)
+
+    # Computed once per kernel: planning and emission ask for them many times.
+    @functools.cached_property
+    def _accesses(self) -> tuple[sp.Indexed, ...]:
+        found = set(self.body.atoms(sp.Indexed)) | set(self.post.atoms(sp.Indexed))
+        return tuple(sorted(found, key=sp.default_sort_key))
+
+    @functools.cached_property
+    def _reads(self) -> tuple[str, ...]:
+        return tuple(sorted({str(a.base.label) for a in self._accesses}))
 
     def reduction_loops(self) -> list[sp.Symbol]:
         used = set().union(*[e.free_symbols for e in self.out_index]) if self.out_index else set()
