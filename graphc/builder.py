@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from .errors import SpecError
 from .graph import Graph
 from .ops import OPS
 
@@ -24,11 +25,18 @@ class Builder:
         self.spec: dict[str, Any] = {"name": name, "inputs": {}, "params": {}, "nodes": {}}
         self._counter = 0
 
+    def _claim(self, section: str, name: str) -> None:
+        # The spec is a dict per section: a repeated name would silently replace the first.
+        if name in self.spec[section]:
+            raise SpecError(f"name '{name}' is declared twice", node=name, field=section)
+
     def input(self, name: str, shape) -> str:
+        self._claim("inputs", name)
         self.spec["inputs"][name] = {"shape": list(shape)}
         return name
 
     def param(self, name: str, shape, init: str | None = None, **init_args) -> str:
+        self._claim("params", name)
         d: dict[str, Any] = {"shape": list(shape)}
         if init is not None:
             d["init"] = init
@@ -39,9 +47,7 @@ class Builder:
         if name is None:
             name = f"{op}_{self._counter}"
             self._counter += 1
-        if name in self.spec["nodes"]:
-            from .errors import SpecError
-            raise SpecError(f"name '{name}' is declared twice", node=name)
+        self._claim("nodes", name)
         self.spec["nodes"][name] = {"op": op, "inputs": list(inputs), **attrs}
         return name
 

@@ -153,7 +153,7 @@ class Graph:
         if unknown:
             raise SpecError(f"unknown top-level field(s) {', '.join(map(repr, unknown))} "
                             f"(allowed: {', '.join(TOP_LEVEL)})", field=str(unknown[0]))
-        name = spec.get("name", default_name)
+        name = spec.get("name") if spec.get("name") is not None else default_name
         if name is None:
             raise SpecError("the spec needs a 'name' (it becomes the C prefix)", field="name")
         check_name(name, what="model name", field="name")

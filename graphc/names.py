@@ -21,7 +21,9 @@ nullptr static_assert thread_local true typeof typeof_unqual
 def check_name(name: object, *, what: str, node: str | None = None, field: str | None = None) -> str:
     """Return `name` if it is a safe identifier; raise a SpecError saying why not."""
     if not isinstance(name, str):
-        raise SpecError(f"{what} must be a string, got {name!r}", node=node, field=field)
+        hint = (" (YAML reads unquoted yes/no/on/off/true/false/null as values: quote the name)"
+                if isinstance(name, bool) or name is None else "")
+        raise SpecError(f"{what} must be a string, got {name!r}{hint}", node=node, field=field)
     if not IDENTIFIER.match(name):
         raise SpecError(f"{what} {name!r} is not a valid identifier (a letter, then letters, "
                         "digits or '_')", node=node, field=field)

@@ -46,12 +46,16 @@ class _UniqueKeyLoader(yaml.SafeLoader):
                 seen: dict[Any, int] = {}
                 for key_node, value_node in n.value:
                     if key_node.tag == "tag:yaml.org,2002:merge":
-                        continue  # '<<' merges; explicit keys override merged ones
+                        # '<<' merges (explicit keys override merged ones): check its mappings
+                        todo.append((path, value_node))
+                        continue
                     line = key_node.start_mark.line + 1
                     if not isinstance(key_node, yaml.ScalarNode):
                         kind = "list" if isinstance(key_node, yaml.SequenceNode) else "mapping"
+                        start, end = key_node.start_mark, key_node.end_mark
+                        text = start.buffer[start.index:end.index] if start.buffer else "?"
                         raise SpecError(f"a key must be a plain name, not a {kind} (line {line})",
-                                        **_where(path, "?"))
+                                        **_where(path, text))
                     key = self.construct_object(key_node)
                     if key in seen:
                         raise SpecError(f"duplicate key {key!r} (line {line}; first at line "
