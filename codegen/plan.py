@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import sympy as sp
 
-from graphc.ir import ACC, BATCH, Buffer, Kernel, Program
+from graphc.ir import BATCH, Buffer, Kernel, Program
 
 EXTERNAL = ("input", "param", "output", "grad")
 ALIGN = 16  # elements: 64-byte alignment for float32, 128 for float64
@@ -38,17 +38,21 @@ def _is_plain_map(kern: Kernel, buf: Buffer) -> bool:
             and tuple(e for _, e in kern.loops) == dims)
 
 
+def _sole_reader(prog: Program, p: int) -> int | None:
+    """The one kernel reading kernel p's output, if p alone writes that internal buffer."""
+    out = prog.kernels[p].out
+    if prog.buffers[out].role in EXTERNAL + ("loss",) or len(_writers(prog, out)) != 1:
+        return None
+    readers = _readers(prog, out)
+    return readers[0] if len(readers) == 1 else None
+
+
 def _try_inline(prog: Program, p: int) -> bool:
     """Inline map kernel p into its only reader."""
     P = prog.kernels[p]
-    buf = prog.buffers[P.out]
-    if buf.role in EXTERNAL or buf.role == "loss" or len(_writers(prog, P.out)) != 1 \
-            or not _is_plain_map(P, buf):
+    c = _sole_reader(prog, p)
+    if c is None or not _is_plain_map(P, prog.buffers[P.out]):
         return False
-    readers = _readers(prog, P.out)
-    if len(readers) != 1:
-        return False
-    c = readers[0]
     C = prog.kernels[c]
     reads = [a for a in C.accesses() if str(a.base.label) == P.out]
     if len(reads) != 1:
@@ -70,14 +74,9 @@ def _try_inline(prog: Program, p: int) -> bool:
 def _try_epilogue(prog: Program, p: int) -> bool:
     """Fold the only reader of reduction p (a map over p's output) into p's `post`."""
     P = prog.kernels[p]
-    buf = prog.buffers[P.out]
-    if P.mode != "sum" or buf.role in EXTERNAL or buf.role == "loss" \
-            or len(_writers(prog, P.out)) != 1:
+    c = _sole_reader(prog, p)
+    if c is None or P.mode != "sum":
         return False
-    readers = _readers(prog, P.out)
-    if len(readers) != 1:
-        return False
-    c = readers[0]
     C = prog.kernels[c]
     out_loops = [s for s, _ in P.loops if s not in P.reduction_loops()]
     if C.mode != "assign" or not _is_plain_map(C, prog.buffers[C.out]) \

@@ -8,3 +8,6 @@ from .builder import Builder
 from .model import CompiledModel, compile, generate
 from .reference import Reference, reference
 from .spec import load
+
+__all__ = ["Builder", "CompiledModel", "Graph", "GraphcError", "InputError", "Reference",
+           "SpecError", "compile", "generate", "load", "reference"]

@@ -187,14 +187,13 @@ class Derivation:
     forward: Program
     gradients: Program
     local: list[LocalDerivative]
-    loss_kernels: int           # how many kernels of `gradients` are the forward part
 
 
 def derive(graph: Graph) -> Derivation:
     low = lower(graph)
     fwd = forward_program(graph, low)
     if graph.loss is None:
-        return Derivation(fwd, Program({}, []), [], 0)
+        return Derivation(fwd, Program({}, []), [])
 
     kernels = _kernels_for(graph, low, [graph.loss])
     buffers = dict(_used_buffers(low.buffers, kernels))
@@ -261,4 +260,4 @@ def derive(graph: Graph) -> Derivation:
     prog = Program(_used_buffers(sweep.buffers, grad_kernels) | {
         f"{p}.grad": sweep.buffers[f"{p}.grad"] for p in graph.params}, grad_kernels)
     prog.check()
-    return Derivation(fwd, prog, sweep.local, len(kernels) + 1)
+    return Derivation(fwd, prog, sweep.local)

@@ -19,7 +19,7 @@ from typing import Any, Callable
 import sympy as sp
 
 from .errors import SpecError
-from .formula import number, parse_formula
+from .formula import number
 from .ir import ACC, BATCH, Buffer, Kernel, index_symbols
 
 Shape = tuple[int, ...]
@@ -400,24 +400,13 @@ def _ravel(shape: Shape, idx) -> sp.Expr:
 
 
 def _copy_lower(L: Lowering) -> None:
-    # Row-major data is unchanged by reshape: out[ravel(idx)] = x[idx], a copy through a
-    # flat index (out is indexed as if 1-D by giving a per-dimension split of the offset).
+    # Row-major data is unchanged by reshape: out at x's row-major position = x[idx]. Only
+    # the out index's flat offset is ever used, so the whole position goes in the last axis
+    # (it stays affine in the loop indices).
     (x,) = L.inputs
     idx = L.indices(len(x.shape))
-    flat = _ravel(x.shape, idx)
-    out_idx = _split(L.out.shape, flat, x.shape, idx)
-    L.kernel(L.out, out_idx, list(zip(idx, x.shape)), L.at(x, idx))
-
-
-def _split(out_shape: Shape, flat: sp.Expr, in_shape: Shape, idx) -> list[sp.Expr]:
-    """Per-dimension index of out for the element at row-major position `flat`.
-
-    The out index must stay affine in the loop indices. Its flat offset is all the printer
-    uses, so any split whose weighted sum equals `flat` works: put everything in the last
-    axis (offsets are `flat` either way)."""
-    if not out_shape:
-        return []
-    return [sp.Integer(0)] * (len(out_shape) - 1) + [flat]
+    out_idx = [sp.Integer(0)] * (len(L.out.shape) - 1) + [_ravel(x.shape, idx)]
+    L.kernel(L.out, out_idx if L.out.shape else [], list(zip(idx, x.shape)), L.at(x, idx))
 
 
 def _reshape_shape(node, shapes, attrs):
