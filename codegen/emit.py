@@ -216,40 +216,46 @@ class Emitter:
     def entry(self, e: Entry, param_offsets: dict[str, int], doc: str) -> None:
         prog, mem = e.program, e.memory
         real = self.real
-        args = [f"const {real} *params"]
+        args = [(f"const {real} *", "params")]
         if e.kind == "gradients":
-            args.append(f"{real} *grads")
-        args += [f"{real} *work", "size_t n"]
-        args += [f"const {real} *in_{i}" for i in e.inputs]
-        args += [f"{real} *out_{o}" for o in e.outputs]
+            args.append((f"{real} *", "grads"))
+        args += [(f"{real} *", "work"), ("size_t ", "n")]
+        args += [(f"const {real} *", f"in_{i}") for i in e.inputs]
+        args += [(f"{real} *", f"out_{o}") for o in e.outputs]
         ret = real if e.loss_buffer else "void"
-        proto = f"{ret} {e.c_name}({', '.join(args)})"
+        proto = f"{ret} {e.c_name}({', '.join(t + a for t, a in args)})"
         self.prototypes.append((doc, proto))
+        used: set[str] = set()
 
         def pointer(name: str) -> str:
+            """The C expression for a buffer's first element; records the arguments it uses."""
             b = prog.buffers[name]
-            if b.role == "input":
-                return f"in_{name}"
-            if b.role == "output":
-                return f"out_{name}"
+            if b.role in ("input", "output"):
+                arg = f"{'in' if b.role == 'input' else 'out'}_{name}"
+                used.add(arg)
+                return arg
             if b.role in ("param", "grad"):
                 base = "params" if b.role == "param" else "grads"
                 off = param_offsets[name.removesuffix(".grad")]
+                used.add(base)
                 return f"{base} + {off}" if off else base
             fixed, per = mem.pointer_offset(name)
+            used.update(["work"] + (["n"] if per else []))
             return "work" + (f" + {fixed}" if fixed else "") + (f" + {per} * n" if per else "")
 
-        body, used = [], set()
+        body = []
         for kern in prog.kernels:
             fname, bufs, uses_n = self.kernel(kern, prog.buffers)
-            ptrs = [pointer(b) for b in bufs]
-            used.update(p.split(" ")[0] for p in ptrs)
-            used.update(["n"] if uses_n or any("* n" in p for p in ptrs) else [])
-            body.append(f"    {fname}({', '.join((['n'] if uses_n else []) + ptrs)});")
+            if uses_n:
+                used.add("n")
+            call_args = (["n"] if uses_n else []) + [pointer(b) for b in bufs]
+            body.append(f"    {fname}({', '.join(call_args)});")
         if e.loss_buffer:  # an unbatched one-element arena buffer
+            used.add("work")
             body.append(f"    return work[{mem.pointer_offset(e.loss_buffer)[0]}];")
-        unused = [a.split()[-1].lstrip("*") for a in args if a.split()[-1].lstrip("*") not in used]
-        self.entries.append("\n".join([proto, "{"] + [f"    (void){u};" for u in unused] + body + ["}"]))
+        # -Wextra warns about unused parameters; the signature stays uniform across models.
+        unused = [f"    (void){a};" for _, a in args if a not in used]
+        self.entries.append("\n".join([proto, "{"] + unused + body + ["}"]))
 
     # -------------------------------------------------------- the files
     def source(self) -> str:
