@@ -13,12 +13,13 @@ import itertools
 import math
 from dataclasses import dataclass, field
 
+import numpy as np
 import sympy as sp
 
 from graphc.ir import ACC, BATCH, Buffer, Kernel, Program
 
 from .plan import MemoryPlan, fuse, plan
-from .printer import C_TYPES, GraphcPrinter, prepare
+from .printer import C_TYPES, GraphcPrinter, c_array, prepare
 
 MAX_PERMUTED_LOOPS = 6
 
@@ -88,13 +89,17 @@ def common_subexpressions(exprs, printer) -> tuple[list[tuple[str, str]], list[s
 
 @dataclass(frozen=True)
 class Entry:
-    kind: str                  # forward | gradients
+    kind: str                  # forward | gradients | evaluate | train_step | predict
     c_name: str
     program: Program           # fused
     memory: MemoryPlan
     inputs: tuple[str, ...]    # graph inputs it reads, in declaration order
     outputs: tuple[str, ...]   # forward outputs it writes
     loss_buffer: str | None = None
+    work_before: int = 0       # work elements in front of the program's arena (train_step's grads)
+
+    def work_fixed(self) -> int:
+        return self.work_before + self.memory.fixed
 
 
 @dataclass(frozen=True)
@@ -110,9 +115,20 @@ class CModule:
     params_size: int
     input_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
     output_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    optimizer: dict | None = None
+    state_size: int = 0
+    state_offsets: dict[str, int] = field(default_factory=dict)   # "step" and the slots
+    baked_params: bool = False
+
+    def work_fixed(self) -> int:
+        return max(e.work_fixed() for e in self.entries.values())
+
+    def work_per_example(self) -> int:
+        return max(e.memory.per_example for e in self.entries.values())
 
     def work_elements(self, n: int) -> int:
-        return max(e.memory.elements(n) for e in self.entries.values())
+        """Enough work for every entry point at batch size n: `<NAME>_WORK_SIZE(n)`."""
+        return self.work_fixed() + self.work_per_example() * n
 
 
 # ---------------------------------------------------------------- the emitter
@@ -127,6 +143,7 @@ class Emitter:
         self.entries: list[str] = []
         self.prototypes: list[tuple[str, str]] = []  # (doc, prototype)
         self.constants: list[str] = []
+        self.tables: list[str] = []     # static const data (baked params)
         self._count = 0
         self._emitted: dict[str, str] = {}
 
@@ -257,11 +274,74 @@ class Emitter:
         unused = [f"    (void){a};" for _, a in args if a not in used]
         self.entries.append("\n".join([proto, "{"] + unused + body + ["}"]))
 
+    # -------------------------------------------------------- training and baked params
+    def optimizer_step(self, rule, params_size: int, state_offsets: dict[str, int]) -> str:
+        """The static update function: the rule's formulas printed in one flat loop."""
+        r = self.real
+        printer = GraphcPrinter(self.dtype, {})
+        stateful = bool(rule.slots) or rule.counts_steps
+        args = [f"{r} *restrict params", f"const {r} *restrict grads"] + \
+            ([f"{r} *restrict state"] if stateful else [])
+        lines = [comment(f"optimizer step: {rule.name}, as torch.optim computes it"),
+                 f"static void optimizer_step({', '.join(args)})", "{"]
+        if rule.counts_steps:
+            # A float count is exact up to 2^24 steps (torch keeps its count as float32 too).
+            at = state_offsets["step"]
+            lines += [f"    const {r} t = state[{at}] + 1;", f"    state[{at}] = t;"]
+        for sym, expr in rule.scalars:
+            lines.append(f"    const {r} {sym} = {printer.doprint(prepare(rule.numeric(expr)))};")
+        used_in_steps = set().union(*[e.free_symbols for _, e in rule.steps])
+        lines.append(f"    for (size_t i = 0; i < {params_size}; ++i) {{")
+        from graphc.optim import G, P
+        loads = {P: "params[i]", G: "grads[i]"}
+        loads.update({rule.slot_symbol(s): f"state[{state_offsets[s]} + i]" for s in rule.slots})
+        current, versions = {}, {}
+        for sym, src in loads.items():
+            if sym in used_in_steps:
+                lines.append(f"        const {r} {sym} = {src};")
+                current[sym] = sym
+        for sym, expr in rule.steps:
+            value = printer.doprint(prepare(rule.numeric(expr).xreplace(current)))
+            versions[sym] = versions.get(sym, 0) + (sym in current)
+            name = sp.Symbol(f"{sym}_{versions[sym]}" if versions[sym] else str(sym))
+            lines.append(f"        const {r} {name} = {value};")
+            current[sym] = name
+        for sym, dst in loads.items():
+            if sym != G:
+                lines.append(f"        {dst} = {current[sym]};")
+        lines += ["    }", "}"]
+        return "\n".join(lines)
+
+    def train_step(self, e: Entry, gradients: Entry, stateful: bool, doc: str) -> None:
+        r = self.real
+        ins = [f"const {r} *in_{i}" for i in e.inputs]
+        proto = f"{r} {e.c_name}({', '.join([f'{r} *params', f'{r} *state', f'{r} *work', 'size_t n'] + ins)})"
+        self.prototypes.append((doc, proto))
+        call = ", ".join(["params", "work", f"work + {e.work_before}", "n"] +
+                         [f"in_{i}" for i in gradients.inputs])
+        body = [proto, "{"] + ([] if stateful else ["    (void)state;"]) + [
+            f"    const {r} loss = {gradients.c_name}({call});",
+            f"    optimizer_step(params, work{', state' if stateful else ''});",
+            "    return loss;", "}"]
+        self.entries.append("\n".join(body))
+
+    def predict(self, e: Entry, forward: Entry, params, doc: str) -> None:
+        r = self.real
+        self.tables.append(c_array("trained_params", params, self.dtype))
+        args = [f"{r} *work", "size_t n"] + [f"const {r} *in_{i}" for i in e.inputs] + \
+            [f"{r} *out_{o}" for o in e.outputs]
+        proto = f"void {e.c_name}({', '.join(args)})"
+        self.prototypes.append((doc, proto))
+        call = ", ".join(["trained_params", "work", "n"] + [f"in_{i}" for i in e.inputs] +
+                         [f"out_{o}" for o in e.outputs])
+        self.entries.append("\n".join([proto, "{", f"    {forward.c_name}({call});", "}"]))
+
     # -------------------------------------------------------- the files
     def source(self) -> str:
         parts = [comment(f"{self.name}.c: generated by graphc; do not edit."),
                  "#include <math.h>", "#include <stddef.h>", "#include <stdint.h>",
                  f'#include "{self.name}.h"', ""]
+        parts += [t + "\n" for t in self.tables]
         parts += [k + "\n" for k in self.kernels]
         parts += [e + "\n" for e in self.entries]
         return "\n".join(parts)
@@ -283,29 +363,58 @@ def _doc(lines: list[str]) -> str:
     return "/*\n" + "\n".join((" * " + l.replace("*/", "* /")).rstrip() for l in lines) + "\n */"
 
 
-def emit(graph, derivation, dtype: str = "float32") -> CModule:
-    """The C source, header and cffi declarations for a derived graph."""
-    from graphc.derive import LOSS_MEAN
-
-    name = graph.name
-    em = Emitter(name, dtype)
-    M = em.macro
+def param_layout(graph) -> tuple[dict[str, int], int]:
+    """Each param's offset in the flat params block, and the block's size."""
     offsets, off = {}, 0
     for p, v in graph.params.items():
         offsets[p] = off
         off += max(1, math.prod(v.shape))
-    params_size = off
+    return offsets, off
+
+
+def emit(graph, derivation, dtype: str = "float32", params=None) -> CModule:
+    """The C source, header and cffi declarations for a derived graph.
+
+    With `params` (the flat param block), the C is for inference: the params are baked in
+    as a `static const` table (flash on a microcontroller) read by `<name>_predict`."""
+    from graphc.derive import LOSS_MEAN
+    from graphc.optim import update_rule
+
+    name = graph.name
+    em = Emitter(name, dtype)
+    M = em.macro
+    offsets, params_size = param_layout(graph)
     entries: dict[str, Entry] = {}
+    training = graph.loss is not None and params is None
 
     fwd = fuse(derivation.forward)
     fwd_inputs = tuple(i for i in graph.inputs if i in fwd.buffers)
     entries["forward"] = Entry("forward", f"{name}_forward", fwd, plan(fwd), fwd_inputs,
                                tuple(graph.outputs))
-    if graph.loss:
+    if params is not None:
+        entries["predict"] = Entry("predict", f"{name}_predict", fwd, entries["forward"].memory,
+                                   fwd_inputs, tuple(graph.outputs))
+    if training:
+        ev = fuse(derivation.evaluation)
+        entries["evaluate"] = Entry("evaluate", f"{name}_evaluate", ev, plan(ev),
+                                    tuple(i for i in graph.inputs if i in ev.buffers),
+                                    tuple(graph.outputs), LOSS_MEAN)
         grad = fuse(derivation.gradients)
         entries["gradients"] = Entry("gradients", f"{name}_gradients", grad, plan(grad),
                                      tuple(i for i in graph.inputs if i in grad.buffers), (),
                                      LOSS_MEAN)
+    rule = update_rule(graph.optimizer) if training and graph.optimizer else None
+    state_offsets: dict[str, int] = {}
+    if rule:
+        g = entries["gradients"]
+        entries["train_step"] = Entry("train_step", f"{name}_train_step", g.program, g.memory,
+                                      g.inputs, (), LOSS_MEAN, work_before=params_size)
+        at = 0
+        if rule.counts_steps:
+            state_offsets["step"], at = 0, 1
+        for slot in rule.slots:
+            state_offsets[slot], at = at, at + params_size
+    state_size = sum(params_size if k != "step" else 1 for k in state_offsets)
 
     c = em.constants
     c.append(comment(f"Sizes are counts of {em.real} elements. Params and their gradients share one layout."))
@@ -320,14 +429,18 @@ def emit(graph, derivation, dtype: str = "float32") -> CModule:
         v = graph.values[o]
         c.append(f"#define {M}_OUTPUT_{o}_SIZE {max(1, math.prod(v.shape))} "
                  f"{comment('per example, shape ' + str(list(v.shape)))}")
+    if rule:
+        layout = ", ".join(("step count" if k == "step" else k) for k in state_offsets) or "nothing"
+        c.append(f"#define {M}_STATE_SIZE {state_size} {comment(f'{rule.name}: {layout}')}")
+        for k, at in state_offsets.items():
+            c.append(f"#define {M}_STATE_{k}_OFFSET {at}")
     for kind, e in entries.items():
-        m = e.memory
-        c.append(f"#define {M}_{kind.upper()}_WORK_SIZE(n) ((size_t){m.fixed} + (size_t){m.per_example} * (size_t)(n))")
-    sizes = [f"{M}_{k.upper()}_WORK_SIZE(n)" for k in entries]
-    if len(sizes) == 1:
-        c.append(f"#define {M}_WORK_SIZE(n) {sizes[0]}")
-    else:
-        c.append(f"#define {M}_WORK_SIZE(n) ({sizes[0]} > {sizes[1]} ? {sizes[0]} : {sizes[1]})")
+        c.append(f"#define {M}_{kind.upper()}_WORK_SIZE(n) ((size_t){e.work_fixed()} + "
+                 f"(size_t){e.memory.per_example} * (size_t)(n))")
+    cm_work = CModule(name, dtype, "", "", "", entries, offsets, {}, params_size)
+    c.append(comment("Enough for every entry point above."))
+    c.append(f"#define {M}_WORK_SIZE(n) ((size_t){cm_work.work_fixed()} + "
+             f"(size_t){cm_work.work_per_example()} * (size_t)(n))")
 
     f = entries["forward"]
     em.entry(f, offsets, _doc([
@@ -337,6 +450,24 @@ def emit(graph, derivation, dtype: str = "float32") -> CModule:
         *[f"  in_{i}: n x {M}_INPUT_{i}_SIZE elements, row-major, example after example" for i in f.inputs],
         *[f"  out_{o}: n x {M}_OUTPUT_{o}_SIZE elements, written" for o in f.outputs],
         "Arrays must not overlap. No allocation, no global state: reentrant."]))
+    if "predict" in entries:
+        e = entries["predict"]
+        flat = np.asarray(params, dtype=np.float64)
+        em.predict(e, f, flat, _doc([
+            f"{e.c_name}: {f.c_name} with the trained params baked into this file",
+            "  (a static const table: read-only data, flash on a microcontroller).",
+            f"  work:   at least {M}_PREDICT_WORK_SIZE(n) elements, caller-owned scratch",
+            *[f"  in_{i}: n x {M}_INPUT_{i}_SIZE elements" for i in e.inputs],
+            *[f"  out_{o}: n x {M}_OUTPUT_{o}_SIZE elements, written" for o in e.outputs]]))
+    if "evaluate" in entries:
+        e = entries["evaluate"]
+        em.entry(e, offsets, _doc([
+            f"{e.c_name}: the outputs and the batch-mean loss '{graph.loss}' in one forward pass.",
+            f"  params: {M}_PARAMS_SIZE elements",
+            f"  work:   at least {M}_EVALUATE_WORK_SIZE(n) elements, caller-owned scratch",
+            *[f"  in_{i}: n x {M}_INPUT_{i}_SIZE elements" for i in e.inputs],
+            *[f"  out_{o}: n x {M}_OUTPUT_{o}_SIZE elements, written" for o in e.outputs],
+            "Returns the mean over the batch of the per-example loss. Arrays must not overlap."]))
     if "gradients" in entries:
         g = entries["gradients"]
         em.entry(g, offsets, _doc([
@@ -345,7 +476,24 @@ def emit(graph, derivation, dtype: str = "float32") -> CModule:
             f"  work:   at least {M}_GRADIENTS_WORK_SIZE(n) elements, caller-owned scratch",
             *[f"  in_{i}: n x {M}_INPUT_{i}_SIZE elements" for i in g.inputs],
             "Returns the mean over the batch of the per-example loss. Arrays must not overlap."]))
+    if rule:
+        e = entries["train_step"]
+        stateful = state_size > 0
+        em.kernels.append(em.optimizer_step(rule, params_size, state_offsets))
+        hyper = ", ".join(f"{s}={v!r}" for s, v in rule.values.items())
+        em.train_step(e, entries["gradients"], stateful, _doc([
+            f"{e.c_name}: one {rule.name} step ({hyper}) on a batch of n examples:",
+            f"  the loss and gradients ({entries['gradients'].c_name}), then params updated in place.",
+            f"  params: {M}_PARAMS_SIZE elements, read and updated",
+            f"  state:  {M}_STATE_SIZE elements of optimizer state, zeroed before the first step"
+            + (" (unused: may be NULL)" if not stateful else "; zero again to restart"),
+            f"  work:   at least {M}_TRAIN_STEP_WORK_SIZE(n) elements; the gradients are left",
+            f"          in its first {M}_PARAMS_SIZE elements",
+            *[f"  in_{i}: n x {M}_INPUT_{i}_SIZE elements" for i in e.inputs],
+            "Returns the batch-mean loss before the update. Arrays must not overlap."]))
     return CModule(name, dtype, em.source(), em.header(), em.cdef(), entries, offsets,
                    {p: v.shape for p, v in graph.params.items()}, params_size,
                    {i: v.shape for i, v in graph.inputs.items()},
-                   {o: graph.values[o].shape for o in graph.outputs})
+                   {o: graph.values[o].shape for o in graph.outputs},
+                   dict(graph.optimizer) if rule else None, state_size, state_offsets,
+                   params is not None)

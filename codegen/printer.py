@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import sympy as sp
 from sympy.codegen.ast import float32, float64, real
 from sympy.codegen.rewriting import create_expand_pow_optimization, optimize
@@ -56,3 +57,22 @@ class GraphcPrinter(C99CodePrinter):
 def prepare(expr: sp.Expr) -> sp.Expr:
     """Rewrites applied before printing: small integer powers become products."""
     return optimize(expr, [_expand_small_pows])
+
+
+def c_literal(x: float, dtype: str) -> str:
+    """A finite number as a C constant that reads back to the same value in `dtype`:
+    the shortest digits that round-trip (float32 values are rounded to float32 first)."""
+    text = str(np.float32(x)) if dtype == "float32" else repr(float(x))
+    if text in ("inf", "-inf", "nan"):
+        raise ValueError("C array values must be finite")
+    if "e" not in text and "." not in text:
+        text += ".0"
+    return text + ("F" if dtype == "float32" else "")
+
+
+def c_array(name: str, values: np.ndarray, dtype: str, const: bool = True) -> str:
+    """A static C array definition, six numbers per line."""
+    flat = np.asarray(values, dtype=np.float64).ravel()
+    body = ",\n    ".join(", ".join(c_literal(v, dtype) for v in flat[k:k + 6])
+                          for k in range(0, max(1, flat.size), 6)) if flat.size else "0"
+    return f"static {'const ' if const else ''}{C_TYPES[dtype]} {name}[{max(1, flat.size)}] = {{\n    {body}\n}};"

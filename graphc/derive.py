@@ -187,6 +187,26 @@ class Derivation:
     forward: Program
     gradients: Program
     local: list[LocalDerivative]
+    evaluation: Program | None = None   # outputs and the batch-mean loss, one forward pass
+
+
+def _batch_mean(graph: Graph, buffers: dict[str, Buffer]) -> Kernel:
+    b = sp.Symbol("b", integer=True, nonnegative=True)
+    buffers[LOSS_MEAN] = Buffer(LOSS_MEAN, (), False, "loss")
+    return Kernel(LOSS_MEAN, (sp.Integer(0),), ((b, BATCH),),
+                  buffers[graph.loss].base[b], "sum", ACC / BATCH, graph.loss, "batch mean")
+
+
+def evaluation_program(graph: Graph, low: Lowered) -> Program:
+    """The outputs and the batch-mean loss from one forward pass (validation, metrics)."""
+    kernels = _kernels_for(graph, low, list(graph.outputs) + [graph.loss])
+    buffers = dict(_used_buffers(low.buffers, kernels))
+    kernels.append(_batch_mean(graph, buffers))
+    for o in graph.outputs:
+        buffers[o] = _with_role(buffers[o], "output")
+    prog = Program(buffers, kernels)
+    prog.check()
+    return prog
 
 
 def derive(graph: Graph) -> Derivation:
@@ -199,10 +219,7 @@ def derive(graph: Graph) -> Derivation:
     buffers = dict(_used_buffers(low.buffers, kernels))
     for p, v in graph.params.items():
         buffers.setdefault(p, low.buffers[p])
-    b = sp.Symbol("b", integer=True, nonnegative=True)
-    buffers[LOSS_MEAN] = Buffer(LOSS_MEAN, (), False, "loss")
-    mean = Kernel(LOSS_MEAN, (sp.Integer(0),), ((b, BATCH),),
-                  buffers[graph.loss].base[b], "sum", ACC / BATCH, graph.loss, "batch mean")
+    mean = _batch_mean(graph, buffers)
 
     # Which buffers need a gradient: they depend on a param and the loss depends on them.
     depends = {n: buf.role == "param" for n, buf in buffers.items()}
@@ -260,4 +277,4 @@ def derive(graph: Graph) -> Derivation:
     prog = Program(_used_buffers(sweep.buffers, grad_kernels) | {
         f"{p}.grad": sweep.buffers[f"{p}.grad"] for p in graph.params}, grad_kernels)
     prog.check()
-    return Derivation(fwd, prog, sweep.local)
+    return Derivation(fwd, prog, sweep.local, evaluation_program(graph, low))

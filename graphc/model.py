@@ -112,8 +112,14 @@ class CompiledModel:
         self._ctype = "float *" if cmodule.dtype == "float32" else "double *"
         self._params = _ParamStore(graph, cmodule.param_offsets, cmodule.params_size, self.dtype)
         self._grads = np.zeros(cmodule.params_size, self.dtype)
+        self._state = np.zeros(max(1, cmodule.state_size), self.dtype)
         self._work = np.zeros(0, self.dtype)
         self.init_params(seed)
+
+    @property
+    def optimizer(self) -> dict | None:
+        """The optimizer the C `train_step` was generated for (torch.optim's semantics)."""
+        return self.cmodule.optimizer
 
     # ------------------------------------------------------------ params
     def init_params(self, seed: int = 0) -> None:
@@ -127,6 +133,14 @@ class CompiledModel:
     def get_params(self) -> dict[str, np.ndarray]:
         return self._params.get()
 
+    def save_params(self, path: str | os.PathLike) -> None:
+        """Write the params to an .npz file, one array per param, in the model's dtype."""
+        save_params(self.get_params(), path)
+
+    def load_params(self, path: str | os.PathLike) -> None:
+        """Read params saved by `save_params`; every param must be there, with its shape."""
+        self._params.set(load_params(path, self.graph))
+
     # ------------------------------------------------------------ calls
     def _ptr(self, arr: np.ndarray):
         return self._ffi.cast(self._ctype, arr.ctypes.data)
@@ -139,8 +153,7 @@ class CompiledModel:
 
     def forward(self, **inputs) -> dict[str, np.ndarray]:
         entry = self.cmodule.entries["forward"]
-        arrays, n = batch_arrays(entry.inputs, self.cmodule.input_shapes, inputs, self.dtype,
-                                 set(self.graph.inputs))
+        arrays, n = self._arrays(entry, inputs)
         outs = {o: np.empty((n,) + self.cmodule.output_shapes[o], self.dtype) for o in entry.outputs}
         getattr(self._lib, entry.c_name)(
             self._ptr(self._params.flat), self._work_for(n), n,
@@ -149,15 +162,74 @@ class CompiledModel:
 
     def gradients(self, **inputs) -> tuple[float, dict[str, np.ndarray]]:
         """(batch-mean loss, gradient of it for every param)."""
-        entry = self.cmodule.entries.get("gradients")
-        if entry is None:
-            raise InputError(f"model '{self.name}' has no loss, so no gradients")
-        arrays, n = batch_arrays(entry.inputs, self.cmodule.input_shapes, inputs, self.dtype,
-                                 set(self.graph.inputs))
+        entry = self._entry("gradients", "take gradients")
+        arrays, n = self._arrays(entry, inputs)
         loss = getattr(self._lib, entry.c_name)(
             self._ptr(self._params.flat), self._ptr(self._grads), self._work_for(n), n,
             *[self._ptr(arrays[i]) for i in entry.inputs])
         return float(loss), self._params.get(self._grads)
+
+    def evaluate(self, **inputs) -> tuple[float, dict[str, np.ndarray]]:
+        """(batch-mean loss, outputs) from one forward pass, no gradients."""
+        entry = self._entry("evaluate", "evaluate")
+        arrays, n = self._arrays(entry, inputs)
+        outs = {o: np.empty((n,) + self.cmodule.output_shapes[o], self.dtype) for o in entry.outputs}
+        loss = getattr(self._lib, entry.c_name)(
+            self._ptr(self._params.flat), self._work_for(n), n,
+            *[self._ptr(arrays[i]) for i in entry.inputs], *[self._ptr(outs[o]) for o in entry.outputs])
+        return float(loss), outs
+
+    def train_step(self, **inputs) -> float:
+        """One optimizer step in C on a batch; returns the batch-mean loss before the update."""
+        entry = self._entry("train_step", "train")
+        arrays, n = self._arrays(entry, inputs)
+        loss = getattr(self._lib, entry.c_name)(
+            self._ptr(self._params.flat), self._ptr(self._state), self._work_for(n), n,
+            *[self._ptr(arrays[i]) for i in entry.inputs])
+        return float(loss)
+
+    def reset_optimizer(self) -> None:
+        """Zero the optimizer state: the next step is a first step again."""
+        self._state[...] = 0
+
+    def optimizer_state(self) -> dict:
+        """{"step": count, slot: {param: array}} with torch.optim's slot names."""
+        out: dict = {"step": 0}
+        for slot, at in self.cmodule.state_offsets.items():
+            if slot == "step":
+                out["step"] = int(self._state[at])
+            else:
+                out[slot] = self._params.get(self._state[at:at + self.cmodule.params_size])
+        return out
+
+    def predict(self, **inputs) -> dict[str, np.ndarray]:
+        """The outputs from the params baked into the C (`compile(..., params=...)`)."""
+        entry = self._entry("predict", "predict")
+        arrays, n = self._arrays(entry, inputs)
+        outs = {o: np.empty((n,) + self.cmodule.output_shapes[o], self.dtype) for o in entry.outputs}
+        getattr(self._lib, entry.c_name)(
+            self._work_for(n), n, *[self._ptr(arrays[i]) for i in entry.inputs],
+            *[self._ptr(outs[o]) for o in entry.outputs])
+        return outs
+
+    def _entry(self, kind: str, what: str):
+        entry = self.cmodule.entries.get(kind)
+        if entry is not None:
+            return entry
+        if self.cmodule.baked_params and kind != "predict":
+            raise InputError(f"model '{self.name}' was compiled for inference with baked params; "
+                             f"compile it without params to {what}")
+        if kind == "predict":
+            raise InputError(f"model '{self.name}' has no baked params: "
+                             "compile it with params=... to predict from them")
+        if self.graph.loss is None:
+            raise InputError(f"model '{self.name}' has no loss, so it cannot {what}")
+        raise InputError(f"model '{self.name}' has no optimizer: declare an 'optimizer:' section "
+                         "in the spec or pass optimizer=... to graphc.compile")
+
+    def _arrays(self, entry, inputs):
+        return batch_arrays(entry.inputs, self.cmodule.input_shapes, inputs, self.dtype,
+                            set(self.graph.inputs))
 
     def verify(self, seed: int = 0, **inputs):
         """C against the NumPy reference, and the reference against finite differences."""
@@ -181,23 +253,99 @@ class CompiledModel:
         return f"<CompiledModel {self.name!r} {self.dtype.name}, {self.cmodule.params_size} params>"
 
 
-def generate(graph, dtype: str = "float32"):
-    """Spec to C text, without building: (Graph, CModule)."""
-    from codegen.emit import emit
+def save_params(params: Mapping[str, np.ndarray], path: str | os.PathLike) -> None:
+    """An .npz file with one array per param, written whole or not at all."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with open(tmp, "wb") as f:
+            np.savez(f, **{k: np.asarray(v) for k, v in params.items()})
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise InputError(f"cannot write params to {path}: {e.strerror or e}") from None
+
+
+def load_params(path: str | os.PathLike, graph=None) -> dict[str, np.ndarray]:
+    """Params from an .npz file; with a graph, every param must be there with its shape."""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            params = {k: data[k] for k in data.files}
+    except (OSError, ValueError) as e:
+        raise InputError(f"cannot read params from {path}: {getattr(e, 'strerror', None) or e}") from None
+    if graph is not None:
+        graph = as_graph(graph)
+        missing = [p for p in graph.params if p not in params]
+        extra = [p for p in params if p not in graph.params]
+        if missing or extra:
+            what = f"missing param '{missing[0]}'" if missing else f"unknown array '{extra[0]}'"
+            raise InputError(f"{path}: {what} (model '{graph.name}' has params: "
+                             f"{', '.join(graph.params)})")
+        for p, v in graph.params.items():
+            arr = params[p]
+            if arr.shape != v.shape or arr.dtype.kind not in "fiu":
+                raise InputError(f"{path}: param '{p}' must be a real array of shape {v.shape}, "
+                                 f"got {arr.dtype} {arr.shape}")
+            if not np.all(np.isfinite(arr)):
+                raise InputError(f"{path}: param '{p}' holds non-finite values")
+    return params
+
+
+def _with_optimizer(graph: Graph, optimizer) -> Graph:
+    from .optim import check_optimizer
+    if graph.loss is None:
+        raise SpecError("an optimizer needs a loss to minimise", field="optimizer")
+    return Graph(graph.name, graph.values, graph.outputs, graph.loss,
+                 check_optimizer(optimizer), graph.description)
+
+
+def _flat_params(graph: Graph, params, offsets: dict[str, int], size: int, dtype) -> np.ndarray:
+    if isinstance(params, (str, os.PathLike)):
+        params = load_params(params, graph)
+    store = _ParamStore(graph, offsets, size, dtype)
+    missing = [p for p in graph.params if p not in params]
+    if missing:
+        raise InputError(f"missing param '{missing[0]}' to bake into the C")
+    store.set(params)
+    if not np.all(np.isfinite(store.flat)):  # also values beyond float32's range
+        bad = next(p for p in graph.params if not np.all(np.isfinite(store.view(store.flat, p))))
+        raise InputError(f"param '{bad}' holds non-finite values in {np.dtype(dtype).name}; "
+                         "they cannot be baked into C")
+    return store.flat
+
+
+def generate(graph, dtype: str = "float32", *, optimizer: dict | None = None, params=None):
+    """Spec to C text, without building: (Graph, CModule).
+
+    `optimizer` replaces the spec's section. `params` (a dict or an .npz path) makes
+    inference C with those params baked in as a `static const` table."""
+    from codegen.emit import emit, param_layout
     from .derive import derive
     graph = as_graph(graph)
-    return graph, emit(graph, derive(graph), check_dtype(dtype))
+    dtype = check_dtype(dtype)
+    if optimizer is not None:
+        graph = _with_optimizer(graph, optimizer)
+    flat = None
+    if params is not None:
+        offsets, size = param_layout(graph)
+        with np.errstate(over="ignore"):
+            flat = _flat_params(graph, params, offsets, size, dtype)
+    return graph, emit(graph, derive(graph), dtype, params=flat)
 
 
 def compile(graph, dtype: str = "float32", optimizer: dict | None = None, *,
-            seed: int = 0) -> CompiledModel:
-    """Derive, generate, build (cached) and load; params drawn from their initializers."""
+            seed: int = 0, params=None) -> CompiledModel:
+    """Derive, generate, build (cached) and load; params drawn from their initializers.
+
+    With `params` (dict or .npz path) the C is for inference with those params baked in
+    (`model.predict`); the model also starts from them."""
     from codegen.build import build
     graph = as_graph(graph)
-    if optimizer is not None:
-        from .optim import check_optimizer
-        graph = Graph(graph.name, graph.values, graph.outputs, graph.loss,
-                      check_optimizer(optimizer), graph.description)
-    graph, cmodule = generate(graph, dtype)
+    if isinstance(params, (str, os.PathLike)):
+        params = load_params(params, graph)
+    graph, cmodule = generate(graph, dtype, optimizer=optimizer, params=params)
     built = build(graph.name, cmodule.source, cmodule.header, cmodule.cdef)
-    return CompiledModel(graph, cmodule, built, seed=seed)
+    model = CompiledModel(graph, cmodule, built, seed=seed)
+    if params is not None:
+        model.set_params(params)
+    return model

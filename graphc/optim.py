@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+
+import sympy as sp
+from sympy.codegen.cfunctions import expm1
 
 from .errors import SpecError
 
@@ -58,3 +62,68 @@ def check_optimizer(spec) -> dict:
         if out["nesterov"] and out["momentum"] == 0:
             raise SpecError("Nesterov momentum needs momentum > 0", node="optimizer", field="nesterov")
     return out
+
+
+# ---------------------------------------------------------------- update rules as formulas
+#
+# Each optimizer is declared once, as SymPy formulas over one param element `p`, its
+# gradient `g` and its state slots, with the hyperparameters as symbols. The C emitter
+# substitutes the numbers and prints the formulas like any kernel body; `explain` can show
+# them as written here. The forms follow torch.optim (single-tensor CPU path) so that
+# trajectories can be compared step by step.
+
+P, G = sp.symbols("p g", real=True)                    # a param element and its gradient
+STEP = sp.Symbol("t", positive=True)                   # the step count, after this step
+D = sp.Symbol("d", real=True)                          # the gradient after weight decay
+LR, WD, MU = sp.symbols("lr weight_decay momentum", nonnegative=True)
+BETA1, BETA2, EPS = sp.symbols("beta1 beta2 eps", nonnegative=True)
+BC1, BC2 = sp.symbols("bias_correction1 bias_correction2", positive=True)
+STEP_SIZE, BC2_SQRT = sp.symbols("step_size bias_correction2_sqrt", positive=True)
+
+
+@dataclass(frozen=True)
+class UpdateRule:
+    """One optimizer step, elementwise over the flat params.
+
+    `scalars` are computed once per step from the step count;
+    `steps` are evaluated in order for each element, a later formula seeing the new value
+    of an earlier target. Targets are temporaries, state slots (`slots`, torch's names) or
+    `p` itself."""
+    name: str
+    slots: tuple[str, ...]
+    counts_steps: bool
+    scalars: tuple[tuple[sp.Symbol, sp.Expr], ...]
+    steps: tuple[tuple[sp.Symbol, sp.Expr], ...]
+    values: dict[sp.Symbol, float]                     # the hyperparameters' numbers
+
+    def slot_symbol(self, slot: str) -> sp.Symbol:
+        return sp.Symbol(slot, real=True)
+
+    def numeric(self, expr: sp.Expr) -> sp.Expr:
+        return expr.xreplace({s: sp.Float(v) for s, v in self.values.items()})
+
+
+def update_rule(opt: dict) -> UpdateRule:
+    """The formulas of a validated optimizer description (see `check_optimizer`)."""
+    decay = (D, G + WD * P)
+    if opt["name"] == "adam":
+        m, v = sp.Symbol("exp_avg", real=True), sp.Symbol("exp_avg_sq", real=True)
+        b1, b2 = opt["betas"]
+        return UpdateRule(
+            "adam", ("exp_avg", "exp_avg_sq"), True,
+            # 1 - β^t as -expm1(t·log β): no cancellation at small t, even in float.
+            scalars=((BC1, -expm1(STEP * sp.log(BETA1))), (BC2, -expm1(STEP * sp.log(BETA2))),
+                     (STEP_SIZE, LR / BC1), (BC2_SQRT, sp.sqrt(BC2))),
+            steps=(decay,
+                   (m, BETA1 * m + (1 - BETA1) * D),
+                   (v, BETA2 * v + (1 - BETA2) * D * D),
+                   (P, P - STEP_SIZE * m / (sp.sqrt(v) / BC2_SQRT + EPS))),
+            values={LR: opt["lr"], WD: opt["weight_decay"], BETA1: b1, BETA2: b2, EPS: opt["eps"]})
+    values = {LR: opt["lr"], WD: opt["weight_decay"], MU: opt["momentum"]}
+    if opt["momentum"] == 0:
+        return UpdateRule("sgd", (), False, (), (decay, (P, P - LR * D)), values)
+    buf = sp.Symbol("momentum_buffer", real=True)
+    # torch starts the buffer at the first d; with dampening 0 that equals μ·0 + d.
+    direction = D + MU * buf if opt["nesterov"] else buf
+    return UpdateRule("nesterov" if opt["nesterov"] else "momentum", ("momentum_buffer",), False,
+                      (), (decay, (buf, MU * buf + D), (P, P - LR * direction)), values)

@@ -117,3 +117,134 @@ def test_write_c_writes_both_files(model, tmp_path):
     c, h = model.write_c(tmp_path / "out")
     assert c.read_text() == model.c_source and h.read_text() == model.c_header
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["mlp.c", "mlp.h"]
+
+
+# ---------------------------------------------------------------- training surface
+
+def test_evaluate_is_one_forward_pass_matching_forward_and_the_reference(model):
+    data = _batch(9, seed=3)
+    loss, outs = model.evaluate(**data)
+    ref = graphc.reference(model.graph)
+    ref.set_params(model.get_params())
+    assert loss == pytest.approx(ref.loss(**data), rel=1e-5)
+    assert loss == pytest.approx(model.gradients(**data)[0], rel=1e-6)
+    np.testing.assert_array_equal(outs["logits"], model.forward(**data)["logits"])
+    with pytest.raises(InputError, match="missing input 'y'"):
+        model.evaluate(x=data["x"])
+
+
+def test_train_step_layout_in_the_header_and_state_names():
+    m = graphc.compile(ROOT / "examples/mlp.yaml", dtype="float64",
+                       optimizer={"name": "adam", "lr": 0.01})
+    h = m.c_header
+    assert "#define MLP_STATE_SIZE 4821 /* adam: step count, exp_avg, exp_avg_sq */" in h
+    assert "#define MLP_STATE_exp_avg_sq_OFFSET 2411" in h
+    assert "#define MLP_TRAIN_STEP_WORK_SIZE(n) ((size_t)2426 + (size_t)144 * (size_t)(n))" in h
+    assert ("double mlp_train_step(double *params, double *state, double *work, size_t n, "
+            "const double *in_x, const double *in_y);") in h
+    assert m.optimizer["lr"] == 0.01 and m.optimizer["betas"] == [0.9, 0.999]
+    data = _batch(5)
+    before = m.get_params()
+    loss0, grads = m.gradients(**data)
+    assert m.train_step(**data) == loss0
+    state = m.optimizer_state()
+    assert state["step"] == 1 and set(state) == {"step", "exp_avg", "exp_avg_sq"}
+    for p in before:  # first Adam step: m = (1-β1)·g, v = (1-β2)·g²
+        np.testing.assert_allclose(state["exp_avg"][p], 0.1 * grads[p], rtol=1e-12, atol=1e-300)
+        np.testing.assert_allclose(state["exp_avg_sq"][p], 0.001 * grads[p] ** 2, rtol=1e-12,
+                                   atol=1e-300)
+    m.reset_optimizer()
+    assert m.optimizer_state()["step"] == 0
+
+
+@pytest.mark.parametrize("opt, size", [
+    ({"name": "sgd"}, 0), ({"name": "momentum"}, 2410), ({"name": "adam"}, 4821)])
+def test_state_size_per_optimizer(opt, size):
+    _, cm = graphc.generate(ROOT / "examples/mlp.yaml", optimizer=opt)
+    assert cm.state_size == size
+    assert f"#define MLP_STATE_SIZE {size} " in cm.header
+    if size == 0:  # plain SGD keeps no state: the argument is documented as unused
+        assert "(void)state;" in cm.source and "may be NULL" in cm.header
+
+
+def test_training_needs_a_loss_and_an_optimizer():
+    spec = {"name": "noloss", "inputs": {"x": [3]}, "params": {"W": {"shape": [2, 3]}},
+            "nodes": {"h": {"op": "dense", "inputs": ["x", "W"]}}, "outputs": ["h"]}
+    m = graphc.compile(spec)
+    with pytest.raises(InputError, match="model 'noloss' has no loss, so it cannot train"):
+        m.train_step(x=np.zeros((1, 3)))
+    with pytest.raises(graphc.SpecError, match="an optimizer needs a loss"):
+        graphc.compile(spec, optimizer="sgd")
+    lossy = graphc.load(ROOT / "examples/mlp.yaml").to_spec()
+    del lossy["optimizer"]
+    m = graphc.compile(lossy)
+    with pytest.raises(InputError, match="has no optimizer: declare an 'optimizer:' section"):
+        m.train_step(**_batch(2))
+
+
+def test_save_and_load_params_round_trip(model, tmp_path):
+    path = tmp_path / "p.npz"
+    model.save_params(path)
+    other = graphc.compile(ROOT / "examples/mlp.yaml", seed=99)
+    other.load_params(path)
+    a, b = model.get_params(), other.get_params()
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+@pytest.mark.parametrize("arrays, message", [
+    ({"W1": np.zeros((32, 64))}, "missing param 'b1'"),
+    ({"W1": np.zeros((32, 64)), "b1": np.zeros(32), "W2": np.zeros((10, 32)), "b2": np.zeros(10),
+      "W3": np.zeros(1)}, "unknown array 'W3'"),
+    ({"W1": np.zeros((64, 32)), "b1": np.zeros(32), "W2": np.zeros((10, 32)), "b2": np.zeros(10)},
+     r"param 'W1' must be a real array of shape \(32, 64\), got float64 \(64, 32\)"),
+    ({"W1": np.full((32, 64), np.nan), "b1": np.zeros(32), "W2": np.zeros((10, 32)),
+      "b2": np.zeros(10)}, "param 'W1' holds non-finite values"),
+])
+def test_load_params_errors_name_the_file_and_param(model, tmp_path, arrays, message):
+    path = tmp_path / "bad.npz"
+    np.savez(path, **arrays)
+    before = model.get_params()
+    with pytest.raises(InputError, match=message) as info:
+        model.load_params(path)
+    assert str(path) in str(info.value)
+    assert all(np.array_equal(before[k], v) for k, v in model.get_params().items())
+
+
+def test_load_params_unreadable_file(model, tmp_path):
+    (tmp_path / "junk.npz").write_text("not a zip")
+    with pytest.raises(InputError, match="cannot read params from .*junk.npz"):
+        model.load_params(tmp_path / "junk.npz")
+    with pytest.raises(InputError, match="cannot read params from .*absent.npz"):
+        model.load_params(tmp_path / "absent.npz")
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_baked_params_predict_like_forward(model, tmp_path, dtype):
+    trained = graphc.compile(ROOT / "examples/mlp.yaml", dtype=dtype, seed=5)
+    for k in range(3):
+        trained.train_step(**_batch(16, seed=k))
+    trained.save_params(tmp_path / "t.npz")
+    baked = graphc.compile(ROOT / "examples/mlp.yaml", dtype=dtype, params=tmp_path / "t.npz")
+    assert "static const " + ("float" if dtype == "float32" else "double") + \
+        " trained_params[2410] = {" in baked.c_source
+    assert set(baked.cmodule.entries) == {"forward", "predict"}
+    data = _batch(7, seed=11)
+    # The literals read back to the very same values, so predictions are bit-identical.
+    np.testing.assert_array_equal(baked.predict(**data)["logits"], trained.forward(**data)["logits"])
+    np.testing.assert_array_equal(baked.forward(**data)["logits"], trained.forward(**data)["logits"])
+    with pytest.raises(InputError, match="compiled for inference with baked params"):
+        baked.train_step(**data)
+    with pytest.raises(InputError, match="has no baked params"):
+        trained.predict(**data)
+
+
+def test_baking_refuses_non_finite_params():
+    params = {k: v.astype(np.float64) for k, v in
+              graphc.compile(ROOT / "examples/mlp.yaml").get_params().items()}
+    params["b2"][3] = np.inf
+    with pytest.raises(InputError, match="param 'b2' holds non-finite values in float64"):
+        graphc.generate(ROOT / "examples/mlp.yaml", "float64", params=params)
+    params["b2"][3] = 1e39  # finite, but not as a float
+    with pytest.raises(InputError, match="param 'b2' holds non-finite values in float32"):
+        graphc.generate(ROOT / "examples/mlp.yaml", "float32", params=params)

@@ -67,8 +67,30 @@ static void k4(size_t n, float *restrict a0, const float *restrict a1, const flo
     }
 }
 
+/* loss: forward: loss[b] = Σ_{i0} -(-log(loss.sumexp[b]) + logits[b, i0] - loss.max[b])*y[b, i0] */
+static void k5(size_t n, float *restrict a0, const float *restrict a1, const float *restrict a2, const float *restrict a3, const float *restrict a4)
+{
+    for (size_t b = 0; b < n; ++b) {
+        float acc = 0;
+        for (size_t i0 = 0; i0 < 4; ++i0) {
+            acc += -(-logf(a3[b]) + a1[4*b + i0] - a2[b])*a4[4*b + i0];
+        }
+        a0[b] = acc;
+    }
+}
+
+/* loss: batch mean: __batch_loss[0] = (Σ_{b} loss[b])/n */
+static void k6(size_t n, float *restrict a0, const float *restrict a1)
+{
+    float acc = 0;
+    for (size_t b = 0; b < n; ++b) {
+        acc += a1[b];
+    }
+    a0[0] = acc*1.0F/n;
+}
+
 /* h: forward: h[b, i0] = (Σ_{i1} W1[i0, i1]*x[b, i1]) + b1[i0] */
-static void k5(size_t n, float *restrict a0, const float *restrict a1, const float *restrict a2, const float *restrict a3)
+static void k7(size_t n, float *restrict a0, const float *restrict a1, const float *restrict a2, const float *restrict a3)
 {
     for (size_t b = 0; b < n; ++b) {
         for (size_t i0 = 0; i0 < 24; ++i0) {
@@ -82,35 +104,13 @@ static void k5(size_t n, float *restrict a0, const float *restrict a1, const flo
 }
 
 /* a: forward: a[b, i0] = 0.5*(tanh(0.035677408136300126*h[b, i0]**3 + 0.7978845608028654*h[b, i0]) + 1)*h[b, i0] */
-static void k6(size_t n, float *restrict a0, const float *restrict a1)
+static void k8(size_t n, float *restrict a0, const float *restrict a1)
 {
     for (size_t b = 0; b < n; ++b) {
         for (size_t i0 = 0; i0 < 24; ++i0) {
             a0[24*b + i0] = 0.5F*a1[24*b + i0]*(1 + tanhf(0.7978845608028654F*a1[24*b + i0] + 0.035677408136300125F*(a1[24*b + i0]*a1[24*b + i0]*a1[24*b + i0])));
         }
     }
-}
-
-/* loss: forward: loss[b] = Σ_{i0} -(-log(loss.sumexp[b]) + logits[b, i0] - loss.max[b])*y[b, i0] */
-static void k7(size_t n, float *restrict a0, const float *restrict a1, const float *restrict a2, const float *restrict a3, const float *restrict a4)
-{
-    for (size_t b = 0; b < n; ++b) {
-        float acc = 0;
-        for (size_t i0 = 0; i0 < 4; ++i0) {
-            acc += -(-logf(a3[b]) + a1[4*b + i0] - a2[b])*a4[4*b + i0];
-        }
-        a0[b] = acc;
-    }
-}
-
-/* loss: batch mean: __batch_loss[0] = (Σ_{b} loss[b])/n */
-static void k8(size_t n, float *restrict a0, const float *restrict a1)
-{
-    float acc = 0;
-    for (size_t b = 0; b < n; ++b) {
-        acc += a1[b];
-    }
-    a0[0] = acc*1.0F/n;
 }
 
 /* loss: dloss/dlogits: logits.grad[b, i0] = -y[b, i0]/n */
@@ -220,6 +220,21 @@ static void k16(size_t n, float *restrict a0, const float *restrict a1)
     }
 }
 
+/* optimizer step: momentum, as torch.optim computes it */
+static void optimizer_step(float *restrict params, const float *restrict grads, float *restrict state)
+{
+    for (size_t i = 0; i < 508; ++i) {
+        const float p = params[i];
+        const float g = grads[i];
+        const float momentum_buffer = state[0 + i];
+        const float d = g;
+        const float momentum_buffer_1 = d + 0.9F*momentum_buffer;
+        const float p_1 = -0.05F*momentum_buffer_1 + p;
+        params[i] = p_1;
+        state[0 + i] = momentum_buffer_1;
+    }
+}
+
 void gelu_net_forward(const float *params, float *work, size_t n, const float *in_x, float *out_logits, float *out_probs)
 {
     k0(n, work, params, params + 384, in_x);
@@ -229,15 +244,29 @@ void gelu_net_forward(const float *params, float *work, size_t n, const float *i
     k4(n, out_probs, out_logits, work, work + 16 * n);
 }
 
+float gelu_net_evaluate(const float *params, float *work, size_t n, const float *in_x, const float *in_y, float *out_logits, float *out_probs)
+{
+    k0(n, work + 16, params, params + 384, in_x);
+    k1(n, out_logits, params + 408, work + 16, params + 504);
+    k2(n, work + 16, out_logits);
+    k3(n, work + 16 + 16 * n, out_logits, work + 16);
+    k4(n, out_probs, out_logits, work + 16, work + 16 + 16 * n);
+    k2(n, work + 16, out_logits);
+    k3(n, work + 16 + 16 * n, out_logits, work + 16);
+    k5(n, work + 16 + 32 * n, out_logits, work + 16, work + 16 + 16 * n, in_y);
+    k6(n, work, work + 16 + 32 * n);
+    return work[0];
+}
+
 float gelu_net_gradients(const float *params, float *grads, float *work, size_t n, const float *in_x, const float *in_y)
 {
-    k5(n, work + 16, params, params + 384, in_x);
-    k6(n, work + 16 + 32 * n, work + 16);
+    k7(n, work + 16, params, params + 384, in_x);
+    k8(n, work + 16 + 32 * n, work + 16);
     k1(n, work + 16 + 64 * n, params + 408, work + 16 + 32 * n, params + 504);
     k2(n, work + 16 + 80 * n, work + 16 + 64 * n);
     k3(n, work + 16 + 96 * n, work + 16 + 64 * n, work + 16 + 80 * n);
-    k7(n, work + 16 + 112 * n, work + 16 + 64 * n, work + 16 + 80 * n, work + 16 + 96 * n, in_y);
-    k8(n, work, work + 16 + 112 * n);
+    k5(n, work + 16 + 112 * n, work + 16 + 64 * n, work + 16 + 80 * n, work + 16 + 96 * n, in_y);
+    k6(n, work, work + 16 + 112 * n);
     k9(n, work + 16 + 112 * n, in_y);
     k10(n, work + 16 + 128 * n, work + 16 + 96 * n, in_y);
     k11(n, work + 16 + 112 * n, work + 16 + 64 * n, work + 16 + 80 * n, work + 16 + 128 * n);
@@ -247,4 +276,11 @@ float gelu_net_gradients(const float *params, float *grads, float *work, size_t 
     k15(n, grads, work + 16 + 32 * n, in_x);
     k16(n, grads + 384, work + 16 + 32 * n);
     return work[0];
+}
+
+float gelu_net_train_step(float *params, float *state, float *work, size_t n, const float *in_x, const float *in_y)
+{
+    const float loss = gelu_net_gradients(params, work, work + 508, n, in_x, in_y);
+    optimizer_step(params, work, state);
+    return loss;
 }

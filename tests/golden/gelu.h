@@ -18,9 +18,14 @@
 #define GELU_NET_INPUT_y_SIZE 4 /* per example, shape [4] */
 #define GELU_NET_OUTPUT_logits_SIZE 4 /* per example, shape [4] */
 #define GELU_NET_OUTPUT_probs_SIZE 4 /* per example, shape [4] */
+#define GELU_NET_STATE_SIZE 508 /* momentum: momentum_buffer */
+#define GELU_NET_STATE_momentum_buffer_OFFSET 0
 #define GELU_NET_FORWARD_WORK_SIZE(n) ((size_t)0 + (size_t)32 * (size_t)(n))
+#define GELU_NET_EVALUATE_WORK_SIZE(n) ((size_t)16 + (size_t)48 * (size_t)(n))
 #define GELU_NET_GRADIENTS_WORK_SIZE(n) ((size_t)16 + (size_t)144 * (size_t)(n))
-#define GELU_NET_WORK_SIZE(n) (GELU_NET_FORWARD_WORK_SIZE(n) > GELU_NET_GRADIENTS_WORK_SIZE(n) ? GELU_NET_FORWARD_WORK_SIZE(n) : GELU_NET_GRADIENTS_WORK_SIZE(n))
+#define GELU_NET_TRAIN_STEP_WORK_SIZE(n) ((size_t)524 + (size_t)144 * (size_t)(n))
+/* Enough for every entry point above. */
+#define GELU_NET_WORK_SIZE(n) ((size_t)524 + (size_t)144 * (size_t)(n))
 
 /*
  * gelu_net_forward: the outputs for a batch of n examples.
@@ -34,6 +39,18 @@
 void gelu_net_forward(const float *params, float *work, size_t n, const float *in_x, float *out_logits, float *out_probs);
 
 /*
+ * gelu_net_evaluate: the outputs and the batch-mean loss 'loss' in one forward pass.
+ *   params: GELU_NET_PARAMS_SIZE elements
+ *   work:   at least GELU_NET_EVALUATE_WORK_SIZE(n) elements, caller-owned scratch
+ *   in_x: n x GELU_NET_INPUT_x_SIZE elements
+ *   in_y: n x GELU_NET_INPUT_y_SIZE elements
+ *   out_logits: n x GELU_NET_OUTPUT_logits_SIZE elements, written
+ *   out_probs: n x GELU_NET_OUTPUT_probs_SIZE elements, written
+ * Returns the mean over the batch of the per-example loss. Arrays must not overlap.
+ */
+float gelu_net_evaluate(const float *params, float *work, size_t n, const float *in_x, const float *in_y, float *out_logits, float *out_probs);
+
+/*
  * gelu_net_gradients: the batch-mean loss 'loss', and its gradient in grads.
  *   params: GELU_NET_PARAMS_SIZE elements; grads: GELU_NET_PARAMS_SIZE elements, overwritten
  *   work:   at least GELU_NET_GRADIENTS_WORK_SIZE(n) elements, caller-owned scratch
@@ -42,5 +59,18 @@ void gelu_net_forward(const float *params, float *work, size_t n, const float *i
  * Returns the mean over the batch of the per-example loss. Arrays must not overlap.
  */
 float gelu_net_gradients(const float *params, float *grads, float *work, size_t n, const float *in_x, const float *in_y);
+
+/*
+ * gelu_net_train_step: one momentum step (lr=0.05, weight_decay=0.0, momentum=0.9) on a batch of n examples:
+ *   the loss and gradients (gelu_net_gradients), then params updated in place.
+ *   params: GELU_NET_PARAMS_SIZE elements, read and updated
+ *   state:  GELU_NET_STATE_SIZE elements of optimizer state, zeroed before the first step; zero again to restart
+ *   work:   at least GELU_NET_TRAIN_STEP_WORK_SIZE(n) elements; the gradients are left
+ *           in its first GELU_NET_PARAMS_SIZE elements
+ *   in_x: n x GELU_NET_INPUT_x_SIZE elements
+ *   in_y: n x GELU_NET_INPUT_y_SIZE elements
+ * Returns the batch-mean loss before the update. Arrays must not overlap.
+ */
+float gelu_net_train_step(float *params, float *state, float *work, size_t n, const float *in_x, const float *in_y);
 
 #endif /* GRAPHC_gelu_net_H */

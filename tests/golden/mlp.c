@@ -33,8 +33,54 @@ static void k1(size_t n, float *restrict a0, const float *restrict a1, const flo
     }
 }
 
+/* loss: forward: loss.max[b] = max_{i1} logits[b, i1] */
+static void k2(size_t n, float *restrict a0, const float *restrict a1)
+{
+    for (size_t b = 0; b < n; ++b) {
+        float acc = -INFINITY;
+        for (size_t i1 = 0; i1 < 10; ++i1) {
+            if (a1[10*b + i1] > acc) acc = a1[10*b + i1];
+        }
+        a0[b] = acc;
+    }
+}
+
+/* loss: forward: loss.sumexp[b] = Σ_{i1} exp(logits[b, i1] - loss.max[b]) */
+static void k3(size_t n, float *restrict a0, const float *restrict a1, const float *restrict a2)
+{
+    for (size_t b = 0; b < n; ++b) {
+        float acc = 0;
+        for (size_t i1 = 0; i1 < 10; ++i1) {
+            acc += expf(a1[10*b + i1] - a2[b]);
+        }
+        a0[b] = acc;
+    }
+}
+
+/* loss: forward: loss[b] = Σ_{i0} -(-log(loss.sumexp[b]) + logits[b, i0] - loss.max[b])*y[b, i0] */
+static void k4(size_t n, float *restrict a0, const float *restrict a1, const float *restrict a2, const float *restrict a3, const float *restrict a4)
+{
+    for (size_t b = 0; b < n; ++b) {
+        float acc = 0;
+        for (size_t i0 = 0; i0 < 10; ++i0) {
+            acc += -(-logf(a3[b]) + a1[10*b + i0] - a2[b])*a4[10*b + i0];
+        }
+        a0[b] = acc;
+    }
+}
+
+/* loss: batch mean: __batch_loss[0] = (Σ_{b} loss[b])/n */
+static void k5(size_t n, float *restrict a0, const float *restrict a1)
+{
+    float acc = 0;
+    for (size_t b = 0; b < n; ++b) {
+        acc += a1[b];
+    }
+    a0[0] = acc*1.0F/n;
+}
+
 /* h1: forward: h1[b, i0] = (Σ_{i1} W1[i0, i1]*x[b, i1]) + b1[i0] */
-static void k2(size_t n, float *restrict a0, const float *restrict a1, const float *restrict a2, const float *restrict a3)
+static void k6(size_t n, float *restrict a0, const float *restrict a1, const float *restrict a2, const float *restrict a3)
 {
     for (size_t b = 0; b < n; ++b) {
         for (size_t i0 = 0; i0 < 32; ++i0) {
@@ -48,59 +94,13 @@ static void k2(size_t n, float *restrict a0, const float *restrict a1, const flo
 }
 
 /* a1: forward: a1[b, i0] = tanh(log(exp(h1[b, i0]) + 1))*h1[b, i0] */
-static void k3(size_t n, float *restrict a0, const float *restrict a1)
+static void k7(size_t n, float *restrict a0, const float *restrict a1)
 {
     for (size_t b = 0; b < n; ++b) {
         for (size_t i0 = 0; i0 < 32; ++i0) {
             a0[32*b + i0] = tanhf(logf(expf(a1[32*b + i0]) + 1))*a1[32*b + i0];
         }
     }
-}
-
-/* loss: forward: loss.max[b] = max_{i1} logits[b, i1] */
-static void k4(size_t n, float *restrict a0, const float *restrict a1)
-{
-    for (size_t b = 0; b < n; ++b) {
-        float acc = -INFINITY;
-        for (size_t i1 = 0; i1 < 10; ++i1) {
-            if (a1[10*b + i1] > acc) acc = a1[10*b + i1];
-        }
-        a0[b] = acc;
-    }
-}
-
-/* loss: forward: loss.sumexp[b] = Σ_{i1} exp(logits[b, i1] - loss.max[b]) */
-static void k5(size_t n, float *restrict a0, const float *restrict a1, const float *restrict a2)
-{
-    for (size_t b = 0; b < n; ++b) {
-        float acc = 0;
-        for (size_t i1 = 0; i1 < 10; ++i1) {
-            acc += expf(a1[10*b + i1] - a2[b]);
-        }
-        a0[b] = acc;
-    }
-}
-
-/* loss: forward: loss[b] = Σ_{i0} -(-log(loss.sumexp[b]) + logits[b, i0] - loss.max[b])*y[b, i0] */
-static void k6(size_t n, float *restrict a0, const float *restrict a1, const float *restrict a2, const float *restrict a3, const float *restrict a4)
-{
-    for (size_t b = 0; b < n; ++b) {
-        float acc = 0;
-        for (size_t i0 = 0; i0 < 10; ++i0) {
-            acc += -(-logf(a3[b]) + a1[10*b + i0] - a2[b])*a4[10*b + i0];
-        }
-        a0[b] = acc;
-    }
-}
-
-/* loss: batch mean: __batch_loss[0] = (Σ_{b} loss[b])/n */
-static void k7(size_t n, float *restrict a0, const float *restrict a1)
-{
-    float acc = 0;
-    for (size_t b = 0; b < n; ++b) {
-        acc += a1[b];
-    }
-    a0[0] = acc*1.0F/n;
 }
 
 /* loss: dloss/dlogits: logits.grad[b, i0] = -y[b, i0]/n */
@@ -212,21 +212,56 @@ static void k15(size_t n, float *restrict a0, const float *restrict a1)
     }
 }
 
+/* optimizer step: adam, as torch.optim computes it */
+static void optimizer_step(float *restrict params, const float *restrict grads, float *restrict state)
+{
+    const float t = state[0] + 1;
+    state[0] = t;
+    const float bias_correction1 = -expm1f(-0.10536051565782628F*t);
+    const float bias_correction2 = -expm1f(-0.0010005003335835344F*t);
+    const float step_size = 0.001F*1.0F/bias_correction1;
+    const float bias_correction2_sqrt = sqrtf(bias_correction2);
+    for (size_t i = 0; i < 2410; ++i) {
+        const float p = params[i];
+        const float g = grads[i];
+        const float exp_avg = state[1 + i];
+        const float exp_avg_sq = state[2411 + i];
+        const float d = g;
+        const float exp_avg_1 = 0.09999999999999998F*d + 0.9F*exp_avg;
+        const float exp_avg_sq_1 = 0.999F*exp_avg_sq + 0.0010000000000000009F*(d*d);
+        const float p_1 = -exp_avg_1*step_size*1.0F/(sqrtf(exp_avg_sq_1)*1.0F/bias_correction2_sqrt + 1e-08F) + p;
+        params[i] = p_1;
+        state[1 + i] = exp_avg_1;
+        state[2411 + i] = exp_avg_sq_1;
+    }
+}
+
 void mlp_forward(const float *params, float *work, size_t n, const float *in_x, float *out_logits)
 {
     k0(n, work, params, params + 2048, in_x);
     k1(n, out_logits, params + 2080, work, params + 2400);
 }
 
+float mlp_evaluate(const float *params, float *work, size_t n, const float *in_x, const float *in_y, float *out_logits)
+{
+    k0(n, work + 16, params, params + 2048, in_x);
+    k1(n, out_logits, params + 2080, work + 16, params + 2400);
+    k2(n, work + 16, out_logits);
+    k3(n, work + 16 + 16 * n, out_logits, work + 16);
+    k4(n, work + 16 + 32 * n, out_logits, work + 16, work + 16 + 16 * n, in_y);
+    k5(n, work, work + 16 + 32 * n);
+    return work[0];
+}
+
 float mlp_gradients(const float *params, float *grads, float *work, size_t n, const float *in_x, const float *in_y)
 {
-    k2(n, work + 16, params, params + 2048, in_x);
-    k3(n, work + 16 + 32 * n, work + 16);
+    k6(n, work + 16, params, params + 2048, in_x);
+    k7(n, work + 16 + 32 * n, work + 16);
     k1(n, work + 16 + 64 * n, params + 2080, work + 16 + 32 * n, params + 2400);
-    k4(n, work + 16 + 80 * n, work + 16 + 64 * n);
-    k5(n, work + 16 + 96 * n, work + 16 + 64 * n, work + 16 + 80 * n);
-    k6(n, work + 16 + 112 * n, work + 16 + 64 * n, work + 16 + 80 * n, work + 16 + 96 * n, in_y);
-    k7(n, work, work + 16 + 112 * n);
+    k2(n, work + 16 + 80 * n, work + 16 + 64 * n);
+    k3(n, work + 16 + 96 * n, work + 16 + 64 * n, work + 16 + 80 * n);
+    k4(n, work + 16 + 112 * n, work + 16 + 64 * n, work + 16 + 80 * n, work + 16 + 96 * n, in_y);
+    k5(n, work, work + 16 + 112 * n);
     k8(n, work + 16 + 112 * n, in_y);
     k9(n, work + 16 + 128 * n, work + 16 + 96 * n, in_y);
     k10(n, work + 16 + 112 * n, work + 16 + 64 * n, work + 16 + 80 * n, work + 16 + 128 * n);
@@ -236,4 +271,11 @@ float mlp_gradients(const float *params, float *grads, float *work, size_t n, co
     k14(n, grads, work + 16 + 32 * n, in_x);
     k15(n, grads + 2048, work + 16 + 32 * n);
     return work[0];
+}
+
+float mlp_train_step(float *params, float *state, float *work, size_t n, const float *in_x, const float *in_y)
+{
+    const float loss = mlp_gradients(params, work, work + 2410, n, in_x, in_y);
+    optimizer_step(params, work, state);
+    return loss;
 }

@@ -17,9 +17,16 @@
 #define MLP_INPUT_x_SIZE 64 /* per example, shape [64] */
 #define MLP_INPUT_y_SIZE 10 /* per example, shape [10] */
 #define MLP_OUTPUT_logits_SIZE 10 /* per example, shape [10] */
+#define MLP_STATE_SIZE 4821 /* adam: step count, exp_avg, exp_avg_sq */
+#define MLP_STATE_step_OFFSET 0
+#define MLP_STATE_exp_avg_OFFSET 1
+#define MLP_STATE_exp_avg_sq_OFFSET 2411
 #define MLP_FORWARD_WORK_SIZE(n) ((size_t)0 + (size_t)32 * (size_t)(n))
+#define MLP_EVALUATE_WORK_SIZE(n) ((size_t)16 + (size_t)48 * (size_t)(n))
 #define MLP_GRADIENTS_WORK_SIZE(n) ((size_t)16 + (size_t)144 * (size_t)(n))
-#define MLP_WORK_SIZE(n) (MLP_FORWARD_WORK_SIZE(n) > MLP_GRADIENTS_WORK_SIZE(n) ? MLP_FORWARD_WORK_SIZE(n) : MLP_GRADIENTS_WORK_SIZE(n))
+#define MLP_TRAIN_STEP_WORK_SIZE(n) ((size_t)2426 + (size_t)144 * (size_t)(n))
+/* Enough for every entry point above. */
+#define MLP_WORK_SIZE(n) ((size_t)2426 + (size_t)144 * (size_t)(n))
 
 /*
  * mlp_forward: the outputs for a batch of n examples.
@@ -32,6 +39,17 @@
 void mlp_forward(const float *params, float *work, size_t n, const float *in_x, float *out_logits);
 
 /*
+ * mlp_evaluate: the outputs and the batch-mean loss 'loss' in one forward pass.
+ *   params: MLP_PARAMS_SIZE elements
+ *   work:   at least MLP_EVALUATE_WORK_SIZE(n) elements, caller-owned scratch
+ *   in_x: n x MLP_INPUT_x_SIZE elements
+ *   in_y: n x MLP_INPUT_y_SIZE elements
+ *   out_logits: n x MLP_OUTPUT_logits_SIZE elements, written
+ * Returns the mean over the batch of the per-example loss. Arrays must not overlap.
+ */
+float mlp_evaluate(const float *params, float *work, size_t n, const float *in_x, const float *in_y, float *out_logits);
+
+/*
  * mlp_gradients: the batch-mean loss 'loss', and its gradient in grads.
  *   params: MLP_PARAMS_SIZE elements; grads: MLP_PARAMS_SIZE elements, overwritten
  *   work:   at least MLP_GRADIENTS_WORK_SIZE(n) elements, caller-owned scratch
@@ -40,5 +58,18 @@ void mlp_forward(const float *params, float *work, size_t n, const float *in_x, 
  * Returns the mean over the batch of the per-example loss. Arrays must not overlap.
  */
 float mlp_gradients(const float *params, float *grads, float *work, size_t n, const float *in_x, const float *in_y);
+
+/*
+ * mlp_train_step: one adam step (lr=0.001, weight_decay=0.0, beta1=0.9, beta2=0.999, eps=1e-08) on a batch of n examples:
+ *   the loss and gradients (mlp_gradients), then params updated in place.
+ *   params: MLP_PARAMS_SIZE elements, read and updated
+ *   state:  MLP_STATE_SIZE elements of optimizer state, zeroed before the first step; zero again to restart
+ *   work:   at least MLP_TRAIN_STEP_WORK_SIZE(n) elements; the gradients are left
+ *           in its first MLP_PARAMS_SIZE elements
+ *   in_x: n x MLP_INPUT_x_SIZE elements
+ *   in_y: n x MLP_INPUT_y_SIZE elements
+ * Returns the batch-mean loss before the update. Arrays must not overlap.
+ */
+float mlp_train_step(float *params, float *state, float *work, size_t n, const float *in_x, const float *in_y);
 
 #endif /* GRAPHC_mlp_H */

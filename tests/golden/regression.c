@@ -183,11 +183,45 @@ static void k12(size_t n, float *restrict a0, const float *restrict a1, const fl
     }
 }
 
+/* optimizer step: adam, as torch.optim computes it */
+static void optimizer_step(float *restrict params, const float *restrict grads, float *restrict state)
+{
+    const float t = state[0] + 1;
+    state[0] = t;
+    const float bias_correction1 = -expm1f(-0.10536051565782628F*t);
+    const float bias_correction2 = -expm1f(-0.0010005003335835344F*t);
+    const float step_size = 0.01F*1.0F/bias_correction1;
+    const float bias_correction2_sqrt = sqrtf(bias_correction2);
+    for (size_t i = 0; i < 370; ++i) {
+        const float p = params[i];
+        const float g = grads[i];
+        const float exp_avg = state[1 + i];
+        const float exp_avg_sq = state[371 + i];
+        const float d = g;
+        const float exp_avg_1 = 0.09999999999999998F*d + 0.9F*exp_avg;
+        const float exp_avg_sq_1 = 0.999F*exp_avg_sq + 0.0010000000000000009F*(d*d);
+        const float p_1 = -exp_avg_1*step_size*1.0F/(sqrtf(exp_avg_sq_1)*1.0F/bias_correction2_sqrt + 1e-08F) + p;
+        params[i] = p_1;
+        state[1 + i] = exp_avg_1;
+        state[371 + i] = exp_avg_sq_1;
+    }
+}
+
 void regression_forward(const float *params, float *work, size_t n, const float *in_x, float *out_prediction)
 {
     k0(n, work, params, params + 48, in_x);
     k1(n, work + 16 * n, params + 64, work, params + 320);
     k2(n, out_prediction, params + 336, work + 16 * n, params + 368);
+}
+
+float regression_evaluate(const float *params, float *work, size_t n, const float *in_x, const float *in_target, float *out_prediction)
+{
+    k0(n, work + 16, params, params + 48, in_x);
+    k1(n, work + 16 + 16 * n, params + 64, work + 16, params + 320);
+    k2(n, out_prediction, params + 336, work + 16 + 16 * n, params + 368);
+    k3(n, work + 16, out_prediction, in_target);
+    k4(n, work, work + 16);
+    return work[0];
 }
 
 float regression_gradients(const float *params, float *grads, float *work, size_t n, const float *in_x, const float *in_target)
@@ -207,4 +241,11 @@ float regression_gradients(const float *params, float *grads, float *work, size_
     k12(n, grads, work + 16 + 16 * n, in_x);
     k11(n, grads + 48, work + 16 + 16 * n);
     return work[0];
+}
+
+float regression_train_step(float *params, float *state, float *work, size_t n, const float *in_x, const float *in_target)
+{
+    const float loss = regression_gradients(params, work, work + 370, n, in_x, in_target);
+    optimizer_step(params, work, state);
+    return loss;
 }

@@ -21,9 +21,16 @@
 #define REGRESSION_INPUT_x_SIZE 3 /* per example, shape [3] */
 #define REGRESSION_INPUT_target_SIZE 2 /* per example, shape [2] */
 #define REGRESSION_OUTPUT_prediction_SIZE 2 /* per example, shape [2] */
+#define REGRESSION_STATE_SIZE 741 /* adam: step count, exp_avg, exp_avg_sq */
+#define REGRESSION_STATE_step_OFFSET 0
+#define REGRESSION_STATE_exp_avg_OFFSET 1
+#define REGRESSION_STATE_exp_avg_sq_OFFSET 371
 #define REGRESSION_FORWARD_WORK_SIZE(n) ((size_t)0 + (size_t)32 * (size_t)(n))
+#define REGRESSION_EVALUATE_WORK_SIZE(n) ((size_t)16 + (size_t)32 * (size_t)(n))
 #define REGRESSION_GRADIENTS_WORK_SIZE(n) ((size_t)16 + (size_t)64 * (size_t)(n))
-#define REGRESSION_WORK_SIZE(n) (REGRESSION_FORWARD_WORK_SIZE(n) > REGRESSION_GRADIENTS_WORK_SIZE(n) ? REGRESSION_FORWARD_WORK_SIZE(n) : REGRESSION_GRADIENTS_WORK_SIZE(n))
+#define REGRESSION_TRAIN_STEP_WORK_SIZE(n) ((size_t)386 + (size_t)64 * (size_t)(n))
+/* Enough for every entry point above. */
+#define REGRESSION_WORK_SIZE(n) ((size_t)386 + (size_t)64 * (size_t)(n))
 
 /*
  * regression_forward: the outputs for a batch of n examples.
@@ -36,6 +43,17 @@
 void regression_forward(const float *params, float *work, size_t n, const float *in_x, float *out_prediction);
 
 /*
+ * regression_evaluate: the outputs and the batch-mean loss 'loss' in one forward pass.
+ *   params: REGRESSION_PARAMS_SIZE elements
+ *   work:   at least REGRESSION_EVALUATE_WORK_SIZE(n) elements, caller-owned scratch
+ *   in_x: n x REGRESSION_INPUT_x_SIZE elements
+ *   in_target: n x REGRESSION_INPUT_target_SIZE elements
+ *   out_prediction: n x REGRESSION_OUTPUT_prediction_SIZE elements, written
+ * Returns the mean over the batch of the per-example loss. Arrays must not overlap.
+ */
+float regression_evaluate(const float *params, float *work, size_t n, const float *in_x, const float *in_target, float *out_prediction);
+
+/*
  * regression_gradients: the batch-mean loss 'loss', and its gradient in grads.
  *   params: REGRESSION_PARAMS_SIZE elements; grads: REGRESSION_PARAMS_SIZE elements, overwritten
  *   work:   at least REGRESSION_GRADIENTS_WORK_SIZE(n) elements, caller-owned scratch
@@ -44,5 +62,18 @@ void regression_forward(const float *params, float *work, size_t n, const float 
  * Returns the mean over the batch of the per-example loss. Arrays must not overlap.
  */
 float regression_gradients(const float *params, float *grads, float *work, size_t n, const float *in_x, const float *in_target);
+
+/*
+ * regression_train_step: one adam step (lr=0.01, weight_decay=0.0, beta1=0.9, beta2=0.999, eps=1e-08) on a batch of n examples:
+ *   the loss and gradients (regression_gradients), then params updated in place.
+ *   params: REGRESSION_PARAMS_SIZE elements, read and updated
+ *   state:  REGRESSION_STATE_SIZE elements of optimizer state, zeroed before the first step; zero again to restart
+ *   work:   at least REGRESSION_TRAIN_STEP_WORK_SIZE(n) elements; the gradients are left
+ *           in its first REGRESSION_PARAMS_SIZE elements
+ *   in_x: n x REGRESSION_INPUT_x_SIZE elements
+ *   in_target: n x REGRESSION_INPUT_target_SIZE elements
+ * Returns the batch-mean loss before the update. Arrays must not overlap.
+ */
+float regression_train_step(float *params, float *state, float *work, size_t n, const float *in_x, const float *in_target);
 
 #endif /* GRAPHC_regression_H */
