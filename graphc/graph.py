@@ -264,6 +264,9 @@ class Graph:
                 raise SpecError(f"the loss must be a per-example scalar, got {got}; reduce it "
                                 "with 'sum' or 'mean'", node=loss, field="loss")
         optimizer = check_optimizer(spec.get("optimizer")) if spec.get("optimizer") is not None else None
+        if optimizer is not None and loss is None:
+            raise SpecError("an optimizer needs a loss to minimise: add a 'loss' entry",
+                            field="optimizer")
         return cls(name, ordered, tuple(outputs), loss, optimizer, description)
 
     @staticmethod

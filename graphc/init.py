@@ -17,7 +17,9 @@ INITIALIZERS: dict[str, dict[str, float]] = {
 
 
 def fans(shape: tuple[int, ...]) -> tuple[int, int]:
-    """(fan_in, fan_out) as torch.nn.init computes them; W is [out, in, *kernel]."""
+    """(fan_in, fan_out) as torch.nn.init computes them for rank >= 2 (W is [out, in,
+    *kernel]); torch refuses lower ranks, so a vector's fans are its length and a scalar's
+    are 1, as Keras takes them."""
     if len(shape) == 0:
         return 1, 1
     if len(shape) == 1:

@@ -112,7 +112,7 @@ class CompiledModel:
         self._ctype = "float *" if cmodule.dtype == "float32" else "double *"
         self._params = _ParamStore(graph, cmodule.param_offsets, cmodule.params_size, self.dtype)
         self._grads = np.zeros(cmodule.params_size, self.dtype)
-        self._state = np.zeros(max(1, cmodule.state_size), self.dtype)
+        self._state = np.zeros(cmodule.state_size, self.dtype)
         self._work = np.zeros(0, self.dtype)
         self.init_params(seed)
 
@@ -193,8 +193,9 @@ class CompiledModel:
         self._state[...] = 0
 
     def optimizer_state(self) -> dict:
-        """{"step": count, slot: {param: array}} with torch.optim's slot names."""
-        out: dict = {"step": 0}
+        """{"step": count, slot: {param: array}} with torch.optim's slot names; {} without
+        an optimizer."""
+        out: dict = {}
         for slot, at in self.cmodule.state_offsets.items():
             if slot == "step":
                 out["step"] = int(self._state[at])
@@ -294,7 +295,8 @@ def load_params(path: str | os.PathLike, graph=None) -> dict[str, np.ndarray]:
 def _with_optimizer(graph: Graph, optimizer) -> Graph:
     from .optim import check_optimizer
     if graph.loss is None:
-        raise SpecError("an optimizer needs a loss to minimise", field="optimizer")
+        raise SpecError("an optimizer needs a loss to minimise: add a 'loss' entry",
+                        field="optimizer")
     return Graph(graph.name, graph.values, graph.outputs, graph.loss,
                  check_optimizer(optimizer), graph.description)
 
@@ -314,15 +316,23 @@ def _flat_params(graph: Graph, params, offsets: dict[str, int], size: int, dtype
     return store.flat
 
 
-def generate(graph, dtype: str = "float32", *, optimizer: dict | None = None, params=None):
+def generate(graph, dtype: str = "float32", *, optimizer: dict | None = None, params=None,
+             target: str = "c99", max_batch: int | None = None):
     """Spec to C text, without building: (Graph, CModule).
 
     `optimizer` replaces the spec's section. `params` (a dict or an .npz path) makes
-    inference C with those params baked in as a `static const` table."""
+    inference C with those params baked in as a `static const` table. `target`
+    (c99, host, cortex-m4, cortex-m0) only changes the header's note on how to compile;
+    `max_batch` adds `<NAME>_MAX_BATCH` to the header for statically sized memory."""
     from codegen.emit import emit, param_layout
+    from codegen.targets import get_target
     from .derive import derive
     graph = as_graph(graph)
     dtype = check_dtype(dtype)
+    get_target(target)
+    if max_batch is not None and (isinstance(max_batch, bool) or not isinstance(max_batch, int)
+                                  or max_batch < 1):
+        raise InputError(f"max_batch must be a positive integer, got {max_batch!r}")
     if optimizer is not None:
         graph = _with_optimizer(graph, optimizer)
     flat = None
@@ -330,21 +340,25 @@ def generate(graph, dtype: str = "float32", *, optimizer: dict | None = None, pa
         offsets, size = param_layout(graph)
         with np.errstate(over="ignore"):
             flat = _flat_params(graph, params, offsets, size, dtype)
-    return graph, emit(graph, derive(graph), dtype, params=flat)
+    return graph, emit(graph, derive(graph), dtype, params=flat, target=target,
+                       max_batch=max_batch)
 
 
 def compile(graph, dtype: str = "float32", optimizer: dict | None = None, *,
-            seed: int = 0, params=None) -> CompiledModel:
+            seed: int = 0, params=None, target: str = "c99") -> CompiledModel:
     """Derive, generate, build (cached) and load; params drawn from their initializers.
 
     With `params` (dict or .npz path) the C is for inference with those params baked in
-    (`model.predict`); the model also starts from them."""
+    (`model.predict`); the model also starts from them. `target="host"` builds with the
+    host target's flags (-march=native); other targets build as c99 here."""
     from codegen.build import build
+    from codegen.targets import get_target
     graph = as_graph(graph)
     if isinstance(params, (str, os.PathLike)):
         params = load_params(params, graph)
-    graph, cmodule = generate(graph, dtype, optimizer=optimizer, params=params)
-    built = build(graph.name, cmodule.source, cmodule.header, cmodule.cdef)
+    graph, cmodule = generate(graph, dtype, optimizer=optimizer, params=params, target=target)
+    built = build(graph.name, cmodule.source, cmodule.header, cmodule.cdef,
+                  extra_flags=get_target(target).build_flags)
     model = CompiledModel(graph, cmodule, built, seed=seed)
     if params is not None:
         model.set_params(params)

@@ -85,13 +85,14 @@ STEP_SIZE, BC2_SQRT = sp.symbols("step_size bias_correction2_sqrt", positive=Tru
 class UpdateRule:
     """One optimizer step, elementwise over the flat params.
 
-    `scalars` are computed once per step from the step count;
+    Every optimizer keeps the step count `t` first in its state (Adam's bias corrections
+    need it; for SGD it tells a device how far training went). `scalars` are computed
+    once per step from it;
     `steps` are evaluated in order for each element, a later formula seeing the new value
     of an earlier target. Targets are temporaries, state slots (`slots`, torch's names) or
     `p` itself."""
     name: str
     slots: tuple[str, ...]
-    counts_steps: bool
     scalars: tuple[tuple[sp.Symbol, sp.Expr], ...]
     steps: tuple[tuple[sp.Symbol, sp.Expr], ...]
     values: dict[sp.Symbol, float]                     # the hyperparameters' numbers
@@ -110,7 +111,7 @@ def update_rule(opt: dict) -> UpdateRule:
         m, v = sp.Symbol("exp_avg", real=True), sp.Symbol("exp_avg_sq", real=True)
         b1, b2 = opt["betas"]
         return UpdateRule(
-            "adam", ("exp_avg", "exp_avg_sq"), True,
+            "adam", ("exp_avg", "exp_avg_sq"),
             # 1 - β^t as -expm1(t·log β): no cancellation at small t, even in float.
             scalars=((BC1, -expm1(STEP * sp.log(BETA1))), (BC2, -expm1(STEP * sp.log(BETA2))),
                      (STEP_SIZE, LR / BC1), (BC2_SQRT, sp.sqrt(BC2))),
@@ -121,9 +122,9 @@ def update_rule(opt: dict) -> UpdateRule:
             values={LR: opt["lr"], WD: opt["weight_decay"], BETA1: b1, BETA2: b2, EPS: opt["eps"]})
     values = {LR: opt["lr"], WD: opt["weight_decay"], MU: opt["momentum"]}
     if opt["momentum"] == 0:
-        return UpdateRule("sgd", (), False, (), (decay, (P, P - LR * D)), values)
+        return UpdateRule("sgd", (), (), (decay, (P, P - LR * D)), values)
     buf = sp.Symbol("momentum_buffer", real=True)
     # torch starts the buffer at the first d; with dampening 0 that equals μ·0 + d.
     direction = D + MU * buf if opt["nesterov"] else buf
-    return UpdateRule("nesterov" if opt["nesterov"] else "momentum", ("momentum_buffer",), False,
+    return UpdateRule("nesterov" if opt["nesterov"] else "momentum", ("momentum_buffer",),
                       (), (decay, (buf, MU * buf + D), (P, P - LR * direction)), values)

@@ -25,6 +25,7 @@ import sympy as sp
 from .errors import GraphcError, InputError
 from .graph import Graph
 from .init import init_params
+from .optim import check_optimizer
 
 DTYPES = ("float32", "float64")
 
@@ -320,6 +321,61 @@ OPS: dict[str, _Op] = {
 }
 
 
+# ---------------------------------------------------------------- optimizers
+# torch.optim.SGD and torch.optim.Adam as their single-tensor CPU code runs them
+# (torch/optim/sgd.py `_single_tensor_sgd`, adam.py `_single_tensor_adam`), one param at a
+# time, in the same operation order, so a trajectory matches torch's to rounding. Written
+# apart from the SymPy update formulas in graphc/optim.py: this is what the C is checked
+# against. `state` maps slot -> the param's array (updated in place); `step` counts this step.
+
+def _sgd_update(opt: dict, p: np.ndarray, g: np.ndarray, state: dict, step: int) -> None:
+    if opt["weight_decay"] != 0:
+        g = g + opt["weight_decay"] * p
+    momentum = opt["momentum"]
+    if momentum != 0:
+        buf = state["momentum_buffer"]
+        if step == 1:
+            buf[...] = g  # torch clones the first gradient into the buffer
+        else:
+            buf *= momentum
+            buf += g  # dampening 0: alpha = 1 - dampening = 1
+        g = g + momentum * buf if opt["nesterov"] else buf
+    p -= opt["lr"] * g
+
+
+def _lerp(start: np.ndarray, end: np.ndarray, weight: float) -> np.ndarray:
+    """torch.lerp: the form chosen by the weight, for accuracy (ATen/native/Lerp.h)."""
+    if abs(weight) < 0.5:
+        return start + weight * (end - start)
+    return end - (end - start) * (1 - weight)
+
+
+def _adam_update(opt: dict, p: np.ndarray, g: np.ndarray, state: dict, step: int) -> None:
+    beta1, beta2 = opt["betas"]
+    if opt["weight_decay"] != 0:
+        g = g + opt["weight_decay"] * p
+    exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+    exp_avg[...] = _lerp(exp_avg, g, 1 - beta1)
+    exp_avg_sq *= beta2
+    exp_avg_sq += (1 - beta2) * g * g  # addcmul: value·t1·t2, left to right
+    # Python floats from the step count, as torch does when not capturable.
+    bias_correction1 = 1 - beta1 ** step
+    bias_correction2 = 1 - beta2 ** step
+    step_size = opt["lr"] / bias_correction1
+    denom = np.sqrt(exp_avg_sq) / bias_correction2 ** 0.5 + opt["eps"]
+    p -= step_size * exp_avg / denom  # addcdiv: value·t1 / t2
+
+
+_UPDATES: dict[str, Callable] = {"sgd": _sgd_update, "momentum": _sgd_update, "adam": _adam_update}
+
+
+def _slots(opt: dict) -> tuple[str, ...]:
+    """The state each param carries, by torch's names (plain SGD keeps none)."""
+    if opt["name"] == "adam":
+        return ("exp_avg", "exp_avg_sq")
+    return ("momentum_buffer",) if opt["momentum"] != 0 else ()
+
+
 # ---------------------------------------------------------------- the model
 
 class Reference:
@@ -341,6 +397,7 @@ class Reference:
         for k, v in graph.values.items():
             if v.kind == "param" or any(i in self._differentiable for i in v.inputs):
                 self._differentiable.add(k)
+        self.optimizer = graph.optimizer
 
     def __repr__(self) -> str:
         return f"Reference({self.graph.name!r}, dtype={self.dtype.name})"
@@ -396,6 +453,44 @@ class Reference:
         return float(per_example.mean()), {
             k: np.array(grads[k][0], self.dtype) if k in grads else np.zeros_like(p)
             for k, p in self._params.items()}
+
+    # ------------------------------------------------------------ training
+    @property
+    def optimizer(self) -> dict | None:
+        """The validated optimizer description (the graph's unless set); setting it resets
+        the optimizer state."""
+        return self._optimizer
+
+    @optimizer.setter
+    def optimizer(self, spec) -> None:
+        self._optimizer = None if spec is None else check_optimizer(spec)
+        self.reset_optimizer()
+
+    def reset_optimizer(self) -> None:
+        """Step count 0 and zero state, as before the first step."""
+        self._step = 0
+        slots = _slots(self._optimizer) if self._optimizer else ()
+        self._state = {s: {k: np.zeros_like(p) for k, p in self._params.items()} for s in slots}
+
+    def optimizer_state(self) -> dict:
+        """{"step": steps taken, slot: {param: array}} with torch's slot names."""
+        return {"step": self._step, **{s: {k: a.copy() for k, a in per_param.items()}
+                                       for s, per_param in self._state.items()}}
+
+    def train_step(self, **inputs) -> float:
+        """One optimizer step on this batch; returns the batch-mean loss before the update."""
+        if self.graph.loss is None:
+            raise InputError(f"graph '{self.graph.name}' has no loss, so it cannot train")
+        if self._optimizer is None:
+            raise InputError(f"graph '{self.graph.name}' has no optimizer: declare an "
+                             "'optimizer:' section in the spec or set `optimizer`")
+        loss, grads = self.gradients(**inputs)
+        self._step += 1
+        update = _UPDATES[self._optimizer["name"]]
+        for k, p in self._params.items():
+            update(self._optimizer, p, grads[k], {s: self._state[s][k] for s in self._state},
+                   self._step)
+        return loss
 
     # ------------------------------------------------------------ internals
     def _per_example_loss(self, inputs: dict) -> tuple[dict[str, np.ndarray], np.ndarray]:

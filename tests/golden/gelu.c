@@ -223,15 +223,17 @@ static void k16(size_t n, float *restrict a0, const float *restrict a1)
 /* optimizer step: momentum, as torch.optim computes it */
 static void optimizer_step(float *restrict params, const float *restrict grads, float *restrict state)
 {
+    const float t = state[0] + 1;
+    state[0] = t;
     for (size_t i = 0; i < 508; ++i) {
         const float p = params[i];
         const float g = grads[i];
-        const float momentum_buffer = state[0 + i];
+        const float momentum_buffer = state[1 + i];
         const float d = g;
         const float momentum_buffer_1 = d + 0.9F*momentum_buffer;
         const float p_1 = -0.05F*momentum_buffer_1 + p;
         params[i] = p_1;
-        state[0 + i] = momentum_buffer_1;
+        state[1 + i] = momentum_buffer_1;
     }
 }
 

@@ -63,7 +63,8 @@ float mlp_gradients(const float *params, float *grads, float *work, size_t n, co
  * mlp_train_step: one adam step (lr=0.001, weight_decay=0.0, beta1=0.9, beta2=0.999, eps=1e-08) on a batch of n examples:
  *   the loss and gradients (mlp_gradients), then params updated in place.
  *   params: MLP_PARAMS_SIZE elements, read and updated
- *   state:  MLP_STATE_SIZE elements of optimizer state, zeroed before the first step; zero again to restart
+ *   state:  MLP_STATE_SIZE elements of optimizer state (step count first), zeroed
+ *           before the first step; zero again to restart
  *   work:   at least MLP_TRAIN_STEP_WORK_SIZE(n) elements; the gradients are left
  *           in its first MLP_PARAMS_SIZE elements
  *   in_x: n x MLP_INPUT_x_SIZE elements

@@ -67,7 +67,8 @@ float regression_gradients(const float *params, float *grads, float *work, size_
  * regression_train_step: one adam step (lr=0.01, weight_decay=0.0, beta1=0.9, beta2=0.999, eps=1e-08) on a batch of n examples:
  *   the loss and gradients (regression_gradients), then params updated in place.
  *   params: REGRESSION_PARAMS_SIZE elements, read and updated
- *   state:  REGRESSION_STATE_SIZE elements of optimizer state, zeroed before the first step; zero again to restart
+ *   state:  REGRESSION_STATE_SIZE elements of optimizer state (step count first), zeroed
+ *           before the first step; zero again to restart
  *   work:   at least REGRESSION_TRAIN_STEP_WORK_SIZE(n) elements; the gradients are left
  *           in its first REGRESSION_PARAMS_SIZE elements
  *   in_x: n x REGRESSION_INPUT_x_SIZE elements

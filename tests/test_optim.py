@@ -1,0 +1,407 @@
+"""Training in the generated C: every optimizer against the NumPy reference and torch.optim.
+
+The reference's optimizers (graphc/reference.py) are torch's single-tensor code written out
+in NumPy, independent of the SymPy update formulas the C is generated from; torch itself
+checks both where it is installed. Trajectories are compared after every step.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+
+import graphc
+from codegen.harness import harness, parse_output
+from graphc.errors import InputError, SpecError
+from graphc.optim import check_optimizer
+
+CC = os.environ.get("CC", "cc")
+
+# Two dense layers with a tanh between them; biases start non-zero so that weight decay,
+# which applies to every param, acts on them from the first step.
+SPEC = {
+    "name": "net",
+    "inputs": {"x": [5], "y": [3]},
+    "params": {"W1": {"shape": [8, 5], "init": "he_normal"},
+               "b1": {"shape": [8], "init": "normal", "std": 0.1},
+               "W2": {"shape": [3, 8], "init": "glorot_uniform"},
+               "b2": {"shape": [3], "init": "normal", "std": 0.1}},
+    "nodes": {"h": {"op": "dense", "inputs": ["x", "W1", "b1"]},
+              "a": {"op": "tanh", "inputs": ["h"]},
+              "logits": {"op": "dense", "inputs": ["a", "W2", "b2"]},
+              "loss": {"op": "softmax_cross_entropy", "inputs": ["logits", "y"]}},
+    "outputs": ["logits"],
+    "loss": "loss",
+}
+
+CONFIGS = {
+    "sgd": {"name": "sgd", "lr": 0.1},
+    "sgd_wd": {"name": "sgd", "lr": 0.1, "weight_decay": 0.05},
+    "momentum": {"name": "momentum", "lr": 0.05},
+    "nesterov": {"name": "momentum", "lr": 0.05, "nesterov": True},
+    "momentum_wd": {"name": "sgd", "lr": 0.05, "momentum": 0.8, "weight_decay": 0.02},
+    "adam": {"name": "adam", "lr": 0.01},
+    "adam_wd": {"name": "adam", "lr": 0.01, "weight_decay": 0.1},
+    # beta1 < 0.5 takes torch.lerp's other branch (weight 1 - beta1 >= 0.5)
+    "adam_betas": {"name": "adam", "lr": 0.02, "betas": [0.3, 0.95], "eps": 1e-4},
+}
+
+STEPS = 8
+# Relative to each tensor's largest magnitude. float64: C, reference and torch differ only in
+# summation order and in how torch fuses its vector kernels (a few ulps, ~1e-15 measured).
+RTOL64 = 1e-10
+# float32 C against the float64 reference, both from the same float32-rounded params and
+# inputs: each step adds a few float32 roundings (2^-24 ~ 6e-8) of each param plus lr times
+# the float32 gradient's error (~1e-6 relative), so 8 steps stay below ~1e-5 (4e-7 measured).
+# A wrong formula or hyperparameter moves the params by lr·|g|, about 1e-2 relative.
+RTOL32 = 1e-5
+
+
+@functools.lru_cache(maxsize=None)
+def compiled(config: str, dtype: str) -> graphc.CompiledModel:
+    """One build per configuration; every test sets the params and resets the state."""
+    return graphc.compile(SPEC, dtype=dtype, optimizer=CONFIGS[config])
+
+
+def start(model, seed: int = 1) -> dict[str, np.ndarray]:
+    """Fresh params from `seed` and zeroed optimizer state; returns the params."""
+    model.init_params(seed)
+    model.reset_optimizer()
+    return model.get_params()
+
+
+def batches(k: int, n: int = 16, seed: int = 0, dtype: str = "float64") -> list[dict]:
+    """k batches of random inputs and one-hot labels, rounded to `dtype` (what the C sees)."""
+    rng = np.random.default_rng(seed)
+    return [{"x": rng.standard_normal((n, 5)).astype(dtype).astype(np.float64),
+             "y": np.eye(3)[rng.integers(0, 3, n)]} for _ in range(k)]
+
+
+def rel_error(got, want) -> float:
+    """max |got - want| relative to max |want| (0 when both are zero)."""
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    assert got.shape == want.shape
+    scale = float(np.max(np.abs(want))) if want.size else 0.0
+    err = float(np.max(np.abs(got - want))) if want.size else 0.0
+    return err / scale if scale else err
+
+
+def assert_params(got: dict, want: dict, rtol: float, what: str):
+    assert list(got) == list(want)
+    for k in want:
+        err = rel_error(got[k], want[k])
+        assert err <= rtol, f"{what}: param {k}: relative error {err:.3g} > {rtol:g}"
+
+
+def slots(opt: dict) -> list[str]:
+    """torch's state names for a validated optimizer description."""
+    if opt["name"] == "adam":
+        return ["exp_avg", "exp_avg_sq"]
+    return ["momentum_buffer"] if opt["momentum"] else []
+
+
+def assert_slots(got: dict, want: dict, rtol: float, what: str):
+    """The state arrays agree (the step count has its own test)."""
+    assert sorted(got) == sorted(want), what
+    for slot in want:
+        if slot != "step":
+            assert_params(got[slot], want[slot], rtol, f"{what}: {slot}")
+
+
+# ---------------------------------------------------------------- C against the reference
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("config", sorted(CONFIGS))
+def test_c_trains_like_the_reference(config, dtype):
+    model = compiled(config, dtype)
+    ref = graphc.reference(model.graph)
+    ref.set_params(start(model))
+    assert ref.optimizer == model.optimizer == check_optimizer(CONFIGS[config])
+    rtol = RTOL64 if dtype == "float64" else RTOL32
+    for k, batch in enumerate(batches(STEPS, dtype=dtype)):
+        loss, ref_loss = model.train_step(**batch), ref.train_step(**batch)
+        assert abs(loss - ref_loss) <= rtol * abs(ref_loss), f"step {k + 1}: loss {loss} != {ref_loss}"
+        assert_params(model.get_params(), ref.get_params(), rtol, f"step {k + 1}")
+    state = model.optimizer_state()
+    assert sorted(state) == sorted(["step"] + slots(model.optimizer))
+    assert_slots(state, ref.optimizer_state(), rtol, f"{config} {dtype}")
+
+
+# ---------------------------------------------------------------- against torch.optim
+
+def torch_trajectory(config: str, params: dict, data: list[dict]):
+    """SGD or Adam from torch.optim on the same net in float64, on the CPU's single-tensor
+    path (foreach=False): [(loss, params) after each step], and the final state."""
+    torch = pytest.importorskip("torch", reason="torch is not installed: no torch.optim trajectories")
+    opt = check_optimizer(CONFIGS[config])
+    tp = {k: torch.tensor(v, dtype=torch.float64, requires_grad=True) for k, v in params.items()}
+    if opt["name"] == "adam":
+        optim = torch.optim.Adam(tp.values(), lr=opt["lr"], betas=tuple(opt["betas"]),
+                                 eps=opt["eps"], weight_decay=opt["weight_decay"], foreach=False)
+    else:
+        optim = torch.optim.SGD(tp.values(), lr=opt["lr"], momentum=opt["momentum"],
+                                nesterov=opt["nesterov"], weight_decay=opt["weight_decay"],
+                                foreach=False)
+    steps = []
+    for batch in data:
+        x, y = torch.tensor(batch["x"]), torch.tensor(batch["y"])
+        a = torch.tanh(x @ tp["W1"].T + tp["b1"])
+        loss = torch.nn.functional.cross_entropy(a @ tp["W2"].T + tp["b2"], y)  # probability targets
+        optim.zero_grad()
+        loss.backward()
+        optim.step()
+        steps.append((loss.item(), {k: v.detach().numpy().copy() for k, v in tp.items()}))
+    state = {"step": int(optim.state[tp["W1"]].get("step", 0))}
+    for slot in slots(opt):
+        state[slot] = {k: optim.state[v][slot].numpy().copy() for k, v in tp.items()}
+    return steps, state
+
+
+@pytest.mark.parametrize("config", sorted(CONFIGS))
+def test_c_trains_like_torch(config):
+    model = compiled(config, "float64")
+    data = batches(10, seed=5)
+    steps, torch_state = torch_trajectory(config, start(model, seed=2), data)
+    for k, (batch, (torch_loss, torch_params)) in enumerate(zip(data, steps)):
+        loss = model.train_step(**batch)
+        assert abs(loss - torch_loss) <= RTOL64 * abs(torch_loss), f"step {k + 1}: loss"
+        assert_params(model.get_params(), torch_params, RTOL64, f"step {k + 1}")
+    assert_slots(model.optimizer_state(), torch_state, RTOL64, config)
+    if model.optimizer["name"] == "adam":   # torch's SGD keeps no step count
+        assert model.optimizer_state()["step"] == torch_state["step"] == len(data)
+
+
+@pytest.mark.parametrize("config", ["adam_wd", "adam_betas", "nesterov"])
+def test_reference_trains_like_torch(config):
+    """The reference on its own, without any C."""
+    ref = graphc.reference(graphc.Graph.from_spec(SPEC), seed=4)
+    ref.optimizer = CONFIGS[config]
+    data = batches(10, seed=6)
+    steps, torch_state = torch_trajectory(config, ref.get_params(), data)
+    for batch, (torch_loss, torch_params) in zip(data, steps):
+        loss = ref.train_step(**batch)
+        assert abs(loss - torch_loss) <= RTOL64 * abs(torch_loss)
+        assert_params(ref.get_params(), torch_params, RTOL64, config)
+    assert_slots(ref.optimizer_state(), torch_state, RTOL64, config)
+
+
+# ---------------------------------------------------------------- learning
+
+# A linearly separable two-class problem: the label is the side of a fixed hyperplane.
+LEARN_SPEC = {
+    "name": "separable",
+    "inputs": {"x": [4], "y": [2]},
+    "params": {"W1": {"shape": [8, 4], "init": "he_normal"}, "b1": {"shape": [8]},
+               "W2": {"shape": [2, 8], "init": "glorot_uniform"}, "b2": {"shape": [2]}},
+    "nodes": {"h": {"op": "dense", "inputs": ["x", "W1", "b1"]},
+              "a": {"op": "tanh", "inputs": ["h"]},
+              "logits": {"op": "dense", "inputs": ["a", "W2", "b2"]},
+              "loss": {"op": "softmax_cross_entropy", "inputs": ["logits", "y"]}},
+    "outputs": ["logits"],
+    "loss": "loss",
+}
+# learning rates that suit this problem; the rest of each configuration as above
+LEARNING_RATES = {"sgd": 0.5, "momentum": 0.1, "adam": 0.05}
+
+
+@pytest.mark.parametrize("config", sorted(CONFIGS))
+def test_loss_falls_on_a_separable_problem(config):
+    opt = check_optimizer(CONFIGS[config])
+    kind = "adam" if opt["name"] == "adam" else "momentum" if opt["momentum"] else "sgd"
+    # The trajectory tests' weight decay (up to 0.1) caps the logits' scale and so the loss
+    # (at ~0.2 here); a usual 1e-3 keeps this test about descent.
+    decay = 1e-3 if opt["weight_decay"] else 0.0
+    model = graphc.compile(LEARN_SPEC, optimizer={**CONFIGS[config], "lr": LEARNING_RATES[kind],
+                                                  "weight_decay": decay})
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((256, 4))
+    labels = (x @ np.array([1.0, -2.0, 0.5, 1.5]) > 0).astype(int)
+    data = {"x": x, "y": np.eye(2)[labels]}
+    initial, _ = model.evaluate(**data)
+    for _ in range(100):
+        pick = rng.choice(256, 32, replace=False)
+        model.train_step(x=x[pick], y=data["y"][pick])
+    final, out = model.evaluate(**data)
+    assert final < initial / 5, (initial, final)
+    assert np.mean(out["logits"].argmax(axis=1) == labels) > 0.9
+
+
+# ---------------------------------------------------------------- optimizer state
+
+@pytest.mark.parametrize("config", sorted(CONFIGS))
+def test_reset_restarts(config):
+    model = compiled(config, "float64")
+    p0 = start(model, seed=3)
+    state = model.optimizer_state()
+    assert sorted(state) == sorted(["step"] + slots(model.optimizer))
+    for slot in slots(model.optimizer):
+        assert all(np.all(a == 0) for a in state[slot].values())
+        assert {k: a.shape for k, a in state[slot].items()} == {k: a.shape for k, a in p0.items()}
+    data = batches(3, seed=7)
+
+    def run():
+        losses = [model.train_step(**b) for b in data]
+        return losses, model.get_params(), model.optimizer_state()
+
+    first = run()
+    model.set_params(p0)
+    model.reset_optimizer()
+    again = run()
+    # the same C on the same numbers: equal to the last bit
+    assert first[0] == again[0]
+    for k in p0:
+        np.testing.assert_array_equal(first[1][k], again[1][k])
+    for slot in slots(model.optimizer):
+        for k in p0:
+            np.testing.assert_array_equal(first[2][slot][k], again[2][slot][k])
+    if slots(model.optimizer):
+        # without the reset, the carried state makes a different trajectory
+        model.set_params(p0)
+        assert run()[0] != first[0]
+
+
+@pytest.mark.parametrize("config", sorted(CONFIGS))
+def test_state_counts_steps(config):
+    """{"step": steps taken} for every optimizer, as the contract says, also where the update
+    does not need it (torch's SGD keeps no count; its state is only the momentum buffer)."""
+    model = compiled(config, "float64")
+    start(model)
+    assert model.optimizer_state()["step"] == 0
+    for k, batch in enumerate(batches(3, seed=10)):
+        model.train_step(**batch)
+        assert model.optimizer_state()["step"] == k + 1
+    model.reset_optimizer()
+    assert model.optimizer_state()["step"] == 0
+
+
+def test_reference_reset_and_optimizer_setter():
+    ref = graphc.reference(graphc.Graph.from_spec({**SPEC, "optimizer": "adam"}))
+    assert ref.optimizer == check_optimizer("adam")
+    p0 = ref.get_params()
+    data = batches(3, seed=8)
+    first = [ref.train_step(**b) for b in data]
+    assert ref.optimizer_state()["step"] == 3
+    ref.set_params(p0)
+    ref.reset_optimizer()
+    assert [ref.train_step(**b) for b in data] == first
+    # a new optimizer starts from fresh state
+    ref.optimizer = {"name": "sgd", "lr": 0.1, "momentum": 0.5}
+    assert ref.optimizer == check_optimizer({"name": "sgd", "lr": 0.1, "momentum": 0.5})
+    state = ref.optimizer_state()
+    assert state["step"] == 0 and sorted(state) == ["momentum_buffer", "step"]
+    ref.optimizer = None
+    with pytest.raises(InputError, match="has no optimizer"):
+        ref.train_step(**data[0])
+
+
+# ---------------------------------------------------------------- errors
+
+NO_LOSS = {k: v for k, v in SPEC.items() if k != "loss"}
+
+
+def test_train_step_without_an_optimizer_is_a_clear_error():
+    model = graphc.compile(SPEC, dtype="float64")
+    assert model.optimizer is None
+    batch = batches(1)[0]
+    message = "model 'net' has no optimizer: declare an 'optimizer:' section"
+    with pytest.raises(InputError, match=message):
+        model.train_step(**batch)
+    with pytest.raises(InputError, match="graph 'net' has no optimizer"):
+        graphc.reference(model.graph).train_step(**batch)
+
+
+def test_train_step_without_a_loss_is_a_clear_error():
+    batch = batches(1)[0]
+    model = graphc.compile(NO_LOSS, dtype="float64")
+    with pytest.raises(InputError, match="model 'net' has no loss, so it cannot train"):
+        model.train_step(**batch)
+    with pytest.raises(InputError, match="graph 'net' has no loss, so it cannot train"):
+        graphc.reference(model.graph).train_step(**batch)
+    # an optimizer section does not make a loss: rejected where it is declared
+    with pytest.raises(SpecError, match="needs a loss") as e:
+        graphc.Graph.from_spec({**NO_LOSS, "optimizer": "sgd"})
+    assert e.value.field == "optimizer"
+    with pytest.raises(SpecError, match="needs a loss") as e:
+        graphc.compile(NO_LOSS, optimizer="sgd")
+    assert e.value.field == "optimizer"
+
+
+@pytest.mark.parametrize("optimizer, field, message", [
+    ({"name": "adam", "beta1": 0.9}, "beta1", "unknown field 'beta1' for optimizer 'adam'"),
+    ({"name": "adam", "betas": [0.9, 1.5]}, "betas", r"must lie in \[0, 1\)"),
+    ({"name": "adam", "betas": [0.9]}, "betas", "list of two numbers"),
+    ({"name": "sgd", "nesterov": True}, "nesterov", "Nesterov momentum needs momentum > 0"),
+])
+def test_bad_optimizer_names_the_field(optimizer, field, message):
+    """Through compile(optimizer=...) and the reference's setter, as in a spec."""
+    with pytest.raises(SpecError, match=message) as e:
+        graphc.compile(SPEC, optimizer=optimizer)
+    assert (e.value.node, e.value.field) == ("optimizer", field)
+    assert f"node 'optimizer': field '{field}'" in str(e.value)
+    ref = graphc.reference(graphc.Graph.from_spec(SPEC))
+    with pytest.raises(SpecError, match=message) as e:
+        ref.optimizer = optimizer
+    assert (e.value.node, e.value.field) == ("optimizer", field)
+
+
+# ---------------------------------------------------------------- the C alone
+
+def flat(model, per_param: dict) -> np.ndarray:
+    """Arrays per param laid out as the C's params (and each state slot) are."""
+    out = np.zeros(model.cmodule.params_size)
+    for p, off in model.cmodule.param_offsets.items():
+        out[off:off + per_param[p].size] = per_param[p].ravel()
+    return out
+
+
+@pytest.mark.skipif(shutil.which(CC) is None, reason="no C compiler")
+@pytest.mark.parametrize("config", ["sgd_wd", "nesterov", "adam_betas"])
+def test_the_c_trains_without_python(config, tmp_path):
+    """A C main() calls <name>_train_step under AddressSanitizer and UBSan: no report, and
+    the params, losses and state of the cffi model and the reference."""
+    model = compiled(config, "float64")
+    p0 = start(model, seed=6)
+    batch = batches(1, n=7, seed=9)[0]
+    steps = 4
+    cm = model.cmodule
+    (tmp_path / f"{cm.name}.c").write_text(cm.source)
+    (tmp_path / f"{cm.name}.h").write_text(cm.header)
+    (tmp_path / "main.c").write_text(harness(cm, flat(model, p0), batch, train_steps=steps))
+    flags = ["-std=c99", "-Wall", "-Wextra", "-Wpedantic", "-Werror", "-g", "-O1",
+             "-fsanitize=address,undefined", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer"]
+    build = subprocess.run([CC, *flags, "main.c", f"{cm.name}.c", "-o", "prog", "-lm"],
+                           cwd=tmp_path, capture_output=True, text=True)
+    if build.returncode and "asan" in build.stderr.lower():
+        pytest.skip(f"sanitizer runtime unavailable: {build.stderr[:200]}")
+    assert build.returncode == 0, build.stderr
+    run = subprocess.run(["./prog"], cwd=tmp_path, capture_output=True, text=True, timeout=60,
+                         env=dict(os.environ, ASAN_OPTIONS="detect_leaks=1:abort_on_error=1"))
+    assert run.returncode == 0 and "runtime error" not in run.stderr, run.stderr
+    got = parse_output(run.stdout)
+
+    ref = graphc.reference(model.graph)
+    ref.set_params(p0)
+    ref.optimizer = model.optimizer
+    losses = [model.train_step(**batch) for _ in range(steps)]
+    ref_losses = [ref.train_step(**batch) for _ in range(steps)]
+    # the same C, compiled apart: equal up to the compilers' freedom (none expected in C99)
+    np.testing.assert_allclose(got["train_loss"], losses, rtol=1e-13)
+    np.testing.assert_allclose(got["params"], flat(model, model.get_params()), rtol=0,
+                               atol=1e-13 * np.abs(got["params"]).max())
+    assert rel_error(got["train_loss"], ref_losses) <= RTOL64
+    assert rel_error(got["params"], flat(model, ref.get_params())) <= RTOL64
+    state = model.optimizer_state()
+    assert got["state"].size == cm.state_size
+    for slot in slots(model.optimizer):
+        at = cm.state_offsets[slot]
+        c_slot = got["state"][at:at + cm.params_size]
+        np.testing.assert_allclose(c_slot, flat(model, state[slot]), rtol=0,
+                                   atol=1e-13 * np.abs(c_slot).max())
+        assert rel_error(c_slot, flat(model, ref.optimizer_state()[slot])) <= RTOL64
+    if "step" in cm.state_offsets:
+        assert got["state"][cm.state_offsets["step"]] == steps
