@@ -20,7 +20,7 @@ import sympy as sp
 from graphc.ir import BATCH, Buffer, Kernel, Program
 
 EXTERNAL = ("input", "param", "output", "grad")
-ALIGN = 16  # elements: 64-byte alignment for float32, 128 for float64
+ALIGN = 16  # elements: 64-byte alignment for float32, 128 for float64 (cache lines, SIMD)
 
 
 def _writers(prog: Program, name: str) -> list[int]:
@@ -141,17 +141,32 @@ class MemoryPlan:
         p = self.places[name]
         return (self.fixed, p.offset) if p.batched else (p.offset, 0)
 
+    def no_reuse(self, n: int) -> int:
+        return self.fixed_no_reuse + self.per_example_no_reuse * n
+
+    def live_peak(self, n: int) -> int:
+        """Elements live at once at the busiest kernel: the lower bound of any arena for
+        this program order (the plan adds alignment and first-fit gaps on top)."""
+        if not self.places:
+            return 0
+        end = max(p.last for p in self.places.values())
+        return max(sum(p.size * (n if p.batched else 1) for p in self.places.values()
+                       if p.first <= k <= p.last) for k in range(end + 1))
+
     def report(self, itemsize: int, n: int = 1) -> str:
         return (f"arena {self.elements(n) * itemsize} bytes "
                 f"({(self.fixed_no_reuse + self.per_example_no_reuse * n) * itemsize} without "
                 f"reuse) at batch {n}")
 
 
-def _align(x: int) -> int:
-    return -(-x // ALIGN) * ALIGN
+def _align(x: int, align: int) -> int:
+    return -(-x // align) * align
 
 
-def plan(prog: Program) -> MemoryPlan:
+def plan(prog: Program, align: int = ALIGN) -> MemoryPlan:
+    """Arena offsets by first fit over liveness intervals, each buffer starting at a
+    multiple of `align` elements (per example in the batched region, so a per-example
+    scalar takes `align` elements per example: targets without caches use 1)."""
     live: dict[str, list[int]] = {}
     for k, kern in enumerate(prog.kernels):
         for name in [kern.out] + kern.reads():
@@ -170,7 +185,7 @@ def plan(prog: Program) -> MemoryPlan:
         for name in sorted((n for n in live if prog.buffers[n].batched == batched),
                            key=lambda n: (live[n][0], -prog.buffers[n].size, n)):
             size, (first, last) = max(1, prog.buffers[name].size), live[name]
-            clashes = sorted((o, o + _align(s)) for _, o, s, f, l in placed
+            clashes = sorted((o, o + _align(s, align)) for _, o, s, f, l in placed
                              if not (l < first or last < f))
             offset = 0
             for lo, hi in clashes:
@@ -179,6 +194,6 @@ def plan(prog: Program) -> MemoryPlan:
                 offset = max(offset, hi)
             placed.append((name, offset, size, first, last))
             places[name] = Placement(batched, offset, size, first, last)
-            totals[batched] = max(totals[batched], _align(offset + size))
-            no_reuse[batched] += _align(size)
+            totals[batched] = max(totals[batched], _align(offset + size, align))
+            no_reuse[batched] += _align(size, align)
     return MemoryPlan(places, totals[False], totals[True], no_reuse[False], no_reuse[True])

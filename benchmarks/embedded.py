@@ -1,0 +1,200 @@
+"""The digits MLP on emulated Cortex-M cores: flash, RAM, instructions, accuracy.
+
+    python -m benchmarks.embedded [--spec examples/digits/spec.yaml] [--out benchmarks/results]
+
+Needs arm-none-eabi-gcc, newlib and qemu-system-arm (Debian: gcc-arm-none-eabi
+libnewlib-arm-none-eabi qemu-system-arm). Writes embedded.md and embedded.json.
+
+- Flash and RAM: `arm-none-eabi-size` of graphc's size probes (codegen/firmware.py):
+  static arrays sized by the header's macros, one call of each entry point, startup code,
+  libm, no stdio. Flash = text + data (code, constants, initial values of .data);
+  RAM = data + bss (static); the stack's high-water mark is measured on QEMU.
+- Instructions: SysTick under `qemu-system-arm -icount shift=0`, where every guest
+  instruction advances virtual time by 1 ns; ticks are converted to instructions with a
+  2-instruction calibration loop, and each figure is the difference between 2k and k
+  calls divided by k, so the timing code cancels. These are instructions retired in
+  QEMU's TCG model, exact to one SysTick tick (40 instructions) over k calls, and
+  deterministic; they are not cycles (QEMU models no pipeline, wait states or FPU
+  latency).
+- Accuracy: `codegen/harness.py`'s program on the target (forward, gradients, one Adam
+  step), against the NumPy reference in float64 on the same float32 params and inputs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+import graphc
+from codegen import firmware
+from codegen.report import initial_params
+from codegen.targets import BOARDS
+from graphc.verify import sample_inputs
+
+ROOT = Path(__file__).resolve().parent.parent
+# (target whose C is built, board it runs on)
+CORES = [("cortex-m4", "mps2-an386"), ("cortex-m0", "mps2-an385"), ("cortex-m0", "microbit")]
+COUNTED = [("forward", 1, 40), ("forward", 32, 2), ("train_step", 1, 20), ("train_step", 32, 2)]
+
+
+def rel_errors(got: dict, graph, cm, flat, inputs, params=None) -> dict:
+    ref = graphc.reference(graph)
+    ref.set_params(params if params is not None else {
+        p: flat[cm.param_offsets[p]:cm.param_offsets[p] + int(np.prod(v.shape))]
+        .astype(np.float64).reshape(v.shape) for p, v in graph.params.items()})
+    x = {k: v.astype(np.float64) for k, v in inputs.items()}
+
+    def rel(a, b):
+        a, b = np.ravel(a), np.ravel(b)
+        return float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
+    out = {o: rel(got[o], w) for o, w in ref.forward(**x).items()}
+    if "train_loss" in got:
+        loss, grads = ref.gradients(**x)
+        out["grads"] = rel(got["grads"], np.concatenate([grads[p].ravel() for p in graph.params]))
+        ref.train_step(**x)
+        after = np.concatenate([ref.get_params()[p].ravel() for p in graph.params])
+        out["params after one step"] = rel(got["params"], after)
+    return out
+
+
+def sizes(spec, tmp: Path) -> dict:
+    out = {}
+    for target, board in [("cortex-m4", "mps2-an386"), ("cortex-m0", "microbit")]:
+        for batch in (1, 32):
+            graph, cm = graphc.generate(spec, target=target, max_batch=batch)
+            rep = firmware.firmware_sizes(cm, target, initial_params(graph, cm), batch,
+                                          tmp / f"size-{board}-{batch}")
+            out[f"{board} batch {batch}"] = rep
+    return out
+
+
+def counts(spec, tmp: Path) -> dict:
+    out = {}
+    for target, board in CORES:
+        if BOARDS[board].ram < 64 << 10:
+            continue  # training the digits MLP needs ~39 KB of RAM at batch 1
+        graph, cm = graphc.generate(spec, target=target)
+        flat = initial_params(graph, cm)
+        inputs = sample_inputs(graph, 32, seed=0)
+        d = firmware.write_model(tmp / f"count-{board}", cm,
+                                 firmware.counter(cm, flat, inputs, COUNTED))
+        elf = firmware.build(d, board)
+        t0 = time.perf_counter()
+        done = firmware.run(elf, board, icount=True, timeout=300)
+        seconds = time.perf_counter() - t0
+        if done.status:
+            raise firmware.FirmwareError(f"{board}: status {done.status}\n{done.stderr}")
+        parsed = firmware.parse_counts(done.stdout)
+        out[board] = {"core": BOARDS[board].core,
+                      "instructions_per_tick": parsed["instructions_per_tick"],
+                      "qemu_seconds": round(seconds, 2),
+                      "per_call": {f"{k} batch {n}": round(v) for (k, n), v
+                                   in parsed["instructions"].items()}}
+    return out
+
+
+def accuracy(spec, tmp: Path) -> dict:
+    out = {}
+    for target, board in CORES:
+        graph, cm = graphc.generate(spec, target=target)
+        inputs = {k: v.astype(np.float32) for k, v in sample_inputs(graph, 8, seed=1).items()}
+        if BOARDS[board].ram < 64 << 10:  # inference with baked params on the 16 KiB M0
+            params = graphc.compile(spec, seed=1).get_params()
+            graph, cm = graphc.generate(spec, target=target, params=params)
+            got = firmware.run_harness(cm, None, inputs, board, tmp / f"acc-{board}")
+            errs = rel_errors(got, graph, cm, None, inputs, params)
+        else:
+            flat = initial_params(graph, cm, seed=1).astype(np.float32)
+            got = firmware.run_harness(cm, flat, inputs, board, tmp / f"acc-{board}",
+                                       train_steps=1)
+            errs = rel_errors(got, graph, cm, flat, inputs)
+        out[board] = {"batch": 8, "max_relative_error": errs}
+    return out
+
+
+def markdown(result: dict) -> str:
+    lines = [f"# {result['model']} on emulated Cortex-M", "",
+             f"Spec `{result['spec']}`, float32, Adam. Toolchain: {result['toolchain']}; "
+             f"{result['qemu']}. Generated by `python -m benchmarks.embedded`.", "",
+             "## Flash and RAM (bytes)", "",
+             "Size probes: static arrays sized by the header's macros, one call of each entry "
+             "point, graphc's startup code, newlib-nano and libm, no stdio. flash = text + data, "
+             "RAM = data + bss (static); the stack is measured on QEMU and comes on top. "
+             "Inference keeps the params `const` in flash; training keeps params, Adam state "
+             "and the work arena in RAM and also runs the forward pass.", "",
+             "| board | batch | inference flash | inference RAM | stack | training flash | "
+             "training RAM | stack | model code alone |", "|---|---|---|---|---|---|---|---|---|"]
+    for key, s in result["sizes"].items():
+        inf, tr = s["inference"], s.get("training", {})
+        fits = "" if tr.get("fits", True) else " (does not fit 16 KiB)"
+        lines.append(f"| {s['board']} ({s['core']}) | {s['batch']} | {inf['flash']} | "
+                     f"{inf['ram']} | {inf.get('stack', '')} | {tr.get('flash', '')} | "
+                     f"{tr.get('ram', '')}{fits} | {tr.get('stack', '')} | "
+                     f"{s['model_object']['text']} |")
+    lines += ["", "## Instructions per call", "",
+              "Instructions retired in QEMU's TCG model (`-icount shift=0`: one instruction = "
+              "1 ns of virtual time), read from SysTick (25 MHz: 40 instructions per tick, "
+              "calibrated with a 2-instruction loop) as the difference between 2k and k calls "
+              "divided by k. Deterministic; not cycles: QEMU models no pipeline, wait states "
+              "or FPU latency. The M3 has no FPU: its float arithmetic is libgcc calls.", "",
+              "| board | " + " | ".join(f"{k} batch {n}" for k, n, _ in COUNTED) + " |",
+              "|---|" + "---|" * len(COUNTED)]
+    for board, c in result["instructions"].items():
+        lines.append(f"| {board} ({c['core']}) | " + " | ".join(
+            f"{c['per_call'][f'{k} batch {n}']:,}" for k, n, _ in COUNTED) + " |")
+    lines += ["", "## Accuracy on the target", "",
+              "Max over elements of |target − reference| / max |reference| per array; "
+              "reference: NumPy float64 on the same float32 params and inputs, batch 8.", "",
+              "| board | what ran | " + "max relative error |", "|---|---|---|"]
+    for board, a in result["accuracy"].items():
+        what = ", ".join(a["max_relative_error"])
+        lines.append(f"| {board} | {what} | {max(a['max_relative_error'].values()):.2e} |")
+    lines.append("")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    digits = ROOT / "examples/digits/spec.yaml"   # the same 64-32-10 net as examples/mlp.yaml
+    ap.add_argument("--spec", default=str(digits if digits.exists() else
+                                          ROOT / "examples/mlp.yaml"))
+    ap.add_argument("--out", default=str(ROOT / "benchmarks/results"))
+    args = ap.parse_args()
+    missing = firmware.missing_tools(run=True)
+    if missing:
+        raise SystemExit(f"benchmarks.embedded: {missing}")
+    spec = Path(args.spec)
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="graphc-embedded-") as tmp:
+        tmp = Path(tmp)
+        result = {
+            "model": graphc.load(spec).name,
+            "spec": str(spec.resolve().relative_to(ROOT)) if spec.resolve().is_relative_to(ROOT)
+            else str(spec),
+            "toolchain": subprocess.run([firmware.CC, "--version"], capture_output=True,
+                                        text=True).stdout.splitlines()[0],
+            "qemu": subprocess.run([firmware.QEMU, "--version"], capture_output=True,
+                                   text=True).stdout.splitlines()[0],
+            "host": platform.machine(),
+            "sizes": sizes(spec, tmp), "instructions": counts(spec, tmp),
+            "accuracy": accuracy(spec, tmp),
+        }
+    result["seconds"] = round(time.perf_counter() - t0, 1)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "embedded.json").write_text(json.dumps(result, indent=2) + "\n")
+    text = markdown(result)
+    (out / "embedded.md").write_text(text)
+    print(text)
+    print(f"wrote {out / 'embedded.md'} and {out / 'embedded.json'} ({result['seconds']} s)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,356 @@
+"""Embedded targets: the generated C on emulated Cortex-M cores, and what makes it fit there.
+
+On QEMU (skipped without arm-none-eabi-gcc and qemu-system-arm; CI installs them):
+- `graphc compile examples/mlp.yaml --target cortex-m4` as written, on a Cortex-M4F
+  (mps2-an386, hard float) and a Cortex-M3 (mps2-an385, soft float): forward outputs,
+  loss and gradients, and one Adam or SGD step's params against the NumPy reference;
+- on a Cortex-M0 (microbit, 16 KiB RAM): the mlp's inference with baked params
+  (training it needs ~39 KB), and one Adam or SGD step of a small model.
+Target numbers are float32; the reference is float64 on the same float32 params and
+inputs; every array must agree to 1e-5 of its largest reference value.
+
+Without QEMU: strict cross and host compiles (-Wvla -Wdouble-promotion -Werror), cppcheck,
+a call graph without cycles and only static stack frames, the packed arena under
+sanitizers, and the memory report.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import networkx as nx
+import numpy as np
+import pytest
+
+import graphc
+from codegen import firmware
+from codegen.harness import harness, parse_output
+from codegen.report import initial_params, memory_report
+from codegen.targets import BOARDS, TARGETS
+from graphc.cli import main
+from graphc.verify import sample_inputs
+
+ROOT = Path(__file__).resolve().parent.parent
+MLP = ROOT / "examples/mlp.yaml"
+EXAMPLES = sorted((ROOT / "examples").rglob("*.yaml"))
+CC = os.environ.get("CC", "cc")
+RTOL = 1e-5
+
+no_arm = firmware.missing_tools(run=False)
+no_qemu = firmware.missing_tools(run=True)
+needs_arm = pytest.mark.skipif(no_arm is not None, reason=f"cross compiler missing: {no_arm}")
+needs_qemu = pytest.mark.skipif(no_qemu is not None, reason=f"cannot run firmware: {no_qemu}")
+
+# A model small enough to train on the micro:bit's 16 KiB (params, grads, Adam state,
+# work, stdio buffers and stack).
+TINY = {"name": "tiny", "inputs": {"x": [16], "y": [4]},
+        "params": {"W1": {"shape": [8, 16], "init": "he_normal"}, "b1": [8],
+                   "W2": {"shape": [4, 8], "init": "glorot_uniform"}, "b2": [4]},
+        "nodes": {"h": {"op": "dense", "inputs": ["x", "W1", "b1"]},
+                  "a": {"op": "tanh", "inputs": ["h"]},
+                  "logits": {"op": "dense", "inputs": ["a", "W2", "b2"]},
+                  "loss": {"op": "softmax_cross_entropy", "inputs": ["logits", "y"]}},
+        "outputs": ["logits"], "loss": "loss", "optimizer": {"name": "adam", "lr": 0.01}}
+SGD = {"name": "sgd", "lr": 0.1, "momentum": 0.9}
+
+
+def _f32(arrays: dict) -> dict:
+    return {k: np.asarray(v, dtype=np.float32) for k, v in arrays.items()}
+
+
+def _case(graph, cm, n: int, seed: int):
+    """float32 params (from the initializers) and inputs, as the target will see them."""
+    flat = initial_params(graph, cm, seed)
+    flat = None if flat is None else flat.astype(np.float32)
+    return flat, _f32(sample_inputs(graph, n, seed))
+
+
+def _unflat(graph, cm, flat) -> dict:
+    return {p: np.asarray(flat[cm.param_offsets[p]:cm.param_offsets[p] + int(np.prod(v.shape))],
+                          dtype=np.float64).reshape(v.shape) for p, v in graph.params.items()}
+
+
+def _rel(got, want) -> float:
+    got, want = np.asarray(got, np.float64).ravel(), np.asarray(want, np.float64).ravel()
+    assert got.shape == want.shape and np.all(np.isfinite(got))
+    return float(np.max(np.abs(got - want)) / max(np.max(np.abs(want)), 1e-30))
+
+
+def compare(got: dict, graph, cm, flat, inputs, params=None) -> float:
+    """Assert the target's arrays match the reference; the largest relative error."""
+    ref = graphc.reference(graph)
+    ref.set_params(params if params is not None else _unflat(graph, cm, flat))
+    x64 = {k: v.astype(np.float64) for k, v in inputs.items()}
+    errors = {}
+    for o, want in ref.forward(**x64).items():
+        errors[o] = _rel(got[o], want)
+    if "grads" in got:
+        loss, grads = ref.gradients(**x64)
+        errors["loss"] = _rel(got["loss"], [loss])
+        errors["grads"] = _rel(got["grads"],
+                               np.concatenate([grads[p].ravel() for p in graph.params]))
+    if "train_loss" in got:
+        errors["train_loss"] = _rel(got["train_loss"], [ref.train_step(**x64)])
+        after = _unflat(graph, cm, got["params"])
+        for p, want in ref.get_params().items():
+            errors[f"params {p}"] = _rel(after[p], want)
+    bad = {k: e for k, e in errors.items() if not e <= RTOL}
+    assert not bad, f"relative errors above {RTOL}: {bad}"
+    return max(errors.values())
+
+
+# ---------------------------------------------------------------- on emulated cores
+
+@needs_qemu
+@pytest.mark.parametrize("board", ["mps2-an386", "mps2-an385"])
+def test_cli_output_trains_on_cortex_m4f_and_m3(board, tmp_path):
+    """What `graphc compile --target cortex-m4` writes, run as written: forward, gradients
+    and one Adam step (the spec's optimizer) on hard-float M4F and soft-float M3."""
+    out = tmp_path / "out"
+    assert main(["compile", str(MLP), "--target", "cortex-m4", "-o", str(out)]) == 0
+    graph, cm = graphc.generate(MLP, target="cortex-m4")
+    assert (out / "mlp.c").read_text() == cm.source and (out / "mlp.h").read_text() == cm.header
+    flat, inputs = _case(graph, cm, 3, seed=1)
+    got = firmware.run_harness(cm, flat, inputs, board, tmp_path / "fw", train_steps=1)
+    assert got["_run"].stack is not None and got["_run"].stack < 2048
+    compare(got, graph, cm, flat, inputs)
+    # Adam's state after one step: the count, then m = (1 - β1)·g and v = (1 - β2)·g².
+    grads = got["grads"]
+    assert got["state"][0] == 1
+    np.testing.assert_allclose(got["state"][1:1 + cm.params_size], 0.1 * grads, rtol=1e-5,
+                               atol=1e-12)
+
+
+@needs_qemu
+@pytest.mark.parametrize("board", ["mps2-an386", "mps2-an385"])
+def test_sgd_momentum_step_on_cortex_m(board, tmp_path):
+    graph, cm = graphc.generate(MLP, optimizer=SGD, target="cortex-m4")
+    flat, inputs = _case(graph, cm, 2, seed=2)
+    got = firmware.run_harness(cm, flat, inputs, board, tmp_path, train_steps=1)
+    compare(got, graph, cm, flat, inputs)
+
+
+@needs_qemu
+def test_baked_mlp_inference_on_cortex_m0(tmp_path):
+    """The deployable form on a 16 KiB Cortex-M0: `graphc compile --params --target
+    cortex-m0`, params in flash, <name>_predict."""
+    model = graphc.compile(MLP, seed=5)
+    model.save_params(tmp_path / "p.npz")
+    out = tmp_path / "out"
+    assert main(["compile", str(MLP), "--target", "cortex-m0", "--params",
+                 str(tmp_path / "p.npz"), "-o", str(out)]) == 0
+    graph, cm = graphc.generate(MLP, target="cortex-m0", params=tmp_path / "p.npz")
+    assert (out / "mlp.c").read_text() == cm.source
+    inputs = _f32(sample_inputs(graph, 2, seed=3))
+    got = firmware.run_harness(cm, None, inputs, "microbit", tmp_path / "fw")
+    compare(got, graph, cm, None, inputs, params=model.get_params())
+    report = json.loads((out / "mlp.memory.json").read_text())
+    assert report["firmware"]["inference"]["fits"] and report["params_baked"]
+    assert got["_size"]["ram"] + got["_run"].heap + got["_run"].stack <= BOARDS["microbit"].ram
+
+
+@needs_qemu
+@pytest.mark.parametrize("optimizer", [None, SGD], ids=["adam", "sgd"])
+def test_small_model_trains_on_cortex_m0(optimizer, tmp_path):
+    graph, cm = graphc.generate(TINY, optimizer=optimizer, target="cortex-m0")
+    flat, inputs = _case(graph, cm, 4, seed=4)
+    got = firmware.run_harness(cm, flat, inputs, "microbit", tmp_path, train_steps=1)
+    compare(got, graph, cm, flat, inputs)
+
+
+@needs_qemu
+def test_fpu_code_faults_on_a_core_without_fpu(tmp_path):
+    """The boards are what they claim: hard-float code on the M3 ends QEMU with status 1
+    through startup.c's fault handler, rather than hanging or passing."""
+    graph, cm = graphc.generate(TINY, target="cortex-m4")
+    flat, inputs = _case(graph, cm, 1, seed=0)
+    d = firmware.write_model(tmp_path, cm, harness(cm, flat, inputs))
+    elf = firmware.build(d, BOARDS["mps2-an386"], printf_float=True)
+    done = firmware.run(elf, "mps2-an385", timeout=30)
+    assert done.status == 1 and "fault" in done.stderr
+
+
+@needs_qemu
+def test_instruction_counter_is_deterministic(tmp_path):
+    graph, cm = graphc.generate(TINY, target="cortex-m4")
+    flat, inputs = _case(graph, cm, 2, seed=0)
+    d = firmware.write_model(tmp_path, cm, firmware.counter(
+        cm, flat, inputs, [("forward", 1, 8), ("train_step", 2, 4)]))
+    elf = firmware.build(d, "mps2-an386")
+    runs = [firmware.run(elf, "mps2-an386", icount=True) for _ in range(2)]
+    assert runs[0].status == 0 and runs[0].stdout == runs[1].stdout
+    counts = firmware.parse_counts(runs[0].stdout)
+    assert counts["instructions_per_tick"] == 40  # 25 MHz SysTick, 1 ns per instruction
+    fwd, step = counts["instructions"][("forward", 1)], counts["instructions"][("train_step", 2)]
+    assert 500 < fwd < step < 100_000
+
+
+# ---------------------------------------------------------------- the C, statically
+
+def _write(cm, directory: Path) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / f"{cm.name}.c").write_text(cm.source)
+    (directory / f"{cm.name}.h").write_text(cm.header)
+    return directory / f"{cm.name}.c"
+
+
+@needs_arm
+@pytest.mark.parametrize("target", ["cortex-m4", "cortex-m0"])
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_cross_compiles_warning_free(target, dtype, tmp_path):
+    """-Wdouble-promotion: float32 code never computes in double (no FPU for it on an M4F);
+    -Wvla: no variable-length arrays."""
+    flags = TARGETS[target].cpu_flags() + firmware.CFLAGS
+    assert "-Wdouble-promotion" in flags and "-Wvla" in flags and "-Werror" in flags
+    for k, spec in enumerate(EXAMPLES):
+        _, cm = graphc.generate(spec, dtype, target=target)
+        src = _write(cm, tmp_path / str(k))
+        r = subprocess.run([firmware.CC, *flags, "-c", src.name, "-o", "m.o"], cwd=src.parent,
+                           capture_output=True, text=True)
+        assert r.returncode == 0 and not r.stderr, f"{spec.name}: {r.stderr}"
+
+
+@pytest.mark.skipif(shutil.which(CC) is None, reason="no C compiler")
+@pytest.mark.parametrize("target", list(TARGETS))
+def test_host_compile_with_every_targets_checks(target, tmp_path):
+    for k, spec in enumerate(EXAMPLES):
+        _, cm = graphc.generate(spec, "float32", target=target)
+        src = _write(cm, tmp_path / str(k))
+        r = subprocess.run([CC, *TARGETS[target].check_flags, "-Wdouble-promotion", "-O2", "-c",
+                            src.name, "-o", "m.o"], cwd=src.parent, capture_output=True, text=True)
+        assert r.returncode == 0 and not r.stderr, f"{spec.name}: {r.stderr}"
+
+
+@pytest.mark.skipif(shutil.which("cppcheck") is None, reason="cppcheck not installed")
+def test_cppcheck_finds_nothing(tmp_path):
+    sources = []
+    for k, spec in enumerate(EXAMPLES):
+        for dtype in ("float32", "float64"):
+            _, cm = graphc.generate(spec, dtype, target="cortex-m4")
+            sources.append(str(_write(cm, tmp_path / f"{k}{dtype}")))
+    # unpreciseMathCall suggests log1p for log(1 + x): the text of users' formulas and of
+    # softplus's stable split, which graphc prints as written (docs/design.md, known limits).
+    r = subprocess.run(["cppcheck", "--std=c99", "--enable=warning,style,performance,portability",
+                        "--suppress=unusedFunction", "--suppress=missingIncludeSystem",
+                        "--suppress=unpreciseMathCall", "--error-exitcode=1", "-q", *sources],
+                       capture_output=True, text=True)
+    assert r.returncode == 0 and not r.stderr.strip(), r.stderr
+
+
+@pytest.mark.skipif(shutil.which(CC) is None, reason="no C compiler")
+def test_no_recursion_and_static_stack_frames(tmp_path):
+    """GCC's call graph of the generated C has no cycle, and every frame has a size known
+    at compile time (no VLA, no alloca): the stack need is bounded."""
+    probe = subprocess.run([CC, "-fcallgraph-info=su", "-x", "c", "-c", "-", "-o", "probe.o"],
+                           input="int f(void);\n", capture_output=True, text=True, cwd=tmp_path)
+    if probe.returncode:
+        pytest.skip(f"{CC} has no -fcallgraph-info")
+    for k, spec in enumerate(EXAMPLES):
+        _, cm = graphc.generate(spec, "float32", target="cortex-m4")
+        src = _write(cm, tmp_path / str(k))
+        subprocess.run([CC, "-std=c99", "-O0", "-fcallgraph-info=su", "-c", src.name, "-o",
+                        "m.o"], cwd=src.parent, check=True)
+        text = (src.parent / "m.ci").read_text()
+        graph = nx.DiGraph(re.findall(r'edge: \{ sourcename: "([^"]+)" targetname: "([^"]+)"',
+                                      text))
+        assert graph.number_of_edges() > 0 and nx.is_directed_acyclic_graph(graph), spec.name
+        frames = re.findall(r'label: "[^"]*\\n(\d+) bytes \((\w+)\)', text)
+        assert frames and all(kind == "static" for _, kind in frames), spec.name
+
+
+@pytest.mark.skipif(shutil.which(CC) is None, reason="no C compiler")
+def test_packed_arena_under_sanitizers(tmp_path):
+    """The Cortex-M plan (arena offsets packed to 1 element) on the host, under ASan and
+    UBSan: forward, gradients and one Adam step against the reference."""
+    graph, cm = graphc.generate(MLP, target="cortex-m0")
+    flat, inputs = _case(graph, cm, 3, seed=6)
+    _write(cm, tmp_path)
+    (tmp_path / "main.c").write_text(harness(cm, flat, inputs, train_steps=1))
+    flags = ["-std=c99", "-Wall", "-Wextra", "-Werror", "-g", "-O1", "-fsanitize=address,undefined",
+             "-fno-sanitize-recover=all", "-fno-omit-frame-pointer"]
+    build = subprocess.run([CC, *flags, "main.c", "mlp.c", "-o", "prog", "-lm"], cwd=tmp_path,
+                           capture_output=True, text=True)
+    if build.returncode and "asan" in build.stderr.lower():
+        pytest.skip(f"sanitizer runtime unavailable: {build.stderr[:200]}")
+    assert build.returncode == 0, build.stderr
+    run = subprocess.run(["./prog"], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0 and "runtime error" not in run.stderr, run.stderr
+    compare(parse_output(run.stdout), graph, cm, flat, inputs)
+
+
+# ---------------------------------------------------------------- targets and the report
+
+def test_targets_change_the_header_note_and_the_packing_only():
+    _, c99 = graphc.generate(MLP)
+    _, host = graphc.generate(MLP, target="host")
+    _, m4 = graphc.generate(MLP, target="cortex-m4")
+    _, m0 = graphc.generate(MLP, target="cortex-m0")
+    assert host.source == c99.source and m4.source == m0.source  # one emitter
+    assert "Target cortex-m4:" in m4.header and "-mfpu=fpv4-sp-d16" in m4.header
+    assert "Target" not in c99.header
+    _, m4_again = graphc.generate(MLP, target="cortex-m4")
+    assert (m4_again.source, m4_again.header) == (m4.source, m4.header)
+    _, m4_64 = graphc.generate(MLP, "float64", target="cortex-m4")
+    assert "no FPU for float64" in " ".join(m4_64.header.split())
+    # Packing only moves arena offsets: the same kernels, called with other pointers.
+    kernels = re.compile(r"^static void k\d+\(.*?^}", re.M | re.S)
+    assert kernels.findall(m4.source) == kernels.findall(c99.source)
+    assert m4.work_elements(32) < c99.work_elements(32)
+
+
+def test_memory_report_figures():
+    graph, cm = graphc.generate(MLP, target="cortex-m4", max_batch=8)
+    assert "#define MLP_MAX_BATCH 8" in cm.header
+    r = memory_report(cm)
+    assert r["batch"] == 8 and r["params"] == 2410 * 4 == r["gradients"]
+    assert r["optimizer"] == "adam" and r["optimizer_state"] == (1 + 2 * 2410) * 4
+    for kind, e in r["entries"].items():
+        assert 0 < e["live_peak"] <= e["arena"] <= e["no_reuse"], kind
+        assert e["work"] - e["arena"] == cm.entries[kind].work_before * 4
+    # The packed plan reaches the liveness bound on this model.
+    assert r["entries"]["gradients"]["arena"] - r["entries"]["gradients"]["live_peak"] <= 4
+    assert r["entries"]["train_step"]["gradients_in_work"] == r["params"]
+    assert r["work"] == cm.work_elements(8) * 4
+    assert r["training_total"] == r["params"] + r["optimizer_state"] + \
+        r["entries"]["train_step"]["work"] + 8 * (64 + 10) * 4
+
+
+def test_compile_writes_the_memory_report(tmp_path, capsys):
+    assert main(["compile", str(MLP), "--target", "cortex-m0", "--max-batch", "4",
+                 "-o", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    report = json.loads((tmp_path / "mlp.memory.json").read_text())
+    assert report["target"] == "cortex-m0" and report["batch"] == 4
+    assert "live peak" in out and "mlp.memory.json" in out
+    if no_arm is None:
+        fw = report["firmware"]
+        assert fw["board"] == "microbit" and fw["inference"]["fits"]
+        assert not fw["training"]["fits"]  # ~39 KB of arrays: the M0 board has 16 KiB
+        assert fw["training"]["ram"] > 16 * 1024 > fw["inference"]["ram"]
+        assert "does not fit" in out and "flash" in out
+    else:
+        assert "missing" in report["firmware"]
+    assert main(["compile", str(MLP), "--max-batch", "0", "-o", str(tmp_path)]) == 2
+
+
+def test_compile_survives_a_broken_cross_toolchain(tmp_path, capsys, monkeypatch):
+    """The C is written and the report says why it has no flash/RAM figures."""
+    monkeypatch.setattr(firmware, "missing_tools", lambda run=True: None)
+    monkeypatch.setattr(firmware, "CC", "false")  # e.g. newlib not installed: links fail
+    assert main(["compile", str(MLP), "--target", "cortex-m4", "-o", str(tmp_path)]) == 0
+    assert (tmp_path / "mlp.c").exists()
+    assert "firmware sizes skipped" in capsys.readouterr().out
+
+
+def test_host_target_builds_with_its_flags():
+    model = graphc.compile(TINY, target="host")
+    plain = graphc.compile(TINY)
+    assert model.built.key != plain.built.key  # -march=native is part of the build
+    x = sample_inputs(model.graph, 2, seed=0)
+    np.testing.assert_allclose(model.forward(**x)["logits"], plain.forward(**x)["logits"],
+                               rtol=1e-5)
