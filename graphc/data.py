@@ -1,0 +1,107 @@
+"""Data sets for training: arrays named after a graph's inputs, and a held-out split."""
+
+from __future__ import annotations
+
+import zipfile
+from pathlib import Path
+from typing import Mapping
+
+import numpy as np
+
+from .errors import GraphcError, InputError
+from .model import batch_arrays
+
+DIGITS_IMAGES = ((64,), (8, 8))
+DIGITS_LABELS = (10,)
+
+
+def check_arrays(graph, data, dtype, where: str) -> tuple[dict[str, np.ndarray], int]:
+    """One array per graph input, all of one leading length, converted to `dtype`; errors
+    are InputErrors that start with `where` (the argument or file they come from)."""
+    if not isinstance(data, Mapping):
+        raise InputError(f"{where} must be a dict of arrays named after the inputs "
+                         f"({', '.join(graph.inputs)}), got {type(data).__name__}")
+    shapes = {k: v.shape for k, v in graph.inputs.items()}
+    try:
+        return batch_arrays(list(graph.inputs), shapes, data, dtype, set(graph.inputs))
+    except InputError as e:
+        raise InputError(f"{where}: {e}") from None
+
+
+def load_dataset(source: str, graph) -> dict[str, np.ndarray]:
+    """`"digits"` (scikit-learn's bundled 8x8 digits) or a `.npz` file with one array per input."""
+    source = str(source)
+    if source == "digits":
+        return _digits(graph)
+    if source.endswith(".npz"):
+        return _npz(Path(source), graph)
+    raise GraphcError(f"unknown data set {source!r}: give 'digits' or a .npz file "
+                      "with one array per input")
+
+
+def _digits(graph) -> dict[str, np.ndarray]:
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError:
+        raise GraphcError("the digits data set comes with scikit-learn: "
+                          "pip install scikit-learn") from None
+    d = load_digits()  # bundled with scikit-learn: no download
+    images = d.data / 16.0  # pixel values are 0..16
+    labels = np.eye(10)[d.target]
+    # Inputs are matched by shape: the spec names them as it likes.
+    out: dict[str, np.ndarray] = {}
+    taken: dict[str, str] = {}  # images | labels -> the input that gets them
+    for name, value in graph.inputs.items():
+        if value.shape in DIGITS_IMAGES:
+            kind, array = "images", images.reshape((-1,) + value.shape)
+        elif value.shape == DIGITS_LABELS:
+            kind, array = "labels", labels
+        else:
+            raise GraphcError(f"the digits data set does not fit input '{name}' of shape "
+                              f"{list(value.shape)}: it has images of shape [64] (or [8, 8]) "
+                              "and one-hot labels of shape [10]")
+        if kind in taken:
+            raise GraphcError(f"inputs '{taken[kind]}' and '{name}' would both get the digits "
+                              f"{kind}: give the images and the labels one input each")
+        taken[kind] = name
+        out[name] = array
+    return out
+
+
+def _npz(path: Path, graph) -> dict[str, np.ndarray]:
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+    except OSError as e:
+        raise GraphcError(f"cannot read {path}: {e.strerror or e}") from None
+    except (ValueError, EOFError, zipfile.BadZipFile) as e:  # not an npz, or object arrays
+        raise GraphcError(f"{path}: not a .npz file of plain arrays ({e})") from None
+    arrays, _ = check_arrays(graph, arrays, np.float64, str(path))
+    return arrays
+
+
+def split(data: Mapping[str, np.ndarray], test_fraction: float = 0.2,
+          seed: int = 0) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """(train, test): a seeded split, stratified by class when an array is one-hot."""
+    if not 0 < test_fraction < 1:
+        raise GraphcError(f"the test fraction must lie strictly between 0 and 1, got {test_fraction}")
+    arrays = {k: np.asarray(v) for k, v in data.items()}
+    n = len(next(iter(arrays.values())))
+    rng = np.random.default_rng(seed)
+    labels = next((a.argmax(axis=1) for a in arrays.values() if _one_hot(a)), None)
+    if labels is None:
+        test = rng.permutation(n)[:round(n * test_fraction)]
+    else:  # the same share of each class, so small test sets keep the class balance
+        test = np.concatenate([rng.permutation(idx)[:round(len(idx) * test_fraction)]
+                               for idx in (np.flatnonzero(labels == c) for c in np.unique(labels))])
+    is_test = np.zeros(n, bool)
+    is_test[test] = True
+    if is_test.all() or not is_test.any():
+        raise GraphcError(f"a test fraction of {test_fraction} of {n} examples leaves "
+                          f"{'no training' if is_test.all() else 'no test'} examples")
+    return ({k: a[~is_test] for k, a in arrays.items()}, {k: a[is_test] for k, a in arrays.items()})
+
+
+def _one_hot(a: np.ndarray) -> bool:
+    return a.ndim == 2 and a.shape[1] > 1 and bool(np.all((a == 0) | (a == 1))) \
+        and bool(np.all(a.sum(axis=1) == 1))
