@@ -1,0 +1,370 @@
+"""graphc.explain: the derivation shown to learners is right, complete and renders.
+
+Textbook derivatives per op (from the records `derive` made, the ones the C uses), the
+worked numbers against the compiled model, the fully expanded view on a tiny net, every
+format, the pictures, the command line, and the HTML page rendered in headless Chromium.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import sympy as sp
+
+import graphc
+from graphc.cli import main
+from graphc.explain import explain
+from graphc.explain.derivation import sigma
+
+ROOT = Path(__file__).resolve().parent.parent
+MLP = ROOT / "examples/mlp.yaml"
+b, i0, i1 = sp.symbols("b i0 i1", integer=True, nonnegative=True)
+n = sp.Symbol("n", integer=True, positive=True)
+
+
+def net(act=None, loss="mse", width=3, **attrs):
+    """x[4] -> dense h[width] -> act a -> loss against y[width]."""
+    bld = graphc.Builder("t")
+    x, y = bld.input("x", [4]), bld.input("y", [width])
+    h = bld.dense(x, bld.param("W", [width, 4]), bld.param("c", [width]), name="h")
+    a = getattr(bld, act)(h, name="a", **attrs) if act else h
+    return bld.build(outputs=[a], loss=getattr(bld, loss)(a, y, name="loss"))
+
+
+def step(e, node: str, read: str):
+    """The chain-rule step of `node` that differentiates with respect to a read of `read`."""
+    found = [s for v in e.nodes if v.name == node for s in v.steps
+             if str(s.local.wrt.base.label) == read]
+    assert len(found) == 1, found
+    return found[0]
+
+
+def at(name, *idx):
+    return sp.IndexedBase(name)[idx]
+
+
+def same(a, c) -> bool:
+    return sp.simplify(sp.sympify(a) - sp.sympify(c)) == 0
+
+
+# ---------------------------------------------------------------- textbook derivatives
+
+def test_sigmoid_prime_is_sigma_one_minus_sigma():
+    s = step(explain(net("sigmoid"), wrt="W", expand=False), "a", "h")
+    h, a = at("h", b, i0), at("a", b, i0)
+    sig = 1 / (1 + sp.exp(-h))
+    assert same(s.local.derived, sig * (1 - sig))           # sympy.diff of the formula
+    assert s.local.output_form and same(s.local.used, a * (1 - a))   # what the C uses: y(1-y)
+    assert same(s.sigmoid_form - sigma(h) * (1 - sigma(h)), 0)       # shown as σ(1-σ)
+
+
+def test_tanh_prime_is_one_minus_tanh_squared():
+    s = step(explain(net("tanh"), wrt="W", expand=False), "a", "h")
+    h, a = at("h", b, i0), at("a", b, i0)
+    assert same(s.local.derived, 1 - sp.tanh(h) ** 2)
+    assert s.local.output_form and same(s.local.used, 1 - a ** 2)
+
+
+def test_exp_and_log():
+    s = step(explain(net("exp"), wrt="W", expand=False), "a", "h")
+    assert same(s.local.derived, sp.exp(at("h", b, i0))) and same(s.local.used, at("a", b, i0))
+    s = step(explain(net("log"), wrt="W", expand=False), "a", "h")
+    assert same(s.local.derived, 1 / at("h", b, i0)) and not s.local.output_form
+
+
+@pytest.mark.parametrize("act, attrs, slope", [("relu", {}, 0.0), ("leaky_relu", {"alpha": 0.2}, 0.2)])
+def test_relu_family_is_one_then_the_slope_and_the_slope_at_the_kink(act, attrs, slope):
+    s = step(explain(net(act, **attrs), wrt="W", expand=False), "a", "h")
+    h = at("h", b, i0)
+    values = [float(s.local.derived.subs(h, v)) for v in (-1.5, 0.0, 2.0)]
+    assert values == [slope, slope, 1.0]   # PyTorch's convention: the kink takes the left slope
+
+
+def test_mse_gradient_is_two_residuals_over_k():
+    e = explain(net(None, "mse"), wrt="W", expand=False)
+    s = step(e, "loss", "h")
+    p, t = at("h", b, i0), at("y", b, i0)
+    assert same(s.local.derived, 2 * (p - t) / 3)              # k = 3 elements per example
+    assert same(s.kernel.body, 2 * (p - t) / (3 * n))          # times 1/n: L is the batch mean
+
+
+def test_bce_with_logits_gradient_is_sigmoid_minus_target():
+    s = step(explain(net(None, "bce_with_logits", width=2), wrt="W", expand=False), "loss", "h")
+    z, t = at("h", b, i0), at("y", b, i0)
+    assert same(s.sigmoid_form, (sigma(z) - t) / 2)
+    for zv in (-3.0, 0.0, 0.7):   # both branches of the stable formula
+        got = s.local.derived.subs({z: zv, t: 0.3})
+        assert abs(float(got) - (1 / (1 + np.exp(-zv)) - 0.3) / 2) < 1e-14
+
+
+def test_softmax_cross_entropy_gradient_is_p_minus_y():
+    e = explain(net(None, "softmax_cross_entropy"), wrt="W", expand=False)
+    (view,) = [v for v in e.nodes if v.name == "loss"]
+    c = view.combined["h"]
+    p, y = sp.IndexedBase("p"), sp.IndexedBase("y")
+    assert same(c.reading, (p[b, i0] - y[b, i0]) / n)
+    assert "sums to 1" in c.condition
+    # The general form (what the C computes) is p·Σy - y: check it numerically as well.
+    logits, target = np.array([0.3, -1.2, 2.0]), np.array([0.2, 0.5, 0.3])
+    m, s = logits.max(), np.exp(logits - logits.max()).sum()
+    subs = {at("h", 0, k): logits[k] for k in range(3)} | {at("y", 0, k): target[k] for k in range(3)}
+    subs |= {at("loss.max", 0): m, at("loss.sumexp", 0): s, n: 1}
+    got = [float(c.expr.xreplace({b: 0, i0: k}).doit().xreplace(subs)) for k in range(3)]
+    softmax = np.exp(logits - m) / s
+    assert np.allclose(got, softmax - target, atol=1e-14)
+
+
+def test_softmax_vjp_reads_p_times_delta_minus_weighted_mean():
+    bld = graphc.Builder("sm")
+    x, y = bld.input("x", [3]), bld.input("y", [3])
+    h = bld.dense(x, bld.param("W", [3, 3]), name="h")
+    g = bld.build(outputs=[], loss=bld.mse(bld.softmax(h, name="p"), y, name="loss"))
+    (view,) = [v for v in explain(g, wrt="W", expand=False).nodes if v.name == "p"]
+    reading = view.combined["h"].reading
+    P, D = sp.IndexedBase("p"), sp.IndexedBase("p.grad")
+    (total,) = reading.atoms(sp.Sum)
+    j = total.limits[0][0]
+    assert same(reading, P[b, i0] * (D[b, i0] - sp.Sum(D[b, j] * P[b, j], total.limits[0])))
+
+
+def test_dense_weight_gradient_is_delta_transpose_times_x():
+    e = explain(MLP, wrt="W1", expand=False)
+    s = step(e, "h1", "W1")
+    assert s.local.derived == at("x", b, i1)
+    link = e.params["W1"].chain[-1]
+    assert link.matrix.text == "δh1ᵀ·x" and "\\top" in link.matrix.latex
+    assert [l.value for l in e.params["W1"].chain] == ["loss", "logits", "a1", "h1", "W1"]
+    assert e.params["W1"].paths == [["loss", "logits", "a1", "h1", "W1"]]
+
+
+def test_the_records_are_derives_own_and_the_c_is_the_emitters():
+    from codegen.emit import emit
+    from graphc.derive import derive
+    g = graphc.load(MLP)
+    e = explain(g, expand=False)
+    assert [s.local for s in e.steps] == derive(g).local
+    source = emit(g, derive(g), "float32").source
+    for s in e.steps:
+        fn = e.code[s.index]
+        assert fn.text in source and f"{fn.name}(" in fn.call
+    # Fusion put a1's derivative into the epilogue of logits' contraction: one function.
+    assert e.code[step(e, "a1", "h1").index] is e.code[step(e, "logits", "a1").index]
+
+
+# ---------------------------------------------------------------- numbers
+
+def test_worked_numbers_equal_model_gradients():
+    e = explain(MLP, wrt="W1", at="random", expand=False)
+    w = e.worked
+    assert all(ok for _, _, ok in w.checks), w.checks
+    model = graphc.compile(e.graph, dtype="float64")
+    model.set_params(w.params)
+    _, grads = model.gradients(**w.inputs)
+    for p, gr in grads.items():
+        assert np.allclose(w.env[f"{p}.grad"], gr, rtol=1e-12, atol=1e-14), p
+    first = w.traces["W1"][0]
+    assert first.buffer == "W1.grad" and abs(first.value - grads["W1"][first.element]) < 1e-14
+    # The hand computation: its terms add up to the element.
+    assert abs(sum(t.value for _, t in first.terms) - first.value) < 1e-14
+    assert [l.buffer for l in w.traces["W1"]] == ["W1.grad", "h1.grad", "a1.grad", "logits.grad",
+                                                 "loss.sumexp.grad"]
+
+
+def test_worked_example_at_given_arrays():
+    g = net("tanh")
+    rng = np.random.default_rng(3)
+    given = {"x": rng.standard_normal((3, 4)), "y": rng.standard_normal((3, 3)),
+             "W": rng.standard_normal((3, 4))}
+    e = explain(g, wrt="W", at=given, expand=False)
+    model = graphc.compile(g, dtype="float64")
+    model.set_params({"W": given["W"]})
+    _, grads = model.gradients(x=given["x"], y=given["y"])
+    assert np.allclose(e.worked.env["W.grad"], grads["W"], rtol=1e-12, atol=1e-14)
+    with pytest.raises(graphc.InputError, match="'z' is neither an input nor a param"):
+        explain(g, at={"z": 1.0}, expand=False)
+
+
+def test_fully_expanded_loss_equals_the_chain_rule():
+    bld = graphc.Builder("tiny")
+    x, y = bld.input("x", [2]), bld.input("y", [2])
+    h = bld.dense(x, bld.param("W1", [2, 2]), bld.param("b1", [2]), name="h")
+    a = bld.sigmoid(h, name="a")
+    o = bld.dense(a, bld.param("W2", [2, 2]), name="o")
+    g = bld.build(outputs=[o], loss=bld.softmax_cross_entropy(o, y, name="loss"))
+    e = explain(g, wrt="W1")            # 10 parameter scalars: expanded by default
+    x_ = e.expanded["W1"]
+    assert len(x_.checks) == 4 and all(c.ok for c in x_.checks)
+    assert all(c.symbolic for c in x_.checks)   # SymPy reduces direct - chain rule to 0
+    assert all(c.max_numeric_diff < 1e-12 for c in x_.checks)
+    assert x_.loss.has(at("W1", 0, 0)) and "Fully expanded" in e.text()
+    assert not explain(MLP, wrt="W1").expanded   # 2410 scalars: not expanded
+
+
+def test_movement_ops_and_partial_writes_are_shown_honestly():
+    bld = graphc.Builder("mv")
+    x, y = bld.input("x", [2, 2]), bld.input("y", [2, 4])
+    f = bld.flatten(bld.mul(x, bld.param("s", [2]), name="q"), name="f")
+    k = bld.concat(f, f, name="k")
+    r = bld.reshape(k, shape=[2, 4], name="r")
+    g = bld.build(outputs=[r], loss=bld.mse(r, y, name="loss"))
+    e = explain(g, wrt="s", at="random", expand=False)
+    assert all(ok for _, _, ok in e.worked.checks), e.worked.checks
+    t = e.text()
+    assert "r[b, ⌊i0/4⌋, i0 mod 4] = k[b, i0]" in t        # reshape's offset, unravelled
+    assert "k = f" not in t and "δf += δk" not in t        # half of k is not all of k
+    unused = graphc.Builder("u")
+    ux, uy = unused.input("x", [2]), unused.input("y", [2])
+    unused.param("idle", [3])
+    h = unused.dense(ux, unused.param("W", [2, 2]), name="h")
+    t = explain(unused.build(outputs=[h], loss=unused.mse(h, uy, name="loss"))).text()
+    assert "idle does not affect the loss: ∂L/∂idle = 0" in t
+
+
+def test_cli_explain_at_an_npz(tmp_path, capsys):
+    g = graphc.load(MLP)
+    rng = np.random.default_rng(1)
+    path = tmp_path / "at.npz"
+    np.savez(path, x=rng.standard_normal((1, 64)), y=np.eye(10)[[3]])
+    assert main(["explain", str(MLP), "--wrt", "b2", "--at", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "n = 1 example." in out and "MISMATCH" not in out
+    assert "δlogits = (p - y)/n" in out and g.name == "mlp"
+
+
+# ---------------------------------------------------------------- formats and pictures
+
+@pytest.fixture(scope="module")
+def mlp_w1():
+    return explain(MLP, wrt="W1", at="random")
+
+
+def test_text_has_the_whole_story(mlp_w1):
+    t = mlp_w1.text()
+    for piece in ["L ← loss ← logits ← a1 ← h1 ← W1", "∂h1[b, i0]/∂W1[i0, i1] = x[b, i1]",
+                  "∂L/∂W1 = δh1ᵀ·x", "(p[b, i0] - y[b, i0])/n", "static void k14(", "Worked example",
+                  "vs model.gradients (C)"]:
+        assert piece in t, piece
+    assert "MISMATCH" not in t and str(mlp_w1) == t
+
+
+def test_markdown_latex_and_html(mlp_w1):
+    md = mlp_w1.markdown()
+    assert "$$" in md and "```c" in md and r"\delta_{\mathrm{h1}}^{\top}" in md
+    tex = mlp_w1.latex()
+    assert tex.startswith("\\documentclass") and tex.rstrip().endswith("\\end{document}")
+    assert tex.count("\\begin{verbatim}") == tex.count("\\end{verbatim}")
+    verbatim = "".join(re.findall(r"\\begin\{verbatim\}(.*?)\\end\{verbatim\}", tex, re.S))
+    assert verbatim.isascii()   # pdflatex's verbatim takes ASCII only
+    page = mlp_w1.html()
+    assert page.startswith("<!DOCTYPE html>") and page.count("<math") > 50
+    assert "<mfrac>" in page and "static void k14(" in page and "<svg" in page or shutil.which("dot") is None
+    # Offline: nothing is loaded from anywhere.
+    assert not re.search(r"""(src|href)\s*=\s*["']?(https?:)?//""", page) and "<script" not in page
+    assert mlp_w1._repr_html_().startswith('<div class="graphc-explain">')
+    assert mlp_w1._repr_markdown_() == md and mlp_w1._repr_latex_().startswith("$$")
+
+
+def _parse_dot(text):
+    """A small DOT reader: quoted node statements and edges; checks quoting and braces."""
+    assert text.startswith("digraph ") and text.rstrip().endswith("}")
+    body = re.sub(r'"(?:[^"\\]|\\.)*"', '""', text)      # strings out of the way
+    assert body.count("{") == body.count("}") == 1
+    nodes = re.findall(r'^\s*"((?:[^"\\]|\\.)*)" \[', text, re.M)
+    edges = re.findall(r'^\s*"((?:[^"\\]|\\.)*)" -> "((?:[^"\\]|\\.)*)"', text, re.M)
+    return nodes, edges
+
+
+def test_dot_pictures(mlp_w1, tmp_path):
+    nodes, edges = _parse_dot(mlp_w1.dot("forward"))
+    assert set(mlp_w1.graph.values) == set(nodes) and ("W1", "h1") in edges
+    nodes, edges = _parse_dot(mlp_w1.dot("backward"))
+    assert {"L", "W1.grad", "h1.grad", "a1.grad", "logits.grad", "loss.sumexp.grad"} <= set(nodes)
+    assert ("h1.grad", "W1.grad") in edges and ("L", "logits.grad") in edges
+    g = mlp_w1.to_networkx("backward")
+    assert "δh1ᵀ" not in g.nodes["W1.grad"]["label"] and "Σ_{b} δh1[b, i0]·x[b, i1]" in g.nodes["W1.grad"]["label"]
+    assert g.nodes["W1.grad"].get("color") and not g.nodes["W2.grad"].get("color")  # W1's path lit
+    if shutil.which("dot") is None:
+        pytest.skip("Graphviz's dot is not installed (apt-get install graphviz): rendering not tested")
+    svg = mlp_w1.svg("backward")
+    assert svg.lstrip().startswith(("<?xml", "<!DOCTYPE", "<svg")) and "δh1" in svg
+    png = mlp_w1.render_graph(tmp_path / "backward.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# ---------------------------------------------------------------- command line
+
+def test_cli_explain_to_stdout(capsys):
+    assert main(["explain", str(MLP), "--wrt", "W1", "--at", "none"]) == 0
+    out = capsys.readouterr().out
+    assert "∂L/∂W1 = δh1ᵀ·x" in out and "Worked example" not in out
+
+
+def test_cli_explain_writes_a_file_atomically(tmp_path, capsys):
+    target = tmp_path / "sub" / "derivation.html"
+    assert main(["explain", str(MLP), "--wrt", "W1", "--format", "html", "-o", str(target)]) == 0
+    assert f"wrote {target}" in capsys.readouterr().out
+    page = target.read_text(encoding="utf-8")
+    assert page.startswith("<!DOCTYPE html>") and "Worked example" in page   # numbers by default
+    assert os.listdir(target.parent) == ["derivation.html"]   # no temporary left behind
+
+
+def test_cli_explain_bad_wrt_exits_2_naming_the_param(capsys):
+    assert main(["explain", str(MLP), "--wrt", "W9"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "'W9'" in err and "mlp.yaml" in err and "W1, b1, W2, b2" in err
+
+
+# ---------------------------------------------------------------- the page in a browser
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+# Added to a copy of the page only: measures the laid-out formulas into the DOM.
+PROBE = """<script>
+window.addEventListener('load', () => {
+  const m = [...document.querySelectorAll('math')];
+  const f = document.querySelector('.eq mfrac');
+  const top = f.children[0].getBoundingClientRect(), bottom = f.children[1].getBoundingClientRect();
+  document.body.setAttribute('data-probe', JSON.stringify({
+    math: m.length, visible: m.filter(e => e.getBoundingClientRect().width > 0).length,
+    frac: f.getBoundingClientRect().height, numerator: top.height,
+    stacked: top.bottom <= bottom.top + 1}));
+});
+</script>"""
+
+
+def _chromium(*args, timeout=120):
+    return subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu",
+                           "--no-first-run", "--hide-scrollbars", *args],
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed "
+                    "(apt-get install chromium): the page is not rendered")
+def test_html_page_renders_offline_in_chromium(mlp_w1, tmp_path):
+    import json
+    page = tmp_path / "derivation.html"
+    page.write_text(mlp_w1.html(), encoding="utf-8")
+    probe = tmp_path / "probe.html"
+    probe.write_text(mlp_w1.html().replace("</body>", PROBE + "</body>"), encoding="utf-8")
+    done = _chromium("--virtual-time-budget=5000", "--dump-dom", probe.as_uri())
+    dom = done.stdout
+    assert "<math" in dom, done.stderr[-2000:]
+    m = json.loads(re.search(r"data-probe=\"([^\"]*)\"", dom).group(1).replace("&quot;", '"'))
+    # MathML is laid out natively: every formula has a size, and a fraction stacks (as
+    # plain inline text its numerator and denominator would sit side by side).
+    assert m["math"] > 50 and m["visible"] == m["math"]
+    assert m["stacked"] and m["frac"] > 1.6 * m["numerator"], m
+    for piece in ["static void k14(", "δh1", "vs model.gradients (C)", "ok", "Worked example"]:
+        assert piece in dom, piece
+    assert "MISMATCH" not in dom
+    trace = mlp_w1.worked.traces["W1"][0]
+    assert f"{trace.value:.6g}" in dom          # the numbers are on the page
+    shot = tmp_path / "page.png"
+    done = _chromium(f"--screenshot={shot}", "--window-size=1400,2400", page.as_uri())
+    assert shot.exists() and shot.stat().st_size > 20_000, done.stderr[-2000:]
