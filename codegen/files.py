@@ -1,4 +1,4 @@
-"""Writing `<name>.c` and `<name>.h` to a directory: both or neither."""
+"""Writing files whole or not at all: generated sources, reports, params, pages."""
 
 from __future__ import annotations
 
@@ -7,22 +7,36 @@ import tempfile
 from pathlib import Path
 
 
-def write_sources(cmodule, directory: str | os.PathLike) -> tuple[Path, Path]:
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    targets = [(directory / f"{cmodule.name}.c", cmodule.source),
-               (directory / f"{cmodule.name}.h", cmodule.header)]
+def write_all(files: dict[Path, str | bytes]) -> None:
+    """Write every file or none: each is staged beside its target, and the renames happen
+    only once all are fully written. Modes follow the umask like a plain open() (mkstemp's
+    0600 would make a generated file private)."""
+    umask = os.umask(0)
+    os.umask(umask)
     staged = []
     try:
-        for path, text in targets:
-            fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{path.name}.", suffix=".tmp")
-            with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-                f.write(text)
+        for path, data in files.items():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
             staged.append((tmp, path))
-        for tmp, path in staged:  # renames only once every file is fully written
+            os.chmod(tmp, 0o666 & ~umask)
+            if isinstance(data, str):
+                with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
+                    f.write(data)
+            else:
+                with os.fdopen(fd, "wb") as f:
+                    f.write(data)
+        for tmp, path in staged:
             os.replace(tmp, path)
     finally:
         for tmp, _ in staged:
             if os.path.exists(tmp):
                 os.unlink(tmp)
-    return targets[0][0], targets[1][0]
+
+
+def write_sources(cmodule, directory: str | os.PathLike) -> tuple[Path, Path]:
+    """`<name>.c` and `<name>.h` in `directory`: both or neither."""
+    directory = Path(directory)
+    c_path, h_path = directory / f"{cmodule.name}.c", directory / f"{cmodule.name}.h"
+    write_all({c_path: cmodule.source, h_path: cmodule.header})
+    return c_path, h_path

@@ -1,11 +1,14 @@
-"""The `graphc` command. User mistakes exit 2 with one message; `check` exits 1 on a mismatch."""
+"""The `graphc` command. User mistakes exit 2 with one message; `check` exits 1 on a mismatch;
+`train` exits 130 when interrupted, after reporting and saving what it has."""
 
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from .errors import GraphcError
+from .optim import OPTIMIZERS
 
 TARGETS = ("host", "c99", "cortex-m4", "cortex-m0")
 
@@ -20,33 +23,82 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("-o", "--out", required=True, help="output directory")
     c.add_argument("--dtype", choices=("float32", "float64"), default="float32")
     c.add_argument("--target", choices=TARGETS, default="c99",
-                   help="all targets get the same portable C99 for now (no heap, only "
-                        "<math.h>, <stddef.h>, <stdint.h>)")
+                   help="every target gets portable C99 (no heap, only <math.h>, <stddef.h>, "
+                        "<stdint.h>); the header says how to compile it; Cortex-M targets "
+                        "pack the arena tighter and report flash/RAM when arm-none-eabi-gcc "
+                        "is installed")
+    c.add_argument("--max-batch", type=int, metavar="N",
+                   help="plan static memory for batches up to N: adds <NAME>_MAX_BATCH to "
+                        "the header and reports memory at N (default: report at batch 1)")
+    c.add_argument("--params", metavar="FILE.npz",
+                   help="trained params (from `graphc train --out`) to bake into the C as a "
+                        "static const array, with an inference entry <name>_predict")
 
     k = sub.add_parser("check", help="verify C against the NumPy reference on random inputs")
     k.add_argument("spec", help="YAML or JSON spec file")
     k.add_argument("--dtype", choices=("float32", "float64", "both"), default="both")
     k.add_argument("--batch", type=int, default=8, help="examples per random batch (default 8)")
     k.add_argument("--seed", type=int, default=0, help="seed for params and inputs (default 0)")
+
+    t = sub.add_parser("train", help="train a spec in generated C and report held-out metrics")
+    t.add_argument("spec", help="YAML or JSON spec file")
+    t.add_argument("--data", required=True, metavar="digits|FILE.npz",
+                   help="'digits' (scikit-learn's 8x8 digits, matched to the inputs by shape) "
+                        "or an .npz file with one array per input")
+    t.add_argument("--epochs", type=int, default=20, help="passes over the data (default 20)")
+    t.add_argument("--batch-size", type=int, default=32, help="examples per step (default 32)")
+    t.add_argument("--optimizer", choices=tuple(OPTIMIZERS),
+                   help="replaces the spec's optimizer section (torch's defaults otherwise)")
+    t.add_argument("--lr", type=float, help="learning rate of the optimizer that applies")
+    t.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+    t.add_argument("--seed", type=int, default=0,
+                   help="seed for init, the split and the shuffling (default 0)")
+    t.add_argument("--test-fraction", type=float, default=0.2,
+                   help="share of the data held out for the final metrics (default 0.2)")
+    t.add_argument("--out", metavar="FILE.npz", help="write the trained params here")
+    t.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+    x = sub.add_parser("explain", help="the chain rule step by step, from formula to C")
+    x.add_argument("spec", help="YAML or JSON spec file")
+    x.add_argument("--wrt", metavar="PARAM", help="the param whose gradient to explain (default: all)")
+    x.add_argument("--format", choices=("text", "markdown", "latex", "html"), default="text")
+    x.add_argument("-o", "--out", metavar="FILE", help="write here (atomically) instead of stdout")
+    x.add_argument("--at", default="random", metavar="random|none|FILE.npz",
+                   help="numbers for a worked example, checked against the compiled C: random "
+                        "inputs and seeded params (default), none, or an .npz of inputs/params")
+    x.add_argument("--seed", type=int, default=0, help="seed for --at random (default 0)")
     return p
 
 
 def _compile(args) -> int:
     from . import generate
     from codegen.files import write_sources
-    graph, cm = generate(args.spec, args.dtype)
+    from codegen import report as memory
+    from codegen.targets import TARGETS as TARGET_INFO
+    if args.max_batch is not None and args.max_batch < 1:
+        raise GraphcError(f"--max-batch must be at least 1, got {args.max_batch}")
+    graph, cm = generate(args.spec, args.dtype, params=args.params, target=args.target,
+                         max_batch=args.max_batch)
     try:
         c_path, h_path = write_sources(cm, args.out)
     except OSError as e:
         raise GraphcError(f"cannot write to {args.out}: {e.strerror or e}") from None
     item = 4 if args.dtype == "float32" else 8
     print(f"wrote {c_path} and {h_path} ({len(cm.source)} + {len(cm.header)} bytes)")
-    print(f"params     {cm.params_size} elements, {cm.params_size * item} bytes "
-          f"(gradients the same)")
-    for kind, e in cm.entries.items():
-        m = e.memory
-        print(f"{kind:<10} work {m.fixed * item} + {m.per_example * item}·n bytes; "
-              f"{m.report(item, 1)}")
+    print(f"params     {cm.params_size} elements, {cm.params_size * item} bytes"
+          + (" (gradients the same)" if "gradients" in cm.entries else ""))
+    if args.params:
+        print(f"params from {args.params} baked in as a static const array; "
+              f"{cm.name}_predict runs the forward pass on them")
+    report = memory.memory_report(cm)
+    if TARGET_INFO[args.target].embedded:
+        memory.add_firmware(report, cm, args.target, memory.initial_params(graph, cm))
+    print(memory.format_report(report))
+    try:
+        json_path = memory.write_report(report, Path(args.out) / f"{cm.name}.memory.json")
+    except OSError as e:
+        raise GraphcError(f"cannot write to {args.out}: {e.strerror or e}") from None
+    print(f"wrote {json_path}")
     return 0
 
 
@@ -65,11 +117,66 @@ def _check(args) -> int:
     return 0 if ok else 1
 
 
+def _train(args) -> int:
+    from . import compile, evaluate, fit, load
+    from .data import load_dataset, split
+    for flag, value in (("--epochs", args.epochs), ("--batch-size", args.batch_size)):
+        if value < 1:
+            raise GraphcError(f"{flag} must be at least 1, got {value}")
+    if args.lr is not None and not args.lr > 0:  # also rejects nan
+        raise GraphcError(f"--lr must be a positive number, got {args.lr}")
+    graph = load(args.spec)
+    if graph.loss is None:
+        raise GraphcError(f"{args.spec}: the spec has no 'loss', so there is nothing to train")
+    optimizer = {"name": args.optimizer} if args.optimizer else graph.optimizer
+    if optimizer is None:
+        optimizer = {"name": "adam"}
+        print("no optimizer in the spec or on the command line: using adam "
+              f"(torch's defaults{', lr ' + format(args.lr, 'g') if args.lr else ''})")
+    if args.lr is not None:
+        optimizer = {**optimizer, "lr": args.lr}
+    train, test = split(load_dataset(args.data, graph), args.test_fraction, args.seed)
+    model = compile(graph, args.dtype, optimizer=optimizer, seed=args.seed)
+    history = fit(model, train, epochs=args.epochs, batch_size=args.batch_size, seed=args.seed,
+                  progress=not args.no_progress)
+    metrics = evaluate(model, test)
+    n_test = len(next(iter(test.values())))
+    shown = f"test loss {metrics['loss']:.4f}" + (
+        f", accuracy {metrics['accuracy']:.2%}" if "accuracy" in metrics else "")
+    stopped = " (interrupted)" if history.interrupted else ""
+    print(f"{shown} on {n_test} held-out examples after {len(history)} epochs "
+          f"({history.steps} steps) in {history.seconds:.2f} s{stopped}")
+    if args.out:
+        model.save_params(args.out)  # creates the directory; InputError if it cannot
+        print(f"wrote {args.out}")
+    return 130 if history.interrupted else 0
+
+
+def _explain(args) -> int:
+    from .explain import explain
+    at = None if args.at == "none" else args.at
+    text = explain(args.spec, wrt=args.wrt, at=at, seed=args.seed).render(args.format)
+    if args.out is None:
+        sys.stdout.write(text)
+        return 0
+    from .explain import write_atomic
+    try:
+        write_atomic(Path(args.out), text)
+    except OSError as e:
+        raise GraphcError(f"cannot write to {args.out}: {e.strerror or e}") from None
+    print(f"wrote {args.out} ({len(text)} characters)")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         if args.command == "compile":
             return _compile(args)
+        if args.command == "train":
+            return _train(args)
+        if args.command == "explain":
+            return _explain(args)
         return _check(args)
     except GraphcError as e:
         print(f"graphc: error: {e}", file=sys.stderr)

@@ -256,14 +256,13 @@ class CompiledModel:
 
 def save_params(params: Mapping[str, np.ndarray], path: str | os.PathLike) -> None:
     """An .npz file with one array per param, written whole or not at all."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
+    import io
+    from codegen.files import write_all
+    buf = io.BytesIO()
+    np.savez(buf, **{k: np.asarray(v) for k, v in params.items()})
     try:
-        with open(tmp, "wb") as f:
-            np.savez(f, **{k: np.asarray(v) for k, v in params.items()})
-        os.replace(tmp, path)
+        write_all({Path(path): buf.getvalue()})
     except OSError as e:
-        tmp.unlink(missing_ok=True)
         raise InputError(f"cannot write params to {path}: {e.strerror or e}") from None
 
 

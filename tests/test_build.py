@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+import stat
 import subprocess
 import sys
 import sysconfig
@@ -159,3 +160,17 @@ def test_concurrent_builders_both_succeed(tmp_path, cache):
     (key1, cached1), (key2, cached2) = (out.split() for out, _ in outputs)
     assert key1 == key2 and cached1 == cached2 == "False"   # both built: a real race
     assert sorted(p.name for p in cache.iterdir()) == [f"_graphc_demo_{key1[:16]}{EXT}"]
+
+
+def test_written_files_follow_the_umask_and_leave_no_temporaries(tmp_path):
+    """mkstemp stages files as 0600; the published files must be as open() would make them."""
+    from codegen.files import write_all
+    old = os.umask(0o022)
+    try:
+        write_all({tmp_path / "a.c": "int a;\n", tmp_path / "sub" / "b.bin": b"\x00\x01"})
+    finally:
+        os.umask(old)
+    assert (tmp_path / "a.c").read_text() == "int a;\n"
+    assert (tmp_path / "sub" / "b.bin").read_bytes() == b"\x00\x01"
+    assert stat.S_IMODE((tmp_path / "a.c").stat().st_mode) == 0o644
+    assert not list(tmp_path.rglob(".*"))

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import os
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
+import graphc
+from codegen.printer import c_literal
 from graphc.cli import main
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -87,3 +93,123 @@ def test_unwritable_output_is_a_user_error(tmp_path, capsys):
     blocker.write_text("")
     assert main(["compile", str(ROOT / "examples/mlp.yaml"), "-o", str(blocker / "sub")]) == 2
     assert "cannot write to" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- train, compile --params
+
+TOY = """\
+name: toy
+inputs: {x: [4], y: [3]}
+params: {W: {shape: [3, 4]}, b: {shape: [3]}}
+nodes:
+  logits: {op: dense, inputs: [x, W, b]}
+  loss: {op: softmax_cross_entropy, inputs: [logits, y]}
+outputs: [logits]
+loss: loss
+"""
+
+
+@pytest.fixture
+def toy(tmp_path):
+    """A spec without an optimizer section, and an .npz of learnable data for it."""
+    spec = tmp_path / "toy.yaml"
+    spec.write_text(TOY)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((120, 4))
+    np.savez(tmp_path / "toy.npz", x=x, y=np.eye(3)[(x @ rng.standard_normal((4, 3))).argmax(1)])
+    return spec, tmp_path / "toy.npz"
+
+
+def test_train_on_npz_data_writes_loadable_params(toy, tmp_path, capsys):
+    spec, data = toy
+    out = tmp_path / "new" / "dir" / "toy.npz"
+    assert main(["train", str(spec), "--data", str(data), "--epochs", "30", "--lr", "0.05",
+                 "--no-progress", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "no optimizer in the spec or on the command line: using adam" in text
+    m = re.search(r"test loss [\d.]+, accuracy ([\d.]+)% on 23 held-out examples after 30 epochs", text)
+    assert m and float(m.group(1)) >= 85, text
+    params = graphc.load_params(out, graphc.load(spec))
+    assert params["W"].shape == (3, 4) and params["W"].dtype == np.float32
+
+
+def test_train_progress_goes_to_stderr(toy, capsys):
+    spec, data = toy
+    assert main(["train", str(spec), "--data", str(data), "--epochs", "2"]) == 0
+    captured = capsys.readouterr()
+    assert "epoch 2/2" in captured.err and "epoch 1/2" not in captured.out
+
+
+def _npz(path, **arrays):
+    np.savez(path, **arrays)
+    return str(path)
+
+
+@pytest.mark.parametrize("data, message", [
+    (lambda d: "nope", "unknown data set 'nope': give 'digits' or a .npz file"),
+    (lambda d: str(d / "missing.npz"), "missing.npz: No such file"),
+    (lambda d: _npz(d / "names.npz", x=np.zeros((5, 4)), label=np.zeros((5, 3))),
+     "names.npz: unknown input 'label' (this model's inputs: x, y)"),
+    (lambda d: _npz(d / "shape.npz", x=np.zeros((5, 5)), y=np.zeros((5, 3))),
+     "shape.npz: input 'x' must have shape (n, 4)"),
+    (lambda d: _npz(d / "length.npz", x=np.zeros((5, 4)), y=np.zeros((6, 3))),
+     "length.npz: input 'y' has batch size 6, but 'x' has 5"),
+    (lambda d: "digits", "the digits data set does not fit input 'x' of shape [4]"),
+])
+def test_train_data_errors_exit_2_with_one_line(toy, tmp_path, capsys, data, message):
+    spec, _ = toy
+    assert main(["train", str(spec), "--data", data(tmp_path), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("graphc: error: ") and err.count("\n") == 1 and message in err, err
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--epochs", "0"], "--epochs must be at least 1"),
+    (["--lr", "-1"], "--lr must be a positive number"),
+    (["--test-fraction", "1.5"], "test fraction must lie strictly between 0 and 1"),
+])
+def test_train_flag_errors_exit_2(toy, capsys, flags, message):
+    spec, data = toy
+    assert main(["train", str(spec), "--data", str(data), "--no-progress", *flags]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_train_digits_reaches_96_percent(tmp_path, capsys):
+    pytest.importorskip("sklearn")
+    assert main(["train", str(ROOT / "examples/digits/spec.yaml"), "--data", "digits",
+                 "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    m = re.search(r"accuracy ([\d.]+)% on 359 held-out examples after 20 epochs", out)
+    assert m and float(m.group(1)) >= 96, out
+
+
+CC = os.environ.get("CC", "cc")
+
+
+def test_compile_with_params_bakes_them_into_strict_c99(tmp_path, capsys):
+    spec = ROOT / "examples/digits/spec.yaml"
+    model = graphc.compile(spec, seed=4)
+    model.save_params(tmp_path / "p.npz")
+    assert main(["compile", str(spec), "-o", str(tmp_path / "c"), "--params",
+                 str(tmp_path / "p.npz")]) == 0
+    out = capsys.readouterr().out
+    assert "baked in as a static const array; digits_predict runs" in out
+    source = (tmp_path / "c" / "digits.c").read_text()
+    assert "static const float" in source and "digits_predict(" in source
+    w1 = model.get_params()["W1"]
+    assert c_literal(w1[0, 0], "float32") in source  # these params, not an initializer's
+    if shutil.which(CC) is None:
+        pytest.skip("no C compiler")
+    r = subprocess.run([CC, "-std=c99", "-Wall", "-Wextra", "-Wpedantic", "-Werror", "-c",
+                        "digits.c", "-o", "digits.o"], cwd=tmp_path / "c", capture_output=True,
+                       text=True)
+    assert r.returncode == 0 and not r.stderr, r.stderr
+
+
+def test_compile_with_params_of_another_model_exits_2(tmp_path, capsys):
+    graphc.compile(ROOT / "examples/regression.yaml").save_params(tmp_path / "p.npz")
+    assert main(["compile", str(ROOT / "examples/digits/spec.yaml"), "-o", str(tmp_path / "c"),
+                 "--params", str(tmp_path / "p.npz")]) == 2
+    err = capsys.readouterr().err
+    assert "p.npz: " in err and "model 'digits' has params: W1, b1, W2, b2" in err
+    assert not (tmp_path / "c").exists()
