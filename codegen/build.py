@@ -175,6 +175,86 @@ def _trim(text: str) -> str:
     return text[:_STDERR_LIMIT] + f"\n... ({len(text) - _STDERR_LIMIT} more characters)"
 
 
+# ---------------------------------------------------------------- prepared modules
+#
+# A warm `graphc.compile` should not derive and emit again only to find the .so built. The
+# prepared cache maps a key of everything generation depends on (the canonical spec, dtype,
+# target, graphc's own sources, SymPy's version, the compiler's identity and flags) to the
+# pickled CModule and its .so. It lives beside the .so files and is trusted like them: a
+# hand-edited cache entry can run code either way.
+
+@functools.lru_cache(maxsize=None)
+def _source_fingerprint() -> str:
+    """sha256 of graphc's and codegen's Python sources: what the generated text depends on."""
+    import graphc
+    digest = hashlib.sha256()
+    for package in (pathlib.Path(graphc.__file__).parent, pathlib.Path(__file__).parent):
+        for path in sorted(package.rglob("*.py")):
+            data = path.read_bytes()
+            name = str(path.relative_to(package.parent)).encode()
+            digest.update(len(name).to_bytes(8, "little") + name + len(data).to_bytes(8, "little") + data)
+    return digest.hexdigest()
+
+
+def _compiler_stamp(cc: tuple[str, ...]) -> str:
+    """The compiler's path, size and mtime: cheap, and changes when the compiler does."""
+    path = shutil.which(cc[0])
+    if path is None:
+        raise CompileError(f"C compiler {cc[0]!r} not found; install one or set $CC")
+    st = os.stat(path)
+    return f"{path}:{st.st_size}:{st.st_mtime_ns}"
+
+
+def prepared_key(*parts: str, extra_flags: tuple[str, ...] = ()) -> str:
+    import sympy
+    cc = tuple(shlex.split(os.environ.get("CC") or "cc"))
+    digest = hashlib.sha256()
+    for part in (*parts, _source_fingerprint(), sympy.__version__, cffi.__version__,
+                 repr(cc), _compiler_stamp(cc), repr(extra_flags),
+                 sysconfig.get_config_var("EXT_SUFFIX")):
+        data = part.encode()
+        digest.update(len(data).to_bytes(8, "little") + data)
+    return digest.hexdigest()
+
+
+def _prepared_path(key: str) -> pathlib.Path:
+    return cache_dir() / f"_graphc_prepared_{key[:32]}.pickle"
+
+
+def load_prepared(key: str):
+    """(cmodule, BuildResult) for a prepared key whose module is built, else None."""
+    import pickle
+    try:
+        with open(_prepared_path(key), "rb") as f:
+            cmodule, so_path, build_key = pickle.load(f)
+    except (OSError, EOFError, pickle.UnpicklingError, ValueError, TypeError, AttributeError,
+            ImportError):
+        return None   # absent, half-written by an older graphc, or unreadable: prepare again
+    with _lock:
+        module = _loaded.get(so_path)
+        if module is None:
+            if not os.path.exists(so_path):
+                return None
+            modname = pathlib.Path(so_path).name.split(".")[0]
+            module = _loaded[so_path] = _load(modname, so_path)
+    return cmodule, BuildResult(module.ffi, module.lib, so_path, build_key, True)
+
+
+def store_prepared(key: str, cmodule, built: BuildResult) -> None:
+    """Record a built module. Its entries keep their memory plans but not their kernel
+    programs: SymPy objects are slow to unpickle, and running the model does not need them
+    (`graphc.generate` gives the full CModule)."""
+    import dataclasses
+    import pickle
+    from .files import write_all
+    light = dataclasses.replace(cmodule, entries={
+        k: dataclasses.replace(e, program=None) for k, e in cmodule.entries.items()})
+    try:
+        write_all({_prepared_path(key): pickle.dumps((light, built.path, built.key))})
+    except OSError:
+        pass   # a read-only cache still works, only more slowly
+
+
 def _load(modname: str, path: str):
     spec = importlib.util.spec_from_file_location(modname, path)
     module = importlib.util.module_from_spec(spec)

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import sympy as sp
 from sympy.codegen.ast import float32, float64, real
-from sympy.codegen.rewriting import create_expand_pow_optimization, optimize
 from sympy.printing.c import C99CodePrinter
 
 C_TYPES = {"float32": "float", "float64": "double"}
-_expand_small_pows = create_expand_pow_optimization(4)
 
 
 class GraphcPrinter(C99CodePrinter):
@@ -54,9 +54,18 @@ class GraphcPrinter(C99CodePrinter):
         return expr.name
 
 
+@functools.lru_cache(maxsize=None)
+def _expand_small_pows():
+    # sympy.codegen.rewriting imports sympy.tensor and combinatorics (25 ms): only on use,
+    # so that loading a prepared module does not pay for it.
+    from sympy.codegen.rewriting import create_expand_pow_optimization, optimize
+    return optimize, create_expand_pow_optimization(4)
+
+
 def prepare(expr: sp.Expr) -> sp.Expr:
     """Rewrites applied before printing: small integer powers become products."""
-    return optimize(expr, [_expand_small_pows])
+    optimize, expand = _expand_small_pows()
+    return optimize(expr, [expand])
 
 
 def c_literal(x: float, dtype: str) -> str:

@@ -114,6 +114,15 @@ class CompiledModel:
         self._grads = np.zeros(cmodule.params_size, self.dtype)
         self._state = np.zeros(cmodule.state_size, self.dtype)
         self._work = np.zeros(0, self.dtype)
+        self._work_batch = 0          # the largest batch the current work array serves
+        # Model-owned arrays never move (updates are in place), so their C pointers are made
+        # once: a numpy-to-cffi conversion costs more than the whole call of a small model.
+        buffer = self._ffi.from_buffer
+        self._c_params = buffer(self._ctype, self._params.flat)
+        self._c_grads = buffer(self._ctype, self._grads)
+        self._c_state = buffer(self._ctype, self._state)
+        self._c_work = buffer(self._ctype, self._work)
+        self._known = frozenset(graph.inputs)
         self.init_params(seed)
 
     @property
@@ -142,51 +151,75 @@ class CompiledModel:
         self._params.set(load_params(path, self.graph))
 
     # ------------------------------------------------------------ calls
-    def _ptr(self, arr: np.ndarray):
-        return self._ffi.cast(self._ctype, arr.ctypes.data)
-
     def _work_for(self, n: int):
-        need = self.cmodule.work_elements(n)
-        if self._work.size < need:
-            self._work = np.zeros(need, self.dtype)
-        return self._ptr(self._work)
+        if n > self._work_batch:
+            need = self.cmodule.work_elements(n)
+            if self._work.size < need:
+                self._work = np.zeros(need, self.dtype)
+                self._c_work = self._ffi.from_buffer(self._ctype, self._work)
+            self._work_batch = n
+        return self._c_work
+
+    def _inputs(self, entry, given) -> tuple[int, list]:
+        """The batch size and C pointers of the inputs `entry` reads.
+
+        Arrays that already are C-contiguous, of the model's dtype and shape (a training
+        loop's batches) are passed as they are; anything else goes through `batch_arrays`,
+        which converts it or raises the clear error."""
+        shapes, dtype, buffer, ctype = self.cmodule.input_shapes, self.dtype, \
+            self._ffi.from_buffer, self._ctype
+        if given.keys() <= self._known:
+            ptrs, n = [], 0
+            try:
+                for name in entry.inputs:
+                    a = given[name]
+                    if (type(a) is not np.ndarray or a.dtype is not dtype
+                            or a.shape[1:] != shapes[name] or not a.shape[0]
+                            or (n and a.shape[0] != n)):
+                        break
+                    n = a.shape[0]
+                    # A buffer without strides: cffi refuses arrays that are not C-contiguous.
+                    ptrs.append(buffer(ctype, a))
+                else:
+                    return n, ptrs
+            except (KeyError, IndexError, TypeError, ValueError, BufferError):
+                pass
+        arrays, n = batch_arrays(entry.inputs, shapes, given, dtype, self._known)
+        return n, [buffer(ctype, arrays[i]) for i in entry.inputs]
+
+    def _outputs(self, entry, n: int) -> tuple[dict[str, np.ndarray], list]:
+        outs = {o: np.empty((n,) + self.cmodule.output_shapes[o], self.dtype) for o in entry.outputs}
+        return outs, [self._ffi.from_buffer(self._ctype, a) for a in outs.values()]
 
     def forward(self, **inputs) -> dict[str, np.ndarray]:
         entry = self.cmodule.entries["forward"]
-        arrays, n = self._arrays(entry, inputs)
-        outs = {o: np.empty((n,) + self.cmodule.output_shapes[o], self.dtype) for o in entry.outputs}
-        getattr(self._lib, entry.c_name)(
-            self._ptr(self._params.flat), self._work_for(n), n,
-            *[self._ptr(arrays[i]) for i in entry.inputs], *[self._ptr(outs[o]) for o in entry.outputs])
+        n, ins = self._inputs(entry, inputs)
+        outs, ptrs = self._outputs(entry, n)
+        getattr(self._lib, entry.c_name)(self._c_params, self._work_for(n), n, *ins, *ptrs)
         return outs
 
     def gradients(self, **inputs) -> tuple[float, dict[str, np.ndarray]]:
         """(batch-mean loss, gradient of it for every param)."""
         entry = self._entry("gradients", "take gradients")
-        arrays, n = self._arrays(entry, inputs)
-        loss = getattr(self._lib, entry.c_name)(
-            self._ptr(self._params.flat), self._ptr(self._grads), self._work_for(n), n,
-            *[self._ptr(arrays[i]) for i in entry.inputs])
+        n, ins = self._inputs(entry, inputs)
+        loss = getattr(self._lib, entry.c_name)(self._c_params, self._c_grads,
+                                                self._work_for(n), n, *ins)
         return float(loss), self._params.get(self._grads)
 
     def evaluate(self, **inputs) -> tuple[float, dict[str, np.ndarray]]:
         """(batch-mean loss, outputs) from one forward pass, no gradients."""
         entry = self._entry("evaluate", "evaluate")
-        arrays, n = self._arrays(entry, inputs)
-        outs = {o: np.empty((n,) + self.cmodule.output_shapes[o], self.dtype) for o in entry.outputs}
-        loss = getattr(self._lib, entry.c_name)(
-            self._ptr(self._params.flat), self._work_for(n), n,
-            *[self._ptr(arrays[i]) for i in entry.inputs], *[self._ptr(outs[o]) for o in entry.outputs])
+        n, ins = self._inputs(entry, inputs)
+        outs, ptrs = self._outputs(entry, n)
+        loss = getattr(self._lib, entry.c_name)(self._c_params, self._work_for(n), n, *ins, *ptrs)
         return float(loss), outs
 
     def train_step(self, **inputs) -> float:
         """One optimizer step in C on a batch; returns the batch-mean loss before the update."""
         entry = self._entry("train_step", "train")
-        arrays, n = self._arrays(entry, inputs)
-        loss = getattr(self._lib, entry.c_name)(
-            self._ptr(self._params.flat), self._ptr(self._state), self._work_for(n), n,
-            *[self._ptr(arrays[i]) for i in entry.inputs])
-        return float(loss)
+        n, ins = self._inputs(entry, inputs)
+        return float(getattr(self._lib, entry.c_name)(self._c_params, self._c_state,
+                                                      self._work_for(n), n, *ins))
 
     def reset_optimizer(self) -> None:
         """Zero the optimizer state: the next step is a first step again."""
@@ -206,11 +239,9 @@ class CompiledModel:
     def predict(self, **inputs) -> dict[str, np.ndarray]:
         """The outputs from the params baked into the C (`compile(..., params=...)`)."""
         entry = self._entry("predict", "predict")
-        arrays, n = self._arrays(entry, inputs)
-        outs = {o: np.empty((n,) + self.cmodule.output_shapes[o], self.dtype) for o in entry.outputs}
-        getattr(self._lib, entry.c_name)(
-            self._work_for(n), n, *[self._ptr(arrays[i]) for i in entry.inputs],
-            *[self._ptr(outs[o]) for o in entry.outputs])
+        n, ins = self._inputs(entry, inputs)
+        outs, ptrs = self._outputs(entry, n)
+        getattr(self._lib, entry.c_name)(self._work_for(n), n, *ins, *ptrs)
         return outs
 
     def _entry(self, kind: str, what: str):
@@ -227,10 +258,6 @@ class CompiledModel:
             raise InputError(f"model '{self.name}' has no loss, so it cannot {what}")
         raise InputError(f"model '{self.name}' has no optimizer: declare an 'optimizer:' section "
                          "in the spec or pass optimizer=... to graphc.compile")
-
-    def _arrays(self, entry, inputs):
-        return batch_arrays(entry.inputs, self.cmodule.input_shapes, inputs, self.dtype,
-                            set(self.graph.inputs))
 
     def verify(self, seed: int = 0, **inputs):
         """C against the NumPy reference, and the reference against finite differences."""
@@ -350,14 +377,27 @@ def compile(graph, dtype: str = "float32", optimizer: dict | None = None, *,
     With `params` (dict or .npz path) the C is for inference with those params baked in
     (`model.predict`); the model also starts from them. `target="host"` builds with the
     host target's flags (-march=native); other targets build as c99 here."""
-    from codegen.build import build
+    import json
+    from codegen.build import build, load_prepared, prepared_key, store_prepared
     from codegen.targets import get_target
     graph = as_graph(graph)
+    dtype = check_dtype(dtype)
+    flags = get_target(target).build_flags
+    if optimizer is not None:
+        graph = _with_optimizer(graph, optimizer)
     if isinstance(params, (str, os.PathLike)):
         params = load_params(params, graph)
-    graph, cmodule = generate(graph, dtype, optimizer=optimizer, params=params, target=target)
-    built = build(graph.name, cmodule.source, cmodule.header, cmodule.cdef,
-                  extra_flags=get_target(target).build_flags)
+    # Baked params are not worth a prepared entry (the key would hash every number).
+    key = None if params is not None else prepared_key(
+        json.dumps(graph.to_spec(), sort_keys=True, default=repr), dtype, target, extra_flags=flags)
+    hit = load_prepared(key) if key else None
+    if hit:
+        cmodule, built = hit
+    else:
+        graph, cmodule = generate(graph, dtype, params=params, target=target)
+        built = build(graph.name, cmodule.source, cmodule.header, cmodule.cdef, extra_flags=flags)
+        if key:
+            store_prepared(key, cmodule, built)
     model = CompiledModel(graph, cmodule, built, seed=seed)
     if params is not None:
         model.set_params(params)

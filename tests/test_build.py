@@ -174,3 +174,60 @@ def test_written_files_follow_the_umask_and_leave_no_temporaries(tmp_path):
     assert (tmp_path / "sub" / "b.bin").read_bytes() == b"\x00\x01"
     assert stat.S_IMODE((tmp_path / "a.c").stat().st_mode) == 0o644
     assert not list(tmp_path.rglob(".*"))
+
+
+# ---------------------------------------------------------------- prepared modules
+
+TINY = {"name": "tiny", "inputs": {"x": [3], "y": [2]},
+        "params": {"W": {"shape": [2, 3], "init": "he_normal"}, "c": {"shape": [2]}},
+        "nodes": {"h": {"op": "dense", "inputs": ["x", "W", "c"]},
+                  "loss": {"op": "softmax_cross_entropy", "inputs": ["h", "y"]}},
+        "outputs": ["h"], "loss": "loss", "optimizer": {"name": "sgd", "lr": 0.1}}
+
+
+def _fresh_process(monkeypatch):
+    monkeypatch.setattr(B, "_loaded", {})
+
+
+def test_warm_compile_skips_derivation_and_runs_the_same(cache, monkeypatch):
+    import graphc
+    import graphc.model
+    first = graphc.compile(TINY, seed=3)
+    assert not first.built.cached and len(list(cache.glob("_graphc_prepared_*.pickle"))) == 1
+    _fresh_process(monkeypatch)
+
+    def no_generation(*args, **kwargs):
+        raise AssertionError("a warm compile must not derive and emit again")
+    monkeypatch.setattr(graphc.model, "generate", no_generation)
+    again = graphc.compile(TINY, seed=3)
+    assert again.built.cached and again.built.path == first.built.path
+    x, y = np.ones((2, 3)), np.eye(2)
+    assert again.train_step(x=x, y=y) == first.train_step(x=x, y=y)
+    np.testing.assert_array_equal(again.get_params()["W"], first.get_params()["W"])
+    assert again.cmodule.entries["train_step"].program is None   # the runtime needs no kernels
+    assert again.cmodule.work_elements(5) == first.cmodule.work_elements(5)
+
+
+@pytest.mark.parametrize("change", [
+    {"dtype": "float64"}, {"optimizer": {"name": "adam"}}, {"target": "host"},
+    {"spec": {**TINY, "nodes": {**TINY["nodes"], "h": {"op": "dense", "inputs": ["x", "W"]}}}}])
+def test_anything_that_changes_the_c_misses_the_prepared_cache(cache, change):
+    import graphc
+    graphc.compile(TINY)
+    spec = change.pop("spec", TINY)
+    other = graphc.compile(spec, **change)
+    assert not other.built.cached
+    assert len(list(cache.glob("_graphc_prepared_*.pickle"))) == 2
+
+
+def test_a_damaged_prepared_entry_or_a_missing_module_is_rebuilt(cache, monkeypatch):
+    import graphc
+    first = graphc.compile(TINY)
+    (entry,) = cache.glob("_graphc_prepared_*.pickle")
+    entry.write_bytes(b"not a pickle")
+    _fresh_process(monkeypatch)
+    assert graphc.compile(TINY).built.cached            # regenerated, the .so reused
+    os.unlink(first.built.path)
+    _fresh_process(monkeypatch)
+    rebuilt = graphc.compile(TINY)
+    assert not rebuilt.built.cached and os.path.exists(rebuilt.built.path)

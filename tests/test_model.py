@@ -248,3 +248,42 @@ def test_baking_refuses_non_finite_params():
     params["b2"][3] = 1e39  # finite, but not as a float
     with pytest.raises(InputError, match="param 'b2' holds non-finite values in float32"):
         graphc.generate(ROOT / "examples/mlp.yaml", "float32", params=params)
+
+
+def test_inputs_in_any_layout_give_the_same_results(model):
+    """The fast path (contiguous arrays of the model's dtype) and the converting path agree."""
+    data = _batch(6, seed=21)
+    want = model.forward(**data)["logits"]
+    x32 = data["x"].astype(np.float32)
+    wide = np.zeros((6, 128), np.float32)
+    wide[:, ::2] = x32
+    fortran = np.asfortranarray(x32)
+    readonly = x32.copy()
+    readonly.flags.writeable = False
+    for x in (x32, wide[:, ::2], fortran, readonly, data["x"], data["x"].tolist()):
+        np.testing.assert_array_equal(model.forward(x=x)["logits"], want)
+    with pytest.raises(InputError, match="input 'y' has batch size 5, but 'x' has 6"):
+        model.gradients(x=x32, y=data["y"][:5].astype(np.float32))
+    with pytest.raises(InputError, match="missing input 'y'"):
+        model.gradients(x=x32)
+
+
+def test_work_arena_grows_and_serves_smaller_batches(model):
+    ref = graphc.reference(model.graph)
+    ref.set_params(model.get_params())
+    for n in (2, 40, 3, 41, 1):
+        data = {k: v.astype(np.float32) for k, v in _batch(n, seed=n).items()}
+        loss, _ = model.gradients(**data)
+        assert loss == pytest.approx(ref.loss(**data), rel=1e-5)
+
+
+def test_per_example_scalar_inputs_take_the_fast_path_and_reject_bad_shapes():
+    spec = {"name": "scal", "inputs": {"x": [], "t": []}, "params": {"w": {"shape": [], "init": "ones"}},
+            "nodes": {"h": {"op": "mul", "inputs": ["x", "w"]},
+                      "loss": {"op": "mse", "inputs": ["h", "t"]}},
+            "outputs": ["h"], "loss": "loss"}
+    m = graphc.compile(spec, dtype="float64")
+    x = np.array([1.0, 2.0, 3.0])
+    np.testing.assert_array_equal(m.forward(x=x)["h"], x)
+    with pytest.raises(InputError, match=r"input 'x' must have shape \(n\)"):
+        m.forward(x=np.float64(2.0))
