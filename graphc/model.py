@@ -123,6 +123,11 @@ class CompiledModel:
         self._c_state = buffer(self._ctype, self._state)
         self._c_work = buffer(self._ctype, self._work)
         self._known = frozenset(graph.inputs)
+        # kind -> (C function, ((input, per-example shape), ...), ((output, shape), ...))
+        self._calls = {kind: (getattr(self._lib, e.c_name),
+                              tuple((i, cmodule.input_shapes[i]) for i in e.inputs),
+                              tuple((o, cmodule.output_shapes[o]) for o in e.outputs))
+                       for kind, e in cmodule.entries.items()}
         self.init_params(seed)
 
     @property
@@ -160,66 +165,69 @@ class CompiledModel:
             self._work_batch = n
         return self._c_work
 
-    def _inputs(self, entry, given) -> tuple[int, list]:
-        """The batch size and C pointers of the inputs `entry` reads.
+    def _inputs(self, kind: str, what: str, given) -> tuple:
+        """(C function, batch size, input pointers, output shapes) for a call of `kind`.
 
         Arrays that already are C-contiguous, of the model's dtype and shape (a training
         loop's batches) are passed as they are; anything else goes through `batch_arrays`,
-        which converts it or raises the clear error."""
-        shapes, dtype, buffer, ctype = self.cmodule.input_shapes, self.dtype, \
-            self._ffi.from_buffer, self._ctype
+        which converts it or raises the clear error. This path is a few hundred ns: for a
+        small model it is most of the call."""
+        call = self._calls.get(kind)
+        if call is None:
+            self._entry(kind, what)   # raises the reason
+        fn, inputs, outputs = call
+        dtype, buffer, ctype = self.dtype, self._ffi.from_buffer, self._ctype
         if given.keys() <= self._known:
             ptrs, n = [], 0
             try:
-                for name in entry.inputs:
+                for name, shape in inputs:
                     a = given[name]
-                    if (type(a) is not np.ndarray or a.dtype is not dtype
-                            or a.shape[1:] != shapes[name] or not a.shape[0]
-                            or (n and a.shape[0] != n)):
+                    if type(a) is not np.ndarray or a.dtype is not dtype:
                         break
-                    n = a.shape[0]
+                    s = a.shape
+                    if s[1:] != shape or not s[0] or (n and s[0] != n):
+                        break
+                    n = s[0]
                     # A buffer without strides: cffi refuses arrays that are not C-contiguous.
                     ptrs.append(buffer(ctype, a))
                 else:
-                    return n, ptrs
+                    return fn, n, ptrs, outputs
             except (KeyError, IndexError, TypeError, ValueError, BufferError):
                 pass
-        arrays, n = batch_arrays(entry.inputs, shapes, given, dtype, self._known)
-        return n, [buffer(ctype, arrays[i]) for i in entry.inputs]
+        names = [name for name, _ in inputs]
+        arrays, n = batch_arrays(names, self.cmodule.input_shapes, given, dtype, self._known)
+        return fn, n, [buffer(ctype, arrays[i]) for i in names], outputs
 
-    def _outputs(self, entry, n: int) -> tuple[dict[str, np.ndarray], list]:
-        outs = {o: np.empty((n,) + self.cmodule.output_shapes[o], self.dtype) for o in entry.outputs}
-        return outs, [self._ffi.from_buffer(self._ctype, a) for a in outs.values()]
+    def _outputs(self, outputs, n: int) -> tuple[dict[str, np.ndarray], list]:
+        outs, ptrs, dtype, buffer, ctype = {}, [], self.dtype, self._ffi.from_buffer, self._ctype
+        for name, shape in outputs:
+            a = outs[name] = np.empty((n, *shape), dtype)
+            ptrs.append(buffer(ctype, a))
+        return outs, ptrs
 
     def forward(self, **inputs) -> dict[str, np.ndarray]:
-        entry = self.cmodule.entries["forward"]
-        n, ins = self._inputs(entry, inputs)
-        outs, ptrs = self._outputs(entry, n)
-        getattr(self._lib, entry.c_name)(self._c_params, self._work_for(n), n, *ins, *ptrs)
+        fn, n, ins, outputs = self._inputs("forward", "run forward", inputs)
+        outs, ptrs = self._outputs(outputs, n)
+        fn(self._c_params, self._work_for(n), n, *ins, *ptrs)
         return outs
 
     def gradients(self, **inputs) -> tuple[float, dict[str, np.ndarray]]:
         """(batch-mean loss, gradient of it for every param)."""
-        entry = self._entry("gradients", "take gradients")
-        n, ins = self._inputs(entry, inputs)
-        loss = getattr(self._lib, entry.c_name)(self._c_params, self._c_grads,
-                                                self._work_for(n), n, *ins)
+        fn, n, ins, _ = self._inputs("gradients", "take gradients", inputs)
+        loss = fn(self._c_params, self._c_grads, self._work_for(n), n, *ins)
         return float(loss), self._params.get(self._grads)
 
     def evaluate(self, **inputs) -> tuple[float, dict[str, np.ndarray]]:
         """(batch-mean loss, outputs) from one forward pass, no gradients."""
-        entry = self._entry("evaluate", "evaluate")
-        n, ins = self._inputs(entry, inputs)
-        outs, ptrs = self._outputs(entry, n)
-        loss = getattr(self._lib, entry.c_name)(self._c_params, self._work_for(n), n, *ins, *ptrs)
+        fn, n, ins, outputs = self._inputs("evaluate", "evaluate", inputs)
+        outs, ptrs = self._outputs(outputs, n)
+        loss = fn(self._c_params, self._work_for(n), n, *ins, *ptrs)
         return float(loss), outs
 
     def train_step(self, **inputs) -> float:
         """One optimizer step in C on a batch; returns the batch-mean loss before the update."""
-        entry = self._entry("train_step", "train")
-        n, ins = self._inputs(entry, inputs)
-        return float(getattr(self._lib, entry.c_name)(self._c_params, self._c_state,
-                                                      self._work_for(n), n, *ins))
+        fn, n, ins, _ = self._inputs("train_step", "train", inputs)
+        return float(fn(self._c_params, self._c_state, self._work_for(n), n, *ins))
 
     def reset_optimizer(self) -> None:
         """Zero the optimizer state: the next step is a first step again."""
@@ -238,10 +246,9 @@ class CompiledModel:
 
     def predict(self, **inputs) -> dict[str, np.ndarray]:
         """The outputs from the params baked into the C (`compile(..., params=...)`)."""
-        entry = self._entry("predict", "predict")
-        n, ins = self._inputs(entry, inputs)
-        outs, ptrs = self._outputs(entry, n)
-        getattr(self._lib, entry.c_name)(self._work_for(n), n, *ins, *ptrs)
+        fn, n, ins, outputs = self._inputs("predict", "predict", inputs)
+        outs, ptrs = self._outputs(outputs, n)
+        fn(self._work_for(n), n, *ins, *ptrs)
         return outs
 
     def _entry(self, kind: str, what: str):
