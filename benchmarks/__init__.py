@@ -1,1 +1,3 @@
-"""Measurements of graphc (run as `python -m benchmarks.<name>`); never part of the test suite."""
+"""Measurements of graphc: `python -m benchmarks` times it against its peers (issue 6),
+`python -m benchmarks.<name>` runs the others. tests/test_benchmarks.py runs the
+machinery in its quick mode; no timing is ever asserted."""

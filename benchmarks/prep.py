@@ -4,6 +4,7 @@
 
 Reports, per network, the median of `--repeats` runs of: importing graphc, then
 load + derive + emit + build (cold: an empty cache dir; warm: the entry already built).
+`run` is also used by `python -m benchmarks` (workload P) and `benchmarks.scaling`.
 """
 
 from __future__ import annotations
@@ -15,6 +16,9 @@ import statistics
 import subprocess
 import sys
 import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent   # the child imports graphc from here
 
 NETWORKS = {
     "mlp 64-32-10": [64, 32, 10],
@@ -27,6 +31,7 @@ t0 = time.perf_counter()
 import graphc
 t1 = time.perf_counter()
 sizes = json.loads(sys.argv[1])
+options = json.loads(sys.argv[2]) if len(sys.argv) > 2 else {}   # more graphc.compile arguments
 b = graphc.Builder("prep")
 h = b.input("x", [sizes[0]])
 y = b.input("y", [sizes[-1]])
@@ -36,17 +41,21 @@ for k, (i, o) in enumerate(zip(sizes, sizes[1:])):
         h = b.relu(h, name=f"a{k}")
 g = b.build(outputs=[h], loss=b.softmax_cross_entropy(h, y, name="loss"))
 t2 = time.perf_counter()
-model = graphc.compile(g, dtype="float32")
+model = graphc.compile(g, dtype="float32", **options)
 t3 = time.perf_counter()
-print(json.dumps({"import": t1 - t0, "graph": t2 - t1, "compile": t3 - t2,
-                  "cached": model.built.cached}))
+model.init_params(0)   # again: how much of "compile" drawing the params takes
+t4 = time.perf_counter()
+print(json.dumps({"import": t1 - t0, "graph": t2 - t1, "compile": t3 - t2, "init": t4 - t3,
+                  "c_bytes": len(model.c_source.encode()), "cached": model.built.cached}))
 """
 
 
-def run(sizes, cache: str) -> dict:
+def run(sizes, cache: str, **options) -> dict:
+    """One fresh process: import graphc, build the MLP `sizes`, `graphc.compile(**options)`
+    with `cache` as the build cache. Seconds per phase, the C's size, and whether cached."""
     env = dict(os.environ, GRAPHC_CACHE_DIR=cache)
-    out = subprocess.run([sys.executable, "-c", CHILD, json.dumps(sizes)], env=env,
-                         capture_output=True, text=True, check=True).stdout
+    out = subprocess.run([sys.executable, "-c", CHILD, json.dumps(sizes), json.dumps(options)],
+                         env=env, cwd=ROOT, capture_output=True, text=True, check=True).stdout
     return json.loads(out)
 
 

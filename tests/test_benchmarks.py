@@ -1,0 +1,94 @@
+"""The benchmark machinery (`python -m benchmarks`) in its quick mode, with NumPy as the only
+peer: the table and JSON are written, every peer passes its check against graphc before it
+is timed, and the pure-C timing harness compiles and runs. No timing is asserted."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from benchmarks import charness
+from benchmarks.__main__ import _measure, main
+from benchmarks.peers import Runner
+from benchmarks.timing import Options, Timing, time_python
+from benchmarks.workloads import CHECK_RTOL, WORKLOADS, problem
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    result = main(["--quick", "--workloads", "W1,W2", "--peers", "numpy", "--out", str(out)])
+    return out, result
+
+
+def test_quick_run_writes_table_and_json(quick, capsys):
+    out, result = quick
+    assert json.loads((out / "benchmarks.json").read_text()) == json.loads(json.dumps(result))
+    text = (out / "benchmarks.md").read_text()
+    for heading in ("## W1: MLP 64-32-10, batch 1, train step", "## W2: MLP 64-32-10, batch 1, forward"):
+        assert heading in text
+    assert "| graphc (pure C) |" in text and "| NumPy |" in text
+    m = result["machine"]
+    assert m["cpu"] and m["cores"] >= 1 and m["graphc_flags"] == " ".join(charness.flags())
+    assert set(result["versions"]) == {"graphc", "numpy"}
+
+
+@pytest.mark.parametrize("key", ["W1", "W2"])
+def test_every_peer_checked_then_timed(quick, key):
+    rows = {r["label"]: r for r in quick[1]["workloads"][key]["rows"]}
+    assert set(rows) == {"graphc (Python)", "graphc (pure C)", "NumPy"}
+    for row in rows.values():
+        assert "skipped" not in row, row
+        assert row["check_rel_error"] <= CHECK_RTOL
+        assert 0 < row["min_s"] <= row["median_s"]
+    assert rows["NumPy"]["vs"] == "graphc (Python)" and rows["NumPy"]["speedup"] > 0
+
+
+def test_pure_c_harness_reports_first_calls_and_timing(tmp_path):
+    """A hand-written entry point: the harness reads its data, reports `result` and the
+    dumped array after calls 1 and 2, and times the call."""
+    header = "void twice(const float *x, float *y, int n);\n"
+    source = ('#include "tw.h"\nvoid twice(const float *x, float *y, int n)\n'
+              "{\n    int i;\n    for (i = 0; i < n; ++i) {\n        y[i] = 2.0F * x[i];\n    }\n}\n")
+    x = np.array([1.0, -2.5, 3.0], np.float32)
+    p = charness.Program("tw", {"tw.c": source, "tw.h": header}, "tw.h", [("x", x)],
+                         [("y", 3)], "twice(x, y, 3); result = y[0] + (float)it;", [("y", 3)])
+    binary = charness.build(p, tmp_path / "tw")
+    timing, calls = charness.run(p, binary, Options(repeats=3, min_repeat=0.0, warmup=0.0))
+    np.testing.assert_array_equal(calls[0], [2.0, 2.0, -5.0, 6.0])
+    np.testing.assert_array_equal(calls[1], [3.0, 2.0, -5.0, 6.0])
+    assert timing.repeats == 3 and timing.calls >= 1 and 0 < timing.min <= timing.median
+
+
+def test_a_peer_that_fails_its_check_is_not_timed():
+    prob = problem(WORKLOADS["W1"])
+    prob.expected = {"losses": [2.0, 1.5]}
+
+    def never(opts):
+        raise AssertionError("timed despite a failed check")
+    wrong = Runner("wrong", "python", lambda: {"losses": [2.0, 1.6]}, never)
+    row = _measure("wrong", wrong, prob, Options.quick())
+    assert "check failed" in row["skipped"] and "median_s" not in row
+    right = Runner("right", "python", lambda: {"losses": [2.0, 1.5]},
+                   lambda opts: Timing(1e-6, 1e-6, 1, 1))
+    assert _measure("right", right, prob, Options.quick())["median_s"] == 1e-6
+
+
+def test_time_python_counts_calls():
+    calls = []
+    t = time_python(lambda: calls.append(1), Options(repeats=5, min_repeat=0.0, warmup=0.0))
+    # one warm-up call, one calibration repeat of K = 1, then 5 repeats of K
+    assert t.calls == 1 and t.repeats == 5 and len(calls) == 1 + 1 + 5
+
+
+def test_quietly_retries_while_the_machine_is_busy():
+    from benchmarks.machine import quietly
+    runs = []
+    always_busy = Options(retries=2, busy=-1.0, pause=0.0)
+    result, load, attempts = quietly(lambda: runs.append(1) or len(runs), always_busy)
+    assert attempts == 3 and len(runs) == 3 and result in (1, 2, 3)
+    assert load is None or load >= 0
+    _, _, attempts = quietly(lambda: None, Options(retries=2, busy=float("inf"), pause=0.0))
+    assert attempts == 1
