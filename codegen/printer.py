@@ -49,15 +49,6 @@ class GraphcPrinter(C99CodePrinter):
     def _print_Integer(self, expr):
         return str(int(expr))
 
-    def _print_Piecewise(self, expr):
-        # On one line, `((c) ? (a) : (b))`; the base printer breaks it over six lines.
-        if expr.args[-1].cond != True:  # noqa: E712 (a SymPy boolean)
-            return super()._print_Piecewise(expr)   # raises: no default branch
-        text = f"({self._print(expr.args[-1].expr)})"
-        for value, cond in reversed(expr.args[:-1]):
-            text = f"(({self._print(cond)}) ? ({self._print(value)}) : {text})"
-        return text
-
     def _print_Symbol(self, expr):
         # Loop indices, the batch size `n`, cse temporaries and `acc`: all generated names.
         return expr.name

@@ -7,122 +7,12 @@
 /* a: h with a as epilogue: a[b, i0] = 0.5*((Σ_{i1} W1[i0, i1]*x[b, i1]) + b1[i0])*(tanh(0.7978845608028654*(Σ_{i1} W1[i0, i1]*x[b, i1]) + 0.035677408136300126*((Σ_{i1} W1[i0, i1]*x[b, i1]) + b1[i0])**3 + 0.7978845608028654*b1[i0]) + 1) */
 static void k0(size_t n, float *restrict a0, const float *restrict a1, const float *restrict a2, const float *restrict a3)
 {
-    for (size_t b_t = 0; b_t < n / 8 * 8; b_t += 8) {
-        for (size_t i0_t = 0; i0_t < 24; i0_t += 2) {
-            float c0[4], c1[4], c2[4], c3[4], c4[4], c5[4], c6[4], c7[4], c8[4], c9[4], c10[4], c11[4], c12[4], c13[4], c14[4], c15[4];
-            for (size_t l = 0; l < 4; ++l) {
-                c0[l] = a1[16*i0_t + l]*a3[16*b_t + l];
-                c1[l] = a1[16*i0_t + l + 16]*a3[16*b_t + l];
-                c2[l] = a1[16*i0_t + l]*a3[16*b_t + l + 16];
-                c3[l] = a1[16*i0_t + l + 16]*a3[16*b_t + l + 16];
-                c4[l] = a1[16*i0_t + l]*a3[16*b_t + l + 32];
-                c5[l] = a1[16*i0_t + l + 16]*a3[16*b_t + l + 32];
-                c6[l] = a1[16*i0_t + l]*a3[16*b_t + l + 48];
-                c7[l] = a1[16*i0_t + l + 16]*a3[16*b_t + l + 48];
-                c8[l] = a1[16*i0_t + l]*a3[16*b_t + l + 64];
-                c9[l] = a1[16*i0_t + l + 16]*a3[16*b_t + l + 64];
-                c10[l] = a1[16*i0_t + l]*a3[16*b_t + l + 80];
-                c11[l] = a1[16*i0_t + l + 16]*a3[16*b_t + l + 80];
-                c12[l] = a1[16*i0_t + l]*a3[16*b_t + l + 96];
-                c13[l] = a1[16*i0_t + l + 16]*a3[16*b_t + l + 96];
-                c14[l] = a1[16*i0_t + l]*a3[16*b_t + l + 112];
-                c15[l] = a1[16*i0_t + l + 16]*a3[16*b_t + l + 112];
+    for (size_t b = 0; b < n; ++b) {
+        for (size_t i0 = 0; i0 < 24; ++i0) {
+            float acc = 0;
+            for (size_t i1 = 0; i1 < 16; ++i1) {
+                acc += a1[16*i0 + i1]*a3[16*b + i1];
             }
-            for (size_t i1_t = 4; i1_t < 16; i1_t += 4) {
-                for (size_t l = 0; l < 4; ++l) {
-                    c0[l] += a1[16*i0_t + i1_t + l]*a3[16*b_t + i1_t + l];
-                    c1[l] += a1[16*i0_t + i1_t + l + 16]*a3[16*b_t + i1_t + l];
-                    c2[l] += a1[16*i0_t + i1_t + l]*a3[16*b_t + i1_t + l + 16];
-                    c3[l] += a1[16*i0_t + i1_t + l + 16]*a3[16*b_t + i1_t + l + 16];
-                    c4[l] += a1[16*i0_t + i1_t + l]*a3[16*b_t + i1_t + l + 32];
-                    c5[l] += a1[16*i0_t + i1_t + l + 16]*a3[16*b_t + i1_t + l + 32];
-                    c6[l] += a1[16*i0_t + i1_t + l]*a3[16*b_t + i1_t + l + 48];
-                    c7[l] += a1[16*i0_t + i1_t + l + 16]*a3[16*b_t + i1_t + l + 48];
-                    c8[l] += a1[16*i0_t + i1_t + l]*a3[16*b_t + i1_t + l + 64];
-                    c9[l] += a1[16*i0_t + i1_t + l + 16]*a3[16*b_t + i1_t + l + 64];
-                    c10[l] += a1[16*i0_t + i1_t + l]*a3[16*b_t + i1_t + l + 80];
-                    c11[l] += a1[16*i0_t + i1_t + l + 16]*a3[16*b_t + i1_t + l + 80];
-                    c12[l] += a1[16*i0_t + i1_t + l]*a3[16*b_t + i1_t + l + 96];
-                    c13[l] += a1[16*i0_t + i1_t + l + 16]*a3[16*b_t + i1_t + l + 96];
-                    c14[l] += a1[16*i0_t + i1_t + l]*a3[16*b_t + i1_t + l + 112];
-                    c15[l] += a1[16*i0_t + i1_t + l + 16]*a3[16*b_t + i1_t + l + 112];
-                }
-            }
-            for (size_t l = 0; l < 2; ++l) { c0[l] += c0[l + 2]; c1[l] += c1[l + 2]; c2[l] += c2[l + 2]; c3[l] += c3[l + 2]; c4[l] += c4[l + 2]; c5[l] += c5[l + 2]; c6[l] += c6[l + 2]; c7[l] += c7[l + 2]; c8[l] += c8[l + 2]; c9[l] += c9[l + 2]; c10[l] += c10[l + 2]; c11[l] += c11[l + 2]; c12[l] += c12[l + 2]; c13[l] += c13[l + 2]; c14[l] += c14[l + 2]; c15[l] += c15[l + 2]; }
-            c0[0] += c0[1]; c1[0] += c1[1]; c2[0] += c2[1]; c3[0] += c3[1]; c4[0] += c4[1]; c5[0] += c5[1]; c6[0] += c6[1]; c7[0] += c7[1]; c8[0] += c8[1]; c9[0] += c9[1]; c10[0] += c10[1]; c11[0] += c11[1]; c12[0] += c12[1]; c13[0] += c13[1]; c14[0] += c14[1]; c15[0] += c15[1];
-            const float s[16] = {c0[0], c1[0], c2[0], c3[0], c4[0], c5[0], c6[0], c7[0], c8[0], c9[0], c10[0], c11[0], c12[0], c13[0], c14[0], c15[0]};
-            for (size_t b_j = 0; b_j < 8; ++b_j) {
-                for (size_t i0_j = 0; i0_j < 2; ++i0_j) {
-                    const float acc = s[2*b_j + i0_j];
-                    const float t0 = acc + a2[i0_j + i0_t];
-                    a0[24*b_j + 24*b_t + i0_j + i0_t] = 0.5F*t0*(1 + tanhf(0.7978845608028654F*acc + 0.7978845608028654F*a2[i0_j + i0_t] + 0.035677408136300125F*(t0*t0*t0)));
-                }
-            }
-        }
-    }
-    for (size_t b = n / 8 * 8; b < n; ++b) {
-        for (size_t i0_t = 0; i0_t < 16; i0_t += 16) {
-            float c0[4], c1[4], c2[4], c3[4], c4[4], c5[4], c6[4], c7[4], c8[4], c9[4], c10[4], c11[4], c12[4], c13[4], c14[4], c15[4];
-            for (size_t l = 0; l < 4; ++l) {
-                c0[l] = a1[16*i0_t + l]*a3[16*b + l];
-                c1[l] = a1[16*i0_t + l + 16]*a3[16*b + l];
-                c2[l] = a1[16*i0_t + l + 32]*a3[16*b + l];
-                c3[l] = a1[16*i0_t + l + 48]*a3[16*b + l];
-                c4[l] = a1[16*i0_t + l + 64]*a3[16*b + l];
-                c5[l] = a1[16*i0_t + l + 80]*a3[16*b + l];
-                c6[l] = a1[16*i0_t + l + 96]*a3[16*b + l];
-                c7[l] = a1[16*i0_t + l + 112]*a3[16*b + l];
-                c8[l] = a1[16*i0_t + l + 128]*a3[16*b + l];
-                c9[l] = a1[16*i0_t + l + 144]*a3[16*b + l];
-                c10[l] = a1[16*i0_t + l + 160]*a3[16*b + l];
-                c11[l] = a1[16*i0_t + l + 176]*a3[16*b + l];
-                c12[l] = a1[16*i0_t + l + 192]*a3[16*b + l];
-                c13[l] = a1[16*i0_t + l + 208]*a3[16*b + l];
-                c14[l] = a1[16*i0_t + l + 224]*a3[16*b + l];
-                c15[l] = a1[16*i0_t + l + 240]*a3[16*b + l];
-            }
-            for (size_t i1_t = 4; i1_t < 16; i1_t += 4) {
-                for (size_t l = 0; l < 4; ++l) {
-                    c0[l] += a1[16*i0_t + i1_t + l]*a3[16*b + i1_t + l];
-                    c1[l] += a1[16*i0_t + i1_t + l + 16]*a3[16*b + i1_t + l];
-                    c2[l] += a1[16*i0_t + i1_t + l + 32]*a3[16*b + i1_t + l];
-                    c3[l] += a1[16*i0_t + i1_t + l + 48]*a3[16*b + i1_t + l];
-                    c4[l] += a1[16*i0_t + i1_t + l + 64]*a3[16*b + i1_t + l];
-                    c5[l] += a1[16*i0_t + i1_t + l + 80]*a3[16*b + i1_t + l];
-                    c6[l] += a1[16*i0_t + i1_t + l + 96]*a3[16*b + i1_t + l];
-                    c7[l] += a1[16*i0_t + i1_t + l + 112]*a3[16*b + i1_t + l];
-                    c8[l] += a1[16*i0_t + i1_t + l + 128]*a3[16*b + i1_t + l];
-                    c9[l] += a1[16*i0_t + i1_t + l + 144]*a3[16*b + i1_t + l];
-                    c10[l] += a1[16*i0_t + i1_t + l + 160]*a3[16*b + i1_t + l];
-                    c11[l] += a1[16*i0_t + i1_t + l + 176]*a3[16*b + i1_t + l];
-                    c12[l] += a1[16*i0_t + i1_t + l + 192]*a3[16*b + i1_t + l];
-                    c13[l] += a1[16*i0_t + i1_t + l + 208]*a3[16*b + i1_t + l];
-                    c14[l] += a1[16*i0_t + i1_t + l + 224]*a3[16*b + i1_t + l];
-                    c15[l] += a1[16*i0_t + i1_t + l + 240]*a3[16*b + i1_t + l];
-                }
-            }
-            for (size_t l = 0; l < 2; ++l) { c0[l] += c0[l + 2]; c1[l] += c1[l + 2]; c2[l] += c2[l + 2]; c3[l] += c3[l + 2]; c4[l] += c4[l + 2]; c5[l] += c5[l + 2]; c6[l] += c6[l + 2]; c7[l] += c7[l + 2]; c8[l] += c8[l + 2]; c9[l] += c9[l + 2]; c10[l] += c10[l + 2]; c11[l] += c11[l + 2]; c12[l] += c12[l + 2]; c13[l] += c13[l + 2]; c14[l] += c14[l + 2]; c15[l] += c15[l + 2]; }
-            c0[0] += c0[1]; c1[0] += c1[1]; c2[0] += c2[1]; c3[0] += c3[1]; c4[0] += c4[1]; c5[0] += c5[1]; c6[0] += c6[1]; c7[0] += c7[1]; c8[0] += c8[1]; c9[0] += c9[1]; c10[0] += c10[1]; c11[0] += c11[1]; c12[0] += c12[1]; c13[0] += c13[1]; c14[0] += c14[1]; c15[0] += c15[1];
-            const float s[16] = {c0[0], c1[0], c2[0], c3[0], c4[0], c5[0], c6[0], c7[0], c8[0], c9[0], c10[0], c11[0], c12[0], c13[0], c14[0], c15[0]};
-            for (size_t i0_j = 0; i0_j < 16; ++i0_j) {
-                const float acc = s[i0_j];
-                const float t0 = acc + a2[i0_j + i0_t];
-                a0[24*b + i0_j + i0_t] = 0.5F*t0*(1 + tanhf(0.7978845608028654F*acc + 0.7978845608028654F*a2[i0_j + i0_t] + 0.035677408136300125F*(t0*t0*t0)));
-            }
-        }
-        for (size_t i0 = 16; i0 < 24; ++i0) {
-            float c0[4];
-            for (size_t l = 0; l < 4; ++l) {
-                c0[l] = a1[16*i0 + l]*a3[16*b + l];
-            }
-            for (size_t i1_t = 4; i1_t < 16; i1_t += 4) {
-                for (size_t l = 0; l < 4; ++l) {
-                    c0[l] += a1[16*i0 + i1_t + l]*a3[16*b + i1_t + l];
-                }
-            }
-            for (size_t l = 0; l < 2; ++l) { c0[l] += c0[l + 2]; }
-            c0[0] += c0[1];
-            const float acc = c0[0];
             const float t0 = acc + a2[i0];
             a0[24*b + i0] = 0.5F*t0*(1 + tanhf(0.7978845608028654F*acc + 0.7978845608028654F*a2[i0] + 0.035677408136300125F*(t0*t0*t0)));
         }
@@ -132,82 +22,13 @@ static void k0(size_t n, float *restrict a0, const float *restrict a1, const flo
 /* logits: forward: logits[b, i0] = (Σ_{i1} W2[i0, i1]*a[b, i1]) + b2[i0] */
 static void k1(size_t n, float *restrict a0, const float *restrict a1, const float *restrict a2, const float *restrict a3)
 {
-    for (size_t b_t = 0; b_t < n / 8 * 8; b_t += 8) {
-        for (size_t i0_t = 0; i0_t < 4; i0_t += 2) {
-            float c0[4], c1[4], c2[4], c3[4], c4[4], c5[4], c6[4], c7[4], c8[4], c9[4], c10[4], c11[4], c12[4], c13[4], c14[4], c15[4];
-            for (size_t l = 0; l < 4; ++l) {
-                c0[l] = a1[24*i0_t + l]*a2[24*b_t + l];
-                c1[l] = a1[24*i0_t + l + 24]*a2[24*b_t + l];
-                c2[l] = a1[24*i0_t + l]*a2[24*b_t + l + 24];
-                c3[l] = a1[24*i0_t + l + 24]*a2[24*b_t + l + 24];
-                c4[l] = a1[24*i0_t + l]*a2[24*b_t + l + 48];
-                c5[l] = a1[24*i0_t + l + 24]*a2[24*b_t + l + 48];
-                c6[l] = a1[24*i0_t + l]*a2[24*b_t + l + 72];
-                c7[l] = a1[24*i0_t + l + 24]*a2[24*b_t + l + 72];
-                c8[l] = a1[24*i0_t + l]*a2[24*b_t + l + 96];
-                c9[l] = a1[24*i0_t + l + 24]*a2[24*b_t + l + 96];
-                c10[l] = a1[24*i0_t + l]*a2[24*b_t + l + 120];
-                c11[l] = a1[24*i0_t + l + 24]*a2[24*b_t + l + 120];
-                c12[l] = a1[24*i0_t + l]*a2[24*b_t + l + 144];
-                c13[l] = a1[24*i0_t + l + 24]*a2[24*b_t + l + 144];
-                c14[l] = a1[24*i0_t + l]*a2[24*b_t + l + 168];
-                c15[l] = a1[24*i0_t + l + 24]*a2[24*b_t + l + 168];
+    for (size_t b = 0; b < n; ++b) {
+        for (size_t i0 = 0; i0 < 4; ++i0) {
+            float acc = 0;
+            for (size_t i1 = 0; i1 < 24; ++i1) {
+                acc += a1[24*i0 + i1]*a2[24*b + i1];
             }
-            for (size_t i1_t = 4; i1_t < 24; i1_t += 4) {
-                for (size_t l = 0; l < 4; ++l) {
-                    c0[l] += a1[24*i0_t + i1_t + l]*a2[24*b_t + i1_t + l];
-                    c1[l] += a1[24*i0_t + i1_t + l + 24]*a2[24*b_t + i1_t + l];
-                    c2[l] += a1[24*i0_t + i1_t + l]*a2[24*b_t + i1_t + l + 24];
-                    c3[l] += a1[24*i0_t + i1_t + l + 24]*a2[24*b_t + i1_t + l + 24];
-                    c4[l] += a1[24*i0_t + i1_t + l]*a2[24*b_t + i1_t + l + 48];
-                    c5[l] += a1[24*i0_t + i1_t + l + 24]*a2[24*b_t + i1_t + l + 48];
-                    c6[l] += a1[24*i0_t + i1_t + l]*a2[24*b_t + i1_t + l + 72];
-                    c7[l] += a1[24*i0_t + i1_t + l + 24]*a2[24*b_t + i1_t + l + 72];
-                    c8[l] += a1[24*i0_t + i1_t + l]*a2[24*b_t + i1_t + l + 96];
-                    c9[l] += a1[24*i0_t + i1_t + l + 24]*a2[24*b_t + i1_t + l + 96];
-                    c10[l] += a1[24*i0_t + i1_t + l]*a2[24*b_t + i1_t + l + 120];
-                    c11[l] += a1[24*i0_t + i1_t + l + 24]*a2[24*b_t + i1_t + l + 120];
-                    c12[l] += a1[24*i0_t + i1_t + l]*a2[24*b_t + i1_t + l + 144];
-                    c13[l] += a1[24*i0_t + i1_t + l + 24]*a2[24*b_t + i1_t + l + 144];
-                    c14[l] += a1[24*i0_t + i1_t + l]*a2[24*b_t + i1_t + l + 168];
-                    c15[l] += a1[24*i0_t + i1_t + l + 24]*a2[24*b_t + i1_t + l + 168];
-                }
-            }
-            for (size_t l = 0; l < 2; ++l) { c0[l] += c0[l + 2]; c1[l] += c1[l + 2]; c2[l] += c2[l + 2]; c3[l] += c3[l + 2]; c4[l] += c4[l + 2]; c5[l] += c5[l + 2]; c6[l] += c6[l + 2]; c7[l] += c7[l + 2]; c8[l] += c8[l + 2]; c9[l] += c9[l + 2]; c10[l] += c10[l + 2]; c11[l] += c11[l + 2]; c12[l] += c12[l + 2]; c13[l] += c13[l + 2]; c14[l] += c14[l + 2]; c15[l] += c15[l + 2]; }
-            c0[0] += c0[1]; c1[0] += c1[1]; c2[0] += c2[1]; c3[0] += c3[1]; c4[0] += c4[1]; c5[0] += c5[1]; c6[0] += c6[1]; c7[0] += c7[1]; c8[0] += c8[1]; c9[0] += c9[1]; c10[0] += c10[1]; c11[0] += c11[1]; c12[0] += c12[1]; c13[0] += c13[1]; c14[0] += c14[1]; c15[0] += c15[1];
-            const float s[16] = {c0[0], c1[0], c2[0], c3[0], c4[0], c5[0], c6[0], c7[0], c8[0], c9[0], c10[0], c11[0], c12[0], c13[0], c14[0], c15[0]};
-            for (size_t b_j = 0; b_j < 8; ++b_j) {
-                for (size_t i0_j = 0; i0_j < 2; ++i0_j) {
-                    const float acc = s[2*b_j + i0_j];
-                    a0[4*b_j + 4*b_t + i0_j + i0_t] = acc + a3[i0_j + i0_t];
-                }
-            }
-        }
-    }
-    for (size_t b = n / 8 * 8; b < n; ++b) {
-        for (size_t i0_t = 0; i0_t < 4; i0_t += 4) {
-            float c0[4], c1[4], c2[4], c3[4];
-            for (size_t l = 0; l < 4; ++l) {
-                c0[l] = a1[24*i0_t + l]*a2[24*b + l];
-                c1[l] = a1[24*i0_t + l + 24]*a2[24*b + l];
-                c2[l] = a1[24*i0_t + l + 48]*a2[24*b + l];
-                c3[l] = a1[24*i0_t + l + 72]*a2[24*b + l];
-            }
-            for (size_t i1_t = 4; i1_t < 24; i1_t += 4) {
-                for (size_t l = 0; l < 4; ++l) {
-                    c0[l] += a1[24*i0_t + i1_t + l]*a2[24*b + i1_t + l];
-                    c1[l] += a1[24*i0_t + i1_t + l + 24]*a2[24*b + i1_t + l];
-                    c2[l] += a1[24*i0_t + i1_t + l + 48]*a2[24*b + i1_t + l];
-                    c3[l] += a1[24*i0_t + i1_t + l + 72]*a2[24*b + i1_t + l];
-                }
-            }
-            for (size_t l = 0; l < 2; ++l) { c0[l] += c0[l + 2]; c1[l] += c1[l + 2]; c2[l] += c2[l + 2]; c3[l] += c3[l + 2]; }
-            c0[0] += c0[1]; c1[0] += c1[1]; c2[0] += c2[1]; c3[0] += c3[1];
-            const float s[4] = {c0[0], c1[0], c2[0], c3[0]};
-            for (size_t i0_j = 0; i0_j < 4; ++i0_j) {
-                const float acc = s[i0_j];
-                a0[4*b + i0_j + i0_t] = acc + a3[i0_j + i0_t];
-            }
+            a0[4*b + i0] = acc + a3[i0];
         }
     }
 }
@@ -251,9 +72,8 @@ static void k5(size_t n, float *restrict a0, const float *restrict a1, const flo
 {
     for (size_t b = 0; b < n; ++b) {
         float acc = 0;
-        const float u0 = logf(a3[b]);
         for (size_t i0 = 0; i0 < 4; ++i0) {
-            acc += -(-u0 + a1[4*b + i0] - a2[b])*a4[4*b + i0];
+            acc += -(-logf(a3[b]) + a1[4*b + i0] - a2[b])*a4[4*b + i0];
         }
         a0[b] = acc;
     }
@@ -272,120 +92,12 @@ static void k6(size_t n, float *restrict a0, const float *restrict a1)
 /* h: forward: h[b, i0] = (Σ_{i1} W1[i0, i1]*x[b, i1]) + b1[i0] */
 static void k7(size_t n, float *restrict a0, const float *restrict a1, const float *restrict a2, const float *restrict a3)
 {
-    for (size_t b_t = 0; b_t < n / 8 * 8; b_t += 8) {
-        for (size_t i0_t = 0; i0_t < 24; i0_t += 2) {
-            float c0[4], c1[4], c2[4], c3[4], c4[4], c5[4], c6[4], c7[4], c8[4], c9[4], c10[4], c11[4], c12[4], c13[4], c14[4], c15[4];
-            for (size_t l = 0; l < 4; ++l) {
-                c0[l] = a1[16*i0_t + l]*a3[16*b_t + l];
-                c1[l] = a1[16*i0_t + l + 16]*a3[16*b_t + l];
-                c2[l] = a1[16*i0_t + l]*a3[16*b_t + l + 16];
-                c3[l] = a1[16*i0_t + l + 16]*a3[16*b_t + l + 16];
-                c4[l] = a1[16*i0_t + l]*a3[16*b_t + l + 32];
-                c5[l] = a1[16*i0_t + l + 16]*a3[16*b_t + l + 32];
-                c6[l] = a1[16*i0_t + l]*a3[16*b_t + l + 48];
-                c7[l] = a1[16*i0_t + l + 16]*a3[16*b_t + l + 48];
-                c8[l] = a1[16*i0_t + l]*a3[16*b_t + l + 64];
-                c9[l] = a1[16*i0_t + l + 16]*a3[16*b_t + l + 64];
-                c10[l] = a1[16*i0_t + l]*a3[16*b_t + l + 80];
-                c11[l] = a1[16*i0_t + l + 16]*a3[16*b_t + l + 80];
-                c12[l] = a1[16*i0_t + l]*a3[16*b_t + l + 96];
-                c13[l] = a1[16*i0_t + l + 16]*a3[16*b_t + l + 96];
-                c14[l] = a1[16*i0_t + l]*a3[16*b_t + l + 112];
-                c15[l] = a1[16*i0_t + l + 16]*a3[16*b_t + l + 112];
+    for (size_t b = 0; b < n; ++b) {
+        for (size_t i0 = 0; i0 < 24; ++i0) {
+            float acc = 0;
+            for (size_t i1 = 0; i1 < 16; ++i1) {
+                acc += a1[16*i0 + i1]*a3[16*b + i1];
             }
-            for (size_t i1_t = 4; i1_t < 16; i1_t += 4) {
-                for (size_t l = 0; l < 4; ++l) {
-                    c0[l] += a1[16*i0_t + i1_t + l]*a3[16*b_t + i1_t + l];
-                    c1[l] += a1[16*i0_t + i1_t + l + 16]*a3[16*b_t + i1_t + l];
-                    c2[l] += a1[16*i0_t + i1_t + l]*a3[16*b_t + i1_t + l + 16];
-                    c3[l] += a1[16*i0_t + i1_t + l + 16]*a3[16*b_t + i1_t + l + 16];
-                    c4[l] += a1[16*i0_t + i1_t + l]*a3[16*b_t + i1_t + l + 32];
-                    c5[l] += a1[16*i0_t + i1_t + l + 16]*a3[16*b_t + i1_t + l + 32];
-                    c6[l] += a1[16*i0_t + i1_t + l]*a3[16*b_t + i1_t + l + 48];
-                    c7[l] += a1[16*i0_t + i1_t + l + 16]*a3[16*b_t + i1_t + l + 48];
-                    c8[l] += a1[16*i0_t + i1_t + l]*a3[16*b_t + i1_t + l + 64];
-                    c9[l] += a1[16*i0_t + i1_t + l + 16]*a3[16*b_t + i1_t + l + 64];
-                    c10[l] += a1[16*i0_t + i1_t + l]*a3[16*b_t + i1_t + l + 80];
-                    c11[l] += a1[16*i0_t + i1_t + l + 16]*a3[16*b_t + i1_t + l + 80];
-                    c12[l] += a1[16*i0_t + i1_t + l]*a3[16*b_t + i1_t + l + 96];
-                    c13[l] += a1[16*i0_t + i1_t + l + 16]*a3[16*b_t + i1_t + l + 96];
-                    c14[l] += a1[16*i0_t + i1_t + l]*a3[16*b_t + i1_t + l + 112];
-                    c15[l] += a1[16*i0_t + i1_t + l + 16]*a3[16*b_t + i1_t + l + 112];
-                }
-            }
-            for (size_t l = 0; l < 2; ++l) { c0[l] += c0[l + 2]; c1[l] += c1[l + 2]; c2[l] += c2[l + 2]; c3[l] += c3[l + 2]; c4[l] += c4[l + 2]; c5[l] += c5[l + 2]; c6[l] += c6[l + 2]; c7[l] += c7[l + 2]; c8[l] += c8[l + 2]; c9[l] += c9[l + 2]; c10[l] += c10[l + 2]; c11[l] += c11[l + 2]; c12[l] += c12[l + 2]; c13[l] += c13[l + 2]; c14[l] += c14[l + 2]; c15[l] += c15[l + 2]; }
-            c0[0] += c0[1]; c1[0] += c1[1]; c2[0] += c2[1]; c3[0] += c3[1]; c4[0] += c4[1]; c5[0] += c5[1]; c6[0] += c6[1]; c7[0] += c7[1]; c8[0] += c8[1]; c9[0] += c9[1]; c10[0] += c10[1]; c11[0] += c11[1]; c12[0] += c12[1]; c13[0] += c13[1]; c14[0] += c14[1]; c15[0] += c15[1];
-            const float s[16] = {c0[0], c1[0], c2[0], c3[0], c4[0], c5[0], c6[0], c7[0], c8[0], c9[0], c10[0], c11[0], c12[0], c13[0], c14[0], c15[0]};
-            for (size_t b_j = 0; b_j < 8; ++b_j) {
-                for (size_t i0_j = 0; i0_j < 2; ++i0_j) {
-                    const float acc = s[2*b_j + i0_j];
-                    a0[24*b_j + 24*b_t + i0_j + i0_t] = acc + a2[i0_j + i0_t];
-                }
-            }
-        }
-    }
-    for (size_t b = n / 8 * 8; b < n; ++b) {
-        for (size_t i0_t = 0; i0_t < 16; i0_t += 16) {
-            float c0[4], c1[4], c2[4], c3[4], c4[4], c5[4], c6[4], c7[4], c8[4], c9[4], c10[4], c11[4], c12[4], c13[4], c14[4], c15[4];
-            for (size_t l = 0; l < 4; ++l) {
-                c0[l] = a1[16*i0_t + l]*a3[16*b + l];
-                c1[l] = a1[16*i0_t + l + 16]*a3[16*b + l];
-                c2[l] = a1[16*i0_t + l + 32]*a3[16*b + l];
-                c3[l] = a1[16*i0_t + l + 48]*a3[16*b + l];
-                c4[l] = a1[16*i0_t + l + 64]*a3[16*b + l];
-                c5[l] = a1[16*i0_t + l + 80]*a3[16*b + l];
-                c6[l] = a1[16*i0_t + l + 96]*a3[16*b + l];
-                c7[l] = a1[16*i0_t + l + 112]*a3[16*b + l];
-                c8[l] = a1[16*i0_t + l + 128]*a3[16*b + l];
-                c9[l] = a1[16*i0_t + l + 144]*a3[16*b + l];
-                c10[l] = a1[16*i0_t + l + 160]*a3[16*b + l];
-                c11[l] = a1[16*i0_t + l + 176]*a3[16*b + l];
-                c12[l] = a1[16*i0_t + l + 192]*a3[16*b + l];
-                c13[l] = a1[16*i0_t + l + 208]*a3[16*b + l];
-                c14[l] = a1[16*i0_t + l + 224]*a3[16*b + l];
-                c15[l] = a1[16*i0_t + l + 240]*a3[16*b + l];
-            }
-            for (size_t i1_t = 4; i1_t < 16; i1_t += 4) {
-                for (size_t l = 0; l < 4; ++l) {
-                    c0[l] += a1[16*i0_t + i1_t + l]*a3[16*b + i1_t + l];
-                    c1[l] += a1[16*i0_t + i1_t + l + 16]*a3[16*b + i1_t + l];
-                    c2[l] += a1[16*i0_t + i1_t + l + 32]*a3[16*b + i1_t + l];
-                    c3[l] += a1[16*i0_t + i1_t + l + 48]*a3[16*b + i1_t + l];
-                    c4[l] += a1[16*i0_t + i1_t + l + 64]*a3[16*b + i1_t + l];
-                    c5[l] += a1[16*i0_t + i1_t + l + 80]*a3[16*b + i1_t + l];
-                    c6[l] += a1[16*i0_t + i1_t + l + 96]*a3[16*b + i1_t + l];
-                    c7[l] += a1[16*i0_t + i1_t + l + 112]*a3[16*b + i1_t + l];
-                    c8[l] += a1[16*i0_t + i1_t + l + 128]*a3[16*b + i1_t + l];
-                    c9[l] += a1[16*i0_t + i1_t + l + 144]*a3[16*b + i1_t + l];
-                    c10[l] += a1[16*i0_t + i1_t + l + 160]*a3[16*b + i1_t + l];
-                    c11[l] += a1[16*i0_t + i1_t + l + 176]*a3[16*b + i1_t + l];
-                    c12[l] += a1[16*i0_t + i1_t + l + 192]*a3[16*b + i1_t + l];
-                    c13[l] += a1[16*i0_t + i1_t + l + 208]*a3[16*b + i1_t + l];
-                    c14[l] += a1[16*i0_t + i1_t + l + 224]*a3[16*b + i1_t + l];
-                    c15[l] += a1[16*i0_t + i1_t + l + 240]*a3[16*b + i1_t + l];
-                }
-            }
-            for (size_t l = 0; l < 2; ++l) { c0[l] += c0[l + 2]; c1[l] += c1[l + 2]; c2[l] += c2[l + 2]; c3[l] += c3[l + 2]; c4[l] += c4[l + 2]; c5[l] += c5[l + 2]; c6[l] += c6[l + 2]; c7[l] += c7[l + 2]; c8[l] += c8[l + 2]; c9[l] += c9[l + 2]; c10[l] += c10[l + 2]; c11[l] += c11[l + 2]; c12[l] += c12[l + 2]; c13[l] += c13[l + 2]; c14[l] += c14[l + 2]; c15[l] += c15[l + 2]; }
-            c0[0] += c0[1]; c1[0] += c1[1]; c2[0] += c2[1]; c3[0] += c3[1]; c4[0] += c4[1]; c5[0] += c5[1]; c6[0] += c6[1]; c7[0] += c7[1]; c8[0] += c8[1]; c9[0] += c9[1]; c10[0] += c10[1]; c11[0] += c11[1]; c12[0] += c12[1]; c13[0] += c13[1]; c14[0] += c14[1]; c15[0] += c15[1];
-            const float s[16] = {c0[0], c1[0], c2[0], c3[0], c4[0], c5[0], c6[0], c7[0], c8[0], c9[0], c10[0], c11[0], c12[0], c13[0], c14[0], c15[0]};
-            for (size_t i0_j = 0; i0_j < 16; ++i0_j) {
-                const float acc = s[i0_j];
-                a0[24*b + i0_j + i0_t] = acc + a2[i0_j + i0_t];
-            }
-        }
-        for (size_t i0 = 16; i0 < 24; ++i0) {
-            float c0[4];
-            for (size_t l = 0; l < 4; ++l) {
-                c0[l] = a1[16*i0 + l]*a3[16*b + l];
-            }
-            for (size_t i1_t = 4; i1_t < 16; i1_t += 4) {
-                for (size_t l = 0; l < 4; ++l) {
-                    c0[l] += a1[16*i0 + i1_t + l]*a3[16*b + i1_t + l];
-                }
-            }
-            for (size_t l = 0; l < 2; ++l) { c0[l] += c0[l + 2]; }
-            c0[0] += c0[1];
-            const float acc = c0[0];
             a0[24*b + i0] = acc + a2[i0];
         }
     }
@@ -415,13 +127,11 @@ static void k9(size_t n, float *restrict a0, const float *restrict a1)
 static void k10(size_t n, float *restrict a0, const float *restrict a1, const float *restrict a2)
 {
     for (size_t b = 0; b < n; ++b) {
-        float c0[4];
-        for (size_t l = 0; l < 4; ++l) {
-            c0[l] = a2[4*b + l]*1.0F/n*1.0F/a1[b];
+        float acc = 0;
+        for (size_t i0 = 0; i0 < 4; ++i0) {
+            acc += a2[4*b + i0]*1.0F/n*1.0F/a1[b];
         }
-        for (size_t l = 0; l < 2; ++l) { c0[l] += c0[l + 2]; }
-        c0[0] += c0[1];
-        a0[b] = c0[0];
+        a0[b] = acc;
     }
 }
 
@@ -438,40 +148,15 @@ static void k11(size_t n, float *restrict a0, const float *restrict a1, const fl
 /* logits: dlogits/dW2: W2.grad[i0, i1] = Σ_{b} a[b, i1]*logits.grad[b, i0] */
 static void k12(size_t n, float *restrict a0, const float *restrict a1, const float *restrict a2)
 {
-    for (size_t i1_t = 0; i1_t < 24; i1_t += 8) {
-        for (size_t i0_t = 0; i0_t < 4; i0_t += 4) {
-            float c0[4], c1[4], c2[4], c3[4], c4[4], c5[4], c6[4], c7[4];
-            for (size_t l = 0; l < 4; ++l) {
-                c0[l] = a1[i1_t + l]*a2[i0_t];
-                c1[l] = a1[i1_t + l + 4]*a2[i0_t];
-                c2[l] = a1[i1_t + l]*a2[i0_t + 1];
-                c3[l] = a1[i1_t + l + 4]*a2[i0_t + 1];
-                c4[l] = a1[i1_t + l]*a2[i0_t + 2];
-                c5[l] = a1[i1_t + l + 4]*a2[i0_t + 2];
-                c6[l] = a1[i1_t + l]*a2[i0_t + 3];
-                c7[l] = a1[i1_t + l + 4]*a2[i0_t + 3];
-            }
-            for (size_t b = 1; b < n; ++b) {
-                for (size_t l = 0; l < 4; ++l) {
-                    c0[l] += a1[24*b + i1_t + l]*a2[4*b + i0_t];
-                    c1[l] += a1[24*b + i1_t + l + 4]*a2[4*b + i0_t];
-                    c2[l] += a1[24*b + i1_t + l]*a2[4*b + i0_t + 1];
-                    c3[l] += a1[24*b + i1_t + l + 4]*a2[4*b + i0_t + 1];
-                    c4[l] += a1[24*b + i1_t + l]*a2[4*b + i0_t + 2];
-                    c5[l] += a1[24*b + i1_t + l + 4]*a2[4*b + i0_t + 2];
-                    c6[l] += a1[24*b + i1_t + l]*a2[4*b + i0_t + 3];
-                    c7[l] += a1[24*b + i1_t + l + 4]*a2[4*b + i0_t + 3];
-                }
-            }
-            for (size_t l = 0; l < 4; ++l) {
-                a0[24*i0_t + i1_t + l] = c0[l];
-                a0[24*i0_t + i1_t + l + 4] = c1[l];
-                a0[24*i0_t + i1_t + l + 24] = c2[l];
-                a0[24*i0_t + i1_t + l + 28] = c3[l];
-                a0[24*i0_t + i1_t + l + 48] = c4[l];
-                a0[24*i0_t + i1_t + l + 52] = c5[l];
-                a0[24*i0_t + i1_t + l + 72] = c6[l];
-                a0[24*i0_t + i1_t + l + 76] = c7[l];
+    for (size_t i0 = 0; i0 < 4; ++i0) {
+        for (size_t i1 = 0; i1 < 24; ++i1) {
+            a0[24*i0 + i1] = 0;
+        }
+    }
+    for (size_t b = 0; b < n; ++b) {
+        for (size_t i0 = 0; i0 < 4; ++i0) {
+            for (size_t i1 = 0; i1 < 24; ++i1) {
+                a0[24*i0 + i1] += a1[24*b + i1]*a2[4*b + i0];
             }
         }
     }
@@ -480,154 +165,14 @@ static void k12(size_t n, float *restrict a0, const float *restrict a1, const fl
 /* a: logits with a as epilogue: h.grad[b, i1] = (Σ_{i0} W2[i0, i1]*logits.grad[b, i0])*(0.5*(1 - tanh(0.035677408136300126*h[b, i1]**3 + 0.7978845608028654*h[b, i1])**2)*(0.10703222440890038*h[b, i1]**2 + 0.7978845608028654)*h[b, i1] + 0.5*tanh(0.035677408136300126*h[b, i1]**3 + 0.7978845608028654*h[b, i1]) + 0.5) */
 static void k13(size_t n, float *restrict a0, const float *restrict a1, const float *restrict a2, const float *restrict a3)
 {
-    for (size_t i1_t = 0; i1_t < 24; i1_t += 8) {
-        for (size_t b_t = 0; b_t < n / 8 * 8; b_t += 8) {
-            float c0[4], c1[4], c2[4], c3[4], c4[4], c5[4], c6[4], c7[4], c8[4], c9[4], c10[4], c11[4], c12[4], c13[4], c14[4], c15[4];
-            for (size_t l = 0; l < 4; ++l) {
-                c0[l] = a1[i1_t + l]*a3[4*b_t];
-                c1[l] = a1[i1_t + l + 4]*a3[4*b_t];
-                c2[l] = a1[i1_t + l]*a3[4*b_t + 4];
-                c3[l] = a1[i1_t + l + 4]*a3[4*b_t + 4];
-                c4[l] = a1[i1_t + l]*a3[4*b_t + 8];
-                c5[l] = a1[i1_t + l + 4]*a3[4*b_t + 8];
-                c6[l] = a1[i1_t + l]*a3[4*b_t + 12];
-                c7[l] = a1[i1_t + l + 4]*a3[4*b_t + 12];
-                c8[l] = a1[i1_t + l]*a3[4*b_t + 16];
-                c9[l] = a1[i1_t + l + 4]*a3[4*b_t + 16];
-                c10[l] = a1[i1_t + l]*a3[4*b_t + 20];
-                c11[l] = a1[i1_t + l + 4]*a3[4*b_t + 20];
-                c12[l] = a1[i1_t + l]*a3[4*b_t + 24];
-                c13[l] = a1[i1_t + l + 4]*a3[4*b_t + 24];
-                c14[l] = a1[i1_t + l]*a3[4*b_t + 28];
-                c15[l] = a1[i1_t + l + 4]*a3[4*b_t + 28];
+    for (size_t b = 0; b < n; ++b) {
+        for (size_t i1 = 0; i1 < 24; ++i1) {
+            float acc = 0;
+            for (size_t i0 = 0; i0 < 4; ++i0) {
+                acc += a1[24*i0 + i1]*a3[4*b + i0];
             }
-            for (size_t i0 = 1; i0 < 4; ++i0) {
-                for (size_t l = 0; l < 4; ++l) {
-                    c0[l] += a1[24*i0 + i1_t + l]*a3[4*b_t + i0];
-                    c1[l] += a1[24*i0 + i1_t + l + 4]*a3[4*b_t + i0];
-                    c2[l] += a1[24*i0 + i1_t + l]*a3[4*b_t + i0 + 4];
-                    c3[l] += a1[24*i0 + i1_t + l + 4]*a3[4*b_t + i0 + 4];
-                    c4[l] += a1[24*i0 + i1_t + l]*a3[4*b_t + i0 + 8];
-                    c5[l] += a1[24*i0 + i1_t + l + 4]*a3[4*b_t + i0 + 8];
-                    c6[l] += a1[24*i0 + i1_t + l]*a3[4*b_t + i0 + 12];
-                    c7[l] += a1[24*i0 + i1_t + l + 4]*a3[4*b_t + i0 + 12];
-                    c8[l] += a1[24*i0 + i1_t + l]*a3[4*b_t + i0 + 16];
-                    c9[l] += a1[24*i0 + i1_t + l + 4]*a3[4*b_t + i0 + 16];
-                    c10[l] += a1[24*i0 + i1_t + l]*a3[4*b_t + i0 + 20];
-                    c11[l] += a1[24*i0 + i1_t + l + 4]*a3[4*b_t + i0 + 20];
-                    c12[l] += a1[24*i0 + i1_t + l]*a3[4*b_t + i0 + 24];
-                    c13[l] += a1[24*i0 + i1_t + l + 4]*a3[4*b_t + i0 + 24];
-                    c14[l] += a1[24*i0 + i1_t + l]*a3[4*b_t + i0 + 28];
-                    c15[l] += a1[24*i0 + i1_t + l + 4]*a3[4*b_t + i0 + 28];
-                }
-            }
-            for (size_t l = 0; l < 4; ++l) {
-                {
-                    const float acc = c0[l];
-                    const float t0 = tanhf(0.7978845608028654F*a2[24*b_t + i1_t + l] + 0.035677408136300125F*(a2[24*b_t + i1_t + l]*a2[24*b_t + i1_t + l]*a2[24*b_t + i1_t + l]));
-                    a0[24*b_t + i1_t + l] = acc*(0.5F*t0 + 0.5F*a2[24*b_t + i1_t + l]*(1 - (t0*t0))*(0.7978845608028654F + 0.10703222440890038F*(a2[24*b_t + i1_t + l]*a2[24*b_t + i1_t + l])) + 0.5F);
-                }
-                {
-                    const float acc = c1[l];
-                    const float t0 = tanhf(0.7978845608028654F*a2[24*b_t + i1_t + l + 4] + 0.035677408136300125F*(a2[24*b_t + i1_t + l + 4]*a2[24*b_t + i1_t + l + 4]*a2[24*b_t + i1_t + l + 4]));
-                    a0[24*b_t + i1_t + l + 4] = acc*(0.5F*t0 + 0.5F*a2[24*b_t + i1_t + l + 4]*(1 - (t0*t0))*(0.7978845608028654F + 0.10703222440890038F*(a2[24*b_t + i1_t + l + 4]*a2[24*b_t + i1_t + l + 4])) + 0.5F);
-                }
-                {
-                    const float acc = c2[l];
-                    const float t0 = tanhf(0.7978845608028654F*a2[24*b_t + i1_t + l + 24] + 0.035677408136300125F*(a2[24*b_t + i1_t + l + 24]*a2[24*b_t + i1_t + l + 24]*a2[24*b_t + i1_t + l + 24]));
-                    a0[24*b_t + i1_t + l + 24] = acc*(0.5F*t0 + 0.5F*a2[24*b_t + i1_t + l + 24]*(1 - (t0*t0))*(0.7978845608028654F + 0.10703222440890038F*(a2[24*b_t + i1_t + l + 24]*a2[24*b_t + i1_t + l + 24])) + 0.5F);
-                }
-                {
-                    const float acc = c3[l];
-                    const float t0 = tanhf(0.7978845608028654F*a2[24*b_t + i1_t + l + 28] + 0.035677408136300125F*(a2[24*b_t + i1_t + l + 28]*a2[24*b_t + i1_t + l + 28]*a2[24*b_t + i1_t + l + 28]));
-                    a0[24*b_t + i1_t + l + 28] = acc*(0.5F*t0 + 0.5F*a2[24*b_t + i1_t + l + 28]*(1 - (t0*t0))*(0.7978845608028654F + 0.10703222440890038F*(a2[24*b_t + i1_t + l + 28]*a2[24*b_t + i1_t + l + 28])) + 0.5F);
-                }
-                {
-                    const float acc = c4[l];
-                    const float t0 = tanhf(0.7978845608028654F*a2[24*b_t + i1_t + l + 48] + 0.035677408136300125F*(a2[24*b_t + i1_t + l + 48]*a2[24*b_t + i1_t + l + 48]*a2[24*b_t + i1_t + l + 48]));
-                    a0[24*b_t + i1_t + l + 48] = acc*(0.5F*t0 + 0.5F*a2[24*b_t + i1_t + l + 48]*(1 - (t0*t0))*(0.7978845608028654F + 0.10703222440890038F*(a2[24*b_t + i1_t + l + 48]*a2[24*b_t + i1_t + l + 48])) + 0.5F);
-                }
-                {
-                    const float acc = c5[l];
-                    const float t0 = tanhf(0.7978845608028654F*a2[24*b_t + i1_t + l + 52] + 0.035677408136300125F*(a2[24*b_t + i1_t + l + 52]*a2[24*b_t + i1_t + l + 52]*a2[24*b_t + i1_t + l + 52]));
-                    a0[24*b_t + i1_t + l + 52] = acc*(0.5F*t0 + 0.5F*a2[24*b_t + i1_t + l + 52]*(1 - (t0*t0))*(0.7978845608028654F + 0.10703222440890038F*(a2[24*b_t + i1_t + l + 52]*a2[24*b_t + i1_t + l + 52])) + 0.5F);
-                }
-                {
-                    const float acc = c6[l];
-                    const float t0 = tanhf(0.7978845608028654F*a2[24*b_t + i1_t + l + 72] + 0.035677408136300125F*(a2[24*b_t + i1_t + l + 72]*a2[24*b_t + i1_t + l + 72]*a2[24*b_t + i1_t + l + 72]));
-                    a0[24*b_t + i1_t + l + 72] = acc*(0.5F*t0 + 0.5F*a2[24*b_t + i1_t + l + 72]*(1 - (t0*t0))*(0.7978845608028654F + 0.10703222440890038F*(a2[24*b_t + i1_t + l + 72]*a2[24*b_t + i1_t + l + 72])) + 0.5F);
-                }
-                {
-                    const float acc = c7[l];
-                    const float t0 = tanhf(0.7978845608028654F*a2[24*b_t + i1_t + l + 76] + 0.035677408136300125F*(a2[24*b_t + i1_t + l + 76]*a2[24*b_t + i1_t + l + 76]*a2[24*b_t + i1_t + l + 76]));
-                    a0[24*b_t + i1_t + l + 76] = acc*(0.5F*t0 + 0.5F*a2[24*b_t + i1_t + l + 76]*(1 - (t0*t0))*(0.7978845608028654F + 0.10703222440890038F*(a2[24*b_t + i1_t + l + 76]*a2[24*b_t + i1_t + l + 76])) + 0.5F);
-                }
-                {
-                    const float acc = c8[l];
-                    const float t0 = tanhf(0.7978845608028654F*a2[24*b_t + i1_t + l + 96] + 0.035677408136300125F*(a2[24*b_t + i1_t + l + 96]*a2[24*b_t + i1_t + l + 96]*a2[24*b_t + i1_t + l + 96]));
-                    a0[24*b_t + i1_t + l + 96] = acc*(0.5F*t0 + 0.5F*a2[24*b_t + i1_t + l + 96]*(1 - (t0*t0))*(0.7978845608028654F + 0.10703222440890038F*(a2[24*b_t + i1_t + l + 96]*a2[24*b_t + i1_t + l + 96])) + 0.5F);
-                }
-                {
-                    const float acc = c9[l];
-                    const float t0 = tanhf(0.7978845608028654F*a2[24*b_t + i1_t + l + 100] + 0.035677408136300125F*(a2[24*b_t + i1_t + l + 100]*a2[24*b_t + i1_t + l + 100]*a2[24*b_t + i1_t + l + 100]));
-                    a0[24*b_t + i1_t + l + 100] = acc*(0.5F*t0 + 0.5F*a2[24*b_t + i1_t + l + 100]*(1 - (t0*t0))*(0.7978845608028654F + 0.10703222440890038F*(a2[24*b_t + i1_t + l + 100]*a2[24*b_t + i1_t + l + 100])) + 0.5F);
-                }
-                {
-                    const float acc = c10[l];
-                    const float t0 = tanhf(0.7978845608028654F*a2[24*b_t + i1_t + l + 120] + 0.035677408136300125F*(a2[24*b_t + i1_t + l + 120]*a2[24*b_t + i1_t + l + 120]*a2[24*b_t + i1_t + l + 120]));
-                    a0[24*b_t + i1_t + l + 120] = acc*(0.5F*t0 + 0.5F*a2[24*b_t + i1_t + l + 120]*(1 - (t0*t0))*(0.7978845608028654F + 0.10703222440890038F*(a2[24*b_t + i1_t + l + 120]*a2[24*b_t + i1_t + l + 120])) + 0.5F);
-                }
-                {
-                    const float acc = c11[l];
-                    const float t0 = tanhf(0.7978845608028654F*a2[24*b_t + i1_t + l + 124] + 0.035677408136300125F*(a2[24*b_t + i1_t + l + 124]*a2[24*b_t + i1_t + l + 124]*a2[24*b_t + i1_t + l + 124]));
-                    a0[24*b_t + i1_t + l + 124] = acc*(0.5F*t0 + 0.5F*a2[24*b_t + i1_t + l + 124]*(1 - (t0*t0))*(0.7978845608028654F + 0.10703222440890038F*(a2[24*b_t + i1_t + l + 124]*a2[24*b_t + i1_t + l + 124])) + 0.5F);
-                }
-                {
-                    const float acc = c12[l];
-                    const float t0 = tanhf(0.7978845608028654F*a2[24*b_t + i1_t + l + 144] + 0.035677408136300125F*(a2[24*b_t + i1_t + l + 144]*a2[24*b_t + i1_t + l + 144]*a2[24*b_t + i1_t + l + 144]));
-                    a0[24*b_t + i1_t + l + 144] = acc*(0.5F*t0 + 0.5F*a2[24*b_t + i1_t + l + 144]*(1 - (t0*t0))*(0.7978845608028654F + 0.10703222440890038F*(a2[24*b_t + i1_t + l + 144]*a2[24*b_t + i1_t + l + 144])) + 0.5F);
-                }
-                {
-                    const float acc = c13[l];
-                    const float t0 = tanhf(0.7978845608028654F*a2[24*b_t + i1_t + l + 148] + 0.035677408136300125F*(a2[24*b_t + i1_t + l + 148]*a2[24*b_t + i1_t + l + 148]*a2[24*b_t + i1_t + l + 148]));
-                    a0[24*b_t + i1_t + l + 148] = acc*(0.5F*t0 + 0.5F*a2[24*b_t + i1_t + l + 148]*(1 - (t0*t0))*(0.7978845608028654F + 0.10703222440890038F*(a2[24*b_t + i1_t + l + 148]*a2[24*b_t + i1_t + l + 148])) + 0.5F);
-                }
-                {
-                    const float acc = c14[l];
-                    const float t0 = tanhf(0.7978845608028654F*a2[24*b_t + i1_t + l + 168] + 0.035677408136300125F*(a2[24*b_t + i1_t + l + 168]*a2[24*b_t + i1_t + l + 168]*a2[24*b_t + i1_t + l + 168]));
-                    a0[24*b_t + i1_t + l + 168] = acc*(0.5F*t0 + 0.5F*a2[24*b_t + i1_t + l + 168]*(1 - (t0*t0))*(0.7978845608028654F + 0.10703222440890038F*(a2[24*b_t + i1_t + l + 168]*a2[24*b_t + i1_t + l + 168])) + 0.5F);
-                }
-                {
-                    const float acc = c15[l];
-                    const float t0 = tanhf(0.7978845608028654F*a2[24*b_t + i1_t + l + 172] + 0.035677408136300125F*(a2[24*b_t + i1_t + l + 172]*a2[24*b_t + i1_t + l + 172]*a2[24*b_t + i1_t + l + 172]));
-                    a0[24*b_t + i1_t + l + 172] = acc*(0.5F*t0 + 0.5F*a2[24*b_t + i1_t + l + 172]*(1 - (t0*t0))*(0.7978845608028654F + 0.10703222440890038F*(a2[24*b_t + i1_t + l + 172]*a2[24*b_t + i1_t + l + 172])) + 0.5F);
-                }
-            }
-        }
-        for (size_t b = n / 8 * 8; b < n; ++b) {
-            float c0[4], c1[4];
-            for (size_t l = 0; l < 4; ++l) {
-                c0[l] = a1[i1_t + l]*a3[4*b];
-                c1[l] = a1[i1_t + l + 4]*a3[4*b];
-            }
-            for (size_t i0 = 1; i0 < 4; ++i0) {
-                for (size_t l = 0; l < 4; ++l) {
-                    c0[l] += a1[24*i0 + i1_t + l]*a3[4*b + i0];
-                    c1[l] += a1[24*i0 + i1_t + l + 4]*a3[4*b + i0];
-                }
-            }
-            for (size_t l = 0; l < 4; ++l) {
-                {
-                    const float acc = c0[l];
-                    const float t0 = tanhf(0.7978845608028654F*a2[24*b + i1_t + l] + 0.035677408136300125F*(a2[24*b + i1_t + l]*a2[24*b + i1_t + l]*a2[24*b + i1_t + l]));
-                    a0[24*b + i1_t + l] = acc*(0.5F*t0 + 0.5F*a2[24*b + i1_t + l]*(1 - (t0*t0))*(0.7978845608028654F + 0.10703222440890038F*(a2[24*b + i1_t + l]*a2[24*b + i1_t + l])) + 0.5F);
-                }
-                {
-                    const float acc = c1[l];
-                    const float t0 = tanhf(0.7978845608028654F*a2[24*b + i1_t + l + 4] + 0.035677408136300125F*(a2[24*b + i1_t + l + 4]*a2[24*b + i1_t + l + 4]*a2[24*b + i1_t + l + 4]));
-                    a0[24*b + i1_t + l + 4] = acc*(0.5F*t0 + 0.5F*a2[24*b + i1_t + l + 4]*(1 - (t0*t0))*(0.7978845608028654F + 0.10703222440890038F*(a2[24*b + i1_t + l + 4]*a2[24*b + i1_t + l + 4])) + 0.5F);
-                }
-            }
+            const float t0 = tanhf(0.7978845608028654F*a2[24*b + i1] + 0.035677408136300125F*(a2[24*b + i1]*a2[24*b + i1]*a2[24*b + i1]));
+            a0[24*b + i1] = acc*(0.5F*t0 + 0.5F*a2[24*b + i1]*(1 - (t0*t0))*(0.7978845608028654F + 0.10703222440890038F*(a2[24*b + i1]*a2[24*b + i1])) + 0.5F);
         }
     }
 }
@@ -635,18 +180,12 @@ static void k13(size_t n, float *restrict a0, const float *restrict a1, const fl
 /* logits: dlogits/db2: b2.grad[i0] = Σ_{b} logits.grad[b, i0] */
 static void k14(size_t n, float *restrict a0, const float *restrict a1)
 {
-    for (size_t i0_t = 0; i0_t < 4; i0_t += 4) {
-        float c0[4];
-        for (size_t l = 0; l < 4; ++l) {
-            c0[l] = a1[i0_t + l];
-        }
-        for (size_t b = 1; b < n; ++b) {
-            for (size_t l = 0; l < 4; ++l) {
-                c0[l] += a1[4*b + i0_t + l];
-            }
-        }
-        for (size_t l = 0; l < 4; ++l) {
-            a0[i0_t + l] = c0[l];
+    for (size_t i0 = 0; i0 < 4; ++i0) {
+        a0[i0] = 0;
+    }
+    for (size_t b = 0; b < n; ++b) {
+        for (size_t i0 = 0; i0 < 4; ++i0) {
+            a0[i0] += a1[4*b + i0];
         }
     }
 }
@@ -654,64 +193,15 @@ static void k14(size_t n, float *restrict a0, const float *restrict a1)
 /* h: dh/dW1: W1.grad[i0, i1] = Σ_{b} h.grad[b, i0]*x[b, i1] */
 static void k15(size_t n, float *restrict a0, const float *restrict a1, const float *restrict a2)
 {
-    for (size_t i1_t = 0; i1_t < 16; i1_t += 8) {
-        for (size_t i0_t = 0; i0_t < 24; i0_t += 8) {
-            float c0[4], c1[4], c2[4], c3[4], c4[4], c5[4], c6[4], c7[4], c8[4], c9[4], c10[4], c11[4], c12[4], c13[4], c14[4], c15[4];
-            for (size_t l = 0; l < 4; ++l) {
-                c0[l] = a1[i0_t]*a2[i1_t + l];
-                c1[l] = a1[i0_t]*a2[i1_t + l + 4];
-                c2[l] = a1[i0_t + 1]*a2[i1_t + l];
-                c3[l] = a1[i0_t + 1]*a2[i1_t + l + 4];
-                c4[l] = a1[i0_t + 2]*a2[i1_t + l];
-                c5[l] = a1[i0_t + 2]*a2[i1_t + l + 4];
-                c6[l] = a1[i0_t + 3]*a2[i1_t + l];
-                c7[l] = a1[i0_t + 3]*a2[i1_t + l + 4];
-                c8[l] = a1[i0_t + 4]*a2[i1_t + l];
-                c9[l] = a1[i0_t + 4]*a2[i1_t + l + 4];
-                c10[l] = a1[i0_t + 5]*a2[i1_t + l];
-                c11[l] = a1[i0_t + 5]*a2[i1_t + l + 4];
-                c12[l] = a1[i0_t + 6]*a2[i1_t + l];
-                c13[l] = a1[i0_t + 6]*a2[i1_t + l + 4];
-                c14[l] = a1[i0_t + 7]*a2[i1_t + l];
-                c15[l] = a1[i0_t + 7]*a2[i1_t + l + 4];
-            }
-            for (size_t b = 1; b < n; ++b) {
-                for (size_t l = 0; l < 4; ++l) {
-                    c0[l] += a1[24*b + i0_t]*a2[16*b + i1_t + l];
-                    c1[l] += a1[24*b + i0_t]*a2[16*b + i1_t + l + 4];
-                    c2[l] += a1[24*b + i0_t + 1]*a2[16*b + i1_t + l];
-                    c3[l] += a1[24*b + i0_t + 1]*a2[16*b + i1_t + l + 4];
-                    c4[l] += a1[24*b + i0_t + 2]*a2[16*b + i1_t + l];
-                    c5[l] += a1[24*b + i0_t + 2]*a2[16*b + i1_t + l + 4];
-                    c6[l] += a1[24*b + i0_t + 3]*a2[16*b + i1_t + l];
-                    c7[l] += a1[24*b + i0_t + 3]*a2[16*b + i1_t + l + 4];
-                    c8[l] += a1[24*b + i0_t + 4]*a2[16*b + i1_t + l];
-                    c9[l] += a1[24*b + i0_t + 4]*a2[16*b + i1_t + l + 4];
-                    c10[l] += a1[24*b + i0_t + 5]*a2[16*b + i1_t + l];
-                    c11[l] += a1[24*b + i0_t + 5]*a2[16*b + i1_t + l + 4];
-                    c12[l] += a1[24*b + i0_t + 6]*a2[16*b + i1_t + l];
-                    c13[l] += a1[24*b + i0_t + 6]*a2[16*b + i1_t + l + 4];
-                    c14[l] += a1[24*b + i0_t + 7]*a2[16*b + i1_t + l];
-                    c15[l] += a1[24*b + i0_t + 7]*a2[16*b + i1_t + l + 4];
-                }
-            }
-            for (size_t l = 0; l < 4; ++l) {
-                a0[16*i0_t + i1_t + l] = c0[l];
-                a0[16*i0_t + i1_t + l + 4] = c1[l];
-                a0[16*i0_t + i1_t + l + 16] = c2[l];
-                a0[16*i0_t + i1_t + l + 20] = c3[l];
-                a0[16*i0_t + i1_t + l + 32] = c4[l];
-                a0[16*i0_t + i1_t + l + 36] = c5[l];
-                a0[16*i0_t + i1_t + l + 48] = c6[l];
-                a0[16*i0_t + i1_t + l + 52] = c7[l];
-                a0[16*i0_t + i1_t + l + 64] = c8[l];
-                a0[16*i0_t + i1_t + l + 68] = c9[l];
-                a0[16*i0_t + i1_t + l + 80] = c10[l];
-                a0[16*i0_t + i1_t + l + 84] = c11[l];
-                a0[16*i0_t + i1_t + l + 96] = c12[l];
-                a0[16*i0_t + i1_t + l + 100] = c13[l];
-                a0[16*i0_t + i1_t + l + 112] = c14[l];
-                a0[16*i0_t + i1_t + l + 116] = c15[l];
+    for (size_t i0 = 0; i0 < 24; ++i0) {
+        for (size_t i1 = 0; i1 < 16; ++i1) {
+            a0[16*i0 + i1] = 0;
+        }
+    }
+    for (size_t b = 0; b < n; ++b) {
+        for (size_t i0 = 0; i0 < 24; ++i0) {
+            for (size_t i1 = 0; i1 < 16; ++i1) {
+                a0[16*i0 + i1] += a1[24*b + i0]*a2[16*b + i1];
             }
         }
     }
@@ -720,21 +210,12 @@ static void k15(size_t n, float *restrict a0, const float *restrict a1, const fl
 /* h: dh/db1: b1.grad[i0] = Σ_{b} h.grad[b, i0] */
 static void k16(size_t n, float *restrict a0, const float *restrict a1)
 {
-    for (size_t i0_t = 0; i0_t < 24; i0_t += 8) {
-        float c0[4], c1[4];
-        for (size_t l = 0; l < 4; ++l) {
-            c0[l] = a1[i0_t + l];
-            c1[l] = a1[i0_t + l + 4];
-        }
-        for (size_t b = 1; b < n; ++b) {
-            for (size_t l = 0; l < 4; ++l) {
-                c0[l] += a1[24*b + i0_t + l];
-                c1[l] += a1[24*b + i0_t + l + 4];
-            }
-        }
-        for (size_t l = 0; l < 4; ++l) {
-            a0[i0_t + l] = c0[l];
-            a0[i0_t + l + 4] = c1[l];
+    for (size_t i0 = 0; i0 < 24; ++i0) {
+        a0[i0] = 0;
+    }
+    for (size_t b = 0; b < n; ++b) {
+        for (size_t i0 = 0; i0 < 24; ++i0) {
+            a0[i0] += a1[24*b + i0];
         }
     }
 }

@@ -7,108 +7,14 @@
 /* a1: h1 with a1 as epilogue: a1[b, i0] = ((Σ_{i1} W1[i0, i1]*x[b, i1]) + b1[i0])*tanh(log(exp((Σ_{i1} W1[i0, i1]*x[b, i1]) + b1[i0]) + 1)) */
 static void k0(size_t n, float *restrict a0, const float *restrict a1, const float *restrict a2, const float *restrict a3)
 {
-    for (size_t b_t = 0; b_t < n / 8 * 8; b_t += 8) {
-        for (size_t i0_t = 0; i0_t < 32; i0_t += 2) {
-            float c0[4], c1[4], c2[4], c3[4], c4[4], c5[4], c6[4], c7[4], c8[4], c9[4], c10[4], c11[4], c12[4], c13[4], c14[4], c15[4];
-            for (size_t l = 0; l < 4; ++l) {
-                c0[l] = a1[64*i0_t + l]*a3[64*b_t + l];
-                c1[l] = a1[64*i0_t + l + 64]*a3[64*b_t + l];
-                c2[l] = a1[64*i0_t + l]*a3[64*b_t + l + 64];
-                c3[l] = a1[64*i0_t + l + 64]*a3[64*b_t + l + 64];
-                c4[l] = a1[64*i0_t + l]*a3[64*b_t + l + 128];
-                c5[l] = a1[64*i0_t + l + 64]*a3[64*b_t + l + 128];
-                c6[l] = a1[64*i0_t + l]*a3[64*b_t + l + 192];
-                c7[l] = a1[64*i0_t + l + 64]*a3[64*b_t + l + 192];
-                c8[l] = a1[64*i0_t + l]*a3[64*b_t + l + 256];
-                c9[l] = a1[64*i0_t + l + 64]*a3[64*b_t + l + 256];
-                c10[l] = a1[64*i0_t + l]*a3[64*b_t + l + 320];
-                c11[l] = a1[64*i0_t + l + 64]*a3[64*b_t + l + 320];
-                c12[l] = a1[64*i0_t + l]*a3[64*b_t + l + 384];
-                c13[l] = a1[64*i0_t + l + 64]*a3[64*b_t + l + 384];
-                c14[l] = a1[64*i0_t + l]*a3[64*b_t + l + 448];
-                c15[l] = a1[64*i0_t + l + 64]*a3[64*b_t + l + 448];
+    for (size_t b = 0; b < n; ++b) {
+        for (size_t i0 = 0; i0 < 32; ++i0) {
+            float acc = 0;
+            for (size_t i1 = 0; i1 < 64; ++i1) {
+                acc += a1[64*i0 + i1]*a3[64*b + i1];
             }
-            for (size_t i1_t = 4; i1_t < 64; i1_t += 4) {
-                for (size_t l = 0; l < 4; ++l) {
-                    c0[l] += a1[64*i0_t + i1_t + l]*a3[64*b_t + i1_t + l];
-                    c1[l] += a1[64*i0_t + i1_t + l + 64]*a3[64*b_t + i1_t + l];
-                    c2[l] += a1[64*i0_t + i1_t + l]*a3[64*b_t + i1_t + l + 64];
-                    c3[l] += a1[64*i0_t + i1_t + l + 64]*a3[64*b_t + i1_t + l + 64];
-                    c4[l] += a1[64*i0_t + i1_t + l]*a3[64*b_t + i1_t + l + 128];
-                    c5[l] += a1[64*i0_t + i1_t + l + 64]*a3[64*b_t + i1_t + l + 128];
-                    c6[l] += a1[64*i0_t + i1_t + l]*a3[64*b_t + i1_t + l + 192];
-                    c7[l] += a1[64*i0_t + i1_t + l + 64]*a3[64*b_t + i1_t + l + 192];
-                    c8[l] += a1[64*i0_t + i1_t + l]*a3[64*b_t + i1_t + l + 256];
-                    c9[l] += a1[64*i0_t + i1_t + l + 64]*a3[64*b_t + i1_t + l + 256];
-                    c10[l] += a1[64*i0_t + i1_t + l]*a3[64*b_t + i1_t + l + 320];
-                    c11[l] += a1[64*i0_t + i1_t + l + 64]*a3[64*b_t + i1_t + l + 320];
-                    c12[l] += a1[64*i0_t + i1_t + l]*a3[64*b_t + i1_t + l + 384];
-                    c13[l] += a1[64*i0_t + i1_t + l + 64]*a3[64*b_t + i1_t + l + 384];
-                    c14[l] += a1[64*i0_t + i1_t + l]*a3[64*b_t + i1_t + l + 448];
-                    c15[l] += a1[64*i0_t + i1_t + l + 64]*a3[64*b_t + i1_t + l + 448];
-                }
-            }
-            for (size_t l = 0; l < 2; ++l) { c0[l] += c0[l + 2]; c1[l] += c1[l + 2]; c2[l] += c2[l + 2]; c3[l] += c3[l + 2]; c4[l] += c4[l + 2]; c5[l] += c5[l + 2]; c6[l] += c6[l + 2]; c7[l] += c7[l + 2]; c8[l] += c8[l + 2]; c9[l] += c9[l + 2]; c10[l] += c10[l + 2]; c11[l] += c11[l + 2]; c12[l] += c12[l + 2]; c13[l] += c13[l + 2]; c14[l] += c14[l + 2]; c15[l] += c15[l + 2]; }
-            c0[0] += c0[1]; c1[0] += c1[1]; c2[0] += c2[1]; c3[0] += c3[1]; c4[0] += c4[1]; c5[0] += c5[1]; c6[0] += c6[1]; c7[0] += c7[1]; c8[0] += c8[1]; c9[0] += c9[1]; c10[0] += c10[1]; c11[0] += c11[1]; c12[0] += c12[1]; c13[0] += c13[1]; c14[0] += c14[1]; c15[0] += c15[1];
-            const float s[16] = {c0[0], c1[0], c2[0], c3[0], c4[0], c5[0], c6[0], c7[0], c8[0], c9[0], c10[0], c11[0], c12[0], c13[0], c14[0], c15[0]};
-            for (size_t b_j = 0; b_j < 8; ++b_j) {
-                for (size_t i0_j = 0; i0_j < 2; ++i0_j) {
-                    const float acc = s[2*b_j + i0_j];
-                    const float t0 = acc + a2[i0_j + i0_t];
-                    a0[32*b_j + 32*b_t + i0_j + i0_t] = t0*tanhf(logf(expf(t0) + 1));
-                }
-            }
-        }
-    }
-    for (size_t b = n / 8 * 8; b < n; ++b) {
-        for (size_t i0_t = 0; i0_t < 32; i0_t += 16) {
-            float c0[4], c1[4], c2[4], c3[4], c4[4], c5[4], c6[4], c7[4], c8[4], c9[4], c10[4], c11[4], c12[4], c13[4], c14[4], c15[4];
-            for (size_t l = 0; l < 4; ++l) {
-                c0[l] = a1[64*i0_t + l]*a3[64*b + l];
-                c1[l] = a1[64*i0_t + l + 64]*a3[64*b + l];
-                c2[l] = a1[64*i0_t + l + 128]*a3[64*b + l];
-                c3[l] = a1[64*i0_t + l + 192]*a3[64*b + l];
-                c4[l] = a1[64*i0_t + l + 256]*a3[64*b + l];
-                c5[l] = a1[64*i0_t + l + 320]*a3[64*b + l];
-                c6[l] = a1[64*i0_t + l + 384]*a3[64*b + l];
-                c7[l] = a1[64*i0_t + l + 448]*a3[64*b + l];
-                c8[l] = a1[64*i0_t + l + 512]*a3[64*b + l];
-                c9[l] = a1[64*i0_t + l + 576]*a3[64*b + l];
-                c10[l] = a1[64*i0_t + l + 640]*a3[64*b + l];
-                c11[l] = a1[64*i0_t + l + 704]*a3[64*b + l];
-                c12[l] = a1[64*i0_t + l + 768]*a3[64*b + l];
-                c13[l] = a1[64*i0_t + l + 832]*a3[64*b + l];
-                c14[l] = a1[64*i0_t + l + 896]*a3[64*b + l];
-                c15[l] = a1[64*i0_t + l + 960]*a3[64*b + l];
-            }
-            for (size_t i1_t = 4; i1_t < 64; i1_t += 4) {
-                for (size_t l = 0; l < 4; ++l) {
-                    c0[l] += a1[64*i0_t + i1_t + l]*a3[64*b + i1_t + l];
-                    c1[l] += a1[64*i0_t + i1_t + l + 64]*a3[64*b + i1_t + l];
-                    c2[l] += a1[64*i0_t + i1_t + l + 128]*a3[64*b + i1_t + l];
-                    c3[l] += a1[64*i0_t + i1_t + l + 192]*a3[64*b + i1_t + l];
-                    c4[l] += a1[64*i0_t + i1_t + l + 256]*a3[64*b + i1_t + l];
-                    c5[l] += a1[64*i0_t + i1_t + l + 320]*a3[64*b + i1_t + l];
-                    c6[l] += a1[64*i0_t + i1_t + l + 384]*a3[64*b + i1_t + l];
-                    c7[l] += a1[64*i0_t + i1_t + l + 448]*a3[64*b + i1_t + l];
-                    c8[l] += a1[64*i0_t + i1_t + l + 512]*a3[64*b + i1_t + l];
-                    c9[l] += a1[64*i0_t + i1_t + l + 576]*a3[64*b + i1_t + l];
-                    c10[l] += a1[64*i0_t + i1_t + l + 640]*a3[64*b + i1_t + l];
-                    c11[l] += a1[64*i0_t + i1_t + l + 704]*a3[64*b + i1_t + l];
-                    c12[l] += a1[64*i0_t + i1_t + l + 768]*a3[64*b + i1_t + l];
-                    c13[l] += a1[64*i0_t + i1_t + l + 832]*a3[64*b + i1_t + l];
-                    c14[l] += a1[64*i0_t + i1_t + l + 896]*a3[64*b + i1_t + l];
-                    c15[l] += a1[64*i0_t + i1_t + l + 960]*a3[64*b + i1_t + l];
-                }
-            }
-            for (size_t l = 0; l < 2; ++l) { c0[l] += c0[l + 2]; c1[l] += c1[l + 2]; c2[l] += c2[l + 2]; c3[l] += c3[l + 2]; c4[l] += c4[l + 2]; c5[l] += c5[l + 2]; c6[l] += c6[l + 2]; c7[l] += c7[l + 2]; c8[l] += c8[l + 2]; c9[l] += c9[l + 2]; c10[l] += c10[l + 2]; c11[l] += c11[l + 2]; c12[l] += c12[l + 2]; c13[l] += c13[l + 2]; c14[l] += c14[l + 2]; c15[l] += c15[l + 2]; }
-            c0[0] += c0[1]; c1[0] += c1[1]; c2[0] += c2[1]; c3[0] += c3[1]; c4[0] += c4[1]; c5[0] += c5[1]; c6[0] += c6[1]; c7[0] += c7[1]; c8[0] += c8[1]; c9[0] += c9[1]; c10[0] += c10[1]; c11[0] += c11[1]; c12[0] += c12[1]; c13[0] += c13[1]; c14[0] += c14[1]; c15[0] += c15[1];
-            const float s[16] = {c0[0], c1[0], c2[0], c3[0], c4[0], c5[0], c6[0], c7[0], c8[0], c9[0], c10[0], c11[0], c12[0], c13[0], c14[0], c15[0]};
-            for (size_t i0_j = 0; i0_j < 16; ++i0_j) {
-                const float acc = s[i0_j];
-                const float t0 = acc + a2[i0_j + i0_t];
-                a0[32*b + i0_j + i0_t] = t0*tanhf(logf(expf(t0) + 1));
-            }
+            const float t0 = acc + a2[i0];
+            a0[32*b + i0] = t0*tanhf(logf(expf(t0) + 1));
         }
     }
 }
@@ -116,94 +22,13 @@ static void k0(size_t n, float *restrict a0, const float *restrict a1, const flo
 /* logits: forward: logits[b, i0] = (Σ_{i1} W2[i0, i1]*a1[b, i1]) + b2[i0] */
 static void k1(size_t n, float *restrict a0, const float *restrict a1, const float *restrict a2, const float *restrict a3)
 {
-    for (size_t b_t = 0; b_t < n / 8 * 8; b_t += 8) {
-        for (size_t i0_t = 0; i0_t < 10; i0_t += 2) {
-            float c0[4], c1[4], c2[4], c3[4], c4[4], c5[4], c6[4], c7[4], c8[4], c9[4], c10[4], c11[4], c12[4], c13[4], c14[4], c15[4];
-            for (size_t l = 0; l < 4; ++l) {
-                c0[l] = a1[32*i0_t + l]*a2[32*b_t + l];
-                c1[l] = a1[32*i0_t + l + 32]*a2[32*b_t + l];
-                c2[l] = a1[32*i0_t + l]*a2[32*b_t + l + 32];
-                c3[l] = a1[32*i0_t + l + 32]*a2[32*b_t + l + 32];
-                c4[l] = a1[32*i0_t + l]*a2[32*b_t + l + 64];
-                c5[l] = a1[32*i0_t + l + 32]*a2[32*b_t + l + 64];
-                c6[l] = a1[32*i0_t + l]*a2[32*b_t + l + 96];
-                c7[l] = a1[32*i0_t + l + 32]*a2[32*b_t + l + 96];
-                c8[l] = a1[32*i0_t + l]*a2[32*b_t + l + 128];
-                c9[l] = a1[32*i0_t + l + 32]*a2[32*b_t + l + 128];
-                c10[l] = a1[32*i0_t + l]*a2[32*b_t + l + 160];
-                c11[l] = a1[32*i0_t + l + 32]*a2[32*b_t + l + 160];
-                c12[l] = a1[32*i0_t + l]*a2[32*b_t + l + 192];
-                c13[l] = a1[32*i0_t + l + 32]*a2[32*b_t + l + 192];
-                c14[l] = a1[32*i0_t + l]*a2[32*b_t + l + 224];
-                c15[l] = a1[32*i0_t + l + 32]*a2[32*b_t + l + 224];
+    for (size_t b = 0; b < n; ++b) {
+        for (size_t i0 = 0; i0 < 10; ++i0) {
+            float acc = 0;
+            for (size_t i1 = 0; i1 < 32; ++i1) {
+                acc += a1[32*i0 + i1]*a2[32*b + i1];
             }
-            for (size_t i1_t = 4; i1_t < 32; i1_t += 4) {
-                for (size_t l = 0; l < 4; ++l) {
-                    c0[l] += a1[32*i0_t + i1_t + l]*a2[32*b_t + i1_t + l];
-                    c1[l] += a1[32*i0_t + i1_t + l + 32]*a2[32*b_t + i1_t + l];
-                    c2[l] += a1[32*i0_t + i1_t + l]*a2[32*b_t + i1_t + l + 32];
-                    c3[l] += a1[32*i0_t + i1_t + l + 32]*a2[32*b_t + i1_t + l + 32];
-                    c4[l] += a1[32*i0_t + i1_t + l]*a2[32*b_t + i1_t + l + 64];
-                    c5[l] += a1[32*i0_t + i1_t + l + 32]*a2[32*b_t + i1_t + l + 64];
-                    c6[l] += a1[32*i0_t + i1_t + l]*a2[32*b_t + i1_t + l + 96];
-                    c7[l] += a1[32*i0_t + i1_t + l + 32]*a2[32*b_t + i1_t + l + 96];
-                    c8[l] += a1[32*i0_t + i1_t + l]*a2[32*b_t + i1_t + l + 128];
-                    c9[l] += a1[32*i0_t + i1_t + l + 32]*a2[32*b_t + i1_t + l + 128];
-                    c10[l] += a1[32*i0_t + i1_t + l]*a2[32*b_t + i1_t + l + 160];
-                    c11[l] += a1[32*i0_t + i1_t + l + 32]*a2[32*b_t + i1_t + l + 160];
-                    c12[l] += a1[32*i0_t + i1_t + l]*a2[32*b_t + i1_t + l + 192];
-                    c13[l] += a1[32*i0_t + i1_t + l + 32]*a2[32*b_t + i1_t + l + 192];
-                    c14[l] += a1[32*i0_t + i1_t + l]*a2[32*b_t + i1_t + l + 224];
-                    c15[l] += a1[32*i0_t + i1_t + l + 32]*a2[32*b_t + i1_t + l + 224];
-                }
-            }
-            for (size_t l = 0; l < 2; ++l) { c0[l] += c0[l + 2]; c1[l] += c1[l + 2]; c2[l] += c2[l + 2]; c3[l] += c3[l + 2]; c4[l] += c4[l + 2]; c5[l] += c5[l + 2]; c6[l] += c6[l + 2]; c7[l] += c7[l + 2]; c8[l] += c8[l + 2]; c9[l] += c9[l + 2]; c10[l] += c10[l + 2]; c11[l] += c11[l + 2]; c12[l] += c12[l + 2]; c13[l] += c13[l + 2]; c14[l] += c14[l + 2]; c15[l] += c15[l + 2]; }
-            c0[0] += c0[1]; c1[0] += c1[1]; c2[0] += c2[1]; c3[0] += c3[1]; c4[0] += c4[1]; c5[0] += c5[1]; c6[0] += c6[1]; c7[0] += c7[1]; c8[0] += c8[1]; c9[0] += c9[1]; c10[0] += c10[1]; c11[0] += c11[1]; c12[0] += c12[1]; c13[0] += c13[1]; c14[0] += c14[1]; c15[0] += c15[1];
-            const float s[16] = {c0[0], c1[0], c2[0], c3[0], c4[0], c5[0], c6[0], c7[0], c8[0], c9[0], c10[0], c11[0], c12[0], c13[0], c14[0], c15[0]};
-            for (size_t b_j = 0; b_j < 8; ++b_j) {
-                for (size_t i0_j = 0; i0_j < 2; ++i0_j) {
-                    const float acc = s[2*b_j + i0_j];
-                    a0[10*b_j + 10*b_t + i0_j + i0_t] = acc + a3[i0_j + i0_t];
-                }
-            }
-        }
-    }
-    for (size_t b = n / 8 * 8; b < n; ++b) {
-        for (size_t i0_t = 0; i0_t < 10; i0_t += 10) {
-            float c0[4], c1[4], c2[4], c3[4], c4[4], c5[4], c6[4], c7[4], c8[4], c9[4];
-            for (size_t l = 0; l < 4; ++l) {
-                c0[l] = a1[32*i0_t + l]*a2[32*b + l];
-                c1[l] = a1[32*i0_t + l + 32]*a2[32*b + l];
-                c2[l] = a1[32*i0_t + l + 64]*a2[32*b + l];
-                c3[l] = a1[32*i0_t + l + 96]*a2[32*b + l];
-                c4[l] = a1[32*i0_t + l + 128]*a2[32*b + l];
-                c5[l] = a1[32*i0_t + l + 160]*a2[32*b + l];
-                c6[l] = a1[32*i0_t + l + 192]*a2[32*b + l];
-                c7[l] = a1[32*i0_t + l + 224]*a2[32*b + l];
-                c8[l] = a1[32*i0_t + l + 256]*a2[32*b + l];
-                c9[l] = a1[32*i0_t + l + 288]*a2[32*b + l];
-            }
-            for (size_t i1_t = 4; i1_t < 32; i1_t += 4) {
-                for (size_t l = 0; l < 4; ++l) {
-                    c0[l] += a1[32*i0_t + i1_t + l]*a2[32*b + i1_t + l];
-                    c1[l] += a1[32*i0_t + i1_t + l + 32]*a2[32*b + i1_t + l];
-                    c2[l] += a1[32*i0_t + i1_t + l + 64]*a2[32*b + i1_t + l];
-                    c3[l] += a1[32*i0_t + i1_t + l + 96]*a2[32*b + i1_t + l];
-                    c4[l] += a1[32*i0_t + i1_t + l + 128]*a2[32*b + i1_t + l];
-                    c5[l] += a1[32*i0_t + i1_t + l + 160]*a2[32*b + i1_t + l];
-                    c6[l] += a1[32*i0_t + i1_t + l + 192]*a2[32*b + i1_t + l];
-                    c7[l] += a1[32*i0_t + i1_t + l + 224]*a2[32*b + i1_t + l];
-                    c8[l] += a1[32*i0_t + i1_t + l + 256]*a2[32*b + i1_t + l];
-                    c9[l] += a1[32*i0_t + i1_t + l + 288]*a2[32*b + i1_t + l];
-                }
-            }
-            for (size_t l = 0; l < 2; ++l) { c0[l] += c0[l + 2]; c1[l] += c1[l + 2]; c2[l] += c2[l + 2]; c3[l] += c3[l + 2]; c4[l] += c4[l + 2]; c5[l] += c5[l + 2]; c6[l] += c6[l + 2]; c7[l] += c7[l + 2]; c8[l] += c8[l + 2]; c9[l] += c9[l + 2]; }
-            c0[0] += c0[1]; c1[0] += c1[1]; c2[0] += c2[1]; c3[0] += c3[1]; c4[0] += c4[1]; c5[0] += c5[1]; c6[0] += c6[1]; c7[0] += c7[1]; c8[0] += c8[1]; c9[0] += c9[1];
-            const float s[10] = {c0[0], c1[0], c2[0], c3[0], c4[0], c5[0], c6[0], c7[0], c8[0], c9[0]};
-            for (size_t i0_j = 0; i0_j < 10; ++i0_j) {
-                const float acc = s[i0_j];
-                a0[10*b + i0_j + i0_t] = acc + a3[i0_j + i0_t];
-            }
+            a0[10*b + i0] = acc + a3[i0];
         }
     }
 }
@@ -237,9 +62,8 @@ static void k4(size_t n, float *restrict a0, const float *restrict a1, const flo
 {
     for (size_t b = 0; b < n; ++b) {
         float acc = 0;
-        const float u0 = logf(a3[b]);
         for (size_t i0 = 0; i0 < 10; ++i0) {
-            acc += -(-u0 + a1[10*b + i0] - a2[b])*a4[10*b + i0];
+            acc += -(-logf(a3[b]) + a1[10*b + i0] - a2[b])*a4[10*b + i0];
         }
         a0[b] = acc;
     }
@@ -258,106 +82,13 @@ static void k5(size_t n, float *restrict a0, const float *restrict a1)
 /* h1: forward: h1[b, i0] = (Σ_{i1} W1[i0, i1]*x[b, i1]) + b1[i0] */
 static void k6(size_t n, float *restrict a0, const float *restrict a1, const float *restrict a2, const float *restrict a3)
 {
-    for (size_t b_t = 0; b_t < n / 8 * 8; b_t += 8) {
-        for (size_t i0_t = 0; i0_t < 32; i0_t += 2) {
-            float c0[4], c1[4], c2[4], c3[4], c4[4], c5[4], c6[4], c7[4], c8[4], c9[4], c10[4], c11[4], c12[4], c13[4], c14[4], c15[4];
-            for (size_t l = 0; l < 4; ++l) {
-                c0[l] = a1[64*i0_t + l]*a3[64*b_t + l];
-                c1[l] = a1[64*i0_t + l + 64]*a3[64*b_t + l];
-                c2[l] = a1[64*i0_t + l]*a3[64*b_t + l + 64];
-                c3[l] = a1[64*i0_t + l + 64]*a3[64*b_t + l + 64];
-                c4[l] = a1[64*i0_t + l]*a3[64*b_t + l + 128];
-                c5[l] = a1[64*i0_t + l + 64]*a3[64*b_t + l + 128];
-                c6[l] = a1[64*i0_t + l]*a3[64*b_t + l + 192];
-                c7[l] = a1[64*i0_t + l + 64]*a3[64*b_t + l + 192];
-                c8[l] = a1[64*i0_t + l]*a3[64*b_t + l + 256];
-                c9[l] = a1[64*i0_t + l + 64]*a3[64*b_t + l + 256];
-                c10[l] = a1[64*i0_t + l]*a3[64*b_t + l + 320];
-                c11[l] = a1[64*i0_t + l + 64]*a3[64*b_t + l + 320];
-                c12[l] = a1[64*i0_t + l]*a3[64*b_t + l + 384];
-                c13[l] = a1[64*i0_t + l + 64]*a3[64*b_t + l + 384];
-                c14[l] = a1[64*i0_t + l]*a3[64*b_t + l + 448];
-                c15[l] = a1[64*i0_t + l + 64]*a3[64*b_t + l + 448];
+    for (size_t b = 0; b < n; ++b) {
+        for (size_t i0 = 0; i0 < 32; ++i0) {
+            float acc = 0;
+            for (size_t i1 = 0; i1 < 64; ++i1) {
+                acc += a1[64*i0 + i1]*a3[64*b + i1];
             }
-            for (size_t i1_t = 4; i1_t < 64; i1_t += 4) {
-                for (size_t l = 0; l < 4; ++l) {
-                    c0[l] += a1[64*i0_t + i1_t + l]*a3[64*b_t + i1_t + l];
-                    c1[l] += a1[64*i0_t + i1_t + l + 64]*a3[64*b_t + i1_t + l];
-                    c2[l] += a1[64*i0_t + i1_t + l]*a3[64*b_t + i1_t + l + 64];
-                    c3[l] += a1[64*i0_t + i1_t + l + 64]*a3[64*b_t + i1_t + l + 64];
-                    c4[l] += a1[64*i0_t + i1_t + l]*a3[64*b_t + i1_t + l + 128];
-                    c5[l] += a1[64*i0_t + i1_t + l + 64]*a3[64*b_t + i1_t + l + 128];
-                    c6[l] += a1[64*i0_t + i1_t + l]*a3[64*b_t + i1_t + l + 192];
-                    c7[l] += a1[64*i0_t + i1_t + l + 64]*a3[64*b_t + i1_t + l + 192];
-                    c8[l] += a1[64*i0_t + i1_t + l]*a3[64*b_t + i1_t + l + 256];
-                    c9[l] += a1[64*i0_t + i1_t + l + 64]*a3[64*b_t + i1_t + l + 256];
-                    c10[l] += a1[64*i0_t + i1_t + l]*a3[64*b_t + i1_t + l + 320];
-                    c11[l] += a1[64*i0_t + i1_t + l + 64]*a3[64*b_t + i1_t + l + 320];
-                    c12[l] += a1[64*i0_t + i1_t + l]*a3[64*b_t + i1_t + l + 384];
-                    c13[l] += a1[64*i0_t + i1_t + l + 64]*a3[64*b_t + i1_t + l + 384];
-                    c14[l] += a1[64*i0_t + i1_t + l]*a3[64*b_t + i1_t + l + 448];
-                    c15[l] += a1[64*i0_t + i1_t + l + 64]*a3[64*b_t + i1_t + l + 448];
-                }
-            }
-            for (size_t l = 0; l < 2; ++l) { c0[l] += c0[l + 2]; c1[l] += c1[l + 2]; c2[l] += c2[l + 2]; c3[l] += c3[l + 2]; c4[l] += c4[l + 2]; c5[l] += c5[l + 2]; c6[l] += c6[l + 2]; c7[l] += c7[l + 2]; c8[l] += c8[l + 2]; c9[l] += c9[l + 2]; c10[l] += c10[l + 2]; c11[l] += c11[l + 2]; c12[l] += c12[l + 2]; c13[l] += c13[l + 2]; c14[l] += c14[l + 2]; c15[l] += c15[l + 2]; }
-            c0[0] += c0[1]; c1[0] += c1[1]; c2[0] += c2[1]; c3[0] += c3[1]; c4[0] += c4[1]; c5[0] += c5[1]; c6[0] += c6[1]; c7[0] += c7[1]; c8[0] += c8[1]; c9[0] += c9[1]; c10[0] += c10[1]; c11[0] += c11[1]; c12[0] += c12[1]; c13[0] += c13[1]; c14[0] += c14[1]; c15[0] += c15[1];
-            const float s[16] = {c0[0], c1[0], c2[0], c3[0], c4[0], c5[0], c6[0], c7[0], c8[0], c9[0], c10[0], c11[0], c12[0], c13[0], c14[0], c15[0]};
-            for (size_t b_j = 0; b_j < 8; ++b_j) {
-                for (size_t i0_j = 0; i0_j < 2; ++i0_j) {
-                    const float acc = s[2*b_j + i0_j];
-                    a0[32*b_j + 32*b_t + i0_j + i0_t] = acc + a2[i0_j + i0_t];
-                }
-            }
-        }
-    }
-    for (size_t b = n / 8 * 8; b < n; ++b) {
-        for (size_t i0_t = 0; i0_t < 32; i0_t += 16) {
-            float c0[4], c1[4], c2[4], c3[4], c4[4], c5[4], c6[4], c7[4], c8[4], c9[4], c10[4], c11[4], c12[4], c13[4], c14[4], c15[4];
-            for (size_t l = 0; l < 4; ++l) {
-                c0[l] = a1[64*i0_t + l]*a3[64*b + l];
-                c1[l] = a1[64*i0_t + l + 64]*a3[64*b + l];
-                c2[l] = a1[64*i0_t + l + 128]*a3[64*b + l];
-                c3[l] = a1[64*i0_t + l + 192]*a3[64*b + l];
-                c4[l] = a1[64*i0_t + l + 256]*a3[64*b + l];
-                c5[l] = a1[64*i0_t + l + 320]*a3[64*b + l];
-                c6[l] = a1[64*i0_t + l + 384]*a3[64*b + l];
-                c7[l] = a1[64*i0_t + l + 448]*a3[64*b + l];
-                c8[l] = a1[64*i0_t + l + 512]*a3[64*b + l];
-                c9[l] = a1[64*i0_t + l + 576]*a3[64*b + l];
-                c10[l] = a1[64*i0_t + l + 640]*a3[64*b + l];
-                c11[l] = a1[64*i0_t + l + 704]*a3[64*b + l];
-                c12[l] = a1[64*i0_t + l + 768]*a3[64*b + l];
-                c13[l] = a1[64*i0_t + l + 832]*a3[64*b + l];
-                c14[l] = a1[64*i0_t + l + 896]*a3[64*b + l];
-                c15[l] = a1[64*i0_t + l + 960]*a3[64*b + l];
-            }
-            for (size_t i1_t = 4; i1_t < 64; i1_t += 4) {
-                for (size_t l = 0; l < 4; ++l) {
-                    c0[l] += a1[64*i0_t + i1_t + l]*a3[64*b + i1_t + l];
-                    c1[l] += a1[64*i0_t + i1_t + l + 64]*a3[64*b + i1_t + l];
-                    c2[l] += a1[64*i0_t + i1_t + l + 128]*a3[64*b + i1_t + l];
-                    c3[l] += a1[64*i0_t + i1_t + l + 192]*a3[64*b + i1_t + l];
-                    c4[l] += a1[64*i0_t + i1_t + l + 256]*a3[64*b + i1_t + l];
-                    c5[l] += a1[64*i0_t + i1_t + l + 320]*a3[64*b + i1_t + l];
-                    c6[l] += a1[64*i0_t + i1_t + l + 384]*a3[64*b + i1_t + l];
-                    c7[l] += a1[64*i0_t + i1_t + l + 448]*a3[64*b + i1_t + l];
-                    c8[l] += a1[64*i0_t + i1_t + l + 512]*a3[64*b + i1_t + l];
-                    c9[l] += a1[64*i0_t + i1_t + l + 576]*a3[64*b + i1_t + l];
-                    c10[l] += a1[64*i0_t + i1_t + l + 640]*a3[64*b + i1_t + l];
-                    c11[l] += a1[64*i0_t + i1_t + l + 704]*a3[64*b + i1_t + l];
-                    c12[l] += a1[64*i0_t + i1_t + l + 768]*a3[64*b + i1_t + l];
-                    c13[l] += a1[64*i0_t + i1_t + l + 832]*a3[64*b + i1_t + l];
-                    c14[l] += a1[64*i0_t + i1_t + l + 896]*a3[64*b + i1_t + l];
-                    c15[l] += a1[64*i0_t + i1_t + l + 960]*a3[64*b + i1_t + l];
-                }
-            }
-            for (size_t l = 0; l < 2; ++l) { c0[l] += c0[l + 2]; c1[l] += c1[l + 2]; c2[l] += c2[l + 2]; c3[l] += c3[l + 2]; c4[l] += c4[l + 2]; c5[l] += c5[l + 2]; c6[l] += c6[l + 2]; c7[l] += c7[l + 2]; c8[l] += c8[l + 2]; c9[l] += c9[l + 2]; c10[l] += c10[l + 2]; c11[l] += c11[l + 2]; c12[l] += c12[l + 2]; c13[l] += c13[l + 2]; c14[l] += c14[l + 2]; c15[l] += c15[l + 2]; }
-            c0[0] += c0[1]; c1[0] += c1[1]; c2[0] += c2[1]; c3[0] += c3[1]; c4[0] += c4[1]; c5[0] += c5[1]; c6[0] += c6[1]; c7[0] += c7[1]; c8[0] += c8[1]; c9[0] += c9[1]; c10[0] += c10[1]; c11[0] += c11[1]; c12[0] += c12[1]; c13[0] += c13[1]; c14[0] += c14[1]; c15[0] += c15[1];
-            const float s[16] = {c0[0], c1[0], c2[0], c3[0], c4[0], c5[0], c6[0], c7[0], c8[0], c9[0], c10[0], c11[0], c12[0], c13[0], c14[0], c15[0]};
-            for (size_t i0_j = 0; i0_j < 16; ++i0_j) {
-                const float acc = s[i0_j];
-                a0[32*b + i0_j + i0_t] = acc + a2[i0_j + i0_t];
-            }
+            a0[32*b + i0] = acc + a2[i0];
         }
     }
 }
@@ -386,21 +117,11 @@ static void k8(size_t n, float *restrict a0, const float *restrict a1)
 static void k9(size_t n, float *restrict a0, const float *restrict a1, const float *restrict a2)
 {
     for (size_t b = 0; b < n; ++b) {
-        float c0[4];
-        for (size_t l = 0; l < 4; ++l) {
-            c0[l] = a2[10*b + l]*1.0F/n*1.0F/a1[b];
+        float acc = 0;
+        for (size_t i0 = 0; i0 < 10; ++i0) {
+            acc += a2[10*b + i0]*1.0F/n*1.0F/a1[b];
         }
-        for (size_t i0_t = 4; i0_t < 8; i0_t += 4) {
-            for (size_t l = 0; l < 4; ++l) {
-                c0[l] += a2[10*b + i0_t + l]*1.0F/n*1.0F/a1[b];
-            }
-        }
-        for (size_t l = 0; l < 2; ++l) {
-            c0[l] += a2[10*b + l + 8]*1.0F/n*1.0F/a1[b];
-        }
-        for (size_t l = 0; l < 2; ++l) { c0[l] += c0[l + 2]; }
-        c0[0] += c0[1];
-        a0[b] = c0[0];
+        a0[b] = acc;
     }
 }
 
@@ -417,81 +138,15 @@ static void k10(size_t n, float *restrict a0, const float *restrict a1, const fl
 /* logits: dlogits/dW2: W2.grad[i0, i1] = Σ_{b} a1[b, i1]*logits.grad[b, i0] */
 static void k11(size_t n, float *restrict a0, const float *restrict a1, const float *restrict a2)
 {
-    for (size_t i1_t = 0; i1_t < 32; i1_t += 8) {
-        for (size_t i0_t = 0; i0_t < 8; i0_t += 8) {
-            float c0[4], c1[4], c2[4], c3[4], c4[4], c5[4], c6[4], c7[4], c8[4], c9[4], c10[4], c11[4], c12[4], c13[4], c14[4], c15[4];
-            for (size_t l = 0; l < 4; ++l) {
-                c0[l] = a1[i1_t + l]*a2[i0_t];
-                c1[l] = a1[i1_t + l + 4]*a2[i0_t];
-                c2[l] = a1[i1_t + l]*a2[i0_t + 1];
-                c3[l] = a1[i1_t + l + 4]*a2[i0_t + 1];
-                c4[l] = a1[i1_t + l]*a2[i0_t + 2];
-                c5[l] = a1[i1_t + l + 4]*a2[i0_t + 2];
-                c6[l] = a1[i1_t + l]*a2[i0_t + 3];
-                c7[l] = a1[i1_t + l + 4]*a2[i0_t + 3];
-                c8[l] = a1[i1_t + l]*a2[i0_t + 4];
-                c9[l] = a1[i1_t + l + 4]*a2[i0_t + 4];
-                c10[l] = a1[i1_t + l]*a2[i0_t + 5];
-                c11[l] = a1[i1_t + l + 4]*a2[i0_t + 5];
-                c12[l] = a1[i1_t + l]*a2[i0_t + 6];
-                c13[l] = a1[i1_t + l + 4]*a2[i0_t + 6];
-                c14[l] = a1[i1_t + l]*a2[i0_t + 7];
-                c15[l] = a1[i1_t + l + 4]*a2[i0_t + 7];
-            }
-            for (size_t b = 1; b < n; ++b) {
-                for (size_t l = 0; l < 4; ++l) {
-                    c0[l] += a1[32*b + i1_t + l]*a2[10*b + i0_t];
-                    c1[l] += a1[32*b + i1_t + l + 4]*a2[10*b + i0_t];
-                    c2[l] += a1[32*b + i1_t + l]*a2[10*b + i0_t + 1];
-                    c3[l] += a1[32*b + i1_t + l + 4]*a2[10*b + i0_t + 1];
-                    c4[l] += a1[32*b + i1_t + l]*a2[10*b + i0_t + 2];
-                    c5[l] += a1[32*b + i1_t + l + 4]*a2[10*b + i0_t + 2];
-                    c6[l] += a1[32*b + i1_t + l]*a2[10*b + i0_t + 3];
-                    c7[l] += a1[32*b + i1_t + l + 4]*a2[10*b + i0_t + 3];
-                    c8[l] += a1[32*b + i1_t + l]*a2[10*b + i0_t + 4];
-                    c9[l] += a1[32*b + i1_t + l + 4]*a2[10*b + i0_t + 4];
-                    c10[l] += a1[32*b + i1_t + l]*a2[10*b + i0_t + 5];
-                    c11[l] += a1[32*b + i1_t + l + 4]*a2[10*b + i0_t + 5];
-                    c12[l] += a1[32*b + i1_t + l]*a2[10*b + i0_t + 6];
-                    c13[l] += a1[32*b + i1_t + l + 4]*a2[10*b + i0_t + 6];
-                    c14[l] += a1[32*b + i1_t + l]*a2[10*b + i0_t + 7];
-                    c15[l] += a1[32*b + i1_t + l + 4]*a2[10*b + i0_t + 7];
-                }
-            }
-            for (size_t l = 0; l < 4; ++l) {
-                a0[32*i0_t + i1_t + l] = c0[l];
-                a0[32*i0_t + i1_t + l + 4] = c1[l];
-                a0[32*i0_t + i1_t + l + 32] = c2[l];
-                a0[32*i0_t + i1_t + l + 36] = c3[l];
-                a0[32*i0_t + i1_t + l + 64] = c4[l];
-                a0[32*i0_t + i1_t + l + 68] = c5[l];
-                a0[32*i0_t + i1_t + l + 96] = c6[l];
-                a0[32*i0_t + i1_t + l + 100] = c7[l];
-                a0[32*i0_t + i1_t + l + 128] = c8[l];
-                a0[32*i0_t + i1_t + l + 132] = c9[l];
-                a0[32*i0_t + i1_t + l + 160] = c10[l];
-                a0[32*i0_t + i1_t + l + 164] = c11[l];
-                a0[32*i0_t + i1_t + l + 192] = c12[l];
-                a0[32*i0_t + i1_t + l + 196] = c13[l];
-                a0[32*i0_t + i1_t + l + 224] = c14[l];
-                a0[32*i0_t + i1_t + l + 228] = c15[l];
-            }
+    for (size_t i0 = 0; i0 < 10; ++i0) {
+        for (size_t i1 = 0; i1 < 32; ++i1) {
+            a0[32*i0 + i1] = 0;
         }
-        for (size_t i0 = 8; i0 < 10; ++i0) {
-            float c0[4], c1[4];
-            for (size_t l = 0; l < 4; ++l) {
-                c0[l] = a1[i1_t + l]*a2[i0];
-                c1[l] = a1[i1_t + l + 4]*a2[i0];
-            }
-            for (size_t b = 1; b < n; ++b) {
-                for (size_t l = 0; l < 4; ++l) {
-                    c0[l] += a1[32*b + i1_t + l]*a2[10*b + i0];
-                    c1[l] += a1[32*b + i1_t + l + 4]*a2[10*b + i0];
-                }
-            }
-            for (size_t l = 0; l < 4; ++l) {
-                a0[32*i0 + i1_t + l] = c0[l];
-                a0[32*i0 + i1_t + l + 4] = c1[l];
+    }
+    for (size_t b = 0; b < n; ++b) {
+        for (size_t i0 = 0; i0 < 10; ++i0) {
+            for (size_t i1 = 0; i1 < 32; ++i1) {
+                a0[32*i0 + i1] += a1[32*b + i1]*a2[10*b + i0];
             }
         }
     }
@@ -500,190 +155,16 @@ static void k11(size_t n, float *restrict a0, const float *restrict a1, const fl
 /* a1: logits with a1 as epilogue: h1.grad[b, i1] = (Σ_{i0} W2[i0, i1]*logits.grad[b, i0])*((1 - tanh(log(exp(h1[b, i1]) + 1))**2)*exp(h1[b, i1])*h1[b, i1]/(exp(h1[b, i1]) + 1) + tanh(log(exp(h1[b, i1]) + 1))) */
 static void k12(size_t n, float *restrict a0, const float *restrict a1, const float *restrict a2, const float *restrict a3)
 {
-    for (size_t i1_t = 0; i1_t < 32; i1_t += 8) {
-        for (size_t b_t = 0; b_t < n / 8 * 8; b_t += 8) {
-            float c0[4], c1[4], c2[4], c3[4], c4[4], c5[4], c6[4], c7[4], c8[4], c9[4], c10[4], c11[4], c12[4], c13[4], c14[4], c15[4];
-            for (size_t l = 0; l < 4; ++l) {
-                c0[l] = a1[i1_t + l]*a3[10*b_t];
-                c1[l] = a1[i1_t + l + 4]*a3[10*b_t];
-                c2[l] = a1[i1_t + l]*a3[10*b_t + 10];
-                c3[l] = a1[i1_t + l + 4]*a3[10*b_t + 10];
-                c4[l] = a1[i1_t + l]*a3[10*b_t + 20];
-                c5[l] = a1[i1_t + l + 4]*a3[10*b_t + 20];
-                c6[l] = a1[i1_t + l]*a3[10*b_t + 30];
-                c7[l] = a1[i1_t + l + 4]*a3[10*b_t + 30];
-                c8[l] = a1[i1_t + l]*a3[10*b_t + 40];
-                c9[l] = a1[i1_t + l + 4]*a3[10*b_t + 40];
-                c10[l] = a1[i1_t + l]*a3[10*b_t + 50];
-                c11[l] = a1[i1_t + l + 4]*a3[10*b_t + 50];
-                c12[l] = a1[i1_t + l]*a3[10*b_t + 60];
-                c13[l] = a1[i1_t + l + 4]*a3[10*b_t + 60];
-                c14[l] = a1[i1_t + l]*a3[10*b_t + 70];
-                c15[l] = a1[i1_t + l + 4]*a3[10*b_t + 70];
+    for (size_t b = 0; b < n; ++b) {
+        for (size_t i1 = 0; i1 < 32; ++i1) {
+            float acc = 0;
+            for (size_t i0 = 0; i0 < 10; ++i0) {
+                acc += a1[32*i0 + i1]*a3[10*b + i0];
             }
-            for (size_t i0 = 1; i0 < 10; ++i0) {
-                for (size_t l = 0; l < 4; ++l) {
-                    c0[l] += a1[32*i0 + i1_t + l]*a3[10*b_t + i0];
-                    c1[l] += a1[32*i0 + i1_t + l + 4]*a3[10*b_t + i0];
-                    c2[l] += a1[32*i0 + i1_t + l]*a3[10*b_t + i0 + 10];
-                    c3[l] += a1[32*i0 + i1_t + l + 4]*a3[10*b_t + i0 + 10];
-                    c4[l] += a1[32*i0 + i1_t + l]*a3[10*b_t + i0 + 20];
-                    c5[l] += a1[32*i0 + i1_t + l + 4]*a3[10*b_t + i0 + 20];
-                    c6[l] += a1[32*i0 + i1_t + l]*a3[10*b_t + i0 + 30];
-                    c7[l] += a1[32*i0 + i1_t + l + 4]*a3[10*b_t + i0 + 30];
-                    c8[l] += a1[32*i0 + i1_t + l]*a3[10*b_t + i0 + 40];
-                    c9[l] += a1[32*i0 + i1_t + l + 4]*a3[10*b_t + i0 + 40];
-                    c10[l] += a1[32*i0 + i1_t + l]*a3[10*b_t + i0 + 50];
-                    c11[l] += a1[32*i0 + i1_t + l + 4]*a3[10*b_t + i0 + 50];
-                    c12[l] += a1[32*i0 + i1_t + l]*a3[10*b_t + i0 + 60];
-                    c13[l] += a1[32*i0 + i1_t + l + 4]*a3[10*b_t + i0 + 60];
-                    c14[l] += a1[32*i0 + i1_t + l]*a3[10*b_t + i0 + 70];
-                    c15[l] += a1[32*i0 + i1_t + l + 4]*a3[10*b_t + i0 + 70];
-                }
-            }
-            for (size_t l = 0; l < 4; ++l) {
-                {
-                    const float acc = c0[l];
-                    const float t0 = expf(a2[32*b_t + i1_t + l]);
-                    const float t1 = t0 + 1;
-                    const float t2 = tanhf(logf(t1));
-                    a0[32*b_t + i1_t + l] = acc*(t0*a2[32*b_t + i1_t + l]*1.0F/t1*(1 - (t2*t2)) + t2);
-                }
-                {
-                    const float acc = c1[l];
-                    const float t0 = expf(a2[32*b_t + i1_t + l + 4]);
-                    const float t1 = t0 + 1;
-                    const float t2 = tanhf(logf(t1));
-                    a0[32*b_t + i1_t + l + 4] = acc*(t0*a2[32*b_t + i1_t + l + 4]*1.0F/t1*(1 - (t2*t2)) + t2);
-                }
-                {
-                    const float acc = c2[l];
-                    const float t0 = expf(a2[32*b_t + i1_t + l + 32]);
-                    const float t1 = t0 + 1;
-                    const float t2 = tanhf(logf(t1));
-                    a0[32*b_t + i1_t + l + 32] = acc*(t0*a2[32*b_t + i1_t + l + 32]*1.0F/t1*(1 - (t2*t2)) + t2);
-                }
-                {
-                    const float acc = c3[l];
-                    const float t0 = expf(a2[32*b_t + i1_t + l + 36]);
-                    const float t1 = t0 + 1;
-                    const float t2 = tanhf(logf(t1));
-                    a0[32*b_t + i1_t + l + 36] = acc*(t0*a2[32*b_t + i1_t + l + 36]*1.0F/t1*(1 - (t2*t2)) + t2);
-                }
-                {
-                    const float acc = c4[l];
-                    const float t0 = expf(a2[32*b_t + i1_t + l + 64]);
-                    const float t1 = t0 + 1;
-                    const float t2 = tanhf(logf(t1));
-                    a0[32*b_t + i1_t + l + 64] = acc*(t0*a2[32*b_t + i1_t + l + 64]*1.0F/t1*(1 - (t2*t2)) + t2);
-                }
-                {
-                    const float acc = c5[l];
-                    const float t0 = expf(a2[32*b_t + i1_t + l + 68]);
-                    const float t1 = t0 + 1;
-                    const float t2 = tanhf(logf(t1));
-                    a0[32*b_t + i1_t + l + 68] = acc*(t0*a2[32*b_t + i1_t + l + 68]*1.0F/t1*(1 - (t2*t2)) + t2);
-                }
-                {
-                    const float acc = c6[l];
-                    const float t0 = expf(a2[32*b_t + i1_t + l + 96]);
-                    const float t1 = t0 + 1;
-                    const float t2 = tanhf(logf(t1));
-                    a0[32*b_t + i1_t + l + 96] = acc*(t0*a2[32*b_t + i1_t + l + 96]*1.0F/t1*(1 - (t2*t2)) + t2);
-                }
-                {
-                    const float acc = c7[l];
-                    const float t0 = expf(a2[32*b_t + i1_t + l + 100]);
-                    const float t1 = t0 + 1;
-                    const float t2 = tanhf(logf(t1));
-                    a0[32*b_t + i1_t + l + 100] = acc*(t0*a2[32*b_t + i1_t + l + 100]*1.0F/t1*(1 - (t2*t2)) + t2);
-                }
-                {
-                    const float acc = c8[l];
-                    const float t0 = expf(a2[32*b_t + i1_t + l + 128]);
-                    const float t1 = t0 + 1;
-                    const float t2 = tanhf(logf(t1));
-                    a0[32*b_t + i1_t + l + 128] = acc*(t0*a2[32*b_t + i1_t + l + 128]*1.0F/t1*(1 - (t2*t2)) + t2);
-                }
-                {
-                    const float acc = c9[l];
-                    const float t0 = expf(a2[32*b_t + i1_t + l + 132]);
-                    const float t1 = t0 + 1;
-                    const float t2 = tanhf(logf(t1));
-                    a0[32*b_t + i1_t + l + 132] = acc*(t0*a2[32*b_t + i1_t + l + 132]*1.0F/t1*(1 - (t2*t2)) + t2);
-                }
-                {
-                    const float acc = c10[l];
-                    const float t0 = expf(a2[32*b_t + i1_t + l + 160]);
-                    const float t1 = t0 + 1;
-                    const float t2 = tanhf(logf(t1));
-                    a0[32*b_t + i1_t + l + 160] = acc*(t0*a2[32*b_t + i1_t + l + 160]*1.0F/t1*(1 - (t2*t2)) + t2);
-                }
-                {
-                    const float acc = c11[l];
-                    const float t0 = expf(a2[32*b_t + i1_t + l + 164]);
-                    const float t1 = t0 + 1;
-                    const float t2 = tanhf(logf(t1));
-                    a0[32*b_t + i1_t + l + 164] = acc*(t0*a2[32*b_t + i1_t + l + 164]*1.0F/t1*(1 - (t2*t2)) + t2);
-                }
-                {
-                    const float acc = c12[l];
-                    const float t0 = expf(a2[32*b_t + i1_t + l + 192]);
-                    const float t1 = t0 + 1;
-                    const float t2 = tanhf(logf(t1));
-                    a0[32*b_t + i1_t + l + 192] = acc*(t0*a2[32*b_t + i1_t + l + 192]*1.0F/t1*(1 - (t2*t2)) + t2);
-                }
-                {
-                    const float acc = c13[l];
-                    const float t0 = expf(a2[32*b_t + i1_t + l + 196]);
-                    const float t1 = t0 + 1;
-                    const float t2 = tanhf(logf(t1));
-                    a0[32*b_t + i1_t + l + 196] = acc*(t0*a2[32*b_t + i1_t + l + 196]*1.0F/t1*(1 - (t2*t2)) + t2);
-                }
-                {
-                    const float acc = c14[l];
-                    const float t0 = expf(a2[32*b_t + i1_t + l + 224]);
-                    const float t1 = t0 + 1;
-                    const float t2 = tanhf(logf(t1));
-                    a0[32*b_t + i1_t + l + 224] = acc*(t0*a2[32*b_t + i1_t + l + 224]*1.0F/t1*(1 - (t2*t2)) + t2);
-                }
-                {
-                    const float acc = c15[l];
-                    const float t0 = expf(a2[32*b_t + i1_t + l + 228]);
-                    const float t1 = t0 + 1;
-                    const float t2 = tanhf(logf(t1));
-                    a0[32*b_t + i1_t + l + 228] = acc*(t0*a2[32*b_t + i1_t + l + 228]*1.0F/t1*(1 - (t2*t2)) + t2);
-                }
-            }
-        }
-        for (size_t b = n / 8 * 8; b < n; ++b) {
-            float c0[4], c1[4];
-            for (size_t l = 0; l < 4; ++l) {
-                c0[l] = a1[i1_t + l]*a3[10*b];
-                c1[l] = a1[i1_t + l + 4]*a3[10*b];
-            }
-            for (size_t i0 = 1; i0 < 10; ++i0) {
-                for (size_t l = 0; l < 4; ++l) {
-                    c0[l] += a1[32*i0 + i1_t + l]*a3[10*b + i0];
-                    c1[l] += a1[32*i0 + i1_t + l + 4]*a3[10*b + i0];
-                }
-            }
-            for (size_t l = 0; l < 4; ++l) {
-                {
-                    const float acc = c0[l];
-                    const float t0 = expf(a2[32*b + i1_t + l]);
-                    const float t1 = t0 + 1;
-                    const float t2 = tanhf(logf(t1));
-                    a0[32*b + i1_t + l] = acc*(t0*a2[32*b + i1_t + l]*1.0F/t1*(1 - (t2*t2)) + t2);
-                }
-                {
-                    const float acc = c1[l];
-                    const float t0 = expf(a2[32*b + i1_t + l + 4]);
-                    const float t1 = t0 + 1;
-                    const float t2 = tanhf(logf(t1));
-                    a0[32*b + i1_t + l + 4] = acc*(t0*a2[32*b + i1_t + l + 4]*1.0F/t1*(1 - (t2*t2)) + t2);
-                }
-            }
+            const float t0 = expf(a2[32*b + i1]);
+            const float t1 = t0 + 1;
+            const float t2 = tanhf(logf(t1));
+            a0[32*b + i1] = acc*(t0*a2[32*b + i1]*1.0F/t1*(1 - (t2*t2)) + t2);
         }
     }
 }
@@ -691,35 +172,12 @@ static void k12(size_t n, float *restrict a0, const float *restrict a1, const fl
 /* logits: dlogits/db2: b2.grad[i0] = Σ_{b} logits.grad[b, i0] */
 static void k13(size_t n, float *restrict a0, const float *restrict a1)
 {
-    for (size_t i0_t = 0; i0_t < 8; i0_t += 8) {
-        float c0[4], c1[4];
-        for (size_t l = 0; l < 4; ++l) {
-            c0[l] = a1[i0_t + l];
-            c1[l] = a1[i0_t + l + 4];
-        }
-        for (size_t b = 1; b < n; ++b) {
-            for (size_t l = 0; l < 4; ++l) {
-                c0[l] += a1[10*b + i0_t + l];
-                c1[l] += a1[10*b + i0_t + l + 4];
-            }
-        }
-        for (size_t l = 0; l < 4; ++l) {
-            a0[i0_t + l] = c0[l];
-            a0[i0_t + l + 4] = c1[l];
-        }
+    for (size_t i0 = 0; i0 < 10; ++i0) {
+        a0[i0] = 0;
     }
-    {
-        float c0[2];
-        for (size_t l = 0; l < 2; ++l) {
-            c0[l] = a1[l + 8];
-        }
-        for (size_t b = 1; b < n; ++b) {
-            for (size_t l = 0; l < 2; ++l) {
-                c0[l] += a1[10*b + l + 8];
-            }
-        }
-        for (size_t l = 0; l < 2; ++l) {
-            a0[l + 8] = c0[l];
+    for (size_t b = 0; b < n; ++b) {
+        for (size_t i0 = 0; i0 < 10; ++i0) {
+            a0[i0] += a1[10*b + i0];
         }
     }
 }
@@ -727,64 +185,15 @@ static void k13(size_t n, float *restrict a0, const float *restrict a1)
 /* h1: dh1/dW1: W1.grad[i0, i1] = Σ_{b} h1.grad[b, i0]*x[b, i1] */
 static void k14(size_t n, float *restrict a0, const float *restrict a1, const float *restrict a2)
 {
-    for (size_t i1_t = 0; i1_t < 64; i1_t += 8) {
-        for (size_t i0_t = 0; i0_t < 32; i0_t += 8) {
-            float c0[4], c1[4], c2[4], c3[4], c4[4], c5[4], c6[4], c7[4], c8[4], c9[4], c10[4], c11[4], c12[4], c13[4], c14[4], c15[4];
-            for (size_t l = 0; l < 4; ++l) {
-                c0[l] = a1[i0_t]*a2[i1_t + l];
-                c1[l] = a1[i0_t]*a2[i1_t + l + 4];
-                c2[l] = a1[i0_t + 1]*a2[i1_t + l];
-                c3[l] = a1[i0_t + 1]*a2[i1_t + l + 4];
-                c4[l] = a1[i0_t + 2]*a2[i1_t + l];
-                c5[l] = a1[i0_t + 2]*a2[i1_t + l + 4];
-                c6[l] = a1[i0_t + 3]*a2[i1_t + l];
-                c7[l] = a1[i0_t + 3]*a2[i1_t + l + 4];
-                c8[l] = a1[i0_t + 4]*a2[i1_t + l];
-                c9[l] = a1[i0_t + 4]*a2[i1_t + l + 4];
-                c10[l] = a1[i0_t + 5]*a2[i1_t + l];
-                c11[l] = a1[i0_t + 5]*a2[i1_t + l + 4];
-                c12[l] = a1[i0_t + 6]*a2[i1_t + l];
-                c13[l] = a1[i0_t + 6]*a2[i1_t + l + 4];
-                c14[l] = a1[i0_t + 7]*a2[i1_t + l];
-                c15[l] = a1[i0_t + 7]*a2[i1_t + l + 4];
-            }
-            for (size_t b = 1; b < n; ++b) {
-                for (size_t l = 0; l < 4; ++l) {
-                    c0[l] += a1[32*b + i0_t]*a2[64*b + i1_t + l];
-                    c1[l] += a1[32*b + i0_t]*a2[64*b + i1_t + l + 4];
-                    c2[l] += a1[32*b + i0_t + 1]*a2[64*b + i1_t + l];
-                    c3[l] += a1[32*b + i0_t + 1]*a2[64*b + i1_t + l + 4];
-                    c4[l] += a1[32*b + i0_t + 2]*a2[64*b + i1_t + l];
-                    c5[l] += a1[32*b + i0_t + 2]*a2[64*b + i1_t + l + 4];
-                    c6[l] += a1[32*b + i0_t + 3]*a2[64*b + i1_t + l];
-                    c7[l] += a1[32*b + i0_t + 3]*a2[64*b + i1_t + l + 4];
-                    c8[l] += a1[32*b + i0_t + 4]*a2[64*b + i1_t + l];
-                    c9[l] += a1[32*b + i0_t + 4]*a2[64*b + i1_t + l + 4];
-                    c10[l] += a1[32*b + i0_t + 5]*a2[64*b + i1_t + l];
-                    c11[l] += a1[32*b + i0_t + 5]*a2[64*b + i1_t + l + 4];
-                    c12[l] += a1[32*b + i0_t + 6]*a2[64*b + i1_t + l];
-                    c13[l] += a1[32*b + i0_t + 6]*a2[64*b + i1_t + l + 4];
-                    c14[l] += a1[32*b + i0_t + 7]*a2[64*b + i1_t + l];
-                    c15[l] += a1[32*b + i0_t + 7]*a2[64*b + i1_t + l + 4];
-                }
-            }
-            for (size_t l = 0; l < 4; ++l) {
-                a0[64*i0_t + i1_t + l] = c0[l];
-                a0[64*i0_t + i1_t + l + 4] = c1[l];
-                a0[64*i0_t + i1_t + l + 64] = c2[l];
-                a0[64*i0_t + i1_t + l + 68] = c3[l];
-                a0[64*i0_t + i1_t + l + 128] = c4[l];
-                a0[64*i0_t + i1_t + l + 132] = c5[l];
-                a0[64*i0_t + i1_t + l + 192] = c6[l];
-                a0[64*i0_t + i1_t + l + 196] = c7[l];
-                a0[64*i0_t + i1_t + l + 256] = c8[l];
-                a0[64*i0_t + i1_t + l + 260] = c9[l];
-                a0[64*i0_t + i1_t + l + 320] = c10[l];
-                a0[64*i0_t + i1_t + l + 324] = c11[l];
-                a0[64*i0_t + i1_t + l + 384] = c12[l];
-                a0[64*i0_t + i1_t + l + 388] = c13[l];
-                a0[64*i0_t + i1_t + l + 448] = c14[l];
-                a0[64*i0_t + i1_t + l + 452] = c15[l];
+    for (size_t i0 = 0; i0 < 32; ++i0) {
+        for (size_t i1 = 0; i1 < 64; ++i1) {
+            a0[64*i0 + i1] = 0;
+        }
+    }
+    for (size_t b = 0; b < n; ++b) {
+        for (size_t i0 = 0; i0 < 32; ++i0) {
+            for (size_t i1 = 0; i1 < 64; ++i1) {
+                a0[64*i0 + i1] += a1[32*b + i0]*a2[64*b + i1];
             }
         }
     }
@@ -793,21 +202,12 @@ static void k14(size_t n, float *restrict a0, const float *restrict a1, const fl
 /* h1: dh1/db1: b1.grad[i0] = Σ_{b} h1.grad[b, i0] */
 static void k15(size_t n, float *restrict a0, const float *restrict a1)
 {
-    for (size_t i0_t = 0; i0_t < 32; i0_t += 8) {
-        float c0[4], c1[4];
-        for (size_t l = 0; l < 4; ++l) {
-            c0[l] = a1[i0_t + l];
-            c1[l] = a1[i0_t + l + 4];
-        }
-        for (size_t b = 1; b < n; ++b) {
-            for (size_t l = 0; l < 4; ++l) {
-                c0[l] += a1[32*b + i0_t + l];
-                c1[l] += a1[32*b + i0_t + l + 4];
-            }
-        }
-        for (size_t l = 0; l < 4; ++l) {
-            a0[i0_t + l] = c0[l];
-            a0[i0_t + l + 4] = c1[l];
+    for (size_t i0 = 0; i0 < 32; ++i0) {
+        a0[i0] = 0;
+    }
+    for (size_t b = 0; b < n; ++b) {
+        for (size_t i0 = 0; i0 < 32; ++i0) {
+            a0[i0] += a1[32*b + i0];
         }
     }
 }

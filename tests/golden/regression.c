@@ -7,100 +7,13 @@
 /* a1: h1 with a1 as epilogue: a1[b, i0] = tanh((Σ_{i1} W1[i0, i1]*x[b, i1]) + b1[i0]) */
 static void k0(size_t n, float *restrict a0, const float *restrict a1, const float *restrict a2, const float *restrict a3)
 {
-    for (size_t b_t = 0; b_t < n / 8 * 8; b_t += 8) {
-        for (size_t i0_t = 0; i0_t < 16; i0_t += 2) {
-            float c0[2], c1[2], c2[2], c3[2], c4[2], c5[2], c6[2], c7[2], c8[2], c9[2], c10[2], c11[2], c12[2], c13[2], c14[2], c15[2];
-            for (size_t l = 0; l < 2; ++l) {
-                c0[l] = a1[3*i0_t + l]*a3[3*b_t + l];
-                c1[l] = a1[3*i0_t + l + 3]*a3[3*b_t + l];
-                c2[l] = a1[3*i0_t + l]*a3[3*b_t + l + 3];
-                c3[l] = a1[3*i0_t + l + 3]*a3[3*b_t + l + 3];
-                c4[l] = a1[3*i0_t + l]*a3[3*b_t + l + 6];
-                c5[l] = a1[3*i0_t + l + 3]*a3[3*b_t + l + 6];
-                c6[l] = a1[3*i0_t + l]*a3[3*b_t + l + 9];
-                c7[l] = a1[3*i0_t + l + 3]*a3[3*b_t + l + 9];
-                c8[l] = a1[3*i0_t + l]*a3[3*b_t + l + 12];
-                c9[l] = a1[3*i0_t + l + 3]*a3[3*b_t + l + 12];
-                c10[l] = a1[3*i0_t + l]*a3[3*b_t + l + 15];
-                c11[l] = a1[3*i0_t + l + 3]*a3[3*b_t + l + 15];
-                c12[l] = a1[3*i0_t + l]*a3[3*b_t + l + 18];
-                c13[l] = a1[3*i0_t + l + 3]*a3[3*b_t + l + 18];
-                c14[l] = a1[3*i0_t + l]*a3[3*b_t + l + 21];
-                c15[l] = a1[3*i0_t + l + 3]*a3[3*b_t + l + 21];
+    for (size_t b = 0; b < n; ++b) {
+        for (size_t i0 = 0; i0 < 16; ++i0) {
+            float acc = 0;
+            for (size_t i1 = 0; i1 < 3; ++i1) {
+                acc += a1[3*i0 + i1]*a3[3*b + i1];
             }
-            for (size_t l = 0; l < 1; ++l) {
-                c0[l] += a1[3*i0_t + l + 2]*a3[3*b_t + l + 2];
-                c1[l] += a1[3*i0_t + l + 5]*a3[3*b_t + l + 2];
-                c2[l] += a1[3*i0_t + l + 2]*a3[3*b_t + l + 5];
-                c3[l] += a1[3*i0_t + l + 5]*a3[3*b_t + l + 5];
-                c4[l] += a1[3*i0_t + l + 2]*a3[3*b_t + l + 8];
-                c5[l] += a1[3*i0_t + l + 5]*a3[3*b_t + l + 8];
-                c6[l] += a1[3*i0_t + l + 2]*a3[3*b_t + l + 11];
-                c7[l] += a1[3*i0_t + l + 5]*a3[3*b_t + l + 11];
-                c8[l] += a1[3*i0_t + l + 2]*a3[3*b_t + l + 14];
-                c9[l] += a1[3*i0_t + l + 5]*a3[3*b_t + l + 14];
-                c10[l] += a1[3*i0_t + l + 2]*a3[3*b_t + l + 17];
-                c11[l] += a1[3*i0_t + l + 5]*a3[3*b_t + l + 17];
-                c12[l] += a1[3*i0_t + l + 2]*a3[3*b_t + l + 20];
-                c13[l] += a1[3*i0_t + l + 5]*a3[3*b_t + l + 20];
-                c14[l] += a1[3*i0_t + l + 2]*a3[3*b_t + l + 23];
-                c15[l] += a1[3*i0_t + l + 5]*a3[3*b_t + l + 23];
-            }
-            c0[0] += c0[1]; c1[0] += c1[1]; c2[0] += c2[1]; c3[0] += c3[1]; c4[0] += c4[1]; c5[0] += c5[1]; c6[0] += c6[1]; c7[0] += c7[1]; c8[0] += c8[1]; c9[0] += c9[1]; c10[0] += c10[1]; c11[0] += c11[1]; c12[0] += c12[1]; c13[0] += c13[1]; c14[0] += c14[1]; c15[0] += c15[1];
-            const float s[16] = {c0[0], c1[0], c2[0], c3[0], c4[0], c5[0], c6[0], c7[0], c8[0], c9[0], c10[0], c11[0], c12[0], c13[0], c14[0], c15[0]};
-            for (size_t b_j = 0; b_j < 8; ++b_j) {
-                for (size_t i0_j = 0; i0_j < 2; ++i0_j) {
-                    const float acc = s[2*b_j + i0_j];
-                    a0[16*b_j + 16*b_t + i0_j + i0_t] = tanhf(acc + a2[i0_j + i0_t]);
-                }
-            }
-        }
-    }
-    for (size_t b = n / 8 * 8; b < n; ++b) {
-        for (size_t i0_t = 0; i0_t < 16; i0_t += 16) {
-            float c0[2], c1[2], c2[2], c3[2], c4[2], c5[2], c6[2], c7[2], c8[2], c9[2], c10[2], c11[2], c12[2], c13[2], c14[2], c15[2];
-            for (size_t l = 0; l < 2; ++l) {
-                c0[l] = a1[3*i0_t + l]*a3[3*b + l];
-                c1[l] = a1[3*i0_t + l + 3]*a3[3*b + l];
-                c2[l] = a1[3*i0_t + l + 6]*a3[3*b + l];
-                c3[l] = a1[3*i0_t + l + 9]*a3[3*b + l];
-                c4[l] = a1[3*i0_t + l + 12]*a3[3*b + l];
-                c5[l] = a1[3*i0_t + l + 15]*a3[3*b + l];
-                c6[l] = a1[3*i0_t + l + 18]*a3[3*b + l];
-                c7[l] = a1[3*i0_t + l + 21]*a3[3*b + l];
-                c8[l] = a1[3*i0_t + l + 24]*a3[3*b + l];
-                c9[l] = a1[3*i0_t + l + 27]*a3[3*b + l];
-                c10[l] = a1[3*i0_t + l + 30]*a3[3*b + l];
-                c11[l] = a1[3*i0_t + l + 33]*a3[3*b + l];
-                c12[l] = a1[3*i0_t + l + 36]*a3[3*b + l];
-                c13[l] = a1[3*i0_t + l + 39]*a3[3*b + l];
-                c14[l] = a1[3*i0_t + l + 42]*a3[3*b + l];
-                c15[l] = a1[3*i0_t + l + 45]*a3[3*b + l];
-            }
-            for (size_t l = 0; l < 1; ++l) {
-                c0[l] += a1[3*i0_t + l + 2]*a3[3*b + l + 2];
-                c1[l] += a1[3*i0_t + l + 5]*a3[3*b + l + 2];
-                c2[l] += a1[3*i0_t + l + 8]*a3[3*b + l + 2];
-                c3[l] += a1[3*i0_t + l + 11]*a3[3*b + l + 2];
-                c4[l] += a1[3*i0_t + l + 14]*a3[3*b + l + 2];
-                c5[l] += a1[3*i0_t + l + 17]*a3[3*b + l + 2];
-                c6[l] += a1[3*i0_t + l + 20]*a3[3*b + l + 2];
-                c7[l] += a1[3*i0_t + l + 23]*a3[3*b + l + 2];
-                c8[l] += a1[3*i0_t + l + 26]*a3[3*b + l + 2];
-                c9[l] += a1[3*i0_t + l + 29]*a3[3*b + l + 2];
-                c10[l] += a1[3*i0_t + l + 32]*a3[3*b + l + 2];
-                c11[l] += a1[3*i0_t + l + 35]*a3[3*b + l + 2];
-                c12[l] += a1[3*i0_t + l + 38]*a3[3*b + l + 2];
-                c13[l] += a1[3*i0_t + l + 41]*a3[3*b + l + 2];
-                c14[l] += a1[3*i0_t + l + 44]*a3[3*b + l + 2];
-                c15[l] += a1[3*i0_t + l + 47]*a3[3*b + l + 2];
-            }
-            c0[0] += c0[1]; c1[0] += c1[1]; c2[0] += c2[1]; c3[0] += c3[1]; c4[0] += c4[1]; c5[0] += c5[1]; c6[0] += c6[1]; c7[0] += c7[1]; c8[0] += c8[1]; c9[0] += c9[1]; c10[0] += c10[1]; c11[0] += c11[1]; c12[0] += c12[1]; c13[0] += c13[1]; c14[0] += c14[1]; c15[0] += c15[1];
-            const float s[16] = {c0[0], c1[0], c2[0], c3[0], c4[0], c5[0], c6[0], c7[0], c8[0], c9[0], c10[0], c11[0], c12[0], c13[0], c14[0], c15[0]};
-            for (size_t i0_j = 0; i0_j < 16; ++i0_j) {
-                const float acc = s[i0_j];
-                a0[16*b + i0_j + i0_t] = tanhf(acc + a2[i0_j + i0_t]);
-            }
+            a0[16*b + i0] = tanhf(acc + a2[i0]);
         }
     }
 }
@@ -108,106 +21,13 @@ static void k0(size_t n, float *restrict a0, const float *restrict a1, const flo
 /* a2: h2 with a2 as epilogue: a2[b, i0] = tanh((Σ_{i1} W2[i0, i1]*a1[b, i1]) + b2[i0]) */
 static void k1(size_t n, float *restrict a0, const float *restrict a1, const float *restrict a2, const float *restrict a3)
 {
-    for (size_t b_t = 0; b_t < n / 8 * 8; b_t += 8) {
-        for (size_t i0_t = 0; i0_t < 16; i0_t += 2) {
-            float c0[4], c1[4], c2[4], c3[4], c4[4], c5[4], c6[4], c7[4], c8[4], c9[4], c10[4], c11[4], c12[4], c13[4], c14[4], c15[4];
-            for (size_t l = 0; l < 4; ++l) {
-                c0[l] = a1[16*i0_t + l]*a2[16*b_t + l];
-                c1[l] = a1[16*i0_t + l + 16]*a2[16*b_t + l];
-                c2[l] = a1[16*i0_t + l]*a2[16*b_t + l + 16];
-                c3[l] = a1[16*i0_t + l + 16]*a2[16*b_t + l + 16];
-                c4[l] = a1[16*i0_t + l]*a2[16*b_t + l + 32];
-                c5[l] = a1[16*i0_t + l + 16]*a2[16*b_t + l + 32];
-                c6[l] = a1[16*i0_t + l]*a2[16*b_t + l + 48];
-                c7[l] = a1[16*i0_t + l + 16]*a2[16*b_t + l + 48];
-                c8[l] = a1[16*i0_t + l]*a2[16*b_t + l + 64];
-                c9[l] = a1[16*i0_t + l + 16]*a2[16*b_t + l + 64];
-                c10[l] = a1[16*i0_t + l]*a2[16*b_t + l + 80];
-                c11[l] = a1[16*i0_t + l + 16]*a2[16*b_t + l + 80];
-                c12[l] = a1[16*i0_t + l]*a2[16*b_t + l + 96];
-                c13[l] = a1[16*i0_t + l + 16]*a2[16*b_t + l + 96];
-                c14[l] = a1[16*i0_t + l]*a2[16*b_t + l + 112];
-                c15[l] = a1[16*i0_t + l + 16]*a2[16*b_t + l + 112];
+    for (size_t b = 0; b < n; ++b) {
+        for (size_t i0 = 0; i0 < 16; ++i0) {
+            float acc = 0;
+            for (size_t i1 = 0; i1 < 16; ++i1) {
+                acc += a1[16*i0 + i1]*a2[16*b + i1];
             }
-            for (size_t i1_t = 4; i1_t < 16; i1_t += 4) {
-                for (size_t l = 0; l < 4; ++l) {
-                    c0[l] += a1[16*i0_t + i1_t + l]*a2[16*b_t + i1_t + l];
-                    c1[l] += a1[16*i0_t + i1_t + l + 16]*a2[16*b_t + i1_t + l];
-                    c2[l] += a1[16*i0_t + i1_t + l]*a2[16*b_t + i1_t + l + 16];
-                    c3[l] += a1[16*i0_t + i1_t + l + 16]*a2[16*b_t + i1_t + l + 16];
-                    c4[l] += a1[16*i0_t + i1_t + l]*a2[16*b_t + i1_t + l + 32];
-                    c5[l] += a1[16*i0_t + i1_t + l + 16]*a2[16*b_t + i1_t + l + 32];
-                    c6[l] += a1[16*i0_t + i1_t + l]*a2[16*b_t + i1_t + l + 48];
-                    c7[l] += a1[16*i0_t + i1_t + l + 16]*a2[16*b_t + i1_t + l + 48];
-                    c8[l] += a1[16*i0_t + i1_t + l]*a2[16*b_t + i1_t + l + 64];
-                    c9[l] += a1[16*i0_t + i1_t + l + 16]*a2[16*b_t + i1_t + l + 64];
-                    c10[l] += a1[16*i0_t + i1_t + l]*a2[16*b_t + i1_t + l + 80];
-                    c11[l] += a1[16*i0_t + i1_t + l + 16]*a2[16*b_t + i1_t + l + 80];
-                    c12[l] += a1[16*i0_t + i1_t + l]*a2[16*b_t + i1_t + l + 96];
-                    c13[l] += a1[16*i0_t + i1_t + l + 16]*a2[16*b_t + i1_t + l + 96];
-                    c14[l] += a1[16*i0_t + i1_t + l]*a2[16*b_t + i1_t + l + 112];
-                    c15[l] += a1[16*i0_t + i1_t + l + 16]*a2[16*b_t + i1_t + l + 112];
-                }
-            }
-            for (size_t l = 0; l < 2; ++l) { c0[l] += c0[l + 2]; c1[l] += c1[l + 2]; c2[l] += c2[l + 2]; c3[l] += c3[l + 2]; c4[l] += c4[l + 2]; c5[l] += c5[l + 2]; c6[l] += c6[l + 2]; c7[l] += c7[l + 2]; c8[l] += c8[l + 2]; c9[l] += c9[l + 2]; c10[l] += c10[l + 2]; c11[l] += c11[l + 2]; c12[l] += c12[l + 2]; c13[l] += c13[l + 2]; c14[l] += c14[l + 2]; c15[l] += c15[l + 2]; }
-            c0[0] += c0[1]; c1[0] += c1[1]; c2[0] += c2[1]; c3[0] += c3[1]; c4[0] += c4[1]; c5[0] += c5[1]; c6[0] += c6[1]; c7[0] += c7[1]; c8[0] += c8[1]; c9[0] += c9[1]; c10[0] += c10[1]; c11[0] += c11[1]; c12[0] += c12[1]; c13[0] += c13[1]; c14[0] += c14[1]; c15[0] += c15[1];
-            const float s[16] = {c0[0], c1[0], c2[0], c3[0], c4[0], c5[0], c6[0], c7[0], c8[0], c9[0], c10[0], c11[0], c12[0], c13[0], c14[0], c15[0]};
-            for (size_t b_j = 0; b_j < 8; ++b_j) {
-                for (size_t i0_j = 0; i0_j < 2; ++i0_j) {
-                    const float acc = s[2*b_j + i0_j];
-                    a0[16*b_j + 16*b_t + i0_j + i0_t] = tanhf(acc + a3[i0_j + i0_t]);
-                }
-            }
-        }
-    }
-    for (size_t b = n / 8 * 8; b < n; ++b) {
-        for (size_t i0_t = 0; i0_t < 16; i0_t += 16) {
-            float c0[4], c1[4], c2[4], c3[4], c4[4], c5[4], c6[4], c7[4], c8[4], c9[4], c10[4], c11[4], c12[4], c13[4], c14[4], c15[4];
-            for (size_t l = 0; l < 4; ++l) {
-                c0[l] = a1[16*i0_t + l]*a2[16*b + l];
-                c1[l] = a1[16*i0_t + l + 16]*a2[16*b + l];
-                c2[l] = a1[16*i0_t + l + 32]*a2[16*b + l];
-                c3[l] = a1[16*i0_t + l + 48]*a2[16*b + l];
-                c4[l] = a1[16*i0_t + l + 64]*a2[16*b + l];
-                c5[l] = a1[16*i0_t + l + 80]*a2[16*b + l];
-                c6[l] = a1[16*i0_t + l + 96]*a2[16*b + l];
-                c7[l] = a1[16*i0_t + l + 112]*a2[16*b + l];
-                c8[l] = a1[16*i0_t + l + 128]*a2[16*b + l];
-                c9[l] = a1[16*i0_t + l + 144]*a2[16*b + l];
-                c10[l] = a1[16*i0_t + l + 160]*a2[16*b + l];
-                c11[l] = a1[16*i0_t + l + 176]*a2[16*b + l];
-                c12[l] = a1[16*i0_t + l + 192]*a2[16*b + l];
-                c13[l] = a1[16*i0_t + l + 208]*a2[16*b + l];
-                c14[l] = a1[16*i0_t + l + 224]*a2[16*b + l];
-                c15[l] = a1[16*i0_t + l + 240]*a2[16*b + l];
-            }
-            for (size_t i1_t = 4; i1_t < 16; i1_t += 4) {
-                for (size_t l = 0; l < 4; ++l) {
-                    c0[l] += a1[16*i0_t + i1_t + l]*a2[16*b + i1_t + l];
-                    c1[l] += a1[16*i0_t + i1_t + l + 16]*a2[16*b + i1_t + l];
-                    c2[l] += a1[16*i0_t + i1_t + l + 32]*a2[16*b + i1_t + l];
-                    c3[l] += a1[16*i0_t + i1_t + l + 48]*a2[16*b + i1_t + l];
-                    c4[l] += a1[16*i0_t + i1_t + l + 64]*a2[16*b + i1_t + l];
-                    c5[l] += a1[16*i0_t + i1_t + l + 80]*a2[16*b + i1_t + l];
-                    c6[l] += a1[16*i0_t + i1_t + l + 96]*a2[16*b + i1_t + l];
-                    c7[l] += a1[16*i0_t + i1_t + l + 112]*a2[16*b + i1_t + l];
-                    c8[l] += a1[16*i0_t + i1_t + l + 128]*a2[16*b + i1_t + l];
-                    c9[l] += a1[16*i0_t + i1_t + l + 144]*a2[16*b + i1_t + l];
-                    c10[l] += a1[16*i0_t + i1_t + l + 160]*a2[16*b + i1_t + l];
-                    c11[l] += a1[16*i0_t + i1_t + l + 176]*a2[16*b + i1_t + l];
-                    c12[l] += a1[16*i0_t + i1_t + l + 192]*a2[16*b + i1_t + l];
-                    c13[l] += a1[16*i0_t + i1_t + l + 208]*a2[16*b + i1_t + l];
-                    c14[l] += a1[16*i0_t + i1_t + l + 224]*a2[16*b + i1_t + l];
-                    c15[l] += a1[16*i0_t + i1_t + l + 240]*a2[16*b + i1_t + l];
-                }
-            }
-            for (size_t l = 0; l < 2; ++l) { c0[l] += c0[l + 2]; c1[l] += c1[l + 2]; c2[l] += c2[l + 2]; c3[l] += c3[l + 2]; c4[l] += c4[l + 2]; c5[l] += c5[l + 2]; c6[l] += c6[l + 2]; c7[l] += c7[l + 2]; c8[l] += c8[l + 2]; c9[l] += c9[l + 2]; c10[l] += c10[l + 2]; c11[l] += c11[l + 2]; c12[l] += c12[l + 2]; c13[l] += c13[l + 2]; c14[l] += c14[l + 2]; c15[l] += c15[l + 2]; }
-            c0[0] += c0[1]; c1[0] += c1[1]; c2[0] += c2[1]; c3[0] += c3[1]; c4[0] += c4[1]; c5[0] += c5[1]; c6[0] += c6[1]; c7[0] += c7[1]; c8[0] += c8[1]; c9[0] += c9[1]; c10[0] += c10[1]; c11[0] += c11[1]; c12[0] += c12[1]; c13[0] += c13[1]; c14[0] += c14[1]; c15[0] += c15[1];
-            const float s[16] = {c0[0], c1[0], c2[0], c3[0], c4[0], c5[0], c6[0], c7[0], c8[0], c9[0], c10[0], c11[0], c12[0], c13[0], c14[0], c15[0]};
-            for (size_t i0_j = 0; i0_j < 16; ++i0_j) {
-                const float acc = s[i0_j];
-                a0[16*b + i0_j + i0_t] = tanhf(acc + a3[i0_j + i0_t]);
-            }
+            a0[16*b + i0] = tanhf(acc + a3[i0]);
         }
     }
 }
@@ -215,78 +35,13 @@ static void k1(size_t n, float *restrict a0, const float *restrict a1, const flo
 /* prediction: forward: prediction[b, i0] = (Σ_{i1} W3[i0, i1]*a2[b, i1]) + b3[i0] */
 static void k2(size_t n, float *restrict a0, const float *restrict a1, const float *restrict a2, const float *restrict a3)
 {
-    for (size_t b_t = 0; b_t < n / 8 * 8; b_t += 8) {
-        for (size_t i0_t = 0; i0_t < 2; i0_t += 2) {
-            float c0[4], c1[4], c2[4], c3[4], c4[4], c5[4], c6[4], c7[4], c8[4], c9[4], c10[4], c11[4], c12[4], c13[4], c14[4], c15[4];
-            for (size_t l = 0; l < 4; ++l) {
-                c0[l] = a1[16*i0_t + l]*a2[16*b_t + l];
-                c1[l] = a1[16*i0_t + l + 16]*a2[16*b_t + l];
-                c2[l] = a1[16*i0_t + l]*a2[16*b_t + l + 16];
-                c3[l] = a1[16*i0_t + l + 16]*a2[16*b_t + l + 16];
-                c4[l] = a1[16*i0_t + l]*a2[16*b_t + l + 32];
-                c5[l] = a1[16*i0_t + l + 16]*a2[16*b_t + l + 32];
-                c6[l] = a1[16*i0_t + l]*a2[16*b_t + l + 48];
-                c7[l] = a1[16*i0_t + l + 16]*a2[16*b_t + l + 48];
-                c8[l] = a1[16*i0_t + l]*a2[16*b_t + l + 64];
-                c9[l] = a1[16*i0_t + l + 16]*a2[16*b_t + l + 64];
-                c10[l] = a1[16*i0_t + l]*a2[16*b_t + l + 80];
-                c11[l] = a1[16*i0_t + l + 16]*a2[16*b_t + l + 80];
-                c12[l] = a1[16*i0_t + l]*a2[16*b_t + l + 96];
-                c13[l] = a1[16*i0_t + l + 16]*a2[16*b_t + l + 96];
-                c14[l] = a1[16*i0_t + l]*a2[16*b_t + l + 112];
-                c15[l] = a1[16*i0_t + l + 16]*a2[16*b_t + l + 112];
+    for (size_t b = 0; b < n; ++b) {
+        for (size_t i0 = 0; i0 < 2; ++i0) {
+            float acc = 0;
+            for (size_t i1 = 0; i1 < 16; ++i1) {
+                acc += a1[16*i0 + i1]*a2[16*b + i1];
             }
-            for (size_t i1_t = 4; i1_t < 16; i1_t += 4) {
-                for (size_t l = 0; l < 4; ++l) {
-                    c0[l] += a1[16*i0_t + i1_t + l]*a2[16*b_t + i1_t + l];
-                    c1[l] += a1[16*i0_t + i1_t + l + 16]*a2[16*b_t + i1_t + l];
-                    c2[l] += a1[16*i0_t + i1_t + l]*a2[16*b_t + i1_t + l + 16];
-                    c3[l] += a1[16*i0_t + i1_t + l + 16]*a2[16*b_t + i1_t + l + 16];
-                    c4[l] += a1[16*i0_t + i1_t + l]*a2[16*b_t + i1_t + l + 32];
-                    c5[l] += a1[16*i0_t + i1_t + l + 16]*a2[16*b_t + i1_t + l + 32];
-                    c6[l] += a1[16*i0_t + i1_t + l]*a2[16*b_t + i1_t + l + 48];
-                    c7[l] += a1[16*i0_t + i1_t + l + 16]*a2[16*b_t + i1_t + l + 48];
-                    c8[l] += a1[16*i0_t + i1_t + l]*a2[16*b_t + i1_t + l + 64];
-                    c9[l] += a1[16*i0_t + i1_t + l + 16]*a2[16*b_t + i1_t + l + 64];
-                    c10[l] += a1[16*i0_t + i1_t + l]*a2[16*b_t + i1_t + l + 80];
-                    c11[l] += a1[16*i0_t + i1_t + l + 16]*a2[16*b_t + i1_t + l + 80];
-                    c12[l] += a1[16*i0_t + i1_t + l]*a2[16*b_t + i1_t + l + 96];
-                    c13[l] += a1[16*i0_t + i1_t + l + 16]*a2[16*b_t + i1_t + l + 96];
-                    c14[l] += a1[16*i0_t + i1_t + l]*a2[16*b_t + i1_t + l + 112];
-                    c15[l] += a1[16*i0_t + i1_t + l + 16]*a2[16*b_t + i1_t + l + 112];
-                }
-            }
-            for (size_t l = 0; l < 2; ++l) { c0[l] += c0[l + 2]; c1[l] += c1[l + 2]; c2[l] += c2[l + 2]; c3[l] += c3[l + 2]; c4[l] += c4[l + 2]; c5[l] += c5[l + 2]; c6[l] += c6[l + 2]; c7[l] += c7[l + 2]; c8[l] += c8[l + 2]; c9[l] += c9[l + 2]; c10[l] += c10[l + 2]; c11[l] += c11[l + 2]; c12[l] += c12[l + 2]; c13[l] += c13[l + 2]; c14[l] += c14[l + 2]; c15[l] += c15[l + 2]; }
-            c0[0] += c0[1]; c1[0] += c1[1]; c2[0] += c2[1]; c3[0] += c3[1]; c4[0] += c4[1]; c5[0] += c5[1]; c6[0] += c6[1]; c7[0] += c7[1]; c8[0] += c8[1]; c9[0] += c9[1]; c10[0] += c10[1]; c11[0] += c11[1]; c12[0] += c12[1]; c13[0] += c13[1]; c14[0] += c14[1]; c15[0] += c15[1];
-            const float s[16] = {c0[0], c1[0], c2[0], c3[0], c4[0], c5[0], c6[0], c7[0], c8[0], c9[0], c10[0], c11[0], c12[0], c13[0], c14[0], c15[0]};
-            for (size_t b_j = 0; b_j < 8; ++b_j) {
-                for (size_t i0_j = 0; i0_j < 2; ++i0_j) {
-                    const float acc = s[2*b_j + i0_j];
-                    a0[2*b_j + 2*b_t + i0_j + i0_t] = acc + a3[i0_j + i0_t];
-                }
-            }
-        }
-    }
-    for (size_t b = n / 8 * 8; b < n; ++b) {
-        for (size_t i0_t = 0; i0_t < 2; i0_t += 2) {
-            float c0[4], c1[4];
-            for (size_t l = 0; l < 4; ++l) {
-                c0[l] = a1[16*i0_t + l]*a2[16*b + l];
-                c1[l] = a1[16*i0_t + l + 16]*a2[16*b + l];
-            }
-            for (size_t i1_t = 4; i1_t < 16; i1_t += 4) {
-                for (size_t l = 0; l < 4; ++l) {
-                    c0[l] += a1[16*i0_t + i1_t + l]*a2[16*b + i1_t + l];
-                    c1[l] += a1[16*i0_t + i1_t + l + 16]*a2[16*b + i1_t + l];
-                }
-            }
-            for (size_t l = 0; l < 2; ++l) { c0[l] += c0[l + 2]; c1[l] += c1[l + 2]; }
-            c0[0] += c0[1]; c1[0] += c1[1];
-            const float s[2] = {c0[0], c1[0]};
-            for (size_t i0_j = 0; i0_j < 2; ++i0_j) {
-                const float acc = s[i0_j];
-                a0[2*b + i0_j + i0_t] = acc + a3[i0_j + i0_t];
-            }
+            a0[2*b + i0] = acc + a3[i0];
         }
     }
 }
@@ -295,12 +50,10 @@ static void k2(size_t n, float *restrict a0, const float *restrict a1, const flo
 static void k3(size_t n, float *restrict a0, const float *restrict a1, const float *restrict a2)
 {
     for (size_t b = 0; b < n; ++b) {
-        float c0[2];
-        for (size_t l = 0; l < 2; ++l) {
-            c0[l] = powf(a1[2*b + l] - a2[2*b + l], 2);
+        float acc = 0;
+        for (size_t i0 = 0; i0 < 2; ++i0) {
+            acc += powf(a1[2*b + i0] - a2[2*b + i0], 2);
         }
-        c0[0] += c0[1];
-        const float acc = c0[0];
         a0[b] = (1.0F/2.0F)*acc;
     }
 }
@@ -328,28 +81,15 @@ static void k5(size_t n, float *restrict a0, const float *restrict a1, const flo
 /* prediction: dprediction/dW3: W3.grad[i0, i1] = Σ_{b} a2[b, i1]*prediction.grad[b, i0] */
 static void k6(size_t n, float *restrict a0, const float *restrict a1, const float *restrict a2)
 {
-    for (size_t i1_t = 0; i1_t < 16; i1_t += 8) {
-        for (size_t i0_t = 0; i0_t < 2; i0_t += 2) {
-            float c0[4], c1[4], c2[4], c3[4];
-            for (size_t l = 0; l < 4; ++l) {
-                c0[l] = a1[i1_t + l]*a2[i0_t];
-                c1[l] = a1[i1_t + l + 4]*a2[i0_t];
-                c2[l] = a1[i1_t + l]*a2[i0_t + 1];
-                c3[l] = a1[i1_t + l + 4]*a2[i0_t + 1];
-            }
-            for (size_t b = 1; b < n; ++b) {
-                for (size_t l = 0; l < 4; ++l) {
-                    c0[l] += a1[16*b + i1_t + l]*a2[2*b + i0_t];
-                    c1[l] += a1[16*b + i1_t + l + 4]*a2[2*b + i0_t];
-                    c2[l] += a1[16*b + i1_t + l]*a2[2*b + i0_t + 1];
-                    c3[l] += a1[16*b + i1_t + l + 4]*a2[2*b + i0_t + 1];
-                }
-            }
-            for (size_t l = 0; l < 4; ++l) {
-                a0[16*i0_t + i1_t + l] = c0[l];
-                a0[16*i0_t + i1_t + l + 4] = c1[l];
-                a0[16*i0_t + i1_t + l + 16] = c2[l];
-                a0[16*i0_t + i1_t + l + 20] = c3[l];
+    for (size_t i0 = 0; i0 < 2; ++i0) {
+        for (size_t i1 = 0; i1 < 16; ++i1) {
+            a0[16*i0 + i1] = 0;
+        }
+    }
+    for (size_t b = 0; b < n; ++b) {
+        for (size_t i0 = 0; i0 < 2; ++i0) {
+            for (size_t i1 = 0; i1 < 16; ++i1) {
+                a0[16*i0 + i1] += a1[16*b + i1]*a2[2*b + i0];
             }
         }
     }
@@ -358,136 +98,13 @@ static void k6(size_t n, float *restrict a0, const float *restrict a1, const flo
 /* a2: prediction with a2 as epilogue: h2.grad[b, i1] = (Σ_{i0} W3[i0, i1]*prediction.grad[b, i0])*(1 - a2[b, i1]**2) */
 static void k7(size_t n, float *restrict a0, const float *restrict a1, const float *restrict a2, const float *restrict a3)
 {
-    for (size_t i1_t = 0; i1_t < 16; i1_t += 8) {
-        for (size_t b_t = 0; b_t < n / 8 * 8; b_t += 8) {
-            float c0[4], c1[4], c2[4], c3[4], c4[4], c5[4], c6[4], c7[4], c8[4], c9[4], c10[4], c11[4], c12[4], c13[4], c14[4], c15[4];
-            for (size_t l = 0; l < 4; ++l) {
-                c0[l] = a1[i1_t + l]*a3[2*b_t];
-                c1[l] = a1[i1_t + l + 4]*a3[2*b_t];
-                c2[l] = a1[i1_t + l]*a3[2*b_t + 2];
-                c3[l] = a1[i1_t + l + 4]*a3[2*b_t + 2];
-                c4[l] = a1[i1_t + l]*a3[2*b_t + 4];
-                c5[l] = a1[i1_t + l + 4]*a3[2*b_t + 4];
-                c6[l] = a1[i1_t + l]*a3[2*b_t + 6];
-                c7[l] = a1[i1_t + l + 4]*a3[2*b_t + 6];
-                c8[l] = a1[i1_t + l]*a3[2*b_t + 8];
-                c9[l] = a1[i1_t + l + 4]*a3[2*b_t + 8];
-                c10[l] = a1[i1_t + l]*a3[2*b_t + 10];
-                c11[l] = a1[i1_t + l + 4]*a3[2*b_t + 10];
-                c12[l] = a1[i1_t + l]*a3[2*b_t + 12];
-                c13[l] = a1[i1_t + l + 4]*a3[2*b_t + 12];
-                c14[l] = a1[i1_t + l]*a3[2*b_t + 14];
-                c15[l] = a1[i1_t + l + 4]*a3[2*b_t + 14];
+    for (size_t b = 0; b < n; ++b) {
+        for (size_t i1 = 0; i1 < 16; ++i1) {
+            float acc = 0;
+            for (size_t i0 = 0; i0 < 2; ++i0) {
+                acc += a1[16*i0 + i1]*a3[2*b + i0];
             }
-            for (size_t i0 = 1; i0 < 2; ++i0) {
-                for (size_t l = 0; l < 4; ++l) {
-                    c0[l] += a1[16*i0 + i1_t + l]*a3[2*b_t + i0];
-                    c1[l] += a1[16*i0 + i1_t + l + 4]*a3[2*b_t + i0];
-                    c2[l] += a1[16*i0 + i1_t + l]*a3[2*b_t + i0 + 2];
-                    c3[l] += a1[16*i0 + i1_t + l + 4]*a3[2*b_t + i0 + 2];
-                    c4[l] += a1[16*i0 + i1_t + l]*a3[2*b_t + i0 + 4];
-                    c5[l] += a1[16*i0 + i1_t + l + 4]*a3[2*b_t + i0 + 4];
-                    c6[l] += a1[16*i0 + i1_t + l]*a3[2*b_t + i0 + 6];
-                    c7[l] += a1[16*i0 + i1_t + l + 4]*a3[2*b_t + i0 + 6];
-                    c8[l] += a1[16*i0 + i1_t + l]*a3[2*b_t + i0 + 8];
-                    c9[l] += a1[16*i0 + i1_t + l + 4]*a3[2*b_t + i0 + 8];
-                    c10[l] += a1[16*i0 + i1_t + l]*a3[2*b_t + i0 + 10];
-                    c11[l] += a1[16*i0 + i1_t + l + 4]*a3[2*b_t + i0 + 10];
-                    c12[l] += a1[16*i0 + i1_t + l]*a3[2*b_t + i0 + 12];
-                    c13[l] += a1[16*i0 + i1_t + l + 4]*a3[2*b_t + i0 + 12];
-                    c14[l] += a1[16*i0 + i1_t + l]*a3[2*b_t + i0 + 14];
-                    c15[l] += a1[16*i0 + i1_t + l + 4]*a3[2*b_t + i0 + 14];
-                }
-            }
-            for (size_t l = 0; l < 4; ++l) {
-                {
-                    const float acc = c0[l];
-                    a0[16*b_t + i1_t + l] = acc*(1 - (a2[16*b_t + i1_t + l]*a2[16*b_t + i1_t + l]));
-                }
-                {
-                    const float acc = c1[l];
-                    a0[16*b_t + i1_t + l + 4] = acc*(1 - (a2[16*b_t + i1_t + l + 4]*a2[16*b_t + i1_t + l + 4]));
-                }
-                {
-                    const float acc = c2[l];
-                    a0[16*b_t + i1_t + l + 16] = acc*(1 - (a2[16*b_t + i1_t + l + 16]*a2[16*b_t + i1_t + l + 16]));
-                }
-                {
-                    const float acc = c3[l];
-                    a0[16*b_t + i1_t + l + 20] = acc*(1 - (a2[16*b_t + i1_t + l + 20]*a2[16*b_t + i1_t + l + 20]));
-                }
-                {
-                    const float acc = c4[l];
-                    a0[16*b_t + i1_t + l + 32] = acc*(1 - (a2[16*b_t + i1_t + l + 32]*a2[16*b_t + i1_t + l + 32]));
-                }
-                {
-                    const float acc = c5[l];
-                    a0[16*b_t + i1_t + l + 36] = acc*(1 - (a2[16*b_t + i1_t + l + 36]*a2[16*b_t + i1_t + l + 36]));
-                }
-                {
-                    const float acc = c6[l];
-                    a0[16*b_t + i1_t + l + 48] = acc*(1 - (a2[16*b_t + i1_t + l + 48]*a2[16*b_t + i1_t + l + 48]));
-                }
-                {
-                    const float acc = c7[l];
-                    a0[16*b_t + i1_t + l + 52] = acc*(1 - (a2[16*b_t + i1_t + l + 52]*a2[16*b_t + i1_t + l + 52]));
-                }
-                {
-                    const float acc = c8[l];
-                    a0[16*b_t + i1_t + l + 64] = acc*(1 - (a2[16*b_t + i1_t + l + 64]*a2[16*b_t + i1_t + l + 64]));
-                }
-                {
-                    const float acc = c9[l];
-                    a0[16*b_t + i1_t + l + 68] = acc*(1 - (a2[16*b_t + i1_t + l + 68]*a2[16*b_t + i1_t + l + 68]));
-                }
-                {
-                    const float acc = c10[l];
-                    a0[16*b_t + i1_t + l + 80] = acc*(1 - (a2[16*b_t + i1_t + l + 80]*a2[16*b_t + i1_t + l + 80]));
-                }
-                {
-                    const float acc = c11[l];
-                    a0[16*b_t + i1_t + l + 84] = acc*(1 - (a2[16*b_t + i1_t + l + 84]*a2[16*b_t + i1_t + l + 84]));
-                }
-                {
-                    const float acc = c12[l];
-                    a0[16*b_t + i1_t + l + 96] = acc*(1 - (a2[16*b_t + i1_t + l + 96]*a2[16*b_t + i1_t + l + 96]));
-                }
-                {
-                    const float acc = c13[l];
-                    a0[16*b_t + i1_t + l + 100] = acc*(1 - (a2[16*b_t + i1_t + l + 100]*a2[16*b_t + i1_t + l + 100]));
-                }
-                {
-                    const float acc = c14[l];
-                    a0[16*b_t + i1_t + l + 112] = acc*(1 - (a2[16*b_t + i1_t + l + 112]*a2[16*b_t + i1_t + l + 112]));
-                }
-                {
-                    const float acc = c15[l];
-                    a0[16*b_t + i1_t + l + 116] = acc*(1 - (a2[16*b_t + i1_t + l + 116]*a2[16*b_t + i1_t + l + 116]));
-                }
-            }
-        }
-        for (size_t b = n / 8 * 8; b < n; ++b) {
-            float c0[4], c1[4];
-            for (size_t l = 0; l < 4; ++l) {
-                c0[l] = a1[i1_t + l]*a3[2*b];
-                c1[l] = a1[i1_t + l + 4]*a3[2*b];
-            }
-            for (size_t i0 = 1; i0 < 2; ++i0) {
-                for (size_t l = 0; l < 4; ++l) {
-                    c0[l] += a1[16*i0 + i1_t + l]*a3[2*b + i0];
-                    c1[l] += a1[16*i0 + i1_t + l + 4]*a3[2*b + i0];
-                }
-            }
-            for (size_t l = 0; l < 4; ++l) {
-                {
-                    const float acc = c0[l];
-                    a0[16*b + i1_t + l] = acc*(1 - (a2[16*b + i1_t + l]*a2[16*b + i1_t + l]));
-                }
-                {
-                    const float acc = c1[l];
-                    a0[16*b + i1_t + l + 4] = acc*(1 - (a2[16*b + i1_t + l + 4]*a2[16*b + i1_t + l + 4]));
-                }
-            }
+            a0[16*b + i1] = acc*(1 - (a2[16*b + i1]*a2[16*b + i1]));
         }
     }
 }
@@ -495,18 +112,12 @@ static void k7(size_t n, float *restrict a0, const float *restrict a1, const flo
 /* prediction: dprediction/db3: b3.grad[i0] = Σ_{b} prediction.grad[b, i0] */
 static void k8(size_t n, float *restrict a0, const float *restrict a1)
 {
-    for (size_t i0_t = 0; i0_t < 2; i0_t += 2) {
-        float c0[2];
-        for (size_t l = 0; l < 2; ++l) {
-            c0[l] = a1[i0_t + l];
-        }
-        for (size_t b = 1; b < n; ++b) {
-            for (size_t l = 0; l < 2; ++l) {
-                c0[l] += a1[2*b + i0_t + l];
-            }
-        }
-        for (size_t l = 0; l < 2; ++l) {
-            a0[i0_t + l] = c0[l];
+    for (size_t i0 = 0; i0 < 2; ++i0) {
+        a0[i0] = 0;
+    }
+    for (size_t b = 0; b < n; ++b) {
+        for (size_t i0 = 0; i0 < 2; ++i0) {
+            a0[i0] += a1[2*b + i0];
         }
     }
 }
@@ -514,64 +125,15 @@ static void k8(size_t n, float *restrict a0, const float *restrict a1)
 /* h2: dh2/dW2: W2.grad[i0, i1] = Σ_{b} a1[b, i1]*h2.grad[b, i0] */
 static void k9(size_t n, float *restrict a0, const float *restrict a1, const float *restrict a2)
 {
-    for (size_t i1_t = 0; i1_t < 16; i1_t += 8) {
-        for (size_t i0_t = 0; i0_t < 16; i0_t += 8) {
-            float c0[4], c1[4], c2[4], c3[4], c4[4], c5[4], c6[4], c7[4], c8[4], c9[4], c10[4], c11[4], c12[4], c13[4], c14[4], c15[4];
-            for (size_t l = 0; l < 4; ++l) {
-                c0[l] = a1[i1_t + l]*a2[i0_t];
-                c1[l] = a1[i1_t + l + 4]*a2[i0_t];
-                c2[l] = a1[i1_t + l]*a2[i0_t + 1];
-                c3[l] = a1[i1_t + l + 4]*a2[i0_t + 1];
-                c4[l] = a1[i1_t + l]*a2[i0_t + 2];
-                c5[l] = a1[i1_t + l + 4]*a2[i0_t + 2];
-                c6[l] = a1[i1_t + l]*a2[i0_t + 3];
-                c7[l] = a1[i1_t + l + 4]*a2[i0_t + 3];
-                c8[l] = a1[i1_t + l]*a2[i0_t + 4];
-                c9[l] = a1[i1_t + l + 4]*a2[i0_t + 4];
-                c10[l] = a1[i1_t + l]*a2[i0_t + 5];
-                c11[l] = a1[i1_t + l + 4]*a2[i0_t + 5];
-                c12[l] = a1[i1_t + l]*a2[i0_t + 6];
-                c13[l] = a1[i1_t + l + 4]*a2[i0_t + 6];
-                c14[l] = a1[i1_t + l]*a2[i0_t + 7];
-                c15[l] = a1[i1_t + l + 4]*a2[i0_t + 7];
-            }
-            for (size_t b = 1; b < n; ++b) {
-                for (size_t l = 0; l < 4; ++l) {
-                    c0[l] += a1[16*b + i1_t + l]*a2[16*b + i0_t];
-                    c1[l] += a1[16*b + i1_t + l + 4]*a2[16*b + i0_t];
-                    c2[l] += a1[16*b + i1_t + l]*a2[16*b + i0_t + 1];
-                    c3[l] += a1[16*b + i1_t + l + 4]*a2[16*b + i0_t + 1];
-                    c4[l] += a1[16*b + i1_t + l]*a2[16*b + i0_t + 2];
-                    c5[l] += a1[16*b + i1_t + l + 4]*a2[16*b + i0_t + 2];
-                    c6[l] += a1[16*b + i1_t + l]*a2[16*b + i0_t + 3];
-                    c7[l] += a1[16*b + i1_t + l + 4]*a2[16*b + i0_t + 3];
-                    c8[l] += a1[16*b + i1_t + l]*a2[16*b + i0_t + 4];
-                    c9[l] += a1[16*b + i1_t + l + 4]*a2[16*b + i0_t + 4];
-                    c10[l] += a1[16*b + i1_t + l]*a2[16*b + i0_t + 5];
-                    c11[l] += a1[16*b + i1_t + l + 4]*a2[16*b + i0_t + 5];
-                    c12[l] += a1[16*b + i1_t + l]*a2[16*b + i0_t + 6];
-                    c13[l] += a1[16*b + i1_t + l + 4]*a2[16*b + i0_t + 6];
-                    c14[l] += a1[16*b + i1_t + l]*a2[16*b + i0_t + 7];
-                    c15[l] += a1[16*b + i1_t + l + 4]*a2[16*b + i0_t + 7];
-                }
-            }
-            for (size_t l = 0; l < 4; ++l) {
-                a0[16*i0_t + i1_t + l] = c0[l];
-                a0[16*i0_t + i1_t + l + 4] = c1[l];
-                a0[16*i0_t + i1_t + l + 16] = c2[l];
-                a0[16*i0_t + i1_t + l + 20] = c3[l];
-                a0[16*i0_t + i1_t + l + 32] = c4[l];
-                a0[16*i0_t + i1_t + l + 36] = c5[l];
-                a0[16*i0_t + i1_t + l + 48] = c6[l];
-                a0[16*i0_t + i1_t + l + 52] = c7[l];
-                a0[16*i0_t + i1_t + l + 64] = c8[l];
-                a0[16*i0_t + i1_t + l + 68] = c9[l];
-                a0[16*i0_t + i1_t + l + 80] = c10[l];
-                a0[16*i0_t + i1_t + l + 84] = c11[l];
-                a0[16*i0_t + i1_t + l + 96] = c12[l];
-                a0[16*i0_t + i1_t + l + 100] = c13[l];
-                a0[16*i0_t + i1_t + l + 112] = c14[l];
-                a0[16*i0_t + i1_t + l + 116] = c15[l];
+    for (size_t i0 = 0; i0 < 16; ++i0) {
+        for (size_t i1 = 0; i1 < 16; ++i1) {
+            a0[16*i0 + i1] = 0;
+        }
+    }
+    for (size_t b = 0; b < n; ++b) {
+        for (size_t i0 = 0; i0 < 16; ++i0) {
+            for (size_t i1 = 0; i1 < 16; ++i1) {
+                a0[16*i0 + i1] += a1[16*b + i1]*a2[16*b + i0];
             }
         }
     }
@@ -580,136 +142,13 @@ static void k9(size_t n, float *restrict a0, const float *restrict a1, const flo
 /* a1: h2 with a1 as epilogue: h1.grad[b, i1] = (Σ_{i0} W2[i0, i1]*h2.grad[b, i0])*(1 - a1[b, i1]**2) */
 static void k10(size_t n, float *restrict a0, const float *restrict a1, const float *restrict a2, const float *restrict a3)
 {
-    for (size_t i1_t = 0; i1_t < 16; i1_t += 8) {
-        for (size_t b_t = 0; b_t < n / 8 * 8; b_t += 8) {
-            float c0[4], c1[4], c2[4], c3[4], c4[4], c5[4], c6[4], c7[4], c8[4], c9[4], c10[4], c11[4], c12[4], c13[4], c14[4], c15[4];
-            for (size_t l = 0; l < 4; ++l) {
-                c0[l] = a1[i1_t + l]*a3[16*b_t];
-                c1[l] = a1[i1_t + l + 4]*a3[16*b_t];
-                c2[l] = a1[i1_t + l]*a3[16*b_t + 16];
-                c3[l] = a1[i1_t + l + 4]*a3[16*b_t + 16];
-                c4[l] = a1[i1_t + l]*a3[16*b_t + 32];
-                c5[l] = a1[i1_t + l + 4]*a3[16*b_t + 32];
-                c6[l] = a1[i1_t + l]*a3[16*b_t + 48];
-                c7[l] = a1[i1_t + l + 4]*a3[16*b_t + 48];
-                c8[l] = a1[i1_t + l]*a3[16*b_t + 64];
-                c9[l] = a1[i1_t + l + 4]*a3[16*b_t + 64];
-                c10[l] = a1[i1_t + l]*a3[16*b_t + 80];
-                c11[l] = a1[i1_t + l + 4]*a3[16*b_t + 80];
-                c12[l] = a1[i1_t + l]*a3[16*b_t + 96];
-                c13[l] = a1[i1_t + l + 4]*a3[16*b_t + 96];
-                c14[l] = a1[i1_t + l]*a3[16*b_t + 112];
-                c15[l] = a1[i1_t + l + 4]*a3[16*b_t + 112];
+    for (size_t b = 0; b < n; ++b) {
+        for (size_t i1 = 0; i1 < 16; ++i1) {
+            float acc = 0;
+            for (size_t i0 = 0; i0 < 16; ++i0) {
+                acc += a1[16*i0 + i1]*a3[16*b + i0];
             }
-            for (size_t i0 = 1; i0 < 16; ++i0) {
-                for (size_t l = 0; l < 4; ++l) {
-                    c0[l] += a1[16*i0 + i1_t + l]*a3[16*b_t + i0];
-                    c1[l] += a1[16*i0 + i1_t + l + 4]*a3[16*b_t + i0];
-                    c2[l] += a1[16*i0 + i1_t + l]*a3[16*b_t + i0 + 16];
-                    c3[l] += a1[16*i0 + i1_t + l + 4]*a3[16*b_t + i0 + 16];
-                    c4[l] += a1[16*i0 + i1_t + l]*a3[16*b_t + i0 + 32];
-                    c5[l] += a1[16*i0 + i1_t + l + 4]*a3[16*b_t + i0 + 32];
-                    c6[l] += a1[16*i0 + i1_t + l]*a3[16*b_t + i0 + 48];
-                    c7[l] += a1[16*i0 + i1_t + l + 4]*a3[16*b_t + i0 + 48];
-                    c8[l] += a1[16*i0 + i1_t + l]*a3[16*b_t + i0 + 64];
-                    c9[l] += a1[16*i0 + i1_t + l + 4]*a3[16*b_t + i0 + 64];
-                    c10[l] += a1[16*i0 + i1_t + l]*a3[16*b_t + i0 + 80];
-                    c11[l] += a1[16*i0 + i1_t + l + 4]*a3[16*b_t + i0 + 80];
-                    c12[l] += a1[16*i0 + i1_t + l]*a3[16*b_t + i0 + 96];
-                    c13[l] += a1[16*i0 + i1_t + l + 4]*a3[16*b_t + i0 + 96];
-                    c14[l] += a1[16*i0 + i1_t + l]*a3[16*b_t + i0 + 112];
-                    c15[l] += a1[16*i0 + i1_t + l + 4]*a3[16*b_t + i0 + 112];
-                }
-            }
-            for (size_t l = 0; l < 4; ++l) {
-                {
-                    const float acc = c0[l];
-                    a0[16*b_t + i1_t + l] = acc*(1 - (a2[16*b_t + i1_t + l]*a2[16*b_t + i1_t + l]));
-                }
-                {
-                    const float acc = c1[l];
-                    a0[16*b_t + i1_t + l + 4] = acc*(1 - (a2[16*b_t + i1_t + l + 4]*a2[16*b_t + i1_t + l + 4]));
-                }
-                {
-                    const float acc = c2[l];
-                    a0[16*b_t + i1_t + l + 16] = acc*(1 - (a2[16*b_t + i1_t + l + 16]*a2[16*b_t + i1_t + l + 16]));
-                }
-                {
-                    const float acc = c3[l];
-                    a0[16*b_t + i1_t + l + 20] = acc*(1 - (a2[16*b_t + i1_t + l + 20]*a2[16*b_t + i1_t + l + 20]));
-                }
-                {
-                    const float acc = c4[l];
-                    a0[16*b_t + i1_t + l + 32] = acc*(1 - (a2[16*b_t + i1_t + l + 32]*a2[16*b_t + i1_t + l + 32]));
-                }
-                {
-                    const float acc = c5[l];
-                    a0[16*b_t + i1_t + l + 36] = acc*(1 - (a2[16*b_t + i1_t + l + 36]*a2[16*b_t + i1_t + l + 36]));
-                }
-                {
-                    const float acc = c6[l];
-                    a0[16*b_t + i1_t + l + 48] = acc*(1 - (a2[16*b_t + i1_t + l + 48]*a2[16*b_t + i1_t + l + 48]));
-                }
-                {
-                    const float acc = c7[l];
-                    a0[16*b_t + i1_t + l + 52] = acc*(1 - (a2[16*b_t + i1_t + l + 52]*a2[16*b_t + i1_t + l + 52]));
-                }
-                {
-                    const float acc = c8[l];
-                    a0[16*b_t + i1_t + l + 64] = acc*(1 - (a2[16*b_t + i1_t + l + 64]*a2[16*b_t + i1_t + l + 64]));
-                }
-                {
-                    const float acc = c9[l];
-                    a0[16*b_t + i1_t + l + 68] = acc*(1 - (a2[16*b_t + i1_t + l + 68]*a2[16*b_t + i1_t + l + 68]));
-                }
-                {
-                    const float acc = c10[l];
-                    a0[16*b_t + i1_t + l + 80] = acc*(1 - (a2[16*b_t + i1_t + l + 80]*a2[16*b_t + i1_t + l + 80]));
-                }
-                {
-                    const float acc = c11[l];
-                    a0[16*b_t + i1_t + l + 84] = acc*(1 - (a2[16*b_t + i1_t + l + 84]*a2[16*b_t + i1_t + l + 84]));
-                }
-                {
-                    const float acc = c12[l];
-                    a0[16*b_t + i1_t + l + 96] = acc*(1 - (a2[16*b_t + i1_t + l + 96]*a2[16*b_t + i1_t + l + 96]));
-                }
-                {
-                    const float acc = c13[l];
-                    a0[16*b_t + i1_t + l + 100] = acc*(1 - (a2[16*b_t + i1_t + l + 100]*a2[16*b_t + i1_t + l + 100]));
-                }
-                {
-                    const float acc = c14[l];
-                    a0[16*b_t + i1_t + l + 112] = acc*(1 - (a2[16*b_t + i1_t + l + 112]*a2[16*b_t + i1_t + l + 112]));
-                }
-                {
-                    const float acc = c15[l];
-                    a0[16*b_t + i1_t + l + 116] = acc*(1 - (a2[16*b_t + i1_t + l + 116]*a2[16*b_t + i1_t + l + 116]));
-                }
-            }
-        }
-        for (size_t b = n / 8 * 8; b < n; ++b) {
-            float c0[4], c1[4];
-            for (size_t l = 0; l < 4; ++l) {
-                c0[l] = a1[i1_t + l]*a3[16*b];
-                c1[l] = a1[i1_t + l + 4]*a3[16*b];
-            }
-            for (size_t i0 = 1; i0 < 16; ++i0) {
-                for (size_t l = 0; l < 4; ++l) {
-                    c0[l] += a1[16*i0 + i1_t + l]*a3[16*b + i0];
-                    c1[l] += a1[16*i0 + i1_t + l + 4]*a3[16*b + i0];
-                }
-            }
-            for (size_t l = 0; l < 4; ++l) {
-                {
-                    const float acc = c0[l];
-                    a0[16*b + i1_t + l] = acc*(1 - (a2[16*b + i1_t + l]*a2[16*b + i1_t + l]));
-                }
-                {
-                    const float acc = c1[l];
-                    a0[16*b + i1_t + l + 4] = acc*(1 - (a2[16*b + i1_t + l + 4]*a2[16*b + i1_t + l + 4]));
-                }
-            }
+            a0[16*b + i1] = acc*(1 - (a2[16*b + i1]*a2[16*b + i1]));
         }
     }
 }
@@ -717,21 +156,12 @@ static void k10(size_t n, float *restrict a0, const float *restrict a1, const fl
 /* h2: dh2/db2: b2.grad[i0] = Σ_{b} h2.grad[b, i0] */
 static void k11(size_t n, float *restrict a0, const float *restrict a1)
 {
-    for (size_t i0_t = 0; i0_t < 16; i0_t += 8) {
-        float c0[4], c1[4];
-        for (size_t l = 0; l < 4; ++l) {
-            c0[l] = a1[i0_t + l];
-            c1[l] = a1[i0_t + l + 4];
-        }
-        for (size_t b = 1; b < n; ++b) {
-            for (size_t l = 0; l < 4; ++l) {
-                c0[l] += a1[16*b + i0_t + l];
-                c1[l] += a1[16*b + i0_t + l + 4];
-            }
-        }
-        for (size_t l = 0; l < 4; ++l) {
-            a0[i0_t + l] = c0[l];
-            a0[i0_t + l + 4] = c1[l];
+    for (size_t i0 = 0; i0 < 16; ++i0) {
+        a0[i0] = 0;
+    }
+    for (size_t b = 0; b < n; ++b) {
+        for (size_t i0 = 0; i0 < 16; ++i0) {
+            a0[i0] += a1[16*b + i0];
         }
     }
 }
@@ -739,64 +169,15 @@ static void k11(size_t n, float *restrict a0, const float *restrict a1)
 /* h1: dh1/dW1: W1.grad[i0, i1] = Σ_{b} h1.grad[b, i0]*x[b, i1] */
 static void k12(size_t n, float *restrict a0, const float *restrict a1, const float *restrict a2)
 {
-    for (size_t i1_t = 0; i1_t < 3; i1_t += 3) {
-        for (size_t i0_t = 0; i0_t < 16; i0_t += 16) {
-            float c0[3], c1[3], c2[3], c3[3], c4[3], c5[3], c6[3], c7[3], c8[3], c9[3], c10[3], c11[3], c12[3], c13[3], c14[3], c15[3];
-            for (size_t l = 0; l < 3; ++l) {
-                c0[l] = a1[i0_t]*a2[i1_t + l];
-                c1[l] = a1[i0_t + 1]*a2[i1_t + l];
-                c2[l] = a1[i0_t + 2]*a2[i1_t + l];
-                c3[l] = a1[i0_t + 3]*a2[i1_t + l];
-                c4[l] = a1[i0_t + 4]*a2[i1_t + l];
-                c5[l] = a1[i0_t + 5]*a2[i1_t + l];
-                c6[l] = a1[i0_t + 6]*a2[i1_t + l];
-                c7[l] = a1[i0_t + 7]*a2[i1_t + l];
-                c8[l] = a1[i0_t + 8]*a2[i1_t + l];
-                c9[l] = a1[i0_t + 9]*a2[i1_t + l];
-                c10[l] = a1[i0_t + 10]*a2[i1_t + l];
-                c11[l] = a1[i0_t + 11]*a2[i1_t + l];
-                c12[l] = a1[i0_t + 12]*a2[i1_t + l];
-                c13[l] = a1[i0_t + 13]*a2[i1_t + l];
-                c14[l] = a1[i0_t + 14]*a2[i1_t + l];
-                c15[l] = a1[i0_t + 15]*a2[i1_t + l];
-            }
-            for (size_t b = 1; b < n; ++b) {
-                for (size_t l = 0; l < 3; ++l) {
-                    c0[l] += a1[16*b + i0_t]*a2[3*b + i1_t + l];
-                    c1[l] += a1[16*b + i0_t + 1]*a2[3*b + i1_t + l];
-                    c2[l] += a1[16*b + i0_t + 2]*a2[3*b + i1_t + l];
-                    c3[l] += a1[16*b + i0_t + 3]*a2[3*b + i1_t + l];
-                    c4[l] += a1[16*b + i0_t + 4]*a2[3*b + i1_t + l];
-                    c5[l] += a1[16*b + i0_t + 5]*a2[3*b + i1_t + l];
-                    c6[l] += a1[16*b + i0_t + 6]*a2[3*b + i1_t + l];
-                    c7[l] += a1[16*b + i0_t + 7]*a2[3*b + i1_t + l];
-                    c8[l] += a1[16*b + i0_t + 8]*a2[3*b + i1_t + l];
-                    c9[l] += a1[16*b + i0_t + 9]*a2[3*b + i1_t + l];
-                    c10[l] += a1[16*b + i0_t + 10]*a2[3*b + i1_t + l];
-                    c11[l] += a1[16*b + i0_t + 11]*a2[3*b + i1_t + l];
-                    c12[l] += a1[16*b + i0_t + 12]*a2[3*b + i1_t + l];
-                    c13[l] += a1[16*b + i0_t + 13]*a2[3*b + i1_t + l];
-                    c14[l] += a1[16*b + i0_t + 14]*a2[3*b + i1_t + l];
-                    c15[l] += a1[16*b + i0_t + 15]*a2[3*b + i1_t + l];
-                }
-            }
-            for (size_t l = 0; l < 3; ++l) {
-                a0[3*i0_t + i1_t + l] = c0[l];
-                a0[3*i0_t + i1_t + l + 3] = c1[l];
-                a0[3*i0_t + i1_t + l + 6] = c2[l];
-                a0[3*i0_t + i1_t + l + 9] = c3[l];
-                a0[3*i0_t + i1_t + l + 12] = c4[l];
-                a0[3*i0_t + i1_t + l + 15] = c5[l];
-                a0[3*i0_t + i1_t + l + 18] = c6[l];
-                a0[3*i0_t + i1_t + l + 21] = c7[l];
-                a0[3*i0_t + i1_t + l + 24] = c8[l];
-                a0[3*i0_t + i1_t + l + 27] = c9[l];
-                a0[3*i0_t + i1_t + l + 30] = c10[l];
-                a0[3*i0_t + i1_t + l + 33] = c11[l];
-                a0[3*i0_t + i1_t + l + 36] = c12[l];
-                a0[3*i0_t + i1_t + l + 39] = c13[l];
-                a0[3*i0_t + i1_t + l + 42] = c14[l];
-                a0[3*i0_t + i1_t + l + 45] = c15[l];
+    for (size_t i0 = 0; i0 < 16; ++i0) {
+        for (size_t i1 = 0; i1 < 3; ++i1) {
+            a0[3*i0 + i1] = 0;
+        }
+    }
+    for (size_t b = 0; b < n; ++b) {
+        for (size_t i0 = 0; i0 < 16; ++i0) {
+            for (size_t i1 = 0; i1 < 3; ++i1) {
+                a0[3*i0 + i1] += a1[16*b + i0]*a2[3*b + i1];
             }
         }
     }
