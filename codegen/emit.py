@@ -5,6 +5,9 @@ position (`a0` is written, `a1`... are read), user names appear only as validate
 identifiers (in the `in_`/`out_` argument names, header macros and comments).
 Memory is the caller's: params, grads, inputs, outputs and a work arena whose size the
 header states for any batch size.
+
+Loop nests print as plain loops ordered by a stride cost, or, on targets with a SIMD width
+(`codegen/targets.py`), contractions print as register-blocked tiles (`codegen/tiles.py`).
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ from graphc.ir import ACC, BATCH, Buffer, Kernel, Program
 
 from .plan import MemoryPlan, fuse, plan
 from .printer import C_TYPES, GraphcPrinter, c_array, prepare
+from .targets import Target, get_target
+from .tiles import BlockedWriter, operands, tiling, wants_helpers
 
 MAX_PERMUTED_LOOPS = 6
 
@@ -75,6 +80,24 @@ def schedule(kern: Kernel, buffers: dict[str, Buffer]) -> tuple[list[sp.Symbol],
     return reduce_order, "reduce"
 
 
+def _invariant_calls(body: sp.Expr, loops) -> list[tuple[sp.Symbol, sp.Expr]]:
+    """Function calls (log, exp, ...) in `body` that do not depend on `loops`, outermost
+    first, each with a temporary to compute it once before those loops: C compilers do
+    not hoist libm calls that may set errno."""
+    found: list[sp.Expr] = []
+    stack = [body]
+    while stack:
+        e = stack.pop()
+        if isinstance(e, sp.Piecewise):
+            continue   # a call in a branch runs only when its condition holds
+        if isinstance(e, sp.Function) and not e.free_symbols & set(loops):
+            if e not in found:
+                found.append(e)
+            continue
+        stack.extend(reversed(e.args))
+    return [(sp.Symbol(f"u{k}", real=True), e) for k, e in enumerate(found)]
+
+
 def common_subexpressions(exprs, printer) -> tuple[list[tuple[str, str]], list[str]]:
     """Printed temporaries and final expressions after `cse`.
 
@@ -120,7 +143,7 @@ class CModule:
     state_size: int = 0
     state_offsets: dict[str, int] = field(default_factory=dict)   # "step" and the slots
     baked_params: bool = False
-    target: str = "c99"        # codegen/targets.py: changes the header's note only
+    target: str = "c99"        # codegen/targets.py: how contractions print, the header's note
     max_batch: int | None = None  # the batch static memory is planned for, if stated
 
     def work_fixed(self) -> int:
@@ -139,16 +162,20 @@ class CModule:
 class Emitter:
     """Collects the file's sections and joins them in one fixed order."""
 
-    def __init__(self, name: str, dtype: str):
+    def __init__(self, name: str, dtype: str, target: Target | None = None):
         self.name, self.dtype, self.real = name, dtype, C_TYPES[dtype]
+        self.target = target or get_target("c99")
         self.macro = name.upper()
         self.kernels: list[str] = []
         self.entries: list[str] = []
         self.prototypes: list[tuple[str, str]] = []  # (doc, prototype)
         self.constants: list[str] = []
         self.tables: list[str] = []     # static const data (baked params)
+        self.helpers: dict[str, str] = {}  # shared tile sums (codegen/tiles.py), by name
+        self.use_helpers = False           # set by emit() for modules with big kernels
         self._count = 0
         self._emitted: dict[str, str] = {}
+        self._printed: dict[tuple, tuple[str, list[str], bool]] = {}
 
     # -------------------------------------------------------- kernels
     def kernel(self, kern: Kernel, buffers: dict[str, Buffer]) -> tuple[str, list[str], bool]:
@@ -157,9 +184,19 @@ class Emitter:
         reads = kern.reads()
         assert kern.out not in reads, f"{kern.node}: kernel reads its own output"
         args = [kern.out] + reads
+        # Entries share kernels (forward, evaluate and gradients run the same forward
+        # kernels): print each once, as printing blocked kernels is most of emit's time.
+        memo = (kern, tuple(buffers[b] for b in args))
+        if memo in self._printed:
+            return self._printed[memo]
         cvar = {b: f"a{k}" for k, b in enumerate(args)}
         printer = GraphcPrinter(self.dtype, {b: (cvar[b], buffers[b]) for b in args})
-        order, strategy = schedule(kern, buffers)
+        strides = _strides(kern, buffers) if self.target.vector_bytes else []
+        tiled = tiling(kern, strides, self.target.vector_bytes,
+                       np.dtype(self.dtype).itemsize) if self.target.vector_bytes else None
+        if tiled is not None and self.use_helpers and operands(kern, tiled, strides) is None:
+            tiled = None   # a module of helpers: the rest in plain loops, quick to compile
+        order, strategy = schedule(kern, buffers) if tiled is None else ([], "tiles")
         extent = dict(kern.loops)
         uses_n = any(e == BATCH for e in extent.values()) or kern.body.has(BATCH) \
             or kern.post.has(BATCH)
@@ -191,7 +228,15 @@ class Emitter:
             return final
 
         depth = 1
-        if strategy == "direct":
+        parallel = None
+        if tiled is not None:
+            out = buffers[kern.out].base[kern.out_index]
+            body, parallel = BlockedWriter(kern, tiled, out, printer, r,
+                                           lambda exprs: common_subexpressions(exprs, printer),
+                                           self.target.parallel_work, self.helpers,
+                                           strides, self.use_helpers).write()
+            lines += body
+        elif strategy == "direct":
             depth = open_loops(order, depth)
             (value,) = statements([kern.body], depth)
             op = "+=" if kern.mode == "accumulate" else "="
@@ -212,8 +257,12 @@ class Emitter:
             depth = open_loops(outer, depth)
             start = "-INFINITY" if kern.mode == "max" else "0"
             lines.append("    " * depth + f"{r} acc = {start};")
+            body = kern.body
+            for u, call in _invariant_calls(body, red):
+                lines.append("    " * depth + f"const {r} {u} = {printer.doprint(prepare(call))};")
+                body = body.xreplace({call: u})
             depth = open_loops([s for s in order if s in red], depth)
-            (value,) = statements([kern.body], depth)
+            (value,) = statements([body], depth)
             if kern.mode == "max":
                 lines.append("    " * depth + f"if ({value} > acc) acc = {value};")
             else:
@@ -224,12 +273,26 @@ class Emitter:
             depth = close_loops(len(outer), depth)
         lines.append("}")
         # The same kernel text (forward and gradients share the forward part) is emitted once.
-        key = "\n".join([", ".join(params)] + lines[2:])
+        key = "\n".join([", ".join(params), str(parallel)] + lines[2:])
+        if parallel is not None:
+            # The loops become `<name>_tiles`; `<name>` runs them in a parallel region when
+            # the kernel is big (OpenMP builds only) and on the calling thread otherwise.
+            lines[1] = lines[1].replace(f"void {fname}(", f"void {fname}_tiles(")
+            call = f"{fname}_tiles({', '.join(['n'] * uses_n + [cvar[b] for b in args])});"
+            lines += ["", f"static void {fname}({', '.join(params)})", "{", "#ifdef _OPENMP"]
+            if parallel:
+                lines += [f"    if ({parallel}) {{", "#pragma omp parallel", f"        {call}",
+                          "        return;", "    }", "#endif"]
+            else:
+                lines += ["#pragma omp parallel", "#endif"]
+            lines += [f"    {call}", "}"]
         if key in self._emitted:
             self._count -= 1
-            return self._emitted[key], args, uses_n
-        self._emitted[key] = fname
-        self.kernels.append("\n".join(lines))
+            fname = self._emitted[key]
+        else:
+            self._emitted[key] = fname
+            self.kernels.append("\n".join(lines))
+        self._printed[memo] = (fname, args, uses_n)
         return fname, args, uses_n
 
     # -------------------------------------------------------- entry points
@@ -343,6 +406,7 @@ class Emitter:
                  "#include <math.h>", "#include <stddef.h>", "#include <stdint.h>",
                  f'#include "{self.name}.h"', ""]
         parts += [t + "\n" for t in self.tables]
+        parts += [h + "\n" for h in self.helpers.values()]
         parts += [k + "\n" for k in self.kernels]
         parts += [e + "\n" for e in self.entries]
         return "\n".join(parts)
@@ -374,24 +438,23 @@ def param_layout(graph) -> tuple[dict[str, int], int]:
     return offsets, off
 
 
-def emit(graph, derivation, dtype: str = "float32", params=None, target: str = "c99",
+def emit(graph, derivation, dtype: str = "float32", params=None, target="c99",
          max_batch: int | None = None) -> CModule:
     """The C source, header and cffi declarations for a derived graph.
 
     With `params` (the flat param block), the C is for inference: the params are baked in
     as a `static const` table (flash on a microcontroller) read by `<name>_predict`.
-    `target` (codegen/targets.py) adds a note to the header; the source is the same for
-    every target. `max_batch` adds `<NAME>_MAX_BATCH`, for static arrays sized by the
-    header's `_WORK_SIZE(n)` macros."""
+    `target` (codegen/targets.py) decides how contractions are printed (register-blocked
+    tiles for its SIMD width, OpenMP on the host) and the header's note. `max_batch` adds
+    `<NAME>_MAX_BATCH`, for static arrays sized by the header's `_WORK_SIZE(n)` macros."""
     from graphc.derive import LOSS_MEAN
     from graphc.optim import update_rule
 
-    from .targets import get_target
     tgt = get_target(target)
     note = tgt.header_note(dtype)
 
     name = graph.name
-    em = Emitter(name, dtype)
+    em = Emitter(name, dtype, tgt)
     M = em.macro
     offsets, params_size = param_layout(graph)
     entries: dict[str, Entry] = {}
@@ -414,6 +477,7 @@ def emit(graph, derivation, dtype: str = "float32", params=None, target: str = "
                                      plan(grad, tgt.align),
                                      tuple(i for i in graph.inputs if i in grad.buffers), (),
                                      LOSS_MEAN)
+    em.use_helpers = wants_helpers(e.program for e in entries.values())
     rule = update_rule(graph.optimizer) if training and graph.optimizer else None
     state_offsets: dict[str, int] = {}
     if rule:
@@ -508,4 +572,4 @@ def emit(graph, derivation, dtype: str = "float32", params=None, target: str = "
                    {i: v.shape for i, v in graph.inputs.items()},
                    {o: graph.values[o].shape for o in graph.outputs},
                    dict(graph.optimizer) if rule else None, state_size, state_offsets,
-                   params is not None, target, max_batch)
+                   params is not None, tgt.name, max_batch)

@@ -28,7 +28,29 @@ class GraphcPrinter(C99CodePrinter):
 
     def _print_Indexed(self, expr):
         var, buf = self.arrays[str(expr.base.label)]
-        return f"{var}[{self._print(buf.flat_offset(expr.indices))}]"
+        return f"{var}[{self._print_offset(buf.flat_offset(expr.indices))}]"
+
+    def _print_offset(self, offset):
+        """An affine index, `784*b + i1 + 16`: terms by symbol name, the constant last.
+        Printed directly (SymPy's Add printing orders terms the slow way, and blocked
+        kernels print thousands of indices); anything else goes to SymPy."""
+        terms = offset.args if isinstance(offset, sp.Add) else (offset,)
+        const, linear = 0, []
+        for term in terms:
+            coeff, rest = term.as_coeff_Mul()
+            if rest == 1 and coeff.is_Integer:
+                const += int(coeff)
+            elif coeff.is_Integer and isinstance(rest, sp.Symbol):
+                linear.append((rest.name, int(coeff)))
+            else:
+                return self._print(offset)
+        text = ""
+        for name, coeff in sorted(linear):
+            mag = name if abs(coeff) == 1 else f"{abs(coeff)}*{name}"
+            text += (f" {'-' if coeff < 0 else '+'} " if text else ("-" if coeff < 0 else "")) + mag
+        if const or not text:
+            text += (f" {'-' if const < 0 else '+'} {abs(const)}" if text else str(const))
+        return text
 
     def _print_Float(self, expr):
         # Round-trip digits: repr of the double, never the 15-digit default.
@@ -48,6 +70,15 @@ class GraphcPrinter(C99CodePrinter):
 
     def _print_Integer(self, expr):
         return str(int(expr))
+
+    def _print_Piecewise(self, expr):
+        # On one line, `((c) ? (a) : (b))`; the base printer breaks it over six lines.
+        if expr.args[-1].cond != True:  # noqa: E712 (a SymPy boolean)
+            return super()._print_Piecewise(expr)   # raises: no default branch
+        text = f"({self._print(expr.args[-1].expr)})"
+        for value, cond in reversed(expr.args[:-1]):
+            text = f"(({self._print(cond)}) ? ({self._print(value)}) : {text})"
+        return text
 
     def _print_Symbol(self, expr):
         # Loop indices, the batch size `n`, cse temporaries and `acc`: all generated names.

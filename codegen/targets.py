@@ -1,9 +1,10 @@
 """Compilation targets: one C emitter, and a small description of where the C will run.
 
-Every target gets the same portable C99 source (only `<math.h>`, `<stddef.h>`,
-`<stdint.h>`; no heap, no recursion, no VLAs). A target changes the header's note on how
-to compile it, the warning flags the C is checked under, the flags of graphc's own host
-build, and, for microcontrollers, the cross-compiler flags and the QEMU board that
+Every target gets portable C99 (only `<math.h>`, `<stddef.h>`, `<stdint.h>`; no heap, no
+recursion, no VLAs). A target changes how contractions are printed (register-blocked for a
+SIMD width, or plain loops; OpenMP behind `#ifdef _OPENMP` on the host only), the header's
+note on how to compile it, the warning flags the C is checked under, the flags of graphc's
+own host build, and, for microcontrollers, the cross-compiler flags and the QEMU board that
 `codegen/firmware.py` builds and runs firmware for.
 """
 
@@ -52,6 +53,8 @@ class Target:
     board: str | None = None         # QEMU board for firmware, sizes and instruction counts
     fpu_dtypes: tuple[str, ...] = ()  # dtypes the core computes in hardware
     align: int = ALIGN               # arena alignment in elements (codegen/plan.py)
+    vector_bytes: int = 0            # SIMD width the contractions are blocked for (0: plain loops)
+    parallel_work: int = 0           # OpenMP for kernels of this many multiply-adds (0: never)
 
     @property
     def embedded(self) -> bool:
@@ -77,13 +80,18 @@ class Target:
 # FPU, so one stray promotion costs a software call per use).
 _EMBEDDED_CHECKS = CHECK_FLAGS + ("-Wdouble-promotion",)
 
+# Tiles (codegen/tiles.py): c99 assumes 16-byte SIMD (SSE2, NEON), what a plain -O3 build
+# gets; host assumes 64-byte (AVX-512), and runs OpenMP over kernels of 2^20 multiply-adds
+# or more (on the 784-256-128-10 MLP at batch 128, the big dense layers and their gradients).
 TARGETS = {
-    "c99": Target("c99", "", CHECK_FLAGS),
-    # -march=native only for the module graphc builds and loads on this machine; the
-    # written C stays portable.
+    "c99": Target("c99", "", CHECK_FLAGS, vector_bytes=16),
+    # -march=native and -fopenmp only for the module graphc builds and loads on this
+    # machine; the written C stays portable (the pragmas sit behind #ifdef _OPENMP).
     "host": Target("host", "compile with the host compiler, e.g. cc -std=c99 -O3 "
-                           "-march=native (graphc's own build of it adds -march=native).",
-                   CHECK_FLAGS, build_flags=("-march=native",)),
+                           "-march=native -fopenmp (graphc's own build of it adds -march=native "
+                           "-fopenmp; without -fopenmp the C runs on one thread).",
+                   CHECK_FLAGS, build_flags=("-march=native", "-fopenmp"), vector_bytes=64,
+                   parallel_work=1 << 20),
     "cortex-m4": Target("cortex-m4", "Cortex-M4F, e.g. arm-none-eabi-gcc -mcpu=cortex-m4 "
                                      "-mthumb -mfloat-abi=hard -mfpu=fpv4-sp-d16 -std=c99 -O2. "
                                      "Keep -std=c99 (or -ffp-contract=off): fused multiply-adds "
@@ -96,7 +104,9 @@ TARGETS = {
 }
 
 
-def get_target(name: str) -> Target:
+def get_target(name: str | Target) -> Target:
+    if isinstance(name, Target):
+        return name
     try:
         return TARGETS[name]
     except KeyError:

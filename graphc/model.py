@@ -355,7 +355,8 @@ def generate(graph, dtype: str = "float32", *, optimizer: dict | None = None, pa
 
     `optimizer` replaces the spec's section. `params` (a dict or an .npz path) makes
     inference C with those params baked in as a `static const` table. `target`
-    (c99, host, cortex-m4, cortex-m0) only changes the header's note on how to compile;
+    (c99, host, cortex-m4, cortex-m0) picks how contractions print (tiles for 16- or
+    64-byte SIMD, OpenMP on host, plain loops on Cortex-M) and the header's note;
     `max_batch` adds `<NAME>_MAX_BATCH` to the header for statically sized memory."""
     from codegen.emit import emit, param_layout
     from codegen.targets import get_target
@@ -383,7 +384,7 @@ def compile(graph, dtype: str = "float32", optimizer: dict | None = None, *,
 
     With `params` (dict or .npz path) the C is for inference with those params baked in
     (`model.predict`); the model also starts from them. `target="host"` builds with the
-    host target's flags (-march=native); other targets build as c99 here."""
+    host target's flags (-march=native -fopenmp); other targets build as c99 here."""
     import json
     from codegen.build import build, load_prepared, prepared_key, store_prepared
     from codegen.targets import get_target

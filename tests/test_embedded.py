@@ -16,6 +16,7 @@ sanitizers, and the memory report.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -285,22 +286,30 @@ def test_packed_arena_under_sanitizers(tmp_path):
 
 # ---------------------------------------------------------------- targets and the report
 
-def test_targets_change_the_header_note_and_the_packing_only():
+def test_targets_differ_in_kernels_header_note_and_packing_only(monkeypatch):
     _, c99 = graphc.generate(MLP)
     _, host = graphc.generate(MLP, target="host")
     _, m4 = graphc.generate(MLP, target="cortex-m4")
     _, m0 = graphc.generate(MLP, target="cortex-m0")
-    assert host.source == c99.source and m4.source == m0.source  # one emitter
+    assert m4.source == m0.source  # one emitter: scalar loops on both cores
+    # Blocked contractions on c99 (16-byte tiles) and host (64-byte tiles and OpenMP, behind
+    # #ifdef _OPENMP); no pragma anywhere else.
+    assert "c0[l] +=" in c99.source and "c0[l] +=" in host.source and "c0[l]" not in m4.source
+    assert "#pragma omp for schedule(static)" in host.source and "#ifdef _OPENMP" in host.source
+    assert "#pragma" not in c99.source and "#pragma" not in m4.source
     assert "Target cortex-m4:" in m4.header and "-mfpu=fpv4-sp-d16" in m4.header
-    assert "Target" not in c99.header
+    assert "Target" not in c99.header and "-fopenmp" in host.header
     _, m4_again = graphc.generate(MLP, target="cortex-m4")
     assert (m4_again.source, m4_again.header) == (m4.source, m4.header)
     _, m4_64 = graphc.generate(MLP, "float64", target="cortex-m4")
     assert "no FPU for float64" in " ".join(m4_64.header.split())
     # Packing only moves arena offsets: the same kernels, called with other pointers.
+    monkeypatch.setitem(TARGETS, "m4-aligned", dataclasses.replace(TARGETS["cortex-m4"],
+                                                                   align=16))
+    _, aligned = graphc.generate(MLP, target="m4-aligned")
     kernels = re.compile(r"^static void k\d+\(.*?^}", re.M | re.S)
-    assert kernels.findall(m4.source) == kernels.findall(c99.source)
-    assert m4.work_elements(32) < c99.work_elements(32)
+    assert kernels.findall(m4.source) == kernels.findall(aligned.source)
+    assert m4.work_elements(32) < aligned.work_elements(32)
 
 
 def test_memory_report_figures():

@@ -14,6 +14,7 @@ for tiny nets, the loss as one expression of the weights, differentiated directl
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 
@@ -199,6 +200,7 @@ def explain(graph, wrt=None, *, at=None, dtype: str = "float32", expand: bool | 
             by default for nets of at most 64 parameter scalars.
     """
     from codegen.emit import emit
+    from codegen.targets import get_target
     from graphc.derive import derive
     from graphc.model import as_graph, check_dtype
 
@@ -213,7 +215,11 @@ def explain(graph, wrt=None, *, at=None, dtype: str = "float32", expand: bool | 
             raise
         raise GraphcError(f"{source}: {e}") from None
     d = derive(graph)
-    cm = emit(graph, d, check_dtype(dtype))
+    # The C beside each step is the plain-loop form (as Cortex-M targets print it): the
+    # register-blocked tiles of the c99 and host targets compute the same sums, but
+    # their text reads as tiles, not as the formula (codegen/tiles.py).
+    plain = dataclasses.replace(get_target("c99"), vector_bytes=0)
+    cm = emit(graph, d, check_dtype(dtype), target=plain)
     code = code_map(d.gradients, cm.source, f"{graph.name}_gradients")
     steps = pair_steps(d)
     relevant = set().union(*[between(graph, p) for p in chosen])

@@ -151,7 +151,9 @@ def document(e) -> list:
                   ", an array shaped like v. The index b runs over the batch; i0, i1, ... index "
                   "each array's axes in order, and are the loop variables of the C. Every local "
                   "derivative is sympy.diff of the op's formula as graphc.derive recorded it, and "
-                  f"every C function is taken from the generated {file} ({e.cmodule.dtype})."]))
+                  f"every C function is taken from the generated {file} ({e.cmodule.dtype}), in "
+                  "its plain-loop form (the Cortex-M targets' C; c99 and host print the same "
+                  "sums as register tiles)."]))
 
     doc.append(H(2, ["Paths from the loss back to the parameter" + ("" if one else "s")]))
     for p in e.wrt:

@@ -4,15 +4,194 @@
 #include <stdint.h>
 #include "gelu_net.h"
 
+/* s[j*2 + k] = Σ_{r < len} a[j*sa + r]·b[k*sb + r] for j < 8, k < 2; 4 partial sums each (len a multiple of 4, at least 4), added pairwise */
+static void dot8x2_4(const float *restrict a, size_t sa, const float *restrict b, size_t sb, size_t len, float *restrict s)
+{
+    float c0[4], c1[4], c2[4], c3[4], c4[4], c5[4], c6[4], c7[4], c8[4], c9[4], c10[4], c11[4], c12[4], c13[4], c14[4], c15[4];
+    for (size_t l = 0; l < 4; ++l) {
+        c0[l] = a[l]*b[l];
+        c1[l] = a[l]*b[sb + l];
+        c2[l] = a[sa + l]*b[l];
+        c3[l] = a[sa + l]*b[sb + l];
+        c4[l] = a[2*sa + l]*b[l];
+        c5[l] = a[2*sa + l]*b[sb + l];
+        c6[l] = a[3*sa + l]*b[l];
+        c7[l] = a[3*sa + l]*b[sb + l];
+        c8[l] = a[4*sa + l]*b[l];
+        c9[l] = a[4*sa + l]*b[sb + l];
+        c10[l] = a[5*sa + l]*b[l];
+        c11[l] = a[5*sa + l]*b[sb + l];
+        c12[l] = a[6*sa + l]*b[l];
+        c13[l] = a[6*sa + l]*b[sb + l];
+        c14[l] = a[7*sa + l]*b[l];
+        c15[l] = a[7*sa + l]*b[sb + l];
+    }
+    for (size_t r = 4; r < len; r += 4) {
+        for (size_t l = 0; l < 4; ++l) {
+            c0[l] += a[r + l]*b[r + l];
+            c1[l] += a[r + l]*b[sb + r + l];
+            c2[l] += a[sa + r + l]*b[r + l];
+            c3[l] += a[sa + r + l]*b[sb + r + l];
+            c4[l] += a[2*sa + r + l]*b[r + l];
+            c5[l] += a[2*sa + r + l]*b[sb + r + l];
+            c6[l] += a[3*sa + r + l]*b[r + l];
+            c7[l] += a[3*sa + r + l]*b[sb + r + l];
+            c8[l] += a[4*sa + r + l]*b[r + l];
+            c9[l] += a[4*sa + r + l]*b[sb + r + l];
+            c10[l] += a[5*sa + r + l]*b[r + l];
+            c11[l] += a[5*sa + r + l]*b[sb + r + l];
+            c12[l] += a[6*sa + r + l]*b[r + l];
+            c13[l] += a[6*sa + r + l]*b[sb + r + l];
+            c14[l] += a[7*sa + r + l]*b[r + l];
+            c15[l] += a[7*sa + r + l]*b[sb + r + l];
+        }
+    }
+    for (size_t l = 0; l < 2; ++l) { c0[l] += c0[l + 2]; c1[l] += c1[l + 2]; c2[l] += c2[l + 2]; c3[l] += c3[l + 2]; c4[l] += c4[l + 2]; c5[l] += c5[l + 2]; c6[l] += c6[l + 2]; c7[l] += c7[l + 2]; c8[l] += c8[l + 2]; c9[l] += c9[l + 2]; c10[l] += c10[l + 2]; c11[l] += c11[l + 2]; c12[l] += c12[l + 2]; c13[l] += c13[l + 2]; c14[l] += c14[l + 2]; c15[l] += c15[l + 2]; }
+    c0[0] += c0[1]; c1[0] += c1[1]; c2[0] += c2[1]; c3[0] += c3[1]; c4[0] += c4[1]; c5[0] += c5[1]; c6[0] += c6[1]; c7[0] += c7[1]; c8[0] += c8[1]; c9[0] += c9[1]; c10[0] += c10[1]; c11[0] += c11[1]; c12[0] += c12[1]; c13[0] += c13[1]; c14[0] += c14[1]; c15[0] += c15[1];
+    s[0] = c0[0]; s[1] = c1[0]; s[2] = c2[0]; s[3] = c3[0]; s[4] = c4[0]; s[5] = c5[0]; s[6] = c6[0]; s[7] = c7[0]; s[8] = c8[0]; s[9] = c9[0]; s[10] = c10[0]; s[11] = c11[0]; s[12] = c12[0]; s[13] = c13[0]; s[14] = c14[0]; s[15] = c15[0];
+}
+
+/* out[m*om + l] = Σ_{r<len} a[m*am + r*ar]·b[r*br + l] for m < 8, l < 8 (len >= 1) */
+static void tile8x8(const float *restrict a, size_t am, size_t ar, const float *restrict b, size_t br, size_t len, float *restrict out, size_t om)
+{
+    float c0[4], c1[4], c2[4], c3[4], c4[4], c5[4], c6[4], c7[4], c8[4], c9[4], c10[4], c11[4], c12[4], c13[4], c14[4], c15[4];
+    for (size_t l = 0; l < 4; ++l) {
+        c0[l] = a[0]*b[l];
+        c1[l] = a[0]*b[4 + l];
+        c2[l] = a[am]*b[l];
+        c3[l] = a[am]*b[4 + l];
+        c4[l] = a[2*am]*b[l];
+        c5[l] = a[2*am]*b[4 + l];
+        c6[l] = a[3*am]*b[l];
+        c7[l] = a[3*am]*b[4 + l];
+        c8[l] = a[4*am]*b[l];
+        c9[l] = a[4*am]*b[4 + l];
+        c10[l] = a[5*am]*b[l];
+        c11[l] = a[5*am]*b[4 + l];
+        c12[l] = a[6*am]*b[l];
+        c13[l] = a[6*am]*b[4 + l];
+        c14[l] = a[7*am]*b[l];
+        c15[l] = a[7*am]*b[4 + l];
+    }
+    for (size_t r = 1; r < len; ++r) {
+        for (size_t l = 0; l < 4; ++l) {
+            c0[l] += a[r*ar]*b[r*br + l];
+            c1[l] += a[r*ar]*b[r*br + 4 + l];
+            c2[l] += a[am + r*ar]*b[r*br + l];
+            c3[l] += a[am + r*ar]*b[r*br + 4 + l];
+            c4[l] += a[2*am + r*ar]*b[r*br + l];
+            c5[l] += a[2*am + r*ar]*b[r*br + 4 + l];
+            c6[l] += a[3*am + r*ar]*b[r*br + l];
+            c7[l] += a[3*am + r*ar]*b[r*br + 4 + l];
+            c8[l] += a[4*am + r*ar]*b[r*br + l];
+            c9[l] += a[4*am + r*ar]*b[r*br + 4 + l];
+            c10[l] += a[5*am + r*ar]*b[r*br + l];
+            c11[l] += a[5*am + r*ar]*b[r*br + 4 + l];
+            c12[l] += a[6*am + r*ar]*b[r*br + l];
+            c13[l] += a[6*am + r*ar]*b[r*br + 4 + l];
+            c14[l] += a[7*am + r*ar]*b[r*br + l];
+            c15[l] += a[7*am + r*ar]*b[r*br + 4 + l];
+        }
+    }
+    for (size_t l = 0; l < 4; ++l) {
+        out[l] = c0[l];
+        out[4 + l] = c1[l];
+        out[om + l] = c2[l];
+        out[om + 4 + l] = c3[l];
+        out[2*om + l] = c4[l];
+        out[2*om + 4 + l] = c5[l];
+        out[3*om + l] = c6[l];
+        out[3*om + 4 + l] = c7[l];
+        out[4*om + l] = c8[l];
+        out[4*om + 4 + l] = c9[l];
+        out[5*om + l] = c10[l];
+        out[5*om + 4 + l] = c11[l];
+        out[6*om + l] = c12[l];
+        out[6*om + 4 + l] = c13[l];
+        out[7*om + l] = c14[l];
+        out[7*om + 4 + l] = c15[l];
+    }
+}
+
 /* a: h with a as epilogue: a[b, i0] = 0.5*((Σ_{i1} W1[i0, i1]*x[b, i1]) + b1[i0])*(tanh(0.7978845608028654*(Σ_{i1} W1[i0, i1]*x[b, i1]) + 0.035677408136300126*((Σ_{i1} W1[i0, i1]*x[b, i1]) + b1[i0])**3 + 0.7978845608028654*b1[i0]) + 1) */
 static void k0(size_t n, float *restrict a0, const float *restrict a1, const float *restrict a2, const float *restrict a3)
 {
-    for (size_t b = 0; b < n; ++b) {
-        for (size_t i0 = 0; i0 < 24; ++i0) {
-            float acc = 0;
-            for (size_t i1 = 0; i1 < 16; ++i1) {
-                acc += a1[16*i0 + i1]*a3[16*b + i1];
+    for (size_t b_t = 0; b_t < n / 8 * 8; b_t += 8) {
+        for (size_t i0_t = 0; i0_t < 24; i0_t += 2) {
+            float s[16];
+            dot8x2_4(a3 + 16*b_t, 16, a1 + 16*i0_t, 16, 16, s);
+            for (size_t b_j = 0; b_j < 8; ++b_j) {
+                for (size_t i0_j = 0; i0_j < 2; ++i0_j) {
+                    const float acc = s[2*b_j + i0_j];
+                    const float t0 = acc + a2[i0_j + i0_t];
+                    a0[24*b_j + 24*b_t + i0_j + i0_t] = 0.5F*t0*(1 + tanhf(0.7978845608028654F*acc + 0.7978845608028654F*a2[i0_j + i0_t] + 0.035677408136300125F*(t0*t0*t0)));
+                }
             }
+        }
+    }
+    for (size_t b = n / 8 * 8; b < n; ++b) {
+        for (size_t i0_t = 0; i0_t < 16; i0_t += 16) {
+            float c0[4], c1[4], c2[4], c3[4], c4[4], c5[4], c6[4], c7[4], c8[4], c9[4], c10[4], c11[4], c12[4], c13[4], c14[4], c15[4];
+            for (size_t l = 0; l < 4; ++l) {
+                c0[l] = a1[16*i0_t + l]*a3[16*b + l];
+                c1[l] = a1[16*i0_t + l + 16]*a3[16*b + l];
+                c2[l] = a1[16*i0_t + l + 32]*a3[16*b + l];
+                c3[l] = a1[16*i0_t + l + 48]*a3[16*b + l];
+                c4[l] = a1[16*i0_t + l + 64]*a3[16*b + l];
+                c5[l] = a1[16*i0_t + l + 80]*a3[16*b + l];
+                c6[l] = a1[16*i0_t + l + 96]*a3[16*b + l];
+                c7[l] = a1[16*i0_t + l + 112]*a3[16*b + l];
+                c8[l] = a1[16*i0_t + l + 128]*a3[16*b + l];
+                c9[l] = a1[16*i0_t + l + 144]*a3[16*b + l];
+                c10[l] = a1[16*i0_t + l + 160]*a3[16*b + l];
+                c11[l] = a1[16*i0_t + l + 176]*a3[16*b + l];
+                c12[l] = a1[16*i0_t + l + 192]*a3[16*b + l];
+                c13[l] = a1[16*i0_t + l + 208]*a3[16*b + l];
+                c14[l] = a1[16*i0_t + l + 224]*a3[16*b + l];
+                c15[l] = a1[16*i0_t + l + 240]*a3[16*b + l];
+            }
+            for (size_t i1_t = 4; i1_t < 16; i1_t += 4) {
+                for (size_t l = 0; l < 4; ++l) {
+                    c0[l] += a1[16*i0_t + i1_t + l]*a3[16*b + i1_t + l];
+                    c1[l] += a1[16*i0_t + i1_t + l + 16]*a3[16*b + i1_t + l];
+                    c2[l] += a1[16*i0_t + i1_t + l + 32]*a3[16*b + i1_t + l];
+                    c3[l] += a1[16*i0_t + i1_t + l + 48]*a3[16*b + i1_t + l];
+                    c4[l] += a1[16*i0_t + i1_t + l + 64]*a3[16*b + i1_t + l];
+                    c5[l] += a1[16*i0_t + i1_t + l + 80]*a3[16*b + i1_t + l];
+                    c6[l] += a1[16*i0_t + i1_t + l + 96]*a3[16*b + i1_t + l];
+                    c7[l] += a1[16*i0_t + i1_t + l + 112]*a3[16*b + i1_t + l];
+                    c8[l] += a1[16*i0_t + i1_t + l + 128]*a3[16*b + i1_t + l];
+                    c9[l] += a1[16*i0_t + i1_t + l + 144]*a3[16*b + i1_t + l];
+                    c10[l] += a1[16*i0_t + i1_t + l + 160]*a3[16*b + i1_t + l];
+                    c11[l] += a1[16*i0_t + i1_t + l + 176]*a3[16*b + i1_t + l];
+                    c12[l] += a1[16*i0_t + i1_t + l + 192]*a3[16*b + i1_t + l];
+                    c13[l] += a1[16*i0_t + i1_t + l + 208]*a3[16*b + i1_t + l];
+                    c14[l] += a1[16*i0_t + i1_t + l + 224]*a3[16*b + i1_t + l];
+                    c15[l] += a1[16*i0_t + i1_t + l + 240]*a3[16*b + i1_t + l];
+                }
+            }
+            for (size_t l = 0; l < 2; ++l) { c0[l] += c0[l + 2]; c1[l] += c1[l + 2]; c2[l] += c2[l + 2]; c3[l] += c3[l + 2]; c4[l] += c4[l + 2]; c5[l] += c5[l + 2]; c6[l] += c6[l + 2]; c7[l] += c7[l + 2]; c8[l] += c8[l + 2]; c9[l] += c9[l + 2]; c10[l] += c10[l + 2]; c11[l] += c11[l + 2]; c12[l] += c12[l + 2]; c13[l] += c13[l + 2]; c14[l] += c14[l + 2]; c15[l] += c15[l + 2]; }
+            c0[0] += c0[1]; c1[0] += c1[1]; c2[0] += c2[1]; c3[0] += c3[1]; c4[0] += c4[1]; c5[0] += c5[1]; c6[0] += c6[1]; c7[0] += c7[1]; c8[0] += c8[1]; c9[0] += c9[1]; c10[0] += c10[1]; c11[0] += c11[1]; c12[0] += c12[1]; c13[0] += c13[1]; c14[0] += c14[1]; c15[0] += c15[1];
+            const float s[16] = {c0[0], c1[0], c2[0], c3[0], c4[0], c5[0], c6[0], c7[0], c8[0], c9[0], c10[0], c11[0], c12[0], c13[0], c14[0], c15[0]};
+            for (size_t i0_j = 0; i0_j < 16; ++i0_j) {
+                const float acc = s[i0_j];
+                const float t0 = acc + a2[i0_j + i0_t];
+                a0[24*b + i0_j + i0_t] = 0.5F*t0*(1 + tanhf(0.7978845608028654F*acc + 0.7978845608028654F*a2[i0_j + i0_t] + 0.035677408136300125F*(t0*t0*t0)));
+            }
+        }
+        for (size_t i0 = 16; i0 < 24; ++i0) {
+            float c0[4];
+            for (size_t l = 0; l < 4; ++l) {
+                c0[l] = a1[16*i0 + l]*a3[16*b + l];
+            }
+            for (size_t i1_t = 4; i1_t < 16; i1_t += 4) {
+                for (size_t l = 0; l < 4; ++l) {
+                    c0[l] += a1[16*i0 + i1_t + l]*a3[16*b + i1_t + l];
+                }
+            }
+            for (size_t l = 0; l < 2; ++l) { c0[l] += c0[l + 2]; }
+            c0[0] += c0[1];
+            const float acc = c0[0];
             const float t0 = acc + a2[i0];
             a0[24*b + i0] = 0.5F*t0*(1 + tanhf(0.7978845608028654F*acc + 0.7978845608028654F*a2[i0] + 0.035677408136300125F*(t0*t0*t0)));
         }
@@ -22,13 +201,42 @@ static void k0(size_t n, float *restrict a0, const float *restrict a1, const flo
 /* logits: forward: logits[b, i0] = (Σ_{i1} W2[i0, i1]*a[b, i1]) + b2[i0] */
 static void k1(size_t n, float *restrict a0, const float *restrict a1, const float *restrict a2, const float *restrict a3)
 {
-    for (size_t b = 0; b < n; ++b) {
-        for (size_t i0 = 0; i0 < 4; ++i0) {
-            float acc = 0;
-            for (size_t i1 = 0; i1 < 24; ++i1) {
-                acc += a1[24*i0 + i1]*a2[24*b + i1];
+    for (size_t b_t = 0; b_t < n / 8 * 8; b_t += 8) {
+        for (size_t i0_t = 0; i0_t < 4; i0_t += 2) {
+            float s[16];
+            dot8x2_4(a2 + 24*b_t, 24, a1 + 24*i0_t, 24, 24, s);
+            for (size_t b_j = 0; b_j < 8; ++b_j) {
+                for (size_t i0_j = 0; i0_j < 2; ++i0_j) {
+                    const float acc = s[2*b_j + i0_j];
+                    a0[4*b_j + 4*b_t + i0_j + i0_t] = acc + a3[i0_j + i0_t];
+                }
             }
-            a0[4*b + i0] = acc + a3[i0];
+        }
+    }
+    for (size_t b = n / 8 * 8; b < n; ++b) {
+        for (size_t i0_t = 0; i0_t < 4; i0_t += 4) {
+            float c0[4], c1[4], c2[4], c3[4];
+            for (size_t l = 0; l < 4; ++l) {
+                c0[l] = a1[24*i0_t + l]*a2[24*b + l];
+                c1[l] = a1[24*i0_t + l + 24]*a2[24*b + l];
+                c2[l] = a1[24*i0_t + l + 48]*a2[24*b + l];
+                c3[l] = a1[24*i0_t + l + 72]*a2[24*b + l];
+            }
+            for (size_t i1_t = 4; i1_t < 24; i1_t += 4) {
+                for (size_t l = 0; l < 4; ++l) {
+                    c0[l] += a1[24*i0_t + i1_t + l]*a2[24*b + i1_t + l];
+                    c1[l] += a1[24*i0_t + i1_t + l + 24]*a2[24*b + i1_t + l];
+                    c2[l] += a1[24*i0_t + i1_t + l + 48]*a2[24*b + i1_t + l];
+                    c3[l] += a1[24*i0_t + i1_t + l + 72]*a2[24*b + i1_t + l];
+                }
+            }
+            for (size_t l = 0; l < 2; ++l) { c0[l] += c0[l + 2]; c1[l] += c1[l + 2]; c2[l] += c2[l + 2]; c3[l] += c3[l + 2]; }
+            c0[0] += c0[1]; c1[0] += c1[1]; c2[0] += c2[1]; c3[0] += c3[1];
+            const float s[4] = {c0[0], c1[0], c2[0], c3[0]};
+            for (size_t i0_j = 0; i0_j < 4; ++i0_j) {
+                const float acc = s[i0_j];
+                a0[4*b + i0_j + i0_t] = acc + a3[i0_j + i0_t];
+            }
         }
     }
 }
@@ -72,8 +280,9 @@ static void k5(size_t n, float *restrict a0, const float *restrict a1, const flo
 {
     for (size_t b = 0; b < n; ++b) {
         float acc = 0;
+        const float u0 = logf(a3[b]);
         for (size_t i0 = 0; i0 < 4; ++i0) {
-            acc += -(-logf(a3[b]) + a1[4*b + i0] - a2[b])*a4[4*b + i0];
+            acc += -(-u0 + a1[4*b + i0] - a2[b])*a4[4*b + i0];
         }
         a0[b] = acc;
     }
@@ -92,12 +301,80 @@ static void k6(size_t n, float *restrict a0, const float *restrict a1)
 /* h: forward: h[b, i0] = (Σ_{i1} W1[i0, i1]*x[b, i1]) + b1[i0] */
 static void k7(size_t n, float *restrict a0, const float *restrict a1, const float *restrict a2, const float *restrict a3)
 {
-    for (size_t b = 0; b < n; ++b) {
-        for (size_t i0 = 0; i0 < 24; ++i0) {
-            float acc = 0;
-            for (size_t i1 = 0; i1 < 16; ++i1) {
-                acc += a1[16*i0 + i1]*a3[16*b + i1];
+    for (size_t b_t = 0; b_t < n / 8 * 8; b_t += 8) {
+        for (size_t i0_t = 0; i0_t < 24; i0_t += 2) {
+            float s[16];
+            dot8x2_4(a3 + 16*b_t, 16, a1 + 16*i0_t, 16, 16, s);
+            for (size_t b_j = 0; b_j < 8; ++b_j) {
+                for (size_t i0_j = 0; i0_j < 2; ++i0_j) {
+                    const float acc = s[2*b_j + i0_j];
+                    a0[24*b_j + 24*b_t + i0_j + i0_t] = acc + a2[i0_j + i0_t];
+                }
             }
+        }
+    }
+    for (size_t b = n / 8 * 8; b < n; ++b) {
+        for (size_t i0_t = 0; i0_t < 16; i0_t += 16) {
+            float c0[4], c1[4], c2[4], c3[4], c4[4], c5[4], c6[4], c7[4], c8[4], c9[4], c10[4], c11[4], c12[4], c13[4], c14[4], c15[4];
+            for (size_t l = 0; l < 4; ++l) {
+                c0[l] = a1[16*i0_t + l]*a3[16*b + l];
+                c1[l] = a1[16*i0_t + l + 16]*a3[16*b + l];
+                c2[l] = a1[16*i0_t + l + 32]*a3[16*b + l];
+                c3[l] = a1[16*i0_t + l + 48]*a3[16*b + l];
+                c4[l] = a1[16*i0_t + l + 64]*a3[16*b + l];
+                c5[l] = a1[16*i0_t + l + 80]*a3[16*b + l];
+                c6[l] = a1[16*i0_t + l + 96]*a3[16*b + l];
+                c7[l] = a1[16*i0_t + l + 112]*a3[16*b + l];
+                c8[l] = a1[16*i0_t + l + 128]*a3[16*b + l];
+                c9[l] = a1[16*i0_t + l + 144]*a3[16*b + l];
+                c10[l] = a1[16*i0_t + l + 160]*a3[16*b + l];
+                c11[l] = a1[16*i0_t + l + 176]*a3[16*b + l];
+                c12[l] = a1[16*i0_t + l + 192]*a3[16*b + l];
+                c13[l] = a1[16*i0_t + l + 208]*a3[16*b + l];
+                c14[l] = a1[16*i0_t + l + 224]*a3[16*b + l];
+                c15[l] = a1[16*i0_t + l + 240]*a3[16*b + l];
+            }
+            for (size_t i1_t = 4; i1_t < 16; i1_t += 4) {
+                for (size_t l = 0; l < 4; ++l) {
+                    c0[l] += a1[16*i0_t + i1_t + l]*a3[16*b + i1_t + l];
+                    c1[l] += a1[16*i0_t + i1_t + l + 16]*a3[16*b + i1_t + l];
+                    c2[l] += a1[16*i0_t + i1_t + l + 32]*a3[16*b + i1_t + l];
+                    c3[l] += a1[16*i0_t + i1_t + l + 48]*a3[16*b + i1_t + l];
+                    c4[l] += a1[16*i0_t + i1_t + l + 64]*a3[16*b + i1_t + l];
+                    c5[l] += a1[16*i0_t + i1_t + l + 80]*a3[16*b + i1_t + l];
+                    c6[l] += a1[16*i0_t + i1_t + l + 96]*a3[16*b + i1_t + l];
+                    c7[l] += a1[16*i0_t + i1_t + l + 112]*a3[16*b + i1_t + l];
+                    c8[l] += a1[16*i0_t + i1_t + l + 128]*a3[16*b + i1_t + l];
+                    c9[l] += a1[16*i0_t + i1_t + l + 144]*a3[16*b + i1_t + l];
+                    c10[l] += a1[16*i0_t + i1_t + l + 160]*a3[16*b + i1_t + l];
+                    c11[l] += a1[16*i0_t + i1_t + l + 176]*a3[16*b + i1_t + l];
+                    c12[l] += a1[16*i0_t + i1_t + l + 192]*a3[16*b + i1_t + l];
+                    c13[l] += a1[16*i0_t + i1_t + l + 208]*a3[16*b + i1_t + l];
+                    c14[l] += a1[16*i0_t + i1_t + l + 224]*a3[16*b + i1_t + l];
+                    c15[l] += a1[16*i0_t + i1_t + l + 240]*a3[16*b + i1_t + l];
+                }
+            }
+            for (size_t l = 0; l < 2; ++l) { c0[l] += c0[l + 2]; c1[l] += c1[l + 2]; c2[l] += c2[l + 2]; c3[l] += c3[l + 2]; c4[l] += c4[l + 2]; c5[l] += c5[l + 2]; c6[l] += c6[l + 2]; c7[l] += c7[l + 2]; c8[l] += c8[l + 2]; c9[l] += c9[l + 2]; c10[l] += c10[l + 2]; c11[l] += c11[l + 2]; c12[l] += c12[l + 2]; c13[l] += c13[l + 2]; c14[l] += c14[l + 2]; c15[l] += c15[l + 2]; }
+            c0[0] += c0[1]; c1[0] += c1[1]; c2[0] += c2[1]; c3[0] += c3[1]; c4[0] += c4[1]; c5[0] += c5[1]; c6[0] += c6[1]; c7[0] += c7[1]; c8[0] += c8[1]; c9[0] += c9[1]; c10[0] += c10[1]; c11[0] += c11[1]; c12[0] += c12[1]; c13[0] += c13[1]; c14[0] += c14[1]; c15[0] += c15[1];
+            const float s[16] = {c0[0], c1[0], c2[0], c3[0], c4[0], c5[0], c6[0], c7[0], c8[0], c9[0], c10[0], c11[0], c12[0], c13[0], c14[0], c15[0]};
+            for (size_t i0_j = 0; i0_j < 16; ++i0_j) {
+                const float acc = s[i0_j];
+                a0[24*b + i0_j + i0_t] = acc + a2[i0_j + i0_t];
+            }
+        }
+        for (size_t i0 = 16; i0 < 24; ++i0) {
+            float c0[4];
+            for (size_t l = 0; l < 4; ++l) {
+                c0[l] = a1[16*i0 + l]*a3[16*b + l];
+            }
+            for (size_t i1_t = 4; i1_t < 16; i1_t += 4) {
+                for (size_t l = 0; l < 4; ++l) {
+                    c0[l] += a1[16*i0 + i1_t + l]*a3[16*b + i1_t + l];
+                }
+            }
+            for (size_t l = 0; l < 2; ++l) { c0[l] += c0[l + 2]; }
+            c0[0] += c0[1];
+            const float acc = c0[0];
             a0[24*b + i0] = acc + a2[i0];
         }
     }
@@ -127,11 +404,13 @@ static void k9(size_t n, float *restrict a0, const float *restrict a1)
 static void k10(size_t n, float *restrict a0, const float *restrict a1, const float *restrict a2)
 {
     for (size_t b = 0; b < n; ++b) {
-        float acc = 0;
-        for (size_t i0 = 0; i0 < 4; ++i0) {
-            acc += a2[4*b + i0]*1.0F/n*1.0F/a1[b];
+        float c0[4];
+        for (size_t l = 0; l < 4; ++l) {
+            c0[l] = a2[4*b + l]*1.0F/n*1.0F/a1[b];
         }
-        a0[b] = acc;
+        for (size_t l = 0; l < 2; ++l) { c0[l] += c0[l + 2]; }
+        c0[0] += c0[1];
+        a0[b] = c0[0];
     }
 }
 
@@ -148,15 +427,40 @@ static void k11(size_t n, float *restrict a0, const float *restrict a1, const fl
 /* logits: dlogits/dW2: W2.grad[i0, i1] = Σ_{b} a[b, i1]*logits.grad[b, i0] */
 static void k12(size_t n, float *restrict a0, const float *restrict a1, const float *restrict a2)
 {
-    for (size_t i0 = 0; i0 < 4; ++i0) {
-        for (size_t i1 = 0; i1 < 24; ++i1) {
-            a0[24*i0 + i1] = 0;
-        }
-    }
-    for (size_t b = 0; b < n; ++b) {
-        for (size_t i0 = 0; i0 < 4; ++i0) {
-            for (size_t i1 = 0; i1 < 24; ++i1) {
-                a0[24*i0 + i1] += a1[24*b + i1]*a2[4*b + i0];
+    for (size_t i1_t = 0; i1_t < 24; i1_t += 8) {
+        for (size_t i0_t = 0; i0_t < 4; i0_t += 4) {
+            float c0[4], c1[4], c2[4], c3[4], c4[4], c5[4], c6[4], c7[4];
+            for (size_t l = 0; l < 4; ++l) {
+                c0[l] = a1[i1_t + l]*a2[i0_t];
+                c1[l] = a1[i1_t + l + 4]*a2[i0_t];
+                c2[l] = a1[i1_t + l]*a2[i0_t + 1];
+                c3[l] = a1[i1_t + l + 4]*a2[i0_t + 1];
+                c4[l] = a1[i1_t + l]*a2[i0_t + 2];
+                c5[l] = a1[i1_t + l + 4]*a2[i0_t + 2];
+                c6[l] = a1[i1_t + l]*a2[i0_t + 3];
+                c7[l] = a1[i1_t + l + 4]*a2[i0_t + 3];
+            }
+            for (size_t b = 1; b < n; ++b) {
+                for (size_t l = 0; l < 4; ++l) {
+                    c0[l] += a1[24*b + i1_t + l]*a2[4*b + i0_t];
+                    c1[l] += a1[24*b + i1_t + l + 4]*a2[4*b + i0_t];
+                    c2[l] += a1[24*b + i1_t + l]*a2[4*b + i0_t + 1];
+                    c3[l] += a1[24*b + i1_t + l + 4]*a2[4*b + i0_t + 1];
+                    c4[l] += a1[24*b + i1_t + l]*a2[4*b + i0_t + 2];
+                    c5[l] += a1[24*b + i1_t + l + 4]*a2[4*b + i0_t + 2];
+                    c6[l] += a1[24*b + i1_t + l]*a2[4*b + i0_t + 3];
+                    c7[l] += a1[24*b + i1_t + l + 4]*a2[4*b + i0_t + 3];
+                }
+            }
+            for (size_t l = 0; l < 4; ++l) {
+                a0[24*i0_t + i1_t + l] = c0[l];
+                a0[24*i0_t + i1_t + l + 4] = c1[l];
+                a0[24*i0_t + i1_t + l + 24] = c2[l];
+                a0[24*i0_t + i1_t + l + 28] = c3[l];
+                a0[24*i0_t + i1_t + l + 48] = c4[l];
+                a0[24*i0_t + i1_t + l + 52] = c5[l];
+                a0[24*i0_t + i1_t + l + 72] = c6[l];
+                a0[24*i0_t + i1_t + l + 76] = c7[l];
             }
         }
     }
@@ -165,14 +469,41 @@ static void k12(size_t n, float *restrict a0, const float *restrict a1, const fl
 /* a: logits with a as epilogue: h.grad[b, i1] = (Σ_{i0} W2[i0, i1]*logits.grad[b, i0])*(0.5*(1 - tanh(0.035677408136300126*h[b, i1]**3 + 0.7978845608028654*h[b, i1])**2)*(0.10703222440890038*h[b, i1]**2 + 0.7978845608028654)*h[b, i1] + 0.5*tanh(0.035677408136300126*h[b, i1]**3 + 0.7978845608028654*h[b, i1]) + 0.5) */
 static void k13(size_t n, float *restrict a0, const float *restrict a1, const float *restrict a2, const float *restrict a3)
 {
-    for (size_t b = 0; b < n; ++b) {
-        for (size_t i1 = 0; i1 < 24; ++i1) {
-            float acc = 0;
-            for (size_t i0 = 0; i0 < 4; ++i0) {
-                acc += a1[24*i0 + i1]*a3[4*b + i0];
+    for (size_t i1_t = 0; i1_t < 24; i1_t += 8) {
+        for (size_t b_t = 0; b_t < n / 8 * 8; b_t += 8) {
+            tile8x8(a3 + 4*b_t, 4, 1, a1 + i1_t, 24, 4, a0 + 24*b_t + i1_t, 24);
+            for (size_t b_j = 0; b_j < 8; ++b_j) {
+                for (size_t l = 0; l < 8; ++l) {
+                    const float acc = a0[24*b_j + 24*b_t + i1_t + l];
+                    const float t0 = tanhf(0.7978845608028654F*a2[24*b_j + 24*b_t + i1_t + l] + 0.035677408136300125F*(a2[24*b_j + 24*b_t + i1_t + l]*a2[24*b_j + 24*b_t + i1_t + l]*a2[24*b_j + 24*b_t + i1_t + l]));
+                    a0[24*b_j + 24*b_t + i1_t + l] = acc*(0.5F*t0 + 0.5F*a2[24*b_j + 24*b_t + i1_t + l]*(1 - (t0*t0))*(0.7978845608028654F + 0.10703222440890038F*(a2[24*b_j + 24*b_t + i1_t + l]*a2[24*b_j + 24*b_t + i1_t + l])) + 0.5F);
+                }
             }
-            const float t0 = tanhf(0.7978845608028654F*a2[24*b + i1] + 0.035677408136300125F*(a2[24*b + i1]*a2[24*b + i1]*a2[24*b + i1]));
-            a0[24*b + i1] = acc*(0.5F*t0 + 0.5F*a2[24*b + i1]*(1 - (t0*t0))*(0.7978845608028654F + 0.10703222440890038F*(a2[24*b + i1]*a2[24*b + i1])) + 0.5F);
+        }
+        for (size_t b = n / 8 * 8; b < n; ++b) {
+            float c0[4], c1[4];
+            for (size_t l = 0; l < 4; ++l) {
+                c0[l] = a1[i1_t + l]*a3[4*b];
+                c1[l] = a1[i1_t + l + 4]*a3[4*b];
+            }
+            for (size_t i0 = 1; i0 < 4; ++i0) {
+                for (size_t l = 0; l < 4; ++l) {
+                    c0[l] += a1[24*i0 + i1_t + l]*a3[4*b + i0];
+                    c1[l] += a1[24*i0 + i1_t + l + 4]*a3[4*b + i0];
+                }
+            }
+            for (size_t l = 0; l < 4; ++l) {
+                {
+                    const float acc = c0[l];
+                    const float t0 = tanhf(0.7978845608028654F*a2[24*b + i1_t + l] + 0.035677408136300125F*(a2[24*b + i1_t + l]*a2[24*b + i1_t + l]*a2[24*b + i1_t + l]));
+                    a0[24*b + i1_t + l] = acc*(0.5F*t0 + 0.5F*a2[24*b + i1_t + l]*(1 - (t0*t0))*(0.7978845608028654F + 0.10703222440890038F*(a2[24*b + i1_t + l]*a2[24*b + i1_t + l])) + 0.5F);
+                }
+                {
+                    const float acc = c1[l];
+                    const float t0 = tanhf(0.7978845608028654F*a2[24*b + i1_t + l + 4] + 0.035677408136300125F*(a2[24*b + i1_t + l + 4]*a2[24*b + i1_t + l + 4]*a2[24*b + i1_t + l + 4]));
+                    a0[24*b + i1_t + l + 4] = acc*(0.5F*t0 + 0.5F*a2[24*b + i1_t + l + 4]*(1 - (t0*t0))*(0.7978845608028654F + 0.10703222440890038F*(a2[24*b + i1_t + l + 4]*a2[24*b + i1_t + l + 4])) + 0.5F);
+                }
+            }
         }
     }
 }
@@ -180,12 +511,18 @@ static void k13(size_t n, float *restrict a0, const float *restrict a1, const fl
 /* logits: dlogits/db2: b2.grad[i0] = Σ_{b} logits.grad[b, i0] */
 static void k14(size_t n, float *restrict a0, const float *restrict a1)
 {
-    for (size_t i0 = 0; i0 < 4; ++i0) {
-        a0[i0] = 0;
-    }
-    for (size_t b = 0; b < n; ++b) {
-        for (size_t i0 = 0; i0 < 4; ++i0) {
-            a0[i0] += a1[4*b + i0];
+    for (size_t i0_t = 0; i0_t < 4; i0_t += 4) {
+        float c0[4];
+        for (size_t l = 0; l < 4; ++l) {
+            c0[l] = a1[i0_t + l];
+        }
+        for (size_t b = 1; b < n; ++b) {
+            for (size_t l = 0; l < 4; ++l) {
+                c0[l] += a1[4*b + i0_t + l];
+            }
+        }
+        for (size_t l = 0; l < 4; ++l) {
+            a0[i0_t + l] = c0[l];
         }
     }
 }
@@ -193,15 +530,64 @@ static void k14(size_t n, float *restrict a0, const float *restrict a1)
 /* h: dh/dW1: W1.grad[i0, i1] = Σ_{b} h.grad[b, i0]*x[b, i1] */
 static void k15(size_t n, float *restrict a0, const float *restrict a1, const float *restrict a2)
 {
-    for (size_t i0 = 0; i0 < 24; ++i0) {
-        for (size_t i1 = 0; i1 < 16; ++i1) {
-            a0[16*i0 + i1] = 0;
-        }
-    }
-    for (size_t b = 0; b < n; ++b) {
-        for (size_t i0 = 0; i0 < 24; ++i0) {
-            for (size_t i1 = 0; i1 < 16; ++i1) {
-                a0[16*i0 + i1] += a1[24*b + i0]*a2[16*b + i1];
+    for (size_t i1_t = 0; i1_t < 16; i1_t += 8) {
+        for (size_t i0_t = 0; i0_t < 24; i0_t += 8) {
+            float c0[4], c1[4], c2[4], c3[4], c4[4], c5[4], c6[4], c7[4], c8[4], c9[4], c10[4], c11[4], c12[4], c13[4], c14[4], c15[4];
+            for (size_t l = 0; l < 4; ++l) {
+                c0[l] = a1[i0_t]*a2[i1_t + l];
+                c1[l] = a1[i0_t]*a2[i1_t + l + 4];
+                c2[l] = a1[i0_t + 1]*a2[i1_t + l];
+                c3[l] = a1[i0_t + 1]*a2[i1_t + l + 4];
+                c4[l] = a1[i0_t + 2]*a2[i1_t + l];
+                c5[l] = a1[i0_t + 2]*a2[i1_t + l + 4];
+                c6[l] = a1[i0_t + 3]*a2[i1_t + l];
+                c7[l] = a1[i0_t + 3]*a2[i1_t + l + 4];
+                c8[l] = a1[i0_t + 4]*a2[i1_t + l];
+                c9[l] = a1[i0_t + 4]*a2[i1_t + l + 4];
+                c10[l] = a1[i0_t + 5]*a2[i1_t + l];
+                c11[l] = a1[i0_t + 5]*a2[i1_t + l + 4];
+                c12[l] = a1[i0_t + 6]*a2[i1_t + l];
+                c13[l] = a1[i0_t + 6]*a2[i1_t + l + 4];
+                c14[l] = a1[i0_t + 7]*a2[i1_t + l];
+                c15[l] = a1[i0_t + 7]*a2[i1_t + l + 4];
+            }
+            for (size_t b = 1; b < n; ++b) {
+                for (size_t l = 0; l < 4; ++l) {
+                    c0[l] += a1[24*b + i0_t]*a2[16*b + i1_t + l];
+                    c1[l] += a1[24*b + i0_t]*a2[16*b + i1_t + l + 4];
+                    c2[l] += a1[24*b + i0_t + 1]*a2[16*b + i1_t + l];
+                    c3[l] += a1[24*b + i0_t + 1]*a2[16*b + i1_t + l + 4];
+                    c4[l] += a1[24*b + i0_t + 2]*a2[16*b + i1_t + l];
+                    c5[l] += a1[24*b + i0_t + 2]*a2[16*b + i1_t + l + 4];
+                    c6[l] += a1[24*b + i0_t + 3]*a2[16*b + i1_t + l];
+                    c7[l] += a1[24*b + i0_t + 3]*a2[16*b + i1_t + l + 4];
+                    c8[l] += a1[24*b + i0_t + 4]*a2[16*b + i1_t + l];
+                    c9[l] += a1[24*b + i0_t + 4]*a2[16*b + i1_t + l + 4];
+                    c10[l] += a1[24*b + i0_t + 5]*a2[16*b + i1_t + l];
+                    c11[l] += a1[24*b + i0_t + 5]*a2[16*b + i1_t + l + 4];
+                    c12[l] += a1[24*b + i0_t + 6]*a2[16*b + i1_t + l];
+                    c13[l] += a1[24*b + i0_t + 6]*a2[16*b + i1_t + l + 4];
+                    c14[l] += a1[24*b + i0_t + 7]*a2[16*b + i1_t + l];
+                    c15[l] += a1[24*b + i0_t + 7]*a2[16*b + i1_t + l + 4];
+                }
+            }
+            for (size_t l = 0; l < 4; ++l) {
+                a0[16*i0_t + i1_t + l] = c0[l];
+                a0[16*i0_t + i1_t + l + 4] = c1[l];
+                a0[16*i0_t + i1_t + l + 16] = c2[l];
+                a0[16*i0_t + i1_t + l + 20] = c3[l];
+                a0[16*i0_t + i1_t + l + 32] = c4[l];
+                a0[16*i0_t + i1_t + l + 36] = c5[l];
+                a0[16*i0_t + i1_t + l + 48] = c6[l];
+                a0[16*i0_t + i1_t + l + 52] = c7[l];
+                a0[16*i0_t + i1_t + l + 64] = c8[l];
+                a0[16*i0_t + i1_t + l + 68] = c9[l];
+                a0[16*i0_t + i1_t + l + 80] = c10[l];
+                a0[16*i0_t + i1_t + l + 84] = c11[l];
+                a0[16*i0_t + i1_t + l + 96] = c12[l];
+                a0[16*i0_t + i1_t + l + 100] = c13[l];
+                a0[16*i0_t + i1_t + l + 112] = c14[l];
+                a0[16*i0_t + i1_t + l + 116] = c15[l];
             }
         }
     }
@@ -210,12 +596,21 @@ static void k15(size_t n, float *restrict a0, const float *restrict a1, const fl
 /* h: dh/db1: b1.grad[i0] = Σ_{b} h.grad[b, i0] */
 static void k16(size_t n, float *restrict a0, const float *restrict a1)
 {
-    for (size_t i0 = 0; i0 < 24; ++i0) {
-        a0[i0] = 0;
-    }
-    for (size_t b = 0; b < n; ++b) {
-        for (size_t i0 = 0; i0 < 24; ++i0) {
-            a0[i0] += a1[24*b + i0];
+    for (size_t i0_t = 0; i0_t < 24; i0_t += 8) {
+        float c0[4], c1[4];
+        for (size_t l = 0; l < 4; ++l) {
+            c0[l] = a1[i0_t + l];
+            c1[l] = a1[i0_t + l + 4];
+        }
+        for (size_t b = 1; b < n; ++b) {
+            for (size_t l = 0; l < 4; ++l) {
+                c0[l] += a1[24*b + i0_t + l];
+                c1[l] += a1[24*b + i0_t + l + 4];
+            }
+        }
+        for (size_t l = 0; l < 4; ++l) {
+            a0[i0_t + l] = c0[l];
+            a0[i0_t + l + 4] = c1[l];
         }
     }
 }

@@ -4,17 +4,180 @@
 #include <stdint.h>
 #include "mlp.h"
 
+/* s[j*2 + k] = Σ_{r < len} a[j*sa + r]·b[k*sb + r] for j < 8, k < 2; 4 partial sums each (len a multiple of 4, at least 4), added pairwise */
+static void dot8x2_4(const float *restrict a, size_t sa, const float *restrict b, size_t sb, size_t len, float *restrict s)
+{
+    float c0[4], c1[4], c2[4], c3[4], c4[4], c5[4], c6[4], c7[4], c8[4], c9[4], c10[4], c11[4], c12[4], c13[4], c14[4], c15[4];
+    for (size_t l = 0; l < 4; ++l) {
+        c0[l] = a[l]*b[l];
+        c1[l] = a[l]*b[sb + l];
+        c2[l] = a[sa + l]*b[l];
+        c3[l] = a[sa + l]*b[sb + l];
+        c4[l] = a[2*sa + l]*b[l];
+        c5[l] = a[2*sa + l]*b[sb + l];
+        c6[l] = a[3*sa + l]*b[l];
+        c7[l] = a[3*sa + l]*b[sb + l];
+        c8[l] = a[4*sa + l]*b[l];
+        c9[l] = a[4*sa + l]*b[sb + l];
+        c10[l] = a[5*sa + l]*b[l];
+        c11[l] = a[5*sa + l]*b[sb + l];
+        c12[l] = a[6*sa + l]*b[l];
+        c13[l] = a[6*sa + l]*b[sb + l];
+        c14[l] = a[7*sa + l]*b[l];
+        c15[l] = a[7*sa + l]*b[sb + l];
+    }
+    for (size_t r = 4; r < len; r += 4) {
+        for (size_t l = 0; l < 4; ++l) {
+            c0[l] += a[r + l]*b[r + l];
+            c1[l] += a[r + l]*b[sb + r + l];
+            c2[l] += a[sa + r + l]*b[r + l];
+            c3[l] += a[sa + r + l]*b[sb + r + l];
+            c4[l] += a[2*sa + r + l]*b[r + l];
+            c5[l] += a[2*sa + r + l]*b[sb + r + l];
+            c6[l] += a[3*sa + r + l]*b[r + l];
+            c7[l] += a[3*sa + r + l]*b[sb + r + l];
+            c8[l] += a[4*sa + r + l]*b[r + l];
+            c9[l] += a[4*sa + r + l]*b[sb + r + l];
+            c10[l] += a[5*sa + r + l]*b[r + l];
+            c11[l] += a[5*sa + r + l]*b[sb + r + l];
+            c12[l] += a[6*sa + r + l]*b[r + l];
+            c13[l] += a[6*sa + r + l]*b[sb + r + l];
+            c14[l] += a[7*sa + r + l]*b[r + l];
+            c15[l] += a[7*sa + r + l]*b[sb + r + l];
+        }
+    }
+    for (size_t l = 0; l < 2; ++l) { c0[l] += c0[l + 2]; c1[l] += c1[l + 2]; c2[l] += c2[l + 2]; c3[l] += c3[l + 2]; c4[l] += c4[l + 2]; c5[l] += c5[l + 2]; c6[l] += c6[l + 2]; c7[l] += c7[l + 2]; c8[l] += c8[l + 2]; c9[l] += c9[l + 2]; c10[l] += c10[l + 2]; c11[l] += c11[l + 2]; c12[l] += c12[l + 2]; c13[l] += c13[l + 2]; c14[l] += c14[l + 2]; c15[l] += c15[l + 2]; }
+    c0[0] += c0[1]; c1[0] += c1[1]; c2[0] += c2[1]; c3[0] += c3[1]; c4[0] += c4[1]; c5[0] += c5[1]; c6[0] += c6[1]; c7[0] += c7[1]; c8[0] += c8[1]; c9[0] += c9[1]; c10[0] += c10[1]; c11[0] += c11[1]; c12[0] += c12[1]; c13[0] += c13[1]; c14[0] += c14[1]; c15[0] += c15[1];
+    s[0] = c0[0]; s[1] = c1[0]; s[2] = c2[0]; s[3] = c3[0]; s[4] = c4[0]; s[5] = c5[0]; s[6] = c6[0]; s[7] = c7[0]; s[8] = c8[0]; s[9] = c9[0]; s[10] = c10[0]; s[11] = c11[0]; s[12] = c12[0]; s[13] = c13[0]; s[14] = c14[0]; s[15] = c15[0];
+}
+
+/* out[m*om + l] = Σ_{r<len} a[m*am + r*ar]·b[r*br + l] for m < 8, l < 8 (len >= 1) */
+static void tile8x8(const float *restrict a, size_t am, size_t ar, const float *restrict b, size_t br, size_t len, float *restrict out, size_t om)
+{
+    float c0[4], c1[4], c2[4], c3[4], c4[4], c5[4], c6[4], c7[4], c8[4], c9[4], c10[4], c11[4], c12[4], c13[4], c14[4], c15[4];
+    for (size_t l = 0; l < 4; ++l) {
+        c0[l] = a[0]*b[l];
+        c1[l] = a[0]*b[4 + l];
+        c2[l] = a[am]*b[l];
+        c3[l] = a[am]*b[4 + l];
+        c4[l] = a[2*am]*b[l];
+        c5[l] = a[2*am]*b[4 + l];
+        c6[l] = a[3*am]*b[l];
+        c7[l] = a[3*am]*b[4 + l];
+        c8[l] = a[4*am]*b[l];
+        c9[l] = a[4*am]*b[4 + l];
+        c10[l] = a[5*am]*b[l];
+        c11[l] = a[5*am]*b[4 + l];
+        c12[l] = a[6*am]*b[l];
+        c13[l] = a[6*am]*b[4 + l];
+        c14[l] = a[7*am]*b[l];
+        c15[l] = a[7*am]*b[4 + l];
+    }
+    for (size_t r = 1; r < len; ++r) {
+        for (size_t l = 0; l < 4; ++l) {
+            c0[l] += a[r*ar]*b[r*br + l];
+            c1[l] += a[r*ar]*b[r*br + 4 + l];
+            c2[l] += a[am + r*ar]*b[r*br + l];
+            c3[l] += a[am + r*ar]*b[r*br + 4 + l];
+            c4[l] += a[2*am + r*ar]*b[r*br + l];
+            c5[l] += a[2*am + r*ar]*b[r*br + 4 + l];
+            c6[l] += a[3*am + r*ar]*b[r*br + l];
+            c7[l] += a[3*am + r*ar]*b[r*br + 4 + l];
+            c8[l] += a[4*am + r*ar]*b[r*br + l];
+            c9[l] += a[4*am + r*ar]*b[r*br + 4 + l];
+            c10[l] += a[5*am + r*ar]*b[r*br + l];
+            c11[l] += a[5*am + r*ar]*b[r*br + 4 + l];
+            c12[l] += a[6*am + r*ar]*b[r*br + l];
+            c13[l] += a[6*am + r*ar]*b[r*br + 4 + l];
+            c14[l] += a[7*am + r*ar]*b[r*br + l];
+            c15[l] += a[7*am + r*ar]*b[r*br + 4 + l];
+        }
+    }
+    for (size_t l = 0; l < 4; ++l) {
+        out[l] = c0[l];
+        out[4 + l] = c1[l];
+        out[om + l] = c2[l];
+        out[om + 4 + l] = c3[l];
+        out[2*om + l] = c4[l];
+        out[2*om + 4 + l] = c5[l];
+        out[3*om + l] = c6[l];
+        out[3*om + 4 + l] = c7[l];
+        out[4*om + l] = c8[l];
+        out[4*om + 4 + l] = c9[l];
+        out[5*om + l] = c10[l];
+        out[5*om + 4 + l] = c11[l];
+        out[6*om + l] = c12[l];
+        out[6*om + 4 + l] = c13[l];
+        out[7*om + l] = c14[l];
+        out[7*om + 4 + l] = c15[l];
+    }
+}
+
 /* a1: h1 with a1 as epilogue: a1[b, i0] = ((Σ_{i1} W1[i0, i1]*x[b, i1]) + b1[i0])*tanh(log(exp((Σ_{i1} W1[i0, i1]*x[b, i1]) + b1[i0]) + 1)) */
 static void k0(size_t n, float *restrict a0, const float *restrict a1, const float *restrict a2, const float *restrict a3)
 {
-    for (size_t b = 0; b < n; ++b) {
-        for (size_t i0 = 0; i0 < 32; ++i0) {
-            float acc = 0;
-            for (size_t i1 = 0; i1 < 64; ++i1) {
-                acc += a1[64*i0 + i1]*a3[64*b + i1];
+    for (size_t b_t = 0; b_t < n / 8 * 8; b_t += 8) {
+        for (size_t i0_t = 0; i0_t < 32; i0_t += 2) {
+            float s[16];
+            dot8x2_4(a3 + 64*b_t, 64, a1 + 64*i0_t, 64, 64, s);
+            for (size_t b_j = 0; b_j < 8; ++b_j) {
+                for (size_t i0_j = 0; i0_j < 2; ++i0_j) {
+                    const float acc = s[2*b_j + i0_j];
+                    const float t0 = acc + a2[i0_j + i0_t];
+                    a0[32*b_j + 32*b_t + i0_j + i0_t] = t0*tanhf(logf(expf(t0) + 1));
+                }
             }
-            const float t0 = acc + a2[i0];
-            a0[32*b + i0] = t0*tanhf(logf(expf(t0) + 1));
+        }
+    }
+    for (size_t b = n / 8 * 8; b < n; ++b) {
+        for (size_t i0_t = 0; i0_t < 32; i0_t += 16) {
+            float c0[4], c1[4], c2[4], c3[4], c4[4], c5[4], c6[4], c7[4], c8[4], c9[4], c10[4], c11[4], c12[4], c13[4], c14[4], c15[4];
+            for (size_t l = 0; l < 4; ++l) {
+                c0[l] = a1[64*i0_t + l]*a3[64*b + l];
+                c1[l] = a1[64*i0_t + l + 64]*a3[64*b + l];
+                c2[l] = a1[64*i0_t + l + 128]*a3[64*b + l];
+                c3[l] = a1[64*i0_t + l + 192]*a3[64*b + l];
+                c4[l] = a1[64*i0_t + l + 256]*a3[64*b + l];
+                c5[l] = a1[64*i0_t + l + 320]*a3[64*b + l];
+                c6[l] = a1[64*i0_t + l + 384]*a3[64*b + l];
+                c7[l] = a1[64*i0_t + l + 448]*a3[64*b + l];
+                c8[l] = a1[64*i0_t + l + 512]*a3[64*b + l];
+                c9[l] = a1[64*i0_t + l + 576]*a3[64*b + l];
+                c10[l] = a1[64*i0_t + l + 640]*a3[64*b + l];
+                c11[l] = a1[64*i0_t + l + 704]*a3[64*b + l];
+                c12[l] = a1[64*i0_t + l + 768]*a3[64*b + l];
+                c13[l] = a1[64*i0_t + l + 832]*a3[64*b + l];
+                c14[l] = a1[64*i0_t + l + 896]*a3[64*b + l];
+                c15[l] = a1[64*i0_t + l + 960]*a3[64*b + l];
+            }
+            for (size_t i1_t = 4; i1_t < 64; i1_t += 4) {
+                for (size_t l = 0; l < 4; ++l) {
+                    c0[l] += a1[64*i0_t + i1_t + l]*a3[64*b + i1_t + l];
+                    c1[l] += a1[64*i0_t + i1_t + l + 64]*a3[64*b + i1_t + l];
+                    c2[l] += a1[64*i0_t + i1_t + l + 128]*a3[64*b + i1_t + l];
+                    c3[l] += a1[64*i0_t + i1_t + l + 192]*a3[64*b + i1_t + l];
+                    c4[l] += a1[64*i0_t + i1_t + l + 256]*a3[64*b + i1_t + l];
+                    c5[l] += a1[64*i0_t + i1_t + l + 320]*a3[64*b + i1_t + l];
+                    c6[l] += a1[64*i0_t + i1_t + l + 384]*a3[64*b + i1_t + l];
+                    c7[l] += a1[64*i0_t + i1_t + l + 448]*a3[64*b + i1_t + l];
+                    c8[l] += a1[64*i0_t + i1_t + l + 512]*a3[64*b + i1_t + l];
+                    c9[l] += a1[64*i0_t + i1_t + l + 576]*a3[64*b + i1_t + l];
+                    c10[l] += a1[64*i0_t + i1_t + l + 640]*a3[64*b + i1_t + l];
+                    c11[l] += a1[64*i0_t + i1_t + l + 704]*a3[64*b + i1_t + l];
+                    c12[l] += a1[64*i0_t + i1_t + l + 768]*a3[64*b + i1_t + l];
+                    c13[l] += a1[64*i0_t + i1_t + l + 832]*a3[64*b + i1_t + l];
+                    c14[l] += a1[64*i0_t + i1_t + l + 896]*a3[64*b + i1_t + l];
+                    c15[l] += a1[64*i0_t + i1_t + l + 960]*a3[64*b + i1_t + l];
+                }
+            }
+            for (size_t l = 0; l < 2; ++l) { c0[l] += c0[l + 2]; c1[l] += c1[l + 2]; c2[l] += c2[l + 2]; c3[l] += c3[l + 2]; c4[l] += c4[l + 2]; c5[l] += c5[l + 2]; c6[l] += c6[l + 2]; c7[l] += c7[l + 2]; c8[l] += c8[l + 2]; c9[l] += c9[l + 2]; c10[l] += c10[l + 2]; c11[l] += c11[l + 2]; c12[l] += c12[l + 2]; c13[l] += c13[l + 2]; c14[l] += c14[l + 2]; c15[l] += c15[l + 2]; }
+            c0[0] += c0[1]; c1[0] += c1[1]; c2[0] += c2[1]; c3[0] += c3[1]; c4[0] += c4[1]; c5[0] += c5[1]; c6[0] += c6[1]; c7[0] += c7[1]; c8[0] += c8[1]; c9[0] += c9[1]; c10[0] += c10[1]; c11[0] += c11[1]; c12[0] += c12[1]; c13[0] += c13[1]; c14[0] += c14[1]; c15[0] += c15[1];
+            const float s[16] = {c0[0], c1[0], c2[0], c3[0], c4[0], c5[0], c6[0], c7[0], c8[0], c9[0], c10[0], c11[0], c12[0], c13[0], c14[0], c15[0]};
+            for (size_t i0_j = 0; i0_j < 16; ++i0_j) {
+                const float acc = s[i0_j];
+                const float t0 = acc + a2[i0_j + i0_t];
+                a0[32*b + i0_j + i0_t] = t0*tanhf(logf(expf(t0) + 1));
+            }
         }
     }
 }
@@ -22,13 +185,54 @@ static void k0(size_t n, float *restrict a0, const float *restrict a1, const flo
 /* logits: forward: logits[b, i0] = (Σ_{i1} W2[i0, i1]*a1[b, i1]) + b2[i0] */
 static void k1(size_t n, float *restrict a0, const float *restrict a1, const float *restrict a2, const float *restrict a3)
 {
-    for (size_t b = 0; b < n; ++b) {
-        for (size_t i0 = 0; i0 < 10; ++i0) {
-            float acc = 0;
-            for (size_t i1 = 0; i1 < 32; ++i1) {
-                acc += a1[32*i0 + i1]*a2[32*b + i1];
+    for (size_t b_t = 0; b_t < n / 8 * 8; b_t += 8) {
+        for (size_t i0_t = 0; i0_t < 10; i0_t += 2) {
+            float s[16];
+            dot8x2_4(a2 + 32*b_t, 32, a1 + 32*i0_t, 32, 32, s);
+            for (size_t b_j = 0; b_j < 8; ++b_j) {
+                for (size_t i0_j = 0; i0_j < 2; ++i0_j) {
+                    const float acc = s[2*b_j + i0_j];
+                    a0[10*b_j + 10*b_t + i0_j + i0_t] = acc + a3[i0_j + i0_t];
+                }
             }
-            a0[10*b + i0] = acc + a3[i0];
+        }
+    }
+    for (size_t b = n / 8 * 8; b < n; ++b) {
+        for (size_t i0_t = 0; i0_t < 10; i0_t += 10) {
+            float c0[4], c1[4], c2[4], c3[4], c4[4], c5[4], c6[4], c7[4], c8[4], c9[4];
+            for (size_t l = 0; l < 4; ++l) {
+                c0[l] = a1[32*i0_t + l]*a2[32*b + l];
+                c1[l] = a1[32*i0_t + l + 32]*a2[32*b + l];
+                c2[l] = a1[32*i0_t + l + 64]*a2[32*b + l];
+                c3[l] = a1[32*i0_t + l + 96]*a2[32*b + l];
+                c4[l] = a1[32*i0_t + l + 128]*a2[32*b + l];
+                c5[l] = a1[32*i0_t + l + 160]*a2[32*b + l];
+                c6[l] = a1[32*i0_t + l + 192]*a2[32*b + l];
+                c7[l] = a1[32*i0_t + l + 224]*a2[32*b + l];
+                c8[l] = a1[32*i0_t + l + 256]*a2[32*b + l];
+                c9[l] = a1[32*i0_t + l + 288]*a2[32*b + l];
+            }
+            for (size_t i1_t = 4; i1_t < 32; i1_t += 4) {
+                for (size_t l = 0; l < 4; ++l) {
+                    c0[l] += a1[32*i0_t + i1_t + l]*a2[32*b + i1_t + l];
+                    c1[l] += a1[32*i0_t + i1_t + l + 32]*a2[32*b + i1_t + l];
+                    c2[l] += a1[32*i0_t + i1_t + l + 64]*a2[32*b + i1_t + l];
+                    c3[l] += a1[32*i0_t + i1_t + l + 96]*a2[32*b + i1_t + l];
+                    c4[l] += a1[32*i0_t + i1_t + l + 128]*a2[32*b + i1_t + l];
+                    c5[l] += a1[32*i0_t + i1_t + l + 160]*a2[32*b + i1_t + l];
+                    c6[l] += a1[32*i0_t + i1_t + l + 192]*a2[32*b + i1_t + l];
+                    c7[l] += a1[32*i0_t + i1_t + l + 224]*a2[32*b + i1_t + l];
+                    c8[l] += a1[32*i0_t + i1_t + l + 256]*a2[32*b + i1_t + l];
+                    c9[l] += a1[32*i0_t + i1_t + l + 288]*a2[32*b + i1_t + l];
+                }
+            }
+            for (size_t l = 0; l < 2; ++l) { c0[l] += c0[l + 2]; c1[l] += c1[l + 2]; c2[l] += c2[l + 2]; c3[l] += c3[l + 2]; c4[l] += c4[l + 2]; c5[l] += c5[l + 2]; c6[l] += c6[l + 2]; c7[l] += c7[l + 2]; c8[l] += c8[l + 2]; c9[l] += c9[l + 2]; }
+            c0[0] += c0[1]; c1[0] += c1[1]; c2[0] += c2[1]; c3[0] += c3[1]; c4[0] += c4[1]; c5[0] += c5[1]; c6[0] += c6[1]; c7[0] += c7[1]; c8[0] += c8[1]; c9[0] += c9[1];
+            const float s[10] = {c0[0], c1[0], c2[0], c3[0], c4[0], c5[0], c6[0], c7[0], c8[0], c9[0]};
+            for (size_t i0_j = 0; i0_j < 10; ++i0_j) {
+                const float acc = s[i0_j];
+                a0[10*b + i0_j + i0_t] = acc + a3[i0_j + i0_t];
+            }
         }
     }
 }
@@ -62,8 +266,9 @@ static void k4(size_t n, float *restrict a0, const float *restrict a1, const flo
 {
     for (size_t b = 0; b < n; ++b) {
         float acc = 0;
+        const float u0 = logf(a3[b]);
         for (size_t i0 = 0; i0 < 10; ++i0) {
-            acc += -(-logf(a3[b]) + a1[10*b + i0] - a2[b])*a4[10*b + i0];
+            acc += -(-u0 + a1[10*b + i0] - a2[b])*a4[10*b + i0];
         }
         a0[b] = acc;
     }
@@ -82,13 +287,66 @@ static void k5(size_t n, float *restrict a0, const float *restrict a1)
 /* h1: forward: h1[b, i0] = (Σ_{i1} W1[i0, i1]*x[b, i1]) + b1[i0] */
 static void k6(size_t n, float *restrict a0, const float *restrict a1, const float *restrict a2, const float *restrict a3)
 {
-    for (size_t b = 0; b < n; ++b) {
-        for (size_t i0 = 0; i0 < 32; ++i0) {
-            float acc = 0;
-            for (size_t i1 = 0; i1 < 64; ++i1) {
-                acc += a1[64*i0 + i1]*a3[64*b + i1];
+    for (size_t b_t = 0; b_t < n / 8 * 8; b_t += 8) {
+        for (size_t i0_t = 0; i0_t < 32; i0_t += 2) {
+            float s[16];
+            dot8x2_4(a3 + 64*b_t, 64, a1 + 64*i0_t, 64, 64, s);
+            for (size_t b_j = 0; b_j < 8; ++b_j) {
+                for (size_t i0_j = 0; i0_j < 2; ++i0_j) {
+                    const float acc = s[2*b_j + i0_j];
+                    a0[32*b_j + 32*b_t + i0_j + i0_t] = acc + a2[i0_j + i0_t];
+                }
             }
-            a0[32*b + i0] = acc + a2[i0];
+        }
+    }
+    for (size_t b = n / 8 * 8; b < n; ++b) {
+        for (size_t i0_t = 0; i0_t < 32; i0_t += 16) {
+            float c0[4], c1[4], c2[4], c3[4], c4[4], c5[4], c6[4], c7[4], c8[4], c9[4], c10[4], c11[4], c12[4], c13[4], c14[4], c15[4];
+            for (size_t l = 0; l < 4; ++l) {
+                c0[l] = a1[64*i0_t + l]*a3[64*b + l];
+                c1[l] = a1[64*i0_t + l + 64]*a3[64*b + l];
+                c2[l] = a1[64*i0_t + l + 128]*a3[64*b + l];
+                c3[l] = a1[64*i0_t + l + 192]*a3[64*b + l];
+                c4[l] = a1[64*i0_t + l + 256]*a3[64*b + l];
+                c5[l] = a1[64*i0_t + l + 320]*a3[64*b + l];
+                c6[l] = a1[64*i0_t + l + 384]*a3[64*b + l];
+                c7[l] = a1[64*i0_t + l + 448]*a3[64*b + l];
+                c8[l] = a1[64*i0_t + l + 512]*a3[64*b + l];
+                c9[l] = a1[64*i0_t + l + 576]*a3[64*b + l];
+                c10[l] = a1[64*i0_t + l + 640]*a3[64*b + l];
+                c11[l] = a1[64*i0_t + l + 704]*a3[64*b + l];
+                c12[l] = a1[64*i0_t + l + 768]*a3[64*b + l];
+                c13[l] = a1[64*i0_t + l + 832]*a3[64*b + l];
+                c14[l] = a1[64*i0_t + l + 896]*a3[64*b + l];
+                c15[l] = a1[64*i0_t + l + 960]*a3[64*b + l];
+            }
+            for (size_t i1_t = 4; i1_t < 64; i1_t += 4) {
+                for (size_t l = 0; l < 4; ++l) {
+                    c0[l] += a1[64*i0_t + i1_t + l]*a3[64*b + i1_t + l];
+                    c1[l] += a1[64*i0_t + i1_t + l + 64]*a3[64*b + i1_t + l];
+                    c2[l] += a1[64*i0_t + i1_t + l + 128]*a3[64*b + i1_t + l];
+                    c3[l] += a1[64*i0_t + i1_t + l + 192]*a3[64*b + i1_t + l];
+                    c4[l] += a1[64*i0_t + i1_t + l + 256]*a3[64*b + i1_t + l];
+                    c5[l] += a1[64*i0_t + i1_t + l + 320]*a3[64*b + i1_t + l];
+                    c6[l] += a1[64*i0_t + i1_t + l + 384]*a3[64*b + i1_t + l];
+                    c7[l] += a1[64*i0_t + i1_t + l + 448]*a3[64*b + i1_t + l];
+                    c8[l] += a1[64*i0_t + i1_t + l + 512]*a3[64*b + i1_t + l];
+                    c9[l] += a1[64*i0_t + i1_t + l + 576]*a3[64*b + i1_t + l];
+                    c10[l] += a1[64*i0_t + i1_t + l + 640]*a3[64*b + i1_t + l];
+                    c11[l] += a1[64*i0_t + i1_t + l + 704]*a3[64*b + i1_t + l];
+                    c12[l] += a1[64*i0_t + i1_t + l + 768]*a3[64*b + i1_t + l];
+                    c13[l] += a1[64*i0_t + i1_t + l + 832]*a3[64*b + i1_t + l];
+                    c14[l] += a1[64*i0_t + i1_t + l + 896]*a3[64*b + i1_t + l];
+                    c15[l] += a1[64*i0_t + i1_t + l + 960]*a3[64*b + i1_t + l];
+                }
+            }
+            for (size_t l = 0; l < 2; ++l) { c0[l] += c0[l + 2]; c1[l] += c1[l + 2]; c2[l] += c2[l + 2]; c3[l] += c3[l + 2]; c4[l] += c4[l + 2]; c5[l] += c5[l + 2]; c6[l] += c6[l + 2]; c7[l] += c7[l + 2]; c8[l] += c8[l + 2]; c9[l] += c9[l + 2]; c10[l] += c10[l + 2]; c11[l] += c11[l + 2]; c12[l] += c12[l + 2]; c13[l] += c13[l + 2]; c14[l] += c14[l + 2]; c15[l] += c15[l + 2]; }
+            c0[0] += c0[1]; c1[0] += c1[1]; c2[0] += c2[1]; c3[0] += c3[1]; c4[0] += c4[1]; c5[0] += c5[1]; c6[0] += c6[1]; c7[0] += c7[1]; c8[0] += c8[1]; c9[0] += c9[1]; c10[0] += c10[1]; c11[0] += c11[1]; c12[0] += c12[1]; c13[0] += c13[1]; c14[0] += c14[1]; c15[0] += c15[1];
+            const float s[16] = {c0[0], c1[0], c2[0], c3[0], c4[0], c5[0], c6[0], c7[0], c8[0], c9[0], c10[0], c11[0], c12[0], c13[0], c14[0], c15[0]};
+            for (size_t i0_j = 0; i0_j < 16; ++i0_j) {
+                const float acc = s[i0_j];
+                a0[32*b + i0_j + i0_t] = acc + a2[i0_j + i0_t];
+            }
         }
     }
 }
@@ -117,11 +375,21 @@ static void k8(size_t n, float *restrict a0, const float *restrict a1)
 static void k9(size_t n, float *restrict a0, const float *restrict a1, const float *restrict a2)
 {
     for (size_t b = 0; b < n; ++b) {
-        float acc = 0;
-        for (size_t i0 = 0; i0 < 10; ++i0) {
-            acc += a2[10*b + i0]*1.0F/n*1.0F/a1[b];
+        float c0[4];
+        for (size_t l = 0; l < 4; ++l) {
+            c0[l] = a2[10*b + l]*1.0F/n*1.0F/a1[b];
         }
-        a0[b] = acc;
+        for (size_t i0_t = 4; i0_t < 8; i0_t += 4) {
+            for (size_t l = 0; l < 4; ++l) {
+                c0[l] += a2[10*b + i0_t + l]*1.0F/n*1.0F/a1[b];
+            }
+        }
+        for (size_t l = 0; l < 2; ++l) {
+            c0[l] += a2[10*b + l + 8]*1.0F/n*1.0F/a1[b];
+        }
+        for (size_t l = 0; l < 2; ++l) { c0[l] += c0[l + 2]; }
+        c0[0] += c0[1];
+        a0[b] = c0[0];
     }
 }
 
@@ -138,15 +406,81 @@ static void k10(size_t n, float *restrict a0, const float *restrict a1, const fl
 /* logits: dlogits/dW2: W2.grad[i0, i1] = Σ_{b} a1[b, i1]*logits.grad[b, i0] */
 static void k11(size_t n, float *restrict a0, const float *restrict a1, const float *restrict a2)
 {
-    for (size_t i0 = 0; i0 < 10; ++i0) {
-        for (size_t i1 = 0; i1 < 32; ++i1) {
-            a0[32*i0 + i1] = 0;
+    for (size_t i1_t = 0; i1_t < 32; i1_t += 8) {
+        for (size_t i0_t = 0; i0_t < 8; i0_t += 8) {
+            float c0[4], c1[4], c2[4], c3[4], c4[4], c5[4], c6[4], c7[4], c8[4], c9[4], c10[4], c11[4], c12[4], c13[4], c14[4], c15[4];
+            for (size_t l = 0; l < 4; ++l) {
+                c0[l] = a1[i1_t + l]*a2[i0_t];
+                c1[l] = a1[i1_t + l + 4]*a2[i0_t];
+                c2[l] = a1[i1_t + l]*a2[i0_t + 1];
+                c3[l] = a1[i1_t + l + 4]*a2[i0_t + 1];
+                c4[l] = a1[i1_t + l]*a2[i0_t + 2];
+                c5[l] = a1[i1_t + l + 4]*a2[i0_t + 2];
+                c6[l] = a1[i1_t + l]*a2[i0_t + 3];
+                c7[l] = a1[i1_t + l + 4]*a2[i0_t + 3];
+                c8[l] = a1[i1_t + l]*a2[i0_t + 4];
+                c9[l] = a1[i1_t + l + 4]*a2[i0_t + 4];
+                c10[l] = a1[i1_t + l]*a2[i0_t + 5];
+                c11[l] = a1[i1_t + l + 4]*a2[i0_t + 5];
+                c12[l] = a1[i1_t + l]*a2[i0_t + 6];
+                c13[l] = a1[i1_t + l + 4]*a2[i0_t + 6];
+                c14[l] = a1[i1_t + l]*a2[i0_t + 7];
+                c15[l] = a1[i1_t + l + 4]*a2[i0_t + 7];
+            }
+            for (size_t b = 1; b < n; ++b) {
+                for (size_t l = 0; l < 4; ++l) {
+                    c0[l] += a1[32*b + i1_t + l]*a2[10*b + i0_t];
+                    c1[l] += a1[32*b + i1_t + l + 4]*a2[10*b + i0_t];
+                    c2[l] += a1[32*b + i1_t + l]*a2[10*b + i0_t + 1];
+                    c3[l] += a1[32*b + i1_t + l + 4]*a2[10*b + i0_t + 1];
+                    c4[l] += a1[32*b + i1_t + l]*a2[10*b + i0_t + 2];
+                    c5[l] += a1[32*b + i1_t + l + 4]*a2[10*b + i0_t + 2];
+                    c6[l] += a1[32*b + i1_t + l]*a2[10*b + i0_t + 3];
+                    c7[l] += a1[32*b + i1_t + l + 4]*a2[10*b + i0_t + 3];
+                    c8[l] += a1[32*b + i1_t + l]*a2[10*b + i0_t + 4];
+                    c9[l] += a1[32*b + i1_t + l + 4]*a2[10*b + i0_t + 4];
+                    c10[l] += a1[32*b + i1_t + l]*a2[10*b + i0_t + 5];
+                    c11[l] += a1[32*b + i1_t + l + 4]*a2[10*b + i0_t + 5];
+                    c12[l] += a1[32*b + i1_t + l]*a2[10*b + i0_t + 6];
+                    c13[l] += a1[32*b + i1_t + l + 4]*a2[10*b + i0_t + 6];
+                    c14[l] += a1[32*b + i1_t + l]*a2[10*b + i0_t + 7];
+                    c15[l] += a1[32*b + i1_t + l + 4]*a2[10*b + i0_t + 7];
+                }
+            }
+            for (size_t l = 0; l < 4; ++l) {
+                a0[32*i0_t + i1_t + l] = c0[l];
+                a0[32*i0_t + i1_t + l + 4] = c1[l];
+                a0[32*i0_t + i1_t + l + 32] = c2[l];
+                a0[32*i0_t + i1_t + l + 36] = c3[l];
+                a0[32*i0_t + i1_t + l + 64] = c4[l];
+                a0[32*i0_t + i1_t + l + 68] = c5[l];
+                a0[32*i0_t + i1_t + l + 96] = c6[l];
+                a0[32*i0_t + i1_t + l + 100] = c7[l];
+                a0[32*i0_t + i1_t + l + 128] = c8[l];
+                a0[32*i0_t + i1_t + l + 132] = c9[l];
+                a0[32*i0_t + i1_t + l + 160] = c10[l];
+                a0[32*i0_t + i1_t + l + 164] = c11[l];
+                a0[32*i0_t + i1_t + l + 192] = c12[l];
+                a0[32*i0_t + i1_t + l + 196] = c13[l];
+                a0[32*i0_t + i1_t + l + 224] = c14[l];
+                a0[32*i0_t + i1_t + l + 228] = c15[l];
+            }
         }
-    }
-    for (size_t b = 0; b < n; ++b) {
-        for (size_t i0 = 0; i0 < 10; ++i0) {
-            for (size_t i1 = 0; i1 < 32; ++i1) {
-                a0[32*i0 + i1] += a1[32*b + i1]*a2[10*b + i0];
+        for (size_t i0 = 8; i0 < 10; ++i0) {
+            float c0[4], c1[4];
+            for (size_t l = 0; l < 4; ++l) {
+                c0[l] = a1[i1_t + l]*a2[i0];
+                c1[l] = a1[i1_t + l + 4]*a2[i0];
+            }
+            for (size_t b = 1; b < n; ++b) {
+                for (size_t l = 0; l < 4; ++l) {
+                    c0[l] += a1[32*b + i1_t + l]*a2[10*b + i0];
+                    c1[l] += a1[32*b + i1_t + l + 4]*a2[10*b + i0];
+                }
+            }
+            for (size_t l = 0; l < 4; ++l) {
+                a0[32*i0 + i1_t + l] = c0[l];
+                a0[32*i0 + i1_t + l + 4] = c1[l];
             }
         }
     }
@@ -155,16 +489,47 @@ static void k11(size_t n, float *restrict a0, const float *restrict a1, const fl
 /* a1: logits with a1 as epilogue: h1.grad[b, i1] = (Σ_{i0} W2[i0, i1]*logits.grad[b, i0])*((1 - tanh(log(exp(h1[b, i1]) + 1))**2)*exp(h1[b, i1])*h1[b, i1]/(exp(h1[b, i1]) + 1) + tanh(log(exp(h1[b, i1]) + 1))) */
 static void k12(size_t n, float *restrict a0, const float *restrict a1, const float *restrict a2, const float *restrict a3)
 {
-    for (size_t b = 0; b < n; ++b) {
-        for (size_t i1 = 0; i1 < 32; ++i1) {
-            float acc = 0;
-            for (size_t i0 = 0; i0 < 10; ++i0) {
-                acc += a1[32*i0 + i1]*a3[10*b + i0];
+    for (size_t i1_t = 0; i1_t < 32; i1_t += 8) {
+        for (size_t b_t = 0; b_t < n / 8 * 8; b_t += 8) {
+            tile8x8(a3 + 10*b_t, 10, 1, a1 + i1_t, 32, 10, a0 + 32*b_t + i1_t, 32);
+            for (size_t b_j = 0; b_j < 8; ++b_j) {
+                for (size_t l = 0; l < 8; ++l) {
+                    const float acc = a0[32*b_j + 32*b_t + i1_t + l];
+                    const float t0 = expf(a2[32*b_j + 32*b_t + i1_t + l]);
+                    const float t1 = t0 + 1;
+                    const float t2 = tanhf(logf(t1));
+                    a0[32*b_j + 32*b_t + i1_t + l] = acc*(t0*a2[32*b_j + 32*b_t + i1_t + l]*1.0F/t1*(1 - (t2*t2)) + t2);
+                }
             }
-            const float t0 = expf(a2[32*b + i1]);
-            const float t1 = t0 + 1;
-            const float t2 = tanhf(logf(t1));
-            a0[32*b + i1] = acc*(t0*a2[32*b + i1]*1.0F/t1*(1 - (t2*t2)) + t2);
+        }
+        for (size_t b = n / 8 * 8; b < n; ++b) {
+            float c0[4], c1[4];
+            for (size_t l = 0; l < 4; ++l) {
+                c0[l] = a1[i1_t + l]*a3[10*b];
+                c1[l] = a1[i1_t + l + 4]*a3[10*b];
+            }
+            for (size_t i0 = 1; i0 < 10; ++i0) {
+                for (size_t l = 0; l < 4; ++l) {
+                    c0[l] += a1[32*i0 + i1_t + l]*a3[10*b + i0];
+                    c1[l] += a1[32*i0 + i1_t + l + 4]*a3[10*b + i0];
+                }
+            }
+            for (size_t l = 0; l < 4; ++l) {
+                {
+                    const float acc = c0[l];
+                    const float t0 = expf(a2[32*b + i1_t + l]);
+                    const float t1 = t0 + 1;
+                    const float t2 = tanhf(logf(t1));
+                    a0[32*b + i1_t + l] = acc*(t0*a2[32*b + i1_t + l]*1.0F/t1*(1 - (t2*t2)) + t2);
+                }
+                {
+                    const float acc = c1[l];
+                    const float t0 = expf(a2[32*b + i1_t + l + 4]);
+                    const float t1 = t0 + 1;
+                    const float t2 = tanhf(logf(t1));
+                    a0[32*b + i1_t + l + 4] = acc*(t0*a2[32*b + i1_t + l + 4]*1.0F/t1*(1 - (t2*t2)) + t2);
+                }
+            }
         }
     }
 }
@@ -172,12 +537,35 @@ static void k12(size_t n, float *restrict a0, const float *restrict a1, const fl
 /* logits: dlogits/db2: b2.grad[i0] = Σ_{b} logits.grad[b, i0] */
 static void k13(size_t n, float *restrict a0, const float *restrict a1)
 {
-    for (size_t i0 = 0; i0 < 10; ++i0) {
-        a0[i0] = 0;
+    for (size_t i0_t = 0; i0_t < 8; i0_t += 8) {
+        float c0[4], c1[4];
+        for (size_t l = 0; l < 4; ++l) {
+            c0[l] = a1[i0_t + l];
+            c1[l] = a1[i0_t + l + 4];
+        }
+        for (size_t b = 1; b < n; ++b) {
+            for (size_t l = 0; l < 4; ++l) {
+                c0[l] += a1[10*b + i0_t + l];
+                c1[l] += a1[10*b + i0_t + l + 4];
+            }
+        }
+        for (size_t l = 0; l < 4; ++l) {
+            a0[i0_t + l] = c0[l];
+            a0[i0_t + l + 4] = c1[l];
+        }
     }
-    for (size_t b = 0; b < n; ++b) {
-        for (size_t i0 = 0; i0 < 10; ++i0) {
-            a0[i0] += a1[10*b + i0];
+    {
+        float c0[2];
+        for (size_t l = 0; l < 2; ++l) {
+            c0[l] = a1[l + 8];
+        }
+        for (size_t b = 1; b < n; ++b) {
+            for (size_t l = 0; l < 2; ++l) {
+                c0[l] += a1[10*b + l + 8];
+            }
+        }
+        for (size_t l = 0; l < 2; ++l) {
+            a0[l + 8] = c0[l];
         }
     }
 }
@@ -185,15 +573,64 @@ static void k13(size_t n, float *restrict a0, const float *restrict a1)
 /* h1: dh1/dW1: W1.grad[i0, i1] = Σ_{b} h1.grad[b, i0]*x[b, i1] */
 static void k14(size_t n, float *restrict a0, const float *restrict a1, const float *restrict a2)
 {
-    for (size_t i0 = 0; i0 < 32; ++i0) {
-        for (size_t i1 = 0; i1 < 64; ++i1) {
-            a0[64*i0 + i1] = 0;
-        }
-    }
-    for (size_t b = 0; b < n; ++b) {
-        for (size_t i0 = 0; i0 < 32; ++i0) {
-            for (size_t i1 = 0; i1 < 64; ++i1) {
-                a0[64*i0 + i1] += a1[32*b + i0]*a2[64*b + i1];
+    for (size_t i1_t = 0; i1_t < 64; i1_t += 8) {
+        for (size_t i0_t = 0; i0_t < 32; i0_t += 8) {
+            float c0[4], c1[4], c2[4], c3[4], c4[4], c5[4], c6[4], c7[4], c8[4], c9[4], c10[4], c11[4], c12[4], c13[4], c14[4], c15[4];
+            for (size_t l = 0; l < 4; ++l) {
+                c0[l] = a1[i0_t]*a2[i1_t + l];
+                c1[l] = a1[i0_t]*a2[i1_t + l + 4];
+                c2[l] = a1[i0_t + 1]*a2[i1_t + l];
+                c3[l] = a1[i0_t + 1]*a2[i1_t + l + 4];
+                c4[l] = a1[i0_t + 2]*a2[i1_t + l];
+                c5[l] = a1[i0_t + 2]*a2[i1_t + l + 4];
+                c6[l] = a1[i0_t + 3]*a2[i1_t + l];
+                c7[l] = a1[i0_t + 3]*a2[i1_t + l + 4];
+                c8[l] = a1[i0_t + 4]*a2[i1_t + l];
+                c9[l] = a1[i0_t + 4]*a2[i1_t + l + 4];
+                c10[l] = a1[i0_t + 5]*a2[i1_t + l];
+                c11[l] = a1[i0_t + 5]*a2[i1_t + l + 4];
+                c12[l] = a1[i0_t + 6]*a2[i1_t + l];
+                c13[l] = a1[i0_t + 6]*a2[i1_t + l + 4];
+                c14[l] = a1[i0_t + 7]*a2[i1_t + l];
+                c15[l] = a1[i0_t + 7]*a2[i1_t + l + 4];
+            }
+            for (size_t b = 1; b < n; ++b) {
+                for (size_t l = 0; l < 4; ++l) {
+                    c0[l] += a1[32*b + i0_t]*a2[64*b + i1_t + l];
+                    c1[l] += a1[32*b + i0_t]*a2[64*b + i1_t + l + 4];
+                    c2[l] += a1[32*b + i0_t + 1]*a2[64*b + i1_t + l];
+                    c3[l] += a1[32*b + i0_t + 1]*a2[64*b + i1_t + l + 4];
+                    c4[l] += a1[32*b + i0_t + 2]*a2[64*b + i1_t + l];
+                    c5[l] += a1[32*b + i0_t + 2]*a2[64*b + i1_t + l + 4];
+                    c6[l] += a1[32*b + i0_t + 3]*a2[64*b + i1_t + l];
+                    c7[l] += a1[32*b + i0_t + 3]*a2[64*b + i1_t + l + 4];
+                    c8[l] += a1[32*b + i0_t + 4]*a2[64*b + i1_t + l];
+                    c9[l] += a1[32*b + i0_t + 4]*a2[64*b + i1_t + l + 4];
+                    c10[l] += a1[32*b + i0_t + 5]*a2[64*b + i1_t + l];
+                    c11[l] += a1[32*b + i0_t + 5]*a2[64*b + i1_t + l + 4];
+                    c12[l] += a1[32*b + i0_t + 6]*a2[64*b + i1_t + l];
+                    c13[l] += a1[32*b + i0_t + 6]*a2[64*b + i1_t + l + 4];
+                    c14[l] += a1[32*b + i0_t + 7]*a2[64*b + i1_t + l];
+                    c15[l] += a1[32*b + i0_t + 7]*a2[64*b + i1_t + l + 4];
+                }
+            }
+            for (size_t l = 0; l < 4; ++l) {
+                a0[64*i0_t + i1_t + l] = c0[l];
+                a0[64*i0_t + i1_t + l + 4] = c1[l];
+                a0[64*i0_t + i1_t + l + 64] = c2[l];
+                a0[64*i0_t + i1_t + l + 68] = c3[l];
+                a0[64*i0_t + i1_t + l + 128] = c4[l];
+                a0[64*i0_t + i1_t + l + 132] = c5[l];
+                a0[64*i0_t + i1_t + l + 192] = c6[l];
+                a0[64*i0_t + i1_t + l + 196] = c7[l];
+                a0[64*i0_t + i1_t + l + 256] = c8[l];
+                a0[64*i0_t + i1_t + l + 260] = c9[l];
+                a0[64*i0_t + i1_t + l + 320] = c10[l];
+                a0[64*i0_t + i1_t + l + 324] = c11[l];
+                a0[64*i0_t + i1_t + l + 384] = c12[l];
+                a0[64*i0_t + i1_t + l + 388] = c13[l];
+                a0[64*i0_t + i1_t + l + 448] = c14[l];
+                a0[64*i0_t + i1_t + l + 452] = c15[l];
             }
         }
     }
@@ -202,12 +639,21 @@ static void k14(size_t n, float *restrict a0, const float *restrict a1, const fl
 /* h1: dh1/db1: b1.grad[i0] = Σ_{b} h1.grad[b, i0] */
 static void k15(size_t n, float *restrict a0, const float *restrict a1)
 {
-    for (size_t i0 = 0; i0 < 32; ++i0) {
-        a0[i0] = 0;
-    }
-    for (size_t b = 0; b < n; ++b) {
-        for (size_t i0 = 0; i0 < 32; ++i0) {
-            a0[i0] += a1[32*b + i0];
+    for (size_t i0_t = 0; i0_t < 32; i0_t += 8) {
+        float c0[4], c1[4];
+        for (size_t l = 0; l < 4; ++l) {
+            c0[l] = a1[i0_t + l];
+            c1[l] = a1[i0_t + l + 4];
+        }
+        for (size_t b = 1; b < n; ++b) {
+            for (size_t l = 0; l < 4; ++l) {
+                c0[l] += a1[32*b + i0_t + l];
+                c1[l] += a1[32*b + i0_t + l + 4];
+            }
+        }
+        for (size_t l = 0; l < 4; ++l) {
+            a0[i0_t + l] = c0[l];
+            a0[i0_t + l + 4] = c1[l];
         }
     }
 }

@@ -1,0 +1,576 @@
+"""Register-blocked contractions: the loop nest of a `sum` or `accumulate` kernel as tiles
+of accumulators a C compiler keeps in vector registers.
+
+A kernel `out[keep] (=|+=) post(Σ_red body)` qualifies when its output index is distinct
+loop symbols, its body is arithmetic (no calls a compiler cannot vectorize), and one loop
+can be the *lane* axis, along which every read is unit-stride or invariant:
+
+- a kept loop along which the output is unit-stride (`dx[b,i] = Σ_o δ[b,o]·W[o,i]`,
+  lanes over `i`): each lane is its own output element, as in a GEMM micro-kernel;
+- else a reduction loop (`y[b,o] = Σ_i x[b,i]·W[o,i]`, lanes over `i`): each output sums
+  its lanes at the end, in a fixed halving order.
+
+Up to two other kept loops are tiled, so every read invariant along a tiled loop is loaded
+once per tile instead of once per output. Each accumulator is a small local array
+(`float c3[16]`) updated in one loop over the lanes: the compiler vectorizes that loop
+and, the array's address being fixed, keeps it in a register across the reduction. Tails
+(extents that are not a multiple of a tile, the runtime batch) run the same code with a
+tile of 1 or fewer lanes.
+
+When the body is a product of two reads (dense layers and both of their gradients,
+matmul), a tile is summed by a shared `static` helper (`dot8x2_16`, `tile8x32`): its text
+depends only on the tile's shape, so a module holds a few of them however many kernels
+call them, and the C compiler's time stays near a second for any MLP. Small modules keep
+the tiles of a batch-1 call inline, where a call costs more than the tile.
+
+The C is plain C99. The summation order differs from the scalar loop's (lanes are summed
+apart, then together) but is fixed by the text: the same on every run and thread count.
+For the host target a big kernel's first loop is an orphaned `omp for` (static schedule,
+whole tiles per thread) and its tails an `omp single`, behind `#ifdef _OPENMP`, and the
+kernel runs them in a parallel region when the batch makes it big enough. Each thread
+computes whole output elements, so threads change no result. docs/design.md ("Fast
+kernels") has the figures.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import sympy as sp
+
+from graphc.ir import ACC, BATCH, Kernel
+
+from .printer import prepare
+
+LANE = "l"  # the lane index inside a tile
+
+
+@dataclass(frozen=True)
+class Tiling:
+    lane: sp.Symbol                            # the vectorized loop
+    reduce_lanes: bool                         # lanes over a reduction loop (summed at the end)
+    lanes: int                                 # lanes per accumulator array
+    chunks: int                                # arrays per output along a kept lane axis
+    tiles: tuple[sp.Symbol, ...]               # tiled kept loops, outermost first
+    budget: int                                # accumulator arrays per tile
+    outer: tuple[sp.Symbol, ...]               # kept loops run one by one, outside the tiles
+    inner: tuple[sp.Symbol, ...]               # reduction loops inside a tile (not the lane)
+
+
+def _arithmetic(expr: sp.Expr) -> bool:
+    """Only + - * / and comparisons: what a compiler vectorizes without a vector libm."""
+    return not any(isinstance(f, sp.Function) and not isinstance(f, sp.Piecewise)
+                   for f in sp.preorder_traversal(expr))
+
+
+def tiling(kern: Kernel, strides: list[dict[sp.Symbol, int]], vector_bytes: int,
+           itemsize: int, accumulators: int = 16) -> Tiling | None:
+    """How to block `kern`, or None when the scalar schedule is the one to print.
+    `strides` are `emit._strides` (the output first, then each read)."""
+    if vector_bytes <= 0 or kern.mode not in ("sum", "accumulate"):
+        return None
+    red = kern.reduction_loops()
+    index = kern.out_index
+    if not red or len(set(index)) != len(index) or not all(isinstance(i, sp.Symbol) for i in index):
+        return None
+    if not _arithmetic(kern.body):
+        return None
+    # The names printed here (c0, s, l, i0_t, b_j, t0 ...) cannot meet the IR's loop names.
+    if not all(re.fullmatch(r"b|i\d+", str(s)) for s, _ in kern.loops):
+        return None
+    extent = dict(kern.loops)
+    keep = [s for s, _ in kern.loops if s not in red]
+    out, reads = strides[0], strides[1:]
+    vec = max(1, vector_bytes // itemsize)
+
+    def lane_ok(s):
+        return isinstance(extent[s], int) and all(r[s] in (0, 1) for r in reads) \
+            and any(r[s] == 1 for r in reads)
+
+    kept = [s for s in keep if out[s] == 1 and lane_ok(s) and extent[s] > 1]
+    summed = [s for s in red if lane_ok(s) and extent[s] > 1]
+    if kept:
+        lane, reduce_lanes = kept[0], False
+    elif summed:
+        # The longest unit-stride reduction: most lanes filled.
+        lane, reduce_lanes = max(summed, key=lambda s: (extent[s], -red.index(s))), True
+    else:
+        return None
+    lanes = min(vec, extent[lane])
+    if reduce_lanes:   # a power of two, for the pairwise sum at the end
+        lanes = 1 << (lanes.bit_length() - 1)
+    chunks = 1 if reduce_lanes else max(1, min(2, extent[lane] // lanes))
+    # Tile the kept loops along which some read is invariant (it is then loaded once per
+    # tile); most reuse first.
+    others = [s for s in keep if s != lane]
+
+    def reuse(s):
+        return sum(1 for r in reads if r[s] == 0 and any(r[t] for t in red))
+    tiled = sorted((s for s in others if reuse(s) and extent[s] != 1),
+                   key=lambda s: (-reuse(s), others.index(s)))[:2 if reduce_lanes else 1]
+    tiled.sort(key=others.index)
+    inner = tuple(s for s in red if s != lane)
+    return Tiling(lane, reduce_lanes, lanes, chunks, tuple(tiled), max(1, accumulators // chunks),
+                  tuple(s for s in others if s not in tiled), inner)
+
+
+def _times(k: int, stride: str) -> str:
+    """`k·stride + ` as C text for an index sum (nothing for k = 0)."""
+    return "" if k == 0 else f"{stride} + " if k == 1 else f"{k}*{stride} + "
+
+
+def _index(*parts: str) -> str:
+    """A C index sum of the non-empty parts ("0" for none)."""
+    return " + ".join(p for p in parts if p) or "0"
+
+
+def _halving(names: list[str], lanes: int) -> list[str]:
+    """Each array's lanes summed pairwise into lane 0, all arrays in one loop per level
+    (c[l] += c[l + 8], then 4, 2, 1): a fixed order. A transposing tree (two arrays
+    packed into one per level) measured the same."""
+    out, width = [], lanes
+    while width > 1:
+        width //= 2
+        adds = " ".join(f"{c}[{'0' if width == 1 else 'l'}] += "
+                        f"{c}[{'1' if width == 1 else f'l + {width}'}];" for c in names)
+        out.append(adds if width == 1 else f"for (size_t l = 0; l < {width}; ++l) {{ {adds} }}")
+    return out
+
+
+def _comment(text: str) -> str:
+    return "/* " + text.replace("*/", "* /") + " */"
+
+
+def operands(kern: Kernel, t: Tiling, strides: list[dict]):
+    """((a, b), strides by access) when the body is a product of two reads that a shared
+    helper can sum (dot: rows of `a` along the first tiled loop, of `b` along the second;
+    tile: `a` broadcast along the lanes, `b` a row along them, one reduction loop)."""
+    body = kern.body
+    if not isinstance(body, sp.Mul) or len(body.args) != 2 \
+            or not all(isinstance(f, sp.Indexed) for f in body.args):
+        return None
+    by = dict(zip(kern.accesses(), strides[1:]))
+    if any(step < 0 for st in [strides[0], *by.values()] for step in st.values()):
+        return None   # the helpers take strides as size_t
+    for a, b in (body.args, body.args[::-1]):
+        sa, sb = by[a], by[b]
+        if t.reduce_lanes:
+            ok = not t.inner and sa[t.lane] == sb[t.lane] == 1 \
+                and (len(t.tiles) < 1 or sb[t.tiles[0]] == 0) \
+                and (len(t.tiles) < 2 or sa[t.tiles[1]] == 0)
+        else:
+            ok = len(t.inner) == 1 and sa[t.lane] == 0 and sb[t.lane] == 1 \
+                and all(sb[m] == 0 for m in t.tiles)
+        if ok:
+            return (a, b), by
+    return None
+
+
+MAX_TILE = 8  # outputs along a tiled loop that has another tiled loop inside
+MAX_PARALLEL_BATCH = 1024  # no OpenMP for a kernel that needs a larger batch to be big
+HELPER_WORK = 8192  # multiply-adds per example of a module's biggest kernel for helpers
+
+
+def wants_helpers(programs) -> bool:
+    """Does any kernel of these programs reach HELPER_WORK multiply-adds per example?"""
+    return any(int(sp.Mul(*[e for _, e in k.loops]).subs(BATCH, 1)) >= HELPER_WORK
+               for prog in programs for k in prog.kernels)
+
+
+class BlockedWriter:
+    """Prints one blocked kernel's body lines (inside the function's braces)."""
+
+    def __init__(self, kern: Kernel, tiling_: Tiling, out: sp.Indexed, printer, real: str, cse,
+                 parallel_work: int = 0, helpers: dict[str, str] | None = None,
+                 strides: list[dict] | None = None, use_helpers: bool = False):
+        self.k, self.t, self.out, self.p, self.real = kern, tiling_, out, printer, real
+        self.cse = cse                # exprs -> (temps [(name, C)], finals [C])
+        self.extent = dict(kern.loops)
+        self.parallel_work = parallel_work
+        self.lines: list[str] = []
+        self.common = bool(sp.cse([kern.body, kern.post])[0])
+        self.helpers = helpers if helpers is not None else {}
+        # Products of two reads can call shared helpers (the C compiler's time grows with
+        # the text); see `leaf` for which tiles do.
+        self.operands = operands(kern, tiling_, strides) if strides else None
+        self.use_helpers = use_helpers
+        self.out_strides = strides[0] if strides else {}
+
+    # ------------------------------------------------------------ helpers
+    def put(self, depth: int, text: str) -> None:
+        self.lines.append("    " * depth + text)
+
+    def ext(self, s) -> str:
+        return "n" if self.extent[s] == BATCH else str(self.extent[s])
+
+    def statements(self, exprs, depth: int) -> list[str]:
+        if not self.common:   # nothing to share: print directly
+            return [self.product(e) for e in exprs]
+        temps, finals = self.cse(exprs)
+        for name, value in temps:
+            self.put(depth, f"const {self.real} {name} = {value};")
+        return finals
+
+    def product(self, e: sp.Expr) -> str:
+        """A product of reads as C, fast (SymPy's Mul printing sorts factors by their
+        printed text); anything else through the printer."""
+        if isinstance(e, sp.Mul) and all(isinstance(f, sp.Indexed) for f in e.args):
+            return "*".join(self.p._print_Indexed(f) for f in e.args)
+        return self.p.doprint(prepare(e))
+
+    def loop(self, depth: int, head: str, body) -> None:
+        """`for (head) { body(depth + 1) }`. The kernel's first loop at the top of the
+        function is the one OpenMP shares out (see `write`)."""
+        if depth == 1 and self.rest is None:
+            if self.clause is not None:
+                self.lines += ["#ifdef _OPENMP", "#pragma omp for schedule(static) nowait",
+                               "#endif"]
+        self.put(depth, f"for ({head}) {{")
+        body(depth + 1)
+        self.put(depth, "}")
+        if depth == 1 and self.rest is None:
+            self.rest = len(self.lines)
+
+    def parallel_clause(self) -> str | None:
+        """None: serial; "": always parallel; else the C condition on n. A parallel region
+        costs a team start (~1 µs), so only kernels of `parallel_work` multiply-adds."""
+        if not self.parallel_work:
+            return None
+        work = sp.Mul(*[e for _, e in self.k.loops])   # multiply-adds, in n
+        if not work.has(BATCH):
+            return "" if int(work) >= self.parallel_work else None
+        per = int(work / BATCH)
+        if per * MAX_PARALLEL_BATCH < self.parallel_work:
+            return None
+        return f"n >= {max(1, -(-self.parallel_work // per))}"
+
+    # ------------------------------------------------------------ loops
+    def write(self) -> tuple[list[str], str | None]:
+        """The function body's lines, and the condition for a parallel region around it:
+        None (never), "" (always) or a C condition on n. For OpenMP the first top-level
+        loop is an orphaned `omp for` (whole tiles to each thread, in a fixed static
+        partition) and what follows it (the tails) an `omp single`; outside a parallel
+        region both run on the calling thread, so the same function serves both."""
+        self.clause = self.parallel_clause()
+        self.rest: int | None = None
+        levels = list(self.t.tiles)
+        if not self.t.reduce_lanes:
+            # Lane chunks outermost: the panel read along them stays in cache across tiles.
+            levels.insert(0, self.t.lane)
+
+        def outer(loops, depth):
+            if not loops:
+                self.nest(levels, {}, depth, self.t.budget)
+                return
+            s = loops[0]
+            self.loop(depth, f"size_t {s} = 0; {s} < {self.ext(s)}; ++{s}",
+                      lambda d: outer(loops[1:], d))
+        outer(list(self.t.outer), 1)
+        if self.clause is None or self.rest is None:
+            return self.lines, None
+        rest = self.lines[self.rest:]
+        if rest:
+            self.lines[self.rest:] = ["#ifdef _OPENMP", "#pragma omp single nowait", "#endif",
+                                      "    {"] + [line if line.startswith("#") else "    " + line
+                                                  for line in rest] + ["    }"]
+        return self.lines, self.clause
+
+    def nest(self, levels, at: dict, depth: int, budget: int) -> None:
+        """Loops over the tiled levels, each as whole tiles and then a tail; `at` maps each
+        level's loop to (first index, count)."""
+        if not levels:
+            self.leaf(at, depth)
+            return
+        s, rest = levels[0], levels[1:]
+        e = self.extent[s]
+        base = sp.Symbol(f"{s}_t", integer=True, nonnegative=True)
+        if s == self.t.lane:   # kept lanes: chunks of lanes·chunks, then one shorter chunk
+            width = self.t.lanes * self.t.chunks
+            full, rem = divmod(e, width)
+            if full:
+                self.loop(depth, f"size_t {base} = 0; {base} < {full * width}; {base} += {width}",
+                          lambda d: self.nest(rest, {**at, s: (base, width)}, d, budget))
+            if rem:
+                self.put(depth, "{")
+                self.nest(rest, {**at, s: (sp.Integer(full * width), rem)}, depth + 1, budget)
+                self.put(depth, "}")
+            return
+        # An outer tiled loop takes at most MAX_TILE and leaves the rest of the budget to
+        # the inner one; the innermost takes all that is left.
+        cap = MAX_TILE if any(lv != self.t.lane for lv in rest) else budget
+        size = min(cap, budget, e if isinstance(e, int) else cap)
+        start = "0"
+        if size > 1:
+            if isinstance(e, int):
+                start = str(e // size * size)
+            else:
+                start = f"n / {size} * {size}"
+            self.loop(depth, f"size_t {base} = 0; {base} < {start}; {base} += {size}",
+                      lambda d: self.nest(rest, {**at, s: (base, size)}, d, budget // size))
+            if isinstance(e, int) and e % size == 0:
+                return
+        # A tail row: inline, the inner level takes the whole budget (at batch 1 a dense
+        # layer computes 16 outputs at a time); with helpers, the main tile's inner size,
+        # so that one helper serves the tails of every kernel.
+        tail_budget = budget // size if self.operands is not None and self.use_helpers \
+            else budget
+        self.loop(depth, f"size_t {s} = {start}; {s} < {self.ext(s)}; ++{s}",
+                  lambda d: self.nest(rest, {**at, s: (s, 1)}, d, tail_budget))
+
+    # ------------------------------------------------------------ one tile
+    def leaf(self, at: dict, depth: int) -> None:
+        """Whole tiles call a helper, unless they sum over the batch (a weight gradient at
+        batch 1 is one product per output: a call would cost more than the tile); so do
+        tails in a module of big kernels. In small modules the rest stays inline."""
+        whole = bool(self.t.tiles) and at[self.t.tiles[0]][1] > 1 and \
+            all(self.extent[s] != BATCH for s in self.t.inner + (self.t.lane,))
+        if self.operands is not None and (self.use_helpers or whole):
+            self.helper_leaf(at, depth)
+        else:
+            self.inline_leaf(at, depth)
+
+    # ------------------------------------------------------------ one tile, by a helper
+    def pointer(self, access: sp.Indexed, sub: dict) -> str:
+        """The C address of `access` with `sub` applied (other loop symbols stay)."""
+        var, buf = self.p.arrays[str(access.base.label)]
+        offset = sp.expand(buf.flat_offset([sp.sympify(i).xreplace(sub) for i in access.indices]))
+        return var if offset == 0 else f"{var} + {self.p._print_offset(offset)}"
+
+    def helper_leaf(self, at: dict, depth: int) -> None:
+        """A call to a shared helper that sums the tile (its text depends only on the tile's
+        shape), then the kernel's own stores or epilogue."""
+        t, k, r = self.t, self.k, self.real
+        (a, b), strides = self.operands
+        first = {s_: at[s_][0] for s_ in t.tiles}
+        op = "+=" if k.mode == "accumulate" else "="
+        if t.reduce_lanes:
+            counts = [at[s_][1] for s_ in t.tiles] + [1] * (2 - len(t.tiles))
+            start = {**first, t.lane: sp.Integer(0)}
+            sa = strides[a][t.tiles[0]] if t.tiles else 0
+            sb = strides[b][t.tiles[1]] if len(t.tiles) > 1 else 0
+            full, rem = divmod(self.extent[t.lane], t.lanes)
+            name = self.helper_dot(counts[0], counts[1], t.lanes, rem)
+            self.put(depth, f"{r} s[{counts[0] * counts[1]}];")
+            self.put(depth, f"{name}({self.pointer(a, start)}, {sa}, {self.pointer(b, start)}, "
+                            f"{sb}, {full * t.lanes}, s);")
+            d, flat, sub = depth, sp.Integer(0), {}
+            for s_ in t.tiles:
+                base, count = at[s_]
+                if count == 1:
+                    sub[s_] = base
+                    continue
+                j = sp.Symbol(f"{s_}_j", integer=True, nonnegative=True)
+                self.put(d, f"for (size_t {j} = 0; {j} < {count}; ++{j}) {{")
+                d += 1
+                flat, sub[s_] = flat * count + j, base + j
+            self.store(sub, f"s[{self.p.doprint(flat)}]", op, d, scoped=False)
+        else:
+            (red,) = t.inner
+            base, width = at[t.lane]
+            m = t.tiles[0] if t.tiles else None
+            tm = at[m][1] if m is not None else 1
+            start = {**first, red: sp.Integer(0), t.lane: base}
+            am = strides[a][m] if m is not None else 0
+            om = self.out_strides[m] if m is not None else 0
+            extent = self.extent[red]
+            name = self.helper_tile(tm, width, k.mode == "accumulate")
+            self.put(depth, f"{name}({self.pointer(a, start)}, {am}, {strides[a][red]}, "
+                            f"{self.pointer(b, start)}, {strides[b][red]}, "
+                            f"{extent if isinstance(extent, int) else 'n'}, "
+                            f"{self.pointer(self.out, start)}, {om});")
+            if k.post == ACC:
+                return
+            # The epilogue (bias, activation, relu') over the tile just written, in place.
+            l = sp.Symbol(LANE, integer=True, nonnegative=True)
+            d, sub = depth, {t.lane: base + l}
+            if m is not None and tm > 1:
+                j = sp.Symbol(f"{m}_j", integer=True, nonnegative=True)
+                self.put(d, f"for (size_t {j} = 0; {j} < {tm}; ++{j}) {{")
+                d += 1
+                sub[m] = first[m] + j
+            self.put(d, f"for (size_t {l} = 0; {l} < {width}; ++{l}) {{")
+            d += 1
+            self.store(sub, self.p.doprint(self.out.xreplace(sub)), "=", d, scoped=False)
+        while d > depth:
+            d -= 1
+            self.put(d, "}")
+
+    def helper_dot(self, t1: int, t2: int, lanes: int, rem: int) -> str:
+        """`dot<t1>x<t2>_<lanes>[_<rem>]`: t1·t2 dot products of rows of `a` with rows of
+        `b`, `len` (a multiple of `lanes`) plus `rem` elements long."""
+        name = f"dot{t1}x{t2}_{lanes}" + (f"_{rem}" if rem else "")
+        if name in self.helpers:
+            return name
+        r, cs = self.real, [f"c{j}" for j in range(t1 * t2)]
+
+        def terms(op: str, at: str) -> list[str]:
+            return [f"{cs[j * t2 + k]}[l] {op} a[{_times(j, 'sa')}{at}l]*b[{_times(k, 'sb')}{at}l];"
+                    for j in range(t1) for k in range(t2)]
+        tail = f" + {rem}" if rem else ""
+        lines = [_comment(f"s[j*{t2} + k] = Σ_{{r < len{tail}}} a[j*sa + r]·b[k*sb + r] for "
+                          f"j < {t1}, k < {t2}; {lanes} partial sums each (len a multiple of "
+                          f"{lanes}, at least {lanes}), added pairwise"),
+                 f"static void {name}(const {r} *restrict a, size_t sa, const {r} *restrict b, "
+                 f"size_t sb, size_t len, {r} *restrict s)", "{",
+                 *(["    (void)sa;"] if t1 == 1 else []), *(["    (void)sb;"] if t2 == 1 else []),
+                 f"    {r} {', '.join(f'{c}[{lanes}]' for c in cs)};",
+                 f"    for (size_t l = 0; l < {lanes}; ++l) {{", *("        " + x for x in terms("=", "")),
+                 "    }", f"    for (size_t r = {lanes}; r < len; r += {lanes}) {{",
+                 f"        for (size_t l = 0; l < {lanes}; ++l) {{",
+                 *("            " + x for x in terms("+=", "r + ")), "        }", "    }"]
+        if rem:
+            lines += [f"    for (size_t l = 0; l < {rem}; ++l) {{",
+                      *("        " + x for x in terms("+=", "len + ")), "    }"]
+        lines += ["    " + x for x in _halving(cs, lanes)]
+        lines += [f"    {' '.join(f's[{j}] = {c}[0];' for j, c in enumerate(cs))}", "}"]
+        self.helpers[name] = "\n".join(lines)
+        return name
+
+    def helper_tile(self, tm: int, width: int, add: bool) -> str:
+        """`tile<tm>x<width>[_add]`: a tm × width block of outputs, each row a sum of
+        broadcast `a` times a row of `b` (the GEMM micro-kernel's shape)."""
+        name = f"tile{tm}x{width}" + ("_add" if add else "")
+        if name in self.helpers:
+            return name
+        r = self.real
+        chunks = 2 if width == 2 * self.t.lanes else 1
+        lanes = width // chunks
+        acc = [(m, q) for m in range(tm) for q in range(chunks)]
+        cs = [f"c{j}" for j in range(len(acc))]
+
+        def terms(op: str, at_a: str, at_b: str) -> list[str]:
+            return [f"{c}[l] {op} a[{_index(_times(m, 'am')[:-3], at_a)}]*"
+                    f"b[{at_b}{_times(q, str(lanes))}l];" for c, (m, q) in zip(cs, acc)]
+        store = "+=" if add else "="
+        lines = [_comment(f"out[m*om + l] {store} Σ_{{r<len}} a[m*am + r*ar]·b[r*br + l] for "
+                          f"m < {tm}, l < {width} (len >= 1)"),
+                 f"static void {name}(const {r} *restrict a, size_t am, size_t ar, "
+                 f"const {r} *restrict b, size_t br, size_t len, {r} *restrict out, size_t om)",
+                 "{", *(["    (void)am;", "    (void)om;"] if tm == 1 else []),
+                 f"    {r} {', '.join(f'{c}[{lanes}]' for c in cs)};",
+                 f"    for (size_t l = 0; l < {lanes}; ++l) {{",
+                 *("        " + x for x in terms("=", "", "")),
+                 "    }", "    for (size_t r = 1; r < len; ++r) {",
+                 f"        for (size_t l = 0; l < {lanes}; ++l) {{",
+                 *("            " + x for x in terms("+=", "r*ar", "r*br + ")), "        }", "    }",
+                 f"    for (size_t l = 0; l < {lanes}; ++l) {{",
+                 *(f"        out[{_times(m, 'om')}{_times(q, str(lanes))}l] {store} {c}[l];"
+                   for c, (m, q) in zip(cs, acc)), "    }", "}"]
+        self.helpers[name] = "\n".join(lines)
+        return name
+
+    # ------------------------------------------------------------ one tile, inline
+    def inline_leaf(self, at: dict, depth: int) -> None:
+        t, k, r = self.t, self.k, self.real
+        l = sp.Symbol(LANE, integer=True, nonnegative=True)
+        points = [{}]
+        for s in t.tiles:
+            first, count = at[s]
+            points = [{**p, s: first + j} for p in points for j in range(count)]
+        if t.reduce_lanes:
+            lanes, chunks = t.lanes, 1
+        else:
+            first, width = at[t.lane]
+            lanes, chunks = ((t.lanes, t.chunks) if width == t.lanes * t.chunks else (width, 1))
+        accs = [(p, c) for p in points for c in range(chunks)]
+        names = [f"c{j}" for j in range(len(accs))]
+        self.put(depth, f"{r} {', '.join(f'{c}[{lanes}]' for c in names)};")
+
+        def lane_loop(count: int, sub: dict, lane_at, d: int, op: str = "+=") -> None:
+            exprs = [k.body.xreplace({**p, **sub, t.lane: lane_at(c)}) for p, c in accs]
+            self.put(d, f"for (size_t {l} = 0; {l} < {count}; ++{l}) {{")
+            for name, value in zip(names, self.statements(exprs, d + 1)):
+                self.put(d + 1, f"{name}[{l}] {op} {value};")
+            self.put(d, "}")
+
+        # The first term of the sum initializes the accumulators (no zeroing, one add
+        # less: at batch 1 a weight gradient is a single product). When the sum has two
+        # loops besides the lanes, they are zeroed instead.
+        peel = len(t.inner) == (0 if t.reduce_lanes else 1)
+        if not peel:
+            self.put(depth, f"for (size_t {l} = 0; {l} < {lanes}; ++{l}) "
+                            f"{{ {' '.join(f'{c}[{l}] = 0;' for c in names)} }}")
+        d = depth
+        if t.reduce_lanes:
+            for s in t.inner:
+                self.put(d, f"for (size_t {s} = 0; {s} < {self.ext(s)}; ++{s}) {{")
+                d += 1
+            full, rem = divmod(self.extent[t.lane], lanes)
+            base = sp.Symbol(f"{t.lane}_t", integer=True, nonnegative=True)
+            lane_loop(lanes, {}, lambda c: l, d, "=" if peel else "+=")
+            if full > 1:
+                self.put(d, f"for (size_t {base} = {lanes}; {base} < {full * lanes}; "
+                            f"{base} += {lanes}) {{")
+                lane_loop(lanes, {}, lambda c: base + l, d + 1)
+                self.put(d, "}")
+            if rem:
+                lane_loop(rem, {}, lambda c: full * lanes + l, d)
+        else:
+            first, _ = at[t.lane]
+
+            def lane_at(c):
+                return first + c * lanes + l
+            if peel:
+                (s,) = t.inner
+                lane_loop(lanes, {s: sp.Integer(0)}, lane_at, d, "=")
+                self.put(d, f"for (size_t {s} = 1; {s} < {self.ext(s)}; ++{s}) {{")
+                d += 1
+            else:
+                for s in t.inner:
+                    self.put(d, f"for (size_t {s} = 0; {s} < {self.ext(s)}; ++{s}) {{")
+                    d += 1
+            lane_loop(lanes, {}, lane_at, d)
+        while d > depth:
+            d -= 1
+            self.put(d, "}")
+        op = "+=" if k.mode == "accumulate" else "="
+        if t.reduce_lanes:
+            for line in _halving(names, lanes):
+                self.put(depth, line)
+            if len(names) == 1:
+                self.store(points[0], "c0[0]", op, depth, scoped=False)
+                return
+            # The sums in one array, stored by a loop over the tile.
+            self.put(depth, f"const {r} s[{len(names)}] = {{{', '.join(c + '[0]' for c in names)}}};")
+            d, flat, sub = depth, sp.Integer(0), {}
+            for s in t.tiles:
+                first, count = at[s]
+                if count == 1:
+                    sub[s] = first
+                    continue
+                j = sp.Symbol(f"{s}_j", integer=True, nonnegative=True)
+                self.put(d, f"for (size_t {j} = 0; {j} < {count}; ++{j}) {{")
+                d += 1
+                flat, sub[s] = flat * count + j, first + j
+            self.store(sub, f"s[{self.p.doprint(flat)}]", op, d, scoped=False)
+            while d > depth:
+                d -= 1
+                self.put(d, "}")
+        else:
+            # One loop for all stores: GCC fully unrolls a short loop per accumulator before
+            # vectorizing, and then leaves an epilogue with a condition (relu') scalar.
+            first, _ = at[t.lane]
+            self.put(depth, f"for (size_t {l} = 0; {l} < {lanes}; ++{l}) {{")
+            for name, (p, c) in zip(names, accs):
+                self.store({**p, t.lane: first + c * lanes + l}, f"{name}[{l}]", op, depth + 1,
+                           scoped=len(names) > 1)
+            self.put(depth, "}")
+
+    def store(self, at: dict, acc: str, op: str, depth: int, scoped: bool = True) -> None:
+        """out[at] op post(acc); `scoped` when other stores share the block (each declares
+        its own `acc`, the name `post` reads)."""
+        k = self.k
+        post = k.post.xreplace(at)
+        target = self.p.doprint(self.out.xreplace(at))
+        if post == ACC:
+            self.put(depth, f"{target} {op} {acc};")
+            return
+        if scoped:
+            self.put(depth, "{")
+        d = depth + scoped
+        self.put(d, f"const {self.real} acc = {acc};")
+        (value,) = self.statements([post], d)
+        self.put(d, f"{target} {op} {value};")
+        if scoped:
+            self.put(depth, "}")

@@ -1,0 +1,232 @@
+"""Register-blocked contractions (codegen/tiles.py) on awkward shapes, for c99 and host.
+
+Extents that are no multiple of a tile or a lane count, extents of 1, primes, batch 1 and
+odd batches: every tail of the blocked loops runs. Each model is compared with the float64
+NumPy reference in both dtypes (conftest.TOLERANCES). The host target's C is built with
+OpenMP; its results must not depend on the thread count (bit for bit), and the c99 and
+Cortex-M text must carry no pragma.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import graphc
+from codegen.emit import _strides
+from codegen.harness import harness, parse_output
+from codegen.plan import fuse
+from codegen.targets import CHECK_FLAGS, TARGETS
+from codegen.tiles import tiling
+from graphc.derive import derive
+from graphc.reference import reference
+from graphc.verify import sample_inputs
+
+ROOT = Path(__file__).resolve().parent.parent
+CC = os.environ.get("CC", "cc")
+needs_cc = pytest.mark.skipif(shutil.which(CC) is None, reason="no C compiler")
+
+
+def mlp(name: str, sizes: list[int]) -> graphc.Graph:
+    """Dense layers with relu between them and softmax cross-entropy: W1 and W3's shape."""
+    b = graphc.Builder(name)
+    h, y = b.input("x", [sizes[0]]), b.input("y", [sizes[-1]])
+    for k in range(len(sizes) - 1):
+        h = b.dense(h, b.param(f"W{k}", [sizes[k + 1], sizes[k]], init="he_normal"),
+                    b.param(f"b{k}", [sizes[k + 1]], init="normal", std=0.1), name=f"h{k}")
+        if k < len(sizes) - 2:
+            h = b.relu(h, name=f"a{k}")
+    return b.build(outputs=[h], loss=b.softmax_cross_entropy(h, y, name="loss"),
+                   optimizer={"name": "sgd", "lr": 0.01})
+
+
+def contractions() -> graphc.Graph:
+    """matmul per example (a kept loop outside the tiles), sums over one and two axes
+    (a reduction loop besides the lanes), a weight read twice (accumulated gradient)."""
+    b = graphc.Builder("contract")
+    x, c = b.input("x", [5, 7]), b.input("c", [3, 11])
+    P, Q = b.param("P", [7, 11]), b.param("Q", [3, 5])
+    xp = b.matmul(x, P, name="xp")                       # [5, 11]
+    qs = b.matmul(Q, b.tanh(xp, name="t"), name="qs")    # [3, 11]
+    s0 = b.sum(b.mul(qs, c, name="m"), axis=0, name="s0")  # [11]
+    w = b.dense(s0, b.param("W", [13, 11]), name="w")    # [13]
+    w2 = b.dense(w, b.param("V", [13, 13]), name="w2")
+    w3 = b.dense(w2, "V", name="w3")                     # V used twice
+    return b.build(outputs=[qs, w3], loss=b.sum(w3, name="loss"),
+                   optimizer={"name": "sgd", "lr": 0.01})
+
+
+MODELS = {
+    "primes": (lambda: mlp("primes", [37, 19, 5]), (1, 3, 9, 17)),
+    "ones": (lambda: mlp("ones", [1, 1, 3]), (1, 2)),
+    "lanes": (lambda: mlp("lanes", [64, 32, 16]), (8, 16)),   # whole tiles only
+    # 300 = 18·16 + 12 lanes; the host runs OpenMP from batch 14 on (2^20 multiply-adds).
+    "wide": (lambda: mlp("wide", [300, 257, 3]), (1, 33)),
+    # Fewer params and a big batch (for the C harness's arrays): a kernel of 8448
+    # multiply-adds per example, so the module's tiles call helpers, and OpenMP from
+    # batch 125 on.
+    "batch": (lambda: mlp("batch", [48, 176, 3]), (139,)),
+    "contract": (contractions, (1, 4, 9)),
+}
+
+
+@pytest.mark.parametrize("target", ["c99", "host"])
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_blocked_kernels_against_reference(name, dtype, target, assert_close):
+    make, batches = MODELS[name]
+    graph = make()
+    model = graphc.compile(graph, dtype, target=target)
+    if target == "c99" or name in ("wide", "batch"):
+        assert ("#pragma omp" in model.cmodule.source) == (target == "host")
+    ref = reference(model.graph)
+    ref.set_params(model.get_params())
+    for n in batches:
+        data = sample_inputs(model.graph, n, seed=n)
+        data = {k: v.astype(dtype).astype(np.float64) for k, v in data.items()}
+        got, want = model.forward(**data), ref.forward(**data)
+        for o in model.graph.outputs:
+            assert_close(got[o], want[o], dtype, f"{name}/{target}: '{o}' at batch {n}")
+        (loss, grads), (ref_loss, ref_grads) = model.gradients(**data), ref.gradients(**data)
+        assert_close(loss, ref_loss, dtype, f"{name}/{target}: loss at batch {n}")
+        for p in model.graph.params:
+            assert_close(grads[p], ref_grads[p], dtype, f"{name}/{target}: d{p} at batch {n}")
+
+
+def test_tiling_chooses_lanes_by_stride():
+    """y = x·Wᵀ sums lanes of its reduction (W[o, i] is not unit-stride along o); dW and dx
+    put lanes on their output's unit-stride axis; no SIMD width, or a call in the body
+    (nothing a compiler vectorizes), keeps the plain loops."""
+    prog = fuse(derive(mlp("m", [37, 19, 5])).gradients)
+    dense = next(k for k in prog.kernels if k.out == "h0")
+    t = tiling(dense, _strides(dense, prog.buffers), 64, 4)
+    assert t.reduce_lanes and str(t.lane) == str(dense.reduction_loops()[0])
+    assert t.lanes == 16 and len(t.tiles) == 2
+    dW = next(k for k in prog.kernels if k.out == "W0.grad")
+    t = tiling(dW, _strides(dW, prog.buffers), 64, 4)
+    assert not t.reduce_lanes and t.lane == dW.out_index[-1] and t.chunks == 2
+    dx = next(k for k in prog.kernels if k.out == "h0.grad")
+    t = tiling(dx, _strides(dx, prog.buffers), 16, 8)
+    assert not t.reduce_lanes and t.lane == dx.out_index[-1] and t.lanes == 2
+    assert tiling(dW, _strides(dW, prog.buffers), 0, 4) is None
+    sumexp = next(k for k in prog.kernels if k.out == "loss.sumexp")
+    assert tiling(sumexp, _strides(sumexp, prog.buffers), 64, 4) is None  # exp(...)
+
+
+def test_helpers_are_shared_emitted_once_and_chosen_by_module_size():
+    """A big module sums every product tile in shared helpers (one definition each); a
+    small one keeps its batch-1 tails and batch-summed tiles inline."""
+    helper = re.compile(r"^static void ((?:dot|tile)\w+)\(.*?^}\n", re.M | re.S)
+    _, big = graphc.generate(MODELS["wide"][0](), "float32", target="host")
+    names = helper.findall(big.source)
+    assert {n.split("_")[0][:3] for n in names} == {"dot", "til"}
+    assert len(names) == len(set(names))
+    assert "c0[l] +=" not in helper.sub("", big.source)   # no inline tile left
+    _, small = graphc.generate(MODELS["primes"][0](), "float32", target="host")
+    assert helper.findall(small.source) and "c0[l] +=" in helper.sub("", small.source)
+
+
+EXAMPLES = sorted((ROOT / "examples").rglob("*.yaml"))
+
+
+@pytest.mark.parametrize("spec", EXAMPLES, ids=lambda p: p.stem)
+def test_pragmas_only_on_the_host_and_guarded(spec):
+    for target in TARGETS:
+        for dtype in ("float32", "float64"):
+            _, cm = graphc.generate(spec, dtype, target=target)
+            lines = cm.source.splitlines()
+            pragmas = [k for k, line in enumerate(lines) if line.startswith("#pragma")]
+            if target != "host":
+                assert not pragmas and "_OPENMP" not in cm.source, (spec.name, target)
+            for k in pragmas:
+                assert lines[k] in ("#pragma omp for schedule(static) nowait",
+                                    "#pragma omp single nowait", "#pragma omp parallel")
+                assert "#ifdef _OPENMP" in lines[k - 2:k], (spec.name, k)
+
+
+def _write(cm, directory: Path) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / f"{cm.name}.c").write_text(cm.source)
+    (directory / f"{cm.name}.h").write_text(cm.header)
+    return directory / f"{cm.name}.c"
+
+
+@needs_cc
+@pytest.mark.parametrize("target", ["c99", "host"])
+def test_strict_compile_without_warnings(target, tmp_path):
+    """-std=c99 -Wall -Wextra -Wpedantic -Wvla -Werror, with and without -fopenmp."""
+    for name, (make, _) in sorted(MODELS.items()):
+        for dtype in ("float32", "float64"):
+            _, cm = graphc.generate(make(), dtype, target=target)
+            src = _write(cm, tmp_path / f"{name}_{dtype}")
+            for extra in ([], ["-fopenmp"]) if target == "host" else ([],):
+                r = subprocess.run([CC, *CHECK_FLAGS, "-Wdouble-promotion", "-O2", *extra, "-c",
+                                    src.name, "-o", "m.o"], cwd=src.parent, capture_output=True,
+                                   text=True)
+                assert r.returncode == 0 and not r.stderr, f"{name} {dtype} {extra}: {r.stderr}"
+
+
+@pytest.mark.skipif(shutil.which("cppcheck") is None, reason="cppcheck not installed")
+def test_cppcheck_finds_nothing_in_blocked_kernels(tmp_path):
+    sources = []
+    for target in ("c99", "host"):
+        for name in ("primes", "contract"):
+            _, cm = graphc.generate(MODELS[name][0](), "float32", target=target)
+            sources.append(str(_write(cm, tmp_path / f"{target}_{name}")))
+    r = subprocess.run(["cppcheck", "--std=c99", "--enable=warning,style,performance,portability",
+                        "--suppress=unusedFunction", "--suppress=missingIncludeSystem",
+                        "--error-exitcode=1", "-q", *sources], capture_output=True, text=True)
+    assert r.returncode == 0 and not r.stderr.strip(), r.stderr
+
+
+def _run_harness(graph, target: str, n: int, flags: list[str], tmp_path: Path,
+                 env: dict | None = None, runs=({},)) -> list[dict[str, np.ndarray]]:
+    _, cm = graphc.generate(graph, "float32", target=target)
+    model = graphc.compile(graph, "float32", target=target)
+    src = _write(cm, tmp_path)
+    inputs = sample_inputs(model.graph, n, seed=1)
+    (tmp_path / "main.c").write_text(harness(cm, model._params.flat, inputs, train_steps=2))
+    build = subprocess.run([CC, "-std=c99", "-Wall", "-Wextra", "-Werror", *flags, "main.c",
+                            src.name, "-o", "prog", "-lm"], cwd=tmp_path, capture_output=True,
+                           text=True)
+    if build.returncode and "asan" in build.stderr.lower():
+        pytest.skip(f"sanitizer runtime unavailable: {build.stderr[:200]}")
+    assert build.returncode == 0, build.stderr
+    outs = []
+    for extra in runs:
+        run = subprocess.run(["./prog"], cwd=tmp_path, capture_output=True, text=True,
+                             timeout=120, env={**os.environ, **(env or {}), **extra})
+        assert run.returncode == 0 and "runtime error" not in run.stderr, run.stderr
+        outs.append(run.stdout)
+    return outs
+
+
+@needs_cc
+@pytest.mark.parametrize("target", ["c99", "host"])
+def test_sanitizers_on_every_tail(target, tmp_path):
+    """Every tail of the tiles under AddressSanitizer and UBSan (host with OpenMP)."""
+    flags = ["-g", "-O1", "-fsanitize=address,undefined", "-fno-sanitize-recover=all",
+             "-fno-omit-frame-pointer"] + (["-fopenmp"] if target == "host" else [])
+    for name in ("primes", "batch", "contract"):
+        make, batches = MODELS[name]
+        (out,) = _run_harness(make(), target, batches[-1], flags, tmp_path / name,
+                              env={"ASAN_OPTIONS": "detect_leaks=0", "OMP_NUM_THREADS": "2"})
+        got = parse_output(out)
+        assert np.all(np.isfinite(got["grads"])) and np.all(np.isfinite(got["params"]))
+
+
+@needs_cc
+def test_openmp_results_do_not_depend_on_the_thread_count(tmp_path):
+    """A static schedule of whole outputs: 1, 2 or 3 threads give the same bits (outputs,
+    gradients, and params after two SGD steps)."""
+    make, batches = MODELS["batch"]
+    outs = _run_harness(make(), "host", batches[-1], ["-O2", "-march=native", "-fopenmp"],
+                        tmp_path, runs=[{"OMP_NUM_THREADS": str(t)} for t in (1, 2, 3)])
+    assert outs[0] == outs[1] == outs[2]
+    assert "#pragma omp" in graphc.generate(make(), target="host")[1].source
