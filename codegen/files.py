@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import tempfile
 from pathlib import Path
@@ -26,6 +27,11 @@ def write_all(files: dict[Path, str | bytes]) -> None:
             else:
                 with os.fdopen(fd, "wb") as f:
                     f.write(data)
+        # Staged beside their targets, the renames cannot fail for space or permission;
+        # a directory in a target's place would stop them half-way, so it is refused first.
+        for _, path in staged:
+            if path.is_dir():
+                raise IsADirectoryError(errno.EISDIR, "a directory is in the way", str(path))
         for tmp, path in staged:
             os.replace(tmp, path)
     finally:

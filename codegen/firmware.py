@@ -136,8 +136,8 @@ def _arrays(cmodule, params_flat, inputs: dict[str, np.ndarray], n: str, names, 
     M, real, dtype = cmodule.name.upper(), C_TYPES[cmodule.dtype], cmodule.dtype
     out = []
     if params_flat is not None:
-        out.append(c_array("params", params_flat, dtype, const=const_params)
-                   .replace(f"params[{max(1, cmodule.params_size)}]", f"params[{M}_PARAMS_SIZE]"))
+        out.append(c_array("params", params_flat, dtype, const=const_params,
+                           size=f"{M}_PARAMS_SIZE"))
     for i in names:
         if i in inputs:
             out.append(c_array(f"in_{i}", inputs[i], dtype, const=True))

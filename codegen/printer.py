@@ -110,9 +110,12 @@ def c_literal(x: float, dtype: str) -> str:
     return text + ("F" if dtype == "float32" else "")
 
 
-def c_array(name: str, values: np.ndarray, dtype: str, const: bool = True) -> str:
-    """A static C array definition, six numbers per line."""
+def c_array(name: str, values: np.ndarray, dtype: str, const: bool = True,
+            size: str | None = None) -> str:
+    """A static C array definition, six numbers per line; `size` replaces the literal
+    length (e.g. a header macro, so firmware shows where the size comes from)."""
     flat = np.asarray(values, dtype=np.float64).ravel()
     body = ",\n    ".join(", ".join(c_literal(v, dtype) for v in flat[k:k + 6])
                           for k in range(0, max(1, flat.size), 6)) if flat.size else "0"
-    return f"static {'const ' if const else ''}{C_TYPES[dtype]} {name}[{max(1, flat.size)}] = {{\n    {body}\n}};"
+    length = size or str(max(1, flat.size))
+    return f"static {'const ' if const else ''}{C_TYPES[dtype]} {name}[{length}] = {{\n    {body}\n}};"

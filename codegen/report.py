@@ -13,11 +13,9 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import subprocess
 import tempfile
 import textwrap
-from pathlib import Path
 
 import numpy as np
 
@@ -119,12 +117,9 @@ def format_report(report: dict) -> str:
     return "\n".join(lines)
 
 
-def write_report(report: dict, path: str | os.PathLike) -> Path:
-    """JSON, written whole or not at all."""
-    from .files import write_all
-    path = Path(path)
-    write_all({path: json.dumps(report, indent=2, default=_plain) + "\n"})
-    return path
+def report_json(report: dict) -> str:
+    """The report as `<name>.memory.json` holds it."""
+    return json.dumps(report, indent=2, default=_plain) + "\n"
 
 
 def _plain(x):

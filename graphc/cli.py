@@ -72,33 +72,32 @@ def _parser() -> argparse.ArgumentParser:
 
 def _compile(args) -> int:
     from . import generate
-    from codegen.files import write_sources
+    from codegen.files import write_all
     from codegen import report as memory
     from codegen.targets import TARGETS as TARGET_INFO
     if args.max_batch is not None and args.max_batch < 1:
         raise GraphcError(f"--max-batch must be at least 1, got {args.max_batch}")
     graph, cm = generate(args.spec, args.dtype, params=args.params, target=args.target,
                          max_batch=args.max_batch)
-    try:
-        c_path, h_path = write_sources(cm, args.out)
+    report = memory.memory_report(cm)
+    if TARGET_INFO[args.target].embedded:
+        memory.add_firmware(report, cm, args.target, memory.initial_params(graph, cm))
+    out = Path(args.out)
+    c_path, h_path, json_path = out / f"{cm.name}.c", out / f"{cm.name}.h", \
+        out / f"{cm.name}.memory.json"
+    try:  # the three files, or none of them
+        write_all({c_path: cm.source, h_path: cm.header, json_path: memory.report_json(report)})
     except OSError as e:
-        raise GraphcError(f"cannot write to {args.out}: {e.strerror or e}") from None
+        raise GraphcError(f"cannot write to {args.out}: {e.filename or args.out}: "
+                          f"{e.strerror or e}; nothing written") from None
     item = 4 if args.dtype == "float32" else 8
-    print(f"wrote {c_path} and {h_path} ({len(cm.source)} + {len(cm.header)} bytes)")
+    print(f"wrote {c_path}, {h_path} ({len(cm.source)} + {len(cm.header)} bytes) and {json_path}")
     print(f"params     {cm.params_size} elements, {cm.params_size * item} bytes"
           + (" (gradients the same)" if "gradients" in cm.entries else ""))
     if args.params:
         print(f"params from {args.params} baked in as a static const array; "
               f"{cm.name}_predict runs the forward pass on them")
-    report = memory.memory_report(cm)
-    if TARGET_INFO[args.target].embedded:
-        memory.add_firmware(report, cm, args.target, memory.initial_params(graph, cm))
     print(memory.format_report(report))
-    try:
-        json_path = memory.write_report(report, Path(args.out) / f"{cm.name}.memory.json")
-    except OSError as e:
-        raise GraphcError(f"cannot write to {args.out}: {e.strerror or e}") from None
-    print(f"wrote {json_path}")
     return 0
 
 

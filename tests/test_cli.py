@@ -213,3 +213,15 @@ def test_compile_with_params_of_another_model_exits_2(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "p.npz: " in err and "model 'digits' has params: W1, b1, W2, b2" in err
     assert not (tmp_path / "c").exists()
+
+
+def test_compile_writes_its_three_files_or_none(tmp_path):
+    """A directory that cannot take the files gets none of them: no .c without its .h
+    or its memory report."""
+    blocked = tmp_path / "out"
+    blocked.mkdir()
+    (blocked / "mlp.memory.json").mkdir()   # a directory where the report must go
+    r = subprocess.run([sys.executable, "-m", "graphc", "compile", str(ROOT / "examples/mlp.yaml"),
+                        "-o", str(blocked)], capture_output=True, text=True)
+    assert r.returncode == 2 and "mlp.memory.json: a directory is in the way; nothing written" in r.stderr
+    assert sorted(p.name for p in blocked.iterdir()) == ["mlp.memory.json"]
