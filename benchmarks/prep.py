@@ -10,8 +10,10 @@ load + derive + emit + build (cold: an empty cache dir; warm: the entry already 
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -50,10 +52,18 @@ print(json.dumps({"import": t1 - t0, "graph": t2 - t1, "compile": t3 - t2, "init
 """
 
 
+# The children cache bytecode as an installed package does (in a directory of their own, not
+# the source tree), even where the environment says PYTHONDONTWRITEBYTECODE: otherwise every
+# graphc module is compiled from source in every process, 1-2 ms each, which no user pays.
+_PYCACHE = tempfile.mkdtemp(prefix="graphc-prep-pyc-")
+atexit.register(shutil.rmtree, _PYCACHE, True)
+
+
 def run(sizes, cache: str, **options) -> dict:
     """One fresh process: import graphc, build the MLP `sizes`, `graphc.compile(**options)`
     with `cache` as the build cache. Seconds per phase, the C's size, and whether cached."""
-    env = dict(os.environ, GRAPHC_CACHE_DIR=cache)
+    env = dict(os.environ, GRAPHC_CACHE_DIR=cache, PYTHONPYCACHEPREFIX=_PYCACHE)
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
     out = subprocess.run([sys.executable, "-c", CHILD, json.dumps(sizes), json.dumps(options)],
                          env=env, cwd=ROOT, capture_output=True, text=True, check=True).stdout
     return json.loads(out)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import importlib.machinery
 import importlib.util
 import os
 import pathlib
@@ -19,14 +20,16 @@ import shlex
 import shutil
 import subprocess
 import sys
-import sysconfig
 import tempfile
 import threading
 from dataclasses import dataclass
 
-import cffi
-
 from graphc.errors import GraphcError
+
+# cffi and sysconfig are imported only to build: loading a prepared module (below) needs
+# neither, and a warm compile in a fresh process should not pay for them. A built module
+# needs only cffi's backend, `_cffi_backend`, whose version is the package's (cffi refuses
+# to run otherwise).
 
 # Flags for the generated model source. `extra_flags` are added after these (and to the link),
 # so callers can compile under `-Wall -Wextra -Wpedantic -Werror` or sanitizers.
@@ -49,6 +52,7 @@ class CompileError(GraphcError):
 
 @dataclass(frozen=True)
 class BuildResult:
+    """A loaded model module and where it came from."""
     ffi: object    # the cffi FFI of the loaded module (module.ffi)
     lib: object    # module.lib: the model's functions
     path: str      # the .so file in the cache
@@ -77,14 +81,17 @@ _lock = threading.Lock()
 
 
 def build(name: str, source: str, header: str, cdef: str, *,
-          extra_flags: tuple[str, ...] = ()) -> BuildResult:
+          extra_flags: tuple[str, ...] = (), machine: str = "") -> BuildResult:
     """Compile `<name>.c`/`<name>.h` with a cffi wrapper exposing `cdef`, cached by content.
 
     `name` is the model's validated C prefix; `source` does `#include "<name>.h"`.
+    `machine` (a host target's) names the instruction set that flags like -march=native
+    select: the same text with the same flags is a different binary on another CPU.
     """
+    import sysconfig
     cc = tuple(shlex.split(os.environ.get("CC") or "cc"))
     commands = _commands(cc, name, tuple(extra_flags))
-    key = _key(name, source, header, cdef, _compiler_id(cc), commands)
+    key = _key(name, source, header, cdef, _compiler_id(cc) + "\n" + machine, commands)
     modname = f"_graphc_{name}_{key[:16]}"   # distinct per model and version in sys.modules
     cache = cache_dir()
     so_path = str(cache / (modname + sysconfig.get_config_var("EXT_SUFFIX")))
@@ -102,6 +109,7 @@ def _commands(cc: tuple[str, ...], name: str,
               extra_flags: tuple[str, ...]) -> tuple[tuple[str, ...], ...]:
     """The compiler commands, run inside the build dir. They use only relative paths there,
     so they are the same for every build and can go into the key verbatim."""
+    import sysconfig
     include = sysconfig.get_paths()["include"]
     return (
         (*cc, *_MODEL_FLAGS, *extra_flags, "-c", f"{name}.c", "-o", f"{name}.o"),
@@ -122,10 +130,12 @@ def _compiler_id(cc: tuple[str, ...]) -> str:
 
 def _key(name: str, source: str, header: str, cdef: str, compiler: str,
          commands: tuple[tuple[str, ...], ...]) -> str:
+    import sysconfig
+
     from graphc import __version__   # lazily: graphc's package imports may reach codegen
 
     parts = (name, source, header, cdef, compiler, repr(commands),
-             sysconfig.get_config_var("EXT_SUFFIX"), __version__, cffi.__version__)
+             sysconfig.get_config_var("EXT_SUFFIX"), __version__, _cffi_version())
     digest = hashlib.sha256()
     for part in parts:
         data = part.encode()
@@ -143,6 +153,7 @@ def _compile(commands: tuple[tuple[str, ...], ...], name: str, modname: str, sou
     try:
         (tmp / f"{name}.c").write_text(source, encoding="utf-8")
         (tmp / f"{name}.h").write_text(header, encoding="utf-8")
+        import cffi
         ffi = cffi.FFI()
         ffi.cdef(cdef)
         # compiler_verbose=False: no "generating ..." line on stdout.
@@ -168,6 +179,11 @@ def _compile(commands: tuple[tuple[str, ...], ...], name: str, modname: str, sou
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _cffi_version() -> str:
+    import _cffi_backend
+    return _cffi_backend.__version__
+
+
 def _trim(text: str) -> str:
     text = text.strip()
     if len(text) <= _STDERR_LIMIT:
@@ -182,17 +198,44 @@ def _trim(text: str) -> str:
 # target, graphc's own sources, SymPy's version, the compiler's identity and flags) to the
 # pickled CModule and its .so. It lives beside the .so files and is trusted like them: a
 # hand-edited cache entry can run code either way.
+#
+# A warm compile in a fresh process should take a few milliseconds, so unpickling imports
+# only the light modules the pickle names (codegen/cmodule.py, codegen/plan.py), not the
+# emitter.
+
+# Bumped whenever the pickle's layout or the classes it names move (2: CModule and Entry
+# moved from codegen.emit to codegen.cmodule), so older entries are missed, never misread.
+_PREPARED_FORMAT = "2"
+
+
+def _sources(directory: str) -> list[str]:
+    """Every .py file under `directory`, recursively (not __pycache__)."""
+    found = []
+    with os.scandir(directory) as it:
+        for entry in it:
+            if entry.is_dir(follow_symlinks=False):
+                if entry.name != "__pycache__":
+                    found += _sources(entry.path)
+            elif entry.name.endswith(".py"):
+                found.append(entry.path)
+    return found
+
 
 @functools.lru_cache(maxsize=None)
 def _source_fingerprint() -> str:
-    """sha256 of graphc's and codegen's Python sources: what the generated text depends on."""
+    """sha256 of graphc's and codegen's Python sources: what the generated text depends on.
+    Their contents, not their sizes and mtimes: a same-size edit whose mtime survived (a
+    copied or reproducibly built tree) must not reuse a stale CModule. About 1 ms a process."""
     import graphc
     digest = hashlib.sha256()
-    for package in (pathlib.Path(graphc.__file__).parent, pathlib.Path(__file__).parent):
-        for path in sorted(package.rglob("*.py")):
-            data = path.read_bytes()
-            name = str(path.relative_to(package.parent)).encode()
-            digest.update(len(name).to_bytes(8, "little") + name + len(data).to_bytes(8, "little") + data)
+    for package in (os.path.dirname(graphc.__file__), os.path.dirname(__file__)):
+        root = os.path.dirname(package)
+        for path in sorted(_sources(package)):
+            with open(path, "rb") as f:
+                data = f.read()
+            name = os.path.relpath(path, root).encode()
+            digest.update(len(name).to_bytes(8, "little") + name
+                          + len(data).to_bytes(8, "little") + data)
     return digest.hexdigest()
 
 
@@ -205,13 +248,15 @@ def _compiler_stamp(cc: tuple[str, ...]) -> str:
     return f"{path}:{st.st_size}:{st.st_mtime_ns}"
 
 
-def prepared_key(*parts: str, extra_flags: tuple[str, ...] = ()) -> str:
+def prepared_key(*parts: str) -> str:
     import sympy
     cc = tuple(shlex.split(os.environ.get("CC") or "cc"))
     digest = hashlib.sha256()
-    for part in (*parts, _source_fingerprint(), sympy.__version__, cffi.__version__,
-                 repr(cc), _compiler_stamp(cc), repr(extra_flags),
-                 sysconfig.get_config_var("EXT_SUFFIX")):
+    # EXTENSION_SUFFIXES[0] names this interpreter's ABI as EXT_SUFFIX does, without
+    # loading sysconfig's data (half a millisecond).
+    for part in (_PREPARED_FORMAT, *parts, _source_fingerprint(), sympy.__version__,
+                 _cffi_version(), repr(cc), _compiler_stamp(cc),
+                 importlib.machinery.EXTENSION_SUFFIXES[0]):
         data = part.encode()
         digest.update(len(data).to_bytes(8, "little") + data)
     return digest.hexdigest()

@@ -15,14 +15,14 @@ from __future__ import annotations
 import itertools
 import math
 import textwrap
-from dataclasses import dataclass, field
 
 import numpy as np
 import sympy as sp
 
-from graphc.ir import ACC, BATCH, Buffer, Kernel, Program
+from graphc.ir import ACC, BATCH, Buffer, Kernel
 
-from .plan import MemoryPlan, fuse, plan
+from .cmodule import CModule, Entry   # apart, so that unpickling one needs no emitter
+from .plan import fuse, plan
 from .printer import C_TYPES, GraphcPrinter, c_array, prepare
 from .targets import Target, get_target
 from .tiles import BlockedWriter, operands, tiling, wants_helpers
@@ -107,54 +107,6 @@ def common_subexpressions(exprs, printer) -> tuple[list[tuple[str, str]], list[s
     temps, final = sp.cse(list(exprs), symbols=sp.numbered_symbols("t"), order="canonical")
     return ([(str(t), printer.doprint(prepare(v))) for t, v in temps],
             [printer.doprint(prepare(e)) for e in final])
-
-
-# ---------------------------------------------------------------- module description
-
-@dataclass(frozen=True)
-class Entry:
-    kind: str                  # forward | gradients | evaluate | train_step | predict
-    c_name: str
-    program: Program           # fused
-    memory: MemoryPlan
-    inputs: tuple[str, ...]    # graph inputs it reads, in declaration order
-    outputs: tuple[str, ...]   # forward outputs it writes
-    loss_buffer: str | None = None
-    work_before: int = 0       # work elements in front of the program's arena (train_step's grads)
-
-    def work_fixed(self) -> int:
-        return self.work_before + self.memory.fixed
-
-
-@dataclass(frozen=True)
-class CModule:
-    name: str
-    dtype: str
-    source: str
-    header: str
-    cdef: str
-    entries: dict[str, Entry]
-    param_offsets: dict[str, int]
-    param_shapes: dict[str, tuple[int, ...]]
-    params_size: int
-    input_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
-    output_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
-    optimizer: dict | None = None
-    state_size: int = 0
-    state_offsets: dict[str, int] = field(default_factory=dict)   # "step" and the slots
-    baked_params: bool = False
-    target: str = "c99"        # codegen/targets.py: how contractions print, the header's note
-    max_batch: int | None = None  # the batch static memory is planned for, if stated
-
-    def work_fixed(self) -> int:
-        return max(e.work_fixed() for e in self.entries.values())
-
-    def work_per_example(self) -> int:
-        return max(e.memory.per_example for e in self.entries.values())
-
-    def work_elements(self, n: int) -> int:
-        """Enough work for every entry point at batch size n: `<NAME>_WORK_SIZE(n)`."""
-        return self.work_fixed() + self.work_per_example() * n
 
 
 # ---------------------------------------------------------------- the emitter
@@ -526,7 +478,11 @@ def emit(graph, derivation, dtype: str = "float32", params=None, target="c99",
         f"  work:   at least {M}_FORWARD_WORK_SIZE(n) elements, caller-owned scratch",
         *[f"  in_{i}: n x {M}_INPUT_{i}_SIZE elements, row-major, example after example" for i in f.inputs],
         *[f"  out_{o}: n x {M}_OUTPUT_{o}_SIZE elements, written" for o in f.outputs],
-        "Arrays must not overlap. No allocation, no global state: reentrant."]))
+        "Arrays must not overlap. No allocation, no global state: reentrant.",
+        # The plan puts work buffers at multiples of `align` elements from work's start:
+        # from a 64-byte aligned base, whole cache lines and vectors.
+        *(["Any alignment works; arrays aligned to 64 bytes (aligned_alloc) run fastest."]
+          if tgt.align > 1 else [])]))
     if "predict" in entries:
         e = entries["predict"]
         flat = np.asarray(params, dtype=np.float64)

@@ -6,10 +6,23 @@ SIMD width, or plain loops; OpenMP behind `#ifdef _OPENMP` on the host only), th
 note on how to compile it, the warning flags the C is checked under, the flags of graphc's
 own host build, and, for microcontrollers, the cross-compiler flags and the QEMU board that
 `codegen/firmware.py` builds and runs firmware for.
+
+The `host` target is resolved for this machine by `get_target("host")`: the C compiler is
+asked once per process which of -march=native and -fopenmp it accepts and how wide the SIMD
+vectors they enable are, and the contractions are tiled for that width. Tiles sized for
+AVX-512 spill registers on an AVX2 machine; $GRAPHC_HOST_VECTOR_BYTES (16, 32 or 64) fixes
+the width, to reproduce another machine's C.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import hashlib
+import os
+import shlex
+import subprocess
+import tempfile
 from dataclasses import dataclass
 
 from .plan import ALIGN
@@ -55,6 +68,9 @@ class Target:
     align: int = ALIGN               # arena alignment in elements (codegen/plan.py)
     vector_bytes: int = 0            # SIMD width the contractions are blocked for (0: plain loops)
     parallel_work: int = 0           # OpenMP for kernels of this many multiply-adds (0: never)
+    # host only: a digest of what the native flags enable on this machine. It keys the build
+    # caches, so a cache shared by machines (an NFS home) never loads another CPU's binary.
+    machine: str = ""
 
     @property
     def embedded(self) -> bool:
@@ -80,18 +96,27 @@ class Target:
 # FPU, so one stray promotion costs a software call per use).
 _EMBEDDED_CHECKS = CHECK_FLAGS + ("-Wdouble-promotion",)
 
+
+_NO_SIMD = "the C compiler named no SIMD it targets"
+
+
+def _host_note(build_flags: tuple[str, ...], tiled_for: str) -> str:
+    return ("compile with the host compiler, e.g. cc -std=c99 -O3 -march=native -fopenmp "
+            f"(graphc's own build of it adds {' '.join(build_flags) or 'no flags'}; without "
+            f"-fopenmp the C runs on one thread). Contractions are tiled for {tiled_for}.")
+
+
 # Tiles (codegen/tiles.py): c99 assumes 16-byte SIMD (SSE2, NEON), what a plain -O3 build
-# gets; host assumes 64-byte (AVX-512), and runs OpenMP over kernels of 2^20 multiply-adds
-# or more (on the 784-256-128-10 MLP at batch 128, the big dense layers and their gradients).
+# gets; host tiles for what -march=native enables (resolved by `get_target`), and runs OpenMP
+# over kernels of 2^20 multiply-adds or more (on the 784-256-128-10 MLP at batch 128, the big
+# dense layers and their gradients).
 TARGETS = {
     "c99": Target("c99", "", CHECK_FLAGS, vector_bytes=16),
     # -march=native and -fopenmp only for the module graphc builds and loads on this
-    # machine; the written C stays portable (the pragmas sit behind #ifdef _OPENMP).
-    "host": Target("host", "compile with the host compiler, e.g. cc -std=c99 -O3 "
-                           "-march=native -fopenmp (graphc's own build of it adds -march=native "
-                           "-fopenmp; without -fopenmp the C runs on one thread).",
-                   CHECK_FLAGS, build_flags=("-march=native", "-fopenmp"), vector_bytes=64,
-                   parallel_work=1 << 20),
+    # machine; the written C stays portable (the pragmas sit behind #ifdef _OPENMP). This
+    # entry is the host target when the compiler cannot be asked: no flags, 16-byte tiles.
+    "host": Target("host", _host_note((), f"16-byte SIMD vectors ({_NO_SIMD})"),
+                   CHECK_FLAGS, vector_bytes=16, parallel_work=1 << 20),
     "cortex-m4": Target("cortex-m4", "Cortex-M4F, e.g. arm-none-eabi-gcc -mcpu=cortex-m4 "
                                      "-mthumb -mfloat-abi=hard -mfpu=fpv4-sp-d16 -std=c99 -O2. "
                                      "Keep -std=c99 (or -ffp-contract=off): fused multiply-adds "
@@ -105,10 +130,180 @@ TARGETS = {
 
 
 def get_target(name: str | Target) -> Target:
+    """A target by name; "host" is resolved for this machine (`host_target`)."""
     if isinstance(name, Target):
         return name
+    if name == "host":
+        return host_target()
     try:
         return TARGETS[name]
     except KeyError:
         from graphc.errors import GraphcError
         raise GraphcError(f"unknown target {name!r} (targets: {', '.join(TARGETS)})") from None
+
+
+# ---------------------------------------------------------------- the host, resolved
+
+VECTOR_BYTES_ENV = "GRAPHC_HOST_VECTOR_BYTES"
+VECTOR_WIDTHS = (16, 32, 64)
+
+# The widest SIMD a compiler's predefined macros announce, first match wins. AVX without
+# AVX2 still has 32-byte float vectors; anything else (SSE2, NEON, unknown) gets 16 bytes.
+_SIMD_MACROS = (("__AVX512F__", 64, "AVX-512"), ("__AVX2__", 32, "AVX2"), ("__AVX__", 32, "AVX"),
+                ("__SSE2__", 16, "SSE2"), ("__ARM_NEON", 16, "NEON"))
+
+# The ways to ask for this machine's instruction set, first accepted wins: gcc and clang on
+# x86 take -march=native; some clang on arm64 refuse it and take -mcpu=native; with neither,
+# the compiler's default target (which a distribution may set above the baseline).
+_NATIVE_FLAGS = (("-march=native",), ("-mcpu=native",), ())
+
+# clang's driver takes -fopenmp without its runtime (libomp) installed, and the link then
+# fails; GCC ships libgomp with its driver, so only clang is asked to link this.
+_OPENMP_PROBE = """int main(void)
+{
+    int n = 0, i;
+#pragma omp parallel for reduction(+:n)
+    for (i = 0; i < 4; ++i) n += i;
+    return n != 6;
+}
+"""
+
+
+@dataclass(frozen=True)
+class HostCompiler:
+    """What the C compiler said about this machine."""
+    native_flags: tuple[str, ...]   # -march=native, -mcpu=native, or () if it took neither
+    openmp: bool                    # it compiles (and links) -fopenmp
+    vector_bytes: int               # widest SIMD with native_flags (16 if unknown)
+    simd: str                       # its name ("" if unknown)
+    # sha256 of the macros the native flags define: the instruction set the build will use.
+    # Not part of equality: two answers with the same flags and width tile the same C.
+    machine: str = dataclasses.field(default="", compare=False)
+
+    @property
+    def build_flags(self) -> tuple[str, ...]:
+        return self.native_flags + (("-fopenmp",) if self.openmp else ())
+
+
+def defined_macros(macros: str) -> set[str]:
+    """The macro names in `cc -dM -E` output."""
+    return {line.split()[1] for line in macros.splitlines()
+            if line.startswith("#define ") and len(line.split()) > 1}
+
+
+def simd_width(macros: str) -> tuple[int, str]:
+    """(bytes, name) of the widest SIMD in `cc -dM -E` output; (16, "") if none is named."""
+    defined = defined_macros(macros)
+    return next(((width, name) for macro, width, name in _SIMD_MACROS if macro in defined),
+                (16, ""))
+
+
+def _run(command: list[str], stdin: str = "", cwd: str | None = None) -> str | None:
+    """The command's stdout, or None if it could not run or failed."""
+    try:
+        done = subprocess.run(command, input=stdin, capture_output=True, text=True, cwd=cwd,
+                              timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return done.stdout if done.returncode == 0 else None
+
+
+def _links(cc: tuple[str, ...], flags: tuple[str, ...], source: str) -> bool:
+    try:
+        with tempfile.TemporaryDirectory(prefix="graphc-probe-") as tmp:
+            return _run([*cc, *flags, "-x", "c", "-", "-o", "probe"], source, cwd=tmp) is not None
+    except OSError:   # no writable temporary directory: graphc's build would fail anyway
+        return False
+
+
+@functools.lru_cache(maxsize=None)
+def probe_host_compiler(cc: tuple[str, ...]) -> HostCompiler:
+    """Ask `cc` (once per process) which native and OpenMP flags it accepts and what they
+    enable: one preprocessor run for GCC (a warm compile takes a few ms; this should not
+    dominate it), more for compilers that refuse some. Never raises: without a working
+    compiler the answer is no flags and 16-byte vectors."""
+    native, macros, openmp = (), "", False
+    for flags in _NATIVE_FLAGS:
+        answer = _run([*cc, *flags, "-fopenmp", "-dM", "-E", "-x", "c", "-"])
+        openmp = answer is not None and "_OPENMP" in defined_macros(answer)
+        if answer is None:   # -fopenmp or the native flag refused: which one?
+            answer = _run([*cc, *flags, "-dM", "-E", "-x", "c", "-"])
+        if answer is not None:
+            native, macros = flags, answer
+            break
+    if openmp and "__clang__" in defined_macros(macros):
+        openmp = _links(cc, (*native, "-fopenmp"), _OPENMP_PROBE)
+    width, simd = simd_width(macros)
+    machine = hashlib.sha256(macros.encode()).hexdigest()[:16] if macros else ""
+    return HostCompiler(native, openmp, width, simd, machine)
+
+
+def vector_bytes_override() -> int | None:
+    """$GRAPHC_HOST_VECTOR_BYTES as a width, None if unset or empty."""
+    text = os.environ.get(VECTOR_BYTES_ENV, "").strip()
+    if not text:
+        return None
+    if text not in {str(w) for w in VECTOR_WIDTHS}:
+        from graphc.errors import GraphcError
+        raise GraphcError(f"${VECTOR_BYTES_ENV} must be one of "
+                          f"{', '.join(map(str, VECTOR_WIDTHS))} (bytes), got {text!r}")
+    return int(text)
+
+
+def host_target() -> Target:
+    """TARGETS["host"] for this machine: graphc's build adds the flags the compiler ($CC,
+    as codegen/build.py runs it) accepts, and the tiles fit the vectors they enable, unless
+    $GRAPHC_HOST_VECTOR_BYTES says otherwise. The same machine, compiler and environment
+    give the same target, hence the same C."""
+    base = TARGETS["host"]
+    cc = tuple(shlex.split(os.environ.get("CC") or "cc"))
+    compiler = probe_host_compiler(cc)
+    override = vector_bytes_override()
+    if override is not None:
+        width, why = override, f"set by ${VECTOR_BYTES_ENV}"
+    elif compiler.simd:
+        enabled_by = " ".join(compiler.native_flags) or "the compiler's default target"
+        width, why = compiler.vector_bytes, (f"{compiler.simd}, enabled by {enabled_by} on "
+                                             "the machine that wrote this C")
+    else:
+        width, why = compiler.vector_bytes, _NO_SIMD
+    note = _host_note(compiler.build_flags, f"{width}-byte SIMD vectors ({why})")
+    return dataclasses.replace(base, note=note, build_flags=compiler.build_flags,
+                               vector_bytes=width, machine=compiler.machine)
+
+
+# What identifies this CPU's instruction set in /proc/cpuinfo (x86, then arm64), without
+# the fields that change from core to core or second to second (MHz, ids, bogomips).
+_CPU_FIELDS = ("vendor_id", "cpu family", "model", "model name", "stepping", "flags",
+               "CPU implementer", "CPU architecture", "CPU variant", "CPU part", "Features")
+
+
+def _cpu_identity() -> str | None:
+    """The first processor's identifying /proc/cpuinfo fields, or None where there is none."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            block = f.read(1 << 16).split("\n\n", 1)[0]
+    except OSError:
+        return None
+    fields = [line for line in block.splitlines()
+              if line.split(":", 1)[0].strip() in _CPU_FIELDS]
+    return "\n".join(fields) or None
+
+
+def target_identity(name: str) -> str:
+    """A string that determines `get_target(name)`, for the prepared-module cache key; for
+    "host" it is made without running the compiler where it can be (its path, size and
+    mtime, $CC, the override and the CPU's /proc/cpuinfo fields), since asking the compiler
+    costs a warm compile in a fresh process 15 ms, several times the rest of it."""
+    if name != "host":
+        return repr(get_target(name))
+    cpu = _cpu_identity()
+    if cpu is None:
+        return repr(host_target())
+    from .build import CompileError, _compiler_stamp   # lazily: not needed to describe targets
+    cc = tuple(shlex.split(os.environ.get("CC") or "cc"))
+    try:
+        stamp = _compiler_stamp(cc)
+    except CompileError:   # no compiler: the build says so; the key need not
+        stamp = "no compiler"
+    return repr(("host", TARGETS["host"], cc, stamp, os.environ.get(VECTOR_BYTES_ENV, ""), cpu))

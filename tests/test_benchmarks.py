@@ -38,12 +38,15 @@ def test_quick_run_writes_table_and_json(quick, capsys):
 @pytest.mark.parametrize("key", ["W1", "W2"])
 def test_every_peer_checked_then_timed(quick, key):
     rows = {r["label"]: r for r in quick[1]["workloads"][key]["rows"]}
-    assert set(rows) == {"graphc (Python)", "graphc (pure C)", "NumPy"}
+    assert set(rows) == {"graphc (Python)", "graphc (Python, bound call)", "graphc (pure C)",
+                         "NumPy"}
     for row in rows.values():
         assert "skipped" not in row, row
         assert row["check_rel_error"] <= CHECK_RTOL
         assert 0 < row["min_s"] <= row["median_s"]
     assert rows["NumPy"]["vs"] == "graphc (Python)" and rows["NumPy"]["speedup"] > 0
+    bound = rows["graphc (Python, bound call)"]["median_s"]
+    assert rows["NumPy"]["speedup_vs_bound"] == pytest.approx(rows["NumPy"]["median_s"] / bound)
 
 
 def test_pure_c_harness_reports_first_calls_and_timing(tmp_path):

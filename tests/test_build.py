@@ -231,3 +231,70 @@ def test_a_damaged_prepared_entry_or_a_missing_module_is_rebuilt(cache, monkeypa
     _fresh_process(monkeypatch)
     rebuilt = graphc.compile(TINY)
     assert not rebuilt.built.cached and os.path.exists(rebuilt.built.path)
+
+
+WARM_CHILD = r"""
+import json, sys
+import numpy as np
+import graphc
+spec = json.loads(sys.argv[1])
+model = graphc.compile(spec, seed=3)
+loss = model.train_step(x=np.ones((2, 3)), y=np.eye(2))
+heavy = ["codegen.emit", "codegen.printer", "codegen.tiles", "graphc.derive",
+         "sympy.codegen.rewriting", "sympy.printing.c", "cffi"]
+print(json.dumps({"cached": model.built.cached, "loss": loss,
+                  "imported": [m for m in heavy if m in sys.modules]}))
+"""
+
+
+def test_a_warm_compile_in_a_fresh_process_imports_no_emitter(cache):
+    """The prepared entry unpickles from light modules (codegen/cmodule.py, codegen/plan.py):
+    a warm compile does not import the emitter, the printer, SymPy's code rewriting or
+    cffi's builder, which cost a fresh process more than everything else it does."""
+    import json
+
+    import graphc
+    loss = graphc.compile(TINY, seed=3).train_step(x=np.ones((2, 3)), y=np.eye(2))
+    env = {**os.environ, "GRAPHC_CACHE_DIR": str(cache),
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    run = subprocess.run([sys.executable, "-c", WARM_CHILD, json.dumps(TINY)], env=env,
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    out = json.loads(run.stdout)
+    assert out["cached"] and out["imported"] == []
+    assert out["loss"] == loss
+
+
+def test_the_module_description_keeps_its_old_import_path():
+    from codegen import cmodule, emit
+    assert emit.CModule is cmodule.CModule and emit.Entry is cmodule.Entry
+
+
+def test_the_source_fingerprint_sees_every_edit_below_a_package(tmp_path, monkeypatch, request):
+    """Even a same-size edit that kept its mtime (a copied tree) changes the fingerprint."""
+    import graphc
+    request.addfinalizer(B._source_fingerprint.cache_clear)   # not the tmp tree's, later
+    pkg = tmp_path / "graphc"
+    (pkg / "sub").mkdir(parents=True)
+    (pkg / "__pycache__").mkdir()
+    (pkg / "__init__.py").write_text("x = 1\n")
+    (pkg / "sub" / "b.py").write_text("y = 2\n")
+    (pkg / "__pycache__" / "a.py").write_text("ignored\n")
+    (pkg / "notes.txt").write_text("ignored\n")
+    assert sorted(os.path.relpath(p, pkg) for p in B._sources(str(pkg))) == [
+        "__init__.py", os.path.join("sub", "b.py")]
+    monkeypatch.setattr(graphc, "__file__", str(pkg / "__init__.py"))
+
+    def fingerprint():
+        B._source_fingerprint.cache_clear()
+        return B._source_fingerprint()
+
+    before = fingerprint()
+    path = pkg / "sub" / "b.py"
+    st = path.stat()
+    path.write_text("y = 3\n")                                   # same size ...
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))          # ... same mtime
+    assert fingerprint() != before
+    (pkg / "__pycache__" / "a.py").write_text("still ignored\n")
+    after = fingerprint()
+    assert fingerprint() == after

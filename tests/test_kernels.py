@@ -85,6 +85,28 @@ def test_blocked_kernels_against_reference(name, dtype, target, assert_close):
     model = graphc.compile(graph, dtype, target=target)
     if target == "c99" or name in ("wide", "batch"):
         assert ("#pragma omp" in model.cmodule.source) == (target == "host")
+    _check_against_reference(model, name, target, dtype, batches, assert_close)
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("name", ["primes", "wide", "batch", "contract"])
+def test_host_tiles_for_avx2_against_reference(name, dtype, assert_close, monkeypatch, tmp_path):
+    """The host's tiles as an AVX2 machine gets them (32-byte vectors), built here with this
+    machine's flags: other lane counts, chunks and helpers, the same results."""
+    monkeypatch.setenv("GRAPHC_HOST_VECTOR_BYTES", "32")
+    # A cache of its own: these 32-byte modules are of no use to the other tests.
+    monkeypatch.setenv("GRAPHC_CACHE_DIR", str(tmp_path))
+    make, batches = MODELS[name]
+    model = graphc.compile(make(), dtype, target="host")
+    # Accumulators of one vector; a tail chunk of lanes takes fewer than two.
+    lanes = 32 // np.dtype(dtype).itemsize
+    sizes = {int(k) for k in re.findall(r"(?:float|double) c\d+\[(\d+)\]", model.cmodule.source)}
+    assert lanes in sizes and max(sizes) < 2 * lanes
+    _check_against_reference(model, name, "host/32", dtype, batches, assert_close)
+
+
+def _check_against_reference(model, name: str, target: str, dtype: str, batches,
+                             assert_close) -> None:
     ref = reference(model.graph)
     ref.set_params(model.get_params())
     for n in batches:

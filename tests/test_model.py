@@ -287,3 +287,76 @@ def test_per_example_scalar_inputs_take_the_fast_path_and_reject_bad_shapes():
     np.testing.assert_array_equal(m.forward(x=x)["h"], x)
     with pytest.raises(InputError, match=r"input 'x' must have shape \(n\)"):
         m.forward(x=np.float64(2.0))
+
+
+def _misaligned(a: np.ndarray) -> np.ndarray:
+    """A copy of `a` whose data starts 4 bytes past a 16-byte boundary: never 64-aligned."""
+    raw = np.empty(a.nbytes + 64, np.uint8)
+    at = -raw.ctypes.data % 64 + 4
+    out = raw[at:at + a.nbytes].view(a.dtype).reshape(a.shape)
+    out[...] = a
+    return out
+
+
+def test_model_memory_is_64_byte_aligned_and_large_inputs_are_staged_aligned():
+    """The kernels' 64-byte vector loads assume the arena layout's alignment holds in memory;
+    a large misaligned input is copied to an aligned buffer, with bit-identical results."""
+    m = graphc.compile(ROOT / "examples/mlp.yaml", dtype="float32", seed=3)
+    twin = graphc.compile(ROOT / "examples/mlp.yaml", dtype="float32", seed=3)
+    for a in (m._params.flat, m._grads, m._state, m._work_for(50) and m._work):
+        assert a.ctypes.data % 64 == 0
+    for n in (40, 20, 1):     # the staging buffer serves smaller batches; 1 is not staged
+        data = {k: v.astype(np.float32) for k, v in _batch(n, seed=n).items()}
+        odd = {k: _misaligned(v) for k, v in data.items()}
+        assert all(v.ctypes.data % 64 for v in odd.values())
+        np.testing.assert_array_equal(m.forward(x=odd["x"])["logits"],
+                                      twin.forward(x=data["x"])["logits"])
+        assert m.train_step(**odd) == twin.train_step(**data)
+        np.testing.assert_array_equal(m._params.flat, twin._params.flat)
+    assert set(m._stages) == {"x"}    # y (≤ 40 × 10 floats) is under STAGE_BYTES: passed as is
+
+
+def test_bound_calls_read_their_inputs_in_place_and_match_the_model():
+    m = graphc.compile(ROOT / "examples/mlp.yaml", dtype="float32", seed=5)
+    twin = graphc.compile(ROOT / "examples/mlp.yaml", dtype="float32", seed=5)
+    data = {k: v.astype(np.float32) for k, v in _batch(7, seed=2).items()}
+    x = data["x"].copy()
+    forward = m.bind("forward", x=x)
+    assert forward() is None and forward.inputs["x"] is x and forward.batch == 7
+    out = forward.outputs["logits"]
+    np.testing.assert_array_equal(out, m.forward(x=x)["logits"])
+    x[...] = _batch(7, seed=3)["x"]          # refilled in place: the next call sees it
+    forward()
+    assert forward.outputs["logits"] is out
+    np.testing.assert_array_equal(out, m.forward(x=x)["logits"])
+
+    step = m.bind("train_step", batch=7)
+    assert set(step.inputs) == {"x", "y"} and step.inputs["x"].ctypes.data % 64 == 0
+    for seed in range(3):
+        batch = {k: v.astype(np.float32) for k, v in _batch(7, seed=seed).items()}
+        for k, v in batch.items():
+            step.inputs[k][...] = v
+        assert step() == twin.train_step(**batch)
+    np.testing.assert_array_equal(m._params.flat, twin._params.flat)
+    assert m.optimizer_state()["step"] == 3
+
+    evaluate = m.bind("evaluate", **step.inputs)
+    loss, outs = m.evaluate(**step.inputs)
+    assert evaluate() == loss
+    np.testing.assert_array_equal(evaluate.outputs["logits"], outs["logits"])
+
+
+@pytest.mark.parametrize("kind, args, message", [
+    ("gradients", {"batch": 2}, "kind must be one of forward, evaluate, train_step, predict"),
+    ("predict", {"batch": 2}, "baked params"),
+    ("forward", {}, "give every input or a batch size of at least 1, got batch=None"),
+    ("forward", {"batch": 0}, "got batch=0"),
+    ("forward", {"z": np.zeros((2, 64), np.float32)}, "unknown input 'z' \\(it reads x\\)"),
+    ("forward", {"x": np.zeros((2, 64))}, "input 'x' must be a C-contiguous float32 array"),
+    ("forward", {"x": np.zeros((64, 2), np.float32).T}, "C-contiguous"),
+    ("forward", {"x": np.zeros((2, 63), np.float32)}, r"shape \(batch, 64\), got \(2, 63\)"),
+    ("forward", {"x": np.zeros((2, 64), np.float32), "batch": 3}, "batch size 2, not 3"),
+])
+def test_bind_errors_name_the_input_and_the_reason(model, kind, args, message):
+    with pytest.raises(InputError, match=message):
+        model.bind(kind, **args)

@@ -1,0 +1,65 @@
+"""What `codegen.emit.emit` produces: the C texts, the entry points and their memory plans.
+
+Kept apart from the emitter, with no imports of its own, so that unpickling a prepared
+module (codegen/build.py) does not import the printer, the tiles or SymPy's code rewriting:
+a warm `graphc.compile` in a fresh process needs only these classes and codegen.plan's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from graphc.ir import Program
+
+    from .plan import MemoryPlan
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One C entry point: its name, what it reads and writes, and its work arena's plan."""
+    kind: str                  # forward | gradients | evaluate | train_step | predict
+    c_name: str
+    program: Program           # fused; None in a prepared module (codegen/build.py)
+    memory: MemoryPlan
+    inputs: tuple[str, ...]    # graph inputs it reads, in declaration order
+    outputs: tuple[str, ...]   # forward outputs it writes
+    loss_buffer: str | None = None
+    work_before: int = 0       # work elements in front of the program's arena (train_step's grads)
+
+    def work_fixed(self) -> int:
+        return self.work_before + self.memory.fixed
+
+
+@dataclass(frozen=True)
+class CModule:
+    """A model's generated C (source, header, cffi declarations) and the layout its caller
+    needs: params, optimizer state, input and output shapes, the work arena per batch."""
+    name: str
+    dtype: str
+    source: str
+    header: str
+    cdef: str
+    entries: dict[str, Entry]
+    param_offsets: dict[str, int]
+    param_shapes: dict[str, tuple[int, ...]]
+    params_size: int
+    input_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    output_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    optimizer: dict | None = None
+    state_size: int = 0
+    state_offsets: dict[str, int] = field(default_factory=dict)   # "step" and the slots
+    baked_params: bool = False
+    target: str = "c99"        # codegen/targets.py: how contractions print, the header's note
+    max_batch: int | None = None  # the batch static memory is planned for, if stated
+
+    def work_fixed(self) -> int:
+        return max(e.work_fixed() for e in self.entries.values())
+
+    def work_per_example(self) -> int:
+        return max(e.memory.per_example for e in self.entries.values())
+
+    def work_elements(self, n: int) -> int:
+        """Enough work for every entry point at batch size n: `<NAME>_WORK_SIZE(n)`."""
+        return self.work_fixed() + self.work_per_example() * n
