@@ -34,6 +34,10 @@ from graphc.errors import GraphcError
 # Flags for the generated model source. `extra_flags` are added after these (and to the link),
 # so callers can compile under `-Wall -Wextra -Wpedantic -Werror` or sanitizers.
 _MODEL_FLAGS = ("-std=c99", "-O3", "-fPIC")
+# GCC's -O2 with the vectorizer's dynamic cost model runs the tiled kernels as fast as -O3
+# (W1-W4 within noise; -O2's default cheap model halves W1) and compiles W3's C in 0.38 s
+# instead of 0.67 s, most of a cold build. -ftree-vectorize for GCC before 12.
+_GCC_MODEL_FLAGS = ("-std=c99", "-O2", "-ftree-vectorize", "-fvect-cost-model=dynamic", "-fPIC")
 # cffi's wrapper includes Python.h and is not pedantic-clean C99 (it casts object pointers to
 # function pointers), so it is compiled apart, with neither -std=c99 nor the caller's flags.
 _WRAPPER_FLAGS = ("-O3", "-fPIC")
@@ -69,9 +73,21 @@ def cache_dir() -> pathlib.Path:
     return (pathlib.Path(xdg) if xdg else pathlib.Path.home() / ".cache") / "graphc"
 
 
-def compile_flags() -> tuple[str, ...]:
-    """The default flags the model source is compiled with (before any extra_flags)."""
-    return _MODEL_FLAGS
+def compile_flags(cc: tuple[str, ...] | None = None) -> tuple[str, ...]:
+    """The default flags the model source is compiled with by `cc` (default $CC, else cc),
+    before any extra_flags."""
+    cc = cc or tuple(shlex.split(os.environ.get("CC") or "cc"))
+    return _GCC_MODEL_FLAGS if _is_gcc(cc) else _MODEL_FLAGS
+
+
+@functools.lru_cache(maxsize=None)
+def _is_gcc(cc: tuple[str, ...]) -> bool:
+    """GCC itself, not clang or another compiler that answers to its flags."""
+    try:
+        run = subprocess.run([*cc, "--version"], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return "Free Software Foundation" in run.stdout and "clang" not in run.stdout.lower()
 
 
 # Loaded modules by .so path (which embeds the key): a second build() in this process returns
@@ -112,7 +128,7 @@ def _commands(cc: tuple[str, ...], name: str,
     import sysconfig
     include = sysconfig.get_paths()["include"]
     return (
-        (*cc, *_MODEL_FLAGS, *extra_flags, "-c", f"{name}.c", "-o", f"{name}.o"),
+        (*cc, *compile_flags(cc), *extra_flags, "-c", f"{name}.c", "-o", f"{name}.o"),
         (*cc, *_WRAPPER_FLAGS, f"-I{include}", "-c", f"{_WRAPPER}.c", "-o", f"{_WRAPPER}.o"),
         (*cc, *_LINK_FLAGS, *extra_flags, f"{name}.o", f"{_WRAPPER}.o", "-o", _BUILT, "-lm"),
     )
@@ -159,14 +175,25 @@ def _compile(commands: tuple[tuple[str, ...], ...], name: str, modname: str, sou
         # compiler_verbose=False: no "generating ..." line on stdout.
         ffi.set_source(modname, f'#include "{name}.h"', compiler_verbose=False)
         ffi.emit_c_code(str(tmp / f"{_WRAPPER}.c"))
-        for command in commands:
-            run = subprocess.run(command, cwd=tmp, capture_output=True, text=True)
-            if run.returncode != 0:
+        *objects, link = commands
+        # The two objects compile at once: the wrapper is a sixth of a cold build, and the
+        # model's C keeps one core busy for the rest.
+        procs = [subprocess.Popen(c, cwd=tmp, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                  text=True) for c in objects]
+        results = []
+        for command, proc in zip(objects, procs):
+            out, err = proc.communicate()
+            results.append((command, proc.returncode, out, err))
+        if all(code == 0 for _, code, _, _ in results):
+            run = subprocess.run(link, cwd=tmp, capture_output=True, text=True)
+            results.append((link, run.returncode, run.stdout, run.stderr))
+        for command, code, out, err in results:
+            if code != 0:
                 where = (f"sources kept in {kept}" if keep
                          else "set GRAPHC_KEEP_SOURCES=1 to keep the sources")
                 raise CompileError(
-                    f"C compiler failed (exit {run.returncode}) building '{name}' ({where}):\n"
-                    f"$ {shlex.join(command)}\n{_trim(run.stderr + run.stdout)}")
+                    f"C compiler failed (exit {code}) building '{name}' ({where}):\n"
+                    f"$ {shlex.join(command)}\n{_trim(err + out)}")
         # A concurrent builder of the same key may overwrite our file with its identical one
         # (or we theirs); rename is atomic, so readers only ever see a whole file.
         os.replace(tmp / _BUILT, so_path)

@@ -345,6 +345,11 @@ def test_bound_calls_read_their_inputs_in_place_and_match_the_model():
     assert evaluate() == loss
     np.testing.assert_array_equal(evaluate.outputs["logits"], outs["logits"])
 
+    baked = graphc.compile(ROOT / "examples/mlp.yaml", dtype="float32", params=m.get_params())
+    predict = baked.bind("predict", x=x)
+    assert predict() is None
+    np.testing.assert_array_equal(predict.outputs["logits"], m.forward(x=x)["logits"])
+
 
 @pytest.mark.parametrize("kind, args, message", [
     ("gradients", {"batch": 2}, "kind must be one of forward, evaluate, train_step, predict"),
