@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import os
+import threading
 from pathlib import Path
 from typing import Mapping
 
@@ -126,7 +127,11 @@ class BoundCall(functools.partial):
 
     For a loop that refills the same buffers (a controller, an environment's policy, a
     training loop over a staged batch) it costs one cffi call, about 0.1 µs above the C:
-    no kwargs, checks or allocations per call. A partial object, so the call stays in C."""
+    no kwargs, checks or allocations per call. A partial object, so the call stays in C.
+
+    It takes no lock: it has its own work arena, so it may run beside the model's own calls
+    and other bound calls, except while the params change (a train step, `set_params`);
+    and one bound call must not run in two threads at once (its outputs are shared)."""
 
     kind: str
     batch: int
@@ -166,6 +171,10 @@ class CompiledModel:
         self._c_work = buffer(self._ctype, self._work)
         self._known = frozenset(graph.inputs)
         self._stages: dict[str, np.ndarray] = {}   # input -> aligned copy (_aligned)
+        # cffi releases the GIL during a C call, and every call shares the work arena (and
+        # a train step the params): two threads at once got 353 of 400 forwards wrong. One
+        # lock per model serializes them, for 0.1 µs a call.
+        self._lock = threading.Lock()
         # kind -> (C function, ((input, per-example shape), ...), ((output, shape), ...))
         self._calls = {kind: (getattr(self._lib, e.c_name),
                               tuple((i, cmodule.input_shapes[i]) for i in e.inputs),
@@ -181,14 +190,17 @@ class CompiledModel:
     # ------------------------------------------------------------ params
     def init_params(self, seed: int = 0) -> None:
         """Draw every param from its initializer with a seeded generator."""
-        self._params.set(init_params({p: (v.shape, v.init) for p, v in self.graph.params.items()},
-                                     seed))
+        drawn = init_params({p: (v.shape, v.init) for p, v in self.graph.params.items()}, seed)
+        with self._lock:
+            self._params.set(drawn)
 
     def set_params(self, params: Mapping[str, np.ndarray]) -> None:
-        self._params.set(params)
+        with self._lock:
+            self._params.set(params)
 
     def get_params(self) -> dict[str, np.ndarray]:
-        return self._params.get()
+        with self._lock:
+            return self._params.get()
 
     def save_params(self, path: str | os.PathLike) -> None:
         """Write the params to an .npz file, one array per param, in the model's dtype."""
@@ -196,7 +208,7 @@ class CompiledModel:
 
     def load_params(self, path: str | os.PathLike) -> None:
         """Read params saved by `save_params`; every param must be there, with its shape."""
-        self._params.set(load_params(path, self.graph))
+        self.set_params(load_params(path, self.graph))
 
     # ------------------------------------------------------------ calls
     def _work_for(self, n: int):
@@ -222,7 +234,7 @@ class CompiledModel:
         fn, inputs, outputs = call
         dtype, buffer, ctype = self.dtype, self._ffi.from_buffer, self._ctype
         ptrs, n = [], 0
-        if given.keys() <= self._known:
+        if len(given) == len(inputs):   # exactly the entry's inputs, or the slow path says why
             try:
                 for name, shape in inputs:
                     a = given[name]
@@ -265,46 +277,53 @@ class CompiledModel:
         return self._ffi.from_buffer(self._ctype, stage)
 
     def forward(self, **inputs) -> dict[str, np.ndarray]:
-        fn, n, work, ptrs, outs = self._prepare("forward", "run forward", inputs)
-        fn(self._c_params, work, n, *ptrs)
+        with self._lock:
+            fn, n, work, ptrs, outs = self._prepare("forward", "run forward", inputs)
+            fn(self._c_params, work, n, *ptrs)
         return outs
 
     def gradients(self, **inputs) -> tuple[float, dict[str, np.ndarray]]:
         """(batch-mean loss, gradient of it for every param)."""
-        fn, n, work, ptrs, _ = self._prepare("gradients", "take gradients", inputs)
-        loss = fn(self._c_params, self._c_grads, work, n, *ptrs)
-        return float(loss), self._params.get(self._grads)
+        with self._lock:
+            fn, n, work, ptrs, _ = self._prepare("gradients", "take gradients", inputs)
+            loss = fn(self._c_params, self._c_grads, work, n, *ptrs)
+            return float(loss), self._params.get(self._grads)
 
     def evaluate(self, **inputs) -> tuple[float, dict[str, np.ndarray]]:
         """(batch-mean loss, outputs) from one forward pass, no gradients."""
-        fn, n, work, ptrs, outs = self._prepare("evaluate", "evaluate", inputs)
-        loss = fn(self._c_params, work, n, *ptrs)
+        with self._lock:
+            fn, n, work, ptrs, outs = self._prepare("evaluate", "evaluate", inputs)
+            loss = fn(self._c_params, work, n, *ptrs)
         return float(loss), outs
 
     def train_step(self, **inputs) -> float:
         """One optimizer step in C on a batch; returns the batch-mean loss before the update."""
-        fn, n, work, ptrs, _ = self._prepare("train_step", "train", inputs)
-        return float(fn(self._c_params, self._c_state, work, n, *ptrs))
+        with self._lock:
+            fn, n, work, ptrs, _ = self._prepare("train_step", "train", inputs)
+            return fn(self._c_params, self._c_state, work, n, *ptrs)   # cffi gives a float
 
     def reset_optimizer(self) -> None:
         """Zero the optimizer state: the next step is a first step again."""
-        self._state[...] = 0
+        with self._lock:
+            self._state[...] = 0
 
     def optimizer_state(self) -> dict:
         """{"step": count, slot: {param: array}} with torch.optim's slot names; {} without
         an optimizer."""
         out: dict = {}
-        for slot, at in self.cmodule.state_offsets.items():
-            if slot == "step":
-                out["step"] = int(self._state[at])
-            else:
-                out[slot] = self._params.get(self._state[at:at + self.cmodule.params_size])
+        with self._lock:
+            for slot, at in self.cmodule.state_offsets.items():
+                if slot == "step":
+                    out["step"] = int(self._state[at])
+                else:
+                    out[slot] = self._params.get(self._state[at:at + self.cmodule.params_size])
         return out
 
     def predict(self, **inputs) -> dict[str, np.ndarray]:
         """The outputs from the params baked into the C (`compile(..., params=...)`)."""
-        fn, n, work, ptrs, outs = self._prepare("predict", "predict", inputs)
-        fn(work, n, *ptrs)
+        with self._lock:
+            fn, n, work, ptrs, outs = self._prepare("predict", "predict", inputs)
+            fn(work, n, *ptrs)
         return outs
 
     def bind(self, kind: str = "forward", batch: int | None = None, **inputs) -> BoundCall:
@@ -346,8 +365,10 @@ class CompiledModel:
                .reshape(n, *self.cmodule.input_shapes[name]) for name in entry.inputs}
         outs = {name: aligned_zeros(n * _size(self.cmodule.output_shapes[name]), self.dtype)
                 .reshape(n, *self.cmodule.output_shapes[name]) for name in entry.outputs}
-        pointer = {"params": self._c_params, "state": self._c_state, "work": self._work_for(n)}
         buffer = self._ffi.from_buffer
+        # A work arena of its own: a bound forward may run beside the model's calls.
+        work = buffer(self._ctype, aligned_zeros(self.cmodule.work_elements(n), self.dtype))
+        pointer = {"params": self._c_params, "state": self._c_state, "work": work}
         args = [pointer[p] for p in _BOUND_LEAD[kind]] + [n] + \
             [buffer(self._ctype, a) for a in (*ins.values(), *outs.values())]
         bound = BoundCall(getattr(self._lib, entry.c_name), *args)

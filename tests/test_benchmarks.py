@@ -95,3 +95,14 @@ def test_quietly_retries_while_the_machine_is_busy():
     assert load is None or load >= 0
     _, _, attempts = quietly(lambda: None, Options(retries=2, busy=float("inf"), pause=0.0))
     assert attempts == 1
+
+
+def test_prep_runs_cold_then_warm_in_fresh_processes(tmp_path):
+    """benchmarks/prep.py: a cold child builds, a warm one finds the build, and each also
+    times a second compile of the same graph in its own process."""
+    from benchmarks import prep
+    cold = prep.run([4, 3], str(tmp_path))
+    warm = prep.run([4, 3], str(tmp_path))
+    assert not cold["cached"] and warm["cached"]
+    for r in (cold, warm):
+        assert r["c_bytes"] > 0 and r["again"] > 0 and r["compile"] > 0
