@@ -23,14 +23,14 @@ from pathlib import Path
 
 import numpy as np
 
-from codegen.build import compile_flags
+from codegen.build import c_compiler, compile_flags
 from codegen.targets import get_target
 
 from .timing import Options, Timing
 
 
 def cc() -> tuple[str, ...]:
-    return tuple(shlex.split(os.environ.get("CC") or "cc"))
+    return c_compiler()
 
 
 def host_flags() -> tuple[str, ...]:

@@ -73,10 +73,15 @@ def cache_dir() -> pathlib.Path:
     return (pathlib.Path(xdg) if xdg else pathlib.Path.home() / ".cache") / "graphc"
 
 
+def c_compiler() -> tuple[str, ...]:
+    """The C compiler command: $CC split as a shell would, else cc."""
+    return tuple(shlex.split(os.environ.get("CC") or "cc"))
+
+
 def compile_flags(cc: tuple[str, ...] | None = None) -> tuple[str, ...]:
-    """The default flags the model source is compiled with by `cc` (default $CC, else cc),
+    """The default flags the model source is compiled with by `cc` (default `c_compiler()`),
     before any extra_flags."""
-    cc = cc or tuple(shlex.split(os.environ.get("CC") or "cc"))
+    cc = cc or c_compiler()
     return _GCC_MODEL_FLAGS if _is_gcc(cc) else _MODEL_FLAGS
 
 
@@ -105,7 +110,7 @@ def build(name: str, source: str, header: str, cdef: str, *,
     select: the same text with the same flags is a different binary on another CPU.
     """
     import sysconfig
-    cc = tuple(shlex.split(os.environ.get("CC") or "cc"))
+    cc = c_compiler()
     commands = _commands(cc, name, tuple(extra_flags))
     key = _key(name, source, header, cdef, _compiler_id(cc) + "\n" + machine, commands)
     modname = f"_graphc_{name}_{key[:16]}"   # distinct per model and version in sys.modules
@@ -277,7 +282,7 @@ def _compiler_stamp(cc: tuple[str, ...]) -> str:
 
 def prepared_key(*parts: str) -> str:
     import sympy
-    cc = tuple(shlex.split(os.environ.get("CC") or "cc"))
+    cc = c_compiler()
     digest = hashlib.sha256()
     # EXTENSION_SUFFIXES[0] names this interpreter's ABI as EXT_SUFFIX does, without
     # loading sysconfig's data (half a millisecond).

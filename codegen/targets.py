@@ -20,11 +20,11 @@ import dataclasses
 import functools
 import hashlib
 import os
-import shlex
 import subprocess
 import tempfile
 from dataclasses import dataclass
 
+from .build import c_compiler
 from .plan import ALIGN
 
 # What the generated C is checked under on every target (tests/test_embedded.py).
@@ -256,7 +256,7 @@ def host_target() -> Target:
     $GRAPHC_HOST_VECTOR_BYTES says otherwise. The same machine, compiler and environment
     give the same target, hence the same C."""
     base = TARGETS["host"]
-    cc = tuple(shlex.split(os.environ.get("CC") or "cc"))
+    cc = c_compiler()
     compiler = probe_host_compiler(cc)
     override = vector_bytes_override()
     if override is not None:
@@ -301,7 +301,7 @@ def target_identity(name: str) -> str:
     if cpu is None:
         return repr(host_target())
     from .build import CompileError, _compiler_stamp   # lazily: not needed to describe targets
-    cc = tuple(shlex.split(os.environ.get("CC") or "cc"))
+    cc = c_compiler()
     try:
         stamp = _compiler_stamp(cc)
     except CompileError:   # no compiler: the build says so; the key need not
