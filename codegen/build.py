@@ -18,10 +18,12 @@ import os
 import pathlib
 import shlex
 import shutil
+import struct
 import subprocess
 import sys
 import tempfile
 import threading
+import time
 from dataclasses import dataclass
 
 from graphc.errors import GraphcError
@@ -78,6 +80,38 @@ def c_compiler() -> tuple[str, ...]:
     return tuple(shlex.split(os.environ.get("CC") or "cc"))
 
 
+# What `graphc compile` checks the C it writes under, with the target's warnings: -O2
+# because some warnings (-Wmaybe-uninitialized, array bounds) come from the optimizer.
+STRICT_FLAGS = ("-std=c99", "-Wall", "-Wextra", "-Wpedantic", "-Werror")
+
+
+def check_strict(name: str, source: str, header: str,
+                 flags: tuple[str, ...] = STRICT_FLAGS) -> bool:
+    """Compile `<name>.c` (which includes `<name>.h`) to an object file in a temporary
+    directory under `flags` (warnings as errors), -O2 and -c. True when it compiles
+    cleanly, False when there is no C compiler to ask; a CompileError naming the compiler's
+    first error line when it does not compile."""
+    cc = c_compiler()
+    if not cc or shutil.which(cc[0]) is None:
+        return False
+    command = [*cc, *flags, "-O2", "-c", f"{name}.c", "-o", f"{name}.o"]
+    try:
+        with tempfile.TemporaryDirectory(prefix="graphc-check-") as tmp:
+            pathlib.Path(tmp, f"{name}.c").write_text(source, encoding="utf-8")
+            pathlib.Path(tmp, f"{name}.h").write_text(header, encoding="utf-8")
+            run = subprocess.run(command, cwd=tmp, capture_output=True, text=True)
+    except OSError as e:
+        raise GraphcError(f"cannot test-compile the generated C for '{name}': "
+                          f"{e.strerror or e}") from None
+    if run.returncode == 0:
+        return True
+    lines = [line.strip() for line in (run.stderr + run.stdout).splitlines() if line.strip()]
+    first = next((line for line in lines if ": error" in line),
+                 next((line for line in lines if "error" in line),
+                      lines[0] if lines else f"{shlex.join(command)} exited with {run.returncode}"))
+    raise CompileError(f"the generated C for '{name}' does not compile cleanly: {first}")
+
+
 def compile_flags(cc: tuple[str, ...] | None = None) -> tuple[str, ...]:
     """The default flags the model source is compiled with by `cc` (default `c_compiler()`),
     before any extra_flags."""
@@ -120,10 +154,53 @@ def build(name: str, source: str, header: str, cdef: str, *,
         module = _loaded.get(so_path)
         cached = module is not None or os.path.exists(so_path)
         if module is None:
-            if not cached:
+            if cached:
+                module = _load_or_none(modname, so_path)
+                if module is None:   # a damaged entry (truncated, emptied): build it again
+                    _discard(so_path)
+                    cached = False
+            if module is None:
                 _compile(commands, name, modname, source, header, cdef, cache, so_path)
-            module = _loaded[so_path] = _load(modname, so_path)
+                module = _load(modname, so_path)   # a fresh build that fails to load is a bug
+            _loaded[so_path] = module
     return BuildResult(module.ffi, module.lib, so_path, key, cached)
+
+
+def _cache_error(cache: pathlib.Path, e: OSError) -> GraphcError:
+    why = "it is not a directory" if isinstance(e, FileExistsError) else e.strerror or str(e)
+    return GraphcError(f"cannot use the build cache {cache}: {why}; set GRAPHC_CACHE_DIR "
+                       "to a writable directory")
+
+
+# A build directory untouched this long was left by a builder that was killed (kill -9, a
+# power cut); a younger one may belong to a concurrent builder, whose compiler steps touch it
+# every few seconds at most.
+STALE_SECONDS = 3600
+
+
+def remove_stale(cache: pathlib.Path, now: float | None = None) -> None:
+    """Remove the build directories (`*.tmp-*`) and staged files (`.*.tmp`) that dead
+    builders left in `cache`, once they are STALE_SECONDS old. Never fails."""
+    now = time.time() if now is None else now
+    try:
+        entries = list(os.scandir(cache))
+    except OSError:
+        return
+    for entry in entries:
+        name = entry.name
+        build_dir = name.startswith("_graphc_") and ".tmp-" in name
+        staged = name.startswith("._graphc_") and name.endswith(".tmp")
+        if not (build_dir or staged):
+            continue
+        try:
+            if now - entry.stat(follow_symlinks=False).st_mtime < STALE_SECONDS:
+                continue
+            if build_dir and entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(entry.path, ignore_errors=True)
+            elif staged and entry.is_file(follow_symlinks=False):
+                os.unlink(entry.path)
+        except OSError:
+            pass   # gone already (another builder cleaned it), or not ours to remove
 
 
 def _commands(cc: tuple[str, ...], name: str,
@@ -167,13 +244,20 @@ def _key(name: str, source: str, header: str, cdef: str, compiler: str,
 def _compile(commands: tuple[tuple[str, ...], ...], name: str, modname: str, source: str,
              header: str, cdef: str, cache: pathlib.Path, so_path: str) -> None:
     """Build in a private temporary directory and publish the .so atomically."""
-    cache.mkdir(parents=True, exist_ok=True)
-    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f"{modname}.tmp-", dir=cache))
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+        tmp = pathlib.Path(tempfile.mkdtemp(prefix=f"{modname}.tmp-", dir=cache))
+    except OSError as e:   # a regular file in the way, or no permission
+        raise _cache_error(cache, e) from None
+    remove_stale(cache)
     keep = os.environ.get("GRAPHC_KEEP_SOURCES") == "1"
     kept = cache / f"{modname}.src"
     try:
-        (tmp / f"{name}.c").write_text(source, encoding="utf-8")
-        (tmp / f"{name}.h").write_text(header, encoding="utf-8")
+        try:
+            (tmp / f"{name}.c").write_text(source, encoding="utf-8")
+            (tmp / f"{name}.h").write_text(header, encoding="utf-8")
+        except OSError as e:   # a full disk or quota
+            raise _cache_error(cache, e) from None
         import cffi
         ffi = cffi.FFI()
         ffi.cdef(cdef)
@@ -201,7 +285,10 @@ def _compile(commands: tuple[tuple[str, ...], ...], name: str, modname: str, sou
                     f"$ {shlex.join(command)}\n{_trim(err + out)}")
         # A concurrent builder of the same key may overwrite our file with its identical one
         # (or we theirs); rename is atomic, so readers only ever see a whole file.
-        os.replace(tmp / _BUILT, so_path)
+        try:
+            os.replace(tmp / _BUILT, so_path)
+        except OSError as e:
+            raise _cache_error(cache, e) from None
     finally:
         if keep:
             try:
@@ -313,7 +400,10 @@ def load_prepared(key: str):
             if not os.path.exists(so_path):
                 return None
             modname = pathlib.Path(so_path).name.split(".")[0]
-            module = _loaded[so_path] = _load(modname, so_path)
+            module = _load_or_none(modname, so_path)
+            if module is None:   # damaged: not prepared (build() replaces the .so)
+                return None
+            _loaded[so_path] = module
     return cmodule, BuildResult(module.ffi, module.lib, so_path, build_key, True)
 
 
@@ -337,3 +427,63 @@ def _load(modname: str, path: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def _load_or_none(modname: str, path: str):
+    """The module of a cache entry, or None when the file is damaged: cut short (a full
+    disk, a partial copy of the cache) or not a loadable module at all."""
+    if _elf_truncated(path):
+        return None
+    try:
+        return _load(modname, path)
+    except (ImportError, OSError):
+        return None
+
+
+def _discard(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass   # a concurrent builder removed or replaced it already
+    except OSError as e:
+        raise _cache_error(pathlib.Path(path).parent, e) from None
+
+
+def _elf_truncated(path: str) -> bool:
+    """True for an ELF file that ends before its loadable segments or its section table do.
+    dlopen maps such a file and then dies of SIGBUS touching the missing pages, instead of
+    failing, so it is checked first (a few microseconds). Other files are left to dlopen."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(64)
+            size = os.fstat(f.fileno()).st_size
+            if len(head) < 52 or head[:4] != b"\x7fELF" or head[4] not in (1, 2) \
+                    or head[5] not in (1, 2):
+                return False
+            wide, end = head[4] == 2, "<" if head[5] == 1 else ">"
+            if wide and len(head) < 64:
+                return True
+            if wide:
+                phoff, shoff = struct.unpack_from(end + "QQ", head, 0x20)
+                phentsize, phnum, shentsize, shnum = struct.unpack_from(end + "4H", head, 0x36)
+            else:
+                phoff, shoff = struct.unpack_from(end + "II", head, 0x1C)
+                phentsize, phnum, shentsize, shnum = struct.unpack_from(end + "4H", head, 0x2A)
+            if phentsize < (56 if wide else 32) or phoff + phnum * phentsize > size \
+                    or shoff + shnum * shentsize > size:
+                return True
+            f.seek(phoff)
+            table = f.read(phnum * phentsize)
+    except OSError:
+        return False   # unreadable: dlopen says why
+    for k in range(phnum):
+        at = k * phentsize
+        if wide:
+            offset, = struct.unpack_from(end + "Q", table, at + 8)
+            filesz, = struct.unpack_from(end + "Q", table, at + 32)
+        else:
+            offset, = struct.unpack_from(end + "I", table, at + 4)
+            filesz, = struct.unpack_from(end + "I", table, at + 16)
+        if offset + filesz > size:
+            return True
+    return False

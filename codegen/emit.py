@@ -19,11 +19,12 @@ import textwrap
 import numpy as np
 import sympy as sp
 
+from graphc.errors import SpecError
 from graphc.ir import ACC, BATCH, Buffer, Kernel
 
 from .cmodule import CModule, Entry   # apart, so that unpickling one needs no emitter
 from .plan import fuse, plan
-from .printer import C_TYPES, GraphcPrinter, c_array, prepare
+from .printer import C_TYPES, GraphcPrinter, LiteralRangeError, c_array, helper_source, prepare
 from .targets import Target, get_target
 from .tiles import BlockedWriter, operands, tiling, wants_helpers
 
@@ -80,10 +81,12 @@ def schedule(kern: Kernel, buffers: dict[str, Buffer]) -> tuple[list[sp.Symbol],
     return reduce_order, "reduce"
 
 
-def _invariant_calls(body: sp.Expr, loops) -> list[tuple[sp.Symbol, sp.Expr]]:
-    """Function calls (log, exp, ...) in `body` that do not depend on `loops`, outermost
-    first, each with a temporary to compute it once before those loops: C compilers do
-    not hoist libm calls that may set errno."""
+def hoist_invariant_calls(body: sp.Expr, loops) -> tuple[list[tuple[sp.Symbol, sp.Expr]],
+                                                         sp.Expr]:
+    """Function calls (log, exp, ...) in `body` that do not depend on `loops`, each with a
+    temporary to compute it once before those loops (C compilers do not hoist libm calls
+    that may set errno), and the body reading the temporaries. Outermost calls only, each
+    once: a call inside a hoisted one is computed with it."""
     found: list[sp.Expr] = []
     stack = [body]
     while stack:
@@ -95,7 +98,14 @@ def _invariant_calls(body: sp.Expr, loops) -> list[tuple[sp.Symbol, sp.Expr]]:
                 found.append(e)
             continue
         stack.extend(reversed(e.args))
-    return [(sp.Symbol(f"u{k}", real=True), e) for k, e in enumerate(found)]
+    temps: list[tuple[sp.Symbol, sp.Expr]] = []
+    for call in found:
+        # An earlier temporary may be inside this call (u0 = tanh(p), then exp(u0)).
+        call = call.xreplace(dict((c, u) for u, c in temps))
+        if body.has(call):
+            temps.append((sp.Symbol(f"u{len(temps)}", real=True), call))
+            body = body.xreplace({call: temps[-1][0]})
+    return temps, body
 
 
 def common_subexpressions(exprs, printer) -> tuple[list[tuple[str, str]], list[str]]:
@@ -128,11 +138,25 @@ class Emitter:
         self._count = 0
         self._emitted: dict[str, str] = {}
         self._printed: dict[tuple, tuple[str, list[str], bool]] = {}
+        self._printers: list[GraphcPrinter] = []
+        self.constant_fields: dict[str, str] = {}   # node -> the spec field its constants are in
 
     # -------------------------------------------------------- kernels
     def kernel(self, kern: Kernel, buffers: dict[str, Buffer]) -> tuple[str, list[str], bool]:
         """Emit one static kernel function; returns its name, its buffer arguments and
         whether it takes the batch size."""
+        try:
+            return self._kernel(kern, buffers)
+        except LiteralRangeError as e:
+            raise SpecError(f"{e}: compile with dtype float64, or change the constant",
+                            node=kern.node, field=self.constant_fields.get(kern.node)) from None
+
+    def printer(self, arrays: dict) -> GraphcPrinter:
+        p = GraphcPrinter(self.dtype, arrays)
+        self._printers.append(p)
+        return p
+
+    def _kernel(self, kern: Kernel, buffers: dict[str, Buffer]) -> tuple[str, list[str], bool]:
         reads = kern.reads()
         assert kern.out not in reads, f"{kern.node}: kernel reads its own output"
         args = [kern.out] + reads
@@ -142,7 +166,7 @@ class Emitter:
         if memo in self._printed:
             return self._printed[memo]
         cvar = {b: f"a{k}" for k, b in enumerate(args)}
-        printer = GraphcPrinter(self.dtype, {b: (cvar[b], buffers[b]) for b in args})
+        printer = self.printer({b: (cvar[b], buffers[b]) for b in args})
         strides = _strides(kern, buffers) if self.target.vector_bytes else []
         tiled = tiling(kern, strides, self.target.vector_bytes,
                        np.dtype(self.dtype).itemsize) if self.target.vector_bytes else None
@@ -209,10 +233,9 @@ class Emitter:
             depth = open_loops(outer, depth)
             start = "-INFINITY" if kern.mode == "max" else "0"
             lines.append("    " * depth + f"{r} acc = {start};")
-            body = kern.body
-            for u, call in _invariant_calls(body, red):
+            hoisted, body = hoist_invariant_calls(kern.body, red)
+            for u, call in hoisted:
                 lines.append("    " * depth + f"const {r} {u} = {printer.doprint(prepare(call))};")
-                body = body.xreplace({call: u})
             depth = open_loops([s for s in order if s in red], depth)
             (value,) = statements([body], depth)
             if kern.mode == "max":
@@ -297,16 +320,24 @@ class Emitter:
     def optimizer_step(self, rule, params_size: int, state_offsets: dict[str, int]) -> str:
         """The static update function: the rule's formulas printed in one flat loop."""
         r = self.real
-        printer = GraphcPrinter(self.dtype, {})
+        printer = self.printer({})
         args = [f"{r} *restrict params", f"const {r} *restrict grads", f"{r} *restrict state"]
         # A float count is exact up to 2^24 steps (torch keeps its count as float32 too).
         at = state_offsets["step"]
         lines = [comment(f"optimizer step: {rule.name}, as torch.optim computes it"),
                  f"static void optimizer_step({', '.join(args)})", "{",
                  f"    const {r} t = state[{at}] + 1;", f"    state[{at}] = t;"]
+        if params_size == 0:   # a model without params: only the count moves
+            return "\n".join(lines[:3] + ["    (void)params;", "    (void)grads;"]
+                              + lines[3:] + ["}"])
         for sym, expr in rule.scalars:
             lines.append(f"    const {r} {sym} = {printer.doprint(prepare(rule.numeric(expr)))};")
-        used_in_steps = set().union(*[e.free_symbols for _, e in rule.steps])
+        # What the steps read before writing it: with a beta of 0, Adam's update never
+        # reads the old exp_avg, and loading it would be an unused variable.
+        used_in_steps, assigned = set(), set()
+        for sym, e in rule.steps:
+            used_in_steps |= rule.numeric(e).free_symbols - assigned
+            assigned.add(sym)
         lines.append(f"    for (size_t i = 0; i < {params_size}; ++i) {{")
         from graphc.optim import G, P
         loads = {P: "params[i]", G: "grads[i]"}
@@ -358,6 +389,8 @@ class Emitter:
                  "#include <math.h>", "#include <stddef.h>", "#include <stdint.h>",
                  f'#include "{self.name}.h"', ""]
         parts += [t + "\n" for t in self.tables]
+        used = set().union(*(p.helpers_used for p in self._printers))
+        parts += [helper_source(h, self.dtype) + "\n" for h in sorted(used)]
         parts += [h + "\n" for h in self.helpers.values()]
         parts += [k + "\n" for k in self.kernels]
         parts += [e + "\n" for e in self.entries]
@@ -407,13 +440,23 @@ def emit(graph, derivation, dtype: str = "float32", params=None, target="c99",
 
     name = graph.name
     em = Emitter(name, dtype, tgt)
+    for node, v in graph.nodes.items():   # where a kernel's constants come from, for errors
+        em.constant_fields[node] = "expr" if v.op == "elementwise" else next(
+            (a for a, value in v.attrs.items() if isinstance(value, float)), None)
     M = em.macro
     offsets, params_size = param_layout(graph)
     entries: dict[str, Entry] = {}
     training = graph.loss is not None and params is None
 
+    def inputs_of(targets) -> tuple[str, ...]:
+        """The graph inputs the targets depend on, in declaration order. From the graph, not
+        from what the C reads: a formula may cancel an input (`x - x + c`), and the batch
+        size must still come from it."""
+        needed = graph.ancestors(targets)
+        return tuple(i for i in graph.inputs if i in needed)
+
     fwd = fuse(derivation.forward)
-    fwd_inputs = tuple(i for i in graph.inputs if i in fwd.buffers)
+    fwd_inputs = inputs_of(graph.outputs)
     entries["forward"] = Entry("forward", f"{name}_forward", fwd, plan(fwd, tgt.align),
                                fwd_inputs, tuple(graph.outputs))
     if params is not None:
@@ -422,12 +465,11 @@ def emit(graph, derivation, dtype: str = "float32", params=None, target="c99",
     if training:
         ev = fuse(derivation.evaluation)
         entries["evaluate"] = Entry("evaluate", f"{name}_evaluate", ev, plan(ev, tgt.align),
-                                    tuple(i for i in graph.inputs if i in ev.buffers),
+                                    inputs_of([*graph.outputs, graph.loss]),
                                     tuple(graph.outputs), LOSS_MEAN)
         grad = fuse(derivation.gradients)
         entries["gradients"] = Entry("gradients", f"{name}_gradients", grad,
-                                     plan(grad, tgt.align),
-                                     tuple(i for i in graph.inputs if i in grad.buffers), (),
+                                     plan(grad, tgt.align), inputs_of([graph.loss]), (),
                                      LOSS_MEAN)
     em.use_helpers = wants_helpers(e.program for e in entries.values())
     rule = update_rule(graph.optimizer) if training and graph.optimizer else None
@@ -511,7 +553,11 @@ def emit(graph, derivation, dtype: str = "float32", params=None, target="c99",
             "Returns the mean over the batch of the per-example loss. Arrays must not overlap."]))
     if rule:
         e = entries["train_step"]
-        em.kernels.append(em.optimizer_step(rule, params_size, state_offsets))
+        try:
+            em.kernels.append(em.optimizer_step(rule, params_size, state_offsets))
+        except LiteralRangeError as err:
+            raise SpecError(f"{err}: compile with dtype float64, or change the value",
+                            node="optimizer") from None
         hyper = ", ".join(f"{s}={v!r}" for s, v in rule.values.items())
         em.train_step(e, entries["gradients"], _doc([
             f"{e.c_name}: one {rule.name} step ({hyper}) on a batch of n examples:",

@@ -17,10 +17,13 @@ from dataclasses import dataclass
 
 import sympy as sp
 
-from graphc.ir import BATCH, Buffer, Kernel, Program
+from graphc.ir import BATCH, Buffer, Kernel, Program, tree_size
 
 EXTERNAL = ("input", "param", "output", "grad")
 ALIGN = 16  # elements: 64-byte alignment for float32, 128 for float64 (cache lines, SIMD)
+# Fusion stops when a kernel's expression would pass this many nodes (counted as a tree):
+# past it, storing the value is cheaper than recomputing it, and SymPy's walks stay fast.
+MAX_FUSED_SIZE = 600
 
 
 def _writers(prog: Program, name: str) -> list[int]:
@@ -65,8 +68,11 @@ def _try_inline(prog: Program, p: int) -> bool:
     if any(prog.kernels[k].out in P.reads() for k in range(p + 1, c)):
         return False
     value = P.body.xreplace(dict(zip((s for s, _ in P.loops), a.indices)))
-    prog.kernels[c] = Kernel(C.out, C.out_index, C.loops, C.body.xreplace({a: value}), C.mode,
-                             C.post.xreplace({a: value}), C.node, f"{C.note}, {P.node} inlined")
+    body, post = C.body.xreplace({a: value}), C.post.xreplace({a: value})
+    if tree_size(body, MAX_FUSED_SIZE) + tree_size(post, MAX_FUSED_SIZE) > MAX_FUSED_SIZE:
+        return False   # `h * sigmoid(h)` nodes in a chain would double the body at each one
+    prog.kernels[c] = Kernel(C.out, C.out_index, C.loops, body, C.mode, post, C.node,
+                             f"{C.note}, {P.node} inlined")
     del prog.kernels[p]
     return True
 
@@ -78,10 +84,14 @@ def _try_epilogue(prog: Program, p: int) -> bool:
     if c is None or P.mode != "sum":
         return False
     C = prog.kernels[c]
-    out_loops = [s for s, _ in P.loops if s not in P.reduction_loops()]
+    out_loops = [(s, e) for s, e in P.loops if s not in P.reduction_loops()]
+    # The reader must visit exactly the reduction's output points: same count and extents
+    # (a concat's slice `a.grad = c.grad[:, :5]` reads only part of an 8-wide c.grad).
     if C.mode != "assign" or not _is_plain_map(C, prog.buffers[C.out]) \
-            or len(C.loops) != len(out_loops) or len(_writers(prog, C.out)) != 1:
+            or [e for _, e in C.loops] != [e for _, e in out_loops] \
+            or len(_writers(prog, C.out)) != 1:
         return False
+    out_loops = [s for s, _ in out_loops]
     if any(prog.kernels[k].out in C.reads() for k in range(p + 1, c)):
         return False
     # Rename the reader's loops to the reduction's output loops, then check the read.
@@ -96,6 +106,8 @@ def _try_epilogue(prog: Program, p: int) -> bool:
         return False
     out_index = tuple(sp.sympify(i).xreplace(to_p) for i in C.out_index)
     post = body.xreplace({prog.buffers[P.out].base[mine]: P.post})
+    if tree_size(post, MAX_FUSED_SIZE) > MAX_FUSED_SIZE:
+        return False
     prog.kernels[p] = Kernel(C.out, out_index, P.loops, P.body, "sum", post, C.node,
                              f"{P.node} with {C.node} as epilogue")
     del prog.kernels[c]

@@ -25,6 +25,43 @@ class GraphcPrinter(C99CodePrinter):
                           "error_on_reserved": True, "math_macros": {}})
         self.dtype = dtype
         self.arrays = arrays
+        self.helpers_used: set[str] = set()   # HELPERS the printed text calls
+
+    def _helper(self, name: str, *args) -> str:
+        self.helpers_used.add(name)
+        return f"{name}({', '.join(self._print(a) for a in args)})"
+
+    def _print_sigmoid(self, expr):
+        return self._helper("sigmoid", *expr.args)
+
+    def _print_softplus(self, expr):
+        return self._helper("softplus", *expr.args)
+
+    def _print_relu(self, expr):
+        return self._helper("relu", *expr.args)
+
+    def _print_leaky_relu(self, expr):
+        return self._helper("leaky_relu", *expr.args)
+
+    def _print_Max(self, expr):
+        # libm's fmax drops a NaN operand; torch.maximum propagates it.
+        return self._nested("maximum", expr.args)
+
+    def _print_Min(self, expr):
+        return self._nested("minimum", expr.args)
+
+    def _nested(self, name: str, args) -> str:
+        self.helpers_used.add(name)
+        text = self._print(args[0])
+        for a in args[1:]:
+            text = f"{name}({text}, {self._print(a)})"
+        return text
+
+    def _print_BooleanTrue(self, expr):
+        return "1"   # C99 has no `true` without <stdbool.h>
+
+    def _print_BooleanFalse(self, expr):
+        return "0"
 
     def _print_Indexed(self, expr):
         var, buf = self.arrays[str(expr.base.label)]
@@ -53,14 +90,21 @@ class GraphcPrinter(C99CodePrinter):
         return text
 
     def _print_Float(self, expr):
-        # Round-trip digits: repr of the double, never the 15-digit default.
-        text = repr(float(expr))
-        if "e" not in text and "." not in text and "inf" not in text:
-            text += ".0"
-        return text + ("F" if self.dtype == "float32" else "")
+        """Round-trip digits (never the 15-digit default). A formula's constant that
+        overflows the type, or is nonzero and rounds to zero in it, raises
+        LiteralRangeError: the compiler would warn and the value would be wrong."""
+        value = float(expr)
+        with np.errstate(over="ignore", under="ignore"):
+            cast = np.float32(value) if self.dtype == "float32" else np.float64(value)
+        if not np.isfinite(cast) or (value != 0 and cast == 0):
+            raise LiteralRangeError(f"constant {value!r} is out of the range of "
+                                    f"{C_TYPES[self.dtype]} ({self.dtype})")
+        return c_literal(value, self.dtype)
 
     def _print_Rational(self, expr):
-        return f"{self._print_Float(sp.Float(expr.p))}/{self._print_Float(sp.Float(expr.q))}"
+        if max(abs(expr.p), expr.q) < 2**24:   # both exact in float: the division rounds once
+            return f"{self._print_Float(sp.Float(expr.p))}/{self._print_Float(sp.Float(expr.q))}"
+        return self._print_Float(sp.Float(expr, 20))
 
     def _print_NumberSymbol(self, expr):
         # pi, E, ...: a literal (the base printer would declare a variable mid-expression).
@@ -69,7 +113,10 @@ class GraphcPrinter(C99CodePrinter):
     _print_Pi = _print_Exp1 = _print_EulerGamma = _print_GoldenRatio = _print_NumberSymbol
 
     def _print_Integer(self, expr):
-        return str(int(expr))
+        # An int literal beyond 32 bits is not portable C (and 10**20 fits no integer type):
+        # large values are floating constants.
+        value = int(expr)
+        return str(value) if abs(value) < 2**31 else self._print_Float(sp.Float(value))
 
     def _print_Piecewise(self, expr):
         # On one line, `((c) ? (a) : (b))`; the base printer breaks it over six lines.
@@ -97,6 +144,29 @@ def prepare(expr: sp.Expr) -> sp.Expr:
     """Rewrites applied before printing: small integer powers become products."""
     optimize, expand = _expand_small_pows()
     return optimize(expr, [expand])
+
+
+class LiteralRangeError(ValueError):
+    """A constant has no finite value in the C type (e.g. 1e300 as float)."""
+
+
+# The C text a helper name calls, for one C type `T` and its libm suffix `F`.
+HELPERS = {
+    "sigmoid": "static T sigmoid(T x)\n{\n    return 1 / (1 + expF(-x));\n}",
+    # max(x, 0) + log(1 + exp(-|x|)): exp never overflows; NaN stays NaN.
+    "softplus": "static T softplus(T x)\n{\n    return (x > 0 ? x : 0) + log1pF(expF(-fabsF(x)));\n}",
+    # The negative side is the guarded one, so that NaN propagates, as in torch.
+    "relu": "static T relu(T x)\n{\n    return x <= 0 ? 0 : x;\n}",
+    "leaky_relu": "static T leaky_relu(T x, T alpha)\n{\n    return x <= 0 ? alpha * x : x;\n}",
+    # As torch.maximum and torch.minimum: a NaN operand gives NaN.
+    "maximum": "static T maximum(T a, T b)\n{\n    return (a > b || isnan(a)) ? a : b;\n}",
+    "minimum": "static T minimum(T a, T b)\n{\n    return (a < b || isnan(a)) ? a : b;\n}",
+}
+
+
+def helper_source(name: str, dtype: str) -> str:
+    suffix = "f" if dtype == "float32" else ""
+    return HELPERS[name].replace("T ", C_TYPES[dtype] + " ").replace("F(", suffix + "(")
 
 
 def c_literal(x: float, dtype: str) -> str:

@@ -72,13 +72,25 @@ def _parser() -> argparse.ArgumentParser:
 
 def _compile(args) -> int:
     from . import generate
+    from .model import MAX_BATCH
+    from codegen.build import check_strict
     from codegen.files import write_all
     from codegen import report as memory
-    from codegen.targets import TARGETS as TARGET_INFO
-    if args.max_batch is not None and args.max_batch < 1:
-        raise GraphcError(f"--max-batch must be at least 1, got {args.max_batch}")
+    from codegen.targets import TARGETS as TARGET_INFO, get_target
+    if args.max_batch is not None and not 1 <= args.max_batch <= MAX_BATCH:
+        raise GraphcError(f"--max-batch must lie in 1..{MAX_BATCH} (2^24), got "
+                          f"{args.max_batch}")
     graph, cm = generate(args.spec, args.dtype, params=args.params, target=args.target,
                          max_batch=args.max_batch)
+    # What is written must build: test-compile it under the target's warnings as errors
+    # before writing anything.
+    try:
+        checked = check_strict(cm.name, cm.source, cm.header, get_target(args.target).check_flags)
+    except GraphcError as e:
+        raise GraphcError(f"{e}; nothing written") from None
+    if not checked:
+        print("graphc: warning: no C compiler found (install one or set $CC), so the "
+              "generated C was written without a test compile", file=sys.stderr)
     report = memory.memory_report(cm)
     if TARGET_INFO[args.target].embedded:
         memory.add_firmware(report, cm, args.target, memory.initial_params(graph, cm))
@@ -153,7 +165,14 @@ def _train(args) -> int:
 
 def _explain(args) -> int:
     from .explain import explain
+    from .npz import MAX_NPZ_MEMBER_BYTES, NpzReader
     at = None if args.at == "none" else args.at
+    if at not in (None, "random"):
+        # Read here, defensively (a damaged or renamed file is one clear error, a zip bomb
+        # is refused unread), and hand explain the arrays.
+        with NpzReader(at, "--at arrays") as z:
+            z.refuse_larger_than(MAX_NPZ_MEMBER_BYTES, "more than any model's params")
+            at = z.read_all()
     text = explain(args.spec, wrt=args.wrt, at=at, seed=args.seed).render(args.format)
     if args.out is None:
         sys.stdout.write(text)
@@ -170,6 +189,8 @@ def _explain(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
+        if getattr(args, "seed", 0) < 0:   # NumPy's generators refuse them with a traceback
+            raise GraphcError(f"--seed must be a non-negative integer, got {args.seed}")
         if args.command == "compile":
             return _compile(args)
         if args.command == "train":

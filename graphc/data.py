@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import zipfile
 from pathlib import Path
 from typing import Mapping
 
@@ -10,6 +9,7 @@ import numpy as np
 
 from .errors import GraphcError, InputError
 from .model import batch_arrays
+from .npz import NpzReader
 
 DIGITS_IMAGES = ((64,), (8, 8))
 DIGITS_LABELS = (10,)
@@ -23,9 +23,18 @@ def check_arrays(graph, data, dtype, where: str) -> tuple[dict[str, np.ndarray],
                          f"({', '.join(graph.inputs)}), got {type(data).__name__}")
     shapes = {k: v.shape for k, v in graph.inputs.items()}
     try:
-        return batch_arrays(list(graph.inputs), shapes, data, dtype, set(graph.inputs))
+        with np.errstate(over="ignore"):   # values beyond float32 become inf: refused below
+            arrays, n = batch_arrays(list(graph.inputs), shapes, data, dtype, set(graph.inputs))
     except InputError as e:
         raise InputError(f"{where}: {e}") from None
+    # One NaN or inf poisons every param at its first step, and training would report a
+    # nan loss and save nan params without complaint. (Also values beyond float32's range.)
+    for name, a in arrays.items():
+        if not np.all(np.isfinite(a)):
+            bad = int(np.count_nonzero(~np.isfinite(a)))
+            raise InputError(f"{where}: input '{name}' holds {bad} non-finite value"
+                             f"{'s' * (bad != 1)} (nan or inf in {np.dtype(dtype).name})")
+    return arrays, n
 
 
 def load_dataset(source: str, graph) -> dict[str, np.ndarray]:
@@ -69,13 +78,10 @@ def _digits(graph) -> dict[str, np.ndarray]:
 
 
 def _npz(path: Path, graph) -> dict[str, np.ndarray]:
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            arrays = {k: z[k] for k in z.files}
-    except OSError as e:
-        raise GraphcError(f"cannot read {path}: {e.strerror or e}") from None
-    except (ValueError, EOFError, zipfile.BadZipFile) as e:  # not an npz, or object arrays
-        raise GraphcError(f"{path}: not a .npz file of plain arrays ({e})") from None
+    # NpzReader: truncated, damaged or renamed files are one InputError, and an array's
+    # header cannot make it allocate more than the file declares.
+    with NpzReader(path, "data") as z:
+        arrays = z.read_all()
     arrays, _ = check_arrays(graph, arrays, np.float64, str(path))
     return arrays
 

@@ -23,11 +23,16 @@ from dataclasses import dataclass, field
 import numpy as np
 import sympy as sp
 
+from .errors import SpecError
+from .functions import expand_definitions
 from .graph import Graph
-from .ir import ACC, BATCH, Buffer, Kernel, Program
+from .ir import ACC, BATCH, Buffer, Kernel, Program, tree_size
 from .ops import OPS, Lowering
 
 LOSS_MEAN = "__batch_loss"   # the batch-mean loss, a one-element buffer
+# A local derivative larger than this (as a tree) is refused: printing, cse and the C
+# compiler all grow with it, and a 1 KiB formula must not take minutes to compile.
+MAX_DERIVED_SIZE = 20000
 
 
 @dataclass(frozen=True)
@@ -102,8 +107,11 @@ def _used_buffers(all_buffers: dict[str, Buffer], kernels: list[Kernel]) -> dict
 # ---------------------------------------------------------------- local derivatives
 
 def _pin_kinks(expr: sp.Expr) -> sp.Expr:
-    """Derivatives of kinks as PyTorch takes them: 0 at the kink, never 1/2 or a delta."""
-    return expr.replace(sp.Heaviside, lambda a, *rest: sp.Piecewise((1, a > 0), (0, True))) \
+    """Derivatives of kinks as PyTorch takes them, with no delta. Heaviside comes from max
+    and min (relu is a Piecewise): 1/2 at a tie, as torch.maximum splits the gradient."""
+    half = sp.Rational(1, 2)
+    return expr.replace(sp.Heaviside, lambda a, *rest: sp.Piecewise((1, a > 0), (0, a < 0),
+                                                                     (half, True))) \
                .replace(sp.sign, lambda a: sp.Piecewise((1, a > 0), (-1, a < 0), (0, True))) \
                .replace(sp.DiracDelta, lambda *a: sp.Integer(0))
 
@@ -123,6 +131,7 @@ def output_form(y: sp.Expr, d: sp.Expr, a: sp.Symbol) -> sp.Expr | None:
         return None
     Y = sp.Symbol("Y")
     points = [-0.7, 0.2, 0.9, 1.6, -1.3]
+    y, d = expand_definitions(y), expand_definitions(d)   # plain math for lambdify and proof
     try:
         fy = sp.lambdify(a, y, "math")
         fd = sp.lambdify(a, d, "math")
@@ -257,6 +266,12 @@ def derive(graph: Graph) -> Derivation:
                 derived = derived * dpost
             if derived == 0:
                 continue
+            if tree_size(derived, MAX_DERIVED_SIZE) > MAX_DERIVED_SIZE:
+                raise SpecError(
+                    f"the derivative with respect to {src} grows past {MAX_DERIVED_SIZE} "
+                    "terms (a product of many factors that each hold it, say); split the "
+                    "formula over several nodes", node=k.node,
+                    field="expr" if graph.values[k.node].op == "elementwise" else None)
             used, through_output = derived, False
             if k.mode == "assign" and len(reads) == 1:
                 g = output_form(body, derived, dummies[a])

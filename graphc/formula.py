@@ -16,24 +16,7 @@ from typing import Callable, Mapping
 import sympy as sp
 
 from .errors import SpecError
-
-
-def _relu(a):
-    # Piecewise, not Max: diff(Max(0, x)) is Heaviside(x), which is 1/2 at 0.
-    return sp.Piecewise((a, a > 0), (0, True))
-
-
-# Ties split the gradient evenly, as torch.maximum and torch.minimum do.
-def _max(a, b):
-    return sp.Piecewise((a, a > b), (b, a < b), ((a + b) / 2, True))
-
-
-def _min(a, b):
-    return sp.Piecewise((a, a < b), (b, a > b), ((a + b) / 2, True))
-
-
-def _abs(a):
-    return sp.Piecewise((a, a > 0), (-a, a < 0), (0, True))
+from .functions import relu, sigmoid, softplus, stable_forms
 
 
 def _pow(a, b):
@@ -51,12 +34,11 @@ FUNCTIONS: Mapping[str, tuple[int, Callable]] = {
     "sinh": (1, sp.sinh), "cosh": (1, sp.cosh), "tanh": (1, sp.tanh),
     "asin": (1, sp.asin), "acos": (1, sp.acos), "atan": (1, sp.atan),
     "erf": (1, sp.erf),
-    "abs": (1, _abs), "relu": (1, _relu),
-    "sigmoid": (1, lambda a: 1 / (1 + sp.exp(-a))),
-    # Split at 0 so exp never overflows: log(1 + e^a) = a + log(1 + e^-a) for a > 0.
-    "softplus": (1, lambda a: sp.Piecewise((a + sp.log(1 + sp.exp(-a)), a > 0),
-                                           (sp.log(1 + sp.exp(a)), True))),
-    "max": (2, _max), "min": (2, _min), "pow": (2, _pow),
+    # Functions, not Piecewise: nested max(max(h, 1), 2) stays small (a Piecewise repeats
+    # its argument in every branch), and NaN propagates (fabs; the C's max and min are
+    # written for it). diff gives Heaviside for max/min: 1/2 at a tie, as torch splits it.
+    "abs": (1, sp.Abs), "relu": (1, relu), "max": (2, sp.Max), "min": (2, sp.Min),
+    "sigmoid": (1, sigmoid), "softplus": (1, softplus), "pow": (2, _pow),
 }
 CONSTANTS = {"pi": sp.pi, "e": sp.E}
 
@@ -150,6 +132,8 @@ def parse_formula(text: object, symbols: Mapping[str, sp.Symbol], *, node: str,
         raise fail(f"formula {text!r} is not finite (it simplifies to {expr})")
     if expr.has(sp.I):
         raise fail(f"formula {text!r} is not real (it simplifies to {expr})")
+    # Written-out logistic and softplus become the functions, whose derivatives stay finite.
+    expr = stable_forms(expr)
     for a in expr.atoms(sp.Number):
         if not math.isfinite(float(a)) or (a.is_Rational and max(
                 abs(a.p), a.q).bit_length() > MAX_CONSTANT_BITS):

@@ -22,7 +22,13 @@ from .ops import OPS
 from .optim import check_optimizer
 
 TOP_LEVEL = ("name", "description", "inputs", "params", "nodes", "outputs", "loss", "optimizer")
-MAX_ELEMENTS = 1 << 28  # per value; protects against absurd shapes in untrusted specs
+# Bounds that protect against absurd shapes in untrusted specs before anything is
+# allocated: 2^26 elements (256 MiB in float32, 512 MiB in float64) per value (per example
+# for batched values), and as many for all params together (the flat params array, and as
+# much again for gradients and each optimizer slot). benchmarks/scaling.py's widest MLP
+# (4096-4096-10) has 16.8M params.
+MAX_ELEMENTS = 1 << 26
+MAX_PARAM_ELEMENTS = 1 << 26
 
 
 @dataclass(frozen=True)
@@ -43,7 +49,9 @@ def _shape(value: Any, *, node: str, field_: str = "shape") -> tuple[int, ...]:
             isinstance(d, bool) or not isinstance(d, int) or d < 1 for d in value):
         raise SpecError(f"must be a list of positive integers, got {value!r}", node=node, field=field_)
     if math.prod(value) > MAX_ELEMENTS:
-        raise SpecError(f"shape {list(value)} has more than {MAX_ELEMENTS} elements",
+        # A dimension beyond the bound is not printed: Python refuses to print 4300+ digits.
+        shown = f"shape {list(value)}" if max(value) <= MAX_ELEMENTS else "a dimension"
+        raise SpecError(f"{shown} has more than {MAX_ELEMENTS} elements",
                         node=node, field=field_)
     return tuple(value)
 
@@ -181,6 +189,7 @@ class Graph:
                                 node=n, field=str(extra[0]))
             values[n] = Value(n, "input", _shape(shape, node=n) if shape != [] else (), True)
 
+        param_elements = 0
         for n, d in _mapping(spec.get("params"), "params").items():
             claim(n, "params")
             if not isinstance(d, dict):
@@ -193,6 +202,10 @@ class Graph:
                 raise SpecError(f"unknown field(s) {extra} for init '{init['init']}'",
                                 node=n, field=str(extra[0]))
             values[n] = Value(n, "param", shape, False, init=init)
+            param_elements += math.prod(shape)
+            if param_elements > MAX_PARAM_ELEMENTS:
+                raise SpecError(f"the params up to '{n}' have {param_elements} elements in "
+                                f"total, more than {MAX_PARAM_ELEMENTS}", node=n, field="shape")
 
         raw_nodes = _mapping(spec.get("nodes"), "nodes")
         if not raw_nodes:

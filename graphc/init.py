@@ -28,6 +28,20 @@ def fans(shape: tuple[int, ...]) -> tuple[int, int]:
     return shape[1] * receptive, shape[0] * receptive
 
 
+def finite_number(value, *, node: str | None, field: str) -> float:
+    """`value` as a float if it is a finite real number (not a bool); else a SpecError."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise SpecError(f"must be a finite number, got {value!r}", node=node, field=field)
+    try:
+        number = float(value)
+    except OverflowError:   # an int beyond float's range; its repr may not even print
+        raise SpecError("must be a finite number, got an integer too large for a float",
+                        node=node, field=field) from None
+    if not math.isfinite(number):
+        raise SpecError(f"must be a finite number, got {value!r}", node=node, field=field)
+    return number
+
+
 def check_init(node: str, spec: dict) -> dict:
     name = spec.get("init")
     if not isinstance(name, str) or name not in INITIALIZERS:
@@ -35,10 +49,7 @@ def check_init(node: str, spec: dict) -> dict:
                         node=node, field="init")
     out = {"init": name}
     for key, default in INITIALIZERS[name].items():
-        value = spec.get(key, default)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise SpecError(f"must be a finite number, got {value!r}", node=node, field=key)
-        out[key] = float(value)
+        out[key] = finite_number(spec.get(key, default), node=node, field=key)
     if name == "normal" and out["std"] < 0:
         raise SpecError("std must be >= 0", node=node, field="std")
     if name == "uniform" and out["low"] > out["high"]:

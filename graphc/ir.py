@@ -31,6 +31,27 @@ ACC = sp.Symbol("acc", real=True)                    # the reduced value inside 
 MODES = ("assign", "sum", "max", "accumulate")
 
 
+def array(name: str) -> sp.IndexedBase:
+    """The SymPy array a buffer's reads index. Its elements are real: otherwise SymPy asks,
+    on every rebuild of tanh(tanh(x[i])), whether the argument is real by expanding its real
+    and imaginary parts, which grows 3.4x per level of nesting."""
+    return sp.IndexedBase(name, real=True)
+
+
+def tree_size(expr: sp.Basic, limit: int) -> int:
+    """Nodes of `expr` counted as a tree, a shared subexpression at each of its uses (what
+    printing, `atoms` and `xreplace` walk), capped at `limit` + 1. A memo over the distinct
+    subexpressions keeps it linear in those, however large the tree."""
+    memo: dict[sp.Basic, int] = {}
+
+    def size(e: sp.Basic) -> int:
+        if e not in memo:
+            memo[e] = min(limit + 1, 1 + sum(size(a) for a in e.args))
+        return memo[e]
+
+    return size(expr)
+
+
 def index_symbols(count: int, start: int = 0) -> list[sp.Symbol]:
     return [sp.Symbol(f"i{k}", integer=True, nonnegative=True) for k in range(start, start + count)]
 
@@ -51,7 +72,7 @@ class Buffer:
 
     @property
     def base(self) -> sp.IndexedBase:
-        return sp.IndexedBase(self.name)
+        return array(self.name)
 
     def strides(self) -> tuple[int, ...]:
         """Row-major strides of the full index (batch axis first when batched)."""
@@ -114,7 +135,9 @@ class Kernel:
             sym = "Σ" if self.mode == "sum" else "max"
             rhs = f"{sym}_{{{', '.join(map(str, red))}}} {rhs}"
             if self.post != ACC:
-                rhs = str(self.post.subs(ACC, sp.Symbol(f"({rhs})")))
+                # xreplace with a real symbol: subs, or an unknown symbol, makes SymPy
+                # re-derive assumptions through every nested function of the epilogue
+                rhs = str(self.post.xreplace({ACC: sp.Symbol(f"({rhs})", real=True)}))
         return f"{lhs} {op} {rhs}"
 
 

@@ -13,8 +13,12 @@ import numpy as np
 from .errors import InputError, SpecError
 from .graph import Graph
 from .init import init_params
+from .npz import MAX_ITEM_BYTES, MAX_NPZ_MEMBER_BYTES, NPY_HEADER_BYTES, NpzReader
 
 DTYPES = ("float32", "float64")
+# The largest batch static memory may be planned for (`max_batch`): far beyond any real
+# batch, and small enough that every header size stays a plain integer constant.
+MAX_BATCH = 1 << 24
 
 
 def as_graph(graph) -> Graph:
@@ -27,6 +31,14 @@ def as_graph(graph) -> Graph:
         from .spec import load
         return load(graph)
     raise TypeError(f"expected a Graph, a spec dict or a spec path, got {type(graph).__name__}")
+
+
+def check_seed(seed) -> int:
+    """`seed` if it is a non-negative integer (NumPy's generators refuse negative ones with
+    a ValueError that would surface as a traceback); else an InputError."""
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise InputError(f"seed must be a non-negative integer, got {seed!r}")
+    return int(seed)
 
 
 def check_dtype(dtype) -> str:
@@ -191,7 +203,8 @@ class CompiledModel:
     # ------------------------------------------------------------ params
     def init_params(self, seed: int = 0) -> None:
         """Draw every param from its initializer with a seeded generator."""
-        drawn = init_params({p: (v.shape, v.init) for p, v in self.graph.params.items()}, seed)
+        drawn = init_params({p: (v.shape, v.init) for p, v in self.graph.params.items()},
+                            check_seed(seed))
         with self._lock:
             self._params.set(drawn)
 
@@ -430,22 +443,28 @@ def save_params(params: Mapping[str, np.ndarray], path: str | os.PathLike) -> No
 
 
 def load_params(path: str | os.PathLike, graph=None) -> dict[str, np.ndarray]:
-    """Params from an .npz file; with a graph, every param must be there with its shape."""
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            params = {k: data[k] for k in data.files}
-    except (OSError, ValueError) as e:
-        raise InputError(f"cannot read params from {path}: {getattr(e, 'strerror', None) or e}") from None
-    if graph is not None:
+    """Params from an .npz file; with a graph, every param must be there with its shape.
+
+    With a graph, the file's member names and declared sizes are checked against the
+    params before any array is read: a zip bomb is refused unread."""
+    with NpzReader(path, "params") as z:
+        if graph is None:
+            z.refuse_larger_than(MAX_NPZ_MEMBER_BYTES, "more than any model's params")
+            return z.read_all()
         graph = as_graph(graph)
-        missing = [p for p in graph.params if p not in params]
-        extra = [p for p in params if p not in graph.params]
+        missing = [p for p in graph.params if p not in z.members]
+        extra = [p for p in z.members if p not in graph.params]
         if missing or extra:
             what = f"missing param '{missing[0]}'" if missing else f"unknown array '{extra[0]}'"
             raise InputError(f"{path}: {what} (model '{graph.name}' has params: "
                              f"{', '.join(graph.params)})")
         for p, v in graph.params.items():
-            arr = params[p]
+            if z.size(p) > _size(v.shape) * MAX_ITEM_BYTES + NPY_HEADER_BYTES:
+                raise InputError(f"{path}: param '{p}' must be a real array of shape {v.shape}, "
+                                 f"but its member is {z.size(p)} bytes uncompressed; not read")
+        params = {}
+        for p, v in graph.params.items():
+            arr = params[p] = z.read(p)
             if arr.shape != v.shape or arr.dtype.kind not in "fiu":
                 raise InputError(f"{path}: param '{p}' must be a real array of shape {v.shape}, "
                                  f"got {arr.dtype} {arr.shape}")
@@ -493,10 +512,13 @@ def generate(graph, dtype: str = "float32", *, optimizer: dict | None = None, pa
     from .derive import derive
     graph = as_graph(graph)
     dtype = check_dtype(dtype)
-    get_target(target)
+    tgt = get_target(target)
     if max_batch is not None and (isinstance(max_batch, bool) or not isinstance(max_batch, int)
-                                  or max_batch < 1):
-        raise InputError(f"max_batch must be a positive integer, got {max_batch!r}")
+                                  or not 1 <= max_batch <= MAX_BATCH):
+        # (a huge int is not printed: Python refuses to print more than 4300 digits)
+        shown = repr(max_batch) if not isinstance(max_batch, int) or max_batch < 10 ** 30 \
+            else "a larger integer"
+        raise InputError(f"max_batch must be an integer from 1 to {MAX_BATCH} (2^24), got {shown}")
     if optimizer is not None:
         graph = _with_optimizer(graph, optimizer)
     flat = None
@@ -504,8 +526,16 @@ def generate(graph, dtype: str = "float32", *, optimizer: dict | None = None, pa
         offsets, size = param_layout(graph)
         with np.errstate(over="ignore"):
             flat = _flat_params(graph, params, offsets, size, dtype)
-    return graph, emit(graph, derive(graph), dtype, params=flat, target=target,
-                       max_batch=max_batch)
+    cmodule = emit(graph, derive(graph), dtype, params=flat, target=target, max_batch=max_batch)
+    if max_batch is not None:
+        # <NAME>_WORK_SIZE(<NAME>_MAX_BATCH) sizes a static array: its bytes must fit the
+        # target's size_t (32 bits on Cortex-M; arrays up to PTRDIFF_MAX).
+        limit = (1 << 31) - 1 if tgt.embedded else (1 << 63) - 1
+        need = cmodule.work_elements(max_batch) * np.dtype(dtype).itemsize
+        if need > limit:
+            raise InputError(f"max_batch {max_batch}: the work arena for it would take {need} "
+                             f"bytes, more than a static array on target '{target}' can hold")
+    return graph, cmodule
 
 
 def compile(graph, dtype: str = "float32", optimizer: dict | None = None, *,
@@ -518,6 +548,7 @@ def compile(graph, dtype: str = "float32", optimizer: dict | None = None, *,
     import json
     from codegen.build import build, load_prepared, prepared_key, store_prepared
     from codegen.targets import get_target, target_identity
+    check_seed(seed)   # before any work: a bad seed must not cost a build
     graph = as_graph(graph)
     dtype = check_dtype(dtype)
     identity = target_identity(target)   # validates the name; for host, no compiler run
@@ -526,8 +557,12 @@ def compile(graph, dtype: str = "float32", optimizer: dict | None = None, *,
     if isinstance(params, (str, os.PathLike)):
         params = load_params(params, graph)
     # Baked params are not worth a prepared entry (the key would hash every number).
+    # The spec's content is keyed canonically (sorted keys), but the declaration order of
+    # inputs, params and nodes is keyed too: it fixes the C's argument order and param
+    # offsets, so two orders must never share an entry.
     key = None if params is not None else prepared_key(
-        json.dumps(graph.to_spec(), sort_keys=True, default=repr), dtype, identity)
+        json.dumps(graph.to_spec(), sort_keys=True, default=repr),
+        json.dumps(list(graph.values)), dtype, identity)
     hit = load_prepared(key) if key else None
     if hit:
         cmodule, built = hit

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import keyword
 import re
 
 from .errors import SpecError
@@ -16,6 +17,10 @@ union unsigned void volatile while _Bool _Complex _Imaginary _Alignas _Alignof _
 _Generic _Noreturn _Static_assert _Thread_local alignas alignof bool constexpr false
 nullptr static_assert thread_local true typeof typeof_unqual
 """.split())
+
+# Formulas are parsed as Python expressions, so a value named `assert` or `lambda` could
+# never be used in one. Soft keywords (match, case, type) parse as names and stay allowed.
+PYTHON_KEYWORDS = frozenset(keyword.kwlist)
 
 
 def check_name(name: object, *, what: str, node: str | None = None, field: str | None = None) -> str:
@@ -33,4 +38,7 @@ def check_name(name: object, *, what: str, node: str | None = None, field: str |
     if name in C_KEYWORDS:
         raise SpecError(f"{what} {name!r} is a C keyword; choose another name",
                         node=node, field=field)
+    if name in PYTHON_KEYWORDS:
+        raise SpecError(f"{what} {name!r} is a Python keyword, which formulas cannot refer "
+                        "to; choose another name", node=node, field=field)
     return name

@@ -20,6 +20,7 @@ import sympy as sp
 
 from .errors import SpecError
 from .formula import number
+from .functions import leaky_relu, relu, sigmoid
 from .ir import ACC, BATCH, Buffer, Kernel, index_symbols
 
 Shape = tuple[int, ...]
@@ -91,9 +92,14 @@ def _check_attr(node: str, name: str, attr: Attr, value: Any) -> Any:
         return SpecError(msg, node=node, field=name)
 
     if attr.kind == "float":
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise fail(f"must be a finite number, got {value!r}")
-        return float(value)
+        try:   # float() of a 400-digit integer raises OverflowError, not inf
+            number = None if isinstance(value, bool) else float(value)
+        except (TypeError, ValueError, OverflowError):
+            number = None
+        if number is None or not isinstance(value, (int, float)) or not math.isfinite(number):
+            shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
+            raise fail(f"must be a finite number within a double's range, got {shown}")
+        return number
     if attr.kind in ("axis", "axes"):
         if value is None and attr.kind == "axes":
             return None
@@ -199,11 +205,10 @@ map_op("add", lambda a, b: a + b, 2, doc="a + b, broadcasting")
 map_op("sub", lambda a, b: a - b, 2, doc="a - b, broadcasting")
 map_op("mul", lambda a, b: a * b, 2, doc="a * b, broadcasting")
 map_op("div", lambda a, b: a / b, 2, doc="a / b, broadcasting", domain=(None, "positive"))
-# Piecewise, not Max: the derivative at the kink is then exactly 0 (PyTorch's convention).
-map_op("relu", lambda x: sp.Piecewise((x, x > 0), (0, True)), 1, doc="max(x, 0)")
-map_op("leaky_relu", lambda x, alpha: sp.Piecewise((x, x > 0), (number(alpha) * x, True)), 1,
+map_op("relu", relu, 1, doc="max(x, 0)")
+map_op("leaky_relu", lambda x, alpha: leaky_relu(x, number(alpha)), 1,
        doc="x if x > 0 else alpha·x", attrs={"alpha": Attr("float", 0.01, doc="negative slope")})
-map_op("sigmoid", lambda x: 1 / (1 + sp.exp(-x)), 1, doc="1 / (1 + exp(-x))")
+map_op("sigmoid", sigmoid, 1, doc="1 / (1 + exp(-x))")
 map_op("tanh", sp.tanh, 1, doc="tanh(x)")
 map_op("exp", sp.exp, 1, doc="exp(x)")
 map_op("log", sp.log, 1, doc="natural log", domain=("positive",))

@@ -9,6 +9,7 @@ import sympy as sp
 from sympy.codegen.cfunctions import expm1
 
 from .errors import SpecError
+from .init import finite_number
 
 # name -> field defaults; `momentum` is SGD with momentum 0.9 unless given.
 OPTIMIZERS: dict[str, dict] = {
@@ -20,14 +21,13 @@ OPTIMIZERS: dict[str, dict] = {
 
 def _number(value, field: str, *, low: float = 0.0, high: float = math.inf,
             open_low: bool = False, open_high: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise SpecError(f"must be a finite number, got {value!r}", node="optimizer", field=field)
-    bad_low = value <= low if open_low else value < low
-    bad_high = value >= high if open_high else value > high
+    number = finite_number(value, node="optimizer", field=field)
+    bad_low = number <= low if open_low else number < low
+    bad_high = number >= high if open_high else number > high
     if bad_low or bad_high:
         lo, hi = ("(" if open_low else "[") + f"{low:g}", f"{high:g}" + (")" if open_high else "]")
         raise SpecError(f"must lie in {lo}, {hi}, got {value!r}", node="optimizer", field=field)
-    return float(value)
+    return number
 
 
 def check_optimizer(spec) -> dict:
@@ -104,6 +104,12 @@ class UpdateRule:
         return expr.xreplace({s: sp.Float(v) for s, v in self.values.items()})
 
 
+def _bias_correction(beta: sp.Symbol, value: float) -> sp.Expr:
+    """torch's 1 - β^t (t >= 1) as -expm1(t·log β): no cancellation at small t, even in
+    float. For β = 0 that form folds log(0) to NaN, while 1 - 0^t is exactly 1."""
+    return sp.Integer(1) if value == 0 else -expm1(STEP * sp.log(beta))
+
+
 def update_rule(opt: dict) -> UpdateRule:
     """The formulas of a validated optimizer description (see `check_optimizer`)."""
     decay = (D, G + WD * P)
@@ -112,8 +118,7 @@ def update_rule(opt: dict) -> UpdateRule:
         b1, b2 = opt["betas"]
         return UpdateRule(
             "adam", ("exp_avg", "exp_avg_sq"),
-            # 1 - β^t as -expm1(t·log β): no cancellation at small t, even in float.
-            scalars=((BC1, -expm1(STEP * sp.log(BETA1))), (BC2, -expm1(STEP * sp.log(BETA2))),
+            scalars=((BC1, _bias_correction(BETA1, b1)), (BC2, _bias_correction(BETA2, b2)),
                      (STEP_SIZE, LR / BC1), (BC2_SQRT, sp.sqrt(BC2))),
             steps=(decay,
                    (m, BETA1 * m + (1 - BETA1) * D),

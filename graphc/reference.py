@@ -23,6 +23,7 @@ import numpy as np
 import sympy as sp
 
 from .errors import GraphcError, InputError
+from .functions import numpy_namespace, without_ite
 from .graph import Graph
 from .init import init_params
 from .optim import check_optimizer
@@ -108,8 +109,9 @@ def _unary(fn, derivative) -> _Op:
     return _Op(forward, vjp)
 
 
-# NumPy has no erf, and lambdify's fallback (math.erf) takes scalars only.
-_NUMPY = [{"erf": np.vectorize(math.erf, otypes=[float])}, "numpy"]
+# NumPy has no erf, and lambdify's fallback (math.erf) takes scalars only. Formulas keep
+# sigmoid, softplus and relu as functions (graphc.functions), evaluated in stable forms.
+_NUMPY = [{**numpy_namespace(), "erf": np.vectorize(math.erf, otypes=[float])}, "numpy"]
 
 
 class _Formula:
@@ -123,10 +125,14 @@ class _Formula:
     def __init__(self, expr: sp.Expr, symbols: tuple[sp.Symbol, ...]):
         self.symbols = tuple(dict.fromkeys(symbols))
         self.position = [symbols.index(s) for s in self.symbols]
-        # dummify: an input may be named like a Python keyword or a NumPy function.
-        self.fn = sp.lambdify(self.symbols, expr, _NUMPY, dummify=True)
-        self.partials = [sp.lambdify(self.symbols, sp.diff(expr, s), _NUMPY, dummify=True)
-                         for s in self.symbols]
+        # Inputs may be named like a NumPy function: the formula gets plain names. Real
+        # ones, not lambdify's dummify (whose Dummy has no assumptions): SymPy asks whether
+        # tanh(tanh(...)) of an unknown is real by an expansion that grows 3.4x per level.
+        plain = tuple(sp.Symbol(f"v{k}", real=True) for k in range(len(self.symbols)))
+        expr = expr.xreplace(dict(zip(self.symbols, plain)))
+        self.fn = sp.lambdify(plain, without_ite(expr), _NUMPY)
+        self.partials = [sp.lambdify(plain, without_ite(sp.diff(expr, s)), _NUMPY)
+                         for s in plain]
 
     def _eval(self, fn, args: list[np.ndarray]) -> np.ndarray:
         aligned = _aligned(args)
@@ -295,7 +301,8 @@ OPS: dict[str, _Op] = {
     "sub": _binary(np.subtract, lambda g, a, b: (g, -g)),
     "mul": _binary(np.multiply, lambda g, a, b: (g * b, g * a)),
     "div": _binary(np.divide, lambda g, a, b: (g / b, -g * a / b ** 2)),
-    "relu": _unary(lambda x, at: np.where(x > 0, x, 0), lambda x, y, at: x > 0),
+    # Written so that NaN propagates, as in torch: relu(NaN) = NaN, and its derivative 1.
+    "relu": _unary(lambda x, at: np.where(x <= 0, 0, x), lambda x, y, at: ~(x <= 0)),
     "leaky_relu": _unary(lambda x, at: np.where(x > 0, x, at["alpha"] * x),
                          lambda x, y, at: np.where(x > 0, 1, at["alpha"]).astype(x.dtype)),
     "sigmoid": _unary(lambda x, at: _sigmoid(x), lambda x, y, at: y * (1 - y)),

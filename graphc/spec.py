@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -93,6 +94,10 @@ def parse_spec_text(text: str, *, fmt: str = "yaml") -> Any:
                                            parse_constant=_reject_constant))
         except json.JSONDecodeError as e:
             raise SpecError(f"invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
+        except SpecError:
+            raise
+        except ValueError as e:   # an integer of more than 4300 digits
+            raise SpecError(f"invalid JSON: {e}") from None
     try:
         return yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader: no Python objects
     except yaml.MarkedYAMLError as e:
@@ -101,6 +106,41 @@ def parse_spec_text(text: str, *, fmt: str = "yaml") -> Any:
         raise SpecError(f"invalid YAML{where}: {e.problem}") from None
     except yaml.YAMLError as e:
         raise SpecError(f"invalid YAML: {e}") from None
+    except SpecError:
+        raise
+    except ValueError as e:   # an integer of more than 4300 digits (Python refuses to parse it)
+        raise SpecError(f"invalid YAML: {e}") from None
+
+
+_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"),
+          (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+          (stat.S_ISSOCK, "a socket"))
+
+
+def _read_bounded(path: Path) -> bytes:
+    """The bytes of a regular file of at most MAX_SPEC_BYTES. Opened without blocking (a
+    FIFO would wait for a writer forever) and checked after the open, through the file
+    itself (a symlink may point anywhere, /dev/zero never ends and reports size 0)."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            kind = next((k for test, k in _KINDS if test(mode)), "a special file")
+            raise SpecError(f"cannot read spec: it is {kind}, not a regular file"
+                            ).located(str(path))
+        chunks, left = [], MAX_SPEC_BYTES + 1
+        while left > 0:
+            chunk = os.read(fd, left)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            left -= len(chunk)
+        data = b"".join(chunks)
+    finally:
+        os.close(fd)
+    if len(data) > MAX_SPEC_BYTES:
+        raise SpecError(f"spec is larger than {MAX_SPEC_BYTES} bytes").located(str(path))
+    return data
 
 
 def load(path: str | os.PathLike) -> Graph:
@@ -109,11 +149,10 @@ def load(path: str | os.PathLike) -> Graph:
     Errors carry the file name; a missing `name` defaults to the file's stem."""
     path = Path(path)
     try:
-        if path.stat().st_size > MAX_SPEC_BYTES:
-            raise SpecError(f"spec is larger than {MAX_SPEC_BYTES} bytes").located(str(path))
-        text = path.read_text(encoding="utf-8")
+        data = _read_bounded(path)
+        text = data.decode("utf-8")
     except OSError as e:
-        raise SpecError(f"cannot read spec: {e.strerror}").located(str(path)) from None
+        raise SpecError(f"cannot read spec: {e.strerror or e}").located(str(path)) from None
     except UnicodeDecodeError:
         raise SpecError("spec is not UTF-8 text").located(str(path)) from None
     fmt = "json" if path.suffix.lower() == ".json" else "yaml"

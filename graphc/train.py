@@ -12,6 +12,7 @@ import numpy as np
 
 from .data import check_arrays
 from .errors import GraphcError, InputError
+from .model import check_seed
 
 # loss op -> how a prediction is judged right; accuracy is reported for these losses
 CLASSIFIER_LOSSES = ("softmax_cross_entropy", "bce_with_logits")
@@ -89,6 +90,7 @@ def fit(model, data, epochs: int = 10, batch_size: int = 32, shuffle: bool = Tru
     from tqdm import tqdm  # imported here: `import graphc` stays light
     _positive(epochs, "epochs")
     _positive(batch_size, "batch_size")
+    check_seed(seed)
     if model.graph.loss is None:
         raise InputError(f"model '{model.name}' has no loss, so it cannot be trained")
     arrays, n = check_arrays(model.graph, data, model.dtype, "data")

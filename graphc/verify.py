@@ -3,6 +3,7 @@ against central finite differences."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -43,22 +44,211 @@ def finite_difference_check(ref: Reference, inputs: dict, *, eps: float = 1e-6,
     return report
 
 
+# ---------------------------------------------------------------- where it is differentiable
+
+FD_TOLERANCE = 1e-6    # relative, reference gradient against central differences (float64)
+NEARBY_TRIES = 4       # nearby points tried when the params sit on a kink
+NEARBY_SCALE = 1e-4    # how far the first one is, relative to the params' size; then x10 each
+
+
+@dataclass(frozen=True)
+class GradientCheck:
+    """One param's reference gradient against central differences (`gradient_check`)."""
+    param: str
+    analytic: float        # <dL/dP, t> along a random unit direction t
+    numeric: float         # (L(P + eps·t) - L(P - eps·t)) / (2·eps)
+    abs_err: float
+    rel_err: float
+    ok: bool
+    finite: bool = True    # False: a loss or gradient involved is NaN or infinite
+    note: str = ""         # where it was checked instead, or where values are not finite
+
+
+def _agree(analytic: float, numeric: float) -> tuple[float, float, bool]:
+    err = abs(analytic - numeric)
+    rel = err / max(abs(analytic), abs(numeric), 1e-12)
+    return err, rel, bool(rel <= FD_TOLERANCE or err <= 1e-10)   # NaN: False
+
+
+def _kinked(f, f0: float, h: float) -> bool:
+    """Whether f (the loss along a line, f(0) = f0) is not smooth at the scale of the step
+    h: its one-sided differences at h and at h/2 disagree beyond rounding. For a smooth f
+    the gap between the forward and the backward difference is h·f'' (it halves with h),
+    and the central differences at h and h/2 differ by h²·f'''/8; across a kink the gap
+    stays the jump in slope, or the central difference moves with the step."""
+    fp, fm, fp2, fm2 = f(h), f(-h), f(h / 2), f(-h / 2)
+    values = (f0, fp, fm, fp2, fm2)
+    if not all(math.isfinite(v) for v in values):
+        return True
+    dp, dm = (fp - f0) / h, (f0 - fm) / h
+    dp2, dm2 = (fp2 - f0) / (h / 2), (f0 - fm2) / (h / 2)
+    # Rounding: each loss is off by some ulps of the largest value; a quotient at h/2
+    # amplifies that by 4/h, the two combinations below by at most 20/h.
+    noise = 20 * 16 * np.finfo(np.float64).eps * max(abs(v) for v in values) / h
+    tol = noise + 1e-9 * max(abs(dp), abs(dm), abs(dp2), abs(dm2))
+    return abs((dp - dm) - 2 * (dp2 - dm2)) > tol or abs((dp + dm) - (dp2 + dm2)) / 2 > tol
+
+
+def gradient_check(ref: Reference, inputs: dict, *, eps: float = 1e-6,
+                   seed: int = 0) -> dict[str, GradientCheck]:
+    """`finite_difference_check` (the same random directions), where the loss is
+    differentiable only.
+
+    When a param's central difference disagrees with the reference's gradient at params
+    where the loss is not smooth at the step's scale (a relu at 0: the params of a
+    zero-initialized relu net sit on its kink, where the central difference gives the mean
+    of the two slopes and the reference, like torch, the left one), the param is checked
+    at a nearby point instead: every param moved by a small seeded random amount, further
+    on each of NEARBY_TRIES tries, until the loss is smooth there. A wrong gradient is
+    wrong there too. Where a loss or gradient is NaN or infinite the check fails, and its
+    note says where. Runs in float64; `ref`'s params are left as they were."""
+    if ref.dtype == np.float64:   # building a Reference is not free (it lambdifies formulas)
+        saved = ref.get_params()
+        try:
+            return _gradient_check(ref, saved, inputs, eps, seed)
+        finally:
+            ref.set_params(saved)
+    work = Reference(ref.graph, dtype="float64")
+    work.set_params(ref.get_params())
+    return _gradient_check(work, work.get_params(), inputs, eps, seed)
+
+
+def _gradient_check(work: Reference, at: dict, inputs: dict, eps: float,
+                    seed: int) -> dict[str, GradientCheck]:
+    loss0, grads = work.gradients(**inputs)
+    loss0 = float(loss0)
+    rng = np.random.default_rng(seed)
+    directions = {}
+    for name, p in at.items():   # drawn as finite_difference_check draws them
+        t = rng.standard_normal(p.shape)
+        directions[name] = t / np.linalg.norm(t) if t.size else t
+
+    def loss_at(params: dict) -> float:
+        work.set_params(params)
+        return float(work.loss(**inputs))
+
+    def along(params: dict, name: str):
+        t = directions[name]
+        return lambda s: loss_at({**params, name: params[name] + s * t})
+
+    def central(params: dict, name: str, grad: np.ndarray) -> tuple[float, float]:
+        f = along(params, name)
+        return float(np.sum(grad * directions[name])), (f(eps) - f(-eps)) / (2 * eps)
+
+    nearby: list = []   # (scale, params, loss, grads) of the points tried, for every param
+
+    def nearby_point(k: int):
+        while len(nearby) <= k:
+            flat = np.concatenate([np.ravel(p) for p in at.values()])
+            scale = NEARBY_SCALE * 10 ** len(nearby) * max(1.0, float(np.sqrt(np.mean(flat ** 2))))
+            jitter = np.random.default_rng([seed, 7919, len(nearby)])
+            moved = {n: p + scale * jitter.standard_normal(p.shape) for n, p in at.items()}
+            work.set_params(moved)
+            loss, g = work.gradients(**inputs)
+            nearby.append((scale, moved, float(loss), g))
+        return nearby[k]
+
+    def not_finite(name: str, note: str, analytic=math.nan, numeric=math.nan) -> GradientCheck:
+        return GradientCheck(name, analytic, numeric, math.nan, math.nan, False, False, note)
+
+    out: dict[str, GradientCheck] = {}
+    for name, p in at.items():
+        if p.size == 0:
+            out[name] = GradientCheck(name, 0.0, 0.0, 0.0, 0.0, True)
+            continue
+        if not math.isfinite(loss0):
+            out[name] = not_finite(name, f"the reference's loss {describe_nonfinite(np.asarray(loss0))} "
+                                         f"at these params, so finite differences cannot check "
+                                         f"the gradient of {name}")
+            continue
+        bad = ~np.isfinite(grads[name])
+        if bad.any():
+            out[name] = not_finite(name, f"the reference's gradient of {name} "
+                                         f"{describe_nonfinite(grads[name], bad)}")
+            continue
+        analytic, numeric = central(at, name, grads[name])
+        if not math.isfinite(numeric):
+            out[name] = not_finite(name, f"the reference's loss is not finite at these params "
+                                         f"moved by {eps:g} along a direction in {name}",
+                                   analytic, numeric)
+            continue
+        err, rel, ok = _agree(analytic, numeric)
+        result = GradientCheck(name, analytic, numeric, err, rel, ok)
+        if not ok and _kinked(along(at, name), loss0, eps):
+            result = GradientCheck(name, analytic, numeric, err, rel, False, True,
+                                   f"the params sit on a kink (not differentiable here), and "
+                                   f"so did the {NEARBY_TRIES} nearby points tried")
+            for k in range(NEARBY_TRIES):
+                scale, moved, loss, g = nearby_point(k)
+                if not (math.isfinite(loss) and np.all(np.isfinite(g[name]))):
+                    continue
+                a, nu = central(moved, name, g[name])
+                e, r, good = _agree(a, nu)
+                where = (f"checked at a nearby point (every param moved by about {scale:.0e}, "
+                         f"seeded): the params sit on a kink (not differentiable here)")
+                if good:
+                    result = GradientCheck(name, a, nu, e, r, True, True, where)
+                    break
+                if math.isfinite(nu) and not _kinked(along(moved, name), loss, eps):
+                    result = GradientCheck(name, a, nu, e, r, False, True,
+                                           where + "; the gradient disagrees there as well")
+                    break
+        out[name] = result
+    return out
+
+
+# ---------------------------------------------------------------- non-finite values in words
+
+def _kind(values: np.ndarray) -> str:
+    if np.all(np.isnan(values)):
+        return "NaN"
+    if np.all(np.isposinf(values)):
+        return "+inf"
+    if np.all(np.isneginf(values)):
+        return "-inf"
+    return "infinite" if not np.any(np.isnan(values)) else "not finite"
+
+
+def describe_nonfinite(a: np.ndarray, bad: np.ndarray | None = None) -> str:
+    """'is NaN at 3 of 128 elements (first at [0, 2])', 'is not finite', ... for the
+    elements of `a` marked `bad` (by default its NaN and infinite ones)."""
+    a = np.asarray(a, dtype=np.float64)
+    bad = ~np.isfinite(a) if bad is None else bad
+    kind = _kind(a[bad])
+    count = int(bad.sum())
+    if a.size == 1:
+        return f"is {kind}"
+    if count == a.size:
+        return f"is {kind} at all {count} elements"
+    first = ", ".join(str(int(i)) for i in np.argwhere(bad)[0])
+    return f"is {kind} at {count} of {a.size} elements (first at [{first}])"
+
+
 # ---------------------------------------------------------------- the model's report
 
 # Per dtype: (rtol, atol) for C against the float64 reference, relative to the tensor's
 # largest magnitude. float32 leaves room for rounding summed over a batch and a layer.
 TOLERANCES = {"float32": (1e-4, 1e-6), "float64": (1e-9, 1e-12)}
-FD_TOLERANCE = 1e-6  # relative, reference gradient against central differences (float64)
 
 
 @dataclass(frozen=True)
 class Check:
     tensor: str
     kind: str          # "C vs reference" | "reference vs finite differences"
-    max_abs: float
+    max_abs: float     # NaN when values that should agree are not finite
     max_rel: float
     tolerance: float
     ok: bool
+    note: str = ""     # in words: where values are not finite, where it was checked instead
+    finite: bool = True
+
+    @property
+    def result(self) -> str:
+        return "ok" if self.ok else "MISMATCH" if self.finite else "NOT FINITE"
+
+
+def _err(x: float) -> str:
+    return f"{x:.3e}" if math.isfinite(x) else "n/a"
 
 
 @dataclass
@@ -75,16 +265,30 @@ class VerifyReport:
     def failures(self) -> list[Check]:
         return [c for c in self.checks if not c.ok]
 
+    def notes(self) -> list[str]:
+        """One line per check that has something to say, numbered as the table marks it."""
+        return [f"[{k}] {c.tensor}, {c.kind}: {c.note}"
+                for k, c in enumerate((c for c in self.checks if c.note), 1)]
+
+    def _results(self) -> list[str]:
+        out, k = [], 0
+        for c in self.checks:
+            if c.note:
+                k += 1
+            out.append(c.result + (f" [{k}]" if c.note else ""))
+        return out
+
     def table(self) -> str:
         head = ("tensor", "check", "max abs err", "max rel err", "tolerance", "result")
-        rows = [head] + [(c.tensor, c.kind, f"{c.max_abs:.3e}", f"{c.max_rel:.3e}",
-                          f"{c.tolerance:.0e}", "ok" if c.ok else "MISMATCH") for c in self.checks]
+        rows = [head] + [(c.tensor, c.kind, _err(c.max_abs), _err(c.max_rel),
+                          f"{c.tolerance:.0e}", r) for c, r in zip(self.checks, self._results())]
         widths = [max(len(r[k]) for r in rows) for k in range(len(head))]
         lines = [f"{self.model} ({self.dtype}, batch {self.batch})"]
         for k, r in enumerate(rows):
             lines.append("  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip())
             if k == 0:
                 lines.append("  ".join("-" * w for w in widths))
+        lines += self.notes()
         lines.append("all checks passed" if self.ok else
                      f"{len(self.failures())} check(s) failed")
         return "\n".join(lines)
@@ -94,20 +298,41 @@ class VerifyReport:
     def _repr_markdown_(self) -> str:
         out = [f"**{self.model}** ({self.dtype}, batch {self.batch})", "",
                "| tensor | check | max abs err | max rel err | tolerance | result |", "|---|---|---|---|---|---|"]
-        out += [f"| {c.tensor} | {c.kind} | {c.max_abs:.3e} | {c.max_rel:.3e} | {c.tolerance:.0e} | "
-                f"{'ok' if c.ok else '**MISMATCH**'} |" for c in self.checks]
-        return "\n".join(out)
+        out += [f"| {c.tensor} | {c.kind} | {_err(c.max_abs)} | {_err(c.max_rel)} | {c.tolerance:.0e} | "
+                f"{r if c.ok else '**' + r + '**'} |" for c, r in zip(self.checks, self._results())]
+        notes = [f"- {n}" for n in self.notes()]
+        return "\n".join(out + ([""] + notes if notes else []))
 
 
-def _compare(name: str, got: np.ndarray, want: np.ndarray, dtype: str) -> Check:
+def _compare(name: str, got: np.ndarray, want: np.ndarray, dtype: str, what: str | None = None) -> Check:
+    """C (`got`) against the reference (`want`). `what` names the tensor in words ("output
+    'logits'", "loss", "gradient of W1") for the note on values that are not finite."""
     rtol, atol = TOLERANCES[dtype]
+    what = what or f"'{name}'"
     got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    bad_got, bad_want = ~np.isfinite(got), ~np.isfinite(want)
+    note = ""
+    if bad_got.any() or bad_want.any():
+        if np.array_equal(bad_got, bad_want) and np.array_equal(got[bad_got], want[bad_want],
+                                                                equal_nan=True):
+            # The same NaN and inf in both: they agree there; the rest is compared.
+            note = (f"the {what} {describe_nonfinite(want, bad_want)} in both the C and the "
+                    f"reference" + ("; the other elements are compared" if (~bad_want).any() else ""))
+            got, want = got[~bad_got], want[~bad_want]
+        else:
+            parts = []
+            if bad_got.any():
+                parts.append(f"the C {what} {describe_nonfinite(got, bad_got)}"
+                             + ("" if bad_want.any() else ", where the reference is finite"))
+            if bad_want.any():
+                parts.append(f"the reference's {what} {describe_nonfinite(want, bad_want)}"
+                             + ("" if bad_got.any() else ", where the C is finite"))
+            return Check(name, "C vs reference", math.nan, math.nan, rtol, False, "; ".join(parts),
+                         finite=False)
     scale = float(np.max(np.abs(want))) if want.size else 0.0
     err = float(np.max(np.abs(got - want))) if want.size else 0.0
-    if not np.all(np.isfinite(got)) or not np.all(np.isfinite(want)):
-        err = float("nan") if not np.array_equal(got, want, equal_nan=True) else 0.0
-    ok = bool(err <= atol + rtol * scale)  # NaN compares false: a mismatch
-    return Check(name, "C vs reference", err, err / scale if scale else err, rtol, ok)
+    ok = bool(err <= atol + rtol * scale)
+    return Check(name, "C vs reference", err, err / scale if scale else err, rtol, ok, note)
 
 
 def sample_inputs(graph, n: int = 8, seed: int = 0) -> dict[str, np.ndarray]:
@@ -142,7 +367,8 @@ def sample_inputs(graph, n: int = 8, seed: int = 0) -> dict[str, np.ndarray]:
 def verify(model, inputs: dict | None = None, *, seed: int = 0, n: int = 8) -> VerifyReport:
     """Every output, the loss and every gradient of `model` (C) against the float64
     reference at the model's params, then the reference's gradients against central
-    finite differences along random directions."""
+    finite differences along random directions, where the loss is differentiable (see
+    `gradient_check`). Values that are not finite are reported in words."""
     from .reference import Reference
     graph = model.graph
     inputs = sample_inputs(graph, n, seed) if not inputs else inputs
@@ -153,15 +379,16 @@ def verify(model, inputs: dict | None = None, *, seed: int = 0, n: int = 8) -> V
     dtype = model.dtype.name
     want = ref.forward(**inputs)
     for name, got in model.forward(**inputs).items():
-        report.checks.append(_compare(name, got, want[name], dtype))
+        report.checks.append(_compare(name, got, want[name], dtype, f"output '{name}'"))
     if graph.loss:
         loss, grads = model.gradients(**inputs)
         ref_loss, ref_grads = ref.gradients(**inputs)
-        report.checks.append(_compare(f"loss ({graph.loss})", np.array(loss), np.array(ref_loss), dtype))
+        report.checks.append(_compare(f"loss ({graph.loss})", np.array(loss), np.array(ref_loss),
+                                      dtype, "loss"))
         for p in graph.params:
-            report.checks.append(_compare(f"d loss/d {p}", grads[p], ref_grads[p], dtype))
-        for p, r in finite_difference_check(ref, inputs, seed=seed).items():
+            report.checks.append(_compare(f"d loss/d {p}", grads[p], ref_grads[p], dtype,
+                                          f"gradient of {p}"))
+        for p, r in gradient_check(ref, inputs, seed=seed).items():
             report.checks.append(Check(f"d loss/d {p}", "reference vs finite differences",
-                                       r["abs_err"], r["rel_err"], FD_TOLERANCE,
-                                       bool(r["rel_err"] <= FD_TOLERANCE or r["abs_err"] <= 1e-10)))
+                                       r.abs_err, r.rel_err, FD_TOLERANCE, r.ok, r.note, r.finite))
     return report

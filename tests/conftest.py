@@ -59,3 +59,18 @@ def tolerances() -> dict[str, tuple[float, float]]:
 @pytest.fixture(scope="session")
 def assert_close():
     return check_close
+
+
+# Warnings are errors for every model the op and numerics tests build: C that the suite
+# runs has been compiled under these flags (graphc compile checks the same before writing).
+STRICT_FLAGS = ("-Wall", "-Wextra", "-Wpedantic", "-Werror")
+
+
+def compile_strict(spec, dtype: str = "float32", **kwargs):
+    """graphc.compile's model, with its C built under STRICT_FLAGS (cached like any build)."""
+    import graphc
+    from codegen.build import build
+    from graphc.model import CompiledModel
+    graph, cm = graphc.generate(spec, dtype, **kwargs)
+    built = build(graph.name, cm.source, cm.header, cm.cdef, extra_flags=STRICT_FLAGS)
+    return CompiledModel(graph, cm, built)

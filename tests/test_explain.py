@@ -24,6 +24,11 @@ from graphc.cli import main
 from graphc.explain import explain
 from graphc.explain.derivation import sigma
 
+try:   # the SymPy array a buffer's reads index (its elements may be declared real)
+    from graphc.ir import array
+except ImportError:
+    array = sp.IndexedBase
+
 ROOT = Path(__file__).resolve().parent.parent
 MLP = ROOT / "examples/mlp.yaml"
 b, i0, i1 = sp.symbols("b i0 i1", integer=True, nonnegative=True)
@@ -48,11 +53,19 @@ def step(e, node: str, read: str):
 
 
 def at(name, *idx):
-    return sp.IndexedBase(name)[idx]
+    return array(name)[idx]
+
+
+def _plain(e):
+    """e with its array elements free of assumptions (the graph's may be declared real)."""
+    e = sp.sympify(e)
+    return e.xreplace({x: sp.IndexedBase(str(x.base.label))[x.indices] for x in e.atoms(sp.Indexed)})
 
 
 def same(a, c) -> bool:
-    return sp.simplify(sp.sympify(a) - sp.sympify(c)) == 0
+    d = _plain(a) - _plain(c)
+    # Functions formulas keep whole (sigmoid, softplus) are compared through their definitions.
+    return sp.simplify(d) == 0 or sp.simplify(d.rewrite(sp.exp)) == 0
 
 
 # ---------------------------------------------------------------- textbook derivatives
@@ -109,7 +122,7 @@ def test_softmax_cross_entropy_gradient_is_p_minus_y():
     e = explain(net(None, "softmax_cross_entropy"), wrt="W", expand=False)
     (view,) = [v for v in e.nodes if v.name == "loss"]
     c = view.combined["h"]
-    p, y = sp.IndexedBase("p"), sp.IndexedBase("y")
+    p, y = array("p"), array("y")
     assert same(c.reading, (p[b, i0] - y[b, i0]) / n)
     assert "sums to 1" in c.condition
     # The general form (what the C computes) is p·Σy - y: check it numerically as well.
@@ -129,7 +142,7 @@ def test_softmax_vjp_reads_p_times_delta_minus_weighted_mean():
     g = bld.build(outputs=[], loss=bld.mse(bld.softmax(h, name="p"), y, name="loss"))
     (view,) = [v for v in explain(g, wrt="W", expand=False).nodes if v.name == "p"]
     reading = view.combined["h"].reading
-    P, D = sp.IndexedBase("p"), sp.IndexedBase("p.grad")
+    P, D = array("p"), array("p.grad")
     (total,) = reading.atoms(sp.Sum)
     j = total.limits[0][0]
     assert same(reading, P[b, i0] * (D[b, i0] - sp.Sum(D[b, j] * P[b, j], total.limits[0])))
@@ -208,6 +221,84 @@ def test_fully_expanded_loss_equals_the_chain_rule():
     assert all(c.max_numeric_diff < 1e-12 for c in x_.checks)
     assert x_.loss.has(at("W1", 0, 0)) and "Fully expanded" in e.text()
     assert not explain(MLP, wrt="W1").expanded   # 2410 scalars: not expanded
+
+
+# A 2-layer net of 44 parameter scalars, few enough for the expanded view, whose loss
+# written out is too long for it (with `h*sigmoid(h)+tanh(h)**2` the view took over a
+# minute to build, then only said L was too long to print).
+WIDE = """\
+name: wide
+inputs: {x: [4], y: [2]}
+params: {W1: {shape: [6, 4]}, b1: {shape: [6]}, W2: {shape: [2, 6]}, b2: {shape: [2]}}
+nodes:
+  h: {op: dense, inputs: [x, W1, b1]}
+  a: {op: elementwise, inputs: [h], expr: "h*sigmoid(h)+tanh(h)**2"}
+  out: {op: dense, inputs: [a, W2, b2]}
+  loss: {op: mse, inputs: [out, y]}
+outputs: [out]
+loss: loss
+"""
+
+
+@pytest.mark.parametrize("at_", ["none", "random"])
+def test_explain_bounds_the_expanded_view(tmp_path, at_):
+    """In a subprocess with a timeout: unbounded, this did not end for minutes."""
+    import sys
+    import time
+    path = tmp_path / "wide.yaml"
+    path.write_text(WIDE)
+    assert len(WIDE.encode()) <= 1024
+    start = time.perf_counter()
+    run = subprocess.run([sys.executable, "-m", "graphc", "explain", str(path), "--at", at_],
+                         capture_output=True, text=True, timeout=90, cwd=ROOT)
+    seconds = time.perf_counter() - start
+    assert run.returncode == 0, run.stderr
+    assert seconds < 20, f"graphc explain --at {at_} took {seconds:.1f} s"
+    out = " ".join(run.stdout.split())     # the note is wrapped to the page width
+    assert ("The fully expanded view (L as one expression of the weights, differentiated "
+            "directly) is omitted: written out, the loss L grows past 200 operations.") in out
+    assert out.count("is omitted") == 1              # one line, not one per param
+    assert "The chain rule put together" in out      # the rest is as before
+    assert "Fully expanded:" not in out
+
+
+def test_expanded_view_is_measured_as_it_is_built(tmp_path):
+    from graphc.derive import derive
+    from graphc.explain.numbers import MAX_LOSS_OPS, TooLarge, expand_all, run_symbolic
+    (tmp_path / "wide.yaml").write_text(WIDE)
+    g = graphc.load(tmp_path / "wide.yaml")
+    d = derive(g)
+    with pytest.raises(TooLarge, match=f"the loss L grows past {MAX_LOSS_OPS} operations"):
+        run_symbolic(d.gradients)
+    with pytest.raises(TooLarge, match="an element of .* grows past 50 operations"):
+        run_symbolic(d.gradients, max_ops=50)
+    views = expand_all(d.gradients, g, list(g.params))
+    assert set(views) == set(g.params)
+    assert all(v.skipped and not v.checks for v in views.values())
+    # Unbounded, the same program is written out in full: the bound only decides where
+    # it stops (the tiny net above still gets its expanded view).
+    env = run_symbolic(d.gradients, None, None, None)
+    assert sp.count_ops(env["__batch_loss"][0]) > MAX_LOSS_OPS
+
+
+def test_symbolic_steps_give_up_on_large_expressions_quickly():
+    import time
+
+    from graphc.explain.bounds import expansion_work, ops_within, rewritten_within
+    from graphc.explain.numbers import is_zero
+    x, y = sp.symbols("x y", real=True)
+    deep = x
+    for _ in range(12):         # 12 levels of tanh: about 12,000 operations as a tree
+        deep = sp.tanh(deep + y) * deep
+    start = time.perf_counter()
+    assert ops_within(deep, 100) is None and ops_within(x + y, 100) == 1
+    assert rewritten_within(deep, sp.exp, 2000) is None          # 4x per level, stopped early
+    assert rewritten_within(sp.tanh(x), sp.exp, 100) == sp.tanh(x).rewrite(sp.exp)
+    assert expansion_work(sp.Mul(*[(x + y + k) ** 3 for k in range(6)]), 4000) is None
+    assert is_zero(deep - x) is None                              # too large to try
+    assert time.perf_counter() - start < 5
+    assert is_zero(sp.tanh(x) ** 2 + 1 / sp.cosh(x) ** 2 - 1) is True
+    assert is_zero(sp.tanh(x) - x) is False
 
 
 def test_movement_ops_and_partial_writes_are_shown_honestly():

@@ -30,6 +30,8 @@ import graphc
 from graphc.ops import OPS
 from graphc.reference import reference
 
+from conftest import compile_strict
+
 DTYPES = ("float64", "float32")
 BATCHES = (1, 5)
 
@@ -165,8 +167,9 @@ class Net:
 
 @functools.lru_cache(maxsize=None)
 def compiled(spec_json: str, dtype: str):
-    """One compile per (spec, dtype) per session, shared by the tests that use it."""
-    return graphc.compile(json.loads(spec_json), dtype=dtype)
+    """One compile per (spec, dtype) per session, shared by the tests that use it; built
+    warning-free under -Wall -Wextra -Wpedantic -Werror."""
+    return compile_strict(json.loads(spec_json), dtype)
 
 
 def model_for(net: Net, dtype: str):

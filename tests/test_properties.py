@@ -31,6 +31,8 @@ import graphc
 from graphc.reference import reference
 from graphc.verify import finite_difference_check
 
+from conftest import compile_strict
+
 ROOT = Path(__file__).resolve().parents[1]
 PROPERTY_SETTINGS = settings(max_examples=25, deadline=None, derandomize=True,
                              suppress_health_check=[HealthCheck.too_slow])
@@ -226,7 +228,7 @@ def test_random_specs_are_valid():
 @given(case=graph_cases())
 def test_c_gradients_equal_the_reference(case, assert_close):
     spec, seed, batch = case
-    model = graphc.compile(spec, dtype="float64")
+    model = compile_strict(spec, "float64")   # warning-free under -Werror
     ref = reference(model.graph)
     params, data = case_data(model.graph, seed, batch)
     model.set_params(params)

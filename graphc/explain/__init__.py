@@ -125,18 +125,19 @@ def write_atomic(path: Path, data: str | bytes) -> None:
 
 def _resolve_at(graph, at, seed: int, batch: int) -> tuple[dict, dict]:
     """(inputs, params) from `at`: "random", an .npz path, or a dict of arrays. Params not
-    given are drawn from their initializers with `seed`, as `graphc.compile` draws them."""
-    from graphc.reference import Reference
+    given are drawn from their initializers with `seed`, as `graphc.compile` (and
+    `graphc.reference`) draw them; not through a Reference, which is not free to build."""
+    from graphc.init import init_params
     from graphc.verify import sample_inputs
-    params = Reference(graph, "float64", seed=seed).get_params()
+    drawn = init_params({k: (v.shape, v.init) for k, v in graph.params.items()}, seed)
+    params = {k: np.asarray(v, np.float64) for k, v in drawn.items()}
     if isinstance(at, str) and at == "random":
         return sample_inputs(graph, batch, seed), params
     if isinstance(at, (str, os.PathLike)):
-        try:
-            with np.load(at) as f:
-                at = {k: f[k] for k in f.files}
-        except (OSError, ValueError) as e:
-            raise GraphcError(f"at: cannot read {at} as an .npz of arrays ({e})") from None
+        from graphc.npz import MAX_NPZ_MEMBER_BYTES, NpzReader
+        with NpzReader(at, "at") as z:   # damaged or renamed files: one InputError
+            z.refuse_larger_than(MAX_NPZ_MEMBER_BYTES, "more than any model's params")
+            at = z.read_all()
     if not isinstance(at, dict):
         raise GraphcError(f"at: expected 'random', an .npz path or a dict of arrays, got {type(at).__name__}")
     unknown = sorted(set(at) - set(graph.inputs) - set(graph.params))
@@ -197,7 +198,8 @@ def explain(graph, wrt=None, *, at=None, dtype: str = "float32", expand: bool | 
             the numbers are checked against the compiled model (float64).
     dtype:  of the C shown beside each step ("float32", what `graphc compile` writes).
     expand: the loss as one SymPy expression of the weights, differentiated directly;
-            by default for nets of at most 64 parameter scalars.
+            by default for nets of at most 64 parameter scalars. Written out, an L that
+            grows past a few hundred operations is omitted (with a one-line note).
     """
     from codegen.emit import emit
     from codegen.targets import get_target
@@ -205,7 +207,7 @@ def explain(graph, wrt=None, *, at=None, dtype: str = "float32", expand: bool | 
     from graphc.model import as_graph, check_dtype
 
     from .derivation import between, code_map, node_views, pair_steps, param_view, select
-    from .numbers import expand as expand_loss, expandable
+    from .numbers import expand_all, expandable
     source = graph if isinstance(graph, (str, os.PathLike)) else None
     graph = as_graph(graph)
     try:
@@ -230,8 +232,9 @@ def explain(graph, wrt=None, *, at=None, dtype: str = "float32", expand: bool | 
     worked = _worked(graph, d, shown, chosen, at, seed, batch) if at is not None else None
     if expand is None:
         expand = expandable(graph)
-    expanded = {p: expand_loss(d.gradients, graph, p, seed)
-                for p in chosen if params[p].paths} if expand else {}
+    # Bounded: an L that grows past a few hundred operations is left out, with a note.
+    expanded = expand_all(d.gradients, graph, [p for p in chosen if params[p].paths],
+                          seed) if expand else {}
     return Explanation(graph, chosen, d, cm, steps, nodes, params, code, worked, expanded)
 
 

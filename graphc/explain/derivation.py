@@ -21,12 +21,14 @@ import sympy as sp
 from graphc.derive import LOSS_MEAN, Derivation, LocalDerivative
 from graphc.errors import GraphcError
 from graphc.graph import Graph
-from graphc.ir import ACC, BATCH, Kernel, Program, index_symbols
+from graphc.ir import ACC, BATCH, Kernel, Program, array, index_symbols
 
 from . import notation as nt
+from .bounds import expansion_work, small
 
 MAX_PATHS = 12        # paths listed per param; a net with many skips has exponentially many
 SIMPLIFY_OPS = 60     # larger derivatives are shown as derived (simplify's time grows fast)
+EXPAND_TERMS = 2000   # a reading that would expand to more terms (estimated) is not shown
 BATCH_INDEX = sp.Symbol("b", integer=True, nonnegative=True)   # as graphc.ops names it
 
 
@@ -178,14 +180,24 @@ class ParamView:
 # ---------------------------------------------------------------- simplification for display
 
 def _collapse_piecewise(expr: sp.Expr) -> sp.Expr:
-    """Piecewise with branches SymPy proves equal -> that one expression."""
+    """Piecewise with branches SymPy proves equal -> that one expression (tried only when
+    every branch is small: simplify's time grows fast with size)."""
     def one(*args):
-        branches = [(sp.simplify(v) if sp.count_ops(v) <= SIMPLIFY_OPS else v, c) for v, c in args]
-        if all(sp.simplify(v - branches[0][0]) == 0 for v, _ in branches[1:]) \
-                and all(sp.count_ops(v) <= SIMPLIFY_OPS for v, _ in branches):
+        branches = [(sp.simplify(v) if small(v, SIMPLIFY_OPS) else v, c) for v, c in args]
+        if all(small(v, SIMPLIFY_OPS) for v, _ in branches) \
+                and all(sp.simplify(v - branches[0][0]) == 0 for v, _ in branches[1:]):
             return branches[0][0]
         return sp.Piecewise(*branches)
     return expr.replace(sp.Piecewise, one)
+
+
+def _exp_written(expr: sp.Expr) -> sp.Expr:
+    """expr with the functions formulas keep whole (graphc's own, such as sigmoid and
+    softplus, whatever their class) written out through exp; SymPy's own stay."""
+    def own(f) -> bool:
+        return isinstance(f, sp.Function) and not type(f).__module__.startswith("sympy.") \
+            and hasattr(f, "_eval_rewrite_as_exp")
+    return expr.replace(own, lambda f: f.rewrite(sp.exp)) if expr.has(sp.Function) else expr
 
 
 def simplified(rec: LocalDerivative) -> sp.Expr:
@@ -197,7 +209,7 @@ def simplified(rec: LocalDerivative) -> sp.Expr:
     options = [d, sp.factor_terms(d)]
     if d.has(sp.Piecewise):
         options.append(_collapse_piecewise(d))
-    elif sp.count_ops(d) <= SIMPLIFY_OPS:
+    elif small(d, SIMPLIFY_OPS):
         options.append(sp.simplify(d))
     return min(options, key=lambda e: (sp.count_ops(e), options.index(e)))
 
@@ -215,17 +227,21 @@ class sigma(sp.Function):
 def sigmoid_form(expr: sp.Expr, read: sp.Indexed) -> sp.Expr | None:
     """`expr` written through σ(read), when exp(±read) are its only uses of the read:
     sigmoid' = σ(1 - σ) and bce_with_logits' = σ(z) - t come out this way."""
+    if not small(expr, 4 * SIMPLIFY_OPS):
+        return None
+    expr = _exp_written(expr)
     if not expr.has(sp.exp(read)) and not expr.has(sp.exp(-read)):
         return None
     S = sp.Dummy("S")
-    e = _collapse_piecewise(expr).subs({sp.exp(read): S / (1 - S), sp.exp(-read): (1 - S) / S})
-    if e.has(read) or e.has(sp.Piecewise) or sp.count_ops(e) > SIMPLIFY_OPS:
+    whole = _collapse_piecewise(expr)
+    e = whole.subs({sp.exp(read): S / (1 - S), sp.exp(-read): (1 - S) / S})
+    if e.has(read) or e.has(sp.Piecewise) or not small(e, SIMPLIFY_OPS):
         return None
     e = sp.factor(sp.simplify(e))
     if e.has(read) or sp.count_ops(e) > 12:
         return None
     back = e.subs(S, 1 / (1 + sp.exp(-read)))
-    if sp.simplify(_collapse_piecewise(expr) - back) != 0:
+    if not small(whole, SIMPLIFY_OPS) or sp.simplify(whole - back) != 0:
         return None
     return e.subs(S, sigma(read))
 
@@ -234,7 +250,7 @@ def local_partial(rec: LocalDerivative, buffers=None) -> nt.Math:
     """∂out[o]/∂x[idx] for the formula kernel's output element and the read."""
     k = rec.kernel
     swap = nt.tidy_map(k, buffers)
-    out = sp.IndexedBase(k.out)[tuple(k.out_index)]
+    out = array(k.out)[tuple(k.out_index)]
     return nt.partial(swap.get(out, out), swap.get(rec.wrt, rec.wrt))
 
 
@@ -317,7 +333,7 @@ def softmax_reading(node: str, op: str, expr: sp.Expr, graph: Graph, kernels: li
     x = str(next(a for a in by_out[s].accesses() if str(a.base.label) != m).base.label)
     taken = set(graph.values)
     p_name = node if op == "softmax" else next(c for c in ("p", "prob", "p_" + node) if c not in taken)
-    P, S = sp.IndexedBase(p_name), sp.IndexedBase(s)
+    P, S = array(p_name), array(s)
 
     def is_shifted(arg):
         parts = sp.Add.make_args(arg)
@@ -331,7 +347,7 @@ def softmax_reading(node: str, op: str, expr: sp.Expr, graph: Graph, kernels: li
             return P[xi.indices] * S[mi.indices]
         return None
     reading = expr.replace(lambda e: to_p(e) is not None, to_p)
-    if reading == expr:
+    if reading == expr or expansion_work(reading, EXPAND_TERMS) is None:
         return None
     reading = sp.factor_terms(sp.expand(reading))
     reading = sp.factor_terms(reading)

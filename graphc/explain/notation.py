@@ -15,7 +15,7 @@ from sympy.printing.latex import LatexPrinter
 from sympy.printing.precedence import PRECEDENCE
 from sympy.printing.str import StrPrinter
 
-from graphc.ir import ACC, BATCH, Kernel
+from graphc.ir import ACC, BATCH, Kernel, array
 
 LOSS = "L"   # the batch-mean loss, what training minimises
 _SUPERSCRIPTS = str.maketrans("0123456789", "⁰¹²³⁴⁵⁶⁷⁸⁹")
@@ -159,7 +159,7 @@ EQ, PLUS_EQ = Math(" = ", " = "), Math(" += ", r" \mathrel{+}= ")
 
 def element(buffer: str, index) -> Math:
     """buffer[index], with ∂L/∂P for a param's gradient."""
-    return show(sp.IndexedBase(buffer)[tuple(index)])
+    return show(array(buffer)[tuple(index)])
 
 
 def grad_of_param(param: str, index=None) -> Math:
@@ -189,7 +189,7 @@ def tidy(k: Kernel, buffers) -> Kernel:
     swap = tidy_map(k, buffers)
     if not swap:
         return k
-    out = swap.get(sp.IndexedBase(k.out)[tuple(k.out_index)])
+    out = swap.get(array(k.out)[tuple(k.out_index)])
     return Kernel(k.out, tuple(out.indices) if out is not None else k.out_index, k.loops,
                   k.body.xreplace(swap), k.mode, k.post.xreplace(swap), k.node, k.note)
 
@@ -200,7 +200,7 @@ def tidy_map(k: Kernel, buffers) -> dict:
         return {}
     extent = {s: e for s, e in k.loops}
     swap = {}
-    for a in [sp.IndexedBase(k.out)[tuple(k.out_index)]] + k.accesses():
+    for a in [array(k.out)[tuple(k.out_index)]] + k.accesses():
         buf = buffers[str(a.base.label)]
         dims, idx = _dims(buf), tuple(a.indices)
         top = [sp.sympify(sp.sympify(i).xreplace({s: sp.Integer(e - 1 if e != BATCH else 0)

@@ -8,7 +8,11 @@ the independent reference, so a number on the page is one the C agrees with.
 
 `expand` writes the loss of a tiny net as one SymPy expression of its weights (one
 example, symbolic inputs), differentiates it directly, and compares that with the chain
-rule's result, the same kernels run on SymPy expressions instead of numbers.
+rule's result, the same kernels run on SymPy expressions instead of numbers. It is
+bounded by what it writes out, measured as it is built (MAX_LOSS_OPS and the rest below):
+past a bound the view is omitted with a one-line reason, and SymPy's proofs are tried on
+bounded expressions within SYMBOLIC_BUDGET seconds, so that any small spec explains in
+seconds.
 """
 
 from __future__ import annotations
@@ -22,17 +26,33 @@ import numpy as np
 import sympy as sp
 
 from graphc.derive import LOSS_MEAN
-from graphc.ir import ACC, BATCH, Kernel, Program
+from graphc.functions import numpy_namespace, without_ite
+from graphc.ir import ACC, BATCH, Kernel, Program, array
 
 from . import notation as nt
+from .bounds import TreeOps, expansion_work, ops_within, rewritten_within, small
 
 MAX_EXPANDED_PARAMS = 64      # scalars; beyond this the expanded loss is too long to read
-SYMBOLIC_BUDGET = 15.0        # seconds of symbolic checking for the expanded view, then numeric
-SYMBOLIC_OPS = 3000           # a difference larger than this is checked numerically only
-MAX_LOSS_OPS = 2000           # an expanded loss longer than this is not worth reading
+# The expanded view is bounded by the size of what it writes out, measured as it is built:
+MAX_LOSS_OPS = 200            # operations of L; a longer L is too long to read (and to check)
+MAX_VALUE_OPS = 1000          # of any one value on the way (a δ, a gradient element)
+MAX_TOTAL_OPS = 100_000       # of all values of the program together (one example)
+MAX_POINTS = 20_000           # values the program computes for one example
+# SymPy's proof that direct − chain rule is 0, per element, is tried only when
+SYMBOLIC_OPS = 1200           # the difference has at most this many operations,
+MAX_REWRITE_OPS = 4000        # written through exp, it has at most this many operations,
+MAX_EXPANSION = 4000          # expanding it writes at most this many terms (estimated),
+MAX_CANCEL_OPS = 20_000       # and cancel gets at most this many operations;
+SYMBOLIC_BUDGET = 6.0         # seconds of proofs per explanation, then the numbers alone decide
+PROOF_SIMPLIFY_OPS = 100      # what cancel leaves goes to simplify when it is this small
 
 
 # ---------------------------------------------------------------- numeric kernels
+
+# What lambdify evaluates formulas with: the defined functions (sigmoid, softplus, relu,
+# leaky_relu) by name; NumPy has no erf.
+NUMERIC = [{**numpy_namespace(), "erf": np.vectorize(math.erf, otypes=[float])}, "numpy"]
+
 
 def _shape(buf, n: int) -> tuple:
     shape = ((n,) if buf.batched else ()) + tuple(buf.shape)
@@ -64,7 +84,7 @@ def evaluate(expr: sp.Expr, k: Kernel, env: dict, buffers, n: int, *, reduced: b
     values = [env[str(a.base.label)].reshape(-1)[_offsets(buffers[str(a.base.label)], a.indices,
                                                            syms, mesh, shape)] for a in reads]
     args = dummies + syms + [BATCH, ACC]
-    f = sp.lambdify(args, expr.xreplace(dict(zip(reads, dummies))), "numpy")
+    f = sp.lambdify(args, without_ite(expr.xreplace(dict(zip(reads, dummies)))), NUMERIC)
     with np.errstate(all="ignore"):   # Piecewise evaluates every branch
         out = f(*values, *mesh, n, acc if acc is not None else 0.0)
     return np.broadcast_to(np.asarray(out, dtype=np.float64), shape)
@@ -152,7 +172,7 @@ def _element(buf, n: int, indices) -> tuple:
 
 
 def _normal(expr: sp.Expr, buffers, n: int) -> sp.Expr:
-    return expr.xreplace({a: sp.IndexedBase(str(a.base.label))[_element(buffers[str(a.base.label)], n, a.indices)]
+    return expr.xreplace({a: array(str(a.base.label))[_element(buffers[str(a.base.label)], n, a.indices)]
                           for a in expr.atoms(sp.Indexed)})
 
 
@@ -228,13 +248,21 @@ class ElementCheck:
 
 @dataclass
 class Expanded:
-    loss: sp.Expr                   # L for one example, inputs symbolic
+    loss: sp.Expr | None            # L for one example, inputs symbolic (None: not built)
     param: str
     checks: list[ElementCheck]
     points: int                     # random points of the numeric check
     seconds: float
     skipped: str | None = None      # why there are no checks
     shifts: tuple = ()              # stop-gradient shifts left as symbols
+
+
+class TooLarge(Exception):
+    """Written out, an expression of the expanded view grows past a bound."""
+
+    def __init__(self, what: str, limit: int, unit: str = "operations"):
+        super().__init__(f"written out, {what} grows past {limit} {unit}")
+        self.what, self.limit, self.unit = what, limit, unit
 
 
 def _symbolic_env(program: Program) -> dict:
@@ -245,64 +273,125 @@ def _symbolic_env(program: Program) -> dict:
         arr = np.full(math.prod(shape), sp.Integer(0), dtype=object)
         if buf.role in ("input", "param"):
             for j in range(arr.size):
-                arr[j] = sp.IndexedBase(name)[tuple(int(i) for i in np.unravel_index(j, shape))]
+                arr[j] = array(name)[tuple(int(i) for i in np.unravel_index(j, shape))]
         env[name] = arr
     return env
 
 
-def run_symbolic(program: Program) -> dict:
+def run_symbolic(program: Program, max_ops: int | None = MAX_VALUE_OPS,
+                 max_total: int | None = MAX_TOTAL_OPS,
+                 max_loss_ops: int | None = MAX_LOSS_OPS) -> dict:
     """The program with one example and SymPy values: params W[i, j] and inputs x[0, i]
-    as symbols. A stop-gradient shift (softmax's max) becomes a constant symbol m."""
+    as symbols. A stop-gradient shift (softmax's max) becomes a constant symbol m.
+
+    Every value is measured as it is built (the operations of its tree, counted once per
+    new node): past `max_ops` for one value, `max_total` for all of them together, or
+    `max_loss_ops` for the loss (once it is complete), it raises TooLarge. A net whose
+    expressions grow fast (each layer's derivative repeats the layer below in every term)
+    stops early instead of being written out. None: no bound."""
     buffers = program.buffers
+    grid = [[range(1 if e == BATCH else int(e)) for _, e in k.loops] for k in program.kernels]
+    points = sum(math.prod(len(r) for r in g) for g in grid)
+    if max_total is not None and points > MAX_POINTS:
+        raise TooLarge("one example", MAX_POINTS, "values")
     env = _symbolic_env(program)
+    size = TreeOps()
+    stored: dict[tuple[str, int], int] = {}
+    total = 0
 
-    def offset(buf: str, index, at) -> int:
-        return int(buffers[buf].flat_offset(tuple(sp.sympify(i).xreplace(at) for i in index)))
+    def measured(value, buf: str, where: int | None = None):
+        """value, once its size is within the bounds; `where`: it is stored there."""
+        nonlocal total
+        n = size(value)
+        if max_ops is not None and n > max_ops:
+            raise TooLarge(f"an element of {nt.text_name(buf)}", max_ops)
+        if where is not None:
+            total += n + 1 - stored.get((buf, where), 0)
+            stored[buf, where] = n + 1
+            if max_total is not None and total > max_total:
+                raise TooLarge("the program (all its values together)", max_total)
+        return value
 
-    def fill(expr, at):
-        e = expr.xreplace(at)
-        return e.xreplace({a: env[str(a.base.label)][offset(str(a.base.label), a.indices, {})]
-                           for a in e.atoms(sp.Indexed)})
-
-    for k in program.kernels:
-        syms = [s for s, _ in k.loops]
+    for k, ranges in zip(program.kernels, grid):
+        syms, mesh, shape = _grid(k, 1)
         red = set(k.reduction_loops())
+        loop_syms = set(syms) | {BATCH}
+
+        def offsets(buf: str, index) -> np.ndarray:   # flat, at every point of the grid
+            return _offsets(buffers[buf], index, syms, mesh, shape).reshape(-1)
+
+        def template(expr):
+            """expr with its reads as placeholders, and how to fill them in at a point: the
+            values substituted last, into the small template, never walked through."""
+            reads = sorted(expr.atoms(sp.Indexed), key=sp.default_sort_key)
+            holes = [sp.Dummy() for _ in reads]
+            where_ = [(env[str(r.base.label)], offsets(str(r.base.label), r.indices)) for r in reads]
+            expr = expr.xreplace(dict(zip(reads, holes)))
+            free = bool(expr.free_symbols & loop_syms)
+
+            def at_point(j: int, at: dict, acc=None):
+                # One xreplace: it walks the template only, not the values put into it.
+                put = dict(at) if free else {}
+                put.update((h, arr[o[j]]) for h, (arr, o) in zip(holes, where_))
+                if acc is not None:
+                    put[ACC] = acc
+                return expr.xreplace(put)
+            return at_point
+
         out = env[k.out]
+        out_at = offsets(k.out, k.out_index)
+        body = template(k.body) if k.mode != "max" else None
+        post = template(k.post) if k.mode == "sum" else None
         acc: dict = {}
-        for point in itertools.product(*[range(1 if e == BATCH else int(e)) for _, e in k.loops]):
+        for j, point in enumerate(itertools.product(*ranges)):
             at = dict(zip(syms, (sp.Integer(p) for p in point)))
             at[BATCH] = sp.Integer(1)
-            where = offset(k.out, k.out_index, at)
+            where = int(out_at[j])
             if k.mode == "max":
                 name = f"{nt.text_name(k.out)}[{', '.join(map(str, np.unravel_index(where, _shape(buffers[k.out], 1))))}]"
                 out[where] = sp.Symbol(name)
                 continue
-            value = fill(k.body, at)
+            value = body(j, at)
             if k.mode == "assign":
-                out[where] = value
+                out[where] = measured(value, k.out, where)
             elif k.mode == "accumulate":
-                out[where] = out[where] + value
+                out[where] = measured(out[where] + value, k.out, where)
             else:   # sum: post(Σ body), post at the output's loop values
-                total, at_out = acc.get(where, (0, {s: v for s, v in at.items() if s not in red}))
-                acc[where] = (total + value, at_out)
-        for where, (total, at_out) in acc.items():
-            out[where] = fill(k.post, at_out).xreplace({ACC: total})
+                if where not in acc:
+                    acc[where] = ([], [-1], j, {s: v for s, v in at.items() if s not in red})
+                terms, n, _, _ = acc[where]
+                terms.append(value)   # added up once at the end: Add sorts its terms
+                n[0] += size(value) + 1
+                if max_ops is not None and n[0] > max_ops:
+                    raise TooLarge(f"an element of {nt.text_name(k.out)}", max_ops)
+        for where, (terms, _, j, at_out) in acc.items():
+            out[where] = measured(post(j, at_out, sp.Add(*terms)), k.out, where)
+        if k.out == LOSS_MEAN and max_loss_ops is not None \
+                and ops_within(out[0], max_loss_ops) is None:
+            raise TooLarge("the loss L", max_loss_ops)
     return env
 
 
-def expand(program: Program, graph, param: str, seed: int = 0, points: int = 5) -> Expanded:
-    """L of one example as one expression, ∂L/∂param by `sympy.diff` directly, compared
-    with the chain rule (the backward kernels run on the same expressions)."""
+def expand_all(program: Program, graph, params, seed: int = 0, points: int = 5) -> dict[str, Expanded]:
+    """For each of `params`: L of one example as one expression, ∂L/∂param by
+    `sympy.diff` directly, compared with the chain rule (the backward kernels run on the
+    same expressions). Bounded: written out, L past MAX_LOSS_OPS operations (or any value
+    on the way past MAX_VALUE_OPS) and every param gets `skipped` instead; SymPy's proofs
+    share SYMBOLIC_BUDGET seconds, then the numbers alone decide."""
     from graphc.verify import sample_inputs   # inputs from the domains the checks use
     start = time.perf_counter()
-    env = run_symbolic(program)
+    params = list(params)
+
+    def skip(reason: str, loss=None) -> dict[str, Expanded]:
+        return {p: Expanded(loss, p, [], points, time.perf_counter() - start, skipped=reason)
+                for p in params}
+    if not params:
+        return {}
+    try:
+        env = run_symbolic(program)
+    except TooLarge as e:
+        return skip(str(e))
     loss = env[LOSS_MEAN][0]
-    if sp.count_ops(loss) > MAX_LOSS_OPS:
-        return Expanded(loss, param, [], points, time.perf_counter() - start, skipped=(
-            f"written out, L has {sp.count_ops(loss)} operations (more than {MAX_LOSS_OPS}): "
-            "too long to read, and to differentiate quickly"))
-    grads = env[f"{param}.grad"]
-    shape = _shape(program.buffers[param], 1)
     atoms = sorted(loss.atoms(sp.Indexed), key=sp.default_sort_key)
     shifts = sorted((c for c in loss.atoms(sp.Symbol) if str(c) not in program.buffers), key=str)
     rng = np.random.default_rng(seed)
@@ -313,32 +402,102 @@ def expand(program: Program, graph, param: str, seed: int = 0, points: int = 5) 
                if str(a.base.label) in inputs else 0.5 * float(rng.standard_normal()) for a in atoms]
         # A stop-gradient shift: any value gives the same L and the same gradient.
         samples.append(row + [float(rng.standard_normal()) for _ in shifts])
-    checks = []
-    base = sp.IndexedBase(param)
-    for j in range(grads.size):
-        idx = tuple(int(i) for i in np.unravel_index(j, shape))
-        direct = sp.diff(loss, base[idx])
-        chain = grads[j]
-        f = sp.lambdify(atoms + shifts, [direct, chain], "math", cse=True)
-        values = np.array([f(*row) for row in samples], dtype=np.float64)
-        numeric = float(np.max(np.abs(values[:, 0] - values[:, 1])))
-        scale = max(1.0, float(np.max(np.abs(values[:, 1]))))
-        diff = direct - chain
-        symbolic = None
-        if time.perf_counter() - start < SYMBOLIC_BUDGET and sp.count_ops(diff) <= SYMBOLIC_OPS:
-            symbolic = is_zero(diff)
-        # Not reduced to 0 is not a proof of a difference: the numbers decide then.
-        ok = symbolic is True or numeric <= 1e-9 * scale
-        checks.append(ElementCheck(idx, direct, chain, symbolic, numeric, bool(ok)))
-    return Expanded(loss, param, checks, points, time.perf_counter() - start, shifts=tuple(shifts))
+    proving = 0.0   # seconds spent in SymPy's proofs, all params together
+    out = {}
+    for param in params:
+        t0 = time.perf_counter()
+        grads = env[f"{param}.grad"]
+        shape = _shape(program.buffers[param], 1)
+        elements = [tuple(int(i) for i in np.unravel_index(j, shape)) for j in range(grads.size)]
+        direct = [sp.diff(loss, w) for w in env[param]]   # the param's own elements, W[i, j]
+        chain = list(grads)
+        # One function for every element: cse shares what direct and chain have in common.
+        f = sp.lambdify(atoms + shifts, [without_ite(e) for e in direct + chain], NUMERIC, cse=True)
+        with np.errstate(all="ignore"):
+            values = np.array([f(*row) for row in samples], dtype=np.float64).reshape(points, 2, -1)
+        checks = []
+        for j, idx in enumerate(elements):
+            numeric = float(np.max(np.abs(values[:, 0, j] - values[:, 1, j])))
+            scale = max(1.0, float(np.max(np.abs(values[:, 1, j]))))
+            symbolic = None
+            if proving < SYMBOLIC_BUDGET:
+                t = time.perf_counter()
+                symbolic = is_zero(direct[j] - chain[j])
+                proving += time.perf_counter() - t
+            # Not reduced to 0 is not a proof of a difference: the numbers decide then.
+            ok = symbolic is True or numeric <= 1e-9 * scale
+            checks.append(ElementCheck(idx, direct[j], chain[j], symbolic, numeric, bool(ok)))
+        out[param] = Expanded(loss, param, checks, points, time.perf_counter() - t0,
+                              shifts=tuple(shifts))
+    return out
 
 
-def is_zero(e: sp.Expr) -> bool:
-    """Whether SymPy proves e == 0. Written through exp (tanh, cosh... rewritten, exp of a
-    sum split into a product), a net's derivative is a rational function of exponentials,
-    which `cancel` decides; `simplify` (slow) only gets what is left, when it is small."""
-    r = sp.cancel(sp.together(sp.expand(e.rewrite(sp.exp), power_exp=True)))
-    return r == 0 or (sp.count_ops(r) <= 200 and sp.simplify(r) == 0)
+def expand(program: Program, graph, param: str, seed: int = 0, points: int = 5) -> Expanded:
+    """`expand_all` for one param."""
+    return expand_all(program, graph, [param], seed, points)[param]
+
+
+def _plain(e: sp.Expr) -> sp.Expr:
+    """e with its array elements free of assumptions: what holds for every complex value
+    holds for the real ones, and `cancel` treats plain symbols more uniformly."""
+    return e.xreplace({a: sp.IndexedBase(str(a.base.label))[a.indices] for a in e.atoms(sp.Indexed)})
+
+
+def _atomized(e: sp.Expr) -> sp.Expr:
+    """e with the argument of every one-argument function made a fresh symbol, inner ones
+    first, the same argument the same symbol (and its negation the negated symbol). Direct
+    and chain-rule derivatives apply the same functions to the same arguments; what tells
+    them apart is identities of the functions themselves (σ(-u) = 1 - σ(u), tanh' = 1 -
+    tanh²), which hold whatever u is. A substitution keeps a zero zero, so a zero here is
+    a proof; it is much cheaper than cancelling the arguments' exponentials as well."""
+    names: dict[sp.Expr, sp.Expr] = {}
+
+    def one(z):
+        (u,) = z.args
+        if u.is_Atom:
+            return z
+        if u not in names and -u in names:
+            return z.func(-names[-u])
+        return z.func(names.setdefault(u, sp.Dummy()))
+    return e.replace(lambda z: isinstance(z, sp.Function) and len(z.args) == 1
+                     and isinstance(z.args[0], sp.Expr), one)
+
+
+def _cancels(e: sp.Expr) -> sp.Expr | None:
+    """e written through exp (tanh, cosh... rewritten, exp of a sum split into a product):
+    a rational function of exponentials, which `cancel` brings to lowest terms. None when
+    written through exp it grows past MAX_REWRITE_OPS operations, or expanding it would
+    write more than MAX_EXPANSION terms (estimated)."""
+    r = rewritten_within(e, sp.exp, MAX_REWRITE_OPS)
+    if r is None or expansion_work(r, MAX_EXPANSION) is None:
+        return None
+    r = sp.expand(r, power_exp=True)
+    if ops_within(r, MAX_CANCEL_OPS) is None:
+        return None
+    return sp.cancel(sp.together(r))
+
+
+def is_zero(e: sp.Expr) -> bool | None:
+    """Whether SymPy proves e == 0; None: e is too large to try. Cheapest first: e with
+    function arguments as symbols (`_atomized`), then e as it is; `simplify` (slow) only
+    gets what is left, when it is small. Each step is tried on a bounded expression."""
+    if ops_within(e, SYMBOLIC_OPS) is None:
+        return None
+    if e == 0:
+        return True
+    left = None
+    # Assumptions are dropped once the arguments are symbols: rebuilding tanh(tanh(x)) with
+    # a plain x has SymPy ask whether each argument is real, which grows with the nesting.
+    for form in (_plain(_atomized(e)), e):
+        r = _cancels(form)
+        if r is None:
+            continue
+        if r == 0:
+            return True
+        left = r
+    if left is None:
+        return None
+    return bool(small(left, PROOF_SIMPLIFY_OPS) and sp.simplify(left) == 0)
 
 
 def expandable(graph) -> bool:

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import sympy as sp
 
+from graphc.ir import array
+
 from . import notation as nt
 from .derivation import local_partial, local_rhs
 from .numbers import _normal, array_text, fmt
@@ -108,7 +110,7 @@ def _term_math(step, term, buffers, n) -> Math:
     if len(loc.text) > 40:
         at = dict(term.point)
         k = step.local.kernel
-        out = sp.IndexedBase(k.out)[tuple(sp.sympify(i).xreplace(at) for i in k.out_index)]
+        out = array(k.out)[tuple(sp.sympify(i).xreplace(at) for i in k.out_index)]
         loc = nt.partial(_normal(out, buffers, n), _normal(step.local.wrt.xreplace(at), buffers, n))
     return s + Math("·", r" \cdot ") + loc
 
@@ -291,8 +293,13 @@ def document(e) -> list:
             doc.append(Eqs(mats))
     if e.worked:
         doc += _worked_blocks(e)
+    omitted = [x for x in e.expanded.values() if x.skipped]
+    if omitted:   # one line, whichever params it concerns: the reason is the net's
+        doc.append(P([f"The fully expanded view (L as one expression of the weights, "
+                      f"differentiated directly) is omitted: {omitted[0].skipped}."]))
     for p, x in e.expanded.items():
-        doc += _expanded_blocks(e, x)
+        if not x.skipped:
+            doc += _expanded_blocks(e, x)
     return doc
 
 
@@ -361,9 +368,6 @@ MAX_SHOWN = 1500   # characters of an expanded expression worth printing
 def _expanded_blocks(e, x) -> list:
     out = [H(2, ["Fully expanded: ", Math(f"∂L/∂{x.param}", r"\partial L/\partial " + nt.latex_name(x.param)),
                  " without the chain rule"])]
-    if x.skipped:
-        out.append(P([f"This net has few parameters, but its loss is not written out here: {x.skipped}."]))
-        return out
     out.append(P(["This net has few parameters, so its loss can be written out. With one example "
                   "(inputs as symbols), L as one expression of the weights",
                   " (a softmax's max shift stays a symbol: L does not change with it)" if x.shifts else "",

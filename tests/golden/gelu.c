@@ -124,7 +124,7 @@ static void k0(size_t n, float *restrict a0, const float *restrict a1, const flo
                 for (size_t i0_j = 0; i0_j < 2; ++i0_j) {
                     const float acc = s[2*b_j + i0_j];
                     const float t0 = acc + a2[i0_j + i0_t];
-                    a0[24*b_j + 24*b_t + i0_j + i0_t] = 0.5F*t0*(1 + tanhf(0.7978845608028654F*acc + 0.7978845608028654F*a2[i0_j + i0_t] + 0.035677408136300125F*(t0*t0*t0)));
+                    a0[24*b_j + 24*b_t + i0_j + i0_t] = 0.5F*t0*(1 + tanhf(0.7978846F*acc + 0.7978846F*a2[i0_j + i0_t] + 0.035677407F*(t0*t0*t0)));
                 }
             }
         }
@@ -176,7 +176,7 @@ static void k0(size_t n, float *restrict a0, const float *restrict a1, const flo
             for (size_t i0_j = 0; i0_j < 16; ++i0_j) {
                 const float acc = s[i0_j];
                 const float t0 = acc + a2[i0_j + i0_t];
-                a0[24*b + i0_j + i0_t] = 0.5F*t0*(1 + tanhf(0.7978845608028654F*acc + 0.7978845608028654F*a2[i0_j + i0_t] + 0.035677408136300125F*(t0*t0*t0)));
+                a0[24*b + i0_j + i0_t] = 0.5F*t0*(1 + tanhf(0.7978846F*acc + 0.7978846F*a2[i0_j + i0_t] + 0.035677407F*(t0*t0*t0)));
             }
         }
         for (size_t i0 = 16; i0 < 24; ++i0) {
@@ -193,7 +193,7 @@ static void k0(size_t n, float *restrict a0, const float *restrict a1, const flo
             c0[0] += c0[1];
             const float acc = c0[0];
             const float t0 = acc + a2[i0];
-            a0[24*b + i0] = 0.5F*t0*(1 + tanhf(0.7978845608028654F*acc + 0.7978845608028654F*a2[i0] + 0.035677408136300125F*(t0*t0*t0)));
+            a0[24*b + i0] = 0.5F*t0*(1 + tanhf(0.7978846F*acc + 0.7978846F*a2[i0] + 0.035677407F*(t0*t0*t0)));
         }
     }
 }
@@ -385,7 +385,7 @@ static void k8(size_t n, float *restrict a0, const float *restrict a1)
 {
     for (size_t b = 0; b < n; ++b) {
         for (size_t i0 = 0; i0 < 24; ++i0) {
-            a0[24*b + i0] = 0.5F*a1[24*b + i0]*(1 + tanhf(0.7978845608028654F*a1[24*b + i0] + 0.035677408136300125F*(a1[24*b + i0]*a1[24*b + i0]*a1[24*b + i0])));
+            a0[24*b + i0] = 0.5F*a1[24*b + i0]*(1 + tanhf(0.7978846F*a1[24*b + i0] + 0.035677407F*(a1[24*b + i0]*a1[24*b + i0]*a1[24*b + i0])));
         }
     }
 }
@@ -475,8 +475,8 @@ static void k13(size_t n, float *restrict a0, const float *restrict a1, const fl
             for (size_t b_j = 0; b_j < 8; ++b_j) {
                 for (size_t l = 0; l < 8; ++l) {
                     const float acc = a0[24*b_j + 24*b_t + i1_t + l];
-                    const float t0 = tanhf(0.7978845608028654F*a2[24*b_j + 24*b_t + i1_t + l] + 0.035677408136300125F*(a2[24*b_j + 24*b_t + i1_t + l]*a2[24*b_j + 24*b_t + i1_t + l]*a2[24*b_j + 24*b_t + i1_t + l]));
-                    a0[24*b_j + 24*b_t + i1_t + l] = acc*(0.5F*t0 + 0.5F*a2[24*b_j + 24*b_t + i1_t + l]*(1 - (t0*t0))*(0.7978845608028654F + 0.10703222440890038F*(a2[24*b_j + 24*b_t + i1_t + l]*a2[24*b_j + 24*b_t + i1_t + l])) + 0.5F);
+                    const float t0 = tanhf(0.7978846F*a2[24*b_j + 24*b_t + i1_t + l] + 0.035677407F*(a2[24*b_j + 24*b_t + i1_t + l]*a2[24*b_j + 24*b_t + i1_t + l]*a2[24*b_j + 24*b_t + i1_t + l]));
+                    a0[24*b_j + 24*b_t + i1_t + l] = acc*(0.5F*t0 + 0.5F*a2[24*b_j + 24*b_t + i1_t + l]*(1 - (t0*t0))*(0.7978846F + 0.107032225F*(a2[24*b_j + 24*b_t + i1_t + l]*a2[24*b_j + 24*b_t + i1_t + l])) + 0.5F);
                 }
             }
         }
@@ -495,13 +495,13 @@ static void k13(size_t n, float *restrict a0, const float *restrict a1, const fl
             for (size_t l = 0; l < 4; ++l) {
                 {
                     const float acc = c0[l];
-                    const float t0 = tanhf(0.7978845608028654F*a2[24*b + i1_t + l] + 0.035677408136300125F*(a2[24*b + i1_t + l]*a2[24*b + i1_t + l]*a2[24*b + i1_t + l]));
-                    a0[24*b + i1_t + l] = acc*(0.5F*t0 + 0.5F*a2[24*b + i1_t + l]*(1 - (t0*t0))*(0.7978845608028654F + 0.10703222440890038F*(a2[24*b + i1_t + l]*a2[24*b + i1_t + l])) + 0.5F);
+                    const float t0 = tanhf(0.7978846F*a2[24*b + i1_t + l] + 0.035677407F*(a2[24*b + i1_t + l]*a2[24*b + i1_t + l]*a2[24*b + i1_t + l]));
+                    a0[24*b + i1_t + l] = acc*(0.5F*t0 + 0.5F*a2[24*b + i1_t + l]*(1 - (t0*t0))*(0.7978846F + 0.107032225F*(a2[24*b + i1_t + l]*a2[24*b + i1_t + l])) + 0.5F);
                 }
                 {
                     const float acc = c1[l];
-                    const float t0 = tanhf(0.7978845608028654F*a2[24*b + i1_t + l + 4] + 0.035677408136300125F*(a2[24*b + i1_t + l + 4]*a2[24*b + i1_t + l + 4]*a2[24*b + i1_t + l + 4]));
-                    a0[24*b + i1_t + l + 4] = acc*(0.5F*t0 + 0.5F*a2[24*b + i1_t + l + 4]*(1 - (t0*t0))*(0.7978845608028654F + 0.10703222440890038F*(a2[24*b + i1_t + l + 4]*a2[24*b + i1_t + l + 4])) + 0.5F);
+                    const float t0 = tanhf(0.7978846F*a2[24*b + i1_t + l + 4] + 0.035677407F*(a2[24*b + i1_t + l + 4]*a2[24*b + i1_t + l + 4]*a2[24*b + i1_t + l + 4]));
+                    a0[24*b + i1_t + l + 4] = acc*(0.5F*t0 + 0.5F*a2[24*b + i1_t + l + 4]*(1 - (t0*t0))*(0.7978846F + 0.107032225F*(a2[24*b + i1_t + l + 4]*a2[24*b + i1_t + l + 4])) + 0.5F);
                 }
             }
         }

@@ -4,6 +4,16 @@
 #include <stdint.h>
 #include "mlp.h"
 
+static float sigmoid(float x)
+{
+    return 1 / (1 + expf(-x));
+}
+
+static float softplus(float x)
+{
+    return (x > 0 ? x : 0) + log1pf(expf(-fabsf(x)));
+}
+
 /* s[j*2 + k] = Σ_{r < len} a[j*sa + r]·b[k*sb + r] for j < 8, k < 2; 4 partial sums each (len a multiple of 4, at least 4), added pairwise */
 static void dot8x2_4(const float *restrict a, size_t sa, const float *restrict b, size_t sb, size_t len, float *restrict s)
 {
@@ -113,7 +123,7 @@ static void tile8x8(const float *restrict a, size_t am, size_t ar, const float *
     }
 }
 
-/* a1: h1 with a1 as epilogue: a1[b, i0] = ((Σ_{i1} W1[i0, i1]*x[b, i1]) + b1[i0])*tanh(log(exp((Σ_{i1} W1[i0, i1]*x[b, i1]) + b1[i0]) + 1)) */
+/* a1: h1 with a1 as epilogue: a1[b, i0] = ((Σ_{i1} W1[i0, i1]*x[b, i1]) + b1[i0])*tanh(softplus((Σ_{i1} W1[i0, i1]*x[b, i1]) + b1[i0])) */
 static void k0(size_t n, float *restrict a0, const float *restrict a1, const float *restrict a2, const float *restrict a3)
 {
     for (size_t b_t = 0; b_t < n / 8 * 8; b_t += 8) {
@@ -124,7 +134,7 @@ static void k0(size_t n, float *restrict a0, const float *restrict a1, const flo
                 for (size_t i0_j = 0; i0_j < 2; ++i0_j) {
                     const float acc = s[2*b_j + i0_j];
                     const float t0 = acc + a2[i0_j + i0_t];
-                    a0[32*b_j + 32*b_t + i0_j + i0_t] = t0*tanhf(logf(expf(t0) + 1));
+                    a0[32*b_j + 32*b_t + i0_j + i0_t] = t0*tanhf(softplus(t0));
                 }
             }
         }
@@ -176,7 +186,7 @@ static void k0(size_t n, float *restrict a0, const float *restrict a1, const flo
             for (size_t i0_j = 0; i0_j < 16; ++i0_j) {
                 const float acc = s[i0_j];
                 const float t0 = acc + a2[i0_j + i0_t];
-                a0[32*b + i0_j + i0_t] = t0*tanhf(logf(expf(t0) + 1));
+                a0[32*b + i0_j + i0_t] = t0*tanhf(softplus(t0));
             }
         }
     }
@@ -351,12 +361,12 @@ static void k6(size_t n, float *restrict a0, const float *restrict a1, const flo
     }
 }
 
-/* a1: forward: a1[b, i0] = tanh(log(exp(h1[b, i0]) + 1))*h1[b, i0] */
+/* a1: forward: a1[b, i0] = tanh(softplus(h1[b, i0]))*h1[b, i0] */
 static void k7(size_t n, float *restrict a0, const float *restrict a1)
 {
     for (size_t b = 0; b < n; ++b) {
         for (size_t i0 = 0; i0 < 32; ++i0) {
-            a0[32*b + i0] = tanhf(logf(expf(a1[32*b + i0]) + 1))*a1[32*b + i0];
+            a0[32*b + i0] = tanhf(softplus(a1[32*b + i0]))*a1[32*b + i0];
         }
     }
 }
@@ -486,7 +496,7 @@ static void k11(size_t n, float *restrict a0, const float *restrict a1, const fl
     }
 }
 
-/* a1: logits with a1 as epilogue: h1.grad[b, i1] = (Σ_{i0} W2[i0, i1]*logits.grad[b, i0])*((1 - tanh(log(exp(h1[b, i1]) + 1))**2)*exp(h1[b, i1])*h1[b, i1]/(exp(h1[b, i1]) + 1) + tanh(log(exp(h1[b, i1]) + 1))) */
+/* a1: logits with a1 as epilogue: h1.grad[b, i1] = (Σ_{i0} W2[i0, i1]*logits.grad[b, i0])*((1 - tanh(softplus(h1[b, i1]))**2)*sigmoid(h1[b, i1])*h1[b, i1] + tanh(softplus(h1[b, i1]))) */
 static void k12(size_t n, float *restrict a0, const float *restrict a1, const float *restrict a2, const float *restrict a3)
 {
     for (size_t i1_t = 0; i1_t < 32; i1_t += 8) {
@@ -495,10 +505,8 @@ static void k12(size_t n, float *restrict a0, const float *restrict a1, const fl
             for (size_t b_j = 0; b_j < 8; ++b_j) {
                 for (size_t l = 0; l < 8; ++l) {
                     const float acc = a0[32*b_j + 32*b_t + i1_t + l];
-                    const float t0 = expf(a2[32*b_j + 32*b_t + i1_t + l]);
-                    const float t1 = t0 + 1;
-                    const float t2 = tanhf(logf(t1));
-                    a0[32*b_j + 32*b_t + i1_t + l] = acc*(t0*a2[32*b_j + 32*b_t + i1_t + l]*1.0F/t1*(1 - (t2*t2)) + t2);
+                    const float t0 = tanhf(softplus(a2[32*b_j + 32*b_t + i1_t + l]));
+                    a0[32*b_j + 32*b_t + i1_t + l] = acc*(t0 + sigmoid(a2[32*b_j + 32*b_t + i1_t + l])*a2[32*b_j + 32*b_t + i1_t + l]*(1 - (t0*t0)));
                 }
             }
         }
@@ -517,17 +525,13 @@ static void k12(size_t n, float *restrict a0, const float *restrict a1, const fl
             for (size_t l = 0; l < 4; ++l) {
                 {
                     const float acc = c0[l];
-                    const float t0 = expf(a2[32*b + i1_t + l]);
-                    const float t1 = t0 + 1;
-                    const float t2 = tanhf(logf(t1));
-                    a0[32*b + i1_t + l] = acc*(t0*a2[32*b + i1_t + l]*1.0F/t1*(1 - (t2*t2)) + t2);
+                    const float t0 = tanhf(softplus(a2[32*b + i1_t + l]));
+                    a0[32*b + i1_t + l] = acc*(t0 + sigmoid(a2[32*b + i1_t + l])*a2[32*b + i1_t + l]*(1 - (t0*t0)));
                 }
                 {
                     const float acc = c1[l];
-                    const float t0 = expf(a2[32*b + i1_t + l + 4]);
-                    const float t1 = t0 + 1;
-                    const float t2 = tanhf(logf(t1));
-                    a0[32*b + i1_t + l + 4] = acc*(t0*a2[32*b + i1_t + l + 4]*1.0F/t1*(1 - (t2*t2)) + t2);
+                    const float t0 = tanhf(softplus(a2[32*b + i1_t + l + 4]));
+                    a0[32*b + i1_t + l + 4] = acc*(t0 + sigmoid(a2[32*b + i1_t + l + 4])*a2[32*b + i1_t + l + 4]*(1 - (t0*t0)));
                 }
             }
         }
@@ -663,8 +667,8 @@ static void optimizer_step(float *restrict params, const float *restrict grads, 
 {
     const float t = state[0] + 1;
     state[0] = t;
-    const float bias_correction1 = -expm1f(-0.10536051565782628F*t);
-    const float bias_correction2 = -expm1f(-0.0010005003335835344F*t);
+    const float bias_correction1 = -expm1f(-0.105360515F*t);
+    const float bias_correction2 = -expm1f(-0.0010005003F*t);
     const float step_size = 0.001F*1.0F/bias_correction1;
     const float bias_correction2_sqrt = sqrtf(bias_correction2);
     for (size_t i = 0; i < 2410; ++i) {
@@ -673,8 +677,8 @@ static void optimizer_step(float *restrict params, const float *restrict grads, 
         const float exp_avg = state[1 + i];
         const float exp_avg_sq = state[2411 + i];
         const float d = g;
-        const float exp_avg_1 = 0.09999999999999998F*d + 0.9F*exp_avg;
-        const float exp_avg_sq_1 = 0.999F*exp_avg_sq + 0.0010000000000000009F*(d*d);
+        const float exp_avg_1 = 0.1F*d + 0.9F*exp_avg;
+        const float exp_avg_sq_1 = 0.999F*exp_avg_sq + 0.001F*(d*d);
         const float p_1 = -exp_avg_1*step_size*1.0F/(sqrtf(exp_avg_sq_1)*1.0F/bias_correction2_sqrt + 1e-08F) + p;
         params[i] = p_1;
         state[1 + i] = exp_avg_1;

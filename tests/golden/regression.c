@@ -667,8 +667,8 @@ static void optimizer_step(float *restrict params, const float *restrict grads, 
 {
     const float t = state[0] + 1;
     state[0] = t;
-    const float bias_correction1 = -expm1f(-0.10536051565782628F*t);
-    const float bias_correction2 = -expm1f(-0.0010005003335835344F*t);
+    const float bias_correction1 = -expm1f(-0.105360515F*t);
+    const float bias_correction2 = -expm1f(-0.0010005003F*t);
     const float step_size = 0.01F*1.0F/bias_correction1;
     const float bias_correction2_sqrt = sqrtf(bias_correction2);
     for (size_t i = 0; i < 370; ++i) {
@@ -677,8 +677,8 @@ static void optimizer_step(float *restrict params, const float *restrict grads, 
         const float exp_avg = state[1 + i];
         const float exp_avg_sq = state[371 + i];
         const float d = g;
-        const float exp_avg_1 = 0.09999999999999998F*d + 0.9F*exp_avg;
-        const float exp_avg_sq_1 = 0.999F*exp_avg_sq + 0.0010000000000000009F*(d*d);
+        const float exp_avg_1 = 0.1F*d + 0.9F*exp_avg;
+        const float exp_avg_sq_1 = 0.999F*exp_avg_sq + 0.001F*(d*d);
         const float p_1 = -exp_avg_1*step_size*1.0F/(sqrtf(exp_avg_sq_1)*1.0F/bias_correction2_sqrt + 1e-08F) + p;
         params[i] = p_1;
         state[1 + i] = exp_avg_1;

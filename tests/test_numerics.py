@@ -1,0 +1,359 @@
+"""Regressions from an adversarial run: wrong numbers, C that did not build, specs that hung.
+
+Each test failed on the code before its fix. Models are built with the suite's strict flags
+(conftest.compile_strict) and compared with the NumPy reference, and with torch where the
+reference shared the fault (NaN through relu, swish's gradient at -100).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import re
+import time
+
+import numpy as np
+import pytest
+import sympy as sp
+
+import graphc
+from graphc.cli import main
+from graphc.errors import SpecError
+from graphc.functions import (DEFINED_FUNCTIONS, expand_definitions, sigmoid, softplus,
+                              stable_forms)
+
+from conftest import compile_strict
+
+
+@functools.lru_cache(maxsize=None)
+def strict(spec_json: str, dtype: str):
+    return compile_strict(json.loads(spec_json), dtype)
+
+
+def model(spec: dict, dtype: str = "float64"):
+    return strict(json.dumps(spec), dtype)
+
+
+def same_as_reference(m, data, rtol=1e-12):
+    """Outputs, loss and every gradient of the C model equal the float64 reference's."""
+    ref = graphc.reference(m.graph)
+    ref.set_params(m.get_params())
+    got, want = m.forward(**data), ref.forward(**data)
+    for o in want:
+        np.testing.assert_allclose(got[o], want[o], rtol=rtol, atol=rtol, err_msg=o)
+    loss, grads = m.gradients(**data)
+    ref_loss, ref_grads = ref.gradients(**data)
+    np.testing.assert_allclose(loss, ref_loss, rtol=rtol)
+    for p in grads:
+        np.testing.assert_allclose(grads[p], ref_grads[p], rtol=rtol, atol=rtol, err_msg=p)
+
+
+def normal_params(shapes: dict) -> dict:
+    return {k: {"shape": s, "init": "normal", "std": 1.0} for k, s in shapes.items()}
+
+
+def formula_spec(expr: str, name: str = "f", width: int = 3) -> dict:
+    """x (+ a param c) -> a = expr(h) -> mse: the formula's gradient reaches c."""
+    return {"name": name, "inputs": {"x": [width], "y": [width]},
+            "params": {"c": {"shape": [width], "init": "zeros"}},
+            "nodes": {"h": {"op": "add", "inputs": ["x", "c"]},
+                      "a": {"op": "elementwise", "inputs": ["h"], "expr": expr},
+                      "loss": {"op": "mse", "inputs": ["a", "y"]}},
+            "outputs": ["a"], "loss": "loss"}
+
+
+# ---------------------------------------------------------------- wrong numbers
+
+@pytest.mark.parametrize("order", ["a1 first", "z first"])
+def test_concat_slice_feeding_a_dense_backward(order):
+    """Fusion made the concat's backward slice (a1.grad = c.grad[:, :5]) the epilogue of
+    dense's 8-wide input-gradient reduction: W1's and b1's gradients were ~100% wrong."""
+    parts = ["a1", "z"] if order == "a1 first" else ["z", "a1"]
+    spec = {"name": "cat", "inputs": {"x": [4], "z": [3], "y": [2]},
+            "params": normal_params({"W1": [5, 4], "b1": [5], "W2": [2, 8], "b2": [2]}),
+            "nodes": {"h": {"op": "dense", "inputs": ["x", "W1", "b1"]},
+                      "a1": {"op": "tanh", "inputs": ["h"]},
+                      "c": {"op": "concat", "inputs": parts},
+                      "out": {"op": "dense", "inputs": ["c", "W2", "b2"]},
+                      "loss": {"op": "mse", "inputs": ["out", "y"]}},
+            "outputs": ["out"], "loss": "loss"}
+    rng = np.random.default_rng(0)
+    data = {"x": rng.normal(size=(3, 4)), "z": rng.normal(size=(3, 3)),
+            "y": rng.normal(size=(3, 2))}
+    for dtype in ("float64", "float32"):
+        m = model(spec, dtype)
+        m.init_params(1)
+        same_as_reference(m, data, 1e-12 if dtype == "float64" else 2e-5)
+
+
+CANCELLED = {"name": "cancel", "inputs": {"x": [3], "y": [3]},
+             "params": {"c": {"shape": [3], "init": "ones"}},
+             "nodes": {"h": {"op": "elementwise", "inputs": ["x", "c"], "expr": "x - x + c"},
+                       "loss": {"op": "mse", "inputs": ["h", "y"]}},
+             "outputs": ["h"], "loss": "loss", "optimizer": {"name": "sgd", "lr": 0.1}}
+
+
+def test_an_input_the_formula_cancels_still_gives_the_batch_size(tmp_path):
+    """`x - x + c` reads no x in the C: forward returned shape (0, 3), the loss was NaN and
+    one SGD step made every param -inf; `graphc check` died with a traceback."""
+    m = model(CANCELLED)
+    x = np.arange(12.0).reshape(4, 3)
+    y = np.ones((4, 3)) * 3
+    out = m.forward(x=x)["h"]
+    assert out.shape == (4, 3) and np.all(out == 1)
+    same_as_reference(m, {"x": x, "y": y})
+    assert "(void)in_x;" in m.c_source   # in the signature, read by nothing
+    loss = m.train_step(x=x, y=y)
+    assert loss == pytest.approx(4.0)
+    np.testing.assert_allclose(m.get_params()["c"], 1 + 0.1 * 2 * 2 / 3)   # c - lr·2(c-y)/3
+    path = tmp_path / "cancel.json"
+    path.write_text(json.dumps(CANCELLED))
+    assert main(["check", str(path)]) == 0
+
+
+def test_large_integer_constants_print_as_floating_constants():
+    """`h * 10**20` was printed as an integer literal: `integer constant is too large`,
+    and the value was wrong by 92% even in float64."""
+    m = model(formula_spec("h * 10**20 + 3**40 * h**3 + 7"))
+    code = "\n".join(line for line in m.c_source.splitlines() if not line.startswith("/*"))
+    assert "100000000000000000000" not in code and "1e+20*" in code
+    assert "12157665459056928801" not in code and "1.2157665459056929e+19*" in code
+    rng = np.random.default_rng(2)
+    same_as_reference(m, {"x": rng.normal(size=(2, 3)), "y": rng.normal(size=(2, 3)) * 1e20})
+
+
+def test_nan_propagates_through_every_op():
+    """relu(NaN) was 0 in the C and the reference (torch: NaN): a diverging model looked
+    healthy. Every op and formula function gives NaN where its input is NaN."""
+    ops = ["relu", "leaky_relu", "sigmoid", "tanh", "exp", "softmax", "log_softmax"]
+    formulas = ["relu(x)", "abs(x)", "max(x, 0)", "max(0, x)", "min(x, 0)", "min(0, x)",
+                "sigmoid(x)", "softplus(x)", "max(max(x, 1), 2)", "tanh(x) * exp(x)",
+                "sqrt(x * x)", "erf(x)", "atan(x)"]
+    nodes = {f"op{k}": {"op": op, "inputs": ["x"]} for k, op in enumerate(ops)}
+    nodes.update({f"f{k}": {"op": "elementwise", "inputs": ["x"], "expr": e}
+                  for k, e in enumerate(formulas)})
+    spec = {"name": "nans", "inputs": {"x": [4]}, "nodes": nodes, "outputs": list(nodes)}
+    x = np.array([[0.5, -2.0, 3.0, 1.5], [np.nan, -1.0, 2.0, 0.25]])
+    for dtype in ("float64", "float32"):
+        got = model(spec, dtype).forward(x=x)
+        ref = graphc.reference(model(spec, dtype).graph).forward(x=x)
+        for name, value in got.items():
+            what = nodes[name].get("expr", nodes[name]["op"])
+            row_wide = nodes[name]["op"] in ("softmax", "log_softmax")   # NaN fills the row
+            for source, v in (("C", value), ("reference", ref[name])):
+                assert np.isnan(v[1, 0]), f"{what} ({dtype}, {source}) of NaN is {v[1, 0]}"
+                assert np.all(np.isfinite(v[0])), f"{what} ({dtype}, {source})"
+                assert np.all(np.isnan(v[1, 1:])) == row_wide, f"{what} ({dtype}, {source})"
+
+
+def exact_derivative(expr: str, points) -> np.ndarray:
+    """The formula's derivative at `points` by mpmath at 40 digits, from the written-out
+    formula: independent of graphc's folds and of float overflow."""
+    import mpmath
+    h = sp.Symbol("h")
+    plain = sp.sympify(expr, locals={"sigmoid": lambda u: 1 / (1 + sp.exp(-u)),
+                                     "softplus": lambda u: sp.log(1 + sp.exp(u))})
+    f = sp.lambdify(h, plain, "mpmath")
+    with mpmath.workdps(40):
+        return np.array([float(mpmath.diff(f, mpmath.mpf(float(v)))) for v in points])
+
+
+STABLE_CASES = {"swish": "h * sigmoid(h)", "swish written out": "h / (1 + exp(-h))",
+                "README's mish": "h * tanh(log(1 + exp(h)))", "mish": "h * tanh(softplus(h))",
+                "softplus written out": "log(1 + exp(h))", "logistic": "exp(h) / (1 + exp(h))"}
+
+
+@pytest.mark.parametrize("expr", STABLE_CASES.values(), ids=STABLE_CASES.keys())
+def test_derived_forms_stay_finite_over_a_wide_range(expr):
+    """The gradient of h·sigmoid(h) was inf/inf = NaN for h < -88 in float32 (mish's for
+    h > 88), in the C and in the reference; torch gives 0. Over h in [-100, 100] the
+    float32 C equals the float64 reference, which equals the formula's exact derivative."""
+    width = 201
+    h = np.linspace(-100, 100, width)[None, :]
+    spec = formula_spec(expr, "wide", width)
+    spec["nodes"]["loss"] = {"op": "sum", "inputs": ["a"]}   # dL/dc[k] = a'(h[k])
+    m64, m32 = model(spec, "float64"), model(spec, "float32")
+    ref = graphc.reference(m64.graph)
+    _, want = ref.gradients(x=h, y=h)
+    truth = exact_derivative(expr, h[0])
+    scale = max(1.0, float(np.max(np.abs(truth))))   # errors count against the slope's scale
+    np.testing.assert_allclose(want["c"], truth, rtol=1e-12, atol=1e-12 * scale)
+    for m, tol in ((m64, 1e-12), (m32, 2e-6)):
+        _, got = m.gradients(x=h, y=h)
+        assert np.all(np.isfinite(got["c"])), f"{m.dtype}: {got['c']}"
+        np.testing.assert_allclose(got["c"], truth, rtol=tol, atol=tol * scale)
+        out = m.forward(x=h)["a"][0]
+        np.testing.assert_allclose(out, ref.forward(x=h)["a"][0], rtol=tol, atol=tol * scale)
+
+
+def test_max_and_min_split_the_gradient_at_a_tie_like_torch():
+    spec = formula_spec("max(h, 1) + min(h, -1) + max(h, h)")
+    spec["nodes"]["loss"] = {"op": "sum", "inputs": ["a"]}   # dL/dc = a'(h)
+    _, grads = model(spec).gradients(x=np.array([[1.0, -1.0, 0.0]]), y=np.zeros((1, 3)))
+    # max(h, 1) gives 1/2 at h = 1, min(h, -1) 1/2 at h = -1, and max(h, h) = h gives 1
+    np.testing.assert_allclose(grads["c"], [0.5 + 0 + 1, 0 + 0.5 + 1, 0 + 0 + 1])
+
+
+# ---------------------------------------------------------------- C that must build
+
+PIECEWISE = {"relu": "relu({0})", "leaky": "leaky_relu", "max": "max({0}, 0.5)",
+             "min": "min({0}, 0.5)", "abs": "abs({0})", "clamp": "min(max({0}, 0), 1)",
+             "absrelu": "abs(relu({0}))", "maxneg": "max({0}, -{0})", "relu_op": "relu"}
+
+
+def test_every_pair_of_piecewise_ops_builds_strictly_and_matches():
+    """Two nested piecewise ops printed `false` (no <stdbool.h>): 40 of 81 pairs failed
+    to compile. All 81 pairs, as nodes (fused) in one model, float32 and float64."""
+    nodes, outs = {}, []
+
+    def apply(kind, src, name):
+        how = PIECEWISE[kind]
+        if how in ("relu", "leaky_relu"):
+            nodes[name] = {"op": how, "inputs": [src]}
+        else:
+            nodes[name] = {"op": "elementwise", "inputs": [src], "expr": how.format(src)}
+
+    for first in PIECEWISE:
+        for second in PIECEWISE:
+            inner, outer = f"{first}_1", f"{first}_{second}_2"
+            if inner not in nodes:
+                apply(first, "h", inner)
+            apply(second, inner, outer)
+            outs.append(outer)
+    nodes["h"] = {"op": "dense", "inputs": ["x", "W"]}
+    nodes["total"] = {"op": "concat", "inputs": outs}
+    nodes["loss"] = {"op": "mse", "inputs": ["total", "y"]}
+    spec = {"name": "pairs", "inputs": {"x": [3], "y": [4 * len(outs)]},
+            "params": normal_params({"W": [4, 3]}), "nodes": nodes, "outputs": ["total"],
+            "loss": "loss"}
+    rng = np.random.default_rng(3)
+    data = {"x": rng.normal(size=(5, 3)), "y": rng.normal(size=(5, 4 * len(outs)))}
+    for dtype in ("float64", "float32"):
+        m = model(spec, dtype)
+        assert "false" not in m.c_source and "true" not in m.c_source
+        same_as_reference(m, data, 1e-12 if dtype == "float64" else 1e-5)
+
+
+def test_hoisted_calls_leave_no_unused_variable():
+    """exp(tanh(p)) hoisted two calls, one of them never used: `unused variable 'u1'`."""
+    spec = {"name": "hoist", "inputs": {"x": [3], "y": [3]},
+            "params": normal_params({"p": [1], "W": [3, 3]}),
+            "nodes": {"h": {"op": "dense", "inputs": ["x", "W"]},
+                      "a": {"op": "elementwise", "inputs": ["h", "p"],
+                            "expr": "h * exp(tanh(p)) + tanh(p)"},
+                      "loss": {"op": "mse", "inputs": ["a", "y"]}},
+            "outputs": ["a"], "loss": "loss"}
+    rng = np.random.default_rng(4)
+    same_as_reference(model(spec), {"x": rng.normal(size=(3, 3)), "y": rng.normal(size=(3, 3))})
+
+
+def test_a_model_without_params_builds_strictly_and_trains():
+    """The optimizer step printed `for (size_t i = 0; i < 0; ++i)` (-Wtype-limits)."""
+    spec = {"name": "noparams", "inputs": {"x": [3], "y": [3]},
+            "nodes": {"a": {"op": "tanh", "inputs": ["x"]},
+                      "loss": {"op": "mse", "inputs": ["a", "y"]}},
+            "outputs": ["a"], "loss": "loss", "optimizer": {"name": "adam"}}
+    m = model(spec, "float32")
+    x = np.zeros((2, 3), np.float32)
+    assert m.train_step(x=x, y=x + 1) == pytest.approx(1.0)
+    assert m.optimizer_state()["step"] == 1
+
+
+@pytest.mark.parametrize("field, spec_change, value", [
+    ("expr", {"expr": "1e300 * h"}, "1e+300"),
+    ("expr", {"expr": "1e-50 * h * h + h"}, "1e-50"),
+    ("alpha", {"op": "leaky_relu", "alpha": 1e-50}, "1e-50")])
+def test_float32_constants_out_of_range_are_refused(field, spec_change, value):
+    """1e300 overflowed and 1e-50 truncated to zero in float32, each with a compiler
+    warning and a wrong value: refused naming the node and field; float64 takes them."""
+    spec = formula_spec("h")
+    node = spec["nodes"]["a"]
+    if "op" in spec_change:
+        spec["nodes"]["a"] = {"op": spec_change["op"], "inputs": ["h"],
+                              "alpha": spec_change["alpha"]}
+    else:
+        node.update(spec_change)
+    with pytest.raises(SpecError, match=re.escape(f"node 'a': field '{field}': constant {value} "
+                                                  "is out of the range of float (float32)")):
+        graphc.generate(spec, "float32")
+    m = model(spec)   # float64 holds the constant
+    if value == "1e-50":   # (1e300·h)² overflows even a double: nothing to compare there
+        rng = np.random.default_rng(5)
+        same_as_reference(m, {"x": rng.normal(size=(2, 3)), "y": rng.normal(size=(2, 3))})
+
+
+# ---------------------------------------------------------------- specs that hung
+
+def nested(depth: int, kind: str) -> str:
+    if kind == "max":   # each max repeated its argument three times in a Piecewise
+        return "max(" * depth + "h" + "".join(f", {k})" for k in range(depth))
+    return f"{kind}(" * depth + "h" + ")" * depth
+
+
+def chain(depth: int, expr: str) -> dict:
+    """`depth` elementwise nodes, each applying expr to the previous one (fused into one)."""
+    spec = formula_spec("h")
+    prev = "h"
+    for k in range(depth):
+        spec["nodes"][f"a{k}"] = {"op": "elementwise", "inputs": [prev],
+                                  "expr": expr.replace("H", prev)}
+        prev = f"a{k}"
+    spec["nodes"]["a"] = {"op": "elementwise", "inputs": [prev], "expr": prev}
+    return spec
+
+
+GROWTH = {"tanh": lambda d: formula_spec(nested(d, "tanh")),
+          "max": lambda d: formula_spec(nested(d, "max")),
+          "abs": lambda d: formula_spec(nested(d, "abs")),
+          "relu": lambda d: formula_spec(nested(d, "relu")),
+          "tanh nodes": lambda d: chain(d, "tanh(H)"),
+          "swish nodes": lambda d: chain(d, "H * sigmoid(H)"),
+          "relu-leaky nodes": lambda d: chain(d, "relu(H) - 0.1 * relu(-H)")}
+
+
+@pytest.mark.parametrize("kind", GROWTH)
+def test_nesting_grows_the_c_linearly(kind):
+    """max(max(max(max(max(h,1),2),3),4),5) (45 bytes) hung for > 200 s; 14 nested tanh or
+    a chain of 12-14 tanh nodes grew 3.4x per level. The C for depth 2d is at most about
+    twice that for depth d, and depth 24 generates within seconds."""
+    sizes = {}
+    for depth in (6, 12, 24):
+        start = time.perf_counter()
+        _, cm = graphc.generate(GROWTH[kind](depth), "float32")
+        sizes[depth] = len(cm.source)
+        assert time.perf_counter() - start < 60, f"{kind} at depth {depth}"
+    assert sizes[24] - sizes[12] <= 2.5 * (sizes[12] - sizes[6]) + 2000, sizes
+
+
+def test_a_derivative_too_large_to_compile_is_refused():
+    """A 1 KiB product of 100 factors has a derivative of 100 products of 99: refused with
+    the node, instead of minutes of printing and compiling."""
+    expr = "*".join(f"sin({k}*h)" for k in range(1, 101))
+    assert len(expr) < 1024
+    with pytest.raises(SpecError, match=r"node 'a': field 'expr': the derivative with respect "
+                                        r"to h grows past 20000 terms"):
+        graphc.generate(formula_spec(expr), "float32")
+
+
+# ---------------------------------------------------------------- the defined functions
+
+@pytest.mark.parametrize("cls", DEFINED_FUNCTIONS, ids=lambda c: c.__name__)
+def test_defined_functions_differentiate_as_their_definitions(cls):
+    """sympy.diff of each function (its fdiff, derived and folded) equals the derivative of
+    its written-out definition: SymPy proves it."""
+    x = sp.Symbol("x", real=True)
+    args = (x, sp.Rational(1, 10)) if cls.nargs == {2} else (x,)
+    folded = expand_definitions(sp.diff(cls(*args), x))
+    plain = sp.diff(cls.definition(*args), x)
+    assert sp.simplify(sp.piecewise_fold(folded - plain)) == 0
+
+
+def test_stable_forms_fold_the_written_out_logistic_and_softplus():
+    h = sp.Symbol("h", real=True)
+    assert stable_forms(h / (1 + sp.exp(-h))) == h * sigmoid(h)
+    assert stable_forms(sp.exp(h) / (1 + sp.exp(h))) == sigmoid(h)
+    assert stable_forms(sp.log(1 + sp.exp(2 * h))) == softplus(2 * h)
+    assert stable_forms(sp.exp(-h) / (1 + sp.exp(-h)) ** 2) == sigmoid(h) * sigmoid(-h)
+    for e in (h / (1 + sp.exp(-h)), sp.exp(-h) / (1 + sp.exp(-h)) ** 2,
+              h * sp.tanh(sp.log(1 + sp.exp(h)))):
+        assert sp.simplify(expand_definitions(stable_forms(e)) - e) == 0
