@@ -108,13 +108,16 @@ def hoist_invariant_calls(body: sp.Expr, loops) -> tuple[list[tuple[sp.Symbol, s
     return temps, body
 
 
-def common_subexpressions(exprs, printer) -> tuple[list[tuple[str, str]], list[str]]:
-    """Printed temporaries and final expressions after `cse`.
+def common_subexpressions(exprs, printer, names=None) -> tuple[list[tuple[str, str]],
+                                                               list[str]]:
+    """Printed temporaries and final expressions after `cse`; `names` (default t0, t1, ...)
+    is shared by the calls whose temporaries meet in one C scope.
 
     Powers are expanded per printed expression, after `cse`: the expansion builds
     unevaluated products (x*x), and `cse` re-evaluating those has merged a coefficient
     into them (2·x·exp(-x·x) became x**2·exp(-x·x))."""
-    temps, final = sp.cse(list(exprs), symbols=sp.numbered_symbols("t"), order="canonical")
+    names = sp.numbered_symbols("t") if names is None else names
+    temps, final = sp.cse(list(exprs), symbols=names, order="canonical")
     return ([(str(t), printer.doprint(prepare(v))) for t, v in temps],
             [printer.doprint(prepare(e)) for e in final])
 
@@ -198,8 +201,11 @@ class Emitter:
                 lines.append("    " * depth + "}")
             return depth
 
+        names = sp.numbered_symbols("t")   # one sequence: a reduction over no loops
+        # puts its body's temporaries and its epilogue's in the same scope
+
         def statements(exprs, depth):
-            temps, final = common_subexpressions(exprs, printer)
+            temps, final = common_subexpressions(exprs, printer, names)
             lines.extend("    " * depth + f"const {r} {t} = {v};" for t, v in temps)
             return final
 

@@ -9,6 +9,8 @@ import sympy as sp
 from sympy.codegen.ast import float32, float64, real
 from sympy.printing.c import C99CodePrinter
 
+from graphc.functions import without_max_min
+
 C_TYPES = {"float32": "float", "float64": "double"}
 
 
@@ -43,12 +45,14 @@ class GraphcPrinter(C99CodePrinter):
     def _print_leaky_relu(self, expr):
         return self._helper("leaky_relu", *expr.args)
 
-    def _print_Max(self, expr):
+    def _print_maximum(self, expr):
         # libm's fmax drops a NaN operand; torch.maximum propagates it.
         return self._nested("maximum", expr.args)
 
-    def _print_Min(self, expr):
+    def _print_minimum(self, expr):
         return self._nested("minimum", expr.args)
+
+    _print_Max, _print_Min = _print_maximum, _print_minimum
 
     def _nested(self, name: str, args) -> str:
         self.helpers_used.add(name)
@@ -141,9 +145,10 @@ def _expand_small_pows():
 
 
 def prepare(expr: sp.Expr) -> sp.Expr:
-    """Rewrites applied before printing: small integer powers become products."""
+    """Rewrites applied before printing: small integer powers become products (max and
+    min first become functions that do not re-check their unevaluated arguments)."""
     optimize, expand = _expand_small_pows()
-    return optimize(expr, [expand])
+    return optimize(without_max_min(expr), [expand])
 
 
 class LiteralRangeError(ValueError):

@@ -133,7 +133,10 @@ def parse_formula(text: object, symbols: Mapping[str, sp.Symbol], *, node: str,
     if expr.has(sp.I):
         raise fail(f"formula {text!r} is not real (it simplifies to {expr})")
     # Written-out logistic and softplus become the functions, whose derivatives stay finite.
-    expr = stable_forms(expr)
+    try:
+        expr = stable_forms(expr)
+    except ValueError as e:   # from sp.Max/Min, on arguments they cannot compare
+        raise fail(f"formula {text!r}: {e}") from None
     for a in expr.atoms(sp.Number):
         if not math.isfinite(float(a)) or (a.is_Rational and max(
                 abs(a.p), a.q).bit_length() > MAX_CONSTANT_BITS):

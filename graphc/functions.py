@@ -15,6 +15,8 @@ identities; tests/test_numerics.py has SymPy prove them.
 
 from __future__ import annotations
 
+import functools
+
 import sympy as sp
 
 
@@ -26,6 +28,13 @@ class _Defined(sp.Function):
     @classmethod
     def definition(cls, *args: sp.Expr) -> sp.Expr:
         raise NotImplementedError
+
+    @classmethod
+    def eval(cls, *args):
+        # Of numbers, the value (relu(4) = 4): max and min must compare it to other numbers.
+        if all(a.is_number for a in args):
+            return cls.definition(*args)
+        return None
 
     def fdiff(self, argindex=1):
         if not 1 <= argindex <= len(self.args):
@@ -163,6 +172,28 @@ def stable_forms(expr: sp.Expr) -> sp.Expr:
 
 # ---------------------------------------------------------------- numeric evaluation
 
+class maximum(sp.Function):  # noqa: N801
+    """max(a, b, ...) once derivatives are taken, for printing and evaluation: sp.Max checks
+    that its arguments compare whenever it is rebuilt, which the printer's unevaluated
+    forms (x*(1 + x*x)**-1) fail, and NumPy's amax needs operands of one shape."""
+
+
+class minimum(sp.Function):  # noqa: N801
+    """min(a, b, ...), as `maximum`."""
+
+
+def without_max_min(expr):
+    """expr with sp.Max and sp.Min as `maximum` and `minimum`."""
+    if not isinstance(expr, sp.Basic) or not expr.has(sp.Max, sp.Min):
+        return expr
+    return expr.replace(sp.Max, maximum).replace(sp.Min, minimum)
+
+
+def for_lambdify(expr):
+    """expr ready for `sympy.lambdify` with `numpy_namespace()`."""
+    return without_ite(without_max_min(expr))
+
+
 def numpy_namespace() -> dict:
     """NumPy forms of the defined functions, by name, for `sympy.lambdify`: stable (exp of
     non-positive numbers only) and NaN-propagating, like the C's."""
@@ -174,7 +205,10 @@ def numpy_namespace() -> dict:
 
     return {"sigmoid": sigmoid_, "softplus": lambda x: np.logaddexp(0.0, x),
             "relu": lambda x: np.where(x <= 0, 0.0, x),
-            "leaky_relu": lambda x, alpha: np.where(x <= 0, alpha * x, x)}
+            "leaky_relu": lambda x, alpha: np.where(x <= 0, alpha * x, x),
+            # np.maximum, not fmax: NaN propagates, as in torch
+            "maximum": lambda *a: functools.reduce(np.maximum, a),
+            "minimum": lambda *a: functools.reduce(np.minimum, a)}
 
 
 def without_ite(expr):

@@ -23,7 +23,7 @@ import numpy as np
 import sympy as sp
 
 from .errors import GraphcError, InputError
-from .functions import numpy_namespace, without_ite
+from .functions import for_lambdify, numpy_namespace
 from .graph import Graph
 from .init import init_params
 from .optim import check_optimizer
@@ -114,6 +114,13 @@ def _unary(fn, derivative) -> _Op:
 _NUMPY = [{**numpy_namespace(), "erf": np.vectorize(math.erf, otypes=[float])}, "numpy"]
 
 
+def _floating(expr: sp.Expr) -> sp.Expr:
+    """Integers beyond a double's exact range as floats: NumPy has no ufunc for a Python
+    int past 64 bits (log(10**20) would raise)."""
+    big = {a: sp.Float(a) for a in expr.atoms(sp.Integer) if abs(a) > 2**53}
+    return expr.xreplace(big) if big else expr
+
+
 class _Formula:
     """An `elementwise` node's formula, lambdified with its partial derivatives.
 
@@ -130,8 +137,8 @@ class _Formula:
         # tanh(tanh(...)) of an unknown is real by an expansion that grows 3.4x per level.
         plain = tuple(sp.Symbol(f"v{k}", real=True) for k in range(len(self.symbols)))
         expr = expr.xreplace(dict(zip(self.symbols, plain)))
-        self.fn = sp.lambdify(plain, without_ite(expr), _NUMPY)
-        self.partials = [sp.lambdify(plain, without_ite(sp.diff(expr, s)), _NUMPY)
+        self.fn = sp.lambdify(plain, for_lambdify(_floating(expr)), _NUMPY)
+        self.partials = [sp.lambdify(plain, for_lambdify(_floating(sp.diff(expr, s))), _NUMPY)
                          for s in plain]
 
     def _eval(self, fn, args: list[np.ndarray]) -> np.ndarray:

@@ -357,3 +357,49 @@ def test_stable_forms_fold_the_written_out_logistic_and_softplus():
     for e in (h / (1 + sp.exp(-h)), sp.exp(-h) / (1 + sp.exp(-h)) ** 2,
               h * sp.tanh(sp.log(1 + sp.exp(h)))):
         assert sp.simplify(expand_definitions(stable_forms(e)) - e) == 0
+
+
+# ---------------------------------------------------------------- found by the differential test
+
+def _one_formula(expr: str, inputs=("h",)) -> dict:
+    return {"name": "diff", "inputs": {"x": [3], "s": []}, "params": normal_params({"r": [3]}),
+            "nodes": {"h": {"op": "mul", "inputs": ["x", "r"]},
+                      "z": {"op": "elementwise", "inputs": list(inputs), "expr": expr},
+                      "loss": {"op": "sum", "inputs": ["z"]}},
+            "outputs": ["z"], "loss": "loss"}
+
+
+@pytest.mark.parametrize("expr, inputs", [
+    ("max(h / (1 + h * h), -0.25)", ("h",)),       # the printer's x*(1 + x*x)**-1 in a Max
+    ("min(h, relu(4))", ("h",)),                   # max/min of a defined function of numbers
+    ("min(max(h, pi), softplus(pi))", ("h",)),
+    ("min(log(1 + exp(-e)), h)", ("h",)),          # folded to softplus(-e) inside a Min
+    ("log(10**20) * h", ("h",)),                   # the reference's NumPy had no int ufunc
+    ("min(s, max(h, 0.3))", ("s", "h"))])          # operands of two shapes
+def test_max_min_and_large_constants_that_crashed(expr, inputs):
+    rng = np.random.default_rng(6)
+    data = {"x": rng.normal(size=(4, 3)), "s": rng.normal(size=(4,))}
+    m = model(_one_formula(expr, inputs))
+    m.init_params(6)
+    same_as_reference(m, {k: v for k, v in data.items() if k in m.graph.inputs})
+
+
+def test_a_reduction_over_no_loops_names_its_temporaries_once():
+    """A loss fused as the epilogue of a reduction over no loops put the body's and the
+    epilogue's `const double t0` in one scope: `redefinition of 't0'`."""
+    spec = {"name": "scope", "inputs": {"x": [], "c": [], "t": [], "u": []},
+            "nodes": {"a": {"op": "elementwise", "inputs": ["x"],
+                            "expr": "exp(asin(0.9 * cos(x)))"},
+                      "p": {"op": "elementwise", "inputs": ["a", "c"],
+                            "expr": "c * a + 0.25 * a * a"},
+                      "q": {"op": "bce_with_logits", "inputs": ["t", "u"]},
+                      "s": {"op": "sub", "inputs": ["p", "q"]}},
+            "outputs": ["a", "s"], "loss": "s"}
+    rng = np.random.default_rng(7)
+    data = {"x": rng.normal(size=5), "c": rng.normal(size=5), "t": rng.normal(size=5),
+            "u": rng.uniform(size=5)}
+    m = model(spec)
+    ref = graphc.reference(m.graph)
+    for o, v in m.forward(**data).items():
+        np.testing.assert_allclose(v, ref.forward(**data)[o], rtol=1e-12)
+    np.testing.assert_allclose(m.evaluate(**data)[0], ref.loss(**data), rtol=1e-12)

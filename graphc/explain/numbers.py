@@ -26,7 +26,7 @@ import numpy as np
 import sympy as sp
 
 from graphc.derive import LOSS_MEAN
-from graphc.functions import numpy_namespace, without_ite
+from graphc.functions import for_lambdify, numpy_namespace
 from graphc.ir import ACC, BATCH, Kernel, Program, array
 
 from . import notation as nt
@@ -84,7 +84,7 @@ def evaluate(expr: sp.Expr, k: Kernel, env: dict, buffers, n: int, *, reduced: b
     values = [env[str(a.base.label)].reshape(-1)[_offsets(buffers[str(a.base.label)], a.indices,
                                                            syms, mesh, shape)] for a in reads]
     args = dummies + syms + [BATCH, ACC]
-    f = sp.lambdify(args, without_ite(expr.xreplace(dict(zip(reads, dummies)))), NUMERIC)
+    f = sp.lambdify(args, for_lambdify(expr.xreplace(dict(zip(reads, dummies)))), NUMERIC)
     with np.errstate(all="ignore"):   # Piecewise evaluates every branch
         out = f(*values, *mesh, n, acc if acc is not None else 0.0)
     return np.broadcast_to(np.asarray(out, dtype=np.float64), shape)
@@ -412,7 +412,7 @@ def expand_all(program: Program, graph, params, seed: int = 0, points: int = 5) 
         direct = [sp.diff(loss, w) for w in env[param]]   # the param's own elements, W[i, j]
         chain = list(grads)
         # One function for every element: cse shares what direct and chain have in common.
-        f = sp.lambdify(atoms + shifts, [without_ite(e) for e in direct + chain], NUMERIC, cse=True)
+        f = sp.lambdify(atoms + shifts, [for_lambdify(e) for e in direct + chain], NUMERIC, cse=True)
         with np.errstate(all="ignore"):
             values = np.array([f(*row) for row in samples], dtype=np.float64).reshape(points, 2, -1)
         checks = []
