@@ -93,13 +93,13 @@ def _check_attr(node: str, name: str, attr: Attr, value: Any) -> Any:
 
     if attr.kind == "float":
         try:   # float() of a 400-digit integer raises OverflowError, not inf
-            number = None if isinstance(value, bool) else float(value)
+            as_float = None if isinstance(value, bool) else float(value)
         except (TypeError, ValueError, OverflowError):
-            number = None
-        if number is None or not isinstance(value, (int, float)) or not math.isfinite(number):
+            as_float = None
+        if as_float is None or not isinstance(value, (int, float)) or not math.isfinite(as_float):
             shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
             raise fail(f"must be a finite number within a double's range, got {shown}")
-        return number
+        return as_float
     if attr.kind in ("axis", "axes"):
         if value is None and attr.kind == "axes":
             return None
