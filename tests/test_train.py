@@ -199,6 +199,9 @@ import graphc
 sys.path.insert(0, {tests!r})
 from test_train import _data, _replay, _spec
 
+# Python leaves SIGINT ignored when it starts ignored (a job started with & by a
+# non-interactive shell): restore the handler that raises KeyboardInterrupt.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 model = graphc.compile(_spec(), dtype="float64")
 data, calls, real = _data(40), [], model.train_step
 
