@@ -145,7 +145,7 @@ def test_sanitizers_and_standalone_build_match_the_loaded_module(tmp_path):
     (tmp_path / "mlp.c").write_text(cm.source)
     (tmp_path / "mlp.h").write_text(cm.header)
     (tmp_path / "main.c").write_text(harness(cm, model._params.flat, inputs))
-    flags = ["-std=c99", "-Wall", "-Wextra", "-Werror", "-g", "-O1",
+    flags = ["-std=c99", "-Wall", "-Wextra", "-Werror", "-O1",
              "-fsanitize=address,undefined", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer"]
     build = subprocess.run([CC, *flags, "main.c", "mlp.c", "-o", "prog", "-lm"], cwd=tmp_path,
                            capture_output=True, text=True)

@@ -272,7 +272,7 @@ def test_packed_arena_under_sanitizers(tmp_path):
     flat, inputs = _case(graph, cm, 3, seed=6)
     _write(cm, tmp_path)
     (tmp_path / "main.c").write_text(harness(cm, flat, inputs, train_steps=1))
-    flags = ["-std=c99", "-Wall", "-Wextra", "-Werror", "-g", "-O1", "-fsanitize=address,undefined",
+    flags = ["-std=c99", "-Wall", "-Wextra", "-Werror", "-O1", "-fsanitize=address,undefined",
              "-fno-sanitize-recover=all", "-fno-omit-frame-pointer"]
     build = subprocess.run([CC, *flags, "main.c", "mlp.c", "-o", "prog", "-lm"], cwd=tmp_path,
                            capture_output=True, text=True)

@@ -233,7 +233,7 @@ def _run_harness(graph, target: str, n: int, flags: list[str], tmp_path: Path,
 @pytest.mark.parametrize("target", ["c99", "host"])
 def test_sanitizers_on_every_tail(target, tmp_path):
     """Every tail of the tiles under AddressSanitizer and UBSan (host with OpenMP)."""
-    flags = ["-g", "-O1", "-fsanitize=address,undefined", "-fno-sanitize-recover=all",
+    flags = ["-O1", "-fsanitize=address,undefined", "-fno-sanitize-recover=all",
              "-fno-omit-frame-pointer"] + (["-fopenmp"] if target == "host" else [])
     for name in ("primes", "batch", "contract"):
         make, batches = MODELS[name]
