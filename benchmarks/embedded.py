@@ -34,7 +34,7 @@ import numpy as np
 
 import graphc
 from codegen import firmware
-from codegen.report import initial_params
+from graphc.init import initial_params
 from codegen.targets import BOARDS
 from graphc.verify import sample_inputs
 

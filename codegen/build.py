@@ -26,6 +26,8 @@ import threading
 import time
 from dataclasses import dataclass
 
+import graphc
+from graphc import __version__   # graphc's package loads its modules on use: no cycle
 from graphc.errors import GraphcError
 
 # cffi and sysconfig are imported only to build: loading a prepared module (below) needs
@@ -80,15 +82,10 @@ def c_compiler() -> tuple[str, ...]:
     return tuple(shlex.split(os.environ.get("CC") or "cc"))
 
 
-# What `graphc compile` checks the C it writes under, with the target's warnings: -O2
-# because some warnings (-Wmaybe-uninitialized, array bounds) come from the optimizer.
-STRICT_FLAGS = ("-std=c99", "-Wall", "-Wextra", "-Wpedantic", "-Werror")
-
-
-def check_strict(name: str, source: str, header: str,
-                 flags: tuple[str, ...] = STRICT_FLAGS) -> bool:
+def check_strict(name: str, source: str, header: str, flags: tuple[str, ...]) -> bool:
     """Compile `<name>.c` (which includes `<name>.h`) to an object file in a temporary
-    directory under `flags` (warnings as errors), -O2 and -c. True when it compiles
+    directory under `flags` (warnings as errors), -O2 (some warnings, such as
+    -Wmaybe-uninitialized and array bounds, come from the optimizer) and -c. True when it compiles
     cleanly, False when there is no C compiler to ask; a CompileError naming the compiler's
     first error line when it does not compile."""
     cc = c_compiler()
@@ -230,7 +227,6 @@ def _key(name: str, source: str, header: str, cdef: str, compiler: str,
          commands: tuple[tuple[str, ...], ...]) -> str:
     import sysconfig
 
-    from graphc import __version__   # lazily: graphc's package imports may reach codegen
 
     parts = (name, source, header, cdef, compiler, repr(commands),
              sysconfig.get_config_var("EXT_SUFFIX"), __version__, _cffi_version())
@@ -345,7 +341,6 @@ def _source_fingerprint() -> str:
     """sha256 of graphc's and codegen's Python sources: what the generated text depends on.
     Their contents, not their sizes and mtimes: a same-size edit whose mtime survived (a
     copied or reproducibly built tree) must not reuse a stale CModule. About 1 ms a process."""
-    import graphc
     digest = hashlib.sha256()
     for package in (os.path.dirname(graphc.__file__), os.path.dirname(__file__)):
         root = os.path.dirname(package)

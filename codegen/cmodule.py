@@ -17,6 +17,16 @@ if TYPE_CHECKING:
 
 
 @dataclass(frozen=True)
+class KernelCall:
+    """One call in an entry point's body: which C function computes the entry program's
+    kernel `index`, and what each of its array arguments points to."""
+    index: int                             # position in the entry's (fused) program
+    function: str                          # the static C function, e.g. "h1_forward"
+    text: str                              # the call as printed, without the ';'
+    arguments: tuple[tuple[str, str, str], ...]   # (C parameter, buffer, pointer expression)
+
+
+@dataclass(frozen=True)
 class Entry:
     """One C entry point: its name, what it reads and writes, and its work arena's plan."""
     kind: str                  # forward | gradients | evaluate | train_step | predict
@@ -43,7 +53,6 @@ class CModule:
     cdef: str
     entries: dict[str, Entry]
     param_offsets: dict[str, int]
-    param_shapes: dict[str, tuple[int, ...]]
     params_size: int
     input_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
     output_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
@@ -53,6 +62,9 @@ class CModule:
     baked_params: bool = False
     target: str = "c99"        # codegen/targets.py: how contractions print, the header's note
     max_batch: int | None = None  # the batch static memory is planned for, if stated
+    # The map from the IR to the text (explain shows it; nothing re-reads the C):
+    functions: dict[str, str] = field(default_factory=dict)   # C function -> its text
+    calls: dict[str, tuple[KernelCall, ...]] = field(default_factory=dict)   # by entry kind
 
     def work_fixed(self) -> int:
         return max(e.work_fixed() for e in self.entries.values())

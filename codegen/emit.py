@@ -1,8 +1,9 @@
 """C99 emission: one static function per kernel, entry points, and a documenting header.
 
-The text is a pure function of the program: kernels are named by index, buffers by
-position (`a0` is written, `a1`... are read), user names appear only as validated
-identifiers (in the `in_`/`out_` argument names, header macros and comments).
+The text is a pure function of the IR it is given: kernels are named after what they
+compute and their arguments after their buffers (codegen/cnames.py), user names appear
+only as validated identifiers taken through a `Namer` (and behind `in_`/`out_` in the entry
+points' arguments). The module carries the map from the IR to the text (`CModule.calls`).
 Memory is the caller's: params, grads, inputs, outputs and a work arena whose size the
 header states for any batch size.
 
@@ -14,26 +15,27 @@ from __future__ import annotations
 
 import itertools
 import math
+import re
 import textwrap
 
 import numpy as np
 import sympy as sp
 
 from graphc.errors import SpecError
-from graphc.ir import ACC, BATCH, Buffer, Kernel
+from graphc.ir import (ACC, BATCH, DTYPES, GRAD, INPUT, LOSS_MEAN, OUTPUT, PARAM, Buffer, G,
+                       Interface, Kernel, P, Program, UpdateRule, grad_of)
 
-from .cmodule import CModule, Entry   # apart, so that unpickling one needs no emitter
-from .plan import fuse, plan
-from .printer import C_TYPES, GraphcPrinter, LiteralRangeError, c_array, helper_source, prepare
+from .cmodule import CModule, Entry, KernelCall   # apart: unpickling one needs no emitter
+from .cnames import Namer, buffer_word, kernel_word
+from .ctext import comment, doc, wrap
+from .plan import MemoryPlan, round_up
+from .printer import (HELPERS, GraphcPrinter, LiteralRangeError, c_array,
+                      helper_source, prepare)
 from .targets import Target, get_target
 from .tiles import BlockedWriter, operands, tiling, wants_helpers
 
 MAX_PERMUTED_LOOPS = 6
-
-
-def comment(text: str) -> str:
-    """A C comment that nothing can close early."""
-    return "/* " + text.replace("*/", "* /").replace("/*", "/ *").replace("\n", " ") + " */"
+ENTRY_KINDS = ("forward", "evaluate", "gradients", "train_step", "predict")
 
 
 # ---------------------------------------------------------------- loop order
@@ -108,6 +110,21 @@ def hoist_invariant_calls(body: sp.Expr, loops) -> tuple[list[tuple[sp.Symbol, s
     return temps, body
 
 
+INV_N = sp.Symbol("inv_n", positive=True)
+
+
+def divide_by_batch_once(kern: Kernel) -> tuple[Kernel, bool]:
+    """The kernel with every 1/n^k written (inv_n)^k, and whether it reads inv_n."""
+    def swap(e):
+        return e.replace(lambda a: a.is_Pow and a.base == BATCH and a.exp.is_negative,
+                         lambda a: INV_N ** -a.exp)
+    body, post = swap(kern.body), swap(kern.post)
+    if body == kern.body and post == kern.post:
+        return kern, False
+    return Kernel(kern.out, kern.out_index, kern.loops, body, kern.mode, post, kern.node,
+                  kern.note), True
+
+
 def common_subexpressions(exprs, printer, names=None) -> tuple[list[tuple[str, str]],
                                                                list[str]]:
     """Printed temporaries and final expressions after `cse`; `names` (default t0, t1, ...)
@@ -128,7 +145,7 @@ class Emitter:
     """Collects the file's sections and joins them in one fixed order."""
 
     def __init__(self, name: str, dtype: str, target: Target | None = None):
-        self.name, self.dtype, self.real = name, dtype, C_TYPES[dtype]
+        self.name, self.dtype, self.real = name, dtype, DTYPES[dtype].c_type
         self.target = target or get_target("c99")
         self.macro = name.upper()
         self.kernels: list[str] = []
@@ -138,7 +155,14 @@ class Emitter:
         self.tables: list[str] = []     # static const data (baked params)
         self.helpers: dict[str, str] = {}  # shared tile sums (codegen/tiles.py), by name
         self.use_helpers = False           # set by emit() for modules with big kernels
-        self._count = 0
+        self.params_size = 0               # set by emit()
+        self.update_name = ""              # the optimizer step's function, once emitted
+        self.functions: dict[str, str] = {}           # kernel function -> its text
+        self.parameters: dict[str, list[str]] = {}    # kernel function -> its array parameters
+        self.calls: dict[str, tuple[KernelCall, ...]] = {}   # entry kind -> its kernel calls
+        # File-scope names: entry points, helpers, kernels as they are named.
+        self.names = Namer([f"{name}_{kind}" for kind in ENTRY_KINDS] + list(HELPERS)
+                           + ["trained_params"])
         self._emitted: dict[str, str] = {}
         self._printed: dict[tuple, tuple[str, list[str], bool]] = {}
         self._printers: list[GraphcPrinter] = []
@@ -177,14 +201,17 @@ class Emitter:
             tiled = None   # a module of helpers: the rest in plain loops, quick to compile
         order, strategy = schedule(kern, buffers) if tiled is None else ([], "tiles")
         extent = dict(kern.loops)
-        uses_n = any(e == BATCH for e in extent.values()) or kern.body.has(BATCH) \
-            or kern.post.has(BATCH)
-        fname = f"k{self._count}"
-        self._count += 1
+        uses_n = kern.uses_batch()
+        # 1/n (a batch mean's factor) once per call, not a division per element.
+        original = kern
+        kern, inverse_n = divide_by_batch_once(kern)
+        fname = "KERNEL"   # a placeholder: the name is chosen below, once the text is new
         params = (["size_t n"] if uses_n else []) + [f"{self.real} *restrict a0"] + \
             [f"const {self.real} *restrict {cvar[b]}" for b in reads]
-        lines = [comment(f"{kern.node}: {kern.note}: {kern.pretty()}"),
+        lines = [comment(f"{kern.node}: {kern.note}: {original.pretty()}"),
                  f"static void {fname}({', '.join(params)})", "{"]
+        if inverse_n:
+            lines.append(f"    const {self.real} {INV_N} = 1 / ({self.real})n;")
         target = f"{cvar[kern.out]}[{printer.doprint(buffers[kern.out].flat_offset(kern.out_index))}]"
         r = self.real
 
@@ -268,13 +295,31 @@ class Emitter:
                 lines += ["#pragma omp parallel", "#endif"]
             lines += [f"    {call}", "}"]
         if key in self._emitted:
-            self._count -= 1
             fname = self._emitted[key]
         else:
+            fname = self.names.take(kernel_word(kern.out), numbered=True)
+            if parallel is not None:
+                self.names.taken.add(f"{fname}_tiles")
             self._emitted[key] = fname
-            self.kernels.append("\n".join(lines))
+            text, self.parameters[fname] = self._readable("\n".join(lines), fname, args)
+            text = wrap(text)
+            self.kernels.append(text)
+            self.functions[fname] = text
         self._printed[memo] = (fname, args, uses_n)
         return fname, args, uses_n
+
+    def _readable(self, text: str, fname: str, args: list[str]) -> tuple[str, list[str]]:
+        """The kernel's text with its name and its arguments named after their buffers
+        (printed as `a0`, `a1`... so that identical kernels are found as identical text),
+        and those argument names."""
+        head, body = text.split("\n", 1)   # the comment names buffers as the spec does
+        words = set(re.findall(r"\b[A-Za-z_]\w*\b", body)) - {f"a{k}" for k in range(len(args))}
+        locals_ = Namer(words | self.names.taken)
+        word = {f"a{k}": locals_.take(buffer_word(b), "array") for k, b in enumerate(args)}
+        word["KERNEL"] = fname
+        body = re.sub(r"\b(a\d+\b|KERNEL(?=\b|_tiles\b))", lambda m: word[m[1]], body)
+        text = head + "\n" + body
+        return text, [word[f"a{k}"] for k in range(len(args))]
 
     # -------------------------------------------------------- entry points
     def entry(self, e: Entry, param_offsets: dict[str, int], doc: str) -> None:
@@ -294,27 +339,44 @@ class Emitter:
         def pointer(name: str) -> str:
             """The C expression for a buffer's first element; records the arguments it uses."""
             b = prog.buffers[name]
-            if b.role in ("input", "output"):
-                arg = f"{'in' if b.role == 'input' else 'out'}_{name}"
+            if b.role in (INPUT, OUTPUT):
+                arg = f"{'in' if b.role == INPUT else 'out'}_{name}"
                 used.add(arg)
                 return arg
-            if b.role in ("param", "grad"):
-                base = "params" if b.role == "param" else "grads"
-                off = param_offsets[name.removesuffix(".grad")]
+            if b.role in (PARAM, GRAD):
+                base = "params" if b.role == PARAM else "grads"
+                param = grad_of(name) or name
                 used.add(base)
-                return f"{base} + {off}" if off else base
+                # The header's macro, so that a reader sees which param it is.
+                return f"{base} + {self.macro}_PARAM_{param}_OFFSET"
             fixed, per = mem.pointer_offset(name)
             used.update(["work"] + (["n"] if per else []))
             scaled = "n" if per == 1 else f"{per} * n"
             return "work" + (f" + {fixed}" if fixed else "") + (f" + {scaled}" if per else "")
 
         body = []
-        for kern in prog.kernels:
+        if any(kern.uses_batch() for kern in prog.kernels):
+            # An empty batch reads no example (the tiles peel a first term off each batch
+            # sum) and divides by no zero: nothing is written but the loss's 0 and zero
+            # gradients.
+            used.add("n")
+            body.append("    if (n == 0) {")
+            if e.kind == "gradients" and self.params_size:
+                body.append(f"        for (size_t i = 0; i < {self.macro}_PARAMS_SIZE; ++i) {{")
+                body += ["            grads[i] = 0;", "        }"]
+                used.add("grads")
+            body += ["        return 0;" if e.loss_buffer else "        return;", "    }"]
+        calls = []
+        for index, kern in enumerate(prog.kernels):
             fname, bufs, uses_n = self.kernel(kern, prog.buffers)
             if uses_n:
                 used.add("n")
-            call_args = (["n"] if uses_n else []) + [pointer(b) for b in bufs]
-            body.append(f"    {fname}({', '.join(call_args)});")
+            pointers = [pointer(b) for b in bufs]
+            text = f"{fname}({', '.join((['n'] if uses_n else []) + pointers)})"
+            body.append(f"    {text};")
+            calls.append(KernelCall(index, fname, text,
+                                    tuple(zip(self.parameters[fname], bufs, pointers))))
+        self.calls[e.kind] = tuple(calls)
         if e.loss_buffer:  # an unbatched one-element arena buffer
             used.add("work")
             body.append(f"    return work[{mem.pointer_offset(e.loss_buffer)[0]}];")
@@ -327,11 +389,12 @@ class Emitter:
         """The static update function: the rule's formulas printed in one flat loop."""
         r = self.real
         printer = self.printer({})
+        self.update_name = self.names.take(f"{rule.name}_update", numbered=True)
         args = [f"{r} *restrict params", f"const {r} *restrict grads", f"{r} *restrict state"]
         # A float count is exact up to 2^24 steps (torch keeps its count as float32 too).
         at = state_offsets["step"]
         lines = [comment(f"optimizer step: {rule.name}, as torch.optim computes it"),
-                 f"static void optimizer_step({', '.join(args)})", "{",
+                 f"static void {self.update_name}({', '.join(args)})", "{",
                  f"    const {r} t = state[{at}] + 1;", f"    state[{at}] = t;"]
         if params_size == 0:   # a model without params: only the count moves
             return "\n".join(lines[:3] + ["    (void)params;", "    (void)grads;"]
@@ -345,7 +408,6 @@ class Emitter:
             used_in_steps |= rule.numeric(e).free_symbols - assigned
             assigned.add(sym)
         lines.append(f"    for (size_t i = 0; i < {params_size}; ++i) {{")
-        from graphc.optim import G, P
         loads = {P: "params[i]", G: "grads[i]"}
         loads.update({rule.slot_symbol(s): f"state[{state_offsets[s]} + i]" for s in rule.slots})
         current, versions = {}, {}
@@ -373,8 +435,10 @@ class Emitter:
         call = ", ".join(["params", "work", f"work + {e.work_before}", "n"] +
                          [f"in_{i}" for i in gradients.inputs])
         body = [proto, "{",
+            "    if (n == 0) {   /* no examples: no step, params and state unchanged */",
+            "        return 0;", "    }",
             f"    const {r} loss = {gradients.c_name}({call});",
-            "    optimizer_step(params, work, state);",
+            f"    {self.update_name}(params, work, state);",
             "    return loss;", "}"]
         self.entries.append("\n".join(body))
 
@@ -400,90 +464,80 @@ class Emitter:
         parts += [h + "\n" for h in self.helpers.values()]
         parts += [k + "\n" for k in self.kernels]
         parts += [e + "\n" for e in self.entries]
-        return "\n".join(parts)
+        return wrap("\n".join(parts))
 
     def header(self, note: str = "") -> str:
         guard = f"GRAPHC_{self.name}_H"
         out = [comment(f"{self.name}.h: generated by graphc; do not edit.")]
-        out += [_doc(textwrap.wrap(note, 88, break_on_hyphens=False))] if note else []
+        out += [doc(textwrap.wrap(note, 88, break_on_hyphens=False))] if note else []
         out += [f"#ifndef {guard}", f"#define {guard}", "", "#include <stddef.h>", ""]
         out += self.constants + [""]
+        # C linkage for C++ callers (firmware is often C++): the names stay unmangled.
+        out += ["#ifdef __cplusplus", 'extern "C" {', "#endif", ""]
         out += [f"{doc}\n{proto};\n" for doc, proto in self.prototypes]
+        out += ["#ifdef __cplusplus", "}", "#endif", ""]
         out += [f"#endif {comment(guard)}", ""]
-        return "\n".join(out)
+        return wrap("\n".join(out))
 
     def cdef(self) -> str:
         return "\n".join(f"{proto};" for _, proto in self.prototypes)
 
 
-def _doc(lines: list[str]) -> str:
-    return "/*\n" + "\n".join((" * " + l.replace("*/", "* /")).rstrip() for l in lines) + "\n */"
-
-
-def param_layout(graph) -> tuple[dict[str, int], int]:
-    """Each param's offset in the flat params block, and the block's size."""
+def param_layout(shapes: dict[str, tuple[int, ...]]) -> tuple[dict[str, int], int]:
+    """Each param's offset in the flat params block (declaration order), and its size."""
     offsets, off = {}, 0
-    for p, v in graph.params.items():
+    for p, shape in shapes.items():
         offsets[p] = off
-        off += max(1, math.prod(v.shape))
+        off += max(1, math.prod(shape))
     return offsets, off
 
 
-def emit(graph, derivation, dtype: str = "float32", params=None, target="c99",
-         max_batch: int | None = None) -> CModule:
-    """The C source, header and cffi declarations for a derived graph.
+def emit(face: Interface, programs: dict[str, tuple[Program, MemoryPlan]],
+         update: UpdateRule | None = None, dtype: str = "float32", params=None,
+         target="c99", max_batch: int | None = None) -> CModule:
+    """The C source, header and cffi declarations of a model.
 
+    `programs` holds each entry point's fused program and memory plan ("forward", and for
+    training "evaluate" and "gradients"); `update`, the optimizer step of `train_step`.
     With `params` (the flat param block), the C is for inference: the params are baked in
     as a `static const` table (flash on a microcontroller) read by `<name>_predict`.
     `target` (codegen/targets.py) decides how contractions are printed (register-blocked
     tiles for its SIMD width, OpenMP on the host) and the header's note. `max_batch` adds
     `<NAME>_MAX_BATCH`, for static arrays sized by the header's `_WORK_SIZE(n)` macros."""
-    from graphc.derive import LOSS_MEAN
-    from graphc.optim import update_rule
-
     tgt = get_target(target)
     note = tgt.header_note(dtype)
 
-    name = graph.name
+    name = face.name
     em = Emitter(name, dtype, tgt)
-    for node, v in graph.nodes.items():   # where a kernel's constants come from, for errors
-        em.constant_fields[node] = "expr" if v.op == "elementwise" else next(
-            (a for a, value in v.attrs.items() if isinstance(value, float)), None)
+    em.constant_fields.update(face.constant_fields)
     M = em.macro
-    offsets, params_size = param_layout(graph)
+    offsets, params_size = param_layout(face.params)
     entries: dict[str, Entry] = {}
-    training = graph.loss is not None and params is None
+    outputs = tuple(face.outputs)
 
-    def inputs_of(targets) -> tuple[str, ...]:
-        """The graph inputs the targets depend on, in declaration order. From the graph, not
-        from what the C reads: a formula may cancel an input (`x - x + c`), and the batch
-        size must still come from it."""
-        needed = graph.ancestors(targets)
-        return tuple(i for i in graph.inputs if i in needed)
-
-    fwd = fuse(derivation.forward)
-    fwd_inputs = inputs_of(graph.outputs)
-    entries["forward"] = Entry("forward", f"{name}_forward", fwd, plan(fwd, tgt.align),
-                               fwd_inputs, tuple(graph.outputs))
+    fwd, fwd_memory = programs["forward"]
+    fwd_inputs = face.reads["forward"]
+    entries["forward"] = Entry("forward", f"{name}_forward", fwd, fwd_memory, fwd_inputs,
+                               outputs)
     if params is not None:
-        entries["predict"] = Entry("predict", f"{name}_predict", fwd, entries["forward"].memory,
-                                   fwd_inputs, tuple(graph.outputs))
-    if training:
-        ev = fuse(derivation.evaluation)
-        entries["evaluate"] = Entry("evaluate", f"{name}_evaluate", ev, plan(ev, tgt.align),
-                                    inputs_of([*graph.outputs, graph.loss]),
-                                    tuple(graph.outputs), LOSS_MEAN)
-        grad = fuse(derivation.gradients)
-        entries["gradients"] = Entry("gradients", f"{name}_gradients", grad,
-                                     plan(grad, tgt.align), inputs_of([graph.loss]), (),
-                                     LOSS_MEAN)
+        entries["predict"] = Entry("predict", f"{name}_predict", fwd, fwd_memory, fwd_inputs,
+                                   outputs)
+    if "evaluate" in programs:
+        entries["evaluate"] = Entry("evaluate", f"{name}_evaluate", *programs["evaluate"],
+                                    face.reads["evaluate"], outputs, LOSS_MEAN)
+    if "gradients" in programs:
+        entries["gradients"] = Entry("gradients", f"{name}_gradients", *programs["gradients"],
+                                     face.reads["gradients"], (), LOSS_MEAN)
+    em.params_size = params_size
     em.use_helpers = wants_helpers(e.program for e in entries.values())
-    rule = update_rule(graph.optimizer) if training and graph.optimizer else None
+    rule = update if "gradients" in programs else None
     state_offsets: dict[str, int] = {}
     if rule:
         g = entries["gradients"]
         entries["train_step"] = Entry("train_step", f"{name}_train_step", g.program, g.memory,
-                                      g.inputs, (), LOSS_MEAN, work_before=params_size)
+                                      g.inputs, (), LOSS_MEAN,
+                                      # the gradients' arena keeps the target's alignment
+                                      work_before=round_up(params_size, tgt.align))
         state_offsets["step"], at = 0, 1
         for slot in rule.slots:
             state_offsets[slot], at = at, at + params_size
@@ -492,16 +546,16 @@ def emit(graph, derivation, dtype: str = "float32", params=None, target="c99",
     c = em.constants
     c.append(comment(f"Sizes are counts of {em.real} elements. Params and their gradients share one layout."))
     c.append(f"#define {M}_PARAMS_SIZE {params_size}")
-    for p, v in graph.params.items():
-        c.append(f"#define {M}_PARAM_{p}_OFFSET {offsets[p]} {comment('shape ' + str(list(v.shape)))}")
-        c.append(f"#define {M}_PARAM_{p}_SIZE {max(1, math.prod(v.shape))}")
-    for i, v in graph.inputs.items():
-        c.append(f"#define {M}_INPUT_{i}_SIZE {max(1, math.prod(v.shape))} "
-                 f"{comment('per example, shape ' + str(list(v.shape)))}")
-    for o in graph.outputs:
-        v = graph.values[o]
-        c.append(f"#define {M}_OUTPUT_{o}_SIZE {max(1, math.prod(v.shape))} "
-                 f"{comment('per example, shape ' + str(list(v.shape)))}")
+    for p, shape in face.params.items():
+        shown = comment(f"shape {list(shape)}")
+        c.append(f"#define {M}_PARAM_{p}_OFFSET {offsets[p]} {shown}")
+        c.append(f"#define {M}_PARAM_{p}_SIZE {max(1, math.prod(shape))}")
+    for i, shape in face.inputs.items():
+        c.append(f"#define {M}_INPUT_{i}_SIZE {max(1, math.prod(shape))} "
+                 f"{comment('per example, shape ' + str(list(shape)))}")
+    for o, shape in face.outputs.items():
+        c.append(f"#define {M}_OUTPUT_{o}_SIZE {max(1, math.prod(shape))} "
+                 f"{comment('per example, shape ' + str(list(shape)))}")
     if rule:
         layout = ", ".join(("step count" if k == "step" else k) for k in state_offsets)
         c.append(f"#define {M}_STATE_SIZE {state_size} {comment(f'{rule.name}: {layout}')}")
@@ -510,7 +564,7 @@ def emit(graph, derivation, dtype: str = "float32", params=None, target="c99",
     for kind, e in entries.items():
         c.append(f"#define {M}_{kind.upper()}_WORK_SIZE(n) ((size_t){e.work_fixed()} + "
                  f"(size_t){e.memory.per_example} * (size_t)(n))")
-    cm_work = CModule(name, dtype, "", "", "", entries, offsets, {}, params_size)
+    cm_work = CModule(name, dtype, "", "", "", entries, offsets, params_size)
     c.append(comment("Enough for every entry point above."))
     c.append(f"#define {M}_WORK_SIZE(n) ((size_t){cm_work.work_fixed()} + "
              f"(size_t){cm_work.work_per_example()} * (size_t)(n))")
@@ -520,13 +574,14 @@ def emit(graph, derivation, dtype: str = "float32", params=None, target="c99",
         c.append(f"#define {M}_MAX_BATCH {max_batch}")
 
     f = entries["forward"]
-    em.entry(f, offsets, _doc([
+    em.entry(f, offsets, doc([
         f"{f.c_name}: the outputs for a batch of n examples.",
         f"  params: {M}_PARAMS_SIZE elements (layout: {M}_PARAM_*_OFFSET)",
         f"  work:   at least {M}_FORWARD_WORK_SIZE(n) elements, caller-owned scratch",
         *[f"  in_{i}: n x {M}_INPUT_{i}_SIZE elements, row-major, example after example" for i in f.inputs],
         *[f"  out_{o}: n x {M}_OUTPUT_{o}_SIZE elements, written" for o in f.outputs],
         "Arrays must not overlap. No allocation, no global state: reentrant.",
+        "n may be 0: then nothing is read or written.",
         # The plan puts work buffers at multiples of `align` elements from work's start:
         # from a 64-byte aligned base, whole cache lines and vectors.
         *(["Any alignment works; arrays aligned to 64 bytes (aligned_alloc) run fastest."]
@@ -534,7 +589,7 @@ def emit(graph, derivation, dtype: str = "float32", params=None, target="c99",
     if "predict" in entries:
         e = entries["predict"]
         flat = np.asarray(params, dtype=np.float64)
-        em.predict(e, f, flat, _doc([
+        em.predict(e, f, flat, doc([
             f"{e.c_name}: {f.c_name} with the trained params baked into this file",
             "  (a static const table: read-only data, flash on a microcontroller).",
             f"  work:   at least {M}_PREDICT_WORK_SIZE(n) elements, caller-owned scratch",
@@ -542,21 +597,23 @@ def emit(graph, derivation, dtype: str = "float32", params=None, target="c99",
             *[f"  out_{o}: n x {M}_OUTPUT_{o}_SIZE elements, written" for o in e.outputs]]))
     if "evaluate" in entries:
         e = entries["evaluate"]
-        em.entry(e, offsets, _doc([
-            f"{e.c_name}: the outputs and the batch-mean loss '{graph.loss}' in one forward pass.",
+        em.entry(e, offsets, doc([
+            f"{e.c_name}: the outputs and the batch-mean loss '{face.loss}' in one forward pass.",
             f"  params: {M}_PARAMS_SIZE elements",
             f"  work:   at least {M}_EVALUATE_WORK_SIZE(n) elements, caller-owned scratch",
             *[f"  in_{i}: n x {M}_INPUT_{i}_SIZE elements" for i in e.inputs],
             *[f"  out_{o}: n x {M}_OUTPUT_{o}_SIZE elements, written" for o in e.outputs],
-            "Returns the mean over the batch of the per-example loss. Arrays must not overlap."]))
+            "Returns the mean over the batch of the per-example loss (0 when n is 0: no input",
+            "is read then). Arrays must not overlap."]))
     if "gradients" in entries:
         g = entries["gradients"]
-        em.entry(g, offsets, _doc([
-            f"{g.c_name}: the batch-mean loss '{graph.loss}', and its gradient in grads.",
+        em.entry(g, offsets, doc([
+            f"{g.c_name}: the batch-mean loss '{face.loss}', and its gradient in grads.",
             f"  params: {M}_PARAMS_SIZE elements; grads: {M}_PARAMS_SIZE elements, overwritten",
             f"  work:   at least {M}_GRADIENTS_WORK_SIZE(n) elements, caller-owned scratch",
             *[f"  in_{i}: n x {M}_INPUT_{i}_SIZE elements" for i in g.inputs],
-            "Returns the mean over the batch of the per-example loss. Arrays must not overlap."]))
+            "Returns the mean over the batch of the per-example loss. When n is 0: returns 0,",
+            "grads all 0, no input read. Arrays must not overlap."]))
     if rule:
         e = entries["train_step"]
         try:
@@ -565,7 +622,7 @@ def emit(graph, derivation, dtype: str = "float32", params=None, target="c99",
             raise SpecError(f"{err}: compile with dtype float64, or change the value",
                             node="optimizer") from None
         hyper = ", ".join(f"{s}={v!r}" for s, v in rule.values.items())
-        em.train_step(e, entries["gradients"], _doc([
+        em.train_step(e, entries["gradients"], doc([
             f"{e.c_name}: one {rule.name} step ({hyper}) on a batch of n examples:",
             f"  the loss and gradients ({entries['gradients'].c_name}), then params updated in place.",
             f"  params: {M}_PARAMS_SIZE elements, read and updated",
@@ -574,10 +631,9 @@ def emit(graph, derivation, dtype: str = "float32", params=None, target="c99",
             f"  work:   at least {M}_TRAIN_STEP_WORK_SIZE(n) elements; the gradients are left",
             f"          in its first {M}_PARAMS_SIZE elements",
             *[f"  in_{i}: n x {M}_INPUT_{i}_SIZE elements" for i in e.inputs],
-            "Returns the batch-mean loss before the update. Arrays must not overlap."]))
+            "Returns the batch-mean loss before the update. When n is 0: returns 0 and changes",
+            "nothing (no step is counted). Arrays must not overlap."]))
     return CModule(name, dtype, em.source(), em.header(note), em.cdef(), entries, offsets,
-                   {p: v.shape for p, v in graph.params.items()}, params_size,
-                   {i: v.shape for i, v in graph.inputs.items()},
-                   {o: graph.values[o].shape for o in graph.outputs},
-                   dict(graph.optimizer) if rule else None, state_size, state_offsets,
-                   params is not None, tgt.name, max_batch)
+                   params_size, dict(face.inputs), dict(face.outputs),
+                   dict(face.optimizer) if rule else None, state_size, state_offsets,
+                   params is not None, tgt.name, max_batch, em.functions, em.calls)

@@ -19,22 +19,21 @@ from pathlib import Path
 import numpy as np
 
 from graphc.errors import GraphcError
+from graphc.ir import DTYPES
 
-from .printer import C_TYPES, c_array
-from .targets import BOARDS, CHECK_FLAGS, Board
+from .printer import c_array
+from .harness import harness, parse_output
+from .targets import BOARDS, CHECK_FLAGS, Board, get_target
 
 CC = "arm-none-eabi-gcc"
 SIZE = "arm-none-eabi-size"
 QEMU = "qemu-system-arm"
 SUPPORT = ("startup.c", "cortexm.ld", "mps2_m.ld", "microbit.ld")
 # -std=c99 keeps -ffp-contract=off: no fused multiply-adds, results as the C says.
-CFLAGS = CHECK_FLAGS + ("-Wdouble-promotion", "-O2", "-g", "-ffunction-sections",
+CFLAGS = CHECK_FLAGS + ("-O2", "-g", "-ffunction-sections",
                         "-fdata-sections")
 # newlib-nano with librdimon (semihosting syscalls); our startup.c, so -nostartfiles.
 LDFLAGS = ("--specs=nano.specs", "--specs=rdimon.specs", "-nostartfiles", "-Wl,--gc-sections")
-# QEMU's SysTick runs at 25 MHz on the mps2 boards; -icount shift=0 makes one guest
-# instruction one nanosecond of virtual time, so a tick is 40 instructions (calibrated).
-SYSTICK = {"mps2-an386", "mps2-an385"}
 
 
 class FirmwareError(GraphcError):
@@ -133,7 +132,7 @@ def size(elf: str | Path) -> dict[str, int]:
 def _arrays(cmodule, params_flat, inputs: dict[str, np.ndarray], n: str, names, *,
             const_params: bool, outputs=()) -> list[str]:
     """Static arrays sized by the header's macros; inputs hold `inputs` or are zero."""
-    M, real, dtype = cmodule.name.upper(), C_TYPES[cmodule.dtype], cmodule.dtype
+    M, real, dtype = cmodule.name.upper(), DTYPES[cmodule.dtype].c_type, cmodule.dtype
     out = []
     if params_flat is not None:
         out.append(c_array("params", params_flat, dtype, const=const_params,
@@ -153,7 +152,7 @@ def size_probe(cmodule, params_flat, batch: int, training: bool) -> str:
 
     Inference keeps the params `const` (flash); training keeps them in RAM, with the
     optimizer state and a work arena for every entry point."""
-    name, M, real = cmodule.name, cmodule.name.upper(), C_TYPES[cmodule.dtype]
+    name, M, real = cmodule.name, cmodule.name.upper(), DTYPES[cmodule.dtype].c_type
     n = f"{M}_MAX_BATCH" if cmodule.max_batch else str(batch)
     fwd = cmodule.entries.get("predict") or cmodule.entries["forward"]
     entries = [fwd] + ([cmodule.entries["train_step"]] if training else [])
@@ -185,7 +184,7 @@ def counter(cmodule, params_flat, inputs: dict[str, np.ndarray],
     """main() that counts instructions: for each (entry kind, batch, calls), SysTick ticks
     for `calls` and `2·calls` calls, and for 10^5 and 2·10^5 turns of a 2-instruction loop
     (the calibration). Run under `qemu -icount shift=0`; prints integers only."""
-    name, M, real = cmodule.name, cmodule.name.upper(), C_TYPES[cmodule.dtype]
+    name, M, real = cmodule.name, cmodule.name.upper(), DTYPES[cmodule.dtype].c_type
     batch = max(b for _, b, _ in runs)
     assert all(len(v) >= batch for v in inputs.values())
     fwd = cmodule.entries["forward"]
@@ -266,7 +265,6 @@ def firmware_sizes(cmodule, target, params_flat, batch: int, workdir: str | Path
     when the module trains; and of the model's object file alone. A probe that does not
     fit the board's RAM is linked for a 4 MiB board instead, to give its figures anyway.
     With QEMU present each probe also runs once, for the stack's high-water mark."""
-    from .targets import get_target
     target = get_target(target) if isinstance(target, str) else target
     board = BOARDS[target.board]
     workdir = Path(workdir)
@@ -303,7 +301,6 @@ def run_harness(cmodule, params_flat, inputs: dict[str, np.ndarray], board: str,
     """Build `codegen/harness.py`'s program for the board, run it, parse what it printed.
 
     Returns the arrays by label, plus "_run" (the Run) and "_size" (flash/RAM)."""
-    from .harness import harness, parse_output
     directory = write_model(directory, cmodule,
                             harness(cmodule, params_flat, inputs, train_steps=train_steps))
     elf = build(directory, board, printf_float=True)  # the harness prints with %.9g

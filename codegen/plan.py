@@ -1,6 +1,7 @@
 """Memory planning and elementwise fusion over a kernel program.
 
 `fuse` removes intermediate buffers the C never needs to store:
+- a kernel that repeats an earlier one's computation is dropped for the earlier result;
 - a pure map read by exactly one kernel, once per loop point, is inlined into its reader;
 - a map that is the only reader of a reduction's result becomes that reduction's epilogue
   (bias + activation computed where the dot product is stored).
@@ -17,9 +18,8 @@ from dataclasses import dataclass
 
 import sympy as sp
 
-from graphc.ir import BATCH, Buffer, Kernel, Program, tree_size
+from graphc.ir import BATCH, EXTERNAL, LOSS, Buffer, Kernel, Program, tree_size
 
-EXTERNAL = ("input", "param", "output", "grad")
 ALIGN = 16  # elements: 64-byte alignment for float32, 128 for float64 (cache lines, SIMD)
 # Fusion stops when a kernel's expression would pass this many nodes (counted as a tree):
 # past it, storing the value is cheaper than recomputing it, and SymPy's walks stay fast.
@@ -44,7 +44,7 @@ def _is_plain_map(kern: Kernel, buf: Buffer) -> bool:
 def _sole_reader(prog: Program, p: int) -> int | None:
     """The one kernel reading kernel p's output, if p alone writes that internal buffer."""
     out = prog.kernels[p].out
-    if prog.buffers[out].role in EXTERNAL + ("loss",) or len(_writers(prog, out)) != 1:
+    if prog.buffers[out].role in EXTERNAL + (LOSS,) or len(_writers(prog, out)) != 1:
         return None
     readers = _readers(prog, out)
     return readers[0] if len(readers) == 1 else None
@@ -73,7 +73,8 @@ def _try_inline(prog: Program, p: int) -> bool:
         return False   # `h * sigmoid(h)` nodes in a chain would double the body at each one
     prog.kernels[c] = Kernel(C.out, C.out_index, C.loops, body, C.mode, post, C.node,
                              f"{C.note}, {P.node} inlined")
-    del prog.kernels[p]
+    prog.origins[c] = tuple(sorted(prog.origins[c] + prog.origins[p]))
+    del prog.kernels[p], prog.origins[p]
     return True
 
 
@@ -110,12 +111,46 @@ def _try_epilogue(prog: Program, p: int) -> bool:
         return False
     prog.kernels[p] = Kernel(C.out, out_index, P.loops, P.body, "sum", post, C.node,
                              f"{P.node} with {C.node} as epilogue")
-    del prog.kernels[c]
+    prog.origins[p] = tuple(sorted(prog.origins[p] + prog.origins[c]))
+    del prog.kernels[c], prog.origins[c]
     return True
 
 
+def _drop_repeats(prog: Program) -> None:
+    """A kernel that computes what an earlier one already stored (a softmax output and the
+    cross-entropy loss on the same logits both take their max and sum of exponentials) is
+    dropped, and its readers read the earlier buffer. Only when neither output is the
+    caller's and every buffer both read is written once, so both saw the same values."""
+    writers: dict[str, int] = {}
+    for kern in prog.kernels:
+        writers[kern.out] = writers.get(kern.out, 0) + 1
+    stored: dict[tuple, int] = {}   # what a kernel computes -> its position in `kept`
+    renamed: dict[sp.IndexedBase, sp.IndexedBase] = {}
+    kept, origins = [], []
+    for kern, origin in zip(prog.kernels, prog.origins):
+        if renamed:
+            kern = Kernel(kern.out, kern.out_index, kern.loops, kern.body.xreplace(renamed),
+                          kern.mode, kern.post.xreplace(renamed), kern.node, kern.note)
+        buf = prog.buffers[kern.out]
+        once = buf.role not in EXTERNAL + (LOSS,) and writers[kern.out] == 1 \
+            and kern.mode != "accumulate" and all(writers.get(r, 0) <= 1 for r in kern.reads())
+        what = (kern.out_index, kern.loops, kern.body, kern.mode, kern.post, buf.shape,
+                buf.batched)
+        if once and what in stored:
+            first = stored[what]
+            renamed[buf.base] = prog.buffers[kept[first].out].base
+            origins[first] += origin
+            continue
+        if once:
+            stored[what] = len(kept)
+        kept.append(kern)
+        origins.append(origin)
+    prog.kernels, prog.origins = kept, origins
+
+
 def fuse(prog: Program) -> Program:
-    out = Program(dict(prog.buffers), list(prog.kernels))
+    out = Program(dict(prog.buffers), list(prog.kernels), [(k,) for k in range(len(prog.kernels))])
+    _drop_repeats(out)
     k = 0
     while k < len(out.kernels):
         if _try_inline(out, k) or _try_epilogue(out, k):
@@ -165,13 +200,8 @@ class MemoryPlan:
         return max(sum(p.size * (n if p.batched else 1) for p in self.places.values()
                        if p.first <= k <= p.last) for k in range(end + 1))
 
-    def report(self, itemsize: int, n: int = 1) -> str:
-        return (f"arena {self.elements(n) * itemsize} bytes "
-                f"({(self.fixed_no_reuse + self.per_example_no_reuse * n) * itemsize} without "
-                f"reuse) at batch {n}")
 
-
-def _align(x: int, align: int) -> int:
+def round_up(x: int, align: int) -> int:
     return -(-x // align) * align
 
 
@@ -186,7 +216,7 @@ def plan(prog: Program, align: int = ALIGN) -> MemoryPlan:
                 span = live.setdefault(name, [k, k])
                 span[1] = k
     for name, b in prog.buffers.items():
-        if b.role == "loss" and name in live:
+        if b.role == LOSS and name in live:
             live[name][1] = len(prog.kernels)  # read by the entry point's return, after all kernels
     places: dict[str, Placement] = {}
     totals = {True: 0, False: 0}
@@ -197,7 +227,7 @@ def plan(prog: Program, align: int = ALIGN) -> MemoryPlan:
         for name in sorted((n for n in live if prog.buffers[n].batched == batched),
                            key=lambda n: (live[n][0], -prog.buffers[n].size, n)):
             size, (first, last) = max(1, prog.buffers[name].size), live[name]
-            clashes = sorted((o, o + _align(s, align)) for _, o, s, f, l in placed
+            clashes = sorted((o, o + round_up(s, align)) for _, o, s, f, l in placed
                              if not (l < first or last < f))
             offset = 0
             for lo, hi in clashes:
@@ -206,6 +236,6 @@ def plan(prog: Program, align: int = ALIGN) -> MemoryPlan:
                 offset = max(offset, hi)
             placed.append((name, offset, size, first, last))
             places[name] = Placement(batched, offset, size, first, last)
-            totals[batched] = max(totals[batched], _align(offset + size, align))
-            no_reuse[batched] += _align(size, align)
+            totals[batched] = max(totals[batched], round_up(offset + size, align))
+            no_reuse[batched] += round_up(size, align)
     return MemoryPlan(places, totals[False], totals[True], no_reuse[False], no_reuse[True])

@@ -8,10 +8,11 @@ import numpy as np
 import sympy as sp
 from sympy.codegen.ast import float32, float64, real
 from sympy.printing.c import C99CodePrinter
+from sympy.printing.precedence import PRECEDENCE
 
 from graphc.functions import without_max_min
+from graphc.ir import DTYPES
 
-C_TYPES = {"float32": "float", "float64": "double"}
 
 
 class GraphcPrinter(C99CodePrinter):
@@ -61,6 +62,31 @@ class GraphcPrinter(C99CodePrinter):
             text = f"{name}({text}, {self._print(a)})"
         return text
 
+    def _print_Mul(self, expr):
+        """`a*b/c`, where the base printer writes `a*b*1.0F/c` for the reciprocals that
+        `prepare` leaves unevaluated: one division, and the text a reader expects."""
+        num, den = [], []
+        for f in expr.args:
+            if f.is_Pow and f.exp == -1 and isinstance(f.base, sp.UnevaluatedExpr):
+                den.append(f.base.args[0])
+            else:
+                num.append(f)
+        if not den or not num:
+            return super()._print_Mul(expr)
+        sign = ""
+        if num[0] == -1:
+            sign, num = "-", num[1:]
+        elif num[0].is_Number and num[0].is_negative:
+            sign, num = "-", [-num[0], *num[1:]]
+        top = "1" if not num else self._print(sp.Mul(*num, evaluate=False)) \
+            if len(num) > 1 else self.parenthesize(num[0], PRECEDENCE["Mul"])
+        if top == "1":
+            top = self._print_Float(sp.Float(1))
+        bottom = den[0] if len(den) == 1 else sp.Mul(*den, evaluate=False)
+        simple = bottom.is_Atom or isinstance(bottom, (sp.Indexed, sp.Function))
+        under = self._print(bottom) if simple else f"({self._print(bottom)})"
+        return f"{sign}{top}/{under}"
+
     def _print_BooleanTrue(self, expr):
         return "1"   # C99 has no `true` without <stdbool.h>
 
@@ -102,7 +128,7 @@ class GraphcPrinter(C99CodePrinter):
             cast = np.float32(value) if self.dtype == "float32" else np.float64(value)
         if not np.isfinite(cast) or (value != 0 and cast == 0):
             raise LiteralRangeError(f"constant {value!r} is out of the range of "
-                                    f"{C_TYPES[self.dtype]} ({self.dtype})")
+                                    f"{DTYPES[self.dtype].c_type} ({self.dtype})")
         return c_literal(value, self.dtype)
 
     def _print_Rational(self, expr):
@@ -170,8 +196,8 @@ HELPERS = {
 
 
 def helper_source(name: str, dtype: str) -> str:
-    suffix = "f" if dtype == "float32" else ""
-    return HELPERS[name].replace("T ", C_TYPES[dtype] + " ").replace("F(", suffix + "(")
+    t = DTYPES[dtype]
+    return HELPERS[name].replace("T ", t.c_type + " ").replace("F(", t.libm + "(")
 
 
 def c_literal(x: float, dtype: str) -> str:
@@ -193,4 +219,5 @@ def c_array(name: str, values: np.ndarray, dtype: str, const: bool = True,
     body = ",\n    ".join(", ".join(c_literal(v, dtype) for v in flat[k:k + 6])
                           for k in range(0, max(1, flat.size), 6)) if flat.size else "0"
     length = size or str(max(1, flat.size))
-    return f"static {'const ' if const else ''}{C_TYPES[dtype]} {name}[{length}] = {{\n    {body}\n}};"
+    c_type = DTYPES[dtype].c_type
+    return f"static {'const ' if const else ''}{c_type} {name}[{length}] = {{\n    {body}\n}};"

@@ -19,11 +19,13 @@ import textwrap
 
 import numpy as np
 
-ITEMSIZE = {"float32": 4, "float64": 8}
+from graphc.ir import DTYPES
+
+from . import firmware
 
 
 def memory_report(cmodule, batch: int = 1) -> dict:
-    item = ITEMSIZE[cmodule.dtype]
+    item = DTYPES[cmodule.dtype].itemsize
     n = cmodule.max_batch or batch
     e = cmodule.entries
     training = "gradients" in e
@@ -66,7 +68,6 @@ def memory_report(cmodule, batch: int = 1) -> dict:
 def add_firmware(report: dict, cmodule, target, params_flat, workdir=None) -> dict:
     """Flash and RAM of firmware for a Cortex-M target, if the ARM toolchain is present;
     otherwise the reason it is missing."""
-    from . import firmware
     reason = firmware.missing_tools(run=False)
     if reason:
         report["firmware"] = {"missing": reason}
@@ -126,16 +127,3 @@ def _plain(x):
     if isinstance(x, np.generic):
         return x.item()
     raise TypeError(f"not JSON: {type(x).__name__}")
-
-
-def initial_params(graph, cmodule, seed: int = 0) -> np.ndarray | None:
-    """The flat params block drawn from the spec's initializers (None when baked)."""
-    if cmodule.baked_params:
-        return None
-    from graphc.init import init_params
-    flat = np.zeros(cmodule.params_size)
-    drawn = init_params({p: (v.shape, v.init) for p, v in graph.params.items()}, seed)
-    for p, value in drawn.items():
-        at = cmodule.param_offsets[p]
-        flat[at:at + value.size] = np.asarray(value, dtype=np.float64).ravel()
-    return flat

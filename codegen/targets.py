@@ -24,11 +24,16 @@ import subprocess
 import tempfile
 from dataclasses import dataclass
 
-from .build import c_compiler
+from graphc.errors import GraphcError
+
+from .build import CompileError, _compiler_stamp, c_compiler
 from .plan import ALIGN
 
 # What the generated C is checked under on every target (tests/test_embedded.py).
-CHECK_FLAGS = ("-std=c99", "-Wall", "-Wextra", "-Wpedantic", "-Wvla", "-Werror")
+# What the generated C is clean under, as a code review would compile it: implicit
+# conversions, float-to-double promotion, shadowed names and dropped qualifiers included.
+CHECK_FLAGS = ("-std=c99", "-Wall", "-Wextra", "-Wpedantic", "-Wvla", "-Wconversion",
+               "-Wdouble-promotion", "-Wshadow", "-Wcast-qual", "-Werror")
 
 
 @dataclass(frozen=True)
@@ -94,7 +99,6 @@ class Target:
 # is scarce; a per-example scalar would otherwise take 16 elements per example.
 # -Wdouble-promotion: a float32 model must never compute in double (an M4F has no double
 # FPU, so one stray promotion costs a software call per use).
-_EMBEDDED_CHECKS = CHECK_FLAGS + ("-Wdouble-promotion",)
 
 
 _NO_SIMD = "the C compiler named no SIMD it targets"
@@ -121,11 +125,11 @@ TARGETS = {
                                      "-mthumb -mfloat-abi=hard -mfpu=fpv4-sp-d16 -std=c99 -O2. "
                                      "Keep -std=c99 (or -ffp-contract=off): fused multiply-adds "
                                      "change the last bit.",
-                        _EMBEDDED_CHECKS, board="mps2-an386", fpu_dtypes=("float32",),
+                        CHECK_FLAGS, board="mps2-an386", fpu_dtypes=("float32",),
                         align=1),
     "cortex-m0": Target("cortex-m0", "Cortex-M0/M0+ (no FPU), e.g. arm-none-eabi-gcc "
                                      "-mcpu=cortex-m0 -mthumb -mfloat-abi=soft -std=c99 -Os.",
-                        _EMBEDDED_CHECKS, board="microbit", align=1),
+                        CHECK_FLAGS, board="microbit", align=1),
 }
 
 
@@ -138,7 +142,6 @@ def get_target(name: str | Target) -> Target:
     try:
         return TARGETS[name]
     except KeyError:
-        from graphc.errors import GraphcError
         raise GraphcError(f"unknown target {name!r} (targets: {', '.join(TARGETS)})") from None
 
 
@@ -244,7 +247,6 @@ def vector_bytes_override() -> int | None:
     if not text:
         return None
     if text not in {str(w) for w in VECTOR_WIDTHS}:
-        from graphc.errors import GraphcError
         raise GraphcError(f"${VECTOR_BYTES_ENV} must be one of "
                           f"{', '.join(map(str, VECTOR_WIDTHS))} (bytes), got {text!r}")
     return int(text)
@@ -300,7 +302,6 @@ def target_identity(name: str) -> str:
     cpu = _cpu_identity()
     if cpu is None:
         return repr(host_target())
-    from .build import CompileError, _compiler_stamp   # lazily: not needed to describe targets
     cc = c_compiler()
     try:
         stamp = _compiler_stamp(cc)

@@ -41,6 +41,7 @@ import sympy as sp
 
 from graphc.ir import ACC, BATCH, Kernel
 
+from .ctext import comment
 from .printer import prepare
 
 LANE = "l"  # the lane index inside a tile
@@ -100,6 +101,8 @@ def tiling(kern: Kernel, strides: list[dict[sp.Symbol, int]], vector_bytes: int,
     lanes = min(vec, extent[lane])
     if reduce_lanes:   # a power of two, for the pairwise sum at the end
         lanes = 1 << (lanes.bit_length() - 1)
+        if extent[lane] < MIN_SUMMED_VECTORS * vec:
+            return None   # the final pairwise sum would cost more than the lanes save
     chunks = 1 if reduce_lanes else max(1, min(2, extent[lane] // lanes))
     # Tile the kept loops along which some read is invariant (it is then loaded once per
     # tile); most reuse first.
@@ -138,10 +141,6 @@ def _halving(names: list[str], lanes: int) -> list[str]:
     return out
 
 
-def _comment(text: str) -> str:
-    return "/* " + text.replace("*/", "* /") + " */"
-
-
 def operands(kern: Kernel, t: Tiling, strides: list[dict]):
     """((a, b), strides by access) when the body is a product of two reads that a shared
     helper can sum (dot: rows of `a` along the first tiled loop, of `b` along the second;
@@ -167,6 +166,9 @@ def operands(kern: Kernel, t: Tiling, strides: list[dict]):
     return None
 
 
+# Lanes split a reduction only when it is at least this many vectors long: shorter, the
+# pairwise sum of the lanes at the end costs more than the lanes save (a 10-class sum).
+MIN_SUMMED_VECTORS = 4
 MAX_TILE = 8  # outputs along a tiled loop that has another tiled loop inside
 MAX_PARALLEL_BATCH = 1024  # no OpenMP for a kernel that needs a larger batch to be big
 HELPER_WORK = 8192  # multiply-adds per example of a module's biggest kernel for helpers
@@ -232,6 +234,10 @@ class BlockedWriter:
         if depth == 1 and self.rest is None:
             self.rest = len(self.lines)
 
+    def shares_out(self, depth: int) -> bool:
+        """Whether a loop at `depth` would be the one OpenMP shares out (kept a loop)."""
+        return depth == 1 and self.rest is None and self.clause is not None
+
     def parallel_clause(self) -> str | None:
         """None: serial; "": always parallel; else the C condition on n. A parallel region
         costs a team start (~1 µs), so only kernels of `parallel_work` multiply-adds."""
@@ -288,7 +294,11 @@ class BlockedWriter:
         if s == self.t.lane:   # kept lanes: chunks of lanes·chunks, then one shorter chunk
             width = self.t.lanes * self.t.chunks
             full, rem = divmod(e, width)
-            if full:
+            if full == 1 and not self.shares_out(depth):   # one chunk: no loop
+                self.put(depth, "{")
+                self.nest(rest, {**at, s: (sp.Integer(0), width)}, depth + 1, budget)
+                self.put(depth, "}")
+            elif full:
                 self.loop(depth, f"size_t {base} = 0; {base} < {full * width}; {base} += {width}",
                           lambda d: self.nest(rest, {**at, s: (base, width)}, d, budget))
             if rem:
@@ -306,8 +316,14 @@ class BlockedWriter:
                 start = str(e // size * size)
             else:
                 start = f"n / {size} * {size}"
-            self.loop(depth, f"size_t {base} = 0; {base} < {start}; {base} += {size}",
-                      lambda d: self.nest(rest, {**at, s: (base, size)}, d, budget // size))
+            if isinstance(e, int) and e // size == 1 and not self.shares_out(depth):
+                self.put(depth, "{")   # one tile: no loop
+                self.nest(rest, {**at, s: (sp.Integer(0), size)}, depth + 1, budget // size)
+                self.put(depth, "}")
+            else:
+                self.loop(depth, f"size_t {base} = 0; {base} < {start}; {base} += {size}",
+                          lambda d: self.nest(rest, {**at, s: (base, size)}, d,
+                                              budget // size))
             if isinstance(e, int) and e % size == 0:
                 return
         # A tail row: inline, the inner level takes the whole budget (at batch 1 a dense
@@ -408,7 +424,7 @@ class BlockedWriter:
             return [f"{cs[j * t2 + k]}[l] {op} a[{_times(j, 'sa')}{at}l]*b[{_times(k, 'sb')}{at}l];"
                     for j in range(t1) for k in range(t2)]
         tail = f" + {rem}" if rem else ""
-        lines = [_comment(f"s[j*{t2} + k] = Σ_{{r < len{tail}}} a[j*sa + r]·b[k*sb + r] for "
+        lines = [comment(f"s[j*{t2} + k] = Σ_{{r < len{tail}}} a[j*sa + r]·b[k*sb + r] for "
                           f"j < {t1}, k < {t2}; {lanes} partial sums each (len a multiple of "
                           f"{lanes}, at least {lanes}), added pairwise"),
                  f"static void {name}(const {r} *restrict a, size_t sa, const {r} *restrict b, "
@@ -443,7 +459,7 @@ class BlockedWriter:
             return [f"{c}[l] {op} a[{_index(_times(m, 'am')[:-3], at_a)}]*"
                     f"b[{at_b}{_times(q, str(lanes))}l];" for c, (m, q) in zip(cs, acc)]
         store = "+=" if add else "="
-        lines = [_comment(f"out[m*om + l] {store} Σ_{{r<len}} a[m*am + r*ar]·b[r*br + l] for "
+        lines = [comment(f"out[m*om + l] {store} Σ_{{r<len}} a[m*am + r*ar]·b[r*br + l] for "
                           f"m < {tm}, l < {width} (len >= 1)"),
                  f"static void {name}(const {r} *restrict a, size_t am, size_t ar, "
                  f"const {r} *restrict b, size_t br, size_t len, {r} *restrict out, size_t om)",
@@ -499,7 +515,9 @@ class BlockedWriter:
             full, rem = divmod(self.extent[t.lane], lanes)
             base = sp.Symbol(f"{t.lane}_t", integer=True, nonnegative=True)
             lane_loop(lanes, {}, lambda c: l, d, "=" if peel else "+=")
-            if full > 1:
+            if full == 2:
+                lane_loop(lanes, {}, lambda c: lanes + l, d)
+            elif full > 2:
                 self.put(d, f"for (size_t {base} = {lanes}; {base} < {full * lanes}; "
                             f"{base} += {lanes}) {{")
                 lane_loop(lanes, {}, lambda c: base + l, d + 1)
@@ -514,13 +532,18 @@ class BlockedWriter:
             if peel:
                 (s,) = t.inner
                 lane_loop(lanes, {s: sp.Integer(0)}, lane_at, d, "=")
-                self.put(d, f"for (size_t {s} = 1; {s} < {self.ext(s)}; ++{s}) {{")
-                d += 1
+                if self.extent[s] in (1, 2):   # one more term at most: no loop
+                    for j in range(1, self.extent[s]):
+                        lane_loop(lanes, {s: sp.Integer(j)}, lane_at, d)
+                else:
+                    self.put(d, f"for (size_t {s} = 1; {s} < {self.ext(s)}; ++{s}) {{")
+                    lane_loop(lanes, {}, lane_at, d + 1)
+                    self.put(d, "}")
             else:
                 for s in t.inner:
                     self.put(d, f"for (size_t {s} = 0; {s} < {self.ext(s)}; ++{s}) {{")
                     d += 1
-            lane_loop(lanes, {}, lane_at, d)
+                lane_loop(lanes, {}, lane_at, d)
         while d > depth:
             d -= 1
             self.put(d, "}")

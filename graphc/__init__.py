@@ -1,16 +1,52 @@
-"""graphc: a symbolic computation-graph compiler (SymPy gradients, generated C99, verified)."""
+"""graphc: a symbolic computation-graph compiler (SymPy gradients, generated C99, verified).
+
+The public names load on first use (PEP 562): `import graphc.ir` (what codegen reads) or
+`graphc --help` then cost no SymPy derivation, NumPy reference or explain machinery.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+import types
 
 __version__ = "0.1.0"
 
-from .errors import GraphcError, InputError, SpecError
-from .explain import Explanation, explain
-from .graph import Graph
-from .builder import Builder
-from .model import BoundCall, CompiledModel, compile, generate, load_params, save_params
-from .reference import Reference, reference
-from .spec import load
-from .train import History, evaluate, fit
+from .errors import GraphcError, InputError, SpecError  # noqa: E402, F401  (light, re-exported)
 
-__all__ = ["BoundCall", "Builder", "CompiledModel", "Explanation", "Graph", "GraphcError",
-           "History", "InputError", "Reference", "SpecError", "compile", "evaluate", "explain",
-           "fit", "generate", "load", "load_params", "reference", "save_params"]
+_EXPORTS = {
+    "Explanation": "explain", "explain": "explain", "Graph": "graph", "Builder": "builder",
+    "BoundCall": "model", "CompiledModel": "model", "compile": "model", "generate": "model",
+    "load_params": "model", "save_params": "model", "Reference": "reference",
+    "reference": "reference", "load": "spec", "History": "train", "evaluate": "train",
+    "fit": "train",
+}
+
+__all__ = sorted(["GraphcError", "InputError", "SpecError", *_EXPORTS])
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'graphc' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))
+
+
+class _Package(types.ModuleType):
+    """`graphc.explain` and `graphc.reference` are functions named like the modules that
+    define them. Importing such a module sets it as this package's attribute; the function
+    keeps the name, as it did when this file imported everything at once."""
+
+    def __setattr__(self, name: str, value) -> None:
+        if name in ("explain", "reference") and isinstance(value, types.ModuleType):
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package

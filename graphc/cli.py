@@ -60,7 +60,9 @@ def _parser() -> argparse.ArgumentParser:
 
     x = sub.add_parser("explain", help="the chain rule step by step, from formula to C")
     x.add_argument("spec", help="YAML or JSON spec file")
-    x.add_argument("--wrt", metavar="PARAM", help="the param whose gradient to explain (default: all)")
+    x.add_argument("--wrt", metavar="PARAM[i,j]",
+                   help="the param whose gradient to explain (default: all), or one element of it, "
+                        "e.g. 'W2[0,0]', to follow through the worked example (default: the largest)")
     x.add_argument("--format", choices=("text", "markdown", "latex", "html"), default="text")
     x.add_argument("-o", "--out", metavar="FILE", help="write here (atomically) instead of stdout")
     x.add_argument("--at", default="random", metavar="random|none|FILE.npz",
@@ -77,6 +79,7 @@ def _compile(args) -> int:
     from codegen.files import write_all
     from codegen import report as memory
     from codegen.targets import TARGETS as TARGET_INFO, get_target
+    from .init import initial_params
     if args.max_batch is not None and not 1 <= args.max_batch <= MAX_BATCH:
         raise GraphcError(f"--max-batch must lie in 1..{MAX_BATCH} (2^24), got "
                           f"{args.max_batch}")
@@ -93,7 +96,7 @@ def _compile(args) -> int:
               "generated C was written without a test compile", file=sys.stderr)
     report = memory.memory_report(cm)
     if TARGET_INFO[args.target].embedded:
-        memory.add_firmware(report, cm, args.target, memory.initial_params(graph, cm))
+        memory.add_firmware(report, cm, args.target, initial_params(graph, cm))
     out = Path(args.out)
     c_path, h_path, json_path = out / f"{cm.name}.c", out / f"{cm.name}.h", \
         out / f"{cm.name}.memory.json"

@@ -26,10 +26,11 @@ import sympy as sp
 from .errors import SpecError
 from .functions import expand_definitions
 from .graph import Graph
-from .ir import ACC, BATCH, Buffer, Kernel, Program, tree_size
+from .ir import (ACC, BATCH, GRAD, INPUT, LOSS, LOSS_MEAN, OUTPUT, PARAM, TEMP, Buffer, Interface,
+                 Kernel, Program, UpdateRule, grad_name, tree_size)
 from .ops import OPS, Lowering
+from .optim import update_rule
 
-LOSS_MEAN = "__batch_loss"   # the batch-mean loss, a one-element buffer
 # A local derivative larger than this (as a tree) is refused: printing, cse and the C
 # compiler all grow with it, and a 1 KiB formula must not take minutes to compile.
 MAX_DERIVED_SIZE = 20000
@@ -56,7 +57,7 @@ class Lowered:
 def lower(graph: Graph) -> Lowered:
     buffers: dict[str, Buffer] = {}
     for v in graph.values.values():
-        role = {"input": "input", "param": "param"}.get(v.kind, "temp")
+        role = {"input": INPUT, "param": PARAM}.get(v.kind, TEMP)
         buffers[v.name] = Buffer(v.name, v.shape, v.batched, role)
     kernels: list[Kernel] = []
     by_node: dict[str, list[int]] = {}
@@ -86,7 +87,7 @@ def forward_program(graph: Graph, low: Lowered | None = None) -> Program:
     kernels = _kernels_for(graph, low, graph.outputs)
     buffers = _used_buffers(low.buffers, kernels)
     for o in graph.outputs:
-        buffers[o] = _with_role(buffers[o], "output")
+        buffers[o] = _with_role(buffers[o], OUTPUT)
     prog = Program(buffers, kernels)
     prog.check()
     return prog
@@ -161,11 +162,11 @@ class _Sweep:
     local: list[LocalDerivative] = field(default_factory=list)
 
     def grad(self, name: str) -> Buffer:
-        g = f"{name}.grad"
+        g = grad_name(name)
         if g not in self.buffers:
             src = self.buffers[name]
             self.buffers[g] = Buffer(g, src.shape, src.batched,
-                                     "grad" if src.role == "param" else "temp")
+                                     GRAD if src.role == PARAM else TEMP)
         return self.buffers[g]
 
     def zero(self, target: Buffer, node: str) -> None:
@@ -193,15 +194,37 @@ class _Sweep:
 
 @dataclass
 class Derivation:
+    """What the C is generated from: the programs, the optimizer's update and the graph's
+    interface (codegen reads nothing else of the graph)."""
     forward: Program
     gradients: Program
     local: list[LocalDerivative]
     evaluation: Program | None = None   # outputs and the batch-mean loss, one forward pass
+    interface: Interface | None = None
+    update: UpdateRule | None = None    # None without a loss or an optimizer
+
+
+def interface(graph: Graph) -> Interface:
+    """The graph's names and shapes as the entry points see them."""
+    def reads(targets) -> tuple[str, ...]:
+        needed = graph.ancestors(targets)
+        return tuple(i for i in graph.inputs if i in needed)
+    entries = {"forward": reads(graph.outputs)}
+    if graph.loss is not None:
+        entries.update(evaluate=reads([*graph.outputs, graph.loss]), gradients=reads([graph.loss]))
+    # Where a kernel's constants come from, for an error about one of them.
+    fields = {node: "expr" if v.op == "elementwise" else next(
+        (a for a, value in v.attrs.items() if isinstance(value, float)), None)
+        for node, v in graph.nodes.items()}
+    return Interface(graph.name, {p: v.shape for p, v in graph.params.items()},
+                     {i: v.shape for i, v in graph.inputs.items()},
+                     {o: graph.values[o].shape for o in graph.outputs}, graph.loss, entries,
+                     dict(graph.optimizer) if graph.optimizer else None, fields)
 
 
 def _batch_mean(graph: Graph, buffers: dict[str, Buffer]) -> Kernel:
     b = sp.Symbol("b", integer=True, nonnegative=True)
-    buffers[LOSS_MEAN] = Buffer(LOSS_MEAN, (), False, "loss")
+    buffers[LOSS_MEAN] = Buffer(LOSS_MEAN, (), False, LOSS)
     return Kernel(LOSS_MEAN, (sp.Integer(0),), ((b, BATCH),),
                   buffers[graph.loss].base[b], "sum", ACC / BATCH, graph.loss, "batch mean")
 
@@ -212,7 +235,7 @@ def evaluation_program(graph: Graph, low: Lowered) -> Program:
     buffers = dict(_used_buffers(low.buffers, kernels))
     kernels.append(_batch_mean(graph, buffers))
     for o in graph.outputs:
-        buffers[o] = _with_role(buffers[o], "output")
+        buffers[o] = _with_role(buffers[o], OUTPUT)
     prog = Program(buffers, kernels)
     prog.check()
     return prog
@@ -222,7 +245,7 @@ def derive(graph: Graph) -> Derivation:
     low = lower(graph)
     fwd = forward_program(graph, low)
     if graph.loss is None:
-        return Derivation(fwd, Program({}, []), [])
+        return Derivation(fwd, Program({}, []), [], interface=interface(graph))
 
     kernels = _kernels_for(graph, low, [graph.loss])
     buffers = dict(_used_buffers(low.buffers, kernels))
@@ -231,7 +254,7 @@ def derive(graph: Graph) -> Derivation:
     mean = _batch_mean(graph, buffers)
 
     # Which buffers need a gradient: they depend on a param and the loss depends on them.
-    depends = {n: buf.role == "param" for n, buf in buffers.items()}
+    depends = {n: buf.role == PARAM for n, buf in buffers.items()}
     for k in kernels:
         if buffers[k.out].differentiable and any(depends[r] for r in k.reads()):
             depends[k.out] = True
@@ -290,6 +313,8 @@ def derive(graph: Graph) -> Derivation:
 
     grad_kernels = kernels + [mean] + sweep.kernels
     prog = Program(_used_buffers(sweep.buffers, grad_kernels) | {
-        f"{p}.grad": sweep.buffers[f"{p}.grad"] for p in graph.params}, grad_kernels)
+        grad_name(p): sweep.buffers[grad_name(p)] for p in graph.params}, grad_kernels)
     prog.check()
-    return Derivation(fwd, prog, sweep.local, evaluation_program(graph, low))
+    update = update_rule(graph.optimizer) if graph.optimizer else None
+    return Derivation(fwd, prog, sweep.local, evaluation_program(graph, low), interface(graph),
+                      update)

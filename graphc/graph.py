@@ -227,8 +227,9 @@ class Graph:
             lo, hi = op.arity
             if len(ins) < lo or (hi is not None and len(ins) > hi):
                 want = f"{lo}" if lo == hi else f"{lo} to {hi}" if hi else f"at least {lo}"
-                raise SpecError(f"op '{op.name}' takes {want} input(s), got {len(ins)}",
-                                node=n, field="inputs")
+                names = f"{', '.join(op.input_names)}: " if op.input_names else ""
+                raise SpecError(f"op '{op.name}' takes {want} input(s), got {len(ins)} "
+                                f"({names}{op.doc})", node=n, field="inputs")
             extra = sorted(set(d) - {"op", "inputs"} - set(op.attrs), key=str)
             if extra:
                 allowed = ", ".join(sorted(op.attrs)) or "none"

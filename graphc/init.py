@@ -86,3 +86,15 @@ def init_params(params: dict[str, tuple[tuple[int, ...], dict]], seed: int) -> d
     """Every param, drawn in declaration order from one seeded generator."""
     rng = np.random.default_rng(seed)
     return {name: initialize(shape, init, rng) for name, (shape, init) in params.items()}
+
+
+def initial_params(graph, cmodule, seed: int = 0) -> np.ndarray | None:
+    """The flat params block drawn from the spec's initializers (None when baked)."""
+    if cmodule.baked_params:
+        return None
+    flat = np.zeros(cmodule.params_size)
+    drawn = init_params({p: (v.shape, v.init) for p, v in graph.params.items()}, seed)
+    for p, value in drawn.items():
+        at = cmodule.param_offsets[p]
+        flat[at:at + value.size] = np.asarray(value, dtype=np.float64).ravel()
+    return flat

@@ -30,6 +30,85 @@ BATCH = sp.Symbol("n", integer=True, positive=True)  # the runtime batch size
 ACC = sp.Symbol("acc", real=True)                    # the reduced value inside `post`
 MODES = ("assign", "sum", "max", "accumulate")
 
+# Buffer roles. The caller owns inputs, params, outputs and gradients (EXTERNAL); the work
+# arena holds the rest: temporaries, and the batch-mean loss an entry point returns.
+INPUT, PARAM, OUTPUT, GRAD, TEMP, LOSS = "input", "param", "output", "grad", "temp", "loss"
+EXTERNAL = (INPUT, PARAM, OUTPUT, GRAD)
+LOSS_MEAN = "__batch_loss"   # the batch-mean loss, a one-element buffer
+
+GRAD_SUFFIX = ".grad"
+
+
+def grad_name(value: str) -> str:
+    """The buffer holding d(loss)/d(value)."""
+    return value + GRAD_SUFFIX
+
+
+def grad_of(buffer: str) -> str | None:
+    """The value whose gradient `buffer` holds, or None."""
+    return buffer[:-len(GRAD_SUFFIX)] if buffer.endswith(GRAD_SUFFIX) else None
+
+
+# ---------------------------------------------------------------- the optimizer update
+
+P, G = sp.symbols("p g", real=True)   # a param element and its gradient
+
+
+@dataclass(frozen=True)
+class UpdateRule:
+    """One optimizer step, elementwise over the flat params.
+
+    Every optimizer keeps the step count `t` first in its state (Adam's bias corrections
+    need it; for SGD it tells a device how far training went). `scalars` are computed
+    once per step from it;
+    `steps` are evaluated in order for each element, a later formula seeing the new value
+    of an earlier target. Targets are temporaries, state slots (`slots`, torch's names) or
+    `p` itself. The optimizer section's formulas (graphc/optim.py) fill it in."""
+    name: str
+    slots: tuple[str, ...]
+    scalars: tuple[tuple[sp.Symbol, sp.Expr], ...]
+    steps: tuple[tuple[sp.Symbol, sp.Expr], ...]
+    values: dict[sp.Symbol, float]                     # the hyperparameters' numbers
+
+    def slot_symbol(self, slot: str) -> sp.Symbol:
+        return sp.Symbol(slot, real=True)
+
+    def numeric(self, expr: sp.Expr) -> sp.Expr:
+        return expr.xreplace({s: sp.Float(v) for s, v in self.values.items()})
+
+
+# ---------------------------------------------------------------- what the C computes
+
+@dataclass(frozen=True)
+class Interface:
+    """What a model's entry points read and write, from the graph: names and shapes in
+    declaration order (the params' order is their layout), and nothing of its formulas."""
+    name: str
+    params: dict[str, tuple[int, ...]]
+    inputs: dict[str, tuple[int, ...]]         # per-example shapes
+    outputs: dict[str, tuple[int, ...]]
+    loss: str | None
+    # graph inputs each entry point reads ("forward", "evaluate", "gradients"): from the
+    # graph's ancestry, not from what the C reads (a formula may cancel an input, and the
+    # batch size must still come from it)
+    reads: dict[str, tuple[str, ...]]
+    optimizer: dict | None
+    constant_fields: dict[str, str | None]     # node -> the spec field its constants are in
+
+
+@dataclass(frozen=True)
+class DType:
+    """A floating type the C is generated in."""
+    name: str        # numpy's
+    c_type: str      # C's
+    itemsize: int    # bytes
+    libm: str        # libm's suffix: expf, exp
+    literal: str     # a C constant's suffix: 1.0F, 1.0
+
+
+DTYPES = {"float32": DType("float32", "float", 4, "f", "F"),
+          "float64": DType("float64", "double", 8, "", "")}
+
 
 def array(name: str) -> sp.IndexedBase:
     """The SymPy array a buffer's reads index. Its elements are real: otherwise SymPy asks,
@@ -62,7 +141,7 @@ class Buffer:
     name: str
     shape: tuple[int, ...]
     batched: bool
-    role: str = "temp"          # input | param | output | grad | temp | loss
+    role: str = TEMP            # one of the roles above
     differentiable: bool = True  # False for stable-shift values (stop-gradient)
 
     @property
@@ -122,6 +201,11 @@ class Kernel:
     def _reads(self) -> tuple[str, ...]:
         return tuple(sorted({str(a.base.label) for a in self._accesses}))
 
+    def uses_batch(self) -> bool:
+        """Whether the kernel needs the batch size: a loop over it, or n in its formulas."""
+        return any(e == BATCH for _, e in self.loops) or self.body.has(BATCH) \
+            or self.post.has(BATCH)
+
     def reduction_loops(self) -> list[sp.Symbol]:
         used = set().union(*[e.free_symbols for e in self.out_index]) if self.out_index else set()
         return [s for s, _ in self.loops if s not in used]
@@ -143,19 +227,21 @@ class Kernel:
 
 @dataclass
 class Program:
-    """Kernels in execution order over the buffers they name."""
+    """Kernels in execution order over the buffers they name. After fusion, `origins[k]`
+    lists the kernels of the program fusion started from that kernel k computes."""
     buffers: dict[str, Buffer]
     kernels: list[Kernel] = field(default_factory=list)
+    origins: list[tuple[int, ...]] | None = None
 
     def check(self) -> None:
         """Internal consistency; raises AssertionError naming the kernel at fault."""
-        written: set[str] = {b.name for b in self.buffers.values() if b.role in ("input", "param")}
+        written: set[str] = {b.name for b in self.buffers.values() if b.role in (INPUT, PARAM)}
         for k, kern in enumerate(self.kernels):
             where = f"kernel {k} ({kern.node}: {kern.note})"
             assert kern.mode in MODES, f"{where}: mode {kern.mode}"
             assert kern.out in self.buffers, f"{where}: unknown output {kern.out}"
             out = self.buffers[kern.out]
-            assert out.role not in ("input", "param"), f"{where}: writes {out.role} {out.name}"
+            assert out.role not in (INPUT, PARAM), f"{where}: writes {out.role} {out.name}"
             assert len(kern.out_index) == len(out.strides()), f"{where}: out rank"
             loop_syms = [s for s, _ in kern.loops]
             assert len(set(loop_syms)) == len(loop_syms), f"{where}: repeated loop symbol"

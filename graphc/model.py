@@ -507,9 +507,9 @@ def generate(graph, dtype: str = "float32", *, optimizer: dict | None = None, pa
     SIMD, or for this machine's width with OpenMP on host; plain loops on Cortex-M) and the
     header's note; `max_batch` adds `<NAME>_MAX_BATCH` to the header for statically sized
     memory."""
-    from codegen.emit import emit, param_layout
+    from codegen.emit import param_layout
     from codegen.targets import get_target
-    from .derive import derive
+    from .pipeline import to_c
     graph = as_graph(graph)
     dtype = check_dtype(dtype)
     tgt = get_target(target)
@@ -523,10 +523,10 @@ def generate(graph, dtype: str = "float32", *, optimizer: dict | None = None, pa
         graph = _with_optimizer(graph, optimizer)
     flat = None
     if params is not None:
-        offsets, size = param_layout(graph)
+        offsets, size = param_layout({p: v.shape for p, v in graph.params.items()})
         with np.errstate(over="ignore"):
             flat = _flat_params(graph, params, offsets, size, dtype)
-    cmodule = emit(graph, derive(graph), dtype, params=flat, target=target, max_batch=max_batch)
+    cmodule = to_c(graph, dtype, target, params=flat, max_batch=max_batch)
     if max_batch is not None:
         # <NAME>_WORK_SIZE(<NAME>_MAX_BATCH) sizes a static array: its bytes must fit the
         # target's size_t (32 bits on Cortex-M; arrays up to PTRDIFF_MAX).

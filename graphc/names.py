@@ -5,18 +5,13 @@ from __future__ import annotations
 import keyword
 import re
 
+from codegen.cnames import C_KEYWORDS
+
 from .errors import SpecError
 
 IDENTIFIER = re.compile(r"[A-Za-z][A-Za-z0-9_]*\Z")
 MAX_NAME_LENGTH = 63  # C99 guarantees 63 significant characters for internal identifiers
 
-C_KEYWORDS = frozenset("""
-auto break case char const continue default do double else enum extern float for goto if
-inline int long register restrict return short signed sizeof static struct switch typedef
-union unsigned void volatile while _Bool _Complex _Imaginary _Alignas _Alignof _Atomic
-_Generic _Noreturn _Static_assert _Thread_local alignas alignof bool constexpr false
-nullptr static_assert thread_local true typeof typeof_unqual
-""".split())
 
 # Formulas are parsed as Python expressions, so a value named `assert` or `lambda` could
 # never be used in one. Soft keywords (match, case, type) parse as names and stay allowed.

@@ -135,11 +135,10 @@ class OpDef:
     shape: Callable[..., Shape]             # (node, in_shapes, attrs) -> out shape
     lower: Callable[[Lowering], None]
     attrs: dict[str, Attr] = field(default_factory=dict)
-    input_names: tuple[str, ...] = ()      # for messages and docs
+    input_names: tuple[str, ...] = ()      # for error messages
     # Test domain per input: None (any real), 'positive', 'probabilities', 'labels01'.
     domain: tuple[Any, ...] = ()
-    formula: Callable[..., sp.Expr] | None = None  # scalar formula of a map op
-    doc: str = ""
+    doc: str = ""                           # what it computes, for error messages
     is_loss: bool = False
 
     def normalize_attrs(self, node: str, given: dict) -> dict:
@@ -198,7 +197,7 @@ def map_op(name: str, formula: Callable[..., sp.Expr], arity: int, *, doc: str,
     return register(OpDef(
         name, (arity, arity), lambda node, shapes, attrs: broadcast_shapes(node, shapes),
         _map_lower(formula), attrs or {}, ("a", "b")[:arity] if arity > 1 else ("x",),
-        domain or (None,) * arity, formula, doc))
+        domain or (None,) * arity, doc=doc))
 
 
 map_op("add", lambda a, b: a + b, 2, doc="a + b, broadcasting")

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import sympy as sp
 from sympy.codegen.cfunctions import expm1
 
 from .errors import SpecError
 from .init import finite_number
+from .ir import G, P, UpdateRule
 
 # name -> field defaults; `momentum` is SGD with momentum 0.9 unless given.
 OPTIMIZERS: dict[str, dict] = {
@@ -72,36 +72,12 @@ def check_optimizer(spec) -> dict:
 # them as written here. The forms follow torch.optim (single-tensor CPU path) so that
 # trajectories can be compared step by step.
 
-P, G = sp.symbols("p g", real=True)                    # a param element and its gradient
 STEP = sp.Symbol("t", positive=True)                   # the step count, after this step
 D = sp.Symbol("d", real=True)                          # the gradient after weight decay
 LR, WD, MU = sp.symbols("lr weight_decay momentum", nonnegative=True)
 BETA1, BETA2, EPS = sp.symbols("beta1 beta2 eps", nonnegative=True)
 BC1, BC2 = sp.symbols("bias_correction1 bias_correction2", positive=True)
 STEP_SIZE, BC2_SQRT = sp.symbols("step_size bias_correction2_sqrt", positive=True)
-
-
-@dataclass(frozen=True)
-class UpdateRule:
-    """One optimizer step, elementwise over the flat params.
-
-    Every optimizer keeps the step count `t` first in its state (Adam's bias corrections
-    need it; for SGD it tells a device how far training went). `scalars` are computed
-    once per step from it;
-    `steps` are evaluated in order for each element, a later formula seeing the new value
-    of an earlier target. Targets are temporaries, state slots (`slots`, torch's names) or
-    `p` itself."""
-    name: str
-    slots: tuple[str, ...]
-    scalars: tuple[tuple[sp.Symbol, sp.Expr], ...]
-    steps: tuple[tuple[sp.Symbol, sp.Expr], ...]
-    values: dict[sp.Symbol, float]                     # the hyperparameters' numbers
-
-    def slot_symbol(self, slot: str) -> sp.Symbol:
-        return sp.Symbol(slot, real=True)
-
-    def numeric(self, expr: sp.Expr) -> sp.Expr:
-        return expr.xreplace({s: sp.Float(v) for s, v in self.values.items()})
 
 
 def _bias_correction(beta: sp.Symbol, value: float) -> sp.Expr:

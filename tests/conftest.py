@@ -1,7 +1,9 @@
 """Shared test setup: a private build cache, and the C-versus-reference comparison.
 
 The tolerance table and `assert_close` are handed out as session-scoped fixtures (not
-imported from a module) so that every test file states its accuracy the same way.
+imported from a module) so that every test file states its accuracy the same way. The rule
+itself is graphc.verify's (TOLERANCES, within_tolerance): `graphc check` and the suite judge
+the C alike.
 """
 
 from __future__ import annotations
@@ -12,12 +14,7 @@ import numpy as np
 import pytest
 
 # dtype of the compiled model -> (rtol relative to the max |reference|, absolute floor).
-# The reference always runs in float64 on the same (dtype-rounded) params and inputs, so
-# the difference is the C's own rounding only.
-TOLERANCES: dict[str, tuple[float, float]] = {
-    "float64": (1e-9, 1e-12),
-    "float32": (1e-4, 1e-6),
-}
+from graphc.verify import TOLERANCES, within_tolerance
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -28,27 +25,31 @@ def graphc_cache_dir(tmp_path_factory):
     if preset:
         yield preset
         return
-    path = str(tmp_path_factory.mktemp("graphc-cache"))
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        # pytest -n: one cache for all workers (their temp dirs share a parent), so that a
+        # model built by one is loaded by the others; the cache's writes are atomic.
+        shared = tmp_path_factory.getbasetemp().parent / "graphc-cache"
+        shared.mkdir(exist_ok=True)
+        path = str(shared)
+    else:
+        path = str(tmp_path_factory.mktemp("graphc-cache"))
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("GRAPHC_CACHE_DIR", path)
         yield path
 
 
 def check_close(got, want, dtype: str, what: str) -> None:
-    """max |got - want| <= max(rtol · max |want|, floor), with rtol and floor per dtype."""
-    rtol, floor = TOLERANCES[dtype]
+    """max |got - want| <= max(rtol · max |want|, floor), with rtol and floor per dtype
+    (graphc.verify.within_tolerance); both finite."""
     got = np.asarray(got, dtype=np.float64)
     want = np.asarray(want, dtype=np.float64)
     assert got.shape == want.shape, f"{what}: shape {got.shape}, reference {want.shape}"
     assert np.all(np.isfinite(want)), f"{what}: the reference is not finite: {want}"
     assert np.all(np.isfinite(got)), f"{what}: not finite: {got}"
-    if want.size == 0:
-        return
-    scale = float(np.max(np.abs(want)))
-    tol = max(rtol * scale, floor)
-    err = float(np.max(np.abs(got - want)))
-    assert err <= tol, (f"{what} ({dtype}): max abs error {err:.3g} > tolerance {tol:.3g} "
-                        f"(max |reference| {scale:.3g})\n got: {got}\nwant: {want}")
+    ok, err, tol = within_tolerance(got, want, dtype)
+    scale = float(np.max(np.abs(want))) if want.size else 0.0
+    assert ok, (f"{what} ({dtype}): max abs error {err:.3g} > tolerance {tol:.3g} "
+                f"(max |reference| {scale:.3g})\n got: {got}\nwant: {want}")
 
 
 @pytest.fixture(scope="session")

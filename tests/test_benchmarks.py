@@ -5,6 +5,8 @@ is timed, and the pure-C timing harness compiles and runs. No timing is asserted
 from __future__ import annotations
 
 import json
+import os
+import time
 
 import numpy as np
 import pytest
@@ -32,6 +34,10 @@ def test_quick_run_writes_table_and_json(quick, capsys):
     assert "| graphc (pure C) |" in text and "| NumPy |" in text
     m = result["machine"]
     assert m["cpu"] and m["cores"] >= 1 and m["graphc_flags"] == " ".join(charness.flags())
+    if hasattr(os, "getloadavg"):   # 1, 5 and 15 minute averages; None where there are none
+        assert len(m["load_average"]) == 3 and all(v >= 0 for v in m["load_average"])
+    else:
+        assert m["load_average"] is None
     assert set(result["versions"]) == {"graphc", "numpy"}
 
 
@@ -86,15 +92,45 @@ def test_time_python_counts_calls():
     assert t.calls == 1 and t.repeats == 5 and len(calls) == 1 + 1 + 5
 
 
-def test_quietly_retries_while_the_machine_is_busy():
-    from benchmarks.machine import quietly
+def test_quietly_keeps_the_quietest_attempt(monkeypatch):
+    from benchmarks import machine
+    loads = []
+
+    class Load:   # others' load per attempt, as ForeignLoad would measure it
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.cores = loads.pop(0)
+            return False
+    monkeypatch.setattr(machine, "ForeignLoad", Load)
     runs = []
-    always_busy = Options(retries=2, busy=-1.0, pause=0.0)
-    result, load, attempts = quietly(lambda: runs.append(1) or len(runs), always_busy)
-    assert attempts == 3 and len(runs) == 3 and result in (1, 2, 3)
-    assert load is None or load >= 0
-    _, _, attempts = quietly(lambda: None, Options(retries=2, busy=float("inf"), pause=0.0))
+
+    def measure():
+        runs.append(1)
+        return len(runs)
+    # busy on every attempt: all 1 + retries run, and the quietest (the 2nd) is kept
+    loads[:] = [0.5, 0.2, 0.9]
+    assert machine.quietly(measure, Options(retries=2, busy=0.1, pause=0.0)) == (2, 0.2, 3)
+    # quiet enough on the 2nd attempt: no 3rd
+    runs.clear()
+    loads[:] = [0.5, 0.05, 0.9]
+    assert machine.quietly(measure, Options(retries=2, busy=0.1, pause=0.0)) == (2, 0.05, 2)
+    # no measurement of the load (not Linux): one attempt, whatever the limit
+    runs.clear()
+    loads[:] = [None]
+    assert machine.quietly(measure, Options(retries=2, busy=-1.0, pause=0.0)) == (1, None, 1)
+
+
+def test_foreign_load_is_measured_where_proc_stat_is():
+    from benchmarks.machine import quietly
+    _, load, attempts = quietly(lambda: time.sleep(0.05), Options(retries=2, busy=float("inf"),
+                                                                 pause=0.0))
     assert attempts == 1
+    if os.path.exists("/proc/stat"):
+        assert isinstance(load, float) and 0 <= load < float("inf")
+    else:
+        assert load is None
 
 
 def test_prep_runs_cold_then_warm_in_fresh_processes(tmp_path):

@@ -14,10 +14,12 @@ import pytest
 import sympy as sp
 
 import graphc
+from codegen.cnames import buffer_word
 from codegen.emit import common_subexpressions, schedule
 from codegen.harness import harness, parse_output
 from codegen.plan import EXTERNAL, plan
 from codegen.printer import GraphcPrinter, prepare
+from codegen.targets import CHECK_FLAGS, get_target
 from graphc.derive import derive
 from graphc.ir import Buffer
 from graphc.verify import sample_inputs
@@ -25,7 +27,7 @@ from graphc.verify import sample_inputs
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = sorted((ROOT / "examples").glob("*.yaml"))
 GOLDEN = Path(__file__).parent / "golden"
-STRICT = ["-std=c99", "-Wall", "-Wextra", "-Wpedantic", "-Werror"]
+STRICT = list(CHECK_FLAGS)
 CC = os.environ.get("CC", "cc")
 
 
@@ -70,8 +72,8 @@ def test_cse_and_power_expansion_keep_the_value():
     printer = GraphcPrinter("float64", {"x": ("a1", x), "c": ("a2", c)})
     temps, (value,) = common_subexpressions([expr], printer)
     assert not temps
-    assert value == ("2*a2[3*b + i0]*a1[3*b + i0]*1.0/n*exp(-(a1[3*b + i0]*a1[3*b + i0]))"
-                     "/sqrt(3.141592653589793)")
+    assert value == ("2*a2[3*b + i0]*a1[3*b + i0]*exp(-(a1[3*b + i0]*a1[3*b + i0]))"
+                     "/sqrt(3.141592653589793)/n")
 
 
 def test_printer_refuses_what_c_cannot_express():
@@ -97,6 +99,16 @@ def test_generated_text_is_portable_and_heap_free(spec, dtype):
         assert "double" not in code and not re.search(r"\b(exp|log|tanh)\(", code)
 
 
+def test_codegen_reads_only_the_ir_contract():
+    """Data flows one way: the emitter imports, of graphc, only the IR (and the functions
+    its formulas may call) and the errors it raises; never the graph, derivation or model."""
+    script = ("import sys, codegen.emit; "
+              "print(sorted(m for m in sys.modules if m.split('.')[0] == 'graphc'))")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         check=True, cwd=ROOT).stdout
+    assert out.strip() == "['graphc', 'graphc.errors', 'graphc.functions', 'graphc.ir']", out
+
+
 def test_same_spec_same_bytes_across_processes():
     """Hash randomisation must not reach the text (no set or id() order anywhere)."""
     script = ("import graphc,sys; _, cm = graphc.generate(sys.argv[1], 'float32'); "
@@ -109,13 +121,16 @@ def test_same_spec_same_bytes_across_processes():
     assert outs[0] == outs[1] == outs[2] and "mlp_gradients" in outs[0]
 
 
+@pytest.mark.parametrize("target", ["c99", "cortex-m4"])
 @pytest.mark.parametrize("spec", EXAMPLES, ids=lambda p: p.stem)
-def test_golden_files(spec):
+def test_golden_files(spec, target):
     """Any byte change in an example's C is deliberate: regenerate with
-    GRAPHC_UPDATE_GOLDEN=1 and review the diff."""
-    _, cm = graphc.generate(spec, "float32")
+    GRAPHC_UPDATE_GOLDEN=1 and review the diff. The Cortex-M4 float32 files are the C
+    that ships to a microcontroller."""
+    _, cm = graphc.generate(spec, "float32", target=target)
+    stem = spec.stem if target == "c99" else f"{spec.stem}.{target}"
     for suffix, text in ((".c", cm.source), (".h", cm.header)):
-        path = GOLDEN / f"{spec.stem}{suffix}"
+        path = GOLDEN / f"{stem}{suffix}"
         if os.environ.get("GRAPHC_UPDATE_GOLDEN") == "1":
             path.write_text(text)
         assert path.exists(), f"missing golden file {path}; run with GRAPHC_UPDATE_GOLDEN=1"
@@ -124,15 +139,112 @@ def test_golden_files(spec):
 
 # ---------------------------------------------------------------- compiling it
 
-@pytest.mark.parametrize("spec", EXAMPLES, ids=lambda p: p.stem)
+@pytest.mark.parametrize("target", ["c99", "host", "cortex-m4"])
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
-def test_strict_compile(spec, dtype, tmp_path):
-    _, cm = graphc.generate(spec, dtype)
-    (tmp_path / f"{cm.name}.c").write_text(cm.source)
-    (tmp_path / f"{cm.name}.h").write_text(cm.header)
-    r = subprocess.run([CC, *STRICT, "-O2", "-c", f"{cm.name}.c", "-o", "m.o"], cwd=tmp_path,
+def test_strict_compile(target, dtype, tmp_path):
+    """Every example under the review flags (-Wconversion -Wdouble-promotion -Wshadow
+    -Wcast-qual among them) with -Werror, the host's with OpenMP too."""
+    sources = []
+    for spec in [*EXAMPLES, ROOT / "examples/digits/spec.yaml"]:
+        _, cm = graphc.generate(spec, dtype, target=target)
+        (tmp_path / f"{cm.name}.c").write_text(cm.source)
+        (tmp_path / f"{cm.name}.h").write_text(cm.header)
+        sources.append(f"{cm.name}.c")
+    extra = ["-fopenmp"] if target == "host" else []
+    r = subprocess.run([CC, *STRICT, *extra, "-O2", "-c", *sources], cwd=tmp_path,
                        capture_output=True, text=True)
     assert r.returncode == 0 and not r.stderr, r.stderr
+
+
+@pytest.mark.parametrize("target", ["c99", "host", "cortex-m4"])
+def test_text_a_reviewer_reads(target):
+    """ASCII, lines of at most 100 characters, kernels named after what they compute and
+    their arguments after their buffers, params addressed through the header's macros."""
+    for spec in [*EXAMPLES, ROOT / "examples/digits/spec.yaml"]:
+        for dtype in ("float32", "float64"):
+            _, cm = graphc.generate(spec, dtype, target=target)
+            for name, text in ((f"{cm.name}.c", cm.source), (f"{cm.name}.h", cm.header)):
+                assert text.isascii(), name
+                long = [line for line in text.splitlines() if len(line) > 100]
+                assert not long, (name, long[0])
+            kernels = re.findall(r"^static void (\w+)\(", cm.source, re.M)
+            assert not [k for k in kernels if re.fullmatch(r"k\d+(_tiles)?", k)], kernels
+            # A function serves identical kernels over other buffers too: its parameters
+            # are named after the buffers of one of its calls.
+            uses, params = {}, {}
+            for call in (c for calls in cm.calls.values() for c in calls):
+                uses.setdefault(call.function, set()).add(
+                    tuple(buffer_word(b) for _, b, _ in call.arguments))
+                params[call.function] = tuple(p.rstrip("_") for p, _, _ in call.arguments)
+            assert all(params[f] in uses[f] for f in uses), (params, uses)
+            assert not re.search(r"\bparams \+ \d", cm.source), name
+    _, cm = graphc.generate(ROOT / "examples/mlp.yaml", "float32", target=target)
+    names = set(cm.functions)
+    assert {"h1_forward", "logits_forward", "W1_grad", "b2_grad", "h1_grad"} <= names, names
+    assert "static void adam_update(" in cm.source
+    assert "W1_grad(n, grads + MLP_PARAM_W1_OFFSET, " in cm.source
+    assert re.search(r"static void W1_grad\(size_t n, float \*restrict dW1, "
+                     r"const float \*restrict dh1,\s+const float \*restrict x\)", cm.source)
+
+
+CLASHING = {
+    # Spec names that meet C's and the emitter's own: libm (`exp`), a <math.h> macro
+    # (`NAN`), the batch size and loop index (`n`, `b`), locals (`acc`, `t0`), and a node
+    # named as the model, whose kernel `clash_forward` would be the entry point's name;
+    # `o` and `efault`, whose gradients' arguments would be the keywords `do` and `default`.
+    "name": "clash",
+    "inputs": {"n": [4], "b": [3]},
+    "params": {"exp": {"shape": [3, 4]}, "NAN": {"shape": [3], "init": "normal"}},
+    "nodes": {"acc": {"op": "dense", "inputs": ["n", "exp", "NAN"]},
+              "o": {"op": "tanh", "inputs": ["acc"]},
+              "efault": {"op": "mul", "inputs": ["o", "o"]},
+              "t0": {"op": "sub", "inputs": ["efault", "b"]},
+              "clash": {"op": "add", "inputs": ["t0", "o"]},
+              "loss": {"op": "mse", "inputs": ["clash", "b"]}},
+    "outputs": ["clash"], "loss": "loss", "optimizer": {"name": "sgd", "lr": 0.1},
+}
+
+
+@pytest.mark.skipif(shutil.which(CC) is None, reason="no C compiler")
+def test_spec_names_never_clash_in_the_c(tmp_path):
+    from codegen.build import check_strict
+    for target in ("c99", "cortex-m4"):
+        _, cm = graphc.generate(CLASHING, "float32", target=target)
+        assert check_strict(cm.name, cm.source, cm.header, CHECK_FLAGS)
+        assert "clash_forward_2" in cm.functions and "clash_forward" not in cm.functions
+        params = {p for call in cm.calls["gradients"] for p, _, _ in call.arguments}
+        assert {"n_", "exp_", "NAN_", "b_", "do_"} <= params, params
+    assert graphc.compile(CLASHING, "float64").verify().ok
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="no C++ compiler")
+def test_cpp_firmware_includes_the_header_and_links_the_c(tmp_path):
+    """C++ sees C linkage: a C++ main calls the entry points of the C object file."""
+    _, cm = graphc.generate(ROOT / "examples/mlp.yaml", "float32")
+    (tmp_path / "mlp.c").write_text(cm.source)
+    (tmp_path / "mlp.h").write_text(cm.header)
+    (tmp_path / "main.cpp").write_text("\n".join([
+        '#include <cstdio>', '#include <vector>', '#include "mlp.h"', "int main()", "{",
+        "    std::vector<float> params(MLP_PARAMS_SIZE, 0.01f), work(MLP_WORK_SIZE(2));",
+        "    std::vector<float> x(2 * MLP_INPUT_x_SIZE, 1.0f), y(2 * MLP_INPUT_y_SIZE, 0.1f);",
+        "    std::vector<float> grads(MLP_PARAMS_SIZE), logits(2 * MLP_OUTPUT_logits_SIZE);",
+        "    mlp_forward(params.data(), work.data(), 2, x.data(), logits.data());",
+        "    float loss = mlp_gradients(params.data(), grads.data(), work.data(), 2, x.data(),",
+        "                               y.data());",
+        '    std::printf("%.6f %.6f\\n", (double)logits[0], (double)loss);', "    return 0;",
+        "}", ""]))
+    subprocess.run([CC, *STRICT, "-O1", "-c", "mlp.c", "-o", "mlp.o"], cwd=tmp_path, check=True)
+    build = subprocess.run(["g++", "-std=c++11", "-Wall", "-Wextra", "-Werror", "main.cpp",
+                            "mlp.o", "-o", "prog", "-lm"], cwd=tmp_path, capture_output=True,
+                           text=True)
+    assert build.returncode == 0, build.stderr
+    run = subprocess.run(["./prog"], cwd=tmp_path, capture_output=True, text=True, check=True)
+    model = graphc.compile(ROOT / "examples/mlp.yaml", "float32")
+    model.set_params({p: np.full(v.shape, 0.01) for p, v in model.graph.params.items()})
+    x, y = np.ones((2, 64)), np.full((2, 10), 0.1)
+    logit, loss = (float(v) for v in run.stdout.split())
+    assert logit == pytest.approx(float(model.forward(x=x)["logits"][0, 0]), rel=1e-5)
+    assert loss == pytest.approx(model.gradients(x=x, y=y)[0], rel=1e-5)
 
 
 @pytest.mark.skipif(shutil.which(CC) is None, reason="no C compiler")
@@ -191,6 +303,76 @@ def test_memory_plan_never_overlaps_live_buffers(spec):
         assert mem.fixed <= mem.fixed_no_reuse and mem.per_example <= mem.per_example_no_reuse
         internal = {b for b, buf in prog.buffers.items() if buf.role not in EXTERNAL}
         assert internal == set(mem.places)
+
+
+@pytest.mark.parametrize("target", ["c99", "host", "cortex-m4"])
+@pytest.mark.parametrize("spec", EXAMPLES, ids=lambda p: p.stem)
+def test_every_arena_offset_keeps_the_targets_alignment(spec, target):
+    """Planned offsets, and the work pointers the entry bodies pass (train_step hands the
+    gradients entry the arena behind the gradients), are multiples of the target's
+    alignment, so a 64-byte aligned work array gives 64-byte aligned buffers."""
+    _, cm = graphc.generate(spec, "float32", target=target)
+    align = get_target(target).align
+    for kind, entry in cm.entries.items():
+        mem = entry.memory
+        offsets = [entry.work_before, mem.fixed, mem.per_example]
+        offsets += [p.offset for p in mem.places.values()]
+        assert all(o % align == 0 for o in offsets), (kind, offsets)
+    first = re.search(rf"^\w+ {cm.entries['forward'].c_name}\(", cm.source, re.M)
+    entries = cm.source[first.start():]
+    printed = [int(k) for k in re.findall(r"\bwork \+ (\d+)|(\d+) \* n\b", entries)
+               for k in k if k]
+    assert printed and all(k % align == 0 for k in printed), printed
+
+
+@pytest.mark.parametrize("spec", EXAMPLES, ids=lambda p: p.stem)
+def test_each_kernel_runs_once_per_entry_point(spec):
+    """No entry point repeats a computation: gelu's softmax output and its cross-entropy
+    loss read one max and one sum of exponentials of the logits."""
+    _, cm = graphc.generate(spec, "float32")
+    for kind, entry in cm.entries.items():
+        if kind in ("train_step", "predict"):
+            continue   # they call other entry points
+        body = re.search(rf"^\w+ {entry.c_name}\(.*?^}}", cm.source, re.M | re.S).group(0)
+        body = re.sub(r",\n\s+", ", ", body)   # calls broken over lines, joined
+        calls = re.findall(r"^    (\w+\(.*\));$", body, re.M)
+        assert len(calls) == len(entry.program.kernels), (kind, calls)
+        assert len(set(calls)) == len(calls), (kind, calls)
+    if cm.name == "gelu_net":
+        kernels = cm.entries["evaluate"].program.kernels
+        assert sum(k.mode == "max" for k in kernels) == 1, [k.out for k in kernels]
+
+
+@pytest.mark.parametrize("target", ["c99", "host", "cortex-m4"])
+def test_no_loop_runs_once_or_never(target):
+    """A loop with a constant trip count of 0 or 1 is printed as its body (one tile, one
+    chunk of lanes, a last term), and a 10-class sum keeps plain loops."""
+    loop = re.compile(r"for \(size_t (\w+) = (\d+); \1 < (\d+); (?:\+\+\1|\1 \+= (\d+))\)")
+    for spec in [*EXAMPLES, ROOT / "examples/digits/spec.yaml"]:
+        _, cm = graphc.generate(spec, "float32", target=target)
+        for m in loop.finditer(cm.source):
+            start, stop, step = int(m[2]), int(m[3]), int(m[4] or 1)
+            assert stop - start > step, f"{spec.stem}/{target}: {m[0]}"
+    _, cm = graphc.generate(ROOT / "examples/mlp.yaml", "float32", target=target)
+    sumexp_grad = re.search(r"^/\* loss: dloss/dloss.sumexp.*?^}", cm.source, re.M | re.S)[0]
+    assert "[l]" not in sumexp_grad, sumexp_grad
+
+
+@pytest.mark.parametrize("spec", EXAMPLES, ids=lambda p: p.stem)
+def test_fusion_records_which_derived_kernels_each_kernel_computes(spec):
+    """`origins` partitions the derived program: explain finds every derived kernel's C
+    function through it and the module's call map, without re-running fusion or reading C."""
+    graph = graphc.load(spec)
+    d = derive(graph)
+    cm = graphc.generate(graph, "float32")[1]
+    for kind, derived in (("forward", d.forward), ("evaluate", d.evaluation),
+                          ("gradients", d.gradients)):
+        fused = cm.entries[kind].program
+        merged = sorted(i for origin in fused.origins for i in origin)
+        assert merged == list(range(len(derived.kernels))), kind
+        for kern, origin in zip(fused.kernels, fused.origins):
+            assert kern.out in {derived.kernels[i].out for i in origin}, (kind, kern.out)
+        assert [c.index for c in cm.calls[kind]] == list(range(len(fused.kernels)))
 
 
 def test_reuse_saves_memory_on_a_deep_chain():

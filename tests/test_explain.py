@@ -159,14 +159,14 @@ def test_dense_weight_gradient_is_delta_transpose_times_x():
 
 
 def test_the_records_are_derives_own_and_the_c_is_the_emitters():
-    from codegen.emit import emit
     from codegen.targets import get_target
     from graphc.derive import derive
+    from graphc.pipeline import to_c
     g = graphc.load(MLP)
     e = explain(g, expand=False)
     assert [s.local for s in e.steps] == derive(g).local
     plain = dataclasses.replace(get_target("c99"), vector_bytes=0)   # explain's C: plain loops
-    source = emit(g, derive(g), "float32", target=plain).source
+    source = to_c(g, "float32", plain).source
     for s in e.steps:
         fn = e.code[s.index]
         assert fn.text in source and f"{fn.name}(" in fn.call
@@ -205,6 +205,147 @@ def test_worked_example_at_given_arrays():
     assert np.allclose(e.worked.env["W.grad"], grads["W"], rtol=1e-12, atol=1e-14)
     with pytest.raises(graphc.InputError, match="'z' is neither an input nor a param"):
         explain(g, at={"z": 1.0}, expand=False)
+
+
+# A worked line's right-hand side, read back as Python: δv[i, j] and v[i, j] are their values.
+_READ = re.compile(r"(δ?)([A-Za-z_][\w.]*)\[([\d, ]+)\]")
+_POWERS = {c: f"**{k}" for k, c in enumerate("⁰¹²³⁴⁵⁶⁷⁸⁹")}
+
+
+def _read_back(rhs: str, worked) -> float:
+    def value(m):
+        name = m.group(2) + (".grad" if m.group(1) else "")
+        return f"({float(worked.env[name][tuple(int(i) for i in m.group(3).split(','))])!r})"
+    code = _READ.sub(value, rhs).replace("·", "*").translate(str.maketrans(_POWERS))
+    return eval(code, {"__builtins__": {}, "n": worked.n, "exp": np.exp, "log": np.log,
+                       "tanh": np.tanh})
+
+
+def _worked_lines(text: str):
+    """(right-hand side, printed result) of every worked term line: the line `lhs = terms`,
+    then `= numbers`, then `= result`."""
+    lines = text.splitlines()
+    for sym, nums, res in zip(lines, lines[1:], lines[2:]):
+        m = re.fullmatch(r"\s+\S.*? \+?= (.+)", sym)
+        if m and nums.lstrip().startswith("= ") and re.fullmatch(r"\s+= (-?[\d.]+(e[+-]\d+)?)", res):
+            yield m.group(1), float(res.split("= ")[1])
+
+
+def test_worked_terms_keep_their_parentheses_and_mean_what_is_computed():
+    # mse's δa = (a - y)/n, worked as 1/n times a - y, printed as 1/n·a[0, 0] - y[0, 0].
+    e = explain(net("tanh", "mse", width=2), at="random", expand=False)
+    t = e.text()
+    assert "δa[0, 0] = (1/n)·(a[0, 0] - y[0, 0])" in t
+    assert r"\frac{1}{n} \cdot \left(a[0, 0] - y[0, 0]\right)" in e.latex()
+    read = 0
+    for rhs, result in _worked_lines(t):
+        if not any(c in rhs for c in "∂…{Σ"):   # partials by name, omitted terms, cases
+            assert _read_back(rhs, e.worked) == pytest.approx(result, rel=1e-5, abs=1e-12), rhs
+            read += 1
+    assert read >= 4
+
+
+def test_a_sum_is_bracketed_where_it_would_reach_too_far():
+    from graphc.explain.notation import show
+    j = sp.Symbol("j", integer=True, nonnegative=True)
+    total = sp.Sum(at("a", b, j) * at("h", b, j), (j, 0, 3))
+    # Σ_{j} reaches to the end: (Σ_{j} a·h) + 1 is not Σ_{j} (a·h + 1), (Σ)² is not Σ of squares.
+    assert show(total + 1).text == "(Σ_{j} a[b, j]·h[b, j]) + 1"
+    assert show(total + 1).latex == r"\left(\sum_{j} a[b, j] \cdot h[b, j]\right) + 1"
+    assert show(total ** 2).text == "(Σ_{j} a[b, j]·h[b, j])²"
+    assert show(at("y", b, i0) - total).text == "y[b, i0] - Σ_{j} a[b, j]·h[b, j]"   # last: as it was
+
+
+def test_random_inputs_are_drawn_apart_from_the_params(mlp_w1):
+    # From one seeded stream, x was a multiple of W1's first elements: every W1[i]/x[i] was
+    # he_normal's scale, and the element followed was an artefact of the draw.
+    w = mlp_w1.worked
+    for name, x in w.inputs.items():
+        for p, value in w.params.items():
+            x_, v = x.reshape(-1), value.reshape(-1)
+            k = min(x_.size, v.size)
+            if np.ptp(v[:k]) == 0:   # zeros-initialized
+                continue
+            assert abs(np.corrcoef(x_[:k], v[:k])[0, 1]) < 0.5, (name, p)
+    ratios = w.params["W1"][0] / w.inputs["x"][0]
+    assert np.ptp(ratios) > 0.1 * np.max(np.abs(ratios))
+
+
+_NUMBER = r"\(?-?[\d.]+(?:e[+-]\d+)?\)?"
+_SUM = rf"{_NUMBER}(?: (?:×|\+) {_NUMBER})*"
+
+
+def _printed_sums(text: str):
+    """(terms, result) of every worked `a × b + c = r` on the page: a numbers line and the
+    result on the next, or `lhs = a + b = r` on one (a δ its kernels added up)."""
+    lines = [l.strip() for l in text.splitlines()]
+    for line, after in zip(lines, lines[1:] + [""]):
+        one = re.fullmatch(rf".* = ({_SUM}) = (-?[\d.]+(?:e[+-]\d+)?)(?:    \[.*\])?", line)
+        if one:
+            yield one.group(1), one.group(2)
+        elif re.fullmatch(rf"= {_SUM}", line) and re.fullmatch(r"= -?[\d.]+(?:e[+-]\d+)?", after):
+            yield line[2:], after[2:]
+
+
+def _adds_up(terms: str, result: str) -> bool:
+    """Do the printed numbers, multiplied and added exactly, give the printed result to its
+    last digit?"""
+    from decimal import Decimal
+    from fractions import Fraction
+    exact = sum(np.prod([Fraction(f.strip("()")) for f in term.split(" × ")], dtype=object)
+                for term in terms.split(" + "))
+    return abs(exact - Fraction(result)) <= Fraction(10) ** Decimal(result).as_tuple().exponent / 2
+
+
+def test_worked_arithmetic_adds_up_as_printed(mlp_w1):
+    from graphc.explain.numbers import sum_of_products
+    # From the issue: 0.203694 × 1 = 0.203695, the 1 being 1.000003.
+    assert not _adds_up("0.203694 × 1", "0.203695")
+    shown, total = sum_of_products([(0.2036944, 1.0000031)], 0.2036944 * 1.0000031)
+    assert _adds_up(" + ".join(" × ".join(t) for t in shown), total), (shown, total)
+    # Cancellation needs more digits; past a float's 17 what is left is the float sum's own
+    # rounding (0.1 + 0.2 - 0.3 is 5.55e-17), and the total is the printed arithmetic.
+    shown, total = sum_of_products([(0.1 + 1e-12,), (-0.1,)], (0.1 + 1e-12) - 0.1)
+    assert _adds_up(" + ".join(t for (t,) in shown), total), (shown, total)
+    shown, total = sum_of_products([(0.1,), (0.2,), (-0.3,)], 0.1 + 0.2 - 0.3)
+    assert _adds_up(" + ".join(t for (t,) in shown), total), (shown, total)
+    pages = [mlp_w1.text()] + [explain(net(act, "mse", width=2), at="random", expand=False, seed=s).text()
+                               for act, s in (("tanh", 0), ("sigmoid", 1), ("relu", 2))]
+    checked = 0
+    for page in pages:
+        for terms, result in _printed_sums(page):
+            assert _adds_up(terms, result), f"{terms} = {result}"
+            checked += 1
+    assert checked >= 12
+
+
+def test_wrt_follows_the_element_asked_for():
+    g = net("tanh", "mse", width=2)
+    largest = explain(g, wrt="W", at="random", expand=False).worked.traces["W"][0].element
+    target = (0, 0) if largest != (0, 0) else (1, 3)
+    e = explain(g, wrt=f"W[{target[0]},{target[1]}]", expand=False)   # at: random, to follow it
+    lines = e.worked.traces["W"]
+    assert e.wrt == ["W"] and e.elements == {"W": target}
+    assert [(l.buffer, l.element) for l in lines][:1] == [("W.grad", target)]
+    assert [l.buffer for l in lines] == ["W.grad", "h.grad", "a.grad"]   # the whole chain
+    assert lines[0].value == pytest.approx(e.worked.grads_c["W"][target], abs=1e-14)
+    assert sum(t.value for _, t in lines[0].terms) == pytest.approx(lines[0].value, abs=1e-14)
+    text = " ".join(e.text().split())
+    assert f"The element followed above: ∂L/∂W[{target[0]}, {target[1]}] (the one asked for)" in text
+    assert explain(g, wrt=["W[1, 0]", "c"], expand=False).worked.traces["W"][0].element == (1, 0)
+    with pytest.raises(graphc.GraphcError, match="at=None"):   # no worked example to follow it in
+        explain(g, wrt="W[0, 0]", at=None, expand=False)
+
+
+@pytest.mark.parametrize("wrt, message", [
+    ("W[2, 0]", "'W[2, 0]' is out of range: W has shape [2, 4], so its elements run from W[0, 0] to W[1, 3]"),
+    ("W[0]", "'W[0]' gives 1 index, but W has shape [2, 4], so an element takes 2"),
+    ("W[0, i]", "'W[0, i]': an element's indices are integers (W has shape [2, 4])"),
+    ("W[0, 0", "expected a param name, or one element of it such as W1[0, 0], got 'W[0, 0'"),
+    ("V[0, 0]", "unknown param 'V' (this model's params: W, c)")])
+def test_wrt_element_errors_name_the_param_and_its_shape(wrt, message):
+    with pytest.raises(graphc.GraphcError, match=re.escape(message)):
+        explain(net("tanh", "mse", width=2), wrt=wrt, expand=False)
 
 
 def test_fully_expanded_loss_equals_the_chain_rule():
@@ -339,10 +480,15 @@ def mlp_w1():
     return explain(MLP, wrt="W1", at="random")
 
 
+def w1_grad_function(e) -> str:
+    """`static void <name>(`: the C function that computes ∂L/∂W1 (the emitter names it)."""
+    return f"static void {e.code[step(e, 'h1', 'W1').index].name}("
+
+
 def test_text_has_the_whole_story(mlp_w1):
     t = mlp_w1.text()
     for piece in ["L ← loss ← logits ← a1 ← h1 ← W1", "∂h1[b, i0]/∂W1[i0, i1] = x[b, i1]",
-                  "∂L/∂W1 = δh1ᵀ·x", "(p[b, i0] - y[b, i0])/n", "static void k14(", "Worked example",
+                  "∂L/∂W1 = δh1ᵀ·x", "(p[b, i0] - y[b, i0])/n", w1_grad_function(mlp_w1), "Worked example",
                   "vs model.gradients (C)"]:
         assert piece in t, piece
     assert "MISMATCH" not in t and str(mlp_w1) == t
@@ -358,11 +504,17 @@ def test_markdown_latex_and_html(mlp_w1):
     assert verbatim.isascii()   # pdflatex's verbatim takes ASCII only
     page = mlp_w1.html()
     assert page.startswith("<!DOCTYPE html>") and page.count("<math") > 50
-    assert "<mfrac>" in page and "static void k14(" in page and "<svg" in page or shutil.which("dot") is None
+    assert "<mfrac>" in page and w1_grad_function(mlp_w1) in page
     # Offline: nothing is loaded from anywhere.
     assert not re.search(r"""(src|href)\s*=\s*["']?(https?:)?//""", page) and "<script" not in page
     assert mlp_w1._repr_html_().startswith('<div class="graphc-explain">')
     assert mlp_w1._repr_markdown_() == md and mlp_w1._repr_latex_().startswith("$$")
+    # The pictures are inline SVG when Graphviz draws them, their DOT text when it is absent.
+    if shutil.which("dot") is None:
+        assert "<svg" not in page and "digraph" in page
+        pytest.skip("Graphviz's dot is not installed (apt-get install graphviz): the page's "
+                    "pictures are not tested")
+    assert page.count("<svg") == 2
 
 
 def _parse_dot(text):
@@ -409,6 +561,19 @@ def test_cli_explain_writes_a_file_atomically(tmp_path, capsys):
     assert os.listdir(target.parent) == ["derivation.html"]   # no temporary left behind
 
 
+def test_cli_explain_follows_one_element(capsys):
+    assert main(["explain", str(MLP), "--wrt", "W2[3,7]", "--seed", "1"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "The element followed above: ∂L/∂W2[3, 7] (the one asked for)" in out
+    assert "∂L/∂W2[3, 7] = δlogits[0, 3]·a1[0, 7] + δlogits[1, 3]·a1[1, 7]" in out
+    for wrt, shown in [("W2[10,0]", "W2 has shape [10, 32]"), ("W2[0]", "W2 has shape [10, 32]")]:
+        assert main(["explain", str(MLP), "--wrt", wrt]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and shown in err and "mlp.yaml" in err and "Traceback" not in err
+    assert main(["explain", str(MLP), "--wrt", "W2[0,0]", "--at", "none"]) == 2
+    assert "--at none" in capsys.readouterr().err
+
+
 def test_cli_explain_bad_wrt_exits_2_naming_the_param(capsys):
     assert main(["explain", str(MLP), "--wrt", "W9"]) == 2
     err = capsys.readouterr().err
@@ -417,7 +582,7 @@ def test_cli_explain_bad_wrt_exits_2_naming_the_param(capsys):
 
 # ---------------------------------------------------------------- the page in a browser
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
 
 # Added to a copy of the page only: measures the laid-out formulas into the DOM.
 PROBE = """<script>
@@ -455,7 +620,7 @@ def test_html_page_renders_offline_in_chromium(mlp_w1, tmp_path):
     # plain inline text its numerator and denominator would sit side by side).
     assert m["math"] > 50 and m["visible"] == m["math"]
     assert m["stacked"] and m["frac"] > 1.6 * m["numerator"], m
-    for piece in ["static void k14(", "δh1", "vs model.gradients (C)", "ok", "Worked example"]:
+    for piece in [w1_grad_function(mlp_w1), "δh1", "vs model.gradients (C)", "ok", "Worked example"]:
         assert piece in dom, piece
     assert "MISMATCH" not in dom
     trace = mlp_w1.worked.traces["W1"][0]
@@ -463,3 +628,68 @@ def test_html_page_renders_offline_in_chromium(mlp_w1, tmp_path):
     shot = tmp_path / "page.png"
     done = _chromium(f"--screenshot={shot}", "--window-size=1400,2400", page.as_uri())
     assert shot.exists() and shot.stat().st_size > 20_000, done.stderr[-2000:]
+
+
+# Added to a copy of the page only: what does not fit the 1280 px window. An element that
+# scrolls sideways (a formula or C listing behind a scroll bar), one that reaches past the
+# page, or one that reaches out of its column of a formula-beside-C row; each reported once,
+# by the outermost element that does not fit.
+OVERFLOW_PROBE = """<script>
+window.addEventListener('load', () => {
+  const width = document.documentElement.clientWidth, found = [], seen = [];
+  for (const el of document.querySelectorAll('body *')) {
+    if (el.closest('svg') && el.tagName.toLowerCase() !== 'svg') continue;
+    if (seen.some(s => s.contains(el))) continue;
+    const r = el.getBoundingClientRect(), col = el.parentElement.closest('.row > div');
+    let why = null;
+    if (getComputedStyle(el).overflowX !== 'visible' && el.scrollWidth > el.clientWidth + 1) why = 'scrolls';
+    else if (r.right > width + 1) why = 'reaches past the page';
+    else if (col && r.right > col.getBoundingClientRect().right + 1) why = 'reaches out of its column';
+    if (why) {
+      seen.push(el);
+      found.push(why + ': <' + el.tagName.toLowerCase() + ' class="' + el.className + '"> ' +
+                 Math.round(r.width) + ' px: ' + (el.textContent || '').slice(0, 80));
+    }
+  }
+  document.body.setAttribute('data-overflow', JSON.stringify({width: width,
+    page: document.documentElement.scrollWidth, measured: document.querySelectorAll('body *').length,
+    found: found}));
+});
+</script>"""
+
+
+# The mlp's page, and a tiny net's, whose expanded view writes out long formulas.
+TINY = """\
+name: tiny
+inputs: {x: [3], y: [2]}
+params: {W1: {shape: [4, 3]}, b1: {shape: [4]}, W2: {shape: [2, 4]}, b2: {shape: [2]}}
+nodes:
+  h: {op: dense, inputs: [x, W1, b1]}
+  a: {op: tanh, inputs: [h]}
+  out: {op: dense, inputs: [a, W2, b2]}
+  loss: {op: mse, inputs: [out, y]}
+outputs: [out]
+loss: loss
+"""
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="no chromium, chromium-browser or google-chrome "
+                    "(apt-get install chromium): the page is not rendered")
+@pytest.mark.parametrize("page", ["mlp W1", "tiny, expanded"])
+def test_html_page_fits_1280_px_without_scrolling(mlp_w1, tmp_path, page):
+    import json
+    import html as _html
+    if page == "mlp W1":
+        e = mlp_w1
+    else:
+        (tmp_path / "tiny.yaml").write_text(TINY)
+        e = explain(tmp_path / "tiny.yaml", wrt="W1", at="random")
+        assert e.expanded["W1"].loss is not None
+    probe = tmp_path / "probe.html"
+    probe.write_text(e.html().replace("</body>", OVERFLOW_PROBE + "</body>"), encoding="utf-8")
+    done = _chromium("--window-size=1280,2000", "--virtual-time-budget=5000", "--dump-dom", probe.as_uri())
+    found = re.search(r'data-overflow="([^"]*)"', done.stdout)
+    assert found, done.stderr[-2000:]
+    m = json.loads(_html.unescape(found.group(1)))
+    assert m["width"] == 1280 and m["measured"] > 500, m
+    assert m["found"] == [] and m["page"] == m["width"], "\n".join(m["found"])

@@ -8,7 +8,8 @@ c_out; the loss is their sum. Kinks are avoided by construction: relu and leaky_
 ever see values bounded away from 0.
 
 Properties:
-(a) the C gradients (float64) equal the reference's within 1e-9, relative;
+(a) the C gradients (float64) equal the reference's within 1e-9, relative (three graphs side
+    by side per model, to share a build);
 (b) the reference's gradients pass graphc.verify.finite_difference_check;
 (c) generating the C twice gives byte-identical text, also in another process with another
     hash seed.
@@ -34,7 +35,7 @@ from graphc.verify import finite_difference_check
 from conftest import compile_strict
 
 ROOT = Path(__file__).resolve().parents[1]
-PROPERTY_SETTINGS = settings(max_examples=25, deadline=None, derandomize=True,
+PROPERTY_SETTINGS = settings(max_examples=8, deadline=None, derandomize=True,
                              suppress_health_check=[HealthCheck.too_slow])
 FD_RTOL = 1e-6
 
@@ -77,25 +78,26 @@ def _broadcast(a, b):
         return None
 
 
-def random_spec(choose, name="prop") -> dict:
-    """A spec of a random DAG; see the module docstring."""
+def random_spec(choose, name="prop", prefix: str = "") -> dict:
+    """A spec of a random DAG; see the module docstring. Every name starts with `prefix`."""
     shapes: dict[str, tuple] = {}
     positive: set[str] = set()      # values known to be > 0 (away from relu's kink)
     from_tanh: set[str] = set()     # values in (-1, 1): exp of them stays bounded
     nodes: dict[str, dict] = {}
     params: dict[str, list] = {}
+    x, loss = f"{prefix}x", f"{prefix}loss"
     x_shape = tuple(choose.integer(1, 3) for _ in range(choose.integer(1, 2)))
-    shapes["x"] = x_shape
+    shapes[x] = x_shape
     counter = iter(range(1000))
 
     def node(op, inputs, shape, **attrs):
-        n = f"n{next(counter)}"
+        n = f"{prefix}n{next(counter)}"
         nodes[n] = {"op": op, "inputs": list(inputs), **attrs}
         shapes[n] = tuple(shape)
         return n
 
     def param(shape):
-        p = f"P{len(params)}"
+        p = f"{prefix}P{len(params)}"
         params[p] = list(shape)
         shapes[p] = tuple(shape)
         return p
@@ -116,7 +118,7 @@ def random_spec(choose, name="prop") -> dict:
         shift = choose.choice(["+", "-"])
         return node("elementwise", [v], shapes[v], expr=f"tanh({v}) {shift} 1.5")
 
-    values = ["x"]
+    values = [x]
     for _ in range(choose.integer(2, 6)):
         v = values[-1] if choose.integer(0, 1) else choose.choice(values)  # chains, and forks
         s = shapes[v]
@@ -178,7 +180,7 @@ def random_spec(choose, name="prop") -> dict:
     # the loss, so every node counts.
     used = {i for n in nodes.values() for i in n["inputs"]}
     leaves = [v for v in values[1:] if v not in used]
-    inputs = {"x": list(x_shape)}
+    inputs = {x: list(x_shape)}
     terms = []
     for v in leaves:
         inputs[f"c_{v}"] = list(shapes[v])
@@ -186,17 +188,46 @@ def random_spec(choose, name="prop") -> dict:
         nodes[f"term_{v}"] = {"op": "sum", "inputs": [f"proj_{v}"]}
         terms.append(f"term_{v}")
     if len(terms) == 1:
-        nodes["loss"] = nodes.pop(terms[0])
+        nodes[loss] = nodes.pop(terms[0])
     else:
-        nodes["loss"] = {"op": "elementwise", "inputs": terms, "expr": " + ".join(terms)}
+        nodes[loss] = {"op": "elementwise", "inputs": terms, "expr": " + ".join(terms)}
     return {"name": name, "inputs": inputs,
             "params": {p: {"shape": s} for p, s in params.items()},
-            "nodes": nodes, "outputs": [f"proj_{v}" for v in leaves], "loss": "loss"}
+            "nodes": nodes, "outputs": [f"proj_{v}" for v in leaves], "loss": loss}
 
 
 @st.composite
 def graph_cases(draw):
     spec = random_spec(HypothesisChooser(draw))
+    seed = draw(st.integers(0, 2**32 - 1))
+    batch = draw(st.sampled_from([1, 3]))
+    return spec, seed, batch
+
+
+GRAPHS_PER_MODEL = 3
+
+
+def side_by_side(specs: list[dict], name: str = "prop") -> dict:
+    """Graphs of distinct names (random_spec's prefix) in one model: no value or param is
+    shared, so each param's gradient of the summed loss is its own graph's. Each graph's
+    loss is an output too, compared on its own."""
+    merged = {"name": name, "inputs": {}, "params": {}, "nodes": {}, "outputs": []}
+    for spec in specs:
+        for section in ("inputs", "params", "nodes"):
+            merged[section].update(spec[section])
+        merged["outputs"] += spec["outputs"] + [spec["loss"]]
+    losses = [spec["loss"] for spec in specs]
+    merged["nodes"]["loss"] = {"op": "elementwise", "inputs": losses, "expr": " + ".join(losses)}
+    merged["loss"] = "loss"
+    return merged
+
+
+@st.composite
+def model_cases(draw):
+    """GRAPHS_PER_MODEL random graphs side by side: one C build checks all of them (a build
+    costs about a second, mostly fixed)."""
+    chooser = HypothesisChooser(draw)
+    spec = side_by_side([random_spec(chooser, prefix=f"g{k}_") for k in range(GRAPHS_PER_MODEL)])
     seed = draw(st.integers(0, 2**32 - 1))
     batch = draw(st.sampled_from([1, 3]))
     return spec, seed, batch
@@ -222,10 +253,15 @@ def test_random_specs_are_valid():
         ops |= {v.op for v in g.nodes.values()}
     assert ops >= {"relu", "leaky_relu", "sigmoid", "tanh", "exp", "elementwise", "add", "sub",
                    "mul", "dense", "sum", "mean"}
+    # Side by side, each keeps its params, and its loss as an output.
+    specs = [random_spec(RandomChooser(seed), prefix=f"g{seed}_") for seed in range(3)]
+    g = graphc.Graph.from_spec(side_by_side(specs))
+    assert list(g.params) == [p for s in specs for p in s["params"]]
+    assert {"g0_loss", "g1_loss", "g2_loss"} <= set(g.outputs) and g.values["loss"].shape == ()
 
 
-@PROPERTY_SETTINGS
-@given(case=graph_cases())
+@PROPERTY_SETTINGS   # 8 models of GRAPHS_PER_MODEL graphs
+@given(case=model_cases())
 def test_c_gradients_equal_the_reference(case, assert_close):
     spec, seed, batch = case
     model = compile_strict(spec, "float64")   # warning-free under -Werror
@@ -256,7 +292,7 @@ def test_reference_gradients_match_finite_differences(case):
         assert r["rel_err"] < FD_RTOL or r["abs_err"] < 1e-9 * (1 + abs(loss)), (p, r)
 
 
-@settings(max_examples=15, deadline=None, derandomize=True)
+@settings(max_examples=10, deadline=None, derandomize=True)
 @given(case=graph_cases())
 def test_generated_c_is_deterministic(case):
     spec = case[0]
@@ -279,16 +315,14 @@ json.dump(out, sys.stdout)
 
 
 def test_generated_c_does_not_depend_on_the_hash_seed():
-    """Same text in processes with different PYTHONHASHSEED (set and dict orders of str)."""
+    """Same text in another process with another PYTHONHASHSEED (set and dict orders of
+    str): one child whose seed differs from this process's is enough."""
     specs = [random_spec(RandomChooser(seed)) for seed in range(6)]
-    texts = []
-    for hash_seed in ("1", "12345"):
-        env = {**os.environ, "PYTHONHASHSEED": hash_seed}
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-        run = subprocess.run([sys.executable, "-c", GENERATE_SCRIPT], input=json.dumps(specs),
-                             capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
-        assert run.returncode == 0, run.stderr
-        texts.append(json.loads(run.stdout))
-    assert texts[0] == texts[1]
+    hash_seed = "1" if os.environ.get("PYTHONHASHSEED") == "12345" else "12345"
+    env = {**os.environ, "PYTHONHASHSEED": hash_seed}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    run = subprocess.run([sys.executable, "-c", GENERATE_SCRIPT], input=json.dumps(specs),
+                         capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+    assert run.returncode == 0, run.stderr
     here = [[c.source, c.header] for c in (graphc.generate(s, "float64")[1] for s in specs)]
-    assert here == texts[0]
+    assert here == json.loads(run.stdout)

@@ -12,12 +12,14 @@ import json
 import time
 
 import pytest
+import sympy as sp
 import yaml
 
 import graphc
 from graphc.builder import Builder
 from graphc.errors import SpecError
 from graphc.formula import MAX_FORMULA_LENGTH
+from graphc.functions import relu, sigmoid, softplus
 from graphc.graph import Graph
 from graphc.names import C_KEYWORDS, MAX_NAME_LENGTH
 from graphc.ops import OPS
@@ -122,7 +124,9 @@ def test_design_mlp_yaml(tmp_path):
     assert g.optimizer == {"name": "adam", "lr": 0.001, "betas": [0.9, 0.999], "eps": 1e-8,
                            "weight_decay": 0.0}
     expr, symbols = g.nodes["a1"].attrs["expr"]
-    assert [str(s) for s in symbols] == ["h1"] and expr.has(symbols[0])
+    h1 = sp.Symbol("h1", real=True)
+    assert symbols == (h1,)
+    assert expr == h1 * sp.tanh(softplus(h1))   # log(1 + exp(h1)) folded to softplus
     assert graphc.load is load and graphc.SpecError is SpecError
 
 
@@ -245,6 +249,11 @@ def test_shape_inference(op, operands, attrs, shape):
     assert out.shape == shape
     assert out.batched
     assert g.to_spec()["nodes"]["out"] == {"op": op, "inputs": list(out.inputs), **attrs}
+    if op == "elementwise":
+        a0, a1 = sp.symbols("a0 a1", real=True)
+        want = {"a0 * sigmoid(a1) + 1": a0 * sigmoid(a1) + 1,
+                "max(a0, 0) ** 2 + pi": sp.Max(a0, 0) ** 2 + sp.pi}[attrs["expr"]]
+        assert out.attrs["expr"][0] == want
 
 
 def test_shape_cases_cover_every_op():
@@ -619,7 +628,7 @@ def test_name_too_long():
     spec["inputs"][long] = [3]
     spec_error(spec, node=long, field="inputs", contains="longer than 63")
     spec["inputs"] = {"x": [4], "y": [3], "a" * MAX_NAME_LENGTH: [3]}
-    Graph.from_spec(spec)
+    assert Graph.from_spec(spec).inputs["a" * MAX_NAME_LENGTH].shape == (3,)
 
 
 @pytest.mark.parametrize("name", ["a*/b", "m */ int x; /*", "m\nint x;", "m\n", "mlp-1", "int",
@@ -953,11 +962,34 @@ def formula_spec(expr) -> dict:
     return with_node(small(), "a", {"op": "elementwise", "inputs": ["h", "x"][:1], "expr": expr})
 
 
-def test_valid_formulas():
-    for expr in ["h * sigmoid(h)", "max(h, 0.01 * h)", "-h ** 2 / 2 + e - pi", "pow(h, 3)",
-                 "(h\n + 1)", "abs(h) + relu(h) + softplus(h) + erf(h) + sqrt(1 + h * h)",
-                 "2 ** 1023 * h", "h * 1e-300"]:
-        Graph.from_spec(formula_spec(expr))
+def parsed(spec: dict, node: str = "a"):
+    """The node's formula as the graph stores it: (SymPy expression, its input symbols)."""
+    return Graph.from_spec(spec).nodes[node].attrs["expr"]
+
+
+H = sp.Symbol("h", real=True)   # an input's symbol, as the graph makes it
+
+# formula -> the SymPy expression it parses to. Decimal constants keep every bit of the
+# double (17 digits); integer powers stay exact.
+VALID_FORMULAS = {
+    "h * sigmoid(h)": H * sigmoid(H),
+    "max(h, 0.01 * h)": sp.Max(H, sp.Float("0.01", 17) * H),
+    "-h ** 2 / 2 + e - pi": -H ** 2 / 2 + sp.E - sp.pi,
+    "pow(h, 3)": H ** 3,
+    "(h\n + 1)": H + 1,
+    "abs(h) + relu(h) + softplus(h) + erf(h) + sqrt(1 + h * h)":
+        sp.Abs(H) + relu(H) + softplus(H) + sp.erf(H) + sp.sqrt(1 + H ** 2),
+    "log(1 + exp(h))": softplus(H),
+    "2 ** 1023 * h": sp.Integer(2) ** 1023 * H,
+    "h * 1e-300": sp.Float("1e-300", 17) * H,
+}
+
+
+@pytest.mark.parametrize("text", VALID_FORMULAS)
+def test_valid_formulas(text):
+    expr, symbols = parsed(formula_spec(text))
+    assert symbols == (H,)
+    assert expr == VALID_FORMULAS[text], f"{text!r} parsed to {expr}"
 
 
 @pytest.mark.parametrize("expr, contains", [
@@ -1023,7 +1055,7 @@ def test_bad_formula(expr, contains):
 
 def test_formula_length_limit_is_the_documented_one():
     expr = "h" + " " * (MAX_FORMULA_LENGTH - 1)
-    Graph.from_spec(formula_spec(expr))
+    assert parsed(formula_spec(expr)) == (H, (H,))
     spec_error(formula_spec(expr + " "), node="a", field="expr", contains="longer than 2000")
 
 

@@ -85,7 +85,9 @@ def test_history_records_each_epoch_and_a_seed_repeats_the_run(model):
 def test_loss_falls_and_accuracy_rises_on_a_learnable_problem(model):
     h = _fit(model, _data(200), epochs=30, batch_size=20)
     assert h["loss"][-1] < 0.3 * h["loss"][0]
-    assert h["accuracy"][-1] >= 0.95 > h["accuracy"][0] - 0.5
+    # The first epoch's accuracy is 0.555 (from 0.31 at the initial params), the last 0.985.
+    assert h["accuracy"][-1] >= 0.95
+    assert h["accuracy"][-1] - h["accuracy"][0] >= 0.25
 
 
 def test_every_example_once_per_epoch_last_batch_smaller_loss_weighted(model, monkeypatch):

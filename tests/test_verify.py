@@ -17,7 +17,8 @@ import pytest
 
 import graphc
 from graphc.cli import main
-from graphc.verify import _compare, describe_nonfinite, finite_difference_check, gradient_check
+from graphc.verify import (TOLERANCES, _compare, describe_nonfinite, finite_difference_check,
+                           gradient_check, within_tolerance)
 
 reference_module = importlib.import_module("graphc.reference")
 
@@ -218,3 +219,39 @@ def test_c_and_reference_disagreeing_on_finiteness_is_a_failure_in_words():
 ])
 def test_describe_nonfinite(values, text):
     assert describe_nonfinite(values) == text
+
+
+# ---------------------------------------------------------------- the tolerance rule
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_verify_and_the_suite_share_one_tolerance_rule(dtype, tolerances, assert_close):
+    """max |got - want| <= max(rtol · max |want|, floor): the floor for a small tensor, rtol
+    relative to the largest magnitude for a large one. verify's check and the suite's
+    assert_close accept and refuse the same errors."""
+    assert tolerances is TOLERANCES
+    rtol, floor = TOLERANCES[dtype]
+    # zeros; small (the floor rules); where rtol·scale is the floor (an rtol·scale + floor
+    # rule would take 2·floor there); large
+    for scale in (0.0, floor / rtol / 10, floor / rtol, 1.0, 1e6):
+        want = np.array([scale, -scale / 2, 0.0])
+        tol = max(rtol * scale, floor)
+        assert within_tolerance(want, want, dtype) == (True, 0.0, tol)
+        for factor, ok in ((0.5, True), (1.5, False)):
+            got = want.copy()
+            got[2] += factor * tol
+            verdict, err, _ = within_tolerance(got, want, dtype)
+            assert (verdict, err) == (ok, pytest.approx(factor * tol, rel=1e-6)), (scale, factor)
+            assert _compare("t", got, want, dtype).ok == ok, (scale, factor)
+            if ok:
+                assert_close(got, want, dtype, "t")
+            else:
+                with pytest.raises(AssertionError, match="max abs error"):
+                    assert_close(got, want, dtype, "t")
+
+
+def test_within_tolerance_refuses_nan_and_other_shapes():
+    assert within_tolerance([1.0, np.nan], [1.0, 2.0], "float64")[0] is False
+    assert within_tolerance([1.0, 2.0], [1.0, np.nan], "float64")[0] is False
+    ok, err, _ = within_tolerance([1.0, 2.0], [[1.0, 2.0]], "float64")
+    assert not ok and np.isnan(err)
+    assert within_tolerance(np.zeros((0, 3)), np.zeros((0, 3)), "float32") == (True, 0.0, 1e-6)

@@ -21,17 +21,25 @@ from pathlib import Path
 import numpy as np
 
 from graphc.errors import GraphcError, InputError
+from graphc.ir import grad_name
 
 FORMATS = ("text", "markdown", "latex", "html")
 RANDOM_BATCH = 2   # examples in `at="random"`: enough to show the sum over the batch
+# `at` not given: no worked example, unless wrt names an element to follow through one.
+_UNSET = object()
+# Random inputs come from their own stream of `seed`, apart from the params' (drawn with
+# `seed` itself, as graphc.compile draws them): from one stream, the first input would be
+# a multiple of the first param (W1[i]/x[i] the same number for every i).
+INPUT_STREAM = 1
 
 
 class Explanation:
     """The derivation of a graph's gradients, for people. Build it with `graphc.explain`."""
 
     def __init__(self, graph, wrt, derivation, cmodule, steps, nodes, params, code, worked,
-                 expanded):
+                 expanded, elements=None):
         self.graph, self.wrt, self.derivation, self.cmodule = graph, wrt, derivation, cmodule
+        self.elements = elements or {}   # param -> the element asked for (NAME[i, j])
         self.steps = steps            # every backward kernel with its LocalDerivative
         self.nodes = nodes            # NodeView per node between the loss and the params
         self.params = params          # param -> ParamView
@@ -132,7 +140,7 @@ def _resolve_at(graph, at, seed: int, batch: int) -> tuple[dict, dict]:
     drawn = init_params({k: (v.shape, v.init) for k, v in graph.params.items()}, seed)
     params = {k: np.asarray(v, np.float64) for k, v in drawn.items()}
     if isinstance(at, str) and at == "random":
-        return sample_inputs(graph, batch, seed), params
+        return sample_inputs(graph, batch, input_seed(seed)), params
     if isinstance(at, (str, os.PathLike)):
         from graphc.npz import MAX_NPZ_MEMBER_BYTES, NpzReader
         with NpzReader(at, "at") as z:   # damaged or renamed files: one InputError
@@ -149,7 +157,12 @@ def _resolve_at(graph, at, seed: int, batch: int) -> tuple[dict, dict]:
     return inputs, params
 
 
-def _worked(graph, d, steps, wrt, at, seed, batch):
+def input_seed(seed: int, stream: int = INPUT_STREAM) -> int:
+    """A seed for random inputs, independent of the params' stream of `seed`."""
+    return int(np.random.SeedSequence(seed, spawn_key=(stream,)).generate_state(1)[0])
+
+
+def _worked(graph, d, steps, wrt, at, seed, batch, elements):
     import graphc
     from graphc.derive import LOSS_MEAN
     from graphc.reference import Reference
@@ -179,29 +192,32 @@ def _worked(graph, d, steps, wrt, at, seed, batch):
     err = abs(float(env[LOSS_MEAN][0]) - loss_c)
     w.checks.append(("loss L (formulas) vs the compiled C", err, err <= 1e-9 * max(1, abs(loss_c))))
     for p in graph.params:
-        e = diff(env[f"{p}.grad"], grads_c[p])
+        e = diff(env[grad_name(p)], grads_c[p])
         scale = max(1.0, float(np.max(np.abs(grads_c[p]))) if grads_c[p].size else 1.0)
         w.checks.append((f"∂L/∂{p} (chain rule, step by step) vs model.gradients (C)", e, e <= 1e-9 * scale))
     for p in wrt:
-        w.traces[p] = trace(steps, p, env, prog.buffers, n)
+        w.traces[p] = trace(steps, p, env, prog.buffers, n, elements.get(p))
     return w
 
 
-def explain(graph, wrt=None, *, at=None, dtype: str = "float32", expand: bool | None = None,
+def explain(graph, wrt=None, *, at=_UNSET, dtype: str = "float32", expand: bool | None = None,
             seed: int = 0, batch: int = RANDOM_BATCH) -> Explanation:
     """The derivation of ∂L/∂`wrt` (a param name, a list of them, or every param).
 
     graph:  a Graph, a spec dict or a spec path.
+    wrt:    a param (W1), or one element of it (W1[0, 3]) whose chain rule the worked
+            example follows to the loss; by default the largest element is followed.
     at:     numbers for a worked example: "random" (`batch` examples drawn like
             `graphc check` draws them, params from their initializers with `seed`), an
-            .npz path or a dict of input arrays (and optionally params). Needs a C compiler:
-            the numbers are checked against the compiled model (float64).
+            .npz path or a dict of input arrays (and optionally params), or None. Needs a C
+            compiler: the numbers are checked against the compiled model (float64). Not
+            given: None, or "random" when wrt names an element.
     dtype:  of the C shown beside each step ("float32", what `graphc compile` writes).
     expand: the loss as one SymPy expression of the weights, differentiated directly;
             by default for nets of at most 64 parameter scalars. Written out, an L that
             grows past a few hundred operations is omitted (with a one-line note).
     """
-    from codegen.emit import emit
+    from graphc.pipeline import to_c
     from codegen.targets import get_target
     from graphc.derive import derive
     from graphc.model import as_graph, check_dtype
@@ -211,7 +227,13 @@ def explain(graph, wrt=None, *, at=None, dtype: str = "float32", expand: bool | 
     source = graph if isinstance(graph, (str, os.PathLike)) else None
     graph = as_graph(graph)
     try:
-        chosen = select(graph, wrt)
+        chosen, elements = select(graph, wrt)
+        if at is _UNSET:
+            at = "random" if elements else None
+        elif at is None and elements:
+            raise GraphcError(f"wrt: {', '.join(f'{p}{list(i)}' for p, i in elements.items())} names "
+                              f"an element to follow through the worked example, but at=None "
+                              f"(--at none) asks for none")
     except GraphcError as e:
         if source is None:
             raise
@@ -221,21 +243,22 @@ def explain(graph, wrt=None, *, at=None, dtype: str = "float32", expand: bool | 
     # register-blocked tiles of the c99 and host targets compute the same sums, but
     # their text reads as tiles, not as the formula (codegen/tiles.py).
     plain = dataclasses.replace(get_target("c99"), vector_bytes=0)
-    cm = emit(graph, d, check_dtype(dtype), target=plain)
-    code = code_map(d.gradients, cm.source, f"{graph.name}_gradients")
+    cm = to_c(graph, check_dtype(dtype), plain, derivation=d)
+    code = code_map(d.gradients, cm)
     steps = pair_steps(d)
     relevant = set().union(*[between(graph, p) for p in chosen])
     nodes = node_views(graph, d, steps, relevant)
     by_name = {v.name: v for v in nodes}
     params = {p: param_view(graph, d, p, by_name) for p in chosen}
     shown = [s for v in nodes for s in v.steps]
-    worked = _worked(graph, d, shown, chosen, at, seed, batch) if at is not None else None
+    worked = _worked(graph, d, shown, chosen, at, seed, batch, elements) if at is not None else None
     if expand is None:
         expand = expandable(graph)
     # Bounded: an L that grows past a few hundred operations is left out, with a note.
     expanded = expand_all(d.gradients, graph, [p for p in chosen if params[p].paths],
                           seed) if expand else {}
-    return Explanation(graph, chosen, d, cm, steps, nodes, params, code, worked, expanded)
+    return Explanation(graph, chosen, d, cm, steps, nodes, params, code, worked, expanded, elements)
 
 
 __all__ = ["Explanation", "explain"]
+

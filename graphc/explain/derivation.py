@@ -21,7 +21,7 @@ import sympy as sp
 from graphc.derive import LOSS_MEAN, Derivation, LocalDerivative
 from graphc.errors import GraphcError
 from graphc.graph import Graph
-from graphc.ir import ACC, BATCH, Kernel, Program, array, index_symbols
+from graphc.ir import ACC, BATCH, Kernel, Program, array, grad_name, index_symbols
 
 from . import notation as nt
 from .bounds import expansion_work, small
@@ -37,79 +37,25 @@ BATCH_INDEX = sp.Symbol("b", integer=True, nonnegative=True)   # as graphc.ops n
 @dataclass(frozen=True)
 class CFunction:
     """One static kernel function of the generated C, and how `<name>_gradients` calls it."""
-    name: str                            # k14
-    text: str                            # the function, its comment line first
+    name: str                            # W1_grad
+    text: str                            # the function, its comment first
     call: str                            # the call in <name>_gradients
-    arguments: tuple[tuple[str, str, str], ...]   # (a0, buffer, pointer expression)
-    computes: str                        # the fused kernel's node and note
-    parts: tuple[str, ...] = ()          # notes of the unfused kernels fusion merged into it
+    arguments: tuple[tuple[str, str, str], ...]   # (C parameter, buffer, pointer expression)
+    parts: tuple[str, ...] = ()          # notes of the derived kernels fusion merged into it
 
 
-def _static_functions(source: str) -> dict[str, str]:
+def code_map(program: Program, cm, kind: str = "gradients") -> dict[int, CFunction]:
+    """Kernel index in the derived (unfused) program -> the C function of module `cm` that
+    computes it, from the module's own map: fusion's `origins` (which derived kernels each
+    fused kernel computes) and `CModule.calls` (which function each fused kernel is)."""
+    fused = cm.entries[kind].program
+    if fused is None or fused.origins is None or len(cm.calls.get(kind, ())) != len(fused.kernels):
+        return {}   # a prepared module keeps no program: show no C, never wrong C
     out = {}
-    for m in re.finditer(r"^static void (k\d+)\(", source, re.M):
-        start = source.rfind("\n", 0, m.start() - 1) + 1   # the comment line above
-        end = source.index("\n}", m.end()) + 2
-        out[m.group(1)] = source[start:end]
-    return out
-
-
-def _entry_calls(source: str, entry: str) -> list[tuple[str, str]]:
-    m = re.search(r"^\w+ " + re.escape(entry) + r"\([^\n]*\)\n\{\n(.*?)\n\}", source, re.M | re.S)
-    if not m:
-        return []
-    return [(c.group(1), c.group(0).strip()) for c in
-            re.finditer(r"^\s+(k\d+)\((.*)\);$", m.group(1), re.M)]
-
-
-def code_map(program: Program, source: str, entry: str) -> dict[int, CFunction]:
-    """Kernel index in the (unfused) gradients program -> the C function computing it.
-
-    Fusion keeps, for every buffer it does not remove, the writers in order; a removed
-    buffer is computed inside the function of its only reader (inlined or an epilogue)."""
-    from codegen.plan import fuse
-    fused = fuse(program)
-    calls = _entry_calls(source, entry)
-    functions = _static_functions(source)
-    if len(calls) != len(fused.kernels):
-        return {}   # the entry no longer reads as one call per kernel: show no C, never wrong C
-    unfused_writers, fused_writers = defaultdict(list), defaultdict(list)
-    for i, k in enumerate(program.kernels):
-        unfused_writers[k.out].append(i)
-    for j, k in enumerate(fused.kernels):
-        fused_writers[k.out].append(j)
-    to_fused: dict[int, int] = {}
-    for buf, us in unfused_writers.items():
-        if len(us) == len(fused_writers.get(buf, ())):
-            to_fused.update(zip(us, fused_writers[buf]))
-
-    def resolve(i: int, seen: frozenset) -> int | None:
-        if i in to_fused:
-            return to_fused[i]
-        readers = [r for r, k in enumerate(program.kernels) if program.kernels[i].out in k.reads()]
-        if len(readers) == 1 and readers[0] not in seen:
-            return resolve(readers[0], seen | {i})
-        return None
-
-    found = {i: resolve(i, frozenset()) for i in range(len(program.kernels))}
-    made: dict[int, CFunction] = {}
-    out = {}
-    for i, j in found.items():
-        if j is None:
-            continue
-        if j not in made:
-            fk = fused.kernels[j]
-            name, call = calls[j]
-            args = [a.strip() for a in call[call.index("(") + 1:-2].split(",")]
-            call = call.rstrip(";")
-            # The emitter names buffers by position: a0 is written, a1... are the reads in order.
-            if args and args[0] == "n" and f"static void {name}(size_t n," in functions.get(name, ""):
-                args = args[1:]
-            legend = tuple((f"a{p}", b, args[p] if p < len(args) else "?")
-                           for p, b in enumerate([fk.out] + fk.reads()))
-            parts = tuple(program.kernels[u].note for u, v in found.items() if v == j)
-            made[j] = CFunction(name, functions.get(name, ""), call, legend, f"{fk.node}: {fk.note}", parts)
-        out[i] = made[j]
+    for call, origin in zip(cm.calls[kind], fused.origins):
+        fn = CFunction(call.function, cm.functions[call.function], call.text, call.arguments,
+                       tuple(program.kernels[i].note for i in origin))
+        out.update(dict.fromkeys(origin, fn))
     return out
 
 
@@ -381,7 +327,7 @@ def pair_steps(d: Derivation) -> list[Step]:
         raise AssertionError(f"{len(backward)} backward kernels but {len(d.local)} local derivatives")
     steps = []
     for (i, k), rec in zip(backward, d.local):
-        assert k.node == rec.node and k.out == f"{rec.wrt.base.label}.grad", (k, rec)
+        assert k.node == rec.node and k.out == grad_name(str(rec.wrt.base.label)), (k, rec)
         steps.append(Step(i, k, rec, simplified(rec), sigmoid_form(rec.derived, rec.wrt)))
     return steps
 
@@ -440,14 +386,14 @@ def node_views(graph: Graph, d: Derivation, steps: list[Step], relevant: set[str
         for u in dict.fromkeys(v.inputs):
             if u not in relevant:
                 continue
-            expr = compose(name, f"{u}.grad", mine, buffers)
+            expr = compose(name, grad_name(u), mine, buffers)
             if expr is None:
                 continue
             reading = softmax_reading(name, v.op, expr, graph, kernels)
             if reading:
-                view.combined[u] = Combined(u, canonical(f"{u}.grad", buffers), expr, *reading)
+                view.combined[u] = Combined(u, canonical(grad_name(u), buffers), expr, *reading)
             else:
-                view.combined[u] = Combined(u, canonical(f"{u}.grad", buffers), expr)
+                view.combined[u] = Combined(u, canonical(grad_name(u), buffers), expr)
         views.append(view)
     return views
 
@@ -457,17 +403,17 @@ def param_view(graph: Graph, d: Derivation, param: str, nodes: dict[str, NodeVie
     order = between(graph, param)
     found, more = paths(graph, param)
     # L = (1/n)·Σ_b loss[b], so every example's loss gets 1/n: the seed of the sweep.
-    chain = [ChainLink(graph.loss, nt.element(f"{graph.loss}.grad", canonical(graph.loss, buffers)),
+    chain = [ChainLink(graph.loss, nt.element(grad_name(graph.loss), canonical(graph.loss, buffers)),
                        nt.show(1 / BATCH), None)]
     final = []
     for v in order[1:]:
         users = [nodes[c] for c in order if c in nodes and v in graph.values[c].inputs]
         contributions = [u.combined.get(v) for u in users]
-        own = [s for u in users for s in u.steps if s.kernel.out == f"{v}.grad"]
+        own = [s for u in users for s in u.steps if s.kernel.out == grad_name(v)]
         if v == param:
             final = own
-        lhs = nt.grad_of_param(v, canonical(f"{v}.grad", buffers)) if v == param else \
-            nt.element(f"{v}.grad", canonical(f"{v}.grad", buffers))
+        lhs = nt.grad_of_param(v, canonical(grad_name(v), buffers)) if v == param else \
+            nt.element(grad_name(v), canonical(grad_name(v), buffers))
         if any(c is None for c in contributions):   # no composed form: show the kernels
             rhs = nt.join([nt.kernel_rhs(s.kernel, buffers) for s in own], nt.Math(" + ", " + "))
             chain.append(ChainLink(v, lhs, rhs, None))
@@ -478,8 +424,8 @@ def param_view(graph: Graph, d: Derivation, param: str, nodes: dict[str, NodeVie
             matrix = nt.matrix_rhs(own[0].kernel, buffers, graph.params)
         reading = contributions[0].reading if len(contributions) == 1 else None
         if matrix is None:
-            matrix = nt.elementwise(reading if reading is not None else expr, canonical(f"{v}.grad", buffers),
-                                    buffers if reading is None else None, f"{v}.grad")
+            matrix = nt.elementwise(reading if reading is not None else expr, canonical(grad_name(v), buffers),
+                                    buffers if reading is None else None, grad_name(v))
         first = contributions[0]
         chain.append(ChainLink(v, lhs, nt.show(expr), matrix,
                                nt.show(reading) if reading is not None else None,
@@ -488,14 +434,58 @@ def param_view(graph: Graph, d: Derivation, param: str, nodes: dict[str, NodeVie
     return ParamView(param, order, found, more, chain, final)
 
 
-def select(graph: Graph, wrt) -> list[str]:
+_WRT = re.compile(r"\s*([^\s\[\]]+)\s*(?:\[([^\[\]]*)\])?\s*")
+
+
+def select(graph: Graph, wrt) -> tuple[list[str], dict[str, tuple[int, ...]]]:
+    """The params `wrt` names, and the elements it names to follow: a param name, NAME[i, j]
+    for one element of it, a list of these, or None for every param."""
     if graph.loss is None:
         raise GraphcError(f"graph '{graph.name}' has no loss, so there is no gradient to explain")
     if not graph.params:
         raise GraphcError(f"graph '{graph.name}' has no params, so there is no gradient to explain")
-    chosen = list(graph.params) if wrt is None else [wrt] if isinstance(wrt, str) else list(wrt)
-    for p in chosen:
-        if p not in graph.params:
-            raise GraphcError(f"wrt: unknown param {p!r} (this model's params: "
-                              f"{', '.join(graph.params)})")
-    return chosen
+    asked = list(graph.params) if wrt is None else [wrt] if isinstance(wrt, str) else list(wrt)
+    chosen, elements = [], {}
+    for item in asked:
+        name, element = _param_element(graph, item)
+        if element is not None:
+            if elements.get(name, element) != element:
+                raise GraphcError(f"wrt: one element of {name} is followed, but {name} is named twice "
+                                  f"({_element_text(name, elements[name])} and {_element_text(name, element)})")
+            elements[name] = element
+        if name not in chosen:
+            chosen.append(name)
+    return chosen, elements
+
+
+def _element_text(name: str, element) -> str:
+    return f"{name}[{', '.join(map(str, element))}]"
+
+
+def _param_element(graph: Graph, item) -> tuple[str, tuple[int, ...] | None]:
+    """NAME -> (NAME, None); NAME[i, j, ...] -> (NAME, (i, j, ...)), checked against its shape."""
+    m = _WRT.fullmatch(item) if isinstance(item, str) else None
+    if m is None:
+        raise GraphcError(f"wrt: expected a param name, or one element of it such as W1[0, 0], "
+                          f"got {item!r}")
+    name, index = m.group(1), m.group(2)
+    if name not in graph.params:
+        raise GraphcError(f"wrt: unknown param {name!r} (this model's params: "
+                          f"{', '.join(graph.params)})")
+    if index is None:
+        return name, None
+    shape = tuple(graph.params[name].shape)
+    about = f"{name} has shape {list(shape)}"
+    parts = [t.strip() for t in index.split(",")] if index.strip() else []
+    if not all(re.fullmatch(r"[+-]?\d+", t) for t in parts):
+        raise GraphcError(f"wrt: {item.strip()!r}: an element's indices are integers ({about})")
+    element = tuple(int(t) for t in parts)
+    if len(element) != len(shape):
+        raise GraphcError(f"wrt: {item.strip()!r} gives {len(element)} "
+                          f"ind{'ex' if len(element) == 1 else 'ices'}, but {about}, so an element "
+                          f"takes {len(shape)}")
+    if not all(0 <= i < d for i, d in zip(element, shape)):
+        raise GraphcError(f"wrt: {item.strip()!r} is out of range: {about}, so its elements run from "
+                          f"{_element_text(name, [0] * len(shape))} to "
+                          f"{_element_text(name, [d - 1 for d in shape])}")
+    return name, element

@@ -12,10 +12,10 @@ from dataclasses import dataclass
 
 import sympy as sp
 from sympy.printing.latex import LatexPrinter
-from sympy.printing.precedence import PRECEDENCE
+from sympy.printing.precedence import PRECEDENCE, precedence
 from sympy.printing.str import StrPrinter
 
-from graphc.ir import ACC, BATCH, Kernel, array
+from graphc.ir import ACC, BATCH, Kernel, array, grad_of
 
 LOSS = "L"   # the batch-mean loss, what training minimises
 _SUPERSCRIPTS = str.maketrans("0123456789", "⁰¹²³⁴⁵⁶⁷⁸⁹")
@@ -23,17 +23,17 @@ _SUPERSCRIPTS = str.maketrans("0123456789", "⁰¹²³⁴⁵⁶⁷⁸⁹")
 
 def value_name(buffer: str) -> str:
     """The value a buffer holds the gradient of, or the buffer itself."""
-    return buffer.removesuffix(".grad")
+    return grad_of(buffer) or buffer
 
 
 def is_grad(buffer: str) -> bool:
-    return buffer.endswith(".grad")
+    return grad_of(buffer) is not None
 
 
 def text_name(buffer: str) -> str:
     if buffer == "__batch_loss":
         return LOSS
-    return "δ" + buffer.removesuffix(".grad") if is_grad(buffer) else buffer
+    return "δ" + grad_of(buffer) if is_grad(buffer) else buffer
 
 
 def _latex_word(name: str) -> str:
@@ -64,6 +64,29 @@ class TextPrinter(StrPrinter):
 
     def _print_IndexedBase(self, e):
         return text_name(str(e.label))
+
+    def parenthesize(self, item, level, strict=False):
+        # Σ_{i} reaches to the end of what follows it: as a power's base it needs the
+        # parentheses its precedence (an atom's) would not give it, (Σ_{i} a)², not Σ_{i} a².
+        if isinstance(item, sp.Sum) and level > PRECEDENCE["Mul"]:
+            return f"({self._print(item)})"
+        return super().parenthesize(item, level, strict)
+
+    def _print_Add(self, expr, order=None):
+        # StrPrinter's, except that a term other than the last is parenthesized when a Σ
+        # in it is open to the right: Σ_{j} a[j] + 1 would read as Σ_{j} (a[j] + 1).
+        terms = self._as_ordered_terms(expr, order=order)
+        out = []
+        for k, term in enumerate(terms):
+            t = self._print(term)
+            sign = "-" if t.startswith("-") and not term.is_Add else "+"
+            if sign == "-":
+                t = t[1:]
+            if precedence(term) < PRECEDENCE["Add"] or term.is_Add or \
+                    (k < len(terms) - 1 and _open_sum(t)):
+                t = f"({t})"
+            out += [sign, t]
+        return ("" if out[0] == "+" else "-") + " ".join(out[1:])
 
     def _print_Pow(self, e, rational=False):
         if e.exp.is_Integer and 2 <= int(e.exp) <= 9:
@@ -97,6 +120,16 @@ class TextPrinter(StrPrinter):
         return f"{self.parenthesize(e.args[0], PRECEDENCE['Mul'])} mod {self.parenthesize(e.args[1], PRECEDENCE['Mul'])}"
 
 
+def _open_sum(text: str) -> bool:
+    """Does a Σ stand outside every bracket of `text` (so that it reaches to its end)?"""
+    depth = 0
+    for c in text:
+        depth += (c in "([{") - (c in ")]}")
+        if c == "Σ" and depth == 0:
+            return True
+    return False
+
+
 class TexPrinter(LatexPrinter):
     """LaTeX with the same conventions: x[b, i_0], \\delta_{h1}, \\sum_{i_0}."""
     printmethod = "_graphc_latex"
@@ -124,6 +157,31 @@ class TexPrinter(LatexPrinter):
             body = r"\left(" + body + r"\right)"
         return r"\sum_{" + ids + "} " + body
 
+    def _print_Add(self, expr, order=None):
+        # LatexPrinter's, except that a term other than the last that ends in a \sum is
+        # bracketed: \sum_{j} a_j + 1 would read as a sum of a_j + 1.
+        terms = self._as_ordered_terms(expr, order=order)
+        tex = ""
+        for k, term in enumerate(terms):
+            if k > 0:
+                if term.could_extract_minus_sign():
+                    tex += " - "
+                    term = -term
+                else:
+                    tex += " + "
+            term_tex = self._print(term)
+            if self._needs_add_brackets(term) or (k < len(terms) - 1 and _ends_in_sum(term)):
+                term_tex = r"\left(" + term_tex + r"\right)"
+            tex += term_tex
+        return tex
+
+
+def _ends_in_sum(e) -> bool:
+    """Is a Σ the last thing printed of `e` (a Sum, or a product or a negation ending in one)?"""
+    if isinstance(e, sp.Sum):
+        return True
+    return e.is_Mul and any(isinstance(f, sp.Sum) for f in e.args)
+
 
 _text, _tex = TextPrinter(), TexPrinter()
 
@@ -143,10 +201,6 @@ def show(expr) -> Math:
     return Math(_text.doprint(expr), _tex.doprint(expr))
 
 
-def word(text: str, latex: str | None = None) -> Math:
-    return Math(text, latex if latex is not None else r"\text{" + text + "}")
-
-
 def join(parts: list[Math], sep: Math) -> Math:
     out = parts[0]
     for p in parts[1:]:
@@ -155,6 +209,28 @@ def join(parts: list[Math], sep: Math) -> Math:
 
 
 EQ, PLUS_EQ = Math(" = ", " = "), Math(" += ", r" \mathrel{+}= ")
+
+
+def product(left, right) -> Math:
+    """left·right kept as two factors in this order (a worked term: the δ, then the local
+    derivative), each in parentheses where precedence needs them, as a printer's own Mul
+    would have them: a sum or a negative factor, and on the left a quotient or a Σ too
+    (1/n·x reads as 1/(n·x) to many, Σ_{i} a·x as Σ_{i} (a·x)). A Math is taken as it is."""
+    def text(e, first: bool) -> str:
+        if isinstance(e, Math):
+            return e.text
+        t = _text.doprint(e)
+        quotient = first and (sp.fraction(e)[1] != 1 or e.has(sp.Sum))
+        return f"({t})" if precedence(e) < PRECEDENCE["Mul"] or t.startswith("-") or quotient else t
+
+    def latex(e, first: bool) -> str:
+        if isinstance(e, Math):
+            return e.latex
+        t = _tex.doprint(e)
+        return r"\left(" + t + r"\right)" if _tex._needs_mul_brackets(e, first=first, last=not first) \
+            or t.startswith("-") else t
+    return Math(text(left, True) + "·" + text(right, False),
+                latex(left, True) + r" \cdot " + latex(right, False))
 
 
 def element(buffer: str, index) -> Math:
@@ -229,6 +305,8 @@ def kernel_rhs(k: Kernel, buffers=None) -> Math:
         ids = ", ".join(str(r) for r in red)
         tids = ", ".join(_tex.doprint(r) for r in red)
         b = show(k.body)
+        if precedence(k.body) < PRECEDENCE["Mul"]:   # max_{i} (a + b), as Σ has it
+            b = Math(f"({b.text})", r"\left(" + b.latex + r"\right)")
         return Math(f"max_{{{ids}}} {b.text}", r"\max_{" + tids + "} " + b.latex)
     if k.mode == "sum" and red:
         total = sp.Sum(k.body, *[extent_limit(r, ext[r]) for r in red])

@@ -21,13 +21,15 @@ import itertools
 import math
 import time
 from dataclasses import dataclass, field
+from decimal import Decimal, localcontext
+from fractions import Fraction
 
 import numpy as np
 import sympy as sp
 
 from graphc.derive import LOSS_MEAN
 from graphc.functions import for_lambdify, numpy_namespace
-from graphc.ir import ACC, BATCH, Kernel, Program, array
+from graphc.ir import ACC, BATCH, Kernel, Program, array, grad_name
 
 from . import notation as nt
 from .bounds import TreeOps, expansion_work, ops_within, rewritten_within, small
@@ -121,8 +123,34 @@ def run(program: Program, env: dict, n: int) -> dict:
 
 # ---------------------------------------------------------------- the worked example
 
-def fmt(x: float) -> str:
-    return f"{x:.6g}" if x != 0 else "0"
+def fmt(x: float, digits: int = 6) -> str:
+    return f"{x:.{digits}g}" if x != 0 else "0"
+
+
+def _agrees(terms: list[tuple[str, ...]], total: str) -> bool:
+    """Do the printed numbers, multiplied and added exactly, give the printed total to its
+    last digit?"""
+    exact = sum((math.prod((Fraction(x) for x in term), start=Fraction(1)) for term in terms), Fraction(0))
+    return abs(exact - Fraction(total)) <= Fraction(10) ** Decimal(total).as_tuple().exponent / 2
+
+
+def sum_of_products(terms: list[tuple[float, ...]], total: float) -> tuple[list[tuple[str, ...]], str]:
+    """Σ_k Π term_k = total, printed: with the fewest significant digits, six at least, at
+    which the printed numbers' own arithmetic gives the printed total to its last digit.
+    Six alone can read as an error (0.203694 × 1 = 0.203695, where the 1 is 1.000003). At
+    17 a float's digits are all shown, and what is left is the float arithmetic's own
+    rounding: the total is then the printed numbers' exact arithmetic, rounded."""
+    if not all(math.isfinite(x) for term in terms for x in term) or not math.isfinite(total):
+        return [tuple(fmt(x) for x in term) for term in terms], fmt(total)
+    for digits in range(6, 18):
+        shown = [tuple(fmt(x, digits) for x in term) for term in terms]
+        if _agrees(shown, fmt(total, digits)):
+            return shown, fmt(total, digits)
+    exact = sum((math.prod((Fraction(x) for x in term), start=Fraction(1)) for term in shown), Fraction(0))
+    with localcontext() as c:
+        c.prec = 17
+        rounded = Decimal(exact.numerator) / Decimal(exact.denominator)
+    return shown, fmt(rounded, 17) if exact else "0"
 
 
 def array_text(a: np.ndarray) -> str:
@@ -206,12 +234,18 @@ def split_seed(k: Kernel) -> tuple[sp.Expr, sp.Expr]:
             sp.Mul(*[f for f in factors if not is_seed(f)]))
 
 
-def trace(steps, param: str, env: dict, buffers, n: int) -> list[TraceLine]:
-    """The chain rule at one element, from the param's largest gradient up to the loss:
-    each δ element's terms with their numbers, then the δ elements those terms read."""
-    grad = env[f"{param}.grad"]
-    element = tuple(int(i) for i in np.unravel_index(int(np.argmax(np.abs(grad))), grad.shape))
-    todo, seen, lines = [(f"{param}.grad", element)], set(), []
+def trace(steps, param: str, env: dict, buffers, n: int, element: tuple | None = None) -> list[TraceLine]:
+    """The chain rule at one element, from the param's gradient at `element` (by default
+    its largest) up to the loss: each δ element's terms with their numbers, then the δ
+    elements those terms read."""
+    grad = env[grad_name(param)]
+    if element is None:
+        flat = int(np.argmax(np.abs(grad)))
+    else:   # as the param's shape indexes it; a scalar's buffer is [1]
+        shape = tuple(buffers[param].shape)
+        flat = int(np.ravel_multi_index(element, shape)) if shape else 0
+    element = tuple(int(i) for i in np.unravel_index(flat, grad.shape))
+    todo, seen, lines = [(grad_name(param), element)], set(), []
     by_target = {}
     for s in steps:
         by_target.setdefault(s.kernel.out, []).append(s)
@@ -394,10 +428,11 @@ def expand_all(program: Program, graph, params, seed: int = 0, points: int = 5) 
     loss = env[LOSS_MEAN][0]
     atoms = sorted(loss.atoms(sp.Indexed), key=sp.default_sort_key)
     shifts = sorted((c for c in loss.atoms(sp.Symbol) if str(c) not in program.buffers), key=str)
-    rng = np.random.default_rng(seed)
+    from . import input_seed
+    rng = np.random.default_rng(seed)   # the params' values; inputs have their own streams
     samples = []
     for p in range(points):
-        inputs = sample_inputs(graph, 1, seed + p)
+        inputs = sample_inputs(graph, 1, input_seed(seed, 1 + p))
         row = [float(inputs[str(a.base.label)][tuple(int(i) for i in a.indices)])
                if str(a.base.label) in inputs else 0.5 * float(rng.standard_normal()) for a in atoms]
         # A stop-gradient shift: any value gives the same L and the same gradient.
@@ -406,7 +441,7 @@ def expand_all(program: Program, graph, params, seed: int = 0, points: int = 5) 
     out = {}
     for param in params:
         t0 = time.perf_counter()
-        grads = env[f"{param}.grad"]
+        grads = env[grad_name(param)]
         shape = _shape(program.buffers[param], 1)
         elements = [tuple(int(i) for i in np.unravel_index(j, shape)) for j in range(grads.size)]
         direct = [sp.diff(loss, w) for w in env[param]]   # the param's own elements, W[i, j]

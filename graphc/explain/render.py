@@ -13,11 +13,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import sympy as sp
 
-from graphc.ir import array
+from graphc.ir import array, grad_name
 
 from . import notation as nt
 from .derivation import local_partial, local_rhs
-from .numbers import _normal, array_text, fmt
+from .numbers import _normal, array_text, fmt, sum_of_products
 
 Math = nt.Math
 
@@ -86,9 +86,16 @@ def _arrow_path(path: list[str]) -> Math:
     return Math(text, latex)
 
 
-def _num(x: float) -> Math:
-    s = fmt(x)
+def _num(s: str) -> Math:
+    """A printed number; a negative one in parentheses, to be read as one factor."""
     return Math(f"({s})" if s.startswith("-") else s, r"\left(" + s + r"\right)" if s.startswith("-") else s)
+
+
+def _numbers(terms, total) -> tuple[Math, Math]:
+    """`a × b + c + ...` and their total, printed with digits enough to add up (sum_of_products)."""
+    shown, result = sum_of_products(terms, total)
+    return (nt.join([nt.join([_num(x) for x in term], Math(" × ", r" \times ")) for term in shown],
+                    Math(" + ", " + ")), Math(result, result))
 
 
 def _element_math(buffer: str, element: tuple, params) -> Math:
@@ -101,41 +108,42 @@ def _element_math(buffer: str, element: tuple, params) -> Math:
 def _term_math(step, term, buffers, n) -> Math:
     """δout·(local derivative) at the term's loop point; a long local derivative by name."""
     (seed, _), (local, _) = term.factors
-    s = nt.show(seed)
     if local == 1:
-        return s
-    loc = nt.show(local)
-    if loc.text.startswith("-"):
-        loc = Math(f"({loc.text})", r"\left(" + loc.latex + r"\right)")
-    if len(loc.text) > 40:
+        return nt.show(seed)
+    if len(nt.show(local).text) > 40:
         at = dict(term.point)
         k = step.local.kernel
         out = array(k.out)[tuple(sp.sympify(i).xreplace(at) for i in k.out_index)]
-        loc = nt.partial(_normal(out, buffers, n), _normal(step.local.wrt.xreplace(at), buffers, n))
-    return s + Math("·", r" \cdot ") + loc
+        local = nt.partial(_normal(out, buffers, n), _normal(step.local.wrt.xreplace(at), buffers, n))
+    return nt.product(seed, local)
 
 
 def _trace_eqs(line, steps_here, params, buffers, n) -> list:
     """One kernel's part of a δ element, worked out: its terms, their numbers, their sum;
-    then the element itself when other kernels add to it too."""
+    then, after the last kernel that adds to the element, the parts added up."""
     out = []
+    lhs = _element_math(line.buffer, line.element, params)
+    pad = Math("    ", r"\phantom{=}")
     for step in [s for s in dict.fromkeys(s for s, _ in line.terms) if s in steps_here]:
         terms = [t for s, t in line.terms if s is step]
-        lhs = _element_math(line.buffer, line.element, params)
         op = nt.PLUS_EQ if step.kernel.mode == "accumulate" else nt.EQ
         omitted = line.omitted[step]
-        more = Math(f" + … ({omitted} more terms)", rf" + \ldots \text{{ ({omitted} more terms)}}") \
-            if omitted else Math("", "")
-        symbolic = nt.join([_term_math(step, t, buffers, n) for t in terms], Math(" + ", " + ")) + more
-        numbers = nt.join([_num(t.factors[0][1]) + Math(" × ", r" \times ") + _num(t.factors[1][1])
-                           if t.factors[1][0] != 1 else _num(t.factors[0][1]) for t in terms],
-                          Math(" + ", " + ")) + more
-        pad = Math("    ", r"\phantom{=}")
-        out += [(lhs + op + symbolic, None), (pad + nt.EQ + numbers, None),
-                (pad + nt.EQ + Math(fmt(line.parts[step]), fmt(line.parts[step])), None)]
-        if len(line.parts) > 1:
-            out.append((lhs + nt.EQ + Math(fmt(line.value), fmt(line.value)),
-                        f"once all {len(line.parts)} kernels have added their part"))
+        symbolic = nt.join([_term_math(step, t, buffers, n) for t in terms], Math(" + ", " + "))
+        values = [(t.factors[0][1], t.factors[1][1]) if t.factors[1][0] != 1 else (t.factors[0][1],)
+                  for t in terms]
+        if omitted:   # the total has terms not shown: the shown ones cannot add up to it
+            more = Math(f" + … ({omitted} more terms)", rf" + \ldots \text{{ ({omitted} more terms)}}")
+            numbers = nt.join([nt.join([_num(fmt(x)) for x in v], Math(" × ", r" \times ")) for v in values],
+                              Math(" + ", " + ")) + more
+            symbolic, total = symbolic + more, Math(fmt(line.parts[step]), fmt(line.parts[step]))
+        else:
+            numbers, total = _numbers(values, line.parts[step])
+        out += [(lhs + op + symbolic, None), (pad + nt.EQ + numbers, None), (pad + nt.EQ + total, None)]
+    if len(line.parts) > 1 and list(line.parts)[-1] in steps_here:
+        parts = [(v,) for s, v in line.parts.items() if any(s_ is s for s_, _ in line.terms)]
+        added, total = _numbers(parts, line.value)
+        out.append((lhs + nt.EQ + added + nt.EQ + total,
+                    f"once all {len(line.parts)} kernels have added their part"))
     return out
 
 
@@ -257,14 +265,14 @@ def document(e) -> list:
                         left.append(Eqs(eqs))
             doc.append(Row(left, _codes(e, [s.index for s in group], file)))
         for u, c in node.combined.items():
-            mine = [s for s in node.steps if s.kernel.out == f"{u}.grad"]
+            mine = [s for s in node.steps if s.kernel.out == grad_name(u)]
             if len(mine) < 2 and c.reading is None:
                 continue
-            lhs = nt.element(f"{u}.grad", c.index)
+            lhs = nt.element(grad_name(u), c.index)
             items = [(lhs + nt.EQ + nt.show(c.expr), "this node's kernels together")]
             if c.reading is not None:
                 items.append((Math("    ", r"\phantom{=}") + nt.EQ + nt.show(c.reading), "read as the textbook does"))
-            doc.append(P([f"Together, {node.name}'s contribution to ", Math(f"δ{u}", nt.latex_name(f"{u}.grad")), ":"]))
+            doc.append(P([f"Together, {node.name}'s contribution to ", Math(f"δ{u}", nt.latex_name(grad_name(u))), ":"]))
             doc.append(Eqs(items))
             for sym, text, latex in c.where:
                 doc.append(P(["where ", Math(f"{sym} = {text}", nt.latex_name(sym) + " = " + latex), "."]))
@@ -313,7 +321,7 @@ def _matrix_lhs(k, params) -> Math:
 def _chain_matrix_lhs(link, param) -> Math:
     if link.value == param:
         return nt.grad_of_param(param)
-    return Math(f"δ{link.value}", nt.latex_name(f"{link.value}.grad"))
+    return Math(f"δ{link.value}", nt.latex_name(grad_name(link.value)))
 
 
 def _codes(e, indices, file) -> list:
@@ -344,8 +352,9 @@ def _worked_blocks(e) -> list:
         lines = w.traces.get(p, [])
         if lines:
             first = lines[0]
+            why = "the one asked for" if p in e.elements else "the largest in magnitude"
             out.append(P(["The element followed above: ", _element_math(first.buffer, first.element, g.params),
-                          f" (the largest in magnitude) = {fmt(first.value)}; model.gradients gives "
+                          f" ({why}) = {fmt(first.value)}; model.gradients gives "
                           f"{fmt(_at_element(w.grads_c[p], first.element, w.env[first.buffer].shape))}."]))
     d = Details("The numbers in full: inputs, params, forward values and δs")
     for name, a in {**w.inputs, **w.params}.items():
@@ -355,9 +364,9 @@ def _worked_blocks(e) -> list:
             d.blocks += [P([f"{v} ="]), Pre(array_text(w.env[v]))]
     for pv in e.params.values():
         for v in pv.on_path:
-            if f"{v}.grad" in w.env:
+            if grad_name(v) in w.env:
                 label = f"∂L/∂{v} =" if v in g.params else f"δ{v} ="
-                d.blocks += [P([label]), Pre(array_text(w.env[f"{v}.grad"]))]
+                d.blocks += [P([label]), Pre(array_text(w.env[grad_name(v)]))]
     out.append(d)
     return out
 
@@ -378,14 +387,14 @@ def _expanded_blocks(e, x) -> list:
     else:
         out.append(P([f"(L has {sp.count_ops(x.loss)} operations; too long to print here.)"]))
     c = x.checks[0]
-    w = _element_math(f"{x.param}.grad", c.element, e.graph.params)
+    w = _element_math(grad_name(x.param), c.element, e.graph.params)
     direct, chain = nt.show(c.direct), nt.show(c.chain)
     if len(direct.text) + len(chain.text) <= 2 * MAX_SHOWN:
         out.append(P(["sympy.diff of L directly, and what the backward kernels (the chain rule) "
                       "compute, for the first element:"]))
         out.append(Eqs([(w + nt.EQ + direct, "directly"), (w + nt.EQ + chain, "chain rule")]))
     sym = sum(1 for c in x.checks if c.symbolic)
-    rows = [[_element_math(f"{x.param}.grad", c.element, e.graph.params),
+    rows = [[_element_math(grad_name(x.param), c.element, e.graph.params),
              {True: "0", False: "not reduced to 0", None: "not tried (too large)"}[c.symbolic],
              f"{c.max_numeric_diff:.1e}", "ok" if c.ok else "MISMATCH"] for c in x.checks]
     out.append(P([f"Direct minus chain rule, for every element: SymPy reduces {sym} of "
@@ -598,20 +607,26 @@ CSS = """
 .graphc-explain h3 { margin-top: 1.6em; color: #0b3d75; }
 .graphc-explain .row { display: grid; grid-template-columns: minmax(0, 1fr) minmax(0, 1fr);
   gap: 1.5em; border-top: 1px dashed #d0d7de; padding: .6em 0; }
-.graphc-explain .eq { display: flex; align-items: baseline; gap: 1em; overflow-x: auto;
+.graphc-explain .eq { display: flex; flex-wrap: wrap; align-items: baseline; column-gap: 1em;
   padding: .15em 0; }
+.graphc-explain .eq > .f { min-width: 0; max-width: 100%; }
 .graphc-explain .eq math { font-size: 1.12em; math-style: normal; }
-.graphc-explain .tag { color: #57606a; font-size: .8em; white-space: nowrap; }
+.graphc-explain .tag { color: #57606a; font-size: .8em; }
+.graphc-explain code.formula { font-family: "DejaVu Sans Mono", monospace; font-size: .82em;
+  white-space: pre-wrap; overflow-wrap: anywhere; }
 .graphc-explain figure.c { margin: 0; }
-.graphc-explain figure.c figcaption { font-size: .8em; color: #57606a; margin-bottom: .3em; }
+.graphc-explain figure.c figcaption { font-size: .8em; color: #57606a; margin-bottom: .3em;
+  overflow-wrap: anywhere; }
 .graphc-explain figure.c figcaption code { color: #0b3d75; }
-.graphc-explain pre { background: #f6f8fa; padding: .6em .8em; overflow-x: auto; font-size: .82em;
-  font-family: "DejaVu Sans Mono", monospace; border-radius: 4px; margin: .2em 0; }
+.graphc-explain pre { background: #f6f8fa; padding: .6em .8em; font-size: .82em;
+  font-family: "DejaVu Sans Mono", monospace; border-radius: 4px; margin: .2em 0;
+  white-space: pre-wrap; overflow-wrap: anywhere; }
 .graphc-explain pre .cm { color: #6e7781; }
-.graphc-explain table { border-collapse: collapse; margin: .5em 0; }
+.graphc-explain table { border-collapse: collapse; margin: .5em 0; max-width: 100%; }
 .graphc-explain td, .graphc-explain th { border: 1px solid #d0d7de; padding: .25em .6em;
-  text-align: left; font-size: .9em; }
-.graphc-explain .picture { margin: 1em 0; overflow-x: auto; }
+  text-align: left; font-size: .9em; overflow-wrap: anywhere; }
+.graphc-explain .picture { margin: 1em 0; }
+.graphc-explain .picture svg { max-width: 100%; height: auto; }
 .graphc-explain .picture figcaption { color: #57606a; font-size: .9em; }
 .graphc-explain details { margin: .8em 0; }
 .graphc-explain summary { cursor: pointer; color: #0b3d75; }
@@ -619,22 +634,139 @@ CSS = """
 .graphc-explain .bad { color: #cf222e; font-weight: bold; }
 .graphc-explain footer { margin-top: 3em; font-size: .8em; color: #57606a; }
 """
+# Nothing on the page scrolls sideways: C and number listings wrap their lines, pictures
+# scale to the width, and formulas wrap between <math> pieces (see _formula).
 
 
 _MRM = re.compile(r"\\mathrm\{((?:[^{}\\]|\\_)+)\}")
 _PLUS_EQ = "<mo><mrow><mo>&#x0002B;</mo></mrow></mo><mo>&#x0003D;</mo>"
 
 
-def _mathml(latex_src: str, display: bool) -> str:
+def _mathml(latex_src: str, display: bool, infix: bool = False) -> str:
     from latex2mathml.converter import convert
     # A multi-letter name is one word in MathML (one <mtext>), not letters and a `.` operator.
     src = _MRM.sub(lambda m: r"\text{" + m.group(1).replace(r"\_", "_") + "}", latex_src)
-    out = convert(src, display="block" if display else "inline")
-    return out.replace(_PLUS_EQ, "<mo>+=</mo>")
+    out = convert(src, display="block" if display else "inline").replace(_PLUS_EQ, "<mo>+=</mo>")
+    if infix:   # a piece that begins with a binary operator: spaced as one, not as a sign
+        out = re.sub(r"^(<math[^>]*><mrow>)<mo>", r'\1<mo form="infix">', out)
+    return out
+
+
+# Chromium does not break a line inside one <math>, so a formula wider than its column is
+# written as several, split before binary operators outside every group; the browser wraps
+# between them. Widths are estimated in characters (a command such as \cdot is one glyph):
+PIECE_CHARS = 36      # at most this wide a piece fits the narrower column of a 1280 px page
+# Before a relation or a term first; before a factor only when a term is still too wide.
+_TERMS = (" = ", r" \mathrel{+}= ", " + ", " - ", r" \leftarrow ")
+_FACTORS = _TERMS + (r" \cdot ", r" \odot ", r" \times ")
+# What a binary operator cannot follow (then it is a sign, or the body of a Σ begins):
+_OPERAND_NEXT = re.compile(r"(?:[=+\-(]|\\(?:cdot|odot|times|leftarrow|left\(|phantom\{=\})"
+                           r"|\\(?:sum|max|min)_\{(?:[^{}]|\{[^{}]*\})*\})\s*$")
+_TOKEN = re.compile(r"\\[a-zA-Z]+|\\.|.", re.S)
+_NAMED = {r"\log", r"\exp", r"\tanh", r"\cosh", r"\sinh", r"\sin", r"\cos", r"\max", r"\min"}
+
+
+def _unbraced_arguments(src: str) -> str:
+    """\\tanh{\\left(x\\right)} -> \\tanh\\left(x\\right): the same formula, but the argument
+    no longer a {} group that cannot be split."""
+    tokens, out, kept = _TOKEN.findall(src), [], []
+
+    def follows_function(k: int) -> bool:   # \\tanh{ or \\tanh^{2}{
+        if k > 0 and tokens[k - 1] == "}":
+            depth, k = 0, k - 1
+            while k >= 0:
+                depth += (tokens[k] == "}") - (tokens[k] == "{")
+                if depth == 0:
+                    break
+                k -= 1
+            if k < 1 or tokens[k - 1] != "^":
+                return False
+            k -= 1
+        return k > 0 and tokens[k - 1] in _NAMED
+
+    for k, t in enumerate(tokens):
+        if t == "{":
+            drop = tokens[k + 1:k + 2] == [r"\left"] and follows_function(k)
+            kept.append(not drop)
+            if drop:
+                continue
+        elif t == "}" and kept and not kept.pop():
+            continue
+        out.append(t)
+    return "".join(out)
+
+
+def _pieces(src: str, flat: bool, breaks: tuple) -> list[str]:
+    """src split before its binary operators in `breaks` outside every {} group, index [],
+    environment and (unless `flat`: then they are plain parentheses, which may be split)
+    \\left(...\\right) pair."""
+    if flat:
+        src = _unbraced_arguments(src).replace(r"\left(", "(").replace(r"\right)", ")")
+    out, start, depth = [], 0, 0
+    for m in _TOKEN.finditer(src):
+        t, i = m.group(), m.start()
+        if depth == 0 and i > start and src.startswith(breaks, i) \
+                and not _OPERAND_NEXT.search(src[start:i]):
+            out.append(src[start:i].strip())
+            start = i
+        depth += (t in ("{", "[", r"\left", r"\begin")) - (t in ("}", "]", r"\right", r"\end"))
+    return out + [src[start:].strip()]
+
+
+def _chars(src: str) -> float:
+    """The width of LaTeX, estimated in characters: a fraction as its wider part, scripts
+    smaller, a command one glyph (a function's name its letters)."""
+    tokens = [t for t in _TOKEN.findall(src) if not t.isspace()]
+    at = 0
+
+    def arg() -> float:
+        nonlocal at
+        at += 1
+        if at > len(tokens):
+            return 0.0
+        return run() if tokens[at - 1] == "{" else 1.0
+
+    def run() -> float:   # up to the "}" closing the current group, or the end
+        nonlocal at
+        width = 0.0
+        while at < len(tokens):
+            t = tokens[at]
+            at += 1
+            if t == "}":
+                break
+            if t == "{":
+                width += run()
+            elif t == r"\frac":
+                width += max(arg(), arg())
+            elif t in ("^", "_"):
+                width += 0.7 * arg()
+            elif t in (r"\text", r"\mathrm", r"\operatorname", r"\phantom"):
+                width += arg()
+            elif t not in (r"\left", r"\right"):
+                width += len(t) - 1 if t in _NAMED else 1
+        return width
+    return run()
+
+
+def _formula(m: Math) -> str:
+    """One formula as MathML that wraps to its column: whole when it is short; else split
+    outside brackets, or inside them (bracketing with plain, unstretched parentheses); a
+    formula with a piece too wide even so (a long fraction) as wrapping Unicode text."""
+    if _chars(m.latex) <= PIECE_CHARS:
+        return _mathml(m.latex, False)
+    for flat, breaks in ((False, _TERMS), (False, _FACTORS), (True, _TERMS), (True, _FACTORS)):
+        pieces = _pieces(m.latex, flat, breaks)
+        if max(map(_chars, pieces)) <= PIECE_CHARS:
+            return "<wbr>".join(_mathml(p, False, infix=k > 0) for k, p in enumerate(pieces))
+    return f'<code class="formula">{_html.escape(m.text)}</code>'
 
 
 def _html_inline(parts) -> str:
     return "".join(_mathml(p.latex, False) if isinstance(p, Math) else _html.escape(p) for p in parts)
+
+
+def _html_paragraph(parts) -> str:
+    return "".join(_formula(p) if isinstance(p, Math) else _html.escape(p) for p in parts)
 
 
 def _html_code(text: str) -> str:
@@ -653,10 +785,10 @@ def html_body(e) -> str:
                 ident = f' id="step-{anchor.group(1)}"' if anchor else ""
                 sink.append(f"<h{b.level}{ident}>{_html_inline(b.title)}</h{b.level}>")
             elif isinstance(b, P):
-                sink.append(f"<p>{_html_inline(b.parts)}</p>")
+                sink.append(f"<p>{_html_paragraph(b.parts)}</p>")
             elif isinstance(b, Eqs):
                 for m, tag in b.items:
-                    sink.append('<div class="eq">' + _mathml(m.latex, False)
+                    sink.append(f'<div class="eq"><span class="f">{_formula(m)}</span>'
                                 + (f'<span class="tag">{_html.escape(tag)}</span>' if tag else "") + "</div>")
             elif isinstance(b, Code):
                 legend = "; ".join(f"<code>{a}</code> = {_mathml(_arg_name(buf, e.graph.params).latex, False)} "

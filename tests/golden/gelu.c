@@ -4,10 +4,15 @@
 #include <stdint.h>
 #include "gelu_net.h"
 
-/* s[j*2 + k] = Σ_{r < len} a[j*sa + r]·b[k*sb + r] for j < 8, k < 2; 4 partial sums each (len a multiple of 4, at least 4), added pairwise */
-static void dot8x2_4(const float *restrict a, size_t sa, const float *restrict b, size_t sb, size_t len, float *restrict s)
+/*
+ * s[j*2 + k] = sum_{r < len} a[j*sa + r]*b[k*sb + r] for j < 8, k < 2; 4 partial sums each (len a
+ * multiple of 4, at least 4), added pairwise
+ */
+static void dot8x2_4(const float *restrict a, size_t sa, const float *restrict b, size_t sb,
+        size_t len, float *restrict s)
 {
-    float c0[4], c1[4], c2[4], c3[4], c4[4], c5[4], c6[4], c7[4], c8[4], c9[4], c10[4], c11[4], c12[4], c13[4], c14[4], c15[4];
+    float c0[4], c1[4], c2[4], c3[4], c4[4], c5[4], c6[4], c7[4], c8[4], c9[4], c10[4], c11[4],
+            c12[4], c13[4], c14[4], c15[4];
     for (size_t l = 0; l < 4; ++l) {
         c0[l] = a[l]*b[l];
         c1[l] = a[l]*b[sb + l];
@@ -46,15 +51,26 @@ static void dot8x2_4(const float *restrict a, size_t sa, const float *restrict b
             c15[l] += a[7*sa + r + l]*b[sb + r + l];
         }
     }
-    for (size_t l = 0; l < 2; ++l) { c0[l] += c0[l + 2]; c1[l] += c1[l + 2]; c2[l] += c2[l + 2]; c3[l] += c3[l + 2]; c4[l] += c4[l + 2]; c5[l] += c5[l + 2]; c6[l] += c6[l + 2]; c7[l] += c7[l + 2]; c8[l] += c8[l + 2]; c9[l] += c9[l + 2]; c10[l] += c10[l + 2]; c11[l] += c11[l + 2]; c12[l] += c12[l + 2]; c13[l] += c13[l + 2]; c14[l] += c14[l + 2]; c15[l] += c15[l + 2]; }
-    c0[0] += c0[1]; c1[0] += c1[1]; c2[0] += c2[1]; c3[0] += c3[1]; c4[0] += c4[1]; c5[0] += c5[1]; c6[0] += c6[1]; c7[0] += c7[1]; c8[0] += c8[1]; c9[0] += c9[1]; c10[0] += c10[1]; c11[0] += c11[1]; c12[0] += c12[1]; c13[0] += c13[1]; c14[0] += c14[1]; c15[0] += c15[1];
-    s[0] = c0[0]; s[1] = c1[0]; s[2] = c2[0]; s[3] = c3[0]; s[4] = c4[0]; s[5] = c5[0]; s[6] = c6[0]; s[7] = c7[0]; s[8] = c8[0]; s[9] = c9[0]; s[10] = c10[0]; s[11] = c11[0]; s[12] = c12[0]; s[13] = c13[0]; s[14] = c14[0]; s[15] = c15[0];
+    for (size_t l = 0; l < 2; ++l) { c0[l] += c0[l + 2]; c1[l] += c1[l + 2]; c2[l] += c2[l + 2];
+            c3[l] += c3[l + 2]; c4[l] += c4[l + 2]; c5[l] += c5[l + 2]; c6[l] += c6[l + 2];
+            c7[l] += c7[l + 2]; c8[l] += c8[l + 2]; c9[l] += c9[l + 2]; c10[l] += c10[l + 2];
+            c11[l] += c11[l + 2]; c12[l] += c12[l + 2]; c13[l] += c13[l + 2]; c14[l] += c14[l + 2];
+            c15[l] += c15[l + 2]; }
+    c0[0] += c0[1]; c1[0] += c1[1]; c2[0] += c2[1]; c3[0] += c3[1]; c4[0] += c4[1]; c5[0] += c5[1];
+            c6[0] += c6[1]; c7[0] += c7[1]; c8[0] += c8[1]; c9[0] += c9[1]; c10[0] += c10[1];
+            c11[0] += c11[1]; c12[0] += c12[1]; c13[0] += c13[1]; c14[0] += c14[1];
+            c15[0] += c15[1];
+    s[0] = c0[0]; s[1] = c1[0]; s[2] = c2[0]; s[3] = c3[0]; s[4] = c4[0]; s[5] = c5[0];
+            s[6] = c6[0]; s[7] = c7[0]; s[8] = c8[0]; s[9] = c9[0]; s[10] = c10[0]; s[11] = c11[0];
+            s[12] = c12[0]; s[13] = c13[0]; s[14] = c14[0]; s[15] = c15[0];
 }
 
-/* out[m*om + l] = Σ_{r<len} a[m*am + r*ar]·b[r*br + l] for m < 8, l < 8 (len >= 1) */
-static void tile8x8(const float *restrict a, size_t am, size_t ar, const float *restrict b, size_t br, size_t len, float *restrict out, size_t om)
+/* out[m*om + l] = sum_{r<len} a[m*am + r*ar]*b[r*br + l] for m < 8, l < 8 (len >= 1) */
+static void tile8x8(const float *restrict a, size_t am, size_t ar, const float *restrict b,
+        size_t br, size_t len, float *restrict out, size_t om)
 {
-    float c0[4], c1[4], c2[4], c3[4], c4[4], c5[4], c6[4], c7[4], c8[4], c9[4], c10[4], c11[4], c12[4], c13[4], c14[4], c15[4];
+    float c0[4], c1[4], c2[4], c3[4], c4[4], c5[4], c6[4], c7[4], c8[4], c9[4], c10[4], c11[4],
+            c12[4], c13[4], c14[4], c15[4];
     for (size_t l = 0; l < 4; ++l) {
         c0[l] = a[0]*b[l];
         c1[l] = a[0]*b[4 + l];
@@ -113,510 +129,576 @@ static void tile8x8(const float *restrict a, size_t am, size_t ar, const float *
     }
 }
 
-/* a: h with a as epilogue: a[b, i0] = 0.5*((Σ_{i1} W1[i0, i1]*x[b, i1]) + b1[i0])*(tanh(0.7978845608028654*(Σ_{i1} W1[i0, i1]*x[b, i1]) + 0.035677408136300126*((Σ_{i1} W1[i0, i1]*x[b, i1]) + b1[i0])**3 + 0.7978845608028654*b1[i0]) + 1) */
-static void k0(size_t n, float *restrict a0, const float *restrict a1, const float *restrict a2, const float *restrict a3)
+/*
+ * a: h with a as epilogue: a[b, i0] = 0.5*((sum_{i1} W1[i0, i1]*x[b, i1]) +
+ * b1[i0])*(tanh(0.7978845608028654*(sum_{i1} W1[i0, i1]*x[b, i1]) + 0.035677408136300126*((sum_{i1}
+ * W1[i0, i1]*x[b, i1]) + b1[i0])**3 + 0.7978845608028654*b1[i0]) + 1)
+ */
+static void a_forward(size_t n, float *restrict a, const float *restrict W1,
+        const float *restrict b1, const float *restrict x)
 {
     for (size_t b_t = 0; b_t < n / 8 * 8; b_t += 8) {
         for (size_t i0_t = 0; i0_t < 24; i0_t += 2) {
             float s[16];
-            dot8x2_4(a3 + 16*b_t, 16, a1 + 16*i0_t, 16, 16, s);
+            dot8x2_4(x + 16*b_t, 16, W1 + 16*i0_t, 16, 16, s);
             for (size_t b_j = 0; b_j < 8; ++b_j) {
                 for (size_t i0_j = 0; i0_j < 2; ++i0_j) {
                     const float acc = s[2*b_j + i0_j];
-                    const float t0 = acc + a2[i0_j + i0_t];
-                    a0[24*b_j + 24*b_t + i0_j + i0_t] = 0.5F*t0*(1 + tanhf(0.7978846F*acc + 0.7978846F*a2[i0_j + i0_t] + 0.035677407F*(t0*t0*t0)));
+                    const float t0 = acc + b1[i0_j + i0_t];
+                    a[24*b_j + 24*b_t + i0_j + i0_t] = 0.5F*t0*(1 + tanhf(0.7978846F*acc +
+                            0.7978846F*b1[i0_j + i0_t] + 0.035677407F*(t0*t0*t0)));
                 }
             }
         }
     }
     for (size_t b = n / 8 * 8; b < n; ++b) {
-        for (size_t i0_t = 0; i0_t < 16; i0_t += 16) {
-            float c0[4], c1[4], c2[4], c3[4], c4[4], c5[4], c6[4], c7[4], c8[4], c9[4], c10[4], c11[4], c12[4], c13[4], c14[4], c15[4];
+        {
+            float c0[4], c1[4], c2[4], c3[4], c4[4], c5[4], c6[4], c7[4], c8[4], c9[4], c10[4],
+                    c11[4], c12[4], c13[4], c14[4], c15[4];
             for (size_t l = 0; l < 4; ++l) {
-                c0[l] = a1[16*i0_t + l]*a3[16*b + l];
-                c1[l] = a1[16*i0_t + l + 16]*a3[16*b + l];
-                c2[l] = a1[16*i0_t + l + 32]*a3[16*b + l];
-                c3[l] = a1[16*i0_t + l + 48]*a3[16*b + l];
-                c4[l] = a1[16*i0_t + l + 64]*a3[16*b + l];
-                c5[l] = a1[16*i0_t + l + 80]*a3[16*b + l];
-                c6[l] = a1[16*i0_t + l + 96]*a3[16*b + l];
-                c7[l] = a1[16*i0_t + l + 112]*a3[16*b + l];
-                c8[l] = a1[16*i0_t + l + 128]*a3[16*b + l];
-                c9[l] = a1[16*i0_t + l + 144]*a3[16*b + l];
-                c10[l] = a1[16*i0_t + l + 160]*a3[16*b + l];
-                c11[l] = a1[16*i0_t + l + 176]*a3[16*b + l];
-                c12[l] = a1[16*i0_t + l + 192]*a3[16*b + l];
-                c13[l] = a1[16*i0_t + l + 208]*a3[16*b + l];
-                c14[l] = a1[16*i0_t + l + 224]*a3[16*b + l];
-                c15[l] = a1[16*i0_t + l + 240]*a3[16*b + l];
+                c0[l] = W1[l]*x[16*b + l];
+                c1[l] = W1[l + 16]*x[16*b + l];
+                c2[l] = W1[l + 32]*x[16*b + l];
+                c3[l] = W1[l + 48]*x[16*b + l];
+                c4[l] = W1[l + 64]*x[16*b + l];
+                c5[l] = W1[l + 80]*x[16*b + l];
+                c6[l] = W1[l + 96]*x[16*b + l];
+                c7[l] = W1[l + 112]*x[16*b + l];
+                c8[l] = W1[l + 128]*x[16*b + l];
+                c9[l] = W1[l + 144]*x[16*b + l];
+                c10[l] = W1[l + 160]*x[16*b + l];
+                c11[l] = W1[l + 176]*x[16*b + l];
+                c12[l] = W1[l + 192]*x[16*b + l];
+                c13[l] = W1[l + 208]*x[16*b + l];
+                c14[l] = W1[l + 224]*x[16*b + l];
+                c15[l] = W1[l + 240]*x[16*b + l];
             }
             for (size_t i1_t = 4; i1_t < 16; i1_t += 4) {
                 for (size_t l = 0; l < 4; ++l) {
-                    c0[l] += a1[16*i0_t + i1_t + l]*a3[16*b + i1_t + l];
-                    c1[l] += a1[16*i0_t + i1_t + l + 16]*a3[16*b + i1_t + l];
-                    c2[l] += a1[16*i0_t + i1_t + l + 32]*a3[16*b + i1_t + l];
-                    c3[l] += a1[16*i0_t + i1_t + l + 48]*a3[16*b + i1_t + l];
-                    c4[l] += a1[16*i0_t + i1_t + l + 64]*a3[16*b + i1_t + l];
-                    c5[l] += a1[16*i0_t + i1_t + l + 80]*a3[16*b + i1_t + l];
-                    c6[l] += a1[16*i0_t + i1_t + l + 96]*a3[16*b + i1_t + l];
-                    c7[l] += a1[16*i0_t + i1_t + l + 112]*a3[16*b + i1_t + l];
-                    c8[l] += a1[16*i0_t + i1_t + l + 128]*a3[16*b + i1_t + l];
-                    c9[l] += a1[16*i0_t + i1_t + l + 144]*a3[16*b + i1_t + l];
-                    c10[l] += a1[16*i0_t + i1_t + l + 160]*a3[16*b + i1_t + l];
-                    c11[l] += a1[16*i0_t + i1_t + l + 176]*a3[16*b + i1_t + l];
-                    c12[l] += a1[16*i0_t + i1_t + l + 192]*a3[16*b + i1_t + l];
-                    c13[l] += a1[16*i0_t + i1_t + l + 208]*a3[16*b + i1_t + l];
-                    c14[l] += a1[16*i0_t + i1_t + l + 224]*a3[16*b + i1_t + l];
-                    c15[l] += a1[16*i0_t + i1_t + l + 240]*a3[16*b + i1_t + l];
+                    c0[l] += W1[i1_t + l]*x[16*b + i1_t + l];
+                    c1[l] += W1[i1_t + l + 16]*x[16*b + i1_t + l];
+                    c2[l] += W1[i1_t + l + 32]*x[16*b + i1_t + l];
+                    c3[l] += W1[i1_t + l + 48]*x[16*b + i1_t + l];
+                    c4[l] += W1[i1_t + l + 64]*x[16*b + i1_t + l];
+                    c5[l] += W1[i1_t + l + 80]*x[16*b + i1_t + l];
+                    c6[l] += W1[i1_t + l + 96]*x[16*b + i1_t + l];
+                    c7[l] += W1[i1_t + l + 112]*x[16*b + i1_t + l];
+                    c8[l] += W1[i1_t + l + 128]*x[16*b + i1_t + l];
+                    c9[l] += W1[i1_t + l + 144]*x[16*b + i1_t + l];
+                    c10[l] += W1[i1_t + l + 160]*x[16*b + i1_t + l];
+                    c11[l] += W1[i1_t + l + 176]*x[16*b + i1_t + l];
+                    c12[l] += W1[i1_t + l + 192]*x[16*b + i1_t + l];
+                    c13[l] += W1[i1_t + l + 208]*x[16*b + i1_t + l];
+                    c14[l] += W1[i1_t + l + 224]*x[16*b + i1_t + l];
+                    c15[l] += W1[i1_t + l + 240]*x[16*b + i1_t + l];
                 }
             }
-            for (size_t l = 0; l < 2; ++l) { c0[l] += c0[l + 2]; c1[l] += c1[l + 2]; c2[l] += c2[l + 2]; c3[l] += c3[l + 2]; c4[l] += c4[l + 2]; c5[l] += c5[l + 2]; c6[l] += c6[l + 2]; c7[l] += c7[l + 2]; c8[l] += c8[l + 2]; c9[l] += c9[l + 2]; c10[l] += c10[l + 2]; c11[l] += c11[l + 2]; c12[l] += c12[l + 2]; c13[l] += c13[l + 2]; c14[l] += c14[l + 2]; c15[l] += c15[l + 2]; }
-            c0[0] += c0[1]; c1[0] += c1[1]; c2[0] += c2[1]; c3[0] += c3[1]; c4[0] += c4[1]; c5[0] += c5[1]; c6[0] += c6[1]; c7[0] += c7[1]; c8[0] += c8[1]; c9[0] += c9[1]; c10[0] += c10[1]; c11[0] += c11[1]; c12[0] += c12[1]; c13[0] += c13[1]; c14[0] += c14[1]; c15[0] += c15[1];
-            const float s[16] = {c0[0], c1[0], c2[0], c3[0], c4[0], c5[0], c6[0], c7[0], c8[0], c9[0], c10[0], c11[0], c12[0], c13[0], c14[0], c15[0]};
+            for (size_t l = 0; l < 2; ++l) { c0[l] += c0[l + 2]; c1[l] += c1[l + 2];
+                    c2[l] += c2[l + 2]; c3[l] += c3[l + 2]; c4[l] += c4[l + 2]; c5[l] += c5[l + 2];
+                    c6[l] += c6[l + 2]; c7[l] += c7[l + 2]; c8[l] += c8[l + 2]; c9[l] += c9[l + 2];
+                    c10[l] += c10[l + 2]; c11[l] += c11[l + 2]; c12[l] += c12[l + 2];
+                    c13[l] += c13[l + 2]; c14[l] += c14[l + 2]; c15[l] += c15[l + 2]; }
+            c0[0] += c0[1]; c1[0] += c1[1]; c2[0] += c2[1]; c3[0] += c3[1]; c4[0] += c4[1];
+                    c5[0] += c5[1]; c6[0] += c6[1]; c7[0] += c7[1]; c8[0] += c8[1]; c9[0] += c9[1];
+                    c10[0] += c10[1]; c11[0] += c11[1]; c12[0] += c12[1]; c13[0] += c13[1];
+                    c14[0] += c14[1]; c15[0] += c15[1];
+            const float s[16] = {c0[0], c1[0], c2[0], c3[0], c4[0], c5[0], c6[0], c7[0], c8[0],
+                    c9[0], c10[0], c11[0], c12[0], c13[0], c14[0], c15[0]};
             for (size_t i0_j = 0; i0_j < 16; ++i0_j) {
                 const float acc = s[i0_j];
-                const float t0 = acc + a2[i0_j + i0_t];
-                a0[24*b + i0_j + i0_t] = 0.5F*t0*(1 + tanhf(0.7978846F*acc + 0.7978846F*a2[i0_j + i0_t] + 0.035677407F*(t0*t0*t0)));
+                const float t0 = acc + b1[i0_j];
+                a[24*b + i0_j] = 0.5F*t0*(1 + tanhf(0.7978846F*acc + 0.7978846F*b1[i0_j] +
+                        0.035677407F*(t0*t0*t0)));
             }
         }
         for (size_t i0 = 16; i0 < 24; ++i0) {
             float c0[4];
             for (size_t l = 0; l < 4; ++l) {
-                c0[l] = a1[16*i0 + l]*a3[16*b + l];
+                c0[l] = W1[16*i0 + l]*x[16*b + l];
             }
             for (size_t i1_t = 4; i1_t < 16; i1_t += 4) {
                 for (size_t l = 0; l < 4; ++l) {
-                    c0[l] += a1[16*i0 + i1_t + l]*a3[16*b + i1_t + l];
+                    c0[l] += W1[16*i0 + i1_t + l]*x[16*b + i1_t + l];
                 }
             }
             for (size_t l = 0; l < 2; ++l) { c0[l] += c0[l + 2]; }
             c0[0] += c0[1];
             const float acc = c0[0];
-            const float t0 = acc + a2[i0];
-            a0[24*b + i0] = 0.5F*t0*(1 + tanhf(0.7978846F*acc + 0.7978846F*a2[i0] + 0.035677407F*(t0*t0*t0)));
+            const float t0 = acc + b1[i0];
+            a[24*b + i0] = 0.5F*t0*(1 + tanhf(0.7978846F*acc + 0.7978846F*b1[i0] +
+                    0.035677407F*(t0*t0*t0)));
         }
     }
 }
 
-/* logits: forward: logits[b, i0] = (Σ_{i1} W2[i0, i1]*a[b, i1]) + b2[i0] */
-static void k1(size_t n, float *restrict a0, const float *restrict a1, const float *restrict a2, const float *restrict a3)
+/* logits: forward: logits[b, i0] = (sum_{i1} W2[i0, i1]*a[b, i1]) + b2[i0] */
+static void logits_forward(size_t n, float *restrict logits, const float *restrict W2,
+        const float *restrict a, const float *restrict b2)
 {
     for (size_t b_t = 0; b_t < n / 8 * 8; b_t += 8) {
         for (size_t i0_t = 0; i0_t < 4; i0_t += 2) {
             float s[16];
-            dot8x2_4(a2 + 24*b_t, 24, a1 + 24*i0_t, 24, 24, s);
+            dot8x2_4(a + 24*b_t, 24, W2 + 24*i0_t, 24, 24, s);
             for (size_t b_j = 0; b_j < 8; ++b_j) {
                 for (size_t i0_j = 0; i0_j < 2; ++i0_j) {
                     const float acc = s[2*b_j + i0_j];
-                    a0[4*b_j + 4*b_t + i0_j + i0_t] = acc + a3[i0_j + i0_t];
+                    logits[4*b_j + 4*b_t + i0_j + i0_t] = acc + b2[i0_j + i0_t];
                 }
             }
         }
     }
     for (size_t b = n / 8 * 8; b < n; ++b) {
-        for (size_t i0_t = 0; i0_t < 4; i0_t += 4) {
+        {
             float c0[4], c1[4], c2[4], c3[4];
             for (size_t l = 0; l < 4; ++l) {
-                c0[l] = a1[24*i0_t + l]*a2[24*b + l];
-                c1[l] = a1[24*i0_t + l + 24]*a2[24*b + l];
-                c2[l] = a1[24*i0_t + l + 48]*a2[24*b + l];
-                c3[l] = a1[24*i0_t + l + 72]*a2[24*b + l];
+                c0[l] = W2[l]*a[24*b + l];
+                c1[l] = W2[l + 24]*a[24*b + l];
+                c2[l] = W2[l + 48]*a[24*b + l];
+                c3[l] = W2[l + 72]*a[24*b + l];
             }
             for (size_t i1_t = 4; i1_t < 24; i1_t += 4) {
                 for (size_t l = 0; l < 4; ++l) {
-                    c0[l] += a1[24*i0_t + i1_t + l]*a2[24*b + i1_t + l];
-                    c1[l] += a1[24*i0_t + i1_t + l + 24]*a2[24*b + i1_t + l];
-                    c2[l] += a1[24*i0_t + i1_t + l + 48]*a2[24*b + i1_t + l];
-                    c3[l] += a1[24*i0_t + i1_t + l + 72]*a2[24*b + i1_t + l];
+                    c0[l] += W2[i1_t + l]*a[24*b + i1_t + l];
+                    c1[l] += W2[i1_t + l + 24]*a[24*b + i1_t + l];
+                    c2[l] += W2[i1_t + l + 48]*a[24*b + i1_t + l];
+                    c3[l] += W2[i1_t + l + 72]*a[24*b + i1_t + l];
                 }
             }
-            for (size_t l = 0; l < 2; ++l) { c0[l] += c0[l + 2]; c1[l] += c1[l + 2]; c2[l] += c2[l + 2]; c3[l] += c3[l + 2]; }
+            for (size_t l = 0; l < 2; ++l) { c0[l] += c0[l + 2]; c1[l] += c1[l + 2];
+                    c2[l] += c2[l + 2]; c3[l] += c3[l + 2]; }
             c0[0] += c0[1]; c1[0] += c1[1]; c2[0] += c2[1]; c3[0] += c3[1];
             const float s[4] = {c0[0], c1[0], c2[0], c3[0]};
             for (size_t i0_j = 0; i0_j < 4; ++i0_j) {
                 const float acc = s[i0_j];
-                a0[4*b + i0_j + i0_t] = acc + a3[i0_j + i0_t];
+                logits[4*b + i0_j] = acc + b2[i0_j];
             }
         }
     }
 }
 
 /* probs: forward: probs.max[b] = max_{i1} logits[b, i1] */
-static void k2(size_t n, float *restrict a0, const float *restrict a1)
+static void probs_max_forward(size_t n, float *restrict probs_max, const float *restrict logits)
 {
     for (size_t b = 0; b < n; ++b) {
         float acc = -INFINITY;
         for (size_t i1 = 0; i1 < 4; ++i1) {
-            if (a1[4*b + i1] > acc) acc = a1[4*b + i1];
+            if (logits[4*b + i1] > acc) acc = logits[4*b + i1];
         }
-        a0[b] = acc;
+        probs_max[b] = acc;
     }
 }
 
-/* probs: forward: probs.sumexp[b] = Σ_{i1} exp(logits[b, i1] - probs.max[b]) */
-static void k3(size_t n, float *restrict a0, const float *restrict a1, const float *restrict a2)
+/* probs: forward: probs.sumexp[b] = sum_{i1} exp(logits[b, i1] - probs.max[b]) */
+static void probs_sumexp_forward(size_t n, float *restrict probs_sumexp,
+        const float *restrict logits, const float *restrict probs_max)
 {
     for (size_t b = 0; b < n; ++b) {
         float acc = 0;
         for (size_t i1 = 0; i1 < 4; ++i1) {
-            acc += expf(a1[4*b + i1] - a2[b]);
+            acc += expf(logits[4*b + i1] - probs_max[b]);
         }
-        a0[b] = acc;
+        probs_sumexp[b] = acc;
     }
 }
 
 /* probs: forward: probs[b, i0] = exp(logits[b, i0] - probs.max[b])/probs.sumexp[b] */
-static void k4(size_t n, float *restrict a0, const float *restrict a1, const float *restrict a2, const float *restrict a3)
+static void probs_forward(size_t n, float *restrict probs, const float *restrict logits,
+        const float *restrict probs_max, const float *restrict probs_sumexp)
 {
     for (size_t b = 0; b < n; ++b) {
         for (size_t i0 = 0; i0 < 4; ++i0) {
-            a0[4*b + i0] = expf(a1[4*b + i0] - a2[b])*1.0F/a3[b];
+            probs[4*b + i0] = expf(logits[4*b + i0] - probs_max[b])/probs_sumexp[b];
         }
     }
 }
 
-/* loss: forward: loss[b] = Σ_{i0} -(-log(loss.sumexp[b]) + logits[b, i0] - loss.max[b])*y[b, i0] */
-static void k5(size_t n, float *restrict a0, const float *restrict a1, const float *restrict a2, const float *restrict a3, const float *restrict a4)
+/*
+ * loss: forward: loss[b] = sum_{i0} -(-log(probs.sumexp[b]) + logits[b, i0] - probs.max[b])*y[b,
+ * i0]
+ */
+static void loss_forward(size_t n, float *restrict loss, const float *restrict logits,
+        const float *restrict probs_max, const float *restrict probs_sumexp,
+        const float *restrict y)
 {
     for (size_t b = 0; b < n; ++b) {
         float acc = 0;
-        const float u0 = logf(a3[b]);
+        const float u0 = logf(probs_sumexp[b]);
         for (size_t i0 = 0; i0 < 4; ++i0) {
-            acc += -(-u0 + a1[4*b + i0] - a2[b])*a4[4*b + i0];
+            acc += -(-u0 + logits[4*b + i0] - probs_max[b])*y[4*b + i0];
         }
-        a0[b] = acc;
+        loss[b] = acc;
     }
 }
 
-/* loss: batch mean: __batch_loss[0] = (Σ_{b} loss[b])/n */
-static void k6(size_t n, float *restrict a0, const float *restrict a1)
+/* loss: batch mean: __batch_loss[0] = (sum_{b} loss[b])/n */
+static void batch_mean_loss(size_t n, float *restrict batch_loss, const float *restrict loss)
 {
+    const float inv_n = 1 / (float)n;
     float acc = 0;
     for (size_t b = 0; b < n; ++b) {
-        acc += a1[b];
+        acc += loss[b];
     }
-    a0[0] = acc*1.0F/n;
+    batch_loss[0] = acc*inv_n;
 }
 
-/* h: forward: h[b, i0] = (Σ_{i1} W1[i0, i1]*x[b, i1]) + b1[i0] */
-static void k7(size_t n, float *restrict a0, const float *restrict a1, const float *restrict a2, const float *restrict a3)
+/* h: forward: h[b, i0] = (sum_{i1} W1[i0, i1]*x[b, i1]) + b1[i0] */
+static void h_forward(size_t n, float *restrict h, const float *restrict W1,
+        const float *restrict b1, const float *restrict x)
 {
     for (size_t b_t = 0; b_t < n / 8 * 8; b_t += 8) {
         for (size_t i0_t = 0; i0_t < 24; i0_t += 2) {
             float s[16];
-            dot8x2_4(a3 + 16*b_t, 16, a1 + 16*i0_t, 16, 16, s);
+            dot8x2_4(x + 16*b_t, 16, W1 + 16*i0_t, 16, 16, s);
             for (size_t b_j = 0; b_j < 8; ++b_j) {
                 for (size_t i0_j = 0; i0_j < 2; ++i0_j) {
                     const float acc = s[2*b_j + i0_j];
-                    a0[24*b_j + 24*b_t + i0_j + i0_t] = acc + a2[i0_j + i0_t];
+                    h[24*b_j + 24*b_t + i0_j + i0_t] = acc + b1[i0_j + i0_t];
                 }
             }
         }
     }
     for (size_t b = n / 8 * 8; b < n; ++b) {
-        for (size_t i0_t = 0; i0_t < 16; i0_t += 16) {
-            float c0[4], c1[4], c2[4], c3[4], c4[4], c5[4], c6[4], c7[4], c8[4], c9[4], c10[4], c11[4], c12[4], c13[4], c14[4], c15[4];
+        {
+            float c0[4], c1[4], c2[4], c3[4], c4[4], c5[4], c6[4], c7[4], c8[4], c9[4], c10[4],
+                    c11[4], c12[4], c13[4], c14[4], c15[4];
             for (size_t l = 0; l < 4; ++l) {
-                c0[l] = a1[16*i0_t + l]*a3[16*b + l];
-                c1[l] = a1[16*i0_t + l + 16]*a3[16*b + l];
-                c2[l] = a1[16*i0_t + l + 32]*a3[16*b + l];
-                c3[l] = a1[16*i0_t + l + 48]*a3[16*b + l];
-                c4[l] = a1[16*i0_t + l + 64]*a3[16*b + l];
-                c5[l] = a1[16*i0_t + l + 80]*a3[16*b + l];
-                c6[l] = a1[16*i0_t + l + 96]*a3[16*b + l];
-                c7[l] = a1[16*i0_t + l + 112]*a3[16*b + l];
-                c8[l] = a1[16*i0_t + l + 128]*a3[16*b + l];
-                c9[l] = a1[16*i0_t + l + 144]*a3[16*b + l];
-                c10[l] = a1[16*i0_t + l + 160]*a3[16*b + l];
-                c11[l] = a1[16*i0_t + l + 176]*a3[16*b + l];
-                c12[l] = a1[16*i0_t + l + 192]*a3[16*b + l];
-                c13[l] = a1[16*i0_t + l + 208]*a3[16*b + l];
-                c14[l] = a1[16*i0_t + l + 224]*a3[16*b + l];
-                c15[l] = a1[16*i0_t + l + 240]*a3[16*b + l];
+                c0[l] = W1[l]*x[16*b + l];
+                c1[l] = W1[l + 16]*x[16*b + l];
+                c2[l] = W1[l + 32]*x[16*b + l];
+                c3[l] = W1[l + 48]*x[16*b + l];
+                c4[l] = W1[l + 64]*x[16*b + l];
+                c5[l] = W1[l + 80]*x[16*b + l];
+                c6[l] = W1[l + 96]*x[16*b + l];
+                c7[l] = W1[l + 112]*x[16*b + l];
+                c8[l] = W1[l + 128]*x[16*b + l];
+                c9[l] = W1[l + 144]*x[16*b + l];
+                c10[l] = W1[l + 160]*x[16*b + l];
+                c11[l] = W1[l + 176]*x[16*b + l];
+                c12[l] = W1[l + 192]*x[16*b + l];
+                c13[l] = W1[l + 208]*x[16*b + l];
+                c14[l] = W1[l + 224]*x[16*b + l];
+                c15[l] = W1[l + 240]*x[16*b + l];
             }
             for (size_t i1_t = 4; i1_t < 16; i1_t += 4) {
                 for (size_t l = 0; l < 4; ++l) {
-                    c0[l] += a1[16*i0_t + i1_t + l]*a3[16*b + i1_t + l];
-                    c1[l] += a1[16*i0_t + i1_t + l + 16]*a3[16*b + i1_t + l];
-                    c2[l] += a1[16*i0_t + i1_t + l + 32]*a3[16*b + i1_t + l];
-                    c3[l] += a1[16*i0_t + i1_t + l + 48]*a3[16*b + i1_t + l];
-                    c4[l] += a1[16*i0_t + i1_t + l + 64]*a3[16*b + i1_t + l];
-                    c5[l] += a1[16*i0_t + i1_t + l + 80]*a3[16*b + i1_t + l];
-                    c6[l] += a1[16*i0_t + i1_t + l + 96]*a3[16*b + i1_t + l];
-                    c7[l] += a1[16*i0_t + i1_t + l + 112]*a3[16*b + i1_t + l];
-                    c8[l] += a1[16*i0_t + i1_t + l + 128]*a3[16*b + i1_t + l];
-                    c9[l] += a1[16*i0_t + i1_t + l + 144]*a3[16*b + i1_t + l];
-                    c10[l] += a1[16*i0_t + i1_t + l + 160]*a3[16*b + i1_t + l];
-                    c11[l] += a1[16*i0_t + i1_t + l + 176]*a3[16*b + i1_t + l];
-                    c12[l] += a1[16*i0_t + i1_t + l + 192]*a3[16*b + i1_t + l];
-                    c13[l] += a1[16*i0_t + i1_t + l + 208]*a3[16*b + i1_t + l];
-                    c14[l] += a1[16*i0_t + i1_t + l + 224]*a3[16*b + i1_t + l];
-                    c15[l] += a1[16*i0_t + i1_t + l + 240]*a3[16*b + i1_t + l];
+                    c0[l] += W1[i1_t + l]*x[16*b + i1_t + l];
+                    c1[l] += W1[i1_t + l + 16]*x[16*b + i1_t + l];
+                    c2[l] += W1[i1_t + l + 32]*x[16*b + i1_t + l];
+                    c3[l] += W1[i1_t + l + 48]*x[16*b + i1_t + l];
+                    c4[l] += W1[i1_t + l + 64]*x[16*b + i1_t + l];
+                    c5[l] += W1[i1_t + l + 80]*x[16*b + i1_t + l];
+                    c6[l] += W1[i1_t + l + 96]*x[16*b + i1_t + l];
+                    c7[l] += W1[i1_t + l + 112]*x[16*b + i1_t + l];
+                    c8[l] += W1[i1_t + l + 128]*x[16*b + i1_t + l];
+                    c9[l] += W1[i1_t + l + 144]*x[16*b + i1_t + l];
+                    c10[l] += W1[i1_t + l + 160]*x[16*b + i1_t + l];
+                    c11[l] += W1[i1_t + l + 176]*x[16*b + i1_t + l];
+                    c12[l] += W1[i1_t + l + 192]*x[16*b + i1_t + l];
+                    c13[l] += W1[i1_t + l + 208]*x[16*b + i1_t + l];
+                    c14[l] += W1[i1_t + l + 224]*x[16*b + i1_t + l];
+                    c15[l] += W1[i1_t + l + 240]*x[16*b + i1_t + l];
                 }
             }
-            for (size_t l = 0; l < 2; ++l) { c0[l] += c0[l + 2]; c1[l] += c1[l + 2]; c2[l] += c2[l + 2]; c3[l] += c3[l + 2]; c4[l] += c4[l + 2]; c5[l] += c5[l + 2]; c6[l] += c6[l + 2]; c7[l] += c7[l + 2]; c8[l] += c8[l + 2]; c9[l] += c9[l + 2]; c10[l] += c10[l + 2]; c11[l] += c11[l + 2]; c12[l] += c12[l + 2]; c13[l] += c13[l + 2]; c14[l] += c14[l + 2]; c15[l] += c15[l + 2]; }
-            c0[0] += c0[1]; c1[0] += c1[1]; c2[0] += c2[1]; c3[0] += c3[1]; c4[0] += c4[1]; c5[0] += c5[1]; c6[0] += c6[1]; c7[0] += c7[1]; c8[0] += c8[1]; c9[0] += c9[1]; c10[0] += c10[1]; c11[0] += c11[1]; c12[0] += c12[1]; c13[0] += c13[1]; c14[0] += c14[1]; c15[0] += c15[1];
-            const float s[16] = {c0[0], c1[0], c2[0], c3[0], c4[0], c5[0], c6[0], c7[0], c8[0], c9[0], c10[0], c11[0], c12[0], c13[0], c14[0], c15[0]};
+            for (size_t l = 0; l < 2; ++l) { c0[l] += c0[l + 2]; c1[l] += c1[l + 2];
+                    c2[l] += c2[l + 2]; c3[l] += c3[l + 2]; c4[l] += c4[l + 2]; c5[l] += c5[l + 2];
+                    c6[l] += c6[l + 2]; c7[l] += c7[l + 2]; c8[l] += c8[l + 2]; c9[l] += c9[l + 2];
+                    c10[l] += c10[l + 2]; c11[l] += c11[l + 2]; c12[l] += c12[l + 2];
+                    c13[l] += c13[l + 2]; c14[l] += c14[l + 2]; c15[l] += c15[l + 2]; }
+            c0[0] += c0[1]; c1[0] += c1[1]; c2[0] += c2[1]; c3[0] += c3[1]; c4[0] += c4[1];
+                    c5[0] += c5[1]; c6[0] += c6[1]; c7[0] += c7[1]; c8[0] += c8[1]; c9[0] += c9[1];
+                    c10[0] += c10[1]; c11[0] += c11[1]; c12[0] += c12[1]; c13[0] += c13[1];
+                    c14[0] += c14[1]; c15[0] += c15[1];
+            const float s[16] = {c0[0], c1[0], c2[0], c3[0], c4[0], c5[0], c6[0], c7[0], c8[0],
+                    c9[0], c10[0], c11[0], c12[0], c13[0], c14[0], c15[0]};
             for (size_t i0_j = 0; i0_j < 16; ++i0_j) {
                 const float acc = s[i0_j];
-                a0[24*b + i0_j + i0_t] = acc + a2[i0_j + i0_t];
+                h[24*b + i0_j] = acc + b1[i0_j];
             }
         }
         for (size_t i0 = 16; i0 < 24; ++i0) {
             float c0[4];
             for (size_t l = 0; l < 4; ++l) {
-                c0[l] = a1[16*i0 + l]*a3[16*b + l];
+                c0[l] = W1[16*i0 + l]*x[16*b + l];
             }
             for (size_t i1_t = 4; i1_t < 16; i1_t += 4) {
                 for (size_t l = 0; l < 4; ++l) {
-                    c0[l] += a1[16*i0 + i1_t + l]*a3[16*b + i1_t + l];
+                    c0[l] += W1[16*i0 + i1_t + l]*x[16*b + i1_t + l];
                 }
             }
             for (size_t l = 0; l < 2; ++l) { c0[l] += c0[l + 2]; }
             c0[0] += c0[1];
             const float acc = c0[0];
-            a0[24*b + i0] = acc + a2[i0];
+            h[24*b + i0] = acc + b1[i0];
         }
     }
 }
 
-/* a: forward: a[b, i0] = 0.5*(tanh(0.035677408136300126*h[b, i0]**3 + 0.7978845608028654*h[b, i0]) + 1)*h[b, i0] */
-static void k8(size_t n, float *restrict a0, const float *restrict a1)
+/*
+ * a: forward: a[b, i0] = 0.5*(tanh(0.035677408136300126*h[b, i0]**3 + 0.7978845608028654*h[b, i0])
+ * + 1)*h[b, i0]
+ */
+static void a_forward_2(size_t n, float *restrict a, const float *restrict h)
 {
     for (size_t b = 0; b < n; ++b) {
         for (size_t i0 = 0; i0 < 24; ++i0) {
-            a0[24*b + i0] = 0.5F*a1[24*b + i0]*(1 + tanhf(0.7978846F*a1[24*b + i0] + 0.035677407F*(a1[24*b + i0]*a1[24*b + i0]*a1[24*b + i0])));
+            a[24*b + i0] = 0.5F*h[24*b + i0]*(1 + tanhf(0.7978846F*h[24*b + i0] +
+                    0.035677407F*(h[24*b + i0]*h[24*b + i0]*h[24*b + i0])));
         }
     }
 }
 
 /* loss: dloss/dlogits: logits.grad[b, i0] = -y[b, i0]/n */
-static void k9(size_t n, float *restrict a0, const float *restrict a1)
+static void logits_grad(size_t n, float *restrict dlogits, const float *restrict y)
 {
+    const float inv_n = 1 / (float)n;
     for (size_t b = 0; b < n; ++b) {
         for (size_t i0 = 0; i0 < 4; ++i0) {
-            a0[4*b + i0] = -a1[4*b + i0]*1.0F/n;
+            dlogits[4*b + i0] = -inv_n*y[4*b + i0];
         }
     }
 }
 
-/* loss: dloss/dloss.sumexp: loss.sumexp.grad[b] = Σ_{i0} y[b, i0]/(n*loss.sumexp[b]) */
-static void k10(size_t n, float *restrict a0, const float *restrict a1, const float *restrict a2)
+/* loss: dloss/dloss.sumexp: loss.sumexp.grad[b] = sum_{i0} y[b, i0]/(n*loss.sumexp[b]) */
+static void loss_sumexp_grad(size_t n, float *restrict dloss_sumexp,
+        const float *restrict loss_sumexp, const float *restrict y)
 {
+    const float inv_n = 1 / (float)n;
     for (size_t b = 0; b < n; ++b) {
-        float c0[4];
-        for (size_t l = 0; l < 4; ++l) {
-            c0[l] = a2[4*b + l]*1.0F/n*1.0F/a1[b];
+        float acc = 0;
+        for (size_t i0 = 0; i0 < 4; ++i0) {
+            acc += inv_n*y[4*b + i0]/loss_sumexp[b];
         }
-        for (size_t l = 0; l < 2; ++l) { c0[l] += c0[l + 2]; }
-        c0[0] += c0[1];
-        a0[b] = c0[0];
+        dloss_sumexp[b] = acc;
     }
 }
 
-/* loss: dloss.sumexp/dlogits: logits.grad[b, i1] += exp(logits[b, i1] - loss.max[b])*loss.sumexp.grad[b] */
-static void k11(size_t n, float *restrict a0, const float *restrict a1, const float *restrict a2, const float *restrict a3)
+/*
+ * loss: dloss.sumexp/dlogits: logits.grad[b, i1] += exp(logits[b, i1] -
+ * loss.max[b])*loss.sumexp.grad[b]
+ */
+static void logits_grad_2(size_t n, float *restrict dlogits, const float *restrict logits,
+        const float *restrict loss_max, const float *restrict dloss_sumexp)
 {
     for (size_t b = 0; b < n; ++b) {
         for (size_t i1 = 0; i1 < 4; ++i1) {
-            a0[4*b + i1] += expf(a1[4*b + i1] - a2[b])*a3[b];
+            dlogits[4*b + i1] += expf(logits[4*b + i1] - loss_max[b])*dloss_sumexp[b];
         }
     }
 }
 
-/* logits: dlogits/dW2: W2.grad[i0, i1] = Σ_{b} a[b, i1]*logits.grad[b, i0] */
-static void k12(size_t n, float *restrict a0, const float *restrict a1, const float *restrict a2)
+/* logits: dlogits/dW2: W2.grad[i0, i1] = sum_{b} a[b, i1]*logits.grad[b, i0] */
+static void W2_grad(size_t n, float *restrict dW2, const float *restrict a,
+        const float *restrict dlogits)
 {
     for (size_t i1_t = 0; i1_t < 24; i1_t += 8) {
-        for (size_t i0_t = 0; i0_t < 4; i0_t += 4) {
+        {
             float c0[4], c1[4], c2[4], c3[4], c4[4], c5[4], c6[4], c7[4];
             for (size_t l = 0; l < 4; ++l) {
-                c0[l] = a1[i1_t + l]*a2[i0_t];
-                c1[l] = a1[i1_t + l + 4]*a2[i0_t];
-                c2[l] = a1[i1_t + l]*a2[i0_t + 1];
-                c3[l] = a1[i1_t + l + 4]*a2[i0_t + 1];
-                c4[l] = a1[i1_t + l]*a2[i0_t + 2];
-                c5[l] = a1[i1_t + l + 4]*a2[i0_t + 2];
-                c6[l] = a1[i1_t + l]*a2[i0_t + 3];
-                c7[l] = a1[i1_t + l + 4]*a2[i0_t + 3];
+                c0[l] = a[i1_t + l]*dlogits[0];
+                c1[l] = a[i1_t + l + 4]*dlogits[0];
+                c2[l] = a[i1_t + l]*dlogits[1];
+                c3[l] = a[i1_t + l + 4]*dlogits[1];
+                c4[l] = a[i1_t + l]*dlogits[2];
+                c5[l] = a[i1_t + l + 4]*dlogits[2];
+                c6[l] = a[i1_t + l]*dlogits[3];
+                c7[l] = a[i1_t + l + 4]*dlogits[3];
             }
             for (size_t b = 1; b < n; ++b) {
                 for (size_t l = 0; l < 4; ++l) {
-                    c0[l] += a1[24*b + i1_t + l]*a2[4*b + i0_t];
-                    c1[l] += a1[24*b + i1_t + l + 4]*a2[4*b + i0_t];
-                    c2[l] += a1[24*b + i1_t + l]*a2[4*b + i0_t + 1];
-                    c3[l] += a1[24*b + i1_t + l + 4]*a2[4*b + i0_t + 1];
-                    c4[l] += a1[24*b + i1_t + l]*a2[4*b + i0_t + 2];
-                    c5[l] += a1[24*b + i1_t + l + 4]*a2[4*b + i0_t + 2];
-                    c6[l] += a1[24*b + i1_t + l]*a2[4*b + i0_t + 3];
-                    c7[l] += a1[24*b + i1_t + l + 4]*a2[4*b + i0_t + 3];
+                    c0[l] += a[24*b + i1_t + l]*dlogits[4*b];
+                    c1[l] += a[24*b + i1_t + l + 4]*dlogits[4*b];
+                    c2[l] += a[24*b + i1_t + l]*dlogits[4*b + 1];
+                    c3[l] += a[24*b + i1_t + l + 4]*dlogits[4*b + 1];
+                    c4[l] += a[24*b + i1_t + l]*dlogits[4*b + 2];
+                    c5[l] += a[24*b + i1_t + l + 4]*dlogits[4*b + 2];
+                    c6[l] += a[24*b + i1_t + l]*dlogits[4*b + 3];
+                    c7[l] += a[24*b + i1_t + l + 4]*dlogits[4*b + 3];
                 }
             }
             for (size_t l = 0; l < 4; ++l) {
-                a0[24*i0_t + i1_t + l] = c0[l];
-                a0[24*i0_t + i1_t + l + 4] = c1[l];
-                a0[24*i0_t + i1_t + l + 24] = c2[l];
-                a0[24*i0_t + i1_t + l + 28] = c3[l];
-                a0[24*i0_t + i1_t + l + 48] = c4[l];
-                a0[24*i0_t + i1_t + l + 52] = c5[l];
-                a0[24*i0_t + i1_t + l + 72] = c6[l];
-                a0[24*i0_t + i1_t + l + 76] = c7[l];
+                dW2[i1_t + l] = c0[l];
+                dW2[i1_t + l + 4] = c1[l];
+                dW2[i1_t + l + 24] = c2[l];
+                dW2[i1_t + l + 28] = c3[l];
+                dW2[i1_t + l + 48] = c4[l];
+                dW2[i1_t + l + 52] = c5[l];
+                dW2[i1_t + l + 72] = c6[l];
+                dW2[i1_t + l + 76] = c7[l];
             }
         }
     }
 }
 
-/* a: logits with a as epilogue: h.grad[b, i1] = (Σ_{i0} W2[i0, i1]*logits.grad[b, i0])*(0.5*(1 - tanh(0.035677408136300126*h[b, i1]**3 + 0.7978845608028654*h[b, i1])**2)*(0.10703222440890038*h[b, i1]**2 + 0.7978845608028654)*h[b, i1] + 0.5*tanh(0.035677408136300126*h[b, i1]**3 + 0.7978845608028654*h[b, i1]) + 0.5) */
-static void k13(size_t n, float *restrict a0, const float *restrict a1, const float *restrict a2, const float *restrict a3)
+/*
+ * a: logits with a as epilogue: h.grad[b, i1] = (sum_{i0} W2[i0, i1]*logits.grad[b, i0])*(0.5*(1 -
+ * tanh(0.035677408136300126*h[b, i1]**3 + 0.7978845608028654*h[b,
+ * i1])**2)*(0.10703222440890038*h[b, i1]**2 + 0.7978845608028654)*h[b, i1] +
+ * 0.5*tanh(0.035677408136300126*h[b, i1]**3 + 0.7978845608028654*h[b, i1]) + 0.5)
+ */
+static void h_grad(size_t n, float *restrict dh, const float *restrict W2, const float *restrict h,
+        const float *restrict dlogits)
 {
     for (size_t i1_t = 0; i1_t < 24; i1_t += 8) {
         for (size_t b_t = 0; b_t < n / 8 * 8; b_t += 8) {
-            tile8x8(a3 + 4*b_t, 4, 1, a1 + i1_t, 24, 4, a0 + 24*b_t + i1_t, 24);
+            tile8x8(dlogits + 4*b_t, 4, 1, W2 + i1_t, 24, 4, dh + 24*b_t + i1_t, 24);
             for (size_t b_j = 0; b_j < 8; ++b_j) {
                 for (size_t l = 0; l < 8; ++l) {
-                    const float acc = a0[24*b_j + 24*b_t + i1_t + l];
-                    const float t0 = tanhf(0.7978846F*a2[24*b_j + 24*b_t + i1_t + l] + 0.035677407F*(a2[24*b_j + 24*b_t + i1_t + l]*a2[24*b_j + 24*b_t + i1_t + l]*a2[24*b_j + 24*b_t + i1_t + l]));
-                    a0[24*b_j + 24*b_t + i1_t + l] = acc*(0.5F*t0 + 0.5F*a2[24*b_j + 24*b_t + i1_t + l]*(1 - (t0*t0))*(0.7978846F + 0.107032225F*(a2[24*b_j + 24*b_t + i1_t + l]*a2[24*b_j + 24*b_t + i1_t + l])) + 0.5F);
+                    const float acc = dh[24*b_j + 24*b_t + i1_t + l];
+                    const float t0 = tanhf(0.7978846F*h[24*b_j + 24*b_t + i1_t + l] +
+                            0.035677407F*(h[24*b_j + 24*b_t + i1_t + l]*h[24*b_j + 24*b_t + i1_t +
+                            l]*h[24*b_j + 24*b_t + i1_t + l]));
+                    dh[24*b_j + 24*b_t + i1_t + l] = acc*(0.5F*t0 + 0.5F*h[24*b_j + 24*b_t + i1_t +
+                            l]*(1 - (t0*t0))*(0.7978846F + 0.107032225F*(h[24*b_j + 24*b_t + i1_t +
+                            l]*h[24*b_j + 24*b_t + i1_t + l])) + 0.5F);
                 }
             }
         }
         for (size_t b = n / 8 * 8; b < n; ++b) {
             float c0[4], c1[4];
             for (size_t l = 0; l < 4; ++l) {
-                c0[l] = a1[i1_t + l]*a3[4*b];
-                c1[l] = a1[i1_t + l + 4]*a3[4*b];
+                c0[l] = W2[i1_t + l]*dlogits[4*b];
+                c1[l] = W2[i1_t + l + 4]*dlogits[4*b];
             }
             for (size_t i0 = 1; i0 < 4; ++i0) {
                 for (size_t l = 0; l < 4; ++l) {
-                    c0[l] += a1[24*i0 + i1_t + l]*a3[4*b + i0];
-                    c1[l] += a1[24*i0 + i1_t + l + 4]*a3[4*b + i0];
+                    c0[l] += W2[24*i0 + i1_t + l]*dlogits[4*b + i0];
+                    c1[l] += W2[24*i0 + i1_t + l + 4]*dlogits[4*b + i0];
                 }
             }
             for (size_t l = 0; l < 4; ++l) {
                 {
                     const float acc = c0[l];
-                    const float t0 = tanhf(0.7978846F*a2[24*b + i1_t + l] + 0.035677407F*(a2[24*b + i1_t + l]*a2[24*b + i1_t + l]*a2[24*b + i1_t + l]));
-                    a0[24*b + i1_t + l] = acc*(0.5F*t0 + 0.5F*a2[24*b + i1_t + l]*(1 - (t0*t0))*(0.7978846F + 0.107032225F*(a2[24*b + i1_t + l]*a2[24*b + i1_t + l])) + 0.5F);
+                    const float t0 = tanhf(0.7978846F*h[24*b + i1_t + l] + 0.035677407F*(h[24*b +
+                            i1_t + l]*h[24*b + i1_t + l]*h[24*b + i1_t + l]));
+                    dh[24*b + i1_t + l] = acc*(0.5F*t0 + 0.5F*h[24*b + i1_t + l]*(1 -
+                            (t0*t0))*(0.7978846F + 0.107032225F*(h[24*b + i1_t + l]*h[24*b + i1_t +
+                            l])) + 0.5F);
                 }
                 {
                     const float acc = c1[l];
-                    const float t0 = tanhf(0.7978846F*a2[24*b + i1_t + l + 4] + 0.035677407F*(a2[24*b + i1_t + l + 4]*a2[24*b + i1_t + l + 4]*a2[24*b + i1_t + l + 4]));
-                    a0[24*b + i1_t + l + 4] = acc*(0.5F*t0 + 0.5F*a2[24*b + i1_t + l + 4]*(1 - (t0*t0))*(0.7978846F + 0.107032225F*(a2[24*b + i1_t + l + 4]*a2[24*b + i1_t + l + 4])) + 0.5F);
+                    const float t0 = tanhf(0.7978846F*h[24*b + i1_t + l + 4] + 0.035677407F*(h[24*b
+                            + i1_t + l + 4]*h[24*b + i1_t + l + 4]*h[24*b + i1_t + l + 4]));
+                    dh[24*b + i1_t + l + 4] = acc*(0.5F*t0 + 0.5F*h[24*b + i1_t + l + 4]*(1 -
+                            (t0*t0))*(0.7978846F + 0.107032225F*(h[24*b + i1_t + l + 4]*h[24*b +
+                            i1_t + l + 4])) + 0.5F);
                 }
             }
         }
     }
 }
 
-/* logits: dlogits/db2: b2.grad[i0] = Σ_{b} logits.grad[b, i0] */
-static void k14(size_t n, float *restrict a0, const float *restrict a1)
+/* logits: dlogits/db2: b2.grad[i0] = sum_{b} logits.grad[b, i0] */
+static void b2_grad(size_t n, float *restrict db2, const float *restrict dlogits)
 {
-    for (size_t i0_t = 0; i0_t < 4; i0_t += 4) {
+    {
         float c0[4];
         for (size_t l = 0; l < 4; ++l) {
-            c0[l] = a1[i0_t + l];
+            c0[l] = dlogits[l];
         }
         for (size_t b = 1; b < n; ++b) {
             for (size_t l = 0; l < 4; ++l) {
-                c0[l] += a1[4*b + i0_t + l];
+                c0[l] += dlogits[4*b + l];
             }
         }
         for (size_t l = 0; l < 4; ++l) {
-            a0[i0_t + l] = c0[l];
+            db2[l] = c0[l];
         }
     }
 }
 
-/* h: dh/dW1: W1.grad[i0, i1] = Σ_{b} h.grad[b, i0]*x[b, i1] */
-static void k15(size_t n, float *restrict a0, const float *restrict a1, const float *restrict a2)
+/* h: dh/dW1: W1.grad[i0, i1] = sum_{b} h.grad[b, i0]*x[b, i1] */
+static void W1_grad(size_t n, float *restrict dW1, const float *restrict dh,
+        const float *restrict x)
 {
     for (size_t i1_t = 0; i1_t < 16; i1_t += 8) {
         for (size_t i0_t = 0; i0_t < 24; i0_t += 8) {
-            float c0[4], c1[4], c2[4], c3[4], c4[4], c5[4], c6[4], c7[4], c8[4], c9[4], c10[4], c11[4], c12[4], c13[4], c14[4], c15[4];
+            float c0[4], c1[4], c2[4], c3[4], c4[4], c5[4], c6[4], c7[4], c8[4], c9[4], c10[4],
+                    c11[4], c12[4], c13[4], c14[4], c15[4];
             for (size_t l = 0; l < 4; ++l) {
-                c0[l] = a1[i0_t]*a2[i1_t + l];
-                c1[l] = a1[i0_t]*a2[i1_t + l + 4];
-                c2[l] = a1[i0_t + 1]*a2[i1_t + l];
-                c3[l] = a1[i0_t + 1]*a2[i1_t + l + 4];
-                c4[l] = a1[i0_t + 2]*a2[i1_t + l];
-                c5[l] = a1[i0_t + 2]*a2[i1_t + l + 4];
-                c6[l] = a1[i0_t + 3]*a2[i1_t + l];
-                c7[l] = a1[i0_t + 3]*a2[i1_t + l + 4];
-                c8[l] = a1[i0_t + 4]*a2[i1_t + l];
-                c9[l] = a1[i0_t + 4]*a2[i1_t + l + 4];
-                c10[l] = a1[i0_t + 5]*a2[i1_t + l];
-                c11[l] = a1[i0_t + 5]*a2[i1_t + l + 4];
-                c12[l] = a1[i0_t + 6]*a2[i1_t + l];
-                c13[l] = a1[i0_t + 6]*a2[i1_t + l + 4];
-                c14[l] = a1[i0_t + 7]*a2[i1_t + l];
-                c15[l] = a1[i0_t + 7]*a2[i1_t + l + 4];
+                c0[l] = dh[i0_t]*x[i1_t + l];
+                c1[l] = dh[i0_t]*x[i1_t + l + 4];
+                c2[l] = dh[i0_t + 1]*x[i1_t + l];
+                c3[l] = dh[i0_t + 1]*x[i1_t + l + 4];
+                c4[l] = dh[i0_t + 2]*x[i1_t + l];
+                c5[l] = dh[i0_t + 2]*x[i1_t + l + 4];
+                c6[l] = dh[i0_t + 3]*x[i1_t + l];
+                c7[l] = dh[i0_t + 3]*x[i1_t + l + 4];
+                c8[l] = dh[i0_t + 4]*x[i1_t + l];
+                c9[l] = dh[i0_t + 4]*x[i1_t + l + 4];
+                c10[l] = dh[i0_t + 5]*x[i1_t + l];
+                c11[l] = dh[i0_t + 5]*x[i1_t + l + 4];
+                c12[l] = dh[i0_t + 6]*x[i1_t + l];
+                c13[l] = dh[i0_t + 6]*x[i1_t + l + 4];
+                c14[l] = dh[i0_t + 7]*x[i1_t + l];
+                c15[l] = dh[i0_t + 7]*x[i1_t + l + 4];
             }
             for (size_t b = 1; b < n; ++b) {
                 for (size_t l = 0; l < 4; ++l) {
-                    c0[l] += a1[24*b + i0_t]*a2[16*b + i1_t + l];
-                    c1[l] += a1[24*b + i0_t]*a2[16*b + i1_t + l + 4];
-                    c2[l] += a1[24*b + i0_t + 1]*a2[16*b + i1_t + l];
-                    c3[l] += a1[24*b + i0_t + 1]*a2[16*b + i1_t + l + 4];
-                    c4[l] += a1[24*b + i0_t + 2]*a2[16*b + i1_t + l];
-                    c5[l] += a1[24*b + i0_t + 2]*a2[16*b + i1_t + l + 4];
-                    c6[l] += a1[24*b + i0_t + 3]*a2[16*b + i1_t + l];
-                    c7[l] += a1[24*b + i0_t + 3]*a2[16*b + i1_t + l + 4];
-                    c8[l] += a1[24*b + i0_t + 4]*a2[16*b + i1_t + l];
-                    c9[l] += a1[24*b + i0_t + 4]*a2[16*b + i1_t + l + 4];
-                    c10[l] += a1[24*b + i0_t + 5]*a2[16*b + i1_t + l];
-                    c11[l] += a1[24*b + i0_t + 5]*a2[16*b + i1_t + l + 4];
-                    c12[l] += a1[24*b + i0_t + 6]*a2[16*b + i1_t + l];
-                    c13[l] += a1[24*b + i0_t + 6]*a2[16*b + i1_t + l + 4];
-                    c14[l] += a1[24*b + i0_t + 7]*a2[16*b + i1_t + l];
-                    c15[l] += a1[24*b + i0_t + 7]*a2[16*b + i1_t + l + 4];
+                    c0[l] += dh[24*b + i0_t]*x[16*b + i1_t + l];
+                    c1[l] += dh[24*b + i0_t]*x[16*b + i1_t + l + 4];
+                    c2[l] += dh[24*b + i0_t + 1]*x[16*b + i1_t + l];
+                    c3[l] += dh[24*b + i0_t + 1]*x[16*b + i1_t + l + 4];
+                    c4[l] += dh[24*b + i0_t + 2]*x[16*b + i1_t + l];
+                    c5[l] += dh[24*b + i0_t + 2]*x[16*b + i1_t + l + 4];
+                    c6[l] += dh[24*b + i0_t + 3]*x[16*b + i1_t + l];
+                    c7[l] += dh[24*b + i0_t + 3]*x[16*b + i1_t + l + 4];
+                    c8[l] += dh[24*b + i0_t + 4]*x[16*b + i1_t + l];
+                    c9[l] += dh[24*b + i0_t + 4]*x[16*b + i1_t + l + 4];
+                    c10[l] += dh[24*b + i0_t + 5]*x[16*b + i1_t + l];
+                    c11[l] += dh[24*b + i0_t + 5]*x[16*b + i1_t + l + 4];
+                    c12[l] += dh[24*b + i0_t + 6]*x[16*b + i1_t + l];
+                    c13[l] += dh[24*b + i0_t + 6]*x[16*b + i1_t + l + 4];
+                    c14[l] += dh[24*b + i0_t + 7]*x[16*b + i1_t + l];
+                    c15[l] += dh[24*b + i0_t + 7]*x[16*b + i1_t + l + 4];
                 }
             }
             for (size_t l = 0; l < 4; ++l) {
-                a0[16*i0_t + i1_t + l] = c0[l];
-                a0[16*i0_t + i1_t + l + 4] = c1[l];
-                a0[16*i0_t + i1_t + l + 16] = c2[l];
-                a0[16*i0_t + i1_t + l + 20] = c3[l];
-                a0[16*i0_t + i1_t + l + 32] = c4[l];
-                a0[16*i0_t + i1_t + l + 36] = c5[l];
-                a0[16*i0_t + i1_t + l + 48] = c6[l];
-                a0[16*i0_t + i1_t + l + 52] = c7[l];
-                a0[16*i0_t + i1_t + l + 64] = c8[l];
-                a0[16*i0_t + i1_t + l + 68] = c9[l];
-                a0[16*i0_t + i1_t + l + 80] = c10[l];
-                a0[16*i0_t + i1_t + l + 84] = c11[l];
-                a0[16*i0_t + i1_t + l + 96] = c12[l];
-                a0[16*i0_t + i1_t + l + 100] = c13[l];
-                a0[16*i0_t + i1_t + l + 112] = c14[l];
-                a0[16*i0_t + i1_t + l + 116] = c15[l];
+                dW1[16*i0_t + i1_t + l] = c0[l];
+                dW1[16*i0_t + i1_t + l + 4] = c1[l];
+                dW1[16*i0_t + i1_t + l + 16] = c2[l];
+                dW1[16*i0_t + i1_t + l + 20] = c3[l];
+                dW1[16*i0_t + i1_t + l + 32] = c4[l];
+                dW1[16*i0_t + i1_t + l + 36] = c5[l];
+                dW1[16*i0_t + i1_t + l + 48] = c6[l];
+                dW1[16*i0_t + i1_t + l + 52] = c7[l];
+                dW1[16*i0_t + i1_t + l + 64] = c8[l];
+                dW1[16*i0_t + i1_t + l + 68] = c9[l];
+                dW1[16*i0_t + i1_t + l + 80] = c10[l];
+                dW1[16*i0_t + i1_t + l + 84] = c11[l];
+                dW1[16*i0_t + i1_t + l + 96] = c12[l];
+                dW1[16*i0_t + i1_t + l + 100] = c13[l];
+                dW1[16*i0_t + i1_t + l + 112] = c14[l];
+                dW1[16*i0_t + i1_t + l + 116] = c15[l];
             }
         }
     }
 }
 
-/* h: dh/db1: b1.grad[i0] = Σ_{b} h.grad[b, i0] */
-static void k16(size_t n, float *restrict a0, const float *restrict a1)
+/* h: dh/db1: b1.grad[i0] = sum_{b} h.grad[b, i0] */
+static void b1_grad(size_t n, float *restrict db1, const float *restrict dh)
 {
     for (size_t i0_t = 0; i0_t < 24; i0_t += 8) {
         float c0[4], c1[4];
         for (size_t l = 0; l < 4; ++l) {
-            c0[l] = a1[i0_t + l];
-            c1[l] = a1[i0_t + l + 4];
+            c0[l] = dh[i0_t + l];
+            c1[l] = dh[i0_t + l + 4];
         }
         for (size_t b = 1; b < n; ++b) {
             for (size_t l = 0; l < 4; ++l) {
-                c0[l] += a1[24*b + i0_t + l];
-                c1[l] += a1[24*b + i0_t + l + 4];
+                c0[l] += dh[24*b + i0_t + l];
+                c1[l] += dh[24*b + i0_t + l + 4];
             }
         }
         for (size_t l = 0; l < 4; ++l) {
-            a0[i0_t + l] = c0[l];
-            a0[i0_t + l + 4] = c1[l];
+            db1[i0_t + l] = c0[l];
+            db1[i0_t + l + 4] = c1[l];
         }
     }
 }
 
 /* optimizer step: momentum, as torch.optim computes it */
-static void optimizer_step(float *restrict params, const float *restrict grads, float *restrict state)
+static void momentum_update(float *restrict params, const float *restrict grads,
+        float *restrict state)
 {
     const float t = state[0] + 1;
     state[0] = t;
@@ -632,52 +714,77 @@ static void optimizer_step(float *restrict params, const float *restrict grads, 
     }
 }
 
-void gelu_net_forward(const float *params, float *work, size_t n, const float *in_x, float *out_logits, float *out_probs)
+void gelu_net_forward(const float *params, float *work, size_t n, const float *in_x,
+        float *out_logits, float *out_probs)
 {
-    k0(n, work, params, params + 384, in_x);
-    k1(n, out_logits, params + 408, work, params + 504);
-    k2(n, work, out_logits);
-    k3(n, work + 16 * n, out_logits, work);
-    k4(n, out_probs, out_logits, work, work + 16 * n);
+    if (n == 0) {
+        return;
+    }
+    a_forward(n, work, params + GELU_NET_PARAM_W1_OFFSET, params + GELU_NET_PARAM_b1_OFFSET, in_x);
+    logits_forward(n, out_logits, params + GELU_NET_PARAM_W2_OFFSET, work,
+            params + GELU_NET_PARAM_b2_OFFSET);
+    probs_max_forward(n, work, out_logits);
+    probs_sumexp_forward(n, work + 16 * n, out_logits, work);
+    probs_forward(n, out_probs, out_logits, work, work + 16 * n);
 }
 
-float gelu_net_evaluate(const float *params, float *work, size_t n, const float *in_x, const float *in_y, float *out_logits, float *out_probs)
+float gelu_net_evaluate(const float *params, float *work, size_t n, const float *in_x,
+        const float *in_y, float *out_logits, float *out_probs)
 {
-    k0(n, work + 16, params, params + 384, in_x);
-    k1(n, out_logits, params + 408, work + 16, params + 504);
-    k2(n, work + 16, out_logits);
-    k3(n, work + 16 + 16 * n, out_logits, work + 16);
-    k4(n, out_probs, out_logits, work + 16, work + 16 + 16 * n);
-    k2(n, work + 16, out_logits);
-    k3(n, work + 16 + 16 * n, out_logits, work + 16);
-    k5(n, work + 16 + 32 * n, out_logits, work + 16, work + 16 + 16 * n, in_y);
-    k6(n, work, work + 16 + 32 * n);
+    if (n == 0) {
+        return 0;
+    }
+    a_forward(n, work + 16, params + GELU_NET_PARAM_W1_OFFSET, params + GELU_NET_PARAM_b1_OFFSET,
+            in_x);
+    logits_forward(n, out_logits, params + GELU_NET_PARAM_W2_OFFSET, work + 16,
+            params + GELU_NET_PARAM_b2_OFFSET);
+    probs_max_forward(n, work + 16, out_logits);
+    probs_sumexp_forward(n, work + 16 + 16 * n, out_logits, work + 16);
+    probs_forward(n, out_probs, out_logits, work + 16, work + 16 + 16 * n);
+    loss_forward(n, work + 16 + 32 * n, out_logits, work + 16, work + 16 + 16 * n, in_y);
+    batch_mean_loss(n, work, work + 16 + 32 * n);
     return work[0];
 }
 
-float gelu_net_gradients(const float *params, float *grads, float *work, size_t n, const float *in_x, const float *in_y)
+float gelu_net_gradients(const float *params, float *grads, float *work, size_t n,
+        const float *in_x, const float *in_y)
 {
-    k7(n, work + 16, params, params + 384, in_x);
-    k8(n, work + 16 + 32 * n, work + 16);
-    k1(n, work + 16 + 64 * n, params + 408, work + 16 + 32 * n, params + 504);
-    k2(n, work + 16 + 80 * n, work + 16 + 64 * n);
-    k3(n, work + 16 + 96 * n, work + 16 + 64 * n, work + 16 + 80 * n);
-    k5(n, work + 16 + 112 * n, work + 16 + 64 * n, work + 16 + 80 * n, work + 16 + 96 * n, in_y);
-    k6(n, work, work + 16 + 112 * n);
-    k9(n, work + 16 + 112 * n, in_y);
-    k10(n, work + 16 + 128 * n, work + 16 + 96 * n, in_y);
-    k11(n, work + 16 + 112 * n, work + 16 + 64 * n, work + 16 + 80 * n, work + 16 + 128 * n);
-    k12(n, grads + 408, work + 16 + 32 * n, work + 16 + 112 * n);
-    k13(n, work + 16 + 32 * n, params + 408, work + 16, work + 16 + 112 * n);
-    k14(n, grads + 504, work + 16 + 112 * n);
-    k15(n, grads, work + 16 + 32 * n, in_x);
-    k16(n, grads + 384, work + 16 + 32 * n);
+    if (n == 0) {
+        for (size_t i = 0; i < GELU_NET_PARAMS_SIZE; ++i) {
+            grads[i] = 0;
+        }
+        return 0;
+    }
+    h_forward(n, work + 16, params + GELU_NET_PARAM_W1_OFFSET, params + GELU_NET_PARAM_b1_OFFSET,
+            in_x);
+    a_forward_2(n, work + 16 + 32 * n, work + 16);
+    logits_forward(n, work + 16 + 64 * n, params + GELU_NET_PARAM_W2_OFFSET, work + 16 + 32 * n,
+            params + GELU_NET_PARAM_b2_OFFSET);
+    probs_max_forward(n, work + 16 + 80 * n, work + 16 + 64 * n);
+    probs_sumexp_forward(n, work + 16 + 96 * n, work + 16 + 64 * n, work + 16 + 80 * n);
+    loss_forward(n, work + 16 + 112 * n, work + 16 + 64 * n, work + 16 + 80 * n, work + 16 + 96 * n,
+            in_y);
+    batch_mean_loss(n, work, work + 16 + 112 * n);
+    logits_grad(n, work + 16 + 112 * n, in_y);
+    loss_sumexp_grad(n, work + 16 + 128 * n, work + 16 + 96 * n, in_y);
+    logits_grad_2(n, work + 16 + 112 * n, work + 16 + 64 * n, work + 16 + 80 * n,
+            work + 16 + 128 * n);
+    W2_grad(n, grads + GELU_NET_PARAM_W2_OFFSET, work + 16 + 32 * n, work + 16 + 112 * n);
+    h_grad(n, work + 16 + 32 * n, params + GELU_NET_PARAM_W2_OFFSET, work + 16,
+            work + 16 + 112 * n);
+    b2_grad(n, grads + GELU_NET_PARAM_b2_OFFSET, work + 16 + 112 * n);
+    W1_grad(n, grads + GELU_NET_PARAM_W1_OFFSET, work + 16 + 32 * n, in_x);
+    b1_grad(n, grads + GELU_NET_PARAM_b1_OFFSET, work + 16 + 32 * n);
     return work[0];
 }
 
-float gelu_net_train_step(float *params, float *state, float *work, size_t n, const float *in_x, const float *in_y)
+float gelu_net_train_step(float *params, float *state, float *work, size_t n, const float *in_x,
+        const float *in_y)
 {
-    const float loss = gelu_net_gradients(params, work, work + 508, n, in_x, in_y);
-    optimizer_step(params, work, state);
+    if (n == 0) {   /* no examples: no step, params and state unchanged */
+        return 0;
+    }
+    const float loss = gelu_net_gradients(params, work, work + 512, n, in_x, in_y);
+    momentum_update(params, work, state);
     return loss;
 }

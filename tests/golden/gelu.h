@@ -24,9 +24,13 @@
 #define GELU_NET_FORWARD_WORK_SIZE(n) ((size_t)0 + (size_t)32 * (size_t)(n))
 #define GELU_NET_EVALUATE_WORK_SIZE(n) ((size_t)16 + (size_t)48 * (size_t)(n))
 #define GELU_NET_GRADIENTS_WORK_SIZE(n) ((size_t)16 + (size_t)144 * (size_t)(n))
-#define GELU_NET_TRAIN_STEP_WORK_SIZE(n) ((size_t)524 + (size_t)144 * (size_t)(n))
+#define GELU_NET_TRAIN_STEP_WORK_SIZE(n) ((size_t)528 + (size_t)144 * (size_t)(n))
 /* Enough for every entry point above. */
-#define GELU_NET_WORK_SIZE(n) ((size_t)524 + (size_t)144 * (size_t)(n))
+#define GELU_NET_WORK_SIZE(n) ((size_t)528 + (size_t)144 * (size_t)(n))
+
+#ifdef __cplusplus
+extern "C" {
+#endif
 
 /*
  * gelu_net_forward: the outputs for a batch of n examples.
@@ -36,9 +40,11 @@
  *   out_logits: n x GELU_NET_OUTPUT_logits_SIZE elements, written
  *   out_probs: n x GELU_NET_OUTPUT_probs_SIZE elements, written
  * Arrays must not overlap. No allocation, no global state: reentrant.
+ * n may be 0: then nothing is read or written.
  * Any alignment works; arrays aligned to 64 bytes (aligned_alloc) run fastest.
  */
-void gelu_net_forward(const float *params, float *work, size_t n, const float *in_x, float *out_logits, float *out_probs);
+void gelu_net_forward(const float *params, float *work, size_t n, const float *in_x,
+        float *out_logits, float *out_probs);
 
 /*
  * gelu_net_evaluate: the outputs and the batch-mean loss 'loss' in one forward pass.
@@ -48,9 +54,11 @@ void gelu_net_forward(const float *params, float *work, size_t n, const float *i
  *   in_y: n x GELU_NET_INPUT_y_SIZE elements
  *   out_logits: n x GELU_NET_OUTPUT_logits_SIZE elements, written
  *   out_probs: n x GELU_NET_OUTPUT_probs_SIZE elements, written
- * Returns the mean over the batch of the per-example loss. Arrays must not overlap.
+ * Returns the mean over the batch of the per-example loss (0 when n is 0: no input
+ * is read then). Arrays must not overlap.
  */
-float gelu_net_evaluate(const float *params, float *work, size_t n, const float *in_x, const float *in_y, float *out_logits, float *out_probs);
+float gelu_net_evaluate(const float *params, float *work, size_t n, const float *in_x,
+        const float *in_y, float *out_logits, float *out_probs);
 
 /*
  * gelu_net_gradients: the batch-mean loss 'loss', and its gradient in grads.
@@ -58,12 +66,15 @@ float gelu_net_evaluate(const float *params, float *work, size_t n, const float 
  *   work:   at least GELU_NET_GRADIENTS_WORK_SIZE(n) elements, caller-owned scratch
  *   in_x: n x GELU_NET_INPUT_x_SIZE elements
  *   in_y: n x GELU_NET_INPUT_y_SIZE elements
- * Returns the mean over the batch of the per-example loss. Arrays must not overlap.
+ * Returns the mean over the batch of the per-example loss. When n is 0: returns 0,
+ * grads all 0, no input read. Arrays must not overlap.
  */
-float gelu_net_gradients(const float *params, float *grads, float *work, size_t n, const float *in_x, const float *in_y);
+float gelu_net_gradients(const float *params, float *grads, float *work, size_t n,
+        const float *in_x, const float *in_y);
 
 /*
- * gelu_net_train_step: one momentum step (lr=0.05, weight_decay=0.0, momentum=0.9) on a batch of n examples:
+ * gelu_net_train_step: one momentum step (lr=0.05, weight_decay=0.0, momentum=0.9) on a batch of
+ *   n examples:
  *   the loss and gradients (gelu_net_gradients), then params updated in place.
  *   params: GELU_NET_PARAMS_SIZE elements, read and updated
  *   state:  GELU_NET_STATE_SIZE elements of optimizer state (step count first), zeroed
@@ -72,8 +83,14 @@ float gelu_net_gradients(const float *params, float *grads, float *work, size_t 
  *           in its first GELU_NET_PARAMS_SIZE elements
  *   in_x: n x GELU_NET_INPUT_x_SIZE elements
  *   in_y: n x GELU_NET_INPUT_y_SIZE elements
- * Returns the batch-mean loss before the update. Arrays must not overlap.
+ * Returns the batch-mean loss before the update. When n is 0: returns 0 and changes
+ * nothing (no step is counted). Arrays must not overlap.
  */
-float gelu_net_train_step(float *params, float *state, float *work, size_t n, const float *in_x, const float *in_y);
+float gelu_net_train_step(float *params, float *state, float *work, size_t n, const float *in_x,
+        const float *in_y);
+
+#ifdef __cplusplus
+}
+#endif
 
 #endif /* GRAPHC_gelu_net_H */

@@ -14,10 +14,15 @@ static float softplus(float x)
     return (x > 0 ? x : 0) + log1pf(expf(-fabsf(x)));
 }
 
-/* s[j*2 + k] = Σ_{r < len} a[j*sa + r]·b[k*sb + r] for j < 8, k < 2; 4 partial sums each (len a multiple of 4, at least 4), added pairwise */
-static void dot8x2_4(const float *restrict a, size_t sa, const float *restrict b, size_t sb, size_t len, float *restrict s)
+/*
+ * s[j*2 + k] = sum_{r < len} a[j*sa + r]*b[k*sb + r] for j < 8, k < 2; 4 partial sums each (len a
+ * multiple of 4, at least 4), added pairwise
+ */
+static void dot8x2_4(const float *restrict a, size_t sa, const float *restrict b, size_t sb,
+        size_t len, float *restrict s)
 {
-    float c0[4], c1[4], c2[4], c3[4], c4[4], c5[4], c6[4], c7[4], c8[4], c9[4], c10[4], c11[4], c12[4], c13[4], c14[4], c15[4];
+    float c0[4], c1[4], c2[4], c3[4], c4[4], c5[4], c6[4], c7[4], c8[4], c9[4], c10[4], c11[4],
+            c12[4], c13[4], c14[4], c15[4];
     for (size_t l = 0; l < 4; ++l) {
         c0[l] = a[l]*b[l];
         c1[l] = a[l]*b[sb + l];
@@ -56,15 +61,26 @@ static void dot8x2_4(const float *restrict a, size_t sa, const float *restrict b
             c15[l] += a[7*sa + r + l]*b[sb + r + l];
         }
     }
-    for (size_t l = 0; l < 2; ++l) { c0[l] += c0[l + 2]; c1[l] += c1[l + 2]; c2[l] += c2[l + 2]; c3[l] += c3[l + 2]; c4[l] += c4[l + 2]; c5[l] += c5[l + 2]; c6[l] += c6[l + 2]; c7[l] += c7[l + 2]; c8[l] += c8[l + 2]; c9[l] += c9[l + 2]; c10[l] += c10[l + 2]; c11[l] += c11[l + 2]; c12[l] += c12[l + 2]; c13[l] += c13[l + 2]; c14[l] += c14[l + 2]; c15[l] += c15[l + 2]; }
-    c0[0] += c0[1]; c1[0] += c1[1]; c2[0] += c2[1]; c3[0] += c3[1]; c4[0] += c4[1]; c5[0] += c5[1]; c6[0] += c6[1]; c7[0] += c7[1]; c8[0] += c8[1]; c9[0] += c9[1]; c10[0] += c10[1]; c11[0] += c11[1]; c12[0] += c12[1]; c13[0] += c13[1]; c14[0] += c14[1]; c15[0] += c15[1];
-    s[0] = c0[0]; s[1] = c1[0]; s[2] = c2[0]; s[3] = c3[0]; s[4] = c4[0]; s[5] = c5[0]; s[6] = c6[0]; s[7] = c7[0]; s[8] = c8[0]; s[9] = c9[0]; s[10] = c10[0]; s[11] = c11[0]; s[12] = c12[0]; s[13] = c13[0]; s[14] = c14[0]; s[15] = c15[0];
+    for (size_t l = 0; l < 2; ++l) { c0[l] += c0[l + 2]; c1[l] += c1[l + 2]; c2[l] += c2[l + 2];
+            c3[l] += c3[l + 2]; c4[l] += c4[l + 2]; c5[l] += c5[l + 2]; c6[l] += c6[l + 2];
+            c7[l] += c7[l + 2]; c8[l] += c8[l + 2]; c9[l] += c9[l + 2]; c10[l] += c10[l + 2];
+            c11[l] += c11[l + 2]; c12[l] += c12[l + 2]; c13[l] += c13[l + 2]; c14[l] += c14[l + 2];
+            c15[l] += c15[l + 2]; }
+    c0[0] += c0[1]; c1[0] += c1[1]; c2[0] += c2[1]; c3[0] += c3[1]; c4[0] += c4[1]; c5[0] += c5[1];
+            c6[0] += c6[1]; c7[0] += c7[1]; c8[0] += c8[1]; c9[0] += c9[1]; c10[0] += c10[1];
+            c11[0] += c11[1]; c12[0] += c12[1]; c13[0] += c13[1]; c14[0] += c14[1];
+            c15[0] += c15[1];
+    s[0] = c0[0]; s[1] = c1[0]; s[2] = c2[0]; s[3] = c3[0]; s[4] = c4[0]; s[5] = c5[0];
+            s[6] = c6[0]; s[7] = c7[0]; s[8] = c8[0]; s[9] = c9[0]; s[10] = c10[0]; s[11] = c11[0];
+            s[12] = c12[0]; s[13] = c13[0]; s[14] = c14[0]; s[15] = c15[0];
 }
 
-/* out[m*om + l] = Σ_{r<len} a[m*am + r*ar]·b[r*br + l] for m < 8, l < 8 (len >= 1) */
-static void tile8x8(const float *restrict a, size_t am, size_t ar, const float *restrict b, size_t br, size_t len, float *restrict out, size_t om)
+/* out[m*om + l] = sum_{r<len} a[m*am + r*ar]*b[r*br + l] for m < 8, l < 8 (len >= 1) */
+static void tile8x8(const float *restrict a, size_t am, size_t ar, const float *restrict b,
+        size_t br, size_t len, float *restrict out, size_t om)
 {
-    float c0[4], c1[4], c2[4], c3[4], c4[4], c5[4], c6[4], c7[4], c8[4], c9[4], c10[4], c11[4], c12[4], c13[4], c14[4], c15[4];
+    float c0[4], c1[4], c2[4], c3[4], c4[4], c5[4], c6[4], c7[4], c8[4], c9[4], c10[4], c11[4],
+            c12[4], c13[4], c14[4], c15[4];
     for (size_t l = 0; l < 4; ++l) {
         c0[l] = a[0]*b[l];
         c1[l] = a[0]*b[4 + l];
@@ -123,553 +139,595 @@ static void tile8x8(const float *restrict a, size_t am, size_t ar, const float *
     }
 }
 
-/* a1: h1 with a1 as epilogue: a1[b, i0] = ((Σ_{i1} W1[i0, i1]*x[b, i1]) + b1[i0])*tanh(softplus((Σ_{i1} W1[i0, i1]*x[b, i1]) + b1[i0])) */
-static void k0(size_t n, float *restrict a0, const float *restrict a1, const float *restrict a2, const float *restrict a3)
+/*
+ * a1: h1 with a1 as epilogue: a1[b, i0] = ((sum_{i1} W1[i0, i1]*x[b, i1]) +
+ * b1[i0])*tanh(softplus((sum_{i1} W1[i0, i1]*x[b, i1]) + b1[i0]))
+ */
+static void a1_forward(size_t n, float *restrict a1, const float *restrict W1,
+        const float *restrict b1, const float *restrict x)
 {
     for (size_t b_t = 0; b_t < n / 8 * 8; b_t += 8) {
         for (size_t i0_t = 0; i0_t < 32; i0_t += 2) {
             float s[16];
-            dot8x2_4(a3 + 64*b_t, 64, a1 + 64*i0_t, 64, 64, s);
+            dot8x2_4(x + 64*b_t, 64, W1 + 64*i0_t, 64, 64, s);
             for (size_t b_j = 0; b_j < 8; ++b_j) {
                 for (size_t i0_j = 0; i0_j < 2; ++i0_j) {
                     const float acc = s[2*b_j + i0_j];
-                    const float t0 = acc + a2[i0_j + i0_t];
-                    a0[32*b_j + 32*b_t + i0_j + i0_t] = t0*tanhf(softplus(t0));
+                    const float t0 = acc + b1[i0_j + i0_t];
+                    a1[32*b_j + 32*b_t + i0_j + i0_t] = t0*tanhf(softplus(t0));
                 }
             }
         }
     }
     for (size_t b = n / 8 * 8; b < n; ++b) {
         for (size_t i0_t = 0; i0_t < 32; i0_t += 16) {
-            float c0[4], c1[4], c2[4], c3[4], c4[4], c5[4], c6[4], c7[4], c8[4], c9[4], c10[4], c11[4], c12[4], c13[4], c14[4], c15[4];
+            float c0[4], c1[4], c2[4], c3[4], c4[4], c5[4], c6[4], c7[4], c8[4], c9[4], c10[4],
+                    c11[4], c12[4], c13[4], c14[4], c15[4];
             for (size_t l = 0; l < 4; ++l) {
-                c0[l] = a1[64*i0_t + l]*a3[64*b + l];
-                c1[l] = a1[64*i0_t + l + 64]*a3[64*b + l];
-                c2[l] = a1[64*i0_t + l + 128]*a3[64*b + l];
-                c3[l] = a1[64*i0_t + l + 192]*a3[64*b + l];
-                c4[l] = a1[64*i0_t + l + 256]*a3[64*b + l];
-                c5[l] = a1[64*i0_t + l + 320]*a3[64*b + l];
-                c6[l] = a1[64*i0_t + l + 384]*a3[64*b + l];
-                c7[l] = a1[64*i0_t + l + 448]*a3[64*b + l];
-                c8[l] = a1[64*i0_t + l + 512]*a3[64*b + l];
-                c9[l] = a1[64*i0_t + l + 576]*a3[64*b + l];
-                c10[l] = a1[64*i0_t + l + 640]*a3[64*b + l];
-                c11[l] = a1[64*i0_t + l + 704]*a3[64*b + l];
-                c12[l] = a1[64*i0_t + l + 768]*a3[64*b + l];
-                c13[l] = a1[64*i0_t + l + 832]*a3[64*b + l];
-                c14[l] = a1[64*i0_t + l + 896]*a3[64*b + l];
-                c15[l] = a1[64*i0_t + l + 960]*a3[64*b + l];
+                c0[l] = W1[64*i0_t + l]*x[64*b + l];
+                c1[l] = W1[64*i0_t + l + 64]*x[64*b + l];
+                c2[l] = W1[64*i0_t + l + 128]*x[64*b + l];
+                c3[l] = W1[64*i0_t + l + 192]*x[64*b + l];
+                c4[l] = W1[64*i0_t + l + 256]*x[64*b + l];
+                c5[l] = W1[64*i0_t + l + 320]*x[64*b + l];
+                c6[l] = W1[64*i0_t + l + 384]*x[64*b + l];
+                c7[l] = W1[64*i0_t + l + 448]*x[64*b + l];
+                c8[l] = W1[64*i0_t + l + 512]*x[64*b + l];
+                c9[l] = W1[64*i0_t + l + 576]*x[64*b + l];
+                c10[l] = W1[64*i0_t + l + 640]*x[64*b + l];
+                c11[l] = W1[64*i0_t + l + 704]*x[64*b + l];
+                c12[l] = W1[64*i0_t + l + 768]*x[64*b + l];
+                c13[l] = W1[64*i0_t + l + 832]*x[64*b + l];
+                c14[l] = W1[64*i0_t + l + 896]*x[64*b + l];
+                c15[l] = W1[64*i0_t + l + 960]*x[64*b + l];
             }
             for (size_t i1_t = 4; i1_t < 64; i1_t += 4) {
                 for (size_t l = 0; l < 4; ++l) {
-                    c0[l] += a1[64*i0_t + i1_t + l]*a3[64*b + i1_t + l];
-                    c1[l] += a1[64*i0_t + i1_t + l + 64]*a3[64*b + i1_t + l];
-                    c2[l] += a1[64*i0_t + i1_t + l + 128]*a3[64*b + i1_t + l];
-                    c3[l] += a1[64*i0_t + i1_t + l + 192]*a3[64*b + i1_t + l];
-                    c4[l] += a1[64*i0_t + i1_t + l + 256]*a3[64*b + i1_t + l];
-                    c5[l] += a1[64*i0_t + i1_t + l + 320]*a3[64*b + i1_t + l];
-                    c6[l] += a1[64*i0_t + i1_t + l + 384]*a3[64*b + i1_t + l];
-                    c7[l] += a1[64*i0_t + i1_t + l + 448]*a3[64*b + i1_t + l];
-                    c8[l] += a1[64*i0_t + i1_t + l + 512]*a3[64*b + i1_t + l];
-                    c9[l] += a1[64*i0_t + i1_t + l + 576]*a3[64*b + i1_t + l];
-                    c10[l] += a1[64*i0_t + i1_t + l + 640]*a3[64*b + i1_t + l];
-                    c11[l] += a1[64*i0_t + i1_t + l + 704]*a3[64*b + i1_t + l];
-                    c12[l] += a1[64*i0_t + i1_t + l + 768]*a3[64*b + i1_t + l];
-                    c13[l] += a1[64*i0_t + i1_t + l + 832]*a3[64*b + i1_t + l];
-                    c14[l] += a1[64*i0_t + i1_t + l + 896]*a3[64*b + i1_t + l];
-                    c15[l] += a1[64*i0_t + i1_t + l + 960]*a3[64*b + i1_t + l];
+                    c0[l] += W1[64*i0_t + i1_t + l]*x[64*b + i1_t + l];
+                    c1[l] += W1[64*i0_t + i1_t + l + 64]*x[64*b + i1_t + l];
+                    c2[l] += W1[64*i0_t + i1_t + l + 128]*x[64*b + i1_t + l];
+                    c3[l] += W1[64*i0_t + i1_t + l + 192]*x[64*b + i1_t + l];
+                    c4[l] += W1[64*i0_t + i1_t + l + 256]*x[64*b + i1_t + l];
+                    c5[l] += W1[64*i0_t + i1_t + l + 320]*x[64*b + i1_t + l];
+                    c6[l] += W1[64*i0_t + i1_t + l + 384]*x[64*b + i1_t + l];
+                    c7[l] += W1[64*i0_t + i1_t + l + 448]*x[64*b + i1_t + l];
+                    c8[l] += W1[64*i0_t + i1_t + l + 512]*x[64*b + i1_t + l];
+                    c9[l] += W1[64*i0_t + i1_t + l + 576]*x[64*b + i1_t + l];
+                    c10[l] += W1[64*i0_t + i1_t + l + 640]*x[64*b + i1_t + l];
+                    c11[l] += W1[64*i0_t + i1_t + l + 704]*x[64*b + i1_t + l];
+                    c12[l] += W1[64*i0_t + i1_t + l + 768]*x[64*b + i1_t + l];
+                    c13[l] += W1[64*i0_t + i1_t + l + 832]*x[64*b + i1_t + l];
+                    c14[l] += W1[64*i0_t + i1_t + l + 896]*x[64*b + i1_t + l];
+                    c15[l] += W1[64*i0_t + i1_t + l + 960]*x[64*b + i1_t + l];
                 }
             }
-            for (size_t l = 0; l < 2; ++l) { c0[l] += c0[l + 2]; c1[l] += c1[l + 2]; c2[l] += c2[l + 2]; c3[l] += c3[l + 2]; c4[l] += c4[l + 2]; c5[l] += c5[l + 2]; c6[l] += c6[l + 2]; c7[l] += c7[l + 2]; c8[l] += c8[l + 2]; c9[l] += c9[l + 2]; c10[l] += c10[l + 2]; c11[l] += c11[l + 2]; c12[l] += c12[l + 2]; c13[l] += c13[l + 2]; c14[l] += c14[l + 2]; c15[l] += c15[l + 2]; }
-            c0[0] += c0[1]; c1[0] += c1[1]; c2[0] += c2[1]; c3[0] += c3[1]; c4[0] += c4[1]; c5[0] += c5[1]; c6[0] += c6[1]; c7[0] += c7[1]; c8[0] += c8[1]; c9[0] += c9[1]; c10[0] += c10[1]; c11[0] += c11[1]; c12[0] += c12[1]; c13[0] += c13[1]; c14[0] += c14[1]; c15[0] += c15[1];
-            const float s[16] = {c0[0], c1[0], c2[0], c3[0], c4[0], c5[0], c6[0], c7[0], c8[0], c9[0], c10[0], c11[0], c12[0], c13[0], c14[0], c15[0]};
+            for (size_t l = 0; l < 2; ++l) { c0[l] += c0[l + 2]; c1[l] += c1[l + 2];
+                    c2[l] += c2[l + 2]; c3[l] += c3[l + 2]; c4[l] += c4[l + 2]; c5[l] += c5[l + 2];
+                    c6[l] += c6[l + 2]; c7[l] += c7[l + 2]; c8[l] += c8[l + 2]; c9[l] += c9[l + 2];
+                    c10[l] += c10[l + 2]; c11[l] += c11[l + 2]; c12[l] += c12[l + 2];
+                    c13[l] += c13[l + 2]; c14[l] += c14[l + 2]; c15[l] += c15[l + 2]; }
+            c0[0] += c0[1]; c1[0] += c1[1]; c2[0] += c2[1]; c3[0] += c3[1]; c4[0] += c4[1];
+                    c5[0] += c5[1]; c6[0] += c6[1]; c7[0] += c7[1]; c8[0] += c8[1]; c9[0] += c9[1];
+                    c10[0] += c10[1]; c11[0] += c11[1]; c12[0] += c12[1]; c13[0] += c13[1];
+                    c14[0] += c14[1]; c15[0] += c15[1];
+            const float s[16] = {c0[0], c1[0], c2[0], c3[0], c4[0], c5[0], c6[0], c7[0], c8[0],
+                    c9[0], c10[0], c11[0], c12[0], c13[0], c14[0], c15[0]};
             for (size_t i0_j = 0; i0_j < 16; ++i0_j) {
                 const float acc = s[i0_j];
-                const float t0 = acc + a2[i0_j + i0_t];
-                a0[32*b + i0_j + i0_t] = t0*tanhf(softplus(t0));
+                const float t0 = acc + b1[i0_j + i0_t];
+                a1[32*b + i0_j + i0_t] = t0*tanhf(softplus(t0));
             }
         }
     }
 }
 
-/* logits: forward: logits[b, i0] = (Σ_{i1} W2[i0, i1]*a1[b, i1]) + b2[i0] */
-static void k1(size_t n, float *restrict a0, const float *restrict a1, const float *restrict a2, const float *restrict a3)
+/* logits: forward: logits[b, i0] = (sum_{i1} W2[i0, i1]*a1[b, i1]) + b2[i0] */
+static void logits_forward(size_t n, float *restrict logits, const float *restrict W2,
+        const float *restrict a1, const float *restrict b2)
 {
     for (size_t b_t = 0; b_t < n / 8 * 8; b_t += 8) {
         for (size_t i0_t = 0; i0_t < 10; i0_t += 2) {
             float s[16];
-            dot8x2_4(a2 + 32*b_t, 32, a1 + 32*i0_t, 32, 32, s);
+            dot8x2_4(a1 + 32*b_t, 32, W2 + 32*i0_t, 32, 32, s);
             for (size_t b_j = 0; b_j < 8; ++b_j) {
                 for (size_t i0_j = 0; i0_j < 2; ++i0_j) {
                     const float acc = s[2*b_j + i0_j];
-                    a0[10*b_j + 10*b_t + i0_j + i0_t] = acc + a3[i0_j + i0_t];
+                    logits[10*b_j + 10*b_t + i0_j + i0_t] = acc + b2[i0_j + i0_t];
                 }
             }
         }
     }
     for (size_t b = n / 8 * 8; b < n; ++b) {
-        for (size_t i0_t = 0; i0_t < 10; i0_t += 10) {
+        {
             float c0[4], c1[4], c2[4], c3[4], c4[4], c5[4], c6[4], c7[4], c8[4], c9[4];
             for (size_t l = 0; l < 4; ++l) {
-                c0[l] = a1[32*i0_t + l]*a2[32*b + l];
-                c1[l] = a1[32*i0_t + l + 32]*a2[32*b + l];
-                c2[l] = a1[32*i0_t + l + 64]*a2[32*b + l];
-                c3[l] = a1[32*i0_t + l + 96]*a2[32*b + l];
-                c4[l] = a1[32*i0_t + l + 128]*a2[32*b + l];
-                c5[l] = a1[32*i0_t + l + 160]*a2[32*b + l];
-                c6[l] = a1[32*i0_t + l + 192]*a2[32*b + l];
-                c7[l] = a1[32*i0_t + l + 224]*a2[32*b + l];
-                c8[l] = a1[32*i0_t + l + 256]*a2[32*b + l];
-                c9[l] = a1[32*i0_t + l + 288]*a2[32*b + l];
+                c0[l] = W2[l]*a1[32*b + l];
+                c1[l] = W2[l + 32]*a1[32*b + l];
+                c2[l] = W2[l + 64]*a1[32*b + l];
+                c3[l] = W2[l + 96]*a1[32*b + l];
+                c4[l] = W2[l + 128]*a1[32*b + l];
+                c5[l] = W2[l + 160]*a1[32*b + l];
+                c6[l] = W2[l + 192]*a1[32*b + l];
+                c7[l] = W2[l + 224]*a1[32*b + l];
+                c8[l] = W2[l + 256]*a1[32*b + l];
+                c9[l] = W2[l + 288]*a1[32*b + l];
             }
             for (size_t i1_t = 4; i1_t < 32; i1_t += 4) {
                 for (size_t l = 0; l < 4; ++l) {
-                    c0[l] += a1[32*i0_t + i1_t + l]*a2[32*b + i1_t + l];
-                    c1[l] += a1[32*i0_t + i1_t + l + 32]*a2[32*b + i1_t + l];
-                    c2[l] += a1[32*i0_t + i1_t + l + 64]*a2[32*b + i1_t + l];
-                    c3[l] += a1[32*i0_t + i1_t + l + 96]*a2[32*b + i1_t + l];
-                    c4[l] += a1[32*i0_t + i1_t + l + 128]*a2[32*b + i1_t + l];
-                    c5[l] += a1[32*i0_t + i1_t + l + 160]*a2[32*b + i1_t + l];
-                    c6[l] += a1[32*i0_t + i1_t + l + 192]*a2[32*b + i1_t + l];
-                    c7[l] += a1[32*i0_t + i1_t + l + 224]*a2[32*b + i1_t + l];
-                    c8[l] += a1[32*i0_t + i1_t + l + 256]*a2[32*b + i1_t + l];
-                    c9[l] += a1[32*i0_t + i1_t + l + 288]*a2[32*b + i1_t + l];
+                    c0[l] += W2[i1_t + l]*a1[32*b + i1_t + l];
+                    c1[l] += W2[i1_t + l + 32]*a1[32*b + i1_t + l];
+                    c2[l] += W2[i1_t + l + 64]*a1[32*b + i1_t + l];
+                    c3[l] += W2[i1_t + l + 96]*a1[32*b + i1_t + l];
+                    c4[l] += W2[i1_t + l + 128]*a1[32*b + i1_t + l];
+                    c5[l] += W2[i1_t + l + 160]*a1[32*b + i1_t + l];
+                    c6[l] += W2[i1_t + l + 192]*a1[32*b + i1_t + l];
+                    c7[l] += W2[i1_t + l + 224]*a1[32*b + i1_t + l];
+                    c8[l] += W2[i1_t + l + 256]*a1[32*b + i1_t + l];
+                    c9[l] += W2[i1_t + l + 288]*a1[32*b + i1_t + l];
                 }
             }
-            for (size_t l = 0; l < 2; ++l) { c0[l] += c0[l + 2]; c1[l] += c1[l + 2]; c2[l] += c2[l + 2]; c3[l] += c3[l + 2]; c4[l] += c4[l + 2]; c5[l] += c5[l + 2]; c6[l] += c6[l + 2]; c7[l] += c7[l + 2]; c8[l] += c8[l + 2]; c9[l] += c9[l + 2]; }
-            c0[0] += c0[1]; c1[0] += c1[1]; c2[0] += c2[1]; c3[0] += c3[1]; c4[0] += c4[1]; c5[0] += c5[1]; c6[0] += c6[1]; c7[0] += c7[1]; c8[0] += c8[1]; c9[0] += c9[1];
-            const float s[10] = {c0[0], c1[0], c2[0], c3[0], c4[0], c5[0], c6[0], c7[0], c8[0], c9[0]};
+            for (size_t l = 0; l < 2; ++l) { c0[l] += c0[l + 2]; c1[l] += c1[l + 2];
+                    c2[l] += c2[l + 2]; c3[l] += c3[l + 2]; c4[l] += c4[l + 2]; c5[l] += c5[l + 2];
+                    c6[l] += c6[l + 2]; c7[l] += c7[l + 2]; c8[l] += c8[l + 2]; c9[l] += c9[l + 2];
+                    }
+            c0[0] += c0[1]; c1[0] += c1[1]; c2[0] += c2[1]; c3[0] += c3[1]; c4[0] += c4[1];
+                    c5[0] += c5[1]; c6[0] += c6[1]; c7[0] += c7[1]; c8[0] += c8[1]; c9[0] += c9[1];
+            const float s[10] = {c0[0], c1[0], c2[0], c3[0], c4[0], c5[0], c6[0], c7[0], c8[0],
+                    c9[0]};
             for (size_t i0_j = 0; i0_j < 10; ++i0_j) {
                 const float acc = s[i0_j];
-                a0[10*b + i0_j + i0_t] = acc + a3[i0_j + i0_t];
+                logits[10*b + i0_j] = acc + b2[i0_j];
             }
         }
     }
 }
 
 /* loss: forward: loss.max[b] = max_{i1} logits[b, i1] */
-static void k2(size_t n, float *restrict a0, const float *restrict a1)
+static void loss_max_forward(size_t n, float *restrict loss_max, const float *restrict logits)
 {
     for (size_t b = 0; b < n; ++b) {
         float acc = -INFINITY;
         for (size_t i1 = 0; i1 < 10; ++i1) {
-            if (a1[10*b + i1] > acc) acc = a1[10*b + i1];
+            if (logits[10*b + i1] > acc) acc = logits[10*b + i1];
         }
-        a0[b] = acc;
+        loss_max[b] = acc;
     }
 }
 
-/* loss: forward: loss.sumexp[b] = Σ_{i1} exp(logits[b, i1] - loss.max[b]) */
-static void k3(size_t n, float *restrict a0, const float *restrict a1, const float *restrict a2)
+/* loss: forward: loss.sumexp[b] = sum_{i1} exp(logits[b, i1] - loss.max[b]) */
+static void loss_sumexp_forward(size_t n, float *restrict loss_sumexp, const float *restrict logits,
+        const float *restrict loss_max)
 {
     for (size_t b = 0; b < n; ++b) {
         float acc = 0;
         for (size_t i1 = 0; i1 < 10; ++i1) {
-            acc += expf(a1[10*b + i1] - a2[b]);
+            acc += expf(logits[10*b + i1] - loss_max[b]);
         }
-        a0[b] = acc;
+        loss_sumexp[b] = acc;
     }
 }
 
-/* loss: forward: loss[b] = Σ_{i0} -(-log(loss.sumexp[b]) + logits[b, i0] - loss.max[b])*y[b, i0] */
-static void k4(size_t n, float *restrict a0, const float *restrict a1, const float *restrict a2, const float *restrict a3, const float *restrict a4)
+/*
+ * loss: forward: loss[b] = sum_{i0} -(-log(loss.sumexp[b]) + logits[b, i0] - loss.max[b])*y[b, i0]
+ */
+static void loss_forward(size_t n, float *restrict loss, const float *restrict logits,
+        const float *restrict loss_max, const float *restrict loss_sumexp, const float *restrict y)
 {
     for (size_t b = 0; b < n; ++b) {
         float acc = 0;
-        const float u0 = logf(a3[b]);
+        const float u0 = logf(loss_sumexp[b]);
         for (size_t i0 = 0; i0 < 10; ++i0) {
-            acc += -(-u0 + a1[10*b + i0] - a2[b])*a4[10*b + i0];
+            acc += -(-u0 + logits[10*b + i0] - loss_max[b])*y[10*b + i0];
         }
-        a0[b] = acc;
+        loss[b] = acc;
     }
 }
 
-/* loss: batch mean: __batch_loss[0] = (Σ_{b} loss[b])/n */
-static void k5(size_t n, float *restrict a0, const float *restrict a1)
+/* loss: batch mean: __batch_loss[0] = (sum_{b} loss[b])/n */
+static void batch_mean_loss(size_t n, float *restrict batch_loss, const float *restrict loss)
 {
+    const float inv_n = 1 / (float)n;
     float acc = 0;
     for (size_t b = 0; b < n; ++b) {
-        acc += a1[b];
+        acc += loss[b];
     }
-    a0[0] = acc*1.0F/n;
+    batch_loss[0] = acc*inv_n;
 }
 
-/* h1: forward: h1[b, i0] = (Σ_{i1} W1[i0, i1]*x[b, i1]) + b1[i0] */
-static void k6(size_t n, float *restrict a0, const float *restrict a1, const float *restrict a2, const float *restrict a3)
+/* h1: forward: h1[b, i0] = (sum_{i1} W1[i0, i1]*x[b, i1]) + b1[i0] */
+static void h1_forward(size_t n, float *restrict h1, const float *restrict W1,
+        const float *restrict b1, const float *restrict x)
 {
     for (size_t b_t = 0; b_t < n / 8 * 8; b_t += 8) {
         for (size_t i0_t = 0; i0_t < 32; i0_t += 2) {
             float s[16];
-            dot8x2_4(a3 + 64*b_t, 64, a1 + 64*i0_t, 64, 64, s);
+            dot8x2_4(x + 64*b_t, 64, W1 + 64*i0_t, 64, 64, s);
             for (size_t b_j = 0; b_j < 8; ++b_j) {
                 for (size_t i0_j = 0; i0_j < 2; ++i0_j) {
                     const float acc = s[2*b_j + i0_j];
-                    a0[32*b_j + 32*b_t + i0_j + i0_t] = acc + a2[i0_j + i0_t];
+                    h1[32*b_j + 32*b_t + i0_j + i0_t] = acc + b1[i0_j + i0_t];
                 }
             }
         }
     }
     for (size_t b = n / 8 * 8; b < n; ++b) {
         for (size_t i0_t = 0; i0_t < 32; i0_t += 16) {
-            float c0[4], c1[4], c2[4], c3[4], c4[4], c5[4], c6[4], c7[4], c8[4], c9[4], c10[4], c11[4], c12[4], c13[4], c14[4], c15[4];
+            float c0[4], c1[4], c2[4], c3[4], c4[4], c5[4], c6[4], c7[4], c8[4], c9[4], c10[4],
+                    c11[4], c12[4], c13[4], c14[4], c15[4];
             for (size_t l = 0; l < 4; ++l) {
-                c0[l] = a1[64*i0_t + l]*a3[64*b + l];
-                c1[l] = a1[64*i0_t + l + 64]*a3[64*b + l];
-                c2[l] = a1[64*i0_t + l + 128]*a3[64*b + l];
-                c3[l] = a1[64*i0_t + l + 192]*a3[64*b + l];
-                c4[l] = a1[64*i0_t + l + 256]*a3[64*b + l];
-                c5[l] = a1[64*i0_t + l + 320]*a3[64*b + l];
-                c6[l] = a1[64*i0_t + l + 384]*a3[64*b + l];
-                c7[l] = a1[64*i0_t + l + 448]*a3[64*b + l];
-                c8[l] = a1[64*i0_t + l + 512]*a3[64*b + l];
-                c9[l] = a1[64*i0_t + l + 576]*a3[64*b + l];
-                c10[l] = a1[64*i0_t + l + 640]*a3[64*b + l];
-                c11[l] = a1[64*i0_t + l + 704]*a3[64*b + l];
-                c12[l] = a1[64*i0_t + l + 768]*a3[64*b + l];
-                c13[l] = a1[64*i0_t + l + 832]*a3[64*b + l];
-                c14[l] = a1[64*i0_t + l + 896]*a3[64*b + l];
-                c15[l] = a1[64*i0_t + l + 960]*a3[64*b + l];
+                c0[l] = W1[64*i0_t + l]*x[64*b + l];
+                c1[l] = W1[64*i0_t + l + 64]*x[64*b + l];
+                c2[l] = W1[64*i0_t + l + 128]*x[64*b + l];
+                c3[l] = W1[64*i0_t + l + 192]*x[64*b + l];
+                c4[l] = W1[64*i0_t + l + 256]*x[64*b + l];
+                c5[l] = W1[64*i0_t + l + 320]*x[64*b + l];
+                c6[l] = W1[64*i0_t + l + 384]*x[64*b + l];
+                c7[l] = W1[64*i0_t + l + 448]*x[64*b + l];
+                c8[l] = W1[64*i0_t + l + 512]*x[64*b + l];
+                c9[l] = W1[64*i0_t + l + 576]*x[64*b + l];
+                c10[l] = W1[64*i0_t + l + 640]*x[64*b + l];
+                c11[l] = W1[64*i0_t + l + 704]*x[64*b + l];
+                c12[l] = W1[64*i0_t + l + 768]*x[64*b + l];
+                c13[l] = W1[64*i0_t + l + 832]*x[64*b + l];
+                c14[l] = W1[64*i0_t + l + 896]*x[64*b + l];
+                c15[l] = W1[64*i0_t + l + 960]*x[64*b + l];
             }
             for (size_t i1_t = 4; i1_t < 64; i1_t += 4) {
                 for (size_t l = 0; l < 4; ++l) {
-                    c0[l] += a1[64*i0_t + i1_t + l]*a3[64*b + i1_t + l];
-                    c1[l] += a1[64*i0_t + i1_t + l + 64]*a3[64*b + i1_t + l];
-                    c2[l] += a1[64*i0_t + i1_t + l + 128]*a3[64*b + i1_t + l];
-                    c3[l] += a1[64*i0_t + i1_t + l + 192]*a3[64*b + i1_t + l];
-                    c4[l] += a1[64*i0_t + i1_t + l + 256]*a3[64*b + i1_t + l];
-                    c5[l] += a1[64*i0_t + i1_t + l + 320]*a3[64*b + i1_t + l];
-                    c6[l] += a1[64*i0_t + i1_t + l + 384]*a3[64*b + i1_t + l];
-                    c7[l] += a1[64*i0_t + i1_t + l + 448]*a3[64*b + i1_t + l];
-                    c8[l] += a1[64*i0_t + i1_t + l + 512]*a3[64*b + i1_t + l];
-                    c9[l] += a1[64*i0_t + i1_t + l + 576]*a3[64*b + i1_t + l];
-                    c10[l] += a1[64*i0_t + i1_t + l + 640]*a3[64*b + i1_t + l];
-                    c11[l] += a1[64*i0_t + i1_t + l + 704]*a3[64*b + i1_t + l];
-                    c12[l] += a1[64*i0_t + i1_t + l + 768]*a3[64*b + i1_t + l];
-                    c13[l] += a1[64*i0_t + i1_t + l + 832]*a3[64*b + i1_t + l];
-                    c14[l] += a1[64*i0_t + i1_t + l + 896]*a3[64*b + i1_t + l];
-                    c15[l] += a1[64*i0_t + i1_t + l + 960]*a3[64*b + i1_t + l];
+                    c0[l] += W1[64*i0_t + i1_t + l]*x[64*b + i1_t + l];
+                    c1[l] += W1[64*i0_t + i1_t + l + 64]*x[64*b + i1_t + l];
+                    c2[l] += W1[64*i0_t + i1_t + l + 128]*x[64*b + i1_t + l];
+                    c3[l] += W1[64*i0_t + i1_t + l + 192]*x[64*b + i1_t + l];
+                    c4[l] += W1[64*i0_t + i1_t + l + 256]*x[64*b + i1_t + l];
+                    c5[l] += W1[64*i0_t + i1_t + l + 320]*x[64*b + i1_t + l];
+                    c6[l] += W1[64*i0_t + i1_t + l + 384]*x[64*b + i1_t + l];
+                    c7[l] += W1[64*i0_t + i1_t + l + 448]*x[64*b + i1_t + l];
+                    c8[l] += W1[64*i0_t + i1_t + l + 512]*x[64*b + i1_t + l];
+                    c9[l] += W1[64*i0_t + i1_t + l + 576]*x[64*b + i1_t + l];
+                    c10[l] += W1[64*i0_t + i1_t + l + 640]*x[64*b + i1_t + l];
+                    c11[l] += W1[64*i0_t + i1_t + l + 704]*x[64*b + i1_t + l];
+                    c12[l] += W1[64*i0_t + i1_t + l + 768]*x[64*b + i1_t + l];
+                    c13[l] += W1[64*i0_t + i1_t + l + 832]*x[64*b + i1_t + l];
+                    c14[l] += W1[64*i0_t + i1_t + l + 896]*x[64*b + i1_t + l];
+                    c15[l] += W1[64*i0_t + i1_t + l + 960]*x[64*b + i1_t + l];
                 }
             }
-            for (size_t l = 0; l < 2; ++l) { c0[l] += c0[l + 2]; c1[l] += c1[l + 2]; c2[l] += c2[l + 2]; c3[l] += c3[l + 2]; c4[l] += c4[l + 2]; c5[l] += c5[l + 2]; c6[l] += c6[l + 2]; c7[l] += c7[l + 2]; c8[l] += c8[l + 2]; c9[l] += c9[l + 2]; c10[l] += c10[l + 2]; c11[l] += c11[l + 2]; c12[l] += c12[l + 2]; c13[l] += c13[l + 2]; c14[l] += c14[l + 2]; c15[l] += c15[l + 2]; }
-            c0[0] += c0[1]; c1[0] += c1[1]; c2[0] += c2[1]; c3[0] += c3[1]; c4[0] += c4[1]; c5[0] += c5[1]; c6[0] += c6[1]; c7[0] += c7[1]; c8[0] += c8[1]; c9[0] += c9[1]; c10[0] += c10[1]; c11[0] += c11[1]; c12[0] += c12[1]; c13[0] += c13[1]; c14[0] += c14[1]; c15[0] += c15[1];
-            const float s[16] = {c0[0], c1[0], c2[0], c3[0], c4[0], c5[0], c6[0], c7[0], c8[0], c9[0], c10[0], c11[0], c12[0], c13[0], c14[0], c15[0]};
+            for (size_t l = 0; l < 2; ++l) { c0[l] += c0[l + 2]; c1[l] += c1[l + 2];
+                    c2[l] += c2[l + 2]; c3[l] += c3[l + 2]; c4[l] += c4[l + 2]; c5[l] += c5[l + 2];
+                    c6[l] += c6[l + 2]; c7[l] += c7[l + 2]; c8[l] += c8[l + 2]; c9[l] += c9[l + 2];
+                    c10[l] += c10[l + 2]; c11[l] += c11[l + 2]; c12[l] += c12[l + 2];
+                    c13[l] += c13[l + 2]; c14[l] += c14[l + 2]; c15[l] += c15[l + 2]; }
+            c0[0] += c0[1]; c1[0] += c1[1]; c2[0] += c2[1]; c3[0] += c3[1]; c4[0] += c4[1];
+                    c5[0] += c5[1]; c6[0] += c6[1]; c7[0] += c7[1]; c8[0] += c8[1]; c9[0] += c9[1];
+                    c10[0] += c10[1]; c11[0] += c11[1]; c12[0] += c12[1]; c13[0] += c13[1];
+                    c14[0] += c14[1]; c15[0] += c15[1];
+            const float s[16] = {c0[0], c1[0], c2[0], c3[0], c4[0], c5[0], c6[0], c7[0], c8[0],
+                    c9[0], c10[0], c11[0], c12[0], c13[0], c14[0], c15[0]};
             for (size_t i0_j = 0; i0_j < 16; ++i0_j) {
                 const float acc = s[i0_j];
-                a0[32*b + i0_j + i0_t] = acc + a2[i0_j + i0_t];
+                h1[32*b + i0_j + i0_t] = acc + b1[i0_j + i0_t];
             }
         }
     }
 }
 
 /* a1: forward: a1[b, i0] = tanh(softplus(h1[b, i0]))*h1[b, i0] */
-static void k7(size_t n, float *restrict a0, const float *restrict a1)
+static void a1_forward_2(size_t n, float *restrict a1, const float *restrict h1)
 {
     for (size_t b = 0; b < n; ++b) {
         for (size_t i0 = 0; i0 < 32; ++i0) {
-            a0[32*b + i0] = tanhf(softplus(a1[32*b + i0]))*a1[32*b + i0];
+            a1[32*b + i0] = tanhf(softplus(h1[32*b + i0]))*h1[32*b + i0];
         }
     }
 }
 
 /* loss: dloss/dlogits: logits.grad[b, i0] = -y[b, i0]/n */
-static void k8(size_t n, float *restrict a0, const float *restrict a1)
+static void logits_grad(size_t n, float *restrict dlogits, const float *restrict y)
 {
+    const float inv_n = 1 / (float)n;
     for (size_t b = 0; b < n; ++b) {
         for (size_t i0 = 0; i0 < 10; ++i0) {
-            a0[10*b + i0] = -a1[10*b + i0]*1.0F/n;
+            dlogits[10*b + i0] = -inv_n*y[10*b + i0];
         }
     }
 }
 
-/* loss: dloss/dloss.sumexp: loss.sumexp.grad[b] = Σ_{i0} y[b, i0]/(n*loss.sumexp[b]) */
-static void k9(size_t n, float *restrict a0, const float *restrict a1, const float *restrict a2)
+/* loss: dloss/dloss.sumexp: loss.sumexp.grad[b] = sum_{i0} y[b, i0]/(n*loss.sumexp[b]) */
+static void loss_sumexp_grad(size_t n, float *restrict dloss_sumexp,
+        const float *restrict loss_sumexp, const float *restrict y)
 {
+    const float inv_n = 1 / (float)n;
     for (size_t b = 0; b < n; ++b) {
-        float c0[4];
-        for (size_t l = 0; l < 4; ++l) {
-            c0[l] = a2[10*b + l]*1.0F/n*1.0F/a1[b];
+        float acc = 0;
+        for (size_t i0 = 0; i0 < 10; ++i0) {
+            acc += inv_n*y[10*b + i0]/loss_sumexp[b];
         }
-        for (size_t i0_t = 4; i0_t < 8; i0_t += 4) {
-            for (size_t l = 0; l < 4; ++l) {
-                c0[l] += a2[10*b + i0_t + l]*1.0F/n*1.0F/a1[b];
-            }
-        }
-        for (size_t l = 0; l < 2; ++l) {
-            c0[l] += a2[10*b + l + 8]*1.0F/n*1.0F/a1[b];
-        }
-        for (size_t l = 0; l < 2; ++l) { c0[l] += c0[l + 2]; }
-        c0[0] += c0[1];
-        a0[b] = c0[0];
+        dloss_sumexp[b] = acc;
     }
 }
 
-/* loss: dloss.sumexp/dlogits: logits.grad[b, i1] += exp(logits[b, i1] - loss.max[b])*loss.sumexp.grad[b] */
-static void k10(size_t n, float *restrict a0, const float *restrict a1, const float *restrict a2, const float *restrict a3)
+/*
+ * loss: dloss.sumexp/dlogits: logits.grad[b, i1] += exp(logits[b, i1] -
+ * loss.max[b])*loss.sumexp.grad[b]
+ */
+static void logits_grad_2(size_t n, float *restrict dlogits, const float *restrict logits,
+        const float *restrict loss_max, const float *restrict dloss_sumexp)
 {
     for (size_t b = 0; b < n; ++b) {
         for (size_t i1 = 0; i1 < 10; ++i1) {
-            a0[10*b + i1] += expf(a1[10*b + i1] - a2[b])*a3[b];
+            dlogits[10*b + i1] += expf(logits[10*b + i1] - loss_max[b])*dloss_sumexp[b];
         }
     }
 }
 
-/* logits: dlogits/dW2: W2.grad[i0, i1] = Σ_{b} a1[b, i1]*logits.grad[b, i0] */
-static void k11(size_t n, float *restrict a0, const float *restrict a1, const float *restrict a2)
+/* logits: dlogits/dW2: W2.grad[i0, i1] = sum_{b} a1[b, i1]*logits.grad[b, i0] */
+static void W2_grad(size_t n, float *restrict dW2, const float *restrict a1,
+        const float *restrict dlogits)
 {
     for (size_t i1_t = 0; i1_t < 32; i1_t += 8) {
-        for (size_t i0_t = 0; i0_t < 8; i0_t += 8) {
-            float c0[4], c1[4], c2[4], c3[4], c4[4], c5[4], c6[4], c7[4], c8[4], c9[4], c10[4], c11[4], c12[4], c13[4], c14[4], c15[4];
+        {
+            float c0[4], c1[4], c2[4], c3[4], c4[4], c5[4], c6[4], c7[4], c8[4], c9[4], c10[4],
+                    c11[4], c12[4], c13[4], c14[4], c15[4];
             for (size_t l = 0; l < 4; ++l) {
-                c0[l] = a1[i1_t + l]*a2[i0_t];
-                c1[l] = a1[i1_t + l + 4]*a2[i0_t];
-                c2[l] = a1[i1_t + l]*a2[i0_t + 1];
-                c3[l] = a1[i1_t + l + 4]*a2[i0_t + 1];
-                c4[l] = a1[i1_t + l]*a2[i0_t + 2];
-                c5[l] = a1[i1_t + l + 4]*a2[i0_t + 2];
-                c6[l] = a1[i1_t + l]*a2[i0_t + 3];
-                c7[l] = a1[i1_t + l + 4]*a2[i0_t + 3];
-                c8[l] = a1[i1_t + l]*a2[i0_t + 4];
-                c9[l] = a1[i1_t + l + 4]*a2[i0_t + 4];
-                c10[l] = a1[i1_t + l]*a2[i0_t + 5];
-                c11[l] = a1[i1_t + l + 4]*a2[i0_t + 5];
-                c12[l] = a1[i1_t + l]*a2[i0_t + 6];
-                c13[l] = a1[i1_t + l + 4]*a2[i0_t + 6];
-                c14[l] = a1[i1_t + l]*a2[i0_t + 7];
-                c15[l] = a1[i1_t + l + 4]*a2[i0_t + 7];
+                c0[l] = a1[i1_t + l]*dlogits[0];
+                c1[l] = a1[i1_t + l + 4]*dlogits[0];
+                c2[l] = a1[i1_t + l]*dlogits[1];
+                c3[l] = a1[i1_t + l + 4]*dlogits[1];
+                c4[l] = a1[i1_t + l]*dlogits[2];
+                c5[l] = a1[i1_t + l + 4]*dlogits[2];
+                c6[l] = a1[i1_t + l]*dlogits[3];
+                c7[l] = a1[i1_t + l + 4]*dlogits[3];
+                c8[l] = a1[i1_t + l]*dlogits[4];
+                c9[l] = a1[i1_t + l + 4]*dlogits[4];
+                c10[l] = a1[i1_t + l]*dlogits[5];
+                c11[l] = a1[i1_t + l + 4]*dlogits[5];
+                c12[l] = a1[i1_t + l]*dlogits[6];
+                c13[l] = a1[i1_t + l + 4]*dlogits[6];
+                c14[l] = a1[i1_t + l]*dlogits[7];
+                c15[l] = a1[i1_t + l + 4]*dlogits[7];
             }
             for (size_t b = 1; b < n; ++b) {
                 for (size_t l = 0; l < 4; ++l) {
-                    c0[l] += a1[32*b + i1_t + l]*a2[10*b + i0_t];
-                    c1[l] += a1[32*b + i1_t + l + 4]*a2[10*b + i0_t];
-                    c2[l] += a1[32*b + i1_t + l]*a2[10*b + i0_t + 1];
-                    c3[l] += a1[32*b + i1_t + l + 4]*a2[10*b + i0_t + 1];
-                    c4[l] += a1[32*b + i1_t + l]*a2[10*b + i0_t + 2];
-                    c5[l] += a1[32*b + i1_t + l + 4]*a2[10*b + i0_t + 2];
-                    c6[l] += a1[32*b + i1_t + l]*a2[10*b + i0_t + 3];
-                    c7[l] += a1[32*b + i1_t + l + 4]*a2[10*b + i0_t + 3];
-                    c8[l] += a1[32*b + i1_t + l]*a2[10*b + i0_t + 4];
-                    c9[l] += a1[32*b + i1_t + l + 4]*a2[10*b + i0_t + 4];
-                    c10[l] += a1[32*b + i1_t + l]*a2[10*b + i0_t + 5];
-                    c11[l] += a1[32*b + i1_t + l + 4]*a2[10*b + i0_t + 5];
-                    c12[l] += a1[32*b + i1_t + l]*a2[10*b + i0_t + 6];
-                    c13[l] += a1[32*b + i1_t + l + 4]*a2[10*b + i0_t + 6];
-                    c14[l] += a1[32*b + i1_t + l]*a2[10*b + i0_t + 7];
-                    c15[l] += a1[32*b + i1_t + l + 4]*a2[10*b + i0_t + 7];
+                    c0[l] += a1[32*b + i1_t + l]*dlogits[10*b];
+                    c1[l] += a1[32*b + i1_t + l + 4]*dlogits[10*b];
+                    c2[l] += a1[32*b + i1_t + l]*dlogits[10*b + 1];
+                    c3[l] += a1[32*b + i1_t + l + 4]*dlogits[10*b + 1];
+                    c4[l] += a1[32*b + i1_t + l]*dlogits[10*b + 2];
+                    c5[l] += a1[32*b + i1_t + l + 4]*dlogits[10*b + 2];
+                    c6[l] += a1[32*b + i1_t + l]*dlogits[10*b + 3];
+                    c7[l] += a1[32*b + i1_t + l + 4]*dlogits[10*b + 3];
+                    c8[l] += a1[32*b + i1_t + l]*dlogits[10*b + 4];
+                    c9[l] += a1[32*b + i1_t + l + 4]*dlogits[10*b + 4];
+                    c10[l] += a1[32*b + i1_t + l]*dlogits[10*b + 5];
+                    c11[l] += a1[32*b + i1_t + l + 4]*dlogits[10*b + 5];
+                    c12[l] += a1[32*b + i1_t + l]*dlogits[10*b + 6];
+                    c13[l] += a1[32*b + i1_t + l + 4]*dlogits[10*b + 6];
+                    c14[l] += a1[32*b + i1_t + l]*dlogits[10*b + 7];
+                    c15[l] += a1[32*b + i1_t + l + 4]*dlogits[10*b + 7];
                 }
             }
             for (size_t l = 0; l < 4; ++l) {
-                a0[32*i0_t + i1_t + l] = c0[l];
-                a0[32*i0_t + i1_t + l + 4] = c1[l];
-                a0[32*i0_t + i1_t + l + 32] = c2[l];
-                a0[32*i0_t + i1_t + l + 36] = c3[l];
-                a0[32*i0_t + i1_t + l + 64] = c4[l];
-                a0[32*i0_t + i1_t + l + 68] = c5[l];
-                a0[32*i0_t + i1_t + l + 96] = c6[l];
-                a0[32*i0_t + i1_t + l + 100] = c7[l];
-                a0[32*i0_t + i1_t + l + 128] = c8[l];
-                a0[32*i0_t + i1_t + l + 132] = c9[l];
-                a0[32*i0_t + i1_t + l + 160] = c10[l];
-                a0[32*i0_t + i1_t + l + 164] = c11[l];
-                a0[32*i0_t + i1_t + l + 192] = c12[l];
-                a0[32*i0_t + i1_t + l + 196] = c13[l];
-                a0[32*i0_t + i1_t + l + 224] = c14[l];
-                a0[32*i0_t + i1_t + l + 228] = c15[l];
+                dW2[i1_t + l] = c0[l];
+                dW2[i1_t + l + 4] = c1[l];
+                dW2[i1_t + l + 32] = c2[l];
+                dW2[i1_t + l + 36] = c3[l];
+                dW2[i1_t + l + 64] = c4[l];
+                dW2[i1_t + l + 68] = c5[l];
+                dW2[i1_t + l + 96] = c6[l];
+                dW2[i1_t + l + 100] = c7[l];
+                dW2[i1_t + l + 128] = c8[l];
+                dW2[i1_t + l + 132] = c9[l];
+                dW2[i1_t + l + 160] = c10[l];
+                dW2[i1_t + l + 164] = c11[l];
+                dW2[i1_t + l + 192] = c12[l];
+                dW2[i1_t + l + 196] = c13[l];
+                dW2[i1_t + l + 224] = c14[l];
+                dW2[i1_t + l + 228] = c15[l];
             }
         }
         for (size_t i0 = 8; i0 < 10; ++i0) {
             float c0[4], c1[4];
             for (size_t l = 0; l < 4; ++l) {
-                c0[l] = a1[i1_t + l]*a2[i0];
-                c1[l] = a1[i1_t + l + 4]*a2[i0];
+                c0[l] = a1[i1_t + l]*dlogits[i0];
+                c1[l] = a1[i1_t + l + 4]*dlogits[i0];
             }
             for (size_t b = 1; b < n; ++b) {
                 for (size_t l = 0; l < 4; ++l) {
-                    c0[l] += a1[32*b + i1_t + l]*a2[10*b + i0];
-                    c1[l] += a1[32*b + i1_t + l + 4]*a2[10*b + i0];
+                    c0[l] += a1[32*b + i1_t + l]*dlogits[10*b + i0];
+                    c1[l] += a1[32*b + i1_t + l + 4]*dlogits[10*b + i0];
                 }
             }
             for (size_t l = 0; l < 4; ++l) {
-                a0[32*i0 + i1_t + l] = c0[l];
-                a0[32*i0 + i1_t + l + 4] = c1[l];
+                dW2[32*i0 + i1_t + l] = c0[l];
+                dW2[32*i0 + i1_t + l + 4] = c1[l];
             }
         }
     }
 }
 
-/* a1: logits with a1 as epilogue: h1.grad[b, i1] = (Σ_{i0} W2[i0, i1]*logits.grad[b, i0])*((1 - tanh(softplus(h1[b, i1]))**2)*sigmoid(h1[b, i1])*h1[b, i1] + tanh(softplus(h1[b, i1]))) */
-static void k12(size_t n, float *restrict a0, const float *restrict a1, const float *restrict a2, const float *restrict a3)
+/*
+ * a1: logits with a1 as epilogue: h1.grad[b, i1] = (sum_{i0} W2[i0, i1]*logits.grad[b, i0])*((1 -
+ * tanh(softplus(h1[b, i1]))**2)*sigmoid(h1[b, i1])*h1[b, i1] + tanh(softplus(h1[b, i1])))
+ */
+static void h1_grad(size_t n, float *restrict dh1, const float *restrict W2,
+        const float *restrict h1, const float *restrict dlogits)
 {
     for (size_t i1_t = 0; i1_t < 32; i1_t += 8) {
         for (size_t b_t = 0; b_t < n / 8 * 8; b_t += 8) {
-            tile8x8(a3 + 10*b_t, 10, 1, a1 + i1_t, 32, 10, a0 + 32*b_t + i1_t, 32);
+            tile8x8(dlogits + 10*b_t, 10, 1, W2 + i1_t, 32, 10, dh1 + 32*b_t + i1_t, 32);
             for (size_t b_j = 0; b_j < 8; ++b_j) {
                 for (size_t l = 0; l < 8; ++l) {
-                    const float acc = a0[32*b_j + 32*b_t + i1_t + l];
-                    const float t0 = tanhf(softplus(a2[32*b_j + 32*b_t + i1_t + l]));
-                    a0[32*b_j + 32*b_t + i1_t + l] = acc*(t0 + sigmoid(a2[32*b_j + 32*b_t + i1_t + l])*a2[32*b_j + 32*b_t + i1_t + l]*(1 - (t0*t0)));
+                    const float acc = dh1[32*b_j + 32*b_t + i1_t + l];
+                    const float t0 = tanhf(softplus(h1[32*b_j + 32*b_t + i1_t + l]));
+                    dh1[32*b_j + 32*b_t + i1_t + l] = acc*(t0 + sigmoid(h1[32*b_j + 32*b_t + i1_t +
+                            l])*h1[32*b_j + 32*b_t + i1_t + l]*(1 - (t0*t0)));
                 }
             }
         }
         for (size_t b = n / 8 * 8; b < n; ++b) {
             float c0[4], c1[4];
             for (size_t l = 0; l < 4; ++l) {
-                c0[l] = a1[i1_t + l]*a3[10*b];
-                c1[l] = a1[i1_t + l + 4]*a3[10*b];
+                c0[l] = W2[i1_t + l]*dlogits[10*b];
+                c1[l] = W2[i1_t + l + 4]*dlogits[10*b];
             }
             for (size_t i0 = 1; i0 < 10; ++i0) {
                 for (size_t l = 0; l < 4; ++l) {
-                    c0[l] += a1[32*i0 + i1_t + l]*a3[10*b + i0];
-                    c1[l] += a1[32*i0 + i1_t + l + 4]*a3[10*b + i0];
+                    c0[l] += W2[32*i0 + i1_t + l]*dlogits[10*b + i0];
+                    c1[l] += W2[32*i0 + i1_t + l + 4]*dlogits[10*b + i0];
                 }
             }
             for (size_t l = 0; l < 4; ++l) {
                 {
                     const float acc = c0[l];
-                    const float t0 = tanhf(softplus(a2[32*b + i1_t + l]));
-                    a0[32*b + i1_t + l] = acc*(t0 + sigmoid(a2[32*b + i1_t + l])*a2[32*b + i1_t + l]*(1 - (t0*t0)));
+                    const float t0 = tanhf(softplus(h1[32*b + i1_t + l]));
+                    dh1[32*b + i1_t + l] = acc*(t0 + sigmoid(h1[32*b + i1_t + l])*h1[32*b + i1_t +
+                            l]*(1 - (t0*t0)));
                 }
                 {
                     const float acc = c1[l];
-                    const float t0 = tanhf(softplus(a2[32*b + i1_t + l + 4]));
-                    a0[32*b + i1_t + l + 4] = acc*(t0 + sigmoid(a2[32*b + i1_t + l + 4])*a2[32*b + i1_t + l + 4]*(1 - (t0*t0)));
+                    const float t0 = tanhf(softplus(h1[32*b + i1_t + l + 4]));
+                    dh1[32*b + i1_t + l + 4] = acc*(t0 + sigmoid(h1[32*b + i1_t + l + 4])*h1[32*b +
+                            i1_t + l + 4]*(1 - (t0*t0)));
                 }
             }
         }
     }
 }
 
-/* logits: dlogits/db2: b2.grad[i0] = Σ_{b} logits.grad[b, i0] */
-static void k13(size_t n, float *restrict a0, const float *restrict a1)
+/* logits: dlogits/db2: b2.grad[i0] = sum_{b} logits.grad[b, i0] */
+static void b2_grad(size_t n, float *restrict db2, const float *restrict dlogits)
 {
-    for (size_t i0_t = 0; i0_t < 8; i0_t += 8) {
+    {
         float c0[4], c1[4];
         for (size_t l = 0; l < 4; ++l) {
-            c0[l] = a1[i0_t + l];
-            c1[l] = a1[i0_t + l + 4];
+            c0[l] = dlogits[l];
+            c1[l] = dlogits[l + 4];
         }
         for (size_t b = 1; b < n; ++b) {
             for (size_t l = 0; l < 4; ++l) {
-                c0[l] += a1[10*b + i0_t + l];
-                c1[l] += a1[10*b + i0_t + l + 4];
+                c0[l] += dlogits[10*b + l];
+                c1[l] += dlogits[10*b + l + 4];
             }
         }
         for (size_t l = 0; l < 4; ++l) {
-            a0[i0_t + l] = c0[l];
-            a0[i0_t + l + 4] = c1[l];
+            db2[l] = c0[l];
+            db2[l + 4] = c1[l];
         }
     }
     {
         float c0[2];
         for (size_t l = 0; l < 2; ++l) {
-            c0[l] = a1[l + 8];
+            c0[l] = dlogits[l + 8];
         }
         for (size_t b = 1; b < n; ++b) {
             for (size_t l = 0; l < 2; ++l) {
-                c0[l] += a1[10*b + l + 8];
+                c0[l] += dlogits[10*b + l + 8];
             }
         }
         for (size_t l = 0; l < 2; ++l) {
-            a0[l + 8] = c0[l];
+            db2[l + 8] = c0[l];
         }
     }
 }
 
-/* h1: dh1/dW1: W1.grad[i0, i1] = Σ_{b} h1.grad[b, i0]*x[b, i1] */
-static void k14(size_t n, float *restrict a0, const float *restrict a1, const float *restrict a2)
+/* h1: dh1/dW1: W1.grad[i0, i1] = sum_{b} h1.grad[b, i0]*x[b, i1] */
+static void W1_grad(size_t n, float *restrict dW1, const float *restrict dh1,
+        const float *restrict x)
 {
     for (size_t i1_t = 0; i1_t < 64; i1_t += 8) {
         for (size_t i0_t = 0; i0_t < 32; i0_t += 8) {
-            float c0[4], c1[4], c2[4], c3[4], c4[4], c5[4], c6[4], c7[4], c8[4], c9[4], c10[4], c11[4], c12[4], c13[4], c14[4], c15[4];
+            float c0[4], c1[4], c2[4], c3[4], c4[4], c5[4], c6[4], c7[4], c8[4], c9[4], c10[4],
+                    c11[4], c12[4], c13[4], c14[4], c15[4];
             for (size_t l = 0; l < 4; ++l) {
-                c0[l] = a1[i0_t]*a2[i1_t + l];
-                c1[l] = a1[i0_t]*a2[i1_t + l + 4];
-                c2[l] = a1[i0_t + 1]*a2[i1_t + l];
-                c3[l] = a1[i0_t + 1]*a2[i1_t + l + 4];
-                c4[l] = a1[i0_t + 2]*a2[i1_t + l];
-                c5[l] = a1[i0_t + 2]*a2[i1_t + l + 4];
-                c6[l] = a1[i0_t + 3]*a2[i1_t + l];
-                c7[l] = a1[i0_t + 3]*a2[i1_t + l + 4];
-                c8[l] = a1[i0_t + 4]*a2[i1_t + l];
-                c9[l] = a1[i0_t + 4]*a2[i1_t + l + 4];
-                c10[l] = a1[i0_t + 5]*a2[i1_t + l];
-                c11[l] = a1[i0_t + 5]*a2[i1_t + l + 4];
-                c12[l] = a1[i0_t + 6]*a2[i1_t + l];
-                c13[l] = a1[i0_t + 6]*a2[i1_t + l + 4];
-                c14[l] = a1[i0_t + 7]*a2[i1_t + l];
-                c15[l] = a1[i0_t + 7]*a2[i1_t + l + 4];
+                c0[l] = dh1[i0_t]*x[i1_t + l];
+                c1[l] = dh1[i0_t]*x[i1_t + l + 4];
+                c2[l] = dh1[i0_t + 1]*x[i1_t + l];
+                c3[l] = dh1[i0_t + 1]*x[i1_t + l + 4];
+                c4[l] = dh1[i0_t + 2]*x[i1_t + l];
+                c5[l] = dh1[i0_t + 2]*x[i1_t + l + 4];
+                c6[l] = dh1[i0_t + 3]*x[i1_t + l];
+                c7[l] = dh1[i0_t + 3]*x[i1_t + l + 4];
+                c8[l] = dh1[i0_t + 4]*x[i1_t + l];
+                c9[l] = dh1[i0_t + 4]*x[i1_t + l + 4];
+                c10[l] = dh1[i0_t + 5]*x[i1_t + l];
+                c11[l] = dh1[i0_t + 5]*x[i1_t + l + 4];
+                c12[l] = dh1[i0_t + 6]*x[i1_t + l];
+                c13[l] = dh1[i0_t + 6]*x[i1_t + l + 4];
+                c14[l] = dh1[i0_t + 7]*x[i1_t + l];
+                c15[l] = dh1[i0_t + 7]*x[i1_t + l + 4];
             }
             for (size_t b = 1; b < n; ++b) {
                 for (size_t l = 0; l < 4; ++l) {
-                    c0[l] += a1[32*b + i0_t]*a2[64*b + i1_t + l];
-                    c1[l] += a1[32*b + i0_t]*a2[64*b + i1_t + l + 4];
-                    c2[l] += a1[32*b + i0_t + 1]*a2[64*b + i1_t + l];
-                    c3[l] += a1[32*b + i0_t + 1]*a2[64*b + i1_t + l + 4];
-                    c4[l] += a1[32*b + i0_t + 2]*a2[64*b + i1_t + l];
-                    c5[l] += a1[32*b + i0_t + 2]*a2[64*b + i1_t + l + 4];
-                    c6[l] += a1[32*b + i0_t + 3]*a2[64*b + i1_t + l];
-                    c7[l] += a1[32*b + i0_t + 3]*a2[64*b + i1_t + l + 4];
-                    c8[l] += a1[32*b + i0_t + 4]*a2[64*b + i1_t + l];
-                    c9[l] += a1[32*b + i0_t + 4]*a2[64*b + i1_t + l + 4];
-                    c10[l] += a1[32*b + i0_t + 5]*a2[64*b + i1_t + l];
-                    c11[l] += a1[32*b + i0_t + 5]*a2[64*b + i1_t + l + 4];
-                    c12[l] += a1[32*b + i0_t + 6]*a2[64*b + i1_t + l];
-                    c13[l] += a1[32*b + i0_t + 6]*a2[64*b + i1_t + l + 4];
-                    c14[l] += a1[32*b + i0_t + 7]*a2[64*b + i1_t + l];
-                    c15[l] += a1[32*b + i0_t + 7]*a2[64*b + i1_t + l + 4];
+                    c0[l] += dh1[32*b + i0_t]*x[64*b + i1_t + l];
+                    c1[l] += dh1[32*b + i0_t]*x[64*b + i1_t + l + 4];
+                    c2[l] += dh1[32*b + i0_t + 1]*x[64*b + i1_t + l];
+                    c3[l] += dh1[32*b + i0_t + 1]*x[64*b + i1_t + l + 4];
+                    c4[l] += dh1[32*b + i0_t + 2]*x[64*b + i1_t + l];
+                    c5[l] += dh1[32*b + i0_t + 2]*x[64*b + i1_t + l + 4];
+                    c6[l] += dh1[32*b + i0_t + 3]*x[64*b + i1_t + l];
+                    c7[l] += dh1[32*b + i0_t + 3]*x[64*b + i1_t + l + 4];
+                    c8[l] += dh1[32*b + i0_t + 4]*x[64*b + i1_t + l];
+                    c9[l] += dh1[32*b + i0_t + 4]*x[64*b + i1_t + l + 4];
+                    c10[l] += dh1[32*b + i0_t + 5]*x[64*b + i1_t + l];
+                    c11[l] += dh1[32*b + i0_t + 5]*x[64*b + i1_t + l + 4];
+                    c12[l] += dh1[32*b + i0_t + 6]*x[64*b + i1_t + l];
+                    c13[l] += dh1[32*b + i0_t + 6]*x[64*b + i1_t + l + 4];
+                    c14[l] += dh1[32*b + i0_t + 7]*x[64*b + i1_t + l];
+                    c15[l] += dh1[32*b + i0_t + 7]*x[64*b + i1_t + l + 4];
                 }
             }
             for (size_t l = 0; l < 4; ++l) {
-                a0[64*i0_t + i1_t + l] = c0[l];
-                a0[64*i0_t + i1_t + l + 4] = c1[l];
-                a0[64*i0_t + i1_t + l + 64] = c2[l];
-                a0[64*i0_t + i1_t + l + 68] = c3[l];
-                a0[64*i0_t + i1_t + l + 128] = c4[l];
-                a0[64*i0_t + i1_t + l + 132] = c5[l];
-                a0[64*i0_t + i1_t + l + 192] = c6[l];
-                a0[64*i0_t + i1_t + l + 196] = c7[l];
-                a0[64*i0_t + i1_t + l + 256] = c8[l];
-                a0[64*i0_t + i1_t + l + 260] = c9[l];
-                a0[64*i0_t + i1_t + l + 320] = c10[l];
-                a0[64*i0_t + i1_t + l + 324] = c11[l];
-                a0[64*i0_t + i1_t + l + 384] = c12[l];
-                a0[64*i0_t + i1_t + l + 388] = c13[l];
-                a0[64*i0_t + i1_t + l + 448] = c14[l];
-                a0[64*i0_t + i1_t + l + 452] = c15[l];
+                dW1[64*i0_t + i1_t + l] = c0[l];
+                dW1[64*i0_t + i1_t + l + 4] = c1[l];
+                dW1[64*i0_t + i1_t + l + 64] = c2[l];
+                dW1[64*i0_t + i1_t + l + 68] = c3[l];
+                dW1[64*i0_t + i1_t + l + 128] = c4[l];
+                dW1[64*i0_t + i1_t + l + 132] = c5[l];
+                dW1[64*i0_t + i1_t + l + 192] = c6[l];
+                dW1[64*i0_t + i1_t + l + 196] = c7[l];
+                dW1[64*i0_t + i1_t + l + 256] = c8[l];
+                dW1[64*i0_t + i1_t + l + 260] = c9[l];
+                dW1[64*i0_t + i1_t + l + 320] = c10[l];
+                dW1[64*i0_t + i1_t + l + 324] = c11[l];
+                dW1[64*i0_t + i1_t + l + 384] = c12[l];
+                dW1[64*i0_t + i1_t + l + 388] = c13[l];
+                dW1[64*i0_t + i1_t + l + 448] = c14[l];
+                dW1[64*i0_t + i1_t + l + 452] = c15[l];
             }
         }
     }
 }
 
-/* h1: dh1/db1: b1.grad[i0] = Σ_{b} h1.grad[b, i0] */
-static void k15(size_t n, float *restrict a0, const float *restrict a1)
+/* h1: dh1/db1: b1.grad[i0] = sum_{b} h1.grad[b, i0] */
+static void b1_grad(size_t n, float *restrict db1, const float *restrict dh1)
 {
     for (size_t i0_t = 0; i0_t < 32; i0_t += 8) {
         float c0[4], c1[4];
         for (size_t l = 0; l < 4; ++l) {
-            c0[l] = a1[i0_t + l];
-            c1[l] = a1[i0_t + l + 4];
+            c0[l] = dh1[i0_t + l];
+            c1[l] = dh1[i0_t + l + 4];
         }
         for (size_t b = 1; b < n; ++b) {
             for (size_t l = 0; l < 4; ++l) {
-                c0[l] += a1[32*b + i0_t + l];
-                c1[l] += a1[32*b + i0_t + l + 4];
+                c0[l] += dh1[32*b + i0_t + l];
+                c1[l] += dh1[32*b + i0_t + l + 4];
             }
         }
         for (size_t l = 0; l < 4; ++l) {
-            a0[i0_t + l] = c0[l];
-            a0[i0_t + l + 4] = c1[l];
+            db1[i0_t + l] = c0[l];
+            db1[i0_t + l + 4] = c1[l];
         }
     }
 }
 
 /* optimizer step: adam, as torch.optim computes it */
-static void optimizer_step(float *restrict params, const float *restrict grads, float *restrict state)
+static void adam_update(float *restrict params, const float *restrict grads, float *restrict state)
 {
     const float t = state[0] + 1;
     state[0] = t;
     const float bias_correction1 = -expm1f(-0.105360515F*t);
     const float bias_correction2 = -expm1f(-0.0010005003F*t);
-    const float step_size = 0.001F*1.0F/bias_correction1;
+    const float step_size = 0.001F/bias_correction1;
     const float bias_correction2_sqrt = sqrtf(bias_correction2);
     for (size_t i = 0; i < 2410; ++i) {
         const float p = params[i];
@@ -679,7 +737,8 @@ static void optimizer_step(float *restrict params, const float *restrict grads, 
         const float d = g;
         const float exp_avg_1 = 0.1F*d + 0.9F*exp_avg;
         const float exp_avg_sq_1 = 0.999F*exp_avg_sq + 0.001F*(d*d);
-        const float p_1 = -exp_avg_1*step_size*1.0F/(sqrtf(exp_avg_sq_1)*1.0F/bias_correction2_sqrt + 1e-08F) + p;
+        const float p_1 = -exp_avg_1*step_size*1.0F/(sqrtf(exp_avg_sq_1)/bias_correction2_sqrt +
+                1e-08F) + p;
         params[i] = p_1;
         state[1 + i] = exp_avg_1;
         state[2411 + i] = exp_avg_sq_1;
@@ -688,44 +747,66 @@ static void optimizer_step(float *restrict params, const float *restrict grads, 
 
 void mlp_forward(const float *params, float *work, size_t n, const float *in_x, float *out_logits)
 {
-    k0(n, work, params, params + 2048, in_x);
-    k1(n, out_logits, params + 2080, work, params + 2400);
+    if (n == 0) {
+        return;
+    }
+    a1_forward(n, work, params + MLP_PARAM_W1_OFFSET, params + MLP_PARAM_b1_OFFSET, in_x);
+    logits_forward(n, out_logits, params + MLP_PARAM_W2_OFFSET, work, params + MLP_PARAM_b2_OFFSET);
 }
 
-float mlp_evaluate(const float *params, float *work, size_t n, const float *in_x, const float *in_y, float *out_logits)
+float mlp_evaluate(const float *params, float *work, size_t n, const float *in_x, const float *in_y,
+        float *out_logits)
 {
-    k0(n, work + 16, params, params + 2048, in_x);
-    k1(n, out_logits, params + 2080, work + 16, params + 2400);
-    k2(n, work + 16, out_logits);
-    k3(n, work + 16 + 16 * n, out_logits, work + 16);
-    k4(n, work + 16 + 32 * n, out_logits, work + 16, work + 16 + 16 * n, in_y);
-    k5(n, work, work + 16 + 32 * n);
+    if (n == 0) {
+        return 0;
+    }
+    a1_forward(n, work + 16, params + MLP_PARAM_W1_OFFSET, params + MLP_PARAM_b1_OFFSET, in_x);
+    logits_forward(n, out_logits, params + MLP_PARAM_W2_OFFSET, work + 16,
+            params + MLP_PARAM_b2_OFFSET);
+    loss_max_forward(n, work + 16, out_logits);
+    loss_sumexp_forward(n, work + 16 + 16 * n, out_logits, work + 16);
+    loss_forward(n, work + 16 + 32 * n, out_logits, work + 16, work + 16 + 16 * n, in_y);
+    batch_mean_loss(n, work, work + 16 + 32 * n);
     return work[0];
 }
 
-float mlp_gradients(const float *params, float *grads, float *work, size_t n, const float *in_x, const float *in_y)
+float mlp_gradients(const float *params, float *grads, float *work, size_t n, const float *in_x,
+        const float *in_y)
 {
-    k6(n, work + 16, params, params + 2048, in_x);
-    k7(n, work + 16 + 32 * n, work + 16);
-    k1(n, work + 16 + 64 * n, params + 2080, work + 16 + 32 * n, params + 2400);
-    k2(n, work + 16 + 80 * n, work + 16 + 64 * n);
-    k3(n, work + 16 + 96 * n, work + 16 + 64 * n, work + 16 + 80 * n);
-    k4(n, work + 16 + 112 * n, work + 16 + 64 * n, work + 16 + 80 * n, work + 16 + 96 * n, in_y);
-    k5(n, work, work + 16 + 112 * n);
-    k8(n, work + 16 + 112 * n, in_y);
-    k9(n, work + 16 + 128 * n, work + 16 + 96 * n, in_y);
-    k10(n, work + 16 + 112 * n, work + 16 + 64 * n, work + 16 + 80 * n, work + 16 + 128 * n);
-    k11(n, grads + 2080, work + 16 + 32 * n, work + 16 + 112 * n);
-    k12(n, work + 16 + 32 * n, params + 2080, work + 16, work + 16 + 112 * n);
-    k13(n, grads + 2400, work + 16 + 112 * n);
-    k14(n, grads, work + 16 + 32 * n, in_x);
-    k15(n, grads + 2048, work + 16 + 32 * n);
+    if (n == 0) {
+        for (size_t i = 0; i < MLP_PARAMS_SIZE; ++i) {
+            grads[i] = 0;
+        }
+        return 0;
+    }
+    h1_forward(n, work + 16, params + MLP_PARAM_W1_OFFSET, params + MLP_PARAM_b1_OFFSET, in_x);
+    a1_forward_2(n, work + 16 + 32 * n, work + 16);
+    logits_forward(n, work + 16 + 64 * n, params + MLP_PARAM_W2_OFFSET, work + 16 + 32 * n,
+            params + MLP_PARAM_b2_OFFSET);
+    loss_max_forward(n, work + 16 + 80 * n, work + 16 + 64 * n);
+    loss_sumexp_forward(n, work + 16 + 96 * n, work + 16 + 64 * n, work + 16 + 80 * n);
+    loss_forward(n, work + 16 + 112 * n, work + 16 + 64 * n, work + 16 + 80 * n, work + 16 + 96 * n,
+            in_y);
+    batch_mean_loss(n, work, work + 16 + 112 * n);
+    logits_grad(n, work + 16 + 112 * n, in_y);
+    loss_sumexp_grad(n, work + 16 + 128 * n, work + 16 + 96 * n, in_y);
+    logits_grad_2(n, work + 16 + 112 * n, work + 16 + 64 * n, work + 16 + 80 * n,
+            work + 16 + 128 * n);
+    W2_grad(n, grads + MLP_PARAM_W2_OFFSET, work + 16 + 32 * n, work + 16 + 112 * n);
+    h1_grad(n, work + 16 + 32 * n, params + MLP_PARAM_W2_OFFSET, work + 16, work + 16 + 112 * n);
+    b2_grad(n, grads + MLP_PARAM_b2_OFFSET, work + 16 + 112 * n);
+    W1_grad(n, grads + MLP_PARAM_W1_OFFSET, work + 16 + 32 * n, in_x);
+    b1_grad(n, grads + MLP_PARAM_b1_OFFSET, work + 16 + 32 * n);
     return work[0];
 }
 
-float mlp_train_step(float *params, float *state, float *work, size_t n, const float *in_x, const float *in_y)
+float mlp_train_step(float *params, float *state, float *work, size_t n, const float *in_x,
+        const float *in_y)
 {
-    const float loss = mlp_gradients(params, work, work + 2410, n, in_x, in_y);
-    optimizer_step(params, work, state);
+    if (n == 0) {   /* no examples: no step, params and state unchanged */
+        return 0;
+    }
+    const float loss = mlp_gradients(params, work, work + 2416, n, in_x, in_y);
+    adam_update(params, work, state);
     return loss;
 }

@@ -24,9 +24,13 @@
 #define MLP_FORWARD_WORK_SIZE(n) ((size_t)0 + (size_t)32 * (size_t)(n))
 #define MLP_EVALUATE_WORK_SIZE(n) ((size_t)16 + (size_t)48 * (size_t)(n))
 #define MLP_GRADIENTS_WORK_SIZE(n) ((size_t)16 + (size_t)144 * (size_t)(n))
-#define MLP_TRAIN_STEP_WORK_SIZE(n) ((size_t)2426 + (size_t)144 * (size_t)(n))
+#define MLP_TRAIN_STEP_WORK_SIZE(n) ((size_t)2432 + (size_t)144 * (size_t)(n))
 /* Enough for every entry point above. */
-#define MLP_WORK_SIZE(n) ((size_t)2426 + (size_t)144 * (size_t)(n))
+#define MLP_WORK_SIZE(n) ((size_t)2432 + (size_t)144 * (size_t)(n))
+
+#ifdef __cplusplus
+extern "C" {
+#endif
 
 /*
  * mlp_forward: the outputs for a batch of n examples.
@@ -35,6 +39,7 @@
  *   in_x: n x MLP_INPUT_x_SIZE elements, row-major, example after example
  *   out_logits: n x MLP_OUTPUT_logits_SIZE elements, written
  * Arrays must not overlap. No allocation, no global state: reentrant.
+ * n may be 0: then nothing is read or written.
  * Any alignment works; arrays aligned to 64 bytes (aligned_alloc) run fastest.
  */
 void mlp_forward(const float *params, float *work, size_t n, const float *in_x, float *out_logits);
@@ -46,9 +51,11 @@ void mlp_forward(const float *params, float *work, size_t n, const float *in_x, 
  *   in_x: n x MLP_INPUT_x_SIZE elements
  *   in_y: n x MLP_INPUT_y_SIZE elements
  *   out_logits: n x MLP_OUTPUT_logits_SIZE elements, written
- * Returns the mean over the batch of the per-example loss. Arrays must not overlap.
+ * Returns the mean over the batch of the per-example loss (0 when n is 0: no input
+ * is read then). Arrays must not overlap.
  */
-float mlp_evaluate(const float *params, float *work, size_t n, const float *in_x, const float *in_y, float *out_logits);
+float mlp_evaluate(const float *params, float *work, size_t n, const float *in_x, const float *in_y,
+        float *out_logits);
 
 /*
  * mlp_gradients: the batch-mean loss 'loss', and its gradient in grads.
@@ -56,12 +63,15 @@ float mlp_evaluate(const float *params, float *work, size_t n, const float *in_x
  *   work:   at least MLP_GRADIENTS_WORK_SIZE(n) elements, caller-owned scratch
  *   in_x: n x MLP_INPUT_x_SIZE elements
  *   in_y: n x MLP_INPUT_y_SIZE elements
- * Returns the mean over the batch of the per-example loss. Arrays must not overlap.
+ * Returns the mean over the batch of the per-example loss. When n is 0: returns 0,
+ * grads all 0, no input read. Arrays must not overlap.
  */
-float mlp_gradients(const float *params, float *grads, float *work, size_t n, const float *in_x, const float *in_y);
+float mlp_gradients(const float *params, float *grads, float *work, size_t n, const float *in_x,
+        const float *in_y);
 
 /*
- * mlp_train_step: one adam step (lr=0.001, weight_decay=0.0, beta1=0.9, beta2=0.999, eps=1e-08) on a batch of n examples:
+ * mlp_train_step: one adam step (lr=0.001, weight_decay=0.0, beta1=0.9, beta2=0.999, eps=1e-08)
+ *   on a batch of n examples:
  *   the loss and gradients (mlp_gradients), then params updated in place.
  *   params: MLP_PARAMS_SIZE elements, read and updated
  *   state:  MLP_STATE_SIZE elements of optimizer state (step count first), zeroed
@@ -70,8 +80,14 @@ float mlp_gradients(const float *params, float *grads, float *work, size_t n, co
  *           in its first MLP_PARAMS_SIZE elements
  *   in_x: n x MLP_INPUT_x_SIZE elements
  *   in_y: n x MLP_INPUT_y_SIZE elements
- * Returns the batch-mean loss before the update. Arrays must not overlap.
+ * Returns the batch-mean loss before the update. When n is 0: returns 0 and changes
+ * nothing (no step is counted). Arrays must not overlap.
  */
-float mlp_train_step(float *params, float *state, float *work, size_t n, const float *in_x, const float *in_y);
+float mlp_train_step(float *params, float *state, float *work, size_t n, const float *in_x,
+        const float *in_y);
+
+#ifdef __cplusplus
+}
+#endif
 
 #endif /* GRAPHC_mlp_H */

@@ -4,74 +4,15 @@
 #include <stdint.h>
 #include "regression.h"
 
-/* s[j*2 + k] = Σ_{r < len + 1} a[j*sa + r]·b[k*sb + r] for j < 8, k < 2; 2 partial sums each (len a multiple of 2, at least 2), added pairwise */
-static void dot8x2_2_1(const float *restrict a, size_t sa, const float *restrict b, size_t sb, size_t len, float *restrict s)
+/*
+ * s[j*2 + k] = sum_{r < len} a[j*sa + r]*b[k*sb + r] for j < 8, k < 2; 4 partial sums each (len a
+ * multiple of 4, at least 4), added pairwise
+ */
+static void dot8x2_4(const float *restrict a, size_t sa, const float *restrict b, size_t sb,
+        size_t len, float *restrict s)
 {
-    float c0[2], c1[2], c2[2], c3[2], c4[2], c5[2], c6[2], c7[2], c8[2], c9[2], c10[2], c11[2], c12[2], c13[2], c14[2], c15[2];
-    for (size_t l = 0; l < 2; ++l) {
-        c0[l] = a[l]*b[l];
-        c1[l] = a[l]*b[sb + l];
-        c2[l] = a[sa + l]*b[l];
-        c3[l] = a[sa + l]*b[sb + l];
-        c4[l] = a[2*sa + l]*b[l];
-        c5[l] = a[2*sa + l]*b[sb + l];
-        c6[l] = a[3*sa + l]*b[l];
-        c7[l] = a[3*sa + l]*b[sb + l];
-        c8[l] = a[4*sa + l]*b[l];
-        c9[l] = a[4*sa + l]*b[sb + l];
-        c10[l] = a[5*sa + l]*b[l];
-        c11[l] = a[5*sa + l]*b[sb + l];
-        c12[l] = a[6*sa + l]*b[l];
-        c13[l] = a[6*sa + l]*b[sb + l];
-        c14[l] = a[7*sa + l]*b[l];
-        c15[l] = a[7*sa + l]*b[sb + l];
-    }
-    for (size_t r = 2; r < len; r += 2) {
-        for (size_t l = 0; l < 2; ++l) {
-            c0[l] += a[r + l]*b[r + l];
-            c1[l] += a[r + l]*b[sb + r + l];
-            c2[l] += a[sa + r + l]*b[r + l];
-            c3[l] += a[sa + r + l]*b[sb + r + l];
-            c4[l] += a[2*sa + r + l]*b[r + l];
-            c5[l] += a[2*sa + r + l]*b[sb + r + l];
-            c6[l] += a[3*sa + r + l]*b[r + l];
-            c7[l] += a[3*sa + r + l]*b[sb + r + l];
-            c8[l] += a[4*sa + r + l]*b[r + l];
-            c9[l] += a[4*sa + r + l]*b[sb + r + l];
-            c10[l] += a[5*sa + r + l]*b[r + l];
-            c11[l] += a[5*sa + r + l]*b[sb + r + l];
-            c12[l] += a[6*sa + r + l]*b[r + l];
-            c13[l] += a[6*sa + r + l]*b[sb + r + l];
-            c14[l] += a[7*sa + r + l]*b[r + l];
-            c15[l] += a[7*sa + r + l]*b[sb + r + l];
-        }
-    }
-    for (size_t l = 0; l < 1; ++l) {
-        c0[l] += a[len + l]*b[len + l];
-        c1[l] += a[len + l]*b[sb + len + l];
-        c2[l] += a[sa + len + l]*b[len + l];
-        c3[l] += a[sa + len + l]*b[sb + len + l];
-        c4[l] += a[2*sa + len + l]*b[len + l];
-        c5[l] += a[2*sa + len + l]*b[sb + len + l];
-        c6[l] += a[3*sa + len + l]*b[len + l];
-        c7[l] += a[3*sa + len + l]*b[sb + len + l];
-        c8[l] += a[4*sa + len + l]*b[len + l];
-        c9[l] += a[4*sa + len + l]*b[sb + len + l];
-        c10[l] += a[5*sa + len + l]*b[len + l];
-        c11[l] += a[5*sa + len + l]*b[sb + len + l];
-        c12[l] += a[6*sa + len + l]*b[len + l];
-        c13[l] += a[6*sa + len + l]*b[sb + len + l];
-        c14[l] += a[7*sa + len + l]*b[len + l];
-        c15[l] += a[7*sa + len + l]*b[sb + len + l];
-    }
-    c0[0] += c0[1]; c1[0] += c1[1]; c2[0] += c2[1]; c3[0] += c3[1]; c4[0] += c4[1]; c5[0] += c5[1]; c6[0] += c6[1]; c7[0] += c7[1]; c8[0] += c8[1]; c9[0] += c9[1]; c10[0] += c10[1]; c11[0] += c11[1]; c12[0] += c12[1]; c13[0] += c13[1]; c14[0] += c14[1]; c15[0] += c15[1];
-    s[0] = c0[0]; s[1] = c1[0]; s[2] = c2[0]; s[3] = c3[0]; s[4] = c4[0]; s[5] = c5[0]; s[6] = c6[0]; s[7] = c7[0]; s[8] = c8[0]; s[9] = c9[0]; s[10] = c10[0]; s[11] = c11[0]; s[12] = c12[0]; s[13] = c13[0]; s[14] = c14[0]; s[15] = c15[0];
-}
-
-/* s[j*2 + k] = Σ_{r < len} a[j*sa + r]·b[k*sb + r] for j < 8, k < 2; 4 partial sums each (len a multiple of 4, at least 4), added pairwise */
-static void dot8x2_4(const float *restrict a, size_t sa, const float *restrict b, size_t sb, size_t len, float *restrict s)
-{
-    float c0[4], c1[4], c2[4], c3[4], c4[4], c5[4], c6[4], c7[4], c8[4], c9[4], c10[4], c11[4], c12[4], c13[4], c14[4], c15[4];
+    float c0[4], c1[4], c2[4], c3[4], c4[4], c5[4], c6[4], c7[4], c8[4], c9[4], c10[4], c11[4],
+            c12[4], c13[4], c14[4], c15[4];
     for (size_t l = 0; l < 4; ++l) {
         c0[l] = a[l]*b[l];
         c1[l] = a[l]*b[sb + l];
@@ -110,15 +51,26 @@ static void dot8x2_4(const float *restrict a, size_t sa, const float *restrict b
             c15[l] += a[7*sa + r + l]*b[sb + r + l];
         }
     }
-    for (size_t l = 0; l < 2; ++l) { c0[l] += c0[l + 2]; c1[l] += c1[l + 2]; c2[l] += c2[l + 2]; c3[l] += c3[l + 2]; c4[l] += c4[l + 2]; c5[l] += c5[l + 2]; c6[l] += c6[l + 2]; c7[l] += c7[l + 2]; c8[l] += c8[l + 2]; c9[l] += c9[l + 2]; c10[l] += c10[l + 2]; c11[l] += c11[l + 2]; c12[l] += c12[l + 2]; c13[l] += c13[l + 2]; c14[l] += c14[l + 2]; c15[l] += c15[l + 2]; }
-    c0[0] += c0[1]; c1[0] += c1[1]; c2[0] += c2[1]; c3[0] += c3[1]; c4[0] += c4[1]; c5[0] += c5[1]; c6[0] += c6[1]; c7[0] += c7[1]; c8[0] += c8[1]; c9[0] += c9[1]; c10[0] += c10[1]; c11[0] += c11[1]; c12[0] += c12[1]; c13[0] += c13[1]; c14[0] += c14[1]; c15[0] += c15[1];
-    s[0] = c0[0]; s[1] = c1[0]; s[2] = c2[0]; s[3] = c3[0]; s[4] = c4[0]; s[5] = c5[0]; s[6] = c6[0]; s[7] = c7[0]; s[8] = c8[0]; s[9] = c9[0]; s[10] = c10[0]; s[11] = c11[0]; s[12] = c12[0]; s[13] = c13[0]; s[14] = c14[0]; s[15] = c15[0];
+    for (size_t l = 0; l < 2; ++l) { c0[l] += c0[l + 2]; c1[l] += c1[l + 2]; c2[l] += c2[l + 2];
+            c3[l] += c3[l + 2]; c4[l] += c4[l + 2]; c5[l] += c5[l + 2]; c6[l] += c6[l + 2];
+            c7[l] += c7[l + 2]; c8[l] += c8[l + 2]; c9[l] += c9[l + 2]; c10[l] += c10[l + 2];
+            c11[l] += c11[l + 2]; c12[l] += c12[l + 2]; c13[l] += c13[l + 2]; c14[l] += c14[l + 2];
+            c15[l] += c15[l + 2]; }
+    c0[0] += c0[1]; c1[0] += c1[1]; c2[0] += c2[1]; c3[0] += c3[1]; c4[0] += c4[1]; c5[0] += c5[1];
+            c6[0] += c6[1]; c7[0] += c7[1]; c8[0] += c8[1]; c9[0] += c9[1]; c10[0] += c10[1];
+            c11[0] += c11[1]; c12[0] += c12[1]; c13[0] += c13[1]; c14[0] += c14[1];
+            c15[0] += c15[1];
+    s[0] = c0[0]; s[1] = c1[0]; s[2] = c2[0]; s[3] = c3[0]; s[4] = c4[0]; s[5] = c5[0];
+            s[6] = c6[0]; s[7] = c7[0]; s[8] = c8[0]; s[9] = c9[0]; s[10] = c10[0]; s[11] = c11[0];
+            s[12] = c12[0]; s[13] = c13[0]; s[14] = c14[0]; s[15] = c15[0];
 }
 
-/* out[m*om + l] = Σ_{r<len} a[m*am + r*ar]·b[r*br + l] for m < 8, l < 8 (len >= 1) */
-static void tile8x8(const float *restrict a, size_t am, size_t ar, const float *restrict b, size_t br, size_t len, float *restrict out, size_t om)
+/* out[m*om + l] = sum_{r<len} a[m*am + r*ar]*b[r*br + l] for m < 8, l < 8 (len >= 1) */
+static void tile8x8(const float *restrict a, size_t am, size_t ar, const float *restrict b,
+        size_t br, size_t len, float *restrict out, size_t om)
 {
-    float c0[4], c1[4], c2[4], c3[4], c4[4], c5[4], c6[4], c7[4], c8[4], c9[4], c10[4], c11[4], c12[4], c13[4], c14[4], c15[4];
+    float c0[4], c1[4], c2[4], c3[4], c4[4], c5[4], c6[4], c7[4], c8[4], c9[4], c10[4], c11[4],
+            c12[4], c13[4], c14[4], c15[4];
     for (size_t l = 0; l < 4; ++l) {
         c0[l] = a[0]*b[l];
         c1[l] = a[0]*b[4 + l];
@@ -177,163 +129,125 @@ static void tile8x8(const float *restrict a, size_t am, size_t ar, const float *
     }
 }
 
-/* a1: h1 with a1 as epilogue: a1[b, i0] = tanh((Σ_{i1} W1[i0, i1]*x[b, i1]) + b1[i0]) */
-static void k0(size_t n, float *restrict a0, const float *restrict a1, const float *restrict a2, const float *restrict a3)
+/* a1: h1 with a1 as epilogue: a1[b, i0] = tanh((sum_{i1} W1[i0, i1]*x[b, i1]) + b1[i0]) */
+static void a1_forward(size_t n, float *restrict a1, const float *restrict W1,
+        const float *restrict b1, const float *restrict x)
 {
-    for (size_t b_t = 0; b_t < n / 8 * 8; b_t += 8) {
-        for (size_t i0_t = 0; i0_t < 16; i0_t += 2) {
-            float s[16];
-            dot8x2_2_1(a3 + 3*b_t, 3, a1 + 3*i0_t, 3, 2, s);
-            for (size_t b_j = 0; b_j < 8; ++b_j) {
-                for (size_t i0_j = 0; i0_j < 2; ++i0_j) {
-                    const float acc = s[2*b_j + i0_j];
-                    a0[16*b_j + 16*b_t + i0_j + i0_t] = tanhf(acc + a2[i0_j + i0_t]);
-                }
+    for (size_t b = 0; b < n; ++b) {
+        for (size_t i0 = 0; i0 < 16; ++i0) {
+            float acc = 0;
+            for (size_t i1 = 0; i1 < 3; ++i1) {
+                acc += W1[3*i0 + i1]*x[3*b + i1];
             }
-        }
-    }
-    for (size_t b = n / 8 * 8; b < n; ++b) {
-        for (size_t i0_t = 0; i0_t < 16; i0_t += 16) {
-            float c0[2], c1[2], c2[2], c3[2], c4[2], c5[2], c6[2], c7[2], c8[2], c9[2], c10[2], c11[2], c12[2], c13[2], c14[2], c15[2];
-            for (size_t l = 0; l < 2; ++l) {
-                c0[l] = a1[3*i0_t + l]*a3[3*b + l];
-                c1[l] = a1[3*i0_t + l + 3]*a3[3*b + l];
-                c2[l] = a1[3*i0_t + l + 6]*a3[3*b + l];
-                c3[l] = a1[3*i0_t + l + 9]*a3[3*b + l];
-                c4[l] = a1[3*i0_t + l + 12]*a3[3*b + l];
-                c5[l] = a1[3*i0_t + l + 15]*a3[3*b + l];
-                c6[l] = a1[3*i0_t + l + 18]*a3[3*b + l];
-                c7[l] = a1[3*i0_t + l + 21]*a3[3*b + l];
-                c8[l] = a1[3*i0_t + l + 24]*a3[3*b + l];
-                c9[l] = a1[3*i0_t + l + 27]*a3[3*b + l];
-                c10[l] = a1[3*i0_t + l + 30]*a3[3*b + l];
-                c11[l] = a1[3*i0_t + l + 33]*a3[3*b + l];
-                c12[l] = a1[3*i0_t + l + 36]*a3[3*b + l];
-                c13[l] = a1[3*i0_t + l + 39]*a3[3*b + l];
-                c14[l] = a1[3*i0_t + l + 42]*a3[3*b + l];
-                c15[l] = a1[3*i0_t + l + 45]*a3[3*b + l];
-            }
-            for (size_t l = 0; l < 1; ++l) {
-                c0[l] += a1[3*i0_t + l + 2]*a3[3*b + l + 2];
-                c1[l] += a1[3*i0_t + l + 5]*a3[3*b + l + 2];
-                c2[l] += a1[3*i0_t + l + 8]*a3[3*b + l + 2];
-                c3[l] += a1[3*i0_t + l + 11]*a3[3*b + l + 2];
-                c4[l] += a1[3*i0_t + l + 14]*a3[3*b + l + 2];
-                c5[l] += a1[3*i0_t + l + 17]*a3[3*b + l + 2];
-                c6[l] += a1[3*i0_t + l + 20]*a3[3*b + l + 2];
-                c7[l] += a1[3*i0_t + l + 23]*a3[3*b + l + 2];
-                c8[l] += a1[3*i0_t + l + 26]*a3[3*b + l + 2];
-                c9[l] += a1[3*i0_t + l + 29]*a3[3*b + l + 2];
-                c10[l] += a1[3*i0_t + l + 32]*a3[3*b + l + 2];
-                c11[l] += a1[3*i0_t + l + 35]*a3[3*b + l + 2];
-                c12[l] += a1[3*i0_t + l + 38]*a3[3*b + l + 2];
-                c13[l] += a1[3*i0_t + l + 41]*a3[3*b + l + 2];
-                c14[l] += a1[3*i0_t + l + 44]*a3[3*b + l + 2];
-                c15[l] += a1[3*i0_t + l + 47]*a3[3*b + l + 2];
-            }
-            c0[0] += c0[1]; c1[0] += c1[1]; c2[0] += c2[1]; c3[0] += c3[1]; c4[0] += c4[1]; c5[0] += c5[1]; c6[0] += c6[1]; c7[0] += c7[1]; c8[0] += c8[1]; c9[0] += c9[1]; c10[0] += c10[1]; c11[0] += c11[1]; c12[0] += c12[1]; c13[0] += c13[1]; c14[0] += c14[1]; c15[0] += c15[1];
-            const float s[16] = {c0[0], c1[0], c2[0], c3[0], c4[0], c5[0], c6[0], c7[0], c8[0], c9[0], c10[0], c11[0], c12[0], c13[0], c14[0], c15[0]};
-            for (size_t i0_j = 0; i0_j < 16; ++i0_j) {
-                const float acc = s[i0_j];
-                a0[16*b + i0_j + i0_t] = tanhf(acc + a2[i0_j + i0_t]);
-            }
+            a1[16*b + i0] = tanhf(acc + b1[i0]);
         }
     }
 }
 
-/* a2: h2 with a2 as epilogue: a2[b, i0] = tanh((Σ_{i1} W2[i0, i1]*a1[b, i1]) + b2[i0]) */
-static void k1(size_t n, float *restrict a0, const float *restrict a1, const float *restrict a2, const float *restrict a3)
+/* a2: h2 with a2 as epilogue: a2[b, i0] = tanh((sum_{i1} W2[i0, i1]*a1[b, i1]) + b2[i0]) */
+static void a2_forward(size_t n, float *restrict a2, const float *restrict W2,
+        const float *restrict a1, const float *restrict b2)
 {
     for (size_t b_t = 0; b_t < n / 8 * 8; b_t += 8) {
         for (size_t i0_t = 0; i0_t < 16; i0_t += 2) {
             float s[16];
-            dot8x2_4(a2 + 16*b_t, 16, a1 + 16*i0_t, 16, 16, s);
+            dot8x2_4(a1 + 16*b_t, 16, W2 + 16*i0_t, 16, 16, s);
             for (size_t b_j = 0; b_j < 8; ++b_j) {
                 for (size_t i0_j = 0; i0_j < 2; ++i0_j) {
                     const float acc = s[2*b_j + i0_j];
-                    a0[16*b_j + 16*b_t + i0_j + i0_t] = tanhf(acc + a3[i0_j + i0_t]);
+                    a2[16*b_j + 16*b_t + i0_j + i0_t] = tanhf(acc + b2[i0_j + i0_t]);
                 }
             }
         }
     }
     for (size_t b = n / 8 * 8; b < n; ++b) {
-        for (size_t i0_t = 0; i0_t < 16; i0_t += 16) {
-            float c0[4], c1[4], c2[4], c3[4], c4[4], c5[4], c6[4], c7[4], c8[4], c9[4], c10[4], c11[4], c12[4], c13[4], c14[4], c15[4];
+        {
+            float c0[4], c1[4], c2[4], c3[4], c4[4], c5[4], c6[4], c7[4], c8[4], c9[4], c10[4],
+                    c11[4], c12[4], c13[4], c14[4], c15[4];
             for (size_t l = 0; l < 4; ++l) {
-                c0[l] = a1[16*i0_t + l]*a2[16*b + l];
-                c1[l] = a1[16*i0_t + l + 16]*a2[16*b + l];
-                c2[l] = a1[16*i0_t + l + 32]*a2[16*b + l];
-                c3[l] = a1[16*i0_t + l + 48]*a2[16*b + l];
-                c4[l] = a1[16*i0_t + l + 64]*a2[16*b + l];
-                c5[l] = a1[16*i0_t + l + 80]*a2[16*b + l];
-                c6[l] = a1[16*i0_t + l + 96]*a2[16*b + l];
-                c7[l] = a1[16*i0_t + l + 112]*a2[16*b + l];
-                c8[l] = a1[16*i0_t + l + 128]*a2[16*b + l];
-                c9[l] = a1[16*i0_t + l + 144]*a2[16*b + l];
-                c10[l] = a1[16*i0_t + l + 160]*a2[16*b + l];
-                c11[l] = a1[16*i0_t + l + 176]*a2[16*b + l];
-                c12[l] = a1[16*i0_t + l + 192]*a2[16*b + l];
-                c13[l] = a1[16*i0_t + l + 208]*a2[16*b + l];
-                c14[l] = a1[16*i0_t + l + 224]*a2[16*b + l];
-                c15[l] = a1[16*i0_t + l + 240]*a2[16*b + l];
+                c0[l] = W2[l]*a1[16*b + l];
+                c1[l] = W2[l + 16]*a1[16*b + l];
+                c2[l] = W2[l + 32]*a1[16*b + l];
+                c3[l] = W2[l + 48]*a1[16*b + l];
+                c4[l] = W2[l + 64]*a1[16*b + l];
+                c5[l] = W2[l + 80]*a1[16*b + l];
+                c6[l] = W2[l + 96]*a1[16*b + l];
+                c7[l] = W2[l + 112]*a1[16*b + l];
+                c8[l] = W2[l + 128]*a1[16*b + l];
+                c9[l] = W2[l + 144]*a1[16*b + l];
+                c10[l] = W2[l + 160]*a1[16*b + l];
+                c11[l] = W2[l + 176]*a1[16*b + l];
+                c12[l] = W2[l + 192]*a1[16*b + l];
+                c13[l] = W2[l + 208]*a1[16*b + l];
+                c14[l] = W2[l + 224]*a1[16*b + l];
+                c15[l] = W2[l + 240]*a1[16*b + l];
             }
             for (size_t i1_t = 4; i1_t < 16; i1_t += 4) {
                 for (size_t l = 0; l < 4; ++l) {
-                    c0[l] += a1[16*i0_t + i1_t + l]*a2[16*b + i1_t + l];
-                    c1[l] += a1[16*i0_t + i1_t + l + 16]*a2[16*b + i1_t + l];
-                    c2[l] += a1[16*i0_t + i1_t + l + 32]*a2[16*b + i1_t + l];
-                    c3[l] += a1[16*i0_t + i1_t + l + 48]*a2[16*b + i1_t + l];
-                    c4[l] += a1[16*i0_t + i1_t + l + 64]*a2[16*b + i1_t + l];
-                    c5[l] += a1[16*i0_t + i1_t + l + 80]*a2[16*b + i1_t + l];
-                    c6[l] += a1[16*i0_t + i1_t + l + 96]*a2[16*b + i1_t + l];
-                    c7[l] += a1[16*i0_t + i1_t + l + 112]*a2[16*b + i1_t + l];
-                    c8[l] += a1[16*i0_t + i1_t + l + 128]*a2[16*b + i1_t + l];
-                    c9[l] += a1[16*i0_t + i1_t + l + 144]*a2[16*b + i1_t + l];
-                    c10[l] += a1[16*i0_t + i1_t + l + 160]*a2[16*b + i1_t + l];
-                    c11[l] += a1[16*i0_t + i1_t + l + 176]*a2[16*b + i1_t + l];
-                    c12[l] += a1[16*i0_t + i1_t + l + 192]*a2[16*b + i1_t + l];
-                    c13[l] += a1[16*i0_t + i1_t + l + 208]*a2[16*b + i1_t + l];
-                    c14[l] += a1[16*i0_t + i1_t + l + 224]*a2[16*b + i1_t + l];
-                    c15[l] += a1[16*i0_t + i1_t + l + 240]*a2[16*b + i1_t + l];
+                    c0[l] += W2[i1_t + l]*a1[16*b + i1_t + l];
+                    c1[l] += W2[i1_t + l + 16]*a1[16*b + i1_t + l];
+                    c2[l] += W2[i1_t + l + 32]*a1[16*b + i1_t + l];
+                    c3[l] += W2[i1_t + l + 48]*a1[16*b + i1_t + l];
+                    c4[l] += W2[i1_t + l + 64]*a1[16*b + i1_t + l];
+                    c5[l] += W2[i1_t + l + 80]*a1[16*b + i1_t + l];
+                    c6[l] += W2[i1_t + l + 96]*a1[16*b + i1_t + l];
+                    c7[l] += W2[i1_t + l + 112]*a1[16*b + i1_t + l];
+                    c8[l] += W2[i1_t + l + 128]*a1[16*b + i1_t + l];
+                    c9[l] += W2[i1_t + l + 144]*a1[16*b + i1_t + l];
+                    c10[l] += W2[i1_t + l + 160]*a1[16*b + i1_t + l];
+                    c11[l] += W2[i1_t + l + 176]*a1[16*b + i1_t + l];
+                    c12[l] += W2[i1_t + l + 192]*a1[16*b + i1_t + l];
+                    c13[l] += W2[i1_t + l + 208]*a1[16*b + i1_t + l];
+                    c14[l] += W2[i1_t + l + 224]*a1[16*b + i1_t + l];
+                    c15[l] += W2[i1_t + l + 240]*a1[16*b + i1_t + l];
                 }
             }
-            for (size_t l = 0; l < 2; ++l) { c0[l] += c0[l + 2]; c1[l] += c1[l + 2]; c2[l] += c2[l + 2]; c3[l] += c3[l + 2]; c4[l] += c4[l + 2]; c5[l] += c5[l + 2]; c6[l] += c6[l + 2]; c7[l] += c7[l + 2]; c8[l] += c8[l + 2]; c9[l] += c9[l + 2]; c10[l] += c10[l + 2]; c11[l] += c11[l + 2]; c12[l] += c12[l + 2]; c13[l] += c13[l + 2]; c14[l] += c14[l + 2]; c15[l] += c15[l + 2]; }
-            c0[0] += c0[1]; c1[0] += c1[1]; c2[0] += c2[1]; c3[0] += c3[1]; c4[0] += c4[1]; c5[0] += c5[1]; c6[0] += c6[1]; c7[0] += c7[1]; c8[0] += c8[1]; c9[0] += c9[1]; c10[0] += c10[1]; c11[0] += c11[1]; c12[0] += c12[1]; c13[0] += c13[1]; c14[0] += c14[1]; c15[0] += c15[1];
-            const float s[16] = {c0[0], c1[0], c2[0], c3[0], c4[0], c5[0], c6[0], c7[0], c8[0], c9[0], c10[0], c11[0], c12[0], c13[0], c14[0], c15[0]};
+            for (size_t l = 0; l < 2; ++l) { c0[l] += c0[l + 2]; c1[l] += c1[l + 2];
+                    c2[l] += c2[l + 2]; c3[l] += c3[l + 2]; c4[l] += c4[l + 2]; c5[l] += c5[l + 2];
+                    c6[l] += c6[l + 2]; c7[l] += c7[l + 2]; c8[l] += c8[l + 2]; c9[l] += c9[l + 2];
+                    c10[l] += c10[l + 2]; c11[l] += c11[l + 2]; c12[l] += c12[l + 2];
+                    c13[l] += c13[l + 2]; c14[l] += c14[l + 2]; c15[l] += c15[l + 2]; }
+            c0[0] += c0[1]; c1[0] += c1[1]; c2[0] += c2[1]; c3[0] += c3[1]; c4[0] += c4[1];
+                    c5[0] += c5[1]; c6[0] += c6[1]; c7[0] += c7[1]; c8[0] += c8[1]; c9[0] += c9[1];
+                    c10[0] += c10[1]; c11[0] += c11[1]; c12[0] += c12[1]; c13[0] += c13[1];
+                    c14[0] += c14[1]; c15[0] += c15[1];
+            const float s[16] = {c0[0], c1[0], c2[0], c3[0], c4[0], c5[0], c6[0], c7[0], c8[0],
+                    c9[0], c10[0], c11[0], c12[0], c13[0], c14[0], c15[0]};
             for (size_t i0_j = 0; i0_j < 16; ++i0_j) {
                 const float acc = s[i0_j];
-                a0[16*b + i0_j + i0_t] = tanhf(acc + a3[i0_j + i0_t]);
+                a2[16*b + i0_j] = tanhf(acc + b2[i0_j]);
             }
         }
     }
 }
 
-/* prediction: forward: prediction[b, i0] = (Σ_{i1} W3[i0, i1]*a2[b, i1]) + b3[i0] */
-static void k2(size_t n, float *restrict a0, const float *restrict a1, const float *restrict a2, const float *restrict a3)
+/* prediction: forward: prediction[b, i0] = (sum_{i1} W3[i0, i1]*a2[b, i1]) + b3[i0] */
+static void prediction_forward(size_t n, float *restrict prediction, const float *restrict W3,
+        const float *restrict a2, const float *restrict b3)
 {
     for (size_t b_t = 0; b_t < n / 8 * 8; b_t += 8) {
-        for (size_t i0_t = 0; i0_t < 2; i0_t += 2) {
+        {
             float s[16];
-            dot8x2_4(a2 + 16*b_t, 16, a1 + 16*i0_t, 16, 16, s);
+            dot8x2_4(a2 + 16*b_t, 16, W3, 16, 16, s);
             for (size_t b_j = 0; b_j < 8; ++b_j) {
                 for (size_t i0_j = 0; i0_j < 2; ++i0_j) {
                     const float acc = s[2*b_j + i0_j];
-                    a0[2*b_j + 2*b_t + i0_j + i0_t] = acc + a3[i0_j + i0_t];
+                    prediction[2*b_j + 2*b_t + i0_j] = acc + b3[i0_j];
                 }
             }
         }
     }
     for (size_t b = n / 8 * 8; b < n; ++b) {
-        for (size_t i0_t = 0; i0_t < 2; i0_t += 2) {
+        {
             float c0[4], c1[4];
             for (size_t l = 0; l < 4; ++l) {
-                c0[l] = a1[16*i0_t + l]*a2[16*b + l];
-                c1[l] = a1[16*i0_t + l + 16]*a2[16*b + l];
+                c0[l] = W3[l]*a2[16*b + l];
+                c1[l] = W3[l + 16]*a2[16*b + l];
             }
             for (size_t i1_t = 4; i1_t < 16; i1_t += 4) {
                 for (size_t l = 0; l < 4; ++l) {
-                    c0[l] += a1[16*i0_t + i1_t + l]*a2[16*b + i1_t + l];
-                    c1[l] += a1[16*i0_t + i1_t + l + 16]*a2[16*b + i1_t + l];
+                    c0[l] += W3[i1_t + l]*a2[16*b + i1_t + l];
+                    c1[l] += W3[i1_t + l + 16]*a2[16*b + i1_t + l];
                 }
             }
             for (size_t l = 0; l < 2; ++l) { c0[l] += c0[l + 2]; c1[l] += c1[l + 2]; }
@@ -341,335 +255,352 @@ static void k2(size_t n, float *restrict a0, const float *restrict a1, const flo
             const float s[2] = {c0[0], c1[0]};
             for (size_t i0_j = 0; i0_j < 2; ++i0_j) {
                 const float acc = s[i0_j];
-                a0[2*b + i0_j + i0_t] = acc + a3[i0_j + i0_t];
+                prediction[2*b + i0_j] = acc + b3[i0_j];
             }
         }
     }
 }
 
-/* loss: forward: loss[b] = (Σ_{i0} (prediction[b, i0] - target[b, i0])**2)/2 */
-static void k3(size_t n, float *restrict a0, const float *restrict a1, const float *restrict a2)
+/* loss: forward: loss[b] = (sum_{i0} (prediction[b, i0] - target[b, i0])**2)/2 */
+static void loss_forward(size_t n, float *restrict loss, const float *restrict prediction,
+        const float *restrict target)
 {
     for (size_t b = 0; b < n; ++b) {
-        float c0[2];
-        for (size_t l = 0; l < 2; ++l) {
-            c0[l] = powf(a1[2*b + l] - a2[2*b + l], 2);
+        float acc = 0;
+        for (size_t i0 = 0; i0 < 2; ++i0) {
+            acc += powf(prediction[2*b + i0] - target[2*b + i0], 2);
         }
-        c0[0] += c0[1];
-        const float acc = c0[0];
-        a0[b] = (1.0F/2.0F)*acc;
+        loss[b] = (1.0F/2.0F)*acc;
     }
 }
 
-/* loss: batch mean: __batch_loss[0] = (Σ_{b} loss[b])/n */
-static void k4(size_t n, float *restrict a0, const float *restrict a1)
+/* loss: batch mean: __batch_loss[0] = (sum_{b} loss[b])/n */
+static void batch_mean_loss(size_t n, float *restrict batch_loss, const float *restrict loss)
 {
+    const float inv_n = 1 / (float)n;
     float acc = 0;
     for (size_t b = 0; b < n; ++b) {
-        acc += a1[b];
+        acc += loss[b];
     }
-    a0[0] = acc*1.0F/n;
+    batch_loss[0] = acc*inv_n;
 }
 
 /* loss: dloss/dprediction: prediction.grad[b, i0] = (prediction[b, i0] - target[b, i0])/n */
-static void k5(size_t n, float *restrict a0, const float *restrict a1, const float *restrict a2)
+static void prediction_grad(size_t n, float *restrict dprediction, const float *restrict prediction,
+        const float *restrict target)
 {
+    const float inv_n = 1 / (float)n;
     for (size_t b = 0; b < n; ++b) {
         for (size_t i0 = 0; i0 < 2; ++i0) {
-            a0[2*b + i0] = (a1[2*b + i0] - a2[2*b + i0])*1.0F/n;
+            dprediction[2*b + i0] = inv_n*(prediction[2*b + i0] - target[2*b + i0]);
         }
     }
 }
 
-/* prediction: dprediction/dW3: W3.grad[i0, i1] = Σ_{b} a2[b, i1]*prediction.grad[b, i0] */
-static void k6(size_t n, float *restrict a0, const float *restrict a1, const float *restrict a2)
+/* prediction: dprediction/dW3: W3.grad[i0, i1] = sum_{b} a2[b, i1]*prediction.grad[b, i0] */
+static void W3_grad(size_t n, float *restrict dW3, const float *restrict a2,
+        const float *restrict dprediction)
 {
     for (size_t i1_t = 0; i1_t < 16; i1_t += 8) {
-        for (size_t i0_t = 0; i0_t < 2; i0_t += 2) {
+        {
             float c0[4], c1[4], c2[4], c3[4];
             for (size_t l = 0; l < 4; ++l) {
-                c0[l] = a1[i1_t + l]*a2[i0_t];
-                c1[l] = a1[i1_t + l + 4]*a2[i0_t];
-                c2[l] = a1[i1_t + l]*a2[i0_t + 1];
-                c3[l] = a1[i1_t + l + 4]*a2[i0_t + 1];
+                c0[l] = a2[i1_t + l]*dprediction[0];
+                c1[l] = a2[i1_t + l + 4]*dprediction[0];
+                c2[l] = a2[i1_t + l]*dprediction[1];
+                c3[l] = a2[i1_t + l + 4]*dprediction[1];
             }
             for (size_t b = 1; b < n; ++b) {
                 for (size_t l = 0; l < 4; ++l) {
-                    c0[l] += a1[16*b + i1_t + l]*a2[2*b + i0_t];
-                    c1[l] += a1[16*b + i1_t + l + 4]*a2[2*b + i0_t];
-                    c2[l] += a1[16*b + i1_t + l]*a2[2*b + i0_t + 1];
-                    c3[l] += a1[16*b + i1_t + l + 4]*a2[2*b + i0_t + 1];
+                    c0[l] += a2[16*b + i1_t + l]*dprediction[2*b];
+                    c1[l] += a2[16*b + i1_t + l + 4]*dprediction[2*b];
+                    c2[l] += a2[16*b + i1_t + l]*dprediction[2*b + 1];
+                    c3[l] += a2[16*b + i1_t + l + 4]*dprediction[2*b + 1];
                 }
             }
             for (size_t l = 0; l < 4; ++l) {
-                a0[16*i0_t + i1_t + l] = c0[l];
-                a0[16*i0_t + i1_t + l + 4] = c1[l];
-                a0[16*i0_t + i1_t + l + 16] = c2[l];
-                a0[16*i0_t + i1_t + l + 20] = c3[l];
+                dW3[i1_t + l] = c0[l];
+                dW3[i1_t + l + 4] = c1[l];
+                dW3[i1_t + l + 16] = c2[l];
+                dW3[i1_t + l + 20] = c3[l];
             }
         }
     }
 }
 
-/* a2: prediction with a2 as epilogue: h2.grad[b, i1] = (Σ_{i0} W3[i0, i1]*prediction.grad[b, i0])*(1 - a2[b, i1]**2) */
-static void k7(size_t n, float *restrict a0, const float *restrict a1, const float *restrict a2, const float *restrict a3)
+/*
+ * a2: prediction with a2 as epilogue: h2.grad[b, i1] = (sum_{i0} W3[i0, i1]*prediction.grad[b,
+ * i0])*(1 - a2[b, i1]**2)
+ */
+static void h2_grad(size_t n, float *restrict dh2, const float *restrict W3,
+        const float *restrict a2, const float *restrict dprediction)
 {
     for (size_t i1_t = 0; i1_t < 16; i1_t += 8) {
         for (size_t b_t = 0; b_t < n / 8 * 8; b_t += 8) {
-            tile8x8(a3 + 2*b_t, 2, 1, a1 + i1_t, 16, 2, a0 + 16*b_t + i1_t, 16);
+            tile8x8(dprediction + 2*b_t, 2, 1, W3 + i1_t, 16, 2, dh2 + 16*b_t + i1_t, 16);
             for (size_t b_j = 0; b_j < 8; ++b_j) {
                 for (size_t l = 0; l < 8; ++l) {
-                    const float acc = a0[16*b_j + 16*b_t + i1_t + l];
-                    a0[16*b_j + 16*b_t + i1_t + l] = acc*(1 - (a2[16*b_j + 16*b_t + i1_t + l]*a2[16*b_j + 16*b_t + i1_t + l]));
+                    const float acc = dh2[16*b_j + 16*b_t + i1_t + l];
+                    dh2[16*b_j + 16*b_t + i1_t + l] = acc*(1 - (a2[16*b_j + 16*b_t + i1_t +
+                            l]*a2[16*b_j + 16*b_t + i1_t + l]));
                 }
             }
         }
         for (size_t b = n / 8 * 8; b < n; ++b) {
             float c0[4], c1[4];
             for (size_t l = 0; l < 4; ++l) {
-                c0[l] = a1[i1_t + l]*a3[2*b];
-                c1[l] = a1[i1_t + l + 4]*a3[2*b];
+                c0[l] = W3[i1_t + l]*dprediction[2*b];
+                c1[l] = W3[i1_t + l + 4]*dprediction[2*b];
             }
-            for (size_t i0 = 1; i0 < 2; ++i0) {
-                for (size_t l = 0; l < 4; ++l) {
-                    c0[l] += a1[16*i0 + i1_t + l]*a3[2*b + i0];
-                    c1[l] += a1[16*i0 + i1_t + l + 4]*a3[2*b + i0];
-                }
+            for (size_t l = 0; l < 4; ++l) {
+                c0[l] += W3[i1_t + l + 16]*dprediction[2*b + 1];
+                c1[l] += W3[i1_t + l + 20]*dprediction[2*b + 1];
             }
             for (size_t l = 0; l < 4; ++l) {
                 {
                     const float acc = c0[l];
-                    a0[16*b + i1_t + l] = acc*(1 - (a2[16*b + i1_t + l]*a2[16*b + i1_t + l]));
+                    dh2[16*b + i1_t + l] = acc*(1 - (a2[16*b + i1_t + l]*a2[16*b + i1_t + l]));
                 }
                 {
                     const float acc = c1[l];
-                    a0[16*b + i1_t + l + 4] = acc*(1 - (a2[16*b + i1_t + l + 4]*a2[16*b + i1_t + l + 4]));
+                    dh2[16*b + i1_t + l + 4] = acc*(1 - (a2[16*b + i1_t + l + 4]*a2[16*b + i1_t + l
+                            + 4]));
                 }
             }
         }
     }
 }
 
-/* prediction: dprediction/db3: b3.grad[i0] = Σ_{b} prediction.grad[b, i0] */
-static void k8(size_t n, float *restrict a0, const float *restrict a1)
+/* prediction: dprediction/db3: b3.grad[i0] = sum_{b} prediction.grad[b, i0] */
+static void b3_grad(size_t n, float *restrict db3, const float *restrict dprediction)
 {
-    for (size_t i0_t = 0; i0_t < 2; i0_t += 2) {
+    {
         float c0[2];
         for (size_t l = 0; l < 2; ++l) {
-            c0[l] = a1[i0_t + l];
+            c0[l] = dprediction[l];
         }
         for (size_t b = 1; b < n; ++b) {
             for (size_t l = 0; l < 2; ++l) {
-                c0[l] += a1[2*b + i0_t + l];
+                c0[l] += dprediction[2*b + l];
             }
         }
         for (size_t l = 0; l < 2; ++l) {
-            a0[i0_t + l] = c0[l];
+            db3[l] = c0[l];
         }
     }
 }
 
-/* h2: dh2/dW2: W2.grad[i0, i1] = Σ_{b} a1[b, i1]*h2.grad[b, i0] */
-static void k9(size_t n, float *restrict a0, const float *restrict a1, const float *restrict a2)
+/* h2: dh2/dW2: W2.grad[i0, i1] = sum_{b} a1[b, i1]*h2.grad[b, i0] */
+static void W2_grad(size_t n, float *restrict dW2, const float *restrict a1,
+        const float *restrict dh2)
 {
     for (size_t i1_t = 0; i1_t < 16; i1_t += 8) {
         for (size_t i0_t = 0; i0_t < 16; i0_t += 8) {
-            float c0[4], c1[4], c2[4], c3[4], c4[4], c5[4], c6[4], c7[4], c8[4], c9[4], c10[4], c11[4], c12[4], c13[4], c14[4], c15[4];
+            float c0[4], c1[4], c2[4], c3[4], c4[4], c5[4], c6[4], c7[4], c8[4], c9[4], c10[4],
+                    c11[4], c12[4], c13[4], c14[4], c15[4];
             for (size_t l = 0; l < 4; ++l) {
-                c0[l] = a1[i1_t + l]*a2[i0_t];
-                c1[l] = a1[i1_t + l + 4]*a2[i0_t];
-                c2[l] = a1[i1_t + l]*a2[i0_t + 1];
-                c3[l] = a1[i1_t + l + 4]*a2[i0_t + 1];
-                c4[l] = a1[i1_t + l]*a2[i0_t + 2];
-                c5[l] = a1[i1_t + l + 4]*a2[i0_t + 2];
-                c6[l] = a1[i1_t + l]*a2[i0_t + 3];
-                c7[l] = a1[i1_t + l + 4]*a2[i0_t + 3];
-                c8[l] = a1[i1_t + l]*a2[i0_t + 4];
-                c9[l] = a1[i1_t + l + 4]*a2[i0_t + 4];
-                c10[l] = a1[i1_t + l]*a2[i0_t + 5];
-                c11[l] = a1[i1_t + l + 4]*a2[i0_t + 5];
-                c12[l] = a1[i1_t + l]*a2[i0_t + 6];
-                c13[l] = a1[i1_t + l + 4]*a2[i0_t + 6];
-                c14[l] = a1[i1_t + l]*a2[i0_t + 7];
-                c15[l] = a1[i1_t + l + 4]*a2[i0_t + 7];
+                c0[l] = a1[i1_t + l]*dh2[i0_t];
+                c1[l] = a1[i1_t + l + 4]*dh2[i0_t];
+                c2[l] = a1[i1_t + l]*dh2[i0_t + 1];
+                c3[l] = a1[i1_t + l + 4]*dh2[i0_t + 1];
+                c4[l] = a1[i1_t + l]*dh2[i0_t + 2];
+                c5[l] = a1[i1_t + l + 4]*dh2[i0_t + 2];
+                c6[l] = a1[i1_t + l]*dh2[i0_t + 3];
+                c7[l] = a1[i1_t + l + 4]*dh2[i0_t + 3];
+                c8[l] = a1[i1_t + l]*dh2[i0_t + 4];
+                c9[l] = a1[i1_t + l + 4]*dh2[i0_t + 4];
+                c10[l] = a1[i1_t + l]*dh2[i0_t + 5];
+                c11[l] = a1[i1_t + l + 4]*dh2[i0_t + 5];
+                c12[l] = a1[i1_t + l]*dh2[i0_t + 6];
+                c13[l] = a1[i1_t + l + 4]*dh2[i0_t + 6];
+                c14[l] = a1[i1_t + l]*dh2[i0_t + 7];
+                c15[l] = a1[i1_t + l + 4]*dh2[i0_t + 7];
             }
             for (size_t b = 1; b < n; ++b) {
                 for (size_t l = 0; l < 4; ++l) {
-                    c0[l] += a1[16*b + i1_t + l]*a2[16*b + i0_t];
-                    c1[l] += a1[16*b + i1_t + l + 4]*a2[16*b + i0_t];
-                    c2[l] += a1[16*b + i1_t + l]*a2[16*b + i0_t + 1];
-                    c3[l] += a1[16*b + i1_t + l + 4]*a2[16*b + i0_t + 1];
-                    c4[l] += a1[16*b + i1_t + l]*a2[16*b + i0_t + 2];
-                    c5[l] += a1[16*b + i1_t + l + 4]*a2[16*b + i0_t + 2];
-                    c6[l] += a1[16*b + i1_t + l]*a2[16*b + i0_t + 3];
-                    c7[l] += a1[16*b + i1_t + l + 4]*a2[16*b + i0_t + 3];
-                    c8[l] += a1[16*b + i1_t + l]*a2[16*b + i0_t + 4];
-                    c9[l] += a1[16*b + i1_t + l + 4]*a2[16*b + i0_t + 4];
-                    c10[l] += a1[16*b + i1_t + l]*a2[16*b + i0_t + 5];
-                    c11[l] += a1[16*b + i1_t + l + 4]*a2[16*b + i0_t + 5];
-                    c12[l] += a1[16*b + i1_t + l]*a2[16*b + i0_t + 6];
-                    c13[l] += a1[16*b + i1_t + l + 4]*a2[16*b + i0_t + 6];
-                    c14[l] += a1[16*b + i1_t + l]*a2[16*b + i0_t + 7];
-                    c15[l] += a1[16*b + i1_t + l + 4]*a2[16*b + i0_t + 7];
+                    c0[l] += a1[16*b + i1_t + l]*dh2[16*b + i0_t];
+                    c1[l] += a1[16*b + i1_t + l + 4]*dh2[16*b + i0_t];
+                    c2[l] += a1[16*b + i1_t + l]*dh2[16*b + i0_t + 1];
+                    c3[l] += a1[16*b + i1_t + l + 4]*dh2[16*b + i0_t + 1];
+                    c4[l] += a1[16*b + i1_t + l]*dh2[16*b + i0_t + 2];
+                    c5[l] += a1[16*b + i1_t + l + 4]*dh2[16*b + i0_t + 2];
+                    c6[l] += a1[16*b + i1_t + l]*dh2[16*b + i0_t + 3];
+                    c7[l] += a1[16*b + i1_t + l + 4]*dh2[16*b + i0_t + 3];
+                    c8[l] += a1[16*b + i1_t + l]*dh2[16*b + i0_t + 4];
+                    c9[l] += a1[16*b + i1_t + l + 4]*dh2[16*b + i0_t + 4];
+                    c10[l] += a1[16*b + i1_t + l]*dh2[16*b + i0_t + 5];
+                    c11[l] += a1[16*b + i1_t + l + 4]*dh2[16*b + i0_t + 5];
+                    c12[l] += a1[16*b + i1_t + l]*dh2[16*b + i0_t + 6];
+                    c13[l] += a1[16*b + i1_t + l + 4]*dh2[16*b + i0_t + 6];
+                    c14[l] += a1[16*b + i1_t + l]*dh2[16*b + i0_t + 7];
+                    c15[l] += a1[16*b + i1_t + l + 4]*dh2[16*b + i0_t + 7];
                 }
             }
             for (size_t l = 0; l < 4; ++l) {
-                a0[16*i0_t + i1_t + l] = c0[l];
-                a0[16*i0_t + i1_t + l + 4] = c1[l];
-                a0[16*i0_t + i1_t + l + 16] = c2[l];
-                a0[16*i0_t + i1_t + l + 20] = c3[l];
-                a0[16*i0_t + i1_t + l + 32] = c4[l];
-                a0[16*i0_t + i1_t + l + 36] = c5[l];
-                a0[16*i0_t + i1_t + l + 48] = c6[l];
-                a0[16*i0_t + i1_t + l + 52] = c7[l];
-                a0[16*i0_t + i1_t + l + 64] = c8[l];
-                a0[16*i0_t + i1_t + l + 68] = c9[l];
-                a0[16*i0_t + i1_t + l + 80] = c10[l];
-                a0[16*i0_t + i1_t + l + 84] = c11[l];
-                a0[16*i0_t + i1_t + l + 96] = c12[l];
-                a0[16*i0_t + i1_t + l + 100] = c13[l];
-                a0[16*i0_t + i1_t + l + 112] = c14[l];
-                a0[16*i0_t + i1_t + l + 116] = c15[l];
+                dW2[16*i0_t + i1_t + l] = c0[l];
+                dW2[16*i0_t + i1_t + l + 4] = c1[l];
+                dW2[16*i0_t + i1_t + l + 16] = c2[l];
+                dW2[16*i0_t + i1_t + l + 20] = c3[l];
+                dW2[16*i0_t + i1_t + l + 32] = c4[l];
+                dW2[16*i0_t + i1_t + l + 36] = c5[l];
+                dW2[16*i0_t + i1_t + l + 48] = c6[l];
+                dW2[16*i0_t + i1_t + l + 52] = c7[l];
+                dW2[16*i0_t + i1_t + l + 64] = c8[l];
+                dW2[16*i0_t + i1_t + l + 68] = c9[l];
+                dW2[16*i0_t + i1_t + l + 80] = c10[l];
+                dW2[16*i0_t + i1_t + l + 84] = c11[l];
+                dW2[16*i0_t + i1_t + l + 96] = c12[l];
+                dW2[16*i0_t + i1_t + l + 100] = c13[l];
+                dW2[16*i0_t + i1_t + l + 112] = c14[l];
+                dW2[16*i0_t + i1_t + l + 116] = c15[l];
             }
         }
     }
 }
 
-/* a1: h2 with a1 as epilogue: h1.grad[b, i1] = (Σ_{i0} W2[i0, i1]*h2.grad[b, i0])*(1 - a1[b, i1]**2) */
-static void k10(size_t n, float *restrict a0, const float *restrict a1, const float *restrict a2, const float *restrict a3)
+/*
+ * a1: h2 with a1 as epilogue: h1.grad[b, i1] = (sum_{i0} W2[i0, i1]*h2.grad[b, i0])*(1 - a1[b,
+ * i1]**2)
+ */
+static void h1_grad(size_t n, float *restrict dh1, const float *restrict W2,
+        const float *restrict a1, const float *restrict dh2)
 {
     for (size_t i1_t = 0; i1_t < 16; i1_t += 8) {
         for (size_t b_t = 0; b_t < n / 8 * 8; b_t += 8) {
-            tile8x8(a3 + 16*b_t, 16, 1, a1 + i1_t, 16, 16, a0 + 16*b_t + i1_t, 16);
+            tile8x8(dh2 + 16*b_t, 16, 1, W2 + i1_t, 16, 16, dh1 + 16*b_t + i1_t, 16);
             for (size_t b_j = 0; b_j < 8; ++b_j) {
                 for (size_t l = 0; l < 8; ++l) {
-                    const float acc = a0[16*b_j + 16*b_t + i1_t + l];
-                    a0[16*b_j + 16*b_t + i1_t + l] = acc*(1 - (a2[16*b_j + 16*b_t + i1_t + l]*a2[16*b_j + 16*b_t + i1_t + l]));
+                    const float acc = dh1[16*b_j + 16*b_t + i1_t + l];
+                    dh1[16*b_j + 16*b_t + i1_t + l] = acc*(1 - (a1[16*b_j + 16*b_t + i1_t +
+                            l]*a1[16*b_j + 16*b_t + i1_t + l]));
                 }
             }
         }
         for (size_t b = n / 8 * 8; b < n; ++b) {
             float c0[4], c1[4];
             for (size_t l = 0; l < 4; ++l) {
-                c0[l] = a1[i1_t + l]*a3[16*b];
-                c1[l] = a1[i1_t + l + 4]*a3[16*b];
+                c0[l] = W2[i1_t + l]*dh2[16*b];
+                c1[l] = W2[i1_t + l + 4]*dh2[16*b];
             }
             for (size_t i0 = 1; i0 < 16; ++i0) {
                 for (size_t l = 0; l < 4; ++l) {
-                    c0[l] += a1[16*i0 + i1_t + l]*a3[16*b + i0];
-                    c1[l] += a1[16*i0 + i1_t + l + 4]*a3[16*b + i0];
+                    c0[l] += W2[16*i0 + i1_t + l]*dh2[16*b + i0];
+                    c1[l] += W2[16*i0 + i1_t + l + 4]*dh2[16*b + i0];
                 }
             }
             for (size_t l = 0; l < 4; ++l) {
                 {
                     const float acc = c0[l];
-                    a0[16*b + i1_t + l] = acc*(1 - (a2[16*b + i1_t + l]*a2[16*b + i1_t + l]));
+                    dh1[16*b + i1_t + l] = acc*(1 - (a1[16*b + i1_t + l]*a1[16*b + i1_t + l]));
                 }
                 {
                     const float acc = c1[l];
-                    a0[16*b + i1_t + l + 4] = acc*(1 - (a2[16*b + i1_t + l + 4]*a2[16*b + i1_t + l + 4]));
+                    dh1[16*b + i1_t + l + 4] = acc*(1 - (a1[16*b + i1_t + l + 4]*a1[16*b + i1_t + l
+                            + 4]));
                 }
             }
         }
     }
 }
 
-/* h2: dh2/db2: b2.grad[i0] = Σ_{b} h2.grad[b, i0] */
-static void k11(size_t n, float *restrict a0, const float *restrict a1)
+/* h2: dh2/db2: b2.grad[i0] = sum_{b} h2.grad[b, i0] */
+static void b2_grad(size_t n, float *restrict db2, const float *restrict dh2)
 {
     for (size_t i0_t = 0; i0_t < 16; i0_t += 8) {
         float c0[4], c1[4];
         for (size_t l = 0; l < 4; ++l) {
-            c0[l] = a1[i0_t + l];
-            c1[l] = a1[i0_t + l + 4];
+            c0[l] = dh2[i0_t + l];
+            c1[l] = dh2[i0_t + l + 4];
         }
         for (size_t b = 1; b < n; ++b) {
             for (size_t l = 0; l < 4; ++l) {
-                c0[l] += a1[16*b + i0_t + l];
-                c1[l] += a1[16*b + i0_t + l + 4];
+                c0[l] += dh2[16*b + i0_t + l];
+                c1[l] += dh2[16*b + i0_t + l + 4];
             }
         }
         for (size_t l = 0; l < 4; ++l) {
-            a0[i0_t + l] = c0[l];
-            a0[i0_t + l + 4] = c1[l];
+            db2[i0_t + l] = c0[l];
+            db2[i0_t + l + 4] = c1[l];
         }
     }
 }
 
-/* h1: dh1/dW1: W1.grad[i0, i1] = Σ_{b} h1.grad[b, i0]*x[b, i1] */
-static void k12(size_t n, float *restrict a0, const float *restrict a1, const float *restrict a2)
+/* h1: dh1/dW1: W1.grad[i0, i1] = sum_{b} h1.grad[b, i0]*x[b, i1] */
+static void W1_grad(size_t n, float *restrict dW1, const float *restrict dh1,
+        const float *restrict x)
 {
-    for (size_t i1_t = 0; i1_t < 3; i1_t += 3) {
-        for (size_t i0_t = 0; i0_t < 16; i0_t += 16) {
-            float c0[3], c1[3], c2[3], c3[3], c4[3], c5[3], c6[3], c7[3], c8[3], c9[3], c10[3], c11[3], c12[3], c13[3], c14[3], c15[3];
+    {
+        {
+            float c0[3], c1[3], c2[3], c3[3], c4[3], c5[3], c6[3], c7[3], c8[3], c9[3], c10[3],
+                    c11[3], c12[3], c13[3], c14[3], c15[3];
             for (size_t l = 0; l < 3; ++l) {
-                c0[l] = a1[i0_t]*a2[i1_t + l];
-                c1[l] = a1[i0_t + 1]*a2[i1_t + l];
-                c2[l] = a1[i0_t + 2]*a2[i1_t + l];
-                c3[l] = a1[i0_t + 3]*a2[i1_t + l];
-                c4[l] = a1[i0_t + 4]*a2[i1_t + l];
-                c5[l] = a1[i0_t + 5]*a2[i1_t + l];
-                c6[l] = a1[i0_t + 6]*a2[i1_t + l];
-                c7[l] = a1[i0_t + 7]*a2[i1_t + l];
-                c8[l] = a1[i0_t + 8]*a2[i1_t + l];
-                c9[l] = a1[i0_t + 9]*a2[i1_t + l];
-                c10[l] = a1[i0_t + 10]*a2[i1_t + l];
-                c11[l] = a1[i0_t + 11]*a2[i1_t + l];
-                c12[l] = a1[i0_t + 12]*a2[i1_t + l];
-                c13[l] = a1[i0_t + 13]*a2[i1_t + l];
-                c14[l] = a1[i0_t + 14]*a2[i1_t + l];
-                c15[l] = a1[i0_t + 15]*a2[i1_t + l];
+                c0[l] = dh1[0]*x[l];
+                c1[l] = dh1[1]*x[l];
+                c2[l] = dh1[2]*x[l];
+                c3[l] = dh1[3]*x[l];
+                c4[l] = dh1[4]*x[l];
+                c5[l] = dh1[5]*x[l];
+                c6[l] = dh1[6]*x[l];
+                c7[l] = dh1[7]*x[l];
+                c8[l] = dh1[8]*x[l];
+                c9[l] = dh1[9]*x[l];
+                c10[l] = dh1[10]*x[l];
+                c11[l] = dh1[11]*x[l];
+                c12[l] = dh1[12]*x[l];
+                c13[l] = dh1[13]*x[l];
+                c14[l] = dh1[14]*x[l];
+                c15[l] = dh1[15]*x[l];
             }
             for (size_t b = 1; b < n; ++b) {
                 for (size_t l = 0; l < 3; ++l) {
-                    c0[l] += a1[16*b + i0_t]*a2[3*b + i1_t + l];
-                    c1[l] += a1[16*b + i0_t + 1]*a2[3*b + i1_t + l];
-                    c2[l] += a1[16*b + i0_t + 2]*a2[3*b + i1_t + l];
-                    c3[l] += a1[16*b + i0_t + 3]*a2[3*b + i1_t + l];
-                    c4[l] += a1[16*b + i0_t + 4]*a2[3*b + i1_t + l];
-                    c5[l] += a1[16*b + i0_t + 5]*a2[3*b + i1_t + l];
-                    c6[l] += a1[16*b + i0_t + 6]*a2[3*b + i1_t + l];
-                    c7[l] += a1[16*b + i0_t + 7]*a2[3*b + i1_t + l];
-                    c8[l] += a1[16*b + i0_t + 8]*a2[3*b + i1_t + l];
-                    c9[l] += a1[16*b + i0_t + 9]*a2[3*b + i1_t + l];
-                    c10[l] += a1[16*b + i0_t + 10]*a2[3*b + i1_t + l];
-                    c11[l] += a1[16*b + i0_t + 11]*a2[3*b + i1_t + l];
-                    c12[l] += a1[16*b + i0_t + 12]*a2[3*b + i1_t + l];
-                    c13[l] += a1[16*b + i0_t + 13]*a2[3*b + i1_t + l];
-                    c14[l] += a1[16*b + i0_t + 14]*a2[3*b + i1_t + l];
-                    c15[l] += a1[16*b + i0_t + 15]*a2[3*b + i1_t + l];
+                    c0[l] += dh1[16*b]*x[3*b + l];
+                    c1[l] += dh1[16*b + 1]*x[3*b + l];
+                    c2[l] += dh1[16*b + 2]*x[3*b + l];
+                    c3[l] += dh1[16*b + 3]*x[3*b + l];
+                    c4[l] += dh1[16*b + 4]*x[3*b + l];
+                    c5[l] += dh1[16*b + 5]*x[3*b + l];
+                    c6[l] += dh1[16*b + 6]*x[3*b + l];
+                    c7[l] += dh1[16*b + 7]*x[3*b + l];
+                    c8[l] += dh1[16*b + 8]*x[3*b + l];
+                    c9[l] += dh1[16*b + 9]*x[3*b + l];
+                    c10[l] += dh1[16*b + 10]*x[3*b + l];
+                    c11[l] += dh1[16*b + 11]*x[3*b + l];
+                    c12[l] += dh1[16*b + 12]*x[3*b + l];
+                    c13[l] += dh1[16*b + 13]*x[3*b + l];
+                    c14[l] += dh1[16*b + 14]*x[3*b + l];
+                    c15[l] += dh1[16*b + 15]*x[3*b + l];
                 }
             }
             for (size_t l = 0; l < 3; ++l) {
-                a0[3*i0_t + i1_t + l] = c0[l];
-                a0[3*i0_t + i1_t + l + 3] = c1[l];
-                a0[3*i0_t + i1_t + l + 6] = c2[l];
-                a0[3*i0_t + i1_t + l + 9] = c3[l];
-                a0[3*i0_t + i1_t + l + 12] = c4[l];
-                a0[3*i0_t + i1_t + l + 15] = c5[l];
-                a0[3*i0_t + i1_t + l + 18] = c6[l];
-                a0[3*i0_t + i1_t + l + 21] = c7[l];
-                a0[3*i0_t + i1_t + l + 24] = c8[l];
-                a0[3*i0_t + i1_t + l + 27] = c9[l];
-                a0[3*i0_t + i1_t + l + 30] = c10[l];
-                a0[3*i0_t + i1_t + l + 33] = c11[l];
-                a0[3*i0_t + i1_t + l + 36] = c12[l];
-                a0[3*i0_t + i1_t + l + 39] = c13[l];
-                a0[3*i0_t + i1_t + l + 42] = c14[l];
-                a0[3*i0_t + i1_t + l + 45] = c15[l];
+                dW1[l] = c0[l];
+                dW1[l + 3] = c1[l];
+                dW1[l + 6] = c2[l];
+                dW1[l + 9] = c3[l];
+                dW1[l + 12] = c4[l];
+                dW1[l + 15] = c5[l];
+                dW1[l + 18] = c6[l];
+                dW1[l + 21] = c7[l];
+                dW1[l + 24] = c8[l];
+                dW1[l + 27] = c9[l];
+                dW1[l + 30] = c10[l];
+                dW1[l + 33] = c11[l];
+                dW1[l + 36] = c12[l];
+                dW1[l + 39] = c13[l];
+                dW1[l + 42] = c14[l];
+                dW1[l + 45] = c15[l];
             }
         }
     }
 }
 
 /* optimizer step: adam, as torch.optim computes it */
-static void optimizer_step(float *restrict params, const float *restrict grads, float *restrict state)
+static void adam_update(float *restrict params, const float *restrict grads, float *restrict state)
 {
     const float t = state[0] + 1;
     state[0] = t;
     const float bias_correction1 = -expm1f(-0.105360515F*t);
     const float bias_correction2 = -expm1f(-0.0010005003F*t);
-    const float step_size = 0.01F*1.0F/bias_correction1;
+    const float step_size = 0.01F/bias_correction1;
     const float bias_correction2_sqrt = sqrtf(bias_correction2);
     for (size_t i = 0; i < 370; ++i) {
         const float p = params[i];
@@ -679,52 +610,83 @@ static void optimizer_step(float *restrict params, const float *restrict grads, 
         const float d = g;
         const float exp_avg_1 = 0.1F*d + 0.9F*exp_avg;
         const float exp_avg_sq_1 = 0.999F*exp_avg_sq + 0.001F*(d*d);
-        const float p_1 = -exp_avg_1*step_size*1.0F/(sqrtf(exp_avg_sq_1)*1.0F/bias_correction2_sqrt + 1e-08F) + p;
+        const float p_1 = -exp_avg_1*step_size*1.0F/(sqrtf(exp_avg_sq_1)/bias_correction2_sqrt +
+                1e-08F) + p;
         params[i] = p_1;
         state[1 + i] = exp_avg_1;
         state[371 + i] = exp_avg_sq_1;
     }
 }
 
-void regression_forward(const float *params, float *work, size_t n, const float *in_x, float *out_prediction)
+void regression_forward(const float *params, float *work, size_t n, const float *in_x,
+        float *out_prediction)
 {
-    k0(n, work, params, params + 48, in_x);
-    k1(n, work + 16 * n, params + 64, work, params + 320);
-    k2(n, out_prediction, params + 336, work + 16 * n, params + 368);
+    if (n == 0) {
+        return;
+    }
+    a1_forward(n, work, params + REGRESSION_PARAM_W1_OFFSET, params + REGRESSION_PARAM_b1_OFFSET,
+            in_x);
+    a2_forward(n, work + 16 * n, params + REGRESSION_PARAM_W2_OFFSET, work,
+            params + REGRESSION_PARAM_b2_OFFSET);
+    prediction_forward(n, out_prediction, params + REGRESSION_PARAM_W3_OFFSET, work + 16 * n,
+            params + REGRESSION_PARAM_b3_OFFSET);
 }
 
-float regression_evaluate(const float *params, float *work, size_t n, const float *in_x, const float *in_target, float *out_prediction)
+float regression_evaluate(const float *params, float *work, size_t n, const float *in_x,
+        const float *in_target, float *out_prediction)
 {
-    k0(n, work + 16, params, params + 48, in_x);
-    k1(n, work + 16 + 16 * n, params + 64, work + 16, params + 320);
-    k2(n, out_prediction, params + 336, work + 16 + 16 * n, params + 368);
-    k3(n, work + 16, out_prediction, in_target);
-    k4(n, work, work + 16);
+    if (n == 0) {
+        return 0;
+    }
+    a1_forward(n, work + 16, params + REGRESSION_PARAM_W1_OFFSET,
+            params + REGRESSION_PARAM_b1_OFFSET, in_x);
+    a2_forward(n, work + 16 + 16 * n, params + REGRESSION_PARAM_W2_OFFSET, work + 16,
+            params + REGRESSION_PARAM_b2_OFFSET);
+    prediction_forward(n, out_prediction, params + REGRESSION_PARAM_W3_OFFSET, work + 16 + 16 * n,
+            params + REGRESSION_PARAM_b3_OFFSET);
+    loss_forward(n, work + 16, out_prediction, in_target);
+    batch_mean_loss(n, work, work + 16);
     return work[0];
 }
 
-float regression_gradients(const float *params, float *grads, float *work, size_t n, const float *in_x, const float *in_target)
+float regression_gradients(const float *params, float *grads, float *work, size_t n,
+        const float *in_x, const float *in_target)
 {
-    k0(n, work + 16, params, params + 48, in_x);
-    k1(n, work + 16 + 16 * n, params + 64, work + 16, params + 320);
-    k2(n, work + 16 + 32 * n, params + 336, work + 16 + 16 * n, params + 368);
-    k3(n, work + 16 + 48 * n, work + 16 + 32 * n, in_target);
-    k4(n, work, work + 16 + 48 * n);
-    k5(n, work + 16 + 48 * n, work + 16 + 32 * n, in_target);
-    k6(n, grads + 336, work + 16 + 16 * n, work + 16 + 48 * n);
-    k7(n, work + 16 + 32 * n, params + 336, work + 16 + 16 * n, work + 16 + 48 * n);
-    k8(n, grads + 368, work + 16 + 48 * n);
-    k9(n, grads + 64, work + 16, work + 16 + 32 * n);
-    k10(n, work + 16 + 16 * n, params + 64, work + 16, work + 16 + 32 * n);
-    k11(n, grads + 320, work + 16 + 32 * n);
-    k12(n, grads, work + 16 + 16 * n, in_x);
-    k11(n, grads + 48, work + 16 + 16 * n);
+    if (n == 0) {
+        for (size_t i = 0; i < REGRESSION_PARAMS_SIZE; ++i) {
+            grads[i] = 0;
+        }
+        return 0;
+    }
+    a1_forward(n, work + 16, params + REGRESSION_PARAM_W1_OFFSET,
+            params + REGRESSION_PARAM_b1_OFFSET, in_x);
+    a2_forward(n, work + 16 + 16 * n, params + REGRESSION_PARAM_W2_OFFSET, work + 16,
+            params + REGRESSION_PARAM_b2_OFFSET);
+    prediction_forward(n, work + 16 + 32 * n, params + REGRESSION_PARAM_W3_OFFSET,
+            work + 16 + 16 * n, params + REGRESSION_PARAM_b3_OFFSET);
+    loss_forward(n, work + 16 + 48 * n, work + 16 + 32 * n, in_target);
+    batch_mean_loss(n, work, work + 16 + 48 * n);
+    prediction_grad(n, work + 16 + 48 * n, work + 16 + 32 * n, in_target);
+    W3_grad(n, grads + REGRESSION_PARAM_W3_OFFSET, work + 16 + 16 * n, work + 16 + 48 * n);
+    h2_grad(n, work + 16 + 32 * n, params + REGRESSION_PARAM_W3_OFFSET, work + 16 + 16 * n,
+            work + 16 + 48 * n);
+    b3_grad(n, grads + REGRESSION_PARAM_b3_OFFSET, work + 16 + 48 * n);
+    W2_grad(n, grads + REGRESSION_PARAM_W2_OFFSET, work + 16, work + 16 + 32 * n);
+    h1_grad(n, work + 16 + 16 * n, params + REGRESSION_PARAM_W2_OFFSET, work + 16,
+            work + 16 + 32 * n);
+    b2_grad(n, grads + REGRESSION_PARAM_b2_OFFSET, work + 16 + 32 * n);
+    W1_grad(n, grads + REGRESSION_PARAM_W1_OFFSET, work + 16 + 16 * n, in_x);
+    b2_grad(n, grads + REGRESSION_PARAM_b1_OFFSET, work + 16 + 16 * n);
     return work[0];
 }
 
-float regression_train_step(float *params, float *state, float *work, size_t n, const float *in_x, const float *in_target)
+float regression_train_step(float *params, float *state, float *work, size_t n, const float *in_x,
+        const float *in_target)
 {
-    const float loss = regression_gradients(params, work, work + 370, n, in_x, in_target);
-    optimizer_step(params, work, state);
+    if (n == 0) {   /* no examples: no step, params and state unchanged */
+        return 0;
+    }
+    const float loss = regression_gradients(params, work, work + 384, n, in_x, in_target);
+    adam_update(params, work, state);
     return loss;
 }

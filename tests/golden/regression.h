@@ -28,9 +28,13 @@
 #define REGRESSION_FORWARD_WORK_SIZE(n) ((size_t)0 + (size_t)32 * (size_t)(n))
 #define REGRESSION_EVALUATE_WORK_SIZE(n) ((size_t)16 + (size_t)32 * (size_t)(n))
 #define REGRESSION_GRADIENTS_WORK_SIZE(n) ((size_t)16 + (size_t)64 * (size_t)(n))
-#define REGRESSION_TRAIN_STEP_WORK_SIZE(n) ((size_t)386 + (size_t)64 * (size_t)(n))
+#define REGRESSION_TRAIN_STEP_WORK_SIZE(n) ((size_t)400 + (size_t)64 * (size_t)(n))
 /* Enough for every entry point above. */
-#define REGRESSION_WORK_SIZE(n) ((size_t)386 + (size_t)64 * (size_t)(n))
+#define REGRESSION_WORK_SIZE(n) ((size_t)400 + (size_t)64 * (size_t)(n))
+
+#ifdef __cplusplus
+extern "C" {
+#endif
 
 /*
  * regression_forward: the outputs for a batch of n examples.
@@ -39,9 +43,11 @@
  *   in_x: n x REGRESSION_INPUT_x_SIZE elements, row-major, example after example
  *   out_prediction: n x REGRESSION_OUTPUT_prediction_SIZE elements, written
  * Arrays must not overlap. No allocation, no global state: reentrant.
+ * n may be 0: then nothing is read or written.
  * Any alignment works; arrays aligned to 64 bytes (aligned_alloc) run fastest.
  */
-void regression_forward(const float *params, float *work, size_t n, const float *in_x, float *out_prediction);
+void regression_forward(const float *params, float *work, size_t n, const float *in_x,
+        float *out_prediction);
 
 /*
  * regression_evaluate: the outputs and the batch-mean loss 'loss' in one forward pass.
@@ -50,9 +56,11 @@ void regression_forward(const float *params, float *work, size_t n, const float 
  *   in_x: n x REGRESSION_INPUT_x_SIZE elements
  *   in_target: n x REGRESSION_INPUT_target_SIZE elements
  *   out_prediction: n x REGRESSION_OUTPUT_prediction_SIZE elements, written
- * Returns the mean over the batch of the per-example loss. Arrays must not overlap.
+ * Returns the mean over the batch of the per-example loss (0 when n is 0: no input
+ * is read then). Arrays must not overlap.
  */
-float regression_evaluate(const float *params, float *work, size_t n, const float *in_x, const float *in_target, float *out_prediction);
+float regression_evaluate(const float *params, float *work, size_t n, const float *in_x,
+        const float *in_target, float *out_prediction);
 
 /*
  * regression_gradients: the batch-mean loss 'loss', and its gradient in grads.
@@ -60,12 +68,15 @@ float regression_evaluate(const float *params, float *work, size_t n, const floa
  *   work:   at least REGRESSION_GRADIENTS_WORK_SIZE(n) elements, caller-owned scratch
  *   in_x: n x REGRESSION_INPUT_x_SIZE elements
  *   in_target: n x REGRESSION_INPUT_target_SIZE elements
- * Returns the mean over the batch of the per-example loss. Arrays must not overlap.
+ * Returns the mean over the batch of the per-example loss. When n is 0: returns 0,
+ * grads all 0, no input read. Arrays must not overlap.
  */
-float regression_gradients(const float *params, float *grads, float *work, size_t n, const float *in_x, const float *in_target);
+float regression_gradients(const float *params, float *grads, float *work, size_t n,
+        const float *in_x, const float *in_target);
 
 /*
- * regression_train_step: one adam step (lr=0.01, weight_decay=0.0, beta1=0.9, beta2=0.999, eps=1e-08) on a batch of n examples:
+ * regression_train_step: one adam step (lr=0.01, weight_decay=0.0, beta1=0.9, beta2=0.999,
+ *   eps=1e-08) on a batch of n examples:
  *   the loss and gradients (regression_gradients), then params updated in place.
  *   params: REGRESSION_PARAMS_SIZE elements, read and updated
  *   state:  REGRESSION_STATE_SIZE elements of optimizer state (step count first), zeroed
@@ -74,8 +85,14 @@ float regression_gradients(const float *params, float *grads, float *work, size_
  *           in its first REGRESSION_PARAMS_SIZE elements
  *   in_x: n x REGRESSION_INPUT_x_SIZE elements
  *   in_target: n x REGRESSION_INPUT_target_SIZE elements
- * Returns the batch-mean loss before the update. Arrays must not overlap.
+ * Returns the batch-mean loss before the update. When n is 0: returns 0 and changes
+ * nothing (no step is counted). Arrays must not overlap.
  */
-float regression_train_step(float *params, float *state, float *work, size_t n, const float *in_x, const float *in_target);
+float regression_train_step(float *params, float *state, float *work, size_t n, const float *in_x,
+        const float *in_target);
+
+#ifdef __cplusplus
+}
+#endif
 
 #endif /* GRAPHC_regression_H */
