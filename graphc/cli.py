@@ -7,6 +7,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from .dtypes import DTYPES
 from .errors import GraphcError
 from .optim import OPTIMIZERS
 
@@ -21,7 +22,7 @@ def _parser() -> argparse.ArgumentParser:
     c = sub.add_parser("compile", help="write <name>.c and <name>.h for a spec")
     c.add_argument("spec", help="YAML or JSON spec file")
     c.add_argument("-o", "--out", required=True, help="output directory")
-    c.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+    c.add_argument("--dtype", choices=tuple(DTYPES), default="float32")
     c.add_argument("--target", choices=TARGETS, default="c99",
                    help="every target gets portable C99 (no heap, only <math.h>, <stddef.h>, "
                         "<stdint.h>); the header says how to compile it; Cortex-M targets "
@@ -36,7 +37,7 @@ def _parser() -> argparse.ArgumentParser:
 
     k = sub.add_parser("check", help="verify C against the NumPy reference on random inputs")
     k.add_argument("spec", help="YAML or JSON spec file")
-    k.add_argument("--dtype", choices=("float32", "float64", "both"), default="both")
+    k.add_argument("--dtype", choices=(*DTYPES, "both"), default="both")
     k.add_argument("--batch", type=int, default=8, help="examples per random batch (default 8)")
     k.add_argument("--seed", type=int, default=0, help="seed for params and inputs (default 0)")
 
@@ -50,7 +51,7 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--optimizer", choices=tuple(OPTIMIZERS),
                    help="replaces the spec's optimizer section (torch's defaults otherwise)")
     t.add_argument("--lr", type=float, help="learning rate of the optimizer that applies")
-    t.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+    t.add_argument("--dtype", choices=tuple(DTYPES), default="float32")
     t.add_argument("--seed", type=int, default=0,
                    help="seed for init, the split and the shuffling (default 0)")
     t.add_argument("--test-fraction", type=float, default=0.2,
@@ -124,7 +125,7 @@ def _check(args) -> int:
     graph = load(args.spec)
     inputs = sample_inputs(graph, args.batch, args.seed)
     ok = True
-    for dtype in (("float32", "float64") if args.dtype == "both" else (args.dtype,)):
+    for dtype in (tuple(DTYPES) if args.dtype == "both" else (args.dtype,)):
         report = compile(graph, dtype=dtype, seed=args.seed).verify(seed=args.seed, **inputs)
         print(report.table(), end="\n\n")
         ok &= report.ok

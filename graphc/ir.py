@@ -26,6 +26,8 @@ from typing import Iterable
 
 import sympy as sp
 
+from .dtypes import DTYPES, DType  # noqa: F401  (part of the IR contract)
+
 BATCH = sp.Symbol("n", integer=True, positive=True)  # the runtime batch size
 ACC = sp.Symbol("acc", real=True)                    # the reduced value inside `post`
 MODES = ("assign", "sum", "max", "accumulate")
@@ -96,18 +98,6 @@ class Interface:
     constant_fields: dict[str, str | None]     # node -> the spec field its constants are in
 
 
-@dataclass(frozen=True)
-class DType:
-    """A floating type the C is generated in."""
-    name: str        # numpy's
-    c_type: str      # C's
-    itemsize: int    # bytes
-    libm: str        # libm's suffix: expf, exp
-    literal: str     # a C constant's suffix: 1.0F, 1.0
-
-
-DTYPES = {"float32": DType("float32", "float", 4, "f", "F"),
-          "float64": DType("float64", "double", 8, "", "")}
 
 
 def array(name: str) -> sp.IndexedBase:

@@ -10,12 +10,12 @@ from typing import Mapping
 
 import numpy as np
 
+from .dtypes import DTYPES
 from .errors import InputError, SpecError
 from .graph import Graph
 from .init import init_params
 from .npz import MAX_ITEM_BYTES, MAX_NPZ_MEMBER_BYTES, NPY_HEADER_BYTES, NpzReader
 
-DTYPES = ("float32", "float64")
 # The largest batch static memory may be planned for (`max_batch`): far beyond any real
 # batch, and small enough that every header size stays a plain integer constant.
 MAX_BATCH = 1 << 24

@@ -22,13 +22,13 @@ from typing import Callable
 import numpy as np
 import sympy as sp
 
+from .dtypes import DTYPES
 from .errors import GraphcError, InputError
 from .functions import for_lambdify, numpy_namespace
 from .graph import Graph
 from .init import init_params
 from .optim import check_optimizer
 
-DTYPES = ("float32", "float64")
 
 
 # ---------------------------------------------------------------- broadcasting helpers

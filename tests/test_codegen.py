@@ -106,7 +106,8 @@ def test_codegen_reads_only_the_ir_contract():
               "print(sorted(m for m in sys.modules if m.split('.')[0] == 'graphc'))")
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                          check=True, cwd=ROOT).stdout
-    assert out.strip() == "['graphc', 'graphc.errors', 'graphc.functions', 'graphc.ir']", out
+    assert out.strip() == ("['graphc', 'graphc.dtypes', 'graphc.errors', 'graphc.functions', "
+                           "'graphc.ir']"), out
 
 
 def test_same_spec_same_bytes_across_processes():
