@@ -22,8 +22,9 @@ import numpy as np
 import sympy as sp
 
 from graphc.errors import SpecError
-from graphc.ir import (ACC, BATCH, DTYPES, GRAD, INPUT, LOSS_MEAN, OUTPUT, PARAM, Buffer, G,
-                       Interface, Kernel, P, Program, UpdateRule, grad_of)
+from graphc.ir import (ACC, ACCUMULATE, ASSIGN, BATCH, DTYPES, G, GRAD, INPUT, LOSS_MEAN, MAX,
+                       OUTPUT, P, PARAM, SUM, Buffer, Interface, Kernel, Program, UpdateRule,
+                       grad_of)
 
 from .cmodule import CModule, Entry, KernelCall   # apart: unpickling one needs no emitter
 from .cnames import Namer, buffer_word, kernel_word
@@ -70,13 +71,13 @@ def schedule(kern: Kernel, buffers: dict[str, Buffer]) -> tuple[list[sp.Symbol],
     (zero the output, then accumulate in the best streaming order)."""
     strides = _strides(kern, buffers)
     loops = [s for s, _ in kern.loops]
-    if kern.mode in ("assign", "accumulate"):
+    if kern.mode in (ASSIGN, ACCUMULATE):
         return _best(loops, strides), "direct"
     red = kern.reduction_loops()
     keep = [s for s in loops if s not in red]
     inner = _best(red, strides)
     reduce_order = _best(keep, strides, inner) + inner
-    if kern.mode == "sum" and kern.post == ACC and red:
+    if kern.mode == SUM and kern.post == ACC and red:
         direct = _best(loops, strides)
         if _cost(direct, strides) < _cost(reduce_order, strides):
             return direct, "init"
@@ -248,7 +249,7 @@ class Emitter:
         elif strategy == "direct":
             depth = open_loops(order, depth)
             (value,) = statements([kern.body], depth)
-            op = "+=" if kern.mode == "accumulate" else "="
+            op = "+=" if kern.mode == ACCUMULATE else "="
             lines.append("    " * depth + f"{target} {op} {value};")
             depth = close_loops(len(order), depth)
         elif strategy == "init":
@@ -264,14 +265,14 @@ class Emitter:
             red = kern.reduction_loops()
             outer = [s for s in order if s not in red]
             depth = open_loops(outer, depth)
-            start = "-INFINITY" if kern.mode == "max" else "0"
+            start = "-INFINITY" if kern.mode == MAX else "0"
             lines.append("    " * depth + f"{r} acc = {start};")
             hoisted, body = hoist_invariant_calls(kern.body, red)
             for u, call in hoisted:
                 lines.append("    " * depth + f"const {r} {u} = {printer.doprint(prepare(call))};")
             depth = open_loops([s for s in order if s in red], depth)
             (value,) = statements([body], depth)
-            if kern.mode == "max":
+            if kern.mode == MAX:
                 lines.append("    " * depth + f"if ({value} > acc) acc = {value};")
             else:
                 lines.append("    " * depth + f"acc += {value};")

@@ -18,7 +18,8 @@ from dataclasses import dataclass
 
 import sympy as sp
 
-from graphc.ir import BATCH, EXTERNAL, LOSS, Buffer, Kernel, Program, tree_size
+from graphc.ir import (ACCUMULATE, ASSIGN, BATCH, EXTERNAL, LOSS, SUM, Buffer, Kernel, Program,
+                       tree_size)
 
 ALIGN = 16  # elements: 64-byte alignment for float32, 128 for float64 (cache lines, SIMD)
 # Fusion stops when a kernel's expression would pass this many nodes (counted as a tree):
@@ -37,7 +38,7 @@ def _readers(prog: Program, name: str) -> list[int]:
 def _is_plain_map(kern: Kernel, buf: Buffer) -> bool:
     syms = tuple(s for s, _ in kern.loops)
     dims = ((BATCH,) if buf.batched else ()) + buf.shape
-    return (kern.mode == "assign" and kern.out_index == syms
+    return (kern.mode == ASSIGN and kern.out_index == syms
             and tuple(e for _, e in kern.loops) == dims)
 
 
@@ -82,13 +83,13 @@ def _try_epilogue(prog: Program, p: int) -> bool:
     """Fold the only reader of reduction p (a map over p's output) into p's `post`."""
     P = prog.kernels[p]
     c = _sole_reader(prog, p)
-    if c is None or P.mode != "sum":
+    if c is None or P.mode != SUM:
         return False
     C = prog.kernels[c]
     out_loops = [(s, e) for s, e in P.loops if s not in P.reduction_loops()]
     # The reader must visit exactly the reduction's output points: same count and extents
     # (a concat's slice `a.grad = c.grad[:, :5]` reads only part of an 8-wide c.grad).
-    if C.mode != "assign" or not _is_plain_map(C, prog.buffers[C.out]) \
+    if C.mode != ASSIGN or not _is_plain_map(C, prog.buffers[C.out]) \
             or [e for _, e in C.loops] != [e for _, e in out_loops] \
             or len(_writers(prog, C.out)) != 1:
         return False
@@ -109,7 +110,7 @@ def _try_epilogue(prog: Program, p: int) -> bool:
     post = body.xreplace({prog.buffers[P.out].base[mine]: P.post})
     if tree_size(post, MAX_FUSED_SIZE) > MAX_FUSED_SIZE:
         return False
-    prog.kernels[p] = Kernel(C.out, out_index, P.loops, P.body, "sum", post, C.node,
+    prog.kernels[p] = Kernel(C.out, out_index, P.loops, P.body, SUM, post, C.node,
                              f"{P.node} with {C.node} as epilogue")
     prog.origins[p] = tuple(sorted(prog.origins[p] + prog.origins[c]))
     del prog.kernels[c], prog.origins[c]
@@ -133,7 +134,7 @@ def _drop_repeats(prog: Program) -> None:
                           kern.mode, kern.post.xreplace(renamed), kern.node, kern.note)
         buf = prog.buffers[kern.out]
         once = buf.role not in EXTERNAL + (LOSS,) and writers[kern.out] == 1 \
-            and kern.mode != "accumulate" and all(writers.get(r, 0) <= 1 for r in kern.reads())
+            and kern.mode != ACCUMULATE and all(writers.get(r, 0) <= 1 for r in kern.reads())
         what = (kern.out_index, kern.loops, kern.body, kern.mode, kern.post, buf.shape,
                 buf.batched)
         if once and what in stored:

@@ -39,7 +39,7 @@ from dataclasses import dataclass
 
 import sympy as sp
 
-from graphc.ir import ACC, BATCH, Kernel
+from graphc.ir import ACC, ACCUMULATE, BATCH, SUM, Kernel
 
 from .ctext import comment
 from .printer import prepare
@@ -69,7 +69,7 @@ def tiling(kern: Kernel, strides: list[dict[sp.Symbol, int]], vector_bytes: int,
            itemsize: int, accumulators: int = 16) -> Tiling | None:
     """How to block `kern`, or None when the scalar schedule is the one to print.
     `strides` are `emit._strides` (the output first, then each read)."""
-    if vector_bytes <= 0 or kern.mode not in ("sum", "accumulate"):
+    if vector_bytes <= 0 or kern.mode not in (SUM, ACCUMULATE):
         return None
     red = kern.reduction_loops()
     index = kern.out_index
@@ -359,7 +359,7 @@ class BlockedWriter:
         t, k, r = self.t, self.k, self.real
         (a, b), strides = self.operands
         first = {s_: at[s_][0] for s_ in t.tiles}
-        op = "+=" if k.mode == "accumulate" else "="
+        op = "+=" if k.mode == ACCUMULATE else "="
         if t.reduce_lanes:
             counts = [at[s_][1] for s_ in t.tiles] + [1] * (2 - len(t.tiles))
             start = {**first, t.lane: sp.Integer(0)}
@@ -390,7 +390,7 @@ class BlockedWriter:
             am = strides[a][m] if m is not None else 0
             om = self.out_strides[m] if m is not None else 0
             extent = self.extent[red]
-            name = self.helper_tile(tm, width, k.mode == "accumulate")
+            name = self.helper_tile(tm, width, k.mode == ACCUMULATE)
             self.put(depth, f"{name}({self.pointer(a, start)}, {am}, {strides[a][red]}, "
                             f"{self.pointer(b, start)}, {strides[b][red]}, "
                             f"{extent if isinstance(extent, int) else 'n'}, "
@@ -547,7 +547,7 @@ class BlockedWriter:
         while d > depth:
             d -= 1
             self.put(d, "}")
-        op = "+=" if k.mode == "accumulate" else "="
+        op = "+=" if k.mode == ACCUMULATE else "="
         if t.reduce_lanes:
             for line in _halving(names, lanes):
                 self.put(depth, line)

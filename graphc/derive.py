@@ -26,8 +26,8 @@ import sympy as sp
 from .errors import SpecError
 from .functions import expand_definitions
 from .graph import Graph
-from .ir import (ACC, BATCH, GRAD, INPUT, LOSS, LOSS_MEAN, OUTPUT, PARAM, TEMP, Buffer, Interface,
-                 Kernel, Program, UpdateRule, grad_name, tree_size)
+from .ir import (ACC, ACCUMULATE, ASSIGN, BATCH, GRAD, INPUT, LOSS, LOSS_MEAN, OUTPUT, PARAM, SUM,
+                 TEMP, Buffer, Interface, Kernel, Program, UpdateRule, grad_name, tree_size)
 from .ops import OPS, Lowering
 from .optim import update_rule
 
@@ -173,7 +173,7 @@ class _Sweep:
         idx = [sp.Symbol(f"i{k}", integer=True, nonnegative=True) for k in range(len(target.strides()))]
         dims = ([BATCH] if target.batched else []) + list(target.shape) or [1]
         self.kernels.append(Kernel(target.name, tuple(idx), tuple(zip(idx, dims)), sp.Integer(0),
-                                   "assign", ACC, node, f"zero {target.name}"))
+                                   ASSIGN, ACC, node, f"zero {target.name}"))
 
     def contribute(self, target: Buffer, index: tuple, loops: tuple, body: sp.Expr,
                    node: str, note: str) -> None:
@@ -185,11 +185,11 @@ class _Sweep:
             # Then it can define the target (a map or a reduction) instead of zero + add.
             if (len(index) == len(dims) and len(set(index)) == len(index)
                     and all(i in extent and extent[i] == d for i, d in zip(index, dims))):
-                mode = "assign" if len(loops) == len(index) else "sum"
+                mode = ASSIGN if len(loops) == len(index) else SUM
                 self.kernels.append(Kernel(target.name, index, loops, body, mode, ACC, node, note))
                 return
             self.zero(target, node)
-        self.kernels.append(Kernel(target.name, index, loops, body, "accumulate", ACC, node, note))
+        self.kernels.append(Kernel(target.name, index, loops, body, ACCUMULATE, ACC, node, note))
 
 
 @dataclass
@@ -226,7 +226,7 @@ def _batch_mean(graph: Graph, buffers: dict[str, Buffer]) -> Kernel:
     b = sp.Symbol("b", integer=True, nonnegative=True)
     buffers[LOSS_MEAN] = Buffer(LOSS_MEAN, (), False, LOSS)
     return Kernel(LOSS_MEAN, (sp.Integer(0),), ((b, BATCH),),
-                  buffers[graph.loss].base[b], "sum", ACC / BATCH, graph.loss, "batch mean")
+                  buffers[graph.loss].base[b], SUM, ACC / BATCH, graph.loss, "batch mean")
 
 
 def evaluation_program(graph: Graph, low: Lowered) -> Program:
@@ -296,7 +296,7 @@ def derive(graph: Graph) -> Derivation:
                     "formula over several nodes", node=k.node,
                     field="expr" if graph.values[k.node].op == "elementwise" else None)
             used, through_output = derived, False
-            if k.mode == "assign" and len(reads) == 1:
+            if k.mode == ASSIGN and len(reads) == 1:
                 g = output_form(body, derived, dummies[a])
                 if g is not None:
                     used, through_output = g.subs(sp.Symbol("Y"), out_ref), True

@@ -30,7 +30,7 @@ from .dtypes import DTYPES, DType  # noqa: F401  (part of the IR contract)
 
 BATCH = sp.Symbol("n", integer=True, positive=True)  # the runtime batch size
 ACC = sp.Symbol("acc", real=True)                    # the reduced value inside `post`
-MODES = ("assign", "sum", "max", "accumulate")
+ASSIGN, SUM, MAX, ACCUMULATE = MODES = ("assign", "sum", "max", "accumulate")
 
 # Buffer roles. The caller owns inputs, params, outputs and gradients (EXTERNAL); the work
 # arena holds the rest: temporaries, and the batch-mean loss an entry point returns.

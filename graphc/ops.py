@@ -21,7 +21,7 @@ import sympy as sp
 from .errors import SpecError
 from .formula import number
 from .functions import leaky_relu, relu, sigmoid
-from .ir import ACC, BATCH, Buffer, Kernel, index_symbols
+from .ir import ACC, ASSIGN, BATCH, MAX, SUM, Buffer, Kernel, index_symbols
 
 Shape = tuple[int, ...]
 
@@ -60,7 +60,7 @@ class Lowering:
         return self._new_buffer(Buffer(f"{self.node}.{suffix}", tuple(shape), self.out.batched,
                                        "temp", differentiable))
 
-    def kernel(self, out: Buffer, out_index, loops, body, *, mode: str = "assign",
+    def kernel(self, out: Buffer, out_index, loops, body, *, mode: str = ASSIGN,
                post: sp.Expr = ACC) -> None:
         """Emit `out[out_index] (mode) body` over the per-example `loops` (batch loop added)."""
         batch_loop = ((self.batch, BATCH),) if out.batched else ()
@@ -253,7 +253,7 @@ def _dense_lower(L: Lowering) -> None:
     post = ACC + (L.bcast(L.inputs[2], out_idx[-1:]) if len(L.inputs) == 3 else 0)
     # y[..., o] = Σ_i x[..., i]·W[o, i] + bias[o]
     L.kernel(L.out, out_idx, list(zip(out_idx, L.out.shape)) + [(i, W.shape[1])],
-             L.at(x, out_idx[:-1] + [i]) * L.at(W, [out_idx[-1], i]), mode="sum", post=post)
+             L.at(x, out_idx[:-1] + [i]) * L.at(W, [out_idx[-1], i]), mode=SUM, post=post)
 
 
 register(OpDef("dense", (2, 3), _dense_shape, _dense_lower, input_names=("x", "W", "bias"),
@@ -295,7 +295,7 @@ def _matmul_lower(L: Lowering) -> None:
     out_idx = lead_idx + ([i] if len(A.shape) > 1 else []) + ([j] if len(B.shape) > 1 else [])
     extents = dict(zip(lead_idx, lead)) | {i: a2[-2], j: b2[-1], k: a2[-1]}
     L.kernel(L.out, out_idx, [(s, extents[s]) for s in out_idx] + [(k, extents[k])],
-             side(A, a2, a_tail) * side(B, b2, b_tail), mode="sum")
+             side(A, a2, a_tail) * side(B, b2, b_tail), mode=SUM)
 
 
 register(OpDef("matmul", (2, 2), _matmul_shape, _matmul_lower, input_names=("a", "b"),
@@ -327,7 +327,7 @@ def _reduce_lower(mean: bool):
         out_idx = [s for k, s in enumerate(idx) if k not in axes]
         count = math.prod(x.shape[k] for k in axes)
         L.kernel(L.out, out_idx, list(zip(out_idx, L.out.shape))
-                 + [(idx[k], x.shape[k]) for k in axes], L.at(x, idx), mode="sum",
+                 + [(idx[k], x.shape[k]) for k in axes], L.at(x, idx), mode=SUM,
                  post=ACC / count if mean else ACC)
     return lower
 
@@ -346,10 +346,10 @@ def _shift_and_normalizer(L: Lowering, x: Buffer, axis: int, idx: list[sp.Symbol
     (k,) = L.indices(1)
     along = idx[:axis] + [k] + idx[axis + 1:]
     m = L.temp("max", red_shape, differentiable=False)
-    L.kernel(m, keep, list(zip(keep, red_shape)) + [(k, x.shape[axis])], L.at(x, along), mode="max")
+    L.kernel(m, keep, list(zip(keep, red_shape)) + [(k, x.shape[axis])], L.at(x, along), mode=MAX)
     s = L.temp("sumexp", red_shape)
     L.kernel(s, keep, list(zip(keep, red_shape)) + [(k, x.shape[axis])],
-             sp.exp(L.at(x, along) - L.at(m, keep)), mode="sum")
+             sp.exp(L.at(x, along) - L.at(m, keep)), mode=SUM)
     return m, s, keep
 
 
@@ -460,7 +460,7 @@ def _mse_lower(L: Lowering) -> None:
     p, t = L.inputs
     idx = L.indices(len(p.shape))
     L.kernel(L.out, [], list(zip(idx, p.shape)), (L.at(p, idx) - L.at(t, idx)) ** 2,
-             mode="sum", post=ACC / max(1, math.prod(p.shape)))
+             mode=SUM, post=ACC / max(1, math.prod(p.shape)))
 
 
 def _sce_shape(node, shapes, attrs):
@@ -477,7 +477,7 @@ def _sce_lower(L: Lowering) -> None:
     idx = L.indices(len(x.shape))
     m, s, keep = _shift_and_normalizer(L, x, axis, idx)
     L.kernel(L.out, keep, list(zip(keep, L.out.shape)) + [(idx[axis], x.shape[axis])],
-             -L.at(t, idx) * (L.at(x, idx) - L.at(m, keep) - sp.log(L.at(s, keep))), mode="sum")
+             -L.at(t, idx) * (L.at(x, idx) - L.at(m, keep) - sp.log(L.at(s, keep))), mode=SUM)
 
 
 def _bce_lower(L: Lowering) -> None:
@@ -487,7 +487,7 @@ def _bce_lower(L: Lowering) -> None:
     # max(x, 0) - x·t + log(1 + exp(-|x|)), split so that exp never overflows.
     body = sp.Piecewise((xi - xi * ti + sp.log(1 + sp.exp(-xi)), xi >= 0),
                         (-xi * ti + sp.log(1 + sp.exp(xi)), True))
-    L.kernel(L.out, [], list(zip(idx, x.shape)), body, mode="sum",
+    L.kernel(L.out, [], list(zip(idx, x.shape)), body, mode=SUM,
              post=ACC / max(1, math.prod(x.shape)))
 
 

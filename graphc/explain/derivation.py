@@ -21,7 +21,7 @@ import sympy as sp
 from graphc.derive import LOSS_MEAN, Derivation, LocalDerivative
 from graphc.errors import GraphcError
 from graphc.graph import Graph
-from graphc.ir import ACC, BATCH, Kernel, Program, array, grad_name, index_symbols
+from graphc.ir import ACC, BATCH, MAX, SUM, Kernel, Program, array, grad_name, index_symbols
 
 from . import notation as nt
 from .bounds import expansion_work, small
@@ -205,7 +205,7 @@ def local_rhs(rec: LocalDerivative, expr: sp.Expr, buffers=None) -> sp.Expr:
     the reduction loops the read does not index (the normaliser is in every term)."""
     k = rec.kernel
     expr = expr.xreplace(nt.tidy_map(k, buffers))
-    if k.mode != "sum" or k.post.has(rec.wrt):
+    if k.mode != SUM or k.post.has(rec.wrt):
         return expr
     ext = dict(k.loops)
     free = [r for r in k.reduction_loops() if r not in rec.wrt.free_symbols]
@@ -250,11 +250,11 @@ def compose(node: str, target_grad: str, steps: list[Step], buffers, taken=None)
                                   for c in itertools.count()
                                   if sp.Symbol(f"j{c}", integer=True, nonnegative=True) not in taken)
             taken.add(rename.get(s_, s_))
-        body = k.post.xreplace({ACC: k.body}) if k.mode == "sum" and not extra else k.body
+        body = k.post.xreplace({ACC: k.body}) if k.mode == SUM and not extra else k.body
         body = body.xreplace(rename)
         if extra:
             term = sp.Sum(body, *[_limit(rename.get(s_, s_), e) for s_, e in extra])
-            total += k.post.xreplace({ACC: term}) if k.mode == "sum" else term
+            total += k.post.xreplace({ACC: term}) if k.mode == SUM else term
         else:
             total += body
     # Substitute the node's temps' gradients (never a value's: those are the chain's links).
@@ -379,7 +379,7 @@ def node_views(graph: Graph, d: Derivation, steps: list[Step], relevant: set[str
                 (s.target in relevant or s.target.startswith(name + "."))]
         view = NodeView(name, v.op, forward, mine)
         for i in forward:
-            if kernels[i].mode == "max":
+            if kernels[i].mode == MAX:
                 view.notes.append(
                     f"{kernels[i].out} is a stop-gradient shift: it keeps exp from overflowing, and "
                     f"the node's value does not change with it, so it gets no derivative")

@@ -15,7 +15,7 @@ from sympy.printing.latex import LatexPrinter
 from sympy.printing.precedence import PRECEDENCE, precedence
 from sympy.printing.str import StrPrinter
 
-from graphc.ir import ACC, BATCH, Kernel, array, grad_of
+from graphc.ir import ACC, ACCUMULATE, ASSIGN, BATCH, MAX, SUM, Kernel, array, grad_of
 
 LOSS = "L"   # the batch-mean loss, what training minimises
 _SUPERSCRIPTS = str.maketrans("0123456789", "⁰¹²³⁴⁵⁶⁷⁸⁹")
@@ -301,19 +301,19 @@ def kernel_rhs(k: Kernel, buffers=None) -> Math:
     k = tidy(k, buffers)
     red = k.reduction_loops()
     ext = dict(k.loops)
-    if k.mode == "max":
+    if k.mode == MAX:
         ids = ", ".join(str(r) for r in red)
         tids = ", ".join(_tex.doprint(r) for r in red)
         b = show(k.body)
         if precedence(k.body) < PRECEDENCE["Mul"]:   # max_{i} (a + b), as Σ has it
             b = Math(f"({b.text})", r"\left(" + b.latex + r"\right)")
         return Math(f"max_{{{ids}}} {b.text}", r"\max_{" + tids + "} " + b.latex)
-    if k.mode == "sum" and red:
+    if k.mode == SUM and red:
         total = sp.Sum(k.body, *[extent_limit(r, ext[r]) for r in red])
         return show(k.post.xreplace({ACC: total}))
-    if k.mode == "accumulate" and red:  # the scatter-add also sums over loops not in its index
+    if k.mode == ACCUMULATE and red:  # the scatter-add also sums over loops not in its index
         return show(sp.Sum(k.body, *[extent_limit(r, ext[r]) for r in red]))
-    return show(k.post.xreplace({ACC: k.body}) if k.mode == "sum" else k.body)
+    return show(k.post.xreplace({ACC: k.body}) if k.mode == SUM else k.body)
 
 
 def kernel_lhs(k: Kernel, params=()) -> Math:
@@ -326,7 +326,7 @@ def kernel_lhs(k: Kernel, params=()) -> Math:
 def kernel_equation(k: Kernel, params=(), buffers=None) -> Math:
     """The kernel as an equation in index notation; `+=` marks a further contribution."""
     k = tidy(k, buffers)
-    return kernel_lhs(k, params) + (PLUS_EQ if k.mode == "accumulate" else EQ) + kernel_rhs(k)
+    return kernel_lhs(k, params) + (PLUS_EQ if k.mode == ACCUMULATE else EQ) + kernel_rhs(k)
 
 
 # ---------------------------------------------------------------- matrix notation
@@ -389,7 +389,7 @@ def matrix_rhs(k: Kernel, buffers, params=()) -> Math | None:
     red = k.reduction_loops()
     parts = _factors(k.body)
     # A contraction: out[u, v] = Σ_c A·B, with A and B each indexed by one of u, v and c.
-    if k.mode in ("sum", "accumulate") and len(red) == 1 and len(out_idx) == 2 and parts \
+    if k.mode in (SUM, ACCUMULATE) and len(red) == 1 and len(out_idx) == 2 and parts \
             and len(parts[1]) == 2 and all(_plain(a.indices, syms) and len(a.indices) == 2
                                            for a in parts[1]):
         (c,), (u, v) = red, out_idx
@@ -400,7 +400,7 @@ def matrix_rhs(k: Kernel, buffers, params=()) -> Math | None:
             left = _matrix_name(str(A.base.label), params) + (T if A.indices[0] == c else Math("", ""))
             right = _matrix_name(str(B.base.label), params) + (T if B.indices[1] == c else Math("", ""))
             prod = _scaled(parts[0], left + Math("·", r" \cdot ") + right)
-            post = k.post - ACC if k.mode == "sum" else sp.Integer(0)
+            post = k.post - ACC if k.mode == SUM else sp.Integer(0)
             if post == 0:
                 return prod
             bias = _factors(post)
@@ -409,15 +409,15 @@ def matrix_rhs(k: Kernel, buffers, params=()) -> Math | None:
                 return prod + Math(" + ", " + ") + name
             return None
     # A sum over the batch: out[i] = Σ_b A[b, i] (a bias gradient).
-    if k.mode in ("sum", "accumulate") and len(red) == 1 and len(out_idx) == 1 and parts \
+    if k.mode in (SUM, ACCUMULATE) and len(red) == 1 and len(out_idx) == 1 and parts \
             and len(parts[1]) == 1 and tuple(parts[1][0].indices) == (red[0], out_idx[0]) \
-            and (k.mode == "accumulate" or k.post == ACC):
+            and (k.mode == ACCUMULATE or k.post == ACC):
         name = _matrix_name(str(parts[1][0].base.label), params)
         r = show(red[0])
         return _scaled(parts[0], Math(f"Σ_{r.text} {name.text}[{r.text}, :]",
                                       r"\sum_{" + r.latex + "} " + name.latex + "[" + r.latex + r", :]"))
     # Elementwise: every read at the written index, so the formula holds for whole arrays.
-    if k.mode in ("assign", "accumulate") and not red and \
+    if k.mode in (ASSIGN, ACCUMULATE) and not red and \
             all(tuple(a.indices) == out_idx for a in k.accesses()):
         return elementwise(k.body, out_idx)
     return None

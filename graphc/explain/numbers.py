@@ -29,7 +29,7 @@ import sympy as sp
 
 from graphc.derive import LOSS_MEAN
 from graphc.functions import for_lambdify, numpy_namespace
-from graphc.ir import ACC, BATCH, Kernel, Program, array, grad_name
+from graphc.ir import ACC, ACCUMULATE, ASSIGN, BATCH, MAX, SUM, Kernel, Program, array, grad_name
 
 from . import notation as nt
 from .bounds import TreeOps, expansion_work, ops_within, rewritten_within, small
@@ -103,18 +103,18 @@ def run(program: Program, env: dict, n: int) -> dict:
         syms, mesh, shape = _grid(k, n)
         out = env[k.out].reshape(-1)   # a view: writes land in env
         target = buffers[k.out]
-        if k.mode in ("assign", "accumulate"):
+        if k.mode in (ASSIGN, ACCUMULATE):
             value = evaluate(k.body, k, env, buffers, n)
             where = _offsets(target, k.out_index, syms, mesh, shape)
-            if k.mode == "assign":
+            if k.mode == ASSIGN:
                 out[where] = value
             else:
                 np.add.at(out, where, value)
             continue
         red = tuple(j for j, (s, _) in enumerate(k.loops) if s in k.reduction_loops())
         value = evaluate(k.body, k, env, buffers, n)
-        acc = value.max(axis=red, keepdims=True) if k.mode == "max" else value.sum(axis=red, keepdims=True)
-        if k.mode == "sum":
+        acc = value.max(axis=red, keepdims=True) if k.mode == MAX else value.sum(axis=red, keepdims=True)
+        if k.mode == SUM:
             acc = evaluate(k.post, k, env, buffers, n, reduced=True, acc=acc)
         syms, mesh, rshape = _grid(k, n, reduced=True)
         out[_offsets(target, k.out_index, syms, mesh, rshape)] = acc
@@ -374,21 +374,21 @@ def run_symbolic(program: Program, max_ops: int | None = MAX_VALUE_OPS,
 
         out = env[k.out]
         out_at = offsets(k.out, k.out_index)
-        body = template(k.body) if k.mode != "max" else None
-        post = template(k.post) if k.mode == "sum" else None
+        body = template(k.body) if k.mode != MAX else None
+        post = template(k.post) if k.mode == SUM else None
         acc: dict = {}
         for j, point in enumerate(itertools.product(*ranges)):
             at = dict(zip(syms, (sp.Integer(p) for p in point)))
             at[BATCH] = sp.Integer(1)
             where = int(out_at[j])
-            if k.mode == "max":
+            if k.mode == MAX:
                 name = f"{nt.text_name(k.out)}[{', '.join(map(str, np.unravel_index(where, _shape(buffers[k.out], 1))))}]"
                 out[where] = sp.Symbol(name)
                 continue
             value = body(j, at)
-            if k.mode == "assign":
+            if k.mode == ASSIGN:
                 out[where] = measured(value, k.out, where)
-            elif k.mode == "accumulate":
+            elif k.mode == ACCUMULATE:
                 out[where] = measured(out[where] + value, k.out, where)
             else:   # sum: post(Σ body), post at the output's loop values
                 if where not in acc:

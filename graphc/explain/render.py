@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import sympy as sp
 
-from graphc.ir import array, grad_name
+from graphc.ir import ACCUMULATE, array, grad_name
 
 from . import notation as nt
 from .derivation import local_partial, local_rhs
@@ -126,7 +126,7 @@ def _trace_eqs(line, steps_here, params, buffers, n) -> list:
     pad = Math("    ", r"\phantom{=}")
     for step in [s for s in dict.fromkeys(s for s, _ in line.terms) if s in steps_here]:
         terms = [t for s, t in line.terms if s is step]
-        op = nt.PLUS_EQ if step.kernel.mode == "accumulate" else nt.EQ
+        op = nt.PLUS_EQ if step.kernel.mode == ACCUMULATE else nt.EQ
         omitted = line.omitted[step]
         symbolic = nt.join([_term_math(step, t, buffers, n) for t in terms], Math(" + ", " + "))
         values = [(t.factors[0][1], t.factors[1][1]) if t.factors[1][0] != 1 else (t.factors[0][1],)
@@ -254,7 +254,7 @@ def document(e) -> list:
                 items.append((nt.kernel_equation(s.kernel, params, bufs), None))
                 m = nt.matrix_rhs(s.kernel, e.derivation.gradients.buffers, params)
                 if m is not None:
-                    items.append((_matrix_lhs(s.kernel, params) + (nt.PLUS_EQ if s.kernel.mode == "accumulate"
+                    items.append((_matrix_lhs(s.kernel, params) + (nt.PLUS_EQ if s.kernel.mode == ACCUMULATE
                                                                    else nt.EQ) + m, "as matrices"))
             left = [Eqs(items)]
             for buf in dict.fromkeys(s.kernel.out for s in group):
