@@ -56,6 +56,8 @@ class Namer:
     def take(self, wanted: str, fallback: str = "kernel", numbered: bool = False) -> str:
         """`wanted` if free; else, `numbered`, `wanted_2`, `wanted_3`...; or `wanted_`.
         Past C99's 63 significant characters, `fallback` and a number."""
+        if _RESERVED_PREFIX.match(wanted) and not wanted.endswith("_t"):
+            wanted = "v_" + wanted   # no suffix frees INT8_ or M_ from their prefix
         name = wanted if len(wanted) <= MAX_IDENTIFIER else f"{fallback}{len(self.taken)}"
         count = 1
         while not self.free(name):

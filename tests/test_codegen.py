@@ -206,6 +206,17 @@ CLASHING = {
 }
 
 
+def test_the_namer_keeps_clear_of_c_and_its_headers():
+    from codegen.cnames import MAX_IDENTIFIER, Namer
+    namer = Namer(["h1_forward"])
+    got = [namer.take(w) for w in ("exp", "NAN", "size_t", "do", "INT8_MAX", "M_PI", "W1", "W1")]
+    assert got == ["exp_", "NAN_", "size_t_", "do_", "v_INT8_MAX", "v_M_PI", "W1", "W1_"]
+    assert [namer.take("h1_forward", numbered=True) for _ in range(2)] == \
+        ["h1_forward_2", "h1_forward_3"]
+    long = namer.take("x" * 70 + "_forward", numbered=True)
+    assert len(long) <= MAX_IDENTIFIER and long.startswith("kernel")
+
+
 @pytest.mark.skipif(shutil.which(CC) is None, reason="no C compiler")
 def test_spec_names_never_clash_in_the_c(tmp_path):
     from codegen.build import check_strict
