@@ -20,6 +20,7 @@ import numpy as np
 
 import graphc
 from codegen.harness import batch_sweep, parse_output
+from graphc.init import initial_params
 from graphc.reference import reference
 from graphc.verify import sample_inputs
 
@@ -30,17 +31,13 @@ SANITIZE = ["-O0", "-fsanitize=address,undefined", "-fno-sanitize-recover=all",
 
 
 class Sweep:
-    """A generated module with the params the sweep runs on (the reference's initial draw):
-    no cffi build is needed to test the C."""
+    """A generated module with the params the sweep runs on (the spec's initializers, seed
+    0, rounded to the dtype): no cffi build is needed to test the C."""
 
     def __init__(self, spec, target: str, dtype: str = "float32"):
         self.graph, self.cmodule = graphc.generate(spec, dtype, target=target)
         self.dtype = dtype
-        drawn = reference(self.graph).get_params()
-        self.params = np.zeros(self.cmodule.params_size)
-        for p, off in self.cmodule.param_offsets.items():
-            self.params[off:off + drawn[p].size] = drawn[p].ravel()
-        self.params = self.params.astype(dtype).astype(np.float64)
+        self.params = initial_params(self.graph, self.cmodule).astype(dtype).astype(np.float64)
 
     def get_params(self) -> dict[str, np.ndarray]:
         shapes = self.graph.params

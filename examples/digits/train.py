@@ -28,10 +28,11 @@ import numpy as np
 import graphc
 from codegen.files import write_sources
 from codegen.harness import harness, parse_output
+from codegen.targets import CHECK_FLAGS
 from graphc.data import load_dataset, split
 
 HERE = Path(__file__).resolve().parent
-STRICT = ("-std=c99", "-Wall", "-Wextra", "-Wpedantic", "-Werror", "-O2")
+STRICT = (*CHECK_FLAGS, "-O2")   # the review flags graphc's own check uses
 
 
 def main() -> int:
