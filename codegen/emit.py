@@ -17,12 +17,13 @@ import itertools
 import math
 import re
 import textwrap
+from dataclasses import replace
 
 import numpy as np
 import sympy as sp
 
 from graphc.errors import SpecError
-from graphc.ir import (ACC, ACCUMULATE, ASSIGN, BATCH, DTYPES, G, GRAD, INPUT, LOSS_MEAN, MAX,
+from graphc.ir import (ACC, ACCUMULATE, ARGMAX, ASSIGN, BATCH, DTYPES, G, GRAD, INPUT, LOSS_MEAN, MAX,
                        OUTPUT, P, PARAM, SUM, Buffer, Interface, Kernel, Program, UpdateRule,
                        grad_of)
 
@@ -75,7 +76,8 @@ def schedule(kern: Kernel, buffers: dict[str, Buffer]) -> tuple[list[sp.Symbol],
         return _best(loops, strides), "direct"
     red = kern.reduction_loops()
     keep = [s for s in loops if s not in red]
-    inner = _best(red, strides)
+    # An argmax scans in the declared order: which of tied maxima is first depends on it.
+    inner = red if kern.mode == ARGMAX else _best(red, strides)
     reduce_order = _best(keep, strides, inner) + inner
     if kern.mode == SUM and kern.post == ACC and red:
         direct = _best(loops, strides)
@@ -111,6 +113,18 @@ def hoist_invariant_calls(body: sp.Expr, loops) -> tuple[list[tuple[sp.Symbol, s
     return temps, body
 
 
+def without_unit_loops(kern: Kernel) -> Kernel:
+    """The kernel with each loop of one iteration replaced by its index, 0 (a channel axis
+    of size 1: `K1.grad[o, 0, p, q]`)."""
+    unit = {s: sp.Integer(0) for s, e in kern.loops if e == 1}
+    if not unit:
+        return kern
+    return replace(kern, out_index=tuple(sp.sympify(i).xreplace(unit) for i in kern.out_index),
+                   loops=tuple((s, e) for s, e in kern.loops if s not in unit),
+                   body=kern.body.xreplace(unit), post=kern.post.xreplace(unit),
+                   guard=kern.guard.xreplace(unit))
+
+
 INV_N = sp.Symbol("inv_n", positive=True)
 
 
@@ -122,8 +136,7 @@ def divide_by_batch_once(kern: Kernel) -> tuple[Kernel, bool]:
     body, post = swap(kern.body), swap(kern.post)
     if body == kern.body and post == kern.post:
         return kern, False
-    return Kernel(kern.out, kern.out_index, kern.loops, body, kern.mode, post, kern.node,
-                  kern.note), True
+    return replace(kern, body=body, post=post), True
 
 
 def common_subexpressions(exprs, printer, names=None) -> tuple[list[tuple[str, str]],
@@ -135,9 +148,15 @@ def common_subexpressions(exprs, printer, names=None) -> tuple[list[tuple[str, s
     unevaluated products (x*x), and `cse` re-evaluating those has merged a coefficient
     into them (2·x·exp(-x·x) became x**2·exp(-x·x))."""
     names = sp.numbered_symbols("t") if names is None else names
-    temps, final = sp.cse(list(exprs), symbols=names, order="canonical")
-    return ([(str(t), printer.doprint(prepare(v))) for t, v in temps],
-            [printer.doprint(prepare(e)) for e in final])
+    # A comparison of loop indices (a padded read's guard) stays whole: `cse` would take
+    # `2*i3 + i5` out of it into a temporary of the real type.
+    exprs = list(exprs)
+    whole = {c: sp.Dummy() for e in exprs for c in e.atoms(sp.core.relational.Relational)
+             if c.lhs.is_integer and c.rhs.is_integer}
+    back = {d: c for c, d in whole.items()}
+    temps, final = sp.cse([e.xreplace(whole) for e in exprs], symbols=names, order="canonical")
+    return ([(str(t), printer.doprint(prepare(v.xreplace(back)))) for t, v in temps],
+            [printer.doprint(prepare(e.xreplace(back))) for e in final])
 
 
 # ---------------------------------------------------------------- the emitter
@@ -195,6 +214,7 @@ class Emitter:
             return self._printed[memo]
         cvar = {b: f"a{k}" for k, b in enumerate(args)}
         printer = self.printer({b: (cvar[b], buffers[b]) for b in args})
+        kern = without_unit_loops(kern)
         strides = _strides(kern, buffers) if self.target.vector_bytes else []
         tiled = tiling(kern, strides, self.target.vector_bytes,
                        np.dtype(self.dtype).itemsize) if self.target.vector_bytes else None
@@ -247,11 +267,20 @@ class Emitter:
                                            strides, self.use_helpers).write()
             lines += body
         elif strategy == "direct":
-            depth = open_loops(order, depth)
+            guarded = kern.guard != sp.true
+            if guarded:
+                # Tested once its loops are open, outside the ones it does not depend on;
+                # the statement's reads too may rely on it, so all of it is inside.
+                tested = [s for s in order if s in kern.guard.free_symbols]
+                depth = open_loops(tested, depth)
+                lines.append("    " * depth + f"if ({printer.doprint(kern.guard)}) {{")
+                depth = open_loops([s for s in order if s not in tested], depth + 1)
+            else:
+                depth = open_loops(order, depth)
             (value,) = statements([kern.body], depth)
             op = "+=" if kern.mode == ACCUMULATE else "="
             lines.append("    " * depth + f"{target} {op} {value};")
-            depth = close_loops(len(order), depth)
+            depth = close_loops(len(order) + guarded, depth)
         elif strategy == "init":
             keep = [s for s in order if s not in kern.reduction_loops()]
             depth = open_loops(keep, depth)
@@ -265,20 +294,33 @@ class Emitter:
             red = kern.reduction_loops()
             outer = [s for s in order if s not in red]
             depth = open_loops(outer, depth)
-            start = "-INFINITY" if kern.mode == MAX else "0"
+            start = "-INFINITY" if kern.mode in (MAX, ARGMAX) else "0"
             lines.append("    " * depth + f"{r} acc = {start};")
+            if kern.mode == ARGMAX:
+                lines.append("    " * depth + "size_t at = 0;")
             hoisted, body = hoist_invariant_calls(kern.body, red)
             for u, call in hoisted:
                 lines.append("    " * depth + f"const {r} {u} = {printer.doprint(prepare(call))};")
+            # A padded read stays a term (`(inside ? x : 0)*W`), not a skipped one: 0·W is
+            # NaN for a NaN weight, as in torch.
             depth = open_loops([s for s in order if s in red], depth)
             (value,) = statements([body], depth)
-            if kern.mode == MAX:
-                lines.append("    " * depth + f"if ({value} > acc) acc = {value};")
+            pad = "    " * depth
+            if kern.mode in (MAX, ARGMAX):
+                # As torch's max pooling: NaN wins, so that it propagates.
+                lines += [pad + f"const {r} v = {value};", pad + "if (v > acc || isnan(v)) {",
+                          pad + "    acc = v;"]
+                if kern.mode == ARGMAX:
+                    lines.append(pad + f"    at = {printer.doprint(kern.reduction_position())};")
+                lines.append(pad + "}")
             else:
-                lines.append("    " * depth + f"acc += {value};")
+                lines.append(pad + f"acc += {value};")
             depth = close_loops(len(red), depth)
-            (value,) = statements([kern.post], depth)
-            lines.append("    " * depth + f"{target} = {value};")
+            if kern.mode == ARGMAX:   # a window position: exact in float up to 2^24
+                lines.append("    " * depth + f"{target} = ({r})at;")
+            else:
+                (value,) = statements([kern.post], depth)
+                lines.append("    " * depth + f"{target} = {value};")
             depth = close_loops(len(outer), depth)
         lines.append("}")
         # The same kernel text (forward and gradients share the forward part) is emitted once.

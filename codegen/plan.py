@@ -14,7 +14,7 @@ with the batch size, so one plan serves every batch size.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import sympy as sp
 
@@ -72,8 +72,7 @@ def _try_inline(prog: Program, p: int) -> bool:
     body, post = C.body.xreplace({a: value}), C.post.xreplace({a: value})
     if tree_size(body, MAX_FUSED_SIZE) + tree_size(post, MAX_FUSED_SIZE) > MAX_FUSED_SIZE:
         return False   # `h * sigmoid(h)` nodes in a chain would double the body at each one
-    prog.kernels[c] = Kernel(C.out, C.out_index, C.loops, body, C.mode, post, C.node,
-                             f"{C.note}, {P.node} inlined")
+    prog.kernels[c] = replace(C, body=body, post=post, note=f"{C.note}, {P.node} inlined")
     prog.origins[c] = tuple(sorted(prog.origins[c] + prog.origins[p]))
     del prog.kernels[p], prog.origins[p]
     return True
@@ -130,8 +129,8 @@ def _drop_repeats(prog: Program) -> None:
     kept, origins = [], []
     for kern, origin in zip(prog.kernels, prog.origins):
         if renamed:
-            kern = Kernel(kern.out, kern.out_index, kern.loops, kern.body.xreplace(renamed),
-                          kern.mode, kern.post.xreplace(renamed), kern.node, kern.note)
+            kern = replace(kern, body=kern.body.xreplace(renamed),
+                           post=kern.post.xreplace(renamed))
         buf = prog.buffers[kern.out]
         once = buf.role not in EXTERNAL + (LOSS,) and writers[kern.out] == 1 \
             and kern.mode != ACCUMULATE and all(writers.get(r, 0) <= 1 for r in kern.reads())

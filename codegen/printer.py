@@ -157,6 +157,24 @@ class GraphcPrinter(C99CodePrinter):
             text = f"(({self._print(cond)}) ? ({self._print(value)}) : {text})"
         return text
 
+    def _print_Relational(self, expr):
+        lhs, rhs = expr.lhs, expr.rhs
+        if lhs.is_integer and rhs.is_integer:
+            # Loop indices are size_t: `i - 1 >= 0` would wrap and always hold. Every term
+            # is moved to the side where its coefficient is positive.
+            terms = sp.Add.make_args(sp.expand(lhs - rhs))
+            left = sp.Add(*[t for t in terms if t.could_extract_minus_sign() is False])
+            right = -sp.Add(*[t for t in terms if t.could_extract_minus_sign() is not False])
+            return f"{self._print_offset(left)} {expr.rel_op} {self._print_offset(right)}"
+        if lhs.is_integer or rhs.is_integer:
+            # A position compared with a stored one (an argmax): in the real type, said
+            # explicitly (-Wconversion).
+            real = DTYPES[self.dtype].c_type
+            side = [f"({real})({self._print(s)})" if s.is_integer else self._print(s)
+                    for s in (lhs, rhs)]
+            return f"{side[0]} {expr.rel_op} {side[1]}"
+        return super()._print_Relational(expr)
+
     def _print_Symbol(self, expr):
         # Loop indices, the batch size `n`, cse temporaries and `acc`: all generated names.
         return expr.name

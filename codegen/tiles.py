@@ -65,6 +65,14 @@ def _arithmetic(expr: sp.Expr) -> bool:
                    for f in sp.preorder_traversal(expr))
 
 
+def _guarded(kern: Kernel) -> bool:
+    """Whether a read or the write happens only where a condition on the loop indices
+    holds (padding): the tiles load their operands unconditionally."""
+    loops = {s for s, _ in kern.loops}
+    return kern.guard != sp.true or any(
+        c.free_symbols & loops for p in kern.body.atoms(sp.Piecewise) for _, c in p.args)
+
+
 def tiling(kern: Kernel, strides: list[dict[sp.Symbol, int]], vector_bytes: int,
            itemsize: int, accumulators: int = 16) -> Tiling | None:
     """How to block `kern`, or None when the scalar schedule is the one to print.
@@ -75,7 +83,7 @@ def tiling(kern: Kernel, strides: list[dict[sp.Symbol, int]], vector_bytes: int,
     index = kern.out_index
     if not red or len(set(index)) != len(index) or not all(isinstance(i, sp.Symbol) for i in index):
         return None
-    if not _arithmetic(kern.body):
+    if not _arithmetic(kern.body) or _guarded(kern):
         return None
     # The names printed here (c0, s, l, i0_t, b_j, t0 ...) cannot meet the IR's loop names.
     if not all(re.fullmatch(r"b|i\d+", str(s)) for s, _ in kern.loops):

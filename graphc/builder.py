@@ -13,6 +13,7 @@ It only assembles a spec dict; `Graph.from_spec` does all the checking.
 
 from __future__ import annotations
 
+import difflib
 from typing import Any
 
 from .errors import SpecError
@@ -51,10 +52,12 @@ class Builder:
         self.spec["nodes"][name] = {"op": op, "inputs": list(inputs), **attrs}
         return name
 
-    def __getattr__(self, op: str):
-        if op in OPS:
-            return lambda *inputs, name=None, **attrs: self.op(op, *inputs, name=name, **attrs)
-        raise AttributeError(op)
+    def __getattr__(self, attr: str):
+        # Only reached for names that are not attributes: the ops are methods (below).
+        close = difflib.get_close_matches(attr, OPS, n=3) if not attr.startswith("_") else []
+        hint = f"; did you mean {' or '.join(map(repr, close))}?" if close else ""
+        raise AttributeError(f"Builder has no op or method {attr!r}{hint} (the ops are "
+                             "graphc.ops.OPS, listed in README.md under 'The spec')")
 
     def build(self, outputs=(), loss: str | None = None, optimizer: dict | None = None) -> Graph:
         spec = dict(self.spec, outputs=list(outputs))
@@ -63,3 +66,19 @@ class Builder:
         if optimizer is not None:
             spec["optimizer"] = optimizer
         return Graph.from_spec(spec)
+
+
+def _op_method(op: str):
+    def method(self, *inputs: str, name: str | None = None, **attrs) -> str:
+        return self.op(op, *inputs, name=name, **attrs)
+    method.__name__ = method.__qualname__ = op
+    attrs = ", ".join(f"{a}={v.default!r}" if not v.required else a
+                      for a, v in OPS[op].attrs.items())
+    method.__doc__ = f"Node `{op}`: {OPS[op].doc}." + (f" Attributes: {attrs}." if attrs else "")
+    return method
+
+
+# Every op a real method: listed by dir() and help(), completed by editors.
+for _op in OPS:
+    assert not hasattr(Builder, _op), f"op {_op!r} shadows a Builder method"
+    setattr(Builder, _op, _op_method(_op))

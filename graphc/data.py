@@ -11,7 +11,7 @@ from .errors import GraphcError, InputError
 from .model import batch_arrays
 from .npz import NpzReader
 
-DIGITS_IMAGES = ((64,), (8, 8))
+DIGITS_IMAGES = ((64,), (8, 8), (1, 8, 8))
 DIGITS_LABELS = (10,)
 
 
@@ -67,7 +67,7 @@ def _digits(graph) -> dict[str, np.ndarray]:
             kind, array = "labels", labels
         else:
             raise GraphcError(f"the digits data set does not fit input '{name}' of shape "
-                              f"{list(value.shape)}: it has images of shape [64] (or [8, 8]) "
+                              f"{list(value.shape)}: it has images of shape [64] (or [8, 8], or [1, 8, 8] for a convolution) "
                               "and one-hot labels of shape [10]")
         if kind in taken:
             raise GraphcError(f"inputs '{taken[kind]}' and '{name}' would both get the digits "

@@ -26,8 +26,9 @@ import sympy as sp
 from .errors import SpecError
 from .functions import expand_definitions
 from .graph import Graph
-from .ir import (ACC, ACCUMULATE, ASSIGN, BATCH, GRAD, INPUT, LOSS, LOSS_MEAN, OUTPUT, PARAM, SUM,
-                 TEMP, Buffer, Interface, Kernel, Program, UpdateRule, grad_name, tree_size)
+from .ir import (ACC, ACCUMULATE, ARGMAX, ASSIGN, BATCH, GRAD, INPUT, LOSS, LOSS_MEAN, MAX, OUTPUT,
+                 PARAM, SUM, TEMP, Buffer, Interface, Kernel, Program, UpdateRule, grad_name,
+                 range_guard, tree_size)
 from .ops import OPS, Lowering
 from .optim import update_rule
 
@@ -109,12 +110,15 @@ def _used_buffers(all_buffers: dict[str, Buffer], kernels: list[Kernel]) -> dict
 
 def _pin_kinks(expr: sp.Expr) -> sp.Expr:
     """Derivatives of kinks as PyTorch takes them, with no delta. Heaviside comes from max
-    and min (relu is a Piecewise): 1/2 at a tie, as torch.maximum splits the gradient."""
+    and min (relu is a Piecewise): 1/2 at a tie, as torch.maximum splits the gradient.
+    Every value is real: `re` and `im`, which diff of |u| leaves where SymPy cannot prove u
+    real (abs(atan(1/(softplus(p) + 0.5)))), are u and 0."""
     half = sp.Rational(1, 2)
     return expr.replace(sp.Heaviside, lambda a, *rest: sp.Piecewise((1, a > 0), (0, a < 0),
                                                                      (half, True))) \
                .replace(sp.sign, lambda a: sp.Piecewise((1, a > 0), (-1, a < 0), (0, True))) \
-               .replace(sp.DiracDelta, lambda *a: sp.Integer(0))
+               .replace(sp.DiracDelta, lambda *a: sp.Integer(0)) \
+               .replace(sp.re, lambda a: a).replace(sp.im, lambda a: sp.Integer(0))
 
 
 
@@ -128,8 +132,9 @@ def output_form(y: sp.Expr, d: sp.Expr, a: sp.Symbol) -> sp.Expr | None:
 
     This is how sigmoid' = y(1-y), tanh' = 1-y², exp' = y are found from the formula alone:
     fit g at a few points, then `simplify(d - g(y)) == 0` must hold symbolically."""
-    if not _has_calls(d) or y.has(sp.Piecewise) or sp.count_ops(d) > 60:
-        return None
+    if not _has_calls(d) or y.has(sp.Piecewise) or sp.count_ops(d) > 60 \
+            or a not in d.free_symbols:
+        return None   # (a constant derivative, log(10**20)/46, needs no output form)
     Y = sp.Symbol("Y")
     points = [-0.7, 0.2, 0.9, 1.6, -1.3]
     y, d = expand_definitions(y), expand_definitions(d)   # plain math for lambdify and proof
@@ -177,19 +182,27 @@ class _Sweep:
 
     def contribute(self, target: Buffer, index: tuple, loops: tuple, body: sp.Expr,
                    node: str, note: str) -> None:
+        # A padded read's scatter leaves the target where the read was padding: it runs
+        # only where the read's condition holds, which the derivative already carries.
+        dims = ([BATCH] if target.batched else []) + list(target.shape)
+        guard = range_guard(index, dims, dict(loops))
+        if guard != sp.true:
+            body = body.replace(lambda e: isinstance(e, sp.Piecewise) and len(e.args) == 2
+                                and e.args[0].cond == guard and e.args[1] == (0, True),
+                                lambda e: e.args[0].expr)
         if target.name not in self.initialized:
             self.initialized.add(target.name)
-            dims = ([BATCH] if target.batched else []) + list(target.shape)
             extent = dict(loops)
             # Does the kernel visit every element of the target through plain loop indices?
             # Then it can define the target (a map or a reduction) instead of zero + add.
-            if (len(index) == len(dims) and len(set(index)) == len(index)
+            if (guard == sp.true and len(index) == len(dims) and len(set(index)) == len(index)
                     and all(i in extent and extent[i] == d for i, d in zip(index, dims))):
                 mode = ASSIGN if len(loops) == len(index) else SUM
                 self.kernels.append(Kernel(target.name, index, loops, body, mode, ACC, node, note))
                 return
             self.zero(target, node)
-        self.kernels.append(Kernel(target.name, index, loops, body, ACCUMULATE, ACC, node, note))
+        self.kernels.append(Kernel(target.name, index, loops, body, ACCUMULATE, ACC, node, note,
+                                   guard))
 
 
 @dataclass
@@ -267,9 +280,11 @@ def derive(graph: Graph) -> Derivation:
     active = {n for n in buffers if depends[n] and reaches[n]}
 
     sweep = _Sweep(buffers)
-    for k in reversed(kernels):
+    argmax_after: dict[int, Kernel] = {}
+    for position, k in reversed(list(enumerate(kernels))):
         if k.out not in active:
             continue
+        assert k.guard == sp.true, f"{k.node}: a forward kernel with a guard"
         reads = k.accesses()
         dummies = {a: sp.Symbol(f"_a{j}", real=True) for j, a in enumerate(reads)}
         body = k.body.xreplace(dummies)
@@ -279,6 +294,14 @@ def derive(graph: Graph) -> Derivation:
         out_ref = buffers[k.out].base[k.out_index]
         seed = sp.Integer(1) / BATCH if k.out == graph.loss else sweep.grad(k.out).base[k.out_index]
         out_loops = tuple((s, e) for s, e in k.loops if s not in k.reduction_loops())
+        chosen = None   # a max: where its argmax kernel (run after it) found the maximum
+        if k.mode == MAX:
+            arg = buffers[k.out]
+            arg = buffers[f"{k.out}.argmax"] = Buffer(f"{k.out}.argmax", arg.shape, arg.batched,
+                                                      TEMP, differentiable=False)
+            argmax_after[position] = Kernel(arg.name, k.out_index, k.loops, k.body, ARGMAX,
+                                            ACC, k.node, f"where {k.out} is taken")
+            chosen = sp.Eq(k.reduction_position(), arg.base[k.out_index])
         for a in reads:
             src = str(a.base.label)
             if src not in active:
@@ -287,6 +310,8 @@ def derive(graph: Graph) -> Derivation:
             derived = _pin_kinks(sp.diff(post if in_post else body, dummies[a]))
             if not in_post:
                 derived = derived * dpost
+            if chosen is not None:   # max_r f(r) changes with f(r*) alone, r* its argmax
+                derived = sp.Piecewise((derived, chosen), (0, True))
             if derived == 0:
                 continue
             if tree_size(derived, MAX_DERIVED_SIZE) > MAX_DERIVED_SIZE:
@@ -311,7 +336,10 @@ def derive(graph: Graph) -> Derivation:
             sweep.initialized.add(g.name)
             sweep.zero(g, p)
 
-    grad_kernels = kernels + [mean] + sweep.kernels
+    forward_part = []
+    for position, k in enumerate(kernels):
+        forward_part += [k] + ([argmax_after[position]] if position in argmax_after else [])
+    grad_kernels = forward_part + [mean] + sweep.kernels
     prog = Program(_used_buffers(sweep.buffers, grad_kernels) | {
         grad_name(p): sweep.buffers[grad_name(p)] for p in graph.params}, grad_kernels)
     prog.check()

@@ -10,11 +10,15 @@ affine indices in the loop variables. Modes:
 
 - ``assign``:     out[out_index] = body, once per loop point (maps, copies, movement);
 - ``sum``:        out[out_index] = post(Σ_r body), loops not in out_index are reduced;
-- ``max``:        out[out_index] = max_r body (only for stable shifts; never differentiated);
-- ``accumulate``: out[out_index] += body (the backward pass's scatter-accumulate).
+- ``max``:        out[out_index] = max_r body (a stable shift, never differentiated, or max
+                  pooling, whose gradient goes through an ``argmax``);
+- ``accumulate``: out[out_index] += body (the backward pass's scatter-accumulate);
+- ``argmax``:     out[out_index] = the position (`Kernel.reduction_position`) where a ``max``
+                  kernel's body first reaches its maximum, NaN counting as one (torch's max
+                  pooling); derive adds it to route a max's gradient.
 
-Every op, forward or backward, is one of these four, so the derivation engine and the C
-emitter each handle four cases, not one per op.
+Every op, forward or backward, is one of these, so the derivation engine and the C emitter
+each handle five cases, not one per op.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ from .dtypes import DTYPES, DType  # noqa: F401  (part of the IR contract)
 
 BATCH = sp.Symbol("n", integer=True, positive=True)  # the runtime batch size
 ACC = sp.Symbol("acc", real=True)                    # the reduced value inside `post`
-ASSIGN, SUM, MAX, ACCUMULATE = MODES = ("assign", "sum", "max", "accumulate")
+ASSIGN, SUM, MAX, ACCUMULATE, ARGMAX = MODES = ("assign", "sum", "max", "accumulate", "argmax")
 
 # Buffer roles. The caller owns inputs, params, outputs and gradients (EXTERNAL); the work
 # arena holds the rest: temporaries, and the batch-mean loss an entry point returns.
@@ -98,6 +102,37 @@ class Interface:
     constant_fields: dict[str, str | None]     # node -> the spec field its constants are in
 
 
+
+
+def index_range(index: sp.Expr, extents: dict) -> tuple[int, int]:
+    """The least and greatest value of an affine index over the box of its loops."""
+    index = sp.expand(index)
+    low = high = int(index.subs({s: 0 for s in index.free_symbols}))
+    for s in index.free_symbols:
+        step, extent = int(index.coeff(s)), extents[s]
+        if extent == BATCH:
+            raise AssertionError(f"index {index} is bounded only by the batch size")
+        low, high = low + min(0, step * (extent - 1)), high + max(0, step * (extent - 1))
+    return low, high
+
+
+def range_guard(index, dims, extents: dict) -> sp.Basic:
+    """The condition under which `index` lies inside an array of `dims`: one comparison per
+    axis that the loops can take out of range (padding), `true` when none can. Built the
+    same way for a padded read and for the scatter derived from it, so that the derived
+    derivative's condition is recognised as the guard of the kernel it lands in."""
+    conds = []
+    for i, d in zip(index, dims):
+        if d == BATCH:
+            continue
+        low, high = index_range(i, extents)
+        if low < 0:
+            conds.append(sp.Ge(i, 0))
+        if high > d - 1:
+            conds.append(sp.Lt(i, d))
+    # As a Piecewise condition it is rewritten (i - 1 >= 0 becomes i >= 1); written so
+    # here too, it is the same object in the read and in the derivative.
+    return sp.Piecewise((1, sp.And(*conds)), (0, True)).args[0].cond if conds else sp.true
 
 
 def array(name: str) -> sp.IndexedBase:
@@ -173,6 +208,9 @@ class Kernel:
     post: sp.Expr = ACC
     node: str = ""       # the graph node this kernel belongs to
     note: str = ""       # 'forward', or what the backward kernel computes
+    # Loop points where the statement runs (accumulate only): a condition on loop indices,
+    # for a scatter whose target index leaves the array (a padded convolution's dx).
+    guard: sp.Basic = sp.true
 
     def accesses(self) -> list[sp.Indexed]:
         """Distinct array reads, in a deterministic order."""
@@ -200,13 +238,23 @@ class Kernel:
         used = set().union(*[e.free_symbols for e in self.out_index]) if self.out_index else set()
         return [s for s, _ in self.loops if s not in used]
 
+    def reduction_position(self) -> sp.Expr:
+        """The row-major position of a loop point within the reduction loops, in their
+        declared order (the order an argmax scans in)."""
+        extent, position, stride = dict(self.loops), sp.Integer(0), 1
+        for s in reversed(self.reduction_loops()):
+            position, stride = position + stride * s, stride * extent[s]
+        return position
+
     def pretty(self) -> str:
         lhs = f"{self.out}[{', '.join(map(str, self.out_index))}]"
         red = self.reduction_loops()
         op = {"assign": "=", "accumulate": "+="}.get(self.mode, "=")
+        if self.guard != sp.true:
+            lhs = f"if {self.guard}: {lhs}"
         rhs = str(self.body)
-        if self.mode in ("sum", "max"):
-            sym = "Σ" if self.mode == "sum" else "max"
+        if self.mode in ("sum", "max", "argmax"):
+            sym = {"sum": "Σ", "max": "max", "argmax": "argmax"}[self.mode]
             rhs = f"{sym}_{{{', '.join(map(str, red))}}} {rhs}"
             if self.post != ACC:
                 # xreplace with a real symbol: subs, or an unknown symbol, makes SymPy
@@ -244,6 +292,10 @@ class Program:
                     f"{where}: {a} uses an index that is not a loop"
             if kern.mode == "accumulate":
                 assert kern.out in written, f"{where}: accumulates into unwritten {kern.out}"
+            if kern.guard != sp.true:
+                assert kern.mode == "accumulate", f"{where}: a guard on a {kern.mode} kernel"
+                assert kern.guard.free_symbols <= set(loop_syms), f"{where}: guard {kern.guard}"
+                assert not kern.guard.atoms(sp.Indexed), f"{where}: guard reads an array"
             if kern.mode == "assign" or kern.post != ACC:
                 assert kern.mode in ("sum", "assign") and (kern.mode == "sum" or kern.post == ACC)
             written.add(kern.out)

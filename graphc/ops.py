@@ -20,8 +20,8 @@ import sympy as sp
 
 from .errors import SpecError
 from .formula import number
-from .functions import leaky_relu, relu, sigmoid
-from .ir import ACC, ASSIGN, BATCH, MAX, SUM, Buffer, Kernel, index_symbols
+from .functions import leaky_relu, relu, sigmoid, softplus
+from .ir import ACC, ASSIGN, BATCH, MAX, SUM, Buffer, Kernel, index_symbols, range_guard
 
 Shape = tuple[int, ...]
 
@@ -56,8 +56,10 @@ class Lowering:
         return self.at(buf, [sp.Integer(0) if d == 1 else i
                              for d, i in zip(buf.shape, out_index[lead:])])
 
-    def temp(self, suffix: str, shape: Shape, *, differentiable: bool = True) -> Buffer:
-        return self._new_buffer(Buffer(f"{self.node}.{suffix}", tuple(shape), self.out.batched,
+    def temp(self, suffix: str, shape: Shape, *, differentiable: bool = True,
+             batched: bool | None = None) -> Buffer:
+        batched = self.out.batched if batched is None else batched
+        return self._new_buffer(Buffer(f"{self.node}.{suffix}", tuple(shape), batched,
                                        "temp", differentiable))
 
     def kernel(self, out: Buffer, out_index, loops, body, *, mode: str = ASSIGN,
@@ -71,6 +73,14 @@ class Lowering:
                                     batch_loop + tuple(loops), sp.sympify(body), mode,
                                     sp.sympify(post), self.node, "forward"))
 
+    def padded(self, buf: Buffer, index, loops, fill=0) -> sp.Expr:
+        """Element `index` of `buf` where it lies inside, `fill` where the loops take it
+        outside (padding): one guarded read, whose derivative SymPy carries through and
+        whose scatter derive guards the same way (`graphc.ir.range_guard`)."""
+        guard = range_guard(index, buf.shape, dict(loops))
+        read = self.at(buf, index)
+        return read if guard == sp.true else sp.Piecewise((read, guard), (fill, True))
+
     def map(self, out: Buffer, element: Callable[[list[sp.Symbol]], sp.Expr]) -> None:
         """out[idx] = element(idx) over out's whole shape."""
         idx = self.indices(len(out.shape))
@@ -81,10 +91,16 @@ class Lowering:
 
 @dataclass(frozen=True)
 class Attr:
-    kind: str          # float | axis | axes | shape | expr
+    kind: str   # float | int | ints | pads | padding | bool | choice | axis | axes | shape | expr
     default: Any = None
     required: bool = False
     doc: str = ""
+    low: int | None = 0   # int, ints: the smallest value allowed (None: any)
+    choices: tuple[str, ...] = ()   # choice: the strings allowed; padding: its words
+
+
+def _plain_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
 
 
 def _check_attr(node: str, name: str, attr: Attr, value: Any) -> Any:
@@ -113,6 +129,42 @@ def _check_attr(node: str, name: str, attr: Attr, value: Any) -> Any:
         if list(value).count(-1) > 1:
             raise fail("at most one dimension may be -1")
         return tuple(value)
+    if attr.kind == "int":
+        if value is None and attr.default is None and not attr.required:
+            return None
+        if not _plain_int(value) or (attr.low is not None and value < attr.low):
+            raise fail("must be an integer" + (f" >= {attr.low}" if attr.low is not None else "")
+                       + f", got {value!r}")
+        return value
+    if attr.kind == "bool":
+        if not isinstance(value, bool):
+            raise fail(f"must be true or false, got {value!r}")
+        return value
+    if attr.kind in ("ints", "padding"):
+        # One int for every spatial axis, or a list of one per axis (its length is checked
+        # by the op's shape rule, which knows the rank); padding may also be a word.
+        if attr.kind == "padding" and isinstance(value, str):
+            if value not in attr.choices:
+                raise fail(f"must be an integer, a list of integers or one of "
+                           f"{', '.join(map(repr, attr.choices))}, got {value!r}")
+            return value
+        vals = value if isinstance(value, (list, tuple)) else [value]
+        if not vals or len(vals) > 3 or any(not _plain_int(v) or v < attr.low for v in vals):
+            raise fail(f"must be an integer >= {attr.low} or a list of 1 to 3 of them, "
+                       f"got {value!r}")
+        return vals[0] if not isinstance(value, (list, tuple)) else tuple(vals)
+    if attr.kind in ("pads", "perm"):
+        if not isinstance(value, (list, tuple)) or any(not _plain_int(v) for v in value) \
+                or (attr.kind == "pads" and (not value or len(value) % 2 or min(value) < 0)):
+            what = ("a list of before/after pairs of integers >= 0 (torch.nn.functional.pad's "
+                    "order: the last axis first)" if attr.kind == "pads"
+                    else "a list of integers (a permutation of the per-example axes)")
+            raise fail(f"must be {what}, got {value!r}")
+        return tuple(value)
+    if attr.kind == "choice":
+        if not isinstance(value, str) or value not in attr.choices:
+            raise fail(f"must be one of {', '.join(map(repr, attr.choices))}, got {value!r}")
+        return value
     if attr.kind == "expr":
         return value  # parsed against the input names in Graph
     raise AssertionError(attr.kind)
@@ -193,9 +245,15 @@ def _map_lower(formula: Callable[..., sp.Expr]) -> Callable[[Lowering], None]:
 
 
 def map_op(name: str, formula: Callable[..., sp.Expr], arity: int, *, doc: str,
-           domain: tuple = (), attrs: dict | None = None) -> OpDef:
+           domain: tuple = (), attrs: dict | None = None,
+           check: Callable[[str, dict], None] | None = None) -> OpDef:
+    """`check(node, attrs)` refuses attribute values the formula cannot take."""
+    def shape(node, shapes, attrs):
+        if check is not None:
+            check(node, attrs)
+        return broadcast_shapes(node, shapes)
     return register(OpDef(
-        name, (arity, arity), lambda node, shapes, attrs: broadcast_shapes(node, shapes),
+        name, (arity, arity), shape,
         _map_lower(formula), attrs or {}, ("a", "b")[:arity] if arity > 1 else ("x",),
         domain or (None,) * arity, doc=doc))
 
@@ -211,6 +269,59 @@ map_op("sigmoid", sigmoid, 1, doc="1 / (1 + exp(-x))")
 map_op("tanh", sp.tanh, 1, doc="tanh(x)")
 map_op("exp", sp.exp, 1, doc="exp(x)")
 map_op("log", sp.log, 1, doc="natural log", domain=("positive",))
+
+
+# Named activations, as torch.nn.functional computes them: one formula each; SymPy derives
+# the rest. NaN fails every comparison, so it takes each Piecewise's last branch, which is
+# written to propagate it (as torch's forward does). Each kink belongs to the branch whose
+# slope torch's backward takes there: elu'(0) = alpha, hardsigmoid'(±3) = 0, hardswish'(-3)
+# = 0 and hardswish'(3) = 1 (the product rule on x·hardsigmoid(x) gives exactly those).
+
+def _gelu(x, approximate):
+    if approximate == "tanh":   # torch's kBeta = sqrt(2/pi), kKappa = 0.044715
+        return x * (1 + sp.tanh(sp.sqrt(2 / sp.pi) * (x + number(0.044715) * x ** 3))) / 2
+    return x * (1 + sp.erf(x / sp.sqrt(2))) / 2
+
+
+def _softplus(x, beta, threshold):
+    # x where beta·x > threshold, as in torch: a jump of log(1 + exp(-threshold))/beta there.
+    b = number(beta)
+    return sp.Piecewise((x, b * x > number(threshold)), (softplus(b * x) / b, True))
+
+
+def _elu(x, alpha):
+    return sp.Piecewise((alpha * (sp.exp(x) - 1), x <= 0), (x, True))
+
+
+def _hard_sigmoid(x):
+    return sp.Piecewise((0, x <= -3), (1, x >= 3), ((x + 3) / 6, True))
+
+
+def _nonzero_beta(node: str, attrs: dict) -> None:
+    if attrs["beta"] == 0:
+        raise SpecError("must not be 0 (softplus divides by it)", node=node, field="beta")
+
+
+# torch's SELU constants (ATen/native/Activation.cpp)
+SELU_ALPHA, SELU_SCALE = 1.6732632423543772848170429916717, 1.0507009873554804934193349852946
+
+map_op("gelu", _gelu, 1, doc="x·Φ(x) (torch's F.gelu; approximate='tanh' for its tanh form)",
+       attrs={"approximate": Attr("choice", "none", choices=("none", "tanh"),
+                                  doc="'none' (with erf) or 'tanh', as torch's F.gelu")})
+map_op("silu", lambda x: x * sigmoid(x), 1, doc="x·sigmoid(x)")
+map_op("softplus", _softplus, 1, check=_nonzero_beta,
+       doc="log(1 + exp(beta·x))/beta, or x where beta·x > threshold",
+       attrs={"beta": Attr("float", 1.0, doc="sharpness (not 0)"),
+              "threshold": Attr("float", 20.0, doc="linear where beta·x exceeds it")})
+map_op("elu", lambda x, alpha: _elu(x, number(alpha)), 1,
+       doc="x if x > 0 else alpha·(exp(x) - 1)",
+       attrs={"alpha": Attr("float", 1.0, doc="elu tends to -alpha as x -> -inf")})
+map_op("selu", lambda x: number(SELU_SCALE) * _elu(x, number(SELU_ALPHA)), 1,
+       doc="scale·elu(x, alpha) with torch's constants")
+map_op("hard_sigmoid", _hard_sigmoid, 1, doc="relu6(x + 3)/6 (torch's F.hardsigmoid)")
+map_op("hard_swish", lambda x: x * _hard_sigmoid(x), 1,
+       doc="x·relu6(x + 3)/6 (torch's F.hardswish)")
+map_op("mish", lambda x: x * sp.tanh(softplus(x)), 1, doc="x·tanh(softplus(x))")
 
 
 def _elementwise_shape(node, shapes, attrs):
@@ -452,6 +563,361 @@ def _concat_lower(L: Lowering) -> None:
 
 register(OpDef("concat", (1, None), _concat_shape, _concat_lower, _axis_attr,
                doc="join along a per-example axis (default: last)"))
+
+
+def _pad_widths(node: str, shape: Shape, pads: tuple[int, ...]) -> list[tuple[int, int]]:
+    """(before, after) per per-example axis from torch's order (last axis first)."""
+    if len(pads) > 2 * len(shape):
+        raise SpecError(f"{len(pads) // 2} axes padded, but the per-example value has rank "
+                        f"{len(shape)}", node=node, field="pad")
+    widths = [(0, 0)] * len(shape)
+    for k in range(len(pads) // 2):
+        widths[len(shape) - 1 - k] = (pads[2 * k], pads[2 * k + 1])
+    return widths
+
+
+def _pad_shape(node, shapes, attrs):
+    return tuple(d + b + a for d, (b, a) in zip(shapes[0], _pad_widths(node, shapes[0], attrs["pad"])))
+
+
+def _pad_lower(L: Lowering) -> None:
+    (x,) = L.inputs
+    widths = _pad_widths(L.node, x.shape, L.attrs["pad"])
+    idx = L.indices(len(x.shape))
+    loops = list(zip(idx, L.out.shape))
+    L.kernel(L.out, idx, loops, L.padded(x, [i - b for i, (b, _) in zip(idx, widths)], loops,
+                                         number(L.attrs["value"])))
+
+
+register(OpDef("pad", (1, 1), _pad_shape, _pad_lower,
+               {"pad": Attr("pads", required=True, doc="before/after widths, last axis first "
+                            "(torch.nn.functional.pad's order)"),
+                "value": Attr("float", 0.0, doc="the value of the padding")},
+               doc="constant padding (torch.nn.functional.pad, mode 'constant')"))
+
+
+def _slice_range(node: str, shape: Shape, attrs: dict) -> tuple[int, range]:
+    if not shape:
+        raise SpecError("cannot slice a per-example scalar", node=node, field="inputs")
+    axis = _axis(node, "axis", attrs["axis"], len(shape))
+    if attrs["step"] < 1:
+        raise SpecError(f"must be >= 1, got {attrs['step']}", node=node, field="step")
+    taken = range(*slice(attrs["start"], attrs["stop"], attrs["step"]).indices(shape[axis]))
+    if len(taken) == 0:
+        raise SpecError(f"start {attrs['start']}, stop {attrs['stop']} and step {attrs['step']} "
+                        f"select nothing of an axis of {shape[axis]}", node=node, field="stop")
+    return axis, taken
+
+
+def _slice_shape(node, shapes, attrs):
+    axis, taken = _slice_range(node, shapes[0], attrs)
+    return shapes[0][:axis] + (len(taken),) + shapes[0][axis + 1:]
+
+
+def _slice_lower(L: Lowering) -> None:
+    (x,) = L.inputs
+    axis, taken = _slice_range(L.node, x.shape, L.attrs)
+    idx = L.indices(len(x.shape))
+    where = idx[:axis] + [taken.start + taken.step * idx[axis]] + idx[axis + 1:]
+    L.kernel(L.out, idx, list(zip(idx, L.out.shape)), L.at(x, where))
+
+
+register(OpDef("slice", (1, 1), _slice_shape, _slice_lower,
+               {"axis": Attr("axis", required=True, doc="the per-example axis sliced"),
+                "start": Attr("int", 0, low=None, doc="first index (negative: from the end)"),
+                "stop": Attr("int", None, low=None, doc="end, excluded (default: the end)"),
+                "step": Attr("int", 1, low=1, doc="stride")},
+               doc="x[..., start:stop:step, ...] along one per-example axis, as Python slices"))
+
+
+def _perm(node: str, shape: Shape, attrs: dict) -> tuple[int, ...]:
+    perm = attrs["perm"]
+    if perm is None:
+        return tuple(reversed(range(len(shape))))
+    if sorted(_axis(node, "perm", p, len(shape)) for p in perm) != list(range(len(shape))):
+        raise SpecError(f"must be a permutation of the per-example axes 0..{len(shape) - 1}, "
+                        f"got {list(perm)}", node=node, field="perm")
+    return tuple(p % len(shape) for p in perm)
+
+
+def _transpose_shape(node, shapes, attrs):
+    return tuple(shapes[0][p] for p in _perm(node, shapes[0], attrs))
+
+
+def _transpose_lower(L: Lowering) -> None:
+    (x,) = L.inputs
+    perm = _perm(L.node, x.shape, L.attrs)
+    idx = L.indices(len(x.shape))
+    where = [None] * len(idx)
+    for k, p in enumerate(perm):   # out axis k is x's axis p
+        where[p] = idx[k]
+    L.kernel(L.out, idx, list(zip(idx, L.out.shape)), L.at(x, where))
+
+
+register(OpDef("transpose", (1, 1), _transpose_shape, _transpose_lower,
+               {"perm": Attr("perm", None, doc="out axis k is the input's axis perm[k] "
+                             "(per-example axes; default: reversed)")},
+               doc="permute the per-example axes (torch.permute without the batch axis)"))
+
+
+# ---------------------------------------------------------------- convolution and pooling
+#
+# Per-example layout [C, *spatial] (torch's without the batch axis). A window's element is
+# read at `o·stride + k·dilation − pad_before` along each spatial axis: one padded read
+# (`Lowering.padded`), so padding, stride and dilation are index arithmetic, not cases.
+
+def _per_axis(node: str, name: str, value, rank: int) -> tuple[int, ...]:
+    if isinstance(value, tuple):
+        if len(value) != rank:
+            raise SpecError(f"needs one value per spatial axis ({rank}), got {list(value)}",
+                            node=node, field=name)
+        return value
+    return (value,) * rank
+
+
+@dataclass(frozen=True)
+class Window:
+    """Where each output position's window lies along the spatial axes."""
+    kernel: tuple[int, ...]
+    stride: tuple[int, ...]
+    dilation: tuple[int, ...]
+    before: tuple[int, ...]          # padding before each axis (after is implied by out)
+    out: tuple[int, ...]
+
+    def position(self, axis: int, out_index: sp.Expr, tap: sp.Expr) -> sp.Expr:
+        return out_index * self.stride[axis] + tap * self.dilation[axis] - self.before[axis]
+
+
+def _window(node: str, spatial: Shape, kernel: tuple[int, ...], attrs: dict) -> Window:
+    rank = len(spatial)
+    stride = _per_axis(node, "stride", attrs["stride"] if attrs.get("stride") is not None
+                       else attrs.get("kernel_size", 1), rank)
+    dilation = _per_axis(node, "dilation", attrs.get("dilation", 1), rank)
+    padding = attrs.get("padding", 0)
+    span = tuple(d * (k - 1) + 1 for d, k in zip(dilation, kernel))
+    if padding == "valid":
+        before = after = (0,) * rank
+    elif padding == "same":
+        if any(s != 1 for s in stride):
+            raise SpecError("padding 'same' needs stride 1 (as in torch)", node=node,
+                            field="padding")
+        # torch: the total d·(k−1) split with the odd one after (an even kernel pads more
+        # on the right and bottom).
+        before = tuple((s - 1) // 2 for s in span)
+        after = tuple(s - 1 - b for s, b in zip(span, before))
+    else:
+        before = after = _per_axis(node, "padding", padding, rank)
+    out = []
+    for axis in range(rank):
+        room = spatial[axis] + before[axis] + after[axis] - span[axis]
+        if room < 0:
+            raise SpecError(f"the window ({span[axis]} wide with dilation) is larger than "
+                            f"the padded input ({spatial[axis] + before[axis] + after[axis]}) "
+                            f"along spatial axis {axis}", node=node, field="inputs")
+        out.append(room // stride[axis] + 1)
+    return Window(tuple(kernel), stride, dilation, before, tuple(out))
+
+
+def _conv_parts(node: str, shapes: list[Shape], attrs: dict, rank: int):
+    x, W = shapes[0], shapes[1]
+    groups = attrs["groups"]
+    if len(x) != rank + 1:
+        raise SpecError(f"input must be [channels, {', '.join(['length'] if rank == 1 else ['height', 'width'])}] "
+                        f"per example, got {list(x)}", node=node, field="inputs")
+    if len(W) != rank + 2:
+        raise SpecError(f"weight must be [out_channels, in_channels/groups, {rank} kernel "
+                        f"dims] (torch's layout), got {list(W)}", node=node, field="inputs")
+    if x[0] % groups or W[0] % groups:
+        raise SpecError(f"groups {groups} must divide the input channels ({x[0]}) and the "
+                        f"output channels ({W[0]})", node=node, field="groups")
+    if W[1] * groups != x[0]:
+        raise SpecError(f"weight's in_channels/groups is {W[1]}, but the input has {x[0]} "
+                        f"channels in {groups} group(s): expected {x[0] // groups}",
+                        node=node, field="inputs")
+    if len(shapes) == 3 and shapes[2] != (W[0],):
+        raise SpecError(f"bias must have shape [{W[0]}], got {list(shapes[2])}",
+                        node=node, field="inputs")
+    if attrs["padding"] == "same" and any(s != 1 for s in _per_axis(node, "stride", attrs["stride"], rank)):
+        raise SpecError("padding 'same' needs stride 1 (as in torch)", node=node, field="padding")
+    return _window(node, x[1:], W[2:], attrs)
+
+
+def _conv_shape(rank: int):
+    def shape(node, shapes, attrs):
+        return (shapes[1][0],) + _conv_parts(node, shapes, attrs, rank).out
+    return shape
+
+
+def _conv_lower(rank: int):
+    def lower(L: Lowering) -> None:
+        x, W = L.inputs[0], L.inputs[1]
+        win = _conv_parts(L.node, [b.shape for b in L.inputs], L.attrs, rank)
+        groups = L.attrs["groups"]
+        per_group_in, per_group_out = W.shape[1], W.shape[0] // groups
+        g, j, c = L.indices(3)
+        spatial, taps = L.indices(rank), L.indices(rank)
+        # Output channel o = g·(O/groups) + j reads input channels g·(C/groups) + c: both
+        # affine, so groups (depthwise included) need no division in an index. A loop of
+        # one is dropped (its index is 0).
+        loops = [(g, groups), (j, per_group_out)] + list(zip(spatial, win.out)) + \
+            [(c, per_group_in)] + list(zip(taps, win.kernel))
+        zero = {s: sp.Integer(0) for s, e in loops if e == 1}
+        loops = [(s, e) for s, e in loops if e != 1]
+        o = (g * per_group_out + j).xreplace(zero)
+        channel = (g * per_group_in + c).xreplace(zero)
+        positions = [win.position(a, spatial[a], taps[a]) for a in range(rank)]
+        read = L.padded(x, [channel] + [p.xreplace(zero) for p in positions], loops)
+        body = read * L.at(W, [o, c.xreplace(zero)] + [t.xreplace(zero) for t in taps])
+        post = ACC + (L.at(L.inputs[2], [o]) if len(L.inputs) == 3 else 0)
+        # y[o, h, w] = Σ_{c,p,q} x[c, h·s + p·d − pad, w·s + q·d − pad]·W[o, c, p, q] + bias[o]
+        L.kernel(L.out, [o] + [s.xreplace(zero) for s in spatial], loops, body, mode=SUM,
+                 post=post)
+    return lower
+
+
+_conv_attrs = {
+    "stride": Attr("ints", 1, low=1, doc="step between windows, per spatial axis"),
+    "padding": Attr("padding", 0, choices=("same", "valid"),
+                    doc="zeros added on both sides per spatial axis, or 'same' / 'valid'"),
+    "dilation": Attr("ints", 1, low=1, doc="spacing between kernel taps"),
+    "groups": Attr("int", 1, low=1, doc="channel groups (depthwise: as many as channels)"),
+}
+for _rank in (1, 2):
+    register(OpDef(f"conv{_rank}d", (2, 3), _conv_shape(_rank), _conv_lower(_rank), _conv_attrs,
+                   input_names=("x", "weight", "bias"),
+                   doc=f"torch.nn.functional.conv{_rank}d: weight [out, in/groups, "
+                       f"{'k' if _rank == 1 else 'kh, kw'}]"))
+
+
+def _pool_parts(node: str, shapes: list[Shape], attrs: dict, rank: int) -> Window:
+    (x,) = shapes
+    if len(x) != rank + 1:
+        raise SpecError(f"input must be [channels, {rank} spatial dims] per example, got "
+                        f"{list(x)}", node=node, field="inputs")
+    kernel = _per_axis(node, "kernel_size", attrs["kernel_size"], rank)
+    padding = _per_axis(node, "padding", attrs["padding"], rank)
+    if any(2 * p > k for p, k in zip(padding, kernel)):
+        raise SpecError(f"padding {list(padding)} must be at most half the kernel "
+                        f"{list(kernel)} (as in torch)", node=node, field="padding")
+    return _window(node, x[1:], kernel, attrs)
+
+
+def _pool_shape(rank: int):
+    def shape(node, shapes, attrs):
+        return (shapes[0][0],) + _pool_parts(node, shapes, attrs, rank).out
+    return shape
+
+
+def _pool_lower(rank: int, kind: str):
+    def lower(L: Lowering) -> None:
+        (x,) = L.inputs
+        win = _pool_parts(L.node, [x.shape], L.attrs, rank)
+        (c,) = L.indices(1)
+        spatial, taps = L.indices(rank), L.indices(rank)
+        loops = [(c, x.shape[0])] + list(zip(spatial, win.out)) + list(zip(taps, win.kernel))
+        where = [c] + [win.position(a, spatial[a], taps[a]) for a in range(rank)]
+        out_idx = [c] + spatial
+        if kind == "max":   # padding never wins: it is -inf, as in torch
+            L.kernel(L.out, out_idx, loops, L.padded(x, where, loops, -sp.oo), mode=MAX)
+            return
+        if L.attrs["count_include_pad"] or all(b == 0 for b in win.before):
+            count = math.prod(win.kernel)
+        else:   # the window's elements inside the input, counted once per call
+            counts = L.temp("count", win.out, differentiable=False, batched=False)
+            inside = range_guard(where, x.shape, dict(loops))
+            L.kernel(counts, spatial, list(zip(spatial, win.out)) + list(zip(taps, win.kernel)),
+                     sp.Piecewise((1, inside), (0, True)), mode=SUM)
+            count = L.at(counts, spatial)
+        L.kernel(L.out, out_idx, loops, L.padded(x, where, loops, 0), mode=SUM,
+                 post=ACC / count)
+    return lower
+
+
+def _pool_attrs(average: bool) -> dict[str, Attr]:
+    attrs = {"kernel_size": Attr("ints", required=True, low=1, doc="window size per spatial axis"),
+             "stride": Attr("ints", None, low=1, doc="step between windows (default: the window)"),
+             "padding": Attr("ints", 0, low=0, doc="padding on both sides per spatial axis")}
+    if average:
+        attrs["count_include_pad"] = Attr("bool", True, doc="divide by the whole window "
+                                          "(true) or by its elements inside the input")
+    return attrs
+
+
+for _rank in (1, 2):
+    register(OpDef(f"max_pool{_rank}d", (1, 1), _pool_shape(_rank), _pool_lower(_rank, "max"),
+                   _pool_attrs(False), doc=f"torch.nn.functional.max_pool{_rank}d"))
+    register(OpDef(f"avg_pool{_rank}d", (1, 1), _pool_shape(_rank), _pool_lower(_rank, "avg"),
+                   _pool_attrs(True), doc=f"torch.nn.functional.avg_pool{_rank}d"))
+
+
+def _global_pool_shape(node, shapes, attrs):
+    if len(shapes[0]) < 2:
+        raise SpecError(f"input must be [channels, spatial dims...] per example, got "
+                        f"{list(shapes[0])}", node=node, field="inputs")
+    return shapes[0][:1]
+
+
+def _global_pool_lower(L: Lowering) -> None:
+    (x,) = L.inputs
+    idx = L.indices(len(x.shape))
+    L.kernel(L.out, idx[:1], list(zip(idx, x.shape)), L.at(x, idx), mode=SUM,
+             post=ACC / math.prod(x.shape[1:]))
+
+
+register(OpDef("global_avg_pool", (1, 1), _global_pool_shape, _global_pool_lower,
+               doc="mean over all spatial axes: [C, ...] -> [C]"))
+
+
+# ---------------------------------------------------------------- normalization
+
+def _norm_axes(node: str, shape: Shape, attrs: dict) -> tuple[int, ...]:
+    axes = sorted({_axis(node, "axes", a, len(shape)) for a in attrs["axes"]})
+    if len(axes) != len(attrs["axes"]) or axes != list(range(len(shape) - len(axes), len(shape))):
+        raise SpecError(f"must be the trailing per-example axes (torch's normalized_shape), "
+                        f"got {list(attrs['axes'])} for a value of rank {len(shape)}",
+                        node=node, field="axes")
+    return tuple(axes)
+
+
+def _layer_norm_shape(node, shapes, attrs):
+    x = shapes[0]
+    if not x:
+        raise SpecError("cannot normalize a per-example scalar", node=node, field="inputs")
+    axes = _norm_axes(node, x, attrs)
+    normalized = x[axes[0]:]
+    for k, s in enumerate(shapes[1:]):
+        if s != normalized:
+            raise SpecError(f"{('weight', 'bias')[k]} must have the normalized shape "
+                            f"{list(normalized)}, got {list(s)}", node=node, field="inputs")
+    return x
+
+
+def _layer_norm_lower(L: Lowering) -> None:
+    x = L.inputs[0]
+    axes = _norm_axes(L.node, x.shape, L.attrs)
+    idx = L.indices(len(x.shape))
+    keep, inner = idx[:axes[0]], idx[axes[0]:]
+    kept_shape, count = x.shape[:axes[0]], math.prod(x.shape[axes[0]:])
+    loops = list(zip(idx, x.shape))
+    # Two passes, as torch: the variance of x − mean, never E[x²] − mean² (cancellation).
+    mean = L.temp("mean", kept_shape)
+    L.kernel(mean, keep, loops, L.at(x, idx), mode=SUM, post=ACC / count)
+    centered = L.at(x, idx) - L.at(mean, keep)
+    var = L.temp("var", kept_shape)
+    L.kernel(var, keep, loops, centered ** 2, mode=SUM, post=ACC / count)
+    y = centered / sp.sqrt(L.at(var, keep) + number(L.attrs["eps"]))
+    if len(L.inputs) > 1:
+        y = y * L.at(L.inputs[1], inner)
+    if len(L.inputs) > 2:
+        y = y + L.at(L.inputs[2], inner)
+    L.kernel(L.out, idx, loops, y)
+
+
+register(OpDef("layer_norm", (1, 3), _layer_norm_shape, _layer_norm_lower,
+               {"axes": Attr("axes", (-1,), doc="the trailing per-example axes normalized"),
+                "eps": Attr("float", 1e-5, doc="added to the variance")},
+               input_names=("x", "weight", "bias"),
+               doc="torch.nn.functional.layer_norm over the trailing axes (biased variance)"))
 
 
 # ---------------------------------------------------------------- losses (per example)

@@ -109,9 +109,66 @@ def _unary(fn, derivative) -> _Op:
     return _Op(forward, vjp)
 
 
+# Named activations, written from torch.nn.functional's definitions, not from graphc.ops.
+# The kinks take torch's slopes (elu'(0) = alpha, hardsigmoid'(±3) = 0, hardswish'(-3) = 0,
+# hardswish'(3) = 1). NaN propagates through the values; at NaN the derivatives are the C's
+# (its Piecewise's last branch): hardsigmoid'(NaN) is 1/6, where torch's backward gives 0.
+
+_erf = np.vectorize(math.erf, otypes=[float])   # NumPy has no erf (see _NUMPY below)
+_GELU_BETA, _GELU_KAPPA = math.sqrt(2) * (2 / math.sqrt(math.pi)) * 0.5, 0.044715   # torch's
+_SELU_ALPHA, _SELU_SCALE = 1.6732632423543772848170429916717, 1.0507009873554804934193349852946
+
+
+def _gelu(x, at):
+    if at["approximate"] == "tanh":
+        return 0.5 * x * (1 + np.tanh(_GELU_BETA * (x + _GELU_KAPPA * x ** 3)))
+    return (0.5 * x * (1 + _erf(x / math.sqrt(2)))).astype(x.dtype)
+
+
+def _gelu_d(x, y, at):
+    if at["approximate"] == "tanh":
+        t = np.tanh(_GELU_BETA * (x + _GELU_KAPPA * x ** 3))
+        return 0.5 * (1 + t) + 0.5 * x * (1 - t * t) * _GELU_BETA * (1 + 3 * _GELU_KAPPA * x * x)
+    # Φ(x) + x·φ(x); exp(-x²/2) is 0, not inf, for large |x|
+    return (0.5 * (1 + _erf(x / math.sqrt(2)))
+            + x * np.exp(-0.5 * x * x) / math.sqrt(2 * math.pi)).astype(x.dtype)
+
+
+def _log1p_exp(x):
+    with np.errstate(invalid="ignore"):   # logaddexp warns of a NaN, which it returns
+        return np.logaddexp(0, x)
+
+
+def _softplus(x, at):
+    bx = at["beta"] * x
+    return np.where(bx > at["threshold"], x, _log1p_exp(bx) / at["beta"])
+
+
+def _elu(x, alpha):
+    # expm1 of min(x, 0): no overflow on the side np.where discards
+    return np.where(x <= 0, alpha * np.expm1(np.minimum(x, 0)), x)
+
+
+def _elu_d(x, alpha):
+    return np.where(x <= 0, alpha * np.exp(np.minimum(x, 0)), 1.0).astype(x.dtype)
+
+
+def _hard_sigmoid(x):
+    return np.clip(x + 3, 0, 6) / 6   # np.clip keeps NaN
+
+
+def _hard_sigmoid_d(x):
+    return np.where((x <= -3) | (x >= 3), 0.0, 1 / 6).astype(x.dtype)
+
+
+def _mish_d(x, y, at):
+    t = np.tanh(_log1p_exp(x))
+    return t + x * (1 - t * t) * _sigmoid(x)
+
+
 # NumPy has no erf, and lambdify's fallback (math.erf) takes scalars only. Formulas keep
 # sigmoid, softplus and relu as functions (graphc.functions), evaluated in stable forms.
-_NUMPY = [{**numpy_namespace(), "erf": np.vectorize(math.erf, otypes=[float])}, "numpy"]
+_NUMPY = [{**numpy_namespace(), "erf": _erf}, "numpy"]
 
 
 def _floating(expr: sp.Expr) -> sp.Expr:
@@ -142,8 +199,10 @@ class _Formula:
                          for s in plain]
 
     def _eval(self, fn, args: list[np.ndarray]) -> np.ndarray:
-        aligned = _aligned(args)
-        out = np.empty(np.broadcast_shapes(*(a.shape for a in aligned)), args[0].dtype)
+        # Broadcast, not only aligned: lambdify prints And/Or as logical_and.reduce of a
+        # tuple, which needs its conditions in one shape.
+        aligned = np.broadcast_arrays(*_aligned(args))
+        out = np.empty(aligned[0].shape if aligned else (), args[0].dtype)
         # lambdify turns Piecewise into numpy.select, which evaluates every branch, also
         # where it is not selected (log of a negative, say): those warnings are spurious.
         with np.errstate(all="ignore"):
@@ -303,6 +362,307 @@ def _bce_vjp(g, args, out, attrs):
     return [_unbroadcast(_expand_to(g, d) * d / count, x.shape), None]
 
 
+# ---------------------------------------------------------------- spatial and movement ops
+# torch.nn.functional's semantics, per example in torch's layout without the batch axis:
+# [C, L] for 1-D, [C, H, W] for 2-D; lifted, the spatial axes are the last d. Attributes
+# come validated but unexpanded: an int is repeated per spatial axis. Convolution and
+# pooling loop over the kernel's offsets: at each, the input positions it reads form one
+# strided slice of the padded input, so a forward is a sum of shifted slices and a VJP adds
+# into the same slices (distinct positions within one slice, so `+=` on the view is exact).
+
+def _spatial(value, d: int, what: str) -> tuple[int, ...]:
+    """An int or a tuple of ints as one int per spatial axis (torch also takes a 1-tuple)."""
+    vals = tuple(value) if isinstance(value, (list, tuple)) else (value,)
+    if len(vals) == 1:
+        vals *= d
+    if len(vals) != d:
+        raise ValueError(f"{what} must be an int or {d} of them, got {value!r}")
+    return vals
+
+
+def _out_size(size, lo, hi, k, s, dil) -> int:
+    n = (size + lo + hi - dil * (k - 1) - 1) // s + 1
+    if n < 1:
+        raise ValueError(f"an input of size {size} (padding {lo}+{hi}) is smaller than the "
+                         f"kernel's extent {dil * (k - 1) + 1}")
+    return n
+
+
+@dataclass(frozen=True)
+class _Window:
+    """A kernel sliding over the last d axes: sizes, strides and padding per axis."""
+    size: tuple[int, ...]       # input's spatial sizes
+    kernel: tuple[int, ...]
+    stride: tuple[int, ...]
+    dilation: tuple[int, ...]
+    pad: tuple[tuple[int, int], ...]  # (before, after) per axis
+    out: tuple[int, ...]
+
+    @staticmethod
+    def make(size, kernel, stride, dilation, pad) -> "_Window":
+        out = tuple(_out_size(n, lo, hi, k, s, dl)
+                    for n, (lo, hi), k, s, dl in zip(size, pad, kernel, stride, dilation))
+        return _Window(tuple(size), kernel, stride, dilation, tuple(pad), out)
+
+    def padded(self, x: np.ndarray, value=0.0) -> np.ndarray:
+        if not any(lo or hi for lo, hi in self.pad):
+            return x
+        return np.pad(x, ((0, 0),) * (x.ndim - len(self.pad)) + self.pad, constant_values=value)
+
+    def crop(self, xp: np.ndarray) -> np.ndarray:
+        return xp[(Ellipsis,) + tuple(slice(lo, lo + n) for (lo, _), n in zip(self.pad, self.size))]
+
+    def offsets(self):
+        """(kernel offset, index of the padded input's positions it reads, one per output)."""
+        for koff in np.ndindex(*self.kernel):
+            yield koff, (Ellipsis,) + tuple(
+                slice(o * dl, o * dl + s * (n - 1) + 1, s)
+                for o, dl, s, n in zip(koff, self.dilation, self.stride, self.out))
+
+    def in_bounds(self, dtype) -> np.ndarray:
+        """1 at the padded input's real positions, 0 in the padding (spatial axes only)."""
+        return self.padded(np.ones(self.size, dtype)[None])[0]
+
+
+def _conv_geometry(d: int, args, attrs):
+    x, w = args[0], args[1]
+    if x.ndim != d + 2 or w.ndim != d + 3:
+        raise ValueError(f"conv{d}d: input must be [C{', L' if d == 1 else ', H, W'}] and "
+                         f"weight [O, C/groups, k...], got {x.shape[1:]} and {w.shape[1:]}")
+    groups = attrs.get("groups", 1)
+    c, o, cg = x.shape[1], w.shape[1], w.shape[2]
+    if c != cg * groups or o % groups:
+        raise ValueError(f"conv{d}d: {c} input channels, weight {w.shape[1:]} and "
+                         f"groups={groups} do not fit")
+    kernel = w.shape[3:]
+    stride = _spatial(attrs.get("stride", 1), d, "stride")
+    dilation = _spatial(attrs.get("dilation", 1), d, "dilation")
+    padding = attrs.get("padding", 0)
+    if padding == "valid":
+        pad = ((0, 0),) * d
+    elif padding == "same":
+        if any(s != 1 for s in stride):
+            raise ValueError(f"conv{d}d: padding='same' needs stride 1, got {stride}")
+        # torch: total d·(k-1) per axis, the odd unit on the right.
+        total = [dl * (k - 1) for dl, k in zip(dilation, kernel)]
+        pad = tuple((t // 2, t - t // 2) for t in total)
+    else:
+        pad = tuple((p, p) for p in _spatial(padding, d, "padding"))
+    return _Window.make(x.shape[2:], kernel, stride, dilation, pad), groups
+
+
+def _conv(d: int) -> _Op:
+    def forward(args, attrs):
+        x, w = args[0], args[1]
+        win, groups = _conv_geometry(d, args, attrs)
+        xp = win.padded(x)
+        bx, bw = x.shape[0], w.shape[0]
+        batch = max(bx, bw) if min(bx, bw) else 0
+        c, o = x.shape[1], w.shape[1]
+        cg, og, spots = c // groups, o // groups, math.prod(win.out)
+        wg = w.reshape((bw, groups, og, cg) + win.kernel)
+        y = np.zeros((batch, groups, og, spots), np.result_type(x, w))
+        for koff, idx in win.offsets():
+            xs = xp[idx].reshape(bx, groups, cg, spots)
+            y += np.matmul(wg[(Ellipsis,) + koff], xs)   # (B, G, Og, Cg) @ (B, G, Cg, P)
+        y = y.reshape((batch, o) + win.out)
+        if len(args) == 3:
+            y = y + args[2].reshape(args[2].shape + (1,) * d)
+        return y
+
+    def vjp(g, args, out, attrs):
+        x, w = args[0], args[1]
+        win, groups = _conv_geometry(d, args, attrs)
+        xp = win.padded(x)
+        bx, bw, batch = x.shape[0], w.shape[0], g.shape[0]
+        c, o = x.shape[1], w.shape[1]
+        cg, og, spots = c // groups, o // groups, math.prod(win.out)
+        wg = w.reshape((bw, groups, og, cg) + win.kernel)
+        gg = g.reshape(batch, groups, og, spots)
+        gxp = np.zeros((batch,) + xp.shape[1:], g.dtype)
+        gw = np.zeros((bw, groups, og, cg) + win.kernel, g.dtype)
+        for koff, idx in win.offsets():
+            wk = wg[(Ellipsis,) + koff]
+            part = np.matmul(np.swapaxes(wk, -1, -2), gg)          # (B, G, Cg, P)
+            gxp[idx] += part.reshape((batch, c) + win.out)
+            xs = xp[idx].reshape(bx, groups, cg, spots)
+            gwk = np.matmul(gg, np.swapaxes(xs, -1, -2))           # (B, G, Og, Cg)
+            gw[(Ellipsis,) + koff] = gwk.sum(axis=0, keepdims=True) if bw == 1 else gwk
+        grads = [_unbroadcast(win.crop(gxp), x.shape), gw.reshape(w.shape)]
+        if len(args) == 3:
+            grads.append(_unbroadcast(g.sum(axis=tuple(range(2, g.ndim))), args[2].shape))
+        return grads
+    return _Op(forward, vjp)
+
+
+def _pool_window(d: int, x: np.ndarray, attrs, op: str) -> _Window:
+    if x.ndim != d + 2:
+        raise ValueError(f"{op}: input must have per-example rank {d + 1}, got {x.shape[1:]}")
+    kernel = _spatial(attrs["kernel_size"], d, "kernel_size")
+    stride = attrs.get("stride")
+    stride = kernel if stride is None else _spatial(stride, d, "stride")
+    padding = _spatial(attrs.get("padding", 0), d, "padding")
+    if any(2 * p > k for p, k in zip(padding, kernel)):
+        raise ValueError(f"{op}: padding {padding} must be at most half the kernel {kernel}")
+    return _Window.make(x.shape[2:], kernel, stride, (1,) * d, tuple((p, p) for p in padding))
+
+
+def _max_pool_choice(d: int, x: np.ndarray, attrs):
+    """The window, the values of every offset stacked (K, B, C, *out), and per output the
+    offset torch's CPU kernel picks: scanning row-major, `val > maxval || isnan(val)`
+    replaces the running maximum (start: -inf at the first in-bounds position), so the
+    first of tied maxima wins, and the last NaN if there is one."""
+    win = _pool_window(d, x, attrs, f"max_pool{d}d")
+    xp = win.padded(x, -np.inf)
+    stack = np.stack([xp[idx] for _, idx in win.offsets()])
+    nan = np.isnan(stack)
+    last_nan = len(stack) - 1 - np.argmax(nan[::-1], axis=0)
+    first_max = np.argmax(stack, axis=0)          # no NaN in these windows: the first max
+    inb = win.in_bounds(bool)
+    first_in = np.argmax(np.stack([inb[idx[1:]] for _, idx in win.offsets()]), axis=0)
+    best = np.take_along_axis(stack, first_max[None], axis=0)[0]
+    choice = np.where(nan.any(axis=0), last_nan,
+                      np.where(best == -np.inf, first_in, first_max))
+    return win, stack, choice
+
+
+def _max_pool(d: int) -> _Op:
+    def forward(args, attrs):
+        _, stack, choice = _max_pool_choice(d, args[0], attrs)
+        return np.take_along_axis(stack, choice[None], axis=0)[0]
+
+    def vjp(g, args, out, attrs):
+        (x,) = args
+        win, _, choice = _max_pool_choice(d, x, attrs)
+        # The chosen input position (unpadded, row-major within its channel plane).
+        koffs = np.array(list(np.ndindex(*win.kernel)), dtype=np.intp).reshape(-1, d)
+        flat = np.zeros(choice.shape, np.intp)
+        for a in range(d):
+            pos = np.arange(win.out[a]) * win.stride[a] - win.pad[a][0]
+            pos = pos.reshape((-1,) + (1,) * (d - 1 - a))
+            flat = flat * win.size[a] + pos + koffs[choice, a]
+        planes = x.shape[0] * x.shape[1]
+        size = math.prod(win.size)
+        flat = flat + (np.arange(planes) * size).reshape(x.shape[:2] + (1,) * d)
+        gx = np.bincount(flat.ravel(), weights=g.ravel(), minlength=planes * size)
+        return [gx.astype(g.dtype).reshape(x.shape)]
+    return _Op(forward, vjp)
+
+
+def _avg_divisor(win: _Window, attrs, dtype) -> np.ndarray | float:
+    """Per output position: the kernel's size, or (count_include_pad False) its in-bounds count."""
+    if attrs.get("count_include_pad", True):
+        return float(math.prod(win.kernel))
+    inb = win.in_bounds(dtype)
+    return sum(inb[idx[1:]] for _, idx in win.offsets())
+
+
+def _avg_pool(d: int) -> _Op:
+    def forward(args, attrs):
+        (x,) = args
+        win = _pool_window(d, x, attrs, f"avg_pool{d}d")
+        xp = win.padded(x)
+        total = sum(xp[idx] for _, idx in win.offsets())
+        return (total / _avg_divisor(win, attrs, x.dtype)).astype(x.dtype, copy=False)
+
+    def vjp(g, args, out, attrs):
+        (x,) = args
+        win = _pool_window(d, x, attrs, f"avg_pool{d}d")
+        share = g / _avg_divisor(win, attrs, g.dtype)
+        gxp = np.zeros(x.shape[:2] + tuple(n + lo + hi for n, (lo, hi) in zip(win.size, win.pad)),
+                       g.dtype)
+        for _, idx in win.offsets():
+            gxp[idx] += share
+        return [win.crop(gxp)]
+    return _Op(forward, vjp)
+
+
+def _global_avg_pool_vjp(g, args, out, attrs):
+    (x,) = args
+    spatial = x.shape[2:]
+    share = g.reshape(g.shape + (1,) * len(spatial)) / math.prod(spatial)
+    return [np.broadcast_to(share, x.shape).astype(g.dtype)]
+
+
+def _pad_widths(x: np.ndarray, attrs) -> list[tuple[int, int]]:
+    """np.pad's widths from torch's `pad`: (before, after) of the last axis first."""
+    pad = tuple(attrs["pad"])
+    if len(pad) % 2 or len(pad) // 2 > x.ndim - 1:
+        raise ValueError(f"pad: {pad} must have an even length of at most 2 x the "
+                         f"per-example rank {x.ndim - 1}")
+    pairs = [(pad[k], pad[k + 1]) for k in range(0, len(pad), 2)][::-1]
+    return [(0, 0)] * (x.ndim - len(pairs)) + pairs
+
+
+def _pad_forward(args, attrs):
+    (x,) = args
+    return np.pad(x, _pad_widths(x, attrs), constant_values=attrs.get("value", 0.0))
+
+
+def _pad_vjp(g, args, out, attrs):
+    (x,) = args
+    widths = _pad_widths(x, attrs)
+    return [g[tuple(slice(lo, lo + n) for (lo, _), n in zip(widths, x.shape))]]
+
+
+def _slice_index(x: np.ndarray, attrs) -> tuple:
+    axis = _axis(attrs["axis"], x)
+    step = attrs.get("step", 1)
+    if step is None:
+        step = 1
+    return (slice(None),) * axis + (slice(attrs.get("start", 0), attrs.get("stop"), step),)
+
+
+def _slice_vjp(g, args, out, attrs):
+    (x,) = args
+    gx = np.zeros(x.shape, g.dtype)
+    gx[_slice_index(x, attrs)] = g
+    return [gx]
+
+
+def _perm(x: np.ndarray, attrs) -> tuple[int, ...]:
+    """The lifted array's axis order: the batch axis stays first."""
+    perm = attrs.get("perm")
+    rank = x.ndim - 1
+    perm = tuple(range(rank))[::-1] if perm is None else tuple(p % rank for p in perm)
+    if sorted(perm) != list(range(rank)):
+        raise ValueError(f"transpose: perm {attrs.get('perm')!r} is not a permutation of "
+                         f"{rank} axes")
+    return (0,) + tuple(p + 1 for p in perm)
+
+
+def _layer_norm_stats(x: np.ndarray, attrs):
+    rank = x.ndim - 1
+    axes = tuple(sorted(a % rank + 1 for a in attrs.get("axes", (-1,))))
+    if axes != tuple(range(x.ndim - len(axes), x.ndim)) or len(set(axes)) != len(axes):
+        raise ValueError(f"layer_norm: axes {attrs.get('axes')!r} must be trailing axes")
+    mu = x.mean(axis=axes, keepdims=True)
+    var = ((x - mu) ** 2).mean(axis=axes, keepdims=True)      # biased, as torch
+    rstd = 1 / np.sqrt(var + attrs.get("eps", 1e-5))
+    return axes, (x - mu) * rstd, rstd
+
+
+def _layer_norm_forward(args, attrs):
+    x = args[0]
+    _, xhat, _ = _layer_norm_stats(x, attrs)
+    y = xhat * _align(args[1], x.ndim - 1) if len(args) > 1 else xhat
+    return y + _align(args[2], x.ndim - 1) if len(args) > 2 else y
+
+
+def _layer_norm_vjp(g, args, out, attrs):
+    x = args[0]
+    axes, xhat, rstd = _layer_norm_stats(x, attrs)
+    gh = g * _align(args[1], x.ndim - 1) if len(args) > 1 else g
+    gx = rstd * (gh - gh.mean(axis=axes, keepdims=True)
+                 - xhat * (gh * xhat).mean(axis=axes, keepdims=True))
+    grads = [_unbroadcast(gx, x.shape)]
+    if len(args) > 1:
+        grads.append(_unbroadcast(g * xhat, args[1].shape))
+    if len(args) > 2:
+        grads.append(_unbroadcast(g, args[2].shape))
+    return grads
+
+
 OPS: dict[str, _Op] = {
     "add": _binary(np.add, lambda g, a, b: (g, g)),
     "sub": _binary(np.subtract, lambda g, a, b: (g, -g)),
@@ -316,6 +676,18 @@ OPS: dict[str, _Op] = {
     "tanh": _unary(lambda x, at: np.tanh(x), lambda x, y, at: 1 - y ** 2),
     "exp": _unary(lambda x, at: np.exp(x), lambda x, y, at: y),
     "log": _unary(lambda x, at: np.log(x), lambda x, y, at: 1 / x),
+    "gelu": _unary(_gelu, _gelu_d),
+    "silu": _unary(lambda x, at: x * _sigmoid(x),
+                   lambda x, y, at: _sigmoid(x) * (1 + x * _sigmoid(-x))),
+    "softplus": _unary(_softplus, lambda x, y, at: np.where(
+        at["beta"] * x > at["threshold"], 1.0, _sigmoid(at["beta"] * x)).astype(x.dtype)),
+    "elu": _unary(lambda x, at: _elu(x, at["alpha"]), lambda x, y, at: _elu_d(x, at["alpha"])),
+    "selu": _unary(lambda x, at: _SELU_SCALE * _elu(x, _SELU_ALPHA),
+                   lambda x, y, at: _SELU_SCALE * _elu_d(x, _SELU_ALPHA)),
+    "hard_sigmoid": _unary(lambda x, at: _hard_sigmoid(x), lambda x, y, at: _hard_sigmoid_d(x)),
+    "hard_swish": _unary(lambda x, at: x * _hard_sigmoid(x),
+                         lambda x, y, at: _hard_sigmoid(x) + x * _hard_sigmoid_d(x)),
+    "mish": _unary(lambda x, at: x * np.tanh(_log1p_exp(x)), _mish_d),
     # attrs of an elementwise node is its compiled _Formula (see Reference.__init__).
     "elementwise": _Op(lambda args, f: f.forward(args), lambda g, args, out, f: f.vjp(g, args)),
     "dense": _Op(_dense_forward, _dense_vjp),
@@ -332,6 +704,20 @@ OPS: dict[str, _Op] = {
     "mse": _Op(_mse_forward, _mse_vjp),
     "softmax_cross_entropy": _Op(_sce_forward, _sce_vjp),
     "bce_with_logits": _Op(_bce_forward, _bce_vjp),
+    # spatial and movement ops
+    "conv1d": _conv(1),
+    "conv2d": _conv(2),
+    "max_pool1d": _max_pool(1),
+    "max_pool2d": _max_pool(2),
+    "avg_pool1d": _avg_pool(1),
+    "avg_pool2d": _avg_pool(2),
+    "global_avg_pool": _Op(lambda args, at: args[0].mean(axis=tuple(range(2, args[0].ndim))),
+                           _global_avg_pool_vjp),
+    "pad": _Op(_pad_forward, _pad_vjp),
+    "slice": _Op(lambda args, at: args[0][_slice_index(args[0], at)], _slice_vjp),
+    "transpose": _Op(lambda args, at: args[0].transpose(_perm(args[0], at)),
+                     lambda g, args, out, at: [g.transpose(np.argsort(_perm(args[0], at)))]),
+    "layer_norm": _Op(_layer_norm_forward, _layer_norm_vjp),
 }
 
 

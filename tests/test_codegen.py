@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import os
 import re
 import shutil
@@ -9,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import networkx as nx
 import numpy as np
 import pytest
 import sympy as sp
@@ -108,6 +110,43 @@ def test_codegen_reads_only_the_ir_contract():
                          check=True, cwd=ROOT).stdout
     assert out.strip() == ("['graphc', 'graphc.dtypes', 'graphc.errors', 'graphc.functions', "
                            "'graphc.ir']"), out
+
+
+def _imports(tree, module: str, modules: dict) -> tuple[set, set]:
+    """(module-level, function-local) graphc/codegen modules that `module` imports. Names
+    imported from a package (not its submodules) need the package's __init__."""
+    package = module if modules[module].name == "__init__.py" else module.rsplit(".", 1)[0]
+    top, local = set(), set()
+    at_top = {node for node in tree.body if isinstance(node, (ast.Import, ast.ImportFrom))}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found = {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            base = package.split(".")[:len(package.split(".")) - node.level + 1] \
+                if node.level else []
+            source = ".".join(base + ([node.module] if node.module else []))
+            subs = {f"{source}.{a.name}" for a in node.names} & set(modules)
+            found = subs | ({source} if len(subs) < len(node.names) else set())
+        else:
+            continue
+        (top if node in at_top else local).update(found & set(modules) - {module})
+    return top, local
+
+
+def test_no_function_local_import_hides_a_cycle():
+    """An import inside a function is only for load time (the CLI's --help, cffi), never to
+    break a cycle: the imports of graphc and codegen, module-level and local alike, form no
+    cycle (a local import that closed one would fail at module level)."""
+    modules = {}
+    for path in [*(ROOT / "graphc").rglob("*.py"), *(ROOT / "codegen").rglob("*.py")]:
+        name = ".".join(path.relative_to(ROOT).with_suffix("").parts)
+        modules[name.removesuffix(".__init__")] = path
+    graph = nx.DiGraph()
+    graph.add_nodes_from(modules)
+    for name, path in modules.items():
+        top, inner = _imports(ast.parse(path.read_text()), name, modules)
+        graph.add_edges_from((name, t) for t in top | inner)
+    assert not list(nx.simple_cycles(graph))
 
 
 def test_same_spec_same_bytes_across_processes():

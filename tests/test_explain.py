@@ -8,7 +8,8 @@ format, the pictures, the command line, and the HTML page rendered in headless C
 from __future__ import annotations
 
 import dataclasses
-
+import functools
+import math
 import os
 import re
 import shutil
@@ -99,6 +100,64 @@ def test_relu_family_is_one_then_the_slope_and_the_slope_at_the_kink(act, attrs,
     h = at("h", b, i0)
     values = [float(s.local.derived.subs(h, v)) for v in (-1.5, 0.0, 2.0)]
     assert values == [slope, slope, 1.0]   # PyTorch's convention: the kink takes the left slope
+
+
+_ERF = np.vectorize(math.erf)
+_SELU = (1.0507009873554805, 1.6732632423543772)   # torch's scale and alpha
+# name -> (op, attrs, NumPy forward as torch defines it, a function the shown derivative
+# calls, slopes at the kinks: torch's)
+ACTIVATIONS = {
+    # (gelu's approximate='tanh' is left out: explain's sympy.simplify of its derivative
+    # alone takes about 5 s)
+    "gelu": ("gelu", {}, lambda x: x * (1 + _ERF(x / np.sqrt(2))) / 2, "erf(", {}),
+    "silu": ("silu", {}, lambda x: x / (1 + np.exp(-x)), "sigmoid(h[b, i0])", {}),
+    "softplus": ("softplus", {"beta": 2.0}, lambda x: np.log1p(np.exp(2 * x)) / 2,
+                 "sigmoid(2·h[b, i0])", {}),
+    "elu": ("elu", {"alpha": 0.5}, lambda x: np.where(x > 0, x, 0.5 * np.expm1(x)), "exp(",
+            {0.0: 0.5}),
+    "selu": ("selu", {}, lambda x: _SELU[0] * np.where(x > 0, x, _SELU[1] * np.expm1(x)),
+             "exp(", {0.0: _SELU[0] * _SELU[1]}),
+    "hard_sigmoid": ("hard_sigmoid", {}, lambda x: np.clip(x + 3, 0, 6) / 6, "1/6",
+                     {-3.0: 0.0, 3.0: 0.0}),
+    "hard_swish": ("hard_swish", {}, lambda x: x * np.clip(x + 3, 0, 6) / 6, "1/6",
+                   {-3.0: 0.0, 3.0: 1.0}),
+    "mish": ("mish", {}, lambda x: x * np.tanh(np.log1p(np.exp(x))), "tanh(softplus(h[b, i0]))",
+             {}),
+}
+
+
+@functools.lru_cache(maxsize=None)
+def activations_explained():
+    """One explanation for a net with every activation of ACTIVATIONS on h (node a<k>)."""
+    bld = graphc.Builder("acts")
+    x, y = bld.input("x", [4]), bld.input("y", [3 * len(ACTIVATIONS)])
+    h = bld.dense(x, bld.param("W", [3, 4]), name="h")
+    acts = [getattr(bld, op)(h, name=f"a{k}", **attrs)
+            for k, (op, attrs, *_) in enumerate(ACTIVATIONS.values())]
+    cat = bld.concat(*acts, name="cat")
+    return explain(bld.build(outputs=[cat], loss=bld.mse(cat, y, name="loss")), wrt="W",
+                   expand=False)
+
+
+@pytest.mark.parametrize("name", ACTIVATIONS)
+def test_named_activations_are_explained_with_their_derivative(name):
+    """The step shown for each named activation is its derivative: equal to central
+    differences of torch's definition away from the kinks and to torch's slope at them,
+    and printed through the function it calls (silu' through sigmoid, ...)."""
+    k = list(ACTIVATIONS).index(name)
+    _, _, f, calls, kinks = ACTIVATIONS[name]
+    e = activations_explained()
+    s = step(e, f"a{k}", "h")
+    points = np.array([-4.5, -1.5, -0.25, 0.7, 2.0, 5.0])
+    shown = [float(s.local.derived.subs(s.local.wrt, v)) for v in points]
+    eps = 1e-6
+    np.testing.assert_allclose(shown, (f(points + eps) - f(points - eps)) / (2 * eps),
+                               rtol=1e-6, atol=1e-8)
+    for v, slope in kinks.items():
+        assert float(s.local.derived.subs(s.local.wrt, v)) == pytest.approx(slope, rel=1e-15)
+    (line,) = [t for t in e.text().splitlines()
+               if t.strip().startswith(f"∂a{k}[b, i0]/∂h[b, i0] = ")]
+    assert calls in line, line
 
 
 def test_mse_gradient_is_two_residuals_over_k():
@@ -381,20 +440,26 @@ loss: loss
 """
 
 
+def _children_cpu() -> float:
+    """CPU seconds of this process's finished children (and theirs: a C compiler)."""
+    import resource
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
 @pytest.mark.parametrize("at_", ["none", "random"])
 def test_explain_bounds_the_expanded_view(tmp_path, at_):
     """In a subprocess with a timeout: unbounded, this did not end for minutes."""
     import sys
-    import time
     path = tmp_path / "wide.yaml"
     path.write_text(WIDE)
     assert len(WIDE.encode()) <= 1024
-    start = time.perf_counter()
+    start = _children_cpu()   # CPU seconds: a machine busy with other work slows the wall clock
     run = subprocess.run([sys.executable, "-m", "graphc", "explain", str(path), "--at", at_],
                          capture_output=True, text=True, timeout=90, cwd=ROOT)
-    seconds = time.perf_counter() - start
+    seconds = _children_cpu() - start
     assert run.returncode == 0, run.stderr
-    assert seconds < 20, f"graphc explain --at {at_} took {seconds:.1f} s"
+    assert seconds < 20, f"graphc explain --at {at_} took {seconds:.1f} CPU seconds"
     out = " ".join(run.stdout.split())     # the note is wrapped to the page width
     assert ("The fully expanded view (L as one expression of the weights, differentiated "
             "directly) is omitted: written out, the loss L grows past 200 operations.") in out
@@ -580,6 +645,342 @@ def test_cli_explain_bad_wrt_exits_2_naming_the_param(capsys):
     assert err.count("\n") == 1 and "'W9'" in err and "mlp.yaml" in err and "W1, b1, W2, b2" in err
 
 
+# ---------------------------------------------------------------- convolution and pooling
+
+DIGITS_CNN = ROOT / "examples/digits_cnn.yaml"
+# Every new kernel form at once: stride, padding and dilation per axis, groups with 'same'
+# padding, max pooling over padding (argmax routing), average pooling that divides by the
+# window's elements inside the input, a global average pool.
+CONV = {"name": "c", "inputs": {"x": {"shape": [3, 9, 8]}},
+        "params": {"W": {"shape": [4, 3, 3, 2]}, "b": {"shape": [4]}, "W2": {"shape": [4, 2, 2, 2]}},
+        "nodes": {"y": {"op": "conv2d", "inputs": ["x", "W", "b"], "padding": [1, 2], "stride": [2, 1],
+                        "dilation": [1, 2]},
+                  "z": {"op": "conv2d", "inputs": ["y", "W2"], "groups": 2, "padding": "same"},
+                  "p": {"op": "max_pool2d", "inputs": ["z"], "kernel_size": 2, "padding": 1},
+                  "a": {"op": "avg_pool2d", "inputs": ["z"], "kernel_size": 3, "stride": 2, "padding": 1,
+                        "count_include_pad": False},
+                  "g": {"op": "global_avg_pool", "inputs": ["a"]},
+                  "s": {"op": "sum", "inputs": ["p"]}, "t": {"op": "sum", "inputs": ["g"]},
+                  "l": {"op": "add", "inputs": ["s", "t"]}},
+        "outputs": ["p", "a"], "loss": "l"}
+
+
+@pytest.fixture(scope="module")
+def conv_w():
+    return explain(CONV, wrt="W", at="random")
+
+
+@pytest.fixture(scope="module")
+def digits_k1():
+    return explain(DIGITS_CNN, wrt="K1", at="random")
+
+
+_IDENT = re.compile(r"[A-Za-zδ∂_][\w.']*")
+_NOT_INDICES = {"if", "otherwise", "mod", "n", "oo"}
+_OPEN, _CLOSE = "([{⌊", ")]}⌋"
+
+
+def unbound_indices(rhs: str, lhs: str) -> list[str]:
+    """What is wrong with the indices of a printed right-hand side: an index symbol neither
+    on the left nor bound by an enclosing Σ_{...} (or max_, argmax_), or a Σ that binds an
+    index the left or an enclosing Σ already uses. A Σ binds up to the end of the bracket
+    it stands in (the printer brackets a Σ that does not reach to the end of its term)."""
+    def is_index(text, m) -> bool:
+        name = text[m.start():m.end()]
+        before = text[m.start() - 1] if m.start() else " "
+        return not (text[m.end():m.end() + 1] in ("[", "(") or name in _NOT_INDICES
+                    or name[0] in "δ∂" or before.isalnum() or before in "._'")
+
+    outer = {m.group() for m in _IDENT.finditer(lhs) if is_index(lhs, m)}
+    problems, scopes, depth, i = [], [], 0, 0     # scopes: (depth, names bound there)
+    while i < len(rhs):
+        binder = re.match(r"(Σ|argmax|max)_\{", rhs[i:])
+        if binder and (i == 0 or not rhs[i - 1].isalnum()):
+            j, d = i + binder.end(), 1
+            while d:
+                d += (rhs[j] in _OPEN) - (rhs[j] in _CLOSE)
+                j += 1
+            sub = rhs[i + binder.end():j - 1]
+            names = {m.group() for m in _IDENT.finditer(sub) if is_index(sub, m)}
+            in_use = outer.union(*[ns for _, ns in scopes])
+            problems += [f"{x} bound again by {binder.group(1)}" for x in sorted(names & in_use)]
+            scopes.append((depth, names))
+            i = j
+            continue
+        if rhs[i] in _OPEN:
+            depth += 1
+        elif rhs[i] in _CLOSE:
+            depth -= 1
+            scopes = [(d, ns) for d, ns in scopes if d <= depth]
+        m = _IDENT.match(rhs, i)
+        if m and (i == 0 or not (rhs[i - 1].isalnum() or rhs[i - 1] in "._'")):
+            if is_index(rhs, m) and m.group() not in outer.union(*[ns for _, ns in scopes]):
+                problems.append(f"{m.group()} is free")
+            i = m.end()
+            continue
+        i += 1
+    return problems
+
+
+def printed_equations(e):
+    """(lhs, rhs) of every formula in index notation the page prints (text form): the
+    equations, the chain rule, the words; `    = ...` lines continue the one above."""
+    from graphc.explain import notation as nt
+    from graphc.explain.render import Details, Eqs, P, Row, document
+    maths = []
+
+    def walk(blocks):
+        for blk in blocks:
+            if isinstance(blk, Eqs):
+                maths.extend(m.text for m, _ in blk.items)
+            elif isinstance(blk, P):
+                maths.extend(p.text for p in blk.parts if isinstance(p, nt.Math))
+            elif isinstance(blk, Row):
+                walk(blk.left)
+                walk(blk.right)
+            elif isinstance(blk, Details):
+                walk(blk.blocks)
+    walk(document(e))
+    last = ""
+    for t in maths:
+        m = re.match(r"(.*?) \+?= (.*)", t)
+        if not m:
+            continue
+        lhs = m.group(1).strip() or last
+        last = lhs
+        if re.search(r"\[[^\]]*[A-Za-z]", lhs):   # index notation (not numbers, not matrices)
+            yield lhs, m.group(2).split(", where ")[0] if ", where " in m.group(2) else m.group(2)
+
+
+def test_the_index_checker_finds_free_and_reused_indices():
+    # The line the chain rule printed for the grouped convolution before it was a gather.
+    bad = "Σ_{i1} W2[2·i0 + i1, i2, i5, i6]·δz[b, 2·i0 + i1, i3, i4]"
+    assert unbound_indices(bad, "δy[b, i0, i1, i2]") == [
+        "i1 bound again by Σ", "i5 is free", "i6 is free", "i3 is free", "i4 is free"]
+    assert unbound_indices("(Σ_{j0} a[b, j0]) + Σ_{j0} c[j0, i0]", "δy[b, i0]") == []
+    assert unbound_indices("(Σ_{j0} a[b, j0]) + c[j0, i0]", "δy[b, i0]") == ["j0 is free"]
+    assert unbound_indices("argmax_{2·i3 + i4} z[b, i0, 2·i1 + i3]", "p[b, i0, i1]") == []
+
+
+EXPLAINED = {"conv W": "conv_w", "digits_cnn K1": "digits_k1", "mlp W1": "mlp_w1"}   # fixtures
+
+
+@pytest.mark.parametrize("model", list(EXPLAINED))
+def test_no_printed_formula_has_a_free_or_reused_index(model, request):
+    e = request.getfixturevalue(EXPLAINED[model])
+    checked = 0
+    for lhs, rhs in printed_equations(e):
+        assert unbound_indices(rhs, lhs) == [], f"{lhs} = {rhs}"
+        checked += 1
+    assert checked >= {"conv W": 40, "digits_cnn K1": 50, "mlp W1": 20}[model]
+
+
+def formula_values(expr, idx, target, env, batch: int, zero_outside: bool = False,
+                   most: int = 300) -> np.ndarray:
+    """A printed formula (of its left-hand side's index `idx`) at the elements of `target`
+    (every one, or `most` spread over a larger array; the others are left as target's),
+    evaluated the way a reader would: cases lazily, Σ as loops, and a read outside its
+    array an error, or 0 for a reading that takes the padding as 0."""
+    class Reads:
+        def __init__(self, a):
+            self.a = a
+
+        def __getitem__(self, i):
+            i = tuple(int(k) for k in (i if isinstance(i, tuple) else (i,)))
+            if any(k < 0 or k >= d for k, d in zip(i, self.a.shape)):
+                if zero_outside:
+                    return 0.0
+                raise IndexError(f"{i} outside {self.a.shape}")
+            return float(self.a[i])
+    bases = sorted({a.base for a in expr.atoms(sp.Indexed)}, key=str)
+    named = {base: sp.IndexedBase(f"A{k}") for k, base in enumerate(bases)}
+    e = sp.sympify(expr).xreplace({a: named[a.base][a.indices] for a in expr.atoms(sp.Indexed)})
+    f = sp.lambdify([*named.values(), n, *[i for i in idx if isinstance(i, sp.Symbol)]], e,
+                    [{"floor": math.floor, "Mod": lambda a, m: a % m}, "math"])
+    arrays = [Reads(env[str(base.label)]) for base in bases]
+    out = np.array(target, dtype=np.float64, copy=True)
+    for flat in np.unique(np.linspace(0, target.size - 1, min(most, target.size)).astype(int)):
+        el = np.unravel_index(flat, target.shape)
+        out[el] = f(*arrays, batch, *el)
+    return out
+
+
+@pytest.mark.parametrize("model", ["conv W", "digits_cnn K1"])
+def test_chain_rule_formulas_compute_the_kernels_numbers(model, request):
+    """Each line of the chain rule put together (scatters written as gathers, pooling as a
+    read from one window, the transposed convolution), and each node's contribution and its
+    textbook reading, evaluated element by element at the worked example, is the δ the
+    kernels computed."""
+    from graphc.explain.derivation import canonical
+    e = request.getfixturevalue(EXPLAINED[model])
+    w, bufs = e.worked, e.derivation.gradients.buffers
+    checked = 0
+    for link in e.params[e.wrt[0]].chain[1:]:
+        assert link.expr is not None and not link.kernels, link.value   # every link composed
+        target = w.env[f"{link.value}.grad"]
+        idx = canonical(f"{link.value}.grad", bufs)
+        assert np.max(np.abs(formula_values(link.expr, idx, target, w.env, w.n) - target)) < 1e-12, link.value
+        checked += 1
+    for view in e.nodes:   # a reading that takes padding as 0 computes what the kernels do
+        for u, c in view.combined.items():
+            if c.reading is not None and "counts as 0" in (c.condition or ""):
+                target = w.env[f"{u}.grad"]
+                whole = formula_values(c.expr, c.index, target, w.env, w.n)
+                read = formula_values(c.reading, c.index, target, w.env, w.n, zero_outside=True)
+                assert np.max(np.abs(read - whole)) < 1e-12, (view.name, u)
+                checked += 1
+    assert checked >= 6
+
+
+def test_gathers_read_as_the_transposed_convolution_and_one_window(conv_w, digits_k1):
+    chain = {l.value: l for l in digits_k1.params["K1"].chain}
+    # max pooling 2x2: each element reads its one window, and δ goes where the max was.
+    assert chain["a1"].rhs.text == ("{δp1[b, i0, ⌊i1/2⌋, ⌊i2/2⌋] if 2·(i1 mod 2) + i2 mod 2 = "
+                                    "p1.argmax[b, i0, ⌊i1/2⌋, ⌊i2/2⌋]; 0 otherwise}")
+    # a 3x3 convolution padded by 1: the transposed convolution, δh2 taken as 0 outside.
+    assert chain["p1"].reading.text == \
+        "Σ_{j0, j1, j2} K2[j0, i0, j1, j2]·δh2[b, j0, i1 - j1 + 1, i2 - j2 + 1]"
+    assert "δh2 counts as 0 outside its array" in chain["p1"].condition
+    conv = {l.value: l for l in conv_w.params["W"].chain}
+    # groups = 2: input channel i0 belongs to group ⌊i0/2⌋ (no free index, no Σ over i1).
+    assert conv["y"].rhs.text.startswith("Σ_{j0, j1, j2} {W2[j0 + 2·⌊i0/2⌋, i0 mod 2, j1, j2]·"
+                                         "δz[b, j0 + 2·⌊i0/2⌋, i1 - j1, i2 - j2] if ")
+    text = conv_w.text()
+    assert "δy[b, i0, i1, i2] = Σ_{i1}" not in text
+    # Stride 2 and dilation 2 in the words; p is a node here, so the tap index is p'.
+    assert ("In words: ∂L/∂W[o, c, p', q] = Σ_{b, h, w} x[b, c, 2·h + p' - 1, w + 2·q - 2]·"
+            "δy[b, o, h, w]") in text
+    # A grouped convolution's weight: the input channel is c within o's group.
+    grouped = explain(CONV, wrt="W2", expand=False).text()
+    assert ("In words: ∂L/∂W2[o, c, p', q] = Σ_{b, h, w} y[b, c + 2·⌊o/2⌋, h + p', w + q]·"
+            "δz[b, o, h, w]") in grouped
+    # The scatter itself, in the step, says where it runs.
+    assert ("δy[b, 2·i0 + i2, i3 + i5, i4 + i6] += Σ_{i1} W2[2·i0 + i1, i2, i5, i6]·"
+            "δz[b, 2·i0 + i1, i3, i4], where (i3 + i5 < 5) & (i4 + i6 < 10)") in text
+
+
+def test_conv_weight_gradient_is_the_correlation_of_input_and_delta(digits_k1):
+    """--wrt K1: the summary says it in words, and the followed element's listed products
+    add up to it, which is the NumPy reference's gradient; the correlation itself, computed
+    in NumPy from x and δh1, is the reference's whole ∂L/∂K1."""
+    from graphc.reference import Reference
+    e, w = digits_k1, digits_k1.worked
+    text = " ".join(e.text().split())
+    said = ("In words: ∂L/∂K1[o, c, p, q] = Σ_{b, h, w} x[b, c, h + p - 1, w + q - 1]·δh1[b, o, h, w]: "
+            "the gradient of a convolution's weight is the correlation of its input x with δh1, "
+            "the gradient at its output.")
+    assert said in text
+    assert text.count(said) == 2      # in h1's step and in the chain rule put together
+    assert "∂L/∂K1[i0, i1, i2, i3] = Σ_{b, j0, j1} δh1[b, i0, j0, j1]·x[b, 0, i2 + j0 - 1, i3 + j1 - 1]" in text
+    ref = Reference(e.graph, "float64")
+    ref.set_params(w.params)
+    _, grads = ref.gradients(**w.inputs)
+    first = w.traces["K1"][0]
+    (step_,) = {s for s, _ in first.terms}
+    assert first.buffer == "K1.grad" and not first.omitted[step_]     # every non-zero term listed
+    zeros = first.zeros[step_]
+    assert len(first.terms) + zeros.count == w.n * 8 * 8           # b, h, w
+    assert zeros.padding == zeros.local > 0                         # a read in the padding
+    assert sum(t.value for _, t in first.terms) == pytest.approx(first.value, abs=1e-15)
+    assert first.value == pytest.approx(grads["K1"][first.element], abs=1e-14)
+    o, c, p, q = first.element
+    for _, t in first.terms:   # δh1[b, o, h, w]·x[b, c, h + p - 1, w + q - 1], and their values
+        (delta, dv), (read, xv) = t.factors
+        bb, oo, h, w_ = delta.indices
+        assert str(delta.base.label) == "h1.grad" and oo == o and dv == w.env["h1.grad"][bb, o, h, w_]
+        assert tuple(read.indices) == (bb, c, h + p - 1, w_ + q - 1) and xv == w.inputs["x"][read.indices]
+    xp = np.pad(w.inputs["x"], ((0, 0), (0, 0), (1, 1), (1, 1)))
+    dh1 = w.env["h1.grad"]
+    corr = np.einsum("bchwpq,bohw->ocpq", np.lib.stride_tricks.sliding_window_view(
+        xp, (3, 3), axis=(2, 3)), dh1)
+    np.testing.assert_allclose(corr, grads["K1"], rtol=1e-12, atol=1e-14)
+    # The worked line lists the products, says what was left out, and adds up as printed.
+    lines = [l for l in e.text().splitlines()
+             if re.match(rf"\s*∂L/∂K1\[{', '.join(map(str, first.element))}\] \+?= δh1\[", l)]
+    assert lines and f"({zeros.count} more terms, each 0: δh1 is 0 at {zeros.seed}, the local derivative " \
+        f"at {zeros.local} (its read lies in the padding))" in lines[0]
+    assert sum(1 for _ in _printed_sums(e.text())) >= 8
+    for terms, result in _printed_sums(e.text()):
+        assert _adds_up(terms, result), f"{terms} = {result}"
+
+
+def test_worked_conv_element_lists_every_product_that_is_not_0(conv_w):
+    """Stride, dilation, padding and a grouped layer above: the followed element of ∂L/∂W
+    is the sum of its listed products, every one of them, and the reference's gradient."""
+    from graphc.reference import Reference
+    w = conv_w.worked
+    ref = Reference(conv_w.graph, "float64")
+    ref.set_params(w.params)
+    _, grads = ref.gradients(**w.inputs)
+    for line in w.traces["W"]:
+        for s_ in line.parts:
+            assert not line.omitted[s_], (line.buffer, line.element)
+            listed = sum(t.value for s2, t in line.terms if s2 is s_)
+            assert listed == pytest.approx(line.parts[s_], rel=1e-12, abs=1e-15)
+    first = w.traces["W"][0]
+    assert first.value == pytest.approx(grads["W"][first.element], rel=1e-12)
+    assert [l.buffer for l in w.traces["W"]][:3] == ["W.grad", "y.grad", "z.grad"]
+    for terms, result in _printed_sums(conv_w.text()):
+        assert _adds_up(terms, result), f"{terms} = {result}"
+
+
+def test_max_pooling_routes_the_gradient_to_the_first_maximum(digits_k1):
+    from graphc.explain.numbers import argmax_position
+    text = " ".join(digits_k1.text().split())
+    assert "p1.argmax[b, i0, i1, i2] = argmax_{2·i3 + i4} a1[b, i0, 2·i1 + i3, 2·i2 + i4]" in text
+    assert "The gradient goes to the window's first maximum, as torch does" in text
+    (view,) = [v for v in digits_k1.nodes if v.name == "p1"]
+    kernels = digits_k1.derivation.gradients.kernels
+    assert [kernels[i].mode for i in view.forward] == ["max", "argmax"]   # the argmax is a step
+    assert digits_k1.code[view.forward[1]].name in text                  # beside its C
+    # The C's scan: the first of tied maxima; the last NaN; 0 when all are -inf.
+    windows = np.array([[1.0, 3.0, 3.0, 2.0], [np.nan, 1.0, np.nan, 0.0], [-np.inf] * 4, [0, 0, 0, 5.0]])
+    assert argmax_position(windows, (1,)).ravel().tolist() == [1, 2, 0, 3]
+    # The worked example agrees with the reference's routing (checked against the C too).
+    assert all(ok for _, _, ok in digits_k1.worked.checks), digits_k1.worked.checks
+    env = digits_k1.worked.env
+    a1 = env["a1"].reshape(2, 16, 4, 2, 4, 2).transpose(0, 1, 2, 4, 3, 5).reshape(2, 16, 4, 4, 4)
+    assert np.array_equal(env["p1.argmax"], np.argmax(a1, axis=-1).astype(float))
+
+
+def test_expanded_view_handles_padding_and_says_why_not_for_max_pooling(digits_k1):
+    import time
+    from graphc.explain.numbers import expand_all
+    tiny = {"name": "tc", "inputs": {"x": {"shape": [1, 3, 3]}, "t": {"shape": [1]}},
+            "params": {"K": {"shape": [1, 1, 2, 2]}},
+            "nodes": {"h": {"op": "conv2d", "inputs": ["x", "K"], "padding": 1, "stride": 2},
+                      "m": {"op": "avg_pool2d", "inputs": ["h"], "kernel_size": 2, "padding": 1,
+                            "count_include_pad": False},
+                      "g": {"op": "global_avg_pool", "inputs": ["m"]},
+                      "loss": {"op": "mse", "inputs": ["g", "t"]}},
+            "outputs": ["g"], "loss": "loss"}
+    x = explain(tiny, wrt="K").expanded["K"]      # 4 parameter scalars: expanded by default
+    assert not x.skipped and len(x.checks) == 4 and all(c.ok and c.symbolic for c in x.checks)
+    tiny["nodes"]["m"] = {"op": "max_pool2d", "inputs": ["h"], "kernel_size": 2}
+    x = explain(tiny, wrt="K").expanded["K"]
+    assert x.skipped.startswith("max pooling sends the gradient to each window's first maximum")
+    start = time.perf_counter()   # a net as large as digits_cnn is refused at once
+    views = expand_all(digits_k1.derivation.gradients, digits_k1.graph, ["K1"])
+    assert views["K1"].skipped and time.perf_counter() - start < 2
+
+
+def test_cli_explains_a_conv_net_quickly(tmp_path):
+    """About 5 s on an idle machine (C compiler included). Measured in CPU seconds of the
+    command and its compiler, which a machine busy with other work inflates far less than
+    the wall clock; the timeout catches a hang."""
+    import sys
+    start = _children_cpu()
+    run = subprocess.run([sys.executable, "-m", "graphc", "explain", str(DIGITS_CNN), "--wrt", "K2[0,0,1,1]",
+                          "--format", "html", "-o", str(tmp_path / "k2.html")],
+                         capture_output=True, text=True, timeout=120, cwd=ROOT)
+    seconds = _children_cpu() - start
+    assert run.returncode == 0, run.stderr
+    assert seconds < 20, f"graphc explain digits_cnn took {seconds:.1f} CPU seconds"
+    page = (tmp_path / "k2.html").read_text(encoding="utf-8")
+    assert "the correlation of its input" in page and "MISMATCH" not in page
+    assert "The element followed above" in page and page.count("<math") > 100
+
+
 # ---------------------------------------------------------------- the page in a browser
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
@@ -658,7 +1059,8 @@ window.addEventListener('load', () => {
 </script>"""
 
 
-# The mlp's page, and a tiny net's, whose expanded view writes out long formulas.
+# The mlp's page, a tiny net's, whose expanded view writes out long formulas, and the conv
+# net's, whose formulas are long index expressions.
 TINY = """\
 name: tiny
 inputs: {x: [3], y: [2]}
@@ -675,12 +1077,14 @@ loss: loss
 
 @pytest.mark.skipif(CHROMIUM is None, reason="no chromium, chromium-browser or google-chrome "
                     "(apt-get install chromium): the page is not rendered")
-@pytest.mark.parametrize("page", ["mlp W1", "tiny, expanded"])
-def test_html_page_fits_1280_px_without_scrolling(mlp_w1, tmp_path, page):
+@pytest.mark.parametrize("page", ["mlp W1", "tiny, expanded", "conv W"])
+def test_html_page_fits_1280_px_without_scrolling(mlp_w1, tmp_path, page, request):
     import json
     import html as _html
     if page == "mlp W1":
         e = mlp_w1
+    elif page == "conv W":   # long index formulas: padded reads, gathers, worked sums
+        e = request.getfixturevalue("conv_w")
     else:
         (tmp_path / "tiny.yaml").write_text(TINY)
         e = explain(tmp_path / "tiny.yaml", wrt="W1", at="random")

@@ -122,15 +122,54 @@ def test_large_integer_constants_print_as_floating_constants():
     same_as_reference(m, {"x": rng.normal(size=(2, 3)), "y": rng.normal(size=(2, 3)) * 1e20})
 
 
+# The named activations of graphc.ops, each with attributes to test it at: name -> (op, attrs).
+ACTIVATIONS = {"gelu": ("gelu", {}), "gelu tanh": ("gelu", {"approximate": "tanh"}),
+               "silu": ("silu", {}), "softplus": ("softplus", {}),
+               "softplus beta 2 threshold 6": ("softplus", {"beta": 2.0, "threshold": 6.0}),
+               "elu": ("elu", {}), "elu alpha 0.5": ("elu", {"alpha": 0.5}), "selu": ("selu", {}),
+               "hard_sigmoid": ("hard_sigmoid", {}), "hard_swish": ("hard_swish", {}),
+               "mish": ("mish", {})}
+
+
+@pytest.mark.parametrize("expr", ["abs(atan(1 / (softplus(P) + 0.5)))", "log(10**20) * P / 46"])
+def test_formulas_found_by_the_differential_search_compile_and_verify(expr):
+    """|u| of a u SymPy cannot prove real differentiated to re() and im(), which C has no
+    form for; a constant derivative (log(10**20)/46) went to `simplify` for an output form
+    and took over a minute. Both compile now, and verify against the reference and finite
+    differences."""
+    spec = {"name": "found", "inputs": {"x": [3]}, "params": {"P": [3]},
+            "nodes": {"e": {"op": "elementwise", "inputs": ["P", "x"], "expr": f"({expr}) * x"},
+                      "s": {"op": "sum", "inputs": ["e"]}}, "outputs": ["e"], "loss": "s"}
+    started = time.process_time()
+    report = graphc.compile(spec, dtype="float64").verify()
+    assert report.ok, report
+    assert time.process_time() - started < 20
+
+
+def test_a_non_finite_conv_weight_reaches_the_padded_outputs():
+    """Padding contributes 0·w, NaN for a NaN or infinite w, as torch computes it: the
+    guarded read is a term of value 0, never a skipped one."""
+    spec = {"name": "nanconv", "inputs": {"x": [1, 2], "w": [1, 1, 1]},
+            "nodes": {"y": {"op": "conv1d", "inputs": ["x", "w"], "padding": 1}},
+            "outputs": ["y"]}
+    model = graphc.compile(spec)
+    x = np.array([[[1.0, 2.0]]])
+    nan = model.forward(x=x, w=np.full((1, 1, 1, 1), np.nan))["y"]
+    assert np.isnan(nan).all(), nan
+    inf = model.forward(x=x, w=np.full((1, 1, 1, 1), np.inf))["y"]
+    np.testing.assert_array_equal(inf, [[[np.nan, np.inf, np.inf, np.nan]]])
+
+
 def test_nan_propagates_through_every_op(assert_close):
     """relu(NaN) was 0 in the C and the reference (torch: NaN): a diverging model looked
     healthy. Every op and formula function gives NaN where its input is NaN, and the C's
     values elsewhere are the reference's."""
-    ops = ["relu", "leaky_relu", "sigmoid", "tanh", "exp", "softmax", "log_softmax"]
+    ops = [(op, {}) for op in ("relu", "leaky_relu", "sigmoid", "tanh", "exp", "softmax",
+                               "log_softmax")] + list(ACTIVATIONS.values())
     formulas = ["relu(x)", "abs(x)", "max(x, 0)", "max(0, x)", "min(x, 0)", "min(0, x)",
                 "sigmoid(x)", "softplus(x)", "max(max(x, 1), 2)", "tanh(x) * exp(x)",
                 "sqrt(x * x)", "erf(x)", "atan(x)"]
-    nodes = {f"op{k}": {"op": op, "inputs": ["x"]} for k, op in enumerate(ops)}
+    nodes = {f"op{k}": {"op": op, "inputs": ["x"], **attrs} for k, (op, attrs) in enumerate(ops)}
     nodes.update({f"f{k}": {"op": "elementwise", "inputs": ["x"], "expr": e}
                   for k, e in enumerate(formulas)})
     spec = {"name": "nans", "inputs": {"x": [4]}, "nodes": nodes, "outputs": list(nodes)}
@@ -189,6 +228,111 @@ def test_derived_forms_stay_finite_over_a_wide_range(expr):
         np.testing.assert_allclose(got["c"], truth, rtol=tol, atol=tol * scale)
         out = m.forward(x=h)["a"][0]
         np.testing.assert_allclose(out, ref.forward(x=h)["a"][0], rtol=tol, atol=tol * scale)
+
+
+def _activation_truth():
+    """name -> the activation in mpmath, written from torch.nn.functional's definitions."""
+    import mpmath as mp
+
+    def elu(x, alpha=1):
+        return x if x > 0 else alpha * (mp.exp(x) - 1)
+
+    def hard_sigmoid(x):
+        return min(max(x + 3, 0), 6) / 6
+
+    return {"gelu": lambda x: x * (1 + mp.erf(x / mp.sqrt(2))) / 2,
+            "gelu tanh": lambda x: x * (1 + mp.tanh(mp.sqrt(2 / mp.pi)
+                                                    * (x + mp.mpf(0.044715) * x ** 3))) / 2,
+            "silu": lambda x: x / (1 + mp.exp(-x)),
+            "softplus": lambda x: x if x > 20 else mp.log(1 + mp.exp(x)),
+            "softplus beta 2 threshold 6": lambda x: x if 2 * x > 6 else mp.log(1 + mp.exp(2 * x)) / 2,
+            "elu": elu, "elu alpha 0.5": lambda x: elu(x, 0.5),
+            "selu": lambda x: mp.mpf("1.0507009873554804934193349852946")
+            * elu(x, mp.mpf("1.6732632423543772848170429916717")),
+            "hard_sigmoid": hard_sigmoid, "hard_swish": lambda x: x * hard_sigmoid(x),
+            "mish": lambda x: x * mp.tanh(mp.log(1 + mp.exp(x)))}
+
+
+WIDE = 200   # points over [-100, 100]; with an even count none is a kink (0, ±3, 20)
+
+
+def activations_spec() -> dict:
+    """Each activation of ACTIVATIONS on x + c_k, all summed into the loss: dL/dc_k is the
+    k-th activation's derivative at x (one model per dtype for the whole table)."""
+    nodes, params, terms = {}, {}, []
+    for k, (op, attrs) in enumerate(ACTIVATIONS.values()):
+        params[f"c{k}"] = {"shape": [WIDE], "init": "zeros"}
+        nodes[f"h{k}"] = {"op": "add", "inputs": ["x", f"c{k}"]}
+        nodes[f"a{k}"] = {"op": op, "inputs": [f"h{k}"], **attrs}
+        nodes[f"s{k}"] = {"op": "sum", "inputs": [f"a{k}"]}
+        terms.append(f"s{k}")
+    nodes["loss"] = {"op": "elementwise", "inputs": terms, "expr": " + ".join(terms)}
+    return {"name": "acts", "inputs": {"x": [WIDE]}, "params": params, "nodes": nodes,
+            "outputs": [f"a{k}" for k in range(len(ACTIVATIONS))], "loss": "loss"}
+
+
+@pytest.mark.parametrize("name", ACTIVATIONS)
+def test_activations_stay_finite_and_accurate_over_a_wide_range(name):
+    """Each named activation's float32 gradient is finite and within 2e-6 (relative to its
+    largest slope) of the exact derivative (mpmath, 40 digits) over x in [-100, 100], where
+    exp(±x) overflows float32; the float64 C and the reference within 1e-12."""
+    import mpmath
+    k = list(ACTIVATIONS).index(name)
+    # float32 values, so that every model and mpmath see the same numbers
+    h = np.linspace(-100, 100, WIDE).astype(np.float32).astype(np.float64)[None, :]
+    f = _activation_truth()[name]
+    with mpmath.workdps(40):
+        value = np.array([float(f(mpmath.mpf(v))) for v in h[0]])
+        truth = np.array([float(mpmath.diff(f, mpmath.mpf(v))) for v in h[0]])
+    scale = max(1.0, float(np.max(np.abs(truth))))
+    m64 = model(activations_spec(), "float64")
+    ref = graphc.reference(m64.graph)
+    for what, m, tol in (("reference", ref, 1e-12), ("float64 C", m64, 1e-12),
+                         ("float32 C", model(activations_spec(), "float32"), 2e-6)):
+        grad = m.gradients(x=h)[1][f"c{k}"]
+        assert np.all(np.isfinite(grad)), f"{what}: {grad}"
+        np.testing.assert_allclose(grad, truth, rtol=tol, atol=tol * scale, err_msg=what)
+        np.testing.assert_allclose(m.forward(x=h)[f"a{k}"][0], value, rtol=tol,
+                                   atol=tol * scale, err_msg=what)
+
+
+def _torch_activation(name: str):
+    import torch.nn.functional as F
+    op, attrs = ACTIVATIONS[name]
+    fn = {"gelu": F.gelu, "silu": F.silu, "softplus": F.softplus, "elu": F.elu, "selu": F.selu,
+          "hard_sigmoid": F.hardsigmoid, "hard_swish": F.hardswish, "mish": F.mish}[op]
+    return lambda t: fn(t, **attrs)
+
+
+# Every kink (0, ±3, softplus's thresholds 20 and 3), a point just beside each, and the
+# extremes; tiled to the model's width.
+KINK_GRID = [-100.0, -20.0, -3.5, -3.0, -2.99, -1.0, -0.01, 0.0, 0.01, 0.5, 1.0, 2.99, 3.0,
+             3.01, 3.5, 6.0, 19.99, 20.0, 20.01, 100.0]
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_activations_match_torch_at_their_kinks(dtype):
+    """Values and gradients of the C (and, in float64, of the reference) equal torch's
+    (float64) on KINK_GRID, the kinks included: the slope at each kink is the one torch's
+    backward takes (elu'(0) = alpha, selu'(0) = scale·alpha, hardsigmoid'(±3) = 0,
+    hardswish'(-3) = 0 and (3) = 1, softplus' = sigmoid at beta·x = threshold)."""
+    torch = pytest.importorskip("torch")
+    x = np.resize(np.array(KINK_GRID), WIDE)[None, :]
+    m = model(activations_spec(), dtype)
+    rtol = 1e-12 if dtype == "float64" else 2e-6
+    for what, runs in [("C", m)] + ([("reference", graphc.reference(m.graph))]
+                                    if dtype == "float64" else []):
+        out, (_, grads) = runs.forward(x=x), runs.gradients(x=x)
+        for k, name in enumerate(ACTIVATIONS):
+            t = torch.tensor(x[0], dtype=torch.float64, requires_grad=True)
+            y = _torch_activation(name)(t)
+            y.sum().backward()
+            # torch's hardsigmoid backward multiplies by 1/6 rounded to float32, even in float64
+            slope_tol = 3e-8 if name == "hard_sigmoid" else rtol
+            np.testing.assert_allclose(out[f"a{k}"][0], y.detach().numpy(), rtol=rtol,
+                                       atol=rtol, err_msg=f"{what}: {name}")
+            np.testing.assert_allclose(grads[f"c{k}"], t.grad.numpy(), rtol=slope_tol,
+                                       atol=slope_tol, err_msg=f"{what}: {name}'")
 
 
 def test_max_and_min_split_the_gradient_at_a_tie_like_torch():

@@ -45,6 +45,13 @@ def _away0(rng, shape):
     return signs * rng.uniform(0.25, 2.0, size=shape)
 
 
+def _away3(rng, shape):
+    """|v| in [0.25, 2.5] or [3.5, 6]: both sides of the kinks at 0 and ±3, none near."""
+    near = _away0(rng, shape) * 1.25                   # |v| in [0.3125, 2.5]
+    far = np.sign(near) * rng.uniform(3.5, 6.0, size=shape)
+    return np.where(rng.uniform(size=shape) < 0.5, near, far)
+
+
 def _onehot(rng, shape):
     return np.eye(shape[-1])[rng.integers(0, shape[-1], size=shape[:-1])]
 
@@ -59,6 +66,7 @@ DOMAINS: dict[str | None, Callable] = {
     "small": lambda rng, s: 0.5 * rng.standard_normal(s),
     "positive": lambda rng, s: rng.uniform(0.5, 2.0, size=s),
     "away0": _away0,
+    "away3": _away3,
     "onehot": _onehot,
     "probabilities": _probabilities,
     "unit": lambda rng, s: rng.uniform(0.05, 0.95, size=s),          # fractional targets
@@ -250,10 +258,13 @@ def _binary(net: Net, rng, op):
         net.zero_grad.add("same_h_q")
 
 
-UNARY_DOMAIN = {"relu": "away0", "leaky_relu": "away0", "log": "positive"}
+ACTIVATIONS = ("gelu", "silu", "softplus", "elu", "selu", "hard_sigmoid", "hard_swish", "mish")
+# The named activations over [-12, 12], both sides of their kinks (0, ±3) and none near.
+UNARY_DOMAIN = {"relu": "away0", "leaky_relu": "away0", "log": "positive",
+                **{op: "away3" for op in ACTIVATIONS}}
 
 
-@cases("relu", "leaky_relu", "sigmoid", "tanh", "exp", "log")
+@cases("relu", "leaky_relu", "sigmoid", "tanh", "exp", "log", *ACTIVATIONS)
 def _unary(net: Net, rng, op):
     dom = UNARY_DOMAIN.get(op)
     q = "positive" if dom else "small"
@@ -264,6 +275,13 @@ def _unary(net: Net, rng, op):
     if op == "leaky_relu":
         net.target(net.op("a2", op, net.scaled("a2_h", [a, b], dom, q), alpha=0.2))
         net.target(net.op("aneg", op, net.param("aneg_p", [b], dom), alpha=-0.5))
+    other_attrs = {"gelu": {"approximate": "tanh"}, "elu": {"alpha": 0.5},
+                   # linear past beta·x = 6; below, a negative beta
+                   "softplus": {"beta": 2.0, "threshold": 6.0}}
+    if op in other_attrs:
+        net.target(net.op("a2", op, net.scaled("a2_h", [a, b], dom, q), **other_attrs[op]))
+    if op == "softplus":
+        net.target(net.op("bneg", op, net.param("bneg_p", [b], dom), beta=-0.5))
 
 
 @cases("elementwise")
@@ -434,6 +452,172 @@ def _bce(net: Net, rng, op):
     net.target(net.op("frac", op, h("frac_h", [b]), net.input("frac_y", [b], "unit")))
     net.target(net.op("big", op, h("big_h", [a], "large"), net.input("big_y", [a], "binary")))
     net.target(net.op("p", op, net.param("p_p", [b]), net.input("p_y", [b], "unit")))
+
+
+# Spatial and movement ops. Inputs are batched through mul(x, Q) (so the input's gradient,
+# the guarded scatter of a padded window, reaches Q) or are params; a weight is a param or
+# batched. Sizes are odd on purpose (windows that do not tile the input drop its end).
+
+# Values on a grid of halves: sums of two are exact, so equal values tie exactly (max pool).
+DOMAINS["ties"] = lambda rng, s: rng.integers(-2, 3, size=s) / 2.0
+DOMAINS["negative"] = lambda rng, s: rng.standard_normal(s) - 1.5   # mostly < 0
+
+
+@cases("conv1d", "conv2d")
+def _conv(net: Net, rng, op):
+    def h(name, shape):
+        return net.scaled(name, shape, None, "small")
+
+    P = net.param
+    if op == "conv2d":
+        # odd sizes, stride > 1 with asymmetric padding; dx is a guarded scatter
+        net.target(net.op("pad", op, h("pad_x", [2, 5, 4]), P("pad_W", [3, 2, 3, 2]),
+                          P("pad_b", [3]), stride=[2, 1], padding=[1, 2]))
+        # depthwise (multiplier 1) with dilation, stride and padding
+        net.target(net.op("dw1", op, h("dw1_x", [3, 7, 6]), P("dw1_W", [3, 1, 3, 3]),
+                          groups=3, stride=2, padding=2, dilation=[2, 1]))
+        net.target(net.op("grp", op, h("grp_x", [4, 5, 5]), P("grp_W", [4, 2, 3, 3]),
+                          P("grp_b", [4]), groups=2, padding=1))
+        # depthwise, multiplier 2
+        net.target(net.op("dw2", op, h("dw2_x", [3, 6, 5]), P("dw2_W", [6, 1, 3, 3]),
+                          P("dw2_b", [6]), groups=3, stride=2, padding=1))
+        # 'same' with an even kernel (more padding after) and dilation
+        net.target(net.op("same", op, h("same_x", [2, 5, 6]), P("same_W", [3, 2, 4, 2]),
+                          padding="same", dilation=[1, 2]))
+        # an unbatched input with a batched weight and bias
+        net.target(net.op("valid", op, P("valid_x", [2, 4, 5]), h("valid_W", [3, 2, 2, 3]),
+                          h("valid_b", [3]), padding="valid"))
+    else:
+        net.target(net.op("pad", op, h("pad_x", [2, 11]), P("pad_W", [3, 2, 3]),
+                          P("pad_b", [3]), stride=3, padding=2, dilation=2))
+        net.target(net.op("grp", op, h("grp_x", [4, 9]), P("grp_W", [2, 2, 4]),
+                          P("grp_b", [2]), groups=2, stride=2, padding=1))
+        net.target(net.op("dw1", op, h("dw1_x", [3, 6]), P("dw1_W", [3, 1, 3]),
+                          groups=3, padding=1))
+        net.target(net.op("dw2", op, h("dw2_x", [3, 8]), P("dw2_W", [6, 1, 3]),
+                          P("dw2_b", [6]), groups=3, padding=[1]))
+        net.target(net.op("same", op, h("same_x", [2, 9]), P("same_W", [3, 2, 4]),
+                          padding="same", dilation=3))
+        net.target(net.op("valid", op, P("valid_x", [2, 7]), h("valid_W", [3, 2, 5]),
+                          padding="valid"))
+
+
+@cases("max_pool1d", "max_pool2d")
+def _max_pool(net: Net, rng, op):
+    def h(name, shape, domain=None, qdomain="small"):
+        return net.scaled(name, shape, domain, qdomain)
+
+    def ties(name, shape):   # exact ties in a batched value, each element's own gradient
+        return net.op(name, "add", net.input(f"{name}_x", shape, "ties"),
+                      net.param(f"{name}_p", shape, "ties"))
+
+    def relu_neg(name, shape):  # mostly exact zeros (ties), a few positive values
+        return net.op(name, "relu", h(f"{name}_h", shape, "negative", "positive"))
+
+    if op == "max_pool2d":
+        net.target(net.op("k2", op, h("k2_h", [2, 5, 5]), kernel_size=2))
+        net.target(net.op("k3s2p1", op, h("k3s2p1_h", [2, 5, 6]), kernel_size=3, stride=2,
+                          padding=1))
+        net.target(net.op("rect", op, h("rect_h", [1, 7, 5]), kernel_size=[3, 2],
+                          stride=[2, 1], padding=[1, 1]))
+        net.target(net.op("ties", op, ties("ties_h", [2, 4, 4]), kernel_size=3, stride=1,
+                          padding=1))
+        net.target(net.op("relu", op, relu_neg("relu_h", [2, 5, 4]), kernel_size=2))
+        net.target(net.op("p", op, net.param("p_p", [2, 4, 5], "ties"), kernel_size=[2, 3],
+                          stride=[2, 1]))
+    else:
+        net.target(net.op("k3s2p1", op, h("k3s2p1_h", [3, 8]), kernel_size=3, stride=2,
+                          padding=1))
+        net.target(net.op("odd", op, h("odd_h", [2, 7]), kernel_size=[2]))
+        net.target(net.op("ovl", op, h("ovl_h", [2, 6]), kernel_size=4, stride=1, padding=2))
+        net.target(net.op("ties", op, ties("ties_h", [3, 9]), kernel_size=3, stride=1,
+                          padding=1))
+        net.target(net.op("relu", op, relu_neg("relu_h", [2, 8]), kernel_size=2))
+        net.target(net.op("p", op, net.param("p_p", [2, 7], "ties"), kernel_size=3, stride=2,
+                          padding=1))
+
+
+@cases("avg_pool1d", "avg_pool2d")
+def _avg_pool(net: Net, rng, op):
+    def h(name, shape):
+        return net.scaled(name, shape, None, "small")
+
+    for inc, tag in ((True, "i"), (False, "x")):
+        if op == "avg_pool2d":
+            net.target(net.op(f"k3{tag}", op, h(f"k3{tag}_h", [2, 5, 6]), kernel_size=3,
+                              stride=2, padding=1, count_include_pad=inc))
+            net.target(net.op(f"rect{tag}", op, h(f"rect{tag}_h", [2, 5, 7]),
+                              kernel_size=[2, 3], stride=[1, 2], padding=[1, 1],
+                              count_include_pad=inc))
+        else:
+            net.target(net.op(f"k4{tag}", op, h(f"k4{tag}_h", [3, 9]), kernel_size=4,
+                              stride=3, padding=2, count_include_pad=inc))
+            net.target(net.op(f"ovl{tag}", op, h(f"ovl{tag}_h", [2, 6]), kernel_size=3,
+                              stride=1, padding=1, count_include_pad=inc))
+    spatial = [5, 4] if op == "avg_pool2d" else [7]
+    net.target(net.op("odd", op, h("odd_h", [2] + spatial), kernel_size=2))
+    net.target(net.op("p", op, net.param("p_p", [1, 4, 3] if op == "avg_pool2d" else [2, 5]),
+                      kernel_size=2, stride=1, padding=1, count_include_pad=False))
+
+
+@cases("layer_norm")
+def _layer_norm(net: Net, rng, op):
+    def h(name, shape):
+        return net.scaled(name, shape, None, "small")
+
+    net.target(net.op("last", op, h("last_h", [3, 5])))
+    net.target(net.op("wb", op, h("wb_h", [2, 4]), net.param("wb_w", [4]),
+                      net.param("wb_b", [4]), eps=1e-3))
+    net.target(net.op("two", op, h("two_h", [2, 3, 4]), net.param("two_w", [3, 4]),
+                      axes=[-2, -1]))
+    net.target(net.op("all", op, h("all_h", [2, 3]), net.param("all_w", [2, 3]),
+                      net.param("all_b", [2, 3]), axes=[0, 1], eps=0.1))
+    net.target(net.op("p", op, net.param("p_p", [2, 3]), net.param("p_w", [3])))
+
+
+@cases("global_avg_pool")
+def _global_avg_pool(net: Net, rng, op):
+    for name, shape in [("d2", [3, 4, 5]), ("d1", [3, 7]), ("d3", [2, 2, 3, 2])]:
+        net.target(net.op(name, op, net.scaled(f"{name}_h", shape, None, "small")))
+    net.target(net.op("p", op, net.param("p_p", [2, 3, 2])))
+
+
+@cases("pad")
+def _pad(net: Net, rng, op):
+    def h(name, shape):
+        return net.scaled(name, shape, None, "small")
+
+    net.target(net.op("last", op, h("last_h", [3, 4]), pad=[1, 2], value=0.5))
+    net.target(net.op("two", op, h("two_h", [2, 3, 4]), pad=[0, 1, 2, 0]))
+    net.target(net.op("all", op, h("all_h", [2, 3, 4]), pad=[1, 0, 0, 2, 1, 1], value=-1.0))
+    net.target(net.op("none", op, h("none_h", [4]), pad=[0, 0]))
+    net.target(net.op("p", op, net.param("p_p", [3]), pad=[2, 1], value=2.0))
+
+
+@cases("slice")
+def _slice(net: Net, rng, op):
+    def h(name, shape):
+        return net.scaled(name, shape, None, "small")
+
+    net.target(net.op("nstart", op, h("nstart_h", [3, 5, 6]), axis=-1, start=-3))
+    net.target(net.op("step", op, h("step_h", [3, 7, 6]), axis=1, start=1, stop=-1, step=2))
+    net.target(net.op("clamp", op, h("clamp_h", [5, 4]), axis=0, start=-10, stop=100, step=3))
+    net.target(net.op("nstop", op, h("nstop_h", [4, 9]), axis=-1, stop=-2, step=3))
+    net.target(net.op("nboth", op, h("nboth_h", [4, 9]), axis=-2, start=-3, stop=-1))
+    net.target(net.op("p", op, net.param("p_p", [6, 2]), axis=0, start=-5, stop=-1, step=2))
+
+
+@cases("transpose")
+def _transpose(net: Net, rng, op):
+    def h(name, shape):
+        return net.scaled(name, shape, None, "small")
+
+    net.target(net.op("rev", op, h("rev_h", [3, 5, 4])))
+    net.target(net.op("swap", op, h("swap_h", [3, 5, 4]), perm=[1, 0, 2]))
+    net.target(net.op("neg", op, h("neg_h", [2, 3, 4]), perm=[-1, 0, 1]))
+    net.target(net.op("d4", op, h("d4_h", [2, 3, 2, 2]), perm=[2, 0, 3, 1]))
+    net.target(net.op("d1", op, h("d1_h", [4])))
+    net.target(net.op("p", op, net.param("p_p", [2, 3])))
 
 
 def _seed(op: str) -> int:
@@ -630,6 +814,30 @@ COMPOSED: dict[str, tuple[dict, dict]] = {
                   "p": {"op": "mul", "inputs": ["qs", "c"]},
                   "loss": {"op": "sum", "inputs": ["p"]}},
         "outputs": ["qs"], "loss": "loss"}, {}),
+    "cnn": ({  # the spatial and movement ops in a chain: conv, pools, pad, slice, transpose
+        "inputs": {"x": [2, 7, 6], "y": [3]},
+        "params": {"K1": [4, 2, 3, 3], "c1": [4], "K2": [4, 2, 2, 2], "K3": [4, 4, 3],
+                   "c3": [4], "W": [3, 12], "b": [3]},
+        "nodes": {"h1": {"op": "conv2d", "inputs": ["x", "K1", "c1"], "padding": 1},
+                  "a1": {"op": "relu", "inputs": ["h1"]},
+                  "p1": {"op": "max_pool2d", "inputs": ["a1"], "kernel_size": 2},   # [4, 3, 3]
+                  "h2": {"op": "conv2d", "inputs": ["p1", "K2"], "padding": "same",
+                         "groups": 2},
+                  "q": {"op": "pad", "inputs": ["h2"], "pad": [1, 0, 0, 1]},      # [4, 4, 4]
+                  "s": {"op": "slice", "inputs": ["q"], "axis": -1, "start": 1, "step": 2},
+                  "t": {"op": "transpose", "inputs": ["s"], "perm": [0, 2, 1]},  # [4, 2, 4]
+                  "ap": {"op": "avg_pool2d", "inputs": ["t"], "kernel_size": 2, "padding": 1,
+                         "count_include_pad": False},                           # [4, 2, 3]
+                  "g": {"op": "global_avg_pool", "inputs": ["ap"]},             # [4]
+                  "r": {"op": "reshape", "inputs": ["t"], "shape": [4, 8]},
+                  "h3": {"op": "conv1d", "inputs": ["r", "K3", "c3"], "stride": 2},  # [4, 3]
+                  "m3": {"op": "max_pool1d", "inputs": ["h3"], "kernel_size": 2,
+                         "stride": 1},                                          # [4, 2]
+                  "f": {"op": "flatten", "inputs": ["m3"]},
+                  "cat": {"op": "concat", "inputs": ["g", "f"]},                # [12]
+                  "logits": {"op": "dense", "inputs": ["cat", "W", "b"]},
+                  "loss": {"op": "softmax_cross_entropy", "inputs": ["logits", "y"]}},
+        "outputs": ["logits", "p1"], "loss": "loss"}, {"y": "onehot"}),
 }
 
 

@@ -74,6 +74,9 @@ def sample(rng, shape, domain):
         return rng.uniform(0.5, 2.0, shape)
     if domain == "nonzero":  # |v| >= 0.3: far from kinks and poles for eps = 1e-6
         return rng.choice([-1.0, 1.0], shape) * rng.uniform(0.3, 1.5, shape)
+    if domain == "wide":   # both sides of the activations' kinks (0, ±3), none near
+        return rng.choice([-1.0, 1.0], shape) * np.where(
+            rng.uniform(size=shape) < 0.5, rng.uniform(0.3, 2.5, shape), rng.uniform(3.5, 6, shape))
     if domain == "unit":
         return rng.uniform(0.0, 1.0, shape)
     if domain == "probs":
@@ -160,6 +163,9 @@ def np_sigmoid(x):
     return 1 / (1 + np.exp(-x))
 
 
+np_erf = np.vectorize(math.erf)
+
+
 def np_softmax(x, axis=-1):
     e = np.exp(x - x.max(axis=axis, keepdims=True))
     return e / e.sum(axis=axis, keepdims=True)
@@ -171,6 +177,116 @@ def np_dense(x, W, b=0.0):
 
 def np_bce(x, t):
     return np.mean(-(t * np.log(np_sigmoid(x)) + (1 - t) * np.log(1 - np_sigmoid(x))))
+
+
+# Spatial and movement ops, one example at a time by direct loops over output positions
+# (torch.nn.functional's definitions; no shifted slices or np.pad, unlike the reference).
+
+def _per_axis(value, d):
+    return tuple(value) if isinstance(value, (list, tuple)) else (value,) * d
+
+
+def _inside(where, size):
+    return all(0 <= w < n for w, n in zip(where, size))
+
+
+def np_conv(x, W, b=None, *, stride=1, padding=0, dilation=1, groups=1):
+    """conv1d / conv2d of one example x [C, *spatial] with W [O, C/groups, *kernel]."""
+    d = x.ndim - 1
+    stride, dilation, kernel = _per_axis(stride, d), _per_axis(dilation, d), W.shape[2:]
+    if padding == "valid":
+        before = after = (0,) * d
+    elif padding == "same":   # torch: the odd unit of d·(k - 1) after
+        total = [dl * (k - 1) for dl, k in zip(dilation, kernel)]
+        before, after = tuple(t // 2 for t in total), tuple(t - t // 2 for t in total)
+    else:
+        before = after = _per_axis(padding, d)
+    size = x.shape[1:]
+    out = tuple((n + lo + hi - dl * (k - 1) - 1) // s + 1
+                for n, lo, hi, dl, k, s in zip(size, before, after, dilation, kernel, stride))
+    per_group_in, per_group_out = W.shape[1], W.shape[0] // groups
+    y = np.zeros((W.shape[0],) + out)
+    for o in range(W.shape[0]):
+        g = o // per_group_out
+        for pos in np.ndindex(*out):
+            acc = 0.0 if b is None else float(b[o])
+            for c in range(per_group_in):
+                for tap in np.ndindex(*kernel):
+                    where = tuple(p * s + t * dl - lo for p, s, t, dl, lo
+                                  in zip(pos, stride, tap, dilation, before))
+                    if _inside(where, size):
+                        acc += x[(g * per_group_in + c,) + where] * W[(o, c) + tap]
+            y[(o,) + pos] = acc
+    return y
+
+
+def np_pool(x, kind, *, kernel_size, stride=None, padding=0, count_include_pad=True):
+    """max_pool / avg_pool of one example x [C, *spatial]; padding never wins a max."""
+    d = x.ndim - 1
+    kernel = _per_axis(kernel_size, d)
+    stride = kernel if stride is None else _per_axis(stride, d)
+    pad = _per_axis(padding, d)
+    size = x.shape[1:]
+    out = tuple((n + 2 * p - k) // s + 1 for n, p, k, s in zip(size, pad, kernel, stride))
+    y = np.zeros((x.shape[0],) + out)
+    for c in range(x.shape[0]):
+        for pos in np.ndindex(*out):
+            vals = [x[(c,) + where] for tap in np.ndindex(*kernel)
+                    for where in [tuple(q * s + t - p for q, s, t, p in zip(pos, stride, tap, pad))]
+                    if _inside(where, size)]
+            if kind == "max":
+                y[(c,) + pos] = max(vals)
+            else:
+                y[(c,) + pos] = sum(vals) / (math.prod(kernel) if count_include_pad else len(vals))
+    return y
+
+
+def np_pad(x, pad, value=0.0):
+    """torch.nn.functional.pad (constant): `pad` pairs from the last axis backwards."""
+    before = [0] * x.ndim
+    after = [0] * x.ndim
+    for k in range(len(pad) // 2):
+        before[x.ndim - 1 - k], after[x.ndim - 1 - k] = pad[2 * k], pad[2 * k + 1]
+    y = np.full(tuple(n + lo + hi for n, lo, hi in zip(x.shape, before, after)), float(value))
+    for idx in np.ndindex(*x.shape):
+        y[tuple(i + lo for i, lo in zip(idx, before))] = x[idx]
+    return y
+
+
+def np_slice(x, axis, start=0, stop=None, step=1):
+    return np.take(x, list(range(x.shape[axis]))[start:stop:step], axis=axis)
+
+
+def np_layer_norm(x, w=None, b=None, *, axes=(-1,), eps=1e-5):
+    """Per example, from the definition: (x - mean)/sqrt(biased var + eps)·w + b."""
+    k = len(axes)
+    flat = x.reshape(x.shape[:x.ndim - k] + (-1,))
+    mean = flat.mean(axis=-1, keepdims=True)
+    var = ((flat - mean) ** 2).mean(axis=-1, keepdims=True)
+    y = ((flat - mean) / np.sqrt(var + eps)).reshape(x.shape)
+    return y * (1.0 if w is None else w) + (0.0 if b is None else b)
+
+
+def np_transpose(x, perm=None):
+    """Out axis k is x's axis perm[k] (default: reversed), element by element."""
+    perm = list(range(x.ndim))[::-1] if perm is None else [p % x.ndim for p in perm]
+    y = np.zeros(tuple(x.shape[p] for p in perm))
+    for idx in np.ndindex(*y.shape):
+        src = [0] * x.ndim
+        for k, p in enumerate(perm):
+            src[p] = idx[k]
+        y[idx] = x[tuple(src)]
+    return y
+
+
+def conv_case(id, d, operands, **attrs):
+    return Case(f"conv{d}d-{id}", f"conv{d}d", operands,
+                lambda *a: np_conv(*a, **attrs), attrs)
+
+
+def pool_case(id, kind, d, operand, **attrs):
+    return Case(f"{kind}_pool{d}d-{id}", f"{kind}_pool{d}d", (operand,),
+                lambda x: np_pool(x, kind, **attrs), attrs)
 
 
 CASES = [
@@ -200,6 +316,27 @@ CASES = [
           ("tanh", np.tanh, "any", {}),
           ("exp", np.exp, "any", {}),
           ("log", np.log, "positive", {})]
+      for kind, o in [("param", P(2, 3, domain=domain)), ("batched", B(4, domain=domain))]],
+    # the named activations, as torch.nn.functional defines them
+    *[Case(f"{op}{tag}-{kind}", op, (o,), fn, attrs)
+      for op, tag, fn, domain, attrs in [
+          ("gelu", "", lambda x: 0.5 * x * (1 + np_erf(x / np.sqrt(2))), "wide", {}),
+          ("gelu", "-tanh", lambda x: 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi)
+                                                             * (x + 0.044715 * x ** 3))),
+           "wide", {"approximate": "tanh"}),
+          ("silu", "", lambda x: x * np_sigmoid(x), "wide", {}),
+          ("softplus", "", lambda x: np.where(x > 20, x, np.log1p(np.exp(x))), "wide", {}),
+          ("softplus", "-beta2-threshold6",
+           lambda x: np.where(2 * x > 6, x, np.log1p(np.exp(2 * x)) / 2), "wide",
+           {"beta": 2.0, "threshold": 6.0}),
+          ("elu", "", lambda x: np.where(x > 0, x, np.exp(x) - 1), "wide", {}),
+          ("elu", "-alpha0.5", lambda x: np.where(x > 0, x, 0.5 * (np.exp(x) - 1)), "wide",
+           {"alpha": 0.5}),
+          ("selu", "", lambda x: 1.0507009873554805 * np.where(
+              x > 0, x, 1.6732632423543772 * (np.exp(x) - 1)), "wide", {}),
+          ("hard_sigmoid", "", lambda x: np.clip(x / 6 + 0.5, 0, 1), "wide", {}),
+          ("hard_swish", "", lambda x: x * np.clip(x / 6 + 0.5, 0, 1), "wide", {}),
+          ("mish", "", lambda x: x * np.tanh(np.log1p(np.exp(x))), "wide", {})]
       for kind, o in [("param", P(2, 3, domain=domain)), ("batched", B(4, domain=domain))]],
     # elementwise: user formulas over the input names a0, a1, ...
     Case("elementwise-mish", "elementwise", (B(4),),
@@ -274,6 +411,99 @@ CASES = [
     Case("concat-axis2", "concat", (B(2, 3, 1), P(2, 3, 2)),
          lambda *a: np.concatenate(a, axis=2), {"axis": 2}),
     Case("concat-single", "concat", (B(3),), lambda *a: np.concatenate(a)),
+    # convolution (x [C, *spatial], W [O, C/groups, *kernel], bias [O]): the input is
+    # batched through mul(x, q), so its gradient (the guarded scatter) is checked too
+    conv_case("plain", 2, (B(2, 5, 4), P(3, 2, 3, 3), P(3))),
+    conv_case("stride-pad-odd", 2, (B(2, 7, 6), P(3, 2, 3, 2), P(3)), stride=[2, 1],
+              padding=[1, 2]),
+    conv_case("stride-int-pad-int", 2, (B(2, 7, 5), P(2, 2, 3, 3)), stride=2, padding=1),
+    conv_case("dilation", 2, (B(2, 7, 7), P(2, 2, 3, 3), P(2)), stride=2, padding=2,
+              dilation=[2, 1]),
+    conv_case("groups", 2, (B(4, 5, 5), P(6, 2, 3, 3), P(6)), groups=2, padding=1),
+    conv_case("depthwise", 2, (B(3, 5, 4), P(3, 1, 3, 3)), groups=3, padding=1),
+    conv_case("depthwise-x2", 2, (B(3, 6, 5), P(6, 1, 3, 3), P(6)), groups=3, stride=2,
+              padding=1),
+    conv_case("same-even", 2, (B(2, 5, 6), P(3, 2, 4, 2), P(3)), padding="same"),
+    conv_case("same-even-dilated", 2, (B(2, 5, 6), P(2, 2, 2, 3)), padding="same",
+              dilation=[2, 2]),
+    conv_case("valid", 2, (B(2, 5, 4), P(3, 2, 2, 3), P(3)), padding="valid"),
+    conv_case("1x1-stride", 2, (B(3, 5, 5), P(2, 3, 1, 1)), stride=2),
+    conv_case("batched-weight", 2, (P(2, 4, 4), B(3, 2, 2, 2), B(3)), padding=1),
+    conv_case("params-only", 2, (P(1, 4, 4), P(2, 1, 3, 3), P(2)), stride=[1, 2]),
+    conv_case("plain", 1, (B(3, 7), P(4, 3, 3), P(4))),
+    conv_case("stride-pad-dilation", 1, (B(2, 11), P(3, 2, 3)), stride=3, padding=2,
+              dilation=2),
+    conv_case("groups", 1, (B(4, 9), P(2, 2, 4), P(2)), groups=2, stride=2, padding=1),
+    conv_case("depthwise", 1, (B(3, 6), P(3, 1, 3)), groups=3, padding=1),
+    conv_case("depthwise-x2", 1, (B(3, 8), P(6, 1, 3), P(6)), groups=3, padding=1),
+    conv_case("same-even", 1, (B(2, 9), P(3, 2, 4), P(3)), padding="same", dilation=3),
+    conv_case("valid", 1, (B(2, 7), P(3, 2, 5)), padding="valid"),
+    conv_case("batched-weight", 1, (B(2, 6), B(3, 2, 3)), padding=[1]),
+    # pooling: odd sizes (the last row / column dropped), stride > 1 with padding
+    pool_case("k2-odd", "max", 2, B(2, 5, 5), kernel_size=2),
+    pool_case("k3s2p1", "max", 2, B(2, 5, 6), kernel_size=3, stride=2, padding=1),
+    pool_case("rect-mixed", "max", 2, B(1, 7, 5), kernel_size=[3, 2], stride=[2, 1],
+              padding=[1, 1]),
+    pool_case("overlap", "max", 2, B(2, 4, 4), kernel_size=2, stride=1),
+    pool_case("param", "max", 2, P(2, 4, 5), kernel_size=[2, 3], stride=[2, 1]),
+    pool_case("k3s2p1", "max", 1, B(3, 8), kernel_size=3, stride=2, padding=1),
+    pool_case("default-stride-odd", "max", 1, B(2, 7), kernel_size=[2]),
+    pool_case("overlap-pad", "max", 1, B(2, 6), kernel_size=4, stride=1, padding=2),
+    *[c for inc, tag in [(True, "incl"), (False, "excl")] for c in [
+        pool_case(f"k3s2p1-{tag}", "avg", 2, B(2, 5, 6), kernel_size=3, stride=2, padding=1,
+                  count_include_pad=inc),
+        pool_case(f"rect-{tag}", "avg", 2, B(2, 5, 7), kernel_size=[2, 3], stride=[1, 2],
+                  padding=[1, 1], count_include_pad=inc),
+        pool_case(f"param-{tag}", "avg", 2, P(1, 4, 3), kernel_size=2, stride=1, padding=1,
+                  count_include_pad=inc),
+        pool_case(f"k4s3p2-{tag}", "avg", 1, B(3, 9), kernel_size=4, stride=3, padding=2,
+                  count_include_pad=inc),
+        pool_case(f"overlap-{tag}", "avg", 1, B(2, 6), kernel_size=3, stride=1, padding=1,
+                  count_include_pad=inc)]],
+    pool_case("default-odd", "avg", 2, B(2, 5, 4), kernel_size=2),
+    pool_case("default-odd", "avg", 1, B(2, 7), kernel_size=3),
+    Case("global_avg_pool-2d", "global_avg_pool", (B(3, 4, 5),),
+         lambda x: x.reshape(x.shape[0], -1).mean(axis=1)),
+    Case("global_avg_pool-1d", "global_avg_pool", (B(3, 7),), lambda x: x.mean(axis=1)),
+    Case("global_avg_pool-3d", "global_avg_pool", (B(2, 2, 3, 2),),
+         lambda x: x.reshape(x.shape[0], -1).mean(axis=1)),
+    Case("global_avg_pool-param", "global_avg_pool", (P(2, 3, 2),),
+         lambda x: x.reshape(x.shape[0], -1).mean(axis=1)),
+    # pad (torch's order: the last axis first), slice (Python's slices), transpose
+    *[Case(f"pad-{id}", "pad", (o,), lambda x, at=attrs: np_pad(x, **at), attrs)
+      for id, o, attrs in [
+          ("last", B(3, 4), {"pad": [1, 2], "value": 0.5}),
+          ("two", B(2, 3, 4), {"pad": [0, 1, 2, 0]}),
+          ("all", B(2, 3, 4), {"pad": [1, 0, 0, 2, 1, 1], "value": -1.0}),
+          ("param", P(3), {"pad": [2, 1], "value": 2.0}),
+          ("nothing", B(4), {"pad": [0, 0]})]],
+    *[Case(f"slice-{id}", "slice", (o,), lambda x, at=attrs: np_slice(x, **at), attrs)
+      for id, o, attrs in [
+          ("neg-start", B(3, 5, 6), {"axis": -1, "start": -3}),
+          ("step", B(3, 7, 6), {"axis": 1, "start": 1, "stop": -1, "step": 2}),
+          ("clamped", B(5, 4), {"axis": 0, "start": -10, "stop": 100, "step": 3}),
+          ("neg-stop-step", B(4, 9), {"axis": -1, "stop": -2, "step": 3}),
+          ("neg-both", B(4, 9), {"axis": 1, "start": -7, "stop": -2}),
+          ("defaults", B(4, 9), {"axis": -2}),
+          ("param", P(6, 2), {"axis": 0, "start": -5, "stop": -1, "step": 2})]],
+    *[Case(f"transpose-{id}", "transpose", (o,), lambda x, at=attrs: np_transpose(x, **at),
+           attrs)
+      for id, o, attrs in [
+          ("default", B(3, 5, 4), {}),
+          ("swap", B(3, 5, 4), {"perm": [1, 0, 2]}),
+          ("negative", B(2, 3, 4), {"perm": [-1, 0, 1]}),
+          ("4d", B(2, 3, 2, 2), {"perm": [2, 0, 3, 1]}),
+          ("1d", B(4), {}),
+          ("param", P(2, 3), {})]],
+    *[Case(f"layer_norm-{id}", "layer_norm", ops,
+           lambda *a, at=attrs: np_layer_norm(*a, **{"axes": (-1,), **at}), attrs)
+      for id, ops, attrs in [
+          ("last", (B(3, 5),), {}),
+          ("weight-bias", (B(2, 4), P(4), P(4)), {"eps": 1e-3}),
+          ("two-axes", (B(2, 3, 4), P(3, 4)), {"axes": [-2, -1]}),
+          ("all-positive-axes", (B(2, 3), P(2, 3), P(2, 3)), {"axes": [0, 1], "eps": 0.1}),
+          ("vector", (B(6),), {}),
+          ("param", (P(2, 3), P(3), P(3)), {})]],
     # losses (the target is an input and gets no gradient)
     Case("mse", "mse", (B(3), I(3)), lambda p, t: np.mean((p - t) ** 2)),
     Case("mse-param-prediction", "mse", (P(2, 3), I(2, 3)), lambda p, t: np.mean((p - t) ** 2)),
@@ -295,6 +525,22 @@ CASES = [
 def test_every_op_has_cases():
     from graphc.ops import OPS
     assert {c.op for c in CASES} == set(OPS)
+
+
+def test_formula_conditions_on_broadcast_operands():
+    """A derivative whose Piecewise joins conditions on operands of different shapes (an
+    input [2, 3] and a param [3]): lambdify's logical_and.reduce needs them in one shape
+    (random graph seed 1009 raised 'inhomogeneous shape')."""
+    g = Graph.from_spec({
+        "name": "conds", "inputs": {"x": [2, 3]}, "params": {"p": [3]},
+        "nodes": {"e": {"op": "elementwise", "inputs": ["x", "p"],
+                        "expr": "max(cos(x) + relu(abs(p) - 0.5), 0)"},
+                  "s": {"op": "sum", "inputs": ["e"]}},
+        "outputs": ["e"], "loss": "s"})
+    ref = Reference(g)
+    rng = np.random.default_rng(3)
+    ref.set_params({"p": rng.uniform(-3, 3, 3)})
+    assert_gradients_match_finite_differences(ref, {"x": rng.uniform(-2, 2, (4, 2, 3))})
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)

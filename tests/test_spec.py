@@ -203,6 +203,14 @@ SHAPE_CASES = [
     ("tanh", [I()], {}, ()),
     ("exp", [I(1, 2)], {}, (1, 2)),
     ("log", [I(3)], {}, (3,)),
+    ("gelu", [I(2, 3)], {"approximate": "tanh"}, (2, 3)),
+    ("silu", [I(4)], {}, (4,)),
+    ("softplus", [I(3)], {"beta": 2, "threshold": 5.5}, (3,)),
+    ("elu", [I()], {"alpha": 0.5}, ()),
+    ("selu", [I(2)], {}, (2,)),
+    ("hard_sigmoid", [I(3, 1)], {}, (3, 1)),
+    ("hard_swish", [I(5)], {}, (5,)),
+    ("mish", [I(2, 2)], {}, (2, 2)),
     ("softmax", [I(3, 4)], {}, (3, 4)),
     ("softmax", [I(3, 4)], {"axis": 0}, (3, 4)),
     ("log_softmax", [I(3, 4)], {"axis": -2}, (3, 4)),
@@ -229,7 +237,71 @@ SHAPE_CASES = [
     ("bce_with_logits", [I(2, 3), I(2, 3)], {}, ()),
     ("softmax_cross_entropy", [I(10), I(10)], {}, ()),
     ("softmax_cross_entropy", [I(3, 10), I(3, 10)], {}, (3,)),
+    # torch's output sizes: floor((L + 2·pad − dilation·(k − 1) − 1) / stride) + 1
+    ("conv2d", [I(3, 28, 28), P(8, 3, 5, 5), P(8)], {}, (8, 24, 24)),
+    ("conv2d", [I(3, 9, 8), P(4, 3, 3, 2)], {"padding": [1, 2], "stride": [2, 1],
+                                            "dilation": [1, 2]}, (4, 5, 10)),
+    ("conv2d", [I(4, 7, 6), P(4, 1, 4, 4)], {"padding": "same", "groups": 4}, (4, 7, 6)),
+    ("conv2d", [I(4, 7, 6), P(6, 2, 3, 3)], {"padding": "valid", "groups": 2, "stride": 2},
+     (6, 3, 2)),
+    ("conv1d", [I(2, 10), P(5, 2, 3)], {"stride": 3, "padding": 1}, (5, 4)),
+    ("max_pool2d", [I(3, 7, 7)], {"kernel_size": 2}, (3, 3, 3)),
+    ("max_pool2d", [I(3, 7, 7)], {"kernel_size": 3, "stride": 2, "padding": 1}, (3, 4, 4)),
+    ("max_pool1d", [I(2, 9)], {"kernel_size": 4, "stride": 1}, (2, 6)),
+    ("avg_pool2d", [I(1, 5, 6)], {"kernel_size": [2, 3], "count_include_pad": False,
+                                  "padding": [1, 1]}, (1, 3, 2)),
+    ("avg_pool1d", [I(2, 9)], {"kernel_size": 3}, (2, 3)),
+    ("global_avg_pool", [I(8, 4, 4)], {}, (8,)),
+    ("global_avg_pool", [I(8, 5)], {}, (8,)),
+    ("pad", [I(3, 4)], {"pad": [1, 2]}, (3, 7)),
+    ("pad", [I(3, 4)], {"pad": [0, 1, 2, 0], "value": -1.5}, (5, 5)),
+    ("slice", [I(3, 10)], {"axis": 1, "start": 2, "stop": -1, "step": 3}, (3, 3)),
+    ("slice", [I(3, 10)], {"axis": 0, "start": -2}, (2, 10)),
+    ("transpose", [I(2, 3, 4)], {"perm": [2, 0, 1]}, (4, 2, 3)),
+    ("transpose", [I(2, 3)], {}, (3, 2)),
+    ("layer_norm", [I(3, 4)], {}, (3, 4)),
+    ("layer_norm", [I(3, 4), P(3, 4), P(3, 4)], {"axes": [0, 1], "eps": 0.001}, (3, 4)),
 ]
+
+
+LAYER_ERRORS = [
+    ("conv2d", [I(3, 8, 8), P(4, 2, 3, 3)], {}, "inputs",
+     "weight's in_channels/groups is 2, but the input has 3 channels in 1 group(s)"),
+    ("conv2d", [I(3, 8, 8), P(4, 3, 3)], {}, "inputs", "weight must be [out_channels"),
+    ("conv2d", [I(4, 8, 8), P(6, 2, 3, 3)], {"groups": 4}, "groups",
+     "groups 4 must divide the input channels (4) and the output channels (6)"),
+    ("conv2d", [I(3, 8, 8), P(4, 3, 3, 3)], {"padding": "same", "stride": 2}, "padding",
+     "padding 'same' needs stride 1"),
+    ("conv2d", [I(3, 8, 8), P(4, 3, 3, 3)], {"padding": "full"}, "padding",
+     "one of 'same', 'valid', got 'full'"),
+    ("conv2d", [I(3, 8, 8), P(4, 3, 3, 3)], {"stride": [1, 1, 1]}, "stride",
+     "needs one value per spatial axis (2), got [1, 1, 1]"),
+    ("conv2d", [I(3, 8, 8), P(4, 3, 3, 3)], {"stride": 0}, "stride", "must be an integer >= 1"),
+    ("conv2d", [I(3, 2, 2), P(4, 3, 3, 3)], {}, "inputs", "is larger than the padded input"),
+    ("conv1d", [I(3, 8, 8), P(4, 3, 3)], {}, "inputs", "input must be [channels, length]"),
+    ("max_pool2d", [I(3, 8, 8)], {}, "kernel_size", "needs attribute 'kernel_size'"),
+    ("max_pool2d", [I(3, 8, 8)], {"kernel_size": 2, "padding": 2}, "padding",
+     "must be at most half the kernel"),
+    ("avg_pool2d", [I(3, 8, 8)], {"kernel_size": 2, "count_include_pad": 1},
+     "count_include_pad", "must be true or false"),
+    ("pad", [I(3, 4)], {"pad": [1]}, "pad", "a list of before/after pairs"),
+    ("pad", [I(3, 4)], {"pad": [1, 1, 1, 1, 1, 1]}, "pad", "3 axes padded, but the per-example value has rank 2"),
+    ("slice", [I(3, 4)], {"axis": 1, "start": 3, "stop": 1}, "stop", "select nothing"),
+    ("slice", [I(3, 4)], {"axis": 2}, "axis", "axis 2 is out of range"),
+    ("transpose", [I(3, 4)], {"perm": [0, 0]}, "perm", "must be a permutation"),
+    ("layer_norm", [I(3, 4)], {"axes": [0]}, "axes", "must be the trailing per-example axes"),
+    ("layer_norm", [I(3, 4), P(4, 3)], {"axes": [-1]}, "inputs",
+     "weight must have the normalized shape [4], got [4, 3]"),
+]
+
+
+@pytest.mark.parametrize("op, operands, attrs, field, message", LAYER_ERRORS,
+                         ids=[f"{c[0]}-{c[3]}-{k}" for k, c in enumerate(LAYER_ERRORS)])
+def test_layer_attribute_errors_name_node_and_field(op, operands, attrs, field, message):
+    with pytest.raises(SpecError) as e:
+        Graph.from_spec(single_op(op, operands, attrs))
+    assert (e.value.node, e.value.field) == ("out", field)
+    assert message in str(e.value)
 
 
 def single_op(op: str, operands, attrs=None) -> dict:
@@ -330,6 +402,29 @@ def test_builder_default_names_and_attrs():
                                    "relu_1": {"op": "relu", "inputs": ["sum_0"]}}
     with pytest.raises(AttributeError):
         b.no_such_op
+
+
+def test_builder_ops_are_methods_and_a_misspelt_one_names_the_close_ops():
+    b = Builder("m")
+    assert set(OPS) <= set(dir(b))
+    for op in OPS:
+        assert getattr(Builder, op).__name__ == op and OPS[op].doc in getattr(Builder, op).__doc__
+    x = b.input("x", [3])
+    b.softplus(x, beta=2.0, name="s")
+    b.gelu("s", approximate="tanh", name="g")
+    assert b.build(outputs=["g"]).to_spec()["nodes"] == {
+        "s": {"op": "softplus", "inputs": ["x"], "beta": 2.0},
+        "g": {"op": "gelu", "inputs": ["s"], "approximate": "tanh"}}
+    with pytest.raises(AttributeError, match=r"no op or method 'gleu'; did you mean 'gelu'\? "
+                                             r"\(the ops are graphc.ops.OPS, listed in README"):
+        b.gleu
+    with pytest.raises(AttributeError) as e:
+        b.hardswish
+    assert "'hard_swish'" in str(e.value)
+    with pytest.raises(AttributeError) as e:
+        b.zzzz
+    assert "did you mean" not in str(e.value) and "README" in str(e.value)
+    assert not hasattr(b, "__array_interface__")   # probes from other libraries stay quiet
 
 
 @pytest.mark.parametrize("declare, node, field", [
@@ -789,6 +884,11 @@ def test_missing_required_attribute():
     ("reshape", "shape", [3, -1, -1], "at most one dimension may be -1"),
     ("reshape", "shape", [0, 3], "positive integers"),
     ("reshape", "shape", "3", "positive integers"),
+    ("gelu", "approximate", "exact", "must be one of 'none', 'tanh', got 'exact'"),
+    ("gelu", "approximate", True, "must be one of 'none', 'tanh'"),
+    ("softplus", "beta", 0, "must not be 0"),
+    ("softplus", "threshold", float("nan"), "finite number"),
+    ("elu", "alpha", "1", "finite number"),
 ])
 def test_bad_attribute_value(op, field, value, contains):
     spec_error(with_node(small(), "a", {"op": op, "inputs": ["h"], field: value}), node="a",

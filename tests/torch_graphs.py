@@ -14,10 +14,13 @@ a dense, often of a value that also feeds a dense), values used twice (`add(u, u
 `matmul(a, a)`, `concat([u, u])`, two consumers), params used twice, param-only subgraphs
 (`exp(tanh(W))` as a dense weight), formulas that cancel an input (`x - x + 1`), large
 constants (`10**20`), kinks and ties (`max(a, a)`, nested `abs`/`max`/`min`/`relu`), and a
-random declaration order of inputs, params, nodes and top-level keys. Domains are kept
-valid by construction: every value carries a magnitude bound and, when known, a positive
-lower bound, and `log`/`sqrt`/`/`/`pow` only ever see values bounded away from 0, `asin`/
-`acos` values in [-0.9, 0.9], `exp`/`sinh`/`cosh`/`tan` bounded arguments.
+random declaration order of inputs, params, nodes and top-level keys. Convolutions and
+pools take [C, L] / [C, H, W] values (existing ones, another value reshaped, or fresh) with
+random stride, padding (per axis, 'same', 'valid'), dilation, groups (depthwise too) and
+count_include_pad; a max-pool window whose maximum is near (not at) a tie counts as a kink.
+Domains are kept valid by construction: every value carries a magnitude bound and, when
+known, a positive lower bound, and `log`/`sqrt`/`/`/`pow` only ever see values bounded away
+from 0, `asin`/`acos` values in [-0.9, 0.9], `exp`/`sinh`/`cosh`/`tan` bounded arguments.
 
 The evaluator (`torch_evaluate`) reads only the spec: it runs the graph one example at a
 time on per-example tensors (so axes, broadcasting and matmul are exactly the per-example
@@ -43,6 +46,7 @@ import math
 import operator
 import random
 import sys
+import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from fractions import Fraction
@@ -55,10 +59,19 @@ from conftest import compile_strict   # tests/ is on sys.path: pytest's and this
 
 # ---------------------------------------------------------------- what must be covered
 
+# The named activations: each drawn less often than the core ops (their code paths are one
+# map each), with random attributes (op_activation).
+ACTIVATION_OPS = ("gelu", "silu", "softplus", "elu", "selu", "hard_sigmoid", "hard_swish",
+                  "mish")
+# Convolution, pooling and movement ops (op_conv, op_pool, ...): on per-example values
+# [C, L] and [C, H, W], which spatial_value finds, reshapes or makes.
+SPATIAL_OPS = ("conv1d", "conv2d", "max_pool1d", "max_pool2d", "avg_pool1d", "avg_pool2d",
+               "global_avg_pool", "pad", "slice", "transpose")
 OP_NAMES = ("dense", "matmul", "add", "sub", "mul", "div", "relu", "leaky_relu", "sigmoid",
             "tanh", "exp", "log", "softmax", "log_softmax", "sum", "mean", "reshape",
-            "flatten", "concat", "elementwise")
-OP_WEIGHTS = {"dense": 3, "elementwise": 3, "concat": 2, "matmul": 1.5}
+            "flatten", "concat", "elementwise", "layer_norm") + ACTIVATION_OPS + SPATIAL_OPS
+OP_WEIGHTS = {"dense": 3, "elementwise": 3, "concat": 2, "matmul": 1.5,
+              **{op: 0.4 for op in ACTIVATION_OPS}}
 LOSS_OPS = ("mse", "softmax_cross_entropy", "bce_with_logits")
 FORMULA_FUNCTIONS = ("exp", "log", "sqrt", "sin", "cos", "tan", "sinh", "cosh", "tanh",
                      "asin", "acos", "atan", "erf", "abs", "relu", "sigmoid", "softplus",
@@ -700,6 +713,30 @@ class SpecGenerator:
                              lo=math.log(x.lo) if x.lo > 1.2 else None)
         raise AssertionError(op)
 
+    def op_activation(self, op: str) -> Val:
+        """A named activation, its attributes drawn (defaults omitted at times); the output
+        is bounded about as its input (hard_sigmoid: by 1)."""
+        r = self.rng
+        x = self.any_value(max_mag=1e30 if op == "hard_sigmoid" else MAG_LIMIT)
+        attrs, mag = {}, x.mag
+        if op == "gelu" and r.random() < 0.5:
+            attrs["approximate"] = r.choice(("none", "tanh"))
+        elif op == "softplus":
+            if r.random() < 0.7:
+                attrs["beta"] = r.choice((1.0, 0.5, 2.0, 3.0, -1.0))
+            if r.random() < 0.7:
+                attrs["threshold"] = r.choice((20.0, 1.0, 2.0, 5.0))
+            mag = x.mag + math.log(2) / abs(attrs.get("beta", 1.0))
+        elif op == "elu":
+            if r.random() < 0.7:
+                attrs["alpha"] = r.choice((1.0, 0.5, 2.0, 0.1))
+            mag = max(x.mag, attrs.get("alpha", 1.0))
+        elif op == "selu":
+            mag = 1.06 * max(x.mag, 1.68)
+        elif op == "hard_sigmoid":
+            mag = 1.0
+        return self.node(op, [x], x.shape, mag=mag, **attrs)
+
     def op_softmax(self, op: str) -> Val:
         x = self.any_value(min_rank=1, max_mag=1e30 if op == "softmax" else 1e3)
         rank = len(x.shape)
@@ -840,6 +877,208 @@ class SpecGenerator:
             ins = ins * 2   # the same value listed twice as an input
         return self.node("elementwise", ins, shape, mag=e.mag, lo=e.lo, expr=e.text)
 
+    # -- convolution, pooling and movement ops: per-example [C, L] or [C, H, W]
+    def spatial_shape(self, d: int, total: int) -> tuple | None:
+        """A random [C, *d spatial sizes >= 2] of `total` elements, or None if none."""
+        def splits(n, k):
+            if k == 0:
+                return [()] if n == 1 else []
+            return [(f,) + rest for f in range(2, n + 1) if n % f == 0
+                    for rest in splits(n // f, k - 1)]
+        options = [(c,) + s for c in range(1, 5) if total % c == 0
+                   for s in splits(total // c, d)]
+        return self.rng.choice(options) if options else None
+
+    def spatial_value(self, d: int) -> Val:
+        """A value of per-example rank d + 1 with spatial sizes >= 2: an existing one, an
+        existing value reshaped to it (so gradients flow on into the graph), or fresh."""
+        r = self.rng
+        v = self.pick(lambda v: len(v.shape) == d + 1 and min(v.shape[1:]) >= 2
+                      and size(v.shape) <= 2 * MAX_ELEMENTS, fresh_p=0.2)
+        if v is not None:
+            return v
+        if r.random() < 0.5:
+            src = self.pick(lambda v: 4 <= size(v.shape) <= 2 * MAX_ELEMENTS, fresh_p=0.0)
+            shape = src and self.spatial_shape(d, size(src.shape))
+            if shape:
+                return self.node("reshape", [src], shape, mag=src.mag, lo=src.lo,
+                                 shape=list(shape))
+        while True:
+            shape = (r.randint(1, 3),) + tuple(r.randint(2, 7 if d == 1 else 5) for _ in range(d))
+            if size(shape) <= 2 * MAX_ELEMENTS:
+                return self.fresh(shape, param_p=0.3)
+
+    def per_axis(self, attrs: dict, name: str, values: tuple, default) -> None:
+        """attrs[name] as one int (when all equal), a list, or omitted when the default."""
+        r = self.rng
+        if len(set(values)) == 1 and r.random() < 0.6:
+            if values[0] != default or r.random() < 0.4:
+                attrs[name] = values[0]
+        else:
+            attrs[name] = list(values)
+
+    def op_conv(self, op: str) -> Val:
+        r = self.rng
+        d = 1 if op == "conv1d" else 2
+        x = self.spatial_value(d)
+        c, spatial = x.shape[0], x.shape[1:]
+        for _ in range(30):
+            groups = 1 if r.random() < 0.5 else r.choice([g for g in range(1, c + 1) if c % g == 0])
+            o = groups * r.choice((1, 1, 2)) if groups > 1 else r.randint(1, 4)
+            kernel = tuple(r.randint(1, 3) for _ in spatial)
+            dilation = tuple(r.choice((1, 1, 2)) for _ in spatial)
+            stride = (1,) * d if r.random() < 0.5 else tuple(r.choice((1, 2, 3)) for _ in spatial)
+            t = r.random()
+            if t < 0.25 and set(stride) == {1}:
+                padding = "same"
+                pads = [(dl * (k - 1) // 2, dl * (k - 1) - dl * (k - 1) // 2)
+                        for dl, k in zip(dilation, kernel)]
+            elif t < 0.4:
+                padding, pads = "valid", [(0, 0)] * d
+            else:
+                p = tuple(r.randint(0, 2) for _ in spatial)
+                padding, pads = p, [(q, q) for q in p]
+            out = tuple((n + lo + hi - dl * (k - 1) - 1) // s + 1 for n, (lo, hi), dl, k, s
+                        in zip(spatial, pads, dilation, kernel, stride))
+            if min(out) >= 1 and o * size(out) <= 2 * MAX_ELEMENTS:
+                break
+        else:   # always fits
+            groups, o, kernel, dilation, stride, padding = 1, 1, (1,) * d, (1,) * d, (1,) * d, 0
+            out = spatial
+        attrs = {}
+        self.per_axis(attrs, "stride", stride, 1)
+        if isinstance(padding, str):
+            attrs["padding"] = padding
+        else:
+            self.per_axis(attrs, "padding", padding, 0)
+        self.per_axis(attrs, "dilation", dilation, 1)
+        if groups != 1 or r.random() < 0.2:
+            attrs["groups"] = groups
+        wshape = (o, c // groups) + kernel
+        if r.random() < 0.12:
+            W = self.new_input(wshape)           # a weight that is data: batched
+        else:
+            W = self.pick(lambda v: v.shape == wshape and v.kind == "param", fresh_p=0.7) \
+                or self.new_param(wshape)
+        ins, bmag = [x, W], 0.0
+        if r.random() < 0.5:
+            b = self.pick(lambda v: v.shape == (o,) and not v.batched, fresh_p=0.7) \
+                or self.new_param((o,))
+            ins.append(b)
+            bmag = b.mag
+        fan = c // groups * size(kernel)
+        return self.node(op, ins, (o,) + out, mag=x.mag * W.mag * math.sqrt(fan) + bmag, **attrs)
+
+    def op_pool(self, op: str) -> Val:
+        r = self.rng
+        d = int(op[-2])
+        x = self.spatial_value(d)
+        spatial = x.shape[1:]
+        kernel = tuple(r.randint(1, min(3, n + 1)) for n in spatial)
+        padding = tuple(r.randint(0, k // 2) if r.random() < 0.5 else 0 for k in kernel)
+        padding = tuple(k // 2 if n + 2 * p < k else p for n, k, p in zip(spatial, kernel, padding))
+        stride = None if r.random() < 0.4 else tuple(r.randint(1, 3) for _ in spatial)
+        step = kernel if stride is None else stride
+        out = tuple((n + 2 * p - k) // s + 1 for n, k, p, s in zip(spatial, kernel, padding, step))
+        attrs = {}
+        self.per_axis(attrs, "kernel_size", kernel, None)
+        if stride is not None:
+            self.per_axis(attrs, "stride", stride, None)
+        self.per_axis(attrs, "padding", padding, 0)
+        lo = x.lo
+        if op.startswith("avg"):
+            if r.random() < 0.7:
+                attrs["count_include_pad"] = r.random() < 0.5
+            if any(padding) and attrs.get("count_include_pad", True):
+                lo = None    # zeros of the padding count
+        return self.node(op, [x], (x.shape[0],) + out, mag=x.mag, lo=lo, **attrs)
+
+    def op_layer_norm(self) -> Val:
+        """Over 1 to all trailing axes, with or without weight and bias."""
+        r = self.rng
+        x = self.pick(lambda v: len(v.shape) >= 1) or self.new_input((r.randint(2, 5),))
+        k = r.randint(1, len(x.shape))
+        normalized = x.shape[len(x.shape) - k:]
+        attrs = {}
+        if k > 1 or r.random() < 0.3:
+            attrs["axes"] = [a - len(x.shape) if r.random() < 0.5 else a
+                             for a in range(len(x.shape) - k, len(x.shape))]
+        if r.random() < 0.3:
+            attrs["eps"] = r.choice((1e-3, 1e-5, 0.1))
+        ins, mag = [x], math.sqrt(size(normalized))
+        if r.random() < 0.7:
+            w = self.pick(lambda v: v.shape == normalized and not v.batched, fresh_p=0.7) \
+                or self.new_param(normalized)
+            ins.append(w)
+            mag *= w.mag
+            if r.random() < 0.7:
+                b = self.pick(lambda v: v.shape == normalized and not v.batched, fresh_p=0.7) \
+                    or self.new_param(normalized)
+                ins.append(b)
+                mag += b.mag
+        return self.node("layer_norm", ins, x.shape, mag=mag, **attrs)
+
+    def op_global_avg_pool(self) -> Val:
+        x = self.pick(lambda v: len(v.shape) >= 2) or self.spatial_value(self.rng.choice((1, 2)))
+        return self.node("global_avg_pool", [x], x.shape[:1], mag=x.mag, lo=x.lo)
+
+    def op_pad(self) -> Val:
+        r = self.rng
+        x = self.any_value(min_rank=1)
+        rank = len(x.shape)
+        for _ in range(10):
+            axes = r.randint(1, min(rank, 3))
+            pad = [r.choice((0, 1, 1, 2)) for _ in range(2 * axes)]
+            shape = list(x.shape)
+            for k in range(axes):
+                shape[rank - 1 - k] += pad[2 * k] + pad[2 * k + 1]
+            if size(shape) <= 2 * MAX_ELEMENTS:
+                break
+        else:
+            pad, shape = [0, 1], list(x.shape[:-1]) + [x.shape[-1] + 1]
+        attrs = {"pad": pad}
+        value = r.choice((0.0, 0.0, 0.5, -1.0, 2.0))
+        if value != 0.0 or r.random() < 0.3:
+            attrs["value"] = value
+        lo = min(x.lo, value) if x.lo and value > 0 else None
+        return self.node("pad", [x], shape, mag=max(x.mag, abs(value)), lo=lo, **attrs)
+
+    def op_slice(self) -> Val:
+        r = self.rng
+        x = self.any_value(min_rank=1, max_mag=1e30)
+        rank = len(x.shape)
+        axis = r.randrange(rank)
+        n = x.shape[axis]
+        attrs = {"axis": axis - rank if r.random() < 0.3 else axis}
+        for _ in range(20):
+            start = r.choice((None, r.randint(-n - 1, n - 1)))
+            stop = r.choice((None, r.randint(-n, n + 1)))
+            step = r.choice((None, 1, 2, 3))
+            taken = range(n)[slice(start, stop, step)]
+            if len(taken):
+                break
+        else:
+            start, stop, step, taken = None, None, None, range(n)
+        for k, v in (("start", start), ("stop", stop), ("step", step)):
+            if v is not None:
+                attrs[k] = v
+        shape = x.shape[:axis] + (len(taken),) + x.shape[axis + 1:]
+        return self.node("slice", [x], shape, mag=x.mag, lo=x.lo, **attrs)
+
+    def op_transpose(self) -> Val:
+        r = self.rng
+        x = self.any_value(min_rank=1, max_mag=1e30)
+        rank = len(x.shape)
+        if r.random() < 0.3:
+            perm = list(range(rank))[::-1]
+            attrs = {}
+        else:
+            perm = list(range(rank))
+            r.shuffle(perm)
+            attrs = {"perm": [p - rank if r.random() < 0.2 else p for p in perm]}
+        return self.node("transpose", [x], tuple(x.shape[p] for p in perm), mag=x.mag, lo=x.lo,
+                         **attrs)
+
     def step(self, op: str) -> Val:
         if op == "dense":
             return self.op_dense()
@@ -849,6 +1088,8 @@ class SpecGenerator:
             return self.op_binary(op)
         if op in ("relu", "leaky_relu", "sigmoid", "tanh", "exp", "log"):
             return self.op_unary(op)
+        if op in ACTIVATION_OPS:
+            return self.op_activation(op)
         if op in ("softmax", "log_softmax"):
             return self.op_softmax(op)
         if op in ("sum", "mean"):
@@ -857,6 +1098,12 @@ class SpecGenerator:
             return self.op_reshape(op)
         if op == "concat":
             return self.op_concat()
+        if op in ("conv1d", "conv2d"):
+            return self.op_conv(op)
+        if op in ("max_pool1d", "max_pool2d", "avg_pool1d", "avg_pool2d"):
+            return self.op_pool(op)
+        if op in ("global_avg_pool", "pad", "slice", "transpose", "layer_norm"):
+            return getattr(self, f"op_{op}")()
         if op == "elementwise":
             return self.op_elementwise()
         raise AssertionError(op)
@@ -983,6 +1230,8 @@ def focus(seed: int, count: int, items: tuple) -> list:
 
 
 SMALL_STEPS, LARGE_STEPS = (0, 2), (3, 9)
+# The always-run seeds (test_differential.FAST_SEEDS: 0-9) between them require every op.
+OPS_PER_SEED = -(-len(OP_NAMES) // 10)
 
 
 def generate(seed: int, *, attempt: int = 0, steps: int | tuple | None = None,
@@ -996,7 +1245,7 @@ def generate(seed: int, *, attempt: int = 0, steps: int | tuple | None = None,
     if isinstance(steps, tuple):
         steps = rng.randint(*steps)
     gen = SpecGenerator(rng.getrandbits(64), steps=steps,
-                        required_ops=focus(seed, 2, OP_NAMES) + focus(seed, 1, LOSS_OPS),
+                        required_ops=focus(seed, OPS_PER_SEED, OP_NAMES) + focus(seed, 1, LOSS_OPS),
                         required_formula=focus(seed, 3, FORMULA_ITEMS),
                         cancellations=cancellations)
     spec = gen.generate(f"g{seed}")
@@ -1017,7 +1266,7 @@ EXTREME_ACTIVATIONS = (
     ("elementwise", "log(1 + exp(-abs({h}))) + relu({h})"),
     ("elementwise", "{h} * sigmoid(1.702 * {h})"), ("elementwise", "tanh(softplus({h}))"),
     ("sigmoid", None), ("tanh", None), ("relu", None), ("leaky_relu", None),
-    ("log_softmax", None), ("softmax", None),
+    ("log_softmax", None), ("softmax", None), *((op, None) for op in ACTIVATION_OPS),
 )
 EXTREME_SCALES = (300.0, 1000.0, 3000.0)
 
@@ -1201,6 +1450,68 @@ def _formula(text: str, env: dict, kinks: _Kinks):
     return ev(tree)
 
 
+_TORCH_ACTIVATIONS = {
+    "gelu": lambda x, a: F.gelu(x, **a), "silu": lambda x, a: F.silu(x),
+    "softplus": lambda x, a: F.softplus(x, **a), "elu": lambda x, a: F.elu(x, **a),
+    # F.hardsigmoid's backward multiplies by 1/6 rounded to float32 even in float64 (3e-8
+    # off); relu6(x + 3)/6 is the same function, exact, with the same slopes at ±3.
+    "selu": lambda x, a: F.selu(x), "hard_sigmoid": lambda x, a: F.relu6(x + 3) / 6,
+    "hard_swish": lambda x, a: F.hardswish(x), "mish": lambda x, a: F.mish(x),
+}
+
+
+def _per_axis(value, d: int) -> tuple:
+    return tuple(value) if isinstance(value, (list, tuple)) else (value,) * d
+
+
+def _window_gaps(x, kernel, stride, padding):
+    """Per max-pool window of x [C, *spatial]: max - v for its values (0 at the max and at
+    exact ties, inf for the -inf padding), to keep data away from near-ties."""
+    d = len(kernel)
+    xp = F.pad(x.detach(), [q for p in reversed(padding) for q in (p, p)], value=-math.inf)
+    for a in range(d):
+        xp = xp.unfold(1 + a, kernel[a], stride[a])
+    w = xp.reshape(tuple(xp.shape[:1 + d]) + (-1,))
+    return w.max(dim=-1, keepdim=True).values - w
+
+
+def _apply_spatial(op: str, ins: list, d: dict, kinks: _Kinks):
+    """torch.nn.functional on one example ([C, *spatial]: a batch axis of 1 added)."""
+    x = ins[0]
+    if op in ("conv1d", "conv2d"):
+        pad = d.get("padding", 0)
+        fn = F.conv1d if op == "conv1d" else F.conv2d
+        with warnings.catch_warnings():   # 'same' with an even kernel: "a zero-padded copy"
+            warnings.simplefilter("ignore", UserWarning)
+            return fn(x[None], ins[1], ins[2] if len(ins) == 3 else None,
+                      stride=_per_axis(d.get("stride", 1), x.dim() - 1),
+                      padding=pad if isinstance(pad, str) else _per_axis(pad, x.dim() - 1),
+                      dilation=_per_axis(d.get("dilation", 1), x.dim() - 1),
+                      groups=d.get("groups", 1))[0]
+    if op in ("max_pool1d", "max_pool2d", "avg_pool1d", "avg_pool2d"):
+        dims = x.dim() - 1
+        kernel = _per_axis(d["kernel_size"], dims)
+        stride = kernel if d.get("stride") is None else _per_axis(d["stride"], dims)
+        padding = _per_axis(d.get("padding", 0), dims)
+        if op.startswith("max"):
+            kinks.see(_window_gaps(x, kernel, stride, padding))
+            return getattr(F, op)(x[None], kernel, stride, padding)[0]
+        return getattr(F, op)(x[None], kernel, stride, padding,
+                              count_include_pad=d.get("count_include_pad", True))[0]
+    if op == "global_avg_pool":
+        return x.mean(dim=tuple(range(1, x.dim())))
+    if op == "pad":
+        return F.pad(x, tuple(d["pad"]), value=d.get("value", 0.0))
+    if op == "slice":
+        axis = d["axis"] % x.dim()
+        return x[(slice(None),) * axis + (slice(d.get("start", 0), d.get("stop"),
+                                                d.get("step", 1)),)]
+    if op == "transpose":
+        perm = d.get("perm")
+        return x.permute(*(range(x.dim() - 1, -1, -1) if perm is None else perm))
+    raise ValueError(f"unknown op {op!r}")
+
+
 def _axes(axis):
     return None if axis is None else (tuple(axis) if isinstance(axis, (list, tuple)) else (axis,))
 
@@ -1223,6 +1534,16 @@ def _apply(op: str, ins: list, d: dict, kinks: _Kinks):
         return F.leaky_relu(ins[0], d.get("alpha", 0.01))
     if op in ("sigmoid", "tanh", "exp", "log"):
         return getattr(torch, op)(ins[0])
+    if op in ACTIVATION_OPS:
+        x = ins[0]
+        if op in ("elu", "selu"):
+            kinks.see(x)
+        elif op in ("hard_sigmoid", "hard_swish"):
+            kinks.see(x - 3)
+            kinks.see(x + 3)
+        elif op == "softplus":   # linear past beta·x = threshold
+            kinks.see(d.get("beta", 1.0) * x - d.get("threshold", 20.0))
+        return _TORCH_ACTIVATIONS[op](x, {a: v for a, v in d.items() if a not in ("op", "inputs")})
     if op == "softmax":
         return torch.softmax(ins[0], dim=d.get("axis", -1))
     if op == "log_softmax":
@@ -1239,6 +1560,12 @@ def _apply(op: str, ins: list, d: dict, kinks: _Kinks):
         return ins[0].reshape(-1)
     if op == "concat":
         return torch.cat(list(ins), dim=d.get("axis", -1))
+    if op in SPATIAL_OPS:
+        return _apply_spatial(op, ins, d, kinks)
+    if op == "layer_norm":
+        k = len(d.get("axes", [-1]))
+        return F.layer_norm(ins[0], ins[0].shape[ins[0].dim() - k:], *ins[1:],
+                            eps=d.get("eps", 1e-5))
     if op == "elementwise":
         names = d["inputs"]
         env = dict(zip(names, ins))

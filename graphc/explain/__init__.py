@@ -27,11 +27,6 @@ FORMATS = ("text", "markdown", "latex", "html")
 RANDOM_BATCH = 2   # examples in `at="random"`: enough to show the sum over the batch
 # `at` not given: no worked example, unless wrt names an element to follow through one.
 _UNSET = object()
-# Random inputs come from their own stream of `seed`, apart from the params' (drawn with
-# `seed` itself, as graphc.compile draws them): from one stream, the first input would be
-# a multiple of the first param (W1[i]/x[i] the same number for every i).
-INPUT_STREAM = 1
-
 
 class Explanation:
     """The derivation of a graph's gradients, for people. Build it with `graphc.explain`."""
@@ -137,6 +132,7 @@ def _resolve_at(graph, at, seed: int, batch: int) -> tuple[dict, dict]:
     `graphc.reference`) draw them; not through a Reference, which is not free to build."""
     from graphc.init import init_params
     from graphc.verify import sample_inputs
+    from .numbers import input_seed
     drawn = init_params({k: (v.shape, v.init) for k, v in graph.params.items()}, seed)
     params = {k: np.asarray(v, np.float64) for k, v in drawn.items()}
     if isinstance(at, str) and at == "random":
@@ -155,11 +151,6 @@ def _resolve_at(graph, at, seed: int, batch: int) -> tuple[dict, dict]:
     inputs = {k: np.asarray(v, dtype=np.float64) for k, v in at.items() if k in graph.inputs}
     params.update({k: np.asarray(v, dtype=np.float64) for k, v in at.items() if k in graph.params})
     return inputs, params
-
-
-def input_seed(seed: int, stream: int = INPUT_STREAM) -> int:
-    """A seed for random inputs, independent of the params' stream of `seed`."""
-    return int(np.random.SeedSequence(seed, spawn_key=(stream,)).generate_state(1)[0])
 
 
 def _worked(graph, d, steps, wrt, at, seed, batch, elements):

@@ -11,6 +11,7 @@ composed into one formula per input, and the chain of those formulas down to the
 from __future__ import annotations
 
 import itertools
+import math
 import re
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -21,7 +22,8 @@ import sympy as sp
 from graphc.derive import LOSS_MEAN, Derivation, LocalDerivative
 from graphc.errors import GraphcError
 from graphc.graph import Graph
-from graphc.ir import ACC, BATCH, MAX, SUM, Kernel, Program, array, grad_name, index_symbols
+from graphc.ir import (ACC, ACCUMULATE, ARGMAX, BATCH, MAX, SUM, Kernel, Program, array,
+                       grad_name, index_symbols)
 
 from . import notation as nt
 from .bounds import expansion_work, small
@@ -89,6 +91,8 @@ class Combined:
     reading: sp.Expr | None = None   # the textbook form, valid under `condition`
     condition: str | None = None
     where: tuple = ()                # (name, definition) pairs the forms use
+    words: tuple = ()                # the contribution said in words: str and nt.Math parts
+    gathered: bool = False           # a scatter written as the equivalent gather
 
 
 @dataclass
@@ -111,6 +115,9 @@ class ChainLink:
     reading: nt.Math | None = None
     condition: str | None = None
     where: tuple = ()
+    expr: sp.Expr | None = None      # the right-hand side, at the lhs's canonical index
+    kernels: tuple = ()              # no composed form: the kernels' own equations instead
+    words: tuple = ()                # str and nt.Math parts
 
 
 @dataclass
@@ -137,6 +144,17 @@ def _collapse_piecewise(expr: sp.Expr) -> sp.Expr:
     return expr.replace(sp.Piecewise, one)
 
 
+def _flat_cases(expr: sp.Expr) -> sp.Expr:
+    """{{v if c1; 0 otherwise} if c2; 0 otherwise} -> {v if c2 & c1; 0 otherwise}: a max
+    pooling's derivative at a padded window, where the case of the read sits inside the
+    case of the argmax."""
+    def one(*args):
+        if len(args) == 2 and args[1] == (0, True):
+            return _cases(args[0].expr, args[0].cond)
+        return sp.Piecewise(*args)
+    return expr.replace(sp.Piecewise, one)
+
+
 def _exp_written(expr: sp.Expr) -> sp.Expr:
     """expr with the functions formulas keep whole (graphc's own, such as sigmoid and
     softplus, whatever their class) written out through exp; SymPy's own stay."""
@@ -155,9 +173,10 @@ def simplified(rec: LocalDerivative) -> sp.Expr:
     options = [d, sp.factor_terms(d)]
     if d.has(sp.Piecewise):
         options.append(_collapse_piecewise(d))
+        options.append(_flat_cases(d))
     elif small(d, SIMPLIFY_OPS):
         options.append(sp.simplify(d))
-    return min(options, key=lambda e: (sp.count_ops(e), options.index(e)))
+    return min(options, key=lambda e: (sp.count_ops(e), len(e.atoms(sp.Piecewise)), options.index(e)))
 
 
 class sigma(sp.Function):
@@ -226,9 +245,28 @@ def _limit(sym, extent):
     return nt.extent_limit(sym, extent)
 
 
+def _fresh_name(taken: set) -> sp.Symbol:
+    """j0, j1, ...: the first not in `taken` (which it joins)."""
+    name = next(sym for c in itertools.count()
+                for sym in [sp.Symbol(f"j{c}", integer=True, nonnegative=True)] if sym not in taken)
+    taken.add(name)
+    return name
+
+
+def _summation_name(sym: sp.Symbol, taken: set) -> sp.Symbol:
+    """A summation index's name: its own, unless another index uses it or it reads as an
+    axis of the left-hand side (i0, i1, ... index the array written); then j0, j1, ..."""
+    if sym in taken or re.fullmatch(r"i\d+", sym.name):
+        return _fresh_name(taken)
+    taken.add(sym)
+    return sym
+
+
 def compose(node: str, target_grad: str, steps: list[Step], buffers, taken=None) -> sp.Expr | None:
     """δtarget from this node's kernels alone, at the canonical index, with the gradients
-    of the node's own temps (softmax's normalizer, say) substituted by their formulas."""
+    of the node's own temps (softmax's normalizer, say) substituted by their formulas.
+    A kernel that writes at an affine index (a scatter: a convolution's or a pooling's
+    input gradient) is turned into the equivalent gather (`gather`)."""
     idx = canonical(target_grad, buffers)
     taken = taken if taken is not None else set()
     taken.update(i for i in idx if isinstance(i, sp.Symbol))
@@ -240,16 +278,16 @@ def compose(node: str, target_grad: str, steps: list[Step], buffers, taken=None)
         k = s.kernel
         index = tuple(k.out_index)
         if not all(isinstance(i, sp.Symbol) for i in index) or len(set(index)) != len(index) \
-                or len(index) != len(idx):
-            return None   # broadcast or offset writes: the kernel form is the clearer one
+                or len(index) != len(idx) or k.guard != sp.true:
+            term = gather(k, idx, _dims_of(buffers[target_grad]), taken)
+            if term is None:
+                return None
+            total += term
+            continue
         rename = dict(zip(index, idx))
         extra = [(s_, e) for s_, e in k.loops if s_ not in index]
         for s_, _ in extra:   # a summation index keeps its name unless another one uses it
-            if s_ in taken:
-                rename[s_] = next(sp.Symbol(f"j{c}", integer=True, nonnegative=True)
-                                  for c in itertools.count()
-                                  if sp.Symbol(f"j{c}", integer=True, nonnegative=True) not in taken)
-            taken.add(rename.get(s_, s_))
+            rename[s_] = _summation_name(s_, taken)
         body = k.post.xreplace({ACC: k.body}) if k.mode == SUM and not extra else k.body
         body = body.xreplace(rename)
         if extra:
@@ -267,6 +305,178 @@ def compose(node: str, target_grad: str, steps: list[Step], buffers, taken=None)
             inner = inner.xreplace(dict(zip(canonical(name, buffers), read.indices)))
             total = total.xreplace({read: inner})
     return total
+
+
+def _dims_of(buf) -> tuple:
+    dims = ((BATCH,) if buf.batched else ()) + tuple(buf.shape)
+    return dims or (1,)
+
+
+# ---------------------------------------------------------------- scatter -> gather
+
+MAX_DECIDE_POINTS = 200_000   # index points a condition is tried at to decide it
+
+
+def decide(cond: sp.Basic, extents: dict) -> sp.Basic:
+    """A condition on integer indices, each running over range(extent): true or false when
+    it holds at every point of that box or at none (tried at every point), else itself."""
+    if cond in (sp.true, sp.false) or cond.atoms(sp.Indexed):
+        return cond
+    syms = sorted(cond.free_symbols, key=str)
+    if any(extents.get(s) in (None, BATCH) for s in syms):
+        return cond
+    sizes = [int(extents[s]) for s in syms]
+    if math.prod(sizes) > MAX_DECIDE_POINTS:
+        return cond
+    if not syms:
+        return sp.true if bool(cond) else sp.false
+    import numpy as np
+    f = sp.lambdify(syms, cond, [{"floor": np.floor, "Mod": np.mod}, "numpy"])
+    grid = np.meshgrid(*[np.arange(e) for e in sizes], indexing="ij")
+    with np.errstate(all="ignore"):
+        held = np.broadcast_to(np.asarray(f(*grid), dtype=bool), grid[0].shape)
+    return sp.true if held.all() else sp.false if not held.any() else cond
+
+
+def _decided(expr: sp.Basic, extents: dict) -> sp.Basic:
+    """`expr` with each comparison of indices alone decided where the box decides it."""
+    rels = [r for r in expr.atoms(sp.Rel) if not r.atoms(sp.Indexed)]
+    swap = {r: decide(r, extents) for r in rels}
+    return expr.xreplace({r: v for r, v in swap.items() if v != r}) if swap else expr
+
+
+def _pruned(cond: sp.Basic, extents: dict) -> sp.Basic:
+    """A conjunction of index conditions without the ones the others imply over the box
+    (i ≤ 1 and i ≥ 1 make (i + 1) mod 2 = 0 idle), each tried at every point."""
+    if not isinstance(cond, sp.And):
+        return cond
+    parts = list(cond.args)
+    for part in list(parts):
+        rest = [p for p in parts if p is not part]
+        if part.atoms(sp.Indexed) or not rest:
+            continue
+        if decide(sp.And(*rest, sp.Not(part)), extents) == sp.false:
+            parts = rest
+    return sp.And(*parts)
+
+
+def _cases(body: sp.Expr, cond: sp.Basic) -> sp.Expr:
+    """body where cond holds, 0 elsewhere, as one case: a factor {v if c; 0 otherwise}
+    of the body joins its condition to cond (nested cases read badly)."""
+    while True:
+        factors = sp.Mul.make_args(body)
+        inner = next((f for f in factors if isinstance(f, sp.Piecewise) and len(f.args) == 2
+                      and f.args[1].cond == sp.true and f.args[1].expr == 0), None)
+        if inner is None:
+            break
+        cond = sp.And(cond, inner.args[0].cond)
+        body = sp.Mul(*[f for f in factors if f is not inner]) * inner.args[0].expr
+    if cond == sp.false or body == 0:
+        return sp.Integer(0)
+    return body if cond == sp.true else sp.Piecewise((body, cond), (0, True))
+
+
+def _unsplit(expr: sp.Basic) -> sp.Basic:
+    """c·(u mod w) + c·w·⌊u/w⌋ -> c·u wherever both halves meet in a sum (a grouped
+    convolution's output channel o, split into its group and its place in the group)."""
+    def join(add):
+        terms = list(add.args)
+        for t in terms:
+            c, m = t.as_coeff_Mul()
+            if isinstance(m, sp.Mod):
+                u, w = m.args
+                partner = c * w * sp.floor(u / w)
+                if partner in terms:
+                    terms.remove(t)
+                    terms.remove(partner)
+                    return join(sp.Add(*terms, c * u)) if terms else c * u
+        return add
+    return expr.replace(lambda e: isinstance(e, sp.Add), join)
+
+
+def _affine_coefficient(e: sp.Expr, s: sp.Symbol):
+    """The integer coefficient of s in e when e is affine in s, else None."""
+    c = sp.diff(e, s)
+    return int(c) if c.is_Integer else None
+
+
+def gather(k: Kernel, idx: tuple, dims: tuple, taken: set) -> sp.Expr | None:
+    """What kernel k adds to out[idx] (a scatter-accumulate, out[f(loops)] += body), written
+    as a formula of idx: the sum of body over the loop points whose target is idx.
+
+    out_index[a] = idx[a] is solved axis by axis for one loop index each (one with a unit
+    coefficient where there is one, else with a divisibility condition), preferring the
+    indices of the δ the kernel reads (the positions of the forward output); the other
+    loops are summed, where the solved ones stay inside their loops' ranges and the
+    kernel's guard holds. A loop whose range condition admits exactly one value (a window
+    of 2 with stride 2: j = ⌊h/2⌋) is solved too, so a pooling's gradient reads as a
+    gather from one window. For a convolution's input gradient the result is the
+    transposed convolution. None: the kernel is not a sum of its body (an assignment)."""
+    if k.mode not in (ACCUMULATE, SUM) or (k.mode == SUM and k.post != ACC):
+        return None
+    fresh = {s: sp.Dummy(s.name, integer=True, nonnegative=True) for s, _ in k.loops}
+    ext = {fresh[s]: e for s, e in k.loops}
+    extents = dict(ext) | {i: d for i, d in zip(idx, dims) if isinstance(i, sp.Symbol)}
+    body, guard = k.body.xreplace(fresh), k.guard.xreplace(fresh)
+    seeds = {s for a in body.atoms(sp.Indexed) if nt.is_grad(str(a.base.label))
+             for s in a.free_symbols if s in ext}
+    sols: dict = {}
+    conds: list = [guard]
+    for e, t in zip(k.out_index, idx):
+        e = sp.expand(sp.sympify(e).xreplace(fresh).xreplace(sols))
+        cands = [s for s in sorted(e.free_symbols & set(ext), key=str) if s not in sols]
+        coef = {s: _affine_coefficient(e, s) for s in cands}
+        if any(c is None for c in coef.values()):
+            return None
+        cands = [s for s in cands if coef[s] != 0]
+        if not cands:
+            conds.append(sp.Eq(e, t))
+            continue
+        s = min(cands, key=lambda s: (abs(coef[s]) != 1, s not in seeds, abs(coef[s]), str(s)))
+        a = coef[s]
+        rest = sp.expand(e - a * s)
+        if abs(a) != 1:
+            conds.append(sp.Eq(sp.Mod(t - rest, abs(a)), 0))
+        value = (t - rest) / a
+        sols = {v: x.xreplace({s: value}) for v, x in sols.items()}
+        sols[s] = value
+    if any(ext[v] == BATCH and not (isinstance(x, sp.Symbol) and extents.get(x) == BATCH)
+           for v, x in sols.items()):
+        return None   # the batch index is solved only as itself
+    ranges = {v: x for v, x in sols.items() if ext[v] != BATCH}
+    free = [s for s in ext if s not in sols]
+    # A range condition 0 <= c ± w·s <= w - 1 holds for exactly one s: s = ∓⌊c/w⌋.
+    progress = True
+    while progress:
+        progress = False
+        for v, x in list(ranges.items()):
+            for s in free:
+                a = _affine_coefficient(x, s)
+                c = sp.expand(x - a * s) if a else None
+                if a is None or abs(a) != int(ext[v]) or not c.is_integer:
+                    continue
+                w = abs(a)
+                value = sp.floor(c / w) if a < 0 else -sp.floor(c / w)
+                sols = {u: y.xreplace({s: value}) for u, y in sols.items()}
+                sols[v], sols[s] = sp.Mod(c, w), value
+                ranges = {u: y.xreplace({s: value}) for u, y in ranges.items() if u != v}
+                ranges[s] = value
+                body, conds = body.xreplace({s: value}), [c_.xreplace({s: value}) for c_ in conds]
+                free.remove(s)
+                progress = True
+                break
+            if progress:
+                break
+    conds += [sp.And(sp.Ge(x, 0), sp.Le(x, int(ext[v]) - 1)) for v, x in ranges.items()]
+    body = body.xreplace(sols)
+    cond = _pruned(_decided(sp.And(*[c_.xreplace(sols) for c_ in conds]), extents), extents)
+    term = _unsplit(_cases(_decided(body, extents), cond))
+    if term == 0:
+        return term
+    names = {s: _summation_name(sp.Symbol(s.name, integer=True, nonnegative=True), taken)
+             if s.name == "b" else _fresh_name(taken) for s in free}
+    term = term.xreplace(names)
+    return sp.Sum(term, *[_limit(names[s], ext[s]) for s in free]) if free else term
 
 
 def softmax_reading(node: str, op: str, expr: sp.Expr, graph: Graph, kernels: list[Kernel]):
@@ -366,6 +576,12 @@ def paths(graph: Graph, param: str) -> tuple[list[list[str]], int]:
     return found, more
 
 
+def forward_kernels(kernels: list[Kernel], node: str) -> list[int]:
+    """The node's forward kernels, and the argmax kernel derive runs after a max whose
+    gradient it routes (max pooling's)."""
+    return [i for i, k in enumerate(kernels) if k.node == node and (k.note == "forward" or k.mode == ARGMAX)]
+
+
 def node_views(graph: Graph, d: Derivation, steps: list[Step], relevant: set[str]) -> list[NodeView]:
     kernels = d.gradients.kernels
     buffers = d.gradients.buffers
@@ -374,28 +590,224 @@ def node_views(graph: Graph, d: Derivation, steps: list[Step], relevant: set[str
         if name not in relevant:
             continue
         v = graph.values[name]
-        forward = [i for i, k in enumerate(kernels) if k.node == name and k.note == "forward"]
+        forward = forward_kernels(kernels, name)
         mine = [s for s in steps if s.kernel.node == name and
                 (s.target in relevant or s.target.startswith(name + "."))]
         view = NodeView(name, v.op, forward, mine)
         for i in forward:
-            if kernels[i].mode == MAX:
+            if kernels[i].mode == MAX and not buffers[kernels[i].out].differentiable:
                 view.notes.append(
                     f"{kernels[i].out} is a stop-gradient shift: it keeps exp from overflowing, and "
                     f"the node's value does not change with it, so it gets no derivative")
+            if kernels[i].mode == ARGMAX:
+                view.notes.append(argmax_note(kernels[i], v))
         for u in dict.fromkeys(v.inputs):
             if u not in relevant:
                 continue
             expr = compose(name, grad_name(u), mine, buffers)
             if expr is None:
                 continue
-            reading = softmax_reading(name, v.op, expr, graph, kernels)
-            if reading:
-                view.combined[u] = Combined(u, canonical(grad_name(u), buffers), expr, *reading)
-            else:
-                view.combined[u] = Combined(u, canonical(grad_name(u), buffers), expr)
+            idx = canonical(grad_name(u), buffers)
+            scatter = any(s.kernel.out == grad_name(u) and not _plain_write(s.kernel, idx) for s in mine)
+            reading = softmax_reading(name, v.op, expr, graph, kernels) or \
+                padded_reading(expr, idx, _dims_of(buffers[grad_name(u)]), buffers) or (None, None, ())
+            words = contribution_words(graph, name, u, reading[0] if reading[0] is not None else expr,
+                                       idx, "padding" in (reading[1] or ""))
+            view.combined[u] = Combined(u, idx, expr, *reading, words=words, gathered=scatter)
         views.append(view)
     return views
+
+
+def _plain_write(k: Kernel, idx: tuple) -> bool:
+    """Does k write every element of its target once per point of its loops not summed,
+    through plain loop indices (what `compose` substitutes directly)?"""
+    index = tuple(k.out_index)
+    return all(isinstance(i, sp.Symbol) for i in index) and len(set(index)) == len(index) \
+        and len(index) == len(idx) and k.guard == sp.true
+
+
+def argmax_note(k: Kernel, v) -> str:
+    at = nt.show(k.reduction_position()).text
+    src = v.inputs[0]
+    return (f"{k.out} records, for each window, where its maximum is: the position {at} "
+            f"(row-major within the window) of the window's first maximum (a NaN counts as "
+            f"a maximum, as in torch). The gradient goes to the window's first maximum, as "
+            f"torch does: δ{src} gets δ{v.name} at that one element of the window and nothing "
+            f"at the others, which do not change the maximum")
+
+
+def _extents(expr: sp.Expr, idx: tuple, dims: tuple) -> dict:
+    """Index symbol -> extent: the canonical index's from the array's dims, each summation
+    index's from its Σ."""
+    ext = {i: d for i, d in zip(idx, dims) if isinstance(i, sp.Symbol)}
+    for total in expr.atoms(sp.Sum):
+        for sym, low, high in total.limits:
+            ext[sym] = BATCH if high == BATCH - 1 else int(high - low + 1)
+    return ext
+
+
+def padded_reading(expr: sp.Expr, idx: tuple, dims: tuple, buffers):
+    """The formula with each {r·rest if (r's index lies inside its array); 0 otherwise}
+    written r·rest: a padded read taken as 0 outside its array, as the forward pass took
+    it (a convolution's weight gradient reads this way). Returns (reading, condition,
+    where), or None when there is no such case."""
+    ext = _extents(expr, idx, dims)
+    padded: list[str] = []
+
+    def inside(r: sp.Indexed) -> sp.Basic | None:
+        """The condition that r's index lies inside its array, one comparison per axis."""
+        name = str(r.base.label)
+        if name not in buffers or \
+                any(ext.get(s_) is None for i in r.indices for s_ in sp.sympify(i).free_symbols):
+            return None
+        return sp.And(*[sp.And(sp.Ge(i, 0), sp.Lt(i, d)) for i, d in zip(r.indices, _dims_of(buffers[name]))
+                        if d != BATCH and not sp.sympify(i).is_number])
+
+    def strip(pw: sp.Piecewise):
+        if len(pw.args) != 2 or pw.args[1] != (0, True):
+            return pw
+        value, cond = pw.args[0]
+        for r in sp.Mul.make_args(value):
+            if isinstance(r, sp.Indexed):
+                g = inside(r)
+                if g is not None and g != sp.true and \
+                        (g == cond or decide(sp.Xor(g, cond), ext) == sp.false):
+                    padded.append(str(r.base.label))
+                    return value
+        return pw
+    reading = expr.replace(lambda e: isinstance(e, sp.Piecewise), strip)
+    if not padded:
+        return None
+    values = [nt.text_name(a) for a in dict.fromkeys(padded) if not nt.is_grad(a)]
+    grads = [nt.text_name(a) for a in dict.fromkeys(padded) if nt.is_grad(a)]
+    said = []
+    if values:
+        said.append(f"a read outside {', '.join(values)} (in its zero padding) counts as 0, as "
+                    f"the forward pass reads it")
+    if grads:
+        said.append(f"{', '.join(grads)} counts as 0 outside its array (as if padded with zeros)")
+    return reading, " and ".join(said) + "; the C tests the index instead", ()
+
+
+CONV_OPS = ("conv1d", "conv2d")
+SPATIAL = {1: ("t",), 2: ("h", "w")}          # output positions, per spatial rank
+TAPS = {1: ("k",), 2: ("p", "q")}             # kernel taps
+
+
+def _letters(wanted, graph: Graph, taken: set) -> list[sp.Symbol]:
+    """Index symbols named as a textbook names them, primed where a value of the graph (or
+    another index) already has the name."""
+    out = []
+    for w in wanted:
+        while w in graph.values or w in taken:
+            w += "'"
+        taken.add(w)
+        out.append(sp.Symbol(w, integer=True, nonnegative=True))
+    return out
+
+
+def _ordered_affine(e: sp.Expr, order: list) -> nt.Math:
+    """An affine index printed with the symbols of `order` first, in that order, then the
+    rest and the constant: h + p - 1 (the output position, the tap, the padding)."""
+    e = sp.expand(e)
+    if not e.is_Add or any(sp.diff(e, s_).free_symbols for s_ in e.free_symbols):
+        return nt.show(e)
+    syms = [s_ for s_ in order if e.has(s_)] + sorted(e.free_symbols - set(order), key=str)
+    text, tex = [], []
+    for s_ in syms + [None]:
+        c = e.coeff(s_) if s_ is not None else e.subs({x: 0 for x in e.free_symbols})
+        if c == 0:
+            continue
+        sign = "-" if c < 0 else "+"
+        c = abs(c)
+        if s_ is None:
+            t = x_ = str(c)
+        else:
+            name = nt.show(s_)
+            t = name.text if c == 1 else f"{c}·{name.text}"
+            x_ = name.latex if c == 1 else rf"{c} \cdot {name.latex}"
+        text += [sign, t]
+        tex += [sign, x_]
+    lead = lambda parts: ("-" if parts[0] == "-" else "") + " ".join(parts[1:])   # noqa: E731
+    return nt.Math(lead(text), lead(tex))
+
+
+def _correlation(expr: sp.Expr, x: str, sums: list, taps: list) -> nt.Math:
+    """Σ_{b, h, w} x[...]·δy[...] as a textbook writes it: the input first, each of its
+    positions as output position, tap, padding (what `show` sorts otherwise)."""
+    if not isinstance(expr, sp.Sum) or not expr.function.is_Mul:
+        return nt.show(expr)
+    reads = [f for f in expr.function.args if isinstance(f, sp.Indexed)]
+    inp = [r for r in reads if str(r.base.label) == x]
+    if len(reads) != len(expr.function.args) or len(inp) != 1:
+        return nt.show(expr)
+    rest = [r for r in reads if r is not inp[0]]
+    order = [s_ for s_ in sums if s_ != BATCH_INDEX] + list(taps)
+    idx = [_ordered_affine(i, order) for i in inp[0].indices]
+    read = nt.Math(f"{nt.text_name(x)}[{', '.join(m.text for m in idx)}]",
+                   f"{nt.latex_name(x)}[{', '.join(m.latex for m in idx)}]")
+    ids = [nt.show(lim[0]) for lim in expr.limits]
+    total = nt.Math("Σ_{" + ", ".join(m.text for m in ids) + "} ",
+                    r"\sum_{" + ", ".join(m.latex for m in ids) + "} ")
+    return nt.join([total + read] + [nt.show(r) for r in rest], nt.Math("·", r" \cdot "))
+
+
+def contribution_words(graph: Graph, node: str, u: str, expr: sp.Expr, idx: tuple,
+                       padded: bool = False) -> tuple:
+    """What a node's contribution to δu means, in words, for the ops whose gradient has a
+    name: a convolution's weight gradient (the correlation of its input with δ), its
+    input gradient (the transposed convolution), pooling's routing. Parts: str and Math."""
+    v = graph.values[node]
+    x = v.inputs[0]
+    dy = nt.Math(f"δ{node}", nt.latex_name(grad_name(node)))
+    if v.op in CONV_OPS and len(v.inputs) > 1 and u == v.inputs[1]:
+        rank = int(v.op[4])
+        taken = {"b"}
+        named = _letters(("o", "c") + TAPS[rank], graph, taken)
+        totals = list(expr.atoms(sp.Sum))
+        if len(totals) != 1 or expr != totals[0]:
+            return ()
+        inner = [sym for sym, _, _ in totals[0].limits if sym != BATCH_INDEX]
+        if len(inner) != rank:
+            return ()
+        spatial = _letters(SPATIAL[rank], graph, taken)
+        swap = dict(zip(idx, named)) | dict(zip(inner, spatial))
+        expr = expr.xreplace(swap)
+        if graph.values[u].shape[1] == 1:   # one input channel (per group): its loop was dropped
+            expr = expr.replace(lambda r: isinstance(r, sp.Indexed) and str(r.base.label) == x
+                                and len(r.indices) > 1 and r.indices[1] == 0,
+                                lambda r: r.base[(r.indices[0], named[1]) + tuple(r.indices[2:])])
+        said = _correlation(expr, x, [BATCH_INDEX] + spatial, named[2:])
+        lhs = nt.grad_of_param(u, named) if u in graph.params else nt.element(grad_name(u), named)
+        w = nt.show(array(u)[tuple(named)])
+        pos = nt.Math(", ".join(nt.show(s_).text for s_ in spatial),
+                      ", ".join(nt.show(s_).latex for s_ in spatial))
+        taps = nt.Math(", ".join(nt.show(s_).text for s_ in named[2:]),
+                       ", ".join(nt.show(s_).latex for s_ in named[2:]))
+        return ("In words: ", lhs + nt.EQ + said, ": the gradient of a convolution's weight is the "
+                "correlation of its input ", nt.Math(x, nt.latex_name(x)), " with ", dy,
+                ", the gradient at its output. In the forward pass the weight ", w,
+                " multiplied the input at tap (", taps, ") of every window; its gradient adds up "
+                "those same inputs, each times the δ of the output its window made, over every "
+                "output position (", pos, ") and every example b (a term whose input lies in "
+                "the padding is 0).")
+    if v.op in CONV_OPS and u == x:
+        weight = v.inputs[1]
+        return (nt.Math(f"δ{u}", nt.latex_name(grad_name(u))), " is the transposed convolution of ",
+                dy, " with ", nt.Math(weight, nt.latex_name(weight)), ": every element of ",
+                nt.Math(u, nt.latex_name(u)), " was read by the windows of several outputs, and "
+                "its δ adds up, over those outputs, their δ times the weight that multiplied "
+                "it (the conditions keep the outputs whose window reached it).")
+    if v.op.startswith("max_pool") and u == x:
+        return ("The gradient goes to the window's first maximum, as torch does: ",
+                nt.Math(f"δ{u}", nt.latex_name(grad_name(u))), " gets ", dy,
+                " of the window that holds the element when the element is where that window's "
+                f"maximum was found ({node}.argmax), and 0 otherwise.")
+    if v.op.startswith("avg_pool") and u == x:
+        return (nt.Math(f"δ{u}", nt.latex_name(grad_name(u))), " gets, from every window that "
+                "contains the element, that window's ", dy, " divided by the number of "
+                "elements the window averaged.")
+    return ()
 
 
 def param_view(graph: Graph, d: Derivation, param: str, nodes: dict[str, NodeView]) -> ParamView:
@@ -404,7 +816,7 @@ def param_view(graph: Graph, d: Derivation, param: str, nodes: dict[str, NodeVie
     found, more = paths(graph, param)
     # L = (1/n)·Σ_b loss[b], so every example's loss gets 1/n: the seed of the sweep.
     chain = [ChainLink(graph.loss, nt.element(grad_name(graph.loss), canonical(graph.loss, buffers)),
-                       nt.show(1 / BATCH), None)]
+                       nt.show(1 / BATCH), None, expr=1 / BATCH)]
     final = []
     for v in order[1:]:
         users = [nodes[c] for c in order if c in nodes and v in graph.values[c].inputs]
@@ -415,8 +827,9 @@ def param_view(graph: Graph, d: Derivation, param: str, nodes: dict[str, NodeVie
         lhs = nt.grad_of_param(v, canonical(grad_name(v), buffers)) if v == param else \
             nt.element(grad_name(v), canonical(grad_name(v), buffers))
         if any(c is None for c in contributions):   # no composed form: show the kernels
-            rhs = nt.join([nt.kernel_rhs(s.kernel, buffers) for s in own], nt.Math(" + ", " + "))
-            chain.append(ChainLink(v, lhs, rhs, None))
+            eqs = tuple(nt.kernel_equation(s.kernel, graph.params, buffers) for s in own)
+            chain.append(ChainLink(v, lhs, nt.join([nt.kernel_rhs(s.kernel, buffers) for s in own],
+                                                   nt.Math(" + ", " + ")), None, kernels=eqs))
             continue
         expr = sp.Add(*[c.expr for c in contributions])
         matrix = None
@@ -427,10 +840,13 @@ def param_view(graph: Graph, d: Derivation, param: str, nodes: dict[str, NodeVie
             matrix = nt.elementwise(reading if reading is not None else expr, canonical(grad_name(v), buffers),
                                     buffers if reading is None else None, grad_name(v))
         first = contributions[0]
+        words = tuple(part for c in contributions if c.words for part in (c.words if len(contributions) == 1
+                                                                          else (*c.words, " ")))
         chain.append(ChainLink(v, lhs, nt.show(expr), matrix,
                                nt.show(reading) if reading is not None else None,
                                first.condition if reading is not None else None,
-                               first.where if reading is not None else ()))
+                               first.where if reading is not None else (), expr=expr,
+                               words=words))
     return ParamView(param, order, found, more, chain, final)
 
 

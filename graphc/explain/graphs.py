@@ -37,7 +37,8 @@ def forward_graph(expl) -> nx.DiGraph:
     path = _on_path(expl)
     for v in expl.graph.values.values():
         if v.kind == "node":
-            own = [k for k in kernels if k.node == v.name and k.note == "forward"]
+            from .derivation import forward_kernels
+            own = [kernels[i] for i in forward_kernels(kernels, v.name)]
             formulas = [nt.kernel_equation(k, (), expl.derivation.gradients.buffers).text for k in own]
             label = f"{v.name} = {v.op}({', '.join(v.inputs)})  {list(v.shape)}\n" + \
                 "\n".join(_wrap(f) for f in formulas)

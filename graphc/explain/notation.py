@@ -8,14 +8,15 @@ except gradient buffers: `h1.grad` is δh1, the adjoint ∂L/∂h1.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import sympy as sp
 from sympy.printing.latex import LatexPrinter
 from sympy.printing.precedence import PRECEDENCE, precedence
 from sympy.printing.str import StrPrinter
 
-from graphc.ir import ACC, ACCUMULATE, ASSIGN, BATCH, MAX, SUM, Kernel, array, grad_of
+from graphc.ir import (ACC, ACCUMULATE, ARGMAX, ASSIGN, BATCH, MAX, SUM, Kernel, array, grad_of,
+                       range_guard)
 
 LOSS = "L"   # the batch-mean loss, what training minimises
 _SUPERSCRIPTS = str.maketrans("0123456789", "⁰¹²³⁴⁵⁶⁷⁸⁹")
@@ -266,8 +267,8 @@ def tidy(k: Kernel, buffers) -> Kernel:
     if not swap:
         return k
     out = swap.get(array(k.out)[tuple(k.out_index)])
-    return Kernel(k.out, tuple(out.indices) if out is not None else k.out_index, k.loops,
-                  k.body.xreplace(swap), k.mode, k.post.xreplace(swap), k.node, k.note)
+    return replace(k, out_index=tuple(out.indices) if out is not None else k.out_index,
+                   body=k.body.xreplace(swap), post=k.post.xreplace(swap))
 
 
 def tidy_map(k: Kernel, buffers) -> dict:
@@ -275,10 +276,16 @@ def tidy_map(k: Kernel, buffers) -> dict:
     if buffers is None:
         return {}
     extent = {s: e for s, e in k.loops}
+    # A padded read (or scatter) leaves its array only where its guard is false: its index
+    # is already per axis.
+    guards = {c for p in (k.body.atoms(sp.Piecewise) | k.post.atoms(sp.Piecewise))
+              for _, c in p.args} | {k.guard}
     swap = {}
     for a in [array(k.out)[tuple(k.out_index)]] + k.accesses():
         buf = buffers[str(a.base.label)]
         dims, idx = _dims(buf), tuple(a.indices)
+        if range_guard(idx, dims, extent) in guards - {sp.true}:
+            continue
         top = [sp.sympify(sp.sympify(i).xreplace({s: sp.Integer(e - 1 if e != BATCH else 0)
                                                    for s, e in extent.items()})) for i in idx]
         if len(idx) != len(dims) or not any(d != BATCH and t.is_number and t >= d for t, d in zip(top, dims)):
@@ -301,6 +308,13 @@ def kernel_rhs(k: Kernel, buffers=None) -> Math:
     k = tidy(k, buffers)
     red = k.reduction_loops()
     ext = dict(k.loops)
+    if k.mode == ARGMAX:   # the position (row-major in the window) of the first maximum
+        at = show(k.reduction_position())
+        b = show(k.body)
+        if precedence(k.body) < PRECEDENCE["Mul"]:
+            b = Math(f"({b.text})", r"\left(" + b.latex + r"\right)")
+        return Math(f"argmax_{{{at.text}}} {b.text}",
+                    r"\operatorname*{argmax}_{" + at.latex + "} " + b.latex)
     if k.mode == MAX:
         ids = ", ".join(str(r) for r in red)
         tids = ", ".join(_tex.doprint(r) for r in red)
@@ -324,9 +338,14 @@ def kernel_lhs(k: Kernel, params=()) -> Math:
 
 
 def kernel_equation(k: Kernel, params=(), buffers=None) -> Math:
-    """The kernel as an equation in index notation; `+=` marks a further contribution."""
+    """The kernel as an equation in index notation; `+=` marks a further contribution, and
+    a guarded scatter says where it runs (where its target index lies inside the array)."""
     k = tidy(k, buffers)
-    return kernel_lhs(k, params) + (PLUS_EQ if k.mode == ACCUMULATE else EQ) + kernel_rhs(k)
+    eq = kernel_lhs(k, params) + (PLUS_EQ if k.mode == ACCUMULATE else EQ) + kernel_rhs(k)
+    if k.guard != sp.true:
+        g = show(k.guard)
+        eq = eq + Math(f", where {g.text}", r", \quad \text{where } " + g.latex)
+    return eq
 
 
 # ---------------------------------------------------------------- matrix notation

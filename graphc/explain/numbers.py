@@ -29,10 +29,21 @@ import sympy as sp
 
 from graphc.derive import LOSS_MEAN
 from graphc.functions import for_lambdify, numpy_namespace
-from graphc.ir import ACC, ACCUMULATE, ASSIGN, BATCH, MAX, SUM, Kernel, Program, array, grad_name
+from graphc.ir import (ACC, ACCUMULATE, ARGMAX, ASSIGN, BATCH, MAX, SUM, Kernel, Program, array,
+                       grad_name)
 
 from . import notation as nt
 from .bounds import TreeOps, expansion_work, ops_within, rewritten_within, small
+
+# Random inputs come from their own stream of `seed`, apart from the params' (drawn with
+# `seed` itself, as graphc.compile draws them): from one stream, the first input would be
+# a multiple of the first param (W1[i]/x[i] the same number for every i).
+INPUT_STREAM = 1
+
+
+def input_seed(seed: int, stream: int = INPUT_STREAM) -> int:
+    """A seed for random inputs, independent of the params' stream of `seed`."""
+    return int(np.random.SeedSequence(seed, spawn_key=(stream,)).generate_state(1)[0])
 
 MAX_EXPANDED_PARAMS = 64      # scalars; beyond this the expanded loss is too long to read
 # The expanded view is bounded by the size of what it writes out, measured as it is built:
@@ -45,7 +56,7 @@ SYMBOLIC_OPS = 1200           # the difference has at most this many operations,
 MAX_REWRITE_OPS = 4000        # written through exp, it has at most this many operations,
 MAX_EXPANSION = 4000          # expanding it writes at most this many terms (estimated),
 MAX_CANCEL_OPS = 20_000       # and cancel gets at most this many operations;
-SYMBOLIC_BUDGET = 6.0         # seconds of proofs per explanation, then the numbers alone decide
+SYMBOLIC_BUDGET = 6.0         # CPU seconds of proofs per explanation, then the numbers alone decide
 PROOF_SIMPLIFY_OPS = 100      # what cancel leaves goes to simplify when it is this small
 
 
@@ -77,16 +88,45 @@ def _offsets(buf, index, syms, mesh, shape) -> np.ndarray:
     return np.broadcast_to(np.asarray(value, dtype=np.intp), shape)
 
 
+def _read(env: dict, buffers, a: sp.Indexed, syms, mesh, shape) -> np.ndarray:
+    """The values of read `a` at every grid point. A padded read takes its array outside
+    where its guard is false: those points read NaN, which the guard's Piecewise never
+    selects (NumPy's select does not compute with the branch it leaves), so a read the
+    guard does not cover would show as NaN, never as a neighbour's value."""
+    flat = env[str(a.base.label)].reshape(-1)
+    where = _offsets(buffers[str(a.base.label)], a.indices, syms, mesh, shape)
+    inside = (where >= 0) & (where < flat.size)
+    if inside.all():
+        return flat[where]
+    return np.where(inside, flat[np.clip(where, 0, max(flat.size - 1, 0))], np.nan)
+
+
+def guard_mask(k: Kernel, n: int, reduced: bool = False) -> np.ndarray | None:
+    """Where a guarded kernel's statement runs, over its grid (None: everywhere)."""
+    if k.guard == sp.true:
+        return None
+    syms, mesh, shape = _grid(k, n, reduced)
+    value = sp.lambdify(syms, k.guard, "numpy")(*_dense(mesh, shape))
+    return np.broadcast_to(np.asarray(value, dtype=bool), shape)
+
+
+def _dense(mesh, shape) -> list[np.ndarray]:
+    """The loop indices over the whole grid: NumPy's logical_and.reduce, which lambdify
+    writes for a condition's `&`, does not broadcast sparse index arrays."""
+    return [np.broadcast_to(m, shape) for m in mesh]
+
+
 def evaluate(expr: sp.Expr, k: Kernel, env: dict, buffers, n: int, *, reduced: bool = False,
              acc=None) -> np.ndarray:
     """`expr` (over the kernel's reads and loop symbols) at every point of the kernel's grid."""
     syms, mesh, shape = _grid(k, n, reduced)
     reads = sorted(expr.atoms(sp.Indexed), key=sp.default_sort_key)
     dummies = [sp.Dummy() for _ in reads]
-    values = [env[str(a.base.label)].reshape(-1)[_offsets(buffers[str(a.base.label)], a.indices,
-                                                           syms, mesh, shape)] for a in reads]
+    values = [_read(env, buffers, a, syms, mesh, shape) for a in reads]
     args = dummies + syms + [BATCH, ACC]
     f = sp.lambdify(args, for_lambdify(expr.xreplace(dict(zip(reads, dummies)))), NUMERIC)
+    if expr.has(sp.Piecewise) or expr.atoms(sp.Rel):
+        mesh = _dense(mesh, shape)
     with np.errstate(all="ignore"):   # Piecewise evaluates every branch
         out = f(*values, *mesh, n, acc if acc is not None else 0.0)
     return np.broadcast_to(np.asarray(out, dtype=np.float64), shape)
@@ -108,17 +148,44 @@ def run(program: Program, env: dict, n: int) -> dict:
             where = _offsets(target, k.out_index, syms, mesh, shape)
             if k.mode == ASSIGN:
                 out[where] = value
-            else:
-                np.add.at(out, where, value)
+            else:   # a guarded scatter adds only where its target index lies inside
+                runs = guard_mask(k, n)
+                if runs is None:
+                    np.add.at(out, where, value)
+                else:
+                    np.add.at(out, where[runs], value[runs])
             continue
         red = tuple(j for j, (s, _) in enumerate(k.loops) if s in k.reduction_loops())
         value = evaluate(k.body, k, env, buffers, n)
-        acc = value.max(axis=red, keepdims=True) if k.mode == MAX else value.sum(axis=red, keepdims=True)
+        if k.mode == ARGMAX:
+            acc = argmax_position(value, red)
+        elif k.mode == MAX:
+            acc = value.max(axis=red, keepdims=True)
+        else:
+            acc = value.sum(axis=red, keepdims=True)
         if k.mode == SUM:
             acc = evaluate(k.post, k, env, buffers, n, reduced=True, acc=acc)
         syms, mesh, rshape = _grid(k, n, reduced=True)
         out[_offsets(target, k.out_index, syms, mesh, rshape)] = acc
     return env
+
+
+def argmax_position(value: np.ndarray, red: tuple[int, ...]) -> np.ndarray:
+    """The position (row-major over the reduction axes `red`, in their order) that the C's
+    scan `if (v > acc || isnan(v)) { acc = v; at = position; }` from acc = -inf ends on:
+    the first maximum, or the last NaN if there is one; 0 when every value is -inf. The
+    result keeps the reduced axes, of length 1."""
+    keep = [a for a in range(value.ndim) if a not in red]
+    moved = np.transpose(value, keep + list(red))
+    flat = moved.reshape(moved.shape[:len(keep)] + (-1,))
+    nan = np.isnan(flat)
+    last_nan = flat.shape[-1] - 1 - np.argmax(nan[..., ::-1], axis=-1)
+    first_max = np.argmax(np.where(nan, -np.inf, flat), axis=-1)
+    best = np.take_along_axis(flat, first_max[..., None], axis=-1)[..., 0]
+    at = np.where(nan.any(axis=-1), last_nan, np.where(best > -np.inf, first_max, 0))
+    shape = [1 if a in red else value.shape[a] for a in range(value.ndim)]
+    # `at` is over the kept axes in order: put the reduced axes back as length 1.
+    return at.astype(np.float64).reshape(shape)
 
 
 # ---------------------------------------------------------------- the worked example
@@ -175,6 +242,21 @@ class TraceLine:
     omitted: dict            # Step -> terms not listed (a long sum)
     parts: dict              # Step -> that kernel's whole contribution
     value: float             # the δ element as the sweep computed it
+    zeros: dict = field(default_factory=dict)   # Step -> Zeros: the terms left out as 0
+
+
+@dataclass(frozen=True)
+class Zeros:
+    """The terms of a long sum that are 0, left out of its listing: `seed` of them because
+    their δ is 0 (a relu that was off, a window's element that was not its maximum), `local`
+    because their local derivative is (a read in the padding)."""
+    seed: int
+    local: int
+    padding: int = 0     # of `local`: the local derivative's case is 0 there (a padded read)
+
+    @property
+    def count(self) -> int:
+        return self.seed + self.local
 
 
 @dataclass
@@ -190,7 +272,9 @@ class Worked:
     traces: dict = field(default_factory=dict)   # param -> [TraceLine]
 
 
-MAX_TERMS = 8
+MAX_TERMS = 8        # a sum's terms listed in full up to this many
+MAX_NONZERO = 128    # a longer sum lists its terms that are not 0, up to this many (a 3x3
+                     # convolution's weight over 2 examples of 8x8: all of them)
 
 
 def _element(buf, n: int, indices) -> tuple:
@@ -204,23 +288,41 @@ def _normal(expr: sp.Expr, buffers, n: int) -> sp.Expr:
                           for a in expr.atoms(sp.Indexed)})
 
 
-def _terms(k: Kernel, env: dict, buffers, n: int, element: tuple, seed_of) -> tuple[list[Term], int, float]:
-    """The loop points of kernel k that write `element` of its output, each as a term."""
+def _terms(k: Kernel, env: dict, buffers, n: int, element: tuple, seed_of):
+    """The loop points of kernel k that write `element` of its output (where its guard
+    lets it write), each as a term. A sum of more than MAX_TERMS lists only its terms that
+    are not 0 (up to MAX_NONZERO), so that a convolution's long sums still add up as
+    printed. Returns (terms, not listed and not 0, Zeros left out, the kernel's total)."""
     syms, mesh, shape = _grid(k, n)
     out = buffers[k.out]
     where = _offsets(out, k.out_index, syms, mesh, shape)
-    points = np.argwhere(where == np.ravel_multi_index(element, _shape(out, n)))
+    hits = where == np.ravel_multi_index(element, _shape(out, n))
+    runs = guard_mask(k, n)
+    if runs is not None:
+        hits = hits & runs
+    points = np.argwhere(hits)
     seed, local = seed_of(k)
     seed_v = evaluate(seed, k, env, buffers, n)
     local_v = evaluate(local, k, env, buffers, n)
+    at_points = [(tuple(p), float(seed_v[tuple(p)]), float(local_v[tuple(p)])) for p in points]
+    total = float(sum(sv * lv for _, sv, lv in at_points))
+    zeros = Zeros(0, 0)
+    if len(at_points) > MAX_TERMS:
+        flat = [p for p, sv, lv in at_points if sv != 0 and lv == 0]
+        padding = sum(1 for p in flat[:500]
+                      if local.xreplace({s: sp.Integer(int(i)) for s, i in zip(syms, p)}) == 0) \
+            if local.has(sp.Piecewise) else 0
+        zeros = Zeros(sum(1 for _, sv, _ in at_points if sv == 0), len(flat), padding)
+        at_points = [t for t in at_points if t[1] != 0 and t[2] != 0]
+        listed = at_points[:MAX_NONZERO]
+    else:
+        listed = at_points
     terms = []
-    for p in points[:MAX_TERMS]:
+    for p, sv, lv in listed:
         at = {s: sp.Integer(int(i)) for s, i in zip(syms, p)}
-        sv, lv = float(seed_v[tuple(p)]), float(local_v[tuple(p)])
         s_at, l_at = _normal(seed.xreplace(at), buffers, n), _normal(local.xreplace(at), buffers, n)
         terms.append(Term(s_at * l_at, ((s_at, sv), (l_at, lv)), sv * lv, tuple(at.items())))
-    total = float(sum(seed_v[tuple(p)] * local_v[tuple(p)] for p in points))
-    return terms, max(0, len(points) - MAX_TERMS), total
+    return terms, len(at_points) - len(listed), zeros, total
 
 
 def split_seed(k: Kernel) -> tuple[sp.Expr, sp.Expr]:
@@ -254,16 +356,18 @@ def trace(steps, param: str, env: dict, buffers, n: int, element: tuple | None =
         if buf in seen or buf not in by_target:
             continue
         seen.add(buf)
-        terms, omitted, parts = [], {}, {}
+        terms, omitted, parts, zeros = [], {}, {}, {}
         for s in by_target[buf]:
-            t, omitted[s], parts[s] = _terms(s.kernel, env, buffers, n, el, split_seed)
+            t, omitted[s], zeros[s], parts[s] = _terms(s.kernel, env, buffers, n, el, split_seed)
             terms += [(s, x) for x in t]
-            for term in t[:1]:   # follow the first term's δ: one chain up to the loss
+            # Follow the δ of the largest term (the first of equals): one chain up to the loss,
+            # through the elements that matter (not a δ that is 0).
+            for term in sorted(t, key=lambda x: -abs(x.value))[:1]:
                 f = term.factors[0][0]
                 if isinstance(f, sp.Indexed) and nt.is_grad(str(f.base.label)):
                     todo.append((str(f.base.label), tuple(int(i) for i in f.indices)))
         value = float(env[buf].reshape(-1)[np.ravel_multi_index(el, env[buf].shape)])
-        lines.append(TraceLine(buf, el, tuple(terms), omitted, parts, value))
+        lines.append(TraceLine(buf, el, tuple(terms), omitted, parts, value, zeros))
     return lines
 
 
@@ -299,6 +403,15 @@ class TooLarge(Exception):
         self.what, self.limit, self.unit = what, limit, unit
 
 
+class NotExpandable(Exception):
+    """The program has a step no expression of symbolic inputs can write out."""
+
+
+ARGMAX_REASON = ("max pooling sends the gradient to each window's first maximum, and which "
+                 "element that is only numbers decide, not an expression of symbolic inputs "
+                 "(the worked example shows it with numbers)")
+
+
 def _symbolic_env(program: Program) -> dict:
     """Flat object arrays, one example: inputs and params as their own elements, x[0, i]."""
     env = {}
@@ -324,6 +437,8 @@ def run_symbolic(program: Program, max_ops: int | None = MAX_VALUE_OPS,
     expressions grow fast (each layer's derivative repeats the layer below in every term)
     stops early instead of being written out. None: no bound."""
     buffers = program.buffers
+    if any(k.mode == ARGMAX for k in program.kernels):
+        raise NotExpandable(ARGMAX_REASON)
     grid = [[range(1 if e == BATCH else int(e)) for _, e in k.loops] for k in program.kernels]
     points = sum(math.prod(len(r) for r in g) for g in grid)
     if max_total is not None and points > MAX_POINTS:
@@ -363,10 +478,14 @@ def run_symbolic(program: Program, max_ops: int | None = MAX_VALUE_OPS,
             expr = expr.xreplace(dict(zip(reads, holes)))
             free = bool(expr.free_symbols & loop_syms)
 
+            def value(arr, o: int):
+                # A padded read outside its array: its guard, false at this point, drops it.
+                return arr[o] if 0 <= o < arr.size else sp.nan
+
             def at_point(j: int, at: dict, acc=None):
                 # One xreplace: it walks the template only, not the values put into it.
                 put = dict(at) if free else {}
-                put.update((h, arr[o[j]]) for h, (arr, o) in zip(holes, where_))
+                put.update((h, value(arr, o[j])) for h, (arr, o) in zip(holes, where_))
                 if acc is not None:
                     put[ACC] = acc
                 return expr.xreplace(put)
@@ -377,7 +496,11 @@ def run_symbolic(program: Program, max_ops: int | None = MAX_VALUE_OPS,
         body = template(k.body) if k.mode != MAX else None
         post = template(k.post) if k.mode == SUM else None
         acc: dict = {}
+        runs = guard_mask(k, 1)
+        runs = runs.reshape(-1) if runs is not None else None
         for j, point in enumerate(itertools.product(*ranges)):
+            if runs is not None and not runs[j]:
+                continue   # a guarded scatter: its target lies outside here
             at = dict(zip(syms, (sp.Integer(p) for p in point)))
             at[BATCH] = sp.Integer(1)
             where = int(out_at[j])
@@ -423,12 +546,11 @@ def expand_all(program: Program, graph, params, seed: int = 0, points: int = 5) 
         return {}
     try:
         env = run_symbolic(program)
-    except TooLarge as e:
+    except (TooLarge, NotExpandable) as e:
         return skip(str(e))
     loss = env[LOSS_MEAN][0]
     atoms = sorted(loss.atoms(sp.Indexed), key=sp.default_sort_key)
     shifts = sorted((c for c in loss.atoms(sp.Symbol) if str(c) not in program.buffers), key=str)
-    from . import input_seed
     rng = np.random.default_rng(seed)   # the params' values; inputs have their own streams
     samples = []
     for p in range(points):
@@ -437,7 +559,9 @@ def expand_all(program: Program, graph, params, seed: int = 0, points: int = 5) 
                if str(a.base.label) in inputs else 0.5 * float(rng.standard_normal()) for a in atoms]
         # A stop-gradient shift: any value gives the same L and the same gradient.
         samples.append(row + [float(rng.standard_normal()) for _ in shifts])
-    proving = 0.0   # seconds spent in SymPy's proofs, all params together
+    # CPU seconds spent in SymPy's proofs, all params together: the process's own time, so
+    # that a machine busy with other work does not cut the proofs short.
+    proving = 0.0
     out = {}
     for param in params:
         t0 = time.perf_counter()
@@ -456,9 +580,9 @@ def expand_all(program: Program, graph, params, seed: int = 0, points: int = 5) 
             scale = max(1.0, float(np.max(np.abs(values[:, 1, j]))))
             symbolic = None
             if proving < SYMBOLIC_BUDGET:
-                t = time.perf_counter()
+                t = time.process_time()
                 symbolic = is_zero(direct[j] - chain[j])
-                proving += time.perf_counter() - t
+                proving += time.process_time() - t
             # Not reduced to 0 is not a proof of a difference: the numbers decide then.
             ok = symbolic is True or numeric <= 1e-9 * scale
             checks.append(ElementCheck(idx, direct[j], chain[j], symbolic, numeric, bool(ok)))

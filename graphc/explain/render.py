@@ -118,6 +118,13 @@ def _term_math(step, term, buffers, n) -> Math:
     return nt.product(seed, local)
 
 
+def _seed_name(step) -> str:
+    """The δ buffer a backward kernel's terms multiply (its seed), or L's."""
+    from .numbers import split_seed
+    reads = [a for a in sp.Mul.make_args(split_seed(step.kernel)[0]) if isinstance(a, sp.Indexed)]
+    return str(reads[0].base.label) if reads else "L"
+
+
 def _trace_eqs(line, steps_here, params, buffers, n) -> list:
     """One kernel's part of a δ element, worked out: its terms, their numbers, their sum;
     then, after the last kernel that adds to the element, the parts added up."""
@@ -128,9 +135,25 @@ def _trace_eqs(line, steps_here, params, buffers, n) -> list:
         terms = [t for s, t in line.terms if s is step]
         op = nt.PLUS_EQ if step.kernel.mode == ACCUMULATE else nt.EQ
         omitted = line.omitted[step]
-        symbolic = nt.join([_term_math(step, t, buffers, n) for t in terms], Math(" + ", " + "))
+        symbolic = nt.join([_term_math(step, t, buffers, n) for t in terms], Math(" + ", " + ")) \
+            if terms else Math("0", "0")
         values = [(t.factors[0][1], t.factors[1][1]) if t.factors[1][0] != 1 else (t.factors[0][1],)
                   for t in terms]
+        zeros = line.zeros.get(step)
+        if zeros is not None and zeros.count:   # a long sum lists its terms that are not 0
+            seed = _seed_name(step)
+            said = Math(f"({zeros.count} more terms, each 0: ", r"\text{(" + str(zeros.count) + " more terms, each 0: }")
+            why = []
+            if zeros.seed:
+                why.append(Math(f"{nt.text_name(seed)} is 0 at {zeros.seed}",
+                                nt.latex_name(seed) + r"\text{ is 0 at " + str(zeros.seed) + "}"))
+            if zeros.local:
+                where = " (its read lies in the padding)" if zeros.padding == zeros.local else ""
+                why.append(Math(f"the local derivative at {zeros.local}{where}",
+                                r"\text{the local derivative at " + str(zeros.local) + where + "}"))
+            said = said + nt.join(why, Math(", ", r"\text{, }")) + Math(")", r"\text{)}")
+            symbolic = symbolic + Math(" + ", " + ") + said if terms else said
+            values = values + [(0.0,)]
         if omitted:   # the total has terms not shown: the shown ones cannot add up to it
             more = Math(f" + … ({omitted} more terms)", rf" + \ldots \text{{ ({omitted} more terms)}}")
             numbers = nt.join([nt.join([_num(fmt(x)) for x in v], Math(" × ", r" \times ")) for v in values],
@@ -230,7 +253,9 @@ def document(e) -> list:
             if s.sigmoid_form is not None:
                 items.append((Math("    ", r"\phantom{=}") + nt.EQ + nt.show(local_rhs(rec, s.sigmoid_form, bufs)),
                               "with σ(z) = 1/(1 + exp(-z))"))
-        temps = sorted({k for i in node.forward for k in [kernels[i].out] if k != node.name})
+        # (a count or an argmax is no function of the inputs that a gradient flows through)
+        temps = sorted({k for i in node.forward for k in [kernels[i].out]
+                        if k != node.name and bufs[k].differentiable})
         held = (f" Each holds the node's other quantities fixed ({', '.join(temps)} too); the chain "
                 "rule below adds up the paths through them.") if temps else ""
         doc.append(P(["Local derivatives, by ", Math("sympy.diff", r"\texttt{sympy.diff}"),
@@ -266,18 +291,25 @@ def document(e) -> list:
             doc.append(Row(left, _codes(e, [s.index for s in group], file)))
         for u, c in node.combined.items():
             mine = [s for s in node.steps if s.kernel.out == grad_name(u)]
-            if len(mine) < 2 and c.reading is None:
+            if len(mine) < 2 and c.reading is None and not c.gathered and not c.words:
                 continue
-            lhs = nt.element(grad_name(u), c.index)
-            items = [(lhs + nt.EQ + nt.show(c.expr), "this node's kernels together")]
+            lhs = nt.grad_of_param(u, c.index) if u in params else nt.element(grad_name(u), c.index)
+            tag = "this node's kernels together" if len(mine) > 1 else "the same, per element"
+            if c.gathered:
+                tag += (": each element gathers the loop points that scatter into it (as a "
+                        "formula of the element's own index)")
+            items = [(lhs + nt.EQ + nt.show(c.expr), tag)]
             if c.reading is not None:
                 items.append((Math("    ", r"\phantom{=}") + nt.EQ + nt.show(c.reading), "read as the textbook does"))
-            doc.append(P([f"Together, {node.name}'s contribution to ", Math(f"δ{u}", nt.latex_name(grad_name(u))), ":"]))
+            doc.append(P([f"Together, {node.name}'s contribution to ",
+                          _arg_name(grad_name(u), params), ":"]))
             doc.append(Eqs(items))
             for sym, text, latex in c.where:
                 doc.append(P(["where ", Math(f"{sym} = {text}", nt.latex_name(sym) + " = " + latex), "."]))
             if c.condition:
                 doc.append(P(["The last form holds when " + c.condition + "."]))
+            if c.words:
+                doc.append(P(list(c.words)))
 
     doc.append(H(2, ["The chain rule put together"]))
     for p in e.wrt:
@@ -287,11 +319,19 @@ def document(e) -> list:
         if not one:
             doc.append(H(3, [Math(f"∂L/∂{p}", r"\partial L/\partial " + nt.latex_name(p))]))
         doc.append(P(["In index notation, from the loss down (each line uses the one above):"]))
-        doc.append(Eqs([(link.lhs + nt.EQ + (link.reading if link.reading is not None else link.rhs),
-                         "when " + link.condition.split(";")[0] if link.condition else None)
-                        for link in pv.chain]))
+        lines = []
+        for link in pv.chain:
+            if link.kernels:   # no formula per element: the kernels that add into it
+                lines += [(eq, "a scatter: added over its loops") for eq in link.kernels]
+            else:
+                lines.append((link.lhs + nt.EQ + (link.reading if link.reading is not None else link.rhs),
+                              "when " + link.condition.split(";")[0] if link.condition else None))
+        doc.append(Eqs(lines))
         for sym, text, latex in dict.fromkeys(w for link in pv.chain for w in link.where):
             doc.append(P(["where ", Math(f"{sym} = {text}", nt.latex_name(sym) + " = " + latex), "."]))
+        for link in pv.chain:
+            if link.words:
+                doc.append(P(list(link.words)))
         mats = [(_chain_matrix_lhs(link, p) + nt.EQ + link.matrix, None) for link in pv.chain
                 if link.matrix is not None]
         if mats:
@@ -613,7 +653,7 @@ CSS = """
 .graphc-explain .eq math { font-size: 1.12em; math-style: normal; }
 .graphc-explain .tag { color: #57606a; font-size: .8em; }
 .graphc-explain code.formula { font-family: "DejaVu Sans Mono", monospace; font-size: .82em;
-  white-space: pre-wrap; overflow-wrap: anywhere; }
+  white-space: break-spaces; overflow-wrap: anywhere; }
 .graphc-explain figure.c { margin: 0; }
 .graphc-explain figure.c figcaption { font-size: .8em; color: #57606a; margin-bottom: .3em;
   overflow-wrap: anywhere; }

@@ -46,7 +46,10 @@ static void probs_max_forward(size_t n, float *restrict probs_max, const float *
     for (size_t b = 0; b < n; ++b) {
         float acc = -INFINITY;
         for (size_t i1 = 0; i1 < 4; ++i1) {
-            if (logits[4*b + i1] > acc) acc = logits[4*b + i1];
+            const float v = logits[4*b + i1];
+            if (v > acc || isnan(v)) {
+                acc = v;
+            }
         }
         probs_max[b] = acc;
     }

@@ -288,7 +288,10 @@ static void loss_max_forward(size_t n, float *restrict loss_max, const float *re
     for (size_t b = 0; b < n; ++b) {
         float acc = -INFINITY;
         for (size_t i1 = 0; i1 < 10; ++i1) {
-            if (logits[10*b + i1] > acc) acc = logits[10*b + i1];
+            const float v = logits[10*b + i1];
+            if (v > acc || isnan(v)) {
+                acc = v;
+            }
         }
         loss_max[b] = acc;
     }
