@@ -65,6 +65,12 @@ class CModule:
     # The map from the IR to the text (explain shows it; nothing re-reads the C):
     functions: dict[str, str] = field(default_factory=dict)   # C function -> its text
     calls: dict[str, tuple[KernelCall, ...]] = field(default_factory=dict)   # by entry kind
+    # Inputs of int32_t indices (an embedding's rows, class indices); the rest are `dtype`.
+    input_dtypes: dict[str, str] = field(default_factory=dict)
+
+    def input_dtype(self, name: str) -> str:
+        """The NumPy dtype of an input's array: "int32", or the model's."""
+        return self.input_dtypes.get(name, self.dtype)
 
     def work_fixed(self) -> int:
         return max(e.work_fixed() for e in self.entries.values())

@@ -23,9 +23,9 @@ import numpy as np
 import sympy as sp
 
 from graphc.errors import SpecError
-from graphc.ir import (ACC, ACCUMULATE, ARGMAX, ASSIGN, BATCH, DTYPES, G, GRAD, INPUT, LOSS_MEAN, MAX,
-                       OUTPUT, P, PARAM, SUM, Buffer, Interface, Kernel, Program, UpdateRule,
-                       grad_of)
+from graphc.ir import (ACC, ACCUMULATE, ARGMAX, ASSIGN, BATCH, DTYPES, INT32, G, GRAD, INPUT,
+                       LOSS_MEAN, MAX, OUTPUT, P, PARAM, REAL, SUM, Buffer, Interface, Kernel,
+                       Program, UpdateRule, grad_of)
 
 from .cmodule import CModule, Entry, KernelCall   # apart: unpickling one needs no emitter
 from .cnames import Namer, buffer_word, kernel_word
@@ -49,6 +49,9 @@ def _strides(kern: Kernel, buffers: dict[str, Buffer]) -> list[dict[sp.Symbol, i
     out = []
     for buf, index in accesses:
         flat = sp.expand(buf.flat_offset(index))
+        # A term that reads an index array (an embedding's row) has no stride along the
+        # loops: it counts as invariant (SymPy's derivative of t[b] by b is not a number).
+        flat = flat.xreplace({a: 0 for a in flat.atoms(sp.Indexed)})
         out.append({s: int(sp.diff(flat, s)) for s, _ in kern.loops})
     return out
 
@@ -153,6 +156,11 @@ def common_subexpressions(exprs, printer, names=None) -> tuple[list[tuple[str, s
     exprs = list(exprs)
     whole = {c: sp.Dummy() for e in exprs for c in e.atoms(sp.core.relational.Relational)
              if c.lhs.is_integer and c.rhs.is_integer}
+    # So do reads at an index read from data (table[tokens[b, i], d]) and the index reads
+    # themselves: a temporary would be of the real type, and taking such a read out of the
+    # guarded branch it sits in would read before its guard is tested.
+    whole.update({a: sp.Dummy() for e in exprs for a in e.atoms(sp.Indexed)
+                  if a.is_integer or any(i.has(sp.Indexed) for i in a.indices)})
     back = {d: c for c, d in whole.items()}
     temps, final = sp.cse([e.xreplace(whole) for e in exprs], symbols=names, order="canonical")
     return ([(str(t), printer.doprint(prepare(v.xreplace(back)))) for t, v in temps],
@@ -187,6 +195,14 @@ class Emitter:
         self._printed: dict[tuple, tuple[str, list[str], bool]] = {}
         self._printers: list[GraphcPrinter] = []
         self.constant_fields: dict[str, str] = {}   # node -> the spec field its constants are in
+        self.input_dtypes: dict[str, str] = {}      # int32 inputs (the rest are real)
+
+    def ctype(self, dtype: str) -> str:
+        """The C element type of a buffer or input: the model's real, or int32_t."""
+        return "int32_t" if dtype == INT32 else self.real
+
+    def input_type(self, name: str) -> str:
+        return self.ctype(self.input_dtypes.get(name, REAL))
 
     # -------------------------------------------------------- kernels
     def kernel(self, kern: Kernel, buffers: dict[str, Buffer]) -> tuple[str, list[str], bool]:
@@ -228,12 +244,12 @@ class Emitter:
         kern, inverse_n = divide_by_batch_once(kern)
         fname = "KERNEL"   # a placeholder: the name is chosen below, once the text is new
         params = (["size_t n"] if uses_n else []) + [f"{self.real} *restrict a0"] + \
-            [f"const {self.real} *restrict {cvar[b]}" for b in reads]
+            [f"const {self.ctype(buffers[b].dtype)} *restrict {cvar[b]}" for b in reads]
         lines = [comment(f"{kern.node}: {kern.note}: {original.pretty()}"),
                  f"static void {fname}({', '.join(params)})", "{"]
         if inverse_n:
             lines.append(f"    const {self.real} {INV_N} = 1 / ({self.real})n;")
-        target = f"{cvar[kern.out]}[{printer.doprint(buffers[kern.out].flat_offset(kern.out_index))}]"
+        target = f"{cvar[kern.out]}[{printer.index(buffers[kern.out].flat_offset(kern.out_index))}]"
         r = self.real
 
         def open_loops(syms, depth):
@@ -372,7 +388,7 @@ class Emitter:
         if e.kind == "gradients":
             args.append((f"{real} *", "grads"))
         args += [(f"{real} *", "work"), ("size_t ", "n")]
-        args += [(f"const {real} *", f"in_{i}") for i in e.inputs]
+        args += [(f"const {self.input_type(i)} *", f"in_{i}") for i in e.inputs]
         args += [(f"{real} *", f"out_{o}") for o in e.outputs]
         ret = real if e.loss_buffer else "void"
         proto = f"{ret} {e.c_name}({', '.join(t + a for t, a in args)})"
@@ -472,7 +488,7 @@ class Emitter:
 
     def train_step(self, e: Entry, gradients: Entry, doc: str) -> None:
         r = self.real
-        ins = [f"const {r} *in_{i}" for i in e.inputs]
+        ins = [f"const {self.input_type(i)} *in_{i}" for i in e.inputs]
         proto = f"{r} {e.c_name}({', '.join([f'{r} *params', f'{r} *state', f'{r} *work', 'size_t n'] + ins)})"
         self.prototypes.append((doc, proto))
         call = ", ".join(["params", "work", f"work + {e.work_before}", "n"] +
@@ -488,7 +504,8 @@ class Emitter:
     def predict(self, e: Entry, forward: Entry, params, doc: str) -> None:
         r = self.real
         self.tables.append(c_array("trained_params", params, self.dtype))
-        args = [f"{r} *work", "size_t n"] + [f"const {r} *in_{i}" for i in e.inputs] + \
+        args = [f"{r} *work", "size_t n"] + [f"const {self.input_type(i)} *in_{i}"
+                                             for i in e.inputs] + \
             [f"{r} *out_{o}" for o in e.outputs]
         proto = f"void {e.c_name}({', '.join(args)})"
         self.prototypes.append((doc, proto))
@@ -513,7 +530,9 @@ class Emitter:
         guard = f"GRAPHC_{self.name}_H"
         out = [comment(f"{self.name}.h: generated by graphc; do not edit.")]
         out += [doc(textwrap.wrap(note, 88, break_on_hyphens=False))] if note else []
-        out += [f"#ifndef {guard}", f"#define {guard}", "", "#include <stddef.h>", ""]
+        out += [f"#ifndef {guard}", f"#define {guard}", "", "#include <stddef.h>"]
+        out += ["#include <stdint.h>"] if self.input_dtypes else []   # int32_t inputs
+        out += [""]
         out += self.constants + [""]
         # C linkage for C++ callers (firmware is often C++): the names stay unmangled.
         out += ["#ifdef __cplusplus", 'extern "C" {', "#endif", ""]
@@ -553,6 +572,7 @@ def emit(face: Interface, programs: dict[str, tuple[Program, MemoryPlan]],
     name = face.name
     em = Emitter(name, dtype, tgt)
     em.constant_fields.update(face.constant_fields)
+    em.input_dtypes.update(face.input_dtypes)
     M = em.macro
     offsets, params_size = param_layout(face.params)
     entries: dict[str, Entry] = {}
@@ -594,8 +614,9 @@ def emit(face: Interface, programs: dict[str, tuple[Program, MemoryPlan]],
         c.append(f"#define {M}_PARAM_{p}_OFFSET {offsets[p]} {shown}")
         c.append(f"#define {M}_PARAM_{p}_SIZE {max(1, math.prod(shape))}")
     for i, shape in face.inputs.items():
+        kind = ", int32_t indices" if face.input_dtypes.get(i) == INT32 else ""
         c.append(f"#define {M}_INPUT_{i}_SIZE {max(1, math.prod(shape))} "
-                 f"{comment('per example, shape ' + str(list(shape)))}")
+                 f"{comment('per example, shape ' + str(list(shape)) + kind)}")
     for o, shape in face.outputs.items():
         c.append(f"#define {M}_OUTPUT_{o}_SIZE {max(1, math.prod(shape))} "
                  f"{comment('per example, shape ' + str(list(shape)))}")
@@ -616,12 +637,21 @@ def emit(face: Interface, programs: dict[str, tuple[Program, MemoryPlan]],
                          f"work[{M}_WORK_SIZE({M}_MAX_BATCH)];"))
         c.append(f"#define {M}_MAX_BATCH {max_batch}")
 
+    def kind(i: str) -> str:
+        bound = face.index_bounds.get(i)
+        return "elements" if i not in face.input_dtypes else \
+            f"int32_t indices, 0 to {bound - 1}" if bound else "int32_t elements"
+
     f = entries["forward"]
     em.entry(f, offsets, doc([
         f"{f.c_name}: the outputs for a batch of n examples.",
         f"  params: {M}_PARAMS_SIZE elements (layout: {M}_PARAM_*_OFFSET)",
         f"  work:   at least {M}_FORWARD_WORK_SIZE(n) elements, caller-owned scratch",
-        *[f"  in_{i}: n x {M}_INPUT_{i}_SIZE elements, row-major, example after example" for i in f.inputs],
+        *[f"  in_{i}: n x {M}_INPUT_{i}_SIZE {kind(i)}, row-major, example after example"
+          for i in f.inputs],
+        *(["  An int32_t index outside its range reads as 0 (every read is checked);",
+           "  graphc's Python side refuses such inputs before calling."]
+          if any(i in face.input_dtypes for i in f.inputs) else []),
         *[f"  out_{o}: n x {M}_OUTPUT_{o}_SIZE elements, written" for o in f.outputs],
         "Arrays must not overlap. No allocation, no global state: reentrant.",
         "n may be 0: then nothing is read or written.",
@@ -636,7 +666,7 @@ def emit(face: Interface, programs: dict[str, tuple[Program, MemoryPlan]],
             f"{e.c_name}: {f.c_name} with the trained params baked into this file",
             "  (a static const table: read-only data, flash on a microcontroller).",
             f"  work:   at least {M}_PREDICT_WORK_SIZE(n) elements, caller-owned scratch",
-            *[f"  in_{i}: n x {M}_INPUT_{i}_SIZE elements" for i in e.inputs],
+            *[f"  in_{i}: n x {M}_INPUT_{i}_SIZE {kind(i)}" for i in e.inputs],
             *[f"  out_{o}: n x {M}_OUTPUT_{o}_SIZE elements, written" for o in e.outputs]]))
     if "evaluate" in entries:
         e = entries["evaluate"]
@@ -644,7 +674,7 @@ def emit(face: Interface, programs: dict[str, tuple[Program, MemoryPlan]],
             f"{e.c_name}: the outputs and the batch-mean loss '{face.loss}' in one forward pass.",
             f"  params: {M}_PARAMS_SIZE elements",
             f"  work:   at least {M}_EVALUATE_WORK_SIZE(n) elements, caller-owned scratch",
-            *[f"  in_{i}: n x {M}_INPUT_{i}_SIZE elements" for i in e.inputs],
+            *[f"  in_{i}: n x {M}_INPUT_{i}_SIZE {kind(i)}" for i in e.inputs],
             *[f"  out_{o}: n x {M}_OUTPUT_{o}_SIZE elements, written" for o in e.outputs],
             "Returns the mean over the batch of the per-example loss (0 when n is 0: no input",
             "is read then). Arrays must not overlap."]))
@@ -654,7 +684,7 @@ def emit(face: Interface, programs: dict[str, tuple[Program, MemoryPlan]],
             f"{g.c_name}: the batch-mean loss '{face.loss}', and its gradient in grads.",
             f"  params: {M}_PARAMS_SIZE elements; grads: {M}_PARAMS_SIZE elements, overwritten",
             f"  work:   at least {M}_GRADIENTS_WORK_SIZE(n) elements, caller-owned scratch",
-            *[f"  in_{i}: n x {M}_INPUT_{i}_SIZE elements" for i in g.inputs],
+            *[f"  in_{i}: n x {M}_INPUT_{i}_SIZE {kind(i)}" for i in g.inputs],
             "Returns the mean over the batch of the per-example loss. When n is 0: returns 0,",
             "grads all 0, no input read. Arrays must not overlap."]))
     if rule:
@@ -673,10 +703,11 @@ def emit(face: Interface, programs: dict[str, tuple[Program, MemoryPlan]],
             "          before the first step; zero again to restart",
             f"  work:   at least {M}_TRAIN_STEP_WORK_SIZE(n) elements; the gradients are left",
             f"          in its first {M}_PARAMS_SIZE elements",
-            *[f"  in_{i}: n x {M}_INPUT_{i}_SIZE elements" for i in e.inputs],
+            *[f"  in_{i}: n x {M}_INPUT_{i}_SIZE {kind(i)}" for i in e.inputs],
             "Returns the batch-mean loss before the update. When n is 0: returns 0 and changes",
             "nothing (no step is counted). Arrays must not overlap."]))
     return CModule(name, dtype, em.source(), em.header(note), em.cdef(), entries, offsets,
                    params_size, dict(face.inputs), dict(face.outputs),
                    dict(face.optimizer) if rule else None, state_size, state_offsets,
-                   params is not None, tgt.name, max_batch, em.functions, em.calls)
+                   params is not None, tgt.name, max_batch, em.functions, em.calls,
+                   dict(face.input_dtypes))

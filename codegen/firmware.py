@@ -139,9 +139,10 @@ def _arrays(cmodule, params_flat, inputs: dict[str, np.ndarray], n: str, names, 
                            size=f"{M}_PARAMS_SIZE"))
     for i in names:
         if i in inputs:
-            out.append(c_array(f"in_{i}", inputs[i], dtype, const=True))
+            out.append(c_array(f"in_{i}", inputs[i], cmodule.input_dtype(i), const=True))
         else:  # filled by the application
-            out.append(f"static {real} in_{i}[{n} * {M}_INPUT_{i}_SIZE];")
+            ctype = "int32_t" if i in cmodule.input_dtypes else real
+            out.append(f"static {ctype} in_{i}[{n} * {M}_INPUT_{i}_SIZE];")
     out += [f"static {real} out_{o}[{n} * {M}_OUTPUT_{o}_SIZE];" for o in outputs]
     return out
 

@@ -39,7 +39,7 @@ def harness(cmodule, params_flat: np.ndarray | None, inputs: dict[str, np.ndarra
                                                   if "gradients" in cmodule.entries else ()) \
             + (train.inputs if train else ()):
         if f"in_{i}[" not in "\n".join(out):
-            out.append(c_array(f"in_{i}", inputs[i], dtype))
+            out.append(c_array(f"in_{i}", inputs[i], cmodule.input_dtype(i)))
     out.append(f"static {real} work[{max(1, work)}];")
     for o in fwd.outputs:
         size = n * max(1, int(np.prod(cmodule.output_shapes[o], dtype=np.int64)))
@@ -110,11 +110,13 @@ def batch_sweep(cmodule, params_flat: np.ndarray, inputs: dict[str, np.ndarray],
            "#include <stdlib.h>", "#include <string.h>", f'#include "{name}.h"', "",
            c_array("params_init", params_flat, dtype)]
     for i, a in inputs.items():
-        out.append(c_array(f"all_{i}", a, dtype))
-    out += ["", f"static {real} *copy(const {real} *src, size_t count)", "{",
-            f"    {real} *dst = malloc(count * sizeof *dst);",
-            "    if (!dst && count) { fputs(\"out of memory\\n\", stderr); exit(1); }",
-            "    if (count) memcpy(dst, src, count * sizeof *dst);", "    return dst;", "}", "",
+        out.append(c_array(f"all_{i}", a, cmodule.input_dtype(i)))
+    for t, fn in ((real, "copy"), ("int32_t", "copy_int32"))[:1 + bool(cmodule.input_dtypes)]:
+        out += ["", f"static {t} *{fn}(const {t} *src, size_t count)", "{",
+                f"    {t} *dst = malloc(count * sizeof *dst);",
+                "    if (!dst && count) { fputs(\"out of memory\\n\", stderr); exit(1); }",
+                "    if (count) memcpy(dst, src, count * sizeof *dst);", "    return dst;", "}"]
+    out += ["",
             f"static void print_array(const char *label, size_t n, const {real} *a, "
             "size_t count)", "{", "    size_t k;",
             '    printf("%s.%lu %lu\\n", label, (unsigned long)n, (unsigned long)count);',
@@ -123,7 +125,8 @@ def batch_sweep(cmodule, params_flat: np.ndarray, inputs: dict[str, np.ndarray],
             f"    {real} *params = copy(params_init, {macro}_PARAMS_SIZE);"]
     free = ["params"]
     for i, a in inputs.items():
-        out.append(f"    {real} *in_{i} = copy(all_{i}, n * {macro}_INPUT_{i}_SIZE);")
+        t, fn = ("int32_t", "copy_int32") if i in cmodule.input_dtypes else (real, "copy")
+        out.append(f"    {t} *in_{i} = {fn}(all_{i}, n * {macro}_INPUT_{i}_SIZE);")
         free.append(f"in_{i}")
     fwd = entries["forward"]
     for o in fwd.outputs:

@@ -97,10 +97,22 @@ class GraphcPrinter(C99CodePrinter):
         var, buf = self.arrays[str(expr.base.label)]
         return f"{var}[{self._print_offset(buf.flat_offset(expr.indices))}]"
 
+    def index(self, offset) -> str:
+        """A flat offset as an array subscript: SymPy's printing for affine offsets (the
+        text the golden files pin), the offset printer where a term reads an index array
+        (`(size_t)tokens[16*b + i0]*8`), which SymPy would print without its cast."""
+        if isinstance(offset, sp.Basic) and offset.has(sp.Indexed):
+            return self._print_offset(offset)
+        return self.doprint(offset)
+
     def _print_offset(self, offset):
         """An affine index, `784*b + i1 + 16`: terms by symbol name, the constant last.
         Printed directly (SymPy's Add printing orders terms the slow way, and blocked
-        kernels print thousands of indices); anything else goes to SymPy."""
+        kernels print thousands of indices); anything else goes to SymPy.
+
+        A term may be an element of an int32 array (an embedding's row, a class index):
+        it is cast to size_t, `(size_t)tokens[16*b + i0]*8`, as -Wsign-conversion asks
+        (the read is guarded, so the value is known to be >= 0 there)."""
         terms = offset.args if isinstance(offset, sp.Add) else (offset,)
         const, linear = 0, []
         for term in terms:
@@ -109,11 +121,14 @@ class GraphcPrinter(C99CodePrinter):
                 const += int(coeff)
             elif coeff.is_Integer and isinstance(rest, sp.Symbol):
                 linear.append((rest.name, int(coeff)))
+            elif coeff.is_Integer and isinstance(rest, sp.Indexed) and rest.is_integer:
+                linear.append((f"(size_t){self._print_Indexed(rest)}", int(coeff)))
             else:
                 return self._print(offset)
         text = ""
         for name, coeff in sorted(linear):
-            mag = name if abs(coeff) == 1 else f"{abs(coeff)}*{name}"
+            mag = name if abs(coeff) == 1 else \
+                f"{name}*{abs(coeff)}" if name.startswith("(") else f"{abs(coeff)}*{name}"
             text += (f" {'-' if coeff < 0 else '+'} " if text else ("-" if coeff < 0 else "")) + mag
         if const or not text:
             text += (f" {'-' if const < 0 else '+'} {abs(const)}" if text else str(const))
@@ -159,6 +174,13 @@ class GraphcPrinter(C99CodePrinter):
 
     def _print_Relational(self, expr):
         lhs, rhs = expr.lhs, expr.rhs
+        if lhs.has(sp.Indexed) or rhs.has(sp.Indexed):
+            if lhs.is_integer and rhs.is_integer:
+                # An index read from an int32 array against its bound (`tokens[..] >= 0`,
+                # `tokens[..] < 32`): compared as int32_t, with no cast to size_t (which
+                # would turn a negative index into a large one that passes `>= 0`).
+                assert all(isinstance(s, (sp.Indexed, sp.Integer)) for s in (lhs, rhs)), expr
+                return f"{self._print(lhs)} {expr.rel_op} {self._print(rhs)}"
         if lhs.is_integer and rhs.is_integer:
             # Loop indices are size_t: `i - 1 >= 0` would wrap and always hold. Every term
             # is moved to the side where its coefficient is positive.
@@ -232,7 +254,17 @@ def c_literal(x: float, dtype: str) -> str:
 def c_array(name: str, values: np.ndarray, dtype: str, const: bool = True,
             size: str | None = None) -> str:
     """A static C array definition, six numbers per line; `size` replaces the literal
-    length (e.g. a header macro, so firmware shows where the size comes from)."""
+    length (e.g. a header macro, so firmware shows where the size comes from). With
+    dtype "int32", an int32_t array (an input of indices)."""
+    if dtype == "int32":
+        flat = np.asarray(values).ravel()
+        if flat.size and not np.array_equal(flat, np.round(flat)):
+            raise ValueError("int32 array values must be integers")
+        flat = flat.astype(np.int64)
+        body = ",\n    ".join(", ".join(str(int(v)) for v in flat[k:k + 12])
+                              for k in range(0, max(1, flat.size), 12)) if flat.size else "0"
+        length = size or str(max(1, flat.size))
+        return f"static {'const ' if const else ''}int32_t {name}[{length}] = {{\n    {body}\n}};"
     flat = np.asarray(values, dtype=np.float64).ravel()
     body = ",\n    ".join(", ".join(c_literal(v, dtype) for v in flat[k:k + 6])
                           for k in range(0, max(1, flat.size), 6)) if flat.size else "0"

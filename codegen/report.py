@@ -42,7 +42,9 @@ def memory_report(cmodule, batch: int = 1) -> dict:
         }
         if entry.work_before:
             entries[kind]["gradients_in_work"] = entry.work_before * item
-    io = {k: n * max(1, math.prod(s)) * item for k, s in per_example.items()}
+    # int32 inputs take 4 bytes an element whatever the model's dtype
+    size = {f"in_{k}": 4 for k in cmodule.input_dtypes}
+    io = {k: n * max(1, math.prod(s)) * size.get(k, item) for k, s in per_example.items()}
     report = {
         "model": cmodule.name, "dtype": cmodule.dtype, "target": cmodule.target, "batch": n,
         "params": cmodule.params_size * item,

@@ -39,7 +39,7 @@ from dataclasses import dataclass
 
 import sympy as sp
 
-from graphc.ir import ACC, ACCUMULATE, BATCH, SUM, Kernel
+from graphc.ir import ACC, ACCUMULATE, BATCH, SUM, Kernel, data_dependent
 
 from .ctext import comment
 from .printer import prepare
@@ -67,10 +67,12 @@ def _arithmetic(expr: sp.Expr) -> bool:
 
 def _guarded(kern: Kernel) -> bool:
     """Whether a read or the write happens only where a condition on the loop indices
-    holds (padding): the tiles load their operands unconditionally."""
+    holds (padding), or at an index read from data (an embedding's row, whose guard is on
+    that index): the tiles load their operands unconditionally, at strided addresses."""
     loops = {s for s, _ in kern.loops}
     return kern.guard != sp.true or any(
-        c.free_symbols & loops for p in kern.body.atoms(sp.Piecewise) for _, c in p.args)
+        c.free_symbols & loops for p in kern.body.atoms(sp.Piecewise) for _, c in p.args) \
+        or any(data_dependent(i) for a in kern.accesses() for i in a.indices)
 
 
 def tiling(kern: Kernel, strides: list[dict[sp.Symbol, int]], vector_bytes: int,

@@ -31,9 +31,13 @@ class Builder:
         if name in self.spec[section]:
             raise SpecError(f"name '{name}' is declared twice", node=name, field=section)
 
-    def input(self, name: str, shape) -> str:
+    def input(self, name: str, shape, dtype: str | None = None) -> str:
+        """A batched input of per-example `shape`; `dtype="int32"` for indices (an
+        embedding's rows, class indices), else the model's floating type."""
         self._claim("inputs", name)
         self.spec["inputs"][name] = {"shape": list(shape)}
+        if dtype is not None:
+            self.spec["inputs"][name]["dtype"] = dtype
         return name
 
     def param(self, name: str, shape, init: str | None = None, **init_args) -> str:

@@ -22,15 +22,18 @@ def check_arrays(graph, data, dtype, where: str) -> tuple[dict[str, np.ndarray],
         raise InputError(f"{where} must be a dict of arrays named after the inputs "
                          f"({', '.join(graph.inputs)}), got {type(data).__name__}")
     shapes = {k: v.shape for k, v in graph.inputs.items()}
+    bounds = graph.index_bounds()
+    indices = {k: bounds.get(k) for k, v in graph.inputs.items() if v.dtype == "int32"}
     try:
         with np.errstate(over="ignore"):   # values beyond float32 become inf: refused below
-            arrays, n = batch_arrays(list(graph.inputs), shapes, data, dtype, set(graph.inputs))
+            arrays, n = batch_arrays(list(graph.inputs), shapes, data, dtype, set(graph.inputs),
+                                     indices)
     except InputError as e:
         raise InputError(f"{where}: {e}") from None
     # One NaN or inf poisons every param at its first step, and training would report a
     # nan loss and save nan params without complaint. (Also values beyond float32's range.)
     for name, a in arrays.items():
-        if not np.all(np.isfinite(a)):
+        if name not in indices and not np.all(np.isfinite(a)):
             bad = int(np.count_nonzero(~np.isfinite(a)))
             raise InputError(f"{where}: input '{name}' holds {bad} non-finite value"
                              f"{'s' * (bad != 1)} (nan or inf in {np.dtype(dtype).name})")
@@ -57,18 +60,22 @@ def _digits(graph) -> dict[str, np.ndarray]:
     d = load_digits()  # bundled with scikit-learn: no download
     images = d.data / 16.0  # pixel values are 0..16
     labels = np.eye(10)[d.target]
-    # Inputs are matched by shape: the spec names them as it likes.
+    # Inputs are matched by shape and dtype: the spec names them as it likes.
     out: dict[str, np.ndarray] = {}
     taken: dict[str, str] = {}  # images | labels -> the input that gets them
     for name, value in graph.inputs.items():
-        if value.shape in DIGITS_IMAGES:
+        if value.dtype == "int32" and value.shape == ():
+            kind, array = "labels", d.target.astype(np.int32)   # class indices 0..9
+        elif value.shape in DIGITS_IMAGES and value.dtype != "int32":
             kind, array = "images", images.reshape((-1,) + value.shape)
-        elif value.shape == DIGITS_LABELS:
+        elif value.shape == DIGITS_LABELS and value.dtype != "int32":
             kind, array = "labels", labels
         else:
             raise GraphcError(f"the digits data set does not fit input '{name}' of shape "
-                              f"{list(value.shape)}: it has images of shape [64] (or [8, 8], or [1, 8, 8] for a convolution) "
-                              "and one-hot labels of shape [10]")
+                              f"{list(value.shape)}{' (int32)' * (value.dtype == 'int32')}: "
+                              "it has images of shape [64] (or [8, 8], or [1, 8, 8] for a "
+                              "convolution), and labels one-hot of shape [10] or as int32 "
+                              "class indices of shape []")
         if kind in taken:
             raise GraphcError(f"inputs '{taken[kind]}' and '{name}' would both get the digits "
                               f"{kind}: give the images and the labels one input each")
@@ -94,7 +101,8 @@ def split(data: Mapping[str, np.ndarray], test_fraction: float = 0.2,
     arrays = {k: np.asarray(v) for k, v in data.items()}
     n = len(next(iter(arrays.values())))
     rng = np.random.default_rng(seed)
-    labels = next((a.argmax(axis=1) for a in arrays.values() if _one_hot(a)), None)
+    labels = next((a.argmax(axis=1) if _one_hot(a) else a for a in arrays.values()
+                   if _one_hot(a) or _class_indices(a)), None)
     if labels is None:
         test = rng.permutation(n)[:round(n * test_fraction)]
     else:  # the same share of each class, so small test sets keep the class balance
@@ -106,6 +114,11 @@ def split(data: Mapping[str, np.ndarray], test_fraction: float = 0.2,
         raise GraphcError(f"a test fraction of {test_fraction} of {n} examples leaves "
                           f"{'no training' if is_test.all() else 'no test'} examples")
     return ({k: a[~is_test] for k, a in arrays.items()}, {k: a[is_test] for k, a in arrays.items()})
+
+
+def _class_indices(a: np.ndarray) -> bool:
+    """Labels as integers, one per example (an int32 input of per-example shape [])."""
+    return a.ndim == 1 and a.dtype.kind in "iu"
 
 
 def _one_hot(a: np.ndarray) -> bool:

@@ -26,9 +26,9 @@ import sympy as sp
 from .errors import SpecError
 from .functions import expand_definitions
 from .graph import Graph
-from .ir import (ACC, ACCUMULATE, ARGMAX, ASSIGN, BATCH, GRAD, INPUT, LOSS, LOSS_MEAN, MAX, OUTPUT,
-                 PARAM, SUM, TEMP, Buffer, Interface, Kernel, Program, UpdateRule, grad_name,
-                 range_guard, tree_size)
+from .ir import (ACC, ACCUMULATE, ARGMAX, ASSIGN, BATCH, GRAD, INPUT, INT32, LOSS, LOSS_MEAN,
+                 MAX, OUTPUT, PARAM, REAL, SUM, TEMP, Buffer, Interface, Kernel, Program,
+                 UpdateRule, grad_name, range_guard, tree_size)
 from .ops import OPS, Lowering
 from .optim import update_rule
 
@@ -59,7 +59,8 @@ def lower(graph: Graph) -> Lowered:
     buffers: dict[str, Buffer] = {}
     for v in graph.values.values():
         role = {"input": INPUT, "param": PARAM}.get(v.kind, TEMP)
-        buffers[v.name] = Buffer(v.name, v.shape, v.batched, role)
+        buffers[v.name] = Buffer(v.name, v.shape, v.batched, role,
+                                 dtype=INT32 if v.dtype == INT32 else REAL)
     kernels: list[Kernel] = []
     by_node: dict[str, list[int]] = {}
 
@@ -95,7 +96,7 @@ def forward_program(graph: Graph, low: Lowered | None = None) -> Program:
 
 
 def _with_role(b: Buffer, role: str) -> Buffer:
-    return Buffer(b.name, b.shape, b.batched, role, b.differentiable)
+    return Buffer(b.name, b.shape, b.batched, role, b.differentiable, b.dtype)
 
 
 def _used_buffers(all_buffers: dict[str, Buffer], kernels: list[Kernel]) -> dict[str, Buffer]:
@@ -232,7 +233,9 @@ def interface(graph: Graph) -> Interface:
     return Interface(graph.name, {p: v.shape for p, v in graph.params.items()},
                      {i: v.shape for i, v in graph.inputs.items()},
                      {o: graph.values[o].shape for o in graph.outputs}, graph.loss, entries,
-                     dict(graph.optimizer) if graph.optimizer else None, fields)
+                     dict(graph.optimizer) if graph.optimizer else None, fields,
+                     {i: v.dtype for i, v in graph.inputs.items() if v.dtype == INT32},
+                     {i: b.bound for i, b in graph.index_bounds().items()})
 
 
 def _batch_mean(graph: Graph, buffers: dict[str, Buffer]) -> Kernel:
@@ -278,6 +281,8 @@ def derive(graph: Graph) -> Derivation:
             for r in k.reads():
                 reaches[r] = True
     active = {n for n in buffers if depends[n] and reaches[n]}
+    # Integers are inputs (indices), never computed from a param: no gradient reaches them.
+    assert all(buffers[n].dtype == REAL for n in active), active
 
     sweep = _Sweep(buffers)
     argmax_after: dict[int, Kernel] = {}

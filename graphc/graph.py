@@ -42,6 +42,27 @@ class Value:
     attrs: dict = field(default_factory=dict)        # checked, defaults filled, expr parsed
     spec_attrs: dict = field(default_factory=dict)   # as written, for round trips
     init: dict | None = None                          # params only
+    dtype: str = "float"     # inputs: "int32" (indices), else the model's floating type
+
+
+# An input's `dtype`: "float" (the default) is the model's floating type (float32 or
+# float64, chosen at compile time); "int32" holds indices, for the op positions that take
+# them (OpDef.integer_inputs).
+INPUT_DTYPES = ("float", "int32")
+INT32 = "int32"
+
+
+@dataclass(frozen=True)
+class IndexBound:
+    """What an int32 input may hold: indices 0 to `bound` - 1, and which node says so."""
+    bound: int
+    node: str
+    op: str
+    unit: str          # "rows", "classes"
+
+    def describe(self) -> str:
+        return (f"{self.op} '{self.node}' has {self.bound} {self.unit} "
+                f"(indices 0 to {self.bound - 1})")
 
 
 def _shape(value: Any, *, node: str, field_: str = "shape") -> tuple[int, ...]:
@@ -87,6 +108,20 @@ class Graph:
         """Op nodes in topological order."""
         return {k: v for k, v in self.values.items() if v.kind == "node"}
 
+    def index_bounds(self) -> dict[str, IndexBound]:
+        """Each int32 input's valid range: the tightest over the nodes that read it (an
+        embedding's table rows, a cross-entropy's classes)."""
+        out: dict[str, IndexBound] = {}
+        for v in self.nodes.values():
+            op = OPS[v.op]
+            for k, i in enumerate(v.inputs):
+                if k in op.integer_inputs and self.values[i].dtype == INT32:
+                    spec = op.integer_inputs[k]
+                    bound = spec.bound([self.values[j].shape for j in v.inputs])
+                    if i not in out or bound < out[i].bound:
+                        out[i] = IndexBound(bound, v.name, v.op, spec.unit)
+        return out
+
     def ancestors(self, names: Iterable[str]) -> set[str]:
         """`names` and every value they depend on."""
         seen, todo = set(), list(names)
@@ -106,7 +141,9 @@ class Graph:
         spec: dict[str, Any] = {"name": self.name}
         if self.description:
             spec["description"] = self.description
-        spec["inputs"] = {k: {"shape": list(v.shape)} for k, v in self.inputs.items()}
+        spec["inputs"] = {k: {"shape": list(v.shape), **({"dtype": v.dtype} if v.dtype != "float"
+                                                          else {})}
+                          for k, v in self.inputs.items()}
         spec["params"] = {k: {"shape": list(v.shape), **(v.init or {})} for k, v in self.params.items()}
         spec["nodes"] = {k: {"op": v.op, "inputs": list(v.inputs), **copy.deepcopy(v.spec_attrs)}
                          for k, v in self.nodes.items()}
@@ -125,7 +162,7 @@ class Graph:
         for v in self.values.values():
             g.add_node(v.name, kind=v.kind, op=v.op, shape=list(v.shape), batched=v.batched,
                        inputs=list(v.inputs), attrs=copy.deepcopy(v.spec_attrs),
-                       init=copy.deepcopy(v.init))
+                       init=copy.deepcopy(v.init), dtype=v.dtype)
         for v in self.values.values():
             for pos, src in enumerate(v.inputs):
                 if not g.has_edge(src, v.name):
@@ -144,6 +181,8 @@ class Graph:
             kind = d.get("kind", "node")
             if kind == "input":
                 spec["inputs"][name] = {"shape": d["shape"]}
+                if d.get("dtype", "float") != "float":
+                    spec["inputs"][name]["dtype"] = d["dtype"]
             elif kind == "param":
                 spec["params"][name] = {"shape": d["shape"], **(d.get("init") or {})}
             else:
@@ -183,11 +222,17 @@ class Graph:
         for n, d in _mapping(spec.get("inputs"), "inputs").items():
             claim(n, "inputs")
             shape = d.get("shape") if isinstance(d, dict) else d
-            if isinstance(d, dict) and set(d) - {"shape"}:
-                extra = sorted(set(d) - {"shape"}, key=str)
-                raise SpecError(f"unknown field(s) {extra} (inputs take 'shape')",
+            if isinstance(d, dict) and set(d) - {"shape", "dtype"}:
+                extra = sorted(set(d) - {"shape", "dtype"}, key=str)
+                raise SpecError(f"unknown field(s) {extra} (inputs take 'shape' and 'dtype')",
                                 node=n, field=str(extra[0]))
-            values[n] = Value(n, "input", _shape(shape, node=n) if shape != [] else (), True)
+            dtype = d.get("dtype", "float") if isinstance(d, dict) else "float"
+            if not isinstance(dtype, str) or dtype not in INPUT_DTYPES:
+                raise SpecError(f"must be 'int32' (indices: an embedding's rows, class "
+                                f"indices) or 'float' (the default: the model's dtype), got "
+                                f"{dtype!r}", node=n, field="dtype")
+            values[n] = Value(n, "input", _shape(shape, node=n) if shape != [] else (), True,
+                              dtype=dtype)
 
         param_elements = 0
         for n, d in _mapping(spec.get("params"), "params").items():
@@ -301,6 +346,12 @@ class Graph:
     def _infer(v: Value, known: dict[str, Value]) -> Value:
         op = OPS[v.op]
         ins = [known[i] for i in v.inputs]
+        for k, i in enumerate(ins):
+            if i.dtype == INT32 and k not in op.integer_inputs:
+                takers = " and ".join(f"{o.name}'s {spec.what}" for o in OPS.values()
+                                      for spec in o.integer_inputs.values())
+                raise SpecError(f"input '{i.name}' is int32: only {takers} take integers",
+                                node=v.name, field="inputs")
         attrs = op.normalize_attrs(v.name, v.spec_attrs)
         if op.name == "elementwise":
             symbols = {}
@@ -313,6 +364,18 @@ class Graph:
             raise SpecError(f"the target '{ins[1].name}' must be data computed from inputs "
                             "only, not from params", node=v.name, field="inputs")
         shape = op.shape(v.name, [i.shape for i in ins], attrs)
+        for k, spec in op.integer_inputs.items():
+            want = spec.wanted([i.shape for i in ins])
+            got = ins[k]
+            if want and got.dtype != INT32:
+                declared = ("declare it with 'dtype: int32'" if got.kind == "input"
+                            else "it must be an input declared with 'dtype: int32'")
+                raise SpecError(f"{op.name}'s {spec.what} '{got.name}' must hold int32 "
+                                f"indices: {declared}", node=v.name, field="inputs")
+            if not want and got.dtype == INT32:
+                raise SpecError(f"input '{got.name}' is int32, so it is {op.name}'s "
+                                f"{spec.what}: it needs {spec.shape_rule([i.shape for i in ins])}"
+                                f", got {list(got.shape)}", node=v.name, field="inputs")
         if math.prod(shape) > MAX_ELEMENTS:
             raise SpecError(f"result shape {list(shape)} is too large", node=v.name, field="inputs")
         batched = any(i.batched for i in ins)

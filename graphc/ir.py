@@ -44,6 +44,11 @@ LOSS_MEAN = "__batch_loss"   # the batch-mean loss, a one-element buffer
 
 GRAD_SUFFIX = ".grad"
 
+# Element types of a buffer: the model's floating type, or 32-bit integers (an input of
+# indices: embedding rows, class indices). Integers are read, never written or
+# differentiated.
+REAL, INT32 = "real", "int32"
+
 
 def grad_name(value: str) -> str:
     """The buffer holding d(loss)/d(value)."""
@@ -100,6 +105,9 @@ class Interface:
     reads: dict[str, tuple[str, ...]]
     optimizer: dict | None
     constant_fields: dict[str, str | None]     # node -> the spec field its constants are in
+    # inputs that hold int32 indices (embedding rows, class indices); the rest are real
+    input_dtypes: dict[str, str] = field(default_factory=dict)
+    index_bounds: dict[str, int] = field(default_factory=dict)   # int32 input -> indices < it
 
 
 
@@ -116,14 +124,32 @@ def index_range(index: sp.Expr, extents: dict) -> tuple[int, int]:
     return low, high
 
 
+def data_dependent(index: sp.Expr) -> bool:
+    """Whether an index reads an array (an embedding's row, a class index): its range is
+    the data's, not the loops'."""
+    return isinstance(index, sp.Basic) and index.has(sp.Indexed)
+
+
+def loop_symbols(expr: sp.Basic) -> set[sp.Symbol]:
+    """The plain symbols of `expr` (loop indices, n): not the arrays an index reads, which
+    SymPy's free_symbols also lists (`t[b]` and `t` for a read t[b])."""
+    arrays = {a.base.label for a in expr.atoms(sp.Indexed)}
+    return {s for s in expr.free_symbols if isinstance(s, sp.Symbol) and s not in arrays}
+
+
 def range_guard(index, dims, extents: dict) -> sp.Basic:
     """The condition under which `index` lies inside an array of `dims`: one comparison per
-    axis that the loops can take out of range (padding), `true` when none can. Built the
-    same way for a padded read and for the scatter derived from it, so that the derived
-    derivative's condition is recognised as the guard of the kernel it lands in."""
+    axis that the loops can take out of range (padding), `true` when none can. An index
+    read from data (`data_dependent`) gets both comparisons, always: the C never reads
+    outside an array whatever the indices hold. Built the same way for a padded read and
+    for the scatter derived from it, so that the derived derivative's condition is
+    recognised as the guard of the kernel it lands in."""
     conds = []
     for i, d in zip(index, dims):
         if d == BATCH:
+            continue
+        if data_dependent(i):
+            conds += [sp.Ge(i, 0), sp.Lt(i, d)]
             continue
         low, high = index_range(i, extents)
         if low < 0:
@@ -135,10 +161,13 @@ def range_guard(index, dims, extents: dict) -> sp.Basic:
     return sp.Piecewise((1, sp.And(*conds)), (0, True)).args[0].cond if conds else sp.true
 
 
-def array(name: str) -> sp.IndexedBase:
+def array(name: str, dtype: str = "real") -> sp.IndexedBase:
     """The SymPy array a buffer's reads index. Its elements are real: otherwise SymPy asks,
     on every rebuild of tanh(tanh(x[i])), whether the argument is real by expanding its real
-    and imaginary parts, which grows 3.4x per level of nesting."""
+    and imaginary parts, which grows 3.4x per level of nesting. An int32 buffer's elements
+    are integers (`t[b].is_integer`), so that they may index other arrays."""
+    if dtype == INT32:
+        return sp.IndexedBase(name, integer=True)
     return sp.IndexedBase(name, real=True)
 
 
@@ -168,6 +197,7 @@ class Buffer:
     batched: bool
     role: str = TEMP            # one of the roles above
     differentiable: bool = True  # False for stable-shift values (stop-gradient)
+    dtype: str = REAL           # REAL (the model's dtype) or INT32 (inputs of indices)
 
     @property
     def size(self) -> int:
@@ -176,7 +206,7 @@ class Buffer:
 
     @property
     def base(self) -> sp.IndexedBase:
-        return array(self.name)
+        return array(self.name, self.dtype)
 
     def strides(self) -> tuple[int, ...]:
         """Row-major strides of the full index (batch axis first when batched)."""
@@ -209,11 +239,13 @@ class Kernel:
     node: str = ""       # the graph node this kernel belongs to
     note: str = ""       # 'forward', or what the backward kernel computes
     # Loop points where the statement runs (accumulate only): a condition on loop indices,
-    # for a scatter whose target index leaves the array (a padded convolution's dx).
+    # for a scatter whose target index leaves the array (a padded convolution's dx), or on
+    # the indices it reads (an embedding's dtable[tokens[b, i], d]: 0 <= tokens[b, i] < V).
     guard: sp.Basic = sp.true
 
     def accesses(self) -> list[sp.Indexed]:
-        """Distinct array reads, in a deterministic order."""
+        """Distinct array reads, in a deterministic order: those of the body and the
+        epilogue, and the indices that the guard and the written index read."""
         return list(self._accesses)
 
     def reads(self) -> list[str]:
@@ -223,6 +255,9 @@ class Kernel:
     @functools.cached_property
     def _accesses(self) -> tuple[sp.Indexed, ...]:
         found = set(self.body.atoms(sp.Indexed)) | set(self.post.atoms(sp.Indexed))
+        found |= set(sp.sympify(self.guard).atoms(sp.Indexed))
+        for i in self.out_index:
+            found |= set(sp.sympify(i).atoms(sp.Indexed))
         return tuple(sorted(found, key=sp.default_sort_key))
 
     @functools.cached_property
@@ -288,14 +323,18 @@ class Program:
                 assert name in self.buffers, f"{where}: reads unknown buffer {name}"
                 assert name in written, f"{where}: reads {name} before it is written"
                 assert len(a.indices) == len(self.buffers[name].strides()), f"{where}: rank of {name}"
-                assert set().union(*[i.free_symbols for i in a.indices]) <= set(loop_syms), \
+                assert set().union(*[loop_symbols(i) for i in a.indices]) <= set(loop_syms), \
                     f"{where}: {a} uses an index that is not a loop"
             if kern.mode == "accumulate":
                 assert kern.out in written, f"{where}: accumulates into unwritten {kern.out}"
             if kern.guard != sp.true:
                 assert kern.mode == "accumulate", f"{where}: a guard on a {kern.mode} kernel"
-                assert kern.guard.free_symbols <= set(loop_syms), f"{where}: guard {kern.guard}"
-                assert not kern.guard.atoms(sp.Indexed), f"{where}: guard reads an array"
+                assert loop_symbols(kern.guard) <= set(loop_syms), f"{where}: guard {kern.guard}"
+                # A guard may read indices (the accesses above checked those reads), and
+                # those are integers: no real value decides where a scatter writes.
+                assert all(a.is_integer for a in kern.guard.atoms(sp.Indexed)), \
+                    f"{where}: guard {kern.guard} reads a real array"
+            assert out.dtype == REAL, f"{where}: writes the {out.dtype} buffer {out.name}"
             if kern.mode == "assign" or kern.post != ACC:
                 assert kern.mode in ("sum", "assign") and (kern.mode == "sum" or kern.post == ACC)
             written.add(kern.out)

@@ -48,12 +48,43 @@ def check_dtype(dtype) -> str:
     return name
 
 
-def batch_arrays(names, shapes: Mapping[str, tuple], given: Mapping, dtype,
-                 known: set[str]) -> tuple[dict[str, np.ndarray], int]:
+def _position(bad: np.ndarray) -> str:
+    return "[" + ", ".join(str(int(i)) for i in np.argwhere(bad)[0]) + "]"
+
+
+def index_array(name: str, arr: np.ndarray, bound=None) -> np.ndarray:
+    """`arr` as the int32 array of an input of indices, after checking every value: whole
+    numbers (1.0 is taken, 1.5 is not) inside the valid range (`bound`, a
+    graphc.graph.IndexBound: an embedding's rows, a cross-entropy's classes). The C checks
+    every index it reads too (one outside reads as 0), but a wrong index is the caller's
+    mistake, and is reported here, with the value, where it is and what bounds it."""
+    if arr.dtype.kind not in "iub" and not (arr.dtype.kind == "f" and arr.size == 0):
+        if arr.dtype.kind != "f":
+            raise InputError(f"input '{name}' takes int32 indices, got dtype {arr.dtype}")
+        with np.errstate(invalid="ignore"):
+            bad = ~np.isfinite(arr) | (arr != np.round(arr))
+        if bad.any():
+            value = float(arr[tuple(np.argwhere(bad)[0])])
+            raise InputError(f"input '{name}' holds {value!r} at {_position(bad)}: int32 "
+                             "indices must be whole numbers")
+    low, high = (0, bound.bound) if bound is not None else (-2 ** 31, 2 ** 31)
+    bad = (arr < low) | (arr >= high)
+    if bad.any():
+        value = arr[tuple(np.argwhere(bad)[0])]
+        value = int(value) if abs(value) < 2 ** 63 else value
+        where = bound.describe() if bound is not None else "int32 holds -2^31 to 2^31 - 1"
+        raise InputError(f"input '{name}' holds {value} at {_position(bad)}; {where}")
+    return np.ascontiguousarray(arr, dtype=np.int32)
+
+
+def batch_arrays(names, shapes: Mapping[str, tuple], given: Mapping, dtype, known: set[str],
+                 indices: Mapping | None = None) -> tuple[dict[str, np.ndarray], int]:
     """Check and convert the arrays an entry point needs; returns them and the batch size.
 
-    Names of other graph inputs are accepted and ignored, so one dict of data serves
-    forward, gradients and verify alike."""
+    `indices` maps each int32 input to its IndexBound (or None): those are checked and
+    converted by `index_array`, the rest to `dtype`. Names of other graph inputs are
+    accepted and ignored, so one dict of data serves forward, gradients and verify alike."""
+    indices = indices or {}
     unknown = sorted(set(given) - known)
     if unknown:
         raise InputError(f"unknown input '{unknown[0]}' (this model's inputs: {', '.join(sorted(known))})")
@@ -67,7 +98,8 @@ def batch_arrays(names, shapes: Mapping[str, tuple], given: Mapping, dtype,
         except Exception as e:  # ragged lists and the like
             raise InputError(f"input '{name}' is not an array: {e}") from None
         if arr.dtype.kind not in "fiub":
-            raise InputError(f"input '{name}' must hold real numbers, got dtype {arr.dtype}")
+            what = "takes int32 indices" if name in indices else "must hold real numbers"
+            raise InputError(f"input '{name}' {what}, got dtype {arr.dtype}")
         want = shapes[name]
         if arr.ndim != len(want) + 1 or tuple(arr.shape[1:]) != tuple(want):
             raise InputError(f"input '{name}' must have shape (n, {', '.join(map(str, want))})"
@@ -77,7 +109,8 @@ def batch_arrays(names, shapes: Mapping[str, tuple], given: Mapping, dtype,
         elif arr.shape[0] != n:
             raise InputError(f"input '{name}' has batch size {arr.shape[0]}, but "
                              f"'{names[0]}' has {n}")
-        out[name] = np.ascontiguousarray(arr, dtype=dtype)
+        out[name] = index_array(name, arr, indices[name]) if name in indices \
+            else np.ascontiguousarray(arr, dtype=dtype)
     if n == 0:
         raise InputError("the batch is empty (leading axis of size 0)")
     return out, n or 0
@@ -182,15 +215,22 @@ class CompiledModel:
         self._c_state = buffer(self._ctype, self._state)
         self._c_work = buffer(self._ctype, self._work)
         self._known = frozenset(graph.inputs)
+        # int32 inputs -> what bounds their values (checked before any C runs)
+        bounds = graph.index_bounds()
+        self._indices = {i: bounds.get(i) for i in cmodule.input_dtypes}
         self._buffer_args = (self._ffi.from_buffer, self._ctype, self.dtype)
         self._stages: dict[str, np.ndarray] = {}   # input -> aligned copy (_aligned)
         # cffi releases the GIL during a C call, and every call shares the work arena (and
         # a train step the params): two threads at once got 353 of 400 forwards wrong. One
         # lock per model serializes them, for 0.1 µs a call.
         self._lock = threading.Lock()
-        # kind -> (C function, ((input, per-example shape), ...), ((output, shape), ...))
+        # kind -> (C function, ((input, per-example shape, dtype), ...), ((output, shape), ...));
+        # the dtype an array must have to go to C as it is: None for int32 inputs, whose
+        # values are always checked (batch_arrays)
         self._calls = {kind: (getattr(self._lib, e.c_name),
-                              tuple((i, cmodule.input_shapes[i]) for i in e.inputs),
+                              tuple((i, cmodule.input_shapes[i],
+                                     None if i in cmodule.input_dtypes else self.dtype)
+                                    for i in e.inputs),
                               tuple((o, cmodule.output_shapes[o]) for o in e.outputs))
                        for kind, e in cmodule.entries.items()}
         self.init_params(seed)
@@ -250,9 +290,9 @@ class CompiledModel:
         ptrs, n = [], 0
         if len(given) == len(inputs):   # exactly the entry's inputs, or the slow path says why
             try:
-                for name, shape in inputs:
+                for name, shape, want in inputs:
                     a = given[name]
-                    if type(a) is not np.ndarray or a.dtype is not dtype:
+                    if type(a) is not np.ndarray or a.dtype is not want:
                         break
                     s = a.shape
                     if s[1:] != shape or not s[0] or (n and s[0] != n):
@@ -266,8 +306,9 @@ class CompiledModel:
             except (KeyError, IndexError, TypeError, ValueError, BufferError):
                 pass
         if inputs:
-            names = [name for name, _ in inputs]
-            arrays, n = batch_arrays(names, self.cmodule.input_shapes, given, dtype, self._known)
+            names = [name for name, _, _ in inputs]
+            arrays, n = batch_arrays(names, self.cmodule.input_shapes, given, dtype, self._known,
+                                     self._indices)
             ptrs = [self._aligned(i, arrays[i]) for i in names]
         outs = {}
         for name, shape in outputs:
@@ -281,14 +322,18 @@ class CompiledModel:
         64-byte aligned: the kernels' vector loads along a row then straddle cache lines
         (the W4 forward takes 1.6x as long from an input 16 bytes off), and the copy costs
         about 1% of that."""
-        p = self._ffi.from_buffer(self._ctype, a)
+        ctype = self._input_ctype(name)
+        p = self._ffi.from_buffer(ctype, a)
         if a.nbytes < STAGE_BYTES or not int(self._ffi.cast("size_t", p)) % ALIGN_BYTES:
             return p
         stage = self._stages.get(name)
         if stage is None or stage.size < a.size:
-            stage = self._stages[name] = aligned_zeros(a.size, self.dtype)
+            stage = self._stages[name] = aligned_zeros(a.size, a.dtype)
         stage[:a.size] = a.reshape(-1)
-        return self._ffi.from_buffer(self._ctype, stage)
+        return self._ffi.from_buffer(ctype, stage)
+
+    def _input_ctype(self, name: str) -> str:
+        return "int32_t *" if name in self._indices else self._ctype
 
     def forward(self, **inputs) -> dict[str, np.ndarray]:
         with self._lock:
@@ -358,10 +403,10 @@ class CompiledModel:
         n = batch
         for name, a in inputs.items():
             shape = self.cmodule.input_shapes[name]
-            if not isinstance(a, np.ndarray) or a.dtype != self.dtype \
-                    or not a.flags.c_contiguous:
+            want = np.dtype(self.cmodule.input_dtype(name))
+            if not isinstance(a, np.ndarray) or a.dtype != want or not a.flags.c_contiguous:
                 raise InputError(f"bind {kind}: input '{name}' must be a C-contiguous "
-                                 f"{self.dtype} array (it is read in place at every call)")
+                                 f"{want} array (it is read in place at every call)")
             if a.shape[1:] != shape or a.ndim == 0 or not a.shape[0]:
                 raise InputError(f"bind {kind}: input '{name}' must have shape "
                                  f"(batch, {', '.join(map(str, shape))})".replace(", )", ")")
@@ -374,8 +419,10 @@ class CompiledModel:
             raise InputError(f"bind {kind}: give every input or a batch size of at least 1, "
                              f"got batch={batch!r}")
         n = int(n)
+        # (A bound call checks nothing: an int32 index outside its range reads as 0 in C.)
         ins = {name: inputs[name] if name in inputs else
-               aligned_zeros(n * _size(self.cmodule.input_shapes[name]), self.dtype)
+               aligned_zeros(n * _size(self.cmodule.input_shapes[name]),
+                             self.cmodule.input_dtype(name))
                .reshape(n, *self.cmodule.input_shapes[name]) for name in entry.inputs}
         outs = {name: aligned_zeros(n * _size(self.cmodule.output_shapes[name]), self.dtype)
                 .reshape(n, *self.cmodule.output_shapes[name]) for name in entry.outputs}
@@ -384,7 +431,8 @@ class CompiledModel:
         work = buffer(self._ctype, aligned_zeros(self.cmodule.work_elements(n), self.dtype))
         pointer = {"params": self._c_params, "state": self._c_state, "work": work}
         args = [pointer[p] for p in _BOUND_LEAD[kind]] + [n] + \
-            [buffer(self._ctype, a) for a in (*ins.values(), *outs.values())]
+            [buffer(self._input_ctype(name), a) for name, a in ins.items()] + \
+            [buffer(self._ctype, a) for a in outs.values()]
         bound = BoundCall(getattr(self._lib, entry.c_name), *args)
         bound.kind, bound.batch, bound.inputs, bound.outputs = kind, n, ins, outs
         return bound

@@ -21,7 +21,8 @@ import sympy as sp
 from .errors import SpecError
 from .formula import number
 from .functions import leaky_relu, relu, sigmoid, softplus
-from .ir import ACC, ASSIGN, BATCH, MAX, SUM, Buffer, Kernel, index_symbols, range_guard
+from .ir import (ACC, ASSIGN, BATCH, INT32, MAX, SUM, Buffer, Kernel, index_symbols,
+                 range_guard)
 
 Shape = tuple[int, ...]
 
@@ -181,6 +182,23 @@ def _axis(node: str, field_: str, axis: int, rank: int) -> int:
 # ---------------------------------------------------------------- the op record
 
 @dataclass(frozen=True)
+class IntegerInput:
+    """An input position that takes int32 values: indices into a table or a class axis.
+
+    `wanted(shapes)` says whether the position holds integers, given the per-example shapes
+    of all the node's inputs (a cross-entropy target holds class indices exactly when it
+    has the logits' shape without the class axis); `bound(shapes)` is the number of valid
+    indices, 0 to bound - 1, and `unit` what they count ("rows", "classes");
+    `shape_rule(shapes)` says, for an error, which shape an integer needs where `wanted`
+    is False."""
+    what: str                                   # how the position is named in messages
+    bound: Callable[[list[Shape]], int]
+    unit: str
+    wanted: Callable[[list[Shape]], bool] = lambda shapes: True
+    shape_rule: Callable[[list[Shape]], str] = lambda shapes: ""
+
+
+@dataclass(frozen=True)
 class OpDef:
     name: str
     arity: tuple[int, int | None]          # (min, max) inputs; max None = any
@@ -192,6 +210,8 @@ class OpDef:
     domain: tuple[Any, ...] = ()
     doc: str = ""                           # what it computes, for error messages
     is_loss: bool = False
+    # Positions that take int32 inputs (graphc.graph refuses integers anywhere else).
+    integer_inputs: dict[int, IntegerInput] = field(default_factory=dict)
 
     def normalize_attrs(self, node: str, given: dict) -> dict:
         out = {}
@@ -660,6 +680,32 @@ register(OpDef("transpose", (1, 1), _transpose_shape, _transpose_lower,
                doc="permute the per-example axes (torch.permute without the batch axis)"))
 
 
+def _embedding_shape(node, shapes, attrs):
+    indices, table = shapes
+    if len(table) != 2:
+        raise SpecError(f"the table must be 2-D [rows, features] (torch's F.embedding weight), "
+                        f"got {list(table)}", node=node, field="inputs")
+    return tuple(indices) + (table[1],)
+
+
+def _embedding_lower(L: Lowering) -> None:
+    # out[idx..., d] = table[indices[idx...], d]: a read whose row is data, guarded like
+    # padding (0 <= row < V), so the C never reads outside the table; its gradient is the
+    # scatter dtable[indices[idx...], d] += δ under the same guard (graphc.derive).
+    indices, table = L.inputs
+    idx = L.indices(len(indices.shape))
+    (d,) = L.indices(1)
+    loops = list(zip(idx, indices.shape)) + [(d, table.shape[1])]
+    L.kernel(L.out, idx + [d], loops, L.padded(table, [L.at(indices, idx), d], loops))
+
+
+register(OpDef("embedding", (2, 2), _embedding_shape, _embedding_lower,
+               input_names=("indices", "table"),
+               doc="rows of table [V, D] at int32 indices: out[..., d] = table[indices[...], d] "
+                   "(torch.nn.functional.embedding)",
+               integer_inputs={0: IntegerInput("indices", lambda s: s[1][0], "rows")}))
+
+
 # ---------------------------------------------------------------- convolution and pooling
 #
 # Per-example layout [C, *spatial] (torch's without the batch axis). A window's element is
@@ -929,19 +975,37 @@ def _mse_lower(L: Lowering) -> None:
              mode=SUM, post=ACC / max(1, math.prod(p.shape)))
 
 
+def _class_indices(shapes) -> bool:
+    """Whether a cross-entropy target holds class indices: the logits' shape without the
+    class axis (torch.nn.functional.cross_entropy's integer target)."""
+    return bool(shapes[0]) and tuple(shapes[1]) == tuple(shapes[0][:-1])
+
+
 def _sce_shape(node, shapes, attrs):
-    logits = _same_shape(node, shapes)
+    logits = shapes[0]
     if not logits:
         raise SpecError("logits must have a class axis (rank >= 1)", node=node, field="inputs")
+    if not _class_indices(shapes) and tuple(shapes[1]) != tuple(logits):
+        raise SpecError(f"the target must have the logits' per-example shape {list(logits)} "
+                        f"(one-hot or probabilities) or, as int32 class indices, "
+                        f"{list(logits[:-1])}; got {list(shapes[1])}", node=node, field="inputs")
     return logits[:-1]
 
 
 def _sce_lower(L: Lowering) -> None:
-    # -Σ_k t_k·log softmax(x)_k = -Σ_k t_k·(x_k - m - log Σ_j exp(x_j - m))
     x, t = L.inputs
     axis = len(x.shape) - 1
     idx = L.indices(len(x.shape))
     m, s, keep = _shift_and_normalizer(L, x, axis, idx)
+    if t.dtype == INT32:
+        # Class indices: -log softmax(x)[t] = -(x[t] - m - log Σ_j exp(x_j - m)). The read
+        # x[..., t] is guarded (0 <= t < K): an index outside the classes reads 0, never
+        # memory outside x (Python refuses such targets before the C runs).
+        loops = list(zip(keep, L.out.shape))
+        picked = L.padded(x, keep + [L.at(t, keep)], loops)
+        L.kernel(L.out, keep, loops, -(picked - L.at(m, keep) - sp.log(L.at(s, keep))))
+        return
+    # -Σ_k t_k·log softmax(x)_k = -Σ_k t_k·(x_k - m - log Σ_j exp(x_j - m))
     L.kernel(L.out, keep, list(zip(keep, L.out.shape)) + [(idx[axis], x.shape[axis])],
              -L.at(t, idx) * (L.at(x, idx) - L.at(m, keep) - sp.log(L.at(s, keep))), mode=SUM)
 
@@ -966,8 +1030,13 @@ register(OpDef("mse", (2, 2), _scalar_loss_shape, _mse_lower, input_names=("pred
                doc="mean over the example's elements of (prediction - target)²", is_loss=True))
 register(OpDef("softmax_cross_entropy", (2, 2), _sce_shape, _sce_lower,
                input_names=("logits", "target"), domain=(None, "probabilities"),
-               doc="-Σ target·log softmax(logits) over the last axis (one-hot or probabilities)",
-               is_loss=True))
+               doc="-Σ target·log softmax(logits) over the last axis (one-hot or probabilities; "
+                   "or int32 class indices, the logits' shape without the class axis)",
+               is_loss=True,
+               integer_inputs={1: IntegerInput(
+                   "class-index target", lambda s: s[0][-1], "classes", _class_indices,
+                   lambda s: f"per-example shape {list(s[0][:-1])} (the logits' without the "
+                             f"class axis)")}))
 register(OpDef("bce_with_logits", (2, 2), _scalar_loss_shape, _bce_lower,
                input_names=("logits", "target"), domain=(None, "unit"),
                doc="mean over elements of the logits-based binary cross-entropy", is_loss=True))

@@ -27,6 +27,7 @@ from .errors import GraphcError, InputError
 from .functions import for_lambdify, numpy_namespace
 from .graph import Graph
 from .init import init_params
+from .model import index_array
 from .optim import check_optimizer
 
 
@@ -338,16 +339,55 @@ def _mse_vjp(g, args, out, attrs):
     return [_unbroadcast(_expand_to(g, d) * 2 * d / count, p.shape), None]
 
 
+def _class_index(t: np.ndarray) -> bool:
+    """An integer target: class indices (torch's F.cross_entropy with an integer target)."""
+    return t.dtype.kind in "iu"
+
+
+def _picked(x: np.ndarray, t: np.ndarray) -> np.ndarray:
+    """x[..., t[...]] along the last axis, x broadcast over t's batch (a param's logits)."""
+    x = np.broadcast_to(x, t.shape[:1] + x.shape[1:])
+    return np.take_along_axis(x, t[..., None], axis=-1)[..., 0]
+
+
 def _sce_forward(args, attrs):
     x, t = args
+    if _class_index(t):
+        return -_picked(_log_softmax(x, -1), t)
     return -(t * _log_softmax(x, -1)).sum(axis=-1)
 
 
 def _sce_vjp(g, args, out, attrs):
     x, t = args
+    if _class_index(t):
+        # d/dx of -(x_t - lse(x)) is softmax(x) - onehot(t)
+        onehot = (np.arange(x.shape[-1]) == t[..., None]).astype(x.dtype)
+        return [_unbroadcast(g[..., None] * (np.exp(_log_softmax(x, -1)) - onehot), x.shape),
+                None]
     # d/dx of -Σ t·(x - lse(x)) is softmax(x)·Σt - t; Σt is 1 only for proper targets.
     dx = np.exp(_log_softmax(x, -1)) * t.sum(axis=-1, keepdims=True) - t
     return [_unbroadcast(g[..., None] * dx, x.shape), None]
+
+
+# embedding: out[b, ..., d] = table[b, indices[b, ...], d], the table's batch axis of size 1
+# (a param) or n; its VJP adds each row's cotangent into the table (np.add.at: an index
+# repeated in a batch adds up, as torch's embedding_backward does).
+
+def _embedding_rows(indices: np.ndarray, table: np.ndarray):
+    batch = np.arange(table.shape[0]).reshape((-1,) + (1,) * (indices.ndim - 1))
+    return np.broadcast_to(batch, indices.shape) if table.shape[0] > 1 else 0, indices
+
+
+def _embedding_forward(args, attrs):
+    indices, table = args
+    return table[_embedding_rows(indices, table)]
+
+
+def _embedding_vjp(g, args, out, attrs):
+    indices, table = args
+    grad = np.zeros_like(table)
+    np.add.at(grad, _embedding_rows(indices, table), g)
+    return [None, grad]
 
 
 def _bce_forward(args, attrs):
@@ -703,6 +743,7 @@ OPS: dict[str, _Op] = {
     "concat": _Op(_concat_forward, _concat_vjp),
     "mse": _Op(_mse_forward, _mse_vjp),
     "softmax_cross_entropy": _Op(_sce_forward, _sce_vjp),
+    "embedding": _Op(_embedding_forward, _embedding_vjp),
     "bce_with_logits": _Op(_bce_forward, _bce_vjp),
     # spatial and movement ops
     "conv1d": _conv(1),
@@ -798,6 +839,9 @@ class Reference:
             if v.kind == "param" or any(i in self._differentiable for i in v.inputs):
                 self._differentiable.add(k)
         self.optimizer = graph.optimizer
+        # int32 inputs (indices) -> what bounds them: checked as the compiled model checks
+        bounds = graph.index_bounds()
+        self._indices = {k: bounds.get(k) for k, v in graph.inputs.items() if v.dtype == "int32"}
 
     def __repr__(self) -> str:
         return f"Reference({self.graph.name!r}, dtype={self.dtype.name})"
@@ -936,7 +980,14 @@ class Reference:
         arrays: dict[str, np.ndarray] = {}
         for name, value in given.items():
             shape = declared[name].shape
-            array = self._array(value, f"input '{name}'")
+            if name in self._indices:   # int32 indices stay integers
+                try:
+                    array = np.asarray(value)
+                except (TypeError, ValueError) as e:
+                    raise InputError(f"input '{name}': not an array ({e})") from None
+                array = index_array(name, array, self._indices[name]).astype(np.int64)
+            else:
+                array = self._array(value, f"input '{name}'")
             if array.ndim != len(shape) + 1 or array.shape[1:] != shape:
                 expected = "(n" + "".join(f", {d}" for d in shape) + ")"
                 raise InputError(f"input '{name}' must have shape {expected} (a batch of "

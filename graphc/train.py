@@ -162,7 +162,10 @@ def _classifier(graph) -> tuple[str, str, str] | None:
 def _correct(op: str, logits: np.ndarray, target: np.ndarray) -> np.ndarray:
     """Per example, the fraction of its predictions that are right."""
     if op == "softmax_cross_entropy":
-        right = logits.argmax(axis=-1) == target.argmax(axis=-1)
+        # class indices (an integer target, the logits' shape without the class axis), or
+        # one-hot / probability rows
+        labels = target if target.ndim == logits.ndim - 1 else target.argmax(axis=-1)
+        right = logits.argmax(axis=-1) == labels
     else:  # bce_with_logits: each element is a yes/no prediction
         right = (logits > 0) == (target > 0.5)
     return right.reshape(len(right), -1).mean(axis=1)

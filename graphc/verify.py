@@ -356,9 +356,11 @@ def _compare(name: str, got: np.ndarray, want: np.ndarray, dtype: str, what: str
 def sample_inputs(graph, n: int = 8, seed: int = 0) -> dict[str, np.ndarray]:
     """Random inputs that respect how each input is used: loss targets get valid targets
     (probability rows for softmax_cross_entropy, [0, 1] for bce_with_logits), inputs of a
-    positive-domain argument (log, a divisor) get positive values, the rest N(0, 1)."""
+    positive-domain argument (log, a divisor) get positive values, int32 inputs indices
+    drawn uniformly from their range (an embedding's rows, the classes), the rest N(0, 1)."""
     from .ops import OPS
     rng = np.random.default_rng(seed)
+    bounds = graph.index_bounds()
     domain: dict[str, str] = {}
     for v in graph.nodes.values():
         for k, i in enumerate(v.inputs):
@@ -369,7 +371,10 @@ def sample_inputs(graph, n: int = 8, seed: int = 0) -> dict[str, np.ndarray]:
     for name, v in graph.inputs.items():
         shape = (n,) + v.shape
         kind = domain.get(name)
-        if kind == "probabilities":
+        if v.dtype == "int32":
+            bound = bounds[name].bound if name in bounds else 1
+            out[name] = rng.integers(0, bound, shape).astype(np.int32)
+        elif kind == "probabilities":
             z = rng.standard_normal(shape)
             e = np.exp(z - z.max(axis=-1, keepdims=True))
             out[name] = e / e.sum(axis=-1, keepdims=True)

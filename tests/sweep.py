@@ -22,7 +22,7 @@ import graphc
 from codegen.harness import batch_sweep, parse_output
 from graphc.init import initial_params
 from graphc.reference import reference
-from graphc.verify import sample_inputs
+from graphc.verify import sample_inputs, within_tolerance
 
 BATCHES = (0, 1, 2, 3, 5, 8, 15, 16, 17, 33, 64, 65, 129)
 CC = os.environ.get("CC", "cc")
@@ -119,6 +119,15 @@ def check_sweep(model: Sweep, got: dict[str, np.ndarray], batches, assert_close)
             stepped = got[f"train_step.params.{n}"]
             for p, off in cm.param_offsets.items():
                 want_p = ref.get_params()[p]
-                assert_close(stepped[off:off + want_p.size].reshape(want_p.shape), want_p,
-                             dtype, f"{what}: {p} after one step at n={n}")
+                got_p = stepped[off:off + want_p.size].reshape(want_p.shape)
+                # Adam's first step moves each param by about lr·sign(g): where the reference
+                # gradient is within the dtype's tolerance of 0, the C's gradient may have
+                # either sign (a gradient of 3e-8 beside one of 0.15, in float32), and the
+                # param moves by up to lr either way. Elsewhere the step must agree.
+                _, _, tol = within_tolerance(grads[p], grads[p], dtype)
+                undecided = np.abs(grads[p]) <= tol
+                if cm.optimizer["name"] == "adam" and undecided.any():
+                    near = np.abs(got_p - want_p) <= 2 * cm.optimizer["lr"]
+                    got_p = np.where(undecided & near, want_p, got_p)
+                assert_close(got_p, want_p, dtype, f"{what}: {p} after one step at n={n}")
             assert got[f"train_step.state.{n}"][cm.state_offsets["step"]] == 1

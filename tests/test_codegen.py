@@ -91,7 +91,9 @@ def test_generated_text_is_portable_and_heap_free(spec, dtype):
     _, cm = graphc.generate(spec, dtype)
     includes = re.findall(r"#include\s*[<\"]([^>\"]+)[>\"]", cm.source)
     assert includes == ["math.h", "stddef.h", "stdint.h", f"{cm.name}.h"]
-    assert re.findall(r"#include\s*<([^>]+)>", cm.header) == ["stddef.h"]
+    # <stdint.h> only for the int32_t of an input of indices
+    assert re.findall(r"#include\s*<([^>]+)>", cm.header) == \
+        ["stddef.h"] + ["stdint.h"] * bool(cm.input_dtypes)
     code = re.sub(r"/\*.*?\*/", "", cm.source, flags=re.S)
     for word in ("malloc", "calloc", "free", "alloca", "printf"):
         assert not re.search(rf"\b{word}\b", code), word

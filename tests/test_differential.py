@@ -187,6 +187,47 @@ def test_torch_evaluator_on_a_known_graph():
     np.testing.assert_allclose(ref.grads["c"], R.sum(0), rtol=1e-12)
 
 
+# ---------------------------------------------------------------- integer inputs
+
+# An embedding (2-D indices, a row read many times, the first and the last row) into a
+# class-index cross-entropy over two positions and one over the example, against
+# F.embedding and F.cross_entropy with integer targets.
+INDICES_SPEC = {
+    "name": "tokens", "inputs": {"tok": {"shape": [2, 5], "dtype": "int32"},
+                                 "pos": {"shape": [2], "dtype": "int32"},
+                                 "label": {"shape": [], "dtype": "int32"}},
+    "params": {"E": {"shape": [7, 3], "init": "normal"},
+               "W": {"shape": [4, 15], "init": "glorot_uniform"}, "b": [4],
+               "V": {"shape": [6, 3], "init": "glorot_uniform"}},
+    "nodes": {"emb": {"op": "embedding", "inputs": ["tok", "E"]},
+              "flat": {"op": "reshape", "inputs": ["emb"], "shape": [2, 15]},
+              "h": {"op": "dense", "inputs": ["flat", "W", "b"]},
+              "a": {"op": "tanh", "inputs": ["h"]},
+              "per_pos": {"op": "softmax_cross_entropy", "inputs": ["a", "pos"]},
+              "l1": {"op": "mean", "inputs": ["per_pos"]},
+              "rows": {"op": "embedding", "inputs": ["label", "V"]},
+              "zt": {"op": "dense", "inputs": ["emb", "V"]},
+              "s": {"op": "sum", "inputs": ["zt"], "axis": [0, 1]},
+              "l2": {"op": "softmax_cross_entropy", "inputs": ["s", "label"]},
+              "loss": {"op": "add", "inputs": ["l1", "l2"]}},
+    "outputs": ["h", "s", "rows"], "loss": "loss"}
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_embedding_and_class_indices_match_torch(dtype):
+    case = tg.case_from_spec(INDICES_SPEC, batch=5)
+    assert case.input_kinds == {"tok": "index:7", "pos": "index:4", "label": "index:6"}
+    inputs = tg.draw_inputs(case, np.random.default_rng(3))
+    assert {0, 6} <= set(inputs["tok"].ravel().tolist()) and inputs["tok"].dtype == np.int32
+    model = tg.compile_strict(case.spec, dtype)
+    if dtype == "float32":
+        problems = tg.check_model(model, case.spec, inputs, rtol=tg.FLOAT32_RTOL,
+                                  per_array=True, reference=False)
+    else:
+        problems = tg.check_model(model, case.spec, inputs)
+    assert not problems, tg.report(case, problems, dtype=dtype)
+
+
 # ---------------------------------------------------------------- graphc against torch
 
 @pytest.mark.parametrize("seed", FAST_SEEDS)

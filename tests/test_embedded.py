@@ -62,7 +62,9 @@ SGD = {"name": "sgd", "lr": 0.1, "momentum": 0.9}
 
 
 def _f32(arrays: dict) -> dict:
-    return {k: np.asarray(v, dtype=np.float32) for k, v in arrays.items()}
+    """float32 arrays; int32 indices as they are."""
+    return {k: v if np.asarray(v).dtype == np.int32 else np.asarray(v, dtype=np.float32)
+            for k, v in arrays.items()}
 
 
 def _case(graph, cm, n: int, seed: int):
@@ -157,13 +159,17 @@ def test_baked_mlp_inference_on_cortex_m0(tmp_path):
 
 
 # Every op the MLPs above do not use, in one model small enough for the micro:bit:
-# convolutions (padded, strided, dilated, depthwise), pooling, movement, normalization.
+# convolutions (padded, strided, dilated, depthwise), pooling, movement, normalization,
+# an embedding and a cross-entropy on class indices (int32 inputs, guarded reads).
 LAYERS = {
-    "name": "layers", "inputs": {"img": [2, 7, 6], "seq": [3, 10], "y": [5]},
+    "name": "layers", "inputs": {"img": [2, 7, 6], "seq": [3, 10], "y": [5],
+                                 "tok": {"shape": [3], "dtype": "int32"},
+                                 "label": {"shape": [], "dtype": "int32"}},
     "params": {"K2": {"shape": [4, 2, 3, 3], "init": "he_normal"}, "k2": [4],
                "D": {"shape": [4, 1, 2, 2], "init": "he_normal"}, "g": [4, 3], "beta": [4, 3],
                "K1": {"shape": [4, 3, 3], "init": "he_normal"},
-               "W": {"shape": [5, 8], "init": "glorot_uniform"}, "b": [5]},
+               "E": {"shape": [6, 2], "init": "normal"},
+               "W": {"shape": [5, 14], "init": "glorot_uniform"}, "b": [5]},
     "nodes": {
         "c2": {"op": "conv2d", "inputs": ["img", "K2", "k2"], "padding": 1, "stride": [2, 1]},
         "r2": {"op": "relu", "inputs": ["c2"]},
@@ -180,9 +186,13 @@ LAYERS = {
         "ap1": {"op": "avg_pool1d", "inputs": ["pd"], "kernel_size": 2},
         "sl": {"op": "slice", "inputs": ["ap1"], "axis": 1, "start": -1},
         "fl": {"op": "flatten", "inputs": ["sl"]},
-        "cat": {"op": "concat", "inputs": ["g2", "fl"]},
+        "emb": {"op": "embedding", "inputs": ["tok", "E"]},
+        "fe": {"op": "flatten", "inputs": ["emb"]},
+        "cat": {"op": "concat", "inputs": ["g2", "fl", "fe"]},
         "logits": {"op": "dense", "inputs": ["cat", "W", "b"]},
-        "loss": {"op": "softmax_cross_entropy", "inputs": ["logits", "y"]}},
+        "ce": {"op": "softmax_cross_entropy", "inputs": ["logits", "y"]},
+        "ci": {"op": "softmax_cross_entropy", "inputs": ["logits", "label"]},
+        "loss": {"op": "add", "inputs": ["ce", "ci"]}},
     "outputs": ["logits"], "loss": "loss", "optimizer": {"name": "adam", "lr": 0.01}}
 
 
@@ -232,10 +242,13 @@ def test_every_op_trains_on_cortex_m4f_and_m0(board, model, tmp_path):
 
 
 def test_embedded_models_use_every_op():
-    """Each op runs on an emulated core in one of the models above."""
+    """Each op runs on an emulated core in one of the models above, and so does a
+    cross-entropy on class indices."""
     from graphc.ops import OPS
     used = {node["op"] for spec in (TINY, LAYERS, MAPS) for node in spec["nodes"].values()}
     assert used == set(OPS), sorted(set(OPS) - used)
+    graph = graphc.Graph.from_spec(LAYERS)
+    assert graph.inputs[graph.nodes["ci"].inputs[1]].dtype == "int32"
 
 
 @needs_qemu

@@ -77,11 +77,17 @@ DOMAINS: dict[str | None, Callable] = {
 
 
 def draw(rng, shape, domain) -> np.ndarray:
+    if isinstance(domain, tuple):   # ("index", V): int32 indices 0 to V - 1, both ends drawn
+        values = rng.integers(0, domain[1], size=tuple(shape))
+        values.reshape(-1)[:2] = [0, domain[1] - 1][:values.size]
+        return values.astype(np.int32)
     return np.asarray(DOMAINS[domain](rng, tuple(shape)), dtype=np.float64)
 
 
 def rounded(a: np.ndarray, dtype: str) -> np.ndarray:
-    """The values the C model sees, given to the float64 reference too."""
+    """The values the C model sees, given to the float64 reference too (indices as they are)."""
+    if a.dtype == np.int32:
+        return a
     return np.asarray(a, dtype=dtype).astype(np.float64)
 
 
@@ -103,6 +109,10 @@ class Net:
         self.inputs[name] = (tuple(shape), domain)
         self.shapes[name], self.batched[name] = tuple(shape), True
         return name
+
+    def indices(self, name, shape, bound: int) -> str:
+        """An int32 input of indices 0 to bound - 1 (an embedding's rows, class indices)."""
+        return self.input(name, shape, ("index", bound))
 
     def param(self, name, shape, domain="small") -> str:
         self.params[name] = (tuple(shape), domain)
@@ -147,7 +157,8 @@ class Net:
 
     def spec(self) -> dict:
         nodes = dict(self.nodes)
-        inputs = {k: {"shape": list(s)} for k, (s, _) in self.inputs.items()}
+        inputs = {k: {"shape": list(s), **({"dtype": "int32"} if isinstance(d, tuple) else {})}
+                  for k, (s, d) in self.inputs.items()}
         parts = []
         for t in self.targets:
             inputs[f"cot_{t}"] = {"shape": list(self.shapes[t])}
@@ -439,6 +450,24 @@ def _sce(net: Net, rng, op):
     net.target(net.op("p", op, net.param("p_p", [k]), net.input("p_y", [k], "probabilities")))
     big = net.op("big_h", "add", net.input("big_x", [k], "offset200"), net.param("big_p", [k]))
     net.target(net.op("big", op, big, net.input("big_y", [k], "onehot")))
+    # class indices (int32 targets): the guarded read x[..., t] and its scatter
+    net.target(net.op("ci", op, h("ci_h", [k]), net.indices("ci_y", [], k)))
+    net.target(net.op("cir", op, h("cir_h", [a, k]), net.indices("cir_y", [a], k)))
+    net.target(net.op("cip", op, net.param("cip_p", [a, k]), net.indices("cip_y", [a], k)))
+    cbig = net.op("cbig_h", "add", net.input("cbig_x", [k], "offset200"), net.param("cbig_p", [k]))
+    net.target(net.op("cbig", op, cbig, net.indices("cbig_y", [], k)))
+
+
+@cases("embedding")
+def _embedding(net: Net, rng, op):
+    v, d = dims(rng, 2, 3, 6)
+    net.target(net.op("e", op, net.indices("e_i", [5], v), net.param("e_t", [v, d])))
+    # two rows for eight lookups: every row repeats, its gradient adds up
+    net.target(net.op("r", op, net.indices("r_i", [2, 4], 2), net.param("r_t", [2, d])))
+    net.target(net.op("s", op, net.indices("s_i", [], v), net.param("s_t", [v, 3])))
+    # a table that is data times a param: the scatter reaches the param through mul
+    net.target(net.op("m", op, net.indices("m_i", [3], v),
+                      net.scaled("m_t", [v, d], None, "small")))
 
 
 @cases("bce_with_logits")
@@ -652,7 +681,12 @@ def test_configurations_respect_op_domains():
                 continue
             for k, src in enumerate(node["inputs"]):
                 want = OPS[op].domain[k] if k < len(OPS[op].domain) else None
-                if src in domains:
+                if src in domains and isinstance(domains[src][1], tuple):   # int32 indices
+                    assert k in OPS[op].integer_inputs, (op, name, src)
+                    bound = OPS[op].integer_inputs[k].bound(
+                        [net.shapes[i] for i in node["inputs"]])
+                    assert domains[src][1] == ("index", bound), (op, name, src)
+                elif src in domains:
                     assert domains[src][1] in compatible[want], (op, name, src)
                 elif want == "positive":  # mul(x, Q) of positive x and Q
                     assert all(domains[i][1] == "positive" for i in net.nodes[src]["inputs"])

@@ -60,6 +60,11 @@ def I(*shape, domain="any"):
     return Operand("input", shape, domain)
 
 
+def X(*shape, bound: int):
+    """An int32 input of indices 0 to bound - 1 (an embedding's rows, class indices)."""
+    return Operand("index", shape, f"below {bound}")
+
+
 @dataclass(frozen=True)
 class Case:
     id: str
@@ -108,6 +113,13 @@ def build(case: Case, seed: int = 0) -> Built:
         elif o.kind == "input":
             spec_inputs[name] = {"shape": list(o.shape)}
             inputs[name] = sample(rng, (N,) + o.shape, o.domain)
+            per_example.append(lambda b, v=inputs[name]: v[b])
+        elif o.kind == "index":
+            spec_inputs[name] = {"shape": list(o.shape), "dtype": "int32"}
+            bound = int(o.domain.split()[1])
+            values = rng.integers(0, bound, (N,) + o.shape)
+            values.reshape(-1)[:2] = [0, bound - 1]   # both ends of the range, always
+            inputs[name] = values.astype(np.int32)
             per_example.append(lambda b, v=inputs[name]: v[b])
         else:
             x, p = f"x{k}", f"p{k}"
@@ -516,9 +528,33 @@ CASES = [
          lambda x, t: -(t * np.log(np_softmax(x))).sum(-1)),
     Case("sce-unnormalized-target", "softmax_cross_entropy", (B(5), I(5, domain="unit")),
          lambda x, t: -(t * np.log(np_softmax(x))).sum(-1)),
+    # class indices (an int32 target, torch's F.cross_entropy with integer targets)
+    Case("sce-class-index", "softmax_cross_entropy", (B(4), X(bound=4)),
+         lambda x, t: -np.log(np_softmax(x))[t]),
+    Case("sce-class-index-2d", "softmax_cross_entropy", (B(2, 4), X(2, bound=4)),
+         lambda x, t: -np.log(np_softmax(x))[np.arange(2), t]),
+    Case("sce-class-index-param-logits", "softmax_cross_entropy", (P(3, 5), X(3, bound=5)),
+         lambda x, t: -np.log(np_softmax(x))[np.arange(3), t]),
     Case("bce", "bce_with_logits", (B(3), I(3, domain="unit")), np_bce),
     Case("bce-param-logits", "bce_with_logits", (P(2, 3), I(2, 3, domain="unit")), np_bce),
     Case("bce-scalar-example", "bce_with_logits", (B(), I(domain="unit")), np_bce),
+]
+
+
+def np_embedding(indices, table):
+    """Row by row: out[..., :] = table[indices[...], :]."""
+    out = np.zeros(indices.shape + table.shape[1:])
+    for idx in np.ndindex(*indices.shape):
+        out[idx] = table[int(indices[idx])]
+    return out
+
+
+CASES += [
+    Case("embedding", "embedding", (X(5, bound=6), P(6, 3)), np_embedding),
+    Case("embedding-repeated-rows", "embedding", (X(4, bound=2), P(2, 3)), np_embedding),
+    Case("embedding-scalar-index", "embedding", (X(bound=4), P(4, 2)), np_embedding),
+    Case("embedding-2d-indices", "embedding", (X(2, 3, bound=5), P(5, 4)), np_embedding),
+    Case("embedding-batched-table", "embedding", (X(3, bound=4), B(4, 2)), np_embedding),
 ]
 
 

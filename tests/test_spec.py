@@ -176,6 +176,11 @@ def I(*shape):
     return ("input", shape)
 
 
+def Int(*shape):
+    """An int32 input (indices)."""
+    return ("int32", shape)
+
+
 def P(*shape):
     return ("param", shape)
 
@@ -237,6 +242,12 @@ SHAPE_CASES = [
     ("bce_with_logits", [I(2, 3), I(2, 3)], {}, ()),
     ("softmax_cross_entropy", [I(10), I(10)], {}, ()),
     ("softmax_cross_entropy", [I(3, 10), I(3, 10)], {}, (3,)),
+    ("softmax_cross_entropy", [I(10), Int()], {}, ()),             # class indices
+    ("softmax_cross_entropy", [I(3, 10), Int(3)], {}, (3,)),
+    ("softmax_cross_entropy", [P(10), Int()], {}, ()),
+    ("embedding", [Int(16), P(32, 8)], {}, (16, 8)),
+    ("embedding", [Int(), P(5, 3)], {}, (3,)),
+    ("embedding", [Int(2, 3), I(4, 6)], {}, (2, 3, 6)),           # a table that is data
     # torch's output sizes: floor((L + 2·pad − dilation·(k − 1) − 1) / stride) + 1
     ("conv2d", [I(3, 28, 28), P(8, 3, 5, 5), P(8)], {}, (8, 24, 24)),
     ("conv2d", [I(3, 9, 8), P(4, 3, 3, 2)], {"padding": [1, 2], "stride": [2, 1],
@@ -307,7 +318,9 @@ def test_layer_attribute_errors_name_node_and_field(op, operands, attrs, field, 
 def single_op(op: str, operands, attrs=None) -> dict:
     spec = {"name": "t", "inputs": {}, "params": {}, "nodes": {}, "outputs": ["out"]}
     for k, (kind, shape) in enumerate(operands):
-        spec["inputs" if kind == "input" else "params"][f"a{k}"] = {"shape": list(shape)}
+        spec["inputs" if kind != "param" else "params"][f"a{k}"] = {"shape": list(shape)}
+        if kind == "int32":
+            spec["inputs"][f"a{k}"]["dtype"] = "int32"
     spec["nodes"]["out"] = {"op": op, "inputs": [f"a{k}" for k in range(len(operands))],
                             **(attrs or {})}
     return spec
@@ -847,7 +860,9 @@ def test_unknown_node_fields_of_mixed_types():
 
 def test_unknown_input_field():
     spec_error(small(inputs={"x": {"shape": [4], "dtype": "f32"}, "y": [3]}), node="x",
-               field="dtype", contains=["unknown field", "'dtype'", "shape"])
+               field="dtype", contains=["'int32'", "'float'", "got 'f32'"])
+    spec_error(small(inputs={"x": {"shape": [4], "init": "zeros"}, "y": [3]}), node="x",
+               field="init", contains=["unknown field", "'shape' and 'dtype'"])
     spec_error(small(inputs={"x": {"shape": [4], 1: 2, "z": 3}, "y": [3]}), node="x",
                field="1", contains="unknown field")
 
@@ -915,7 +930,8 @@ def test_bad_attribute_value(op, field, value, contains):
     ("concat", [I(), I()], {}, "inputs", "scalars"),
     ("mse", [I(3), I(4)], {}, "inputs", ["same per-example shape", "[3] and [4]"]),
     ("bce_with_logits", [I(3), I(3, 1)], {}, "inputs", "same per-example shape"),
-    ("softmax_cross_entropy", [I(10), I(9)], {}, "inputs", "same per-example shape"),
+    ("softmax_cross_entropy", [I(10), I(9)], {}, "inputs",
+     ["the logits' per-example shape [10]", "int32 class indices, []", "got [9]"]),
     ("softmax_cross_entropy", [I(), I()], {}, "inputs", "class axis"),
     ("mse", [I(3), P(3)], {}, "inputs", ["target 'a1'", "computed from inputs only"]),
     ("softmax", [I()], {}, "inputs", "rank >= 1"),
@@ -925,6 +941,74 @@ def test_bad_attribute_value(op, field, value, contains):
 ])
 def test_shape_mismatch(op, operands, attrs, field, contains):
     spec_error(single_op(op, operands, attrs), node="out", field=field, contains=contains)
+
+
+INTEGER_TAKERS = ("only embedding's indices and softmax_cross_entropy's class-index target "
+                  "take integers")
+
+
+@pytest.mark.parametrize("op, operands, contains", [
+    ("dense", [Int(4), P(3, 4)], ["input 'a0' is int32", INTEGER_TAKERS]),
+    ("mse", [I(3), Int(3)], ["input 'a1' is int32", INTEGER_TAKERS]),
+    ("embedding", [Int(3), Int(5, 2)], ["input 'a1' is int32", INTEGER_TAKERS]),
+    ("embedding", [I(3), P(5, 2)],
+     ["embedding's indices 'a0' must hold int32 indices", "declare it with 'dtype: int32'"]),
+    ("embedding", [Int(3), P(5)], ["the table must be 2-D [rows, features]", "got [5]"]),
+    ("embedding", [Int(3), P(5, 2, 2)], ["the table must be 2-D", "got [5, 2, 2]"]),
+    ("softmax_cross_entropy", [I(10), Int(10)],
+     ["input 'a1' is int32, so it is softmax_cross_entropy's class-index target",
+      "it needs per-example shape [] (the logits' without the class axis), got [10]"]),
+    ("softmax_cross_entropy", [I(3, 10), I(3)],
+     ["softmax_cross_entropy's class-index target 'a1' must hold int32 indices"]),
+    ("softmax_cross_entropy", [I(3, 10), Int(10)], ["int32 class indices, [3]", "got [10]"]),
+], ids=lambda v: v if isinstance(v, str) else None)
+def test_integer_inputs_only_where_an_op_takes_them(op, operands, contains):
+    spec_error(single_op(op, operands), node="out", field="inputs", contains=contains)
+
+
+def test_integer_input_used_beside_an_embedding_is_refused_at_that_node():
+    spec = single_op("embedding", [Int(4), P(6, 3)])
+    spec["nodes"]["twice"] = {"op": "add", "inputs": ["a0", "out"]}
+    spec_error(spec, node="twice", field="inputs", contains=["input 'a0' is int32", INTEGER_TAKERS])
+    spec = single_op("embedding", [Int(4), P(6, 3)])
+    spec["inputs"]["a0"]["dtype"] = "int64"
+    spec_error(spec, node="a0", field="dtype", contains="got 'int64'")
+
+
+def test_integer_inputs_round_trip_and_their_bounds():
+    spec = {"name": "lm", "inputs": {"tokens": {"shape": [16], "dtype": "int32"},
+                                     "y": {"shape": [], "dtype": "int32"}},
+            "params": {"E": {"shape": [32, 8]}, "W": {"shape": [5, 128]}},
+            "nodes": {"emb": {"op": "embedding", "inputs": ["tokens", "E"]},
+                      "f": {"op": "flatten", "inputs": ["emb"]},
+                      "logits": {"op": "dense", "inputs": ["f", "W"]},
+                      "again": {"op": "embedding", "inputs": ["y", "E"]},
+                      "loss": {"op": "softmax_cross_entropy", "inputs": ["logits", "y"]}},
+            "outputs": ["logits", "again"], "loss": "loss"}
+    g = Graph.from_spec(spec)
+    assert g.inputs["tokens"].dtype == "int32" and g.inputs["y"].dtype == "int32"
+    assert g.nodes["emb"].shape == (16, 8) and g.nodes["again"].shape == (8,)
+    assert g.nodes["emb"].dtype == "float"          # what an op computes is real
+    assert g.to_spec()["inputs"] == spec["inputs"]
+    assert Graph.from_networkx(g.to_networkx()).to_spec() == g.to_spec()
+    assert g.to_networkx().nodes["tokens"]["dtype"] == "int32"
+    b = Builder("lm")
+    t, y = b.input("tokens", [16], dtype="int32"), b.input("y", [], dtype="int32")
+    E, W = b.param("E", [32, 8]), b.param("W", [5, 128])
+    f = b.flatten(b.embedding(t, E, name="emb"), name="f")
+    logits = b.dense(f, W, name="logits")
+    again = b.embedding(y, E, name="again")
+    built = b.build(outputs=[logits, again], loss=b.softmax_cross_entropy(logits, y, name="loss"))
+    assert built.to_spec() == g.to_spec()
+    # y indexes both the 32 rows of E and the 5 classes: the tighter bound holds
+    bounds = g.index_bounds()
+    assert (bounds["tokens"].bound, bounds["tokens"].node) == (32, "emb")
+    assert (bounds["y"].bound, bounds["y"].node, bounds["y"].unit) == (5, "loss", "classes")
+    assert bounds["tokens"].describe() == "embedding 'emb' has 32 rows (indices 0 to 31)"
+    explicit = copy.deepcopy(spec)
+    explicit["inputs"]["x"] = {"shape": [2], "dtype": "float"}   # the default, spelt out
+    explicit["nodes"]["s"] = {"op": "sum", "inputs": ["x"]}
+    assert Graph.from_spec(explicit).to_spec()["inputs"]["x"] == {"shape": [2]}
 
 
 def test_loss_target_computed_from_a_param():

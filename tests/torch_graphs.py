@@ -69,7 +69,8 @@ SPATIAL_OPS = ("conv1d", "conv2d", "max_pool1d", "max_pool2d", "avg_pool1d", "av
                "global_avg_pool", "pad", "slice", "transpose")
 OP_NAMES = ("dense", "matmul", "add", "sub", "mul", "div", "relu", "leaky_relu", "sigmoid",
             "tanh", "exp", "log", "softmax", "log_softmax", "sum", "mean", "reshape",
-            "flatten", "concat", "elementwise", "layer_norm") + ACTIVATION_OPS + SPATIAL_OPS
+            "flatten", "concat", "elementwise", "layer_norm") + ACTIVATION_OPS + SPATIAL_OPS + (
+                "embedding",)
 OP_WEIGHTS = {"dense": 3, "elementwise": 3, "concat": 2, "matmul": 1.5,
               **{op: 0.4 for op in ACTIVATION_OPS}}
 LOSS_OPS = ("mse", "softmax_cross_entropy", "bce_with_logits")
@@ -149,6 +150,7 @@ class Case:
     attempt: int
     spec: dict
     input_kinds: dict          # input name -> normal | pos | prob | onehot | unit | labels
+    #                            | index:V (int32 indices 0 to V - 1)
     batch: int
     features: frozenset = frozenset()   # formula templates used: cancel, bigconst, tie, ...
 
@@ -478,6 +480,10 @@ class SpecGenerator:
         shape = tuple(shape)
         self.inputs[name] = list(shape) if self.rng.random() < 0.3 else {"shape": list(shape)}
         self.input_kinds[name] = kind
+        if kind.startswith("index:"):   # int32 indices: only embedding and cross-entropy read them
+            self.inputs[name] = {"shape": list(shape), "dtype": "int32"}
+            v = self.vals[name] = Val(name, shape, True, True, float(kind[6:]), None, "input")
+            return v
         mag, lo = {"normal": (3.0, None), "pos": (2.0, 0.5), "prob": (1.0, None),
                    "onehot": (1.0, None), "unit": (1.0, None), "labels": (1.0, None)}[kind]
         v = self.vals[name] = Val(name, shape, True, True, mag, lo, "input")
@@ -1018,6 +1024,23 @@ class SpecGenerator:
                 mag += b.mag
         return self.node("layer_norm", ins, x.shape, mag=mag, **attrs)
 
+    def op_embedding(self) -> Val:
+        """Rows of a 2-D value (a param, or any value: a table that is data) at int32
+        indices of a fresh input, of rank 0 to 2."""
+        r = self.rng
+        table = self.pick(lambda v: len(v.shape) == 2 and v.shape[0] >= 2
+                          and size(v.shape) <= 12, fresh_p=0.5)
+        if table is None:
+            table = self.new_param((r.randint(2, 5), r.randint(1, 4)))
+        rows, features = table.shape
+        while True:
+            shape = self.rand_shape(0, 2)
+            if size(shape) * features <= MAX_ELEMENTS:
+                break
+        indices = self.new_input(shape, f"index:{rows}")
+        return self.node("embedding", [indices, table], shape + (features,), mag=table.mag,
+                         lo=table.lo)
+
     def op_global_avg_pool(self) -> Val:
         x = self.pick(lambda v: len(v.shape) >= 2) or self.spatial_value(self.rng.choice((1, 2)))
         return self.node("global_avg_pool", [x], x.shape[:1], mag=x.mag, lo=x.lo)
@@ -1102,7 +1125,7 @@ class SpecGenerator:
             return self.op_conv(op)
         if op in ("max_pool1d", "max_pool2d", "avg_pool1d", "avg_pool2d"):
             return self.op_pool(op)
-        if op in ("global_avg_pool", "pad", "slice", "transpose", "layer_norm"):
+        if op in ("global_avg_pool", "pad", "slice", "transpose", "layer_norm", "embedding"):
             return getattr(self, f"op_{op}")()
         if op == "elementwise":
             return self.op_elementwise()
@@ -1113,12 +1136,15 @@ class SpecGenerator:
         r = self.rng
         s = v.shape
         if kind == "mse":
-            t = self.pick(lambda w: w.data_only and w.batched and w.shape == s, fresh_p=0.6,
-                          no_targets=False) or self.new_input(s)
+            t = self.pick(lambda w: w.data_only and w.batched and w.shape == s
+                          and not self.input_kinds.get(w.name, "").startswith("index:"),
+                          fresh_p=0.6, no_targets=False) or self.new_input(s)
             return self.node("mse", [v, t], (), mag=(v.mag + t.mag) ** 2)
         if kind == "softmax_cross_entropy":
             t = r.random()
-            if t < 0.45:
+            if r.random() < 0.3:   # class indices, as torch's F.cross_entropy takes them
+                tgt = self.new_input(s[:-1], f"index:{s[-1]}")
+            elif t < 0.45:
                 tgt = self.new_input(s, "prob")
             elif t < 0.65:
                 tgt = self.new_input(s, "onehot")
@@ -1339,6 +1365,11 @@ def draw_inputs(case: Case, rng: np.random.Generator) -> dict[str, np.ndarray]:
             a = rng.dirichlet(np.ones(shape[-1]), full[:-1]) if shape else np.ones(full)
         elif kind == "onehot":
             a = np.eye(shape[-1])[rng.integers(0, shape[-1], full[:-1])]
+        elif kind.startswith("index:"):   # int32 indices, both ends of the range included
+            a = rng.integers(0, int(kind[6:]), full)
+            a.reshape(-1)[:2] = [0, int(kind[6:]) - 1][:a.size]
+            out[name] = np.ascontiguousarray(a, dtype=np.int32)
+            continue
         else:
             raise AssertionError(kind)
         out[name] = np.ascontiguousarray(a, dtype=np.float64)
@@ -1579,8 +1610,13 @@ def _apply(op: str, ins: list, d: dict, kinks: _Kinks):
     if op == "softmax_cross_entropy":
         x, t = ins
         c = x.shape[-1]
-        loss = F.cross_entropy(x.reshape(-1, c), t.reshape(-1, c), reduction="none")
+        if not t.is_floating_point():   # class indices
+            loss = F.cross_entropy(x.reshape(-1, c), t.reshape(-1).long(), reduction="none")
+        else:
+            loss = F.cross_entropy(x.reshape(-1, c), t.reshape(-1, c), reduction="none")
         return loss.reshape(x.shape[:-1])
+    if op == "embedding":
+        return F.embedding(ins[0].long(), ins[1])
     if op == "bce_with_logits":
         return F.binary_cross_entropy_with_logits(ins[0], ins[1])
     raise ValueError(f"unknown op {op!r}")
@@ -1795,10 +1831,14 @@ def report(case: Case, problems: list[str], *, dtype: str = "float64", note: str
 
 def case_from_spec(spec: dict, *, batch: int = 3, seed: int = 0) -> Case:
     """A Case for a hand-written spec: inputs standard normal, except cross-entropy
-    targets (probability rows) and bce targets (uniform in [0, 1])."""
+    targets (probability rows), bce targets (uniform in [0, 1]) and int32 inputs (indices
+    over their whole range)."""
+    from graphc.graph import Graph
     kinds = {name: "normal" for name in spec.get("inputs", {})}
+    for name, bound in Graph.from_spec(spec).index_bounds().items():
+        kinds[name] = f"index:{bound.bound}"
     for d in spec["nodes"].values():
-        if d["op"] == "softmax_cross_entropy" and d["inputs"][1] in kinds:
+        if d["op"] == "softmax_cross_entropy" and kinds.get(d["inputs"][1]) == "normal":
             kinds[d["inputs"][1]] = "prob"
         if d["op"] == "bce_with_logits" and d["inputs"][1] in kinds:
             kinds[d["inputs"][1]] = "unit"

@@ -80,10 +80,21 @@ def _grid(k: Kernel, n: int, reduced: bool = False):
     return [s for s, _ in k.loops], mesh, tuple(extents)
 
 
-def _offsets(buf, index, syms, mesh, shape) -> np.ndarray:
+def _offsets(buf, index, syms, mesh, shape, env=None, buffers=None) -> np.ndarray:
     """Row-major flat offsets of buf[index] at every grid point, batch axis first: the C's
-    addressing (reshape and concat write through an offset kept in their last index)."""
+    addressing (reshape and concat write through an offset kept in their last index). An
+    index read from data (an embedding's row: table[tokens[b, i], d]) takes its values
+    from `env`."""
     flat = sp.expand(buf.flat_offset(index))
+    reads = sorted(flat.atoms(sp.Indexed), key=sp.default_sort_key)
+    if reads:
+        holes = [sp.Dummy() for _ in reads]
+        values = [_read(env, buffers, a, syms, mesh, shape) for a in reads]
+        with np.errstate(invalid="ignore"):   # NaN where a read is outside: never selected
+            value = sp.lambdify(holes + syms, flat.xreplace(dict(zip(reads, holes))),
+                                "numpy")(*values, *mesh)
+        value = np.nan_to_num(np.asarray(value, dtype=np.float64), nan=-1)
+        return np.broadcast_to(value.astype(np.intp), shape)
     value = sp.lambdify(syms, flat, "numpy")(*mesh) if syms else int(flat)
     return np.broadcast_to(np.asarray(value, dtype=np.intp), shape)
 
@@ -94,17 +105,23 @@ def _read(env: dict, buffers, a: sp.Indexed, syms, mesh, shape) -> np.ndarray:
     selects (NumPy's select does not compute with the branch it leaves), so a read the
     guard does not cover would show as NaN, never as a neighbour's value."""
     flat = env[str(a.base.label)].reshape(-1)
-    where = _offsets(buffers[str(a.base.label)], a.indices, syms, mesh, shape)
+    where = _offsets(buffers[str(a.base.label)], a.indices, syms, mesh, shape, env, buffers)
     inside = (where >= 0) & (where < flat.size)
     if inside.all():
         return flat[where]
     return np.where(inside, flat[np.clip(where, 0, max(flat.size - 1, 0))], np.nan)
 
 
-def guard_mask(k: Kernel, n: int, reduced: bool = False) -> np.ndarray | None:
-    """Where a guarded kernel's statement runs, over its grid (None: everywhere)."""
+def guard_mask(k: Kernel, n: int, reduced: bool = False, env=None,
+               buffers=None) -> np.ndarray | None:
+    """Where a guarded kernel's statement runs, over its grid (None: everywhere). A guard
+    on an index read from data (0 <= tokens[b, i] < V) is evaluated on `env`."""
     if k.guard == sp.true:
         return None
+    if k.guard.atoms(sp.Indexed):
+        inside = evaluate(sp.Piecewise((1, k.guard), (0, True)), k, env, buffers, n,
+                          reduced=reduced)
+        return inside == 1
     syms, mesh, shape = _grid(k, n, reduced)
     value = sp.lambdify(syms, k.guard, "numpy")(*_dense(mesh, shape))
     return np.broadcast_to(np.asarray(value, dtype=bool), shape)
@@ -145,11 +162,11 @@ def run(program: Program, env: dict, n: int) -> dict:
         target = buffers[k.out]
         if k.mode in (ASSIGN, ACCUMULATE):
             value = evaluate(k.body, k, env, buffers, n)
-            where = _offsets(target, k.out_index, syms, mesh, shape)
+            where = _offsets(target, k.out_index, syms, mesh, shape, env, buffers)
             if k.mode == ASSIGN:
                 out[where] = value
             else:   # a guarded scatter adds only where its target index lies inside
-                runs = guard_mask(k, n)
+                runs = guard_mask(k, n, env=env, buffers=buffers)
                 if runs is None:
                     np.add.at(out, where, value)
                 else:
@@ -295,9 +312,9 @@ def _terms(k: Kernel, env: dict, buffers, n: int, element: tuple, seed_of):
     printed. Returns (terms, not listed and not 0, Zeros left out, the kernel's total)."""
     syms, mesh, shape = _grid(k, n)
     out = buffers[k.out]
-    where = _offsets(out, k.out_index, syms, mesh, shape)
+    where = _offsets(out, k.out_index, syms, mesh, shape, env, buffers)
     hits = where == np.ravel_multi_index(element, _shape(out, n))
-    runs = guard_mask(k, n)
+    runs = guard_mask(k, n, env=env, buffers=buffers)
     if runs is not None:
         hits = hits & runs
     points = np.argwhere(hits)
@@ -410,6 +427,9 @@ class NotExpandable(Exception):
 ARGMAX_REASON = ("max pooling sends the gradient to each window's first maximum, and which "
                  "element that is only numbers decide, not an expression of symbolic inputs "
                  "(the worked example shows it with numbers)")
+INDEX_REASON = ("an index read from data (an embedding's row, a class index) picks which "
+                "element is read, and only numbers decide that, not an expression of "
+                "symbolic inputs (the worked example shows it with numbers)")
 
 
 def _symbolic_env(program: Program) -> dict:
@@ -439,6 +459,8 @@ def run_symbolic(program: Program, max_ops: int | None = MAX_VALUE_OPS,
     buffers = program.buffers
     if any(k.mode == ARGMAX for k in program.kernels):
         raise NotExpandable(ARGMAX_REASON)
+    if any(b.dtype != "real" for b in buffers.values()):
+        raise NotExpandable(INDEX_REASON)
     grid = [[range(1 if e == BATCH else int(e)) for _, e in k.loops] for k in program.kernels]
     points = sum(math.prod(len(r) for r in g) for g in grid)
     if max_total is not None and points > MAX_POINTS:
