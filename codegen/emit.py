@@ -614,9 +614,9 @@ def emit(face: Interface, programs: dict[str, tuple[Program, MemoryPlan]],
         c.append(f"#define {M}_PARAM_{p}_OFFSET {offsets[p]} {shown}")
         c.append(f"#define {M}_PARAM_{p}_SIZE {max(1, math.prod(shape))}")
     for i, shape in face.inputs.items():
-        kind = ", int32_t indices" if face.input_dtypes.get(i) == INT32 else ""
+        what = ", int32_t indices" if face.input_dtypes.get(i) == INT32 else ""
         c.append(f"#define {M}_INPUT_{i}_SIZE {max(1, math.prod(shape))} "
-                 f"{comment('per example, shape ' + str(list(shape)) + kind)}")
+                 f"{comment('per example, shape ' + str(list(shape)) + what)}")
     for o, shape in face.outputs.items():
         c.append(f"#define {M}_OUTPUT_{o}_SIZE {max(1, math.prod(shape))} "
                  f"{comment('per example, shape ' + str(list(shape)))}")
@@ -637,7 +637,7 @@ def emit(face: Interface, programs: dict[str, tuple[Program, MemoryPlan]],
                          f"work[{M}_WORK_SIZE({M}_MAX_BATCH)];"))
         c.append(f"#define {M}_MAX_BATCH {max_batch}")
 
-    def kind(i: str) -> str:
+    def elements(i: str) -> str:   # what an input's elements are, for the header
         bound = face.index_bounds.get(i)
         return "elements" if i not in face.input_dtypes else \
             f"int32_t indices, 0 to {bound - 1}" if bound else "int32_t elements"
@@ -647,7 +647,7 @@ def emit(face: Interface, programs: dict[str, tuple[Program, MemoryPlan]],
         f"{f.c_name}: the outputs for a batch of n examples.",
         f"  params: {M}_PARAMS_SIZE elements (layout: {M}_PARAM_*_OFFSET)",
         f"  work:   at least {M}_FORWARD_WORK_SIZE(n) elements, caller-owned scratch",
-        *[f"  in_{i}: n x {M}_INPUT_{i}_SIZE {kind(i)}, row-major, example after example"
+        *[f"  in_{i}: n x {M}_INPUT_{i}_SIZE {elements(i)}, row-major, example after example"
           for i in f.inputs],
         *(["  An int32_t index outside its range reads as 0 (every read is checked);",
            "  graphc's Python side refuses such inputs before calling."]
@@ -666,7 +666,7 @@ def emit(face: Interface, programs: dict[str, tuple[Program, MemoryPlan]],
             f"{e.c_name}: {f.c_name} with the trained params baked into this file",
             "  (a static const table: read-only data, flash on a microcontroller).",
             f"  work:   at least {M}_PREDICT_WORK_SIZE(n) elements, caller-owned scratch",
-            *[f"  in_{i}: n x {M}_INPUT_{i}_SIZE {kind(i)}" for i in e.inputs],
+            *[f"  in_{i}: n x {M}_INPUT_{i}_SIZE {elements(i)}" for i in e.inputs],
             *[f"  out_{o}: n x {M}_OUTPUT_{o}_SIZE elements, written" for o in e.outputs]]))
     if "evaluate" in entries:
         e = entries["evaluate"]
@@ -674,7 +674,7 @@ def emit(face: Interface, programs: dict[str, tuple[Program, MemoryPlan]],
             f"{e.c_name}: the outputs and the batch-mean loss '{face.loss}' in one forward pass.",
             f"  params: {M}_PARAMS_SIZE elements",
             f"  work:   at least {M}_EVALUATE_WORK_SIZE(n) elements, caller-owned scratch",
-            *[f"  in_{i}: n x {M}_INPUT_{i}_SIZE {kind(i)}" for i in e.inputs],
+            *[f"  in_{i}: n x {M}_INPUT_{i}_SIZE {elements(i)}" for i in e.inputs],
             *[f"  out_{o}: n x {M}_OUTPUT_{o}_SIZE elements, written" for o in e.outputs],
             "Returns the mean over the batch of the per-example loss (0 when n is 0: no input",
             "is read then). Arrays must not overlap."]))
@@ -684,7 +684,7 @@ def emit(face: Interface, programs: dict[str, tuple[Program, MemoryPlan]],
             f"{g.c_name}: the batch-mean loss '{face.loss}', and its gradient in grads.",
             f"  params: {M}_PARAMS_SIZE elements; grads: {M}_PARAMS_SIZE elements, overwritten",
             f"  work:   at least {M}_GRADIENTS_WORK_SIZE(n) elements, caller-owned scratch",
-            *[f"  in_{i}: n x {M}_INPUT_{i}_SIZE {kind(i)}" for i in g.inputs],
+            *[f"  in_{i}: n x {M}_INPUT_{i}_SIZE {elements(i)}" for i in g.inputs],
             "Returns the mean over the batch of the per-example loss. When n is 0: returns 0,",
             "grads all 0, no input read. Arrays must not overlap."]))
     if rule:
@@ -703,7 +703,7 @@ def emit(face: Interface, programs: dict[str, tuple[Program, MemoryPlan]],
             "          before the first step; zero again to restart",
             f"  work:   at least {M}_TRAIN_STEP_WORK_SIZE(n) elements; the gradients are left",
             f"          in its first {M}_PARAMS_SIZE elements",
-            *[f"  in_{i}: n x {M}_INPUT_{i}_SIZE {kind(i)}" for i in e.inputs],
+            *[f"  in_{i}: n x {M}_INPUT_{i}_SIZE {elements(i)}" for i in e.inputs],
             "Returns the batch-mean loss before the update. When n is 0: returns 0 and changes",
             "nothing (no step is counted). Arrays must not overlap."]))
     return CModule(name, dtype, em.source(), em.header(note), em.cdef(), entries, offsets,

@@ -6,7 +6,8 @@ notation:
     out[out_index] (= | ⊕=) post(REDUCE_{reduction loops} body)
 
 where `body` and `post` are SymPy expressions whose array reads are `Indexed` accesses with
-affine indices in the loop variables. Modes:
+affine indices in the loop variables, or at an index read from an int32 array (an
+embedding's `table[tokens[b, i], d]`), always under a guard that keeps it inside. Modes:
 
 - ``assign``:     out[out_index] = body, once per loop point (maps, copies, movement);
 - ``sum``:        out[out_index] = post(Σ_r body), loops not in out_index are reduced;
