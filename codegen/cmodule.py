@@ -65,6 +65,11 @@ class CModule:
     # The map from the IR to the text (explain shows it; nothing re-reads the C):
     functions: dict[str, str] = field(default_factory=dict)   # C function -> its text
     calls: dict[str, tuple[KernelCall, ...]] = field(default_factory=dict)   # by entry kind
+    # The params block's front [0, trainable_size) is what the optimizer trains (its state
+    # slots have this size); the params after it are declared trainable: false. `running`:
+    # those the train step updates as running statistics, with their momentum.
+    trainable_size: int = 0
+    running: dict[str, float] = field(default_factory=dict)
     # Inputs of int32_t indices (an embedding's rows, class indices); the rest are `dtype`.
     input_dtypes: dict[str, str] = field(default_factory=dict)
 

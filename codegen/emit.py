@@ -185,6 +185,7 @@ class Emitter:
         self.use_helpers = False           # set by emit() for modules with big kernels
         self.params_size = 0               # set by emit()
         self.update_name = ""              # the optimizer step's function, once emitted
+        self.running_name = ""             # the running statistics' update, if any
         self.functions: dict[str, str] = {}           # kernel function -> its text
         self.parameters: dict[str, list[str]] = {}    # kernel function -> its array parameters
         self.calls: dict[str, tuple[KernelCall, ...]] = {}   # entry kind -> its kernel calls
@@ -445,7 +446,8 @@ class Emitter:
 
     # -------------------------------------------------------- training and baked params
     def optimizer_step(self, rule, params_size: int, state_offsets: dict[str, int]) -> str:
-        """The static update function: the rule's formulas printed in one flat loop."""
+        """The static update function: the rule's formulas printed in one flat loop over
+        the first `params_size` params (the trainable ones)."""
         r = self.real
         printer = self.printer({})
         self.update_name = self.names.take(f"{rule.name}_update", numbered=True)
@@ -486,6 +488,33 @@ class Emitter:
         lines += ["    }", "}"]
         return "\n".join(lines)
 
+    def running_step(self, running: dict[str, float]) -> str:
+        """The static update of the running statistics, as torch updates them: each param
+        moves towards the batch's value g that the gradients entry left in its gradient
+        slot, p = (1 - momentum)·p + momentum·g; one loop per param, by the header's macros.
+
+        Printed in torch.lerp's form, p + momentum·(g - p) (momentum < 0.5) or
+        g - (1 - momentum)·(g - p): exact at both ends, so a statistic whose batch value
+        is the param itself (a variance from one value per channel) stays bit for bit."""
+        r, M = self.real, self.macro
+        printer = self.printer({})
+        self.running_name = self.names.take("running_update", numbered=True)
+        lines = [comment("running statistics, as torch: p = (1 - momentum)*p + momentum*g, g "
+                         "the batch's value (in grads), in torch.lerp's form"),
+                 f"static void {self.running_name}({r} *restrict params, "
+                 f"const {r} *restrict grads)", "{"]
+        for p, momentum in running.items():
+            if momentum < 0.5:
+                value = f"{P} + {printer.doprint(sp.Float(momentum))}*({G} - {P})"
+            else:
+                value = f"{G} - {printer.doprint(sp.Float(1 - momentum))}*({G} - {P})"
+            lines += [f"    for (size_t i = {M}_PARAM_{p}_OFFSET; "
+                      f"i < {M}_PARAM_{p}_OFFSET + {M}_PARAM_{p}_SIZE; ++i) {{",
+                      f"        const {r} {P} = params[i];", f"        const {r} {G} = grads[i];",
+                      f"        params[i] = {value};", "    }"]
+        lines.append("}")
+        return "\n".join(lines)
+
     def train_step(self, e: Entry, gradients: Entry, doc: str) -> None:
         r = self.real
         ins = [f"const {self.input_type(i)} *in_{i}" for i in e.inputs]
@@ -497,8 +526,10 @@ class Emitter:
             "    if (n == 0) {   /* no examples: no step, params and state unchanged */",
             "        return 0;", "    }",
             f"    const {r} loss = {gradients.c_name}({call});",
-            f"    {self.update_name}(params, work, state);",
-            "    return loss;", "}"]
+            f"    {self.update_name}(params, work, state);"]
+        if self.running_name:
+            body.append(f"    {self.running_name}(params, work);")
+        body += ["    return loss;", "}"]
         self.entries.append("\n".join(body))
 
     def predict(self, e: Entry, forward: Entry, params, doc: str) -> None:
@@ -546,7 +577,8 @@ class Emitter:
 
 
 def param_layout(shapes: dict[str, tuple[int, ...]]) -> tuple[dict[str, int], int]:
-    """Each param's offset in the flat params block (declaration order), and its size."""
+    """Each param's offset in the flat params block, in the order given (the Interface's:
+    trainable params first), and the block's size."""
     offsets, off = {}, 0
     for p, shape in shapes.items():
         offsets[p] = off
@@ -556,11 +588,15 @@ def param_layout(shapes: dict[str, tuple[int, ...]]) -> tuple[dict[str, int], in
 
 def emit(face: Interface, programs: dict[str, tuple[Program, MemoryPlan]],
          update: UpdateRule | None = None, dtype: str = "float32", params=None,
-         target="c99", max_batch: int | None = None) -> CModule:
+         target="c99", max_batch: int | None = None,
+         running: dict[str, float] | None = None) -> CModule:
     """The C source, header and cffi declarations of a model.
 
     `programs` holds each entry point's fused program and memory plan ("forward", and for
-    training "evaluate" and "gradients"); `update`, the optimizer step of `train_step`.
+    training "evaluate" and "gradients"); `update`, the optimizer step of `train_step`,
+    which runs over the trainable params (the front of the params block); `running`, the
+    running statistics (param -> momentum) `train_step` then moves towards the batch's
+    values that the gradients program leaves in their gradient slots.
     With `params` (the flat param block), the C is for inference: the params are baked in
     as a `static const` table (flash on a microcontroller) read by `<name>_predict`.
     `target` (codegen/targets.py) decides how contractions are printed (register-blocked
@@ -575,6 +611,8 @@ def emit(face: Interface, programs: dict[str, tuple[Program, MemoryPlan]],
     em.input_dtypes.update(face.input_dtypes)
     M = em.macro
     offsets, params_size = param_layout(face.params)
+    trainable_size = sum(max(1, math.prod(face.params[p])) for p in face.trainable)
+    untrained = [p for p in face.params if p not in face.trainable]
     entries: dict[str, Entry] = {}
     outputs = tuple(face.outputs)
 
@@ -602,15 +640,22 @@ def emit(face: Interface, programs: dict[str, tuple[Program, MemoryPlan]],
                                       # the gradients' arena keeps the target's alignment
                                       work_before=round_up(params_size, tgt.align))
         state_offsets["step"], at = 0, 1
-        for slot in rule.slots:
-            state_offsets[slot], at = at, at + params_size
-    state_size = sum(params_size if k != "step" else 1 for k in state_offsets)
+        for slot in rule.slots:   # one element per trainable param element
+            state_offsets[slot], at = at, at + trainable_size
+    state_size = sum(trainable_size if k != "step" else 1 for k in state_offsets)
+    running = dict(running or {}) if rule else {}
 
     c = em.constants
     c.append(comment(f"Sizes are counts of {em.real} elements. Params and their gradients share one layout."))
     c.append(f"#define {M}_PARAMS_SIZE {params_size}")
+    if untrained:
+        c.append(comment(f"The optimizer trains params [0, {M}_TRAINABLE_SIZE); after them "
+                         "come the params declared trainable: false."))
+        c.append(f"#define {M}_TRAINABLE_SIZE {trainable_size}")
     for p, shape in face.params.items():
-        shown = comment(f"shape {list(shape)}")
+        kind = "" if p in face.trainable else \
+            "; a running statistic" if p in running else "; not trained"
+        shown = comment(f"shape {list(shape)}{kind}")
         c.append(f"#define {M}_PARAM_{p}_OFFSET {offsets[p]} {shown}")
         c.append(f"#define {M}_PARAM_{p}_SIZE {max(1, math.prod(shape))}")
     for i, shape in face.inputs.items():
@@ -628,7 +673,8 @@ def emit(face: Interface, programs: dict[str, tuple[Program, MemoryPlan]],
     for kind, e in entries.items():
         c.append(f"#define {M}_{kind.upper()}_WORK_SIZE(n) ((size_t){e.work_fixed()} + "
                  f"(size_t){e.memory.per_example} * (size_t)(n))")
-    cm_work = CModule(name, dtype, "", "", "", entries, offsets, params_size)
+    cm_work = CModule(name, dtype, "", "", "", entries, offsets, params_size,
+                      trainable_size=trainable_size)
     c.append(comment("Enough for every entry point above."))
     c.append(f"#define {M}_WORK_SIZE(n) ((size_t){cm_work.work_fixed()} + "
              f"(size_t){cm_work.work_per_example()} * (size_t)(n))")
@@ -685,19 +731,32 @@ def emit(face: Interface, programs: dict[str, tuple[Program, MemoryPlan]],
             f"  params: {M}_PARAMS_SIZE elements; grads: {M}_PARAMS_SIZE elements, overwritten",
             f"  work:   at least {M}_GRADIENTS_WORK_SIZE(n) elements, caller-owned scratch",
             *[f"  in_{i}: n x {M}_INPUT_{i}_SIZE {elements(i)}" for i in g.inputs],
+            *([f"Batch norm runs in training mode (the batch's statistics). From "
+               f"{M}_TRAINABLE_SIZE on,",
+               "grads holds no gradient: a running statistic's slot gets the batch's value "
+               "(the mean,",
+               "or the unbiased variance; with one value per channel, the running variance "
+               "itself),",
+               "a frozen param's slot 0."] if untrained else []),
             "Returns the mean over the batch of the per-example loss. When n is 0: returns 0,",
             "grads all 0, no input read. Arrays must not overlap."]))
     if rule:
         e = entries["train_step"]
         try:
-            em.kernels.append(em.optimizer_step(rule, params_size, state_offsets))
+            em.kernels.append(em.optimizer_step(rule, trainable_size, state_offsets))
         except LiteralRangeError as err:
             raise SpecError(f"{err}: compile with dtype float64, or change the value",
                             node="optimizer") from None
+        if running:
+            em.kernels.append(em.running_step(running))
         hyper = ", ".join(f"{s}={v!r}" for s, v in rule.values.items())
         em.train_step(e, entries["gradients"], doc([
             f"{e.c_name}: one {rule.name} step ({hyper}) on a batch of n examples:",
             f"  the loss and gradients ({entries['gradients'].c_name}), then params updated in place.",
+            *([f"  The optimizer updates params [0, {M}_TRAINABLE_SIZE); the running "
+               "statistics move",
+               "  towards the batch's as torch's: p = (1 - momentum)*p + momentum*batch value."]
+              if untrained else []),
             f"  params: {M}_PARAMS_SIZE elements, read and updated",
             f"  state:  {M}_STATE_SIZE elements of optimizer state (step count first), zeroed",
             "          before the first step; zero again to restart",
@@ -710,4 +769,4 @@ def emit(face: Interface, programs: dict[str, tuple[Program, MemoryPlan]],
                    params_size, dict(face.inputs), dict(face.outputs),
                    dict(face.optimizer) if rule else None, state_size, state_offsets,
                    params is not None, tgt.name, max_batch, em.functions, em.calls,
-                   dict(face.input_dtypes))
+                   trainable_size, running, dict(face.input_dtypes))

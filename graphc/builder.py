@@ -40,11 +40,16 @@ class Builder:
             self.spec["inputs"][name]["dtype"] = dtype
         return name
 
-    def param(self, name: str, shape, init: str | None = None, **init_args) -> str:
+    def param(self, name: str, shape, init: str | None = None, *, trainable: bool = True,
+              **init_args) -> str:
+        """A param; `trainable=False` for a running statistic (batch_norm's running_mean
+        and running_var), which the train step updates instead of the optimizer."""
         self._claim("params", name)
         d: dict[str, Any] = {"shape": list(shape)}
         if init is not None:
             d["init"] = init
+        if trainable is not True:   # Graph.from_spec checks it
+            d["trainable"] = trainable
         self.spec["params"][name] = {**d, **init_args}
         return name
 

@@ -29,7 +29,7 @@ from .graph import Graph
 from .ir import (ACC, ACCUMULATE, ARGMAX, ASSIGN, BATCH, GRAD, INPUT, INT32, LOSS, LOSS_MEAN,
                  MAX, OUTPUT, PARAM, REAL, SUM, TEMP, Buffer, Interface, Kernel, Program,
                  UpdateRule, grad_name, range_guard, tree_size)
-from .ops import OPS, Lowering
+from .ops import OPS, Lowering, Statistic
 from .optim import update_rule
 
 # A local derivative larger than this (as a tree) is refused: printing, cse and the C
@@ -53,9 +53,14 @@ class Lowered:
     buffers: dict[str, Buffer]
     kernels: list[Kernel]                    # every node's forward kernels, topological
     by_node: dict[str, list[int]] = field(default_factory=dict)
+    training: bool = False
+    statistics: list[Statistic] = field(default_factory=list)   # training: running statistics
 
 
-def lower(graph: Graph) -> Lowered:
+def lower(graph: Graph, training: bool = False) -> Lowered:
+    """Every node's kernels, for the forward and evaluation programs (`training` False:
+    batch_norm normalizes by its running statistics) or for the gradients program
+    (`training` True: by the batch's, which it keeps as `statistics` for the train step)."""
     buffers: dict[str, Buffer] = {}
     for v in graph.values.values():
         role = {"input": INPUT, "param": PARAM}.get(v.kind, TEMP)
@@ -63,6 +68,7 @@ def lower(graph: Graph) -> Lowered:
                                  dtype=INT32 if v.dtype == INT32 else REAL)
     kernels: list[Kernel] = []
     by_node: dict[str, list[int]] = {}
+    statistics: list[Statistic] = []
 
     def new_buffer(b: Buffer) -> Buffer:
         assert b.name not in buffers, b.name
@@ -72,10 +78,15 @@ def lower(graph: Graph) -> Lowered:
     for v in graph.nodes.values():
         start = len(kernels)
         L = Lowering(v.name, [buffers[i] for i in v.inputs], buffers[v.name], v.attrs,
-                     new_buffer, kernels)
+                     new_buffer, kernels, training=training, statistics=statistics)
         OPS[v.op].lower(L)
         by_node[v.name] = list(range(start, len(kernels)))
-    return Lowered(buffers, kernels, by_node)
+    return Lowered(buffers, kernels, by_node, training, statistics)
+
+
+def has_modes(graph: Graph) -> bool:
+    """Whether some node lowers differently for training (batch_norm)."""
+    return any(OPS[v.op].modes for v in graph.nodes.values())
 
 
 def _kernels_for(graph: Graph, low: Lowered, targets) -> list[Kernel]:
@@ -86,6 +97,7 @@ def _kernels_for(graph: Graph, low: Lowered, targets) -> list[Kernel]:
 def forward_program(graph: Graph, low: Lowered | None = None) -> Program:
     """Kernels computing the graph's outputs, which are written to caller buffers."""
     low = low or lower(graph)
+    assert not low.training, "the forward program is the evaluation mode's"
     kernels = _kernels_for(graph, low, graph.outputs)
     buffers = _used_buffers(low.buffers, kernels)
     for o in graph.outputs:
@@ -216,6 +228,9 @@ class Derivation:
     evaluation: Program | None = None   # outputs and the batch-mean loss, one forward pass
     interface: Interface | None = None
     update: UpdateRule | None = None    # None without a loss or an optimizer
+    # Running statistics the gradients program writes the batch's value of (into their
+    # gradient slots), each with its momentum: the train step blends them into the params.
+    running: dict[str, float] = field(default_factory=dict)
 
 
 def interface(graph: Graph) -> Interface:
@@ -230,12 +245,21 @@ def interface(graph: Graph) -> Interface:
     fields = {node: "expr" if v.op == "elementwise" else next(
         (a for a, value in v.attrs.items() if isinstance(value, float)), None)
         for node, v in graph.nodes.items()}
-    return Interface(graph.name, {p: v.shape for p, v in graph.params.items()},
+    return Interface(graph.name, layout_order(graph),
                      {i: v.shape for i, v in graph.inputs.items()},
                      {o: graph.values[o].shape for o in graph.outputs}, graph.loss, entries,
                      dict(graph.optimizer) if graph.optimizer else None, fields,
+                     tuple(graph.trainable_params),
                      {i: v.dtype for i, v in graph.inputs.items() if v.dtype == INT32},
                      {i: b.bound for i, b in graph.index_bounds().items()})
+
+
+def layout_order(graph: Graph) -> dict[str, tuple[int, ...]]:
+    """The params as the flat params block holds them: the trainable ones first, in
+    declaration order (so the optimizer's state covers one range), then the others."""
+    ordered = [p for p, v in graph.params.items() if v.trainable] + \
+        [p for p, v in graph.params.items() if not v.trainable]
+    return {p: graph.params[p].shape for p in ordered}
 
 
 def _batch_mean(graph: Graph, buffers: dict[str, Buffer]) -> Kernel:
@@ -263,14 +287,17 @@ def derive(graph: Graph) -> Derivation:
     if graph.loss is None:
         return Derivation(fwd, Program({}, []), [], interface=interface(graph))
 
-    kernels = _kernels_for(graph, low, [graph.loss])
-    buffers = dict(_used_buffers(low.buffers, kernels))
+    # The gradients (and the train step) see the training mode's kernels.
+    train = lower(graph, training=True) if has_modes(graph) else low
+    kernels = _kernels_for(graph, train, [graph.loss])
+    buffers = dict(_used_buffers(train.buffers, kernels))
     for p, v in graph.params.items():
-        buffers.setdefault(p, low.buffers[p])
+        buffers.setdefault(p, train.buffers[p])
     mean = _batch_mean(graph, buffers)
 
-    # Which buffers need a gradient: they depend on a param and the loss depends on them.
-    depends = {n: buf.role == PARAM for n, buf in buffers.items()}
+    # Which buffers need a gradient: they depend on a trainable param and the loss depends
+    # on them.
+    depends = {n: buf.role == PARAM and graph.params[n].trainable for n, buf in buffers.items()}
     for k in kernels:
         if buffers[k.out].differentiable and any(depends[r] for r in k.reads()):
             depends[k.out] = True
@@ -335,6 +362,12 @@ def derive(graph: Graph) -> Derivation:
                 {d: r for r, d in dummies.items()}), used_back, through_output))
             sweep.contribute(sweep.grad(src), tuple(a.indices), out_loops if in_post else k.loops,
                              seed * used_back, k.node, f"d{k.out}/d{src}")
+    # The batch's values of the running statistics the loss's nodes keep, in their params'
+    # gradient slots (a batch_norm the loss does not depend on updates nothing).
+    needed = graph.ancestors([graph.loss])
+    statistics = [s for s in train.statistics if s.kernel.node in needed]
+    for s in statistics:
+        sweep.initialized.add(sweep.grad(s.param).name)
     for p in graph.params:
         g = sweep.grad(p)
         if g.name not in sweep.initialized:  # the loss does not depend on this param
@@ -344,10 +377,10 @@ def derive(graph: Graph) -> Derivation:
     forward_part = []
     for position, k in enumerate(kernels):
         forward_part += [k] + ([argmax_after[position]] if position in argmax_after else [])
-    grad_kernels = forward_part + [mean] + sweep.kernels
+    grad_kernels = forward_part + [s.kernel for s in statistics] + [mean] + sweep.kernels
     prog = Program(_used_buffers(sweep.buffers, grad_kernels) | {
         grad_name(p): sweep.buffers[grad_name(p)] for p in graph.params}, grad_kernels)
     prog.check()
     update = update_rule(graph.optimizer) if graph.optimizer else None
     return Derivation(fwd, prog, sweep.local, evaluation_program(graph, low), interface(graph),
-                      update)
+                      update, {s.param: s.momentum for s in statistics})

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import copy
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Iterable
 
 import networkx as nx
@@ -43,6 +43,9 @@ class Value:
     spec_attrs: dict = field(default_factory=dict)   # as written, for round trips
     init: dict | None = None                          # params only
     dtype: str = "float"     # inputs: "int32" (indices), else the model's floating type
+    # params only: False for a running statistic (batch_norm's running_mean/var), which has
+    # no gradient and no optimizer slot and is updated by the train step, or a frozen param
+    trainable: bool = True
 
 
 # An input's `dtype`: "float" (the default) is the model's floating type (float32 or
@@ -104,6 +107,11 @@ class Graph:
         return {k: v for k, v in self.values.items() if v.kind == "param"}
 
     @property
+    def trainable_params(self) -> dict[str, Value]:
+        """The params the optimizer trains (those not declared `trainable: false`)."""
+        return {k: v for k, v in self.params.items() if v.trainable}
+
+    @property
     def nodes(self) -> dict[str, Value]:
         """Op nodes in topological order."""
         return {k: v for k, v in self.values.items() if v.kind == "node"}
@@ -144,7 +152,9 @@ class Graph:
         spec["inputs"] = {k: {"shape": list(v.shape), **({"dtype": v.dtype} if v.dtype != "float"
                                                           else {})}
                           for k, v in self.inputs.items()}
-        spec["params"] = {k: {"shape": list(v.shape), **(v.init or {})} for k, v in self.params.items()}
+        spec["params"] = {k: {"shape": list(v.shape), **(v.init or {}),
+                              **({} if v.trainable else {"trainable": False})}
+                          for k, v in self.params.items()}
         spec["nodes"] = {k: {"op": v.op, "inputs": list(v.inputs), **copy.deepcopy(v.spec_attrs)}
                          for k, v in self.nodes.items()}
         spec["outputs"] = list(self.outputs)
@@ -162,7 +172,7 @@ class Graph:
         for v in self.values.values():
             g.add_node(v.name, kind=v.kind, op=v.op, shape=list(v.shape), batched=v.batched,
                        inputs=list(v.inputs), attrs=copy.deepcopy(v.spec_attrs),
-                       init=copy.deepcopy(v.init), dtype=v.dtype)
+                       init=copy.deepcopy(v.init), dtype=v.dtype, trainable=v.trainable)
         for v in self.values.values():
             for pos, src in enumerate(v.inputs):
                 if not g.has_edge(src, v.name):
@@ -184,7 +194,9 @@ class Graph:
                 if d.get("dtype", "float") != "float":
                     spec["inputs"][name]["dtype"] = d["dtype"]
             elif kind == "param":
-                spec["params"][name] = {"shape": d["shape"], **(d.get("init") or {})}
+                spec["params"][name] = {"shape": d["shape"], **(d.get("init") or {}),
+                                        **({} if d.get("trainable", True) else
+                                           {"trainable": d["trainable"]})}
             else:
                 inputs = d.get("inputs") or [u for u, _, _ in sorted(
                     g.in_edges(name, data="index"), key=lambda e: e[2])]
@@ -235,18 +247,25 @@ class Graph:
                               dtype=dtype)
 
         param_elements = 0
+        default_init: set[str] = set()   # params whose init is the default (see _init_by_use)
         for n, d in _mapping(spec.get("params"), "params").items():
             claim(n, "params")
             if not isinstance(d, dict):
                 d = {"shape": d}
             shape = _shape(d.get("shape"), node=n)
+            if "init" not in d:
+                default_init.add(n)
             d = {"init": "zeros" if len(shape) <= 1 else "glorot_uniform", **d}
             init = check_init(n, d)
-            extra = sorted(set(d) - {"shape"} - set(init), key=str)
+            trainable = d.get("trainable", True)
+            if not isinstance(trainable, bool):
+                raise SpecError(f"must be true or false, got {trainable!r}", node=n,
+                                field="trainable")
+            extra = sorted(set(d) - {"shape", "trainable"} - set(init), key=str)
             if extra:
                 raise SpecError(f"unknown field(s) {extra} for init '{init['init']}'",
                                 node=n, field=str(extra[0]))
-            values[n] = Value(n, "param", shape, False, init=init)
+            values[n] = Value(n, "param", shape, False, init=init, trainable=trainable)
             param_elements += math.prod(shape)
             if param_elements > MAX_PARAM_ELEMENTS:
                 raise SpecError(f"the params up to '{n}' have {param_elements} elements in "
@@ -289,6 +308,8 @@ class Graph:
                     raise SpecError(f"input '{i}' is not an input, param or node of this graph",
                                     node=n, field="inputs")
 
+        _check_param_uses(values)
+        _init_by_use(values, default_init)
         order = cls._topological(values)
         ordered: dict[str, Value] = {}
         for n in order:
@@ -380,6 +401,67 @@ class Graph:
             raise SpecError(f"result shape {list(shape)} is too large", node=v.name, field="inputs")
         batched = any(i.batched for i in ins)
         return Value(v.name, "node", tuple(shape), batched, v.op, v.inputs, attrs, v.spec_attrs)
+
+
+def _check_param_uses(values: dict[str, Value]) -> None:
+    """The inputs an op declares as params (`OpDef.param_inputs`: batch_norm's weight, bias
+    and running statistics) are params; a running statistic is a param declared
+    `trainable: false` that nothing else reads (the train step writes it); and a
+    non-trainable param is read only where an op takes one."""
+    statistic_of: dict[str, str] = {}
+    for n, v in values.items():
+        if v.kind != "node":
+            continue
+        op = OPS[v.op]
+        for k, i in enumerate(v.inputs):
+            src, role = values[i], op.param_inputs.get(k)
+            what = f"{op.input_names[k]} '{i}'" if k < len(op.input_names) else f"input '{i}'"
+            if role is not None and src.kind != "param":
+                raise SpecError(f"{what} must be a param (declared under 'params'), not "
+                                f"{'an input' if src.kind == 'input' else 'a node'}",
+                                node=n, field="inputs")
+            if role == "statistic":
+                if src.trainable:
+                    raise SpecError(f"{what} is a running statistic: declare it with "
+                                    "`trainable: false` (the train step updates it; it has "
+                                    "no gradient)", node=n, field="inputs")
+                if i in statistic_of:
+                    where = ("twice by this node" if statistic_of[i] == n
+                             else f"also by node '{statistic_of[i]}'")
+                    raise SpecError(f"{what} is a running statistic used {where}: each "
+                                    "needs a param of its own", node=n, field="inputs")
+                statistic_of[i] = n
+            elif src.kind == "param" and not src.trainable and role is None:
+                raise SpecError(f"param '{i}' is declared `trainable: false`: such a param "
+                                f"may only be {_takers()} (for now)", node=n, field="inputs")
+    for n, v in values.items():
+        for i in v.inputs:
+            if i in statistic_of and statistic_of[i] != n:
+                raise SpecError(f"param '{i}' is the running statistic of node "
+                                f"'{statistic_of[i]}' and may not be read elsewhere",
+                                node=n, field="inputs")
+
+
+def _takers() -> str:
+    """'batch_norm's weight, bias, running_mean or running_var': where such a param goes."""
+    out = []
+    for op in OPS.values():
+        if op.param_inputs:
+            names = [op.input_names[k] for k in sorted(op.param_inputs)]
+            out.append(f"{op.name}'s {', '.join(names[:-1])} or {names[-1]}")
+    return "; ".join(out)
+
+
+def _init_by_use(values: dict[str, Value], default_init: set[str]) -> None:
+    """A param without an `init` that an op reads where it wants another start (batch_norm's
+    weight and running_var start at ones, as torch's BatchNorm) gets that initializer."""
+    for v in values.values():
+        if v.kind != "node":
+            continue
+        for k, i in enumerate(v.inputs):
+            init = OPS[v.op].param_init.get(k)
+            if init is not None and i in default_init and values[i].kind == "param":
+                values[i] = replace(values[i], init=check_init(i, {"init": init}))
 
 
 def _depends_on_param(v: Value, known: dict[str, Value]) -> bool:

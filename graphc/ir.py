@@ -94,7 +94,9 @@ class UpdateRule:
 @dataclass(frozen=True)
 class Interface:
     """What a model's entry points read and write, from the graph: names and shapes in
-    declaration order (the params' order is their layout), and nothing of its formulas."""
+    declaration order, and nothing of its formulas. The params' order is their layout:
+    the trainable ones first (`trainable`, what the optimizer updates), then the others
+    (running statistics), each group in declaration order."""
     name: str
     params: dict[str, tuple[int, ...]]
     inputs: dict[str, tuple[int, ...]]         # per-example shapes
@@ -106,6 +108,7 @@ class Interface:
     reads: dict[str, tuple[str, ...]]
     optimizer: dict | None
     constant_fields: dict[str, str | None]     # node -> the spec field its constants are in
+    trainable: tuple[str, ...]                 # the params the optimizer updates (a prefix)
     # inputs that hold int32 indices (embedding rows, class indices); the rest are real
     input_dtypes: dict[str, str] = field(default_factory=dict)
     index_bounds: dict[str, int] = field(default_factory=dict)   # int32 input -> indices < it

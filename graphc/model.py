@@ -160,9 +160,12 @@ class _ParamStore:
         for name, arr in staged.items():  # all checked first: nothing is changed half-way
             self.view(self.flat, name)[...] = arr
 
-    def get(self, flat: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    def get(self, flat: np.ndarray | None = None, names=None) -> dict[str, np.ndarray]:
+        """Copies of the params (or of `names`) in `flat`'s layout (the params', the
+        gradients', an optimizer slot's: the trainable params are the front of each)."""
         flat = self.flat if flat is None else flat
-        return {p: self.view(flat, p).copy() for p in self.graph.params}
+        return {p: self.view(flat, p).copy() for p in (self.graph.params if names is None
+                                                       else names)}
 
 
 class BoundCall(functools.partial):
@@ -342,11 +345,12 @@ class CompiledModel:
         return outs
 
     def gradients(self, **inputs) -> tuple[float, dict[str, np.ndarray]]:
-        """(batch-mean loss, gradient of it for every param)."""
+        """(batch-mean loss, gradient of it for every trainable param), in training mode
+        (batch norm normalizes by the batch's statistics, as the train step does)."""
         with self._lock:
             fn, n, work, ptrs, _ = self._prepare("gradients", "take gradients", inputs)
             loss = fn(self._c_params, self._c_grads, work, n, *ptrs)
-            return float(loss), self._params.get(self._grads)
+            return float(loss), self._params.get(self._grads, self.graph.trainable_params)
 
     def evaluate(self, **inputs) -> tuple[float, dict[str, np.ndarray]]:
         """(batch-mean loss, outputs) from one forward pass, no gradients."""
@@ -367,15 +371,15 @@ class CompiledModel:
             self._state[...] = 0
 
     def optimizer_state(self) -> dict:
-        """{"step": count, slot: {param: array}} with torch.optim's slot names; {} without
-        an optimizer."""
+        """{"step": count, slot: {param: array}} with torch.optim's slot names (the
+        trainable params have slots); {} without an optimizer."""
         out: dict = {}
         with self._lock:
             for slot, at in self.cmodule.state_offsets.items():
                 if slot == "step":
                     out["step"] = int(self._state[at])
                 else:
-                    out[slot] = self._params.get(self._state[at:at + self.cmodule.params_size])
+                    out[slot] = self._params.get(self._state[at:], self.graph.trainable_params)
         return out
 
     def predict(self, **inputs) -> dict[str, np.ndarray]:
@@ -557,6 +561,7 @@ def generate(graph, dtype: str = "float32", *, optimizer: dict | None = None, pa
     memory."""
     from codegen.emit import param_layout
     from codegen.targets import get_target
+    from .derive import layout_order
     from .pipeline import to_c
     graph = as_graph(graph)
     dtype = check_dtype(dtype)
@@ -571,7 +576,7 @@ def generate(graph, dtype: str = "float32", *, optimizer: dict | None = None, pa
         graph = _with_optimizer(graph, optimizer)
     flat = None
     if params is not None:
-        offsets, size = param_layout({p: v.shape for p, v in graph.params.items()})
+        offsets, size = param_layout(layout_order(graph))
         with np.errstate(over="ignore"):
             flat = _flat_params(graph, params, offsets, size, dtype)
     cmodule = to_c(graph, dtype, target, params=flat, max_batch=max_batch)

@@ -21,21 +21,38 @@ import sympy as sp
 from .errors import SpecError
 from .formula import number
 from .functions import leaky_relu, relu, sigmoid, softplus
-from .ir import (ACC, ASSIGN, BATCH, INT32, MAX, SUM, Buffer, Kernel, index_symbols,
-                 range_guard)
+from .ir import (ACC, ASSIGN, BATCH, INT32, MAX, SUM, Buffer, Kernel, grad_name,
+                 index_symbols, range_guard)
 
 Shape = tuple[int, ...]
 
 
 # ---------------------------------------------------------------- lowering context
 
+@dataclass(frozen=True)
+class Statistic:
+    """What a training-mode lowering keeps for the train step: `kernel` writes the batch's
+    value of a running statistic (a non-trainable param) into that param's gradient slot,
+    and the train step moves the param towards it, `p = (1 - momentum)·p + momentum·g`."""
+    param: str
+    kernel: Kernel
+    momentum: float
+
+
 class Lowering:
-    """What an op's `lower` sees: its input and output buffers and a kernel sink."""
+    """What an op's `lower` sees: its input and output buffers and a kernel sink.
+
+    `training` says which program the kernels are for: the gradients (and so the train
+    step) lower in training mode, forward and evaluate in evaluation mode. Only ops that
+    declare `OpDef.modes` lower differently (batch_norm: batch statistics or running ones)."""
 
     def __init__(self, node: str, inputs: list[Buffer], out: Buffer, attrs: dict,
-                 new_buffer: Callable[[Buffer], Buffer], kernels: list[Kernel]):
+                 new_buffer: Callable[[Buffer], Buffer], kernels: list[Kernel], *,
+                 training: bool = False, statistics: list[Statistic] | None = None):
         self.node, self.inputs, self.out, self.attrs = node, inputs, out, attrs
         self._new_buffer, self._kernels = new_buffer, kernels
+        self.training = training
+        self._statistics = statistics if statistics is not None else []
         self._next_index = 0
         self.batch = sp.Symbol("b", integer=True, nonnegative=True)
 
@@ -73,6 +90,16 @@ class Lowering:
         self._kernels.append(Kernel(out.name, tuple(sp.sympify(i) for i in full_index),
                                     batch_loop + tuple(loops), sp.sympify(body), mode,
                                     sp.sympify(post), self.node, "forward"))
+
+    def statistic(self, param: Buffer, index, loops, value, momentum: float) -> None:
+        """Keep `value` (over `loops`, unbatched) as the batch's value of the running
+        statistic `param`: a kernel writing `grad_name(param)`, which the train step
+        blends into the param (see `Statistic`)."""
+        assert self.training and not param.batched
+        self._statistics.append(Statistic(param.name, Kernel(
+            grad_name(param.name), tuple(sp.sympify(i) for i in index), tuple(loops),
+            sp.sympify(value), ASSIGN, ACC, self.node, f"batch value of {param.name}"),
+            momentum))
 
     def padded(self, buf: Buffer, index, loops, fill=0) -> sp.Expr:
         """Element `index` of `buf` where it lies inside, `fill` where the loops take it
@@ -212,6 +239,13 @@ class OpDef:
     is_loss: bool = False
     # Positions that take int32 inputs (graphc.graph refuses integers anywhere else).
     integer_inputs: dict[int, IntegerInput] = field(default_factory=dict)
+    # Inputs that must be params, by position: "param" (trainable or not) or "statistic" (a
+    # running statistic: declared `trainable: false`, written by the train step). Only
+    # these positions take a non-trainable param.
+    param_inputs: dict[int, str] = field(default_factory=dict)
+    # The initializer of a param read at a position, when its spec names none.
+    param_init: dict[int, str] = field(default_factory=dict)
+    modes: bool = False                     # lowers differently for training (`Lowering.training`)
 
     def normalize_attrs(self, node: str, given: dict) -> dict:
         out = {}
@@ -964,6 +998,76 @@ register(OpDef("layer_norm", (1, 3), _layer_norm_shape, _layer_norm_lower,
                 "eps": Attr("float", 1e-5, doc="added to the variance")},
                input_names=("x", "weight", "bias"),
                doc="torch.nn.functional.layer_norm over the trailing axes (biased variance)"))
+
+
+def _batch_norm_shape(node, shapes, attrs):
+    x = shapes[0]
+    if not x:
+        raise SpecError("input must be [channels, ...] per example (rank >= 1)", node=node,
+                        field="inputs")
+    for name, s in zip(("weight", "bias", "running_mean", "running_var"), shapes[1:]):
+        if s != x[:1]:
+            raise SpecError(f"{name} must have shape [{x[0]}] (one per channel), got "
+                            f"{list(s)}", node=node, field="inputs")
+    if not 0 <= attrs["momentum"] <= 1:
+        raise SpecError(f"must lie in [0, 1], got {attrs['momentum']!r}", node=node,
+                        field="momentum")
+    if attrs["eps"] < 0:
+        raise SpecError(f"must be >= 0, got {attrs['eps']!r}", node=node, field="eps")
+    return x
+
+
+def _batch_norm_lower(L: Lowering) -> None:
+    x, weight, bias, running_mean, running_var = L.inputs
+    idx = L.indices(len(x.shape))
+    c, loops = idx[0], list(zip(idx, x.shape))
+    eps = number(L.attrs["eps"])
+
+    def affine(normalized):
+        return normalized * L.at(weight, [c]) + L.at(bias, [c])
+
+    if not L.training:
+        # y[c, ...] = (x[c, ...] − running_mean[c]) / sqrt(running_var[c] + eps)·w[c] + b[c]
+        L.kernel(L.out, idx, loops, affine((L.at(x, idx) - L.at(running_mean, [c]))
+                                           / sp.sqrt(L.at(running_var, [c]) + eps)))
+        return
+    # Per channel over the batch and the spatial axes (N = n·S values), two passes as torch:
+    # mean[c] = Σ_{b,s} x / N, var[c] = Σ_{b,s} (x − mean[c])² / N (biased, to normalize).
+    # Unbatched temps reduced over the batch loop; their derivatives come from the sweep.
+    # (An x computed from params alone has no batch axis: its N is S.)
+    examples = BATCH if x.batched else 1
+    count = examples * math.prod(x.shape[1:])
+    over_batch = ([(L.batch, BATCH)] if x.batched else []) + loops
+    channels = (x.shape[0],)
+    mean = L.temp("mean", channels, batched=False)
+    L.kernel(mean, [c], over_batch, L.at(x, idx), mode=SUM, post=ACC / count)
+    centered = L.at(x, idx) - L.at(mean, [c])
+    var = L.temp("var", channels, batched=False)
+    L.kernel(var, [c], over_batch, centered ** 2, mode=SUM, post=ACC / count)
+    L.kernel(L.out, idx, loops, affine(centered / sp.sqrt(L.at(var, [c]) + eps)))
+    # What the train step keeps, as torch: the mean, and the unbiased variance var·N/(N − 1)
+    # (written var/(1 − 1/N), so that n appears only as 1/n). N = 1 (one value per channel,
+    # which torch refuses in training) leaves the running variance as it is.
+    momentum, per_channel = L.attrs["momentum"], [(c, x.shape[0])]
+    L.statistic(running_mean, [c], per_channel, L.at(mean, [c]), momentum)
+    unbiased = L.at(var, [c]) / (1 - 1 / count)
+    if count == 1:
+        unbiased = L.at(running_var, [c])
+    elif count == BATCH:
+        unbiased = sp.Piecewise((unbiased, BATCH > 1), (L.at(running_var, [c]), True))
+    L.statistic(running_var, [c], per_channel, unbiased, momentum)
+
+
+register(OpDef("batch_norm", (5, 5), _batch_norm_shape, _batch_norm_lower,
+               {"eps": Attr("float", 1e-5, doc="added to the variance"),
+                "momentum": Attr("float", 0.1, doc="weight of the batch's statistics in the "
+                                 "running ones (torch's meaning), in [0, 1]")},
+               input_names=("x", "weight", "bias", "running_mean", "running_var"),
+               domain=(None, None, None, None, "positive"),
+               doc="torch's batch norm per channel (axis 0) over the batch and the spatial "
+                   "axes: batch statistics in training, running ones otherwise",
+               param_inputs={1: "param", 2: "param", 3: "statistic", 4: "statistic"},
+               param_init={1: "ones", 4: "ones"}, modes=True))
 
 
 # ---------------------------------------------------------------- losses (per example)

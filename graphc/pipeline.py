@@ -34,4 +34,5 @@ def to_c(graph: Graph, dtype: str, target: str = "c99", params=None,
         fused = fuse(program)
         planned[kind] = (fused, plan(fused, align))
     return emit(derivation.interface, planned, derivation.update if training else None, dtype,
-                params=params, target=target, max_batch=max_batch)
+                params=params, target=target, max_batch=max_batch,
+                running=derivation.running if training else None)

@@ -83,11 +83,15 @@ def _log_softmax(x: np.ndarray, axis: int) -> np.ndarray:
 # ---------------------------------------------------------------- ops
 # forward(args, attrs) -> out;  vjp(g, args, out, attrs) -> [cotangent or None per arg].
 # Arrays are lifted (batch axis first); a VJP's cotangents have their argument's shape.
+# An op that computes differently in training (batch_norm) has a `train_forward` too: the
+# gradients and the train step run it, and `vjp` is its VJP; `forward` is the evaluation
+# mode's (outputs, the loss, evaluate).
 
 @dataclass(frozen=True)
 class _Op:
     forward: Callable[..., np.ndarray]
     vjp: Callable[..., list]
+    train_forward: Callable[..., np.ndarray] | None = None
 
 
 def _binary(fn, partials) -> _Op:
@@ -703,6 +707,65 @@ def _layer_norm_vjp(g, args, out, attrs):
     return grads
 
 
+# batch_norm, torch's (ATen/native/Normalization.cpp): per channel (axis 1 lifted) over the
+# batch and the spatial axes. Training normalizes by the batch's mean and biased variance;
+# evaluation by the running statistics, which a train step moves towards the batch's mean
+# and unbiased variance (`_running_statistics`).
+
+def _channels(a: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """A per-channel param (lifted [1, C]) shaped to broadcast against x [B, C, ...]."""
+    return a.reshape(a.shape[:2] + (1,) * (x.ndim - 2))
+
+
+def _channel_axes(x: np.ndarray) -> tuple[int, ...]:
+    return (0,) + tuple(range(2, x.ndim))
+
+
+def _batch_norm_eval(args, attrs):
+    x, w, b, mean, var = args
+    return ((x - _channels(mean, x)) / np.sqrt(_channels(var, x) + attrs["eps"])
+            * _channels(w, x) + _channels(b, x))
+
+
+def _batch_norm_stats(x, attrs):
+    axes = _channel_axes(x)
+    mean = x.mean(axis=axes, keepdims=True)
+    var = ((x - mean) ** 2).mean(axis=axes, keepdims=True)   # biased, to normalize
+    rstd = 1 / np.sqrt(var + attrs["eps"])
+    return axes, (x - mean) * rstd, rstd
+
+
+def _batch_norm_train(args, attrs):
+    x, w, b = args[:3]
+    _, xhat, _ = _batch_norm_stats(x, attrs)
+    return xhat * _channels(w, x) + _channels(b, x)
+
+
+def _batch_norm_vjp(g, args, out, attrs):
+    x, w, b = args[:3]
+    axes, xhat, rstd = _batch_norm_stats(x, attrs)
+    gh = g * _channels(w, x)
+    gx = rstd * (gh - gh.mean(axis=axes, keepdims=True)
+                 - xhat * (gh * xhat).mean(axis=axes, keepdims=True))
+    per_channel = (1, x.shape[1])
+    return [gx, (g * xhat).sum(axis=axes).reshape(per_channel),
+            g.sum(axis=axes).reshape(per_channel), None, None]
+
+
+def _running_statistics(x: np.ndarray, running_mean: np.ndarray, running_var: np.ndarray,
+                        momentum: float) -> None:
+    """torch's update in place (batch_norm_cpu_update_stats_template): running = momentum ·
+    batch + (1 - momentum) · running, with the variance's sum over N values divided by
+    N - 1. torch refuses N = 1 in training; the running variance is then left as it is."""
+    axes = _channel_axes(x)
+    count = x.size // x.shape[1]
+    mean = x.mean(axis=axes, keepdims=True)
+    var_sum = ((x - mean) ** 2).sum(axis=axes)
+    running_mean[...] = momentum * mean.reshape(-1) + (1 - momentum) * running_mean
+    if count > 1:
+        running_var[...] = momentum * (var_sum / (count - 1)) + (1 - momentum) * running_var
+
+
 OPS: dict[str, _Op] = {
     "add": _binary(np.add, lambda g, a, b: (g, g)),
     "sub": _binary(np.subtract, lambda g, a, b: (g, -g)),
@@ -759,6 +822,7 @@ OPS: dict[str, _Op] = {
     "transpose": _Op(lambda args, at: args[0].transpose(_perm(args[0], at)),
                      lambda g, args, out, at: [g.transpose(np.argsort(_perm(args[0], at)))]),
     "layer_norm": _Op(_layer_norm_forward, _layer_norm_vjp),
+    "batch_norm": _Op(_batch_norm_eval, _batch_norm_vjp, _batch_norm_train),
 }
 
 
@@ -833,10 +897,12 @@ class Reference:
         self._params = {k: np.array(p, dtype=self.dtype) for k, p in drawn.items()}
         self._attrs = {k: _Formula(*v.attrs["expr"]) if v.op == "elementwise" else v.attrs
                        for k, v in graph.nodes.items()}
-        # Values the loss can be differentiated through: params and what depends on them.
+        # Values the loss can be differentiated through: trainable params and what depends
+        # on them.
         self._differentiable: set[str] = set()
         for k, v in graph.values.items():
-            if v.kind == "param" or any(i in self._differentiable for i in v.inputs):
+            if (v.kind == "param" and v.trainable) or any(i in self._differentiable
+                                                         for i in v.inputs):
                 self._differentiable.add(k)
         self.optimizer = graph.optimizer
         # int32 inputs (indices) -> what bounds them: checked as the compiled model checks
@@ -872,17 +938,37 @@ class Reference:
         return {o: env[o] for o in self.graph.outputs}
 
     def values(self, **inputs) -> dict[str, np.ndarray]:
-        """Every value of the graph (inputs, params, nodes); unbatched ones without batch axis."""
-        env = self._run(inputs, self.graph.values)
+        """Every value of the graph (inputs, params, nodes); unbatched ones without batch
+        axis. In evaluation mode, as `forward` (batch norm by its running statistics)."""
+        return self._values(inputs, training=False)
+
+    def training_values(self, **inputs) -> dict[str, np.ndarray]:
+        """`values` in training mode, as `gradients` computes them (batch norm by the
+        batch's statistics)."""
+        return self._values(inputs, training=True)
+
+    def _values(self, inputs: dict, training: bool) -> dict[str, np.ndarray]:
+        env = self._run(inputs, self.graph.values, training)
         return {k: a if self.graph.values[k].batched else a[0] for k, a in env.items()}
 
     def loss(self, **inputs) -> float:
-        """The batch mean of the per-example loss."""
+        """The batch mean of the per-example loss, in evaluation mode (batch norm by its
+        running statistics), as `evaluate` computes it."""
         return float(self._per_example_loss(inputs)[1].mean())
 
+    def training_loss(self, **inputs) -> float:
+        """The batch mean of the per-example loss in training mode (batch norm by the
+        batch's statistics): the loss `gradients` differentiates and returns."""
+        return float(self._per_example_loss(inputs, training=True)[1].mean())
+
     def gradients(self, **inputs) -> tuple[float, dict[str, np.ndarray]]:
-        """(batch-mean loss, {param: d loss / d param}), by one reverse sweep of VJPs."""
-        env, per_example = self._per_example_loss(inputs)
+        """(batch-mean loss, {trainable param: d loss / d param}) in training mode, by one
+        reverse sweep of VJPs."""
+        loss, grads, _ = self._gradients(inputs)
+        return loss, grads
+
+    def _gradients(self, inputs: dict) -> tuple[float, dict[str, np.ndarray], dict]:
+        env, per_example = self._per_example_loss(inputs, training=True)
         n = per_example.shape[0]
         grads = {self.graph.loss: np.full(n, 1 / n, self.dtype)}
         for name in reversed(self.graph.nodes):
@@ -895,8 +981,8 @@ class Reference:
                 if c is not None and src in self._differentiable:
                     grads[src] = grads[src] + c if src in grads else c
         return float(per_example.mean()), {
-            k: np.array(grads[k][0], self.dtype) if k in grads else np.zeros_like(p)
-            for k, p in self._params.items()}
+            k: np.array(grads[k][0], self.dtype) if k in grads else np.zeros_like(self._params[k])
+            for k in self.graph.trainable_params}, env
 
     # ------------------------------------------------------------ training
     @property
@@ -914,7 +1000,8 @@ class Reference:
         """Step count 0 and zero state, as before the first step."""
         self._step = 0
         slots = _slots(self._optimizer) if self._optimizer else ()
-        self._state = {s: {k: np.zeros_like(p) for k, p in self._params.items()} for s in slots}
+        self._state = {s: {k: np.zeros_like(self._params[k]) for k in self.graph.trainable_params}
+                       for s in slots}
 
     def optimizer_state(self) -> dict:
         """{"step": steps taken, slot: {param: array}} with torch's slot names."""
@@ -928,21 +1015,28 @@ class Reference:
         if self._optimizer is None:
             raise InputError(f"graph '{self.graph.name}' has no optimizer: declare an "
                              "'optimizer:' section in the spec or set `optimizer`")
-        loss, grads = self.gradients(**inputs)
+        loss, grads, env = self._gradients(inputs)
         self._step += 1
         update = _UPDATES[self._optimizer["name"]]
-        for k, p in self._params.items():
-            update(self._optimizer, p, grads[k], {s: self._state[s][k] for s in self._state},
-                   self._step)
+        for k in self.graph.trainable_params:
+            update(self._optimizer, self._params[k], grads[k],
+                   {s: self._state[s][k] for s in self._state}, self._step)
+        # Then the running statistics, from the batch's (before the update, as in torch:
+        # they come from the forward pass).
+        for name, v in self.graph.nodes.items():
+            if v.op == "batch_norm" and name in env:
+                _running_statistics(env[v.inputs[0]], self._params[v.inputs[3]],
+                                    self._params[v.inputs[4]], v.attrs["momentum"])
         return loss
 
     # ------------------------------------------------------------ internals
-    def _per_example_loss(self, inputs: dict) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    def _per_example_loss(self, inputs: dict, training: bool = False
+                          ) -> tuple[dict[str, np.ndarray], np.ndarray]:
         """The evaluated ancestors of the loss, and the loss per example."""
         loss = self.graph.loss
         if loss is None:
             raise GraphcError(f"graph '{self.graph.name}' has no loss to evaluate or differentiate")
-        env = self._run(inputs, [loss])
+        env = self._run(inputs, [loss], training)
         if env[loss].shape[0] == 0:
             raise InputError("the batch is empty: the mean loss of no examples is undefined")
         return env, env[loss]
@@ -953,8 +1047,9 @@ class Reference:
         except (TypeError, ValueError) as e:
             raise InputError(f"{what}: cannot convert to a {self.dtype.name} array ({e})") from None
 
-    def _run(self, inputs: dict, targets) -> dict[str, np.ndarray]:
-        """Lifted arrays (batch axis of size 1 when unbatched) of `targets` and their ancestors."""
+    def _run(self, inputs: dict, targets, training: bool = False) -> dict[str, np.ndarray]:
+        """Lifted arrays (batch axis of size 1 when unbatched) of `targets` and their
+        ancestors, in training mode or evaluation mode (see `_Op`)."""
         needed = self.graph.ancestors(targets)
         env = self._inputs(inputs, needed)
         for name, v in self.graph.values.items():
@@ -964,7 +1059,9 @@ class Reference:
                 # A copy: values() hands arrays out, and reshape/flatten return views.
                 env[name] = self._params[name][None].copy()
             elif v.kind == "node":
-                env[name] = OPS[v.op].forward([env[i] for i in v.inputs], self._attrs[name])
+                op = OPS[v.op]
+                forward = op.train_forward if training and op.train_forward else op.forward
+                env[name] = forward([env[i] for i in v.inputs], self._attrs[name])
         return env
 
     def _inputs(self, given: dict, needed: set[str]) -> dict[str, np.ndarray]:

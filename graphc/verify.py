@@ -15,8 +15,9 @@ def finite_difference_check(ref: Reference, inputs: dict, *, eps: float = 1e-6,
                             seed: int = 0) -> dict[str, dict]:
     """Compare each param's reference gradient with a central difference of the loss.
 
-    Per param P, along a random unit tangent t: the analytic <dL/dP, t> against
-    (L(P + eps·t) - L(P - eps·t)) / (2·eps). The direction is random, not all-ones:
+    Per trainable param P, along a random unit tangent t: the analytic <dL/dP, t> against
+    (L(P + eps·t) - L(P - eps·t)) / (2·eps), L the loss the gradients differentiate (in
+    training mode: batch norm by the batch's statistics). The direction is random, not all-ones:
     softmax ignores a constant shift of its input, so along all-ones both sides are zero
     for a softmax input whatever its backward computes (zeros would pass).
 
@@ -28,13 +29,15 @@ def finite_difference_check(ref: Reference, inputs: dict, *, eps: float = 1e-6,
     _, grads = work.gradients(**inputs)
     rng = np.random.default_rng(seed)
     report = {}
-    for name, p in work.get_params().items():
+    params = work.get_params()
+    for name in work.graph.trainable_params:
+        p = params[name]
         t = rng.standard_normal(p.shape)
         t /= np.linalg.norm(t)
         work.set_params({name: p + eps * t})
-        plus = work.loss(**inputs)
+        plus = work.training_loss(**inputs)
         work.set_params({name: p - eps * t})
-        minus = work.loss(**inputs)
+        minus = work.training_loss(**inputs)
         work.set_params({name: p})
         analytic = float(np.sum(grads[name] * t))
         numeric = (plus - minus) / (2 * eps)
@@ -105,12 +108,17 @@ def gradient_check(ref: Reference, inputs: dict, *, eps: float = 1e-6,
     if ref.dtype == np.float64:   # building a Reference is not free (it lambdifies formulas)
         saved = ref.get_params()
         try:
-            return _gradient_check(ref, saved, inputs, eps, seed)
+            return _gradient_check(ref, _trainable(ref, saved), inputs, eps, seed)
         finally:
             ref.set_params(saved)
     work = Reference(ref.graph, dtype="float64")
     work.set_params(ref.get_params())
-    return _gradient_check(work, work.get_params(), inputs, eps, seed)
+    return _gradient_check(work, _trainable(work, work.get_params()), inputs, eps, seed)
+
+
+def _trainable(ref: Reference, params: dict) -> dict:
+    """The params that have gradients (running statistics have none)."""
+    return {k: params[k] for k in ref.graph.trainable_params}
 
 
 def _gradient_check(work: Reference, at: dict, inputs: dict, eps: float,
@@ -125,7 +133,7 @@ def _gradient_check(work: Reference, at: dict, inputs: dict, eps: float,
 
     def loss_at(params: dict) -> float:
         work.set_params(params)
-        return float(work.loss(**inputs))
+        return float(work.training_loss(**inputs))
 
     def along(params: dict, name: str):
         t = directions[name]
@@ -408,7 +416,7 @@ def verify(model, inputs: dict | None = None, *, seed: int = 0, n: int = 8) -> V
         ref_loss, ref_grads = ref.gradients(**inputs)
         report.checks.append(_compare(f"loss ({graph.loss})", np.array(loss), np.array(ref_loss),
                                       dtype, "loss"))
-        for p in graph.params:
+        for p in graph.trainable_params:
             report.checks.append(_compare(f"d loss/d {p}", grads[p], ref_grads[p], dtype,
                                           f"gradient of {p}"))
         for p, r in gradient_check(ref, inputs, seed=seed).items():

@@ -104,12 +104,15 @@ def check_sweep(model: Sweep, got: dict[str, np.ndarray], batches, assert_close)
                              f"{what}: evaluate '{o}' at n={n}")
         if "gradients" not in cm.entries:
             continue
+        # evaluate's loss is the evaluation mode's, the gradients' the training mode's
+        # (they differ with batch norm: running statistics against the batch's)
+        assert_close(got[f"evaluate.loss.{n}"], [ref.loss(**data)], dtype,
+                     f"{what}: evaluate loss, n={n}")
         loss, grads = ref.gradients(**data)
-        assert_close(got[f"evaluate.loss.{n}"], [loss], dtype, f"{what}: evaluate loss, n={n}")
         assert_close(got[f"gradients.loss.{n}"], [loss], dtype, f"{what}: loss at n={n}")
         flat = got[f"gradients.grads.{n}"]
-        for p, off in cm.param_offsets.items():
-            g = grads[p]
+        for p, g in grads.items():   # the trainable params (running statistics: below)
+            off = cm.param_offsets[p]
             assert_close(flat[off:off + g.size].reshape(g.shape), g, dtype,
                          f"{what}: d{p} at n={n}")
         if "train_step" in cm.entries:
@@ -117,7 +120,7 @@ def check_sweep(model: Sweep, got: dict[str, np.ndarray], batches, assert_close)
             assert_close(got[f"train_step.loss.{n}"], [ref.train_step(**data)], dtype,
                          f"{what}: train_step loss at n={n}")
             stepped = got[f"train_step.params.{n}"]
-            for p, off in cm.param_offsets.items():
+            for p, off in cm.param_offsets.items():   # running statistics included
                 want_p = ref.get_params()[p]
                 got_p = stepped[off:off + want_p.size].reshape(want_p.shape)
                 # Adam's first step moves each param by about lr·sign(g): where the reference

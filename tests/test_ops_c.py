@@ -104,6 +104,7 @@ class Net:
     batched: dict = field(default_factory=dict)
     targets: list = field(default_factory=list)
     zero_grad: set = field(default_factory=set)  # params whose gradient may be all zeros
+    frozen: set = field(default_factory=set)     # params declared trainable: false
 
     def input(self, name, shape, domain=None) -> str:
         self.inputs[name] = (tuple(shape), domain)
@@ -114,9 +115,11 @@ class Net:
         """An int32 input of indices 0 to bound - 1 (an embedding's rows, class indices)."""
         return self.input(name, shape, ("index", bound))
 
-    def param(self, name, shape, domain="small") -> str:
+    def param(self, name, shape, domain="small", trainable=True) -> str:
         self.params[name] = (tuple(shape), domain)
         self.shapes[name], self.batched[name] = tuple(shape), False
+        if not trainable:
+            self.frozen.add(name)
         return name
 
     def op(self, name, op, *inputs, **attrs) -> str:
@@ -147,7 +150,7 @@ class Net:
                 todo.extend(self.nodes[v]["inputs"] if v in self.nodes else [])
         keep = lambda d: {k: v for k, v in d.items() if k in need}  # noqa: E731
         return Net(name, keep(self.inputs), keep(self.params), keep(self.nodes), self.shapes,
-                   self.batched, list(targets), self.zero_grad & need)
+                   self.batched, list(targets), self.zero_grad & need, self.frozen & need)
 
     def parts(self, size: int) -> list["Net"]:
         """Split into models of at most `size` targets, balanced: the compile time of a
@@ -171,7 +174,9 @@ class Net:
             total = f"total{k}"
         outputs = [t for t in self.targets if self.batched[t]] or [f"proj_{self.targets[0]}"]
         return {"name": self.name, "inputs": inputs,
-                "params": {k: {"shape": list(s)} for k, (s, _) in self.params.items()},
+                "params": {k: {"shape": list(s), **({"trainable": False} if k in self.frozen
+                                                     else {})}
+                           for k, (s, _) in self.params.items()},
                 "nodes": nodes, "outputs": outputs, "loss": total}
 
     def draw_params(self, rng, dtype) -> dict:
@@ -209,7 +214,8 @@ def runs(net: Net, dtype: str, *, seed: int = 0, batches=BATCHES):
 
 def compare_with_reference(net: Net, dtype: str, check_close, *, seed: int = 0,
                            batches=BATCHES) -> None:
-    """Compile `net` in `dtype`; compare forward outputs, the loss and the gradients."""
+    """Compile `net` in `dtype`; compare forward outputs (evaluation mode), the loss and
+    the gradients (training mode: batch_norm by the batch's statistics)."""
     nonzero = set()
     for n, model, ref, data in runs(net, dtype, seed=seed, batches=batches):
         where = f"{net.name}, batch {n}"
@@ -220,12 +226,13 @@ def compare_with_reference(net: Net, dtype: str, check_close, *, seed: int = 0,
         loss, grads = model.gradients(**data)
         ref_loss, ref_grads = ref.gradients(**data)
         check_close(loss, ref_loss, dtype, f"{where}: loss")
-        assert set(grads) == set(net.params)
-        for p in net.params:
+        trained = set(net.params) - net.frozen
+        assert set(grads) == trained
+        for p in trained:
             check_close(grads[p], ref_grads[p], dtype, f"{where}: gradient of '{p}'")
             if np.any(ref_grads[p] != 0):
                 nonzero.add(p)
-    vacuous = set(net.params) - nonzero - net.zero_grad
+    vacuous = set(net.params) - net.frozen - nonzero - net.zero_grad
     assert not vacuous, f"{net.name}: the reference gradient of {sorted(vacuous)} is always 0"
 
 
@@ -647,6 +654,29 @@ def _transpose(net: Net, rng, op):
     net.target(net.op("d4", op, h("d4_h", [2, 3, 2, 2]), perm=[2, 0, 3, 1]))
     net.target(net.op("d1", op, h("d1_h", [4])))
     net.target(net.op("p", op, net.param("p_p", [2, 3])))
+
+
+@cases("batch_norm")
+def _batch_norm(net: Net, rng, op):
+    def stats(name, c):   # running statistics: mean any, variance positive
+        return (net.param(f"{name}_rm", [c], "small", trainable=False),
+                net.param(f"{name}_rv", [c], "positive", trainable=False))
+
+    def affine(name, c, trainable=True):
+        return (net.param(f"{name}_w", [c], "positive", trainable),
+                net.param(f"{name}_b", [c], "small", trainable))
+
+    # [C, H, W] (torch's BatchNorm2d) with a batched input that needs a gradient
+    net.target(net.op("d2", op, net.scaled("d2_h", [3, 4, 5], None, "small", qshape=[5]),
+                      *affine("d2", 3), *stats("d2", 3), eps=1e-3, momentum=0.3))
+    # [C] features (BatchNorm1d) of a dense layer: N = n, one value per channel at n = 1.
+    # (Batch norm ignores a per-channel scale or shift of its input, so the inputs here
+    # mix channels or scale along other axes: their gradients are not zero by symmetry.)
+    h = net.op("d1_h", "dense", net.input("d1_x", [3]), net.param("d1_Q", [4, 3]))
+    net.target(net.op("d1", op, h, *affine("d1", 4), *stats("d1", 4)))
+    # [C, L] with a frozen affine (torch's affine=False as weight 1, bias 0: trainable false)
+    net.target(net.op("fz", op, net.scaled("fz_h", [2, 6], None, "small", qshape=[6]),
+                      *affine("fz", 2, trainable=False), *stats("fz", 2)))
 
 
 def _seed(op: str) -> int:

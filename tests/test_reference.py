@@ -10,7 +10,12 @@ op's VJP applied to a random cotangent. Operands come in three kinds:
 - param:   an unbatched param (gets a gradient, summed over the batch);
 - batched: a node mul(x_k, p_k) of an input and a param, i.e. a batched value that still
            gets a gradient (through p_k);
-- input:   a batched input, no gradient (loss targets).
+- input:   a batched input, no gradient (loss targets);
+- stat:    an unbatched param declared `trainable: false` (batch_norm's running
+           statistics): no gradient.
+
+Gradients are taken in training mode (batch_norm by the batch's statistics) and checked
+against finite differences of the training-mode loss; forwards in evaluation mode.
 
 The expected forward is computed independently, one example at a time, with plain NumPy on
 per-example arrays (so per-example axes are NumPy's axes, negative ones included).
@@ -43,7 +48,7 @@ N = 3  # batch size
 
 @dataclass(frozen=True)
 class Operand:
-    kind: str                    # param | batched | input
+    kind: str                    # param | batched | input | stat
     shape: tuple[int, ...]
     domain: str = "any"          # any | positive | nonzero | unit | probs | onehot
 
@@ -63,6 +68,10 @@ def I(*shape, domain="any"):
 def X(*shape, bound: int):
     """An int32 input of indices 0 to bound - 1 (an embedding's rows, class indices)."""
     return Operand("index", shape, f"below {bound}")
+
+
+def S(*shape, domain="any"):
+    return Operand("stat", shape, domain)
 
 
 @dataclass(frozen=True)
@@ -106,8 +115,9 @@ def build(case: Case, seed: int = 0) -> Built:
     inputs, params, per_example = {}, {}, []
     for k, o in enumerate(case.operands):
         name = f"a{k}"
-        if o.kind == "param":
-            spec_params[name] = {"shape": list(o.shape), "init": "normal"}
+        if o.kind in ("param", "stat"):
+            spec_params[name] = {"shape": list(o.shape), "init": "normal",
+                                 **({"trainable": False} if o.kind == "stat" else {})}
             params[name] = sample(rng, o.shape, o.domain)
             per_example.append(lambda b, v=params[name]: v)
         elif o.kind == "input":
@@ -142,7 +152,8 @@ def build(case: Case, seed: int = 0) -> Built:
 
 
 def full_finite_differences(ref: Reference, name: str, inputs: dict, eps=1e-6) -> np.ndarray:
-    """d loss / d param, element by element, by central differences."""
+    """d loss / d param, element by element, by central differences of the loss the
+    gradients differentiate (training mode)."""
     base = ref.get_params()[name]
     grad = np.zeros_like(base)
     for idx in np.ndindex(base.shape):
@@ -151,7 +162,7 @@ def full_finite_differences(ref: Reference, name: str, inputs: dict, eps=1e-6) -
             p = base.copy()
             p[idx] += step
             ref.set_params({name: p})
-            losses.append(ref.loss(**inputs))
+            losses.append(ref.training_loss(**inputs))
         grad[idx] = (losses[0] - losses[1]) / (2 * eps)
     ref.set_params({name: base})
     return grad
@@ -159,7 +170,7 @@ def full_finite_differences(ref: Reference, name: str, inputs: dict, eps=1e-6) -
 
 def assert_gradients_match_finite_differences(ref: Reference, inputs: dict):
     _, grads = ref.gradients(**inputs)
-    assert set(grads) == set(ref.graph.params)
+    assert set(grads) == set(ref.graph.trainable_params)
     for name, g in grads.items():
         assert g.shape == ref.graph.params[name].shape
         fd = full_finite_differences(ref, name, inputs)
@@ -288,6 +299,14 @@ def np_transpose(x, perm=None):
         for k, p in enumerate(perm):
             src[p] = idx[k]
         y[idx] = x[tuple(src)]
+    return y
+
+
+def np_batch_norm_eval(x, w, b, mean, var, eps=1e-5):
+    """One example [C, ...] normalized by running statistics, channel by channel."""
+    y = np.empty_like(x)
+    for c in range(x.shape[0]):
+        y[c] = (x[c] - mean[c]) / math.sqrt(var[c] + eps) * w[c] + b[c]
     return y
 
 
@@ -538,6 +557,13 @@ CASES = [
     Case("bce", "bce_with_logits", (B(3), I(3, domain="unit")), np_bce),
     Case("bce-param-logits", "bce_with_logits", (P(2, 3), I(2, 3, domain="unit")), np_bce),
     Case("bce-scalar-example", "bce_with_logits", (B(), I(domain="unit")), np_bce),
+    # batch_norm: the forward in evaluation mode (running statistics), gradients in training
+    Case("batch_norm-2d", "batch_norm", (B(3, 4, 5), P(3), P(3), S(3), S(3, domain="positive")),
+         lambda *a: np_batch_norm_eval(*a, eps=1e-3), {"eps": 1e-3}),
+    Case("batch_norm-1d", "batch_norm", (B(4), P(4), P(4), S(4), S(4, domain="positive")),
+         np_batch_norm_eval),
+    Case("batch_norm-params", "batch_norm", (P(2, 3), P(2), P(2), S(2), S(2, domain="positive")),
+         np_batch_norm_eval, {"momentum": 0.5}),
 ]
 
 
@@ -604,6 +630,52 @@ def test_op(case: Case):
 
     # (2) and (3): gradients against full and projected finite differences
     assert_gradients_match_finite_differences(ref, inputs)
+
+
+def batch_norm_graph(shape, momentum=0.1):
+    c = shape[0]
+    return Graph.from_spec({
+        "name": "bn", "inputs": {"x": list(shape), "c": list(shape)},
+        "params": {"w": {"shape": [c], "init": "normal"}, "b": {"shape": [c], "init": "normal"},
+                   "rm": {"shape": [c], "init": "normal", "trainable": False},
+                   "rv": {"shape": [c], "init": "uniform", "low": 0.5, "high": 2,
+                          "trainable": False}},
+        "nodes": {"y": {"op": "batch_norm", "inputs": ["x", "w", "b", "rm", "rv"],
+                        "momentum": momentum},
+                  "p": {"op": "mul", "inputs": ["y", "c"]}, "loss": {"op": "sum", "inputs": ["p"]}},
+        "outputs": ["y"], "loss": "loss", "optimizer": {"name": "sgd", "lr": 0.1}})
+
+
+@pytest.mark.parametrize("shape, n", [((2, 3), 4), ((3,), 5), ((2, 2, 3), 1), ((3,), 1)])
+def test_batch_norm_modes_and_running_statistics(shape, n):
+    """Training mode normalizes each channel by the batch's mean and biased variance over
+    the batch and the spatial axes; evaluation mode by the running statistics; a train step
+    moves those as torch does, m·batch + (1 - m)·running with the unbiased variance, and
+    leaves the running variance alone when a channel has N = 1 value."""
+    ref = Reference(batch_norm_graph(shape, momentum=0.3), seed=2)
+    rng = np.random.default_rng(0)
+    X, C = rng.normal(size=(n, *shape)), rng.normal(size=(n, *shape))
+    p = ref.get_params()
+    axes = (0,) + tuple(range(2, X.ndim))
+    per_channel = (1, shape[0]) + (1,) * (len(shape) - 1)
+    mean, var = X.mean(axis=axes), X.var(axis=axes)
+    train_y = (X - mean.reshape(per_channel)) / np.sqrt(var.reshape(per_channel) + 1e-5) \
+        * p["w"].reshape(per_channel) + p["b"].reshape(per_channel)
+    eval_y = (X - p["rm"].reshape(per_channel)) / np.sqrt(p["rv"].reshape(per_channel) + 1e-5) \
+        * p["w"].reshape(per_channel) + p["b"].reshape(per_channel)
+    np.testing.assert_allclose(ref.forward(x=X)["y"], eval_y, rtol=1e-12)
+    assert ref.loss(x=X, c=C) == pytest.approx((eval_y * C).sum() / n, rel=1e-12)
+    assert ref.training_loss(x=X, c=C) == pytest.approx((train_y * C).sum() / n, rel=1e-12)
+    loss, grads = ref.gradients(x=X, c=C)
+    assert set(grads) == {"w", "b"} and loss == ref.training_loss(x=X, c=C)
+    assert ref.train_step(x=X, c=C) == loss
+    after = ref.get_params()
+    np.testing.assert_allclose(after["rm"], 0.3 * mean + 0.7 * p["rm"], rtol=1e-14)
+    count = X.size // shape[0]
+    want_rv = 0.3 * X.var(axis=axes, ddof=1) + 0.7 * p["rv"] if count > 1 else p["rv"]
+    np.testing.assert_allclose(after["rv"], want_rv, rtol=1e-14)
+    assert set(ref.optimizer_state()) == {"step"}   # plain SGD: no slots, none for rm, rv
+    assert_gradients_match_finite_differences(ref, {"x": X, "c": C})
 
 
 # ---------------------------------------------------------------- kinks, stability

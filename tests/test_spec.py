@@ -185,6 +185,11 @@ def P(*shape):
     return ("param", shape)
 
 
+def S(*shape):
+    """A running statistic: a param declared `trainable: false`."""
+    return ("statistic", shape)
+
+
 # (op, operands, attrs, expected per-example shape); operands are inputs or params.
 SHAPE_CASES = [
     ("dense", [I(64), P(32, 64), P(32)], {}, (32,)),
@@ -272,6 +277,9 @@ SHAPE_CASES = [
     ("transpose", [I(2, 3)], {}, (3, 2)),
     ("layer_norm", [I(3, 4)], {}, (3, 4)),
     ("layer_norm", [I(3, 4), P(3, 4), P(3, 4)], {"axes": [0, 1], "eps": 0.001}, (3, 4)),
+    ("batch_norm", [I(3, 5, 4), P(3), P(3), S(3), S(3)], {}, (3, 5, 4)),
+    ("batch_norm", [I(6), P(6), P(6), S(6), S(6)], {"eps": 0.001, "momentum": 0.5}, (6,)),
+    ("batch_norm", [I(2, 7), S(2), S(2), S(2), S(2)], {"momentum": 1}, (2, 7)),  # frozen affine
 ]
 
 
@@ -303,6 +311,20 @@ LAYER_ERRORS = [
     ("layer_norm", [I(3, 4)], {"axes": [0]}, "axes", "must be the trailing per-example axes"),
     ("layer_norm", [I(3, 4), P(4, 3)], {"axes": [-1]}, "inputs",
      "weight must have the normalized shape [4], got [4, 3]"),
+    ("batch_norm", [I(3, 4), P(4), P(3), S(3), S(3)], {}, "inputs",
+     "weight must have shape [3] (one per channel), got [4]"),
+    ("batch_norm", [I(3, 4), P(3), P(3), S(3), S(3, 1)], {}, "inputs",
+     "running_var must have shape [3] (one per channel), got [3, 1]"),
+    ("batch_norm", [I(), P(1), P(1), S(1), S(1)], {}, "inputs", "input must be [channels, ...]"),
+    ("batch_norm", [I(3, 4), P(3), P(3), P(3), S(3)], {}, "inputs",
+     "running_mean 'a3' is a running statistic: declare it with `trainable: false`"),
+    ("batch_norm", [I(3, 4), P(3), I(3), S(3), S(3)], {}, "inputs",
+     "bias 'a2' must be a param (declared under 'params'), not an input"),
+    ("batch_norm", [I(3, 4), P(3), P(3), S(3), S(3)], {"momentum": 1.5}, "momentum",
+     "must lie in [0, 1], got 1.5"),
+    ("batch_norm", [I(3, 4), P(3), P(3), S(3), S(3)], {"eps": -1e-5}, "eps", "must be >= 0"),
+    ("relu", [S(3)], {}, "inputs", "param 'a0' is declared `trainable: false`: such a param "
+     "may only be batch_norm's weight, bias, running_mean or running_var (for now)"),
 ]
 
 
@@ -318,9 +340,10 @@ def test_layer_attribute_errors_name_node_and_field(op, operands, attrs, field, 
 def single_op(op: str, operands, attrs=None) -> dict:
     spec = {"name": "t", "inputs": {}, "params": {}, "nodes": {}, "outputs": ["out"]}
     for k, (kind, shape) in enumerate(operands):
-        spec["inputs" if kind != "param" else "params"][f"a{k}"] = {"shape": list(shape)}
-        if kind == "int32":
-            spec["inputs"][f"a{k}"]["dtype"] = "int32"
+        section = "params" if kind in ("param", "statistic") else "inputs"
+        spec[section][f"a{k}"] = {"shape": list(shape),
+                                  **({"trainable": False} if kind == "statistic" else {}),
+                                  **({"dtype": "int32"} if kind == "int32" else {})}
     spec["nodes"]["out"] = {"op": op, "inputs": [f"a{k}" for k in range(len(operands))],
                             **(attrs or {})}
     return spec
@@ -467,6 +490,81 @@ def test_builder_errors_come_from_the_same_validation():
     b.dense("x", "W", name="h")
     spec_error(lambda: b.build(outputs=["h"]), node="h", field="inputs",
                contains=["last dimension 3", "in-dimension 4"])
+
+
+# ---------------------------------------------------------------- trainable: false
+
+BN_YAML = """\
+name: bn
+inputs: {x: [3, 4], y: [12]}
+params:
+  g: [3]
+  b: {shape: [3], init: normal, std: 0.5}
+  rm: {shape: [3], trainable: false}
+  rv: {shape: [3], trainable: false}
+  W: {shape: [12, 12], init: he_normal}
+nodes:
+  n: {op: batch_norm, inputs: [x, g, b, rm, rv], momentum: 0.2}
+  f: {op: flatten, inputs: [n]}
+  h: {op: dense, inputs: [f, W]}
+  loss: {op: mse, inputs: [h, y]}
+outputs: [h]
+loss: loss
+"""
+
+
+def test_trainable_false_round_trips_through_spec_builder_and_networkx(tmp_path):
+    g = load(write(tmp_path, "bn.yaml", BN_YAML))
+    assert [p for p, v in g.params.items() if not v.trainable] == ["rm", "rv"]
+    assert list(g.trainable_params) == ["g", "b", "W"]
+    spec = g.to_spec()
+    assert spec["params"]["rm"] == {"shape": [3], "init": "zeros", "trainable": False}
+    assert "trainable" not in spec["params"]["W"]      # written only when false
+    assert Graph.from_spec(spec).to_spec() == spec
+    assert Graph.from_networkx(g.to_networkx()).to_spec() == spec
+    b = Builder("bn")
+    b.input("x", [3, 4]), b.input("y", [12])
+    b.param("g", [3]), b.param("b", [3], init="normal", std=0.5)
+    b.param("rm", [3], trainable=False), b.param("rv", [3], trainable=False)
+    b.param("W", [12, 12], init="he_normal")
+    b.batch_norm("x", "g", "b", "rm", "rv", name="n", momentum=0.2)
+    b.flatten("n", name="f")
+    b.dense("f", "W", name="h")
+    assert b.build(outputs=["h"], loss=b.mse("h", "y", name="loss")).to_spec() == spec
+    b = Builder("t")
+    b.param("p", [2], trainable="no")
+    b.input("x", [2])
+    b.relu("x", name="r")
+    spec_error(lambda: b.build(outputs=["r"]), node="p", field="trainable",
+               contains="must be true or false, got 'no'")
+
+
+def test_batch_norm_weight_and_running_var_start_at_ones_unless_given():
+    """torch's BatchNorm starts weight and running_var at ones; a param without an `init`
+    used there does too (other vectors default to zeros), an explicit init is kept."""
+    g = Graph.from_spec(yaml.safe_load(BN_YAML))
+    assert {p: v.init["init"] for p, v in g.params.items()} == {
+        "g": "ones", "b": "normal", "rm": "zeros", "rv": "ones", "W": "he_normal"}
+    spec = yaml.safe_load(BN_YAML)
+    spec["params"]["g"] = {"shape": [3], "init": "zeros"}
+    assert Graph.from_spec(spec).params["g"].init == {"init": "zeros"}
+
+
+def test_running_statistics_are_read_by_their_batch_norm_only():
+    spec = yaml.safe_load(BN_YAML)
+    spec["nodes"]["n2"] = {"op": "batch_norm", "inputs": ["x", "g", "b", "rm", "rv"]}
+    spec_error(spec, node="n2", field="inputs",
+               contains="running_mean 'rm' is a running statistic used also by node 'n'")
+    spec = yaml.safe_load(BN_YAML)
+    spec["nodes"]["n"]["inputs"] = ["x", "g", "b", "rm", "rm"]
+    spec_error(spec, node="n", field="inputs", contains="used twice by this node")
+    spec = yaml.safe_load(BN_YAML)   # a frozen weight may be any param, not another's statistic
+    spec["params"].update(rm2={"shape": [3], "trainable": False},
+                          rv2={"shape": [3], "trainable": False})
+    spec["nodes"]["n2"] = {"op": "batch_norm", "inputs": ["x", "rm", "b", "rm2", "rv2"]}
+    spec_error(spec, node="n2", field="inputs",
+               contains="param 'rm' is the running statistic of node 'n' and may not be read "
+                        "elsewhere")
 
 
 def test_default_name_from_file_stem(tmp_path):

@@ -25,7 +25,9 @@ from 0, `asin`/`acos` values in [-0.9, 0.9], `exp`/`sinh`/`cosh`/`tan` bounded a
 The evaluator (`torch_evaluate`) reads only the spec: it runs the graph one example at a
 time on per-example tensors (so axes, broadcasting and matmul are exactly the per-example
 semantics of DESIGN.md), params shared across examples, the loss the mean of the
-per-example losses, and takes the param gradients with autograd. Formulas are parsed with
+per-example losses, and takes the param gradients with autograd. Batch norm alone sees the
+whole batch (torch's F.batch_norm on the stacked examples): in training mode for the loss
+and the gradients, in evaluation mode for the outputs and evaluate's loss. Formulas are parsed with
 `ast` and mapped onto torch functions (sigmoid -> torch.sigmoid, softplus ->
 logaddexp(x, 0), max -> torch.maximum, ...); constant subexpressions are folded exactly
 (Fractions), as SymPy folds them.
@@ -67,10 +69,13 @@ ACTIVATION_OPS = ("gelu", "silu", "softplus", "elu", "selu", "hard_sigmoid", "ha
 # [C, L] and [C, H, W], which spatial_value finds, reshapes or makes.
 SPATIAL_OPS = ("conv1d", "conv2d", "max_pool1d", "max_pool2d", "avg_pool1d", "avg_pool2d",
                "global_avg_pool", "pad", "slice", "transpose")
+# Normalization (op_batch_norm): batch norm sees the whole batch, in training mode for the
+# loss and gradients and in evaluation mode (running statistics) for the outputs.
+NORM_OPS = ("batch_norm",)
 OP_NAMES = ("dense", "matmul", "add", "sub", "mul", "div", "relu", "leaky_relu", "sigmoid",
             "tanh", "exp", "log", "softmax", "log_softmax", "sum", "mean", "reshape",
             "flatten", "concat", "elementwise", "layer_norm") + ACTIVATION_OPS + SPATIAL_OPS + (
-                "embedding",)
+                "embedding",) + NORM_OPS
 OP_WEIGHTS = {"dense": 3, "elementwise": 3, "concat": 2, "matmul": 1.5,
               **{op: 0.4 for op in ACTIVATION_OPS}}
 LOSS_OPS = ("mse", "softmax_cross_entropy", "bce_with_logits")
@@ -489,7 +494,9 @@ class SpecGenerator:
         v = self.vals[name] = Val(name, shape, True, True, mag, lo, "input")
         return v
 
-    def new_param(self, shape, positive: bool = False) -> Val:
+    def new_param(self, shape, positive: bool = False, trainable: bool = True) -> Val:
+        """A fresh param; one declared `trainable: false` (batch norm's running statistics,
+        a frozen weight) is not offered to other ops (graphc refuses it elsewhere)."""
         name = self.fresh_name("param")
         shape = tuple(shape)
         r = self.rng
@@ -509,6 +516,9 @@ class SpecGenerator:
                 options += [({"init": "zeros"}, 0.0)]
             init, mag = r.choice(options)
             lo = None
+        if not trainable:
+            self.params[name] = {"shape": list(shape), **init, "trainable": False}
+            return Val(name, shape, False, False, mag, lo, "param")
         if r.random() < 0.15 and init["init"] == ("zeros" if len(shape) <= 1 else "glorot_uniform"):
             self.params[name] = list(shape)   # shorthand: the default initializer
         else:
@@ -1102,6 +1112,33 @@ class SpecGenerator:
         return self.node("transpose", [x], tuple(x.shape[p] for p in perm), mag=x.mag, lo=x.lo,
                          **attrs)
 
+    def op_batch_norm(self) -> Val:
+        """batch_norm of a [C, ...] value: weight and bias fresh or shared params (now and
+        then frozen), running statistics fresh non-trainable params (the variance > 0)."""
+        r = self.rng
+        x = self.any_value(min_rank=1)
+        c = x.shape[0]
+        frozen = r.random() < 0.15
+
+        def affine(positive: bool) -> Val:
+            if not frozen and r.random() < 0.3:
+                v = self.pick(lambda v: v.shape == (c,) and v.kind == "param", fresh_p=0.3)
+                if v is not None:
+                    return v
+            return self.new_param((c,), positive, trainable=not frozen)
+
+        w, b = affine(True), affine(False)
+        mean, var = self.new_param((c,), trainable=False), \
+            self.new_param((c,), positive=True, trainable=False)
+        attrs = {}
+        if r.random() < 0.4:
+            attrs["eps"] = r.choice((1e-3, 0.1))
+        if r.random() < 0.3:
+            attrs["momentum"] = r.choice((0.0, 0.5, 1.0))
+        # evaluation: (x - mean)/sqrt(var); training: |x̂| <= sqrt(N - 1), N <= 4·size
+        mag = w.mag * max((x.mag + mean.mag) / math.sqrt(var.lo), math.sqrt(4 * size(x.shape)))
+        return self.node("batch_norm", [x, w, b, mean, var], x.shape, mag=mag + b.mag, **attrs)
+
     def step(self, op: str) -> Val:
         if op == "dense":
             return self.op_dense()
@@ -1129,6 +1166,8 @@ class SpecGenerator:
             return getattr(self, f"op_{op}")()
         if op == "elementwise":
             return self.op_elementwise()
+        if op == "batch_norm":
+            return self.op_batch_norm()
         raise AssertionError(op)
 
     # -- the loss
@@ -1649,41 +1688,78 @@ class Reference:
     kink_margin: float
     max_abs: float = 0.0
     values: dict = field(default_factory=dict)
+    eval_loss: float | None = None   # evaluate's loss (batch norm by running statistics)
+
+
+def _batch_norm(d: dict, envs: list[dict], training: bool) -> list:
+    """torch.nn.functional.batch_norm over the batch (the per-example values stacked);
+    in training mode by the batch's statistics. torch refuses N = 1 value per channel in
+    training: there, its definition (then y = bias, whatever x)."""
+    x = torch.stack([env[d["inputs"][0]] for env in envs])
+    w, b, mean, var = (envs[0][i] for i in d["inputs"][1:])
+    eps = d.get("eps", 1e-5)
+    if training and x.numel() == x.shape[1]:
+        y = (x - x.mean(dim=0)) / torch.sqrt(eps + x.var(dim=0, unbiased=False)) * w + b
+    else:   # copies: F.batch_norm updates the running statistics it is given in training
+        y = F.batch_norm(x, mean.detach().clone(), var.detach().clone(), w, b,
+                         training=training, momentum=d.get("momentum", 0.1), eps=eps)
+    return list(y)
+
+
+def _run_examples(spec: dict, order: list[str], inputs: dict, P: dict, training: bool,
+                  kinks: _Kinks) -> tuple[list[dict], float]:
+    """Every node for every example (params shared), node by node; batch norm sees the
+    whole batch. Returns the per-example environments and the largest magnitude."""
+    n = next(iter(inputs.values())).shape[0]
+    envs = [dict(P, **{k: torch.tensor(v[b]) for k, v in inputs.items()}) for b in range(n)]
+    biggest = 0.0
+    for name in order:
+        d = dict(spec["nodes"][name])
+        if d["op"] == "batch_norm":
+            values = _batch_norm(d, envs, training)
+        else:
+            values = [_apply(d["op"], [env[i] for i in d["inputs"]], d, kinks) for env in envs]
+        for env, v in zip(envs, values):
+            env[name] = v
+            if v.numel():
+                biggest = max(biggest, float(v.detach().abs().max()))
+    return envs, biggest
 
 
 def torch_evaluate(spec: dict, inputs: dict, params: dict) -> Reference:
-    """The spec run by PyTorch in float64, example by example; loss = mean of the
-    per-example losses; param gradients by autograd."""
+    """The spec run by PyTorch in float64, example by example (batch norm over the batch);
+    loss = mean of the per-example losses; gradients of the trainable params by autograd.
+    With batch norm, the loss and gradients come from training mode (batch statistics)
+    and the outputs and evaluate's loss from evaluation mode (running statistics)."""
     nodes = spec["nodes"]
     order = topological(nodes)
-    P = {k: torch.tensor(np.asarray(v, dtype=np.float64), requires_grad=True)
+    frozen = {k for k, v in spec.get("params", {}).items()
+              if isinstance(v, dict) and v.get("trainable") is False}
+    P = {k: torch.tensor(np.asarray(v, dtype=np.float64), requires_grad=k not in frozen)
          for k, v in params.items()}
-    n = next(iter(inputs.values())).shape[0]
     kinks = _Kinks()
-    outs = {o: [] for o in spec.get("outputs", [])}
-    losses, biggest = [], 0.0
-    for b in range(n):
-        env = dict(P)
-        env.update({k: torch.tensor(v[b]) for k, v in inputs.items()})
-        for name in order:
-            d = dict(nodes[name])
-            ins = [env[i] for i in d["inputs"]]
-            env[name] = v = _apply(d["op"], ins, d, kinks)
-            if v.numel():
-                biggest = max(biggest, float(v.detach().abs().max()))
-        for o in outs:
-            outs[o].append(env[o])
-        if spec.get("loss"):
-            losses.append(env[spec["loss"]])
-    loss = torch.stack(losses).mean() if losses else torch.tensor(float("nan"))
-    if losses and loss.requires_grad:
+
+    def loss_of(envs):
+        if not spec.get("loss"):
+            return torch.tensor(float("nan"))
+        return torch.stack([env[spec["loss"]] for env in envs]).mean()
+
+    envs, biggest = _run_examples(spec, order, inputs, P, True, kinks)
+    loss = loss_of(envs)
+    if spec.get("loss") and loss.requires_grad:
         loss.backward()
     grads = {k: (p.grad.numpy().copy() if p.grad is not None else np.zeros(p.shape))
-             for k, p in P.items()}
-    outputs = {o: torch.stack(v).detach().numpy() for o, v in outs.items()}
+             for k, p in P.items() if k not in frozen}
+    if any(d["op"] == "batch_norm" for d in nodes.values()):
+        with torch.no_grad():
+            envs, also = _run_examples(spec, order, inputs, P, False, kinks)
+        biggest = max(biggest, also)
+    outputs = {o: torch.stack([env[o] for env in envs]).detach().numpy()
+               for o in spec.get("outputs", [])}
     return Reference(outputs, float(loss.detach()), grads, kinks.margin,
                      max(biggest, max((float(np.abs(g).max()) for g in grads.values()
-                                       if g.size), default=0.0)))
+                                       if g.size), default=0.0)),
+                     eval_loss=float(loss_of(envs).detach()))
 
 
 def reference_is_usable(ref: Reference) -> str | None:
@@ -1775,7 +1851,7 @@ def check_model(model, spec: dict, inputs: dict, *, rtol: float = RTOL,
     for p, want in ref.grads.items():
         cmp(f"gradient of {p}", grads.get(p), want)
     eloss, eouts = model.evaluate(**inputs)
-    cmp("loss (evaluate)", eloss, ref.loss)
+    cmp("loss (evaluate)", eloss, ref.eval_loss)
     for o, want in ref.outputs.items():
         cmp(f"output {o} (evaluate)", eouts.get(o), want)
     if reference:
@@ -1814,7 +1890,7 @@ def check_nan(model, case: Case, inputs: dict, rng: np.random.Generator) -> list
     for o, want in ref.outputs.items():
         problems.append(compare(f"output {o} (forward)", fwd.get(o), want))
     eloss, _ = model.evaluate(**bad)
-    problems.append(compare("loss (evaluate)", eloss, ref.loss))
+    problems.append(compare("loss (evaluate)", eloss, ref.eval_loss))
     problems = [p for p in problems if p]
     return problems if len(problems) > 1 else []
 

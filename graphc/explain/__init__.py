@@ -165,7 +165,7 @@ def _worked(graph, d, steps, wrt, at, seed, batch, elements):
     loss_c, grads_c = model.gradients(**inputs)   # checks the inputs
     ref = Reference(graph, "float64")
     ref.set_params(params)
-    values = ref.values(**inputs)
+    values = ref.training_values(**inputs)   # what the gradients program computes
     n = len(next(iter(inputs.values())))
     prog = d.gradients
     env0 = {k: np.asarray(v, np.float64).reshape(_shape(prog.buffers[k], n))
@@ -182,7 +182,7 @@ def _worked(graph, d, steps, wrt, at, seed, batch, elements):
     w.checks.append(("forward values (formulas) vs graphc.reference", fwd, fwd <= 1e-9))
     err = abs(float(env[LOSS_MEAN][0]) - loss_c)
     w.checks.append(("loss L (formulas) vs the compiled C", err, err <= 1e-9 * max(1, abs(loss_c))))
-    for p in graph.params:
+    for p in graph.trainable_params:
         e = diff(env[grad_name(p)], grads_c[p])
         scale = max(1.0, float(np.max(np.abs(grads_c[p]))) if grads_c[p].size else 1.0)
         w.checks.append((f"∂L/∂{p} (chain rule, step by step) vs model.gradients (C)", e, e <= 1e-9 * scale))

@@ -858,9 +858,11 @@ def select(graph: Graph, wrt) -> tuple[list[str], dict[str, tuple[int, ...]]]:
     for one element of it, a list of these, or None for every param."""
     if graph.loss is None:
         raise GraphcError(f"graph '{graph.name}' has no loss, so there is no gradient to explain")
-    if not graph.params:
-        raise GraphcError(f"graph '{graph.name}' has no params, so there is no gradient to explain")
-    asked = list(graph.params) if wrt is None else [wrt] if isinstance(wrt, str) else list(wrt)
+    if not graph.trainable_params:
+        raise GraphcError(f"graph '{graph.name}' has no {'trainable ' if graph.params else ''}"
+                          "params, so there is no gradient to explain")
+    asked = list(graph.trainable_params) if wrt is None else [wrt] if isinstance(wrt, str) \
+        else list(wrt)
     chosen, elements = [], {}
     for item in asked:
         name, element = _param_element(graph, item)
@@ -888,6 +890,9 @@ def _param_element(graph: Graph, item) -> tuple[str, tuple[int, ...] | None]:
     if name not in graph.params:
         raise GraphcError(f"wrt: unknown param {name!r} (this model's params: "
                           f"{', '.join(graph.params)})")
+    if not graph.params[name].trainable:
+        raise GraphcError(f"wrt: param {name!r} is declared trainable: false: it has no "
+                          f"gradient (the trained params: {', '.join(graph.trainable_params)})")
     if index is None:
         return name, None
     shape = tuple(graph.params[name].shape)
