@@ -27,7 +27,7 @@ from .errors import GraphcError, InputError
 from .functions import for_lambdify, numpy_namespace
 from .graph import Graph
 from .init import init_params
-from .model import index_array
+from .indices import index_array
 from .optim import check_optimizer
 
 

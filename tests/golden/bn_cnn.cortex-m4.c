@@ -25,9 +25,9 @@ static void a_forward(size_t n, float *restrict a, const float *restrict K,
                     float acc = 0;
                     for (size_t i5 = 0; i5 < 3; ++i5) {
                         for (size_t i6 = 0; i6 < 3; ++i6) {
-                            if (i3 + i5 >= 1 && i4 + i6 >= 1 && i3 + i5 < 9 && i4 + i6 < 9) {
-                                acc += K[9*i1 + 3*i5 + i6]*x[64*b + 8*i3 + i4 + 8*i5 + i6 - 9];
-                            }
+                            acc += ((i3 + i5 >= 1 && i4 + i6 >= 1 && i3 + i5 < 9 && i4 + i6 < 9) ?
+                                    (x[64*b + 8*i3 + i4 + 8*i5 + i6 - 9]) : (0))*K[9*i1 + 3*i5 +
+                                    i6];
                         }
                     }
                     a[1024*b + 64*i1 + 8*i3 + i4] = relu((acc - mean[i1])*gamma_[i1]/sqrtf(var[i1] +
@@ -583,15 +583,13 @@ static void h_grad_3(size_t n, float *restrict dh, const float *restrict dbn_mea
     }
 }
 
-/* h: zero K.grad: K.grad[i0, i1, i2, i3] = 0 */
+/* h: zero K.grad: K.grad[i0, 0, i2, i3] = 0 */
 static void K_grad(float *restrict dK)
 {
     for (size_t i0 = 0; i0 < 16; ++i0) {
-        for (size_t i1 = 0; i1 < 1; ++i1) {
-            for (size_t i2 = 0; i2 < 3; ++i2) {
-                for (size_t i3 = 0; i3 < 3; ++i3) {
-                    dK[9*i0 + 9*i1 + 3*i2 + i3] = 0;
-                }
+        for (size_t i2 = 0; i2 < 3; ++i2) {
+            for (size_t i3 = 0; i3 < 3; ++i3) {
+                dK[9*i0 + 3*i2 + i3] = 0;
             }
         }
     }
