@@ -44,7 +44,9 @@ _MODEL_FLAGS = ("-std=c99", "-O3", "-fPIC")
 _GCC_MODEL_FLAGS = ("-std=c99", "-O2", "-ftree-vectorize", "-fvect-cost-model=dynamic", "-fPIC")
 # cffi's wrapper includes Python.h and is not pedantic-clean C99 (it casts object pointers to
 # function pointers), so it is compiled apart, with neither -std=c99 nor the caller's flags.
-_WRAPPER_FLAGS = ("-O3", "-fPIC")
+# -O1: it compiles in 0.15 s where -O3 took 0.27 s (every cold build pays it), and a call
+# through it measured the same (213 ns against 216 ns for an empty forward).
+_WRAPPER_FLAGS = ("-O1", "-fPIC")
 # macOS leaves the Python symbols to be resolved when the module is loaded.
 _LINK_FLAGS = ("-shared",) + (("-undefined", "dynamic_lookup") if sys.platform == "darwin" else ())
 

@@ -157,6 +157,14 @@ class GraphcPrinter(C99CodePrinter):
 
     _print_Pi = _print_Exp1 = _print_EulerGamma = _print_GoldenRatio = _print_NumberSymbol
 
+    def _print_Infinity(self, expr):
+        # C99's INFINITY is a float: in a double expression it would be a float-to-double
+        # promotion (-Wdouble-promotion); HUGE_VAL is the double infinity under IEEE 754.
+        return "INFINITY" if self.dtype == "float32" else "HUGE_VAL"
+
+    def _print_NegativeInfinity(self, expr):
+        return f"-{self._print_Infinity(expr)}"
+
     def _print_Integer(self, expr):
         # An int literal beyond 32 bits is not portable C (and 10**20 fits no integer type):
         # large values are floating constants.
@@ -167,10 +175,15 @@ class GraphcPrinter(C99CodePrinter):
         # On one line, `((c) ? (a) : (b))`; the base printer breaks it over six lines.
         if expr.args[-1].cond != True:  # noqa: E712 (a SymPy boolean)
             return super()._print_Piecewise(expr)   # raises: no default branch
-        text = f"({self._print(expr.args[-1].expr)})"
+        text = f"({self._print_branch(expr.args[-1].expr)})"
         for value, cond in reversed(expr.args[:-1]):
-            text = f"(({self._print(cond)}) ? ({self._print(value)}) : {text})"
+            text = f"(({self._print(cond)}) ? ({self._print_branch(value)}) : {text})"
         return text
+
+    def _print_branch(self, value):
+        # Every value is real: a branch of integers only (sign(x) is 1, -1 or 0) would
+        # otherwise be an int expression, converted where it meets a real (-Wconversion).
+        return self._print_Float(sp.Float(value)) if value.is_Integer else self._print(value)
 
     def _print_Relational(self, expr):
         lhs, rhs = expr.lhs, expr.rhs

@@ -63,15 +63,21 @@ def assert_close():
 
 
 # Warnings are errors for every model the op and numerics tests build: C that the suite
-# runs has been compiled under these flags (graphc compile checks the same before writing).
-STRICT_FLAGS = ("-Wall", "-Wextra", "-Wpedantic", "-Werror")
+# runs has been compiled under the review flags every target's C must pass (CHECK_FLAGS:
+# -Wconversion, -Wdouble-promotion, -Wshadow, ... with -Werror), which `graphc compile`
+# checks too before writing.
+from codegen.targets import CHECK_FLAGS as STRICT_FLAGS   # noqa: E402
 
 
-def compile_strict(spec, dtype: str = "float32", **kwargs):
-    """graphc.compile's model, with its C built under STRICT_FLAGS (cached like any build)."""
+def compile_strict(spec, dtype: str = "float32", *, target: str = "c99", **kwargs):
+    """graphc.compile's model for `target` (the host's with -march=native and -fopenmp),
+    its C built under STRICT_FLAGS (cached like any build)."""
     import graphc
     from codegen.build import build
+    from codegen.targets import get_target
     from graphc.model import CompiledModel
-    graph, cm = graphc.generate(spec, dtype, **kwargs)
-    built = build(graph.name, cm.source, cm.header, cm.cdef, extra_flags=STRICT_FLAGS)
+    graph, cm = graphc.generate(spec, dtype, target=target, **kwargs)
+    tgt = get_target(target)
+    built = build(graph.name, cm.source, cm.header, cm.cdef,
+                  extra_flags=(*tgt.build_flags, *STRICT_FLAGS), machine=tgt.machine)
     return CompiledModel(graph, cm, built)

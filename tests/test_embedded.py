@@ -313,24 +313,14 @@ def _write(cm, directory: Path) -> Path:
 def test_cross_compiles_warning_free(target, dtype, tmp_path):
     """-Wdouble-promotion: float32 code never computes in double (no FPU for it on an M4F);
     -Wvla: no variable-length arrays."""
-    flags = TARGETS[target].cpu_flags() + firmware.CFLAGS
+    # Without -g: the warnings are the same, and debug info is a fifth of the compile.
+    flags = TARGETS[target].cpu_flags() + tuple(f for f in firmware.CFLAGS if f != "-g")
     assert "-Wdouble-promotion" in flags and "-Wvla" in flags and "-Werror" in flags
     for k, spec in enumerate(EXAMPLES):
         _, cm = graphc.generate(spec, dtype, target=target)
         src = _write(cm, tmp_path / str(k))
         r = subprocess.run([firmware.CC, *flags, "-c", src.name, "-o", "m.o"], cwd=src.parent,
                            capture_output=True, text=True)
-        assert r.returncode == 0 and not r.stderr, f"{spec.name}: {r.stderr}"
-
-
-@pytest.mark.skipif(shutil.which(CC) is None, reason="no C compiler")
-@pytest.mark.parametrize("target", list(TARGETS))
-def test_host_compile_with_every_targets_checks(target, tmp_path):
-    for k, spec in enumerate(EXAMPLES):
-        _, cm = graphc.generate(spec, "float32", target=target)
-        src = _write(cm, tmp_path / str(k))
-        r = subprocess.run([CC, *TARGETS[target].check_flags, "-Wdouble-promotion", "-O2", "-c",
-                            src.name, "-o", "m.o"], cwd=src.parent, capture_output=True, text=True)
         assert r.returncode == 0 and not r.stderr, f"{spec.name}: {r.stderr}"
 
 

@@ -26,6 +26,7 @@ import sympy as sp
 
 import graphc
 from codegen.build import check_strict
+from codegen.printer import c_literal
 from codegen.targets import get_target
 from graphc.derive import derive
 from graphc.errors import InputError
@@ -218,7 +219,7 @@ def test_c_text_reads_indices_as_int32_and_builds_under_every_targets_warnings(t
         flat = " ".join(src.split())   # lines are broken at 100 characters
         # an index read is cast where it becomes an offset, compared as int32 where guarded
         assert "((tokens[6*b + i0] >= 0 && tokens[6*b + i0] < 10) ? " \
-               "(E[(size_t)tokens[6*b + i0]*4 + i1]) : (0))" in flat
+               f"(E[(size_t)tokens[6*b + i0]*4 + i1]) : ({c_literal(0.0, dtype)}))" in flat
         assert "if (y[b] >= 0 && y[b] < 5) { dlogits[(size_t)y[b] + 5*b] += -inv_n; }" in flat
         # the scatter into the table: its guard tested once the loops it reads are open
         assert "if (tokens[6*b + i0] >= 0 && tokens[6*b + i0] < 10) { " \

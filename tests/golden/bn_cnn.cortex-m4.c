@@ -26,7 +26,7 @@ static void a_forward(size_t n, float *restrict a, const float *restrict K,
                     for (size_t i5 = 0; i5 < 3; ++i5) {
                         for (size_t i6 = 0; i6 < 3; ++i6) {
                             acc += ((i3 + i5 >= 1 && i4 + i6 >= 1 && i3 + i5 < 9 && i4 + i6 < 9) ?
-                                    (x[64*b + 8*i3 + i4 + 8*i5 + i6 - 9]) : (0))*K[9*i1 + 3*i5 +
+                                    (x[64*b + 8*i3 + i4 + 8*i5 + i6 - 9]) : (0.0F))*K[9*i1 + 3*i5 +
                                     i6];
                         }
                     }
@@ -168,7 +168,7 @@ static void h_forward(size_t n, float *restrict h, const float *restrict K, cons
                         for (size_t i6 = 0; i6 < 3; ++i6) {
                             h[1024*b + 64*i1 + 8*i3 + i4] += ((i3 + i5 >= 1 && i4 + i6 >= 1 && i3 +
                                     i5 < 9 && i4 + i6 < 9) ? (x[64*b + 8*i3 + i4 + 8*i5 + i6 - 9]) :
-                                    (0))*K[9*i1 + 3*i5 + i6];
+                                    (0.0F))*K[9*i1 + 3*i5 + i6];
                         }
                     }
                 }
@@ -404,8 +404,8 @@ static void a_grad_2(size_t n, float *restrict da, const float *restrict p_argma
                     for (size_t i3 = 0; i3 < 2; ++i3) {
                         for (size_t i4 = 0; i4 < 2; ++i4) {
                             da[1024*b + 64*i0 + 16*i1 + 2*i2 + 8*i3 + i4] += (((float)(2*i3 + i4) ==
-                                    p_argmax[256*b + 16*i0 + 4*i1 + i2]) ? (1) : (0))*dp[256*b +
-                                    16*i0 + 4*i1 + i2];
+                                    p_argmax[256*b + 16*i0 + 4*i1 + i2]) ? (1.0F) : (0.0F))*dp[256*b
+                                    + 16*i0 + 4*i1 + i2];
                         }
                     }
                 }
@@ -426,7 +426,7 @@ static void bn_grad(size_t n, float *restrict dbn, const float *restrict da,
             for (size_t i1 = 0; i1 < 8; ++i1) {
                 for (size_t i2 = 0; i2 < 8; ++i2) {
                     dbn[1024*b + 64*i0 + 8*i1 + i2] = ((bn[1024*b + 64*i0 + 8*i1 + i2] <=
-                            (float)(0)) ? (0) : (1))*da[1024*b + 64*i0 + 8*i1 + i2];
+                            (float)(0)) ? (0.0F) : (1.0F))*da[1024*b + 64*i0 + 8*i1 + i2];
                 }
             }
         }
@@ -610,7 +610,7 @@ static void K_grad_2(size_t n, float *restrict dK, const float *restrict dh,
                         for (size_t i6 = 0; i6 < 3; ++i6) {
                             dK[9*i1 + 3*i5 + i6] += ((i3 + i5 >= 1 && i4 + i6 >= 1 && i3 + i5 < 9 &&
                                     i4 + i6 < 9) ? (x[64*b + 8*i3 + i4 + 8*i5 + i6 - 9]) :
-                                    (0))*dh[1024*b + 64*i1 + 8*i3 + i4];
+                                    (0.0F))*dh[1024*b + 64*i1 + 8*i3 + i4];
                         }
                     }
                 }

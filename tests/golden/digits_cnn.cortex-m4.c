@@ -25,7 +25,7 @@ static void a1_forward(size_t n, float *restrict a1, const float *restrict K1,
                     for (size_t i5 = 0; i5 < 3; ++i5) {
                         for (size_t i6 = 0; i6 < 3; ++i6) {
                             acc += ((i3 + i5 >= 1 && i4 + i6 >= 1 && i3 + i5 < 9 && i4 + i6 < 9) ?
-                                    (x[64*b + 8*i3 + i4 + 8*i5 + i6 - 9]) : (0))*K1[9*i1 + 3*i5 +
+                                    (x[64*b + 8*i3 + i4 + 8*i5 + i6 - 9]) : (0.0F))*K1[9*i1 + 3*i5 +
                                     i6];
                         }
                     }
@@ -77,7 +77,7 @@ static void a2_forward(size_t n, float *restrict a2, const float *restrict K2,
                             for (size_t i6 = 0; i6 < 3; ++i6) {
                                 acc += ((i3 + i5 >= 1 && i4 + i6 >= 1 && i3 + i5 < 5 && i4 + i6 < 5)
                                         ? (p1[256*b + 16*i2 + 4*i3 + i4 + 4*i5 + i6 - 5]) :
-                                        (0))*K2[144*i1 + 9*i2 + 3*i5 + i6];
+                                        (0.0F))*K2[144*i1 + 9*i2 + 3*i5 + i6];
                             }
                         }
                     }
@@ -211,7 +211,7 @@ static void h1_forward(size_t n, float *restrict h1, const float *restrict K1,
                     for (size_t i5 = 0; i5 < 3; ++i5) {
                         for (size_t i6 = 0; i6 < 3; ++i6) {
                             acc += ((i3 + i5 >= 1 && i4 + i6 >= 1 && i3 + i5 < 9 && i4 + i6 < 9) ?
-                                    (x[64*b + 8*i3 + i4 + 8*i5 + i6 - 9]) : (0))*K1[9*i1 + 3*i5 +
+                                    (x[64*b + 8*i3 + i4 + 8*i5 + i6 - 9]) : (0.0F))*K1[9*i1 + 3*i5 +
                                     i6];
                         }
                     }
@@ -281,7 +281,7 @@ static void h2_forward(size_t n, float *restrict h2, const float *restrict K2,
                             for (size_t i6 = 0; i6 < 3; ++i6) {
                                 acc += ((i3 + i5 >= 1 && i4 + i6 >= 1 && i3 + i5 < 5 && i4 + i6 < 5)
                                         ? (p1[256*b + 16*i2 + 4*i3 + i4 + 4*i5 + i6 - 5]) :
-                                        (0))*K2[144*i1 + 9*i2 + 3*i5 + i6];
+                                        (0.0F))*K2[144*i1 + 9*i2 + 3*i5 + i6];
                             }
                         }
                     }
@@ -449,8 +449,8 @@ static void a2_grad_2(size_t n, float *restrict da2, const float *restrict p2_ar
                     for (size_t i3 = 0; i3 < 2; ++i3) {
                         for (size_t i4 = 0; i4 < 2; ++i4) {
                             da2[512*b + 16*i0 + 8*i1 + 2*i2 + 4*i3 + i4] += (((float)(2*i3 + i4) ==
-                                    p2_argmax[128*b + 4*i0 + 2*i1 + i2]) ? (1) : (0))*dp2[128*b +
-                                    4*i0 + 2*i1 + i2];
+                                    p2_argmax[128*b + 4*i0 + 2*i1 + i2]) ? (1.0F) :
+                                    (0.0F))*dp2[128*b + 4*i0 + 2*i1 + i2];
                         }
                     }
                 }
@@ -471,7 +471,7 @@ static void h2_grad(size_t n, float *restrict dh2, const float *restrict da2,
             for (size_t i1 = 0; i1 < 4; ++i1) {
                 for (size_t i2 = 0; i2 < 4; ++i2) {
                     dh2[512*b + 16*i0 + 4*i1 + i2] = ((h2[512*b + 16*i0 + 4*i1 + i2] <= (float)(0))
-                            ? (0) : (1))*da2[512*b + 16*i0 + 4*i1 + i2];
+                            ? (0.0F) : (1.0F))*da2[512*b + 16*i0 + 4*i1 + i2];
                 }
             }
         }
@@ -496,7 +496,7 @@ static void K2_grad(size_t n, float *restrict dK2, const float *restrict dh2,
                             for (size_t i4 = 0; i4 < 4; ++i4) {
                                 acc += ((i3 + i5 >= 1 && i4 + i6 >= 1 && i3 + i5 < 5 && i4 + i6 < 5)
                                         ? (p1[256*b + 16*i2 + 4*i3 + i4 + 4*i5 + i6 - 5]) :
-                                        (0))*dh2[512*b + 16*i1 + 4*i3 + i4];
+                                        (0.0F))*dh2[512*b + 16*i1 + 4*i3 + i4];
                             }
                         }
                     }
@@ -592,8 +592,8 @@ static void a1_grad_2(size_t n, float *restrict da1, const float *restrict p1_ar
                     for (size_t i3 = 0; i3 < 2; ++i3) {
                         for (size_t i4 = 0; i4 < 2; ++i4) {
                             da1[1024*b + 64*i0 + 16*i1 + 2*i2 + 8*i3 + i4] += (((float)(2*i3 + i4)
-                                    == p1_argmax[256*b + 16*i0 + 4*i1 + i2]) ? (1) : (0))*dp1[256*b
-                                    + 16*i0 + 4*i1 + i2];
+                                    == p1_argmax[256*b + 16*i0 + 4*i1 + i2]) ? (1.0F) :
+                                    (0.0F))*dp1[256*b + 16*i0 + 4*i1 + i2];
                         }
                     }
                 }
@@ -614,7 +614,7 @@ static void h1_grad(size_t n, float *restrict dh1, const float *restrict da1,
             for (size_t i1 = 0; i1 < 8; ++i1) {
                 for (size_t i2 = 0; i2 < 8; ++i2) {
                     dh1[1024*b + 64*i0 + 8*i1 + i2] = ((h1[1024*b + 64*i0 + 8*i1 + i2] <=
-                            (float)(0)) ? (0) : (1))*da1[1024*b + 64*i0 + 8*i1 + i2];
+                            (float)(0)) ? (0.0F) : (1.0F))*da1[1024*b + 64*i0 + 8*i1 + i2];
                 }
             }
         }
@@ -648,7 +648,7 @@ static void K1_grad_2(size_t n, float *restrict dK1, const float *restrict dh1,
                         for (size_t i6 = 0; i6 < 3; ++i6) {
                             dK1[9*i1 + 3*i5 + i6] += ((i3 + i5 >= 1 && i4 + i6 >= 1 && i3 + i5 < 9
                                     && i4 + i6 < 9) ? (x[64*b + 8*i3 + i4 + 8*i5 + i6 - 9]) :
-                                    (0))*dh1[1024*b + 64*i1 + 8*i3 + i4];
+                                    (0.0F))*dh1[1024*b + 64*i1 + 8*i3 + i4];
                         }
                     }
                 }

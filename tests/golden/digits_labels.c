@@ -321,7 +321,7 @@ static void batch_mean_loss(size_t n, float *restrict batch_loss, const float *r
     const float inv_n = 1 / (float)n;
     float acc = 0;
     for (size_t b = 0; b < n; ++b) {
-        acc += -((y[b] >= 0 && y[b] < 10) ? (logits[(size_t)y[b] + 10*b]) : (0)) +
+        acc += -((y[b] >= 0 && y[b] < 10) ? (logits[(size_t)y[b] + 10*b]) : (0.0F)) +
                 logf(loss_sumexp[b]) + loss_max[b];
     }
     batch_loss[0] = acc*inv_n;
