@@ -37,6 +37,7 @@ class Entry:
     outputs: tuple[str, ...]   # forward outputs it writes
     loss_buffer: str | None = None
     work_before: int = 0       # work elements in front of the program's arena (train_step's grads)
+    takes_step: bool = False   # a `uint32_t step` after n: which dropout masks it draws
 
     def work_fixed(self) -> int:
         return self.work_before + self.memory.fixed

@@ -31,12 +31,16 @@ from .cmodule import CModule, Entry, KernelCall   # apart: unpickling one needs 
 from .cnames import Namer, buffer_word, kernel_word
 from .ctext import comment, doc, wrap
 from .plan import MemoryPlan, round_up
-from .printer import (HELPERS, GraphcPrinter, LiteralRangeError, c_array,
+from .printer import (HELPER_SUPPORT, HELPERS, GraphcPrinter, LiteralRangeError, c_array,
                       helper_source, prepare)
 from .targets import Target, get_target
 from .tiles import BlockedWriter, operands, tiling, wants_helpers
 
 MAX_PERMUTED_LOOPS = 6
+# A kernel's scalar arguments, in this order before its arrays.
+SCALAR_PARAMETERS = {"n": "size_t n", "step": "uint32_t step"}
+# An emitted kernel: its function's name, its buffer arguments, the scalars before them.
+Emitted = tuple[str, list[str], tuple[str, ...]]
 ENTRY_KINDS = ("forward", "evaluate", "gradients", "train_step", "predict")
 
 
@@ -174,6 +178,9 @@ def common_subexpressions(exprs, printer, names=None) -> tuple[list[tuple[str, s
     # guarded branch it sits in would read before its guard is tested.
     whole.update({a: sp.Dummy() for e in exprs for a in e.atoms(sp.Indexed)
                   if a.is_integer or any(i.has(sp.Indexed) for i in a.indices)})
+    # So do calls of integers only (dropout's mask): their index arithmetic is size_t.
+    whole.update({f: sp.Dummy() for e in exprs for f in e.atoms(sp.Function)
+                  if f.args and all(a.is_integer for a in f.args)})
     back = {d: c for c, d in whole.items()}
     temps, final = sp.cse([e.xreplace(whole) for e in exprs], symbols=names, order="canonical")
     return ([(str(t), printer.doprint(prepare(v.xreplace(back)))) for t, v in temps],
@@ -204,12 +211,14 @@ class Emitter:
         self.calls: dict[str, tuple[KernelCall, ...]] = {}   # entry kind -> its kernel calls
         # File-scope names: entry points, helpers, kernels as they are named.
         self.names = Namer([f"{name}_{kind}" for kind in ENTRY_KINDS] + list(HELPERS)
+                           + [f for support in HELPER_SUPPORT.values() for f in support]
                            + ["trained_params"])
         self._emitted: dict[str, str] = {}
-        self._printed: dict[tuple, tuple[str, list[str], bool]] = {}
+        self._printed: dict[tuple, Emitted] = {}
         self._printers: list[GraphcPrinter] = []
         self.constant_fields: dict[str, str] = {}   # node -> the spec field its constants are in
         self.input_dtypes: dict[str, str] = {}      # int32 inputs (the rest are real)
+        self.takes_step = False                     # the gradients entry draws dropout masks
 
     def ctype(self, dtype: str) -> str:
         """The C element type of a buffer or input: the model's real, or int32_t."""
@@ -219,9 +228,9 @@ class Emitter:
         return self.ctype(self.input_dtypes.get(name, REAL))
 
     # -------------------------------------------------------- kernels
-    def kernel(self, kern: Kernel, buffers: dict[str, Buffer]) -> tuple[str, list[str], bool]:
+    def kernel(self, kern: Kernel, buffers: dict[str, Buffer]) -> Emitted:
         """Emit one static kernel function; returns its name, its buffer arguments and
-        whether it takes the batch size."""
+        the scalars it takes before them (n, step: SCALAR_PARAMETERS)."""
         try:
             return self._kernel(kern, buffers)
         except LiteralRangeError as e:
@@ -233,7 +242,7 @@ class Emitter:
         self._printers.append(p)
         return p
 
-    def _kernel(self, kern: Kernel, buffers: dict[str, Buffer]) -> tuple[str, list[str], bool]:
+    def _kernel(self, kern: Kernel, buffers: dict[str, Buffer]) -> Emitted:
         reads = kern.reads()
         assert kern.out not in reads, f"{kern.node}: kernel reads its own output"
         args = [kern.out] + reads
@@ -253,11 +262,13 @@ class Emitter:
         order, strategy = schedule(kern, buffers) if tiled is None else ([], "tiles")
         extent = dict(kern.loops)
         uses_n = kern.uses_batch()
+        # The scalars a kernel takes before its arrays: the batch size, the train step's count.
+        scalars = ("n",) * uses_n + ("step",) * kern.uses_step()
         # 1/n (a batch mean's factor) once per call, not a division per element.
         original = kern
         kern, inverse_n = divide_by_batch_once(kern)
         fname = "KERNEL"   # a placeholder: the name is chosen below, once the text is new
-        params = (["size_t n"] if uses_n else []) + [f"{self.real} *restrict a0"] + \
+        params = [SCALAR_PARAMETERS[s] for s in scalars] + [f"{self.real} *restrict a0"] + \
             [f"const {self.ctype(buffers[b].dtype)} *restrict {cvar[b]}" for b in reads]
         lines = [comment(f"{kern.node}: {kern.note}: {original.pretty()}"),
                  f"static void {fname}({', '.join(params)})", "{"]
@@ -359,7 +370,7 @@ class Emitter:
             # The loops become `<name>_tiles`; `<name>` runs them in a parallel region when
             # the kernel is big (OpenMP builds only) and on the calling thread otherwise.
             lines[1] = lines[1].replace(f"void {fname}(", f"void {fname}_tiles(")
-            call = f"{fname}_tiles({', '.join(['n'] * uses_n + [cvar[b] for b in args])});"
+            call = f"{fname}_tiles({', '.join(list(scalars) + [cvar[b] for b in args])});"
             lines += ["", f"static void {fname}({', '.join(params)})", "{", "#ifdef _OPENMP"]
             if parallel:
                 lines += [f"    if ({parallel}) {{", "#pragma omp parallel", f"        {call}",
@@ -378,8 +389,8 @@ class Emitter:
             text = wrap(text)
             self.kernels.append(text)
             self.functions[fname] = text
-        self._printed[memo] = (fname, args, uses_n)
-        return fname, args, uses_n
+        self._printed[memo] = (fname, args, scalars)
+        return fname, args, scalars
 
     def _readable(self, text: str, fname: str, args: list[str]) -> tuple[str, list[str]]:
         """The kernel's text with its name and its arguments named after their buffers
@@ -402,6 +413,7 @@ class Emitter:
         if e.kind == "gradients":
             args.append((f"{real} *", "grads"))
         args += [(f"{real} *", "work"), ("size_t ", "n")]
+        args += [("uint32_t ", "step")] if e.takes_step else []
         args += [(f"const {self.input_type(i)} *", f"in_{i}") for i in e.inputs]
         args += [(f"{real} *", f"out_{o}") for o in e.outputs]
         ret = real if e.loss_buffer else "void"
@@ -441,11 +453,10 @@ class Emitter:
             body += ["        return 0;" if e.loss_buffer else "        return;", "    }"]
         calls = []
         for index, kern in enumerate(prog.kernels):
-            fname, bufs, uses_n = self.kernel(kern, prog.buffers)
-            if uses_n:
-                used.add("n")
+            fname, bufs, scalars = self.kernel(kern, prog.buffers)
+            used.update(scalars)
             pointers = [pointer(b) for b in bufs]
-            text = f"{fname}({', '.join((['n'] if uses_n else []) + pointers)})"
+            text = f"{fname}({', '.join(list(scalars) + pointers)})"
             body.append(f"    {text};")
             calls.append(KernelCall(index, fname, text,
                                     tuple(zip(self.parameters[fname], bufs, pointers))))
@@ -534,10 +545,19 @@ class Emitter:
         proto = f"{r} {e.c_name}({', '.join([f'{r} *params', f'{r} *state', f'{r} *work', 'size_t n'] + ins)})"
         self.prototypes.append((doc, proto))
         call = ", ".join(["params", "work", f"work + {e.work_before}", "n"] +
-                         [f"in_{i}" for i in gradients.inputs])
+                         ["step"] * gradients.takes_step + [f"in_{i}" for i in gradients.inputs])
         body = [proto, "{",
             "    if (n == 0) {   /* no examples: no step, params and state unchanged */",
-            "        return 0;", "    }",
+            "        return 0;", "    }"]
+        if gradients.takes_step:
+            # This step's dropout masks: the count of steps taken (whole numbers, exact in
+            # the state up to 2^24 steps in float); a count the state cannot hold is 0,
+            # never an undefined conversion.
+            limit = "4294967296.0" + ("F" if self.dtype == "float32" else "")   # 2^32
+            body += [f"    const {r} count = state[{self.macro}_STATE_step_OFFSET];",
+                     f"    const uint32_t step = count >= 0 && count < {limit} ? "
+                     "(uint32_t)count : 0;"]
+        body += [
             f"    const {r} loss = {gradients.c_name}({call});",
             f"    {self.update_name}(params, work, state);"]
         if self.running_name:
@@ -575,7 +595,8 @@ class Emitter:
         out = [comment(f"{self.name}.h: generated by graphc; do not edit.")]
         out += [doc(textwrap.wrap(note, 88, break_on_hyphens=False))] if note else []
         out += [f"#ifndef {guard}", f"#define {guard}", "", "#include <stddef.h>"]
-        out += ["#include <stdint.h>"] if self.input_dtypes else []   # int32_t inputs
+        # int32_t inputs, a uint32_t step
+        out += ["#include <stdint.h>"] if self.input_dtypes or self.takes_step else []
         out += [""]
         out += self.constants + [""]
         # C linkage for C++ callers (firmware is often C++): the names stay unmangled.
@@ -640,9 +661,12 @@ def emit(face: Interface, programs: dict[str, tuple[Program, MemoryPlan]],
         entries["evaluate"] = Entry("evaluate", f"{name}_evaluate", *programs["evaluate"],
                                     face.reads["evaluate"], outputs, LOSS_MEAN)
     if "gradients" in programs:
+        program = programs["gradients"][0]
         entries["gradients"] = Entry("gradients", f"{name}_gradients", *programs["gradients"],
-                                     face.reads["gradients"], (), LOSS_MEAN)
+                                     face.reads["gradients"], (), LOSS_MEAN,
+                                     takes_step=any(k.uses_step() for k in program.kernels))
     em.params_size = params_size
+    em.takes_step = "gradients" in entries and entries["gradients"].takes_step
     em.use_helpers = wants_helpers(e.program for e in entries.values())
     rule = update if "gradients" in programs else None
     state_offsets: dict[str, int] = {}
@@ -743,6 +767,9 @@ def emit(face: Interface, programs: dict[str, tuple[Program, MemoryPlan]],
             f"{g.c_name}: the batch-mean loss '{face.loss}', and its gradient in grads.",
             f"  params: {M}_PARAMS_SIZE elements; grads: {M}_PARAMS_SIZE elements, overwritten",
             f"  work:   at least {M}_GRADIENTS_WORK_SIZE(n) elements, caller-owned scratch",
+            *(["  step:   which dropout masks to draw (a pure function of it, the node and the",
+                "          element); train_step passes its count of steps taken"]
+              if g.takes_step else []),
             *[f"  in_{i}: n x {M}_INPUT_{i}_SIZE {elements(i)}" for i in g.inputs],
             *([f"Batch norm runs in training mode (the batch's statistics). From "
                f"{M}_TRAINABLE_SIZE on,",

@@ -62,7 +62,9 @@ def harness(cmodule, params_flat: np.ndarray | None, inputs: dict[str, np.ndarra
         out.append(f'    print_array("{o}", out_{o}, {size});')
     if "gradients" in cmodule.entries:
         g = cmodule.entries["gradients"]
-        args = ", ".join(["params", "grads", "work", str(n)] + [f"in_{i}" for i in g.inputs])
+        # Dropout's masks of step 0: those of the first train step, as the reference draws.
+        args = ", ".join(["params", "grads", "work", str(n)] + ["0"] * g.takes_step
+                         + [f"in_{i}" for i in g.inputs])
         out.append(f"    {{ {real} loss = {g.c_name}({args});")
         out.append('      print_array("loss", &loss, 1); }')
         out.append(f'    print_array("grads", grads, {cmodule.params_size});')
@@ -155,8 +157,8 @@ def batch_sweep(cmodule, params_flat: np.ndarray, inputs: dict[str, np.ndarray],
     if "gradients" in entries:
         g = entries["gradients"]
         out.append(f"    {real} *grads = malloc({macro}_PARAMS_SIZE * sizeof *grads);")
-        call("gradients", ["params", "grads", "work", "n", *(f"in_{i}" for i in g.inputs)],
-             "loss")
+        call("gradients", ["params", "grads", "work", "n", *["0"] * g.takes_step,
+                           *(f"in_{i}" for i in g.inputs)], "loss")
         out += [f'    print_array("gradients.grads", n, grads, {macro}_PARAMS_SIZE);',
                 "    free(grads);"]
     if "train_step" in entries:

@@ -46,6 +46,14 @@ class GraphcPrinter(C99CodePrinter):
     def _print_leaky_relu(self, expr):
         return self._helper("leaky_relu", *expr.args)
 
+    def _print_dropout_keep(self, expr):
+        # The key and threshold as unsigned literals (a key may pass 2^31), the element's
+        # flat index cast to the generator's 32-bit word.
+        key, step, element, threshold = expr.args
+        self.helpers_used.add("dropout_keep")
+        return (f"dropout_keep({int(key):#x}U, {self._print(step)}, "
+                f"(uint32_t)({self._print(element)}), {int(threshold):#x}U)")
+
     def _print_maximum(self, expr):
         # libm's fmax drops a NaN operand; torch.maximum propagates it.
         return self._nested("maximum", expr.args)
@@ -245,12 +253,25 @@ HELPERS = {
     # As torch.maximum and torch.minimum: a NaN operand gives NaN.
     "maximum": "static T maximum(T a, T b)\n{\n    return (a > b || isnan(a)) ? a : b;\n}",
     "minimum": "static T minimum(T a, T b)\n{\n    return (a < b || isnan(a)) ? a : b;\n}",
+    # graphc/dropout.py's generator (lowbias32 rounds), its bits compared as keep_mask does.
+    "dropout_keep": "static uint32_t dropout_mix(uint32_t x)\n{\n    x ^= x >> 16;\n"
+                    "    x *= 0x7feb352dU;\n    x ^= x >> 15;\n    x *= 0x846ca68bU;\n"
+                    "    x ^= x >> 16;\n    return x;\n}\n\n"
+                    "/* 1 where dropout keeps the element at this step, else 0. */\n"
+                    "static T dropout_keep(uint32_t key, uint32_t step, uint32_t element, "
+                    "uint32_t threshold)\n{\n"
+                    "    const uint32_t stream = dropout_mix(dropout_mix(key) ^ step);\n"
+                    "    const uint32_t bits = dropout_mix(dropout_mix(element ^ stream) + stream);"
+                    "\n    return (bits >> 8) < threshold ? (T)1 : (T)0;\n}",
 }
+# File-scope functions a helper's text defines besides the one it is named after.
+HELPER_SUPPORT = {"dropout_keep": ("dropout_mix",)}
 
 
 def helper_source(name: str, dtype: str) -> str:
     t = DTYPES[dtype]
-    return HELPERS[name].replace("T ", t.c_type + " ").replace("F(", t.libm + "(")
+    return HELPERS[name].replace("T ", t.c_type + " ").replace("(T)", f"({t.c_type})") \
+        .replace("F(", t.libm + "(")
 
 
 def c_literal(x: float, dtype: str) -> str:

@@ -66,6 +66,9 @@ def _digits(graph) -> dict[str, np.ndarray]:
     for name, value in graph.inputs.items():
         if value.dtype == "int32" and value.shape == ():
             kind, array = "labels", d.target.astype(np.int32)   # class indices 0..9
+        elif value.dtype == "int32" and value.shape in DIGITS_IMAGES:
+            # the pixels' 17 levels (0..16) as tokens, for an embedding of 17 rows
+            kind, array = "images", d.data.astype(np.int32).reshape((-1,) + value.shape)
         elif value.shape in DIGITS_IMAGES and value.dtype != "int32":
             kind, array = "images", images.reshape((-1,) + value.shape)
         elif value.shape == DIGITS_LABELS and value.dtype != "int32":
@@ -74,8 +77,9 @@ def _digits(graph) -> dict[str, np.ndarray]:
             raise GraphcError(f"the digits data set does not fit input '{name}' of shape "
                               f"{list(value.shape)}{' (int32)' * (value.dtype == 'int32')}: "
                               "it has images of shape [64] (or [8, 8], or [1, 8, 8] for a "
-                              "convolution), and labels one-hot of shape [10] or as int32 "
-                              "class indices of shape []")
+                              "convolution; int32 for the pixel levels 0 to 16 as tokens), "
+                              "and labels one-hot of shape [10] or as int32 class indices "
+                              "of shape []")
         if kind in taken:
             raise GraphcError(f"inputs '{taken[kind]}' and '{name}' would both get the digits "
                               f"{kind}: give the images and the labels one input each")

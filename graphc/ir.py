@@ -34,6 +34,9 @@ import sympy as sp
 from .dtypes import DTYPES, DType  # noqa: F401  (part of the IR contract)
 
 BATCH = sp.Symbol("n", integer=True, positive=True)  # the runtime batch size
+# The train step's count in a training program: which masks dropout draws (graphc/dropout.py).
+# A kernel that reads it takes it as an argument, as it takes n.
+STEP = sp.Symbol("step", integer=True, nonnegative=True)
 ACC = sp.Symbol("acc", real=True)                    # the reduced value inside `post`
 ASSIGN, SUM, MAX, ACCUMULATE, ARGMAX = MODES = ("assign", "sum", "max", "accumulate", "argmax")
 
@@ -272,6 +275,10 @@ class Kernel:
         """Whether the kernel needs the batch size: a loop over it, or n in its formulas."""
         return any(e == BATCH for _, e in self.loops) or self.body.has(BATCH) \
             or self.post.has(BATCH)
+
+    def uses_step(self) -> bool:
+        """Whether the kernel draws dropout masks: the train step's count in its formulas."""
+        return self.body.has(STEP) or self.post.has(STEP)
 
     def reduction_loops(self) -> list[sp.Symbol]:
         used = set().union(*[e.free_symbols for e in self.out_index]) if self.out_index else set()

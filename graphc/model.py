@@ -318,9 +318,12 @@ class CompiledModel:
 
     def gradients(self, **inputs) -> tuple[float, dict[str, np.ndarray]]:
         """(batch-mean loss, gradient of it for every trainable param), in training mode
-        (batch norm normalizes by the batch's statistics, as the train step does)."""
+        (batch norm normalizes by the batch's statistics, as the train step does; dropout
+        draws the masks of the next train step: `optimizer_state()["step"]`)."""
         with self._lock:
             fn, n, work, ptrs, _ = self._prepare("gradients", "take gradients", inputs)
+            if self.cmodule.entries["gradients"].takes_step:
+                ptrs.insert(0, self._step_count())
             loss = fn(self._c_params, self._c_grads, work, n, *ptrs)
             return float(loss), self._params.get(self._grads, self.graph.trainable_params)
 
@@ -336,6 +339,13 @@ class CompiledModel:
         with self._lock:
             fn, n, work, ptrs, _ = self._prepare("train_step", "train", inputs)
             return fn(self._c_params, self._c_state, work, n, *ptrs)   # cffi gives a float
+
+    def _step_count(self) -> int:
+        """The steps taken, as the C train step reads them from the state (a count the
+        state cannot hold is 0)."""
+        at = self.cmodule.state_offsets.get("step")
+        count = float(self._state[at]) if at is not None else 0.0
+        return int(count) if 0 <= count < 2.0 ** 32 else 0
 
     def reset_optimizer(self) -> None:
         """Zero the optimizer state: the next step is a first step again."""

@@ -18,10 +18,11 @@ from typing import Any, Callable
 
 import sympy as sp
 
+from .dropout import dropout_keep, keep_threshold, node_key
 from .errors import SpecError
 from .formula import number
 from .functions import leaky_relu, relu, sigmoid, softplus
-from .ir import (ACC, ASSIGN, BATCH, INT32, MAX, SUM, Buffer, Kernel, grad_name,
+from .ir import (ACC, ASSIGN, BATCH, INT32, MAX, STEP, SUM, Buffer, Kernel, grad_name,
                  index_symbols, range_guard)
 
 Shape = tuple[int, ...]
@@ -1068,6 +1069,39 @@ register(OpDef("batch_norm", (5, 5), _batch_norm_shape, _batch_norm_lower,
                    "axes: batch statistics in training, running ones otherwise",
                param_inputs={1: "param", 2: "param", 3: "statistic", 4: "statistic"},
                param_init={1: "ones", 4: "ones"}, modes=True))
+
+
+# ---------------------------------------------------------------- dropout
+
+def _dropout_shape(node, shapes, attrs):
+    if not 0 <= attrs["p"] < 1:
+        raise SpecError(f"must lie in [0, 1), got {attrs['p']!r}", node=node, field="p")
+    return shapes[0]
+
+
+def _dropout_lower(L: Lowering) -> None:
+    # Inverted dropout, as torch: in training y = x·keep/(1 − p), keep drawn per element
+    # and train step by graphc/dropout.py's generator (the backward draws it again, so
+    # nothing is stored); otherwise y = x.
+    (x,) = L.inputs
+    p = L.attrs["p"]
+    if not L.training or p == 0:
+        L.map(L.out, lambda idx: L.at(x, idx))
+        return
+    idx = L.indices(len(x.shape))
+    element = _ravel(x.shape, idx)
+    if x.batched:
+        element += L.batch * math.prod(x.shape)
+    keep = dropout_keep(node_key(L.node, L.attrs["seed"]), STEP, element, keep_threshold(p))
+    L.kernel(L.out, idx, list(zip(idx, x.shape)), L.at(x, idx) * keep / number(1 - p))
+
+
+register(OpDef("dropout", (1, 1), _dropout_shape, _dropout_lower,
+               {"p": Attr("float", 0.5, doc="the probability of zeroing an element, in [0, 1)"),
+                "seed": Attr("int", 0, doc="with the node's name, which masks it draws")},
+               input_names=("x",),
+               doc="torch's inverted dropout in training (the gradients and the train "
+                   "step), the identity otherwise", modes=True))
 
 
 # ---------------------------------------------------------------- losses (per example)

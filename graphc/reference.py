@@ -22,6 +22,7 @@ from typing import Callable
 import numpy as np
 import sympy as sp
 
+from .dropout import keep_mask, keep_threshold, node_key
 from .dtypes import DTYPES
 from .errors import GraphcError, InputError
 from .functions import for_lambdify, numpy_namespace
@@ -92,6 +93,8 @@ class _Op:
     forward: Callable[..., np.ndarray]
     vjp: Callable[..., list]
     train_forward: Callable[..., np.ndarray] | None = None
+    # Draws dropout masks: in training, its attrs carry the train step's count ("step").
+    random: bool = False
 
 
 def _binary(fn, partials) -> _Op:
@@ -766,6 +769,17 @@ def _running_statistics(x: np.ndarray, running_mean: np.ndarray, running_var: np
         running_var[...] = momentum * (var_sum / (count - 1)) + (1 - momentum) * running_var
 
 
+def _dropout_scale(x: np.ndarray, attrs: dict) -> np.ndarray:
+    """The mask over the elements of lifted `x` (flat index b·S + i) divided by 1 − p,
+    as torch's inverted dropout scales it; drawn by graphc/dropout.py's generator."""
+    p = attrs["p"]
+    if p == 0:
+        return np.ones_like(x)
+    kept = keep_mask(attrs["key"], attrs["step"], np.arange(x.size).reshape(x.shape),
+                     keep_threshold(p))
+    return kept / (1 - p)
+
+
 OPS: dict[str, _Op] = {
     "add": _binary(np.add, lambda g, a, b: (g, g)),
     "sub": _binary(np.subtract, lambda g, a, b: (g, -g)),
@@ -823,6 +837,10 @@ OPS: dict[str, _Op] = {
                      lambda g, args, out, at: [g.transpose(np.argsort(_perm(args[0], at)))]),
     "layer_norm": _Op(_layer_norm_forward, _layer_norm_vjp),
     "batch_norm": _Op(_batch_norm_eval, _batch_norm_vjp, _batch_norm_train),
+    # dropout: the identity out of training (a copy: values() hands arrays out).
+    "dropout": _Op(lambda args, at: args[0].copy(),
+                   lambda g, args, out, at: [g * _dropout_scale(args[0], at)],
+                   lambda args, at: args[0] * _dropout_scale(args[0], at), random=True),
 }
 
 
@@ -897,6 +915,9 @@ class Reference:
         self._params = {k: np.array(p, dtype=self.dtype) for k, p in drawn.items()}
         self._attrs = {k: _Formula(*v.attrs["expr"]) if v.op == "elementwise" else v.attrs
                        for k, v in graph.nodes.items()}
+        for k, v in graph.nodes.items():   # a dropout node's masks follow its name and seed
+            if v.op == "dropout":
+                self._attrs[k] = {**v.attrs, "key": node_key(k, v.attrs["seed"])}
         # Values the loss can be differentiated through: trainable params and what depends
         # on them.
         self._differentiable: set[str] = set()
@@ -977,7 +998,8 @@ class Reference:
                 continue
             v = self.graph.values[name]
             args = [env[i] for i in v.inputs]
-            for src, c in zip(v.inputs, OPS[v.op].vjp(g, args, env[name], self._attrs[name])):
+            attrs = self._training_attrs(name)
+            for src, c in zip(v.inputs, OPS[v.op].vjp(g, args, env[name], attrs)):
                 if c is not None and src in self._differentiable:
                     grads[src] = grads[src] + c if src in grads else c
         return float(per_example.mean()), {
@@ -1041,6 +1063,12 @@ class Reference:
             raise InputError("the batch is empty: the mean loss of no examples is undefined")
         return env, env[loss]
 
+    def _training_attrs(self, name: str):
+        """A node's attrs in training: dropout's with the step whose masks it draws (the
+        count of steps taken, as the C's train step passes it)."""
+        attrs = self._attrs[name]
+        return {**attrs, "step": self._step} if OPS[self.graph.nodes[name].op].random else attrs
+
     def _array(self, value, what: str) -> np.ndarray:
         try:
             return np.array(value, dtype=self.dtype)
@@ -1061,7 +1089,8 @@ class Reference:
             elif v.kind == "node":
                 op = OPS[v.op]
                 forward = op.train_forward if training and op.train_forward else op.forward
-                env[name] = forward([env[i] for i in v.inputs], self._attrs[name])
+                attrs = self._training_attrs(name) if training else self._attrs[name]
+                env[name] = forward([env[i] for i in v.inputs], attrs)
         return env
 
     def _inputs(self, given: dict, needed: set[str]) -> dict[str, np.ndarray]:

@@ -95,6 +95,7 @@ def check_sweep(model: Sweep, got: dict[str, np.ndarray], batches, assert_close)
                 assert not np.any(got["train_step.state.0"]), f"{what}: state at n=0"
             continue
         ref.set_params(model.get_params())
+        ref.reset_optimizer()   # each n starts from zeroed state: dropout's masks of step 0
         want = ref.forward(**data)
         for o, shape in cm.output_shapes.items():
             assert_close(got[f"forward.{o}.{n}"].reshape(n, *shape), want[o], dtype,

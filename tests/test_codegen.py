@@ -412,7 +412,12 @@ def test_each_kernel_runs_once_per_entry_point(spec):
         body = re.sub(r",\n\s+", ", ", body)   # calls broken over lines, joined
         calls = re.findall(r"^    (\w+\(.*\));$", body, re.M)
         assert len(calls) == len(entry.program.kernels), (kind, calls)
-        assert len(set(calls)) == len(calls), (kind, calls)
+        # The same text may recur for other buffers that the plan put at the same offsets
+        # (flatten's copy forward, and its gradient's copy back): the same function on the
+        # same buffers may not.
+        work = [(c.function, tuple(b for _, b, _ in c.arguments)) for c in cm.calls[kind]]
+        assert [c.text for c in cm.calls[kind]] == calls
+        assert len(set(work)) == len(work), (kind, work)
     if cm.name == "gelu_net":
         kernels = cm.entries["evaluate"].program.kernels
         assert sum(k.mode == "max" for k in kernels) == 1, [k.out for k in kernels]

@@ -44,8 +44,8 @@ import graphc  # noqa: E402
 from graphc.formula import CONSTANTS, FUNCTIONS  # noqa: E402
 from graphc.ops import OPS  # noqa: E402
 
-FAST_SEEDS = range(12)          # seeds < 1000: tg.SMALL_STEPS random op steps, ~1 s each
-# (0-9 hold every op between them, tg.OPS_PER_SEED each; 11 also has a concat into a dense)
+FAST_SEEDS = (*range(11), 12)   # seeds < 1000: tg.SMALL_STEPS random op steps, ~1 s each
+# (0-9 hold every op between them, tg.OPS_PER_SEED each; 12 also has a concat into a dense)
 FAST_EXTREME_SEEDS = range(1)   # swish, mish, gelu, softplus, ... in float32 (7 of 27)
 SLOW_FIRST_SEED = 1000          # seeds >= 1000: tg.LARGE_STEPS
 SLOW_COUNT = int(os.environ.get("GRAPHC_DIFFERENTIAL_GRAPHS", "300"))

@@ -200,7 +200,9 @@ LAYERS = {
         "emb": {"op": "embedding", "inputs": ["tok", "E"]},
         "fe": {"op": "flatten", "inputs": ["emb"]},
         "cat": {"op": "concat", "inputs": ["g2", "fl", "fe"]},
-        "logits": {"op": "dense", "inputs": ["cat", "W", "b"]},
+        # the gradients and the Adam step draw step 0's masks: the reference's bits
+        "drop": {"op": "dropout", "inputs": ["cat"], "p": 0.25},
+        "logits": {"op": "dense", "inputs": ["drop", "W", "b"]},
         "ce": {"op": "softmax_cross_entropy", "inputs": ["logits", "y"]},
         "ci": {"op": "softmax_cross_entropy", "inputs": ["logits", "label"]},
         "loss": {"op": "add", "inputs": ["ce", "ci"]}},

@@ -439,6 +439,20 @@ def test_digits_give_class_indices_to_an_int32_input():
     np.testing.assert_array_equal(a["x"], b["x"])
 
 
+def test_digits_give_pixel_levels_to_an_int32_image_input():
+    """examples/digits_tokens.yaml: the pixels' levels 0 to 16 as int32 tokens, the image
+    the float inputs get times 16."""
+    pytest.importorskip("sklearn")
+    from graphc.data import load_dataset
+    root = Path(__file__).resolve().parent.parent
+    tokens = load_dataset("digits", graphc.load(root / "examples/digits_tokens.yaml"))
+    floats = load_dataset("digits", graphc.load(root / "examples/digits/spec.yaml"))
+    assert tokens["pixels"].dtype == np.int32 and tokens["pixels"].shape == (1797, 64)
+    assert tokens["pixels"].min() == 0 and tokens["pixels"].max() == 16
+    np.testing.assert_array_equal(tokens["pixels"], floats["x"] * 16)
+    np.testing.assert_array_equal(tokens["label"], floats["y"].argmax(axis=1))
+
+
 # ---------------------------------------------------------------- explain
 
 def test_explain_an_embedding_with_numbers():

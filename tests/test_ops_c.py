@@ -679,6 +679,18 @@ def _batch_norm(net: Net, rng, op):
                       *affine("fz", 2, trainable=False), *stats("fz", 2)))
 
 
+@cases("dropout")
+def _dropout(net: Net, rng, op):
+    # The gradients draw the masks of step 0 in C and in the reference alike: equal only if
+    # both draw the same bits. A rank-3 batched value, a param (one mask for the batch),
+    # p = 0 (the identity) and p = 0.9, another seed.
+    net.target(net.op("h3", op, net.scaled("h3_h", [3, 4, 5], None, "small", qshape=[5]),
+                      p=0.25))
+    net.target(net.op("p", op, net.param("p_p", [7]), p=0.5, seed=3))
+    net.target(net.op("id", op, net.scaled("id_h", [4], None, "small"), p=0.0))
+    net.target(net.op("hi", op, net.scaled("hi_h", [6, 5], None, "small"), p=0.9, seed=12))
+
+
 def _seed(op: str) -> int:
     return zlib.crc32(op.encode())
 

@@ -564,6 +564,9 @@ CASES = [
          np_batch_norm_eval),
     Case("batch_norm-params", "batch_norm", (P(2, 3), P(2), P(2), S(2), S(2, domain="positive")),
          np_batch_norm_eval, {"momentum": 0.5}),
+    # dropout: the identity in evaluation; gradients through step 0's masks in training
+    Case("dropout-batched", "dropout", (B(3, 4),), lambda x: x, {"p": 0.5}),
+    Case("dropout-param", "dropout", (P(5),), lambda x: x, {"p": 0.25, "seed": 4}),
 ]
 
 

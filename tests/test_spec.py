@@ -280,6 +280,8 @@ SHAPE_CASES = [
     ("batch_norm", [I(3, 5, 4), P(3), P(3), S(3), S(3)], {}, (3, 5, 4)),
     ("batch_norm", [I(6), P(6), P(6), S(6), S(6)], {"eps": 0.001, "momentum": 0.5}, (6,)),
     ("batch_norm", [I(2, 7), S(2), S(2), S(2), S(2)], {"momentum": 1}, (2, 7)),  # frozen affine
+    ("dropout", [I(3, 5)], {}, (3, 5)),
+    ("dropout", [I(4)], {"p": 0.0, "seed": 7}, (4,)),
 ]
 
 
@@ -323,6 +325,9 @@ LAYER_ERRORS = [
     ("batch_norm", [I(3, 4), P(3), P(3), S(3), S(3)], {"momentum": 1.5}, "momentum",
      "must lie in [0, 1], got 1.5"),
     ("batch_norm", [I(3, 4), P(3), P(3), S(3), S(3)], {"eps": -1e-5}, "eps", "must be >= 0"),
+    ("dropout", [I(3)], {"p": 1.0}, "p", "must lie in [0, 1), got 1.0"),
+    ("dropout", [I(3)], {"p": -0.1}, "p", "must lie in [0, 1), got -0.1"),
+    ("dropout", [I(3)], {"seed": -1}, "seed", "must be"),
     ("relu", [S(3)], {}, "inputs", "param 'a0' is declared `trainable: false`: such a param "
      "may only be batch_norm's weight, bias, running_mean or running_var (for now)"),
 ]

@@ -70,12 +70,15 @@ ACTIVATION_OPS = ("gelu", "silu", "softplus", "elu", "selu", "hard_sigmoid", "ha
 SPATIAL_OPS = ("conv1d", "conv2d", "max_pool1d", "max_pool2d", "avg_pool1d", "avg_pool2d",
                "global_avg_pool", "pad", "slice", "transpose")
 # Normalization (op_batch_norm): batch norm sees the whole batch, in training mode for the
-# loss and gradients and in evaluation mode (running statistics) for the outputs.
+# loss and gradients and in evaluation mode (running statistics) for the outputs. Dropout
+# (op_dropout) zeroes and scales in training, the masks graphc's generator draws at step 0
+# (torch's own generator cannot be asked for them), and is the identity otherwise.
 NORM_OPS = ("batch_norm",)
+MODE_OPS = NORM_OPS + ("dropout",)
 OP_NAMES = ("dense", "matmul", "add", "sub", "mul", "div", "relu", "leaky_relu", "sigmoid",
             "tanh", "exp", "log", "softmax", "log_softmax", "sum", "mean", "reshape",
             "flatten", "concat", "elementwise", "layer_norm") + ACTIVATION_OPS + SPATIAL_OPS + (
-                "embedding",) + NORM_OPS
+                "embedding", "dropout") + NORM_OPS
 OP_WEIGHTS = {"dense": 3, "elementwise": 3, "concat": 2, "matmul": 1.5,
               **{op: 0.4 for op in ACTIVATION_OPS}}
 LOSS_OPS = ("mse", "softmax_cross_entropy", "bce_with_logits")
@@ -1139,6 +1142,13 @@ class SpecGenerator:
         mag = w.mag * max((x.mag + mean.mag) / math.sqrt(var.lo), math.sqrt(4 * size(x.shape)))
         return self.node("batch_norm", [x, w, b, mean, var], x.shape, mag=mag + b.mag, **attrs)
 
+    def op_dropout(self) -> Val:
+        r = self.rng
+        x = self.any_value(min_rank=0)
+        p = r.choice((0.0, 0.1, 0.5, 0.9))
+        attrs = {"p": p, **({"seed": r.randint(0, 99)} if r.random() < 0.3 else {})}
+        return self.node("dropout", [x], x.shape, mag=x.mag / (1 - p), **attrs)
+
     def step(self, op: str) -> Val:
         if op == "dense":
             return self.op_dense()
@@ -1162,7 +1172,8 @@ class SpecGenerator:
             return self.op_conv(op)
         if op in ("max_pool1d", "max_pool2d", "avg_pool1d", "avg_pool2d"):
             return self.op_pool(op)
-        if op in ("global_avg_pool", "pad", "slice", "transpose", "layer_norm", "embedding"):
+        if op in ("global_avg_pool", "pad", "slice", "transpose", "layer_norm", "embedding",
+                  "dropout"):
             return getattr(self, f"op_{op}")()
         if op == "elementwise":
             return self.op_elementwise()
@@ -1706,17 +1717,48 @@ def _batch_norm(d: dict, envs: list[dict], training: bool) -> list:
     return list(y)
 
 
+def _dropout(name: str, d: dict, envs: list[dict], training: bool, batched: bool) -> list:
+    """torch's inverted dropout, x·mask/(1 − p), in training; the identity otherwise. The
+    mask of example b's element i is graphc's generator's at step 0 for element b·S + i
+    of a batched value, i of a param's (one mask for every example)."""
+    from graphc.dropout import keep_mask, keep_threshold, node_key
+    xs = [env[d["inputs"][0]] for env in envs]
+    p = d.get("p", 0.5)
+    if not training or p == 0:
+        return xs
+    out = []
+    for b, x in enumerate(xs):
+        first = b * x.numel() if batched else 0
+        kept = keep_mask(node_key(name, d.get("seed", 0)), 0,
+                         first + np.arange(x.numel()).reshape(tuple(x.shape)), keep_threshold(p))
+        out.append(x * torch.tensor(kept, dtype=x.dtype) / (1 - p))
+    return out
+
+
+def _batched(spec: dict) -> set[str]:
+    """The values that have a batch axis: inputs, and nodes reading one."""
+    found = set(spec.get("inputs", {}))
+    for name in topological(spec["nodes"]):
+        if any(i in found for i in spec["nodes"][name]["inputs"]):
+            found.add(name)
+    return found
+
+
 def _run_examples(spec: dict, order: list[str], inputs: dict, P: dict, training: bool,
                   kinks: _Kinks) -> tuple[list[dict], float]:
     """Every node for every example (params shared), node by node; batch norm sees the
-    whole batch. Returns the per-example environments and the largest magnitude."""
+    whole batch, dropout numbers the batch's elements. Returns the per-example
+    environments and the largest magnitude."""
     n = next(iter(inputs.values())).shape[0]
     envs = [dict(P, **{k: torch.tensor(v[b]) for k, v in inputs.items()}) for b in range(n)]
     biggest = 0.0
+    batched = _batched(spec)
     for name in order:
         d = dict(spec["nodes"][name])
         if d["op"] == "batch_norm":
             values = _batch_norm(d, envs, training)
+        elif d["op"] == "dropout":
+            values = _dropout(name, d, envs, training, name in batched)
         else:
             values = [_apply(d["op"], [env[i] for i in d["inputs"]], d, kinks) for env in envs]
         for env, v in zip(envs, values):
@@ -1750,7 +1792,7 @@ def torch_evaluate(spec: dict, inputs: dict, params: dict) -> Reference:
         loss.backward()
     grads = {k: (p.grad.numpy().copy() if p.grad is not None else np.zeros(p.shape))
              for k, p in P.items() if k not in frozen}
-    if any(d["op"] == "batch_norm" for d in nodes.values()):
+    if any(d["op"] in MODE_OPS for d in nodes.values()):
         with torch.no_grad():
             envs, also = _run_examples(spec, order, inputs, P, False, kinks)
         biggest = max(biggest, also)

@@ -28,9 +28,10 @@ import numpy as np
 import sympy as sp
 
 from graphc.derive import LOSS_MEAN
+from graphc.dropout import keep_mask
 from graphc.functions import for_lambdify, numpy_namespace
-from graphc.ir import (ACC, ACCUMULATE, ARGMAX, ASSIGN, BATCH, MAX, SUM, Kernel, Program, array,
-                       grad_name)
+from graphc.ir import (ACC, ACCUMULATE, ARGMAX, ASSIGN, BATCH, MAX, STEP, SUM, Kernel, Program,
+                       array, grad_name)
 
 from . import notation as nt
 from .bounds import TreeOps, expansion_work, ops_within, rewritten_within, small
@@ -64,7 +65,11 @@ PROOF_SIMPLIFY_OPS = 100      # what cancel leaves goes to simplify when it is t
 
 # What lambdify evaluates formulas with: the defined functions (sigmoid, softplus, relu,
 # leaky_relu) by name; NumPy has no erf.
-NUMERIC = [{**numpy_namespace(), "erf": np.vectorize(math.erf, otypes=[float])}, "numpy"]
+NUMERIC = [{**numpy_namespace(), "erf": np.vectorize(math.erf, otypes=[float]),
+            "dropout_keep": lambda key, step, element, threshold: keep_mask(
+                int(key), int(step), element, int(threshold)).astype(np.float64)}, "numpy"]
+# The worked numbers are the first train step's: dropout draws the masks of step 0.
+STEP_SHOWN = 0
 
 
 def _shape(buf, n: int) -> tuple:
@@ -140,12 +145,12 @@ def evaluate(expr: sp.Expr, k: Kernel, env: dict, buffers, n: int, *, reduced: b
     reads = sorted(expr.atoms(sp.Indexed), key=sp.default_sort_key)
     dummies = [sp.Dummy() for _ in reads]
     values = [_read(env, buffers, a, syms, mesh, shape) for a in reads]
-    args = dummies + syms + [BATCH, ACC]
+    args = dummies + syms + [BATCH, ACC, STEP]
     f = sp.lambdify(args, for_lambdify(expr.xreplace(dict(zip(reads, dummies)))), NUMERIC)
     if expr.has(sp.Piecewise) or expr.atoms(sp.Rel):
         mesh = _dense(mesh, shape)
     with np.errstate(all="ignore"):   # Piecewise evaluates every branch
-        out = f(*values, *mesh, n, acc if acc is not None else 0.0)
+        out = f(*values, *mesh, n, acc if acc is not None else 0.0, STEP_SHOWN)
     return np.broadcast_to(np.asarray(out, dtype=np.float64), shape)
 
 
