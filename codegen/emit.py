@@ -23,9 +23,10 @@ import numpy as np
 import sympy as sp
 
 from graphc.errors import SpecError
-from graphc.ir import (ACC, ACCUMULATE, ARGMAX, ASSIGN, BATCH, DTYPES, INT32, G, GRAD, INPUT,
-                       LOSS_MEAN, MAX, OUTPUT, P, PARAM, REAL, SUM, Buffer, Interface, Kernel,
-                       Program, UpdateRule, grad_of)
+from graphc.ir import (ACC, ACCUMULATE, ARGMAX, ASSIGN, BATCH, DTYPES, GRAD, GRADS_BLOCK,
+                       INPUT, INT32, LOSS_MEAN, MAX, OUTPUT, PARAM, PARAMS_BLOCK, REAL, STATE,
+                       STEP_COUNT, SUM, UPDATE, Buffer, Interface, Kernel, Program, Store, grad_of,
+                       param_layout, state_slot)
 
 from .cmodule import CModule, Entry, KernelCall   # apart: unpickling one needs no emitter
 from .cnames import Namer, buffer_word, kernel_word
@@ -139,10 +140,14 @@ def without_unit_loops(kern: Kernel) -> Kernel:
     unit = {s: sp.Integer(0) for s, e in kern.loops if e == 1}
     if not unit:
         return kern
-    return replace(kern, out_index=tuple(sp.sympify(i).xreplace(unit) for i in kern.out_index),
+    def at(index):
+        return tuple(sp.sympify(i).xreplace(unit) for i in index)
+    return replace(kern, out_index=at(kern.out_index),
                    loops=tuple((s, e) for s, e in kern.loops if s not in unit),
                    body=kern.body.xreplace(unit), post=kern.post.xreplace(unit),
-                   guard=kern.guard.xreplace(unit))
+                   guard=kern.guard.xreplace(unit),
+                   also=tuple(Store(s.out, at(s.out_index), s.value.xreplace(unit))
+                              for s in kern.also))
 
 
 INV_N = sp.Symbol("inv_n", positive=True)
@@ -154,9 +159,10 @@ def divide_by_batch_once(kern: Kernel) -> tuple[Kernel, bool]:
         return e.replace(lambda a: a.is_Pow and a.base == BATCH and a.exp.is_negative,
                          lambda a: INV_N ** -a.exp)
     body, post = swap(kern.body), swap(kern.post)
-    if body == kern.body and post == kern.post:
+    also = tuple(replace(s, value=swap(s.value)) for s in kern.also)
+    if body == kern.body and post == kern.post and also == kern.also:
         return kern, False
-    return replace(kern, body=body, post=post), True
+    return replace(kern, body=body, post=post, also=also), True
 
 
 def common_subexpressions(exprs, printer, names=None) -> tuple[list[tuple[str, str]],
@@ -204,8 +210,6 @@ class Emitter:
         self.helpers: dict[str, str] = {}  # shared tile sums (codegen/tiles.py), by name
         self.use_helpers = False           # set by emit() for modules with big kernels
         self.params_size = 0               # set by emit()
-        self.update_name = ""              # the optimizer step's function, once emitted
-        self.running_name = ""             # the running statistics' update, if any
         self.functions: dict[str, str] = {}           # kernel function -> its text
         self.parameters: dict[str, list[str]] = {}    # kernel function -> its array parameters
         self.calls: dict[str, tuple[KernelCall, ...]] = {}   # entry kind -> its kernel calls
@@ -243,9 +247,11 @@ class Emitter:
         return p
 
     def _kernel(self, kern: Kernel, buffers: dict[str, Buffer]) -> Emitted:
-        reads = kern.reads()
-        assert kern.out not in reads, f"{kern.node}: kernel reads its own output"
-        args = [kern.out] + reads
+        outs = kern.writes()
+        # An update in place reads what it writes (Program.check: at the index it writes):
+        # that buffer is one argument, written through.
+        reads = [b for b in kern.reads() if b not in outs]
+        args = outs + reads
         # Entries share kernels (forward, evaluate and gradients run the same forward
         # kernels): print each once, as printing blocked kernels is most of emit's time.
         memo = (kern, tuple(buffers[b] for b in args))
@@ -254,12 +260,16 @@ class Emitter:
         cvar = {b: f"a{k}" for k, b in enumerate(args)}
         printer = self.printer({b: (cvar[b], buffers[b]) for b in args})
         kern = without_unit_loops(kern)
-        strides = _strides(kern, buffers) if self.target.vector_bytes else []
+        vector = self.target.vector_bytes and not kern.also
+        strides = _strides(kern, buffers) if vector else []
         tiled = tiling(kern, strides, self.target.vector_bytes,
-                       np.dtype(self.dtype).itemsize) if self.target.vector_bytes else None
+                       np.dtype(self.dtype).itemsize) if vector else None
         if tiled is not None and self.use_helpers and operands(kern, tiled, strides) is None:
             tiled = None   # a module of helpers: the rest in plain loops, quick to compile
-        order, strategy = schedule(kern, buffers) if tiled is None else ([], "tiles")
+        if kern.also:   # fused updates: one pass over the params, in the declared order
+            order, strategy = [s for s, _ in kern.loops], "stores"
+        else:
+            order, strategy = schedule(kern, buffers) if tiled is None else ([], "tiles")
         extent = dict(kern.loops)
         uses_n = kern.uses_batch()
         # The scalars a kernel takes before its arrays: the batch size, the train step's count.
@@ -268,9 +278,13 @@ class Emitter:
         original = kern
         kern, inverse_n = divide_by_batch_once(kern)
         fname = "KERNEL"   # a placeholder: the name is chosen below, once the text is new
-        params = [SCALAR_PARAMETERS[s] for s in scalars] + [f"{self.real} *restrict a0"] + \
+        params = [SCALAR_PARAMETERS[s] for s in scalars] + \
+            [f"{self.real} *restrict {cvar[b]}" for b in outs] + \
             [f"const {self.ctype(buffers[b].dtype)} *restrict {cvar[b]}" for b in reads]
-        lines = [comment(f"{kern.node}: {kern.note}: {original.pretty()}"),
+        shown = original.pretty()
+        if kern.node == UPDATE:   # graphc's own buffers, as the header names them
+            shown = re.sub(r"\b__(?=\w)", "", shown)
+        lines = [comment(f"{kern.node}: {kern.note}: {shown}"),
                  f"static void {fname}({', '.join(params)})", "{"]
         if inverse_n:
             lines.append(f"    const {self.real} {INV_N} = 1 / ({self.real})n;")
@@ -322,6 +336,16 @@ class Emitter:
             op = "+=" if kern.mode == ACCUMULATE else "="
             lines.append("    " * depth + f"{target} {op} {value};")
             depth = close_loops(len(order) + guarded, depth)
+        elif strategy == "stores":
+            depth = open_loops(order, depth)
+            for store in kern.stores():   # in order: a later one may read an earlier's
+                (value,) = statements([store.value], depth)
+                if store.local:
+                    lines.append("    " * depth + f"const {r} {store.out} = {value};")
+                    continue
+                at = printer.index(buffers[store.out].flat_offset(store.out_index))
+                lines.append("    " * depth + f"{cvar[store.out]}[{at}] = {value};")
+            depth = close_loops(len(order), depth)
         elif strategy == "init":
             keep = [s for s in order if s not in kern.reduction_loops()]
             depth = open_loops(keep, depth)
@@ -381,7 +405,8 @@ class Emitter:
         if key in self._emitted:
             fname = self._emitted[key]
         else:
-            fname = self.names.take(kernel_word(kern.out), numbered=True)
+            word = kern.note if kern.node == UPDATE else kernel_word(kern.out)
+            fname = self.names.take(word, numbered=True)
             if parallel is not None:
                 self.names.taken.add(f"{fname}_tiles")
             self._emitted[key] = fname
@@ -469,78 +494,12 @@ class Emitter:
         self.entries.append("\n".join([proto, "{"] + unused + body + ["}"]))
 
     # -------------------------------------------------------- training and baked params
-    def optimizer_step(self, rule, params_size: int, state_offsets: dict[str, int]) -> str:
-        """The static update function: the rule's formulas printed in one flat loop over
-        the first `params_size` params (the trainable ones)."""
-        r = self.real
-        printer = self.printer({})
-        self.update_name = self.names.take(f"{rule.name}_update", numbered=True)
-        args = [f"{r} *restrict params", f"const {r} *restrict grads", f"{r} *restrict state"]
-        # A float count is exact up to 2^24 steps (torch keeps its count as float32 too).
-        at = state_offsets["step"]
-        lines = [comment(f"optimizer step: {rule.name}, as torch.optim computes it"),
-                 f"static void {self.update_name}({', '.join(args)})", "{",
-                 f"    const {r} t = state[{at}] + 1;", f"    state[{at}] = t;"]
-        if params_size == 0:   # a model without params: only the count moves
-            return "\n".join(lines[:3] + ["    (void)params;", "    (void)grads;"]
-                              + lines[3:] + ["}"])
-        for sym, expr in rule.scalars:
-            lines.append(f"    const {r} {sym} = {printer.doprint(prepare(rule.numeric(expr)))};")
-        # What the steps read before writing it: with a beta of 0, Adam's update never
-        # reads the old exp_avg, and loading it would be an unused variable.
-        used_in_steps, assigned = set(), set()
-        for sym, e in rule.steps:
-            used_in_steps |= rule.numeric(e).free_symbols - assigned
-            assigned.add(sym)
-        lines.append(f"    for (size_t i = 0; i < {params_size}; ++i) {{")
-        loads = {P: "params[i]", G: "grads[i]"}
-        loads.update({rule.slot_symbol(s): f"state[{state_offsets[s]} + i]" for s in rule.slots})
-        current, versions = {}, {}
-        for sym, src in loads.items():
-            if sym in used_in_steps:
-                lines.append(f"        const {r} {sym} = {src};")
-                current[sym] = sym
-        for sym, expr in rule.steps:
-            value = printer.doprint(prepare(rule.numeric(expr).xreplace(current)))
-            versions[sym] = versions.get(sym, 0) + (sym in current)
-            name = sp.Symbol(f"{sym}_{versions[sym]}" if versions[sym] else str(sym))
-            lines.append(f"        const {r} {name} = {value};")
-            current[sym] = name
-        for sym, dst in loads.items():
-            if sym != G:
-                lines.append(f"        {dst} = {current[sym]};")
-        lines += ["    }", "}"]
-        return "\n".join(lines)
-
-    def running_step(self, running: dict[str, float]) -> str:
-        """The static update of the running statistics, as torch updates them: each param
-        moves towards the batch's value g that the gradients entry left in its gradient
-        slot, p = (1 - momentum)·p + momentum·g; one loop per param, by the header's macros.
-
-        Printed in torch.lerp's form, p + momentum·(g - p) (momentum < 0.5) or
-        g - (1 - momentum)·(g - p): exact at both ends, so a statistic whose batch value
-        is the param itself (a variance from one value per channel) stays bit for bit."""
+    def train_step(self, e: Entry, gradients: Entry, update: Program, memory: MemoryPlan,
+                   doc: str) -> None:
+        """The gradients entry on the batch, then the update program's kernels: params and
+        state in place, the gradients read where the gradients entry left them (the front
+        of work), the update's temporaries in the gradients' arena after them."""
         r, M = self.real, self.macro
-        printer = self.printer({})
-        self.running_name = self.names.take("running_update", numbered=True)
-        lines = [comment("running statistics, as torch: p = (1 - momentum)*p + momentum*g, g "
-                         "the batch's value (in grads), in torch.lerp's form"),
-                 f"static void {self.running_name}({r} *restrict params, "
-                 f"const {r} *restrict grads)", "{"]
-        for p, momentum in running.items():
-            if momentum < 0.5:
-                value = f"{P} + {printer.doprint(sp.Float(momentum))}*({G} - {P})"
-            else:
-                value = f"{G} - {printer.doprint(sp.Float(1 - momentum))}*({G} - {P})"
-            lines += [f"    for (size_t i = {M}_PARAM_{p}_OFFSET; "
-                      f"i < {M}_PARAM_{p}_OFFSET + {M}_PARAM_{p}_SIZE; ++i) {{",
-                      f"        const {r} {P} = params[i];", f"        const {r} {G} = grads[i];",
-                      f"        params[i] = {value};", "    }"]
-        lines.append("}")
-        return "\n".join(lines)
-
-    def train_step(self, e: Entry, gradients: Entry, doc: str) -> None:
-        r = self.real
         ins = [f"const {self.input_type(i)} *in_{i}" for i in e.inputs]
         proto = f"{r} {e.c_name}({', '.join([f'{r} *params', f'{r} *state', f'{r} *work', 'size_t n'] + ins)})"
         self.prototypes.append((doc, proto))
@@ -554,14 +513,30 @@ class Emitter:
             # the state up to 2^24 steps in float); a count the state cannot hold is 0,
             # never an undefined conversion.
             limit = "4294967296.0" + ("F" if self.dtype == "float32" else "")   # 2^32
-            body += [f"    const {r} count = state[{self.macro}_STATE_step_OFFSET];",
+            body += [f"    const {r} count = state[{M}_STATE_{STEP_COUNT}_OFFSET];",
                      f"    const uint32_t step = count >= 0 && count < {limit} ? "
                      "(uint32_t)count : 0;"]
-        body += [
-            f"    const {r} loss = {gradients.c_name}({call});",
-            f"    {self.update_name}(params, work, state);"]
-        if self.running_name:
-            body.append(f"    {self.running_name}(params, work);")
+        body.append(f"    const {r} loss = {gradients.c_name}({call});")
+
+        def pointer(name: str) -> str:
+            b = update.buffers[name]
+            if name == PARAMS_BLOCK:
+                return "params"
+            if name == GRADS_BLOCK:
+                return "work"
+            if b.role == STATE:
+                return f"state + {M}_STATE_{state_slot(name)}_OFFSET"
+            return f"work + {e.work_before + memory.pointer_offset(name)[0]}"
+
+        calls = []
+        for index, kern in enumerate(update.kernels):
+            fname, bufs, _ = self.kernel(kern, update.buffers)
+            pointers = [pointer(b) for b in bufs]
+            text = f"{fname}({', '.join(pointers)})"
+            body.append(f"    {text};")
+            calls.append(KernelCall(index, fname, text,
+                                    tuple(zip(self.parameters[fname], bufs, pointers))))
+        self.calls[e.kind] = tuple(calls)
         body += ["    return loss;", "}"]
         self.entries.append("\n".join(body))
 
@@ -610,27 +585,17 @@ class Emitter:
         return "\n".join(f"{proto};" for _, proto in self.prototypes)
 
 
-def param_layout(shapes: dict[str, tuple[int, ...]]) -> tuple[dict[str, int], int]:
-    """Each param's offset in the flat params block, in the order given (the Interface's:
-    trainable params first), and the block's size."""
-    offsets, off = {}, 0
-    for p, shape in shapes.items():
-        offsets[p] = off
-        off += max(1, math.prod(shape))
-    return offsets, off
-
-
 def emit(face: Interface, programs: dict[str, tuple[Program, MemoryPlan]],
-         update: UpdateRule | None = None, dtype: str = "float32", params=None,
+         update: tuple[Program, MemoryPlan] | None = None, dtype: str = "float32", params=None,
          target="c99", max_batch: int | None = None,
          running: dict[str, float] | None = None) -> CModule:
     """The C source, header and cffi declarations of a model.
 
     `programs` holds each entry point's fused program and memory plan ("forward", and for
-    training "evaluate" and "gradients"); `update`, the optimizer step of `train_step`,
-    which runs over the trainable params (the front of the params block); `running`, the
-    running statistics (param -> momentum) `train_step` then moves towards the batch's
-    values that the gradients program leaves in their gradient slots.
+    training "evaluate" and "gradients"); `update`, the fused and planned program that
+    `train_step` runs after the gradients (the optimizer's step over the trainable params,
+    the front of the params block, then the running statistics); `running`, the running
+    statistics (param -> momentum), which the header names.
     With `params` (the flat param block), the C is for inference: the params are baked in
     as a `static const` table (flash on a microcontroller) read by `<name>_predict`.
     `target` (codegen/targets.py) decides how contractions are printed (register-blocked
@@ -670,16 +635,18 @@ def emit(face: Interface, programs: dict[str, tuple[Program, MemoryPlan]],
     em.use_helpers = wants_helpers(e.program for e in entries.values())
     rule = update if "gradients" in programs else None
     state_offsets: dict[str, int] = {}
+    state_size = 0
     if rule:
         g = entries["gradients"]
         entries["train_step"] = Entry("train_step", f"{name}_train_step", g.program, g.memory,
                                       g.inputs, (), LOSS_MEAN,
                                       # the gradients' arena keeps the target's alignment
-                                      work_before=round_up(params_size, tgt.align))
-        state_offsets["step"], at = 0, 1
-        for slot in rule.slots:   # one element per trainable param element
-            state_offsets[slot], at = at, at + trainable_size
-    state_size = sum(trainable_size if k != "step" else 1 for k in state_offsets)
+                                      work_before=round_up(params_size, tgt.align),
+                                      update_work=rule[1].fixed)
+        for b in rule[0].buffers.values():   # the step count first, then the slots
+            if b.role == STATE:
+                state_offsets[state_slot(b.name)] = state_size
+                state_size += b.size
     running = dict(running or {}) if rule else {}
 
     c = em.constants
@@ -704,7 +671,8 @@ def emit(face: Interface, programs: dict[str, tuple[Program, MemoryPlan]],
                  f"{comment('per example, shape ' + str(list(shape)))}")
     if rule:
         layout = ", ".join(("step count" if k == "step" else k) for k in state_offsets)
-        c.append(f"#define {M}_STATE_SIZE {state_size} {comment(f'{rule.name}: {layout}')}")
+        c.append(f"#define {M}_STATE_SIZE {state_size} "
+                 f"{comment(face.optimizer['name'] + ': ' + layout)}")
         for k, at in state_offsets.items():
             c.append(f"#define {M}_STATE_{k}_OFFSET {at}")
     for kind, e in entries.items():
@@ -782,16 +750,10 @@ def emit(face: Interface, programs: dict[str, tuple[Program, MemoryPlan]],
             "grads all 0, no input read. Arrays must not overlap."]))
     if rule:
         e = entries["train_step"]
-        try:
-            em.kernels.append(em.optimizer_step(rule, trainable_size, state_offsets))
-        except LiteralRangeError as err:
-            raise SpecError(f"{err}: compile with dtype float64, or change the value",
-                            node="optimizer") from None
-        if running:
-            em.kernels.append(em.running_step(running))
-        hyper = ", ".join(f"{s}={v!r}" for s, v in rule.values.items())
-        em.train_step(e, entries["gradients"], doc([
-            f"{e.c_name}: one {rule.name} step ({hyper}) on a batch of n examples:",
+        hyper = ", ".join(f"{k}={v!r}" for k, v in face.optimizer.items() if k != "name")
+        em.train_step(e, entries["gradients"], *rule, doc([
+            f"{e.c_name}: one {face.optimizer['name']} step ({hyper}) on a batch of n "
+            "examples:",
             f"  the loss and gradients ({entries['gradients'].c_name}), then params updated in place.",
             *([f"  The optimizer updates params [0, {M}_TRAINABLE_SIZE); the running "
                "statistics move",

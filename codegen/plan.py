@@ -18,8 +18,8 @@ from dataclasses import dataclass, replace
 
 import sympy as sp
 
-from graphc.ir import (ACCUMULATE, ASSIGN, BATCH, EXTERNAL, LOSS, SUM, Buffer, Kernel, Program,
-                       tree_size)
+from graphc.ir import (ACCUMULATE, ASSIGN, BATCH, EXTERNAL, LOSS, SUM, TEMP, Buffer, Kernel,
+                       Program, Store, tree_size)
 
 ALIGN = 16  # elements: 64-byte alignment for float32, 128 for float64 (cache lines, SIMD)
 # Fusion stops when a kernel's expression would pass this many nodes (counted as a tree):
@@ -28,7 +28,7 @@ MAX_FUSED_SIZE = 600
 
 
 def _writers(prog: Program, name: str) -> list[int]:
-    return [k for k, kern in enumerate(prog.kernels) if kern.out == name]
+    return [k for k, kern in enumerate(prog.kernels) if name in kern.writes()]
 
 
 def _readers(prog: Program, name: str) -> list[int]:
@@ -51,22 +51,32 @@ def _sole_reader(prog: Program, p: int) -> int | None:
     return readers[0] if len(readers) == 1 else None
 
 
+def _is_scalar(kern: Kernel) -> bool:
+    return not kern.loops and not kern.also and kern.mode == ASSIGN
+
+
 def _try_inline(prog: Program, p: int) -> bool:
-    """Inline map kernel p into its only reader."""
+    """Inline map kernel p into its only reader (a scalar into a scalar: the optimizer's
+    per-step numbers)."""
     P = prog.kernels[p]
     c = _sole_reader(prog, p)
-    if c is None or not _is_plain_map(P, prog.buffers[P.out]):
+    if c is None or P.also:
         return False
     C = prog.kernels[c]
+    scalar = _is_scalar(P) and _is_scalar(C)
+    # In an update, a formula stays as the optimizer declares it (torch's order of
+    # operations): inlined, SymPy would distribute lr over `g + weight_decay*p`.
+    if not scalar and (prog.in_place or not _is_plain_map(P, prog.buffers[P.out])):
+        return False
     reads = [a for a in C.accesses() if str(a.base.label) == P.out]
     if len(reads) != 1:
         return False
     (a,) = reads
     in_post = C.post.has(a)
     loops = {s for s, _ in C.loops} - (set(C.reduction_loops()) if in_post else set())
-    if set(a.indices) != loops or len(set(a.indices)) != len(a.indices):
+    if not scalar and (set(a.indices) != loops or len(set(a.indices)) != len(a.indices)):
         return False  # the reader would recompute the map for other loop points
-    if any(prog.kernels[k].out in P.reads() for k in range(p + 1, c)):
+    if any(set(prog.kernels[k].writes()) & set(P.reads()) for k in range(p + 1, c)):
         return False
     value = P.body.xreplace(dict(zip((s for s, _ in P.loops), a.indices)))
     body, post = C.body.xreplace({a: value}), C.post.xreplace({a: value})
@@ -93,7 +103,7 @@ def _try_epilogue(prog: Program, p: int) -> bool:
             or len(_writers(prog, C.out)) != 1:
         return False
     out_loops = [s for s, _ in out_loops]
-    if any(prog.kernels[k].out in C.reads() for k in range(p + 1, c)):
+    if any(set(prog.kernels[k].writes()) & set(C.reads()) for k in range(p + 1, c)):
         return False
     # Rename the reader's loops to the reduction's output loops, then check the read.
     to_p = dict(zip((s for s, _ in C.loops), out_loops))
@@ -123,7 +133,8 @@ def _drop_repeats(prog: Program) -> None:
     caller's and every buffer both read is written once, so both saw the same values."""
     writers: dict[str, int] = {}
     for kern in prog.kernels:
-        writers[kern.out] = writers.get(kern.out, 0) + 1
+        for w in kern.writes():
+            writers[w] = writers.get(w, 0) + 1
     stored: dict[tuple, int] = {}   # what a kernel computes -> its position in `kept`
     renamed: dict[sp.IndexedBase, sp.IndexedBase] = {}
     kept, origins = [], []
@@ -132,7 +143,7 @@ def _drop_repeats(prog: Program) -> None:
             kern = replace(kern, body=kern.body.xreplace(renamed),
                            post=kern.post.xreplace(renamed))
         buf = prog.buffers[kern.out]
-        once = buf.role not in EXTERNAL + (LOSS,) and writers[kern.out] == 1 \
+        once = buf.role not in EXTERNAL + (LOSS,) and writers[kern.out] == 1 and not kern.also \
             and kern.mode != ACCUMULATE and all(writers.get(r, 0) <= 1 for r in kern.reads())
         what = (kern.out_index, kern.loops, kern.body, kern.mode, kern.post, buf.shape,
                 buf.batched)
@@ -148,8 +159,65 @@ def _drop_repeats(prog: Program) -> None:
     prog.kernels, prog.origins = kept, origins
 
 
+def _try_siblings(prog: Program, p: int) -> bool:
+    """In an in-place program (the optimizer step), run kernel p + 1 in kernel p's loop:
+    both assignments over the same loops, so that an optimizer touches each param once per
+    step (Adam's exp_avg, exp_avg_sq and param). The stores run in their kernels' order at
+    each loop point, so the fused loop computes what the two loops did as long as each
+    kernel reads what the other writes only at the index written: the same loop point,
+    where p's store comes first, as before."""
+    if not prog.in_place or p + 1 >= len(prog.kernels):
+        return False
+    P, C = prog.kernels[p], prog.kernels[p + 1]
+    if P.mode != ASSIGN or C.mode != ASSIGN or [e for _, e in P.loops] != [e for _, e in C.loops]:
+        return False
+    rename = dict(zip((s for s, _ in C.loops), (s for s, _ in P.loops)))
+    stores = [Store(s.out, tuple(sp.sympify(i).xreplace(rename) for i in s.out_index),
+                    s.value.xreplace(rename)) for s in C.stores()]
+    mine = {(s.out, tuple(s.out_index)) for s in P.stores()}
+    theirs = {(s.out, tuple(s.out_index)) for s in stores}
+    if {o for o, _ in mine} & {o for o, _ in theirs}:
+        return False   # two kernels writing one buffer: their order across points matters
+    for reader, written in ((P.accesses(), theirs),
+                            ([a for s in stores for a in s.value.atoms(sp.Indexed)], mine)):
+        for a in reader:
+            name = str(a.base.label)
+            if name in {o for o, _ in written} and (name, tuple(a.indices)) not in written:
+                return False
+    *before, last = stores
+    prog.kernels[p] = replace(P, out=last.out, out_index=last.out_index, body=last.value,
+                              also=tuple(P.stores() + before))
+    prog.origins[p] = tuple(sorted(prog.origins[p] + prog.origins[p + 1]))
+    del prog.kernels[p + 1], prog.origins[p + 1]
+    return True
+
+
+def _keep_local(prog: Program) -> None:
+    """A store to a temporary that only its own kernel reads (the decayed gradient d of an
+    optimizer step, fused with its readers) becomes a variable of the loop body."""
+    for k, kern in enumerate(prog.kernels):
+        if not kern.also:
+            continue
+        others = {b for j, o in enumerate(prog.kernels) if j != k for b in o.reads() + o.writes()}
+        stores, named = [], {}
+        every = kern.stores()
+        for at, s in enumerate(every):
+            value = s.value.xreplace(named)
+            if at < len(every) - 1 and prog.buffers[s.out].role == TEMP \
+                    and s.out not in others \
+                    and sum(t.out == s.out for t in every) == 1:
+                name = sp.Symbol(s.out.strip("_"), real=True)
+                named[prog.buffers[s.out].base[s.out_index]] = name
+                stores.append(Store(str(name), (), value, local=True))
+            else:
+                stores.append(replace(s, value=value))
+        *before, last = stores   # the last store is the caller's or read elsewhere
+        prog.kernels[k] = replace(kern, body=last.value, also=tuple(before))
+
+
 def fuse(prog: Program) -> Program:
-    out = Program(dict(prog.buffers), list(prog.kernels), [(k,) for k in range(len(prog.kernels))])
+    out = Program(dict(prog.buffers), list(prog.kernels), [(k,) for k in range(len(prog.kernels))],
+                  prog.in_place)
     _drop_repeats(out)
     k = 0
     while k < len(out.kernels):
@@ -157,7 +225,12 @@ def fuse(prog: Program) -> Program:
             k = 0  # a merge can enable another anywhere before it
         else:
             k += 1
-    used = {k.out for k in out.kernels} | {r for k in out.kernels for r in k.reads()}
+    k = 0   # then loops over the same points, once no store is left to inline
+    while k < len(out.kernels):
+        if not _try_siblings(out, k):
+            k += 1
+    _keep_local(out)
+    used = {w for k in out.kernels for w in k.writes()} | {r for k in out.kernels for r in k.reads()}
     out.buffers = {n: b for n, b in out.buffers.items() if n in used or b.role in EXTERNAL}
     out.check()
     return out
@@ -211,7 +284,7 @@ def plan(prog: Program, align: int = ALIGN) -> MemoryPlan:
     scalar takes `align` elements per example: targets without caches use 1)."""
     live: dict[str, list[int]] = {}
     for k, kern in enumerate(prog.kernels):
-        for name in [kern.out] + kern.reads():
+        for name in kern.writes() + kern.reads():
             if prog.buffers[name].role not in EXTERNAL:
                 span = live.setdefault(name, [k, k])
                 span[1] = k

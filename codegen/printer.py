@@ -54,6 +54,14 @@ class GraphcPrinter(C99CodePrinter):
         return (f"dropout_keep({int(key):#x}U, {self._print(step)}, "
                 f"(uint32_t)({self._print(element)}), {int(threshold):#x}U)")
 
+    def _print_lerp(self, expr):
+        # torch.lerp's two forms, each exact at its end of the weight (a number).
+        start, end, weight = expr.args
+        a, b = self.parenthesize(start, 50), self.parenthesize(end, 50)
+        if weight < 0.5:
+            return f"{a} + {self._print(weight)}*({b} - {a})"
+        return f"{b} - {self._print(1 - weight)}*({b} - {a})"
+
     def _print_maximum(self, expr):
         # libm's fmax drops a NaN operand; torch.maximum propagates it.
         return self._nested("maximum", expr.args)
@@ -72,11 +80,13 @@ class GraphcPrinter(C99CodePrinter):
 
     def _print_Mul(self, expr):
         """`a*b/c`, where the base printer writes `a*b*1.0F/c` for the reciprocals that
-        `prepare` leaves unevaluated: one division, and the text a reader expects."""
+        `prepare` leaves unevaluated, and for a reciprocal of a sum holding one (SymPy
+        cannot tell that it commutes): one division, and the text a reader expects."""
         num, den = [], []
         for f in expr.args:
-            if f.is_Pow and f.exp == -1 and isinstance(f.base, sp.UnevaluatedExpr):
-                den.append(f.base.args[0])
+            if f.is_Pow and f.exp == -1 and (isinstance(f.base, sp.UnevaluatedExpr)
+                                             or f.base.has(sp.UnevaluatedExpr)):
+                den.append(f.base.args[0] if isinstance(f.base, sp.UnevaluatedExpr) else f.base)
             else:
                 num.append(f)
         if not den or not num:

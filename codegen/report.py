@@ -34,11 +34,13 @@ def memory_report(cmodule, batch: int = 1) -> dict:
     entries = {}
     for kind, entry in e.items():
         mem = entry.memory
+        # train_step's update runs in the gradients' arena once they are done: its
+        # temporaries (update_work) are live alone, and without reuse they would come on top.
         entries[kind] = {
             "work": (entry.work_fixed() + mem.per_example * n) * item,
-            "arena": mem.elements(n) * item,
-            "live_peak": mem.live_peak(n) * item,
-            "no_reuse": mem.no_reuse(n) * item,
+            "arena": (entry.work_fixed() - entry.work_before + mem.per_example * n) * item,
+            "live_peak": max(mem.live_peak(n), entry.update_work) * item,
+            "no_reuse": (mem.no_reuse(n) + entry.update_work) * item,
         }
         if entry.work_before:
             entries[kind]["gradients_in_work"] = entry.work_before * item

@@ -28,9 +28,9 @@ from .functions import expand_definitions
 from .graph import Graph
 from .ir import (ACC, ACCUMULATE, ARGMAX, ASSIGN, BATCH, GRAD, INPUT, INT32, LOSS, LOSS_MEAN,
                  MAX, OUTPUT, PARAM, REAL, SUM, TEMP, Buffer, Interface, Kernel, Program,
-                 UpdateRule, grad_name, range_guard, tree_size)
+                 grad_name, param_layout, range_guard, tree_size)
 from .ops import OPS, Lowering, Statistic
-from .optim import update_rule
+from .optim import lower_update, update_rule
 
 # A local derivative larger than this (as a tree) is refused: printing, cse and the C
 # compiler all grow with it, and a 1 KiB formula must not take minutes to compile.
@@ -227,9 +227,11 @@ class Derivation:
     local: list[LocalDerivative]
     evaluation: Program | None = None   # outputs and the batch-mean loss, one forward pass
     interface: Interface | None = None
-    update: UpdateRule | None = None    # None without a loss or an optimizer
+    # The train step after the gradients: the optimizer's update and the running
+    # statistics' (graphc/optim.py); None without a loss or an optimizer.
+    update: Program | None = None
     # Running statistics the gradients program writes the batch's value of (into their
-    # gradient slots), each with its momentum: the train step blends them into the params.
+    # gradient slots), each with its momentum: the update blends them into the params.
     running: dict[str, float] = field(default_factory=dict)
 
 
@@ -381,6 +383,13 @@ def derive(graph: Graph) -> Derivation:
     prog = Program(_used_buffers(sweep.buffers, grad_kernels) | {
         grad_name(p): sweep.buffers[grad_name(p)] for p in graph.params}, grad_kernels)
     prog.check()
-    update = update_rule(graph.optimizer) if graph.optimizer else None
-    return Derivation(fwd, prog, sweep.local, evaluation_program(graph, low), interface(graph),
-                      update, {s.param: s.momentum for s in statistics})
+    face = interface(graph)
+    running = {s.param: s.momentum for s in statistics}
+    update = None
+    if graph.optimizer:
+        offsets, _ = param_layout(face.params)
+        layout = {p: (offsets[p], max(1, int(np.prod(shape)))) for p, shape in face.params.items()}
+        update = lower_update(update_rule(graph.optimizer), layout,
+                              sum(layout[p][1] for p in face.trainable), running)
+    return Derivation(fwd, prog, sweep.local, evaluation_program(graph, low), face, update,
+                      running)

@@ -20,6 +20,11 @@ embedding's `table[tokens[b, i], d]`), always under a guard that keeps it inside
 
 Every op, forward or backward, is one of these, so the derivation engine and the C emitter
 each handle five cases, not one per op.
+
+The train step's update (graphc/optim.py) is a program too, `in_place`: its ``assign``
+kernels read and write the params, the state and their own output at the index they write.
+Fusion runs such kernels over the same loops as one (`Kernel.also`: several stores per
+loop point, in order).
 """
 
 from __future__ import annotations
@@ -40,11 +45,28 @@ STEP = sp.Symbol("step", integer=True, nonnegative=True)
 ACC = sp.Symbol("acc", real=True)                    # the reduced value inside `post`
 ASSIGN, SUM, MAX, ACCUMULATE, ARGMAX = MODES = ("assign", "sum", "max", "accumulate", "argmax")
 
-# Buffer roles. The caller owns inputs, params, outputs and gradients (EXTERNAL); the work
-# arena holds the rest: temporaries, and the batch-mean loss an entry point returns.
-INPUT, PARAM, OUTPUT, GRAD, TEMP, LOSS = "input", "param", "output", "grad", "temp", "loss"
-EXTERNAL = (INPUT, PARAM, OUTPUT, GRAD)
+# Buffer roles. The caller owns inputs, params, outputs, gradients and the optimizer's
+# state (EXTERNAL); the work arena holds the rest: temporaries, and the batch-mean loss an
+# entry point returns.
+INPUT, PARAM, OUTPUT, GRAD, STATE, TEMP, LOSS = \
+    "input", "param", "output", "grad", "state", "temp", "loss"
+EXTERNAL = (INPUT, PARAM, OUTPUT, GRAD, STATE)
+# graphc's own buffers start with "__", which no spec name can (graphc/names.py).
 LOSS_MEAN = "__batch_loss"   # the batch-mean loss, a one-element buffer
+# The update program (the optimizer step) sees the params and their gradients as the two
+# flat blocks the caller holds, and each optimizer state slot as a buffer of its own.
+PARAMS_BLOCK, GRADS_BLOCK = "__params", "__grads"
+STEP_COUNT = "step"          # the state slot counting the steps taken, first in the state
+UPDATE = "optimizer"         # the node an update kernel belongs to
+
+
+def state_buffer(slot: str) -> str:
+    """The update program's buffer for an optimizer state slot (`exp_avg`)."""
+    return "__" + slot
+
+
+def state_slot(buffer: str) -> str:
+    return buffer[2:]
 
 GRAD_SUFFIX = ".grad"
 
@@ -64,35 +86,17 @@ def grad_of(buffer: str) -> str | None:
     return buffer[:-len(GRAD_SUFFIX)] if buffer.endswith(GRAD_SUFFIX) else None
 
 
-# ---------------------------------------------------------------- the optimizer update
-
-P, G = sp.symbols("p g", real=True)   # a param element and its gradient
-
-
-@dataclass(frozen=True)
-class UpdateRule:
-    """One optimizer step, elementwise over the flat params.
-
-    Every optimizer keeps the step count `t` first in its state (Adam's bias corrections
-    need it; for SGD it tells a device how far training went). `scalars` are computed
-    once per step from it;
-    `steps` are evaluated in order for each element, a later formula seeing the new value
-    of an earlier target. Targets are temporaries, state slots (`slots`, torch's names) or
-    `p` itself. The optimizer section's formulas (graphc/optim.py) fill it in."""
-    name: str
-    slots: tuple[str, ...]
-    scalars: tuple[tuple[sp.Symbol, sp.Expr], ...]
-    steps: tuple[tuple[sp.Symbol, sp.Expr], ...]
-    values: dict[sp.Symbol, float]                     # the hyperparameters' numbers
-
-    def slot_symbol(self, slot: str) -> sp.Symbol:
-        return sp.Symbol(slot, real=True)
-
-    def numeric(self, expr: sp.Expr) -> sp.Expr:
-        return expr.xreplace({s: sp.Float(v) for s, v in self.values.items()})
-
-
 # ---------------------------------------------------------------- what the C computes
+
+def param_layout(shapes: dict[str, tuple[int, ...]]) -> tuple[dict[str, int], int]:
+    """Each param's offset in the flat params block, in the order given (the Interface's:
+    trainable params first), and the block's size."""
+    offsets, off = {}, 0
+    for p, shape in shapes.items():
+        offsets[p] = off
+        off += max(1, math.prod(shape))
+    return offsets, off
+
 
 @dataclass(frozen=True)
 class Interface:
@@ -236,6 +240,18 @@ class Buffer:
 
 
 @dataclass(frozen=True)
+class Store:
+    """One more assignment in a kernel's loop body (`Kernel.also`): buffer[index] = value.
+    A `local` store keeps its value in a variable of the loop body named `out` (a
+    temporary only this kernel reads, such as the optimizer's decayed gradient d), which
+    the later stores' values read as a symbol of that name."""
+    out: str
+    out_index: tuple[sp.Expr, ...]
+    value: sp.Expr
+    local: bool = False
+
+
+@dataclass(frozen=True)
 class Kernel:
     out: str
     out_index: tuple[sp.Expr, ...]
@@ -249,6 +265,19 @@ class Kernel:
     # for a scatter whose target index leaves the array (a padded convolution's dx), or on
     # the indices it reads (an embedding's dtable[tokens[b, i], d]: 0 <= tokens[b, i] < V).
     guard: sp.Basic = sp.true
+    # Assignments run before (out, out_index, body) at each loop point, in order (assign
+    # only; loop fusion of in-place updates, codegen/plan.py): a value reading a buffer
+    # that an earlier store of the kernel writes sees the new value. A kernel reads a
+    # buffer it writes only at the index it writes there (in place: the same loop point).
+    also: tuple[Store, ...] = ()
+
+    def stores(self) -> list[Store]:
+        """Every assignment of the kernel in order, the last being (out, out_index, body)."""
+        return [*self.also, Store(self.out, self.out_index, self.body)]
+
+    def writes(self) -> list[str]:
+        """The buffers the kernel writes, each once, in order."""
+        return list(dict.fromkeys(s.out for s in self.stores() if not s.local))
 
     def accesses(self) -> list[sp.Indexed]:
         """Distinct array reads, in a deterministic order: those of the body and the
@@ -263,8 +292,11 @@ class Kernel:
     def _accesses(self) -> tuple[sp.Indexed, ...]:
         found = set(self.body.atoms(sp.Indexed)) | set(self.post.atoms(sp.Indexed))
         found |= set(sp.sympify(self.guard).atoms(sp.Indexed))
-        for i in self.out_index:
-            found |= set(sp.sympify(i).atoms(sp.Indexed))
+        for store in self.also:
+            found |= set(store.value.atoms(sp.Indexed))
+        for store in self.stores():
+            for i in () if store.local else store.out_index:
+                found |= set(sp.sympify(i).atoms(sp.Indexed))
         return tuple(sorted(found, key=sp.default_sort_key))
 
     @functools.cached_property
@@ -274,11 +306,11 @@ class Kernel:
     def uses_batch(self) -> bool:
         """Whether the kernel needs the batch size: a loop over it, or n in its formulas."""
         return any(e == BATCH for _, e in self.loops) or self.body.has(BATCH) \
-            or self.post.has(BATCH)
+            or self.post.has(BATCH) or any(s.value.has(BATCH) for s in self.also)
 
     def uses_step(self) -> bool:
         """Whether the kernel draws dropout masks: the train step's count in its formulas."""
-        return self.body.has(STEP) or self.post.has(STEP)
+        return self.body.has(STEP) or self.post.has(STEP) or any(s.value.has(STEP) for s in self.also)
 
     def reduction_loops(self) -> list[sp.Symbol]:
         used = set().union(*[e.free_symbols for e in self.out_index]) if self.out_index else set()
@@ -293,6 +325,9 @@ class Kernel:
         return position
 
     def pretty(self) -> str:
+        if self.also:
+            return "; ".join((s.out if s.local else f"{s.out}[{', '.join(map(str, s.out_index))}]")
+                             + f" = {s.value}" for s in self.stores())
         lhs = f"{self.out}[{', '.join(map(str, self.out_index))}]"
         red = self.reduction_loops()
         op = {"assign": "=", "accumulate": "+="}.get(self.mode, "=")
@@ -316,17 +351,39 @@ class Program:
     buffers: dict[str, Buffer]
     kernels: list[Kernel] = field(default_factory=list)
     origins: list[tuple[int, ...]] | None = None
+    # Whether kernels update params and state in place (the optimizer step): there, a
+    # param's gradient is the caller's input, and params and state are read, then written.
+    in_place: bool = False
+
+    def given(self) -> set[str]:
+        """The buffers that hold values before the first kernel runs."""
+        roles = (INPUT, PARAM, GRAD, STATE) if self.in_place else (INPUT, PARAM)
+        return {b.name for b in self.buffers.values() if b.role in roles}
 
     def check(self) -> None:
         """Internal consistency; raises AssertionError naming the kernel at fault."""
-        written: set[str] = {b.name for b in self.buffers.values() if b.role in (INPUT, PARAM)}
+        written = self.given()
         for k, kern in enumerate(self.kernels):
             where = f"kernel {k} ({kern.node}: {kern.note})"
             assert kern.mode in MODES, f"{where}: mode {kern.mode}"
-            assert kern.out in self.buffers, f"{where}: unknown output {kern.out}"
+            assert not kern.also or kern.mode == ASSIGN, f"{where}: stores after a {kern.mode}"
+            for store in kern.stores():
+                if store.local:
+                    continue
+                assert store.out in self.buffers, f"{where}: unknown output {store.out}"
+                out = self.buffers[store.out]
+                writable = (PARAM, GRAD, STATE, TEMP) if self.in_place else \
+                    (OUTPUT, GRAD, TEMP, LOSS)
+                assert out.role in writable, f"{where}: writes {out.role} {out.name}"
+                assert len(store.out_index) == len(out.strides()), f"{where}: out rank"
+                assert out.dtype == REAL, f"{where}: writes the {out.dtype} buffer {out.name}"
+            # In place: a written buffer is read only where it is written (the old value).
+            stored = {(s.out, tuple(s.out_index)) for s in kern.stores() if not s.local}
+            for a in kern.accesses():
+                name = str(a.base.label)
+                assert name not in kern.writes() or (name, tuple(a.indices)) in stored, \
+                    f"{where}: reads {a}, which it writes elsewhere"
             out = self.buffers[kern.out]
-            assert out.role not in (INPUT, PARAM), f"{where}: writes {out.role} {out.name}"
-            assert len(kern.out_index) == len(out.strides()), f"{where}: out rank"
             loop_syms = [s for s, _ in kern.loops]
             assert len(set(loop_syms)) == len(loop_syms), f"{where}: repeated loop symbol"
             for a in kern.accesses():
@@ -345,10 +402,9 @@ class Program:
                 # those are integers: no real value decides where a scatter writes.
                 assert all(a.is_integer for a in kern.guard.atoms(sp.Indexed)), \
                     f"{where}: guard {kern.guard} reads a real array"
-            assert out.dtype == REAL, f"{where}: writes the {out.dtype} buffer {out.name}"
             if kern.mode == "assign" or kern.post != ACC:
                 assert kern.mode in ("sum", "assign") and (kern.mode == "sum" or kern.post == ACC)
-            written.add(kern.out)
+            written.update(kern.writes())
 
     def pretty(self) -> str:
         return "\n".join(k.pretty() for k in self.kernels)

@@ -541,7 +541,7 @@ def generate(graph, dtype: str = "float32", *, optimizer: dict | None = None, pa
     SIMD, or for this machine's width with OpenMP on host; plain loops on Cortex-M) and the
     header's note; `max_batch` adds `<NAME>_MAX_BATCH` to the header for statically sized
     memory."""
-    from codegen.emit import param_layout
+    from .ir import param_layout
     from codegen.targets import get_target
     from .derive import layout_order
     from .pipeline import to_c

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import sympy as sp
 from sympy.codegen.cfunctions import expm1
 
 from .errors import SpecError
 from .init import finite_number
-from .ir import G, P, UpdateRule
+from .ir import (ASSIGN, GRADS_BLOCK, PARAM, GRAD, PARAMS_BLOCK, STATE, STEP_COUNT, TEMP,
+                 UPDATE, Buffer, Kernel, Program, index_symbols, state_buffer)
 
 # name -> field defaults; `momentum` is SGD with momentum 0.9 unless given.
 OPTIMIZERS: dict[str, dict] = {
@@ -67,10 +69,34 @@ def check_optimizer(spec) -> dict:
 # ---------------------------------------------------------------- update rules as formulas
 #
 # Each optimizer is declared once, as SymPy formulas over one param element `p`, its
-# gradient `g` and its state slots, with the hyperparameters as symbols. The C emitter
-# substitutes the numbers and prints the formulas like any kernel body; `explain` can show
-# them as written here. The forms follow torch.optim (single-tensor CPU path) so that
+# gradient `g` and its state slots, with the hyperparameters as symbols. `lower_update`
+# substitutes the numbers and makes each formula an in-place kernel of the update program. The forms follow torch.optim (single-tensor CPU path) so that
 # trajectories can be compared step by step.
+
+P, G = sp.symbols("p g", real=True)   # a param element and its gradient
+
+
+@dataclass(frozen=True)
+class UpdateRule:
+    """One optimizer step, elementwise over the flat params.
+
+    Every optimizer keeps the step count `t` first in its state (Adam's bias corrections
+    need it; for SGD it tells a device how far training went). `scalars` are computed
+    once per step from it; `steps` are evaluated in order for each element, a later formula
+    seeing the new value of an earlier target. Targets are temporaries, state slots
+    (`slots`, torch's names) or `p` itself. `lower_update` turns it into IR kernels."""
+    name: str
+    slots: tuple[str, ...]
+    scalars: tuple[tuple[sp.Symbol, sp.Expr], ...]
+    steps: tuple[tuple[sp.Symbol, sp.Expr], ...]
+    values: dict[sp.Symbol, float]                     # the hyperparameters' numbers
+
+    def slot_symbol(self, slot: str) -> sp.Symbol:
+        return sp.Symbol(slot, real=True)
+
+    def numeric(self, expr: sp.Expr) -> sp.Expr:
+        return expr.xreplace({s: sp.Float(v) for s, v in self.values.items()})
+
 
 STEP = sp.Symbol("t", positive=True)                   # the step count, after this step
 D = sp.Symbol("d", real=True)                          # the gradient after weight decay
@@ -109,3 +135,67 @@ def update_rule(opt: dict) -> UpdateRule:
     direction = D + MU * buf if opt["nesterov"] else buf
     return UpdateRule("nesterov" if opt["nesterov"] else "momentum", ("momentum_buffer",),
                       (), (decay, (buf, MU * buf + D), (P, P - LR * direction)), values)
+
+
+class lerp(sp.Function):   # noqa: N801 (SymPy function classes are lower case, like sp.exp)
+    """lerp(start, end, weight) = start + weight·(end - start), printed in torch.lerp's
+    form: `start + weight·(end - start)` for weight < 0.5, `end - (1 - weight)·(end - start)`
+    otherwise, exact at both ends. A function, so that SymPy does not distribute the weight
+    over the difference."""
+    nargs = 3
+    is_real = True
+
+
+def lower_update(rule: UpdateRule, layout: dict[str, tuple[int, int]], trainable_size: int,
+                 running: dict[str, float]) -> Program:
+    """The train step's update as IR kernels, run after the gradients program: the step
+    count, the rule's per-step scalars, the rule's steps over the trainable params (the
+    front `trainable_size` elements of the params block; a temporary of the rule is a
+    buffer, which fusion turns into a variable of the loop), then each running statistic
+    (param -> momentum; `layout`: param -> (offset, size)) moved towards the batch's value
+    the gradients program left in its gradient slot, as torch does:
+    p = (1 - momentum)·p + momentum·g, in torch.lerp's form.
+
+    Each step is its own kernel; fusion (codegen/plan.py) runs those over the same params
+    in one loop. A step's formula reads the new value of an earlier step's target from
+    where that step stored it, as torch's in-place operations do."""
+    params_size = sum(size for _, size in layout.values())
+    buffers = {PARAMS_BLOCK: Buffer(PARAMS_BLOCK, (params_size,), False, PARAM),
+               GRADS_BLOCK: Buffer(GRADS_BLOCK, (params_size,), False, GRAD)}
+    count = state_buffer(STEP_COUNT)
+    buffers[count] = Buffer(count, (1,), False, STATE)
+    for slot in rule.slots:   # one element per trainable param element
+        buffers[state_buffer(slot)] = Buffer(state_buffer(slot), (trainable_size,), False, STATE)
+    t = buffers[count].base[0]
+    # A float count is exact up to 2^24 steps (torch keeps its count as float32 too).
+    kernels = [Kernel(count, (sp.Integer(0),), (), t + 1, ASSIGN, node=UPDATE, note="step_count")]
+    known = {STEP: t}
+    for sym, expr in rule.scalars if trainable_size else ():   # what the steps read
+        name = f"__{sym}"
+        buffers[name] = Buffer(name, (), False, TEMP)
+        kernels.append(Kernel(name, (sp.Integer(0),), (), rule.numeric(expr).xreplace(known),
+                              ASSIGN, node=UPDATE, note=str(sym)))
+        known[sym] = buffers[name].base[0]
+    (i,) = index_symbols(1)
+    if trainable_size:
+        loops = ((i, trainable_size),)
+        reads = {P: buffers[PARAMS_BLOCK].base[i], G: buffers[GRADS_BLOCK].base[i],
+                 **{rule.slot_symbol(s): buffers[state_buffer(s)].base[i] for s in rule.slots}}
+        current = {**known, **reads}
+        for sym, expr in rule.steps:
+            if sym not in reads:   # a temporary: the decayed gradient d
+                buffers[f"__{sym}"] = Buffer(f"__{sym}", (trainable_size,), False, TEMP)
+                reads[sym] = buffers[f"__{sym}"].base[i]
+            out = str(reads[sym].base.label)
+            kernels.append(Kernel(out, (i,), loops, rule.numeric(expr).xreplace(current),
+                                  ASSIGN, node=UPDATE, note=f"{rule.name}_update"))
+            current[sym] = reads[sym]
+    for param, momentum in running.items():
+        offset, size = layout[param]
+        at = (i + offset,)
+        p, g = buffers[PARAMS_BLOCK].base[at], buffers[GRADS_BLOCK].base[at]
+        kernels.append(Kernel(PARAMS_BLOCK, at, ((i, size),), lerp(p, g, sp.Float(momentum)),
+                              ASSIGN, node=UPDATE, note=f"{param}_running_update"))
+    program = Program(buffers, kernels, in_place=True)
+    program.check()
+    return program

@@ -1,6 +1,7 @@
 """The compiler's stages, called in order from one place:
 
-    Graph -> derive -> Derivation (programs, optimizer update, interface)
+    Graph -> derive -> Derivation (programs: forward, evaluation, gradients and the
+                                   optimizer's update; the interface)
           -> fuse -> plan -> emit -> CModule -> build (graphc/model.py) -> CompiledModel
 
 Each stage takes the previous one's data and nothing upstream of it: codegen sees the
@@ -28,11 +29,13 @@ def to_c(graph: Graph, dtype: str, target: str = "c99", params=None,
     training = graph.loss is not None and params is None
     if training:
         programs.update(evaluate=derivation.evaluation, gradients=derivation.gradients)
+    if training and derivation.update is not None:
+        programs["update"] = derivation.update
     align = get_target(target).align
     planned = {}
     for kind, program in programs.items():
         fused = fuse(program)
         planned[kind] = (fused, plan(fused, align))
-    return emit(derivation.interface, planned, derivation.update if training else None, dtype,
-                params=params, target=target, max_batch=max_batch,
-                running=derivation.running if training else None)
+    update = planned.pop("update", None)
+    return emit(derivation.interface, planned, update, dtype, params=params, target=target,
+                max_batch=max_batch, running=derivation.running if training else None)

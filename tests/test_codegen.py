@@ -242,10 +242,12 @@ def test_text_a_reviewer_reads(target):
                 params[call.function] = tuple(p.rstrip("_") for p, _, _ in call.arguments)
             assert all(params[f] in uses[f] for f in uses), (params, uses)
             assert not re.search(r"\bparams \+ \d", cm.source), name
+            # a reciprocal is one division, never `a*1.0F/b`
+            assert not re.search(r"\*1\.0F?/", cm.source), name
     _, cm = graphc.generate(ROOT / "examples/mlp.yaml", "float32", target=target)
     names = set(cm.functions)
     assert {"h1_forward", "logits_forward", "W1_grad", "b2_grad", "h1_grad"} <= names, names
-    assert "static void adam_update(" in cm.source
+    assert "static void adam_update(" in cm.source and "static void step_count(" in cm.source
     assert "W1_grad(n, grads + MLP_PARAM_W1_OFFSET, " in cm.source
     assert re.search(r"static void W1_grad\(size_t n, float \*restrict dW1, "
                      r"const float \*restrict dh1,\s+const float \*restrict x\)", cm.source)

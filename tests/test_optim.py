@@ -14,9 +14,11 @@ import subprocess
 
 import numpy as np
 import pytest
+import sympy as sp
 
 import graphc
 from codegen.harness import harness, parse_output
+from conftest import compile_strict
 from graphc.errors import InputError, SpecError
 from graphc.optim import check_optimizer
 
@@ -416,3 +418,66 @@ def test_the_c_trains_without_python(config, tmp_path):
         assert rel_error(c_slot, flat(model, ref.optimizer_state()[slot])) <= RTOL64
     if "step" in cm.state_offsets:
         assert got["state"][cm.state_offsets["step"]] == steps
+
+
+# ---------------------------------------------------------------- the update as IR kernels
+
+def _update(optimizer):
+    from graphc.derive import derive
+    from graphc.graph import Graph
+    return derive(Graph.from_spec({**SPEC, "optimizer": optimizer})).update
+
+
+@pytest.mark.parametrize("config, slots", [("sgd_wd", []), ("nesterov", ["momentum_buffer"]),
+                                           ("adam_wd", ["exp_avg", "exp_avg_sq"])])
+def test_the_update_is_ir_kernels_fused_into_one_pass(config, slots):
+    """The optimizer's formulas are kernels of the update program (derived in graphc, not
+    printed by the emitter); fusion runs them in one loop over the params, the decayed
+    gradient d a variable of that loop, after one scalar kernel for the step count."""
+    from codegen.plan import fuse
+    from graphc.ir import GRADS_BLOCK, PARAMS_BLOCK, STATE, UPDATE, state_buffer
+    update = _update(CONFIGS[config])
+    assert update.in_place and all(k.node == UPDATE for k in update.kernels)
+    assert [b for b, buf in update.buffers.items() if buf.role == STATE] == \
+        [state_buffer(s) for s in ["step", *slots]]
+    fused = fuse(update)
+    count, loop = fused.kernels
+    assert count.loops == () and count.stores()[0].out == state_buffer("step")
+    stores = loop.stores()
+    assert [s.out for s in stores] == ["d", *map(state_buffer, slots), PARAMS_BLOCK]
+    assert stores[0].local and not any(s.local for s in stores[1:])
+    assert sorted(sum(fused.origins, ())) == list(range(len(update.kernels)))
+    # d = g + weight_decay*p is computed once; the later formulas read it, not the gradient
+    grad = update.buffers[GRADS_BLOCK].base[loop.loops[0][0]]
+    assert stores[0].value.has(grad) and stores[1].value.has(sp.Symbol("d", real=True))
+    assert not any(s.value.has(grad) for s in stores[1:])
+
+
+def _in_place(shift: int):
+    """A[i] = A[i] + 1, then B[i] = 2·A[i + shift], over i < 8: in place, as an update is."""
+    from graphc.ir import ASSIGN, STATE, Buffer, Kernel, Program, index_symbols
+    (i,) = index_symbols(1)
+    A, B = Buffer("A", (9,), False, STATE), Buffer("B", (8,), False, STATE)
+    loops = ((i, 8),)
+    return Program({"A": A, "B": B}, [Kernel("A", (i,), loops, A.base[i] + 1, ASSIGN),
+                                      Kernel("B", (i,), loops, 2 * A.base[i + shift], ASSIGN)],
+                   in_place=True)
+
+
+def test_update_fusion_keeps_what_each_loop_read():
+    """Two loops run as one only where each reads what the other writes at the point it
+    writes it: B[i] = 2·A[i + 1] must see A[i + 1] after the first loop has written it,
+    which a fused loop at point i has not done yet."""
+    from codegen.plan import fuse
+    assert len(fuse(_in_place(0)).kernels) == 1
+    assert len(fuse(_in_place(1)).kernels) == 2
+
+
+def test_update_with_a_zero_beta_builds_under_the_review_flags():
+    """With beta1 = 0 the update never reads the old exp_avg (no argument goes unused)."""
+    model = compile_strict(SPEC, "float32", optimizer={"name": "adam", "betas": [0.0, 0.9]})
+    assert "const float *restrict exp_avg" not in model.c_source
+    start = model.get_params()
+    model.train_step(x=np.ones((2, 5), np.float32), y=np.eye(3, dtype=np.float32)[:2])
+    assert all(np.all(np.isfinite(v)) for v in model.get_params().values())
+    assert any(not np.array_equal(v, start[p]) for p, v in model.get_params().items())

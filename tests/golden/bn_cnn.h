@@ -86,8 +86,8 @@ float bn_cnn_gradients(const float *params, float *grads, float *work, size_t n,
         const float *in_y);
 
 /*
- * bn_cnn_train_step: one adam step (lr=0.003, weight_decay=0.0, beta1=0.9, beta2=0.999,
- *   eps=1e-08) on a batch of n examples:
+ * bn_cnn_train_step: one adam step (lr=0.003, betas=[0.9, 0.999], eps=1e-08, weight_decay=0.0) on
+ *   a batch of n examples:
  *   the loss and gradients (bn_cnn_gradients), then params updated in place.
  *   The optimizer updates params [0, BN_CNN_TRAINABLE_SIZE); the running statistics move
  *   towards the batch's as torch's: p = (1 - momentum)*p + momentum*batch value.

@@ -28,9 +28,9 @@
 #define DIGITS_CNN_FORWARD_WORK_SIZE(n) ((size_t)0 + (size_t)1280 * (size_t)(n))
 #define DIGITS_CNN_EVALUATE_WORK_SIZE(n) ((size_t)16 + (size_t)1280 * (size_t)(n))
 #define DIGITS_CNN_GRADIENTS_WORK_SIZE(n) ((size_t)16 + (size_t)3328 * (size_t)(n))
-#define DIGITS_CNN_TRAIN_STEP_WORK_SIZE(n) ((size_t)6112 + (size_t)3328 * (size_t)(n))
+#define DIGITS_CNN_TRAIN_STEP_WORK_SIZE(n) ((size_t)6128 + (size_t)3328 * (size_t)(n))
 /* Enough for every entry point above. */
-#define DIGITS_CNN_WORK_SIZE(n) ((size_t)6112 + (size_t)3328 * (size_t)(n))
+#define DIGITS_CNN_WORK_SIZE(n) ((size_t)6128 + (size_t)3328 * (size_t)(n))
 
 #ifdef __cplusplus
 extern "C" {
@@ -75,8 +75,8 @@ float digits_cnn_gradients(const float *params, float *grads, float *work, size_
         const float *in_x, const float *in_y);
 
 /*
- * digits_cnn_train_step: one adam step (lr=0.003, weight_decay=0.0, beta1=0.9, beta2=0.999,
- *   eps=1e-08) on a batch of n examples:
+ * digits_cnn_train_step: one adam step (lr=0.003, betas=[0.9, 0.999], eps=1e-08,
+ *   weight_decay=0.0) on a batch of n examples:
  *   the loss and gradients (digits_cnn_gradients), then params updated in place.
  *   params: DIGITS_CNN_PARAMS_SIZE elements, read and updated
  *   state:  DIGITS_CNN_STATE_SIZE elements of optimizer state (step count first), zeroed

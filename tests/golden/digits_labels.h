@@ -25,9 +25,9 @@
 #define DIGITS_LABELS_FORWARD_WORK_SIZE(n) ((size_t)0 + (size_t)32 * (size_t)(n))
 #define DIGITS_LABELS_EVALUATE_WORK_SIZE(n) ((size_t)16 + (size_t)32 * (size_t)(n))
 #define DIGITS_LABELS_GRADIENTS_WORK_SIZE(n) ((size_t)16 + (size_t)144 * (size_t)(n))
-#define DIGITS_LABELS_TRAIN_STEP_WORK_SIZE(n) ((size_t)2432 + (size_t)144 * (size_t)(n))
+#define DIGITS_LABELS_TRAIN_STEP_WORK_SIZE(n) ((size_t)2448 + (size_t)144 * (size_t)(n))
 /* Enough for every entry point above. */
-#define DIGITS_LABELS_WORK_SIZE(n) ((size_t)2432 + (size_t)144 * (size_t)(n))
+#define DIGITS_LABELS_WORK_SIZE(n) ((size_t)2448 + (size_t)144 * (size_t)(n))
 
 #ifdef __cplusplus
 extern "C" {
@@ -73,8 +73,8 @@ float digits_labels_gradients(const float *params, float *grads, float *work, si
         const float *in_x, const int32_t *in_y);
 
 /*
- * digits_labels_train_step: one adam step (lr=0.01, weight_decay=0.0, beta1=0.9, beta2=0.999,
- *   eps=1e-08) on a batch of n examples:
+ * digits_labels_train_step: one adam step (lr=0.01, betas=[0.9, 0.999], eps=1e-08,
+ *   weight_decay=0.0) on a batch of n examples:
  *   the loss and gradients (digits_labels_gradients), then params updated in place.
  *   params: DIGITS_LABELS_PARAMS_SIZE elements, read and updated
  *   state:  DIGITS_LABELS_STATE_SIZE elements of optimizer state (step count first), zeroed

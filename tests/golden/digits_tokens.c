@@ -967,48 +967,55 @@ static void E_grad_2(size_t n, float *restrict dE, const float *restrict dgrid,
     }
 }
 
-/* optimizer step: adam, as torch.optim computes it */
-static void adam_update(float *restrict params, const float *restrict grads, float *restrict state)
+/*
+ * optimizer: step_count: step[0] = step[0] + 1; step_size[0] =
+ * -0.003/expm1(-0.105360515657826*step[0]); bias_correction2_sqrt[0] =
+ * sqrt(-expm1(-0.00100050033358353*step[0]))
+ */
+static void step_count(float *restrict step, float *restrict step_size,
+        float *restrict bias_correction2_sqrt)
 {
-    const float t = state[0] + 1;
-    state[0] = t;
-    const float bias_correction1 = -expm1f(-0.105360515F*t);
-    const float bias_correction2 = -expm1f(-0.0010005003F*t);
-    const float step_size = 0.003F/bias_correction1;
-    const float bias_correction2_sqrt = sqrtf(bias_correction2);
-    for (size_t i = 0; i < 3246; ++i) {
-        const float p = params[i];
-        const float g = grads[i];
-        const float exp_avg = state[1 + i];
-        const float exp_avg_sq = state[3247 + i];
-        const float d = g;
-        const float exp_avg_1 = 0.1F*d + 0.9F*exp_avg;
-        const float exp_avg_sq_1 = 0.999F*exp_avg_sq + 0.001F*(d*d);
-        const float p_1 = -exp_avg_1*step_size*1.0F/(sqrtf(exp_avg_sq_1)/bias_correction2_sqrt +
-                1e-08F) + p;
-        params[i] = p_1;
-        state[1 + i] = exp_avg_1;
-        state[3247 + i] = exp_avg_sq_1;
+    step[0] = step[0] + 1;
+    step_size[0] = -0.003F/expm1f(-0.105360515F*step[0]);
+    bias_correction2_sqrt[0] = sqrtf(-expm1f(-0.0010005003F*step[0]));
+}
+
+/*
+ * optimizer: adam_update: d = grads[i0]; exp_avg[i0] = 0.1*d + 0.9*exp_avg[i0]; exp_avg_sq[i0] =
+ * 0.001*d**2 + 0.999*exp_avg_sq[i0]; params[i0] = params[i0] - exp_avg[i0]*step_size[0]/(1.0e-8 +
+ * sqrt(exp_avg_sq[i0])/bias_correction2_sqrt[0])
+ */
+static void adam_update(float *restrict exp_avg, float *restrict exp_avg_sq, float *restrict params,
+        const float *restrict bias_correction2_sqrt, const float *restrict grads,
+        const float *restrict step_size)
+{
+    for (size_t i0 = 0; i0 < 3246; ++i0) {
+        const float d = grads[i0];
+        exp_avg[i0] = 0.1F*d + 0.9F*exp_avg[i0];
+        exp_avg_sq[i0] = 0.999F*exp_avg_sq[i0] + 0.001F*(d*d);
+        params[i0] = -exp_avg[i0]*step_size[0]/(sqrtf(exp_avg_sq[i0])/bias_correction2_sqrt[0] +
+                1e-08F) + params[i0];
     }
 }
 
 /*
- * running statistics, as torch: p = (1 - momentum)*p + momentum*g, g the batch's value (in grads),
- * in torch.lerp's form
+ * optimizer: mean_running_update: params[i0 + 3246] = lerp(params[i0 + 3246], grads[i0 + 3246],
+ * 0.1)
  */
-static void running_update(float *restrict params, const float *restrict grads)
+static void mean_running_update(float *restrict params, const float *restrict grads)
 {
-    for (size_t i = DIGITS_TOKENS_PARAM_mean_OFFSET;
-            i < DIGITS_TOKENS_PARAM_mean_OFFSET + DIGITS_TOKENS_PARAM_mean_SIZE; ++i) {
-        const float p = params[i];
-        const float g = grads[i];
-        params[i] = p + 0.1F*(g - p);
+    for (size_t i0 = 0; i0 < 16; ++i0) {
+        params[i0 + 3246] = params[i0 + 3246] + 0.1F*(grads[i0 + 3246] - params[i0 + 3246]);
     }
-    for (size_t i = DIGITS_TOKENS_PARAM_var_OFFSET;
-            i < DIGITS_TOKENS_PARAM_var_OFFSET + DIGITS_TOKENS_PARAM_var_SIZE; ++i) {
-        const float p = params[i];
-        const float g = grads[i];
-        params[i] = p + 0.1F*(g - p);
+}
+
+/*
+ * optimizer: var_running_update: params[i0 + 3262] = lerp(params[i0 + 3262], grads[i0 + 3262], 0.1)
+ */
+static void var_running_update(float *restrict params, const float *restrict grads)
+{
+    for (size_t i0 = 0; i0 < 16; ++i0) {
+        params[i0 + 3262] = params[i0 + 3262] + 0.1F*(grads[i0 + 3262] - params[i0 + 3262]);
     }
 }
 
@@ -1127,7 +1134,10 @@ float digits_tokens_train_step(float *params, float *state, float *work, size_t 
     const uint32_t step = count >= 0 && count < 4294967296.0F ? (uint32_t)count : 0;
     const float loss = digits_tokens_gradients(params, work, work + 3280, n, step, in_pixels,
             in_label);
-    adam_update(params, work, state);
-    running_update(params, work);
+    step_count(state + DIGITS_TOKENS_STATE_step_OFFSET, work + 3296, work + 3280);
+    adam_update(state + DIGITS_TOKENS_STATE_exp_avg_OFFSET,
+            state + DIGITS_TOKENS_STATE_exp_avg_sq_OFFSET, params, work + 3280, work, work + 3296);
+    mean_running_update(params, work);
+    var_running_update(params, work);
     return loss;
 }

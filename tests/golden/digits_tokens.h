@@ -95,8 +95,8 @@ float digits_tokens_gradients(const float *params, float *grads, float *work, si
         uint32_t step, const int32_t *in_pixels, const int32_t *in_label);
 
 /*
- * digits_tokens_train_step: one adam step (lr=0.003, weight_decay=0.0, beta1=0.9, beta2=0.999,
- *   eps=1e-08) on a batch of n examples:
+ * digits_tokens_train_step: one adam step (lr=0.003, betas=[0.9, 0.999], eps=1e-08,
+ *   weight_decay=0.0) on a batch of n examples:
  *   the loss and gradients (digits_tokens_gradients), then params updated in place.
  *   The optimizer updates params [0, DIGITS_TOKENS_TRAINABLE_SIZE); the running statistics move
  *   towards the batch's as torch's: p = (1 - momentum)*p + momentum*batch value.

@@ -699,21 +699,23 @@ static void b1_grad(size_t n, float *restrict db1, const float *restrict dh)
     }
 }
 
-/* optimizer step: momentum, as torch.optim computes it */
-static void momentum_update(float *restrict params, const float *restrict grads,
-        float *restrict state)
+/* optimizer: step_count: step[0] = step[0] + 1 */
+static void step_count(float *restrict step)
 {
-    const float t = state[0] + 1;
-    state[0] = t;
-    for (size_t i = 0; i < 508; ++i) {
-        const float p = params[i];
-        const float g = grads[i];
-        const float momentum_buffer = state[1 + i];
-        const float d = g;
-        const float momentum_buffer_1 = d + 0.9F*momentum_buffer;
-        const float p_1 = -0.05F*momentum_buffer_1 + p;
-        params[i] = p_1;
-        state[1 + i] = momentum_buffer_1;
+    step[0] = step[0] + 1;
+}
+
+/*
+ * optimizer: momentum_update: d = grads[i0]; momentum_buffer[i0] = d + 0.9*momentum_buffer[i0];
+ * params[i0] = -0.05*momentum_buffer[i0] + params[i0]
+ */
+static void momentum_update(float *restrict momentum_buffer, float *restrict params,
+        const float *restrict grads)
+{
+    for (size_t i0 = 0; i0 < 508; ++i0) {
+        const float d = grads[i0];
+        momentum_buffer[i0] = d + 0.9F*momentum_buffer[i0];
+        params[i0] = -0.05F*momentum_buffer[i0] + params[i0];
     }
 }
 
@@ -788,6 +790,7 @@ float gelu_net_train_step(float *params, float *state, float *work, size_t n, co
         return 0;
     }
     const float loss = gelu_net_gradients(params, work, work + 512, n, in_x, in_y);
-    momentum_update(params, work, state);
+    step_count(state + GELU_NET_STATE_step_OFFSET);
+    momentum_update(state + GELU_NET_STATE_momentum_buffer_OFFSET, params, work);
     return loss;
 }

@@ -23,7 +23,7 @@
 #define GELU_NET_INPUT_y_SIZE 4 /* per example, shape [4] */
 #define GELU_NET_OUTPUT_logits_SIZE 4 /* per example, shape [4] */
 #define GELU_NET_OUTPUT_probs_SIZE 4 /* per example, shape [4] */
-#define GELU_NET_STATE_SIZE 509 /* momentum: step count, momentum_buffer */
+#define GELU_NET_STATE_SIZE 509 /* sgd: step count, momentum_buffer */
 #define GELU_NET_STATE_step_OFFSET 0
 #define GELU_NET_STATE_momentum_buffer_OFFSET 1
 #define GELU_NET_FORWARD_WORK_SIZE(n) ((size_t)0 + (size_t)24 * (size_t)(n))
@@ -77,8 +77,8 @@ float gelu_net_gradients(const float *params, float *grads, float *work, size_t 
         const float *in_x, const float *in_y);
 
 /*
- * gelu_net_train_step: one momentum step (lr=0.05, weight_decay=0.0, momentum=0.9) on a batch of
- *   n examples:
+ * gelu_net_train_step: one sgd step (lr=0.05, momentum=0.9, nesterov=False, weight_decay=0.0) on
+ *   a batch of n examples:
  *   the loss and gradients (gelu_net_gradients), then params updated in place.
  *   params: GELU_NET_PARAMS_SIZE elements, read and updated
  *   state:  GELU_NET_STATE_SIZE elements of optimizer state (step count first), zeroed

@@ -723,28 +723,34 @@ static void b1_grad(size_t n, float *restrict db1, const float *restrict dh1)
     }
 }
 
-/* optimizer step: adam, as torch.optim computes it */
-static void adam_update(float *restrict params, const float *restrict grads, float *restrict state)
+/*
+ * optimizer: step_count: step[0] = step[0] + 1; step_size[0] =
+ * -0.001/expm1(-0.105360515657826*step[0]); bias_correction2_sqrt[0] =
+ * sqrt(-expm1(-0.00100050033358353*step[0]))
+ */
+static void step_count(float *restrict step, float *restrict step_size,
+        float *restrict bias_correction2_sqrt)
 {
-    const float t = state[0] + 1;
-    state[0] = t;
-    const float bias_correction1 = -expm1f(-0.105360515F*t);
-    const float bias_correction2 = -expm1f(-0.0010005003F*t);
-    const float step_size = 0.001F/bias_correction1;
-    const float bias_correction2_sqrt = sqrtf(bias_correction2);
-    for (size_t i = 0; i < 2410; ++i) {
-        const float p = params[i];
-        const float g = grads[i];
-        const float exp_avg = state[1 + i];
-        const float exp_avg_sq = state[2411 + i];
-        const float d = g;
-        const float exp_avg_1 = 0.1F*d + 0.9F*exp_avg;
-        const float exp_avg_sq_1 = 0.999F*exp_avg_sq + 0.001F*(d*d);
-        const float p_1 = -exp_avg_1*step_size*1.0F/(sqrtf(exp_avg_sq_1)/bias_correction2_sqrt +
-                1e-08F) + p;
-        params[i] = p_1;
-        state[1 + i] = exp_avg_1;
-        state[2411 + i] = exp_avg_sq_1;
+    step[0] = step[0] + 1;
+    step_size[0] = -0.001F/expm1f(-0.105360515F*step[0]);
+    bias_correction2_sqrt[0] = sqrtf(-expm1f(-0.0010005003F*step[0]));
+}
+
+/*
+ * optimizer: adam_update: d = grads[i0]; exp_avg[i0] = 0.1*d + 0.9*exp_avg[i0]; exp_avg_sq[i0] =
+ * 0.001*d**2 + 0.999*exp_avg_sq[i0]; params[i0] = params[i0] - exp_avg[i0]*step_size[0]/(1.0e-8 +
+ * sqrt(exp_avg_sq[i0])/bias_correction2_sqrt[0])
+ */
+static void adam_update(float *restrict exp_avg, float *restrict exp_avg_sq, float *restrict params,
+        const float *restrict bias_correction2_sqrt, const float *restrict grads,
+        const float *restrict step_size)
+{
+    for (size_t i0 = 0; i0 < 2410; ++i0) {
+        const float d = grads[i0];
+        exp_avg[i0] = 0.1F*d + 0.9F*exp_avg[i0];
+        exp_avg_sq[i0] = 0.999F*exp_avg_sq[i0] + 0.001F*(d*d);
+        params[i0] = -exp_avg[i0]*step_size[0]/(sqrtf(exp_avg_sq[i0])/bias_correction2_sqrt[0] +
+                1e-08F) + params[i0];
     }
 }
 
@@ -810,6 +816,8 @@ float mlp_train_step(float *params, float *state, float *work, size_t n, const f
         return 0;
     }
     const float loss = mlp_gradients(params, work, work + 2416, n, in_x, in_y);
-    adam_update(params, work, state);
+    step_count(state + MLP_STATE_step_OFFSET, work + 2432, work + 2416);
+    adam_update(state + MLP_STATE_exp_avg_OFFSET, state + MLP_STATE_exp_avg_sq_OFFSET, params,
+            work + 2416, work, work + 2432);
     return loss;
 }

@@ -29,9 +29,9 @@
 #define MLP_FORWARD_WORK_SIZE(n) ((size_t)0 + (size_t)32 * (size_t)(n))
 #define MLP_EVALUATE_WORK_SIZE(n) ((size_t)1 + (size_t)32 * (size_t)(n))
 #define MLP_GRADIENTS_WORK_SIZE(n) ((size_t)1 + (size_t)87 * (size_t)(n))
-#define MLP_TRAIN_STEP_WORK_SIZE(n) ((size_t)2411 + (size_t)87 * (size_t)(n))
+#define MLP_TRAIN_STEP_WORK_SIZE(n) ((size_t)2412 + (size_t)87 * (size_t)(n))
 /* Enough for every entry point above. */
-#define MLP_WORK_SIZE(n) ((size_t)2411 + (size_t)87 * (size_t)(n))
+#define MLP_WORK_SIZE(n) ((size_t)2412 + (size_t)87 * (size_t)(n))
 
 #ifdef __cplusplus
 extern "C" {
@@ -74,8 +74,8 @@ float mlp_gradients(const float *params, float *grads, float *work, size_t n, co
         const float *in_y);
 
 /*
- * mlp_train_step: one adam step (lr=0.001, weight_decay=0.0, beta1=0.9, beta2=0.999, eps=1e-08)
- *   on a batch of n examples:
+ * mlp_train_step: one adam step (lr=0.001, betas=[0.9, 0.999], eps=1e-08, weight_decay=0.0) on a
+ *   batch of n examples:
  *   the loss and gradients (mlp_gradients), then params updated in place.
  *   params: MLP_PARAMS_SIZE elements, read and updated
  *   state:  MLP_STATE_SIZE elements of optimizer state (step count first), zeroed

@@ -24,9 +24,9 @@
 #define MLP_FORWARD_WORK_SIZE(n) ((size_t)0 + (size_t)32 * (size_t)(n))
 #define MLP_EVALUATE_WORK_SIZE(n) ((size_t)16 + (size_t)48 * (size_t)(n))
 #define MLP_GRADIENTS_WORK_SIZE(n) ((size_t)16 + (size_t)144 * (size_t)(n))
-#define MLP_TRAIN_STEP_WORK_SIZE(n) ((size_t)2432 + (size_t)144 * (size_t)(n))
+#define MLP_TRAIN_STEP_WORK_SIZE(n) ((size_t)2448 + (size_t)144 * (size_t)(n))
 /* Enough for every entry point above. */
-#define MLP_WORK_SIZE(n) ((size_t)2432 + (size_t)144 * (size_t)(n))
+#define MLP_WORK_SIZE(n) ((size_t)2448 + (size_t)144 * (size_t)(n))
 
 #ifdef __cplusplus
 extern "C" {
@@ -70,8 +70,8 @@ float mlp_gradients(const float *params, float *grads, float *work, size_t n, co
         const float *in_y);
 
 /*
- * mlp_train_step: one adam step (lr=0.001, weight_decay=0.0, beta1=0.9, beta2=0.999, eps=1e-08)
- *   on a batch of n examples:
+ * mlp_train_step: one adam step (lr=0.001, betas=[0.9, 0.999], eps=1e-08, weight_decay=0.0) on a
+ *   batch of n examples:
  *   the loss and gradients (mlp_gradients), then params updated in place.
  *   params: MLP_PARAMS_SIZE elements, read and updated
  *   state:  MLP_STATE_SIZE elements of optimizer state (step count first), zeroed

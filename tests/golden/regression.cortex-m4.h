@@ -33,9 +33,9 @@
 #define REGRESSION_FORWARD_WORK_SIZE(n) ((size_t)0 + (size_t)32 * (size_t)(n))
 #define REGRESSION_EVALUATE_WORK_SIZE(n) ((size_t)1 + (size_t)32 * (size_t)(n))
 #define REGRESSION_GRADIENTS_WORK_SIZE(n) ((size_t)1 + (size_t)52 * (size_t)(n))
-#define REGRESSION_TRAIN_STEP_WORK_SIZE(n) ((size_t)371 + (size_t)52 * (size_t)(n))
+#define REGRESSION_TRAIN_STEP_WORK_SIZE(n) ((size_t)372 + (size_t)52 * (size_t)(n))
 /* Enough for every entry point above. */
-#define REGRESSION_WORK_SIZE(n) ((size_t)371 + (size_t)52 * (size_t)(n))
+#define REGRESSION_WORK_SIZE(n) ((size_t)372 + (size_t)52 * (size_t)(n))
 
 #ifdef __cplusplus
 extern "C" {
@@ -79,8 +79,8 @@ float regression_gradients(const float *params, float *grads, float *work, size_
         const float *in_x, const float *in_target);
 
 /*
- * regression_train_step: one adam step (lr=0.01, weight_decay=0.0, beta1=0.9, beta2=0.999,
- *   eps=1e-08) on a batch of n examples:
+ * regression_train_step: one adam step (lr=0.01, betas=[0.9, 0.999], eps=1e-08, weight_decay=0.0)
+ *   on a batch of n examples:
  *   the loss and gradients (regression_gradients), then params updated in place.
  *   params: REGRESSION_PARAMS_SIZE elements, read and updated
  *   state:  REGRESSION_STATE_SIZE elements of optimizer state (step count first), zeroed
