@@ -93,9 +93,13 @@ class Graph:
     """A validated model: values in topological order, outputs, loss and optimizer."""
 
     def __init__(self, name: str, values: dict[str, Value], outputs: tuple[str, ...],
-                 loss: str | None, optimizer: dict | None, description: str = ""):
+                 loss: str | None, optimizer: dict | None, description: str = "", *,
+                 initial: dict | None = None):
         self.name, self.values, self.outputs, self.loss = name, values, outputs, loss
         self.optimizer, self.description = optimizer, description
+        # Values some params start from instead of their initializers (an imported model's
+        # weights, graphc/onnx); not part of the spec, as the values of a params file.
+        self.initial: dict = dict(initial or {})
 
     # ------------------------------------------------------------ views
     @property

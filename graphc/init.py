@@ -88,12 +88,22 @@ def init_params(params: dict[str, tuple[tuple[int, ...], dict]], seed: int) -> d
     return {name: initialize(shape, init, rng) for name, (shape, init) in params.items()}
 
 
+def start_params(graph, seed: int) -> dict[str, np.ndarray]:
+    """The params a model starts from: drawn from their initializers in declaration order,
+    except those the graph holds values for (`Graph.initial`: an imported model's
+    weights)."""
+    drawn = init_params({p: (v.shape, v.init) for p, v in graph.params.items()}, seed)
+    for p, value in graph.initial.items():
+        drawn[p] = np.array(value, dtype=np.float64)
+    return drawn
+
+
 def initial_params(graph, cmodule, seed: int = 0) -> np.ndarray | None:
     """The flat params block drawn from the spec's initializers (None when baked)."""
     if cmodule.baked_params:
         return None
     flat = np.zeros(cmodule.params_size)
-    drawn = init_params({p: (v.shape, v.init) for p, v in graph.params.items()}, seed)
+    drawn = start_params(graph, seed)
     for p, value in drawn.items():
         at = cmodule.param_offsets[p]
         flat[at:at + value.size] = np.asarray(value, dtype=np.float64).ravel()

@@ -14,7 +14,7 @@ from .dtypes import DTYPES
 from .errors import InputError, SpecError
 from .graph import Graph
 from .indices import index_array
-from .init import init_params
+from .init import start_params
 from .npz import MAX_ITEM_BYTES, MAX_NPZ_MEMBER_BYTES, NPY_HEADER_BYTES, NpzReader
 
 # The largest batch static memory may be planned for (`max_batch`): far beyond any real
@@ -217,9 +217,9 @@ class CompiledModel:
 
     # ------------------------------------------------------------ params
     def init_params(self, seed: int = 0) -> None:
-        """Draw every param from its initializer with a seeded generator."""
-        drawn = init_params({p: (v.shape, v.init) for p, v in self.graph.params.items()},
-                            check_seed(seed))
+        """Draw every param from its initializer with a seeded generator (a param the
+        graph holds a value for, as an imported model's weights, starts from it)."""
+        drawn = start_params(self.graph, check_seed(seed))
         with self._lock:
             self._params.set(drawn)
 
@@ -513,7 +513,7 @@ def _with_optimizer(graph: Graph, optimizer) -> Graph:
         raise SpecError("an optimizer needs a loss to minimise: add a 'loss' entry",
                         field="optimizer")
     return Graph(graph.name, graph.values, graph.outputs, graph.loss,
-                 check_optimizer(optimizer), graph.description)
+                 check_optimizer(optimizer), graph.description, initial=graph.initial)
 
 
 def _flat_params(graph: Graph, params, offsets: dict[str, int], size: int, dtype) -> np.ndarray:

@@ -27,7 +27,7 @@ from .dtypes import DTYPES
 from .errors import GraphcError, InputError
 from .functions import for_lambdify, numpy_namespace
 from .graph import Graph
-from .init import init_params
+from .init import start_params
 from .indices import index_array
 from .optim import check_optimizer
 
@@ -911,7 +911,7 @@ class Reference:
         missing = sorted({v.op for v in graph.nodes.values()} - set(OPS))
         if missing:
             raise GraphcError(f"the NumPy reference has no implementation of op(s) {missing}")
-        drawn = init_params({k: (v.shape, v.init) for k, v in graph.params.items()}, seed)
+        drawn = start_params(graph, seed)
         self._params = {k: np.array(p, dtype=self.dtype) for k, p in drawn.items()}
         self._attrs = {k: _Formula(*v.attrs["expr"]) if v.op == "elementwise" else v.attrs
                        for k, v in graph.nodes.items()}

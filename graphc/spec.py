@@ -12,6 +12,7 @@ import yaml
 
 from .errors import SpecError
 from .graph import Graph
+from .onnx import load as load_onnx
 
 MAX_SPEC_BYTES = 1 << 20
 
@@ -144,10 +145,13 @@ def _read_bounded(path: Path) -> bytes:
 
 
 def load(path: str | os.PathLike) -> Graph:
-    """Read a YAML or JSON spec file into a validated Graph.
+    """Read a YAML or JSON spec file into a validated Graph; an `.onnx` file is imported
+    (graphc.onnx.load: inference, its weights as the params' start).
 
     Errors carry the file name; a missing `name` defaults to the file's stem."""
     path = Path(path)
+    if path.suffix.lower() == ".onnx":
+        return load_onnx(path)
     try:
         data = _read_bounded(path)
         text = data.decode("utf-8")

@@ -130,10 +130,10 @@ def _resolve_at(graph, at, seed: int, batch: int) -> tuple[dict, dict]:
     """(inputs, params) from `at`: "random", an .npz path, or a dict of arrays. Params not
     given are drawn from their initializers with `seed`, as `graphc.compile` (and
     `graphc.reference`) draw them; not through a Reference, which is not free to build."""
-    from graphc.init import init_params
+    from graphc.init import start_params
     from graphc.verify import sample_inputs
     from .numbers import input_seed
-    drawn = init_params({k: (v.shape, v.init) for k, v in graph.params.items()}, seed)
+    drawn = start_params(graph, seed)
     params = {k: np.asarray(v, np.float64) for k, v in drawn.items()}
     if isinstance(at, str) and at == "random":
         return sample_inputs(graph, batch, input_seed(seed)), params
