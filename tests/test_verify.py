@@ -255,3 +255,36 @@ def test_within_tolerance_refuses_nan_and_other_shapes():
     ok, err, _ = within_tolerance([1.0, 2.0], [[1.0, 2.0]], "float64")
     assert not ok and np.isnan(err)
     assert within_tolerance(np.zeros((0, 3)), np.zeros((0, 3)), "float32") == (True, 0.0, 1e-6)
+
+
+# A bias before a batch norm has a gradient of exactly 0 (the batch's mean takes it out);
+# the central difference of a loss of a few units is then its rounding, some 1e-9, not 0.
+BIAS_BEFORE_BN = {
+    "name": "biasbn", "inputs": {"x": [2, 10, 10], "y": {"shape": [], "dtype": "int32"}},
+    "params": {"K": {"shape": [16, 2, 3, 3], "init": "he_normal"}, "k": [16],
+               "g": {"shape": [16], "init": "uniform", "low": 0.5, "high": 1.5},
+               "s": {"shape": [16], "init": "normal", "std": 0.3},
+               "m": {"shape": [16], "trainable": False},
+               "v": {"shape": [16], "trainable": False},
+               "W": {"shape": [40, 16], "init": "normal", "std": 3.0}},
+    "nodes": {"c": {"op": "conv2d", "inputs": ["x", "K", "k"], "padding": 1},
+              "n": {"op": "batch_norm", "inputs": ["c", "g", "s", "m", "v"]},
+              "a": {"op": "relu", "inputs": ["n"]},
+              "p": {"op": "global_avg_pool", "inputs": ["a"]},
+              "logits": {"op": "dense", "inputs": ["p", "W"]},
+              "loss": {"op": "softmax_cross_entropy", "inputs": ["logits", "y"]}},
+    "outputs": ["logits"], "loss": "loss"}
+
+
+def test_an_exact_zero_gradient_passes_within_the_differences_rounding(monkeypatch):
+    ref = graphc.reference(graphc.Graph.from_spec(BIAS_BEFORE_BN), dtype="float64")
+    rng = np.random.default_rng(0)
+    inputs = {"x": rng.standard_normal((4, 2, 10, 10)),
+              "y": rng.integers(0, 40, 4).astype(np.int32)}
+    loss, grads = ref.gradients(**inputs)
+    assert loss > 1 and np.max(np.abs(grads["k"])) < 1e-14
+    checked = gradient_check(ref, inputs, seed=1)
+    assert all(r.ok for r in checked.values()), checked
+    assert checked["k"].abs_err > 1e-10    # rounding the old fixed floor called a mismatch
+    monkeypatch.setattr("graphc.verify.FD_ROUNDING_ULPS", 0)
+    assert not gradient_check(ref, inputs, seed=1)["k"].ok
