@@ -1,0 +1,272 @@
+"""The MLPerf Tiny reference models as specs (examples/tiny): DS-CNN keyword spotting,
+ResNet-8 image classification, MobileNetV1 0.25 visual wake words and the anomaly
+autoencoder.
+
+For each: the float32 C (built under the review flags) against the NumPy reference,
+forward and gradients, and the reference's gradients against finite differences; a few
+train steps in C with a finite loss that moves, the first one's loss the reference's; and
+the forward pass against PyTorch with the same weights, from torch code written after the
+reference architectures (not from the specs), when torch is installed. ResNet-8 and the
+autoencoder have no dropout, so their gradients in training mode are compared with
+torch's too. The Cortex-M4F text runs under ASan/UBSan (DS-CNN).
+
+Budget: the whole file takes ~30 s on a quiet machine (most of it compiling). One model
+per process and dtype (`model`), batches of 1 to 4 (8 for the autoencoder: a batch norm
+over [C] normalizes n values per feature, and at n = 2 its float32 gradients are rounding,
+docs/design.md). MobileNet's float32 gradients through 27 batch norms at batch 2 differ
+from the float64 reference by up to ~20 % (float64 C: 4e-10), so it is checked forward,
+by its loss and by training; its float64 gradients by `python -m benchmarks.tiny`.
+"""
+
+from __future__ import annotations
+
+import functools
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import graphc
+from codegen.harness import harness, parse_output
+from graphc.model import CompiledModel
+from graphc.reference import Reference
+from graphc.verify import sample_inputs
+
+from conftest import check_close, compile_strict
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = ROOT / "examples" / "tiny"
+MODELS = ("ds_cnn", "resnet8", "mobilenet_v1_025", "autoencoder")
+BATCH = {"ds_cnn": 2, "resnet8": 2, "mobilenet_v1_025": 1, "autoencoder": 8}
+CC = "cc"
+
+
+@functools.lru_cache(maxsize=None)
+def model(name: str, dtype: str = "float32") -> CompiledModel:
+    """The C built once per process (the cache shares it between processes)."""
+    return compile_strict(TINY / f"{name}.yaml", dtype)
+
+
+def params(graph, seed: int = 0) -> dict[str, np.ndarray]:
+    """Initial params with every batch norm's statistics, scale and shift and every bias
+    drawn at random, so that no layer sits at torch's initial values (where a zero shift
+    and relu make scales cancel, and the running statistics do nothing)."""
+    rng = np.random.default_rng(seed)
+    ref = Reference(graph, dtype="float64", seed=seed)
+    out = ref.get_params()
+    for v in graph.nodes.values():
+        if v.op == "batch_norm":
+            _, w, b, mean, var = v.inputs
+            c = graph.params[w].shape
+            out[w] = rng.uniform(0.5, 1.5, c)
+            out[b] = rng.normal(0.0, 0.2, c)
+            out[mean] = rng.normal(0.0, 0.2, c)
+            out[var] = rng.uniform(0.5, 2.0, c)
+        elif v.op in ("conv2d", "dense") and len(v.inputs) == 3:
+            out[v.inputs[2]] = rng.normal(0.0, 0.1, graph.params[v.inputs[2]].shape)
+    return out
+
+
+def fresh(name: str, dtype: str = "float32", seed: int = 0) -> CompiledModel:
+    """A model of its own on the shared build, at `params(seed)` (rounded to dtype)."""
+    m = model(name, dtype)
+    m = CompiledModel(m.graph, m.cmodule, m.built, seed=seed)
+    m.set_params({k: v.astype(dtype) for k, v in params(m.graph, seed).items()})
+    return m
+
+
+def data(graph, n: int, seed: int = 1) -> dict[str, np.ndarray]:
+    return sample_inputs(graph, n, seed)
+
+
+def as64(m: CompiledModel) -> dict[str, np.ndarray]:
+    return {k: v.astype(np.float64) for k, v in m.get_params().items()}
+
+
+# ---------------------------------------------------------------- the specs
+
+@pytest.mark.parametrize("name", MODELS)
+def test_the_spec_is_the_reference_architecture(name):
+    """Parameter counts as the reference models have them (Keras's count_params, batch
+    norm's four vectors included), and the shapes the benchmark states."""
+    g = graphc.load(TINY / f"{name}.yaml")
+    count = sum(int(np.prod(v.shape)) for v in g.params.values())
+    expected = {"ds_cnn": 24_908, "resnet8": 78_666, "mobilenet_v1_025": 221_794,
+                "autoencoder": 269_992}
+    assert count == expected[name]
+    shapes = {k: v.shape for k, v in g.nodes.items()}
+    if name == "ds_cnn":
+        assert shapes["c0"] == (64, 25, 5) and shapes["logits"] == (12,)
+    elif name == "resnet8":
+        assert shapes["out1"] == (16, 32, 32) and shapes["out3"] == (64, 8, 8)
+        assert shapes["logits"] == (10,)
+    elif name == "mobilenet_v1_025":
+        assert shapes["c0"] == (8, 48, 48) and shapes["ap13"] == (256, 3, 3)
+        assert shapes["logits"] == (2,)
+    else:
+        assert shapes["a5"] == (8,) and shapes["out"] == (640,)
+
+
+# ---------------------------------------------------------------- C against the reference
+
+@pytest.mark.parametrize("name", ["ds_cnn", "resnet8", "autoencoder"])
+def test_c_against_the_reference_and_finite_differences(name):
+    """graphc.verify: outputs (evaluation mode), the loss and every gradient (training
+    mode: batch statistics, dropout masks) of the float32 C against the float64
+    reference, and the reference's gradients against central differences."""
+    m = fresh(name)
+    report = m.verify(**data(m.graph, BATCH[name]))
+    assert report.ok, report.table()
+    assert len(report.checks) == 1 + 1 + 2 * len(m.graph.trainable_params)
+
+
+def test_mobilenet_forward_and_loss_against_the_reference(assert_close):
+    m = fresh("mobilenet_v1_025")
+    x = data(m.graph, 2)
+    ref = Reference(m.graph, dtype="float64")
+    ref.set_params(as64(m))
+    assert_close(m.forward(x=x["x"])["logits"], ref.forward(x=x["x"])["logits"], "float32",
+                 "logits")
+    loss, _ = m.gradients(**x)
+    assert_close(loss, ref.training_loss(**x), "float32", "training loss")
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_trains_a_few_steps(name, assert_close):
+    """Three Adam steps in C on one batch: each loss finite, the first the reference's
+    training loss at the initial params, the loss going down, every trainable param and
+    every running statistic moved."""
+    m = fresh(name)
+    x = data(m.graph, BATCH[name])
+    ref = Reference(m.graph, dtype="float64")
+    before = as64(m)
+    ref.set_params(before)
+    losses = [m.train_step(**x) for _ in range(3)]
+    assert np.all(np.isfinite(losses)), losses
+    assert_close(losses[0], ref.training_loss(**x), "float32", "first loss")
+    assert losses[2] < losses[0], losses
+    after = m.get_params()
+    unmoved = [p for p in m.graph.params if np.array_equal(after[p], before[p].astype(np.float32))]
+    assert not unmoved, unmoved
+
+
+# ---------------------------------------------------------------- against PyTorch
+
+def _torch_forward(name: str, P: dict, x, *, training: bool = False):
+    """The reference architectures in torch.nn.functional, by the specs' param names:
+    conv weight K<layer>, bias k<layer>; batch norm g, s, m, v<layer>."""
+    import torch.nn.functional as F
+
+    def bn(h, n):
+        return F.batch_norm(h, P[f"m{n}"], P[f"v{n}"], P[f"g{n}"], P[f"s{n}"],
+                            training=training, momentum=0.1, eps=1e-5)
+
+    def conv(h, n, **kw):
+        return F.conv2d(h, P[f"K{n}"], P[f"k{n}"], **kw)
+
+    if name == "ds_cnn":
+        h = F.relu(bn(conv(x, "0", stride=2, padding=(5, 1)), "0"))
+        for i in range(1, 5):
+            h = F.relu(bn(conv(h, f"d{i}", padding=1, groups=64), f"d{i}"))
+            h = F.relu(bn(conv(h, f"p{i}"), f"p{i}"))
+        h = F.avg_pool2d(h, (25, 5)).flatten(1)
+        return F.linear(h, P["W"], P["b"])
+    if name == "resnet8":
+        h = F.relu(bn(conv(x, "0", padding=1), "0"))
+        y = F.relu(bn(conv(h, "1a", padding=1), "1a"))
+        h = F.relu(h + bn(conv(y, "1b", padding=1), "1b"))
+        for s in (2, 3):
+            y = F.relu(bn(conv(h, f"{s}a", stride=2, padding=1), f"{s}a"))
+            y = bn(conv(y, f"{s}b", padding=1), f"{s}b")
+            h = F.relu(conv(h, f"{s}s", stride=2) + y)
+        return F.linear(F.avg_pool2d(h, 8).flatten(1), P["W"], P["b"])
+    if name == "mobilenet_v1_025":
+        h = F.relu(bn(conv(x, "0", stride=2, padding=1), "0"))
+        widths = [16, 32, 32, 64, 64, 128, 128, 128, 128, 128, 128, 256, 256]
+        strides = [1, 2, 1, 2, 1, 2, 1, 1, 1, 1, 1, 2, 1]
+        for i, (c, s) in enumerate(zip(widths, strides), 1):
+            h = F.relu(bn(conv(h, f"d{i}", stride=s, padding=1, groups=h.shape[1]), f"d{i}"))
+            h = F.relu(bn(conv(h, f"p{i}"), f"p{i}"))
+        return F.linear(F.avg_pool2d(h, 3).flatten(1), P["W"], P["b"])
+    h = x
+    for i in range(1, 10):
+        h = F.relu(bn(F.linear(h, P[f"W{i}"], P[f"b{i}"]), str(i)))
+    return F.linear(h, P["W10"], P["b10"])
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_forward_equals_torch(name, assert_close):
+    """Evaluation mode (running statistics, no dropout), the float32 C against torch in
+    float64 on the same float32 weights."""
+    torch = pytest.importorskip("torch")
+    m = fresh(name)
+    x = data(m.graph, 2)["x"]
+    P = {k: torch.tensor(v) for k, v in as64(m).items()}
+    with torch.no_grad():
+        want = _torch_forward(name, P, torch.tensor(x.astype(np.float64))).numpy()
+    out = m.forward(x=x)
+    assert_close(out["logits" if name != "autoencoder" else "out"], want, "float32", name)
+
+
+@pytest.mark.parametrize("name", ["resnet8", "autoencoder"])
+def test_gradients_equal_torch_in_training_mode(name, assert_close):
+    """Batch statistics in training mode and the loss (class-index cross entropy, or the
+    autoencoder's mse against its input): torch autograd on the same weights."""
+    torch = pytest.importorskip("torch")
+    F = torch.nn.functional
+    m = fresh(name)
+    batch = data(m.graph, BATCH[name] if name != "resnet8" else 3)
+    P = {k: torch.tensor(v, requires_grad=k in m.graph.trainable_params)
+         for k, v in as64(m).items()}
+    x = torch.tensor(batch["x"].astype(np.float64))
+    out = _torch_forward(name, P, x, training=True)
+    if name == "autoencoder":
+        loss = F.mse_loss(out, x)
+    else:
+        loss = F.cross_entropy(out, torch.tensor(batch["y"], dtype=torch.long))
+    loss.backward()
+    got_loss, grads = m.gradients(**batch)
+    assert_close(got_loss, loss.item(), "float32", "loss")
+    for p in m.graph.trainable_params:
+        assert_close(grads[p], P[p].grad.numpy(), "float32", f"gradient of {p}")
+
+
+# ---------------------------------------------------------------- the C that ships
+
+@pytest.mark.skipif(shutil.which(CC) is None, reason="no C compiler")
+def test_cortex_m_text_under_sanitizers(tmp_path):
+    """DS-CNN's Cortex-M C (the arena packed to one element) under ASan and UBSan:
+    forward, gradients and one Adam step against the reference (`-O1`, no `-g`)."""
+    graph, cm = graphc.generate(TINY / "ds_cnn.yaml", target="cortex-m4")
+    P = params(graph, seed=2)
+    flat = np.zeros(cm.params_size, np.float32)
+    for p, o in cm.param_offsets.items():
+        flat[o:o + P[p].size] = P[p].ravel()
+    x = {k: (v.astype(np.float32) if v.dtype != np.int32 else v)
+         for k, v in data(graph, 2).items()}
+    for f in ("ds_cnn.c", "ds_cnn.h"):
+        (tmp_path / f).write_text(cm.source if f.endswith(".c") else cm.header)
+    (tmp_path / "main.c").write_text(harness(cm, flat, x, train_steps=1))
+    flags = ["-std=c99", "-Wall", "-Wextra", "-Werror", "-O1", "-fsanitize=address,undefined",
+             "-fno-sanitize-recover=all", "-fno-omit-frame-pointer"]
+    build = subprocess.run([CC, *flags, "main.c", "ds_cnn.c", "-o", "prog", "-lm"],
+                           cwd=tmp_path, capture_output=True, text=True)
+    if build.returncode and "asan" in build.stderr.lower():
+        pytest.skip(f"sanitizer runtime unavailable: {build.stderr[:200]}")
+    assert build.returncode == 0, build.stderr
+    run = subprocess.run(["./prog"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0 and "runtime error" not in run.stderr, run.stderr
+    got = parse_output(run.stdout)
+    ref = Reference(graph, dtype="float64")
+    ref.set_params({p: flat[o:o + P[p].size].astype(np.float64).reshape(P[p].shape)
+                    for p, o in cm.param_offsets.items()})
+    x64 = {k: v.astype(np.float64) for k, v in x.items()}
+    check_close(got["logits"].reshape(2, 12), ref.forward(**x64)["logits"], "float32", "logits")
+    loss, grads = ref.gradients(**x64)
+    check_close(got["loss"], [loss], "float32", "loss")
+    for p, g in grads.items():
+        o = cm.param_offsets[p]
+        check_close(got["grads"][o:o + g.size].reshape(g.shape), g, "float32", f"grad {p}")
+    check_close(got["train_loss"], [loss], "float32", "train loss")
