@@ -8,7 +8,10 @@ train steps in C with a finite loss that moves, the first one's loss the referen
 the forward pass against PyTorch with the same weights, from torch code written after the
 reference architectures (not from the specs), when torch is installed. ResNet-8 and the
 autoencoder have no dropout, so their gradients in training mode are compared with
-torch's too. The Cortex-M4F text runs under ASan/UBSan (DS-CNN).
+torch's too. The Cortex-M4F text runs under ASan/UBSan (DS-CNN); the packed plan's
+inference arena is the liveness bound (DS-CNN, ResNet-8, MobileNet); and the DS-CNN's and
+ResNet-8's inference, params baked into flash, runs on an emulated Cortex-M4F against the
+reference, its static RAM that arena plus the I/O arrays and the runtime's few bytes.
 
 Budget: the whole file takes ~30 s on a quiet machine (most of it compiling). One model
 per process and dtype (`model`), batches of 1 to 4 (8 for the autoencoder: a batch norm
@@ -29,7 +32,11 @@ import numpy as np
 import pytest
 
 import graphc
+from codegen import firmware
 from codegen.harness import harness, parse_output
+from codegen.plan import fuse, plan
+from codegen.report import add_firmware, memory_report
+from graphc.derive import derive
 from graphc.model import CompiledModel
 from graphc.reference import Reference
 from graphc.verify import sample_inputs
@@ -270,3 +277,40 @@ def test_cortex_m_text_under_sanitizers(tmp_path):
         o = cm.param_offsets[p]
         check_close(got["grads"][o:o + g.size].reshape(g.shape), g, "float32", f"grad {p}")
     check_close(got["train_loss"], [loss], "float32", "train loss")
+
+
+@pytest.mark.parametrize("name", ["ds_cnn", "resnet8", "mobilenet_v1_025"])
+def test_packed_inference_arena_is_the_liveness_bound(name):
+    """The forward pass planned as for a Cortex-M (1-element alignment): no byte above
+    the most bytes live at once."""
+    mem = plan(fuse(derive(graphc.load(TINY / f"{name}.yaml")).forward), 1)
+    assert mem.fixed == 0 and mem.elements(1) == mem.live_peak(1)
+    assert mem.elements(3) == mem.live_peak(3)
+
+
+no_qemu = firmware.missing_tools(run=True)
+
+
+@pytest.mark.skipif(no_qemu is not None, reason=f"cannot run firmware: {no_qemu}")
+@pytest.mark.parametrize("name", ["ds_cnn", "resnet8"])
+def test_inference_on_cortex_m4f(name, tmp_path):
+    """`graphc compile --target cortex-m4 --params`: the params a `static const` table in
+    flash, `<name>_predict` on QEMU's mps2-an386 (Cortex-M4F, hard float) for one example,
+    against the float64 reference on the same float32 params (1e-5 of the largest logit);
+    the memory report's firmware figures: static RAM is the arena at the liveness bound,
+    the input and output arrays and < 1 KiB of runtime."""
+    graph = graphc.load(TINY / f"{name}.yaml")
+    P = {k: v.astype(np.float32) for k, v in params(graph, seed=3).items()}
+    _, cm = graphc.generate(graph, target="cortex-m4", params=P)
+    x = {"x": data(graph, 1)["x"].astype(np.float32)}
+    got = firmware.run_harness(cm, None, x, "mps2-an386", tmp_path / "run", timeout=120)
+    ref = Reference(graph, dtype="float64")
+    ref.set_params({k: v.astype(np.float64) for k, v in P.items()})
+    want = ref.forward(x=x["x"].astype(np.float64))["logits"].ravel()
+    assert np.max(np.abs(got["logits"] - want)) <= 1e-5 * np.max(np.abs(want))
+    report = add_firmware(memory_report(cm), cm, "cortex-m4", None, tmp_path / "size")
+    predict, fw = report["entries"]["predict"], report["firmware"]["inference"]
+    assert predict["arena"] == predict["live_peak"] == predict["work"]
+    io = report["arrays"]["in_x"] + report["arrays"]["out_logits"]
+    assert fw["fits"] and predict["arena"] + io <= fw["ram"] < predict["arena"] + io + 1024
+    assert fw["flash"] > report["params"] and fw["stack"] < 1024
