@@ -24,6 +24,7 @@ by its loss and by training; its float64 gradients by `python -m benchmarks.tiny
 from __future__ import annotations
 
 import functools
+import importlib.util
 import shutil
 import subprocess
 from pathlib import Path
@@ -45,6 +46,11 @@ from conftest import check_close, compile_strict
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ROOT / "examples" / "tiny"
+# The models in torch.nn.functional, after the reference architectures (not the specs).
+_loader = importlib.util.spec_from_file_location("torch_models", TINY / "torch_models.py")
+torch_models = importlib.util.module_from_spec(_loader)
+_loader.loader.exec_module(torch_models)
+
 MODELS = ("ds_cnn", "resnet8", "mobilenet_v1_025", "autoencoder")
 BATCH = {"ds_cnn": 2, "resnet8": 2, "mobilenet_v1_025": 1, "autoencoder": 8}
 CC = "cc"
@@ -56,31 +62,12 @@ def model(name: str, dtype: str = "float32") -> CompiledModel:
     return compile_strict(TINY / f"{name}.yaml", dtype)
 
 
-def params(graph, seed: int = 0) -> dict[str, np.ndarray]:
-    """Initial params with every batch norm's statistics, scale and shift and every bias
-    drawn at random, so that no layer sits at torch's initial values (where a zero shift
-    and relu make scales cancel, and the running statistics do nothing)."""
-    rng = np.random.default_rng(seed)
-    ref = Reference(graph, dtype="float64", seed=seed)
-    out = ref.get_params()
-    for v in graph.nodes.values():
-        if v.op == "batch_norm":
-            _, w, b, mean, var = v.inputs
-            c = graph.params[w].shape
-            out[w] = rng.uniform(0.5, 1.5, c)
-            out[b] = rng.normal(0.0, 0.2, c)
-            out[mean] = rng.normal(0.0, 0.2, c)
-            out[var] = rng.uniform(0.5, 2.0, c)
-        elif v.op in ("conv2d", "dense") and len(v.inputs) == 3:
-            out[v.inputs[2]] = rng.normal(0.0, 0.1, graph.params[v.inputs[2]].shape)
-    return out
-
-
 def fresh(name: str, dtype: str = "float32", seed: int = 0) -> CompiledModel:
-    """A model of its own on the shared build, at `params(seed)` (rounded to dtype)."""
+    """A model of its own on the shared build, at `varied_params(seed)` (in dtype)."""
     m = model(name, dtype)
     m = CompiledModel(m.graph, m.cmodule, m.built, seed=seed)
-    m.set_params({k: v.astype(dtype) for k, v in params(m.graph, seed).items()})
+    varied = torch_models.varied_params(m.graph, seed)
+    m.set_params({k: v.astype(dtype) for k, v in varied.items()})
     return m
 
 
@@ -161,48 +148,6 @@ def test_trains_a_few_steps(name, assert_close):
 
 # ---------------------------------------------------------------- against PyTorch
 
-def _torch_forward(name: str, P: dict, x, *, training: bool = False):
-    """The reference architectures in torch.nn.functional, by the specs' param names:
-    conv weight K<layer>, bias k<layer>; batch norm g, s, m, v<layer>."""
-    import torch.nn.functional as F
-
-    def bn(h, n):
-        return F.batch_norm(h, P[f"m{n}"], P[f"v{n}"], P[f"g{n}"], P[f"s{n}"],
-                            training=training, momentum=0.1, eps=1e-5)
-
-    def conv(h, n, **kw):
-        return F.conv2d(h, P[f"K{n}"], P[f"k{n}"], **kw)
-
-    if name == "ds_cnn":
-        h = F.relu(bn(conv(x, "0", stride=2, padding=(5, 1)), "0"))
-        for i in range(1, 5):
-            h = F.relu(bn(conv(h, f"d{i}", padding=1, groups=64), f"d{i}"))
-            h = F.relu(bn(conv(h, f"p{i}"), f"p{i}"))
-        h = F.avg_pool2d(h, (25, 5)).flatten(1)
-        return F.linear(h, P["W"], P["b"])
-    if name == "resnet8":
-        h = F.relu(bn(conv(x, "0", padding=1), "0"))
-        y = F.relu(bn(conv(h, "1a", padding=1), "1a"))
-        h = F.relu(h + bn(conv(y, "1b", padding=1), "1b"))
-        for s in (2, 3):
-            y = F.relu(bn(conv(h, f"{s}a", stride=2, padding=1), f"{s}a"))
-            y = bn(conv(y, f"{s}b", padding=1), f"{s}b")
-            h = F.relu(conv(h, f"{s}s", stride=2) + y)
-        return F.linear(F.avg_pool2d(h, 8).flatten(1), P["W"], P["b"])
-    if name == "mobilenet_v1_025":
-        h = F.relu(bn(conv(x, "0", stride=2, padding=1), "0"))
-        widths = [16, 32, 32, 64, 64, 128, 128, 128, 128, 128, 128, 256, 256]
-        strides = [1, 2, 1, 2, 1, 2, 1, 1, 1, 1, 1, 2, 1]
-        for i, (c, s) in enumerate(zip(widths, strides), 1):
-            h = F.relu(bn(conv(h, f"d{i}", stride=s, padding=1, groups=h.shape[1]), f"d{i}"))
-            h = F.relu(bn(conv(h, f"p{i}"), f"p{i}"))
-        return F.linear(F.avg_pool2d(h, 3).flatten(1), P["W"], P["b"])
-    h = x
-    for i in range(1, 10):
-        h = F.relu(bn(F.linear(h, P[f"W{i}"], P[f"b{i}"]), str(i)))
-    return F.linear(h, P["W10"], P["b10"])
-
-
 @pytest.mark.parametrize("name", MODELS)
 def test_forward_equals_torch(name, assert_close):
     """Evaluation mode (running statistics, no dropout), the float32 C against torch in
@@ -212,7 +157,7 @@ def test_forward_equals_torch(name, assert_close):
     x = data(m.graph, 2)["x"]
     P = {k: torch.tensor(v) for k, v in as64(m).items()}
     with torch.no_grad():
-        want = _torch_forward(name, P, torch.tensor(x.astype(np.float64))).numpy()
+        want = torch_models.forward(name, P, torch.tensor(x.astype(np.float64))).numpy()
     out = m.forward(x=x)
     assert_close(out["logits" if name != "autoencoder" else "out"], want, "float32", name)
 
@@ -228,7 +173,7 @@ def test_gradients_equal_torch_in_training_mode(name, assert_close):
     P = {k: torch.tensor(v, requires_grad=k in m.graph.trainable_params)
          for k, v in as64(m).items()}
     x = torch.tensor(batch["x"].astype(np.float64))
-    out = _torch_forward(name, P, x, training=True)
+    out = torch_models.forward(name, P, x, training=True)
     if name == "autoencoder":
         loss = F.mse_loss(out, x)
     else:
@@ -247,7 +192,7 @@ def test_cortex_m_text_under_sanitizers(tmp_path):
     """DS-CNN's Cortex-M C (the arena packed to one element) under ASan and UBSan:
     forward, gradients and one Adam step against the reference (`-O1`, no `-g`)."""
     graph, cm = graphc.generate(TINY / "ds_cnn.yaml", target="cortex-m4")
-    P = params(graph, seed=2)
+    P = torch_models.varied_params(graph, seed=2)
     flat = np.zeros(cm.params_size, np.float32)
     for p, o in cm.param_offsets.items():
         flat[o:o + P[p].size] = P[p].ravel()
@@ -300,7 +245,7 @@ def test_inference_on_cortex_m4f(name, tmp_path):
     the memory report's firmware figures: static RAM is the arena at the liveness bound,
     the input and output arrays and < 1 KiB of runtime."""
     graph = graphc.load(TINY / f"{name}.yaml")
-    P = {k: v.astype(np.float32) for k, v in params(graph, seed=3).items()}
+    P = {k: v.astype(np.float32) for k, v in torch_models.varied_params(graph, seed=3).items()}
     _, cm = graphc.generate(graph, target="cortex-m4", params=P)
     x = {"x": data(graph, 1)["x"].astype(np.float32)}
     got = firmware.run_harness(cm, None, x, "mps2-an386", tmp_path / "run", timeout=120)
