@@ -3,6 +3,7 @@ against central finite differences."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 
@@ -422,14 +423,61 @@ def verify(model, inputs: dict | None = None, *, seed: int = 0, n: int = 8) -> V
     for name, got in model.forward(**inputs).items():
         report.checks.append(_compare(name, got, want[name], dtype, f"output '{name}'"))
     if graph.loss:
-        loss, grads = model.gradients(**inputs)
-        ref_loss, ref_grads = ref.gradients(**inputs)
-        report.checks.append(_compare(f"loss ({graph.loss})", np.array(loss), np.array(ref_loss),
-                                      dtype, "loss"))
-        for p in graph.trainable_params:
-            report.checks.append(_compare(f"d loss/d {p}", grads[p], ref_grads[p], dtype,
-                                          f"gradient of {p}"))
+        checks = _c_gradient_checks(model, ref, inputs)
+        if any(not c.ok and c.finite for c in checks):
+            checks = _recheck_nearby(model, ref, inputs, checks, seed)
+        report.checks += checks
         for p, r in gradient_check(ref, inputs, seed=seed).items():
             report.checks.append(Check(f"d loss/d {p}", "reference vs finite differences",
                                        r.abs_err, r.rel_err, FD_TOLERANCE, r.ok, r.note, r.finite))
     return report
+
+
+def _c_gradient_checks(model, ref, inputs: dict) -> list[Check]:
+    """The C's loss and gradients against the reference's, at their params."""
+    dtype = model.dtype.name
+    loss, grads = model.gradients(**inputs)
+    ref_loss, ref_grads = ref.gradients(**inputs)
+    checks = [_compare(f"loss ({model.graph.loss})", np.array(loss), np.array(ref_loss), dtype,
+                       "loss")]
+    for p in model.graph.trainable_params:
+        checks.append(_compare(f"d loss/d {p}", grads[p], ref_grads[p], dtype, f"gradient of {p}"))
+    return checks
+
+
+def _recheck_nearby(model, ref, inputs: dict, checks: list[Check], seed: int) -> list[Check]:
+    """The C's gradients where they disagree with the reference's, compared again at nearby
+    params (moved as `gradient_check` moves them, further on each of NEARBY_TRIES tries).
+
+    A relu input within the C's rounding of 0 can fall on the other side of the kink in
+    the C than in the float64 reference: its mask, and so the gradients, then differ by
+    far more than rounding (a ResNet-8 at batch 8 in float32 has such an input: flipping
+    that one mask in float64 gives the C's gradients to 1e-5). A wrong gradient is wrong
+    at a nearby point too; an agreement there is reported with a note. The model's and
+    the reference's params are left as they were."""
+    graph, dtype = model.graph, model.dtype.name
+    saved = model.get_params()
+    trainable = list(graph.trainable_params)
+    flat = np.concatenate([np.ravel(saved[p]) for p in trainable]).astype(np.float64)
+    size = max(1.0, float(np.sqrt(np.mean(flat ** 2)))) if flat.size else 1.0
+    failed = {c.tensor for c in checks if not c.ok}
+    try:
+        for k in range(NEARBY_TRIES):
+            scale = NEARBY_SCALE * 10 ** k * size
+            jitter = np.random.default_rng([seed, 104729, k])
+            moved = {p: (v + scale * jitter.standard_normal(v.shape)).astype(v.dtype)
+                     if p in graph.trainable_params else v for p, v in saved.items()}
+            model.set_params(moved)
+            ref.set_params({p: v.astype(np.float64) for p, v in moved.items()})
+            again = _c_gradient_checks(model, ref, inputs)
+            if all(c.ok for c in again):
+                note = (f"checked at a nearby point (every param moved by about {scale:.0e}, "
+                        f"seeded): at the params given, the {dtype} C and the float64 "
+                        f"reference disagree, as where a relu input lies within rounding of "
+                        f"its kink and each takes another side")
+                return [dataclasses.replace(c, note=note) if c.tensor in failed else old
+                        for c, old in zip(again, checks)]
+    finally:
+        model.set_params(saved)
+        ref.set_params({p: v.astype(np.float64) for p, v in saved.items()})
+    return checks

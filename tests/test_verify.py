@@ -288,3 +288,42 @@ def test_an_exact_zero_gradient_passes_within_the_differences_rounding(monkeypat
     assert checked["k"].abs_err > 1e-10    # rounding the old fixed floor called a mismatch
     monkeypatch.setattr("graphc.verify.FD_ROUNDING_ULPS", 0)
     assert not gradient_check(ref, inputs, seed=1)["k"].ok
+
+
+# In float32, 1 + 1e-8 rounds to 1: h = x·W + b is 0 in the C (relu' = 0) and 1e-8 in the
+# float64 reference (relu' = 1), so the gradients differ by the whole slope.
+ON_THE_KINK = """\
+name: kink
+inputs: {x: [2], y: [1]}
+params:
+  W: {shape: [1, 2], init: ones}
+  b: {shape: [1], init: uniform, low: -1.0, high: -1.0}
+nodes:
+  h: {op: dense, inputs: [x, W, b]}
+  a: {op: relu, inputs: [h]}
+  loss: {op: mse, inputs: [a, y]}
+outputs: [a]
+loss: loss
+"""
+
+
+def test_a_float32_relu_mask_across_the_kink_is_checked_nearby(tmp_path, monkeypatch):
+    model = graphc.compile(spec(tmp_path, ON_THE_KINK))
+    # the second example is well inside the relu's linear side, at every nearby point too
+    inputs = {"x": np.array([[1.0, 1e-8], [2.0, 0.5]]), "y": np.array([[1.0], [0.0]])}
+    before = model.get_params()
+    report = model.verify(**inputs)
+    checks = {c.tensor: c for c in report.checks if c.kind == "C vs reference"}
+    assert report.ok and "nearby point" in checks["d loss/d W"].note
+    assert "kink" in checks["d loss/d b"].note and not checks["loss (loss)"].note
+    for k, v in model.get_params().items():
+        np.testing.assert_array_equal(v, before[k])
+    # At the params given the two disagree by the first example's whole slope.
+    _, grads = model.gradients(**inputs)
+    _, ref_grads = graphc.reference(model.graph).gradients(**inputs)
+    assert abs(grads["b"][0] - ref_grads["b"][0]) > 0.5
+    # A wrong gradient stays wrong nearby.
+    wrong_relu(monkeypatch)
+    report = model.verify(**inputs)
+    checks = {c.tensor: c for c in report.checks if c.kind == "C vs reference"}
+    assert not checks["d loss/d W"].ok and not checks["d loss/d b"].ok
