@@ -1,4 +1,5 @@
-"""The digits MLP on emulated Cortex-M cores: flash, RAM, instructions, accuracy.
+"""The digits MLP on emulated Cortex-M cores: flash, RAM, instructions, accuracy; and the
+MLPerf Tiny DS-CNN's and ResNet-8's inference on the Cortex-M4F.
 
     python -m benchmarks.embedded [--spec examples/digits/spec.yaml] [--out benchmarks/results]
 
@@ -18,6 +19,11 @@ libnewlib-arm-none-eabi qemu-system-arm). Writes embedded.md and embedded.json.
   latency).
 - Accuracy: `codegen/harness.py`'s program on the target (forward, gradients, one Adam
   step), against the NumPy reference in float64 on the same float32 params and inputs.
+- MLPerf Tiny (examples/tiny/ds_cnn.yaml, resnet8.yaml; `--no-tiny` leaves them out):
+  inference as deployed, the params baked into flash (`graphc compile --params`), one
+  example: the memory report's flash, RAM and stack, the arena against the liveness bound,
+  `<name>_predict` on the M4F against the reference, and instructions per inference (the
+  forward entry, the same kernels reading the params from RAM).
 """
 
 from __future__ import annotations
@@ -119,6 +125,58 @@ def accuracy(spec, tmp: Path) -> dict:
     return out
 
 
+TINY = [ROOT / "examples/tiny/ds_cnn.yaml", ROOT / "examples/tiny/resnet8.yaml"]
+
+
+def tiny_inference(spec, tmp: Path, seed: int = 1) -> dict:
+    """One model's inference on the Cortex-M4F (mps2-an386) at batch 1, params baked."""
+    from codegen.report import add_firmware, memory_report
+    graph = graphc.load(spec)
+    params = graphc.compile(graph, seed=seed).get_params()
+    _, baked = graphc.generate(graph, target="cortex-m4", params=params)
+    report = add_firmware(memory_report(baked), baked, "cortex-m4", None, tmp / "size")
+    if "missing" in report["firmware"]:
+        raise firmware.FirmwareError(report["firmware"]["missing"])
+    x = {"x": sample_inputs(graph, 1, seed=seed)["x"].astype(np.float32)}
+    got = firmware.run_harness(baked, None, x, "mps2-an386", tmp / "acc", timeout=300)
+    errors = rel_errors(got, graph, baked, None, x, params)
+    _, cm = graphc.generate(graph, target="cortex-m4")
+    d = firmware.write_model(tmp / "count", cm, firmware.counter(
+        cm, initial_params(graph, cm, seed), x, [("forward", 1, 1)]))
+    done = firmware.run(firmware.build(d, "mps2-an386"), "mps2-an386", icount=True,
+                        timeout=600)
+    if done.status:
+        raise firmware.FirmwareError(f"mps2-an386: status {done.status}\n{done.stderr}")
+    predict, fw = report["entries"]["predict"], report["firmware"]["inference"]
+    return {"model": graph.name, "params": report["params"], "flash": fw["flash"],
+            "ram": fw["ram"], "stack": fw.get("stack"), "arena": predict["arena"],
+            "live_peak": predict["live_peak"], "io": report["inference_total"] - predict["work"],
+            "model_code": report["firmware"]["model_object"]["text"],
+            "instructions": round(firmware.parse_counts(done.stdout)["instructions"]
+                                  [("forward", 1)]),
+            "max_relative_error": max(errors.values())}
+
+
+def tiny_markdown(rows: list[dict]) -> list[str]:
+    lines = ["## MLPerf Tiny inference on the Cortex-M4F (mps2-an386)", "",
+             "Batch 1, float32, params baked into flash (`graphc compile --target cortex-m4 "
+             "--params`). Flash and RAM as above (the size probe of `<name>_predict`); the "
+             "arena is the planned work arena, the bound the most bytes live at once; "
+             "instructions per inference as above (the forward entry: the same kernels, "
+             "params read from RAM); error against the NumPy float64 reference on the same "
+             "params and input.", "",
+             "| model | params (bytes) | flash | RAM | stack | arena | liveness bound | "
+             "inputs + outputs | model object (code, params) | instructions | "
+             "max relative error |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['model']} | {r['params']} | {r['flash']} | {r['ram']} | "
+                     f"{r['stack']} | {r['arena']} | {r['live_peak']} | {r['io']} | "
+                     f"{r['model_code']} | {r['instructions']:,} | "
+                     f"{r['max_relative_error']:.2e} |")
+    return lines + [""]
+
+
 def markdown(result: dict) -> str:
     lines = [f"# {result['model']} on emulated Cortex-M", "",
              f"Spec `{result['spec']}`, float32, Adam. Toolchain: {result['toolchain']}; "
@@ -157,6 +215,8 @@ def markdown(result: dict) -> str:
         what = ", ".join(a["max_relative_error"])
         lines.append(f"| {board} | {what} | {max(a['max_relative_error'].values()):.2e} |")
     lines.append("")
+    if result.get("tiny"):
+        lines += tiny_markdown(result["tiny"])
     return "\n".join(lines)
 
 
@@ -166,6 +226,7 @@ def main() -> None:
     ap.add_argument("--spec", default=str(digits if digits.exists() else
                                           ROOT / "examples/mlp.yaml"))
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results"))
+    ap.add_argument("--no-tiny", action="store_true", help="leave out the MLPerf Tiny models")
     args = ap.parse_args()
     missing = firmware.missing_tools(run=True)
     if missing:
@@ -185,6 +246,7 @@ def main() -> None:
             "host": platform.machine(),
             "sizes": sizes(spec, tmp), "instructions": counts(spec, tmp),
             "accuracy": accuracy(spec, tmp),
+            "tiny": [] if args.no_tiny else [tiny_inference(s, tmp / s.stem) for s in TINY],
         }
     result["seconds"] = round(time.perf_counter() - t0, 1)
     out = Path(args.out)

@@ -294,21 +294,40 @@ def plan(prog: Program, align: int = ALIGN) -> MemoryPlan:
     places: dict[str, Placement] = {}
     totals = {True: 0, False: 0}
     no_reuse = {True: 0, False: 0}
+    size = {n: max(1, prog.buffers[n].size) for n in live}
+    # First fit in two orders, keeping the smaller arena (the first on a tie): by first use
+    # (big buffers first among those born at one kernel), and largest first (by first use
+    # among equals). First use alone left MobileNetV1's forward arena 33 % above the
+    # liveness bound, and the digits CNN's train step 8 %; either order meets it there.
+    orders = (lambda n: (live[n][0], -size[n], n), lambda n: (-size[n], live[n][0], n))
     for batched in (False, True):
-        placed: list[tuple[str, int, int, int, int]] = []  # name, offset, size, first, last
-        # First-fit in order of first use; ties by size so big buffers pack first.
-        for name in sorted((n for n in live if prog.buffers[n].batched == batched),
-                           key=lambda n: (live[n][0], -prog.buffers[n].size, n)):
-            size, (first, last) = max(1, prog.buffers[name].size), live[name]
-            clashes = sorted((o, o + round_up(s, align)) for _, o, s, f, l in placed
-                             if not (l < first or last < f))
-            offset = 0
-            for lo, hi in clashes:
-                if offset + size <= lo:
-                    break
-                offset = max(offset, hi)
-            placed.append((name, offset, size, first, last))
-            places[name] = Placement(batched, offset, size, first, last)
-            totals[batched] = max(totals[batched], round_up(offset + size, align))
-            no_reuse[batched] += round_up(size, align)
+        names = [n for n in live if prog.buffers[n].batched == batched]
+        best = min((_first_fit(sorted(names, key=key), size, live, align) for key in orders),
+                   key=lambda fit: fit[1])
+        for name, offset in best[0].items():
+            places[name] = Placement(batched, offset, size[name], *live[name])
+        totals[batched] = best[1]
+        no_reuse[batched] = sum(round_up(size[n], align) for n in names)
     return MemoryPlan(places, totals[False], totals[True], no_reuse[False], no_reuse[True])
+
+
+def _first_fit(names: list[str], size: dict[str, int], live: dict[str, list[int]],
+               align: int) -> tuple[dict[str, int], int]:
+    """Offsets placing each buffer in `names` order at the lowest offset (a multiple of
+    `align`) clear of every placed buffer live at the same time; and the arena's size."""
+    placed: list[tuple[int, int, int, int]] = []   # offset, size, first, last
+    offsets: dict[str, int] = {}
+    total = 0
+    for name in names:
+        (first, last), n = live[name], size[name]
+        clashes = sorted((o, o + round_up(s, align)) for o, s, f, l in placed
+                         if not (l < first or last < f))
+        offset = 0
+        for lo, hi in clashes:
+            if offset + n <= lo:
+                break
+            offset = max(offset, hi)
+        placed.append((offset, n, first, last))
+        offsets[name] = offset
+        total = max(total, round_up(offset + n, align))
+    return offsets, total

@@ -255,3 +255,75 @@ def test_within_tolerance_refuses_nan_and_other_shapes():
     ok, err, _ = within_tolerance([1.0, 2.0], [[1.0, 2.0]], "float64")
     assert not ok and np.isnan(err)
     assert within_tolerance(np.zeros((0, 3)), np.zeros((0, 3)), "float32") == (True, 0.0, 1e-6)
+
+
+# A bias before a batch norm has a gradient of exactly 0 (the batch's mean takes it out);
+# the central difference of a loss of a few units is then its rounding, some 1e-9, not 0.
+BIAS_BEFORE_BN = {
+    "name": "biasbn", "inputs": {"x": [2, 10, 10], "y": {"shape": [], "dtype": "int32"}},
+    "params": {"K": {"shape": [16, 2, 3, 3], "init": "he_normal"}, "k": [16],
+               "g": {"shape": [16], "init": "uniform", "low": 0.5, "high": 1.5},
+               "s": {"shape": [16], "init": "normal", "std": 0.3},
+               "m": {"shape": [16], "trainable": False},
+               "v": {"shape": [16], "trainable": False},
+               "W": {"shape": [40, 16], "init": "normal", "std": 3.0}},
+    "nodes": {"c": {"op": "conv2d", "inputs": ["x", "K", "k"], "padding": 1},
+              "n": {"op": "batch_norm", "inputs": ["c", "g", "s", "m", "v"]},
+              "a": {"op": "relu", "inputs": ["n"]},
+              "p": {"op": "global_avg_pool", "inputs": ["a"]},
+              "logits": {"op": "dense", "inputs": ["p", "W"]},
+              "loss": {"op": "softmax_cross_entropy", "inputs": ["logits", "y"]}},
+    "outputs": ["logits"], "loss": "loss"}
+
+
+def test_an_exact_zero_gradient_passes_within_the_differences_rounding(monkeypatch):
+    ref = graphc.reference(graphc.Graph.from_spec(BIAS_BEFORE_BN), dtype="float64")
+    rng = np.random.default_rng(0)
+    inputs = {"x": rng.standard_normal((4, 2, 10, 10)),
+              "y": rng.integers(0, 40, 4).astype(np.int32)}
+    loss, grads = ref.gradients(**inputs)
+    assert loss > 1 and np.max(np.abs(grads["k"])) < 1e-14
+    checked = gradient_check(ref, inputs, seed=1)
+    assert all(r.ok for r in checked.values()), checked
+    assert checked["k"].abs_err > 1e-10    # rounding the old fixed floor called a mismatch
+    monkeypatch.setattr("graphc.verify.FD_ROUNDING_ULPS", 0)
+    assert not gradient_check(ref, inputs, seed=1)["k"].ok
+
+
+# In float32, 1 + 1e-8 rounds to 1: h = x·W + b is 0 in the C (relu' = 0) and 1e-8 in the
+# float64 reference (relu' = 1), so the gradients differ by the whole slope.
+ON_THE_KINK = """\
+name: kink
+inputs: {x: [2], y: [1]}
+params:
+  W: {shape: [1, 2], init: ones}
+  b: {shape: [1], init: uniform, low: -1.0, high: -1.0}
+nodes:
+  h: {op: dense, inputs: [x, W, b]}
+  a: {op: relu, inputs: [h]}
+  loss: {op: mse, inputs: [a, y]}
+outputs: [a]
+loss: loss
+"""
+
+
+def test_a_float32_relu_mask_across_the_kink_is_checked_nearby(tmp_path, monkeypatch):
+    model = graphc.compile(spec(tmp_path, ON_THE_KINK))
+    # the second example is well inside the relu's linear side, at every nearby point too
+    inputs = {"x": np.array([[1.0, 1e-8], [2.0, 0.5]]), "y": np.array([[1.0], [0.0]])}
+    before = model.get_params()
+    report = model.verify(**inputs)
+    checks = {c.tensor: c for c in report.checks if c.kind == "C vs reference"}
+    assert report.ok and "nearby point" in checks["d loss/d W"].note
+    assert "kink" in checks["d loss/d b"].note and not checks["loss (loss)"].note
+    for k, v in model.get_params().items():
+        np.testing.assert_array_equal(v, before[k])
+    # At the params given the two disagree by the first example's whole slope.
+    _, grads = model.gradients(**inputs)
+    _, ref_grads = graphc.reference(model.graph).gradients(**inputs)
+    assert abs(grads["b"][0] - ref_grads["b"][0]) > 0.5
+    # A wrong gradient stays wrong nearby.
+    wrong_relu(monkeypatch)
+    report = model.verify(**inputs)
+    checks = {c.tensor: c for c in report.checks if c.kind == "C vs reference"}
+    assert not checks["d loss/d W"].ok and not checks["d loss/d b"].ok

@@ -726,31 +726,31 @@ float bn_cnn_gradients(const float *params, float *grads, float *work, size_t n,
     flat_forward(n, work + 65 + 2048 * n, work + 65 + 3072 * n);
     logits_forward(n, work + 65 + 2304 * n, params + BN_CNN_PARAM_W_OFFSET,
             params + BN_CNN_PARAM_b_OFFSET, work + 65 + 2048 * n);
-    loss_max_forward(n, work + 65 + 2314 * n, work + 65 + 2304 * n);
-    loss_sumexp_forward(n, work + 65 + 2315 * n, work + 65 + 2304 * n, work + 65 + 2314 * n);
-    loss_forward(n, work + 65 + 2316 * n, work + 65 + 2304 * n, work + 65 + 2314 * n,
-            work + 65 + 2315 * n, in_y);
+    loss_max_forward(n, work + 65 + 2324 * n, work + 65 + 2304 * n);
+    loss_sumexp_forward(n, work + 65 + 2325 * n, work + 65 + 2304 * n, work + 65 + 2324 * n);
+    loss_forward(n, work + 65 + 2314 * n, work + 65 + 2304 * n, work + 65 + 2324 * n,
+            work + 65 + 2325 * n, in_y);
     mean_grad(grads + BN_CNN_PARAM_mean_OFFSET, work);
     var_grad(n, grads + BN_CNN_PARAM_var_OFFSET, work + 16);
-    batch_mean_loss(n, work + 32, work + 65 + 2316 * n);
-    logits_grad(n, work + 65 + 2316 * n, in_y);
-    loss_sumexp_grad(n, work + 65 + 2326 * n, work + 65 + 2315 * n, in_y);
-    logits_grad_2(n, work + 65 + 2316 * n, work + 65 + 2304 * n, work + 65 + 2314 * n,
+    batch_mean_loss(n, work + 32, work + 65 + 2314 * n);
+    logits_grad(n, work + 65 + 2314 * n, in_y);
+    loss_sumexp_grad(n, work + 65 + 2326 * n, work + 65 + 2325 * n, in_y);
+    logits_grad_2(n, work + 65 + 2314 * n, work + 65 + 2304 * n, work + 65 + 2324 * n,
             work + 65 + 2326 * n);
-    W_grad(n, grads + BN_CNN_PARAM_W_OFFSET, work + 65 + 2048 * n, work + 65 + 2316 * n);
-    b_grad(n, grads + BN_CNN_PARAM_b_OFFSET, work + 65 + 2316 * n);
-    flat_grad(n, work + 65 + 2048 * n, params + BN_CNN_PARAM_W_OFFSET, work + 65 + 2316 * n);
-    flat_forward(n, work + 65 + 2304 * n, work + 65 + 2048 * n);
-    a_grad(n, work + 65 + 3584 * n);
-    a_grad_2(n, work + 65 + 3584 * n, work + 65 + 3328 * n, work + 65 + 2304 * n);
-    bn_grad(n, work + 65 + 2048 * n, work + 65 + 3584 * n, work + 65 + 1024 * n);
-    beta_grad(n, grads + BN_CNN_PARAM_beta_OFFSET, work + 65 + 2048 * n);
-    bn_mean_grad(n, work + 33, work + 65 + 2048 * n, work + 16, params + BN_CNN_PARAM_gamma_OFFSET);
-    bn_var_grad(n, work + 49, work + 65 + 2048 * n, work, work + 16,
+    W_grad(n, grads + BN_CNN_PARAM_W_OFFSET, work + 65 + 2048 * n, work + 65 + 2314 * n);
+    b_grad(n, grads + BN_CNN_PARAM_b_OFFSET, work + 65 + 2314 * n);
+    flat_grad(n, work + 65 + 2048 * n, params + BN_CNN_PARAM_W_OFFSET, work + 65 + 2314 * n);
+    flat_forward(n, work + 65 + 3072 * n, work + 65 + 2048 * n);
+    a_grad(n, work + 65 + 2048 * n);
+    a_grad_2(n, work + 65 + 2048 * n, work + 65 + 3328 * n, work + 65 + 3072 * n);
+    bn_grad(n, work + 65 + 3072 * n, work + 65 + 2048 * n, work + 65 + 1024 * n);
+    beta_grad(n, grads + BN_CNN_PARAM_beta_OFFSET, work + 65 + 3072 * n);
+    bn_mean_grad(n, work + 33, work + 65 + 3072 * n, work + 16, params + BN_CNN_PARAM_gamma_OFFSET);
+    bn_var_grad(n, work + 49, work + 65 + 3072 * n, work, work + 16,
             params + BN_CNN_PARAM_gamma_OFFSET, work + 65);
-    gamma_grad(n, grads + BN_CNN_PARAM_gamma_OFFSET, work + 65 + 2048 * n, work, work + 16,
+    gamma_grad(n, grads + BN_CNN_PARAM_gamma_OFFSET, work + 65 + 3072 * n, work, work + 16,
             work + 65);
-    h_grad(n, work + 65 + 1024 * n, work + 65 + 2048 * n, work + 16,
+    h_grad(n, work + 65 + 1024 * n, work + 65 + 3072 * n, work + 16,
             params + BN_CNN_PARAM_gamma_OFFSET);
     bn_mean_grad_2(n, work + 33, work, work + 49, work + 65);
     h_grad_2(n, work + 65 + 1024 * n, work, work + 49, work + 65);

@@ -932,42 +932,42 @@ float digits_cnn_gradients(const float *params, float *grads, float *work, size_
     h1_forward(n, work + 16, params + DIGITS_CNN_PARAM_K1_OFFSET,
             params + DIGITS_CNN_PARAM_c1_OFFSET, in_x);
     a1_forward_2(n, work + 16 + 1024 * n, work + 16);
-    p1_forward(n, work + 16 + 2048 * n, work + 16 + 1024 * n);
-    p1_argmax_forward(n, work + 16 + 2304 * n, work + 16 + 1024 * n);
+    p1_forward(n, work + 16 + 2560 * n, work + 16 + 1024 * n);
+    p1_argmax_forward(n, work + 16 + 2816 * n, work + 16 + 1024 * n);
     h2_forward(n, work + 16 + 1024 * n, params + DIGITS_CNN_PARAM_K2_OFFSET,
-            params + DIGITS_CNN_PARAM_c2_OFFSET, work + 16 + 2048 * n);
+            params + DIGITS_CNN_PARAM_c2_OFFSET, work + 16 + 2560 * n);
     a2_forward_2(n, work + 16 + 1536 * n, work + 16 + 1024 * n);
-    p2_forward(n, work + 16 + 2560 * n, work + 16 + 1536 * n);
-    p2_argmax_forward(n, work + 16 + 2688 * n, work + 16 + 1536 * n);
-    flat_forward(n, work + 16 + 1536 * n, work + 16 + 2560 * n);
+    p2_forward(n, work + 16 + 2048 * n, work + 16 + 1536 * n);
+    p2_argmax_forward(n, work + 16 + 2176 * n, work + 16 + 1536 * n);
+    flat_forward(n, work + 16 + 1536 * n, work + 16 + 2048 * n);
     logits_forward(n, work + 16 + 1664 * n, params + DIGITS_CNN_PARAM_W_OFFSET,
             params + DIGITS_CNN_PARAM_b_OFFSET, work + 16 + 1536 * n);
-    loss_max_forward(n, work + 16 + 1680 * n, work + 16 + 1664 * n);
-    loss_sumexp_forward(n, work + 16 + 1696 * n, work + 16 + 1664 * n, work + 16 + 1680 * n);
-    loss_forward(n, work + 16 + 1712 * n, work + 16 + 1664 * n, work + 16 + 1680 * n,
-            work + 16 + 1696 * n, in_y);
-    batch_mean_loss(n, work, work + 16 + 1712 * n);
-    logits_grad(n, work + 16 + 1712 * n, in_y);
-    loss_sumexp_grad(n, work + 16 + 1728 * n, work + 16 + 1696 * n, in_y);
-    logits_grad_2(n, work + 16 + 1712 * n, work + 16 + 1664 * n, work + 16 + 1680 * n,
+    loss_max_forward(n, work + 16 + 1696 * n, work + 16 + 1664 * n);
+    loss_sumexp_forward(n, work + 16 + 1712 * n, work + 16 + 1664 * n, work + 16 + 1696 * n);
+    loss_forward(n, work + 16 + 1680 * n, work + 16 + 1664 * n, work + 16 + 1696 * n,
+            work + 16 + 1712 * n, in_y);
+    batch_mean_loss(n, work, work + 16 + 1680 * n);
+    logits_grad(n, work + 16 + 1680 * n, in_y);
+    loss_sumexp_grad(n, work + 16 + 1728 * n, work + 16 + 1712 * n, in_y);
+    logits_grad_2(n, work + 16 + 1680 * n, work + 16 + 1664 * n, work + 16 + 1696 * n,
             work + 16 + 1728 * n);
-    W_grad(n, grads + DIGITS_CNN_PARAM_W_OFFSET, work + 16 + 1536 * n, work + 16 + 1712 * n);
-    b_grad(n, grads + DIGITS_CNN_PARAM_b_OFFSET, work + 16 + 1712 * n);
-    flat_grad(n, work + 16 + 1536 * n, params + DIGITS_CNN_PARAM_W_OFFSET, work + 16 + 1712 * n);
-    flat_forward(n, work + 16 + 1664 * n, work + 16 + 1536 * n);
-    a2_grad(n, work + 16 + 2816 * n);
-    a2_grad_2(n, work + 16 + 2816 * n, work + 16 + 2688 * n, work + 16 + 1664 * n);
-    h2_grad(n, work + 16 + 1536 * n, work + 16 + 2816 * n, work + 16 + 1024 * n);
-    K2_grad(n, grads + DIGITS_CNN_PARAM_K2_OFFSET, work + 16 + 1536 * n, work + 16 + 2048 * n);
-    c2_grad(n, grads + DIGITS_CNN_PARAM_c2_OFFSET, work + 16 + 1536 * n);
-    p1_grad(n, work + 16 + 1024 * n);
-    p1_grad_2(n, work + 16 + 1024 * n, params + DIGITS_CNN_PARAM_K2_OFFSET, work + 16 + 1536 * n);
-    a1_grad(n, work + 16 + 1280 * n);
-    a1_grad_2(n, work + 16 + 1280 * n, work + 16 + 2304 * n, work + 16 + 1024 * n);
-    h1_grad(n, work + 16 + 2304 * n, work + 16 + 1280 * n, work + 16);
+    W_grad(n, grads + DIGITS_CNN_PARAM_W_OFFSET, work + 16 + 1536 * n, work + 16 + 1680 * n);
+    b_grad(n, grads + DIGITS_CNN_PARAM_b_OFFSET, work + 16 + 1680 * n);
+    flat_grad(n, work + 16 + 1536 * n, params + DIGITS_CNN_PARAM_W_OFFSET, work + 16 + 1680 * n);
+    flat_forward(n, work + 16 + 2048 * n, work + 16 + 1536 * n);
+    a2_grad(n, work + 16 + 1536 * n);
+    a2_grad_2(n, work + 16 + 1536 * n, work + 16 + 2176 * n, work + 16 + 2048 * n);
+    h2_grad(n, work + 16 + 2048 * n, work + 16 + 1536 * n, work + 16 + 1024 * n);
+    K2_grad(n, grads + DIGITS_CNN_PARAM_K2_OFFSET, work + 16 + 2048 * n, work + 16 + 2560 * n);
+    c2_grad(n, grads + DIGITS_CNN_PARAM_c2_OFFSET, work + 16 + 2048 * n);
+    p1_grad(n, work + 16 + 2560 * n);
+    p1_grad_2(n, work + 16 + 2560 * n, params + DIGITS_CNN_PARAM_K2_OFFSET, work + 16 + 2048 * n);
+    a1_grad(n, work + 16 + 1024 * n);
+    a1_grad_2(n, work + 16 + 1024 * n, work + 16 + 2816 * n, work + 16 + 2560 * n);
+    h1_grad(n, work + 16 + 2048 * n, work + 16 + 1024 * n, work + 16);
     K1_grad(grads + DIGITS_CNN_PARAM_K1_OFFSET);
-    K1_grad_2(n, grads + DIGITS_CNN_PARAM_K1_OFFSET, work + 16 + 2304 * n, in_x);
-    c1_grad(n, grads + DIGITS_CNN_PARAM_c1_OFFSET, work + 16 + 2304 * n);
+    K1_grad_2(n, grads + DIGITS_CNN_PARAM_K1_OFFSET, work + 16 + 2048 * n, in_x);
+    c1_grad(n, grads + DIGITS_CNN_PARAM_c1_OFFSET, work + 16 + 2048 * n);
     return work[0];
 }
 

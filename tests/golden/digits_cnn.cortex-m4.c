@@ -755,42 +755,42 @@ float digits_cnn_gradients(const float *params, float *grads, float *work, size_
     h1_forward(n, work + 1, params + DIGITS_CNN_PARAM_K1_OFFSET,
             params + DIGITS_CNN_PARAM_c1_OFFSET, in_x);
     a1_forward_2(n, work + 1 + 1024 * n, work + 1);
-    p1_forward(n, work + 1 + 2048 * n, work + 1 + 1024 * n);
-    p1_argmax_forward(n, work + 1 + 2304 * n, work + 1 + 1024 * n);
+    p1_forward(n, work + 1 + 2560 * n, work + 1 + 1024 * n);
+    p1_argmax_forward(n, work + 1 + 2816 * n, work + 1 + 1024 * n);
     h2_forward(n, work + 1 + 1024 * n, params + DIGITS_CNN_PARAM_K2_OFFSET,
-            params + DIGITS_CNN_PARAM_c2_OFFSET, work + 1 + 2048 * n);
+            params + DIGITS_CNN_PARAM_c2_OFFSET, work + 1 + 2560 * n);
     a2_forward_2(n, work + 1 + 1536 * n, work + 1 + 1024 * n);
-    p2_forward(n, work + 1 + 2560 * n, work + 1 + 1536 * n);
-    p2_argmax_forward(n, work + 1 + 2688 * n, work + 1 + 1536 * n);
-    flat_forward(n, work + 1 + 1536 * n, work + 1 + 2560 * n);
+    p2_forward(n, work + 1 + 2048 * n, work + 1 + 1536 * n);
+    p2_argmax_forward(n, work + 1 + 2176 * n, work + 1 + 1536 * n);
+    flat_forward(n, work + 1 + 1536 * n, work + 1 + 2048 * n);
     logits_forward(n, work + 1 + 1664 * n, params + DIGITS_CNN_PARAM_W_OFFSET,
             params + DIGITS_CNN_PARAM_b_OFFSET, work + 1 + 1536 * n);
-    loss_max_forward(n, work + 1 + 1674 * n, work + 1 + 1664 * n);
-    loss_sumexp_forward(n, work + 1 + 1675 * n, work + 1 + 1664 * n, work + 1 + 1674 * n);
-    loss_forward(n, work + 1 + 1676 * n, work + 1 + 1664 * n, work + 1 + 1674 * n,
-            work + 1 + 1675 * n, in_y);
-    batch_mean_loss(n, work, work + 1 + 1676 * n);
-    logits_grad(n, work + 1 + 1676 * n, in_y);
-    loss_sumexp_grad(n, work + 1 + 1686 * n, work + 1 + 1675 * n, in_y);
-    logits_grad_2(n, work + 1 + 1676 * n, work + 1 + 1664 * n, work + 1 + 1674 * n,
+    loss_max_forward(n, work + 1 + 1684 * n, work + 1 + 1664 * n);
+    loss_sumexp_forward(n, work + 1 + 1685 * n, work + 1 + 1664 * n, work + 1 + 1684 * n);
+    loss_forward(n, work + 1 + 1674 * n, work + 1 + 1664 * n, work + 1 + 1684 * n,
+            work + 1 + 1685 * n, in_y);
+    batch_mean_loss(n, work, work + 1 + 1674 * n);
+    logits_grad(n, work + 1 + 1674 * n, in_y);
+    loss_sumexp_grad(n, work + 1 + 1686 * n, work + 1 + 1685 * n, in_y);
+    logits_grad_2(n, work + 1 + 1674 * n, work + 1 + 1664 * n, work + 1 + 1684 * n,
             work + 1 + 1686 * n);
-    W_grad(n, grads + DIGITS_CNN_PARAM_W_OFFSET, work + 1 + 1536 * n, work + 1 + 1676 * n);
-    b_grad(n, grads + DIGITS_CNN_PARAM_b_OFFSET, work + 1 + 1676 * n);
-    flat_grad(n, work + 1 + 1536 * n, params + DIGITS_CNN_PARAM_W_OFFSET, work + 1 + 1676 * n);
-    flat_forward(n, work + 1 + 1664 * n, work + 1 + 1536 * n);
-    a2_grad(n, work + 1 + 2816 * n);
-    a2_grad_2(n, work + 1 + 2816 * n, work + 1 + 2688 * n, work + 1 + 1664 * n);
-    h2_grad(n, work + 1 + 1536 * n, work + 1 + 2816 * n, work + 1 + 1024 * n);
-    K2_grad(n, grads + DIGITS_CNN_PARAM_K2_OFFSET, work + 1 + 1536 * n, work + 1 + 2048 * n);
-    c2_grad(n, grads + DIGITS_CNN_PARAM_c2_OFFSET, work + 1 + 1536 * n);
-    p1_grad(n, work + 1 + 1024 * n);
-    p1_grad_2(n, work + 1 + 1024 * n, params + DIGITS_CNN_PARAM_K2_OFFSET, work + 1 + 1536 * n);
-    a1_grad(n, work + 1 + 1280 * n);
-    a1_grad_2(n, work + 1 + 1280 * n, work + 1 + 2304 * n, work + 1 + 1024 * n);
-    h1_grad(n, work + 1 + 2304 * n, work + 1 + 1280 * n, work + 1);
+    W_grad(n, grads + DIGITS_CNN_PARAM_W_OFFSET, work + 1 + 1536 * n, work + 1 + 1674 * n);
+    b_grad(n, grads + DIGITS_CNN_PARAM_b_OFFSET, work + 1 + 1674 * n);
+    flat_grad(n, work + 1 + 1536 * n, params + DIGITS_CNN_PARAM_W_OFFSET, work + 1 + 1674 * n);
+    flat_forward(n, work + 1 + 2048 * n, work + 1 + 1536 * n);
+    a2_grad(n, work + 1 + 1536 * n);
+    a2_grad_2(n, work + 1 + 1536 * n, work + 1 + 2176 * n, work + 1 + 2048 * n);
+    h2_grad(n, work + 1 + 2048 * n, work + 1 + 1536 * n, work + 1 + 1024 * n);
+    K2_grad(n, grads + DIGITS_CNN_PARAM_K2_OFFSET, work + 1 + 2048 * n, work + 1 + 2560 * n);
+    c2_grad(n, grads + DIGITS_CNN_PARAM_c2_OFFSET, work + 1 + 2048 * n);
+    p1_grad(n, work + 1 + 2560 * n);
+    p1_grad_2(n, work + 1 + 2560 * n, params + DIGITS_CNN_PARAM_K2_OFFSET, work + 1 + 2048 * n);
+    a1_grad(n, work + 1 + 1024 * n);
+    a1_grad_2(n, work + 1 + 1024 * n, work + 1 + 2816 * n, work + 1 + 2560 * n);
+    h1_grad(n, work + 1 + 2048 * n, work + 1 + 1024 * n, work + 1);
     K1_grad(grads + DIGITS_CNN_PARAM_K1_OFFSET);
-    K1_grad_2(n, grads + DIGITS_CNN_PARAM_K1_OFFSET, work + 1 + 2304 * n, in_x);
-    c1_grad(n, grads + DIGITS_CNN_PARAM_c1_OFFSET, work + 1 + 2304 * n);
+    K1_grad_2(n, grads + DIGITS_CNN_PARAM_K1_OFFSET, work + 1 + 2048 * n, in_x);
+    c1_grad(n, grads + DIGITS_CNN_PARAM_c1_OFFSET, work + 1 + 2048 * n);
     return work[0];
 }
 

@@ -1026,16 +1026,16 @@ void digits_tokens_forward(const float *params, float *work, size_t n, const int
         return;
     }
     grid_forward(n, work, params + DIGITS_TOKENS_PARAM_E_OFFSET, in_pixels);
-    img_forward(n, work + 256 * n, work);
-    act_forward(n, work + 512 * n, params + DIGITS_TOKENS_PARAM_K_OFFSET,
+    img_forward(n, work + 1024 * n, work);
+    act_forward(n, work, params + DIGITS_TOKENS_PARAM_K_OFFSET,
             params + DIGITS_TOKENS_PARAM_beta_OFFSET, params + DIGITS_TOKENS_PARAM_gamma_OFFSET,
-            work + 256 * n, params + DIGITS_TOKENS_PARAM_mean_OFFSET,
+            work + 1024 * n, params + DIGITS_TOKENS_PARAM_mean_OFFSET,
             params + DIGITS_TOKENS_PARAM_var_OFFSET);
-    pool_forward(n, work, work + 512 * n);
-    flat_forward(n, work + 256 * n, work);
-    drop_forward(n, work, work + 256 * n);
+    pool_forward(n, work + 1024 * n, work);
+    flat_forward(n, work, work + 1024 * n);
+    drop_forward(n, work + 256 * n, work);
     logits_forward(n, out_logits, params + DIGITS_TOKENS_PARAM_W_OFFSET,
-            params + DIGITS_TOKENS_PARAM_b_OFFSET, work);
+            params + DIGITS_TOKENS_PARAM_b_OFFSET, work + 256 * n);
 }
 
 float digits_tokens_evaluate(const float *params, float *work, size_t n, const int32_t *in_pixels,
@@ -1045,16 +1045,16 @@ float digits_tokens_evaluate(const float *params, float *work, size_t n, const i
         return 0;
     }
     grid_forward(n, work + 16, params + DIGITS_TOKENS_PARAM_E_OFFSET, in_pixels);
-    img_forward(n, work + 16 + 256 * n, work + 16);
-    act_forward(n, work + 16 + 512 * n, params + DIGITS_TOKENS_PARAM_K_OFFSET,
+    img_forward(n, work + 16 + 1024 * n, work + 16);
+    act_forward(n, work + 16, params + DIGITS_TOKENS_PARAM_K_OFFSET,
             params + DIGITS_TOKENS_PARAM_beta_OFFSET, params + DIGITS_TOKENS_PARAM_gamma_OFFSET,
-            work + 16 + 256 * n, params + DIGITS_TOKENS_PARAM_mean_OFFSET,
+            work + 16 + 1024 * n, params + DIGITS_TOKENS_PARAM_mean_OFFSET,
             params + DIGITS_TOKENS_PARAM_var_OFFSET);
-    pool_forward(n, work + 16, work + 16 + 512 * n);
-    flat_forward(n, work + 16 + 256 * n, work + 16);
-    drop_forward(n, work + 16, work + 16 + 256 * n);
+    pool_forward(n, work + 16 + 1024 * n, work + 16);
+    flat_forward(n, work + 16, work + 16 + 1024 * n);
+    drop_forward(n, work + 16 + 256 * n, work + 16);
     logits_forward(n, out_logits, params + DIGITS_TOKENS_PARAM_W_OFFSET,
-            params + DIGITS_TOKENS_PARAM_b_OFFSET, work + 16);
+            params + DIGITS_TOKENS_PARAM_b_OFFSET, work + 16 + 256 * n);
     loss_max_forward(n, work + 16, out_logits);
     loss_sumexp_forward(n, work + 16 + 16 * n, out_logits, work + 16);
     batch_mean_loss(n, work, in_label, out_logits, work + 16, work + 16 + 16 * n);
@@ -1071,53 +1071,53 @@ float digits_tokens_gradients(const float *params, float *grads, float *work, si
         return 0;
     }
     grid_forward(n, work + 80, params + DIGITS_TOKENS_PARAM_E_OFFSET, in_pixels);
-    img_forward(n, work + 80 + 256 * n, work + 80);
-    conv_forward(n, work + 80 + 512 * n, params + DIGITS_TOKENS_PARAM_K_OFFSET,
-            work + 80 + 256 * n);
-    norm_mean_forward(n, work, work + 80 + 512 * n);
-    norm_var_forward(n, work + 16, work + 80 + 512 * n, work);
-    norm_forward(n, work + 80 + 1536 * n, params + DIGITS_TOKENS_PARAM_beta_OFFSET,
-            work + 80 + 512 * n, params + DIGITS_TOKENS_PARAM_gamma_OFFSET, work, work + 16);
-    act_forward_2(n, work + 80 + 2560 * n, work + 80 + 1536 * n);
-    pool_forward(n, work + 80, work + 80 + 2560 * n);
-    pool_argmax_forward(n, work + 80 + 3584 * n, work + 80 + 2560 * n);
-    flat_forward(n, work + 80 + 2560 * n, work + 80);
-    drop_forward_2(n, step, work + 80, work + 80 + 2560 * n);
-    logits_forward(n, work + 80 + 2560 * n, params + DIGITS_TOKENS_PARAM_W_OFFSET,
-            params + DIGITS_TOKENS_PARAM_b_OFFSET, work + 80);
-    loss_max_forward(n, work + 80 + 2576 * n, work + 80 + 2560 * n);
-    loss_sumexp_forward(n, work + 80 + 2592 * n, work + 80 + 2560 * n, work + 80 + 2576 * n);
+    img_forward(n, work + 80 + 4096 * n, work + 80);
+    conv_forward(n, work + 80, params + DIGITS_TOKENS_PARAM_K_OFFSET, work + 80 + 4096 * n);
+    norm_mean_forward(n, work, work + 80);
+    norm_var_forward(n, work + 16, work + 80, work);
+    norm_forward(n, work + 80 + 1024 * n, params + DIGITS_TOKENS_PARAM_beta_OFFSET, work + 80,
+            params + DIGITS_TOKENS_PARAM_gamma_OFFSET, work, work + 16);
+    act_forward_2(n, work + 80 + 2048 * n, work + 80 + 1024 * n);
+    pool_forward(n, work + 80 + 3072 * n, work + 80 + 2048 * n);
+    pool_argmax_forward(n, work + 80 + 3328 * n, work + 80 + 2048 * n);
+    flat_forward(n, work + 80 + 2048 * n, work + 80 + 3072 * n);
+    drop_forward_2(n, step, work + 80 + 2304 * n, work + 80 + 2048 * n);
+    logits_forward(n, work + 80 + 2048 * n, params + DIGITS_TOKENS_PARAM_W_OFFSET,
+            params + DIGITS_TOKENS_PARAM_b_OFFSET, work + 80 + 2304 * n);
+    loss_max_forward(n, work + 80 + 2064 * n, work + 80 + 2048 * n);
+    loss_sumexp_forward(n, work + 80 + 2080 * n, work + 80 + 2048 * n, work + 80 + 2064 * n);
     mean_grad(grads + DIGITS_TOKENS_PARAM_mean_OFFSET, work);
     var_grad(n, grads + DIGITS_TOKENS_PARAM_var_OFFSET, work + 16);
-    batch_mean_loss(n, work + 32, in_label, work + 80 + 2560 * n, work + 80 + 2576 * n,
-            work + 80 + 2592 * n);
-    logits_grad(n, work + 80 + 2608 * n);
-    logits_grad_2(n, work + 80 + 2608 * n, in_label);
-    loss_sumexp_grad(n, work + 80 + 2624 * n, work + 80 + 2592 * n);
-    logits_grad_3(n, work + 80 + 2608 * n, work + 80 + 2560 * n, work + 80 + 2576 * n,
-            work + 80 + 2624 * n);
-    W_grad(n, grads + DIGITS_TOKENS_PARAM_W_OFFSET, work + 80, work + 80 + 2608 * n);
-    b_grad(n, grads + DIGITS_TOKENS_PARAM_b_OFFSET, work + 80 + 2608 * n);
-    flat_grad(n, step, work + 80, params + DIGITS_TOKENS_PARAM_W_OFFSET, work + 80 + 2608 * n);
-    flat_forward(n, work + 80 + 2560 * n, work + 80);
-    act_grad(n, work + 80 + 3840 * n);
-    act_grad_2(n, work + 80 + 3840 * n, work + 80 + 3584 * n, work + 80 + 2560 * n);
-    norm_grad(n, work + 80 + 2560 * n, work + 80 + 3840 * n, work + 80 + 1536 * n);
-    beta_grad(n, grads + DIGITS_TOKENS_PARAM_beta_OFFSET, work + 80 + 2560 * n);
-    conv_grad(n, work + 80 + 1536 * n, params + DIGITS_TOKENS_PARAM_gamma_OFFSET,
-            work + 80 + 2560 * n, work + 16);
-    gamma_grad(n, grads + DIGITS_TOKENS_PARAM_gamma_OFFSET, work + 80 + 512 * n,
-            work + 80 + 2560 * n, work, work + 16);
-    norm_mean_grad(n, work + 48, params + DIGITS_TOKENS_PARAM_gamma_OFFSET, work + 80 + 2560 * n,
+    batch_mean_loss(n, work + 32, in_label, work + 80 + 2048 * n, work + 80 + 2064 * n,
+            work + 80 + 2080 * n);
+    logits_grad(n, work + 80 + 2560 * n);
+    logits_grad_2(n, work + 80 + 2560 * n, in_label);
+    loss_sumexp_grad(n, work + 80 + 2096 * n, work + 80 + 2080 * n);
+    logits_grad_3(n, work + 80 + 2560 * n, work + 80 + 2048 * n, work + 80 + 2064 * n,
+            work + 80 + 2096 * n);
+    W_grad(n, grads + DIGITS_TOKENS_PARAM_W_OFFSET, work + 80 + 2304 * n, work + 80 + 2560 * n);
+    b_grad(n, grads + DIGITS_TOKENS_PARAM_b_OFFSET, work + 80 + 2560 * n);
+    flat_grad(n, step, work + 80 + 2048 * n, params + DIGITS_TOKENS_PARAM_W_OFFSET,
+            work + 80 + 2560 * n);
+    flat_forward(n, work + 80 + 3072 * n, work + 80 + 2048 * n);
+    act_grad(n, work + 80 + 2048 * n);
+    act_grad_2(n, work + 80 + 2048 * n, work + 80 + 3328 * n, work + 80 + 3072 * n);
+    norm_grad(n, work + 80 + 3072 * n, work + 80 + 2048 * n, work + 80 + 1024 * n);
+    beta_grad(n, grads + DIGITS_TOKENS_PARAM_beta_OFFSET, work + 80 + 3072 * n);
+    conv_grad(n, work + 80 + 1024 * n, params + DIGITS_TOKENS_PARAM_gamma_OFFSET,
+            work + 80 + 3072 * n, work + 16);
+    gamma_grad(n, grads + DIGITS_TOKENS_PARAM_gamma_OFFSET, work + 80, work + 80 + 3072 * n, work,
             work + 16);
-    norm_var_grad(n, work + 64, work + 80 + 512 * n, params + DIGITS_TOKENS_PARAM_gamma_OFFSET,
-            work + 80 + 2560 * n, work, work + 16);
-    conv_grad_2(n, work + 80 + 1536 * n, work + 80 + 512 * n, work, work + 64);
-    norm_mean_grad_2(n, work + 48, work + 80 + 512 * n, work, work + 64);
-    conv_grad_3(n, work + 80 + 1536 * n, work + 48);
-    K_grad(n, grads + DIGITS_TOKENS_PARAM_K_OFFSET, work + 80 + 1536 * n, work + 80 + 256 * n);
+    norm_mean_grad(n, work + 48, params + DIGITS_TOKENS_PARAM_gamma_OFFSET, work + 80 + 3072 * n,
+            work + 16);
+    norm_var_grad(n, work + 64, work + 80, params + DIGITS_TOKENS_PARAM_gamma_OFFSET,
+            work + 80 + 3072 * n, work, work + 16);
+    conv_grad_2(n, work + 80 + 1024 * n, work + 80, work, work + 64);
+    norm_mean_grad_2(n, work + 48, work + 80, work, work + 64);
+    conv_grad_3(n, work + 80 + 1024 * n, work + 48);
+    K_grad(n, grads + DIGITS_TOKENS_PARAM_K_OFFSET, work + 80 + 1024 * n, work + 80 + 4096 * n);
     img_grad(n, work + 80);
-    img_grad_2(n, work + 80, params + DIGITS_TOKENS_PARAM_K_OFFSET, work + 80 + 1536 * n);
+    img_grad_2(n, work + 80, params + DIGITS_TOKENS_PARAM_K_OFFSET, work + 80 + 1024 * n);
     grid_grad(n, work + 80 + 256 * n, work + 80);
     E_grad(grads + DIGITS_TOKENS_PARAM_E_OFFSET);
     E_grad_2(n, grads + DIGITS_TOKENS_PARAM_E_OFFSET, work + 80 + 256 * n, in_pixels);

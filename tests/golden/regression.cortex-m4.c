@@ -280,14 +280,14 @@ float regression_gradients(const float *params, float *grads, float *work, size_
             params + REGRESSION_PARAM_b3_OFFSET);
     loss_forward(n, work + 1 + 34 * n, work + 1 + 32 * n, in_target);
     batch_mean_loss(n, work, work + 1 + 34 * n);
-    prediction_grad(n, work + 1 + 34 * n, work + 1 + 32 * n, in_target);
-    W3_grad(n, grads + REGRESSION_PARAM_W3_OFFSET, work + 1 + 16 * n, work + 1 + 34 * n);
-    h2_grad(n, work + 1 + 36 * n, params + REGRESSION_PARAM_W3_OFFSET, work + 1 + 16 * n,
-            work + 1 + 34 * n);
-    b3_grad(n, grads + REGRESSION_PARAM_b3_OFFSET, work + 1 + 34 * n);
-    W2_grad(n, grads + REGRESSION_PARAM_W2_OFFSET, work + 1, work + 1 + 36 * n);
-    h1_grad(n, work + 1 + 16 * n, params + REGRESSION_PARAM_W2_OFFSET, work + 1, work + 1 + 36 * n);
-    b2_grad(n, grads + REGRESSION_PARAM_b2_OFFSET, work + 1 + 36 * n);
+    prediction_grad(n, work + 1 + 48 * n, work + 1 + 32 * n, in_target);
+    W3_grad(n, grads + REGRESSION_PARAM_W3_OFFSET, work + 1 + 16 * n, work + 1 + 48 * n);
+    h2_grad(n, work + 1 + 32 * n, params + REGRESSION_PARAM_W3_OFFSET, work + 1 + 16 * n,
+            work + 1 + 48 * n);
+    b3_grad(n, grads + REGRESSION_PARAM_b3_OFFSET, work + 1 + 48 * n);
+    W2_grad(n, grads + REGRESSION_PARAM_W2_OFFSET, work + 1, work + 1 + 32 * n);
+    h1_grad(n, work + 1 + 16 * n, params + REGRESSION_PARAM_W2_OFFSET, work + 1, work + 1 + 32 * n);
+    b2_grad(n, grads + REGRESSION_PARAM_b2_OFFSET, work + 1 + 32 * n);
     W1_grad(n, grads + REGRESSION_PARAM_W1_OFFSET, work + 1 + 16 * n, in_x);
     b2_grad(n, grads + REGRESSION_PARAM_b1_OFFSET, work + 1 + 16 * n);
     return work[0];
