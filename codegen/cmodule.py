@@ -38,11 +38,13 @@ class Entry:
     loss_buffer: str | None = None
     work_before: int = 0       # work elements in front of the program's arena (train_step's grads)
     takes_step: bool = False   # a `uint32_t step` after n: which dropout masks it draws
-    # train_step: the update's temporaries, where the gradients' arena was
+    # train_step: the update's temporaries, where the gradients' arena was. The update runs
+    # only for n >= 1, when that arena holds at least fixed + per_example elements.
     update_work: int = 0
 
     def work_fixed(self) -> int:
-        return self.work_before + max(self.memory.fixed, self.update_work)
+        return self.work_before + max(self.memory.fixed,
+                                      self.update_work - self.memory.per_example)
 
 
 @dataclass(frozen=True)

@@ -139,10 +139,10 @@ def test_train_step_layout_in_the_header_and_state_names():
     h = m.c_header
     assert "#define MLP_STATE_SIZE 4821 /* adam: step count, exp_avg, exp_avg_sq */" in h
     assert "#define MLP_STATE_exp_avg_sq_OFFSET 2411" in h
-    # The gradients (2410) rounded up to the 16-element alignment, then the larger of the
-    # gradients entry's fixed arena (16) and the update's, which uses it afterwards (Adam's
-    # two per-step scalars, 16 each to keep the alignment).
-    assert "#define MLP_TRAIN_STEP_WORK_SIZE(n) ((size_t)2448 + (size_t)144 * (size_t)(n))" in h
+    # The gradients (2410) rounded up to the 16-element alignment, then the gradients
+    # entry's arena (16 fixed, 144 per example), where the update's two per-step scalars
+    # (16 elements each, for the alignment) go afterwards: it runs only for n >= 1.
+    assert "#define MLP_TRAIN_STEP_WORK_SIZE(n) ((size_t)2432 + (size_t)144 * (size_t)(n))" in h
     assert ("double mlp_train_step(double *params, double *state, double *work, size_t n, "
             "const double *in_x, const double *in_y);") in " ".join(h.split())
     assert m.optimizer["lr"] == 0.01 and m.optimizer["betas"] == [0.9, 0.999]

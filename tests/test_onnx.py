@@ -439,3 +439,38 @@ def test_onnx_node_conformance_cases(graphc_cache_dir, tmp_path):
              f"/ {total} cases"
     assert not failures, (counts, failures[:10])
     assert claimed >= 120, counts
+
+
+# One case per op family, run as compiled C too (the reference stands for the rest: the
+# suite checks the C against it op by op, tests/test_ops_c.py).
+C_CASES = ("test_basic_conv_with_padding", "test_conv_with_strides_and_asymmetric_padding",
+           "test_maxpool_2d_precomputed_same_upper", "test_averagepool_2d_default",
+           "test_globalaveragepool", "test_gemm_default_scalar_bias",
+           "test_gemm_alpha", "test_softmax_axis_1", "test_batchnorm_epsilon",
+           "test_gelu_tanh_1", "test_transpose_all_permutations_1")
+
+
+@pytest.mark.parametrize("name", C_CASES)
+def test_onnx_node_cases_in_the_compiled_c(name, graphc_cache_dir, tmp_path):
+    folder = _node_cases(graphc_cache_dir)
+    if not (folder / f"{name}.onnx").exists():
+        pytest.skip(f"{name} is not among this onnx version's cases")
+    model = onnx.load(str(folder / f"{name}.onnx"))
+    data = dict(np.load(folder / f"{name}_0.npz", allow_pickle=False))
+    ins = [data[f"in_{i}"] for i in range(len(model.graph.input))]
+    for attempt in [model] + ([_frozen(model, ins)] if len(ins) > 1 else []):
+        onnx.save(attempt, str(tmp_path / "case.onnx"))
+        try:
+            graph = graphc.onnx.load(tmp_path / "case.onnx")
+        except SpecError:
+            continue
+        if len({data[f"in_{i}"].shape[:1] for i in range(len(graph.inputs))}) == 1:
+            break
+    else:
+        pytest.fail(f"{name} is refused")
+    compiled = graphc.compile(graph, dtype="float32")
+    got = compiled.forward(**{g: data[f"in_{i}"] for i, g in enumerate(graph.inputs)})
+    for i, o in enumerate(graph.outputs):
+        want = data[f"out_{i}"]
+        assert got[o].shape == want.shape
+        assert np.max(np.abs(got[o] - want)) <= 1e-4 * max(1.0, np.max(np.abs(want))), o

@@ -384,13 +384,17 @@ def _gemm(imp, node, attrs):
     ins = [x.name, imp.param(node.input[1], alpha * weight if alpha != 1 or not
                              attrs.get("transB", 0) else None)]
     if len(node.input) > 2 and node.input[2]:
-        c = np.asarray(imp.constant(node.input[2], "Gemm's C"), np.float64)
+        raw = imp.constant(node.input[2], "Gemm's C")
+        c = np.asarray(raw, np.float64)
         if c.ndim == 2 and c.shape[0] == 1:
             c = c[0]
+        if c.size == 1:   # a scalar bias broadcast over the outputs
+            c = np.full(weight.shape[0], float(c.ravel()[0]))
         if c.ndim != 1 or c.shape[0] != weight.shape[0]:
             raise imp.error(f"Gemm's C of shape {list(c.shape)} is not a bias of "
                             f"{weight.shape[0]} elements", field="input")
-        ins.append(imp.param(node.input[2], beta * c if beta != 1 else None))
+        same = beta == 1 and c.shape == raw.shape
+        ins.append(imp.param(node.input[2], None if same else beta * c))
     _bind(imp, node, imp.add("dense", ins, node.output[0]))
 
 
@@ -403,9 +407,10 @@ def _matmul(imp, node, attrs):
                                  node.output[0]))
         return
     if isinstance(a, Batched) and isinstance(b, np.ndarray):
+        value = None
         if b.ndim == len(a.shape) + 1:   # its first axis broadcasts against the batch
-            b = _per_example_constant(imp, b, len(a.shape))
-        _bind(imp, node, imp.add("matmul", [a.name, imp.param(node.input[1], b)],
+            value = _per_example_constant(imp, b, len(a.shape))
+        _bind(imp, node, imp.add("matmul", [a.name, imp.param(node.input[1], value)],
                                  node.output[0]))
         return
     if isinstance(a, Batched) and isinstance(b, Batched):

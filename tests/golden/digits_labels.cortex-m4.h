@@ -30,9 +30,9 @@
 #define DIGITS_LABELS_FORWARD_WORK_SIZE(n) ((size_t)0 + (size_t)32 * (size_t)(n))
 #define DIGITS_LABELS_EVALUATE_WORK_SIZE(n) ((size_t)1 + (size_t)32 * (size_t)(n))
 #define DIGITS_LABELS_GRADIENTS_WORK_SIZE(n) ((size_t)1 + (size_t)87 * (size_t)(n))
-#define DIGITS_LABELS_TRAIN_STEP_WORK_SIZE(n) ((size_t)2412 + (size_t)87 * (size_t)(n))
+#define DIGITS_LABELS_TRAIN_STEP_WORK_SIZE(n) ((size_t)2411 + (size_t)87 * (size_t)(n))
 /* Enough for every entry point above. */
-#define DIGITS_LABELS_WORK_SIZE(n) ((size_t)2412 + (size_t)87 * (size_t)(n))
+#define DIGITS_LABELS_WORK_SIZE(n) ((size_t)2411 + (size_t)87 * (size_t)(n))
 
 #ifdef __cplusplus
 extern "C" {

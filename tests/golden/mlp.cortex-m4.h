@@ -29,9 +29,9 @@
 #define MLP_FORWARD_WORK_SIZE(n) ((size_t)0 + (size_t)32 * (size_t)(n))
 #define MLP_EVALUATE_WORK_SIZE(n) ((size_t)1 + (size_t)32 * (size_t)(n))
 #define MLP_GRADIENTS_WORK_SIZE(n) ((size_t)1 + (size_t)87 * (size_t)(n))
-#define MLP_TRAIN_STEP_WORK_SIZE(n) ((size_t)2412 + (size_t)87 * (size_t)(n))
+#define MLP_TRAIN_STEP_WORK_SIZE(n) ((size_t)2411 + (size_t)87 * (size_t)(n))
 /* Enough for every entry point above. */
-#define MLP_WORK_SIZE(n) ((size_t)2412 + (size_t)87 * (size_t)(n))
+#define MLP_WORK_SIZE(n) ((size_t)2411 + (size_t)87 * (size_t)(n))
 
 #ifdef __cplusplus
 extern "C" {

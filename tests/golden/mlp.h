@@ -24,9 +24,9 @@
 #define MLP_FORWARD_WORK_SIZE(n) ((size_t)0 + (size_t)32 * (size_t)(n))
 #define MLP_EVALUATE_WORK_SIZE(n) ((size_t)16 + (size_t)48 * (size_t)(n))
 #define MLP_GRADIENTS_WORK_SIZE(n) ((size_t)16 + (size_t)144 * (size_t)(n))
-#define MLP_TRAIN_STEP_WORK_SIZE(n) ((size_t)2448 + (size_t)144 * (size_t)(n))
+#define MLP_TRAIN_STEP_WORK_SIZE(n) ((size_t)2432 + (size_t)144 * (size_t)(n))
 /* Enough for every entry point above. */
-#define MLP_WORK_SIZE(n) ((size_t)2448 + (size_t)144 * (size_t)(n))
+#define MLP_WORK_SIZE(n) ((size_t)2432 + (size_t)144 * (size_t)(n))
 
 #ifdef __cplusplus
 extern "C" {

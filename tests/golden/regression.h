@@ -28,9 +28,9 @@
 #define REGRESSION_FORWARD_WORK_SIZE(n) ((size_t)0 + (size_t)32 * (size_t)(n))
 #define REGRESSION_EVALUATE_WORK_SIZE(n) ((size_t)16 + (size_t)32 * (size_t)(n))
 #define REGRESSION_GRADIENTS_WORK_SIZE(n) ((size_t)16 + (size_t)64 * (size_t)(n))
-#define REGRESSION_TRAIN_STEP_WORK_SIZE(n) ((size_t)416 + (size_t)64 * (size_t)(n))
+#define REGRESSION_TRAIN_STEP_WORK_SIZE(n) ((size_t)400 + (size_t)64 * (size_t)(n))
 /* Enough for every entry point above. */
-#define REGRESSION_WORK_SIZE(n) ((size_t)416 + (size_t)64 * (size_t)(n))
+#define REGRESSION_WORK_SIZE(n) ((size_t)400 + (size_t)64 * (size_t)(n))
 
 #ifdef __cplusplus
 extern "C" {
