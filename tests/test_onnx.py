@@ -246,6 +246,26 @@ def test_static_shape_arithmetic_is_folded(tmp_path):
     np.testing.assert_array_equal(graphc.reference(graph).forward(x=x)["y"], x.reshape(2, 6))
 
 
+@pytest.mark.parametrize("op", ["ReduceL2", "ReduceLogSumExp", "ReduceMean"])
+@pytest.mark.parametrize("keepdims", [0, 1])
+def test_reductions_over_one_axis(op, keepdims, tmp_path):
+    """ReduceLogSumExp through the stable shift of log_softmax: finite at |x| = 1000."""
+    axes = helper.make_tensor("axes", TensorProto.INT64, [1], [2])
+    node = helper.make_node(op, ["x", "axes"], ["y"], keepdims=keepdims)
+    path = _save(_model([node], [_float_input("x", 3, 4)], [_float_input("y")], [axes]),
+                 tmp_path / "reduce.onnx")
+    graph = graphc.onnx.load(path)
+    x = np.random.default_rng(2).normal(size=(2, 3, 4)) * np.array([1, 10, 1000])[:, None]
+    want = {"ReduceL2": lambda: np.sqrt(np.sum(x ** 2, axis=2, keepdims=True)),
+            "ReduceMean": lambda: np.mean(x, axis=2, keepdims=True),
+            "ReduceLogSumExp": lambda: np.max(x, axis=2, keepdims=True) + np.log(np.sum(
+                np.exp(x - np.max(x, axis=2, keepdims=True)), axis=2, keepdims=True))}[op]()
+    want = want if keepdims else want[..., 0]
+    got = graphc.compile(graph, dtype="float64").forward(x=x)["y"]
+    assert got.shape == want.shape
+    np.testing.assert_allclose(got, want, rtol=1e-12)
+
+
 # ---------------------------------------------------------------- untrusted files
 
 def test_an_unsupported_op_is_one_error_naming_it_the_node_and_the_list(tmp_path):

@@ -371,6 +371,55 @@ def _softmax(imp, node, attrs):
     _bind(imp, node, imp.add(op, [x.name], node.output[0], axis=axis))
 
 
+def _operands(imp, node) -> tuple[list[str], list[str]]:
+    """The formula's terms for each input of a variadic node (a value's name, a number's
+    literal, a constant tensor's param) and the graphc inputs they read."""
+    values = [imp.get(i) for i in node.input]
+    rank = max((len(v.shape) for v in values if isinstance(v, Batched)), default=None)
+    if rank is None:
+        raise imp.error("every input is a constant: nothing per example", field="input")
+    terms, reads = [], []
+    for onnx_name, v in zip(node.input, values):
+        if isinstance(v, Batched):
+            terms.append(v.name)
+            reads.append(v.name)
+        elif _number(v) is not None:
+            terms.append(f"({_number(v)})")
+        else:
+            p = imp.param(onnx_name, _per_example_constant(imp, v, rank))
+            terms.append(p)
+            reads.append(p)
+    return terms, list(dict.fromkeys(reads))
+
+
+@rule("Max", "Min", "Sum", "Mean")
+def _variadic(imp, node, attrs):
+    terms, reads = _operands(imp, node)
+    if node.op_type in ("Max", "Min"):
+        expr = terms[0]
+        for t in terms[1:]:
+            expr = f"{node.op_type.lower()}({expr}, {t})"
+    else:
+        expr = " + ".join(terms)
+        if node.op_type == "Mean":
+            expr = f"({expr})/{len(terms)}"
+    _bind(imp, node, imp.add("elementwise", reads, node.output[0], expr=expr))
+
+
+@rule("PRelu")
+def _prelu(imp, node, attrs):
+    x = imp.batched(node.input[0])
+    slope = imp.constant(node.input[1], "PRelu's slope")
+    literal = _number(slope)
+    if literal is not None:
+        expr = f"max({x.name}, 0) + ({literal})*min({x.name}, 0)"
+        _bind(imp, node, imp.add("elementwise", [x.name], node.output[0], expr=expr))
+        return
+    s = imp.param(node.input[1], _per_example_constant(imp, slope, len(x.shape)))
+    _bind(imp, node, imp.add("elementwise", [x.name, s], node.output[0],
+                             expr=f"max({x.name}, 0) + {s}*min({x.name}, 0)"))
+
+
 # ---------------------------------------------------------------- linear layers
 
 @rule("Gemm")
@@ -595,7 +644,7 @@ def _transpose(imp, node, attrs):
     _bind(imp, node, imp.add("transpose", [x.name], node.output[0], perm=[p - 1 for p in perm[1:]]))
 
 
-@rule("ReduceMean", "ReduceSum")
+@rule("ReduceMean", "ReduceSum", "ReduceL2", "ReduceLogSumExp")
 def _reduce(imp, node, attrs):
     x = imp.batched(node.input[0])
     axes = attrs.get("axes")
@@ -606,10 +655,28 @@ def _reduce(imp, node, attrs):
             _bind(imp, node, x)
             return
         raise imp.error("a reduction over every axis includes the batch axis", field="axes")
-    per = [_per_example_axis(imp, a, len(x.shape), "axes") for a in axes]
-    op = "mean" if node.op_type == "ReduceMean" else "sum"
+    per = sorted(_per_example_axis(imp, a, len(x.shape), "axes") for a in axes)
     keep = attrs.get("keepdims", 1)
-    reduced = imp.add(op, [x.name], node.output[0] + ("_reduced" if keep else ""), axis=per)
+    name = node.output[0] + ("_reduced" if keep else "")
+    if node.op_type == "ReduceLogSumExp":
+        if len(per) != 1:
+            raise imp.error("ReduceLogSumExp is supported over one axis", field="axes")
+        # x - log_softmax(x) is log Σ exp(x) at every position along the axis, computed
+        # with the stable shift: take it at position 0.
+        lsm = imp.add("log_softmax", [x.name], node.output[0] + "_log_softmax", axis=per[0])
+        lse = imp.add("sub", [x.name, lsm.name], node.output[0] + "_logsumexp")
+        taken = imp.add("slice", [lse.name], node.output[0] + "_first", axis=per[0], start=0,
+                        stop=1)
+        reduced = imp.add("reshape", [taken.name], name,
+                          shape=[d for k, d in enumerate(x.shape) if k != per[0]])
+    elif node.op_type == "ReduceL2":
+        squared = imp.add("elementwise", [x.name], node.output[0] + "_squared",
+                          expr=f"{x.name}**2")
+        total = imp.add("sum", [squared.name], node.output[0] + "_sum", axis=per)
+        reduced = imp.add("elementwise", [total.name], name, expr=f"sqrt({total.name})")
+    else:
+        op = "mean" if node.op_type == "ReduceMean" else "sum"
+        reduced = imp.add(op, [x.name], name, axis=per)
     if keep:
         shape = [1 if k in per else d for k, d in enumerate(x.shape)]
         reduced = imp.add("reshape", [reduced.name], node.output[0], shape=shape)
