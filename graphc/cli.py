@@ -12,6 +12,7 @@ from .errors import GraphcError
 from .optim import OPTIMIZERS
 
 TARGETS = ("host", "c99", "cortex-m4", "cortex-m0")
+LOSSES = ("softmax_cross_entropy", "mse", "bce_with_logits")   # graphc.onnx's
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -57,7 +58,20 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--test-fraction", type=float, default=0.2,
                    help="share of the data held out for the final metrics (default 0.2)")
     t.add_argument("--out", metavar="FILE.npz", help="write the trained params here")
+    t.add_argument("--loss", choices=LOSSES,
+                   help="for an .onnx model: the loss to train it with (fine-tuning from its "
+                        "weights)")
     t.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+    i = sub.add_parser("import", help="an ONNX model as an editable spec and its weights")
+    i.add_argument("model", help="ONNX file (PyTorch's torch.onnx.export, opset 13 on)")
+    i.add_argument("-o", "--out", required=True, metavar="SPEC.yaml", help="the spec to write")
+    i.add_argument("--params", metavar="PARAMS.npz",
+                   help="where to write the weights (default: beside the spec, <stem>.npz); "
+                        "`graphc compile SPEC --params PARAMS.npz` bakes them into the C")
+    i.add_argument("--loss", choices=LOSSES,
+                   help="add this loss on the model's output, so that the spec can be trained "
+                        "(class indices as an int32 input 'target' for softmax_cross_entropy)")
 
     x = sub.add_parser("explain", help="the chain rule step by step, from formula to C")
     x.add_argument("spec", help="YAML or JSON spec file")
@@ -140,9 +154,18 @@ def _train(args) -> int:
             raise GraphcError(f"{flag} must be at least 1, got {value}")
     if args.lr is not None and not args.lr > 0:  # also rejects nan
         raise GraphcError(f"--lr must be a positive number, got {args.lr}")
-    graph = load(args.spec)
+    if args.loss is not None:
+        if Path(args.spec).suffix.lower() != ".onnx":
+            raise GraphcError("--loss is for an .onnx model; a spec states its own 'loss'")
+        from .onnx import load as load_onnx
+        graph = load_onnx(args.spec, loss=args.loss)
+    else:
+        graph = load(args.spec)
     if graph.loss is None:
-        raise GraphcError(f"{args.spec}: the spec has no 'loss', so there is nothing to train")
+        hint = " (an .onnx model: give --loss)" if Path(args.spec).suffix.lower() == ".onnx" \
+            else ""
+        raise GraphcError(f"{args.spec}: the spec has no 'loss', so there is nothing to "
+                          f"train{hint}")
     optimizer = {"name": args.optimizer} if args.optimizer else graph.optimizer
     if optimizer is None:
         optimizer = {"name": "adam"}
@@ -165,6 +188,36 @@ def _train(args) -> int:
         model.save_params(args.out)  # creates the directory; InputError if it cannot
         print(f"wrote {args.out}")
     return 130 if history.interrupted else 0
+
+
+def _import(args) -> int:
+    import io
+
+    import numpy as np
+    import yaml
+
+    from .onnx import load as load_onnx
+    from codegen.files import write_all
+    graph = load_onnx(args.model, loss=args.loss)
+    out = Path(args.out)
+    params = Path(args.params) if args.params else out.with_suffix(".npz")
+    spec = graph.to_spec()
+    spec["description"] = (f"imported from {Path(args.model).name} by graphc; the weights are "
+                           f"in {params.name} (graphc compile {out.name} --params {params.name})")
+    names = "".join(f"#   {name}: {original}\n" for name, original in graph.onnx_names.items()
+                    if name != original)
+    text = (f"# {out.name}: {Path(args.model).name} as a graphc spec. Names from ONNX:\n"
+            + (names or "#   (all kept)\n")
+            + yaml.safe_dump(spec, sort_keys=False, default_flow_style=None, width=100))
+    buffer = io.BytesIO()
+    np.savez(buffer, **{p: np.asarray(v) for p, v in graph.initial.items()})
+    try:   # both files or neither
+        write_all({out: text, params: buffer.getvalue()})
+    except OSError as e:
+        raise GraphcError(f"cannot write {e.filename or out}: {e.strerror or e}; nothing "
+                          "written") from None
+    print(f"wrote {out} ({len(graph.nodes)} nodes) and {params} ({len(graph.initial)} arrays)")
+    return 0
 
 
 def _explain(args) -> int:
@@ -201,6 +254,8 @@ def main(argv: list[str] | None = None) -> int:
             return _train(args)
         if args.command == "explain":
             return _explain(args)
+        if args.command == "import":
+            return _import(args)
         return _check(args)
     except GraphcError as e:
         print(f"graphc: error: {e}", file=sys.stderr)

@@ -299,6 +299,48 @@ def test_the_cli_checks_an_onnx_file_and_reports_a_bad_one_without_a_traceback(t
     assert "bad.onnx" in out.stderr and "not a valid ONNX model" in out.stderr
 
 
+def _digits_mlp(path: Path) -> Path:
+    """A 64-32-10 MLP with He-initialized weights, as an exporter writes it."""
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array((rng.normal(size=shape) * np.sqrt(2 / shape[-1]))
+                                     .astype(np.float32), name)
+             for name, shape in (("fc1.weight", (32, 64)), ("fc2.weight", (10, 32)))]
+    inits += [numpy_helper.from_array(np.zeros(n, np.float32), name)
+              for name, n in (("fc1.bias", 32), ("fc2.bias", 10))]
+    nodes = [helper.make_node("Gemm", ["x", "fc1.weight", "fc1.bias"], ["h"], transB=1),
+             helper.make_node("Relu", ["h"], ["a"]),
+             helper.make_node("Gemm", ["a", "fc2.weight", "fc2.bias"], ["logits"], transB=1)]
+    return _save(_model(nodes, [_float_input("x", 64)], [_float_input("logits", 10)], inits),
+                 path)
+
+
+def test_graphc_import_writes_a_spec_and_weights_that_compute_the_same(tmp_path):
+    source = _digits_mlp(tmp_path / "mlp.onnx")
+    out = _cli("import", source, "-o", tmp_path / "spec" / "mlp.yaml")
+    assert out.returncode == 0, out.stderr
+    spec, weights = tmp_path / "spec" / "mlp.yaml", tmp_path / "spec" / "mlp.npz"
+    assert "#   fc1_weight: fc1.weight" in spec.read_text()
+    x = np.random.default_rng(3).normal(size=(4, 64))
+    direct = graphc.compile(graphc.onnx.load(source), dtype="float64").forward(x=x)["logits"]
+    edited = graphc.compile(spec, dtype="float64", params=weights).forward(x=x)["logits"]
+    np.testing.assert_array_equal(edited, direct)
+    refused = _cli("import", tmp_path / "missing.onnx", "-o", tmp_path / "no" / "x.yaml")
+    assert refused.returncode == 2 and "cannot read the model" in refused.stderr
+    assert not (tmp_path / "no").exists()
+
+
+def test_graphc_train_fine_tunes_an_onnx_model_on_the_digits(tmp_path):
+    pytest.importorskip("sklearn")
+    source = _digits_mlp(tmp_path / "mlp.onnx")
+    out = _cli("train", source, "--loss", "softmax_cross_entropy", "--data", "digits",
+               "--epochs", "20", "--no-progress")
+    assert out.returncode == 0, out.stderr
+    accuracy = float(re.search(r"accuracy ([\d.]+)%", out.stdout).group(1))
+    assert accuracy >= 90, out.stdout
+    missing = _cli("train", source, "--data", "digits")
+    assert missing.returncode == 2 and "give --loss" in missing.stderr
+
+
 @pytest.mark.parametrize("location", ["../outside.bin", "/etc/passwd", "sub/../../x.bin"])
 def test_external_data_outside_the_models_folder_is_refused_unread(tmp_path, location):
     folder = tmp_path / "model"
