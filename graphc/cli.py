@@ -73,6 +73,14 @@ def _parser() -> argparse.ArgumentParser:
                    help="add this loss on the model's output, so that the spec can be trained "
                         "(class indices as an int32 input 'target' for softmax_cross_entropy)")
 
+    e = sub.add_parser("export", help="a spec's inference graph as an ONNX file")
+    e.add_argument("spec", help="YAML or JSON spec file (or .onnx)")
+    e.add_argument("-o", "--out", required=True, metavar="MODEL.onnx")
+    e.add_argument("--params", metavar="PARAMS.npz",
+                   help="the weights to write (from `graphc train --out`); default: the "
+                        "spec's initializers drawn with seed 0")
+    e.add_argument("--opset", type=int, default=18, help="ONNX opset (default 18)")
+
     x = sub.add_parser("explain", help="the chain rule step by step, from formula to C")
     x.add_argument("spec", help="YAML or JSON spec file")
     x.add_argument("--wrt", metavar="PARAM[i,j]",
@@ -220,6 +228,27 @@ def _import(args) -> int:
     return 0
 
 
+def _export(args) -> int:
+    import tempfile
+
+    from . import load
+    from .model import load_params
+    from .onnx import save
+    from codegen.files import write_all
+    graph = load(args.spec)
+    params = load_params(args.params, graph) if args.params else None
+    with tempfile.TemporaryDirectory() as tmp:   # checked in full, then written whole
+        staged = save(graph, Path(tmp) / "model.onnx", params=params, opset=args.opset)
+        data = staged.read_bytes()
+    try:
+        write_all({Path(args.out): data})
+    except OSError as e:
+        raise GraphcError(f"cannot write {args.out}: {e.strerror or e}; nothing written") \
+            from None
+    print(f"wrote {args.out} ({len(data)} bytes, opset {args.opset}; the inference graph)")
+    return 0
+
+
 def _explain(args) -> int:
     from .explain import explain
     from .npz import MAX_NPZ_MEMBER_BYTES, NpzReader
@@ -256,6 +285,8 @@ def main(argv: list[str] | None = None) -> int:
             return _explain(args)
         if args.command == "import":
             return _import(args)
+        if args.command == "export":
+            return _export(args)
         return _check(args)
     except GraphcError as e:
         print(f"graphc: error: {e}", file=sys.stderr)

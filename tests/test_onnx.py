@@ -22,6 +22,7 @@ from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
 import graphc  # noqa: E402
 import graphc.onnx  # noqa: E402
+import graphc.spec  # noqa: E402
 from graphc.errors import SpecError  # noqa: E402
 from graphc.onnx.importer import SafeNames  # noqa: E402
 
@@ -536,3 +537,78 @@ def test_onnx_node_cases_in_the_compiled_c(name, graphc_cache_dir, tmp_path):
         want = data[f"out_{i}"]
         assert got[o].shape == want.shape
         assert np.max(np.abs(got[o] - want)) <= 1e-4 * max(1.0, np.max(np.abs(want))), o
+
+
+# ---------------------------------------------------------------- ONNX out
+
+EXAMPLES = sorted(p for p in (ROOT / "examples").rglob("*.yaml"))
+
+
+def _inference(graph):
+    """The graph without its loss: what an exported file holds."""
+    from graphc.graph import Graph
+    spec = graph.to_spec()
+    spec.pop("loss", None)
+    spec.pop("optimizer", None)
+    needed = graph.ancestors(graph.outputs)
+    for part in ("inputs", "params", "nodes"):
+        spec[part] = {k: v for k, v in spec[part].items() if k in needed}
+    return Graph.from_spec(spec)
+
+
+@pytest.mark.parametrize("spec", EXAMPLES, ids=lambda p: p.stem)
+def test_every_example_exports_and_runs_in_onnxruntime(spec, tmp_path):
+    """The file passes onnx.checker's full check (inside save) and onnxruntime computes
+    graphc's forward (the float64 reference at the same float32 params) to 1e-4."""
+    ort = pytest.importorskip("onnxruntime")
+    from graphc.verify import sample_inputs
+    graph = graphc.spec.load(spec)
+    path = graphc.onnx.save(graph, tmp_path / "model.onnx")
+    needed = graph.ancestors(graph.outputs)
+    inputs = {k: v for k, v in sample_inputs(graph, 2, 0).items() if k in needed}
+    feed = {k: v.astype(np.int32 if graph.inputs[k].dtype == "int32" else np.float32)
+            for k, v in inputs.items()}
+    reference = graphc.reference(graph)
+    from graphc.init import start_params
+    reference.set_params({p: np.asarray(v, np.float32).astype(np.float64)
+                          for p, v in start_params(graph, 0).items()})
+    want = reference.forward(**{k: v.astype(np.float64) if v.dtype == np.float32 else v
+                                for k, v in feed.items()})
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    got = session.run(list(graph.outputs), feed)
+    for o, value in zip(graph.outputs, got):
+        assert value.shape == want[o].shape, o
+        assert np.max(np.abs(value - want[o])) <= 1e-4 * max(1.0, np.max(np.abs(want[o]))), o
+
+
+@pytest.mark.parametrize("spec", [p for p in EXAMPLES if p.parent.name != "tiny"]
+                         + [ROOT / "examples/tiny/resnet8.yaml"], ids=lambda p: p.stem)
+def test_load_of_save_compiles_to_the_same_c(spec, tmp_path):
+    """A graphc model survives the round trip: names, param order, attributes (float32 in
+    ONNX, read back as their shortest decimal) and the ops without an ONNX op of their own
+    (formulas, activations, global average pooling, dropout: model-local functions whose
+    doc_string holds the graphc node)."""
+    graph = _inference(graphc.spec.load(spec))
+    back = graphc.onnx.load(graphc.onnx.save(graph, tmp_path / "model.onnx"))
+    before, after = (graphc.generate(g, "float32")[1] for g in (graph, back))
+    assert after.source == before.source and after.header == before.header
+
+
+def test_a_trained_model_exports_its_current_params(tmp_path):
+    ort = pytest.importorskip("onnxruntime")
+    model = graphc.compile(ROOT / "examples/mlp.yaml", dtype="float32")
+    x = np.random.default_rng(0).normal(size=(6, 64)).astype(np.float32)
+    y = np.eye(10, dtype=np.float32)[np.arange(6)]
+    for _ in range(3):
+        model.train_step(x=x, y=y)
+    path = graphc.onnx.save(model, tmp_path / "trained.onnx")
+    got = ort.InferenceSession(str(path)).run(None, {"x": x})[0]
+    want = model.forward(x=x)["logits"]
+    assert np.max(np.abs(got - want)) <= 1e-5 * np.max(np.abs(want))
+    with pytest.raises(graphc.errors.GraphcError, match="include_loss"):
+        graphc.onnx.save(model, tmp_path / "x.onnx", include_loss=True)
+    out = _cli("export", ROOT / "examples/mlp.yaml", "-o", tmp_path / "m.onnx", "--opset", "9")
+    assert out.returncode == 2 and "opset must be an integer from 18" in out.stderr
+    assert not (tmp_path / "m.onnx").exists()
+    out = _cli("export", ROOT / "examples/digits_cnn.yaml", "-o", tmp_path / "cnn.onnx")
+    assert out.returncode == 0 and onnx.load(str(tmp_path / "cnn.onnx")).graph.node

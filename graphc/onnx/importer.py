@@ -24,12 +24,13 @@ from codegen.cnames import C_KEYWORDS
 from ..errors import SpecError
 from ..formula import CONSTANTS, FUNCTIONS
 from ..graph import MAX_ELEMENTS, MAX_PARAM_ELEMENTS, Graph
-from .ops import IMPORTERS, Batched
+from .ops import IMPORTERS, Batched, decimal
 
 MAX_MODEL_BYTES = 1 << 31   # protobuf's own limit for one message
 MIN_OPSET = 13
 MAX_NAME = 48               # characters of an ONNX name kept in a graphc name
 LOSSES = ("softmax_cross_entropy", "mse", "bce_with_logits")
+GRAPHC_DOMAIN = "graphc"   # graphc.onnx.save's model-local functions
 
 
 def _onnx():
@@ -181,6 +182,7 @@ class Importer:
         self.initial: dict[str, np.ndarray] = {}
         self.shapes: dict[str, tuple[int, ...]] = {}   # graphc value -> per-example shape
         self.static_batch: set[int] = set()   # fixed first axes of the inputs (a static export)
+        self.sources: dict[str, str] = {}      # param -> the initializer it comes from
         self.node = ""          # the ONNX node being imported, for errors
         self.op = ""
 
@@ -196,7 +198,11 @@ class Importer:
                 raise self.error(f"attribute {a.name!r} holds a subgraph, which graphc does "
                                  "not import", field=a.name)
             value = helper.get_attribute_value(a)
-            if a.type == 4:   # TENSOR
+            if a.type == 1:   # FLOAT: stored as float32; meant as its shortest decimal (1e-5)
+                value = decimal(value)
+            elif a.type == 6:
+                value = [decimal(v) for v in value]
+            elif a.type == 4:   # TENSOR
                 value = _array(value, self.where)
             elif isinstance(value, bytes):
                 value = value.decode("utf-8", "replace")
@@ -240,6 +246,7 @@ class Importer:
             self.spec["params"][name] = {"shape": list(array.shape), "init": "zeros",
                                          **({} if trainable else {"trainable": False})}
             self.initial[name] = np.asarray(array, np.float64)
+            self.sources[name] = onnx_name
         return name
 
     def add(self, op: str, inputs: list[str], onnx_name: str, **attrs) -> Batched:
@@ -313,9 +320,13 @@ def load(path, *, loss: str | None = None, target=None) -> Graph:
                                     **({"dtype": dtype} if dtype != "float" else {})}
         imp.env[vi.name] = Batched(name, shape)
         imp.shapes[name] = shape
+    functions = {(f.domain, f.name): f for f in model.functions}
     for node in graph.node:
         imp.node, imp.op = node.name or (node.output[0] if node.output else node.op_type), \
             node.op_type
+        if node.domain == GRAPHC_DOMAIN and (node.domain, node.op_type) in functions:
+            _graphc_node(imp, node, functions[node.domain, node.op_type])
+            continue
         if node.domain not in ("", "ai.onnx"):
             raise imp.error(f"op {node.domain}::{node.op_type} is not a standard ONNX op")
         rule = IMPORTERS.get(node.op_type)
@@ -332,7 +343,16 @@ def load(path, *, loss: str | None = None, target=None) -> Graph:
         if value.name not in imp.spec["nodes"]:   # an input passed through: a node of its own
             value = imp.add("reshape", [value.name], o.name, shape=list(value.shape))
         outputs.append(value)
-    spec = {"name": SafeNames()(path.stem), **imp.spec, "outputs": [o.name for o in outputs]}
+    # Params in the file's order of initializers (the layout of the params block; for a
+    # PyTorch export, the module's order of parameters), not in the order of first use.
+    order = {t.name: k for k, t in enumerate(graph.initializer)}
+    imp.spec["params"] = dict(sorted(imp.spec["params"].items(),
+                                     key=lambda item: order.get(imp.sources[item[0]], len(order))))
+    # A model graphc wrote keeps its name; others (torch names every graph "main_graph")
+    # are named after their file.
+    own = model.producer_name == "graphc" and graph.name
+    spec = {"name": SafeNames()(graph.name if own else path.stem), **imp.spec,
+            "outputs": [o.name for o in outputs]}
     if loss is not None:
         _add_loss(imp, spec, outputs, loss, target)
     try:
@@ -343,6 +363,31 @@ def load(path, *, loss: str | None = None, target=None) -> Graph:
     result.initial = imp.initial
     result.onnx_names = dict(imp.names.original)
     return result
+
+
+def _graphc_node(imp: Importer, node, function) -> None:
+    """A node graphc.onnx.save wrote as a call of a model-local function: the graphc node
+    its doc_string holds (op, ONNX names of its inputs, attributes), so that formulas and
+    activations come back as they were; the function's body is what other runtimes run."""
+    import json
+    try:
+        record = json.loads(function.doc_string)
+        op, names = record.pop("op"), record.pop("inputs")
+    except (ValueError, KeyError, TypeError, AttributeError):
+        raise imp.error("a graphc function without the graphc node it stands for",
+                        field="doc_string") from None
+    if not isinstance(op, str) or not isinstance(names, list) or len(names) != len(node.input):
+        raise imp.error("a graphc function whose record does not match its call",
+                        field="doc_string")
+    ins = []
+    for onnx_name in node.input:
+        v = imp.get(onnx_name)
+        ins.append(v.name if isinstance(v, Batched) else imp.param(onnx_name))
+    if op == "elementwise" and isinstance(record.get("expr"), str):
+        rename = dict(zip(map(str, names), ins))
+        record["expr"] = re.sub(r"[A-Za-z_][A-Za-z0-9_]*",
+                                lambda m: rename.get(m[0], m[0]), record["expr"])
+    imp.env[node.output[0]] = imp.add(op, ins, node.output[0], **record)
 
 
 def _add_loss(imp: Importer, spec: dict, outputs: list[Batched], loss: str, target) -> None:

@@ -10,6 +10,12 @@ from typing import Callable
 import numpy as np
 
 BATCH_MARK = -(1 << 62)     # the batch size inside folded shape arithmetic
+
+
+def decimal(value: float) -> float:
+    """The shortest decimal that a float32 attribute holds (1e-05 for epsilon's
+    9.99999974738e-06): what the exporter was given, and what graphc computes with."""
+    return float(str(np.float32(value)))
 IMPORTERS: dict[str, Callable] = {}
 
 
@@ -573,7 +579,7 @@ def _batch_norm(imp, node, attrs):
     mean = imp.param(node.input[3], trainable=False)
     var = imp.param(node.input[4], trainable=False)
     # ONNX's momentum weighs the running value (0.9); torch's and graphc's weigh the batch.
-    momentum = 1.0 - float(attrs.get("momentum", 0.9))
+    momentum = decimal(1.0 - float(attrs.get("momentum", 0.9)))
     _bind(imp, node, imp.add("batch_norm", [x.name, weight, bias, mean, var], node.output[0],
                              eps=float(attrs.get("epsilon", 1e-5)), momentum=momentum))
 
