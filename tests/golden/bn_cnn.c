@@ -182,13 +182,28 @@ static void tile1x8(const float *restrict a, size_t am, size_t ar, const float *
 }
 
 /*
- * a: bn with a as epilogue: a[b, i1, i3, i4] = relu(((sum_{i5, i6} Piecewise((x[b, 0, i3 + i5 - 1,
- * i4 + i6 - 1], (i3 + i5 >= 1) & (i4 + i6 >= 1) & (i3 + i5 < 9) & (i4 + i6 < 9)), (0, True))*K[i1,
- * 0, i5, i6]) - mean[i1])*gamma[i1]/sqrt(var[i1] + 1.0e-5) + beta[i1])
+ * a: x padded with 0: x.pad[i0, 0, i2, i3] = Piecewise((x[i0, 0, i2 - 1, i3 - 1], (i2 >= 1) & (i3
+ * >= 1) & (i2 < 9) & (i3 < 9)), (0, True))
+ */
+static void x_pad_forward(size_t n, float *restrict x_pad, const float *restrict x)
+{
+    for (size_t i0 = 0; i0 < n; ++i0) {
+        for (size_t i2 = 0; i2 < 10; ++i2) {
+            for (size_t i3 = 0; i3 < 10; ++i3) {
+                x_pad[100*i0 + 10*i2 + i3] = ((i2 >= 1 && i3 >= 1 && i2 < 9 && i3 < 9) ? (x[64*i0 +
+                        8*i2 + i3 - 9]) : (0.0F));
+            }
+        }
+    }
+}
+
+/*
+ * a: bn with a as epilogue: a[b, i1, i3, i4] = relu(((sum_{i5, i6} K[i1, 0, i5, i6]*x.pad[b, 0, i3
+ * + i5, i4 + i6]) - mean[i1])*gamma[i1]/sqrt(var[i1] + 1.0e-5) + beta[i1])
  */
 static void a_forward(size_t n, float *restrict a, const float *restrict K,
         const float *restrict beta, const float *restrict gamma_, const float *restrict mean,
-        const float *restrict var, const float *restrict x)
+        const float *restrict var, const float *restrict x_pad)
 {
     for (size_t i1 = 0; i1 < 16; ++i1) {
         for (size_t b = 0; b < n; ++b) {
@@ -197,9 +212,7 @@ static void a_forward(size_t n, float *restrict a, const float *restrict K,
                     float acc = 0;
                     for (size_t i5 = 0; i5 < 3; ++i5) {
                         for (size_t i6 = 0; i6 < 3; ++i6) {
-                            acc += ((i3 + i5 >= 1 && i4 + i6 >= 1 && i3 + i5 < 9 && i4 + i6 < 9) ?
-                                    (x[64*b + 8*i3 + i4 + 8*i5 + i6 - 9]) : (0.0F))*K[9*i1 + 3*i5 +
-                                    i6];
+                            acc += K[9*i1 + 3*i5 + i6]*x_pad[100*b + 10*i3 + i4 + 10*i5 + i6];
                         }
                     }
                     a[1024*b + 64*i1 + 8*i3 + i4] = relu((acc - mean[i1])*gamma_[i1]/sqrtf(var[i1] +
@@ -330,11 +343,9 @@ static void batch_mean_loss(size_t n, float *restrict batch_loss, const float *r
     batch_loss[0] = acc*inv_n;
 }
 
-/*
- * h: forward: h[b, i1, i3, i4] = sum_{i5, i6} Piecewise((x[b, 0, i3 + i5 - 1, i4 + i6 - 1], (i3 +
- * i5 >= 1) & (i4 + i6 >= 1) & (i3 + i5 < 9) & (i4 + i6 < 9)), (0, True))*K[i1, 0, i5, i6]
- */
-static void h_forward(size_t n, float *restrict h, const float *restrict K, const float *restrict x)
+/* h: forward: h[b, i1, i3, i4] = sum_{i5, i6} K[i1, 0, i5, i6]*x.pad[b, 0, i3 + i5, i4 + i6] */
+static void h_forward(size_t n, float *restrict h, const float *restrict K,
+        const float *restrict x_pad)
 {
     for (size_t b = 0; b < n; ++b) {
         for (size_t i1 = 0; i1 < 16; ++i1) {
@@ -351,9 +362,8 @@ static void h_forward(size_t n, float *restrict h, const float *restrict K, cons
                 for (size_t i5 = 0; i5 < 3; ++i5) {
                     for (size_t i4 = 0; i4 < 8; ++i4) {
                         for (size_t i6 = 0; i6 < 3; ++i6) {
-                            h[1024*b + 64*i1 + 8*i3 + i4] += ((i3 + i5 >= 1 && i4 + i6 >= 1 && i3 +
-                                    i5 < 9 && i4 + i6 < 9) ? (x[64*b + 8*i3 + i4 + 8*i5 + i6 - 9]) :
-                                    (0.0F))*K[9*i1 + 3*i5 + i6];
+                            h[1024*b + 64*i1 + 8*i3 + i4] += K[9*i1 + 3*i5 + i6]*x_pad[100*b + 10*i3
+                                    + i4 + 10*i5 + i6];
                         }
                     }
                 }
@@ -772,12 +782,9 @@ static void K_grad(float *restrict dK)
     }
 }
 
-/*
- * h: dh/dK: K.grad[i1, 0, i5, i6] += Piecewise((x[b, 0, i3 + i5 - 1, i4 + i6 - 1], (i3 + i5 >= 1) &
- * (i4 + i6 >= 1) & (i3 + i5 < 9) & (i4 + i6 < 9)), (0, True))*h.grad[b, i1, i3, i4]
- */
+/* h: dh/dK: K.grad[i1, 0, i5, i6] += h.grad[b, i1, i3, i4]*x.pad[b, 0, i3 + i5, i4 + i6] */
 static void K_grad_2(size_t n, float *restrict dK, const float *restrict dh,
-        const float *restrict x)
+        const float *restrict x_pad)
 {
     for (size_t b = 0; b < n; ++b) {
         for (size_t i1 = 0; i1 < 16; ++i1) {
@@ -785,9 +792,8 @@ static void K_grad_2(size_t n, float *restrict dK, const float *restrict dh,
                 for (size_t i5 = 0; i5 < 3; ++i5) {
                     for (size_t i4 = 0; i4 < 8; ++i4) {
                         for (size_t i6 = 0; i6 < 3; ++i6) {
-                            dK[9*i1 + 3*i5 + i6] += ((i3 + i5 >= 1 && i4 + i6 >= 1 && i3 + i5 < 9 &&
-                                    i4 + i6 < 9) ? (x[64*b + 8*i3 + i4 + 8*i5 + i6 - 9]) :
-                                    (0.0F))*dh[1024*b + 64*i1 + 8*i3 + i4];
+                            dK[9*i1 + 3*i5 + i6] += dh[1024*b + 64*i1 + 8*i3 + i4]*x_pad[100*b +
+                                    10*i3 + i4 + 10*i5 + i6];
                         }
                     }
                 }
@@ -847,11 +853,12 @@ void bn_cnn_forward(const float *params, float *work, size_t n, const float *in_
     if (n == 0) {
         return;
     }
-    a_forward(n, work, params + BN_CNN_PARAM_K_OFFSET, params + BN_CNN_PARAM_beta_OFFSET,
+    x_pad_forward(n, work, in_x);
+    a_forward(n, work + 112 * n, params + BN_CNN_PARAM_K_OFFSET, params + BN_CNN_PARAM_beta_OFFSET,
             params + BN_CNN_PARAM_gamma_OFFSET, params + BN_CNN_PARAM_mean_OFFSET,
-            params + BN_CNN_PARAM_var_OFFSET, in_x);
-    p_forward(n, work + 1024 * n, work);
-    flat_forward(n, work, work + 1024 * n);
+            params + BN_CNN_PARAM_var_OFFSET, work);
+    p_forward(n, work + 1136 * n, work + 112 * n);
+    flat_forward(n, work, work + 1136 * n);
     logits_forward(n, out_logits, params + BN_CNN_PARAM_W_OFFSET, params + BN_CNN_PARAM_b_OFFSET,
             work);
 }
@@ -862,11 +869,12 @@ float bn_cnn_evaluate(const float *params, float *work, size_t n, const float *i
     if (n == 0) {
         return 0;
     }
-    a_forward(n, work + 16, params + BN_CNN_PARAM_K_OFFSET, params + BN_CNN_PARAM_beta_OFFSET,
-            params + BN_CNN_PARAM_gamma_OFFSET, params + BN_CNN_PARAM_mean_OFFSET,
-            params + BN_CNN_PARAM_var_OFFSET, in_x);
-    p_forward(n, work + 16 + 1024 * n, work + 16);
-    flat_forward(n, work + 16, work + 16 + 1024 * n);
+    x_pad_forward(n, work + 16, in_x);
+    a_forward(n, work + 16 + 112 * n, params + BN_CNN_PARAM_K_OFFSET,
+            params + BN_CNN_PARAM_beta_OFFSET, params + BN_CNN_PARAM_gamma_OFFSET,
+            params + BN_CNN_PARAM_mean_OFFSET, params + BN_CNN_PARAM_var_OFFSET, work + 16);
+    p_forward(n, work + 16 + 1136 * n, work + 16 + 112 * n);
+    flat_forward(n, work + 16, work + 16 + 1136 * n);
     logits_forward(n, out_logits, params + BN_CNN_PARAM_W_OFFSET, params + BN_CNN_PARAM_b_OFFSET,
             work + 16);
     loss_max_forward(n, work + 16, out_logits);
@@ -885,48 +893,49 @@ float bn_cnn_gradients(const float *params, float *grads, float *work, size_t n,
         }
         return 0;
     }
-    h_forward(n, work + 80, params + BN_CNN_PARAM_K_OFFSET, in_x);
-    bn_mean_forward(n, work, work + 80);
-    bn_var_forward(n, work + 16, work, work + 80);
-    bn_forward(n, work + 80 + 1024 * n, params + BN_CNN_PARAM_beta_OFFSET, work, work + 16,
-            params + BN_CNN_PARAM_gamma_OFFSET, work + 80);
-    a_forward_2(n, work + 80 + 2048 * n, work + 80 + 1024 * n);
-    p_forward(n, work + 80 + 3072 * n, work + 80 + 2048 * n);
-    p_argmax_forward(n, work + 80 + 3328 * n, work + 80 + 2048 * n);
-    flat_forward(n, work + 80 + 2048 * n, work + 80 + 3072 * n);
-    logits_forward(n, work + 80 + 2304 * n, params + BN_CNN_PARAM_W_OFFSET,
-            params + BN_CNN_PARAM_b_OFFSET, work + 80 + 2048 * n);
-    loss_max_forward(n, work + 80 + 2320 * n, work + 80 + 2304 * n);
-    loss_sumexp_forward(n, work + 80 + 2336 * n, work + 80 + 2304 * n, work + 80 + 2320 * n);
-    loss_forward(n, work + 80 + 2352 * n, work + 80 + 2304 * n, work + 80 + 2320 * n,
-            work + 80 + 2336 * n, in_y);
+    x_pad_forward(n, work + 80, in_x);
+    h_forward(n, work + 80 + 112 * n, params + BN_CNN_PARAM_K_OFFSET, work + 80);
+    bn_mean_forward(n, work, work + 80 + 112 * n);
+    bn_var_forward(n, work + 16, work, work + 80 + 112 * n);
+    bn_forward(n, work + 80 + 1136 * n, params + BN_CNN_PARAM_beta_OFFSET, work, work + 16,
+            params + BN_CNN_PARAM_gamma_OFFSET, work + 80 + 112 * n);
+    a_forward_2(n, work + 80 + 2160 * n, work + 80 + 1136 * n);
+    p_forward(n, work + 80 + 3184 * n, work + 80 + 2160 * n);
+    p_argmax_forward(n, work + 80 + 3440 * n, work + 80 + 2160 * n);
+    flat_forward(n, work + 80 + 2160 * n, work + 80 + 3184 * n);
+    logits_forward(n, work + 80 + 2416 * n, params + BN_CNN_PARAM_W_OFFSET,
+            params + BN_CNN_PARAM_b_OFFSET, work + 80 + 2160 * n);
+    loss_max_forward(n, work + 80 + 2432 * n, work + 80 + 2416 * n);
+    loss_sumexp_forward(n, work + 80 + 2448 * n, work + 80 + 2416 * n, work + 80 + 2432 * n);
+    loss_forward(n, work + 80 + 2464 * n, work + 80 + 2416 * n, work + 80 + 2432 * n,
+            work + 80 + 2448 * n, in_y);
     mean_grad(grads + BN_CNN_PARAM_mean_OFFSET, work);
     var_grad(n, grads + BN_CNN_PARAM_var_OFFSET, work + 16);
-    batch_mean_loss(n, work + 32, work + 80 + 2352 * n);
-    logits_grad(n, work + 80 + 2352 * n, in_y);
-    loss_sumexp_grad(n, work + 80 + 2368 * n, work + 80 + 2336 * n, in_y);
-    logits_grad_2(n, work + 80 + 2352 * n, work + 80 + 2304 * n, work + 80 + 2320 * n,
-            work + 80 + 2368 * n);
-    W_grad(n, grads + BN_CNN_PARAM_W_OFFSET, work + 80 + 2048 * n, work + 80 + 2352 * n);
-    b_grad(n, grads + BN_CNN_PARAM_b_OFFSET, work + 80 + 2352 * n);
-    flat_grad(n, work + 80 + 2048 * n, params + BN_CNN_PARAM_W_OFFSET, work + 80 + 2352 * n);
-    flat_forward(n, work + 80 + 2304 * n, work + 80 + 2048 * n);
-    a_grad(n, work + 80 + 3584 * n);
-    a_grad_2(n, work + 80 + 3584 * n, work + 80 + 3328 * n, work + 80 + 2304 * n);
-    bn_grad(n, work + 80 + 2048 * n, work + 80 + 3584 * n, work + 80 + 1024 * n);
-    beta_grad(n, grads + BN_CNN_PARAM_beta_OFFSET, work + 80 + 2048 * n);
-    bn_mean_grad(n, work + 48, work + 80 + 2048 * n, work + 16, params + BN_CNN_PARAM_gamma_OFFSET);
-    bn_var_grad(n, work + 64, work + 80 + 2048 * n, work, work + 16,
-            params + BN_CNN_PARAM_gamma_OFFSET, work + 80);
-    gamma_grad(n, grads + BN_CNN_PARAM_gamma_OFFSET, work + 80 + 2048 * n, work, work + 16,
-            work + 80);
-    h_grad(n, work + 80 + 1024 * n, work + 80 + 2048 * n, work + 16,
+    batch_mean_loss(n, work + 32, work + 80 + 2464 * n);
+    logits_grad(n, work + 80 + 2464 * n, in_y);
+    loss_sumexp_grad(n, work + 80 + 2480 * n, work + 80 + 2448 * n, in_y);
+    logits_grad_2(n, work + 80 + 2464 * n, work + 80 + 2416 * n, work + 80 + 2432 * n,
+            work + 80 + 2480 * n);
+    W_grad(n, grads + BN_CNN_PARAM_W_OFFSET, work + 80 + 2160 * n, work + 80 + 2464 * n);
+    b_grad(n, grads + BN_CNN_PARAM_b_OFFSET, work + 80 + 2464 * n);
+    flat_grad(n, work + 80 + 2160 * n, params + BN_CNN_PARAM_W_OFFSET, work + 80 + 2464 * n);
+    flat_forward(n, work + 80 + 2416 * n, work + 80 + 2160 * n);
+    a_grad(n, work + 80 + 3696 * n);
+    a_grad_2(n, work + 80 + 3696 * n, work + 80 + 3440 * n, work + 80 + 2416 * n);
+    bn_grad(n, work + 80 + 2160 * n, work + 80 + 3696 * n, work + 80 + 1136 * n);
+    beta_grad(n, grads + BN_CNN_PARAM_beta_OFFSET, work + 80 + 2160 * n);
+    bn_mean_grad(n, work + 48, work + 80 + 2160 * n, work + 16, params + BN_CNN_PARAM_gamma_OFFSET);
+    bn_var_grad(n, work + 64, work + 80 + 2160 * n, work, work + 16,
+            params + BN_CNN_PARAM_gamma_OFFSET, work + 80 + 112 * n);
+    gamma_grad(n, grads + BN_CNN_PARAM_gamma_OFFSET, work + 80 + 2160 * n, work, work + 16,
+            work + 80 + 112 * n);
+    h_grad(n, work + 80 + 1136 * n, work + 80 + 2160 * n, work + 16,
             params + BN_CNN_PARAM_gamma_OFFSET);
-    bn_mean_grad_2(n, work + 48, work, work + 64, work + 80);
-    h_grad_2(n, work + 80 + 1024 * n, work, work + 64, work + 80);
-    h_grad_3(n, work + 80 + 1024 * n, work + 48);
+    bn_mean_grad_2(n, work + 48, work, work + 64, work + 80 + 112 * n);
+    h_grad_2(n, work + 80 + 1136 * n, work, work + 64, work + 80 + 112 * n);
+    h_grad_3(n, work + 80 + 1136 * n, work + 48);
     K_grad(grads + BN_CNN_PARAM_K_OFFSET);
-    K_grad_2(n, grads + BN_CNN_PARAM_K_OFFSET, work + 80 + 1024 * n, in_x);
+    K_grad_2(n, grads + BN_CNN_PARAM_K_OFFSET, work + 80 + 1136 * n, work + 80);
     return work[32];
 }
 

@@ -182,12 +182,27 @@ static void tile1x8(const float *restrict a, size_t am, size_t ar, const float *
 }
 
 /*
- * a1: h1 with a1 as epilogue: a1[b, i1, i3, i4] = relu((sum_{i5, i6} Piecewise((x[b, 0, i3 + i5 -
- * 1, i4 + i6 - 1], (i3 + i5 >= 1) & (i4 + i6 >= 1) & (i3 + i5 < 9) & (i4 + i6 < 9)), (0,
- * True))*K1[i1, 0, i5, i6]) + c1[i1])
+ * a1: x padded with 0: x.pad[i0, 0, i2, i3] = Piecewise((x[i0, 0, i2 - 1, i3 - 1], (i2 >= 1) & (i3
+ * >= 1) & (i2 < 9) & (i3 < 9)), (0, True))
+ */
+static void x_pad_forward(size_t n, float *restrict x_pad, const float *restrict x)
+{
+    for (size_t i0 = 0; i0 < n; ++i0) {
+        for (size_t i2 = 0; i2 < 10; ++i2) {
+            for (size_t i3 = 0; i3 < 10; ++i3) {
+                x_pad[100*i0 + 10*i2 + i3] = ((i2 >= 1 && i3 >= 1 && i2 < 9 && i3 < 9) ? (x[64*i0 +
+                        8*i2 + i3 - 9]) : (0.0F));
+            }
+        }
+    }
+}
+
+/*
+ * a1: h1 with a1 as epilogue: a1[b, i1, i3, i4] = relu((sum_{i5, i6} K1[i1, 0, i5, i6]*x.pad[b, 0,
+ * i3 + i5, i4 + i6]) + c1[i1])
  */
 static void a1_forward(size_t n, float *restrict a1, const float *restrict K1,
-        const float *restrict c1, const float *restrict x)
+        const float *restrict c1, const float *restrict x_pad)
 {
     for (size_t i1 = 0; i1 < 16; ++i1) {
         for (size_t b = 0; b < n; ++b) {
@@ -196,9 +211,7 @@ static void a1_forward(size_t n, float *restrict a1, const float *restrict K1,
                     float acc = 0;
                     for (size_t i5 = 0; i5 < 3; ++i5) {
                         for (size_t i6 = 0; i6 < 3; ++i6) {
-                            acc += ((i3 + i5 >= 1 && i4 + i6 >= 1 && i3 + i5 < 9 && i4 + i6 < 9) ?
-                                    (x[64*b + 8*i3 + i4 + 8*i5 + i6 - 9]) : (0.0F))*K1[9*i1 + 3*i5 +
-                                    i6];
+                            acc += K1[9*i1 + 3*i5 + i6]*x_pad[100*b + 10*i3 + i4 + 10*i5 + i6];
                         }
                     }
                     a1[1024*b + 64*i1 + 8*i3 + i4] = relu(acc + c1[i1]);
@@ -232,12 +245,29 @@ static void p1_forward(size_t n, float *restrict p1, const float *restrict a1)
 }
 
 /*
- * a2: h2 with a2 as epilogue: a2[b, i1, i3, i4] = relu((sum_{i2, i5, i6} Piecewise((p1[b, i2, i3 +
- * i5 - 1, i4 + i6 - 1], (i3 + i5 >= 1) & (i4 + i6 >= 1) & (i3 + i5 < 5) & (i4 + i6 < 5)), (0,
- * True))*K2[i1, i2, i5, i6]) + c2[i1])
+ * a2: p1 padded with 0: p1.pad[i0, i1, i2, i3] = Piecewise((p1[i0, i1, i2 - 1, i3 - 1], (i2 >= 1) &
+ * (i3 >= 1) & (i2 < 5) & (i3 < 5)), (0, True))
+ */
+static void p1_pad_forward(size_t n, float *restrict p1_pad, const float *restrict p1)
+{
+    for (size_t i0 = 0; i0 < n; ++i0) {
+        for (size_t i1 = 0; i1 < 16; ++i1) {
+            for (size_t i2 = 0; i2 < 6; ++i2) {
+                for (size_t i3 = 0; i3 < 6; ++i3) {
+                    p1_pad[576*i0 + 36*i1 + 6*i2 + i3] = ((i2 >= 1 && i3 >= 1 && i2 < 5 && i3 < 5) ?
+                            (p1[256*i0 + 16*i1 + 4*i2 + i3 - 5]) : (0.0F));
+                }
+            }
+        }
+    }
+}
+
+/*
+ * a2: h2 with a2 as epilogue: a2[b, i1, i3, i4] = relu((sum_{i2, i5, i6} K2[i1, i2, i5,
+ * i6]*p1.pad[b, i2, i3 + i5, i4 + i6]) + c2[i1])
  */
 static void a2_forward(size_t n, float *restrict a2, const float *restrict K2,
-        const float *restrict c2, const float *restrict p1)
+        const float *restrict c2, const float *restrict p1_pad)
 {
     for (size_t i1 = 0; i1 < 32; ++i1) {
         for (size_t b = 0; b < n; ++b) {
@@ -247,9 +277,8 @@ static void a2_forward(size_t n, float *restrict a2, const float *restrict K2,
                     for (size_t i2 = 0; i2 < 16; ++i2) {
                         for (size_t i5 = 0; i5 < 3; ++i5) {
                             for (size_t i6 = 0; i6 < 3; ++i6) {
-                                acc += ((i3 + i5 >= 1 && i4 + i6 >= 1 && i3 + i5 < 5 && i4 + i6 < 5)
-                                        ? (p1[256*b + 16*i2 + 4*i3 + i4 + 4*i5 + i6 - 5]) :
-                                        (0.0F))*K2[144*i1 + 9*i2 + 3*i5 + i6];
+                                acc += K2[144*i1 + 9*i2 + 3*i5 + i6]*p1_pad[576*b + 36*i2 + 6*i3 +
+                                        i4 + 6*i5 + i6];
                             }
                         }
                     }
@@ -381,12 +410,11 @@ static void batch_mean_loss(size_t n, float *restrict batch_loss, const float *r
 }
 
 /*
- * h1: forward: h1[b, i1, i3, i4] = (sum_{i5, i6} Piecewise((x[b, 0, i3 + i5 - 1, i4 + i6 - 1], (i3
- * + i5 >= 1) & (i4 + i6 >= 1) & (i3 + i5 < 9) & (i4 + i6 < 9)), (0, True))*K1[i1, 0, i5, i6]) +
+ * h1: forward: h1[b, i1, i3, i4] = (sum_{i5, i6} K1[i1, 0, i5, i6]*x.pad[b, 0, i3 + i5, i4 + i6]) +
  * c1[i1]
  */
 static void h1_forward(size_t n, float *restrict h1, const float *restrict K1,
-        const float *restrict c1, const float *restrict x)
+        const float *restrict c1, const float *restrict x_pad)
 {
     for (size_t i1 = 0; i1 < 16; ++i1) {
         for (size_t b = 0; b < n; ++b) {
@@ -395,9 +423,7 @@ static void h1_forward(size_t n, float *restrict h1, const float *restrict K1,
                     float acc = 0;
                     for (size_t i5 = 0; i5 < 3; ++i5) {
                         for (size_t i6 = 0; i6 < 3; ++i6) {
-                            acc += ((i3 + i5 >= 1 && i4 + i6 >= 1 && i3 + i5 < 9 && i4 + i6 < 9) ?
-                                    (x[64*b + 8*i3 + i4 + 8*i5 + i6 - 9]) : (0.0F))*K1[9*i1 + 3*i5 +
-                                    i6];
+                            acc += K1[9*i1 + 3*i5 + i6]*x_pad[100*b + 10*i3 + i4 + 10*i5 + i6];
                         }
                     }
                     h1[1024*b + 64*i1 + 8*i3 + i4] = acc + c1[i1];
@@ -449,12 +475,11 @@ static void p1_argmax_forward(size_t n, float *restrict p1_argmax, const float *
 }
 
 /*
- * h2: forward: h2[b, i1, i3, i4] = (sum_{i2, i5, i6} Piecewise((p1[b, i2, i3 + i5 - 1, i4 + i6 -
- * 1], (i3 + i5 >= 1) & (i4 + i6 >= 1) & (i3 + i5 < 5) & (i4 + i6 < 5)), (0, True))*K2[i1, i2, i5,
+ * h2: forward: h2[b, i1, i3, i4] = (sum_{i2, i5, i6} K2[i1, i2, i5, i6]*p1.pad[b, i2, i3 + i5, i4 +
  * i6]) + c2[i1]
  */
 static void h2_forward(size_t n, float *restrict h2, const float *restrict K2,
-        const float *restrict c2, const float *restrict p1)
+        const float *restrict c2, const float *restrict p1_pad)
 {
     for (size_t i1 = 0; i1 < 32; ++i1) {
         for (size_t b = 0; b < n; ++b) {
@@ -464,9 +489,8 @@ static void h2_forward(size_t n, float *restrict h2, const float *restrict K2,
                     for (size_t i2 = 0; i2 < 16; ++i2) {
                         for (size_t i5 = 0; i5 < 3; ++i5) {
                             for (size_t i6 = 0; i6 < 3; ++i6) {
-                                acc += ((i3 + i5 >= 1 && i4 + i6 >= 1 && i3 + i5 < 5 && i4 + i6 < 5)
-                                        ? (p1[256*b + 16*i2 + 4*i3 + i4 + 4*i5 + i6 - 5]) :
-                                        (0.0F))*K2[144*i1 + 9*i2 + 3*i5 + i6];
+                                acc += K2[144*i1 + 9*i2 + 3*i5 + i6]*p1_pad[576*b + 36*i2 + 6*i3 +
+                                        i4 + 6*i5 + i6];
                             }
                         }
                     }
@@ -656,12 +680,11 @@ static void h2_grad(size_t n, float *restrict dh2, const float *restrict da2,
 }
 
 /*
- * h2: dh2/dK2: K2.grad[i1, i2, i5, i6] = sum_{b, i3, i4} Piecewise((p1[b, i2, i3 + i5 - 1, i4 + i6
- * - 1], (i3 + i5 >= 1) & (i4 + i6 >= 1) & (i3 + i5 < 5) & (i4 + i6 < 5)), (0, True))*h2.grad[b, i1,
- * i3, i4]
+ * h2: dh2/dK2: K2.grad[i1, i2, i5, i6] = sum_{b, i3, i4} h2.grad[b, i1, i3, i4]*p1.pad[b, i2, i3 +
+ * i5, i4 + i6]
  */
 static void K2_grad(size_t n, float *restrict dK2, const float *restrict dh2,
-        const float *restrict p1)
+        const float *restrict p1_pad)
 {
     for (size_t i1 = 0; i1 < 32; ++i1) {
         for (size_t i2 = 0; i2 < 16; ++i2) {
@@ -671,9 +694,8 @@ static void K2_grad(size_t n, float *restrict dK2, const float *restrict dh2,
                     for (size_t b = 0; b < n; ++b) {
                         for (size_t i3 = 0; i3 < 4; ++i3) {
                             for (size_t i4 = 0; i4 < 4; ++i4) {
-                                acc += ((i3 + i5 >= 1 && i4 + i6 >= 1 && i3 + i5 < 5 && i4 + i6 < 5)
-                                        ? (p1[256*b + 16*i2 + 4*i3 + i4 + 4*i5 + i6 - 5]) :
-                                        (0.0F))*dh2[512*b + 16*i1 + 4*i3 + i4];
+                                acc += dh2[512*b + 16*i1 + 4*i3 + i4]*p1_pad[576*b + 36*i2 + 6*i3 +
+                                        i4 + 6*i5 + i6];
                             }
                         }
                     }
@@ -700,14 +722,36 @@ static void c2_grad(size_t n, float *restrict dc2, const float *restrict dh2)
     }
 }
 
-/* h2: zero p1.grad: p1.grad[i0, i1, i2, i3] = 0 */
-static void p1_grad(size_t n, float *restrict dp1)
+/* h2: zero p1.pad.grad: p1.pad.grad[i0, i1, i2, i3] = 0 */
+static void p1_pad_grad(size_t n, float *restrict dp1_pad)
 {
     for (size_t i0 = 0; i0 < n; ++i0) {
         for (size_t i1 = 0; i1 < 16; ++i1) {
-            for (size_t i2 = 0; i2 < 4; ++i2) {
-                for (size_t i3 = 0; i3 < 4; ++i3) {
-                    dp1[256*i0 + 16*i1 + 4*i2 + i3] = 0;
+            for (size_t i2 = 0; i2 < 6; ++i2) {
+                for (size_t i3 = 0; i3 < 6; ++i3) {
+                    dp1_pad[576*i0 + 36*i1 + 6*i2 + i3] = 0;
+                }
+            }
+        }
+    }
+}
+
+/* h2: dh2/dp1: p1.pad.grad[b, i2, i3 + i5, i4 + i6] += K2[i1, i2, i5, i6]*h2.grad[b, i1, i3, i4] */
+static void p1_pad_grad_2(size_t n, float *restrict dp1_pad, const float *restrict K2,
+        const float *restrict dh2)
+{
+    for (size_t b = 0; b < n; ++b) {
+        for (size_t i1 = 0; i1 < 32; ++i1) {
+            for (size_t i3 = 0; i3 < 4; ++i3) {
+                for (size_t i4 = 0; i4 < 4; ++i4) {
+                    for (size_t i2 = 0; i2 < 16; ++i2) {
+                        for (size_t i5 = 0; i5 < 3; ++i5) {
+                            for (size_t i6 = 0; i6 < 3; ++i6) {
+                                dp1_pad[576*b + 36*i2 + 6*i3 + i4 + 6*i5 + i6] += K2[144*i1 + 9*i2 +
+                                        3*i5 + i6]*dh2[512*b + 16*i1 + 4*i3 + i4];
+                            }
+                        }
+                    }
                 }
             }
         }
@@ -715,26 +759,16 @@ static void p1_grad(size_t n, float *restrict dp1)
 }
 
 /*
- * h2: dh2/dp1: if (i3 + i5 >= 1) & (i4 + i6 >= 1) & (i3 + i5 < 5) & (i4 + i6 < 5): p1.grad[b, i2,
- * i3 + i5 - 1, i4 + i6 - 1] += K2[i1, i2, i5, i6]*h2.grad[b, i1, i3, i4]
+ * h2: p1.grad from the interior of p1.pad.grad: p1.grad[i0, i1, i2, i3] = p1.pad.grad[i0, i1, i2 +
+ * 1, i3 + 1]
  */
-static void p1_grad_2(size_t n, float *restrict dp1, const float *restrict K2,
-        const float *restrict dh2)
+static void p1_grad(size_t n, float *restrict dp1, const float *restrict dp1_pad)
 {
-    for (size_t i3 = 0; i3 < 4; ++i3) {
-        for (size_t i4 = 0; i4 < 4; ++i4) {
-            for (size_t i5 = 0; i5 < 3; ++i5) {
-                for (size_t i6 = 0; i6 < 3; ++i6) {
-                    if (i3 + i5 >= 1 && i4 + i6 >= 1 && i3 + i5 < 5 && i4 + i6 < 5) {
-                        for (size_t b = 0; b < n; ++b) {
-                            for (size_t i1 = 0; i1 < 32; ++i1) {
-                                for (size_t i2 = 0; i2 < 16; ++i2) {
-                                    dp1[256*b + 16*i2 + 4*i3 + i4 + 4*i5 + i6 - 5] += K2[144*i1 +
-                                            9*i2 + 3*i5 + i6]*dh2[512*b + 16*i1 + 4*i3 + i4];
-                                }
-                            }
-                        }
-                    }
+    for (size_t i0 = 0; i0 < n; ++i0) {
+        for (size_t i1 = 0; i1 < 16; ++i1) {
+            for (size_t i2 = 0; i2 < 4; ++i2) {
+                for (size_t i3 = 0; i3 < 4; ++i3) {
+                    dp1[256*i0 + 16*i1 + 4*i2 + i3] = dp1_pad[576*i0 + 36*i1 + 6*i2 + i3 + 7];
                 }
             }
         }
@@ -810,12 +844,9 @@ static void K1_grad(float *restrict dK1)
     }
 }
 
-/*
- * h1: dh1/dK1: K1.grad[i1, 0, i5, i6] += Piecewise((x[b, 0, i3 + i5 - 1, i4 + i6 - 1], (i3 + i5 >=
- * 1) & (i4 + i6 >= 1) & (i3 + i5 < 9) & (i4 + i6 < 9)), (0, True))*h1.grad[b, i1, i3, i4]
- */
+/* h1: dh1/dK1: K1.grad[i1, 0, i5, i6] += h1.grad[b, i1, i3, i4]*x.pad[b, 0, i3 + i5, i4 + i6] */
 static void K1_grad_2(size_t n, float *restrict dK1, const float *restrict dh1,
-        const float *restrict x)
+        const float *restrict x_pad)
 {
     for (size_t b = 0; b < n; ++b) {
         for (size_t i1 = 0; i1 < 16; ++i1) {
@@ -823,9 +854,8 @@ static void K1_grad_2(size_t n, float *restrict dK1, const float *restrict dh1,
                 for (size_t i5 = 0; i5 < 3; ++i5) {
                     for (size_t i4 = 0; i4 < 8; ++i4) {
                         for (size_t i6 = 0; i6 < 3; ++i6) {
-                            dK1[9*i1 + 3*i5 + i6] += ((i3 + i5 >= 1 && i4 + i6 >= 1 && i3 + i5 < 9
-                                    && i4 + i6 < 9) ? (x[64*b + 8*i3 + i4 + 8*i5 + i6 - 9]) :
-                                    (0.0F))*dh1[1024*b + 64*i1 + 8*i3 + i4];
+                            dK1[9*i1 + 3*i5 + i6] += dh1[1024*b + 64*i1 + 8*i3 + i4]*x_pad[100*b +
+                                    10*i3 + i4 + 10*i5 + i6];
                         }
                     }
                 }
@@ -881,15 +911,17 @@ void digits_cnn_forward(const float *params, float *work, size_t n, const float 
     if (n == 0) {
         return;
     }
-    a1_forward(n, work, params + DIGITS_CNN_PARAM_K1_OFFSET, params + DIGITS_CNN_PARAM_c1_OFFSET,
-            in_x);
-    p1_forward(n, work + 1024 * n, work);
-    a2_forward(n, work, params + DIGITS_CNN_PARAM_K2_OFFSET, params + DIGITS_CNN_PARAM_c2_OFFSET,
-            work + 1024 * n);
-    p2_forward(n, work + 512 * n, work);
-    flat_forward(n, work, work + 512 * n);
+    x_pad_forward(n, work, in_x);
+    a1_forward(n, work + 112 * n, params + DIGITS_CNN_PARAM_K1_OFFSET,
+            params + DIGITS_CNN_PARAM_c1_OFFSET, work);
+    p1_forward(n, work + 1136 * n, work + 112 * n);
+    p1_pad_forward(n, work, work + 1136 * n);
+    a2_forward(n, work + 576 * n, params + DIGITS_CNN_PARAM_K2_OFFSET,
+            params + DIGITS_CNN_PARAM_c2_OFFSET, work);
+    p2_forward(n, work, work + 576 * n);
+    flat_forward(n, work + 128 * n, work);
     logits_forward(n, out_logits, params + DIGITS_CNN_PARAM_W_OFFSET,
-            params + DIGITS_CNN_PARAM_b_OFFSET, work);
+            params + DIGITS_CNN_PARAM_b_OFFSET, work + 128 * n);
 }
 
 float digits_cnn_evaluate(const float *params, float *work, size_t n, const float *in_x,
@@ -898,15 +930,17 @@ float digits_cnn_evaluate(const float *params, float *work, size_t n, const floa
     if (n == 0) {
         return 0;
     }
-    a1_forward(n, work + 16, params + DIGITS_CNN_PARAM_K1_OFFSET,
-            params + DIGITS_CNN_PARAM_c1_OFFSET, in_x);
-    p1_forward(n, work + 16 + 1024 * n, work + 16);
-    a2_forward(n, work + 16, params + DIGITS_CNN_PARAM_K2_OFFSET,
-            params + DIGITS_CNN_PARAM_c2_OFFSET, work + 16 + 1024 * n);
-    p2_forward(n, work + 16 + 512 * n, work + 16);
-    flat_forward(n, work + 16, work + 16 + 512 * n);
+    x_pad_forward(n, work + 16, in_x);
+    a1_forward(n, work + 16 + 112 * n, params + DIGITS_CNN_PARAM_K1_OFFSET,
+            params + DIGITS_CNN_PARAM_c1_OFFSET, work + 16);
+    p1_forward(n, work + 16 + 1136 * n, work + 16 + 112 * n);
+    p1_pad_forward(n, work + 16, work + 16 + 1136 * n);
+    a2_forward(n, work + 16 + 576 * n, params + DIGITS_CNN_PARAM_K2_OFFSET,
+            params + DIGITS_CNN_PARAM_c2_OFFSET, work + 16);
+    p2_forward(n, work + 16, work + 16 + 576 * n);
+    flat_forward(n, work + 16 + 128 * n, work + 16);
     logits_forward(n, out_logits, params + DIGITS_CNN_PARAM_W_OFFSET,
-            params + DIGITS_CNN_PARAM_b_OFFSET, work + 16);
+            params + DIGITS_CNN_PARAM_b_OFFSET, work + 16 + 128 * n);
     loss_max_forward(n, work + 16, out_logits);
     loss_sumexp_forward(n, work + 16 + 16 * n, out_logits, work + 16);
     loss_forward(n, work + 16 + 32 * n, out_logits, work + 16, work + 16 + 16 * n, in_y);
@@ -923,45 +957,49 @@ float digits_cnn_gradients(const float *params, float *grads, float *work, size_
         }
         return 0;
     }
-    h1_forward(n, work + 16, params + DIGITS_CNN_PARAM_K1_OFFSET,
-            params + DIGITS_CNN_PARAM_c1_OFFSET, in_x);
-    a1_forward_2(n, work + 16 + 1024 * n, work + 16);
-    p1_forward(n, work + 16 + 2048 * n, work + 16 + 1024 * n);
-    p1_argmax_forward(n, work + 16 + 2304 * n, work + 16 + 1024 * n);
-    h2_forward(n, work + 16 + 1024 * n, params + DIGITS_CNN_PARAM_K2_OFFSET,
-            params + DIGITS_CNN_PARAM_c2_OFFSET, work + 16 + 2048 * n);
-    a2_forward_2(n, work + 16 + 1536 * n, work + 16 + 1024 * n);
-    p2_forward(n, work + 16 + 2560 * n, work + 16 + 1536 * n);
-    p2_argmax_forward(n, work + 16 + 2688 * n, work + 16 + 1536 * n);
-    flat_forward(n, work + 16 + 1536 * n, work + 16 + 2560 * n);
-    logits_forward(n, work + 16 + 1664 * n, params + DIGITS_CNN_PARAM_W_OFFSET,
-            params + DIGITS_CNN_PARAM_b_OFFSET, work + 16 + 1536 * n);
-    loss_max_forward(n, work + 16 + 1680 * n, work + 16 + 1664 * n);
-    loss_sumexp_forward(n, work + 16 + 1696 * n, work + 16 + 1664 * n, work + 16 + 1680 * n);
-    loss_forward(n, work + 16 + 1712 * n, work + 16 + 1664 * n, work + 16 + 1680 * n,
-            work + 16 + 1696 * n, in_y);
-    batch_mean_loss(n, work, work + 16 + 1712 * n);
-    logits_grad(n, work + 16 + 1712 * n, in_y);
-    loss_sumexp_grad(n, work + 16 + 1728 * n, work + 16 + 1696 * n, in_y);
-    logits_grad_2(n, work + 16 + 1712 * n, work + 16 + 1664 * n, work + 16 + 1680 * n,
-            work + 16 + 1728 * n);
-    W_grad(n, grads + DIGITS_CNN_PARAM_W_OFFSET, work + 16 + 1536 * n, work + 16 + 1712 * n);
-    b_grad(n, grads + DIGITS_CNN_PARAM_b_OFFSET, work + 16 + 1712 * n);
-    flat_grad(n, work + 16 + 1536 * n, params + DIGITS_CNN_PARAM_W_OFFSET, work + 16 + 1712 * n);
-    flat_forward(n, work + 16 + 1664 * n, work + 16 + 1536 * n);
-    a2_grad(n, work + 16 + 2816 * n);
-    a2_grad_2(n, work + 16 + 2816 * n, work + 16 + 2688 * n, work + 16 + 1664 * n);
-    h2_grad(n, work + 16 + 1536 * n, work + 16 + 2816 * n, work + 16 + 1024 * n);
-    K2_grad(n, grads + DIGITS_CNN_PARAM_K2_OFFSET, work + 16 + 1536 * n, work + 16 + 2048 * n);
-    c2_grad(n, grads + DIGITS_CNN_PARAM_c2_OFFSET, work + 16 + 1536 * n);
-    p1_grad(n, work + 16 + 1024 * n);
-    p1_grad_2(n, work + 16 + 1024 * n, params + DIGITS_CNN_PARAM_K2_OFFSET, work + 16 + 1536 * n);
-    a1_grad(n, work + 16 + 1280 * n);
-    a1_grad_2(n, work + 16 + 1280 * n, work + 16 + 2304 * n, work + 16 + 1024 * n);
-    h1_grad(n, work + 16 + 2304 * n, work + 16 + 1280 * n, work + 16);
+    x_pad_forward(n, work + 16, in_x);
+    h1_forward(n, work + 16 + 112 * n, params + DIGITS_CNN_PARAM_K1_OFFSET,
+            params + DIGITS_CNN_PARAM_c1_OFFSET, work + 16);
+    a1_forward_2(n, work + 16 + 1136 * n, work + 16 + 112 * n);
+    p1_forward(n, work + 16 + 2160 * n, work + 16 + 1136 * n);
+    p1_argmax_forward(n, work + 16 + 2416 * n, work + 16 + 1136 * n);
+    p1_pad_forward(n, work + 16 + 1136 * n, work + 16 + 2160 * n);
+    h2_forward(n, work + 16 + 1712 * n, params + DIGITS_CNN_PARAM_K2_OFFSET,
+            params + DIGITS_CNN_PARAM_c2_OFFSET, work + 16 + 1136 * n);
+    a2_forward_2(n, work + 16 + 2672 * n, work + 16 + 1712 * n);
+    p2_forward(n, work + 16 + 2224 * n, work + 16 + 2672 * n);
+    p2_argmax_forward(n, work + 16 + 3184 * n, work + 16 + 2672 * n);
+    flat_forward(n, work + 16 + 2672 * n, work + 16 + 2224 * n);
+    logits_forward(n, work + 16 + 2224 * n, params + DIGITS_CNN_PARAM_W_OFFSET,
+            params + DIGITS_CNN_PARAM_b_OFFSET, work + 16 + 2672 * n);
+    loss_max_forward(n, work + 16 + 2240 * n, work + 16 + 2224 * n);
+    loss_sumexp_forward(n, work + 16 + 2256 * n, work + 16 + 2224 * n, work + 16 + 2240 * n);
+    loss_forward(n, work + 16 + 2272 * n, work + 16 + 2224 * n, work + 16 + 2240 * n,
+            work + 16 + 2256 * n, in_y);
+    batch_mean_loss(n, work, work + 16 + 2272 * n);
+    logits_grad(n, work + 16 + 2272 * n, in_y);
+    loss_sumexp_grad(n, work + 16 + 2288 * n, work + 16 + 2256 * n, in_y);
+    logits_grad_2(n, work + 16 + 2272 * n, work + 16 + 2224 * n, work + 16 + 2240 * n,
+            work + 16 + 2288 * n);
+    W_grad(n, grads + DIGITS_CNN_PARAM_W_OFFSET, work + 16 + 2672 * n, work + 16 + 2272 * n);
+    b_grad(n, grads + DIGITS_CNN_PARAM_b_OFFSET, work + 16 + 2272 * n);
+    flat_grad(n, work + 16 + 2288 * n, params + DIGITS_CNN_PARAM_W_OFFSET, work + 16 + 2272 * n);
+    flat_forward(n, work + 16 + 2672 * n, work + 16 + 2288 * n);
+    a2_grad(n, work + 16 + 3312 * n);
+    a2_grad_2(n, work + 16 + 3312 * n, work + 16 + 3184 * n, work + 16 + 2672 * n);
+    h2_grad(n, work + 16 + 2672 * n, work + 16 + 3312 * n, work + 16 + 1712 * n);
+    K2_grad(n, grads + DIGITS_CNN_PARAM_K2_OFFSET, work + 16 + 2672 * n, work + 16 + 1136 * n);
+    c2_grad(n, grads + DIGITS_CNN_PARAM_c2_OFFSET, work + 16 + 2672 * n);
+    p1_pad_grad(n, work + 16 + 1136 * n);
+    p1_pad_grad_2(n, work + 16 + 1136 * n, params + DIGITS_CNN_PARAM_K2_OFFSET,
+            work + 16 + 2672 * n);
+    p1_grad(n, work + 16 + 1712 * n, work + 16 + 1136 * n);
+    a1_grad(n, work + 16 + 2672 * n);
+    a1_grad_2(n, work + 16 + 2672 * n, work + 16 + 2416 * n, work + 16 + 1712 * n);
+    h1_grad(n, work + 16 + 1136 * n, work + 16 + 2672 * n, work + 16 + 112 * n);
     K1_grad(grads + DIGITS_CNN_PARAM_K1_OFFSET);
-    K1_grad_2(n, grads + DIGITS_CNN_PARAM_K1_OFFSET, work + 16 + 2304 * n, in_x);
-    c1_grad(n, grads + DIGITS_CNN_PARAM_c1_OFFSET, work + 16 + 2304 * n);
+    K1_grad_2(n, grads + DIGITS_CNN_PARAM_K1_OFFSET, work + 16 + 1136 * n, work + 16);
+    c1_grad(n, grads + DIGITS_CNN_PARAM_c1_OFFSET, work + 16 + 1136 * n);
     return work[0];
 }
 

@@ -25,12 +25,12 @@
 #define DIGITS_CNN_STATE_step_OFFSET 0
 #define DIGITS_CNN_STATE_exp_avg_OFFSET 1
 #define DIGITS_CNN_STATE_exp_avg_sq_OFFSET 6091
-#define DIGITS_CNN_FORWARD_WORK_SIZE(n) ((size_t)0 + (size_t)1280 * (size_t)(n))
-#define DIGITS_CNN_EVALUATE_WORK_SIZE(n) ((size_t)16 + (size_t)1280 * (size_t)(n))
-#define DIGITS_CNN_GRADIENTS_WORK_SIZE(n) ((size_t)16 + (size_t)3328 * (size_t)(n))
-#define DIGITS_CNN_TRAIN_STEP_WORK_SIZE(n) ((size_t)6112 + (size_t)3328 * (size_t)(n))
+#define DIGITS_CNN_FORWARD_WORK_SIZE(n) ((size_t)0 + (size_t)1392 * (size_t)(n))
+#define DIGITS_CNN_EVALUATE_WORK_SIZE(n) ((size_t)16 + (size_t)1392 * (size_t)(n))
+#define DIGITS_CNN_GRADIENTS_WORK_SIZE(n) ((size_t)16 + (size_t)3824 * (size_t)(n))
+#define DIGITS_CNN_TRAIN_STEP_WORK_SIZE(n) ((size_t)6112 + (size_t)3824 * (size_t)(n))
 /* Enough for every entry point above. */
-#define DIGITS_CNN_WORK_SIZE(n) ((size_t)6112 + (size_t)3328 * (size_t)(n))
+#define DIGITS_CNN_WORK_SIZE(n) ((size_t)6112 + (size_t)3824 * (size_t)(n))
 
 #ifdef __cplusplus
 extern "C" {

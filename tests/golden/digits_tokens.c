@@ -231,12 +231,29 @@ static void img_forward(size_t n, float *restrict img, const float *restrict gri
 }
 
 /*
- * act: norm with act as epilogue: act[b, i1, i3, i4] = relu(((sum_{i2, i5, i6} Piecewise((img[b,
- * i2, i3 + i5 - 1, i4 + i6 - 1], (i3 + i5 >= 1) & (i4 + i6 >= 1) & (i3 + i5 < 9) & (i4 + i6 < 9)),
- * (0, True))*K[i1, i2, i5, i6]) - mean[i1])*gamma[i1]/sqrt(var[i1] + 1.0e-5) + beta[i1])
+ * act: img padded with 0: img.pad[i0, i1, i2, i3] = Piecewise((img[i0, i1, i2 - 1, i3 - 1], (i2 >=
+ * 1) & (i3 >= 1) & (i2 < 9) & (i3 < 9)), (0, True))
+ */
+static void img_pad_forward(size_t n, float *restrict img_pad, const float *restrict img)
+{
+    for (size_t i0 = 0; i0 < n; ++i0) {
+        for (size_t i1 = 0; i1 < 4; ++i1) {
+            for (size_t i2 = 0; i2 < 10; ++i2) {
+                for (size_t i3 = 0; i3 < 10; ++i3) {
+                    img_pad[400*i0 + 100*i1 + 10*i2 + i3] = ((i2 >= 1 && i3 >= 1 && i2 < 9 && i3 <
+                            9) ? (img[256*i0 + 64*i1 + 8*i2 + i3 - 9]) : (0.0F));
+                }
+            }
+        }
+    }
+}
+
+/*
+ * act: norm with act as epilogue: act[b, i1, i3, i4] = relu(((sum_{i2, i5, i6} K[i1, i2, i5,
+ * i6]*img.pad[b, i2, i3 + i5, i4 + i6]) - mean[i1])*gamma[i1]/sqrt(var[i1] + 1.0e-5) + beta[i1])
  */
 static void act_forward(size_t n, float *restrict act, const float *restrict K,
-        const float *restrict beta, const float *restrict gamma_, const float *restrict img,
+        const float *restrict beta, const float *restrict gamma_, const float *restrict img_pad,
         const float *restrict mean, const float *restrict var)
 {
     for (size_t i1 = 0; i1 < 16; ++i1) {
@@ -247,9 +264,8 @@ static void act_forward(size_t n, float *restrict act, const float *restrict K,
                     for (size_t i2 = 0; i2 < 4; ++i2) {
                         for (size_t i5 = 0; i5 < 3; ++i5) {
                             for (size_t i6 = 0; i6 < 3; ++i6) {
-                                acc += ((i3 + i5 >= 1 && i4 + i6 >= 1 && i3 + i5 < 9 && i4 + i6 < 9)
-                                        ? (img[256*b + 64*i2 + 8*i3 + i4 + 8*i5 + i6 - 9]) :
-                                        (0.0F))*K[36*i1 + 9*i2 + 3*i5 + i6];
+                                acc += K[36*i1 + 9*i2 + 3*i5 + i6]*img_pad[400*b + 100*i2 + 10*i3 +
+                                        i4 + 10*i5 + i6];
                             }
                         }
                     }
@@ -382,12 +398,11 @@ static void batch_mean_loss(size_t n, float *restrict batch_loss, const int32_t 
 }
 
 /*
- * conv: forward: conv[b, i1, i3, i4] = sum_{i2, i5, i6} Piecewise((img[b, i2, i3 + i5 - 1, i4 + i6
- * - 1], (i3 + i5 >= 1) & (i4 + i6 >= 1) & (i3 + i5 < 9) & (i4 + i6 < 9)), (0, True))*K[i1, i2, i5,
- * i6]
+ * conv: forward: conv[b, i1, i3, i4] = sum_{i2, i5, i6} K[i1, i2, i5, i6]*img.pad[b, i2, i3 + i5,
+ * i4 + i6]
  */
 static void conv_forward(size_t n, float *restrict conv, const float *restrict K,
-        const float *restrict img)
+        const float *restrict img_pad)
 {
     for (size_t b = 0; b < n; ++b) {
         for (size_t i1 = 0; i1 < 16; ++i1) {
@@ -397,9 +412,8 @@ static void conv_forward(size_t n, float *restrict conv, const float *restrict K
                     for (size_t i2 = 0; i2 < 4; ++i2) {
                         for (size_t i5 = 0; i5 < 3; ++i5) {
                             for (size_t i6 = 0; i6 < 3; ++i6) {
-                                acc += ((i3 + i5 >= 1 && i4 + i6 >= 1 && i3 + i5 < 9 && i4 + i6 < 9)
-                                        ? (img[256*b + 64*i2 + 8*i3 + i4 + 8*i5 + i6 - 9]) :
-                                        (0.0F))*K[36*i1 + 9*i2 + 3*i5 + i6];
+                                acc += K[36*i1 + 9*i2 + 3*i5 + i6]*img_pad[400*b + 100*i2 + 10*i3 +
+                                        i4 + 10*i5 + i6];
                             }
                         }
                     }
@@ -856,12 +870,11 @@ static void conv_grad_3(size_t n, float *restrict dconv, const float *restrict d
 }
 
 /*
- * conv: dconv/dK: K.grad[i1, i2, i5, i6] = sum_{b, i3, i4} Piecewise((img[b, i2, i3 + i5 - 1, i4 +
- * i6 - 1], (i3 + i5 >= 1) & (i4 + i6 >= 1) & (i3 + i5 < 9) & (i4 + i6 < 9)), (0,
- * True))*conv.grad[b, i1, i3, i4]
+ * conv: dconv/dK: K.grad[i1, i2, i5, i6] = sum_{b, i3, i4} conv.grad[b, i1, i3, i4]*img.pad[b, i2,
+ * i3 + i5, i4 + i6]
  */
 static void K_grad(size_t n, float *restrict dK, const float *restrict dconv,
-        const float *restrict img)
+        const float *restrict img_pad)
 {
     for (size_t i1 = 0; i1 < 16; ++i1) {
         for (size_t i2 = 0; i2 < 4; ++i2) {
@@ -871,9 +884,8 @@ static void K_grad(size_t n, float *restrict dK, const float *restrict dconv,
                     for (size_t b = 0; b < n; ++b) {
                         for (size_t i3 = 0; i3 < 8; ++i3) {
                             for (size_t i4 = 0; i4 < 8; ++i4) {
-                                acc += ((i3 + i5 >= 1 && i4 + i6 >= 1 && i3 + i5 < 9 && i4 + i6 < 9)
-                                        ? (img[256*b + 64*i2 + 8*i3 + i4 + 8*i5 + i6 - 9]) :
-                                        (0.0F))*dconv[1024*b + 64*i1 + 8*i3 + i4];
+                                acc += dconv[1024*b + 64*i1 + 8*i3 + i4]*img_pad[400*b + 100*i2 +
+                                        10*i3 + i4 + 10*i5 + i6];
                             }
                         }
                     }
@@ -884,14 +896,14 @@ static void K_grad(size_t n, float *restrict dK, const float *restrict dconv,
     }
 }
 
-/* conv: zero img.grad: img.grad[i0, i1, i2, i3] = 0 */
-static void img_grad(size_t n, float *restrict dimg)
+/* conv: zero img.pad.grad: img.pad.grad[i0, i1, i2, i3] = 0 */
+static void img_pad_grad(size_t n, float *restrict dimg_pad)
 {
     for (size_t i0 = 0; i0 < n; ++i0) {
         for (size_t i1 = 0; i1 < 4; ++i1) {
-            for (size_t i2 = 0; i2 < 8; ++i2) {
-                for (size_t i3 = 0; i3 < 8; ++i3) {
-                    dimg[256*i0 + 64*i1 + 8*i2 + i3] = 0;
+            for (size_t i2 = 0; i2 < 10; ++i2) {
+                for (size_t i3 = 0; i3 < 10; ++i3) {
+                    dimg_pad[400*i0 + 100*i1 + 10*i2 + i3] = 0;
                 }
             }
         }
@@ -899,26 +911,41 @@ static void img_grad(size_t n, float *restrict dimg)
 }
 
 /*
- * conv: dconv/dimg: if (i3 + i5 >= 1) & (i4 + i6 >= 1) & (i3 + i5 < 9) & (i4 + i6 < 9): img.grad[b,
- * i2, i3 + i5 - 1, i4 + i6 - 1] += K[i1, i2, i5, i6]*conv.grad[b, i1, i3, i4]
+ * conv: dconv/dimg: img.pad.grad[b, i2, i3 + i5, i4 + i6] += K[i1, i2, i5, i6]*conv.grad[b, i1, i3,
+ * i4]
  */
-static void img_grad_2(size_t n, float *restrict dimg, const float *restrict K,
+static void img_pad_grad_2(size_t n, float *restrict dimg_pad, const float *restrict K,
         const float *restrict dconv)
 {
-    for (size_t i3 = 0; i3 < 8; ++i3) {
-        for (size_t i4 = 0; i4 < 8; ++i4) {
-            for (size_t i5 = 0; i5 < 3; ++i5) {
-                for (size_t i6 = 0; i6 < 3; ++i6) {
-                    if (i3 + i5 >= 1 && i4 + i6 >= 1 && i3 + i5 < 9 && i4 + i6 < 9) {
-                        for (size_t b = 0; b < n; ++b) {
-                            for (size_t i1 = 0; i1 < 16; ++i1) {
-                                for (size_t i2 = 0; i2 < 4; ++i2) {
-                                    dimg[256*b + 64*i2 + 8*i3 + i4 + 8*i5 + i6 - 9] += K[36*i1 +
-                                            9*i2 + 3*i5 + i6]*dconv[1024*b + 64*i1 + 8*i3 + i4];
-                                }
+    for (size_t b = 0; b < n; ++b) {
+        for (size_t i1 = 0; i1 < 16; ++i1) {
+            for (size_t i3 = 0; i3 < 8; ++i3) {
+                for (size_t i4 = 0; i4 < 8; ++i4) {
+                    for (size_t i2 = 0; i2 < 4; ++i2) {
+                        for (size_t i5 = 0; i5 < 3; ++i5) {
+                            for (size_t i6 = 0; i6 < 3; ++i6) {
+                                dimg_pad[400*b + 100*i2 + 10*i3 + i4 + 10*i5 + i6] += K[36*i1 + 9*i2
+                                        + 3*i5 + i6]*dconv[1024*b + 64*i1 + 8*i3 + i4];
                             }
                         }
                     }
+                }
+            }
+        }
+    }
+}
+
+/*
+ * conv: img.grad from the interior of img.pad.grad: img.grad[i0, i1, i2, i3] = img.pad.grad[i0, i1,
+ * i2 + 1, i3 + 1]
+ */
+static void img_grad(size_t n, float *restrict dimg, const float *restrict dimg_pad)
+{
+    for (size_t i0 = 0; i0 < n; ++i0) {
+        for (size_t i1 = 0; i1 < 4; ++i1) {
+            for (size_t i2 = 0; i2 < 8; ++i2) {
+                for (size_t i3 = 0; i3 < 8; ++i3) {
+                    dimg[256*i0 + 64*i1 + 8*i2 + i3] = dimg_pad[400*i0 + 100*i1 + 10*i2 + i3 + 11];
                 }
             }
         }
@@ -1020,11 +1047,12 @@ void digits_tokens_forward(const float *params, float *work, size_t n, const int
     }
     grid_forward(n, work, params + DIGITS_TOKENS_PARAM_E_OFFSET, in_pixels);
     img_forward(n, work + 256 * n, work);
-    act_forward(n, work + 512 * n, params + DIGITS_TOKENS_PARAM_K_OFFSET,
+    img_pad_forward(n, work + 512 * n, work + 256 * n);
+    act_forward(n, work + 912 * n, params + DIGITS_TOKENS_PARAM_K_OFFSET,
             params + DIGITS_TOKENS_PARAM_beta_OFFSET, params + DIGITS_TOKENS_PARAM_gamma_OFFSET,
-            work + 256 * n, params + DIGITS_TOKENS_PARAM_mean_OFFSET,
+            work + 512 * n, params + DIGITS_TOKENS_PARAM_mean_OFFSET,
             params + DIGITS_TOKENS_PARAM_var_OFFSET);
-    pool_forward(n, work, work + 512 * n);
+    pool_forward(n, work, work + 912 * n);
     flat_forward(n, work + 256 * n, work);
     drop_forward(n, work, work + 256 * n);
     logits_forward(n, out_logits, params + DIGITS_TOKENS_PARAM_W_OFFSET,
@@ -1039,11 +1067,12 @@ float digits_tokens_evaluate(const float *params, float *work, size_t n, const i
     }
     grid_forward(n, work + 16, params + DIGITS_TOKENS_PARAM_E_OFFSET, in_pixels);
     img_forward(n, work + 16 + 256 * n, work + 16);
-    act_forward(n, work + 16 + 512 * n, params + DIGITS_TOKENS_PARAM_K_OFFSET,
+    img_pad_forward(n, work + 16 + 512 * n, work + 16 + 256 * n);
+    act_forward(n, work + 16 + 912 * n, params + DIGITS_TOKENS_PARAM_K_OFFSET,
             params + DIGITS_TOKENS_PARAM_beta_OFFSET, params + DIGITS_TOKENS_PARAM_gamma_OFFSET,
-            work + 16 + 256 * n, params + DIGITS_TOKENS_PARAM_mean_OFFSET,
+            work + 16 + 512 * n, params + DIGITS_TOKENS_PARAM_mean_OFFSET,
             params + DIGITS_TOKENS_PARAM_var_OFFSET);
-    pool_forward(n, work + 16, work + 16 + 512 * n);
+    pool_forward(n, work + 16, work + 16 + 912 * n);
     flat_forward(n, work + 16 + 256 * n, work + 16);
     drop_forward(n, work + 16, work + 16 + 256 * n);
     logits_forward(n, out_logits, params + DIGITS_TOKENS_PARAM_W_OFFSET,
@@ -1065,55 +1094,57 @@ float digits_tokens_gradients(const float *params, float *grads, float *work, si
     }
     grid_forward(n, work + 80, params + DIGITS_TOKENS_PARAM_E_OFFSET, in_pixels);
     img_forward(n, work + 80 + 256 * n, work + 80);
-    conv_forward(n, work + 80 + 512 * n, params + DIGITS_TOKENS_PARAM_K_OFFSET,
-            work + 80 + 256 * n);
-    norm_mean_forward(n, work, work + 80 + 512 * n);
-    norm_var_forward(n, work + 16, work + 80 + 512 * n, work);
-    norm_forward(n, work + 80 + 1536 * n, params + DIGITS_TOKENS_PARAM_beta_OFFSET,
-            work + 80 + 512 * n, params + DIGITS_TOKENS_PARAM_gamma_OFFSET, work, work + 16);
-    act_forward_2(n, work + 80 + 2560 * n, work + 80 + 1536 * n);
-    pool_forward(n, work + 80, work + 80 + 2560 * n);
-    pool_argmax_forward(n, work + 80 + 3584 * n, work + 80 + 2560 * n);
-    flat_forward(n, work + 80 + 2560 * n, work + 80);
-    drop_forward_2(n, step, work + 80, work + 80 + 2560 * n);
-    logits_forward(n, work + 80 + 2560 * n, params + DIGITS_TOKENS_PARAM_W_OFFSET,
+    img_pad_forward(n, work + 80 + 512 * n, work + 80 + 256 * n);
+    conv_forward(n, work + 80 + 912 * n, params + DIGITS_TOKENS_PARAM_K_OFFSET,
+            work + 80 + 512 * n);
+    norm_mean_forward(n, work, work + 80 + 912 * n);
+    norm_var_forward(n, work + 16, work + 80 + 912 * n, work);
+    norm_forward(n, work + 80 + 1936 * n, params + DIGITS_TOKENS_PARAM_beta_OFFSET,
+            work + 80 + 912 * n, params + DIGITS_TOKENS_PARAM_gamma_OFFSET, work, work + 16);
+    act_forward_2(n, work + 80 + 2960 * n, work + 80 + 1936 * n);
+    pool_forward(n, work + 80, work + 80 + 2960 * n);
+    pool_argmax_forward(n, work + 80 + 256 * n, work + 80 + 2960 * n);
+    flat_forward(n, work + 80 + 2960 * n, work + 80);
+    drop_forward_2(n, step, work + 80, work + 80 + 2960 * n);
+    logits_forward(n, work + 80 + 2960 * n, params + DIGITS_TOKENS_PARAM_W_OFFSET,
             params + DIGITS_TOKENS_PARAM_b_OFFSET, work + 80);
-    loss_max_forward(n, work + 80 + 2576 * n, work + 80 + 2560 * n);
-    loss_sumexp_forward(n, work + 80 + 2592 * n, work + 80 + 2560 * n, work + 80 + 2576 * n);
+    loss_max_forward(n, work + 80 + 2976 * n, work + 80 + 2960 * n);
+    loss_sumexp_forward(n, work + 80 + 2992 * n, work + 80 + 2960 * n, work + 80 + 2976 * n);
     mean_grad(grads + DIGITS_TOKENS_PARAM_mean_OFFSET, work);
     var_grad(n, grads + DIGITS_TOKENS_PARAM_var_OFFSET, work + 16);
-    batch_mean_loss(n, work + 32, in_label, work + 80 + 2560 * n, work + 80 + 2576 * n,
-            work + 80 + 2592 * n);
-    logits_grad(n, work + 80 + 2608 * n);
-    logits_grad_2(n, work + 80 + 2608 * n, in_label);
-    loss_sumexp_grad(n, work + 80 + 2624 * n, work + 80 + 2592 * n);
-    logits_grad_3(n, work + 80 + 2608 * n, work + 80 + 2560 * n, work + 80 + 2576 * n,
-            work + 80 + 2624 * n);
-    W_grad(n, grads + DIGITS_TOKENS_PARAM_W_OFFSET, work + 80, work + 80 + 2608 * n);
-    b_grad(n, grads + DIGITS_TOKENS_PARAM_b_OFFSET, work + 80 + 2608 * n);
-    flat_grad(n, step, work + 80, params + DIGITS_TOKENS_PARAM_W_OFFSET, work + 80 + 2608 * n);
-    flat_forward(n, work + 80 + 2560 * n, work + 80);
-    act_grad(n, work + 80 + 3840 * n);
-    act_grad_2(n, work + 80 + 3840 * n, work + 80 + 3584 * n, work + 80 + 2560 * n);
-    norm_grad(n, work + 80 + 2560 * n, work + 80 + 3840 * n, work + 80 + 1536 * n);
-    beta_grad(n, grads + DIGITS_TOKENS_PARAM_beta_OFFSET, work + 80 + 2560 * n);
-    conv_grad(n, work + 80 + 1536 * n, params + DIGITS_TOKENS_PARAM_gamma_OFFSET,
-            work + 80 + 2560 * n, work + 16);
-    gamma_grad(n, grads + DIGITS_TOKENS_PARAM_gamma_OFFSET, work + 80 + 512 * n,
-            work + 80 + 2560 * n, work, work + 16);
-    norm_mean_grad(n, work + 48, params + DIGITS_TOKENS_PARAM_gamma_OFFSET, work + 80 + 2560 * n,
+    batch_mean_loss(n, work + 32, in_label, work + 80 + 2960 * n, work + 80 + 2976 * n,
+            work + 80 + 2992 * n);
+    logits_grad(n, work + 80 + 3008 * n);
+    logits_grad_2(n, work + 80 + 3008 * n, in_label);
+    loss_sumexp_grad(n, work + 80 + 3024 * n, work + 80 + 2992 * n);
+    logits_grad_3(n, work + 80 + 3008 * n, work + 80 + 2960 * n, work + 80 + 2976 * n,
+            work + 80 + 3024 * n);
+    W_grad(n, grads + DIGITS_TOKENS_PARAM_W_OFFSET, work + 80, work + 80 + 3008 * n);
+    b_grad(n, grads + DIGITS_TOKENS_PARAM_b_OFFSET, work + 80 + 3008 * n);
+    flat_grad(n, step, work + 80, params + DIGITS_TOKENS_PARAM_W_OFFSET, work + 80 + 3008 * n);
+    flat_forward(n, work + 80 + 2960 * n, work + 80);
+    act_grad(n, work + 80 + 3216 * n);
+    act_grad_2(n, work + 80 + 3216 * n, work + 80 + 256 * n, work + 80 + 2960 * n);
+    norm_grad(n, work + 80 + 4240 * n, work + 80 + 3216 * n, work + 80 + 1936 * n);
+    beta_grad(n, grads + DIGITS_TOKENS_PARAM_beta_OFFSET, work + 80 + 4240 * n);
+    conv_grad(n, work + 80 + 1936 * n, params + DIGITS_TOKENS_PARAM_gamma_OFFSET,
+            work + 80 + 4240 * n, work + 16);
+    gamma_grad(n, grads + DIGITS_TOKENS_PARAM_gamma_OFFSET, work + 80 + 912 * n,
+            work + 80 + 4240 * n, work, work + 16);
+    norm_mean_grad(n, work + 48, params + DIGITS_TOKENS_PARAM_gamma_OFFSET, work + 80 + 4240 * n,
             work + 16);
-    norm_var_grad(n, work + 64, work + 80 + 512 * n, params + DIGITS_TOKENS_PARAM_gamma_OFFSET,
-            work + 80 + 2560 * n, work, work + 16);
-    conv_grad_2(n, work + 80 + 1536 * n, work + 80 + 512 * n, work, work + 64);
-    norm_mean_grad_2(n, work + 48, work + 80 + 512 * n, work, work + 64);
-    conv_grad_3(n, work + 80 + 1536 * n, work + 48);
-    K_grad(n, grads + DIGITS_TOKENS_PARAM_K_OFFSET, work + 80 + 1536 * n, work + 80 + 256 * n);
-    img_grad(n, work + 80);
-    img_grad_2(n, work + 80, params + DIGITS_TOKENS_PARAM_K_OFFSET, work + 80 + 1536 * n);
-    grid_grad(n, work + 80 + 256 * n, work + 80);
+    norm_var_grad(n, work + 64, work + 80 + 912 * n, params + DIGITS_TOKENS_PARAM_gamma_OFFSET,
+            work + 80 + 4240 * n, work, work + 16);
+    conv_grad_2(n, work + 80 + 1936 * n, work + 80 + 912 * n, work, work + 64);
+    norm_mean_grad_2(n, work + 48, work + 80 + 912 * n, work, work + 64);
+    conv_grad_3(n, work + 80 + 1936 * n, work + 48);
+    K_grad(n, grads + DIGITS_TOKENS_PARAM_K_OFFSET, work + 80 + 1936 * n, work + 80 + 512 * n);
+    img_pad_grad(n, work + 80);
+    img_pad_grad_2(n, work + 80, params + DIGITS_TOKENS_PARAM_K_OFFSET, work + 80 + 1936 * n);
+    img_grad(n, work + 80 + 400 * n, work + 80);
+    grid_grad(n, work + 80, work + 80 + 400 * n);
     E_grad(grads + DIGITS_TOKENS_PARAM_E_OFFSET);
-    E_grad_2(n, grads + DIGITS_TOKENS_PARAM_E_OFFSET, work + 80 + 256 * n, in_pixels);
+    E_grad_2(n, grads + DIGITS_TOKENS_PARAM_E_OFFSET, work + 80, in_pixels);
     return work[32];
 }
 
