@@ -154,3 +154,30 @@ def test_nan_weight_reaches_padded_outputs_and_gradients_through_the_copy():
     model.set_params({"K": k})
     y = model.forward(x=np.ones((2, 1, 4, 4), np.float32))["y"]
     assert np.isnan(y).all(), y
+
+
+# ---------------------------------------------------------------- the tiles take them
+
+def test_the_convolutions_run_as_register_tiles():
+    """Without their guards, a convolution, its weight gradient (lanes along the summed w:
+    the tap q is 3 wide) and its input gradient's scatter (lanes along w, the taps one by
+    one outside the tile) are tiles, like dense layers."""
+    graph = graphc.load("examples/digits_cnn.yaml")
+    _, cm = graphc.generate(graph, "float32", target="c99")
+    f = cm.functions
+    for name in ("h1_forward", "h2_forward", "K2_grad", "K1_grad_2"):
+        assert "float c0[4]" in f[name], f[name]
+    assert "tile16x4_add(" in f["p1_pad_grad_2"], f["p1_pad_grad_2"]
+
+
+@pytest.mark.skipif(__import__("shutil").which("cc") is None, reason="no C compiler")
+def test_threads_change_no_bit_of_the_conv_net(tmp_path):
+    """The host's OpenMP shares out whole outputs, a scatter's too (by example: its taps
+    write the same elements, so they run one by one in each thread)."""
+    from test_kernels import _run_harness
+    graph = graphc.load("examples/digits_cnn.yaml")
+    _, cm = graphc.generate(graph, "float32", target="host")
+    assert "#pragma omp" in cm.functions["p1_pad_grad_2"]
+    outs = _run_harness(graph, "host", 40, ["-O2", "-march=native", "-fopenmp"], tmp_path,
+                        runs=[{"OMP_NUM_THREADS": str(t)} for t in (1, 2, 3)])
+    assert outs[0] == outs[1] == outs[2]
