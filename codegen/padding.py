@@ -104,15 +104,16 @@ def _pad_reads(prog: Program) -> None:
                 readers[key].append(k)
     inserts: list[tuple[int, Kernel]] = []
     replaced: dict[int, dict] = {}
-    for number, (key, pads) in enumerate(sorted(wanted.items(), key=lambda kv: (kv[0][0], str(kv[0][1])))):
+    ordered = sorted(wanted.items(), key=lambda kv: (kv[0][0], str(kv[0][1])))
+    for number, (key, pads) in enumerate(ordered):
         name, fill = key
         first, last = readers[key][0], readers[key][-1]
         # The copy is taken once: no kernel may change `name` while it is read.
         if any(prog.kernels[k].out == name for k in range(first, last + 1)):
             continue
         buf = prog.buffers[name]
-        copy_name = name + PAD if number == 0 or (name + PAD) not in prog.buffers \
-            else f"{name}{PAD}{number}"
+        # a second fill of the same buffer (max pooling's -inf beside a conv's 0) is numbered
+        copy_name = name + PAD if name + PAD not in prog.buffers else f"{name}{PAD}{number}"
         while copy_name in prog.buffers:
             copy_name += "_"
         copy = _padded_buffer(buf, copy_name, pads)
