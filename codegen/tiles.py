@@ -372,6 +372,11 @@ class BlockedWriter:
         # so that one helper serves the tails of every kernel.
         tail_budget = budget // size if self.operands is not None and self.use_helpers \
             else budget
+        if isinstance(e, int) and e - int(start) == 1 and not self.shares_out(depth):
+            self.put(depth, "{")   # one row left (3 taps in tiles of 2): no loop
+            self.nest(rest, {**at, s: (sp.Integer(int(start)), 1)}, depth + 1, tail_budget)
+            self.put(depth, "}")
+            return
         self.loop(depth, f"size_t {s} = {start}; {s} < {self.ext(s)}; ++{s}",
                   lambda d: self.nest(rest, {**at, s: (s, 1)}, d, tail_budget))
 
