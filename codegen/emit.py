@@ -264,8 +264,12 @@ class Emitter:
         strides = _strides(kern, buffers) if vector else []
         tiled = tiling(kern, strides, self.target.vector_bytes,
                        np.dtype(self.dtype).itemsize) if vector else None
-        if tiled is not None and self.use_helpers and operands(kern, tiled, strides) is None:
-            tiled = None   # a module of helpers: the rest in plain loops, quick to compile
+        if tiled is not None and self.use_helpers and len(tiled.inner) < 2 \
+                and operands(kern, tiled, strides) is None:
+            # A module of helpers: the rest in plain loops, quick to compile; but a sum over
+            # several loops (a convolution's channels and taps), which no helper takes, is
+            # the work itself.
+            tiled = None
         if kern.also:   # fused updates: one pass over the params, in the declared order
             order, strategy = [s for s, _ in kern.loops], "stores"
         else:

@@ -73,6 +73,8 @@ class Target:
     align: int = ALIGN               # arena alignment in elements (codegen/plan.py)
     vector_bytes: int = 0            # SIMD width the contractions are blocked for (0: plain loops)
     parallel_work: int = 0           # OpenMP for kernels of this many multiply-adds (0: never)
+    # Padding read from zero-padded copies in the arena, not tested per tap (codegen/padding.py)
+    padded_copies: bool = False
     # host only: a digest of what the native flags enable on this machine. It keys the build
     # caches, so a cache shared by machines (an NFS home) never loads another CPU's binary.
     machine: str = ""
@@ -115,12 +117,13 @@ def _host_note(build_flags: tuple[str, ...], tiled_for: str) -> str:
 # over kernels of 2^20 multiply-adds or more (on the 784-256-128-10 MLP at batch 128, the big
 # dense layers and their gradients).
 TARGETS = {
-    "c99": Target("c99", "", CHECK_FLAGS, vector_bytes=16),
+    "c99": Target("c99", "", CHECK_FLAGS, vector_bytes=16, padded_copies=True),
     # -march=native and -fopenmp only for the module graphc builds and loads on this
     # machine; the written C stays portable (the pragmas sit behind #ifdef _OPENMP). This
     # entry is the host target when the compiler cannot be asked: no flags, 16-byte tiles.
     "host": Target("host", _host_note((), f"16-byte SIMD vectors ({_NO_SIMD})"),
-                   CHECK_FLAGS, vector_bytes=16, parallel_work=1 << 20),
+                   CHECK_FLAGS, vector_bytes=16, parallel_work=1 << 20,
+                   padded_copies=True),
     "cortex-m4": Target("cortex-m4", "Cortex-M4F, e.g. arm-none-eabi-gcc -mcpu=cortex-m4 "
                                      "-mthumb -mfloat-abi=hard -mfpu=fpv4-sp-d16 -std=c99 -O2. "
                                      "Keep -std=c99 (or -ffp-contract=off): fused multiply-adds "

@@ -57,6 +57,7 @@ class Tiling:
     budget: int                                # accumulator arrays per tile
     outer: tuple[sp.Symbol, ...]               # kept loops run one by one, outside the tiles
     inner: tuple[sp.Symbol, ...]               # reduction loops inside a tile (not the lane)
+    serial: bool = False                       # no OpenMP: its first loop's values share outputs
 
 
 def _arithmetic(expr: sp.Expr) -> bool:
@@ -75,6 +76,16 @@ def _guarded(kern: Kernel) -> bool:
         or any(data_dependent(i) for a in kern.accesses() for i in a.indices)
 
 
+def _alone(index) -> set[sp.Symbol]:
+    """Loops that are a whole axis of the written index and appear in no other axis: each
+    of their values writes its own outputs."""
+    counts: dict[sp.Symbol, int] = {}
+    for i in index:
+        for s in sp.sympify(i).free_symbols:
+            counts[s] = counts.get(s, 0) + 1
+    return {i for i in index if isinstance(i, sp.Symbol) and counts[i] == 1}
+
+
 def tiling(kern: Kernel, strides: list[dict[sp.Symbol, int]], vector_bytes: int,
            itemsize: int, accumulators: int = 16) -> Tiling | None:
     """How to block `kern`, or None when the scalar schedule is the one to print.
@@ -83,8 +94,15 @@ def tiling(kern: Kernel, strides: list[dict[sp.Symbol, int]], vector_bytes: int,
         return None
     red = kern.reduction_loops()
     index = kern.out_index
-    if not red or len(set(index)) != len(index) or not all(isinstance(i, sp.Symbol) for i in index):
+    if not red or any(data_dependent(i) for i in index):
         return None
+    alone = _alone(index)
+    symbols = [i for i in index if not sp.sympify(i).is_Integer]
+    if kern.mode == SUM and any(i not in alone for i in symbols):
+        return None
+    # A scatter (`dx[b, c, h + p, w + q] += ...`, a padded copy's convolution gradient):
+    # loops that share an axis of the written index run one by one, outside the tile,
+    # except one as the lanes; the tiles are loops that write outputs of their own.
     if not _arithmetic(kern.body) or _guarded(kern):
         return None
     # The names printed here (c0, s, l, i0_t, b_j, t0 ...) cannot meet the IR's loop names.
@@ -101,31 +119,44 @@ def tiling(kern: Kernel, strides: list[dict[sp.Symbol, int]], vector_bytes: int,
 
     kept = [s for s in keep if out[s] == 1 and lane_ok(s) and extent[s] > 1]
     summed = [s for s in red if lane_ok(s) and extent[s] > 1]
-    if kept:
-        lane, reduce_lanes = kept[0], False
-    elif summed:
-        # The longest unit-stride reduction: most lanes filled.
-        lane, reduce_lanes = max(summed, key=lambda s: (extent[s], -red.index(s))), True
+    # The longest: most lanes filled (a scatter's w before its tap q).
+    kept_lane = max(kept, key=lambda s: (extent[s], -kept.index(s))) if kept else None
+    summed_lane = max(summed, key=lambda s: (extent[s], -red.index(s))) if summed else None
+    # A sum over several loops (a convolution's weight gradient, Σ over b, h, w) whose kept
+    # unit-stride loop is shorter than a vector (the tap q of a 3x3 kernel) fills its lanes
+    # along the sum instead (w).
+    several = len(red) > 1 and summed_lane is not None and kept_lane is not None and \
+        1 << (min(vec, extent[summed_lane]).bit_length() - 1) > min(vec, extent[kept_lane])
+    if kept_lane is not None and not several:
+        lane, reduce_lanes = kept_lane, False
+    elif summed_lane is not None:
+        lane, reduce_lanes = summed_lane, True
     else:
         return None
     lanes = min(vec, extent[lane])
     if reduce_lanes:   # a power of two, for the pairwise sum at the end
         lanes = 1 << (lanes.bit_length() - 1)
-        if extent[lane] < MIN_SUMMED_VECTORS * vec:
+        # The sum's length: the lane loop's, times the other loops summed in the tile.
+        length = sp.Mul(*[extent[s] for s in red])
+        if not length.has(BATCH) and int(length) < MIN_SUMMED_VECTORS * vec:
             return None   # the final pairwise sum would cost more than the lanes save
     chunks = 1 if reduce_lanes else max(1, min(2, extent[lane] // lanes))
     # Tile the kept loops along which some read is invariant (it is then loaded once per
-    # tile); most reuse first.
+    # tile); most reuse first, a vector saved (a read along the lanes) before a scalar.
     others = [s for s in keep if s != lane]
 
     def reuse(s):
-        return sum(1 for r in reads if r[s] == 0 and any(r[t] for t in red))
-    tiled = sorted((s for s in others if reuse(s) and extent[s] != 1),
+        return sum(1 + (r[lane] != 0) for r in reads if r[s] == 0 and any(r[t] for t in red))
+    tiled = sorted((s for s in others if reuse(s) and extent[s] != 1 and s in alone),
                    key=lambda s: (-reuse(s), others.index(s)))[:2 if reduce_lanes else 1]
     tiled.sort(key=others.index)
     inner = tuple(s for s in red if s != lane)
+    # Loops outside the tiles, those with outputs of their own first: the first is the one
+    # OpenMP shares out, and threads must not write the same outputs.
+    outer = sorted((s for s in others if s not in tiled), key=lambda s: s not in alone)
+    serial = bool(outer) and outer[0] not in alone
     return Tiling(lane, reduce_lanes, lanes, chunks, tuple(tiled), max(1, accumulators // chunks),
-                  tuple(s for s in others if s not in tiled), inner)
+                  tuple(outer), inner, serial)
 
 
 def _times(k: int, stride: str) -> str:
@@ -251,7 +282,7 @@ class BlockedWriter:
     def parallel_clause(self) -> str | None:
         """None: serial; "": always parallel; else the C condition on n. A parallel region
         costs a team start (~1 µs), so only kernels of `parallel_work` multiply-adds."""
-        if not self.parallel_work:
+        if not self.parallel_work or self.t.serial:
             return None
         work = sp.Mul(*[e for _, e in self.k.loops])   # multiply-adds, in n
         if not work.has(BATCH):
@@ -341,6 +372,11 @@ class BlockedWriter:
         # so that one helper serves the tails of every kernel.
         tail_budget = budget // size if self.operands is not None and self.use_helpers \
             else budget
+        if isinstance(e, int) and e - int(start) == 1 and not self.shares_out(depth):
+            self.put(depth, "{")   # one row left (3 taps in tiles of 2): no loop
+            self.nest(rest, {**at, s: (sp.Integer(int(start)), 1)}, depth + 1, tail_budget)
+            self.put(depth, "}")
+            return
         self.loop(depth, f"size_t {s} = {start}; {s} < {self.ext(s)}; ++{s}",
                   lambda d: self.nest(rest, {**at, s: (s, 1)}, d, tail_budget))
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from codegen.cmodule import CModule
 from codegen.emit import emit
+from codegen.padding import pad_guards
 from codegen.plan import fuse, plan
 from codegen.targets import get_target
 
@@ -31,11 +32,13 @@ def to_c(graph: Graph, dtype: str, target: str = "c99", params=None,
         programs.update(evaluate=derivation.evaluation, gradients=derivation.gradients)
     if training and derivation.update is not None:
         programs["update"] = derivation.update
-    align = get_target(target).align
+    tgt = get_target(target)
     planned = {}
     for kind, program in programs.items():
         fused = fuse(program)
-        planned[kind] = (fused, plan(fused, align))
+        if tgt.padded_copies:
+            fused = pad_guards(fused)
+        planned[kind] = (fused, plan(fused, tgt.align))
     update = planned.pop("update", None)
     return emit(derivation.interface, planned, update, dtype, params=params, target=target,
                 max_batch=max_batch, running=derivation.running if training else None)

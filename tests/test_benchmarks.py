@@ -142,3 +142,17 @@ def test_prep_runs_cold_then_warm_in_fresh_processes(tmp_path):
     assert not cold["cached"] and warm["cached"]
     for r in (cold, warm):
         assert r["c_bytes"] > 0 and r["again"] > 0 and r["compile"] > 0
+
+
+def test_cnn_benchmark_checks_torch_then_times_every_peer(tmp_path):
+    """benchmarks/cnn.py in its quick mode at one small batch: torch agrees with graphc
+    (loss, gradients, params after a step) before anything is timed, every variant has a
+    row, and the table is written. No timing is asserted."""
+    pytest.importorskip("torch")
+    from benchmarks import cnn
+    result = cnn.run(Options.quick(), batches=(4,), competitor_pass=False, training=False)
+    text = cnn.write(result, tmp_path)
+    labels = [r["label"] for r in result["steps"]]
+    assert {"graphc c99 (Python)", "graphc host (pure C)", "PyTorch eager, 1 thread"} <= set(labels)
+    assert all(r["check"]["ok"] and 0 < r["min_s"] <= r["median_s"] for r in result["steps"])
+    assert "| 4 | graphc c99 (bound call)" in text and (tmp_path / "cnn.json").exists()

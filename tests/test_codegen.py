@@ -453,7 +453,12 @@ def test_fusion_records_which_derived_kernels_each_kernel_computes(spec):
         merged = sorted(i for origin in fused.origins for i in origin)
         assert merged == list(range(len(derived.kernels))), kind
         for kern, origin in zip(fused.kernels, fused.origins):
-            assert kern.out in {derived.kernels[i].out for i in origin}, (kind, kern.out)
+            if not origin:   # a padded copy, or a padded gradient's interior (codegen/padding.py)
+                assert ".pad" in kern.out or ".pad" in kern.note, (kind, kern.out, kern.note)
+                continue
+            # a padded scatter computes its derived kernel into a padded copy of the target
+            out = re.sub(r"\.pad\d*_*", "", kern.out)
+            assert out in {derived.kernels[i].out for i in origin}, (kind, kern.out)
         assert [c.index for c in cm.calls[kind]] == list(range(len(fused.kernels)))
 
 

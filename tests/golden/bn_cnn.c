@@ -182,28 +182,175 @@ static void tile1x8(const float *restrict a, size_t am, size_t ar, const float *
 }
 
 /*
- * a: bn with a as epilogue: a[b, i1, i3, i4] = relu(((sum_{i5, i6} Piecewise((x[b, 0, i3 + i5 - 1,
- * i4 + i6 - 1], (i3 + i5 >= 1) & (i4 + i6 >= 1) & (i3 + i5 < 9) & (i4 + i6 < 9)), (0, True))*K[i1,
- * 0, i5, i6]) - mean[i1])*gamma[i1]/sqrt(var[i1] + 1.0e-5) + beta[i1])
+ * a: x padded with 0: x.pad[i0, 0, i2, i3] = Piecewise((x[i0, 0, i2 - 1, i3 - 1], (i2 >= 1) & (i3
+ * >= 1) & (i2 < 9) & (i3 < 9)), (0, True))
+ */
+static void x_pad_forward(size_t n, float *restrict x_pad, const float *restrict x)
+{
+    for (size_t i0 = 0; i0 < n; ++i0) {
+        for (size_t i2 = 0; i2 < 10; ++i2) {
+            for (size_t i3 = 0; i3 < 10; ++i3) {
+                x_pad[100*i0 + 10*i2 + i3] = ((i2 >= 1 && i3 >= 1 && i2 < 9 && i3 < 9) ? (x[64*i0 +
+                        8*i2 + i3 - 9]) : (0.0F));
+            }
+        }
+    }
+}
+
+/*
+ * a: bn with a as epilogue: a[b, i1, i3, i4] = relu(((sum_{i5, i6} K[i1, 0, i5, i6]*x.pad[b, 0, i3
+ * + i5, i4 + i6]) - mean[i1])*gamma[i1]/sqrt(var[i1] + 1.0e-5) + beta[i1])
  */
 static void a_forward(size_t n, float *restrict a, const float *restrict K,
         const float *restrict beta, const float *restrict gamma_, const float *restrict mean,
-        const float *restrict var, const float *restrict x)
+        const float *restrict var, const float *restrict x_pad)
 {
-    for (size_t i1 = 0; i1 < 16; ++i1) {
-        for (size_t b = 0; b < n; ++b) {
-            for (size_t i3 = 0; i3 < 8; ++i3) {
-                for (size_t i4 = 0; i4 < 8; ++i4) {
-                    float acc = 0;
+    for (size_t b = 0; b < n; ++b) {
+        for (size_t i3 = 0; i3 < 8; ++i3) {
+            {
+                for (size_t i1_t = 0; i1_t < 16; i1_t += 8) {
+                    float c0[4], c1[4], c2[4], c3[4], c4[4], c5[4], c6[4], c7[4], c8[4], c9[4],
+                            c10[4], c11[4], c12[4], c13[4], c14[4], c15[4];
+                    for (size_t l = 0; l < 4; ++l) { c0[l] = 0; c1[l] = 0; c2[l] = 0; c3[l] = 0;
+                            c4[l] = 0; c5[l] = 0; c6[l] = 0; c7[l] = 0; c8[l] = 0; c9[l] = 0;
+                            c10[l] = 0; c11[l] = 0; c12[l] = 0; c13[l] = 0; c14[l] = 0; c15[l] = 0;
+                            }
                     for (size_t i5 = 0; i5 < 3; ++i5) {
                         for (size_t i6 = 0; i6 < 3; ++i6) {
-                            acc += ((i3 + i5 >= 1 && i4 + i6 >= 1 && i3 + i5 < 9 && i4 + i6 < 9) ?
-                                    (x[64*b + 8*i3 + i4 + 8*i5 + i6 - 9]) : (0.0F))*K[9*i1 + 3*i5 +
-                                    i6];
+                            for (size_t l = 0; l < 4; ++l) {
+                                c0[l] += K[9*i1_t + 3*i5 + i6]*x_pad[100*b + 10*i3 + 10*i5 + i6 +
+                                        l];
+                                c1[l] += K[9*i1_t + 3*i5 + i6]*x_pad[100*b + 10*i3 + 10*i5 + i6 + l
+                                        + 4];
+                                c2[l] += K[9*i1_t + 3*i5 + i6 + 9]*x_pad[100*b + 10*i3 + 10*i5 + i6
+                                        + l];
+                                c3[l] += K[9*i1_t + 3*i5 + i6 + 9]*x_pad[100*b + 10*i3 + 10*i5 + i6
+                                        + l + 4];
+                                c4[l] += K[9*i1_t + 3*i5 + i6 + 18]*x_pad[100*b + 10*i3 + 10*i5 + i6
+                                        + l];
+                                c5[l] += K[9*i1_t + 3*i5 + i6 + 18]*x_pad[100*b + 10*i3 + 10*i5 + i6
+                                        + l + 4];
+                                c6[l] += K[9*i1_t + 3*i5 + i6 + 27]*x_pad[100*b + 10*i3 + 10*i5 + i6
+                                        + l];
+                                c7[l] += K[9*i1_t + 3*i5 + i6 + 27]*x_pad[100*b + 10*i3 + 10*i5 + i6
+                                        + l + 4];
+                                c8[l] += K[9*i1_t + 3*i5 + i6 + 36]*x_pad[100*b + 10*i3 + 10*i5 + i6
+                                        + l];
+                                c9[l] += K[9*i1_t + 3*i5 + i6 + 36]*x_pad[100*b + 10*i3 + 10*i5 + i6
+                                        + l + 4];
+                                c10[l] += K[9*i1_t + 3*i5 + i6 + 45]*x_pad[100*b + 10*i3 + 10*i5 +
+                                        i6 + l];
+                                c11[l] += K[9*i1_t + 3*i5 + i6 + 45]*x_pad[100*b + 10*i3 + 10*i5 +
+                                        i6 + l + 4];
+                                c12[l] += K[9*i1_t + 3*i5 + i6 + 54]*x_pad[100*b + 10*i3 + 10*i5 +
+                                        i6 + l];
+                                c13[l] += K[9*i1_t + 3*i5 + i6 + 54]*x_pad[100*b + 10*i3 + 10*i5 +
+                                        i6 + l + 4];
+                                c14[l] += K[9*i1_t + 3*i5 + i6 + 63]*x_pad[100*b + 10*i3 + 10*i5 +
+                                        i6 + l];
+                                c15[l] += K[9*i1_t + 3*i5 + i6 + 63]*x_pad[100*b + 10*i3 + 10*i5 +
+                                        i6 + l + 4];
+                            }
                         }
                     }
-                    a[1024*b + 64*i1 + 8*i3 + i4] = relu((acc - mean[i1])*gamma_[i1]/sqrtf(var[i1] +
-                            1e-05F) + beta[i1]);
+                    for (size_t l = 0; l < 4; ++l) {
+                        {
+                            const float acc = c0[l];
+                            a[1024*b + 64*i1_t + 8*i3 + l] = relu((acc -
+                                    mean[i1_t])*gamma_[i1_t]/sqrtf(var[i1_t] + 1e-05F) +
+                                    beta[i1_t]);
+                        }
+                        {
+                            const float acc = c1[l];
+                            a[1024*b + 64*i1_t + 8*i3 + l + 4] = relu((acc -
+                                    mean[i1_t])*gamma_[i1_t]/sqrtf(var[i1_t] + 1e-05F) +
+                                    beta[i1_t]);
+                        }
+                        {
+                            const float acc = c2[l];
+                            a[1024*b + 64*i1_t + 8*i3 + l + 64] = relu((acc - mean[i1_t +
+                                    1])*gamma_[i1_t + 1]/sqrtf(var[i1_t + 1] + 1e-05F) + beta[i1_t +
+                                    1]);
+                        }
+                        {
+                            const float acc = c3[l];
+                            a[1024*b + 64*i1_t + 8*i3 + l + 68] = relu((acc - mean[i1_t +
+                                    1])*gamma_[i1_t + 1]/sqrtf(var[i1_t + 1] + 1e-05F) + beta[i1_t +
+                                    1]);
+                        }
+                        {
+                            const float acc = c4[l];
+                            a[1024*b + 64*i1_t + 8*i3 + l + 128] = relu((acc - mean[i1_t +
+                                    2])*gamma_[i1_t + 2]/sqrtf(var[i1_t + 2] + 1e-05F) + beta[i1_t +
+                                    2]);
+                        }
+                        {
+                            const float acc = c5[l];
+                            a[1024*b + 64*i1_t + 8*i3 + l + 132] = relu((acc - mean[i1_t +
+                                    2])*gamma_[i1_t + 2]/sqrtf(var[i1_t + 2] + 1e-05F) + beta[i1_t +
+                                    2]);
+                        }
+                        {
+                            const float acc = c6[l];
+                            a[1024*b + 64*i1_t + 8*i3 + l + 192] = relu((acc - mean[i1_t +
+                                    3])*gamma_[i1_t + 3]/sqrtf(var[i1_t + 3] + 1e-05F) + beta[i1_t +
+                                    3]);
+                        }
+                        {
+                            const float acc = c7[l];
+                            a[1024*b + 64*i1_t + 8*i3 + l + 196] = relu((acc - mean[i1_t +
+                                    3])*gamma_[i1_t + 3]/sqrtf(var[i1_t + 3] + 1e-05F) + beta[i1_t +
+                                    3]);
+                        }
+                        {
+                            const float acc = c8[l];
+                            a[1024*b + 64*i1_t + 8*i3 + l + 256] = relu((acc - mean[i1_t +
+                                    4])*gamma_[i1_t + 4]/sqrtf(var[i1_t + 4] + 1e-05F) + beta[i1_t +
+                                    4]);
+                        }
+                        {
+                            const float acc = c9[l];
+                            a[1024*b + 64*i1_t + 8*i3 + l + 260] = relu((acc - mean[i1_t +
+                                    4])*gamma_[i1_t + 4]/sqrtf(var[i1_t + 4] + 1e-05F) + beta[i1_t +
+                                    4]);
+                        }
+                        {
+                            const float acc = c10[l];
+                            a[1024*b + 64*i1_t + 8*i3 + l + 320] = relu((acc - mean[i1_t +
+                                    5])*gamma_[i1_t + 5]/sqrtf(var[i1_t + 5] + 1e-05F) + beta[i1_t +
+                                    5]);
+                        }
+                        {
+                            const float acc = c11[l];
+                            a[1024*b + 64*i1_t + 8*i3 + l + 324] = relu((acc - mean[i1_t +
+                                    5])*gamma_[i1_t + 5]/sqrtf(var[i1_t + 5] + 1e-05F) + beta[i1_t +
+                                    5]);
+                        }
+                        {
+                            const float acc = c12[l];
+                            a[1024*b + 64*i1_t + 8*i3 + l + 384] = relu((acc - mean[i1_t +
+                                    6])*gamma_[i1_t + 6]/sqrtf(var[i1_t + 6] + 1e-05F) + beta[i1_t +
+                                    6]);
+                        }
+                        {
+                            const float acc = c13[l];
+                            a[1024*b + 64*i1_t + 8*i3 + l + 388] = relu((acc - mean[i1_t +
+                                    6])*gamma_[i1_t + 6]/sqrtf(var[i1_t + 6] + 1e-05F) + beta[i1_t +
+                                    6]);
+                        }
+                        {
+                            const float acc = c14[l];
+                            a[1024*b + 64*i1_t + 8*i3 + l + 448] = relu((acc - mean[i1_t +
+                                    7])*gamma_[i1_t + 7]/sqrtf(var[i1_t + 7] + 1e-05F) + beta[i1_t +
+                                    7]);
+                        }
+                        {
+                            const float acc = c15[l];
+                            a[1024*b + 64*i1_t + 8*i3 + l + 452] = relu((acc - mean[i1_t +
+                                    7])*gamma_[i1_t + 7]/sqrtf(var[i1_t + 7] + 1e-05F) + beta[i1_t +
+                                    7]);
+                        }
+                    }
                 }
             }
         }
@@ -330,31 +477,75 @@ static void batch_mean_loss(size_t n, float *restrict batch_loss, const float *r
     batch_loss[0] = acc*inv_n;
 }
 
-/*
- * h: forward: h[b, i1, i3, i4] = sum_{i5, i6} Piecewise((x[b, 0, i3 + i5 - 1, i4 + i6 - 1], (i3 +
- * i5 >= 1) & (i4 + i6 >= 1) & (i3 + i5 < 9) & (i4 + i6 < 9)), (0, True))*K[i1, 0, i5, i6]
- */
-static void h_forward(size_t n, float *restrict h, const float *restrict K, const float *restrict x)
+/* h: forward: h[b, i1, i3, i4] = sum_{i5, i6} K[i1, 0, i5, i6]*x.pad[b, 0, i3 + i5, i4 + i6] */
+static void h_forward(size_t n, float *restrict h, const float *restrict K,
+        const float *restrict x_pad)
 {
     for (size_t b = 0; b < n; ++b) {
-        for (size_t i1 = 0; i1 < 16; ++i1) {
-            for (size_t i3 = 0; i3 < 8; ++i3) {
-                for (size_t i4 = 0; i4 < 8; ++i4) {
-                    h[1024*b + 64*i1 + 8*i3 + i4] = 0;
-                }
-            }
-        }
-    }
-    for (size_t b = 0; b < n; ++b) {
-        for (size_t i1 = 0; i1 < 16; ++i1) {
-            for (size_t i3 = 0; i3 < 8; ++i3) {
-                for (size_t i5 = 0; i5 < 3; ++i5) {
-                    for (size_t i4 = 0; i4 < 8; ++i4) {
+        for (size_t i3 = 0; i3 < 8; ++i3) {
+            {
+                for (size_t i1_t = 0; i1_t < 16; i1_t += 8) {
+                    float c0[4], c1[4], c2[4], c3[4], c4[4], c5[4], c6[4], c7[4], c8[4], c9[4],
+                            c10[4], c11[4], c12[4], c13[4], c14[4], c15[4];
+                    for (size_t l = 0; l < 4; ++l) { c0[l] = 0; c1[l] = 0; c2[l] = 0; c3[l] = 0;
+                            c4[l] = 0; c5[l] = 0; c6[l] = 0; c7[l] = 0; c8[l] = 0; c9[l] = 0;
+                            c10[l] = 0; c11[l] = 0; c12[l] = 0; c13[l] = 0; c14[l] = 0; c15[l] = 0;
+                            }
+                    for (size_t i5 = 0; i5 < 3; ++i5) {
                         for (size_t i6 = 0; i6 < 3; ++i6) {
-                            h[1024*b + 64*i1 + 8*i3 + i4] += ((i3 + i5 >= 1 && i4 + i6 >= 1 && i3 +
-                                    i5 < 9 && i4 + i6 < 9) ? (x[64*b + 8*i3 + i4 + 8*i5 + i6 - 9]) :
-                                    (0.0F))*K[9*i1 + 3*i5 + i6];
+                            for (size_t l = 0; l < 4; ++l) {
+                                c0[l] += K[9*i1_t + 3*i5 + i6]*x_pad[100*b + 10*i3 + 10*i5 + i6 +
+                                        l];
+                                c1[l] += K[9*i1_t + 3*i5 + i6]*x_pad[100*b + 10*i3 + 10*i5 + i6 + l
+                                        + 4];
+                                c2[l] += K[9*i1_t + 3*i5 + i6 + 9]*x_pad[100*b + 10*i3 + 10*i5 + i6
+                                        + l];
+                                c3[l] += K[9*i1_t + 3*i5 + i6 + 9]*x_pad[100*b + 10*i3 + 10*i5 + i6
+                                        + l + 4];
+                                c4[l] += K[9*i1_t + 3*i5 + i6 + 18]*x_pad[100*b + 10*i3 + 10*i5 + i6
+                                        + l];
+                                c5[l] += K[9*i1_t + 3*i5 + i6 + 18]*x_pad[100*b + 10*i3 + 10*i5 + i6
+                                        + l + 4];
+                                c6[l] += K[9*i1_t + 3*i5 + i6 + 27]*x_pad[100*b + 10*i3 + 10*i5 + i6
+                                        + l];
+                                c7[l] += K[9*i1_t + 3*i5 + i6 + 27]*x_pad[100*b + 10*i3 + 10*i5 + i6
+                                        + l + 4];
+                                c8[l] += K[9*i1_t + 3*i5 + i6 + 36]*x_pad[100*b + 10*i3 + 10*i5 + i6
+                                        + l];
+                                c9[l] += K[9*i1_t + 3*i5 + i6 + 36]*x_pad[100*b + 10*i3 + 10*i5 + i6
+                                        + l + 4];
+                                c10[l] += K[9*i1_t + 3*i5 + i6 + 45]*x_pad[100*b + 10*i3 + 10*i5 +
+                                        i6 + l];
+                                c11[l] += K[9*i1_t + 3*i5 + i6 + 45]*x_pad[100*b + 10*i3 + 10*i5 +
+                                        i6 + l + 4];
+                                c12[l] += K[9*i1_t + 3*i5 + i6 + 54]*x_pad[100*b + 10*i3 + 10*i5 +
+                                        i6 + l];
+                                c13[l] += K[9*i1_t + 3*i5 + i6 + 54]*x_pad[100*b + 10*i3 + 10*i5 +
+                                        i6 + l + 4];
+                                c14[l] += K[9*i1_t + 3*i5 + i6 + 63]*x_pad[100*b + 10*i3 + 10*i5 +
+                                        i6 + l];
+                                c15[l] += K[9*i1_t + 3*i5 + i6 + 63]*x_pad[100*b + 10*i3 + 10*i5 +
+                                        i6 + l + 4];
+                            }
                         }
+                    }
+                    for (size_t l = 0; l < 4; ++l) {
+                        h[1024*b + 64*i1_t + 8*i3 + l] = c0[l];
+                        h[1024*b + 64*i1_t + 8*i3 + l + 4] = c1[l];
+                        h[1024*b + 64*i1_t + 8*i3 + l + 64] = c2[l];
+                        h[1024*b + 64*i1_t + 8*i3 + l + 68] = c3[l];
+                        h[1024*b + 64*i1_t + 8*i3 + l + 128] = c4[l];
+                        h[1024*b + 64*i1_t + 8*i3 + l + 132] = c5[l];
+                        h[1024*b + 64*i1_t + 8*i3 + l + 192] = c6[l];
+                        h[1024*b + 64*i1_t + 8*i3 + l + 196] = c7[l];
+                        h[1024*b + 64*i1_t + 8*i3 + l + 256] = c8[l];
+                        h[1024*b + 64*i1_t + 8*i3 + l + 260] = c9[l];
+                        h[1024*b + 64*i1_t + 8*i3 + l + 320] = c10[l];
+                        h[1024*b + 64*i1_t + 8*i3 + l + 324] = c11[l];
+                        h[1024*b + 64*i1_t + 8*i3 + l + 384] = c12[l];
+                        h[1024*b + 64*i1_t + 8*i3 + l + 388] = c13[l];
+                        h[1024*b + 64*i1_t + 8*i3 + l + 448] = c14[l];
+                        h[1024*b + 64*i1_t + 8*i3 + l + 452] = c15[l];
                     }
                 }
             }
@@ -367,14 +558,21 @@ static void bn_mean_forward(size_t n, float *restrict bn_mean, const float *rest
 {
     const float inv_n = 1 / (float)n;
     for (size_t i0 = 0; i0 < 16; ++i0) {
-        float acc = 0;
+        float c0[4];
+        for (size_t l = 0; l < 4; ++l) { c0[l] = 0; }
         for (size_t b = 0; b < n; ++b) {
             for (size_t i1 = 0; i1 < 8; ++i1) {
-                for (size_t i2 = 0; i2 < 8; ++i2) {
-                    acc += h[1024*b + 64*i0 + 8*i1 + i2];
+                for (size_t l = 0; l < 4; ++l) {
+                    c0[l] += h[1024*b + 64*i0 + 8*i1 + l];
+                }
+                for (size_t l = 0; l < 4; ++l) {
+                    c0[l] += h[1024*b + 64*i0 + 8*i1 + l + 4];
                 }
             }
         }
+        for (size_t l = 0; l < 2; ++l) { c0[l] += c0[l + 2]; }
+        c0[0] += c0[1];
+        const float acc = c0[0];
         bn_mean[i0] = (1.0F/64.0F)*acc*inv_n;
     }
 }
@@ -385,14 +583,21 @@ static void bn_var_forward(size_t n, float *restrict bn_var, const float *restri
 {
     const float inv_n = 1 / (float)n;
     for (size_t i0 = 0; i0 < 16; ++i0) {
-        float acc = 0;
+        float c0[4];
+        for (size_t l = 0; l < 4; ++l) { c0[l] = 0; }
         for (size_t b = 0; b < n; ++b) {
             for (size_t i1 = 0; i1 < 8; ++i1) {
-                for (size_t i2 = 0; i2 < 8; ++i2) {
-                    acc += powf(-bn_mean[i0] + h[1024*b + 64*i0 + 8*i1 + i2], 2);
+                for (size_t l = 0; l < 4; ++l) {
+                    c0[l] += powf(-bn_mean[i0] + h[1024*b + 64*i0 + 8*i1 + l], 2);
+                }
+                for (size_t l = 0; l < 4; ++l) {
+                    c0[l] += powf(-bn_mean[i0] + h[1024*b + 64*i0 + 8*i1 + l + 4], 2);
                 }
             }
         }
+        for (size_t l = 0; l < 2; ++l) { c0[l] += c0[l + 2]; }
+        c0[0] += c0[1];
+        const float acc = c0[0];
         bn_var[i0] = (1.0F/64.0F)*acc*inv_n;
     }
 }
@@ -614,15 +819,21 @@ static void bn_grad(size_t n, float *restrict dbn, const float *restrict da,
 static void beta_grad(size_t n, float *restrict dbeta, const float *restrict dbn)
 {
     for (size_t i0 = 0; i0 < 16; ++i0) {
-        float acc = 0;
+        float c0[4];
+        for (size_t l = 0; l < 4; ++l) { c0[l] = 0; }
         for (size_t b = 0; b < n; ++b) {
             for (size_t i1 = 0; i1 < 8; ++i1) {
-                for (size_t i2 = 0; i2 < 8; ++i2) {
-                    acc += dbn[1024*b + 64*i0 + 8*i1 + i2];
+                for (size_t l = 0; l < 4; ++l) {
+                    c0[l] += dbn[1024*b + 64*i0 + 8*i1 + l];
+                }
+                for (size_t l = 0; l < 4; ++l) {
+                    c0[l] += dbn[1024*b + 64*i0 + 8*i1 + l + 4];
                 }
             }
         }
-        dbeta[i0] = acc;
+        for (size_t l = 0; l < 2; ++l) { c0[l] += c0[l + 2]; }
+        c0[0] += c0[1];
+        dbeta[i0] = c0[0];
     }
 }
 
@@ -634,15 +845,22 @@ static void bn_mean_grad(size_t n, float *restrict dbn_mean, const float *restri
         const float *restrict bn_var, const float *restrict gamma_)
 {
     for (size_t i0 = 0; i0 < 16; ++i0) {
-        float acc = 0;
+        float c0[4];
+        for (size_t l = 0; l < 4; ++l) { c0[l] = 0; }
         for (size_t b = 0; b < n; ++b) {
             for (size_t i1 = 0; i1 < 8; ++i1) {
-                for (size_t i2 = 0; i2 < 8; ++i2) {
-                    acc += -dbn[1024*b + 64*i0 + 8*i1 + i2]*gamma_[i0]/sqrtf(bn_var[i0] + 1e-05F);
+                for (size_t l = 0; l < 4; ++l) {
+                    c0[l] += -dbn[1024*b + 64*i0 + 8*i1 + l]*gamma_[i0]/sqrtf(bn_var[i0] + 1e-05F);
+                }
+                for (size_t l = 0; l < 4; ++l) {
+                    c0[l] += -dbn[1024*b + 64*i0 + 8*i1 + l + 4]*gamma_[i0]/sqrtf(bn_var[i0] +
+                            1e-05F);
                 }
             }
         }
-        dbn_mean[i0] = acc;
+        for (size_t l = 0; l < 2; ++l) { c0[l] += c0[l + 2]; }
+        c0[0] += c0[1];
+        dbn_mean[i0] = c0[0];
     }
 }
 
@@ -655,16 +873,23 @@ static void bn_var_grad(size_t n, float *restrict dbn_var, const float *restrict
         const float *restrict h)
 {
     for (size_t i0 = 0; i0 < 16; ++i0) {
-        float acc = 0;
+        float c0[4];
+        for (size_t l = 0; l < 4; ++l) { c0[l] = 0; }
         for (size_t b = 0; b < n; ++b) {
             for (size_t i1 = 0; i1 < 8; ++i1) {
-                for (size_t i2 = 0; i2 < 8; ++i2) {
-                    acc += -1.0F/2.0F*(-bn_mean[i0] + h[1024*b + 64*i0 + 8*i1 + i2])*dbn[1024*b +
-                            64*i0 + 8*i1 + i2]*gamma_[i0]/powf(bn_var[i0] + 1e-05F, 3.0F/2.0F);
+                for (size_t l = 0; l < 4; ++l) {
+                    c0[l] += -1.0F/2.0F*(-bn_mean[i0] + h[1024*b + 64*i0 + 8*i1 + l])*dbn[1024*b +
+                            64*i0 + 8*i1 + l]*gamma_[i0]/powf(bn_var[i0] + 1e-05F, 3.0F/2.0F);
+                }
+                for (size_t l = 0; l < 4; ++l) {
+                    c0[l] += -1.0F/2.0F*(-bn_mean[i0] + h[1024*b + 64*i0 + 8*i1 + l + 4])*dbn[1024*b
+                            + 64*i0 + 8*i1 + l + 4]*gamma_[i0]/powf(bn_var[i0] + 1e-05F, 3.0F/2.0F);
                 }
             }
         }
-        dbn_var[i0] = acc;
+        for (size_t l = 0; l < 2; ++l) { c0[l] += c0[l + 2]; }
+        c0[0] += c0[1];
+        dbn_var[i0] = c0[0];
     }
 }
 
@@ -676,16 +901,23 @@ static void gamma_grad(size_t n, float *restrict dgamma, const float *restrict d
         const float *restrict bn_mean, const float *restrict bn_var, const float *restrict h)
 {
     for (size_t i0 = 0; i0 < 16; ++i0) {
-        float acc = 0;
+        float c0[4];
+        for (size_t l = 0; l < 4; ++l) { c0[l] = 0; }
         for (size_t b = 0; b < n; ++b) {
             for (size_t i1 = 0; i1 < 8; ++i1) {
-                for (size_t i2 = 0; i2 < 8; ++i2) {
-                    acc += (-bn_mean[i0] + h[1024*b + 64*i0 + 8*i1 + i2])*dbn[1024*b + 64*i0 + 8*i1
-                            + i2]/sqrtf(bn_var[i0] + 1e-05F);
+                for (size_t l = 0; l < 4; ++l) {
+                    c0[l] += (-bn_mean[i0] + h[1024*b + 64*i0 + 8*i1 + l])*dbn[1024*b + 64*i0 + 8*i1
+                            + l]/sqrtf(bn_var[i0] + 1e-05F);
+                }
+                for (size_t l = 0; l < 4; ++l) {
+                    c0[l] += (-bn_mean[i0] + h[1024*b + 64*i0 + 8*i1 + l + 4])*dbn[1024*b + 64*i0 +
+                            8*i1 + l + 4]/sqrtf(bn_var[i0] + 1e-05F);
                 }
             }
         }
-        dgamma[i0] = acc;
+        for (size_t l = 0; l < 2; ++l) { c0[l] += c0[l + 2]; }
+        c0[0] += c0[1];
+        dgamma[i0] = c0[0];
     }
 }
 
@@ -714,14 +946,23 @@ static void bn_mean_grad_2(size_t n, float *restrict dbn_mean, const float *rest
 {
     const float inv_n = 1 / (float)n;
     for (size_t i0 = 0; i0 < 16; ++i0) {
+        float c0[4];
+        for (size_t l = 0; l < 4; ++l) { c0[l] = 0; }
         for (size_t b = 0; b < n; ++b) {
             for (size_t i1 = 0; i1 < 8; ++i1) {
-                for (size_t i2 = 0; i2 < 8; ++i2) {
-                    dbn_mean[i0] += (1.0F/64.0F)*inv_n*(2*bn_mean[i0] - 2*h[1024*b + 64*i0 + 8*i1 +
-                            i2])*dbn_var[i0];
+                for (size_t l = 0; l < 4; ++l) {
+                    c0[l] += (1.0F/64.0F)*inv_n*(2*bn_mean[i0] - 2*h[1024*b + 64*i0 + 8*i1 +
+                            l])*dbn_var[i0];
+                }
+                for (size_t l = 0; l < 4; ++l) {
+                    c0[l] += (1.0F/64.0F)*inv_n*(2*bn_mean[i0] - 2*h[1024*b + 64*i0 + 8*i1 + l +
+                            4])*dbn_var[i0];
                 }
             }
         }
+        for (size_t l = 0; l < 2; ++l) { c0[l] += c0[l + 2]; }
+        c0[0] += c0[1];
+        dbn_mean[i0] += c0[0];
     }
 }
 
@@ -772,24 +1013,159 @@ static void K_grad(float *restrict dK)
     }
 }
 
-/*
- * h: dh/dK: K.grad[i1, 0, i5, i6] += Piecewise((x[b, 0, i3 + i5 - 1, i4 + i6 - 1], (i3 + i5 >= 1) &
- * (i4 + i6 >= 1) & (i3 + i5 < 9) & (i4 + i6 < 9)), (0, True))*h.grad[b, i1, i3, i4]
- */
+/* h: dh/dK: K.grad[i1, 0, i5, i6] += h.grad[b, i1, i3, i4]*x.pad[b, 0, i3 + i5, i4 + i6] */
 static void K_grad_2(size_t n, float *restrict dK, const float *restrict dh,
-        const float *restrict x)
+        const float *restrict x_pad)
 {
-    for (size_t b = 0; b < n; ++b) {
-        for (size_t i1 = 0; i1 < 16; ++i1) {
-            for (size_t i3 = 0; i3 < 8; ++i3) {
-                for (size_t i5 = 0; i5 < 3; ++i5) {
-                    for (size_t i4 = 0; i4 < 8; ++i4) {
-                        for (size_t i6 = 0; i6 < 3; ++i6) {
-                            dK[9*i1 + 3*i5 + i6] += ((i3 + i5 >= 1 && i4 + i6 >= 1 && i3 + i5 < 9 &&
-                                    i4 + i6 < 9) ? (x[64*b + 8*i3 + i4 + 8*i5 + i6 - 9]) :
-                                    (0.0F))*dh[1024*b + 64*i1 + 8*i3 + i4];
+    for (size_t i6 = 0; i6 < 3; ++i6) {
+        for (size_t i1_t = 0; i1_t < 16; i1_t += 8) {
+            {
+                float c0[4], c1[4], c2[4], c3[4], c4[4], c5[4], c6[4], c7[4], c8[4], c9[4], c10[4],
+                        c11[4], c12[4], c13[4], c14[4], c15[4];
+                for (size_t l = 0; l < 4; ++l) { c0[l] = 0; c1[l] = 0; c2[l] = 0; c3[l] = 0;
+                        c4[l] = 0; c5[l] = 0; c6[l] = 0; c7[l] = 0; c8[l] = 0; c9[l] = 0;
+                        c10[l] = 0; c11[l] = 0; c12[l] = 0; c13[l] = 0; c14[l] = 0; c15[l] = 0; }
+                for (size_t b = 0; b < n; ++b) {
+                    for (size_t i3 = 0; i3 < 8; ++i3) {
+                        for (size_t l = 0; l < 4; ++l) {
+                            c0[l] += dh[1024*b + 64*i1_t + 8*i3 + l]*x_pad[100*b + 10*i3 + i6 + l];
+                            c1[l] += dh[1024*b + 64*i1_t + 8*i3 + l]*x_pad[100*b + 10*i3 + i6 + l +
+                                    10];
+                            c2[l] += dh[1024*b + 64*i1_t + 8*i3 + l + 64]*x_pad[100*b + 10*i3 + i6 +
+                                    l];
+                            c3[l] += dh[1024*b + 64*i1_t + 8*i3 + l + 64]*x_pad[100*b + 10*i3 + i6 +
+                                    l + 10];
+                            c4[l] += dh[1024*b + 64*i1_t + 8*i3 + l + 128]*x_pad[100*b + 10*i3 + i6
+                                    + l];
+                            c5[l] += dh[1024*b + 64*i1_t + 8*i3 + l + 128]*x_pad[100*b + 10*i3 + i6
+                                    + l + 10];
+                            c6[l] += dh[1024*b + 64*i1_t + 8*i3 + l + 192]*x_pad[100*b + 10*i3 + i6
+                                    + l];
+                            c7[l] += dh[1024*b + 64*i1_t + 8*i3 + l + 192]*x_pad[100*b + 10*i3 + i6
+                                    + l + 10];
+                            c8[l] += dh[1024*b + 64*i1_t + 8*i3 + l + 256]*x_pad[100*b + 10*i3 + i6
+                                    + l];
+                            c9[l] += dh[1024*b + 64*i1_t + 8*i3 + l + 256]*x_pad[100*b + 10*i3 + i6
+                                    + l + 10];
+                            c10[l] += dh[1024*b + 64*i1_t + 8*i3 + l + 320]*x_pad[100*b + 10*i3 + i6
+                                    + l];
+                            c11[l] += dh[1024*b + 64*i1_t + 8*i3 + l + 320]*x_pad[100*b + 10*i3 + i6
+                                    + l + 10];
+                            c12[l] += dh[1024*b + 64*i1_t + 8*i3 + l + 384]*x_pad[100*b + 10*i3 + i6
+                                    + l];
+                            c13[l] += dh[1024*b + 64*i1_t + 8*i3 + l + 384]*x_pad[100*b + 10*i3 + i6
+                                    + l + 10];
+                            c14[l] += dh[1024*b + 64*i1_t + 8*i3 + l + 448]*x_pad[100*b + 10*i3 + i6
+                                    + l];
+                            c15[l] += dh[1024*b + 64*i1_t + 8*i3 + l + 448]*x_pad[100*b + 10*i3 + i6
+                                    + l + 10];
+                        }
+                        for (size_t l = 0; l < 4; ++l) {
+                            c0[l] += dh[1024*b + 64*i1_t + 8*i3 + l + 4]*x_pad[100*b + 10*i3 + i6 +
+                                    l + 4];
+                            c1[l] += dh[1024*b + 64*i1_t + 8*i3 + l + 4]*x_pad[100*b + 10*i3 + i6 +
+                                    l + 14];
+                            c2[l] += dh[1024*b + 64*i1_t + 8*i3 + l + 68]*x_pad[100*b + 10*i3 + i6 +
+                                    l + 4];
+                            c3[l] += dh[1024*b + 64*i1_t + 8*i3 + l + 68]*x_pad[100*b + 10*i3 + i6 +
+                                    l + 14];
+                            c4[l] += dh[1024*b + 64*i1_t + 8*i3 + l + 132]*x_pad[100*b + 10*i3 + i6
+                                    + l + 4];
+                            c5[l] += dh[1024*b + 64*i1_t + 8*i3 + l + 132]*x_pad[100*b + 10*i3 + i6
+                                    + l + 14];
+                            c6[l] += dh[1024*b + 64*i1_t + 8*i3 + l + 196]*x_pad[100*b + 10*i3 + i6
+                                    + l + 4];
+                            c7[l] += dh[1024*b + 64*i1_t + 8*i3 + l + 196]*x_pad[100*b + 10*i3 + i6
+                                    + l + 14];
+                            c8[l] += dh[1024*b + 64*i1_t + 8*i3 + l + 260]*x_pad[100*b + 10*i3 + i6
+                                    + l + 4];
+                            c9[l] += dh[1024*b + 64*i1_t + 8*i3 + l + 260]*x_pad[100*b + 10*i3 + i6
+                                    + l + 14];
+                            c10[l] += dh[1024*b + 64*i1_t + 8*i3 + l + 324]*x_pad[100*b + 10*i3 + i6
+                                    + l + 4];
+                            c11[l] += dh[1024*b + 64*i1_t + 8*i3 + l + 324]*x_pad[100*b + 10*i3 + i6
+                                    + l + 14];
+                            c12[l] += dh[1024*b + 64*i1_t + 8*i3 + l + 388]*x_pad[100*b + 10*i3 + i6
+                                    + l + 4];
+                            c13[l] += dh[1024*b + 64*i1_t + 8*i3 + l + 388]*x_pad[100*b + 10*i3 + i6
+                                    + l + 14];
+                            c14[l] += dh[1024*b + 64*i1_t + 8*i3 + l + 452]*x_pad[100*b + 10*i3 + i6
+                                    + l + 4];
+                            c15[l] += dh[1024*b + 64*i1_t + 8*i3 + l + 452]*x_pad[100*b + 10*i3 + i6
+                                    + l + 14];
                         }
                     }
+                }
+                for (size_t l = 0; l < 2; ++l) { c0[l] += c0[l + 2]; c1[l] += c1[l + 2];
+                        c2[l] += c2[l + 2]; c3[l] += c3[l + 2]; c4[l] += c4[l + 2];
+                        c5[l] += c5[l + 2]; c6[l] += c6[l + 2]; c7[l] += c7[l + 2];
+                        c8[l] += c8[l + 2]; c9[l] += c9[l + 2]; c10[l] += c10[l + 2];
+                        c11[l] += c11[l + 2]; c12[l] += c12[l + 2]; c13[l] += c13[l + 2];
+                        c14[l] += c14[l + 2]; c15[l] += c15[l + 2]; }
+                c0[0] += c0[1]; c1[0] += c1[1]; c2[0] += c2[1]; c3[0] += c3[1]; c4[0] += c4[1];
+                        c5[0] += c5[1]; c6[0] += c6[1]; c7[0] += c7[1]; c8[0] += c8[1];
+                        c9[0] += c9[1]; c10[0] += c10[1]; c11[0] += c11[1]; c12[0] += c12[1];
+                        c13[0] += c13[1]; c14[0] += c14[1]; c15[0] += c15[1];
+                const float s[16] = {c0[0], c1[0], c2[0], c3[0], c4[0], c5[0], c6[0], c7[0], c8[0],
+                        c9[0], c10[0], c11[0], c12[0], c13[0], c14[0], c15[0]};
+                for (size_t i1_j = 0; i1_j < 8; ++i1_j) {
+                    for (size_t i5_j = 0; i5_j < 2; ++i5_j) {
+                        dK[9*i1_j + 9*i1_t + 3*i5_j + i6] += s[2*i1_j + i5_j];
+                    }
+                }
+            }
+            {
+                float c0[4], c1[4], c2[4], c3[4], c4[4], c5[4], c6[4], c7[4];
+                for (size_t l = 0; l < 4; ++l) { c0[l] = 0; c1[l] = 0; c2[l] = 0; c3[l] = 0;
+                        c4[l] = 0; c5[l] = 0; c6[l] = 0; c7[l] = 0; }
+                for (size_t b = 0; b < n; ++b) {
+                    for (size_t i3 = 0; i3 < 8; ++i3) {
+                        for (size_t l = 0; l < 4; ++l) {
+                            c0[l] += dh[1024*b + 64*i1_t + 8*i3 + l]*x_pad[100*b + 10*i3 + i6 + l +
+                                    20];
+                            c1[l] += dh[1024*b + 64*i1_t + 8*i3 + l + 64]*x_pad[100*b + 10*i3 + i6 +
+                                    l + 20];
+                            c2[l] += dh[1024*b + 64*i1_t + 8*i3 + l + 128]*x_pad[100*b + 10*i3 + i6
+                                    + l + 20];
+                            c3[l] += dh[1024*b + 64*i1_t + 8*i3 + l + 192]*x_pad[100*b + 10*i3 + i6
+                                    + l + 20];
+                            c4[l] += dh[1024*b + 64*i1_t + 8*i3 + l + 256]*x_pad[100*b + 10*i3 + i6
+                                    + l + 20];
+                            c5[l] += dh[1024*b + 64*i1_t + 8*i3 + l + 320]*x_pad[100*b + 10*i3 + i6
+                                    + l + 20];
+                            c6[l] += dh[1024*b + 64*i1_t + 8*i3 + l + 384]*x_pad[100*b + 10*i3 + i6
+                                    + l + 20];
+                            c7[l] += dh[1024*b + 64*i1_t + 8*i3 + l + 448]*x_pad[100*b + 10*i3 + i6
+                                    + l + 20];
+                        }
+                        for (size_t l = 0; l < 4; ++l) {
+                            c0[l] += dh[1024*b + 64*i1_t + 8*i3 + l + 4]*x_pad[100*b + 10*i3 + i6 +
+                                    l + 24];
+                            c1[l] += dh[1024*b + 64*i1_t + 8*i3 + l + 68]*x_pad[100*b + 10*i3 + i6 +
+                                    l + 24];
+                            c2[l] += dh[1024*b + 64*i1_t + 8*i3 + l + 132]*x_pad[100*b + 10*i3 + i6
+                                    + l + 24];
+                            c3[l] += dh[1024*b + 64*i1_t + 8*i3 + l + 196]*x_pad[100*b + 10*i3 + i6
+                                    + l + 24];
+                            c4[l] += dh[1024*b + 64*i1_t + 8*i3 + l + 260]*x_pad[100*b + 10*i3 + i6
+                                    + l + 24];
+                            c5[l] += dh[1024*b + 64*i1_t + 8*i3 + l + 324]*x_pad[100*b + 10*i3 + i6
+                                    + l + 24];
+                            c6[l] += dh[1024*b + 64*i1_t + 8*i3 + l + 388]*x_pad[100*b + 10*i3 + i6
+                                    + l + 24];
+                            c7[l] += dh[1024*b + 64*i1_t + 8*i3 + l + 452]*x_pad[100*b + 10*i3 + i6
+                                    + l + 24];
+                        }
+                    }
+                }
+                for (size_t l = 0; l < 2; ++l) { c0[l] += c0[l + 2]; c1[l] += c1[l + 2];
+                        c2[l] += c2[l + 2]; c3[l] += c3[l + 2]; c4[l] += c4[l + 2];
+                        c5[l] += c5[l + 2]; c6[l] += c6[l + 2]; c7[l] += c7[l + 2]; }
+                c0[0] += c0[1]; c1[0] += c1[1]; c2[0] += c2[1]; c3[0] += c3[1]; c4[0] += c4[1];
+                        c5[0] += c5[1]; c6[0] += c6[1]; c7[0] += c7[1];
+                const float s[8] = {c0[0], c1[0], c2[0], c3[0], c4[0], c5[0], c6[0], c7[0]};
+                for (size_t i1_j = 0; i1_j < 8; ++i1_j) {
+                    dK[9*i1_j + 9*i1_t + i6 + 6] += s[i1_j];
                 }
             }
         }
@@ -854,9 +1230,10 @@ void bn_cnn_forward(const float *params, float *work, size_t n, const float *in_
     if (n == 0) {
         return;
     }
+    x_pad_forward(n, work + 1024 * n, in_x);
     a_forward(n, work, params + BN_CNN_PARAM_K_OFFSET, params + BN_CNN_PARAM_beta_OFFSET,
             params + BN_CNN_PARAM_gamma_OFFSET, params + BN_CNN_PARAM_mean_OFFSET,
-            params + BN_CNN_PARAM_var_OFFSET, in_x);
+            params + BN_CNN_PARAM_var_OFFSET, work + 1024 * n);
     p_forward(n, work + 1024 * n, work);
     flat_forward(n, work, work + 1024 * n);
     logits_forward(n, out_logits, params + BN_CNN_PARAM_W_OFFSET, params + BN_CNN_PARAM_b_OFFSET,
@@ -869,9 +1246,10 @@ float bn_cnn_evaluate(const float *params, float *work, size_t n, const float *i
     if (n == 0) {
         return 0;
     }
+    x_pad_forward(n, work + 16 + 1024 * n, in_x);
     a_forward(n, work + 16, params + BN_CNN_PARAM_K_OFFSET, params + BN_CNN_PARAM_beta_OFFSET,
             params + BN_CNN_PARAM_gamma_OFFSET, params + BN_CNN_PARAM_mean_OFFSET,
-            params + BN_CNN_PARAM_var_OFFSET, in_x);
+            params + BN_CNN_PARAM_var_OFFSET, work + 16 + 1024 * n);
     p_forward(n, work + 16 + 1024 * n, work + 16);
     flat_forward(n, work + 16, work + 16 + 1024 * n);
     logits_forward(n, out_logits, params + BN_CNN_PARAM_W_OFFSET, params + BN_CNN_PARAM_b_OFFSET,
@@ -892,7 +1270,8 @@ float bn_cnn_gradients(const float *params, float *grads, float *work, size_t n,
         }
         return 0;
     }
-    h_forward(n, work + 80, params + BN_CNN_PARAM_K_OFFSET, in_x);
+    x_pad_forward(n, work + 80 + 4096 * n, in_x);
+    h_forward(n, work + 80, params + BN_CNN_PARAM_K_OFFSET, work + 80 + 4096 * n);
     bn_mean_forward(n, work, work + 80);
     bn_var_forward(n, work + 16, work, work + 80);
     bn_forward(n, work + 80 + 1024 * n, params + BN_CNN_PARAM_beta_OFFSET, work, work + 16,
@@ -933,7 +1312,7 @@ float bn_cnn_gradients(const float *params, float *grads, float *work, size_t n,
     h_grad_2(n, work + 80 + 1024 * n, work, work + 64, work + 80);
     h_grad_3(n, work + 80 + 1024 * n, work + 48);
     K_grad(grads + BN_CNN_PARAM_K_OFFSET);
-    K_grad_2(n, grads + BN_CNN_PARAM_K_OFFSET, work + 80 + 1024 * n, in_x);
+    K_grad_2(n, grads + BN_CNN_PARAM_K_OFFSET, work + 80 + 1024 * n, work + 80 + 4096 * n);
     return work[32];
 }
 

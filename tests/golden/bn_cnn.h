@@ -34,10 +34,10 @@
 #define BN_CNN_STATE_exp_avg_sq_OFFSET 2747
 #define BN_CNN_FORWARD_WORK_SIZE(n) ((size_t)0 + (size_t)1280 * (size_t)(n))
 #define BN_CNN_EVALUATE_WORK_SIZE(n) ((size_t)16 + (size_t)1280 * (size_t)(n))
-#define BN_CNN_GRADIENTS_WORK_SIZE(n) ((size_t)80 + (size_t)4096 * (size_t)(n))
-#define BN_CNN_TRAIN_STEP_WORK_SIZE(n) ((size_t)2864 + (size_t)4096 * (size_t)(n))
+#define BN_CNN_GRADIENTS_WORK_SIZE(n) ((size_t)80 + (size_t)4208 * (size_t)(n))
+#define BN_CNN_TRAIN_STEP_WORK_SIZE(n) ((size_t)2864 + (size_t)4208 * (size_t)(n))
 /* Enough for every entry point above. */
-#define BN_CNN_WORK_SIZE(n) ((size_t)2864 + (size_t)4096 * (size_t)(n))
+#define BN_CNN_WORK_SIZE(n) ((size_t)2864 + (size_t)4208 * (size_t)(n))
 
 #ifdef __cplusplus
 extern "C" {

@@ -181,27 +181,207 @@ static void tile1x8(const float *restrict a, size_t am, size_t ar, const float *
     }
 }
 
+/* out[m*om + l] += sum_{r<len} a[m*am + r*ar]*b[r*br + l] for m < 16, l < 4 (len >= 1) */
+static void tile16x4_add(const float *restrict a, size_t am, size_t ar, const float *restrict b,
+        size_t br, size_t len, float *restrict out, size_t om)
+{
+    float c0[4], c1[4], c2[4], c3[4], c4[4], c5[4], c6[4], c7[4], c8[4], c9[4], c10[4], c11[4],
+            c12[4], c13[4], c14[4], c15[4];
+    for (size_t l = 0; l < 4; ++l) {
+        c0[l] = a[0]*b[l];
+        c1[l] = a[am]*b[l];
+        c2[l] = a[2*am]*b[l];
+        c3[l] = a[3*am]*b[l];
+        c4[l] = a[4*am]*b[l];
+        c5[l] = a[5*am]*b[l];
+        c6[l] = a[6*am]*b[l];
+        c7[l] = a[7*am]*b[l];
+        c8[l] = a[8*am]*b[l];
+        c9[l] = a[9*am]*b[l];
+        c10[l] = a[10*am]*b[l];
+        c11[l] = a[11*am]*b[l];
+        c12[l] = a[12*am]*b[l];
+        c13[l] = a[13*am]*b[l];
+        c14[l] = a[14*am]*b[l];
+        c15[l] = a[15*am]*b[l];
+    }
+    for (size_t r = 1; r < len; ++r) {
+        for (size_t l = 0; l < 4; ++l) {
+            c0[l] += a[r*ar]*b[r*br + l];
+            c1[l] += a[am + r*ar]*b[r*br + l];
+            c2[l] += a[2*am + r*ar]*b[r*br + l];
+            c3[l] += a[3*am + r*ar]*b[r*br + l];
+            c4[l] += a[4*am + r*ar]*b[r*br + l];
+            c5[l] += a[5*am + r*ar]*b[r*br + l];
+            c6[l] += a[6*am + r*ar]*b[r*br + l];
+            c7[l] += a[7*am + r*ar]*b[r*br + l];
+            c8[l] += a[8*am + r*ar]*b[r*br + l];
+            c9[l] += a[9*am + r*ar]*b[r*br + l];
+            c10[l] += a[10*am + r*ar]*b[r*br + l];
+            c11[l] += a[11*am + r*ar]*b[r*br + l];
+            c12[l] += a[12*am + r*ar]*b[r*br + l];
+            c13[l] += a[13*am + r*ar]*b[r*br + l];
+            c14[l] += a[14*am + r*ar]*b[r*br + l];
+            c15[l] += a[15*am + r*ar]*b[r*br + l];
+        }
+    }
+    for (size_t l = 0; l < 4; ++l) {
+        out[l] += c0[l];
+        out[om + l] += c1[l];
+        out[2*om + l] += c2[l];
+        out[3*om + l] += c3[l];
+        out[4*om + l] += c4[l];
+        out[5*om + l] += c5[l];
+        out[6*om + l] += c6[l];
+        out[7*om + l] += c7[l];
+        out[8*om + l] += c8[l];
+        out[9*om + l] += c9[l];
+        out[10*om + l] += c10[l];
+        out[11*om + l] += c11[l];
+        out[12*om + l] += c12[l];
+        out[13*om + l] += c13[l];
+        out[14*om + l] += c14[l];
+        out[15*om + l] += c15[l];
+    }
+}
+
 /*
- * a1: h1 with a1 as epilogue: a1[b, i1, i3, i4] = relu((sum_{i5, i6} Piecewise((x[b, 0, i3 + i5 -
- * 1, i4 + i6 - 1], (i3 + i5 >= 1) & (i4 + i6 >= 1) & (i3 + i5 < 9) & (i4 + i6 < 9)), (0,
- * True))*K1[i1, 0, i5, i6]) + c1[i1])
+ * a1: x padded with 0: x.pad[i0, 0, i2, i3] = Piecewise((x[i0, 0, i2 - 1, i3 - 1], (i2 >= 1) & (i3
+ * >= 1) & (i2 < 9) & (i3 < 9)), (0, True))
+ */
+static void x_pad_forward(size_t n, float *restrict x_pad, const float *restrict x)
+{
+    for (size_t i0 = 0; i0 < n; ++i0) {
+        for (size_t i2 = 0; i2 < 10; ++i2) {
+            for (size_t i3 = 0; i3 < 10; ++i3) {
+                x_pad[100*i0 + 10*i2 + i3] = ((i2 >= 1 && i3 >= 1 && i2 < 9 && i3 < 9) ? (x[64*i0 +
+                        8*i2 + i3 - 9]) : (0.0F));
+            }
+        }
+    }
+}
+
+/*
+ * a1: h1 with a1 as epilogue: a1[b, i1, i3, i4] = relu((sum_{i5, i6} K1[i1, 0, i5, i6]*x.pad[b, 0,
+ * i3 + i5, i4 + i6]) + c1[i1])
  */
 static void a1_forward(size_t n, float *restrict a1, const float *restrict K1,
-        const float *restrict c1, const float *restrict x)
+        const float *restrict c1_, const float *restrict x_pad)
 {
-    for (size_t i1 = 0; i1 < 16; ++i1) {
-        for (size_t b = 0; b < n; ++b) {
-            for (size_t i3 = 0; i3 < 8; ++i3) {
-                for (size_t i4 = 0; i4 < 8; ++i4) {
-                    float acc = 0;
+    for (size_t b = 0; b < n; ++b) {
+        for (size_t i3 = 0; i3 < 8; ++i3) {
+            {
+                for (size_t i1_t = 0; i1_t < 16; i1_t += 8) {
+                    float c0[4], c1[4], c2[4], c3[4], c4[4], c5[4], c6[4], c7[4], c8[4], c9[4],
+                            c10[4], c11[4], c12[4], c13[4], c14[4], c15[4];
+                    for (size_t l = 0; l < 4; ++l) { c0[l] = 0; c1[l] = 0; c2[l] = 0; c3[l] = 0;
+                            c4[l] = 0; c5[l] = 0; c6[l] = 0; c7[l] = 0; c8[l] = 0; c9[l] = 0;
+                            c10[l] = 0; c11[l] = 0; c12[l] = 0; c13[l] = 0; c14[l] = 0; c15[l] = 0;
+                            }
                     for (size_t i5 = 0; i5 < 3; ++i5) {
                         for (size_t i6 = 0; i6 < 3; ++i6) {
-                            acc += ((i3 + i5 >= 1 && i4 + i6 >= 1 && i3 + i5 < 9 && i4 + i6 < 9) ?
-                                    (x[64*b + 8*i3 + i4 + 8*i5 + i6 - 9]) : (0.0F))*K1[9*i1 + 3*i5 +
-                                    i6];
+                            for (size_t l = 0; l < 4; ++l) {
+                                c0[l] += K1[9*i1_t + 3*i5 + i6]*x_pad[100*b + 10*i3 + 10*i5 + i6 +
+                                        l];
+                                c1[l] += K1[9*i1_t + 3*i5 + i6]*x_pad[100*b + 10*i3 + 10*i5 + i6 + l
+                                        + 4];
+                                c2[l] += K1[9*i1_t + 3*i5 + i6 + 9]*x_pad[100*b + 10*i3 + 10*i5 + i6
+                                        + l];
+                                c3[l] += K1[9*i1_t + 3*i5 + i6 + 9]*x_pad[100*b + 10*i3 + 10*i5 + i6
+                                        + l + 4];
+                                c4[l] += K1[9*i1_t + 3*i5 + i6 + 18]*x_pad[100*b + 10*i3 + 10*i5 +
+                                        i6 + l];
+                                c5[l] += K1[9*i1_t + 3*i5 + i6 + 18]*x_pad[100*b + 10*i3 + 10*i5 +
+                                        i6 + l + 4];
+                                c6[l] += K1[9*i1_t + 3*i5 + i6 + 27]*x_pad[100*b + 10*i3 + 10*i5 +
+                                        i6 + l];
+                                c7[l] += K1[9*i1_t + 3*i5 + i6 + 27]*x_pad[100*b + 10*i3 + 10*i5 +
+                                        i6 + l + 4];
+                                c8[l] += K1[9*i1_t + 3*i5 + i6 + 36]*x_pad[100*b + 10*i3 + 10*i5 +
+                                        i6 + l];
+                                c9[l] += K1[9*i1_t + 3*i5 + i6 + 36]*x_pad[100*b + 10*i3 + 10*i5 +
+                                        i6 + l + 4];
+                                c10[l] += K1[9*i1_t + 3*i5 + i6 + 45]*x_pad[100*b + 10*i3 + 10*i5 +
+                                        i6 + l];
+                                c11[l] += K1[9*i1_t + 3*i5 + i6 + 45]*x_pad[100*b + 10*i3 + 10*i5 +
+                                        i6 + l + 4];
+                                c12[l] += K1[9*i1_t + 3*i5 + i6 + 54]*x_pad[100*b + 10*i3 + 10*i5 +
+                                        i6 + l];
+                                c13[l] += K1[9*i1_t + 3*i5 + i6 + 54]*x_pad[100*b + 10*i3 + 10*i5 +
+                                        i6 + l + 4];
+                                c14[l] += K1[9*i1_t + 3*i5 + i6 + 63]*x_pad[100*b + 10*i3 + 10*i5 +
+                                        i6 + l];
+                                c15[l] += K1[9*i1_t + 3*i5 + i6 + 63]*x_pad[100*b + 10*i3 + 10*i5 +
+                                        i6 + l + 4];
+                            }
                         }
                     }
-                    a1[1024*b + 64*i1 + 8*i3 + i4] = relu(acc + c1[i1]);
+                    for (size_t l = 0; l < 4; ++l) {
+                        {
+                            const float acc = c0[l];
+                            a1[1024*b + 64*i1_t + 8*i3 + l] = relu(acc + c1_[i1_t]);
+                        }
+                        {
+                            const float acc = c1[l];
+                            a1[1024*b + 64*i1_t + 8*i3 + l + 4] = relu(acc + c1_[i1_t]);
+                        }
+                        {
+                            const float acc = c2[l];
+                            a1[1024*b + 64*i1_t + 8*i3 + l + 64] = relu(acc + c1_[i1_t + 1]);
+                        }
+                        {
+                            const float acc = c3[l];
+                            a1[1024*b + 64*i1_t + 8*i3 + l + 68] = relu(acc + c1_[i1_t + 1]);
+                        }
+                        {
+                            const float acc = c4[l];
+                            a1[1024*b + 64*i1_t + 8*i3 + l + 128] = relu(acc + c1_[i1_t + 2]);
+                        }
+                        {
+                            const float acc = c5[l];
+                            a1[1024*b + 64*i1_t + 8*i3 + l + 132] = relu(acc + c1_[i1_t + 2]);
+                        }
+                        {
+                            const float acc = c6[l];
+                            a1[1024*b + 64*i1_t + 8*i3 + l + 192] = relu(acc + c1_[i1_t + 3]);
+                        }
+                        {
+                            const float acc = c7[l];
+                            a1[1024*b + 64*i1_t + 8*i3 + l + 196] = relu(acc + c1_[i1_t + 3]);
+                        }
+                        {
+                            const float acc = c8[l];
+                            a1[1024*b + 64*i1_t + 8*i3 + l + 256] = relu(acc + c1_[i1_t + 4]);
+                        }
+                        {
+                            const float acc = c9[l];
+                            a1[1024*b + 64*i1_t + 8*i3 + l + 260] = relu(acc + c1_[i1_t + 4]);
+                        }
+                        {
+                            const float acc = c10[l];
+                            a1[1024*b + 64*i1_t + 8*i3 + l + 320] = relu(acc + c1_[i1_t + 5]);
+                        }
+                        {
+                            const float acc = c11[l];
+                            a1[1024*b + 64*i1_t + 8*i3 + l + 324] = relu(acc + c1_[i1_t + 5]);
+                        }
+                        {
+                            const float acc = c12[l];
+                            a1[1024*b + 64*i1_t + 8*i3 + l + 384] = relu(acc + c1_[i1_t + 6]);
+                        }
+                        {
+                            const float acc = c13[l];
+                            a1[1024*b + 64*i1_t + 8*i3 + l + 388] = relu(acc + c1_[i1_t + 6]);
+                        }
+                        {
+                            const float acc = c14[l];
+                            a1[1024*b + 64*i1_t + 8*i3 + l + 448] = relu(acc + c1_[i1_t + 7]);
+                        }
+                        {
+                            const float acc = c15[l];
+                            a1[1024*b + 64*i1_t + 8*i3 + l + 452] = relu(acc + c1_[i1_t + 7]);
+                        }
+                    }
                 }
             }
         }
@@ -232,28 +412,146 @@ static void p1_forward(size_t n, float *restrict p1, const float *restrict a1)
 }
 
 /*
- * a2: h2 with a2 as epilogue: a2[b, i1, i3, i4] = relu((sum_{i2, i5, i6} Piecewise((p1[b, i2, i3 +
- * i5 - 1, i4 + i6 - 1], (i3 + i5 >= 1) & (i4 + i6 >= 1) & (i3 + i5 < 5) & (i4 + i6 < 5)), (0,
- * True))*K2[i1, i2, i5, i6]) + c2[i1])
+ * a2: p1 padded with 0: p1.pad[i0, i1, i2, i3] = Piecewise((p1[i0, i1, i2 - 1, i3 - 1], (i2 >= 1) &
+ * (i3 >= 1) & (i2 < 5) & (i3 < 5)), (0, True))
+ */
+static void p1_pad_forward(size_t n, float *restrict p1_pad, const float *restrict p1)
+{
+    for (size_t i0 = 0; i0 < n; ++i0) {
+        for (size_t i1 = 0; i1 < 16; ++i1) {
+            for (size_t i2 = 0; i2 < 6; ++i2) {
+                for (size_t i3 = 0; i3 < 6; ++i3) {
+                    p1_pad[576*i0 + 36*i1 + 6*i2 + i3] = ((i2 >= 1 && i3 >= 1 && i2 < 5 && i3 < 5) ?
+                            (p1[256*i0 + 16*i1 + 4*i2 + i3 - 5]) : (0.0F));
+                }
+            }
+        }
+    }
+}
+
+/*
+ * a2: h2 with a2 as epilogue: a2[b, i1, i3, i4] = relu((sum_{i2, i5, i6} K2[i1, i2, i5,
+ * i6]*p1.pad[b, i2, i3 + i5, i4 + i6]) + c2[i1])
  */
 static void a2_forward(size_t n, float *restrict a2, const float *restrict K2,
-        const float *restrict c2, const float *restrict p1)
+        const float *restrict c2_, const float *restrict p1_pad)
 {
-    for (size_t i1 = 0; i1 < 32; ++i1) {
-        for (size_t b = 0; b < n; ++b) {
-            for (size_t i3 = 0; i3 < 4; ++i3) {
-                for (size_t i4 = 0; i4 < 4; ++i4) {
-                    float acc = 0;
+    for (size_t b = 0; b < n; ++b) {
+        for (size_t i3 = 0; i3 < 4; ++i3) {
+            {
+                for (size_t i1_t = 0; i1_t < 32; i1_t += 16) {
+                    float c0[4], c1[4], c2[4], c3[4], c4[4], c5[4], c6[4], c7[4], c8[4], c9[4],
+                            c10[4], c11[4], c12[4], c13[4], c14[4], c15[4];
+                    for (size_t l = 0; l < 4; ++l) { c0[l] = 0; c1[l] = 0; c2[l] = 0; c3[l] = 0;
+                            c4[l] = 0; c5[l] = 0; c6[l] = 0; c7[l] = 0; c8[l] = 0; c9[l] = 0;
+                            c10[l] = 0; c11[l] = 0; c12[l] = 0; c13[l] = 0; c14[l] = 0; c15[l] = 0;
+                            }
                     for (size_t i2 = 0; i2 < 16; ++i2) {
                         for (size_t i5 = 0; i5 < 3; ++i5) {
                             for (size_t i6 = 0; i6 < 3; ++i6) {
-                                acc += ((i3 + i5 >= 1 && i4 + i6 >= 1 && i3 + i5 < 5 && i4 + i6 < 5)
-                                        ? (p1[256*b + 16*i2 + 4*i3 + i4 + 4*i5 + i6 - 5]) :
-                                        (0.0F))*K2[144*i1 + 9*i2 + 3*i5 + i6];
+                                for (size_t l = 0; l < 4; ++l) {
+                                    c0[l] += K2[144*i1_t + 9*i2 + 3*i5 + i6]*p1_pad[576*b + 36*i2 +
+                                            6*i3 + 6*i5 + i6 + l];
+                                    c1[l] += K2[144*i1_t + 9*i2 + 3*i5 + i6 + 144]*p1_pad[576*b +
+                                            36*i2 + 6*i3 + 6*i5 + i6 + l];
+                                    c2[l] += K2[144*i1_t + 9*i2 + 3*i5 + i6 + 288]*p1_pad[576*b +
+                                            36*i2 + 6*i3 + 6*i5 + i6 + l];
+                                    c3[l] += K2[144*i1_t + 9*i2 + 3*i5 + i6 + 432]*p1_pad[576*b +
+                                            36*i2 + 6*i3 + 6*i5 + i6 + l];
+                                    c4[l] += K2[144*i1_t + 9*i2 + 3*i5 + i6 + 576]*p1_pad[576*b +
+                                            36*i2 + 6*i3 + 6*i5 + i6 + l];
+                                    c5[l] += K2[144*i1_t + 9*i2 + 3*i5 + i6 + 720]*p1_pad[576*b +
+                                            36*i2 + 6*i3 + 6*i5 + i6 + l];
+                                    c6[l] += K2[144*i1_t + 9*i2 + 3*i5 + i6 + 864]*p1_pad[576*b +
+                                            36*i2 + 6*i3 + 6*i5 + i6 + l];
+                                    c7[l] += K2[144*i1_t + 9*i2 + 3*i5 + i6 + 1008]*p1_pad[576*b +
+                                            36*i2 + 6*i3 + 6*i5 + i6 + l];
+                                    c8[l] += K2[144*i1_t + 9*i2 + 3*i5 + i6 + 1152]*p1_pad[576*b +
+                                            36*i2 + 6*i3 + 6*i5 + i6 + l];
+                                    c9[l] += K2[144*i1_t + 9*i2 + 3*i5 + i6 + 1296]*p1_pad[576*b +
+                                            36*i2 + 6*i3 + 6*i5 + i6 + l];
+                                    c10[l] += K2[144*i1_t + 9*i2 + 3*i5 + i6 + 1440]*p1_pad[576*b +
+                                            36*i2 + 6*i3 + 6*i5 + i6 + l];
+                                    c11[l] += K2[144*i1_t + 9*i2 + 3*i5 + i6 + 1584]*p1_pad[576*b +
+                                            36*i2 + 6*i3 + 6*i5 + i6 + l];
+                                    c12[l] += K2[144*i1_t + 9*i2 + 3*i5 + i6 + 1728]*p1_pad[576*b +
+                                            36*i2 + 6*i3 + 6*i5 + i6 + l];
+                                    c13[l] += K2[144*i1_t + 9*i2 + 3*i5 + i6 + 1872]*p1_pad[576*b +
+                                            36*i2 + 6*i3 + 6*i5 + i6 + l];
+                                    c14[l] += K2[144*i1_t + 9*i2 + 3*i5 + i6 + 2016]*p1_pad[576*b +
+                                            36*i2 + 6*i3 + 6*i5 + i6 + l];
+                                    c15[l] += K2[144*i1_t + 9*i2 + 3*i5 + i6 + 2160]*p1_pad[576*b +
+                                            36*i2 + 6*i3 + 6*i5 + i6 + l];
+                                }
                             }
                         }
                     }
-                    a2[512*b + 16*i1 + 4*i3 + i4] = relu(acc + c2[i1]);
+                    for (size_t l = 0; l < 4; ++l) {
+                        {
+                            const float acc = c0[l];
+                            a2[512*b + 16*i1_t + 4*i3 + l] = relu(acc + c2_[i1_t]);
+                        }
+                        {
+                            const float acc = c1[l];
+                            a2[512*b + 16*i1_t + 4*i3 + l + 16] = relu(acc + c2_[i1_t + 1]);
+                        }
+                        {
+                            const float acc = c2[l];
+                            a2[512*b + 16*i1_t + 4*i3 + l + 32] = relu(acc + c2_[i1_t + 2]);
+                        }
+                        {
+                            const float acc = c3[l];
+                            a2[512*b + 16*i1_t + 4*i3 + l + 48] = relu(acc + c2_[i1_t + 3]);
+                        }
+                        {
+                            const float acc = c4[l];
+                            a2[512*b + 16*i1_t + 4*i3 + l + 64] = relu(acc + c2_[i1_t + 4]);
+                        }
+                        {
+                            const float acc = c5[l];
+                            a2[512*b + 16*i1_t + 4*i3 + l + 80] = relu(acc + c2_[i1_t + 5]);
+                        }
+                        {
+                            const float acc = c6[l];
+                            a2[512*b + 16*i1_t + 4*i3 + l + 96] = relu(acc + c2_[i1_t + 6]);
+                        }
+                        {
+                            const float acc = c7[l];
+                            a2[512*b + 16*i1_t + 4*i3 + l + 112] = relu(acc + c2_[i1_t + 7]);
+                        }
+                        {
+                            const float acc = c8[l];
+                            a2[512*b + 16*i1_t + 4*i3 + l + 128] = relu(acc + c2_[i1_t + 8]);
+                        }
+                        {
+                            const float acc = c9[l];
+                            a2[512*b + 16*i1_t + 4*i3 + l + 144] = relu(acc + c2_[i1_t + 9]);
+                        }
+                        {
+                            const float acc = c10[l];
+                            a2[512*b + 16*i1_t + 4*i3 + l + 160] = relu(acc + c2_[i1_t + 10]);
+                        }
+                        {
+                            const float acc = c11[l];
+                            a2[512*b + 16*i1_t + 4*i3 + l + 176] = relu(acc + c2_[i1_t + 11]);
+                        }
+                        {
+                            const float acc = c12[l];
+                            a2[512*b + 16*i1_t + 4*i3 + l + 192] = relu(acc + c2_[i1_t + 12]);
+                        }
+                        {
+                            const float acc = c13[l];
+                            a2[512*b + 16*i1_t + 4*i3 + l + 208] = relu(acc + c2_[i1_t + 13]);
+                        }
+                        {
+                            const float acc = c14[l];
+                            a2[512*b + 16*i1_t + 4*i3 + l + 224] = relu(acc + c2_[i1_t + 14]);
+                        }
+                        {
+                            const float acc = c15[l];
+                            a2[512*b + 16*i1_t + 4*i3 + l + 240] = relu(acc + c2_[i1_t + 15]);
+                        }
+                    }
                 }
             }
         }
@@ -381,26 +679,126 @@ static void batch_mean_loss(size_t n, float *restrict batch_loss, const float *r
 }
 
 /*
- * h1: forward: h1[b, i1, i3, i4] = (sum_{i5, i6} Piecewise((x[b, 0, i3 + i5 - 1, i4 + i6 - 1], (i3
- * + i5 >= 1) & (i4 + i6 >= 1) & (i3 + i5 < 9) & (i4 + i6 < 9)), (0, True))*K1[i1, 0, i5, i6]) +
+ * h1: forward: h1[b, i1, i3, i4] = (sum_{i5, i6} K1[i1, 0, i5, i6]*x.pad[b, 0, i3 + i5, i4 + i6]) +
  * c1[i1]
  */
 static void h1_forward(size_t n, float *restrict h1, const float *restrict K1,
-        const float *restrict c1, const float *restrict x)
+        const float *restrict c1_, const float *restrict x_pad)
 {
-    for (size_t i1 = 0; i1 < 16; ++i1) {
-        for (size_t b = 0; b < n; ++b) {
-            for (size_t i3 = 0; i3 < 8; ++i3) {
-                for (size_t i4 = 0; i4 < 8; ++i4) {
-                    float acc = 0;
+    for (size_t b = 0; b < n; ++b) {
+        for (size_t i3 = 0; i3 < 8; ++i3) {
+            {
+                for (size_t i1_t = 0; i1_t < 16; i1_t += 8) {
+                    float c0[4], c1[4], c2[4], c3[4], c4[4], c5[4], c6[4], c7[4], c8[4], c9[4],
+                            c10[4], c11[4], c12[4], c13[4], c14[4], c15[4];
+                    for (size_t l = 0; l < 4; ++l) { c0[l] = 0; c1[l] = 0; c2[l] = 0; c3[l] = 0;
+                            c4[l] = 0; c5[l] = 0; c6[l] = 0; c7[l] = 0; c8[l] = 0; c9[l] = 0;
+                            c10[l] = 0; c11[l] = 0; c12[l] = 0; c13[l] = 0; c14[l] = 0; c15[l] = 0;
+                            }
                     for (size_t i5 = 0; i5 < 3; ++i5) {
                         for (size_t i6 = 0; i6 < 3; ++i6) {
-                            acc += ((i3 + i5 >= 1 && i4 + i6 >= 1 && i3 + i5 < 9 && i4 + i6 < 9) ?
-                                    (x[64*b + 8*i3 + i4 + 8*i5 + i6 - 9]) : (0.0F))*K1[9*i1 + 3*i5 +
-                                    i6];
+                            for (size_t l = 0; l < 4; ++l) {
+                                c0[l] += K1[9*i1_t + 3*i5 + i6]*x_pad[100*b + 10*i3 + 10*i5 + i6 +
+                                        l];
+                                c1[l] += K1[9*i1_t + 3*i5 + i6]*x_pad[100*b + 10*i3 + 10*i5 + i6 + l
+                                        + 4];
+                                c2[l] += K1[9*i1_t + 3*i5 + i6 + 9]*x_pad[100*b + 10*i3 + 10*i5 + i6
+                                        + l];
+                                c3[l] += K1[9*i1_t + 3*i5 + i6 + 9]*x_pad[100*b + 10*i3 + 10*i5 + i6
+                                        + l + 4];
+                                c4[l] += K1[9*i1_t + 3*i5 + i6 + 18]*x_pad[100*b + 10*i3 + 10*i5 +
+                                        i6 + l];
+                                c5[l] += K1[9*i1_t + 3*i5 + i6 + 18]*x_pad[100*b + 10*i3 + 10*i5 +
+                                        i6 + l + 4];
+                                c6[l] += K1[9*i1_t + 3*i5 + i6 + 27]*x_pad[100*b + 10*i3 + 10*i5 +
+                                        i6 + l];
+                                c7[l] += K1[9*i1_t + 3*i5 + i6 + 27]*x_pad[100*b + 10*i3 + 10*i5 +
+                                        i6 + l + 4];
+                                c8[l] += K1[9*i1_t + 3*i5 + i6 + 36]*x_pad[100*b + 10*i3 + 10*i5 +
+                                        i6 + l];
+                                c9[l] += K1[9*i1_t + 3*i5 + i6 + 36]*x_pad[100*b + 10*i3 + 10*i5 +
+                                        i6 + l + 4];
+                                c10[l] += K1[9*i1_t + 3*i5 + i6 + 45]*x_pad[100*b + 10*i3 + 10*i5 +
+                                        i6 + l];
+                                c11[l] += K1[9*i1_t + 3*i5 + i6 + 45]*x_pad[100*b + 10*i3 + 10*i5 +
+                                        i6 + l + 4];
+                                c12[l] += K1[9*i1_t + 3*i5 + i6 + 54]*x_pad[100*b + 10*i3 + 10*i5 +
+                                        i6 + l];
+                                c13[l] += K1[9*i1_t + 3*i5 + i6 + 54]*x_pad[100*b + 10*i3 + 10*i5 +
+                                        i6 + l + 4];
+                                c14[l] += K1[9*i1_t + 3*i5 + i6 + 63]*x_pad[100*b + 10*i3 + 10*i5 +
+                                        i6 + l];
+                                c15[l] += K1[9*i1_t + 3*i5 + i6 + 63]*x_pad[100*b + 10*i3 + 10*i5 +
+                                        i6 + l + 4];
+                            }
                         }
                     }
-                    h1[1024*b + 64*i1 + 8*i3 + i4] = acc + c1[i1];
+                    for (size_t l = 0; l < 4; ++l) {
+                        {
+                            const float acc = c0[l];
+                            h1[1024*b + 64*i1_t + 8*i3 + l] = acc + c1_[i1_t];
+                        }
+                        {
+                            const float acc = c1[l];
+                            h1[1024*b + 64*i1_t + 8*i3 + l + 4] = acc + c1_[i1_t];
+                        }
+                        {
+                            const float acc = c2[l];
+                            h1[1024*b + 64*i1_t + 8*i3 + l + 64] = acc + c1_[i1_t + 1];
+                        }
+                        {
+                            const float acc = c3[l];
+                            h1[1024*b + 64*i1_t + 8*i3 + l + 68] = acc + c1_[i1_t + 1];
+                        }
+                        {
+                            const float acc = c4[l];
+                            h1[1024*b + 64*i1_t + 8*i3 + l + 128] = acc + c1_[i1_t + 2];
+                        }
+                        {
+                            const float acc = c5[l];
+                            h1[1024*b + 64*i1_t + 8*i3 + l + 132] = acc + c1_[i1_t + 2];
+                        }
+                        {
+                            const float acc = c6[l];
+                            h1[1024*b + 64*i1_t + 8*i3 + l + 192] = acc + c1_[i1_t + 3];
+                        }
+                        {
+                            const float acc = c7[l];
+                            h1[1024*b + 64*i1_t + 8*i3 + l + 196] = acc + c1_[i1_t + 3];
+                        }
+                        {
+                            const float acc = c8[l];
+                            h1[1024*b + 64*i1_t + 8*i3 + l + 256] = acc + c1_[i1_t + 4];
+                        }
+                        {
+                            const float acc = c9[l];
+                            h1[1024*b + 64*i1_t + 8*i3 + l + 260] = acc + c1_[i1_t + 4];
+                        }
+                        {
+                            const float acc = c10[l];
+                            h1[1024*b + 64*i1_t + 8*i3 + l + 320] = acc + c1_[i1_t + 5];
+                        }
+                        {
+                            const float acc = c11[l];
+                            h1[1024*b + 64*i1_t + 8*i3 + l + 324] = acc + c1_[i1_t + 5];
+                        }
+                        {
+                            const float acc = c12[l];
+                            h1[1024*b + 64*i1_t + 8*i3 + l + 384] = acc + c1_[i1_t + 6];
+                        }
+                        {
+                            const float acc = c13[l];
+                            h1[1024*b + 64*i1_t + 8*i3 + l + 388] = acc + c1_[i1_t + 6];
+                        }
+                        {
+                            const float acc = c14[l];
+                            h1[1024*b + 64*i1_t + 8*i3 + l + 448] = acc + c1_[i1_t + 7];
+                        }
+                        {
+                            const float acc = c15[l];
+                            h1[1024*b + 64*i1_t + 8*i3 + l + 452] = acc + c1_[i1_t + 7];
+                        }
+                    }
                 }
             }
         }
@@ -449,28 +847,128 @@ static void p1_argmax_forward(size_t n, float *restrict p1_argmax, const float *
 }
 
 /*
- * h2: forward: h2[b, i1, i3, i4] = (sum_{i2, i5, i6} Piecewise((p1[b, i2, i3 + i5 - 1, i4 + i6 -
- * 1], (i3 + i5 >= 1) & (i4 + i6 >= 1) & (i3 + i5 < 5) & (i4 + i6 < 5)), (0, True))*K2[i1, i2, i5,
+ * h2: forward: h2[b, i1, i3, i4] = (sum_{i2, i5, i6} K2[i1, i2, i5, i6]*p1.pad[b, i2, i3 + i5, i4 +
  * i6]) + c2[i1]
  */
 static void h2_forward(size_t n, float *restrict h2, const float *restrict K2,
-        const float *restrict c2, const float *restrict p1)
+        const float *restrict c2_, const float *restrict p1_pad)
 {
-    for (size_t i1 = 0; i1 < 32; ++i1) {
-        for (size_t b = 0; b < n; ++b) {
-            for (size_t i3 = 0; i3 < 4; ++i3) {
-                for (size_t i4 = 0; i4 < 4; ++i4) {
-                    float acc = 0;
+    for (size_t b = 0; b < n; ++b) {
+        for (size_t i3 = 0; i3 < 4; ++i3) {
+            {
+                for (size_t i1_t = 0; i1_t < 32; i1_t += 16) {
+                    float c0[4], c1[4], c2[4], c3[4], c4[4], c5[4], c6[4], c7[4], c8[4], c9[4],
+                            c10[4], c11[4], c12[4], c13[4], c14[4], c15[4];
+                    for (size_t l = 0; l < 4; ++l) { c0[l] = 0; c1[l] = 0; c2[l] = 0; c3[l] = 0;
+                            c4[l] = 0; c5[l] = 0; c6[l] = 0; c7[l] = 0; c8[l] = 0; c9[l] = 0;
+                            c10[l] = 0; c11[l] = 0; c12[l] = 0; c13[l] = 0; c14[l] = 0; c15[l] = 0;
+                            }
                     for (size_t i2 = 0; i2 < 16; ++i2) {
                         for (size_t i5 = 0; i5 < 3; ++i5) {
                             for (size_t i6 = 0; i6 < 3; ++i6) {
-                                acc += ((i3 + i5 >= 1 && i4 + i6 >= 1 && i3 + i5 < 5 && i4 + i6 < 5)
-                                        ? (p1[256*b + 16*i2 + 4*i3 + i4 + 4*i5 + i6 - 5]) :
-                                        (0.0F))*K2[144*i1 + 9*i2 + 3*i5 + i6];
+                                for (size_t l = 0; l < 4; ++l) {
+                                    c0[l] += K2[144*i1_t + 9*i2 + 3*i5 + i6]*p1_pad[576*b + 36*i2 +
+                                            6*i3 + 6*i5 + i6 + l];
+                                    c1[l] += K2[144*i1_t + 9*i2 + 3*i5 + i6 + 144]*p1_pad[576*b +
+                                            36*i2 + 6*i3 + 6*i5 + i6 + l];
+                                    c2[l] += K2[144*i1_t + 9*i2 + 3*i5 + i6 + 288]*p1_pad[576*b +
+                                            36*i2 + 6*i3 + 6*i5 + i6 + l];
+                                    c3[l] += K2[144*i1_t + 9*i2 + 3*i5 + i6 + 432]*p1_pad[576*b +
+                                            36*i2 + 6*i3 + 6*i5 + i6 + l];
+                                    c4[l] += K2[144*i1_t + 9*i2 + 3*i5 + i6 + 576]*p1_pad[576*b +
+                                            36*i2 + 6*i3 + 6*i5 + i6 + l];
+                                    c5[l] += K2[144*i1_t + 9*i2 + 3*i5 + i6 + 720]*p1_pad[576*b +
+                                            36*i2 + 6*i3 + 6*i5 + i6 + l];
+                                    c6[l] += K2[144*i1_t + 9*i2 + 3*i5 + i6 + 864]*p1_pad[576*b +
+                                            36*i2 + 6*i3 + 6*i5 + i6 + l];
+                                    c7[l] += K2[144*i1_t + 9*i2 + 3*i5 + i6 + 1008]*p1_pad[576*b +
+                                            36*i2 + 6*i3 + 6*i5 + i6 + l];
+                                    c8[l] += K2[144*i1_t + 9*i2 + 3*i5 + i6 + 1152]*p1_pad[576*b +
+                                            36*i2 + 6*i3 + 6*i5 + i6 + l];
+                                    c9[l] += K2[144*i1_t + 9*i2 + 3*i5 + i6 + 1296]*p1_pad[576*b +
+                                            36*i2 + 6*i3 + 6*i5 + i6 + l];
+                                    c10[l] += K2[144*i1_t + 9*i2 + 3*i5 + i6 + 1440]*p1_pad[576*b +
+                                            36*i2 + 6*i3 + 6*i5 + i6 + l];
+                                    c11[l] += K2[144*i1_t + 9*i2 + 3*i5 + i6 + 1584]*p1_pad[576*b +
+                                            36*i2 + 6*i3 + 6*i5 + i6 + l];
+                                    c12[l] += K2[144*i1_t + 9*i2 + 3*i5 + i6 + 1728]*p1_pad[576*b +
+                                            36*i2 + 6*i3 + 6*i5 + i6 + l];
+                                    c13[l] += K2[144*i1_t + 9*i2 + 3*i5 + i6 + 1872]*p1_pad[576*b +
+                                            36*i2 + 6*i3 + 6*i5 + i6 + l];
+                                    c14[l] += K2[144*i1_t + 9*i2 + 3*i5 + i6 + 2016]*p1_pad[576*b +
+                                            36*i2 + 6*i3 + 6*i5 + i6 + l];
+                                    c15[l] += K2[144*i1_t + 9*i2 + 3*i5 + i6 + 2160]*p1_pad[576*b +
+                                            36*i2 + 6*i3 + 6*i5 + i6 + l];
+                                }
                             }
                         }
                     }
-                    h2[512*b + 16*i1 + 4*i3 + i4] = acc + c2[i1];
+                    for (size_t l = 0; l < 4; ++l) {
+                        {
+                            const float acc = c0[l];
+                            h2[512*b + 16*i1_t + 4*i3 + l] = acc + c2_[i1_t];
+                        }
+                        {
+                            const float acc = c1[l];
+                            h2[512*b + 16*i1_t + 4*i3 + l + 16] = acc + c2_[i1_t + 1];
+                        }
+                        {
+                            const float acc = c2[l];
+                            h2[512*b + 16*i1_t + 4*i3 + l + 32] = acc + c2_[i1_t + 2];
+                        }
+                        {
+                            const float acc = c3[l];
+                            h2[512*b + 16*i1_t + 4*i3 + l + 48] = acc + c2_[i1_t + 3];
+                        }
+                        {
+                            const float acc = c4[l];
+                            h2[512*b + 16*i1_t + 4*i3 + l + 64] = acc + c2_[i1_t + 4];
+                        }
+                        {
+                            const float acc = c5[l];
+                            h2[512*b + 16*i1_t + 4*i3 + l + 80] = acc + c2_[i1_t + 5];
+                        }
+                        {
+                            const float acc = c6[l];
+                            h2[512*b + 16*i1_t + 4*i3 + l + 96] = acc + c2_[i1_t + 6];
+                        }
+                        {
+                            const float acc = c7[l];
+                            h2[512*b + 16*i1_t + 4*i3 + l + 112] = acc + c2_[i1_t + 7];
+                        }
+                        {
+                            const float acc = c8[l];
+                            h2[512*b + 16*i1_t + 4*i3 + l + 128] = acc + c2_[i1_t + 8];
+                        }
+                        {
+                            const float acc = c9[l];
+                            h2[512*b + 16*i1_t + 4*i3 + l + 144] = acc + c2_[i1_t + 9];
+                        }
+                        {
+                            const float acc = c10[l];
+                            h2[512*b + 16*i1_t + 4*i3 + l + 160] = acc + c2_[i1_t + 10];
+                        }
+                        {
+                            const float acc = c11[l];
+                            h2[512*b + 16*i1_t + 4*i3 + l + 176] = acc + c2_[i1_t + 11];
+                        }
+                        {
+                            const float acc = c12[l];
+                            h2[512*b + 16*i1_t + 4*i3 + l + 192] = acc + c2_[i1_t + 12];
+                        }
+                        {
+                            const float acc = c13[l];
+                            h2[512*b + 16*i1_t + 4*i3 + l + 208] = acc + c2_[i1_t + 13];
+                        }
+                        {
+                            const float acc = c14[l];
+                            h2[512*b + 16*i1_t + 4*i3 + l + 224] = acc + c2_[i1_t + 14];
+                        }
+                        {
+                            const float acc = c15[l];
+                            h2[512*b + 16*i1_t + 4*i3 + l + 240] = acc + c2_[i1_t + 15];
+                        }
+                    }
                 }
             }
         }
@@ -656,28 +1154,78 @@ static void h2_grad(size_t n, float *restrict dh2, const float *restrict da2,
 }
 
 /*
- * h2: dh2/dK2: K2.grad[i1, i2, i5, i6] = sum_{b, i3, i4} Piecewise((p1[b, i2, i3 + i5 - 1, i4 + i6
- * - 1], (i3 + i5 >= 1) & (i4 + i6 >= 1) & (i3 + i5 < 5) & (i4 + i6 < 5)), (0, True))*h2.grad[b, i1,
- * i3, i4]
+ * h2: dh2/dK2: K2.grad[i1, i2, i5, i6] = sum_{b, i3, i4} h2.grad[b, i1, i3, i4]*p1.pad[b, i2, i3 +
+ * i5, i4 + i6]
  */
 static void K2_grad(size_t n, float *restrict dK2, const float *restrict dh2,
-        const float *restrict p1)
+        const float *restrict p1_pad)
 {
-    for (size_t i1 = 0; i1 < 32; ++i1) {
-        for (size_t i2 = 0; i2 < 16; ++i2) {
-            for (size_t i5 = 0; i5 < 3; ++i5) {
-                for (size_t i6 = 0; i6 < 3; ++i6) {
-                    float acc = 0;
+    for (size_t i5 = 0; i5 < 3; ++i5) {
+        for (size_t i6 = 0; i6 < 3; ++i6) {
+            for (size_t i1_t = 0; i1_t < 32; i1_t += 8) {
+                for (size_t i2_t = 0; i2_t < 16; i2_t += 2) {
+                    float c0[4], c1[4], c2[4], c3[4], c4[4], c5[4], c6[4], c7[4], c8[4], c9[4],
+                            c10[4], c11[4], c12[4], c13[4], c14[4], c15[4];
+                    for (size_t l = 0; l < 4; ++l) { c0[l] = 0; c1[l] = 0; c2[l] = 0; c3[l] = 0;
+                            c4[l] = 0; c5[l] = 0; c6[l] = 0; c7[l] = 0; c8[l] = 0; c9[l] = 0;
+                            c10[l] = 0; c11[l] = 0; c12[l] = 0; c13[l] = 0; c14[l] = 0; c15[l] = 0;
+                            }
                     for (size_t b = 0; b < n; ++b) {
                         for (size_t i3 = 0; i3 < 4; ++i3) {
-                            for (size_t i4 = 0; i4 < 4; ++i4) {
-                                acc += ((i3 + i5 >= 1 && i4 + i6 >= 1 && i3 + i5 < 5 && i4 + i6 < 5)
-                                        ? (p1[256*b + 16*i2 + 4*i3 + i4 + 4*i5 + i6 - 5]) :
-                                        (0.0F))*dh2[512*b + 16*i1 + 4*i3 + i4];
+                            for (size_t l = 0; l < 4; ++l) {
+                                c0[l] += dh2[512*b + 16*i1_t + 4*i3 + l]*p1_pad[576*b + 36*i2_t +
+                                        6*i3 + 6*i5 + i6 + l];
+                                c1[l] += dh2[512*b + 16*i1_t + 4*i3 + l]*p1_pad[576*b + 36*i2_t +
+                                        6*i3 + 6*i5 + i6 + l + 36];
+                                c2[l] += dh2[512*b + 16*i1_t + 4*i3 + l + 16]*p1_pad[576*b + 36*i2_t
+                                        + 6*i3 + 6*i5 + i6 + l];
+                                c3[l] += dh2[512*b + 16*i1_t + 4*i3 + l + 16]*p1_pad[576*b + 36*i2_t
+                                        + 6*i3 + 6*i5 + i6 + l + 36];
+                                c4[l] += dh2[512*b + 16*i1_t + 4*i3 + l + 32]*p1_pad[576*b + 36*i2_t
+                                        + 6*i3 + 6*i5 + i6 + l];
+                                c5[l] += dh2[512*b + 16*i1_t + 4*i3 + l + 32]*p1_pad[576*b + 36*i2_t
+                                        + 6*i3 + 6*i5 + i6 + l + 36];
+                                c6[l] += dh2[512*b + 16*i1_t + 4*i3 + l + 48]*p1_pad[576*b + 36*i2_t
+                                        + 6*i3 + 6*i5 + i6 + l];
+                                c7[l] += dh2[512*b + 16*i1_t + 4*i3 + l + 48]*p1_pad[576*b + 36*i2_t
+                                        + 6*i3 + 6*i5 + i6 + l + 36];
+                                c8[l] += dh2[512*b + 16*i1_t + 4*i3 + l + 64]*p1_pad[576*b + 36*i2_t
+                                        + 6*i3 + 6*i5 + i6 + l];
+                                c9[l] += dh2[512*b + 16*i1_t + 4*i3 + l + 64]*p1_pad[576*b + 36*i2_t
+                                        + 6*i3 + 6*i5 + i6 + l + 36];
+                                c10[l] += dh2[512*b + 16*i1_t + 4*i3 + l + 80]*p1_pad[576*b +
+                                        36*i2_t + 6*i3 + 6*i5 + i6 + l];
+                                c11[l] += dh2[512*b + 16*i1_t + 4*i3 + l + 80]*p1_pad[576*b +
+                                        36*i2_t + 6*i3 + 6*i5 + i6 + l + 36];
+                                c12[l] += dh2[512*b + 16*i1_t + 4*i3 + l + 96]*p1_pad[576*b +
+                                        36*i2_t + 6*i3 + 6*i5 + i6 + l];
+                                c13[l] += dh2[512*b + 16*i1_t + 4*i3 + l + 96]*p1_pad[576*b +
+                                        36*i2_t + 6*i3 + 6*i5 + i6 + l + 36];
+                                c14[l] += dh2[512*b + 16*i1_t + 4*i3 + l + 112]*p1_pad[576*b +
+                                        36*i2_t + 6*i3 + 6*i5 + i6 + l];
+                                c15[l] += dh2[512*b + 16*i1_t + 4*i3 + l + 112]*p1_pad[576*b +
+                                        36*i2_t + 6*i3 + 6*i5 + i6 + l + 36];
                             }
                         }
                     }
-                    dK2[144*i1 + 9*i2 + 3*i5 + i6] = acc;
+                    for (size_t l = 0; l < 2; ++l) { c0[l] += c0[l + 2]; c1[l] += c1[l + 2];
+                            c2[l] += c2[l + 2]; c3[l] += c3[l + 2]; c4[l] += c4[l + 2];
+                            c5[l] += c5[l + 2]; c6[l] += c6[l + 2]; c7[l] += c7[l + 2];
+                            c8[l] += c8[l + 2]; c9[l] += c9[l + 2]; c10[l] += c10[l + 2];
+                            c11[l] += c11[l + 2]; c12[l] += c12[l + 2]; c13[l] += c13[l + 2];
+                            c14[l] += c14[l + 2]; c15[l] += c15[l + 2]; }
+                    c0[0] += c0[1]; c1[0] += c1[1]; c2[0] += c2[1]; c3[0] += c3[1]; c4[0] += c4[1];
+                            c5[0] += c5[1]; c6[0] += c6[1]; c7[0] += c7[1]; c8[0] += c8[1];
+                            c9[0] += c9[1]; c10[0] += c10[1]; c11[0] += c11[1]; c12[0] += c12[1];
+                            c13[0] += c13[1]; c14[0] += c14[1]; c15[0] += c15[1];
+                    const float s[16] = {c0[0], c1[0], c2[0], c3[0], c4[0], c5[0], c6[0], c7[0],
+                            c8[0], c9[0], c10[0], c11[0], c12[0], c13[0], c14[0], c15[0]};
+                    for (size_t i1_j = 0; i1_j < 8; ++i1_j) {
+                        for (size_t i2_j = 0; i2_j < 2; ++i2_j) {
+                            dK2[144*i1_j + 144*i1_t + 9*i2_j + 9*i2_t + 3*i5 + i6] = s[2*i1_j +
+                                    i2_j];
+                        }
+                    }
                 }
             }
         }
@@ -688,26 +1236,49 @@ static void K2_grad(size_t n, float *restrict dK2, const float *restrict dh2,
 static void c2_grad(size_t n, float *restrict dc2, const float *restrict dh2)
 {
     for (size_t i1 = 0; i1 < 32; ++i1) {
-        float acc = 0;
+        float c0[4];
+        for (size_t l = 0; l < 4; ++l) { c0[l] = 0; }
         for (size_t b = 0; b < n; ++b) {
             for (size_t i3 = 0; i3 < 4; ++i3) {
-                for (size_t i4 = 0; i4 < 4; ++i4) {
-                    acc += dh2[512*b + 16*i1 + 4*i3 + i4];
+                for (size_t l = 0; l < 4; ++l) {
+                    c0[l] += dh2[512*b + 16*i1 + 4*i3 + l];
                 }
             }
         }
-        dc2[i1] = acc;
+        for (size_t l = 0; l < 2; ++l) { c0[l] += c0[l + 2]; }
+        c0[0] += c0[1];
+        dc2[i1] = c0[0];
     }
 }
 
-/* h2: zero p1.grad: p1.grad[i0, i1, i2, i3] = 0 */
-static void p1_grad(size_t n, float *restrict dp1)
+/* h2: zero p1.pad.grad: p1.pad.grad[i0, i1, i2, i3] = 0 */
+static void p1_pad_grad(size_t n, float *restrict dp1_pad)
 {
     for (size_t i0 = 0; i0 < n; ++i0) {
         for (size_t i1 = 0; i1 < 16; ++i1) {
-            for (size_t i2 = 0; i2 < 4; ++i2) {
-                for (size_t i3 = 0; i3 < 4; ++i3) {
-                    dp1[256*i0 + 16*i1 + 4*i2 + i3] = 0;
+            for (size_t i2 = 0; i2 < 6; ++i2) {
+                for (size_t i3 = 0; i3 < 6; ++i3) {
+                    dp1_pad[576*i0 + 36*i1 + 6*i2 + i3] = 0;
+                }
+            }
+        }
+    }
+}
+
+/* h2: dh2/dp1: p1.pad.grad[b, i2, i3 + i5, i4 + i6] += K2[i1, i2, i5, i6]*h2.grad[b, i1, i3, i4] */
+static void p1_pad_grad_2(size_t n, float *restrict dp1_pad, const float *restrict K2,
+        const float *restrict dh2)
+{
+    for (size_t b = 0; b < n; ++b) {
+        for (size_t i3 = 0; i3 < 4; ++i3) {
+            for (size_t i5 = 0; i5 < 3; ++i5) {
+                for (size_t i6 = 0; i6 < 3; ++i6) {
+                    {
+                        {
+                            tile16x4_add(K2 + 3*i5 + i6, 9, 144, dh2 + 512*b + 4*i3, 16, 32,
+                                    dp1_pad + 576*b + 6*i3 + 6*i5 + i6, 36);
+                        }
+                    }
                 }
             }
         }
@@ -715,26 +1286,16 @@ static void p1_grad(size_t n, float *restrict dp1)
 }
 
 /*
- * h2: dh2/dp1: if (i3 + i5 >= 1) & (i4 + i6 >= 1) & (i3 + i5 < 5) & (i4 + i6 < 5): p1.grad[b, i2,
- * i3 + i5 - 1, i4 + i6 - 1] += K2[i1, i2, i5, i6]*h2.grad[b, i1, i3, i4]
+ * h2: p1.grad from the interior of p1.pad.grad: p1.grad[i0, i1, i2, i3] = p1.pad.grad[i0, i1, i2 +
+ * 1, i3 + 1]
  */
-static void p1_grad_2(size_t n, float *restrict dp1, const float *restrict K2,
-        const float *restrict dh2)
+static void p1_grad(size_t n, float *restrict dp1, const float *restrict dp1_pad)
 {
-    for (size_t i3 = 0; i3 < 4; ++i3) {
-        for (size_t i4 = 0; i4 < 4; ++i4) {
-            for (size_t i5 = 0; i5 < 3; ++i5) {
-                for (size_t i6 = 0; i6 < 3; ++i6) {
-                    if (i3 + i5 >= 1 && i4 + i6 >= 1 && i3 + i5 < 5 && i4 + i6 < 5) {
-                        for (size_t b = 0; b < n; ++b) {
-                            for (size_t i1 = 0; i1 < 32; ++i1) {
-                                for (size_t i2 = 0; i2 < 16; ++i2) {
-                                    dp1[256*b + 16*i2 + 4*i3 + i4 + 4*i5 + i6 - 5] += K2[144*i1 +
-                                            9*i2 + 3*i5 + i6]*dh2[512*b + 16*i1 + 4*i3 + i4];
-                                }
-                            }
-                        }
-                    }
+    for (size_t i0 = 0; i0 < n; ++i0) {
+        for (size_t i1 = 0; i1 < 16; ++i1) {
+            for (size_t i2 = 0; i2 < 4; ++i2) {
+                for (size_t i3 = 0; i3 < 4; ++i3) {
+                    dp1[256*i0 + 16*i1 + 4*i2 + i3] = dp1_pad[576*i0 + 36*i1 + 6*i2 + i3 + 7];
                 }
             }
         }
@@ -810,24 +1371,159 @@ static void K1_grad(float *restrict dK1)
     }
 }
 
-/*
- * h1: dh1/dK1: K1.grad[i1, 0, i5, i6] += Piecewise((x[b, 0, i3 + i5 - 1, i4 + i6 - 1], (i3 + i5 >=
- * 1) & (i4 + i6 >= 1) & (i3 + i5 < 9) & (i4 + i6 < 9)), (0, True))*h1.grad[b, i1, i3, i4]
- */
+/* h1: dh1/dK1: K1.grad[i1, 0, i5, i6] += h1.grad[b, i1, i3, i4]*x.pad[b, 0, i3 + i5, i4 + i6] */
 static void K1_grad_2(size_t n, float *restrict dK1, const float *restrict dh1,
-        const float *restrict x)
+        const float *restrict x_pad)
 {
-    for (size_t b = 0; b < n; ++b) {
-        for (size_t i1 = 0; i1 < 16; ++i1) {
-            for (size_t i3 = 0; i3 < 8; ++i3) {
-                for (size_t i5 = 0; i5 < 3; ++i5) {
-                    for (size_t i4 = 0; i4 < 8; ++i4) {
-                        for (size_t i6 = 0; i6 < 3; ++i6) {
-                            dK1[9*i1 + 3*i5 + i6] += ((i3 + i5 >= 1 && i4 + i6 >= 1 && i3 + i5 < 9
-                                    && i4 + i6 < 9) ? (x[64*b + 8*i3 + i4 + 8*i5 + i6 - 9]) :
-                                    (0.0F))*dh1[1024*b + 64*i1 + 8*i3 + i4];
+    for (size_t i6 = 0; i6 < 3; ++i6) {
+        for (size_t i1_t = 0; i1_t < 16; i1_t += 8) {
+            {
+                float c0[4], c1[4], c2[4], c3[4], c4[4], c5[4], c6[4], c7[4], c8[4], c9[4], c10[4],
+                        c11[4], c12[4], c13[4], c14[4], c15[4];
+                for (size_t l = 0; l < 4; ++l) { c0[l] = 0; c1[l] = 0; c2[l] = 0; c3[l] = 0;
+                        c4[l] = 0; c5[l] = 0; c6[l] = 0; c7[l] = 0; c8[l] = 0; c9[l] = 0;
+                        c10[l] = 0; c11[l] = 0; c12[l] = 0; c13[l] = 0; c14[l] = 0; c15[l] = 0; }
+                for (size_t b = 0; b < n; ++b) {
+                    for (size_t i3 = 0; i3 < 8; ++i3) {
+                        for (size_t l = 0; l < 4; ++l) {
+                            c0[l] += dh1[1024*b + 64*i1_t + 8*i3 + l]*x_pad[100*b + 10*i3 + i6 + l];
+                            c1[l] += dh1[1024*b + 64*i1_t + 8*i3 + l]*x_pad[100*b + 10*i3 + i6 + l +
+                                    10];
+                            c2[l] += dh1[1024*b + 64*i1_t + 8*i3 + l + 64]*x_pad[100*b + 10*i3 + i6
+                                    + l];
+                            c3[l] += dh1[1024*b + 64*i1_t + 8*i3 + l + 64]*x_pad[100*b + 10*i3 + i6
+                                    + l + 10];
+                            c4[l] += dh1[1024*b + 64*i1_t + 8*i3 + l + 128]*x_pad[100*b + 10*i3 + i6
+                                    + l];
+                            c5[l] += dh1[1024*b + 64*i1_t + 8*i3 + l + 128]*x_pad[100*b + 10*i3 + i6
+                                    + l + 10];
+                            c6[l] += dh1[1024*b + 64*i1_t + 8*i3 + l + 192]*x_pad[100*b + 10*i3 + i6
+                                    + l];
+                            c7[l] += dh1[1024*b + 64*i1_t + 8*i3 + l + 192]*x_pad[100*b + 10*i3 + i6
+                                    + l + 10];
+                            c8[l] += dh1[1024*b + 64*i1_t + 8*i3 + l + 256]*x_pad[100*b + 10*i3 + i6
+                                    + l];
+                            c9[l] += dh1[1024*b + 64*i1_t + 8*i3 + l + 256]*x_pad[100*b + 10*i3 + i6
+                                    + l + 10];
+                            c10[l] += dh1[1024*b + 64*i1_t + 8*i3 + l + 320]*x_pad[100*b + 10*i3 +
+                                    i6 + l];
+                            c11[l] += dh1[1024*b + 64*i1_t + 8*i3 + l + 320]*x_pad[100*b + 10*i3 +
+                                    i6 + l + 10];
+                            c12[l] += dh1[1024*b + 64*i1_t + 8*i3 + l + 384]*x_pad[100*b + 10*i3 +
+                                    i6 + l];
+                            c13[l] += dh1[1024*b + 64*i1_t + 8*i3 + l + 384]*x_pad[100*b + 10*i3 +
+                                    i6 + l + 10];
+                            c14[l] += dh1[1024*b + 64*i1_t + 8*i3 + l + 448]*x_pad[100*b + 10*i3 +
+                                    i6 + l];
+                            c15[l] += dh1[1024*b + 64*i1_t + 8*i3 + l + 448]*x_pad[100*b + 10*i3 +
+                                    i6 + l + 10];
+                        }
+                        for (size_t l = 0; l < 4; ++l) {
+                            c0[l] += dh1[1024*b + 64*i1_t + 8*i3 + l + 4]*x_pad[100*b + 10*i3 + i6 +
+                                    l + 4];
+                            c1[l] += dh1[1024*b + 64*i1_t + 8*i3 + l + 4]*x_pad[100*b + 10*i3 + i6 +
+                                    l + 14];
+                            c2[l] += dh1[1024*b + 64*i1_t + 8*i3 + l + 68]*x_pad[100*b + 10*i3 + i6
+                                    + l + 4];
+                            c3[l] += dh1[1024*b + 64*i1_t + 8*i3 + l + 68]*x_pad[100*b + 10*i3 + i6
+                                    + l + 14];
+                            c4[l] += dh1[1024*b + 64*i1_t + 8*i3 + l + 132]*x_pad[100*b + 10*i3 + i6
+                                    + l + 4];
+                            c5[l] += dh1[1024*b + 64*i1_t + 8*i3 + l + 132]*x_pad[100*b + 10*i3 + i6
+                                    + l + 14];
+                            c6[l] += dh1[1024*b + 64*i1_t + 8*i3 + l + 196]*x_pad[100*b + 10*i3 + i6
+                                    + l + 4];
+                            c7[l] += dh1[1024*b + 64*i1_t + 8*i3 + l + 196]*x_pad[100*b + 10*i3 + i6
+                                    + l + 14];
+                            c8[l] += dh1[1024*b + 64*i1_t + 8*i3 + l + 260]*x_pad[100*b + 10*i3 + i6
+                                    + l + 4];
+                            c9[l] += dh1[1024*b + 64*i1_t + 8*i3 + l + 260]*x_pad[100*b + 10*i3 + i6
+                                    + l + 14];
+                            c10[l] += dh1[1024*b + 64*i1_t + 8*i3 + l + 324]*x_pad[100*b + 10*i3 +
+                                    i6 + l + 4];
+                            c11[l] += dh1[1024*b + 64*i1_t + 8*i3 + l + 324]*x_pad[100*b + 10*i3 +
+                                    i6 + l + 14];
+                            c12[l] += dh1[1024*b + 64*i1_t + 8*i3 + l + 388]*x_pad[100*b + 10*i3 +
+                                    i6 + l + 4];
+                            c13[l] += dh1[1024*b + 64*i1_t + 8*i3 + l + 388]*x_pad[100*b + 10*i3 +
+                                    i6 + l + 14];
+                            c14[l] += dh1[1024*b + 64*i1_t + 8*i3 + l + 452]*x_pad[100*b + 10*i3 +
+                                    i6 + l + 4];
+                            c15[l] += dh1[1024*b + 64*i1_t + 8*i3 + l + 452]*x_pad[100*b + 10*i3 +
+                                    i6 + l + 14];
                         }
                     }
+                }
+                for (size_t l = 0; l < 2; ++l) { c0[l] += c0[l + 2]; c1[l] += c1[l + 2];
+                        c2[l] += c2[l + 2]; c3[l] += c3[l + 2]; c4[l] += c4[l + 2];
+                        c5[l] += c5[l + 2]; c6[l] += c6[l + 2]; c7[l] += c7[l + 2];
+                        c8[l] += c8[l + 2]; c9[l] += c9[l + 2]; c10[l] += c10[l + 2];
+                        c11[l] += c11[l + 2]; c12[l] += c12[l + 2]; c13[l] += c13[l + 2];
+                        c14[l] += c14[l + 2]; c15[l] += c15[l + 2]; }
+                c0[0] += c0[1]; c1[0] += c1[1]; c2[0] += c2[1]; c3[0] += c3[1]; c4[0] += c4[1];
+                        c5[0] += c5[1]; c6[0] += c6[1]; c7[0] += c7[1]; c8[0] += c8[1];
+                        c9[0] += c9[1]; c10[0] += c10[1]; c11[0] += c11[1]; c12[0] += c12[1];
+                        c13[0] += c13[1]; c14[0] += c14[1]; c15[0] += c15[1];
+                const float s[16] = {c0[0], c1[0], c2[0], c3[0], c4[0], c5[0], c6[0], c7[0], c8[0],
+                        c9[0], c10[0], c11[0], c12[0], c13[0], c14[0], c15[0]};
+                for (size_t i1_j = 0; i1_j < 8; ++i1_j) {
+                    for (size_t i5_j = 0; i5_j < 2; ++i5_j) {
+                        dK1[9*i1_j + 9*i1_t + 3*i5_j + i6] += s[2*i1_j + i5_j];
+                    }
+                }
+            }
+            {
+                float c0[4], c1[4], c2[4], c3[4], c4[4], c5[4], c6[4], c7[4];
+                for (size_t l = 0; l < 4; ++l) { c0[l] = 0; c1[l] = 0; c2[l] = 0; c3[l] = 0;
+                        c4[l] = 0; c5[l] = 0; c6[l] = 0; c7[l] = 0; }
+                for (size_t b = 0; b < n; ++b) {
+                    for (size_t i3 = 0; i3 < 8; ++i3) {
+                        for (size_t l = 0; l < 4; ++l) {
+                            c0[l] += dh1[1024*b + 64*i1_t + 8*i3 + l]*x_pad[100*b + 10*i3 + i6 + l +
+                                    20];
+                            c1[l] += dh1[1024*b + 64*i1_t + 8*i3 + l + 64]*x_pad[100*b + 10*i3 + i6
+                                    + l + 20];
+                            c2[l] += dh1[1024*b + 64*i1_t + 8*i3 + l + 128]*x_pad[100*b + 10*i3 + i6
+                                    + l + 20];
+                            c3[l] += dh1[1024*b + 64*i1_t + 8*i3 + l + 192]*x_pad[100*b + 10*i3 + i6
+                                    + l + 20];
+                            c4[l] += dh1[1024*b + 64*i1_t + 8*i3 + l + 256]*x_pad[100*b + 10*i3 + i6
+                                    + l + 20];
+                            c5[l] += dh1[1024*b + 64*i1_t + 8*i3 + l + 320]*x_pad[100*b + 10*i3 + i6
+                                    + l + 20];
+                            c6[l] += dh1[1024*b + 64*i1_t + 8*i3 + l + 384]*x_pad[100*b + 10*i3 + i6
+                                    + l + 20];
+                            c7[l] += dh1[1024*b + 64*i1_t + 8*i3 + l + 448]*x_pad[100*b + 10*i3 + i6
+                                    + l + 20];
+                        }
+                        for (size_t l = 0; l < 4; ++l) {
+                            c0[l] += dh1[1024*b + 64*i1_t + 8*i3 + l + 4]*x_pad[100*b + 10*i3 + i6 +
+                                    l + 24];
+                            c1[l] += dh1[1024*b + 64*i1_t + 8*i3 + l + 68]*x_pad[100*b + 10*i3 + i6
+                                    + l + 24];
+                            c2[l] += dh1[1024*b + 64*i1_t + 8*i3 + l + 132]*x_pad[100*b + 10*i3 + i6
+                                    + l + 24];
+                            c3[l] += dh1[1024*b + 64*i1_t + 8*i3 + l + 196]*x_pad[100*b + 10*i3 + i6
+                                    + l + 24];
+                            c4[l] += dh1[1024*b + 64*i1_t + 8*i3 + l + 260]*x_pad[100*b + 10*i3 + i6
+                                    + l + 24];
+                            c5[l] += dh1[1024*b + 64*i1_t + 8*i3 + l + 324]*x_pad[100*b + 10*i3 + i6
+                                    + l + 24];
+                            c6[l] += dh1[1024*b + 64*i1_t + 8*i3 + l + 388]*x_pad[100*b + 10*i3 + i6
+                                    + l + 24];
+                            c7[l] += dh1[1024*b + 64*i1_t + 8*i3 + l + 452]*x_pad[100*b + 10*i3 + i6
+                                    + l + 24];
+                        }
+                    }
+                }
+                for (size_t l = 0; l < 2; ++l) { c0[l] += c0[l + 2]; c1[l] += c1[l + 2];
+                        c2[l] += c2[l + 2]; c3[l] += c3[l + 2]; c4[l] += c4[l + 2];
+                        c5[l] += c5[l + 2]; c6[l] += c6[l + 2]; c7[l] += c7[l + 2]; }
+                c0[0] += c0[1]; c1[0] += c1[1]; c2[0] += c2[1]; c3[0] += c3[1]; c4[0] += c4[1];
+                        c5[0] += c5[1]; c6[0] += c6[1]; c7[0] += c7[1];
+                const float s[8] = {c0[0], c1[0], c2[0], c3[0], c4[0], c5[0], c6[0], c7[0]};
+                for (size_t i1_j = 0; i1_j < 8; ++i1_j) {
+                    dK1[9*i1_j + 9*i1_t + i6 + 6] += s[i1_j];
                 }
             }
         }
@@ -838,15 +1534,21 @@ static void K1_grad_2(size_t n, float *restrict dK1, const float *restrict dh1,
 static void c1_grad(size_t n, float *restrict dc1, const float *restrict dh1)
 {
     for (size_t i1 = 0; i1 < 16; ++i1) {
-        float acc = 0;
+        float c0[4];
+        for (size_t l = 0; l < 4; ++l) { c0[l] = 0; }
         for (size_t b = 0; b < n; ++b) {
             for (size_t i3 = 0; i3 < 8; ++i3) {
-                for (size_t i4 = 0; i4 < 8; ++i4) {
-                    acc += dh1[1024*b + 64*i1 + 8*i3 + i4];
+                for (size_t l = 0; l < 4; ++l) {
+                    c0[l] += dh1[1024*b + 64*i1 + 8*i3 + l];
+                }
+                for (size_t l = 0; l < 4; ++l) {
+                    c0[l] += dh1[1024*b + 64*i1 + 8*i3 + l + 4];
                 }
             }
         }
-        dc1[i1] = acc;
+        for (size_t l = 0; l < 2; ++l) { c0[l] += c0[l + 2]; }
+        c0[0] += c0[1];
+        dc1[i1] = c0[0];
     }
 }
 
@@ -887,15 +1589,17 @@ void digits_cnn_forward(const float *params, float *work, size_t n, const float 
     if (n == 0) {
         return;
     }
+    x_pad_forward(n, work + 1024 * n, in_x);
     a1_forward(n, work, params + DIGITS_CNN_PARAM_K1_OFFSET, params + DIGITS_CNN_PARAM_c1_OFFSET,
-            in_x);
-    p1_forward(n, work + 1024 * n, work);
-    a2_forward(n, work, params + DIGITS_CNN_PARAM_K2_OFFSET, params + DIGITS_CNN_PARAM_c2_OFFSET,
             work + 1024 * n);
-    p2_forward(n, work + 512 * n, work);
-    flat_forward(n, work, work + 512 * n);
+    p1_forward(n, work + 1024 * n, work);
+    p1_pad_forward(n, work, work + 1024 * n);
+    a2_forward(n, work + 576 * n, params + DIGITS_CNN_PARAM_K2_OFFSET,
+            params + DIGITS_CNN_PARAM_c2_OFFSET, work);
+    p2_forward(n, work, work + 576 * n);
+    flat_forward(n, work + 128 * n, work);
     logits_forward(n, out_logits, params + DIGITS_CNN_PARAM_W_OFFSET,
-            params + DIGITS_CNN_PARAM_b_OFFSET, work);
+            params + DIGITS_CNN_PARAM_b_OFFSET, work + 128 * n);
 }
 
 float digits_cnn_evaluate(const float *params, float *work, size_t n, const float *in_x,
@@ -904,15 +1608,17 @@ float digits_cnn_evaluate(const float *params, float *work, size_t n, const floa
     if (n == 0) {
         return 0;
     }
+    x_pad_forward(n, work + 16 + 1024 * n, in_x);
     a1_forward(n, work + 16, params + DIGITS_CNN_PARAM_K1_OFFSET,
-            params + DIGITS_CNN_PARAM_c1_OFFSET, in_x);
+            params + DIGITS_CNN_PARAM_c1_OFFSET, work + 16 + 1024 * n);
     p1_forward(n, work + 16 + 1024 * n, work + 16);
-    a2_forward(n, work + 16, params + DIGITS_CNN_PARAM_K2_OFFSET,
-            params + DIGITS_CNN_PARAM_c2_OFFSET, work + 16 + 1024 * n);
-    p2_forward(n, work + 16 + 512 * n, work + 16);
-    flat_forward(n, work + 16, work + 16 + 512 * n);
+    p1_pad_forward(n, work + 16, work + 16 + 1024 * n);
+    a2_forward(n, work + 16 + 576 * n, params + DIGITS_CNN_PARAM_K2_OFFSET,
+            params + DIGITS_CNN_PARAM_c2_OFFSET, work + 16);
+    p2_forward(n, work + 16, work + 16 + 576 * n);
+    flat_forward(n, work + 16 + 128 * n, work + 16);
     logits_forward(n, out_logits, params + DIGITS_CNN_PARAM_W_OFFSET,
-            params + DIGITS_CNN_PARAM_b_OFFSET, work + 16);
+            params + DIGITS_CNN_PARAM_b_OFFSET, work + 16 + 128 * n);
     loss_max_forward(n, work + 16, out_logits);
     loss_sumexp_forward(n, work + 16 + 16 * n, out_logits, work + 16);
     loss_forward(n, work + 16 + 32 * n, out_logits, work + 16, work + 16 + 16 * n, in_y);
@@ -929,44 +1635,48 @@ float digits_cnn_gradients(const float *params, float *grads, float *work, size_
         }
         return 0;
     }
+    x_pad_forward(n, work + 16 + 3392 * n, in_x);
     h1_forward(n, work + 16, params + DIGITS_CNN_PARAM_K1_OFFSET,
-            params + DIGITS_CNN_PARAM_c1_OFFSET, in_x);
+            params + DIGITS_CNN_PARAM_c1_OFFSET, work + 16 + 3392 * n);
     a1_forward_2(n, work + 16 + 1024 * n, work + 16);
-    p1_forward(n, work + 16 + 2560 * n, work + 16 + 1024 * n);
-    p1_argmax_forward(n, work + 16 + 2816 * n, work + 16 + 1024 * n);
-    h2_forward(n, work + 16 + 1024 * n, params + DIGITS_CNN_PARAM_K2_OFFSET,
-            params + DIGITS_CNN_PARAM_c2_OFFSET, work + 16 + 2560 * n);
-    a2_forward_2(n, work + 16 + 1536 * n, work + 16 + 1024 * n);
-    p2_forward(n, work + 16 + 2048 * n, work + 16 + 1536 * n);
-    p2_argmax_forward(n, work + 16 + 2176 * n, work + 16 + 1536 * n);
-    flat_forward(n, work + 16 + 1536 * n, work + 16 + 2048 * n);
-    logits_forward(n, work + 16 + 1664 * n, params + DIGITS_CNN_PARAM_W_OFFSET,
-            params + DIGITS_CNN_PARAM_b_OFFSET, work + 16 + 1536 * n);
-    loss_max_forward(n, work + 16 + 1696 * n, work + 16 + 1664 * n);
-    loss_sumexp_forward(n, work + 16 + 1712 * n, work + 16 + 1664 * n, work + 16 + 1696 * n);
-    loss_forward(n, work + 16 + 1680 * n, work + 16 + 1664 * n, work + 16 + 1696 * n,
-            work + 16 + 1712 * n, in_y);
-    batch_mean_loss(n, work, work + 16 + 1680 * n);
-    logits_grad(n, work + 16 + 1680 * n, in_y);
-    loss_sumexp_grad(n, work + 16 + 1728 * n, work + 16 + 1712 * n, in_y);
-    logits_grad_2(n, work + 16 + 1680 * n, work + 16 + 1664 * n, work + 16 + 1696 * n,
-            work + 16 + 1728 * n);
-    W_grad(n, grads + DIGITS_CNN_PARAM_W_OFFSET, work + 16 + 1536 * n, work + 16 + 1680 * n);
-    b_grad(n, grads + DIGITS_CNN_PARAM_b_OFFSET, work + 16 + 1680 * n);
-    flat_grad(n, work + 16 + 1536 * n, params + DIGITS_CNN_PARAM_W_OFFSET, work + 16 + 1680 * n);
-    flat_forward(n, work + 16 + 2048 * n, work + 16 + 1536 * n);
-    a2_grad(n, work + 16 + 1536 * n);
-    a2_grad_2(n, work + 16 + 1536 * n, work + 16 + 2176 * n, work + 16 + 2048 * n);
-    h2_grad(n, work + 16 + 2048 * n, work + 16 + 1536 * n, work + 16 + 1024 * n);
-    K2_grad(n, grads + DIGITS_CNN_PARAM_K2_OFFSET, work + 16 + 2048 * n, work + 16 + 2560 * n);
-    c2_grad(n, grads + DIGITS_CNN_PARAM_c2_OFFSET, work + 16 + 2048 * n);
-    p1_grad(n, work + 16 + 2560 * n);
-    p1_grad_2(n, work + 16 + 2560 * n, params + DIGITS_CNN_PARAM_K2_OFFSET, work + 16 + 2048 * n);
+    p1_forward(n, work + 16 + 2048 * n, work + 16 + 1024 * n);
+    p1_argmax_forward(n, work + 16 + 3136 * n, work + 16 + 1024 * n);
+    p1_pad_forward(n, work + 16 + 1024 * n, work + 16 + 2048 * n);
+    h2_forward(n, work + 16 + 1600 * n, params + DIGITS_CNN_PARAM_K2_OFFSET,
+            params + DIGITS_CNN_PARAM_c2_OFFSET, work + 16 + 1024 * n);
+    a2_forward_2(n, work + 16 + 2112 * n, work + 16 + 1600 * n);
+    p2_forward(n, work + 16 + 2624 * n, work + 16 + 2112 * n);
+    p2_argmax_forward(n, work + 16 + 2752 * n, work + 16 + 2112 * n);
+    flat_forward(n, work + 16 + 2112 * n, work + 16 + 2624 * n);
+    logits_forward(n, work + 16 + 2240 * n, params + DIGITS_CNN_PARAM_W_OFFSET,
+            params + DIGITS_CNN_PARAM_b_OFFSET, work + 16 + 2112 * n);
+    loss_max_forward(n, work + 16 + 2272 * n, work + 16 + 2240 * n);
+    loss_sumexp_forward(n, work + 16 + 2288 * n, work + 16 + 2240 * n, work + 16 + 2272 * n);
+    loss_forward(n, work + 16 + 2256 * n, work + 16 + 2240 * n, work + 16 + 2272 * n,
+            work + 16 + 2288 * n, in_y);
+    batch_mean_loss(n, work, work + 16 + 2256 * n);
+    logits_grad(n, work + 16 + 2256 * n, in_y);
+    loss_sumexp_grad(n, work + 16 + 2304 * n, work + 16 + 2288 * n, in_y);
+    logits_grad_2(n, work + 16 + 2256 * n, work + 16 + 2240 * n, work + 16 + 2272 * n,
+            work + 16 + 2304 * n);
+    W_grad(n, grads + DIGITS_CNN_PARAM_W_OFFSET, work + 16 + 2112 * n, work + 16 + 2256 * n);
+    b_grad(n, grads + DIGITS_CNN_PARAM_b_OFFSET, work + 16 + 2256 * n);
+    flat_grad(n, work + 16 + 2112 * n, params + DIGITS_CNN_PARAM_W_OFFSET, work + 16 + 2256 * n);
+    flat_forward(n, work + 16 + 2624 * n, work + 16 + 2112 * n);
+    a2_grad(n, work + 16 + 2112 * n);
+    a2_grad_2(n, work + 16 + 2112 * n, work + 16 + 2752 * n, work + 16 + 2624 * n);
+    h2_grad(n, work + 16 + 2624 * n, work + 16 + 2112 * n, work + 16 + 1600 * n);
+    K2_grad(n, grads + DIGITS_CNN_PARAM_K2_OFFSET, work + 16 + 2624 * n, work + 16 + 1024 * n);
+    c2_grad(n, grads + DIGITS_CNN_PARAM_c2_OFFSET, work + 16 + 2624 * n);
+    p1_pad_grad(n, work + 16 + 1024 * n);
+    p1_pad_grad_2(n, work + 16 + 1024 * n, params + DIGITS_CNN_PARAM_K2_OFFSET,
+            work + 16 + 2624 * n);
+    p1_grad(n, work + 16 + 2048 * n, work + 16 + 1024 * n);
     a1_grad(n, work + 16 + 1024 * n);
-    a1_grad_2(n, work + 16 + 1024 * n, work + 16 + 2816 * n, work + 16 + 2560 * n);
+    a1_grad_2(n, work + 16 + 1024 * n, work + 16 + 3136 * n, work + 16 + 2048 * n);
     h1_grad(n, work + 16 + 2048 * n, work + 16 + 1024 * n, work + 16);
     K1_grad(grads + DIGITS_CNN_PARAM_K1_OFFSET);
-    K1_grad_2(n, grads + DIGITS_CNN_PARAM_K1_OFFSET, work + 16 + 2048 * n, in_x);
+    K1_grad_2(n, grads + DIGITS_CNN_PARAM_K1_OFFSET, work + 16 + 2048 * n, work + 16 + 3392 * n);
     c1_grad(n, grads + DIGITS_CNN_PARAM_c1_OFFSET, work + 16 + 2048 * n);
     return work[0];
 }

@@ -27,10 +27,10 @@
 #define DIGITS_CNN_STATE_exp_avg_sq_OFFSET 6091
 #define DIGITS_CNN_FORWARD_WORK_SIZE(n) ((size_t)0 + (size_t)1280 * (size_t)(n))
 #define DIGITS_CNN_EVALUATE_WORK_SIZE(n) ((size_t)16 + (size_t)1280 * (size_t)(n))
-#define DIGITS_CNN_GRADIENTS_WORK_SIZE(n) ((size_t)16 + (size_t)3072 * (size_t)(n))
-#define DIGITS_CNN_TRAIN_STEP_WORK_SIZE(n) ((size_t)6112 + (size_t)3072 * (size_t)(n))
+#define DIGITS_CNN_GRADIENTS_WORK_SIZE(n) ((size_t)16 + (size_t)3504 * (size_t)(n))
+#define DIGITS_CNN_TRAIN_STEP_WORK_SIZE(n) ((size_t)6112 + (size_t)3504 * (size_t)(n))
 /* Enough for every entry point above. */
-#define DIGITS_CNN_WORK_SIZE(n) ((size_t)6112 + (size_t)3072 * (size_t)(n))
+#define DIGITS_CNN_WORK_SIZE(n) ((size_t)6112 + (size_t)3504 * (size_t)(n))
 
 #ifdef __cplusplus
 extern "C" {

@@ -199,6 +199,45 @@ static void tile1x8(const float *restrict a, size_t am, size_t ar, const float *
     }
 }
 
+/* out[m*om + l] += sum_{r<len} a[m*am + r*ar]*b[r*br + l] for m < 4, l < 8 (len >= 1) */
+static void tile4x8_add(const float *restrict a, size_t am, size_t ar, const float *restrict b,
+        size_t br, size_t len, float *restrict out, size_t om)
+{
+    float c0[4], c1[4], c2[4], c3[4], c4[4], c5[4], c6[4], c7[4];
+    for (size_t l = 0; l < 4; ++l) {
+        c0[l] = a[0]*b[l];
+        c1[l] = a[0]*b[4 + l];
+        c2[l] = a[am]*b[l];
+        c3[l] = a[am]*b[4 + l];
+        c4[l] = a[2*am]*b[l];
+        c5[l] = a[2*am]*b[4 + l];
+        c6[l] = a[3*am]*b[l];
+        c7[l] = a[3*am]*b[4 + l];
+    }
+    for (size_t r = 1; r < len; ++r) {
+        for (size_t l = 0; l < 4; ++l) {
+            c0[l] += a[r*ar]*b[r*br + l];
+            c1[l] += a[r*ar]*b[r*br + 4 + l];
+            c2[l] += a[am + r*ar]*b[r*br + l];
+            c3[l] += a[am + r*ar]*b[r*br + 4 + l];
+            c4[l] += a[2*am + r*ar]*b[r*br + l];
+            c5[l] += a[2*am + r*ar]*b[r*br + 4 + l];
+            c6[l] += a[3*am + r*ar]*b[r*br + l];
+            c7[l] += a[3*am + r*ar]*b[r*br + 4 + l];
+        }
+    }
+    for (size_t l = 0; l < 4; ++l) {
+        out[l] += c0[l];
+        out[4 + l] += c1[l];
+        out[om + l] += c2[l];
+        out[om + 4 + l] += c3[l];
+        out[2*om + l] += c4[l];
+        out[2*om + 4 + l] += c5[l];
+        out[3*om + l] += c6[l];
+        out[3*om + 4 + l] += c7[l];
+    }
+}
+
 /*
  * grid: forward, emb inlined: grid[b, 0, 0, 4*i0 + i1] = Piecewise((E[pixels[b, i0], i1],
  * (pixels[b, i0] >= 0) & (pixels[b, i0] < 17)), (0, True))
@@ -231,30 +270,179 @@ static void img_forward(size_t n, float *restrict img, const float *restrict gri
 }
 
 /*
- * act: norm with act as epilogue: act[b, i1, i3, i4] = relu(((sum_{i2, i5, i6} Piecewise((img[b,
- * i2, i3 + i5 - 1, i4 + i6 - 1], (i3 + i5 >= 1) & (i4 + i6 >= 1) & (i3 + i5 < 9) & (i4 + i6 < 9)),
- * (0, True))*K[i1, i2, i5, i6]) - mean[i1])*gamma[i1]/sqrt(var[i1] + 1.0e-5) + beta[i1])
+ * act: img padded with 0: img.pad[i0, i1, i2, i3] = Piecewise((img[i0, i1, i2 - 1, i3 - 1], (i2 >=
+ * 1) & (i3 >= 1) & (i2 < 9) & (i3 < 9)), (0, True))
+ */
+static void img_pad_forward(size_t n, float *restrict img_pad, const float *restrict img)
+{
+    for (size_t i0 = 0; i0 < n; ++i0) {
+        for (size_t i1 = 0; i1 < 4; ++i1) {
+            for (size_t i2 = 0; i2 < 10; ++i2) {
+                for (size_t i3 = 0; i3 < 10; ++i3) {
+                    img_pad[400*i0 + 100*i1 + 10*i2 + i3] = ((i2 >= 1 && i3 >= 1 && i2 < 9 && i3 <
+                            9) ? (img[256*i0 + 64*i1 + 8*i2 + i3 - 9]) : (0.0F));
+                }
+            }
+        }
+    }
+}
+
+/*
+ * act: norm with act as epilogue: act[b, i1, i3, i4] = relu(((sum_{i2, i5, i6} K[i1, i2, i5,
+ * i6]*img.pad[b, i2, i3 + i5, i4 + i6]) - mean[i1])*gamma[i1]/sqrt(var[i1] + 1.0e-5) + beta[i1])
  */
 static void act_forward(size_t n, float *restrict act, const float *restrict K,
-        const float *restrict beta, const float *restrict gamma_, const float *restrict img,
+        const float *restrict beta, const float *restrict gamma_, const float *restrict img_pad,
         const float *restrict mean, const float *restrict var)
 {
-    for (size_t i1 = 0; i1 < 16; ++i1) {
-        for (size_t b = 0; b < n; ++b) {
-            for (size_t i3 = 0; i3 < 8; ++i3) {
-                for (size_t i4 = 0; i4 < 8; ++i4) {
-                    float acc = 0;
+    for (size_t b = 0; b < n; ++b) {
+        for (size_t i3 = 0; i3 < 8; ++i3) {
+            {
+                for (size_t i1_t = 0; i1_t < 16; i1_t += 8) {
+                    float c0[4], c1[4], c2[4], c3[4], c4[4], c5[4], c6[4], c7[4], c8[4], c9[4],
+                            c10[4], c11[4], c12[4], c13[4], c14[4], c15[4];
+                    for (size_t l = 0; l < 4; ++l) { c0[l] = 0; c1[l] = 0; c2[l] = 0; c3[l] = 0;
+                            c4[l] = 0; c5[l] = 0; c6[l] = 0; c7[l] = 0; c8[l] = 0; c9[l] = 0;
+                            c10[l] = 0; c11[l] = 0; c12[l] = 0; c13[l] = 0; c14[l] = 0; c15[l] = 0;
+                            }
                     for (size_t i2 = 0; i2 < 4; ++i2) {
                         for (size_t i5 = 0; i5 < 3; ++i5) {
                             for (size_t i6 = 0; i6 < 3; ++i6) {
-                                acc += ((i3 + i5 >= 1 && i4 + i6 >= 1 && i3 + i5 < 9 && i4 + i6 < 9)
-                                        ? (img[256*b + 64*i2 + 8*i3 + i4 + 8*i5 + i6 - 9]) :
-                                        (0.0F))*K[36*i1 + 9*i2 + 3*i5 + i6];
+                                for (size_t l = 0; l < 4; ++l) {
+                                    c0[l] += K[36*i1_t + 9*i2 + 3*i5 + i6]*img_pad[400*b + 100*i2 +
+                                            10*i3 + 10*i5 + i6 + l];
+                                    c1[l] += K[36*i1_t + 9*i2 + 3*i5 + i6]*img_pad[400*b + 100*i2 +
+                                            10*i3 + 10*i5 + i6 + l + 4];
+                                    c2[l] += K[36*i1_t + 9*i2 + 3*i5 + i6 + 36]*img_pad[400*b +
+                                            100*i2 + 10*i3 + 10*i5 + i6 + l];
+                                    c3[l] += K[36*i1_t + 9*i2 + 3*i5 + i6 + 36]*img_pad[400*b +
+                                            100*i2 + 10*i3 + 10*i5 + i6 + l + 4];
+                                    c4[l] += K[36*i1_t + 9*i2 + 3*i5 + i6 + 72]*img_pad[400*b +
+                                            100*i2 + 10*i3 + 10*i5 + i6 + l];
+                                    c5[l] += K[36*i1_t + 9*i2 + 3*i5 + i6 + 72]*img_pad[400*b +
+                                            100*i2 + 10*i3 + 10*i5 + i6 + l + 4];
+                                    c6[l] += K[36*i1_t + 9*i2 + 3*i5 + i6 + 108]*img_pad[400*b +
+                                            100*i2 + 10*i3 + 10*i5 + i6 + l];
+                                    c7[l] += K[36*i1_t + 9*i2 + 3*i5 + i6 + 108]*img_pad[400*b +
+                                            100*i2 + 10*i3 + 10*i5 + i6 + l + 4];
+                                    c8[l] += K[36*i1_t + 9*i2 + 3*i5 + i6 + 144]*img_pad[400*b +
+                                            100*i2 + 10*i3 + 10*i5 + i6 + l];
+                                    c9[l] += K[36*i1_t + 9*i2 + 3*i5 + i6 + 144]*img_pad[400*b +
+                                            100*i2 + 10*i3 + 10*i5 + i6 + l + 4];
+                                    c10[l] += K[36*i1_t + 9*i2 + 3*i5 + i6 + 180]*img_pad[400*b +
+                                            100*i2 + 10*i3 + 10*i5 + i6 + l];
+                                    c11[l] += K[36*i1_t + 9*i2 + 3*i5 + i6 + 180]*img_pad[400*b +
+                                            100*i2 + 10*i3 + 10*i5 + i6 + l + 4];
+                                    c12[l] += K[36*i1_t + 9*i2 + 3*i5 + i6 + 216]*img_pad[400*b +
+                                            100*i2 + 10*i3 + 10*i5 + i6 + l];
+                                    c13[l] += K[36*i1_t + 9*i2 + 3*i5 + i6 + 216]*img_pad[400*b +
+                                            100*i2 + 10*i3 + 10*i5 + i6 + l + 4];
+                                    c14[l] += K[36*i1_t + 9*i2 + 3*i5 + i6 + 252]*img_pad[400*b +
+                                            100*i2 + 10*i3 + 10*i5 + i6 + l];
+                                    c15[l] += K[36*i1_t + 9*i2 + 3*i5 + i6 + 252]*img_pad[400*b +
+                                            100*i2 + 10*i3 + 10*i5 + i6 + l + 4];
+                                }
                             }
                         }
                     }
-                    act[1024*b + 64*i1 + 8*i3 + i4] = relu((acc - mean[i1])*gamma_[i1]/sqrtf(var[i1]
-                            + 1e-05F) + beta[i1]);
+                    for (size_t l = 0; l < 4; ++l) {
+                        {
+                            const float acc = c0[l];
+                            act[1024*b + 64*i1_t + 8*i3 + l] = relu((acc -
+                                    mean[i1_t])*gamma_[i1_t]/sqrtf(var[i1_t] + 1e-05F) +
+                                    beta[i1_t]);
+                        }
+                        {
+                            const float acc = c1[l];
+                            act[1024*b + 64*i1_t + 8*i3 + l + 4] = relu((acc -
+                                    mean[i1_t])*gamma_[i1_t]/sqrtf(var[i1_t] + 1e-05F) +
+                                    beta[i1_t]);
+                        }
+                        {
+                            const float acc = c2[l];
+                            act[1024*b + 64*i1_t + 8*i3 + l + 64] = relu((acc - mean[i1_t +
+                                    1])*gamma_[i1_t + 1]/sqrtf(var[i1_t + 1] + 1e-05F) + beta[i1_t +
+                                    1]);
+                        }
+                        {
+                            const float acc = c3[l];
+                            act[1024*b + 64*i1_t + 8*i3 + l + 68] = relu((acc - mean[i1_t +
+                                    1])*gamma_[i1_t + 1]/sqrtf(var[i1_t + 1] + 1e-05F) + beta[i1_t +
+                                    1]);
+                        }
+                        {
+                            const float acc = c4[l];
+                            act[1024*b + 64*i1_t + 8*i3 + l + 128] = relu((acc - mean[i1_t +
+                                    2])*gamma_[i1_t + 2]/sqrtf(var[i1_t + 2] + 1e-05F) + beta[i1_t +
+                                    2]);
+                        }
+                        {
+                            const float acc = c5[l];
+                            act[1024*b + 64*i1_t + 8*i3 + l + 132] = relu((acc - mean[i1_t +
+                                    2])*gamma_[i1_t + 2]/sqrtf(var[i1_t + 2] + 1e-05F) + beta[i1_t +
+                                    2]);
+                        }
+                        {
+                            const float acc = c6[l];
+                            act[1024*b + 64*i1_t + 8*i3 + l + 192] = relu((acc - mean[i1_t +
+                                    3])*gamma_[i1_t + 3]/sqrtf(var[i1_t + 3] + 1e-05F) + beta[i1_t +
+                                    3]);
+                        }
+                        {
+                            const float acc = c7[l];
+                            act[1024*b + 64*i1_t + 8*i3 + l + 196] = relu((acc - mean[i1_t +
+                                    3])*gamma_[i1_t + 3]/sqrtf(var[i1_t + 3] + 1e-05F) + beta[i1_t +
+                                    3]);
+                        }
+                        {
+                            const float acc = c8[l];
+                            act[1024*b + 64*i1_t + 8*i3 + l + 256] = relu((acc - mean[i1_t +
+                                    4])*gamma_[i1_t + 4]/sqrtf(var[i1_t + 4] + 1e-05F) + beta[i1_t +
+                                    4]);
+                        }
+                        {
+                            const float acc = c9[l];
+                            act[1024*b + 64*i1_t + 8*i3 + l + 260] = relu((acc - mean[i1_t +
+                                    4])*gamma_[i1_t + 4]/sqrtf(var[i1_t + 4] + 1e-05F) + beta[i1_t +
+                                    4]);
+                        }
+                        {
+                            const float acc = c10[l];
+                            act[1024*b + 64*i1_t + 8*i3 + l + 320] = relu((acc - mean[i1_t +
+                                    5])*gamma_[i1_t + 5]/sqrtf(var[i1_t + 5] + 1e-05F) + beta[i1_t +
+                                    5]);
+                        }
+                        {
+                            const float acc = c11[l];
+                            act[1024*b + 64*i1_t + 8*i3 + l + 324] = relu((acc - mean[i1_t +
+                                    5])*gamma_[i1_t + 5]/sqrtf(var[i1_t + 5] + 1e-05F) + beta[i1_t +
+                                    5]);
+                        }
+                        {
+                            const float acc = c12[l];
+                            act[1024*b + 64*i1_t + 8*i3 + l + 384] = relu((acc - mean[i1_t +
+                                    6])*gamma_[i1_t + 6]/sqrtf(var[i1_t + 6] + 1e-05F) + beta[i1_t +
+                                    6]);
+                        }
+                        {
+                            const float acc = c13[l];
+                            act[1024*b + 64*i1_t + 8*i3 + l + 388] = relu((acc - mean[i1_t +
+                                    6])*gamma_[i1_t + 6]/sqrtf(var[i1_t + 6] + 1e-05F) + beta[i1_t +
+                                    6]);
+                        }
+                        {
+                            const float acc = c14[l];
+                            act[1024*b + 64*i1_t + 8*i3 + l + 448] = relu((acc - mean[i1_t +
+                                    7])*gamma_[i1_t + 7]/sqrtf(var[i1_t + 7] + 1e-05F) + beta[i1_t +
+                                    7]);
+                        }
+                        {
+                            const float acc = c15[l];
+                            act[1024*b + 64*i1_t + 8*i3 + l + 452] = relu((acc - mean[i1_t +
+                                    7])*gamma_[i1_t + 7]/sqrtf(var[i1_t + 7] + 1e-05F) + beta[i1_t +
+                                    7]);
+                        }
+                    }
                 }
             }
         }
@@ -382,28 +570,80 @@ static void batch_mean_loss(size_t n, float *restrict batch_loss, const int32_t 
 }
 
 /*
- * conv: forward: conv[b, i1, i3, i4] = sum_{i2, i5, i6} Piecewise((img[b, i2, i3 + i5 - 1, i4 + i6
- * - 1], (i3 + i5 >= 1) & (i4 + i6 >= 1) & (i3 + i5 < 9) & (i4 + i6 < 9)), (0, True))*K[i1, i2, i5,
- * i6]
+ * conv: forward: conv[b, i1, i3, i4] = sum_{i2, i5, i6} K[i1, i2, i5, i6]*img.pad[b, i2, i3 + i5,
+ * i4 + i6]
  */
 static void conv_forward(size_t n, float *restrict conv, const float *restrict K,
-        const float *restrict img)
+        const float *restrict img_pad)
 {
     for (size_t b = 0; b < n; ++b) {
-        for (size_t i1 = 0; i1 < 16; ++i1) {
-            for (size_t i3 = 0; i3 < 8; ++i3) {
-                for (size_t i4 = 0; i4 < 8; ++i4) {
-                    float acc = 0;
+        for (size_t i3 = 0; i3 < 8; ++i3) {
+            {
+                for (size_t i1_t = 0; i1_t < 16; i1_t += 8) {
+                    float c0[4], c1[4], c2[4], c3[4], c4[4], c5[4], c6[4], c7[4], c8[4], c9[4],
+                            c10[4], c11[4], c12[4], c13[4], c14[4], c15[4];
+                    for (size_t l = 0; l < 4; ++l) { c0[l] = 0; c1[l] = 0; c2[l] = 0; c3[l] = 0;
+                            c4[l] = 0; c5[l] = 0; c6[l] = 0; c7[l] = 0; c8[l] = 0; c9[l] = 0;
+                            c10[l] = 0; c11[l] = 0; c12[l] = 0; c13[l] = 0; c14[l] = 0; c15[l] = 0;
+                            }
                     for (size_t i2 = 0; i2 < 4; ++i2) {
                         for (size_t i5 = 0; i5 < 3; ++i5) {
                             for (size_t i6 = 0; i6 < 3; ++i6) {
-                                acc += ((i3 + i5 >= 1 && i4 + i6 >= 1 && i3 + i5 < 9 && i4 + i6 < 9)
-                                        ? (img[256*b + 64*i2 + 8*i3 + i4 + 8*i5 + i6 - 9]) :
-                                        (0.0F))*K[36*i1 + 9*i2 + 3*i5 + i6];
+                                for (size_t l = 0; l < 4; ++l) {
+                                    c0[l] += K[36*i1_t + 9*i2 + 3*i5 + i6]*img_pad[400*b + 100*i2 +
+                                            10*i3 + 10*i5 + i6 + l];
+                                    c1[l] += K[36*i1_t + 9*i2 + 3*i5 + i6]*img_pad[400*b + 100*i2 +
+                                            10*i3 + 10*i5 + i6 + l + 4];
+                                    c2[l] += K[36*i1_t + 9*i2 + 3*i5 + i6 + 36]*img_pad[400*b +
+                                            100*i2 + 10*i3 + 10*i5 + i6 + l];
+                                    c3[l] += K[36*i1_t + 9*i2 + 3*i5 + i6 + 36]*img_pad[400*b +
+                                            100*i2 + 10*i3 + 10*i5 + i6 + l + 4];
+                                    c4[l] += K[36*i1_t + 9*i2 + 3*i5 + i6 + 72]*img_pad[400*b +
+                                            100*i2 + 10*i3 + 10*i5 + i6 + l];
+                                    c5[l] += K[36*i1_t + 9*i2 + 3*i5 + i6 + 72]*img_pad[400*b +
+                                            100*i2 + 10*i3 + 10*i5 + i6 + l + 4];
+                                    c6[l] += K[36*i1_t + 9*i2 + 3*i5 + i6 + 108]*img_pad[400*b +
+                                            100*i2 + 10*i3 + 10*i5 + i6 + l];
+                                    c7[l] += K[36*i1_t + 9*i2 + 3*i5 + i6 + 108]*img_pad[400*b +
+                                            100*i2 + 10*i3 + 10*i5 + i6 + l + 4];
+                                    c8[l] += K[36*i1_t + 9*i2 + 3*i5 + i6 + 144]*img_pad[400*b +
+                                            100*i2 + 10*i3 + 10*i5 + i6 + l];
+                                    c9[l] += K[36*i1_t + 9*i2 + 3*i5 + i6 + 144]*img_pad[400*b +
+                                            100*i2 + 10*i3 + 10*i5 + i6 + l + 4];
+                                    c10[l] += K[36*i1_t + 9*i2 + 3*i5 + i6 + 180]*img_pad[400*b +
+                                            100*i2 + 10*i3 + 10*i5 + i6 + l];
+                                    c11[l] += K[36*i1_t + 9*i2 + 3*i5 + i6 + 180]*img_pad[400*b +
+                                            100*i2 + 10*i3 + 10*i5 + i6 + l + 4];
+                                    c12[l] += K[36*i1_t + 9*i2 + 3*i5 + i6 + 216]*img_pad[400*b +
+                                            100*i2 + 10*i3 + 10*i5 + i6 + l];
+                                    c13[l] += K[36*i1_t + 9*i2 + 3*i5 + i6 + 216]*img_pad[400*b +
+                                            100*i2 + 10*i3 + 10*i5 + i6 + l + 4];
+                                    c14[l] += K[36*i1_t + 9*i2 + 3*i5 + i6 + 252]*img_pad[400*b +
+                                            100*i2 + 10*i3 + 10*i5 + i6 + l];
+                                    c15[l] += K[36*i1_t + 9*i2 + 3*i5 + i6 + 252]*img_pad[400*b +
+                                            100*i2 + 10*i3 + 10*i5 + i6 + l + 4];
+                                }
                             }
                         }
                     }
-                    conv[1024*b + 64*i1 + 8*i3 + i4] = acc;
+                    for (size_t l = 0; l < 4; ++l) {
+                        conv[1024*b + 64*i1_t + 8*i3 + l] = c0[l];
+                        conv[1024*b + 64*i1_t + 8*i3 + l + 4] = c1[l];
+                        conv[1024*b + 64*i1_t + 8*i3 + l + 64] = c2[l];
+                        conv[1024*b + 64*i1_t + 8*i3 + l + 68] = c3[l];
+                        conv[1024*b + 64*i1_t + 8*i3 + l + 128] = c4[l];
+                        conv[1024*b + 64*i1_t + 8*i3 + l + 132] = c5[l];
+                        conv[1024*b + 64*i1_t + 8*i3 + l + 192] = c6[l];
+                        conv[1024*b + 64*i1_t + 8*i3 + l + 196] = c7[l];
+                        conv[1024*b + 64*i1_t + 8*i3 + l + 256] = c8[l];
+                        conv[1024*b + 64*i1_t + 8*i3 + l + 260] = c9[l];
+                        conv[1024*b + 64*i1_t + 8*i3 + l + 320] = c10[l];
+                        conv[1024*b + 64*i1_t + 8*i3 + l + 324] = c11[l];
+                        conv[1024*b + 64*i1_t + 8*i3 + l + 384] = c12[l];
+                        conv[1024*b + 64*i1_t + 8*i3 + l + 388] = c13[l];
+                        conv[1024*b + 64*i1_t + 8*i3 + l + 448] = c14[l];
+                        conv[1024*b + 64*i1_t + 8*i3 + l + 452] = c15[l];
+                    }
                 }
             }
         }
@@ -415,14 +655,21 @@ static void norm_mean_forward(size_t n, float *restrict norm_mean, const float *
 {
     const float inv_n = 1 / (float)n;
     for (size_t i0 = 0; i0 < 16; ++i0) {
-        float acc = 0;
+        float c0[4];
+        for (size_t l = 0; l < 4; ++l) { c0[l] = 0; }
         for (size_t b = 0; b < n; ++b) {
             for (size_t i1 = 0; i1 < 8; ++i1) {
-                for (size_t i2 = 0; i2 < 8; ++i2) {
-                    acc += conv[1024*b + 64*i0 + 8*i1 + i2];
+                for (size_t l = 0; l < 4; ++l) {
+                    c0[l] += conv[1024*b + 64*i0 + 8*i1 + l];
+                }
+                for (size_t l = 0; l < 4; ++l) {
+                    c0[l] += conv[1024*b + 64*i0 + 8*i1 + l + 4];
                 }
             }
         }
+        for (size_t l = 0; l < 2; ++l) { c0[l] += c0[l + 2]; }
+        c0[0] += c0[1];
+        const float acc = c0[0];
         norm_mean[i0] = (1.0F/64.0F)*acc*inv_n;
     }
 }
@@ -435,14 +682,21 @@ static void norm_var_forward(size_t n, float *restrict norm_var, const float *re
 {
     const float inv_n = 1 / (float)n;
     for (size_t i0 = 0; i0 < 16; ++i0) {
-        float acc = 0;
+        float c0[4];
+        for (size_t l = 0; l < 4; ++l) { c0[l] = 0; }
         for (size_t b = 0; b < n; ++b) {
             for (size_t i1 = 0; i1 < 8; ++i1) {
-                for (size_t i2 = 0; i2 < 8; ++i2) {
-                    acc += powf(conv[1024*b + 64*i0 + 8*i1 + i2] - norm_mean[i0], 2);
+                for (size_t l = 0; l < 4; ++l) {
+                    c0[l] += powf(conv[1024*b + 64*i0 + 8*i1 + l] - norm_mean[i0], 2);
+                }
+                for (size_t l = 0; l < 4; ++l) {
+                    c0[l] += powf(conv[1024*b + 64*i0 + 8*i1 + l + 4] - norm_mean[i0], 2);
                 }
             }
         }
+        for (size_t l = 0; l < 2; ++l) { c0[l] += c0[l + 2]; }
+        c0[0] += c0[1];
+        const float acc = c0[0];
         norm_var[i0] = (1.0F/64.0F)*acc*inv_n;
     }
 }
@@ -703,15 +957,21 @@ static void norm_grad(size_t n, float *restrict dnorm, const float *restrict dac
 static void beta_grad(size_t n, float *restrict dbeta, const float *restrict dnorm)
 {
     for (size_t i0 = 0; i0 < 16; ++i0) {
-        float acc = 0;
+        float c0[4];
+        for (size_t l = 0; l < 4; ++l) { c0[l] = 0; }
         for (size_t b = 0; b < n; ++b) {
             for (size_t i1 = 0; i1 < 8; ++i1) {
-                for (size_t i2 = 0; i2 < 8; ++i2) {
-                    acc += dnorm[1024*b + 64*i0 + 8*i1 + i2];
+                for (size_t l = 0; l < 4; ++l) {
+                    c0[l] += dnorm[1024*b + 64*i0 + 8*i1 + l];
+                }
+                for (size_t l = 0; l < 4; ++l) {
+                    c0[l] += dnorm[1024*b + 64*i0 + 8*i1 + l + 4];
                 }
             }
         }
-        dbeta[i0] = acc;
+        for (size_t l = 0; l < 2; ++l) { c0[l] += c0[l + 2]; }
+        c0[0] += c0[1];
+        dbeta[i0] = c0[0];
     }
 }
 
@@ -743,16 +1003,23 @@ static void gamma_grad(size_t n, float *restrict dgamma, const float *restrict c
         const float *restrict norm_var)
 {
     for (size_t i0 = 0; i0 < 16; ++i0) {
-        float acc = 0;
+        float c0[4];
+        for (size_t l = 0; l < 4; ++l) { c0[l] = 0; }
         for (size_t b = 0; b < n; ++b) {
             for (size_t i1 = 0; i1 < 8; ++i1) {
-                for (size_t i2 = 0; i2 < 8; ++i2) {
-                    acc += (conv[1024*b + 64*i0 + 8*i1 + i2] - norm_mean[i0])*dnorm[1024*b + 64*i0 +
-                            8*i1 + i2]/sqrtf(norm_var[i0] + 1e-05F);
+                for (size_t l = 0; l < 4; ++l) {
+                    c0[l] += (conv[1024*b + 64*i0 + 8*i1 + l] - norm_mean[i0])*dnorm[1024*b + 64*i0
+                            + 8*i1 + l]/sqrtf(norm_var[i0] + 1e-05F);
+                }
+                for (size_t l = 0; l < 4; ++l) {
+                    c0[l] += (conv[1024*b + 64*i0 + 8*i1 + l + 4] - norm_mean[i0])*dnorm[1024*b +
+                            64*i0 + 8*i1 + l + 4]/sqrtf(norm_var[i0] + 1e-05F);
                 }
             }
         }
-        dgamma[i0] = acc;
+        for (size_t l = 0; l < 2; ++l) { c0[l] += c0[l + 2]; }
+        c0[0] += c0[1];
+        dgamma[i0] = c0[0];
     }
 }
 
@@ -764,16 +1031,23 @@ static void norm_mean_grad(size_t n, float *restrict dnorm_mean, const float *re
         const float *restrict dnorm, const float *restrict norm_var)
 {
     for (size_t i0 = 0; i0 < 16; ++i0) {
-        float acc = 0;
+        float c0[4];
+        for (size_t l = 0; l < 4; ++l) { c0[l] = 0; }
         for (size_t b = 0; b < n; ++b) {
             for (size_t i1 = 0; i1 < 8; ++i1) {
-                for (size_t i2 = 0; i2 < 8; ++i2) {
-                    acc += -gamma_[i0]*dnorm[1024*b + 64*i0 + 8*i1 + i2]/sqrtf(norm_var[i0] +
+                for (size_t l = 0; l < 4; ++l) {
+                    c0[l] += -gamma_[i0]*dnorm[1024*b + 64*i0 + 8*i1 + l]/sqrtf(norm_var[i0] +
+                            1e-05F);
+                }
+                for (size_t l = 0; l < 4; ++l) {
+                    c0[l] += -gamma_[i0]*dnorm[1024*b + 64*i0 + 8*i1 + l + 4]/sqrtf(norm_var[i0] +
                             1e-05F);
                 }
             }
         }
-        dnorm_mean[i0] = acc;
+        for (size_t l = 0; l < 2; ++l) { c0[l] += c0[l + 2]; }
+        c0[0] += c0[1];
+        dnorm_mean[i0] = c0[0];
     }
 }
 
@@ -786,17 +1060,25 @@ static void norm_var_grad(size_t n, float *restrict dnorm_var, const float *rest
         const float *restrict norm_var)
 {
     for (size_t i0 = 0; i0 < 16; ++i0) {
-        float acc = 0;
+        float c0[4];
+        for (size_t l = 0; l < 4; ++l) { c0[l] = 0; }
         for (size_t b = 0; b < n; ++b) {
             for (size_t i1 = 0; i1 < 8; ++i1) {
-                for (size_t i2 = 0; i2 < 8; ++i2) {
-                    acc += -1.0F/2.0F*(conv[1024*b + 64*i0 + 8*i1 + i2] -
+                for (size_t l = 0; l < 4; ++l) {
+                    c0[l] += -1.0F/2.0F*(conv[1024*b + 64*i0 + 8*i1 + l] -
                             norm_mean[i0])*gamma_[i0]*dnorm[1024*b + 64*i0 + 8*i1 +
-                            i2]/powf(norm_var[i0] + 1e-05F, 3.0F/2.0F);
+                            l]/powf(norm_var[i0] + 1e-05F, 3.0F/2.0F);
+                }
+                for (size_t l = 0; l < 4; ++l) {
+                    c0[l] += -1.0F/2.0F*(conv[1024*b + 64*i0 + 8*i1 + l + 4] -
+                            norm_mean[i0])*gamma_[i0]*dnorm[1024*b + 64*i0 + 8*i1 + l +
+                            4]/powf(norm_var[i0] + 1e-05F, 3.0F/2.0F);
                 }
             }
         }
-        dnorm_var[i0] = acc;
+        for (size_t l = 0; l < 2; ++l) { c0[l] += c0[l + 2]; }
+        c0[0] += c0[1];
+        dnorm_var[i0] = c0[0];
     }
 }
 
@@ -829,14 +1111,23 @@ static void norm_mean_grad_2(size_t n, float *restrict dnorm_mean, const float *
 {
     const float inv_n = 1 / (float)n;
     for (size_t i0 = 0; i0 < 16; ++i0) {
+        float c0[4];
+        for (size_t l = 0; l < 4; ++l) { c0[l] = 0; }
         for (size_t b = 0; b < n; ++b) {
             for (size_t i1 = 0; i1 < 8; ++i1) {
-                for (size_t i2 = 0; i2 < 8; ++i2) {
-                    dnorm_mean[i0] += (1.0F/64.0F)*inv_n*(-2*conv[1024*b + 64*i0 + 8*i1 + i2] +
+                for (size_t l = 0; l < 4; ++l) {
+                    c0[l] += (1.0F/64.0F)*inv_n*(-2*conv[1024*b + 64*i0 + 8*i1 + l] +
+                            2*norm_mean[i0])*dnorm_var[i0];
+                }
+                for (size_t l = 0; l < 4; ++l) {
+                    c0[l] += (1.0F/64.0F)*inv_n*(-2*conv[1024*b + 64*i0 + 8*i1 + l + 4] +
                             2*norm_mean[i0])*dnorm_var[i0];
                 }
             }
         }
+        for (size_t l = 0; l < 2; ++l) { c0[l] += c0[l + 2]; }
+        c0[0] += c0[1];
+        dnorm_mean[i0] += c0[0];
     }
 }
 
@@ -856,42 +1147,125 @@ static void conv_grad_3(size_t n, float *restrict dconv, const float *restrict d
 }
 
 /*
- * conv: dconv/dK: K.grad[i1, i2, i5, i6] = sum_{b, i3, i4} Piecewise((img[b, i2, i3 + i5 - 1, i4 +
- * i6 - 1], (i3 + i5 >= 1) & (i4 + i6 >= 1) & (i3 + i5 < 9) & (i4 + i6 < 9)), (0,
- * True))*conv.grad[b, i1, i3, i4]
+ * conv: dconv/dK: K.grad[i1, i2, i5, i6] = sum_{b, i3, i4} conv.grad[b, i1, i3, i4]*img.pad[b, i2,
+ * i3 + i5, i4 + i6]
  */
 static void K_grad(size_t n, float *restrict dK, const float *restrict dconv,
-        const float *restrict img)
+        const float *restrict img_pad)
 {
-    for (size_t i1 = 0; i1 < 16; ++i1) {
-        for (size_t i2 = 0; i2 < 4; ++i2) {
-            for (size_t i5 = 0; i5 < 3; ++i5) {
-                for (size_t i6 = 0; i6 < 3; ++i6) {
-                    float acc = 0;
+    for (size_t i5 = 0; i5 < 3; ++i5) {
+        for (size_t i6 = 0; i6 < 3; ++i6) {
+            for (size_t i1_t = 0; i1_t < 16; i1_t += 8) {
+                for (size_t i2_t = 0; i2_t < 4; i2_t += 2) {
+                    float c0[4], c1[4], c2[4], c3[4], c4[4], c5[4], c6[4], c7[4], c8[4], c9[4],
+                            c10[4], c11[4], c12[4], c13[4], c14[4], c15[4];
+                    for (size_t l = 0; l < 4; ++l) { c0[l] = 0; c1[l] = 0; c2[l] = 0; c3[l] = 0;
+                            c4[l] = 0; c5[l] = 0; c6[l] = 0; c7[l] = 0; c8[l] = 0; c9[l] = 0;
+                            c10[l] = 0; c11[l] = 0; c12[l] = 0; c13[l] = 0; c14[l] = 0; c15[l] = 0;
+                            }
                     for (size_t b = 0; b < n; ++b) {
                         for (size_t i3 = 0; i3 < 8; ++i3) {
-                            for (size_t i4 = 0; i4 < 8; ++i4) {
-                                acc += ((i3 + i5 >= 1 && i4 + i6 >= 1 && i3 + i5 < 9 && i4 + i6 < 9)
-                                        ? (img[256*b + 64*i2 + 8*i3 + i4 + 8*i5 + i6 - 9]) :
-                                        (0.0F))*dconv[1024*b + 64*i1 + 8*i3 + i4];
+                            for (size_t l = 0; l < 4; ++l) {
+                                c0[l] += dconv[1024*b + 64*i1_t + 8*i3 + l]*img_pad[400*b + 100*i2_t
+                                        + 10*i3 + 10*i5 + i6 + l];
+                                c1[l] += dconv[1024*b + 64*i1_t + 8*i3 + l]*img_pad[400*b + 100*i2_t
+                                        + 10*i3 + 10*i5 + i6 + l + 100];
+                                c2[l] += dconv[1024*b + 64*i1_t + 8*i3 + l + 64]*img_pad[400*b +
+                                        100*i2_t + 10*i3 + 10*i5 + i6 + l];
+                                c3[l] += dconv[1024*b + 64*i1_t + 8*i3 + l + 64]*img_pad[400*b +
+                                        100*i2_t + 10*i3 + 10*i5 + i6 + l + 100];
+                                c4[l] += dconv[1024*b + 64*i1_t + 8*i3 + l + 128]*img_pad[400*b +
+                                        100*i2_t + 10*i3 + 10*i5 + i6 + l];
+                                c5[l] += dconv[1024*b + 64*i1_t + 8*i3 + l + 128]*img_pad[400*b +
+                                        100*i2_t + 10*i3 + 10*i5 + i6 + l + 100];
+                                c6[l] += dconv[1024*b + 64*i1_t + 8*i3 + l + 192]*img_pad[400*b +
+                                        100*i2_t + 10*i3 + 10*i5 + i6 + l];
+                                c7[l] += dconv[1024*b + 64*i1_t + 8*i3 + l + 192]*img_pad[400*b +
+                                        100*i2_t + 10*i3 + 10*i5 + i6 + l + 100];
+                                c8[l] += dconv[1024*b + 64*i1_t + 8*i3 + l + 256]*img_pad[400*b +
+                                        100*i2_t + 10*i3 + 10*i5 + i6 + l];
+                                c9[l] += dconv[1024*b + 64*i1_t + 8*i3 + l + 256]*img_pad[400*b +
+                                        100*i2_t + 10*i3 + 10*i5 + i6 + l + 100];
+                                c10[l] += dconv[1024*b + 64*i1_t + 8*i3 + l + 320]*img_pad[400*b +
+                                        100*i2_t + 10*i3 + 10*i5 + i6 + l];
+                                c11[l] += dconv[1024*b + 64*i1_t + 8*i3 + l + 320]*img_pad[400*b +
+                                        100*i2_t + 10*i3 + 10*i5 + i6 + l + 100];
+                                c12[l] += dconv[1024*b + 64*i1_t + 8*i3 + l + 384]*img_pad[400*b +
+                                        100*i2_t + 10*i3 + 10*i5 + i6 + l];
+                                c13[l] += dconv[1024*b + 64*i1_t + 8*i3 + l + 384]*img_pad[400*b +
+                                        100*i2_t + 10*i3 + 10*i5 + i6 + l + 100];
+                                c14[l] += dconv[1024*b + 64*i1_t + 8*i3 + l + 448]*img_pad[400*b +
+                                        100*i2_t + 10*i3 + 10*i5 + i6 + l];
+                                c15[l] += dconv[1024*b + 64*i1_t + 8*i3 + l + 448]*img_pad[400*b +
+                                        100*i2_t + 10*i3 + 10*i5 + i6 + l + 100];
+                            }
+                            for (size_t l = 0; l < 4; ++l) {
+                                c0[l] += dconv[1024*b + 64*i1_t + 8*i3 + l + 4]*img_pad[400*b +
+                                        100*i2_t + 10*i3 + 10*i5 + i6 + l + 4];
+                                c1[l] += dconv[1024*b + 64*i1_t + 8*i3 + l + 4]*img_pad[400*b +
+                                        100*i2_t + 10*i3 + 10*i5 + i6 + l + 104];
+                                c2[l] += dconv[1024*b + 64*i1_t + 8*i3 + l + 68]*img_pad[400*b +
+                                        100*i2_t + 10*i3 + 10*i5 + i6 + l + 4];
+                                c3[l] += dconv[1024*b + 64*i1_t + 8*i3 + l + 68]*img_pad[400*b +
+                                        100*i2_t + 10*i3 + 10*i5 + i6 + l + 104];
+                                c4[l] += dconv[1024*b + 64*i1_t + 8*i3 + l + 132]*img_pad[400*b +
+                                        100*i2_t + 10*i3 + 10*i5 + i6 + l + 4];
+                                c5[l] += dconv[1024*b + 64*i1_t + 8*i3 + l + 132]*img_pad[400*b +
+                                        100*i2_t + 10*i3 + 10*i5 + i6 + l + 104];
+                                c6[l] += dconv[1024*b + 64*i1_t + 8*i3 + l + 196]*img_pad[400*b +
+                                        100*i2_t + 10*i3 + 10*i5 + i6 + l + 4];
+                                c7[l] += dconv[1024*b + 64*i1_t + 8*i3 + l + 196]*img_pad[400*b +
+                                        100*i2_t + 10*i3 + 10*i5 + i6 + l + 104];
+                                c8[l] += dconv[1024*b + 64*i1_t + 8*i3 + l + 260]*img_pad[400*b +
+                                        100*i2_t + 10*i3 + 10*i5 + i6 + l + 4];
+                                c9[l] += dconv[1024*b + 64*i1_t + 8*i3 + l + 260]*img_pad[400*b +
+                                        100*i2_t + 10*i3 + 10*i5 + i6 + l + 104];
+                                c10[l] += dconv[1024*b + 64*i1_t + 8*i3 + l + 324]*img_pad[400*b +
+                                        100*i2_t + 10*i3 + 10*i5 + i6 + l + 4];
+                                c11[l] += dconv[1024*b + 64*i1_t + 8*i3 + l + 324]*img_pad[400*b +
+                                        100*i2_t + 10*i3 + 10*i5 + i6 + l + 104];
+                                c12[l] += dconv[1024*b + 64*i1_t + 8*i3 + l + 388]*img_pad[400*b +
+                                        100*i2_t + 10*i3 + 10*i5 + i6 + l + 4];
+                                c13[l] += dconv[1024*b + 64*i1_t + 8*i3 + l + 388]*img_pad[400*b +
+                                        100*i2_t + 10*i3 + 10*i5 + i6 + l + 104];
+                                c14[l] += dconv[1024*b + 64*i1_t + 8*i3 + l + 452]*img_pad[400*b +
+                                        100*i2_t + 10*i3 + 10*i5 + i6 + l + 4];
+                                c15[l] += dconv[1024*b + 64*i1_t + 8*i3 + l + 452]*img_pad[400*b +
+                                        100*i2_t + 10*i3 + 10*i5 + i6 + l + 104];
                             }
                         }
                     }
-                    dK[36*i1 + 9*i2 + 3*i5 + i6] = acc;
+                    for (size_t l = 0; l < 2; ++l) { c0[l] += c0[l + 2]; c1[l] += c1[l + 2];
+                            c2[l] += c2[l + 2]; c3[l] += c3[l + 2]; c4[l] += c4[l + 2];
+                            c5[l] += c5[l + 2]; c6[l] += c6[l + 2]; c7[l] += c7[l + 2];
+                            c8[l] += c8[l + 2]; c9[l] += c9[l + 2]; c10[l] += c10[l + 2];
+                            c11[l] += c11[l + 2]; c12[l] += c12[l + 2]; c13[l] += c13[l + 2];
+                            c14[l] += c14[l + 2]; c15[l] += c15[l + 2]; }
+                    c0[0] += c0[1]; c1[0] += c1[1]; c2[0] += c2[1]; c3[0] += c3[1]; c4[0] += c4[1];
+                            c5[0] += c5[1]; c6[0] += c6[1]; c7[0] += c7[1]; c8[0] += c8[1];
+                            c9[0] += c9[1]; c10[0] += c10[1]; c11[0] += c11[1]; c12[0] += c12[1];
+                            c13[0] += c13[1]; c14[0] += c14[1]; c15[0] += c15[1];
+                    const float s[16] = {c0[0], c1[0], c2[0], c3[0], c4[0], c5[0], c6[0], c7[0],
+                            c8[0], c9[0], c10[0], c11[0], c12[0], c13[0], c14[0], c15[0]};
+                    for (size_t i1_j = 0; i1_j < 8; ++i1_j) {
+                        for (size_t i2_j = 0; i2_j < 2; ++i2_j) {
+                            dK[36*i1_j + 36*i1_t + 9*i2_j + 9*i2_t + 3*i5 + i6] = s[2*i1_j + i2_j];
+                        }
+                    }
                 }
             }
         }
     }
 }
 
-/* conv: zero img.grad: img.grad[i0, i1, i2, i3] = 0 */
-static void img_grad(size_t n, float *restrict dimg)
+/* conv: zero img.pad.grad: img.pad.grad[i0, i1, i2, i3] = 0 */
+static void img_pad_grad(size_t n, float *restrict dimg_pad)
 {
     for (size_t i0 = 0; i0 < n; ++i0) {
         for (size_t i1 = 0; i1 < 4; ++i1) {
-            for (size_t i2 = 0; i2 < 8; ++i2) {
-                for (size_t i3 = 0; i3 < 8; ++i3) {
-                    dimg[256*i0 + 64*i1 + 8*i2 + i3] = 0;
+            for (size_t i2 = 0; i2 < 10; ++i2) {
+                for (size_t i3 = 0; i3 < 10; ++i3) {
+                    dimg_pad[400*i0 + 100*i1 + 10*i2 + i3] = 0;
                 }
             }
         }
@@ -899,26 +1273,39 @@ static void img_grad(size_t n, float *restrict dimg)
 }
 
 /*
- * conv: dconv/dimg: if (i3 + i5 >= 1) & (i4 + i6 >= 1) & (i3 + i5 < 9) & (i4 + i6 < 9): img.grad[b,
- * i2, i3 + i5 - 1, i4 + i6 - 1] += K[i1, i2, i5, i6]*conv.grad[b, i1, i3, i4]
+ * conv: dconv/dimg: img.pad.grad[b, i2, i3 + i5, i4 + i6] += K[i1, i2, i5, i6]*conv.grad[b, i1, i3,
+ * i4]
  */
-static void img_grad_2(size_t n, float *restrict dimg, const float *restrict K,
+static void img_pad_grad_2(size_t n, float *restrict dimg_pad, const float *restrict K,
         const float *restrict dconv)
 {
-    for (size_t i3 = 0; i3 < 8; ++i3) {
-        for (size_t i4 = 0; i4 < 8; ++i4) {
+    for (size_t b = 0; b < n; ++b) {
+        for (size_t i3 = 0; i3 < 8; ++i3) {
             for (size_t i5 = 0; i5 < 3; ++i5) {
                 for (size_t i6 = 0; i6 < 3; ++i6) {
-                    if (i3 + i5 >= 1 && i4 + i6 >= 1 && i3 + i5 < 9 && i4 + i6 < 9) {
-                        for (size_t b = 0; b < n; ++b) {
-                            for (size_t i1 = 0; i1 < 16; ++i1) {
-                                for (size_t i2 = 0; i2 < 4; ++i2) {
-                                    dimg[256*b + 64*i2 + 8*i3 + i4 + 8*i5 + i6 - 9] += K[36*i1 +
-                                            9*i2 + 3*i5 + i6]*dconv[1024*b + 64*i1 + 8*i3 + i4];
-                                }
-                            }
+                    {
+                        {
+                            tile4x8_add(K + 3*i5 + i6, 9, 36, dconv + 1024*b + 8*i3, 64, 16,
+                                    dimg_pad + 400*b + 10*i3 + 10*i5 + i6, 100);
                         }
                     }
+                }
+            }
+        }
+    }
+}
+
+/*
+ * conv: img.grad from the interior of img.pad.grad: img.grad[i0, i1, i2, i3] = img.pad.grad[i0, i1,
+ * i2 + 1, i3 + 1]
+ */
+static void img_grad(size_t n, float *restrict dimg, const float *restrict dimg_pad)
+{
+    for (size_t i0 = 0; i0 < n; ++i0) {
+        for (size_t i1 = 0; i1 < 4; ++i1) {
+            for (size_t i2 = 0; i2 < 8; ++i2) {
+                for (size_t i3 = 0; i3 < 8; ++i3) {
+                    dimg[256*i0 + 64*i1 + 8*i2 + i3] = dimg_pad[400*i0 + 100*i1 + 10*i2 + i3 + 11];
                 }
             }
         }
@@ -1026,7 +1413,8 @@ void digits_tokens_forward(const float *params, float *work, size_t n, const int
         return;
     }
     grid_forward(n, work, params + DIGITS_TOKENS_PARAM_E_OFFSET, in_pixels);
-    img_forward(n, work + 1024 * n, work);
+    img_forward(n, work + 256 * n, work);
+    img_pad_forward(n, work + 1024 * n, work + 256 * n);
     act_forward(n, work, params + DIGITS_TOKENS_PARAM_K_OFFSET,
             params + DIGITS_TOKENS_PARAM_beta_OFFSET, params + DIGITS_TOKENS_PARAM_gamma_OFFSET,
             work + 1024 * n, params + DIGITS_TOKENS_PARAM_mean_OFFSET,
@@ -1045,7 +1433,8 @@ float digits_tokens_evaluate(const float *params, float *work, size_t n, const i
         return 0;
     }
     grid_forward(n, work + 16, params + DIGITS_TOKENS_PARAM_E_OFFSET, in_pixels);
-    img_forward(n, work + 16 + 1024 * n, work + 16);
+    img_forward(n, work + 16 + 256 * n, work + 16);
+    img_pad_forward(n, work + 16 + 1024 * n, work + 16 + 256 * n);
     act_forward(n, work + 16, params + DIGITS_TOKENS_PARAM_K_OFFSET,
             params + DIGITS_TOKENS_PARAM_beta_OFFSET, params + DIGITS_TOKENS_PARAM_gamma_OFFSET,
             work + 16 + 1024 * n, params + DIGITS_TOKENS_PARAM_mean_OFFSET,
@@ -1071,7 +1460,8 @@ float digits_tokens_gradients(const float *params, float *grads, float *work, si
         return 0;
     }
     grid_forward(n, work + 80, params + DIGITS_TOKENS_PARAM_E_OFFSET, in_pixels);
-    img_forward(n, work + 80 + 4096 * n, work + 80);
+    img_forward(n, work + 80 + 256 * n, work + 80);
+    img_pad_forward(n, work + 80 + 4096 * n, work + 80 + 256 * n);
     conv_forward(n, work + 80, params + DIGITS_TOKENS_PARAM_K_OFFSET, work + 80 + 4096 * n);
     norm_mean_forward(n, work, work + 80);
     norm_var_forward(n, work + 16, work + 80, work);
@@ -1116,11 +1506,12 @@ float digits_tokens_gradients(const float *params, float *grads, float *work, si
     norm_mean_grad_2(n, work + 48, work + 80, work, work + 64);
     conv_grad_3(n, work + 80 + 1024 * n, work + 48);
     K_grad(n, grads + DIGITS_TOKENS_PARAM_K_OFFSET, work + 80 + 1024 * n, work + 80 + 4096 * n);
-    img_grad(n, work + 80);
-    img_grad_2(n, work + 80, params + DIGITS_TOKENS_PARAM_K_OFFSET, work + 80 + 1024 * n);
-    grid_grad(n, work + 80 + 256 * n, work + 80);
+    img_pad_grad(n, work + 80);
+    img_pad_grad_2(n, work + 80, params + DIGITS_TOKENS_PARAM_K_OFFSET, work + 80 + 1024 * n);
+    img_grad(n, work + 80 + 400 * n, work + 80);
+    grid_grad(n, work + 80, work + 80 + 400 * n);
     E_grad(grads + DIGITS_TOKENS_PARAM_E_OFFSET);
-    E_grad_2(n, grads + DIGITS_TOKENS_PARAM_E_OFFSET, work + 80 + 256 * n, in_pixels);
+    E_grad_2(n, grads + DIGITS_TOKENS_PARAM_E_OFFSET, work + 80, in_pixels);
     return work[32];
 }
 

@@ -35,12 +35,12 @@
 #define DIGITS_TOKENS_STATE_step_OFFSET 0
 #define DIGITS_TOKENS_STATE_exp_avg_OFFSET 1
 #define DIGITS_TOKENS_STATE_exp_avg_sq_OFFSET 3247
-#define DIGITS_TOKENS_FORWARD_WORK_SIZE(n) ((size_t)0 + (size_t)1280 * (size_t)(n))
-#define DIGITS_TOKENS_EVALUATE_WORK_SIZE(n) ((size_t)16 + (size_t)1280 * (size_t)(n))
-#define DIGITS_TOKENS_GRADIENTS_WORK_SIZE(n) ((size_t)80 + (size_t)4352 * (size_t)(n))
-#define DIGITS_TOKENS_TRAIN_STEP_WORK_SIZE(n) ((size_t)3360 + (size_t)4352 * (size_t)(n))
+#define DIGITS_TOKENS_FORWARD_WORK_SIZE(n) ((size_t)0 + (size_t)1424 * (size_t)(n))
+#define DIGITS_TOKENS_EVALUATE_WORK_SIZE(n) ((size_t)16 + (size_t)1424 * (size_t)(n))
+#define DIGITS_TOKENS_GRADIENTS_WORK_SIZE(n) ((size_t)80 + (size_t)4496 * (size_t)(n))
+#define DIGITS_TOKENS_TRAIN_STEP_WORK_SIZE(n) ((size_t)3360 + (size_t)4496 * (size_t)(n))
 /* Enough for every entry point above. */
-#define DIGITS_TOKENS_WORK_SIZE(n) ((size_t)3360 + (size_t)4352 * (size_t)(n))
+#define DIGITS_TOKENS_WORK_SIZE(n) ((size_t)3360 + (size_t)4496 * (size_t)(n))
 
 #ifdef __cplusplus
 extern "C" {

@@ -1,0 +1,183 @@
+"""Padding as padded copies (codegen/padding.py): the c99 and host targets read a padded
+convolution's input from a copy with zeros around it and scatter its input gradient into a
+padded gradient, so that the loops doing the work test no guard; Cortex-M keeps the
+guarded reads. Values stay the reference's, NaN weights included, at every batch size."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+import sympy as sp
+
+import graphc
+from codegen.padding import pad_guards
+from codegen.plan import fuse, plan
+from graphc.derive import derive
+from graphc.ir import BATCH
+
+from conftest import compile_strict
+
+# conv (stride 2, dilation, two paddings of one input), max pooling padded with -inf, an
+# average pool without the padding in its count, and a value with two consumers, one of
+# them padded: its gradient has a contribution besides the padded scatter.
+SPEC = {
+    "name": "padnet",
+    "inputs": {"x": [2, 7, 6], "y": [4]},
+    "params": {"K": {"shape": [3, 2, 3, 3], "init": "he_normal"},
+               "c": {"shape": [3], "init": "normal"},
+               "K2": {"shape": [3, 2, 3, 3], "init": "he_normal"},
+               "L": {"shape": [3, 3, 3, 3], "init": "he_normal"},
+               "W": {"shape": [4, 77], "init": "glorot_uniform"}},
+    "nodes": {
+        "h": {"op": "conv2d", "inputs": ["x", "K", "c"], "padding": 1},            # [3, 7, 6]
+        "g": {"op": "conv2d", "inputs": ["x", "K2"], "padding": 2, "stride": 2,
+              "dilation": 2},                                                       # [3, 4, 3]
+        "t": {"op": "tanh", "inputs": ["h"]},
+        "m": {"op": "max_pool2d", "inputs": ["t"], "kernel_size": 3, "stride": 2,
+              "padding": 1},                                                        # [3, 4, 3]
+        "u": {"op": "conv2d", "inputs": ["t", "L"], "padding": "same"},            # [3, 7, 6]
+        "v": {"op": "avg_pool2d", "inputs": ["u"], "kernel_size": 3, "stride": 2,
+              "padding": 1, "count_include_pad": False},                            # [3, 4, 3]
+        "s": {"op": "add", "inputs": ["m", "v"]},
+        "w": {"op": "add", "inputs": ["s", "g"]},
+        "f": {"op": "flatten", "inputs": ["w"]},
+        "tf": {"op": "flatten", "inputs": ["t"]},
+        "f2": {"op": "slice", "inputs": ["tf"], "axis": 0, "start": 0, "stop": 41},
+        "cat": {"op": "concat", "inputs": ["f", "f2"]},
+        "logits": {"op": "dense", "inputs": ["cat", "W"]},
+        "loss": {"op": "softmax_cross_entropy", "inputs": ["logits", "y"]}},
+    "outputs": ["logits"], "loss": "loss",
+    "optimizer": {"name": "sgd", "lr": 0.01},
+}
+
+
+def _guarded_piecewise(kern) -> bool:
+    loops = {s for s, _ in kern.loops}
+    return kern.guard != sp.true or any(
+        isinstance(p.args[0].expr, sp.Indexed) and p.args[0].cond.free_symbols & loops
+        for p in kern.body.atoms(sp.Piecewise))   # a read under a guard (not argmax's routing)
+
+
+def test_padded_program_tests_guards_only_where_the_copies_are_made():
+    g = graphc.Graph.from_spec(SPEC)
+    fused = fuse(derive(g).gradients)
+    padded = pad_guards(fused)
+    padded.check()
+    guarded = [k for k in padded.kernels if _guarded_piecewise(k)]
+    # only the copies test a guard (each element once), none of the convolutions or pools
+    assert guarded and all(".pad" in k.out for k in guarded), [k.pretty() for k in guarded]
+    assert any(_guarded_piecewise(k) for k in fused.kernels)
+    # x is padded for two convolutions (1, and 2 with dilation 2, stride 2): one copy, as
+    # wide as the wider reads on each side (the second reads one column past the right edge)
+    assert padded.buffers["x.pad"].shape == (2, 7 + 2 + 2, 6 + 2 + 1)
+    assert "x.pad_" not in "".join(padded.buffers)
+    # the max pool's copy is filled with -inf, the padded scatters' with zeros first
+    pads = {k.out: k for k in padded.kernels if k.out.endswith(".pad")}
+    assert pads["t.pad"].body.args[1].expr == -sp.oo or \
+        any(k.body.has(-sp.oo) for k in padded.kernels if k.out.startswith("t.pad"))
+    assert len(padded.origins) == len(padded.kernels)
+    # the copies are planned like any temp
+    mem = plan(padded)
+    assert {"x.pad", "t.pad.grad"} <= set(mem.places)
+
+
+def _conv_functions(cm) -> dict[str, str]:
+    """The C functions of the gradients entry's convolution and pooling kernels (not the
+    copies, which test each element once)."""
+    calls = cm.calls["gradients"]
+    prog = cm.entries["gradients"].program
+    out = {}
+    for call, kern in zip(calls, prog.kernels):
+        if kern.node in ("h", "g", "u", "m", "v") and not kern.out.endswith(".pad") \
+                and ".pad" not in kern.note and kern.mode != "assign" \
+                and any(e == BATCH for _, e in kern.loops):   # not the pool's count of taps
+            out[call.function] = cm.functions[call.function]
+    return out
+
+
+@pytest.mark.parametrize("target", ["c99", "host"])
+def test_the_c_of_the_convolutions_has_no_guard(target):
+    _, cm = graphc.generate(SPEC, "float32", target=target)
+    funcs = _conv_functions(cm)
+    assert len(funcs) >= 6, list(funcs)
+    for name, text in funcs.items():
+        body = [line for line in text[text.index("\n{"):].splitlines()
+                if not line.strip().startswith("for (")]
+        guards = [line for line in body if GUARD.search(line)]
+        assert not guards, f"{name}:\n{text}"
+
+
+# A padding guard as the C prints it: a loop index compared with a number (`i3 + i5 >= 1`,
+# `2*i1 + i3 < 8`); loop headers aside.
+GUARD = re.compile(r"\bi\d+ (>=|<) \d")
+
+
+def test_cortex_m_keeps_the_guarded_reads():
+    _, cm = graphc.generate(SPEC, "float32", target="cortex-m4")
+    assert not any(".pad" in b for b in cm.entries["gradients"].program.buffers)
+    texts = "\n".join(_conv_functions(cm).values())
+    assert GUARD.search(texts.replace("; ++", "")) and re.search(r"\bif \(i", texts)
+
+
+@pytest.mark.parametrize("target", ["c99", "host"])
+def test_padded_copies_give_the_reference_values(target, assert_close):
+    model = compile_strict(SPEC, "float64", target=target)
+    ref = graphc.reference(graphc.Graph.from_spec(SPEC))
+    ref.set_params(model.get_params())
+    rng = np.random.default_rng(3)
+    for n in (1, 3, 9):   # n = 0 (and ASan at every n): tests/test_batch_sizes.py
+        x = rng.normal(size=(n, 2, 7, 6))
+        y = np.eye(4)[rng.integers(0, 4, n)]
+        out, want = model.forward(x=x), ref.forward(x=x)
+        assert out["logits"].shape == (n, 4)
+        assert_close(out["logits"], want["logits"], "float64", f"logits at n={n}")
+        loss, grads = model.gradients(x=x, y=y)
+        rloss, rgrads = ref.gradients(x=x, y=y)
+        assert_close(np.float64(loss), np.float64(rloss), "float64", f"loss at n={n}")
+        for p in grads:
+            assert_close(grads[p], rgrads[p], "float64", f"d{p} at n={n}")
+
+
+def test_nan_weight_reaches_padded_outputs_and_gradients_through_the_copy():
+    """0·NaN is NaN: the copy holds zeros, a term of the sum like any other."""
+    spec = {"name": "nanpad", "inputs": {"x": [1, 4, 4]},
+            "params": {"K": {"shape": [1, 1, 3, 3], "init": "ones"}},
+            "nodes": {"y": {"op": "conv2d", "inputs": ["x", "K"], "padding": 1},
+                      "l": {"op": "mean", "inputs": ["y"]}},
+            "outputs": ["y"], "loss": "l", "optimizer": {"name": "sgd", "lr": 0.1}}
+    model = compile_strict(spec, "float32")
+    assert "x.pad" in model.cmodule.entries["forward"].program.buffers
+    k = np.ones((1, 1, 3, 3), np.float32)
+    k[0, 0, 0, 0] = np.nan   # touches only the padding at the first row and column
+    model.set_params({"K": k})
+    y = model.forward(x=np.ones((2, 1, 4, 4), np.float32))["y"]
+    assert np.isnan(y).all(), y
+
+
+# ---------------------------------------------------------------- the tiles take them
+
+def test_the_convolutions_run_as_register_tiles():
+    """Without their guards, a convolution, its weight gradient (lanes along the summed w:
+    the tap q is 3 wide) and its input gradient's scatter (lanes along w, the taps one by
+    one outside the tile) are tiles, like dense layers."""
+    graph = graphc.load("examples/digits_cnn.yaml")
+    _, cm = graphc.generate(graph, "float32", target="c99")
+    f = cm.functions
+    for name in ("h1_forward", "h2_forward", "K2_grad", "K1_grad_2"):
+        assert "float c0[4]" in f[name], f[name]
+    assert "tile16x4_add(" in f["p1_pad_grad_2"], f["p1_pad_grad_2"]
+
+
+@pytest.mark.skipif(__import__("shutil").which("cc") is None, reason="no C compiler")
+def test_threads_change_no_bit_of_the_conv_net(tmp_path):
+    """The host's OpenMP shares out whole outputs, a scatter's too (by example: its taps
+    write the same elements, so they run one by one in each thread)."""
+    from test_kernels import _run_harness
+    graph = graphc.load("examples/digits_cnn.yaml")
+    _, cm = graphc.generate(graph, "float32", target="host")
+    assert "#pragma omp" in cm.functions["p1_pad_grad_2"]
+    outs = _run_harness(graph, "host", 40, ["-O2", "-march=native", "-fopenmp"], tmp_path,
+                        runs=[{"OMP_NUM_THREADS": str(t)} for t in (1, 2, 3)])
+    assert outs[0] == outs[1] == outs[2]
