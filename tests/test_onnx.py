@@ -384,6 +384,16 @@ def test_an_old_opset_and_a_directory_are_clear_errors(tmp_path):
         graphc.onnx.load(tmp_path)
 
 
+def test_a_node_without_an_output_is_a_clear_error(tmp_path):
+    nodes = [helper.make_node("Relu", ["x"], [], name="nowhere"),
+             helper.make_node("Relu", ["x"], ["y"])]
+    model = _model(nodes, [_float_input("x", 3)], [_float_input("y", 3)])
+    path = tmp_path / "empty.onnx"
+    path.write_bytes(model.SerializeToString())   # onnx.save would check it first
+    with pytest.raises(SpecError, match="node 'nowhere': field 'output': a node without"):
+        graphc.onnx.load(path)
+
+
 def test_an_op_on_the_batch_axis_is_refused(tmp_path):
     node = helper.make_node("Softmax", ["x"], ["y"], axis=0, name="over_batch")
     path = _save(_model([node], [_float_input("x", 3)], [_float_input("y", 3)]),

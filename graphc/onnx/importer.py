@@ -324,6 +324,8 @@ def load(path, *, loss: str | None = None, target=None) -> Graph:
     for node in graph.node:
         imp.node, imp.op = node.name or (node.output[0] if node.output else node.op_type), \
             node.op_type
+        if not node.output or not node.output[0]:
+            raise imp.error("a node without an output", field="output")
         if node.domain == GRAPHC_DOMAIN and (node.domain, node.op_type) in functions:
             _graphc_node(imp, node, functions[node.domain, node.op_type])
             continue
