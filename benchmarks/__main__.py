@@ -7,7 +7,8 @@ Workloads (benchmarks/workloads.py): W1/W2 MLP 64-32-10 at batch 1, W3/W4 784-25
 at batch 128, a train step (forward, backward, SGD) and a forward pass; P: spec → loaded
 module, cold and warm cache, for W1's and W3's nets; S (not by default): the scaling
 table of benchmarks/scaling.py; C (not by default): the digits CNN's train step and
-training against PyTorch eager (benchmarks/cnn.py, written to cnn.md and cnn.json). graphc is always run: its float32 results are what every
+training against PyTorch eager (benchmarks/cnn.py, written to cnn.md and cnn.json); O (not
+by default): imported ONNX models against onnxruntime (benchmarks/onnx_models.py, onnx.md). graphc is always run: its float32 results are what every
 peer is checked against (1e-4 relative) before it is timed, and its timings are what the
 ratios divide. A peer that is not installed is skipped with a note (`pip install
 '.[bench]'`). Writes benchmarks.md and benchmarks.json to --out and prints the table.
@@ -27,13 +28,13 @@ import tempfile
 import traceback
 from pathlib import Path
 
-from . import cnn, machine, prep, scaling
+from . import cnn, machine, onnx_models, prep, scaling
 from .peers import NAMES, Skip, load
 from .timing import Options
 from .workloads import CHECK_RTOL, LR, WORKLOADS, check, problem
 
 ROOT = Path(__file__).resolve().parent.parent
-ALL = ("W1", "W2", "W3", "W4", "P", "S", "C")
+ALL = ("W1", "W2", "W3", "W4", "P", "S", "C", "O")
 DEFAULT = "W1,W2,W3,W4,P"
 # The targets: (workloads, peer) -> graphc at least this many times faster, pure C
 # against C peers, graphc from Python against Python peers.
@@ -332,6 +333,12 @@ def main(argv: list[str] | None = None) -> dict:
         print(text)
         log(f"wrote {out / 'cnn.md'} and {out / 'cnn.json'}")
         if workloads == ["C"]:
+            return {}
+    if "O" in workloads:
+        log("O: imported ONNX models against onnxruntime")
+        print(onnx_models.write(onnx_models.run(opts), out))
+        log(f"wrote {out / 'onnx.md'} and {out / 'onnx.json'}")
+        if set(workloads) <= {"C", "O"}:
             return {}
     out.mkdir(parents=True, exist_ok=True)
     (out / "benchmarks.json").write_text(json.dumps(result, indent=2) + "\n")

@@ -47,6 +47,7 @@ import numpy as np
 import graphc
 
 from . import charness, machine
+from .machine import torch_threads
 from .timing import Options, time_python
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -99,17 +100,6 @@ def torch_adam(net, lr: float):
 
 def lr() -> float:
     return float(graphc.load(SPEC).optimizer["lr"])
-
-
-@contextmanager
-def torch_threads(threads: int):
-    import torch
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def _rel(got, want) -> float:

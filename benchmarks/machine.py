@@ -99,7 +99,7 @@ def _matmuls(a: np.ndarray, b: np.ndarray):
         import torch
         ta, tb, tc = torch.from_numpy(a), torch.from_numpy(b), torch.from_numpy(c)
         for t in (1, torch.get_num_threads()):
-            yield "PyTorch", t, _torch_threads(t), lambda: torch.matmul(ta, tb, out=tc)
+            yield "PyTorch", t, torch_threads(t), lambda: torch.matmul(ta, tb, out=tc)
     if importlib.util.find_spec("jax"):
         import jax
         ja, jb, f = jax.numpy.asarray(a), jax.numpy.asarray(b), jax.jit(lambda x, y: x @ y)
@@ -107,7 +107,7 @@ def _matmuls(a: np.ndarray, b: np.ndarray):
 
 
 @contextmanager
-def _torch_threads(threads: int):
+def torch_threads(threads: int):
     import torch
     before = torch.get_num_threads()
     torch.set_num_threads(threads)

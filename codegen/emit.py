@@ -435,6 +435,22 @@ class Emitter:
         return text, [word[f"a{k}"] for k in range(len(args))]
 
     # -------------------------------------------------------- entry points
+    def calls_of(self, kind: str, prog: Program, pointer, used: set[str]) -> list[str]:
+        """An entry body's lines calling each kernel of `prog` in order, each array given
+        as `pointer(buffer)`; records the calls (the module's map, `CModule.calls`) and the
+        scalar arguments used."""
+        lines, calls = [], []
+        for index, kern in enumerate(prog.kernels):
+            fname, bufs, scalars = self.kernel(kern, prog.buffers)
+            used.update(scalars)
+            pointers = [pointer(b) for b in bufs]
+            text = f"{fname}({', '.join(list(scalars) + pointers)})"
+            lines.append(f"    {text};")
+            calls.append(KernelCall(index, fname, text,
+                                    tuple(zip(self.parameters[fname], bufs, pointers))))
+        self.calls[kind] = tuple(calls)
+        return lines
+
     def entry(self, e: Entry, param_offsets: dict[str, int], doc: str) -> None:
         prog, mem = e.program, e.memory
         real = self.real
@@ -480,16 +496,7 @@ class Emitter:
                 body += ["            grads[i] = 0;", "        }"]
                 used.add("grads")
             body += ["        return 0;" if e.loss_buffer else "        return;", "    }"]
-        calls = []
-        for index, kern in enumerate(prog.kernels):
-            fname, bufs, scalars = self.kernel(kern, prog.buffers)
-            used.update(scalars)
-            pointers = [pointer(b) for b in bufs]
-            text = f"{fname}({', '.join(list(scalars) + pointers)})"
-            body.append(f"    {text};")
-            calls.append(KernelCall(index, fname, text,
-                                    tuple(zip(self.parameters[fname], bufs, pointers))))
-        self.calls[e.kind] = tuple(calls)
+        body += self.calls_of(e.kind, prog, pointer, used)
         if e.loss_buffer:  # an unbatched one-element arena buffer
             used.add("work")
             body.append(f"    return work[{mem.pointer_offset(e.loss_buffer)[0]}];")
@@ -532,15 +539,7 @@ class Emitter:
                 return f"state + {M}_STATE_{state_slot(name)}_OFFSET"
             return f"work + {e.work_before + memory.pointer_offset(name)[0]}"
 
-        calls = []
-        for index, kern in enumerate(update.kernels):
-            fname, bufs, _ = self.kernel(kern, update.buffers)
-            pointers = [pointer(b) for b in bufs]
-            text = f"{fname}({', '.join(pointers)})"
-            body.append(f"    {text};")
-            calls.append(KernelCall(index, fname, text,
-                                    tuple(zip(self.parameters[fname], bufs, pointers))))
-        self.calls[e.kind] = tuple(calls)
+        body += self.calls_of(e.kind, update, pointer, set())
         body += ["    return loss;", "}"]
         self.entries.append("\n".join(body))
 
