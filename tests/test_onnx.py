@@ -615,10 +615,40 @@ def test_a_trained_model_exports_its_current_params(tmp_path):
     got = ort.InferenceSession(str(path)).run(None, {"x": x})[0]
     want = model.forward(x=x)["logits"]
     assert np.max(np.abs(got - want)) <= 1e-5 * np.max(np.abs(want))
-    with pytest.raises(graphc.errors.GraphcError, match="include_loss"):
-        graphc.onnx.save(model, tmp_path / "x.onnx", include_loss=True)
+    with pytest.raises(graphc.errors.GraphcError, match="include_loss=True: the graph has no"):
+        graphc.onnx.save(_inference(model.graph), tmp_path / "x.onnx", include_loss=True)
     out = _cli("export", ROOT / "examples/mlp.yaml", "-o", tmp_path / "m.onnx", "--opset", "9")
     assert out.returncode == 2 and "opset must be an integer from 18" in out.stderr
     assert not (tmp_path / "m.onnx").exists()
     out = _cli("export", ROOT / "examples/digits_cnn.yaml", "-o", tmp_path / "cnn.onnx")
     assert out.returncode == 0 and onnx.load(str(tmp_path / "cnn.onnx")).graph.node
+
+
+@pytest.mark.parametrize("spec", [p for p in EXAMPLES if p.parent.name != "tiny"]
+                         + [ROOT / "examples/tiny/resnet8.yaml"], ids=lambda p: p.stem)
+def test_a_training_graph_exports_and_comes_back_whole(spec, tmp_path):
+    """include_loss: the file holds the targets and the per-example loss (graphc's loss
+    node as a model-local function, its optimizer in the metadata); onnxruntime's mean of
+    it is graphc's loss, and load gives back the training graph: the same C, train_step
+    included."""
+    ort = pytest.importorskip("onnxruntime")
+    from graphc.init import start_params
+    from graphc.verify import sample_inputs
+    graph = graphc.spec.load(spec)
+    path = graphc.onnx.save(graph, tmp_path / "train.onnx", include_loss=True)
+    back = graphc.onnx.load(path)
+    assert back.loss == graph.loss and back.optimizer == graph.optimizer
+    before, after = (graphc.generate(g, "float32")[1] for g in (graph, back))
+    assert after.source == before.source and after.header == before.header
+    feed = {k: v.astype(np.int32 if graph.inputs[k].dtype == "int32" else np.float32)
+            for k, v in sample_inputs(graph, 4, 0).items()}
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    per_example = session.run([graph.loss], {i.name: feed[i.name]
+                                             for i in session.get_inputs()})[0]
+    reference = graphc.reference(graph)
+    reference.set_params({p: np.asarray(v, np.float32).astype(np.float64)
+                          for p, v in start_params(graph, 0).items()})
+    want = reference.loss(**{k: v.astype(np.float64) if v.dtype == np.float32 else v
+                             for k, v in feed.items()})
+    assert per_example.shape == (4,)
+    assert abs(float(np.mean(per_example)) - want) <= 1e-5 * max(1.0, abs(want))

@@ -4,7 +4,7 @@ inference model, so that what graphc trained runs in onnxruntime or any ONNX run
 Each graphc value keeps its name (an imported model's values take back their ONNX names),
 the batch axis comes back as the first axis of every tensor (symbolic, "batch"), and each
 graphc op becomes the ONNX ops of the same semantics; an `elementwise` formula becomes the
-ONNX ops of its expression tree. The loss and its target are left out (inference)."""
+ONNX ops of its expression tree. The loss and its target are left out unless asked for."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from ..errors import GraphcError
 from ..functions import relu, sigmoid, softplus
 from ..graph import Graph
 from ..ops import SELU_ALPHA, SELU_SCALE, _per_axis, _window
-from .importer import GRAPHC_DOMAIN, _onnx
+from .importer import GRAPHC_DOMAIN, OPTIMIZER_PROP, _onnx
 
 BATCH_AXIS = "batch"
 MIN_OPSET = 18
@@ -210,8 +210,42 @@ def _export_node(ex: Exporter, v, shapes) -> None:
         bias = [ins[2]] if len(ins) > 2 else []
         ex.node("LayerNormalization", [ins[0], scale, *bias], out, axis=first + 1,
                 epsilon=float(a["eps"]))
+    elif op in LOSS_OPS:
+        _as_function(ex, v, shapes, lambda body, names: _loss(body, op, names,
+                                                              shapes[v.inputs[0]],
+                                                              ex.graph.values[v.inputs[1]]))
     else:
         raise GraphcError(f"node '{v.name}': op '{op}' has no ONNX export")
+
+
+def _loss(body: Exporter, op: str, names: list[str], shape, target) -> None:
+    """The per-example loss, as graphc's loss node computes it (the batch mean is the
+    caller's): mse and bce_with_logits average over the example's elements,
+    softmax_cross_entropy sums over the class axis (the last)."""
+    x, t = names
+    axes = list(range(1, len(shape) + 1))
+    if op == "softmax_cross_entropy":
+        log_p = body.node("LogSoftmax", [x], axis=-1)
+        if target.dtype == "int32":   # class indices: -log_softmax(x)[t]
+            index = body.node("Unsqueeze", [body.node("Cast", [t], to=7), body.ints([-1])])
+            picked = body.node("GatherElements", [log_p, index], axis=-1)
+            body.node("Neg", [body.node("Squeeze", [picked, body.ints([-1])])], "out")
+        else:
+            total = body.node("ReduceSum", [body.node("Mul", [t, log_p]), body.ints([-1])],
+                              keepdims=0)
+            body.node("Neg", [total], "out")
+        return
+    if op == "mse":
+        d = body.node("Sub", [x, t])
+        per_element = body.node("Mul", [d, d])
+    else:   # bce_with_logits: max(x, 0) - x·t + log(1 + exp(-|x|))
+        per_element = body.node("Add", [
+            body.node("Sub", [body.node("Relu", [x]), body.node("Mul", [x, t])]),
+            body.node("Softplus", [body.node("Neg", [body.node("Abs", [x])])])])
+    if axes:
+        body.node("ReduceMean", [per_element, body.ints(axes)], "out", keepdims=0)
+    else:
+        body.node("Identity", [per_element], "out")
 
 
 def _lift(ex: Exporter, name: str, shape, rank: int, batched: bool) -> str:
@@ -277,11 +311,12 @@ def save(model_or_graph, path, *, params: dict | None = None, opset: int = 18,
          include_loss: bool = False) -> Path:
     """Write the inference graph of a Graph (params: `params`, else the graph's imported
     values, else its initializers' draw) or a compiled model (its current params) as an
-    ONNX file, checked with onnx.checker (full_check). Returns the path."""
+    ONNX file, checked with onnx.checker (full_check). Returns the path.
+
+    With `include_loss`, the loss's target inputs and the per-example loss (an output
+    named as the loss node; its mean over the batch is graphc's loss) are written too,
+    and `graphc.onnx.load` reads the file back as the training graph."""
     from ..init import start_params
-    if include_loss:
-        raise GraphcError("include_loss=True is not supported yet: the file holds the "
-                          "inference graph")
     newest = _onnx().defs.onnx_opset_version()
     if isinstance(opset, bool) or not isinstance(opset, int) or not MIN_OPSET <= opset <= newest:
         raise GraphcError(f"opset must be an integer from {MIN_OPSET} (ReduceMean's axes as an "
@@ -293,9 +328,12 @@ def save(model_or_graph, path, *, params: dict | None = None, opset: int = 18,
     if params is None:
         params = model_or_graph.get_params() if hasattr(model_or_graph, "get_params") \
             else start_params(graph, 0)
+    if include_loss and graph.loss is None:
+        raise GraphcError("include_loss=True: the graph has no loss")
     ex = Exporter(graph, params, opset)
     onnx = ex.onnx
-    needed = graph.ancestors(graph.outputs)
+    exported = list(graph.outputs) + ([graph.loss] if include_loss else [])
+    needed = graph.ancestors(exported)
     shapes = {k: v.shape for k, v in graph.values.items()}
     inputs = []
     for name, v in graph.inputs.items():
@@ -308,11 +346,11 @@ def save(model_or_graph, path, *, params: dict | None = None, opset: int = 18,
             ex.initializers.append(onnx.numpy_helper.from_array(
                 np.asarray(params[name], np.float32).reshape(v.shape), ex.name(name)))
     for name, v in graph.nodes.items():
-        if name in needed and v.op not in LOSS_OPS:
+        if name in needed:
             _export_node(ex, v, shapes)
     outputs = [onnx.helper.make_tensor_value_info(ex.name(o), onnx.TensorProto.FLOAT,
                                                   [BATCH_AXIS, *graph.values[o].shape])
-               for o in graph.outputs]
+               for o in exported]
     opsets = [onnx.helper.make_opsetid("", opset)] + \
         ([onnx.helper.make_opsetid(GRAPHC_DOMAIN, 1)] if ex.functions else [])
     model = onnx.helper.make_model(
@@ -321,6 +359,9 @@ def save(model_or_graph, path, *, params: dict | None = None, opset: int = 18,
         # the oldest IR version that holds the opset (and local functions): what every
         # runtime of that opset reads
         ir_version=max(8, onnx.helper.find_min_ir_version_for(opsets[:1])))
+    if include_loss and graph.optimizer:   # the training graph's optimizer, for load
+        import json
+        onnx.helper.set_model_props(model, {OPTIMIZER_PROP: json.dumps(graph.optimizer)})
     onnx.checker.check_model(model, full_check=True)
     path = Path(path)
     onnx.save(model, str(path))

@@ -31,6 +31,7 @@ MIN_OPSET = 13
 MAX_NAME = 48               # characters of an ONNX name kept in a graphc name
 LOSSES = ("softmax_cross_entropy", "mse", "bce_with_logits")
 GRAPHC_DOMAIN = "graphc"   # graphc.onnx.save's model-local functions
+OPTIMIZER_PROP = "graphc.optimizer"   # metadata of a training graph graphc wrote: its optimizer
 
 
 def _onnx():
@@ -337,9 +338,13 @@ def load(path, *, loss: str | None = None, target=None) -> Graph:
                             f"{', '.join(sorted(IMPORTERS))})", field="op_type")
         rule(imp, node, imp.attrs(node))
     imp.node = ""
-    outputs = []
+    outputs, written_loss = [], None
     for o in graph.output:
         value = imp.get(o.name)
+        if isinstance(value, Batched) and \
+                imp.spec["nodes"].get(value.name, {}).get("op") in LOSSES:
+            written_loss = value.name   # graphc.onnx.save(..., include_loss=True)'s loss
+            continue
         if not isinstance(value, Batched):
             raise imp.error(f"output {o.name!r} is a constant", field="output")
         if value.name not in imp.spec["nodes"]:   # an input passed through: a node of its own
@@ -355,7 +360,20 @@ def load(path, *, loss: str | None = None, target=None) -> Graph:
     own = model.producer_name == "graphc" and graph.name
     spec = {"name": SafeNames()(graph.name if own else path.stem), **imp.spec,
             "outputs": [o.name for o in outputs]}
-    if loss is not None:
+    if written_loss is not None:
+        if loss is not None:
+            raise SpecError(f"the model already has a loss ('{written_loss}'); load it "
+                            "without loss=", file=str(path), field="loss")
+        spec["loss"] = written_loss
+        props = {p.key: p.value for p in model.metadata_props}
+        if OPTIMIZER_PROP in props:   # checked by Graph.from_spec like a spec's section
+            import json
+            try:
+                spec["optimizer"] = json.loads(props[OPTIMIZER_PROP])
+            except ValueError:
+                raise SpecError("the optimizer in the model's metadata is not JSON",
+                                file=str(path), field=OPTIMIZER_PROP) from None
+    elif loss is not None:
         _add_loss(imp, spec, outputs, loss, target)
     try:
         result = Graph.from_spec(spec)
