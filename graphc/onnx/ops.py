@@ -586,16 +586,32 @@ def _batch_norm(imp, node, attrs):
 
 @rule("LayerNormalization")
 def _layer_norm(imp, node, attrs):
-    if any(o for o in node.output[1:]):
-        raise imp.error("LayerNormalization's mean and inverse deviation outputs are not "
-                        "supported", field="output")
     x = imp.batched(node.input[0])
     rank = len(x.shape)
     first = _per_example_axis(imp, attrs.get("axis", -1), rank)
+    eps = float(attrs.get("epsilon", 1e-5))
     ins = [x.name] + [imp.param(i) for i in node.input[1:3] if i]
     _bind(imp, node, imp.add("layer_norm", ins, node.output[0],
-                             axes=list(range(first - rank, 0)),
-                             eps=float(attrs.get("epsilon", 1e-5))))
+                             axes=list(range(first - rank, 0)), eps=eps))
+    outputs = list(node.output) + ["", ""]
+    if not (outputs[1] or outputs[2]):
+        return
+    # The optional outputs: the mean and 1/sqrt(variance + epsilon) over the normalized
+    # axes, kept as ones (ONNX's shapes).
+    axes = list(range(first, rank))
+    kept = [1 if k in axes else d for k, d in enumerate(x.shape)]
+    base = outputs[1] or outputs[2]
+    mean = imp.add("reshape", [imp.add("mean", [x.name], base + "_mean", axis=axes).name],
+                   outputs[1] or base + "_mean_kept", shape=kept)
+    if outputs[1]:
+        imp.env[outputs[1]] = mean
+    if outputs[2]:
+        squared = imp.add("elementwise", [x.name, mean.name], base + "_squared",
+                          expr=f"({x.name} - {mean.name})**2")
+        variance = imp.add("mean", [squared.name], base + "_variance", axis=axes)
+        inverse = imp.add("elementwise", [variance.name], base + "_inverse",
+                          expr=f"1/sqrt({variance.name} + {eps!r})")
+        imp.env[outputs[2]] = imp.add("reshape", [inverse.name], outputs[2], shape=kept)
 
 
 # ---------------------------------------------------------------- movement and reduction
