@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
-import json
 import os
 import shutil
 import statistics
@@ -28,7 +27,7 @@ import tempfile
 import traceback
 from pathlib import Path
 
-from . import cnn, machine, onnx_models, prep, scaling
+from . import cnn, machine, onnx_models, prep, scaling, write_results
 from .peers import NAMES, Skip, load
 from .timing import Options
 from .workloads import CHECK_RTOL, LR, WORKLOADS, check, problem
@@ -340,10 +339,8 @@ def main(argv: list[str] | None = None) -> dict:
         log(f"wrote {out / 'onnx.md'} and {out / 'onnx.json'}")
         if set(workloads) <= {"C", "O"}:
             return {}
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "benchmarks.json").write_text(json.dumps(result, indent=2) + "\n")
     text = markdown(result)
-    (out / "benchmarks.md").write_text(text)
+    write_results(out, "benchmarks", result, text)
     print(text)
     log(f"wrote {out / 'benchmarks.md'} and {out / 'benchmarks.json'}")
     return result

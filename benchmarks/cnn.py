@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
-import json
 import os
 import re
 import subprocess
@@ -46,7 +45,7 @@ import numpy as np
 
 import graphc
 
-from . import charness, machine
+from . import charness, machine, write_results
 from .machine import torch_threads
 from .timing import Options, time_python
 
@@ -422,10 +421,8 @@ def run(opts: Options, batches=BATCHES, competitor_pass: bool = True, training: 
 
 
 def write(result: dict, out: Path) -> str:
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "cnn.json").write_text(json.dumps(result, indent=2) + "\n")
     text = markdown(result)
-    (out / "cnn.md").write_text(text)
+    write_results(out, "cnn", result, text)
     return text
 
 

@@ -29,7 +29,6 @@ libnewlib-arm-none-eabi qemu-system-arm). Writes embedded.md and embedded.json.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import subprocess
 import tempfile
@@ -37,6 +36,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+from . import write_results
 
 import graphc
 from codegen import firmware
@@ -250,10 +251,8 @@ def main() -> None:
         }
     result["seconds"] = round(time.perf_counter() - t0, 1)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "embedded.json").write_text(json.dumps(result, indent=2) + "\n")
     text = markdown(result)
-    (out / "embedded.md").write_text(text)
+    write_results(out, "embedded", result, text)
     print(text)
     print(f"wrote {out / 'embedded.md'} and {out / 'embedded.json'} ({result['seconds']} s)")
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import sys
 import tempfile
@@ -30,7 +29,7 @@ import numpy as np
 import graphc
 import graphc.onnx
 
-from . import machine
+from . import machine, write_results
 from .timing import Options, time_python
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -162,10 +161,8 @@ def markdown(result: dict) -> str:
 
 
 def write(result: dict, out: Path) -> str:
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "onnx.json").write_text(json.dumps(result, indent=2) + "\n")
     text = markdown(result)
-    (out / "onnx.md").write_text(text)
+    write_results(out, "onnx", result, text)
     return text
 
 

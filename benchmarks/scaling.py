@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import statistics
 import sys
 import tempfile
@@ -23,7 +22,7 @@ from pathlib import Path
 
 import graphc
 
-from . import charness, prep
+from . import charness, prep, write_results
 from .machine import quietly
 from .peers import graphc as graphc_peer
 from .peers import numpy as numpy_peer
@@ -123,10 +122,8 @@ def main() -> None:
                  log=lambda m: print(m, file=sys.stderr, flush=True))
     result["flags"] = " ".join(charness.flags())
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "scaling.json").write_text(json.dumps(result, indent=2) + "\n")
     text = markdown(result)
-    (out / "scaling.md").write_text(text)
+    write_results(out, "scaling", result, text)
     print(text)
     print(f"wrote {out / 'scaling.md'} and {out / 'scaling.json'}", file=sys.stderr)
 

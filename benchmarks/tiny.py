@@ -39,6 +39,8 @@ from pathlib import Path
 
 import numpy as np
 
+from . import write_results
+
 import graphc
 from codegen import firmware
 from graphc.reference import Reference
@@ -241,10 +243,8 @@ def main() -> None:
             print(name, json.dumps(r), flush=True)
     result["seconds"] = round(time.perf_counter() - t0, 1)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "tiny.json").write_text(json.dumps(result, indent=2) + "\n")
     text = markdown(result)
-    (out / "tiny.md").write_text(text)
+    write_results(out, "tiny", result, text)
     print(text)
     print(f"wrote {out / 'tiny.md'} and {out / 'tiny.json'} ({result['seconds']} s)")
 
