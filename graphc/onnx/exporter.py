@@ -362,7 +362,11 @@ def save(model_or_graph, path, *, params: dict | None = None, opset: int = 18,
     if include_loss and graph.optimizer:   # the training graph's optimizer, for load
         import json
         onnx.helper.set_model_props(model, {OPTIMIZER_PROP: json.dumps(graph.optimizer)})
-    onnx.checker.check_model(model, full_check=True)
+    try:
+        onnx.checker.check_model(model, full_check=True)
+    except onnx.checker.ValidationError as e:   # an exporter defect: said, nothing written
+        raise GraphcError(f"the ONNX model written for '{graph.name}' fails onnx.checker "
+                          f"({str(e).splitlines()[0]}); nothing written") from None
     path = Path(path)
     onnx.save(model, str(path))
     return path
