@@ -35,7 +35,7 @@ from .plan import MemoryPlan, round_up
 from .printer import (HELPER_SUPPORT, HELPERS, GraphcPrinter, LiteralRangeError, c_array,
                       helper_source, prepare)
 from .targets import Target, get_target
-from .tiles import BlockedWriter, operands, tiling, wants_helpers
+from .tiles import BlockedWriter, coalesced, operands, tiling, wants_helpers
 
 MAX_PERMUTED_LOOPS = 6
 # A kernel's scalar arguments, in this order before its arrays.
@@ -262,14 +262,25 @@ class Emitter:
         kern = without_unit_loops(kern)
         vector = self.target.vector_bytes and not kern.also
         strides = _strides(kern, buffers) if vector else []
-        tiled = tiling(kern, strides, self.target.vector_bytes,
-                       np.dtype(self.dtype).itemsize) if vector else None
-        if tiled is not None and self.use_helpers and len(tiled.inner) < 2 \
-                and operands(kern, tiled, strides) is None:
-            # A module of helpers: the rest in plain loops, quick to compile; but a sum over
-            # several loops (a convolution's channels and taps), which no helper takes, is
-            # the work itself.
-            tiled = None
+
+        def tiles(kern, strides):
+            tiled = tiling(kern, strides, self.target.vector_bytes,
+                           np.dtype(self.dtype).itemsize)
+            if tiled is not None and self.use_helpers and len(tiled.inner) < 2 \
+                    and operands(kern, tiled, strides) is None:
+                # A module of helpers: the rest in plain loops, quick to compile; but a sum
+                # over several loops (a convolution's channels and taps), which no helper
+                # takes, is the work itself.
+                return None
+            return tiled
+        tiled = tiles(kern, strides) if vector else None
+        declared = kern   # what the comment shows: the loops as the IR has them
+        merged = coalesced(kern, strides) if vector else kern
+        if merged is not kern:   # rows of a map as one loop, when the tiles take it
+            merged_strides = _strides(merged, buffers)
+            merged_tiled = tiles(merged, merged_strides)
+            if merged_tiled is not None:
+                kern, strides, tiled = merged, merged_strides, merged_tiled
         if kern.also:   # fused updates: one pass over the params, in the declared order
             order, strategy = [s for s, _ in kern.loops], "stores"
         else:
@@ -279,13 +290,12 @@ class Emitter:
         # The scalars a kernel takes before its arrays: the batch size, the train step's count.
         scalars = ("n",) * uses_n + ("step",) * kern.uses_step()
         # 1/n (a batch mean's factor) once per call, not a division per element.
-        original = kern
         kern, inverse_n = divide_by_batch_once(kern)
         fname = "KERNEL"   # a placeholder: the name is chosen below, once the text is new
         params = [SCALAR_PARAMETERS[s] for s in scalars] + \
             [f"{self.real} *restrict {cvar[b]}" for b in outs] + \
             [f"const {self.ctype(buffers[b].dtype)} *restrict {cvar[b]}" for b in reads]
-        shown = original.pretty()
+        shown = declared.pretty()
         if kern.node == UPDATE:   # graphc's own buffers, as the header names them
             shown = re.sub(r"\b__(?=\w)", "", shown)
         lines = [comment(f"{kern.node}: {kern.note}: {shown}"),

@@ -15,20 +15,30 @@ it is, a convolution tests its guard at every tap of its innermost loops, and th
   where `dx` was zeroed, or right before the scatter), without its guard; its interior is
   then stored into `dx` (or added to it, when `dx` had other contributions).
 
-Both buffers are ordinary temps, so `plan` gives them arena space and frees them after
+A read whose last axis steps by s > 1 along a loop (a stride-2 convolution's
+`x.pad[b, c, 2h + p, 2w + q]`) is not unit-stride along its output's width, the axis the tiles
+would fill their vector lanes along (codegen/tiles.py): such a read gets a packed copy with
+one row per tap offset, `x.pad.s2[b, c, h, q, w] = x.pad[b, c, h, 2w + q]`, read unit-stride
+as `x.pad.s2[b, c, 2h + p, q, w]` (an im2col along the width alone: the copy is taps/s times
+the source, 1.5x for 3 x 3 stride 2, half of it for a 1 x 1 stride-2 shortcut).
+
+All these buffers are ordinary temps, so `plan` gives them arena space and frees them after
 their last use. Reads at a data-dependent index (an embedding) keep their guard: no box of
 loops bounds them. Cortex-M targets do not call this: RAM matters more there than a test.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 
 import sympy as sp
 
-from graphc.ir import (ACCUMULATE, ASSIGN, BATCH, REAL, TEMP, Buffer, Kernel, Program,
+from graphc.ir import (ACCUMULATE, ASSIGN, BATCH, REAL, SUM, TEMP, Buffer, Kernel, Program,
                        data_dependent, grad_name, grad_of, index_range, index_symbols,
                        range_guard)
+
+from .tiles import arithmetic
 
 PAD = ".pad"
 
@@ -209,6 +219,78 @@ def _pad_scatters(prog: Program) -> None:
     _insert(prog, inserts, ())
 
 
+def _strided_reads(kern: Kernel, buffers) -> list[tuple[sp.Indexed, tuple]]:
+    """The kernel's reads whose last index is `s·i + e` (s > 1, i a loop of its own, e
+    affine in other loops), each with its packing key (buffer, s, i's extent, the least
+    value of e, e's step g, how many values e takes): what a packed copy holds."""
+    if kern.mode not in (SUM, ACCUMULATE) or kern.guard != sp.true \
+            or not arithmetic(kern.body):
+        return []   # only the tiles (sums and scatters of plain arithmetic) read the copy
+    extents = dict(kern.loops)
+    found = []
+    for read in kern.accesses():
+        buf = buffers[str(read.base.label)]
+        last = sp.expand(read.indices[-1])
+        if buf.dtype != REAL or data_dependent(last) or not buf.shape \
+                or any(read.has(p) for p in kern.body.atoms(sp.Piecewise)):
+            continue
+        for i in sorted(last.free_symbols, key=str):
+            s = last.coeff(i)
+            rest = last - s * i
+            if not (s.is_Integer and s > 1 and isinstance(extents.get(i), int)
+                    and extents[i] > 1 and i not in rest.free_symbols
+                    and all(i not in sp.sympify(x).free_symbols for x in read.indices[:-1])):
+                continue
+            low, high = index_range(rest, extents)
+            coeffs = [int(rest.coeff(t)) for t in rest.free_symbols]
+            step = math.gcd(*coeffs) if coeffs else 1
+            found.append((read, (str(read.base.label), int(s), extents[i], low, step,
+                                 (high - low) // step + 1), i, rest))
+            break
+    return found
+
+
+def _pack_strides(prog: Program) -> None:
+    """Strided reads from packed copies (see the module's docstring)."""
+    wanted: dict[tuple, list[int]] = {}
+    for k, kern in enumerate(prog.kernels):
+        for _, key, _, _ in _strided_reads(kern, prog.buffers):
+            if k not in wanted.setdefault(key, []):
+                wanted[key].append(k)
+    inserts: list[tuple[int, Kernel]] = []
+    replaced: dict[int, dict] = {}
+    for key, readers in sorted(wanted.items()):
+        name, stride, width, low, step, taps = key
+        first, last = readers[0], readers[-1]
+        if any(name in prog.kernels[k].writes() for k in range(first, last + 1)):
+            continue   # the copy is taken once: no kernel may change `name` meanwhile
+        buf = prog.buffers[name]
+        copy_name = f"{name}.s{stride}"
+        while copy_name in prog.buffers:
+            copy_name += "_"
+        # [..., taps, width]: the tap axis dropped when there is one (a 1 x 1 convolution)
+        tap_axis = (taps,) if taps > 1 else ()
+        copy = Buffer(copy_name, tuple(buf.shape[:-1]) + tap_axis + (width,), buf.batched,
+                      TEMP)
+        prog.buffers[copy_name] = copy
+        syms, loops = _whole_loops(copy)
+        t = syms[-2] if taps > 1 else sp.Integer(0)
+        source = syms[:len(_dims(buf)) - 1] + (stride * syms[-1] + low + step * t,)
+        inserts.append((first, Kernel(copy_name, syms, loops, buf.base[source], ASSIGN,
+                                      node=prog.kernels[first].node,
+                                      note=f"{name} packed by stride {stride}")))
+        for k in readers:
+            for read, key_, i, rest in _strided_reads(prog.kernels[k], prog.buffers):
+                if key_ == key:
+                    tap = ((rest - low) / step,) if taps > 1 else ()
+                    replaced.setdefault(k, {})[read] = \
+                        copy.base[tuple(read.indices[:-1]) + tap + (i,)]
+    for k, sub in replaced.items():
+        kern = prog.kernels[k]
+        prog.kernels[k] = replace(kern, body=kern.body.xreplace(sub), post=kern.post.xreplace(sub))
+    _insert(prog, inserts, ())
+
+
 def pad_guards(prog: Program) -> Program:
     """A copy of the fused program `prog` whose range-guarded reads read padded copies and
     whose range-guarded scatters write padded gradients; same values, no guard in the
@@ -218,5 +300,6 @@ def pad_guards(prog: Program) -> Program:
                   else [(k,) for k in range(len(prog.kernels))], prog.in_place)
     _pad_reads(out)
     _pad_scatters(out)
+    _pack_strides(out)
     out.check()
     return out

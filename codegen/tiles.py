@@ -35,7 +35,7 @@ kernels") has the figures.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import sympy as sp
 
@@ -60,7 +60,7 @@ class Tiling:
     serial: bool = False                       # no OpenMP: its first loop's values share outputs
 
 
-def _arithmetic(expr: sp.Expr) -> bool:
+def arithmetic(expr: sp.Expr) -> bool:
     """Only + - * / and comparisons: what a compiler vectorizes without a vector libm."""
     return not any(isinstance(f, sp.Function) and not isinstance(f, sp.Piecewise)
                    for f in sp.preorder_traversal(expr))
@@ -86,6 +86,34 @@ def _alone(index) -> set[sp.Symbol]:
     return {i for i in index if isinstance(i, sp.Symbol) and counts[i] == 1}
 
 
+def coalesced(kern: Kernel, strides: list[dict[sp.Symbol, int]]) -> Kernel:
+    """The kernel with each pair of loops (h, w) that every access steps through as one
+    (the step along h is w's extent times the step along w: a 1 x 1 convolution's rows of
+    an unpadded map) run as the one loop w over h·w, h read as 0: a 25 x 5 map fills
+    vectors along 125 elements, not 5. Both loops kept, or both summed; they appear only
+    in the indices. The indices then leave their axis (w up to h·w) but the flat offsets,
+    all the C prints, are the same."""
+    if kern.mode not in (SUM, ACCUMULATE) or _guarded(kern):
+        return kern
+    extent = dict(kern.loops)
+    red = set(kern.reduction_loops())
+    plain = [kern.body, kern.post]
+    loose = set().union(*[e.xreplace({a: sp.S.Zero for a in e.atoms(sp.Indexed)})
+                          .free_symbols for e in map(sp.sympify, plain)])
+    names = [s for s, _ in kern.loops]
+    for h, w in zip(names, names[1:]):
+        if not (isinstance(extent[h], int) and isinstance(extent[w], int)) \
+                or (h in red) != (w in red) or {h, w} & loose:
+            continue
+        if all(st[h] == extent[w] * st[w] for st in strides) and any(st[w] for st in strides):
+            zero = {h: sp.S.Zero}
+            return replace(kern, loops=tuple((s, extent[h] * extent[w] if s == w else e)
+                                             for s, e in kern.loops if s != h),
+                           out_index=tuple(sp.sympify(i).xreplace(zero) for i in kern.out_index),
+                           body=kern.body.xreplace(zero), post=kern.post.xreplace(zero))
+    return kern
+
+
 def tiling(kern: Kernel, strides: list[dict[sp.Symbol, int]], vector_bytes: int,
            itemsize: int, accumulators: int = 16) -> Tiling | None:
     """How to block `kern`, or None when the scalar schedule is the one to print.
@@ -103,7 +131,7 @@ def tiling(kern: Kernel, strides: list[dict[sp.Symbol, int]], vector_bytes: int,
     # A scatter (`dx[b, c, h + p, w + q] += ...`, a padded copy's convolution gradient):
     # loops that share an axis of the written index run one by one, outside the tile,
     # except one as the lanes; the tiles are loops that write outputs of their own.
-    if not _arithmetic(kern.body) or _guarded(kern):
+    if not arithmetic(kern.body) or _guarded(kern):
         return None
     # The names printed here (c0, s, l, i0_t, b_j, t0 ...) cannot meet the IR's loop names.
     if not all(re.fullmatch(r"b|i\d+", str(s)) for s, _ in kern.loops):
@@ -157,6 +185,30 @@ def tiling(kern: Kernel, strides: list[dict[sp.Symbol, int]], vector_bytes: int,
     serial = bool(outer) and outer[0] not in alone
     return Tiling(lane, reduce_lanes, lanes, chunks, tuple(tiled), max(1, accumulators // chunks),
                   tuple(outer), inner, serial)
+
+
+def split_invariant(expr: sp.Expr, variant: set, temps: dict) -> sp.Expr:
+    """`expr` with each largest part that depends on none of `variant` (a batch norm's
+    `g[o]/sqrt(v[o] + eps)` in an epilogue of `acc`, per lane) replaced by a temporary:
+    `temps` maps each part to its symbol (u0, u1 ...), shared by equal parts. An Add or a
+    Mul gives its invariant terms as one part; a lone read or number stays; a Piecewise
+    is left whole (a branch computes only where its condition holds)."""
+    if not expr.free_symbols & variant:
+        if expr.is_Atom or isinstance(expr, sp.Indexed) or (-expr).is_Atom \
+                or isinstance(-expr, sp.Indexed) or expr.is_integer:
+            return expr   # as cheap to read as a temporary, or an index (not a real)
+        if expr not in temps:
+            temps[expr] = sp.Symbol(f"u{len(temps)}", real=True)
+        return temps[expr]
+    if isinstance(expr, sp.Piecewise) or expr.is_Atom or isinstance(expr, sp.Indexed):
+        return expr
+    if isinstance(expr, (sp.Add, sp.Mul)):
+        fixed = [a for a in expr.args if not a.free_symbols & variant]
+        moving = [split_invariant(a, variant, temps) for a in expr.args
+                  if a.free_symbols & variant]
+        part = split_invariant(expr.func(*fixed), variant, temps) if fixed else None
+        return expr.func(*moving, *([part] if part is not None else []), evaluate=False)
+    return expr.func(*[split_invariant(a, variant, temps) for a in expr.args])
 
 
 def _times(k: int, stride: str) -> str:
@@ -451,9 +503,11 @@ class BlockedWriter:
                 self.put(d, f"for (size_t {j} = 0; {j} < {tm}; ++{j}) {{")
                 d += 1
                 sub[m] = first[m] + j
+            (post,) = self.invariants([sub], d)
             self.put(d, f"for (size_t {l} = 0; {l} < {width}; ++{l}) {{")
             d += 1
-            self.store(sub, self.p.doprint(self.out.xreplace(sub)), "=", d, scoped=False)
+            self.store(sub, self.p.doprint(self.out.xreplace(sub)), "=", d, scoped=False,
+                       post=post)
         while d > depth:
             d -= 1
             self.put(d, "}")
@@ -620,17 +674,35 @@ class BlockedWriter:
             # One loop for all stores: GCC fully unrolls a short loop per accumulator before
             # vectorizing, and then leaves an epilogue with a condition (relu') scalar.
             first, _ = at[t.lane]
+            points = [{**p, t.lane: first + c * lanes + l} for p, c in accs]
+            posts = self.invariants(points, depth)
             self.put(depth, f"for (size_t {l} = 0; {l} < {lanes}; ++{l}) {{")
-            for name, (p, c) in zip(names, accs):
-                self.store({**p, t.lane: first + c * lanes + l}, f"{name}[{l}]", op, depth + 1,
-                           scoped=len(names) > 1)
+            for name, point, post in zip(names, points, posts):
+                self.store(point, f"{name}[{l}]", op, depth + 1, scoped=len(names) > 1,
+                           post=post)
             self.put(depth, "}")
 
-    def store(self, at: dict, acc: str, op: str, depth: int, scoped: bool = True) -> None:
+    def invariants(self, points: list[dict], depth: int) -> list[sp.Expr]:
+        """The epilogue at each of `points` (loop values, the lane index among them), its
+        parts that do not vary along the lanes computed once here, before the lane loop
+        (the C compiler does not hoist sqrtf out of it, nor a division)."""
+        posts = [self.k.post.xreplace(at) for at in points]
+        if all(p == ACC for p in posts):
+            return posts
+        temps: dict[sp.Expr, sp.Symbol] = {}
+        variant = {ACC, sp.Symbol(LANE, integer=True, nonnegative=True)}
+        posts = [split_invariant(p, variant, temps) for p in posts]
+        for part, name in temps.items():
+            self.put(depth, f"const {self.real} {name} = {self.p.doprint(prepare(part))};")
+        return posts
+
+    def store(self, at: dict, acc: str, op: str, depth: int, scoped: bool = True,
+              post: sp.Expr | None = None) -> None:
         """out[at] op post(acc); `scoped` when other stores share the block (each declares
-        its own `acc`, the name `post` reads)."""
+        its own `acc`, the name `post` reads). `post`: the epilogue at `at` already (its
+        invariant parts hoisted by `invariants`)."""
         k = self.k
-        post = k.post.xreplace(at)
+        post = k.post.xreplace(at) if post is None else post
         target = self.p.doprint(self.out.xreplace(at))
         if post == ACC:
             self.put(depth, f"{target} {op} {acc};")

@@ -181,3 +181,67 @@ def test_threads_change_no_bit_of_the_conv_net(tmp_path):
     outs = _run_harness(graph, "host", 40, ["-O2", "-march=native", "-fopenmp"], tmp_path,
                         runs=[{"OMP_NUM_THREADS": str(t)} for t in (1, 2, 3)])
     assert outs[0] == outs[1] == outs[2]
+
+
+# ---------------------------------------------------------------- strided reads, packed
+
+# A stride-2 3 x 3 convolution (padded), a 1 x 1 stride-2 shortcut (unpadded, the tap axis
+# dropped) and a dilated stride-2 one (taps 0, 2, 4 of a step of 2): each reads a copy
+# packed by its stride, unit-stride along the output width (11 = 2 vectors of 4 and 3
+# lanes for c99, 8 and 3 for AVX2).
+STRIDED = {
+    "name": "strided",
+    "inputs": {"x": [3, 6, 21], "y": [2]},
+    "params": {"K": {"shape": [5, 3, 3, 3], "init": "he_normal"},
+               "S": {"shape": [5, 3, 1, 1], "init": "he_normal"},
+               "D": {"shape": [5, 3, 3, 3], "init": "he_normal"},
+               "W": {"shape": [2, 165], "init": "glorot_uniform"}},
+    "nodes": {
+        "c": {"op": "conv2d", "inputs": ["x", "K"], "stride": 2, "padding": 1},    # [5, 3, 11]
+        "s": {"op": "conv2d", "inputs": ["x", "S"], "stride": 2},                  # [5, 3, 11]
+        "d": {"op": "conv2d", "inputs": ["x", "D"], "stride": 2, "padding": 2,
+              "dilation": 2},                                                       # [5, 3, 11]
+        "t": {"op": "add", "inputs": ["c", "s"]},
+        "u": {"op": "add", "inputs": ["t", "d"]},
+        "a": {"op": "relu", "inputs": ["u"]},
+        "f": {"op": "flatten", "inputs": ["a"]},
+        "logits": {"op": "dense", "inputs": ["f", "W"]},
+        "loss": {"op": "softmax_cross_entropy", "inputs": ["logits", "y"]}},
+    "outputs": ["logits"], "loss": "loss",
+    "optimizer": {"name": "sgd", "lr": 0.01},
+}
+
+
+def test_strided_reads_read_packed_copies():
+    padded = pad_guards(fuse(derive(graphc.Graph.from_spec(STRIDED)).gradients))
+    copies = {k.out: k for k in padded.kernels if ".s2" in k.out}
+    # x.pad is shared by c and d (pad 2 covers both); their taps differ, so two copies; the
+    # shortcut reads x itself: [3, 6, 11], no tap axis
+    assert padded.buffers["x.s2"].shape == (3, 6, 11)
+    shapes = sorted(padded.buffers[name].shape for name in copies if name.startswith("x.pad"))
+    rows = padded.buffers["x.pad"].shape[1]
+    assert shapes == [(3, rows, 3, 11), (3, rows, 3, 11)], shapes
+    for kern in padded.kernels:
+        if kern.out in copies:
+            continue
+        for read in kern.accesses():   # no read of the sources steps by 2 along the width
+            last = sp.expand(read.indices[-1])
+            assert not any(last.coeff(s) == 2 for s, _ in kern.loops), kern.pretty()
+    # the forward convolutions are tiles with lanes along the output width
+    _, cm = graphc.generate(STRIDED, "float32", target="c99")
+    prog = cm.entries["forward"].program
+    for call, kern in zip(cm.calls["forward"], prog.kernels):
+        if kern.node in ("c", "s", "d") and kern.mode == "sum":
+            assert "float c0[4]" in cm.functions[call.function] \
+                or "tile" in cm.functions[call.function], cm.functions[call.function]
+
+
+@pytest.mark.skipif(__import__("shutil").which("cc") is None, reason="no C compiler")
+@pytest.mark.parametrize("target", ["c99", "host"])
+def test_packed_strided_convolutions_under_sanitizers(target, tmp_path, assert_close):
+    """Every entry point at n = 0, 1, 2 and 5 under ASan and UBSan against the reference."""
+    from sweep import Sweep, run_and_check, start_build
+    model = Sweep(STRIDED, target)
+    batches = (0, 1, 2, 5)
+    build = start_build(model, tmp_path, batches, ["-fopenmp"] if target == "host" else [])
+    run_and_check(model, tmp_path, build, assert_close, batches, env={"OMP_NUM_THREADS": "2"})

@@ -253,102 +253,94 @@ static void a_forward(size_t n, float *restrict a, const float *restrict K,
                             }
                         }
                     }
+                    const float u0 = gamma_[i1_t]/sqrtf(var[i1_t] + 1e-05F);
+                    const float u1 = gamma_[i1_t + 1]/sqrtf(var[i1_t + 1] + 1e-05F);
+                    const float u2 = gamma_[i1_t + 2]/sqrtf(var[i1_t + 2] + 1e-05F);
+                    const float u3 = gamma_[i1_t + 3]/sqrtf(var[i1_t + 3] + 1e-05F);
+                    const float u4 = gamma_[i1_t + 4]/sqrtf(var[i1_t + 4] + 1e-05F);
+                    const float u5 = gamma_[i1_t + 5]/sqrtf(var[i1_t + 5] + 1e-05F);
+                    const float u6 = gamma_[i1_t + 6]/sqrtf(var[i1_t + 6] + 1e-05F);
+                    const float u7 = gamma_[i1_t + 7]/sqrtf(var[i1_t + 7] + 1e-05F);
                     for (size_t l = 0; l < 4; ++l) {
                         {
                             const float acc = c0[l];
-                            a[1024*b + 64*i1_t + 8*i3 + l] = relu((acc -
-                                    mean[i1_t])*gamma_[i1_t]/sqrtf(var[i1_t] + 1e-05F) +
+                            a[1024*b + 64*i1_t + 8*i3 + l] = relu(u0*(acc - mean[i1_t]) +
                                     beta[i1_t]);
                         }
                         {
                             const float acc = c1[l];
-                            a[1024*b + 64*i1_t + 8*i3 + l + 4] = relu((acc -
-                                    mean[i1_t])*gamma_[i1_t]/sqrtf(var[i1_t] + 1e-05F) +
+                            a[1024*b + 64*i1_t + 8*i3 + l + 4] = relu(u0*(acc - mean[i1_t]) +
                                     beta[i1_t]);
                         }
                         {
                             const float acc = c2[l];
-                            a[1024*b + 64*i1_t + 8*i3 + l + 64] = relu((acc - mean[i1_t +
-                                    1])*gamma_[i1_t + 1]/sqrtf(var[i1_t + 1] + 1e-05F) + beta[i1_t +
-                                    1]);
+                            a[1024*b + 64*i1_t + 8*i3 + l + 64] = relu(u1*(acc - mean[i1_t + 1]) +
+                                    beta[i1_t + 1]);
                         }
                         {
                             const float acc = c3[l];
-                            a[1024*b + 64*i1_t + 8*i3 + l + 68] = relu((acc - mean[i1_t +
-                                    1])*gamma_[i1_t + 1]/sqrtf(var[i1_t + 1] + 1e-05F) + beta[i1_t +
-                                    1]);
+                            a[1024*b + 64*i1_t + 8*i3 + l + 68] = relu(u1*(acc - mean[i1_t + 1]) +
+                                    beta[i1_t + 1]);
                         }
                         {
                             const float acc = c4[l];
-                            a[1024*b + 64*i1_t + 8*i3 + l + 128] = relu((acc - mean[i1_t +
-                                    2])*gamma_[i1_t + 2]/sqrtf(var[i1_t + 2] + 1e-05F) + beta[i1_t +
-                                    2]);
+                            a[1024*b + 64*i1_t + 8*i3 + l + 128] = relu(u2*(acc - mean[i1_t + 2]) +
+                                    beta[i1_t + 2]);
                         }
                         {
                             const float acc = c5[l];
-                            a[1024*b + 64*i1_t + 8*i3 + l + 132] = relu((acc - mean[i1_t +
-                                    2])*gamma_[i1_t + 2]/sqrtf(var[i1_t + 2] + 1e-05F) + beta[i1_t +
-                                    2]);
+                            a[1024*b + 64*i1_t + 8*i3 + l + 132] = relu(u2*(acc - mean[i1_t + 2]) +
+                                    beta[i1_t + 2]);
                         }
                         {
                             const float acc = c6[l];
-                            a[1024*b + 64*i1_t + 8*i3 + l + 192] = relu((acc - mean[i1_t +
-                                    3])*gamma_[i1_t + 3]/sqrtf(var[i1_t + 3] + 1e-05F) + beta[i1_t +
-                                    3]);
+                            a[1024*b + 64*i1_t + 8*i3 + l + 192] = relu(u3*(acc - mean[i1_t + 3]) +
+                                    beta[i1_t + 3]);
                         }
                         {
                             const float acc = c7[l];
-                            a[1024*b + 64*i1_t + 8*i3 + l + 196] = relu((acc - mean[i1_t +
-                                    3])*gamma_[i1_t + 3]/sqrtf(var[i1_t + 3] + 1e-05F) + beta[i1_t +
-                                    3]);
+                            a[1024*b + 64*i1_t + 8*i3 + l + 196] = relu(u3*(acc - mean[i1_t + 3]) +
+                                    beta[i1_t + 3]);
                         }
                         {
                             const float acc = c8[l];
-                            a[1024*b + 64*i1_t + 8*i3 + l + 256] = relu((acc - mean[i1_t +
-                                    4])*gamma_[i1_t + 4]/sqrtf(var[i1_t + 4] + 1e-05F) + beta[i1_t +
-                                    4]);
+                            a[1024*b + 64*i1_t + 8*i3 + l + 256] = relu(u4*(acc - mean[i1_t + 4]) +
+                                    beta[i1_t + 4]);
                         }
                         {
                             const float acc = c9[l];
-                            a[1024*b + 64*i1_t + 8*i3 + l + 260] = relu((acc - mean[i1_t +
-                                    4])*gamma_[i1_t + 4]/sqrtf(var[i1_t + 4] + 1e-05F) + beta[i1_t +
-                                    4]);
+                            a[1024*b + 64*i1_t + 8*i3 + l + 260] = relu(u4*(acc - mean[i1_t + 4]) +
+                                    beta[i1_t + 4]);
                         }
                         {
                             const float acc = c10[l];
-                            a[1024*b + 64*i1_t + 8*i3 + l + 320] = relu((acc - mean[i1_t +
-                                    5])*gamma_[i1_t + 5]/sqrtf(var[i1_t + 5] + 1e-05F) + beta[i1_t +
-                                    5]);
+                            a[1024*b + 64*i1_t + 8*i3 + l + 320] = relu(u5*(acc - mean[i1_t + 5]) +
+                                    beta[i1_t + 5]);
                         }
                         {
                             const float acc = c11[l];
-                            a[1024*b + 64*i1_t + 8*i3 + l + 324] = relu((acc - mean[i1_t +
-                                    5])*gamma_[i1_t + 5]/sqrtf(var[i1_t + 5] + 1e-05F) + beta[i1_t +
-                                    5]);
+                            a[1024*b + 64*i1_t + 8*i3 + l + 324] = relu(u5*(acc - mean[i1_t + 5]) +
+                                    beta[i1_t + 5]);
                         }
                         {
                             const float acc = c12[l];
-                            a[1024*b + 64*i1_t + 8*i3 + l + 384] = relu((acc - mean[i1_t +
-                                    6])*gamma_[i1_t + 6]/sqrtf(var[i1_t + 6] + 1e-05F) + beta[i1_t +
-                                    6]);
+                            a[1024*b + 64*i1_t + 8*i3 + l + 384] = relu(u6*(acc - mean[i1_t + 6]) +
+                                    beta[i1_t + 6]);
                         }
                         {
                             const float acc = c13[l];
-                            a[1024*b + 64*i1_t + 8*i3 + l + 388] = relu((acc - mean[i1_t +
-                                    6])*gamma_[i1_t + 6]/sqrtf(var[i1_t + 6] + 1e-05F) + beta[i1_t +
-                                    6]);
+                            a[1024*b + 64*i1_t + 8*i3 + l + 388] = relu(u6*(acc - mean[i1_t + 6]) +
+                                    beta[i1_t + 6]);
                         }
                         {
                             const float acc = c14[l];
-                            a[1024*b + 64*i1_t + 8*i3 + l + 448] = relu((acc - mean[i1_t +
-                                    7])*gamma_[i1_t + 7]/sqrtf(var[i1_t + 7] + 1e-05F) + beta[i1_t +
-                                    7]);
+                            a[1024*b + 64*i1_t + 8*i3 + l + 448] = relu(u7*(acc - mean[i1_t + 7]) +
+                                    beta[i1_t + 7]);
                         }
                         {
                             const float acc = c15[l];
-                            a[1024*b + 64*i1_t + 8*i3 + l + 452] = relu((acc - mean[i1_t +
-                                    7])*gamma_[i1_t + 7]/sqrtf(var[i1_t + 7] + 1e-05F) + beta[i1_t +
-                                    7]);
+                            a[1024*b + 64*i1_t + 8*i3 + l + 452] = relu(u7*(acc - mean[i1_t + 7]) +
+                                    beta[i1_t + 7]);
                         }
                     }
                 }
