@@ -15,7 +15,7 @@ graphc and by PyTorch eager, for issue 13's "its training is faster than PyTorch
    checked first: the loss, every gradient and every param after one step against
    graphc's (`check_step`).
 2. **The same rows with a competitor**: one busy-looping Python process that this
-   benchmark starts before and kills after (`competitor`), as another user of a shared
+   benchmark starts before and kills after (`machine.competitor`), as another user of a shared
    2-core machine would be. Each row records the load average and the cores others kept
    busy while it ran (benchmarks/machine.py); rows of part 1 timed while others used more
    than `Options.busy` cores are marked.
@@ -38,7 +38,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -215,18 +214,6 @@ def _one_thread(run):
             os.environ["OMP_NUM_THREADS"] = before
 
 
-@contextmanager
-def competitor():
-    """One busy-looping process beside the measurement, killed afterwards (by its id)."""
-    proc = subprocess.Popen([sys.executable, "-c", "while True: pass"])
-    try:
-        time.sleep(0.5)
-        yield proc.pid
-    finally:
-        proc.kill()
-        proc.wait()
-
-
 def time_steps(batches, opts: Options, busy: bool, workdir: Path) -> list[dict]:
     rows = []
     for n in batches:
@@ -240,9 +227,9 @@ def time_steps(batches, opts: Options, busy: bool, workdir: Path) -> list[dict]:
             log(f"batch {n}: {label}{' (with a competitor)' if busy else ''}")
             before = os.getloadavg()
             if busy:
-                with competitor():
-                    t, foreign, attempts = machine.quietly(
-                        lambda: timed(opts), dataclasses.replace(opts, retries=0))
+                with machine.competitor():
+                    t, foreign, attempts = machine.quietly(lambda: timed(opts),
+                                                           machine.beside_competitor(opts))
             else:
                 t, foreign, attempts = machine.quietly(lambda: timed(opts), opts)
             rows.append({"batch": n, "label": label, "competitor": busy, "median_s": t.median,
@@ -376,8 +363,10 @@ def markdown(result: dict) -> str:
             if busy:
                 out += ["### With one busy competitor process (started and stopped by the "
                         "benchmark)", ""]
-            out += ["| batch | peer | median | fastest | vs torch 1 thread | load | others |",
-                    "|---|---|---|---|---|---|---|"]
+            out += ["| batch | peer | median | fastest | vs torch 1 thread | load | others |"
+                    + (" busy / quiet |" if busy else ""),
+                    "|---|---|---|---|---|---|---|" + ("---|" if busy else "")]
+            quiet = {(r["batch"], r["label"]): r for r in steps if not r["competitor"]}
             for r in rows:
                 torch1 = next(t for t in rows if t["batch"] == r["batch"]
                               and t["label"] == "PyTorch eager, 1 thread")
@@ -386,7 +375,9 @@ def markdown(result: dict) -> str:
                     r["foreign_cores"] > result["options"]["busy"]
                 out.append(f"| {r['batch']} | {r['label']}{' *(under load)*' if loaded else ''} | "
                            f"{_ms(r['median_s'])} | {_ms(r['min_s'])} | "
-                           f"{torch1['median_s'] / r['median_s']:.2f}x | {_load(r)} | {others} |")
+                           f"{torch1['median_s'] / r['median_s']:.2f}x | {_load(r)} | {others} |"
+                           + (f" {r['median_s'] / quiet[r['batch'], r['label']]['median_s']:.2f} |"
+                              if busy else ""))
             out.append("")
     train = result.get("training")
     if train:
