@@ -237,6 +237,34 @@ def _target_cell(r: dict) -> str:
     return cell
 
 
+def _targets_table(workloads: dict) -> list[str]:
+    """Every row that has a target, in one place: met or missed, quiet and busy."""
+    lines = []
+    for key, wl in workloads.items():
+        for r in wl["rows"]:
+            if "median_s" not in r or not ("target" in r or "busy_met" in r):
+                continue
+            if r["peer"] == "graphc":
+                goal, quiet = f"busy ≤ {BUSY_LIMIT:g}× quiet ({r['busy_ratio']:.2f}×)", ""
+            else:
+                figure = "speedup_vs_bound" if r["target_against"] == "bound" else "speedup"
+                against = {"c": "pure C", "python": "from Python", "bound": "bound call"}
+                goal = f"graphc ({against[r['target_against']]}) ≥ {r['target']:g}× it"
+                quiet = f"{_met(r.get('met'))} ({r[figure]:.2f}×)" if figure in r else ""
+                busy = r.get("busy_" + figure)
+            busy_cell = _met(r.get("busy_met"))
+            if r["peer"] != "graphc" and busy is not None:
+                busy_cell += f" ({busy:.2f}×)"
+            lines.append(f"| {key} | {r['label']} | {goal} | {quiet} | {busy_cell} |")
+    if not lines:
+        return []
+    return ["## Targets", "",
+            "Each row with a target (details in its workload's table); graphc's rows are held "
+            f"to busy / quiet ≤ {BUSY_LIMIT:g}, peers to graphc's speedup over them, quiet and "
+            "beside the competitor.", "",
+            "| workload | row | target | quiet | busy |", "|---|---|---|---|---|", *lines, ""]
+
+
 def _workload_table(key: str, wl: dict, gemm: dict | None) -> list[str]:
     lines = [f"## {key}: {wl['title']}", "",
              f"Load average {wl['load_before'][0]:.2f} before, {wl['load_after'][0]:.2f} "
@@ -308,11 +336,13 @@ def markdown(result: dict) -> str:
              "beside the same competitor); *busy / quiet*: that median over the quiet one; "
              "*graphc × busy*: the peer's busy median over graphc's busy median. Beside it, "
              "*others' load* counts the competitor's core too (retried above "
-             f"{result['options']['busy'] + 1:g}).",
+             f"{result['options']['busy'] + 1:g})." if result["options"].get("competitor", True)
+             else "- *busy*: not measured (`--no-competitor`).",
              "- *target*: the issues' (graphc at least that many times faster, against the "
              "figure named, quiet and busy); for graphc's rows issue 15's busy / quiet ≤ "
              f"{BUSY_LIMIT:g}.", ""]
     gemm = result.get("gemm")
+    lines += _targets_table(result["workloads"])
     for key in [k for k in WORKLOADS if k in result["workloads"]]:
         lines += _workload_table(key, result["workloads"][key], gemm if key in PEAK else None)
     if gemm:
@@ -405,7 +435,8 @@ def main(argv: list[str] | None = None) -> dict:
     result = {"command": " ".join(["python -m benchmarks", *(sys.argv[1:] if argv is None else argv)]),
               "date": datetime.datetime.now().isoformat(timespec="seconds"),
               "machine": machine.info(), "versions": versions,
-              "options": dict(dataclasses.asdict(opts), quick=args.quick),
+              "options": dict(dataclasses.asdict(opts), quick=args.quick,
+                              competitor=not args.no_competitor),
               "workloads": {}}
     if any(w in PEAK for w in workloads):
         log("GEMM peak")
