@@ -234,3 +234,28 @@ def test_conv_peers_match_graphc_and_fail_at_a_perturbed_param(small, peer, tmp_
             assert check(small, r.results()) > CHECK_RTOL, r.label
     finally:
         small.params[name] = original
+
+
+def test_targets_are_judged_against_the_figure_named_quiet_and_busy():
+    """W7's onnxruntime target is against graphc's bound call: a peer 3× slower than the
+    bound call but only 1.5× slower than graphc from Python meets ≥ 2; beside the
+    competitor it is 1.2× slower than the bound call and misses."""
+    from benchmarks.__main__ import _compare, _targets_table
+    reference = {"python": {"label": "graphc (Python)", "median_s": 2.0, "min_s": 2.0,
+                            "busy_median_s": 2.0},
+                 "bound": {"label": "graphc (bound call)", "median_s": 1.0, "min_s": 1.0,
+                           "busy_median_s": 2.5}}
+    measured = {"label": "onnxruntime, 1 thread", "kind": "python", "median_s": 3.0,
+                "min_s": 3.0, "busy_median_s": 3.0}
+    row = dict(measured, peer="onnxruntime")
+    _compare("W7", row, reference)
+    assert row["speedup"] == 1.5 and row["speedup_vs_bound"] == 3.0
+    assert row["target"] == 2.0 and row["target_against"] == "bound"
+    assert row["met"] is True and row["busy_speedup_vs_bound"] == 1.2 and row["busy_met"] is False
+    table = "\n".join(_targets_table({"W7": {"rows": [row]}}))
+    assert "| W7 | onnxruntime, 1 thread | graphc (bound call) ≥ 2× it | met (3.00×) | " \
+           "**missed** (1.20×) |" in table
+    # a peer without a target on this workload gets none
+    other = dict(measured, peer="numpy")
+    _compare("W7", other, reference)
+    assert "target" not in other and "met" not in other

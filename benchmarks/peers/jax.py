@@ -43,8 +43,10 @@ def _ops():
     from jax import lax
 
     def conv2d(a, x, w, b=None):
-        pad = _pair(a["padding"])
-        y = lax.conv_general_dilated(x, w, _pair(a["stride"]), [(p, p) for p in pad],
+        # "same" pads an odd total one more after, as torch and XLA both do
+        pad = a["padding"].upper() if isinstance(a["padding"], str) else \
+            [(p, p) for p in _pair(a["padding"])]
+        y = lax.conv_general_dilated(x, w, _pair(a["stride"]), pad,
                                      rhs_dilation=_pair(a["dilation"]),
                                      feature_group_count=a["groups"],
                                      dimension_numbers=("NCHW", "OIHW", "NCHW"))
@@ -61,7 +63,7 @@ def _ops():
         scale = g * lax.rsqrt(v + a["eps"])
         return x * scale[:, None, None] + (s - m * scale)[:, None, None]
 
-    return {"dense": lambda a, x, W, b: x @ W.T + b,
+    return {"dense": lambda a, x, W, b=0.0: x @ W.T + b,
             "relu": lambda a, x: jax.nn.relu(x),
             "add": lambda a, x, y: x + y,
             "flatten": lambda a, x: x.reshape(x.shape[0], -1),
