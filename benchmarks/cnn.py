@@ -387,15 +387,15 @@ def markdown(result: dict) -> str:
                 f"`{c['command']}` ({c['epochs']} epochs, batch {BATCH}, Adam lr {lr():g}, seed "
                 f"{SEED}, {c['test_examples']} test examples): {c['wall_s']:.2f} s wall for the "
                 f"whole command (interpreter, imports, warm compile, data, training, test; load "
-                f"{_load(c)}); it prints: `{c['output']}`.", "",
-                "In process, the same split, initial params, batches and per-epoch evaluation of "
-                "the training set (`fit`'s):", ""]
+                f"{_load(c)}); it prints: `{c['output']}`.", ""]
         busy = result.get("training_busy")
         if busy:
-            out[-1:-1] = [f"Beside one busy competitor process, the command took "
-                          f"{busy['cli']['wall_s']:.2f} s wall "
-                          f"({busy['cli']['wall_s'] / c['wall_s']:.2f}× quiet).", ""]
-        out += ["| peer | training | test accuracy | load |"
+            out += [f"Beside one busy competitor process, the command took "
+                    f"{busy['cli']['wall_s']:.2f} s wall "
+                    f"({busy['cli']['wall_s'] / c['wall_s']:.2f}× quiet).", ""]
+        out += ["In process, the same split, initial params, batches and per-epoch evaluation of "
+                "the training set (`fit`'s):", "",
+                "| peer | training | test accuracy | load |"
                 + (" beside a competitor | busy / quiet |" if busy else ""),
                 "|---|---|---|---|" + ("---|---|" if busy else "")]
         for k, r in enumerate(train["rows"]):
