@@ -259,3 +259,19 @@ def test_targets_are_judged_against_the_figure_named_quiet_and_busy():
     other = dict(measured, peer="numpy")
     _compare("W7", other, reference)
     assert "target" not in other and "met" not in other
+
+
+def test_onnx_table_shows_busy_beside_quiet():
+    """benchmarks/onnx_models.py's table from made-up rows: each cell the quiet median, the
+    busy one and their ratio; the last column onnxruntime's fastest over graphc's bound
+    call, quiet and busy."""
+    from benchmarks import onnx_models
+
+    def row(label, quiet, busy):
+        return {"model": "m", "batch": 1, "label": label, "median_s": quiet, "foreign_cores": 0.0,
+                "busy_median_s": busy, "busy_ratio": busy / quiet}
+    text = onnx_models.markdown({"date": "today", "onnxruntime": "1", "busy": 0.25, "rows": [
+        row("graphc host, bound call", 10e-6, 20e-6),
+        row("onnxruntime, 1 thread", 30e-6, 30e-6)]})
+    assert "| m | 1 | 10.0 µs; busy 20.0 µs (2.00×) | 30.0 µs; busy 30.0 µs (1.00×) | " \
+           "3.00×; busy 1.50× |" in text
