@@ -396,7 +396,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(prog="python -m benchmarks",
                                  description=__doc__.splitlines()[0])
     ap.add_argument("--workloads", default=DEFAULT,
-                    help=f"comma-separated, of {','.join(ALL)} (default {DEFAULT})")
+                    help=f"comma-separated, of {','.join(ALL)}; W6 is W6.1 and W6.64 "
+                         f"(default {DEFAULT})")
     ap.add_argument("--peers", default=",".join(n for n in NAMES if n != "graphc"),
                     help=f"comma-separated, of {','.join(NAMES)} (graphc always runs)")
     ap.add_argument("--repeats", type=int, default=None,
