@@ -167,7 +167,7 @@ def runners(params: dict, x: np.ndarray, y: np.ndarray, workdir: Path) -> list[t
             # OpenMP's two threads wait for each other when another process holds a core
             out.append(("graphc host (pure C, OMP_NUM_THREADS=1)",
                         lambda opts, p=program, b=binary:
-                        _one_thread(lambda: charness.run(p, b, opts)[0])))
+                        charness.run(p, b, opts, charness.ONE_THREAD)[0]))
     xt, yt = torch.from_numpy(x), torch.from_numpy(y)
     for threads in sorted({1, torch.get_num_threads()}):
         net = torch_net(params)
@@ -201,18 +201,6 @@ def _c_program(cmodule, params: dict, x: np.ndarray, y: np.ndarray) -> charness.
         [("params", flat), ("in_x", x), ("in_y", y)],
         [("work", cmodule.work_elements(n)), ("state", cmodule.state_size)],
         f"result = {entry.c_name}(params, state, work, {n}, in_x, in_y);")
-
-
-def _one_thread(run):
-    before = os.environ.get("OMP_NUM_THREADS")
-    os.environ["OMP_NUM_THREADS"] = "1"
-    try:
-        return run()
-    finally:
-        if before is None:
-            del os.environ["OMP_NUM_THREADS"]
-        else:
-            os.environ["OMP_NUM_THREADS"] = before
 
 
 def time_steps(batches, opts: Options, busy: bool, workdir: Path) -> list[dict]:

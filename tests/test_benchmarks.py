@@ -49,7 +49,9 @@ def test_quick_run_writes_table_and_json(quick, capsys):
 def test_every_peer_checked_then_timed(quick, key):
     rows = {r["label"]: r for r in quick[1]["workloads"][key]["rows"]}
     graphc_rows = {f"graphc {t} ({how})" for t in TARGETS for how in ("Python", "bound call")}
-    assert set(rows) == graphc_rows | {f"graphc {C_TARGET} (pure C)", "NumPy"}
+    pure_c = {f"graphc {C_TARGET} (pure C)"} | \
+        ({f"graphc {C_TARGET} (pure C, OMP_NUM_THREADS=1)"} if charness.openmp() else set())
+    assert set(rows) == graphc_rows | pure_c | {"NumPy"}
     reference = rows[f"graphc {DEFAULT_TARGET} (Python)"]
     assert reference["reference"] and list(rows)[0] == reference["label"]
     for row in rows.values():
@@ -275,3 +277,14 @@ def test_onnx_table_shows_busy_beside_quiet():
         row("onnxruntime, 1 thread", 30e-6, 30e-6)]})
     assert "| m | 1 | 10.0 µs; busy 20.0 µs (2.00×) | 30.0 µs; busy 30.0 µs (1.00×) | " \
            "3.00×; busy 1.50× |" in text
+
+
+def test_pure_c_harness_runs_with_the_environment_given(tmp_path):
+    """charness.run's `env` reaches the program (how OMP_NUM_THREADS=1 rows are run)."""
+    p = charness.Program("probe", {"probe.h": "#include <stdlib.h>\n"}, "probe.h",
+                         [("x", np.zeros(1, np.float32))], [],
+                         'result = getenv("GRAPHC_BENCH_PROBE") ? x[0] + 1.0F : x[0];')
+    binary = charness.build(p, tmp_path / "probe")
+    once = Options(repeats=1, min_repeat=0.0, warmup=0.0)
+    assert charness.run(p, binary, once)[1][0][0] == 0.0
+    assert charness.run(p, binary, once, {"GRAPHC_BENCH_PROBE": "1"})[1][0][0] == 1.0

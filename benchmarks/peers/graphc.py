@@ -6,7 +6,7 @@ From Python on every target of `TARGETS`: `graphc.compile`'s default first (its 
 the reference every peer is checked against and divided by), then the others; each row
 names its target. In pure C the `host` target's C, compiled with the host's flags
 (-march=native, and OpenMP where the target has it) as graphc's own host build is
-(benchmarks/charness.py).
+(benchmarks/charness.py); with OpenMP, also on one thread (OMP_NUM_THREADS=1).
 """
 
 from __future__ import annotations
@@ -95,10 +95,13 @@ def runners(problem: Problem, workdir: Path, targets=TARGETS) -> list[Runner]:
                        lambda opts, call=call: time_python(call, opts), f"target {target}"),
                 bound_runner(problem, target)]
     if C_TARGET in targets:
-        cmodule = _model(problem, C_TARGET).cmodule
-        out.append(charness.runner(f"graphc {C_TARGET} (pure C)",
-                                   c_program(cmodule, problem, w.train), workdir, w.train,
-                                   f"flags: {' '.join(charness.flags())}"))
+        program = c_program(_model(problem, C_TARGET).cmodule, problem, w.train)
+        notes = f"flags: {' '.join(charness.flags())}"
+        out.append(charness.runner(f"graphc {C_TARGET} (pure C)", program, workdir, w.train,
+                                   notes))
+        if charness.openmp():   # OpenMP's threads wait for each other beside a competitor
+            out.append(charness.runner(f"graphc {C_TARGET} (pure C, OMP_NUM_THREADS=1)",
+                                       program, workdir, w.train, notes, charness.ONE_THREAD))
     return out
 
 
