@@ -109,7 +109,10 @@ _NO_SIMD = "the C compiler named no SIMD it targets"
 def _host_note(build_flags: tuple[str, ...], tiled_for: str) -> str:
     return ("compile with the host compiler, e.g. cc -std=c99 -O3 -march=native -fopenmp "
             f"(graphc's own build of it adds {' '.join(build_flags) or 'no flags'}; without "
-            f"-fopenmp the C runs on one thread). Contractions are tiled for {tiled_for}.")
+            "-fopenmp the C runs on one thread). With OpenMP, omp_set_num_threads() in the "
+            "calling thread sets how many threads its calls use, and OMP_WAIT_POLICY=passive "
+            "keeps idle threads from spinning against other processes on the same cores. "
+            f"Contractions are tiled for {tiled_for}.")
 
 
 # Tiles (codegen/tiles.py): c99 assumes 16-byte SIMD (SSE2, NEON), what a plain -O3 build
