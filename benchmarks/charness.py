@@ -9,7 +9,8 @@ clock_gettime(CLOCK_MONOTONIC).
 
 Every harness, graphc's or CasADi's, is compiled with graphc's own build flags for the
 model source (`codegen.build.compile_flags()`) plus the `host` target's build flags, and
-linked with the latter, as `codegen/build.py` links graphc's module.
+linked with the latter, as `codegen/build.py` links graphc's module. It runs with
+OMP_WAIT_POLICY=passive unless the environment says how OpenMP waits (`environment`).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from codegen import openmp
 from codegen.build import c_compiler, compile_flags
 from codegen.targets import get_target
 
@@ -38,12 +40,23 @@ def host_flags() -> tuple[str, ...]:
     return tuple(get_target("host").build_flags)
 
 
-def openmp() -> bool:
+def threaded() -> bool:
     """Whether the host build runs OpenMP threads (then OMP_NUM_THREADS=1 is worth a row)."""
-    return "-fopenmp" in host_flags()
+    return openmp.uses_openmp(host_flags())
 
 
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}
+
+
+def environment(extra: dict | None = None) -> dict:
+    """A harness's environment: this process's, with OpenMP's idle threads sleeping rather
+    than spinning against other processes unless the user chose how they wait (what the
+    generated header asks of C callers, and what graphc's own module load sets:
+    codegen/openmp.py), then `extra`."""
+    env = dict(os.environ)
+    if not any(v in env for v in (openmp.WAIT_POLICY_ENV, "GOMP_SPINCOUNT")):
+        env[openmp.WAIT_POLICY_ENV] = openmp.WAIT_POLICY
+    return {**env, **(extra or {})}
 
 
 def flags() -> tuple[str, ...]:
@@ -158,7 +171,7 @@ def run(p: Program, binary: Path, opts: Options,
     np.concatenate([np.asarray(a, np.float32).ravel() for _, a in p.read]).tofile(data)
     done = subprocess.run([str(binary), str(data), str(check), str(opts.repeats),
                            repr(opts.min_repeat), repr(opts.warmup)],
-                          capture_output=True, text=True, env={**os.environ, **(env or {})})
+                          capture_output=True, text=True, env=environment(env))
     if done.returncode:
         raise RuntimeError(f"{binary} failed ({done.returncode}): {done.stderr[-2000:]}")
     got = dict(line.split() for line in done.stdout.splitlines())

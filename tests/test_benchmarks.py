@@ -50,7 +50,7 @@ def test_every_peer_checked_then_timed(quick, key):
     rows = {r["label"]: r for r in quick[1]["workloads"][key]["rows"]}
     graphc_rows = {f"graphc {t} ({how})" for t in TARGETS for how in ("Python", "bound call")}
     pure_c = {f"graphc {C_TARGET} (pure C)"} | \
-        ({f"graphc {C_TARGET} (pure C, OMP_NUM_THREADS=1)"} if charness.openmp() else set())
+        ({f"graphc {C_TARGET} (pure C, OMP_NUM_THREADS=1)"} if charness.threaded() else set())
     assert set(rows) == graphc_rows | pure_c | {"NumPy"}
     reference = rows[f"graphc {DEFAULT_TARGET} (Python)"]
     assert reference["reference"] and list(rows)[0] == reference["label"]
@@ -279,7 +279,7 @@ def test_onnx_table_shows_busy_beside_quiet():
            "3.00×; busy 1.50× |" in text
 
 
-def test_pure_c_harness_runs_with_the_environment_given(tmp_path):
+def test_pure_c_harness_runs_with_the_environment_given(tmp_path, monkeypatch):
     """charness.run's `env` reaches the program (how OMP_NUM_THREADS=1 rows are run)."""
     p = charness.Program("probe", {"probe.h": "#include <stdlib.h>\n"}, "probe.h",
                          [("x", np.zeros(1, np.float32))], [],
@@ -288,3 +288,10 @@ def test_pure_c_harness_runs_with_the_environment_given(tmp_path):
     once = Options(repeats=1, min_repeat=0.0, warmup=0.0)
     assert charness.run(p, binary, once)[1][0][0] == 0.0
     assert charness.run(p, binary, once, {"GRAPHC_BENCH_PROBE": "1"})[1][0][0] == 1.0
+    # OpenMP's idle threads sleep unless the user said how they wait; `env` comes last
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    monkeypatch.delenv("GOMP_SPINCOUNT", raising=False)
+    assert charness.environment()["OMP_WAIT_POLICY"] == "passive"
+    assert charness.environment({"OMP_WAIT_POLICY": "active"})["OMP_WAIT_POLICY"] == "active"
+    monkeypatch.setenv("GOMP_SPINCOUNT", "1000")
+    assert "OMP_WAIT_POLICY" not in charness.environment()

@@ -99,7 +99,7 @@ def runners(problem: Problem, workdir: Path, targets=TARGETS) -> list[Runner]:
         notes = f"flags: {' '.join(charness.flags())}"
         out.append(charness.runner(f"graphc {C_TARGET} (pure C)", program, workdir, w.train,
                                    notes))
-        if charness.openmp():   # OpenMP's threads wait for each other beside a competitor
+        if charness.threaded():   # OpenMP's threads wait for each other beside a competitor
             out.append(charness.runner(f"graphc {C_TARGET} (pure C, OMP_NUM_THREADS=1)",
                                        program, workdir, w.train, notes, charness.ONE_THREAD))
     return out
