@@ -319,6 +319,22 @@ def test_relu_mlp_forward_within_3_5_instructions_per_multiply_add(tmp_path):
     compare(got, graph, cm, flat, inputs)
 
 
+def test_padded_window_interior_and_border_guards():
+    """The Cortex-M4F's padded convolutions (codegen/cortexm_kernels.py): the interior is
+    where every tap of the window is inside; at a tap, a guard keeps only the inequalities
+    that can fail over the loops' ranges (cppcheck calls the others always true)."""
+    import sympy as sp
+    from codegen.cortexm_kernels import interior, simplified
+    h, p = sp.symbols("i3 i5", integer=True, nonnegative=True)
+    guard = sp.And(h + p >= 1, h + p < 9)       # a 3-tap window, padding 1, 8 rows
+    assert interior(guard, {p: 3}) == sp.And(h - 1 >= 0, h - 7 < 0)   # rows 1 to 6
+    box = {h: 8, p: 3}
+    assert simplified(guard.xreplace({p: 0}), box) == (h >= 1)      # the first tap
+    assert simplified(guard.xreplace({p: 1}), box) == sp.true       # the middle one
+    assert simplified(guard.xreplace({p: 2}), box) == (h + 2 < 9)
+    assert simplified(sp.And(h + p >= 10, h < 8), box) == sp.false   # never inside
+
+
 # ---------------------------------------------------------------- the C, statically
 
 def _write(cm, directory: Path) -> Path:
