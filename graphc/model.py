@@ -555,9 +555,9 @@ def generate(graph, dtype: str = "float32", *, optimizer: dict | None = None, pa
     `optimizer` replaces the spec's section. `params` (a dict or an .npz path) makes
     inference C with those params baked in as a `static const` table. `target`
     (c99, host, cortex-m4, cortex-m0) picks how contractions print (tiles for 16-byte
-    SIMD, or for this machine's width with OpenMP on host; plain loops on Cortex-M) and the
-    header's note; `max_batch` adds `<NAME>_MAX_BATCH` to the header for statically sized
-    memory."""
+    SIMD, or for this machine's width with OpenMP on host; rows of fmaf on the Cortex-M4F,
+    plain loops on the M0) and the header's note; `max_batch` adds `<NAME>_MAX_BATCH` to the
+    header for statically sized memory."""
     from .ir import param_layout
     from codegen.targets import get_target
     from .derive import layout_order
