@@ -125,8 +125,23 @@ def _torch_models():
         def forward(self, x):
             return self.fc2(self.drop(F.relu(self.ln(self.fc1(x)))))
 
+    class CeilCNN(nn.Module):
+        """ceil_mode's clipped last windows: dilated max pooling, an average without
+        padding (the overhang not counted) and one with padding counted."""
+        def __init__(self):
+            super().__init__()
+            self.conv, self.fc = nn.Conv2d(2, 4, 3, padding=1), nn.Linear(180, 5)
+
+        def forward(self, x):
+            h = torch.tanh(self.conv(x))                                     # [4, 10, 10]
+            a = F.max_pool2d(h, 2, 2, dilation=2, ceil_mode=True)           # [4, 5, 5]
+            a = F.avg_pool2d(a, 2, 2, ceil_mode=True)                        # [4, 3, 3]
+            b = F.avg_pool2d(h, 3, 2, padding=1, ceil_mode=True)            # [4, 6, 6]
+            return self.fc(torch.cat([a.flatten(1), b.flatten(1)], 1))
+
     return {"mlp": (MLP, (20,)), "gelu_mlp": (GeluMLP, (20,)), "lenet5": (LeNet, (1, 28, 28)),
-            "bn_cnn": (BatchNormCNN, (3, 8, 8)), "ln_mlp": (LayerNormMLP, (12,))}
+            "bn_cnn": (BatchNormCNN, (3, 8, 8)), "ln_mlp": (LayerNormMLP, (12,)),
+            "ceil_cnn": (CeilCNN, (2, 10, 10))}
 
 
 def _export(torch, name: str, dynamo: bool, folder: Path, batch: int = 8, dynamic=True):
@@ -152,7 +167,7 @@ def _export(torch, name: str, dynamo: bool, folder: Path, batch: int = 8, dynami
 
 
 @pytest.mark.parametrize("dynamo", [False, True], ids=["torchscript", "dynamo"])
-@pytest.mark.parametrize("name", ["mlp", "gelu_mlp", "lenet5", "bn_cnn", "ln_mlp"])
+@pytest.mark.parametrize("name", ["mlp", "gelu_mlp", "lenet5", "bn_cnn", "ln_mlp", "ceil_cnn"])
 def test_pytorch_exports_compute_what_onnxruntime_computes(name, dynamo, tmp_path):
     torch = pytest.importorskip("torch")
     ort = pytest.importorskip("onnxruntime")
@@ -185,7 +200,8 @@ def test_a_static_export_writes_its_batch_into_reshape_and_still_imports(tmp_pat
         1e-4 * np.max(np.abs(three))
 
 
-@pytest.mark.parametrize("name", ["lenet5", "ln_mlp"])   # eval exports fold batch norm away
+@pytest.mark.parametrize("name", ["lenet5", "ln_mlp", "ceil_cnn"])   # eval exports fold
+# batch norm away
 def test_an_imported_model_with_a_loss_has_torchs_gradients(name, tmp_path):
     """Fine-tuning: the imported graph with class-index cross-entropy, in float64, gives
     PyTorch autograd's loss and weight gradients (the weights from the ONNX file)."""
