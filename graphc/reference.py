@@ -449,7 +449,7 @@ class _Window:
     dilation: tuple[int, ...]
     pad: tuple[tuple[int, int], ...]  # (before, after) per axis
     out: tuple[int, ...]
-    overhang: tuple[int, ...] = ()    # per axis, how far ceil_mode's last window runs past
+    overhang: tuple[int, ...]         # per axis, how far ceil_mode's last window runs past
 
     @staticmethod
     def make(size, kernel, stride, dilation, pad, ceil=False) -> "_Window":
@@ -462,8 +462,7 @@ class _Window:
 
     def padded(self, x: np.ndarray, value=0.0) -> np.ndarray:
         """x inside its padding and the overhang, both filled with `value`."""
-        widths = tuple((lo, hi + over) for (lo, hi), over
-                       in zip(self.pad, self.overhang or (0,) * len(self.pad)))
+        widths = tuple((lo, hi + over) for (lo, hi), over in zip(self.pad, self.overhang))
         if not any(lo or hi for lo, hi in widths):
             return x
         return np.pad(x, ((0, 0),) * (x.ndim - len(widths)) + widths, constant_values=value)
@@ -485,7 +484,7 @@ class _Window:
     def in_padding(self, dtype) -> np.ndarray:
         """1 at the real positions and in the padding, 0 in the overhang."""
         inner = np.ones(tuple(n + lo + hi for n, (lo, hi) in zip(self.size, self.pad)), dtype)
-        return np.pad(inner, tuple((0, over) for over in self.overhang or (0,) * len(self.pad)))
+        return np.pad(inner, tuple((0, over) for over in self.overhang))
 
 
 def _conv_geometry(d: int, args, attrs):
