@@ -672,6 +672,18 @@ def test_pooling_geometry_exports_runs_in_onnxruntime_and_comes_back(tmp_path):
     assert after.source == before.source and after.header == before.header
 
 
+def test_pooling_that_would_read_padding_alone_is_one_error_naming_onnxs_field(tmp_path):
+    node = helper.make_node("MaxPool", ["x"], ["y"], kernel_shape=[2, 2], pads=[0, 0, 2, 0])
+    path = _save(_model([node], [helper.make_tensor_value_info("x", TensorProto.FLOAT,
+                                                               ["n", 1, 3, 4])],
+                        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)]),
+                 tmp_path / "pool.onnx")
+    with pytest.raises(SpecError, match=r"node 'y': field 'pads': max_pool2d: padding \[0, 2\] "
+                                        r"along spatial axis 0 must be smaller than the "
+                                        r"window's extent 2"):
+        graphc.onnx.load(path)
+
+
 def test_pow_with_a_tensor_exponent_or_base_is_a_formula_of_a_param(tmp_path):
     """x ** c and c ** x with c a tensor constant: c becomes a param (broadcast per
     example), the node an elementwise formula whose derivatives SymPy takes (in c too)."""
