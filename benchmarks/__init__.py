@@ -1,6 +1,7 @@
-"""Measurements of graphc: `python -m benchmarks` times it against its peers (issue 6),
-`python -m benchmarks.<name>` runs the others. tests/test_benchmarks.py runs the
-machinery in its quick mode; no timing is ever asserted."""
+"""Measurements of graphc: `python -m benchmarks` times it against its peers, quiet and
+beside a busy competitor process (issues 6 and 15), `python -m benchmarks.<name>` runs the
+others. tests/test_benchmarks.py runs the machinery in its quick mode; no timing is ever
+asserted."""
 
 from __future__ import annotations
 

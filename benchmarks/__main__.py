@@ -1,17 +1,27 @@
-"""graphc against its peers on the workloads of issue 6, all timed in one run.
+"""graphc against its peers on the workloads of issues 6 and 15, all timed in one run.
 
-    python -m benchmarks [--workloads W1,W2,W3,W4,P] [--peers numpy,torch,jax,casadi,pytensor]
-                         [--repeats N] [--quick] [--out benchmarks/results] [--keep]
+    python -m benchmarks [--workloads W1,W2,W3,W4,W5,W6,W7,P]
+                         [--peers numpy,torch,torch_compile,jax,onnxruntime,casadi,pytensor]
+                         [--repeats N] [--quick] [--no-competitor] [--out benchmarks/results]
+                         [--keep]
 
 Workloads (benchmarks/workloads.py): W1/W2 MLP 64-32-10 at batch 1, W3/W4 784-256-128-10
-at batch 128, a train step (forward, backward, SGD) and a forward pass; P: spec → loaded
-module, cold and warm cache, for W1's and W3's nets; S (not by default): the scaling
-table of benchmarks/scaling.py; C (not by default): the digits CNN's train step and
-training against PyTorch eager (benchmarks/cnn.py, written to cnn.md and cnn.json); O (not
-by default): imported ONNX models against onnxruntime (benchmarks/onnx_models.py, onnx.md). graphc is always run: its float32 results are what every
-peer is checked against (1e-4 relative) before it is timed, and its timings are what the
-ratios divide. A peer that is not installed is skipped with a note (`pip install
-'.[bench]'`). Writes benchmarks.md and benchmarks.json to --out and prints the table.
+at batch 128, a train step (forward, backward, SGD) and a forward pass; W5 LeNet-5's SGD
+step at batch 64; W6.1/W6.64 (`W6`: both) MLPerf Tiny's ResNet-8 forward at batch 1 and
+64; W7 its DS-CNN forward at batch 1; P: spec → loaded module, cold and warm cache, for
+W1's and W3's nets; S (not by default): the scaling table of benchmarks/scaling.py; C (not
+by default): the digits CNN's train step and training against PyTorch eager
+(benchmarks/cnn.py, written to cnn.md and cnn.json); O (not by default): imported ONNX
+models against onnxruntime (benchmarks/onnx_models.py, onnx.md).
+
+graphc is always run (benchmarks/peers/graphc.py: `graphc.compile`'s default target first,
+then host and c99): its default target's float32 results are what every peer is checked
+against (1e-4 relative) before it is timed, and its timings are what the ratios divide.
+Every row of W1-W7 is timed twice: quiet (retried while other processes keep the machine
+busy), then again with one busy competitor process that the run starts before the
+workload's second pass and stops after it (`machine.competitor`); peers are timed beside
+the same competitor. A peer that is not installed, or does not run a workload, is skipped
+with a note. Writes benchmarks.md and benchmarks.json to --out and prints the table.
 """
 
 from __future__ import annotations
@@ -33,15 +43,31 @@ from .timing import Options
 from .workloads import CHECK_RTOL, LR, WORKLOADS, check, problem
 
 ROOT = Path(__file__).resolve().parent.parent
-ALL = ("W1", "W2", "W3", "W4", "P", "S", "C", "O")
-DEFAULT = "W1,W2,W3,W4,P"
-# The issue's targets: (workloads, peer) -> graphc at least this many times faster, pure C
-# against C peers, graphc from Python against Python peers.
-TARGETS = {**{(w, "casadi"): 4.0 for w in ("W1", "W2")},
-           **{(w, "pytensor"): 3.0 for w in ("W1", "W2")},
-           **{(w, "jax"): 5.0 for w in ("W1", "W2")},
-           **{(w, "torch"): 30.0 for w in ("W1", "W2")},
-           **{(w, "jax"): 1.0 for w in ("W3", "W4")}}
+ALL = (*WORKLOADS, "P", "S", "C", "O")
+DEFAULT = "W1,W2,W3,W4,W5,W6.1,W6.64,W7,P"
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    """graphc at least `factor` times faster than the peer, quiet and beside the competitor.
+    `against`: graphc's figure the peer's is divided by: "bound" (the bound call), or None
+    for the row's own kind (pure C against C peers, graphc from Python against Python ones)."""
+    factor: float
+    against: str | None = None
+
+
+FASTEST = ("jax", "torch", "torch_compile", "onnxruntime")
+# The issues' targets, (workload, peer) -> Target. Issue 15's "≥ 1.0× the fastest of JAX,
+# PyTorch and onnxruntime" is ≥ 1.0× each of them.
+TARGETS = {**{(w, "casadi"): Target(4.0) for w in ("W1", "W2")},
+           **{(w, "pytensor"): Target(3.0) for w in ("W1", "W2")},
+           **{(w, "jax"): Target(5.0) for w in ("W1", "W2")},
+           **{(w, "torch"): Target(30.0) for w in ("W1", "W2")},
+           **{("W4", "jax"): Target(1.0)},
+           **{(w, p): Target(1.0) for w in ("W3", "W5", "W6.64") for p in FASTEST},
+           **{(w, "onnxruntime"): Target(2.0, "bound") for w in ("W6.1", "W7")},
+           **{(w, "torch"): Target(5.0, "bound") for w in ("W6.1", "W7")}}
+BUSY_LIMIT = 1.5   # issue 15: beside one competitor, no graphc row above 1.5× its quiet time
 PEAK = ("W3", "W4")   # workloads also given as a fraction of the GEMM peak
 PREP_NETS = {"W1": (64, 32, 10), "W3": (784, 256, 128, 10)}
 
@@ -50,18 +76,19 @@ def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def run_workload(key: str, peers: list[str], opts: Options, workdir: Path) -> dict:
+def run_workload(key: str, peers: list[str], opts: Options, workdir: Path,
+                 competitor: bool = True) -> dict:
     w = WORKLOADS[key]
     prob = problem(w)
     out = {"title": w.title, "flops": w.flops(), "load_before": os.getloadavg(), "rows": []}
     mine = load("graphc").runners(prob, workdir)
     prob.expected = mine[0].results()    # graphc from Python, fresh: the reference
-    reference = {}
+    timed, reference = [], {}
     for r in mine:
         row = _measure("graphc", r, prob, opts, checked=r is not mine[0])
         row["reference"] = r is mine[0]
-        reference[r.kind] = row
-        out["rows"].append(row)
+        reference.setdefault(r.kind, row)   # the default target's, listed first
+        timed.append((row, r))
     for name in peers:
         try:
             version = load(name).version()
@@ -76,19 +103,20 @@ def run_workload(key: str, peers: list[str], opts: Options, workdir: Path) -> di
         for r in runners:
             row = _measure(name, r, prob, opts)
             row["version"] = version
-            mine_row = reference[r.kind]
-            if "median_s" in row and "median_s" in mine_row:
-                row["vs"] = mine_row["label"]
-                row["speedup"] = row["median_s"] / mine_row["median_s"]
-                row["speedup_min"] = row["min_s"] / mine_row["min_s"]
-                if "median_s" in reference["c"]:
-                    row["speedup_vs_c"] = row["median_s"] / reference["c"]["median_s"]
-                if r.kind == "python" and "median_s" in reference.get("bound", {}):
-                    row["speedup_vs_bound"] = row["median_s"] / reference["bound"]["median_s"]
-                target = TARGETS.get((key, name))
-                if target:
-                    row["target"], row["met"] = target, row["speedup"] >= target
-            out["rows"].append(row)
+            timed.append((row, r))
+    if competitor:
+        log("  beside one busy competitor:")
+        with machine.competitor():
+            for row, r in timed:
+                if "median_s" in row:
+                    _measure_busy(row, r, opts)
+    for row, _ in timed:
+        if row["peer"] == "graphc":
+            if "busy_ratio" in row:
+                row["busy_met"] = row["busy_ratio"] <= BUSY_LIMIT
+        elif "median_s" in row:
+            _compare(key, row, reference)
+    out["rows"] = [row for row, _ in timed] + out["rows"]
     out["load_after"] = os.getloadavg()
     return out
 
@@ -112,6 +140,46 @@ def _measure(peer: str, r, prob, opts: Options, checked: bool = True) -> dict:
     if prob.workload.key in PEAK:
         row["gflops"] = prob.workload.flops() / t.median / 1e9
     return row
+
+
+def _measure_busy(row: dict, r, opts: Options) -> None:
+    """The row again, beside the competitor: busy_* figures and busy / quiet."""
+    log(f"  {r.label} (beside the competitor)")
+    try:
+        t, foreign, attempts = machine.quietly(lambda: r.time(opts),
+                                               machine.beside_competitor(opts))
+    except Exception as e:
+        traceback.print_exc()
+        row["busy_skipped"] = f"error: {e}"
+        return
+    row.update(busy_median_s=t.median, busy_min_s=t.min, busy_foreign_cores=foreign,
+               busy_attempts=attempts, busy_ratio=t.median / row["median_s"])
+
+
+def _compare(key: str, row: dict, reference: dict) -> None:
+    """A peer's speedups: its median over graphc's (quiet, and beside the competitor), and
+    its target."""
+    mine = reference.get(row["kind"], {})
+    if "median_s" not in mine:   # graphc's own row failed: nothing to divide by
+        return
+    row["vs"] = mine["label"]
+    for prefix in ("", "busy_"):
+        if f"{prefix}median_s" not in row:
+            continue
+        for kind, name in ((row["kind"], "speedup"), ("c", "speedup_vs_c"),
+                           ("bound", "speedup_vs_bound")):
+            theirs = reference.get(kind, {}).get(f"{prefix}median_s")
+            if theirs and (kind != "bound" or row["kind"] == "python"):
+                row[prefix + name] = row[f"{prefix}median_s"] / theirs
+    row["speedup_min"] = row["min_s"] / mine["min_s"]
+    target = TARGETS.get((key, row["peer"]))
+    if target:
+        figure = "speedup_vs_bound" if target.against == "bound" else "speedup"
+        row["target"], row["target_against"] = target.factor, target.against or row["kind"]
+        if figure in row:
+            row["met"] = row[figure] >= target.factor
+        if "busy_" + figure in row:
+            row["busy_met"] = row["busy_" + figure] >= target.factor
 
 
 def run_prep(repeats: int) -> dict:
@@ -150,6 +218,88 @@ def fmt_time(s: float) -> str:
     return f"{s * 1e3:.3g} ms" if s < 1 else f"{s:.3g} s"
 
 
+def _met(ok: bool | None) -> str:
+    return "" if ok is None else "met" if ok else "**missed**"
+
+
+def _target_cell(r: dict) -> str:
+    if r["peer"] == "graphc":
+        return f"busy ≤ {BUSY_LIMIT:g}× quiet: {_met(r['busy_met'])}" if "busy_met" in r else ""
+    if "target" not in r:
+        return ""
+    against = {"c": "C", "python": "Python", "bound": "bound"}[r["target_against"]]
+    cell = f"≥ {r['target']:g} vs {against}: {_met(r.get('met'))}"
+    if r["target_against"] == "python" and r.get("met") is False \
+            and r.get("speedup_vs_bound", 0) >= r["target"]:
+        cell += " (met by the bound call)"
+    if "busy_met" in r:
+        cell += f"; busy: {_met(r['busy_met'])}"
+    return cell
+
+
+def _targets_table(workloads: dict) -> list[str]:
+    """Every row that has a target, in one place: met or missed, quiet and busy."""
+    lines = []
+    for key, wl in workloads.items():
+        for r in wl["rows"]:
+            if "median_s" not in r or not ("target" in r or "busy_met" in r):
+                continue
+            if r["peer"] == "graphc":
+                goal, quiet = f"busy ≤ {BUSY_LIMIT:g}× quiet ({r['busy_ratio']:.2f}×)", ""
+            else:
+                figure = "speedup_vs_bound" if r["target_against"] == "bound" else "speedup"
+                against = {"c": "pure C", "python": "from Python", "bound": "bound call"}
+                goal = f"graphc ({against[r['target_against']]}) ≥ {r['target']:g}× it"
+                quiet = f"{_met(r.get('met'))} ({r[figure]:.2f}×)" if figure in r else ""
+                busy = r.get("busy_" + figure)
+            busy_cell = _met(r.get("busy_met"))
+            if r["peer"] != "graphc" and busy is not None:
+                busy_cell += f" ({busy:.2f}×)"
+            lines.append(f"| {key} | {r['label']} | {goal} | {quiet} | {busy_cell} |")
+    if not lines:
+        return []
+    return ["## Targets", "",
+            "Each row with a target (details in its workload's table); graphc's rows are held "
+            f"to busy / quiet ≤ {BUSY_LIMIT:g}, peers to graphc's speedup over them, quiet and "
+            "beside the competitor.", "",
+            "| workload | row | target | quiet | busy |", "|---|---|---|---|---|", *lines, ""]
+
+
+def _workload_table(key: str, wl: dict, gemm: dict | None) -> list[str]:
+    lines = [f"## {key}: {wl['title']}", "",
+             f"Load average {wl['load_before'][0]:.2f} before, {wl['load_after'][0]:.2f} "
+             f"after. {wl['flops'] / 1e6:.3g} MFLOP of matrix products and convolutions per "
+             "call.", "",
+             "| peer | median | min | busy | busy / quiet | check | graphc × | graphc × busy "
+             "| target | others' load (quiet, busy) |" + (" GFLOP/s | of GEMM peak |" if gemm else ""),
+             "|---|---|---|---|---|---|---|---|---|---|" + ("---|---|" if gemm else "")]
+    notes = []
+    for r in wl["rows"]:
+        if "median_s" not in r:
+            notes.append(f"- {r['label']}: {r['skipped']}")
+            continue
+        vs = (f"{r['speedup']:.2f} (vs {'C' if r['kind'] == 'c' else 'Python'})"
+              if "speedup" in r else "")
+        if "speedup_vs_bound" in r:
+            vs += f", {r['speedup_vs_bound']:.2f} (vs bound)"
+        busy_vs = f"{r['busy_speedup']:.2f}" if "busy_speedup" in r else ""
+        if "busy_speedup_vs_bound" in r:
+            busy_vs += f", {r['busy_speedup_vs_bound']:.2f} (vs bound)"
+        busy = (f"{fmt_time(r['busy_median_s'])} | {r['busy_ratio']:.2f}"
+                if "busy_median_s" in r else f"{r.get('busy_skipped', '')} | ")
+        checked = "reference" if r.get("reference") else f"{r['check_rel_error']:.1e}"
+        others = ", ".join("" if r.get(k) is None else f"{r[k]:.2f}"
+                           for k in ("foreign_cores", "busy_foreign_cores"))
+        line = (f"| {r['label']} | {fmt_time(r['median_s'])} | {fmt_time(r['min_s'])} | {busy} | "
+                f"{checked} | {vs} | {busy_vs} | {_target_cell(r)} | {others} |")
+        if gemm:
+            line += f" {r['gflops']:.1f} | {r['gflops'] / gemm['peak_gflops']:.1%} |"
+        lines.append(line)
+    if notes:
+        lines += ["", "Not timed:"] + notes
+    return lines + [""]
+
+
 def markdown(result: dict) -> str:
     m = result["machine"]
     lines = ["# graphc benchmarks", "",
@@ -172,49 +322,29 @@ def markdown(result: dict) -> str:
              "*check*: max relative difference).",
              "- *graphc ×*: the peer's median over graphc's (how many times faster graphc is): "
              "C peers against graphc's pure C, Python peers against graphc from Python "
-             "(`model.train_step(x=, y=)` / `model.forward(x=)`: kwargs, checks, new output "
-             "arrays) and against its bound call (`model.bind`, the same C as a call without "
-             "arguments on fixed arrays). *target*: the issue's, judged on the first. *others' load*: cores kept busy by other processes "
-             "while the row was timed (from /proc/stat); on a shared 2-core machine a row "
-             "timed with other work running, especially a multi-threaded one, is slower "
-             f"than the machine can do, so a row is timed again (up to {result['options']['retries']} "
-             f"times, {result['options']['pause']:g} s apart) while that exceeds "
-             f"{result['options']['busy']:g} cores, and the quietest attempt is kept.", ""]
+             "(`model.train_step(x=, y=)` / `model.forward(x=)` on the default target: "
+             "kwargs, checks, new output arrays) and against its bound call (`model.bind`, "
+             "the same C as a call without arguments on fixed arrays). *others' load*: cores "
+             "kept busy by other processes while the row was timed (from /proc/stat); on a "
+             "shared 2-core machine a row timed with other work running, especially a "
+             "multi-threaded one, is slower than the machine can do, so a row is timed again "
+             f"(up to {result['options']['retries']} times, {result['options']['pause']:g} s "
+             f"apart) while that exceeds {result['options']['busy']:g} cores, and the quietest "
+             "attempt is kept.",
+             "- *busy*: the same row timed again beside one busy-looping process that the "
+             "benchmark starts before a workload's second pass and stops after it (every peer "
+             "beside the same competitor); *busy / quiet*: that median over the quiet one; "
+             "*graphc × busy*: the peer's busy median over graphc's busy median. Beside it, "
+             "*others' load* counts the competitor's core too (retried above "
+             f"{result['options']['busy'] + 1:g})." if result["options"].get("competitor", True)
+             else "- *busy*: not measured (`--no-competitor`).",
+             "- *target*: the issues' (graphc at least that many times faster, against the "
+             "figure named, quiet and busy); for graphc's rows issue 15's busy / quiet ≤ "
+             f"{BUSY_LIMIT:g}.", ""]
     gemm = result.get("gemm")
-    for key in ("W1", "W2", "W3", "W4"):
-        if key not in result["workloads"]:
-            continue
-        wl = result["workloads"][key]
-        peak = key in PEAK and gemm
-        lines += [f"## {key}: {wl['title']}", "",
-                  f"Load average {wl['load_before'][0]:.2f} before, {wl['load_after'][0]:.2f} "
-                  f"after. {wl['flops'] / 1e6:.3g} MFLOP of matrix products per call.", "",
-                  "| peer | median | min | check | graphc × | target | others' load |"
-                  + (" GFLOP/s | of GEMM peak |" if peak else ""),
-                  "|---|---|---|---|---|---|---|" + ("---|---|" if peak else "")]
-        notes = []
-        for r in wl["rows"]:
-            if "median_s" not in r:
-                notes.append(f"- {r['label']}: {r['skipped']}")
-                continue
-            vs = (f"{r['speedup']:.2f} (vs {'C' if r['kind'] == 'c' else 'Python'})"
-                  if "speedup" in r else "")
-            if "speedup_vs_bound" in r:
-                vs += f", {r['speedup_vs_bound']:.2f} (vs bound)"
-            target = (f"≥ {r['target']:g}: {'met' if r['met'] else 'missed'}"
-                      if "target" in r else "")
-            if "target" in r and not r["met"] and r.get("speedup_vs_bound", 0) >= r["target"]:
-                target += " (met by the bound call)"
-            checked = "reference" if r.get("reference") else f"{r['check_rel_error']:.1e}"
-            others = "" if r["foreign_cores"] is None else f"{r['foreign_cores']:.2f}"
-            line = (f"| {r['label']} | {fmt_time(r['median_s'])} | {fmt_time(r['min_s'])} | "
-                    f"{checked} | {vs} | {target} | {others} |")
-            if peak:
-                line += f" {r['gflops']:.1f} | {r['gflops'] / gemm['peak_gflops']:.1%} |"
-            lines.append(line)
-        if notes:
-            lines += ["", "Not timed:"] + notes
-        lines.append("")
+    lines += _targets_table(result["workloads"])
+    for key in [k for k in WORKLOADS if k in result["workloads"]]:
+        lines += _workload_table(key, result["workloads"][key], gemm if key in PEAK else None)
     if gemm:
         lines += ["## Float32 GEMM peak", "",
                   f"`np.matmul` (NumPy's BLAS: {gemm['blas']}), and `torch.matmul` and a "
@@ -266,20 +396,26 @@ def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(prog="python -m benchmarks",
                                  description=__doc__.splitlines()[0])
     ap.add_argument("--workloads", default=DEFAULT,
-                    help=f"comma-separated, of {','.join(ALL)} (default {DEFAULT})")
+                    help=f"comma-separated, of {','.join(ALL)}; W6 is W6.1 and W6.64 "
+                         f"(default {DEFAULT})")
     ap.add_argument("--peers", default=",".join(n for n in NAMES if n != "graphc"),
                     help=f"comma-separated, of {','.join(NAMES)} (graphc always runs)")
     ap.add_argument("--repeats", type=int, default=None,
                     help="timing repeats per peer (default 21; 3 with --quick)")
     ap.add_argument("--quick", action="store_true",
                     help="short timing, one prep run, the small scaling table: a smoke test")
+    ap.add_argument("--no-competitor", action="store_true",
+                    help="time every row quiet only (no second pass beside a busy process)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results"),
                     help="where benchmarks.md and benchmarks.json go (default %(default)s)")
     ap.add_argument("--keep", action="store_true",
                     help="keep the C harnesses' build directory (sources, binaries, data: each "
                          "binary reruns as BINARY DATA CHECK REPEATS MIN_REPEAT WARMUP)")
     args = ap.parse_args(argv)
-    workloads = [w.strip() for w in args.workloads.split(",") if w.strip()]
+    workloads = []
+    for w in (w.strip() for w in args.workloads.split(",") if w.strip()):
+        # a workload's family stands for all its batch sizes: W6 is W6.1 and W6.64
+        workloads += [k for k in ALL if k.split(".")[0] == w and k != w] or [w]
     peers = [p.strip() for p in args.peers.split(",") if p.strip() and p.strip() != "graphc"]
     for w in workloads:
         if w not in ALL:
@@ -300,7 +436,8 @@ def main(argv: list[str] | None = None) -> dict:
     result = {"command": " ".join(["python -m benchmarks", *(sys.argv[1:] if argv is None else argv)]),
               "date": datetime.datetime.now().isoformat(timespec="seconds"),
               "machine": machine.info(), "versions": versions,
-              "options": dict(dataclasses.asdict(opts), quick=args.quick),
+              "options": dict(dataclasses.asdict(opts), quick=args.quick,
+                              competitor=not args.no_competitor),
               "workloads": {}}
     if any(w in PEAK for w in workloads):
         log("GEMM peak")
@@ -309,7 +446,8 @@ def main(argv: list[str] | None = None) -> dict:
     try:
         for key in [w for w in workloads if w in WORKLOADS]:
             log(f"{key}: {WORKLOADS[key].title}")
-            result["workloads"][key] = run_workload(key, peers, opts, workdir)
+            result["workloads"][key] = run_workload(key, peers, opts, workdir,
+                                                    not args.no_competitor)
     finally:
         if args.keep:
             log(f"C harnesses kept in {workdir}")
@@ -327,7 +465,8 @@ def main(argv: list[str] | None = None) -> dict:
     out = Path(args.out)
     if "C" in workloads:
         log("C: the digits CNN against PyTorch eager")
-        text = cnn.write(cnn.run(opts, competitor_pass=not args.quick, training=not args.quick),
+        text = cnn.write(cnn.run(opts, competitor_pass=not args.no_competitor,
+                                 training=not args.quick),
                          out)
         print(text)
         log(f"wrote {out / 'cnn.md'} and {out / 'cnn.json'}")
@@ -335,7 +474,7 @@ def main(argv: list[str] | None = None) -> dict:
             return {}
     if "O" in workloads:
         log("O: imported ONNX models against onnxruntime")
-        print(onnx_models.write(onnx_models.run(opts), out))
+        print(onnx_models.write(onnx_models.run(opts, not args.no_competitor), out))
         log(f"wrote {out / 'onnx.md'} and {out / 'onnx.json'}")
         if set(workloads) <= {"C", "O"}:
             return {}

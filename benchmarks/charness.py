@@ -9,7 +9,8 @@ clock_gettime(CLOCK_MONOTONIC).
 
 Every harness, graphc's or CasADi's, is compiled with graphc's own build flags for the
 model source (`codegen.build.compile_flags()`) plus the `host` target's build flags, and
-linked with the latter, as `codegen/build.py` links graphc's module.
+linked with the latter, as `codegen/build.py` links graphc's module. It runs with
+OMP_WAIT_POLICY=passive unless the environment says how OpenMP waits (`environment`).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from codegen import openmp
 from codegen.build import c_compiler, compile_flags
 from codegen.targets import get_target
 
@@ -36,6 +38,25 @@ def cc() -> tuple[str, ...]:
 def host_flags() -> tuple[str, ...]:
     """What graphc's `host` build adds (-march=native, and OpenMP if the target gets it)."""
     return tuple(get_target("host").build_flags)
+
+
+def threaded() -> bool:
+    """Whether the host build runs OpenMP threads (then OMP_NUM_THREADS=1 is worth a row)."""
+    return openmp.uses_openmp(host_flags())
+
+
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}
+
+
+def environment(extra: dict | None = None) -> dict:
+    """A harness's environment: this process's, with OpenMP's idle threads sleeping rather
+    than spinning against other processes unless the user chose how they wait (what the
+    generated header asks of C callers, and what graphc's own module load sets:
+    codegen/openmp.py), then `extra`."""
+    env = dict(os.environ)
+    if not any(v in env for v in (openmp.WAIT_POLICY_ENV, "GOMP_SPINCOUNT")):
+        env[openmp.WAIT_POLICY_ENV] = openmp.WAIT_POLICY
+    return {**env, **(extra or {})}
 
 
 def flags() -> tuple[str, ...]:
@@ -142,14 +163,15 @@ def _run(command: list[str], cwd: Path) -> None:
         raise RuntimeError(f"$ {shlex.join(command)}\n{(done.stderr + done.stdout)[-4000:]}")
 
 
-def run(p: Program, binary: Path, opts: Options) -> tuple[Timing, list[np.ndarray]]:
-    """Time the built program; also the results of its first two calls, each as one float
-    vector: `result`, then the `dump` arrays."""
+def run(p: Program, binary: Path, opts: Options,
+        env: dict | None = None) -> tuple[Timing, list[np.ndarray]]:
+    """Time the built program (with `env` added to its environment); also the results of
+    its first two calls, each as one float vector: `result`, then the `dump` arrays."""
     data, check = binary.with_suffix(".data"), binary.with_suffix(".check")
     np.concatenate([np.asarray(a, np.float32).ravel() for _, a in p.read]).tofile(data)
     done = subprocess.run([str(binary), str(data), str(check), str(opts.repeats),
                            repr(opts.min_repeat), repr(opts.warmup)],
-                          capture_output=True, text=True)
+                          capture_output=True, text=True, env=environment(env))
     if done.returncode:
         raise RuntimeError(f"{binary} failed ({done.returncode}): {done.stderr[-2000:]}")
     got = dict(line.split() for line in done.stdout.splitlines())
@@ -161,16 +183,18 @@ def run(p: Program, binary: Path, opts: Options) -> tuple[Timing, list[np.ndarra
 ONCE = Options(repeats=1, min_repeat=0.0, warmup=0.0)   # only the first, checked calls
 
 
-def runner(label: str, program: Program, workdir: Path, train: bool, notes: str = ""):
+def runner(label: str, program: Program, workdir: Path, train: bool, notes: str = "",
+           env: dict | None = None):
     """A peer runner for a program: built now; its results are those of the first calls
-    (for a train step `result` is the loss, for a forward pass `dump` holds the logits)."""
+    (for a train step `result` is the loss, for a forward pass `dump` holds the logits),
+    run with `env` added to the environment."""
     from .peers import Runner
     binary = build(program, workdir / program.name)
 
     def results() -> dict:
-        _, calls = run(program, binary, ONCE)
+        _, calls = run(program, binary, ONCE, env)
         if train:
             return {"losses": [float(c[0]) for c in calls]}
         return {"logits": calls[0][1:]}
 
-    return Runner(label, "c", results, lambda opts: run(program, binary, opts)[0], notes)
+    return Runner(label, "c", results, lambda opts: run(program, binary, opts, env)[0], notes)

@@ -15,11 +15,12 @@ graphc and by PyTorch eager, for issue 13's "its training is faster than PyTorch
    checked first: the loss, every gradient and every param after one step against
    graphc's (`check_step`).
 2. **The same rows with a competitor**: one busy-looping Python process that this
-   benchmark starts before and kills after (`competitor`), as another user of a shared
+   benchmark starts before and kills after (`machine.competitor`), as another user of a shared
    2-core machine would be. Each row records the load average and the cores others kept
    busy while it ran (benchmarks/machine.py); rows of part 1 timed while others used more
    than `Options.busy` cores are marked.
-3. **Training to the end**: `graphc train examples/digits_cnn.yaml --data digits` (20
+3. **Training to the end** (quiet, then all of it again beside the competitor):
+   `graphc train examples/digits_cnn.yaml --data digits` (20
    epochs, batch 32, a seeded 20 % test split, Adam lr 0.003) run as a command (its wall
    time, the training time and test accuracy it prints), then the same training in
    process with graphc's `fit` (c99, host) and in PyTorch eager: the same split, the same
@@ -38,7 +39,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -167,7 +167,7 @@ def runners(params: dict, x: np.ndarray, y: np.ndarray, workdir: Path) -> list[t
             # OpenMP's two threads wait for each other when another process holds a core
             out.append(("graphc host (pure C, OMP_NUM_THREADS=1)",
                         lambda opts, p=program, b=binary:
-                        _one_thread(lambda: charness.run(p, b, opts)[0])))
+                        charness.run(p, b, opts, charness.ONE_THREAD)[0]))
     xt, yt = torch.from_numpy(x), torch.from_numpy(y)
     for threads in sorted({1, torch.get_num_threads()}):
         net = torch_net(params)
@@ -203,30 +203,6 @@ def _c_program(cmodule, params: dict, x: np.ndarray, y: np.ndarray) -> charness.
         f"result = {entry.c_name}(params, state, work, {n}, in_x, in_y);")
 
 
-def _one_thread(run):
-    before = os.environ.get("OMP_NUM_THREADS")
-    os.environ["OMP_NUM_THREADS"] = "1"
-    try:
-        return run()
-    finally:
-        if before is None:
-            del os.environ["OMP_NUM_THREADS"]
-        else:
-            os.environ["OMP_NUM_THREADS"] = before
-
-
-@contextmanager
-def competitor():
-    """One busy-looping process beside the measurement, killed afterwards (by its id)."""
-    proc = subprocess.Popen([sys.executable, "-c", "while True: pass"])
-    try:
-        time.sleep(0.5)
-        yield proc.pid
-    finally:
-        proc.kill()
-        proc.wait()
-
-
 def time_steps(batches, opts: Options, busy: bool, workdir: Path) -> list[dict]:
     rows = []
     for n in batches:
@@ -240,9 +216,9 @@ def time_steps(batches, opts: Options, busy: bool, workdir: Path) -> list[dict]:
             log(f"batch {n}: {label}{' (with a competitor)' if busy else ''}")
             before = os.getloadavg()
             if busy:
-                with competitor():
-                    t, foreign, attempts = machine.quietly(
-                        lambda: timed(opts), dataclasses.replace(opts, retries=0))
+                with machine.competitor():
+                    t, foreign, attempts = machine.quietly(lambda: timed(opts),
+                                                           machine.beside_competitor(opts))
             else:
                 t, foreign, attempts = machine.quietly(lambda: timed(opts), opts)
             rows.append({"batch": n, "label": label, "competitor": busy, "median_s": t.median,
@@ -376,8 +352,10 @@ def markdown(result: dict) -> str:
             if busy:
                 out += ["### With one busy competitor process (started and stopped by the "
                         "benchmark)", ""]
-            out += ["| batch | peer | median | fastest | vs torch 1 thread | load | others |",
-                    "|---|---|---|---|---|---|---|"]
+            out += ["| batch | peer | median | fastest | vs torch 1 thread | load | others |"
+                    + (" busy / quiet |" if busy else ""),
+                    "|---|---|---|---|---|---|---|" + ("---|" if busy else "")]
+            quiet = {(r["batch"], r["label"]): r for r in steps if not r["competitor"]}
             for r in rows:
                 torch1 = next(t for t in rows if t["batch"] == r["batch"]
                               and t["label"] == "PyTorch eager, 1 thread")
@@ -386,7 +364,9 @@ def markdown(result: dict) -> str:
                     r["foreign_cores"] > result["options"]["busy"]
                 out.append(f"| {r['batch']} | {r['label']}{' *(under load)*' if loaded else ''} | "
                            f"{_ms(r['median_s'])} | {_ms(r['min_s'])} | "
-                           f"{torch1['median_s'] / r['median_s']:.2f}x | {_load(r)} | {others} |")
+                           f"{torch1['median_s'] / r['median_s']:.2f}x | {_load(r)} | {others} |"
+                           + (f" {r['median_s'] / quiet[r['batch'], r['label']]['median_s']:.2f} |"
+                              if busy else ""))
             out.append("")
     train = result.get("training")
     if train:
@@ -395,12 +375,23 @@ def markdown(result: dict) -> str:
                 f"`{c['command']}` ({c['epochs']} epochs, batch {BATCH}, Adam lr {lr():g}, seed "
                 f"{SEED}, {c['test_examples']} test examples): {c['wall_s']:.2f} s wall for the "
                 f"whole command (interpreter, imports, warm compile, data, training, test; load "
-                f"{_load(c)}); it prints: `{c['output']}`.", "",
-                "In process, the same split, initial params, batches and per-epoch evaluation of "
+                f"{_load(c)}); it prints: `{c['output']}`.", ""]
+        busy = result.get("training_busy")
+        if busy:
+            out += [f"Beside one busy competitor process, the command took "
+                    f"{busy['cli']['wall_s']:.2f} s wall "
+                    f"({busy['cli']['wall_s'] / c['wall_s']:.2f}× quiet).", ""]
+        out += ["In process, the same split, initial params, batches and per-epoch evaluation of "
                 "the training set (`fit`'s):", "",
-                "| peer | training | test accuracy | load |", "|---|---|---|---|"]
-        for r in train["rows"]:
-            out.append(f"| {r['label']} | {r['train_s']:.2f} s | {r['accuracy']:.2%} | {_load(r)} |")
+                "| peer | training | test accuracy | load |"
+                + (" beside a competitor | busy / quiet |" if busy else ""),
+                "|---|---|---|---|" + ("---|---|" if busy else "")]
+        for k, r in enumerate(train["rows"]):
+            line = f"| {r['label']} | {r['train_s']:.2f} s | {r['accuracy']:.2%} | {_load(r)} |"
+            if busy:
+                b = busy["rows"][k]
+                line += f" {b['train_s']:.2f} s | {b['train_s'] / r['train_s']:.2f} |"
+            out.append(line)
         out.append("")
     return "\n".join(out)
 
@@ -417,6 +408,10 @@ def run(opts: Options, batches=BATCHES, competitor_pass: bool = True, training: 
         result["steps"] += time_steps(batches, opts, True, workdir)
     if training:
         result["training"] = train_all()
+        if competitor_pass:
+            log("training again beside one busy competitor")
+            with machine.competitor():
+                result["training_busy"] = train_all()
     return result
 
 

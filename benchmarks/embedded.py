@@ -29,6 +29,8 @@ libnewlib-arm-none-eabi qemu-system-arm). Writes embedded.md and embedded.json.
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import math
 import platform
 import subprocess
 import tempfile
@@ -36,13 +38,16 @@ import time
 from pathlib import Path
 
 import numpy as np
+import sympy as sp
 
 from . import write_results
 
 import graphc
 from codegen import firmware
 from graphc.init import initial_params
-from codegen.targets import BOARDS
+from codegen.targets import BOARDS, TARGETS
+from graphc.ir import BATCH, SUM
+from graphc.model import as_graph
 from graphc.verify import sample_inputs
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -100,6 +105,7 @@ def counts(spec, tmp: Path) -> dict:
             raise firmware.FirmwareError(f"{board}: status {done.status}\n{done.stderr}")
         parsed = firmware.parse_counts(done.stdout)
         out[board] = {"core": BOARDS[board].core,
+                      "forward_multiply_adds": multiply_adds(cm.entries["forward"].program),
                       "instructions_per_tick": parsed["instructions_per_tick"],
                       "qemu_seconds": round(seconds, 2),
                       "per_call": {f"{k} batch {n}": round(v) for (k, n), v
@@ -127,12 +133,50 @@ def accuracy(spec, tmp: Path) -> dict:
 
 
 TINY = [ROOT / "examples/tiny/ds_cnn.yaml", ROOT / "examples/tiny/resnet8.yaml"]
+# The Cortex-M4F target with its contractions as plain loops, for comparison.
+PLAIN_M4 = dataclasses.replace(TARGETS["cortex-m4"], unrolled=False)
 
 
-def tiny_inference(spec, tmp: Path, seed: int = 1) -> dict:
-    """One model's inference on the Cortex-M4F (mps2-an386) at batch 1, params baked."""
+def multiply_adds(program) -> int:
+    """Multiply-adds per example of a program: the terms of its sums of products of two
+    or more reads (dense layers, convolutions, matmuls; a padded tap counts)."""
+    total = 0
+    for k in program.kernels:
+        if k.mode == SUM and isinstance(k.body, sp.Mul) and \
+                sum(bool(f.atoms(sp.Indexed)) for f in k.body.args) >= 2:
+            total += math.prod(1 if e == BATCH else int(e) for _, e in k.loops)
+    return total
+
+
+def forward_instructions(cm, flat, x: dict, calls: int) -> float:
+    """Instructions of one forward call of `cm` at batch 1 on the Cortex-M4F, the params
+    `flat` read from RAM."""
+    with tempfile.TemporaryDirectory(prefix="graphc-count-") as tmp:
+        d = firmware.write_model(tmp, cm, firmware.counter(cm, flat, x, [("forward", 1, calls)]))
+        done = firmware.run(firmware.build(d, "mps2-an386"), "mps2-an386", icount=True,
+                            timeout=600)
+    if done.status:
+        raise firmware.FirmwareError(f"mps2-an386: status {done.status}\n{done.stderr}")
+    return firmware.parse_counts(done.stdout)["instructions"][("forward", 1)]
+
+
+# The 64-32-10 ReLU MLP (issue 15's yardstick for instructions per multiply-add).
+RELU_MLP = {"name": "relu_mlp", "inputs": {"x": [64], "y": [10]},
+            "params": {"W1": {"shape": [32, 64], "init": "he_normal"}, "b1": [32],
+                       "W2": {"shape": [10, 32], "init": "glorot_uniform"}, "b2": [10]},
+            "nodes": {"h1": {"op": "dense", "inputs": ["x", "W1", "b1"]},
+                      "a1": {"op": "relu", "inputs": ["h1"]},
+                      "logits": {"op": "dense", "inputs": ["a1", "W2", "b2"]},
+                      "loss": {"op": "softmax_cross_entropy", "inputs": ["logits", "y"]}},
+            "outputs": ["logits"], "loss": "loss", "optimizer": {"name": "adam", "lr": 0.001}}
+
+
+def tiny_inference(spec, tmp: Path, seed: int = 1, calls: int = 1, plain: bool = False) -> dict:
+    """One model's inference on the Cortex-M4F (mps2-an386) at batch 1, params baked;
+    instructions per call (over `calls` calls) as printed for the target and, with `plain`,
+    with plain loops to compare."""
     from codegen.report import add_firmware, memory_report
-    graph = graphc.load(spec)
+    graph = as_graph(spec)
     params = graphc.compile(graph, seed=seed).get_params()
     _, baked = graphc.generate(graph, target="cortex-m4", params=params)
     report = add_firmware(memory_report(baked), baked, "cortex-m4", None, tmp / "size")
@@ -141,39 +185,45 @@ def tiny_inference(spec, tmp: Path, seed: int = 1) -> dict:
     x = {"x": sample_inputs(graph, 1, seed=seed)["x"].astype(np.float32)}
     got = firmware.run_harness(baked, None, x, "mps2-an386", tmp / "acc", timeout=300)
     errors = rel_errors(got, graph, baked, None, x, params)
-    _, cm = graphc.generate(graph, target="cortex-m4")
-    d = firmware.write_model(tmp / "count", cm, firmware.counter(
-        cm, initial_params(graph, cm, seed), x, [("forward", 1, 1)]))
-    done = firmware.run(firmware.build(d, "mps2-an386"), "mps2-an386", icount=True,
-                        timeout=600)
-    if done.status:
-        raise firmware.FirmwareError(f"mps2-an386: status {done.status}\n{done.stderr}")
+
+    def count(target) -> float:   # the forward entry as `target` prints it
+        _, cm = graphc.generate(graph, target=target)
+        return forward_instructions(cm, initial_params(graph, cm, seed), x, calls)
+    instructions = count("cortex-m4")
+    macs = multiply_adds(baked.entries["predict"].program)
     predict, fw = report["entries"]["predict"], report["firmware"]["inference"]
     return {"model": graph.name, "params": report["params"], "flash": fw["flash"],
             "ram": fw["ram"], "stack": fw.get("stack"), "arena": predict["arena"],
             "live_peak": predict["live_peak"], "io": report["inference_total"] - predict["work"],
             "model_code": report["firmware"]["model_object"]["text"],
-            "instructions": round(firmware.parse_counts(done.stdout)["instructions"]
-                                  [("forward", 1)]),
+            "instructions": round(instructions), "multiply_adds": macs,
+            "instructions_per_mac": round(instructions / macs, 2),
+            **({"plain_instructions_per_mac": round(count(PLAIN_M4) / macs, 2)} if plain else {}),
             "max_relative_error": max(errors.values())}
 
 
 def tiny_markdown(rows: list[dict]) -> list[str]:
-    lines = ["## MLPerf Tiny inference on the Cortex-M4F (mps2-an386)", "",
+    lines = ["## Inference on the Cortex-M4F (mps2-an386): an MLP and MLPerf Tiny", "",
              "Batch 1, float32, params baked into flash (`graphc compile --target cortex-m4 "
              "--params`). Flash and RAM as above (the size probe of `<name>_predict`); the "
              "arena is the planned work arena, the bound the most bytes live at once; "
              "instructions per inference as above (the forward entry: the same kernels, "
-             "params read from RAM); error against the NumPy float64 reference on the same "
-             "params and input.", "",
+             "params read from RAM). Multiply-adds are counted from the forward program "
+             "(every term of a sum of products, padded taps included); instructions per "
+             "multiply-add divide the whole inference by them (activations, batch norm and "
+             "pooling included), for the C as printed for the target (rows of accumulators, "
+             "codegen/cortexm_kernels.py) and as plain loops. Error against the NumPy "
+             "float64 reference on the same params and input.", "",
              "| model | params (bytes) | flash | RAM | stack | arena | liveness bound | "
              "inputs + outputs | model object (code, params) | instructions | "
+             "multiply-adds | instructions per multiply-add | plain loops | "
              "max relative error |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['model']} | {r['params']} | {r['flash']} | {r['ram']} | "
                      f"{r['stack']} | {r['arena']} | {r['live_peak']} | {r['io']} | "
-                     f"{r['model_code']} | {r['instructions']:,} | "
+                     f"{r['model_code']} | {r['instructions']:,} | {r['multiply_adds']:,} | "
+                     f"{r['instructions_per_mac']} | {r['plain_instructions_per_mac']} | "
                      f"{r['max_relative_error']:.2e} |")
     return lines + [""]
 
@@ -203,11 +253,13 @@ def markdown(result: dict) -> str:
               "calibrated with a 2-instruction loop) as the difference between 2k and k calls "
               "divided by k. Deterministic; not cycles: QEMU models no pipeline, wait states "
               "or FPU latency. The M3 has no FPU: its float arithmetic is libgcc calls.", "",
-              "| board | " + " | ".join(f"{k} batch {n}" for k, n, _ in COUNTED) + " |",
-              "|---|" + "---|" * len(COUNTED)]
+              "| board | " + " | ".join(f"{k} batch {n}" for k, n, _ in COUNTED) +
+              " | forward batch 1 per multiply-add |", "|---|" + "---|" * (len(COUNTED) + 1)]
     for board, c in result["instructions"].items():
+        per_mac = c["per_call"]["forward batch 1"] / c["forward_multiply_adds"]
         lines.append(f"| {board} ({c['core']}) | " + " | ".join(
-            f"{c['per_call'][f'{k} batch {n}']:,}" for k, n, _ in COUNTED) + " |")
+            f"{c['per_call'][f'{k} batch {n}']:,}" for k, n, _ in COUNTED) +
+            f" | {per_mac:.2f} |")
     lines += ["", "## Accuracy on the target", "",
               "Max over elements of |target − reference| / max |reference| per array; "
               "reference: NumPy float64 on the same float32 params and inputs, batch 8.", "",
@@ -247,7 +299,9 @@ def main() -> None:
             "host": platform.machine(),
             "sizes": sizes(spec, tmp), "instructions": counts(spec, tmp),
             "accuracy": accuracy(spec, tmp),
-            "tiny": [] if args.no_tiny else [tiny_inference(s, tmp / s.stem) for s in TINY],
+            "tiny": [tiny_inference(RELU_MLP, tmp / "relu_mlp", calls=40, plain=True)] +
+            ([] if args.no_tiny else [tiny_inference(s, tmp / s.stem, plain=True)
+                                      for s in TINY]),
         }
     result["seconds"] = round(time.perf_counter() - t0, 1)
     out = Path(args.out)

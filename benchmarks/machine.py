@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import platform
+import dataclasses
 import subprocess
 import sys
 import time
@@ -188,3 +189,23 @@ def quietly(measure, opts: Options):
         if load is None or load <= opts.busy:
             break
     return best[0], best[1], attempt + 1
+
+
+@contextmanager
+def competitor():
+    """One busy-looping Python process beside the measurement, as another user of a shared
+    machine would be: started, given 0.5 s to be scheduled, and killed afterwards by its
+    id. Yields the process."""
+    proc = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.5)
+        yield proc
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def beside_competitor(opts: Options) -> Options:
+    """The options for timing beside `competitor()`: it counts among others' load (one
+    core), so a row is retried only while others keep `opts.busy` cores busy beyond it."""
+    return dataclasses.replace(opts, busy=opts.busy + 1.0)

@@ -11,7 +11,10 @@ then timed at batch 1 and 64: graphc's c99 and host targets as a bound call
 (`model.bind`: the C on fixed arrays, no argument conversion) and from Python
 (`model.forward`), against onnxruntime's `InferenceSession.run` on one intra-op thread and
 on its default. Each row records the cores others kept busy (benchmarks/machine.py); rows
-timed while others used more than `Options.busy` cores are marked.
+timed while others used more than `Options.busy` cores are marked. Then every variant of a
+model and batch is timed again beside one busy-looping process started before and stopped
+after that pass (`machine.competitor`): each cell shows the quiet median, the busy one and
+their ratio.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ import graphc
 import graphc.onnx
 
 from . import machine, write_results
+from .peers.onnxruntime import session
 from .timing import Options, time_python
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -50,12 +54,9 @@ def _lenet(path: Path) -> Path | None:
         import torch
     except ImportError:
         return None
-    from torch import nn
+    from .peers.torch import lenet5
     torch.manual_seed(0)
-    net = nn.Sequential(nn.Conv2d(1, 6, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
-                        nn.Conv2d(6, 16, 5), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
-                        nn.Linear(400, 120), nn.ReLU(), nn.Linear(120, 84), nn.ReLU(),
-                        nn.Linear(84, 10)).eval()
+    net = lenet5().eval()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(net, (torch.zeros(2, 1, 28, 28),), str(path), input_names=["x"],
@@ -74,16 +75,7 @@ def models(folder: Path) -> dict[str, Path]:
     return out
 
 
-def _session(path: Path, threads: int | None):
-    import onnxruntime as ort
-    options = ort.SessionOptions()
-    if threads:
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-
-
-def run_model(name: str, path: Path, opts: Options) -> list[dict]:
+def run_model(name: str, path: Path, opts: Options, competitor: bool = True) -> list[dict]:
     graph = graphc.onnx.load(path)
     (input_name,) = graph.inputs
     (output,) = graph.outputs
@@ -93,7 +85,7 @@ def run_model(name: str, path: Path, opts: Options) -> list[dict]:
     for n in BATCHES:
         x = np.random.default_rng(n).normal(size=(n, *graph.inputs[input_name].shape)) \
             .astype(np.float32)
-        want = _session(path, None).run(None, {onnx_input: x})[0]
+        want = session(path, None).run(None, {onnx_input: x})[0]
         for target, model in compiled.items():
             got = model.forward(**{input_name: x})[output]
             error = float(np.max(np.abs(got - want)) / np.max(np.abs(want)))
@@ -107,27 +99,37 @@ def run_model(name: str, path: Path, opts: Options) -> list[dict]:
             variants.append((f"graphc {target}, from Python",
                              lambda m=model: m.forward(**{input_name: x})))
         for threads in (1, None):
-            session = _session(path, threads)
             variants.append((f"onnxruntime, {threads or 'default'} thread{'s' if not threads else ''}",
-                             lambda s=session: s.run(None, {onnx_input: x})))
+                             lambda s=session(path, threads): s.run(None, {onnx_input: x})))
+        timed = []
         for label, fn in variants:
             log(f"{name} batch {n}: {label}")
             before = os.getloadavg()
             timing, foreign, attempts = machine.quietly(lambda: time_python(fn, opts), opts)
-            rows.append({"model": name, "batch": n, "label": label, "median_s": timing.median,
-                         "min_s": timing.min, "foreign_cores": foreign, "attempts": attempts,
-                         "load_before": before, "load_after": os.getloadavg(),
-                         "checked_rel_error": error})
+            timed.append({"model": name, "batch": n, "label": label, "median_s": timing.median,
+                          "min_s": timing.min, "foreign_cores": foreign, "attempts": attempts,
+                          "load_before": before, "load_after": os.getloadavg(),
+                          "checked_rel_error": error})
+        if competitor:
+            with machine.competitor():
+                for row, (label, fn) in zip(timed, variants):
+                    log(f"{name} batch {n}: {label} (beside the competitor)")
+                    timing, foreign, _ = machine.quietly(lambda: time_python(fn, opts),
+                                                         machine.beside_competitor(opts))
+                    row.update(busy_median_s=timing.median, busy_min_s=timing.min,
+                               busy_foreign_cores=foreign,
+                               busy_ratio=timing.median / row["median_s"])
+        rows += timed
     return rows
 
 
-def run(opts: Options) -> dict:
+def run(opts: Options, competitor: bool = True) -> dict:
     import onnxruntime
     with tempfile.TemporaryDirectory() as tmp:
         files = models(Path(tmp))
         rows = []
         for name, path in files.items():
-            rows += run_model(name, path, opts)
+            rows += run_model(name, path, opts, competitor)
     return {"date": datetime.datetime.now().isoformat(timespec="seconds"),
             "machine": machine.info(), "onnxruntime": onnxruntime.__version__,
             "busy": opts.busy, "rows": rows}
@@ -142,8 +144,9 @@ def markdown(result: dict) -> str:
              f"Generated by `python -m benchmarks.onnx_models` on {result['date']}, "
              f"onnxruntime {result['onnxruntime']}. How the rows are taken: the docstring of "
              "`benchmarks/onnx_models.py`. Median per call (forward pass, float32); the ratio is "
-             "onnxruntime's fastest row over graphc's fastest bound call. † timed while others "
-             f"kept more than {result['busy']} cores busy.", ""]
+             "onnxruntime's fastest row over graphc's fastest bound call (quiet; busy: beside the "
+             "competitor). *busy*: beside one busy-looping process, with busy / quiet in "
+             f"brackets. † timed while others kept more than {result['busy']} cores busy.", ""]
     by = {}
     for r in result["rows"]:
         by.setdefault((r["model"], r["batch"]), []).append(r)
@@ -151,13 +154,28 @@ def markdown(result: dict) -> str:
     lines += ["| model | batch | " + " | ".join(labels) + " | onnxruntime / graphc |",
               "|---|---|" + "---|" * (len(labels) + 1)]
     for (model, batch), rows in by.items():
-        cell = {r["label"]: _fmt(r["median_s"]) + (" †" if (r["foreign_cores"] or 0) >
-                                                  result["busy"] else "") for r in rows}
-        graphc_best = min(r["median_s"] for r in rows if "bound call" in r["label"])
-        ort_best = min(r["median_s"] for r in rows if r["label"].startswith("onnxruntime"))
+        cell = {r["label"]: _cell(r, result["busy"]) for r in rows}
+        ratio = _best_ratio(rows, "median_s")
+        if all("busy_median_s" in r for r in rows):
+            ratio += f"; busy {_best_ratio(rows, 'busy_median_s')}"
         lines.append(f"| {model} | {batch} | " + " | ".join(cell.get(k, "") for k in labels)
-                     + f" | {ort_best / graphc_best:.2f}× |")
+                     + f" | {ratio} |")
     return "\n".join(lines) + "\n"
+
+
+def _cell(r: dict, busy: float) -> str:
+    """The quiet median († under others' load), then beside the competitor, and the ratio."""
+    text = _fmt(r["median_s"]) + (" †" if (r["foreign_cores"] or 0) > busy else "")
+    if "busy_median_s" in r:
+        text += f"; busy {_fmt(r['busy_median_s'])} ({r['busy_ratio']:.2f}×)"
+    return text
+
+
+def _best_ratio(rows: list[dict], key: str) -> str:
+    """onnxruntime's fastest row over graphc's fastest bound call."""
+    graphc_best = min(r[key] for r in rows if "bound call" in r["label"])
+    ort_best = min(r[key] for r in rows if r["label"].startswith("onnxruntime"))
+    return f"{ort_best / graphc_best:.2f}×"
 
 
 def write(result: dict, out: Path) -> str:

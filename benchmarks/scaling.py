@@ -45,12 +45,12 @@ def measure(sizes: tuple[int, ...], repeats: int, opts: Options, workdir: Path) 
     colds = []
     for _ in range(repeats):
         with tempfile.TemporaryDirectory(prefix="graphc-scaling-") as cache:
-            colds.append(prep.run(list(sizes), cache, target=graphc_peer.TARGET,
+            colds.append(prep.run(list(sizes), cache, target=graphc_peer.C_TARGET,
                                   optimizer={"name": "sgd", "lr": LR}))
     assert not any(c["cached"] for c in colds)
     w = Workload(f"S{'-'.join(map(str, sizes))}", sizes, BATCH, True)
     prob = problem(w)
-    _, cmodule = graphc.generate(spec(sizes), target=graphc_peer.TARGET)
+    _, cmodule = graphc.generate(spec(sizes), target=graphc_peer.C_TARGET)
     runner = charness.runner("graphc (pure C)", graphc_peer.c_program(cmodule, prob, True),
                              workdir, True)
     got = runner.results()["losses"]

@@ -39,7 +39,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import write_results
+from . import workloads, write_results
 
 import graphc
 from codegen import firmware
@@ -54,9 +54,7 @@ TINY = ROOT / "examples" / "tiny"
 MODELS = ("ds_cnn", "resnet8", "mobilenet_v1_025", "autoencoder")
 GRAD_BATCH = {"autoencoder": 8}
 
-_loader = importlib.util.spec_from_file_location("torch_models", TINY / "torch_models.py")
-torch_models = importlib.util.module_from_spec(_loader)
-_loader.loader.exec_module(torch_models)
+torch_models = workloads.torch_models()
 
 # graphc imports its stages on first use: the import is timed apart from the compile.
 CHILD = r"""

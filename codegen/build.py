@@ -143,7 +143,11 @@ def build(name: str, source: str, header: str, cdef: str, *,
     select: the same text with the same flags is a different binary on another CPU.
     """
     import sysconfig
+    from . import openmp
     cc = c_compiler()
+    threaded = openmp.uses_openmp(tuple(extra_flags))
+    if threaded:   # the thread count is set per model from Python (codegen/openmp.py)
+        cdef += openmp.API
     commands = _commands(cc, name, tuple(extra_flags))
     key = _key(name, source, header, cdef, _compiler_id(cc) + "\n" + machine, commands)
     modname = f"_graphc_{name}_{key[:16]}"   # distinct per model and version in sys.modules
@@ -159,7 +163,8 @@ def build(name: str, source: str, header: str, cdef: str, *,
                     _discard(so_path)
                     cached = False
             if module is None:
-                _compile(commands, name, modname, source, header, cdef, cache, so_path)
+                _compile(commands, name, modname, source, header, cdef, cache, so_path,
+                         openmp.API if threaded else "")
                 module = _load(modname, so_path)   # a fresh build that fails to load is a bug
             _loaded[so_path] = module
     return BuildResult(module.ffi, module.lib, so_path, key, cached)
@@ -240,8 +245,10 @@ def _key(name: str, source: str, header: str, cdef: str, compiler: str,
 
 
 def _compile(commands: tuple[tuple[str, ...], ...], name: str, modname: str, source: str,
-             header: str, cdef: str, cache: pathlib.Path, so_path: str) -> None:
-    """Build in a private temporary directory and publish the .so atomically."""
+             header: str, cdef: str, cache: pathlib.Path, so_path: str,
+             declarations: str = "") -> None:
+    """Build in a private temporary directory and publish the .so atomically;
+    `declarations` are C prototypes the wrapper needs beside the model's header."""
     try:
         cache.mkdir(parents=True, exist_ok=True)
         tmp = pathlib.Path(tempfile.mkdtemp(prefix=f"{modname}.tmp-", dir=cache))
@@ -260,7 +267,7 @@ def _compile(commands: tuple[tuple[str, ...], ...], name: str, modname: str, sou
         ffi = cffi.FFI()
         ffi.cdef(cdef)
         # compiler_verbose=False: no "generating ..." line on stdout.
-        ffi.set_source(modname, f'#include "{name}.h"', compiler_verbose=False)
+        ffi.set_source(modname, f'#include "{name}.h"\n{declarations}', compiler_verbose=False)
         ffi.emit_c_code(str(tmp / f"{_WRAPPER}.c"))
         *objects, link = commands
         # The two objects compile at once: the wrapper is a sixth of a cold build, and the
@@ -420,9 +427,11 @@ def store_prepared(key: str, cmodule, built: BuildResult) -> None:
 
 
 def _load(modname: str, path: str):
+    from .openmp import runtime_defaults
     spec = importlib.util.spec_from_file_location(modname, path)
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    with runtime_defaults():   # if this module brings in the OpenMP runtime, how it waits
+        spec.loader.exec_module(module)
     return module
 
 

@@ -30,6 +30,7 @@ from graphc.ir import (ACC, ACCUMULATE, ARGMAX, ASSIGN, BATCH, DTYPES, GRAD, GRA
 
 from .cmodule import CModule, Entry, KernelCall   # apart: unpickling one needs no emitter
 from .cnames import Namer, buffer_word, kernel_word
+from .cortexm_kernels import Writer as RowsWriter, layout as rows_layout
 from .ctext import comment, doc, wrap
 from .plan import MemoryPlan, round_up
 from .printer import (HELPER_SUPPORT, HELPERS, GraphcPrinter, LiteralRangeError, c_array,
@@ -285,6 +286,9 @@ class Emitter:
             order, strategy = [s for s, _ in kern.loops], "stores"
         else:
             order, strategy = schedule(kern, buffers) if tiled is None else ([], "tiles")
+        # No SIMD: rows of accumulators, the reduction unrolled (codegen/cortexm_kernels.py)
+        rows = rows_layout(kern, order, _strides(kern, buffers)) \
+            if self.target.unrolled and strategy in ("reduce", "init") else None
         extent = dict(kern.loops)
         uses_n = kern.uses_batch()
         # The scalars a kernel takes before its arrays: the batch size, the train step's count.
@@ -335,6 +339,10 @@ class Emitter:
                                            self.target.parallel_work, self.helpers,
                                            strides, self.use_helpers).write()
             lines += body
+        elif rows is not None:
+            lines += RowsWriter(kern, rows, buffers[kern.out].base[kern.out_index], printer, r,
+                                lambda exprs: common_subexpressions(exprs, printer),
+                                self.dtype in self.target.fpu_dtypes).write()
         elif strategy == "direct":
             guarded = kern.guard != sp.true
             if guarded:

@@ -29,7 +29,8 @@ CC = "arm-none-eabi-gcc"
 SIZE = "arm-none-eabi-size"
 QEMU = "qemu-system-arm"
 SUPPORT = ("startup.c", "cortexm.ld", "mps2_m.ld", "microbit.ld")
-# -std=c99 keeps -ffp-contract=off: no fused multiply-adds, results as the C says.
+# -std=c99 keeps -ffp-contract=off: the C says where a multiply-add is fused (fmaf), and
+# the compiler fuses nothing else.
 CFLAGS = CHECK_FLAGS + ("-O2", "-g", "-ffunction-sections",
                         "-fdata-sections")
 # newlib-nano with librdimon (semihosting syscalls); our startup.c, so -nostartfiles.

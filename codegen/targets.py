@@ -75,6 +75,9 @@ class Target:
     parallel_work: int = 0           # OpenMP for kernels of this many multiply-adds (0: never)
     # Padding read from zero-padded copies in the arena, not tested per tap (codegen/padding.py)
     padded_copies: bool = False
+    # Contractions as rows of accumulators with the reduction unrolled, for cores without
+    # SIMD (codegen/cortexm_kernels.py); fused by fmaf where the FPU computes the dtype
+    unrolled: bool = False
     # host only: a digest of what the native flags enable on this machine. It keys the build
     # caches, so a cache shared by machines (an NFS home) never loads another CPU's binary.
     machine: str = ""
@@ -99,6 +102,9 @@ class Target:
 
 # Cortex-M targets pack the arena (align=1): no cache lines or SIMD to align for, and RAM
 # is scarce; a per-example scalar would otherwise take 16 elements per example.
+# The M4F prints contractions as rows of fmaf (`unrolled`); the M0 keeps plain loops: the
+# rows would double its code (the mlp's from 2.8 to 5.3 kB) on a core whose time goes to
+# soft-float calls.
 # -Wdouble-promotion: a float32 model must never compute in double (an M4F has no double
 # FPU, so one stray promotion costs a software call per use).
 
@@ -109,7 +115,10 @@ _NO_SIMD = "the C compiler named no SIMD it targets"
 def _host_note(build_flags: tuple[str, ...], tiled_for: str) -> str:
     return ("compile with the host compiler, e.g. cc -std=c99 -O3 -march=native -fopenmp "
             f"(graphc's own build of it adds {' '.join(build_flags) or 'no flags'}; without "
-            f"-fopenmp the C runs on one thread). Contractions are tiled for {tiled_for}.")
+            "-fopenmp the C runs on one thread). With OpenMP, omp_set_num_threads() in the "
+            "calling thread sets how many threads its calls use, and OMP_WAIT_POLICY=passive "
+            "keeps idle threads from spinning against other processes on the same cores. "
+            f"Contractions are tiled for {tiled_for}.")
 
 
 # Tiles (codegen/tiles.py): c99 assumes 16-byte SIMD (SSE2, NEON), what a plain -O3 build
@@ -126,10 +135,12 @@ TARGETS = {
                    padded_copies=True),
     "cortex-m4": Target("cortex-m4", "Cortex-M4F, e.g. arm-none-eabi-gcc -mcpu=cortex-m4 "
                                      "-mthumb -mfloat-abi=hard -mfpu=fpv4-sp-d16 -std=c99 -O2. "
-                                     "Keep -std=c99 (or -ffp-contract=off): fused multiply-adds "
-                                     "change the last bit.",
+                                     "float32 contractions add each product with fmaf "
+                                     "(VFMA.F32: one rounding, as C99 specifies it); keep "
+                                     "-std=c99 (or -ffp-contract=off) so that the compiler "
+                                     "fuses nothing else.",
                         CHECK_FLAGS, board="mps2-an386", fpu_dtypes=("float32",),
-                        align=1),
+                        align=1, unrolled=True),
     "cortex-m0": Target("cortex-m0", "Cortex-M0/M0+ (no FPU), e.g. arm-none-eabi-gcc "
                                      "-mcpu=cortex-m0 -mthumb -mfloat-abi=soft -std=c99 -Os.",
                         CHECK_FLAGS, board="microbit", align=1),

@@ -171,7 +171,7 @@ _BOUND_LEAD = {"forward": ("params", "work"), "evaluate": ("params", "work"),
 class CompiledModel:
     """A graph compiled to C and loaded. Params live in one flat array owned by the model."""
 
-    def __init__(self, graph: Graph, cmodule, built, *, seed: int = 0):
+    def __init__(self, graph: Graph, cmodule, built, *, seed: int = 0, threads: int | None = None):
         self.graph, self.cmodule, self.built = graph, cmodule, built
         self.dtype = np.dtype(cmodule.dtype)
         self.name = graph.name
@@ -202,13 +202,30 @@ class CompiledModel:
         # kind -> (C function, ((input, per-example shape, dtype), ...), ((output, shape), ...));
         # the dtype an array must have to go to C as it is: None for int32 inputs, whose
         # values are always checked (batch_arrays)
-        self._calls = {kind: (getattr(self._lib, e.c_name),
+        self.threads = self._check_threads(threads)
+        self._calls = {kind: (self._c_function(e.c_name),
                               tuple((i, cmodule.input_shapes[i],
                                      None if i in cmodule.input_dtypes else self.dtype)
                                     for i in e.inputs),
                               tuple((o, cmodule.output_shapes[o]) for o in e.outputs))
                        for kind, e in cmodule.entries.items()}
         self.init_params(seed)
+
+    def _check_threads(self, threads) -> int | None:
+        from codegen.openmp import check_threads
+        threads = check_threads(threads)
+        if threads not in (None, 1) and not hasattr(self._lib, "omp_set_num_threads"):
+            raise InputError(f"threads={threads}: model '{self.name}' was built without OpenMP "
+                             f"(target '{self.cmodule.target}'), so it runs on one thread")
+        return threads
+
+    def _c_function(self, c_name: str):
+        """The entry point, run on the model's thread count if it has one."""
+        fn = getattr(self._lib, c_name)
+        if self.threads is None or not hasattr(self._lib, "omp_set_num_threads"):
+            return fn
+        from codegen.openmp import OnThreads
+        return OnThreads(self._lib, fn, self.threads)
 
     @property
     def optimizer(self) -> dict | None:
@@ -419,7 +436,7 @@ class CompiledModel:
         args = [pointer[p] for p in _BOUND_LEAD[kind]] + [n] + \
             [buffer(self._input_ctype(name), a) for name, a in ins.items()] + \
             [buffer(self._ctype, a) for a in outs.values()]
-        bound = BoundCall(getattr(self._lib, entry.c_name), *args)
+        bound = BoundCall(self._c_function(entry.c_name), *args)
         bound.kind, bound.batch, bound.inputs, bound.outputs = kind, n, ins, outs
         return bound
 
@@ -538,9 +555,9 @@ def generate(graph, dtype: str = "float32", *, optimizer: dict | None = None, pa
     `optimizer` replaces the spec's section. `params` (a dict or an .npz path) makes
     inference C with those params baked in as a `static const` table. `target`
     (c99, host, cortex-m4, cortex-m0) picks how contractions print (tiles for 16-byte
-    SIMD, or for this machine's width with OpenMP on host; plain loops on Cortex-M) and the
-    header's note; `max_batch` adds `<NAME>_MAX_BATCH` to the header for statically sized
-    memory."""
+    SIMD, or for this machine's width with OpenMP on host; rows of fmaf on the Cortex-M4F,
+    plain loops on the M0) and the header's note; `max_batch` adds `<NAME>_MAX_BATCH` to the
+    header for statically sized memory."""
     from .ir import param_layout
     from codegen.targets import get_target
     from .derive import layout_order
@@ -574,16 +591,22 @@ def generate(graph, dtype: str = "float32", *, optimizer: dict | None = None, pa
 
 
 def compile(graph, dtype: str = "float32", optimizer: dict | None = None, *,
-            seed: int = 0, params=None, target: str = "c99") -> CompiledModel:
+            seed: int = 0, params=None, target: str = "host",
+            threads: int | None = None) -> CompiledModel:
     """Derive, generate, build (cached) and load; params drawn from their initializers.
 
     With `params` (dict or .npz path) the C is for inference with those params baked in
-    (`model.predict`); the model also starts from them. `target="host"` builds with the
-    host target's flags (-march=native -fopenmp); other targets build as c99 here."""
+    (`model.predict`); the model also starts from them. The default target, "host", builds
+    for the machine this runs on (-march=native, OpenMP over big kernels); "c99" builds the
+    portable C that `graphc compile` writes (what firmware and other machines get), and
+    the Cortex-M targets build as c99 here. `threads` (host) caps the OpenMP threads each
+    call of this model runs on; None: OpenMP's default, every core."""
     import json
     from codegen.build import build, load_prepared, prepared_key, store_prepared
     from codegen.targets import get_target, target_identity
-    check_seed(seed)   # before any work: a bad seed must not cost a build
+    from codegen.openmp import check_threads
+    check_seed(seed)   # before any work: a bad seed or thread count must not cost a build
+    check_threads(threads)
     graph = as_graph(graph)
     dtype = check_dtype(dtype)
     identity = target_identity(target)   # validates the name; for host, no compiler run
@@ -608,7 +631,7 @@ def compile(graph, dtype: str = "float32", optimizer: dict | None = None, *,
                       extra_flags=tgt.build_flags, machine=tgt.machine)
         if key:
             store_prepared(key, cmodule, built)
-    model = CompiledModel(graph, cmodule, built, seed=seed)
+    model = CompiledModel(graph, cmodule, built, seed=seed, threads=threads)
     if params is not None:
         model.set_params(params)
     return model

@@ -120,7 +120,7 @@ class Lowering:
 
 @dataclass(frozen=True)
 class Attr:
-    kind: str   # float | int | ints | pads | padding | bool | choice | axis | axes | shape | expr
+    kind: str   # float | int | ints | sides | pads | padding | bool | choice | axis | axes | shape | expr
     default: Any = None
     required: bool = False
     doc: str = ""
@@ -182,6 +182,22 @@ def _check_attr(node: str, name: str, attr: Attr, value: Any) -> Any:
             raise fail(f"must be an integer >= {attr.low} or a list of 1 to 3 of them, "
                        f"got {value!r}")
         return vals[0] if not isinstance(value, (list, tuple)) else tuple(vals)
+    if attr.kind == "sides":
+        # An int for every spatial axis, or one per axis, each an int (both sides) or a
+        # [before, after] pair (checked against the rank by the op's shape rule).
+        def side(v):
+            if _plain_int(v) and v >= 0:
+                return v
+            if isinstance(v, (list, tuple)) and len(v) == 2 and all(
+                    _plain_int(w) and w >= 0 for w in v):
+                return tuple(v)
+            return None
+        vals = value if isinstance(value, (list, tuple)) else [value]
+        sides = [side(v) for v in vals]
+        if not vals or len(vals) > 3 or any(v is None for v in sides):
+            raise fail(f"must be an integer >= 0, or a list of 1 to 3 of them, each an "
+                       f"integer or a [before, after] pair, got {value!r}")
+        return sides[0] if not isinstance(value, (list, tuple)) else tuple(sides)
     if attr.kind in ("pads", "perm"):
         if not isinstance(value, (list, tuple)) or any(not _plain_int(v) for v in value) \
                 or (attr.kind == "pads" and (not value or len(value) % 2 or min(value) < 0)):
@@ -762,7 +778,8 @@ class Window:
     kernel: tuple[int, ...]
     stride: tuple[int, ...]
     dilation: tuple[int, ...]
-    before: tuple[int, ...]          # padding before each axis (after is implied by out)
+    before: tuple[int, ...]          # padding before each axis
+    after: tuple[int, ...]           # and after it (a stride may leave part of it unread)
     out: tuple[int, ...]
 
     def position(self, axis: int, out_index: sp.Expr, tap: sp.Expr) -> sp.Expr:
@@ -786,8 +803,10 @@ def _window(node: str, spatial: Shape, kernel: tuple[int, ...], attrs: dict) -> 
         # on the right and bottom).
         before = tuple((s - 1) // 2 for s in span)
         after = tuple(s - 1 - b for s, b in zip(span, before))
-    else:
-        before = after = _per_axis(node, "padding", padding, rank)
+    else:   # per axis an int (both sides) or a (before, after) pair
+        sides = [p if isinstance(p, tuple) else (p, p)
+                 for p in _per_axis(node, "padding", padding, rank)]
+        before, after = tuple(b for b, _ in sides), tuple(a for _, a in sides)
     out = []
     for axis in range(rank):
         room = spatial[axis] + before[axis] + after[axis] - span[axis]
@@ -795,8 +814,16 @@ def _window(node: str, spatial: Shape, kernel: tuple[int, ...], attrs: dict) -> 
             raise SpecError(f"the window ({span[axis]} wide with dilation) is larger than "
                             f"the padded input ({spatial[axis] + before[axis] + after[axis]}) "
                             f"along spatial axis {axis}", node=node, field="inputs")
-        out.append(room // stride[axis] + 1)
-    return Window(tuple(kernel), stride, dilation, before, tuple(out))
+        if not attrs.get("ceil_mode"):
+            out.append(room // stride[axis] + 1)
+            continue
+        # ceil_mode (torch, ONNX): one more window where the last one would run past the
+        # padded input, unless it would start past the input and the padding before it.
+        count = -(-room // stride[axis]) + 1
+        if (count - 1) * stride[axis] >= spatial[axis] + before[axis]:
+            count -= 1
+        out.append(count)
+    return Window(tuple(kernel), stride, dilation, before, after, tuple(out))
 
 
 def _conv_parts(node: str, shapes: list[Shape], attrs: dict, rank: int):
@@ -876,17 +903,57 @@ def _pool_parts(node: str, shapes: list[Shape], attrs: dict, rank: int) -> Windo
         raise SpecError(f"input must be [channels, {rank} spatial dims] per example, got "
                         f"{list(x)}", node=node, field="inputs")
     kernel = _per_axis(node, "kernel_size", attrs["kernel_size"], rank)
-    padding = _per_axis(node, "padding", attrs["padding"], rank)
-    if any(2 * p > k for p, k in zip(padding, kernel)):
-        raise SpecError(f"padding {list(padding)} must be at most half the kernel "
-                        f"{list(kernel)} (as in torch)", node=node, field="padding")
-    return _window(node, x[1:], kernel, attrs)
+    win = _window(node, x[1:], kernel, attrs)
+    # Every window must reach the input: a max over padding alone would be -inf and an
+    # average over it 0/0 (torch refuses padding over half the kernel; ONNX allows more).
+    for axis, size in enumerate(x[1:]):
+        span = win.dilation[axis] * (kernel[axis] - 1) + 1
+        if max(win.before[axis], win.after[axis]) >= span:
+            raise SpecError(f"padding {[win.before[axis], win.after[axis]]} along spatial "
+                            f"axis {axis} must be smaller than the window's extent {span} "
+                            f"(kernel_size with dilation): a window would lie in the "
+                            f"padding alone", node=node, field="padding")
+        missed = _window_in_padding(win, axis, size)
+        if missed is not None:
+            raise SpecError(f"window {missed} along spatial axis {axis} reads only padding: "
+                            f"its taps, {win.dilation[axis]} apart, step over the input "
+                            f"({size} wide)", node=node, field="dilation")
+    return win
+
+
+def _window_in_padding(win: Window, axis: int, size: int) -> int | None:
+    """The first window along `axis` none of whose taps lands inside the input, if any.
+    A window starting inside the input has its first tap there (the last one starts
+    there: padding after < extent, and ceil_mode's rule); one starting r before it has
+    its first inside tap (-r mod dilation) in, which a dilation up to the input's size
+    always reaches. Only the windows starting in the padding before need a look, and
+    their start repeats modulo the dilation after dilation / gcd(stride, dilation)."""
+    stride, dilation, before = win.stride[axis], win.dilation[axis], win.before[axis]
+    if dilation <= size or not before:
+        return None
+    starting_before = min(win.out[axis], -(-before // stride))
+    for o in range(min(starting_before, dilation // math.gcd(stride, dilation))):
+        if (o * stride - before) % dilation >= size:
+            return o
+    return None
 
 
 def _pool_shape(rank: int):
     def shape(node, shapes, attrs):
         return (shapes[0][0],) + _pool_parts(node, shapes, attrs, rank).out
     return shape
+
+
+def _window_counts(win: Window, axis: int, low: int, high: int) -> list[int]:
+    """Per window along `axis`, its taps t (0 <= t < kernel) at positions low <= p < high,
+    p = start + t·dilation."""
+    d, k = win.dilation[axis], win.kernel[axis]
+    counts = []
+    for o in range(win.out[axis]):
+        start = o * win.stride[axis] - win.before[axis]
+        first, last = max(0, -((start - low) // d)), min(k - 1, (high - 1 - start) // d)
+        counts.append(max(0, last - first + 1))
+    return counts
 
 
 def _pool_lower(rank: int, kind: str):
@@ -901,11 +968,21 @@ def _pool_lower(rank: int, kind: str):
         if kind == "max":   # padding never wins: it is -inf, as in torch
             L.kernel(L.out, out_idx, loops, L.padded(x, where, loops, -sp.oo), mode=MAX)
             return
-        if L.attrs["count_include_pad"] or all(b == 0 for b in win.before):
-            count = math.prod(win.kernel)
-        else:   # the window's elements inside the input, counted once per call
+        # The divisor: the window's taps inside the input, or with count_include_pad inside
+        # the input and its padding, never the part past it that ceil_mode adds (torch).
+        include = L.attrs["count_include_pad"]
+        sizes = x.shape[1:]
+        per_axis = [_window_counts(win, a, -win.before[a] if include else 0,
+                                   n + win.after[a] if include else n)
+                    for a, n in enumerate(sizes)]
+        if all(len(set(counts)) == 1 for counts in per_axis):
+            count = math.prod(counts[0] for counts in per_axis)
+        else:   # counted once per call, from the same index arithmetic as the reads
             counts = L.temp("count", win.out, differentiable=False, batched=False)
-            inside = range_guard(where, x.shape, dict(loops))
+            shift = [win.before[a] if include else 0 for a in range(rank)]
+            extent = [n + win.before[a] + win.after[a] if include else n
+                      for a, n in enumerate(sizes)]
+            inside = range_guard([p + s for p, s in zip(where[1:], shift)], extent, dict(loops))
             L.kernel(counts, spatial, list(zip(spatial, win.out)) + list(zip(taps, win.kernel)),
                      sp.Piecewise((1, inside), (0, True)), mode=SUM)
             count = L.at(counts, spatial)
@@ -917,10 +994,15 @@ def _pool_lower(rank: int, kind: str):
 def _pool_attrs(average: bool) -> dict[str, Attr]:
     attrs = {"kernel_size": Attr("ints", required=True, low=1, doc="window size per spatial axis"),
              "stride": Attr("ints", None, low=1, doc="step between windows (default: the window)"),
-             "padding": Attr("ints", 0, low=0, doc="padding on both sides per spatial axis")}
+             "padding": Attr("sides", 0, doc="padding per spatial axis: an int for both sides "
+                             "or a [before, after] pair"),
+             "dilation": Attr("ints", 1, low=1, doc="spacing between a window's taps"),
+             "ceil_mode": Attr("bool", False, doc="round the output size up: a last window "
+                               "may run past the padded input (it is clipped)")}
     if average:
-        attrs["count_include_pad"] = Attr("bool", True, doc="divide by the whole window "
-                                          "(true) or by its elements inside the input")
+        attrs["count_include_pad"] = Attr("bool", True, doc="divide by the window's taps "
+                                          "inside the input and its padding (true) or inside "
+                                          "the input only")
     return attrs
 
 

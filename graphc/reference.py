@@ -427,12 +427,17 @@ def _spatial(value, d: int, what: str) -> tuple[int, ...]:
     return vals
 
 
-def _out_size(size, lo, hi, k, s, dil) -> int:
-    n = (size + lo + hi - dil * (k - 1) - 1) // s + 1
-    if n < 1:
+def _out_size(size, lo, hi, k, s, dil, ceil=False) -> int:
+    extent = dil * (k - 1) + 1
+    if size + lo + hi < extent:
         raise ValueError(f"an input of size {size} (padding {lo}+{hi}) is smaller than the "
-                         f"kernel's extent {dil * (k - 1) + 1}")
-    return n
+                         f"kernel's extent {extent}")
+    if not ceil:
+        return (size + lo + hi - extent) // s + 1
+    # torch's pooling_output_shape: rounded up, but the last window starts before the end
+    # of the input and the padding before it
+    n = math.ceil((size + lo + hi - extent) / s) + 1
+    return n - 1 if (n - 1) * s >= size + lo else n
 
 
 @dataclass(frozen=True)
@@ -444,17 +449,23 @@ class _Window:
     dilation: tuple[int, ...]
     pad: tuple[tuple[int, int], ...]  # (before, after) per axis
     out: tuple[int, ...]
+    overhang: tuple[int, ...]         # per axis, how far ceil_mode's last window runs past
 
     @staticmethod
-    def make(size, kernel, stride, dilation, pad) -> "_Window":
-        out = tuple(_out_size(n, lo, hi, k, s, dl)
+    def make(size, kernel, stride, dilation, pad, ceil=False) -> "_Window":
+        out = tuple(_out_size(n, lo, hi, k, s, dl, ceil)
                     for n, (lo, hi), k, s, dl in zip(size, pad, kernel, stride, dilation))
-        return _Window(tuple(size), kernel, stride, dilation, tuple(pad), out)
+        overhang = tuple(max(0, (o - 1) * s + dl * (k - 1) + 1 - (n + lo + hi))
+                         for o, n, (lo, hi), k, s, dl
+                         in zip(out, size, pad, kernel, stride, dilation))
+        return _Window(tuple(size), kernel, stride, dilation, tuple(pad), out, overhang)
 
     def padded(self, x: np.ndarray, value=0.0) -> np.ndarray:
-        if not any(lo or hi for lo, hi in self.pad):
+        """x inside its padding and the overhang, both filled with `value`."""
+        widths = tuple((lo, hi + over) for (lo, hi), over in zip(self.pad, self.overhang))
+        if not any(lo or hi for lo, hi in widths):
             return x
-        return np.pad(x, ((0, 0),) * (x.ndim - len(self.pad)) + self.pad, constant_values=value)
+        return np.pad(x, ((0, 0),) * (x.ndim - len(widths)) + widths, constant_values=value)
 
     def crop(self, xp: np.ndarray) -> np.ndarray:
         return xp[(Ellipsis,) + tuple(slice(lo, lo + n) for (lo, _), n in zip(self.pad, self.size))]
@@ -469,6 +480,11 @@ class _Window:
     def in_bounds(self, dtype) -> np.ndarray:
         """1 at the padded input's real positions, 0 in the padding (spatial axes only)."""
         return self.padded(np.ones(self.size, dtype)[None])[0]
+
+    def in_padding(self, dtype) -> np.ndarray:
+        """1 at the real positions and in the padding, 0 in the overhang."""
+        inner = np.ones(tuple(n + lo + hi for n, (lo, hi) in zip(self.size, self.pad)), dtype)
+        return np.pad(inner, tuple((0, over) for over in self.overhang))
 
 
 def _conv_geometry(d: int, args, attrs):
@@ -548,10 +564,23 @@ def _pool_window(d: int, x: np.ndarray, attrs, op: str) -> _Window:
     kernel = _spatial(attrs["kernel_size"], d, "kernel_size")
     stride = attrs.get("stride")
     stride = kernel if stride is None else _spatial(stride, d, "stride")
-    padding = _spatial(attrs.get("padding", 0), d, "padding")
-    if any(2 * p > k for p, k in zip(padding, kernel)):
-        raise ValueError(f"{op}: padding {padding} must be at most half the kernel {kernel}")
-    return _Window.make(x.shape[2:], kernel, stride, (1,) * d, tuple((p, p) for p in padding))
+    dilation = _spatial(attrs.get("dilation", 1), d, "dilation")
+    padding = attrs.get("padding", 0)
+    # per axis an int (both sides) or a (before, after) pair
+    per_axis = [padding] * d if not isinstance(padding, (list, tuple)) else list(padding)
+    if len(per_axis) == 1:
+        per_axis *= d
+    pad = tuple(tuple(p) if isinstance(p, (list, tuple)) else (p, p) for p in per_axis)
+    win = _Window.make(x.shape[2:], kernel, stride, dilation, pad, attrs.get("ceil_mode", False))
+    # a window must hold an input element (torch asks padding <= kernel/2; ONNX allows more)
+    inb = win.in_bounds(bool)
+    hit = np.zeros(win.out, bool)
+    for _, idx in win.offsets():
+        hit |= inb[idx[1:]]
+    if not hit.all():
+        raise ValueError(f"{op}: a window reads only padding (padding {pad}, kernel {kernel}, "
+                         f"dilation {dilation})")
+    return win
 
 
 def _max_pool_choice(d: int, x: np.ndarray, attrs):
@@ -587,7 +616,7 @@ def _max_pool(d: int) -> _Op:
         for a in range(d):
             pos = np.arange(win.out[a]) * win.stride[a] - win.pad[a][0]
             pos = pos.reshape((-1,) + (1,) * (d - 1 - a))
-            flat = flat * win.size[a] + pos + koffs[choice, a]
+            flat = flat * win.size[a] + pos + koffs[choice, a] * win.dilation[a]
         planes = x.shape[0] * x.shape[1]
         size = math.prod(win.size)
         flat = flat + (np.arange(planes) * size).reshape(x.shape[:2] + (1,) * d)
@@ -596,12 +625,12 @@ def _max_pool(d: int) -> _Op:
     return _Op(forward, vjp)
 
 
-def _avg_divisor(win: _Window, attrs, dtype) -> np.ndarray | float:
-    """Per output position: the kernel's size, or (count_include_pad False) its in-bounds count."""
-    if attrs.get("count_include_pad", True):
-        return float(math.prod(win.kernel))
-    inb = win.in_bounds(dtype)
-    return sum(inb[idx[1:]] for _, idx in win.offsets())
+def _avg_divisor(win: _Window, attrs, dtype) -> np.ndarray:
+    """Per output position, the window's elements inside the input, or (count_include_pad)
+    inside the input and its padding: never ceil_mode's overhang (torch)."""
+    inside = win.in_padding(dtype) if attrs.get("count_include_pad", True) \
+        else win.in_bounds(dtype)
+    return sum(inside[idx[1:]] for _, idx in win.offsets())
 
 
 def _avg_pool(d: int) -> _Op:
@@ -616,8 +645,7 @@ def _avg_pool(d: int) -> _Op:
         (x,) = args
         win = _pool_window(d, x, attrs, f"avg_pool{d}d")
         share = g / _avg_divisor(win, attrs, g.dtype)
-        gxp = np.zeros(x.shape[:2] + tuple(n + lo + hi for n, (lo, hi) in zip(win.size, win.pad)),
-                       g.dtype)
+        gxp = np.zeros(x.shape[:2] + win.in_padding(bool).shape, g.dtype)
         for _, idx in win.offsets():
             gxp[idx] += share
         return [win.crop(gxp)]

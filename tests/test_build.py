@@ -209,7 +209,7 @@ def test_warm_compile_skips_derivation_and_runs_the_same(cache, monkeypatch):
 
 
 @pytest.mark.parametrize("change", [
-    {"dtype": "float64"}, {"optimizer": {"name": "adam"}}, {"target": "host"},
+    {"dtype": "float64"}, {"optimizer": {"name": "adam"}}, {"target": "c99"},
     {"spec": {**TINY, "nodes": {**TINY["nodes"], "h": {"op": "dense", "inputs": ["x", "W"]}}}}])
 def test_anything_that_changes_the_c_misses_the_prepared_cache(cache, change):
     import graphc

@@ -125,8 +125,23 @@ def _torch_models():
         def forward(self, x):
             return self.fc2(self.drop(F.relu(self.ln(self.fc1(x)))))
 
+    class CeilCNN(nn.Module):
+        """ceil_mode's clipped last windows: dilated max pooling, an average without
+        padding (the overhang not counted) and one with padding counted."""
+        def __init__(self):
+            super().__init__()
+            self.conv, self.fc = nn.Conv2d(2, 4, 3, padding=1), nn.Linear(180, 5)
+
+        def forward(self, x):
+            h = torch.tanh(self.conv(x))                                     # [4, 10, 10]
+            a = F.max_pool2d(h, 2, 2, dilation=2, ceil_mode=True)           # [4, 5, 5]
+            a = F.avg_pool2d(a, 2, 2, ceil_mode=True)                        # [4, 3, 3]
+            b = F.avg_pool2d(h, 3, 2, padding=1, ceil_mode=True)            # [4, 6, 6]
+            return self.fc(torch.cat([a.flatten(1), b.flatten(1)], 1))
+
     return {"mlp": (MLP, (20,)), "gelu_mlp": (GeluMLP, (20,)), "lenet5": (LeNet, (1, 28, 28)),
-            "bn_cnn": (BatchNormCNN, (3, 8, 8)), "ln_mlp": (LayerNormMLP, (12,))}
+            "bn_cnn": (BatchNormCNN, (3, 8, 8)), "ln_mlp": (LayerNormMLP, (12,)),
+            "ceil_cnn": (CeilCNN, (2, 10, 10))}
 
 
 def _export(torch, name: str, dynamo: bool, folder: Path, batch: int = 8, dynamic=True):
@@ -152,7 +167,7 @@ def _export(torch, name: str, dynamo: bool, folder: Path, batch: int = 8, dynami
 
 
 @pytest.mark.parametrize("dynamo", [False, True], ids=["torchscript", "dynamo"])
-@pytest.mark.parametrize("name", ["mlp", "gelu_mlp", "lenet5", "bn_cnn", "ln_mlp"])
+@pytest.mark.parametrize("name", ["mlp", "gelu_mlp", "lenet5", "bn_cnn", "ln_mlp", "ceil_cnn"])
 def test_pytorch_exports_compute_what_onnxruntime_computes(name, dynamo, tmp_path):
     torch = pytest.importorskip("torch")
     ort = pytest.importorskip("onnxruntime")
@@ -185,7 +200,8 @@ def test_a_static_export_writes_its_batch_into_reshape_and_still_imports(tmp_pat
         1e-4 * np.max(np.abs(three))
 
 
-@pytest.mark.parametrize("name", ["lenet5", "ln_mlp"])   # eval exports fold batch norm away
+@pytest.mark.parametrize("name", ["lenet5", "ln_mlp", "ceil_cnn"])   # eval exports fold
+# batch norm away
 def test_an_imported_model_with_a_loss_has_torchs_gradients(name, tmp_path):
     """Fine-tuning: the imported graph with class-index cross-entropy, in float64, gives
     PyTorch autograd's loss and weight gradients (the weights from the ONNX file)."""
@@ -459,6 +475,12 @@ def _frozen(model, values: list[np.ndarray]):
     return model
 
 
+# Cases whose expected outputs ONNX types by hand, rounded: compared at ONNX's own runner's
+# tolerance (rtol 1e-3) rather than 1e-4. Channel 1 of this one averages 2.5564 / 9 =
+# 0.28404 (torch: 0.2840), typed 0.2841.
+HAND_ROUNDED = {"test_averagepool_2d_ceil_last_window_starts_on_pad": 1e-3}
+
+
 def _run_case(folder: Path, name: str, tmp_path: Path):
     """'refused' (graphc says why it cannot import it), or a list of mismatches."""
     model = onnx.load(str(folder / f"{name}.onnx"))
@@ -488,7 +510,8 @@ def _run_case(folder: Path, name: str, tmp_path: Path):
             for i, o in enumerate(graph.outputs):
                 want = d[f"out_{i}"]
                 if got[o].shape != want.shape or not np.allclose(
-                        got[o], want, rtol=1e-4, atol=1e-5, equal_nan=True):
+                        got[o], want, rtol=HAND_ROUNDED.get(name, 1e-4), atol=1e-5,
+                        equal_nan=True):
                     problems.append(f"{name}: output {o} differs")
         return problems
     return "refused"
@@ -511,13 +534,15 @@ def test_onnx_node_conformance_cases(graphc_cache_dir, tmp_path):
     counts = f"{claimed - len(failures)} passed / {claimed} claimed / {kept} candidates " \
              f"/ {total} cases"
     assert not failures, (counts, failures[:10])
-    assert claimed >= 190, counts   # 191 of 257 with onnx 1.23
+    assert claimed >= 205, counts   # 205 of 257 with onnx 1.23
 
 
 # One case per op family, run as compiled C too (the reference stands for the rest: the
 # suite checks the C against it op by op, tests/test_ops_c.py).
 C_CASES = ("test_basic_conv_with_padding", "test_conv_with_strides_and_asymmetric_padding",
            "test_maxpool_2d_precomputed_same_upper", "test_averagepool_2d_default",
+           "test_averagepool_2d_same_lower", "test_averagepool_2d_ceil",
+           "test_maxpool_2d_dilations",
            "test_globalaveragepool", "test_gemm_default_scalar_bias",
            "test_gemm_alpha", "test_softmax_axis_1", "test_batchnorm_epsilon",
            "test_gelu_tanh_1", "test_transpose_all_permutations_1")
@@ -602,6 +627,87 @@ def test_load_of_save_compiles_to_the_same_c(spec, tmp_path):
     back = graphc.onnx.load(graphc.onnx.save(graph, tmp_path / "model.onnx"))
     before, after = (graphc.generate(g, "float32")[1] for g in (graph, back))
     assert after.source == before.source and after.header == before.header
+
+
+# Pooling with ONNX's geometry: padding per side and over half the kernel, dilation (an
+# average's too) and ceil_mode, whose last windows run past the input (m, i, d, m1) or whose
+# rule takes back the window that would start past it (a: floor's windows).
+POOLS = {"name": "pools", "inputs": {"x": [2, 7, 8], "z": [2, 9]}, "params": {}, "nodes": {
+    "m": {"op": "max_pool2d", "inputs": ["x"], "kernel_size": 3, "stride": 2,
+          "dilation": [1, 2], "padding": [[0, 2], 1], "ceil_mode": True},
+    "a": {"op": "avg_pool2d", "inputs": ["x"], "kernel_size": [3, 2], "stride": 3,
+          "padding": [[2, 1], 0], "ceil_mode": True, "count_include_pad": False},
+    "i": {"op": "avg_pool2d", "inputs": ["x"], "kernel_size": 3, "stride": [2, 3],
+          "padding": [[1, 0], 1], "ceil_mode": True, "count_include_pad": True},
+    "d": {"op": "avg_pool2d", "inputs": ["x"], "kernel_size": 2, "stride": 3, "dilation": 2,
+          "ceil_mode": True, "count_include_pad": False},
+    "m1": {"op": "max_pool1d", "inputs": ["z"], "kernel_size": 3, "stride": 4, "dilation": 2,
+           "padding": [[2, 1]], "ceil_mode": True}},
+    "outputs": ["m", "a", "i", "d", "m1"]}
+
+
+def test_pooling_geometry_exports_runs_in_onnxruntime_and_comes_back(tmp_path):
+    ort = pytest.importorskip("onnxruntime")
+    graph = graphc.Graph.from_spec(POOLS)
+    with pytest.raises(graphc.errors.GraphcError, match="node 'd': an average pooling's "
+                                                        "dilation needs opset 19"):
+        graphc.onnx.save(graph, tmp_path / "old.onnx")
+    assert not (tmp_path / "old.onnx").exists()
+    path = graphc.onnx.save(graph, tmp_path / "pools.onnx", opset=19)
+    nodes = {n.output[0]: {a.name: helper.get_attribute_value(a) for a in n.attribute}
+             for n in onnx.load(str(path)).graph.node}
+    assert nodes["m"]["pads"] == [0, 1, 2, 1] and nodes["m"]["dilations"] == [1, 2]
+    assert [k for k in nodes if nodes[k].get("ceil_mode")] == ["m", "i", "d", "m1"]
+    rng = np.random.default_rng(0)
+    feed = {"x": rng.normal(size=(3, 2, 7, 8)).astype(np.float32),
+            "z": rng.normal(size=(3, 2, 9)).astype(np.float32)}
+    want = graphc.reference(graph).forward(**{k: v.astype(np.float64) for k, v in feed.items()})
+    got = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(
+        list(graph.outputs), feed)
+    for o, value in zip(graph.outputs, got):
+        assert value.shape == want[o].shape, o
+        assert np.max(np.abs(value - want[o])) <= 1e-5 * np.max(np.abs(want[o])), o
+    back = graphc.onnx.load(path)
+    before, after = (graphc.generate(g, "float32")[1] for g in (graph, back))
+    assert after.source == before.source and after.header == before.header
+
+
+def test_pooling_that_would_read_padding_alone_is_one_error_naming_onnxs_field(tmp_path):
+    node = helper.make_node("MaxPool", ["x"], ["y"], kernel_shape=[2, 2], pads=[0, 0, 2, 0])
+    path = _save(_model([node], [helper.make_tensor_value_info("x", TensorProto.FLOAT,
+                                                               ["n", 1, 3, 4])],
+                        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)]),
+                 tmp_path / "pool.onnx")
+    with pytest.raises(SpecError, match=r"node 'y': field 'pads': max_pool2d: padding \[0, 2\] "
+                                        r"along spatial axis 0 must be smaller than the "
+                                        r"window's extent 2"):
+        graphc.onnx.load(path)
+
+
+def test_pow_with_a_tensor_exponent_or_base_is_a_formula_of_a_param(tmp_path):
+    """x ** c and c ** x with c a tensor constant: c becomes a param (broadcast per
+    example), the node an elementwise formula whose derivatives SymPy takes (in c too)."""
+    c = np.array([0.5, 2.0, 3.0], np.float32)
+    path = _save(_model(
+        [helper.make_node("Pow", ["x", "c"], ["p"]), helper.make_node("Pow", ["c", "x"], ["q"])],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3])],
+        [helper.make_tensor_value_info(o, TensorProto.FLOAT, ["n", 3]) for o in ("p", "q")],
+        [numpy_helper.from_array(c, "c")]), tmp_path / "pow.onnx")
+    g = graphc.onnx.load(path)
+    assert {v.op for v in g.nodes.values()} == {"elementwise"}
+    x = np.random.default_rng(1).uniform(0.5, 2.0, size=(4, 3))
+    out = graphc.reference(g).forward(x=x)
+    np.testing.assert_allclose(out["p"], x ** c.astype(np.float64), rtol=1e-12)
+    np.testing.assert_allclose(out["q"], c.astype(np.float64) ** x, rtol=1e-12)
+    spec = g.to_spec()   # a loss on both, so that the gradient of the param c is checked
+    spec["inputs"]["t"] = {"shape": [3]}
+    spec["nodes"]["s"] = {"op": "add", "inputs": ["p", "q"]}
+    spec["nodes"]["loss"] = {"op": "mse", "inputs": ["s", "t"]}
+    spec["loss"] = "loss"
+    model = graphc.compile(graphc.Graph.from_spec(spec), dtype="float64")
+    model.set_params(g.initial)
+    report = model.verify(x=x, t=np.zeros((4, 3)))
+    assert report.ok, report
 
 
 def test_a_trained_model_exports_its_current_params(tmp_path):

@@ -561,6 +561,10 @@ def _max_pool(net: Net, rng, op):
         net.target(net.op("relu", op, relu_neg("relu_h", [2, 5, 4]), kernel_size=2))
         net.target(net.op("p", op, net.param("p_p", [2, 4, 5], "ties"), kernel_size=[2, 3],
                           stride=[2, 1]))
+        # ceil_mode's clipped last windows, dilation, padding per side and over half the
+        # kernel (ONNX's), ties routed through all of them
+        net.target(net.op("ceil", op, ties("ceil_h", [2, 6, 8]), kernel_size=3, stride=2,
+                          dilation=[1, 2], padding=[[0, 2], 1], ceil_mode=True))
     else:
         net.target(net.op("k3s2p1", op, h("k3s2p1_h", [3, 8]), kernel_size=3, stride=2,
                           padding=1))
@@ -571,6 +575,8 @@ def _max_pool(net: Net, rng, op):
         net.target(net.op("relu", op, relu_neg("relu_h", [2, 8]), kernel_size=2))
         net.target(net.op("p", op, net.param("p_p", [2, 7], "ties"), kernel_size=3, stride=2,
                           padding=1))
+        net.target(net.op("ceil", op, h("ceil_h", [2, 9]), kernel_size=3, stride=3,
+                          dilation=2, padding=[[3, 1]], ceil_mode=True))
 
 
 @cases("avg_pool1d", "avg_pool2d")
@@ -590,6 +596,15 @@ def _avg_pool(net: Net, rng, op):
                               stride=3, padding=2, count_include_pad=inc))
             net.target(net.op(f"ovl{tag}", op, h(f"ovl{tag}_h", [2, 6]), kernel_size=3,
                               stride=1, padding=1, count_include_pad=inc))
+        # ceil_mode: the divisor counts the padding (or not), never the overhang
+        if op == "avg_pool2d":
+            net.target(net.op(f"ceil{tag}", op, h(f"ceil{tag}_h", [2, 6, 8]), kernel_size=3,
+                              stride=2, dilation=[1, 2], padding=[[0, 2], 1], ceil_mode=True,
+                              count_include_pad=inc))
+        else:
+            net.target(net.op(f"ceil{tag}", op, h(f"ceil{tag}_h", [2, 9]), kernel_size=3,
+                              stride=2, padding=[[2, 1]], ceil_mode=True,
+                              count_include_pad=inc))
     spatial = [5, 4] if op == "avg_pool2d" else [7]
     net.target(net.op("odd", op, h("odd_h", [2] + spatial), kernel_size=2))
     net.target(net.op("p", op, net.param("p_p", [1, 4, 3] if op == "avg_pool2d" else [2, 5]),

@@ -245,3 +245,38 @@ def test_packed_strided_convolutions_under_sanitizers(target, tmp_path, assert_c
     batches = (0, 1, 2, 5)
     build = start_build(model, tmp_path, batches, ["-fopenmp"] if target == "host" else [])
     run_and_check(model, tmp_path, build, assert_close, batches, env={"OMP_NUM_THREADS": "2"})
+
+
+# Pooling windows that run past the input: ceil_mode's clipped last windows, padding per
+# side and over half the kernel, dilation. The padded copy (c99) and the guarded reads
+# (cortex-m4) must neither read nor scatter past the arrays at any batch size.
+POOLS = {
+    "name": "pools",
+    "inputs": {"x": [2, 7, 8], "y": [3]},
+    "params": {"S": {"shape": [2, 7, 8], "init": "normal"},
+               "W": {"shape": [3, 80], "init": "glorot_uniform"}},
+    "nodes": {
+        "h": {"op": "mul", "inputs": ["x", "S"]},
+        "m": {"op": "max_pool2d", "inputs": ["h"], "kernel_size": 3, "stride": 2,
+              "dilation": [1, 2], "padding": [[0, 2], 1], "ceil_mode": True},      # [2, 4, 4]
+        "i": {"op": "avg_pool2d", "inputs": ["h"], "kernel_size": 3, "stride": [2, 3],
+              "padding": [[1, 0], 1], "ceil_mode": True},                           # [2, 4, 3]
+        "e": {"op": "avg_pool2d", "inputs": ["h"], "kernel_size": 3, "stride": [2, 3],
+              "padding": [[1, 0], 1], "ceil_mode": True, "count_include_pad": False},
+        "cat": {"op": "concat", "inputs": ["m", "i", "e"]},                        # [2, 4, 10]
+        "f": {"op": "flatten", "inputs": ["cat"]},
+        "logits": {"op": "dense", "inputs": ["f", "W"]},
+        "loss": {"op": "softmax_cross_entropy", "inputs": ["logits", "y"]}},
+    "outputs": ["logits"], "loss": "loss",
+    "optimizer": {"name": "sgd", "lr": 0.1},
+}
+
+
+@pytest.mark.skipif(__import__("shutil").which("cc") is None, reason="no C compiler")
+def test_pooling_past_the_input_under_the_sanitizers(tmp_path, assert_close):
+    from sweep import Sweep, run_and_check, start_build
+    batches = (0, 1, 3)
+    models = {t: Sweep(POOLS, t, "float64") for t in ("c99", "cortex-m4")}
+    builds = {t: start_build(m, tmp_path / t, batches) for t, m in models.items()}
+    for t, m in models.items():
+        run_and_check(m, tmp_path / t, builds[t], assert_close, batches)

@@ -1,5 +1,6 @@
 """The NumPy reference's spatial and movement ops (conv, pooling, pad, slice, transpose,
-layer_norm) against torch.nn.functional, and their VJPs against finite differences.
+layer_norm) against torch.nn.functional (pooling torch cannot express: against ONNX's
+reference implementation), and their VJPs against finite differences.
 
 The reference functions are called directly on lifted arrays (batch axis first: x of shape
 (n, *per_example), a param of shape (1, *shape)). Against torch, in float64: the forward, and
@@ -82,6 +83,19 @@ CASES = [
     Case("max_pool1d-nan", "max_pool1d", (3, 12), attrs=dict(kernel_size=3, stride=1), values="nan"),
     Case("max_pool1d-neginf", "max_pool1d", (3, 10), attrs=dict(kernel_size=4, stride=3, padding=2),
          values="neginf"),
+    # ceil_mode: a last window clipped at the end (8 wide, k3 s2: 4 windows, not 3); with
+    # dilation; avg_pool1d-ceil below: none starting in the padding after (4, not 5)
+    Case("max_pool2d-ceil", "max_pool2d", (2, 8, 7), attrs=dict(kernel_size=3, stride=2,
+                                                                ceil_mode=True)),
+    Case("max_pool2d-ceil-pad-dilation", "max_pool2d", (2, 8, 9),
+         attrs=dict(kernel_size=(3, 2), stride=(2, 3), padding=1, dilation=(2, 1),
+                    ceil_mode=True)),
+    Case("max_pool2d-dilation", "max_pool2d", (2, 7, 7),
+         attrs=dict(kernel_size=2, stride=1, dilation=2)),
+    Case("max_pool2d-ceil-ties", "max_pool2d", (2, 6, 6),
+         attrs=dict(kernel_size=3, stride=2, padding=1, ceil_mode=True), values="ties"),
+    Case("max_pool1d-ceil-dilation", "max_pool1d", (3, 10),
+         attrs=dict(kernel_size=3, stride=3, padding=1, dilation=2, ceil_mode=True)),
 ]
 for _inc in (True, False):
     _tag = "incl" if _inc else "excl"
@@ -96,6 +110,13 @@ for _inc in (True, False):
              attrs=dict(kernel_size=4, stride=3, padding=2, count_include_pad=_inc)),
         Case(f"avg_pool1d-overlap-{_tag}", "avg_pool1d", (3, 9),
              attrs=dict(kernel_size=3, stride=1, padding=1, count_include_pad=_inc)),
+        # ceil_mode: the divisor counts the padding (or not) but never the overhang
+        Case(f"avg_pool2d-ceil-{_tag}", "avg_pool2d", (2, 8, 7),
+             attrs=dict(kernel_size=3, stride=2, padding=1, ceil_mode=True,
+                        count_include_pad=_inc)),
+        Case(f"avg_pool1d-ceil-{_tag}", "avg_pool1d", (3, 10),
+             attrs=dict(kernel_size=4, stride=3, padding=2, ceil_mode=True,
+                        count_include_pad=_inc)),
     ]
 CASES += [
     Case("global_avg_pool-2d", "global_avg_pool", (3, 5, 4)),
@@ -119,6 +140,30 @@ CASES += [
     Case("layer_norm-all-plain", "layer_norm", (3, 5, 4), (), dict(axes=(0, 1, 2))),
     Case("layer_norm-default", "layer_norm", (6,), ((6,), (6,)), {}),
 ]
+
+
+# Pooling torch has no form for (padding per side, or over half the kernel; an average's
+# dilation): against ONNX's reference implementation (onnx.reference), and finite
+# differences. With ceil_mode, the overhang is kept at 1: past it, ONNX's reference pads
+# half of it before the input and shifts the windows (torch does not).
+ONNX_CASES = [
+    Case("max_pool2d-sides", "max_pool2d", (2, 7, 6),
+         attrs=dict(kernel_size=3, stride=2, padding=((0, 2), (2, 1)))),
+    Case("max_pool1d-sides-ceil-dilation", "max_pool1d", (3, 9),
+         attrs=dict(kernel_size=3, stride=3, dilation=2, padding=((3, 1),), ceil_mode=True)),
+    Case("avg_pool2d-dilation-ceil", "avg_pool2d", (2, 7, 6),
+         attrs=dict(kernel_size=2, stride=2, dilation=2, ceil_mode=True,
+                    count_include_pad=False)),
+]
+for _inc in (True, False):
+    ONNX_CASES += [
+        Case(f"avg_pool2d-sides-{'incl' if _inc else 'excl'}", "avg_pool2d", (2, 6, 7),
+             attrs=dict(kernel_size=(3, 2), stride=(2, 1), padding=((2, 0), 1),
+                        count_include_pad=_inc)),
+        Case(f"avg_pool1d-sides-ceil-{'incl' if _inc else 'excl'}", "avg_pool1d", (2, 9),
+             attrs=dict(kernel_size=3, stride=2, padding=((2, 1),), ceil_mode=True,
+                        count_include_pad=_inc)),
+    ]
 
 
 def make_args(case: Case, n: int, rng) -> list[np.ndarray]:
@@ -269,9 +314,35 @@ def test_rejected_geometry(op, attrs, shapes):
         OPS[op].forward([np.zeros(s) for s in shapes], attrs)
 
 
+@pytest.mark.parametrize("case", ONNX_CASES, ids=lambda c: c.id)
+def test_pooling_against_onnx_reference(case):
+    onnx = pytest.importorskip("onnx")
+    from onnx.reference import ReferenceEvaluator
+    a, d = case.attrs, len(case.x) - 1
+
+    def per_axis(v):
+        return list(v) * (d // len(v)) if isinstance(v, tuple) else [v] * d
+    sides = [p if isinstance(p, tuple) else (p, p) for p in per_axis(a.get("padding", 0))]
+    attrs = dict(kernel_shape=per_axis(a["kernel_size"]), strides=per_axis(a["stride"]),
+                 dilations=per_axis(a.get("dilation", 1)), ceil_mode=int(a.get("ceil_mode", 0)),
+                 pads=[b for b, _ in sides] + [e for _, e in sides])
+    if case.op.startswith("avg"):
+        attrs["count_include_pad"] = int(a["count_include_pad"])
+    node = onnx.helper.make_node("MaxPool" if case.op.startswith("max") else "AveragePool",
+                                 ["x"], ["y"], **attrs)
+    x = np.random.default_rng(zlib.crc32(case.id.encode())).normal(size=(3,) + case.x)
+    model = onnx.helper.make_model(
+        onnx.helper.make_graph([node], "pool", [onnx.helper.make_tensor_value_info(
+            "x", onnx.TensorProto.DOUBLE, None)], [onnx.helper.make_tensor_value_info(
+                "y", onnx.TensorProto.DOUBLE, None)]),
+        opset_imports=[onnx.helper.make_opsetid("", 22)])
+    (want,) = ReferenceEvaluator(model).run(None, {"x": x})
+    assert_rel(OPS[case.op].forward([x], a), want, "forward")
+
+
 # ---------------------------------------------------------------- finite differences
 
-FD_CASES = [c for c in CASES if c.values == "normal"]
+FD_CASES = [c for c in CASES + ONNX_CASES if c.values == "normal"]
 
 
 @pytest.mark.parametrize("case", FD_CASES, ids=lambda c: c.id)

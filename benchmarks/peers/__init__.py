@@ -2,7 +2,8 @@
 
 - `version()`: the installed version, or `Skip` with a note when the peer is missing.
 - `runners(problem, workdir)`: a `Runner` per variant timed (e.g. torch on one thread and
-  on the default number), each solving `problem` (benchmarks/workloads.py).
+  on the default number), each solving `problem` (benchmarks/workloads.py), or `Skip`
+  for a workload the peer does not run (NumPy, CasADi and PyTensor run the MLPs only).
 
 A runner's `results()` runs on fresh state and returns what `workloads.check` compares
 with graphc's: the losses returned by the first two steps (before and after one update)
@@ -19,7 +20,7 @@ from typing import Callable
 
 from ..timing import Options, Timing
 
-NAMES = ("numpy", "torch", "jax", "casadi", "pytensor", "graphc")
+NAMES = ("numpy", "torch", "torch_compile", "jax", "onnxruntime", "casadi", "pytensor", "graphc")
 
 
 class Skip(Exception):
@@ -33,6 +34,12 @@ class Runner:
     results: Callable[[], dict]
     time: Callable[[Options], Timing]
     notes: str = ""
+
+
+def mlp_only(problem) -> None:
+    """Skip a peer written for the MLP workloads (W1-W4) only."""
+    if problem.workload.model != "mlp":
+        raise Skip("written for the MLP workloads only")
 
 
 def load(name: str):

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from .. import charness
 from ..workloads import LR, Problem
-from . import Runner, Skip
+from . import Runner, Skip, mlp_only
 
 SX_LIMIT = 200_000   # multiply-adds per call above which the net is built from MX
 
@@ -55,6 +55,7 @@ def function(problem: Problem, sym):
 
 
 def runners(problem: Problem, workdir: Path) -> list[Runner]:
+    mlp_only(problem)
     import casadi as ca
     w = problem.workload
     kind = "SX" if w.batch * sum(i * o for i, o in w.layers) <= SX_LIMIT else "MX"

@@ -2,12 +2,16 @@
 as a bound call (`model.bind`: no arguments, checks or allocations per call), and in pure C
 (the generated timing harness calling `<name>_train_step` / `<name>_forward` in a loop).
 
-Both are the `host` target: graphc's own build adds the target's flags (-march=native), and
-the harness is compiled with the same flags (benchmarks/charness.py).
+From Python on every target of `TARGETS`: `graphc.compile`'s default first (its rows are
+the reference every peer is checked against and divided by), then the others; each row
+names its target. In pure C the `host` target's C, compiled with the host's flags
+(-march=native, and OpenMP where the target has it) as graphc's own host build is
+(benchmarks/charness.py); with OpenMP, also on one thread (OMP_NUM_THREADS=1).
 """
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 
 import numpy as np
@@ -16,14 +20,16 @@ import graphc
 
 from .. import charness
 from ..timing import time_python
-from ..workloads import Problem, spec
+from ..workloads import Problem
 from . import Runner
 
-TARGET = "host"
+DEFAULT_TARGET = inspect.signature(graphc.compile).parameters["target"].default
+TARGETS = tuple(dict.fromkeys((DEFAULT_TARGET, "host", "c99")))
+C_TARGET = "host"
 
 
 def version() -> str:
-    return graphc.__version__
+    return f"{graphc.__version__} (default target {DEFAULT_TARGET})"
 
 
 def flat_params(cmodule, problem: Problem) -> np.ndarray:
@@ -53,41 +59,57 @@ def c_program(cmodule, problem: Problem, train: bool) -> charness.Program:
         call = f"{entry.c_name}(params, work, {n}, {ins}, {', '.join(o for o, _ in outs)});"
         dump = outs
     name = cmodule.name
-    return charness.Program(f"{name}_{w.key.lower()}_{entry.kind}",
+    key = w.key.lower().replace(".", "_")
+    return charness.Program(f"{name}_{key}_{entry.kind}",
                             {f"{name}.c": cmodule.source, f"{name}.h": cmodule.header},
                             f"{name}.h", read, zeroed, call, dump)
 
 
-def runners(problem: Problem, workdir: Path) -> list[Runner]:
-    w = problem.workload
-    model = graphc.compile(spec(w.sizes), target=TARGET)
+def _model(problem: Problem, target: str):
+    """A compiled model of its own (a fresh start for its check) at the problem's params."""
+    model = graphc.compile(problem.workload.graph(), target=target)
     model.set_params(problem.graphc_params())
-    x, y, out = problem.x, problem.y, model.cmodule.entries["forward"].outputs[0]
-    if w.train:
-        def call():
-            return model.train_step(x=x, y=y)
-
-        def results():
-            return {"losses": [call(), call()]}
-    else:
-        def call():
-            return model.forward(x=x)
-
-        def results():
-            return {"logits": call()[out]}
-    return [Runner("graphc (Python)", "python", results, lambda opts: time_python(call, opts),
-                   f"target {TARGET}"),
-            bound_runner(problem),
-            charness.runner("graphc (pure C)", c_program(model.cmodule, problem, w.train), workdir,
-                            w.train, f"flags: {' '.join(charness.flags())}")]
+    return model
 
 
-def bound_runner(problem: Problem) -> Runner:
+def runners(problem: Problem, workdir: Path, targets=TARGETS) -> list[Runner]:
+    """From Python and as a bound call per target, the default's first; pure C (host)."""
+    w = problem.workload
+    out = []
+    for target in targets:
+        model = _model(problem, target)
+        x, y, logits = problem.x, problem.y, model.graph.outputs[0]
+        if w.train:
+            def call(model=model):
+                return model.train_step(x=x, y=y)
+
+            def results(call=call):
+                return {"losses": [call(), call()]}
+        else:
+            def call(model=model):
+                return model.forward(x=x)
+
+            def results(call=call, logits=logits):
+                return {"logits": call()[logits]}
+        out += [Runner(f"graphc {target} (Python)", "python", results,
+                       lambda opts, call=call: time_python(call, opts), f"target {target}"),
+                bound_runner(problem, target)]
+    if C_TARGET in targets:
+        program = c_program(_model(problem, C_TARGET).cmodule, problem, w.train)
+        notes = f"flags: {' '.join(charness.flags())}"
+        out.append(charness.runner(f"graphc {C_TARGET} (pure C)", program, workdir, w.train,
+                                   notes))
+        if charness.threaded():   # OpenMP's threads wait for each other beside a competitor
+            out.append(charness.runner(f"graphc {C_TARGET} (pure C, OMP_NUM_THREADS=1)",
+                                       program, workdir, w.train, notes, charness.ONE_THREAD))
+    return out
+
+
+def bound_runner(problem: Problem, target: str) -> Runner:
     """`model.bind`: the same entry point as a call without arguments on arrays fixed once
     (the inputs copied into its aligned buffers once, outside the clock)."""
     w = problem.workload
-    model = graphc.compile(spec(w.sizes), target=TARGET)   # its own params: a fresh start
-    model.set_params(problem.graphc_params())
+    model = _model(problem, target)
     kind = "train_step" if w.train else "forward"
     call = model.bind(kind, batch=w.batch)
     data = {"x": problem.x, "y": problem.y}
@@ -100,5 +122,5 @@ def bound_runner(problem: Problem) -> Runner:
         def results():
             call()
             return {"logits": next(iter(call.outputs.values())).copy()}
-    return Runner("graphc (Python, bound call)", "bound", results,
-                  lambda opts: time_python(call, opts), f"model.bind({kind!r}), target {TARGET}")
+    return Runner(f"graphc {target} (bound call)", "bound", results,
+                  lambda opts: time_python(call, opts), f"model.bind({kind!r}), target {target}")

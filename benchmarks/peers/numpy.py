@@ -8,7 +8,7 @@ import numpy as np
 
 from ..timing import time_python
 from ..workloads import LR, Problem
-from . import Runner
+from . import Runner, mlp_only
 
 
 def version() -> str:
@@ -46,6 +46,7 @@ def train_step(layers, x, labels) -> float:
 
 
 def runners(problem: Problem, workdir: Path) -> list[Runner]:
+    mlp_only(problem)
     layers = [(W.copy(), b.copy()) for W, b in problem.layers]
     x, labels = problem.x, problem.labels
     if problem.workload.train:

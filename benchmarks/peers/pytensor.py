@@ -16,7 +16,7 @@ import numpy as np
 
 from ..timing import time_python
 from ..workloads import LR, Problem
-from . import Runner, Skip
+from . import Runner, Skip, mlp_only
 
 MODES = ("default", "CVM")
 
@@ -43,6 +43,7 @@ def version() -> str:
 
 
 def runners(problem: Problem, workdir: Path) -> list[Runner]:
+    mlp_only(problem)
     return [_runner(problem, mode) for mode in MODES]
 
 

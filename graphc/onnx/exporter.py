@@ -91,12 +91,26 @@ def _as_function(ex: Exporter, v, shapes, build) -> None:
 def _spatial_pads(x_shape, kernel, attrs, node) -> tuple[list[int], list[int], list[int]]:
     """(strides, dilations, pads) in ONNX's form from graphc's window rule."""
     window = _window(node, tuple(x_shape[1:]), tuple(kernel), attrs)
-    span = [d * (k - 1) + 1 for d, k in zip(window.dilation, kernel)]
-    # graphc's padding after each axis: "same" gives the odd one after (torch's rule),
-    # otherwise it equals the padding before (a stride may leave part of it unread)
-    ends = [s - 1 - b for s, b in zip(span, window.before)] if attrs.get("padding") == "same" \
-        else list(window.before)
-    return list(window.stride), list(window.dilation), list(window.before) + ends
+    return list(window.stride), list(window.dilation), list(window.before) + list(window.after)
+
+
+def _ceil_mode(v, x_shape, kernel, pads: list[int]) -> dict:
+    """ceil_mode for a pooling node, only where it adds a window, and `pads` made to agree
+    with ONNX's shape inference (onnx 1.23), which lacks ceil_mode's rule that takes back a
+    window starting past the input and the padding before it (ONNX's reference and
+    onnxruntime apply it, as torch does): where the rule applies, the windows are floor's,
+    and the padding after is cut to where the last one ends (no window reads past it)."""
+    spatial = tuple(x_shape[1:])
+    floor = _window(v.name, spatial, tuple(kernel), {**v.attrs, "ceil_mode": False})
+    out = tuple(v.shape[1:])
+    if out == floor.out:
+        return {}
+    rank = len(spatial)
+    for axis, (n, k, s, d) in enumerate(zip(spatial, kernel, floor.stride, floor.dilation)):
+        span = d * (k - 1) + 1
+        if out[axis] == floor.out[axis]:
+            pads[rank + axis] = max(0, (out[axis] - 1) * s + span - n - pads[axis])
+    return {"ceil_mode": 1}
 
 
 def _export_node(ex: Exporter, v, shapes) -> None:
@@ -190,12 +204,19 @@ def _export_node(ex: Exporter, v, shapes) -> None:
     elif op in ("max_pool1d", "max_pool2d", "avg_pool1d", "avg_pool2d"):
         dims = int(op[-2])
         kernel = list(_per_axis(v.name, "kernel_size", a["kernel_size"], dims))
-        strides, _, pads = _spatial_pads(shapes[v.inputs[0]], kernel, a, v.name)
+        strides, dilations, pads = _spatial_pads(shapes[v.inputs[0]], kernel, a, v.name)
+        extra = _ceil_mode(v, shapes[v.inputs[0]], kernel, pads)
+        if any(d != 1 for d in dilations):
+            if op.startswith("avg") and ex.opset < 19:
+                raise GraphcError(f"node '{v.name}': an average pooling's dilation needs "
+                                  f"opset 19 or later (AveragePool's dilations), got {ex.opset}")
+            extra["dilations"] = dilations
         if op.startswith("max"):
-            ex.node("MaxPool", ins, out, kernel_shape=kernel, strides=strides, pads=pads)
+            ex.node("MaxPool", ins, out, kernel_shape=kernel, strides=strides, pads=pads,
+                    **extra)
         else:
             ex.node("AveragePool", ins, out, kernel_shape=kernel, strides=strides, pads=pads,
-                    count_include_pad=int(bool(a["count_include_pad"])))
+                    count_include_pad=int(bool(a["count_include_pad"])), **extra)
     elif op == "global_avg_pool":   # ONNX keeps the spatial axes: [C, 1, 1]
         _as_function(ex, v, shapes, lambda body, names: body.node(
             "Flatten", [body.node("GlobalAveragePool", names)], "out", axis=1))

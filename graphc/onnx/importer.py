@@ -265,10 +265,16 @@ class Importer:
                 local["inputs"][i] = self.spec["inputs"].get(i) or {"shape": list(self.shapes[i])}
         try:
             shape = Graph.from_spec(local).values[name].shape
-        except SpecError as e:
-            raise self.error(f"{op}: {e.message}", field=e.field) from None
+        except SpecError as e:   # the field as the ONNX node names it
+            raise self.error(f"{op}: {e.message}",
+                             field=ONNX_FIELDS.get(e.field, e.field)) from None
         self.shapes[name] = shape
         return Batched(name, shape)
+
+
+# graphc's convolution and pooling attributes under their ONNX names
+ONNX_FIELDS = {"kernel_size": "kernel_shape", "stride": "strides", "padding": "pads",
+               "dilation": "dilations", "groups": "group"}
 
 
 def _shape_of_input(importer: Importer, vi) -> tuple[str, tuple[int, ...]]:

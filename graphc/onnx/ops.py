@@ -256,14 +256,16 @@ def _binary(imp, node, attrs):
                     f"({literal}) {symbol} {x.name}"
                 _bind(imp, node, imp.add("elementwise", [x.name], node.output[0], expr=expr))
                 return
-            if op is None:
-                raise imp.error("Pow with a tensor exponent is not supported", field="input")
-            # A tensor constant (a bias): a param, broadcast per example as ONNX does
-            # when it has no batch axis of its own.
+            # A tensor constant (a bias, an exponent): a param, broadcast per example as
+            # ONNX does when it has no batch axis of its own.
             c = _per_example_constant(imp, c, len(x.shape))
             p = imp.param(node.input[1 if x_first else 0], c)
             ins = [x.name, p] if x_first else [p, x.name]
-            _bind(imp, node, imp.add(op, ins, node.output[0]))
+            if op is None:
+                _bind(imp, node, imp.add("elementwise", ins, node.output[0],
+                                         expr=f"{ins[0]} ** {ins[1]}"))
+            else:
+                _bind(imp, node, imp.add(op, ins, node.output[0]))
             return
     if op is None:
         _bind(imp, node, imp.add("elementwise", [a.name, b.name], node.output[0],
@@ -477,8 +479,8 @@ def _matmul(imp, node, attrs):
 # ---------------------------------------------------------------- convolution and pooling
 
 def _spatial(imp, node, attrs, x: Batched, kernel: list[int]) -> dict:
-    """stride, dilation and padding (symmetric; asymmetric pads are refused) from ONNX's
-    strides, dilations, pads and auto_pad."""
+    """stride, dilation and the padding before ("begin") and after ("end") each spatial
+    axis, from ONNX's strides, dilations, pads and auto_pad."""
     dims = len(kernel)
     strides = list(attrs.get("strides", [1] * dims))
     dilations = list(attrs.get("dilations", [1] * dims))
@@ -501,16 +503,16 @@ def _spatial(imp, node, attrs, x: Batched, kernel: list[int]) -> dict:
     return {"stride": strides, "dilation": dilations, "begin": pads_begin, "end": pads_end}
 
 
-def _padded(imp, node, x: Batched, geometry: dict, fill: float) -> tuple[Batched, list[int]]:
-    """x and the symmetric padding left for the op: an asymmetric part becomes a pad node
-    first (torch.nn.functional.pad's order: last axis first)."""
+def _padded(imp, node, x: Batched, geometry: dict) -> tuple[Batched, list[int]]:
+    """x and the symmetric padding left for a convolution: an asymmetric part becomes a pad
+    node first (torch.nn.functional.pad's order: last axis first)."""
     begin, end = geometry["begin"], geometry["end"]
     if begin == end:
         return x, begin
     pad = []
     for b, e in reversed(list(zip(begin, end))):
         pad += [b, e]
-    return imp.add("pad", [x.name], node.output[0] + "_pad", pad=pad, value=fill), \
+    return imp.add("pad", [x.name], node.output[0] + "_pad", pad=pad, value=0.0), \
         [0] * len(begin)
 
 
@@ -524,7 +526,7 @@ def _conv(imp, node, attrs):
                         field="kernel_shape")
     kernel = list(attrs.get("kernel_shape", w.shape[2:]))
     geometry = _spatial(imp, node, attrs, x, kernel)
-    x, padding = _padded(imp, node, x, geometry, 0.0)
+    x, padding = _padded(imp, node, x, geometry)
     ins = [x.name, imp.param(node.input[1])]
     if len(node.input) > 2 and node.input[2]:
         ins.append(imp.param(node.input[2]))
@@ -542,17 +544,15 @@ def _pool(imp, node, attrs):
     dims = len(kernel)
     if dims not in (1, 2) or len(x.shape) != dims + 1:
         raise imp.error(f"pooling over {dims} spatial axes is not supported", field="kernel_shape")
-    if attrs.get("ceil_mode", 0):
-        raise imp.error("ceil_mode = 1 is not supported", field="ceil_mode")
     geometry = _spatial(imp, node, attrs, x, kernel)
-    if any(d != 1 for d in geometry["dilation"]):
-        raise imp.error("dilated pooling is not supported", field="dilations")
+    # graphc's padding per axis: an int when both sides agree, else [before, after]
+    padding = [b if b == e else [b, e] for b, e in zip(geometry["begin"], geometry["end"])]
     maximum = node.op_type == "MaxPool"
-    count = bool(attrs.get("count_include_pad", 0))
-    if geometry["begin"] != geometry["end"] and (maximum or not count):
-        raise imp.error("asymmetric pads are supported for convolutions only", field="pads")
-    x, padding = _padded(imp, node, x, geometry, 0.0)
-    extra = {} if maximum else {"count_include_pad": count}
+    extra = {} if maximum else {"count_include_pad": bool(attrs.get("count_include_pad", 0))}
+    if attrs.get("ceil_mode", 0):
+        extra["ceil_mode"] = True
+    if any(d != 1 for d in geometry["dilation"]):
+        extra["dilation"] = geometry["dilation"]
     op = f"{'max' if maximum else 'avg'}_pool{dims}d"
     _bind(imp, node, imp.add(op, [x.name], node.output[0], kernel_size=kernel,
                              stride=geometry["stride"], padding=padding, **extra))

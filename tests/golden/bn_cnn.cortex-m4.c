@@ -18,20 +18,127 @@ static void a_forward(size_t n, float *restrict a, const float *restrict K,
         const float *restrict beta, const float *restrict gamma_, const float *restrict mean,
         const float *restrict var, const float *restrict x)
 {
-    for (size_t i1 = 0; i1 < 16; ++i1) {
-        for (size_t b = 0; b < n; ++b) {
-            for (size_t i3 = 0; i3 < 8; ++i3) {
-                for (size_t i4 = 0; i4 < 8; ++i4) {
-                    float acc = 0;
-                    for (size_t i5 = 0; i5 < 3; ++i5) {
-                        for (size_t i6 = 0; i6 < 3; ++i6) {
-                            acc += ((i3 + i5 >= 1 && i4 + i6 >= 1 && i3 + i5 < 9 && i4 + i6 < 9) ?
-                                    (x[64*b + 8*i3 + i4 + 8*i5 + i6 - 9]) : (0.0F))*K[9*i1 + 3*i5 +
-                                    i6];
-                        }
+    for (size_t b = 0; b < n; ++b) {
+        for (size_t i3 = 0; i3 < 8; ++i3) {
+            for (size_t i4 = 0; i4 < 8; ++i4) {
+                /* The whole window inside the input: no test per term. */
+                if (i3 >= 1 && i4 >= 1 && i3 < 7 && i4 < 7) {
+                    for (size_t i1 = 0; i1 < 16; i1 += 4) {
+                        float c0 = 0, c1 = 0, c2 = 0, c3 = 0;
+                        const float *p0 = x + 64*b + 8*i3 + i4 - 9;
+                        const float *p1 = K + 9*i1;
+                        const float s0 = p0[0];
+                        c0 = fmaf(s0, p1[0], c0);
+                        c1 = fmaf(s0, p1[9], c1);
+                        c2 = fmaf(s0, p1[18], c2);
+                        c3 = fmaf(s0, p1[27], c3);
+                        const float s1 = p0[1];
+                        c0 = fmaf(s1, p1[1], c0);
+                        c1 = fmaf(s1, p1[10], c1);
+                        c2 = fmaf(s1, p1[19], c2);
+                        c3 = fmaf(s1, p1[28], c3);
+                        const float s2 = p0[2];
+                        c0 = fmaf(s2, p1[2], c0);
+                        c1 = fmaf(s2, p1[11], c1);
+                        c2 = fmaf(s2, p1[20], c2);
+                        c3 = fmaf(s2, p1[29], c3);
+                        const float s3 = p0[8];
+                        c0 = fmaf(s3, p1[3], c0);
+                        c1 = fmaf(s3, p1[12], c1);
+                        c2 = fmaf(s3, p1[21], c2);
+                        c3 = fmaf(s3, p1[30], c3);
+                        const float s4 = p0[9];
+                        c0 = fmaf(s4, p1[4], c0);
+                        c1 = fmaf(s4, p1[13], c1);
+                        c2 = fmaf(s4, p1[22], c2);
+                        c3 = fmaf(s4, p1[31], c3);
+                        const float s5 = p0[10];
+                        c0 = fmaf(s5, p1[5], c0);
+                        c1 = fmaf(s5, p1[14], c1);
+                        c2 = fmaf(s5, p1[23], c2);
+                        c3 = fmaf(s5, p1[32], c3);
+                        const float s6 = p0[16];
+                        c0 = fmaf(s6, p1[6], c0);
+                        c1 = fmaf(s6, p1[15], c1);
+                        c2 = fmaf(s6, p1[24], c2);
+                        c3 = fmaf(s6, p1[33], c3);
+                        const float s7 = p0[17];
+                        c0 = fmaf(s7, p1[7], c0);
+                        c1 = fmaf(s7, p1[16], c1);
+                        c2 = fmaf(s7, p1[25], c2);
+                        c3 = fmaf(s7, p1[34], c3);
+                        const float s8 = p0[18];
+                        c0 = fmaf(s8, p1[8], c0);
+                        c1 = fmaf(s8, p1[17], c1);
+                        c2 = fmaf(s8, p1[26], c2);
+                        c3 = fmaf(s8, p1[35], c3);
+                        a[1024*b + 64*i1 + 8*i3 + i4] = relu((c0 -
+                                mean[i1])*gamma_[i1]/sqrtf(var[i1] + 1e-05F) + beta[i1]);
+                        a[1024*b + 64*i1 + 8*i3 + i4 + 64] = relu((c1 - mean[i1 + 1])*gamma_[i1 +
+                                1]/sqrtf(var[i1 + 1] + 1e-05F) + beta[i1 + 1]);
+                        a[1024*b + 64*i1 + 8*i3 + i4 + 128] = relu((c2 - mean[i1 + 2])*gamma_[i1 +
+                                2]/sqrtf(var[i1 + 2] + 1e-05F) + beta[i1 + 2]);
+                        a[1024*b + 64*i1 + 8*i3 + i4 + 192] = relu((c3 - mean[i1 + 3])*gamma_[i1 +
+                                3]/sqrtf(var[i1 + 3] + 1e-05F) + beta[i1 + 3]);
                     }
-                    a[1024*b + 64*i1 + 8*i3 + i4] = relu((acc - mean[i1])*gamma_[i1]/sqrtf(var[i1] +
-                            1e-05F) + beta[i1]);
+                } else {
+                    for (size_t i1 = 0; i1 < 16; i1 += 4) {
+                        float c0 = 0, c1 = 0, c2 = 0, c3 = 0;
+                        const float *p1 = K + 9*i1;
+                        const float s0 = (i3 >= 1 && i4 >= 1 ? x[64*b + 8*i3 + i4 - 9] : 0.0F);
+                        c0 = fmaf(s0, p1[0], c0);
+                        c1 = fmaf(s0, p1[9], c1);
+                        c2 = fmaf(s0, p1[18], c2);
+                        c3 = fmaf(s0, p1[27], c3);
+                        const float s1 = (i3 >= 1 ? x[64*b + 8*i3 + i4 - 8] : 0.0F);
+                        c0 = fmaf(s1, p1[1], c0);
+                        c1 = fmaf(s1, p1[10], c1);
+                        c2 = fmaf(s1, p1[19], c2);
+                        c3 = fmaf(s1, p1[28], c3);
+                        const float s2 = (i3 >= 1 && i4 < 7 ? x[64*b + 8*i3 + i4 - 7] : 0.0F);
+                        c0 = fmaf(s2, p1[2], c0);
+                        c1 = fmaf(s2, p1[11], c1);
+                        c2 = fmaf(s2, p1[20], c2);
+                        c3 = fmaf(s2, p1[29], c3);
+                        const float s3 = (i4 >= 1 ? x[64*b + 8*i3 + i4 - 1] : 0.0F);
+                        c0 = fmaf(s3, p1[3], c0);
+                        c1 = fmaf(s3, p1[12], c1);
+                        c2 = fmaf(s3, p1[21], c2);
+                        c3 = fmaf(s3, p1[30], c3);
+                        const float s4 = x[64*b + 8*i3 + i4];
+                        c0 = fmaf(s4, p1[4], c0);
+                        c1 = fmaf(s4, p1[13], c1);
+                        c2 = fmaf(s4, p1[22], c2);
+                        c3 = fmaf(s4, p1[31], c3);
+                        const float s5 = (i4 < 7 ? x[64*b + 8*i3 + i4 + 1] : 0.0F);
+                        c0 = fmaf(s5, p1[5], c0);
+                        c1 = fmaf(s5, p1[14], c1);
+                        c2 = fmaf(s5, p1[23], c2);
+                        c3 = fmaf(s5, p1[32], c3);
+                        const float s6 = (i4 >= 1 && i3 < 7 ? x[64*b + 8*i3 + i4 + 7] : 0.0F);
+                        c0 = fmaf(s6, p1[6], c0);
+                        c1 = fmaf(s6, p1[15], c1);
+                        c2 = fmaf(s6, p1[24], c2);
+                        c3 = fmaf(s6, p1[33], c3);
+                        const float s7 = (i3 < 7 ? x[64*b + 8*i3 + i4 + 8] : 0.0F);
+                        c0 = fmaf(s7, p1[7], c0);
+                        c1 = fmaf(s7, p1[16], c1);
+                        c2 = fmaf(s7, p1[25], c2);
+                        c3 = fmaf(s7, p1[34], c3);
+                        const float s8 = (i3 < 7 && i4 < 7 ? x[64*b + 8*i3 + i4 + 9] : 0.0F);
+                        c0 = fmaf(s8, p1[8], c0);
+                        c1 = fmaf(s8, p1[17], c1);
+                        c2 = fmaf(s8, p1[26], c2);
+                        c3 = fmaf(s8, p1[35], c3);
+                        a[1024*b + 64*i1 + 8*i3 + i4] = relu((c0 -
+                                mean[i1])*gamma_[i1]/sqrtf(var[i1] + 1e-05F) + beta[i1]);
+                        a[1024*b + 64*i1 + 8*i3 + i4 + 64] = relu((c1 - mean[i1 + 1])*gamma_[i1 +
+                                1]/sqrtf(var[i1 + 1] + 1e-05F) + beta[i1 + 1]);
+                        a[1024*b + 64*i1 + 8*i3 + i4 + 128] = relu((c2 - mean[i1 + 2])*gamma_[i1 +
+                                2]/sqrtf(var[i1 + 2] + 1e-05F) + beta[i1 + 2]);
+                        a[1024*b + 64*i1 + 8*i3 + i4 + 192] = relu((c3 - mean[i1 + 3])*gamma_[i1 +
+                                3]/sqrtf(var[i1 + 3] + 1e-05F) + beta[i1 + 3]);
+                    }
                 }
             }
         }
@@ -80,12 +187,62 @@ static void logits_forward(size_t n, float *restrict logits, const float *restri
         const float *restrict b_, const float *restrict flat)
 {
     for (size_t b = 0; b < n; ++b) {
-        for (size_t i0 = 0; i0 < 10; ++i0) {
-            float acc = 0;
-            for (size_t i1 = 0; i1 < 256; ++i1) {
-                acc += W[256*i0 + i1]*flat[256*b + i1];
+        for (size_t i0 = 0; i0 < 8; i0 += 4) {
+            float c0 = 0, c1 = 0, c2 = 0, c3 = 0;
+            const float *p0 = flat + 256*b;
+            const float *p1 = W + 256*i0;
+            for (size_t k = 0; k < 64; ++k) {
+                const float *q0 = p0 + 4*k;
+                const float *q1 = p1 + 4*k;
+                const float s0 = q0[0];
+                c0 = fmaf(s0, q1[0], c0);
+                c1 = fmaf(s0, q1[256], c1);
+                c2 = fmaf(s0, q1[512], c2);
+                c3 = fmaf(s0, q1[768], c3);
+                const float s1 = q0[1];
+                c0 = fmaf(s1, q1[1], c0);
+                c1 = fmaf(s1, q1[257], c1);
+                c2 = fmaf(s1, q1[513], c2);
+                c3 = fmaf(s1, q1[769], c3);
+                const float s2 = q0[2];
+                c0 = fmaf(s2, q1[2], c0);
+                c1 = fmaf(s2, q1[258], c1);
+                c2 = fmaf(s2, q1[514], c2);
+                c3 = fmaf(s2, q1[770], c3);
+                const float s3 = q0[3];
+                c0 = fmaf(s3, q1[3], c0);
+                c1 = fmaf(s3, q1[259], c1);
+                c2 = fmaf(s3, q1[515], c2);
+                c3 = fmaf(s3, q1[771], c3);
             }
-            logits[10*b + i0] = acc + b_[i0];
+            logits[10*b + i0] = c0 + b_[i0];
+            logits[10*b + i0 + 1] = c1 + b_[i0 + 1];
+            logits[10*b + i0 + 2] = c2 + b_[i0 + 2];
+            logits[10*b + i0 + 3] = c3 + b_[i0 + 3];
+        }
+        {
+            const size_t i0 = 8;
+            float c0 = 0, c1 = 0;
+            const float *p0 = flat + 256*b;
+            const float *p1 = W + 256*i0;
+            for (size_t k = 0; k < 64; ++k) {
+                const float *q0 = p0 + 4*k;
+                const float *q1 = p1 + 4*k;
+                const float s0 = q0[0];
+                c0 = fmaf(s0, q1[0], c0);
+                c1 = fmaf(s0, q1[256], c1);
+                const float s1 = q0[1];
+                c0 = fmaf(s1, q1[1], c0);
+                c1 = fmaf(s1, q1[257], c1);
+                const float s2 = q0[2];
+                c0 = fmaf(s2, q1[2], c0);
+                c1 = fmaf(s2, q1[258], c1);
+                const float s3 = q0[3];
+                c0 = fmaf(s3, q1[3], c0);
+                c1 = fmaf(s3, q1[259], c1);
+            }
+            logits[10*b + i0] = c0 + b_[i0];
+            logits[10*b + i0 + 1] = c1 + b_[i0 + 1];
         }
     }
 }
@@ -152,24 +309,117 @@ static void batch_mean_loss(size_t n, float *restrict batch_loss, const float *r
 static void h_forward(size_t n, float *restrict h, const float *restrict K, const float *restrict x)
 {
     for (size_t b = 0; b < n; ++b) {
-        for (size_t i1 = 0; i1 < 16; ++i1) {
-            for (size_t i3 = 0; i3 < 8; ++i3) {
-                for (size_t i4 = 0; i4 < 8; ++i4) {
-                    h[1024*b + 64*i1 + 8*i3 + i4] = 0;
-                }
-            }
-        }
-    }
-    for (size_t b = 0; b < n; ++b) {
-        for (size_t i1 = 0; i1 < 16; ++i1) {
-            for (size_t i3 = 0; i3 < 8; ++i3) {
-                for (size_t i5 = 0; i5 < 3; ++i5) {
-                    for (size_t i4 = 0; i4 < 8; ++i4) {
-                        for (size_t i6 = 0; i6 < 3; ++i6) {
-                            h[1024*b + 64*i1 + 8*i3 + i4] += ((i3 + i5 >= 1 && i4 + i6 >= 1 && i3 +
-                                    i5 < 9 && i4 + i6 < 9) ? (x[64*b + 8*i3 + i4 + 8*i5 + i6 - 9]) :
-                                    (0.0F))*K[9*i1 + 3*i5 + i6];
-                        }
+        for (size_t i3 = 0; i3 < 8; ++i3) {
+            for (size_t i4 = 0; i4 < 8; ++i4) {
+                /* The whole window inside the input: no test per term. */
+                if (i3 >= 1 && i4 >= 1 && i3 < 7 && i4 < 7) {
+                    for (size_t i1 = 0; i1 < 16; i1 += 4) {
+                        float c0 = 0, c1 = 0, c2 = 0, c3 = 0;
+                        const float *p0 = x + 64*b + 8*i3 + i4 - 9;
+                        const float *p1 = K + 9*i1;
+                        const float s0 = p0[0];
+                        c0 = fmaf(s0, p1[0], c0);
+                        c1 = fmaf(s0, p1[9], c1);
+                        c2 = fmaf(s0, p1[18], c2);
+                        c3 = fmaf(s0, p1[27], c3);
+                        const float s1 = p0[1];
+                        c0 = fmaf(s1, p1[1], c0);
+                        c1 = fmaf(s1, p1[10], c1);
+                        c2 = fmaf(s1, p1[19], c2);
+                        c3 = fmaf(s1, p1[28], c3);
+                        const float s2 = p0[2];
+                        c0 = fmaf(s2, p1[2], c0);
+                        c1 = fmaf(s2, p1[11], c1);
+                        c2 = fmaf(s2, p1[20], c2);
+                        c3 = fmaf(s2, p1[29], c3);
+                        const float s3 = p0[8];
+                        c0 = fmaf(s3, p1[3], c0);
+                        c1 = fmaf(s3, p1[12], c1);
+                        c2 = fmaf(s3, p1[21], c2);
+                        c3 = fmaf(s3, p1[30], c3);
+                        const float s4 = p0[9];
+                        c0 = fmaf(s4, p1[4], c0);
+                        c1 = fmaf(s4, p1[13], c1);
+                        c2 = fmaf(s4, p1[22], c2);
+                        c3 = fmaf(s4, p1[31], c3);
+                        const float s5 = p0[10];
+                        c0 = fmaf(s5, p1[5], c0);
+                        c1 = fmaf(s5, p1[14], c1);
+                        c2 = fmaf(s5, p1[23], c2);
+                        c3 = fmaf(s5, p1[32], c3);
+                        const float s6 = p0[16];
+                        c0 = fmaf(s6, p1[6], c0);
+                        c1 = fmaf(s6, p1[15], c1);
+                        c2 = fmaf(s6, p1[24], c2);
+                        c3 = fmaf(s6, p1[33], c3);
+                        const float s7 = p0[17];
+                        c0 = fmaf(s7, p1[7], c0);
+                        c1 = fmaf(s7, p1[16], c1);
+                        c2 = fmaf(s7, p1[25], c2);
+                        c3 = fmaf(s7, p1[34], c3);
+                        const float s8 = p0[18];
+                        c0 = fmaf(s8, p1[8], c0);
+                        c1 = fmaf(s8, p1[17], c1);
+                        c2 = fmaf(s8, p1[26], c2);
+                        c3 = fmaf(s8, p1[35], c3);
+                        h[1024*b + 64*i1 + 8*i3 + i4] = c0;
+                        h[1024*b + 64*i1 + 8*i3 + i4 + 64] = c1;
+                        h[1024*b + 64*i1 + 8*i3 + i4 + 128] = c2;
+                        h[1024*b + 64*i1 + 8*i3 + i4 + 192] = c3;
+                    }
+                } else {
+                    for (size_t i1 = 0; i1 < 16; i1 += 4) {
+                        float c0 = 0, c1 = 0, c2 = 0, c3 = 0;
+                        const float *p1 = K + 9*i1;
+                        const float s0 = (i3 >= 1 && i4 >= 1 ? x[64*b + 8*i3 + i4 - 9] : 0.0F);
+                        c0 = fmaf(s0, p1[0], c0);
+                        c1 = fmaf(s0, p1[9], c1);
+                        c2 = fmaf(s0, p1[18], c2);
+                        c3 = fmaf(s0, p1[27], c3);
+                        const float s1 = (i3 >= 1 ? x[64*b + 8*i3 + i4 - 8] : 0.0F);
+                        c0 = fmaf(s1, p1[1], c0);
+                        c1 = fmaf(s1, p1[10], c1);
+                        c2 = fmaf(s1, p1[19], c2);
+                        c3 = fmaf(s1, p1[28], c3);
+                        const float s2 = (i3 >= 1 && i4 < 7 ? x[64*b + 8*i3 + i4 - 7] : 0.0F);
+                        c0 = fmaf(s2, p1[2], c0);
+                        c1 = fmaf(s2, p1[11], c1);
+                        c2 = fmaf(s2, p1[20], c2);
+                        c3 = fmaf(s2, p1[29], c3);
+                        const float s3 = (i4 >= 1 ? x[64*b + 8*i3 + i4 - 1] : 0.0F);
+                        c0 = fmaf(s3, p1[3], c0);
+                        c1 = fmaf(s3, p1[12], c1);
+                        c2 = fmaf(s3, p1[21], c2);
+                        c3 = fmaf(s3, p1[30], c3);
+                        const float s4 = x[64*b + 8*i3 + i4];
+                        c0 = fmaf(s4, p1[4], c0);
+                        c1 = fmaf(s4, p1[13], c1);
+                        c2 = fmaf(s4, p1[22], c2);
+                        c3 = fmaf(s4, p1[31], c3);
+                        const float s5 = (i4 < 7 ? x[64*b + 8*i3 + i4 + 1] : 0.0F);
+                        c0 = fmaf(s5, p1[5], c0);
+                        c1 = fmaf(s5, p1[14], c1);
+                        c2 = fmaf(s5, p1[23], c2);
+                        c3 = fmaf(s5, p1[32], c3);
+                        const float s6 = (i4 >= 1 && i3 < 7 ? x[64*b + 8*i3 + i4 + 7] : 0.0F);
+                        c0 = fmaf(s6, p1[6], c0);
+                        c1 = fmaf(s6, p1[15], c1);
+                        c2 = fmaf(s6, p1[24], c2);
+                        c3 = fmaf(s6, p1[33], c3);
+                        const float s7 = (i3 < 7 ? x[64*b + 8*i3 + i4 + 8] : 0.0F);
+                        c0 = fmaf(s7, p1[7], c0);
+                        c1 = fmaf(s7, p1[16], c1);
+                        c2 = fmaf(s7, p1[25], c2);
+                        c3 = fmaf(s7, p1[34], c3);
+                        const float s8 = (i3 < 7 && i4 < 7 ? x[64*b + 8*i3 + i4 + 9] : 0.0F);
+                        c0 = fmaf(s8, p1[8], c0);
+                        c1 = fmaf(s8, p1[17], c1);
+                        c2 = fmaf(s8, p1[26], c2);
+                        c3 = fmaf(s8, p1[35], c3);
+                        h[1024*b + 64*i1 + 8*i3 + i4] = c0;
+                        h[1024*b + 64*i1 + 8*i3 + i4 + 64] = c1;
+                        h[1024*b + 64*i1 + 8*i3 + i4 + 128] = c2;
+                        h[1024*b + 64*i1 + 8*i3 + i4 + 192] = c3;
                     }
                 }
             }
@@ -363,15 +613,64 @@ static void flat_grad(size_t n, float *restrict dflat, const float *restrict W,
         const float *restrict dlogits)
 {
     for (size_t b = 0; b < n; ++b) {
-        for (size_t i1 = 0; i1 < 256; ++i1) {
-            dflat[256*b + i1] = 0;
-        }
-    }
-    for (size_t b = 0; b < n; ++b) {
-        for (size_t i0 = 0; i0 < 10; ++i0) {
-            for (size_t i1 = 0; i1 < 256; ++i1) {
-                dflat[256*b + i1] += W[256*i0 + i1]*dlogits[10*b + i0];
-            }
+        for (size_t i1 = 0; i1 < 256; i1 += 4) {
+            float c0 = 0, c1 = 0, c2 = 0, c3 = 0;
+            const float *p0 = dlogits + 10*b;
+            const float *p1 = W + i1;
+            const float s0 = p0[0];
+            c0 = fmaf(s0, p1[0], c0);
+            c1 = fmaf(s0, p1[1], c1);
+            c2 = fmaf(s0, p1[2], c2);
+            c3 = fmaf(s0, p1[3], c3);
+            const float s1 = p0[1];
+            c0 = fmaf(s1, p1[256], c0);
+            c1 = fmaf(s1, p1[257], c1);
+            c2 = fmaf(s1, p1[258], c2);
+            c3 = fmaf(s1, p1[259], c3);
+            const float s2 = p0[2];
+            c0 = fmaf(s2, p1[512], c0);
+            c1 = fmaf(s2, p1[513], c1);
+            c2 = fmaf(s2, p1[514], c2);
+            c3 = fmaf(s2, p1[515], c3);
+            const float s3 = p0[3];
+            c0 = fmaf(s3, p1[768], c0);
+            c1 = fmaf(s3, p1[769], c1);
+            c2 = fmaf(s3, p1[770], c2);
+            c3 = fmaf(s3, p1[771], c3);
+            const float s4 = p0[4];
+            c0 = fmaf(s4, p1[1024], c0);
+            c1 = fmaf(s4, p1[1025], c1);
+            c2 = fmaf(s4, p1[1026], c2);
+            c3 = fmaf(s4, p1[1027], c3);
+            const float s5 = p0[5];
+            c0 = fmaf(s5, p1[1280], c0);
+            c1 = fmaf(s5, p1[1281], c1);
+            c2 = fmaf(s5, p1[1282], c2);
+            c3 = fmaf(s5, p1[1283], c3);
+            const float s6 = p0[6];
+            c0 = fmaf(s6, p1[1536], c0);
+            c1 = fmaf(s6, p1[1537], c1);
+            c2 = fmaf(s6, p1[1538], c2);
+            c3 = fmaf(s6, p1[1539], c3);
+            const float s7 = p0[7];
+            c0 = fmaf(s7, p1[1792], c0);
+            c1 = fmaf(s7, p1[1793], c1);
+            c2 = fmaf(s7, p1[1794], c2);
+            c3 = fmaf(s7, p1[1795], c3);
+            const float s8 = p0[8];
+            c0 = fmaf(s8, p1[2048], c0);
+            c1 = fmaf(s8, p1[2049], c1);
+            c2 = fmaf(s8, p1[2050], c2);
+            c3 = fmaf(s8, p1[2051], c3);
+            const float s9 = p0[9];
+            c0 = fmaf(s9, p1[2304], c0);
+            c1 = fmaf(s9, p1[2305], c1);
+            c2 = fmaf(s9, p1[2306], c2);
+            c3 = fmaf(s9, p1[2307], c3);
+            dflat[256*b + i1] = c0;
+            dflat[256*b + i1 + 1] = c1;
+            dflat[256*b + i1 + 2] = c2;
+            dflat[256*b + i1 + 3] = c3;
         }
     }
 }

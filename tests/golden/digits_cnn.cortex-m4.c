@@ -15,21 +15,121 @@ static float relu(float x)
  * True))*K1[i1, 0, i5, i6]) + c1[i1])
  */
 static void a1_forward(size_t n, float *restrict a1, const float *restrict K1,
-        const float *restrict c1, const float *restrict x)
+        const float *restrict c1_, const float *restrict x)
 {
-    for (size_t i1 = 0; i1 < 16; ++i1) {
-        for (size_t b = 0; b < n; ++b) {
-            for (size_t i3 = 0; i3 < 8; ++i3) {
-                for (size_t i4 = 0; i4 < 8; ++i4) {
-                    float acc = 0;
-                    for (size_t i5 = 0; i5 < 3; ++i5) {
-                        for (size_t i6 = 0; i6 < 3; ++i6) {
-                            acc += ((i3 + i5 >= 1 && i4 + i6 >= 1 && i3 + i5 < 9 && i4 + i6 < 9) ?
-                                    (x[64*b + 8*i3 + i4 + 8*i5 + i6 - 9]) : (0.0F))*K1[9*i1 + 3*i5 +
-                                    i6];
-                        }
+    for (size_t b = 0; b < n; ++b) {
+        for (size_t i3 = 0; i3 < 8; ++i3) {
+            for (size_t i4 = 0; i4 < 8; ++i4) {
+                /* The whole window inside the input: no test per term. */
+                if (i3 >= 1 && i4 >= 1 && i3 < 7 && i4 < 7) {
+                    for (size_t i1 = 0; i1 < 16; i1 += 4) {
+                        float c0 = 0, c1 = 0, c2 = 0, c3 = 0;
+                        const float *p0 = x + 64*b + 8*i3 + i4 - 9;
+                        const float *p1 = K1 + 9*i1;
+                        const float s0 = p0[0];
+                        c0 = fmaf(s0, p1[0], c0);
+                        c1 = fmaf(s0, p1[9], c1);
+                        c2 = fmaf(s0, p1[18], c2);
+                        c3 = fmaf(s0, p1[27], c3);
+                        const float s1 = p0[1];
+                        c0 = fmaf(s1, p1[1], c0);
+                        c1 = fmaf(s1, p1[10], c1);
+                        c2 = fmaf(s1, p1[19], c2);
+                        c3 = fmaf(s1, p1[28], c3);
+                        const float s2 = p0[2];
+                        c0 = fmaf(s2, p1[2], c0);
+                        c1 = fmaf(s2, p1[11], c1);
+                        c2 = fmaf(s2, p1[20], c2);
+                        c3 = fmaf(s2, p1[29], c3);
+                        const float s3 = p0[8];
+                        c0 = fmaf(s3, p1[3], c0);
+                        c1 = fmaf(s3, p1[12], c1);
+                        c2 = fmaf(s3, p1[21], c2);
+                        c3 = fmaf(s3, p1[30], c3);
+                        const float s4 = p0[9];
+                        c0 = fmaf(s4, p1[4], c0);
+                        c1 = fmaf(s4, p1[13], c1);
+                        c2 = fmaf(s4, p1[22], c2);
+                        c3 = fmaf(s4, p1[31], c3);
+                        const float s5 = p0[10];
+                        c0 = fmaf(s5, p1[5], c0);
+                        c1 = fmaf(s5, p1[14], c1);
+                        c2 = fmaf(s5, p1[23], c2);
+                        c3 = fmaf(s5, p1[32], c3);
+                        const float s6 = p0[16];
+                        c0 = fmaf(s6, p1[6], c0);
+                        c1 = fmaf(s6, p1[15], c1);
+                        c2 = fmaf(s6, p1[24], c2);
+                        c3 = fmaf(s6, p1[33], c3);
+                        const float s7 = p0[17];
+                        c0 = fmaf(s7, p1[7], c0);
+                        c1 = fmaf(s7, p1[16], c1);
+                        c2 = fmaf(s7, p1[25], c2);
+                        c3 = fmaf(s7, p1[34], c3);
+                        const float s8 = p0[18];
+                        c0 = fmaf(s8, p1[8], c0);
+                        c1 = fmaf(s8, p1[17], c1);
+                        c2 = fmaf(s8, p1[26], c2);
+                        c3 = fmaf(s8, p1[35], c3);
+                        a1[1024*b + 64*i1 + 8*i3 + i4] = relu(c0 + c1_[i1]);
+                        a1[1024*b + 64*i1 + 8*i3 + i4 + 64] = relu(c1 + c1_[i1 + 1]);
+                        a1[1024*b + 64*i1 + 8*i3 + i4 + 128] = relu(c2 + c1_[i1 + 2]);
+                        a1[1024*b + 64*i1 + 8*i3 + i4 + 192] = relu(c3 + c1_[i1 + 3]);
                     }
-                    a1[1024*b + 64*i1 + 8*i3 + i4] = relu(acc + c1[i1]);
+                } else {
+                    for (size_t i1 = 0; i1 < 16; i1 += 4) {
+                        float c0 = 0, c1 = 0, c2 = 0, c3 = 0;
+                        const float *p1 = K1 + 9*i1;
+                        const float s0 = (i3 >= 1 && i4 >= 1 ? x[64*b + 8*i3 + i4 - 9] : 0.0F);
+                        c0 = fmaf(s0, p1[0], c0);
+                        c1 = fmaf(s0, p1[9], c1);
+                        c2 = fmaf(s0, p1[18], c2);
+                        c3 = fmaf(s0, p1[27], c3);
+                        const float s1 = (i3 >= 1 ? x[64*b + 8*i3 + i4 - 8] : 0.0F);
+                        c0 = fmaf(s1, p1[1], c0);
+                        c1 = fmaf(s1, p1[10], c1);
+                        c2 = fmaf(s1, p1[19], c2);
+                        c3 = fmaf(s1, p1[28], c3);
+                        const float s2 = (i3 >= 1 && i4 < 7 ? x[64*b + 8*i3 + i4 - 7] : 0.0F);
+                        c0 = fmaf(s2, p1[2], c0);
+                        c1 = fmaf(s2, p1[11], c1);
+                        c2 = fmaf(s2, p1[20], c2);
+                        c3 = fmaf(s2, p1[29], c3);
+                        const float s3 = (i4 >= 1 ? x[64*b + 8*i3 + i4 - 1] : 0.0F);
+                        c0 = fmaf(s3, p1[3], c0);
+                        c1 = fmaf(s3, p1[12], c1);
+                        c2 = fmaf(s3, p1[21], c2);
+                        c3 = fmaf(s3, p1[30], c3);
+                        const float s4 = x[64*b + 8*i3 + i4];
+                        c0 = fmaf(s4, p1[4], c0);
+                        c1 = fmaf(s4, p1[13], c1);
+                        c2 = fmaf(s4, p1[22], c2);
+                        c3 = fmaf(s4, p1[31], c3);
+                        const float s5 = (i4 < 7 ? x[64*b + 8*i3 + i4 + 1] : 0.0F);
+                        c0 = fmaf(s5, p1[5], c0);
+                        c1 = fmaf(s5, p1[14], c1);
+                        c2 = fmaf(s5, p1[23], c2);
+                        c3 = fmaf(s5, p1[32], c3);
+                        const float s6 = (i4 >= 1 && i3 < 7 ? x[64*b + 8*i3 + i4 + 7] : 0.0F);
+                        c0 = fmaf(s6, p1[6], c0);
+                        c1 = fmaf(s6, p1[15], c1);
+                        c2 = fmaf(s6, p1[24], c2);
+                        c3 = fmaf(s6, p1[33], c3);
+                        const float s7 = (i3 < 7 ? x[64*b + 8*i3 + i4 + 8] : 0.0F);
+                        c0 = fmaf(s7, p1[7], c0);
+                        c1 = fmaf(s7, p1[16], c1);
+                        c2 = fmaf(s7, p1[25], c2);
+                        c3 = fmaf(s7, p1[34], c3);
+                        const float s8 = (i3 < 7 && i4 < 7 ? x[64*b + 8*i3 + i4 + 9] : 0.0F);
+                        c0 = fmaf(s8, p1[8], c0);
+                        c1 = fmaf(s8, p1[17], c1);
+                        c2 = fmaf(s8, p1[26], c2);
+                        c3 = fmaf(s8, p1[35], c3);
+                        a1[1024*b + 64*i1 + 8*i3 + i4] = relu(c0 + c1_[i1]);
+                        a1[1024*b + 64*i1 + 8*i3 + i4 + 64] = relu(c1 + c1_[i1 + 1]);
+                        a1[1024*b + 64*i1 + 8*i3 + i4 + 128] = relu(c2 + c1_[i1 + 2]);
+                        a1[1024*b + 64*i1 + 8*i3 + i4 + 192] = relu(c3 + c1_[i1 + 3]);
+                    }
                 }
             }
         }
@@ -65,23 +165,129 @@ static void p1_forward(size_t n, float *restrict p1, const float *restrict a1)
  * True))*K2[i1, i2, i5, i6]) + c2[i1])
  */
 static void a2_forward(size_t n, float *restrict a2, const float *restrict K2,
-        const float *restrict c2, const float *restrict p1)
+        const float *restrict c2_, const float *restrict p1_)
 {
-    for (size_t i1 = 0; i1 < 32; ++i1) {
-        for (size_t b = 0; b < n; ++b) {
-            for (size_t i3 = 0; i3 < 4; ++i3) {
-                for (size_t i4 = 0; i4 < 4; ++i4) {
-                    float acc = 0;
-                    for (size_t i2 = 0; i2 < 16; ++i2) {
-                        for (size_t i5 = 0; i5 < 3; ++i5) {
-                            for (size_t i6 = 0; i6 < 3; ++i6) {
-                                acc += ((i3 + i5 >= 1 && i4 + i6 >= 1 && i3 + i5 < 5 && i4 + i6 < 5)
-                                        ? (p1[256*b + 16*i2 + 4*i3 + i4 + 4*i5 + i6 - 5]) :
-                                        (0.0F))*K2[144*i1 + 9*i2 + 3*i5 + i6];
-                            }
+    for (size_t b = 0; b < n; ++b) {
+        for (size_t i3 = 0; i3 < 4; ++i3) {
+            for (size_t i4 = 0; i4 < 4; ++i4) {
+                /* The whole window inside the input: no test per term. */
+                if (i3 >= 1 && i4 >= 1 && i3 < 3 && i4 < 3) {
+                    for (size_t i1 = 0; i1 < 32; i1 += 4) {
+                        float c0 = 0, c1 = 0, c2 = 0, c3 = 0;
+                        for (size_t i2 = 0; i2 < 16; ++i2) {
+                            const float *p0 = p1_ + 256*b + 16*i2 + 4*i3 + i4 - 5;
+                            const float *p1 = K2 + 144*i1 + 9*i2;
+                            const float s0 = p0[0];
+                            c0 = fmaf(s0, p1[0], c0);
+                            c1 = fmaf(s0, p1[144], c1);
+                            c2 = fmaf(s0, p1[288], c2);
+                            c3 = fmaf(s0, p1[432], c3);
+                            const float s1 = p0[1];
+                            c0 = fmaf(s1, p1[1], c0);
+                            c1 = fmaf(s1, p1[145], c1);
+                            c2 = fmaf(s1, p1[289], c2);
+                            c3 = fmaf(s1, p1[433], c3);
+                            const float s2 = p0[2];
+                            c0 = fmaf(s2, p1[2], c0);
+                            c1 = fmaf(s2, p1[146], c1);
+                            c2 = fmaf(s2, p1[290], c2);
+                            c3 = fmaf(s2, p1[434], c3);
+                            const float s3 = p0[4];
+                            c0 = fmaf(s3, p1[3], c0);
+                            c1 = fmaf(s3, p1[147], c1);
+                            c2 = fmaf(s3, p1[291], c2);
+                            c3 = fmaf(s3, p1[435], c3);
+                            const float s4 = p0[5];
+                            c0 = fmaf(s4, p1[4], c0);
+                            c1 = fmaf(s4, p1[148], c1);
+                            c2 = fmaf(s4, p1[292], c2);
+                            c3 = fmaf(s4, p1[436], c3);
+                            const float s5 = p0[6];
+                            c0 = fmaf(s5, p1[5], c0);
+                            c1 = fmaf(s5, p1[149], c1);
+                            c2 = fmaf(s5, p1[293], c2);
+                            c3 = fmaf(s5, p1[437], c3);
+                            const float s6 = p0[8];
+                            c0 = fmaf(s6, p1[6], c0);
+                            c1 = fmaf(s6, p1[150], c1);
+                            c2 = fmaf(s6, p1[294], c2);
+                            c3 = fmaf(s6, p1[438], c3);
+                            const float s7 = p0[9];
+                            c0 = fmaf(s7, p1[7], c0);
+                            c1 = fmaf(s7, p1[151], c1);
+                            c2 = fmaf(s7, p1[295], c2);
+                            c3 = fmaf(s7, p1[439], c3);
+                            const float s8 = p0[10];
+                            c0 = fmaf(s8, p1[8], c0);
+                            c1 = fmaf(s8, p1[152], c1);
+                            c2 = fmaf(s8, p1[296], c2);
+                            c3 = fmaf(s8, p1[440], c3);
                         }
+                        a2[512*b + 16*i1 + 4*i3 + i4] = relu(c0 + c2_[i1]);
+                        a2[512*b + 16*i1 + 4*i3 + i4 + 16] = relu(c1 + c2_[i1 + 1]);
+                        a2[512*b + 16*i1 + 4*i3 + i4 + 32] = relu(c2 + c2_[i1 + 2]);
+                        a2[512*b + 16*i1 + 4*i3 + i4 + 48] = relu(c3 + c2_[i1 + 3]);
                     }
-                    a2[512*b + 16*i1 + 4*i3 + i4] = relu(acc + c2[i1]);
+                } else {
+                    for (size_t i1 = 0; i1 < 32; i1 += 4) {
+                        float c0 = 0, c1 = 0, c2 = 0, c3 = 0;
+                        for (size_t i2 = 0; i2 < 16; ++i2) {
+                            const float *p1 = K2 + 144*i1 + 9*i2;
+                            const float s0 = (i3 >= 1 && i4 >= 1 ? p1_[256*b + 16*i2 + 4*i3 + i4 -
+                                    5] : 0.0F);
+                            c0 = fmaf(s0, p1[0], c0);
+                            c1 = fmaf(s0, p1[144], c1);
+                            c2 = fmaf(s0, p1[288], c2);
+                            c3 = fmaf(s0, p1[432], c3);
+                            const float s1 = (i3 >= 1 ? p1_[256*b + 16*i2 + 4*i3 + i4 - 4] : 0.0F);
+                            c0 = fmaf(s1, p1[1], c0);
+                            c1 = fmaf(s1, p1[145], c1);
+                            c2 = fmaf(s1, p1[289], c2);
+                            c3 = fmaf(s1, p1[433], c3);
+                            const float s2 = (i3 >= 1 && i4 < 3 ? p1_[256*b + 16*i2 + 4*i3 + i4 - 3]
+                                    : 0.0F);
+                            c0 = fmaf(s2, p1[2], c0);
+                            c1 = fmaf(s2, p1[146], c1);
+                            c2 = fmaf(s2, p1[290], c2);
+                            c3 = fmaf(s2, p1[434], c3);
+                            const float s3 = (i4 >= 1 ? p1_[256*b + 16*i2 + 4*i3 + i4 - 1] : 0.0F);
+                            c0 = fmaf(s3, p1[3], c0);
+                            c1 = fmaf(s3, p1[147], c1);
+                            c2 = fmaf(s3, p1[291], c2);
+                            c3 = fmaf(s3, p1[435], c3);
+                            const float s4 = p1_[256*b + 16*i2 + 4*i3 + i4];
+                            c0 = fmaf(s4, p1[4], c0);
+                            c1 = fmaf(s4, p1[148], c1);
+                            c2 = fmaf(s4, p1[292], c2);
+                            c3 = fmaf(s4, p1[436], c3);
+                            const float s5 = (i4 < 3 ? p1_[256*b + 16*i2 + 4*i3 + i4 + 1] : 0.0F);
+                            c0 = fmaf(s5, p1[5], c0);
+                            c1 = fmaf(s5, p1[149], c1);
+                            c2 = fmaf(s5, p1[293], c2);
+                            c3 = fmaf(s5, p1[437], c3);
+                            const float s6 = (i4 >= 1 && i3 < 3 ? p1_[256*b + 16*i2 + 4*i3 + i4 + 3]
+                                    : 0.0F);
+                            c0 = fmaf(s6, p1[6], c0);
+                            c1 = fmaf(s6, p1[150], c1);
+                            c2 = fmaf(s6, p1[294], c2);
+                            c3 = fmaf(s6, p1[438], c3);
+                            const float s7 = (i3 < 3 ? p1_[256*b + 16*i2 + 4*i3 + i4 + 4] : 0.0F);
+                            c0 = fmaf(s7, p1[7], c0);
+                            c1 = fmaf(s7, p1[151], c1);
+                            c2 = fmaf(s7, p1[295], c2);
+                            c3 = fmaf(s7, p1[439], c3);
+                            const float s8 = (i3 < 3 && i4 < 3 ? p1_[256*b + 16*i2 + 4*i3 + i4 + 5]
+                                    : 0.0F);
+                            c0 = fmaf(s8, p1[8], c0);
+                            c1 = fmaf(s8, p1[152], c1);
+                            c2 = fmaf(s8, p1[296], c2);
+                            c3 = fmaf(s8, p1[440], c3);
+                        }
+                        a2[512*b + 16*i1 + 4*i3 + i4] = relu(c0 + c2_[i1]);
+                        a2[512*b + 16*i1 + 4*i3 + i4 + 16] = relu(c1 + c2_[i1 + 1]);
+                        a2[512*b + 16*i1 + 4*i3 + i4 + 32] = relu(c2 + c2_[i1 + 2]);
+                        a2[512*b + 16*i1 + 4*i3 + i4 + 48] = relu(c3 + c2_[i1 + 3]);
+                    }
                 }
             }
         }
@@ -130,12 +336,62 @@ static void logits_forward(size_t n, float *restrict logits, const float *restri
         const float *restrict b_, const float *restrict flat)
 {
     for (size_t b = 0; b < n; ++b) {
-        for (size_t i0 = 0; i0 < 10; ++i0) {
-            float acc = 0;
-            for (size_t i1 = 0; i1 < 128; ++i1) {
-                acc += W[128*i0 + i1]*flat[128*b + i1];
+        for (size_t i0 = 0; i0 < 8; i0 += 4) {
+            float c0 = 0, c1 = 0, c2 = 0, c3 = 0;
+            const float *p0 = flat + 128*b;
+            const float *p1 = W + 128*i0;
+            for (size_t k = 0; k < 32; ++k) {
+                const float *q0 = p0 + 4*k;
+                const float *q1 = p1 + 4*k;
+                const float s0 = q0[0];
+                c0 = fmaf(s0, q1[0], c0);
+                c1 = fmaf(s0, q1[128], c1);
+                c2 = fmaf(s0, q1[256], c2);
+                c3 = fmaf(s0, q1[384], c3);
+                const float s1 = q0[1];
+                c0 = fmaf(s1, q1[1], c0);
+                c1 = fmaf(s1, q1[129], c1);
+                c2 = fmaf(s1, q1[257], c2);
+                c3 = fmaf(s1, q1[385], c3);
+                const float s2 = q0[2];
+                c0 = fmaf(s2, q1[2], c0);
+                c1 = fmaf(s2, q1[130], c1);
+                c2 = fmaf(s2, q1[258], c2);
+                c3 = fmaf(s2, q1[386], c3);
+                const float s3 = q0[3];
+                c0 = fmaf(s3, q1[3], c0);
+                c1 = fmaf(s3, q1[131], c1);
+                c2 = fmaf(s3, q1[259], c2);
+                c3 = fmaf(s3, q1[387], c3);
             }
-            logits[10*b + i0] = acc + b_[i0];
+            logits[10*b + i0] = c0 + b_[i0];
+            logits[10*b + i0 + 1] = c1 + b_[i0 + 1];
+            logits[10*b + i0 + 2] = c2 + b_[i0 + 2];
+            logits[10*b + i0 + 3] = c3 + b_[i0 + 3];
+        }
+        {
+            const size_t i0 = 8;
+            float c0 = 0, c1 = 0;
+            const float *p0 = flat + 128*b;
+            const float *p1 = W + 128*i0;
+            for (size_t k = 0; k < 32; ++k) {
+                const float *q0 = p0 + 4*k;
+                const float *q1 = p1 + 4*k;
+                const float s0 = q0[0];
+                c0 = fmaf(s0, q1[0], c0);
+                c1 = fmaf(s0, q1[128], c1);
+                const float s1 = q0[1];
+                c0 = fmaf(s1, q1[1], c0);
+                c1 = fmaf(s1, q1[129], c1);
+                const float s2 = q0[2];
+                c0 = fmaf(s2, q1[2], c0);
+                c1 = fmaf(s2, q1[130], c1);
+                const float s3 = q0[3];
+                c0 = fmaf(s3, q1[3], c0);
+                c1 = fmaf(s3, q1[131], c1);
+            }
+            logits[10*b + i0] = c0 + b_[i0];
+            logits[10*b + i0 + 1] = c1 + b_[i0 + 1];
         }
     }
 }
@@ -201,21 +457,121 @@ static void batch_mean_loss(size_t n, float *restrict batch_loss, const float *r
  * c1[i1]
  */
 static void h1_forward(size_t n, float *restrict h1, const float *restrict K1,
-        const float *restrict c1, const float *restrict x)
+        const float *restrict c1_, const float *restrict x)
 {
-    for (size_t i1 = 0; i1 < 16; ++i1) {
-        for (size_t b = 0; b < n; ++b) {
-            for (size_t i3 = 0; i3 < 8; ++i3) {
-                for (size_t i4 = 0; i4 < 8; ++i4) {
-                    float acc = 0;
-                    for (size_t i5 = 0; i5 < 3; ++i5) {
-                        for (size_t i6 = 0; i6 < 3; ++i6) {
-                            acc += ((i3 + i5 >= 1 && i4 + i6 >= 1 && i3 + i5 < 9 && i4 + i6 < 9) ?
-                                    (x[64*b + 8*i3 + i4 + 8*i5 + i6 - 9]) : (0.0F))*K1[9*i1 + 3*i5 +
-                                    i6];
-                        }
+    for (size_t b = 0; b < n; ++b) {
+        for (size_t i3 = 0; i3 < 8; ++i3) {
+            for (size_t i4 = 0; i4 < 8; ++i4) {
+                /* The whole window inside the input: no test per term. */
+                if (i3 >= 1 && i4 >= 1 && i3 < 7 && i4 < 7) {
+                    for (size_t i1 = 0; i1 < 16; i1 += 4) {
+                        float c0 = 0, c1 = 0, c2 = 0, c3 = 0;
+                        const float *p0 = x + 64*b + 8*i3 + i4 - 9;
+                        const float *p1 = K1 + 9*i1;
+                        const float s0 = p0[0];
+                        c0 = fmaf(s0, p1[0], c0);
+                        c1 = fmaf(s0, p1[9], c1);
+                        c2 = fmaf(s0, p1[18], c2);
+                        c3 = fmaf(s0, p1[27], c3);
+                        const float s1 = p0[1];
+                        c0 = fmaf(s1, p1[1], c0);
+                        c1 = fmaf(s1, p1[10], c1);
+                        c2 = fmaf(s1, p1[19], c2);
+                        c3 = fmaf(s1, p1[28], c3);
+                        const float s2 = p0[2];
+                        c0 = fmaf(s2, p1[2], c0);
+                        c1 = fmaf(s2, p1[11], c1);
+                        c2 = fmaf(s2, p1[20], c2);
+                        c3 = fmaf(s2, p1[29], c3);
+                        const float s3 = p0[8];
+                        c0 = fmaf(s3, p1[3], c0);
+                        c1 = fmaf(s3, p1[12], c1);
+                        c2 = fmaf(s3, p1[21], c2);
+                        c3 = fmaf(s3, p1[30], c3);
+                        const float s4 = p0[9];
+                        c0 = fmaf(s4, p1[4], c0);
+                        c1 = fmaf(s4, p1[13], c1);
+                        c2 = fmaf(s4, p1[22], c2);
+                        c3 = fmaf(s4, p1[31], c3);
+                        const float s5 = p0[10];
+                        c0 = fmaf(s5, p1[5], c0);
+                        c1 = fmaf(s5, p1[14], c1);
+                        c2 = fmaf(s5, p1[23], c2);
+                        c3 = fmaf(s5, p1[32], c3);
+                        const float s6 = p0[16];
+                        c0 = fmaf(s6, p1[6], c0);
+                        c1 = fmaf(s6, p1[15], c1);
+                        c2 = fmaf(s6, p1[24], c2);
+                        c3 = fmaf(s6, p1[33], c3);
+                        const float s7 = p0[17];
+                        c0 = fmaf(s7, p1[7], c0);
+                        c1 = fmaf(s7, p1[16], c1);
+                        c2 = fmaf(s7, p1[25], c2);
+                        c3 = fmaf(s7, p1[34], c3);
+                        const float s8 = p0[18];
+                        c0 = fmaf(s8, p1[8], c0);
+                        c1 = fmaf(s8, p1[17], c1);
+                        c2 = fmaf(s8, p1[26], c2);
+                        c3 = fmaf(s8, p1[35], c3);
+                        h1[1024*b + 64*i1 + 8*i3 + i4] = c0 + c1_[i1];
+                        h1[1024*b + 64*i1 + 8*i3 + i4 + 64] = c1 + c1_[i1 + 1];
+                        h1[1024*b + 64*i1 + 8*i3 + i4 + 128] = c2 + c1_[i1 + 2];
+                        h1[1024*b + 64*i1 + 8*i3 + i4 + 192] = c3 + c1_[i1 + 3];
                     }
-                    h1[1024*b + 64*i1 + 8*i3 + i4] = acc + c1[i1];
+                } else {
+                    for (size_t i1 = 0; i1 < 16; i1 += 4) {
+                        float c0 = 0, c1 = 0, c2 = 0, c3 = 0;
+                        const float *p1 = K1 + 9*i1;
+                        const float s0 = (i3 >= 1 && i4 >= 1 ? x[64*b + 8*i3 + i4 - 9] : 0.0F);
+                        c0 = fmaf(s0, p1[0], c0);
+                        c1 = fmaf(s0, p1[9], c1);
+                        c2 = fmaf(s0, p1[18], c2);
+                        c3 = fmaf(s0, p1[27], c3);
+                        const float s1 = (i3 >= 1 ? x[64*b + 8*i3 + i4 - 8] : 0.0F);
+                        c0 = fmaf(s1, p1[1], c0);
+                        c1 = fmaf(s1, p1[10], c1);
+                        c2 = fmaf(s1, p1[19], c2);
+                        c3 = fmaf(s1, p1[28], c3);
+                        const float s2 = (i3 >= 1 && i4 < 7 ? x[64*b + 8*i3 + i4 - 7] : 0.0F);
+                        c0 = fmaf(s2, p1[2], c0);
+                        c1 = fmaf(s2, p1[11], c1);
+                        c2 = fmaf(s2, p1[20], c2);
+                        c3 = fmaf(s2, p1[29], c3);
+                        const float s3 = (i4 >= 1 ? x[64*b + 8*i3 + i4 - 1] : 0.0F);
+                        c0 = fmaf(s3, p1[3], c0);
+                        c1 = fmaf(s3, p1[12], c1);
+                        c2 = fmaf(s3, p1[21], c2);
+                        c3 = fmaf(s3, p1[30], c3);
+                        const float s4 = x[64*b + 8*i3 + i4];
+                        c0 = fmaf(s4, p1[4], c0);
+                        c1 = fmaf(s4, p1[13], c1);
+                        c2 = fmaf(s4, p1[22], c2);
+                        c3 = fmaf(s4, p1[31], c3);
+                        const float s5 = (i4 < 7 ? x[64*b + 8*i3 + i4 + 1] : 0.0F);
+                        c0 = fmaf(s5, p1[5], c0);
+                        c1 = fmaf(s5, p1[14], c1);
+                        c2 = fmaf(s5, p1[23], c2);
+                        c3 = fmaf(s5, p1[32], c3);
+                        const float s6 = (i4 >= 1 && i3 < 7 ? x[64*b + 8*i3 + i4 + 7] : 0.0F);
+                        c0 = fmaf(s6, p1[6], c0);
+                        c1 = fmaf(s6, p1[15], c1);
+                        c2 = fmaf(s6, p1[24], c2);
+                        c3 = fmaf(s6, p1[33], c3);
+                        const float s7 = (i3 < 7 ? x[64*b + 8*i3 + i4 + 8] : 0.0F);
+                        c0 = fmaf(s7, p1[7], c0);
+                        c1 = fmaf(s7, p1[16], c1);
+                        c2 = fmaf(s7, p1[25], c2);
+                        c3 = fmaf(s7, p1[34], c3);
+                        const float s8 = (i3 < 7 && i4 < 7 ? x[64*b + 8*i3 + i4 + 9] : 0.0F);
+                        c0 = fmaf(s8, p1[8], c0);
+                        c1 = fmaf(s8, p1[17], c1);
+                        c2 = fmaf(s8, p1[26], c2);
+                        c3 = fmaf(s8, p1[35], c3);
+                        h1[1024*b + 64*i1 + 8*i3 + i4] = c0 + c1_[i1];
+                        h1[1024*b + 64*i1 + 8*i3 + i4 + 64] = c1 + c1_[i1 + 1];
+                        h1[1024*b + 64*i1 + 8*i3 + i4 + 128] = c2 + c1_[i1 + 2];
+                        h1[1024*b + 64*i1 + 8*i3 + i4 + 192] = c3 + c1_[i1 + 3];
+                    }
                 }
             }
         }
@@ -269,23 +625,129 @@ static void p1_argmax_forward(size_t n, float *restrict p1_argmax, const float *
  * i6]) + c2[i1]
  */
 static void h2_forward(size_t n, float *restrict h2, const float *restrict K2,
-        const float *restrict c2, const float *restrict p1)
+        const float *restrict c2_, const float *restrict p1_)
 {
-    for (size_t i1 = 0; i1 < 32; ++i1) {
-        for (size_t b = 0; b < n; ++b) {
-            for (size_t i3 = 0; i3 < 4; ++i3) {
-                for (size_t i4 = 0; i4 < 4; ++i4) {
-                    float acc = 0;
-                    for (size_t i2 = 0; i2 < 16; ++i2) {
-                        for (size_t i5 = 0; i5 < 3; ++i5) {
-                            for (size_t i6 = 0; i6 < 3; ++i6) {
-                                acc += ((i3 + i5 >= 1 && i4 + i6 >= 1 && i3 + i5 < 5 && i4 + i6 < 5)
-                                        ? (p1[256*b + 16*i2 + 4*i3 + i4 + 4*i5 + i6 - 5]) :
-                                        (0.0F))*K2[144*i1 + 9*i2 + 3*i5 + i6];
-                            }
+    for (size_t b = 0; b < n; ++b) {
+        for (size_t i3 = 0; i3 < 4; ++i3) {
+            for (size_t i4 = 0; i4 < 4; ++i4) {
+                /* The whole window inside the input: no test per term. */
+                if (i3 >= 1 && i4 >= 1 && i3 < 3 && i4 < 3) {
+                    for (size_t i1 = 0; i1 < 32; i1 += 4) {
+                        float c0 = 0, c1 = 0, c2 = 0, c3 = 0;
+                        for (size_t i2 = 0; i2 < 16; ++i2) {
+                            const float *p0 = p1_ + 256*b + 16*i2 + 4*i3 + i4 - 5;
+                            const float *p1 = K2 + 144*i1 + 9*i2;
+                            const float s0 = p0[0];
+                            c0 = fmaf(s0, p1[0], c0);
+                            c1 = fmaf(s0, p1[144], c1);
+                            c2 = fmaf(s0, p1[288], c2);
+                            c3 = fmaf(s0, p1[432], c3);
+                            const float s1 = p0[1];
+                            c0 = fmaf(s1, p1[1], c0);
+                            c1 = fmaf(s1, p1[145], c1);
+                            c2 = fmaf(s1, p1[289], c2);
+                            c3 = fmaf(s1, p1[433], c3);
+                            const float s2 = p0[2];
+                            c0 = fmaf(s2, p1[2], c0);
+                            c1 = fmaf(s2, p1[146], c1);
+                            c2 = fmaf(s2, p1[290], c2);
+                            c3 = fmaf(s2, p1[434], c3);
+                            const float s3 = p0[4];
+                            c0 = fmaf(s3, p1[3], c0);
+                            c1 = fmaf(s3, p1[147], c1);
+                            c2 = fmaf(s3, p1[291], c2);
+                            c3 = fmaf(s3, p1[435], c3);
+                            const float s4 = p0[5];
+                            c0 = fmaf(s4, p1[4], c0);
+                            c1 = fmaf(s4, p1[148], c1);
+                            c2 = fmaf(s4, p1[292], c2);
+                            c3 = fmaf(s4, p1[436], c3);
+                            const float s5 = p0[6];
+                            c0 = fmaf(s5, p1[5], c0);
+                            c1 = fmaf(s5, p1[149], c1);
+                            c2 = fmaf(s5, p1[293], c2);
+                            c3 = fmaf(s5, p1[437], c3);
+                            const float s6 = p0[8];
+                            c0 = fmaf(s6, p1[6], c0);
+                            c1 = fmaf(s6, p1[150], c1);
+                            c2 = fmaf(s6, p1[294], c2);
+                            c3 = fmaf(s6, p1[438], c3);
+                            const float s7 = p0[9];
+                            c0 = fmaf(s7, p1[7], c0);
+                            c1 = fmaf(s7, p1[151], c1);
+                            c2 = fmaf(s7, p1[295], c2);
+                            c3 = fmaf(s7, p1[439], c3);
+                            const float s8 = p0[10];
+                            c0 = fmaf(s8, p1[8], c0);
+                            c1 = fmaf(s8, p1[152], c1);
+                            c2 = fmaf(s8, p1[296], c2);
+                            c3 = fmaf(s8, p1[440], c3);
                         }
+                        h2[512*b + 16*i1 + 4*i3 + i4] = c0 + c2_[i1];
+                        h2[512*b + 16*i1 + 4*i3 + i4 + 16] = c1 + c2_[i1 + 1];
+                        h2[512*b + 16*i1 + 4*i3 + i4 + 32] = c2 + c2_[i1 + 2];
+                        h2[512*b + 16*i1 + 4*i3 + i4 + 48] = c3 + c2_[i1 + 3];
                     }
-                    h2[512*b + 16*i1 + 4*i3 + i4] = acc + c2[i1];
+                } else {
+                    for (size_t i1 = 0; i1 < 32; i1 += 4) {
+                        float c0 = 0, c1 = 0, c2 = 0, c3 = 0;
+                        for (size_t i2 = 0; i2 < 16; ++i2) {
+                            const float *p1 = K2 + 144*i1 + 9*i2;
+                            const float s0 = (i3 >= 1 && i4 >= 1 ? p1_[256*b + 16*i2 + 4*i3 + i4 -
+                                    5] : 0.0F);
+                            c0 = fmaf(s0, p1[0], c0);
+                            c1 = fmaf(s0, p1[144], c1);
+                            c2 = fmaf(s0, p1[288], c2);
+                            c3 = fmaf(s0, p1[432], c3);
+                            const float s1 = (i3 >= 1 ? p1_[256*b + 16*i2 + 4*i3 + i4 - 4] : 0.0F);
+                            c0 = fmaf(s1, p1[1], c0);
+                            c1 = fmaf(s1, p1[145], c1);
+                            c2 = fmaf(s1, p1[289], c2);
+                            c3 = fmaf(s1, p1[433], c3);
+                            const float s2 = (i3 >= 1 && i4 < 3 ? p1_[256*b + 16*i2 + 4*i3 + i4 - 3]
+                                    : 0.0F);
+                            c0 = fmaf(s2, p1[2], c0);
+                            c1 = fmaf(s2, p1[146], c1);
+                            c2 = fmaf(s2, p1[290], c2);
+                            c3 = fmaf(s2, p1[434], c3);
+                            const float s3 = (i4 >= 1 ? p1_[256*b + 16*i2 + 4*i3 + i4 - 1] : 0.0F);
+                            c0 = fmaf(s3, p1[3], c0);
+                            c1 = fmaf(s3, p1[147], c1);
+                            c2 = fmaf(s3, p1[291], c2);
+                            c3 = fmaf(s3, p1[435], c3);
+                            const float s4 = p1_[256*b + 16*i2 + 4*i3 + i4];
+                            c0 = fmaf(s4, p1[4], c0);
+                            c1 = fmaf(s4, p1[148], c1);
+                            c2 = fmaf(s4, p1[292], c2);
+                            c3 = fmaf(s4, p1[436], c3);
+                            const float s5 = (i4 < 3 ? p1_[256*b + 16*i2 + 4*i3 + i4 + 1] : 0.0F);
+                            c0 = fmaf(s5, p1[5], c0);
+                            c1 = fmaf(s5, p1[149], c1);
+                            c2 = fmaf(s5, p1[293], c2);
+                            c3 = fmaf(s5, p1[437], c3);
+                            const float s6 = (i4 >= 1 && i3 < 3 ? p1_[256*b + 16*i2 + 4*i3 + i4 + 3]
+                                    : 0.0F);
+                            c0 = fmaf(s6, p1[6], c0);
+                            c1 = fmaf(s6, p1[150], c1);
+                            c2 = fmaf(s6, p1[294], c2);
+                            c3 = fmaf(s6, p1[438], c3);
+                            const float s7 = (i3 < 3 ? p1_[256*b + 16*i2 + 4*i3 + i4 + 4] : 0.0F);
+                            c0 = fmaf(s7, p1[7], c0);
+                            c1 = fmaf(s7, p1[151], c1);
+                            c2 = fmaf(s7, p1[295], c2);
+                            c3 = fmaf(s7, p1[439], c3);
+                            const float s8 = (i3 < 3 && i4 < 3 ? p1_[256*b + 16*i2 + 4*i3 + i4 + 5]
+                                    : 0.0F);
+                            c0 = fmaf(s8, p1[8], c0);
+                            c1 = fmaf(s8, p1[152], c1);
+                            c2 = fmaf(s8, p1[296], c2);
+                            c3 = fmaf(s8, p1[440], c3);
+                        }
+                        h2[512*b + 16*i1 + 4*i3 + i4] = c0 + c2_[i1];
+                        h2[512*b + 16*i1 + 4*i3 + i4 + 16] = c1 + c2_[i1 + 1];
+                        h2[512*b + 16*i1 + 4*i3 + i4 + 32] = c2 + c2_[i1 + 2];
+                        h2[512*b + 16*i1 + 4*i3 + i4 + 48] = c3 + c2_[i1 + 3];
+                    }
                 }
             }
         }
@@ -408,15 +870,64 @@ static void flat_grad(size_t n, float *restrict dflat, const float *restrict W,
         const float *restrict dlogits)
 {
     for (size_t b = 0; b < n; ++b) {
-        for (size_t i1 = 0; i1 < 128; ++i1) {
-            dflat[128*b + i1] = 0;
-        }
-    }
-    for (size_t b = 0; b < n; ++b) {
-        for (size_t i0 = 0; i0 < 10; ++i0) {
-            for (size_t i1 = 0; i1 < 128; ++i1) {
-                dflat[128*b + i1] += W[128*i0 + i1]*dlogits[10*b + i0];
-            }
+        for (size_t i1 = 0; i1 < 128; i1 += 4) {
+            float c0 = 0, c1 = 0, c2 = 0, c3 = 0;
+            const float *p0 = dlogits + 10*b;
+            const float *p1 = W + i1;
+            const float s0 = p0[0];
+            c0 = fmaf(s0, p1[0], c0);
+            c1 = fmaf(s0, p1[1], c1);
+            c2 = fmaf(s0, p1[2], c2);
+            c3 = fmaf(s0, p1[3], c3);
+            const float s1 = p0[1];
+            c0 = fmaf(s1, p1[128], c0);
+            c1 = fmaf(s1, p1[129], c1);
+            c2 = fmaf(s1, p1[130], c2);
+            c3 = fmaf(s1, p1[131], c3);
+            const float s2 = p0[2];
+            c0 = fmaf(s2, p1[256], c0);
+            c1 = fmaf(s2, p1[257], c1);
+            c2 = fmaf(s2, p1[258], c2);
+            c3 = fmaf(s2, p1[259], c3);
+            const float s3 = p0[3];
+            c0 = fmaf(s3, p1[384], c0);
+            c1 = fmaf(s3, p1[385], c1);
+            c2 = fmaf(s3, p1[386], c2);
+            c3 = fmaf(s3, p1[387], c3);
+            const float s4 = p0[4];
+            c0 = fmaf(s4, p1[512], c0);
+            c1 = fmaf(s4, p1[513], c1);
+            c2 = fmaf(s4, p1[514], c2);
+            c3 = fmaf(s4, p1[515], c3);
+            const float s5 = p0[5];
+            c0 = fmaf(s5, p1[640], c0);
+            c1 = fmaf(s5, p1[641], c1);
+            c2 = fmaf(s5, p1[642], c2);
+            c3 = fmaf(s5, p1[643], c3);
+            const float s6 = p0[6];
+            c0 = fmaf(s6, p1[768], c0);
+            c1 = fmaf(s6, p1[769], c1);
+            c2 = fmaf(s6, p1[770], c2);
+            c3 = fmaf(s6, p1[771], c3);
+            const float s7 = p0[7];
+            c0 = fmaf(s7, p1[896], c0);
+            c1 = fmaf(s7, p1[897], c1);
+            c2 = fmaf(s7, p1[898], c2);
+            c3 = fmaf(s7, p1[899], c3);
+            const float s8 = p0[8];
+            c0 = fmaf(s8, p1[1024], c0);
+            c1 = fmaf(s8, p1[1025], c1);
+            c2 = fmaf(s8, p1[1026], c2);
+            c3 = fmaf(s8, p1[1027], c3);
+            const float s9 = p0[9];
+            c0 = fmaf(s9, p1[1152], c0);
+            c1 = fmaf(s9, p1[1153], c1);
+            c2 = fmaf(s9, p1[1154], c2);
+            c3 = fmaf(s9, p1[1155], c3);
+            dflat[128*b + i1] = c0;
+            dflat[128*b + i1 + 1] = c1;
+            dflat[128*b + i1 + 2] = c2;
+            dflat[128*b + i1 + 3] = c3;
         }
     }
 }

@@ -67,22 +67,135 @@ static void act_forward(size_t n, float *restrict act, const float *restrict K,
         const float *restrict beta, const float *restrict gamma_, const float *restrict img,
         const float *restrict mean, const float *restrict var)
 {
-    for (size_t i1 = 0; i1 < 16; ++i1) {
-        for (size_t b = 0; b < n; ++b) {
-            for (size_t i3 = 0; i3 < 8; ++i3) {
-                for (size_t i4 = 0; i4 < 8; ++i4) {
-                    float acc = 0;
-                    for (size_t i2 = 0; i2 < 4; ++i2) {
-                        for (size_t i5 = 0; i5 < 3; ++i5) {
-                            for (size_t i6 = 0; i6 < 3; ++i6) {
-                                acc += ((i3 + i5 >= 1 && i4 + i6 >= 1 && i3 + i5 < 9 && i4 + i6 < 9)
-                                        ? (img[256*b + 64*i2 + 8*i3 + i4 + 8*i5 + i6 - 9]) :
-                                        (0.0F))*K[36*i1 + 9*i2 + 3*i5 + i6];
-                            }
+    for (size_t b = 0; b < n; ++b) {
+        for (size_t i3 = 0; i3 < 8; ++i3) {
+            for (size_t i4 = 0; i4 < 8; ++i4) {
+                /* The whole window inside the input: no test per term. */
+                if (i3 >= 1 && i4 >= 1 && i3 < 7 && i4 < 7) {
+                    for (size_t i1 = 0; i1 < 16; i1 += 4) {
+                        float c0 = 0, c1 = 0, c2 = 0, c3 = 0;
+                        for (size_t i2 = 0; i2 < 4; ++i2) {
+                            const float *p0 = img + 256*b + 64*i2 + 8*i3 + i4 - 9;
+                            const float *p1 = K + 36*i1 + 9*i2;
+                            const float s0 = p0[0];
+                            c0 = fmaf(s0, p1[0], c0);
+                            c1 = fmaf(s0, p1[36], c1);
+                            c2 = fmaf(s0, p1[72], c2);
+                            c3 = fmaf(s0, p1[108], c3);
+                            const float s1 = p0[1];
+                            c0 = fmaf(s1, p1[1], c0);
+                            c1 = fmaf(s1, p1[37], c1);
+                            c2 = fmaf(s1, p1[73], c2);
+                            c3 = fmaf(s1, p1[109], c3);
+                            const float s2 = p0[2];
+                            c0 = fmaf(s2, p1[2], c0);
+                            c1 = fmaf(s2, p1[38], c1);
+                            c2 = fmaf(s2, p1[74], c2);
+                            c3 = fmaf(s2, p1[110], c3);
+                            const float s3 = p0[8];
+                            c0 = fmaf(s3, p1[3], c0);
+                            c1 = fmaf(s3, p1[39], c1);
+                            c2 = fmaf(s3, p1[75], c2);
+                            c3 = fmaf(s3, p1[111], c3);
+                            const float s4 = p0[9];
+                            c0 = fmaf(s4, p1[4], c0);
+                            c1 = fmaf(s4, p1[40], c1);
+                            c2 = fmaf(s4, p1[76], c2);
+                            c3 = fmaf(s4, p1[112], c3);
+                            const float s5 = p0[10];
+                            c0 = fmaf(s5, p1[5], c0);
+                            c1 = fmaf(s5, p1[41], c1);
+                            c2 = fmaf(s5, p1[77], c2);
+                            c3 = fmaf(s5, p1[113], c3);
+                            const float s6 = p0[16];
+                            c0 = fmaf(s6, p1[6], c0);
+                            c1 = fmaf(s6, p1[42], c1);
+                            c2 = fmaf(s6, p1[78], c2);
+                            c3 = fmaf(s6, p1[114], c3);
+                            const float s7 = p0[17];
+                            c0 = fmaf(s7, p1[7], c0);
+                            c1 = fmaf(s7, p1[43], c1);
+                            c2 = fmaf(s7, p1[79], c2);
+                            c3 = fmaf(s7, p1[115], c3);
+                            const float s8 = p0[18];
+                            c0 = fmaf(s8, p1[8], c0);
+                            c1 = fmaf(s8, p1[44], c1);
+                            c2 = fmaf(s8, p1[80], c2);
+                            c3 = fmaf(s8, p1[116], c3);
                         }
+                        act[1024*b + 64*i1 + 8*i3 + i4] = relu((c0 -
+                                mean[i1])*gamma_[i1]/sqrtf(var[i1] + 1e-05F) + beta[i1]);
+                        act[1024*b + 64*i1 + 8*i3 + i4 + 64] = relu((c1 - mean[i1 + 1])*gamma_[i1 +
+                                1]/sqrtf(var[i1 + 1] + 1e-05F) + beta[i1 + 1]);
+                        act[1024*b + 64*i1 + 8*i3 + i4 + 128] = relu((c2 - mean[i1 + 2])*gamma_[i1 +
+                                2]/sqrtf(var[i1 + 2] + 1e-05F) + beta[i1 + 2]);
+                        act[1024*b + 64*i1 + 8*i3 + i4 + 192] = relu((c3 - mean[i1 + 3])*gamma_[i1 +
+                                3]/sqrtf(var[i1 + 3] + 1e-05F) + beta[i1 + 3]);
                     }
-                    act[1024*b + 64*i1 + 8*i3 + i4] = relu((acc - mean[i1])*gamma_[i1]/sqrtf(var[i1]
-                            + 1e-05F) + beta[i1]);
+                } else {
+                    for (size_t i1 = 0; i1 < 16; i1 += 4) {
+                        float c0 = 0, c1 = 0, c2 = 0, c3 = 0;
+                        for (size_t i2 = 0; i2 < 4; ++i2) {
+                            const float *p1 = K + 36*i1 + 9*i2;
+                            const float s0 = (i3 >= 1 && i4 >= 1 ? img[256*b + 64*i2 + 8*i3 + i4 -
+                                    9] : 0.0F);
+                            c0 = fmaf(s0, p1[0], c0);
+                            c1 = fmaf(s0, p1[36], c1);
+                            c2 = fmaf(s0, p1[72], c2);
+                            c3 = fmaf(s0, p1[108], c3);
+                            const float s1 = (i3 >= 1 ? img[256*b + 64*i2 + 8*i3 + i4 - 8] : 0.0F);
+                            c0 = fmaf(s1, p1[1], c0);
+                            c1 = fmaf(s1, p1[37], c1);
+                            c2 = fmaf(s1, p1[73], c2);
+                            c3 = fmaf(s1, p1[109], c3);
+                            const float s2 = (i3 >= 1 && i4 < 7 ? img[256*b + 64*i2 + 8*i3 + i4 - 7]
+                                    : 0.0F);
+                            c0 = fmaf(s2, p1[2], c0);
+                            c1 = fmaf(s2, p1[38], c1);
+                            c2 = fmaf(s2, p1[74], c2);
+                            c3 = fmaf(s2, p1[110], c3);
+                            const float s3 = (i4 >= 1 ? img[256*b + 64*i2 + 8*i3 + i4 - 1] : 0.0F);
+                            c0 = fmaf(s3, p1[3], c0);
+                            c1 = fmaf(s3, p1[39], c1);
+                            c2 = fmaf(s3, p1[75], c2);
+                            c3 = fmaf(s3, p1[111], c3);
+                            const float s4 = img[256*b + 64*i2 + 8*i3 + i4];
+                            c0 = fmaf(s4, p1[4], c0);
+                            c1 = fmaf(s4, p1[40], c1);
+                            c2 = fmaf(s4, p1[76], c2);
+                            c3 = fmaf(s4, p1[112], c3);
+                            const float s5 = (i4 < 7 ? img[256*b + 64*i2 + 8*i3 + i4 + 1] : 0.0F);
+                            c0 = fmaf(s5, p1[5], c0);
+                            c1 = fmaf(s5, p1[41], c1);
+                            c2 = fmaf(s5, p1[77], c2);
+                            c3 = fmaf(s5, p1[113], c3);
+                            const float s6 = (i4 >= 1 && i3 < 7 ? img[256*b + 64*i2 + 8*i3 + i4 + 7]
+                                    : 0.0F);
+                            c0 = fmaf(s6, p1[6], c0);
+                            c1 = fmaf(s6, p1[42], c1);
+                            c2 = fmaf(s6, p1[78], c2);
+                            c3 = fmaf(s6, p1[114], c3);
+                            const float s7 = (i3 < 7 ? img[256*b + 64*i2 + 8*i3 + i4 + 8] : 0.0F);
+                            c0 = fmaf(s7, p1[7], c0);
+                            c1 = fmaf(s7, p1[43], c1);
+                            c2 = fmaf(s7, p1[79], c2);
+                            c3 = fmaf(s7, p1[115], c3);
+                            const float s8 = (i3 < 7 && i4 < 7 ? img[256*b + 64*i2 + 8*i3 + i4 + 9]
+                                    : 0.0F);
+                            c0 = fmaf(s8, p1[8], c0);
+                            c1 = fmaf(s8, p1[44], c1);
+                            c2 = fmaf(s8, p1[80], c2);
+                            c3 = fmaf(s8, p1[116], c3);
+                        }
+                        act[1024*b + 64*i1 + 8*i3 + i4] = relu((c0 -
+                                mean[i1])*gamma_[i1]/sqrtf(var[i1] + 1e-05F) + beta[i1]);
+                        act[1024*b + 64*i1 + 8*i3 + i4 + 64] = relu((c1 - mean[i1 + 1])*gamma_[i1 +
+                                1]/sqrtf(var[i1 + 1] + 1e-05F) + beta[i1 + 1]);
+                        act[1024*b + 64*i1 + 8*i3 + i4 + 128] = relu((c2 - mean[i1 + 2])*gamma_[i1 +
+                                2]/sqrtf(var[i1 + 2] + 1e-05F) + beta[i1 + 2]);
+                        act[1024*b + 64*i1 + 8*i3 + i4 + 192] = relu((c3 - mean[i1 + 3])*gamma_[i1 +
+                                3]/sqrtf(var[i1 + 3] + 1e-05F) + beta[i1 + 3]);
+                    }
                 }
             }
         }
@@ -141,12 +254,62 @@ static void logits_forward(size_t n, float *restrict logits, const float *restri
         const float *restrict b_, const float *restrict drop)
 {
     for (size_t b = 0; b < n; ++b) {
-        for (size_t i0 = 0; i0 < 10; ++i0) {
-            float acc = 0;
-            for (size_t i1 = 0; i1 < 256; ++i1) {
-                acc += W[256*i0 + i1]*drop[256*b + i1];
+        for (size_t i0 = 0; i0 < 8; i0 += 4) {
+            float c0 = 0, c1 = 0, c2 = 0, c3 = 0;
+            const float *p0 = drop + 256*b;
+            const float *p1 = W + 256*i0;
+            for (size_t k = 0; k < 64; ++k) {
+                const float *q0 = p0 + 4*k;
+                const float *q1 = p1 + 4*k;
+                const float s0 = q0[0];
+                c0 = fmaf(s0, q1[0], c0);
+                c1 = fmaf(s0, q1[256], c1);
+                c2 = fmaf(s0, q1[512], c2);
+                c3 = fmaf(s0, q1[768], c3);
+                const float s1 = q0[1];
+                c0 = fmaf(s1, q1[1], c0);
+                c1 = fmaf(s1, q1[257], c1);
+                c2 = fmaf(s1, q1[513], c2);
+                c3 = fmaf(s1, q1[769], c3);
+                const float s2 = q0[2];
+                c0 = fmaf(s2, q1[2], c0);
+                c1 = fmaf(s2, q1[258], c1);
+                c2 = fmaf(s2, q1[514], c2);
+                c3 = fmaf(s2, q1[770], c3);
+                const float s3 = q0[3];
+                c0 = fmaf(s3, q1[3], c0);
+                c1 = fmaf(s3, q1[259], c1);
+                c2 = fmaf(s3, q1[515], c2);
+                c3 = fmaf(s3, q1[771], c3);
             }
-            logits[10*b + i0] = acc + b_[i0];
+            logits[10*b + i0] = c0 + b_[i0];
+            logits[10*b + i0 + 1] = c1 + b_[i0 + 1];
+            logits[10*b + i0 + 2] = c2 + b_[i0 + 2];
+            logits[10*b + i0 + 3] = c3 + b_[i0 + 3];
+        }
+        {
+            const size_t i0 = 8;
+            float c0 = 0, c1 = 0;
+            const float *p0 = drop + 256*b;
+            const float *p1 = W + 256*i0;
+            for (size_t k = 0; k < 64; ++k) {
+                const float *q0 = p0 + 4*k;
+                const float *q1 = p1 + 4*k;
+                const float s0 = q0[0];
+                c0 = fmaf(s0, q1[0], c0);
+                c1 = fmaf(s0, q1[256], c1);
+                const float s1 = q0[1];
+                c0 = fmaf(s1, q1[1], c0);
+                c1 = fmaf(s1, q1[257], c1);
+                const float s2 = q0[2];
+                c0 = fmaf(s2, q1[2], c0);
+                c1 = fmaf(s2, q1[258], c1);
+                const float s3 = q0[3];
+                c0 = fmaf(s3, q1[3], c0);
+                c1 = fmaf(s3, q1[259], c1);
+            }
+            logits[10*b + i0] = c0 + b_[i0];
+            logits[10*b + i0 + 1] = c1 + b_[i0 + 1];
         }
     }
 }
@@ -205,20 +368,126 @@ static void conv_forward(size_t n, float *restrict conv, const float *restrict K
         const float *restrict img)
 {
     for (size_t b = 0; b < n; ++b) {
-        for (size_t i1 = 0; i1 < 16; ++i1) {
-            for (size_t i3 = 0; i3 < 8; ++i3) {
-                for (size_t i4 = 0; i4 < 8; ++i4) {
-                    float acc = 0;
-                    for (size_t i2 = 0; i2 < 4; ++i2) {
-                        for (size_t i5 = 0; i5 < 3; ++i5) {
-                            for (size_t i6 = 0; i6 < 3; ++i6) {
-                                acc += ((i3 + i5 >= 1 && i4 + i6 >= 1 && i3 + i5 < 9 && i4 + i6 < 9)
-                                        ? (img[256*b + 64*i2 + 8*i3 + i4 + 8*i5 + i6 - 9]) :
-                                        (0.0F))*K[36*i1 + 9*i2 + 3*i5 + i6];
-                            }
+        for (size_t i3 = 0; i3 < 8; ++i3) {
+            for (size_t i4 = 0; i4 < 8; ++i4) {
+                /* The whole window inside the input: no test per term. */
+                if (i3 >= 1 && i4 >= 1 && i3 < 7 && i4 < 7) {
+                    for (size_t i1 = 0; i1 < 16; i1 += 4) {
+                        float c0 = 0, c1 = 0, c2 = 0, c3 = 0;
+                        for (size_t i2 = 0; i2 < 4; ++i2) {
+                            const float *p0 = img + 256*b + 64*i2 + 8*i3 + i4 - 9;
+                            const float *p1 = K + 36*i1 + 9*i2;
+                            const float s0 = p0[0];
+                            c0 = fmaf(s0, p1[0], c0);
+                            c1 = fmaf(s0, p1[36], c1);
+                            c2 = fmaf(s0, p1[72], c2);
+                            c3 = fmaf(s0, p1[108], c3);
+                            const float s1 = p0[1];
+                            c0 = fmaf(s1, p1[1], c0);
+                            c1 = fmaf(s1, p1[37], c1);
+                            c2 = fmaf(s1, p1[73], c2);
+                            c3 = fmaf(s1, p1[109], c3);
+                            const float s2 = p0[2];
+                            c0 = fmaf(s2, p1[2], c0);
+                            c1 = fmaf(s2, p1[38], c1);
+                            c2 = fmaf(s2, p1[74], c2);
+                            c3 = fmaf(s2, p1[110], c3);
+                            const float s3 = p0[8];
+                            c0 = fmaf(s3, p1[3], c0);
+                            c1 = fmaf(s3, p1[39], c1);
+                            c2 = fmaf(s3, p1[75], c2);
+                            c3 = fmaf(s3, p1[111], c3);
+                            const float s4 = p0[9];
+                            c0 = fmaf(s4, p1[4], c0);
+                            c1 = fmaf(s4, p1[40], c1);
+                            c2 = fmaf(s4, p1[76], c2);
+                            c3 = fmaf(s4, p1[112], c3);
+                            const float s5 = p0[10];
+                            c0 = fmaf(s5, p1[5], c0);
+                            c1 = fmaf(s5, p1[41], c1);
+                            c2 = fmaf(s5, p1[77], c2);
+                            c3 = fmaf(s5, p1[113], c3);
+                            const float s6 = p0[16];
+                            c0 = fmaf(s6, p1[6], c0);
+                            c1 = fmaf(s6, p1[42], c1);
+                            c2 = fmaf(s6, p1[78], c2);
+                            c3 = fmaf(s6, p1[114], c3);
+                            const float s7 = p0[17];
+                            c0 = fmaf(s7, p1[7], c0);
+                            c1 = fmaf(s7, p1[43], c1);
+                            c2 = fmaf(s7, p1[79], c2);
+                            c3 = fmaf(s7, p1[115], c3);
+                            const float s8 = p0[18];
+                            c0 = fmaf(s8, p1[8], c0);
+                            c1 = fmaf(s8, p1[44], c1);
+                            c2 = fmaf(s8, p1[80], c2);
+                            c3 = fmaf(s8, p1[116], c3);
                         }
+                        conv[1024*b + 64*i1 + 8*i3 + i4] = c0;
+                        conv[1024*b + 64*i1 + 8*i3 + i4 + 64] = c1;
+                        conv[1024*b + 64*i1 + 8*i3 + i4 + 128] = c2;
+                        conv[1024*b + 64*i1 + 8*i3 + i4 + 192] = c3;
                     }
-                    conv[1024*b + 64*i1 + 8*i3 + i4] = acc;
+                } else {
+                    for (size_t i1 = 0; i1 < 16; i1 += 4) {
+                        float c0 = 0, c1 = 0, c2 = 0, c3 = 0;
+                        for (size_t i2 = 0; i2 < 4; ++i2) {
+                            const float *p1 = K + 36*i1 + 9*i2;
+                            const float s0 = (i3 >= 1 && i4 >= 1 ? img[256*b + 64*i2 + 8*i3 + i4 -
+                                    9] : 0.0F);
+                            c0 = fmaf(s0, p1[0], c0);
+                            c1 = fmaf(s0, p1[36], c1);
+                            c2 = fmaf(s0, p1[72], c2);
+                            c3 = fmaf(s0, p1[108], c3);
+                            const float s1 = (i3 >= 1 ? img[256*b + 64*i2 + 8*i3 + i4 - 8] : 0.0F);
+                            c0 = fmaf(s1, p1[1], c0);
+                            c1 = fmaf(s1, p1[37], c1);
+                            c2 = fmaf(s1, p1[73], c2);
+                            c3 = fmaf(s1, p1[109], c3);
+                            const float s2 = (i3 >= 1 && i4 < 7 ? img[256*b + 64*i2 + 8*i3 + i4 - 7]
+                                    : 0.0F);
+                            c0 = fmaf(s2, p1[2], c0);
+                            c1 = fmaf(s2, p1[38], c1);
+                            c2 = fmaf(s2, p1[74], c2);
+                            c3 = fmaf(s2, p1[110], c3);
+                            const float s3 = (i4 >= 1 ? img[256*b + 64*i2 + 8*i3 + i4 - 1] : 0.0F);
+                            c0 = fmaf(s3, p1[3], c0);
+                            c1 = fmaf(s3, p1[39], c1);
+                            c2 = fmaf(s3, p1[75], c2);
+                            c3 = fmaf(s3, p1[111], c3);
+                            const float s4 = img[256*b + 64*i2 + 8*i3 + i4];
+                            c0 = fmaf(s4, p1[4], c0);
+                            c1 = fmaf(s4, p1[40], c1);
+                            c2 = fmaf(s4, p1[76], c2);
+                            c3 = fmaf(s4, p1[112], c3);
+                            const float s5 = (i4 < 7 ? img[256*b + 64*i2 + 8*i3 + i4 + 1] : 0.0F);
+                            c0 = fmaf(s5, p1[5], c0);
+                            c1 = fmaf(s5, p1[41], c1);
+                            c2 = fmaf(s5, p1[77], c2);
+                            c3 = fmaf(s5, p1[113], c3);
+                            const float s6 = (i4 >= 1 && i3 < 7 ? img[256*b + 64*i2 + 8*i3 + i4 + 7]
+                                    : 0.0F);
+                            c0 = fmaf(s6, p1[6], c0);
+                            c1 = fmaf(s6, p1[42], c1);
+                            c2 = fmaf(s6, p1[78], c2);
+                            c3 = fmaf(s6, p1[114], c3);
+                            const float s7 = (i3 < 7 ? img[256*b + 64*i2 + 8*i3 + i4 + 8] : 0.0F);
+                            c0 = fmaf(s7, p1[7], c0);
+                            c1 = fmaf(s7, p1[43], c1);
+                            c2 = fmaf(s7, p1[79], c2);
+                            c3 = fmaf(s7, p1[115], c3);
+                            const float s8 = (i3 < 7 && i4 < 7 ? img[256*b + 64*i2 + 8*i3 + i4 + 9]
+                                    : 0.0F);
+                            c0 = fmaf(s8, p1[8], c0);
+                            c1 = fmaf(s8, p1[44], c1);
+                            c2 = fmaf(s8, p1[80], c2);
+                            c3 = fmaf(s8, p1[116], c3);
+                        }
+                        conv[1024*b + 64*i1 + 8*i3 + i4] = c0;
+                        conv[1024*b + 64*i1 + 8*i3 + i4 + 64] = c1;
+                        conv[1024*b + 64*i1 + 8*i3 + i4 + 128] = c2;
+                        conv[1024*b + 64*i1 + 8*i3 + i4 + 192] = c3;
+                    }
                 }
             }
         }
@@ -440,13 +709,68 @@ static void flat_grad(size_t n, uint32_t step, float *restrict dflat, const floa
         const float *restrict dlogits)
 {
     for (size_t b = 0; b < n; ++b) {
-        for (size_t i1 = 0; i1 < 256; ++i1) {
-            float acc = 0;
-            for (size_t i0 = 0; i0 < 10; ++i0) {
-                acc += W[256*i0 + i1]*dlogits[10*b + i0];
-            }
-            dflat[256*b + i1] = 1.4285715F*acc*dropout_keep(0x95713e90U, step,
+        for (size_t i1 = 0; i1 < 256; i1 += 4) {
+            float c0 = 0, c1 = 0, c2 = 0, c3 = 0;
+            const float *p0 = dlogits + 10*b;
+            const float *p1 = W + i1;
+            const float s0 = p0[0];
+            c0 = fmaf(s0, p1[0], c0);
+            c1 = fmaf(s0, p1[1], c1);
+            c2 = fmaf(s0, p1[2], c2);
+            c3 = fmaf(s0, p1[3], c3);
+            const float s1 = p0[1];
+            c0 = fmaf(s1, p1[256], c0);
+            c1 = fmaf(s1, p1[257], c1);
+            c2 = fmaf(s1, p1[258], c2);
+            c3 = fmaf(s1, p1[259], c3);
+            const float s2 = p0[2];
+            c0 = fmaf(s2, p1[512], c0);
+            c1 = fmaf(s2, p1[513], c1);
+            c2 = fmaf(s2, p1[514], c2);
+            c3 = fmaf(s2, p1[515], c3);
+            const float s3 = p0[3];
+            c0 = fmaf(s3, p1[768], c0);
+            c1 = fmaf(s3, p1[769], c1);
+            c2 = fmaf(s3, p1[770], c2);
+            c3 = fmaf(s3, p1[771], c3);
+            const float s4 = p0[4];
+            c0 = fmaf(s4, p1[1024], c0);
+            c1 = fmaf(s4, p1[1025], c1);
+            c2 = fmaf(s4, p1[1026], c2);
+            c3 = fmaf(s4, p1[1027], c3);
+            const float s5 = p0[5];
+            c0 = fmaf(s5, p1[1280], c0);
+            c1 = fmaf(s5, p1[1281], c1);
+            c2 = fmaf(s5, p1[1282], c2);
+            c3 = fmaf(s5, p1[1283], c3);
+            const float s6 = p0[6];
+            c0 = fmaf(s6, p1[1536], c0);
+            c1 = fmaf(s6, p1[1537], c1);
+            c2 = fmaf(s6, p1[1538], c2);
+            c3 = fmaf(s6, p1[1539], c3);
+            const float s7 = p0[7];
+            c0 = fmaf(s7, p1[1792], c0);
+            c1 = fmaf(s7, p1[1793], c1);
+            c2 = fmaf(s7, p1[1794], c2);
+            c3 = fmaf(s7, p1[1795], c3);
+            const float s8 = p0[8];
+            c0 = fmaf(s8, p1[2048], c0);
+            c1 = fmaf(s8, p1[2049], c1);
+            c2 = fmaf(s8, p1[2050], c2);
+            c3 = fmaf(s8, p1[2051], c3);
+            const float s9 = p0[9];
+            c0 = fmaf(s9, p1[2304], c0);
+            c1 = fmaf(s9, p1[2305], c1);
+            c2 = fmaf(s9, p1[2306], c2);
+            c3 = fmaf(s9, p1[2307], c3);
+            dflat[256*b + i1] = 1.4285715F*c0*dropout_keep(0x95713e90U, step,
                     (uint32_t)(256*b + i1), 0xb33333U);
+            dflat[256*b + i1 + 1] = 1.4285715F*c1*dropout_keep(0x95713e90U, step,
+                    (uint32_t)(256*b + i1 + 1), 0xb33333U);
+            dflat[256*b + i1 + 2] = 1.4285715F*c2*dropout_keep(0x95713e90U, step,
+                    (uint32_t)(256*b + i1 + 2), 0xb33333U);
+            dflat[256*b + i1 + 3] = 1.4285715F*c3*dropout_keep(0x95713e90U, step,
+                    (uint32_t)(256*b + i1 + 3), 0xb33333U);
         }
     }
 }

@@ -13,14 +13,102 @@ static void a_forward(size_t n, float *restrict a, const float *restrict W1,
         const float *restrict b1, const float *restrict x)
 {
     for (size_t b = 0; b < n; ++b) {
-        for (size_t i0 = 0; i0 < 24; ++i0) {
-            float acc = 0;
-            for (size_t i1 = 0; i1 < 16; ++i1) {
-                acc += W1[16*i0 + i1]*x[16*b + i1];
-            }
-            const float t0 = acc + b1[i0];
-            a[24*b + i0] = 0.5F*t0*(1 + tanhf(0.7978846F*acc + 0.7978846F*b1[i0] +
+        for (size_t i0 = 0; i0 < 24; i0 += 4) {
+            float c0 = 0, c1 = 0, c2 = 0, c3 = 0;
+            const float *p0 = x + 16*b;
+            const float *p1 = W1 + 16*i0;
+            const float s0 = p0[0];
+            c0 = fmaf(s0, p1[0], c0);
+            c1 = fmaf(s0, p1[16], c1);
+            c2 = fmaf(s0, p1[32], c2);
+            c3 = fmaf(s0, p1[48], c3);
+            const float s1 = p0[1];
+            c0 = fmaf(s1, p1[1], c0);
+            c1 = fmaf(s1, p1[17], c1);
+            c2 = fmaf(s1, p1[33], c2);
+            c3 = fmaf(s1, p1[49], c3);
+            const float s2 = p0[2];
+            c0 = fmaf(s2, p1[2], c0);
+            c1 = fmaf(s2, p1[18], c1);
+            c2 = fmaf(s2, p1[34], c2);
+            c3 = fmaf(s2, p1[50], c3);
+            const float s3 = p0[3];
+            c0 = fmaf(s3, p1[3], c0);
+            c1 = fmaf(s3, p1[19], c1);
+            c2 = fmaf(s3, p1[35], c2);
+            c3 = fmaf(s3, p1[51], c3);
+            const float s4 = p0[4];
+            c0 = fmaf(s4, p1[4], c0);
+            c1 = fmaf(s4, p1[20], c1);
+            c2 = fmaf(s4, p1[36], c2);
+            c3 = fmaf(s4, p1[52], c3);
+            const float s5 = p0[5];
+            c0 = fmaf(s5, p1[5], c0);
+            c1 = fmaf(s5, p1[21], c1);
+            c2 = fmaf(s5, p1[37], c2);
+            c3 = fmaf(s5, p1[53], c3);
+            const float s6 = p0[6];
+            c0 = fmaf(s6, p1[6], c0);
+            c1 = fmaf(s6, p1[22], c1);
+            c2 = fmaf(s6, p1[38], c2);
+            c3 = fmaf(s6, p1[54], c3);
+            const float s7 = p0[7];
+            c0 = fmaf(s7, p1[7], c0);
+            c1 = fmaf(s7, p1[23], c1);
+            c2 = fmaf(s7, p1[39], c2);
+            c3 = fmaf(s7, p1[55], c3);
+            const float s8 = p0[8];
+            c0 = fmaf(s8, p1[8], c0);
+            c1 = fmaf(s8, p1[24], c1);
+            c2 = fmaf(s8, p1[40], c2);
+            c3 = fmaf(s8, p1[56], c3);
+            const float s9 = p0[9];
+            c0 = fmaf(s9, p1[9], c0);
+            c1 = fmaf(s9, p1[25], c1);
+            c2 = fmaf(s9, p1[41], c2);
+            c3 = fmaf(s9, p1[57], c3);
+            const float s10 = p0[10];
+            c0 = fmaf(s10, p1[10], c0);
+            c1 = fmaf(s10, p1[26], c1);
+            c2 = fmaf(s10, p1[42], c2);
+            c3 = fmaf(s10, p1[58], c3);
+            const float s11 = p0[11];
+            c0 = fmaf(s11, p1[11], c0);
+            c1 = fmaf(s11, p1[27], c1);
+            c2 = fmaf(s11, p1[43], c2);
+            c3 = fmaf(s11, p1[59], c3);
+            const float s12 = p0[12];
+            c0 = fmaf(s12, p1[12], c0);
+            c1 = fmaf(s12, p1[28], c1);
+            c2 = fmaf(s12, p1[44], c2);
+            c3 = fmaf(s12, p1[60], c3);
+            const float s13 = p0[13];
+            c0 = fmaf(s13, p1[13], c0);
+            c1 = fmaf(s13, p1[29], c1);
+            c2 = fmaf(s13, p1[45], c2);
+            c3 = fmaf(s13, p1[61], c3);
+            const float s14 = p0[14];
+            c0 = fmaf(s14, p1[14], c0);
+            c1 = fmaf(s14, p1[30], c1);
+            c2 = fmaf(s14, p1[46], c2);
+            c3 = fmaf(s14, p1[62], c3);
+            const float s15 = p0[15];
+            c0 = fmaf(s15, p1[15], c0);
+            c1 = fmaf(s15, p1[31], c1);
+            c2 = fmaf(s15, p1[47], c2);
+            c3 = fmaf(s15, p1[63], c3);
+            const float t0 = c0 + b1[i0];
+            const float t1 = c1 + b1[i0 + 1];
+            const float t2 = c2 + b1[i0 + 2];
+            const float t3 = c3 + b1[i0 + 3];
+            a[24*b + i0] = 0.5F*t0*(1 + tanhf(0.7978846F*c0 + 0.7978846F*b1[i0] +
                     0.035677407F*(t0*t0*t0)));
+            a[24*b + i0 + 1] = 0.5F*t1*(1 + tanhf(0.7978846F*c1 + 0.7978846F*b1[i0 + 1] +
+                    0.035677407F*(t1*t1*t1)));
+            a[24*b + i0 + 2] = 0.5F*t2*(1 + tanhf(0.7978846F*c2 + 0.7978846F*b1[i0 + 2] +
+                    0.035677407F*(t2*t2*t2)));
+            a[24*b + i0 + 3] = 0.5F*t3*(1 + tanhf(0.7978846F*c3 + 0.7978846F*b1[i0 + 3] +
+                    0.035677407F*(t3*t3*t3)));
         }
     }
 }
@@ -30,12 +118,39 @@ static void logits_forward(size_t n, float *restrict logits, const float *restri
         const float *restrict a, const float *restrict b2)
 {
     for (size_t b = 0; b < n; ++b) {
-        for (size_t i0 = 0; i0 < 4; ++i0) {
-            float acc = 0;
-            for (size_t i1 = 0; i1 < 24; ++i1) {
-                acc += W2[24*i0 + i1]*a[24*b + i1];
+        {
+            const size_t i0 = 0;
+            float c0 = 0, c1 = 0, c2 = 0, c3 = 0;
+            const float *p0 = a + 24*b;
+            const float *p1 = W2 + 24*i0;
+            for (size_t k = 0; k < 6; ++k) {
+                const float *q0 = p0 + 4*k;
+                const float *q1 = p1 + 4*k;
+                const float s0 = q0[0];
+                c0 = fmaf(s0, q1[0], c0);
+                c1 = fmaf(s0, q1[24], c1);
+                c2 = fmaf(s0, q1[48], c2);
+                c3 = fmaf(s0, q1[72], c3);
+                const float s1 = q0[1];
+                c0 = fmaf(s1, q1[1], c0);
+                c1 = fmaf(s1, q1[25], c1);
+                c2 = fmaf(s1, q1[49], c2);
+                c3 = fmaf(s1, q1[73], c3);
+                const float s2 = q0[2];
+                c0 = fmaf(s2, q1[2], c0);
+                c1 = fmaf(s2, q1[26], c1);
+                c2 = fmaf(s2, q1[50], c2);
+                c3 = fmaf(s2, q1[74], c3);
+                const float s3 = q0[3];
+                c0 = fmaf(s3, q1[3], c0);
+                c1 = fmaf(s3, q1[27], c1);
+                c2 = fmaf(s3, q1[51], c2);
+                c3 = fmaf(s3, q1[75], c3);
             }
-            logits[4*b + i0] = acc + b2[i0];
+            logits[4*b + i0] = c0 + b2[i0];
+            logits[4*b + i0 + 1] = c1 + b2[i0 + 1];
+            logits[4*b + i0 + 2] = c2 + b2[i0 + 2];
+            logits[4*b + i0 + 3] = c3 + b2[i0 + 3];
         }
     }
 }
@@ -113,12 +228,94 @@ static void h_forward(size_t n, float *restrict h, const float *restrict W1,
         const float *restrict b1, const float *restrict x)
 {
     for (size_t b = 0; b < n; ++b) {
-        for (size_t i0 = 0; i0 < 24; ++i0) {
-            float acc = 0;
-            for (size_t i1 = 0; i1 < 16; ++i1) {
-                acc += W1[16*i0 + i1]*x[16*b + i1];
-            }
-            h[24*b + i0] = acc + b1[i0];
+        for (size_t i0 = 0; i0 < 24; i0 += 4) {
+            float c0 = 0, c1 = 0, c2 = 0, c3 = 0;
+            const float *p0 = x + 16*b;
+            const float *p1 = W1 + 16*i0;
+            const float s0 = p0[0];
+            c0 = fmaf(s0, p1[0], c0);
+            c1 = fmaf(s0, p1[16], c1);
+            c2 = fmaf(s0, p1[32], c2);
+            c3 = fmaf(s0, p1[48], c3);
+            const float s1 = p0[1];
+            c0 = fmaf(s1, p1[1], c0);
+            c1 = fmaf(s1, p1[17], c1);
+            c2 = fmaf(s1, p1[33], c2);
+            c3 = fmaf(s1, p1[49], c3);
+            const float s2 = p0[2];
+            c0 = fmaf(s2, p1[2], c0);
+            c1 = fmaf(s2, p1[18], c1);
+            c2 = fmaf(s2, p1[34], c2);
+            c3 = fmaf(s2, p1[50], c3);
+            const float s3 = p0[3];
+            c0 = fmaf(s3, p1[3], c0);
+            c1 = fmaf(s3, p1[19], c1);
+            c2 = fmaf(s3, p1[35], c2);
+            c3 = fmaf(s3, p1[51], c3);
+            const float s4 = p0[4];
+            c0 = fmaf(s4, p1[4], c0);
+            c1 = fmaf(s4, p1[20], c1);
+            c2 = fmaf(s4, p1[36], c2);
+            c3 = fmaf(s4, p1[52], c3);
+            const float s5 = p0[5];
+            c0 = fmaf(s5, p1[5], c0);
+            c1 = fmaf(s5, p1[21], c1);
+            c2 = fmaf(s5, p1[37], c2);
+            c3 = fmaf(s5, p1[53], c3);
+            const float s6 = p0[6];
+            c0 = fmaf(s6, p1[6], c0);
+            c1 = fmaf(s6, p1[22], c1);
+            c2 = fmaf(s6, p1[38], c2);
+            c3 = fmaf(s6, p1[54], c3);
+            const float s7 = p0[7];
+            c0 = fmaf(s7, p1[7], c0);
+            c1 = fmaf(s7, p1[23], c1);
+            c2 = fmaf(s7, p1[39], c2);
+            c3 = fmaf(s7, p1[55], c3);
+            const float s8 = p0[8];
+            c0 = fmaf(s8, p1[8], c0);
+            c1 = fmaf(s8, p1[24], c1);
+            c2 = fmaf(s8, p1[40], c2);
+            c3 = fmaf(s8, p1[56], c3);
+            const float s9 = p0[9];
+            c0 = fmaf(s9, p1[9], c0);
+            c1 = fmaf(s9, p1[25], c1);
+            c2 = fmaf(s9, p1[41], c2);
+            c3 = fmaf(s9, p1[57], c3);
+            const float s10 = p0[10];
+            c0 = fmaf(s10, p1[10], c0);
+            c1 = fmaf(s10, p1[26], c1);
+            c2 = fmaf(s10, p1[42], c2);
+            c3 = fmaf(s10, p1[58], c3);
+            const float s11 = p0[11];
+            c0 = fmaf(s11, p1[11], c0);
+            c1 = fmaf(s11, p1[27], c1);
+            c2 = fmaf(s11, p1[43], c2);
+            c3 = fmaf(s11, p1[59], c3);
+            const float s12 = p0[12];
+            c0 = fmaf(s12, p1[12], c0);
+            c1 = fmaf(s12, p1[28], c1);
+            c2 = fmaf(s12, p1[44], c2);
+            c3 = fmaf(s12, p1[60], c3);
+            const float s13 = p0[13];
+            c0 = fmaf(s13, p1[13], c0);
+            c1 = fmaf(s13, p1[29], c1);
+            c2 = fmaf(s13, p1[45], c2);
+            c3 = fmaf(s13, p1[61], c3);
+            const float s14 = p0[14];
+            c0 = fmaf(s14, p1[14], c0);
+            c1 = fmaf(s14, p1[30], c1);
+            c2 = fmaf(s14, p1[46], c2);
+            c3 = fmaf(s14, p1[62], c3);
+            const float s15 = p0[15];
+            c0 = fmaf(s15, p1[15], c0);
+            c1 = fmaf(s15, p1[31], c1);
+            c2 = fmaf(s15, p1[47], c2);
+            c3 = fmaf(s15, p1[63], c3);
+            h[24*b + i0] = c0 + b1[i0];
+            h[24*b + i0 + 1] = c1 + b1[i0 + 1];
+            h[24*b + i0 + 2] = c2 + b1[i0 + 2];
+            h[24*b + i0 + 3] = c3 + b1[i0 + 3];
         }
     }
 }
@@ -204,15 +401,46 @@ static void h_grad(size_t n, float *restrict dh, const float *restrict W2, const
         const float *restrict dlogits)
 {
     for (size_t b = 0; b < n; ++b) {
-        for (size_t i1 = 0; i1 < 24; ++i1) {
-            float acc = 0;
-            for (size_t i0 = 0; i0 < 4; ++i0) {
-                acc += W2[24*i0 + i1]*dlogits[4*b + i0];
-            }
+        for (size_t i1 = 0; i1 < 24; i1 += 4) {
+            float c0 = 0, c1 = 0, c2 = 0, c3 = 0;
+            const float *p0 = dlogits + 4*b;
+            const float *p1 = W2 + i1;
+            const float s0 = p0[0];
+            c0 = fmaf(s0, p1[0], c0);
+            c1 = fmaf(s0, p1[1], c1);
+            c2 = fmaf(s0, p1[2], c2);
+            c3 = fmaf(s0, p1[3], c3);
+            const float s1 = p0[1];
+            c0 = fmaf(s1, p1[24], c0);
+            c1 = fmaf(s1, p1[25], c1);
+            c2 = fmaf(s1, p1[26], c2);
+            c3 = fmaf(s1, p1[27], c3);
+            const float s2 = p0[2];
+            c0 = fmaf(s2, p1[48], c0);
+            c1 = fmaf(s2, p1[49], c1);
+            c2 = fmaf(s2, p1[50], c2);
+            c3 = fmaf(s2, p1[51], c3);
+            const float s3 = p0[3];
+            c0 = fmaf(s3, p1[72], c0);
+            c1 = fmaf(s3, p1[73], c1);
+            c2 = fmaf(s3, p1[74], c2);
+            c3 = fmaf(s3, p1[75], c3);
             const float t0 = tanhf(0.7978846F*h[24*b + i1] + 0.035677407F*(h[24*b + i1]*h[24*b +
                     i1]*h[24*b + i1]));
-            dh[24*b + i1] = acc*(0.5F*t0 + 0.5F*h[24*b + i1]*(1 - (t0*t0))*(0.7978846F +
+            const float t1 = tanhf(0.7978846F*h[24*b + i1 + 1] + 0.035677407F*(h[24*b + i1 +
+                    1]*h[24*b + i1 + 1]*h[24*b + i1 + 1]));
+            const float t2 = tanhf(0.7978846F*h[24*b + i1 + 2] + 0.035677407F*(h[24*b + i1 +
+                    2]*h[24*b + i1 + 2]*h[24*b + i1 + 2]));
+            const float t3 = tanhf(0.7978846F*h[24*b + i1 + 3] + 0.035677407F*(h[24*b + i1 +
+                    3]*h[24*b + i1 + 3]*h[24*b + i1 + 3]));
+            dh[24*b + i1] = c0*(0.5F*t0 + 0.5F*h[24*b + i1]*(1 - (t0*t0))*(0.7978846F +
                     0.107032225F*(h[24*b + i1]*h[24*b + i1])) + 0.5F);
+            dh[24*b + i1 + 1] = c1*(0.5F*t1 + 0.5F*h[24*b + i1 + 1]*(1 - (t1*t1))*(0.7978846F +
+                    0.107032225F*(h[24*b + i1 + 1]*h[24*b + i1 + 1])) + 0.5F);
+            dh[24*b + i1 + 2] = c2*(0.5F*t2 + 0.5F*h[24*b + i1 + 2]*(1 - (t2*t2))*(0.7978846F +
+                    0.107032225F*(h[24*b + i1 + 2]*h[24*b + i1 + 2])) + 0.5F);
+            dh[24*b + i1 + 3] = c3*(0.5F*t3 + 0.5F*h[24*b + i1 + 3]*(1 - (t3*t3))*(0.7978846F +
+                    0.107032225F*(h[24*b + i1 + 3]*h[24*b + i1 + 3])) + 0.5F);
         }
     }
 }

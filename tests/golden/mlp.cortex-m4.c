@@ -22,13 +22,42 @@ static void a1_forward(size_t n, float *restrict a1, const float *restrict W1,
         const float *restrict b1, const float *restrict x)
 {
     for (size_t b = 0; b < n; ++b) {
-        for (size_t i0 = 0; i0 < 32; ++i0) {
-            float acc = 0;
-            for (size_t i1 = 0; i1 < 64; ++i1) {
-                acc += W1[64*i0 + i1]*x[64*b + i1];
+        for (size_t i0 = 0; i0 < 32; i0 += 4) {
+            float c0 = 0, c1 = 0, c2 = 0, c3 = 0;
+            const float *p0 = x + 64*b;
+            const float *p1 = W1 + 64*i0;
+            for (size_t k = 0; k < 16; ++k) {
+                const float *q0 = p0 + 4*k;
+                const float *q1 = p1 + 4*k;
+                const float s0 = q0[0];
+                c0 = fmaf(s0, q1[0], c0);
+                c1 = fmaf(s0, q1[64], c1);
+                c2 = fmaf(s0, q1[128], c2);
+                c3 = fmaf(s0, q1[192], c3);
+                const float s1 = q0[1];
+                c0 = fmaf(s1, q1[1], c0);
+                c1 = fmaf(s1, q1[65], c1);
+                c2 = fmaf(s1, q1[129], c2);
+                c3 = fmaf(s1, q1[193], c3);
+                const float s2 = q0[2];
+                c0 = fmaf(s2, q1[2], c0);
+                c1 = fmaf(s2, q1[66], c1);
+                c2 = fmaf(s2, q1[130], c2);
+                c3 = fmaf(s2, q1[194], c3);
+                const float s3 = q0[3];
+                c0 = fmaf(s3, q1[3], c0);
+                c1 = fmaf(s3, q1[67], c1);
+                c2 = fmaf(s3, q1[131], c2);
+                c3 = fmaf(s3, q1[195], c3);
             }
-            const float t0 = acc + b1[i0];
+            const float t0 = c0 + b1[i0];
+            const float t1 = c1 + b1[i0 + 1];
+            const float t2 = c2 + b1[i0 + 2];
+            const float t3 = c3 + b1[i0 + 3];
             a1[32*b + i0] = t0*tanhf(softplus(t0));
+            a1[32*b + i0 + 1] = t1*tanhf(softplus(t1));
+            a1[32*b + i0 + 2] = t2*tanhf(softplus(t2));
+            a1[32*b + i0 + 3] = t3*tanhf(softplus(t3));
         }
     }
 }
@@ -38,12 +67,62 @@ static void logits_forward(size_t n, float *restrict logits, const float *restri
         const float *restrict a1, const float *restrict b2)
 {
     for (size_t b = 0; b < n; ++b) {
-        for (size_t i0 = 0; i0 < 10; ++i0) {
-            float acc = 0;
-            for (size_t i1 = 0; i1 < 32; ++i1) {
-                acc += W2[32*i0 + i1]*a1[32*b + i1];
+        for (size_t i0 = 0; i0 < 8; i0 += 4) {
+            float c0 = 0, c1 = 0, c2 = 0, c3 = 0;
+            const float *p0 = a1 + 32*b;
+            const float *p1 = W2 + 32*i0;
+            for (size_t k = 0; k < 8; ++k) {
+                const float *q0 = p0 + 4*k;
+                const float *q1 = p1 + 4*k;
+                const float s0 = q0[0];
+                c0 = fmaf(s0, q1[0], c0);
+                c1 = fmaf(s0, q1[32], c1);
+                c2 = fmaf(s0, q1[64], c2);
+                c3 = fmaf(s0, q1[96], c3);
+                const float s1 = q0[1];
+                c0 = fmaf(s1, q1[1], c0);
+                c1 = fmaf(s1, q1[33], c1);
+                c2 = fmaf(s1, q1[65], c2);
+                c3 = fmaf(s1, q1[97], c3);
+                const float s2 = q0[2];
+                c0 = fmaf(s2, q1[2], c0);
+                c1 = fmaf(s2, q1[34], c1);
+                c2 = fmaf(s2, q1[66], c2);
+                c3 = fmaf(s2, q1[98], c3);
+                const float s3 = q0[3];
+                c0 = fmaf(s3, q1[3], c0);
+                c1 = fmaf(s3, q1[35], c1);
+                c2 = fmaf(s3, q1[67], c2);
+                c3 = fmaf(s3, q1[99], c3);
             }
-            logits[10*b + i0] = acc + b2[i0];
+            logits[10*b + i0] = c0 + b2[i0];
+            logits[10*b + i0 + 1] = c1 + b2[i0 + 1];
+            logits[10*b + i0 + 2] = c2 + b2[i0 + 2];
+            logits[10*b + i0 + 3] = c3 + b2[i0 + 3];
+        }
+        {
+            const size_t i0 = 8;
+            float c0 = 0, c1 = 0;
+            const float *p0 = a1 + 32*b;
+            const float *p1 = W2 + 32*i0;
+            for (size_t k = 0; k < 8; ++k) {
+                const float *q0 = p0 + 4*k;
+                const float *q1 = p1 + 4*k;
+                const float s0 = q0[0];
+                c0 = fmaf(s0, q1[0], c0);
+                c1 = fmaf(s0, q1[32], c1);
+                const float s1 = q0[1];
+                c0 = fmaf(s1, q1[1], c0);
+                c1 = fmaf(s1, q1[33], c1);
+                const float s2 = q0[2];
+                c0 = fmaf(s2, q1[2], c0);
+                c1 = fmaf(s2, q1[34], c1);
+                const float s3 = q0[3];
+                c0 = fmaf(s3, q1[3], c0);
+                c1 = fmaf(s3, q1[35], c1);
+            }
+            logits[10*b + i0] = c0 + b2[i0];
+            logits[10*b + i0 + 1] = c1 + b2[i0 + 1];
         }
     }
 }
@@ -108,12 +187,38 @@ static void h1_forward(size_t n, float *restrict h1, const float *restrict W1,
         const float *restrict b1, const float *restrict x)
 {
     for (size_t b = 0; b < n; ++b) {
-        for (size_t i0 = 0; i0 < 32; ++i0) {
-            float acc = 0;
-            for (size_t i1 = 0; i1 < 64; ++i1) {
-                acc += W1[64*i0 + i1]*x[64*b + i1];
+        for (size_t i0 = 0; i0 < 32; i0 += 4) {
+            float c0 = 0, c1 = 0, c2 = 0, c3 = 0;
+            const float *p0 = x + 64*b;
+            const float *p1 = W1 + 64*i0;
+            for (size_t k = 0; k < 16; ++k) {
+                const float *q0 = p0 + 4*k;
+                const float *q1 = p1 + 4*k;
+                const float s0 = q0[0];
+                c0 = fmaf(s0, q1[0], c0);
+                c1 = fmaf(s0, q1[64], c1);
+                c2 = fmaf(s0, q1[128], c2);
+                c3 = fmaf(s0, q1[192], c3);
+                const float s1 = q0[1];
+                c0 = fmaf(s1, q1[1], c0);
+                c1 = fmaf(s1, q1[65], c1);
+                c2 = fmaf(s1, q1[129], c2);
+                c3 = fmaf(s1, q1[193], c3);
+                const float s2 = q0[2];
+                c0 = fmaf(s2, q1[2], c0);
+                c1 = fmaf(s2, q1[66], c1);
+                c2 = fmaf(s2, q1[130], c2);
+                c3 = fmaf(s2, q1[194], c3);
+                const float s3 = q0[3];
+                c0 = fmaf(s3, q1[3], c0);
+                c1 = fmaf(s3, q1[67], c1);
+                c2 = fmaf(s3, q1[131], c2);
+                c3 = fmaf(s3, q1[195], c3);
             }
-            h1[32*b + i0] = acc + b1[i0];
+            h1[32*b + i0] = c0 + b1[i0];
+            h1[32*b + i0 + 1] = c1 + b1[i0 + 1];
+            h1[32*b + i0 + 2] = c2 + b1[i0 + 2];
+            h1[32*b + i0 + 3] = c3 + b1[i0 + 3];
         }
     }
 }
@@ -193,13 +298,71 @@ static void h1_grad(size_t n, float *restrict dh1, const float *restrict W2,
         const float *restrict h1, const float *restrict dlogits)
 {
     for (size_t b = 0; b < n; ++b) {
-        for (size_t i1 = 0; i1 < 32; ++i1) {
-            float acc = 0;
-            for (size_t i0 = 0; i0 < 10; ++i0) {
-                acc += W2[32*i0 + i1]*dlogits[10*b + i0];
-            }
+        for (size_t i1 = 0; i1 < 32; i1 += 4) {
+            float c0 = 0, c1 = 0, c2 = 0, c3 = 0;
+            const float *p0 = dlogits + 10*b;
+            const float *p1 = W2 + i1;
+            const float s0 = p0[0];
+            c0 = fmaf(s0, p1[0], c0);
+            c1 = fmaf(s0, p1[1], c1);
+            c2 = fmaf(s0, p1[2], c2);
+            c3 = fmaf(s0, p1[3], c3);
+            const float s1 = p0[1];
+            c0 = fmaf(s1, p1[32], c0);
+            c1 = fmaf(s1, p1[33], c1);
+            c2 = fmaf(s1, p1[34], c2);
+            c3 = fmaf(s1, p1[35], c3);
+            const float s2 = p0[2];
+            c0 = fmaf(s2, p1[64], c0);
+            c1 = fmaf(s2, p1[65], c1);
+            c2 = fmaf(s2, p1[66], c2);
+            c3 = fmaf(s2, p1[67], c3);
+            const float s3 = p0[3];
+            c0 = fmaf(s3, p1[96], c0);
+            c1 = fmaf(s3, p1[97], c1);
+            c2 = fmaf(s3, p1[98], c2);
+            c3 = fmaf(s3, p1[99], c3);
+            const float s4 = p0[4];
+            c0 = fmaf(s4, p1[128], c0);
+            c1 = fmaf(s4, p1[129], c1);
+            c2 = fmaf(s4, p1[130], c2);
+            c3 = fmaf(s4, p1[131], c3);
+            const float s5 = p0[5];
+            c0 = fmaf(s5, p1[160], c0);
+            c1 = fmaf(s5, p1[161], c1);
+            c2 = fmaf(s5, p1[162], c2);
+            c3 = fmaf(s5, p1[163], c3);
+            const float s6 = p0[6];
+            c0 = fmaf(s6, p1[192], c0);
+            c1 = fmaf(s6, p1[193], c1);
+            c2 = fmaf(s6, p1[194], c2);
+            c3 = fmaf(s6, p1[195], c3);
+            const float s7 = p0[7];
+            c0 = fmaf(s7, p1[224], c0);
+            c1 = fmaf(s7, p1[225], c1);
+            c2 = fmaf(s7, p1[226], c2);
+            c3 = fmaf(s7, p1[227], c3);
+            const float s8 = p0[8];
+            c0 = fmaf(s8, p1[256], c0);
+            c1 = fmaf(s8, p1[257], c1);
+            c2 = fmaf(s8, p1[258], c2);
+            c3 = fmaf(s8, p1[259], c3);
+            const float s9 = p0[9];
+            c0 = fmaf(s9, p1[288], c0);
+            c1 = fmaf(s9, p1[289], c1);
+            c2 = fmaf(s9, p1[290], c2);
+            c3 = fmaf(s9, p1[291], c3);
             const float t0 = tanhf(softplus(h1[32*b + i1]));
-            dh1[32*b + i1] = acc*(t0 + sigmoid(h1[32*b + i1])*h1[32*b + i1]*(1 - (t0*t0)));
+            const float t1 = tanhf(softplus(h1[32*b + i1 + 1]));
+            const float t2 = tanhf(softplus(h1[32*b + i1 + 2]));
+            const float t3 = tanhf(softplus(h1[32*b + i1 + 3]));
+            dh1[32*b + i1] = c0*(t0 + sigmoid(h1[32*b + i1])*h1[32*b + i1]*(1 - (t0*t0)));
+            dh1[32*b + i1 + 1] = c1*(t1 + sigmoid(h1[32*b + i1 + 1])*h1[32*b + i1 + 1]*(1 -
+                    (t1*t1)));
+            dh1[32*b + i1 + 2] = c2*(t2 + sigmoid(h1[32*b + i1 + 2])*h1[32*b + i1 + 2]*(1 -
+                    (t2*t2)));
+            dh1[32*b + i1 + 3] = c3*(t3 + sigmoid(h1[32*b + i1 + 3])*h1[32*b + i1 + 3]*(1 -
+                    (t3*t3)));
         }
     }
 }

@@ -9,12 +9,29 @@ static void a1_forward(size_t n, float *restrict a1, const float *restrict W1,
         const float *restrict b1, const float *restrict x)
 {
     for (size_t b = 0; b < n; ++b) {
-        for (size_t i0 = 0; i0 < 16; ++i0) {
-            float acc = 0;
-            for (size_t i1 = 0; i1 < 3; ++i1) {
-                acc += W1[3*i0 + i1]*x[3*b + i1];
-            }
-            a1[16*b + i0] = tanhf(acc + b1[i0]);
+        for (size_t i0 = 0; i0 < 16; i0 += 4) {
+            float c0 = 0, c1 = 0, c2 = 0, c3 = 0;
+            const float *p0 = x + 3*b;
+            const float *p1 = W1 + 3*i0;
+            const float s0 = p0[0];
+            c0 = fmaf(s0, p1[0], c0);
+            c1 = fmaf(s0, p1[3], c1);
+            c2 = fmaf(s0, p1[6], c2);
+            c3 = fmaf(s0, p1[9], c3);
+            const float s1 = p0[1];
+            c0 = fmaf(s1, p1[1], c0);
+            c1 = fmaf(s1, p1[4], c1);
+            c2 = fmaf(s1, p1[7], c2);
+            c3 = fmaf(s1, p1[10], c3);
+            const float s2 = p0[2];
+            c0 = fmaf(s2, p1[2], c0);
+            c1 = fmaf(s2, p1[5], c1);
+            c2 = fmaf(s2, p1[8], c2);
+            c3 = fmaf(s2, p1[11], c3);
+            a1[16*b + i0] = tanhf(c0 + b1[i0]);
+            a1[16*b + i0 + 1] = tanhf(c1 + b1[i0 + 1]);
+            a1[16*b + i0 + 2] = tanhf(c2 + b1[i0 + 2]);
+            a1[16*b + i0 + 3] = tanhf(c3 + b1[i0 + 3]);
         }
     }
 }
@@ -24,12 +41,94 @@ static void a2_forward(size_t n, float *restrict a2, const float *restrict W2,
         const float *restrict a1, const float *restrict b2)
 {
     for (size_t b = 0; b < n; ++b) {
-        for (size_t i0 = 0; i0 < 16; ++i0) {
-            float acc = 0;
-            for (size_t i1 = 0; i1 < 16; ++i1) {
-                acc += W2[16*i0 + i1]*a1[16*b + i1];
-            }
-            a2[16*b + i0] = tanhf(acc + b2[i0]);
+        for (size_t i0 = 0; i0 < 16; i0 += 4) {
+            float c0 = 0, c1 = 0, c2 = 0, c3 = 0;
+            const float *p0 = a1 + 16*b;
+            const float *p1 = W2 + 16*i0;
+            const float s0 = p0[0];
+            c0 = fmaf(s0, p1[0], c0);
+            c1 = fmaf(s0, p1[16], c1);
+            c2 = fmaf(s0, p1[32], c2);
+            c3 = fmaf(s0, p1[48], c3);
+            const float s1 = p0[1];
+            c0 = fmaf(s1, p1[1], c0);
+            c1 = fmaf(s1, p1[17], c1);
+            c2 = fmaf(s1, p1[33], c2);
+            c3 = fmaf(s1, p1[49], c3);
+            const float s2 = p0[2];
+            c0 = fmaf(s2, p1[2], c0);
+            c1 = fmaf(s2, p1[18], c1);
+            c2 = fmaf(s2, p1[34], c2);
+            c3 = fmaf(s2, p1[50], c3);
+            const float s3 = p0[3];
+            c0 = fmaf(s3, p1[3], c0);
+            c1 = fmaf(s3, p1[19], c1);
+            c2 = fmaf(s3, p1[35], c2);
+            c3 = fmaf(s3, p1[51], c3);
+            const float s4 = p0[4];
+            c0 = fmaf(s4, p1[4], c0);
+            c1 = fmaf(s4, p1[20], c1);
+            c2 = fmaf(s4, p1[36], c2);
+            c3 = fmaf(s4, p1[52], c3);
+            const float s5 = p0[5];
+            c0 = fmaf(s5, p1[5], c0);
+            c1 = fmaf(s5, p1[21], c1);
+            c2 = fmaf(s5, p1[37], c2);
+            c3 = fmaf(s5, p1[53], c3);
+            const float s6 = p0[6];
+            c0 = fmaf(s6, p1[6], c0);
+            c1 = fmaf(s6, p1[22], c1);
+            c2 = fmaf(s6, p1[38], c2);
+            c3 = fmaf(s6, p1[54], c3);
+            const float s7 = p0[7];
+            c0 = fmaf(s7, p1[7], c0);
+            c1 = fmaf(s7, p1[23], c1);
+            c2 = fmaf(s7, p1[39], c2);
+            c3 = fmaf(s7, p1[55], c3);
+            const float s8 = p0[8];
+            c0 = fmaf(s8, p1[8], c0);
+            c1 = fmaf(s8, p1[24], c1);
+            c2 = fmaf(s8, p1[40], c2);
+            c3 = fmaf(s8, p1[56], c3);
+            const float s9 = p0[9];
+            c0 = fmaf(s9, p1[9], c0);
+            c1 = fmaf(s9, p1[25], c1);
+            c2 = fmaf(s9, p1[41], c2);
+            c3 = fmaf(s9, p1[57], c3);
+            const float s10 = p0[10];
+            c0 = fmaf(s10, p1[10], c0);
+            c1 = fmaf(s10, p1[26], c1);
+            c2 = fmaf(s10, p1[42], c2);
+            c3 = fmaf(s10, p1[58], c3);
+            const float s11 = p0[11];
+            c0 = fmaf(s11, p1[11], c0);
+            c1 = fmaf(s11, p1[27], c1);
+            c2 = fmaf(s11, p1[43], c2);
+            c3 = fmaf(s11, p1[59], c3);
+            const float s12 = p0[12];
+            c0 = fmaf(s12, p1[12], c0);
+            c1 = fmaf(s12, p1[28], c1);
+            c2 = fmaf(s12, p1[44], c2);
+            c3 = fmaf(s12, p1[60], c3);
+            const float s13 = p0[13];
+            c0 = fmaf(s13, p1[13], c0);
+            c1 = fmaf(s13, p1[29], c1);
+            c2 = fmaf(s13, p1[45], c2);
+            c3 = fmaf(s13, p1[61], c3);
+            const float s14 = p0[14];
+            c0 = fmaf(s14, p1[14], c0);
+            c1 = fmaf(s14, p1[30], c1);
+            c2 = fmaf(s14, p1[46], c2);
+            c3 = fmaf(s14, p1[62], c3);
+            const float s15 = p0[15];
+            c0 = fmaf(s15, p1[15], c0);
+            c1 = fmaf(s15, p1[31], c1);
+            c2 = fmaf(s15, p1[47], c2);
+            c3 = fmaf(s15, p1[63], c3);
+            a2[16*b + i0] = tanhf(c0 + b2[i0]);
+            a2[16*b + i0 + 1] = tanhf(c1 + b2[i0 + 1]);
+            a2[16*b + i0 + 2] = tanhf(c2 + b2[i0 + 2]);
+            a2[16*b + i0 + 3] = tanhf(c3 + b2[i0 + 3]);
         }
     }
 }
@@ -39,12 +138,61 @@ static void prediction_forward(size_t n, float *restrict prediction, const float
         const float *restrict a2, const float *restrict b3)
 {
     for (size_t b = 0; b < n; ++b) {
-        for (size_t i0 = 0; i0 < 2; ++i0) {
-            float acc = 0;
-            for (size_t i1 = 0; i1 < 16; ++i1) {
-                acc += W3[16*i0 + i1]*a2[16*b + i1];
-            }
-            prediction[2*b + i0] = acc + b3[i0];
+        {
+            const size_t i0 = 0;
+            float c0 = 0, c1 = 0;
+            const float *p0 = a2 + 16*b;
+            const float *p1 = W3 + 16*i0;
+            const float s0 = p0[0];
+            c0 = fmaf(s0, p1[0], c0);
+            c1 = fmaf(s0, p1[16], c1);
+            const float s1 = p0[1];
+            c0 = fmaf(s1, p1[1], c0);
+            c1 = fmaf(s1, p1[17], c1);
+            const float s2 = p0[2];
+            c0 = fmaf(s2, p1[2], c0);
+            c1 = fmaf(s2, p1[18], c1);
+            const float s3 = p0[3];
+            c0 = fmaf(s3, p1[3], c0);
+            c1 = fmaf(s3, p1[19], c1);
+            const float s4 = p0[4];
+            c0 = fmaf(s4, p1[4], c0);
+            c1 = fmaf(s4, p1[20], c1);
+            const float s5 = p0[5];
+            c0 = fmaf(s5, p1[5], c0);
+            c1 = fmaf(s5, p1[21], c1);
+            const float s6 = p0[6];
+            c0 = fmaf(s6, p1[6], c0);
+            c1 = fmaf(s6, p1[22], c1);
+            const float s7 = p0[7];
+            c0 = fmaf(s7, p1[7], c0);
+            c1 = fmaf(s7, p1[23], c1);
+            const float s8 = p0[8];
+            c0 = fmaf(s8, p1[8], c0);
+            c1 = fmaf(s8, p1[24], c1);
+            const float s9 = p0[9];
+            c0 = fmaf(s9, p1[9], c0);
+            c1 = fmaf(s9, p1[25], c1);
+            const float s10 = p0[10];
+            c0 = fmaf(s10, p1[10], c0);
+            c1 = fmaf(s10, p1[26], c1);
+            const float s11 = p0[11];
+            c0 = fmaf(s11, p1[11], c0);
+            c1 = fmaf(s11, p1[27], c1);
+            const float s12 = p0[12];
+            c0 = fmaf(s12, p1[12], c0);
+            c1 = fmaf(s12, p1[28], c1);
+            const float s13 = p0[13];
+            c0 = fmaf(s13, p1[13], c0);
+            c1 = fmaf(s13, p1[29], c1);
+            const float s14 = p0[14];
+            c0 = fmaf(s14, p1[14], c0);
+            c1 = fmaf(s14, p1[30], c1);
+            const float s15 = p0[15];
+            c0 = fmaf(s15, p1[15], c0);
+            c1 = fmaf(s15, p1[31], c1);
+            prediction[2*b + i0] = c0 + b3[i0];
+            prediction[2*b + i0 + 1] = c1 + b3[i0 + 1];
         }
     }
 }
@@ -111,12 +259,24 @@ static void h2_grad(size_t n, float *restrict dh2, const float *restrict W3,
         const float *restrict a2, const float *restrict dprediction)
 {
     for (size_t b = 0; b < n; ++b) {
-        for (size_t i1 = 0; i1 < 16; ++i1) {
-            float acc = 0;
-            for (size_t i0 = 0; i0 < 2; ++i0) {
-                acc += W3[16*i0 + i1]*dprediction[2*b + i0];
-            }
-            dh2[16*b + i1] = acc*(1 - (a2[16*b + i1]*a2[16*b + i1]));
+        for (size_t i1 = 0; i1 < 16; i1 += 4) {
+            float c0 = 0, c1 = 0, c2 = 0, c3 = 0;
+            const float *p0 = dprediction + 2*b;
+            const float *p1 = W3 + i1;
+            const float s0 = p0[0];
+            c0 = fmaf(s0, p1[0], c0);
+            c1 = fmaf(s0, p1[1], c1);
+            c2 = fmaf(s0, p1[2], c2);
+            c3 = fmaf(s0, p1[3], c3);
+            const float s1 = p0[1];
+            c0 = fmaf(s1, p1[16], c0);
+            c1 = fmaf(s1, p1[17], c1);
+            c2 = fmaf(s1, p1[18], c2);
+            c3 = fmaf(s1, p1[19], c3);
+            dh2[16*b + i1] = c0*(1 - (a2[16*b + i1]*a2[16*b + i1]));
+            dh2[16*b + i1 + 1] = c1*(1 - (a2[16*b + i1 + 1]*a2[16*b + i1 + 1]));
+            dh2[16*b + i1 + 2] = c2*(1 - (a2[16*b + i1 + 2]*a2[16*b + i1 + 2]));
+            dh2[16*b + i1 + 3] = c3*(1 - (a2[16*b + i1 + 3]*a2[16*b + i1 + 3]));
         }
     }
 }
@@ -160,12 +320,94 @@ static void h1_grad(size_t n, float *restrict dh1, const float *restrict W2,
         const float *restrict a1, const float *restrict dh2)
 {
     for (size_t b = 0; b < n; ++b) {
-        for (size_t i1 = 0; i1 < 16; ++i1) {
-            float acc = 0;
-            for (size_t i0 = 0; i0 < 16; ++i0) {
-                acc += W2[16*i0 + i1]*dh2[16*b + i0];
-            }
-            dh1[16*b + i1] = acc*(1 - (a1[16*b + i1]*a1[16*b + i1]));
+        for (size_t i1 = 0; i1 < 16; i1 += 4) {
+            float c0 = 0, c1 = 0, c2 = 0, c3 = 0;
+            const float *p0 = dh2 + 16*b;
+            const float *p1 = W2 + i1;
+            const float s0 = p0[0];
+            c0 = fmaf(s0, p1[0], c0);
+            c1 = fmaf(s0, p1[1], c1);
+            c2 = fmaf(s0, p1[2], c2);
+            c3 = fmaf(s0, p1[3], c3);
+            const float s1 = p0[1];
+            c0 = fmaf(s1, p1[16], c0);
+            c1 = fmaf(s1, p1[17], c1);
+            c2 = fmaf(s1, p1[18], c2);
+            c3 = fmaf(s1, p1[19], c3);
+            const float s2 = p0[2];
+            c0 = fmaf(s2, p1[32], c0);
+            c1 = fmaf(s2, p1[33], c1);
+            c2 = fmaf(s2, p1[34], c2);
+            c3 = fmaf(s2, p1[35], c3);
+            const float s3 = p0[3];
+            c0 = fmaf(s3, p1[48], c0);
+            c1 = fmaf(s3, p1[49], c1);
+            c2 = fmaf(s3, p1[50], c2);
+            c3 = fmaf(s3, p1[51], c3);
+            const float s4 = p0[4];
+            c0 = fmaf(s4, p1[64], c0);
+            c1 = fmaf(s4, p1[65], c1);
+            c2 = fmaf(s4, p1[66], c2);
+            c3 = fmaf(s4, p1[67], c3);
+            const float s5 = p0[5];
+            c0 = fmaf(s5, p1[80], c0);
+            c1 = fmaf(s5, p1[81], c1);
+            c2 = fmaf(s5, p1[82], c2);
+            c3 = fmaf(s5, p1[83], c3);
+            const float s6 = p0[6];
+            c0 = fmaf(s6, p1[96], c0);
+            c1 = fmaf(s6, p1[97], c1);
+            c2 = fmaf(s6, p1[98], c2);
+            c3 = fmaf(s6, p1[99], c3);
+            const float s7 = p0[7];
+            c0 = fmaf(s7, p1[112], c0);
+            c1 = fmaf(s7, p1[113], c1);
+            c2 = fmaf(s7, p1[114], c2);
+            c3 = fmaf(s7, p1[115], c3);
+            const float s8 = p0[8];
+            c0 = fmaf(s8, p1[128], c0);
+            c1 = fmaf(s8, p1[129], c1);
+            c2 = fmaf(s8, p1[130], c2);
+            c3 = fmaf(s8, p1[131], c3);
+            const float s9 = p0[9];
+            c0 = fmaf(s9, p1[144], c0);
+            c1 = fmaf(s9, p1[145], c1);
+            c2 = fmaf(s9, p1[146], c2);
+            c3 = fmaf(s9, p1[147], c3);
+            const float s10 = p0[10];
+            c0 = fmaf(s10, p1[160], c0);
+            c1 = fmaf(s10, p1[161], c1);
+            c2 = fmaf(s10, p1[162], c2);
+            c3 = fmaf(s10, p1[163], c3);
+            const float s11 = p0[11];
+            c0 = fmaf(s11, p1[176], c0);
+            c1 = fmaf(s11, p1[177], c1);
+            c2 = fmaf(s11, p1[178], c2);
+            c3 = fmaf(s11, p1[179], c3);
+            const float s12 = p0[12];
+            c0 = fmaf(s12, p1[192], c0);
+            c1 = fmaf(s12, p1[193], c1);
+            c2 = fmaf(s12, p1[194], c2);
+            c3 = fmaf(s12, p1[195], c3);
+            const float s13 = p0[13];
+            c0 = fmaf(s13, p1[208], c0);
+            c1 = fmaf(s13, p1[209], c1);
+            c2 = fmaf(s13, p1[210], c2);
+            c3 = fmaf(s13, p1[211], c3);
+            const float s14 = p0[14];
+            c0 = fmaf(s14, p1[224], c0);
+            c1 = fmaf(s14, p1[225], c1);
+            c2 = fmaf(s14, p1[226], c2);
+            c3 = fmaf(s14, p1[227], c3);
+            const float s15 = p0[15];
+            c0 = fmaf(s15, p1[240], c0);
+            c1 = fmaf(s15, p1[241], c1);
+            c2 = fmaf(s15, p1[242], c2);
+            c3 = fmaf(s15, p1[243], c3);
+            dh1[16*b + i1] = c0*(1 - (a1[16*b + i1]*a1[16*b + i1]));
+            dh1[16*b + i1 + 1] = c1*(1 - (a1[16*b + i1 + 1]*a1[16*b + i1 + 1]));
+            dh1[16*b + i1 + 2] = c2*(1 - (a1[16*b + i1 + 2]*a1[16*b + i1 + 2]));
+            dh1[16*b + i1 + 3] = c3*(1 - (a1[16*b + i1 + 3]*a1[16*b + i1 + 3]));
         }
     }
 }
