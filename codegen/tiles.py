@@ -202,8 +202,11 @@ def operands(kern: Kernel, t: Tiling, strides: list[dict]):
                 and (len(t.tiles) < 1 or sb[t.tiles[0]] == 0) \
                 and (len(t.tiles) < 2 or sa[t.tiles[1]] == 0)
         else:
+            # With several sums, the rows of `b` may move along the tile instead of `a`'s
+            # (a depthwise convolution tiled over the batch: the weight is shared).
             ok = len(t.inner) >= 1 and sa[t.lane] == 0 and sb[t.lane] == 1 \
-                and all(sb[m] == 0 for m in t.tiles)
+                and (all(sb[m] == 0 for m in t.tiles)
+                     or len(t.inner) > 1 and all(sa[m] == 0 for m in t.tiles))
         if ok:
             return (a, b), by
     return None
@@ -445,7 +448,10 @@ class BlockedWriter:
             start = {**first, **dict.fromkeys(t.inner, sp.Integer(0)), t.lane: base}
             am = strides[a][m] if m is not None else 0
             om = self.out_strides[m] if m is not None else 0
-            name = self.helper_tile(tm, width, k.mode == ACCUMULATE, self.inner_shape())
+            rows = m is not None and strides[b][m] != 0   # b's rows move along the tile
+            name = self.helper_tile(tm, width, k.mode == ACCUMULATE, self.inner_shape(), rows)
+            if rows:
+                am = strides[b][m]
             if len(t.inner) == 1:
                 self.put(depth, f"{name}({self.pointer(a, start)}, {am}, {strides[a][red]}, "
                                 f"{self.pointer(b, start)}, {strides[b][red]}, {self.ext(red)}, "
@@ -525,16 +531,19 @@ class BlockedWriter:
         self.helpers[name] = "\n".join(lines)
         return name
 
-    def helper_tile(self, tm: int, width: int, add: bool, inner: tuple = (None,)) -> str:
-        """`tile<tm>x<width>[_<inner shape>][_add]`: a tm × width block of outputs, each
-        row a sum of broadcast `a` times a row of `b` (the GEMM micro-kernel's shape), over
-        one reduction loop or several nested ones (`_nx3x3`: a convolution's)."""
+    def helper_tile(self, tm: int, width: int, add: bool, inner: tuple = (None,),
+                    rows: bool = False) -> str:
+        """`tile<tm>x<width>[_<inner shape>][_rows][_add]`: a tm × width block of outputs,
+        each row a sum of broadcast `a` times a row of `b` (the GEMM micro-kernel's shape),
+        over one reduction loop or several nested ones (`_nx3x3`: a convolution's); with
+        `rows`, `a` is shared by the tile's rows and `b`'s rows move along it (`am` is then
+        b's stride between rows)."""
         name = f"tile{tm}x{width}" + (f"_{_shape_name(inner)}" if len(inner) > 1 else "") + \
-            ("_add" if add else "")
+            ("_rows" if rows else "") + ("_add" if add else "")
         if name in self.helpers:
             return name
         if len(inner) > 1:
-            return self.helper_tile_inner(name, tm, width, add, inner)
+            return self.helper_tile_inner(name, tm, width, add, inner, rows)
         r = self.real
         chunks = 2 if width == 2 * self.t.lanes else 1
         lanes = width // chunks
@@ -619,7 +628,8 @@ class BlockedWriter:
         self.helpers[name] = "\n".join(lines)
         return name
 
-    def helper_tile_inner(self, name: str, tm: int, width: int, add: bool, inner: tuple) -> str:
+    def helper_tile_inner(self, name: str, tm: int, width: int, add: bool, inner: tuple,
+                          rows: bool = False) -> str:
         """helper_tile's block summed over `inner` nested loops, in the order of the inline
         tile: accumulators zeroed, then one lane loop per point of those loops."""
         r = self.real
@@ -629,10 +639,13 @@ class BlockedWriter:
         cs = [f"c{j}" for j in range(len(acc))]
         store = "+=" if add else "="
         loops = ", ".join(f"r{j} < {e or f'n{j}'}" for j, e in enumerate(inner))
+        at_a, at_b = ("", "am") if rows else ("am", "")
         body = [f"for (size_t l = 0; l < {lanes}; ++l) {{",
-                *(f"    {c}[l] += a[{_times(m, 'am')}oa]*b[ob + {_times(q, str(lanes))}l];"
+                *(f"    {c}[l] += a[{_times(m, at_a) if at_a else ''}oa]*"
+                  f"b[{_times(m, at_b) if at_b else ''}ob + {_times(q, str(lanes))}l];"
                   for c, (m, q) in zip(cs, acc)), "}"]
-        lines = [comment(f"out[m*om + l] {store} Σ_{{{loops}}} a[m*am + oa]·b[ob + l] for "
+        sums = "a[oa]·b[m*am + ob + l]" if rows else "a[m*am + oa]·b[ob + l]"
+        lines = [comment(f"out[m*om + l] {store} Σ_{{{loops}}} {sums} for "
                          f"m < {tm}, l < {width}, oa = Σ r_i·sa_i and ob = Σ r_i·sb_i"),
                  f"static void {name}(const {r} *restrict a, size_t am, const {r} *restrict b, "
                  + self._inner_parameters(inner)
