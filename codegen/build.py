@@ -6,6 +6,9 @@ its version, the exact commands, Python's ABI, graphc's and cffi's versions), so
 never stale and never needs invalidating. Each builder works in its own temporary directory
 and publishes with an atomic `os.replace`, so concurrent builders need no lock: both succeed
 and one whole entry remains (STYLE item 12).
+
+A big model's C compiles as several translation units at once, one per core
+(codegen/units.py): the module computes the same bits, and the C users get stays one file.
 """
 
 from __future__ import annotations

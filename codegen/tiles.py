@@ -18,10 +18,13 @@ and, the array's address being fixed, keeps it in a register across the reductio
 tile of 1 or fewer lanes.
 
 When the body is a product of two reads (dense layers and both of their gradients,
-matmul), a tile is summed by a shared `static` helper (`dot8x2_16`, `tile8x32`): its text
-depends only on the tile's shape, so a module holds a few of them however many kernels
-call them, and the C compiler's time stays near a second for any MLP. Small modules keep
-the tiles of a batch-1 call inline, where a call costs more than the tile.
+matmul, convolutions and theirs), a tile is summed by a shared `static` helper
+(`dot8x2_16`, `tile8x32`, `tile16x8_nx3x3` for a 3 x 3 convolution's channels and taps):
+its text depends only on the tile's shape (a convolution's taps are constants of it, its
+channels and strides arguments), so a module holds a few of them however many kernels
+call them, and the C compiler's time grows with the number of layers, not with their
+width. Small modules keep the tiles of a batch-1 call inline, where a call costs more
+than the tile.
 
 The C is plain C99. The summation order differs from the scalar loop's (lanes are summed
 apart, then together) but is fixed by the text: the same on every run and thread count.
