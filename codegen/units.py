@@ -56,6 +56,8 @@ def _chunks(source: str) -> list[_Chunk]:
             while lines[end] != ("}" if function else "};") and not (
                     not function and lines[end].endswith(";") and "{" not in lines[end]):
                 end += 1
+                if end == len(lines):
+                    return []   # not the emitter's layout (hand-written C): not split
             text = "\n".join(lines[k:end + 1])
             chunks.append(_Chunk("\n".join(pending + [text]), match.group(2),
                                  bool(match.group(1)), function,
@@ -71,7 +73,9 @@ def _chunks(source: str) -> list[_Chunk]:
 def split(source: str, prefix: str, count: int) -> list[str]:
     """`source` (the C of model `prefix`) as at most `count` translation units; the first
     holds the entry points. One unit (the source itself) when there is nothing to deal."""
-    chunks = _chunks(source)
+    chunks = _chunks(source) if count > 1 else []
+    if not chunks:
+        return [source]
     named = {c.name: c for c in chunks if c.name}
     refs = {c.name: [w for w in dict.fromkeys(_WORD.findall(c.text)) if w in named and w != c.name]
             for c in chunks if c.name}

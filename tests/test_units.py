@@ -73,3 +73,8 @@ def test_units_compute_the_same_bits(cmodule, tmp_path, monkeypatch):
         assert np.array_equal(logits1, logits2) and loss1 == loss2
         assert grads1.keys() == grads2.keys()
         assert all(np.array_equal(grads1[p], grads2[p]) for p in grads1)
+
+
+def test_c_not_in_the_emitters_layout_stays_one_unit():
+    source = '#include "tiny.h"\nint tiny_add(int a, int b) { return a + b; }\n'
+    assert split(source, "tiny", 2) == [source]
