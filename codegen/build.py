@@ -6,6 +6,9 @@ its version, the exact commands, Python's ABI, graphc's and cffi's versions), so
 never stale and never needs invalidating. Each builder works in its own temporary directory
 and publishes with an atomic `os.replace`, so concurrent builders need no lock: both succeed
 and one whole entry remains (STYLE item 12).
+
+A big model's C compiles as several translation units at once, one per core
+(codegen/units.py): the module computes the same bits, and the C users get stays one file.
 """
 
 from __future__ import annotations
@@ -30,6 +33,8 @@ import graphc
 from graphc import __version__   # graphc's package loads its modules on use: no cycle
 from graphc.errors import GraphcError
 
+from .units import split
+
 # cffi and sysconfig are imported only to build: loading a prepared module (below) needs
 # neither, and a warm compile in a fresh process should not pay for them. A built module
 # needs only cffi's backend, `_cffi_backend`, whose version is the package's (cffi refuses
@@ -49,6 +54,12 @@ _GCC_MODEL_FLAGS = ("-std=c99", "-O2", "-ftree-vectorize", "-fvect-cost-model=dy
 _WRAPPER_FLAGS = ("-O1", "-fPIC")
 # macOS leaves the Python symbols to be resolved when the module is loaded.
 _LINK_FLAGS = ("-shared",) + (("-undefined", "dynamic_lookup") if sys.platform == "darwin" else ())
+
+# A model's C of at least this many lines compiles as several translation units at once, one
+# per core up to MAX_UNITS (codegen/units.py): ResNet-8's 6,700 lines take GCC 5 s in one.
+# Smaller ones gain less than the helpers each unit repeats cost.
+SPLIT_LINES = 2000
+MAX_UNITS = 4
 
 _WRAPPER = "_cffi_module"   # file stem of cffi's generated wrapper inside the build dir
 _BUILT = "module.so"        # output name inside the build dir, renamed on publishing
@@ -148,7 +159,8 @@ def build(name: str, source: str, header: str, cdef: str, *,
     threaded = openmp.uses_openmp(tuple(extra_flags))
     if threaded:   # the thread count is set per model from Python (codegen/openmp.py)
         cdef += openmp.API
-    commands = _commands(cc, name, tuple(extra_flags))
+    units = split(source, name, _unit_count(source))
+    commands = _commands(cc, name, tuple(extra_flags), len(units))
     key = _key(name, source, header, cdef, _compiler_id(cc) + "\n" + machine, commands)
     modname = f"_graphc_{name}_{key[:16]}"   # distinct per model and version in sys.modules
     cache = cache_dir()
@@ -163,7 +175,7 @@ def build(name: str, source: str, header: str, cdef: str, *,
                     _discard(so_path)
                     cached = False
             if module is None:
-                _compile(commands, name, modname, source, header, cdef, cache, so_path,
+                _compile(commands, name, modname, units, header, cdef, cache, so_path,
                          openmp.API if threaded else "")
                 module = _load(modname, so_path)   # a fresh build that fails to load is a bug
             _loaded[so_path] = module
@@ -207,16 +219,37 @@ def remove_stale(cache: pathlib.Path, now: float | None = None) -> None:
             pass   # gone already (another builder cleaned it), or not ours to remove
 
 
-def _commands(cc: tuple[str, ...], name: str,
-              extra_flags: tuple[str, ...]) -> tuple[tuple[str, ...], ...]:
-    """The compiler commands, run inside the build dir. They use only relative paths there,
-    so they are the same for every build and can go into the key verbatim."""
+def _unit_count(source: str) -> int:
+    """How many translation units to compile `source` as: one per available core, at most
+    MAX_UNITS, and one per SPLIT_LINES lines."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:   # macOS
+        cores = os.cpu_count() or 1
+    return max(1, min(cores, MAX_UNITS, source.count("\n") // SPLIT_LINES))
+
+
+def _unit_file(name: str, k: int, count: int) -> str:
+    return f"{name}.c" if count == 1 else f"{name}.{k}.c"
+
+
+def _commands(cc: tuple[str, ...], name: str, extra_flags: tuple[str, ...],
+              units: int = 1) -> tuple[tuple[str, ...], ...]:
+    """The compiler commands, run inside the build dir: one per unit of the model's C, the
+    wrapper's, then the link. They use only relative paths there, so they are the same for
+    every build and can go into the key verbatim."""
     import sysconfig
     include = sysconfig.get_paths()["include"]
+    # Units: the kernels one unit calls in another are not static (codegen/units.py); hidden,
+    # they stay inside the module, and the units do not warn of the helpers they leave unused.
+    apart = ("-fvisibility=hidden", "-Wno-unused-function") if units > 1 else ()
+    sources = [_unit_file(name, k, units) for k in range(units)]
+    objects = [s[:-2] + ".o" for s in sources]
     return (
-        (*cc, *compile_flags(cc), *extra_flags, "-c", f"{name}.c", "-o", f"{name}.o"),
+        *[(*cc, *compile_flags(cc), *extra_flags, *apart, "-c", s, "-o", o)
+          for s, o in zip(sources, objects)],
         (*cc, *_WRAPPER_FLAGS, f"-I{include}", "-c", f"{_WRAPPER}.c", "-o", f"{_WRAPPER}.o"),
-        (*cc, *_LINK_FLAGS, *extra_flags, f"{name}.o", f"{_WRAPPER}.o", "-o", _BUILT, "-lm"),
+        (*cc, *_LINK_FLAGS, *extra_flags, *objects, f"{_WRAPPER}.o", "-o", _BUILT, "-lm"),
     )
 
 
@@ -244,7 +277,7 @@ def _key(name: str, source: str, header: str, cdef: str, compiler: str,
     return digest.hexdigest()
 
 
-def _compile(commands: tuple[tuple[str, ...], ...], name: str, modname: str, source: str,
+def _compile(commands: tuple[tuple[str, ...], ...], name: str, modname: str, units: list[str],
              header: str, cdef: str, cache: pathlib.Path, so_path: str,
              declarations: str = "") -> None:
     """Build in a private temporary directory and publish the .so atomically;
@@ -259,7 +292,8 @@ def _compile(commands: tuple[tuple[str, ...], ...], name: str, modname: str, sou
     kept = cache / f"{modname}.src"
     try:
         try:
-            (tmp / f"{name}.c").write_text(source, encoding="utf-8")
+            for k, unit in enumerate(units):
+                (tmp / _unit_file(name, k, len(units))).write_text(unit, encoding="utf-8")
             (tmp / f"{name}.h").write_text(header, encoding="utf-8")
         except OSError as e:   # a full disk or quota
             raise _cache_error(cache, e) from None
@@ -270,8 +304,8 @@ def _compile(commands: tuple[tuple[str, ...], ...], name: str, modname: str, sou
         ffi.set_source(modname, f'#include "{name}.h"\n{declarations}', compiler_verbose=False)
         ffi.emit_c_code(str(tmp / f"{_WRAPPER}.c"))
         *objects, link = commands
-        # The two objects compile at once: the wrapper is a sixth of a cold build, and the
-        # model's C keeps one core busy for the rest.
+        # The objects compile at once: the wrapper is a sixth of a cold build, and the
+        # model's C, in units, keeps the cores busy for the rest.
         procs = [subprocess.Popen(c, cwd=tmp, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                   text=True) for c in objects]
         results = []

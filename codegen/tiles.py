@@ -18,10 +18,13 @@ and, the array's address being fixed, keeps it in a register across the reductio
 tile of 1 or fewer lanes.
 
 When the body is a product of two reads (dense layers and both of their gradients,
-matmul), a tile is summed by a shared `static` helper (`dot8x2_16`, `tile8x32`): its text
-depends only on the tile's shape, so a module holds a few of them however many kernels
-call them, and the C compiler's time stays near a second for any MLP. Small modules keep
-the tiles of a batch-1 call inline, where a call costs more than the tile.
+matmul, convolutions and theirs), a tile is summed by a shared `static` helper
+(`dot8x2_16`, `tile8x32`, `tile16x8_nx3x3` for a 3 x 3 convolution's channels and taps):
+its text depends only on the tile's shape (a convolution's taps are constants of it, its
+channels and strides arguments), so a module holds a few of them however many kernels
+call them, and the C compiler's time grows with the number of layers, not with their
+width. Small modules keep the tiles of a batch-1 call inline, where a call costs more
+than the tile.
 
 The C is plain C99. The summation order differs from the scalar loop's (lanes are summed
 apart, then together) but is fixed by the text: the same on every run and thread count.
@@ -237,7 +240,9 @@ def _halving(names: list[str], lanes: int) -> list[str]:
 def operands(kern: Kernel, t: Tiling, strides: list[dict]):
     """((a, b), strides by access) when the body is a product of two reads that a shared
     helper can sum (dot: rows of `a` along the first tiled loop, of `b` along the second;
-    tile: `a` broadcast along the lanes, `b` a row along them, one reduction loop)."""
+    tile: `a` broadcast along the lanes, `b` a row along them). The other reduction loops
+    (a convolution's channels and taps) are the helper's too, their extents and strides
+    its arguments: one helper per tile shape serves every layer."""
     body = kern.body
     if not isinstance(body, sp.Mul) or len(body.args) != 2 \
             or not all(isinstance(f, sp.Indexed) for f in body.args):
@@ -248,12 +253,15 @@ def operands(kern: Kernel, t: Tiling, strides: list[dict]):
     for a, b in (body.args, body.args[::-1]):
         sa, sb = by[a], by[b]
         if t.reduce_lanes:
-            ok = not t.inner and sa[t.lane] == sb[t.lane] == 1 \
+            ok = sa[t.lane] == sb[t.lane] == 1 \
                 and (len(t.tiles) < 1 or sb[t.tiles[0]] == 0) \
                 and (len(t.tiles) < 2 or sa[t.tiles[1]] == 0)
         else:
-            ok = len(t.inner) == 1 and sa[t.lane] == 0 and sb[t.lane] == 1 \
-                and all(sb[m] == 0 for m in t.tiles)
+            # With several sums, the rows of `b` may move along the tile instead of `a`'s
+            # (a depthwise convolution tiled over the batch: the weight is shared).
+            ok = len(t.inner) >= 1 and sa[t.lane] == 0 and sb[t.lane] == 1 \
+                and (all(sb[m] == 0 for m in t.tiles)
+                     or len(t.inner) > 1 and all(sa[m] == 0 for m in t.tiles))
         if ok:
             return (a, b), by
     return None
@@ -263,8 +271,14 @@ def operands(kern: Kernel, t: Tiling, strides: list[dict]):
 # pairwise sum of the lanes at the end costs more than the lanes save (a 10-class sum).
 MIN_SUMMED_VECTORS = 4
 MAX_TILE = 8  # outputs along a tiled loop that has another tiled loop inside
+MAX_UNROLLED = 8  # a helper's reduction loop this short is a constant of its text (taps)
 MAX_PARALLEL_BATCH = 1024  # no OpenMP for a kernel that needs a larger batch to be big
 HELPER_WORK = 8192  # multiply-adds per example of a module's biggest kernel for helpers
+
+
+def _shape_name(inner: tuple) -> str:
+    """`nx3x3` for the loops (n0, 3, 3) of a helper (codegen names: `tile16x8_nx3x3`)."""
+    return "x".join("n" if e is None else str(e) for e in inner)
 
 
 def wants_helpers(programs) -> bool:
@@ -460,14 +474,16 @@ class BlockedWriter:
         op = "+=" if k.mode == ACCUMULATE else "="
         if t.reduce_lanes:
             counts = [at[s_][1] for s_ in t.tiles] + [1] * (2 - len(t.tiles))
-            start = {**first, t.lane: sp.Integer(0)}
+            start = {**first, **dict.fromkeys(t.inner, sp.Integer(0)), t.lane: sp.Integer(0)}
             sa = strides[a][t.tiles[0]] if t.tiles else 0
             sb = strides[b][t.tiles[1]] if len(t.tiles) > 1 else 0
             full, rem = divmod(self.extent[t.lane], t.lanes)
-            name = self.helper_dot(counts[0], counts[1], t.lanes, rem)
+            name = self.helper_dot(counts[0], counts[1], t.lanes, rem, self.inner_shape(),
+                                   full * t.lanes)
             self.put(depth, f"{r} s[{counts[0] * counts[1]}];")
+            length = f", {full * t.lanes}" if not t.inner else ""
             self.put(depth, f"{name}({self.pointer(a, start)}, {sa}, {self.pointer(b, start)}, "
-                            f"{sb}, {full * t.lanes}, s);")
+                            f"{sb}{length}, {self.inner_arguments(a, b)}s);")
             d, flat, sub = depth, sp.Integer(0), {}
             for s_ in t.tiles:
                 base, count = at[s_]
@@ -480,19 +496,25 @@ class BlockedWriter:
                 flat, sub[s_] = flat * count + j, base + j
             self.store(sub, f"s[{self.p.doprint(flat)}]", op, d, scoped=False)
         else:
-            (red,) = t.inner
+            red = t.inner[0]
             base, width = at[t.lane]
             m = t.tiles[0] if t.tiles else None
             tm = at[m][1] if m is not None else 1
-            start = {**first, red: sp.Integer(0), t.lane: base}
+            start = {**first, **dict.fromkeys(t.inner, sp.Integer(0)), t.lane: base}
             am = strides[a][m] if m is not None else 0
             om = self.out_strides[m] if m is not None else 0
-            extent = self.extent[red]
-            name = self.helper_tile(tm, width, k.mode == ACCUMULATE)
-            self.put(depth, f"{name}({self.pointer(a, start)}, {am}, {strides[a][red]}, "
-                            f"{self.pointer(b, start)}, {strides[b][red]}, "
-                            f"{extent if isinstance(extent, int) else 'n'}, "
-                            f"{self.pointer(self.out, start)}, {om});")
+            rows = m is not None and strides[b][m] != 0   # b's rows move along the tile
+            name = self.helper_tile(tm, width, k.mode == ACCUMULATE, self.inner_shape(), rows)
+            if rows:
+                am = strides[b][m]
+            if len(t.inner) == 1:
+                self.put(depth, f"{name}({self.pointer(a, start)}, {am}, {strides[a][red]}, "
+                                f"{self.pointer(b, start)}, {strides[b][red]}, {self.ext(red)}, "
+                                f"{self.pointer(self.out, start)}, {om});")
+            else:
+                self.put(depth, f"{name}({self.pointer(a, start)}, {am}, "
+                                f"{self.pointer(b, start)}, {self.inner_arguments(a, b)}"
+                                f"{self.pointer(self.out, start)}, {om});")
             if k.post == ACC:
                 return
             # The epilogue (bias, activation, relu') over the tile just written, in place.
@@ -512,12 +534,35 @@ class BlockedWriter:
             d -= 1
             self.put(d, "}")
 
-    def helper_dot(self, t1: int, t2: int, lanes: int, rem: int) -> str:
+    def inner_shape(self) -> tuple[int | None, ...]:
+        """The extents of the reduction loops a helper runs besides the lanes, outermost
+        first: None for one the helper takes as an argument (the first, a convolution's
+        channels or a batch; any long one), the number for a short one (a kernel's taps),
+        which the helper's loop then has as a constant that the C compiler unrolls (with
+        all of them arguments, ResNet-8's forward pass ran 10 % slower)."""
+        return tuple(None if j == 0 or not isinstance(self.extent[s], int)
+                     or self.extent[s] > MAX_UNROLLED else self.extent[s]
+                     for j, s in enumerate(self.t.inner))
+
+    def inner_arguments(self, a: sp.Indexed, b: sp.Indexed) -> str:
+        """`[extent, ]a's stride, b's stride, ` of each reduction loop a helper runs
+        besides the lanes, outermost first (the extent if `inner_shape` leaves it open)."""
+        (_, by) = self.operands
+        return "".join((f"{self.ext(s)}, " if e is None else "") + f"{by[a][s]}, {by[b][s]}, "
+                       for s, e in zip(self.t.inner, self.inner_shape()))
+
+    def helper_dot(self, t1: int, t2: int, lanes: int, rem: int, inner: tuple = (),
+                   length: int = 0) -> str:
         """`dot<t1>x<t2>_<lanes>[_<rem>]`: t1·t2 dot products of rows of `a` with rows of
-        `b`, `len` (a multiple of `lanes`) plus `rem` elements long."""
-        name = f"dot{t1}x{t2}_{lanes}" + (f"_{rem}" if rem else "")
+        `b`, `len` (a multiple of `lanes`) plus `rem` elements long. With loops around
+        them (`..._<length>_<inner shape>`, e.g. `_nx3`), the rows are `length` + `rem`
+        long (a convolution's row of taps: unrolled, as the inline tile was)."""
+        name = f"dot{t1}x{t2}_{lanes}" + (f"_{rem}" if rem else "") + \
+            (f"_{length}_{_shape_name(inner)}" if inner else "")
         if name in self.helpers:
             return name
+        if inner:
+            return self.helper_dot_inner(name, t1, t2, lanes, rem, inner, length)
         r, cs = self.real, [f"c{j}" for j in range(t1 * t2)]
 
         def terms(op: str, at: str) -> list[str]:
@@ -543,12 +588,19 @@ class BlockedWriter:
         self.helpers[name] = "\n".join(lines)
         return name
 
-    def helper_tile(self, tm: int, width: int, add: bool) -> str:
-        """`tile<tm>x<width>[_add]`: a tm × width block of outputs, each row a sum of
-        broadcast `a` times a row of `b` (the GEMM micro-kernel's shape)."""
-        name = f"tile{tm}x{width}" + ("_add" if add else "")
+    def helper_tile(self, tm: int, width: int, add: bool, inner: tuple = (None,),
+                    rows: bool = False) -> str:
+        """`tile<tm>x<width>[_<inner shape>][_rows][_add]`: a tm × width block of outputs,
+        each row a sum of broadcast `a` times a row of `b` (the GEMM micro-kernel's shape),
+        over one reduction loop or several nested ones (`_nx3x3`: a convolution's); with
+        `rows`, `a` is shared by the tile's rows and `b`'s rows move along it (`am` is then
+        b's stride between rows)."""
+        name = f"tile{tm}x{width}" + (f"_{_shape_name(inner)}" if len(inner) > 1 else "") + \
+            ("_rows" if rows else "") + ("_add" if add else "")
         if name in self.helpers:
             return name
+        if len(inner) > 1:
+            return self.helper_tile_inner(name, tm, width, add, inner, rows)
         r = self.real
         chunks = 2 if width == 2 * self.t.lanes else 1
         lanes = width // chunks
@@ -570,6 +622,96 @@ class BlockedWriter:
                  "    }", "    for (size_t r = 1; r < len; ++r) {",
                  f"        for (size_t l = 0; l < {lanes}; ++l) {{",
                  *("            " + x for x in terms("+=", "r*ar", "r*br + ")), "        }", "    }",
+                 f"    for (size_t l = 0; l < {lanes}; ++l) {{",
+                 *(f"        out[{_times(m, 'om')}{_times(q, str(lanes))}l] {store} {c}[l];"
+                   for c, (m, q) in zip(cs, acc)), "    }", "}"]
+        self.helpers[name] = "\n".join(lines)
+        return name
+
+    @staticmethod
+    def _inner_parameters(inner: tuple) -> str:
+        return "".join((f"size_t n{j}, " if e is None else "") + f"size_t sa{j}, size_t sb{j}, "
+                       for j, e in enumerate(inner))
+
+    @staticmethod
+    def _inner_loops(inner: tuple, body: list[str]) -> list[str]:
+        """Nested loops (r0 < n0, r1 < 3, ...) of the shape `inner` around `body`, which
+        reads the offsets `oa` and `ob` they reach in `a` and `b`."""
+        lines = []
+        for j, e in enumerate(inner):
+            lines.append("    " * (j + 1) + f"for (size_t r{j} = 0; r{j} < {e or f'n{j}'}; ++r{j}) {{")
+        pad, count = "    " * (len(inner) + 1), range(len(inner))
+        lines += [pad + "const size_t oa = " + " + ".join(f"r{j}*sa{j}" for j in count) + ";",
+                  pad + "const size_t ob = " + " + ".join(f"r{j}*sb{j}" for j in count) + ";"]
+        lines += [pad + x for x in body]
+        lines += ["    " * (j + 1) + "}" for j in reversed(count)]
+        return lines
+
+    def helper_dot_inner(self, name: str, t1: int, t2: int, lanes: int, rem: int,
+                         inner: tuple, length: int) -> str:
+        """helper_dot's sums over `inner` more loops, in the order of the inline tile:
+        accumulators zeroed, then per point of those loops the lane chunks, then `rem`."""
+        r, cs = self.real, [f"c{j}" for j in range(t1 * t2)]
+
+        def terms(at: str, lane: str = "l") -> list[str]:
+            """c[lane] += a[... + at]*b[... + at] for every accumulator."""
+            return [f"{cs[j * t2 + k]}[{lane}] += a[{_times(j, 'sa')}oa + {at}]*"
+                    f"b[{_times(k, 'sb')}ob + {at}];" for j in range(t1) for k in range(t2)]
+        loops = ", ".join(f"r{j} < {e or f'n{j}'}" for j, e in enumerate(inner))
+        # No loop of one trip: one chunk of lanes (a 4-wide row in 4 lanes), one last tap.
+        lane_loop = f"for (size_t l = 0; l < {lanes}; ++l) {{"
+        body = [lane_loop, *("    " + x for x in terms("l")), "}"] if length == lanes else \
+            [f"for (size_t r = 0; r < {length}; r += {lanes}) {{", "    " + lane_loop,
+             *("        " + x for x in terms("r + l")), "    }", "}"]
+        if rem == 1:
+            body += terms(f"{length}", "0")
+        elif rem:
+            body += [f"for (size_t l = 0; l < {rem}; ++l) {{",
+                     *("    " + x for x in terms(f"{length} + l")), "}"]
+        lines = [comment(f"s[j*{t2} + k] = Σ_{{{loops}}} Σ_{{r < {length + rem}}} a[j*sa + oa + r]·"
+                         f"b[k*sb + ob + r] for j < {t1}, k < {t2}, oa = Σ r_i·sa_i and "
+                         f"ob = Σ r_i·sb_i; {lanes} partial sums each, added pairwise"),
+                 f"static void {name}(const {r} *restrict a, size_t sa, const {r} *restrict b, "
+                 f"size_t sb, "
+                 + self._inner_parameters(inner)
+                 + f"{r} *restrict s)", "{",
+                 *(["    (void)sa;"] if t1 == 1 else []), *(["    (void)sb;"] if t2 == 1 else []),
+                 f"    {r} {', '.join(f'{c}[{lanes}]' for c in cs)};",
+                 f"    for (size_t l = 0; l < {lanes}; ++l) {{ "
+                 f"{' '.join(f'{c}[l] = 0;' for c in cs)} }}",
+                 *self._inner_loops(inner, body)]
+        lines += ["    " + x for x in _halving(cs, lanes)]
+        lines += [f"    {' '.join(f's[{j}] = {c}[0];' for j, c in enumerate(cs))}", "}"]
+        self.helpers[name] = "\n".join(lines)
+        return name
+
+    def helper_tile_inner(self, name: str, tm: int, width: int, add: bool, inner: tuple,
+                          rows: bool = False) -> str:
+        """helper_tile's block summed over `inner` nested loops, in the order of the inline
+        tile: accumulators zeroed, then one lane loop per point of those loops."""
+        r = self.real
+        chunks = 2 if width == 2 * self.t.lanes else 1
+        lanes = width // chunks
+        acc = [(m, q) for m in range(tm) for q in range(chunks)]
+        cs = [f"c{j}" for j in range(len(acc))]
+        store = "+=" if add else "="
+        loops = ", ".join(f"r{j} < {e or f'n{j}'}" for j, e in enumerate(inner))
+        at_a, at_b = ("", "am") if rows else ("am", "")
+        body = [f"for (size_t l = 0; l < {lanes}; ++l) {{",
+                *(f"    {c}[l] += a[{_times(m, at_a) if at_a else ''}oa]*"
+                  f"b[{_times(m, at_b) if at_b else ''}ob + {_times(q, str(lanes))}l];"
+                  for c, (m, q) in zip(cs, acc)), "}"]
+        sums = "a[oa]·b[m*am + ob + l]" if rows else "a[m*am + oa]·b[ob + l]"
+        lines = [comment(f"out[m*om + l] {store} Σ_{{{loops}}} {sums} for "
+                         f"m < {tm}, l < {width}, oa = Σ r_i·sa_i and ob = Σ r_i·sb_i"),
+                 f"static void {name}(const {r} *restrict a, size_t am, const {r} *restrict b, "
+                 + self._inner_parameters(inner)
+                 + f"{r} *restrict out, size_t om)", "{",
+                 *(["    (void)am;", "    (void)om;"] if tm == 1 else []),
+                 f"    {r} {', '.join(f'{c}[{lanes}]' for c in cs)};",
+                 f"    for (size_t l = 0; l < {lanes}; ++l) {{ "
+                 f"{' '.join(f'{c}[l] = 0;' for c in cs)} }}",
+                 *self._inner_loops(inner, body),
                  f"    for (size_t l = 0; l < {lanes}; ++l) {{",
                  *(f"        out[{_times(m, 'om')}{_times(q, str(lanes))}l] {store} {c}[l];"
                    for c, (m, q) in zip(cs, acc)), "    }", "}"]

@@ -161,13 +161,20 @@ def test_nan_weight_reaches_padded_outputs_and_gradients_through_the_copy():
 def test_the_convolutions_run_as_register_tiles():
     """Without their guards, a convolution, its weight gradient (lanes along the summed w:
     the tap q is 3 wide) and its input gradient's scatter (lanes along w, the taps one by
-    one outside the tile) are tiles, like dense layers."""
+    one outside the tile) are tiles, like dense layers, summed by helpers shared by tile
+    shape (channels and strides are arguments; the taps, constants of the helper)."""
     graph = graphc.load("examples/digits_cnn.yaml")
     _, cm = graphc.generate(graph, "float32", target="c99")
     f = cm.functions
-    for name in ("h1_forward", "h2_forward", "K2_grad", "K1_grad_2"):
-        assert "float c0[4]" in f[name], f[name]
-    assert "tile16x4_add(" in f["p1_pad_grad_2"], f["p1_pad_grad_2"]
+    calls = {name: re.findall(r"\b((?:dot|tile)\w+)\(", f[name])
+             for name in ("h1_forward", "h2_forward", "K2_grad", "K1_grad_2", "p1_pad_grad_2")}
+    assert calls == {"h1_forward": ["tile8x8_nx3"], "h2_forward": ["tile16x4_nx3x3"],
+                     "K2_grad": ["dot8x2_4_4_nx4"],
+                     "K1_grad_2": ["dot8x2_4_8_nx8", "dot8x1_4_8_nx8"],
+                     "p1_pad_grad_2": ["tile16x4_add"]}, calls
+    for helper in ("tile8x8_nx3", "tile16x4_nx3x3", "dot8x2_4_4_nx4"):
+        text = re.search(rf"^static void {helper}\(.*?^}}", cm.source, re.M | re.S)[0]
+        assert "float c0[4]" in text, text
 
 
 @pytest.mark.skipif(__import__("shutil").which("cc") is None, reason="no C compiler")

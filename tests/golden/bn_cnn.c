@@ -10,6 +10,62 @@ static float relu(float x)
 }
 
 /*
+ * out[m*om + l] = sum_{r0 < n0, r1 < 3} a[m*am + oa]*b[ob + l] for m < 8, l < 8, oa = sum r_i*sa_i
+ * and ob = sum r_i*sb_i
+ */
+static void tile8x8_nx3(const float *restrict a, size_t am, const float *restrict b, size_t n0,
+        size_t sa0, size_t sb0, size_t sa1, size_t sb1, float *restrict out, size_t om)
+{
+    float c0[4], c1[4], c2[4], c3[4], c4[4], c5[4], c6[4], c7[4], c8[4], c9[4], c10[4], c11[4],
+            c12[4], c13[4], c14[4], c15[4];
+    for (size_t l = 0; l < 4; ++l) { c0[l] = 0; c1[l] = 0; c2[l] = 0; c3[l] = 0; c4[l] = 0;
+            c5[l] = 0; c6[l] = 0; c7[l] = 0; c8[l] = 0; c9[l] = 0; c10[l] = 0; c11[l] = 0;
+            c12[l] = 0; c13[l] = 0; c14[l] = 0; c15[l] = 0; }
+    for (size_t r0 = 0; r0 < n0; ++r0) {
+        for (size_t r1 = 0; r1 < 3; ++r1) {
+            const size_t oa = r0*sa0 + r1*sa1;
+            const size_t ob = r0*sb0 + r1*sb1;
+            for (size_t l = 0; l < 4; ++l) {
+                c0[l] += a[oa]*b[ob + l];
+                c1[l] += a[oa]*b[ob + 4 + l];
+                c2[l] += a[am + oa]*b[ob + l];
+                c3[l] += a[am + oa]*b[ob + 4 + l];
+                c4[l] += a[2*am + oa]*b[ob + l];
+                c5[l] += a[2*am + oa]*b[ob + 4 + l];
+                c6[l] += a[3*am + oa]*b[ob + l];
+                c7[l] += a[3*am + oa]*b[ob + 4 + l];
+                c8[l] += a[4*am + oa]*b[ob + l];
+                c9[l] += a[4*am + oa]*b[ob + 4 + l];
+                c10[l] += a[5*am + oa]*b[ob + l];
+                c11[l] += a[5*am + oa]*b[ob + 4 + l];
+                c12[l] += a[6*am + oa]*b[ob + l];
+                c13[l] += a[6*am + oa]*b[ob + 4 + l];
+                c14[l] += a[7*am + oa]*b[ob + l];
+                c15[l] += a[7*am + oa]*b[ob + 4 + l];
+            }
+        }
+    }
+    for (size_t l = 0; l < 4; ++l) {
+        out[l] = c0[l];
+        out[4 + l] = c1[l];
+        out[om + l] = c2[l];
+        out[om + 4 + l] = c3[l];
+        out[2*om + l] = c4[l];
+        out[2*om + 4 + l] = c5[l];
+        out[3*om + l] = c6[l];
+        out[3*om + 4 + l] = c7[l];
+        out[4*om + l] = c8[l];
+        out[4*om + 4 + l] = c9[l];
+        out[5*om + l] = c10[l];
+        out[5*om + 4 + l] = c11[l];
+        out[6*om + l] = c12[l];
+        out[6*om + 4 + l] = c13[l];
+        out[7*om + l] = c14[l];
+        out[7*om + 4 + l] = c15[l];
+    }
+}
+
+/*
  * s[j*2 + k] = sum_{r < len} a[j*sa + r]*b[k*sb + r] for j < 8, k < 2; 4 partial sums each (len a
  * multiple of 4, at least 4), added pairwise
  */
@@ -182,6 +238,96 @@ static void tile1x8(const float *restrict a, size_t am, size_t ar, const float *
 }
 
 /*
+ * s[j*2 + k] = sum_{r0 < n0, r1 < 8} sum_{r < 8} a[j*sa + oa + r]*b[k*sb + ob + r] for j < 8, k <
+ * 2, oa = sum r_i*sa_i and ob = sum r_i*sb_i; 4 partial sums each, added pairwise
+ */
+static void dot8x2_4_8_nx8(const float *restrict a, size_t sa, const float *restrict b, size_t sb,
+        size_t n0, size_t sa0, size_t sb0, size_t sa1, size_t sb1, float *restrict s)
+{
+    float c0[4], c1[4], c2[4], c3[4], c4[4], c5[4], c6[4], c7[4], c8[4], c9[4], c10[4], c11[4],
+            c12[4], c13[4], c14[4], c15[4];
+    for (size_t l = 0; l < 4; ++l) { c0[l] = 0; c1[l] = 0; c2[l] = 0; c3[l] = 0; c4[l] = 0;
+            c5[l] = 0; c6[l] = 0; c7[l] = 0; c8[l] = 0; c9[l] = 0; c10[l] = 0; c11[l] = 0;
+            c12[l] = 0; c13[l] = 0; c14[l] = 0; c15[l] = 0; }
+    for (size_t r0 = 0; r0 < n0; ++r0) {
+        for (size_t r1 = 0; r1 < 8; ++r1) {
+            const size_t oa = r0*sa0 + r1*sa1;
+            const size_t ob = r0*sb0 + r1*sb1;
+            for (size_t r = 0; r < 8; r += 4) {
+                for (size_t l = 0; l < 4; ++l) {
+                    c0[l] += a[oa + r + l]*b[ob + r + l];
+                    c1[l] += a[oa + r + l]*b[sb + ob + r + l];
+                    c2[l] += a[sa + oa + r + l]*b[ob + r + l];
+                    c3[l] += a[sa + oa + r + l]*b[sb + ob + r + l];
+                    c4[l] += a[2*sa + oa + r + l]*b[ob + r + l];
+                    c5[l] += a[2*sa + oa + r + l]*b[sb + ob + r + l];
+                    c6[l] += a[3*sa + oa + r + l]*b[ob + r + l];
+                    c7[l] += a[3*sa + oa + r + l]*b[sb + ob + r + l];
+                    c8[l] += a[4*sa + oa + r + l]*b[ob + r + l];
+                    c9[l] += a[4*sa + oa + r + l]*b[sb + ob + r + l];
+                    c10[l] += a[5*sa + oa + r + l]*b[ob + r + l];
+                    c11[l] += a[5*sa + oa + r + l]*b[sb + ob + r + l];
+                    c12[l] += a[6*sa + oa + r + l]*b[ob + r + l];
+                    c13[l] += a[6*sa + oa + r + l]*b[sb + ob + r + l];
+                    c14[l] += a[7*sa + oa + r + l]*b[ob + r + l];
+                    c15[l] += a[7*sa + oa + r + l]*b[sb + ob + r + l];
+                }
+            }
+        }
+    }
+    for (size_t l = 0; l < 2; ++l) { c0[l] += c0[l + 2]; c1[l] += c1[l + 2]; c2[l] += c2[l + 2];
+            c3[l] += c3[l + 2]; c4[l] += c4[l + 2]; c5[l] += c5[l + 2]; c6[l] += c6[l + 2];
+            c7[l] += c7[l + 2]; c8[l] += c8[l + 2]; c9[l] += c9[l + 2]; c10[l] += c10[l + 2];
+            c11[l] += c11[l + 2]; c12[l] += c12[l + 2]; c13[l] += c13[l + 2]; c14[l] += c14[l + 2];
+            c15[l] += c15[l + 2]; }
+    c0[0] += c0[1]; c1[0] += c1[1]; c2[0] += c2[1]; c3[0] += c3[1]; c4[0] += c4[1]; c5[0] += c5[1];
+            c6[0] += c6[1]; c7[0] += c7[1]; c8[0] += c8[1]; c9[0] += c9[1]; c10[0] += c10[1];
+            c11[0] += c11[1]; c12[0] += c12[1]; c13[0] += c13[1]; c14[0] += c14[1];
+            c15[0] += c15[1];
+    s[0] = c0[0]; s[1] = c1[0]; s[2] = c2[0]; s[3] = c3[0]; s[4] = c4[0]; s[5] = c5[0];
+            s[6] = c6[0]; s[7] = c7[0]; s[8] = c8[0]; s[9] = c9[0]; s[10] = c10[0]; s[11] = c11[0];
+            s[12] = c12[0]; s[13] = c13[0]; s[14] = c14[0]; s[15] = c15[0];
+}
+
+/*
+ * s[j*1 + k] = sum_{r0 < n0, r1 < 8} sum_{r < 8} a[j*sa + oa + r]*b[k*sb + ob + r] for j < 8, k <
+ * 1, oa = sum r_i*sa_i and ob = sum r_i*sb_i; 4 partial sums each, added pairwise
+ */
+static void dot8x1_4_8_nx8(const float *restrict a, size_t sa, const float *restrict b, size_t sb,
+        size_t n0, size_t sa0, size_t sb0, size_t sa1, size_t sb1, float *restrict s)
+{
+    (void)sb;
+    float c0[4], c1[4], c2[4], c3[4], c4[4], c5[4], c6[4], c7[4];
+    for (size_t l = 0; l < 4; ++l) { c0[l] = 0; c1[l] = 0; c2[l] = 0; c3[l] = 0; c4[l] = 0;
+            c5[l] = 0; c6[l] = 0; c7[l] = 0; }
+    for (size_t r0 = 0; r0 < n0; ++r0) {
+        for (size_t r1 = 0; r1 < 8; ++r1) {
+            const size_t oa = r0*sa0 + r1*sa1;
+            const size_t ob = r0*sb0 + r1*sb1;
+            for (size_t r = 0; r < 8; r += 4) {
+                for (size_t l = 0; l < 4; ++l) {
+                    c0[l] += a[oa + r + l]*b[ob + r + l];
+                    c1[l] += a[sa + oa + r + l]*b[ob + r + l];
+                    c2[l] += a[2*sa + oa + r + l]*b[ob + r + l];
+                    c3[l] += a[3*sa + oa + r + l]*b[ob + r + l];
+                    c4[l] += a[4*sa + oa + r + l]*b[ob + r + l];
+                    c5[l] += a[5*sa + oa + r + l]*b[ob + r + l];
+                    c6[l] += a[6*sa + oa + r + l]*b[ob + r + l];
+                    c7[l] += a[7*sa + oa + r + l]*b[ob + r + l];
+                }
+            }
+        }
+    }
+    for (size_t l = 0; l < 2; ++l) { c0[l] += c0[l + 2]; c1[l] += c1[l + 2]; c2[l] += c2[l + 2];
+            c3[l] += c3[l + 2]; c4[l] += c4[l + 2]; c5[l] += c5[l + 2]; c6[l] += c6[l + 2];
+            c7[l] += c7[l + 2]; }
+    c0[0] += c0[1]; c1[0] += c1[1]; c2[0] += c2[1]; c3[0] += c3[1]; c4[0] += c4[1]; c5[0] += c5[1];
+            c6[0] += c6[1]; c7[0] += c7[1];
+    s[0] = c0[0]; s[1] = c1[0]; s[2] = c2[0]; s[3] = c3[0]; s[4] = c4[0]; s[5] = c5[0];
+            s[6] = c6[0]; s[7] = c7[0];
+}
+
+/*
  * a: x padded with 0: x.pad[i0, 0, i2, i3] = Piecewise((x[i0, 0, i2 - 1, i3 - 1], (i2 >= 1) & (i3
  * >= 1) & (i2 < 9) & (i3 < 9)), (0, True))
  */
@@ -209,138 +355,14 @@ static void a_forward(size_t n, float *restrict a, const float *restrict K,
         for (size_t i3 = 0; i3 < 8; ++i3) {
             {
                 for (size_t i1_t = 0; i1_t < 16; i1_t += 8) {
-                    float c0[4], c1[4], c2[4], c3[4], c4[4], c5[4], c6[4], c7[4], c8[4], c9[4],
-                            c10[4], c11[4], c12[4], c13[4], c14[4], c15[4];
-                    for (size_t l = 0; l < 4; ++l) { c0[l] = 0; c1[l] = 0; c2[l] = 0; c3[l] = 0;
-                            c4[l] = 0; c5[l] = 0; c6[l] = 0; c7[l] = 0; c8[l] = 0; c9[l] = 0;
-                            c10[l] = 0; c11[l] = 0; c12[l] = 0; c13[l] = 0; c14[l] = 0; c15[l] = 0;
-                            }
-                    for (size_t i5 = 0; i5 < 3; ++i5) {
-                        for (size_t i6 = 0; i6 < 3; ++i6) {
-                            for (size_t l = 0; l < 4; ++l) {
-                                c0[l] += K[9*i1_t + 3*i5 + i6]*x_pad[100*b + 10*i3 + 10*i5 + i6 +
-                                        l];
-                                c1[l] += K[9*i1_t + 3*i5 + i6]*x_pad[100*b + 10*i3 + 10*i5 + i6 + l
-                                        + 4];
-                                c2[l] += K[9*i1_t + 3*i5 + i6 + 9]*x_pad[100*b + 10*i3 + 10*i5 + i6
-                                        + l];
-                                c3[l] += K[9*i1_t + 3*i5 + i6 + 9]*x_pad[100*b + 10*i3 + 10*i5 + i6
-                                        + l + 4];
-                                c4[l] += K[9*i1_t + 3*i5 + i6 + 18]*x_pad[100*b + 10*i3 + 10*i5 + i6
-                                        + l];
-                                c5[l] += K[9*i1_t + 3*i5 + i6 + 18]*x_pad[100*b + 10*i3 + 10*i5 + i6
-                                        + l + 4];
-                                c6[l] += K[9*i1_t + 3*i5 + i6 + 27]*x_pad[100*b + 10*i3 + 10*i5 + i6
-                                        + l];
-                                c7[l] += K[9*i1_t + 3*i5 + i6 + 27]*x_pad[100*b + 10*i3 + 10*i5 + i6
-                                        + l + 4];
-                                c8[l] += K[9*i1_t + 3*i5 + i6 + 36]*x_pad[100*b + 10*i3 + 10*i5 + i6
-                                        + l];
-                                c9[l] += K[9*i1_t + 3*i5 + i6 + 36]*x_pad[100*b + 10*i3 + 10*i5 + i6
-                                        + l + 4];
-                                c10[l] += K[9*i1_t + 3*i5 + i6 + 45]*x_pad[100*b + 10*i3 + 10*i5 +
-                                        i6 + l];
-                                c11[l] += K[9*i1_t + 3*i5 + i6 + 45]*x_pad[100*b + 10*i3 + 10*i5 +
-                                        i6 + l + 4];
-                                c12[l] += K[9*i1_t + 3*i5 + i6 + 54]*x_pad[100*b + 10*i3 + 10*i5 +
-                                        i6 + l];
-                                c13[l] += K[9*i1_t + 3*i5 + i6 + 54]*x_pad[100*b + 10*i3 + 10*i5 +
-                                        i6 + l + 4];
-                                c14[l] += K[9*i1_t + 3*i5 + i6 + 63]*x_pad[100*b + 10*i3 + 10*i5 +
-                                        i6 + l];
-                                c15[l] += K[9*i1_t + 3*i5 + i6 + 63]*x_pad[100*b + 10*i3 + 10*i5 +
-                                        i6 + l + 4];
-                            }
-                        }
-                    }
-                    const float u0 = gamma_[i1_t]/sqrtf(var[i1_t] + 1e-05F);
-                    const float u1 = gamma_[i1_t + 1]/sqrtf(var[i1_t + 1] + 1e-05F);
-                    const float u2 = gamma_[i1_t + 2]/sqrtf(var[i1_t + 2] + 1e-05F);
-                    const float u3 = gamma_[i1_t + 3]/sqrtf(var[i1_t + 3] + 1e-05F);
-                    const float u4 = gamma_[i1_t + 4]/sqrtf(var[i1_t + 4] + 1e-05F);
-                    const float u5 = gamma_[i1_t + 5]/sqrtf(var[i1_t + 5] + 1e-05F);
-                    const float u6 = gamma_[i1_t + 6]/sqrtf(var[i1_t + 6] + 1e-05F);
-                    const float u7 = gamma_[i1_t + 7]/sqrtf(var[i1_t + 7] + 1e-05F);
-                    for (size_t l = 0; l < 4; ++l) {
-                        {
-                            const float acc = c0[l];
-                            a[1024*b + 64*i1_t + 8*i3 + l] = relu(u0*(acc - mean[i1_t]) +
-                                    beta[i1_t]);
-                        }
-                        {
-                            const float acc = c1[l];
-                            a[1024*b + 64*i1_t + 8*i3 + l + 4] = relu(u0*(acc - mean[i1_t]) +
-                                    beta[i1_t]);
-                        }
-                        {
-                            const float acc = c2[l];
-                            a[1024*b + 64*i1_t + 8*i3 + l + 64] = relu(u1*(acc - mean[i1_t + 1]) +
-                                    beta[i1_t + 1]);
-                        }
-                        {
-                            const float acc = c3[l];
-                            a[1024*b + 64*i1_t + 8*i3 + l + 68] = relu(u1*(acc - mean[i1_t + 1]) +
-                                    beta[i1_t + 1]);
-                        }
-                        {
-                            const float acc = c4[l];
-                            a[1024*b + 64*i1_t + 8*i3 + l + 128] = relu(u2*(acc - mean[i1_t + 2]) +
-                                    beta[i1_t + 2]);
-                        }
-                        {
-                            const float acc = c5[l];
-                            a[1024*b + 64*i1_t + 8*i3 + l + 132] = relu(u2*(acc - mean[i1_t + 2]) +
-                                    beta[i1_t + 2]);
-                        }
-                        {
-                            const float acc = c6[l];
-                            a[1024*b + 64*i1_t + 8*i3 + l + 192] = relu(u3*(acc - mean[i1_t + 3]) +
-                                    beta[i1_t + 3]);
-                        }
-                        {
-                            const float acc = c7[l];
-                            a[1024*b + 64*i1_t + 8*i3 + l + 196] = relu(u3*(acc - mean[i1_t + 3]) +
-                                    beta[i1_t + 3]);
-                        }
-                        {
-                            const float acc = c8[l];
-                            a[1024*b + 64*i1_t + 8*i3 + l + 256] = relu(u4*(acc - mean[i1_t + 4]) +
-                                    beta[i1_t + 4]);
-                        }
-                        {
-                            const float acc = c9[l];
-                            a[1024*b + 64*i1_t + 8*i3 + l + 260] = relu(u4*(acc - mean[i1_t + 4]) +
-                                    beta[i1_t + 4]);
-                        }
-                        {
-                            const float acc = c10[l];
-                            a[1024*b + 64*i1_t + 8*i3 + l + 320] = relu(u5*(acc - mean[i1_t + 5]) +
-                                    beta[i1_t + 5]);
-                        }
-                        {
-                            const float acc = c11[l];
-                            a[1024*b + 64*i1_t + 8*i3 + l + 324] = relu(u5*(acc - mean[i1_t + 5]) +
-                                    beta[i1_t + 5]);
-                        }
-                        {
-                            const float acc = c12[l];
-                            a[1024*b + 64*i1_t + 8*i3 + l + 384] = relu(u6*(acc - mean[i1_t + 6]) +
-                                    beta[i1_t + 6]);
-                        }
-                        {
-                            const float acc = c13[l];
-                            a[1024*b + 64*i1_t + 8*i3 + l + 388] = relu(u6*(acc - mean[i1_t + 6]) +
-                                    beta[i1_t + 6]);
-                        }
-                        {
-                            const float acc = c14[l];
-                            a[1024*b + 64*i1_t + 8*i3 + l + 448] = relu(u7*(acc - mean[i1_t + 7]) +
-                                    beta[i1_t + 7]);
-                        }
-                        {
-                            const float acc = c15[l];
-                            a[1024*b + 64*i1_t + 8*i3 + l + 452] = relu(u7*(acc - mean[i1_t + 7]) +
-                                    beta[i1_t + 7]);
+                    tile8x8_nx3(K + 9*i1_t, 9, x_pad + 100*b + 10*i3, 3, 3, 10, 1, 1,
+                            a + 1024*b + 64*i1_t + 8*i3, 64);
+                    for (size_t i1_j = 0; i1_j < 8; ++i1_j) {
+                        const float u0 = gamma_[i1_j + i1_t]/sqrtf(var[i1_j + i1_t] + 1e-05F);
+                        for (size_t l = 0; l < 8; ++l) {
+                            const float acc = a[1024*b + 64*i1_j + 64*i1_t + 8*i3 + l];
+                            a[1024*b + 64*i1_j + 64*i1_t + 8*i3 + l] = relu(u0*(acc - mean[i1_j +
+                                    i1_t]) + beta[i1_j + i1_t]);
                         }
                     }
                 }
@@ -477,68 +499,8 @@ static void h_forward(size_t n, float *restrict h, const float *restrict K,
         for (size_t i3 = 0; i3 < 8; ++i3) {
             {
                 for (size_t i1_t = 0; i1_t < 16; i1_t += 8) {
-                    float c0[4], c1[4], c2[4], c3[4], c4[4], c5[4], c6[4], c7[4], c8[4], c9[4],
-                            c10[4], c11[4], c12[4], c13[4], c14[4], c15[4];
-                    for (size_t l = 0; l < 4; ++l) { c0[l] = 0; c1[l] = 0; c2[l] = 0; c3[l] = 0;
-                            c4[l] = 0; c5[l] = 0; c6[l] = 0; c7[l] = 0; c8[l] = 0; c9[l] = 0;
-                            c10[l] = 0; c11[l] = 0; c12[l] = 0; c13[l] = 0; c14[l] = 0; c15[l] = 0;
-                            }
-                    for (size_t i5 = 0; i5 < 3; ++i5) {
-                        for (size_t i6 = 0; i6 < 3; ++i6) {
-                            for (size_t l = 0; l < 4; ++l) {
-                                c0[l] += K[9*i1_t + 3*i5 + i6]*x_pad[100*b + 10*i3 + 10*i5 + i6 +
-                                        l];
-                                c1[l] += K[9*i1_t + 3*i5 + i6]*x_pad[100*b + 10*i3 + 10*i5 + i6 + l
-                                        + 4];
-                                c2[l] += K[9*i1_t + 3*i5 + i6 + 9]*x_pad[100*b + 10*i3 + 10*i5 + i6
-                                        + l];
-                                c3[l] += K[9*i1_t + 3*i5 + i6 + 9]*x_pad[100*b + 10*i3 + 10*i5 + i6
-                                        + l + 4];
-                                c4[l] += K[9*i1_t + 3*i5 + i6 + 18]*x_pad[100*b + 10*i3 + 10*i5 + i6
-                                        + l];
-                                c5[l] += K[9*i1_t + 3*i5 + i6 + 18]*x_pad[100*b + 10*i3 + 10*i5 + i6
-                                        + l + 4];
-                                c6[l] += K[9*i1_t + 3*i5 + i6 + 27]*x_pad[100*b + 10*i3 + 10*i5 + i6
-                                        + l];
-                                c7[l] += K[9*i1_t + 3*i5 + i6 + 27]*x_pad[100*b + 10*i3 + 10*i5 + i6
-                                        + l + 4];
-                                c8[l] += K[9*i1_t + 3*i5 + i6 + 36]*x_pad[100*b + 10*i3 + 10*i5 + i6
-                                        + l];
-                                c9[l] += K[9*i1_t + 3*i5 + i6 + 36]*x_pad[100*b + 10*i3 + 10*i5 + i6
-                                        + l + 4];
-                                c10[l] += K[9*i1_t + 3*i5 + i6 + 45]*x_pad[100*b + 10*i3 + 10*i5 +
-                                        i6 + l];
-                                c11[l] += K[9*i1_t + 3*i5 + i6 + 45]*x_pad[100*b + 10*i3 + 10*i5 +
-                                        i6 + l + 4];
-                                c12[l] += K[9*i1_t + 3*i5 + i6 + 54]*x_pad[100*b + 10*i3 + 10*i5 +
-                                        i6 + l];
-                                c13[l] += K[9*i1_t + 3*i5 + i6 + 54]*x_pad[100*b + 10*i3 + 10*i5 +
-                                        i6 + l + 4];
-                                c14[l] += K[9*i1_t + 3*i5 + i6 + 63]*x_pad[100*b + 10*i3 + 10*i5 +
-                                        i6 + l];
-                                c15[l] += K[9*i1_t + 3*i5 + i6 + 63]*x_pad[100*b + 10*i3 + 10*i5 +
-                                        i6 + l + 4];
-                            }
-                        }
-                    }
-                    for (size_t l = 0; l < 4; ++l) {
-                        h[1024*b + 64*i1_t + 8*i3 + l] = c0[l];
-                        h[1024*b + 64*i1_t + 8*i3 + l + 4] = c1[l];
-                        h[1024*b + 64*i1_t + 8*i3 + l + 64] = c2[l];
-                        h[1024*b + 64*i1_t + 8*i3 + l + 68] = c3[l];
-                        h[1024*b + 64*i1_t + 8*i3 + l + 128] = c4[l];
-                        h[1024*b + 64*i1_t + 8*i3 + l + 132] = c5[l];
-                        h[1024*b + 64*i1_t + 8*i3 + l + 192] = c6[l];
-                        h[1024*b + 64*i1_t + 8*i3 + l + 196] = c7[l];
-                        h[1024*b + 64*i1_t + 8*i3 + l + 256] = c8[l];
-                        h[1024*b + 64*i1_t + 8*i3 + l + 260] = c9[l];
-                        h[1024*b + 64*i1_t + 8*i3 + l + 320] = c10[l];
-                        h[1024*b + 64*i1_t + 8*i3 + l + 324] = c11[l];
-                        h[1024*b + 64*i1_t + 8*i3 + l + 384] = c12[l];
-                        h[1024*b + 64*i1_t + 8*i3 + l + 388] = c13[l];
-                        h[1024*b + 64*i1_t + 8*i3 + l + 448] = c14[l];
-                        h[1024*b + 64*i1_t + 8*i3 + l + 452] = c15[l];
-                    }
+                    tile8x8_nx3(K + 9*i1_t, 9, x_pad + 100*b + 10*i3, 3, 3, 10, 1, 1,
+                            h + 1024*b + 64*i1_t + 8*i3, 64);
                 }
             }
         }
@@ -1012,94 +974,8 @@ static void K_grad_2(size_t n, float *restrict dK, const float *restrict dh,
     for (size_t i6 = 0; i6 < 3; ++i6) {
         for (size_t i1_t = 0; i1_t < 16; i1_t += 8) {
             {
-                float c0[4], c1[4], c2[4], c3[4], c4[4], c5[4], c6[4], c7[4], c8[4], c9[4], c10[4],
-                        c11[4], c12[4], c13[4], c14[4], c15[4];
-                for (size_t l = 0; l < 4; ++l) { c0[l] = 0; c1[l] = 0; c2[l] = 0; c3[l] = 0;
-                        c4[l] = 0; c5[l] = 0; c6[l] = 0; c7[l] = 0; c8[l] = 0; c9[l] = 0;
-                        c10[l] = 0; c11[l] = 0; c12[l] = 0; c13[l] = 0; c14[l] = 0; c15[l] = 0; }
-                for (size_t b = 0; b < n; ++b) {
-                    for (size_t i3 = 0; i3 < 8; ++i3) {
-                        for (size_t l = 0; l < 4; ++l) {
-                            c0[l] += dh[1024*b + 64*i1_t + 8*i3 + l]*x_pad[100*b + 10*i3 + i6 + l];
-                            c1[l] += dh[1024*b + 64*i1_t + 8*i3 + l]*x_pad[100*b + 10*i3 + i6 + l +
-                                    10];
-                            c2[l] += dh[1024*b + 64*i1_t + 8*i3 + l + 64]*x_pad[100*b + 10*i3 + i6 +
-                                    l];
-                            c3[l] += dh[1024*b + 64*i1_t + 8*i3 + l + 64]*x_pad[100*b + 10*i3 + i6 +
-                                    l + 10];
-                            c4[l] += dh[1024*b + 64*i1_t + 8*i3 + l + 128]*x_pad[100*b + 10*i3 + i6
-                                    + l];
-                            c5[l] += dh[1024*b + 64*i1_t + 8*i3 + l + 128]*x_pad[100*b + 10*i3 + i6
-                                    + l + 10];
-                            c6[l] += dh[1024*b + 64*i1_t + 8*i3 + l + 192]*x_pad[100*b + 10*i3 + i6
-                                    + l];
-                            c7[l] += dh[1024*b + 64*i1_t + 8*i3 + l + 192]*x_pad[100*b + 10*i3 + i6
-                                    + l + 10];
-                            c8[l] += dh[1024*b + 64*i1_t + 8*i3 + l + 256]*x_pad[100*b + 10*i3 + i6
-                                    + l];
-                            c9[l] += dh[1024*b + 64*i1_t + 8*i3 + l + 256]*x_pad[100*b + 10*i3 + i6
-                                    + l + 10];
-                            c10[l] += dh[1024*b + 64*i1_t + 8*i3 + l + 320]*x_pad[100*b + 10*i3 + i6
-                                    + l];
-                            c11[l] += dh[1024*b + 64*i1_t + 8*i3 + l + 320]*x_pad[100*b + 10*i3 + i6
-                                    + l + 10];
-                            c12[l] += dh[1024*b + 64*i1_t + 8*i3 + l + 384]*x_pad[100*b + 10*i3 + i6
-                                    + l];
-                            c13[l] += dh[1024*b + 64*i1_t + 8*i3 + l + 384]*x_pad[100*b + 10*i3 + i6
-                                    + l + 10];
-                            c14[l] += dh[1024*b + 64*i1_t + 8*i3 + l + 448]*x_pad[100*b + 10*i3 + i6
-                                    + l];
-                            c15[l] += dh[1024*b + 64*i1_t + 8*i3 + l + 448]*x_pad[100*b + 10*i3 + i6
-                                    + l + 10];
-                        }
-                        for (size_t l = 0; l < 4; ++l) {
-                            c0[l] += dh[1024*b + 64*i1_t + 8*i3 + l + 4]*x_pad[100*b + 10*i3 + i6 +
-                                    l + 4];
-                            c1[l] += dh[1024*b + 64*i1_t + 8*i3 + l + 4]*x_pad[100*b + 10*i3 + i6 +
-                                    l + 14];
-                            c2[l] += dh[1024*b + 64*i1_t + 8*i3 + l + 68]*x_pad[100*b + 10*i3 + i6 +
-                                    l + 4];
-                            c3[l] += dh[1024*b + 64*i1_t + 8*i3 + l + 68]*x_pad[100*b + 10*i3 + i6 +
-                                    l + 14];
-                            c4[l] += dh[1024*b + 64*i1_t + 8*i3 + l + 132]*x_pad[100*b + 10*i3 + i6
-                                    + l + 4];
-                            c5[l] += dh[1024*b + 64*i1_t + 8*i3 + l + 132]*x_pad[100*b + 10*i3 + i6
-                                    + l + 14];
-                            c6[l] += dh[1024*b + 64*i1_t + 8*i3 + l + 196]*x_pad[100*b + 10*i3 + i6
-                                    + l + 4];
-                            c7[l] += dh[1024*b + 64*i1_t + 8*i3 + l + 196]*x_pad[100*b + 10*i3 + i6
-                                    + l + 14];
-                            c8[l] += dh[1024*b + 64*i1_t + 8*i3 + l + 260]*x_pad[100*b + 10*i3 + i6
-                                    + l + 4];
-                            c9[l] += dh[1024*b + 64*i1_t + 8*i3 + l + 260]*x_pad[100*b + 10*i3 + i6
-                                    + l + 14];
-                            c10[l] += dh[1024*b + 64*i1_t + 8*i3 + l + 324]*x_pad[100*b + 10*i3 + i6
-                                    + l + 4];
-                            c11[l] += dh[1024*b + 64*i1_t + 8*i3 + l + 324]*x_pad[100*b + 10*i3 + i6
-                                    + l + 14];
-                            c12[l] += dh[1024*b + 64*i1_t + 8*i3 + l + 388]*x_pad[100*b + 10*i3 + i6
-                                    + l + 4];
-                            c13[l] += dh[1024*b + 64*i1_t + 8*i3 + l + 388]*x_pad[100*b + 10*i3 + i6
-                                    + l + 14];
-                            c14[l] += dh[1024*b + 64*i1_t + 8*i3 + l + 452]*x_pad[100*b + 10*i3 + i6
-                                    + l + 4];
-                            c15[l] += dh[1024*b + 64*i1_t + 8*i3 + l + 452]*x_pad[100*b + 10*i3 + i6
-                                    + l + 14];
-                        }
-                    }
-                }
-                for (size_t l = 0; l < 2; ++l) { c0[l] += c0[l + 2]; c1[l] += c1[l + 2];
-                        c2[l] += c2[l + 2]; c3[l] += c3[l + 2]; c4[l] += c4[l + 2];
-                        c5[l] += c5[l + 2]; c6[l] += c6[l + 2]; c7[l] += c7[l + 2];
-                        c8[l] += c8[l + 2]; c9[l] += c9[l + 2]; c10[l] += c10[l + 2];
-                        c11[l] += c11[l + 2]; c12[l] += c12[l + 2]; c13[l] += c13[l + 2];
-                        c14[l] += c14[l + 2]; c15[l] += c15[l + 2]; }
-                c0[0] += c0[1]; c1[0] += c1[1]; c2[0] += c2[1]; c3[0] += c3[1]; c4[0] += c4[1];
-                        c5[0] += c5[1]; c6[0] += c6[1]; c7[0] += c7[1]; c8[0] += c8[1];
-                        c9[0] += c9[1]; c10[0] += c10[1]; c11[0] += c11[1]; c12[0] += c12[1];
-                        c13[0] += c13[1]; c14[0] += c14[1]; c15[0] += c15[1];
-                const float s[16] = {c0[0], c1[0], c2[0], c3[0], c4[0], c5[0], c6[0], c7[0], c8[0],
-                        c9[0], c10[0], c11[0], c12[0], c13[0], c14[0], c15[0]};
+                float s[16];
+                dot8x2_4_8_nx8(dh + 64*i1_t, 64, x_pad + i6, 10, n, 1024, 100, 8, 10, s);
                 for (size_t i1_j = 0; i1_j < 8; ++i1_j) {
                     for (size_t i5_j = 0; i5_j < 2; ++i5_j) {
                         dK[9*i1_j + 9*i1_t + 3*i5_j + i6] += s[2*i1_j + i5_j];
@@ -1107,55 +983,8 @@ static void K_grad_2(size_t n, float *restrict dK, const float *restrict dh,
                 }
             }
             {
-                float c0[4], c1[4], c2[4], c3[4], c4[4], c5[4], c6[4], c7[4];
-                for (size_t l = 0; l < 4; ++l) { c0[l] = 0; c1[l] = 0; c2[l] = 0; c3[l] = 0;
-                        c4[l] = 0; c5[l] = 0; c6[l] = 0; c7[l] = 0; }
-                for (size_t b = 0; b < n; ++b) {
-                    for (size_t i3 = 0; i3 < 8; ++i3) {
-                        for (size_t l = 0; l < 4; ++l) {
-                            c0[l] += dh[1024*b + 64*i1_t + 8*i3 + l]*x_pad[100*b + 10*i3 + i6 + l +
-                                    20];
-                            c1[l] += dh[1024*b + 64*i1_t + 8*i3 + l + 64]*x_pad[100*b + 10*i3 + i6 +
-                                    l + 20];
-                            c2[l] += dh[1024*b + 64*i1_t + 8*i3 + l + 128]*x_pad[100*b + 10*i3 + i6
-                                    + l + 20];
-                            c3[l] += dh[1024*b + 64*i1_t + 8*i3 + l + 192]*x_pad[100*b + 10*i3 + i6
-                                    + l + 20];
-                            c4[l] += dh[1024*b + 64*i1_t + 8*i3 + l + 256]*x_pad[100*b + 10*i3 + i6
-                                    + l + 20];
-                            c5[l] += dh[1024*b + 64*i1_t + 8*i3 + l + 320]*x_pad[100*b + 10*i3 + i6
-                                    + l + 20];
-                            c6[l] += dh[1024*b + 64*i1_t + 8*i3 + l + 384]*x_pad[100*b + 10*i3 + i6
-                                    + l + 20];
-                            c7[l] += dh[1024*b + 64*i1_t + 8*i3 + l + 448]*x_pad[100*b + 10*i3 + i6
-                                    + l + 20];
-                        }
-                        for (size_t l = 0; l < 4; ++l) {
-                            c0[l] += dh[1024*b + 64*i1_t + 8*i3 + l + 4]*x_pad[100*b + 10*i3 + i6 +
-                                    l + 24];
-                            c1[l] += dh[1024*b + 64*i1_t + 8*i3 + l + 68]*x_pad[100*b + 10*i3 + i6 +
-                                    l + 24];
-                            c2[l] += dh[1024*b + 64*i1_t + 8*i3 + l + 132]*x_pad[100*b + 10*i3 + i6
-                                    + l + 24];
-                            c3[l] += dh[1024*b + 64*i1_t + 8*i3 + l + 196]*x_pad[100*b + 10*i3 + i6
-                                    + l + 24];
-                            c4[l] += dh[1024*b + 64*i1_t + 8*i3 + l + 260]*x_pad[100*b + 10*i3 + i6
-                                    + l + 24];
-                            c5[l] += dh[1024*b + 64*i1_t + 8*i3 + l + 324]*x_pad[100*b + 10*i3 + i6
-                                    + l + 24];
-                            c6[l] += dh[1024*b + 64*i1_t + 8*i3 + l + 388]*x_pad[100*b + 10*i3 + i6
-                                    + l + 24];
-                            c7[l] += dh[1024*b + 64*i1_t + 8*i3 + l + 452]*x_pad[100*b + 10*i3 + i6
-                                    + l + 24];
-                        }
-                    }
-                }
-                for (size_t l = 0; l < 2; ++l) { c0[l] += c0[l + 2]; c1[l] += c1[l + 2];
-                        c2[l] += c2[l + 2]; c3[l] += c3[l + 2]; c4[l] += c4[l + 2];
-                        c5[l] += c5[l + 2]; c6[l] += c6[l + 2]; c7[l] += c7[l + 2]; }
-                c0[0] += c0[1]; c1[0] += c1[1]; c2[0] += c2[1]; c3[0] += c3[1]; c4[0] += c4[1];
-                        c5[0] += c5[1]; c6[0] += c6[1]; c7[0] += c7[1];
-                const float s[8] = {c0[0], c1[0], c2[0], c3[0], c4[0], c5[0], c6[0], c7[0]};
+                float s[8];
+                dot8x1_4_8_nx8(dh + 64*i1_t, 64, x_pad + i6 + 20, 10, n, 1024, 100, 8, 10, s);
                 for (size_t i1_j = 0; i1_j < 8; ++i1_j) {
                     dK[9*i1_j + 9*i1_t + i6 + 6] += s[i1_j];
                 }

@@ -10,6 +10,121 @@ static float relu(float x)
 }
 
 /*
+ * out[m*om + l] = sum_{r0 < n0, r1 < 3} a[m*am + oa]*b[ob + l] for m < 8, l < 8, oa = sum r_i*sa_i
+ * and ob = sum r_i*sb_i
+ */
+static void tile8x8_nx3(const float *restrict a, size_t am, const float *restrict b, size_t n0,
+        size_t sa0, size_t sb0, size_t sa1, size_t sb1, float *restrict out, size_t om)
+{
+    float c0[4], c1[4], c2[4], c3[4], c4[4], c5[4], c6[4], c7[4], c8[4], c9[4], c10[4], c11[4],
+            c12[4], c13[4], c14[4], c15[4];
+    for (size_t l = 0; l < 4; ++l) { c0[l] = 0; c1[l] = 0; c2[l] = 0; c3[l] = 0; c4[l] = 0;
+            c5[l] = 0; c6[l] = 0; c7[l] = 0; c8[l] = 0; c9[l] = 0; c10[l] = 0; c11[l] = 0;
+            c12[l] = 0; c13[l] = 0; c14[l] = 0; c15[l] = 0; }
+    for (size_t r0 = 0; r0 < n0; ++r0) {
+        for (size_t r1 = 0; r1 < 3; ++r1) {
+            const size_t oa = r0*sa0 + r1*sa1;
+            const size_t ob = r0*sb0 + r1*sb1;
+            for (size_t l = 0; l < 4; ++l) {
+                c0[l] += a[oa]*b[ob + l];
+                c1[l] += a[oa]*b[ob + 4 + l];
+                c2[l] += a[am + oa]*b[ob + l];
+                c3[l] += a[am + oa]*b[ob + 4 + l];
+                c4[l] += a[2*am + oa]*b[ob + l];
+                c5[l] += a[2*am + oa]*b[ob + 4 + l];
+                c6[l] += a[3*am + oa]*b[ob + l];
+                c7[l] += a[3*am + oa]*b[ob + 4 + l];
+                c8[l] += a[4*am + oa]*b[ob + l];
+                c9[l] += a[4*am + oa]*b[ob + 4 + l];
+                c10[l] += a[5*am + oa]*b[ob + l];
+                c11[l] += a[5*am + oa]*b[ob + 4 + l];
+                c12[l] += a[6*am + oa]*b[ob + l];
+                c13[l] += a[6*am + oa]*b[ob + 4 + l];
+                c14[l] += a[7*am + oa]*b[ob + l];
+                c15[l] += a[7*am + oa]*b[ob + 4 + l];
+            }
+        }
+    }
+    for (size_t l = 0; l < 4; ++l) {
+        out[l] = c0[l];
+        out[4 + l] = c1[l];
+        out[om + l] = c2[l];
+        out[om + 4 + l] = c3[l];
+        out[2*om + l] = c4[l];
+        out[2*om + 4 + l] = c5[l];
+        out[3*om + l] = c6[l];
+        out[3*om + 4 + l] = c7[l];
+        out[4*om + l] = c8[l];
+        out[4*om + 4 + l] = c9[l];
+        out[5*om + l] = c10[l];
+        out[5*om + 4 + l] = c11[l];
+        out[6*om + l] = c12[l];
+        out[6*om + 4 + l] = c13[l];
+        out[7*om + l] = c14[l];
+        out[7*om + 4 + l] = c15[l];
+    }
+}
+
+/*
+ * out[m*om + l] = sum_{r0 < n0, r1 < 3, r2 < 3} a[m*am + oa]*b[ob + l] for m < 16, l < 4, oa = sum
+ * r_i*sa_i and ob = sum r_i*sb_i
+ */
+static void tile16x4_nx3x3(const float *restrict a, size_t am, const float *restrict b, size_t n0,
+        size_t sa0, size_t sb0, size_t sa1, size_t sb1, size_t sa2, size_t sb2, float *restrict out,
+        size_t om)
+{
+    float c0[4], c1[4], c2[4], c3[4], c4[4], c5[4], c6[4], c7[4], c8[4], c9[4], c10[4], c11[4],
+            c12[4], c13[4], c14[4], c15[4];
+    for (size_t l = 0; l < 4; ++l) { c0[l] = 0; c1[l] = 0; c2[l] = 0; c3[l] = 0; c4[l] = 0;
+            c5[l] = 0; c6[l] = 0; c7[l] = 0; c8[l] = 0; c9[l] = 0; c10[l] = 0; c11[l] = 0;
+            c12[l] = 0; c13[l] = 0; c14[l] = 0; c15[l] = 0; }
+    for (size_t r0 = 0; r0 < n0; ++r0) {
+        for (size_t r1 = 0; r1 < 3; ++r1) {
+            for (size_t r2 = 0; r2 < 3; ++r2) {
+                const size_t oa = r0*sa0 + r1*sa1 + r2*sa2;
+                const size_t ob = r0*sb0 + r1*sb1 + r2*sb2;
+                for (size_t l = 0; l < 4; ++l) {
+                    c0[l] += a[oa]*b[ob + l];
+                    c1[l] += a[am + oa]*b[ob + l];
+                    c2[l] += a[2*am + oa]*b[ob + l];
+                    c3[l] += a[3*am + oa]*b[ob + l];
+                    c4[l] += a[4*am + oa]*b[ob + l];
+                    c5[l] += a[5*am + oa]*b[ob + l];
+                    c6[l] += a[6*am + oa]*b[ob + l];
+                    c7[l] += a[7*am + oa]*b[ob + l];
+                    c8[l] += a[8*am + oa]*b[ob + l];
+                    c9[l] += a[9*am + oa]*b[ob + l];
+                    c10[l] += a[10*am + oa]*b[ob + l];
+                    c11[l] += a[11*am + oa]*b[ob + l];
+                    c12[l] += a[12*am + oa]*b[ob + l];
+                    c13[l] += a[13*am + oa]*b[ob + l];
+                    c14[l] += a[14*am + oa]*b[ob + l];
+                    c15[l] += a[15*am + oa]*b[ob + l];
+                }
+            }
+        }
+    }
+    for (size_t l = 0; l < 4; ++l) {
+        out[l] = c0[l];
+        out[om + l] = c1[l];
+        out[2*om + l] = c2[l];
+        out[3*om + l] = c3[l];
+        out[4*om + l] = c4[l];
+        out[5*om + l] = c5[l];
+        out[6*om + l] = c6[l];
+        out[7*om + l] = c7[l];
+        out[8*om + l] = c8[l];
+        out[9*om + l] = c9[l];
+        out[10*om + l] = c10[l];
+        out[11*om + l] = c11[l];
+        out[12*om + l] = c12[l];
+        out[13*om + l] = c13[l];
+        out[14*om + l] = c14[l];
+        out[15*om + l] = c15[l];
+    }
+}
+
+/*
  * s[j*2 + k] = sum_{r < len} a[j*sa + r]*b[k*sb + r] for j < 8, k < 2; 4 partial sums each (len a
  * multiple of 4, at least 4), added pairwise
  */
@@ -181,6 +296,56 @@ static void tile1x8(const float *restrict a, size_t am, size_t ar, const float *
     }
 }
 
+/*
+ * s[j*2 + k] = sum_{r0 < n0, r1 < 4} sum_{r < 4} a[j*sa + oa + r]*b[k*sb + ob + r] for j < 8, k <
+ * 2, oa = sum r_i*sa_i and ob = sum r_i*sb_i; 4 partial sums each, added pairwise
+ */
+static void dot8x2_4_4_nx4(const float *restrict a, size_t sa, const float *restrict b, size_t sb,
+        size_t n0, size_t sa0, size_t sb0, size_t sa1, size_t sb1, float *restrict s)
+{
+    float c0[4], c1[4], c2[4], c3[4], c4[4], c5[4], c6[4], c7[4], c8[4], c9[4], c10[4], c11[4],
+            c12[4], c13[4], c14[4], c15[4];
+    for (size_t l = 0; l < 4; ++l) { c0[l] = 0; c1[l] = 0; c2[l] = 0; c3[l] = 0; c4[l] = 0;
+            c5[l] = 0; c6[l] = 0; c7[l] = 0; c8[l] = 0; c9[l] = 0; c10[l] = 0; c11[l] = 0;
+            c12[l] = 0; c13[l] = 0; c14[l] = 0; c15[l] = 0; }
+    for (size_t r0 = 0; r0 < n0; ++r0) {
+        for (size_t r1 = 0; r1 < 4; ++r1) {
+            const size_t oa = r0*sa0 + r1*sa1;
+            const size_t ob = r0*sb0 + r1*sb1;
+            for (size_t l = 0; l < 4; ++l) {
+                c0[l] += a[oa + l]*b[ob + l];
+                c1[l] += a[oa + l]*b[sb + ob + l];
+                c2[l] += a[sa + oa + l]*b[ob + l];
+                c3[l] += a[sa + oa + l]*b[sb + ob + l];
+                c4[l] += a[2*sa + oa + l]*b[ob + l];
+                c5[l] += a[2*sa + oa + l]*b[sb + ob + l];
+                c6[l] += a[3*sa + oa + l]*b[ob + l];
+                c7[l] += a[3*sa + oa + l]*b[sb + ob + l];
+                c8[l] += a[4*sa + oa + l]*b[ob + l];
+                c9[l] += a[4*sa + oa + l]*b[sb + ob + l];
+                c10[l] += a[5*sa + oa + l]*b[ob + l];
+                c11[l] += a[5*sa + oa + l]*b[sb + ob + l];
+                c12[l] += a[6*sa + oa + l]*b[ob + l];
+                c13[l] += a[6*sa + oa + l]*b[sb + ob + l];
+                c14[l] += a[7*sa + oa + l]*b[ob + l];
+                c15[l] += a[7*sa + oa + l]*b[sb + ob + l];
+            }
+        }
+    }
+    for (size_t l = 0; l < 2; ++l) { c0[l] += c0[l + 2]; c1[l] += c1[l + 2]; c2[l] += c2[l + 2];
+            c3[l] += c3[l + 2]; c4[l] += c4[l + 2]; c5[l] += c5[l + 2]; c6[l] += c6[l + 2];
+            c7[l] += c7[l + 2]; c8[l] += c8[l + 2]; c9[l] += c9[l + 2]; c10[l] += c10[l + 2];
+            c11[l] += c11[l + 2]; c12[l] += c12[l + 2]; c13[l] += c13[l + 2]; c14[l] += c14[l + 2];
+            c15[l] += c15[l + 2]; }
+    c0[0] += c0[1]; c1[0] += c1[1]; c2[0] += c2[1]; c3[0] += c3[1]; c4[0] += c4[1]; c5[0] += c5[1];
+            c6[0] += c6[1]; c7[0] += c7[1]; c8[0] += c8[1]; c9[0] += c9[1]; c10[0] += c10[1];
+            c11[0] += c11[1]; c12[0] += c12[1]; c13[0] += c13[1]; c14[0] += c14[1];
+            c15[0] += c15[1];
+    s[0] = c0[0]; s[1] = c1[0]; s[2] = c2[0]; s[3] = c3[0]; s[4] = c4[0]; s[5] = c5[0];
+            s[6] = c6[0]; s[7] = c7[0]; s[8] = c8[0]; s[9] = c9[0]; s[10] = c10[0]; s[11] = c11[0];
+            s[12] = c12[0]; s[13] = c13[0]; s[14] = c14[0]; s[15] = c15[0];
+}
+
 /* out[m*om + l] += sum_{r<len} a[m*am + r*ar]*b[r*br + l] for m < 16, l < 4 (len >= 1) */
 static void tile16x4_add(const float *restrict a, size_t am, size_t ar, const float *restrict b,
         size_t br, size_t len, float *restrict out, size_t om)
@@ -246,6 +411,96 @@ static void tile16x4_add(const float *restrict a, size_t am, size_t ar, const fl
 }
 
 /*
+ * s[j*2 + k] = sum_{r0 < n0, r1 < 8} sum_{r < 8} a[j*sa + oa + r]*b[k*sb + ob + r] for j < 8, k <
+ * 2, oa = sum r_i*sa_i and ob = sum r_i*sb_i; 4 partial sums each, added pairwise
+ */
+static void dot8x2_4_8_nx8(const float *restrict a, size_t sa, const float *restrict b, size_t sb,
+        size_t n0, size_t sa0, size_t sb0, size_t sa1, size_t sb1, float *restrict s)
+{
+    float c0[4], c1[4], c2[4], c3[4], c4[4], c5[4], c6[4], c7[4], c8[4], c9[4], c10[4], c11[4],
+            c12[4], c13[4], c14[4], c15[4];
+    for (size_t l = 0; l < 4; ++l) { c0[l] = 0; c1[l] = 0; c2[l] = 0; c3[l] = 0; c4[l] = 0;
+            c5[l] = 0; c6[l] = 0; c7[l] = 0; c8[l] = 0; c9[l] = 0; c10[l] = 0; c11[l] = 0;
+            c12[l] = 0; c13[l] = 0; c14[l] = 0; c15[l] = 0; }
+    for (size_t r0 = 0; r0 < n0; ++r0) {
+        for (size_t r1 = 0; r1 < 8; ++r1) {
+            const size_t oa = r0*sa0 + r1*sa1;
+            const size_t ob = r0*sb0 + r1*sb1;
+            for (size_t r = 0; r < 8; r += 4) {
+                for (size_t l = 0; l < 4; ++l) {
+                    c0[l] += a[oa + r + l]*b[ob + r + l];
+                    c1[l] += a[oa + r + l]*b[sb + ob + r + l];
+                    c2[l] += a[sa + oa + r + l]*b[ob + r + l];
+                    c3[l] += a[sa + oa + r + l]*b[sb + ob + r + l];
+                    c4[l] += a[2*sa + oa + r + l]*b[ob + r + l];
+                    c5[l] += a[2*sa + oa + r + l]*b[sb + ob + r + l];
+                    c6[l] += a[3*sa + oa + r + l]*b[ob + r + l];
+                    c7[l] += a[3*sa + oa + r + l]*b[sb + ob + r + l];
+                    c8[l] += a[4*sa + oa + r + l]*b[ob + r + l];
+                    c9[l] += a[4*sa + oa + r + l]*b[sb + ob + r + l];
+                    c10[l] += a[5*sa + oa + r + l]*b[ob + r + l];
+                    c11[l] += a[5*sa + oa + r + l]*b[sb + ob + r + l];
+                    c12[l] += a[6*sa + oa + r + l]*b[ob + r + l];
+                    c13[l] += a[6*sa + oa + r + l]*b[sb + ob + r + l];
+                    c14[l] += a[7*sa + oa + r + l]*b[ob + r + l];
+                    c15[l] += a[7*sa + oa + r + l]*b[sb + ob + r + l];
+                }
+            }
+        }
+    }
+    for (size_t l = 0; l < 2; ++l) { c0[l] += c0[l + 2]; c1[l] += c1[l + 2]; c2[l] += c2[l + 2];
+            c3[l] += c3[l + 2]; c4[l] += c4[l + 2]; c5[l] += c5[l + 2]; c6[l] += c6[l + 2];
+            c7[l] += c7[l + 2]; c8[l] += c8[l + 2]; c9[l] += c9[l + 2]; c10[l] += c10[l + 2];
+            c11[l] += c11[l + 2]; c12[l] += c12[l + 2]; c13[l] += c13[l + 2]; c14[l] += c14[l + 2];
+            c15[l] += c15[l + 2]; }
+    c0[0] += c0[1]; c1[0] += c1[1]; c2[0] += c2[1]; c3[0] += c3[1]; c4[0] += c4[1]; c5[0] += c5[1];
+            c6[0] += c6[1]; c7[0] += c7[1]; c8[0] += c8[1]; c9[0] += c9[1]; c10[0] += c10[1];
+            c11[0] += c11[1]; c12[0] += c12[1]; c13[0] += c13[1]; c14[0] += c14[1];
+            c15[0] += c15[1];
+    s[0] = c0[0]; s[1] = c1[0]; s[2] = c2[0]; s[3] = c3[0]; s[4] = c4[0]; s[5] = c5[0];
+            s[6] = c6[0]; s[7] = c7[0]; s[8] = c8[0]; s[9] = c9[0]; s[10] = c10[0]; s[11] = c11[0];
+            s[12] = c12[0]; s[13] = c13[0]; s[14] = c14[0]; s[15] = c15[0];
+}
+
+/*
+ * s[j*1 + k] = sum_{r0 < n0, r1 < 8} sum_{r < 8} a[j*sa + oa + r]*b[k*sb + ob + r] for j < 8, k <
+ * 1, oa = sum r_i*sa_i and ob = sum r_i*sb_i; 4 partial sums each, added pairwise
+ */
+static void dot8x1_4_8_nx8(const float *restrict a, size_t sa, const float *restrict b, size_t sb,
+        size_t n0, size_t sa0, size_t sb0, size_t sa1, size_t sb1, float *restrict s)
+{
+    (void)sb;
+    float c0[4], c1[4], c2[4], c3[4], c4[4], c5[4], c6[4], c7[4];
+    for (size_t l = 0; l < 4; ++l) { c0[l] = 0; c1[l] = 0; c2[l] = 0; c3[l] = 0; c4[l] = 0;
+            c5[l] = 0; c6[l] = 0; c7[l] = 0; }
+    for (size_t r0 = 0; r0 < n0; ++r0) {
+        for (size_t r1 = 0; r1 < 8; ++r1) {
+            const size_t oa = r0*sa0 + r1*sa1;
+            const size_t ob = r0*sb0 + r1*sb1;
+            for (size_t r = 0; r < 8; r += 4) {
+                for (size_t l = 0; l < 4; ++l) {
+                    c0[l] += a[oa + r + l]*b[ob + r + l];
+                    c1[l] += a[sa + oa + r + l]*b[ob + r + l];
+                    c2[l] += a[2*sa + oa + r + l]*b[ob + r + l];
+                    c3[l] += a[3*sa + oa + r + l]*b[ob + r + l];
+                    c4[l] += a[4*sa + oa + r + l]*b[ob + r + l];
+                    c5[l] += a[5*sa + oa + r + l]*b[ob + r + l];
+                    c6[l] += a[6*sa + oa + r + l]*b[ob + r + l];
+                    c7[l] += a[7*sa + oa + r + l]*b[ob + r + l];
+                }
+            }
+        }
+    }
+    for (size_t l = 0; l < 2; ++l) { c0[l] += c0[l + 2]; c1[l] += c1[l + 2]; c2[l] += c2[l + 2];
+            c3[l] += c3[l + 2]; c4[l] += c4[l + 2]; c5[l] += c5[l + 2]; c6[l] += c6[l + 2];
+            c7[l] += c7[l + 2]; }
+    c0[0] += c0[1]; c1[0] += c1[1]; c2[0] += c2[1]; c3[0] += c3[1]; c4[0] += c4[1]; c5[0] += c5[1];
+            c6[0] += c6[1]; c7[0] += c7[1];
+    s[0] = c0[0]; s[1] = c1[0]; s[2] = c2[0]; s[3] = c3[0]; s[4] = c4[0]; s[5] = c5[0];
+            s[6] = c6[0]; s[7] = c7[0];
+}
+
+/*
  * a1: x padded with 0: x.pad[i0, 0, i2, i3] = Piecewise((x[i0, 0, i2 - 1, i3 - 1], (i2 >= 1) & (i3
  * >= 1) & (i2 < 9) & (i3 < 9)), (0, True))
  */
@@ -266,120 +521,18 @@ static void x_pad_forward(size_t n, float *restrict x_pad, const float *restrict
  * i3 + i5, i4 + i6]) + c1[i1])
  */
 static void a1_forward(size_t n, float *restrict a1, const float *restrict K1,
-        const float *restrict c1_, const float *restrict x_pad)
+        const float *restrict c1, const float *restrict x_pad)
 {
     for (size_t b = 0; b < n; ++b) {
         for (size_t i3 = 0; i3 < 8; ++i3) {
             {
                 for (size_t i1_t = 0; i1_t < 16; i1_t += 8) {
-                    float c0[4], c1[4], c2[4], c3[4], c4[4], c5[4], c6[4], c7[4], c8[4], c9[4],
-                            c10[4], c11[4], c12[4], c13[4], c14[4], c15[4];
-                    for (size_t l = 0; l < 4; ++l) { c0[l] = 0; c1[l] = 0; c2[l] = 0; c3[l] = 0;
-                            c4[l] = 0; c5[l] = 0; c6[l] = 0; c7[l] = 0; c8[l] = 0; c9[l] = 0;
-                            c10[l] = 0; c11[l] = 0; c12[l] = 0; c13[l] = 0; c14[l] = 0; c15[l] = 0;
-                            }
-                    for (size_t i5 = 0; i5 < 3; ++i5) {
-                        for (size_t i6 = 0; i6 < 3; ++i6) {
-                            for (size_t l = 0; l < 4; ++l) {
-                                c0[l] += K1[9*i1_t + 3*i5 + i6]*x_pad[100*b + 10*i3 + 10*i5 + i6 +
-                                        l];
-                                c1[l] += K1[9*i1_t + 3*i5 + i6]*x_pad[100*b + 10*i3 + 10*i5 + i6 + l
-                                        + 4];
-                                c2[l] += K1[9*i1_t + 3*i5 + i6 + 9]*x_pad[100*b + 10*i3 + 10*i5 + i6
-                                        + l];
-                                c3[l] += K1[9*i1_t + 3*i5 + i6 + 9]*x_pad[100*b + 10*i3 + 10*i5 + i6
-                                        + l + 4];
-                                c4[l] += K1[9*i1_t + 3*i5 + i6 + 18]*x_pad[100*b + 10*i3 + 10*i5 +
-                                        i6 + l];
-                                c5[l] += K1[9*i1_t + 3*i5 + i6 + 18]*x_pad[100*b + 10*i3 + 10*i5 +
-                                        i6 + l + 4];
-                                c6[l] += K1[9*i1_t + 3*i5 + i6 + 27]*x_pad[100*b + 10*i3 + 10*i5 +
-                                        i6 + l];
-                                c7[l] += K1[9*i1_t + 3*i5 + i6 + 27]*x_pad[100*b + 10*i3 + 10*i5 +
-                                        i6 + l + 4];
-                                c8[l] += K1[9*i1_t + 3*i5 + i6 + 36]*x_pad[100*b + 10*i3 + 10*i5 +
-                                        i6 + l];
-                                c9[l] += K1[9*i1_t + 3*i5 + i6 + 36]*x_pad[100*b + 10*i3 + 10*i5 +
-                                        i6 + l + 4];
-                                c10[l] += K1[9*i1_t + 3*i5 + i6 + 45]*x_pad[100*b + 10*i3 + 10*i5 +
-                                        i6 + l];
-                                c11[l] += K1[9*i1_t + 3*i5 + i6 + 45]*x_pad[100*b + 10*i3 + 10*i5 +
-                                        i6 + l + 4];
-                                c12[l] += K1[9*i1_t + 3*i5 + i6 + 54]*x_pad[100*b + 10*i3 + 10*i5 +
-                                        i6 + l];
-                                c13[l] += K1[9*i1_t + 3*i5 + i6 + 54]*x_pad[100*b + 10*i3 + 10*i5 +
-                                        i6 + l + 4];
-                                c14[l] += K1[9*i1_t + 3*i5 + i6 + 63]*x_pad[100*b + 10*i3 + 10*i5 +
-                                        i6 + l];
-                                c15[l] += K1[9*i1_t + 3*i5 + i6 + 63]*x_pad[100*b + 10*i3 + 10*i5 +
-                                        i6 + l + 4];
-                            }
-                        }
-                    }
-                    for (size_t l = 0; l < 4; ++l) {
-                        {
-                            const float acc = c0[l];
-                            a1[1024*b + 64*i1_t + 8*i3 + l] = relu(acc + c1_[i1_t]);
-                        }
-                        {
-                            const float acc = c1[l];
-                            a1[1024*b + 64*i1_t + 8*i3 + l + 4] = relu(acc + c1_[i1_t]);
-                        }
-                        {
-                            const float acc = c2[l];
-                            a1[1024*b + 64*i1_t + 8*i3 + l + 64] = relu(acc + c1_[i1_t + 1]);
-                        }
-                        {
-                            const float acc = c3[l];
-                            a1[1024*b + 64*i1_t + 8*i3 + l + 68] = relu(acc + c1_[i1_t + 1]);
-                        }
-                        {
-                            const float acc = c4[l];
-                            a1[1024*b + 64*i1_t + 8*i3 + l + 128] = relu(acc + c1_[i1_t + 2]);
-                        }
-                        {
-                            const float acc = c5[l];
-                            a1[1024*b + 64*i1_t + 8*i3 + l + 132] = relu(acc + c1_[i1_t + 2]);
-                        }
-                        {
-                            const float acc = c6[l];
-                            a1[1024*b + 64*i1_t + 8*i3 + l + 192] = relu(acc + c1_[i1_t + 3]);
-                        }
-                        {
-                            const float acc = c7[l];
-                            a1[1024*b + 64*i1_t + 8*i3 + l + 196] = relu(acc + c1_[i1_t + 3]);
-                        }
-                        {
-                            const float acc = c8[l];
-                            a1[1024*b + 64*i1_t + 8*i3 + l + 256] = relu(acc + c1_[i1_t + 4]);
-                        }
-                        {
-                            const float acc = c9[l];
-                            a1[1024*b + 64*i1_t + 8*i3 + l + 260] = relu(acc + c1_[i1_t + 4]);
-                        }
-                        {
-                            const float acc = c10[l];
-                            a1[1024*b + 64*i1_t + 8*i3 + l + 320] = relu(acc + c1_[i1_t + 5]);
-                        }
-                        {
-                            const float acc = c11[l];
-                            a1[1024*b + 64*i1_t + 8*i3 + l + 324] = relu(acc + c1_[i1_t + 5]);
-                        }
-                        {
-                            const float acc = c12[l];
-                            a1[1024*b + 64*i1_t + 8*i3 + l + 384] = relu(acc + c1_[i1_t + 6]);
-                        }
-                        {
-                            const float acc = c13[l];
-                            a1[1024*b + 64*i1_t + 8*i3 + l + 388] = relu(acc + c1_[i1_t + 6]);
-                        }
-                        {
-                            const float acc = c14[l];
-                            a1[1024*b + 64*i1_t + 8*i3 + l + 448] = relu(acc + c1_[i1_t + 7]);
-                        }
-                        {
-                            const float acc = c15[l];
-                            a1[1024*b + 64*i1_t + 8*i3 + l + 452] = relu(acc + c1_[i1_t + 7]);
+                    tile8x8_nx3(K1 + 9*i1_t, 9, x_pad + 100*b + 10*i3, 3, 3, 10, 1, 1,
+                            a1 + 1024*b + 64*i1_t + 8*i3, 64);
+                    for (size_t i1_j = 0; i1_j < 8; ++i1_j) {
+                        for (size_t l = 0; l < 8; ++l) {
+                            const float acc = a1[1024*b + 64*i1_j + 64*i1_t + 8*i3 + l];
+                            a1[1024*b + 64*i1_j + 64*i1_t + 8*i3 + l] = relu(acc + c1[i1_j + i1_t]);
                         }
                     }
                 }
@@ -434,122 +587,18 @@ static void p1_pad_forward(size_t n, float *restrict p1_pad, const float *restri
  * i6]*p1.pad[b, i2, i3 + i5, i4 + i6]) + c2[i1])
  */
 static void a2_forward(size_t n, float *restrict a2, const float *restrict K2,
-        const float *restrict c2_, const float *restrict p1_pad)
+        const float *restrict c2, const float *restrict p1_pad)
 {
     for (size_t b = 0; b < n; ++b) {
         for (size_t i3 = 0; i3 < 4; ++i3) {
             {
                 for (size_t i1_t = 0; i1_t < 32; i1_t += 16) {
-                    float c0[4], c1[4], c2[4], c3[4], c4[4], c5[4], c6[4], c7[4], c8[4], c9[4],
-                            c10[4], c11[4], c12[4], c13[4], c14[4], c15[4];
-                    for (size_t l = 0; l < 4; ++l) { c0[l] = 0; c1[l] = 0; c2[l] = 0; c3[l] = 0;
-                            c4[l] = 0; c5[l] = 0; c6[l] = 0; c7[l] = 0; c8[l] = 0; c9[l] = 0;
-                            c10[l] = 0; c11[l] = 0; c12[l] = 0; c13[l] = 0; c14[l] = 0; c15[l] = 0;
-                            }
-                    for (size_t i2 = 0; i2 < 16; ++i2) {
-                        for (size_t i5 = 0; i5 < 3; ++i5) {
-                            for (size_t i6 = 0; i6 < 3; ++i6) {
-                                for (size_t l = 0; l < 4; ++l) {
-                                    c0[l] += K2[144*i1_t + 9*i2 + 3*i5 + i6]*p1_pad[576*b + 36*i2 +
-                                            6*i3 + 6*i5 + i6 + l];
-                                    c1[l] += K2[144*i1_t + 9*i2 + 3*i5 + i6 + 144]*p1_pad[576*b +
-                                            36*i2 + 6*i3 + 6*i5 + i6 + l];
-                                    c2[l] += K2[144*i1_t + 9*i2 + 3*i5 + i6 + 288]*p1_pad[576*b +
-                                            36*i2 + 6*i3 + 6*i5 + i6 + l];
-                                    c3[l] += K2[144*i1_t + 9*i2 + 3*i5 + i6 + 432]*p1_pad[576*b +
-                                            36*i2 + 6*i3 + 6*i5 + i6 + l];
-                                    c4[l] += K2[144*i1_t + 9*i2 + 3*i5 + i6 + 576]*p1_pad[576*b +
-                                            36*i2 + 6*i3 + 6*i5 + i6 + l];
-                                    c5[l] += K2[144*i1_t + 9*i2 + 3*i5 + i6 + 720]*p1_pad[576*b +
-                                            36*i2 + 6*i3 + 6*i5 + i6 + l];
-                                    c6[l] += K2[144*i1_t + 9*i2 + 3*i5 + i6 + 864]*p1_pad[576*b +
-                                            36*i2 + 6*i3 + 6*i5 + i6 + l];
-                                    c7[l] += K2[144*i1_t + 9*i2 + 3*i5 + i6 + 1008]*p1_pad[576*b +
-                                            36*i2 + 6*i3 + 6*i5 + i6 + l];
-                                    c8[l] += K2[144*i1_t + 9*i2 + 3*i5 + i6 + 1152]*p1_pad[576*b +
-                                            36*i2 + 6*i3 + 6*i5 + i6 + l];
-                                    c9[l] += K2[144*i1_t + 9*i2 + 3*i5 + i6 + 1296]*p1_pad[576*b +
-                                            36*i2 + 6*i3 + 6*i5 + i6 + l];
-                                    c10[l] += K2[144*i1_t + 9*i2 + 3*i5 + i6 + 1440]*p1_pad[576*b +
-                                            36*i2 + 6*i3 + 6*i5 + i6 + l];
-                                    c11[l] += K2[144*i1_t + 9*i2 + 3*i5 + i6 + 1584]*p1_pad[576*b +
-                                            36*i2 + 6*i3 + 6*i5 + i6 + l];
-                                    c12[l] += K2[144*i1_t + 9*i2 + 3*i5 + i6 + 1728]*p1_pad[576*b +
-                                            36*i2 + 6*i3 + 6*i5 + i6 + l];
-                                    c13[l] += K2[144*i1_t + 9*i2 + 3*i5 + i6 + 1872]*p1_pad[576*b +
-                                            36*i2 + 6*i3 + 6*i5 + i6 + l];
-                                    c14[l] += K2[144*i1_t + 9*i2 + 3*i5 + i6 + 2016]*p1_pad[576*b +
-                                            36*i2 + 6*i3 + 6*i5 + i6 + l];
-                                    c15[l] += K2[144*i1_t + 9*i2 + 3*i5 + i6 + 2160]*p1_pad[576*b +
-                                            36*i2 + 6*i3 + 6*i5 + i6 + l];
-                                }
-                            }
-                        }
-                    }
-                    for (size_t l = 0; l < 4; ++l) {
-                        {
-                            const float acc = c0[l];
-                            a2[512*b + 16*i1_t + 4*i3 + l] = relu(acc + c2_[i1_t]);
-                        }
-                        {
-                            const float acc = c1[l];
-                            a2[512*b + 16*i1_t + 4*i3 + l + 16] = relu(acc + c2_[i1_t + 1]);
-                        }
-                        {
-                            const float acc = c2[l];
-                            a2[512*b + 16*i1_t + 4*i3 + l + 32] = relu(acc + c2_[i1_t + 2]);
-                        }
-                        {
-                            const float acc = c3[l];
-                            a2[512*b + 16*i1_t + 4*i3 + l + 48] = relu(acc + c2_[i1_t + 3]);
-                        }
-                        {
-                            const float acc = c4[l];
-                            a2[512*b + 16*i1_t + 4*i3 + l + 64] = relu(acc + c2_[i1_t + 4]);
-                        }
-                        {
-                            const float acc = c5[l];
-                            a2[512*b + 16*i1_t + 4*i3 + l + 80] = relu(acc + c2_[i1_t + 5]);
-                        }
-                        {
-                            const float acc = c6[l];
-                            a2[512*b + 16*i1_t + 4*i3 + l + 96] = relu(acc + c2_[i1_t + 6]);
-                        }
-                        {
-                            const float acc = c7[l];
-                            a2[512*b + 16*i1_t + 4*i3 + l + 112] = relu(acc + c2_[i1_t + 7]);
-                        }
-                        {
-                            const float acc = c8[l];
-                            a2[512*b + 16*i1_t + 4*i3 + l + 128] = relu(acc + c2_[i1_t + 8]);
-                        }
-                        {
-                            const float acc = c9[l];
-                            a2[512*b + 16*i1_t + 4*i3 + l + 144] = relu(acc + c2_[i1_t + 9]);
-                        }
-                        {
-                            const float acc = c10[l];
-                            a2[512*b + 16*i1_t + 4*i3 + l + 160] = relu(acc + c2_[i1_t + 10]);
-                        }
-                        {
-                            const float acc = c11[l];
-                            a2[512*b + 16*i1_t + 4*i3 + l + 176] = relu(acc + c2_[i1_t + 11]);
-                        }
-                        {
-                            const float acc = c12[l];
-                            a2[512*b + 16*i1_t + 4*i3 + l + 192] = relu(acc + c2_[i1_t + 12]);
-                        }
-                        {
-                            const float acc = c13[l];
-                            a2[512*b + 16*i1_t + 4*i3 + l + 208] = relu(acc + c2_[i1_t + 13]);
-                        }
-                        {
-                            const float acc = c14[l];
-                            a2[512*b + 16*i1_t + 4*i3 + l + 224] = relu(acc + c2_[i1_t + 14]);
-                        }
-                        {
-                            const float acc = c15[l];
-                            a2[512*b + 16*i1_t + 4*i3 + l + 240] = relu(acc + c2_[i1_t + 15]);
+                    tile16x4_nx3x3(K2 + 144*i1_t, 144, p1_pad + 576*b + 6*i3, 16, 9, 36, 3, 6, 1, 1,
+                            a2 + 512*b + 16*i1_t + 4*i3, 16);
+                    for (size_t i1_j = 0; i1_j < 16; ++i1_j) {
+                        for (size_t l = 0; l < 4; ++l) {
+                            const float acc = a2[512*b + 16*i1_j + 16*i1_t + 4*i3 + l];
+                            a2[512*b + 16*i1_j + 16*i1_t + 4*i3 + l] = relu(acc + c2[i1_j + i1_t]);
                         }
                     }
                 }
@@ -683,120 +732,18 @@ static void batch_mean_loss(size_t n, float *restrict batch_loss, const float *r
  * c1[i1]
  */
 static void h1_forward(size_t n, float *restrict h1, const float *restrict K1,
-        const float *restrict c1_, const float *restrict x_pad)
+        const float *restrict c1, const float *restrict x_pad)
 {
     for (size_t b = 0; b < n; ++b) {
         for (size_t i3 = 0; i3 < 8; ++i3) {
             {
                 for (size_t i1_t = 0; i1_t < 16; i1_t += 8) {
-                    float c0[4], c1[4], c2[4], c3[4], c4[4], c5[4], c6[4], c7[4], c8[4], c9[4],
-                            c10[4], c11[4], c12[4], c13[4], c14[4], c15[4];
-                    for (size_t l = 0; l < 4; ++l) { c0[l] = 0; c1[l] = 0; c2[l] = 0; c3[l] = 0;
-                            c4[l] = 0; c5[l] = 0; c6[l] = 0; c7[l] = 0; c8[l] = 0; c9[l] = 0;
-                            c10[l] = 0; c11[l] = 0; c12[l] = 0; c13[l] = 0; c14[l] = 0; c15[l] = 0;
-                            }
-                    for (size_t i5 = 0; i5 < 3; ++i5) {
-                        for (size_t i6 = 0; i6 < 3; ++i6) {
-                            for (size_t l = 0; l < 4; ++l) {
-                                c0[l] += K1[9*i1_t + 3*i5 + i6]*x_pad[100*b + 10*i3 + 10*i5 + i6 +
-                                        l];
-                                c1[l] += K1[9*i1_t + 3*i5 + i6]*x_pad[100*b + 10*i3 + 10*i5 + i6 + l
-                                        + 4];
-                                c2[l] += K1[9*i1_t + 3*i5 + i6 + 9]*x_pad[100*b + 10*i3 + 10*i5 + i6
-                                        + l];
-                                c3[l] += K1[9*i1_t + 3*i5 + i6 + 9]*x_pad[100*b + 10*i3 + 10*i5 + i6
-                                        + l + 4];
-                                c4[l] += K1[9*i1_t + 3*i5 + i6 + 18]*x_pad[100*b + 10*i3 + 10*i5 +
-                                        i6 + l];
-                                c5[l] += K1[9*i1_t + 3*i5 + i6 + 18]*x_pad[100*b + 10*i3 + 10*i5 +
-                                        i6 + l + 4];
-                                c6[l] += K1[9*i1_t + 3*i5 + i6 + 27]*x_pad[100*b + 10*i3 + 10*i5 +
-                                        i6 + l];
-                                c7[l] += K1[9*i1_t + 3*i5 + i6 + 27]*x_pad[100*b + 10*i3 + 10*i5 +
-                                        i6 + l + 4];
-                                c8[l] += K1[9*i1_t + 3*i5 + i6 + 36]*x_pad[100*b + 10*i3 + 10*i5 +
-                                        i6 + l];
-                                c9[l] += K1[9*i1_t + 3*i5 + i6 + 36]*x_pad[100*b + 10*i3 + 10*i5 +
-                                        i6 + l + 4];
-                                c10[l] += K1[9*i1_t + 3*i5 + i6 + 45]*x_pad[100*b + 10*i3 + 10*i5 +
-                                        i6 + l];
-                                c11[l] += K1[9*i1_t + 3*i5 + i6 + 45]*x_pad[100*b + 10*i3 + 10*i5 +
-                                        i6 + l + 4];
-                                c12[l] += K1[9*i1_t + 3*i5 + i6 + 54]*x_pad[100*b + 10*i3 + 10*i5 +
-                                        i6 + l];
-                                c13[l] += K1[9*i1_t + 3*i5 + i6 + 54]*x_pad[100*b + 10*i3 + 10*i5 +
-                                        i6 + l + 4];
-                                c14[l] += K1[9*i1_t + 3*i5 + i6 + 63]*x_pad[100*b + 10*i3 + 10*i5 +
-                                        i6 + l];
-                                c15[l] += K1[9*i1_t + 3*i5 + i6 + 63]*x_pad[100*b + 10*i3 + 10*i5 +
-                                        i6 + l + 4];
-                            }
-                        }
-                    }
-                    for (size_t l = 0; l < 4; ++l) {
-                        {
-                            const float acc = c0[l];
-                            h1[1024*b + 64*i1_t + 8*i3 + l] = acc + c1_[i1_t];
-                        }
-                        {
-                            const float acc = c1[l];
-                            h1[1024*b + 64*i1_t + 8*i3 + l + 4] = acc + c1_[i1_t];
-                        }
-                        {
-                            const float acc = c2[l];
-                            h1[1024*b + 64*i1_t + 8*i3 + l + 64] = acc + c1_[i1_t + 1];
-                        }
-                        {
-                            const float acc = c3[l];
-                            h1[1024*b + 64*i1_t + 8*i3 + l + 68] = acc + c1_[i1_t + 1];
-                        }
-                        {
-                            const float acc = c4[l];
-                            h1[1024*b + 64*i1_t + 8*i3 + l + 128] = acc + c1_[i1_t + 2];
-                        }
-                        {
-                            const float acc = c5[l];
-                            h1[1024*b + 64*i1_t + 8*i3 + l + 132] = acc + c1_[i1_t + 2];
-                        }
-                        {
-                            const float acc = c6[l];
-                            h1[1024*b + 64*i1_t + 8*i3 + l + 192] = acc + c1_[i1_t + 3];
-                        }
-                        {
-                            const float acc = c7[l];
-                            h1[1024*b + 64*i1_t + 8*i3 + l + 196] = acc + c1_[i1_t + 3];
-                        }
-                        {
-                            const float acc = c8[l];
-                            h1[1024*b + 64*i1_t + 8*i3 + l + 256] = acc + c1_[i1_t + 4];
-                        }
-                        {
-                            const float acc = c9[l];
-                            h1[1024*b + 64*i1_t + 8*i3 + l + 260] = acc + c1_[i1_t + 4];
-                        }
-                        {
-                            const float acc = c10[l];
-                            h1[1024*b + 64*i1_t + 8*i3 + l + 320] = acc + c1_[i1_t + 5];
-                        }
-                        {
-                            const float acc = c11[l];
-                            h1[1024*b + 64*i1_t + 8*i3 + l + 324] = acc + c1_[i1_t + 5];
-                        }
-                        {
-                            const float acc = c12[l];
-                            h1[1024*b + 64*i1_t + 8*i3 + l + 384] = acc + c1_[i1_t + 6];
-                        }
-                        {
-                            const float acc = c13[l];
-                            h1[1024*b + 64*i1_t + 8*i3 + l + 388] = acc + c1_[i1_t + 6];
-                        }
-                        {
-                            const float acc = c14[l];
-                            h1[1024*b + 64*i1_t + 8*i3 + l + 448] = acc + c1_[i1_t + 7];
-                        }
-                        {
-                            const float acc = c15[l];
-                            h1[1024*b + 64*i1_t + 8*i3 + l + 452] = acc + c1_[i1_t + 7];
+                    tile8x8_nx3(K1 + 9*i1_t, 9, x_pad + 100*b + 10*i3, 3, 3, 10, 1, 1,
+                            h1 + 1024*b + 64*i1_t + 8*i3, 64);
+                    for (size_t i1_j = 0; i1_j < 8; ++i1_j) {
+                        for (size_t l = 0; l < 8; ++l) {
+                            const float acc = h1[1024*b + 64*i1_j + 64*i1_t + 8*i3 + l];
+                            h1[1024*b + 64*i1_j + 64*i1_t + 8*i3 + l] = acc + c1[i1_j + i1_t];
                         }
                     }
                 }
@@ -851,122 +798,18 @@ static void p1_argmax_forward(size_t n, float *restrict p1_argmax, const float *
  * i6]) + c2[i1]
  */
 static void h2_forward(size_t n, float *restrict h2, const float *restrict K2,
-        const float *restrict c2_, const float *restrict p1_pad)
+        const float *restrict c2, const float *restrict p1_pad)
 {
     for (size_t b = 0; b < n; ++b) {
         for (size_t i3 = 0; i3 < 4; ++i3) {
             {
                 for (size_t i1_t = 0; i1_t < 32; i1_t += 16) {
-                    float c0[4], c1[4], c2[4], c3[4], c4[4], c5[4], c6[4], c7[4], c8[4], c9[4],
-                            c10[4], c11[4], c12[4], c13[4], c14[4], c15[4];
-                    for (size_t l = 0; l < 4; ++l) { c0[l] = 0; c1[l] = 0; c2[l] = 0; c3[l] = 0;
-                            c4[l] = 0; c5[l] = 0; c6[l] = 0; c7[l] = 0; c8[l] = 0; c9[l] = 0;
-                            c10[l] = 0; c11[l] = 0; c12[l] = 0; c13[l] = 0; c14[l] = 0; c15[l] = 0;
-                            }
-                    for (size_t i2 = 0; i2 < 16; ++i2) {
-                        for (size_t i5 = 0; i5 < 3; ++i5) {
-                            for (size_t i6 = 0; i6 < 3; ++i6) {
-                                for (size_t l = 0; l < 4; ++l) {
-                                    c0[l] += K2[144*i1_t + 9*i2 + 3*i5 + i6]*p1_pad[576*b + 36*i2 +
-                                            6*i3 + 6*i5 + i6 + l];
-                                    c1[l] += K2[144*i1_t + 9*i2 + 3*i5 + i6 + 144]*p1_pad[576*b +
-                                            36*i2 + 6*i3 + 6*i5 + i6 + l];
-                                    c2[l] += K2[144*i1_t + 9*i2 + 3*i5 + i6 + 288]*p1_pad[576*b +
-                                            36*i2 + 6*i3 + 6*i5 + i6 + l];
-                                    c3[l] += K2[144*i1_t + 9*i2 + 3*i5 + i6 + 432]*p1_pad[576*b +
-                                            36*i2 + 6*i3 + 6*i5 + i6 + l];
-                                    c4[l] += K2[144*i1_t + 9*i2 + 3*i5 + i6 + 576]*p1_pad[576*b +
-                                            36*i2 + 6*i3 + 6*i5 + i6 + l];
-                                    c5[l] += K2[144*i1_t + 9*i2 + 3*i5 + i6 + 720]*p1_pad[576*b +
-                                            36*i2 + 6*i3 + 6*i5 + i6 + l];
-                                    c6[l] += K2[144*i1_t + 9*i2 + 3*i5 + i6 + 864]*p1_pad[576*b +
-                                            36*i2 + 6*i3 + 6*i5 + i6 + l];
-                                    c7[l] += K2[144*i1_t + 9*i2 + 3*i5 + i6 + 1008]*p1_pad[576*b +
-                                            36*i2 + 6*i3 + 6*i5 + i6 + l];
-                                    c8[l] += K2[144*i1_t + 9*i2 + 3*i5 + i6 + 1152]*p1_pad[576*b +
-                                            36*i2 + 6*i3 + 6*i5 + i6 + l];
-                                    c9[l] += K2[144*i1_t + 9*i2 + 3*i5 + i6 + 1296]*p1_pad[576*b +
-                                            36*i2 + 6*i3 + 6*i5 + i6 + l];
-                                    c10[l] += K2[144*i1_t + 9*i2 + 3*i5 + i6 + 1440]*p1_pad[576*b +
-                                            36*i2 + 6*i3 + 6*i5 + i6 + l];
-                                    c11[l] += K2[144*i1_t + 9*i2 + 3*i5 + i6 + 1584]*p1_pad[576*b +
-                                            36*i2 + 6*i3 + 6*i5 + i6 + l];
-                                    c12[l] += K2[144*i1_t + 9*i2 + 3*i5 + i6 + 1728]*p1_pad[576*b +
-                                            36*i2 + 6*i3 + 6*i5 + i6 + l];
-                                    c13[l] += K2[144*i1_t + 9*i2 + 3*i5 + i6 + 1872]*p1_pad[576*b +
-                                            36*i2 + 6*i3 + 6*i5 + i6 + l];
-                                    c14[l] += K2[144*i1_t + 9*i2 + 3*i5 + i6 + 2016]*p1_pad[576*b +
-                                            36*i2 + 6*i3 + 6*i5 + i6 + l];
-                                    c15[l] += K2[144*i1_t + 9*i2 + 3*i5 + i6 + 2160]*p1_pad[576*b +
-                                            36*i2 + 6*i3 + 6*i5 + i6 + l];
-                                }
-                            }
-                        }
-                    }
-                    for (size_t l = 0; l < 4; ++l) {
-                        {
-                            const float acc = c0[l];
-                            h2[512*b + 16*i1_t + 4*i3 + l] = acc + c2_[i1_t];
-                        }
-                        {
-                            const float acc = c1[l];
-                            h2[512*b + 16*i1_t + 4*i3 + l + 16] = acc + c2_[i1_t + 1];
-                        }
-                        {
-                            const float acc = c2[l];
-                            h2[512*b + 16*i1_t + 4*i3 + l + 32] = acc + c2_[i1_t + 2];
-                        }
-                        {
-                            const float acc = c3[l];
-                            h2[512*b + 16*i1_t + 4*i3 + l + 48] = acc + c2_[i1_t + 3];
-                        }
-                        {
-                            const float acc = c4[l];
-                            h2[512*b + 16*i1_t + 4*i3 + l + 64] = acc + c2_[i1_t + 4];
-                        }
-                        {
-                            const float acc = c5[l];
-                            h2[512*b + 16*i1_t + 4*i3 + l + 80] = acc + c2_[i1_t + 5];
-                        }
-                        {
-                            const float acc = c6[l];
-                            h2[512*b + 16*i1_t + 4*i3 + l + 96] = acc + c2_[i1_t + 6];
-                        }
-                        {
-                            const float acc = c7[l];
-                            h2[512*b + 16*i1_t + 4*i3 + l + 112] = acc + c2_[i1_t + 7];
-                        }
-                        {
-                            const float acc = c8[l];
-                            h2[512*b + 16*i1_t + 4*i3 + l + 128] = acc + c2_[i1_t + 8];
-                        }
-                        {
-                            const float acc = c9[l];
-                            h2[512*b + 16*i1_t + 4*i3 + l + 144] = acc + c2_[i1_t + 9];
-                        }
-                        {
-                            const float acc = c10[l];
-                            h2[512*b + 16*i1_t + 4*i3 + l + 160] = acc + c2_[i1_t + 10];
-                        }
-                        {
-                            const float acc = c11[l];
-                            h2[512*b + 16*i1_t + 4*i3 + l + 176] = acc + c2_[i1_t + 11];
-                        }
-                        {
-                            const float acc = c12[l];
-                            h2[512*b + 16*i1_t + 4*i3 + l + 192] = acc + c2_[i1_t + 12];
-                        }
-                        {
-                            const float acc = c13[l];
-                            h2[512*b + 16*i1_t + 4*i3 + l + 208] = acc + c2_[i1_t + 13];
-                        }
-                        {
-                            const float acc = c14[l];
-                            h2[512*b + 16*i1_t + 4*i3 + l + 224] = acc + c2_[i1_t + 14];
-                        }
-                        {
-                            const float acc = c15[l];
-                            h2[512*b + 16*i1_t + 4*i3 + l + 240] = acc + c2_[i1_t + 15];
+                    tile16x4_nx3x3(K2 + 144*i1_t, 144, p1_pad + 576*b + 6*i3, 16, 9, 36, 3, 6, 1, 1,
+                            h2 + 512*b + 16*i1_t + 4*i3, 16);
+                    for (size_t i1_j = 0; i1_j < 16; ++i1_j) {
+                        for (size_t l = 0; l < 4; ++l) {
+                            const float acc = h2[512*b + 16*i1_j + 16*i1_t + 4*i3 + l];
+                            h2[512*b + 16*i1_j + 16*i1_t + 4*i3 + l] = acc + c2[i1_j + i1_t];
                         }
                     }
                 }
@@ -1164,62 +1007,9 @@ static void K2_grad(size_t n, float *restrict dK2, const float *restrict dh2,
         for (size_t i6 = 0; i6 < 3; ++i6) {
             for (size_t i1_t = 0; i1_t < 32; i1_t += 8) {
                 for (size_t i2_t = 0; i2_t < 16; i2_t += 2) {
-                    float c0[4], c1[4], c2[4], c3[4], c4[4], c5[4], c6[4], c7[4], c8[4], c9[4],
-                            c10[4], c11[4], c12[4], c13[4], c14[4], c15[4];
-                    for (size_t l = 0; l < 4; ++l) { c0[l] = 0; c1[l] = 0; c2[l] = 0; c3[l] = 0;
-                            c4[l] = 0; c5[l] = 0; c6[l] = 0; c7[l] = 0; c8[l] = 0; c9[l] = 0;
-                            c10[l] = 0; c11[l] = 0; c12[l] = 0; c13[l] = 0; c14[l] = 0; c15[l] = 0;
-                            }
-                    for (size_t b = 0; b < n; ++b) {
-                        for (size_t i3 = 0; i3 < 4; ++i3) {
-                            for (size_t l = 0; l < 4; ++l) {
-                                c0[l] += dh2[512*b + 16*i1_t + 4*i3 + l]*p1_pad[576*b + 36*i2_t +
-                                        6*i3 + 6*i5 + i6 + l];
-                                c1[l] += dh2[512*b + 16*i1_t + 4*i3 + l]*p1_pad[576*b + 36*i2_t +
-                                        6*i3 + 6*i5 + i6 + l + 36];
-                                c2[l] += dh2[512*b + 16*i1_t + 4*i3 + l + 16]*p1_pad[576*b + 36*i2_t
-                                        + 6*i3 + 6*i5 + i6 + l];
-                                c3[l] += dh2[512*b + 16*i1_t + 4*i3 + l + 16]*p1_pad[576*b + 36*i2_t
-                                        + 6*i3 + 6*i5 + i6 + l + 36];
-                                c4[l] += dh2[512*b + 16*i1_t + 4*i3 + l + 32]*p1_pad[576*b + 36*i2_t
-                                        + 6*i3 + 6*i5 + i6 + l];
-                                c5[l] += dh2[512*b + 16*i1_t + 4*i3 + l + 32]*p1_pad[576*b + 36*i2_t
-                                        + 6*i3 + 6*i5 + i6 + l + 36];
-                                c6[l] += dh2[512*b + 16*i1_t + 4*i3 + l + 48]*p1_pad[576*b + 36*i2_t
-                                        + 6*i3 + 6*i5 + i6 + l];
-                                c7[l] += dh2[512*b + 16*i1_t + 4*i3 + l + 48]*p1_pad[576*b + 36*i2_t
-                                        + 6*i3 + 6*i5 + i6 + l + 36];
-                                c8[l] += dh2[512*b + 16*i1_t + 4*i3 + l + 64]*p1_pad[576*b + 36*i2_t
-                                        + 6*i3 + 6*i5 + i6 + l];
-                                c9[l] += dh2[512*b + 16*i1_t + 4*i3 + l + 64]*p1_pad[576*b + 36*i2_t
-                                        + 6*i3 + 6*i5 + i6 + l + 36];
-                                c10[l] += dh2[512*b + 16*i1_t + 4*i3 + l + 80]*p1_pad[576*b +
-                                        36*i2_t + 6*i3 + 6*i5 + i6 + l];
-                                c11[l] += dh2[512*b + 16*i1_t + 4*i3 + l + 80]*p1_pad[576*b +
-                                        36*i2_t + 6*i3 + 6*i5 + i6 + l + 36];
-                                c12[l] += dh2[512*b + 16*i1_t + 4*i3 + l + 96]*p1_pad[576*b +
-                                        36*i2_t + 6*i3 + 6*i5 + i6 + l];
-                                c13[l] += dh2[512*b + 16*i1_t + 4*i3 + l + 96]*p1_pad[576*b +
-                                        36*i2_t + 6*i3 + 6*i5 + i6 + l + 36];
-                                c14[l] += dh2[512*b + 16*i1_t + 4*i3 + l + 112]*p1_pad[576*b +
-                                        36*i2_t + 6*i3 + 6*i5 + i6 + l];
-                                c15[l] += dh2[512*b + 16*i1_t + 4*i3 + l + 112]*p1_pad[576*b +
-                                        36*i2_t + 6*i3 + 6*i5 + i6 + l + 36];
-                            }
-                        }
-                    }
-                    for (size_t l = 0; l < 2; ++l) { c0[l] += c0[l + 2]; c1[l] += c1[l + 2];
-                            c2[l] += c2[l + 2]; c3[l] += c3[l + 2]; c4[l] += c4[l + 2];
-                            c5[l] += c5[l + 2]; c6[l] += c6[l + 2]; c7[l] += c7[l + 2];
-                            c8[l] += c8[l + 2]; c9[l] += c9[l + 2]; c10[l] += c10[l + 2];
-                            c11[l] += c11[l + 2]; c12[l] += c12[l + 2]; c13[l] += c13[l + 2];
-                            c14[l] += c14[l + 2]; c15[l] += c15[l + 2]; }
-                    c0[0] += c0[1]; c1[0] += c1[1]; c2[0] += c2[1]; c3[0] += c3[1]; c4[0] += c4[1];
-                            c5[0] += c5[1]; c6[0] += c6[1]; c7[0] += c7[1]; c8[0] += c8[1];
-                            c9[0] += c9[1]; c10[0] += c10[1]; c11[0] += c11[1]; c12[0] += c12[1];
-                            c13[0] += c13[1]; c14[0] += c14[1]; c15[0] += c15[1];
-                    const float s[16] = {c0[0], c1[0], c2[0], c3[0], c4[0], c5[0], c6[0], c7[0],
-                            c8[0], c9[0], c10[0], c11[0], c12[0], c13[0], c14[0], c15[0]};
+                    float s[16];
+                    dot8x2_4_4_nx4(dh2 + 16*i1_t, 16, p1_pad + 36*i2_t + 6*i5 + i6, 36, n, 512, 576,
+                            4, 6, s);
                     for (size_t i1_j = 0; i1_j < 8; ++i1_j) {
                         for (size_t i2_j = 0; i2_j < 2; ++i2_j) {
                             dK2[144*i1_j + 144*i1_t + 9*i2_j + 9*i2_t + 3*i5 + i6] = s[2*i1_j +
@@ -1378,94 +1168,8 @@ static void K1_grad_2(size_t n, float *restrict dK1, const float *restrict dh1,
     for (size_t i6 = 0; i6 < 3; ++i6) {
         for (size_t i1_t = 0; i1_t < 16; i1_t += 8) {
             {
-                float c0[4], c1[4], c2[4], c3[4], c4[4], c5[4], c6[4], c7[4], c8[4], c9[4], c10[4],
-                        c11[4], c12[4], c13[4], c14[4], c15[4];
-                for (size_t l = 0; l < 4; ++l) { c0[l] = 0; c1[l] = 0; c2[l] = 0; c3[l] = 0;
-                        c4[l] = 0; c5[l] = 0; c6[l] = 0; c7[l] = 0; c8[l] = 0; c9[l] = 0;
-                        c10[l] = 0; c11[l] = 0; c12[l] = 0; c13[l] = 0; c14[l] = 0; c15[l] = 0; }
-                for (size_t b = 0; b < n; ++b) {
-                    for (size_t i3 = 0; i3 < 8; ++i3) {
-                        for (size_t l = 0; l < 4; ++l) {
-                            c0[l] += dh1[1024*b + 64*i1_t + 8*i3 + l]*x_pad[100*b + 10*i3 + i6 + l];
-                            c1[l] += dh1[1024*b + 64*i1_t + 8*i3 + l]*x_pad[100*b + 10*i3 + i6 + l +
-                                    10];
-                            c2[l] += dh1[1024*b + 64*i1_t + 8*i3 + l + 64]*x_pad[100*b + 10*i3 + i6
-                                    + l];
-                            c3[l] += dh1[1024*b + 64*i1_t + 8*i3 + l + 64]*x_pad[100*b + 10*i3 + i6
-                                    + l + 10];
-                            c4[l] += dh1[1024*b + 64*i1_t + 8*i3 + l + 128]*x_pad[100*b + 10*i3 + i6
-                                    + l];
-                            c5[l] += dh1[1024*b + 64*i1_t + 8*i3 + l + 128]*x_pad[100*b + 10*i3 + i6
-                                    + l + 10];
-                            c6[l] += dh1[1024*b + 64*i1_t + 8*i3 + l + 192]*x_pad[100*b + 10*i3 + i6
-                                    + l];
-                            c7[l] += dh1[1024*b + 64*i1_t + 8*i3 + l + 192]*x_pad[100*b + 10*i3 + i6
-                                    + l + 10];
-                            c8[l] += dh1[1024*b + 64*i1_t + 8*i3 + l + 256]*x_pad[100*b + 10*i3 + i6
-                                    + l];
-                            c9[l] += dh1[1024*b + 64*i1_t + 8*i3 + l + 256]*x_pad[100*b + 10*i3 + i6
-                                    + l + 10];
-                            c10[l] += dh1[1024*b + 64*i1_t + 8*i3 + l + 320]*x_pad[100*b + 10*i3 +
-                                    i6 + l];
-                            c11[l] += dh1[1024*b + 64*i1_t + 8*i3 + l + 320]*x_pad[100*b + 10*i3 +
-                                    i6 + l + 10];
-                            c12[l] += dh1[1024*b + 64*i1_t + 8*i3 + l + 384]*x_pad[100*b + 10*i3 +
-                                    i6 + l];
-                            c13[l] += dh1[1024*b + 64*i1_t + 8*i3 + l + 384]*x_pad[100*b + 10*i3 +
-                                    i6 + l + 10];
-                            c14[l] += dh1[1024*b + 64*i1_t + 8*i3 + l + 448]*x_pad[100*b + 10*i3 +
-                                    i6 + l];
-                            c15[l] += dh1[1024*b + 64*i1_t + 8*i3 + l + 448]*x_pad[100*b + 10*i3 +
-                                    i6 + l + 10];
-                        }
-                        for (size_t l = 0; l < 4; ++l) {
-                            c0[l] += dh1[1024*b + 64*i1_t + 8*i3 + l + 4]*x_pad[100*b + 10*i3 + i6 +
-                                    l + 4];
-                            c1[l] += dh1[1024*b + 64*i1_t + 8*i3 + l + 4]*x_pad[100*b + 10*i3 + i6 +
-                                    l + 14];
-                            c2[l] += dh1[1024*b + 64*i1_t + 8*i3 + l + 68]*x_pad[100*b + 10*i3 + i6
-                                    + l + 4];
-                            c3[l] += dh1[1024*b + 64*i1_t + 8*i3 + l + 68]*x_pad[100*b + 10*i3 + i6
-                                    + l + 14];
-                            c4[l] += dh1[1024*b + 64*i1_t + 8*i3 + l + 132]*x_pad[100*b + 10*i3 + i6
-                                    + l + 4];
-                            c5[l] += dh1[1024*b + 64*i1_t + 8*i3 + l + 132]*x_pad[100*b + 10*i3 + i6
-                                    + l + 14];
-                            c6[l] += dh1[1024*b + 64*i1_t + 8*i3 + l + 196]*x_pad[100*b + 10*i3 + i6
-                                    + l + 4];
-                            c7[l] += dh1[1024*b + 64*i1_t + 8*i3 + l + 196]*x_pad[100*b + 10*i3 + i6
-                                    + l + 14];
-                            c8[l] += dh1[1024*b + 64*i1_t + 8*i3 + l + 260]*x_pad[100*b + 10*i3 + i6
-                                    + l + 4];
-                            c9[l] += dh1[1024*b + 64*i1_t + 8*i3 + l + 260]*x_pad[100*b + 10*i3 + i6
-                                    + l + 14];
-                            c10[l] += dh1[1024*b + 64*i1_t + 8*i3 + l + 324]*x_pad[100*b + 10*i3 +
-                                    i6 + l + 4];
-                            c11[l] += dh1[1024*b + 64*i1_t + 8*i3 + l + 324]*x_pad[100*b + 10*i3 +
-                                    i6 + l + 14];
-                            c12[l] += dh1[1024*b + 64*i1_t + 8*i3 + l + 388]*x_pad[100*b + 10*i3 +
-                                    i6 + l + 4];
-                            c13[l] += dh1[1024*b + 64*i1_t + 8*i3 + l + 388]*x_pad[100*b + 10*i3 +
-                                    i6 + l + 14];
-                            c14[l] += dh1[1024*b + 64*i1_t + 8*i3 + l + 452]*x_pad[100*b + 10*i3 +
-                                    i6 + l + 4];
-                            c15[l] += dh1[1024*b + 64*i1_t + 8*i3 + l + 452]*x_pad[100*b + 10*i3 +
-                                    i6 + l + 14];
-                        }
-                    }
-                }
-                for (size_t l = 0; l < 2; ++l) { c0[l] += c0[l + 2]; c1[l] += c1[l + 2];
-                        c2[l] += c2[l + 2]; c3[l] += c3[l + 2]; c4[l] += c4[l + 2];
-                        c5[l] += c5[l + 2]; c6[l] += c6[l + 2]; c7[l] += c7[l + 2];
-                        c8[l] += c8[l + 2]; c9[l] += c9[l + 2]; c10[l] += c10[l + 2];
-                        c11[l] += c11[l + 2]; c12[l] += c12[l + 2]; c13[l] += c13[l + 2];
-                        c14[l] += c14[l + 2]; c15[l] += c15[l + 2]; }
-                c0[0] += c0[1]; c1[0] += c1[1]; c2[0] += c2[1]; c3[0] += c3[1]; c4[0] += c4[1];
-                        c5[0] += c5[1]; c6[0] += c6[1]; c7[0] += c7[1]; c8[0] += c8[1];
-                        c9[0] += c9[1]; c10[0] += c10[1]; c11[0] += c11[1]; c12[0] += c12[1];
-                        c13[0] += c13[1]; c14[0] += c14[1]; c15[0] += c15[1];
-                const float s[16] = {c0[0], c1[0], c2[0], c3[0], c4[0], c5[0], c6[0], c7[0], c8[0],
-                        c9[0], c10[0], c11[0], c12[0], c13[0], c14[0], c15[0]};
+                float s[16];
+                dot8x2_4_8_nx8(dh1 + 64*i1_t, 64, x_pad + i6, 10, n, 1024, 100, 8, 10, s);
                 for (size_t i1_j = 0; i1_j < 8; ++i1_j) {
                     for (size_t i5_j = 0; i5_j < 2; ++i5_j) {
                         dK1[9*i1_j + 9*i1_t + 3*i5_j + i6] += s[2*i1_j + i5_j];
@@ -1473,55 +1177,8 @@ static void K1_grad_2(size_t n, float *restrict dK1, const float *restrict dh1,
                 }
             }
             {
-                float c0[4], c1[4], c2[4], c3[4], c4[4], c5[4], c6[4], c7[4];
-                for (size_t l = 0; l < 4; ++l) { c0[l] = 0; c1[l] = 0; c2[l] = 0; c3[l] = 0;
-                        c4[l] = 0; c5[l] = 0; c6[l] = 0; c7[l] = 0; }
-                for (size_t b = 0; b < n; ++b) {
-                    for (size_t i3 = 0; i3 < 8; ++i3) {
-                        for (size_t l = 0; l < 4; ++l) {
-                            c0[l] += dh1[1024*b + 64*i1_t + 8*i3 + l]*x_pad[100*b + 10*i3 + i6 + l +
-                                    20];
-                            c1[l] += dh1[1024*b + 64*i1_t + 8*i3 + l + 64]*x_pad[100*b + 10*i3 + i6
-                                    + l + 20];
-                            c2[l] += dh1[1024*b + 64*i1_t + 8*i3 + l + 128]*x_pad[100*b + 10*i3 + i6
-                                    + l + 20];
-                            c3[l] += dh1[1024*b + 64*i1_t + 8*i3 + l + 192]*x_pad[100*b + 10*i3 + i6
-                                    + l + 20];
-                            c4[l] += dh1[1024*b + 64*i1_t + 8*i3 + l + 256]*x_pad[100*b + 10*i3 + i6
-                                    + l + 20];
-                            c5[l] += dh1[1024*b + 64*i1_t + 8*i3 + l + 320]*x_pad[100*b + 10*i3 + i6
-                                    + l + 20];
-                            c6[l] += dh1[1024*b + 64*i1_t + 8*i3 + l + 384]*x_pad[100*b + 10*i3 + i6
-                                    + l + 20];
-                            c7[l] += dh1[1024*b + 64*i1_t + 8*i3 + l + 448]*x_pad[100*b + 10*i3 + i6
-                                    + l + 20];
-                        }
-                        for (size_t l = 0; l < 4; ++l) {
-                            c0[l] += dh1[1024*b + 64*i1_t + 8*i3 + l + 4]*x_pad[100*b + 10*i3 + i6 +
-                                    l + 24];
-                            c1[l] += dh1[1024*b + 64*i1_t + 8*i3 + l + 68]*x_pad[100*b + 10*i3 + i6
-                                    + l + 24];
-                            c2[l] += dh1[1024*b + 64*i1_t + 8*i3 + l + 132]*x_pad[100*b + 10*i3 + i6
-                                    + l + 24];
-                            c3[l] += dh1[1024*b + 64*i1_t + 8*i3 + l + 196]*x_pad[100*b + 10*i3 + i6
-                                    + l + 24];
-                            c4[l] += dh1[1024*b + 64*i1_t + 8*i3 + l + 260]*x_pad[100*b + 10*i3 + i6
-                                    + l + 24];
-                            c5[l] += dh1[1024*b + 64*i1_t + 8*i3 + l + 324]*x_pad[100*b + 10*i3 + i6
-                                    + l + 24];
-                            c6[l] += dh1[1024*b + 64*i1_t + 8*i3 + l + 388]*x_pad[100*b + 10*i3 + i6
-                                    + l + 24];
-                            c7[l] += dh1[1024*b + 64*i1_t + 8*i3 + l + 452]*x_pad[100*b + 10*i3 + i6
-                                    + l + 24];
-                        }
-                    }
-                }
-                for (size_t l = 0; l < 2; ++l) { c0[l] += c0[l + 2]; c1[l] += c1[l + 2];
-                        c2[l] += c2[l + 2]; c3[l] += c3[l + 2]; c4[l] += c4[l + 2];
-                        c5[l] += c5[l + 2]; c6[l] += c6[l + 2]; c7[l] += c7[l + 2]; }
-                c0[0] += c0[1]; c1[0] += c1[1]; c2[0] += c2[1]; c3[0] += c3[1]; c4[0] += c4[1];
-                        c5[0] += c5[1]; c6[0] += c6[1]; c7[0] += c7[1];
-                const float s[8] = {c0[0], c1[0], c2[0], c3[0], c4[0], c5[0], c6[0], c7[0]};
+                float s[8];
+                dot8x1_4_8_nx8(dh1 + 64*i1_t, 64, x_pad + i6 + 20, 10, n, 1024, 100, 8, 10, s);
                 for (size_t i1_j = 0; i1_j < 8; ++i1_j) {
                     dK1[9*i1_j + 9*i1_t + i6 + 6] += s[i1_j];
                 }
