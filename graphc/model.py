@@ -202,7 +202,7 @@ class CompiledModel:
         # kind -> (C function, ((input, per-example shape, dtype), ...), ((output, shape), ...));
         # the dtype an array must have to go to C as it is: None for int32 inputs, whose
         # values are always checked (batch_arrays)
-        self.threads = self._check_threads(threads)
+        self._threads = self._check_threads(threads)
         self._calls = {kind: (self._c_function(e.c_name),
                               tuple((i, cmodule.input_shapes[i],
                                      None if i in cmodule.input_dtypes else self.dtype)
@@ -222,10 +222,16 @@ class CompiledModel:
     def _c_function(self, c_name: str):
         """The entry point, run on the model's thread count if it has one."""
         fn = getattr(self._lib, c_name)
-        if self.threads is None or not hasattr(self._lib, "omp_set_num_threads"):
+        if self._threads is None or not hasattr(self._lib, "omp_set_num_threads"):
             return fn
         from codegen.openmp import OnThreads
-        return OnThreads(self._lib, fn, self.threads)
+        return OnThreads(self._lib, fn, self._threads)
+
+    @property
+    def threads(self) -> int | None:
+        """The OpenMP threads each call runs on (None: OpenMP's default), fixed at
+        `graphc.compile(..., threads=)`: the bound calls made so far hold it."""
+        return self._threads
 
     @property
     def optimizer(self) -> dict | None:

@@ -57,7 +57,10 @@ def test_threads_on_a_one_thread_target_is_refused():
     with pytest.raises(InputError, match=r"threads=2: model 'wide' was built without OpenMP "
                                          r"\(target 'c99'\), so it runs on one thread"):
         graphc.compile(WIDE, target="c99", threads=2)
-    assert graphc.compile(WIDE, target="c99", threads=1).threads == 1
+    one = graphc.compile(WIDE, target="c99", threads=1)
+    assert one.threads == 1
+    with pytest.raises(AttributeError):   # fixed at compile: bound calls already hold it
+        one.threads = 2
 
 
 _LOAD = textwrap.dedent("""
