@@ -1,0 +1,113 @@
+"""How graphc's host modules run quiet and beside one busy process, per OpenMP wait setting.
+
+    python -m benchmarks.threads [--workloads W3,W4,R8,CNN] [--variants active,passive,...]
+                                 [--seconds 3]
+
+Each (workload, variant) cell is a fresh process, so that libgomp starts with that
+variant's environment: `passive` is graphc's own default (codegen/openmp.py), `active` and
+`spin10k` set `OMP_WAIT_POLICY=active` and `GOMP_SPINCOUNT=10000`, `1thread` compiles
+with `threads=1`. The process times a bound call for `--seconds` quiet, then as long again
+beside one busy-looping process it starts and kills (`machine.competitor`), and prints the
+fastest and the median call of each. Workloads: W3 and W4 (benchmarks/workloads.py, batch
+128), R8 (ResNet-8 forward, batch 64), CNN (the digits CNN's Adam step, batch 64).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+VARIANTS = {"active": {"OMP_WAIT_POLICY": "active"}, "passive": {},
+            "spin10k": {"GOMP_SPINCOUNT": "10000"}, "1thread": {}}
+
+
+def _call(workload: str, threads: int | None):
+    """A bound call of the workload's model, on fixed random inputs."""
+    import numpy as np
+    import graphc
+    from .workloads import spec
+    rng = np.random.default_rng(0)
+    if workload in ("W3", "W4"):
+        model = graphc.compile(spec((784, 256, 128, 10)), threads=threads)
+        x = rng.standard_normal((128, 784)).astype(np.float32)
+        if workload == "W4":
+            return model.bind("forward", x=x)
+        y = np.eye(10, dtype=np.float32)[rng.integers(0, 10, 128)]
+        return model.bind("train_step", x=x, y=y)
+    if workload == "R8":
+        return graphc.compile(str(ROOT / "examples/tiny/resnet8.yaml"),
+                              threads=threads).bind("forward", batch=64)
+    if workload == "CNN":
+        return graphc.compile(str(ROOT / "examples/digits_cnn.yaml"),
+                              threads=threads).bind("train_step", batch=64)
+    raise SystemExit(f"unknown workload {workload!r} (W3, W4, R8, CNN)")
+
+
+def _timed(call, seconds: float) -> tuple[float, float]:
+    """(fastest, median) call in seconds over `seconds` of calls."""
+    import time
+    for _ in range(3):
+        call()
+    times, end = [], time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        start = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - start)
+    times.sort()
+    return times[0], times[len(times) // 2]
+
+
+def cell(workload: str, threads: int | None, seconds: float) -> dict:
+    """One cell, in this process: quiet, then beside the competitor."""
+    from .machine import competitor
+    call = _call(workload, threads)
+    quiet = _timed(call, seconds)
+    with competitor():
+        busy = _timed(call, seconds)
+    return {"quiet": quiet, "busy": busy, "load": os.getloadavg()[0]}
+
+
+def main(argv=None) -> list[dict]:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.threads", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--workloads", default="W3,W4,R8,CNN")
+    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--seconds", type=float, default=3.0)
+    ap.add_argument("--cell", nargs=3, help=argparse.SUPPRESS)   # workload threads seconds
+    args = ap.parse_args(argv)
+    if args.cell:
+        workload, threads, seconds = args.cell
+        print(json.dumps(cell(workload, None if threads == "all" else int(threads),
+                              float(seconds))))
+        return []
+    rows = []
+    print("| workload | variant | quiet fastest / median (ms) | busy fastest / median (ms) | "
+          "busy / quiet (medians) | load |\n|---|---|---|---|---|---|", flush=True)
+    for workload in args.workloads.split(","):
+        for variant in args.variants.split(","):
+            env = {k: v for k, v in os.environ.items()
+                   if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+            env.update(VARIANTS[variant])
+            threads = "1" if variant == "1thread" else "all"
+            done = subprocess.run([sys.executable, "-m", "benchmarks.threads", "--cell",
+                                   workload, threads, str(args.seconds)], env=env, cwd=ROOT,
+                                  capture_output=True, text=True)
+            if done.returncode:
+                print(f"| {workload} | {variant} | failed: {done.stderr.strip()[-300:]} |")
+                continue
+            r = json.loads(done.stdout.strip().splitlines()[-1])
+            (qf, qm), (bf, bm) = r["quiet"], r["busy"]
+            rows.append({"workload": workload, "variant": variant, **r})
+            print(f"| {workload} | {variant} | {qf * 1e3:.3f} / {qm * 1e3:.3f} | "
+                  f"{bf * 1e3:.3f} / {bm * 1e3:.3f} | {bm / qm:.2f} | {r['load']:.2f} |",
+                  flush=True)
+    return rows
+
+
+if __name__ == "__main__":
+    main()
