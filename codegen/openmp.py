@@ -6,9 +6,9 @@ about the module graphc builds and loads on this machine (codegen/build.py), who
 adds -fopenmp when the compiler takes it (codegen/targets.py).
 
 Waiting. GNU libgomp's idle threads spin by default (up to 300,000 rounds, milliseconds)
-before they sleep, so that the next parallel region starts fast. Beside one busy process on
-2 cores that spinning took the 784-256-128-10 train step from 1.5 ms to 42 ms: the
-spinning threads hold the cores the working thread needs. libgomp reads its wait policy
+before they sleep, so that the next parallel region starts fast. Beside one busy process, on
+2 cores already at load 1, that spinning took the 784-256-128-10 train step from 1.5 ms to
+42 ms: the spinning threads hold the cores the working thread needs. libgomp reads its wait policy
 once, when it is loaded, from `OMP_WAIT_POLICY`; so graphc sets `passive` for that moment
 only, when it is the first to load libgomp and the user set no policy of their own, and
 restores the environment right after. A process that loaded libgomp before graphc did (a
