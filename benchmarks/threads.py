@@ -85,6 +85,10 @@ def main(argv=None) -> list[dict]:
         print(json.dumps(cell(workload, None if threads == "all" else int(threads),
                               float(seconds))))
         return []
+    for name, known in ((args.workloads, ("W3", "W4", "R8", "CNN")), (args.variants, VARIANTS)):
+        unknown = [v for v in name.split(",") if v not in known]
+        if unknown:
+            ap.error(f"unknown {unknown[0]!r} (choose from {', '.join(known)})")
     rows = []
     print("| workload | variant | quiet fastest / median (ms) | busy fastest / median (ms) | "
           "busy / quiet (medians) | load |\n|---|---|---|---|---|---|", flush=True)
