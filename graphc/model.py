@@ -262,6 +262,39 @@ class CompiledModel:
         """Read params saved by `save_params`; every param must be there, with its shape."""
         self.set_params(load_params(path, self.graph))
 
+    # ------------------------------------------------------------ checkpoints
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the model to one file to resume from (graphc/checkpoint.py): the spec, the
+        params, the optimizer state slot by slot (the step count, which also draws the
+        dropout masks, moments and whatever else the optimizer keeps). Written whole or not
+        at all; `graphc.load_model(path)` continues training bit for bit."""
+        from .checkpoint import write_checkpoint
+        write_checkpoint(self._checkpoint(), path)
+
+    def _checkpoint(self) -> bytes:
+        from .checkpoint import checkpoint_bytes, header_text, state_slots
+        header = header_text(self)
+        with self._lock:   # params and state of one moment, between two steps
+            params = self._params.get()
+            state = {slot: self._state[at:at + size].copy()
+                     for slot, (at, size) in state_slots(self.cmodule).items()}
+        initial = {p: np.asarray(v, np.float64) for p, v in self.graph.initial.items()}
+        return checkpoint_bytes(header, params, state, initial)
+
+    def _restore(self, params: Mapping[str, np.ndarray], state: Mapping[str, np.ndarray]) -> None:
+        """Params and state slots as a checkpoint holds them (checked by its reader)."""
+        from .checkpoint import state_slots
+        with self._lock:
+            self._params.set(params)
+            for slot, (at, size) in state_slots(self.cmodule).items():
+                self._state[at:at + size] = state[slot]
+
+    def __reduce__(self):
+        # A cffi library cannot be pickled; the checkpoint's bytes rebuild the model (from
+        # the build cache when warm), with its params and optimizer state.
+        from .checkpoint import _from_pickle
+        return _from_pickle, (self._checkpoint(), self._threads)
+
     # ------------------------------------------------------------ calls
     def _work_for(self, n: int):
         if n > self._work_batch:

@@ -34,14 +34,19 @@ class NpzReader:
     Every failure (missing, not a zip, truncated, CRC or deflate damage, pickled or
     non-numeric arrays) is an InputError "cannot read <what> from <path>: <why>"."""
 
-    def __init__(self, path: str | os.PathLike, what: str):
+    def __init__(self, path: str | os.PathLike | bytes, what: str):
+        """`path` names the file, or is the file's bytes (a pickled model's checkpoint)."""
+        import io
         import stat
         import zipfile
-        self.path, self.what = path, what
+        self.path, self.what = ("<in memory>" if isinstance(path, bytes) else path), what
         try:
-            if not stat.S_ISREG(os.stat(path).st_mode):   # a FIFO would block, a device never end
+            if isinstance(path, bytes):
+                self._zip = zipfile.ZipFile(io.BytesIO(path))
+            elif not stat.S_ISREG(os.stat(path).st_mode):   # a FIFO would block, a device never end
                 raise self._error("not a regular file")
-            self._zip = zipfile.ZipFile(path)
+            else:
+                self._zip = zipfile.ZipFile(path)
         except OSError as e:
             raise self._error(e.strerror or str(e)) from None
         except (zipfile.BadZipFile, ValueError, EOFError) as e:
@@ -94,6 +99,21 @@ class NpzReader:
         except (OSError, EOFError, ValueError, zipfile.BadZipFile, zlib.error,
                 NotImplementedError, RuntimeError) as e:   # RuntimeError: encrypted members
             raise self._error(f"array '{name}': {getattr(e, 'strerror', None) or e}") from None
+
+    def read_bytes(self, name: str, limit: int) -> bytes:
+        """The raw bytes of member `name` (not an array), refused unread beyond `limit`."""
+        import zipfile
+        import zlib
+        info = self.members[name]
+        if info.file_size > limit:
+            raise self._error(f"'{name}' is {info.file_size} bytes uncompressed, more than "
+                              f"{limit}; not read")
+        try:
+            with self._zip.open(info) as f:
+                return f.read()   # bounded by the declared size; reading to the end checks the CRC
+        except (OSError, EOFError, zipfile.BadZipFile, zlib.error, NotImplementedError,
+                RuntimeError) as e:
+            raise self._error(f"'{name}': {getattr(e, 'strerror', None) or e}") from None
 
     def refuse_larger_than(self, limit: int, why: str) -> None:
         """An InputError, before anything is read, for a member declaring over `limit` bytes."""
