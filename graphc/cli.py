@@ -43,7 +43,8 @@ def _parser() -> argparse.ArgumentParser:
     k.add_argument("--seed", type=int, default=0, help="seed for params and inputs (default 0)")
 
     t = sub.add_parser("train", help="train a spec in generated C and report held-out metrics")
-    t.add_argument("spec", help="YAML or JSON spec file")
+    t.add_argument("spec", nargs="?", help="YAML or JSON spec file (or .onnx); with --resume "
+                   "it may be left out, and if given must describe the checkpoint's model")
     t.add_argument("--data", required=True, metavar="digits|FILE.npz",
                    help="'digits' (scikit-learn's 8x8 digits, matched to the inputs by shape) "
                         "or an .npz file with one array per input")
@@ -52,12 +53,20 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--optimizer", choices=tuple(OPTIMIZERS),
                    help="replaces the spec's optimizer section (torch's defaults otherwise)")
     t.add_argument("--lr", type=float, help="learning rate of the optimizer that applies")
-    t.add_argument("--dtype", choices=tuple(DTYPES), default="float32")
+    t.add_argument("--dtype", choices=tuple(DTYPES),
+                   help="default float32 (with --resume: the checkpoint's)")
     t.add_argument("--seed", type=int, default=0,
                    help="seed for init, the split and the shuffling (default 0)")
     t.add_argument("--test-fraction", type=float, default=0.2,
                    help="share of the data held out for the final metrics (default 0.2)")
     t.add_argument("--out", metavar="FILE.npz", help="write the trained params here")
+    t.add_argument("--save", metavar="RUN.graphc",
+                   help="write a checkpoint here: the spec, params and optimizer state (step "
+                        "count, moments), one file to --resume from")
+    t.add_argument("--resume", metavar="RUN.graphc",
+                   help="continue training a checkpoint (from --save) for --epochs more: its "
+                        "params, optimizer and step count carry on; give the same --data, "
+                        "--seed and --test-fraction to hold out the same examples")
     t.add_argument("--loss", choices=LOSSES,
                    help="for an .onnx model: the loss to train it with (fine-tuning from its "
                         "weights)")
@@ -155,34 +164,30 @@ def _check(args) -> int:
 
 
 def _train(args) -> int:
-    from . import compile, evaluate, fit, load
+    from . import compile, evaluate, fit
     from .data import load_dataset, split
     for flag, value in (("--epochs", args.epochs), ("--batch-size", args.batch_size)):
         if value < 1:
             raise GraphcError(f"{flag} must be at least 1, got {value}")
     if args.lr is not None and not args.lr > 0:  # also rejects nan
         raise GraphcError(f"--lr must be a positive number, got {args.lr}")
-    if args.loss is not None:
-        if Path(args.spec).suffix.lower() != ".onnx":
-            raise GraphcError("--loss is for an .onnx model; a spec states its own 'loss'")
-        from .onnx import load as load_onnx
-        graph = load_onnx(args.spec, loss=args.loss)
+    if args.resume is not None:
+        model = _resume(args)
+        graph = model.graph
+    elif args.spec is None:
+        raise GraphcError("give the SPEC to train, or --resume RUN.graphc to continue training")
     else:
-        graph = load(args.spec)
-    if graph.loss is None:
-        hint = " (an .onnx model: give --loss)" if Path(args.spec).suffix.lower() == ".onnx" \
-            else ""
-        raise GraphcError(f"{args.spec}: the spec has no 'loss', so there is nothing to "
-                          f"train{hint}")
-    optimizer = {"name": args.optimizer} if args.optimizer else graph.optimizer
-    if optimizer is None:
-        optimizer = {"name": "adam"}
-        print("no optimizer in the spec or on the command line: using adam "
-              f"(torch's defaults{', lr ' + format(args.lr, 'g') if args.lr else ''})")
-    if args.lr is not None:
-        optimizer = {**optimizer, "lr": args.lr}
+        graph = _graph_to_train(args)
+        optimizer = {"name": args.optimizer} if args.optimizer else graph.optimizer
+        if optimizer is None:
+            optimizer = {"name": "adam"}
+            print("no optimizer in the spec or on the command line: using adam "
+                  f"(torch's defaults{', lr ' + format(args.lr, 'g') if args.lr else ''})")
+        if args.lr is not None:
+            optimizer = {**optimizer, "lr": args.lr}
     train, test = split(load_dataset(args.data, graph), args.test_fraction, args.seed)
-    model = compile(graph, args.dtype, optimizer=optimizer, seed=args.seed)
+    if args.resume is None:
+        model = compile(graph, args.dtype or "float32", optimizer=optimizer, seed=args.seed)
     history = fit(model, train, epochs=args.epochs, batch_size=args.batch_size, seed=args.seed,
                   progress=not args.no_progress)
     metrics = evaluate(model, test)
@@ -195,7 +200,69 @@ def _train(args) -> int:
     if args.out:
         model.save_params(args.out)  # creates the directory; InputError if it cannot
         print(f"wrote {args.out}")
+    if args.save:
+        model.save(args.save)
+        print(f"wrote {args.save} (step {model.optimizer_state().get('step', 0)}; "
+              f"graphc train --resume {args.save} continues it)")
     return 130 if history.interrupted else 0
+
+
+def _graph_to_train(args):
+    """The graph SPEC describes, with its loss (an .onnx model takes --loss)."""
+    from . import load
+    if args.loss is not None:
+        if Path(args.spec).suffix.lower() != ".onnx":
+            raise GraphcError("--loss is for an .onnx model; a spec states its own 'loss'")
+        from .onnx import load as load_onnx
+        graph = load_onnx(args.spec, loss=args.loss)
+    else:
+        graph = load(args.spec)
+    if graph.loss is None:
+        hint = " (an .onnx model: give --loss)" if Path(args.spec).suffix.lower() == ".onnx" \
+            else ""
+        raise GraphcError(f"{args.spec}: the spec has no 'loss', so there is nothing to "
+                          f"train{hint}")
+    return graph
+
+
+def _resume(args):
+    """The checkpoint's model, checked against the other flags (and SPEC, if given)."""
+    from .checkpoint import load_model
+    for flag, value in (("--optimizer", args.optimizer), ("--lr", args.lr)):
+        if value is not None:
+            raise GraphcError(f"{flag} cannot be given with --resume: training continues with "
+                              f"the optimizer and state saved in {args.resume}")
+    if args.loss is not None and args.spec is None:
+        raise GraphcError("--loss is for an .onnx model; a checkpoint's spec has its loss")
+    model = load_model(args.resume)
+    if args.dtype is not None and args.dtype != model.dtype.name:
+        raise GraphcError(f"--dtype {args.dtype}: {args.resume} holds a {model.dtype.name} "
+                          "model; leave --dtype out to continue it")
+    if args.spec is not None:
+        _check_same_model(_graph_to_train(args), model.graph, args.spec, args.resume)
+    print(f"resuming {args.resume}: model '{model.name}' at step "
+          f"{model.optimizer_state().get('step', 0)}")
+    return model
+
+
+def _check_same_model(graph, saved, spec: str, checkpoint: str) -> None:
+    """An error naming the first field where SPEC's model and the checkpoint's differ (the
+    description aside; the optimizer only when SPEC states one)."""
+    from .errors import SpecError
+    mine, theirs = graph.to_spec(), saved.to_spec()
+    fields = ("name", "inputs", "params", "nodes", "outputs", "loss") + \
+        (("optimizer",) if graph.optimizer is not None else ())
+    for field in fields:
+        a, b = mine.get(field), theirs.get(field)
+        if a == b:
+            continue
+        node = None
+        if field in ("inputs", "params", "nodes"):
+            node = next((k for k in [*a, *b] if a.get(k) != b.get(k)), None)
+        elif field == "optimizer":
+            node = "optimizer"
+        raise SpecError(f"differs from the model saved in {checkpoint} (leave SPEC out to "
+                        "continue the checkpoint's model)", node=node, field=field, file=spec)
 
 
 def _import(args) -> int:
