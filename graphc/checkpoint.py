@@ -144,6 +144,8 @@ def _read_header(z: NpzReader, where) -> dict:
         raise _fail(where, HEADER, "not UTF-8 text") from None
     except SpecError as e:
         raise _fail(where, HEADER, e.message) from None
+    except RecursionError:
+        raise _fail(where, HEADER, "nested too deeply") from None
     if not isinstance(header, dict):
         raise _fail(where, HEADER, "must be a JSON object")
     unknown = sorted(set(header) - set(HEADER_FIELDS))

@@ -260,6 +260,7 @@ HOSTILE = [   # (case, damage(members, raw bytes), what the error says)
      "header.json: duplicate key 'format'"),
     ("NaN", lambda m, raw: _header_text(m, b'"lr": 0.01', b'"lr": NaN'),
      "header.json: NaN is not a valid number"),
+    ("deep", lambda m, raw: {**m, "header.json": b"[" * 200_000}, "header.json: nested too deeply"),
     ("not text", lambda m, raw: {**m, "header.json": b"\xff\xfe"}, "header.json: not UTF-8 text"),
     ("bad model name", lambda m, raw: _spec(m, lambda s: s.update(name='x; system("rm")')),
      "header.json: spec: field 'name': model name 'x; system(\"rm\")' is not a valid identifier"),
