@@ -178,13 +178,13 @@ class OneCycleLR(Schedule):
 
     def _at(self, step: int) -> float:
         begin = 0.0
-        for i, (end, high, low) in enumerate(self._phases):
-            if step <= end or i == len(self._phases) - 1:
-                pct = (step - begin) / (end - begin)
+        for i, (last, lr_from, lr_to) in enumerate(self._phases):
+            if step <= last or i == len(self._phases) - 1:
+                pct = (step - begin) / (last - begin)
                 if self.anneal_strategy == "cos":
-                    return low + (high - low) / 2.0 * (math.cos(math.pi * pct) + 1)
-                return (low - high) * pct + high
-            begin = end
+                    return lr_to + (lr_from - lr_to) / 2.0 * (math.cos(math.pi * pct) + 1)
+                return (lr_to - lr_from) * pct + lr_from
+            begin = last
         raise AssertionError("unreachable: the last phase always matches")
 
 
