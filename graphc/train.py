@@ -44,7 +44,8 @@ class History:
         last = ", ".join(f"{k} {v:.4g}" for k, v in self.epochs[-1].items()) if self.epochs else ""
         return (f"<History {self._counts()}, {self.seconds:.2f} s"
                 f"{', interrupted' if self.interrupted else ''}"
-                f"{', stopped early' if self.stop_training else ''}{'; last: ' + last if last else ''}>")
+                f"{', stopped early' if self.stop_training else ''}"
+                f"{'; last: ' + last if last else ''}>")
 
     def _counts(self) -> str:
         e, s = len(self.epochs), self.steps

@@ -99,8 +99,9 @@ def test_model_checkpoint_saves_each_epoch_or_the_best(model, monkeypatch, tmp_p
     h = _fit(model, _data(60, seed=1), epochs=16, batch_size=10, validation=val,
              callbacks=[record, every, best])
     each = [p for p, _ in saved if "best" not in p]
-    assert each == [str(tmp_path / f"e{e + 1:02d}-{v:.4f}.npz") for e, v in enumerate(h["val_loss"])]
-    improved = [e for e, v in enumerate(h["val_loss"]) if v < min(h["val_loss"][:e], default=np.inf)]
+    losses = h["val_loss"]
+    assert each == [str(tmp_path / f"e{e + 1:02d}-{v:.4f}.npz") for e, v in enumerate(losses)]
+    improved = [e for e, v in enumerate(losses) if v < min(losses[:e], default=np.inf)]
     best_saves = [params for p, params in saved if p.endswith("best.npz")]
     assert len(best_saves) == len(improved) == len(best.saved) and 0 < improved[-1] < 15
     assert all(np.array_equal(best_saves[-1][p], v)
