@@ -33,14 +33,14 @@ class Metric:
 
 
 @dataclass(frozen=True)
-class Target:
+class LossPair:
     """Where the metrics look: the loss op, its prediction (an output), its target (an input)."""
     op: str
     prediction: str
     target: str
 
 
-def loss_target(graph) -> Target | None:
+def loss_pair(graph) -> LossPair | None:
     """The loss's prediction and target, when the prediction is an output (so `evaluate`
     returns it) and the target an input."""
     node = graph.values.get(graph.loss) if graph.loss else None
@@ -48,34 +48,34 @@ def loss_target(graph) -> Target | None:
         return None
     prediction, target = node.inputs[:2]
     if prediction in graph.outputs and graph.values[target].kind == "input":
-        return Target(node.op, prediction, target)
+        return LossPair(node.op, prediction, target)
     return None
 
 
-def resolve_metrics(graph, metrics) -> tuple[Target | None, list[Metric]]:
+def resolve_metrics(graph, metrics) -> tuple[LossPair | None, list[Metric]]:
     """The metrics asked for: names (`"accuracy"`, `"top_k_accuracy"` (k=5),
     `"top_3_accuracy"`, `"mae"`, ...) or `("top_k_accuracy", k)` pairs. None: accuracy for a
     classifier, nothing otherwise."""
-    where = loss_target(graph)
+    pair = loss_pair(graph)
     if metrics is None:
-        return where, ([Metric("accuracy", "accuracy")]
-                       if where and where.op in CLASSIFIER_LOSSES else [])
+        return pair, ([Metric("accuracy", "accuracy")]
+                       if pair and pair.op in CLASSIFIER_LOSSES else [])
     if isinstance(metrics, (str, tuple)):
         metrics = [metrics]
     out: list[Metric] = []
     for item in metrics:
         metric = _parse(item)
-        if where is None:
+        if pair is None:
             raise InputError(f"metric '{metric.key}' compares the loss's prediction with its "
                              f"target: that needs a loss op ({', '.join(METRICS_FOR)}) whose "
                              f"prediction is an output and whose target is an input")
-        if metric.kind not in METRICS_FOR[where.op]:
-            raise InputError(f"metric '{metric.key}' does not apply to a '{where.op}' loss "
-                             f"(its metrics: {', '.join(METRICS_FOR[where.op])})")
+        if metric.kind not in METRICS_FOR[pair.op]:
+            raise InputError(f"metric '{metric.key}' does not apply to a '{pair.op}' loss "
+                             f"(its metrics: {', '.join(METRICS_FOR[pair.op])})")
         if metric.key in (m.key for m in out):
             raise InputError(f"metric '{metric.key}' is asked for twice")
         out.append(metric)
-    return where, out
+    return pair, out
 
 
 def _parse(item) -> Metric:
@@ -97,10 +97,11 @@ def _parse(item) -> Metric:
                      "or ('top_k_accuracy', k))")
 
 
-def batch_sums(metrics: list[Metric], where: Target, outputs: dict, batch: dict) -> list[float]:
+def batch_sums(metrics: list[Metric], pair: LossPair, outputs: dict,
+               batch: dict) -> list[float]:
     """Per metric, the sum over this batch's examples of its per-example value."""
-    prediction, target = outputs[where.prediction], batch[where.target]
-    return [float(_per_example(m, where.op, prediction, target).sum()) for m in metrics]
+    prediction, target = outputs[pair.prediction], batch[pair.target]
+    return [float(_per_example(m, pair.op, prediction, target).sum()) for m in metrics]
 
 
 def finish(metrics: list[Metric], sums: list[float], n: int) -> dict[str, float]:

@@ -113,7 +113,7 @@ def fit(model, data, epochs: int = 10, batch_size: int = 32, shuffle: bool = Tru
         n = len(next(iter(arrays.values())))
     elif validation is not None:
         validation, _ = check_arrays(model.graph, validation, model.dtype, "validation")
-    where, chosen = resolve_metrics(model.graph, metrics)
+    pair, chosen = resolve_metrics(model.graph, metrics)
     callbacks = _check_callbacks(callbacks)
     rng = np.random.default_rng(seed)  # once per fit: the same seed gives the same params
     history = History()
@@ -147,10 +147,10 @@ def fit(model, data, epochs: int = 10, batch_size: int = 32, shuffle: bool = Tru
                             raise KeyboardInterrupt
                     record = {"loss": total / n}
                     if chosen:
-                        record.update(_evaluate(model, arrays, where, chosen)[1:])
+                        record.update(_evaluate(model, arrays, pair, chosen)[1:])
                     if validation is not None:
                         record.update((f"val_{k}", v) for k, v in
-                                      _evaluate(model, validation, where, chosen))
+                                      _evaluate(model, validation, pair, chosen))
                     bar.set_postfix({k: f"{v:.4f}" for k, v in record.items()})
                 if interrupted():
                     raise KeyboardInterrupt
@@ -173,11 +173,11 @@ def evaluate(model, data, batch_size: int = 256, metrics=None) -> dict[str, floa
     each metric of `metrics` (default: accuracy for classifiers), in batches."""
     _positive(batch_size, "batch_size")
     arrays, _ = check_arrays(model.graph, data, model.dtype, "data")
-    where, chosen = resolve_metrics(model.graph, metrics)
-    return dict(_evaluate(model, arrays, where, chosen, batch_size))
+    pair, chosen = resolve_metrics(model.graph, metrics)
+    return dict(_evaluate(model, arrays, pair, chosen, batch_size))
 
 
-def _evaluate(model, arrays, where, chosen, batch_size: int = 256) -> list[tuple[str, float]]:
+def _evaluate(model, arrays, pair, chosen, batch_size: int = 256) -> list[tuple[str, float]]:
     """[("loss", ...), (metric, ...), ...] over checked `arrays`."""
     n = len(next(iter(arrays.values())))
     loss_sum, sums = 0.0, [0.0] * len(chosen)
@@ -186,7 +186,7 @@ def _evaluate(model, arrays, where, chosen, batch_size: int = 256) -> list[tuple
         loss, outputs = model.evaluate(**batch)
         loss_sum += loss * min(batch_size, n - lo)
         if chosen:
-            sums = [a + b for a, b in zip(sums, batch_sums(chosen, where, outputs, batch))]
+            sums = [a + b for a, b in zip(sums, batch_sums(chosen, pair, outputs, batch))]
     return [("loss", loss_sum / n), *finish(chosen, sums, n).items()]
 
 

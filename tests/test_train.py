@@ -217,14 +217,14 @@ def test_classifier_metrics_match_numpy(model):
 
 
 def test_top_k_takes_class_indices_and_counts_a_tie_as_a_hit():
-    from graphc.metrics import Metric, Target, batch_sums
+    from graphc.metrics import LossPair, Metric, batch_sums
     logits = np.array([[3.0, 1.0, 2.0, 0.0], [0.0, 1.0, 1.0, 2.0], [1.0, 2.0, 3.0, 4.0]])
     labels = np.array([2, 1, 0], np.int32)   # ranks 2nd, tied 2nd/3rd, 4th
     top = [Metric(f"top_{k}_accuracy", "top_k_accuracy", k) for k in (1, 2, 3)] + \
         [Metric("accuracy", "accuracy")]
-    where = Target("softmax_cross_entropy", "logits", "y")
+    pair = LossPair("softmax_cross_entropy", "logits", "y")
     for target in (labels, np.eye(4)[labels]):   # indices or one-hot rows: the same
-        assert batch_sums(top, where, {"logits": logits}, {"y": target}) == [0, 2, 2, 0]
+        assert batch_sums(top, pair, {"logits": logits}, {"y": target}) == [0, 2, 2, 0]
 
 
 REGRESSION = {"name": "reg", "inputs": {"x": [4], "y": [2]},
