@@ -25,7 +25,13 @@ _EXPORTS = {
 __all__ = sorted(["GraphcError", "InputError", "SpecError", *_EXPORTS])
 
 
+# modules of classes reached as `graphc.callbacks.EarlyStopping`, `graphc.schedules.StepLR`
+_SUBMODULES = ("callbacks", "schedules")
+
+
 def __getattr__(name: str):
+    if name in _SUBMODULES:
+        return importlib.import_module(f".{name}", __name__)
     module = _EXPORTS.get(name)
     if module is None:
         raise AttributeError(f"module 'graphc' has no attribute {name!r}")
@@ -35,7 +41,7 @@ def __getattr__(name: str):
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_EXPORTS))
+    return sorted(set(globals()) | set(_EXPORTS) | set(_SUBMODULES))
 
 
 class _Package(types.ModuleType):

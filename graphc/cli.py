@@ -59,6 +59,16 @@ def _parser() -> argparse.ArgumentParser:
                    help="seed for init, the split and the shuffling (default 0)")
     t.add_argument("--test-fraction", type=float, default=0.2,
                    help="share of the data held out for the final metrics (default 0.2)")
+    t.add_argument("--validation-split", type=float, metavar="F",
+                   help="hold out the last fraction F of the training examples (after the "
+                        "test split, before shuffling) and record val_loss each epoch")
+    t.add_argument("--lr-schedule", metavar="NAME:FIELD=VALUE,...",
+                   help="a learning-rate schedule as torch.optim.lr_scheduler's: step, "
+                        "multistep, exponential, cosine, linear, onecycle, plateau, e.g. "
+                        "'step:step_size=10,gamma=0.5', 'multistep:milestones=[10,15]', "
+                        "'cosine:T_max=20', 'onecycle:max_lr=0.1' (stepped each batch; its "
+                        "steps from --epochs), 'plateau:patience=2' (on val_loss with "
+                        "--validation-split, else loss)")
     t.add_argument("--out", metavar="FILE.npz", help="write the trained params here")
     t.add_argument("--save", metavar="RUN.graphc",
                    help="write a checkpoint here: the spec, params and optimizer state (step "
@@ -171,6 +181,9 @@ def _train(args) -> int:
             raise GraphcError(f"{flag} must be at least 1, got {value}")
     if args.lr is not None and not args.lr > 0:  # also rejects nan
         raise GraphcError(f"--lr must be a positive number, got {args.lr}")
+    if args.validation_split is not None and not 0 < args.validation_split < 1:
+        raise GraphcError(f"--validation-split must lie strictly between 0 and 1, got "
+                          f"{args.validation_split}")
     if args.resume is not None:
         model = _resume(args)
         graph = model.graph
@@ -186,10 +199,28 @@ def _train(args) -> int:
         if args.lr is not None:
             optimizer = {**optimizer, "lr": args.lr}
     train, test = split(load_dataset(args.data, graph), args.test_fraction, args.seed)
+    callbacks = []
+    if args.lr_schedule is not None:   # before the build: a typo costs no compile
+        from .callbacks import LearningRateScheduler
+        from .schedules import parse_schedule
+        n_train = len(next(iter(train.values())))
+        if args.validation_split is not None:
+            n_train = int(n_train * (1 - args.validation_split))   # fit's rule
+        schedule = parse_schedule(args.lr_schedule, epochs=args.epochs,
+                                  steps_per_epoch=-(-n_train // args.batch_size))
+        monitor = "val_loss" if args.validation_split is not None else "loss"
+        callbacks.append(LearningRateScheduler(schedule, monitor=monitor))
+        print(f"learning rate: {schedule!r}, stepped each {callbacks[0].per}")
     if args.resume is None:
         model = compile(graph, args.dtype or "float32", optimizer=optimizer, seed=args.seed)
     history = fit(model, train, epochs=args.epochs, batch_size=args.batch_size, seed=args.seed,
+                  validation_split=args.validation_split, callbacks=callbacks,
                   progress=not args.no_progress)
+    if args.validation_split is not None and history.epochs:
+        last = history.epochs[-1]
+        print(f"validation loss {last['val_loss']:.4f}" + (
+            f", accuracy {last['val_accuracy']:.2%}" if "val_accuracy" in last else "")
+            + " after the last epoch")
     metrics = evaluate(model, test)
     n_test = len(next(iter(test.values())))
     shown = f"test loss {metrics['loss']:.4f}" + (

@@ -17,10 +17,21 @@ DIGITS_LABELS = (10,)
 
 def check_arrays(graph, data, dtype, where: str) -> tuple[dict[str, np.ndarray], int]:
     """One array per graph input, all of one leading length, converted to `dtype`; errors
-    are InputErrors that start with `where` (the argument or file they come from)."""
+    are InputErrors that start with `where` (the argument or file they come from).
+
+    `data` is a dict of arrays named after the inputs, or a tuple or list of arrays, one per
+    input in the spec's order (`(X, y)`)."""
+    names = list(graph.inputs)
+    if isinstance(data, (tuple, list)):
+        if len(data) != len(names):
+            raise InputError(f"{where}: {len(data)} array{'s' * (len(data) != 1)} for "
+                             f"{len(names)} input{'s' * (len(names) != 1)}: give one per input, "
+                             f"in this order: {', '.join(names)}")
+        data = dict(zip(names, data))
     if not isinstance(data, Mapping):
-        raise InputError(f"{where} must be a dict of arrays named after the inputs "
-                         f"({', '.join(graph.inputs)}), got {type(data).__name__}")
+        raise InputError(f"{where} must be a dict of arrays named after the inputs, or a tuple "
+                         f"of arrays in their order ({', '.join(names)}), got "
+                         f"{type(data).__name__}")
     shapes = {k: v.shape for k, v in graph.inputs.items()}
     bounds = graph.index_bounds()
     indices = {k: bounds.get(k) for k, v in graph.inputs.items() if v.dtype == "int32"}
@@ -95,6 +106,20 @@ def _npz(path: Path, graph) -> dict[str, np.ndarray]:
         arrays = z.read_all()
     arrays, _ = check_arrays(graph, arrays, np.float64, str(path))
     return arrays
+
+
+def hold_out_last(arrays: Mapping[str, np.ndarray], n: int, fraction, where: str = "data"
+                  ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """(train, validation): the last `fraction` of the examples held out, before any
+    shuffling (Keras's `validation_split` rule, so the split is the same for every seed)."""
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) \
+            or not 0 < fraction < 1:
+        raise InputError(f"validation_split must lie strictly between 0 and 1, got {fraction!r}")
+    keep = int(n * (1 - fraction))
+    if keep == 0 or keep == n:
+        raise InputError(f"validation_split {fraction} of the {n} examples in {where} leaves "
+                         f"{'no training' if keep == 0 else 'no validation'} examples")
+    return ({k: a[:keep] for k, a in arrays.items()}, {k: a[keep:] for k, a in arrays.items()})
 
 
 def split(data: Mapping[str, np.ndarray], test_fraction: float = 0.2,

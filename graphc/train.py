@@ -10,12 +10,11 @@ from contextlib import contextmanager
 
 import numpy as np
 
-from .data import check_arrays
+from .callbacks import Callback
+from .data import check_arrays, hold_out_last
 from .errors import GraphcError, InputError
+from .metrics import batch_sums, finish, resolve_metrics
 from .model import check_seed
-
-# loss op -> how a prediction is judged right; accuracy is reported for these losses
-CLASSIFIER_LOSSES = ("softmax_cross_entropy", "bce_with_logits")
 
 
 class History:
@@ -24,6 +23,8 @@ class History:
     def __init__(self):
         self.epochs: list[dict[str, float]] = []
         self.interrupted = False
+        self.stop_training = False   # set by a callback (EarlyStopping) to end after an epoch
+        self.metric_names: list[str] = []   # what each epoch records, known before the first
         self.steps = 0
         self.seconds = 0.0
 
@@ -42,7 +43,9 @@ class History:
     def __repr__(self) -> str:
         last = ", ".join(f"{k} {v:.4g}" for k, v in self.epochs[-1].items()) if self.epochs else ""
         return (f"<History {self._counts()}, {self.seconds:.2f} s"
-                f"{', interrupted' if self.interrupted else ''}{'; last: ' + last if last else ''}>")
+                f"{', interrupted' if self.interrupted else ''}"
+                f"{', stopped early' if self.stop_training else ''}"
+                f"{'; last: ' + last if last else ''}>")
 
     def _counts(self) -> str:
         e, s = len(self.epochs), self.steps
@@ -79,14 +82,23 @@ class History:
 
 
 def fit(model, data, epochs: int = 10, batch_size: int = 32, shuffle: bool = True, seed: int = 0,
-        validation=None, progress: bool = True) -> History:
-    """Train `model` in place with `model.train_step` on shuffled mini-batches of `data` (a
-    dict of arrays named after the inputs). Each epoch records "loss" (the example-weighted
-    mean of its step losses, each taken before its update) and, for classifiers, "accuracy"
-    on `data` at the epoch's end; `validation` adds "val_loss" and "val_accuracy".
+        validation=None, validation_split: float | None = None, metrics=None, callbacks=(),
+        progress: bool = True) -> History:
+    """Train `model` in place with `model.train_step` on shuffled mini-batches of `data`: a
+    dict of arrays named after the inputs, or a tuple of arrays in the inputs' order
+    (`(X, y)`). Each epoch records "loss" (the example-weighted mean of its step losses, each
+    taken before its update) and each metric of `metrics` (graphc.metrics: "accuracy",
+    "top_k_accuracy", "mae", "mse", "rmse"; default: accuracy for classifiers) on `data` at
+    the epoch's end. `validation` (data as above), or `validation_split` (the last fraction
+    of `data`, held out before shuffling), adds "val_loss" and "val_<metric>".
+    `callbacks` (graphc.callbacks) run around epochs and batches; one may stop the run.
+
+    One generator seeded by `seed` draws every epoch's order: the same seed, data and
+    starting params give the same shuffles, losses and params, bit for bit.
 
     Ctrl-C stops between steps: the history of the completed epochs is returned with
-    `interrupted=True`, and the model keeps the params of every step taken."""
+    `interrupted=True`, and the model keeps the params of every step taken (callbacks'
+    `on_train_end` does not run)."""
     from tqdm import tqdm  # imported here: `import graphc` stays light
     _positive(epochs, "epochs")
     _positive(batch_size, "batch_size")
@@ -94,81 +106,99 @@ def fit(model, data, epochs: int = 10, batch_size: int = 32, shuffle: bool = Tru
     if model.graph.loss is None:
         raise InputError(f"model '{model.name}' has no loss, so it cannot be trained")
     arrays, n = check_arrays(model.graph, data, model.dtype, "data")
-    if validation is not None:
+    if validation_split is not None:
+        if validation is not None:
+            raise InputError("give validation or validation_split, not both")
+        arrays, validation = hold_out_last(arrays, n, validation_split)
+        n = len(next(iter(arrays.values())))
+    elif validation is not None:
         validation, _ = check_arrays(model.graph, validation, model.dtype, "validation")
-    classifier = _classifier(model.graph)
+    pair, chosen = resolve_metrics(model.graph, metrics)
+    callbacks = _check_callbacks(callbacks)
     rng = np.random.default_rng(seed)  # once per fit: the same seed gives the same params
     history = History()
+    names = ["loss", *(m.key for m in chosen)]
+    history.metric_names = names + [f"val_{k}" for k in names] * (validation is not None)
+    for callback in callbacks:
+        callback.model, callback.history = model, history
+        callback.params = {"epochs": epochs, "steps_per_epoch": -(-n // batch_size)}
     start = time.perf_counter()
+    for callback in callbacks:
+        callback.on_train_begin()
     with _deferred_interrupt() as interrupted:
         try:
             for epoch in range(epochs):
+                for callback in callbacks:
+                    callback.on_epoch_begin(epoch)
                 order = rng.permutation(n) if shuffle else np.arange(n)
                 with tqdm(total=n, desc=f"epoch {epoch + 1}/{epochs}", unit="ex",
                           disable=not progress, file=sys.stderr, dynamic_ncols=True) as bar:
                     total = 0.0
-                    for lo in range(0, n, batch_size):
+                    for batch, lo in enumerate(range(0, n, batch_size)):
                         idx = order[lo:lo + batch_size]
                         loss = model.train_step(**{k: a[idx] for k, a in arrays.items()})
                         history.steps += 1
                         total += loss * len(idx)
                         bar.update(len(idx))
                         bar.set_postfix(loss=f"{total / (lo + len(idx)):.4f}", refresh=False)
+                        for callback in callbacks:
+                            callback.on_batch_end(batch, {"loss": loss})
                         if interrupted():
                             raise KeyboardInterrupt
                     record = {"loss": total / n}
-                    if classifier:
-                        record["accuracy"] = evaluate(model, arrays)["accuracy"]
+                    if chosen:
+                        record.update(_evaluate(model, arrays, pair, chosen)[1:])
                     if validation is not None:
-                        record.update((f"val_{k}", v) for k, v in evaluate(model, validation).items())
+                        record.update((f"val_{k}", v) for k, v in
+                                      _evaluate(model, validation, pair, chosen))
                     bar.set_postfix({k: f"{v:.4f}" for k, v in record.items()})
                 if interrupted():
                     raise KeyboardInterrupt
                 history.epochs.append(record)
+                for callback in callbacks:
+                    callback.on_epoch_end(epoch, record)
+                if history.stop_training:
+                    break
         except KeyboardInterrupt:
             history.interrupted = True
+    if not history.interrupted:
+        for callback in callbacks:
+            callback.on_train_end()
     history.seconds = time.perf_counter() - start
     return history
 
 
-def evaluate(model, data, batch_size: int = 256) -> dict[str, float]:
-    """The batch-mean loss over `data` (and accuracy for classifiers), in batches."""
+def evaluate(model, data, batch_size: int = 256, metrics=None) -> dict[str, float]:
+    """The batch-mean loss over `data` (a dict of arrays or a tuple in the inputs' order) and
+    each metric of `metrics` (default: accuracy for classifiers), in batches."""
     _positive(batch_size, "batch_size")
-    arrays, n = check_arrays(model.graph, data, model.dtype, "data")
-    classifier = _classifier(model.graph)
-    loss_sum = hits = 0.0
+    arrays, _ = check_arrays(model.graph, data, model.dtype, "data")
+    pair, chosen = resolve_metrics(model.graph, metrics)
+    return dict(_evaluate(model, arrays, pair, chosen, batch_size))
+
+
+def _evaluate(model, arrays, pair, chosen, batch_size: int = 256) -> list[tuple[str, float]]:
+    """[("loss", ...), (metric, ...), ...] over checked `arrays`."""
+    n = len(next(iter(arrays.values())))
+    loss_sum, sums = 0.0, [0.0] * len(chosen)
     for lo in range(0, n, batch_size):
         batch = {k: a[lo:lo + batch_size] for k, a in arrays.items()}
         loss, outputs = model.evaluate(**batch)
         loss_sum += loss * min(batch_size, n - lo)
-        if classifier:
-            op, logits, target = classifier
-            hits += float(_correct(op, outputs[logits], batch[target]).sum())
-    return {"loss": loss_sum / n, **({"accuracy": hits / n} if classifier else {})}
+        if chosen:
+            sums = [a + b for a, b in zip(sums, batch_sums(chosen, pair, outputs, batch))]
+    return [("loss", loss_sum / n), *finish(chosen, sums, n).items()]
 
 
-def _classifier(graph) -> tuple[str, str, str] | None:
-    """(loss op, logits, target) when accuracy can be measured: a classification loss whose
-    logits are an output (so `evaluate` returns them) and whose target is an input."""
-    node = graph.values.get(graph.loss) if graph.loss else None
-    if node is None or node.op not in CLASSIFIER_LOSSES:
-        return None
-    logits, target = node.inputs[:2]
-    if logits in graph.outputs and graph.values[target].kind == "input":
-        return node.op, logits, target
-    return None
-
-
-def _correct(op: str, logits: np.ndarray, target: np.ndarray) -> np.ndarray:
-    """Per example, the fraction of its predictions that are right."""
-    if op == "softmax_cross_entropy":
-        # class indices (an integer target, the logits' shape without the class axis), or
-        # one-hot / probability rows
-        labels = target if target.ndim == logits.ndim - 1 else target.argmax(axis=-1)
-        right = logits.argmax(axis=-1) == labels
-    else:  # bce_with_logits: each element is a yes/no prediction
-        right = (logits > 0) == (target > 0.5)
-    return right.reshape(len(right), -1).mean(axis=1)
+def _check_callbacks(callbacks) -> list[Callback]:
+    if isinstance(callbacks, Callback):
+        callbacks = [callbacks]
+    callbacks = list(callbacks or ())
+    for c in callbacks:
+        if not isinstance(c, Callback):
+            raise InputError(f"callbacks must be graphc.callbacks.Callback objects, got "
+                             f"{type(c).__name__}")
+    return callbacks
 
 
 def _positive(value, name: str) -> None:

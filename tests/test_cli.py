@@ -167,11 +167,36 @@ def test_train_data_errors_exit_2_with_one_line(toy, tmp_path, capsys, data, mes
     (["--epochs", "0"], "--epochs must be at least 1"),
     (["--lr", "-1"], "--lr must be a positive number"),
     (["--test-fraction", "1.5"], "test fraction must lie strictly between 0 and 1"),
+    (["--validation-split", "0"], "--validation-split must lie strictly between 0 and 1, got 0.0"),
+    (["--lr-schedule", "cosine"], "--lr-schedule cosine: missing field 'T_max'"),
+    (["--lr-schedule", "step:step_size=2,gama=0.5"], "--lr-schedule step: unknown field 'gama' "
+                                                     "(its fields: step_size, gamma)"),
+    (["--lr-schedule", "plateau:mode=up"], "--lr-schedule plateau: ReduceLROnPlateau: mode "
+                                           "must be 'min' or 'max', got 'up'"),
 ])
 def test_train_flag_errors_exit_2(toy, capsys, flags, message):
     spec, data = toy
     assert main(["train", str(spec), "--data", str(data), "--no-progress", *flags]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_train_with_a_validation_split_and_a_schedule(toy, capsys, monkeypatch):
+    """`set_lr` comes with the optimizer-state work; a stand-in records the rates here."""
+    from graphc.model import CompiledModel
+    rates = []
+    monkeypatch.setattr(CompiledModel, "set_lr", lambda self, lr: rates.append(lr),
+                        raising=False)
+    spec, data = toy
+    # 120 examples: 97 train after the test split, of which the last 25% validate: int(72.75)
+    # train, in 3 batches of 32 an epoch
+    assert main(["train", str(spec), "--data", str(data), "--epochs", "2", "--no-progress",
+                 "--lr", "0.01", "--validation-split", "0.25",
+                 "--lr-schedule", "onecycle:max_lr=0.1,pct_start=0.5"]) == 0
+    out = capsys.readouterr().out
+    assert "learning rate: OneCycleLR(max_lr=0.1, total_steps=6, epochs=2, steps_per_epoch=3" \
+        in out and "stepped each batch" in out
+    assert re.search(r"validation loss [\d.]+, accuracy [\d.]+% after the last epoch", out), out
+    assert len(rates) == 6 and rates[0] == pytest.approx(0.1 / 25) and max(rates) == 0.1
 
 
 def test_train_digits_reaches_96_percent(tmp_path, capsys):

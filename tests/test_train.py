@@ -154,6 +154,108 @@ def test_no_accuracy_when_the_logits_are_not_an_output():
     spec["outputs"] = ["p"]
     model = graphc.compile(spec, dtype="float64")
     assert _fit(model, _data(20), epochs=1).keys() == ["loss"]
+    with pytest.raises(InputError, match="metric 'accuracy' compares the loss's prediction "
+                                         "with its target: that needs a loss op"):
+        _fit(model, _data(20), metrics=["accuracy"])
+
+
+def test_tuple_and_list_data_map_to_the_inputs_in_spec_order(model):
+    data = _data(30)
+    h = _fit(model, data, epochs=2, batch_size=8, seed=1)
+    want = model.get_params()
+    for form in ((data["x"], data["y"]), [data["x"], data["y"]]):
+        model.init_params(0)
+        model.reset_optimizer()
+        again = _fit(model, form, epochs=2, batch_size=8, seed=1, validation=form)
+        assert again["loss"] == h["loss"]
+        assert all(np.array_equal(want[p], v) for p, v in model.get_params().items())
+    assert graphc.evaluate(model, (data["x"], data["y"])) == graphc.evaluate(model, data)
+
+
+def test_validation_split_holds_out_the_last_examples_before_shuffling(model, monkeypatch):
+    data = _data(50, seed=7)
+    seen, real = [], model.train_step
+
+    def step(**batch):
+        seen.append(batch["x"])
+        return real(**batch)
+    monkeypatch.setattr(model, "train_step", step)
+    h = _fit(model, data, epochs=2, batch_size=8, validation_split=0.2, seed=3)
+    # Keras's rule: int(50 * 0.8) = 40 examples train, in 5 steps an epoch; 10 validate.
+    assert len(seen) == 10
+    assert sorted(map(tuple, np.concatenate(seen[:5]))) == sorted(map(tuple, data["x"][:40]))
+    train, val = ({k: a[:40] for k, a in data.items()}, {k: a[40:] for k, a in data.items()})
+    direct = graphc.evaluate(model, val)
+    assert h["val_loss"][-1] == pytest.approx(direct["loss"], rel=1e-12)
+    assert h["val_accuracy"][-1] == direct["accuracy"]
+    trained = model.get_params()
+    monkeypatch.undo()
+
+    model.init_params(0)
+    model.reset_optimizer()
+    again = _fit(model, train, epochs=2, batch_size=8, seed=3, validation=val)
+    assert again.epochs == h.epochs
+    assert all(np.array_equal(trained[p], v) for p, v in model.get_params().items())
+
+
+def test_classifier_metrics_match_numpy(model):
+    train, val = _data(60, seed=1), _data(40, seed=2)
+    h = _fit(model, train, epochs=1, batch_size=8, validation=val,
+             metrics=["accuracy", "top_k_accuracy", "top_2_accuracy", ("top_k_accuracy", 1)])
+    names = ["loss", "accuracy", "top_k_accuracy", "top_2_accuracy", "top_1_accuracy"]
+    assert h.keys() == names + [f"val_{k}" for k in names]
+    logits, labels = model.forward(x=val["x"])["logits"], val["y"].argmax(1)
+    in_top_2 = np.mean([label in np.argsort(-row)[:2] for row, label in zip(logits, labels)])
+    accuracy = np.mean(logits.argmax(1) == labels)
+    assert 0 < accuracy < in_top_2 < 1
+    assert h["val_top_2_accuracy"] == [in_top_2]
+    assert h["val_top_1_accuracy"] == h["val_accuracy"] == [accuracy]
+    assert h["val_top_k_accuracy"] == [1.0]   # k = 5, and 3 classes
+    got = graphc.evaluate(model, val, batch_size=7, metrics="top_2_accuracy")
+    assert got == {"loss": pytest.approx(h["val_loss"][0], rel=1e-12),
+                   "top_2_accuracy": in_top_2}
+
+
+def test_top_k_takes_class_indices_and_counts_a_tie_as_a_hit():
+    from graphc.metrics import LossPair, Metric, batch_sums
+    logits = np.array([[3.0, 1.0, 2.0, 0.0], [0.0, 1.0, 1.0, 2.0], [1.0, 2.0, 3.0, 4.0]])
+    labels = np.array([2, 1, 0], np.int32)   # ranks 2nd, tied 2nd/3rd, 4th
+    top = [Metric(f"top_{k}_accuracy", "top_k_accuracy", k) for k in (1, 2, 3)] + \
+        [Metric("accuracy", "accuracy")]
+    pair = LossPair("softmax_cross_entropy", "logits", "y")
+    for target in (labels, np.eye(4)[labels]):   # indices or one-hot rows: the same
+        assert batch_sums(top, pair, {"logits": logits}, {"y": target}) == [0, 2, 2, 0]
+
+
+REGRESSION = {"name": "reg", "inputs": {"x": [4], "y": [2]},
+              "params": {"W": {"shape": [2, 4]}, "b": {"shape": [2]}},
+              "nodes": {"pred": {"op": "dense", "inputs": ["x", "W", "b"]},
+                        "loss": {"op": "mse", "inputs": ["pred", "y"]}},
+              "outputs": ["pred"], "loss": "loss", "optimizer": {"name": "sgd", "lr": 0.05}}
+
+
+def test_regression_metrics_match_numpy():
+    model = graphc.compile(REGRESSION, dtype="float64")
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((40, 4))
+    y = x @ rng.standard_normal((4, 2)) + 0.3 * rng.standard_normal((40, 2))
+    h = _fit(model, (x, y), epochs=2, batch_size=8, validation_split=0.25,
+             metrics=["mae", "mse", "rmse"])
+    assert h.keys() == ["loss", "mae", "mse", "rmse", "val_loss", "val_mae", "val_mse", "val_rmse"]
+    err = model.forward(x=x[30:])["pred"] - y[30:]
+    assert h["val_mae"][-1] == pytest.approx(np.abs(err).mean(), rel=1e-12)
+    assert h["val_mse"][-1] == pytest.approx((err ** 2).mean(), rel=1e-12)
+    assert h["val_rmse"][-1] == pytest.approx(np.sqrt((err ** 2).mean()), rel=1e-12)
+    assert h["val_mse"][-1] == pytest.approx(h["val_loss"][-1], rel=1e-12)   # the loss is mse
+    err = model.forward(x=x[:30])["pred"] - y[:30]
+    assert h["rmse"][-1] == pytest.approx(np.sqrt((err ** 2).mean()), rel=1e-12)
+    # rmse is the root of the data set's mse, not a mean of batch roots
+    got = graphc.evaluate(model, (x[30:], y[30:]), batch_size=3, metrics=["rmse"])
+    assert got["rmse"] == pytest.approx(h["val_rmse"][-1], rel=1e-12)
+    assert _fit(model, (x, y), epochs=1).keys() == ["loss"]   # no default metric
+    with pytest.raises(InputError, match="metric 'accuracy' does not apply to a 'mse' loss "
+                                         "\\(its metrics: mae, mse, rmse\\)"):
+        _fit(model, (x, y), metrics=["accuracy"])
 
 
 # ---------------------------------------------------------------- Ctrl-C
@@ -258,7 +360,22 @@ X, Y = _data(12)["x"], _data(12)["y"]
     ({"data": {"x": X, "y": Y[:-1]}}, "data: input 'y' has batch size 11, but 'x' has 12"),
     ({"data": {"x": X}}, "data: missing input 'y'"),
     ({"data": {"x": X, "y": Y, "z": X}}, "data: unknown input 'z'"),
-    ({"data": (X, Y)}, "data must be a dict of arrays named after the inputs (x, y), got tuple"),
+    ({"data": (X,)}, "data: 1 array for 2 inputs: give one per input, in this order: x, y"),
+    ({"data": X}, "data must be a dict of arrays named after the inputs, or a tuple of arrays "
+                  "in their order (x, y), got ndarray"),
+    ({"validation": (X, Y, X)}, "validation: 3 arrays for 2 inputs"),
+    ({"validation": (X, Y), "validation_split": 0.5}, "give validation or validation_split"),
+    ({"validation_split": 1.0}, "validation_split must lie strictly between 0 and 1, got 1.0"),
+    ({"validation_split": 0.95}, "validation_split 0.95 of the 12 examples in data leaves no "
+                                 "training examples"),
+    ({"validation_split": 1e-17}, "leaves no validation examples"),
+    ({"metrics": ["mae"]}, "metric 'mae' does not apply to a 'softmax_cross_entropy' loss "
+                           "(its metrics: accuracy, top_k_accuracy)"),
+    ({"metrics": ["acc"]}, "unknown metric 'acc' (known: accuracy, top_k_accuracy, mae, mse"),
+    ({"metrics": [("top_k_accuracy", 0)]}, "k must be a positive integer, got 0"),
+    ({"metrics": ["accuracy", "accuracy"]}, "metric 'accuracy' is asked for twice"),
+    ({"callbacks": [print]}, "callbacks must be graphc.callbacks.Callback objects, got "
+                             "builtin_function_or_method"),
     ({"data": {"x": X[:, :3], "y": Y}}, "data: input 'x' must have shape (n, 4)"),
     ({"validation": {"x": X[:5], "y": Y}}, "validation: input 'y' has batch size 12, but 'x' has 5"),
     ({"epochs": 0}, "epochs must be a positive integer, got 0"),
