@@ -12,6 +12,7 @@ import functools
 import html
 import io
 import math
+import subprocess
 
 from .dtypes import DTYPES
 from .errors import GraphcError
@@ -227,8 +228,9 @@ def graph_html(graph) -> str:
         out.append(f"<p>{_e(graph.description)}</p>")
     try:
         svg = graph_svg(graph)
-    except GraphcError as e:   # a picture is a bonus: its failure must not hide the table
-        svg, why = None, str(e)
+    except (GraphcError, OSError, subprocess.SubprocessError) as e:
+        # a picture is a bonus: its failure must not hide the table
+        svg, why = None, f"the graph could not be drawn: {e}"
     else:
         why = "install Graphviz (its `dot` program) to see the graph drawn"
     out.append(svg if svg is not None else f'<p class="note">({_e(why)})</p>')

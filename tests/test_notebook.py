@@ -4,6 +4,7 @@ report, History's figure, and the example notebook run in a real kernel (nbclien
 from __future__ import annotations
 
 import html
+import importlib
 import os
 import re
 import shutil
@@ -111,6 +112,16 @@ def test_graph_html_without_graphviz_is_the_table_and_a_note(monkeypatch):
     page = graphc.load(ROOT / "examples/mlp.yaml")._repr_html_()
     assert "<svg" not in page and "install Graphviz" in page
     assert "<td>logits</td><td>dense</td><td>a1, W2, b2</td>" in page
+
+
+def test_graph_html_when_drawing_fails_is_the_table_and_why(monkeypatch):
+    def broken(dot, fmt):
+        raise GraphcError("Graphviz's dot failed: out of memory")
+    # (graphc.explain is also a function's name: the module is reached through importlib)
+    monkeypatch.setattr(importlib.import_module("graphc.explain.graphs"), "render_dot", broken)
+    page = graphc.load(ROOT / "examples/mlp.yaml")._repr_html_()
+    assert "could not be drawn: Graphviz&#x27;s dot failed: out of memory" in page
+    assert "<td>h1</td><td>dense</td>" in page
 
 
 def test_model_html_shows_the_build_and_the_summary(mlp):
@@ -240,7 +251,7 @@ def test_example_notebook_runs_with_rich_output():
     assert _data(_cell(nb, "history.plot()"))["image/svg+xml"].startswith("<svg")
     verify = _data(_cell(nb, "model.verify("))["text/html"]
     assert "<table>" in verify and 'class="bad"' not in verify
+    # (Text on stderr alone may be harmless: matplotlib says when it builds its font cache.)
     for cell in nb.cells:
-        if cell.cell_type == "code":
-            assert not [o for o in cell.outputs if o.output_type == "error"
-                        or o.get("name") == "stderr"], cell.source
+        assert not [o for o in cell.get("outputs", ()) if o.output_type == "error" or (
+            o.get("name") == "stderr" and re.search("Warning|Traceback", o.text))], cell.source
