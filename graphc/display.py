@@ -23,7 +23,6 @@ CSS = """<style>
 .graphc th, .graphc td { padding: 0.15em 0.7em; text-align: left; vertical-align: top;
   border-bottom: 1px solid #ddd; }
 .graphc td.number, .graphc th.number { text-align: right; font-variant-numeric: tabular-nums; }
-.graphc tr.total td { font-weight: bold; border-bottom: none; }
 .graphc .bad { color: #b00020; font-weight: bold; }
 .graphc .note { color: #555; font-size: 0.9em; }
 .graphc svg { max-width: 100%; height: auto; }
@@ -49,15 +48,15 @@ def _bytes(n: int) -> str:
 NUMBER, BAD = ' class="number"', ' class="bad"'
 
 
-def _table(head, rows, numeric=(), total=None) -> str:
-    """An HTML table; `numeric`: the columns to right-align; `total`: a last, bold row."""
+def _table(head, rows, numeric=()) -> str:
+    """An HTML table (without a header row when `head` is None); `numeric`: the columns to
+    right-align."""
     def cells(row, tag):
         return "".join(f"<{tag}{NUMBER if k in numeric else ''}>{_e(v)}</{tag}>"
                        for k, v in enumerate(row))
     body = "".join(f"<tr>{cells(r, 'td')}</tr>" for r in rows)
-    if total is not None:
-        body += f'<tr class="total">{cells(total, "td")}</tr>'
-    return f"<table><thead><tr>{cells(head, 'th')}</tr></thead><tbody>{body}</tbody></table>"
+    thead = f"<thead><tr>{cells(head, 'th')}</tr></thead>" if head else ""
+    return f"<table>{thead}<tbody>{body}</tbody></table>"
 
 
 def _text_table(head, rows, numeric=()) -> list[str]:
@@ -258,7 +257,7 @@ def model_html(model, batch: int = 1) -> str:
              ("C source", f"{lines:,} lines, {len(cm.source):,} characters "
                           f"(model.c_source, model.write_c(dir))")]
     return (f'{CSS}<div class="graphc"><h4>CompiledModel {_e(repr(model.name))}</h4>'
-            + _table(("", ""), facts) + Summary(model.graph, cm, batch).html() + "</div>")
+            + _table(None, facts) + Summary(model.graph, cm, batch).html() + "</div>")
 
 
 # ---------------------------------------------------------------- History
@@ -307,7 +306,8 @@ def history_figure(history):
         lines += [second.plot(x, history[k], marker=".", linestyle="--",
                               color=f"C{len(losses) + i}", label=k.replace("_", " "))[0]
                   for i, k in enumerate(others)]
-        second.set_ylabel(others[0].removeprefix("val_") if len(others) <= 2 else "metrics")
+        names = {k.removeprefix("val_") for k in others}   # accuracy and val_accuracy: one
+        second.set_ylabel(names.pop() if len(names) == 1 else "metrics")
     if lines:  # none before the first epoch ends
         fig.legend(handles=lines, loc="outside lower center", ncols=min(len(lines), 4))
     ax.set_title(history.describe())
