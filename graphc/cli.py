@@ -1,5 +1,9 @@
 """The `graphc` command. User mistakes exit 2 with one message; `check` exits 1 on a mismatch;
-`train` exits 130 when interrupted, after reporting and saving what it has."""
+`train` exits 130 when interrupted, after reporting and saving what it has.
+
+Only light modules are imported here (argparse, the dtype and optimizer tables): each
+command imports its pipeline when it runs, so `graphc --help` and `--version` load no
+SymPy or NumPy (tests/test_cli.py checks)."""
 
 from __future__ import annotations
 
@@ -7,9 +11,10 @@ import argparse
 import sys
 from pathlib import Path
 
+from . import __version__
 from .dtypes import DTYPES
 from .errors import GraphcError
-from .optim import OPTIMIZERS
+from .optimizers import OPTIMIZERS
 
 TARGETS = ("host", "c99", "cortex-m4", "cortex-m0")
 LOSSES = ("softmax_cross_entropy", "mse", "bce_with_logits")   # graphc.onnx's
@@ -18,6 +23,7 @@ LOSSES = ("softmax_cross_entropy", "mse", "bce_with_logits")   # graphc.onnx's
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="graphc", description="Compile a network spec to C99 with "
                                 "SymPy-derived gradients, and verify it against NumPy.")
+    p.add_argument("--version", action="version", version=f"graphc {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     c = sub.add_parser("compile", help="write <name>.c and <name>.h for a spec")

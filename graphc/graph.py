@@ -148,6 +148,19 @@ class Graph:
         return (f"Graph({self.name!r}: {len(self.inputs)} inputs, {len(self.params)} params, "
                 f"{len(self.nodes)} nodes)")
 
+    def summary(self, print_fn=None) -> None:
+        """Print a table of the graph, as Keras's `model.summary()`: per input and node its
+        op, inputs, output shape (None: the batch) and param count, then the totals.
+        `print_fn` gets the text instead of `print` (e.g. `print_fn=lines.append`).
+        `CompiledModel.summary` adds the bytes of C memory."""
+        from .display import Summary, print_summary
+        print_summary(Summary(self), print_fn)
+
+    def _repr_html_(self) -> str:
+        """Jupyter: the graph drawn (inline SVG, when Graphviz is installed) and its table."""
+        from .display import graph_html
+        return graph_html(self)
+
     # ------------------------------------------------------------ spec round trip
     def to_spec(self) -> dict:
         spec: dict[str, Any] = {"name": self.name}

@@ -515,6 +515,30 @@ class CompiledModel:
     def __repr__(self) -> str:
         return f"<CompiledModel {self.name!r} {self.dtype.name}, {self.cmodule.params_size} params>"
 
+    def summary(self, batch: int = 1, print_fn=None) -> None:
+        """Print a table of the model, as Keras's `model.summary()`: per input and node its
+        op, inputs, output shape (None: the batch), param count and bytes of C memory (its
+        params' values, gradients and optimizer slots), then the totals: params trainable
+        and not, and the C memory of params, gradients, optimizer state and the work arena
+        at `batch` examples. `print_fn` gets the text instead of `print`."""
+        from .display import Summary, print_summary
+        print_summary(Summary(self.graph, self.cmodule, _check_batch(batch)), print_fn)
+
+    def _repr_html_(self) -> str:
+        """Jupyter: dtype, target, threads, optimizer, entry points and the summary table."""
+        from .display import model_html
+        return model_html(self)
+
+
+def _check_batch(batch) -> int:
+    if isinstance(batch, bool) or not isinstance(batch, (int, np.integer)) \
+            or not 1 <= batch <= MAX_BATCH:
+        # (a huge int is not printed: Python refuses to print more than 4300 digits)
+        shown = repr(batch) if not isinstance(batch, int) or batch < 10 ** 30 \
+            else "a larger integer"
+        raise InputError(f"batch must be an integer from 1 to {MAX_BATCH} (2^24), got {shown}")
+    return int(batch)
+
 
 def _size(shape) -> int:
     return int(np.prod(shape, dtype=np.int64))

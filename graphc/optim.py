@@ -12,13 +12,7 @@ from .errors import SpecError
 from .init import finite_number
 from .ir import (ASSIGN, GRADS_BLOCK, PARAM, GRAD, PARAMS_BLOCK, STATE, STEP_COUNT, TEMP,
                  UPDATE, Buffer, Kernel, Program, index_symbols, state_buffer)
-
-# name -> field defaults; `momentum` is SGD with momentum 0.9 unless given.
-OPTIMIZERS: dict[str, dict] = {
-    "sgd": {"lr": 0.01, "momentum": 0.0, "nesterov": False, "weight_decay": 0.0},
-    "momentum": {"lr": 0.01, "momentum": 0.9, "nesterov": False, "weight_decay": 0.0},
-    "adam": {"lr": 0.001, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0.0},
-}
+from .optimizers import OPTIMIZERS
 
 
 def _number(value, field: str, *, low: float = 0.0, high: float = math.inf,

@@ -12,7 +12,7 @@ import numpy as np
 
 from .callbacks import Callback
 from .data import check_arrays, hold_out_last
-from .errors import GraphcError, InputError
+from .errors import InputError
 from .metrics import batch_sums, finish, resolve_metrics
 from .model import check_seed
 
@@ -51,34 +51,25 @@ class History:
         e, s = len(self.epochs), self.steps
         return f"{e} epoch{'s' * (e != 1)}, {s} step{'s' * (s != 1)}"
 
-    def plot(self, path) -> None:
-        """Save the loss curves (and accuracy on a second axis, if recorded) as a PNG."""
-        try:
-            from matplotlib.figure import Figure
-            from matplotlib.ticker import MaxNLocator
-        except ImportError:
-            raise GraphcError("plotting needs matplotlib: pip install matplotlib") from None
-        # A bare Figure renders with Agg and leaves pyplot's global state (and backend) alone.
-        fig = Figure(figsize=(6.4, 4.0), layout="constrained")
-        ax = fig.add_subplot()
-        x = range(1, len(self.epochs) + 1)
-        keys = self.keys()
-        lines = [ax.plot(x, self[k], marker=".", label=k.replace("_", " "))[0]
-                 for k in ("loss", "val_loss") if k in keys]
-        ax.set_xlabel("epoch")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set_ylabel("loss")
-        if "accuracy" in keys:
-            acc = ax.twinx()
-            lines += [acc.plot(x, self[k], marker=".", linestyle="--", color=f"C{2 + i}",
-                               label=k.replace("_", " "))[0]
-                      for i, k in enumerate(("accuracy", "val_accuracy")) if k in keys]
-            acc.set_ylabel("accuracy")
-        if lines:  # none before the first epoch ends
-            fig.legend(handles=lines, loc="outside lower center", ncols=len(lines))
-        ax.set_title(f"{self._counts()}, {self.seconds:.1f} s"
-                     + (" (interrupted)" if self.interrupted else ""))
-        fig.savefig(path, format="png")
+    def describe(self) -> str:
+        """'20 epochs, 900 steps, 1.5 s': what a plot's title and the notebook show."""
+        return (f"{self._counts()}, {self.seconds:.1f} s"
+                + (" (interrupted)" if self.interrupted else ""))
+
+    def plot(self, path=None):
+        """The loss curves (and accuracy or other metrics on a second axis) as a matplotlib
+        Figure, drawn without pyplot (no global state; Jupyter shows it inline). With a
+        `path`, also saved there in the format its suffix names (.png, .svg, .pdf; PNG
+        without one)."""
+        from .display import history_figure, save_figure
+        fig = history_figure(self)
+        if path is not None:
+            save_figure(fig, path)
+        return fig
+
+    def _repr_html_(self) -> str:
+        from .display import history_html
+        return history_html(self)
 
 
 def fit(model, data, epochs: int = 10, batch_size: int = 32, shuffle: bool = True, seed: int = 0,
@@ -99,7 +90,7 @@ def fit(model, data, epochs: int = 10, batch_size: int = 32, shuffle: bool = Tru
     Ctrl-C stops between steps: the history of the completed epochs is returned with
     `interrupted=True`, and the model keeps the params of every step taken (callbacks'
     `on_train_end` does not run)."""
-    from tqdm import tqdm  # imported here: `import graphc` stays light
+    from tqdm.auto import tqdm  # a widget in Jupyter; imported here: `import graphc` stays light
     _positive(epochs, "epochs")
     _positive(batch_size, "batch_size")
     check_seed(seed)

@@ -316,10 +316,16 @@ class VerifyReport:
             out.append(c.result + (f" [{k}]" if c.note else ""))
         return out
 
+    COLUMNS = ("tensor", "check", "max abs err", "max rel err", "tolerance", "result")
+
+    def rows(self) -> list[tuple[str, ...]]:
+        """The table's cells, one row per check, in COLUMNS' order."""
+        return [(c.tensor, c.kind, _err(c.max_abs), _err(c.max_rel), f"{c.tolerance:.0e}", r)
+                for c, r in zip(self.checks, self._results())]
+
     def table(self) -> str:
-        head = ("tensor", "check", "max abs err", "max rel err", "tolerance", "result")
-        rows = [head] + [(c.tensor, c.kind, _err(c.max_abs), _err(c.max_rel),
-                          f"{c.tolerance:.0e}", r) for c, r in zip(self.checks, self._results())]
+        head = self.COLUMNS
+        rows = [head] + self.rows()
         widths = [max(len(r[k]) for r in rows) for k in range(len(head))]
         lines = [f"{self.model} ({self.dtype}, batch {self.batch})"]
         for k, r in enumerate(rows):
@@ -340,6 +346,10 @@ class VerifyReport:
                 f"{r if c.ok else '**' + r + '**'} |" for c, r in zip(self.checks, self._results())]
         notes = [f"- {n}" for n in self.notes()]
         return "\n".join(out + ([""] + notes if notes else []))
+
+    def _repr_html_(self) -> str:
+        from .display import verify_html
+        return verify_html(self)
 
 
 def _compare(name: str, got: np.ndarray, want: np.ndarray, dtype: str, what: str | None = None) -> Check:

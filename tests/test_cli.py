@@ -258,3 +258,36 @@ def test_compile_writes_its_three_files_or_none(tmp_path):
                         "-o", str(blocked)], capture_output=True, text=True)
     assert r.returncode == 2 and "mlp.memory.json: a directory is in the way; nothing written" in r.stderr
     assert sorted(p.name for p in blocked.iterdir()) == ["mlp.memory.json"]
+
+
+# ---------------------------------------------------------------- --version, a quick --help
+
+def test_version_prints_the_package_version():
+    r = subprocess.run([sys.executable, "-m", "graphc", "--version"], capture_output=True,
+                       text=True)
+    assert r.returncode == 0 and r.stdout == f"graphc {graphc.__version__}\n" and not r.stderr
+
+
+HELP_IMPORTS = """
+import sys
+from graphc.cli import main
+for argv in (["--help"], ["--version"], *([c, "--help"] for c in {commands})):
+    try:
+        main(argv)
+    except SystemExit as e:
+        assert e.code == 0, (argv, e.code)
+print(" ".join(sorted(m for m in ("sympy", "numpy", "networkx", "cffi", "yaml", "tqdm")
+                      if m in sys.modules)) or "none")
+"""
+
+
+def test_help_imports_no_sympy_or_numpy():
+    """`graphc --help` took 1.5 s, nearly all of it importing SymPy: the help of every
+    command must load none of the pipeline (measured by what is imported, not by time)."""
+    commands = ["compile", "check", "train", "import", "export", "explain"]
+    r = subprocess.run([sys.executable, "-c", HELP_IMPORTS.format(commands=commands)],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines()[-1] == "none"
+    for command in commands:   # each one's help was printed
+        assert f"usage: graphc {command}" in r.stdout
