@@ -17,7 +17,7 @@ from .errors import GraphcError, InputError, SpecError  # noqa: E402, F401  (lig
 _EXPORTS = {
     "Explanation": "explain", "explain": "explain", "Graph": "graph", "Builder": "builder",
     "BoundCall": "model", "CompiledModel": "model", "compile": "model", "generate": "model",
-    "load_params": "model", "save_params": "model", "load_model": "checkpoint", "Reference": "reference",
+    "load_params": "model", "save_params": "model", "load_model": "model", "Reference": "reference",
     "reference": "reference", "load": "spec", "History": "train", "evaluate": "train",
     "fit": "train",
 }

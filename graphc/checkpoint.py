@@ -26,6 +26,7 @@ import json
 import math
 import os
 import zipfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -100,12 +101,11 @@ def write_checkpoint(data: bytes, path: str | os.PathLike) -> None:
 
 # ---------------------------------------------------------------- reading
 
-def load_model(path: str | os.PathLike | bytes, *, threads: int | None = None):
-    """The model saved in `path` (by `model.save`), compiled (a cache hit when warm) and
-    restored: params, optimizer state (step count, moments, every slot) as they were, so
-    that training continues bit for bit. `path` may also be a checkpoint's bytes.
-    `threads` as for `graphc.compile`."""
-    from .model import compile
+@contextmanager
+def open_checkpoint(path: str | os.PathLike | bytes):
+    """A checkpoint (a path or its bytes), its header, spec, params and initial values
+    checked: yields (graph, header, params, read_state), where `read_state(model)` gives the
+    state slots checked against the compiled model. `graphc.load_model` compiles between."""
     with NpzReader(path, "checkpoint") as z:
         where = z.path
         header = _read_header(z, where)
@@ -113,18 +113,9 @@ def load_model(path: str | os.PathLike | bytes, *, threads: int | None = None):
         arrays = _sections(z, where)
         dtype = np.dtype(header["dtype"])
         params = _read_params(z, where, graph, arrays["params"], dtype)
-        initial = _read_initial(z, where, graph, arrays["initial"])
-        graph.initial = initial
-        model = compile(graph, header["dtype"], target=header["target"], threads=threads,
-                        params=params if header["baked_params"] else None)
-        state = _read_state(z, where, model, arrays["state"], dtype)
-    model._restore(params, state)
-    return model
-
-
-def _from_pickle(data: bytes, threads: int | None):
-    """`pickle.loads` of a model (CompiledModel.__reduce__): its checkpoint's bytes, loaded."""
-    return load_model(data, threads=threads)
+        graph.initial = _read_initial(z, where, graph, arrays["initial"])
+        yield graph, header, params, lambda model: _read_state(z, where, model,
+                                                                arrays["state"], dtype)
 
 
 def _fail(where, what: str, why: str) -> InputError:

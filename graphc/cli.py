@@ -264,7 +264,7 @@ def _graph_to_train(args):
 
 def _resume(args):
     """The checkpoint's model, checked against the other flags (and SPEC, if given)."""
-    from .checkpoint import load_model
+    from .model import load_model
     for flag, value in (("--optimizer", args.optimizer), ("--lr", args.lr)):
         if value is not None:
             raise GraphcError(f"{flag} cannot be given with --resume: training continues with "

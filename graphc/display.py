@@ -190,7 +190,7 @@ def graph_dot(graph) -> str:
     their op and per-example shape, the loss and outputs outlined."""
     import networkx as nx
 
-    from .explain.graphs import HIGHLIGHT, to_dot
+    from .dot import HIGHLIGHT, to_dot
     g = nx.DiGraph(name=graph.name, rankdir="TB")
     for v in graph.values.values():
         shape = list(v.shape)
@@ -213,7 +213,7 @@ def graph_dot(graph) -> str:
 
 def graph_svg(graph) -> str | None:
     """The picture as an inline <svg> element, or None without Graphviz's `dot`."""
-    from .explain.graphs import render_dot
+    from .dot import render_dot
     data = render_dot(graph_dot(graph), "svg")
     if data is None:
         return None

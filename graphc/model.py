@@ -292,7 +292,6 @@ class CompiledModel:
     def __reduce__(self):
         # A cffi library cannot be pickled; the checkpoint's bytes rebuild the model (from
         # the build cache when warm), with its params and optimizer state.
-        from .checkpoint import _from_pickle
         return _from_pickle, (self._checkpoint(), self._threads)
 
     # ------------------------------------------------------------ calls
@@ -538,6 +537,25 @@ def _check_batch(batch) -> int:
             else "a larger integer"
         raise InputError(f"batch must be an integer from 1 to {MAX_BATCH} (2^24), got {shown}")
     return int(batch)
+
+
+def load_model(path: str | os.PathLike | bytes, *, threads: int | None = None) -> CompiledModel:
+    """The model saved in `path` (by `model.save`; graphc/checkpoint.py), compiled (a cache
+    hit when warm) and restored: params, optimizer state (step count, moments, every slot)
+    as they were, so that training continues bit for bit. `path` may also be a checkpoint's
+    bytes. `threads` as for `graphc.compile`."""
+    from .checkpoint import open_checkpoint
+    with open_checkpoint(path) as (graph, header, params, read_state):
+        model = compile(graph, header["dtype"], target=header["target"], threads=threads,
+                        params=params if header["baked_params"] else None)
+        state = read_state(model)
+    model._restore(params, state)
+    return model
+
+
+def _from_pickle(data: bytes, threads: int | None) -> CompiledModel:
+    """`pickle.loads` of a model (CompiledModel.__reduce__): its checkpoint's bytes, loaded."""
+    return load_model(data, threads=threads)
 
 
 def _size(shape) -> int:

@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 
 import graphc
-from graphc.checkpoint import load_model, state_slots
+from graphc.checkpoint import state_slots
+from graphc.model import load_model
 from graphc.cli import main
 from graphc.errors import InputError, SpecError
 

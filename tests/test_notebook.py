@@ -120,7 +120,7 @@ def test_graph_html_when_drawing_fails_is_the_table_and_why(monkeypatch):
     def broken(dot, fmt):
         raise GraphcError("Graphviz's dot failed: out of memory")
     # (graphc.explain is also a function's name: the module is reached through importlib)
-    monkeypatch.setattr(importlib.import_module("graphc.explain.graphs"), "render_dot", broken)
+    monkeypatch.setattr(importlib.import_module("graphc.dot"), "render_dot", broken)
     page = graphc.load(ROOT / "examples/mlp.yaml")._repr_html_()
     assert "could not be drawn: Graphviz&#x27;s dot failed: out of memory" in page
     assert "<td>h1</td><td>dense</td>" in page

@@ -99,18 +99,18 @@ class Explanation:
         return {"forward": forward_graph, "backward": backward_graph}[which](self)
 
     def dot(self, which: str = "backward") -> str:
-        from .graphs import to_dot
+        from graphc.dot import to_dot
         return to_dot(self.to_networkx(which))
 
     def svg(self, which: str = "backward") -> str | None:
         """The picture as SVG when Graphviz's `dot` is installed, else None."""
-        from .graphs import render_dot
+        from graphc.dot import render_dot
         data = render_dot(self.dot(which), "svg")
         return data.decode("utf-8") if data is not None else None
 
     def render_graph(self, path, which: str = "backward") -> Path:
         """Write the picture to `path` (.svg, .png or .pdf) through Graphviz's `dot`."""
-        from .graphs import render_dot
+        from graphc.dot import render_dot
         path = Path(path)
         data = render_dot(self.dot(which), path.suffix.lstrip(".").lower() or "svg")
         if data is None:

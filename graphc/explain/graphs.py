@@ -1,23 +1,17 @@
-"""The forward and backward graphs as networkx graphs, Graphviz DOT, and pictures.
-
-DOT is written here (a few lines) rather than through pydot or pygraphviz, so that
-neither is needed; Graphviz's `dot` program draws it when installed.
-"""
+"""The forward and backward graphs as networkx graphs; graphc.dot writes their DOT text and
+draws them."""
 
 from __future__ import annotations
 
-import shutil
-import subprocess
 import textwrap
 
 import networkx as nx
 import sympy as sp
 
-from graphc.errors import GraphcError
+from graphc.dot import HIGHLIGHT
 
 from . import notation as nt
 
-HIGHLIGHT = "#0b62c4"
 WRAP = 64   # characters per label line
 
 
@@ -85,38 +79,3 @@ def backward_graph(expl) -> nx.DiGraph:
         g.add_edge(source, target, label=_wrap(local),
                    **({"color": HIGHLIGHT} if g.nodes[target].get("color") else {}))
     return g
-
-
-def _quote(s: str) -> str:
-    return '"' + s.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
-
-
-def _attrs(d: dict) -> str:
-    return ", ".join(f"{k}={_quote(str(v))}" for k, v in d.items())
-
-
-def to_dot(g: nx.DiGraph) -> str:
-    lines = [f"digraph {_quote(g.graph.get('name', 'g'))} {{",
-             f"  graph [rankdir={g.graph.get('rankdir', 'TB')}, fontname=\"DejaVu Sans\"];",
-             '  node [fontname="DejaVu Sans", fontsize=11, style=rounded];',
-             '  edge [fontname="DejaVu Sans", fontsize=9];']
-    for n, d in g.nodes(data=True):
-        lines.append(f"  {_quote(str(n))} [{_attrs(d)}];")
-    for a, b, d in g.edges(data=True):
-        lines.append(f"  {_quote(str(a))} -> {_quote(str(b))}" + (f" [{_attrs(d)}]" if d else "") + ";")
-    lines.append("}")
-    return "\n".join(lines) + "\n"
-
-
-def render_dot(dot: str, fmt: str = "svg") -> bytes | None:
-    """`dot -T<fmt>` on the text; None when Graphviz is not installed."""
-    exe = shutil.which("dot")
-    if exe is None:
-        return None
-    if fmt not in ("svg", "png", "pdf"):
-        raise GraphcError(f"picture format must be svg, png or pdf, got {fmt!r}")
-    done = subprocess.run([exe, f"-T{fmt}"], input=dot.encode("utf-8"), capture_output=True,
-                          timeout=120)
-    if done.returncode != 0:
-        raise GraphcError(f"Graphviz's dot failed: {done.stderr.decode(errors='replace').strip()}")
-    return done.stdout
