@@ -565,7 +565,7 @@ def _tex_text(s: str) -> str:
     # Unicode outside math in prose: the few symbols the prose uses.
     for u, t in (("∂", r"$\partial$"), ("δ", r"$\delta$"), ("σ", r"$\sigma$"), ("Σ", r"$\Sigma$"),
                  ("·", r"$\cdot$"), ("−", "-"), ("…", r"\ldots{}"), ("ᵀ", r"$^\top$"), ("⊙", r"$\odot$"),
-                 ("|", r"$|$")):
+                 ("|", r"$|$"), ("→", r"$\to$")):
         s = s.replace(u, t)
     return s
 
