@@ -546,6 +546,15 @@ class Emitter:
                      f"    const uint32_t step = count >= 0 && count < {limit} ? "
                      "(uint32_t)count : 0;"]
         body.append(f"    const {r} loss = {gradients.c_name}({call});")
+        # One non-finite loss or gradient would make every param NaN in one update: the
+        # step is refused instead. x - x is 0 for a finite x and NaN for NaN or inf, so the
+        # sum stays 0 exactly when all are finite (one pass, no branch per element).
+        body += [f"    {r} finite = loss - loss;   /* 0, or NaN: see the header */"]
+        if self.params_size:
+            body += [f"    for (size_t i = 0; i < {M}_PARAMS_SIZE; ++i) {{",
+                     "        finite += work[i] - work[i];", "    }"]
+        body += ["    if (finite != 0) {   /* params, state and step count unchanged */",
+                 "        return finite;", "    }"]
 
         def pointer(name: str) -> str:
             b = update.buffers[name]
@@ -787,7 +796,10 @@ def emit(face: Interface, programs: dict[str, tuple[Program, MemoryPlan]],
             f"          in its first {M}_PARAMS_SIZE elements",
             *[f"  in_{i}: n x {M}_INPUT_{i}_SIZE {elements(i)}" for i in e.inputs],
             "Returns the batch-mean loss before the update. When n is 0: returns 0 and changes",
-            "nothing (no step is counted). Arrays must not overlap."]))
+            "nothing (no step is counted). When the loss or any gradient is NaN or infinite:",
+            "returns NaN and changes nothing either (no update, no step counted; the gradients",
+            "are left in work), so that one bad batch cannot make every param NaN.",
+            "Arrays must not overlap."]))
     return CModule(name, dtype, em.source(), em.header(note), em.cdef(), entries, offsets,
                    params_size, dict(face.inputs), dict(face.outputs),
                    dict(face.optimizer) if rule else None, state_size, state_offsets,

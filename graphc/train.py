@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import signal
 import sys
 import threading
@@ -13,6 +14,7 @@ import numpy as np
 from .data import check_arrays
 from .errors import GraphcError, InputError
 from .model import check_seed
+from .nonfinite import NonFiniteGuard
 
 # loss op -> how a prediction is judged right; accuracy is reported for these losses
 CLASSIFIER_LOSSES = ("softmax_cross_entropy", "bce_with_logits")
@@ -79,14 +81,19 @@ class History:
 
 
 def fit(model, data, epochs: int = 10, batch_size: int = 32, shuffle: bool = True, seed: int = 0,
-        validation=None, progress: bool = True) -> History:
+        validation=None, progress: bool = True, on_nonfinite: str = "raise") -> History:
     """Train `model` in place with `model.train_step` on shuffled mini-batches of `data` (a
     dict of arrays named after the inputs). Each epoch records "loss" (the example-weighted
     mean of its step losses, each taken before its update) and, for classifiers, "accuracy"
     on `data` at the epoch's end; `validation` adds "val_loss" and "val_accuracy".
 
     Ctrl-C stops between steps: the history of the completed epochs is returned with
-    `interrupted=True`, and the model keeps the params of every step taken."""
+    `interrupted=True`, and the model keeps the params of every step taken.
+
+    A step whose loss or gradient is NaN or infinite is not applied (the C train step
+    refuses it). `on_nonfinite="raise"` then raises NonFiniteError naming the epoch, the
+    step and the first non-finite tensor; "warn" warns once and skips such steps, "ignore"
+    skips them silently. Skipped steps count in no loss."""
     from tqdm import tqdm  # imported here: `import graphc` stays light
     _positive(epochs, "epochs")
     _positive(batch_size, "batch_size")
@@ -96,6 +103,7 @@ def fit(model, data, epochs: int = 10, batch_size: int = 32, shuffle: bool = Tru
     arrays, n = check_arrays(model.graph, data, model.dtype, "data")
     if validation is not None:
         validation, _ = check_arrays(model.graph, validation, model.dtype, "validation")
+    guard = NonFiniteGuard(model, on_nonfinite)
     classifier = _classifier(model.graph)
     rng = np.random.default_rng(seed)  # once per fit: the same seed gives the same params
     history = History()
@@ -106,17 +114,21 @@ def fit(model, data, epochs: int = 10, batch_size: int = 32, shuffle: bool = Tru
                 order = rng.permutation(n) if shuffle else np.arange(n)
                 with tqdm(total=n, desc=f"epoch {epoch + 1}/{epochs}", unit="ex",
                           disable=not progress, file=sys.stderr, dynamic_ncols=True) as bar:
-                    total = 0.0
+                    total, counted = 0.0, 0
                     for lo in range(0, n, batch_size):
                         idx = order[lo:lo + batch_size]
-                        loss = model.train_step(**{k: a[idx] for k, a in arrays.items()})
-                        history.steps += 1
-                        total += loss * len(idx)
+                        batch = {k: a[idx] for k, a in arrays.items()}
+                        loss = model.train_step(**batch)
+                        if math.isfinite(loss):
+                            history.steps += 1
+                            total, counted = total + loss * len(idx), counted + len(idx)
+                        else:   # refused by the C: nothing changed
+                            guard(batch, epoch + 1, lo // batch_size + 1)
                         bar.update(len(idx))
-                        bar.set_postfix(loss=f"{total / (lo + len(idx)):.4f}", refresh=False)
+                        bar.set_postfix(loss=f"{total / max(counted, 1):.4f}", refresh=False)
                         if interrupted():
                             raise KeyboardInterrupt
-                    record = {"loss": total / n}
+                    record = {"loss": total / counted if counted else math.nan}
                     if classifier:
                         record["accuracy"] = evaluate(model, arrays)["accuracy"]
                     if validation is not None:

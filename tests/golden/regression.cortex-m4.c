@@ -542,6 +542,13 @@ float regression_train_step(float *params, float *state, float *work, size_t n, 
         return 0;
     }
     const float loss = regression_gradients(params, work, work + 370, n, in_x, in_target);
+    float finite = loss - loss;   /* 0, or NaN: see the header */
+    for (size_t i = 0; i < REGRESSION_PARAMS_SIZE; ++i) {
+        finite += work[i] - work[i];
+    }
+    if (finite != 0) {   /* params, state and step count unchanged */
+        return finite;
+    }
     step_count(state + REGRESSION_STATE_step_OFFSET, work + 371, work + 370);
     adam_update(state + REGRESSION_STATE_exp_avg_OFFSET, state + REGRESSION_STATE_exp_avg_sq_OFFSET,
             params, work + 370, work, work + 371);
