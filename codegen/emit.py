@@ -547,14 +547,14 @@ class Emitter:
                      "(uint32_t)count : 0;"]
         body.append(f"    const {r} loss = {gradients.c_name}({call});")
         # One non-finite loss or gradient would make every param NaN in one update: the
-        # step is refused instead. x - x is 0 for a finite x and NaN for NaN or inf, so the
-        # sum stays 0 exactly when all are finite (one pass, no branch per element).
-        body += [f"    {r} finite = loss - loss;   /* 0, or NaN: see the header */"]
+        # step is refused instead. x - x == 0 is false for NaN and inf alone; an OR of ints,
+        # unlike a float sum, vectorizes (0.6 us for 2410 floats where a sum took 3.3 us).
+        body += ["    int nonfinite = !(loss - loss == 0);"]
         if self.params_size:
             body += [f"    for (size_t i = 0; i < {M}_PARAMS_SIZE; ++i) {{",
-                     "        finite += work[i] - work[i];", "    }"]
-        body += ["    if (finite != 0) {   /* params, state and step count unchanged */",
-                 "        return finite;", "    }"]
+                     "        nonfinite |= !(work[i] - work[i] == 0);", "    }"]
+        body += ["    if (nonfinite) {   /* params, state and step count unchanged */",
+                 "        return NAN;", "    }"]
 
         def pointer(name: str) -> str:
             b = update.buffers[name]

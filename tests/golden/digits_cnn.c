@@ -1345,12 +1345,12 @@ float digits_cnn_train_step(float *params, float *state, float *work, size_t n, 
         return 0;
     }
     const float loss = digits_cnn_gradients(params, work, work + 6096, n, in_x, in_y);
-    float finite = loss - loss;   /* 0, or NaN: see the header */
+    int nonfinite = !(loss - loss == 0);
     for (size_t i = 0; i < DIGITS_CNN_PARAMS_SIZE; ++i) {
-        finite += work[i] - work[i];
+        nonfinite |= !(work[i] - work[i] == 0);
     }
-    if (finite != 0) {   /* params, state and step count unchanged */
-        return finite;
+    if (nonfinite) {   /* params, state and step count unchanged */
+        return NAN;
     }
     step_count(state + DIGITS_CNN_STATE_step_OFFSET, work + 6112, work + 6096);
     adam_update(state + DIGITS_CNN_STATE_exp_avg_OFFSET, state + DIGITS_CNN_STATE_exp_avg_sq_OFFSET,

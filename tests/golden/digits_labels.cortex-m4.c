@@ -504,12 +504,12 @@ float digits_labels_train_step(float *params, float *state, float *work, size_t 
         return 0;
     }
     const float loss = digits_labels_gradients(params, work, work + 2410, n, in_x, in_y);
-    float finite = loss - loss;   /* 0, or NaN: see the header */
+    int nonfinite = !(loss - loss == 0);
     for (size_t i = 0; i < DIGITS_LABELS_PARAMS_SIZE; ++i) {
-        finite += work[i] - work[i];
+        nonfinite |= !(work[i] - work[i] == 0);
     }
-    if (finite != 0) {   /* params, state and step count unchanged */
-        return finite;
+    if (nonfinite) {   /* params, state and step count unchanged */
+        return NAN;
     }
     step_count(state + DIGITS_LABELS_STATE_step_OFFSET, work + 2411, work + 2410);
     adam_update(state + DIGITS_LABELS_STATE_exp_avg_OFFSET,

@@ -1353,12 +1353,12 @@ float digits_tokens_train_step(float *params, float *state, float *work, size_t 
     const uint32_t step = count >= 0 && count < 4294967296.0F ? (uint32_t)count : 0;
     const float loss = digits_tokens_gradients(params, work, work + 3280, n, step, in_pixels,
             in_label);
-    float finite = loss - loss;   /* 0, or NaN: see the header */
+    int nonfinite = !(loss - loss == 0);
     for (size_t i = 0; i < DIGITS_TOKENS_PARAMS_SIZE; ++i) {
-        finite += work[i] - work[i];
+        nonfinite |= !(work[i] - work[i] == 0);
     }
-    if (finite != 0) {   /* params, state and step count unchanged */
-        return finite;
+    if (nonfinite) {   /* params, state and step count unchanged */
+        return NAN;
     }
     step_count(state + DIGITS_TOKENS_STATE_step_OFFSET, work + 3296, work + 3280);
     adam_update(state + DIGITS_TOKENS_STATE_exp_avg_OFFSET,

@@ -790,12 +790,12 @@ float gelu_net_train_step(float *params, float *state, float *work, size_t n, co
         return 0;
     }
     const float loss = gelu_net_gradients(params, work, work + 512, n, in_x, in_y);
-    float finite = loss - loss;   /* 0, or NaN: see the header */
+    int nonfinite = !(loss - loss == 0);
     for (size_t i = 0; i < GELU_NET_PARAMS_SIZE; ++i) {
-        finite += work[i] - work[i];
+        nonfinite |= !(work[i] - work[i] == 0);
     }
-    if (finite != 0) {   /* params, state and step count unchanged */
-        return finite;
+    if (nonfinite) {   /* params, state and step count unchanged */
+        return NAN;
     }
     step_count(state + GELU_NET_STATE_step_OFFSET);
     momentum_update(state + GELU_NET_STATE_momentum_buffer_OFFSET, params, work);

@@ -817,12 +817,12 @@ float mlp_train_step(float *params, float *state, float *work, size_t n, const f
         return 0;
     }
     const float loss = mlp_gradients(params, work, work + 2416, n, in_x, in_y);
-    float finite = loss - loss;   /* 0, or NaN: see the header */
+    int nonfinite = !(loss - loss == 0);
     for (size_t i = 0; i < MLP_PARAMS_SIZE; ++i) {
-        finite += work[i] - work[i];
+        nonfinite |= !(work[i] - work[i] == 0);
     }
-    if (finite != 0) {   /* params, state and step count unchanged */
-        return finite;
+    if (nonfinite) {   /* params, state and step count unchanged */
+        return NAN;
     }
     step_count(state + MLP_STATE_step_OFFSET, work + 2432, work + 2416);
     adam_update(state + MLP_STATE_exp_avg_OFFSET, state + MLP_STATE_exp_avg_sq_OFFSET, params,
