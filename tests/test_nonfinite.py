@@ -102,6 +102,15 @@ def test_a_non_finite_gradient_with_a_finite_loss_is_refused_too(sqrt_model):
     assert_unchanged(sqrt_model, before)
 
 
+@pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning")   # NumPy's, on inf - inf
+def test_the_reference_refuses_the_same_step():
+    ref = graphc.reference(graphc.Graph.from_spec(exp_spec()), dtype="float32")
+    ref.train_step(**data(8, seed=1))
+    before = ref.get_params(), ref.optimizer_state()
+    assert math.isnan(ref.train_step(**data(8, bad=[3], seed=2)))
+    assert_unchanged(ref, before)
+
+
 def test_a_model_without_params_checks_its_loss():
     m = graphc.compile(NO_PARAMS, dtype="float32")
     x = np.zeros((2, 2), np.float32)
