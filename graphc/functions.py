@@ -8,9 +8,10 @@ itself, each factor of which lies in [0, 1]; the C prints each as one stable exp
 them does not double the expression at each level.
 
 No derivative is typed in: each is `sympy.diff` of the function's definition, folded back
-into these functions by `stable_forms`, the same rewrite user formulas go through
-(`exp(u)/(1 + exp(u))` -> sigmoid(u), `log(1 + exp(u))` -> softplus(u)). The folds are
-identities; tests/test_numerics.py has SymPy prove them.
+into these functions by `stable_forms`, the same rewrite user formulas go through: the
+table RULES (`exp(u)/(1 + exp(u))` -> sigmoid(u), `log(1 + exp(u))` -> softplus(u),
+log-sum-exp, log-sigmoid, ...). Every rule is an identity; tests/test_stable_forms.py has
+SymPy prove each one.
 """
 
 from __future__ import annotations
@@ -118,9 +119,9 @@ class Rule:
     why: str
 
 
-# The rewrites `stable_forms` applies, each an identity (tests/test_numerics.py has SymPy
-# prove every one on its general form and checks the float32 C against float64 over
-# [-100, 100]). u, v, a, b are any expressions; c, positive numbers; k, j whole numbers.
+# The rewrites `stable_forms` applies, each an identity (tests/test_stable_forms.py has
+# SymPy prove every one on its general form, and checks the float32 C against the exact
+# values over [-100, 100]). u, v, a, b are any expressions; c, positive numbers; k, j whole numbers.
 RULES = {r.name: r for r in (
     Rule("softplus", "log(1 + exp(u))", "softplus(u)",
          "exp(u) overflows for u > 88 in float32; softplus never does"),
@@ -136,7 +137,7 @@ RULES = {r.name: r for r in (
     Rule("logistic product", "exp(j*u)*sigmoid(-u)^k", "sigmoid(u)^j*sigmoid(-u)^(k-j)",
          "exp(u) overflows where sigmoid(-u) is 0: inf*0 is NaN"),
     Rule("log-sigmoid", "log(sigmoid(u))", "-softplus(-u)",
-         "sigmoid(u) underflows to 0 for u < -88 in float32, and log(0) is -inf"),
+         "sigmoid(u) underflows to 0 for u < -104 in float32, and log(0) is -inf"),
     Rule("one minus sigmoid", "1 - sigmoid(u)", "sigmoid(-u)",
          "1 - sigmoid(u) rounds to 0 for u > 17 in float32, losing every digit"),
 )}
