@@ -93,7 +93,7 @@ def fit(model, data, epochs: int = 10, batch_size: int = 32, shuffle: bool = Tru
     A step whose loss or gradient is NaN or infinite is not applied (the C train step
     refuses it). `on_nonfinite="raise"` then raises NonFiniteError naming the epoch, the
     step and the first non-finite tensor; "warn" warns once and skips such steps, "ignore"
-    skips them silently. Skipped steps count in no loss."""
+    skips them silently. Skipped steps count neither in the loss nor in `history.steps`."""
     from tqdm import tqdm  # imported here: `import graphc` stays light
     _positive(epochs, "epochs")
     _positive(batch_size, "batch_size")
