@@ -157,3 +157,37 @@ def test_the_readme_mish_example_trains_on_raw_pixels_without_nan():
     assert history.steps == 4 * 19   # every step applied: none refused as non-finite
     assert all(np.all(np.isfinite(p)) for p in model.get_params().values())
     assert history["accuracy"][-1] > 0.5
+
+
+TWO_INPUTS = {"log-sum-exp of two": "log(exp(a) + exp(b))",
+              "softmax of three": "exp(a) / (exp(a) + exp(b) + exp(b / 2))"}
+
+
+def test_formulas_of_two_inputs_and_their_partial_derivatives():
+    """a = x + p, b = 3 - x/2 + q over x in [-100, 100] (a - b from -253 to 147): each value,
+    and the gradient of p and of q (the partial derivatives), in float32 C."""
+    nodes = {"a": {"op": "add", "inputs": ["x", "p"]},
+             "half": {"op": "elementwise", "inputs": ["x", "q"], "expr": "3 - x / 2 + q"}}
+    total = None
+    for k, expr in enumerate(TWO_INPUTS.values()):
+        nodes[f"f{k}"] = {"op": "elementwise", "inputs": ["a", "half"],
+                          "expr": expr.replace("b", "half")}
+        nodes[f"s{k}"] = {"op": "sum", "inputs": [f"f{k}"]}
+    spec = {"name": "two", "inputs": {"x": [WIDTH]},
+            "params": {p: {"shape": [WIDTH], "init": "zeros"} for p in ("p", "q")},
+            "nodes": nodes, "outputs": ["f0", "f1"]}
+    x = np.linspace(-100, 100, WIDTH)[None, :]
+    sa, sb = sp.symbols("a b", real=True)
+    for k, (name, expr) in enumerate(TWO_INPUTS.items()):
+        spec["nodes"]["loss"] = {"op": "add", "inputs": [f"s{k}", f"s{k}"]}   # 2·Σ f
+        spec["loss"] = "loss"
+        model = graphc.compile(spec, dtype="float32")
+        f = sp.sympify(expr, locals={"a": sa, "b": sb})
+        exact = [sp.lambdify((sa, sb), e, "mpmath") for e in (f, sp.diff(f, sa), sp.diff(f, sb))]
+        with mpmath.workdps(120):
+            points = [(mpmath.mpf(float(v)), 3 - mpmath.mpf(float(v)) / 2) for v in x[0]]
+            value, da, db = (np.array([float(g(*pt)) for pt in points]) for g in exact)
+        assert_float32_close(model.forward(x=x)[f"f{k}"][0], value, name)
+        _, grads = model.gradients(x=x)
+        assert_float32_close(grads["p"], 2 * da, f"{name} d/da", float(np.max(np.abs(2 * da))))
+        assert_float32_close(grads["q"], 2 * db, f"{name} d/db", float(np.max(np.abs(2 * db))))
