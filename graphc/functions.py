@@ -124,7 +124,7 @@ class Rule:
 # values over [-100, 100]). u, v, a, b are any expressions; c, positive numbers; k, j whole numbers.
 RULES = {r.name: r for r in (
     Rule("softplus", "log(1 + exp(u))", "softplus(u)",
-         "exp(u) overflows for u > 88 in float32; softplus never does"),
+         "exp(u) overflows above u = 88 in float32; softplus never does"),
     Rule("log-sum-exp", "log(exp(a) + exp(b) + ... (+ c))",
          "a + softplus(b - a), nested for more terms",
          "each exp overflows on its own; the shifted form stays finite"),
@@ -137,9 +137,9 @@ RULES = {r.name: r for r in (
     Rule("logistic product", "exp(j*u)*sigmoid(-u)^k", "sigmoid(u)^j*sigmoid(-u)^(k-j)",
          "exp(u) overflows where sigmoid(-u) is 0: inf*0 is NaN"),
     Rule("log-sigmoid", "log(sigmoid(u))", "-softplus(-u)",
-         "sigmoid(u) underflows to 0 for u < -104 in float32, and log(0) is -inf"),
+         "sigmoid(u) underflows to 0 below u = -104 in float32, and log(0) is -inf"),
     Rule("one minus sigmoid", "1 - sigmoid(u)", "sigmoid(-u)",
-         "1 - sigmoid(u) rounds to 0 for u > 17 in float32, losing every digit"),
+         "1 - sigmoid(u) rounds to 0 above u = 17 in float32, losing every digit"),
 )}
 
 
@@ -150,9 +150,12 @@ class Rewrite:
     after: sp.Expr
     rules: tuple[str, ...]   # names in RULES, the one applied at the top first
 
+    @property
+    def why(self) -> str:
+        return RULES[self.rules[0]].why
+
     def __str__(self) -> str:
-        return (f"rewritten: {self.before} → {self.after} by {', '.join(self.rules)} "
-                f"({RULES[self.rules[0]].why})")
+        return f"rewritten: {self.before} → {self.after} by {', '.join(self.rules)} ({self.why})"
 
 
 def _log_terms(e: sp.Expr) -> list[sp.Expr] | None:

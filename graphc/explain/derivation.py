@@ -104,6 +104,7 @@ class NodeView:
     steps: list[Step]
     combined: dict[str, Combined] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    rewrites: list = field(default_factory=list)   # functions.Rewrite: its formula's stable forms
 
 
 @dataclass
@@ -596,8 +597,7 @@ def node_views(graph: Graph, d: Derivation, steps: list[Step], relevant: set[str
                 (s.target in relevant or s.target.startswith(name + "."))]
         view = NodeView(name, v.op, forward, mine)
         if v.op == "elementwise":   # the formula as written, and the stable form it became
-            view.notes += [str(r) for r in formula_rewrites(v.spec_attrs["expr"], v.inputs,
-                                                            node=name)]
+            view.rewrites = formula_rewrites(v.spec_attrs["expr"], v.inputs, node=name)
         for i in forward:
             if kernels[i].mode == MAX and not buffers[kernels[i].out].differentiable:
                 view.notes.append(
