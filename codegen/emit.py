@@ -547,12 +547,19 @@ class Emitter:
                      "(uint32_t)count : 0;"]
         body.append(f"    const {r} loss = {gradients.c_name}({call});")
         # One non-finite loss or gradient would make every param NaN in one update: the
-        # step is refused instead. x - x == 0 is false for NaN and inf alone; an OR of ints,
-        # unlike a float sum, vectorizes (0.6 us for 2410 floats where a sum took 3.3 us).
+        # step is refused instead. A value is NaN or inf exactly when its exponent bits are
+        # all ones; tested on the bits (through a union, as C99 allows), the pass is integer
+        # work: it vectorizes, and needs no soft-float call on a core without an FPU (for
+        # the MLP's 2410 gradients: 0.25 us on the host, where x - x == 0 took 0.6 us and a
+        # float sum 3.3 us; 17k instructions on a Cortex-M0, where x - x == 0 took 150k).
         body += ["    int nonfinite = !(loss - loss == 0);"]
         if self.params_size:
+            bits, ones = ("uint32_t", "UINT32_C(0x7f800000)") if self.dtype == "float32" \
+                else ("uint64_t", "UINT64_C(0x7ff0000000000000)")
             body += [f"    for (size_t i = 0; i < {M}_PARAMS_SIZE; ++i) {{",
-                     "        nonfinite |= !(work[i] - work[i] == 0);", "    }"]
+                     f"        union {{ {r} value; {bits} bits; }} g;",
+                     "        g.value = work[i];",
+                     f"        nonfinite |= (g.bits & {ones}) == {ones};", "    }"]
         body += ["    if (nonfinite) {   /* params, state and step count unchanged */",
                  "        return NAN;", "    }"]
 

@@ -1146,7 +1146,9 @@ float bn_cnn_train_step(float *params, float *state, float *work, size_t n, cons
     const float loss = bn_cnn_gradients(params, work, work + 2784, n, in_x, in_y);
     int nonfinite = !(loss - loss == 0);
     for (size_t i = 0; i < BN_CNN_PARAMS_SIZE; ++i) {
-        nonfinite |= !(work[i] - work[i] == 0);
+        union { float value; uint32_t bits; } g;
+        g.value = work[i];
+        nonfinite |= (g.bits & UINT32_C(0x7f800000)) == UINT32_C(0x7f800000);
     }
     if (nonfinite) {   /* params, state and step count unchanged */
         return NAN;

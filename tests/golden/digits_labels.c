@@ -819,7 +819,9 @@ float digits_labels_train_step(float *params, float *state, float *work, size_t 
     const float loss = digits_labels_gradients(params, work, work + 2416, n, in_x, in_y);
     int nonfinite = !(loss - loss == 0);
     for (size_t i = 0; i < DIGITS_LABELS_PARAMS_SIZE; ++i) {
-        nonfinite |= !(work[i] - work[i] == 0);
+        union { float value; uint32_t bits; } g;
+        g.value = work[i];
+        nonfinite |= (g.bits & UINT32_C(0x7f800000)) == UINT32_C(0x7f800000);
     }
     if (nonfinite) {   /* params, state and step count unchanged */
         return NAN;

@@ -580,7 +580,9 @@ float gelu_net_train_step(float *params, float *state, float *work, size_t n, co
     const float loss = gelu_net_gradients(params, work, work + 508, n, in_x, in_y);
     int nonfinite = !(loss - loss == 0);
     for (size_t i = 0; i < GELU_NET_PARAMS_SIZE; ++i) {
-        nonfinite |= !(work[i] - work[i] == 0);
+        union { float value; uint32_t bits; } g;
+        g.value = work[i];
+        nonfinite |= (g.bits & UINT32_C(0x7f800000)) == UINT32_C(0x7f800000);
     }
     if (nonfinite) {   /* params, state and step count unchanged */
         return NAN;
