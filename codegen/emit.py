@@ -546,6 +546,22 @@ class Emitter:
                      f"    const uint32_t step = count >= 0 && count < {limit} ? "
                      "(uint32_t)count : 0;"]
         body.append(f"    const {r} loss = {gradients.c_name}({call});")
+        # One non-finite loss or gradient would make every param NaN in one update: the
+        # step is refused instead. A value is NaN or inf exactly when its exponent bits are
+        # all ones; tested on the bits (through a union, as C99 allows), the pass is integer
+        # work: it vectorizes, and needs no soft-float call on a core without an FPU (for
+        # the MLP's 2410 gradients: 0.25 us on the host, where x - x == 0 took 0.6 us and a
+        # float sum 3.3 us; 17k instructions on a Cortex-M0, where x - x == 0 took 150k).
+        body += ["    int nonfinite = !(loss - loss == 0);"]
+        if self.params_size:
+            bits, ones = ("uint32_t", "UINT32_C(0x7f800000)") if self.dtype == "float32" \
+                else ("uint64_t", "UINT64_C(0x7ff0000000000000)")
+            body += [f"    for (size_t i = 0; i < {M}_PARAMS_SIZE; ++i) {{",
+                     f"        union {{ {r} value; {bits} bits; }} g;",
+                     "        g.value = work[i];",
+                     f"        nonfinite |= (g.bits & {ones}) == {ones};", "    }"]
+        body += ["    if (nonfinite) {   /* params, state and step count unchanged */",
+                 "        return NAN;", "    }"]
 
         def pointer(name: str) -> str:
             b = update.buffers[name]
@@ -787,7 +803,10 @@ def emit(face: Interface, programs: dict[str, tuple[Program, MemoryPlan]],
             f"          in its first {M}_PARAMS_SIZE elements",
             *[f"  in_{i}: n x {M}_INPUT_{i}_SIZE {elements(i)}" for i in e.inputs],
             "Returns the batch-mean loss before the update. When n is 0: returns 0 and changes",
-            "nothing (no step is counted). Arrays must not overlap."]))
+            "nothing (no step is counted). When the loss or any gradient is NaN or infinite:",
+            "returns NaN and changes nothing either (no update, no step counted; the gradients",
+            "are left in work), so that one bad batch cannot make every param NaN.",
+            "Arrays must not overlap."]))
     return CModule(name, dtype, em.source(), em.header(note), em.cdef(), entries, offsets,
                    params_size, dict(face.inputs), dict(face.outputs),
                    dict(face.optimizer) if rule else None, state_size, state_offsets,

@@ -254,7 +254,10 @@ class LiteralRangeError(ValueError):
 
 # The C text a helper name calls, for one C type `T` and its libm suffix `F`.
 HELPERS = {
-    "sigmoid": "static T sigmoid(T x)\n{\n    return 1 / (1 + expF(-x));\n}",
+    # exp of -|x| only: below 0, e^x/(1 + e^x), which keeps the subnormal tail that
+    # 1/(1 + e^-x) loses to e^-x overflowing (x < -88 in float). NaN stays NaN.
+    "sigmoid": "static T sigmoid(T x)\n{\n    const T e = expF(-fabsF(x));\n"
+               "    return x >= 0 ? 1 / (1 + e) : e / (1 + e);\n}",
     # max(x, 0) + log(1 + exp(-|x|)): exp never overflows; NaN stays NaN.
     "softplus": "static T softplus(T x)\n{\n    return (x > 0 ? x : 0) + log1pF(expF(-fabsF(x)));\n}",
     # The negative side is the guarded one, so that NaN propagates, as in torch.

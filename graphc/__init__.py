@@ -12,7 +12,8 @@ import types
 
 __version__ = "0.1.0"
 
-from .errors import GraphcError, InputError, SpecError  # noqa: E402, F401  (light, re-exported)
+from .errors import (GraphcError, InputError, NonFiniteError,  # noqa: E402, F401  (light,
+                     SpecError)                                # re-exported)
 
 _EXPORTS = {
     "Explanation": "explain", "explain": "explain", "Graph": "graph", "Builder": "builder",
@@ -22,7 +23,7 @@ _EXPORTS = {
     "fit": "train",
 }
 
-__all__ = sorted(["GraphcError", "InputError", "SpecError", *_EXPORTS])
+__all__ = sorted(["GraphcError", "InputError", "NonFiniteError", "SpecError", *_EXPORTS])
 
 
 # modules of classes reached as `graphc.callbacks.EarlyStopping`, `graphc.schedules.StepLR`

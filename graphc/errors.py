@@ -32,3 +32,12 @@ class SpecError(GraphcError, ValueError):
 
 class InputError(GraphcError, ValueError):
     """Arrays passed to a model that do not fit its inputs or params."""
+
+
+class NonFiniteError(GraphcError, FloatingPointError):
+    """Training reached a NaN or infinite loss or gradient (`fit(on_nonfinite="raise")`):
+    where, and the first tensor that was not finite."""
+
+    def __init__(self, message: str, *, epoch: int, step: int, tensor: str):
+        super().__init__(message)
+        self.epoch, self.step, self.tensor = epoch, step, tensor   # 1-based; a value's name

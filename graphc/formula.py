@@ -16,7 +16,7 @@ from typing import Callable, Mapping
 import sympy as sp
 
 from .errors import SpecError
-from .functions import relu, sigmoid, softplus, stable_forms
+from .functions import Rewrite, relu, sigmoid, softplus, stable_forms
 
 
 def _pow(a, b):
@@ -65,8 +65,10 @@ def number(value: float | int) -> sp.Expr:
 
 
 def parse_formula(text: object, symbols: Mapping[str, sp.Symbol], *, node: str,
-                  field: str = "expr") -> sp.Expr:
-    """Build the SymPy expression for `text`, whose free names must be keys of `symbols`."""
+                  field: str = "expr", rewrites: list[Rewrite] | None = None) -> sp.Expr:
+    """Build the SymPy expression for `text`, whose free names must be keys of `symbols`,
+    with unstable patterns in their stable forms (functions.RULES); `rewrites`, if given,
+    receives what was rewritten."""
     def fail(msg: str) -> SpecError:
         return SpecError(msg, node=node, field=field)
 
@@ -132,9 +134,10 @@ def parse_formula(text: object, symbols: Mapping[str, sp.Symbol], *, node: str,
         raise fail(f"formula {text!r} is not finite (it simplifies to {expr})")
     if expr.has(sp.I):
         raise fail(f"formula {text!r} is not real (it simplifies to {expr})")
-    # Written-out logistic and softplus become the functions, whose derivatives stay finite.
+    # Written-out logistic, softplus and log-sum-exp become forms that stay finite, and so
+    # do their derivatives.
     try:
-        expr = stable_forms(expr)
+        expr = stable_forms(expr, rewrites)
     except ValueError as e:   # from sp.Max/Min, on arguments they cannot compare
         raise fail(f"formula {text!r}: {e}") from None
     for a in expr.atoms(sp.Number):
@@ -142,3 +145,11 @@ def parse_formula(text: object, symbols: Mapping[str, sp.Symbol], *, node: str,
                 abs(a.p), a.q).bit_length() > MAX_CONSTANT_BITS):
             raise fail(f"formula {text!r} has a constant out of the range of a double")
     return expr
+
+
+def formula_rewrites(text: str, inputs, *, node: str) -> list[Rewrite]:
+    """What parsing `text` over the names `inputs` rewrote to stable forms (as the graph
+    parses an elementwise node's formula), for `explain` to show."""
+    out: list[Rewrite] = []
+    parse_formula(text, {i: sp.Symbol(i, real=True) for i in inputs}, node=node, rewrites=out)
+    return out

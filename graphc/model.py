@@ -390,7 +390,8 @@ class CompiledModel:
         return float(loss), outs
 
     def train_step(self, **inputs) -> float:
-        """One optimizer step in C on a batch; returns the batch-mean loss before the update."""
+        """One optimizer step in C on a batch; returns the batch-mean loss before the update,
+        or NaN when the loss or a gradient is NaN or infinite: the C then changes nothing."""
         with self._lock:
             fn, n, work, ptrs, _ = self._prepare("train_step", "train", inputs)
             return fn(self._c_params, self._c_state, work, n, *ptrs)   # cffi gives a float

@@ -1059,13 +1059,17 @@ class Reference:
                                        for s, per_param in self._state.items()}}
 
     def train_step(self, **inputs) -> float:
-        """One optimizer step on this batch; returns the batch-mean loss before the update."""
+        """One optimizer step on this batch; returns the batch-mean loss before the update,
+        or NaN, changing nothing, when the loss or a gradient is NaN or infinite."""
         if self.graph.loss is None:
             raise InputError(f"graph '{self.graph.name}' has no loss, so it cannot train")
         if self._optimizer is None:
             raise InputError(f"graph '{self.graph.name}' has no optimizer: declare an "
                              "'optimizer:' section in the spec or set `optimizer`")
         loss, grads, env = self._gradients(inputs)
+        # As the C's train step: a NaN or infinite loss or gradient changes nothing.
+        if not (math.isfinite(loss) and all(np.all(np.isfinite(g)) for g in grads.values())):
+            return math.nan
         self._step += 1
         update = _UPDATES[self._optimizer["name"]]
         for k in self.graph.trainable_params:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import signal
 import sys
 import threading
@@ -15,6 +16,7 @@ from .data import check_arrays, hold_out_last
 from .errors import InputError
 from .metrics import batch_sums, finish, resolve_metrics
 from .model import check_seed
+from .nonfinite import NonFiniteGuard
 
 
 class History:
@@ -74,7 +76,7 @@ class History:
 
 def fit(model, data, epochs: int = 10, batch_size: int = 32, shuffle: bool = True, seed: int = 0,
         validation=None, validation_split: float | None = None, metrics=None, callbacks=(),
-        progress: bool = True) -> History:
+        progress: bool = True, on_nonfinite: str = "raise") -> History:
     """Train `model` in place with `model.train_step` on shuffled mini-batches of `data`: a
     dict of arrays named after the inputs, or a tuple of arrays in the inputs' order
     (`(X, y)`). Each epoch records "loss" (the example-weighted mean of its step losses, each
@@ -86,6 +88,11 @@ def fit(model, data, epochs: int = 10, batch_size: int = 32, shuffle: bool = Tru
 
     One generator seeded by `seed` draws every epoch's order: the same seed, data and
     starting params give the same shuffles, losses and params, bit for bit.
+
+    A step whose loss or gradient is NaN or infinite is not applied (the C train step
+    refuses it). `on_nonfinite="raise"` then raises NonFiniteError naming the epoch, the
+    step and the first non-finite tensor; "warn" warns once and skips such steps, "ignore"
+    skips them silently. Skipped steps count neither in the loss nor in `history.steps`.
 
     Ctrl-C stops between steps: the history of the completed epochs is returned with
     `interrupted=True`, and the model keeps the params of every step taken (callbacks'
@@ -106,6 +113,7 @@ def fit(model, data, epochs: int = 10, batch_size: int = 32, shuffle: bool = Tru
         validation, _ = check_arrays(model.graph, validation, model.dtype, "validation")
     pair, chosen = resolve_metrics(model.graph, metrics)
     callbacks = _check_callbacks(callbacks)
+    guard = NonFiniteGuard(model, on_nonfinite)
     rng = np.random.default_rng(seed)  # once per fit: the same seed gives the same params
     history = History()
     names = ["loss", *(m.key for m in chosen)]
@@ -124,19 +132,23 @@ def fit(model, data, epochs: int = 10, batch_size: int = 32, shuffle: bool = Tru
                 order = rng.permutation(n) if shuffle else np.arange(n)
                 with tqdm(total=n, desc=f"epoch {epoch + 1}/{epochs}", unit="ex",
                           disable=not progress, file=sys.stderr, dynamic_ncols=True) as bar:
-                    total = 0.0
+                    total, counted = 0.0, 0
                     for batch, lo in enumerate(range(0, n, batch_size)):
                         idx = order[lo:lo + batch_size]
-                        loss = model.train_step(**{k: a[idx] for k, a in arrays.items()})
-                        history.steps += 1
-                        total += loss * len(idx)
+                        inputs = {k: a[idx] for k, a in arrays.items()}
+                        loss = model.train_step(**inputs)
+                        if math.isfinite(loss):
+                            history.steps += 1
+                            total, counted = total + loss * len(idx), counted + len(idx)
+                        else:   # refused by the C: nothing changed
+                            guard(inputs, epoch + 1, batch + 1)
                         bar.update(len(idx))
-                        bar.set_postfix(loss=f"{total / (lo + len(idx)):.4f}", refresh=False)
+                        bar.set_postfix(loss=f"{total / max(counted, 1):.4f}", refresh=False)
                         for callback in callbacks:
                             callback.on_batch_end(batch, {"loss": loss})
                         if interrupted():
                             raise KeyboardInterrupt
-                    record = {"loss": total / n}
+                    record = {"loss": total / counted if counted else math.nan}
                     if chosen:
                         record.update(_evaluate(model, arrays, pair, chosen)[1:])
                     if validation is not None:

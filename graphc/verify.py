@@ -228,9 +228,13 @@ def _kind(values: np.ndarray) -> str:
     return "infinite" if not np.any(np.isnan(values)) else "not finite"
 
 
+SHOWN_POSITIONS = 3   # positions of non-finite elements named, in row-major order
+
+
 def describe_nonfinite(a: np.ndarray, bad: np.ndarray | None = None) -> str:
-    """'is NaN at 3 of 128 elements (first at [0, 2])', 'is not finite', ... for the
-    elements of `a` marked `bad` (by default its NaN and infinite ones)."""
+    """'is NaN at 5 of 128 elements (first at [0, 2], [1, 7], [3, 0], ...)', 'is not
+    finite', ... for the elements of `a` marked `bad` (by default its NaN and infinite
+    ones)."""
     a = np.asarray(a, dtype=np.float64)
     bad = ~np.isfinite(a) if bad is None else bad
     kind = _kind(a[bad])
@@ -239,8 +243,10 @@ def describe_nonfinite(a: np.ndarray, bad: np.ndarray | None = None) -> str:
         return f"is {kind}"
     if count == a.size:
         return f"is {kind} at all {count} elements"
-    first = ", ".join(str(int(i)) for i in np.argwhere(bad)[0])
-    return f"is {kind} at {count} of {a.size} elements (first at [{first}])"
+    shown = ", ".join("[" + ", ".join(str(int(i)) for i in at) + "]"
+                      for at in np.argwhere(bad)[:SHOWN_POSITIONS])
+    more = ", ..." if count > SHOWN_POSITIONS else ""
+    return f"is {kind} at {count} of {a.size} elements (first at {shown}{more})"
 
 
 # ---------------------------------------------------------------- the model's report
@@ -375,7 +381,17 @@ def _compare(name: str, got: np.ndarray, want: np.ndarray, dtype: str, what: str
             if bad_want.any():
                 parts.append(f"the reference's {what} {describe_nonfinite(want, bad_want)}"
                              + ("" if bad_got.any() else ", where the C is finite"))
-            return Check(name, "C vs reference", math.nan, math.nan, rtol, False, "; ".join(parts),
+            # The elements finite on both sides are still compared, and reported.
+            both = ~bad_got & ~bad_want
+            err = rel = math.nan
+            if both.any():
+                _, err, _ = within_tolerance(got[both], want[both], dtype)
+                scale = float(np.max(np.abs(want[both])))
+                rel = err / scale if scale else err
+                k = int(both.sum())
+                parts.append(f"the {k} element{'s' * (k != 1)} finite in both "
+                             f"differ{'s' * (k == 1)} by at most {err:.3e}")
+            return Check(name, "C vs reference", err, rel, rtol, False, "; ".join(parts),
                          finite=False)
     ok, err, _ = within_tolerance(got, want, dtype)
     scale = float(np.max(np.abs(want))) if want.size else 0.0

@@ -200,20 +200,29 @@ def test_c_and_reference_disagreeing_on_finiteness_is_a_failure_in_words():
     c = _compare("logits", got, want, "float64", "output 'logits'")
     assert not c.ok and not c.finite and c.result == "NOT FINITE"
     assert c.note == ("the C output 'logits' is NaN at 1 of 6 elements (first at [0, 2]), "
-                      "where the reference is finite")
+                      "where the reference is finite; the 5 elements finite in both differ by "
+                      "at most 0.000e+00")
+    assert c.max_abs == 0 and c.max_rel == 0   # the finite elements are still compared
     c = _compare("logits", want, got, "float64", "output 'logits'")
     assert c.note == ("the reference's output 'logits' is NaN at 1 of 6 elements (first at [0, 2]), "
-                      "where the C is finite")
+                      "where the C is finite; the 5 elements finite in both differ by at most "
+                      "0.000e+00")
     inf = want.copy()
     inf[1, 0] = np.inf
     c = _compare("logits", inf, got, "float64", "output 'logits'")
     assert c.note == ("the C output 'logits' is +inf at 1 of 6 elements (first at [1, 0]); "
-                      "the reference's output 'logits' is NaN at 1 of 6 elements (first at [0, 2])")
+                      "the reference's output 'logits' is NaN at 1 of 6 elements (first at [0, 2]); "
+                      "the 4 elements finite in both differ by at most 0.000e+00")
+    many = want.copy()
+    many.ravel()[1:] = np.nan
+    c = _compare("logits", many, want, "float64", "output 'logits'")
+    assert c.note.startswith("the C output 'logits' is NaN at 5 of 6 elements (first at [0, 1], "
+                             "[0, 2], [1, 0], ...), where the reference is finite")
 
 
 @pytest.mark.parametrize("values, text", [
     (np.array(np.nan), "is NaN"),
-    (np.array([1.0, np.inf, -np.inf]), "is infinite at 2 of 3 elements (first at [1])"),
+    (np.array([1.0, np.inf, -np.inf]), "is infinite at 2 of 3 elements (first at [1], [2])"),
     (np.array([[np.nan, np.inf]]), "is not finite at all 2 elements"),
     (np.array([[0.0, -np.inf], [0.0, 0.0]]), "is -inf at 1 of 4 elements (first at [0, 1])"),
 ])

@@ -21,6 +21,7 @@ import sympy as sp
 
 from graphc.derive import LOSS_MEAN, Derivation, LocalDerivative
 from graphc.errors import GraphcError
+from graphc.formula import formula_rewrites
 from graphc.graph import Graph
 from graphc.ir import (ACC, ACCUMULATE, ARGMAX, BATCH, MAX, SUM, Kernel, Program, array,
                        grad_name, index_symbols)
@@ -103,6 +104,7 @@ class NodeView:
     steps: list[Step]
     combined: dict[str, Combined] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    rewrites: list = field(default_factory=list)   # functions.Rewrite: its formula's stable forms
 
 
 @dataclass
@@ -594,6 +596,8 @@ def node_views(graph: Graph, d: Derivation, steps: list[Step], relevant: set[str
         mine = [s for s in steps if s.kernel.node == name and
                 (s.target in relevant or s.target.startswith(name + "."))]
         view = NodeView(name, v.op, forward, mine)
+        if v.op == "elementwise":   # the formula as written, and the stable form it became
+            view.rewrites = formula_rewrites(v.spec_attrs["expr"], v.inputs, node=name)
         for i in forward:
             if kernels[i].mode == MAX and not buffers[kernels[i].out].differentiable:
                 view.notes.append(

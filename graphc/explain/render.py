@@ -236,6 +236,9 @@ def document(e) -> list:
             left.append(Pre(array_text(val[0] if g.values[node.name].batched else val)))
         for note in node.notes:
             left.append(P([note + "."]))
+        for r in node.rewrites:
+            left.append(P(["Rewritten to a stable form: ", nt.show(r.before), " → ",
+                           nt.show(r.after), f", by {', '.join(r.rules)} ({r.why})."]))
         doc.append(Row(left, _codes(e, node.forward, file)))
 
         # The local derivatives: SymPy's work, done once when graphc compiles.
@@ -565,7 +568,7 @@ def _tex_text(s: str) -> str:
     # Unicode outside math in prose: the few symbols the prose uses.
     for u, t in (("∂", r"$\partial$"), ("δ", r"$\delta$"), ("σ", r"$\sigma$"), ("Σ", r"$\Sigma$"),
                  ("·", r"$\cdot$"), ("−", "-"), ("…", r"\ldots{}"), ("ᵀ", r"$^\top$"), ("⊙", r"$\odot$"),
-                 ("|", r"$|$")):
+                 ("|", r"$|$"), ("→", r"$\to$")):
         s = s.replace(u, t)
     return s
 

@@ -1144,6 +1144,15 @@ float bn_cnn_train_step(float *params, float *state, float *work, size_t n, cons
         return 0;
     }
     const float loss = bn_cnn_gradients(params, work, work + 2784, n, in_x, in_y);
+    int nonfinite = !(loss - loss == 0);
+    for (size_t i = 0; i < BN_CNN_PARAMS_SIZE; ++i) {
+        union { float value; uint32_t bits; } g;
+        g.value = work[i];
+        nonfinite |= (g.bits & UINT32_C(0x7f800000)) == UINT32_C(0x7f800000);
+    }
+    if (nonfinite) {   /* params, state and step count unchanged */
+        return NAN;
+    }
     step_count(state + BN_CNN_STATE_step_OFFSET, work + 2800, work + 2784);
     adam_update(state + BN_CNN_STATE_exp_avg_OFFSET, state + BN_CNN_STATE_exp_avg_sq_OFFSET, params,
             work + 2784, work, work + 2800);

@@ -1345,6 +1345,15 @@ float digits_cnn_train_step(float *params, float *state, float *work, size_t n, 
         return 0;
     }
     const float loss = digits_cnn_gradients(params, work, work + 6096, n, in_x, in_y);
+    int nonfinite = !(loss - loss == 0);
+    for (size_t i = 0; i < DIGITS_CNN_PARAMS_SIZE; ++i) {
+        union { float value; uint32_t bits; } g;
+        g.value = work[i];
+        nonfinite |= (g.bits & UINT32_C(0x7f800000)) == UINT32_C(0x7f800000);
+    }
+    if (nonfinite) {   /* params, state and step count unchanged */
+        return NAN;
+    }
     step_count(state + DIGITS_CNN_STATE_step_OFFSET, work + 6112, work + 6096);
     adam_update(state + DIGITS_CNN_STATE_exp_avg_OFFSET, state + DIGITS_CNN_STATE_exp_avg_sq_OFFSET,
             params, work + 6096, work, work + 6112);

@@ -89,7 +89,10 @@ float digits_labels_gradients(const float *params, float *grads, float *work, si
  *   in_x: n x DIGITS_LABELS_INPUT_x_SIZE elements
  *   in_y: n x DIGITS_LABELS_INPUT_y_SIZE int32_t indices, 0 to 9
  * Returns the batch-mean loss before the update. When n is 0: returns 0 and changes
- * nothing (no step is counted). Arrays must not overlap.
+ * nothing (no step is counted). When the loss or any gradient is NaN or infinite:
+ * returns NaN and changes nothing either (no update, no step counted; the gradients
+ * are left in work), so that one bad batch cannot make every param NaN.
+ * Arrays must not overlap.
  */
 float digits_labels_train_step(float *params, float *state, float *work, size_t n,
         const float *in_x, const int32_t *in_y);

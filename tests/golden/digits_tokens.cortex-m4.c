@@ -1267,6 +1267,15 @@ float digits_tokens_train_step(float *params, float *state, float *work, size_t 
     const uint32_t step = count >= 0 && count < 4294967296.0F ? (uint32_t)count : 0;
     const float loss = digits_tokens_gradients(params, work, work + 3278, n, step, in_pixels,
             in_label);
+    int nonfinite = !(loss - loss == 0);
+    for (size_t i = 0; i < DIGITS_TOKENS_PARAMS_SIZE; ++i) {
+        union { float value; uint32_t bits; } g;
+        g.value = work[i];
+        nonfinite |= (g.bits & UINT32_C(0x7f800000)) == UINT32_C(0x7f800000);
+    }
+    if (nonfinite) {   /* params, state and step count unchanged */
+        return NAN;
+    }
     step_count(state + DIGITS_TOKENS_STATE_step_OFFSET, work + 3279, work + 3278);
     adam_update(state + DIGITS_TOKENS_STATE_exp_avg_OFFSET,
             state + DIGITS_TOKENS_STATE_exp_avg_sq_OFFSET, params, work + 3278, work, work + 3279);

@@ -108,7 +108,10 @@ float digits_tokens_gradients(const float *params, float *grads, float *work, si
  *   in_pixels: n x DIGITS_TOKENS_INPUT_pixels_SIZE int32_t indices, 0 to 16
  *   in_label: n x DIGITS_TOKENS_INPUT_label_SIZE int32_t indices, 0 to 9
  * Returns the batch-mean loss before the update. When n is 0: returns 0 and changes
- * nothing (no step is counted). Arrays must not overlap.
+ * nothing (no step is counted). When the loss or any gradient is NaN or infinite:
+ * returns NaN and changes nothing either (no update, no step counted; the gradients
+ * are left in work), so that one bad batch cannot make every param NaN.
+ * Arrays must not overlap.
  */
 float digits_tokens_train_step(float *params, float *state, float *work, size_t n,
         const int32_t *in_pixels, const int32_t *in_label);

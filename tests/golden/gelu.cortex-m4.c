@@ -578,6 +578,15 @@ float gelu_net_train_step(float *params, float *state, float *work, size_t n, co
         return 0;
     }
     const float loss = gelu_net_gradients(params, work, work + 508, n, in_x, in_y);
+    int nonfinite = !(loss - loss == 0);
+    for (size_t i = 0; i < GELU_NET_PARAMS_SIZE; ++i) {
+        union { float value; uint32_t bits; } g;
+        g.value = work[i];
+        nonfinite |= (g.bits & UINT32_C(0x7f800000)) == UINT32_C(0x7f800000);
+    }
+    if (nonfinite) {   /* params, state and step count unchanged */
+        return NAN;
+    }
     step_count(state + GELU_NET_STATE_step_OFFSET);
     momentum_update(state + GELU_NET_STATE_momentum_buffer_OFFSET, params, work);
     return loss;

@@ -89,7 +89,10 @@ float gelu_net_gradients(const float *params, float *grads, float *work, size_t 
  *   in_x: n x GELU_NET_INPUT_x_SIZE elements
  *   in_y: n x GELU_NET_INPUT_y_SIZE elements
  * Returns the batch-mean loss before the update. When n is 0: returns 0 and changes
- * nothing (no step is counted). Arrays must not overlap.
+ * nothing (no step is counted). When the loss or any gradient is NaN or infinite:
+ * returns NaN and changes nothing either (no update, no step counted; the gradients
+ * are left in work), so that one bad batch cannot make every param NaN.
+ * Arrays must not overlap.
  */
 float gelu_net_train_step(float *params, float *state, float *work, size_t n, const float *in_x,
         const float *in_y);

@@ -6,7 +6,8 @@
 
 static float sigmoid(float x)
 {
-    return 1 / (1 + expf(-x));
+    const float e = expf(-fabsf(x));
+    return x >= 0 ? 1 / (1 + e) : e / (1 + e);
 }
 
 static float softplus(float x)
@@ -503,6 +504,15 @@ float mlp_train_step(float *params, float *state, float *work, size_t n, const f
         return 0;
     }
     const float loss = mlp_gradients(params, work, work + 2410, n, in_x, in_y);
+    int nonfinite = !(loss - loss == 0);
+    for (size_t i = 0; i < MLP_PARAMS_SIZE; ++i) {
+        union { float value; uint32_t bits; } g;
+        g.value = work[i];
+        nonfinite |= (g.bits & UINT32_C(0x7f800000)) == UINT32_C(0x7f800000);
+    }
+    if (nonfinite) {   /* params, state and step count unchanged */
+        return NAN;
+    }
     step_count(state + MLP_STATE_step_OFFSET, work + 2411, work + 2410);
     adam_update(state + MLP_STATE_exp_avg_OFFSET, state + MLP_STATE_exp_avg_sq_OFFSET, params,
             work + 2410, work, work + 2411);

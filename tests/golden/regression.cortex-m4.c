@@ -542,6 +542,15 @@ float regression_train_step(float *params, float *state, float *work, size_t n, 
         return 0;
     }
     const float loss = regression_gradients(params, work, work + 370, n, in_x, in_target);
+    int nonfinite = !(loss - loss == 0);
+    for (size_t i = 0; i < REGRESSION_PARAMS_SIZE; ++i) {
+        union { float value; uint32_t bits; } g;
+        g.value = work[i];
+        nonfinite |= (g.bits & UINT32_C(0x7f800000)) == UINT32_C(0x7f800000);
+    }
+    if (nonfinite) {   /* params, state and step count unchanged */
+        return NAN;
+    }
     step_count(state + REGRESSION_STATE_step_OFFSET, work + 371, work + 370);
     adam_update(state + REGRESSION_STATE_exp_avg_OFFSET, state + REGRESSION_STATE_exp_avg_sq_OFFSET,
             params, work + 370, work, work + 371);

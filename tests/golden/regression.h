@@ -86,7 +86,10 @@ float regression_gradients(const float *params, float *grads, float *work, size_
  *   in_x: n x REGRESSION_INPUT_x_SIZE elements
  *   in_target: n x REGRESSION_INPUT_target_SIZE elements
  * Returns the batch-mean loss before the update. When n is 0: returns 0 and changes
- * nothing (no step is counted). Arrays must not overlap.
+ * nothing (no step is counted). When the loss or any gradient is NaN or infinite:
+ * returns NaN and changes nothing either (no update, no step counted; the gradients
+ * are left in work), so that one bad batch cannot make every param NaN.
+ * Arrays must not overlap.
  */
 float regression_train_step(float *params, float *state, float *work, size_t n, const float *in_x,
         const float *in_target);
