@@ -718,19 +718,21 @@ def emit(face: Interface, programs: dict[str, tuple[Program, MemoryPlan]],
                  f"{comment('per example, shape ' + str(list(shape)))}")
     if rule:
         layout = ", ".join(("step count" if k == "step" else k) for k in state_offsets)
-        c.append(comment(f"Optimizer state ({M}_STATE_SIZE elements, {name}_init_state "
-                         "writes a fresh one): the step count, then the hyperparameters, one "
-                         "element each, which every train step reads: write one between steps "
-                         "to change it (a learning-rate schedule), then the optimizer's slots."))
-        c.append(f"#define {M}_STATE_SIZE {state_size} "
-                 f"{comment(face.optimizer['name'] + ': ' + layout)}")
+        prose = (f"Optimizer state, {face.optimizer['name']}: {layout}. The step count, then "
+                 "the hyperparameters, one element each, which every train step reads (write "
+                 "one between steps to change it: a learning-rate schedule), then the slots, "
+                 "each one number or one element per trainable param element. "
+                 f"{name}_init_state writes a fresh state.")
+        c.append(doc(textwrap.wrap(prose, 92, break_on_hyphens=False)
+                     + [f"  {k}: {what}" for k, what in face.hyperparameters.items()]))
+        c.append(f"#define {M}_STATE_SIZE {state_size}")
+
+        def start(slot: str) -> str:   # as the state's type holds it
+            value = face.state_start.get(slot, 0.0)
+            return str(np.float32(value)) if dtype == "float32" else repr(value)
         for k, at in state_offsets.items():
-            what = "steps taken, a whole number" if k == STEP_COUNT else \
-                f"{face.hyperparameters[k]}; starts at {face.state_start.get(k, 0.0)!r}" \
-                if k in face.hyperparameters else \
-                f"starts at {face.state_start.get(k, 0.0)!r}" + \
-                ("" if state_sizes[k] == 1 else ", one element per trainable param element")
-            c.append(f"#define {M}_STATE_{k}_OFFSET {at} {comment(what)}")
+            shown = "" if k == STEP_COUNT else f" {comment('starts at ' + start(k))}"
+            c.append(f"#define {M}_STATE_{k}_OFFSET {at}{shown}")
     for kind, e in entries.items():
         c.append(f"#define {M}_{kind.upper()}_WORK_SIZE(n) ((size_t){e.work_fixed()} + "
                  f"(size_t){e.memory.per_example} * (size_t)(n))")
@@ -807,19 +809,18 @@ def emit(face: Interface, programs: dict[str, tuple[Program, MemoryPlan]],
     if rule:
         e = entries["train_step"]
         em.init_state(state_offsets, state_sizes, face.state_start, doc([
-            f"{name}_init_state: a fresh optimizer state for {e.c_name}: step count 0, each",
-            "  hyperparameter the value it was compiled with, every slot its start (see",
-            f"  {M}_STATE_*_OFFSET). Call it before the first step; to restart training and",
-            "  keep hyperparameters changed since, save them and write them back after it.",
+            f"{name}_init_state: a fresh optimizer state for {e.c_name}:",
+            "  step count 0, each hyperparameter the value it was compiled with, every slot",
+            f"  its start ({M}_STATE_*_OFFSET). Call it before the first step. To restart",
+            "  training and keep hyperparameters changed since, save them and write them back",
+            "  after it.",
             f"  state: {M}_STATE_SIZE elements, written"]))
-        shape = ", ".join(f"{k}={v!r}" for k, v in face.optimizer.items()
-                          if k != "name" and k not in face.hyperparameters
-                          and not (k == "betas" and "beta1" in face.hyperparameters))
+        shape = ", ".join(f"{k}={v!r}" for k, v in face.optimizer_fixed.items())
         clip = "; the gradients first scaled to a global 2-norm of at most " \
             "clip_grad_norm" if "clip_grad_norm" in face.hyperparameters else ""
         em.train_step(e, entries["gradients"], *rule, doc([
-            f"{e.c_name}: one {face.optimizer['name']} step ({shape}; hyperparameters read "
-            "from state) on a batch of n examples:",
+            f"{e.c_name}: one {face.optimizer['name']} step ({shape + '; ' if shape else ''}"
+            "hyperparameters read from state) on a batch of n examples:",
             f"  the loss and gradients ({entries['gradients'].c_name}), then params updated "
             f"in place{clip}.",
             *([f"  The optimizer updates params [0, {M}_TRAINABLE_SIZE); the running "

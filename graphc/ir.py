@@ -124,6 +124,8 @@ class Interface:
     # its value (the hyperparameters' compiled values, NAdam's mu_product 1, ...).
     hyperparameters: dict[str, str] = field(default_factory=dict)
     state_start: dict[str, float] = field(default_factory=dict)
+    # The optimizer's fields that shape its update, fixed at compile (flags, ...), by value.
+    optimizer_fixed: dict = field(default_factory=dict)
 
 
 

@@ -333,7 +333,8 @@ def test_the_state_block_holds_the_hyperparameters():
     assert cm.state_size == 7 + 3 * cm.trainable_size
     for slot, at in cm.state_offsets.items():
         assert f"#define NET_STATE_{slot}_OFFSET {at} " in cm.header
-    assert "#define NET_STATE_lr_OFFSET 1 /* the learning rate; starts at 0.02 */" in cm.header
+    assert "#define NET_STATE_lr_OFFSET 1 /* starts at 0.02 */" in cm.header
+    assert " *   lr: the learning rate\n" in cm.header
     assert "void net_init_state(double *state);" in cm.header
     # what init_state writes: the compiled hyperparameters, zeros elsewhere
     fresh = np.full(cm.state_size, np.nan)
