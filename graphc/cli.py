@@ -52,6 +52,9 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--optimizer", choices=tuple(OPTIMIZERS),
                    help="replaces the spec's optimizer section (torch's defaults otherwise)")
     t.add_argument("--lr", type=float, help="learning rate of the optimizer that applies")
+    t.add_argument("--clip-grad-norm", type=float, metavar="MAX_NORM",
+                   help="scale the gradients to a global 2-norm of at most MAX_NORM before "
+                        "each step (torch.nn.utils.clip_grad_norm_)")
     t.add_argument("--dtype", choices=tuple(DTYPES), default="float32")
     t.add_argument("--seed", type=int, default=0,
                    help="seed for init, the split and the shuffling (default 0)")
@@ -162,6 +165,8 @@ def _train(args) -> int:
             raise GraphcError(f"{flag} must be at least 1, got {value}")
     if args.lr is not None and not args.lr > 0:  # also rejects nan
         raise GraphcError(f"--lr must be a positive number, got {args.lr}")
+    if args.clip_grad_norm is not None and not args.clip_grad_norm >= 0:
+        raise GraphcError(f"--clip-grad-norm must be a number >= 0, got {args.clip_grad_norm}")
     if args.loss is not None:
         if Path(args.spec).suffix.lower() != ".onnx":
             raise GraphcError("--loss is for an .onnx model; a spec states its own 'loss'")
@@ -181,6 +186,8 @@ def _train(args) -> int:
               f"(torch's defaults{', lr ' + format(args.lr, 'g') if args.lr else ''})")
     if args.lr is not None:
         optimizer = {**optimizer, "lr": args.lr}
+    if args.clip_grad_norm is not None:
+        optimizer = {**optimizer, "clip_grad_norm": args.clip_grad_norm}
     train, test = split(load_dataset(args.data, graph), args.test_fraction, args.seed)
     model = compile(graph, args.dtype, optimizer=optimizer, seed=args.seed)
     history = fit(model, train, epochs=args.epochs, batch_size=args.batch_size, seed=args.seed,

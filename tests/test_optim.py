@@ -10,8 +10,10 @@ from __future__ import annotations
 import functools
 import json
 import os
+import re
 import shutil
 import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -699,3 +701,30 @@ def test_update_with_a_zero_beta_builds_under_the_review_flags():
     model.train_step(x=np.ones((2, 5), np.float32), y=np.eye(3, dtype=np.float32)[:2])
     assert all(np.all(np.isfinite(v)) for v in model.get_params().values())
     assert any(not np.array_equal(v, start[p]) for p, v in model.get_params().items())
+
+
+# ---------------------------------------------------------------- the CLI
+
+def test_cli_trains_with_any_optimizer_and_clipping(tmp_path, capsys):
+    """`graphc train --optimizer` offers every optimizer (OPTIMIZERS), and
+    `--clip-grad-norm` turns clipping on; a bad max_norm is one line, exit 2."""
+    import yaml
+    from graphc.cli import main
+    from graphc.optim import OPTIMIZERS
+    spec = tmp_path / "separable.yaml"
+    spec.write_text(yaml.safe_dump(LEARN_SPEC))
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((200, 4))
+    labels = (x @ np.array([1.0, -2.0, 0.5, 1.5]) > 0).astype(int)
+    np.savez(tmp_path / "data.npz", x=x, y=np.eye(2)[labels])
+    help_text = subprocess.run([sys.executable, "-m", "graphc", "train", "--help"],
+                               capture_output=True, text=True).stdout
+    assert all(name in help_text for name in OPTIMIZERS) and "--clip-grad-norm" in help_text
+    assert main(["train", str(spec), "--data", str(tmp_path / "data.npz"), "--optimizer", "nadam",
+                 "--lr", "0.05", "--clip-grad-norm", "1.0", "--epochs", "10",
+                 "--no-progress"]) == 0
+    accuracy = re.search(r"accuracy ([\d.]+)%", capsys.readouterr().out)
+    assert accuracy and float(accuracy.group(1)) >= 85
+    assert main(["train", str(spec), "--data", str(tmp_path / "data.npz"),
+                 "--clip-grad-norm", "-1", "--no-progress"]) == 2
+    assert "--clip-grad-norm must be a number >= 0" in capsys.readouterr().err
