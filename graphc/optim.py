@@ -1,4 +1,6 @@
-"""The optimizer section of a spec: names, fields and defaults (torch.optim's)."""
+"""Optimizers: the spec's section (names, fields, torch.optim's defaults), each update rule
+as formulas lowered to IR kernels, and a compiled model's hyperparameters as a live mapping
+over its optimizer state."""
 
 from __future__ import annotations
 
@@ -37,13 +39,9 @@ OPTIMIZERS: dict[str, dict] = {
 CLIP_DEFAULT = {"clip_grad_norm": None}
 # The fields that are flags of the formulas (true or false).
 FLAGS = ("nesterov", "amsgrad", "centered", "decoupled_weight_decay")
-# Numbers a step reads (torch's param_group entries): each lies in its range, low end
-# closed; (low, high, high end open). `lr` must be positive; the betas lie in [0, 1).
-RANGES = {"lr": (0.0, math.inf, False), "momentum": (0.0, math.inf, False),
-          "weight_decay": (0.0, math.inf, False), "eps": (0.0, math.inf, False),
-          "alpha": (0.0, math.inf, False), "lr_decay": (0.0, math.inf, False),
-          "initial_accumulator_value": (0.0, math.inf, False),
-          "momentum_decay": (0.0, math.inf, False), "clip_grad_norm": (0.0, math.inf, False)}
+# The number fields besides `betas` (each in [0, 1)): finite and >= 0, `lr` > 0.
+NUMBERS = ("lr", "momentum", "weight_decay", "eps", "alpha", "lr_decay",
+           "initial_accumulator_value", "momentum_decay", "clip_grad_norm")
 
 
 def _number(value, field: str, *, low: float = 0.0, high: float = math.inf,
@@ -82,26 +80,10 @@ def check_optimizer(spec) -> dict:
             if not isinstance(betas, (list, tuple)) or len(betas) != 2:
                 raise SpecError("must be a list of two numbers", node="optimizer", field="betas")
             out["betas"] = [_number(b, "betas", open_high=True, high=1.0) for b in betas]
-        elif field in RANGES and not (field == "clip_grad_norm" and out[field] is None):
-            low, high, open_high = RANGES[field]
-            out[field] = _number(out[field], field, low=low, high=high, open_high=open_high,
-                                 open_low=field == "lr")
+        elif field in NUMBERS and not (field == "clip_grad_norm" and out[field] is None):
+            out[field] = _number(out[field], field, open_low=field == "lr")
     if out.get("nesterov") and out["momentum"] == 0:
         raise SpecError("Nesterov momentum needs momentum > 0", node="optimizer", field="nesterov")
-    return out
-
-
-def hyperparameters(opt: dict) -> dict[str, tuple[str, ...]]:
-    """The fields of a validated description that the update reads from the state block,
-    each with its state slots (`betas`: beta1, beta2), in slot order: what a schedule or a
-    user may change between steps. Every other field shapes the formulas (a flag, momentum
-    zero or not, clipping on or off, the accumulator's start) and is fixed by the compile."""
-    out = {"lr": ("lr",)}
-    for field in ("alpha", "betas", "momentum", "momentum_decay", "lr_decay", "eps",
-                  "weight_decay", "clip_grad_norm"):
-        if field not in opt or (field in ("momentum", "clip_grad_norm") and not opt[field]):
-            continue   # SGD and RMSprop without momentum keep no buffer; no clipping
-        out[field] = COMPLEMENTS.get(field, (field,))
     return out
 
 
@@ -110,6 +92,21 @@ def hyperparameters(opt: dict) -> dict[str, tuple[str, ...]]:
 # (its rounding error 3e-8 over 0.001, 5e-5 relative), while one holding 1 - 0.999 is
 # float's nearest to 0.001, as the literal of the same formula (and torch's scalar) is.
 COMPLEMENTS = {"betas": ("one_minus_beta1", "one_minus_beta2"), "alpha": ("one_minus_alpha",)}
+
+
+def hyperparameters(opt: dict) -> dict[str, tuple[str, ...]]:
+    """The fields of a validated description that the update reads from the state block,
+    each with its state slots (`betas`: one_minus_beta1, one_minus_beta2), in slot order:
+    what a schedule or a user may change between steps. Every other field shapes the
+    formulas (a flag, momentum zero or not, clipping on or off, the accumulator's start)
+    and is fixed by the compile."""
+    out = {"lr": ("lr",)}
+    for field in ("alpha", "betas", "momentum", "momentum_decay", "lr_decay", "eps",
+                  "weight_decay", "clip_grad_norm"):
+        if field not in opt or (field in ("momentum", "clip_grad_norm") and not opt[field]):
+            continue   # SGD and RMSprop without momentum keep no buffer; no clipping
+        out[field] = COMPLEMENTS.get(field, (field,))
+    return out
 
 
 def slot_values(field: str, value) -> list[float]:
@@ -313,10 +310,12 @@ def update_rule(opt: dict) -> UpdateRule:
             name = "nesterov" if opt["nesterov"] else "momentum"
     elif name == "rmsprop":
         sq, avg, buf = slot("square_avg"), slot("grad_avg"), slot("momentum_buffer")
-        slots = ("square_avg",) + (("grad_avg",) if opt["centered"] else ()) +             (("momentum_buffer",) if opt["momentum"] else ())
+        slots = ("square_avg",) + (("grad_avg",) if opt["centered"] else ()) + \
+            (("momentum_buffer",) if opt["momentum"] else ())
         centered = ((avg, _lerp(avg, D, 1 - ALPHA)),) if opt["centered"] else ()
         denom = sp.sqrt(sq - avg * avg if centered else sq) + EPS
-        moved = ((buf, MU * buf + D / denom), (P, P - LR * buf)) if opt["momentum"] else             ((P, P - LR * D / denom),)
+        moved = ((buf, MU * buf + D / denom), (P, P - LR * buf)) if opt["momentum"] else \
+            ((P, P - LR * D / denom),)
         steps = (decay, (sq, ALPHA * sq + (1 - ALPHA) * D * D), *centered, *moved)
     elif name == "adagrad":
         total = slot("sum")
