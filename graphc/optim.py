@@ -244,6 +244,7 @@ SHRUNK, HALFWAY = sp.symbols("p_decayed p_halfway", real=True)   # the param bet
 # torch.nn.utils.clip_grad_norm_: the gradients' global 2-norm, then the factor each
 # gradient is multiplied by (1 unless the norm passes max_norm; its 1e-6 keeps it finite).
 NORM_SQ, CLIP = sp.symbols("grad_norm_sq clip_coef", nonnegative=True)
+CLIPPED = sp.Symbol("g_clipped", real=True)
 CLIP_COEF = sp.Min(1, MAX_NORM / (sp.sqrt(NORM_SQ) + sp.Float(1e-6)))
 # Each hyperparameter slot's symbol in the formulas.
 SLOT_SYMBOLS = {str(s): s for s in (LR, WD, MU, EPS, LR_DECAY, MOMENTUM_DECAY, MAX_NORM, C1, C2,
@@ -414,17 +415,20 @@ def lower_update(rule: UpdateRule, layout: dict[str, tuple[int, int]], trainable
         known[sym] = buffers[name].base[0]
 
     if trainable_size:
+        steps = rule.steps
         if rule.clip:   # one sum over every trainable gradient, in order: deterministic
             per_step(NORM_SQ, grad * grad, SUM, ((i, trainable_size),))
             per_step(CLIP, CLIP_COEF)
-            grad = known[CLIP] * grad   # torch scales the gradients in place first
+            # torch scales the gradients in place first: the scaled gradient, once
+            steps = ((CLIPPED, CLIP * G), *(
+                (target, e.xreplace({G: CLIPPED})) for target, e in steps))
         for sym, expr in rule.scalars:   # what the steps read
             per_step(sym, expr)
         loops = ((i, trainable_size),)
         reads = {P: buffers[PARAMS_BLOCK].base[i], G: grad,
                  **{rule.slot_symbol(s): buffers[state_buffer(s)].base[i] for s in rule.slots}}
         current = {**known, **reads}
-        for sym, expr in rule.steps:
+        for sym, expr in steps:
             if sym not in reads:   # a temporary: the decayed gradient d
                 buffers[f"__{sym}"] = Buffer(f"__{sym}", (trainable_size,), False, TEMP)
                 reads[sym] = buffers[f"__{sym}"].base[i]
