@@ -200,7 +200,8 @@ def _c_program(cmodule, params: dict, x: np.ndarray, y: np.ndarray) -> charness.
                                   f"{cmodule.name}.h": cmodule.header}, f"{cmodule.name}.h",
         [("params", flat), ("in_x", x), ("in_y", y)],
         [("work", cmodule.work_elements(n)), ("state", cmodule.state_size)],
-        f"result = {entry.c_name}(params, state, work, {n}, in_x, in_y);")
+        f"result = {entry.c_name}(params, state, work, {n}, in_x, in_y);",
+        setup=[f"{cmodule.name}_init_state(state);"])   # the hyperparameters, in the state
 
 
 def time_steps(batches, opts: Options, busy: bool, workdir: Path) -> list[dict]:

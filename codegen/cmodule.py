@@ -77,10 +77,27 @@ class CModule:
     running: dict[str, float] = field(default_factory=dict)
     # Inputs of int32_t indices (an embedding's rows, class indices); the rest are `dtype`.
     input_dtypes: dict[str, str] = field(default_factory=dict)
+    # Optimizer state: each slot's size (1 for the step count, each hyperparameter and the
+    # scalar slots; trainable_size for per-element ones); the slots that are
+    # hyperparameters, with what each is; what each slot starts at when not 0 (what
+    # `<name>_init_state` writes).
+    state_sizes: dict[str, int] = field(default_factory=dict)
+    hyperparameters: dict[str, str] = field(default_factory=dict)
+    state_start: dict[str, float] = field(default_factory=dict)
 
     def input_dtype(self, name: str) -> str:
         """The NumPy dtype of an input's array: "int32", or the model's."""
         return self.input_dtypes.get(name, self.dtype)
+
+    def initial_state(self):
+        """What `<name>_init_state` writes, as a float64 NumPy array (for a C harness
+        that takes its state as data)."""
+        import numpy as np
+        state = np.zeros(self.state_size)
+        for slot, value in self.state_start.items():
+            at = self.state_offsets[slot]
+            state[at:at + self.state_sizes[slot]] = value
+        return state
 
     def work_fixed(self) -> int:
         return max(e.work_fixed() for e in self.entries.values())

@@ -217,7 +217,7 @@ class Emitter:
         # File-scope names: entry points, helpers, kernels as they are named.
         self.names = Namer([f"{name}_{kind}" for kind in ENTRY_KINDS] + list(HELPERS)
                            + [f for support in HELPER_SUPPORT.values() for f in support]
-                           + ["trained_params"])
+                           + [f"{name}_init_state", "trained_params"])
         self._emitted: dict[str, str] = {}
         self._printed: dict[tuple, Emitted] = {}
         self._printers: list[GraphcPrinter] = []
@@ -577,6 +577,30 @@ class Emitter:
         body += ["    return loss;", "}"]
         self.entries.append("\n".join(body))
 
+    def init_state(self, offsets: dict[str, int], sizes: dict[str, int],
+                   start: dict[str, float], doc: str) -> None:
+        """`<name>_init_state`: a fresh optimizer state, zeros but for `start` (slot ->
+        the value each of its elements starts at), written through the header's offsets."""
+        r, M = self.real, self.macro
+        proto = f"void {self.name}_init_state({r} *state)"
+        self.prototypes.append((doc, proto))
+        printer = self.printer({})
+        body = [proto, "{", f"    for (size_t i = 0; i < {M}_STATE_SIZE; ++i) {{",
+                "        state[i] = 0;", "    }"]
+        for slot, value in start.items():
+            try:
+                text = printer.doprint(sp.Float(value))
+            except LiteralRangeError as e:
+                raise SpecError(f"{e}: compile with dtype float64, or change the value",
+                                node=UPDATE, field=slot) from None
+            at = f"{M}_STATE_{slot}_OFFSET"
+            if sizes[slot] == 1:
+                body.append(f"    state[{at}] = {text};")
+            else:
+                body += [f"    for (size_t i = 0; i < {sizes[slot]}; ++i) {{",
+                         f"        state[{at} + i] = {text};", "    }"]
+        self.entries.append("\n".join(body + ["}"]))
+
     def predict(self, e: Entry, forward: Entry, params, doc: str) -> None:
         r = self.real
         self.tables.append(c_array("trained_params", params, self.dtype))
@@ -672,6 +696,7 @@ def emit(face: Interface, programs: dict[str, tuple[Program, MemoryPlan]],
     em.use_helpers = wants_helpers(e.program for e in entries.values())
     rule = update if "gradients" in programs else None
     state_offsets: dict[str, int] = {}
+    state_sizes: dict[str, int] = {}
     state_size = 0
     if rule:
         g = entries["gradients"]
@@ -683,6 +708,7 @@ def emit(face: Interface, programs: dict[str, tuple[Program, MemoryPlan]],
         for b in rule[0].buffers.values():   # the step count first, then the slots
             if b.role == STATE:
                 state_offsets[state_slot(b.name)] = state_size
+                state_sizes[state_slot(b.name)] = b.size
                 state_size += b.size
     running = dict(running or {}) if rule else {}
 
@@ -708,10 +734,21 @@ def emit(face: Interface, programs: dict[str, tuple[Program, MemoryPlan]],
                  f"{comment('per example, shape ' + str(list(shape)))}")
     if rule:
         layout = ", ".join(("step count" if k == "step" else k) for k in state_offsets)
-        c.append(f"#define {M}_STATE_SIZE {state_size} "
-                 f"{comment(face.optimizer['name'] + ': ' + layout)}")
+        prose = (f"Optimizer state, {face.optimizer['name']}: {layout}. The step count, then "
+                 "the hyperparameters, one element each, which every train step reads (write "
+                 "one between steps to change it: a learning-rate schedule), then the slots, "
+                 "each one number or one element per trainable param element. "
+                 f"{name}_init_state writes a fresh state.")
+        c.append(doc(textwrap.wrap(prose, 92, break_on_hyphens=False)
+                     + [f"  {k}: {what}" for k, what in face.hyperparameters.items()]))
+        c.append(f"#define {M}_STATE_SIZE {state_size}")
+
+        def start(slot: str) -> str:   # as the state's type holds it
+            value = face.state_start.get(slot, 0.0)
+            return str(np.float32(value)) if dtype == "float32" else repr(value)
         for k, at in state_offsets.items():
-            c.append(f"#define {M}_STATE_{k}_OFFSET {at}")
+            shown = "" if k == STEP_COUNT else f" {comment('starts at ' + start(k))}"
+            c.append(f"#define {M}_STATE_{k}_OFFSET {at}{shown}")
     for kind, e in entries.items():
         c.append(f"#define {M}_{kind.upper()}_WORK_SIZE(n) ((size_t){e.work_fixed()} + "
                  f"(size_t){e.memory.per_example} * (size_t)(n))")
@@ -787,18 +824,28 @@ def emit(face: Interface, programs: dict[str, tuple[Program, MemoryPlan]],
             "grads all 0, no input read. Arrays must not overlap."]))
     if rule:
         e = entries["train_step"]
-        hyper = ", ".join(f"{k}={v!r}" for k, v in face.optimizer.items() if k != "name")
+        em.init_state(state_offsets, state_sizes, face.state_start, doc([
+            f"{name}_init_state: a fresh optimizer state for {e.c_name}:",
+            "  step count 0, each hyperparameter the value it was compiled with, every slot",
+            f"  its start ({M}_STATE_*_OFFSET). Call it before the first step. To restart",
+            "  training and keep hyperparameters changed since, save them and write them back",
+            "  after it.",
+            f"  state: {M}_STATE_SIZE elements, written"]))
+        shape = ", ".join(f"{k}={v!r}" for k, v in face.optimizer_fixed.items())
+        clip = "; the gradients first scaled to a global 2-norm of at most " \
+            "clip_grad_norm" if "clip_grad_norm" in face.hyperparameters else ""
         em.train_step(e, entries["gradients"], *rule, doc([
-            f"{e.c_name}: one {face.optimizer['name']} step ({hyper}) on a batch of n "
-            "examples:",
-            f"  the loss and gradients ({entries['gradients'].c_name}), then params updated in place.",
+            f"{e.c_name}: one {face.optimizer['name']} step ({shape + '; ' if shape else ''}"
+            "hyperparameters read from state) on a batch of n examples:",
+            f"  the loss and gradients ({entries['gradients'].c_name}), then params updated "
+            f"in place{clip}.",
             *([f"  The optimizer updates params [0, {M}_TRAINABLE_SIZE); the running "
                "statistics move",
                "  towards the batch's as torch's: p = (1 - momentum)*p + momentum*batch value."]
               if untrained else []),
             f"  params: {M}_PARAMS_SIZE elements, read and updated",
-            f"  state:  {M}_STATE_SIZE elements of optimizer state (step count first), zeroed",
-            "          before the first step; zero again to restart",
+            f"  state:  {M}_STATE_SIZE elements of optimizer state, from {name}_init_state,",
+            "          read and updated",
             f"  work:   at least {M}_TRAIN_STEP_WORK_SIZE(n) elements; the gradients are left",
             f"          in its first {M}_PARAMS_SIZE elements",
             *[f"  in_{i}: n x {M}_INPUT_{i}_SIZE {elements(i)}" for i in e.inputs],
@@ -811,4 +858,6 @@ def emit(face: Interface, programs: dict[str, tuple[Program, MemoryPlan]],
                    params_size, dict(face.inputs), dict(face.outputs),
                    dict(face.optimizer) if rule else None, state_size, state_offsets,
                    params is not None, tgt.name, max_batch, em.functions, em.calls,
-                   trainable_size, running, dict(face.input_dtypes))
+                   trainable_size, running, dict(face.input_dtypes),
+                   state_sizes, dict(face.hyperparameters) if rule else {},
+                   dict(face.state_start) if rule else {})

@@ -172,6 +172,8 @@ def size_probe(cmodule, params_flat, batch: int, training: bool) -> str:
     if training:
         t = cmodule.entries["train_step"]
         state = "state" if cmodule.state_size else "NULL"
+        if cmodule.state_size:   # the hyperparameters and slots' start, before any step
+            lines.append(f"    {name}_init_state(state);")
         lines.append(f"    graphc_sink = {t.c_name}(params, {state}, work, {n}"
                      + "".join(f", in_{i}" for i in t.inputs) + ");")
     args = (["params"] if fwd.kind != "predict" else []) + ["work", n] + \
@@ -234,8 +236,10 @@ def counter(cmodule, params_flat, inputs: dict[str, np.ndarray],
               "    if (SYST_CSR & 0x10000u) { /* wrapped: the count is ambiguous */",
               '        printf("overflow\\n");', "        return 0;", "    }",
               "    return (unsigned long)((start - stop) & 0xFFFFFFu);", "}", "",
-              "int main(void)", "{",
-              '    printf("calibrate 100000 %lu 200000 %lu\\n", ticks(-1, 0, 100000ul), '
+              "int main(void)", "{"]
+    if train and cmodule.state_size:   # the hyperparameters and slots' start
+        lines.append(f"    {name}_init_state(state);")
+    lines += ['    printf("calibrate 100000 %lu 200000 %lu\\n", ticks(-1, 0, 100000ul), '
               'ticks(-1, 0, 200000ul));']
     for kind, n, calls in runs:
         entry = 0 if kind == "forward" else 1

@@ -19,8 +19,8 @@ def harness(cmodule, params_flat: np.ndarray | None, inputs: dict[str, np.ndarra
     """C source of `main()` for `cmodule` (its header must be on the include path).
 
     With `train_steps`, `<name>_train_step` then runs that many times on the same batch,
-    from zeroed optimizer state; the losses it returns ("train_loss"), the params and the
-    state after the last step are printed too.
+    from a fresh optimizer state (`<name>_init_state`); the losses it returns
+    ("train_loss"), the params and the state after the last step are printed too.
 
     For a module with baked params (`generate(..., params=...)`), `params_flat` is None and
     `<name>_predict` runs instead of the forward pass."""
@@ -46,7 +46,7 @@ def harness(cmodule, params_flat: np.ndarray | None, inputs: dict[str, np.ndarra
         out.append(f"static {real} out_{o}[{size}];")
     if "gradients" in cmodule.entries:
         out.append(f"static {real} grads[{max(1, cmodule.params_size)}];")
-    if train is not None:  # zero-initialized, as the first step needs
+    if train is not None:   # written by <name>_init_state before the first step
         out += [f"static {real} state[{max(1, cmodule.state_size)}];",
                 f"static {real} train_loss[{train_steps}];"]
     out += ["", "static void print_array(const char *label, const " + real + " *a, size_t count)",
@@ -70,7 +70,8 @@ def harness(cmodule, params_flat: np.ndarray | None, inputs: dict[str, np.ndarra
         out.append(f'    print_array("grads", grads, {cmodule.params_size});')
     if train is not None:
         args = ", ".join(["params", "state", "work", str(n)] + [f"in_{i}" for i in train.inputs])
-        out += ["    { int step;", f"      for (step = 0; step < {train_steps}; ++step) {{",
+        out += [f"    {name}_init_state(state);",
+                "    { int step;", f"      for (step = 0; step < {train_steps}; ++step) {{",
                 f"          train_loss[step] = {train.c_name}({args});", "      } }",
                 f'    print_array("train_loss", train_loss, {train_steps});',
                 f'    print_array("params", params, {cmodule.params_size});',
@@ -103,7 +104,8 @@ def batch_sweep(cmodule, params_flat: np.ndarray, inputs: dict[str, np.ndarray],
     states for that n (the work arena `<NAME>_<ENTRY>_WORK_SIZE(n)`, n rows of each input
     and output, the params), so AddressSanitizer sees any read or write past what the
     header allows. Each call's results print as `harness` prints them, labelled
-    `<entry>.<what>.<n>`; train_step runs once from zeroed state on a copy of the params."""
+    `<entry>.<what>.<n>`; train_step runs once from a fresh state (`<name>_init_state`) on
+    a copy of the params."""
     dtype, real, name = cmodule.dtype, DTYPES[cmodule.dtype].c_type, cmodule.name
     macro = name.upper()
     entries = cmodule.entries
@@ -163,7 +165,9 @@ def batch_sweep(cmodule, params_flat: np.ndarray, inputs: dict[str, np.ndarray],
                 "    free(grads);"]
     if "train_step" in entries:
         t = entries["train_step"]
-        out.append(f"    {real} *state = calloc({macro}_STATE_SIZE, sizeof *state);")
+        out += [f"    {real} *state = malloc({macro}_STATE_SIZE * sizeof *state);",
+                "    if (!state) { fputs(\"out of memory\\n\", stderr); exit(1); }",
+                f"    {name}_init_state(state);"]
         call("train_step", ["params", "state", "work", "n", *(f"in_{i}" for i in t.inputs)],
              "loss")
         out += [f'    print_array("train_step.params", n, params, {macro}_PARAMS_SIZE);',

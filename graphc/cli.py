@@ -59,6 +59,9 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--optimizer", choices=tuple(OPTIMIZERS),
                    help="replaces the spec's optimizer section (torch's defaults otherwise)")
     t.add_argument("--lr", type=float, help="learning rate of the optimizer that applies")
+    t.add_argument("--clip-grad-norm", type=float, metavar="MAX_NORM",
+                   help="scale the gradients to a global 2-norm of at most MAX_NORM before "
+                        "each step (torch.nn.utils.clip_grad_norm_)")
     t.add_argument("--dtype", choices=tuple(DTYPES),
                    help="default float32 (with --resume: the checkpoint's)")
     t.add_argument("--seed", type=int, default=0,
@@ -187,6 +190,8 @@ def _train(args) -> int:
             raise GraphcError(f"{flag} must be at least 1, got {value}")
     if args.lr is not None and not args.lr > 0:  # also rejects nan
         raise GraphcError(f"--lr must be a positive number, got {args.lr}")
+    if args.clip_grad_norm is not None and not args.clip_grad_norm >= 0:
+        raise GraphcError(f"--clip-grad-norm must be a number >= 0, got {args.clip_grad_norm}")
     if args.validation_split is not None and not 0 < args.validation_split < 1:
         raise GraphcError(f"--validation-split must lie strictly between 0 and 1, got "
                           f"{args.validation_split}")
@@ -204,6 +209,8 @@ def _train(args) -> int:
                   f"(torch's defaults{', lr ' + format(args.lr, 'g') if args.lr else ''})")
         if args.lr is not None:
             optimizer = {**optimizer, "lr": args.lr}
+        if args.clip_grad_norm is not None:
+            optimizer = {**optimizer, "clip_grad_norm": args.clip_grad_norm}
     train, test = split(load_dataset(args.data, graph), args.test_fraction, args.seed)
     callbacks = []
     if args.lr_schedule is not None:   # before the build: a typo costs no compile
@@ -265,7 +272,8 @@ def _graph_to_train(args):
 def _resume(args):
     """The checkpoint's model, checked against the other flags (and SPEC, if given)."""
     from .model import load_model
-    for flag, value in (("--optimizer", args.optimizer), ("--lr", args.lr)):
+    for flag, value in (("--optimizer", args.optimizer),
+                        ("--clip-grad-norm", args.clip_grad_norm)):
         if value is not None:
             raise GraphcError(f"{flag} cannot be given with --resume: training continues with "
                               f"the optimizer and state saved in {args.resume}")
@@ -277,8 +285,10 @@ def _resume(args):
                           "model; leave --dtype out to continue it")
     if args.spec is not None:
         _check_same_model(_graph_to_train(args), model.graph, args.spec, args.resume)
+    if args.lr is not None:   # the lr is a state slot: the checkpoint's moments carry on
+        model.set_lr(args.lr)
     print(f"resuming {args.resume}: model '{model.name}' at step "
-          f"{model.optimizer_state().get('step', 0)}")
+          f"{model.optimizer_state().get('step', 0)}, lr {model.optimizer['lr']:g}")
     return model
 
 

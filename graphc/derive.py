@@ -30,7 +30,7 @@ from .ir import (ACC, ACCUMULATE, ARGMAX, ASSIGN, BATCH, GRAD, INPUT, INT32, LOS
                  MAX, OUTPUT, PARAM, REAL, SUM, TEMP, Buffer, Interface, Kernel, Program,
                  grad_name, param_layout, range_guard, tree_size)
 from .ops import OPS, Lowering, Statistic
-from .optim import lower_update, update_rule
+from .optim import HYPERPARAMETER_DOC, lower_update, structure, update_rule
 
 # A local derivative larger than this (as a tree) is refused: printing, cse and the C
 # compiler all grow with it, and a 1 KiB formula must not take minutes to compile.
@@ -247,13 +247,18 @@ def interface(graph: Graph) -> Interface:
     fields = {node: "expr" if v.op == "elementwise" else next(
         (a for a, value in v.attrs.items() if isinstance(value, float)), None)
         for node, v in graph.nodes.items()}
+    rule = update_rule(graph.optimizer) if graph.optimizer else None
     return Interface(graph.name, layout_order(graph),
                      {i: v.shape for i, v in graph.inputs.items()},
                      {o: graph.values[o].shape for o in graph.outputs}, graph.loss, entries,
                      dict(graph.optimizer) if graph.optimizer else None, fields,
                      tuple(graph.trainable_params),
                      {i: v.dtype for i, v in graph.inputs.items() if v.dtype == INT32},
-                     {i: b.bound for i, b in graph.index_bounds().items()})
+                     {i: b.bound for i, b in graph.index_bounds().items()},
+                     {s: HYPERPARAMETER_DOC[s] for s in rule.hyper} if rule else {},
+                     {s: v for s, v in rule.initial.items() if v} if rule else {},
+                     {k: v for k, v in structure(graph.optimizer).items() if k != "name"}
+                     if rule else {})
 
 
 def layout_order(graph: Graph) -> dict[str, tuple[int, ...]]:

@@ -71,13 +71,21 @@ def _text_table(head, rows, numeric=()) -> list[str]:
 
 # ---------------------------------------------------------------- summary
 
+def element_slots(cmodule) -> list[str]:
+    """The optimizer state's slots with one element per trainable param element (Adam's
+    moments), not the step count, the hyperparameters or NAdam's running product."""
+    return [s for s, size in cmodule.state_sizes.items()
+            if s != "step" and s not in cmodule.hyperparameters and size == cmodule.trainable_size]
+
+
 class Summary:
     """A model's table: one row per input and op node, then the totals.
 
     Each param is counted at the first node that reads it (in topological order), as Keras
     counts a shared layer once. With a compiled module, the "C bytes" column is the memory
-    a node's params take in C: their values, gradients and optimizer slots; the step count
-    and the work arena (shared by every node through liveness) are totals only."""
+    a node's params take in C: their values, gradients and optimizer slots; the step count,
+    the hyperparameters (one element each) and the work arena (shared by every node through
+    liveness) are totals only."""
 
     HEAD = ("node", "op", "inputs", "output shape", "params")
 
@@ -87,7 +95,7 @@ class Summary:
         counted: set[str] = set()
         item = DTYPES[cmodule.dtype].itemsize if cmodule else 0
         training = cmodule is not None and "gradients" in cmodule.entries
-        slots = len([s for s in (cmodule.state_offsets if cmodule else ()) if s != "step"])
+        slots = len(element_slots(cmodule)) if cmodule else 0
         for v in graph.values.values():
             if v.kind == "param":
                 continue

@@ -119,6 +119,13 @@ class Interface:
     # inputs that hold int32 indices (embedding rows, class indices); the rest are real
     input_dtypes: dict[str, str] = field(default_factory=dict)
     index_bounds: dict[str, int] = field(default_factory=dict)   # int32 input -> indices < it
+    # The optimizer state's slots that the train step reads as hyperparameters, each with
+    # what it is (graphc/optim.py), and every slot a fresh state does not hold 0 in, with
+    # its value (the hyperparameters' compiled values, NAdam's mu_product 1, ...).
+    hyperparameters: dict[str, str] = field(default_factory=dict)
+    state_start: dict[str, float] = field(default_factory=dict)
+    # The optimizer's fields that shape its update, fixed at compile (flags, ...), by value.
+    optimizer_fixed: dict = field(default_factory=dict)
 
 
 

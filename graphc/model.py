@@ -180,6 +180,7 @@ class CompiledModel:
         self._params = _ParamStore(graph, cmodule.param_offsets, cmodule.params_size, self.dtype)
         self._grads = aligned_zeros(cmodule.params_size, self.dtype)
         self._state = aligned_zeros(cmodule.state_size, self.dtype)
+        self._optimizer = None
         self._work = aligned_zeros(0, self.dtype)
         self._work_batch = 0          # the largest batch the current work array serves
         # Model-owned arrays never move (updates are in place), so their C pointers are made
@@ -209,6 +210,11 @@ class CompiledModel:
                                     for i in e.inputs),
                               tuple((o, cmodule.output_shapes[o]) for o in e.outputs))
                        for kind, e in cmodule.entries.items()}
+        if cmodule.optimizer is not None and "train_step" in cmodule.entries:
+            from .optim import LiveOptimizer
+            getattr(self._lib, f"{cmodule.name}_init_state")(self._c_state)
+            self._optimizer = LiveOptimizer(cmodule.optimizer, self._state,
+                                            cmodule.state_offsets, self._lock)
         self.init_params(seed)
 
     def _check_threads(self, threads) -> int | None:
@@ -234,9 +240,19 @@ class CompiledModel:
         return self._threads
 
     @property
-    def optimizer(self) -> dict | None:
-        """The optimizer the C `train_step` was generated for (torch.optim's semantics)."""
-        return self.cmodule.optimizer
+    def optimizer(self):
+        """The optimizer of the C `train_step` (torch.optim's semantics), None without one:
+        a mapping like the spec's section, live over the optimizer state. Its
+        hyperparameters (lr, weight_decay, betas, ...: those a schedule would change) read
+        as the next step will use them, and `model.optimizer["lr"] = 0.01` takes effect at
+        the next step; fields that shape the update (nesterov, amsgrad, momentum zero or
+        not, ...) are fixed at compile, and assigning another value raises a SpecError."""
+        return self._optimizer
+
+    def set_lr(self, lr: float) -> None:
+        """The learning rate from the next train step on (torch's `param_group["lr"] = lr`)."""
+        self._entry("train_step", "train")   # raises the reason when there is no optimizer
+        self._optimizer["lr"] = lr
 
     # ------------------------------------------------------------ params
     def init_params(self, seed: int = 0) -> None:
@@ -404,20 +420,40 @@ class CompiledModel:
         return int(count) if 0 <= count < 2.0 ** 32 else 0
 
     def reset_optimizer(self) -> None:
-        """Zero the optimizer state: the next step is a first step again."""
+        """A fresh optimizer state (`<name>_init_state`): step count 0 and every slot at its
+        start, so that the next step is a first step again. The hyperparameters keep their
+        current values (a learning rate set since compile stays), as torch keeps a
+        param_group's lr when its optimizer's state is cleared."""
+        cm = self.cmodule
+        if self._optimizer is None:
+            return
         with self._lock:
-            self._state[...] = 0
+            kept = {s: self._state[cm.state_offsets[s]] for s in cm.hyperparameters}
+            getattr(self._lib, f"{cm.name}_init_state")(self._c_state)
+            for s, value in kept.items():
+                self._state[cm.state_offsets[s]] = value
 
     def optimizer_state(self) -> dict:
-        """{"step": count, slot: {param: array}} with torch.optim's slot names (the
-        trainable params have slots); {} without an optimizer."""
+        """{"step": count, slot: {param: array} or a number (NAdam's mu_product),
+        "hyperparameters": {field: value}} with torch.optim's names (the trainable params
+        have slots; the hyperparameters are the live fields of `optimizer`); {} without an
+        optimizer."""
         out: dict = {}
+        if self._optimizer is None:
+            return out
+        cm = self.cmodule
         with self._lock:
-            for slot, at in self.cmodule.state_offsets.items():
+            for slot, at in cm.state_offsets.items():
                 if slot == "step":
                     out["step"] = int(self._state[at])
+                elif slot in cm.hyperparameters:
+                    continue
+                elif cm.state_sizes[slot] == 1:
+                    out[slot] = float(self._state[at])
                 else:
                     out[slot] = self._params.get(self._state[at:], self.graph.trainable_params)
+        from .optim import hyperparameters
+        out["hyperparameters"] = {f: self._optimizer[f] for f in hyperparameters(cm.optimizer)}
         return out
 
     def predict(self, **inputs) -> dict[str, np.ndarray]:

@@ -873,8 +873,8 @@ OPS: dict[str, _Op] = {
 
 
 # ---------------------------------------------------------------- optimizers
-# torch.optim.SGD and torch.optim.Adam as their single-tensor CPU code runs them
-# (torch/optim/sgd.py `_single_tensor_sgd`, adam.py `_single_tensor_adam`), one param at a
+# torch.optim's optimizers as their single-tensor CPU code runs them (torch/optim/sgd.py
+# `_single_tensor_sgd`, adam.py `_single_tensor_adam`, and so on), one param at a
 # time, in the same operation order, so a trajectory matches torch's to rounding. Written
 # apart from the SymPy update formulas in graphc/optim.py: this is what the C is checked
 # against. `state` maps slot -> the param's array (updated in place); `step` counts this step.
@@ -901,10 +901,20 @@ def _lerp(start: np.ndarray, end: np.ndarray, weight: float) -> np.ndarray:
     return end - (end - start) * (1 - weight)
 
 
+def _decay(opt: dict, p: np.ndarray, g: np.ndarray) -> np.ndarray:
+    """The gradient after weight decay: L2 added to it (torch's default), or, decoupled
+    (AdamW, NAdam's option), the param shrunk in place and the gradient as it is."""
+    if opt["weight_decay"] == 0:
+        return g
+    if opt["name"] == "adamw" or opt.get("decoupled_weight_decay"):
+        p *= 1 - opt["lr"] * opt["weight_decay"]
+        return g
+    return g + opt["weight_decay"] * p
+
+
 def _adam_update(opt: dict, p: np.ndarray, g: np.ndarray, state: dict, step: int) -> None:
     beta1, beta2 = opt["betas"]
-    if opt["weight_decay"] != 0:
-        g = g + opt["weight_decay"] * p
+    g = _decay(opt, p, g)
     exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
     exp_avg[...] = _lerp(exp_avg, g, 1 - beta1)
     exp_avg_sq *= beta2
@@ -913,18 +923,105 @@ def _adam_update(opt: dict, p: np.ndarray, g: np.ndarray, state: dict, step: int
     bias_correction1 = 1 - beta1 ** step
     bias_correction2 = 1 - beta2 ** step
     step_size = opt["lr"] / bias_correction1
+    if opt["amsgrad"]:
+        np.maximum(state["max_exp_avg_sq"], exp_avg_sq, out=state["max_exp_avg_sq"])
+        exp_avg_sq = state["max_exp_avg_sq"]
     denom = np.sqrt(exp_avg_sq) / bias_correction2 ** 0.5 + opt["eps"]
     p -= step_size * exp_avg / denom  # addcdiv: value·t1 / t2
 
 
-_UPDATES: dict[str, Callable] = {"sgd": _sgd_update, "momentum": _sgd_update, "adam": _adam_update}
+def _rmsprop_update(opt: dict, p: np.ndarray, g: np.ndarray, state: dict, step: int) -> None:
+    alpha = opt["alpha"]
+    g = _decay(opt, p, g)
+    square_avg = state["square_avg"]
+    square_avg *= alpha
+    square_avg += (1 - alpha) * g * g
+    if opt["centered"]:
+        grad_avg = state["grad_avg"]
+        grad_avg[...] = _lerp(grad_avg, g, 1 - alpha)
+        avg = np.sqrt(square_avg - grad_avg * grad_avg)
+    else:
+        avg = np.sqrt(square_avg)
+    avg = avg + opt["eps"]
+    if opt["momentum"] > 0:
+        buf = state["momentum_buffer"]
+        buf *= opt["momentum"]
+        buf += g / avg
+        p -= opt["lr"] * buf
+    else:
+        p -= opt["lr"] * g / avg
+
+
+def _adagrad_update(opt: dict, p: np.ndarray, g: np.ndarray, state: dict, step: int) -> None:
+    g = _decay(opt, p, g)
+    clr = opt["lr"] / (1 + (step - 1) * opt["lr_decay"])
+    state["sum"] += g * g
+    p -= clr * g / (np.sqrt(state["sum"]) + opt["eps"])
+
+
+def _adamax_update(opt: dict, p: np.ndarray, g: np.ndarray, state: dict, step: int) -> None:
+    beta1, beta2 = opt["betas"]
+    g = _decay(opt, p, g)
+    state["exp_avg"][...] = _lerp(state["exp_avg"], g, 1 - beta1)
+    np.maximum(state["exp_inf"] * beta2, np.abs(g) + opt["eps"], out=state["exp_inf"])
+    clr = opt["lr"] / (1 - beta1 ** step)
+    p -= clr * state["exp_avg"] / state["exp_inf"]
+
+
+def _nadam_update(opt: dict, p: np.ndarray, g: np.ndarray, state: dict, step: int) -> None:
+    beta1, beta2 = opt["betas"]
+    psi = opt["momentum_decay"]
+    bias_correction2 = 1 - beta2 ** step
+    g = _decay(opt, p, g)
+    mu = beta1 * (1.0 - 0.5 * 0.96 ** (step * psi))
+    mu_next = beta1 * (1.0 - 0.5 * 0.96 ** ((step + 1) * psi))
+    state["mu_product"][...] *= mu   # a 0-d array: one number, updated in place
+    mu_product = float(state["mu_product"])
+    exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+    exp_avg[...] = _lerp(exp_avg, g, 1 - beta1)
+    exp_avg_sq *= beta2
+    exp_avg_sq += (1 - beta2) * g * g
+    denom = np.sqrt(exp_avg_sq / bias_correction2) + opt["eps"]
+    p += (-opt["lr"] * (1.0 - mu) / (1.0 - mu_product)) * g / denom
+    p += ((-opt["lr"] * mu_next) / (1.0 - mu_product * mu_next)) * exp_avg / denom
+
+
+_UPDATES: dict[str, Callable] = {"sgd": _sgd_update, "momentum": _sgd_update, "adam": _adam_update,
+                                 "adamw": _adam_update, "rmsprop": _rmsprop_update,
+                                 "adagrad": _adagrad_update, "adamax": _adamax_update,
+                                 "nadam": _nadam_update}
 
 
 def _slots(opt: dict) -> tuple[str, ...]:
     """The state each param carries, by torch's names (plain SGD keeps none)."""
-    if opt["name"] == "adam":
+    name = opt["name"]
+    if name in ("adam", "adamw"):
+        return ("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if opt["amsgrad"] else ())
+    if name == "rmsprop":
+        return ("square_avg",) + (("grad_avg",) if opt["centered"] else ()) + \
+            (("momentum_buffer",) if opt["momentum"] != 0 else ())
+    if name == "adagrad":
+        return ("sum",)
+    if name == "adamax":
+        return ("exp_avg", "exp_inf")
+    if name == "nadam":
         return ("exp_avg", "exp_avg_sq")
     return ("momentum_buffer",) if opt["momentum"] != 0 else ()
+
+
+def _slot_start(opt: dict) -> dict[str, float]:
+    """Slots that do not start at 0 (torch's initial_accumulator_value, NAdam's mu_product)."""
+    return {"sum": opt["initial_accumulator_value"]} if opt["name"] == "adagrad" else \
+        {"mu_product": 1.0} if opt["name"] == "nadam" else {}
+
+
+def _clip_grad_norm(grads: dict[str, np.ndarray], max_norm: float) -> None:
+    """torch.nn.utils.clip_grad_norm_ (norm_type 2), in place: the 2-norm of the params'
+    2-norms, and every gradient scaled by max_norm / (norm + 1e-6) when that is below 1."""
+    total = np.linalg.norm([np.linalg.norm(g.ravel()) for g in grads.values()])
+    coef = min(max_norm / (total + 1e-6), 1.0)
+    for g in grads.values():
+        g *= coef
 
 
 # ---------------------------------------------------------------- the model
@@ -1050,13 +1147,20 @@ class Reference:
         """Step count 0 and zero state, as before the first step."""
         self._step = 0
         slots = _slots(self._optimizer) if self._optimizer else ()
-        self._state = {s: {k: np.zeros_like(self._params[k]) for k in self.graph.trainable_params}
-                       for s in slots}
+        start = _slot_start(self._optimizer) if self._optimizer else {}
+        self._state = {s: {k: np.full_like(self._params[k], start.get(s, 0.0))
+                           for k in self.graph.trainable_params} for s in slots}
+        if "mu_product" in start:   # one number for every param, as torch's are equal
+            self._state["mu_product"] = {k: np.array(1.0) for k in self.graph.trainable_params}
 
     def optimizer_state(self) -> dict:
-        """{"step": steps taken, slot: {param: array}} with torch's slot names."""
-        return {"step": self._step, **{s: {k: a.copy() for k, a in per_param.items()}
-                                       for s, per_param in self._state.items()}}
+        """{"step": steps taken, slot: {param: array}} with torch's slot names (NAdam's
+        mu_product, the same for every param, as one number)."""
+        out = {"step": self._step, **{s: {k: a.copy() for k, a in per_param.items()}
+                                      for s, per_param in self._state.items()}}
+        if "mu_product" in out:
+            out["mu_product"] = float(next(iter(self._state["mu_product"].values())))
+        return out
 
     def train_step(self, **inputs) -> float:
         """One optimizer step on this batch; returns the batch-mean loss before the update,
@@ -1071,6 +1175,8 @@ class Reference:
         if not (math.isfinite(loss) and all(np.all(np.isfinite(g)) for g in grads.values())):
             return math.nan
         self._step += 1
+        if self._optimizer["clip_grad_norm"] is not None and grads:
+            _clip_grad_norm(grads, self._optimizer["clip_grad_norm"])
         update = _UPDATES[self._optimizer["name"]]
         for k in self.graph.trainable_params:
             update(self._optimizer, self._params[k], grads[k],

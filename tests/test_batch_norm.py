@@ -187,7 +187,8 @@ def test_train_steps_follow_torch_running_statistics_included(optimizer):
     cm = m.cmodule
     trainable_size = sum(int(np.prod(m.graph.params[p].shape)) for p in TRAINABLE)
     assert cm.trainable_size == trainable_size
-    assert cm.state_size == 1 + (2 if optimizer == "adam" else 1) * trainable_size
+    hyper = len(cm.hyperparameters)   # lr, ... one element each after the step count
+    assert cm.state_size == 1 + hyper + (2 if optimizer == "adam" else 1) * trainable_size
     assert all(cm.param_offsets[p] >= trainable_size for p in RUNNING)
     assert f"#define BNNET_TRAINABLE_SIZE {trainable_size}" in cm.header
     assert "/* shape [4]; a running statistic */" in cm.header

@@ -23,6 +23,7 @@ def compiled():
 def model(compiled):
     compiled.init_params(0)
     compiled.reset_optimizer()
+    compiled.set_lr(0.05)   # a reset keeps the lr a schedule left
     return compiled
 
 
@@ -87,45 +88,34 @@ def test_early_stopping_rule_on_a_scripted_sequence():
     assert stopped([0.5, 0.4, 0.3], monitor="val_accuracy", mode="min", patience=5) == (None, 2)
 
 
-def test_model_checkpoint_saves_each_epoch_or_the_best(model, monkeypatch, tmp_path):
-    """`model.save` comes with the checkpoint work; a stand-in records the calls here."""
-    saved = []
-    monkeypatch.setattr(model, "save", lambda path: saved.append((path, model.get_params())),
-                        raising=False)
+def test_model_checkpoint_saves_each_epoch_or_the_best(model, tmp_path):
+    """Each epoch's file, and the best one, load back (graphc.load_model) as the params of
+    that epoch."""
     val = _overfitting_validation()
-    every = ModelCheckpoint(tmp_path / "e{epoch:02d}-{val_loss:.4f}.npz", save_best_only=False)
-    best = ModelCheckpoint(str(tmp_path / "best.npz"), save_best_only=True)
+    every = ModelCheckpoint(tmp_path / "e{epoch:02d}-{val_loss:.4f}.graphc", save_best_only=False)
+    best = ModelCheckpoint(str(tmp_path / "best.graphc"), save_best_only=True)
     record = ParamsEachEpoch()
     h = _fit(model, _data(60, seed=1), epochs=16, batch_size=10, validation=val,
              callbacks=[record, every, best])
-    each = [p for p, _ in saved if "best" not in p]
     losses = h["val_loss"]
-    assert each == [str(tmp_path / f"e{e + 1:02d}-{v:.4f}.npz") for e, v in enumerate(losses)]
+    each = sorted(p.name for p in tmp_path.glob("e*.graphc"))
+    assert each == [f"e{e + 1:02d}-{v:.4f}.graphc" for e, v in enumerate(losses)]
     improved = [e for e, v in enumerate(losses) if v < min(losses[:e], default=np.inf)]
-    best_saves = [params for p, params in saved if p.endswith("best.npz")]
-    assert len(best_saves) == len(improved) == len(best.saved) and 0 < improved[-1] < 15
-    assert all(np.array_equal(best_saves[-1][p], v)
-               for p, v in record.params_at[improved[-1]].items())
+    assert len(improved) == len(best.saved) and 0 < improved[-1] < 15
+    for epoch, name in ((3, each[3]), (improved[-1], "best.graphc")):
+        saved = graphc.load_model(tmp_path / name).get_params()
+        assert all(np.array_equal(saved[p], v) for p, v in record.params_at[epoch].items())
 
 
-class LrModel:
-    """The model with a settable learning rate, as `set_lr` and a live `optimizer["lr"]`
-    give it after the optimizer-state work; until then this stand-in records the rates
-    (the steps themselves run at the compiled lr)."""
+class LrEachStep(Callback):
+    """The learning rate each train step ran at, read back from the C's state (first in
+    the callback list, so before the scheduler sets the next one)."""
 
-    def __init__(self, model):
-        self._model, self.lr, self.set = model, model.optimizer["lr"], []
+    def on_train_begin(self, logs=None):
+        self.lrs = []
 
-    def __getattr__(self, name):
-        return getattr(self._model, name)
-
-    @property
-    def optimizer(self):
-        return {**self._model.optimizer, "lr": self.lr}
-
-    def set_lr(self, lr):
-        self.lr = lr
-        self.set.append(lr)
+    def on_batch_end(self, batch, logs=None):
+        self.lrs.append(self.model.optimizer["lr"])
 
 
 def _torch_lrs(name, steps, *args, metrics=None, **kwargs):
@@ -141,47 +131,70 @@ def _torch_lrs(name, steps, *args, metrics=None, **kwargs):
 
 
 def test_schedule_per_epoch_sets_the_lr_each_epoch_and_history_records_it(model):
-    lr_model = LrModel(model)
-    h = _fit(lr_model, _data(30), epochs=7, batch_size=8,
-             callbacks=[LearningRateScheduler(StepLR(2, gamma=0.5))])
+    steps = LrEachStep()
+    h = _fit(model, _data(30), epochs=7, batch_size=8,
+             callbacks=[steps, LearningRateScheduler(StepLR(2, gamma=0.5))])
     # the epoch's rate: 0.05 for epochs 0-1, 0.025 for 2-3, ...; set once before training
-    # and after each epoch but the last
+    # and after each epoch but the last; each epoch's 4 steps run at it
     assert h["lr"] == [0.05, 0.05, 0.025, 0.025, 0.0125, 0.0125, 0.00625]
-    assert lr_model.set == h["lr"]
+    assert steps.lrs == [lr for lr in h["lr"] for _ in range(4)]
     assert h["lr"] == _torch_lrs("StepLR", 6, 2, gamma=0.5)
 
 
 def test_onecycle_steps_each_batch_as_torch(model):
-    lr_model = LrModel(model)
+    steps = LrEachStep()
     schedule = OneCycleLR(0.2, epochs=3, steps_per_epoch=4)   # 30 examples, batches of 8
-    h = _fit(lr_model, _data(30), epochs=3, batch_size=8,
-             callbacks=[LearningRateScheduler(schedule)])
+    h = _fit(model, _data(30), epochs=3, batch_size=8,
+             callbacks=[steps, LearningRateScheduler(schedule)])
     want = _torch_lrs("OneCycleLR", 11, 0.2, epochs=3, steps_per_epoch=4, cycle_momentum=False)
-    assert max(abs(a - b) / b for a, b in zip(lr_model.set, want)) <= 1e-12
-    assert len(lr_model.set) == 12 and h["lr"] == [want[0], want[4], want[8]]
+    assert len(steps.lrs) == 12 and max(abs(a - b) / b for a, b in zip(steps.lrs, want)) <= 1e-12
+    assert h["lr"] == [want[0], want[4], want[8]]
     with pytest.raises(InputError, match="this fit takes 15 batch steps of the schedule, more "
                                          "than its total_steps of 12"):
-        _fit(lr_model, _data(30), epochs=4, batch_size=8,
+        _fit(model, _data(30), epochs=4, batch_size=8,
              callbacks=[LearningRateScheduler(schedule)])
+
+
+def test_scheduled_steps_equal_torch_sgd_under_the_same_scheduler(model):
+    """The params after a fit with StepLR equal torch's SGD stepped by torch's StepLR on
+    the same batches (no shuffling), float64."""
+    torch = pytest.importorskip("torch")
+    data = _data(24)
+    start = {k: torch.tensor(v, requires_grad=True) for k, v in model.get_params().items()}
+    _fit(model, data, epochs=4, batch_size=8, shuffle=False,
+         callbacks=[LearningRateScheduler(StepLR(1, gamma=0.5))])
+    opt = torch.optim.SGD(list(start.values()), lr=0.05)
+    scheduler = torch.optim.lr_scheduler.StepLR(opt, 1, gamma=0.5)
+    x, y = torch.tensor(data["x"]), torch.tensor(data["y"])
+    for _ in range(4):
+        for lo in range(0, 24, 8):
+            opt.zero_grad()
+            logits = x[lo:lo + 8] @ start["W"].T + start["b"]
+            loss = -(y[lo:lo + 8] * torch.log_softmax(logits, -1)).sum(-1).mean()
+            loss.backward()
+            opt.step()
+        scheduler.step()
+    got = model.get_params()
+    assert max(float(np.max(np.abs(got[k] - v.detach().numpy()))) for k, v in start.items()) \
+        < 1e-12
 
 
 def test_plateau_and_function_schedules(model):
-    lr_model = LrModel(model)
+    steps = LrEachStep()
     schedule = ReduceLROnPlateau(patience=0, factor=0.5)
     val = _overfitting_validation()
-    h = _fit(lr_model, _data(60, seed=1), epochs=16, batch_size=10, validation=val,
-             callbacks=[LearningRateScheduler(schedule)])
-    # (the steps ran at the compiled lr: the same val_loss sequence drives torch's)
+    h = _fit(model, _data(60, seed=1), epochs=16, batch_size=10, validation=val,
+             callbacks=[steps, LearningRateScheduler(schedule)])
     want = _torch_lrs("ReduceLROnPlateau", 15, patience=0, factor=0.5, metrics=h["val_loss"])
     assert h["lr"] == want[:16] and want[15] < 0.05
+    assert steps.lrs == [lr for lr in h["lr"] for _ in range(6)]
 
-    lr_model = LrModel(model)
-    h = _fit(lr_model, _data(30), epochs=4, batch_size=8,
+    h = _fit(model, _data(30), epochs=4, batch_size=8,
              callbacks=[LearningRateScheduler(lambda epoch: 0.1 / (1 + epoch))])
-    assert h["lr"] == [0.1, 0.05, 0.1 / 3, 0.025]
+    assert h["lr"] == [0.1, 0.05, 0.1 / 3, 0.025] and model.optimizer["lr"] == 0.025
     with pytest.raises(InputError, match="the schedule gave lr -1.0 at epoch 1; a learning rate "
                                          "must be a non-negative finite number"):
-        _fit(LrModel(model), _data(30), epochs=3,
+        _fit(model, _data(30), epochs=3,
              callbacks=[LearningRateScheduler(lambda epoch: 0.1 - 1.1 * epoch)])
 
 
@@ -198,7 +211,7 @@ def test_plateau_and_function_schedules(model):
 def test_a_monitor_fit_does_not_record_is_refused_before_any_step(model, callback, message):
     before = model.get_params()
     with pytest.raises(InputError) as e:
-        _fit(LrModel(model), _data(20), epochs=2, callbacks=[callback()])
+        _fit(model, _data(20), epochs=2, callbacks=[callback()])
     assert message in str(e.value)
     assert all(np.array_equal(before[p], v) for p, v in model.get_params().items())
 

@@ -376,7 +376,18 @@ def test_train_save_then_resume_continues_the_run(toy, capsys):
 def test_resume_with_the_same_spec_is_accepted(toy, capsys):
     assert main(["train", str(toy / "toy.yaml"), "--resume", str(toy / "a.graphc"), "--data",
                  str(toy / "toy.npz"), "--epochs", "1", "--no-progress"]) == 0
-    assert "at step 4" in capsys.readouterr().out
+    assert "at step 4, lr 0.05" in capsys.readouterr().out
+
+
+def test_resume_with_a_new_lr_keeps_the_moments(toy, tmp_path, capsys):
+    """--lr on --resume sets the lr slot of the restored state; the moments carry on."""
+    out = tmp_path / "c.graphc"
+    assert main(["train", "--resume", str(toy / "a.graphc"), "--lr", "0.125", "--data",
+                 str(toy / "toy.npz"), "--epochs", "1", "--no-progress", "--save", str(out)]) == 0
+    assert "at step 4, lr 0.125" in capsys.readouterr().out
+    before, after = load_model(toy / "a.graphc"), load_model(out)
+    assert after.optimizer["lr"] == 0.125 and before.optimizer["lr"] == 0.05
+    assert after.optimizer_state()["step"] == before.optimizer_state()["step"] + 2   # 2 batches
 
 
 @pytest.mark.parametrize("spec_edit, flags, message", [
@@ -384,7 +395,7 @@ def test_resume_with_the_same_spec_is_accepted(toy, capsys):
      "{spec}: node 'b': field 'params': differs from the model saved in {ckpt} (leave SPEC "
      "out to continue the checkpoint's model)"),
     (("lr: 0.05", "lr: 0.1"), [], "{spec}: node 'optimizer': field 'optimizer': differs"),
-    (None, ["--lr", "0.1"], "--lr cannot be given with --resume"),
+    (None, ["--clip-grad-norm", "1"], "--clip-grad-norm cannot be given with --resume"),
     (None, ["--optimizer", "sgd"], "--optimizer cannot be given with --resume"),
     (None, ["--dtype", "float64"], "--dtype float64: {ckpt} holds a float32 model"),
 ])

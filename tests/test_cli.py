@@ -181,11 +181,11 @@ def test_train_flag_errors_exit_2(toy, capsys, flags, message):
 
 
 def test_train_with_a_validation_split_and_a_schedule(toy, capsys, monkeypatch):
-    """`set_lr` comes with the optimizer-state work; a stand-in records the rates here."""
+    """The rates the schedule sets (a spy on `set_lr`, which then sets them)."""
     from graphc.model import CompiledModel
-    rates = []
-    monkeypatch.setattr(CompiledModel, "set_lr", lambda self, lr: rates.append(lr),
-                        raising=False)
+    rates, set_lr = [], CompiledModel.set_lr
+    monkeypatch.setattr(CompiledModel, "set_lr",
+                        lambda self, lr: (rates.append(lr), set_lr(self, lr))[1])
     spec, data = toy
     # 120 examples: 97 train after the test split, of which the last 25% validate: int(72.75)
     # train, in 3 batches of 32 an epoch

@@ -130,8 +130,9 @@ def test_cli_output_trains_on_cortex_m4f_and_m3(board, tmp_path):
     compare(got, graph, cm, flat, inputs)
     # Adam's state after one step: the count, then m = (1 - β1)·g and v = (1 - β2)·g².
     grads = got["grads"]
-    assert got["state"][0] == 1
-    np.testing.assert_allclose(got["state"][1:1 + cm.trainable_size], 0.1 * grads, rtol=1e-5,
+    assert got["state"][cm.state_offsets["step"]] == 1
+    at = cm.state_offsets["exp_avg"]
+    np.testing.assert_allclose(got["state"][at:at + cm.trainable_size], 0.1 * grads, rtol=1e-5,
                                atol=1e-12)
 
 
@@ -453,7 +454,7 @@ def test_memory_report_figures():
     assert "#define MLP_MAX_BATCH 8" in cm.header
     r = memory_report(cm)
     assert r["batch"] == 8 and r["params"] == 2410 * 4 == r["gradients"]
-    assert r["optimizer"] == "adam" and r["optimizer_state"] == (1 + 2 * 2410) * 4
+    assert r["optimizer"] == "adam" and r["optimizer_state"] == (1 + 5 + 2 * 2410) * 4   # step, 5 hyperparameters, m, v
     for kind, e in r["entries"].items():
         assert 0 < e["live_peak"] <= e["arena"] <= e["no_reuse"], kind
         assert e["work"] - e["arena"] == cm.entries[kind].work_before * 4

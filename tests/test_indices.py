@@ -309,6 +309,7 @@ int main(void)
     memcpy(tokens, tokens_init, sizeof tokens_init);
     memcpy(y, y_init, sizeof y_init);
     memcpy(params, params_init, sizeof params_init);
+    tok_init_state(state);   /* the hyperparameters, in the state */
     tok_forward(params, work, 3, tokens, logits);
     show("logits", logits, 3 * TOK_OUTPUT_logits_SIZE);
     loss = tok_evaluate(params, work, 3, tokens, y, logits);

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -137,8 +138,10 @@ def test_train_step_layout_in_the_header_and_state_names():
     m = graphc.compile(ROOT / "examples/mlp.yaml", dtype="float64",
                        optimizer={"name": "adam", "lr": 0.01})
     h = m.c_header
-    assert "#define MLP_STATE_SIZE 4821 /* adam: step count, exp_avg, exp_avg_sq */" in h
-    assert "#define MLP_STATE_exp_avg_sq_OFFSET 2411" in h
+    assert "#define MLP_STATE_SIZE 4826\n" in h
+    assert ("Optimizer state, adam: step count, lr, one_minus_beta1, one_minus_beta2, eps, "
+            "weight_decay, exp_avg, exp_avg_sq.") in re.sub(r"\s*\n \*\s*", " ", h)
+    assert "#define MLP_STATE_exp_avg_sq_OFFSET 2416 " in h
     # The gradients (2410) rounded up to the 16-element alignment, then the gradients
     # entry's arena (16 fixed, 144 per example), where the update's two per-step scalars
     # (16 elements each, for the alignment) go afterwards: it runs only for n >= 1.
@@ -151,7 +154,7 @@ def test_train_step_layout_in_the_header_and_state_names():
     loss0, grads = m.gradients(**data)
     assert m.train_step(**data) == loss0
     state = m.optimizer_state()
-    assert state["step"] == 1 and set(state) == {"step", "exp_avg", "exp_avg_sq"}
+    assert state["step"] == 1 and set(state) == {"step", "exp_avg", "exp_avg_sq", "hyperparameters"}
     for p in before:  # first Adam step: m = (1-β1)·g, v = (1-β2)·g²
         np.testing.assert_allclose(state["exp_avg"][p], 0.1 * grads[p], rtol=1e-12, atol=1e-300)
         np.testing.assert_allclose(state["exp_avg_sq"][p], 0.001 * grads[p] ** 2, rtol=1e-12,
@@ -161,13 +164,16 @@ def test_train_step_layout_in_the_header_and_state_names():
 
 
 @pytest.mark.parametrize("opt, size, layout", [
-    ({"name": "sgd"}, 1, "sgd: step count"),
-    ({"name": "momentum"}, 2411, "momentum: step count, momentum_buffer"),
-    ({"name": "adam"}, 4821, "adam: step count, exp_avg, exp_avg_sq")])
+    ({"name": "sgd"}, 3, "sgd: step count, lr, weight_decay"),
+    ({"name": "momentum"}, 2414, "momentum: step count, lr, momentum, weight_decay, "
+                                 "momentum_buffer"),
+    ({"name": "adam"}, 4826, "adam: step count, lr, one_minus_beta1, one_minus_beta2, eps, "
+                             "weight_decay, exp_avg, exp_avg_sq")])
 def test_state_size_per_optimizer(opt, size, layout):
     _, cm = graphc.generate(ROOT / "examples/mlp.yaml", optimizer=opt)
     assert cm.state_size == size
-    assert f"#define MLP_STATE_SIZE {size} /* {layout} */" in cm.header
+    assert f"#define MLP_STATE_SIZE {size}\n" in cm.header
+    assert f"Optimizer state, {layout}." in re.sub(r"\s*\n \*\s*", " ", cm.header)
 
 
 def test_training_needs_a_loss_and_an_optimizer():

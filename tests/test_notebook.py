@@ -55,12 +55,14 @@ def test_model_summary_has_a_row_per_node_and_the_c_memory(mlp):
 
 
 def test_node_bytes_add_up_to_the_memory_report(mlp):
-    """Per node, its params' values, gradients and optimizer slots; with the step count the
-    column sums to the report's params + gradients + optimizer state."""
+    """Per node, its params' values, gradients and optimizer slots; with the step count and
+    Adam's four hyperparameters (lr, 1 - beta1, 1 - beta2, eps; weight decay) the column
+    sums to the report's params + gradients + optimizer state."""
     s = Summary(mlp.graph, mlp.cmodule)
     m = s.memory
-    step = mlp.dtype.itemsize
-    assert sum(r[5] for r in s.rows) + step == m["params"] + m["gradients"] + m["optimizer_state"]
+    scalars = (1 + 5) * mlp.dtype.itemsize
+    assert sum(r[5] for r in s.rows) + scalars == \
+        m["params"] + m["gradients"] + m["optimizer_state"]
     assert sum(r[4] for r in s.rows) == s.trainable == 2410
 
 

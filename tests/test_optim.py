@@ -8,9 +8,12 @@ checks both where it is installed. Trajectories are compared after every step.
 from __future__ import annotations
 
 import functools
+import json
 import os
+import re
 import shutil
 import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -20,7 +23,7 @@ import graphc
 from codegen.harness import harness, parse_output
 from conftest import compile_strict
 from graphc.errors import InputError, SpecError
-from graphc.optim import check_optimizer
+from graphc.optim import check_optimizer, hyperparameters, slot_values, structure
 
 CC = os.environ.get("CC", "cc")
 
@@ -46,11 +49,27 @@ CONFIGS = {
     "sgd_wd": {"name": "sgd", "lr": 0.1, "weight_decay": 0.05},
     "momentum": {"name": "momentum", "lr": 0.05},
     "nesterov": {"name": "momentum", "lr": 0.05, "nesterov": True},
-    "momentum_wd": {"name": "sgd", "lr": 0.05, "momentum": 0.8, "weight_decay": 0.02},
+    "momentum_wd": {"name": "momentum", "lr": 0.05, "momentum": 0.8, "weight_decay": 0.02},
     "adam": {"name": "adam", "lr": 0.01},
     "adam_wd": {"name": "adam", "lr": 0.01, "weight_decay": 0.1},
     # beta1 < 0.5 takes torch.lerp's other branch (weight 1 - beta1 >= 0.5)
     "adam_betas": {"name": "adam", "lr": 0.02, "betas": [0.3, 0.95], "eps": 1e-4},
+    # a max_norm the gradients pass at every step (their norm is ~0.5 to 1 here)
+    "adam_amsgrad_clip": {"name": "adam", "lr": 0.02, "amsgrad": True, "weight_decay": 0.05,
+                          "clip_grad_norm": 0.3},
+    "adamw": {"name": "adamw", "lr": 0.01, "weight_decay": 0.1},
+    "adamw_amsgrad": {"name": "adamw", "lr": 0.01, "amsgrad": True, "betas": [0.8, 0.99]},
+    "rmsprop": {"name": "rmsprop", "lr": 0.01},
+    "rmsprop_momentum_wd": {"name": "rmsprop", "lr": 0.005, "momentum": 0.9, "alpha": 0.9,
+                            "weight_decay": 0.05},
+    "rmsprop_centered_clip": {"name": "rmsprop", "lr": 0.005, "centered": True, "eps": 1e-3,
+                              "momentum": 0.5, "clip_grad_norm": 0.5},
+    "adagrad": {"name": "adagrad", "lr": 0.1, "lr_decay": 0.05, "weight_decay": 0.02,
+                "initial_accumulator_value": 0.1},
+    "adamax": {"name": "adamax", "lr": 0.02, "weight_decay": 0.05},
+    "nadam": {"name": "nadam", "lr": 0.01, "weight_decay": 0.05, "momentum_decay": 0.04},
+    "nadam_decoupled_clip": {"name": "nadam", "lr": 0.01, "weight_decay": 0.1,
+                             "decoupled_weight_decay": True, "clip_grad_norm": 0.4},
 }
 
 STEPS = 8
@@ -65,13 +84,40 @@ RTOL32 = 1e-5
 
 
 @functools.lru_cache(maxsize=None)
+def _build(structure: str, dtype: str) -> graphc.CompiledModel:
+    return graphc.compile(SPEC, dtype=dtype, optimizer=json.loads(structure))
+
+
+# The description each update structure was first built from, by (structure, dtype).
+_FIRST: dict[tuple[str, str], str] = {}
+
+
 def compiled(config: str, dtype: str) -> graphc.CompiledModel:
-    """One build per configuration; every test sets the params and resets the state."""
-    return graphc.compile(SPEC, dtype=dtype, optimizer=CONFIGS[config])
+    """The model for a configuration: one build per update structure (the optimizer and its
+    flags), its hyperparameters then set through the live `model.optimizer`, so that
+    configurations differing only in numbers share a build. Every test sets the params and
+    resets the state."""
+    opt = check_optimizer(CONFIGS[config])
+    first = _FIRST.setdefault((json.dumps(structure(opt), sort_keys=True), dtype),
+                              json.dumps(opt, sort_keys=True))
+    model = _build(first, dtype)
+    for field in hyperparameters(opt):
+        model.optimizer[field] = opt[field]
+    return model
+
+
+def exactly(config: str) -> graphc.CompiledModel:
+    """A float64 model compiled with the configuration itself (its C's init_state writes
+    its hyperparameters), at those hyperparameters."""
+    opt = check_optimizer(CONFIGS[config])
+    model = _build(json.dumps(opt, sort_keys=True), "float64")
+    for field in hyperparameters(opt):
+        model.optimizer[field] = opt[field]
+    return model
 
 
 def start(model, seed: int = 1) -> dict[str, np.ndarray]:
-    """Fresh params from `seed` and zeroed optimizer state; returns the params."""
+    """Fresh params from `seed` and a fresh optimizer state; returns the params."""
     model.init_params(seed)
     model.reset_optimizer()
     return model.get_params()
@@ -100,27 +146,47 @@ def assert_params(got: dict, want: dict, rtol: float, what: str):
         assert err <= rtol, f"{what}: param {k}: relative error {err:.3g} > {rtol:g}"
 
 
-def slots(opt: dict) -> list[str]:
-    """torch's state names for a validated optimizer description."""
-    if opt["name"] == "adam":
+def slots(opt) -> list[str]:
+    """torch's per-param state names for a validated optimizer description (NAdam's
+    mu_product, one number here, apart)."""
+    name = opt["name"]
+    if name in ("adam", "adamw"):
+        return ["exp_avg", "exp_avg_sq"] + ["max_exp_avg_sq"] * opt["amsgrad"]
+    if name == "rmsprop":
+        return ["square_avg"] + ["grad_avg"] * opt["centered"] + \
+            ["momentum_buffer"] * bool(opt["momentum"])
+    if name == "adagrad":
+        return ["sum"]
+    if name == "adamax":
+        return ["exp_avg", "exp_inf"]
+    if name == "nadam":
         return ["exp_avg", "exp_avg_sq"]
     return ["momentum_buffer"] if opt["momentum"] else []
 
 
+def state_keys(opt) -> list[str]:
+    """What `optimizer_state()` of a compiled model holds."""
+    return sorted(["step", "hyperparameters", *slots(opt)]
+                  + ["mu_product"] * (opt["name"] == "nadam"))
+
+
 def assert_slots(got: dict, want: dict, rtol: float, what: str):
-    """The state arrays agree (the step count has its own test)."""
-    assert sorted(got) == sorted(want), what
+    """The per-param state arrays agree (the step count has its own test)."""
     for slot in want:
-        if slot != "step":
+        if slot not in ("step", "hyperparameters", "mu_product"):
             assert_params(got[slot], want[slot], rtol, f"{what}: {slot}")
+    if "mu_product" in want:
+        assert abs(got["mu_product"] - want["mu_product"]) <= rtol * abs(want["mu_product"])
 
 
 # ---------------------------------------------------------------- C against the reference
 
-# float32 (a build each) for five configurations that between them print every update
-# rule (sgd, momentum, Nesterov, Adam), weight decay and its absence, and Adam's other
-# betas; float64 checks all eight, so each step's formula against the reference and torch.
-FLOAT32_CONFIGS = ["adam_betas", "adam_wd", "momentum_wd", "nesterov", "sgd_wd"]
+# float32 for configurations that between them print every update rule (sgd, momentum,
+# Nesterov, Adam, AdamW, RMSprop, Adagrad, Adamax, NAdam), weight decay and its absence,
+# and clipping; float64 checks them all, so each step's formula against the reference
+# and torch.
+FLOAT32_CONFIGS = ["adam_amsgrad_clip", "adam_betas", "adagrad", "adamax", "adamw", "momentum_wd",
+                   "nadam_decoupled_clip", "nesterov", "rmsprop_centered_clip", "sgd_wd"]
 
 
 @pytest.mark.parametrize("config, dtype", [(c, "float64") for c in sorted(CONFIGS)]
@@ -129,6 +195,7 @@ def test_c_trains_like_the_reference(config, dtype):
     model = compiled(config, dtype)
     ref = graphc.reference(model.graph)
     ref.set_params(start(model))
+    ref.optimizer = model.optimizer
     assert ref.optimizer == model.optimizer == check_optimizer(CONFIGS[config])
     rtol = RTOL64 if dtype == "float64" else RTOL32
     for k, batch in enumerate(batches(STEPS, dtype=dtype)):
@@ -136,37 +203,60 @@ def test_c_trains_like_the_reference(config, dtype):
         assert abs(loss - ref_loss) <= rtol * abs(ref_loss), f"step {k + 1}: loss {loss} != {ref_loss}"
         assert_params(model.get_params(), ref.get_params(), rtol, f"step {k + 1}")
     state = model.optimizer_state()
-    assert sorted(state) == sorted(["step"] + slots(model.optimizer))
+    assert sorted(state) == state_keys(model.optimizer)
+    assert state["hyperparameters"] == {f: model.optimizer[f]
+                                        for f in hyperparameters(model.optimizer)}
     assert_slots(state, ref.optimizer_state(), rtol, f"{config} {dtype}")
 
 
 # ---------------------------------------------------------------- against torch.optim
 
-def torch_trajectory(config: str, params: dict, data: list[dict]):
-    """SGD or Adam from torch.optim on the same net in float64, on the CPU's single-tensor
-    path (foreach=False): [(loss, params) after each step], and the final state."""
+TORCH_CLASSES = {"sgd": "SGD", "momentum": "SGD", "adam": "Adam", "adamw": "AdamW",
+                 "rmsprop": "RMSprop", "adagrad": "Adagrad", "adamax": "Adamax", "nadam": "NAdam"}
+
+
+def torch_trajectory(opt, params: dict, data: list[dict], change: dict | None = None):
+    """torch.optim's optimizer of the description `opt` on the same net in float64, on the
+    CPU's single-tensor path (foreach=False), with torch.nn.utils.clip_grad_norm_ before
+    each step when `opt` clips: [(loss, params) after each step], and the final state.
+    `change`: {step: {field: value}} set in the param group before that step (1-based).
+
+    Its scalar state (the step count, NAdam's mu_product) is float64 too: torch keeps it in
+    the default dtype, float32 unless set."""
     torch = pytest.importorskip("torch", reason="torch is not installed: no torch.optim trajectories")
-    opt = check_optimizer(CONFIGS[config])
+    opt = check_optimizer(opt)
     tp = {k: torch.tensor(v, dtype=torch.float64, requires_grad=True) for k, v in params.items()}
-    if opt["name"] == "adam":
-        optim = torch.optim.Adam(tp.values(), lr=opt["lr"], betas=tuple(opt["betas"]),
-                                 eps=opt["eps"], weight_decay=opt["weight_decay"], foreach=False)
-    else:
-        optim = torch.optim.SGD(tp.values(), lr=opt["lr"], momentum=opt["momentum"],
-                                nesterov=opt["nesterov"], weight_decay=opt["weight_decay"],
-                                foreach=False)
-    steps = []
-    for batch in data:
-        x, y = torch.tensor(batch["x"]), torch.tensor(batch["y"])
-        a = torch.tanh(x @ tp["W1"].T + tp["b1"])
-        loss = torch.nn.functional.cross_entropy(a @ tp["W2"].T + tp["b2"], y)  # probability targets
-        optim.zero_grad()
-        loss.backward()
-        optim.step()
-        steps.append((loss.item(), {k: v.detach().numpy().copy() for k, v in tp.items()}))
-    state = {"step": int(optim.state[tp["W1"]].get("step", 0))}
+    fields = {k: tuple(v) if k == "betas" else v for k, v in opt.items()
+              if k not in ("name", "clip_grad_norm")}
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        optim = getattr(torch.optim, TORCH_CLASSES[opt["name"]])(list(tp.values()), foreach=False,
+                                                                 **fields)
+        steps, max_norm = [], opt["clip_grad_norm"]
+        for k, batch in enumerate(data):
+            for field, value in (change or {}).get(k + 1, {}).items():
+                if field == "clip_grad_norm":
+                    max_norm = value
+                else:
+                    optim.param_groups[0][field] = tuple(value) if field == "betas" else value
+            x, y = torch.tensor(batch["x"]), torch.tensor(batch["y"])
+            a = torch.tanh(x @ tp["W1"].T + tp["b1"])
+            loss = torch.nn.functional.cross_entropy(a @ tp["W2"].T + tp["b2"], y)  # probability targets
+            optim.zero_grad()
+            loss.backward()
+            if max_norm is not None:
+                torch.nn.utils.clip_grad_norm_(list(tp.values()), max_norm, foreach=False)
+            optim.step()
+            steps.append((loss.item(), {k: v.detach().numpy().copy() for k, v in tp.items()}))
+    finally:
+        torch.set_default_dtype(default)
+    first = optim.state[tp["W1"]]
+    state = {"step": int(first.get("step", 0))}
     for slot in slots(opt):
         state[slot] = {k: optim.state[v][slot].numpy().copy() for k, v in tp.items()}
+    if "mu_product" in first:
+        state["mu_product"] = float(first["mu_product"])
     return steps, state
 
 
@@ -174,28 +264,154 @@ def torch_trajectory(config: str, params: dict, data: list[dict]):
 def test_c_trains_like_torch(config):
     model = compiled(config, "float64")
     data = batches(10, seed=5)
-    steps, torch_state = torch_trajectory(config, start(model, seed=2), data)
+    steps, torch_state = torch_trajectory(CONFIGS[config], start(model, seed=2), data)
     for k, (batch, (torch_loss, torch_params)) in enumerate(zip(data, steps)):
         loss = model.train_step(**batch)
         assert abs(loss - torch_loss) <= RTOL64 * abs(torch_loss), f"step {k + 1}: loss"
         assert_params(model.get_params(), torch_params, RTOL64, f"step {k + 1}")
     assert_slots(model.optimizer_state(), torch_state, RTOL64, config)
-    if model.optimizer["name"] == "adam":   # torch's SGD keeps no step count
+    if model.optimizer["name"] not in ("sgd", "momentum"):   # torch's SGD keeps no step count
         assert model.optimizer_state()["step"] == torch_state["step"] == len(data)
 
 
-@pytest.mark.parametrize("config", ["adam_wd", "adam_betas", "nesterov"])
+@pytest.mark.parametrize("config", ["adam_wd", "adam_betas", "nesterov", "rmsprop_centered_clip",
+                                    "nadam_decoupled_clip", "adagrad"])
 def test_reference_trains_like_torch(config):
     """The reference on its own, without any C."""
     ref = graphc.reference(graphc.Graph.from_spec(SPEC), seed=4)
     ref.optimizer = CONFIGS[config]
     data = batches(10, seed=6)
-    steps, torch_state = torch_trajectory(config, ref.get_params(), data)
+    steps, torch_state = torch_trajectory(CONFIGS[config], ref.get_params(), data)
     for batch, (torch_loss, torch_params) in zip(data, steps):
         loss = ref.train_step(**batch)
         assert abs(loss - torch_loss) <= RTOL64 * abs(torch_loss)
         assert_params(ref.get_params(), torch_params, RTOL64, config)
     assert_slots(ref.optimizer_state(), torch_state, RTOL64, config)
+
+
+# ---------------------------------------------------------------- hyperparameters in the state
+
+# (config, {step: {field: value}}): the learning rate through set_lr (as a schedule does),
+# and the other hyperparameters a user may move between steps, each as torch's param group.
+CHANGES = {
+    "momentum_wd": {4: {"lr": 0.2}, 7: {"lr": 0.01, "momentum": 0.5, "weight_decay": 0.0}},
+    "adam_amsgrad_clip": {3: {"lr": 0.05, "betas": [0.5, 0.9]},
+                          6: {"eps": 1e-3, "weight_decay": 0.0, "clip_grad_norm": 2.0}},
+    "rmsprop_momentum_wd": {5: {"lr": 0.02, "alpha": 0.5, "momentum": 0.1}},
+    "adagrad": {2: {"lr": 0.3, "lr_decay": 0.5, "eps": 0.1}},
+    "nadam_decoupled_clip": {4: {"lr": 0.03, "momentum_decay": 0.1, "betas": [0.7, 0.9]}},
+}
+
+
+@pytest.mark.parametrize("config", sorted(CHANGES))
+def test_hyperparameters_changed_between_steps_act_as_in_torch(config):
+    model = compiled(config, "float64")
+    data = batches(8, seed=11)
+    steps, _ = torch_trajectory(CONFIGS[config], start(model, seed=3), data, CHANGES[config])
+    try:
+        for k, (batch, (torch_loss, torch_params)) in enumerate(zip(data, steps)):
+            for field, value in CHANGES[config].get(k + 1, {}).items():
+                if field == "lr":
+                    model.set_lr(value)
+                else:
+                    model.optimizer[field] = value
+                assert model.optimizer[field] == value
+            loss = model.train_step(**batch)
+            assert abs(loss - torch_loss) <= RTOL64 * abs(torch_loss), f"step {k + 1}: loss"
+            assert_params(model.get_params(), torch_params, RTOL64, f"step {k + 1}")
+    finally:   # the shared build back to its configuration
+        compiled(config, "float64")
+
+
+def test_the_state_block_holds_the_hyperparameters():
+    """Each hyperparameter is a slot after the step count, which the header documents and
+    `<name>_init_state` writes; the C reads it at every step (so a device can schedule),
+    and a reset keeps the current values."""
+    model = compiled("adam_amsgrad_clip", "float64")
+    cm = model.cmodule
+    start(model)
+    assert list(cm.state_offsets)[:7] == ["step", "lr", "one_minus_beta1", "one_minus_beta2",
+                                          "eps", "weight_decay", "clip_grad_norm"]
+    assert cm.state_size == 7 + 3 * cm.trainable_size
+    for slot, at in cm.state_offsets.items():
+        assert re.search(rf"^#define NET_STATE_{slot}_OFFSET {at}\b", cm.header, re.M), slot
+    assert "#define NET_STATE_lr_OFFSET 1 /* starts at 0.02 */" in cm.header
+    assert " *   lr: the learning rate\n" in cm.header
+    assert "void net_init_state(double *state);" in cm.header
+    # what init_state writes: the compiled hyperparameters, zeros elsewhere
+    fresh = np.full(cm.state_size, np.nan)
+    getattr(model.built.lib, "net_init_state")(model.built.ffi.from_buffer("double *", fresh))
+    want = np.zeros(cm.state_size)
+    want[1:7] = [0.02, 1 - 0.9, 1 - 0.999, 1e-8, 0.05, 0.3]   # the betas by 1 - beta
+    np.testing.assert_array_equal(fresh, want)
+    np.testing.assert_array_equal(cm.initial_state(), want)
+    # written from Python, read by the C: a tiny lr moves the params by almost nothing
+    data = batches(2, seed=12)
+    model.set_lr(1e-12)
+    p0 = model.get_params()
+    model.train_step(**data[0])
+    assert all(np.abs(model.get_params()[k] - p0[k]).max() < 1e-10 for k in p0)
+    # a reset keeps the lr set since the compile, and zeros the step and the moments
+    model.reset_optimizer()
+    state = model.optimizer_state()
+    assert state["step"] == 0 and state["hyperparameters"]["lr"] == 1e-12
+    assert all(np.all(a == 0) for a in state["exp_avg"].values())
+    compiled("adam_amsgrad_clip", "float64")
+
+
+def test_float32_hyperparameters_read_back_as_written():
+    """A float32 slot holds the value's rounding, as the literal it replaced did; reading
+    gives the value written, and the same steps as a model compiled with it."""
+    model = compiled("adam_betas", "float32")
+    assert model.optimizer["lr"] == 0.02 and model.optimizer["betas"] == [0.3, 0.95]
+    assert model.cmodule.initial_state()[1] == 0.02   # compiled with it: same rounding
+    model.optimizer["eps"] = 1e-30   # representable in float32
+    assert model.optimizer["eps"] == 1e-30
+    with pytest.raises(SpecError, match="out of the range of float32") as e:
+        model.optimizer["eps"] = 1e-50
+    assert (e.value.node, e.value.field) == ("optimizer", "eps")
+    assert model.optimizer["eps"] == 1e-30   # unchanged by the refused value
+    compiled("adam_betas", "float32")
+
+
+@pytest.mark.parametrize("config, field, value, message", [
+    ("nesterov", "nesterov", False, "would change the update's formulas"),
+    ("sgd", "momentum", 0.9, "would change the update's formulas"),
+    ("momentum", "momentum", 0.0, "would change the update's formulas"),
+    ("adam", "amsgrad", True, "compile again"),
+    ("adam", "clip_grad_norm", 1.0, "would change the update's formulas"),
+    ("adam_amsgrad_clip", "clip_grad_norm", None, "would change the update's formulas"),
+    ("adam", "name", "adamw", "would change the update's formulas"),
+    ("rmsprop", "centered", True, "would change the update's formulas"),
+    ("adagrad", "initial_accumulator_value", 1.0, "would change the update's formulas"),
+    ("nadam", "decoupled_weight_decay", True, "would change the update's formulas"),
+    ("adam", "lr", -1.0, r"must lie in \[0, inf\]"),
+    ("adam", "betas", [0.9, 1.0], r"must lie in \[0, 1\)"),
+    ("adam", "beta1", 0.5, "unknown field 'beta1' for optimizer 'adam'"),
+    ("rmsprop", "alpha", "fast", "must be a finite number"),
+    ("nesterov", "momentum", 0.0, "Nesterov momentum needs momentum > 0"),
+])
+def test_bad_assignment_names_the_field(config, field, value, message):
+    model = compiled(config, "float64")
+    before = dict(model.optimizer)
+    with pytest.raises(SpecError, match=message) as e:
+        model.optimizer[field] = value
+    assert e.value.node == "optimizer" and e.value.field in (field, "nesterov")
+    assert dict(model.optimizer) == before
+    with pytest.raises(SpecError, match="cannot be removed"):
+        del model.optimizer["lr"]
+
+
+def test_structural_fields_accept_their_compiled_value():
+    model = compiled("nesterov", "float64")
+    model.optimizer["nesterov"] = True   # what it is: nothing to recompile
+    assert model.optimizer["nesterov"] is True
+
+
+def test_set_lr_without_an_optimizer_is_a_clear_error():
+    model = graphc.compile(SPEC, dtype="float64")
+    with pytest.raises(InputError, match="has no optimizer"):
+        model.set_lr(0.1)
 
 
 # ---------------------------------------------------------------- learning
@@ -248,9 +464,10 @@ def test_reset_restarts(config):
     model = compiled(config, "float64")
     p0 = start(model, seed=3)
     state = model.optimizer_state()
-    assert sorted(state) == sorted(["step"] + slots(model.optimizer))
+    assert sorted(state) == state_keys(model.optimizer)
+    fill = model.optimizer.get("initial_accumulator_value", 0.0)
     for slot in slots(model.optimizer):
-        assert all(np.all(a == 0) for a in state[slot].values())
+        assert all(np.all(a == fill) for a in state[slot].values())
         assert {k: a.shape for k, a in state[slot].items()} == {k: a.shape for k, a in p0.items()}
     data = batches(3, seed=7)
 
@@ -370,11 +587,11 @@ def flat(model, per_param: dict) -> np.ndarray:
 
 
 @pytest.mark.skipif(shutil.which(CC) is None, reason="no C compiler")
-@pytest.mark.parametrize("config", ["sgd_wd", "nesterov", "adam_betas"])
+@pytest.mark.parametrize("config", ["nesterov", "adam", "nadam_decoupled_clip", "adagrad"])
 def test_the_c_trains_without_python(config, tmp_path):
-    """A C main() calls <name>_train_step under AddressSanitizer and UBSan: no report, and
-    the params, losses and state of the cffi model and the reference."""
-    model = compiled(config, "float64")
+    """A C main() calls <name>_init_state, then <name>_train_step under AddressSanitizer and
+    UBSan: no report, and the params, losses and state of the cffi model and the reference."""
+    model = exactly(config)
     p0 = start(model, seed=6)
     batch = batches(1, n=7, seed=9)[0]
     steps = 4
@@ -412,12 +629,14 @@ def test_the_c_trains_without_python(config, tmp_path):
     assert got["state"].size == cm.state_size
     for slot in slots(model.optimizer):
         at = cm.state_offsets[slot]
-        c_slot = got["state"][at:at + cm.params_size]
+        c_slot = got["state"][at:at + cm.trainable_size]
         np.testing.assert_allclose(c_slot, flat(model, state[slot]), rtol=0,
                                    atol=1e-13 * np.abs(c_slot).max())
         assert rel_error(c_slot, flat(model, ref.optimizer_state()[slot])) <= RTOL64
-    if "step" in cm.state_offsets:
-        assert got["state"][cm.state_offsets["step"]] == steps
+    assert got["state"][cm.state_offsets["step"]] == steps
+    for field, slots_of in hyperparameters(model.optimizer).items():   # as init_state wrote
+        held = [got["state"][cm.state_offsets[s]] for s in slots_of]
+        assert held == slot_values(field, model.optimizer[field])
 
 
 # ---------------------------------------------------------------- the update as IR kernels
@@ -438,8 +657,9 @@ def test_the_update_is_ir_kernels_fused_into_one_pass(config, slots):
     from graphc.ir import GRADS_BLOCK, PARAMS_BLOCK, STATE, UPDATE, state_buffer
     update = _update(CONFIGS[config])
     assert update.in_place and all(k.node == UPDATE for k in update.kernels)
+    live = [s for f, ss in hyperparameters(check_optimizer(CONFIGS[config])).items() for s in ss]
     assert [b for b, buf in update.buffers.items() if buf.role == STATE] == \
-        [state_buffer(s) for s in ["step", *slots]]
+        [state_buffer(s) for s in ["step", *live, *slots]]
     fused = fuse(update)
     count, loop = fused.kernels
     assert count.loops == () and count.stores()[0].out == state_buffer("step")
@@ -481,3 +701,52 @@ def test_update_with_a_zero_beta_builds_under_the_review_flags():
     model.train_step(x=np.ones((2, 5), np.float32), y=np.eye(3, dtype=np.float32)[:2])
     assert all(np.all(np.isfinite(v)) for v in model.get_params().values())
     assert any(not np.array_equal(v, start[p]) for p, v in model.get_params().items())
+
+
+# ---------------------------------------------------------------- the CLI
+
+def test_cli_trains_with_any_optimizer_and_clipping(tmp_path, capsys):
+    """`graphc train --optimizer` offers every optimizer (OPTIMIZERS), and
+    `--clip-grad-norm` turns clipping on; a bad max_norm is one line, exit 2."""
+    import yaml
+    from graphc.cli import main
+    from graphc.optim import OPTIMIZERS
+    spec = tmp_path / "separable.yaml"
+    spec.write_text(yaml.safe_dump(LEARN_SPEC))
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((200, 4))
+    labels = (x @ np.array([1.0, -2.0, 0.5, 1.5]) > 0).astype(int)
+    np.savez(tmp_path / "data.npz", x=x, y=np.eye(2)[labels])
+    help_text = subprocess.run([sys.executable, "-m", "graphc", "train", "--help"],
+                               capture_output=True, text=True).stdout
+    assert all(name in help_text for name in OPTIMIZERS) and "--clip-grad-norm" in help_text
+    assert main(["train", str(spec), "--data", str(tmp_path / "data.npz"), "--optimizer", "nadam",
+                 "--lr", "0.05", "--clip-grad-norm", "1.0", "--epochs", "10",
+                 "--no-progress"]) == 0
+    accuracy = re.search(r"accuracy ([\d.]+)%", capsys.readouterr().out)
+    assert accuracy and float(accuracy.group(1)) >= 85
+    assert main(["train", str(spec), "--data", str(tmp_path / "data.npz"),
+                 "--clip-grad-norm", "-1", "--no-progress"]) == 2
+    assert "--clip-grad-norm must be a number >= 0" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(shutil.which(CC) is None, reason="no C compiler")
+def test_every_update_builds_under_the_review_flags(tmp_path):
+    """Each update structure's C (every optimizer, flag and clipping) compiles without a
+    warning under the review flags (-Wconversion, -Wdouble-promotion, -Werror...), in float
+    (where a double constant or libm call would show), for the host target (vector tiles,
+    OpenMP): one compiler run for all of them."""
+    dtype = "float32"
+    from codegen.targets import CHECK_FLAGS
+    sources = []
+    for config in ["adam_amsgrad_clip", "adamw_amsgrad", "rmsprop_centered_clip",
+                   "rmsprop_momentum_wd", "adagrad", "adamax", "nadam_decoupled_clip", "nesterov"]:
+        name = f"net_{config}"
+        _, cm = graphc.generate({**SPEC, "name": name}, dtype, target="host",
+                                optimizer=CONFIGS[config])
+        (tmp_path / f"{name}.c").write_text(cm.source)
+        (tmp_path / f"{name}.h").write_text(cm.header)
+        sources.append(f"{name}.c")
+    r = subprocess.run([CC, *CHECK_FLAGS, "-fopenmp", "-O2", "-c", *sources], cwd=tmp_path,
+                       capture_output=True, text=True)
+    assert r.returncode == 0 and not r.stderr, r.stderr

@@ -49,8 +49,10 @@ def c_program(cmodule, problem: Problem, train: bool) -> charness.Program:
     read = [("params", flat_params(cmodule, problem))] + [(f"in_{i}", data[i]) for i in entry.inputs]
     zeroed = [("work", cmodule.work_elements(n))]
     ins = ", ".join(f"in_{i}" for i in entry.inputs)
-    if train:
+    setup = []
+    if train:   # the state holds the hyperparameters: init_state writes them
         zeroed.append(("state", cmodule.state_size))
+        setup.append(f"{cmodule.name}_init_state(state);")
         call = f"result = {entry.c_name}(params, state, work, {n}, {ins});"
         dump = []
     else:
@@ -62,7 +64,7 @@ def c_program(cmodule, problem: Problem, train: bool) -> charness.Program:
     key = w.key.lower().replace(".", "_")
     return charness.Program(f"{name}_{key}_{entry.kind}",
                             {f"{name}.c": cmodule.source, f"{name}.h": cmodule.header},
-                            f"{name}.h", read, zeroed, call, dump)
+                            f"{name}.h", read, zeroed, call, dump, setup=setup)
 
 
 def _model(problem: Problem, target: str):

@@ -34,10 +34,27 @@
 #define BN_CNN_INPUT_x_SIZE 64 /* per example, shape [1, 8, 8] */
 #define BN_CNN_INPUT_y_SIZE 10 /* per example, shape [10] */
 #define BN_CNN_OUTPUT_logits_SIZE 10 /* per example, shape [10] */
-#define BN_CNN_STATE_SIZE 5493 /* adam: step count, exp_avg, exp_avg_sq */
+/*
+ * Optimizer state, adam: step count, lr, one_minus_beta1, one_minus_beta2, eps, weight_decay,
+ * exp_avg, exp_avg_sq. The step count, then the hyperparameters, one element each, which every
+ * train step reads (write one between steps to change it: a learning-rate schedule), then the
+ * slots, each one number or one element per trainable param element. bn_cnn_init_state writes
+ * a fresh state.
+ *   lr: the learning rate
+ *   one_minus_beta1: 1 - betas[0], the first moment's weight of a new gradient
+ *   one_minus_beta2: 1 - betas[1], the second moment's weight of a new gradient
+ *   eps: eps, added to the denominator
+ *   weight_decay: the weight decay (L2 penalty)
+ */
+#define BN_CNN_STATE_SIZE 5498
 #define BN_CNN_STATE_step_OFFSET 0
-#define BN_CNN_STATE_exp_avg_OFFSET 1
-#define BN_CNN_STATE_exp_avg_sq_OFFSET 2747
+#define BN_CNN_STATE_lr_OFFSET 1 /* starts at 0.003 */
+#define BN_CNN_STATE_one_minus_beta1_OFFSET 2 /* starts at 0.1 */
+#define BN_CNN_STATE_one_minus_beta2_OFFSET 3 /* starts at 0.001 */
+#define BN_CNN_STATE_eps_OFFSET 4 /* starts at 1e-08 */
+#define BN_CNN_STATE_weight_decay_OFFSET 5 /* starts at 0.0 */
+#define BN_CNN_STATE_exp_avg_OFFSET 6 /* starts at 0.0 */
+#define BN_CNN_STATE_exp_avg_sq_OFFSET 2752 /* starts at 0.0 */
 #define BN_CNN_FORWARD_WORK_SIZE(n) ((size_t)0 + (size_t)1280 * (size_t)(n))
 #define BN_CNN_EVALUATE_WORK_SIZE(n) ((size_t)1 + (size_t)1280 * (size_t)(n))
 #define BN_CNN_GRADIENTS_WORK_SIZE(n) ((size_t)65 + (size_t)4096 * (size_t)(n))
@@ -91,14 +108,24 @@ float bn_cnn_gradients(const float *params, float *grads, float *work, size_t n,
         const float *in_y);
 
 /*
- * bn_cnn_train_step: one adam step (lr=0.003, betas=[0.9, 0.999], eps=1e-08, weight_decay=0.0) on
- *   a batch of n examples:
+ * bn_cnn_init_state: a fresh optimizer state for bn_cnn_train_step:
+ *   step count 0, each hyperparameter the value it was compiled with, every slot
+ *   its start (BN_CNN_STATE_*_OFFSET). Call it before the first step. To restart
+ *   training and keep hyperparameters changed since, save them and write them back
+ *   after it.
+ *   state: BN_CNN_STATE_SIZE elements, written
+ */
+void bn_cnn_init_state(float *state);
+
+/*
+ * bn_cnn_train_step: one adam step (amsgrad=False, clip_grad_norm=None; hyperparameters read from
+ *   state) on a batch of n examples:
  *   the loss and gradients (bn_cnn_gradients), then params updated in place.
  *   The optimizer updates params [0, BN_CNN_TRAINABLE_SIZE); the running statistics move
  *   towards the batch's as torch's: p = (1 - momentum)*p + momentum*batch value.
  *   params: BN_CNN_PARAMS_SIZE elements, read and updated
- *   state:  BN_CNN_STATE_SIZE elements of optimizer state (step count first), zeroed
- *           before the first step; zero again to restart
+ *   state:  BN_CNN_STATE_SIZE elements of optimizer state, from bn_cnn_init_state,
+ *           read and updated
  *   work:   at least BN_CNN_TRAIN_STEP_WORK_SIZE(n) elements; the gradients are left
  *           in its first BN_CNN_PARAMS_SIZE elements
  *   in_x: n x BN_CNN_INPUT_x_SIZE elements

@@ -1184,32 +1184,36 @@ static void E_grad_2(size_t n, float *restrict dE, const float *restrict dgrid,
 
 /*
  * optimizer: step_count: step[0] = step[0] + 1; step_size[0] =
- * -0.003/expm1(-0.105360515657826*step[0]); bias_correction2_sqrt[0] =
- * sqrt(-expm1(-0.00100050033358353*step[0]))
+ * -lr[0]/expm1(log1p(-one_minus_beta1[0])*step[0]); bias_correction2_sqrt[0] =
+ * sqrt(-expm1(log1p(-one_minus_beta2[0])*step[0]))
  */
 static void step_count(float *restrict step, float *restrict step_size,
-        float *restrict bias_correction2_sqrt)
+        float *restrict bias_correction2_sqrt, const float *restrict lr,
+        const float *restrict one_minus_beta1, const float *restrict one_minus_beta2)
 {
     step[0] = step[0] + 1;
-    step_size[0] = -0.003F/expm1f(-0.105360515F*step[0]);
-    bias_correction2_sqrt[0] = sqrtf(-expm1f(-0.0010005003F*step[0]));
+    step_size[0] = -lr[0]/expm1f(log1pf(-one_minus_beta1[0])*step[0]);
+    bias_correction2_sqrt[0] = sqrtf(-expm1f(log1pf(-one_minus_beta2[0])*step[0]));
 }
 
 /*
- * optimizer: adam_update: d = grads[i0]; exp_avg[i0] = 0.1*d + 0.9*exp_avg[i0]; exp_avg_sq[i0] =
- * 0.001*d**2 + 0.999*exp_avg_sq[i0]; params[i0] = params[i0] - exp_avg[i0]*step_size[0]/(1.0e-8 +
+ * optimizer: adam_update: d = grads[i0] + params[i0]*weight_decay[0]; exp_avg[i0] = (d -
+ * exp_avg[i0])*one_minus_beta1[0] + exp_avg[i0]; exp_avg_sq[i0] = d**2*one_minus_beta2[0] + (1 -
+ * one_minus_beta2[0])*exp_avg_sq[i0]; params[i0] = params[i0] - exp_avg[i0]*step_size[0]/(eps[0] +
  * sqrt(exp_avg_sq[i0])/bias_correction2_sqrt[0])
  */
 static void adam_update(float *restrict exp_avg, float *restrict exp_avg_sq, float *restrict params,
-        const float *restrict bias_correction2_sqrt, const float *restrict grads,
-        const float *restrict step_size)
+        const float *restrict bias_correction2_sqrt, const float *restrict eps,
+        const float *restrict grads, const float *restrict one_minus_beta1,
+        const float *restrict one_minus_beta2, const float *restrict step_size,
+        const float *restrict weight_decay)
 {
     for (size_t i0 = 0; i0 < 3246; ++i0) {
-        const float d = grads[i0];
-        exp_avg[i0] = 0.1F*d + 0.9F*exp_avg[i0];
-        exp_avg_sq[i0] = 0.999F*exp_avg_sq[i0] + 0.001F*(d*d);
-        params[i0] = -exp_avg[i0]*step_size[0]/(sqrtf(exp_avg_sq[i0])/bias_correction2_sqrt[0] +
-                1e-08F) + params[i0];
+        const float d = grads[i0] + params[i0]*weight_decay[0];
+        exp_avg[i0] = (d - exp_avg[i0])*one_minus_beta1[0] + exp_avg[i0];
+        exp_avg_sq[i0] = (1 - one_minus_beta2[0])*exp_avg_sq[i0] + one_minus_beta2[0]*(d*d);
+        params[i0] = -exp_avg[i0]*step_size[0]/(eps[0] +
+                sqrtf(exp_avg_sq[i0])/bias_correction2_sqrt[0]) + params[i0];
     }
 }
 
@@ -1343,6 +1347,17 @@ float digits_tokens_gradients(const float *params, float *grads, float *work, si
     return work[32];
 }
 
+void digits_tokens_init_state(float *state)
+{
+    for (size_t i = 0; i < DIGITS_TOKENS_STATE_SIZE; ++i) {
+        state[i] = 0;
+    }
+    state[DIGITS_TOKENS_STATE_lr_OFFSET] = 0.003F;
+    state[DIGITS_TOKENS_STATE_one_minus_beta1_OFFSET] = 0.1F;
+    state[DIGITS_TOKENS_STATE_one_minus_beta2_OFFSET] = 0.001F;
+    state[DIGITS_TOKENS_STATE_eps_OFFSET] = 1e-08F;
+}
+
 float digits_tokens_train_step(float *params, float *state, float *work, size_t n,
         const int32_t *in_pixels, const int32_t *in_label)
 {
@@ -1362,9 +1377,16 @@ float digits_tokens_train_step(float *params, float *state, float *work, size_t 
     if (nonfinite) {   /* params, state and step count unchanged */
         return NAN;
     }
-    step_count(state + DIGITS_TOKENS_STATE_step_OFFSET, work + 3296, work + 3280);
+    step_count(state + DIGITS_TOKENS_STATE_step_OFFSET, work + 3296, work + 3280,
+            state + DIGITS_TOKENS_STATE_lr_OFFSET,
+            state + DIGITS_TOKENS_STATE_one_minus_beta1_OFFSET,
+            state + DIGITS_TOKENS_STATE_one_minus_beta2_OFFSET);
     adam_update(state + DIGITS_TOKENS_STATE_exp_avg_OFFSET,
-            state + DIGITS_TOKENS_STATE_exp_avg_sq_OFFSET, params, work + 3280, work, work + 3296);
+            state + DIGITS_TOKENS_STATE_exp_avg_sq_OFFSET, params, work + 3280,
+            state + DIGITS_TOKENS_STATE_eps_OFFSET, work,
+            state + DIGITS_TOKENS_STATE_one_minus_beta1_OFFSET,
+            state + DIGITS_TOKENS_STATE_one_minus_beta2_OFFSET, work + 3296,
+            state + DIGITS_TOKENS_STATE_weight_decay_OFFSET);
     mean_running_update(params, work);
     var_running_update(params, work);
     return loss;

@@ -706,16 +706,17 @@ static void step_count(float *restrict step)
 }
 
 /*
- * optimizer: momentum_update: d = grads[i0]; momentum_buffer[i0] = d + 0.9*momentum_buffer[i0];
- * params[i0] = -0.05*momentum_buffer[i0] + params[i0]
+ * optimizer: momentum_update: d = grads[i0] + params[i0]*weight_decay[0]; momentum_buffer[i0] = d +
+ * momentum[0]*momentum_buffer[i0]; params[i0] = -lr[0]*momentum_buffer[i0] + params[i0]
  */
 static void momentum_update(float *restrict momentum_buffer, float *restrict params,
-        const float *restrict grads)
+        const float *restrict grads, const float *restrict lr, const float *restrict momentum,
+        const float *restrict weight_decay)
 {
     for (size_t i0 = 0; i0 < 508; ++i0) {
-        const float d = grads[i0];
-        momentum_buffer[i0] = d + 0.9F*momentum_buffer[i0];
-        params[i0] = -0.05F*momentum_buffer[i0] + params[i0];
+        const float d = grads[i0] + params[i0]*weight_decay[0];
+        momentum_buffer[i0] = d + momentum[0]*momentum_buffer[i0];
+        params[i0] = -lr[0]*momentum_buffer[i0] + params[i0];
     }
 }
 
@@ -783,6 +784,15 @@ float gelu_net_gradients(const float *params, float *grads, float *work, size_t 
     return work[0];
 }
 
+void gelu_net_init_state(float *state)
+{
+    for (size_t i = 0; i < GELU_NET_STATE_SIZE; ++i) {
+        state[i] = 0;
+    }
+    state[GELU_NET_STATE_lr_OFFSET] = 0.05F;
+    state[GELU_NET_STATE_momentum_OFFSET] = 0.9F;
+}
+
 float gelu_net_train_step(float *params, float *state, float *work, size_t n, const float *in_x,
         const float *in_y)
 {
@@ -800,6 +810,8 @@ float gelu_net_train_step(float *params, float *state, float *work, size_t n, co
         return NAN;
     }
     step_count(state + GELU_NET_STATE_step_OFFSET);
-    momentum_update(state + GELU_NET_STATE_momentum_buffer_OFFSET, params, work);
+    momentum_update(state + GELU_NET_STATE_momentum_buffer_OFFSET, params, work,
+            state + GELU_NET_STATE_lr_OFFSET, state + GELU_NET_STATE_momentum_OFFSET,
+            state + GELU_NET_STATE_weight_decay_OFFSET);
     return loss;
 }

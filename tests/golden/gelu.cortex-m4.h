@@ -24,9 +24,21 @@
 #define GELU_NET_INPUT_y_SIZE 4 /* per example, shape [4] */
 #define GELU_NET_OUTPUT_logits_SIZE 4 /* per example, shape [4] */
 #define GELU_NET_OUTPUT_probs_SIZE 4 /* per example, shape [4] */
-#define GELU_NET_STATE_SIZE 509 /* sgd: step count, momentum_buffer */
+/*
+ * Optimizer state, sgd: step count, lr, momentum, weight_decay, momentum_buffer. The step
+ * count, then the hyperparameters, one element each, which every train step reads (write one
+ * between steps to change it: a learning-rate schedule), then the slots, each one number or
+ * one element per trainable param element. gelu_net_init_state writes a fresh state.
+ *   lr: the learning rate
+ *   momentum: the momentum factor
+ *   weight_decay: the weight decay (L2 penalty)
+ */
+#define GELU_NET_STATE_SIZE 512
 #define GELU_NET_STATE_step_OFFSET 0
-#define GELU_NET_STATE_momentum_buffer_OFFSET 1
+#define GELU_NET_STATE_lr_OFFSET 1 /* starts at 0.05 */
+#define GELU_NET_STATE_momentum_OFFSET 2 /* starts at 0.9 */
+#define GELU_NET_STATE_weight_decay_OFFSET 3 /* starts at 0.0 */
+#define GELU_NET_STATE_momentum_buffer_OFFSET 4 /* starts at 0.0 */
 #define GELU_NET_FORWARD_WORK_SIZE(n) ((size_t)0 + (size_t)24 * (size_t)(n))
 #define GELU_NET_EVALUATE_WORK_SIZE(n) ((size_t)1 + (size_t)24 * (size_t)(n))
 #define GELU_NET_GRADIENTS_WORK_SIZE(n) ((size_t)1 + (size_t)59 * (size_t)(n))
@@ -78,12 +90,22 @@ float gelu_net_gradients(const float *params, float *grads, float *work, size_t 
         const float *in_x, const float *in_y);
 
 /*
- * gelu_net_train_step: one sgd step (lr=0.05, momentum=0.9, nesterov=False, weight_decay=0.0) on
- *   a batch of n examples:
+ * gelu_net_init_state: a fresh optimizer state for gelu_net_train_step:
+ *   step count 0, each hyperparameter the value it was compiled with, every slot
+ *   its start (GELU_NET_STATE_*_OFFSET). Call it before the first step. To restart
+ *   training and keep hyperparameters changed since, save them and write them back
+ *   after it.
+ *   state: GELU_NET_STATE_SIZE elements, written
+ */
+void gelu_net_init_state(float *state);
+
+/*
+ * gelu_net_train_step: one sgd step (nesterov=False, clip_grad_norm=None; hyperparameters read
+ *   from state) on a batch of n examples:
  *   the loss and gradients (gelu_net_gradients), then params updated in place.
  *   params: GELU_NET_PARAMS_SIZE elements, read and updated
- *   state:  GELU_NET_STATE_SIZE elements of optimizer state (step count first), zeroed
- *           before the first step; zero again to restart
+ *   state:  GELU_NET_STATE_SIZE elements of optimizer state, from gelu_net_init_state,
+ *           read and updated
  *   work:   at least GELU_NET_TRAIN_STEP_WORK_SIZE(n) elements; the gradients are left
  *           in its first GELU_NET_PARAMS_SIZE elements
  *   in_x: n x GELU_NET_INPUT_x_SIZE elements

@@ -17,10 +17,27 @@
 #define MLP_INPUT_x_SIZE 64 /* per example, shape [64] */
 #define MLP_INPUT_y_SIZE 10 /* per example, shape [10] */
 #define MLP_OUTPUT_logits_SIZE 10 /* per example, shape [10] */
-#define MLP_STATE_SIZE 4821 /* adam: step count, exp_avg, exp_avg_sq */
+/*
+ * Optimizer state, adam: step count, lr, one_minus_beta1, one_minus_beta2, eps, weight_decay,
+ * exp_avg, exp_avg_sq. The step count, then the hyperparameters, one element each, which every
+ * train step reads (write one between steps to change it: a learning-rate schedule), then the
+ * slots, each one number or one element per trainable param element. mlp_init_state writes a
+ * fresh state.
+ *   lr: the learning rate
+ *   one_minus_beta1: 1 - betas[0], the first moment's weight of a new gradient
+ *   one_minus_beta2: 1 - betas[1], the second moment's weight of a new gradient
+ *   eps: eps, added to the denominator
+ *   weight_decay: the weight decay (L2 penalty)
+ */
+#define MLP_STATE_SIZE 4826
 #define MLP_STATE_step_OFFSET 0
-#define MLP_STATE_exp_avg_OFFSET 1
-#define MLP_STATE_exp_avg_sq_OFFSET 2411
+#define MLP_STATE_lr_OFFSET 1 /* starts at 0.001 */
+#define MLP_STATE_one_minus_beta1_OFFSET 2 /* starts at 0.1 */
+#define MLP_STATE_one_minus_beta2_OFFSET 3 /* starts at 0.001 */
+#define MLP_STATE_eps_OFFSET 4 /* starts at 1e-08 */
+#define MLP_STATE_weight_decay_OFFSET 5 /* starts at 0.0 */
+#define MLP_STATE_exp_avg_OFFSET 6 /* starts at 0.0 */
+#define MLP_STATE_exp_avg_sq_OFFSET 2416 /* starts at 0.0 */
 #define MLP_FORWARD_WORK_SIZE(n) ((size_t)0 + (size_t)32 * (size_t)(n))
 #define MLP_EVALUATE_WORK_SIZE(n) ((size_t)16 + (size_t)48 * (size_t)(n))
 #define MLP_GRADIENTS_WORK_SIZE(n) ((size_t)16 + (size_t)144 * (size_t)(n))
@@ -70,12 +87,22 @@ float mlp_gradients(const float *params, float *grads, float *work, size_t n, co
         const float *in_y);
 
 /*
- * mlp_train_step: one adam step (lr=0.001, betas=[0.9, 0.999], eps=1e-08, weight_decay=0.0) on a
- *   batch of n examples:
+ * mlp_init_state: a fresh optimizer state for mlp_train_step:
+ *   step count 0, each hyperparameter the value it was compiled with, every slot
+ *   its start (MLP_STATE_*_OFFSET). Call it before the first step. To restart
+ *   training and keep hyperparameters changed since, save them and write them back
+ *   after it.
+ *   state: MLP_STATE_SIZE elements, written
+ */
+void mlp_init_state(float *state);
+
+/*
+ * mlp_train_step: one adam step (amsgrad=False, clip_grad_norm=None; hyperparameters read from
+ *   state) on a batch of n examples:
  *   the loss and gradients (mlp_gradients), then params updated in place.
  *   params: MLP_PARAMS_SIZE elements, read and updated
- *   state:  MLP_STATE_SIZE elements of optimizer state (step count first), zeroed
- *           before the first step; zero again to restart
+ *   state:  MLP_STATE_SIZE elements of optimizer state, from mlp_init_state,
+ *           read and updated
  *   work:   at least MLP_TRAIN_STEP_WORK_SIZE(n) elements; the gradients are left
  *           in its first MLP_PARAMS_SIZE elements
  *   in_x: n x MLP_INPUT_x_SIZE elements

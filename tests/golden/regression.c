@@ -595,32 +595,36 @@ static void W1_grad(size_t n, float *restrict dW1, const float *restrict dh1,
 
 /*
  * optimizer: step_count: step[0] = step[0] + 1; step_size[0] =
- * -0.01/expm1(-0.105360515657826*step[0]); bias_correction2_sqrt[0] =
- * sqrt(-expm1(-0.00100050033358353*step[0]))
+ * -lr[0]/expm1(log1p(-one_minus_beta1[0])*step[0]); bias_correction2_sqrt[0] =
+ * sqrt(-expm1(log1p(-one_minus_beta2[0])*step[0]))
  */
 static void step_count(float *restrict step, float *restrict step_size,
-        float *restrict bias_correction2_sqrt)
+        float *restrict bias_correction2_sqrt, const float *restrict lr,
+        const float *restrict one_minus_beta1, const float *restrict one_minus_beta2)
 {
     step[0] = step[0] + 1;
-    step_size[0] = -0.01F/expm1f(-0.105360515F*step[0]);
-    bias_correction2_sqrt[0] = sqrtf(-expm1f(-0.0010005003F*step[0]));
+    step_size[0] = -lr[0]/expm1f(log1pf(-one_minus_beta1[0])*step[0]);
+    bias_correction2_sqrt[0] = sqrtf(-expm1f(log1pf(-one_minus_beta2[0])*step[0]));
 }
 
 /*
- * optimizer: adam_update: d = grads[i0]; exp_avg[i0] = 0.1*d + 0.9*exp_avg[i0]; exp_avg_sq[i0] =
- * 0.001*d**2 + 0.999*exp_avg_sq[i0]; params[i0] = params[i0] - exp_avg[i0]*step_size[0]/(1.0e-8 +
+ * optimizer: adam_update: d = grads[i0] + params[i0]*weight_decay[0]; exp_avg[i0] = (d -
+ * exp_avg[i0])*one_minus_beta1[0] + exp_avg[i0]; exp_avg_sq[i0] = d**2*one_minus_beta2[0] + (1 -
+ * one_minus_beta2[0])*exp_avg_sq[i0]; params[i0] = params[i0] - exp_avg[i0]*step_size[0]/(eps[0] +
  * sqrt(exp_avg_sq[i0])/bias_correction2_sqrt[0])
  */
 static void adam_update(float *restrict exp_avg, float *restrict exp_avg_sq, float *restrict params,
-        const float *restrict bias_correction2_sqrt, const float *restrict grads,
-        const float *restrict step_size)
+        const float *restrict bias_correction2_sqrt, const float *restrict eps,
+        const float *restrict grads, const float *restrict one_minus_beta1,
+        const float *restrict one_minus_beta2, const float *restrict step_size,
+        const float *restrict weight_decay)
 {
     for (size_t i0 = 0; i0 < 370; ++i0) {
-        const float d = grads[i0];
-        exp_avg[i0] = 0.1F*d + 0.9F*exp_avg[i0];
-        exp_avg_sq[i0] = 0.999F*exp_avg_sq[i0] + 0.001F*(d*d);
-        params[i0] = -exp_avg[i0]*step_size[0]/(sqrtf(exp_avg_sq[i0])/bias_correction2_sqrt[0] +
-                1e-08F) + params[i0];
+        const float d = grads[i0] + params[i0]*weight_decay[0];
+        exp_avg[i0] = (d - exp_avg[i0])*one_minus_beta1[0] + exp_avg[i0];
+        exp_avg_sq[i0] = (1 - one_minus_beta2[0])*exp_avg_sq[i0] + one_minus_beta2[0]*(d*d);
+        params[i0] = -exp_avg[i0]*step_size[0]/(eps[0] +
+                sqrtf(exp_avg_sq[i0])/bias_correction2_sqrt[0]) + params[i0];
     }
 }
 
@@ -686,6 +690,17 @@ float regression_gradients(const float *params, float *grads, float *work, size_
     return work[0];
 }
 
+void regression_init_state(float *state)
+{
+    for (size_t i = 0; i < REGRESSION_STATE_SIZE; ++i) {
+        state[i] = 0;
+    }
+    state[REGRESSION_STATE_lr_OFFSET] = 0.01F;
+    state[REGRESSION_STATE_one_minus_beta1_OFFSET] = 0.1F;
+    state[REGRESSION_STATE_one_minus_beta2_OFFSET] = 0.001F;
+    state[REGRESSION_STATE_eps_OFFSET] = 1e-08F;
+}
+
 float regression_train_step(float *params, float *state, float *work, size_t n, const float *in_x,
         const float *in_target)
 {
@@ -702,8 +717,13 @@ float regression_train_step(float *params, float *state, float *work, size_t n, 
     if (nonfinite) {   /* params, state and step count unchanged */
         return NAN;
     }
-    step_count(state + REGRESSION_STATE_step_OFFSET, work + 400, work + 384);
+    step_count(state + REGRESSION_STATE_step_OFFSET, work + 400, work + 384,
+            state + REGRESSION_STATE_lr_OFFSET, state + REGRESSION_STATE_one_minus_beta1_OFFSET,
+            state + REGRESSION_STATE_one_minus_beta2_OFFSET);
     adam_update(state + REGRESSION_STATE_exp_avg_OFFSET, state + REGRESSION_STATE_exp_avg_sq_OFFSET,
-            params, work + 384, work, work + 400);
+            params, work + 384, state + REGRESSION_STATE_eps_OFFSET, work,
+            state + REGRESSION_STATE_one_minus_beta1_OFFSET,
+            state + REGRESSION_STATE_one_minus_beta2_OFFSET, work + 400,
+            state + REGRESSION_STATE_weight_decay_OFFSET);
     return loss;
 }

@@ -27,10 +27,27 @@
 #define REGRESSION_INPUT_x_SIZE 3 /* per example, shape [3] */
 #define REGRESSION_INPUT_target_SIZE 2 /* per example, shape [2] */
 #define REGRESSION_OUTPUT_prediction_SIZE 2 /* per example, shape [2] */
-#define REGRESSION_STATE_SIZE 741 /* adam: step count, exp_avg, exp_avg_sq */
+/*
+ * Optimizer state, adam: step count, lr, one_minus_beta1, one_minus_beta2, eps, weight_decay,
+ * exp_avg, exp_avg_sq. The step count, then the hyperparameters, one element each, which every
+ * train step reads (write one between steps to change it: a learning-rate schedule), then the
+ * slots, each one number or one element per trainable param element. regression_init_state
+ * writes a fresh state.
+ *   lr: the learning rate
+ *   one_minus_beta1: 1 - betas[0], the first moment's weight of a new gradient
+ *   one_minus_beta2: 1 - betas[1], the second moment's weight of a new gradient
+ *   eps: eps, added to the denominator
+ *   weight_decay: the weight decay (L2 penalty)
+ */
+#define REGRESSION_STATE_SIZE 746
 #define REGRESSION_STATE_step_OFFSET 0
-#define REGRESSION_STATE_exp_avg_OFFSET 1
-#define REGRESSION_STATE_exp_avg_sq_OFFSET 371
+#define REGRESSION_STATE_lr_OFFSET 1 /* starts at 0.01 */
+#define REGRESSION_STATE_one_minus_beta1_OFFSET 2 /* starts at 0.1 */
+#define REGRESSION_STATE_one_minus_beta2_OFFSET 3 /* starts at 0.001 */
+#define REGRESSION_STATE_eps_OFFSET 4 /* starts at 1e-08 */
+#define REGRESSION_STATE_weight_decay_OFFSET 5 /* starts at 0.0 */
+#define REGRESSION_STATE_exp_avg_OFFSET 6 /* starts at 0.0 */
+#define REGRESSION_STATE_exp_avg_sq_OFFSET 376 /* starts at 0.0 */
 #define REGRESSION_FORWARD_WORK_SIZE(n) ((size_t)0 + (size_t)32 * (size_t)(n))
 #define REGRESSION_EVALUATE_WORK_SIZE(n) ((size_t)1 + (size_t)32 * (size_t)(n))
 #define REGRESSION_GRADIENTS_WORK_SIZE(n) ((size_t)1 + (size_t)50 * (size_t)(n))
@@ -80,12 +97,22 @@ float regression_gradients(const float *params, float *grads, float *work, size_
         const float *in_x, const float *in_target);
 
 /*
- * regression_train_step: one adam step (lr=0.01, betas=[0.9, 0.999], eps=1e-08, weight_decay=0.0)
- *   on a batch of n examples:
+ * regression_init_state: a fresh optimizer state for regression_train_step:
+ *   step count 0, each hyperparameter the value it was compiled with, every slot
+ *   its start (REGRESSION_STATE_*_OFFSET). Call it before the first step. To restart
+ *   training and keep hyperparameters changed since, save them and write them back
+ *   after it.
+ *   state: REGRESSION_STATE_SIZE elements, written
+ */
+void regression_init_state(float *state);
+
+/*
+ * regression_train_step: one adam step (amsgrad=False, clip_grad_norm=None; hyperparameters read
+ *   from state) on a batch of n examples:
  *   the loss and gradients (regression_gradients), then params updated in place.
  *   params: REGRESSION_PARAMS_SIZE elements, read and updated
- *   state:  REGRESSION_STATE_SIZE elements of optimizer state (step count first), zeroed
- *           before the first step; zero again to restart
+ *   state:  REGRESSION_STATE_SIZE elements of optimizer state, from regression_init_state,
+ *           read and updated
  *   work:   at least REGRESSION_TRAIN_STEP_WORK_SIZE(n) elements; the gradients are left
  *           in its first REGRESSION_PARAMS_SIZE elements
  *   in_x: n x REGRESSION_INPUT_x_SIZE elements
