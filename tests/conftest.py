@@ -8,6 +8,7 @@ the C alike.
 
 from __future__ import annotations
 
+import functools
 import os
 
 import numpy as np
@@ -67,6 +68,23 @@ def assert_close():
 # -Wconversion, -Wdouble-promotion, -Wshadow, ... with -Werror), which `graphc compile`
 # checks too before writing.
 from codegen.targets import CHECK_FLAGS as STRICT_FLAGS   # noqa: E402
+
+
+def generated(spec, dtype: str = "float32", target: str = "c99"):
+    """graphc.generate's (graph, CModule) for a spec file, once per process per dtype
+    and target: generation is deterministic (test_codegen checks the bytes across
+    processes), so the many tests that only read an example's text share one. Read it,
+    never change it. A spec given as a dict or a graph is generated afresh."""
+    if isinstance(spec, (str, os.PathLike)):
+        return _generated(spec, dtype, target)
+    import graphc
+    return graphc.generate(spec, dtype, target=target)
+
+
+@functools.lru_cache(maxsize=None)
+def _generated(spec, dtype: str, target: str):
+    import graphc
+    return graphc.generate(spec, dtype, target=target)
 
 
 def compile_strict(spec, dtype: str = "float32", *, target: str = "c99", **kwargs):

@@ -18,11 +18,12 @@ from pathlib import Path
 
 import numpy as np
 
-import graphc
 from codegen.harness import batch_sweep, parse_output
 from graphc.init import initial_params
 from graphc.reference import reference
 from graphc.verify import sample_inputs, within_tolerance
+
+from conftest import generated
 
 BATCHES = (0, 1, 2, 3, 5, 8, 15, 16, 17, 33, 64, 65, 129)
 CC = os.environ.get("CC", "cc")
@@ -35,7 +36,7 @@ class Sweep:
     0, rounded to the dtype): no cffi build is needed to test the C."""
 
     def __init__(self, spec, target: str, dtype: str = "float32"):
-        self.graph, self.cmodule = graphc.generate(spec, dtype, target=target)
+        self.graph, self.cmodule = generated(spec, dtype, target)
         self.dtype = dtype
         self.params = initial_params(self.graph, self.cmodule).astype(dtype).astype(np.float64)
 

@@ -27,6 +27,8 @@ from graphc.derive import derive
 from graphc.ir import Buffer
 from graphc.verify import sample_inputs
 
+from conftest import generated
+
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = sorted((ROOT / "examples").glob("*.yaml"))
 GOLDEN = Path(__file__).parent / "golden"
@@ -102,7 +104,7 @@ def test_printer_refuses_what_c_cannot_express():
 @pytest.mark.parametrize("spec", EXAMPLES, ids=lambda p: p.stem)
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 def test_generated_text_is_portable_and_heap_free(spec, dtype):
-    _, cm = graphc.generate(spec, dtype)
+    _, cm = generated(spec, dtype)
     includes = re.findall(r"#include\s*[<\"]([^>\"]+)[>\"]", cm.source)
     assert includes == ["math.h", "stddef.h", "stdint.h", f"{cm.name}.h"]
     # <stdint.h> only for the int32_t of an input of indices
@@ -183,7 +185,7 @@ def test_golden_files(spec, target):
     """Any byte change in an example's C is deliberate: regenerate with
     GRAPHC_UPDATE_GOLDEN=1 and review the diff. The Cortex-M4 float32 files are the C
     that ships to a microcontroller."""
-    _, cm = graphc.generate(spec, "float32", target=target)
+    _, cm = generated(spec, "float32", target)
     stem = spec.stem if target == "c99" else f"{spec.stem}.{target}"
     for suffix, text in ((".c", cm.source), (".h", cm.header)):
         path = GOLDEN / f"{stem}{suffix}"
@@ -210,7 +212,7 @@ def test_strict_compile(target, dtype, tmp_path):
     -Wcast-qual among them) with -Werror, the host's with OpenMP too."""
     sources = []
     for spec in [*EXAMPLES, ROOT / "examples/digits/spec.yaml"]:
-        _, cm = graphc.generate(spec, dtype, target=target)
+        _, cm = generated(spec, dtype, target)
         (tmp_path / f"{cm.name}.c").write_text(cm.source)
         (tmp_path / f"{cm.name}.h").write_text(cm.header)
         sources.append(f"{cm.name}.c")
@@ -226,7 +228,7 @@ def test_text_a_reviewer_reads(target):
     their arguments after their buffers, params addressed through the header's macros."""
     for spec in [*EXAMPLES, ROOT / "examples/digits/spec.yaml"]:
         for dtype in ("float32", "float64"):
-            _, cm = graphc.generate(spec, dtype, target=target)
+            _, cm = generated(spec, dtype, target)
             for name, text in ((f"{cm.name}.c", cm.source), (f"{cm.name}.h", cm.header)):
                 assert text.isascii(), name
                 long = [line for line in text.splitlines() if len(line) > 100]
@@ -360,7 +362,7 @@ def test_sanitizers_and_standalone_build_match_the_loaded_module(tmp_path):
 
 @pytest.mark.parametrize("spec", EXAMPLES, ids=lambda p: p.stem)
 def test_memory_plan_never_overlaps_live_buffers(spec):
-    _, cm = graphc.generate(spec, "float32")
+    _, cm = generated(spec, "float32")
     for entry in cm.entries.values():
         mem, prog = entry.memory, entry.program
         n = 3
@@ -388,7 +390,7 @@ def test_every_arena_offset_keeps_the_targets_alignment(spec, target):
     """Planned offsets, and the work pointers the entry bodies pass (train_step hands the
     gradients entry the arena behind the gradients), are multiples of the target's
     alignment, so a 64-byte aligned work array gives 64-byte aligned buffers."""
-    _, cm = graphc.generate(spec, "float32", target=target)
+    _, cm = generated(spec, "float32", target)
     align = get_target(target).align
     for kind, entry in cm.entries.items():
         mem = entry.memory
@@ -406,7 +408,7 @@ def test_every_arena_offset_keeps_the_targets_alignment(spec, target):
 def test_each_kernel_runs_once_per_entry_point(spec):
     """No entry point repeats a computation: gelu's softmax output and its cross-entropy
     loss read one max and one sum of exponentials of the logits."""
-    _, cm = graphc.generate(spec, "float32")
+    _, cm = generated(spec, "float32")
     for kind, entry in cm.entries.items():
         if kind in ("train_step", "predict"):
             continue   # they call other entry points
@@ -431,7 +433,7 @@ def test_no_loop_runs_once_or_never(target):
     chunk of lanes, a last term), and a 10-class sum keeps plain loops."""
     loop = re.compile(r"for \(size_t (\w+) = (\d+); \1 < (\d+); (?:\+\+\1|\1 \+= (\d+))\)")
     for spec in [*EXAMPLES, ROOT / "examples/digits/spec.yaml"]:
-        _, cm = graphc.generate(spec, "float32", target=target)
+        _, cm = generated(spec, "float32", target)
         for m in loop.finditer(cm.source):
             start, stop, step = int(m[2]), int(m[3]), int(m[4] or 1)
             assert stop - start > step, f"{spec.stem}/{target}: {m[0]}"

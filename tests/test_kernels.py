@@ -30,7 +30,7 @@ from graphc.reference import reference
 from graphc.verify import sample_inputs
 from sweep import Sweep, run_and_check, start_build
 
-from conftest import compile_strict
+from conftest import compile_strict, generated
 
 ROOT = Path(__file__).resolve().parent.parent
 CC = os.environ.get("CC", "cc")
@@ -169,7 +169,7 @@ EXAMPLES = sorted(p for p in (ROOT / "examples").rglob("*.yaml")
 def test_pragmas_only_on_the_host_and_guarded(spec):
     for target in TARGETS:
         for dtype in ("float32", "float64"):
-            _, cm = graphc.generate(spec, dtype, target=target)
+            _, cm = generated(spec, dtype, target)
             lines = cm.source.splitlines()
             pragmas = [k for k, line in enumerate(lines) if line.startswith("#pragma")]
             if target != "host":
