@@ -116,7 +116,7 @@ class EarlyStopping(Callback):
 class ModelCheckpoint(Callback):
     """`model.save(path)` after each epoch, or only when `monitor` improves
     (`save_best_only`). `path` may name the epoch (from 1) and any recorded value, as
-    `"ckpt-{epoch:02d}-{val_loss:.3f}.npz"`."""
+    `"ckpt-{epoch:02d}-{val_loss:.3f}.graphc"`."""
 
     def __init__(self, path, monitor: str = "val_loss", save_best_only: bool = False,
                  mode: str = "auto"):
