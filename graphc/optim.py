@@ -137,7 +137,9 @@ class LiveOptimizer(MutableMapping):
         given = self._given[field]
         if [self._state.dtype.type(v) for v in slot_values(field, given)] == held:
             return copy.deepcopy(given)
-        return field_value(field, [float(h) for h in held])   # changed from C, or loaded
+        # changed from C, or loaded: the shortest decimal the slot holds exactly (0.01, not
+        # float32 0.009999999776)
+        return field_value(field, [float(str(h)) for h in held])
 
     def __setitem__(self, field: str, value) -> None:
         new = check_optimizer({**self, field: value})   # the spec's checks and messages
