@@ -558,7 +558,7 @@ class CompiledModel:
         and not, and the C memory of params, gradients, optimizer state and the work arena
         at `batch` examples. `print_fn` gets the text instead of `print`."""
         from .display import Summary, print_summary
-        print_summary(Summary(self.graph, self.cmodule, _check_batch(batch)), print_fn)
+        print_summary(Summary(self.graph, self.cmodule, check_batch(batch)), print_fn)
 
     def _repr_html_(self) -> str:
         """Jupyter: dtype, target, threads, optimizer, entry points and the summary table."""
@@ -566,13 +566,14 @@ class CompiledModel:
         return model_html(self)
 
 
-def _check_batch(batch) -> int:
+def check_batch(batch, field: str = "batch") -> int:
+    """A batch size static memory may be planned for: an integer in [1, MAX_BATCH]."""
     if isinstance(batch, bool) or not isinstance(batch, (int, np.integer)) \
             or not 1 <= batch <= MAX_BATCH:
         # (a huge int is not printed: Python refuses to print more than 4300 digits)
         shown = repr(batch) if not isinstance(batch, int) or batch < 10 ** 30 \
             else "a larger integer"
-        raise InputError(f"batch must be an integer from 1 to {MAX_BATCH} (2^24), got {shown}")
+        raise InputError(f"{field} must be an integer from 1 to {MAX_BATCH} (2^24), got {shown}")
     return int(batch)
 
 
@@ -683,12 +684,8 @@ def generate(graph, dtype: str = "float32", *, optimizer: dict | None = None, pa
     graph = as_graph(graph)
     dtype = check_dtype(dtype)
     tgt = get_target(target)
-    if max_batch is not None and (isinstance(max_batch, bool) or not isinstance(max_batch, int)
-                                  or not 1 <= max_batch <= MAX_BATCH):
-        # (a huge int is not printed: Python refuses to print more than 4300 digits)
-        shown = repr(max_batch) if not isinstance(max_batch, int) or max_batch < 10 ** 30 \
-            else "a larger integer"
-        raise InputError(f"max_batch must be an integer from 1 to {MAX_BATCH} (2^24), got {shown}")
+    if max_batch is not None:
+        max_batch = check_batch(max_batch, "max_batch")
     if optimizer is not None:
         graph = _with_optimizer(graph, optimizer)
     flat = None
