@@ -129,17 +129,22 @@ class ModelCheckpoint(Callback):
             self.monitor.check_recorded(self.history)
         self.monitor.reset()
         self.saved: list[str] = []
+        # A template mistake shows before the first epoch is spent, not after it.
+        self._fill(0, {k: 0.0 for k in [*self.history.metric_names, "lr"]})
 
     def on_epoch_end(self, epoch, logs=None) -> None:
         if self.save_best_only and not self.monitor.improved(logs):
             return
-        try:
-            path = self.path.format(epoch=epoch + 1, **logs)
-        except (KeyError, IndexError, ValueError) as e:
-            raise InputError(f"ModelCheckpoint: cannot fill in path {self.path!r} ({e!r}; "
-                             f"it may name epoch and {', '.join(logs)})") from None
+        path = self._fill(epoch, logs)
         self.model.save(path)
         self.saved.append(path)
+
+    def _fill(self, epoch: int, logs: dict) -> str:
+        try:
+            return self.path.format(epoch=epoch + 1, **logs)
+        except (KeyError, IndexError, ValueError, AttributeError, TypeError) as e:
+            raise InputError(f"ModelCheckpoint: cannot fill in path {self.path!r} ({e!r}; "
+                             f"it may name epoch and {', '.join(logs)})") from None
 
 
 class LearningRateScheduler(Callback):

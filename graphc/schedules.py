@@ -166,6 +166,13 @@ class OneCycleLR(Schedule):
                          (float(2 * self.pct_start * self.total_steps) - 2, self.max_lr, initial),
                          (self.total_steps - 1, initial, low)] if three_phase else
                         [(rise, initial, self.max_lr), (self.total_steps - 1, self.max_lr, low)])
+        # torch divides by each phase's length: a length of exactly 0 is a ZeroDivisionError
+        # there (a negative one, a phase shorter than a step, is only skipped)
+        begins = [0.0] + [last for last, _, _ in self._phases[:-1]]
+        if any(last == begin for (last, _, _), begin in zip(self._phases, begins)):
+            raise InputError(f"OneCycleLR: pct_start {self.pct_start:g} of total_steps "
+                             f"{self.total_steps} leaves a phase without steps; give more "
+                             "steps or another pct_start")
 
     def _first(self) -> float:
         return self._at(0)

@@ -207,6 +207,10 @@ def test_plateau_and_function_schedules(model):
                                                             "'val_loss' is not recorded"),
     (lambda: LearningRateScheduler(ReduceLROnPlateau()), "LearningRateScheduler: monitor "
                                                          "'val_loss' is not recorded"),
+    (lambda: ModelCheckpoint("m-{loss.x}.graphc"), "ModelCheckpoint: cannot fill in path "
+                                                   "'m-{loss.x}.graphc' (AttributeError"),
+    (lambda: ModelCheckpoint("m-{val_loss}.graphc"), "ModelCheckpoint: cannot fill in path "
+                                                     "'m-{val_loss}.graphc' (KeyError"),
 ])
 def test_a_monitor_fit_does_not_record_is_refused_before_any_step(model, callback, message):
     before = model.get_params()

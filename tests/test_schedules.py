@@ -131,6 +131,9 @@ def test_plateau_needs_its_value_and_every_schedule_needs_start():
     (lambda: OneCycleLR(0.1), "OneCycleLR: give total_steps, or epochs and steps_per_epoch"),
     (lambda: OneCycleLR(0.1, epochs=2, steps_per_epoch=0),
      "OneCycleLR: steps_per_epoch must be a positive integer, got 0"),
+    (lambda: OneCycleLR(0.1, 10, pct_start=0.1), "OneCycleLR: pct_start 0.1 of total_steps "
+                                                  "10 leaves a phase without steps"),
+    (lambda: OneCycleLR(0.1, 10, pct_start=1.0), "leaves a phase without steps"),
     (lambda: OneCycleLR(0.1, 10, anneal_strategy="cosine"),
      "OneCycleLR: anneal_strategy must be 'cos' or 'linear', got 'cosine'"),
     (lambda: ReduceLROnPlateau(mode="lowest"), "ReduceLROnPlateau: mode must be 'min' or "
