@@ -84,6 +84,7 @@ class CModule:
     state_sizes: dict[str, int] = field(default_factory=dict)
     hyperparameters: dict[str, str] = field(default_factory=dict)
     state_start: dict[str, float] = field(default_factory=dict)
+    element_slots: tuple[str, ...] = ()   # the slots of one element per trainable element
 
     def input_dtype(self, name: str) -> str:
         """The NumPy dtype of an input's array: "int32", or the model's."""

@@ -860,4 +860,4 @@ def emit(face: Interface, programs: dict[str, tuple[Program, MemoryPlan]],
                    params is not None, tgt.name, max_batch, em.functions, em.calls,
                    trainable_size, running, dict(face.input_dtypes),
                    state_sizes, dict(face.hyperparameters) if rule else {},
-                   dict(face.state_start) if rule else {})
+                   dict(face.state_start) if rule else {}, face.element_slots if rule else ())

@@ -49,11 +49,8 @@ _EPOCH = (1980, 1, 1, 0, 0, 0)
 
 
 def state_slots(cmodule) -> dict[str, tuple[int, int]]:
-    """slot -> (offset, size) in the state block, from the module's offsets alone (the
-    slots lie end to end in offset order, the last one up to `state_size`)."""
-    ordered = sorted(cmodule.state_offsets.items(), key=lambda item: item[1])
-    ends = [at for _, at in ordered[1:]] + [cmodule.state_size]
-    return {slot: (at, end - at) for (slot, at), end in zip(ordered, ends)}
+    """slot -> (offset, size) in the state block."""
+    return {slot: (at, cmodule.state_sizes[slot]) for slot, at in cmodule.state_offsets.items()}
 
 
 # ---------------------------------------------------------------- writing
@@ -241,5 +238,20 @@ def _read_state(z, where, model, members, dtype) -> dict[str, np.ndarray]:
         if not (0 <= count < 2.0 ** 32 and count == int(count)):
             raise _fail(where, f"state/{STEP_COUNT}", f"must hold a step count (a whole "
                         f"number from 0 to 2^32 - 1), got {count!r}")
+    _check_hyperparameters(where, model.cmodule.optimizer, state)
     return state
+
+
+def _check_hyperparameters(where, optimizer: dict | None, state: dict) -> None:
+    """The hyperparameter slots hold what the spec's checks accept (a negative lr, or
+    1 - beta = 0, would make the first step write NaN into every param)."""
+    if optimizer is None:
+        return
+    from .optim import check_optimizer, field_value, hyperparameters
+    for field, slots in hyperparameters(optimizer).items():
+        value = field_value(field, [float(state[slot][0]) for slot in slots])
+        try:
+            check_optimizer({**optimizer, field: value})
+        except SpecError as e:
+            raise _fail(where, f"state/{slots[0]}", f"{field}: {e.message}") from None
 

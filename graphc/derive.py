@@ -258,7 +258,7 @@ def interface(graph: Graph) -> Interface:
                      {s: HYPERPARAMETER_DOC[s] for s in rule.hyper} if rule else {},
                      {s: v for s, v in rule.initial.items() if v} if rule else {},
                      {k: v for k, v in structure(graph.optimizer).items() if k != "name"}
-                     if rule else {})
+                     if rule else {}, tuple(rule.slots) if rule else ())
 
 
 def layout_order(graph: Graph) -> dict[str, tuple[int, ...]]:

@@ -71,13 +71,6 @@ def _text_table(head, rows, numeric=()) -> list[str]:
 
 # ---------------------------------------------------------------- summary
 
-def element_slots(cmodule) -> list[str]:
-    """The optimizer state's slots with one element per trainable param element (Adam's
-    moments), not the step count, the hyperparameters or NAdam's running product."""
-    return [s for s, size in cmodule.state_sizes.items()
-            if s != "step" and s not in cmodule.hyperparameters and size == cmodule.trainable_size]
-
-
 class Summary:
     """A model's table: one row per input and op node, then the totals.
 
@@ -95,7 +88,7 @@ class Summary:
         counted: set[str] = set()
         item = DTYPES[cmodule.dtype].itemsize if cmodule else 0
         training = cmodule is not None and "gradients" in cmodule.entries
-        slots = len(element_slots(cmodule)) if cmodule else 0
+        slots = len(cmodule.element_slots) if cmodule else 0
         for v in graph.values.values():
             if v.kind == "param":
                 continue

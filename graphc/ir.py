@@ -126,6 +126,9 @@ class Interface:
     state_start: dict[str, float] = field(default_factory=dict)
     # The optimizer's fields that shape its update, fixed at compile (flags, ...), by value.
     optimizer_fixed: dict = field(default_factory=dict)
+    # The slots with one element per trainable param element (Adam's moments), by name:
+    # a slot's size alone cannot tell them from the scalar ones when one element is trained.
+    element_slots: tuple[str, ...] = ()
 
 
 

@@ -448,10 +448,10 @@ class CompiledModel:
                     out["step"] = int(self._state[at])
                 elif slot in cm.hyperparameters:
                     continue
-                elif cm.state_sizes[slot] == 1:
-                    out[slot] = float(self._state[at])
-                else:
+                elif slot in cm.element_slots:
                     out[slot] = self._params.get(self._state[at:], self.graph.trainable_params)
+                else:   # a scalar slot (NAdam's mu_product)
+                    out[slot] = float(self._state[at])
         from .optim import hyperparameters
         out["hyperparameters"] = {f: self._optimizer[f] for f in hyperparameters(cm.optimizer)}
         return out

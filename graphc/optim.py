@@ -87,8 +87,11 @@ def hyperparameters(opt: dict) -> dict[str, tuple[str, ...]]:
     out = {"lr": ("lr",)}
     for field in ("alpha", "betas", "momentum", "momentum_decay", "lr_decay", "eps",
                   "weight_decay", "clip_grad_norm"):
-        if field not in opt or (field in ("momentum", "clip_grad_norm") and not opt[field]):
-            continue   # SGD and RMSprop without momentum keep no buffer; no clipping
+        if field not in opt or (field == "momentum" and not opt[field]) \
+                or (field == "clip_grad_norm" and opt[field] is None):
+            # SGD and RMSprop without momentum keep no buffer; None: no clipping (0 clips,
+            # to zero gradients, as torch's does)
+            continue
         out[field] = COMPLEMENTS.get(field, (field,))
     return out
 

@@ -295,6 +295,10 @@ HOSTILE = [   # (case, damage(members, raw bytes), what the error says)
      "state/exp_avg: must be float32 of shape (99,)"),
     ("step count", lambda m, raw: {**m, "state/step.npy": _npy(np.array([2.5], np.float32))},
      "state/step: must hold a step count"),
+    ("negative lr", lambda m, raw: {**m, "state/lr.npy": _npy(np.array([-5], np.float32))},
+     "state/lr: lr: must lie in [0, inf], got -5.0"),
+    ("beta1 of 1", lambda m, raw: {**m, "state/one_minus_beta1.npy": _npy(np.zeros(1, np.float32))},
+     "state/one_minus_beta1: betas: must lie in [0, 1), got 1.0"),
 ]
 
 

@@ -70,6 +70,8 @@ CONFIGS = {
     "nadam": {"name": "nadam", "lr": 0.01, "weight_decay": 0.05, "momentum_decay": 0.04},
     "nadam_decoupled_clip": {"name": "nadam", "lr": 0.01, "weight_decay": 0.1,
                              "decoupled_weight_decay": True, "clip_grad_norm": 0.4},
+    # max_norm 0 clips every gradient to 0, as torch's does: only the decay moves the params
+    "sgd_clip0": {"name": "sgd", "lr": 0.05, "weight_decay": 0.1, "clip_grad_norm": 0.0},
 }
 
 STEPS = 8
@@ -295,7 +297,7 @@ def test_reference_trains_like_torch(config):
 # and the other hyperparameters a user may move between steps, each as torch's param group.
 CHANGES = {
     "momentum_wd": {4: {"lr": 0.2}, 7: {"lr": 0.01, "momentum": 0.5, "weight_decay": 0.0}},
-    "adam_amsgrad_clip": {3: {"lr": 0.05, "betas": [0.5, 0.9]},
+    "adam_amsgrad_clip": {2: {"clip_grad_norm": 0.0}, 3: {"lr": 0.05, "betas": [0.5, 0.9]},
                           6: {"eps": 1e-3, "weight_decay": 0.0, "clip_grad_norm": 2.0}},
     "rmsprop_momentum_wd": {5: {"lr": 0.02, "alpha": 0.5, "momentum": 0.1}},
     "adagrad": {2: {"lr": 0.3, "lr_decay": 0.5, "eps": 0.1}},
