@@ -300,7 +300,10 @@ def _rewrite_once(e: sp.Expr) -> tuple[str, sp.Expr] | None:
     return None
 
 
-MAX_REWRITES = 64   # per formula: each rule removes an exp or a sigmoid, so this is ample
+# Each rule removes an exp or a sigmoid, so a formula takes at most as many rewrites as it
+# has of them (counted in its tree, repeats included); the budget is that count, and only
+# bounds the work should a rule ever fail to shrink it.
+MIN_REWRITES = 64
 
 
 def stable_forms(expr: sp.Expr, record: list[Rewrite] | None = None) -> sp.Expr:
@@ -309,7 +312,8 @@ def stable_forms(expr: sp.Expr, record: list[Rewrite] | None = None) -> sp.Expr:
     is appended to it for each largest part of the formula that a rule changed, naming
     every rule applied within it."""
     memo: dict[sp.Basic, tuple[sp.Basic, tuple[str, ...]]] = {}
-    budget = [MAX_REWRITES]
+    budget = [MIN_REWRITES + sum(isinstance(e, (sp.exp, sigmoid))
+                                 for e in sp.preorder_traversal(expr))]
     found: list[Rewrite] = []
 
     def fold(e: sp.Basic, shown: bool) -> tuple[sp.Basic, tuple[str, ...]]:

@@ -13,7 +13,7 @@ import pytest
 import sympy as sp
 
 import graphc
-from graphc.functions import RULES, expand_definitions, stable_forms
+from graphc.functions import RULES, expand_definitions, softplus, stable_forms
 from graphc.formula import formula_rewrites
 
 a, b, u = sp.symbols("a b u", real=True)
@@ -193,3 +193,11 @@ def test_formulas_of_two_inputs_and_their_partial_derivatives():
         _, grads = model.gradients(x=x)
         assert_float32_close(grads["p"], 2 * da, f"{name} d/da", float(np.max(np.abs(2 * da))))
         assert_float32_close(grads["q"], 2 * db, f"{name} d/db", float(np.max(np.abs(2 * db))))
+
+
+def test_a_long_sum_of_softplus_patterns_is_rewritten_whole():
+    """The rewrite budget grows with the formula: 69 softplus patterns all become softplus
+    (a fixed budget used to leave the last ones as log(1 + exp) without a word)."""
+    x = sp.Symbol("x", real=True)
+    folded = stable_forms(sum(sp.log(1 + sp.exp(k * x)) for k in range(1, 70)))
+    assert not folded.has(sp.exp, sp.log) and folded.count(softplus) == 69
