@@ -8,6 +8,7 @@ SymPy or NumPy (tests/test_cli.py checks)."""
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
@@ -184,12 +185,12 @@ def _check(args) -> int:
 
 def _train(args) -> int:
     from . import compile, evaluate, fit
-    from .data import load_dataset, split
+    from .data import hold_out_last, load_dataset, split
     for flag, value in (("--epochs", args.epochs), ("--batch-size", args.batch_size)):
         if value < 1:
             raise GraphcError(f"{flag} must be at least 1, got {value}")
-    if args.lr is not None and not args.lr > 0:  # also rejects nan
-        raise GraphcError(f"--lr must be a positive number, got {args.lr}")
+    if args.lr is not None and not 0 <= args.lr < math.inf:  # also rejects nan (0: as torch)
+        raise GraphcError(f"--lr must be a finite number >= 0, got {args.lr}")
     if args.clip_grad_norm is not None and not args.clip_grad_norm >= 0:
         raise GraphcError(f"--clip-grad-norm must be a number >= 0, got {args.clip_grad_norm}")
     if args.validation_split is not None and not 0 < args.validation_split < 1:
@@ -212,13 +213,15 @@ def _train(args) -> int:
         if args.clip_grad_norm is not None:
             optimizer = {**optimizer, "clip_grad_norm": args.clip_grad_norm}
     train, test = split(load_dataset(args.data, graph), args.test_fraction, args.seed)
+    validation = None
+    if args.validation_split is not None:   # held out here: the schedule needs the rest's size
+        train, validation = hold_out_last(train, len(next(iter(train.values()))),
+                                          args.validation_split)
     callbacks = []
     if args.lr_schedule is not None:   # before the build: a typo costs no compile
         from .callbacks import LearningRateScheduler
         from .schedules import parse_schedule
         n_train = len(next(iter(train.values())))
-        if args.validation_split is not None:
-            n_train = int(n_train * (1 - args.validation_split))   # fit's rule
         schedule = parse_schedule(args.lr_schedule, epochs=args.epochs,
                                   steps_per_epoch=-(-n_train // args.batch_size))
         monitor = "val_loss" if args.validation_split is not None else "loss"
@@ -227,7 +230,7 @@ def _train(args) -> int:
     if args.resume is None:
         model = compile(graph, args.dtype or "float32", optimizer=optimizer, seed=args.seed)
     history = fit(model, train, epochs=args.epochs, batch_size=args.batch_size, seed=args.seed,
-                  validation_split=args.validation_split, callbacks=callbacks,
+                  validation=validation, callbacks=callbacks,
                   progress=not args.no_progress)
     if args.validation_split is not None and history.epochs:
         last = history.epochs[-1]

@@ -165,7 +165,7 @@ def test_train_data_errors_exit_2_with_one_line(toy, tmp_path, capsys, data, mes
 
 @pytest.mark.parametrize("flags, message", [
     (["--epochs", "0"], "--epochs must be at least 1"),
-    (["--lr", "-1"], "--lr must be a positive number"),
+    (["--lr", "-1"], "--lr must be a finite number >= 0, got -1.0"),
     (["--test-fraction", "1.5"], "test fraction must lie strictly between 0 and 1"),
     (["--validation-split", "0"], "--validation-split must lie strictly between 0 and 1, got 0.0"),
     (["--lr-schedule", "cosine"], "--lr-schedule cosine: missing field 'T_max'"),
