@@ -11,6 +11,7 @@ from sympy.printing.c import C99CodePrinter
 from sympy.printing.precedence import PRECEDENCE
 
 from graphc.functions import without_max_min
+from graphc.dtypes import representable
 from graphc.ir import DTYPES
 
 
@@ -157,9 +158,7 @@ class GraphcPrinter(C99CodePrinter):
         overflows the type, or is nonzero and rounds to zero in it, raises
         LiteralRangeError: the compiler would warn and the value would be wrong."""
         value = float(expr)
-        with np.errstate(over="ignore", under="ignore"):
-            cast = np.float32(value) if self.dtype == "float32" else np.float64(value)
-        if not np.isfinite(cast) or (value != 0 and cast == 0):
+        if not representable(value, self.dtype):
             raise LiteralRangeError(f"constant {value!r} is out of the range of "
                                     f"{DTYPES[self.dtype].c_type} ({self.dtype})")
         return c_literal(value, self.dtype)

@@ -18,3 +18,12 @@ class DType:
 
 DTYPES = {"float32": DType("float32", "float", 4, "f", "F"),
           "float64": DType("float64", "double", 8, "", "")}
+
+
+def representable(value: float, dtype: str) -> bool:
+    """Whether `value` survives rounding to `dtype`: finite, and not a nonzero that
+    rounds to 0 (a C constant, a hyperparameter slot)."""
+    import numpy as np   # here: this module stays import-free for `graphc --help`
+    with np.errstate(over="ignore", under="ignore"):
+        cast = np.dtype(dtype).type(value)
+    return bool(np.isfinite(cast)) and (value == 0 or cast != 0)

@@ -13,6 +13,7 @@ import numpy as np
 import sympy as sp
 from sympy.codegen.cfunctions import expm1, log1p
 
+from .dtypes import representable
 from .errors import SpecError
 from .init import finite_number
 from .ir import (ASSIGN, GRADS_BLOCK, PARAM, GRAD, PARAMS_BLOCK, STATE, STEP_COUNT, SUM, TEMP,
@@ -137,7 +138,7 @@ class LiveOptimizer(MutableMapping):
             return copy.deepcopy(self._compiled[field])
         with self._lock:
             held = [self._state[self._offsets[s]] for s in self._live[field]]
-        given = self._given[field]
+            given = self._given[field]
         if [self._state.dtype.type(v) for v in slot_values(field, given)] == held:
             return copy.deepcopy(given)
         # changed from C, or loaded: the shortest decimal the slot holds exactly (0.01, not
@@ -154,17 +155,14 @@ class LiveOptimizer(MutableMapping):
         if field not in self._live:
             return   # the compiled value again
         numbers = slot_values(field, new[field])
-        dtype = self._state.dtype.type
-        with np.errstate(over="ignore", under="ignore"):
-            held = [dtype(v) for v in numbers]
-        if any(not np.isfinite(h) or (v != 0 and h == 0) for v, h in zip(numbers, held)):
+        if not all(representable(v, self._state.dtype.name) for v in numbers):
             raise SpecError(f"{value!r} is out of the range of {self._state.dtype}: compile "
                             "with dtype float64, or change the value", node="optimizer",
                             field=field)
-        with self._lock:
-            for slot, h in zip(self._live[field], held):
-                self._state[self._offsets[slot]] = h
-        self._given[field] = new[field]
+        with self._lock:   # the slots and the value they were written from, together
+            for slot, v in zip(self._live[field], numbers):
+                self._state[self._offsets[slot]] = v
+            self._given[field] = new[field]
 
     def __delitem__(self, field: str) -> None:
         raise SpecError("an optimizer field cannot be removed; assign a value instead",

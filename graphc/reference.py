@@ -880,8 +880,7 @@ OPS: dict[str, _Op] = {
 # against. `state` maps slot -> the param's array (updated in place); `step` counts this step.
 
 def _sgd_update(opt: dict, p: np.ndarray, g: np.ndarray, state: dict, step: int) -> None:
-    if opt["weight_decay"] != 0:
-        g = g + opt["weight_decay"] * p
+    g = _decay(opt, p, g)
     momentum = opt["momentum"]
     if momentum != 0:
         buf = state["momentum_buffer"]
