@@ -783,18 +783,25 @@ def _batch_norm_vjp(g, args, out, attrs):
             g.sum(axis=axes).reshape(per_channel), None, None]
 
 
-def _running_statistics(x: np.ndarray, running_mean: np.ndarray, running_var: np.ndarray,
-                        momentum: float) -> None:
-    """torch's update in place (batch_norm_cpu_update_stats_template): running = momentum ·
-    batch + (1 - momentum) · running, with the variance's sum over N values divided by
-    N - 1. torch refuses N = 1 in training; the running variance is then left as it is."""
+def _batch_statistics(x: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    """The batch's mean per channel and its unbiased variance (the sum over N values
+    divided by N - 1; None at N = 1, which torch refuses in training), as torch's
+    batch_norm_cpu_update_stats_template moves the running statistics towards them."""
     axes = _channel_axes(x)
     count = x.size // x.shape[1]
     mean = x.mean(axis=axes, keepdims=True)
     var_sum = ((x - mean) ** 2).sum(axis=axes)
-    running_mean[...] = momentum * mean.reshape(-1) + (1 - momentum) * running_mean
-    if count > 1:
-        running_var[...] = momentum * (var_sum / (count - 1)) + (1 - momentum) * running_var
+    return mean.reshape(-1), (var_sum / (count - 1) if count > 1 else None)
+
+
+def _running_statistics(batch: tuple[np.ndarray, np.ndarray | None], running_mean: np.ndarray,
+                        running_var: np.ndarray, momentum: float) -> None:
+    """torch's update in place: running = momentum · batch + (1 - momentum) · running; the
+    running variance stays as it is when the batch has none."""
+    mean, var = batch
+    running_mean[...] = momentum * mean + (1 - momentum) * running_mean
+    if var is not None:
+        running_var[...] = momentum * var + (1 - momentum) * running_var
 
 
 def _dropout_scale(x: np.ndarray, attrs: dict) -> np.ndarray:
@@ -1170,8 +1177,15 @@ class Reference:
             raise InputError(f"graph '{self.graph.name}' has no optimizer: declare an "
                              "'optimizer:' section in the spec or set `optimizer`")
         loss, grads, env = self._gradients(inputs)
-        # As the C's train step: a NaN or infinite loss or gradient changes nothing.
-        if not (math.isfinite(loss) and all(np.all(np.isfinite(g)) for g in grads.values())):
+        # The batch's statistics, which the running ones move towards (from the forward
+        # pass, before the update, as in torch); the C keeps them in their gradient slots.
+        batch = {name: _batch_statistics(env[v.inputs[0]])
+                 for name, v in self.graph.nodes.items() if v.op == "batch_norm" and name in env}
+        # As the C's train step: a NaN or infinite loss, gradient or batch statistic changes
+        # nothing.
+        stats = [s for pair in batch.values() for s in pair if s is not None]
+        if not (math.isfinite(loss) and all(np.all(np.isfinite(g))
+                                            for g in [*grads.values(), *stats])):
             return math.nan
         self._step += 1
         if self._optimizer["clip_grad_norm"] is not None and grads:
@@ -1180,12 +1194,10 @@ class Reference:
         for k in self.graph.trainable_params:
             update(self._optimizer, self._params[k], grads[k],
                    {s: self._state[s][k] for s in self._state}, self._step)
-        # Then the running statistics, from the batch's (before the update, as in torch:
-        # they come from the forward pass).
-        for name, v in self.graph.nodes.items():
-            if v.op == "batch_norm" and name in env:
-                _running_statistics(env[v.inputs[0]], self._params[v.inputs[3]],
-                                    self._params[v.inputs[4]], v.attrs["momentum"])
+        for name, stats in batch.items():   # then the running statistics
+            v = self.graph.nodes[name]
+            _running_statistics(stats, self._params[v.inputs[3]], self._params[v.inputs[4]],
+                                v.attrs["momentum"])
         return loss
 
     # ------------------------------------------------------------ internals
