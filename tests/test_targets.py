@@ -144,6 +144,36 @@ def test_host_target_follows_the_compiler(tmp_path, monkeypatch):
     assert "adds no flags" in host.note and "16-byte" in host.note
 
 
+GCC_X86 = "#define __GNUC__ 12\n#define __x86_64__ 1\n"
+
+
+@needs_sh
+def test_host_build_vectorizes_as_wide_as_the_tiles(tmp_path, monkeypatch):
+    """GCC on x86 is told the tiles' width (its Zen 1 tuning prefers 128-bit vectors under
+    -march=native, which split each 8-lane accumulator over two registers); an override
+    narrows it with the tiles; compilers that may not take the flag are not given it."""
+    monkeypatch.delenv(T.VECTOR_BYTES_ENV, raising=False)
+    monkeypatch.setenv("CC", fake_cc(tmp_path, "gcc-avx2", GCC_X86 + AVX2))
+    host = T.get_target("host")
+    assert host.vector_bytes == 32
+    assert host.build_flags == ("-march=native", "-fopenmp", "-mprefer-vector-width=256")
+    assert "adds -march=native -fopenmp -mprefer-vector-width=256;" in host.note
+    monkeypatch.setenv(T.VECTOR_BYTES_ENV, "16")
+    assert T.get_target("host").build_flags[-1] == "-mprefer-vector-width=128"
+    monkeypatch.setenv(T.VECTOR_BYTES_ENV, "64")   # no wider than the compiler's SIMD
+    assert T.get_target("host").build_flags[-1] == "-mprefer-vector-width=256"
+    monkeypatch.delenv(T.VECTOR_BYTES_ENV)
+    for name, macros in [("gcc7", "#define __GNUC__ 7\n#define __x86_64__ 1\n" + AVX2),
+                         ("gcc-sse2", GCC_X86 + "#define __SSE2__ 1\n"),
+                         ("gcc-arm", "#define __GNUC__ 12\n#define __aarch64__ 1\n"
+                                     "#define __ARM_NEON 1\n")]:
+        monkeypatch.setenv("CC", fake_cc(tmp_path, name, macros))
+        assert not any(f.startswith("-mprefer") for f in T.get_target("host").build_flags), name
+    monkeypatch.setenv("CC", fake_cc(tmp_path, "clang-avx512", CLANG + "#define __x86_64__ 1\n"
+                                     + AVX512))
+    assert T.get_target("host").build_flags[-1] == "-mprefer-vector-width=512"
+
+
 @pytest.mark.parametrize("value", ["16", "32", "64", " 32 "])
 def test_vector_bytes_override(value, monkeypatch):
     monkeypatch.setenv(T.VECTOR_BYTES_ENV, value)
@@ -151,9 +181,12 @@ def test_vector_bytes_override(value, monkeypatch):
     assert host.vector_bytes == int(value)
     assert f"tiled for {int(value)}-byte SIMD vectors (set by $GRAPHC_HOST_VECTOR_BYTES)" \
         in host.note
-    # Only the tiles: graphc's own build still uses what the compiler accepts.
+    # The tiles, and the vector width the compiler is told to use for them: graphc's own
+    # build still takes the native and OpenMP flags the compiler accepts.
     monkeypatch.delenv(T.VECTOR_BYTES_ENV)
-    assert T.get_target("host").build_flags == host.build_flags
+    compiler = T.probe_host_compiler(T.c_compiler())
+    assert host.build_flags == compiler.build_flags + T.vector_width_flags(compiler,
+                                                                            int(value))
 
 
 @pytest.mark.parametrize("value", ["48", "0", "128", "avx2", "32.0", "-32"])
@@ -256,7 +289,9 @@ def test_the_override_reaches_a_cached_compile(tmp_path, monkeypatch):
     wide = graphc.compile(MLP, target="host")
     monkeypatch.setenv(T.VECTOR_BYTES_ENV, "16")
     narrow = graphc.compile(MLP, target="host")
-    assert "tiled for 64-byte" in " ".join(wide.cmodule.header.split())
-    assert "tiled for 16-byte" in " ".join(narrow.cmodule.header.split())
+    def words(header):   # the header's text, its comment lines joined
+        return " ".join(header.replace("\n *", " ").split())
+    assert "tiled for 64-byte" in words(wide.cmodule.header)
+    assert "tiled for 16-byte" in words(narrow.cmodule.header)
     x = np.random.default_rng(0).standard_normal((3, 40))
     np.testing.assert_allclose(wide.forward(x=x)["h1"], narrow.forward(x=x)["h1"], rtol=1e-5)
