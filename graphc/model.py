@@ -225,10 +225,10 @@ class CompiledModel:
                              f"(target '{self.cmodule.target}'), so it runs on one thread")
         return threads
 
-    def _c_function(self, c_name: str):
+    def _c_function(self, c_name: str, batch: int | None = None):
         """The entry point, run on the model's thread count if it has one, else on one
-        thread or all, whichever is lately faster (codegen/openmp.py); as it is when it
-        runs no parallel region."""
+        thread or all, whichever is lately faster (codegen/openmp.py); the C function
+        itself when it runs no parallel region (at `batch`, if the batch is known)."""
         fn = getattr(self._lib, c_name)
         if not hasattr(self._lib, "omp_set_num_threads"):
             return fn
@@ -236,10 +236,11 @@ class CompiledModel:
         if self._threads is not None:
             return OnThreads(self._lib, fn, self._threads)
         kind = next(k for k, e in self.cmodule.entries.items() if e.c_name == c_name)
-        if kind not in self.cmodule.parallel_from:
+        start = self.cmodule.parallel_from.get(kind)
+        if start is None or (batch is not None and batch < start):
             return fn
         n_at = 3 if kind == "gradients" else len(_BOUND_LEAD[kind])   # (params, grads, work, n)
-        return FasterOfOneOrAll(self._lib, fn, n_at, self.cmodule.parallel_from[kind])
+        return FasterOfOneOrAll(self._lib, fn, n_at, start).entry
 
     @property
     def threads(self) -> int | None:
@@ -520,7 +521,7 @@ class CompiledModel:
         args = [pointer[p] for p in _BOUND_LEAD[kind]] + [n] + \
             [buffer(self._input_ctype(name), a) for name, a in ins.items()] + \
             [buffer(self._ctype, a) for a in outs.values()]
-        bound = BoundCall(self._c_function(entry.c_name), *args)
+        bound = BoundCall(self._c_function(entry.c_name, n), *args)
         bound.kind, bound.batch, bound.inputs, bound.outputs = kind, n, ins, outs
         return bound
 

@@ -46,7 +46,7 @@ def test_a_models_thread_count_changes_no_result_and_gives_the_caller_its_own_ba
             default()
             np.testing.assert_array_equal(default.outputs["h"], got[1])
             assert lib.omp_get_max_threads() == 5
-        (race,) = default.func._races.values()
+        (race,) = default.func.controller._races.values()
         assert all(race.per_example)   # both counts ran, and were timed
     finally:
         lib.omp_set_num_threads(before)
@@ -104,12 +104,14 @@ def test_the_batch_from_which_an_entry_runs_a_team_is_the_one_its_c_tests():
     # 512 x 512 multiply-adds an example: the host's 2^20 from a batch of 4
     assert model.cmodule.parallel_from == {"forward": 4}
     assert re.findall(r"if \(n >= (\d+)\) \{\n#pragma omp parallel", model.c_source) == ["4"]
-    assert isinstance(model.bind("forward", batch=4).func, FasterOfOneOrAll)
+    assert isinstance(model.bind("forward", batch=4).func.controller, FasterOfOneOrAll)
+    # no parallel region: the C function itself, no Python between a bound call and C
+    c_function = model._lib.wide_forward
+    assert model.bind("forward", batch=3).func is c_function
     small = graphc.compile({**WIDE, "name": "narrow", "inputs": {"x": [8]},
                             "params": {"W": {"shape": [8, 8], "init": "he_normal"}}})
     assert small.cmodule.parallel_from == {}
-    # no parallel region: the C function itself, no Python between the call and C
-    assert not isinstance(small.bind("forward", batch=4).func, FasterOfOneOrAll)
+    assert small.bind("forward", batch=4).func is small._lib.narrow_forward
 
 
 class _FakeRuntime:
@@ -134,7 +136,7 @@ class _FakeRuntime:
 def _race(monkeypatch, cost, calls, n=8, every=2, start=4):
     runtime = _FakeRuntime(every, cost)
     monkeypatch.setattr(openmp, "_clock", lambda: runtime.now)
-    call = FasterOfOneOrAll(runtime, runtime.entry, 0, start)
+    call = FasterOfOneOrAll(runtime, runtime.entry, 0, start).entry
     for _ in range(calls):
         assert call(n) == n
         assert runtime.count == every   # the caller's count, back after every call
@@ -165,6 +167,6 @@ def test_the_default_moves_to_one_thread_when_one_is_faster_and_back(monkeypatch
 def test_a_batch_below_the_parallel_one_goes_straight_to_c_and_one_thread_stays_one(
         monkeypatch):
     runtime, call = _race(monkeypatch, {"all": 1.0, "one": 2.0}, 20, n=3)
-    assert runtime.runs == [2] * 20 and not call._races   # nothing set, nothing timed
+    assert runtime.runs == [2] * 20 and not call.controller._races   # nothing set, nothing timed
     runtime, call = _race(monkeypatch, {"all": 1.0, "one": 2.0}, 20, every=1)
     assert runtime.runs == [1] * 20   # the caller's one thread is "all"
