@@ -57,6 +57,24 @@ def test_a_models_thread_count_changes_no_result_and_gives_the_caller_its_own_ba
                                atol=1e-5)
 
 
+@needs_openmp
+def test_train_steps_by_default_end_where_one_thread_ends():
+    # The default switches counts between calls (trials): the params must not notice.
+    spec = {**WIDE, "name": "wide_fit", "inputs": {"x": [512], "y": [512]},
+            "nodes": {"h": {"op": "dense", "inputs": ["x", "W"]},
+                      "loss": {"op": "mse", "inputs": ["h", "y"]}},
+            "loss": "loss", "optimizer": {"name": "adam", "lr": 0.01}}
+    rng = np.random.default_rng(1)
+    x, y = (rng.standard_normal((8, 512)).astype(np.float32) for _ in range(2))
+    models = {t: graphc.compile(spec, threads=t) for t in (None, 1)}
+    assert models[None].cmodule.parallel_from["train_step"] <= 8
+    losses = {t: [m.train_step(x=x, y=y) for _ in range(12)] for t, m in models.items()}
+    assert losses[None] == losses[1] and losses[1][-1] < losses[1][0]
+    (race,) = models[None]._calls["train_step"][0].controller._races.values()
+    assert all(race.per_example)   # steps ran on one thread and on all
+    np.testing.assert_array_equal(models[None].get_params()["W"], models[1].get_params()["W"])
+
+
 @pytest.mark.parametrize("threads, message", [
     (0, "threads must be None or an integer from 1 to 1024, got 0"),
     (True, "threads must be None or an integer from 1 to 1024, got True"),
