@@ -15,12 +15,15 @@ fastest and the median call of each. With `--rounds R` the cells run R times int
 (every variant once per round, so that variants meet the same load) and a last table gives
 each cell's median over rounds of its medians. Workloads: W3 and W4
 (benchmarks/workloads.py, batch 128), R8 (ResNet-8 forward, batch 64), CNN (the digits
-CNN's Adam step, batch 64).
+CNN's Adam step, batch 64). With `--alternate` the three thread policies (adaptive,
+passive, 1thread) run call by call in one process instead, quiet then beside the
+competitor: the closest comparison a loaded machine allows.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -71,6 +74,40 @@ def _timed(call, seconds: float) -> tuple[float, float]:
     return times[0], times[len(times) // 2]
 
 
+def alternate(workload: str, seconds: float) -> dict:
+    """In this process: the default, all cores and one thread, one call of each in turn for
+    `seconds` quiet and as long beside the competitor, so that the three meet the same load;
+    (median per variant, and the share of the default's calls that left one thread in use)."""
+    import statistics
+    import time
+    from random import Random
+    from .machine import competitor
+    shuffle = Random(0).shuffle
+    calls = {"adaptive": _call(workload, None), "passive": _call(workload, os.cpu_count()),
+             "1thread": _call(workload, 1)}
+    races = calls["adaptive"].func.controller._races
+    result = {}
+    for condition in ("quiet", "busy"):
+        with competitor() if condition == "busy" else contextlib.nullcontext():
+            times, on_one = {v: [] for v in calls}, 0
+            for call in calls.values():
+                call()
+            end, order = time.perf_counter() + seconds, list(calls)
+            while time.perf_counter() < end:
+                # A call right after one on all threads ran faster than the next (at load
+                # 16, 2.5 against 18 ms for the same one-thread CNN step): a fresh order each
+                # round, so each variant follows each other as often (a rotation does not).
+                shuffle(order)
+                for variant in order:
+                    start = time.perf_counter()
+                    calls[variant]()
+                    times[variant].append(time.perf_counter() - start)
+                on_one += any(race.one for race in races.values())
+        result[condition] = {v: statistics.median(t) for v, t in times.items()}
+        result[condition]["on_one"] = on_one / len(times["adaptive"])
+    return result
+
+
 def cell(workload: str, threads: int | None, seconds: float) -> dict:
     """One cell, in this process: quiet, then beside the competitor."""
     from .machine import competitor
@@ -89,8 +126,21 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--seconds", type=float, default=3.0)
     ap.add_argument("--rounds", type=int, default=1)
+    ap.add_argument("--alternate", action="store_true",
+                    help="adaptive, passive and 1thread call by call in one process "
+                         "(graphc's wait policy), instead of a process per cell")
     ap.add_argument("--cell", nargs=3, help=argparse.SUPPRESS)   # workload threads seconds
     args = ap.parse_args(argv)
+    if args.alternate:
+        print("| workload | condition | adaptive (ms) | passive (ms) | 1thread (ms) | "
+              "adaptive on one thread | load |\n|---|---|---|---|---|---|---|", flush=True)
+        for workload in args.workloads.split(","):
+            r = alternate(workload, args.seconds)
+            for condition, m in r.items():
+                print(f"| {workload} | {condition} | {m['adaptive'] * 1e3:.3f} | "
+                      f"{m['passive'] * 1e3:.3f} | {m['1thread'] * 1e3:.3f} | "
+                      f"{m['on_one']:.0%} | {os.getloadavg()[0]:.2f} |", flush=True)
+        return []
     if args.cell:
         workload, threads, seconds = args.cell
         print(json.dumps(cell(workload, None if threads == "none" else int(threads),
