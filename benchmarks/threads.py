@@ -1,20 +1,29 @@
-"""How graphc's host modules run quiet and beside one busy process, per OpenMP wait setting.
+"""How graphc's host modules run quiet and beside one busy process, per thread policy and
+OpenMP wait setting.
 
-    python -m benchmarks.threads [--workloads W3,W4,R8,CNN] [--variants active,passive,...]
-                                 [--seconds 3]
+    python -m benchmarks.threads [--workloads W3,W4,R8,CNN] [--variants adaptive,passive,...]
+                                 [--seconds 3] [--rounds 1]
 
 Each (workload, variant) cell is a fresh process, so that libgomp starts with that
-variant's environment: `passive` is graphc's own default (codegen/openmp.py), `active` and
-`spin10k` set `OMP_WAIT_POLICY=active` and `GOMP_SPINCOUNT=10000`, `1thread` compiles
-with `threads=1`. The process times a bound call for `--seconds` quiet, then as long again
+variant's environment: `adaptive` is graphc's default (`threads=None`: one thread or all,
+whichever is lately faster, codegen/openmp.py), `passive` runs every call on all cores
+(`threads=os.cpu_count()`) with graphc's passive wait policy, `active` and `spin10k` the
+same with `OMP_WAIT_POLICY=active` and `GOMP_SPINCOUNT=10000`, `1thread` compiles with
+`threads=1`. The process times a bound call for `--seconds` quiet, then as long again
 beside one busy-looping process it starts and kills (`machine.competitor`), and prints the
-fastest and the median call of each. Workloads: W3 and W4 (benchmarks/workloads.py, batch
-128), R8 (ResNet-8 forward, batch 64), CNN (the digits CNN's Adam step, batch 64).
+fastest and the median call of each. With `--rounds R` the cells run R times interleaved
+(every variant once per round, so that variants meet the same load) and a last table gives
+each cell's median over rounds of its medians. Workloads: W3 and W4
+(benchmarks/workloads.py, batch 128), R8 (ResNet-8 forward, batch 64), CNN (the digits
+CNN's Adam step, batch 64). With `--alternate` the three thread policies (adaptive,
+passive, 1thread) run call by call in one process instead, quiet then beside the
+competitor: the closest comparison a loaded machine allows.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -22,8 +31,11 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-VARIANTS = {"active": {"OMP_WAIT_POLICY": "active"}, "passive": {},
-            "spin10k": {"GOMP_SPINCOUNT": "10000"}, "1thread": {}}
+ALL = str(os.cpu_count() or 1)
+# variant -> (environment, threads= as given to the cell: "none", or a count)
+VARIANTS = {"adaptive": ({}, "none"), "passive": ({}, ALL),
+            "active": ({"OMP_WAIT_POLICY": "active"}, ALL),
+            "spin10k": ({"GOMP_SPINCOUNT": "10000"}, ALL), "1thread": ({}, "1")}
 
 
 def _call(workload: str, threads: int | None):
@@ -62,6 +74,40 @@ def _timed(call, seconds: float) -> tuple[float, float]:
     return times[0], times[len(times) // 2]
 
 
+def alternate(workload: str, seconds: float) -> dict:
+    """In this process: the default, all cores and one thread, one call of each in turn for
+    `seconds` quiet and as long beside the competitor, so that the three meet the same load;
+    (median per variant, and the share of the default's calls that left one thread in use)."""
+    import statistics
+    import time
+    from random import Random
+    from .machine import competitor
+    shuffle = Random(0).shuffle
+    calls = {"adaptive": _call(workload, None), "passive": _call(workload, os.cpu_count()),
+             "1thread": _call(workload, 1)}
+    races = calls["adaptive"].func.controller._races
+    result = {}
+    for condition in ("quiet", "busy"):
+        with competitor() if condition == "busy" else contextlib.nullcontext():
+            times, on_one = {v: [] for v in calls}, 0
+            for call in calls.values():
+                call()
+            end, order = time.perf_counter() + seconds, list(calls)
+            while time.perf_counter() < end:
+                # A call right after one on all threads ran faster than the next (at load
+                # 16, 2.5 against 18 ms for the same one-thread CNN step): a fresh order each
+                # round, so each variant follows each other as often (a rotation does not).
+                shuffle(order)
+                for variant in order:
+                    start = time.perf_counter()
+                    calls[variant]()
+                    times[variant].append(time.perf_counter() - start)
+                on_one += any(race.one for race in races.values())
+        result[condition] = {v: statistics.median(t) for v, t in times.items()}
+        result[condition]["on_one"] = on_one / len(times["adaptive"])
+    return result
+
+
 def cell(workload: str, threads: int | None, seconds: float) -> dict:
     """One cell, in this process: quiet, then beside the competitor."""
     from .machine import competitor
@@ -73,16 +119,31 @@ def cell(workload: str, threads: int | None, seconds: float) -> dict:
 
 
 def main(argv=None) -> list[dict]:
+    import statistics
     ap = argparse.ArgumentParser(prog="python -m benchmarks.threads", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workloads", default="W3,W4,R8,CNN")
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--seconds", type=float, default=3.0)
+    ap.add_argument("--rounds", type=int, default=1)
+    ap.add_argument("--alternate", action="store_true",
+                    help="adaptive, passive and 1thread call by call in one process "
+                         "(graphc's wait policy), instead of a process per cell")
     ap.add_argument("--cell", nargs=3, help=argparse.SUPPRESS)   # workload threads seconds
     args = ap.parse_args(argv)
+    if args.alternate:
+        print("| workload | condition | adaptive (ms) | passive (ms) | 1thread (ms) | "
+              "adaptive on one thread | load |\n|---|---|---|---|---|---|---|", flush=True)
+        for workload in args.workloads.split(","):
+            r = alternate(workload, args.seconds)
+            for condition, m in r.items():
+                print(f"| {workload} | {condition} | {m['adaptive'] * 1e3:.3f} | "
+                      f"{m['passive'] * 1e3:.3f} | {m['1thread'] * 1e3:.3f} | "
+                      f"{m['on_one']:.0%} | {os.getloadavg()[0]:.2f} |", flush=True)
+        return []
     if args.cell:
         workload, threads, seconds = args.cell
-        print(json.dumps(cell(workload, None if threads == "all" else int(threads),
+        print(json.dumps(cell(workload, None if threads == "none" else int(threads),
                               float(seconds))))
         return []
     for name, known in ((args.workloads, ("W3", "W4", "R8", "CNN")), (args.variants, VARIANTS)):
@@ -90,26 +151,40 @@ def main(argv=None) -> list[dict]:
         if unknown:
             ap.error(f"unknown {unknown[0]!r} (choose from {', '.join(known)})")
     rows = []
-    print("| workload | variant | quiet fastest / median (ms) | busy fastest / median (ms) | "
-          "busy / quiet (medians) | load |\n|---|---|---|---|---|---|", flush=True)
-    for workload in args.workloads.split(","):
-        for variant in args.variants.split(","):
-            env = {k: v for k, v in os.environ.items()
-                   if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
-            env.update(VARIANTS[variant])
-            threads = "1" if variant == "1thread" else "all"
-            done = subprocess.run([sys.executable, "-m", "benchmarks.threads", "--cell",
-                                   workload, threads, str(args.seconds)], env=env, cwd=ROOT,
-                                  capture_output=True, text=True)
-            if done.returncode:
-                print(f"| {workload} | {variant} | failed: {done.stderr.strip()[-300:]} |")
-                continue
-            r = json.loads(done.stdout.strip().splitlines()[-1])
-            (qf, qm), (bf, bm) = r["quiet"], r["busy"]
-            rows.append({"workload": workload, "variant": variant, **r})
-            print(f"| {workload} | {variant} | {qf * 1e3:.3f} / {qm * 1e3:.3f} | "
-                  f"{bf * 1e3:.3f} / {bm * 1e3:.3f} | {bm / qm:.2f} | {r['load']:.2f} |",
-                  flush=True)
+    print("| round | workload | variant | quiet fastest / median (ms) | "
+          "busy fastest / median (ms) | busy / quiet (medians) | load |\n"
+          "|---|---|---|---|---|---|---|", flush=True)
+    for round_ in range(1, args.rounds + 1):
+        for workload in args.workloads.split(","):
+            for variant in args.variants.split(","):
+                extra, threads = VARIANTS[variant]
+                env = {k: v for k, v in os.environ.items()
+                       if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+                env.update(extra)
+                done = subprocess.run([sys.executable, "-m", "benchmarks.threads", "--cell",
+                                       workload, threads, str(args.seconds)], env=env,
+                                      cwd=ROOT, capture_output=True, text=True)
+                if done.returncode:
+                    print(f"| {round_} | {workload} | {variant} | failed: "
+                          f"{done.stderr.strip()[-300:]} |")
+                    continue
+                r = json.loads(done.stdout.strip().splitlines()[-1])
+                (qf, qm), (bf, bm) = r["quiet"], r["busy"]
+                rows.append({"round": round_, "workload": workload, "variant": variant, **r})
+                print(f"| {round_} | {workload} | {variant} | {qf * 1e3:.3f} / {qm * 1e3:.3f} | "
+                      f"{bf * 1e3:.3f} / {bm * 1e3:.3f} | {bm / qm:.2f} | {r['load']:.2f} |",
+                      flush=True)
+    if args.rounds > 1:
+        print("\n| workload | variant | quiet median (ms) | busy median (ms) | busy / quiet |"
+              "\n|---|---|---|---|---|")
+        for workload in args.workloads.split(","):
+            for variant in args.variants.split(","):
+                mine = [r for r in rows if (r["workload"], r["variant"]) == (workload, variant)]
+                if mine:
+                    quiet = statistics.median(r["quiet"][1] for r in mine)
+                    busy = statistics.median(r["busy"][1] for r in mine)
+                    print(f"| {workload} | {variant} | {quiet * 1e3:.3f} | {busy * 1e3:.3f} | "
+                          f"{busy / quiet:.2f} |")
     return rows
 
 

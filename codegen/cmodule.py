@@ -85,6 +85,9 @@ class CModule:
     hyperparameters: dict[str, str] = field(default_factory=dict)
     state_start: dict[str, float] = field(default_factory=dict)
     element_slots: tuple[str, ...] = ()   # the slots of one element per trainable element
+    # Entry kind -> the smallest batch at which it runs a kernel in an OpenMP team (host
+    # builds; kinds that never do are absent): below it a call needs no thread count.
+    parallel_from: dict[str, int] = field(default_factory=dict)
 
     def input_dtype(self, name: str) -> str:
         """The NumPy dtype of an input's array: "int32", or the model's."""

@@ -18,6 +18,13 @@ set `OMP_WAIT_POLICY=passive` themselves.
 Threads. The count is OpenMP's own per-thread setting (`omp_set_num_threads`), so a C
 caller sets it per call from the calling thread; a model compiled with `threads=k` sets it
 around each of its calls and restores the caller's (`OnThreads`).
+
+By default (`threads=None`) each call of a batch big enough for a parallel region runs on
+one thread or on all of the caller's, whichever has lately been the faster at that batch
+size (`FasterOfOneOrAll`). Quiet, all threads win (the 784-256-128-10 step: 1.8 ms on 2
+cores against 3.3 on one); beside a busy process, one thread wins, because each parallel
+region ends in a barrier that waits for the thread the scheduler has parked (5.7 ms on 2
+threads, 3.25 on one). Either count computes the same bits (codegen/tiles.py).
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+import time
 
 FLAG = "-fopenmp"
 WAIT_POLICY_ENV = "OMP_WAIT_POLICY"
@@ -90,3 +98,97 @@ class OnThreads:
             return self._fn(*args)
         finally:
             self._set(before)
+
+
+class _Race:
+    """One batch-size class's record for `FasterOfOneOrAll`: the recent time per example on
+    all threads and on one, which is in use, and when the other is tried again."""
+
+    __slots__ = ("per_example", "one", "left", "interval", "warm", "won")
+
+    def __init__(self):
+        self.per_example = [0.0, 0.0]     # [all threads, one thread], seconds
+        self.one = False                  # all threads first: what a quiet machine favours
+        self.left = 2                     # calls until the other count is tried
+        self.interval = FIRST_RETRY
+        self.warm = False                 # a bound call's first run (cold caches) is not timed
+        self.won = False                  # the last trial beat the count in use
+
+    def next(self) -> tuple[bool, bool]:
+        """(on one thread, whether this call tries the count not in use)."""
+        self.left -= 1
+        if self.left > 0:
+            return self.one, False
+        return not self.one, True
+
+    def record(self, one: bool, trial: bool, seconds: float) -> None:
+        if not self.warm:
+            self.warm, self.left = True, 2
+            return
+        if not trial:   # the count in use: a moving average, a quarter per call
+            average = self.per_example[one]
+            self.per_example[one] = seconds if not average else average + (seconds - average) / 4
+            return
+        # A trial is one call: conditions may have changed since that count last ran.
+        self.per_example[one] = seconds
+        in_use = self.per_example[self.one]
+        if in_use and seconds < in_use and not self.won:
+            # Beside busy processes the time on all threads is bimodal (fast while the
+            # competitor is parked, else slow): one lucky call is not enough to switch.
+            self.won, self.left = True, 1
+            return
+        self.won = False
+        if not in_use or seconds < in_use:
+            self.one, self.interval = one, FIRST_RETRY
+        else:   # confirmed: try again later and later, so trials cost little
+            self.interval = min(2 * self.interval, LAST_RETRY)
+        self.left = self.interval
+
+
+# Calls between trials of the count not in use: 4 after a switch, doubling while trials
+# confirm the choice, up to 64. A trial of the slower count costs its difference once, so at
+# most 1/64 of it in the long run (1.5% of a call on the MLP step, quiet or beside a busy
+# process), and a change of conditions is followed within 64 calls (two trials in a row
+# must win to switch).
+FIRST_RETRY, LAST_RETRY = 4, 64
+_clock = time.perf_counter
+
+
+class FasterOfOneOrAll:
+    """A C entry point run, for each batch of `parallel_from` examples or more, on one
+    thread or on all of the calling thread's OpenMP count, whichever has lately taken less
+    time per example for batches of that size class (n's bit length). A caller whose count
+    is 1 runs on 1 either way. About 0.5 µs a timed call, where the calls timed take tens of
+    microseconds at least; `entry` is what a model calls."""
+
+    def __init__(self, lib, fn, n_at: int, parallel_from: int):
+        self._get, self._set = lib.omp_get_max_threads, lib.omp_set_num_threads
+        self._fn, self._n_at = fn, n_at
+        self._races: dict[int, _Race] = {}
+
+        def entry(*args):
+            # Smaller batches run no parallel region: straight to C, one comparison away
+            # (a plain function: an instance's __call__ cost 20% more on W2's forward).
+            if args[n_at] < parallel_from:
+                return fn(*args)
+            return self.timed(args)
+        entry.controller = self
+        self.entry = entry
+
+    def timed(self, args: tuple):
+        n = args[self._n_at]
+        race = self._races.get(n.bit_length()) or self._races.setdefault(n.bit_length(),
+                                                                         _Race())
+        one, trial = race.next()
+        start = _clock()
+        if one:   # the caller's count is read only to give it back
+            every = self._get()
+            self._set(1)
+            try:
+                result = self._fn(*args)
+            finally:
+                self._set(every)
+        else:
+            result = self._fn(*args)
+        race.record(one, trial, (_clock() - start) / (n or 1))
+        return result

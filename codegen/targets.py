@@ -118,6 +118,9 @@ def _host_note(build_flags: tuple[str, ...], tiled_for: str) -> str:
             "-fopenmp the C runs on one thread). With OpenMP, omp_set_num_threads() in the "
             "calling thread sets how many threads its calls use, and OMP_WAIT_POLICY=passive "
             "keeps idle threads from spinning against other processes on the same cores. "
+            "Beside busy processes one thread can beat all: a parallel region waits for its "
+            "slowest thread, and the scheduler parks one of them (graphc's Python calls time "
+            "both and run on the faster; every count computes the same bits). "
             f"Contractions are tiled for {tiled_for}.")
 
 

@@ -332,7 +332,7 @@ class BlockedWriter:
         """`for (head) { body(depth + 1) }`. The kernel's first loop at the top of the
         function is the one OpenMP shares out (see `write`)."""
         if depth == 1 and self.rest is None:
-            if self.clause is not None:
+            if self.team_from is not None:
                 self.lines += ["#ifdef _OPENMP", "#pragma omp for schedule(static) nowait",
                                "#endif"]
         self.put(depth, f"for ({head}) {{")
@@ -343,29 +343,30 @@ class BlockedWriter:
 
     def shares_out(self, depth: int) -> bool:
         """Whether a loop at `depth` would be the one OpenMP shares out (kept a loop)."""
-        return depth == 1 and self.rest is None and self.clause is not None
+        return depth == 1 and self.rest is None and self.team_from is not None
 
-    def parallel_clause(self) -> str | None:
-        """None: serial; "": always parallel; else the C condition on n. A parallel region
-        costs a team start (~1 µs), so only kernels of `parallel_work` multiply-adds."""
+    def parallel_from(self) -> int | None:
+        """The smallest batch n at which the kernel runs in a parallel region: None, never;
+        0, always. A parallel region costs a team start (~1 µs), so only kernels of
+        `parallel_work` multiply-adds."""
         if not self.parallel_work or self.t.serial:
             return None
         work = sp.Mul(*[e for _, e in self.k.loops])   # multiply-adds, in n
         if not work.has(BATCH):
-            return "" if int(work) >= self.parallel_work else None
+            return 0 if int(work) >= self.parallel_work else None
         per = int(work / BATCH)
         if per * MAX_PARALLEL_BATCH < self.parallel_work:
             return None
-        return f"n >= {max(1, -(-self.parallel_work // per))}"
+        return max(1, -(-self.parallel_work // per))
 
     # ------------------------------------------------------------ loops
-    def write(self) -> tuple[list[str], str | None]:
-        """The function body's lines, and the condition for a parallel region around it:
-        None (never), "" (always) or a C condition on n. For OpenMP the first top-level
+    def write(self) -> tuple[list[str], int | None]:
+        """The function body's lines, and the smallest n at which a parallel region runs
+        around it (`parallel_from`: None, never; 0, always). For OpenMP the first top-level
         loop is an orphaned `omp for` (whole tiles to each thread, in a fixed static
         partition) and what follows it (the tails) an `omp single`; outside a parallel
         region both run on the calling thread, so the same function serves both."""
-        self.clause = self.parallel_clause()
+        self.team_from = self.parallel_from()
         self.rest: int | None = None
         levels = list(self.t.tiles)
         if not self.t.reduce_lanes:
@@ -380,14 +381,14 @@ class BlockedWriter:
             self.loop(depth, f"size_t {s} = 0; {s} < {self.ext(s)}; ++{s}",
                       lambda d: outer(loops[1:], d))
         outer(list(self.t.outer), 1)
-        if self.clause is None or self.rest is None:
+        if self.team_from is None or self.rest is None:
             return self.lines, None
         rest = self.lines[self.rest:]
         if rest:
             self.lines[self.rest:] = ["#ifdef _OPENMP", "#pragma omp single nowait", "#endif",
                                       "    {"] + [line if line.startswith("#") else "    " + line
                                                   for line in rest] + ["    }"]
-        return self.lines, self.clause
+        return self.lines, self.team_from
 
     def nest(self, levels, at: dict, depth: int, budget: int) -> None:
         """Loops over the tiled levels, each as whole tiles and then a tail; `at` maps each

@@ -225,18 +225,28 @@ class CompiledModel:
                              f"(target '{self.cmodule.target}'), so it runs on one thread")
         return threads
 
-    def _c_function(self, c_name: str):
-        """The entry point, run on the model's thread count if it has one."""
+    def _c_function(self, c_name: str, batch: int | None = None):
+        """The entry point, run on the model's thread count if it has one, else on one
+        thread or all, whichever is lately faster (codegen/openmp.py); the C function
+        itself when it runs no parallel region (at `batch`, if the batch is known)."""
         fn = getattr(self._lib, c_name)
-        if self._threads is None or not hasattr(self._lib, "omp_set_num_threads"):
+        if not hasattr(self._lib, "omp_set_num_threads"):
             return fn
-        from codegen.openmp import OnThreads
-        return OnThreads(self._lib, fn, self._threads)
+        from codegen.openmp import FasterOfOneOrAll, OnThreads
+        if self._threads is not None:
+            return OnThreads(self._lib, fn, self._threads)
+        kind = next(k for k, e in self.cmodule.entries.items() if e.c_name == c_name)
+        start = self.cmodule.parallel_from.get(kind)
+        if start is None or (batch is not None and batch < start):
+            return fn
+        n_at = 3 if kind == "gradients" else len(_BOUND_LEAD[kind])   # (params, grads, work, n)
+        return FasterOfOneOrAll(self._lib, fn, n_at, start).entry
 
     @property
     def threads(self) -> int | None:
-        """The OpenMP threads each call runs on (None: OpenMP's default), fixed at
-        `graphc.compile(..., threads=)`: the bound calls made so far hold it."""
+        """The OpenMP threads each call runs on (None: one or all, whichever is lately
+        faster; `graphc.compile`), fixed at `graphc.compile(..., threads=)`: the bound calls
+        made so far hold it."""
         return self._threads
 
     @property
@@ -511,7 +521,7 @@ class CompiledModel:
         args = [pointer[p] for p in _BOUND_LEAD[kind]] + [n] + \
             [buffer(self._input_ctype(name), a) for name, a in ins.items()] + \
             [buffer(self._ctype, a) for a in outs.values()]
-        bound = BoundCall(self._c_function(entry.c_name), *args)
+        bound = BoundCall(self._c_function(entry.c_name, n), *args)
         bound.kind, bound.batch, bound.inputs, bound.outputs = kind, n, ins, outs
         return bound
 
@@ -714,8 +724,12 @@ def compile(graph, dtype: str = "float32", optimizer: dict | None = None, *,
     (`model.predict`); the model also starts from them. The default target, "host", builds
     for the machine this runs on (-march=native, OpenMP over big kernels); "c99" builds the
     portable C that `graphc compile` writes (what firmware and other machines get), and
-    the Cortex-M targets build as c99 here. `threads` (host) caps the OpenMP threads each
-    call of this model runs on; None: OpenMP's default, every core."""
+    the Cortex-M targets build as c99 here. `threads` (host): the OpenMP threads each call
+    of this model runs on. None (the default): a call big enough for a parallel region runs
+    on one thread or on all of OpenMP's count (every core, unless OMP_NUM_THREADS or
+    omp_set_num_threads in the calling thread says fewer), whichever has lately been faster
+    for its batch size; all win on an idle machine, one beside a busy process, whose core
+    the others would wait for. Every count computes the same bits."""
     import json
     from codegen.build import build, load_prepared, prepared_key, store_prepared
     from codegen.targets import get_target, target_identity

@@ -1,7 +1,9 @@
-"""How graphc's host modules run OpenMP: the thread count a model is compiled with, and the
-wait policy graphc gives the runtime it loads (codegen/openmp.py)."""
+"""How graphc's host modules run OpenMP: the thread count a model is compiled with (by
+default, one thread or all, whichever is lately faster), and the wait policy graphc gives
+the runtime it loads (codegen/openmp.py)."""
 
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -10,6 +12,8 @@ import numpy as np
 import pytest
 
 import graphc
+from codegen import openmp
+from codegen.openmp import FasterOfOneOrAll
 from codegen.targets import get_target
 from graphc.errors import InputError
 
@@ -35,6 +39,15 @@ def test_a_models_thread_count_changes_no_result_and_gives_the_caller_its_own_ba
         bound = models[1].bind("forward", x=x)
         bound()
         assert lib.omp_get_max_threads() == 5   # each call restored the caller's count
+        # The default tries one thread and all (the caller's 5) in turn: every call of
+        # either gives the same bits, and leaves the caller its count.
+        default = models[None].bind("forward", x=x)
+        for _ in range(12):
+            default()
+            np.testing.assert_array_equal(default.outputs["h"], got[1])
+            assert lib.omp_get_max_threads() == 5
+        (race,) = default.func.controller._races.values()
+        assert all(race.per_example)   # both counts ran, and were timed
     finally:
         lib.omp_set_num_threads(before)
     for t in (1, 3):
@@ -42,6 +55,24 @@ def test_a_models_thread_count_changes_no_result_and_gives_the_caller_its_own_ba
     np.testing.assert_array_equal(bound.outputs["h"], got[None])
     np.testing.assert_allclose(got[None], x @ models[None].get_params()["W"].T, rtol=1e-5,
                                atol=1e-5)
+
+
+@needs_openmp
+def test_train_steps_by_default_end_where_one_thread_ends():
+    # The default switches counts between calls (trials): the params must not notice.
+    spec = {**WIDE, "name": "wide_fit", "inputs": {"x": [512], "y": [512]},
+            "nodes": {"h": {"op": "dense", "inputs": ["x", "W"]},
+                      "loss": {"op": "mse", "inputs": ["h", "y"]}},
+            "loss": "loss", "optimizer": {"name": "adam", "lr": 0.01}}
+    rng = np.random.default_rng(1)
+    x, y = (rng.standard_normal((8, 512)).astype(np.float32) for _ in range(2))
+    models = {t: graphc.compile(spec, threads=t) for t in (None, 1)}
+    assert models[None].cmodule.parallel_from["train_step"] <= 8
+    losses = {t: [m.train_step(x=x, y=y) for _ in range(12)] for t, m in models.items()}
+    assert losses[None] == losses[1] and losses[1][-1] < losses[1][0]
+    (race,) = models[None]._calls["train_step"][0].controller._races.values()
+    assert all(race.per_example)   # steps ran on one thread and on all
+    np.testing.assert_array_equal(models[None].get_params()["W"], models[1].get_params()["W"])
 
 
 @pytest.mark.parametrize("threads, message", [
@@ -83,3 +114,77 @@ def test_graphc_starts_the_runtime_passive_unless_the_user_chose(user_policy, ru
     assert f"OMP_WAIT_POLICY = '{runtime_policy}'" in done.stdout + done.stderr
     # graphc's setting lasted only while the runtime started: the environment is the user's
     assert f"after: {user_policy}" in done.stdout
+
+
+@needs_openmp
+def test_the_batch_from_which_an_entry_runs_a_team_is_the_one_its_c_tests():
+    model = graphc.compile(WIDE)
+    # 512 x 512 multiply-adds an example: the host's 2^20 from a batch of 4
+    assert model.cmodule.parallel_from == {"forward": 4}
+    assert re.findall(r"if \(n >= (\d+)\) \{\n#pragma omp parallel", model.c_source) == ["4"]
+    assert isinstance(model.bind("forward", batch=4).func.controller, FasterOfOneOrAll)
+    # no parallel region: the C function itself, no Python between a bound call and C
+    c_function = model._lib.wide_forward
+    assert model.bind("forward", batch=3).func is c_function
+    small = graphc.compile({**WIDE, "name": "narrow", "inputs": {"x": [8]},
+                            "params": {"W": {"shape": [8, 8], "init": "he_normal"}}})
+    assert small.cmodule.parallel_from == {}
+    assert small.bind("forward", batch=4).func is small._lib.narrow_forward
+
+
+class _FakeRuntime:
+    """OpenMP's count in the calling thread, and a clock that a call advances by what it
+    costs on the count it runs with: the choice made by timing, without timing."""
+
+    def __init__(self, every: int, cost: dict):
+        self.count, self.cost, self.now, self.runs = every, cost, 0.0, []
+
+    def omp_get_max_threads(self):
+        return self.count
+
+    def omp_set_num_threads(self, count):
+        self.count = count
+
+    def entry(self, n):
+        self.runs.append(self.count)
+        self.now += self.cost["one" if self.count == 1 else "all"] * n
+        return n
+
+
+def _race(monkeypatch, cost, calls, n=8, every=2, start=4):
+    runtime = _FakeRuntime(every, cost)
+    monkeypatch.setattr(openmp, "_clock", lambda: runtime.now)
+    call = FasterOfOneOrAll(runtime, runtime.entry, 0, start).entry
+    for _ in range(calls):
+        assert call(n) == n
+        assert runtime.count == every   # the caller's count, back after every call
+    return runtime, call
+
+
+def test_the_default_runs_on_all_threads_while_they_are_faster(monkeypatch):
+    runtime, _ = _race(monkeypatch, {"all": 1.0, "one": 2.0}, 500)
+    ones = runtime.runs.count(1)
+    assert runtime.runs[:2] == [2, 2] and runtime.runs[2] == 1   # warm-up, then a trial
+    assert 1 <= ones <= 500 // openmp.LAST_RETRY + 5   # trials only, ever rarer
+    assert runtime.runs[-openmp.LAST_RETRY:].count(1) == 1   # at the longest interval
+
+
+def test_the_default_moves_to_one_thread_when_one_is_faster_and_back(monkeypatch):
+    runtime, call = _race(monkeypatch, {"all": 3.0, "one": 1.7}, 50)
+    assert runtime.runs[-10:].count(1) >= 9          # beside a busy process
+    runtime.cost = {"all": 1.0, "one": 1.7}          # the competitor has gone
+    for _ in range(openmp.LAST_RETRY + 20):
+        call(8)
+    assert runtime.runs[-10:].count(2) >= 9
+    # each batch size class keeps its own record: a batch of 100 starts on all threads
+    runtime.runs.clear()
+    call(100)
+    assert runtime.runs == [2]
+
+
+def test_a_batch_below_the_parallel_one_goes_straight_to_c_and_one_thread_stays_one(
+        monkeypatch):
+    runtime, call = _race(monkeypatch, {"all": 1.0, "one": 2.0}, 20, n=3)
+    assert runtime.runs == [2] * 20 and not call.controller._races   # nothing set, nothing timed
+    runtime, call = _race(monkeypatch, {"all": 1.0, "one": 2.0}, 20, every=1)
+    assert runtime.runs == [1] * 20   # the caller's one thread is "all"
