@@ -1,7 +1,8 @@
 """Every op of graphc.ops.OPS, compiled to C, against the NumPy reference.
 
-Each configuration of an op is an independent branch of one model (split into a few models
-when there are many, to keep the compile fast), and every branch's result `out` is projected
+Each configuration of an op is an independent branch of one model (split into a few parts
+when there are many, and the parts of several ops compiled together as one model, to keep the
+compile fast; see GROUPS), and every branch's result `out` is projected
 onto its own random cotangent input (`cot_out`):
 
     proj_out = mul(out, cot_out);  term_out = sum(proj_out);  loss = term_a + term_b + ...
@@ -210,42 +211,6 @@ def compiled(spec_json: str, dtype: str):
 
 def model_for(net: Net, dtype: str):
     return compiled(json.dumps(net.spec(), sort_keys=True), dtype)
-
-
-def runs(net: Net, dtype: str, *, seed: int = 0, batches=BATCHES):
-    """(n, model, reference, data) for each batch size, on one model with fixed params."""
-    model = model_for(net, dtype)
-    ref = reference(model.graph, dtype="float64")
-    rng = np.random.default_rng(seed)
-    params = net.draw_params(rng, dtype)
-    model.set_params(params)
-    ref.set_params(params)
-    for n in batches:
-        yield n, model, ref, net.draw_inputs(rng, n, dtype)
-
-
-def compare_with_reference(net: Net, dtype: str, check_close, *, seed: int = 0,
-                           batches=BATCHES) -> None:
-    """Compile `net` in `dtype`; compare forward outputs (evaluation mode), the loss and
-    the gradients (training mode: batch_norm by the batch's statistics)."""
-    nonzero = set()
-    for n, model, ref, data in runs(net, dtype, seed=seed, batches=batches):
-        where = f"{net.name}, batch {n}"
-        got, want = model.forward(**data), ref.forward(**data)
-        assert set(got) == set(model.graph.outputs)
-        for o in model.graph.outputs:
-            check_close(got[o], want[o], dtype, f"{where}: forward output '{o}'")
-        loss, grads = model.gradients(**data)
-        ref_loss, ref_grads = ref.gradients(**data)
-        check_close(loss, ref_loss, dtype, f"{where}: loss")
-        trained = set(net.params) - net.frozen
-        assert set(grads) == trained
-        for p in trained:
-            check_close(grads[p], ref_grads[p], dtype, f"{where}: gradient of '{p}'")
-            if np.any(ref_grads[p] != 0):
-                nonzero.add(p)
-    vacuous = set(net.params) - net.frozen - nonzero - net.zero_grad
-    assert not vacuous, f"{net.name}: the reference gradient of {sorted(vacuous)} is always 0"
 
 
 # ---------------------------------------------------------------- the table
@@ -852,8 +817,9 @@ def test_op_against_reference(op, dtype, assert_close):
 
 
 def compare_part(k: int, part: Net, dtype: str, check_close) -> None:
-    """`part`'s forward outputs (evaluation mode), its share of the loss and its params'
-    gradients (training mode) in group k's model, against the reference's."""
+    """`part`'s forward outputs (evaluation mode), the group's loss and `part`'s params'
+    gradients (training mode: batch_norm by the batch's statistics) in group k's model,
+    against the reference's."""
     nonzero = set()
     for run in group_runs(k, dtype):
         where = f"{part.name}, batch {run.n}"
