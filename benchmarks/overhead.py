@@ -66,7 +66,8 @@ def python_rows(model, x: np.ndarray) -> dict:
         return out
 
     return {"bound call": bound, "model.forward(x=x)": forward,
-            "model.forward(x=a new array)": forward_fresh, "floor (np.empty, 2 from_buffer, C)": floor}
+            "model.forward(x=a new array)": forward_fresh,
+            "floor (np.empty, 2 from_buffer, C)": floor}
 
 
 def run(opts: Options, workdir: Path) -> dict:
