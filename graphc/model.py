@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import os
 import threading
+import weakref
 from pathlib import Path
 from typing import Mapping
 
@@ -95,6 +96,8 @@ def batch_arrays(names, shapes: Mapping[str, tuple], given: Mapping, dtype, know
 ALIGN_BYTES = 64
 # Inputs this large are copied to an aligned buffer when they are not aligned (_aligned).
 STAGE_BYTES = 4096
+# A model called with ever new batch sizes forgets its per-shape call plans beyond this many.
+MAX_CALL_SHAPES = 64
 
 
 def aligned_zeros(size: int, dtype) -> np.ndarray:
@@ -163,6 +166,10 @@ class BoundCall(functools.partial):
                 f"outputs={list(self.outputs)}>")
 
 
+# The entry points a model runs on fresh arrays or binds, and what the error says a model
+# without one cannot do.
+_VERBS = {"forward": "run forward", "evaluate": "evaluate", "train_step": "train",
+          "predict": "predict"}
 # What a bound call passes to each entry before `n` and the input and output pointers.
 _BOUND_LEAD = {"forward": ("params", "work"), "evaluate": ("params", "work"),
                "train_step": ("params", "state", "work"), "predict": ("work",)}
@@ -194,22 +201,25 @@ class CompiledModel:
         # int32 inputs -> what bounds their values (checked before any C runs)
         bounds = graph.index_bounds()
         self._indices = {i: bounds.get(i) for i in cmodule.input_dtypes}
-        self._buffer_args = (self._ffi.from_buffer, self._ctype, self.dtype)
         self._stages: dict[str, np.ndarray] = {}   # input -> aligned copy (_aligned)
         # cffi releases the GIL during a C call, and every call shares the work arena (and
         # a train step the params): two threads at once got 353 of 400 forwards wrong. One
         # lock per model serializes them, for 0.1 µs a call.
         self._lock = threading.Lock()
-        # kind -> (C function, ((input, per-example shape, dtype), ...), ((output, shape), ...));
-        # the dtype an array must have to go to C as it is: None for int32 inputs, whose
-        # values are always checked (batch_arrays)
         self._threads = self._check_threads(threads)
-        self._calls = {kind: (self._c_function(e.c_name),
-                              tuple((i, cmodule.input_shapes[i],
-                                     None if i in cmodule.input_dtypes else self.dtype)
-                                    for i in e.inputs),
-                              tuple((o, cmodule.output_shapes[o]) for o in e.outputs))
-                       for kind, e in cmodule.entries.items()}
+        self._calls = {kind: self._c_function(e.c_name) for kind, e in cmodule.entries.items()}
+        # kind -> {input shapes: (n, output shapes, work pointer)}: what a call of those
+        # shapes needs, so that it checks them with one dict lookup (_runner); forgotten
+        # when the work arena moves
+        self._sizes: dict[str, dict] = {kind: {} for kind in cmodule.entries}
+        # kind -> its call (_runner), or what raises the reason the model has none; they
+        # see the model through a weak proxy, so that the model is not a reference cycle
+        # (freed, arenas and all, as soon as it is dropped)
+        model = weakref.proxy(self)
+        pointer = {"params": self._c_params, "state": self._c_state}
+        self._runs = {kind: self._runner(model, kind, tuple(pointer[p] for p in lead[:-1]))
+                      if kind in cmodule.entries else functools.partial(self._no_entry, model, kind)
+                      for kind, lead in _BOUND_LEAD.items()}
         if cmodule.optimizer is not None and "train_step" in cmodule.entries:
             from .optim import LiveOptimizer
             getattr(self._lib, f"{cmodule.name}_init_state")(self._c_state)
@@ -327,51 +337,127 @@ class CompiledModel:
             if self._work.size < need:
                 self._work = aligned_zeros(need, self.dtype)
                 self._c_work = self._ffi.from_buffer(self._ctype, self._work)
+                for sizes in self._sizes.values():
+                    sizes.clear()
             self._work_batch = n
         return self._c_work
 
-    def _prepare(self, kind: str, what: str, given) -> tuple:
-        """(C function, batch size, work pointer, input and output pointers, outputs) for a
-        call of `kind`; `outputs` maps each output to its new array.
+    # Small models spend most of a call from Python here (W2's forward: 0.7 µs of C), so
+    # the common case (the entry's inputs exactly, as C-contiguous arrays of the model's
+    # dtype, small enough to need no staging) is checked with a few identity compares and
+    # one dict lookup; all the rest goes through _prepare, which converts or says why.
+    @staticmethod
+    def _runner(model, kind: str, lead: tuple):
+        """The call of entry `kind` of `model` (a weak proxy) after the leading pointers
+        `lead` (params, state: never moved), as a function of the dict of given inputs:
+        (C result, outputs)."""
+        cmodule, dtype, lock = model.cmodule, model.dtype, model._lock
+        entry = cmodule.entries[kind]
+        call = functools.partial(model._calls[kind], *lead)
+        buffer, ctype, empty, ndarray = model._ffi.from_buffer, model._ctype, np.empty, np.ndarray
+        acquire, release, sizes = lock.acquire, lock.release, model._sizes[kind]
+        # the dtype an array must have to go to C as it is: None for int32 inputs, whose
+        # values are always checked (batch_arrays)
+        wants = tuple((i, None if i in cmodule.input_dtypes else dtype) for i in entry.inputs)
+        per_example = [tuple(cmodule.input_shapes[i]) for i in entry.inputs]
+        outputs = [(o, tuple(cmodule.output_shapes[o])) for o in entry.outputs]
 
-        Arrays that already are C-contiguous, of the model's dtype and shape (a training
-        loop's batches) are passed as they are; anything else goes through `batch_arrays`,
-        which converts it or raises the clear error. For a small model this path is most
-        of the call, hence written flat: W2's forward spends 1 µs here and 0.25 µs in C."""
-        call = self._calls.get(kind)
-        if call is None:
-            self._entry(kind, what)   # raises the reason
-        fn, inputs, outputs = call
-        buffer, ctype, dtype = self._buffer_args   # locals: each attribute load costs ~20 ns
-        ptrs, n = [], 0
-        if len(given) == len(inputs):   # exactly the entry's inputs, or the slow path says why
-            try:
-                for name, shape, want in inputs:
-                    a = given[name]
-                    if type(a) is not np.ndarray or a.dtype is not want:
-                        break
-                    s = a.shape
-                    if s[1:] != shape or not s[0] or (n and s[0] != n):
-                        break
-                    n = s[0]
-                    # A buffer without strides: cffi refuses arrays that are not C-contiguous.
-                    ptrs.append(buffer(ctype, a) if a.nbytes < STAGE_BYTES
-                                else self._aligned(name, a))
-                else:
-                    inputs = ()
-            except (KeyError, IndexError, TypeError, ValueError, BufferError):
-                pass
-        if inputs:
-            names = [name for name, _, _ in inputs]
-            arrays, n = batch_arrays(names, self.cmodule.input_shapes, given, dtype, self._known,
-                                     self._indices)
-            ptrs = [self._aligned(i, arrays[i]) for i in names]
+        def slow(given):
+            with lock:
+                n, ptrs, outs = model._prepare(kind, given)
+                return call(model._work_for(n), n, *ptrs), outs
+
+        def sized(shapes: tuple, key):
+            """(n, output shapes, work pointer) for inputs of `shapes` that go to C as they
+            are, remembered as `key`; None when the slow path must convert or refuse them."""
+            n = None
+            for shape, want in zip(shapes, per_example):
+                if len(shape) != len(want) + 1 or shape[1:] != want or shape[0] < 1 \
+                        or shape[0] != (n or shape[0]) \
+                        or _size(shape) * dtype.itemsize >= STAGE_BYTES:
+                    return None
+                n = shape[0]
+            if n is None:
+                return None
+            if len(sizes) >= MAX_CALL_SHAPES:
+                sizes.clear()
+            # A call holding a plan whose arena has moved since (_work_for forgets them)
+            # still passes a live arena large enough: the pointer keeps it alive.
+            with lock:
+                plan = sizes[key] = \
+                    (n, tuple((n, *shape) for _, shape in outputs), model._work_for(n))
+            return plan
+
+        def run_one(given):   # one input, one output: a forward or predict
+            if len(given) == 1:
+                a = given.get(name)
+                if type(a) is ndarray and a.dtype is want:
+                    plan = sizes.get(a.shape) or sized((a.shape,), a.shape)
+                    if plan is not None:
+                        n, (shape,), work = plan
+                        try:   # cffi refuses an array that is not C-contiguous
+                            pa = buffer(ctype, a)
+                        except ValueError:
+                            return slow(given)
+                        out = empty(shape, dtype)
+                        po = buffer(ctype, out)
+                        acquire()
+                        try:
+                            result = call(work, n, pa, po)
+                        finally:
+                            release()
+                        return result, {output: out}
+            return slow(given)
+
+        def run(given):
+            if len(given) == len(wants):
+                arrays, shapes = [], ()
+                for i, want in wants:
+                    a = given.get(i)
+                    if type(a) is not ndarray or a.dtype is not want:
+                        return slow(given)
+                    arrays.append(a)
+                    shapes += (a.shape,)
+                plan = sizes.get(shapes) or sized(shapes, shapes)
+                if plan is not None:
+                    n, out_shapes, work = plan
+                    try:   # cffi refuses an array that is not C-contiguous
+                        ptrs = [buffer(ctype, a) for a in arrays]
+                    except ValueError:
+                        return slow(given)
+                    outs = {}
+                    for (o, _), shape in zip(outputs, out_shapes):
+                        out = outs[o] = empty(shape, dtype)
+                        ptrs.append(buffer(ctype, out))
+                    acquire()
+                    try:
+                        return call(work, n, *ptrs), outs
+                    finally:
+                        release()
+            return slow(given)
+
+        if len(wants) == 1 and len(outputs) == 1:
+            (name, want), ((output, _),) = wants[0], outputs
+            return run_one
+        return run
+
+    def _prepare(self, kind: str, given) -> tuple:
+        """(batch size, input and output pointers, outputs) for a call of `kind` on arrays
+        that may need converting (batch_arrays: or the clear error) or staging (_aligned);
+        run under the lock, which guards the staging buffers."""
+        entry = self.cmodule.entries[kind]
+        arrays, n = batch_arrays(entry.inputs, self.cmodule.input_shapes, given, self.dtype,
+                                 self._known, self._indices)
+        ptrs = [self._aligned(i, arrays[i]) for i in entry.inputs]
         outs = {}
-        for name, shape in outputs:
-            a = outs[name] = np.empty((n, *shape), dtype)
-            ptrs.append(buffer(ctype, a))
-        work = self._c_work if n <= self._work_batch else self._work_for(n)
-        return fn, n, work, ptrs, outs
+        for name in entry.outputs:
+            a = outs[name] = np.empty((n, *self.cmodule.output_shapes[name]), self.dtype)
+            ptrs.append(self._ffi.from_buffer(self._ctype, a))
+        return n, ptrs, outs
+
+    @staticmethod
+    def _no_entry(model, kind: str, given):
+        model._entry(kind, _VERBS[kind])   # raises the reason
 
     def _aligned(self, name: str, a: np.ndarray):
         """A C pointer to `a`'s data, or to an aligned copy of it when it is large and not
@@ -392,35 +478,29 @@ class CompiledModel:
         return "int32_t *" if name in self._indices else self._ctype
 
     def forward(self, **inputs) -> dict[str, np.ndarray]:
-        with self._lock:
-            fn, n, work, ptrs, outs = self._prepare("forward", "run forward", inputs)
-            fn(self._c_params, work, n, *ptrs)
-        return outs
+        return self._runs["forward"](inputs)[1]
 
     def gradients(self, **inputs) -> tuple[float, dict[str, np.ndarray]]:
         """(batch-mean loss, gradient of it for every trainable param), in training mode
         (batch norm normalizes by the batch's statistics, as the train step does; dropout
         draws the masks of the next train step: `optimizer_state()["step"]`)."""
+        fn = self._calls.get("gradients") or self._entry("gradients", "take gradients")
         with self._lock:
-            fn, n, work, ptrs, _ = self._prepare("gradients", "take gradients", inputs)
+            n, ptrs, _ = self._prepare("gradients", inputs)
             if self.cmodule.entries["gradients"].takes_step:
                 ptrs.insert(0, self._step_count())
-            loss = fn(self._c_params, self._c_grads, work, n, *ptrs)
+            loss = fn(self._c_params, self._c_grads, self._work_for(n), n, *ptrs)
             return float(loss), self._params.get(self._grads, self.graph.trainable_params)
 
     def evaluate(self, **inputs) -> tuple[float, dict[str, np.ndarray]]:
         """(batch-mean loss, outputs) from one forward pass, no gradients."""
-        with self._lock:
-            fn, n, work, ptrs, outs = self._prepare("evaluate", "evaluate", inputs)
-            loss = fn(self._c_params, work, n, *ptrs)
+        loss, outs = self._runs["evaluate"](inputs)
         return float(loss), outs
 
     def train_step(self, **inputs) -> float:
         """One optimizer step in C on a batch; returns the batch-mean loss before the update,
         or NaN when the loss or a gradient is NaN or infinite: the C then changes nothing."""
-        with self._lock:
-            fn, n, work, ptrs, _ = self._prepare("train_step", "train", inputs)
-            return fn(self._c_params, self._c_state, work, n, *ptrs)   # cffi gives a float
+        return self._runs["train_step"](inputs)[0]   # the C's loss, a float from cffi
 
     def _step_count(self) -> int:
         """The steps taken, as the C train step reads them from the state (a count the
@@ -468,10 +548,7 @@ class CompiledModel:
 
     def predict(self, **inputs) -> dict[str, np.ndarray]:
         """The outputs from the params baked into the C (`compile(..., params=...)`)."""
-        with self._lock:
-            fn, n, work, ptrs, outs = self._prepare("predict", "predict", inputs)
-            fn(work, n, *ptrs)
-        return outs
+        return self._runs["predict"](inputs)[1]
 
     def bind(self, kind: str = "forward", batch: int | None = None, **inputs) -> BoundCall:
         """`kind` ("forward", "evaluate", "train_step" or "predict") as a call without
@@ -479,11 +556,9 @@ class CompiledModel:
         must already be a C-contiguous array of the model's dtype, leading axis the batch),
         and each input not given is made zeroed, 64-byte aligned, with `batch` examples,
         for the caller to fill through `bound.inputs[name]`."""
-        verb = {"forward": "run forward", "evaluate": "evaluate", "train_step": "train",
-                "predict": "predict"}
-        if kind not in verb:
-            raise InputError(f"bind: kind must be one of {', '.join(verb)}, got {kind!r}")
-        entry = self._entry(kind, verb[kind])
+        if kind not in _VERBS:
+            raise InputError(f"bind: kind must be one of {', '.join(_VERBS)}, got {kind!r}")
+        entry = self._entry(kind, _VERBS[kind])
         unknown = sorted(set(inputs) - set(entry.inputs))
         if unknown:
             raise InputError(f"bind {kind}: unknown input '{unknown[0]}' "

@@ -87,6 +87,22 @@ def test_pure_c_harness_reports_first_calls_and_timing(tmp_path):
     assert timing.repeats == 3 and timing.calls >= 1 and 0 < timing.min <= timing.median
 
 
+def test_overhead_benchmark_checks_the_harness_and_times_every_row_by_both_clocks(tmp_path):
+    """benchmarks/overhead.py: the C harness (run once per clock, by the wall and by this
+    thread's CPU time) matches model.forward before its rows are written."""
+    from benchmarks import overhead
+    result = overhead.main(["--quick", "--out", str(tmp_path)])
+    assert set(result["rows"]) == {"pure C (harness)", "bound call", "model.forward(x=x)",
+                                   "model.forward(x=a new array)",
+                                   "floor (np.empty, 2 from_buffer, C)"}
+    for row in result["rows"].values():
+        assert set(row) == {"cpu", "wall"}
+        assert all(0 < t["min"] <= t["median"] for t in row.values())
+    saved = json.loads((tmp_path / "overhead.json").read_text())
+    assert saved["rows"] == result["rows"]
+    assert "| model.forward(x=x) |" in (tmp_path / "overhead.md").read_text()
+
+
 def test_a_peer_that_fails_its_check_is_not_timed():
     prob = problem(WORKLOADS["W1"])
     prob.expected = {"losses": [2.0, 1.5]}

@@ -269,7 +269,8 @@ def test_inputs_in_any_layout_give_the_same_results(model):
     fortran = np.asfortranarray(x32)
     readonly = x32.copy()
     readonly.flags.writeable = False
-    for x in (x32, wide[:, ::2], fortran, readonly, data["x"], data["x"].tolist()):
+    swapped = x32.astype(">f4")   # float32, but not the model's dtype object: converted
+    for x in (x32, wide[:, ::2], fortran, readonly, swapped, data["x"], data["x"].tolist()):
         np.testing.assert_array_equal(model.forward(x=x)["logits"], want)
     with pytest.raises(InputError, match="input 'y' has batch size 5, but 'x' has 6"):
         model.gradients(x=x32, y=data["y"][:5].astype(np.float32))
@@ -284,6 +285,53 @@ def test_work_arena_grows_and_serves_smaller_batches(model):
         data = {k: v.astype(np.float32) for k, v in _batch(n, seed=n).items()}
         loss, _ = model.gradients(**data)
         assert loss == pytest.approx(ref.loss(**data), rel=1e-5)
+
+
+def test_small_calls_match_the_reference_at_every_batch_size_and_free_a_moved_arena():
+    """Calls with small inputs go to C through a plan per input shape (n, output shapes,
+    work arena): more sizes than it remembers, and a batch that moves the arena, give the
+    reference's results, and no plan keeps the old arena alive."""
+    import gc
+    import weakref
+    from graphc.model import MAX_CALL_SHAPES, STAGE_BYTES
+    spec = {"name": "tiny", "inputs": {"x": [2], "t": [1]},
+            "params": {"W": {"shape": [1, 2], "init": "he_normal"},
+                       "b": {"shape": [1], "init": "uniform"}},
+            "nodes": {"h": {"op": "dense", "inputs": ["x", "W", "b"]},
+                      "loss": {"op": "mse", "inputs": ["h", "t"]}},
+            "outputs": ["h"], "loss": "loss"}
+    m = graphc.compile(spec, dtype="float32", seed=4)
+    ref = graphc.reference(m.graph)
+    ref.set_params(m.get_params())
+    rng = np.random.default_rng(0)
+
+    def batch(n):
+        return {"x": rng.standard_normal((n, 2)).astype(np.float32),
+                "t": rng.standard_normal((n, 1)).astype(np.float32)}
+    sizes = [*range(1, MAX_CALL_SHAPES + 3), 1, 2]
+    assert max(sizes) * 2 * 4 < STAGE_BYTES     # every one of them a small call
+    for n in sizes:
+        data = batch(n)
+        np.testing.assert_allclose(m.forward(x=data["x"])["h"], ref.forward(**data)["h"],
+                                   rtol=1e-5, atol=1e-6)
+        loss, outs = m.evaluate(**data)
+        assert loss == pytest.approx(ref.loss(**data), rel=1e-5)
+    old_arena = weakref.ref(m._work)
+    m.forward(x=batch(4 * STAGE_BYTES)["x"])     # the arena moves, for a larger batch
+    gc.collect()
+    assert old_arena() is None
+    data = batch(3)
+    np.testing.assert_allclose(m.forward(x=data["x"])["h"], ref.forward(**data)["h"],
+                               rtol=1e-5, atol=1e-6)
+    first, second = m.forward(x=data["x"])["h"], m.forward(x=data["x"])["h"]
+    assert not np.shares_memory(first, second)   # fresh outputs every call
+    dropped = weakref.ref(m)   # the calls hold no cycle through the model: freed at once
+    gc.disable()
+    try:
+        del m
+        assert dropped() is None
+    finally:
+        gc.enable()
 
 
 def test_per_example_scalar_inputs_take_the_fast_path_and_reject_bad_shapes():
@@ -376,13 +424,14 @@ def test_bind_errors_name_the_input_and_the_reason(model, kind, args, message):
         model.bind(kind, **args)
 
 
-def test_threads_sharing_a_model_get_their_own_results():
+@pytest.mark.parametrize("n", [300, 15])   # staged inputs, and the small calls' path
+def test_threads_sharing_a_model_get_their_own_results(n):
     """cffi releases the GIL in C, and every call of a model shares its work arena: without
     the model's lock, two threads got 353 of 400 forwards wrong. Bound calls have arenas of
     their own and run beside the model's calls."""
     import threading
     m = graphc.compile(ROOT / "examples/mlp.yaml", dtype="float32", seed=2)
-    xs = [_batch(300, seed=s)["x"].astype(np.float32) for s in (1, 2)]
+    xs = [_batch(n, seed=s)["x"].astype(np.float32) for s in (1, 2)]
     want = [m.forward(x=x)["logits"] for x in xs]
     bound = m.bind("forward", x=xs[1].copy())
     wrong = []
