@@ -224,7 +224,7 @@ def test_the_header_says_what_the_tiles_were_sized_for(vector_bytes, monkeypatch
     lanes = vector_bytes // 4
     sizes = {int(k) for k in re.findall(r"float c\d+\[(\d+)\]", cm.source)}
     assert lanes in sizes and max(sizes) < 2 * lanes
-    note = " ".join(line.strip(" */") for line in cm.header.splitlines()[:8])
+    note = " ".join(line.strip(" */") for line in cm.header.split("*/")[1].splitlines())
     assert f"tiled for {vector_bytes}-byte SIMD vectors" in " ".join(note.split())
     _, again = graphc.generate(MLP, target="host")
     assert (again.source, again.header) == (cm.source, cm.header)   # deterministic
