@@ -194,6 +194,45 @@ def common_subexpressions(exprs, printer, names=None) -> tuple[list[tuple[str, s
             [printer.doprint(prepare(e.xreplace(back))) for e in final])
 
 
+def structure(kern: Kernel, args: list[str], buffers: dict[str, Buffer]) -> tuple:
+    """What a kernel's printed text (its body and parameters) depends on, with its buffers
+    named by position in `args` (the a0, a1, ... it prints them as): two kernels of one
+    structure, such as a layer repeated under other names, print the same text.
+
+    Printing orders terms, accesses and subexpressions by comparing names, so the key also
+    holds how the buffers' names compare with each other (and, as `x[` in a printed read,
+    with the kernel's other symbols): a kernel whose names sort otherwise is a new key, never
+    a wrong hit. The expressions are walked into tuples rather than rebuilt by xreplace,
+    which costs SymPy an assumptions query per new element (more than the hits saved)."""
+    position = {b: k for k, b in enumerate(args)}
+    symbols: set[str] = set()
+
+    def walk(e):
+        if isinstance(e, sp.Indexed):
+            label = str(e.base.label)
+            return ("[]", position[label] if label in position else label,
+                    tuple(sorted(e.base.assumptions0.items())),
+                    tuple(walk(a) for a in e.base.args[1:]), tuple(walk(i) for i in e.indices))
+        if not e.args:   # a symbol, a number, true: compared by value and type
+            if isinstance(e, sp.Symbol):
+                symbols.add(e.name)
+            return type(e), e
+        return e.func, tuple(walk(a) for a in e.args)
+
+    def where(out):
+        return position[out] if out in position else out
+
+    stores = tuple((where(s.out), s.local, tuple(walk(sp.sympify(i)) for i in s.out_index),
+                    walk(s.value)) for s in kern.stores())
+    shape = (stores, kern.loops, kern.mode, walk(kern.post), walk(sp.sympify(kern.guard)),
+             kern.node == UPDATE)
+    words = list(args) + [b + "[" for b in args] + sorted(symbols)
+    order = tuple(sorted(range(len(words)), key=words.__getitem__))
+    buffers_seen = tuple((buffers[b].shape, buffers[b].batched, buffers[b].role,
+                          buffers[b].differentiable, buffers[b].dtype) for b in args)
+    return shape, order, buffers_seen
+
+
 # ---------------------------------------------------------------- the emitter
 
 class Emitter:
@@ -220,6 +259,9 @@ class Emitter:
                            + [f"{name}_init_state", "trained_params"])
         self._emitted: dict[str, str] = {}
         self._printed: dict[tuple, Emitted] = {}
+        # structure() -> (function, scalars): a kernel that differs from one printed only
+        # in its buffers' names is not printed again (this module's kernels only).
+        self._structures: dict[tuple, tuple[str, tuple[str, ...]]] = {}
         self._printers: list[GraphcPrinter] = []
         self.constant_fields: dict[str, str] = {}   # node -> the spec field its constants are in
         self.input_dtypes: dict[str, str] = {}      # int32 inputs (the rest are real)
@@ -258,6 +300,11 @@ class Emitter:
         memo = (kern, tuple(buffers[b] for b in args))
         if memo in self._printed:
             return self._printed[memo]
+        shape_key = structure(kern, args, buffers)
+        if shape_key in self._structures:
+            fname, scalars = self._structures[shape_key]
+            self._printed[memo] = (fname, args, scalars)
+            return fname, args, scalars
         cvar = {b: f"a{k}" for k, b in enumerate(args)}
         printer = self.printer({b: (cvar[b], buffers[b]) for b in args})
         kern = without_unit_loops(kern)
@@ -437,6 +484,7 @@ class Emitter:
             self.kernels.append(text)
             self.functions[fname] = text
         self._printed[memo] = (fname, args, scalars)
+        self._structures[shape_key] = (fname, scalars)
         return fname, args, scalars
 
     def _readable(self, text: str, fname: str, args: list[str]) -> tuple[str, list[str]]:
