@@ -89,10 +89,12 @@ def _best(loops: list[sp.Symbol], strides: list[dict], inner: list[sp.Symbol] = 
                     key=lambda p: (_cost(list(p) + list(inner), strides), [v.name for v in p])))
 
 
-def schedule(kern: Kernel, buffers: dict[str, Buffer]) -> tuple[list[sp.Symbol], str]:
+def schedule(kern: Kernel, buffers: dict[str, Buffer],
+             strides: list[dict[sp.Symbol, int]] | None = None) -> tuple[list[sp.Symbol], str]:
     """(loop order, strategy): 'direct', 'reduce' (accumulator in a register) or 'init'
-    (zero the output, then accumulate in the best streaming order)."""
-    strides = _strides(kern, buffers)
+    (zero the output, then accumulate in the best streaming order). `strides`: the kernel's
+    `_strides`, when the caller has them."""
+    strides = strides or _strides(kern, buffers)
     loops = [s for s, _ in kern.loops]
     if kern.mode in (ASSIGN, ACCUMULATE):
         return _best(loops, strides), "direct"
@@ -329,12 +331,13 @@ class Emitter:
             merged_tiled = tiles(merged, merged_strides)
             if merged_tiled is not None:
                 kern, strides, tiled = merged, merged_strides, merged_tiled
+        strides = strides or _strides(kern, buffers)   # computed once for what follows
         if kern.also:   # fused updates: one pass over the params, in the declared order
             order, strategy = [s for s, _ in kern.loops], "stores"
         else:
-            order, strategy = schedule(kern, buffers) if tiled is None else ([], "tiles")
+            order, strategy = schedule(kern, buffers, strides) if tiled is None else ([], "tiles")
         # No SIMD: rows of accumulators, the reduction unrolled (codegen/cortexm_kernels.py)
-        rows = rows_layout(kern, order, _strides(kern, buffers)) \
+        rows = rows_layout(kern, order, strides) \
             if self.target.unrolled and strategy in ("reduce", "init") else None
         extent = dict(kern.loops)
         uses_n = kern.uses_batch()
@@ -346,11 +349,9 @@ class Emitter:
         params = [SCALAR_PARAMETERS[s] for s in scalars] + \
             [f"{self.real} *restrict {cvar[b]}" for b in outs] + \
             [f"const {self.ctype(buffers[b].dtype)} *restrict {cvar[b]}" for b in reads]
-        shown = declared.pretty()
-        if kern.node == UPDATE:   # graphc's own buffers, as the header names them
-            shown = re.sub(r"\b__(?=\w)", "", shown)
-        lines = [comment(f"{kern.node}: {kern.note}: {shown}"),
-                 f"static void {fname}({', '.join(params)})", "{"]
+        # The comment (lines[0]) is written only for a text not emitted before: printing the
+        # kernel's formula costs as much as a small kernel's C.
+        lines = ["", f"static void {fname}({', '.join(params)})", "{"]
         if inverse_n:
             lines.append(f"    const {self.real} {INV_N} = 1 / ({self.real})n;")
         target = f"{cvar[kern.out]}[{printer.index(buffers[kern.out].flat_offset(kern.out_index))}]"
@@ -479,6 +480,10 @@ class Emitter:
             if parallel is not None:
                 self.names.taken.add(f"{fname}_tiles")
             self._emitted[key] = fname
+            shown = declared.pretty()
+            if kern.node == UPDATE:   # graphc's own buffers, as the header names them
+                shown = re.sub(r"\b__(?=\w)", "", shown)
+            lines[0] = comment(f"{kern.node}: {kern.note}: {shown}")
             text, self.parameters[fname] = self._readable("\n".join(lines), fname, args)
             text = wrap(text)
             self.kernels.append(text)
