@@ -89,10 +89,12 @@ def _best(loops: list[sp.Symbol], strides: list[dict], inner: list[sp.Symbol] = 
                     key=lambda p: (_cost(list(p) + list(inner), strides), [v.name for v in p])))
 
 
-def schedule(kern: Kernel, buffers: dict[str, Buffer]) -> tuple[list[sp.Symbol], str]:
+def schedule(kern: Kernel, buffers: dict[str, Buffer],
+             strides: list[dict[sp.Symbol, int]] | None = None) -> tuple[list[sp.Symbol], str]:
     """(loop order, strategy): 'direct', 'reduce' (accumulator in a register) or 'init'
-    (zero the output, then accumulate in the best streaming order)."""
-    strides = _strides(kern, buffers)
+    (zero the output, then accumulate in the best streaming order). `strides`: the kernel's
+    `_strides`, when the caller has them."""
+    strides = strides or _strides(kern, buffers)
     loops = [s for s, _ in kern.loops]
     if kern.mode in (ASSIGN, ACCUMULATE):
         return _best(loops, strides), "direct"
@@ -194,6 +196,45 @@ def common_subexpressions(exprs, printer, names=None) -> tuple[list[tuple[str, s
             [printer.doprint(prepare(e.xreplace(back))) for e in final])
 
 
+def structure(kern: Kernel, args: list[str], buffers: dict[str, Buffer]) -> tuple:
+    """What a kernel's printed text (its body and parameters) depends on, with its buffers
+    named by position in `args` (the a0, a1, ... it prints them as): two kernels of one
+    structure, such as a layer repeated under other names, print the same text.
+
+    Printing orders terms, accesses and subexpressions by comparing names, so the key also
+    holds how the buffers' names compare with each other (and, as `x[` in a printed read,
+    with the kernel's other symbols): a kernel whose names sort otherwise is a new key, never
+    a wrong hit. The expressions are walked into tuples rather than rebuilt by xreplace,
+    which costs SymPy an assumptions query per new element (more than the hits saved)."""
+    position = {b: k for k, b in enumerate(args)}
+    symbols: set[str] = set()
+
+    def walk(e):
+        if isinstance(e, sp.Indexed):
+            label = str(e.base.label)
+            return ("[]", position[label] if label in position else label,
+                    tuple(sorted(e.base.assumptions0.items())),
+                    tuple(walk(a) for a in e.base.args[1:]), tuple(walk(i) for i in e.indices))
+        if not e.args:   # a symbol, a number, true: compared by value and type
+            if isinstance(e, sp.Symbol):
+                symbols.add(e.name)
+            return type(e), e
+        return e.func, tuple(walk(a) for a in e.args)
+
+    def where(out):
+        return position[out] if out in position else out
+
+    stores = tuple((where(s.out), s.local, tuple(walk(sp.sympify(i)) for i in s.out_index),
+                    walk(s.value)) for s in kern.stores())
+    shape = (stores, kern.loops, kern.mode, walk(kern.post), walk(sp.sympify(kern.guard)),
+             kern.node == UPDATE)
+    words = list(args) + [b + "[" for b in args] + sorted(symbols)
+    order = tuple(sorted(range(len(words)), key=words.__getitem__))
+    buffers_seen = tuple((buffers[b].shape, buffers[b].batched, buffers[b].role,
+                          buffers[b].differentiable, buffers[b].dtype) for b in args)
+    return shape, order, buffers_seen
+
+
 # ---------------------------------------------------------------- the emitter
 
 class Emitter:
@@ -221,6 +262,9 @@ class Emitter:
                            + [f"{name}_init_state", "trained_params"])
         self._emitted: dict[str, str] = {}
         self._printed: dict[tuple, Emitted] = {}
+        # structure() -> (function, scalars): a kernel that differs from one printed only
+        # in its buffers' names is not printed again (this module's kernels only).
+        self._structures: dict[tuple, tuple[str, tuple[str, ...]]] = {}
         self._printers: list[GraphcPrinter] = []
         self.constant_fields: dict[str, str] = {}   # node -> the spec field its constants are in
         self.input_dtypes: dict[str, str] = {}      # int32 inputs (the rest are real)
@@ -259,6 +303,11 @@ class Emitter:
         memo = (kern, tuple(buffers[b] for b in args))
         if memo in self._printed:
             return self._printed[memo]
+        shape_key = structure(kern, args, buffers)
+        if shape_key in self._structures:
+            fname, scalars = self._structures[shape_key]
+            self._printed[memo] = (fname, args, scalars)
+            return fname, args, scalars
         cvar = {b: f"a{k}" for k, b in enumerate(args)}
         printer = self.printer({b: (cvar[b], buffers[b]) for b in args})
         kern = without_unit_loops(kern)
@@ -283,12 +332,13 @@ class Emitter:
             merged_tiled = tiles(merged, merged_strides)
             if merged_tiled is not None:
                 kern, strides, tiled = merged, merged_strides, merged_tiled
+        strides = strides or _strides(kern, buffers)   # computed once for what follows
         if kern.also:   # fused updates: one pass over the params, in the declared order
             order, strategy = [s for s, _ in kern.loops], "stores"
         else:
-            order, strategy = schedule(kern, buffers) if tiled is None else ([], "tiles")
+            order, strategy = schedule(kern, buffers, strides) if tiled is None else ([], "tiles")
         # No SIMD: rows of accumulators, the reduction unrolled (codegen/cortexm_kernels.py)
-        rows = rows_layout(kern, order, _strides(kern, buffers)) \
+        rows = rows_layout(kern, order, strides) \
             if self.target.unrolled and strategy in ("reduce", "init") else None
         extent = dict(kern.loops)
         uses_n = kern.uses_batch()
@@ -300,11 +350,9 @@ class Emitter:
         params = [SCALAR_PARAMETERS[s] for s in scalars] + \
             [f"{self.real} *restrict {cvar[b]}" for b in outs] + \
             [f"const {self.ctype(buffers[b].dtype)} *restrict {cvar[b]}" for b in reads]
-        shown = declared.pretty()
-        if kern.node == UPDATE:   # graphc's own buffers, as the header names them
-            shown = re.sub(r"\b__(?=\w)", "", shown)
-        lines = [comment(f"{kern.node}: {kern.note}: {shown}"),
-                 f"static void {fname}({', '.join(params)})", "{"]
+        # The comment (lines[0]) is written only for a text not emitted before: printing the
+        # kernel's formula costs as much as a small kernel's C.
+        lines = ["", f"static void {fname}({', '.join(params)})", "{"]
         if inverse_n:
             lines.append(f"    const {self.real} {INV_N} = 1 / ({self.real})n;")
         target = f"{cvar[kern.out]}[{printer.index(buffers[kern.out].flat_offset(kern.out_index))}]"
@@ -434,11 +482,16 @@ class Emitter:
                 self.names.taken.add(f"{fname}_tiles")
                 self.team_from[fname] = parallel
             self._emitted[key] = fname
+            shown = declared.pretty()
+            if kern.node == UPDATE:   # graphc's own buffers, as the header names them
+                shown = re.sub(r"\b__(?=\w)", "", shown)
+            lines[0] = comment(f"{kern.node}: {kern.note}: {shown}")
             text, self.parameters[fname] = self._readable("\n".join(lines), fname, args)
             text = wrap(text)
             self.kernels.append(text)
             self.functions[fname] = text
         self._printed[memo] = (fname, args, scalars)
+        self._structures[shape_key] = (fname, scalars)
         return fname, args, scalars
 
     def _readable(self, text: str, fname: str, args: list[str]) -> tuple[str, list[str]]:
