@@ -256,6 +256,7 @@ class Emitter:
         self.parameters: dict[str, list[str]] = {}    # kernel function -> its array parameters
         self.calls: dict[str, tuple[KernelCall, ...]] = {}   # entry kind -> its kernel calls
         self.team_from: dict[str, int] = {}   # kernel function -> the n its parallel region needs
+        self.predicts = False                 # a predict entry (baked params) was written
         # File-scope names: entry points, helpers, kernels as they are named.
         self.names = Namer([f"{name}_{kind}" for kind in ENTRY_KINDS] + list(HELPERS)
                            + [f for support in HELPER_SUPPORT.values() for f in support]
@@ -658,6 +659,7 @@ class Emitter:
 
     def predict(self, e: Entry, forward: Entry, params, doc: str) -> None:
         r = self.real
+        self.predicts = True
         self.tables.append(c_array("trained_params", params, self.dtype))
         args = [f"{r} *work", "size_t n"] + [f"const {self.input_type(i)} *in_{i}"
                                              for i in e.inputs] + \
@@ -671,7 +673,8 @@ class Emitter:
     # -------------------------------------------------------- the files
     def parallel_from(self) -> dict[str, int]:
         """Entry kind -> the smallest batch n at which one of its kernels runs in a parallel
-        region (kinds that never do are absent); a train step runs the gradients' kernels."""
+        region (kinds that never do are absent); a train step runs the gradients' kernels,
+        predict the forward's (it calls the forward with the baked params)."""
         found = {}
         for kind, calls in self.calls.items():
             runs = [c.function for c in calls + (self.calls.get("gradients", ())
@@ -679,6 +682,8 @@ class Emitter:
             starts = [self.team_from[f] for f in runs if f in self.team_from]
             if starts:
                 found[kind] = min(starts)
+        if self.predicts and "forward" in found:
+            found["predict"] = found["forward"]
         return found
 
     def source(self) -> str:

@@ -72,8 +72,8 @@ def runtime_defaults():
 
 
 def check_threads(threads) -> int | None:
-    """`threads` as given to `graphc.compile`: None (OpenMP's default, every core) or a
-    count from 1 to 1024."""
+    """`threads` as given to `graphc.compile`: None (each call on one thread or all,
+    whichever is lately faster: `FasterOfOneOrAll`) or a fixed count from 1 to 1024."""
     from graphc.errors import InputError
     if threads is None:
         return None

@@ -252,7 +252,7 @@ def model_html(model, batch: int = 1) -> str:
     cm = model.cmodule
     lines = cm.source.count("\n")
     facts = [("dtype", cm.dtype), ("target", cm.target),
-             ("threads", model.threads if model.threads is not None else "OpenMP's default"),
+             ("threads", model.threads if model.threads is not None else "one or all, the faster"),
              ("optimizer", _optimizer_text(cm.optimizer) if cm.optimizer else "none"),
              ("C entry points", ", ".join(e.c_name for e in cm.entries.values())),
              ("C source", f"{lines:,} lines, {len(cm.source):,} characters "

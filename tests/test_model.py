@@ -270,7 +270,13 @@ def test_inputs_in_any_layout_give_the_same_results(model):
     readonly = x32.copy()
     readonly.flags.writeable = False
     swapped = x32.astype(">f4")   # float32, but not the model's dtype object: converted
-    for x in (x32, wide[:, ::2], fortran, readonly, swapped, data["x"], data["x"].tolist()):
+    # float32 and C-contiguous, but one byte off a float's alignment: C must not read it
+    raw = np.zeros(x32.nbytes + 1, np.uint8)
+    misaligned = raw[1:].view(np.float32).reshape(x32.shape)
+    misaligned[:] = x32
+    assert not misaligned.flags.aligned
+    for x in (x32, wide[:, ::2], fortran, readonly, swapped, misaligned, data["x"],
+              data["x"].tolist()):
         np.testing.assert_array_equal(model.forward(x=x)["logits"], want)
     with pytest.raises(InputError, match="input 'y' has batch size 5, but 'x' has 6"):
         model.gradients(x=x32, y=data["y"][:5].astype(np.float32))

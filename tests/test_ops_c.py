@@ -1,8 +1,7 @@
 """Every op of graphc.ops.OPS, compiled to C, against the NumPy reference.
 
-Each configuration of an op is an independent branch of one model (split into a few parts
-when there are many, and the parts of several ops compiled together as one model, to keep the
-compile fast; see GROUPS), and every branch's result `out` is projected
+Each configuration of an op is an independent branch of one model (split into a few models
+when there are many, to keep the compile fast), and every branch's result `out` is projected
 onto its own random cotangent input (`cot_out`):
 
     proj_out = mul(out, cot_out);  term_out = sum(proj_out);  loss = term_a + term_b + ...
@@ -159,18 +158,6 @@ class Net:
         count = -(-len(self.targets) // size)
         return [self.part(f"{self.name}{k}", self.targets[k::count]) for k in range(count)]
 
-    def renamed(self, prefix: str) -> "Net":
-        """The same network with every value named `prefix` + name, so that the parts of
-        several ops can sit side by side in one model (nets whose attributes name values,
-        such as an elementwise expr, are never renamed)."""
-        p = lambda name: prefix + name  # noqa: E731
-        keys = lambda d: {p(k): v for k, v in d.items()}  # noqa: E731
-        nodes = {p(k): {**v, "inputs": [p(i) for i in v["inputs"]]}
-                 for k, v in self.nodes.items()}
-        return Net(self.name, keys(self.inputs), keys(self.params), nodes, keys(self.shapes),
-                   keys(self.batched), [p(t) for t in self.targets],
-                   {p(k) for k in self.zero_grad}, {p(k) for k in self.frozen})
-
     def spec(self) -> dict:
         nodes = dict(self.nodes)
         inputs = {k: {"shape": list(s), **({"dtype": "int32"} if isinstance(d, tuple) else {})}
@@ -211,6 +198,42 @@ def compiled(spec_json: str, dtype: str):
 
 def model_for(net: Net, dtype: str):
     return compiled(json.dumps(net.spec(), sort_keys=True), dtype)
+
+
+def runs(net: Net, dtype: str, *, seed: int = 0, batches=BATCHES):
+    """(n, model, reference, data) for each batch size, on one model with fixed params."""
+    model = model_for(net, dtype)
+    ref = reference(model.graph, dtype="float64")
+    rng = np.random.default_rng(seed)
+    params = net.draw_params(rng, dtype)
+    model.set_params(params)
+    ref.set_params(params)
+    for n in batches:
+        yield n, model, ref, net.draw_inputs(rng, n, dtype)
+
+
+def compare_with_reference(net: Net, dtype: str, check_close, *, seed: int = 0,
+                           batches=BATCHES) -> None:
+    """Compile `net` in `dtype`; compare forward outputs (evaluation mode), the loss and
+    the gradients (training mode: batch_norm by the batch's statistics)."""
+    nonzero = set()
+    for n, model, ref, data in runs(net, dtype, seed=seed, batches=batches):
+        where = f"{net.name}, batch {n}"
+        got, want = model.forward(**data), ref.forward(**data)
+        assert set(got) == set(model.graph.outputs)
+        for o in model.graph.outputs:
+            check_close(got[o], want[o], dtype, f"{where}: forward output '{o}'")
+        loss, grads = model.gradients(**data)
+        ref_loss, ref_grads = ref.gradients(**data)
+        check_close(loss, ref_loss, dtype, f"{where}: loss")
+        trained = set(net.params) - net.frozen
+        assert set(grads) == trained
+        for p in trained:
+            check_close(grads[p], ref_grads[p], dtype, f"{where}: gradient of '{p}'")
+            if np.any(ref_grads[p] != 0):
+                nonzero.add(p)
+    vacuous = set(net.params) - net.frozen - nonzero - net.zero_grad
+    assert not vacuous, f"{net.name}: the reference gradient of {sorted(vacuous)} is always 0"
 
 
 # ---------------------------------------------------------------- the table
@@ -726,115 +749,12 @@ def test_configurations_respect_op_domains():
                     assert all(domains[i][1] == "positive" for i in net.nodes[src]["inputs"])
 
 
-# The parts of several ops are compiled as one model of independent branches: a module's
-# fixed cost (cffi wrapper, link, load; the planner and emitter's per-model work) is paid once
-# per group instead of once per part, while each op is still checked on its own values.
-GROUP_TARGETS = 16   # targets per grouped model: past this, gcc's time grows faster than size
-SOLO = {"elementwise"}   # its expr names values, so its parts are not renamed into a group
-
-
-def _group_parts() -> list[list[tuple[str, Net]]]:
-    """(op, part) lists, packed in op order into models of at most GROUP_TARGETS targets;
-    the ops in SOLO alone."""
-    groups: list[list[tuple[str, Net]]] = []
-    for op in sorted(CASES):
-        for part in build_net(op).parts(PART_SIZE):
-            if op in SOLO:
-                groups.append([(op, part)])
-            elif (groups and groups[-1][0][0] not in SOLO
-                  and sum(len(q.targets) for _, q in groups[-1]) + len(part.targets)
-                  <= GROUP_TARGETS):
-                groups[-1].append((op, part.renamed(f"{part.name}_")))
-            else:
-                groups.append([(op, part.renamed(f"{part.name}_"))])
-    return groups
-
-
-GROUPS = _group_parts()
-# Ops in group order, so that xdist's load scheduler, which hands out consecutive tests,
-# mostly gives one worker all of a group's tests and the group is built once.
-OPS_BY_GROUP = list(dict.fromkeys(op for group in GROUPS for op, _ in group))
-
-
-def _merged(group: list[tuple[str, Net]], k: int) -> Net:
-    if len(group) == 1 and group[0][0] in SOLO:
-        return group[0][1]
-    parts = [part for _, part in group]
-    union = lambda attr: {k: v for q in parts for k, v in getattr(q, attr).items()}  # noqa: E731
-    return Net(f"op_group{k}", union("inputs"), union("params"), union("nodes"),
-               union("shapes"), union("batched"), [t for q in parts for t in q.targets],
-               set().union(*(q.zero_grad for q in parts)), set().union(*(q.frozen for q in parts)))
-
-
-@dataclass
-class GroupRun:
-    """One batch size's results for a grouped model: the C's and the reference's."""
-    n: int
-    got: dict
-    want: dict
-    loss: float
-    ref_loss: float
-    grads: dict
-    ref_grads: dict
-
-
-@functools.lru_cache(maxsize=None)
-def group_runs(k: int, dtype: str) -> list[GroupRun]:
-    """Group k's model run at every batch size on the data each of its parts would have
-    alone (the parts' own seeds, drawn in the same order), compiled once per process."""
-    group = GROUPS[k]
-    net = _merged(group, k)
-    model = model_for(net, dtype)
-    ref = reference(model.graph, dtype="float64")
-    rngs = [np.random.default_rng(_seed(op)) for op, _ in group]
-    params = {}
-    for rng, (_, part) in zip(rngs, group):
-        params.update(part.draw_params(rng, dtype))
-    model.set_params(params)
-    ref.set_params(params)
-    results = []
-    for n in BATCHES:
-        data = {}
-        for rng, (_, part) in zip(rngs, group):
-            data.update(part.draw_inputs(rng, n, dtype))
-        got, want = model.forward(**data), ref.forward(**data)
-        assert set(got) == set(model.graph.outputs)
-        (loss, grads), (ref_loss, ref_grads) = model.gradients(**data), ref.gradients(**data)
-        trained = set(net.params) - net.frozen
-        assert set(grads) == trained
-        results.append(GroupRun(n, got, want, loss, ref_loss, grads, ref_grads))
-    return results
-
-
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("op", OPS_BY_GROUP)
+@pytest.mark.parametrize("op", sorted(CASES))
 def test_op_against_reference(op, dtype, assert_close):
     """Forward outputs, the loss and every param gradient, at several batch sizes."""
-    for k, group in enumerate(GROUPS):
-        for op_, part in group:
-            if op_ == op:
-                compare_part(k, part, dtype, assert_close)
-
-
-def compare_part(k: int, part: Net, dtype: str, check_close) -> None:
-    """`part`'s forward outputs (evaluation mode), the group's loss and `part`'s params'
-    gradients (training mode: batch_norm by the batch's statistics) in group k's model,
-    against the reference's."""
-    nonzero = set()
-    for run in group_runs(k, dtype):
-        where = f"{part.name}, batch {run.n}"
-        for o in part.targets:
-            if o in run.want:
-                check_close(run.got[o], run.want[o], dtype, f"{where}: forward output '{o}'")
-        # the group's loss is the sum of its parts' (independent branches): checked whole,
-        # its terms through each part's targets above
-        check_close(run.loss, run.ref_loss, dtype, f"op_group{k}, batch {run.n}: loss")
-        for p in set(part.params) - part.frozen:
-            check_close(run.grads[p], run.ref_grads[p], dtype, f"{where}: gradient of '{p}'")
-            if np.any(run.ref_grads[p] != 0):
-                nonzero.add(p)
-    vacuous = set(part.params) - part.frozen - nonzero - part.zero_grad
-    assert not vacuous, f"{part.name}: the reference gradient of {sorted(vacuous)} is always 0"
+    for part in build_net(op).parts(PART_SIZE):
+        compare_with_reference(part, dtype, assert_close, seed=_seed(op))
 
 
 # ---------------------------------------------------------------- kinks

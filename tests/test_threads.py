@@ -130,6 +130,11 @@ def test_the_batch_from_which_an_entry_runs_a_team_is_the_one_its_c_tests():
                             "params": {"W": {"shape": [8, 8], "init": "he_normal"}}})
     assert small.cmodule.parallel_from == {}
     assert small.bind("forward", batch=4).func is small._lib.narrow_forward
+    # predict runs the forward's kernels (with the params baked in): the same choice
+    baked = graphc.compile(WIDE, params=model.get_params())
+    assert baked.cmodule.parallel_from == {"forward": 4, "predict": 4}
+    assert isinstance(baked.bind("predict", batch=4).func.controller, FasterOfOneOrAll)
+    assert baked.bind("predict", batch=3).func is baked._lib.wide_predict
 
 
 class _FakeRuntime:
