@@ -264,13 +264,17 @@ def probe_host_compiler(cc: tuple[str, ...]) -> HostCompiler:
 
 def takes_prefer_vector_width(macros: str) -> bool:
     """Whether the compiler that printed these macros takes -mprefer-vector-width: GCC from
-    8 and clang, on x86."""
+    8 and clang from 7, on x86 (clang says __GNUC__ 4 whatever its version)."""
     values = dict(line.split()[1:3] for line in macros.splitlines()
                   if line.startswith("#define ") and len(line.split()) > 2)
     if not {"__x86_64__", "__i386__"} & values.keys():
         return False
-    gcc = values.get("__GNUC__", "0")
-    return "__clang__" in values or (gcc.isdigit() and int(gcc) >= 8)
+    def version(macro: str) -> int:
+        text = values.get(macro, "0")
+        return int(text) if text.isdigit() else 0
+    if "__clang__" in values:
+        return version("__clang_major__") >= 7
+    return version("__GNUC__") >= 8
 
 
 def vector_width_flags(compiler: HostCompiler, width: int) -> tuple[str, ...]:

@@ -169,8 +169,11 @@ def test_host_build_vectorizes_as_wide_as_the_tiles(tmp_path, monkeypatch):
                                      "#define __ARM_NEON 1\n")]:
         monkeypatch.setenv("CC", fake_cc(tmp_path, name, macros))
         assert not any(f.startswith("-mprefer") for f in T.get_target("host").build_flags), name
-    monkeypatch.setenv("CC", fake_cc(tmp_path, "clang-avx512", CLANG + "#define __x86_64__ 1\n"
-                                     + AVX512))
+    clang_x86 = CLANG + "#define __GNUC__ 4\n#define __x86_64__ 1\n" + AVX512
+    monkeypatch.setenv("CC", fake_cc(tmp_path, "clang6", clang_x86 + "#define __clang_major__ 6\n"))
+    assert not any(f.startswith("-mprefer") for f in T.get_target("host").build_flags)
+    monkeypatch.setenv("CC", fake_cc(tmp_path, "clang-avx512",
+                                     clang_x86 + "#define __clang_major__ 18\n"))
     assert T.get_target("host").build_flags[-1] == "-mprefer-vector-width=512"
 
 
