@@ -211,9 +211,9 @@ class CompiledModel:
         self._lock = threading.Lock()
         self._threads = self._check_threads(threads)
         self._calls = {kind: self._c_function(e.c_name) for kind, e in cmodule.entries.items()}
-        # kind -> {input shapes (one input's: its shape): (n, output shapes, work pointer)}:
-        # what a call of those shapes needs, so that it checks them with one dict lookup
-        # (_runner); forgotten when the work arena moves
+        # kind -> {input shapes (one input's: its shape): (n, output shapes, work pointer,
+        # C call)}: what a call of those shapes needs, so that it checks them with one dict
+        # lookup (_runner); forgotten when the work arena moves
         self._sizes: dict[str, dict] = {kind: {} for kind in cmodule.entries}
         # kind -> its call (_runner), or what raises the reason the model has none; they
         # see the model through a weak proxy, so that the model is not a reference cycle
@@ -357,6 +357,11 @@ class CompiledModel:
         cmodule, dtype, lock = model.cmodule, model.dtype, model._lock
         entry = cmodule.entries[kind]
         call = functools.partial(model._calls[kind], *lead)
+        # Under the default threads, batches below the first parallel region gain nothing
+        # from the timing wrapper (FasterOfOneOrAll): their plans call the C function.
+        timed = hasattr(model._calls[kind], "controller")
+        direct = functools.partial(getattr(model._lib, entry.c_name), *lead) if timed else call
+        team_from = cmodule.parallel_from.get(kind, 0) if timed else 0
         buffer, ctype, empty, ndarray = model._ffi.from_buffer, model._ctype, np.empty, np.ndarray
         acquire, release, sizes = lock.acquire, lock.release, model._sizes[kind]
         # the dtype an array must have to go to C as it is: None for int32 inputs, whose
@@ -371,8 +376,9 @@ class CompiledModel:
                 return call(model._work_for(n), n, *ptrs), outs
 
         def sized(shapes: tuple, key):
-            """(n, output shapes, work pointer) for inputs of `shapes` that go to C as they
-            are, remembered as `key`; None when the slow path must convert or refuse them."""
+            """(n, output shapes, work pointer, call) for inputs of `shapes` that go to C as
+            they are, remembered as `key`; None when the slow path must convert or refuse
+            them."""
             n = None
             for shape, want in zip(shapes, per_example):
                 if len(shape) != len(want) + 1 or shape[1:] != want or shape[0] < 1 \
@@ -387,8 +393,8 @@ class CompiledModel:
             # A call holding a plan whose arena has moved since (_work_for forgets them)
             # still passes a live arena large enough: the pointer keeps it alive.
             with lock:
-                plan = sizes[key] = \
-                    (n, tuple((n, *shape) for _, shape in outputs), model._work_for(n))
+                plan = sizes[key] = (n, tuple((n, *shape) for _, shape in outputs),
+                                     model._work_for(n), direct if n < team_from else call)
             return plan
 
         def run_one(given):   # one input, one output: a forward or predict
@@ -397,7 +403,7 @@ class CompiledModel:
                 if type(a) is ndarray and a.dtype is want and a.flags.aligned:
                     plan = sizes.get(a.shape) or sized((a.shape,), a.shape)
                     if plan is not None:
-                        n, (shape,), work = plan
+                        n, (shape,), work, run_c = plan
                         try:   # cffi refuses an array that is not C-contiguous
                             pa = buffer(ctype, a)
                         except ValueError:
@@ -406,7 +412,7 @@ class CompiledModel:
                         po = buffer(ctype, out)
                         acquire()
                         try:
-                            result = call(work, n, pa, po)
+                            result = run_c(work, n, pa, po)
                         finally:
                             release()
                         return result, {output: out}
@@ -423,7 +429,7 @@ class CompiledModel:
                     shapes += (a.shape,)
                 plan = sizes.get(shapes) or sized(shapes, shapes)
                 if plan is not None:
-                    n, out_shapes, work = plan
+                    n, out_shapes, work, run_c = plan
                     try:   # cffi refuses an array that is not C-contiguous
                         ptrs = [buffer(ctype, a) for a in arrays]
                     except ValueError:
@@ -434,7 +440,7 @@ class CompiledModel:
                         ptrs.append(buffer(ctype, out))
                     acquire()
                     try:
-                        return call(work, n, *ptrs), outs
+                        return run_c(work, n, *ptrs), outs
                     finally:
                         release()
             return slow(given)

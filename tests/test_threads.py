@@ -126,6 +126,15 @@ def test_the_batch_from_which_an_entry_runs_a_team_is_the_one_its_c_tests():
     # no parallel region: the C function itself, no Python between a bound call and C
     c_function = model._lib.wide_forward
     assert model.bind("forward", batch=3).func is c_function
+    # Calls from Python on small inputs (no staging): a plan for a batch below the first
+    # parallel region calls C without the timing wrapper.
+    fan_out = graphc.compile({**WIDE, "name": "fan_out", "inputs": {"x": [64]},
+                              "params": {"W": {"shape": [256, 64], "init": "he_normal"}}})
+    assert fan_out.cmodule.parallel_from == {"forward": 64}
+    assert hasattr(fan_out._calls["forward"], "controller")
+    fan_out.forward(x=np.ones((3, 64), np.float32))
+    ((n, _, _, call),) = fan_out._sizes["forward"].values()
+    assert n == 3 and call.func is fan_out._lib.fan_out_forward
     small = graphc.compile({**WIDE, "name": "narrow", "inputs": {"x": [8]},
                             "params": {"W": {"shape": [8, 8], "init": "he_normal"}}})
     assert small.cmodule.parallel_from == {}
