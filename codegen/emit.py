@@ -317,7 +317,7 @@ class Emitter:
 
         def tiles(kern, strides):
             tiled = tiling(kern, strides, self.target.vector_bytes,
-                           np.dtype(self.dtype).itemsize)
+                           np.dtype(self.dtype).itemsize, self.target.accumulators)
             if tiled is not None and self.use_helpers and len(tiled.inner) < 2 \
                     and operands(kern, tiled, strides) is None:
                 # A module of helpers: the rest in plain loops, quick to compile; but a sum
@@ -387,7 +387,8 @@ class Emitter:
             body, parallel = BlockedWriter(kern, tiled, out, printer, r,
                                            lambda exprs: common_subexpressions(exprs, printer),
                                            self.target.parallel_work, self.helpers,
-                                           strides, self.use_helpers).write()
+                                           strides, self.use_helpers,
+                                           self.target.fused).write()
             lines += body
         elif rows is not None:
             lines += RowsWriter(kern, rows, buffers[kern.out].base[kern.out_index], printer, r,

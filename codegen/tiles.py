@@ -28,6 +28,9 @@ than the tile.
 
 The C is plain C99. The summation order differs from the scalar loop's (lanes are summed
 apart, then together) but is fixed by the text: the same on every run and thread count.
+A target whose vectors fuse (host with FMA) adds each product with `fmaf`, one rounding as
+C99 specifies it, in helpers and inline tiles alike; the accumulator budget is the
+target's (8 where x86 has 16 vector registers, else 16).
 For the host target a big kernel's first loop is an orphaned `omp for` (static schedule,
 whole tiles per thread) and its tails an `omp single`, behind `#ifdef _OPENMP`, and the
 kernel runs them in a parallel region when the batch makes it big enough. Each thread
@@ -271,6 +274,9 @@ def operands(kern: Kernel, t: Tiling, strides: list[dict]):
 # pairwise sum of the lanes at the end costs more than the lanes save (a 10-class sum).
 MIN_SUMMED_VECTORS = 4
 MAX_TILE = 8  # outputs along a tiled loop that has another tiled loop inside
+# Fewer independent sums than this in a tile and fma's latency, not the adds, bounds it
+# (a depthwise convolution's 1 x 16 tile at batch 1 ran 1.3x slower fused on Zen 1).
+FUSED_MIN_ACCUMULATORS = 4
 MAX_UNROLLED = 8  # a helper's reduction loop this short is a constant of its text (taps)
 MAX_PARALLEL_BATCH = 1024  # no OpenMP for a kernel that needs a larger batch to be big
 HELPER_WORK = 8192  # multiply-adds per example of a module's biggest kernel for helpers
@@ -292,21 +298,48 @@ class BlockedWriter:
 
     def __init__(self, kern: Kernel, tiling_: Tiling, out: sp.Indexed, printer, real: str, cse,
                  parallel_work: int = 0, helpers: dict[str, str] | None = None,
-                 strides: list[dict] | None = None, use_helpers: bool = False):
+                 strides: list[dict] | None = None, use_helpers: bool = False,
+                 fused: bool = False):
         self.k, self.t, self.out, self.p, self.real = kern, tiling_, out, printer, real
-        self.cse = cse                # exprs -> (temps [(name, C)], finals [C])
         self.extent = dict(kern.loops)
+        self.operands = operands(kern, tiling_, strides) if strides else None
+        self.use_helpers = use_helpers
+        # Products added by fma (one rounding) wherever a tile accumulates one, inline and
+        # in helpers alike (a row's result must not depend on which of them summed it);
+        # not in a kernel whose tiles at batch 1 keep too few sums apart to hide an fma's
+        # latency (5 cycles on Zen 1, an add's 3).
+        self.fma = ("fmaf" if real == "float" else "fma") \
+            if fused and self.batch1_accumulators() >= FUSED_MIN_ACCUMULATORS else None
+        self.cse = cse                # exprs -> (temps [(name, C)], finals [C])
         self.parallel_work = parallel_work
         self.lines: list[str] = []
         self.common = bool(sp.cse([kern.body, kern.post])[0])
         self.helpers = helpers if helpers is not None else {}
         # Products of two reads can call shared helpers (the C compiler's time grows with
         # the text); see `leaf` for which tiles do.
-        self.operands = operands(kern, tiling_, strides) if strides else None
-        self.use_helpers = use_helpers
         self.out_strides = strides[0] if strides else {}
 
+    def batch1_accumulators(self) -> int:
+        """Accumulator arrays of the tile a batch-1 call runs (`nest`'s sizes, a batch
+        loop's tail row taking its `tail_budget`)."""
+        t = self.t
+        budget = t.budget
+        count = 1 if t.reduce_lanes or self.extent[t.lane] < t.lanes * t.chunks else t.chunks
+        for j, s in enumerate(t.tiles):
+            e = self.extent[s]
+            cap = MAX_TILE if j < len(t.tiles) - 1 else budget
+            size = min(cap, budget, e if isinstance(e, int) else cap)
+            if isinstance(e, int):
+                count, budget = count * size, budget // size
+            elif self.operands is not None and self.use_helpers:
+                budget //= size
+        return count
+
     # ------------------------------------------------------------ helpers
+    def add(self, acc: str, x: str, y: str) -> str:
+        """`acc += x*y` as C: fused by fma where the target says so."""
+        return f"{acc} = {self.fma}({x}, {y}, {acc});" if self.fma else f"{acc} += {x}*{y};"
+
     def put(self, depth: int, text: str) -> None:
         self.lines.append("    " * depth + text)
 
@@ -526,6 +559,8 @@ class BlockedWriter:
                 self.put(d, f"for (size_t {j} = 0; {j} < {tm}; ++{j}) {{")
                 d += 1
                 sub[m] = first[m] + j
+            elif m is not None:   # one row: the last one of an extent 1 past whole tiles
+                sub[m] = first[m]
             (post,) = self.invariants([sub], d)
             self.put(d, f"for (size_t {l} = 0; {l} < {width}; ++{l}) {{")
             d += 1
@@ -554,12 +589,12 @@ class BlockedWriter:
 
     def helper_dot(self, t1: int, t2: int, lanes: int, rem: int, inner: tuple = (),
                    length: int = 0) -> str:
-        """`dot<t1>x<t2>_<lanes>[_<rem>]`: t1·t2 dot products of rows of `a` with rows of
+        """`dot<t1>x<t2>_<lanes>[_<rem>][_fma]`: t1·t2 dot products of rows of `a` with rows of
         `b`, `len` (a multiple of `lanes`) plus `rem` elements long. With loops around
         them (`..._<length>_<inner shape>`, e.g. `_nx3`), the rows are `length` + `rem`
         long (a convolution's row of taps: unrolled, as the inline tile was)."""
         name = f"dot{t1}x{t2}_{lanes}" + (f"_{rem}" if rem else "") + \
-            (f"_{length}_{_shape_name(inner)}" if inner else "")
+            (f"_{length}_{_shape_name(inner)}" if inner else "") + ("_fma" if self.fma else "")
         if name in self.helpers:
             return name
         if inner:
@@ -567,8 +602,9 @@ class BlockedWriter:
         r, cs = self.real, [f"c{j}" for j in range(t1 * t2)]
 
         def terms(op: str, at: str) -> list[str]:
-            return [f"{cs[j * t2 + k]}[l] {op} a[{_times(j, 'sa')}{at}l]*b[{_times(k, 'sb')}{at}l];"
-                    for j in range(t1) for k in range(t2)]
+            pairs = [(f"{cs[j * t2 + k]}[l]", f"a[{_times(j, 'sa')}{at}l]",
+                      f"b[{_times(k, 'sb')}{at}l]") for j in range(t1) for k in range(t2)]
+            return [f"{c} = {x}*{y};" if op == "=" else self.add(c, x, y) for c, x, y in pairs]
         tail = f" + {rem}" if rem else ""
         lines = [comment(f"s[j*{t2} + k] = Σ_{{r < len{tail}}} a[j*sa + r]·b[k*sb + r] for "
                           f"j < {t1}, k < {t2}; {lanes} partial sums each (len a multiple of "
@@ -591,13 +627,13 @@ class BlockedWriter:
 
     def helper_tile(self, tm: int, width: int, add: bool, inner: tuple = (None,),
                     rows: bool = False) -> str:
-        """`tile<tm>x<width>[_<inner shape>][_rows][_add]`: a tm × width block of outputs,
+        """`tile<tm>x<width>[_<inner shape>][_rows][_add][_fma]`: a tm × width block of outputs,
         each row a sum of broadcast `a` times a row of `b` (the GEMM micro-kernel's shape),
         over one reduction loop or several nested ones (`_nx3x3`: a convolution's); with
         `rows`, `a` is shared by the tile's rows and `b`'s rows move along it (`am` is then
         b's stride between rows)."""
         name = f"tile{tm}x{width}" + (f"_{_shape_name(inner)}" if len(inner) > 1 else "") + \
-            ("_rows" if rows else "") + ("_add" if add else "")
+            ("_rows" if rows else "") + ("_add" if add else "") + ("_fma" if self.fma else "")
         if name in self.helpers:
             return name
         if len(inner) > 1:
@@ -609,8 +645,9 @@ class BlockedWriter:
         cs = [f"c{j}" for j in range(len(acc))]
 
         def terms(op: str, at_a: str, at_b: str) -> list[str]:
-            return [f"{c}[l] {op} a[{_index(_times(m, 'am')[:-3], at_a)}]*"
-                    f"b[{at_b}{_times(q, str(lanes))}l];" for c, (m, q) in zip(cs, acc)]
+            pairs = [(f"{c}[l]", f"a[{_index(_times(m, 'am')[:-3], at_a)}]",
+                      f"b[{at_b}{_times(q, str(lanes))}l]") for c, (m, q) in zip(cs, acc)]
+            return [f"{c} = {x}*{y};" if op == "=" else self.add(c, x, y) for c, x, y in pairs]
         store = "+=" if add else "="
         lines = [comment(f"out[m*om + l] {store} Σ_{{r<len}} a[m*am + r*ar]·b[r*br + l] for "
                           f"m < {tm}, l < {width} (len >= 1)"),
@@ -656,8 +693,9 @@ class BlockedWriter:
 
         def terms(at: str, lane: str = "l") -> list[str]:
             """c[lane] += a[... + at]*b[... + at] for every accumulator."""
-            return [f"{cs[j * t2 + k]}[{lane}] += a[{_times(j, 'sa')}oa + {at}]*"
-                    f"b[{_times(k, 'sb')}ob + {at}];" for j in range(t1) for k in range(t2)]
+            return [self.add(f"{cs[j * t2 + k]}[{lane}]", f"a[{_times(j, 'sa')}oa + {at}]",
+                             f"b[{_times(k, 'sb')}ob + {at}]")
+                    for j in range(t1) for k in range(t2)]
         loops = ", ".join(f"r{j} < {e or f'n{j}'}" for j, e in enumerate(inner))
         # No loop of one trip: one chunk of lanes (a 4-wide row in 4 lanes), one last tap.
         lane_loop = f"for (size_t l = 0; l < {lanes}; ++l) {{"
@@ -699,9 +737,10 @@ class BlockedWriter:
         loops = ", ".join(f"r{j} < {e or f'n{j}'}" for j, e in enumerate(inner))
         at_a, at_b = ("", "am") if rows else ("am", "")
         body = [f"for (size_t l = 0; l < {lanes}; ++l) {{",
-                *(f"    {c}[l] += a[{_times(m, at_a) if at_a else ''}oa]*"
-                  f"b[{_times(m, at_b) if at_b else ''}ob + {_times(q, str(lanes))}l];"
-                  for c, (m, q) in zip(cs, acc)), "}"]
+                *("    " + self.add(f"{c}[l]", f"a[{_times(m, at_a) if at_a else ''}oa]",
+                                   f"b[{_times(m, at_b) if at_b else ''}ob + "
+                                   f"{_times(q, str(lanes))}l]") for c, (m, q) in zip(cs, acc)),
+                "}"]
         sums = "a[oa]·b[m*am + ob + l]" if rows else "a[m*am + oa]·b[ob + l]"
         lines = [comment(f"out[m*om + l] {store} Σ_{{{loops}}} {sums} for "
                          f"m < {tm}, l < {width}, oa = Σ r_i·sa_i and ob = Σ r_i·sb_i"),
@@ -739,8 +778,15 @@ class BlockedWriter:
         def lane_loop(count: int, sub: dict, lane_at, d: int, op: str = "+=") -> None:
             exprs = [k.body.xreplace({**p, **sub, t.lane: lane_at(c)}) for p, c in accs]
             self.put(d, f"for (size_t {l} = 0; {l} < {count}; ++{l}) {{")
-            for name, value in zip(names, self.statements(exprs, d + 1)):
-                self.put(d + 1, f"{name}[{l}] {op} {value};")
+            if self.fma and op == "+=" and all(isinstance(e, sp.Mul) for e in exprs):
+                # x·y with y the last factor: fma(x, y, c), as the helpers print it
+                factors = [f for e in exprs for f in (sp.Mul(*e.args[:-1]), e.args[-1])]
+                values = self.statements(factors, d + 1)
+                for j, name in enumerate(names):
+                    self.put(d + 1, self.add(f"{name}[{l}]", values[2 * j], values[2 * j + 1]))
+            else:
+                for name, value in zip(names, self.statements(exprs, d + 1)):
+                    self.put(d + 1, f"{name}[{l}] {op} {value};")
             self.put(d, "}")
 
         # The first term of the sum initializes the accumulators (no zeroing, one add

@@ -66,6 +66,18 @@ def contractions() -> graphc.Graph:
                    optimizer={"name": "sgd", "lr": 0.01})
 
 
+def conv_rows(name: str, channels: int) -> graphc.Graph:
+    """A 3 x 3 convolution with a bias and relu epilogue, big enough for helpers: its
+    output channels one past whole tiles leave a single row, stored outside a loop."""
+    b = graphc.Builder(name)
+    x, y = b.input("x", [4, 16, 16]), b.input("y", [channels, 16, 16])
+    c = b.conv2d(x, b.param("K", [channels, 4, 3, 3], init="he_normal"),
+                 b.param("k", [channels], init="normal", std=0.1), padding=1, name="c")
+    a = b.relu(c, name="a")
+    return b.build(outputs=[a], loss=b.sum(b.mul(a, y, name="ay"), name="loss"),
+                   optimizer={"name": "sgd", "lr": 0.01})
+
+
 MODELS = {
     "primes": (lambda: mlp("primes", [37, 19, 5]), (1, 3, 9, 17)),
     "ones": (lambda: mlp("ones", [1, 1, 3]), (1, 2)),
@@ -77,6 +89,9 @@ MODELS = {
     # batch 125 on.
     "batch": (lambda: mlp("batch", [48, 176, 3]), (139,)),
     "contract": (contractions, (1, 4, 9)),
+    # 9 and 5 channels: tiles of 8 (16 accumulators) or 4 (8) rows, then one row.
+    "conv9": (lambda: conv_rows("conv9", 9), (1, 3)),
+    "conv5": (lambda: conv_rows("conv5", 5), (2,)),
 }
 
 
@@ -250,6 +265,22 @@ def test_sanitizers_on_every_tail(target, tmp_path, assert_close):
     for name in names:
         run_and_check(models[name], tmp_path / name, builds[name], assert_close,
                       (0,) + MODELS[name][1], env={"OMP_NUM_THREADS": "2"})
+
+
+@pytest.mark.parametrize("name", ["primes", "lanes", "conv9"])
+def test_an_example_gets_the_same_bits_alone_and_in_a_batch(name):
+    """Whole tiles (helpers) and tails (inline) sum each output in one order, and add
+    its products alike (fused on an FMA host): an example's outputs and loss do not depend
+    on the batch around it or on where in it it sits."""
+    model = compile_strict(MODELS[name][0](), "float32", target="host")
+    products = re.findall(r"c\d+\[l\] (?:= fmaf\(|\+= )", model.cmodule.source)
+    assert products   # the tiles accumulate (fused or not, by this machine's target)
+    data = sample_inputs(model.graph, 11, seed=3)
+    together = model.forward(**data)
+    for i in (0, 7, 8, 10):   # in the first tile, its last row, the next, the tail
+        alone = model.forward(**{k: v[i:i + 1] for k, v in data.items()})
+        for o in model.graph.outputs:
+            np.testing.assert_array_equal(alone[o][0], together[o][i], f"{name}: {o}[{i}]")
 
 
 @needs_cc

@@ -88,7 +88,7 @@ CLANG = "#define __clang__ 1\n"
 def test_probe_takes_march_native_and_openmp_when_accepted(tmp_path):
     cc = fake_cc(tmp_path, "avx2-cc", AVX2)
     probe = T.probe_host_compiler((cc,))
-    assert probe == T.HostCompiler(("-march=native",), True, 32, "AVX2")
+    assert probe == T.HostCompiler(("-march=native",), True, 32, "AVX2", fma=True)
     assert probe.build_flags == ("-march=native", "-fopenmp")
 
 
@@ -145,6 +145,25 @@ def test_host_target_follows_the_compiler(tmp_path, monkeypatch):
 
 
 GCC_X86 = "#define __GNUC__ 12\n#define __x86_64__ 1\n"
+
+
+@needs_sh
+@pytest.mark.parametrize("name, macros, fused, accumulators", [
+    ("avx2-fma", GCC_X86 + AVX2, True, 8),              # 16 ymm registers
+    ("sse2", GCC_X86 + "#define __SSE2__ 1\n", False, 8),
+    ("avx512", GCC_X86 + AVX512 + "#define __FMA__ 1\n", True, 16),   # 32 zmm
+    ("arm64", "#define __GNUC__ 12\n#define __aarch64__ 1\n#define __ARM_NEON 1\n"
+              "#define __ARM_FEATURE_FMA 1\n", True, 16)])
+def test_host_tiles_fit_the_registers_and_fuse_where_the_vectors_do(
+        tmp_path, monkeypatch, name, macros, fused, accumulators):
+    """Tiles of 8 accumulators where x86 has 16 vector registers, 16 where it has 32;
+    products added by fmaf only where the native flags enable vector FMA (elsewhere
+    fmaf would be a library call per product), and the header says so."""
+    monkeypatch.delenv(T.VECTOR_BYTES_ENV, raising=False)
+    monkeypatch.setenv("CC", fake_cc(tmp_path, name, macros))
+    host = T.get_target("host")
+    assert (host.fused, host.accumulators) == (fused, accumulators)
+    assert ("add each product with fmaf" in host.note) == fused
 
 
 @needs_sh
