@@ -80,7 +80,8 @@ def run_workload(key: str, peers: list[str], opts: Options, workdir: Path,
                  competitor: bool = True) -> dict:
     w = WORKLOADS[key]
     prob = problem(w)
-    out = {"title": w.title, "flops": w.flops(), "load_before": os.getloadavg(), "rows": []}
+    out = {"title": w.title, "flops": w.flops(), "load_before": os.getloadavg(),
+           "speed_before": machine.core_speed(), "rows": []}
     mine = load("graphc").runners(prob, workdir)
     prob.expected = mine[0].results()    # graphc from Python, fresh: the reference
     timed, reference = [], {}
@@ -118,6 +119,7 @@ def run_workload(key: str, peers: list[str], opts: Options, workdir: Path,
             _compare(key, row, reference)
     out["rows"] = [row for row, _ in timed] + out["rows"]
     out["load_after"] = os.getloadavg()
+    out["speed_after"] = machine.core_speed()
     return out
 
 
@@ -265,11 +267,19 @@ def _targets_table(workloads: dict) -> list[str]:
             "| workload | row | target | quiet | busy |", "|---|---|---|---|---|", *lines, ""]
 
 
+def _speed_note(wl: dict) -> str:
+    """The core speed probes around a workload (machine.core_speed), if it has them."""
+    if "speed_before" not in wl:
+        return ""
+    return (f" Core speed probe (one thread's 128² float32 product): "
+            f"{wl['speed_before']:.1f} GFLOP/s before, {wl['speed_after']:.1f} after.")
+
+
 def _workload_table(key: str, wl: dict, gemm: dict | None) -> list[str]:
     lines = [f"## {key}: {wl['title']}", "",
              f"Load average {wl['load_before'][0]:.2f} before, {wl['load_after'][0]:.2f} "
              f"after. {wl['flops'] / 1e6:.3g} MFLOP of matrix products and convolutions per "
-             "call.", "",
+             f"call.{_speed_note(wl)}", "",
              "| peer | median | min | busy | busy / quiet | check | graphc × | graphc × busy "
              "| target | others' load (quiet, busy) |" + (" GFLOP/s | of GEMM peak |" if gemm else ""),
              "|---|---|---|---|---|---|---|---|---|---|" + ("---|---|" if gemm else "")]

@@ -399,7 +399,9 @@ def markdown(result: dict) -> str:
 
 def run(opts: Options, batches=BATCHES, competitor_pass: bool = True, training: bool = True) -> dict:
     import torch
-    result = {"command": " ".join(["python -m benchmarks.cnn", *sys.argv[1:]]),
+    # Run alone or as `python -m benchmarks --workloads C`: the command that made the file.
+    command = "python -m benchmarks" + (".cnn" if Path(sys.argv[0]).stem == "cnn" else "")
+    result = {"command": " ".join([command, *sys.argv[1:]]),
               "date": datetime.datetime.now().isoformat(timespec="seconds"),
               "machine": machine.info(), "torch": torch.__version__,
               "options": dataclasses.asdict(opts), "steps": []}
