@@ -103,6 +103,21 @@ def test_overhead_benchmark_checks_the_harness_and_times_every_row_by_both_clock
     assert "| model.forward(x=x) |" in (tmp_path / "overhead.md").read_text()
 
 
+def test_one_core_times_the_cases_asked_for(capsys):
+    """benchmarks/one_core.py: one line per case named, a positive time per call."""
+    from benchmarks import one_core
+    one_core.main(["--cases", "w2"])
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 1 and lines[0].split()[:4] == ["w2", "forward", "batch", "1"]
+    assert float(lines[0].split()[4]) > 0
+
+
+def test_machine_core_speed_is_a_rate():
+    """benchmarks/machine.py: a 128² float32 product's GFLOP/s, within what a core does."""
+    from benchmarks import machine
+    assert 0.1 < machine.core_speed() < 1000
+
+
 def test_a_peer_that_fails_its_check_is_not_timed():
     prob = problem(WORKLOADS["W1"])
     prob.expected = {"losses": [2.0, 1.5]}

@@ -270,8 +270,8 @@ def test_sanitizers_on_every_tail(target, tmp_path, assert_close):
 @pytest.mark.parametrize("name", ["primes", "lanes", "conv9"])
 def test_an_example_gets_the_same_bits_alone_and_in_a_batch(name):
     """Whole tiles (helpers) and tails (inline) sum each output in one order, and add
-    its products alike (fused on an FMA host): an example's outputs and loss do not depend
-    on the batch around it or on where in it it sits."""
+    its products alike (fused on an FMA host): an example's outputs do not depend on the
+    batch around it or on where in it it sits."""
     model = compile_strict(MODELS[name][0](), "float32", target="host")
     products = re.findall(r"c\d+\[l\] (?:= fmaf\(|\+= )", model.cmodule.source)
     assert products   # the tiles accumulate (fused or not, by this machine's target)
