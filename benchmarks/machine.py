@@ -145,9 +145,9 @@ def core_speed() -> float:
     """One core's speed now, in GFLOP/s: a 128 x 128 float32 matrix product on one BLAS
     thread, best of 30 (about 10 ms). On a shared virtual machine a neighbour on the same
     physical core, or the host's clock, can halve a core's speed with no busy process in
-    this machine's /proc/stat to show for it (seen here: a fixed FMA loop at 7.5 GMAC/s
-    for an hour after 18 before); rows timed in such a period are that much slower, so
-    each workload is probed before and after it."""
+    this machine's /proc/stat to show for it (seen here: a fixed FMA loop at 18 GMAC/s,
+    an hour later at 7.5 to 8.7 for five minutes, then at 15.7); rows timed in such a
+    period are that much slower, so each workload is probed before and after it."""
     a = np.random.default_rng(0).standard_normal((128, 128)).astype(np.float32)
     c = np.empty_like(a)
     best = float("inf")
