@@ -141,22 +141,22 @@ def gemm_peak(opts: Options) -> dict:
             "peak_from": f"{best['library']}, {best['shape']}, {best['threads']} threads"}
 
 
+# The core speed probe: 30 repeats of at least 0.3 ms, no warm-up (about 20 ms).
+PROBE = Options(repeats=30, min_repeat=0.0003, warmup=0.0, retries=0)
+
+
 def core_speed() -> float:
     """One core's speed now, in GFLOP/s: a 128 x 128 float32 matrix product on one BLAS
-    thread, best of 30 (about 10 ms). On a shared virtual machine a neighbour on the same
+    thread, the fastest of 30 repeats (about 20 ms). On a shared virtual machine a neighbour on the same
     physical core, or the host's clock, can halve a core's speed with no busy process in
     this machine's /proc/stat to show for it (seen here: a fixed FMA loop at 18 GMAC/s,
     an hour later at 7.5 to 8.7 for five minutes, then at 15.7); rows timed in such a
     period are that much slower, so each workload is probed before and after it."""
     a = np.random.default_rng(0).standard_normal((128, 128)).astype(np.float32)
     c = np.empty_like(a)
-    best = float("inf")
     with _limit(1):
-        for _ in range(30):
-            start = time.perf_counter()
-            np.matmul(a, a, out=c)
-            best = min(best, time.perf_counter() - start)
-    return 2 * 128 ** 3 / best / 1e9
+        timing = time_python(lambda: np.matmul(a, a, out=c), PROBE)
+    return 2 * 128 ** 3 / timing.min / 1e9
 
 
 class ForeignLoad:

@@ -2,9 +2,10 @@
 
     python -m benchmarks.one_core [--cases resnet8,ds_cnn,...]
 
-Each case is `graphc.compile(spec, threads=1).bind(kind, batch)`, called 3 times to warm
-up, then timed by this thread's CPU time (`time.thread_time`) over 5 calls, 30 times; the
-best per call is printed. Thread CPU time leaves out other processes, but not a shared
+Each case is `graphc.compile(spec, threads=1).bind(kind, batch)`, timed as every Python
+row of the benchmarks is (benchmarks/timing.py: warm-up, K calls per repeat, here 30
+repeats) by this thread's CPU time (`time.thread_time`); the fastest repeat per call is
+printed, then the median. Thread CPU time leaves out other processes, but not a shared
 virtual machine's slower periods (benchmarks/machine.py: core_speed), so a comparison of
 two checkouts runs this in alternation, a fresh process each, and keeps each side's best
 of several rounds:
@@ -21,7 +22,10 @@ from pathlib import Path
 
 import graphc
 
+from .timing import Options, time_python
 from .workloads import spec
+
+OPTIONS = Options(repeats=30)
 
 ROOT = Path(__file__).resolve().parent.parent
 # (name, spec, entry, batch)
@@ -37,18 +41,6 @@ CASES = [("lenet5", ROOT / "benchmarks/lenet5.yaml", "train_step", 64),
          ("w2", spec((64, 32, 10)), "forward", 1)]
 
 
-def best_seconds(call, repeats: int = 30, calls: int = 5) -> float:
-    for _ in range(3):
-        call()
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.thread_time()
-        for _ in range(calls):
-            call()
-        best = min(best, (time.thread_time() - start) / calls)
-    return best
-
-
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.one_core",
                                  description=__doc__.splitlines()[0])
@@ -62,10 +54,9 @@ def main(argv: list[str] | None = None) -> None:
             continue
         model = graphc.compile(str(source) if isinstance(source, Path) else source,
                                threads=1)
-        # the small nets' calls take microseconds: more of them per timing
-        calls = 5 if batch > 1 or name in ("resnet8", "mobilenet", "ds_cnn", "lenet5") else 2000
-        seconds = best_seconds(model.bind(entry, batch), calls=calls)
-        print(f"{name:10s} {entry:10s} batch {batch:<4d} {seconds * 1e3:10.4f} ms", flush=True)
+        timing = time_python(model.bind(entry, batch), OPTIONS, clock=time.thread_time)
+        print(f"{name:10s} {entry:10s} batch {batch:<4d} {timing.min * 1e3:10.4f} ms "
+              f"(median {timing.median * 1e3:.4f})", flush=True)
 
 
 if __name__ == "__main__":

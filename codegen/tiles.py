@@ -319,20 +319,31 @@ class BlockedWriter:
         # the text); see `leaf` for which tiles do.
         self.out_strides = strides[0] if strides else {}
 
+    def tile_size(self, s, budget: int, inner_tiles: bool) -> int:
+        """Outputs along tiled loop `s` per tile: at most MAX_TILE when another tiled loop
+        is inside it (the rest of the budget is that one's), else all the budget."""
+        e = self.extent[s]
+        cap = MAX_TILE if inner_tiles else budget
+        return min(cap, budget, e if isinstance(e, int) else cap)
+
+    def tail_budget(self, budget: int, size: int) -> int:
+        """The budget of the levels inside a tail row of a loop tiled by `size`: all of it
+        inline (at batch 1 a dense layer computes 16 outputs at a time); with helpers, the
+        main tile's inner size, so that one helper serves the tails of every kernel."""
+        return budget // size if self.operands is not None and self.use_helpers else budget
+
     def batch1_accumulators(self) -> int:
-        """Accumulator arrays of the tile a batch-1 call runs (`nest`'s sizes, a batch
-        loop's tail row taking its `tail_budget`)."""
+        """Accumulator arrays of the tile a batch-1 call runs: `nest`'s sizes, a batch
+        loop taking its tail row."""
         t = self.t
         budget = t.budget
         count = 1 if t.reduce_lanes or self.extent[t.lane] < t.lanes * t.chunks else t.chunks
         for j, s in enumerate(t.tiles):
-            e = self.extent[s]
-            cap = MAX_TILE if j < len(t.tiles) - 1 else budget
-            size = min(cap, budget, e if isinstance(e, int) else cap)
-            if isinstance(e, int):
+            size = self.tile_size(s, budget, j < len(t.tiles) - 1)
+            if isinstance(self.extent[s], int):
                 count, budget = count * size, budget // size
-            elif self.operands is not None and self.use_helpers:
-                budget //= size
+            else:
+                budget = self.tail_budget(budget, size)
         return count
 
     # ------------------------------------------------------------ helpers
@@ -449,8 +460,7 @@ class BlockedWriter:
             return
         # An outer tiled loop takes at most MAX_TILE and leaves the rest of the budget to
         # the inner one; the innermost takes all that is left.
-        cap = MAX_TILE if any(lv != self.t.lane for lv in rest) else budget
-        size = min(cap, budget, e if isinstance(e, int) else cap)
+        size = self.tile_size(s, budget, any(lv != self.t.lane for lv in rest))
         start = "0"
         if size > 1:
             if isinstance(e, int):
@@ -467,11 +477,7 @@ class BlockedWriter:
                                               budget // size))
             if isinstance(e, int) and e % size == 0:
                 return
-        # A tail row: inline, the inner level takes the whole budget (at batch 1 a dense
-        # layer computes 16 outputs at a time); with helpers, the main tile's inner size,
-        # so that one helper serves the tails of every kernel.
-        tail_budget = budget // size if self.operands is not None and self.use_helpers \
-            else budget
+        tail_budget = self.tail_budget(budget, size)
         if isinstance(e, int) and e - int(start) == 1 and not self.shares_out(depth):
             self.put(depth, "{")   # one row left (3 taps in tiles of 2): no loop
             self.nest(rest, {**at, s: (sp.Integer(int(start)), 1)}, depth + 1, tail_budget)
