@@ -49,6 +49,10 @@ def main(argv: list[str] | None = None) -> None:
                          f"{', '.join(dict.fromkeys(c[0] for c in CASES))})")
     args = ap.parse_args(argv)
     wanted = {c.strip() for c in args.cases.split(",") if c.strip()}
+    unknown = wanted - {c[0] for c in CASES}
+    if unknown:
+        ap.error(f"unknown case {', '.join(sorted(unknown))} "
+                 f"(cases: {', '.join(dict.fromkeys(c[0] for c in CASES))})")
     for name, source, entry, batch in CASES:
         if wanted and name not in wanted:
             continue

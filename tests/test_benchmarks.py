@@ -110,6 +110,9 @@ def test_one_core_times_the_cases_asked_for(capsys):
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 1 and lines[0].split()[:4] == ["w2", "forward", "batch", "1"]
     assert float(lines[0].split()[4]) > 0
+    with pytest.raises(SystemExit):
+        one_core.main(["--cases", "w2,resnet9"])
+    assert "unknown case resnet9 (cases: lenet5, resnet8," in capsys.readouterr().err
 
 
 def test_machine_core_speed_is_a_rate():
