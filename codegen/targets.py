@@ -125,7 +125,10 @@ def _host_note(build_flags: tuple[str, ...], tiled_for: str) -> str:
             "Beside busy processes one thread can beat all: a parallel region waits for its "
             "slowest thread, and the scheduler parks one of them (graphc's Python calls time "
             "both and run on the faster; every count computes the same bits). "
-            f"Contractions are tiled for {tiled_for}.")
+            f"Contractions are tiled for {tiled_for}. With GCC add "
+            "-fno-tree-loop-distribute-patterns, as graphc's build does: without it GCC may "
+            "turn the loops that zero and store a tile's sums into memset and memcpy calls, "
+            "which keeps the sums in memory instead of registers.")
 
 
 # Tiles (codegen/tiles.py): c99 assumes 16-byte SIMD (SSE2, NEON), what a plain -O3 build

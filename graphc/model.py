@@ -117,19 +117,19 @@ class _ParamStore:
         self.flat = aligned_zeros(size, self.dtype)
 
     def view(self, flat: np.ndarray, name: str) -> np.ndarray:
-        shape = self.graph.params[name].shape
+        shape = self.graph.values[name].shape   # `params` builds a dict per call
         off = self.offsets[name]
         return flat[off:off + int(np.prod(shape, dtype=np.int64))].reshape(shape)
 
     def set(self, params: Mapping[str, np.ndarray]) -> None:
-        staged = {}
+        staged, known = {}, self.graph.params
         for name, value in params.items():
-            if name not in self.graph.params:
-                raise InputError(f"unknown param '{name}' (params: {', '.join(self.graph.params)})")
+            if name not in known:
+                raise InputError(f"unknown param '{name}' (params: {', '.join(known)})")
             arr = np.asarray(value)
             if arr.dtype.kind not in "fiub":
                 raise InputError(f"param '{name}' must hold real numbers, got dtype {arr.dtype}")
-            want = self.graph.params[name].shape
+            want = known[name].shape
             if arr.shape != want:
                 raise InputError(f"param '{name}' must have shape {want}, got {arr.shape}")
             staged[name] = arr

@@ -22,7 +22,8 @@ import graphc
 from codegen.emit import _strides
 from codegen.harness import harness
 from codegen.plan import fuse
-from codegen.targets import CHECK_FLAGS, TARGETS
+from codegen import build as B
+from codegen.targets import CHECK_FLAGS, TARGETS, get_target
 from codegen.tiles import tiling
 from graphc.derive import derive
 from graphc.init import initial_params
@@ -216,6 +217,25 @@ def test_host_c_without_openmp_compiles_strictly(tmp_path):
     r = subprocess.run([CC, *CHECK_FLAGS, "-O2", "-c", *map(str, sources)], cwd=tmp_path,
                        capture_output=True, text=True)
     assert r.returncode == 0 and not r.stderr, r.stderr
+
+
+@pytest.mark.skipif(not B._is_gcc(B.c_compiler()) or shutil.which("nm") is None,
+                    reason="GCC's loop distribution, read with nm")
+def test_graphc_s_gcc_build_turns_no_loop_into_a_library_call(tmp_path):
+    """GCC rewrites a tile's zeroing and storing loops as memset and memcpy calls once it
+    knows the caller's strides; its sums then live in memory, loaded and stored at every
+    product (ResNet-8's forward at batch 64: 86 ms of one Zen 1 core, 64 ms without)."""
+    host = get_target("host")
+    for name in ("lanes", "conv9"):
+        _, cm = graphc.generate(MODELS[name][0](), "float32", target="host")
+        source = _write(cm, tmp_path / name)
+        r = subprocess.run([*B.c_compiler(), *B.compile_flags(), *host.build_flags, "-c",
+                            source.name, "-o", "model.o"], cwd=source.parent,
+                           capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+        undefined = subprocess.run(["nm", "-u", "model.o"], cwd=source.parent, check=True,
+                                   capture_output=True, text=True).stdout.split()
+        assert not {"memset", "memcpy", "memmove"} & set(undefined), (name, undefined)
 
 
 @pytest.mark.skipif(shutil.which("cppcheck") is None, reason="cppcheck not installed")

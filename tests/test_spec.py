@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import json
+import pathlib
 import time
 
 import pytest
@@ -23,7 +24,10 @@ from graphc.functions import relu, sigmoid, softplus
 from graphc.graph import Graph
 from graphc.names import C_KEYWORDS, MAX_NAME_LENGTH
 from graphc.ops import OPS
+from graphc import spec as spec_module
 from graphc.spec import load, parse_spec_text
+
+EXAMPLES = pathlib.Path(__file__).resolve().parent.parent / "examples"
 
 # The spec of DESIGN.md ("Spec format"), verbatim.
 MLP_YAML = """\
@@ -655,7 +659,7 @@ def test_json_that_is_not_a_mapping(tmp_path):
     ("name: m\n\tinputs: {}\n", 2),
     ("a: 1\n---\nb: 2\n", 2),
 ])
-def test_invalid_yaml_syntax_names_the_line(tmp_path, text, line):
+def test_invalid_yaml_syntax_names_the_line(tmp_path, text, line, yaml_parser):
     load_error(write(tmp_path, "m.yaml", text), node=None, field=None,
                contains=["invalid YAML", f"line {line}"])
 
@@ -694,7 +698,7 @@ def test_spec_file_too_large(tmp_path):
                contains="larger than")
 
 
-def test_yaml_alias_bomb_is_rejected_quickly(tmp_path):
+def test_yaml_alias_bomb_is_rejected_quickly(tmp_path, yaml_parser):
     lines = ["a0: &a0 [1, 1, 1, 1, 1, 1, 1, 1, 1, 1]"]
     for k in range(1, 10):
         lines.append(f"a{k}: &a{k} [" + ", ".join([f"*a{k - 1}"] * 10) + "]")
@@ -721,7 +725,31 @@ def test_spec_path_is_a_directory(tmp_path):
     load_error(tmp_path, node=None, field=None, contains="cannot read spec")
 
 
-def test_yaml_key_that_is_not_a_name(tmp_path):
+class _PurePythonLoader(spec_module._UniqueKeys, yaml.SafeLoader):
+    """The loader graphc uses where PyYAML was built without libyaml."""
+
+
+@pytest.fixture(params=["libyaml", "pure Python"])
+def yaml_parser(request, monkeypatch):
+    if request.param == "pure Python":
+        monkeypatch.setattr(spec_module, "_UniqueKeyLoader", _PurePythonLoader)
+    return request.param
+
+
+def test_the_spec_loader_uses_libyaml():
+    # the pure-Python parser takes 10x as long: most of a warm compile of ResNet-8
+    assert issubclass(spec_module._UniqueKeyLoader, yaml.CSafeLoader)
+
+
+def test_both_yaml_parsers_read_every_example_alike(monkeypatch):
+    texts = [p.read_text() for p in sorted(EXAMPLES.glob("**/*.yaml"))]
+    assert len(texts) >= 10
+    read = [parse_spec_text(t) for t in texts]
+    monkeypatch.setattr(spec_module, "_UniqueKeyLoader", _PurePythonLoader)
+    assert [parse_spec_text(t) for t in texts] == read
+
+
+def test_yaml_key_that_is_not_a_name(tmp_path, yaml_parser):
     load_error(write(tmp_path, "m.yaml", MLP_YAML.replace("  h1: {", "  [h, 1]: 2\n  h1: {")),
                node="[h, 1]", field="nodes", contains=["plain name", "list", "line 11"])
     load_error(write(tmp_path, "n.yaml", "? {a: 1}\n: 3\n"), node=None, field="{a: 1}",
@@ -755,7 +783,7 @@ def test_yaml_boolean_key_gets_a_hint(tmp_path):
      "b2", "init", "init", (9, 9)),
     ("lr: 0.001,", "lr: 0.001, lr: 0.1,", "optimizer", "lr", "lr", (17, 17)),
 ])
-def test_duplicate_yaml_key(tmp_path, old, new, node, field, key, lines):
+def test_duplicate_yaml_key(tmp_path, old, new, node, field, key, lines, yaml_parser):
     assert old in MLP_YAML
     text = MLP_YAML.replace(old, new, 1)
     assert yaml.safe_load(text) is not None  # plain YAML would silently keep the last one
