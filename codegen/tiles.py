@@ -181,8 +181,11 @@ def tiling(kern: Kernel, strides: list[dict[sp.Symbol, int]], vector_bytes: int,
 
     def reuse(s):
         return sum(1 + (r[lane] != 0) for r in reads if r[s] == 0 and any(r[t] for t in red))
+    # Between equals, a loop of fixed extent before the batch: a depthwise convolution's
+    # tile then spans output rows, as many at batch 1 as at batch 64.
     tiled = sorted((s for s in others if reuse(s) and extent[s] != 1 and s in alone),
-                   key=lambda s: (-reuse(s), others.index(s)))[:2 if reduce_lanes else 1]
+                   key=lambda s: (-reuse(s), extent[s] == BATCH, others.index(s))
+                   )[:2 if reduce_lanes else 1]
     tiled.sort(key=others.index)
     inner = tuple(s for s in red if s != lane)
     # Loops outside the tiles, those with outputs of their own first: the first is the one
@@ -416,15 +419,28 @@ class BlockedWriter:
         if not self.t.reduce_lanes:
             # Lane chunks outermost: the panel read along them stays in cache across tiles.
             levels.insert(0, self.t.lane)
+        # The epilogue's parts that read only outer loops' indices, computed at the top of
+        # the innermost loop they read (before the loops if they read none).
+        hoisted = {part: (name, part.free_symbols & set(self.t.outer))
+                   for part, name in self.outer_invariants().items()}
 
-        def outer(loops, depth):
+        def declare(depth, here):
+            for part, (name, reads) in hoisted.items():
+                if here(reads):
+                    self.put(depth, f"const {self.real} {name} = {self.p.doprint(prepare(part))};")
+
+        def outer(loops, depth, bound):
             if not loops:
                 self.nest(levels, {}, depth, self.t.budget)
                 return
             s = loops[0]
-            self.loop(depth, f"size_t {s} = 0; {s} < {self.ext(s)}; ++{s}",
-                      lambda d: outer(loops[1:], d))
-        outer(list(self.t.outer), 1)
+
+            def body(d):
+                declare(d, lambda reads: s in reads and reads <= bound | {s})
+                outer(loops[1:], d, bound | {s})
+            self.loop(depth, f"size_t {s} = 0; {s} < {self.ext(s)}; ++{s}", body)
+        declare(1, lambda reads: not reads)
+        outer(list(self.t.outer), 1, set())
         if self.team_from is None or self.rest is None:
             return self.lines, None
         rest = self.lines[self.rest:]
@@ -877,11 +893,29 @@ class BlockedWriter:
                            post=post)
             self.put(depth, "}")
 
+    def outer_invariants(self) -> dict[sp.Expr, sp.Symbol]:
+        """The epilogue's parts that read no index but those of the `outer` loops, each
+        named (h0, h1 ...) for `write` to compute once where those loops have set them, and
+        `self.post` the epilogue that reads the names. A depthwise convolution runs its
+        channels outermost: its batch norm's g[c]/sqrtf(v[c] + eps) is then computed once
+        per channel, not once per tile (at batch 1 that was half of DS-CNN's depthwise
+        kernels' own time)."""
+        self.post = self.k.post
+        if self.post == ACC or not self.t.outer:
+            return {}
+        variant = {ACC, sp.Symbol(LANE, integer=True, nonnegative=True)} \
+            | (set(self.extent) - set(self.t.outer))
+        temps: dict[sp.Expr, sp.Symbol] = {}
+        post = split_invariant(self.post, variant, temps)
+        named = {part: sp.Symbol(f"h{k}", real=True) for k, part in enumerate(temps)}
+        self.post = post.xreplace({u: named[part] for part, u in temps.items()})
+        return named
+
     def invariants(self, points: list[dict], depth: int) -> list[sp.Expr]:
         """The epilogue at each of `points` (loop values, the lane index among them), its
         parts that do not vary along the lanes computed once here, before the lane loop
         (the C compiler does not hoist sqrtf out of it, nor a division)."""
-        posts = [self.k.post.xreplace(at) for at in points]
+        posts = [self.post.xreplace(at) for at in points]
         if all(p == ACC for p in posts):
             return posts
         temps: dict[sp.Expr, sp.Symbol] = {}
@@ -896,8 +930,7 @@ class BlockedWriter:
         """out[at] op post(acc); `scoped` when other stores share the block (each declares
         its own `acc`, the name `post` reads). `post`: the epilogue at `at` already (its
         invariant parts hoisted by `invariants`)."""
-        k = self.k
-        post = k.post.xreplace(at) if post is None else post
+        post = self.post.xreplace(at) if post is None else post
         target = self.p.doprint(self.out.xreplace(at))
         if post == ACC:
             self.put(depth, f"{target} {op} {acc};")

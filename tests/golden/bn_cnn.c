@@ -511,6 +511,7 @@ static void h_forward(size_t n, float *restrict h, const float *restrict K,
 static void bn_mean_forward(size_t n, float *restrict bn_mean, const float *restrict h)
 {
     const float inv_n = 1 / (float)n;
+    const float h0 = (1.0F/64.0F)*inv_n;
     for (size_t i0 = 0; i0 < 16; ++i0) {
         float c0[4];
         for (size_t l = 0; l < 4; ++l) { c0[l] = 0; }
@@ -527,7 +528,7 @@ static void bn_mean_forward(size_t n, float *restrict bn_mean, const float *rest
         for (size_t l = 0; l < 2; ++l) { c0[l] += c0[l + 2]; }
         c0[0] += c0[1];
         const float acc = c0[0];
-        bn_mean[i0] = (1.0F/64.0F)*acc*inv_n;
+        bn_mean[i0] = acc*h0;
     }
 }
 
@@ -536,6 +537,7 @@ static void bn_var_forward(size_t n, float *restrict bn_var, const float *restri
         const float *restrict h)
 {
     const float inv_n = 1 / (float)n;
+    const float h0 = (1.0F/64.0F)*inv_n;
     for (size_t i0 = 0; i0 < 16; ++i0) {
         float c0[4];
         for (size_t l = 0; l < 4; ++l) { c0[l] = 0; }
@@ -552,7 +554,7 @@ static void bn_var_forward(size_t n, float *restrict bn_var, const float *restri
         for (size_t l = 0; l < 2; ++l) { c0[l] += c0[l + 2]; }
         c0[0] += c0[1];
         const float acc = c0[0];
-        bn_var[i0] = (1.0F/64.0F)*acc*inv_n;
+        bn_var[i0] = acc*h0;
     }
 }
 

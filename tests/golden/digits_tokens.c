@@ -569,6 +569,7 @@ static void conv_forward(size_t n, float *restrict conv, const float *restrict K
 static void norm_mean_forward(size_t n, float *restrict norm_mean, const float *restrict conv)
 {
     const float inv_n = 1 / (float)n;
+    const float h0 = (1.0F/64.0F)*inv_n;
     for (size_t i0 = 0; i0 < 16; ++i0) {
         float c0[4];
         for (size_t l = 0; l < 4; ++l) { c0[l] = 0; }
@@ -585,7 +586,7 @@ static void norm_mean_forward(size_t n, float *restrict norm_mean, const float *
         for (size_t l = 0; l < 2; ++l) { c0[l] += c0[l + 2]; }
         c0[0] += c0[1];
         const float acc = c0[0];
-        norm_mean[i0] = (1.0F/64.0F)*acc*inv_n;
+        norm_mean[i0] = acc*h0;
     }
 }
 
@@ -596,6 +597,7 @@ static void norm_var_forward(size_t n, float *restrict norm_var, const float *re
         const float *restrict norm_mean)
 {
     const float inv_n = 1 / (float)n;
+    const float h0 = (1.0F/64.0F)*inv_n;
     for (size_t i0 = 0; i0 < 16; ++i0) {
         float c0[4];
         for (size_t l = 0; l < 4; ++l) { c0[l] = 0; }
@@ -612,7 +614,7 @@ static void norm_var_forward(size_t n, float *restrict norm_var, const float *re
         for (size_t l = 0; l < 2; ++l) { c0[l] += c0[l + 2]; }
         c0[0] += c0[1];
         const float acc = c0[0];
-        norm_var[i0] = (1.0F/64.0F)*acc*inv_n;
+        norm_var[i0] = acc*h0;
     }
 }
 
