@@ -237,6 +237,35 @@ def structure(kern: Kernel, args: list[str], buffers: dict[str, Buffer]) -> tupl
 
 # ---------------------------------------------------------------- the emitter
 
+def box_pieces(body: sp.Expr, order: list, extent: dict):
+    """(read, fill, {loop: (low, high)}) for a body that reads inside a box of its loops'
+    values and is a fill elsewhere (a padded copy: `{x[h - 1, w - 1] if 1 <= h < 33 and
+    1 <= w < 33; 0}`), else None. Each bound is a constant on one loop of fixed extent."""
+    if not isinstance(body, sp.Piecewise) or len(body.args) != 2 or body.args[1].cond != sp.true:
+        return None
+    (read, inside), (fill, _) = body.args
+    box: dict = {}
+    for rel in (inside.args if isinstance(inside, sp.And) else (inside,)):
+        if not isinstance(rel, (sp.GreaterThan, sp.StrictGreaterThan, sp.LessThan,
+                                sp.StrictLessThan)):
+            return None
+        s, bound = rel.lhs, rel.rhs
+        if not (s in order and isinstance(extent.get(s), int) and bound.is_Integer):
+            return None
+        low, high = box.get(s, (0, extent[s]))
+        bound = int(bound)
+        if isinstance(rel, sp.GreaterThan):
+            low = max(low, bound)
+        elif isinstance(rel, sp.StrictGreaterThan):
+            low = max(low, bound + 1)
+        elif isinstance(rel, sp.LessThan):
+            high = min(high, bound + 1)
+        else:
+            high = min(high, bound)
+        box[s] = (low, max(low, high))
+    return read, fill, box
+
+
 class Emitter:
     """Collects the file's sections and joins them in one fixed order."""
 
@@ -394,6 +423,38 @@ class Emitter:
             lines += RowsWriter(kern, rows, buffers[kern.out].base[kern.out_index], printer, r,
                                 lambda exprs: common_subexpressions(exprs, printer),
                                 self.dtype in self.target.fpu_dtypes).write()
+        elif strategy == "direct" and (pieces := box_pieces(kern.body, order, extent)):
+            # A padded copy: each bounded loop runs its fill, inside and fill ranges apart
+            # (no test per element; the inside is a plain copy the compiler vectorizes).
+            read, fill, box = pieces
+            op = "+=" if kern.mode == ACCUMULATE else "="
+            written = buffers[kern.out].flat_offset(kern.out_index)
+
+            def ranges(loops, depth, inside, fixed):
+                if not loops:
+                    (value,) = statements([(read if inside else fill).xreplace(fixed)], depth)
+                    at = printer.index(sp.expand(written.xreplace(fixed)))
+                    lines.append("    " * depth + f"{cvar[kern.out]}[{at}] {op} {value};")
+                    return
+                s_, rest = loops[0], loops[1:]
+                if s_ not in box or not inside:
+                    depth = open_loops([s_], depth)
+                    ranges(rest, depth, inside, fixed)
+                    close_loops(1, depth)
+                    return
+                low, high = box[s_]
+                for start, stop, within in ((0, low, False), (low, high, True),
+                                            (high, extent[s_], False)):
+                    if stop - start == 1:   # one row of the border: no loop
+                        lines.append("    " * depth + "{")
+                        ranges(rest, depth + 1, within, {**fixed, s_: sp.Integer(start)})
+                        lines.append("    " * depth + "}")
+                    elif start < stop:
+                        lines.append("    " * depth + f"for (size_t {s_} = {start}; "
+                                     f"{s_} < {stop}; ++{s_}) {{")
+                        ranges(rest, depth + 1, within, fixed)
+                        lines.append("    " * depth + "}")
+            ranges(order, depth, True, {})
         elif strategy == "direct":
             guarded = kern.guard != sp.true
             if guarded:

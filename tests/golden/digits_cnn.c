@@ -507,10 +507,25 @@ static void dot8x1_4_8_nx8(const float *restrict a, size_t sa, const float *rest
 static void x_pad_forward(size_t n, float *restrict x_pad, const float *restrict x)
 {
     for (size_t i0 = 0; i0 < n; ++i0) {
-        for (size_t i2 = 0; i2 < 10; ++i2) {
+        {
             for (size_t i3 = 0; i3 < 10; ++i3) {
-                x_pad[100*i0 + 10*i2 + i3] = ((i2 >= 1 && i3 >= 1 && i2 < 9 && i3 < 9) ? (x[64*i0 +
-                        8*i2 + i3 - 9]) : (0.0F));
+                x_pad[100*i0 + i3] = 0;
+            }
+        }
+        for (size_t i2 = 1; i2 < 9; ++i2) {
+            {
+                x_pad[100*i0 + 10*i2] = 0;
+            }
+            for (size_t i3 = 1; i3 < 9; ++i3) {
+                x_pad[100*i0 + 10*i2 + i3] = x[64*i0 + 8*i2 + i3 - 9];
+            }
+            {
+                x_pad[100*i0 + 10*i2 + 9] = 0;
+            }
+        }
+        {
+            for (size_t i3 = 0; i3 < 10; ++i3) {
+                x_pad[100*i0 + i3 + 90] = 0;
             }
         }
     }
@@ -572,10 +587,25 @@ static void p1_pad_forward(size_t n, float *restrict p1_pad, const float *restri
 {
     for (size_t i0 = 0; i0 < n; ++i0) {
         for (size_t i1 = 0; i1 < 16; ++i1) {
-            for (size_t i2 = 0; i2 < 6; ++i2) {
+            {
                 for (size_t i3 = 0; i3 < 6; ++i3) {
-                    p1_pad[576*i0 + 36*i1 + 6*i2 + i3] = ((i2 >= 1 && i3 >= 1 && i2 < 5 && i3 < 5) ?
-                            (p1[256*i0 + 16*i1 + 4*i2 + i3 - 5]) : (0.0F));
+                    p1_pad[576*i0 + 36*i1 + i3] = 0;
+                }
+            }
+            for (size_t i2 = 1; i2 < 5; ++i2) {
+                {
+                    p1_pad[576*i0 + 36*i1 + 6*i2] = 0;
+                }
+                for (size_t i3 = 1; i3 < 5; ++i3) {
+                    p1_pad[576*i0 + 36*i1 + 6*i2 + i3] = p1[256*i0 + 16*i1 + 4*i2 + i3 - 5];
+                }
+                {
+                    p1_pad[576*i0 + 36*i1 + 6*i2 + 5] = 0;
+                }
+            }
+            {
+                for (size_t i3 = 0; i3 < 6; ++i3) {
+                    p1_pad[576*i0 + 36*i1 + i3 + 30] = 0;
                 }
             }
         }

@@ -388,10 +388,25 @@ static void img_pad_forward(size_t n, float *restrict img_pad, const float *rest
 {
     for (size_t i0 = 0; i0 < n; ++i0) {
         for (size_t i1 = 0; i1 < 4; ++i1) {
-            for (size_t i2 = 0; i2 < 10; ++i2) {
+            {
                 for (size_t i3 = 0; i3 < 10; ++i3) {
-                    img_pad[400*i0 + 100*i1 + 10*i2 + i3] = ((i2 >= 1 && i3 >= 1 && i2 < 9 && i3 <
-                            9) ? (img[256*i0 + 64*i1 + 8*i2 + i3 - 9]) : (0.0F));
+                    img_pad[400*i0 + 100*i1 + i3] = 0;
+                }
+            }
+            for (size_t i2 = 1; i2 < 9; ++i2) {
+                {
+                    img_pad[400*i0 + 100*i1 + 10*i2] = 0;
+                }
+                for (size_t i3 = 1; i3 < 9; ++i3) {
+                    img_pad[400*i0 + 100*i1 + 10*i2 + i3] = img[256*i0 + 64*i1 + 8*i2 + i3 - 9];
+                }
+                {
+                    img_pad[400*i0 + 100*i1 + 10*i2 + 9] = 0;
+                }
+            }
+            {
+                for (size_t i3 = 0; i3 < 10; ++i3) {
+                    img_pad[400*i0 + 100*i1 + i3 + 90] = 0;
                 }
             }
         }
