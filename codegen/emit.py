@@ -262,7 +262,10 @@ def box_pieces(body: sp.Expr, order: list, extent: dict):
             high = min(high, bound + 1)
         else:
             high = min(high, bound)
-        box[s] = (low, max(low, high))
+        box[s] = (low, high)
+    # within the loops' ranges, and empty rather than reversed
+    box = {s: (min(max(low, 0), extent[s]), min(max(low, high, 0), extent[s]))
+           for s, (low, high) in box.items()}
     return read, fill, box
 
 

@@ -12,6 +12,7 @@ import pytest
 import sympy as sp
 
 import graphc
+from codegen.emit import box_pieces
 from codegen.padding import pad_guards
 from codegen.plan import fuse, plan
 from graphc.derive import derive
@@ -126,6 +127,21 @@ def test_the_padded_copies_test_nothing_per_element(target):
         body = [line for line in text[text.index("\n{"):].splitlines()
                 if not line.strip().startswith("for (")]
         assert not [line for line in body if "?" in line or GUARD.search(line)], text
+
+
+def test_box_pieces_reads_the_bounds_of_a_padded_copy():
+    h, w = sp.symbols("i2 i3", integer=True, nonnegative=True)
+    x = sp.IndexedBase("x")
+    body = sp.Piecewise((x[h - 1, w], (h >= 1) & (h < 33) & (w > -3) & sp.Ge(5, w)), (0, True))
+    assert box_pieces(body, [h, w], {h: 34, w: 34}) == (x[h - 1, w], 0, {h: (1, 33), w: (0, 6)})
+    # bounds past the loop: an empty inside, never a range beyond the loop's extent
+    beyond = sp.Piecewise((x[h, w], h >= 40), (0, True))
+    assert box_pieces(beyond, [h, w], {h: 34, w: 34})[2] == {h: (34, 34)}
+    # not a box of constant bounds on loops of fixed extent: printed as it is
+    assert box_pieces(sp.Piecewise((x[h, w], h >= w), (0, True)), [h, w], {h: 3, w: 3}) is None
+    assert box_pieces(sp.Piecewise((x[h, w], h >= 1), (0, True)), [h, w], {h: BATCH, w: 3}) \
+        is None
+    assert box_pieces(x[h, w], [h, w], {h: 3, w: 3}) is None
 
 
 def test_cortex_m_keeps_the_guarded_reads():

@@ -736,6 +736,7 @@ def yaml_parser(request, monkeypatch):
     return request.param
 
 
+@pytest.mark.skipif(not yaml.__with_libyaml__, reason="this PyYAML was built without libyaml")
 def test_the_spec_loader_uses_libyaml():
     # the pure-Python parser takes 10x as long: most of a warm compile of ResNet-8
     assert issubclass(spec_module._UniqueKeyLoader, yaml.CSafeLoader)
