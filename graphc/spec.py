@@ -119,6 +119,8 @@ def parse_spec_text(text: str, *, fmt: str = "yaml") -> Any:
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        if "nesting depth" in (e.problem or ""):   # libyaml from 0.2.5 stops at 1000 levels
+            raise SpecError(f"spec is nested too deeply{where}") from None
         raise SpecError(f"invalid YAML{where}: {e.problem}") from None
     except yaml.YAMLError as e:
         raise SpecError(f"invalid YAML: {e}") from None

@@ -716,7 +716,7 @@ def test_yaml_alias_bomb_is_rejected_quickly(tmp_path, yaml_parser):
     (".yaml", "name: " + "[" * 5000 + "1" + "]" * 5000 + "\n"),
     (".json", '{"name": ' + "[" * 5000 + "1" + "]" * 5000 + "}"),
 ])
-def test_spec_nested_too_deeply(tmp_path, suffix, text):
+def test_spec_nested_too_deeply(tmp_path, suffix, text, yaml_parser):
     load_error(write(tmp_path, "deep" + suffix, text), node=None, field=None,
                contains="nested too deeply")
 
