@@ -6,8 +6,9 @@ forward at batch 1 (benchmarks/workloads.py), compiled with `graphc.compile`'s d
 Rows: the pure C (the generated timing harness calling `<name>_forward` in a loop,
 benchmarks/charness.py), the bound call (`model.bind("forward", x=x)`), `model.forward(x=x)`
 on one array and on a new array every call (cycling through 64, so that nothing keyed by
-the array's identity can help), and the floor of a checked call from Python: one
-`np.empty`, two `ffi.from_buffer` and the C call, with no lock, kwargs or checks. Each is
+the array's identity can help), and the floor of a cffi call from Python: one `np.empty`,
+two `ffi.from_buffer` and the C call, with no lock, kwargs or checks (model.forward runs
+below it: its plain case is C, codegen/fastcall.c). Each is
 timed twice (benchmarks/timing.py: warm-up, K calls per repeat, median and min per call):
 by the wall clock, and by this thread's CPU time (CLOCK_THREAD_CPUTIME_ID, in Python
 `time.thread_time`), which other processes on a shared machine barely change: the CPU
@@ -67,7 +68,7 @@ def python_rows(model, x: np.ndarray) -> dict:
 
     return {"bound call": bound, "model.forward(x=x)": forward,
             "model.forward(x=a new array)": forward_fresh,
-            "floor (np.empty, 2 from_buffer, C)": floor}
+            "cffi floor (np.empty, 2 from_buffer, C)": floor}
 
 
 def run(opts: Options, workdir: Path) -> dict:

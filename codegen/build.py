@@ -57,6 +57,9 @@ _GCC_MODEL_FLAGS = ("-std=c99", "-O2", "-ftree-vectorize", "-fvect-cost-model=dy
 # -O1: it compiles in 0.15 s where -O3 took 0.27 s (every cold build pays it), and a call
 # through it measured the same (213 ns against 216 ns for an empty forward).
 _WRAPPER_FLAGS = ("-O1", "-fPIC")
+# graphc's own extension modules (build_extension): Python's C API is not pedantic C99.
+_EXTENSION_FLAGS = ("-O2", "-fPIC", "-shared") + (("-undefined", "dynamic_lookup")
+                                                 if sys.platform == "darwin" else ())
 # macOS leaves the Python symbols to be resolved when the module is loaded.
 _LINK_FLAGS = ("-shared",) + (("-undefined", "dynamic_lookup") if sys.platform == "darwin" else ())
 
@@ -187,6 +190,58 @@ def build(name: str, source: str, header: str, cdef: str, *,
     return BuildResult(module.ffi, module.lib, so_path, key, cached)
 
 
+def build_extension(stem: str, source: str, includes: tuple[str, ...] = (),
+                    version: str = ""):
+    """The CPython extension module `stem` (its `PyInit_<stem>`) compiled from the C text
+    `source`, cached like the models (by the source, `version`: what else its binary
+    depends on, the compiler and Python's ABI) and loaded once per process. Finding it
+    built costs a stat of the compiler, not a run of it: a warm compile in a fresh process
+    loads it."""
+    cc = c_compiler()
+    suffix = importlib.machinery.EXTENSION_SUFFIXES[0]
+    command = (*cc, *_EXTENSION_FLAGS, *(f"-I{i}" for i in includes), f"{stem}.c",
+               "-o", _BUILT)
+    key = _digest(stem, source, version, repr(command), _compiler_stamp(cc), suffix)
+    cache = cache_dir()
+    so_path = str(cache / f"{stem}_{key[:16]}{suffix}")
+    with _lock:
+        module = _loaded.get(so_path)
+        if module is None and os.path.exists(so_path):
+            module = _load_or_none(stem, so_path)
+            if module is None:   # damaged: build it again
+                _discard(so_path)
+        if module is None:
+            _build_extension(stem, source, command, cache, so_path)
+            module = _load(stem, so_path)
+        _loaded[so_path] = module
+    return module
+
+
+def _build_extension(stem: str, source: str, command: tuple[str, ...], cache: pathlib.Path,
+                     so_path: str) -> None:
+    """Compile `source` with `command` (and Python's headers) in a private directory and
+    publish the .so atomically, as _compile does a model's."""
+    import sysconfig
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+        tmp = pathlib.Path(tempfile.mkdtemp(prefix=f"{stem}.tmp-", dir=cache))
+    except OSError as e:
+        raise _cache_error(cache, e) from None
+    command = (*command, f"-I{sysconfig.get_paths()['include']}")
+    try:
+        (tmp / f"{stem}.c").write_text(source, encoding="utf-8")
+        run = subprocess.run(command, cwd=tmp, capture_output=True, text=True)
+        if run.returncode != 0:
+            raise CompileError(f"C compiler failed (exit {run.returncode}) building graphc's "
+                               f"{stem}:\n$ {shlex.join(command)}\n"
+                               f"{_trim(run.stderr + run.stdout)}")
+        os.replace(tmp / _BUILT, so_path)
+    except OSError as e:
+        raise _cache_error(cache, e) from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def _cache_error(cache: pathlib.Path, e: OSError) -> GraphcError:
     why = "it is not a directory" if isinstance(e, FileExistsError) else e.strerror or str(e)
     return GraphcError(f"cannot use the build cache {cache}: {why}; set GRAPHC_CACHE_DIR "
@@ -271,10 +326,11 @@ def _compiler_id(cc: tuple[str, ...]) -> str:
 def _key(name: str, source: str, header: str, cdef: str, compiler: str,
          commands: tuple[tuple[str, ...], ...]) -> str:
     import sysconfig
+    return _digest(name, source, header, cdef, compiler, repr(commands),
+                   sysconfig.get_config_var("EXT_SUFFIX"), __version__, _cffi_version())
 
 
-    parts = (name, source, header, cdef, compiler, repr(commands),
-             sysconfig.get_config_var("EXT_SUFFIX"), __version__, _cffi_version())
+def _digest(*parts: str) -> str:
     digest = hashlib.sha256()
     for part in parts:
         data = part.encode()
@@ -413,15 +469,11 @@ def _compiler_stamp(cc: tuple[str, ...]) -> str:
 def prepared_key(*parts: str) -> str:
     import sympy
     cc = c_compiler()
-    digest = hashlib.sha256()
     # EXTENSION_SUFFIXES[0] names this interpreter's ABI as EXT_SUFFIX does, without
     # loading sysconfig's data (half a millisecond).
-    for part in (_PREPARED_FORMAT, *parts, _source_fingerprint(), sympy.__version__,
-                 _cffi_version(), repr(cc), _compiler_stamp(cc),
-                 importlib.machinery.EXTENSION_SUFFIXES[0]):
-        data = part.encode()
-        digest.update(len(data).to_bytes(8, "little") + data)
-    return digest.hexdigest()
+    return _digest(_PREPARED_FORMAT, *parts, _source_fingerprint(), sympy.__version__,
+                   _cffi_version(), repr(cc), _compiler_stamp(cc),
+                   importlib.machinery.EXTENSION_SUFFIXES[0])
 
 
 def _prepared_path(key: str) -> pathlib.Path:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 import os
-import threading
+import sys
 import weakref
 from pathlib import Path
 from typing import Mapping
@@ -207,8 +207,10 @@ class CompiledModel:
         self._stages: dict[str, np.ndarray] = {}   # input -> aligned copy (_aligned)
         # cffi releases the GIL during a C call, and every call shares the work arena (and
         # a train step the params): two threads at once got 353 of 400 forwards wrong. One
-        # lock per model serializes them, for 0.1 µs a call.
-        self._lock = threading.Lock()
+        # lock per model serializes them (codegen/fastcall.py's, which the C call of forward
+        # takes without calling into Python).
+        from codegen.fastcall import new_lock
+        self._lock = new_lock()
         self._threads = self._check_threads(threads)
         self._calls = {kind: self._c_function(e.c_name) for kind, e in cmodule.entries.items()}
         # kind -> {input shapes (one input's: its shape): (n, output shapes, work pointer,
@@ -219,6 +221,7 @@ class CompiledModel:
         # see the model through a weak proxy, so that the model is not a reference cycle
         # (freed, arenas and all, as soon as it is dropped)
         model = weakref.proxy(self)
+        self._fast_calls = {}   # kind -> its C caller (_runner), told of every new work arena
         pointer = {"params": self._c_params, "state": self._c_state}
         self._runs = {kind: self._runner(model, kind, tuple(pointer[p] for p in lead[:-1]))
                       if kind in cmodule.entries else functools.partial(self._no_entry, model, kind)
@@ -335,6 +338,8 @@ class CompiledModel:
 
     # ------------------------------------------------------------ calls
     def _work_for(self, n: int):
+        """The work arena's C pointer for a call of batch `n`, grown first if need be;
+        under the model's lock."""
         if n > self._work_batch:
             need = self.cmodule.work_elements(n)
             if self._work.size < need:
@@ -343,6 +348,8 @@ class CompiledModel:
                 for sizes in self._sizes.values():
                     sizes.clear()
             self._work_batch = n
+            for fast in self._fast_calls.values():
+                fast.set_work(self._work, n)
         return self._c_work
 
     # Small models spend most of a call from Python here (W2's forward: 0.7 µs of C), so
@@ -447,7 +454,18 @@ class CompiledModel:
 
         if len(wants) == 1 and len(outputs) == 1:
             (name, want), ((output, _),) = wants[0], outputs
-            return run_one
+            if want is None or kind not in ("forward", "predict"):
+                return run_one
+            # The same call in C (codegen/fastcall.py): W2's forward from Python took 1.6 µs
+            # of CPU instead of 5.7.
+            from codegen.fastcall import caller
+            threaded = hasattr(model._lib, "omp_set_num_threads")
+            fast = caller(model, kind, run_one, stage_bytes=STAGE_BYTES,
+                          direct_below=team_from if timed else sys.maxsize,
+                          threads=model._threads if threaded else None)
+            fast.set_work(model._work, model._work_batch)
+            model._fast_calls[kind] = fast
+            return fast.run
         return run
 
     def _prepare(self, kind: str, given) -> tuple:

@@ -94,7 +94,7 @@ def test_overhead_benchmark_checks_the_harness_and_times_every_row_by_both_clock
     result = overhead.main(["--quick", "--out", str(tmp_path)])
     assert set(result["rows"]) == {"pure C (harness)", "bound call", "model.forward(x=x)",
                                    "model.forward(x=a new array)",
-                                   "floor (np.empty, 2 from_buffer, C)"}
+                                   "cffi floor (np.empty, 2 from_buffer, C)"}
     for row in result["rows"].values():
         assert set(row) == {"cpu", "wall"}
         assert all(0 < t["min"] <= t["median"] for t in row.values())

@@ -126,6 +126,42 @@ def test_compile_error_is_readable(cache):
     assert list(cache.iterdir()) == []   # the temporary build dir is gone
 
 
+EXTENSION = """\
+#include <Python.h>
+static struct PyModuleDef demo = {PyModuleDef_HEAD_INIT, "_graphc_demo_ext", NULL, -1, NULL,
+                                  NULL, NULL, NULL, NULL};
+PyMODINIT_FUNC PyInit__graphc_demo_ext(void)
+{
+    PyObject *m = PyModule_Create(&demo);
+    if (m != NULL && PyModule_AddIntConstant(m, "answer", 42) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}
+"""
+
+
+def test_graphcs_own_extension_is_built_once_per_cache_and_its_errors_are_readable(
+        cache, monkeypatch):
+    """build_extension (codegen/fastcall.c's builder): compiled once into the cache, then
+    loaded from it (a fresh process finds it by a stat of the compiler); a compiler error
+    names the module and leaves nothing behind."""
+    first = B.build_extension("_graphc_demo_ext", EXTENSION, version="1")
+    assert first.answer == 42 and B.build_extension("_graphc_demo_ext", EXTENSION,
+                                                    version="1") is first
+    (entry,) = cache.iterdir()
+    assert entry.name.startswith("_graphc_demo_ext_") and entry.name.endswith(EXT)
+    monkeypatch.setattr(B, "_loaded", {})   # as a fresh process: loaded, not built
+    monkeypatch.setattr(B, "_build_extension", lambda *a: pytest.fail("built again"))
+    assert B.build_extension("_graphc_demo_ext", EXTENSION, version="1").answer == 42
+    monkeypatch.undo()
+    monkeypatch.setenv("GRAPHC_CACHE_DIR", str(cache))
+    with pytest.raises(B.CompileError, match=r"(?s)building graphc's _graphc_demo_bad.*nope"):
+        B.build_extension("_graphc_demo_bad", "#error nope\n")
+    assert [p.name for p in cache.iterdir()] == [entry.name]
+
+
 # A child process: wait for the go file, so both children start building together, then build.
 CHILD = textwrap.dedent("""
     import os, sys, time

@@ -340,6 +340,64 @@ def test_small_calls_match_the_reference_at_every_batch_size_and_free_a_moved_ar
         gc.enable()
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_plain_calls_run_in_c_and_every_other_call_as_before(dtype):
+    """forward and predict on the entry's one input, an array as it is, run in C
+    (codegen/fastcall.c); a call that needs a larger arena, converting, staging or an error
+    goes to the Python path. Both give the bound call's bits."""
+    from graphc.model import STAGE_BYTES
+    m = graphc.compile(ROOT / "examples/mlp.yaml", dtype=dtype, seed=5)
+    baked = graphc.compile(ROOT / "examples/mlp.yaml", dtype=dtype, params=m.get_params())
+    fast, fast_predict = m._runs["forward"].__self__, baked._runs["predict"].__self__
+    assert type(fast).__name__ == "Caller" and fast.work_batch == 0
+    assert graphc.compile(ROOT / "examples/mlp.yaml", dtype=dtype).forward(
+        x=np.ones((2, 64), dtype))["logits"].shape == (2, 10)   # a model made for one call
+    rng = np.random.default_rng(0)
+
+    def check(x):
+        bound = m.bind("forward", x=np.array(x, dtype, order="C"))
+        bound()
+        want = bound.outputs["logits"]
+        for got in (m.forward(x=x)["logits"], baked.predict(x=x)["logits"]):
+            assert got.dtype == dtype and got.shape == want.shape
+            np.testing.assert_array_equal(got, want)
+
+    check(rng.standard_normal((6, 64)).astype(dtype))   # the arena grows: Python's path
+    assert fast.work_batch == fast_predict.work_batch == 6
+    assert set(m._sizes["forward"]) == {(6, 64)}
+    for n in (1, 4, 6, 3):    # the arena serves them: C, and no Python plan is made
+        check(rng.standard_normal((n, 64)).astype(dtype))
+    assert set(m._sizes["forward"]) == {(6, 64)}
+    x = rng.standard_normal((5, 64))
+    other = np.float32 if dtype == "float64" else np.float64
+    check(x.astype(other))                               # converted
+    check(x.astype(dtype).tolist())                      # not an array
+    check(np.asfortranarray(x.astype(dtype)))            # not C-contiguous
+    check(x.astype(dtype).view(type("Sub", (np.ndarray,), {})))   # a subclass
+    raw = np.zeros(x.size * np.dtype(dtype).itemsize + 1, np.uint8)
+    unaligned = raw[1:].view(dtype).reshape(x.shape)
+    unaligned[...] = x
+    assert not unaligned.flags.aligned
+    check(unaligned)
+    big = rng.standard_normal((STAGE_BYTES // 64 // np.dtype(dtype).itemsize + 1, 64))
+    check(big.astype(dtype))                             # staged if need be
+    assert fast.work_batch == big.shape[0]
+    with pytest.raises(InputError, match=r"input 'x' must have shape \(n, 64\)"):
+        m.forward(x=np.zeros((3, 63), dtype))
+    with pytest.raises(InputError, match="the batch is empty"):
+        m.forward(x=np.zeros((0, 64), dtype))
+    with pytest.raises(InputError, match="unknown input 'z'"):
+        m.forward(x=np.zeros((3, 64), dtype), z=np.zeros(3))
+    with pytest.raises(InputError, match="missing input 'x'"):
+        m.forward(y=np.zeros((3, 10), dtype))
+    # the model's lock, which the C call takes: threading.Lock's behaviour
+    with m._lock:
+        assert m._lock.locked()
+    assert not m._lock.locked()
+    with pytest.raises(RuntimeError, match="release unlocked lock"):
+        m._lock.release()
+
+
 def test_per_example_scalar_inputs_take_the_fast_path_and_reject_bad_shapes():
     spec = {"name": "scal", "inputs": {"x": [], "t": []}, "params": {"w": {"shape": [], "init": "ones"}},
             "nodes": {"h": {"op": "mul", "inputs": ["x", "w"]},

@@ -36,6 +36,11 @@ def test_a_models_thread_count_changes_no_result_and_gives_the_caller_its_own_ba
     lib.omp_set_num_threads(5)
     try:
         got = {t: m.forward(x=x)["h"] for t, m in models.items()}
+        # again, through the C call (codegen/fastcall.c), which sets and restores the count
+        assert [m._runs["forward"].__self__.threads for m in models.values()] == [0, 1, 3]
+        for t in (1, 3):
+            np.testing.assert_array_equal(models[t].forward(x=x)["h"], got[t])
+            assert lib.omp_get_max_threads() == 5
         bound = models[1].bind("forward", x=x)
         bound()
         assert lib.omp_get_max_threads() == 5   # each call restored the caller's count
@@ -135,6 +140,8 @@ def test_the_batch_from_which_an_entry_runs_a_team_is_the_one_its_c_tests():
     fan_out.forward(x=np.ones((3, 64), np.float32))
     ((n, _, _, call),) = fan_out._sizes["forward"].values()
     assert n == 3 and call.func is fan_out._lib.fan_out_forward
+    # and the C call from Python (codegen/fastcall.c) serves just those batches
+    assert fan_out._runs["forward"].__self__.direct_below == 64
     small = graphc.compile({**WIDE, "name": "narrow", "inputs": {"x": [8]},
                             "params": {"W": {"shape": [8, 8], "init": "he_normal"}}})
     assert small.cmodule.parallel_from == {}
