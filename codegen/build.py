@@ -154,12 +154,15 @@ _lock = threading.Lock()
 
 
 def build(name: str, source: str, header: str, cdef: str, *,
-          extra_flags: tuple[str, ...] = (), machine: str = "") -> BuildResult:
+          extra_flags: tuple[str, ...] = (), machine: str = "",
+          glue: tuple[str, str] = ("", "")) -> BuildResult:
     """Compile `<name>.c`/`<name>.h` with a cffi wrapper exposing `cdef`, cached by content.
 
     `name` is the model's validated C prefix; `source` does `#include "<name>.h"`.
     `machine` (a host target's) names the instruction set that flags like -march=native
     select: the same text with the same flags is a different binary on another CPU.
+    `glue`: (declarations, definitions) of C the wrapper adds and exposes beside the
+    model's functions (codegen/fastcall.py's); the C the model's users get has none.
     """
     import sysconfig
     from . import openmp
@@ -167,9 +170,11 @@ def build(name: str, source: str, header: str, cdef: str, *,
     threaded = openmp.uses_openmp(tuple(extra_flags))
     if threaded:   # the thread count is set per model from Python (codegen/openmp.py)
         cdef += openmp.API
+    cdef += glue[0]
     units = split(source, name, _unit_count(source))
     commands = _commands(cc, name, tuple(extra_flags), len(units))
-    key = _key(name, source, header, cdef, _compiler_id(cc) + "\n" + machine, commands)
+    key = _key(name, source, header, cdef + glue[1], _compiler_id(cc) + "\n" + machine,
+               commands)
     modname = f"_graphc_{name}_{key[:16]}"   # distinct per model and version in sys.modules
     cache = cache_dir()
     so_path = str(cache / (modname + sysconfig.get_config_var("EXT_SUFFIX")))
@@ -184,7 +189,7 @@ def build(name: str, source: str, header: str, cdef: str, *,
                     cached = False
             if module is None:
                 _compile(commands, name, modname, units, header, cdef, cache, so_path,
-                         openmp.API if threaded else "")
+                         (openmp.API if threaded else "") + glue[1])
                 module = _load(modname, so_path)   # a fresh build that fails to load is a bug
             _loaded[so_path] = module
     return BuildResult(module.ffi, module.lib, so_path, key, cached)

@@ -1,12 +1,16 @@
-/* graphc's call of a one-input, one-output entry point (forward, predict) from Python.
+/* graphc's call of a model's entry point (forward, predict, evaluate, train_step) from Python.
  *
- * A cffi call from Python converts each array with ffi.from_buffer and makes the output with
- * np.empty: 2.5 us on a 2 GHz core, where the W2 forward's C takes 0.23 us. This object does
- * the common case (the entry's input alone, a C-contiguous aligned array of the model's
- * dtype and per-example shape, small enough to need no staging, a batch the work arena
- * serves) with numpy's C API, under the model's lock, and hands every other call to the
- * Python path it replaces (`fallback`), which converts, stages, grows the arena or says why
- * not. It returns what that path returns: (None, {output: array}).
+ * A cffi call from Python converts each array with ffi.from_buffer and makes each output
+ * with np.empty: 2.5 us on a 2 GHz core, where the W2 forward's C takes 0.23 us. A Caller
+ * does the common case (exactly the entry's inputs, each a C-contiguous aligned array of
+ * the model's dtype and per-example shape, small enough to need no staging, one batch size,
+ * which the work arena serves) with numpy's C API, under the model's lock, and hands every
+ * other call to the Python path it replaces (`fallback`), which converts, stages, grows the
+ * arena or says why not. It returns what that path returns: (loss or None, {output: array}).
+ *
+ * The entry is called through the model's glue (codegen/fastcall.py), one signature for
+ * every model and entry: void glue(void *const *args, size_t n, double *loss), args being
+ * the leading pointers (params, state), work, the inputs and the outputs.
  *
  * Built once per cache, compiler, Python ABI and numpy version (codegen/fastcall.py).
  */
@@ -18,12 +22,11 @@
 
 #include <stdint.h>
 
-/* The entry points' C types (codegen's headers): forward takes the params first, predict
- * (baked params) does not. */
-typedef void (*forward_f32)(const float *, float *, size_t, const float *, float *);
-typedef void (*forward_f64)(const double *, double *, size_t, const double *, double *);
-typedef void (*predict_f32)(float *, size_t, const float *, float *);
-typedef void (*predict_f64)(double *, size_t, const double *, double *);
+#define MAX_ARRAYS 8   /* inputs, and outputs, an entry may have for the C path */
+#define MAX_RANK 16    /* per-example rank */
+#define MAX_LEAD 2     /* params, state */
+
+typedef void (*glue_fn)(void *const *args, size_t n, double *loss);
 typedef int (*get_threads_fn)(void);
 typedef void (*set_threads_fn)(int);
 
@@ -124,23 +127,29 @@ static PyTypeObject LockType = {
 };
 
 typedef struct {
+    npy_intp count;          /* arrays */
+    PyObject *names;         /* tuple of str */
+    int rank[MAX_ARRAYS];    /* per example */
+    npy_intp shape[MAX_ARRAYS][MAX_RANK + 1];   /* [k][0]: the batch, filled per call */
+} Arrays;
+
+typedef struct {
     PyObject_HEAD
-    void (*fn)(void);        /* the entry point, cast back to its type at the call */
-    void *params;            /* NULL for predict */
+    glue_fn glue;
+    void *lead[MAX_LEAD];    /* params, state: never move */
+    int n_lead;
+    int returns_loss;        /* evaluate, train_step */
     int type_num;            /* NPY_FLOAT32 or NPY_FLOAT64 */
-    PyObject *input;         /* the input's name (str) */
-    PyObject *output;        /* the output's name (str) */
-    int in_rank, out_rank;   /* per example */
-    npy_intp in_shape[NPY_MAXDIMS], out_shape[NPY_MAXDIMS + 1];   /* out_shape[0]: n */
-    Py_ssize_t stage_bytes;  /* inputs this large go to the fallback (it may stage them) */
+    PyArray_Descr *descr;
+    Arrays in, out;
+    Py_ssize_t stage_bytes;  /* an input this large goes to the fallback (it may stage it) */
     Py_ssize_t direct_below; /* batches from here run on the fallback's thread timing */
     int threads;             /* OpenMP threads per call, 0: leave the count as it is */
     get_threads_fn get_threads;
     set_threads_fn set_threads;
     Lock *lock;              /* the model's */
     PyObject *fallback;      /* the Python call this one stands in for */
-    PyArray_Descr *descr;    /* the model's dtype */
-    PyObject *keep;          /* what owns `params` and the entry point (kept alive) */
+    PyObject *keep;          /* what owns the lead pointers and the glue (kept alive) */
     PyObject *work;          /* the work arena (a numpy array) and what it serves */
     void *work_data;
     Py_ssize_t work_batch;
@@ -148,8 +157,8 @@ typedef struct {
 
 static void Caller_dealloc(Caller *self)
 {
-    Py_XDECREF(self->input);
-    Py_XDECREF(self->output);
+    Py_XDECREF(self->in.names);
+    Py_XDECREF(self->out.names);
     Py_XDECREF(self->lock);
     Py_XDECREF(self->fallback);
     Py_XDECREF((PyObject *)self->descr);
@@ -158,28 +167,38 @@ static void Caller_dealloc(Caller *self)
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
-static int read_shape(PyObject *shape, npy_intp *into, int *rank, const char *what)
+/* names (str) and per-example shapes (tuples of ints) into `into`; -1 with an exception. */
+static int read_arrays(PyObject *names, PyObject *shapes, Arrays *into, const char *what)
 {
-    PyObject *seq = PySequence_Fast(shape, what);
-    if (seq == NULL)
-        return -1;
-    Py_ssize_t k, size = PySequence_Fast_GET_SIZE(seq);
-    if (size >= NPY_MAXDIMS) {
-        Py_DECREF(seq);
-        PyErr_Format(PyExc_ValueError, "%s: rank %zd is above numpy's", what, size);
+    if (!PyTuple_Check(names) || !PyTuple_Check(shapes)
+        || PyTuple_GET_SIZE(names) != PyTuple_GET_SIZE(shapes)
+        || PyTuple_GET_SIZE(names) > MAX_ARRAYS) {
+        PyErr_Format(PyExc_ValueError, "%s: a tuple of at most %d names and one of shapes",
+                     what, MAX_ARRAYS);
         return -1;
     }
-    for (k = 0; k < size; k++) {
-        into[k] = (npy_intp)PyLong_AsSsize_t(PySequence_Fast_GET_ITEM(seq, k));
-        if (into[k] < 0) {
-            Py_DECREF(seq);
-            if (!PyErr_Occurred())
-                PyErr_Format(PyExc_ValueError, "%s: a negative extent", what);
+    into->count = PyTuple_GET_SIZE(names);
+    for (npy_intp k = 0; k < into->count; k++) {
+        PyObject *shape = PyTuple_GET_ITEM(shapes, k);
+        if (!PyUnicode_Check(PyTuple_GET_ITEM(names, k)) || !PyTuple_Check(shape)
+            || PyTuple_GET_SIZE(shape) > MAX_RANK) {
+            PyErr_Format(PyExc_ValueError, "%s: names are str, shapes tuples of rank <= %d",
+                         what, MAX_RANK);
             return -1;
         }
+        into->rank[k] = (int)PyTuple_GET_SIZE(shape);
+        for (int d = 0; d < into->rank[k]; d++) {
+            Py_ssize_t extent = PyLong_AsSsize_t(PyTuple_GET_ITEM(shape, d));
+            if (extent < 0) {
+                if (!PyErr_Occurred())
+                    PyErr_Format(PyExc_ValueError, "%s: a negative extent", what);
+                return -1;
+            }
+            into->shape[k][d + 1] = (npy_intp)extent;
+        }
     }
-    *rank = (int)size;
-    Py_DECREF(seq);
+    Py_INCREF(names);
+    into->names = names;
     return 0;
 }
 
@@ -195,24 +214,24 @@ static void *address(PyObject *value, const char *what)
 
 static PyObject *Caller_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
 {
-    static char *names[] = {"fn", "params", "dtype", "input", "input_shape", "output",
-                            "output_shape", "stage_bytes", "direct_below", "threads",
-                            "get_threads", "set_threads", "lock", "fallback", "keep", NULL};
-    PyObject *fn, *params, *input, *in_shape, *output, *out_shape, *get, *set, *lock,
+    static char *names[] = {"glue", "lead", "returns_loss", "dtype", "inputs",
+                            "input_shapes", "outputs", "output_shapes", "stage_bytes",
+                            "direct_below", "threads", "get_threads", "set_threads", "lock",
+                            "fallback", "keep", NULL};
+    PyObject *glue, *lead, *inputs, *in_shapes, *outputs, *out_shapes, *get, *set, *lock,
         *fallback, *keep;
     const char *dtype;
     Py_ssize_t stage_bytes, direct_below;
-    int threads;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOsUOUOnniOOO!OO:Caller", names, &fn,
-                                     &params, &dtype, &input, &in_shape, &output, &out_shape,
-                                     &stage_bytes, &direct_below, &threads, &get, &set,
-                                     &LockType, &lock, &fallback, &keep))
+    int returns_loss, threads;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OO!psOOOOnniOOO!OO:Caller", names, &glue,
+                                     &PyTuple_Type, &lead, &returns_loss, &dtype, &inputs,
+                                     &in_shapes, &outputs, &out_shapes, &stage_bytes,
+                                     &direct_below, &threads, &get, &set, &LockType, &lock,
+                                     &fallback, &keep))
         return NULL;
     Caller *self = (Caller *)type->tp_alloc(type, 0);
     if (self == NULL)
         return NULL;
-    self->work_data = NULL;
-    self->work_batch = 0;
     if (strcmp(dtype, "float32") == 0)
         self->type_num = NPY_FLOAT32;
     else if (strcmp(dtype, "float64") == 0)
@@ -224,15 +243,26 @@ static PyObject *Caller_new(PyTypeObject *type, PyObject *args, PyObject *kwargs
     self->descr = PyArray_DescrFromType(self->type_num);
     if (self->descr == NULL)
         goto fail;
-    self->fn = (void (*)(void))(uintptr_t)address(fn, "fn");
-    if (self->fn == NULL) {
+    self->glue = (glue_fn)(uintptr_t)address(glue, "glue");
+    if (self->glue == NULL) {
         if (!PyErr_Occurred())
-            PyErr_SetString(PyExc_ValueError, "fn: an entry point is needed");
+            PyErr_SetString(PyExc_ValueError, "glue: an entry point is needed");
         goto fail;
     }
-    self->params = address(params, "params");
-    if (PyErr_Occurred())
+    if (PyTuple_GET_SIZE(lead) > MAX_LEAD) {
+        PyErr_Format(PyExc_ValueError, "lead: at most %d pointers", MAX_LEAD);
         goto fail;
+    }
+    self->n_lead = (int)PyTuple_GET_SIZE(lead);
+    for (int k = 0; k < self->n_lead; k++) {
+        self->lead[k] = address(PyTuple_GET_ITEM(lead, k), "lead");
+        if (self->lead[k] == NULL) {
+            if (!PyErr_Occurred())
+                PyErr_SetString(PyExc_ValueError, "lead: an address is needed");
+            goto fail;
+        }
+    }
+    self->returns_loss = returns_loss;
     self->get_threads = (get_threads_fn)(uintptr_t)address(get, "get_threads");
     self->set_threads = (set_threads_fn)(uintptr_t)address(set, "set_threads");
     if (PyErr_Occurred())
@@ -242,17 +272,17 @@ static PyObject *Caller_new(PyTypeObject *type, PyObject *args, PyObject *kwargs
         goto fail;
     }
     self->threads = threads;
-    if (read_shape(in_shape, self->in_shape, &self->in_rank, "input_shape") < 0
-        || read_shape(out_shape, self->out_shape + 1, &self->out_rank, "output_shape") < 0)
+    if (read_arrays(inputs, in_shapes, &self->in, "inputs") < 0
+        || read_arrays(outputs, out_shapes, &self->out, "outputs") < 0)
         goto fail;
+    if (self->in.count < 1) {
+        PyErr_SetString(PyExc_ValueError, "inputs: at least one (it gives the batch size)");
+        goto fail;
+    }
     self->stage_bytes = stage_bytes;
     self->direct_below = direct_below;
     Py_INCREF(lock);
     self->lock = (Lock *)lock;
-    Py_INCREF(input);
-    self->input = input;
-    Py_INCREF(output);
-    self->output = output;
     Py_INCREF(fallback);
     self->fallback = fallback;
     Py_INCREF(keep);
@@ -285,104 +315,121 @@ static PyObject *Caller_set_work(Caller *self, PyObject *args)
     Py_RETURN_NONE;
 }
 
-static void run_c(const Caller *self, void *work, size_t n, const void *in, void *out)
+/* The batch size of input arrays `xs` when this object can call C on them as they are,
+ * else 0. */
+static npy_intp batch_of(const Caller *self, PyObject *const *xs)
 {
-    int before = 0;
-    if (self->threads) {
-        before = self->get_threads();
-        self->set_threads(self->threads);
-    }
-    if (self->type_num == NPY_FLOAT32) {
-        if (self->params)
-            ((forward_f32)self->fn)((const float *)self->params, (float *)work, n,
-                                    (const float *)in, (float *)out);
-        else
-            ((predict_f32)self->fn)((float *)work, n, (const float *)in, (float *)out);
-    } else {
-        if (self->params)
-            ((forward_f64)self->fn)((const double *)self->params, (double *)work, n,
-                                    (const double *)in, (double *)out);
-        else
-            ((predict_f64)self->fn)((double *)work, n, (const double *)in, (double *)out);
-    }
-    if (self->threads)
-        self->set_threads(before);
-}
-
-/* The call on input array `a`, when this object serves it: 1 and *outs = {output: array};
- * 0 when the Python path must (nothing done); -1 on an error. */
-static int serve(Caller *self, PyObject *a, PyObject **outs)
-{
-    if (!PyArray_CheckExact(a))
-        return 0;
-    PyArrayObject *x = (PyArrayObject *)a;
-    if (PyArray_TYPE(x) != self->type_num || PyArray_ISBYTESWAPPED(x)
-        || !PyArray_IS_C_CONTIGUOUS(x) || !PyArray_ISALIGNED(x)
-        || PyArray_NDIM(x) != self->in_rank + 1)
-        return 0;
-    const npy_intp *dims = PyArray_DIMS(x);
-    for (int k = 0; k < self->in_rank; k++)
-        if (dims[k + 1] != self->in_shape[k])
+    npy_intp n = 0;
+    for (npy_intp k = 0; k < self->in.count; k++) {
+        if (!PyArray_CheckExact(xs[k]))
             return 0;
-    npy_intp n = dims[0];
-    if (n < 1 || n >= self->direct_below || PyArray_NBYTES(x) >= self->stage_bytes)
-        return 0;
-    npy_intp out_shape[NPY_MAXDIMS + 1];
-    memcpy(out_shape, self->out_shape, sizeof out_shape);
-    out_shape[0] = n;
-    Py_INCREF(self->descr);   /* stolen */
-    PyObject *out = PyArray_NewFromDescr(&PyArray_Type, self->descr, self->out_rank + 1,
-                                         out_shape, NULL, NULL, 0, NULL);
-    if (out == NULL)
-        return -1;
-    Py_INCREF(a);   /* the caller's dict may lose it while the GIL is released */
-    take(self->lock);
-    if (n > self->work_batch) {   /* the Python path grows the arena (under the lock) */
-        give(self->lock);
-        Py_DECREF(a);
-        Py_DECREF(out);
-        return 0;
+        PyArrayObject *x = (PyArrayObject *)xs[k];
+        if (PyArray_TYPE(x) != self->type_num || PyArray_ISBYTESWAPPED(x)
+            || !PyArray_IS_C_CONTIGUOUS(x) || !PyArray_ISALIGNED(x)
+            || PyArray_NDIM(x) != self->in.rank[k] + 1
+            || PyArray_NBYTES(x) >= self->stage_bytes)
+            return 0;
+        const npy_intp *dims = PyArray_DIMS(x);
+        for (int d = 1; d <= self->in.rank[k]; d++)
+            if (dims[d] != self->in.shape[k][d])
+                return 0;
+        if (k > 0 && dims[0] != n)
+            return 0;
+        n = dims[0];
     }
-    void *work = self->work_data, *y = PyArray_DATA((PyArrayObject *)out);
-    const void *in = PyArray_DATA(x);
-    Py_BEGIN_ALLOW_THREADS
-    run_c(self, work, (size_t)n, in, y);
-    Py_END_ALLOW_THREADS
-    give(self->lock);
-    Py_DECREF(a);
-    *outs = PyDict_New();
-    if (*outs == NULL || PyDict_SetItem(*outs, self->output, out) < 0) {
-        Py_XDECREF(*outs);
-        Py_DECREF(out);
-        return -1;
-    }
-    Py_DECREF(out);
-    return 1;
+    return n >= 1 && n < self->direct_below ? n : 0;
 }
 
-/* run(given): the call on the dict of given inputs; (None, {output: array}). */
+/* run(given): the call on the dict of given inputs; (loss or None, {output: array}). */
 static PyObject *Caller_run(Caller *self, PyObject *given)
 {
-    if (PyDict_CheckExact(given) && PyDict_GET_SIZE(given) == 1) {
-        PyObject *a = PyDict_GetItemWithError(given, self->input);   /* borrowed */
-        if (a == NULL && PyErr_Occurred())
-            return NULL;
-        PyObject *outs;
-        int served = a == NULL ? 0 : serve(self, a, &outs);
-        if (served < 0)
-            return NULL;
-        if (served) {
-            PyObject *result = PyTuple_New(2);
-            if (result == NULL) {
-                Py_DECREF(outs);
+    PyObject *xs[MAX_ARRAYS], *ys[MAX_ARRAYS];
+    if (!PyDict_CheckExact(given) || PyDict_GET_SIZE(given) != self->in.count)
+        goto fallback;
+    for (npy_intp k = 0; k < self->in.count; k++) {
+        xs[k] = PyDict_GetItemWithError(given, PyTuple_GET_ITEM(self->in.names, k));
+        if (xs[k] == NULL) {
+            if (PyErr_Occurred())
                 return NULL;
-            }
-            Py_INCREF(Py_None);
-            PyTuple_SET_ITEM(result, 0, Py_None);
-            PyTuple_SET_ITEM(result, 1, outs);
-            return result;
+            goto fallback;
         }
     }
+    npy_intp n = batch_of(self, xs);
+    if (n == 0)
+        goto fallback;
+    npy_intp made = 0;
+    for (; made < self->out.count; made++) {
+        npy_intp *shape = self->out.shape[made];
+        shape[0] = n;
+        Py_INCREF(self->descr);   /* stolen */
+        ys[made] = PyArray_NewFromDescr(&PyArray_Type, self->descr, self->out.rank[made] + 1,
+                                        shape, NULL, NULL, 0, NULL);
+        if (ys[made] == NULL)
+            goto error;
+    }
+    void *args[MAX_LEAD + 1 + 2 * MAX_ARRAYS];
+    int at = 0;
+    for (int k = 0; k < self->n_lead; k++)
+        args[at++] = self->lead[k];
+    at++;   /* work, read under the lock */
+    for (npy_intp k = 0; k < self->in.count; k++) {
+        Py_INCREF(xs[k]);   /* `given` may lose them while the GIL is released */
+        args[at++] = PyArray_DATA((PyArrayObject *)xs[k]);
+    }
+    for (npy_intp k = 0; k < self->out.count; k++)
+        args[at++] = PyArray_DATA((PyArrayObject *)ys[k]);
+    take(self->lock);
+    int served = n <= self->work_batch;   /* else the fallback grows the arena */
+    double loss = 0.0;
+    if (served) {
+        args[self->n_lead] = self->work_data;
+        int before = 0;
+        Py_BEGIN_ALLOW_THREADS
+        if (self->threads) {
+            before = self->get_threads();
+            self->set_threads(self->threads);
+        }
+        self->glue(args, (size_t)n, &loss);
+        if (self->threads)
+            self->set_threads(before);
+        Py_END_ALLOW_THREADS
+    }
+    give(self->lock);
+    for (npy_intp k = 0; k < self->in.count; k++)
+        Py_DECREF(xs[k]);
+    if (!served) {
+        for (npy_intp k = 0; k < self->out.count; k++)
+            Py_DECREF(ys[k]);
+        goto fallback;
+    }
+    PyObject *outs = PyDict_New();
+    if (outs == NULL)
+        goto error;
+    for (npy_intp k = 0; k < self->out.count; k++) {
+        int failed = PyDict_SetItem(outs, PyTuple_GET_ITEM(self->out.names, k), ys[k]);
+        Py_DECREF(ys[k]);
+        ys[k] = NULL;
+        if (failed < 0) {
+            for (npy_intp j = k + 1; j < self->out.count; j++)
+                Py_DECREF(ys[j]);
+            Py_DECREF(outs);
+            return NULL;
+        }
+    }
+    PyObject *first = self->returns_loss ? PyFloat_FromDouble(loss) : Py_NewRef(Py_None);
+    if (first == NULL) {
+        Py_DECREF(outs);
+        return NULL;
+    }
+    PyObject *result = PyTuple_Pack(2, first, outs);
+    Py_DECREF(first);
+    Py_DECREF(outs);
+    return result;
+error:
+    for (npy_intp k = 0; k < made; k++)
+        Py_DECREF(ys[k]);
+    return NULL;
+fallback:
     return PyObject_CallOneArg(self->fallback, given);
 }
 

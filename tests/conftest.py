@@ -92,12 +92,14 @@ def compile_strict(spec, dtype: str = "float32", *, target: str = "c99", **kwarg
     its C built under STRICT_FLAGS (cached like any build)."""
     import graphc
     from codegen.build import build
+    from codegen.fastcall import glue
     from codegen.targets import get_target
     from graphc.model import CompiledModel
     graph, cm = graphc.generate(spec, dtype, target=target, **kwargs)
     tgt = get_target(target)
     built = build(graph.name, cm.source, cm.header, cm.cdef,
-                  extra_flags=(*tgt.build_flags, *STRICT_FLAGS), machine=tgt.machine)
+                  extra_flags=(*tgt.build_flags, *STRICT_FLAGS), machine=tgt.machine,
+                  glue=glue(cm))
     return CompiledModel(graph, cm, built)
 
 

@@ -342,7 +342,7 @@ def test_small_calls_match_the_reference_at_every_batch_size_and_free_a_moved_ar
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 def test_plain_calls_run_in_c_and_every_other_call_as_before(dtype):
-    """forward and predict on the entry's one input, an array as it is, run in C
+    """Calls on exactly the entry's inputs, arrays as they are, run in C
     (codegen/fastcall.c); a call that needs a larger arena, converting, staging or an error
     goes to the Python path. Both give the bound call's bits."""
     from graphc.model import STAGE_BYTES
@@ -390,6 +390,20 @@ def test_plain_calls_run_in_c_and_every_other_call_as_before(dtype):
         m.forward(x=np.zeros((3, 64), dtype), z=np.zeros(3))
     with pytest.raises(InputError, match="missing input 'x'"):
         m.forward(y=np.zeros((3, 10), dtype))
+    # evaluate and train_step run in C too (every input of the model's dtype): the bits of
+    # a twin's bound calls, and, the arena serving these batches, no Python plan made
+    twin = graphc.compile(ROOT / "examples/mlp.yaml", dtype=dtype, seed=5)
+    assert set(m._fast_calls) == {"forward", "evaluate", "train_step"}
+    for n in (3, 1, 5):
+        data = {k: v.astype(dtype) for k, v in _batch(n, seed=n).items()}
+        evaluate = twin.bind("evaluate", **data)
+        loss, outs = m.evaluate(**data)
+        assert loss == evaluate() and type(loss) is float
+        np.testing.assert_array_equal(outs["logits"], evaluate.outputs["logits"])
+        assert m.train_step(**data) == twin.bind("train_step", **data)()
+        np.testing.assert_array_equal(m.get_params()["W1"], twin.get_params()["W1"])
+    assert not m._sizes["train_step"] and not m._sizes["evaluate"]
+    assert m.optimizer_state()["step"] == 3
     # the model's lock, which the C call takes: threading.Lock's behaviour
     with m._lock:
         assert m._lock.locked()
