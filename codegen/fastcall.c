@@ -33,7 +33,7 @@ typedef void (*set_threads_fn)(int);
 /* The model's lock, which every C call of the model holds (the calls share its work arena,
  * and a train step its params): threading.Lock's semantics for `with lock:`, acquire() and
  * release(), and taken here without a Python call (threading.Lock's acquire parses its
- * arguments and reads the clock: a fifth of a small forward's overhead). */
+ * arguments and reads the clock: about 0.2 us of W2's 1.6 us from Python). */
 typedef struct {
     PyObject_HEAD
     PyThread_type_lock lock;
