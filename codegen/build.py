@@ -227,11 +227,7 @@ def _build_extension(stem: str, source: str, command: tuple[str, ...], cache: pa
     """Compile `source` with `command` (and Python's headers) in a private directory and
     publish the .so atomically, as _compile does a model's."""
     import sysconfig
-    try:
-        cache.mkdir(parents=True, exist_ok=True)
-        tmp = pathlib.Path(tempfile.mkdtemp(prefix=f"{stem}.tmp-", dir=cache))
-    except OSError as e:
-        raise _cache_error(cache, e) from None
+    tmp = _build_dir(cache, stem)
     command = (*command, f"-I{sysconfig.get_paths()['include']}")
     try:
         (tmp / f"{stem}.c").write_text(source, encoding="utf-8")
@@ -245,6 +241,16 @@ def _build_extension(stem: str, source: str, command: tuple[str, ...], cache: pa
         raise _cache_error(cache, e) from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _build_dir(cache: pathlib.Path, stem: str) -> pathlib.Path:
+    """A private temporary directory in `cache` for one build (`remove_stale` knows its
+    name), the cache made first if need be."""
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+        return pathlib.Path(tempfile.mkdtemp(prefix=f"{stem}.tmp-", dir=cache))
+    except OSError as e:   # a regular file in the way, or no permission
+        raise _cache_error(cache, e) from None
 
 
 def _cache_error(cache: pathlib.Path, e: OSError) -> GraphcError:
@@ -348,11 +354,7 @@ def _compile(commands: tuple[tuple[str, ...], ...], name: str, modname: str, uni
              declarations: str = "") -> None:
     """Build in a private temporary directory and publish the .so atomically;
     `declarations` are C prototypes the wrapper needs beside the model's header."""
-    try:
-        cache.mkdir(parents=True, exist_ok=True)
-        tmp = pathlib.Path(tempfile.mkdtemp(prefix=f"{modname}.tmp-", dir=cache))
-    except OSError as e:   # a regular file in the way, or no permission
-        raise _cache_error(cache, e) from None
+    tmp = _build_dir(cache, modname)
     remove_stale(cache)
     keep = os.environ.get("GRAPHC_KEEP_SOURCES") == "1"
     kept = cache / f"{modname}.src"

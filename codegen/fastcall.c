@@ -475,7 +475,8 @@ PyMODINIT_FUNC PyInit__graphc_fastcall(void)
     PyObject *m = PyModule_Create(&module);
     if (m == NULL)
         return NULL;
-    if (PyModule_AddType(m, &LockType) < 0 || PyModule_AddType(m, &CallerType) < 0) {
+    if (PyModule_AddType(m, &LockType) < 0 || PyModule_AddType(m, &CallerType) < 0
+        || PyModule_AddIntMacro(m, MAX_ARRAYS) < 0 || PyModule_AddIntMacro(m, MAX_RANK) < 0) {
         Py_DECREF(m);
         return NULL;
     }

@@ -21,7 +21,6 @@ from pathlib import Path
 _LEAD = {"forward": ("const {t} *", "{t} *"), "predict": ("{t} *",),   # (params,) work
          "evaluate": ("const {t} *", "{t} *"), "train_step": ("{t} *", "{t} *", "{t} *")}
 _RETURNS = ("evaluate", "train_step")
-MAX_ARRAYS, MAX_RANK = 8, 16   # fastcall.c's: inputs (and outputs) and per-example rank
 
 
 def glue_name(kind: str) -> str:
@@ -81,17 +80,19 @@ def caller(model, kind: str, fallback, lead: tuple, *, direct_below: int,
     may copy it to an aligned buffer."""
     ffi, lib, cmodule = model._ffi, model._lib, model.cmodule
     entry = cmodule.entries[kind]
+    module = _module()   # its limits: inputs (and outputs) an entry has, per-example rank
     shapes = [cmodule.input_shapes[i] for i in entry.inputs] + \
         [cmodule.output_shapes[o] for o in entry.outputs]
-    if not hasattr(lib, glue_name(kind)) or not entry.inputs or len(entry.inputs) > MAX_ARRAYS \
-            or len(entry.outputs) > MAX_ARRAYS or any(len(s) > MAX_RANK for s in shapes):
+    if not hasattr(lib, glue_name(kind)) or not entry.inputs \
+            or max(len(entry.inputs), len(entry.outputs)) > module.MAX_ARRAYS \
+            or any(len(s) > module.MAX_RANK for s in shapes):
         return None
 
     def address(pointer) -> int:
         return int(ffi.cast("uintptr_t", pointer))
 
     omp = threads is not None
-    return _module().Caller(
+    return module.Caller(
         glue=address(ffi.addressof(lib, glue_name(kind))),
         lead=tuple(address(p) for p in lead), returns_loss=kind in _RETURNS,
         dtype=cmodule.dtype, inputs=entry.inputs,
