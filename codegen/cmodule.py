@@ -88,6 +88,9 @@ class CModule:
     # Entry kind -> the smallest batch at which it runs a kernel in an OpenMP team (host
     # builds; kinds that never do are absent): below it a call needs no thread count.
     parallel_from: dict[str, int] = field(default_factory=dict)
+    # Entry kind -> the iterations of its kernels' loop nests in one call, (fixed, per
+    # example): how long a call is, roughly (a call this short keeps the GIL, graphc/model.py).
+    work: dict[str, tuple[int, int]] = field(default_factory=dict)
 
     def input_dtype(self, name: str) -> str:
         """The NumPy dtype of an input's array: "int32", or the model's."""

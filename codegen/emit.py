@@ -288,6 +288,8 @@ class Emitter:
         self.parameters: dict[str, list[str]] = {}    # kernel function -> its array parameters
         self.calls: dict[str, tuple[KernelCall, ...]] = {}   # entry kind -> its kernel calls
         self.team_from: dict[str, int] = {}   # kernel function -> the n its parallel region needs
+        # kernel function -> its loop nest's iterations per call: (fixed, per example)
+        self.iterations: dict[str, tuple[int, int]] = {}
         self.predicts = False                 # a predict entry (baked params) was written
         # File-scope names: entry points, helpers, kernels as they are named.
         self.names = Namer([f"{name}_{kind}" for kind in ENTRY_KINDS] + list(HELPERS)
@@ -547,6 +549,8 @@ class Emitter:
             if parallel is not None:
                 self.names.taken.add(f"{fname}_tiles")
                 self.team_from[fname] = parallel
+            count = math.prod(int(e) for e in extent.values() if e != BATCH)
+            self.iterations[fname] = (0, count) if BATCH in extent.values() else (count, 0)
             self._emitted[key] = fname
             shown = declared.pretty()
             if kern.node == UPDATE:   # graphc's own buffers, as the header names them
@@ -747,6 +751,19 @@ class Emitter:
             starts = [self.team_from[f] for f in runs if f in self.team_from]
             if starts:
                 found[kind] = min(starts)
+        if self.predicts and "forward" in found:
+            found["predict"] = found["forward"]
+        return found
+
+    def work(self) -> dict[str, tuple[int, int]]:
+        """Entry kind -> the iterations of its kernels' loop nests in one call, (fixed,
+        per example): a train step's are the gradients' and the update's, predict's the
+        forward's."""
+        found = {}
+        for kind, calls in self.calls.items():
+            runs = [c.function for c in calls + (self.calls.get("gradients", ())
+                                                 if kind == "train_step" else ())]
+            found[kind] = tuple(sum(self.iterations[f][k] for f in runs) for k in (0, 1))
         if self.predicts and "forward" in found:
             found["predict"] = found["forward"]
         return found
@@ -998,4 +1015,4 @@ def emit(face: Interface, programs: dict[str, tuple[Program, MemoryPlan]],
                    trainable_size, running, dict(face.input_dtypes),
                    state_sizes, dict(face.hyperparameters) if rule else {},
                    dict(face.state_start) if rule else {}, face.element_slots if rule else (),
-                   em.parallel_from())
+                   em.parallel_from(), em.work())

@@ -12,6 +12,9 @@
  * every model and entry: void glue(void *const *args, size_t n, double *loss), args being
  * the leading pointers (params, state), work, the inputs and the outputs.
  *
+ * A Method on the model's class makes the call `model.forward(x=x)` reach the Caller
+ * without a Python frame (below).
+ *
  * Built once per cache, compiler, Python ABI and numpy version (codegen/fastcall.py).
  */
 #define PY_SSIZE_T_CLEAN
@@ -144,6 +147,8 @@ typedef struct {
     Arrays in, out;
     Py_ssize_t stage_bytes;  /* an input this large goes to the fallback (it may stage it) */
     Py_ssize_t direct_below; /* batches from here run on the fallback's thread timing */
+    Py_ssize_t release_from; /* batches from here run with the GIL released; a shorter
+                              * call keeps it (handing it over costs 0.18 us) */
     int threads;             /* OpenMP threads per call, 0: leave the count as it is */
     get_threads_fn get_threads;
     set_threads_fn set_threads;
@@ -197,8 +202,16 @@ static int read_arrays(PyObject *names, PyObject *shapes, Arrays *into, const ch
             into->shape[k][d + 1] = (npy_intp)extent;
         }
     }
-    Py_INCREF(names);
-    into->names = names;
+    /* interned copies: a call's keywords, interned by Python's compiler, then match them by
+     * identity (method_serve) */
+    into->names = PyTuple_New(into->count);
+    if (into->names == NULL)
+        return -1;
+    for (npy_intp k = 0; k < into->count; k++) {
+        PyObject *name = Py_NewRef(PyTuple_GET_ITEM(names, k));
+        PyUnicode_InternInPlace(&name);
+        PyTuple_SET_ITEM(into->names, k, name);
+    }
     return 0;
 }
 
@@ -216,18 +229,18 @@ static PyObject *Caller_new(PyTypeObject *type, PyObject *args, PyObject *kwargs
 {
     static char *names[] = {"glue", "lead", "returns_loss", "dtype", "inputs",
                             "input_shapes", "outputs", "output_shapes", "stage_bytes",
-                            "direct_below", "threads", "get_threads", "set_threads", "lock",
-                            "fallback", "keep", NULL};
+                            "direct_below", "release_from", "threads", "get_threads",
+                            "set_threads", "lock", "fallback", "keep", NULL};
     PyObject *glue, *lead, *inputs, *in_shapes, *outputs, *out_shapes, *get, *set, *lock,
         *fallback, *keep;
     const char *dtype;
-    Py_ssize_t stage_bytes, direct_below;
+    Py_ssize_t stage_bytes, direct_below, release_from;
     int returns_loss, threads;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OO!psOOOOnniOOO!OO:Caller", names, &glue,
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OO!psOOOOnnniOOO!OO:Caller", names, &glue,
                                      &PyTuple_Type, &lead, &returns_loss, &dtype, &inputs,
                                      &in_shapes, &outputs, &out_shapes, &stage_bytes,
-                                     &direct_below, &threads, &get, &set, &LockType, &lock,
-                                     &fallback, &keep))
+                                     &direct_below, &release_from, &threads, &get, &set,
+                                     &LockType, &lock, &fallback, &keep))
         return NULL;
     Caller *self = (Caller *)type->tp_alloc(type, 0);
     if (self == NULL)
@@ -281,6 +294,7 @@ static PyObject *Caller_new(PyTypeObject *type, PyObject *args, PyObject *kwargs
     }
     self->stage_bytes = stage_bytes;
     self->direct_below = direct_below;
+    self->release_from = release_from;
     Py_INCREF(lock);
     self->lock = (Lock *)lock;
     Py_INCREF(fallback);
@@ -340,10 +354,75 @@ static npy_intp batch_of(const Caller *self, PyObject *const *xs)
     return n >= 1 && n < self->direct_below ? n : 0;
 }
 
+/* The call on input arrays `xs` (in the entry's order): its outputs as a new {output:
+ * array} dict and the loss in *loss; NULL without an exception when this object does not
+ * serve the call (the caller falls back to Python), NULL with one on an error. */
+static PyObject *serve(Caller *self, PyObject *const *xs, double *loss)
+{
+    PyObject *ys[MAX_ARRAYS];
+    npy_intp n = batch_of(self, xs);
+    if (n == 0)
+        return NULL;
+    npy_intp made = 0;
+    for (; made < self->out.count; made++) {
+        npy_intp *shape = self->out.shape[made];
+        shape[0] = n;
+        Py_INCREF(self->descr);   /* stolen */
+        ys[made] = PyArray_NewFromDescr(&PyArray_Type, self->descr, self->out.rank[made] + 1,
+                                        shape, NULL, NULL, 0, NULL);
+        if (ys[made] == NULL) {
+            for (npy_intp k = 0; k < made; k++)
+                Py_DECREF(ys[k]);
+            return NULL;
+        }
+    }
+    void *args[MAX_LEAD + 1 + 2 * MAX_ARRAYS];
+    int at = 0;
+    for (int k = 0; k < self->n_lead; k++)
+        args[at++] = self->lead[k];
+    at++;   /* work, read under the lock */
+    for (npy_intp k = 0; k < self->in.count; k++) {
+        Py_INCREF(xs[k]);   /* their owner may drop them while the GIL is released */
+        args[at++] = PyArray_DATA((PyArrayObject *)xs[k]);
+    }
+    for (npy_intp k = 0; k < self->out.count; k++)
+        args[at++] = PyArray_DATA((PyArrayObject *)ys[k]);
+    take(self->lock);
+    int served = n <= self->work_batch;   /* else the fallback grows the arena */
+    *loss = 0.0;
+    if (served) {
+        args[self->n_lead] = self->work_data;
+        PyThreadState *saved = n >= self->release_from ? PyEval_SaveThread() : NULL;
+        int before = 0;
+        if (self->threads) {
+            before = self->get_threads();
+            self->set_threads(self->threads);
+        }
+        self->glue(args, (size_t)n, loss);
+        if (self->threads)
+            self->set_threads(before);
+        if (saved != NULL)
+            PyEval_RestoreThread(saved);
+    }
+    give(self->lock);
+    for (npy_intp k = 0; k < self->in.count; k++)
+        Py_DECREF(xs[k]);
+    PyObject *outs = served ? PyDict_New() : NULL;
+    int failed = served && outs == NULL;
+    for (npy_intp k = 0; k < self->out.count; k++) {
+        if (outs != NULL && !failed)
+            failed = PyDict_SetItem(outs, PyTuple_GET_ITEM(self->out.names, k), ys[k]) < 0;
+        Py_DECREF(ys[k]);
+    }
+    if (failed)
+        Py_CLEAR(outs);
+    return outs;
+}
+
 /* run(given): the call on the dict of given inputs; (loss or None, {output: array}). */
 static PyObject *Caller_run(Caller *self, PyObject *given)
 {
-    PyObject *xs[MAX_ARRAYS], *ys[MAX_ARRAYS];
+    PyObject *xs[MAX_ARRAYS];
     if (!PyDict_CheckExact(given) || PyDict_GET_SIZE(given) != self->in.count)
         goto fallback;
     for (npy_intp k = 0; k < self->in.count; k++) {
@@ -354,67 +433,12 @@ static PyObject *Caller_run(Caller *self, PyObject *given)
             goto fallback;
         }
     }
-    npy_intp n = batch_of(self, xs);
-    if (n == 0)
-        goto fallback;
-    npy_intp made = 0;
-    for (; made < self->out.count; made++) {
-        npy_intp *shape = self->out.shape[made];
-        shape[0] = n;
-        Py_INCREF(self->descr);   /* stolen */
-        ys[made] = PyArray_NewFromDescr(&PyArray_Type, self->descr, self->out.rank[made] + 1,
-                                        shape, NULL, NULL, 0, NULL);
-        if (ys[made] == NULL)
-            goto error;
-    }
-    void *args[MAX_LEAD + 1 + 2 * MAX_ARRAYS];
-    int at = 0;
-    for (int k = 0; k < self->n_lead; k++)
-        args[at++] = self->lead[k];
-    at++;   /* work, read under the lock */
-    for (npy_intp k = 0; k < self->in.count; k++) {
-        Py_INCREF(xs[k]);   /* `given` may lose them while the GIL is released */
-        args[at++] = PyArray_DATA((PyArrayObject *)xs[k]);
-    }
-    for (npy_intp k = 0; k < self->out.count; k++)
-        args[at++] = PyArray_DATA((PyArrayObject *)ys[k]);
-    take(self->lock);
-    int served = n <= self->work_batch;   /* else the fallback grows the arena */
-    double loss = 0.0;
-    if (served) {
-        args[self->n_lead] = self->work_data;
-        int before = 0;
-        Py_BEGIN_ALLOW_THREADS
-        if (self->threads) {
-            before = self->get_threads();
-            self->set_threads(self->threads);
-        }
-        self->glue(args, (size_t)n, &loss);
-        if (self->threads)
-            self->set_threads(before);
-        Py_END_ALLOW_THREADS
-    }
-    give(self->lock);
-    for (npy_intp k = 0; k < self->in.count; k++)
-        Py_DECREF(xs[k]);
-    if (!served) {
-        for (npy_intp k = 0; k < self->out.count; k++)
-            Py_DECREF(ys[k]);
-        goto fallback;
-    }
-    PyObject *outs = PyDict_New();
-    if (outs == NULL)
-        goto error;
-    for (npy_intp k = 0; k < self->out.count; k++) {
-        int failed = PyDict_SetItem(outs, PyTuple_GET_ITEM(self->out.names, k), ys[k]);
-        Py_DECREF(ys[k]);
-        ys[k] = NULL;
-        if (failed < 0) {
-            for (npy_intp j = k + 1; j < self->out.count; j++)
-                Py_DECREF(ys[j]);
-            Py_DECREF(outs);
+    double loss;
+    PyObject *outs = serve(self, xs, &loss);
+    if (outs == NULL) {
+        if (PyErr_Occurred())
             return NULL;
-        }
+        goto fallback;
     }
     PyObject *first = self->returns_loss ? PyFloat_FromDouble(loss) : Py_NewRef(Py_None);
     if (first == NULL) {
@@ -425,10 +449,6 @@ static PyObject *Caller_run(Caller *self, PyObject *given)
     Py_DECREF(first);
     Py_DECREF(outs);
     return result;
-error:
-    for (npy_intp k = 0; k < made; k++)
-        Py_DECREF(ys[k]);
-    return NULL;
 fallback:
     return PyObject_CallOneArg(self->fallback, given);
 }
@@ -444,6 +464,8 @@ static PyMethodDef Caller_methods[] = {
 static PyMemberDef Caller_members[] = {
     {"direct_below", T_PYSSIZET, offsetof(Caller, direct_below), READONLY,
      "the batch from which calls go to the fallback"},
+    {"release_from", T_PYSSIZET, offsetof(Caller, release_from), READONLY,
+     "the batch from which the C runs with the GIL released"},
     {"threads", T_INT, offsetof(Caller, threads), READONLY,
      "OpenMP threads per call (0: the caller's count)"},
     {"work_batch", T_PYSSIZET, offsetof(Caller, work_batch), READONLY,
@@ -463,6 +485,158 @@ static PyTypeObject CallerType = {
     .tp_members = Caller_members,
 };
 
+/* Where a model keeps its Callers: {kind: Caller} (graphc/model.py). */
+static PyObject *fast_calls_name;
+
+enum { RETURNS_OUTPUTS, RETURNS_LOSS, RETURNS_BOTH };
+
+/* A model's method (forward, predict, evaluate, train_step) on its class. Read as an
+ * attribute it is the Python function it wraps (`model.forward` is a bound method with that
+ * function's signature and docs), but the call `model.forward(x=x)` comes here with the model
+ * as its first argument and no bound method made (Py_TPFLAGS_METHOD_DESCRIPTOR), and the
+ * model's Caller for the kind serves it without a Python frame: that frame, its **inputs
+ * dict and the lookups of the Caller cost 0.4 us of W2's 1.7 us forward. Every call the
+ * Caller does not serve goes to the Python function as it was made. */
+typedef struct {
+    PyObject_HEAD
+    vectorcallfunc vectorcall;
+    PyObject *function;
+    PyObject *kind;   /* the key of its Caller in the model's fast_calls_name dict */
+    int returns;
+} Method;
+
+/* 1 when the Caller served the call (*result: what the method returns, or NULL with an
+ * exception), 0 when the Python function must make it. */
+static int method_serve(Method *self, PyObject *model, PyObject *const *values,
+                        PyObject *kwnames, PyObject **result)
+{
+    *result = NULL;
+    PyObject *calls = PyObject_GetAttr(model, fast_calls_name);
+    if (calls == NULL) {   /* a model not made by CompiledModel.__init__: the function says */
+        if (!PyErr_ExceptionMatches(PyExc_AttributeError))
+            return 1;
+        PyErr_Clear();
+        return 0;
+    }
+    PyObject *found = PyDict_CheckExact(calls) ? PyDict_GetItemWithError(calls, self->kind)
+                                               : NULL;
+    Py_XINCREF(found);   /* the dict may lose it while the GIL is released */
+    Py_DECREF(calls);
+    if (found == NULL || !Py_IS_TYPE(found, &CallerType)) {
+        Py_XDECREF(found);
+        return PyErr_Occurred() != NULL;
+    }
+    Caller *caller = (Caller *)found;
+    PyObject *xs[MAX_ARRAYS];
+    Py_ssize_t given = PyTuple_GET_SIZE(kwnames);
+    int matched = given == caller->in.count;
+    /* Python passes distinct keywords, so the same count and every input found is a match */
+    for (npy_intp k = 0; matched && k < caller->in.count; k++) {
+        PyObject *name = PyTuple_GET_ITEM(caller->in.names, k);
+        xs[k] = NULL;
+        for (Py_ssize_t j = 0; j < given && xs[k] == NULL; j++) {
+            PyObject *keyword = PyTuple_GET_ITEM(kwnames, j);
+            if (keyword == name || PyUnicode_Compare(keyword, name) == 0)
+                xs[k] = values[j];
+        }
+        matched = xs[k] != NULL;
+    }
+    double loss;
+    PyObject *outs = matched ? serve(caller, xs, &loss) : NULL;
+    Py_DECREF(found);
+    if (outs == NULL)
+        return PyErr_Occurred() != NULL;
+    if (self->returns == RETURNS_OUTPUTS) {
+        *result = outs;
+        return 1;
+    }
+    PyObject *value = PyFloat_FromDouble(loss);
+    if (value != NULL && self->returns == RETURNS_BOTH) {
+        *result = PyTuple_Pack(2, value, outs);
+        Py_DECREF(value);
+    } else
+        *result = value;
+    Py_DECREF(outs);
+    return 1;
+}
+
+static PyObject *Method_vectorcall(Method *self, PyObject *const *args, size_t nargsf,
+                                   PyObject *kwnames)
+{
+    if (PyVectorcall_NARGS(nargsf) == 1 && kwnames != NULL) {   /* model.forward(x=x) */
+        PyObject *result;
+        if (method_serve(self, args[0], args + 1, kwnames, &result))
+            return result;
+    }
+    return PyObject_Vectorcall(self->function, args, nargsf, kwnames);
+}
+
+static PyObject *Method_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
+{
+    static char *names[] = {"function", "kind", "returns", NULL};
+    static const char *returns[] = {"outputs", "loss", "both"};
+    PyObject *function, *kind;
+    const char *what;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OUs:Method", names, &function, &kind,
+                                     &what))
+        return NULL;
+    if (!PyCallable_Check(function)) {
+        PyErr_SetString(PyExc_TypeError, "Method: function must be callable");
+        return NULL;
+    }
+    int mode = -1;
+    for (int k = 0; k < 3; k++)
+        if (strcmp(what, returns[k]) == 0)
+            mode = k;
+    if (mode < 0) {
+        PyErr_Format(PyExc_ValueError, "Method: returns is outputs, loss or both, not '%s'",
+                     what);
+        return NULL;
+    }
+    Method *self = (Method *)type->tp_alloc(type, 0);
+    if (self == NULL)
+        return NULL;
+    self->vectorcall = (vectorcallfunc)Method_vectorcall;
+    self->function = Py_NewRef(function);
+    self->kind = Py_NewRef(kind);
+    self->returns = mode;
+    return (PyObject *)self;
+}
+
+static void Method_dealloc(Method *self)
+{
+    Py_XDECREF(self->function);
+    Py_XDECREF(self->kind);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+/* As the function itself is read: from the class, the function; from a model, bound. */
+static PyObject *Method_get(Method *self, PyObject *model, PyObject *Py_UNUSED(type))
+{
+    if (model == NULL || model == Py_None)
+        return Py_NewRef(self->function);
+    return PyMethod_New(self->function, model);
+}
+
+static PyMemberDef Method_members[] = {
+    {"__wrapped__", T_OBJECT, offsetof(Method, function), READONLY, "the Python function"},
+    {NULL, 0, 0, 0, NULL}
+};
+
+static PyTypeObject MethodType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "_graphc_fastcall.Method",
+    .tp_doc = "A model's method whose plain call its Caller serves in C.",
+    .tp_basicsize = sizeof(Method),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_VECTORCALL | Py_TPFLAGS_METHOD_DESCRIPTOR,
+    .tp_vectorcall_offset = offsetof(Method, vectorcall),
+    .tp_call = PyVectorcall_Call,
+    .tp_descr_get = (descrgetfunc)Method_get,
+    .tp_new = Method_new,
+    .tp_dealloc = (destructor)Method_dealloc,
+    .tp_members = Method_members,
+};
+
 static struct PyModuleDef module = {
     PyModuleDef_HEAD_INIT, "_graphc_fastcall",
     "graphc's C call of a model entry point from Python (codegen/fastcall.py).", -1, NULL,
@@ -475,7 +649,9 @@ PyMODINIT_FUNC PyInit__graphc_fastcall(void)
     PyObject *m = PyModule_Create(&module);
     if (m == NULL)
         return NULL;
-    if (PyModule_AddType(m, &LockType) < 0 || PyModule_AddType(m, &CallerType) < 0
+    fast_calls_name = PyUnicode_InternFromString("_fast_calls");
+    if (fast_calls_name == NULL || PyModule_AddType(m, &LockType) < 0
+        || PyModule_AddType(m, &CallerType) < 0 || PyModule_AddType(m, &MethodType) < 0
         || PyModule_AddIntMacro(m, MAX_ARRAYS) < 0 || PyModule_AddIntMacro(m, MAX_RANK) < 0) {
         Py_DECREF(m);
         return NULL;

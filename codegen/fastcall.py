@@ -68,8 +68,21 @@ def new_lock():
     return _module().Lock()
 
 
+def install_methods(cls, returns: dict[str, str]) -> None:
+    """Make each method `kind` of `cls` (returns[kind]: what it returns, "outputs", "loss"
+    or "both") the extension's Method around it, once: read as an attribute it stays the
+    Python function, and its plain call `model.forward(x=x)` goes to the model's Caller for
+    `kind` (`model._fast_calls[kind]`) without a Python frame (0.4 µs of W2's forward).
+    Done when the first model is made, since building the extension needs the compiler."""
+    method = _module().Method
+    for kind, what in returns.items():
+        function = cls.__dict__[kind]
+        if not isinstance(function, method):
+            setattr(cls, kind, method(function, kind, what))
+
+
 def caller(model, kind: str, fallback, lead: tuple, *, direct_below: int,
-           threads: int | None, stage_bytes: int):
+           threads: int | None, stage_bytes: int, release_from: int = 1):
     """The C caller of `model`'s entry `kind` (forward, predict, evaluate, train_step), or
     None when the model's wrapper has no glue for it (`glue`): its `run(given)` does what
     `fallback(given)` does, and `set_work(arena, batch)` must hear of every new work arena
@@ -77,7 +90,8 @@ def caller(model, kind: str, fallback, lead: tuple, *, direct_below: int,
     (params, state); `direct_below`: the batch from which calls go to `fallback` (whose
     thread timing serves them); `threads`: the OpenMP threads a call runs on, None to
     leave the count as it is; an input of `stage_bytes` or more goes to `fallback`, which
-    may copy it to an aligned buffer."""
+    may copy it to an aligned buffer; `release_from`: the batch from which the C runs with
+    the GIL released (shorter calls keep it)."""
     ffi, lib, cmodule = model._ffi, model._lib, model.cmodule
     entry = cmodule.entries[kind]
     module = _module()   # its limits: inputs (and outputs) an entry has, per-example rank
@@ -99,7 +113,8 @@ def caller(model, kind: str, fallback, lead: tuple, *, direct_below: int,
         input_shapes=tuple(tuple(cmodule.input_shapes[i]) for i in entry.inputs),
         outputs=entry.outputs,
         output_shapes=tuple(tuple(cmodule.output_shapes[o]) for o in entry.outputs),
-        stage_bytes=stage_bytes, direct_below=direct_below, threads=threads or 0,
+        stage_bytes=stage_bytes, direct_below=direct_below, release_from=release_from,
+        threads=threads or 0,
         get_threads=address(ffi.addressof(lib, "omp_get_max_threads")) if omp else None,
         set_threads=address(ffi.addressof(lib, "omp_set_num_threads")) if omp else None,
         lock=model._lock, fallback=fallback, keep=(lead, lib))

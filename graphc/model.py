@@ -99,6 +99,12 @@ STAGE_BYTES = 4096
 # A model called with ever new batch sizes forgets all its per-shape call plans when it
 # holds this many (each is remade on the next call of its shape).
 MAX_CALL_SHAPES = 64
+# A call from Python whose kernels run fewer loop iterations than this (CModule.work) keeps
+# the GIL in C (codegen/fastcall.c): a microsecond or two of C (W2's forward at batch 1 is
+# 2,368 iterations and 0.23 µs; W1's train step 7,602 and 1.9 µs), where handing the GIL over
+# and back costs 0.18 µs and no other thread could do much with it (Python hands it between
+# threads every 5 ms). numpy keeps it likewise for loops of under 500 elements.
+GIL_ITERATIONS = 8192
 
 
 def aligned_zeros(size: int, dtype) -> np.ndarray:
@@ -176,6 +182,10 @@ _VERBS = {"forward": "run forward", "evaluate": "evaluate", "train_step": "train
 # What a bound call passes to each entry before `n` and the input and output pointers.
 _BOUND_LEAD = {"forward": ("params", "work"), "evaluate": ("params", "work"),
                "train_step": ("params", "state", "work"), "predict": ("work",)}
+# What each of those methods returns of its call's (loss, outputs): their plain calls are
+# made in C (codegen/fastcall.py install_methods), which must return the same.
+_FAST_RETURNS = {"forward": "outputs", "predict": "outputs", "evaluate": "both",
+                 "train_step": "loss"}
 
 
 class CompiledModel:
@@ -209,8 +219,9 @@ class CompiledModel:
         # a train step the params): two threads at once got 353 of 400 forwards wrong. One
         # lock per model serializes them (codegen/fastcall.py's, which the C call of forward
         # takes without calling into Python).
-        from codegen.fastcall import new_lock
+        from codegen.fastcall import install_methods, new_lock
         self._lock = new_lock()
+        install_methods(CompiledModel, _FAST_RETURNS)
         self._threads = self._check_threads(threads)
         self._calls = {kind: self._c_function(e.c_name) for kind, e in cmodule.entries.items()}
         # kind -> {input shapes (one input's: its shape): (n, output shapes, work pointer,
@@ -459,12 +470,17 @@ class CompiledModel:
         if any(want is None for _, want in wants):   # int32 values are checked in Python
             return plain
         # The same call in C (codegen/fastcall.py): from Python, W2's forward took 1.7 µs
-        # of CPU instead of 5.7, W1's train step 3.0 instead of 9.0.
+        # of CPU instead of 5.7, W1's train step 3.0 instead of 9.0 (1.07 and 2.25 with
+        # the methods in C too, and the GIL kept for short calls).
         from codegen.fastcall import caller
         threaded = hasattr(model._lib, "omp_set_num_threads")
+        # the first batch of GIL_ITERATIONS or more, which the C runs without the GIL
+        fixed, each = cmodule.work.get(kind, (GIL_ITERATIONS, 0))
+        release_from = 1 if fixed >= GIL_ITERATIONS else \
+            -(-(GIL_ITERATIONS - fixed) // each) if each else sys.maxsize
         fast = caller(model, kind, plain, lead, stage_bytes=STAGE_BYTES,
                       direct_below=team_from if timed else sys.maxsize,
-                      threads=model._threads if threaded else None)
+                      threads=model._threads if threaded else None, release_from=release_from)
         if fast is None:
             return plain
         fast.set_work(model._work, model._work_batch)

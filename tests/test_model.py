@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import re
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import pytest
 
 import graphc
 from graphc.errors import InputError
+from graphc.model import CompiledModel
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -379,6 +381,22 @@ def test_plain_calls_run_in_c_and_every_other_call_as_before(dtype):
     unaligned[...] = x
     assert not unaligned.flags.aligned
     check(unaligned)
+    # The plain calls skip Python's forward too (fastcall.c's Method): a stand-in for the
+    # Python path sees only the calls that C does not serve.
+    seen, python_path = [], m._runs["forward"]
+    m._runs["forward"] = lambda given: seen.append(sorted(given)) or python_path(given)
+    check(rng.standard_normal((2, 64)).astype(dtype))
+    assert seen == []
+    check(x.astype(other))
+    m.forward(**{"x": x.astype(dtype)})   # served by the Python function, as it was made
+    assert seen == [["x"], ["x"]]
+    m._runs["forward"] = python_path
+    # read as an attribute, each method is the Python function (bound), as it was made
+    assert m.forward.__func__ is CompiledModel.forward and m.forward.__self__ is m
+    assert str(inspect.signature(m.train_step)) == "(**inputs) -> 'float'"
+    assert "batch-mean loss" in CompiledModel.evaluate.__doc__
+    with pytest.raises(TypeError, match="takes 1 positional argument but 2 were given"):
+        m.forward(x)
     big = rng.standard_normal((STAGE_BYTES // 64 // np.dtype(dtype).itemsize + 1, 64))
     check(big.astype(dtype))                             # staged if need be
     assert fast.work_batch == big.shape[0]
@@ -410,6 +428,35 @@ def test_plain_calls_run_in_c_and_every_other_call_as_before(dtype):
     assert not m._lock.locked()
     with pytest.raises(RuntimeError, match="release unlocked lock"):
         m._lock.release()
+
+
+def test_the_c_call_keeps_the_gil_only_while_its_kernels_are_short():
+    """CModule.work: each entry's loop iterations per call, (fixed, per example); the C call
+    from Python keeps the GIL below GIL_ITERATIONS of them and releases it from there."""
+    from graphc.model import GIL_ITERATIONS
+    spec = {"name": "d", "inputs": {"x": [5], "y": [3]}, "params": {"W": [3, 5], "b": [3]},
+            "nodes": {"h": {"op": "dense", "inputs": ["x", "W", "b"]},
+                      "a": {"op": "relu", "inputs": ["h"]},
+                      "loss": {"op": "mse", "inputs": ["a", "y"]}},
+            "outputs": ["a"], "loss": "loss", "optimizer": {"name": "sgd", "lr": 0.1}}
+    m = graphc.compile(spec, dtype="float64")
+    # forward: dense and relu in one 3x5 nest; evaluate adds the squared errors (3) and the
+    # batch mean (1); gradients: the forward again (15 + 3 + 3 + 1), dh (3), dW (15), db (3);
+    # a train step, those and the step count (1) and the SGD update of 18 params
+    assert m.cmodule.work == {"forward": (0, 15), "evaluate": (0, 19), "gradients": (0, 43),
+                              "train_step": (19, 43)}
+    first = {kind: -(-(GIL_ITERATIONS - fixed) // each)
+             for kind, (fixed, each) in m.cmodule.work.items() if kind != "gradients"}
+    assert {k: c.release_from for k, c in m._fast_calls.items()} == first
+    twin = graphc.compile(spec, dtype="float64")
+    rng = np.random.default_rng(4)
+    for n in (first["train_step"] - 1, first["train_step"]):   # both sides of the threshold
+        x, y = rng.standard_normal((n, 5)), rng.standard_normal((n, 3))
+        with m._lock:   # the arena serves n: the calls below are the C path's
+            m._work_for(n)
+        assert m.train_step(x=x, y=y) == twin.bind("train_step", x=x, y=y)()
+        np.testing.assert_array_equal(m.forward(x=x)["a"], twin.forward(x=x)["a"])
+        assert not m._sizes["train_step"] and not m._sizes["forward"]
 
 
 def test_per_example_scalar_inputs_take_the_fast_path_and_reject_bad_shapes():
@@ -502,7 +549,8 @@ def test_bind_errors_name_the_input_and_the_reason(model, kind, args, message):
         model.bind(kind, **args)
 
 
-@pytest.mark.parametrize("n", [300, 15])   # staged inputs, and the small calls' path
+# staged inputs, the plain calls' C path, and one short enough to keep the GIL there
+@pytest.mark.parametrize("n", [300, 15, 1])
 def test_threads_sharing_a_model_get_their_own_results(n):
     """cffi releases the GIL in C, and every call of a model shares its work arena: without
     the model's lock, two threads got 353 of 400 forwards wrong. Bound calls have arenas of
