@@ -87,9 +87,12 @@ def _generated(spec, dtype: str, target: str):
     return graphc.generate(spec, dtype, target=target)
 
 
-def compile_strict(spec, dtype: str = "float32", *, target: str = "c99", **kwargs):
+def compile_strict(spec, dtype: str = "float32", *, target: str = "c99",
+                   optimize: bool = True, **kwargs):
     """graphc.compile's model for `target` (the host's with -march=native and -fopenmp),
-    its C built under STRICT_FLAGS (cached like any build)."""
+    its C built under STRICT_FLAGS (cached like any build); with optimize=False, at -O0
+    (a sixth of the compile time; for tests that build the same text optimized in the
+    other dtype too)."""
     import graphc
     from codegen.build import build
     from codegen.fastcall import glue
@@ -98,7 +101,8 @@ def compile_strict(spec, dtype: str = "float32", *, target: str = "c99", **kwarg
     graph, cm = graphc.generate(spec, dtype, target=target, **kwargs)
     tgt = get_target(target)
     built = build(graph.name, cm.source, cm.header, cm.cdef,
-                  extra_flags=(*tgt.build_flags, *STRICT_FLAGS), machine=tgt.machine,
+                  extra_flags=(*tgt.build_flags, *STRICT_FLAGS, *(() if optimize else ("-O0",))),
+                  machine=tgt.machine,
                   glue=glue(cm))
     return CompiledModel(graph, cm, built)
 

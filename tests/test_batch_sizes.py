@@ -1,4 +1,4 @@
-"""Every example's C, for every target, at every batch size the header allows (n = 0
+"""Every example's C, for every target, at batch sizes that take every path through it (n = 0
 included), under AddressSanitizer and UBSan, against the NumPy reference (tests/sweep.py).
 
 The Cortex-M targets' plain loops run here on the host: the text is the one that ships.
