@@ -104,7 +104,7 @@ class _Race:
     """One batch-size class's record for `FasterOfOneOrAll`: the recent time per example on
     all threads and on one, which is in use, and when the other is tried again."""
 
-    __slots__ = ("per_example", "one", "left", "interval", "warm", "won")
+    __slots__ = ("per_example", "one", "left", "interval", "warm", "wins")
 
     def __init__(self):
         self.per_example = [0.0, 0.0]     # [all threads, one thread], seconds
@@ -112,7 +112,7 @@ class _Race:
         self.left = 2                     # calls until the other count is tried
         self.interval = FIRST_RETRY
         self.warm = False                 # a bound call's first run (cold caches) is not timed
-        self.won = False                  # the last trial beat the count in use
+        self.wins = 0                     # trials in a row that beat the count in use
 
     def next(self) -> tuple[bool, bool]:
         """(on one thread, whether this call tries the count not in use)."""
@@ -127,17 +127,22 @@ class _Race:
             return
         if not trial:   # the count in use: a moving average, a quarter per call
             average = self.per_example[one]
+            if not one and average and seconds > STALL * average:
+                # All threads waited for one the scheduler parked: another process may have
+                # come. One thread is tried at the next call, and while trials lose, after
+                # 2, 4, 8 ... calls again: the average of all threads takes calls to rise.
+                self.left, self.interval = 1, 1
             self.per_example[one] = seconds if not average else average + (seconds - average) / 4
             return
         # A trial is one call: conditions may have changed since that count last ran.
         self.per_example[one] = seconds
         in_use = self.per_example[self.one]
-        if in_use and seconds < in_use and not self.won:
+        if in_use and seconds < in_use and self.wins + 1 < WINS_TO_SWITCH[one]:
             # Beside busy processes the time on all threads is bimodal (fast while the
-            # competitor is parked, else slow): one lucky call is not enough to switch.
-            self.won, self.left = True, 1
+            # competitor is parked, else a stall): one lucky call is not enough to switch.
+            self.wins, self.left = self.wins + 1, 1
             return
-        self.won = False
+        self.wins = 0
         if not in_use or seconds < in_use:
             self.one, self.interval = one, FIRST_RETRY
         else:   # confirmed: try again later and later, so trials cost little
@@ -148,9 +153,16 @@ class _Race:
 # Calls between trials of the count not in use: 4 after a switch, doubling while trials
 # confirm the choice, up to 64. A trial of the slower count costs its difference once, so at
 # most 1/64 of it in the long run (1.5% of a call on the MLP step, quiet or beside a busy
-# process), and a change of conditions is followed within 64 calls (two trials in a row
-# must win to switch).
+# process), and a change of conditions is followed within 64 calls. Trials in a row must
+# win to switch: 3 to all threads, whose calls beside a busy process are bimodal (where half
+# of them are fast, 2 lucky trials in a row switch a quarter of the time), 2 to one thread,
+# the safe count. A call on all threads that takes STALL times their average is a stall,
+# and one thread is tried at the next call: after a quiet spell the next trial was up to 64
+# calls away (W6.64 beside a competitor: about 60 calls at 1.4 times one thread's time).
+# Quiet, the trials that stalls start cost W4's forward 1-3%.
 FIRST_RETRY, LAST_RETRY = 4, 64
+WINS_TO_SWITCH = (3, 2)   # [to all threads, to one thread]
+STALL = 1.5
 _clock = time.perf_counter
 
 

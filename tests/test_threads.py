@@ -2,6 +2,7 @@
 default, one thread or all, whichever is lately faster), and the wait policy graphc gives
 the runtime it loads (codegen/openmp.py)."""
 
+import itertools
 import os
 import re
 import subprocess
@@ -168,7 +169,10 @@ class _FakeRuntime:
 
     def entry(self, n):
         self.runs.append(self.count)
-        self.now += self.cost["one" if self.count == 1 else "all"] * n
+        cost = self.cost["one" if self.count == 1 else "all"]
+        if callable(cost):   # a cost that varies from call to call
+            cost = cost()
+        self.now += cost * n
         return n
 
 
@@ -201,6 +205,33 @@ def test_the_default_moves_to_one_thread_when_one_is_faster_and_back(monkeypatch
     runtime.runs.clear()
     call(100)
     assert runtime.runs == [2]
+
+
+def test_a_competitor_arriving_moves_the_default_to_one_thread_within_a_few_calls(
+        monkeypatch):
+    worst = 0
+    for quiet in range(500, 500 + openmp.LAST_RETRY):   # every phase of the longest interval
+        runtime, call = _race(monkeypatch, {"all": 1.0, "one": 1.7}, quiet)
+        runtime.cost = {"all": 2.1, "one": 1.7}   # a busy process holds a core from now on
+        runtime.runs.clear()
+        for _ in range(40):
+            call(8)
+        worst = max(worst, runtime.runs.count(2))
+    # the first slow call on all threads starts trials of one at once, not up to 64 calls
+    # later; after the switch all threads are only tried, after 4, 8, 16 calls
+    assert worst <= 10, worst
+
+
+def test_all_threads_that_stall_every_third_call_do_not_win_by_their_lucky_calls(
+        monkeypatch):
+    # Fast while the competitor is parked, else a stall: 3.7 per example on average, where
+    # one thread takes 1.7. With two wins to switch, trials of all switched to it in runs
+    # (1,065 of the last 3,200 calls on all, 39 % above one thread's time).
+    stalls = itertools.cycle([1.0, 1.0, 9.0])
+    calls, n = 5000, 8
+    runtime, _ = _race(monkeypatch, {"all": lambda: next(stalls), "one": 1.7}, calls, n=n)
+    assert runtime.runs[-3200:].count(2) <= 200, runtime.runs[-3200:].count(2)
+    assert runtime.now <= 1.1 * 1.7 * n * calls, runtime.now / (1.7 * n * calls)
 
 
 def test_a_batch_below_the_parallel_one_goes_straight_to_c_and_one_thread_stays_one(
