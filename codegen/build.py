@@ -527,8 +527,11 @@ def store_prepared(key: str, cmodule, built: BuildResult) -> None:
 def _load(modname: str, path: str):
     from .openmp import runtime_defaults
     spec = importlib.util.spec_from_file_location(modname, path)
-    module = importlib.util.module_from_spec(spec)
-    with runtime_defaults():   # if this module brings in the OpenMP runtime, how it waits
+    # If this module brings in the OpenMP runtime, how it waits. module_from_spec is where
+    # an extension module is opened (dlopen), and with it the runtime, which reads its
+    # settings then: exec_module only runs the module's init.
+    with runtime_defaults():
+        module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
     return module
 

@@ -159,7 +159,8 @@ class _Race:
 # the safe count. A call on all threads that takes STALL times their average is a stall,
 # and one thread is tried at the next call: after a quiet spell the next trial was up to 64
 # calls away (W6.64 beside a competitor: about 60 calls at 1.4 times one thread's time).
-# Quiet, the trials that stalls start cost W4's forward 1-3%.
+# Those figures are of a spinning runtime (a PyTorch import, or the user, may start libgomp
+# so); with graphc's passive one, stalls are rarer and both rules measured the same.
 FIRST_RETRY, LAST_RETRY = 4, 64
 WINS_TO_SWITCH = (3, 2)   # [to all threads, to one thread]
 STALL = 1.5
