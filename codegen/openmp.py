@@ -21,10 +21,12 @@ around each of its calls and restores the caller's (`OnThreads`).
 
 By default (`threads=None`) each call of a batch big enough for a parallel region runs on
 one thread or on all of the caller's, whichever has lately been the faster at that batch
-size (`FasterOfOneOrAll`). Quiet, all threads win (the 784-256-128-10 step: 1.8 ms on 2
-cores against 3.3 on one); beside a busy process, one thread wins, because each parallel
-region ends in a barrier that waits for the thread the scheduler has parked (5.7 ms on 2
-threads, 3.25 on one). Either count computes the same bits (codegen/tiles.py).
+size (`FasterOfOneOrAll`). Quiet, all threads win; beside a busy process, all threads are
+no faster than one, because each parallel region ends in a barrier that waits for the thread
+the scheduler has parked, and with a spinning runtime they are slower (W3's step on a 2-core
+Zen 1, `python -m benchmarks.threads --workloads W3 --variants passive,active,1thread`,
+medians: quiet 2.6 ms on 2 threads and 4.3 on one; beside a busy process 4.7 passive, 6.4
+spinning, 4.7 on one). Either count computes the same bits (codegen/tiles.py).
 """
 
 from __future__ import annotations
