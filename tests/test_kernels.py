@@ -98,6 +98,20 @@ def depthwise() -> graphc.Graph:
                    optimizer={"name": "sgd", "lr": 0.01})
 
 
+def shifted() -> graphc.Graph:
+    """A 1 x 1 convolution with a bias and relu epilogue on a 9 x 7 map, its 63 positions
+    the lanes: whole chunks and a short one whose last vector is more than half full (7
+    of 8 lanes on c99, 15 of 16 with AVX2, 31 of 32 with AVX-512), which runs as a whole
+    chunk ending at position 63."""
+    b = graphc.Builder("shifted")
+    x, y = b.input("x", [16, 9, 7]), b.input("y", [24, 9, 7])
+    c = b.conv2d(x, b.param("K", [24, 16, 1, 1], init="he_normal"),
+                 b.param("k", [24], init="normal", std=0.1), name="c")
+    a = b.relu(c, name="a")
+    return b.build(outputs=[a], loss=b.sum(b.mul(a, y, name="ay"), name="loss"),
+                   optimizer={"name": "sgd", "lr": 0.01})
+
+
 MODELS = {
     "primes": (lambda: mlp("primes", [37, 19, 5]), (1, 3, 9, 17)),
     "ones": (lambda: mlp("ones", [1, 1, 3]), (1, 2)),
@@ -113,6 +127,7 @@ MODELS = {
     "conv9": (lambda: conv_rows("conv9", 9), (1, 3)),
     "conv5": (lambda: conv_rows("conv5", 5), (2,)),
     "depthwise": (depthwise, (1, 3)),
+    "shifted": (shifted, (1, 5)),
 }
 
 
@@ -160,6 +175,22 @@ def _check_against_reference(model, name: str, target: str, dtype: str, batches,
         assert grads.keys() == ref_grads.keys() == model.graph.trainable_params.keys()
         for p in grads:
             assert_close(grads[p], ref_grads[p], dtype, f"{name}/{target}: d{p} at batch {n}")
+
+
+@pytest.mark.parametrize("vector_bytes", [16, 32, 64])
+def test_a_short_last_chunk_runs_as_a_whole_one_ending_at_the_row(vector_bytes, monkeypatch):
+    """63 positions in chunks of 2 vectors: the last chunk is a whole one from 63 - width
+    (its values are checked in test_blocked_kernels_against_reference), not a short one."""
+    monkeypatch.setenv("GRAPHC_HOST_VECTOR_BYTES", str(vector_bytes))
+    _, cm = graphc.generate(shifted(), "float32", target="host")
+    prog = cm.entries["forward"].program
+    (call,) = [c for c, k in zip(cm.calls["forward"], prog.kernels)
+               if k.node == "a" and k.mode == "sum"]
+    fn = cm.functions[call.function]   # with its `_tiles` body
+    width = 2 * vector_bytes // 4
+    assert f"tile8x{width}_fma(K + 16*i1_t, 16, 1, x + 1008*b + {63 - width}, 63, 16, " \
+        f"a + 1512*b + 63*i1_t + {63 - width}, 63);" in " ".join(fn.split()), fn
+    assert {int(k) for k in re.findall(r"\bl < (\d+);", fn)} == {width}, fn
 
 
 def test_tiling_chooses_lanes_by_stride():
@@ -308,7 +339,7 @@ def test_sanitizers_on_every_tail(target, tmp_path, assert_close):
                       (0,) + MODELS[name][1], env={"OMP_NUM_THREADS": "2"})
 
 
-@pytest.mark.parametrize("name", ["primes", "lanes", "conv9", "depthwise"])
+@pytest.mark.parametrize("name", ["primes", "lanes", "conv9", "depthwise", "shifted"])
 def test_an_example_gets_the_same_bits_alone_and_in_a_batch(name):
     """Whole tiles (helpers) and tails (inline) sum each output in one order, and add
     its products alike (fused on an FMA host): an example's outputs do not depend on the
@@ -382,8 +413,10 @@ def test_pointwise_rows_fill_the_lanes_and_the_epilogue_is_hoisted():
     prog = cm.entries["forward"].program
     (fn,) = [cm.functions[c.function] for c, k in zip(cm.calls["forward"], prog.kernels)
              if k.node == "a" and k.mode == "sum"]
-    # tiles of 8 and 7 pixels (15 = 5 x 3), no loop along a row of 3
-    assert "< 3;" not in fn and "l < 8;" in fn and "l < 7;" in fn, fn
+    # 15 pixels (5 x 3) as two whole tiles of 8, the second from pixel 7 (it writes pixel
+    # 7 again); no short tile of 7, no loop along a row of 3
+    assert "< 3;" not in fn and "l < 8;" in fn and "l < 7;" not in fn, fn
+    assert re.search(r"x \+ \d+\*b \+ 7\b", fn), fn
     # the comment shows the kernel as the IR has it
     assert "a[b, i1, i3, i4] =" in fn, fn
     assert "sqrtf" in fn and not any("sqrtf" in body for body in _lane_loops(fn)), fn
