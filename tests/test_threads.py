@@ -29,7 +29,7 @@ needs_openmp = pytest.mark.skipif("-fopenmp" not in get_target("host").build_fla
 
 @needs_openmp
 def test_a_models_thread_count_changes_no_result_and_gives_the_caller_its_own_back():
-    x = np.random.default_rng(0).standard_normal((8, 512)).astype(np.float32)
+    x = np.random.default_rng(0).standard_normal((12, 512)).astype(np.float32)
     models = {t: graphc.compile(WIDE, threads=t) for t in (None, 1, 3)}
     assert "#pragma omp parallel" in models[None].c_source   # the kernel runs in a team
     lib = models[None]._lib
@@ -130,13 +130,15 @@ def test_graphc_starts_the_runtime_passive_unless_the_user_chose(user_policy, ru
 @needs_openmp
 def test_the_batch_from_which_an_entry_runs_a_team_is_the_one_its_c_tests():
     model = graphc.compile(WIDE)
-    # 512 x 512 multiply-adds an example: the host's 2^20 from a batch of 4
-    assert model.cmodule.parallel_from == {"forward": 4}
-    assert re.findall(r"if \(n >= (\d+)\) \{\n#pragma omp parallel", model.c_source) == ["4"]
-    assert isinstance(model.bind("forward", batch=4).func.controller, FasterOfOneOrAll)
+    # 512 x 512 multiply-adds an example: the host's 2^20 from a batch of 4; OpenMP shares
+    # out tiles of 8 examples, so a team gives two threads work from 9 on (a tile and a
+    # tail)
+    assert model.cmodule.parallel_from == {"forward": 9}
+    assert re.findall(r"if \(n >= (\d+)\) \{\n#pragma omp parallel", model.c_source) == ["9"]
+    assert isinstance(model.bind("forward", batch=9).func.controller, FasterOfOneOrAll)
     # no parallel region: the C function itself, no Python between a bound call and C
     c_function = model._lib.wide_forward
-    assert model.bind("forward", batch=3).func is c_function
+    assert model.bind("forward", batch=8).func is c_function
     # Calls from Python on small inputs (no staging): a plan for a batch below the first
     # parallel region calls C without the timing wrapper.
     fan_out = graphc.compile({**WIDE, "name": "fan_out", "inputs": {"x": [64]},
@@ -154,9 +156,9 @@ def test_the_batch_from_which_an_entry_runs_a_team_is_the_one_its_c_tests():
     assert small.bind("forward", batch=4).func is small._lib.narrow_forward
     # predict runs the forward's kernels (with the params baked in): the same choice
     baked = graphc.compile(WIDE, params=model.get_params())
-    assert baked.cmodule.parallel_from == {"forward": 4, "predict": 4}
-    assert isinstance(baked.bind("predict", batch=4).func.controller, FasterOfOneOrAll)
-    assert baked.bind("predict", batch=3).func is baked._lib.wide_predict
+    assert baked.cmodule.parallel_from == {"forward": 9, "predict": 9}
+    assert isinstance(baked.bind("predict", batch=9).func.controller, FasterOfOneOrAll)
+    assert baked.bind("predict", batch=8).func is baked._lib.wide_predict
 
 
 class _FakeRuntime:
@@ -179,6 +181,23 @@ class _FakeRuntime:
             cost = cost()
         self.now += cost * n
         return n
+
+
+@needs_openmp
+def test_a_kernel_sharing_out_its_batch_loop_runs_no_team_for_one_example():
+    """At batch 1 a convolution's shared loop (the batch's) has one iteration: a team would
+    wake the other threads only to wait at the barrier."""
+    conv = {"name": "conv_team", "inputs": {"x": [16, 32, 32]},
+            "params": {"K": {"shape": [16, 16, 3, 3], "init": "he_normal"}},
+            "nodes": {"c": {"op": "conv2d", "inputs": ["x", "K"], "padding": 1}},
+            "outputs": ["c"]}
+    model = graphc.compile(conv)
+    # 16·16·9 multiply-adds at each of 32·32 pixels: 2.4 M an example, over a team's 2^20
+    assert "for (size_t b = 0; b < n; ++b)" in model.c_source
+    assert model.cmodule.parallel_from == {"forward": 2}
+    assert re.findall(r"if \(n >= (\d+)\) \{\n#pragma omp parallel", model.c_source) == ["2"]
+    assert model.bind("forward", batch=1).func is model._lib.conv_team_forward
+    assert isinstance(model.bind("forward", batch=2).func.controller, FasterOfOneOrAll)
 
 
 def _race(monkeypatch, cost, calls, n=8, every=2, start=4):
