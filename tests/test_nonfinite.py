@@ -16,6 +16,7 @@ import pytest
 import graphc
 from codegen.harness import harness, parse_output
 from graphc.errors import InputError, NonFiniteError
+from graphc.reference import reference
 
 CC = os.environ.get("CC", "cc")
 
@@ -246,3 +247,41 @@ def test_verify_says_where_the_c_is_not_finite_and_still_compares_the_rest():
                                 "both differs by at most ")
     cells = [cell for line in report.table().splitlines() for cell in line.split()]
     assert "nan" not in cells and "n/a" in cells   # the loss: one element, not finite
+
+
+@pytest.mark.parametrize("target", ["c99", "host"])
+def test_max_pooling_passes_nan_on_and_its_gradient_to_the_last_nan(target):
+    """Max pooling as torch's: a NaN in a window wins (the last of two), so that it reaches
+    the loss; -inf and ties pool as any value. The C (its selects) against the reference,
+    which tests/test_reference_layers.py holds to torch; the gradient of `s`, added before
+    the pool, shows which element each window's argmax took."""
+    spec = {"name": "pool_nan", "inputs": {"x": [2, 4, 6]},
+            "params": {"s": {"shape": [2, 4, 6], "init": "zeros"},
+                       "w": {"shape": [2, 2, 3], "init": "normal"}},
+            "nodes": {"h": {"op": "add", "inputs": ["x", "s"]},
+                      "p": {"op": "max_pool2d", "inputs": ["h"], "kernel_size": 2},
+                      "q": {"op": "mul", "inputs": ["p", "w"]},
+                      "loss": {"op": "sum", "inputs": ["q"]}},
+            "outputs": ["p"], "loss": "loss", "optimizer": {"name": "sgd", "lr": 0.1}}
+    model = graphc.compile(spec, target=target)
+    ref = reference(model.graph)
+    ref.set_params(model.get_params())
+    x = np.random.default_rng(5).standard_normal((3, 2, 4, 6)).astype(np.float32)
+    x[0, 0, 0, 1] = x[0, 0, 1, 0] = np.nan       # two NaNs in one window: the last wins
+    x[0, 0, :2, 4:] = np.nan                      # a window of NaNs only
+    x[0, 0, 3, 3] = np.nan                        # one NaN among finite values
+    x[0, 1, 2:, 2:4] = -np.inf                    # a window of -inf
+    x[0, 1, 2:, 4:] = 0.5                         # ties: the first
+    got, want = model.forward(x=x)["p"], ref.forward(x=x)["p"]
+    np.testing.assert_array_equal(got, want)
+    assert np.isnan(got[0, 0]).tolist() == [[True, False, True], [False, True, False]]
+    assert got[0, 1, 1, 1] == -np.inf and got[0, 1, 1, 2] == 0.5
+    # One example: the gradient of `s` is the pool's routing (its mean over a batch of 1)
+    one = x[:1]
+    (_, grads), (_, ref_grads) = model.gradients(x=one), ref.gradients(x=one)
+    np.testing.assert_allclose(grads["s"], ref_grads["s"], rtol=1e-6)
+    routed = grads["s"][0] != 0
+    assert routed[:2, :2].tolist() == [[False, False], [True, False]]   # the second NaN
+    assert routed[:2, 4:].tolist() == [[False, False], [False, True]]   # the last of its NaNs
+    assert routed[2:, 2:4].tolist() == [[False, False], [False, True]]  # the NaN
+    assert grads["s"][1][2:, 4:].tolist() == [[grads["s"][1][2, 4], 0], [0, 0]]   # ties: the first

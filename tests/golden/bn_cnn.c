@@ -397,9 +397,8 @@ static void p_forward(size_t n, float *restrict p, const float *restrict a)
                     for (size_t i3 = 0; i3 < 2; ++i3) {
                         for (size_t i4 = 0; i4 < 2; ++i4) {
                             const float v = a[1024*b + 64*i0 + 16*i1 + 2*i2 + 8*i3 + i4];
-                            if (v > acc || isnan(v)) {
-                                acc = v;
-                            }
+                            acc = v > acc ? v : acc;
+                            acc = isnan(v) ? v : acc;
                         }
                     }
                     p[256*b + 16*i0 + 4*i1 + i2] = acc;
@@ -458,9 +457,8 @@ static void loss_max_forward(size_t n, float *restrict loss_max, const float *re
         float acc = -INFINITY;
         for (size_t i1 = 0; i1 < 10; ++i1) {
             const float v = logits[10*b + i1];
-            if (v > acc || isnan(v)) {
-                acc = v;
-            }
+            acc = v > acc ? v : acc;
+            acc = isnan(v) ? v : acc;
         }
         loss_max[b] = acc;
     }
@@ -619,10 +617,10 @@ static void p_argmax_forward(size_t n, float *restrict p_argmax, const float *re
                     for (size_t i3 = 0; i3 < 2; ++i3) {
                         for (size_t i4 = 0; i4 < 2; ++i4) {
                             const float v = a[1024*b + 64*i0 + 16*i1 + 2*i2 + 8*i3 + i4];
-                            if (v > acc || isnan(v)) {
-                                acc = v;
-                                at = 2*i3 + i4;
-                            }
+                            at = v > acc ? 2*i3 + i4 : at;
+                            at = isnan(v) ? 2*i3 + i4 : at;
+                            acc = v > acc ? v : acc;
+                            acc = isnan(v) ? v : acc;
                         }
                     }
                     p_argmax[256*b + 16*i0 + 4*i1 + i2] = (float)at;

@@ -567,9 +567,8 @@ static void p1_forward(size_t n, float *restrict p1, const float *restrict a1)
                     for (size_t i3 = 0; i3 < 2; ++i3) {
                         for (size_t i4 = 0; i4 < 2; ++i4) {
                             const float v = a1[1024*b + 64*i0 + 16*i1 + 2*i2 + 8*i3 + i4];
-                            if (v > acc || isnan(v)) {
-                                acc = v;
-                            }
+                            acc = v > acc ? v : acc;
+                            acc = isnan(v) ? v : acc;
                         }
                     }
                     p1[256*b + 16*i0 + 4*i1 + i2] = acc;
@@ -648,9 +647,8 @@ static void p2_forward(size_t n, float *restrict p2, const float *restrict a2)
                     for (size_t i3 = 0; i3 < 2; ++i3) {
                         for (size_t i4 = 0; i4 < 2; ++i4) {
                             const float v = a2[512*b + 16*i0 + 8*i1 + 2*i2 + 4*i3 + i4];
-                            if (v > acc || isnan(v)) {
-                                acc = v;
-                            }
+                            acc = v > acc ? v : acc;
+                            acc = isnan(v) ? v : acc;
                         }
                     }
                     p2[128*b + 4*i0 + 2*i1 + i2] = acc;
@@ -709,9 +707,8 @@ static void loss_max_forward(size_t n, float *restrict loss_max, const float *re
         float acc = -INFINITY;
         for (size_t i1 = 0; i1 < 10; ++i1) {
             const float v = logits[10*b + i1];
-            if (v > acc || isnan(v)) {
-                acc = v;
-            }
+            acc = v > acc ? v : acc;
+            acc = isnan(v) ? v : acc;
         }
         loss_max[b] = acc;
     }
@@ -810,10 +807,10 @@ static void p1_argmax_forward(size_t n, float *restrict p1_argmax, const float *
                     for (size_t i3 = 0; i3 < 2; ++i3) {
                         for (size_t i4 = 0; i4 < 2; ++i4) {
                             const float v = a1[1024*b + 64*i0 + 16*i1 + 2*i2 + 8*i3 + i4];
-                            if (v > acc || isnan(v)) {
-                                acc = v;
-                                at = 2*i3 + i4;
-                            }
+                            at = v > acc ? 2*i3 + i4 : at;
+                            at = isnan(v) ? 2*i3 + i4 : at;
+                            acc = v > acc ? v : acc;
+                            acc = isnan(v) ? v : acc;
                         }
                     }
                     p1_argmax[256*b + 16*i0 + 4*i1 + i2] = (float)at;
@@ -876,10 +873,10 @@ static void p2_argmax_forward(size_t n, float *restrict p2_argmax, const float *
                     for (size_t i3 = 0; i3 < 2; ++i3) {
                         for (size_t i4 = 0; i4 < 2; ++i4) {
                             const float v = a2[512*b + 16*i0 + 8*i1 + 2*i2 + 4*i3 + i4];
-                            if (v > acc || isnan(v)) {
-                                acc = v;
-                                at = 2*i3 + i4;
-                            }
+                            at = v > acc ? 2*i3 + i4 : at;
+                            at = isnan(v) ? 2*i3 + i4 : at;
+                            acc = v > acc ? v : acc;
+                            acc = isnan(v) ? v : acc;
                         }
                     }
                     p2_argmax[128*b + 4*i0 + 2*i1 + i2] = (float)at;

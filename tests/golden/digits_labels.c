@@ -290,9 +290,8 @@ static void loss_max_forward(size_t n, float *restrict loss_max, const float *re
         float acc = -INFINITY;
         for (size_t i1 = 0; i1 < 10; ++i1) {
             const float v = logits[10*b + i1];
-            if (v > acc || isnan(v)) {
-                acc = v;
-            }
+            acc = v > acc ? v : acc;
+            acc = isnan(v) ? v : acc;
         }
         loss_max[b] = acc;
     }

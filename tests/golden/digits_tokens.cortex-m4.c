@@ -213,9 +213,8 @@ static void pool_forward(size_t n, float *restrict pool, const float *restrict a
                     for (size_t i3 = 0; i3 < 2; ++i3) {
                         for (size_t i4 = 0; i4 < 2; ++i4) {
                             const float v = act[1024*b + 64*i0 + 16*i1 + 2*i2 + 8*i3 + i4];
-                            if (v > acc || isnan(v)) {
-                                acc = v;
-                            }
+                            acc = v > acc ? v : acc;
+                            acc = isnan(v) ? v : acc;
                         }
                     }
                     pool[256*b + 16*i0 + 4*i1 + i2] = acc;
@@ -321,9 +320,8 @@ static void loss_max_forward(size_t n, float *restrict loss_max, const float *re
         float acc = -INFINITY;
         for (size_t i1 = 0; i1 < 10; ++i1) {
             const float v = logits[10*b + i1];
-            if (v > acc || isnan(v)) {
-                acc = v;
-            }
+            acc = v > acc ? v : acc;
+            acc = isnan(v) ? v : acc;
         }
         loss_max[b] = acc;
     }
@@ -580,10 +578,10 @@ static void pool_argmax_forward(size_t n, float *restrict pool_argmax, const flo
                     for (size_t i3 = 0; i3 < 2; ++i3) {
                         for (size_t i4 = 0; i4 < 2; ++i4) {
                             const float v = act[1024*b + 64*i0 + 16*i1 + 2*i2 + 8*i3 + i4];
-                            if (v > acc || isnan(v)) {
-                                acc = v;
-                                at = 2*i3 + i4;
-                            }
+                            at = v > acc ? 2*i3 + i4 : at;
+                            at = isnan(v) ? 2*i3 + i4 : at;
+                            acc = v > acc ? v : acc;
+                            acc = isnan(v) ? v : acc;
                         }
                     }
                     pool_argmax[256*b + 16*i0 + 4*i1 + i2] = (float)at;

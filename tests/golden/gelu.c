@@ -283,9 +283,8 @@ static void probs_max_forward(size_t n, float *restrict probs_max, const float *
         float acc = -INFINITY;
         for (size_t i1 = 0; i1 < 4; ++i1) {
             const float v = logits[4*b + i1];
-            if (v > acc || isnan(v)) {
-                acc = v;
-            }
+            acc = v > acc ? v : acc;
+            acc = isnan(v) ? v : acc;
         }
         probs_max[b] = acc;
     }
