@@ -7,8 +7,9 @@ OpenMP wait setting.
 Each (workload, variant) cell is a fresh process, so that libgomp starts with that
 variant's environment: `adaptive` is graphc's default (`threads=None`: one thread or all,
 whichever is lately faster, codegen/openmp.py), `passive` runs every call on all cores
-(`threads=os.cpu_count()`) with graphc's passive wait policy, `active` and `spin10k` the
-same with `OMP_WAIT_POLICY=active` and `GOMP_SPINCOUNT=10000`, `1thread` compiles with
+(`threads=os.cpu_count()`) with graphc's passive wait policy, `active`, `spin1k` and
+`spin10k` the same with `OMP_WAIT_POLICY=active`, `GOMP_SPINCOUNT=1000` and `=10000`
+(about 30 and 250 µs of spinning on a Zen 5 VM), `1thread` compiles with
 `threads=1`. The process times a bound call for `--seconds` quiet, then as long again
 beside one busy-looping process it starts and kills (`machine.competitor`), and prints the
 fastest and the median call of each. With `--rounds R` the cells run R times interleaved
@@ -35,6 +36,7 @@ ALL = str(os.cpu_count() or 1)
 # variant -> (environment, threads= as given to the cell: "none", or a count)
 VARIANTS = {"adaptive": ({}, "none"), "passive": ({}, ALL),
             "active": ({"OMP_WAIT_POLICY": "active"}, ALL),
+            "spin1k": ({"GOMP_SPINCOUNT": "1000"}, ALL),
             "spin10k": ({"GOMP_SPINCOUNT": "10000"}, ALL), "1thread": ({}, "1")}
 
 
