@@ -17,7 +17,8 @@ models against onnxruntime (benchmarks/onnx_models.py, onnx.md).
 graphc is always run (benchmarks/peers/graphc.py: `graphc.compile`'s default target first,
 then host and c99): its default target's float32 results are what every peer is checked
 against (1e-4 relative) before it is timed, and its timings are what the ratios divide.
-Every row of W1-W7 is timed twice: quiet (retried while other processes keep the machine
+Its rows from Python are timed in a process of their own (benchmarks/graphc_timing.py),
+where graphc starts its OpenMP runtime, not PyTorch's copy loaded here. Every row of W1-W7 is timed twice: quiet (retried while other processes keep the machine
 busy), then again with one busy competitor process that the run starts before the
 workload's second pass and stops after it (`machine.competitor`); peers are timed beside
 the same competitor. A peer that is not installed, or does not run a workload, is skipped

@@ -6,8 +6,11 @@ graphc at small batches, and fail their check at a perturbed param. No timing is
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -17,9 +20,11 @@ import graphc
 from benchmarks import charness, machine
 from benchmarks.__main__ import BUSY_LIMIT, _measure, main
 from benchmarks.peers import Runner, Skip, load
-from benchmarks.peers.graphc import C_TARGET, DEFAULT_TARGET, TARGETS
+from benchmarks.peers.graphc import (C_TARGET, DEFAULT_TARGET, ROOT, TARGETS, problem_file,
+                                     timed_apart)
 from benchmarks.timing import Options, Timing, time_python
 from benchmarks.workloads import CHECK_RTOL, WORKLOADS, ConvWorkload, check, problem
+from codegen.targets import get_target
 
 
 @pytest.fixture(scope="module")
@@ -43,6 +48,31 @@ def test_quick_run_writes_table_and_json(quick, capsys):
     else:
         assert m["load_average"] is None
     assert set(result["versions"]) == {"graphc", "numpy"}
+
+
+@pytest.mark.skipif("-fopenmp" not in get_target("host").build_flags,
+                    reason="the C compiler builds no OpenMP here")
+def test_graphc_rows_are_timed_on_graphc_s_own_passive_openmp_runtime(tmp_path):
+    """In `python -m benchmarks`'s process PyTorch's libgomp (spinning while idle) would be
+    the runtime of every graphc module: the Python rows are timed by
+    benchmarks/graphc_timing.py in a process of their own, where graphc starts it passive
+    (libgomp's verbose display tells passive from unset by the spin count)."""
+    w = WORKLOADS["W2"]
+    prob = problem(w)
+    data = problem_file(prob, tmp_path)
+    env = {**os.environ, "OMP_DISPLAY_ENV": "verbose",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    env.pop("OMP_WAIT_POLICY", None)
+    env.pop("GOMP_SPINCOUNT", None)
+    opts = json.dumps(dataclasses.asdict(Options.quick()))
+    done = subprocess.run([sys.executable, "-m", "benchmarks.graphc_timing", str(data), "W2",
+                           "host", "bound", opts], capture_output=True, text=True, env=env,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "GOMP_SPINCOUNT = '0'" in done.stderr, done.stderr
+    timing = Timing(**json.loads(done.stdout.splitlines()[-1]))
+    assert 0 < timing.min <= timing.median and timing.repeats == Options.quick().repeats
+    assert timed_apart(data, prob, "host", "python", Options.quick()).repeats == 3
 
 
 @pytest.mark.parametrize("key", ["W1", "W2"])

@@ -4,14 +4,21 @@ as a bound call (`model.bind`: no arguments, checks or allocations per call), an
 
 From Python on every target of `TARGETS`: `graphc.compile`'s default first (its rows are
 the reference every peer is checked against and divided by), then the others; each row
-names its target. In pure C the `host` target's C, compiled with the host's flags
+names its target. Their results come from models in this process, their times from a
+process of graphc's own (benchmarks/graphc_timing.py: this one's OpenMP runtime is
+PyTorch's). In pure C the `host` target's C, compiled with the host's flags
 (-march=native, and OpenMP where the target has it) as graphc's own host build is
 (benchmarks/charness.py); with OpenMP, also on one thread (OMP_NUM_THREADS=1).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -19,9 +26,11 @@ import numpy as np
 import graphc
 
 from .. import charness
-from ..timing import time_python
+from ..timing import Options, Timing
 from ..workloads import Problem
 from . import Runner
+
+ROOT = Path(__file__).resolve().parents[2]   # where `benchmarks` imports from
 
 DEFAULT_TARGET = inspect.signature(graphc.compile).parameters["target"].default
 TARGETS = tuple(dict.fromkeys((DEFAULT_TARGET, "host", "c99")))
@@ -74,9 +83,31 @@ def _model(problem: Problem, target: str):
     return model
 
 
+def problem_file(problem: Problem, workdir: Path) -> Path:
+    """The problem as benchmarks/graphc_timing.py reads it."""
+    path = workdir / f"graphc_{problem.workload.key}.npz"
+    np.savez(path, x=problem.x, y=problem.y,
+             **{f"param:{k}": v for k, v in problem.graphc_params().items()})
+    return path
+
+
+def timed_apart(data: Path, problem: Problem, target: str, kind: str, opts: Options) -> Timing:
+    """A row's Timing, measured by benchmarks/graphc_timing.py in a process of its own."""
+    env = {**os.environ,
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    done = subprocess.run([sys.executable, "-m", "benchmarks.graphc_timing", str(data),
+                           problem.workload.key, target, kind,
+                           json.dumps(dataclasses.asdict(opts))],
+                          capture_output=True, text=True, env=env)
+    if done.returncode:
+        raise RuntimeError(f"graphc's timing process failed:\n{done.stderr[-3000:]}")
+    return Timing(**json.loads(done.stdout.splitlines()[-1]))
+
+
 def runners(problem: Problem, workdir: Path, targets=TARGETS) -> list[Runner]:
     """From Python and as a bound call per target, the default's first; pure C (host)."""
     w = problem.workload
+    data = problem_file(problem, workdir)
     out = []
     for target in targets:
         model = _model(problem, target)
@@ -94,8 +125,9 @@ def runners(problem: Problem, workdir: Path, targets=TARGETS) -> list[Runner]:
             def results(call=call, logits=logits):
                 return {"logits": call()[logits]}
         out += [Runner(f"graphc {target} (Python)", "python", results,
-                       lambda opts, call=call: time_python(call, opts), f"target {target}"),
-                bound_runner(problem, target)]
+                       lambda opts, target=target: timed_apart(data, problem, target, "python",
+                                                               opts), f"target {target}"),
+                bound_runner(problem, target, data)]
     if C_TARGET in targets:
         program = c_program(_model(problem, C_TARGET).cmodule, problem, w.train)
         notes = f"flags: {' '.join(charness.flags())}"
@@ -107,9 +139,10 @@ def runners(problem: Problem, workdir: Path, targets=TARGETS) -> list[Runner]:
     return out
 
 
-def bound_runner(problem: Problem, target: str) -> Runner:
+def bound_runner(problem: Problem, target: str, data_file: Path) -> Runner:
     """`model.bind`: the same entry point as a call without arguments on arrays fixed once
-    (the inputs copied into its aligned buffers once, outside the clock)."""
+    (the inputs copied into its aligned buffers once, outside the clock); timed apart, as
+    `call_for` in benchmarks/graphc_timing.py makes it."""
     w = problem.workload
     model = _model(problem, target)
     kind = "train_step" if w.train else "forward"
@@ -125,4 +158,5 @@ def bound_runner(problem: Problem, target: str) -> Runner:
             call()
             return {"logits": next(iter(call.outputs.values())).copy()}
     return Runner(f"graphc {target} (bound call)", "bound", results,
-                  lambda opts: time_python(call, opts), f"model.bind({kind!r}), target {target}")
+                  lambda opts: timed_apart(data_file, problem, target, "bound", opts),
+                  f"model.bind({kind!r}), target {target}")
