@@ -328,10 +328,13 @@ class Emitter:
         return p
 
     def _kernel(self, kern: Kernel, buffers: dict[str, Buffer]) -> Emitted:
-        outs = kern.writes()
+        # Reads are counted after loops of one iteration are gone: (h[i1] - h[0])² over
+        # i1 < 1 reads nothing, and an argument never read warns (-Wunused-parameter).
+        printed = without_unit_loops(kern)
+        outs = printed.writes()
         # An update in place reads what it writes (Program.check: at the index it writes):
         # that buffer is one argument, written through.
-        reads = [b for b in kern.reads() if b not in outs]
+        reads = [b for b in printed.reads() if b not in outs]
         args = outs + reads
         # Entries share kernels (forward, evaluate and gradients run the same forward
         # kernels): print each once, as printing blocked kernels is most of emit's time.
@@ -345,7 +348,7 @@ class Emitter:
             return fname, args, scalars
         cvar = {b: f"a{k}" for k, b in enumerate(args)}
         printer = self.printer({b: (cvar[b], buffers[b]) for b in args})
-        kern = without_unit_loops(kern)
+        kern = printed
         vector = self.target.vector_bytes and not kern.also
         strides = _strides(kern, buffers) if vector else []
 

@@ -27,7 +27,7 @@ from graphc.derive import derive
 from graphc.ir import Buffer
 from graphc.verify import sample_inputs
 
-from conftest import generated
+from conftest import compile_strict, generated
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = sorted((ROOT / "examples").glob("*.yaml"))
@@ -505,3 +505,19 @@ def test_packed_plan_meets_the_liveness_bound_where_first_use_order_did_not():
     _, by_first_use = _first_fit(sorted(batched, key=lambda n: (live[n][0], -size[n], n)),
                                  size, live, 1)
     assert by_first_use > mem.per_example
+
+
+@pytest.mark.parametrize("target", ["c99", "host"])
+def test_a_read_that_a_unit_loop_cancels_is_no_argument(target):
+    """mse(x, x) over an axis of one: inlined, its body (x[.., 0, ..] - x[.., i1, ..])² is 0
+    once the loop of one iteration is gone, so the kernel reads nothing and takes no `x`
+    (an argument never read broke -Werror: -Wunused-parameter; random graph seed 1044)."""
+    spec = {"name": "unit_cancel", "inputs": {"x": [3, 1, 3]},
+            "nodes": {"a": {"op": "elementwise", "inputs": ["x"], "expr": "x"},
+                      "loss": {"op": "mse", "inputs": ["a", "x"]}},
+            "outputs": ["a"], "loss": "loss"}
+    model = compile_strict(spec, "float64", target=target)   # -Werror
+    x = np.random.default_rng(0).standard_normal((5, 3, 1, 3))
+    loss, outs = model.evaluate(x=x)
+    np.testing.assert_array_equal(outs["a"], x)
+    assert loss == 0
