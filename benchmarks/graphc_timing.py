@@ -18,7 +18,9 @@ PyTorch. KIND is `python` (`model.train_step(x=, y=)` or `model.forward(x=)`) or
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
 import sys
 
 import numpy as np
@@ -31,20 +33,36 @@ from .workloads import WORKLOADS
 KINDS = ("python", "bound")
 
 
+def problem_arrays(params: dict[str, np.ndarray], x: np.ndarray, y: np.ndarray) -> dict:
+    """A problem as DATA.npz holds it."""
+    return {"x": x, "y": y, **{f"param:{k}": v for k, v in params.items()}}
+
+
 def call_for(workload_key: str, target: str, kind: str, data: dict[str, np.ndarray]):
-    """The call a row times, on a model compiled here at the problem's params."""
+    """(model, the call a row times): a model compiled at the problem's params, and
+    `model.train_step(x=, y=)` / `model.forward(x=)` (`python`) or its bound call (`bound`)."""
     w = WORKLOADS[workload_key]
     model = graphc.compile(w.graph(), target=target)
     model.set_params({k.split(":", 1)[1]: v for k, v in data.items() if k.startswith("param:")})
     x, y = data["x"], data["y"]
     if kind == "python":
         if w.train:
-            return lambda: model.train_step(x=x, y=y)
-        return lambda: model.forward(x=x)
+            return model, lambda: model.train_step(x=x, y=y)
+        return model, lambda: model.forward(x=x)
     bound = model.bind("train_step" if w.train else "forward", batch=w.batch)
     for name, buffer in bound.inputs.items():
         buffer[...] = data[name]
-    return bound
+    return model, bound
+
+
+def command(path, workload_key: str, target: str, kind: str, opts: Options,
+            root: str) -> tuple[list[str], dict[str, str]]:
+    """(argv, environment) that run this module on DATA.npz `path`, with `root` (where the
+    `benchmarks` package is) on the import path."""
+    env = {**os.environ,
+           "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+    return ([sys.executable, "-m", "benchmarks.graphc_timing", str(path), workload_key, target,
+             kind, json.dumps(dataclasses.asdict(opts))], env)
 
 
 def main(argv: list[str]) -> None:
@@ -53,7 +71,8 @@ def main(argv: list[str]) -> None:
         raise SystemExit(f"KIND must be one of {', '.join(KINDS)}, got {kind!r}")
     with np.load(path, allow_pickle=False) as stored:
         data = {k: stored[k] for k in stored.files}
-    timing = time_python(call_for(key, target, kind, data), Options(**json.loads(options)))
+    _, call = call_for(key, target, kind, data)
+    timing = time_python(call, Options(**json.loads(options)))
     print(json.dumps(timing.as_dict()))
 
 

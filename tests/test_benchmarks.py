@@ -6,18 +6,16 @@ graphc at small batches, and fail their check at a perturbed param. No timing is
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import subprocess
-import sys
 import time
 
 import numpy as np
 import pytest
 
 import graphc
-from benchmarks import charness, machine
+from benchmarks import charness, graphc_timing, machine
 from benchmarks.__main__ import BUSY_LIMIT, _measure, main
 from benchmarks.peers import Runner, Skip, load
 from benchmarks.peers.graphc import (C_TARGET, DEFAULT_TARGET, ROOT, TARGETS, problem_file,
@@ -60,14 +58,11 @@ def test_graphc_rows_are_timed_on_graphc_s_own_passive_openmp_runtime(tmp_path):
     w = WORKLOADS["W2"]
     prob = problem(w)
     data = problem_file(prob, tmp_path)
-    env = {**os.environ, "OMP_DISPLAY_ENV": "verbose",
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    argv, env = graphc_timing.command(data, "W2", "host", "bound", Options.quick(), str(ROOT))
+    env["OMP_DISPLAY_ENV"] = "verbose"
     env.pop("OMP_WAIT_POLICY", None)
     env.pop("GOMP_SPINCOUNT", None)
-    opts = json.dumps(dataclasses.asdict(Options.quick()))
-    done = subprocess.run([sys.executable, "-m", "benchmarks.graphc_timing", str(data), "W2",
-                           "host", "bound", opts], capture_output=True, text=True, env=env,
-                          timeout=300)
+    done = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr
     assert "GOMP_SPINCOUNT = '0'" in done.stderr, done.stderr
     timing = Timing(**json.loads(done.stdout.splitlines()[-1]))

@@ -13,19 +13,16 @@ PyTorch's). In pure C the `host` target's C, compiled with the host's flags
 
 from __future__ import annotations
 
-import dataclasses
 import inspect
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 
 import graphc
 
-from .. import charness
+from .. import charness, graphc_timing
 from ..timing import Options, Timing
 from ..workloads import Problem
 from . import Runner
@@ -86,48 +83,45 @@ def _model(problem: Problem, target: str):
 def problem_file(problem: Problem, workdir: Path) -> Path:
     """The problem as benchmarks/graphc_timing.py reads it."""
     path = workdir / f"graphc_{problem.workload.key}.npz"
-    np.savez(path, x=problem.x, y=problem.y,
-             **{f"param:{k}": v for k, v in problem.graphc_params().items()})
+    np.savez(path, **graphc_timing.problem_arrays(problem.graphc_params(), problem.x, problem.y))
     return path
 
 
 def timed_apart(data: Path, problem: Problem, target: str, kind: str, opts: Options) -> Timing:
     """A row's Timing, measured by benchmarks/graphc_timing.py in a process of its own."""
-    env = {**os.environ,
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-    done = subprocess.run([sys.executable, "-m", "benchmarks.graphc_timing", str(data),
-                           problem.workload.key, target, kind,
-                           json.dumps(dataclasses.asdict(opts))],
-                          capture_output=True, text=True, env=env)
+    argv, env = graphc_timing.command(data, problem.workload.key, target, kind, opts, str(ROOT))
+    done = subprocess.run(argv, capture_output=True, text=True, env=env)
     if done.returncode:
         raise RuntimeError(f"graphc's timing process failed:\n{done.stderr[-3000:]}")
     return Timing(**json.loads(done.stdout.splitlines()[-1]))
 
 
 def runners(problem: Problem, workdir: Path, targets=TARGETS) -> list[Runner]:
-    """From Python and as a bound call per target, the default's first; pure C (host)."""
+    """From Python and as a bound call per target, the default's first; pure C (host).
+    Each row's results come from its call made here, its times from the same call made in
+    benchmarks/graphc_timing.py's process."""
     w = problem.workload
     data = problem_file(problem, workdir)
+    arrays = graphc_timing.problem_arrays(problem.graphc_params(), problem.x, problem.y)
     out = []
     for target in targets:
-        model = _model(problem, target)
-        x, y, logits = problem.x, problem.y, model.graph.outputs[0]
-        if w.train:
-            def call(model=model):
-                return model.train_step(x=x, y=y)
-
-            def results(call=call):
-                return {"losses": [call(), call()]}
-        else:
-            def call(model=model):
-                return model.forward(x=x)
-
-            def results(call=call, logits=logits):
-                return {"logits": call()[logits]}
-        out += [Runner(f"graphc {target} (Python)", "python", results,
-                       lambda opts, target=target: timed_apart(data, problem, target, "python",
-                                                               opts), f"target {target}"),
-                bound_runner(problem, target, data)]
+        for kind, label in (("python", "Python"), ("bound", "bound call")):
+            model, call = graphc_timing.call_for(w.key, target, kind, arrays)
+            if w.train:
+                def results(call=call):
+                    return {"losses": [call(), call()]}
+            elif kind == "python":
+                def results(call=call, logits=model.graph.outputs[0]):
+                    return {"logits": call()[logits]}
+            else:
+                def results(call=call):
+                    call()
+                    return {"logits": next(iter(call.outputs.values())).copy()}
+            notes = f"target {target}" if kind == "python" else \
+                f"model.bind({'train_step' if w.train else 'forward'!r}), target {target}"
+            out.append(Runner(f"graphc {target} ({label})", kind, results,
+                              lambda opts, target=target, kind=kind:
+                              timed_apart(data, problem, target, kind, opts), notes))
     if C_TARGET in targets:
         program = c_program(_model(problem, C_TARGET).cmodule, problem, w.train)
         notes = f"flags: {' '.join(charness.flags())}"
@@ -137,26 +131,3 @@ def runners(problem: Problem, workdir: Path, targets=TARGETS) -> list[Runner]:
             out.append(charness.runner(f"graphc {C_TARGET} (pure C, OMP_NUM_THREADS=1)",
                                        program, workdir, w.train, notes, charness.ONE_THREAD))
     return out
-
-
-def bound_runner(problem: Problem, target: str, data_file: Path) -> Runner:
-    """`model.bind`: the same entry point as a call without arguments on arrays fixed once
-    (the inputs copied into its aligned buffers once, outside the clock); timed apart, as
-    `call_for` in benchmarks/graphc_timing.py makes it."""
-    w = problem.workload
-    model = _model(problem, target)
-    kind = "train_step" if w.train else "forward"
-    call = model.bind(kind, batch=w.batch)
-    data = {"x": problem.x, "y": problem.y}
-    for name, buffer in call.inputs.items():
-        buffer[...] = data[name]
-    if w.train:
-        def results():
-            return {"losses": [call(), call()]}
-    else:
-        def results():
-            call()
-            return {"logits": next(iter(call.outputs.values())).copy()}
-    return Runner(f"graphc {target} (bound call)", "bound", results,
-                  lambda opts: timed_apart(data_file, problem, target, "bound", opts),
-                  f"model.bind({kind!r}), target {target}")
