@@ -330,7 +330,7 @@ def test_sanitizers_on_every_tail(target, tmp_path, assert_close):
     """Every tail of the tiles, and n = 0, under AddressSanitizer and UBSan (host with
     OpenMP on 2 threads), each entry point's values against the reference."""
     flags = ["-fopenmp"] if target == "host" else []
-    names = ("primes", "batch", "contract", "depthwise")
+    names = ("primes", "batch", "contract", "depthwise", "shifted")
     models = {name: Sweep(MODELS[name][0](), target) for name in names}
     builds = {name: start_build(models[name], tmp_path / name, (0,) + MODELS[name][1], flags)
               for name in names}
