@@ -8,7 +8,8 @@ graphc and by PyTorch eager, for issue 13's "its training is faster than PyTorch
 
 1. **One train step** (forward, backward, Adam) on a batch of 32 and of 64 digits: graphc's
    `c99` and `host` targets from Python (`model.train_step`) and as a bound call
-   (`model.bind`), the host's C also in a pure-C loop (benchmarks/charness.py; OpenMP on
+   (`model.bind`), each timed in a process of graphc's own (benchmarks/graphc_timing.py:
+   graphc's passive OpenMP runtime, not PyTorch's spinning one), the host's C also in a pure-C loop (benchmarks/charness.py; OpenMP on
    the default threads, and on one), against
    PyTorch eager (`nn.Sequential`, `F.cross_entropy`, `torch.optim.Adam`) on one thread
    and on its default number. Every peer starts from the same params and batch, and is
@@ -22,8 +23,8 @@ graphc and by PyTorch eager, for issue 13's "its training is faster than PyTorch
 3. **Training to the end** (quiet, then all of it again beside the competitor):
    `graphc train examples/digits_cnn.yaml --data digits` (20
    epochs, batch 32, a seeded 20 % test split, Adam lr 0.003) run as a command (its wall
-   time, the training time and test accuracy it prints), then the same training in
-   process with graphc's `fit` (c99, host) and in PyTorch eager: the same split, the same
+   time, the training time and test accuracy it prints), then the same training with
+   graphc's `fit` (c99, host; `--fit TARGET`, in a process of its own) and in PyTorch eager: the same split, the same
    initial params, the same batches in the same order (fit's permutations), the same
    evaluation of the training set after each epoch that `fit` does, then test accuracy.
 """
@@ -33,6 +34,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import json
 import os
 import re
 import subprocess
@@ -45,7 +47,7 @@ import numpy as np
 
 import graphc
 
-from . import charness, machine, write_results
+from . import charness, graphc_timing, machine, write_results
 from .machine import torch_threads
 from .timing import Options, time_python
 
@@ -143,23 +145,22 @@ def check_step(params: dict, x: np.ndarray, y: np.ndarray) -> dict:
 # ---------------------------------------------------------------- one step, timed
 
 def runners(params: dict, x: np.ndarray, y: np.ndarray, workdir: Path) -> list[tuple[str, object]]:
-    """(label, time(opts)) for every variant of one train step."""
+    """(label, time(opts)) for every variant of one train step. graphc's rows from Python
+    are timed in a process of their own (benchmarks/graphc_timing.py), where graphc starts
+    its passive OpenMP runtime: in this one PyTorch's copy, which spins while idle, is
+    loaded first and would be the runtime of any graphc module loaded here."""
     import torch
     import torch.nn.functional as F
     out = []
-    n = len(x)
+    data = workdir / f"digits_cnn_{len(x)}.npz"
+    np.savez(data, **graphc_timing.problem_arrays(params, x, y))
     for target in TARGETS:
-        model = graphc.compile(graphc.load(SPEC), target=target)
-        model.set_params(params)
-        out.append((f"graphc {target} (Python)",
-                    lambda opts, m=model: time_python(lambda: m.train_step(x=x, y=y), opts)))
-        bound = graphc.compile(graphc.load(SPEC), target=target)
-        bound.set_params(params)
-        call = bound.bind("train_step", batch=n)
-        call.inputs["x"][...] = x
-        call.inputs["y"][...] = y
-        out.append((f"graphc {target} (bound call)", lambda opts, c=call: time_python(c, opts)))
+        for kind, label in (("python", "Python"), ("bound", "bound call")):
+            out.append((f"graphc {target} ({label})",
+                        lambda opts, target=target, kind=kind: graphc_timing.timed_apart(
+                            data, graphc_timing.DIGITS_CNN, target, kind, opts)))
         if target == "host":
+            model = graphc.compile(graphc.load(SPEC), target=target)
             program = _c_program(model.cmodule, params, x, y)
             binary = charness.build(program, workdir / program.name)
             out.append(("graphc host (pure C)",
@@ -304,13 +305,24 @@ def train_torch(threads: int) -> dict:
             "accuracy": acc, "load_before": before, "load_after": os.getloadavg()}
 
 
+def train_graphc_apart(target: str) -> dict:
+    """train_graphc(target) in a process of its own, on graphc's own OpenMP runtime (as
+    runners' rows are)."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, "-m", "benchmarks.cnn", "--fit", target], cwd=ROOT,
+                          env=env, capture_output=True, text=True)
+    if done.returncode:
+        raise RuntimeError(f"graphc's training process failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.splitlines()[-1])
+
+
 def train_all() -> dict:
     import torch
     log("training: graphc train (command)")
     out = {"cli": train_cli(), "rows": []}
     for target in TARGETS:
         log(f"training: graphc {target}")
-        out["rows"].append(train_graphc(target))
+        out["rows"].append(train_graphc_apart(target))
     for threads in sorted({1, torch.get_num_threads()}):
         log(f"training: PyTorch, {threads} threads")
         out["rows"].append(train_torch(threads))
@@ -431,7 +443,13 @@ def main(argv=None) -> dict:
     ap.add_argument("--no-competitor", action="store_true", help="skip part 2")
     ap.add_argument("--no-train", action="store_true", help="skip part 3")
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results"))
+    ap.add_argument("--fit", choices=TARGETS, help="only train with graphc's fit on this "
+                    "target and print its row as JSON (what part 3 runs in a process of its own)")
     args = ap.parse_args(argv)
+    if args.fit:
+        row = train_graphc(args.fit)
+        print(json.dumps(row))
+        return row
     opts = Options.quick() if args.quick else Options()
     result = run(opts, [int(b) for b in args.batches.split(",")], not args.no_competitor,
                  not args.no_train)

@@ -18,8 +18,7 @@ import graphc
 from benchmarks import charness, graphc_timing, machine
 from benchmarks.__main__ import BUSY_LIMIT, _measure, main
 from benchmarks.peers import Runner, Skip, load
-from benchmarks.peers.graphc import (C_TARGET, DEFAULT_TARGET, ROOT, TARGETS, problem_file,
-                                     timed_apart)
+from benchmarks.peers.graphc import C_TARGET, DEFAULT_TARGET, TARGETS, problem_file
 from benchmarks.timing import Options, Timing, time_python
 from benchmarks.workloads import CHECK_RTOL, WORKLOADS, ConvWorkload, check, problem
 from codegen.targets import get_target
@@ -58,7 +57,7 @@ def test_graphc_rows_are_timed_on_graphc_s_own_passive_openmp_runtime(tmp_path):
     w = WORKLOADS["W2"]
     prob = problem(w)
     data = problem_file(prob, tmp_path)
-    argv, env = graphc_timing.command(data, "W2", "host", "bound", Options.quick(), str(ROOT))
+    argv, env = graphc_timing.command(data, "W2", "host", "bound", Options.quick())
     env["OMP_DISPLAY_ENV"] = "verbose"
     env.pop("OMP_WAIT_POLICY", None)
     env.pop("GOMP_SPINCOUNT", None)
@@ -67,7 +66,7 @@ def test_graphc_rows_are_timed_on_graphc_s_own_passive_openmp_runtime(tmp_path):
     assert "GOMP_SPINCOUNT = '0'" in done.stderr, done.stderr
     timing = Timing(**json.loads(done.stdout.splitlines()[-1]))
     assert 0 < timing.min <= timing.median and timing.repeats == Options.quick().repeats
-    assert timed_apart(data, prob, "host", "python", Options.quick()).repeats == 3
+    assert graphc_timing.timed_apart(data, "W2", "host", "python", Options.quick()).repeats == 3
 
 
 @pytest.mark.parametrize("key", ["W1", "W2"])

@@ -14,8 +14,6 @@ PyTorch's). In pure C the `host` target's C, compiled with the host's flags
 from __future__ import annotations
 
 import inspect
-import json
-import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -23,11 +21,8 @@ import numpy as np
 import graphc
 
 from .. import charness, graphc_timing
-from ..timing import Options, Timing
 from ..workloads import Problem
 from . import Runner
-
-ROOT = Path(__file__).resolve().parents[2]   # where `benchmarks` imports from
 
 DEFAULT_TARGET = inspect.signature(graphc.compile).parameters["target"].default
 TARGETS = tuple(dict.fromkeys((DEFAULT_TARGET, "host", "c99")))
@@ -87,15 +82,6 @@ def problem_file(problem: Problem, workdir: Path) -> Path:
     return path
 
 
-def timed_apart(data: Path, problem: Problem, target: str, kind: str, opts: Options) -> Timing:
-    """A row's Timing, measured by benchmarks/graphc_timing.py in a process of its own."""
-    argv, env = graphc_timing.command(data, problem.workload.key, target, kind, opts, str(ROOT))
-    done = subprocess.run(argv, capture_output=True, text=True, env=env)
-    if done.returncode:
-        raise RuntimeError(f"graphc's timing process failed:\n{done.stderr[-3000:]}")
-    return Timing(**json.loads(done.stdout.splitlines()[-1]))
-
-
 def runners(problem: Problem, workdir: Path, targets=TARGETS) -> list[Runner]:
     """From Python and as a bound call per target, the default's first; pure C (host).
     Each row's results come from its call made here, its times from the same call made in
@@ -121,7 +107,8 @@ def runners(problem: Problem, workdir: Path, targets=TARGETS) -> list[Runner]:
                 f"model.bind({'train_step' if w.train else 'forward'!r}), target {target}"
             out.append(Runner(f"graphc {target} ({label})", kind, results,
                               lambda opts, target=target, kind=kind:
-                              timed_apart(data, problem, target, kind, opts), notes))
+                              graphc_timing.timed_apart(data, w.key, target, kind, opts),
+                              notes))
     if C_TARGET in targets:
         program = c_program(_model(problem, C_TARGET).cmodule, problem, w.train)
         notes = f"flags: {' '.join(charness.flags())}"
