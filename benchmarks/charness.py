@@ -9,8 +9,9 @@ clock_gettime(CLOCK_MONOTONIC).
 
 Every harness, graphc's or CasADi's, is compiled with graphc's own build flags for the
 model source (`codegen.build.compile_flags()`) plus the `host` target's build flags, and
-linked with the latter, as `codegen/build.py` links graphc's module. It runs with
-OMP_WAIT_POLICY=passive unless the environment says how OpenMP waits (`environment`).
+linked with the latter, as `codegen/build.py` links graphc's module. It runs with graphc's
+wait settings (codegen/openmp.py's WAIT_SETTINGS: passive after a short spin) unless the
+environment says how OpenMP waits (`environment`).
 """
 
 from __future__ import annotations
@@ -49,13 +50,13 @@ ONE_THREAD = {"OMP_NUM_THREADS": "1"}
 
 
 def environment(extra: dict | None = None) -> dict:
-    """A harness's environment: this process's, with OpenMP's idle threads sleeping rather
-    than spinning against other processes unless the user chose how they wait (what the
-    generated header asks of C callers, and what graphc's own module load sets:
-    codegen/openmp.py), then `extra`."""
+    """A harness's environment: this process's, with OpenMP's idle threads sleeping after a
+    short spin rather than spinning against other processes unless the user chose how they
+    wait (what the generated header asks of C callers, and what graphc's own module load
+    sets: codegen/openmp.py), then `extra`."""
     env = dict(os.environ)
-    if not any(v in env for v in (openmp.WAIT_POLICY_ENV, "GOMP_SPINCOUNT")):
-        env[openmp.WAIT_POLICY_ENV] = openmp.WAIT_POLICY
+    if not any(v in env for v in openmp.WAIT_SETTINGS):
+        env.update(openmp.WAIT_SETTINGS)
     return {**env, **(extra or {})}
 
 

@@ -1,15 +1,17 @@
 """How graphc's host modules run quiet and beside one busy process, per thread policy and
 OpenMP wait setting.
 
-    python -m benchmarks.threads [--workloads W3,W4,R8,CNN] [--variants adaptive,passive,...]
+    python -m benchmarks.threads [--workloads W3,W4,R8,CNN] [--variants adaptive,all,...]
                                  [--seconds 3] [--rounds 1]
 
 Each (workload, variant) cell is a fresh process, so that libgomp starts with that
 variant's environment: `adaptive` is graphc's default (`threads=None`: one thread or all,
-whichever is lately faster, codegen/openmp.py), `passive` runs every call on all cores
-(`threads=os.cpu_count()`) with graphc's passive wait policy, `active`, `spin1k` and
-`spin10k` the same with `OMP_WAIT_POLICY=active`, `GOMP_SPINCOUNT=1000` and `=10000`
-(about 30 and 250 µs of spinning on a Zen 5 VM), `1thread` compiles with
+whichever is lately faster, codegen/openmp.py), `all` runs every call on all cores
+(`threads=os.cpu_count()`), both with graphc's wait settings (passive after 1,000 rounds of
+spinning: 20-40 µs on a Zen 5 VM); `nospin`, `active` and `spin10k` are `all` with
+`OMP_WAIT_POLICY=passive GOMP_SPINCOUNT=0` (graphc's setting until 2026-12-04),
+`OMP_WAIT_POLICY=active` and `GOMP_SPINCOUNT=10000`, `adaptive_nospin` is `adaptive` with
+no spin, and `1thread` compiles with
 `threads=1`. The process times a bound call for `--seconds` quiet, then as long again
 beside one busy-looping process it starts and kills (`machine.competitor`), and prints the
 fastest and the median call of each. With `--rounds R` the cells run R times interleaved
@@ -17,7 +19,7 @@ fastest and the median call of each. With `--rounds R` the cells run R times int
 each cell's median over rounds of its medians. Workloads: W3 and W4
 (benchmarks/workloads.py, batch 128), R8 (ResNet-8 forward, batch 64), CNN (the digits
 CNN's Adam step, batch 64). With `--alternate` the three thread policies (adaptive,
-passive, 1thread) run call by call in one process instead, quiet then beside the
+all, 1thread) run call by call in one process instead, quiet then beside the
 competitor: the closest comparison a loaded machine allows.
 """
 
@@ -34,10 +36,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 ALL = str(os.cpu_count() or 1)
 # variant -> (environment, threads= as given to the cell: "none", or a count)
-VARIANTS = {"adaptive": ({}, "none"), "passive": ({}, ALL),
+NO_SPIN = {"OMP_WAIT_POLICY": "passive", "GOMP_SPINCOUNT": "0"}
+VARIANTS = {"adaptive": ({}, "none"), "all": ({}, ALL), "nospin": (NO_SPIN, ALL),
             "active": ({"OMP_WAIT_POLICY": "active"}, ALL),
-            "spin1k": ({"GOMP_SPINCOUNT": "1000"}, ALL),
-            "spin10k": ({"GOMP_SPINCOUNT": "10000"}, ALL), "1thread": ({}, "1")}
+            "spin10k": ({"GOMP_SPINCOUNT": "10000"}, ALL), "1thread": ({}, "1"),
+            "adaptive_nospin": (NO_SPIN, "none")}
 
 
 def _call(workload: str, threads: int | None):
@@ -85,7 +88,7 @@ def alternate(workload: str, seconds: float) -> dict:
     from random import Random
     from .machine import competitor
     shuffle = Random(0).shuffle
-    calls = {"adaptive": _call(workload, None), "passive": _call(workload, os.cpu_count()),
+    calls = {"adaptive": _call(workload, None), "all": _call(workload, os.cpu_count()),
              "1thread": _call(workload, 1)}
     races = calls["adaptive"].func.controller._races
     result = {}
@@ -129,18 +132,18 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--seconds", type=float, default=3.0)
     ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--alternate", action="store_true",
-                    help="adaptive, passive and 1thread call by call in one process "
+                    help="adaptive, all and 1thread call by call in one process "
                          "(graphc's wait policy), instead of a process per cell")
     ap.add_argument("--cell", nargs=3, help=argparse.SUPPRESS)   # workload threads seconds
     args = ap.parse_args(argv)
     if args.alternate:
-        print("| workload | condition | adaptive (ms) | passive (ms) | 1thread (ms) | "
+        print("| workload | condition | adaptive (ms) | all (ms) | 1thread (ms) | "
               "adaptive on one thread | load |\n|---|---|---|---|---|---|---|", flush=True)
         for workload in args.workloads.split(","):
             r = alternate(workload, args.seconds)
             for condition, m in r.items():
                 print(f"| {workload} | {condition} | {m['adaptive'] * 1e3:.3f} | "
-                      f"{m['passive'] * 1e3:.3f} | {m['1thread'] * 1e3:.3f} | "
+                      f"{m['all'] * 1e3:.3f} | {m['1thread'] * 1e3:.3f} | "
                       f"{m['on_one']:.0%} | {os.getloadavg()[0]:.2f} |", flush=True)
         return []
     if args.cell:

@@ -8,12 +8,21 @@ adds -fopenmp when the compiler takes it (codegen/targets.py).
 Waiting. GNU libgomp's idle threads spin by default (up to 300,000 rounds, milliseconds)
 before they sleep, so that the next parallel region starts fast. Beside one busy process, on
 2 cores already at load 1, that spinning took the 784-256-128-10 train step from 1.5 ms to
-42 ms: the spinning threads hold the cores the working thread needs. libgomp reads its wait policy
-once, when it is loaded, from `OMP_WAIT_POLICY`; so graphc sets `passive` for that moment
-only, when it is the first to load libgomp and the user set no policy of their own, and
-restores the environment right after. A process that loaded libgomp before graphc did (a
-PyTorch import loads its copy) keeps that runtime's policy; the header tells C callers to
-set `OMP_WAIT_POLICY=passive` themselves.
+42 ms: the spinning threads hold the cores the working thread needs. Sleeping at once
+(`OMP_WAIT_POLICY=passive`, no spin) costs the other way: on a 2-core Zen 5 VM a sleeping
+thread took ~50 µs to wake, at every parallel region (and ~30 µs at a barrier), so W3's
+step on 2 threads (0.91 ms) was hardly faster than on one (0.95). So graphc's modules wait
+passive after a short spin (`WAIT_SETTINGS`): 1,000 rounds, 20-40 µs there, which covers
+the gaps between one call's regions and ends soon after the call; beside a busy process
+the call runs on one thread anyway (below). W3's step from Python, 2 cores, medians:
+quiet 0.49 ms against 0.77 with no spin, beside a busy process 0.85 against 0.82 (W5
+5.0 against 5.7 ms quiet, 7.1 against 6.9 busy; `python -m benchmarks --workloads
+W3,W5,W6.64 --peers graphc`, once without and once with GOMP_SPINCOUNT=1000 set).
+libgomp reads these settings once, when it is loaded; so graphc sets them for that moment
+only, when it is the first to load libgomp and the user set neither of them, and restores
+the environment right after. A process that loaded libgomp before graphc did (a PyTorch
+import loads its copy) keeps that runtime's settings; the header tells C callers what to
+set themselves.
 
 Threads. The count is OpenMP's own per-thread setting (`omp_set_num_threads`), so a C
 caller sets it per call from the calling thread; a model compiled with `threads=k` sets it
@@ -37,8 +46,9 @@ import os
 import time
 
 FLAG = "-fopenmp"
-WAIT_POLICY_ENV = "OMP_WAIT_POLICY"
-WAIT_POLICY = "passive"
+# libgomp takes GOMP_SPINCOUNT over the policy's own (none for passive); other runtimes
+# read the policy alone
+WAIT_SETTINGS = {"OMP_WAIT_POLICY": "passive", "GOMP_SPINCOUNT": "1000"}
 _RUNTIME = "libgomp.so.1"
 
 # The two calls graphc makes itself, declared rather than included: <omp.h> is not on every
@@ -61,16 +71,17 @@ def _runtime_loaded() -> bool:
 @contextlib.contextmanager
 def runtime_defaults():
     """Around loading a module built with -fopenmp: libgomp, if this load is what brings it
-    into the process, starts with passive waiting unless the user chose how it waits."""
-    chosen = any(v in os.environ for v in (WAIT_POLICY_ENV, "GOMP_SPINCOUNT"))
+    into the process, starts with `WAIT_SETTINGS` unless the user chose how it waits."""
+    chosen = any(v in os.environ for v in WAIT_SETTINGS)
     if chosen or not hasattr(os, "RTLD_NOLOAD") or _runtime_loaded():
         yield
         return
-    os.environ[WAIT_POLICY_ENV] = WAIT_POLICY
+    os.environ.update(WAIT_SETTINGS)
     try:
         yield
     finally:
-        os.environ.pop(WAIT_POLICY_ENV, None)
+        for name in WAIT_SETTINGS:
+            os.environ.pop(name, None)
 
 
 def check_threads(threads) -> int | None:
@@ -162,7 +173,8 @@ class _Race:
 # and one thread is tried at the next call: after a quiet spell the next trial was up to 64
 # calls away (W6.64 beside a competitor: about 60 calls at 1.4 times one thread's time).
 # Those figures are of a spinning runtime (a PyTorch import, or the user, may start libgomp
-# so); with graphc's passive one, stalls are rarer and both rules measured the same.
+# so); with graphc's passive one (no spin, before 2026-12-04), stalls were rarer and both rules
+# measured the same.
 FIRST_RETRY, LAST_RETRY = 4, 64
 WINS_TO_SWITCH = (3, 2)   # [to all threads, to one thread]
 STALL = 1.5
