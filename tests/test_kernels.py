@@ -112,6 +112,22 @@ def shifted() -> graphc.Graph:
                    optimizer={"name": "sgd", "lr": 0.01})
 
 
+def pooled() -> graphc.Graph:
+    """A padded 3 x 3 convolution, relu, 2 x 2 max pooling and a dense layer, trained: the
+    padded copy, the pooling, its argmax and its gradient's zeroing and scatter are plain
+    loops, shared out among the threads by example from batch 15 to 57 on the host (each
+    output worth 16 multiply-adds against its 2^20)."""
+    b = graphc.Builder("pooled")
+    x, y = b.input("x", [4, 24, 24]), b.input("y", [10])
+    c = b.conv2d(x, b.param("K", [8, 4, 3, 3], init="he_normal"),
+                 b.param("k", [8], init="normal", std=0.1), padding=1, name="c")
+    p = b.max_pool2d(b.relu(c, name="a"), kernel_size=2, name="p")
+    h = b.dense(b.flatten(p, name="f"), b.param("W", [10, 1152], init="glorot_uniform"),
+                b.param("v", [10], init="zeros"), name="h")
+    return b.build(outputs=[h], loss=b.softmax_cross_entropy(h, y, name="loss"),
+                   optimizer={"name": "sgd", "lr": 0.01})
+
+
 MODELS = {
     "primes": (lambda: mlp("primes", [37, 19, 5]), (1, 3, 9, 17)),
     "ones": (lambda: mlp("ones", [1, 1, 3]), (1, 2)),
@@ -128,6 +144,7 @@ MODELS = {
     "conv5": (lambda: conv_rows("conv5", 5), (2,)),
     "depthwise": (depthwise, (1, 3)),
     "shifted": (shifted, (1, 5)),
+    "pooled": (pooled, (1, 58)),
 }
 
 
@@ -330,7 +347,7 @@ def test_sanitizers_on_every_tail(target, tmp_path, assert_close):
     """Every tail of the tiles, and n = 0, under AddressSanitizer and UBSan (host with
     OpenMP on 2 threads), each entry point's values against the reference."""
     flags = ["-fopenmp"] if target == "host" else []
-    names = ("primes", "batch", "contract", "depthwise", "shifted")
+    names = ("primes", "batch", "contract", "depthwise", "shifted", "pooled")
     models = {name: Sweep(MODELS[name][0](), target) for name in names}
     builds = {name: start_build(models[name], tmp_path / name, (0,) + MODELS[name][1], flags)
               for name in names}
@@ -356,14 +373,37 @@ def test_an_example_gets_the_same_bits_alone_and_in_a_batch(name):
 
 
 @needs_cc
-def test_openmp_results_do_not_depend_on_the_thread_count(tmp_path):
+@pytest.mark.parametrize("name", ["batch", "pooled"])
+def test_openmp_results_do_not_depend_on_the_thread_count(name, tmp_path):
     """A static schedule of whole outputs: 1, 2 or 3 threads give the same bits (outputs,
-    gradients, and params after two SGD steps)."""
-    make, batches = MODELS["batch"]
+    gradients, and params after two SGD steps), the tiles' and the plain loops' shared out
+    by example (pooled)."""
+    make, batches = MODELS[name]
     outs = _run_harness(make(), "host", batches[-1], ["-O2", "-march=native", "-fopenmp"],
                         tmp_path, runs=[{"OMP_NUM_THREADS": str(t)} for t in (1, 2, 3)])
     assert outs[0] == outs[1] == outs[2]
     assert "#pragma omp" in graphc.generate(make(), target="host")[1].source
+
+
+def test_plain_loops_are_shared_out_by_example_where_each_writes_its_own():
+    """The padded copy, relu's map and its gradient, the pooling, its argmax, its
+    gradient's zeroing and scatter, and flatten's copy write an example's outputs from
+    its own inputs: OpenMP shares out their loop over the examples, from the batch where
+    their outputs (16 multiply-adds' worth each, and a reduction's iterations) reach the
+    host's 2^20. The c99 text has no pragma."""
+    _, cm = graphc.generate(pooled(), "float32", target="host")
+    teams = dict(re.findall(r"static void (\w+)\(size_t n[^{]*\{\n#ifdef _OPENMP\n"
+                            r"    if \(n >= (\d+)\)", cm.source))
+    shared = re.findall(r"static void (\w+)_examples\(", cm.source)
+    # 4·26·26 copied, 8·24·24 mapped or scattered, 8·12·12 windows of 4, 1152 copied
+    assert {f: int(teams[f]) for f in shared} == {
+        "x_pad_forward": 25, "a_forward_2": 15, "p_forward": 46, "p_argmax_forward": 46,
+        "f_forward": 57, "a_grad": 15, "a_grad_2": 15, "c_grad": 15}
+    for f in shared:   # the loop shared out is the examples', outermost
+        body = cm.source.split(f"static void {f}_examples(", 1)[1].split("\n}\n", 1)[0]
+        assert re.search(r"#pragma omp for schedule\(static\) nowait\n#endif\n"
+                         r"    for \(size_t (\w+) = 0; \1 < n; \+\+\1\) \{", body), body
+    assert "_examples" not in graphc.generate(pooled(), "float32", target="c99")[1].source
 
 
 # A 1 x 1 convolution with a batch-norm and relu epilogue on a 5 x 3 map: its rows are
