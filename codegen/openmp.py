@@ -117,7 +117,7 @@ class _Race:
     """One batch-size class's record for `FasterOfOneOrAll`: the recent time per example on
     all threads and on one, which is in use, and when the other is tried again."""
 
-    __slots__ = ("per_example", "one", "left", "interval", "warm", "wins")
+    __slots__ = ("per_example", "one", "left", "interval", "warm", "wins", "woken")
 
     def __init__(self):
         self.per_example = [0.0, 0.0]     # [all threads, one thread], seconds
@@ -126,6 +126,7 @@ class _Race:
         self.interval = FIRST_RETRY
         self.warm = False                 # a bound call's first run (cold caches) is not timed
         self.wins = 0                     # trials in a row that beat the count in use
+        self.woken = False                # the last call ran on all threads
 
     def next(self) -> tuple[bool, bool]:
         """(on one thread, whether this call tries the count not in use)."""
@@ -135,12 +136,22 @@ class _Race:
         return not self.one, True
 
     def record(self, one: bool, trial: bool, seconds: float) -> None:
+        woken, self.woken = self.woken, not one
         if not self.warm:
             self.warm, self.left = True, 2
             return
+        # The first call on all threads after one on one thread wakes the others, asleep
+        # since, with cold caches: on a quiet 2-core Zen 5 VM W3's step took 0.9-1.3 ms
+        # so, 0.5-0.6 ms on the calls right after (one thread: 0.8-0.87). Judged on it,
+        # trials of all threads lost and the default stayed on one thread for hundreds of
+        # calls (20-60 % of them): a trial goes on at the next call. Nor is it a stall.
+        waking = not one and not woken
+        if trial and waking:
+            self.left = 1
+            return
         if not trial:   # the count in use: a moving average, a quarter per call
             average = self.per_example[one]
-            if not one and average and seconds > STALL * average:
+            if not one and average and seconds > STALL * average and not waking:
                 # All threads waited for one the scheduler parked: another process may have
                 # come. One thread is tried at the next call, and while trials lose, after
                 # 2, 4, 8 ... calls again: the average of all threads takes calls to rise.
