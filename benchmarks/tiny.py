@@ -5,11 +5,11 @@ and RAM, instructions per inference, and the difference against PyTorch.
 
 Writes tiny.md and tiny.json. Per model:
 
-- Compile time: spec to loaded module (`graphc.compile`, float32, the default c99 target)
+- Compile time: spec to loaded module (`graphc.compile`, float32, its default target: host)
   in a fresh process after importing graphc (timed apart), with an empty GRAPHC_CACHE_DIR
   (cold: derive, emit, build) and again with that cache (warm); the median of `--repeats`.
-- C size: the generated .c in bytes and lines, for the c99 target (what `graphc.compile`
-  builds) and for cortex-m4 (plain loops, the text that ships to a microcontroller).
+- C size: the generated .c in bytes and lines, for the c99 target (what `graphc compile`
+  writes by default) and for cortex-m4 (the text that ships to a microcontroller).
 - Cortex-M4F (QEMU mps2-an386), inference at batch 1 with the params baked into flash
   (benchmarks/embedded.py's `tiny_inference`): flash, static RAM and stack of the size
   probe, the arena and the liveness bound, `<name>_predict` on the core against the
@@ -150,7 +150,7 @@ def markdown(result: dict) -> str:
              f"Specs in `examples/tiny/`; how each figure is taken: the docstring of "
              f"`benchmarks/tiny.py`.", "",
              "## Compile time and C size", "",
-             f"Spec to loaded module (`graphc.compile`, float32, c99), fresh process, after "
+             f"Spec to loaded module (`graphc.compile`, float32, host), fresh process, after "
              f"importing graphc (import: its own column), median of {result['repeats']}; "
              f"cold: empty cache; warm: the cache filled by the cold run. C: the generated "
              f"`.c` for c99 and for cortex-m4.", "",
