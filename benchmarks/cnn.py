@@ -9,8 +9,9 @@ graphc and by PyTorch eager, for issue 13's "its training is faster than PyTorch
 1. **One train step** (forward, backward, Adam) on a batch of 32 and of 64 digits: graphc's
    `c99` and `host` targets from Python (`model.train_step`) and as a bound call
    (`model.bind`), each timed in a process of graphc's own (benchmarks/graphc_timing.py:
-   graphc's passive OpenMP runtime, not PyTorch's spinning one), the host's C also in a pure-C loop (benchmarks/charness.py; OpenMP on
-   the default threads, and on one), against
+   graphc's OpenMP runtime and wait settings, not PyTorch's spinning one), the host's C
+   also in a pure-C loop (benchmarks/charness.py; OpenMP on the default threads, and on
+   one), against
    PyTorch eager (`nn.Sequential`, `F.cross_entropy`, `torch.optim.Adam`) on one thread
    and on its default number. Every peer starts from the same params and batch, and is
    checked first: the loss, every gradient and every param after one step against
@@ -24,9 +25,10 @@ graphc and by PyTorch eager, for issue 13's "its training is faster than PyTorch
    `graphc train examples/digits_cnn.yaml --data digits` (20
    epochs, batch 32, a seeded 20 % test split, Adam lr 0.003) run as a command (its wall
    time, the training time and test accuracy it prints), then the same training with
-   graphc's `fit` (c99, host; `--fit TARGET`, in a process of its own) and in PyTorch eager: the same split, the same
-   initial params, the same batches in the same order (fit's permutations), the same
-   evaluation of the training set after each epoch that `fit` does, then test accuracy.
+   graphc's `fit` (c99, host; `--fit TARGET`, in a process of its own) and in PyTorch
+   eager: the same split, the same initial params, the same batches in the same order
+   (fit's permutations), the same evaluation of the training set after each epoch that
+   `fit` does, then test accuracy.
 """
 
 from __future__ import annotations
@@ -147,8 +149,9 @@ def check_step(params: dict, x: np.ndarray, y: np.ndarray) -> dict:
 def runners(params: dict, x: np.ndarray, y: np.ndarray, workdir: Path) -> list[tuple[str, object]]:
     """(label, time(opts)) for every variant of one train step. graphc's rows from Python
     are timed in a process of their own (benchmarks/graphc_timing.py), where graphc starts
-    its passive OpenMP runtime: in this one PyTorch's copy, which spins while idle, is
-    loaded first and would be the runtime of any graphc module loaded here."""
+    the OpenMP runtime with its own wait settings: in this one PyTorch's copy, which spins
+    300,000 rounds while idle, is loaded first and would be the runtime of any graphc
+    module loaded here."""
     import torch
     import torch.nn.functional as F
     out = []
@@ -308,7 +311,8 @@ def train_torch(threads: int) -> dict:
 def train_graphc_apart(target: str) -> dict:
     """train_graphc(target) in a process of its own, on graphc's own OpenMP runtime (as
     runners' rows are)."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    env = {**os.environ,
+           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     done = subprocess.run([sys.executable, "-m", "benchmarks.cnn", "--fit", target], cwd=ROOT,
                           env=env, capture_output=True, text=True)
     if done.returncode:
@@ -444,7 +448,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--no-train", action="store_true", help="skip part 3")
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results"))
     ap.add_argument("--fit", choices=TARGETS, help="only train with graphc's fit on this "
-                    "target and print its row as JSON (what part 3 runs in a process of its own)")
+                    "target and print its row as JSON (what part 3 runs in a process of its "
+                    "own)")
     args = ap.parse_args(argv)
     if args.fit:
         row = train_graphc(args.fit)

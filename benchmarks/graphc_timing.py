@@ -3,18 +3,19 @@
     python -m benchmarks.graphc_timing DATA.npz WORKLOAD TARGET KIND OPTIONS_JSON
 
 `python -m benchmarks` (and benchmarks/cnn.py) starts this for each measurement of a
-`graphc ... (Python)` or `(bound call)` row and reads the Timing it prints as JSON. Its own process has imported
-PyTorch for the peers' rows, and PyTorch brings its copy of libgomp, under the soname every
-OpenMP module asks for (libgomp.so.1): the runtime a graphc module loaded later shares,
-started with libgomp's default wait (idle threads spin 300,000 rounds), not graphc's passive
-one (codegen/openmp.py). Timed there on a 2-core Zen 5 VM, W3's step from Python took 0.48
+`graphc ... (Python)` or `(bound call)` row and reads the Timing it prints as JSON. Its own
+process has imported PyTorch for the peers' rows, and PyTorch brings its copy of libgomp,
+under the soname every OpenMP module asks for (libgomp.so.1): the runtime a graphc module
+loaded later shares, started with libgomp's default wait (idle threads spin 300,000
+rounds), not graphc's settings (codegen/openmp.py; passive with no spin when these figures
+were taken). Timed there on a 2-core Zen 5 VM, W3's step from Python took 0.48
 ms quiet and 1.21 ms beside a busy process (2.5x); timed here, 0.76 and 0.88 ms (1.16x).
 Here graphc loads the runtime itself, as in a user's process that imports graphc and NumPy
 only: nothing here imports PyTorch. DATA.npz holds the problem (`param:<name>` arrays, `x`,
 `y`), written by benchmarks/peers/graphc.py, since making a conv net's problem imports
-PyTorch. WORKLOAD is a key of benchmarks/workloads.py or `digits_cnn` (examples/digits_cnn.yaml,
-its Adam step). KIND is `python` (`model.train_step(x=, y=)` or `model.forward(x=)`) or `bound`
-(`model.bind`).
+PyTorch. WORKLOAD is a key of benchmarks/workloads.py or `digits_cnn`
+(examples/digits_cnn.yaml, its Adam step). KIND is `python` (`model.train_step(x=, y=)` or
+`model.forward(x=)`) or `bound` (`model.bind`).
 """
 
 from __future__ import annotations

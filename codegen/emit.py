@@ -273,7 +273,7 @@ def box_pieces(body: sp.Expr, order: list, extent: dict):
 # An output a plain kernel writes (a map's, a copy's, a pooling window's, a scatter's add)
 # moves data that a tile's multiply-add keeps in registers: it counts as this many of them
 # against the target's `parallel_work`.
-PLAIN_ITERATION_WORK = 16
+PLAIN_OUTPUT_WORK = 16
 _BATCH_LOOP = re.compile(r"    for \(size_t (\w+) = 0; \1 < n; \+\+\1\) \{")
 
 
@@ -302,7 +302,7 @@ def examples_shared(kern: Kernel, lines: list[str], out: Buffer, parallel_work: 
     # multiply-add or comparison, in registers)
     reduced = set(kern.reduction_loops())
     per = math.prod(int(e) for s, e in kern.loops if e != BATCH and s not in reduced) * \
-        PLAIN_ITERATION_WORK + (math.prod(int(e) for _, e in kern.loops if e != BATCH)
+        PLAIN_OUTPUT_WORK + (math.prod(int(e) for _, e in kern.loops if e != BATCH)
                                 if reduced else 0)
     if per * MAX_PARALLEL_BATCH < parallel_work:
         return None

@@ -144,7 +144,7 @@ class _Race:
         # since, with cold caches: on a quiet 2-core Zen 5 VM W3's step took 0.9-1.3 ms
         # so, 0.5-0.6 ms on the calls right after (one thread: 0.8-0.87). Judged on it,
         # trials of all threads lost and the default stayed on one thread for hundreds of
-        # calls (20-60 % of them): a trial goes on at the next call. Nor is it a stall.
+        # calls (15-63 % of them): a trial goes on at the next call. Nor is it a stall.
         waking = not one and not woken
         if trial and waking:
             self.left = 1
