@@ -144,7 +144,7 @@ MODELS = {
     "conv5": (lambda: conv_rows("conv5", 5), (2,)),
     "depthwise": (depthwise, (1, 3)),
     "shifted": (shifted, (1, 5)),
-    "pooled": (pooled, (1, 58)),
+    "pooled": (pooled, (1, 59)),   # odd, past every plain kernel's team (57)
 }
 
 
